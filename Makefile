@@ -1,0 +1,60 @@
+# Dispatch developer commands. `make demo` and `make test` set everything up on their own.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NPM_STAMP := node_modules/.installed
+PROTOS := $(wildcard proto/dispatch/v1/*.proto)
+export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
+
+.PHONY: setup proto check-proto lint test demo bench clean
+
+setup: $(STAMP) $(NPM_STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+$(NPM_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# Regenerate Python code from the .proto files (output is committed).
+proto: $(STAMP)
+	rm -rf generated/dispatch/v1/*_pb2*.py generated/dispatch/v1/*_pb2*.pyi
+	$(PY) -m grpc_tools.protoc -Iproto \
+	  --python_out=generated --grpc_python_out=generated \
+	  --mypy_out=generated --mypy_grpc_out=generated $(PROTOS) >/dev/null
+	touch generated/dispatch/__init__.py generated/dispatch/v1/__init__.py
+
+# Fails when generated/ does not match proto/.
+check-proto: $(STAMP)
+	@tmp=$$(mktemp -d); \
+	$(PY) -m grpc_tools.protoc -Iproto \
+	  --python_out=$$tmp --grpc_python_out=$$tmp \
+	  --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) >/dev/null; \
+	for f in $$(cd $$tmp && find . -name '*_pb2*' | sort); do \
+	  cmp -s $$tmp/$$f generated/$$f || { echo "stale: generated/$$f (run make proto)"; rm -rf $$tmp; exit 1; }; \
+	done; \
+	extra=$$(cd generated && find . -name '*_pb2*' | sort | while read f; do [ -e $$tmp/$$f ] || echo $$f; done); \
+	rm -rf $$tmp; \
+	if [ -n "$$extra" ]; then echo "generated files with no .proto: $$extra"; exit 1; fi; \
+	echo "generated/ is up to date"
+
+lint: setup check-proto
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+	buf lint
+
+test: setup lint
+	$(BIN)/pytest -q
+
+demo: setup
+	$(BIN)/dispatch demo
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,253 @@
+"""proto <-> domain conversion and request validation (the only place that knows both)."""
+
+from __future__ import annotations
+
+import re
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, trust_pb2, worker_pb2
+from dispatchnet.coordinator import hub as hubmod
+from dispatchnet.coordinator.models import (
+    Event,
+    EventKind,
+    Job,
+    JobSpec,
+    JobType,
+    Pairing,
+    Policy,
+    Privacy,
+    Receipt,
+    Result,
+    WorkerKind,
+)
+from dispatchnet.coordinator.pricing import resolve_policy
+from dispatchnet.errors import InvalidArgument
+from dispatchnet.profiles import LimitsConfig
+from dispatchnet.receipts.core import sha256
+from dispatchnet.receipts.notary import payment_to_proto
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")
+MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/\-]{0,127}$")
+ROLES = {"system", "user", "assistant"}
+
+
+def ts(seconds: float) -> Timestamp:
+    t = Timestamp()
+    t.FromNanoseconds(int(seconds * 1e9))
+    return t
+
+
+def _enum(
+    value: int, enum_cls: type[Policy] | type[Privacy], field: str, default: Policy | Privacy
+) -> Policy | Privacy:
+    if value == 0:
+        return default
+    try:
+        return enum_cls(value)
+    except ValueError:
+        raise InvalidArgument(f"{field}: unknown value {value}") from None
+
+
+def spec_from_proto(spec: common_pb2.JobSpec, limits: LimitsConfig) -> JobSpec:
+    """Validates a JobSpec and resolves its policy and privacy."""
+    work = spec.WhichOneof("work")
+    if work is None:
+        raise InvalidArgument("spec: set exactly one of spec.llm or spec.task")
+    policy = _enum(spec.policy, Policy, "spec.policy", Policy.AUTO)
+    privacy = _enum(spec.privacy, Privacy, "spec.privacy", Privacy.PUBLIC)
+    job_type = JobType.LLM if work == "llm" else JobType.TASK
+    task_name = model = ""
+    if work == "task":
+        task_name = spec.task.name
+        if not NAME_RE.match(task_name):
+            raise InvalidArgument('spec.task.name is required: 1-64 of a-z 0-9 _ . - (e.g. "echo")')
+        if len(spec.task.input) > limits.max_task_input_bytes:
+            raise InvalidArgument(
+                f"spec.task.input is {len(spec.task.input)} bytes; "
+                f"the limit is {limits.max_task_input_bytes}"
+            )
+    else:
+        llm = spec.llm
+        model = llm.model
+        if model and not MODEL_RE.match(model):
+            raise InvalidArgument("spec.llm.model is not a valid model name")
+        if not llm.prompt and not llm.messages:
+            raise InvalidArgument("spec.llm: set prompt or messages")
+        for i, m in enumerate(llm.messages):
+            if m.role not in ROLES:
+                raise InvalidArgument(f"spec.llm.messages[{i}].role must be one of {sorted(ROLES)}")
+        chars = len(llm.prompt) + sum(len(m.content) for m in llm.messages)
+        if chars > limits.max_prompt_chars:
+            raise InvalidArgument(
+                f"spec.llm prompt is {chars} characters; the limit is {limits.max_prompt_chars}"
+            )
+        if llm.max_tokens > limits.max_llm_tokens:
+            raise InvalidArgument(f"spec.llm.max_tokens must be at most {limits.max_llm_tokens}")
+        if not 0.0 <= llm.temperature <= 2.0:
+            raise InvalidArgument("spec.llm.temperature must be in [0, 2]")
+    resolved = resolve_policy(job_type, Policy(policy))
+    normalized = common_pb2.JobSpec()
+    normalized.CopyFrom(spec)
+    normalized.policy = int(resolved)  # type: ignore[assignment]
+    normalized.privacy = int(privacy)  # type: ignore[assignment]
+    data = normalized.SerializeToString(deterministic=True)
+    return JobSpec(job_type, resolved, Privacy(privacy), task_name, model, data, sha256(data))
+
+
+def spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
+    msg = common_pb2.JobSpec()
+    msg.ParseFromString(spec.spec_bytes)
+    return msg
+
+
+def receipt_to_proto(r: Receipt) -> receipt_pb2.Receipt:
+    return receipt_pb2.Receipt(
+        body=r.body,
+        worker_signature=r.worker_signature,
+        coordinator_signature=r.coordinator_signature,
+        receipt_sha256=r.sha256,
+    )
+
+
+def result_to_proto(r: Result) -> common_pb2.JobResult:
+    return common_pb2.JobResult(
+        output=r.output,
+        content_type=r.content_type,
+        usage=common_pb2.TokenUsage(
+            prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens
+        ),
+    )
+
+
+def money(amount_micros: int, currency: str) -> common_pb2.Money:
+    return common_pb2.Money(currency=currency, amount_micros=amount_micros)
+
+
+def job_to_proto(job: Job) -> coordinator_pb2.Job:
+    msg = coordinator_pb2.Job(
+        job_id=job.job_id,
+        state=int(job.state),
+        spec=spec_to_proto(job.spec),  # type: ignore[arg-type]
+        price=money(job.price_micros, job.currency),
+        quote_id=job.quote_id,
+        client_id=job.client_id,
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        worker_id=job.worker_id,
+        payment=payment_to_proto(job.payment),
+        created_at=ts(job.created_at),
+        updated_at=ts(job.updated_at),
+        last_sequence=job.last_sequence,
+    )
+    if job.result is not None:
+        msg.result.CopyFrom(result_to_proto(job.result))
+    if job.failure is not None:
+        msg.failure.CopyFrom(
+            common_pb2.JobFailure(code=job.failure.code, message=job.failure.message)
+        )
+    if job.receipt is not None:
+        msg.receipt.CopyFrom(receipt_to_proto(job.receipt))
+    return msg
+
+
+def event_to_proto(e: Event) -> coordinator_pb2.JobEvent:
+    msg = coordinator_pb2.JobEvent(
+        sequence=e.sequence, job_id=e.job_id, state=int(e.state), time=ts(e.time)
+    )  # type: ignore[arg-type]
+    if e.kind is EventKind.PROGRESS:
+        msg.progress.CopyFrom(coordinator_pb2.Progress(text=e.text, fraction=e.fraction))
+    else:
+        msg.state_change.CopyFrom(
+            coordinator_pb2.StateChange(
+                from_state=int(e.from_state or 0),
+                to_state=int(e.state),  # type: ignore[arg-type]
+                reason=e.reason,
+                worker_id=e.worker_id,
+                attempt=e.attempt,
+            )
+        )
+    return msg
+
+
+def pairing_to_proto(p: Pairing) -> trust_pb2.Pairing:
+    msg = trust_pb2.Pairing(
+        pairing_id=p.pairing_id,
+        client_id=p.client_id,
+        worker_id=p.worker_id,
+        created_at=ts(p.created_at),
+    )
+    if p.revoked_at is not None:
+        msg.revoked_at.CopyFrom(ts(p.revoked_at))
+    return msg
+
+
+def worker_kind(value: int) -> WorkerKind | None:
+    """None for WORKER_KIND_UNSPECIFIED; InvalidArgument for unknown values."""
+    if value == 0:
+        return None
+    try:
+        return WorkerKind(value)
+    except ValueError:
+        raise InvalidArgument(f"unknown worker kind {value}") from None
+
+
+def hello_from_proto(h: worker_pb2.Hello) -> hubmod.WorkerHello:
+    if len(h.public_key) != 32:
+        raise InvalidArgument("hello.public_key must be a 32-byte ed25519 public key")
+    kind = worker_kind(h.kind)
+    if kind is None:
+        raise InvalidArgument("hello.kind is required (desktop or seeker)")
+    caps = h.capabilities
+    for name in caps.tasks:
+        if not NAME_RE.match(name):
+            raise InvalidArgument(f"hello.capabilities.tasks: {name!r} is not a task name")
+    for name in caps.llm_models:
+        if not MODEL_RE.match(name):
+            raise InvalidArgument(f"hello.capabilities.llm_models: {name!r} is not a model name")
+    return hubmod.WorkerHello(
+        public_key=bytes(h.public_key),
+        kind=kind,
+        tasks=frozenset(caps.tasks),
+        llm_models=frozenset(caps.llm_models),
+        max_concurrency=caps.max_concurrency,
+        version=h.version,
+        agent_id=h.agent_id,
+    )
+
+
+def outbound_to_proto(msg: hubmod.Outbound) -> worker_pb2.ConnectResponse:
+    if isinstance(msg, hubmod.Offer):
+        job = msg.job
+        return worker_pb2.ConnectResponse(
+            offer=worker_pb2.JobOffer(
+                job_id=job.job_id,
+                attempt=job.attempts,
+                spec=spec_to_proto(job.spec),
+                lease_expires_at=ts(job.lease_expires_at),
+                time_limit_seconds=msg.time_limit_seconds,
+                spec_sha256=job.spec.spec_sha256,
+                price=money(job.price_micros, job.currency),
+                payment=payment_to_proto(job.payment),
+                client_id=job.client_id,
+            )
+        )
+    if isinstance(msg, hubmod.Cancel):
+        return worker_pb2.ConnectResponse(
+            cancel=worker_pb2.CancelJobInstruction(
+                job_id=msg.job_id, attempt=msg.attempt, reason=msg.reason
+            )
+        )
+    if isinstance(msg, hubmod.ResultAck):
+        return worker_pb2.ConnectResponse(
+            result_ack=worker_pb2.ResultAck(
+                job_id=msg.job_id, attempt=msg.attempt, accepted=msg.accepted, reason=msg.reason
+            )
+        )
+    return worker_pb2.ConnectResponse(
+        go_away=worker_pb2.GoAway(reason=msg.reason, retry_after_seconds=msg.retry_after_seconds)
+    )
+
+
+def result_from_proto(r: common_pb2.JobResult) -> Result:
+    return Result(bytes(r.output), r.content_type, r.usage.prompt_tokens, r.usage.completion_tokens)

@@ -1,0 +1,156 @@
+"""The gRPC edge: one exception-to-status mapping and client authentication, as interceptors.
+
+ErrorInterceptor (outermost) turns typed domain errors into their status codes, refuses
+requests carrying fields this server does not know, and reports anything unexpected as
+INTERNAL without a traceback. AuthInterceptor checks the `authorization` metadata on every
+method that is not public and makes the caller available through `caller()`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import unknown_fields
+from google.protobuf.message import Message
+from grpc_interceptor.server import AsyncServerInterceptor
+
+from dispatchnet import errors
+from dispatchnet.auth.tokens import METADATA_KEY, Caller, verify_header
+
+log = logging.getLogger("dispatch.edge")
+
+STATUS = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+PUBLIC_METHODS = frozenset(
+    {
+        "/dispatch.v1.CoordinatorService/GetQuote",
+        "/dispatch.v1.CoordinatorService/ListWorkers",
+        "/dispatch.v1.ReceiptService/VerifyReceipt",
+        "/dispatch.v1.WorkerService/Connect",  # authenticates with its own challenge
+    }
+)
+PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
+
+
+def caller() -> Caller:
+    """The authenticated caller of the current RPC."""
+    c = _caller.get()
+    if c is None:
+        raise errors.Unauthenticated("this method needs client authentication")
+    return c
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls], getattr(exc, "message", str(exc))
+    log.error("unexpected error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal error (details are in the coordinator's log)"
+
+
+def unknown_field_paths(msg: Message, prefix: str = "") -> list[str]:
+    found = [f"{prefix}#{f.field_number}" for f in unknown_fields.UnknownFieldSet(msg)]
+    for fd, value in msg.ListFields():
+        if fd.message_type is None:
+            continue
+        values = value if fd.is_repeated else [value]
+        for i, v in enumerate(values):
+            if isinstance(v, Message):
+                name = f"{prefix}{fd.name}" + (f"[{i}]" if fd.is_repeated else "")
+                found += unknown_field_paths(v, name + ".")
+    return found
+
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Any]
+
+
+class ErrorInterceptor(AsyncServerInterceptor):  # type: ignore[misc]
+    async def intercept(
+        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, method_name: str
+    ) -> Any:
+        if isinstance(request, Message):
+            unknown = unknown_field_paths(request)
+            if unknown:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request has fields this server does not know: {', '.join(unknown)}",
+                )
+        response = method(request, context)
+        if hasattr(response, "__aiter__"):
+            return self._stream(response, context)
+        failure: BaseException
+        try:
+            return await response
+        except (grpc.aio.AbortError, grpc.RpcError):
+            raise
+        except Exception as e:
+            failure = e
+        code, message = status_for(failure)
+        await context.abort(code, message)
+
+    async def _stream(
+        self, response: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        failure: BaseException
+        try:
+            async for item in response:
+                yield item
+            return
+        except (grpc.aio.AbortError, grpc.RpcError):
+            raise
+        except Exception as e:
+            failure = e
+        code, message = status_for(failure)
+        await context.abort(code, message)
+
+
+class AuthInterceptor(AsyncServerInterceptor):  # type: ignore[misc]
+    def __init__(self, max_token_ttl_seconds: int) -> None:
+        self.max_ttl = max_token_ttl_seconds
+
+    def _authenticate(self, context: grpc.aio.ServicerContext, method_name: str) -> Caller | None:
+        if method_name in PUBLIC_METHODS or method_name.startswith(PUBLIC_PREFIXES):
+            return None
+        values = [v for k, v in (context.invocation_metadata() or ()) if k == METADATA_KEY]
+        if not values:
+            raise errors.Unauthenticated(
+                f"{method_name} needs '{METADATA_KEY}: Dispatch <token>' metadata; "
+                "`dispatch auth header` prints one"
+            )
+        return verify_header(str(values[0]), self.max_ttl)
+
+    async def intercept(
+        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, method_name: str
+    ) -> Any:
+        who = self._authenticate(context, method_name)
+        token = _caller.set(who)
+        try:
+            response = method(request, context)
+            if hasattr(response, "__aiter__"):
+                return self._stream(response, who)
+            return await response
+        finally:
+            _caller.reset(token)
+
+    async def _stream(self, response: AsyncIterator[Any], who: Caller | None) -> AsyncIterator[Any]:
+        token = _caller.set(who)
+        try:
+            async for item in response:
+                yield item
+        finally:
+            _caller.reset(token)

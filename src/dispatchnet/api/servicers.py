@@ -1,0 +1,260 @@
+"""Thin grpc.aio servicers: convert, call the domain, convert back. No logic here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from dispatch.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    receipt_pb2,
+    receipt_pb2_grpc,
+    trust_pb2,
+    trust_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
+from dispatchnet.api import convert
+from dispatchnet.api.edge import caller
+from dispatchnet.coordinator.hub import WorkerHub, WorkerSession
+from dispatchnet.coordinator.jobs import JobService
+from dispatchnet.coordinator.models import Failure
+from dispatchnet.coordinator.pairing import PairingService
+from dispatchnet.coordinator.receipts import ReceiptQueries
+from dispatchnet.errors import InvalidArgument
+from dispatchnet.profiles import LimitsConfig, WorkersConfig
+from dispatchnet.receipts.core import verify_receipt_message
+
+Ctx = grpc.aio.ServicerContext
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(self, jobs: JobService, hub: WorkerHub, limits: LimitsConfig) -> None:
+        self.jobs, self.hub, self.limits = jobs, hub, limits
+
+    async def GetQuote(
+        self, request: coordinator_pb2.GetQuoteRequest, context: Ctx
+    ) -> coordinator_pb2.GetQuoteResponse:
+        if not request.HasField("spec"):
+            raise InvalidArgument("spec is required")
+        spec = convert.spec_from_proto(request.spec, self.limits)
+        q = self.jobs.quote(spec)
+        return coordinator_pb2.GetQuoteResponse(
+            quote=coordinator_pb2.Quote(
+                quote_id=q.quote_id,
+                spec=convert.spec_to_proto(spec),
+                price=convert.money(q.price_micros, q.currency),
+                expires_at=convert.ts(q.expires_at),
+                spec_sha256=spec.spec_sha256,
+                eligible_workers=self.hub.eligible_count(spec),
+            )
+        )
+
+    async def CommitJob(
+        self, request: coordinator_pb2.CommitJobRequest, context: Ctx
+    ) -> coordinator_pb2.CommitJobResponse:
+        job, created = self.jobs.commit(caller().id, request.quote_id, request.idempotency_key)
+        return coordinator_pb2.CommitJobResponse(job=convert.job_to_proto(job), created=created)
+
+    async def GetJob(
+        self, request: coordinator_pb2.GetJobRequest, context: Ctx
+    ) -> coordinator_pb2.GetJobResponse:
+        job = self.jobs.get(caller().id, request.job_id)
+        return coordinator_pb2.GetJobResponse(job=convert.job_to_proto(job))
+
+    async def WatchJob(
+        self, request: coordinator_pb2.WatchJobRequest, context: Ctx
+    ) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
+        who = caller().id
+        last = None
+        async for event in self.jobs.watch(who, request.job_id, request.after_sequence):
+            if last is not None:
+                yield coordinator_pb2.WatchJobResponse(event=convert.event_to_proto(last))
+            last = event
+        if last is not None:
+            job = self.jobs.get(who, request.job_id)
+            yield coordinator_pb2.WatchJobResponse(
+                event=convert.event_to_proto(last), job=convert.job_to_proto(job)
+            )
+
+    async def CancelJob(
+        self, request: coordinator_pb2.CancelJobRequest, context: Ctx
+    ) -> coordinator_pb2.CancelJobResponse:
+        job = self.jobs.cancel(caller().id, request.job_id, request.reason)
+        return coordinator_pb2.CancelJobResponse(job=convert.job_to_proto(job))
+
+    async def ListWorkers(
+        self, request: coordinator_pb2.ListWorkersRequest, context: Ctx
+    ) -> coordinator_pb2.ListWorkersResponse:
+        kind = convert.worker_kind(request.kind)
+        return coordinator_pb2.ListWorkersResponse(
+            workers=[
+                coordinator_pb2.WorkerInfo(
+                    worker_id=s.worker_id,
+                    kind=int(s.kind),
+                    tasks=sorted(s.tasks),  # type: ignore[arg-type]
+                    llm_models=sorted(s.llm_models),
+                    max_concurrency=s.max_concurrency,
+                    active_jobs=s.load,
+                    reputation=score,
+                    draining=s.draining,
+                    connected_at=convert.ts(s.connected_at),
+                    agent_id=s.agent_id,
+                )
+                for s, score in sorted(self.hub.snapshot(kind), key=lambda x: x[0].connected_at)
+            ]
+        )
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, hub: WorkerHub, cfg: WorkersConfig) -> None:
+        self.hub, self.cfg = hub, cfg
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[worker_pb2.ConnectRequest], context: Ctx
+    ) -> AsyncIterator[worker_pb2.ConnectResponse]:
+        it = aiter(request_iterator)
+        first = await anext(it, None)
+        if first is None or first.WhichOneof("msg") != "hello":
+            raise InvalidArgument("the first message on Connect must be hello")
+        hello = convert.hello_from_proto(first.hello)
+        nonce = self.hub.new_challenge()
+        yield worker_pb2.ConnectResponse(
+            challenge=worker_pb2.Challenge(nonce=nonce, coordinator_public_key=self.hub.public_key)
+        )
+        second = await anext(it, None)
+        if second is None or second.WhichOneof("msg") != "challenge_response":
+            raise InvalidArgument("the second message on Connect must be challenge_response")
+        self.hub.authenticate(hello.public_key, nonce, second.challenge_response.signature)
+        session = self.hub.register(hello)
+        reader = asyncio.create_task(self._read(it, session))
+        reason = "disconnected"
+        try:
+            yield worker_pb2.ConnectResponse(
+                welcome=worker_pb2.Welcome(
+                    worker_id=session.worker_id,
+                    heartbeat_interval_seconds=self.cfg.heartbeat_interval_seconds,
+                    eviction_seconds=int(self.cfg.eviction_seconds),
+                    session_id=session.session_id,
+                )
+            )
+            while (out := await session.next_outbound()) is not None:
+                yield convert.outbound_to_proto(out)
+            reason = "closed"
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            self.hub.unregister(session, reason)
+
+    async def _read(self, it: AsyncIterator[worker_pb2.ConnectRequest], s: WorkerSession) -> None:
+        try:
+            async for msg in it:
+                self._handle(s, msg)
+        finally:
+            s.close("stream closed by the worker")
+
+    def _handle(self, s: WorkerSession, msg: worker_pb2.ConnectRequest) -> None:
+        kind = msg.WhichOneof("msg")
+        if kind == "heartbeat":
+            self.hub.touch(s)
+        elif kind == "offer_response":
+            r = msg.offer_response
+            self.hub.offer_response(s, r.job_id, r.attempt, r.accept, r.reason)
+        elif kind == "progress":
+            p = msg.progress
+            self.hub.progress(s, p.job_id, p.attempt, p.text, p.fraction)
+        elif kind == "completed":
+            c = msg.completed
+            self.hub.completed(
+                s,
+                c.job_id,
+                c.attempt,
+                convert.result_from_proto(c.result),
+                c.receipt_body,
+                c.receipt_signature,
+            )
+        elif kind == "failed":
+            f = msg.failed
+            self.hub.failed(
+                s,
+                f.job_id,
+                f.attempt,
+                Failure(f.failure.code or "worker_failure", f.failure.message),
+                f.retryable,
+            )
+        elif kind == "drain":
+            self.hub.drain(s)
+        else:
+            s.close(f"unexpected message {kind!r} after the handshake")
+
+
+class ReceiptServicer(receipt_pb2_grpc.ReceiptServiceServicer):
+    def __init__(self, receipts: ReceiptQueries) -> None:
+        self.receipts = receipts
+
+    async def GetReceipt(
+        self, request: receipt_pb2.GetReceiptRequest, context: Ctx
+    ) -> receipt_pb2.GetReceiptResponse:
+        r = self.receipts.get(caller().id, request.job_id)
+        msg = convert.receipt_to_proto(r)
+        decoded = receipt_pb2.ReceiptBody()
+        decoded.ParseFromString(r.body)
+        return receipt_pb2.GetReceiptResponse(receipt=msg, decoded=decoded)
+
+    async def VerifyReceipt(
+        self, request: receipt_pb2.VerifyReceiptRequest, context: Ctx
+    ) -> receipt_pb2.VerifyReceiptResponse:
+        v = verify_receipt_message(request.receipt, request.expected_coordinator_public_key)
+        resp = receipt_pb2.VerifyReceiptResponse(valid=v.valid, problems=v.problems)
+        if v.body is not None:
+            resp.decoded.CopyFrom(v.body)
+        return resp
+
+    async def GetReceiptProof(
+        self, request: receipt_pb2.GetReceiptProofRequest, context: Ctx
+    ) -> receipt_pb2.GetReceiptProofResponse:
+        p = self.receipts.proof(caller().id, request.job_id)
+        return receipt_pb2.GetReceiptProofResponse(
+            receipt_sha256=p.receipt_sha256,
+            leaf_index=p.leaf_index,
+            leaf_count=p.leaf_count,
+            proof=p.proof,
+            merkle_root=p.root,
+            batch_id=p.batch_id,
+            anchor_transaction=p.anchor_transaction,
+            anchor_network=p.anchor_network,
+        )
+
+
+class TrustServicer(trust_pb2_grpc.TrustServiceServicer):
+    def __init__(self, pairing: PairingService) -> None:
+        self.pairing = pairing
+
+    async def CreatePairingCode(
+        self, request: trust_pb2.CreatePairingCodeRequest, context: Ctx
+    ) -> trust_pb2.CreatePairingCodeResponse:
+        code, expires = self.pairing.create_code(caller().id, request.ttl_seconds)
+        return trust_pb2.CreatePairingCodeResponse(code=code, expires_at=convert.ts(expires))
+
+    async def ClaimPairing(
+        self, request: trust_pb2.ClaimPairingRequest, context: Ctx
+    ) -> trust_pb2.ClaimPairingResponse:
+        p = self.pairing.claim(caller().id, request.code)
+        return trust_pb2.ClaimPairingResponse(pairing=convert.pairing_to_proto(p))
+
+    async def ListPairings(
+        self, request: trust_pb2.ListPairingsRequest, context: Ctx
+    ) -> trust_pb2.ListPairingsResponse:
+        ps = self.pairing.list(caller().id, request.include_revoked)
+        return trust_pb2.ListPairingsResponse(pairings=[convert.pairing_to_proto(p) for p in ps])
+
+    async def RevokePairing(
+        self, request: trust_pb2.RevokePairingRequest, context: Ctx
+    ) -> trust_pb2.RevokePairingResponse:
+        p = self.pairing.revoke(caller().id, request.pairing_id)
+        return trust_pb2.RevokePairingResponse(pairing=convert.pairing_to_proto(p))

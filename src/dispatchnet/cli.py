@@ -1,0 +1,389 @@
+"""The `dispatch` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2
+from dispatchnet import keys
+from dispatchnet.auth.tokens import METADATA_KEY, metadata_value
+from dispatchnet.client import CoordinatorClient, task_spec
+from dispatchnet.profiles import ProfileError, load_profile
+from dispatchnet.receipts.core import verify_receipt_message
+
+DEFAULT_COORDINATOR = os.environ.get("DISPATCH_COORDINATOR", "127.0.0.1:50051")
+POLICIES = {
+    "auto": common_pb2.POLICY_AUTO,
+    "fast": common_pb2.POLICY_FAST,
+    "cheap": common_pb2.POLICY_CHEAP,
+}
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit code 1 (or .code)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def to_dict(msg: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def emit(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def job_json(job: coordinator_pb2.Job) -> dict[str, Any]:
+    """The job as JSON, plus its output decoded for people when it is text."""
+    out = to_dict(job)
+    if job.HasField("result"):
+        try:
+            text = job.result.output.decode()
+        except UnicodeDecodeError:
+            return out
+        try:
+            out["output_decoded"] = json.loads(text)
+        except ValueError:
+            out["output_decoded"] = text
+    return out
+
+
+def _client_key(args: argparse.Namespace) -> keys.KeyPair:
+    return keys.load_or_create(Path(args.key_file or keys.default_home() / "client.key"))
+
+
+def _worker_key(args: argparse.Namespace) -> keys.KeyPair:
+    return keys.load_or_create(Path(args.key_file or keys.default_home() / "worker.key"))
+
+
+# --- coordinator / worker -----------------------------------------------------------------
+
+
+async def cmd_coordinator(args: argparse.Namespace) -> int:
+    from dispatchnet.server import start_coordinator
+
+    profile = load_profile(args.profile)
+    listen = args.listen or profile.server.listen
+    data_dir = Path(args.data_dir or keys.default_home() / f"coordinator-{profile.name}")
+    coord = await start_coordinator(profile, data_dir, listen)
+    print(
+        json.dumps(
+            {
+                "listening": f"{listen.rsplit(':', 1)[0]}:{coord.port}",
+                "profile": profile.name,
+                "data_dir": str(data_dir),
+                "coordinator_public_key": coord.public_key.hex(),
+            }
+        ),
+        flush=True,
+    )
+    await _until_signal()
+    await coord.stop(grace=2.0)
+    return 0
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
+    from dispatchnet.worker.runtime import Worker
+
+    worker = Worker(
+        args.coordinator, _worker_key(args), kind=args.kind, max_concurrency=args.max_concurrency
+    )
+    loop = asyncio.get_running_loop()
+    draining: set[asyncio.Task[None]] = set()
+
+    def on_term() -> None:
+        if not draining:
+            logging.getLogger("dispatch.worker").info("SIGTERM: draining")
+            draining.add(asyncio.create_task(worker.drain(args.drain_timeout)))
+        else:
+            worker.stop()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_term)
+    print(
+        json.dumps(
+            {"worker_id": worker.key.public_hex, "kind": args.kind, "coordinator": args.coordinator}
+        ),
+        flush=True,
+    )
+    await worker.run()
+    return 0
+
+
+# --- jobs ---------------------------------------------------------------------------------
+
+
+def _task_input(text: str | None) -> bytes:
+    if text is None:
+        return b"null"
+    try:
+        json.loads(text)
+    except ValueError as e:
+        raise CliError(f"--input must be JSON (got {text!r}: {e})", code=2) from e
+    return text.encode()
+
+
+async def cmd_job_submit(args: argparse.Namespace) -> int:
+    spec = task_spec(args.task, _task_input(args.input), POLICIES[args.policy], args.private)
+    async with CoordinatorClient(args.coordinator, _client_key(args)) as c:
+        quote = await c.quote(spec)
+        job = await c.commit(quote.quote_id, args.idempotency_key or "")
+        if args.wait:
+            job = await c.wait(job.job_id)
+    emit(job_json(job))
+    if args.wait and job.state != coordinator_pb2.JOB_STATE_COMPLETED:
+        return 1
+    return 0
+
+
+async def cmd_job_get(args: argparse.Namespace) -> int:
+    async with CoordinatorClient(args.coordinator, _client_key(args)) as c:
+        emit(job_json(await c.get(args.job_id)))
+    return 0
+
+
+async def cmd_job_watch(args: argparse.Namespace) -> int:
+    async with CoordinatorClient(args.coordinator, _client_key(args)) as c:
+        async for item in c.watch(args.job_id, args.after):
+            print(json.dumps(to_dict(item.event)), flush=True)
+            if item.HasField("job"):
+                return 0 if item.job.state == coordinator_pb2.JOB_STATE_COMPLETED else 1
+    return 0
+
+
+async def cmd_job_cancel(args: argparse.Namespace) -> int:
+    async with CoordinatorClient(args.coordinator, _client_key(args)) as c:
+        emit(job_json(await c.cancel(args.job_id, args.reason or "")))
+    return 0
+
+
+async def cmd_workers(args: argparse.Namespace) -> int:
+    async with CoordinatorClient(args.coordinator, keys.KeyPair.generate()) as c:
+        emit([to_dict(w) for w in await c.list_workers()])
+    return 0
+
+
+# --- pairing ------------------------------------------------------------------------------
+
+
+async def cmd_pair(args: argparse.Namespace) -> int:
+    key = _worker_key(args) if args.pair_cmd == "claim" else _client_key(args)
+    async with CoordinatorClient(args.coordinator, key) as c:
+        if args.pair_cmd == "create":
+            emit(to_dict(await c.create_pairing_code(args.ttl)))
+        elif args.pair_cmd == "claim":
+            emit(to_dict(await c.claim_pairing(args.code)))
+        elif args.pair_cmd == "list":
+            emit([to_dict(p) for p in await c.list_pairings(args.all)])
+        else:
+            emit(to_dict(await c.revoke_pairing(args.pairing_id)))
+    return 0
+
+
+# --- receipts and auth --------------------------------------------------------------------
+
+
+def load_receipt_file(path: Path) -> receipt_pb2.Receipt:
+    """Reads a receipt from a `job submit --wait` / `job get` JSON file or a bare Receipt."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot read {path}: {e}", code=2) from e
+    if isinstance(data, dict) and "job" in data and isinstance(data["job"], dict):
+        data = data["job"]
+    if isinstance(data, dict) and "receipt" in data:
+        data = data["receipt"]
+    receipt = receipt_pb2.Receipt()
+    try:
+        json_format.ParseDict(data, receipt, ignore_unknown_fields=True)
+    except json_format.ParseError as e:
+        raise CliError(f"{path} holds no receipt: {e}", code=2) from e
+    if not receipt.body:
+        raise CliError(f"{path} holds no receipt (no body)", code=2)
+    return receipt
+
+
+async def cmd_receipt_verify(args: argparse.Namespace) -> int:
+    receipt = load_receipt_file(Path(args.file))
+    expected = bytes.fromhex(args.coordinator_key) if args.coordinator_key else b""
+    v = verify_receipt_message(receipt, expected)
+    result: dict[str, Any] = {"valid": v.valid, "problems": v.problems}
+    if v.body is not None:
+        result["receipt"] = to_dict(v.body)
+    emit(result)
+    return 0 if v.valid else 1
+
+
+async def cmd_auth_header(args: argparse.Namespace) -> int:
+    value = metadata_value(_client_key(args), args.ttl)
+    if args.raw:
+        print(value)
+    else:
+        print(f"-H '{METADATA_KEY}: {value}'")
+    return 0
+
+
+async def cmd_keys_show(args: argparse.Namespace) -> int:
+    emit({"client_id": _client_key(args).public_hex})
+    return 0
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from dispatchnet.demo import run_demo
+
+    return await run_demo()
+
+
+# --- parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dispatch", description="Dispatch compute network")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def with_coord(sp: argparse.ArgumentParser, key_help: str = "client key file") -> None:
+        sp.add_argument(
+            "--coordinator",
+            default=DEFAULT_COORDINATOR,
+            help="coordinator address HOST:PORT (env DISPATCH_COORDINATOR)",
+        )
+        sp.add_argument("--key-file", help=f"{key_help} (default under $DISPATCH_HOME)")
+
+    c = sub.add_parser("coordinator", help="run a coordinator")
+    c.add_argument("--profile", default="local", help="profile name or .toml path")
+    c.add_argument("--listen", help="HOST:PORT (port 0 picks a free port)")
+    c.add_argument("--data-dir", help="where the database and coordinator key live")
+    c.set_defaults(fn=cmd_coordinator)
+
+    w = sub.add_parser("worker", help="run a worker")
+    with_coord(w, "worker key file")
+    w.add_argument("--kind", choices=["seeker", "desktop"], default="seeker")
+    w.add_argument("--max-concurrency", type=int, default=4)
+    w.add_argument(
+        "--drain-timeout", type=float, default=60.0, help="seconds SIGTERM waits for running jobs"
+    )
+    w.set_defaults(fn=cmd_worker)
+
+    j = sub.add_parser("job", help="submit and follow jobs")
+    jsub = j.add_subparsers(dest="job_cmd", required=True)
+    s = jsub.add_parser("submit", help="quote, commit and optionally wait for a TASK job")
+    with_coord(s)
+    s.add_argument("--task", required=True, help="task name, e.g. echo or sha256")
+    s.add_argument("--input", help="task input as JSON")
+    s.add_argument("--policy", choices=sorted(POLICIES), default="auto")
+    s.add_argument("--private", action="store_true", help="only paired workers may run it")
+    s.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
+    s.add_argument("--wait", action="store_true", help="wait for the final state")
+    s.set_defaults(fn=cmd_job_submit)
+    for name, fn, hlp in (
+        ("get", cmd_job_get, "show a job"),
+        ("watch", cmd_job_watch, "stream a job's events"),
+        ("cancel", cmd_job_cancel, "cancel a job"),
+    ):
+        sp = jsub.add_parser(name, help=hlp)
+        with_coord(sp)
+        sp.add_argument("job_id")
+        if name == "watch":
+            sp.add_argument("--after", type=int, default=0, help="resume after this sequence")
+        if name == "cancel":
+            sp.add_argument("--reason")
+        sp.set_defaults(fn=fn)
+
+    ws = sub.add_parser("workers", help="list connected workers")
+    with_coord(ws)
+    ws.set_defaults(fn=cmd_workers)
+
+    pr = sub.add_parser("pair", help="pair clients and workers for PRIVATE jobs")
+    psub = pr.add_subparsers(dest="pair_cmd", required=True)
+    pc = psub.add_parser("create", help="(client) create a pairing code")
+    with_coord(pc)
+    pc.add_argument("--ttl", type=int, default=0, help="seconds the code stays valid")
+    pl = psub.add_parser("claim", help="(worker) claim a code with the worker key")
+    with_coord(pl, "worker key file")
+    pl.add_argument("code")
+    pli = psub.add_parser("list", help="list your pairings")
+    with_coord(pli)
+    pli.add_argument("--all", action="store_true", help="include revoked pairings")
+    prv = psub.add_parser("revoke", help="revoke a pairing")
+    with_coord(prv)
+    prv.add_argument("pairing_id")
+    pr.set_defaults(fn=cmd_pair)
+
+    r = sub.add_parser("receipt", help="receipts")
+    rsub = r.add_subparsers(dest="receipt_cmd", required=True)
+    rv = rsub.add_parser("verify", help="verify a receipt offline (exit 0 only if valid)")
+    rv.add_argument("file", help="JSON from `job submit --wait` or `job get`, or a Receipt")
+    rv.add_argument("--coordinator-key", help="require this coordinator public key (hex)")
+    rv.set_defaults(fn=cmd_receipt_verify)
+
+    a = sub.add_parser("auth", help="credentials for grpcurl and other clients")
+    asub = a.add_subparsers(dest="auth_cmd", required=True)
+    ah = asub.add_parser("header", help="print the -H metadata for grpcurl")
+    ah.add_argument("--key-file", help="client key file (default under $DISPATCH_HOME)")
+    ah.add_argument("--ttl", type=int, default=3600, help="token lifetime in seconds")
+    ah.add_argument("--raw", action="store_true", help="print only the metadata value")
+    ah.set_defaults(fn=cmd_auth_header)
+    ak = asub.add_parser("whoami", help="print your client id")
+    ak.add_argument("--key-file", help="client key file (default under $DISPATCH_HOME)")
+    ak.set_defaults(fn=cmd_keys_show)
+
+    d = sub.add_parser("demo", help="run the end-to-end demo on a local coordinator")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def run(fn: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(fn(args))  # type: ignore[arg-type]
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except grpc.aio.AioRpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except (ProfileError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    with contextlib.suppress(BrokenPipeError):
+        return run(args.fn, args)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""An async client for the coordinator's client-facing services, with key-based auth."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+import grpc
+
+from dispatch.v1 import (
+    common_pb2,
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    receipt_pb2,
+    receipt_pb2_grpc,
+    trust_pb2,
+    trust_pb2_grpc,
+)
+from dispatchnet.auth.tokens import METADATA_KEY, metadata_value
+from dispatchnet.keys import KeyPair
+
+FINAL_STATES = (
+    coordinator_pb2.JOB_STATE_COMPLETED,
+    coordinator_pb2.JOB_STATE_FAILED,
+    coordinator_pb2.JOB_STATE_CANCELLED,
+)
+TOKEN_TTL = 120
+
+
+class CoordinatorClient:
+    """One channel to a coordinator; every call signs a fresh short-lived token."""
+
+    def __init__(self, address: str, key: KeyPair) -> None:
+        self.address = address
+        self.key = key
+        self.channel = grpc.aio.insecure_channel(address)
+        self.jobs = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
+        self.receipts = receipt_pb2_grpc.ReceiptServiceStub(self.channel)
+        self.trust = trust_pb2_grpc.TrustServiceStub(self.channel)
+        self._token: tuple[float, str] = (0.0, "")
+
+    async def __aenter__(self) -> CoordinatorClient:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        now = time.monotonic()
+        if now - self._token[0] > TOKEN_TTL / 2:
+            self._token = (now, metadata_value(self.key, TOKEN_TTL))
+        return ((METADATA_KEY, self._token[1]),)
+
+    async def quote(self, spec: common_pb2.JobSpec) -> coordinator_pb2.Quote:
+        resp = await self.jobs.GetQuote(coordinator_pb2.GetQuoteRequest(spec=spec))
+        return resp.quote
+
+    async def commit(self, quote_id: str, idempotency_key: str = "") -> coordinator_pb2.Job:
+        resp = await self.jobs.CommitJob(
+            coordinator_pb2.CommitJobRequest(
+                quote_id=quote_id, idempotency_key=idempotency_key or str(uuid.uuid4())
+            ),
+            metadata=self.metadata(),
+        )
+        return resp.job
+
+    async def submit(
+        self, spec: common_pb2.JobSpec, idempotency_key: str = ""
+    ) -> coordinator_pb2.Job:
+        quote = await self.quote(spec)
+        return await self.commit(quote.quote_id, idempotency_key)
+
+    async def get(self, job_id: str) -> coordinator_pb2.Job:
+        resp = await self.jobs.GetJob(
+            coordinator_pb2.GetJobRequest(job_id=job_id), metadata=self.metadata()
+        )
+        return resp.job
+
+    async def watch(
+        self, job_id: str, after: int = 0
+    ) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
+        call = self.jobs.WatchJob(
+            coordinator_pb2.WatchJobRequest(job_id=job_id, after_sequence=after),
+            metadata=self.metadata(),
+        )
+        async for item in call:
+            yield item
+
+    async def wait(self, job_id: str) -> coordinator_pb2.Job:
+        """Watches until the job is final (resuming after dropped streams); the final job."""
+        after = 0
+        while True:
+            try:
+                async for item in self.watch(job_id, after):
+                    after = item.event.sequence
+                    if item.HasField("job"):
+                        return item.job
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+            job = await self.get(job_id)
+            if job.state in FINAL_STATES:
+                return job
+
+    async def cancel(self, job_id: str, reason: str = "") -> coordinator_pb2.Job:
+        resp = await self.jobs.CancelJob(
+            coordinator_pb2.CancelJobRequest(job_id=job_id, reason=reason),
+            metadata=self.metadata(),
+        )
+        return resp.job
+
+    async def list_workers(self) -> list[coordinator_pb2.WorkerInfo]:
+        resp = await self.jobs.ListWorkers(coordinator_pb2.ListWorkersRequest())
+        return list(resp.workers)
+
+    async def create_pairing_code(
+        self, ttl_seconds: int = 0
+    ) -> trust_pb2.CreatePairingCodeResponse:
+        return await self.trust.CreatePairingCode(
+            trust_pb2.CreatePairingCodeRequest(ttl_seconds=ttl_seconds), metadata=self.metadata()
+        )
+
+    async def claim_pairing(self, code: str) -> trust_pb2.Pairing:
+        resp = await self.trust.ClaimPairing(
+            trust_pb2.ClaimPairingRequest(code=code), metadata=self.metadata()
+        )
+        return resp.pairing
+
+    async def list_pairings(self, include_revoked: bool = False) -> list[trust_pb2.Pairing]:
+        resp = await self.trust.ListPairings(
+            trust_pb2.ListPairingsRequest(include_revoked=include_revoked), metadata=self.metadata()
+        )
+        return list(resp.pairings)
+
+    async def revoke_pairing(self, pairing_id: str) -> trust_pb2.Pairing:
+        resp = await self.trust.RevokePairing(
+            trust_pb2.RevokePairingRequest(pairing_id=pairing_id), metadata=self.metadata()
+        )
+        return resp.pairing
+
+    async def receipt(self, job_id: str) -> receipt_pb2.GetReceiptResponse:
+        return await self.receipts.GetReceipt(
+            receipt_pb2.GetReceiptRequest(job_id=job_id), metadata=self.metadata()
+        )
+
+
+def task_spec(name: str, data: bytes, policy: int = 0, private: bool = False) -> common_pb2.JobSpec:
+    return common_pb2.JobSpec(
+        task=common_pb2.TaskRequest(name=name, input=data),
+        policy=policy,  # type: ignore[arg-type]
+        privacy=common_pb2.PRIVACY_PRIVATE if private else common_pb2.PRIVACY_PUBLIC,
+    )

@@ -1,0 +1,334 @@
+"""WorkerHub: connected worker sessions, the handshake, dispatching and the sweeper.
+
+Transport-agnostic: the WorkerService servicer converts messages and calls these methods;
+outbound messages go through each session's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dispatchnet.coordinator import matching
+from dispatchnet.coordinator.jobs import JobService
+from dispatchnet.coordinator.models import Failure, Job, JobSpec, Privacy, Result, WorkerKind
+from dispatchnet.coordinator.ports import ReputationSource
+from dispatchnet.errors import InvalidArgument, Unauthenticated
+from dispatchnet.keys import verify
+from dispatchnet.profiles import JobsConfig, WorkersConfig
+from dispatchnet.store.base import Store
+
+HELLO_CONTEXT = b"dispatch.v1.WorkerHello\n"
+MAX_CONCURRENCY = 64
+DISPATCH_BATCH = 500
+log = logging.getLogger("dispatch.hub")
+
+
+@dataclass(frozen=True)
+class Offer:
+    job: Job
+    time_limit_seconds: int
+
+
+@dataclass(frozen=True)
+class Cancel:
+    job_id: str
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ResultAck:
+    job_id: str
+    attempt: int
+    accepted: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class GoAway:
+    reason: str
+    retry_after_seconds: int = 0
+
+
+Outbound = Offer | Cancel | ResultAck | GoAway
+
+
+@dataclass(frozen=True)
+class WorkerHello:
+    public_key: bytes
+    kind: WorkerKind
+    tasks: frozenset[str]
+    llm_models: frozenset[str]
+    max_concurrency: int
+    version: str = ""
+    agent_id: str = ""
+
+
+@dataclass(eq=False)
+class WorkerSession:
+    worker_id: str
+    public_key: bytes
+    kind: WorkerKind
+    tasks: frozenset[str]
+    llm_models: frozenset[str]
+    max_concurrency: int
+    agent_id: str
+    session_id: str
+    connected_at: float
+    last_seen: float
+    draining: bool = False
+    closed: bool = False
+    active: dict[str, int] = field(default_factory=dict)  # job_id -> attempt
+    outbox: asyncio.Queue[Outbound | None] = field(default_factory=asyncio.Queue)
+
+    @property
+    def load(self) -> int:
+        return len(self.active)
+
+    def send(self, msg: Outbound) -> None:
+        if not self.closed:
+            self.outbox.put_nowait(msg)
+
+    def close(self, reason: str, retry_after_seconds: int = 0) -> None:
+        if not self.closed:
+            self.outbox.put_nowait(GoAway(reason, retry_after_seconds))
+            self.outbox.put_nowait(None)
+            self.closed = True
+
+    async def next_outbound(self) -> Outbound | None:
+        return await self.outbox.get()
+
+
+class WorkerHub:
+    def __init__(
+        self,
+        jobs: JobService,
+        store: Store,
+        reputation: ReputationSource,
+        coordinator_public_key: bytes,
+        workers_cfg: WorkersConfig,
+        jobs_cfg: JobsConfig,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.jobs = jobs
+        self.store = store
+        self.reputation = reputation
+        self.public_key = coordinator_public_key
+        self.workers_cfg = workers_cfg
+        self.jobs_cfg = jobs_cfg
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.sessions: dict[str, WorkerSession] = {}
+        self._avoid: dict[str, set[str]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        jobs.listener = self
+
+    # --- handshake and sessions ---------------------------------------------------------
+
+    @staticmethod
+    def new_challenge() -> bytes:
+        return secrets.token_bytes(32)
+
+    def authenticate(self, public_key: bytes, nonce: bytes, signature: bytes) -> None:
+        if not verify(public_key, HELLO_CONTEXT, nonce + self.public_key, signature):
+            raise Unauthenticated("challenge signature does not verify for the hello's public key")
+
+    def register(self, hello: WorkerHello) -> WorkerSession:
+        if hello.kind is WorkerKind.SEEKER and hello.llm_models:
+            raise InvalidArgument("seekers run TASK jobs only; llm_models must be empty")
+        if not 1 <= hello.max_concurrency <= MAX_CONCURRENCY:
+            raise InvalidArgument(f"max_concurrency must be 1-{MAX_CONCURRENCY}")
+        now = self.clock()
+        worker_id = hello.public_key.hex()
+        old = self.sessions.get(worker_id)
+        if old is not None:
+            old.close("replaced by a newer session of the same worker")
+            self.unregister(old, "replaced")
+        session = WorkerSession(
+            worker_id=worker_id,
+            public_key=hello.public_key,
+            kind=hello.kind,
+            tasks=hello.tasks,
+            llm_models=hello.llm_models,
+            max_concurrency=hello.max_concurrency,
+            agent_id=hello.agent_id,
+            session_id=secrets.token_hex(8),
+            connected_at=now,
+            last_seen=now,
+        )
+        self.sessions[worker_id] = session
+        self.store.record_worker_seen(worker_id, int(hello.kind), now)
+        self.reputation.warm(worker_id)
+        log.info("worker %s… connected (%s)", worker_id[:12], hello.kind.name.lower())
+        self.kick()
+        return session
+
+    def unregister(self, session: WorkerSession, reason: str) -> None:
+        if self.sessions.get(session.worker_id) is session:
+            del self.sessions[session.worker_id]
+        session.closed = True
+        held = dict(session.active)
+        session.active.clear()
+        for job_id, attempt in held.items():
+            job = self.store.get_job(job_id)
+            if job is not None and job.worker_id == session.worker_id and job.attempts == attempt:
+                self.jobs.requeue(job, f"worker_{reason}", tell_worker=False)
+        log.info("worker %s… gone (%s)", session.worker_id[:12], reason)
+
+    def touch(self, session: WorkerSession) -> None:
+        session.last_seen = self.clock()
+
+    def drain(self, session: WorkerSession) -> None:
+        session.draining = True
+
+    # --- messages from workers ----------------------------------------------------------
+
+    def offer_response(
+        self, s: WorkerSession, job_id: str, attempt: int, accept: bool, reason: str
+    ) -> None:
+        self.touch(s)
+        if accept:
+            if self.jobs.accept(job_id, attempt, s.worker_id) is None:
+                s.send(Cancel(job_id, attempt, "offer no longer valid"))
+        else:
+            self._avoid.setdefault(job_id, set()).add(s.worker_id)
+            self.jobs.reject(job_id, attempt, s.worker_id, reason)
+
+    def progress(
+        self, s: WorkerSession, job_id: str, attempt: int, text: str, fraction: float
+    ) -> None:
+        self.touch(s)
+        self.jobs.progress(job_id, attempt, s.worker_id, text, fraction)
+
+    def completed(
+        self,
+        s: WorkerSession,
+        job_id: str,
+        attempt: int,
+        result: Result,
+        body: bytes,
+        signature: bytes,
+    ) -> None:
+        self.touch(s)
+        ok, reason = self.jobs.complete(
+            job_id, attempt, s.worker_id, s.public_key, result, body, signature
+        )
+        s.send(ResultAck(job_id, attempt, ok, reason))
+
+    def failed(
+        self, s: WorkerSession, job_id: str, attempt: int, failure: Failure, retryable: bool
+    ) -> None:
+        self.touch(s)
+        if retryable:
+            self._avoid.setdefault(job_id, set()).add(s.worker_id)
+        ok = self.jobs.fail(job_id, attempt, s.worker_id, failure, retryable)
+        s.send(ResultAck(job_id, attempt, ok, "" if ok else "stale"))
+
+    # --- JobListener --------------------------------------------------------------------
+
+    def job_queued(self) -> None:
+        self.kick()
+
+    def job_released(
+        self, job: Job, worker_id: str, attempt: int, reason: str, tell_worker: bool
+    ) -> None:
+        s = self.sessions.get(worker_id)
+        if s is not None and s.active.get(job.job_id) == attempt:
+            del s.active[job.job_id]
+            if tell_worker:
+                s.send(Cancel(job.job_id, attempt, reason))
+        if job.state.final:
+            self._avoid.pop(job.job_id, None)
+        self.kick()
+
+    # --- dispatching --------------------------------------------------------------------
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    def dispatch_once(self) -> int:
+        if not any(not s.draining and s.load < s.max_concurrency for s in self.sessions.values()):
+            return 0
+        offered = 0
+        paired: dict[str, set[str]] = {}
+        for job in self.store.queued_jobs(DISPATCH_BATCH):
+            allowed = None
+            if job.spec.privacy is Privacy.PRIVATE:
+                if job.client_id not in paired:
+                    paired[job.client_id] = self.store.paired_workers(job.client_id)
+                allowed = paired[job.client_id]
+            cands = [s for s in self.sessions.values() if matching.eligible(job.spec, s, allowed)]
+            avoid = self._avoid.get(job.job_id)
+            if avoid:
+                cands = [s for s in cands if s.worker_id not in avoid] or cands
+            if not cands:
+                continue
+            scores = {s.worker_id: self.reputation.score(s.worker_id) for s in cands}
+            chosen = matching.choose(job.spec, cands, scores, self.rng)
+            session = self.sessions[chosen.worker_id]
+            moved = self.jobs.offer(job, session.worker_id)
+            if moved is None:
+                continue
+            session.active[job.job_id] = moved.attempts
+            session.send(Offer(moved, self.jobs_cfg.time_limit_seconds))
+            offered += 1
+        return offered
+
+    def evict_silent(self) -> None:
+        cutoff = self.clock() - self.workers_cfg.eviction_seconds
+        for s in list(self.sessions.values()):
+            if s.last_seen < cutoff:
+                s.close("evicted: no heartbeat")
+                self.unregister(s, "evicted")
+
+    def eligible_count(self, spec: JobSpec) -> int:
+        return sum(1 for s in self.sessions.values() if matching.can_ever_run(spec, s))
+
+    async def run(self) -> None:
+        """Dispatch on every kick; sweep leases, queue timeouts and silent workers periodically."""
+        interval = self.jobs_cfg.sweep_interval_seconds
+        next_sweep = 0.0
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                if self.clock() >= next_sweep:
+                    self.jobs.sweep()
+                    self.evict_silent()
+                    next_sweep = self.clock() + interval
+                self.dispatch_once()
+            except Exception:
+                log.exception("dispatch pass failed; retrying on the next tick")
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="dispatch-hub")
+
+    async def stop(self) -> None:
+        for s in list(self.sessions.values()):
+            s.close("coordinator shutting down", retry_after_seconds=1)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def snapshot(self, kind: WorkerKind | None) -> list[tuple[WorkerSession, float]]:
+        return [
+            (s, self.reputation.score(s.worker_id))
+            for s in self.sessions.values()
+            if kind is None or s.kind is kind
+        ]

@@ -1,0 +1,424 @@
+"""JobService: the durable job state machine.
+
+QUEUED -> OFFERED (lease) -> RUNNING -> COMPLETED | FAILED, CANCELLED from any open state.
+A lapsed lease, a rejected offer, a retryable failure or a lost worker returns the job to
+QUEUED; once attempts reach max_attempts it FAILS instead. Every transition is a
+compare-and-set in the store that commits the job and its event together, before anyone
+is told about it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+
+from dispatchnet.coordinator.events import JobNotifier
+from dispatchnet.coordinator.models import (
+    ACTIVE_STATES,
+    OPEN_STATES,
+    Event,
+    EventKind,
+    Failure,
+    Job,
+    JobSpec,
+    JobState,
+    Privacy,
+    Quote,
+    Result,
+)
+from dispatchnet.coordinator.ports import JobListener, ReceiptNotary, ReputationSource
+from dispatchnet.coordinator.pricing import price_micros
+from dispatchnet.errors import (
+    DispatchError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from dispatchnet.profiles import JobsConfig, PricingConfig
+from dispatchnet.store.base import Store
+
+MAX_IDEMPOTENCY_KEY = 128
+WATCH_POLL_SECONDS = 5.0
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+class JobService:
+    def __init__(
+        self,
+        store: Store,
+        jobs: JobsConfig,
+        pricing: PricingConfig,
+        notary: ReceiptNotary,
+        reputation: ReputationSource,
+        notifier: JobNotifier | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.cfg = jobs
+        self.pricing = pricing
+        self.notary = notary
+        self.reputation = reputation
+        self.notifier = notifier or JobNotifier()
+        self.clock = clock
+        self.listener: JobListener | None = None
+
+    # --- client side --------------------------------------------------------------------
+
+    def quote(self, spec: JobSpec) -> Quote:
+        now = self.clock()
+        q = Quote(
+            quote_id=new_id("q"),
+            spec=spec,
+            price_micros=price_micros(self.pricing, spec.job_type, spec.policy),
+            currency=self.pricing.currency,
+            created_at=now,
+            expires_at=now + self.cfg.quote_ttl_seconds,
+        )
+        self.store.put_quote(q)
+        return q
+
+    def commit(self, client_id: str, quote_id: str, idempotency_key: str) -> tuple[Job, bool]:
+        if not quote_id:
+            raise InvalidArgument("quote_id is required (get one from GetQuote)")
+        if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+            raise InvalidArgument(f"idempotency_key must be 1-{MAX_IDEMPOTENCY_KEY} characters")
+        quote = self.store.get_quote(quote_id)
+        if quote is None:
+            raise NotFound(f"quote {quote_id} does not exist")
+        now = self.clock()
+        job = Job(
+            job_id=new_id("job"),
+            client_id=client_id,
+            state=JobState.QUEUED,
+            spec=quote.spec,
+            price_micros=quote.price_micros,
+            currency=quote.currency,
+            quote_id=quote_id,
+            idempotency_key=idempotency_key,
+            attempts=0,
+            max_attempts=self.cfg.max_attempts,
+            created_at=now,
+            updated_at=now,
+            queued_at=now,
+        )
+        existing = self.store.get_job_by_key(client_id, idempotency_key)
+        if existing is not None:
+            if existing.quote_id != quote_id:
+                raise FailedPrecondition("idempotency_key was already used for another quote")
+            return existing, False
+        if quote.expires_at < now:
+            raise FailedPrecondition(f"quote {quote_id} expired; ask for a new quote")
+        if quote.spec.privacy is Privacy.PRIVATE and not self.store.paired_workers(client_id):
+            raise FailedPrecondition(
+                "a PRIVATE job needs at least one paired worker; pair one with "
+                "`dispatch pair create` / `dispatch pair claim` first"
+            )
+        event = Event(job.job_id, EventKind.STATE, JobState.QUEUED, now, reason="committed")
+        stored, created = self.store.create_job(job, event)
+        if created:
+            self._changed(stored)
+            if self.listener:
+                self.listener.job_queued()
+        elif stored.quote_id != quote_id:
+            raise FailedPrecondition("idempotency_key was already used for another quote")
+        return stored, created
+
+    def get(self, client_id: str, job_id: str) -> Job:
+        if not job_id:
+            raise InvalidArgument("job_id is required")
+        job = self.store.get_job(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} does not exist")
+        if job.client_id != client_id:
+            raise PermissionDenied(f"job {job_id} belongs to another client")
+        return job
+
+    def cancel(self, client_id: str, job_id: str, reason: str) -> Job:
+        job = self.get(client_id, job_id)
+        if job.state is JobState.CANCELLED:
+            return job
+        if job.state.final:
+            raise FailedPrecondition(f"job {job_id} is already {job.state.name}")
+        failure = Failure("cancelled", reason or "cancelled by its owner")
+        updated = self._move(
+            job,
+            OPEN_STATES,
+            None,
+            JobState.CANCELLED,
+            "cancelled",
+            failure=failure,
+            lease_expires_at=0.0,
+        )
+        if updated is None:  # it moved on meanwhile; report what it is now
+            return self.cancel(client_id, job_id, reason)
+        if job.state in ACTIVE_STATES and self.listener:
+            self.listener.job_released(updated, job.worker_id, job.attempts, "cancelled", True)
+        return updated
+
+    async def watch(self, client_id: str, job_id: str, after: int) -> AsyncIterator[Event]:
+        """Events after sequence `after`, live, until the final state's event."""
+        self.get(client_id, job_id)
+        wake = self.notifier.subscribe(job_id)
+        try:
+            seq = after
+            while True:
+                wake.clear()
+                events = self.store.events_after(job_id, seq)
+                for e in events:
+                    seq = e.sequence
+                    yield e
+                if events:
+                    continue
+                job = self.store.get_job(job_id)
+                if job is None or (job.state.final and seq >= job.last_sequence):
+                    return
+                await _wait(wake, WATCH_POLL_SECONDS)
+        finally:
+            self.notifier.unsubscribe(job_id, wake)
+
+    # --- worker side --------------------------------------------------------------------
+
+    def offer(self, job: Job, worker_id: str) -> Job | None:
+        """QUEUED -> OFFERED to worker_id under a lease; None if someone else got there."""
+        now = self.clock()
+        return self._move(
+            job,
+            (JobState.QUEUED,),
+            job.attempts,
+            JobState.OFFERED,
+            "offered",
+            worker_id=worker_id,
+            attempts=job.attempts + 1,
+            lease_expires_at=now + self.cfg.offer_lease_seconds,
+        )
+
+    def accept(self, job_id: str, attempt: int, worker_id: str) -> Job | None:
+        job = self._held(job_id, attempt, worker_id, (JobState.OFFERED,))
+        if job is None:
+            return None
+        return self._move(
+            job,
+            (JobState.OFFERED,),
+            attempt,
+            JobState.RUNNING,
+            "accepted",
+            lease_expires_at=self.clock() + self.cfg.time_limit_seconds,
+        )
+
+    def reject(self, job_id: str, attempt: int, worker_id: str, reason: str) -> Job | None:
+        job = self._held(job_id, attempt, worker_id, (JobState.OFFERED,))
+        if job is None:
+            return None
+        return self.requeue(job, f"rejected: {reason or 'no reason'}", tell_worker=False)
+
+    def progress(
+        self, job_id: str, attempt: int, worker_id: str, text: str, fraction: float
+    ) -> None:
+        job = self._held(job_id, attempt, worker_id, (JobState.RUNNING,))
+        if job is None:
+            return
+        e = Event(
+            job_id,
+            EventKind.PROGRESS,
+            job.state,
+            self.clock(),
+            worker_id=worker_id,
+            attempt=attempt,
+            text=text,
+            fraction=fraction,
+        )
+        if self.store.append_event(e) is not None:
+            self.notifier.notify(job_id)
+
+    def complete(
+        self,
+        job_id: str,
+        attempt: int,
+        worker_id: str,
+        worker_key: bytes,
+        result: Result,
+        receipt_body: bytes,
+        signature: bytes,
+    ) -> tuple[bool, str]:
+        """Records a result with its countersigned receipt; (accepted, reason)."""
+        job = self._held(job_id, attempt, worker_id, (JobState.RUNNING,))
+        if job is None:
+            return False, "stale: the job is no longer held by this worker at this attempt"
+        try:
+            receipt = self.notary.countersign(job, worker_key, result, receipt_body, signature)
+        except DispatchError as e:
+            self.requeue(job, f"bad receipt: {e.message}", tell_worker=False)
+            return False, e.message
+        done = self._move(
+            job,
+            (JobState.RUNNING,),
+            attempt,
+            JobState.COMPLETED,
+            "completed",
+            result=result,
+            receipt=receipt,
+            lease_expires_at=0.0,
+        )
+        if done is None:
+            return False, "stale: the job changed state meanwhile"
+        self.reputation.record(worker_id, True)
+        self._release(done, worker_id, attempt, "completed", tell_worker=False)
+        return True, ""
+
+    def fail(
+        self, job_id: str, attempt: int, worker_id: str, failure: Failure, retryable: bool
+    ) -> bool:
+        job = self._held(job_id, attempt, worker_id, ACTIVE_STATES)
+        if job is None:
+            return False
+        self.reputation.record(worker_id, False)
+        if retryable:
+            return self.requeue(job, f"failed: {failure.code}", tell_worker=False) is not None
+        failed = self._move(
+            job,
+            ACTIVE_STATES,
+            attempt,
+            JobState.FAILED,
+            failure.code,
+            failure=failure,
+            lease_expires_at=0.0,
+        )
+        if failed is not None:
+            self._release(failed, worker_id, attempt, failure.code, tell_worker=False)
+        return failed is not None
+
+    def requeue(self, job: Job, reason: str, tell_worker: bool) -> Job | None:
+        """Takes an active job back from its worker: QUEUED again, or FAILED past max attempts."""
+        if job.attempts >= job.max_attempts:
+            failure = Failure(
+                "max_attempts_exceeded",
+                f"gave up after {job.attempts} attempt(s); last: {reason}",
+            )
+            moved = self._move(
+                job,
+                ACTIVE_STATES,
+                job.attempts,
+                JobState.FAILED,
+                reason,
+                failure=failure,
+                lease_expires_at=0.0,
+            )
+        else:
+            moved = self._move(
+                job,
+                ACTIVE_STATES,
+                job.attempts,
+                JobState.QUEUED,
+                reason,
+                queued_at=self.clock(),
+                lease_expires_at=0.0,
+            )
+        if moved is not None:
+            self._release(moved, job.worker_id, job.attempts, reason, tell_worker)
+            if moved.state is JobState.QUEUED and self.listener:
+                self.listener.job_queued()
+        return moved
+
+    def worker_lost(self, worker_id: str, reason: str) -> list[Job]:
+        """Requeues every job the worker holds (stream dropped, evicted)."""
+        out = []
+        for job in self.store.active_jobs(worker_id):
+            moved = self.requeue(job, reason, tell_worker=False)
+            if moved is not None:
+                out.append(moved)
+        return out
+
+    def sweep(self) -> None:
+        """Lapsed leases go back to the queue; jobs nobody could take in time fail."""
+        now = self.clock()
+        for job in self.store.lapsed_leases(now):
+            reason = (
+                "offer_lease_expired" if job.state is JobState.OFFERED else "time_limit_exceeded"
+            )
+            self.requeue(job, reason, tell_worker=True)
+        for job in self.store.stale_queued(now - self.cfg.queue_timeout_seconds):
+            failure = Failure(
+                "no_eligible_worker",
+                f"no eligible worker took the job within {self.cfg.queue_timeout_seconds:g}s",
+            )
+            self._move(
+                job,
+                (JobState.QUEUED,),
+                job.attempts,
+                JobState.FAILED,
+                "no_eligible_worker",
+                failure=failure,
+            )
+
+    def recover(self) -> int:
+        """At start-up, no worker is connected to this process: requeue what they held."""
+        jobs = self.store.active_jobs()
+        for job in jobs:
+            self.requeue(job, "coordinator_restarted", tell_worker=False)
+        return len(jobs)
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _held(
+        self, job_id: str, attempt: int, worker_id: str, states: tuple[JobState, ...]
+    ) -> Job | None:
+        job = self.store.get_job(job_id)
+        if (
+            job is None
+            or job.worker_id != worker_id
+            or job.attempts != attempt
+            or job.state not in states
+        ):
+            return None
+        return job
+
+    def _move(
+        self,
+        job: Job,
+        from_states: tuple[JobState, ...],
+        attempt: int | None,
+        to: JobState,
+        reason: str,
+        **changes: object,
+    ) -> Job | None:
+        now = self.clock()
+        worker_id = str(changes.get("worker_id", job.worker_id))
+        new_attempt = int(changes.get("attempts", job.attempts))  # type: ignore[call-overload]
+        event = Event(
+            job.job_id,
+            EventKind.STATE,
+            to,
+            now,
+            from_state=job.state,
+            reason=reason,
+            worker_id=worker_id,
+            attempt=new_attempt,
+        )
+        moved = self.store.transition(
+            job.job_id, from_states, attempt, {"state": to, "updated_at": now, **changes}, event
+        )
+        if moved is not None:
+            self._changed(moved)
+        return moved
+
+    def _changed(self, job: Job) -> None:
+        self.notifier.notify(job.job_id)
+
+    def _release(
+        self, job: Job, worker_id: str, attempt: int, reason: str, tell_worker: bool
+    ) -> None:
+        if self.listener and worker_id:
+            self.listener.job_released(job, worker_id, attempt, reason, tell_worker)
+
+
+async def _wait(ev: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await ev.wait()

@@ -1,0 +1,158 @@
+"""Domain types of the coordinator. Plain data: no grpc, no SQL, no protobuf.
+
+Enum values mirror dispatch.v1 so the API layer converts with int().
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class JobType(enum.IntEnum):
+    LLM = 1
+    TASK = 2
+
+
+class Policy(enum.IntEnum):
+    FAST = 1
+    CHEAP = 2
+    AUTO = 3
+
+
+class Privacy(enum.IntEnum):
+    PUBLIC = 1
+    PRIVATE = 2
+
+
+class WorkerKind(enum.IntEnum):
+    DESKTOP = 1
+    SEEKER = 2
+
+
+class JobState(enum.IntEnum):
+    QUEUED = 1
+    OFFERED = 2
+    RUNNING = 3
+    COMPLETED = 4
+    FAILED = 5
+    CANCELLED = 6
+
+    @property
+    def final(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+ACTIVE_STATES = (JobState.OFFERED, JobState.RUNNING)
+OPEN_STATES = (JobState.QUEUED, JobState.OFFERED, JobState.RUNNING)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job spec. spec_bytes is the deterministic serialization the API layer
+    produced (what workers receive); spec_sha256 its hash (the receipt's input hash)."""
+
+    job_type: JobType
+    policy: Policy
+    privacy: Privacy
+    task_name: str
+    llm_model: str
+    spec_bytes: bytes
+    spec_sha256: bytes
+
+
+@dataclass(frozen=True)
+class Quote:
+    quote_id: str
+    spec: JobSpec
+    price_micros: int
+    currency: str
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class Result:
+    output: bytes
+    content_type: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Failure:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Receipt:
+    body: bytes
+    worker_signature: bytes
+    coordinator_signature: bytes
+    sha256: bytes
+
+
+@dataclass(frozen=True)
+class PaymentRef:
+    network: str = ""
+    payer: str = ""
+    transaction: str = ""
+    amount: str = ""
+    asset: str = ""
+    status: str = "none"
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    client_id: str
+    state: JobState
+    spec: JobSpec
+    price_micros: int
+    currency: str
+    quote_id: str
+    idempotency_key: str
+    attempts: int
+    max_attempts: int
+    created_at: float
+    updated_at: float
+    queued_at: float
+    last_sequence: int = 0
+    worker_id: str = ""
+    lease_expires_at: float = 0.0
+    result: Result | None = None
+    failure: Failure | None = None
+    receipt: Receipt | None = None
+    payment: PaymentRef = field(default_factory=PaymentRef)
+
+
+class EventKind(enum.Enum):
+    STATE = "state"
+    PROGRESS = "progress"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a job's history; sequence is assigned by the store."""
+
+    job_id: str
+    kind: EventKind
+    state: JobState
+    time: float
+    sequence: int = 0
+    from_state: JobState | None = None
+    reason: str = ""
+    worker_id: str = ""
+    attempt: int = 0
+    text: str = ""
+    fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class Pairing:
+    pairing_id: str
+    client_id: str
+    worker_id: str
+    created_at: float
+    revoked_at: float | None = None

@@ -1,0 +1,74 @@
+"""Client-worker pairing for PRIVATE jobs.
+
+Codes are 8 characters from a 32-letter alphabet (40 bits), shown as XXXX-XXXX, single use,
+short-lived, and stored only as SHA-256 hashes. A worker claims one with its own key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Callable
+
+from dispatchnet.coordinator.jobs import new_id
+from dispatchnet.coordinator.models import Pairing
+from dispatchnet.errors import InvalidArgument, NotFound, PermissionDenied
+from dispatchnet.profiles import PairingConfig
+from dispatchnet.store.base import Store
+
+ALPHABET = "ABCDEFGHJKMNPQRSTVWXYZ0123456789"  # no I, L, O, U
+CODE_LEN = 8
+MAX_TTL = 86400
+
+
+def normalize(code: str) -> str:
+    return "".join(c for c in code.upper() if c not in "- ")
+
+
+def code_hash(code: str) -> bytes:
+    return hashlib.sha256(b"dispatch.v1.PairingCode\n" + normalize(code).encode()).digest()
+
+
+class PairingService:
+    def __init__(
+        self, store: Store, cfg: PairingConfig, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.clock = clock
+
+    def create_code(self, client_id: str, ttl_seconds: int) -> tuple[str, float]:
+        ttl = ttl_seconds or self.cfg.code_ttl_seconds
+        if not 1 <= ttl <= MAX_TTL:
+            raise InvalidArgument(f"ttl_seconds must be between 1 and {MAX_TTL}")
+        raw = "".join(secrets.choice(ALPHABET) for _ in range(CODE_LEN))
+        expires = self.clock() + ttl
+        self.store.put_pairing_code(code_hash(raw), client_id, expires)
+        return f"{raw[:4]}-{raw[4:]}", expires
+
+    def claim(self, worker_id: str, code: str) -> Pairing:
+        norm = normalize(code)
+        if len(norm) != CODE_LEN or any(c not in ALPHABET for c in norm):
+            raise InvalidArgument("a pairing code looks like XXXX-XXXX")
+        client_id = self.store.claim_pairing_code(code_hash(norm), self.clock())
+        if client_id is None:
+            raise NotFound("pairing code is unknown, already used or expired")
+        if client_id == worker_id:
+            raise InvalidArgument("a key cannot pair with itself")
+        return self.store.put_pairing(Pairing(new_id("pair"), client_id, worker_id, self.clock()))
+
+    def list(self, party_id: str, include_revoked: bool) -> list[Pairing]:
+        return self.store.list_pairings(party_id, include_revoked)
+
+    def revoke(self, party_id: str, pairing_id: str) -> Pairing:
+        if not pairing_id:
+            raise InvalidArgument("pairing_id is required")
+        p = self.store.get_pairing(pairing_id)
+        if p is None:
+            raise NotFound(f"pairing {pairing_id} does not exist")
+        if party_id not in (p.client_id, p.worker_id):
+            raise PermissionDenied("only the paired client or worker may revoke a pairing")
+        revoked = self.store.revoke_pairing(pairing_id, self.clock())
+        assert revoked is not None
+        return revoked

@@ -1,0 +1,48 @@
+"""Protocols the coordinator's domain services depend on (implemented elsewhere)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from dispatchnet.coordinator.models import Job, Receipt, Result
+
+
+class ReceiptNotary(Protocol):
+    """Checks a worker's signed receipt body for a result and countersigns it."""
+
+    @property
+    def public_key(self) -> bytes: ...
+
+    def countersign(
+        self, job: Job, worker_public_key: bytes, result: Result, body: bytes, signature: bytes
+    ) -> Receipt:
+        """The countersigned receipt; raises InvalidArgument listing what does not match."""
+        ...
+
+
+class ReputationSource(Protocol):
+    """Scores in [0, 1]; must answer from memory (never a chain call on the hot path)."""
+
+    def score(self, worker_id: str) -> float: ...
+
+    def warm(self, worker_id: str) -> None:
+        """Loads or refreshes a worker's score off the hot path (e.g. when it connects)."""
+        ...
+
+    def record(self, worker_id: str, success: bool) -> None:
+        """Takes note of a finished job."""
+        ...
+
+
+class JobListener(Protocol):
+    """What the job service tells the worker hub."""
+
+    def job_queued(self) -> None:
+        """A job became QUEUED (dispatching may be possible)."""
+        ...
+
+    def job_released(
+        self, job: Job, worker_id: str, attempt: int, reason: str, tell_worker: bool
+    ) -> None:
+        """worker_id no longer holds the job's attempt; tell_worker: send it a cancel."""
+        ...

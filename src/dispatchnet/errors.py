@@ -1,0 +1,47 @@
+"""Typed domain errors. The gRPC edge maps each to one status code (api/errors.py).
+
+Domain code raises these and nothing grpc-specific; every other exception that reaches
+the edge is logged and reported as INTERNAL with no traceback.
+"""
+
+from __future__ import annotations
+
+
+class DispatchError(Exception):
+    """Base of every error a caller is meant to see."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(DispatchError):
+    """The request is malformed or out of range."""
+
+
+class NotFound(DispatchError):
+    """The thing asked for does not exist (or the caller may not know it exists)."""
+
+
+class PermissionDenied(DispatchError):
+    """The caller is authenticated but may not do this."""
+
+
+class Unauthenticated(DispatchError):
+    """The caller did not prove who it is."""
+
+
+class FailedPrecondition(DispatchError):
+    """The system is not in a state that allows this (expired quote, final job...)."""
+
+
+class AlreadyExists(DispatchError):
+    """The thing being created already exists."""
+
+
+class ResourceExhausted(DispatchError):
+    """A quota or limit is exhausted (or, at the payment edge, payment is required)."""
+
+
+class Unavailable(DispatchError):
+    """A dependency (chain node, facilitator) is down; retrying later may work."""

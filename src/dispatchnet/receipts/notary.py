@@ -1,0 +1,50 @@
+"""The coordinator's side of receipts: check the worker's body, countersign it."""
+
+from __future__ import annotations
+
+from dispatch.v1 import common_pb2
+from dispatchnet.coordinator.models import Job, PaymentRef, Receipt, Result
+from dispatchnet.errors import InvalidArgument
+from dispatchnet.keys import KeyPair
+from dispatchnet.receipts.core import ExpectedReceipt, check_worker_receipt, sha256, sign_body
+
+
+def payment_to_proto(p: PaymentRef) -> common_pb2.PaymentReference:
+    return common_pb2.PaymentReference(
+        network=p.network,
+        payer=p.payer,
+        transaction=p.transaction,
+        amount=p.amount,
+        asset=p.asset,
+        status=p.status,
+    )
+
+
+class Notary:
+    def __init__(self, key: KeyPair) -> None:
+        self.key = key
+
+    @property
+    def public_key(self) -> bytes:
+        return self.key.public_key
+
+    def countersign(
+        self, job: Job, worker_public_key: bytes, result: Result, body: bytes, signature: bytes
+    ) -> Receipt:
+        expected = ExpectedReceipt(
+            job_id=job.job_id,
+            attempt=job.attempts,
+            job_type=int(job.spec.job_type),
+            input_sha256=job.spec.spec_sha256,
+            output_sha256=sha256(result.output),
+            worker_public_key=worker_public_key,
+            coordinator_public_key=self.key.public_key,
+            client_id=job.client_id,
+            price_micros=job.price_micros,
+            currency=job.currency,
+            payment=payment_to_proto(job.payment),
+        )
+        problems = check_worker_receipt(body, signature, expected)
+        if problems:
+            raise InvalidArgument("; ".join(problems))
+        return Receipt(body, signature, sign_body(self.key, body), sha256(body))

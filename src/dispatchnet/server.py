@@ -1,0 +1,129 @@
+"""Assembles a coordinator: store, domain services, servicers, interceptors, health, reflection."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dispatch.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    receipt_pb2,
+    receipt_pb2_grpc,
+    trust_pb2,
+    trust_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
+from dispatchnet import keys
+from dispatchnet.api.edge import AuthInterceptor, ErrorInterceptor
+from dispatchnet.api.servicers import (
+    CoordinatorServicer,
+    ReceiptServicer,
+    TrustServicer,
+    WorkerServicer,
+)
+from dispatchnet.coordinator.hub import WorkerHub
+from dispatchnet.coordinator.jobs import JobService
+from dispatchnet.coordinator.pairing import PairingService
+from dispatchnet.coordinator.receipts import ReceiptQueries
+from dispatchnet.profiles import Profile
+from dispatchnet.receipts.notary import Notary
+from dispatchnet.reputation.local import LocalReputation
+from dispatchnet.store.sqlite import SqliteStore
+
+log = logging.getLogger("dispatch.coordinator")
+
+SERVICE_NAMES = (
+    coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name,
+    worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    receipt_pb2.DESCRIPTOR.services_by_name["ReceiptService"].full_name,
+    trust_pb2.DESCRIPTOR.services_by_name["TrustService"].full_name,
+)
+
+
+@dataclass
+class Coordinator:
+    """A running coordinator; `port` is the bound port (useful with port 0)."""
+
+    server: grpc.aio.Server
+    port: int
+    store: SqliteStore
+    jobs: JobService
+    hub: WorkerHub
+    health: health.aio.HealthServicer
+    public_key: bytes
+
+    async def stop(self, grace: float = 1.0) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.hub.stop()
+        await self.server.stop(grace)
+        self.store.close()
+
+
+async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Coordinator:
+    if profile.payments.enabled:
+        raise ValueError(f"profile {profile.name}: payments are not supported by this build yet")
+    if profile.reputation.source != "local":
+        raise ValueError(f"profile {profile.name}: unknown reputation source")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = keys.load_or_create(data_dir / "coordinator.key")
+    store = SqliteStore(data_dir / "coordinator.db", profile.server.sqlite_synchronous)
+    reputation = LocalReputation(store)
+    jobs = JobService(store, profile.jobs, profile.pricing, Notary(key), reputation)
+    hub = WorkerHub(jobs, store, reputation, key.public_key, profile.workers, profile.jobs)
+    requeued = jobs.recover()
+    if requeued:
+        log.info("requeued %d job(s) held by workers before the restart", requeued)
+
+    opts = [
+        ("grpc.max_receive_message_length", profile.server.max_message_bytes),
+        ("grpc.max_send_message_length", profile.server.max_message_bytes),
+        ("grpc.keepalive_time_ms", 20000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(), AuthInterceptor(profile.auth.max_token_ttl_seconds)],
+        options=opts,
+    )
+    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
+        CoordinatorServicer(jobs, hub, profile.limits), server
+    )
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(
+        WorkerServicer(hub, profile.workers), server
+    )
+    receipt_pb2_grpc.add_ReceiptServiceServicer_to_server(
+        ReceiptServicer(ReceiptQueries(jobs)), server
+    )
+    trust_pb2_grpc.add_TrustServiceServicer_to_server(
+        TrustServicer(PairingService(store, profile.pairing)), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    hub.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "coordinator %s… listening on port %d (profile %s)", key.public_hex[:12], port, profile.name
+    )
+    return Coordinator(server, port, store, jobs, hub, health_servicer, key.public_key)

@@ -1,0 +1,591 @@
+"""SQLite implementation of the Store protocol (the embedded default).
+
+WAL mode, one connection used from the event loop's thread, explicit BEGIN IMMEDIATE
+transactions. The schema is versioned with PRAGMA user_version; MIGRATIONS lists the steps.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from dispatchnet.coordinator.models import (
+    ACTIVE_STATES,
+    Event,
+    EventKind,
+    Failure,
+    Job,
+    JobSpec,
+    JobState,
+    JobType,
+    Pairing,
+    PaymentRef,
+    Policy,
+    Privacy,
+    Quote,
+    Receipt,
+    Result,
+)
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db["quotes"].create(
+        {
+            "quote_id": str,
+            "job_type": int,
+            "policy": int,
+            "privacy": int,
+            "task_name": str,
+            "llm_model": str,
+            "spec_bytes": bytes,
+            "spec_sha256": bytes,
+            "price_micros": int,
+            "currency": str,
+            "created_at": float,
+            "expires_at": float,
+        },
+        pk="quote_id",
+    )
+    db["jobs"].create(
+        {
+            "job_id": str,
+            "client_id": str,
+            "state": int,
+            "job_type": int,
+            "policy": int,
+            "privacy": int,
+            "task_name": str,
+            "llm_model": str,
+            "spec_bytes": bytes,
+            "spec_sha256": bytes,
+            "price_micros": int,
+            "currency": str,
+            "quote_id": str,
+            "idempotency_key": str,
+            "attempts": int,
+            "max_attempts": int,
+            "created_at": float,
+            "updated_at": float,
+            "queued_at": float,
+            "last_sequence": int,
+            "worker_id": str,
+            "lease_expires_at": float,
+            "result_output": bytes,
+            "result_content_type": str,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "failure_code": str,
+            "failure_message": str,
+            "receipt_body": bytes,
+            "receipt_worker_sig": bytes,
+            "receipt_coord_sig": bytes,
+            "receipt_sha256": bytes,
+            "payment": str,
+        },
+        pk="job_id",
+        not_null={"client_id", "state", "idempotency_key"},
+    )
+    db["jobs"].create_index(["client_id", "idempotency_key"], unique=True)
+    db["jobs"].create_index(["state", "queued_at"])
+    db["jobs"].create_index(["state", "lease_expires_at"])
+    db["jobs"].create_index(["worker_id", "state"])
+    db["events"].create(
+        {
+            "job_id": str,
+            "sequence": int,
+            "kind": str,
+            "state": int,
+            "time": float,
+            "from_state": int,
+            "reason": str,
+            "worker_id": str,
+            "attempt": int,
+            "text": str,
+            "fraction": float,
+        },
+        pk=("job_id", "sequence"),
+    )
+    db["pairing_codes"].create(
+        {"code_hash": bytes, "client_id": str, "expires_at": float, "used_at": float},
+        pk="code_hash",
+    )
+    db["pairings"].create(
+        {
+            "pairing_id": str,
+            "client_id": str,
+            "worker_id": str,
+            "created_at": float,
+            "revoked_at": float,
+        },
+        pk="pairing_id",
+    )
+    db["pairings"].create_index(["client_id"])
+    db["pairings"].create_index(["worker_id"])
+    db["workers"].create(
+        {
+            "worker_id": str,
+            "kind": int,
+            "first_seen": float,
+            "last_seen": float,
+            "completed": int,
+            "failed": int,
+        },
+        pk="worker_id",
+    )
+
+
+MIGRATIONS = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_JOB_SIMPLE = {
+    "job_id",
+    "client_id",
+    "quote_id",
+    "idempotency_key",
+    "attempts",
+    "max_attempts",
+    "created_at",
+    "updated_at",
+    "queued_at",
+    "last_sequence",
+    "worker_id",
+    "lease_expires_at",
+    "price_micros",
+    "currency",
+}
+
+
+class SqliteStore:
+    """Store backed by one SQLite file (or ":memory:")."""
+
+    def __init__(self, path: str | Path, synchronous: str = "NORMAL") -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError("sqlite_synchronous must be NORMAL or FULL")
+        self.path = str(path)
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(f"PRAGMA synchronous={synchronous}")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self.db = sqlite_utils.Database(self._conn)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database schema v{version} is newer than this build (v{SCHEMA_VERSION})"
+            )
+        for step in range(version, SCHEMA_VERSION):
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                MIGRATIONS[step](self.db)
+                self._conn.execute(f"PRAGMA user_version={step + 1}")
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def schema_version(self) -> int:
+        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # --- quotes -------------------------------------------------------------------------
+
+    def put_quote(self, quote: Quote) -> None:
+        s = quote.spec
+        self._conn.execute(
+            "INSERT INTO quotes VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                quote.quote_id,
+                int(s.job_type),
+                int(s.policy),
+                int(s.privacy),
+                s.task_name,
+                s.llm_model,
+                s.spec_bytes,
+                s.spec_sha256,
+                quote.price_micros,
+                quote.currency,
+                quote.created_at,
+                quote.expires_at,
+            ),
+        )
+
+    def get_quote(self, quote_id: str) -> Quote | None:
+        r = self._conn.execute("SELECT * FROM quotes WHERE quote_id=?", (quote_id,)).fetchone()
+        if r is None:
+            return None
+        return Quote(
+            r["quote_id"],
+            _spec(r),
+            r["price_micros"],
+            r["currency"],
+            r["created_at"],
+            r["expires_at"],
+        )
+
+    # --- jobs ---------------------------------------------------------------------------
+
+    def create_job(self, job: Job, event: Event) -> tuple[Job, bool]:
+        row = _job_row(job)
+        row["last_sequence"] = 1
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            existing = self._conn.execute(
+                "SELECT * FROM jobs WHERE client_id=? AND idempotency_key=?",
+                (job.client_id, job.idempotency_key),
+            ).fetchone()
+            if existing is not None:
+                self._conn.execute("ROLLBACK")
+                return _job(existing), False
+            cols = ",".join(row)
+            self._conn.execute(
+                f"INSERT INTO jobs ({cols}) VALUES ({','.join('?' * len(row))})",
+                tuple(row.values()),
+            )
+            self._insert_event(event, 1)
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        created = self.get_job(job.job_id)
+        assert created is not None
+        return created, True
+
+    def get_job(self, job_id: str) -> Job | None:
+        r = self._conn.execute("SELECT * FROM jobs WHERE job_id=?", (job_id,)).fetchone()
+        return _job(r) if r is not None else None
+
+    def get_job_by_key(self, client_id: str, idempotency_key: str) -> Job | None:
+        r = self._conn.execute(
+            "SELECT * FROM jobs WHERE client_id=? AND idempotency_key=?",
+            (client_id, idempotency_key),
+        ).fetchone()
+        return _job(r) if r is not None else None
+
+    def transition(
+        self,
+        job_id: str,
+        from_states: Sequence[JobState],
+        attempt: int | None,
+        changes: dict[str, Any],
+        event: Event | None,
+    ) -> Job | None:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            r = self._conn.execute(
+                "SELECT state, attempts, last_sequence FROM jobs WHERE job_id=?", (job_id,)
+            ).fetchone()
+            if (
+                r is None
+                or JobState(r["state"]) not in from_states
+                or (attempt is not None and r["attempts"] != attempt)
+            ):
+                self._conn.execute("ROLLBACK")
+                return None
+            values = _changes_row(changes)
+            seq = r["last_sequence"] + (1 if event is not None else 0)
+            values["last_sequence"] = seq
+            sets = ",".join(f"{k}=?" for k in values)
+            self._conn.execute(f"UPDATE jobs SET {sets} WHERE job_id=?", (*values.values(), job_id))
+            if event is not None:
+                self._insert_event(event, seq)
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        return self.get_job(job_id)
+
+    def append_event(self, event: Event, open_only: bool = True) -> Event | None:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            r = self._conn.execute(
+                "SELECT state, last_sequence FROM jobs WHERE job_id=?", (event.job_id,)
+            ).fetchone()
+            if r is None or (open_only and JobState(r["state"]).final):
+                self._conn.execute("ROLLBACK")
+                return None
+            seq = r["last_sequence"] + 1
+            self._conn.execute(
+                "UPDATE jobs SET last_sequence=? WHERE job_id=?", (seq, event.job_id)
+            )
+            self._insert_event(event, seq)
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        return Event(**{**event.__dict__, "sequence": seq})
+
+    def _insert_event(self, e: Event, seq: int) -> None:
+        self._conn.execute(
+            "INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                e.job_id,
+                seq,
+                e.kind.value,
+                int(e.state),
+                e.time,
+                int(e.from_state) if e.from_state is not None else None,
+                e.reason,
+                e.worker_id,
+                e.attempt,
+                e.text,
+                e.fraction,
+            ),
+        )
+
+    def events_after(self, job_id: str, sequence: int, limit: int = 500) -> list[Event]:
+        rows = self._conn.execute(
+            "SELECT * FROM events WHERE job_id=? AND sequence>? ORDER BY sequence LIMIT ?",
+            (job_id, sequence, limit),
+        ).fetchall()
+        return [
+            Event(
+                job_id=r["job_id"],
+                kind=EventKind(r["kind"]),
+                state=JobState(r["state"]),
+                time=r["time"],
+                sequence=r["sequence"],
+                from_state=JobState(r["from_state"]) if r["from_state"] is not None else None,
+                reason=r["reason"] or "",
+                worker_id=r["worker_id"] or "",
+                attempt=r["attempt"] or 0,
+                text=r["text"] or "",
+                fraction=r["fraction"] or 0.0,
+            )
+            for r in rows
+        ]
+
+    def _jobs(self, where: str, params: tuple[Any, ...]) -> list[Job]:
+        return [_job(r) for r in self._conn.execute(f"SELECT * FROM jobs WHERE {where}", params)]
+
+    def queued_jobs(self, limit: int) -> list[Job]:
+        return self._jobs("state=? ORDER BY queued_at LIMIT ?", (int(JobState.QUEUED), limit))
+
+    def lapsed_leases(self, now: float) -> list[Job]:
+        return self._jobs("state IN (?,?) AND lease_expires_at<?", (*map(int, ACTIVE_STATES), now))
+
+    def stale_queued(self, queued_before: float) -> list[Job]:
+        return self._jobs("state=? AND queued_at<?", (int(JobState.QUEUED), queued_before))
+
+    def active_jobs(self, worker_id: str | None = None) -> list[Job]:
+        if worker_id is None:
+            return self._jobs("state IN (?,?)", tuple(map(int, ACTIVE_STATES)))
+        return self._jobs("worker_id=? AND state IN (?,?)", (worker_id, *map(int, ACTIVE_STATES)))
+
+    # --- pairing ------------------------------------------------------------------------
+
+    def put_pairing_code(self, code_hash: bytes, client_id: str, expires_at: float) -> None:
+        self._conn.execute(
+            "INSERT INTO pairing_codes VALUES (?,?,?,NULL)", (code_hash, client_id, expires_at)
+        )
+
+    def claim_pairing_code(self, code_hash: bytes, now: float) -> str | None:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            r = self._conn.execute(
+                "SELECT client_id FROM pairing_codes "
+                "WHERE code_hash=? AND used_at IS NULL AND expires_at>=?",
+                (code_hash, now),
+            ).fetchone()
+            if r is None:
+                self._conn.execute("ROLLBACK")
+                return None
+            self._conn.execute(
+                "UPDATE pairing_codes SET used_at=? WHERE code_hash=?", (now, code_hash)
+            )
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        return str(r["client_id"])
+
+    def put_pairing(self, pairing: Pairing) -> Pairing:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            r = self._conn.execute(
+                "SELECT * FROM pairings WHERE client_id=? AND worker_id=? AND revoked_at IS NULL",
+                (pairing.client_id, pairing.worker_id),
+            ).fetchone()
+            if r is not None:
+                self._conn.execute("ROLLBACK")
+                return _pairing(r)
+            self._conn.execute(
+                "INSERT INTO pairings VALUES (?,?,?,?,NULL)",
+                (pairing.pairing_id, pairing.client_id, pairing.worker_id, pairing.created_at),
+            )
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        return pairing
+
+    def get_pairing(self, pairing_id: str) -> Pairing | None:
+        r = self._conn.execute(
+            "SELECT * FROM pairings WHERE pairing_id=?", (pairing_id,)
+        ).fetchone()
+        return _pairing(r) if r is not None else None
+
+    def list_pairings(self, party_id: str, include_revoked: bool) -> list[Pairing]:
+        sql = "SELECT * FROM pairings WHERE (client_id=? OR worker_id=?)"
+        if not include_revoked:
+            sql += " AND revoked_at IS NULL"
+        rows = self._conn.execute(sql + " ORDER BY created_at", (party_id, party_id))
+        return [_pairing(r) for r in rows]
+
+    def revoke_pairing(self, pairing_id: str, now: float) -> Pairing | None:
+        self._conn.execute(
+            "UPDATE pairings SET revoked_at=? WHERE pairing_id=? AND revoked_at IS NULL",
+            (now, pairing_id),
+        )
+        return self.get_pairing(pairing_id)
+
+    def paired_workers(self, client_id: str) -> set[str]:
+        rows = self._conn.execute(
+            "SELECT worker_id FROM pairings WHERE client_id=? AND revoked_at IS NULL",
+            (client_id,),
+        )
+        return {r["worker_id"] for r in rows}
+
+    # --- workers ------------------------------------------------------------------------
+
+    def record_worker_seen(self, worker_id: str, kind: int, now: float) -> None:
+        self._conn.execute(
+            "INSERT INTO workers VALUES (?,?,?,?,0,0) ON CONFLICT(worker_id) "
+            "DO UPDATE SET kind=excluded.kind, last_seen=excluded.last_seen",
+            (worker_id, kind, now, now),
+        )
+
+    def record_outcome(self, worker_id: str, success: bool) -> None:
+        col = "completed" if success else "failed"
+        self._conn.execute(f"UPDATE workers SET {col}={col}+1 WHERE worker_id=?", (worker_id,))
+
+    def worker_stats(self, worker_id: str) -> tuple[int, int]:
+        r = self._conn.execute(
+            "SELECT completed, failed FROM workers WHERE worker_id=?", (worker_id,)
+        ).fetchone()
+        return (0, 0) if r is None else (int(r["completed"]), int(r["failed"]))
+
+
+# --- row <-> domain ---------------------------------------------------------------------
+
+
+def _spec(r: sqlite3.Row) -> JobSpec:
+    return JobSpec(
+        job_type=JobType(r["job_type"]),
+        policy=Policy(r["policy"]),
+        privacy=Privacy(r["privacy"]),
+        task_name=r["task_name"] or "",
+        llm_model=r["llm_model"] or "",
+        spec_bytes=r["spec_bytes"],
+        spec_sha256=r["spec_sha256"],
+    )
+
+
+def _changes_row(changes: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for key, value in changes.items():
+        if key in _JOB_SIMPLE:
+            row[key] = value
+        elif key == "state":
+            row["state"] = int(value)
+        elif key == "result":
+            res: Result | None = value
+            row["result_output"] = res.output if res else None
+            row["result_content_type"] = res.content_type if res else None
+            row["prompt_tokens"] = res.prompt_tokens if res else None
+            row["completion_tokens"] = res.completion_tokens if res else None
+        elif key == "failure":
+            f: Failure | None = value
+            row["failure_code"] = f.code if f else None
+            row["failure_message"] = f.message if f else None
+        elif key == "receipt":
+            rc: Receipt | None = value
+            row["receipt_body"] = rc.body if rc else None
+            row["receipt_worker_sig"] = rc.worker_signature if rc else None
+            row["receipt_coord_sig"] = rc.coordinator_signature if rc else None
+            row["receipt_sha256"] = rc.sha256 if rc else None
+        elif key == "payment":
+            row["payment"] = json.dumps(value.__dict__)
+        else:
+            raise KeyError(f"job has no field {key!r}")
+    return row
+
+
+def _job_row(job: Job) -> dict[str, Any]:
+    s = job.spec
+    row = {k: getattr(job, k) for k in sorted(_JOB_SIMPLE)}
+    row.update(
+        state=int(job.state),
+        job_type=int(s.job_type),
+        policy=int(s.policy),
+        privacy=int(s.privacy),
+        task_name=s.task_name,
+        llm_model=s.llm_model,
+        spec_bytes=s.spec_bytes,
+        spec_sha256=s.spec_sha256,
+    )
+    row.update(
+        _changes_row(
+            {
+                "result": job.result,
+                "failure": job.failure,
+                "receipt": job.receipt,
+                "payment": job.payment,
+            }
+        )
+    )
+    return row
+
+
+def _job(r: sqlite3.Row) -> Job:
+    result = failure = receipt = None
+    if r["result_content_type"] is not None:
+        result = Result(
+            r["result_output"] or b"",
+            r["result_content_type"],
+            r["prompt_tokens"] or 0,
+            r["completion_tokens"] or 0,
+        )
+    if r["failure_code"] is not None:
+        failure = Failure(r["failure_code"], r["failure_message"] or "")
+    if r["receipt_body"] is not None:
+        receipt = Receipt(
+            r["receipt_body"], r["receipt_worker_sig"], r["receipt_coord_sig"], r["receipt_sha256"]
+        )
+    return Job(
+        job_id=r["job_id"],
+        client_id=r["client_id"],
+        state=JobState(r["state"]),
+        spec=_spec(r),
+        price_micros=r["price_micros"],
+        currency=r["currency"],
+        quote_id=r["quote_id"],
+        idempotency_key=r["idempotency_key"],
+        attempts=r["attempts"],
+        max_attempts=r["max_attempts"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        queued_at=r["queued_at"],
+        last_sequence=r["last_sequence"],
+        worker_id=r["worker_id"] or "",
+        lease_expires_at=r["lease_expires_at"] or 0.0,
+        result=result,
+        failure=failure,
+        receipt=receipt,
+        payment=PaymentRef(**json.loads(r["payment"] or "{}")),
+    )
+
+
+def _pairing(r: sqlite3.Row) -> Pairing:
+    return Pairing(
+        r["pairing_id"], r["client_id"], r["worker_id"], r["created_at"], r["revoked_at"]
+    )

@@ -1,0 +1,443 @@
+"""The worker runtime: the client side of WorkerService.Connect.
+
+A Worker keeps one Connect stream open at a time, reconnecting with jittered exponential
+backoff, runs the TASK jobs it accepts concurrently, and reports each result with a signed
+receipt body. Results are kept until the coordinator acknowledges them and are resent after
+a reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+from typing import Literal, NoReturn
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+import dispatchnet
+from dispatch.v1 import common_pb2, receipt_pb2, worker_pb2, worker_pb2_grpc
+from dispatchnet.keys import KeyPair
+from dispatchnet.receipts.core import RECEIPT_VERSION, serialize_body, sha256, sign_body
+from dispatchnet.worker.tasks import TASK_NAMES, TaskError, TaskOutput, run_task
+
+HELLO_CONTEXT = b"dispatch.v1.WorkerHello\n"
+HANDSHAKE_TIMEOUT_SECONDS = 30.0
+DEFAULT_HEARTBEAT_SECONDS = 10
+MAX_CONCURRENCY = 64
+
+_KINDS = {"seeker": common_pb2.WORKER_KIND_SEEKER, "desktop": common_pb2.WORKER_KIND_DESKTOP}
+
+ConnectRequest = worker_pb2.ConnectRequest
+JobKey = tuple[str, int]
+
+
+class SessionEnded(Exception):
+    """A session ended without a transport error; retry_after is a GoAway's minimum delay."""
+
+    def __init__(self, reason: str, retry_after: float = 0.0) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+def _now() -> Timestamp:
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+class Worker:
+    """A worker process: connects to a coordinator, runs offered jobs, reports results."""
+
+    def __init__(
+        self,
+        coordinator: str,
+        key: KeyPair,
+        kind: Literal["seeker", "desktop"] = "seeker",
+        max_concurrency: int = 4,
+        tasks: list[str] | None = None,
+        version: str = dispatchnet.__version__,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 10.0,
+        log: logging.Logger | None = None,
+    ) -> None:
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be 'seeker' or 'desktop', not {kind!r}")
+        if not 1 <= max_concurrency <= MAX_CONCURRENCY:
+            raise ValueError(f"max_concurrency must be between 1 and {MAX_CONCURRENCY}")
+        tasks = list(TASK_NAMES if tasks is None else tasks)
+        unknown = sorted(set(tasks) - set(TASK_NAMES))
+        if unknown:
+            raise ValueError(f"unknown tasks: {', '.join(unknown)}")
+        self.coordinator = coordinator
+        self.key = key
+        self.kind = kind
+        self.max_concurrency = max_concurrency
+        self.tasks = tasks
+        self.version = version
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.log = log or logging.getLogger(__name__)
+
+        # Observable state.
+        self.connected = asyncio.Event()
+        self.worker_id = ""
+        self.coordinator_public_key = b""
+        self.heartbeat_interval: float = DEFAULT_HEARTBEAT_SECONDS
+        self.completed = 0
+        self.failed = 0
+        self.sessions = 0
+
+        self._draining = False
+        self._stop = asyncio.Event()
+        self._running: dict[JobKey, asyncio.Task[worker_pb2.ConnectRequest]] = {}
+        self._pending: dict[JobKey, worker_pb2.ConnectRequest] = {}
+        self._settled = asyncio.Event()  # set while nothing runs and every result is acked
+        self._settled.set()
+        self._outbox: asyncio.Queue[worker_pb2.ConnectRequest] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keeps a session open, reconnecting with backoff, until stop() or drain() ends it."""
+        failures = 0
+        stop_wait = asyncio.create_task(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                sessions_before = self.sessions
+                session = asyncio.create_task(self._session())
+                try:
+                    await asyncio.wait({session, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    session.cancel()
+                    await asyncio.wait({session})
+                retry_after = self._log_session_end(session)
+                if self._stop.is_set():
+                    break
+                if self.sessions > sessions_before:
+                    failures = 0
+                delay = max(retry_after, self._backoff(failures))
+                failures = min(failures + 1, 32)
+                self.log.info("reconnecting to %s in %.2fs", self.coordinator, delay)
+                await asyncio.wait({stop_wait}, timeout=delay)
+        finally:
+            stop_wait.cancel()
+            self._cancel_jobs()
+            self.connected.clear()
+
+    async def drain(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 (part of the API)
+        """Takes no new offers, waits up to timeout for results to be acknowledged, then stops."""
+        self._draining = True
+        self._send(ConnectRequest(drain=worker_pb2.Drain(reason="worker draining")))
+        try:
+            await asyncio.wait_for(self._settled.wait(), timeout)
+        except TimeoutError:
+            self.log.warning(
+                "drain timed out with %d running and %d unacknowledged jobs",
+                len(self._running),
+                len(self._pending),
+            )
+        self.stop()
+
+    def stop(self) -> None:
+        """Stops at once: cancels running jobs and ends run(), which closes the channel.
+
+        A stopped Worker stays stopped; make a new one to reconnect.
+        """
+        self._stop.set()
+        self._cancel_jobs()
+
+    def _backoff(self, failures: int) -> float:
+        """Full jitter: uniform in [0, min(backoff_max, backoff_initial * 2^failures)]."""
+        return random.uniform(0, min(self.backoff_max, self.backoff_initial * 2**failures))
+
+    def _log_session_end(self, session: asyncio.Task[None]) -> float:
+        """Logs why a session ended; returns the minimum delay before reconnecting."""
+        if session.cancelled():
+            return 0.0
+        exc = session.exception()
+        if isinstance(exc, SessionEnded):
+            self.log.info("session with %s ended: %s", self.coordinator, exc)
+            return exc.retry_after
+        if isinstance(exc, grpc.aio.AioRpcError):
+            self.log.warning(
+                "connection to %s failed: %s %s", self.coordinator, exc.code().name, exc.details()
+            )
+        elif exc is not None:
+            self.log.warning("session with %s failed", self.coordinator, exc_info=exc)
+        return 0.0
+
+    # --- one session ----------------------------------------------------------------------
+
+    async def _session(self) -> None:
+        """One Connect stream: handshake, then serve it until it ends (always by raising)."""
+        async with grpc.aio.insecure_channel(self.coordinator) as channel:
+            call = worker_pb2_grpc.WorkerServiceStub(channel).Connect()
+            try:
+                async with asyncio.timeout(HANDSHAKE_TIMEOUT_SECONDS):
+                    coordinator_key, welcome = await self._handshake(call)
+            except TimeoutError as e:
+                raise SessionEnded("the coordinator did not complete the handshake") from e
+            outbox: asyncio.Queue[worker_pb2.ConnectRequest] = asyncio.Queue()
+            loops = [
+                asyncio.create_task(self._read_loop(call)),
+                asyncio.create_task(self._write_loop(call, outbox)),
+                asyncio.create_task(self._heartbeat_loop(outbox)),
+            ]
+            try:
+                self._on_welcome(coordinator_key, welcome, outbox)
+                done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self._outbox = None
+                self.connected.clear()
+                for loop in loops:
+                    loop.cancel()
+                await asyncio.wait(loops)
+            # The loops never return, so result() re-raises whatever ended the session.
+            next(loop for loop in loops if loop in done).result()
+
+    async def _handshake(self, call: grpc.aio.StreamStreamCall) -> tuple[bytes, worker_pb2.Welcome]:
+        """Hello, Challenge, ChallengeResponse, Welcome; returns the coordinator key and Welcome."""
+        hello = worker_pb2.Hello(
+            public_key=self.key.public_key,
+            kind=_KINDS[self.kind],
+            capabilities=worker_pb2.Capabilities(
+                tasks=self.tasks, llm_models=[], max_concurrency=self.max_concurrency
+            ),
+            version=self.version,
+        )
+        await call.write(ConnectRequest(hello=hello))
+        challenge = (await self._read_expected(call, "challenge")).challenge
+        signature = self.key.sign(HELLO_CONTEXT, challenge.nonce + challenge.coordinator_public_key)
+        response = worker_pb2.ChallengeResponse(signature=signature)
+        await call.write(ConnectRequest(challenge_response=response))
+        welcome = (await self._read_expected(call, "welcome")).welcome
+        return challenge.coordinator_public_key, welcome
+
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> worker_pb2.ConnectResponse:
+        """The next message; raises SessionEnded at end of stream or on GoAway."""
+        msg = await call.read()
+        if msg is grpc.aio.EOF:
+            raise SessionEnded("the coordinator closed the stream")
+        response: worker_pb2.ConnectResponse = msg
+        if response.HasField("go_away"):
+            go_away = response.go_away
+            raise SessionEnded(f"GoAway: {go_away.reason}", go_away.retry_after_seconds)
+        return response
+
+    async def _read_expected(
+        self, call: grpc.aio.StreamStreamCall, field: str
+    ) -> worker_pb2.ConnectResponse:
+        msg = await self._read(call)
+        got = msg.WhichOneof("msg")
+        if got != field:
+            raise SessionEnded(f"expected {field} during the handshake, got {got}")
+        return msg
+
+    def _on_welcome(
+        self,
+        coordinator_key: bytes,
+        welcome: worker_pb2.Welcome,
+        outbox: asyncio.Queue[worker_pb2.ConnectRequest],
+    ) -> None:
+        self.worker_id = welcome.worker_id
+        self.coordinator_public_key = coordinator_key
+        self.heartbeat_interval = welcome.heartbeat_interval_seconds or DEFAULT_HEARTBEAT_SECONDS
+        self.sessions += 1
+        self._outbox = outbox
+        self.connected.set()
+        self.log.info(
+            "connected to %s as %s (session %s)",
+            self.coordinator,
+            welcome.worker_id,
+            welcome.session_id,
+        )
+        if self._draining:
+            self._send(ConnectRequest(drain=worker_pb2.Drain(reason="worker draining")))
+        for msg in self._pending.values():
+            self._send(msg)
+
+    async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> NoReturn:
+        while True:
+            msg = await self._read(call)
+            match msg.WhichOneof("msg"):
+                case "offer":
+                    self._on_offer(msg.offer)
+                case "cancel":
+                    self._on_cancel(msg.cancel)
+                case "result_ack":
+                    self._on_ack(msg.result_ack)
+                case other:
+                    self.log.warning("ignoring unexpected %s from the coordinator", other)
+
+    async def _write_loop(
+        self,
+        call: grpc.aio.StreamStreamCall,
+        outbox: asyncio.Queue[worker_pb2.ConnectRequest],
+    ) -> NoReturn:
+        """The session's only writer: grpc allows one write in flight per call."""
+        while True:
+            await call.write(await outbox.get())
+
+    async def _heartbeat_loop(self, outbox: asyncio.Queue[worker_pb2.ConnectRequest]) -> NoReturn:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            running = sorted({job_id for job_id, _ in self._running})
+            outbox.put_nowait(
+                ConnectRequest(heartbeat=worker_pb2.Heartbeat(running_job_ids=running))
+            )
+
+    def _send(self, msg: worker_pb2.ConnectRequest) -> None:
+        """Queues msg on the live session; dropped when there is none."""
+        if self._outbox is not None:
+            self._outbox.put_nowait(msg)
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    def _rejection(self, offer: worker_pb2.JobOffer) -> str:
+        """Why the offer must be refused; empty to accept it."""
+        if self._draining:
+            return "draining"
+        work = offer.spec.WhichOneof("work")
+        if work == "llm":
+            return "llm_unsupported"
+        if work != "task" or offer.spec.task.name not in self.tasks:
+            return "unknown_task"
+        key = (offer.job_id, offer.attempt)
+        if key in self._running or key in self._pending:
+            return "duplicate"
+        if len(self._running) >= self.max_concurrency:
+            return "busy"
+        return ""
+
+    def _on_offer(self, offer: worker_pb2.JobOffer) -> None:
+        reason = self._rejection(offer)
+        response = worker_pb2.OfferResponse(
+            job_id=offer.job_id, attempt=offer.attempt, accept=not reason, reason=reason
+        )
+        self._send(ConnectRequest(offer_response=response))
+        if reason:
+            self.log.info("rejected job %s attempt %d: %s", offer.job_id, offer.attempt, reason)
+            return
+        key = (offer.job_id, offer.attempt)
+        task = asyncio.create_task(self._execute(offer, self.coordinator_public_key))
+        self._running[key] = task
+        self._settled.clear()
+        task.add_done_callback(functools.partial(self._job_done, key))
+        self.log.info("accepted job %s attempt %d", offer.job_id, offer.attempt)
+
+    async def _execute(
+        self, offer: worker_pb2.JobOffer, coordinator_key: bytes
+    ) -> worker_pb2.ConnectRequest:
+        """Runs the offered task; returns its JobCompleted or JobFailed message."""
+        started_at = _now()
+        limit = offer.time_limit_seconds or None
+        try:
+            out = await asyncio.wait_for(
+                run_task(offer.spec.task.name, offer.spec.task.input), limit
+            )
+        except TaskError as e:
+            return self._failure(offer, e.code, e.message, e.retryable)
+        except TimeoutError:
+            message = f"the job ran past its {limit}s time limit"
+            return self._failure(offer, "time_limit_exceeded", message, False)
+        except Exception as e:
+            self.log.exception("job %s attempt %d crashed", offer.job_id, offer.attempt)
+            return self._failure(offer, "worker_error", f"{type(e).__name__}: {e}", True)
+        return self._completion(offer, coordinator_key, started_at, out)
+
+    def _completion(
+        self,
+        offer: worker_pb2.JobOffer,
+        coordinator_key: bytes,
+        started_at: Timestamp,
+        out: TaskOutput,
+    ) -> worker_pb2.ConnectRequest:
+        """JobCompleted with the receipt body, serialized once and signed over those bytes."""
+        body = serialize_body(
+            receipt_pb2.ReceiptBody(
+                version=RECEIPT_VERSION,
+                job_id=offer.job_id,
+                job_type=common_pb2.JOB_TYPE_TASK,
+                input_sha256=offer.spec_sha256,
+                output_sha256=sha256(out.output),
+                worker_public_key=self.key.public_key,
+                coordinator_public_key=coordinator_key,
+                price=offer.price,
+                payment=offer.payment,
+                attempt=offer.attempt,
+                started_at=started_at,
+                completed_at=_now(),
+                client_id=offer.client_id,
+            )
+        )
+        completed = worker_pb2.JobCompleted(
+            job_id=offer.job_id,
+            attempt=offer.attempt,
+            result=common_pb2.JobResult(output=out.output, content_type=out.content_type),
+            receipt_body=body,
+            receipt_signature=sign_body(self.key, body),
+        )
+        return ConnectRequest(completed=completed)
+
+    @staticmethod
+    def _failure(
+        offer: worker_pb2.JobOffer, code: str, message: str, retryable: bool
+    ) -> worker_pb2.ConnectRequest:
+        failed = worker_pb2.JobFailed(
+            job_id=offer.job_id,
+            attempt=offer.attempt,
+            failure=common_pb2.JobFailure(code=code, message=message),
+            retryable=retryable,
+        )
+        return ConnectRequest(failed=failed)
+
+    def _job_done(self, key: JobKey, task: asyncio.Task[worker_pb2.ConnectRequest]) -> None:
+        """Records and sends a finished job's result, unless the job was cancelled."""
+        if self._running.get(key) is task:
+            del self._running[key]
+            if not task.cancelled():
+                msg = task.result()
+                if msg.HasField("completed"):
+                    self.completed += 1
+                    self.log.info("job %s attempt %d completed", *key)
+                else:
+                    self.failed += 1
+                    self.log.info("job %s attempt %d failed: %s", *key, msg.failed.failure.code)
+                self._pending[key] = msg
+                self._send(msg)
+        self._update_settled()
+
+    def _on_cancel(self, cancel: worker_pb2.CancelJobInstruction) -> None:
+        key = (cancel.job_id, cancel.attempt)
+        task = self._running.pop(key, None)
+        if task is not None:
+            task.cancel()
+        self._pending.pop(key, None)
+        self._update_settled()
+        self.log.info("job %s attempt %d cancelled: %s", *key, cancel.reason)
+
+    def _on_ack(self, ack: worker_pb2.ResultAck) -> None:
+        self._pending.pop((ack.job_id, ack.attempt), None)
+        if not ack.accepted:
+            self.log.warning(
+                "coordinator refused the result of job %s attempt %d: %s",
+                ack.job_id,
+                ack.attempt,
+                ack.reason,
+            )
+        self._update_settled()
+
+    def _cancel_jobs(self) -> None:
+        for task in self._running.values():
+            task.cancel()
+        self._running.clear()
+        self._update_settled()
+
+    def _update_settled(self) -> None:
+        if self._running or self._pending:
+            self._settled.clear()
+        else:
+            self._settled.set()
