@@ -255,7 +255,8 @@ async def cmd_keys_show(args: argparse.Namespace) -> int:
 async def cmd_demo(args: argparse.Namespace) -> int:
     from dispatchnet.demo import run_demo
 
-    return await run_demo()
+    code: int = await run_demo()
+    return code
 
 
 # --- parser -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from types import TracebackType
+from typing import cast
 
 import grpc
 
@@ -154,6 +155,6 @@ class CoordinatorClient:
 def task_spec(name: str, data: bytes, policy: int = 0, private: bool = False) -> common_pb2.JobSpec:
     return common_pb2.JobSpec(
         task=common_pb2.TaskRequest(name=name, input=data),
-        policy=policy,  # type: ignore[arg-type]
+        policy=cast(common_pb2.Policy.ValueType, policy),
         privacy=common_pb2.PRIVACY_PRIVATE if private else common_pb2.PRIVACY_PUBLIC,
     )

@@ -115,7 +115,7 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
     for name, value in data.items():
         f = known[name]
         if isinstance(value, dict):
-            sub = typing.get_type_hints(cls)[name]
+            sub: type[Any] = typing.get_type_hints(cls)[name]
             if not dataclasses.is_dataclass(sub):
                 raise ProfileError(f"{where}: [{name}] is not a section")
             kwargs[name] = _build(sub, value, f"{where} [{name}]")

@@ -89,8 +89,8 @@ def spec_from_proto(spec: common_pb2.JobSpec, limits: LimitsConfig) -> JobSpec:
     resolved = resolve_policy(job_type, Policy(policy))
     normalized = common_pb2.JobSpec()
     normalized.CopyFrom(spec)
-    normalized.policy = int(resolved)  # type: ignore[assignment]
-    normalized.privacy = int(privacy)  # type: ignore[assignment]
+    normalized.policy = common_pb2.Policy.ValueType(int(resolved))
+    normalized.privacy = common_pb2.Privacy.ValueType(int(privacy))
     data = normalized.SerializeToString(deterministic=True)
     return JobSpec(job_type, resolved, Privacy(privacy), task_name, model, data, sha256(data))
 
@@ -127,8 +127,8 @@ def money(amount_micros: int, currency: str) -> common_pb2.Money:
 def job_to_proto(job: Job) -> coordinator_pb2.Job:
     msg = coordinator_pb2.Job(
         job_id=job.job_id,
-        state=int(job.state),
-        spec=spec_to_proto(job.spec),  # type: ignore[arg-type]
+        state=coordinator_pb2.JobState.ValueType(int(job.state)),
+        spec=spec_to_proto(job.spec),
         price=money(job.price_micros, job.currency),
         quote_id=job.quote_id,
         client_id=job.client_id,
@@ -153,15 +153,18 @@ def job_to_proto(job: Job) -> coordinator_pb2.Job:
 
 def event_to_proto(e: Event) -> coordinator_pb2.JobEvent:
     msg = coordinator_pb2.JobEvent(
-        sequence=e.sequence, job_id=e.job_id, state=int(e.state), time=ts(e.time)
-    )  # type: ignore[arg-type]
+        sequence=e.sequence,
+        job_id=e.job_id,
+        state=coordinator_pb2.JobState.ValueType(int(e.state)),
+        time=ts(e.time),
+    )
     if e.kind is EventKind.PROGRESS:
         msg.progress.CopyFrom(coordinator_pb2.Progress(text=e.text, fraction=e.fraction))
     else:
         msg.state_change.CopyFrom(
             coordinator_pb2.StateChange(
-                from_state=int(e.from_state or 0),
-                to_state=int(e.state),  # type: ignore[arg-type]
+                from_state=coordinator_pb2.JobState.ValueType(int(e.from_state or 0)),
+                to_state=coordinator_pb2.JobState.ValueType(int(e.state)),
                 reason=e.reason,
                 worker_id=e.worker_id,
                 attempt=e.attempt,

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, cast
 
 import grpc
 from google.protobuf import unknown_fields
@@ -64,7 +64,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def unknown_field_paths(msg: Message, prefix: str = "") -> list[str]:
-    found = [f"{prefix}#{f.field_number}" for f in unknown_fields.UnknownFieldSet(msg)]
+    # The stub lacks __iter__; the set iterates through __getitem__.
+    fields = cast(Iterable[Any], unknown_fields.UnknownFieldSet(msg))
+    found = [f"{prefix}#{f.field_number}" for f in fields]
     for fd, value in msg.ListFields():
         if fd.message_type is None:
             continue
@@ -76,12 +78,13 @@ def unknown_field_paths(msg: Message, prefix: str = "") -> list[str]:
     return found
 
 
-Handler = Callable[[Any, grpc.aio.ServicerContext], Any]
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[[Any, Context], Any]
 
 
-class ErrorInterceptor(AsyncServerInterceptor):  # type: ignore[misc]
+class ErrorInterceptor(AsyncServerInterceptor):
     async def intercept(
-        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, method_name: str
+        self, method: Handler, request: Any, context: Context, method_name: str
     ) -> Any:
         if isinstance(request, Message):
             unknown = unknown_field_paths(request)
@@ -103,9 +106,7 @@ class ErrorInterceptor(AsyncServerInterceptor):  # type: ignore[misc]
         code, message = status_for(failure)
         await context.abort(code, message)
 
-    async def _stream(
-        self, response: AsyncIterator[Any], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
+    async def _stream(self, response: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
         failure: BaseException
         try:
             async for item in response:
@@ -119,11 +120,11 @@ class ErrorInterceptor(AsyncServerInterceptor):  # type: ignore[misc]
         await context.abort(code, message)
 
 
-class AuthInterceptor(AsyncServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(AsyncServerInterceptor):
     def __init__(self, max_token_ttl_seconds: int) -> None:
         self.max_ttl = max_token_ttl_seconds
 
-    def _authenticate(self, context: grpc.aio.ServicerContext, method_name: str) -> Caller | None:
+    def _authenticate(self, context: Context, method_name: str) -> Caller | None:
         if method_name in PUBLIC_METHODS or method_name.startswith(PUBLIC_PREFIXES):
             return None
         values = [v for k, v in (context.invocation_metadata() or ()) if k == METADATA_KEY]
@@ -135,7 +136,7 @@ class AuthInterceptor(AsyncServerInterceptor):  # type: ignore[misc]
         return verify_header(str(values[0]), self.max_ttl)
 
     async def intercept(
-        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, method_name: str
+        self, method: Handler, request: Any, context: Context, method_name: str
     ) -> Any:
         who = self._authenticate(context, method_name)
         token = _caller.set(who)
@@ -148,9 +149,7 @@ class AuthInterceptor(AsyncServerInterceptor):  # type: ignore[misc]
             _caller.reset(token)
 
     async def _stream(self, response: AsyncIterator[Any], who: Caller | None) -> AsyncIterator[Any]:
-        token = _caller.set(who)
-        try:
-            async for item in response:
-                yield item
-        finally:
-            _caller.reset(token)
+        # The generator runs in the RPC's own task; its context ends with the RPC.
+        _caller.set(who)
+        async for item in response:
+            yield item

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
 from dispatch.v1 import (
+    common_pb2,
     coordinator_pb2,
     coordinator_pb2_grpc,
     receipt_pb2,
@@ -29,7 +31,7 @@ from dispatchnet.errors import InvalidArgument
 from dispatchnet.profiles import LimitsConfig, WorkersConfig
 from dispatchnet.receipts.core import verify_receipt_message
 
-Ctx = grpc.aio.ServicerContext
+Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -95,8 +97,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             workers=[
                 coordinator_pb2.WorkerInfo(
                     worker_id=s.worker_id,
-                    kind=int(s.kind),
-                    tasks=sorted(s.tasks),  # type: ignore[arg-type]
+                    kind=common_pb2.WorkerKind.ValueType(int(s.kind)),
+                    tasks=sorted(s.tasks),
                     llm_models=sorted(s.llm_models),
                     max_concurrency=s.max_concurrency,
                     active_jobs=s.load,

@@ -7,6 +7,7 @@ outbound messages go through each session's queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import secrets
@@ -129,6 +130,7 @@ class WorkerHub:
         self._avoid: dict[str, set[str]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         jobs.listener = self
 
     # --- handshake and sessions ---------------------------------------------------------
@@ -296,11 +298,11 @@ class WorkerHub:
         """Dispatch on every kick; sweep leases, queue timeouts and silent workers periodically."""
         interval = self.jobs_cfg.sweep_interval_seconds
         next_sweep = 0.0
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), interval)
-            except TimeoutError:
-                pass
+        while not self._stopping:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 if self.clock() >= next_sweep:
@@ -316,6 +318,8 @@ class WorkerHub:
             self._task = asyncio.create_task(self.run(), name="dispatch-hub")
 
     async def stop(self) -> None:
+        self._stopping = True
+        self.kick()
         for s in list(self.sessions.values()):
             s.close("coordinator shutting down", retry_after_seconds=1)
         if self._task is not None:

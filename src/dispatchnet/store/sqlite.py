@@ -34,7 +34,7 @@ from dispatchnet.coordinator.models import (
 
 
 def _v1(db: sqlite_utils.Database) -> None:
-    db["quotes"].create(
+    db.table("quotes").create(
         {
             "quote_id": str,
             "job_type": int,
@@ -51,7 +51,7 @@ def _v1(db: sqlite_utils.Database) -> None:
         },
         pk="quote_id",
     )
-    db["jobs"].create(
+    db.table("jobs").create(
         {
             "job_id": str,
             "client_id": str,
@@ -90,11 +90,11 @@ def _v1(db: sqlite_utils.Database) -> None:
         pk="job_id",
         not_null={"client_id", "state", "idempotency_key"},
     )
-    db["jobs"].create_index(["client_id", "idempotency_key"], unique=True)
-    db["jobs"].create_index(["state", "queued_at"])
-    db["jobs"].create_index(["state", "lease_expires_at"])
-    db["jobs"].create_index(["worker_id", "state"])
-    db["events"].create(
+    db.table("jobs").create_index(["client_id", "idempotency_key"], unique=True)
+    db.table("jobs").create_index(["state", "queued_at"])
+    db.table("jobs").create_index(["state", "lease_expires_at"])
+    db.table("jobs").create_index(["worker_id", "state"])
+    db.table("events").create(
         {
             "job_id": str,
             "sequence": int,
@@ -110,11 +110,11 @@ def _v1(db: sqlite_utils.Database) -> None:
         },
         pk=("job_id", "sequence"),
     )
-    db["pairing_codes"].create(
+    db.table("pairing_codes").create(
         {"code_hash": bytes, "client_id": str, "expires_at": float, "used_at": float},
         pk="code_hash",
     )
-    db["pairings"].create(
+    db.table("pairings").create(
         {
             "pairing_id": str,
             "client_id": str,
@@ -124,9 +124,9 @@ def _v1(db: sqlite_utils.Database) -> None:
         },
         pk="pairing_id",
     )
-    db["pairings"].create_index(["client_id"])
-    db["pairings"].create_index(["worker_id"])
-    db["workers"].create(
+    db.table("pairings").create_index(["client_id"])
+    db.table("pairings").create_index(["worker_id"])
+    db.table("workers").create(
         {
             "worker_id": str,
             "kind": int,

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import logging
 import random
-from typing import Literal, NoReturn
+from typing import Literal, NoReturn, cast
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -31,6 +31,7 @@ MAX_CONCURRENCY = 64
 _KINDS = {"seeker": common_pb2.WORKER_KIND_SEEKER, "desktop": common_pb2.WORKER_KIND_DESKTOP}
 
 ConnectRequest = worker_pb2.ConnectRequest
+ConnectCall = grpc.aio.StreamStreamCall[ConnectRequest, worker_pb2.ConnectResponse]
 JobKey = tuple[str, int]
 
 
@@ -132,7 +133,8 @@ class Worker:
         self._draining = True
         self._send(ConnectRequest(drain=worker_pb2.Drain(reason="worker draining")))
         try:
-            await asyncio.wait_for(self._settled.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._settled.wait()
         except TimeoutError:
             self.log.warning(
                 "drain timed out with %d running and %d unacknowledged jobs",
@@ -198,7 +200,7 @@ class Worker:
             # The loops never return, so result() re-raises whatever ended the session.
             next(loop for loop in loops if loop in done).result()
 
-    async def _handshake(self, call: grpc.aio.StreamStreamCall) -> tuple[bytes, worker_pb2.Welcome]:
+    async def _handshake(self, call: ConnectCall) -> tuple[bytes, worker_pb2.Welcome]:
         """Hello, Challenge, ChallengeResponse, Welcome; returns the coordinator key and Welcome."""
         hello = worker_pb2.Hello(
             public_key=self.key.public_key,
@@ -216,20 +218,18 @@ class Worker:
         welcome = (await self._read_expected(call, "welcome")).welcome
         return challenge.coordinator_public_key, welcome
 
-    async def _read(self, call: grpc.aio.StreamStreamCall) -> worker_pb2.ConnectResponse:
+    async def _read(self, call: ConnectCall) -> worker_pb2.ConnectResponse:
         """The next message; raises SessionEnded at end of stream or on GoAway."""
         msg = await call.read()
         if msg is grpc.aio.EOF:
             raise SessionEnded("the coordinator closed the stream")
-        response: worker_pb2.ConnectResponse = msg
+        response = cast(worker_pb2.ConnectResponse, msg)
         if response.HasField("go_away"):
             go_away = response.go_away
             raise SessionEnded(f"GoAway: {go_away.reason}", go_away.retry_after_seconds)
         return response
 
-    async def _read_expected(
-        self, call: grpc.aio.StreamStreamCall, field: str
-    ) -> worker_pb2.ConnectResponse:
+    async def _read_expected(self, call: ConnectCall, field: str) -> worker_pb2.ConnectResponse:
         msg = await self._read(call)
         got = msg.WhichOneof("msg")
         if got != field:
@@ -259,7 +259,7 @@ class Worker:
         for msg in self._pending.values():
             self._send(msg)
 
-    async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> NoReturn:
+    async def _read_loop(self, call: ConnectCall) -> NoReturn:
         while True:
             msg = await self._read(call)
             match msg.WhichOneof("msg"):
@@ -274,7 +274,7 @@ class Worker:
 
     async def _write_loop(
         self,
-        call: grpc.aio.StreamStreamCall,
+        call: ConnectCall,
         outbox: asyncio.Queue[worker_pb2.ConnectRequest],
     ) -> NoReturn:
         """The session's only writer: grpc allows one write in flight per call."""
@@ -335,9 +335,8 @@ class Worker:
         started_at = _now()
         limit = offer.time_limit_seconds or None
         try:
-            out = await asyncio.wait_for(
-                run_task(offer.spec.task.name, offer.spec.task.input), limit
-            )
+            async with asyncio.timeout(limit):
+                out = await run_task(offer.spec.task.name, offer.spec.task.input)
         except TaskError as e:
             return self._failure(offer, e.code, e.message, e.retryable)
         except TimeoutError:

@@ -1,0 +1,506 @@
+"""`dispatch demo`: the whole network on this machine, end to end.
+
+Starts a local coordinator and three workers (two seekers, one desktop) as subprocesses,
+then plays a client through three scenarios: a public CHEAP task, a public FAST task and a
+PRIVATE task that only the worker the client paired with may run. Every job's receipt is
+checked in-process and with `dispatch receipt verify`, exactly as a user would offline.
+Everything lives in a temporary directory that is removed at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+
+from dispatch.v1 import common_pb2, coordinator_pb2
+from dispatchnet import keys
+from dispatchnet.cli import job_json
+from dispatchnet.client import CoordinatorClient, task_spec
+from dispatchnet.receipts.core import verify_receipt_message
+
+START_TIMEOUT = 20.0
+CONNECT_TIMEOUT = 20.0
+JOB_TIMEOUT = 30.0
+COMMAND_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+POLL_INTERVAL = 0.1
+INDENT = "      "
+
+_KIND_NAMES = {common_pb2.WORKER_KIND_SEEKER: "seeker", common_pb2.WORKER_KIND_DESKTOP: "desktop"}
+
+
+class DemoError(Exception):
+    """A step of the demo could not go on."""
+
+
+@dataclass
+class Child:
+    """A subprocess the demo started, with the file its stderr goes to."""
+
+    name: str
+    proc: asyncio.subprocess.Process
+    log_path: Path
+    log_file: IO[bytes]
+
+
+@dataclass
+class WorkerInfo:
+    label: str
+    kind: str
+    key_file: Path
+    worker_id: str = ""
+
+
+@dataclass
+class Outcome:
+    """What one scenario produced and whether it checked out."""
+
+    title: str
+    job: coordinator_pb2.Job | None = None
+    receipt_valid: bool = False
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.job is not None
+            and self.job.state == coordinator_pb2.JOB_STATE_COMPLETED
+            and self.receipt_valid
+            and not self.problems
+        )
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def short(hex_id: str) -> str:
+    return hex_id[:8]
+
+
+def usd(micros: int) -> str:
+    """Micro-USD as dollars with as many decimals as needed (at least two)."""
+    whole, _, frac = f"{micros / 1_000_000:.6f}".partition(".")
+    frac = frac.rstrip("0").ljust(2, "0")
+    return f"${whole}.{frac}"
+
+
+def state_name(state: coordinator_pb2.JobState.ValueType) -> str:
+    return coordinator_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
+
+
+def output_text(job: coordinator_pb2.Job, limit: int = 70) -> str:
+    """The job's output as `dispatch job get` decodes it, on one line."""
+    data = job_json(job)
+    if "output_decoded" in data:
+        value = data["output_decoded"]
+        text = value if isinstance(value, str) else json.dumps(value)
+    elif job.HasField("result"):
+        text = f"<{len(job.result.output)} bytes of {job.result.content_type or 'binary'}>"
+    else:
+        text = "-"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _open_log(path: Path) -> IO[bytes]:
+    return path.open("wb")
+
+
+def _tail(path: Path, lines: int = 15) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+class Demo:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.env = {**os.environ, "DISPATCH_HOME": str(tmp / "home"), "PYTHONUNBUFFERED": "1"}
+        self.env.pop("DISPATCH_COORDINATOR", None)
+        self.children: list[Child] = []
+        self.address = ""
+        self.coordinator_key = b""
+        self.workers = [
+            WorkerInfo("seeker-1", "seeker", tmp / "seeker-1.key"),
+            WorkerInfo("seeker-2", "seeker", tmp / "seeker-2.key"),
+            WorkerInfo("desktop-1", "desktop", tmp / "desktop-1.key"),
+        ]
+        self.client_key = keys.load_or_create(tmp / "client.key")
+
+    # --- processes ---------------------------------------------------------------------------
+
+    def cli_args(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "dispatchnet.cli", *args]
+
+    async def spawn(self, name: str, *args: str) -> tuple[Child, dict[str, Any]]:
+        """Starts a long-running `dispatch` command and reads the JSON line it prints first."""
+        log_path = self.tmp / f"{name}.log"
+        log_file = _open_log(log_path)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.cli_args(*args),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log_file,
+                env=self.env,
+                cwd=self.tmp,
+            )
+        except BaseException:
+            log_file.close()
+            raise
+        child = Child(name, proc, log_path, log_file)
+        self.children.append(child)
+        assert proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
+        except TimeoutError:
+            raise DemoError(f"{name} printed nothing within {START_TIMEOUT:.0f}s") from None
+        if not line:
+            await proc.wait()
+            raise DemoError(f"{name} exited with code {proc.returncode} before starting")
+        try:
+            info = json.loads(line)
+        except ValueError:
+            raise DemoError(f"{name} printed {line!r} instead of its JSON status line") from None
+        if not isinstance(info, dict):
+            raise DemoError(f"{name} printed {line!r} instead of its JSON status line")
+        return child, info
+
+    async def run_cli(self, *args: str) -> tuple[int, str, str]:
+        """Runs a short `dispatch` command to completion: (exit code, stdout, stderr)."""
+        proc = await asyncio.create_subprocess_exec(
+            *self.cli_args(*args),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self.env,
+            cwd=self.tmp,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise DemoError(
+                f"`dispatch {args[0]}` did not finish in {COMMAND_TIMEOUT:.0f}s"
+            ) from None
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+    async def stop_all(self) -> None:
+        """SIGTERM to everything still running (workers first), then kill what lingers."""
+        workers = [c for c in self.children if c.name != "coordinator"]
+        coordinator = [c for c in self.children if c.name == "coordinator"]
+        for group in (workers, coordinator):
+            await asyncio.gather(*(self._stop(c) for c in group))
+        for c in self.children:
+            c.log_file.close()
+
+    async def _stop(self, child: Child) -> None:
+        proc = child.proc
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+    def print_logs(self) -> None:
+        for c in self.children:
+            lines = _tail(c.log_path)
+            if lines:
+                print(f"--- last lines of {c.name}'s log ---", file=sys.stderr)
+                for line in lines:
+                    print(f"  {line}", file=sys.stderr)
+        sys.stderr.flush()
+
+    def label(self, worker_id: str) -> str:
+        for w in self.workers:
+            if w.worker_id == worker_id:
+                return f"{w.label} ({short(worker_id)})"
+        return short(worker_id) if worker_id else "-"
+
+    # --- steps -------------------------------------------------------------------------------
+
+    async def start_coordinator(self) -> None:
+        _, info = await self.spawn(
+            "coordinator",
+            "coordinator",
+            "--profile",
+            "local",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(self.tmp / "coordinator"),
+        )
+        try:
+            self.address = str(info["listening"])
+            self.coordinator_key = bytes.fromhex(str(info["coordinator_public_key"]))
+        except (KeyError, ValueError) as e:
+            raise DemoError(f"the coordinator's status line lacks {e}: {info}") from None
+        say(f"{INDENT}listening on {self.address} (profile {info.get('profile', '?')})")
+        say(f"{INDENT}coordinator key {self.coordinator_key.hex()[:16]}...  (signs every receipt)")
+
+    async def start_workers(self) -> None:
+        for w in self.workers:
+            _, info = await self.spawn(
+                w.label,
+                "worker",
+                "--coordinator",
+                self.address,
+                "--kind",
+                w.kind,
+                "--key-file",
+                str(w.key_file),
+                "--drain-timeout",
+                "5",
+            )
+            w.worker_id = str(info.get("worker_id", ""))
+            if not w.worker_id:
+                raise DemoError(f"{w.label} did not report its worker id: {info}")
+        began = time.monotonic()
+        wanted = {w.worker_id for w in self.workers}
+        seen: dict[str, coordinator_pb2.WorkerInfo] = {}
+        async with CoordinatorClient(self.address, keys.KeyPair.generate()) as c:
+            while True:
+                seen = {w.worker_id: w for w in await c.list_workers()}
+                if wanted <= seen.keys():
+                    break
+                if time.monotonic() - began > CONNECT_TIMEOUT:
+                    missing = ", ".join(w.label for w in self.workers if w.worker_id not in seen)
+                    raise DemoError(f"not connected after {CONNECT_TIMEOUT:.0f}s: {missing}")
+                await asyncio.sleep(POLL_INTERVAL)
+        for w in self.workers:
+            info_w = seen[w.worker_id]
+            kind = _KIND_NAMES.get(info_w.kind, "?")
+            say(
+                f"{INDENT}{w.label:<10} {kind:<8} id {short(w.worker_id)}  "
+                f"tasks: {', '.join(info_w.tasks)}"
+            )
+        say(
+            f"{INDENT}ListWorkers shows all {len(self.workers)} connected "
+            f"({time.monotonic() - began:.1f}s)"
+        )
+
+    async def run_job(
+        self, c: CoordinatorClient, outcome: Outcome, spec: common_pb2.JobSpec
+    ) -> coordinator_pb2.Job:
+        quote = await c.quote(spec)
+        policy = common_pb2.Policy.Name(quote.spec.policy).removeprefix("POLICY_")
+        say(
+            f"{INDENT}quote    {usd(quote.price.amount_micros)} at {policy} prices; "
+            f"{quote.eligible_workers} connected workers run this task"
+        )
+        job = await c.commit(quote.quote_id)
+        say(f"{INDENT}job      {job.job_id} committed, waiting...")
+        try:
+            job = await asyncio.wait_for(c.wait(job.job_id), JOB_TIMEOUT)
+        except TimeoutError:
+            job = await c.get(job.job_id)
+            outcome.job = job
+            raise DemoError(f"job still {state_name(job.state)} after {JOB_TIMEOUT:.0f}s") from None
+        outcome.job = job
+        tries = "attempt" if job.attempts == 1 else "attempts"
+        say(f"{INDENT}result   {state_name(job.state)} after {job.attempts} {tries}")
+        if job.state != coordinator_pb2.JOB_STATE_COMPLETED:
+            failure = f"{job.failure.code}: {job.failure.message}" if job.failure.code else "?"
+            raise DemoError(f"job ended {state_name(job.state)} ({failure})")
+        say(f"{INDENT}worker   {self.label(job.worker_id)}")
+        say(f"{INDENT}output   {output_text(job)}")
+        await self.check_receipt(job, outcome)
+        return job
+
+    async def check_receipt(self, job: coordinator_pb2.Job, outcome: Outcome) -> None:
+        problems: list[str] = []
+        if not job.HasField("receipt"):
+            problems.append("the job has no receipt")
+        else:
+            v = verify_receipt_message(job.receipt, self.coordinator_key)
+            problems += v.problems
+            if v.body is not None:
+                if v.body.job_id != job.job_id:
+                    problems.append("the receipt is for another job")
+                if v.body.worker_public_key.hex() != job.worker_id:
+                    problems.append("the receipt was signed by another worker")
+        in_process = "valid" if not problems else "INVALID"
+
+        path = self.tmp / f"{job.job_id}.json"
+        path.write_text(json.dumps(job_json(job), indent=2) + "\n")
+        code, out, err = await self.run_cli(
+            "receipt", "verify", str(path), "--coordinator-key", self.coordinator_key.hex()
+        )
+        offline = "exit 0" if code == 0 else f"exit {code}"
+        if code != 0:
+            detail = err.strip() or out.strip()
+            problems.append(f"`dispatch receipt verify` exited {code}: {detail[-300:]}")
+        say(f"{INDENT}receipt  {in_process}: worker and coordinator signatures checked in-process")
+        say(f"{INDENT}         offline: `dispatch receipt verify {path.name}` -> {offline}")
+        outcome.receipt_valid = not problems
+        outcome.problems += problems
+
+    async def public_task(self, c: CoordinatorClient, outcome: Outcome) -> None:
+        text = "Dispatch sends small jobs to phones and desktops, and signs a receipt for each"
+        await self.run_job(
+            c, outcome, task_spec("word_count", json.dumps(text).encode(), common_pb2.POLICY_CHEAP)
+        )
+
+    async def public_fast_task(self, c: CoordinatorClient, outcome: Outcome) -> None:
+        data = json.dumps("hello, dispatch").encode()
+        await self.run_job(c, outcome, task_spec("sha256", data, common_pb2.POLICY_FAST))
+
+    async def private_task(self, c: CoordinatorClient, outcome: Outcome) -> None:
+        owner = self.workers[0]
+        code = await c.create_pairing_code()
+        say(f"{INDENT}pairing  client created code {code.code}")
+        rc, out, err = await self.run_cli(
+            "pair",
+            "claim",
+            code.code,
+            "--coordinator",
+            self.address,
+            "--key-file",
+            str(owner.key_file),
+        )
+        if rc != 0:
+            raise DemoError(f"`dispatch pair claim` exited {rc}: {(err or out).strip()[-300:]}")
+        pairing = json.loads(out)
+        if pairing.get("worker_id") != owner.worker_id:
+            raise DemoError(f"the pairing names worker {pairing.get('worker_id')!r}")
+        say(
+            f"{INDENT}         {owner.label}'s owner claims it: "
+            f"`dispatch pair claim {code.code} --key-file {owner.key_file.name}`"
+        )
+        say(
+            f"{INDENT}         -> {pairing.get('pairing_id')}: client {short(c.key.public_hex)}"
+            f" <-> {owner.label} ({short(owner.worker_id)})"
+        )
+        data = json.dumps({"note": "for my own devices only"}).encode()
+        job = await self.run_job(
+            c, outcome, task_spec("echo", data, common_pb2.POLICY_AUTO, private=True)
+        )
+        if job.worker_id == owner.worker_id:
+            say(f"{INDENT}check    ran on the paired worker {owner.label}: ok")
+        else:
+            outcome.problems.append(
+                f"the private job ran on {self.label(job.worker_id)}, not on {owner.label}"
+            )
+            say(f"{INDENT}check    ran on {self.label(job.worker_id)}, NOT the paired worker")
+
+
+def summary(outcomes: list[Outcome], labeler: Callable[[str], str]) -> None:
+    rows = [("Scenario", "Job id", "State", "Worker", "Price", "Tries", "Receipt")]
+    for o in outcomes:
+        j = o.job
+        rows.append(
+            (
+                o.title,
+                j.job_id if j else "-",
+                state_name(j.state) if j else "-",
+                labeler(j.worker_id) if j else "-",
+                usd(j.price.amount_micros) if j else "-",
+                str(j.attempts) if j else "-",
+                "valid" if o.receipt_valid else "NO",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for n, row in enumerate(rows):
+        say("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        if n == 0:
+            say("  " + "  ".join("-" * w for w in widths))
+    for o in outcomes:
+        if o.problems or not o.ok:
+            for p in o.problems or ["did not complete"]:
+                say(f"  ! {o.title}: {p}")
+
+
+async def run_demo() -> int:
+    """Runs the demo; 0 when every scenario completed on the right worker with a valid receipt."""
+    tmp = Path(tempfile.mkdtemp(prefix="dispatch-demo-"))
+    demo = Demo(tmp)
+    outcomes: list[Outcome] = []
+    step_total = 6
+    say("Dispatch demo: a coordinator, two seekers, a desktop and a client, all on this machine")
+    say(f"(scratch space: {tmp}, removed at the end)")
+    try:
+        try:
+            say(f"\n[1/{step_total}] Starting a coordinator")
+            await demo.start_coordinator()
+            say(f"\n[2/{step_total}] Starting workers: 2 seekers (phones) and 1 desktop")
+            await demo.start_workers()
+        except (DemoError, OSError) as e:
+            say(f"{INDENT}FAILED: {e}")
+            demo.print_logs()
+            return 1
+        except grpc.aio.AioRpcError as e:
+            say(f"{INDENT}FAILED: {e.code().name}: {e.details()}")
+            demo.print_logs()
+            return 1
+
+        scenarios: list[
+            tuple[str, str, Callable[[CoordinatorClient, Outcome], Awaitable[None]]]
+        ] = [
+            (
+                "public task",
+                "word_count at CHEAP policy (matching favours seekers)",
+                demo.public_task,
+            ),
+            (
+                "public fast task",
+                "sha256 at FAST policy (matching favours desktops)",
+                demo.public_fast_task,
+            ),
+            (
+                "private task",
+                "echo that only a worker paired with the client may run",
+                demo.private_task,
+            ),
+        ]
+        async with CoordinatorClient(demo.address, demo.client_key) as client:
+            say(
+                f"\nThe client is just an ed25519 key ({short(demo.client_key.public_hex)});"
+                " the jobs it commits belong to it."
+            )
+            for n, (title, what, play) in enumerate(scenarios, start=3):
+                say(f"\n[{n}/{step_total}] Scenario {n - 2}, {title}: {what}")
+                outcome = Outcome(title)
+                outcomes.append(outcome)
+                try:
+                    await play(client, outcome)
+                except (DemoError, OSError, ValueError) as e:
+                    outcome.problems.append(str(e))
+                    say(f"{INDENT}FAILED: {e}")
+                except grpc.aio.AioRpcError as e:
+                    outcome.problems.append(f"{e.code().name}: {e.details()}")
+                    say(f"{INDENT}FAILED: {e.code().name}: {e.details()}")
+
+        say(f"\n[{step_total}/{step_total}] Summary")
+        summary(outcomes, demo.label)
+        ok = bool(outcomes) and all(o.ok for o in outcomes)
+        if not ok:
+            demo.print_logs()
+        say(
+            "\nAll scenarios completed with valid receipts."
+            if ok
+            else "\nThe demo FAILED (see above)."
+        )
+        return 0 if ok else 1
+    finally:
+        await demo.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,166 @@
+"""Shared fixtures: real coordinators on port 0, in-process and subprocess workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from dispatchnet.client import CoordinatorClient
+from dispatchnet.keys import KeyPair
+from dispatchnet.profiles import Profile, load_profile
+from dispatchnet.server import Coordinator, start_coordinator
+from dispatchnet.worker.runtime import Worker
+
+FAST = {
+    "jobs": {
+        "offer_lease_seconds": 2,
+        "time_limit_seconds": 30,
+        "sweep_interval_seconds": 0.1,
+        "queue_timeout_seconds": 60,
+    },
+    "workers": {"heartbeat_interval_seconds": 1, "eviction_seconds": 5},
+}
+
+
+def make_profile(**overrides: dict[str, Any]) -> Profile:
+    sections = {k: dict(v) for k, v in FAST.items()}
+    for section, values in overrides.items():
+        sections.setdefault(section, {}).update(values)
+    return load_profile("local").with_overrides(**sections)
+
+
+async def wait_until(
+    cond: Callable[[], Awaitable[bool] | bool], timeout: float = 15.0, what: str = "condition"
+) -> None:
+    """Polls cond until true; fails the test after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = cond()
+        if isinstance(r, Awaitable):
+            r = await r
+        if r:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+class Cluster:
+    """A coordinator plus helpers to add workers and clients; cleans up everything."""
+
+    def __init__(self, coord: Coordinator, tmp: Path) -> None:
+        self.coord = coord
+        self.tmp = tmp
+        self.address = f"127.0.0.1:{coord.port}"
+        self.workers: list[tuple[Worker, asyncio.Task[None]]] = []
+        self.clients: list[CoordinatorClient] = []
+
+    async def worker(
+        self, kind: str = "seeker", max_concurrency: int = 4, key: KeyPair | None = None
+    ) -> Worker:
+        w = Worker(
+            self.address,
+            key or KeyPair.generate(),
+            kind=kind,  # type: ignore[arg-type]
+            max_concurrency=max_concurrency,
+            backoff_initial=0.05,
+            backoff_max=0.5,
+        )
+        task = asyncio.create_task(w.run())
+        self.workers.append((w, task))
+        await asyncio.wait_for(w.connected.wait(), 10)
+        return w
+
+    def client(self, key: KeyPair | None = None) -> CoordinatorClient:
+        c = CoordinatorClient(self.address, key or KeyPair.generate())
+        self.clients.append(c)
+        return c
+
+    async def close(self) -> None:
+        for w, _ in self.workers:
+            w.stop()
+        for _, t in self.workers:
+            try:
+                await asyncio.wait_for(t, 5)
+            except (asyncio.CancelledError, TimeoutError):
+                pass
+        for c in self.clients:
+            await c.close()
+        await self.coord.stop(grace=0.2)
+
+
+@pytest.fixture
+def profile() -> Profile:
+    return make_profile()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, profile: Profile) -> AsyncIterator[Cluster]:
+    coord = await start_coordinator(profile, tmp_path / "coord", "127.0.0.1:0")
+    c = Cluster(coord, tmp_path)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+def rpc_code(exc: BaseException) -> grpc.StatusCode:
+    assert isinstance(exc, grpc.aio.AioRpcError), exc
+    return exc.code()
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+class Proc:
+    """A `dispatch` subprocess whose first stdout line is JSON."""
+
+    def __init__(self, args: list[str], home: Path, log: Path) -> None:
+        self.log = log
+        env = {**os.environ, "DISPATCH_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "dispatchnet.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=log.open("ab"),
+            env=env,
+            text=True,
+        )
+        assert self.p.stdout is not None
+        line = self.p.stdout.readline()
+        if not line:
+            raise AssertionError(f"process exited early: {log.read_text()[-2000:]}")
+        self.info: dict[str, Any] = json.loads(line)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait(5)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Callable[[list[str]], Proc]]:
+    started: list[Proc] = []
+
+    def start(args: list[str]) -> Proc:
+        p = Proc(args, tmp_path / "home", tmp_path / f"proc{len(started)}.log")
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.kill()

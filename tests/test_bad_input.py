@@ -1,0 +1,167 @@
+"""Bad input gets a clear status and message, never UNKNOWN."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+from conftest import Cluster, make_profile, rpc_code
+
+from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, receipt_pb2_grpc
+from dispatchnet.auth import tokens
+from dispatchnet.client import task_spec
+from dispatchnet.keys import KeyPair
+from dispatchnet.profiles import Profile
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture
+def profile() -> Profile:
+    return make_profile(limits={"max_task_input_bytes": 1024})
+
+
+async def _code(coro: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await coro
+    return rpc_code(e.value), e.value.details() or ""
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        (None, "spec is required"),
+        (common_pb2.JobSpec(), "set exactly one"),
+        (common_pb2.JobSpec(task=common_pb2.TaskRequest(name="")), "spec.task.name"),
+        (common_pb2.JobSpec(task=common_pb2.TaskRequest(name="Bad Name!")), "spec.task.name"),
+        (
+            common_pb2.JobSpec(task=common_pb2.TaskRequest(name="echo", input=b"x" * 1025)),
+            "the limit is 1024",
+        ),
+        (
+            common_pb2.JobSpec(task=common_pb2.TaskRequest(name="echo"), policy=99),  # type: ignore[arg-type]
+            "spec.policy: unknown value 99",
+        ),
+        (
+            common_pb2.JobSpec(task=common_pb2.TaskRequest(name="echo"), privacy=7),  # type: ignore[arg-type]
+            "spec.privacy",
+        ),
+        (common_pb2.JobSpec(llm=common_pb2.LlmRequest()), "set prompt or messages"),
+        (common_pb2.JobSpec(llm=common_pb2.LlmRequest(prompt="x", temperature=3.0)), "temperature"),
+        (
+            common_pb2.JobSpec(llm=common_pb2.LlmRequest(prompt="x", max_tokens=100000)),
+            "max_tokens",
+        ),
+        (
+            common_pb2.JobSpec(
+                llm=common_pb2.LlmRequest(
+                    messages=[common_pb2.ChatMessage(role="robot", content="x")]
+                )
+            ),
+            "role",
+        ),
+        (common_pb2.JobSpec(llm=common_pb2.LlmRequest(prompt="x" * 40000)), "the limit is"),
+    ],
+)
+async def test_bad_specs_are_invalid_argument(
+    cluster: Cluster, spec: common_pb2.JobSpec | None, needle: str
+) -> None:
+    c = cluster.client()
+    req = coordinator_pb2.GetQuoteRequest(spec=spec) if spec else coordinator_pb2.GetQuoteRequest()
+    code, msg = await _code(c.jobs.GetQuote(req))
+    assert code == INVALID
+    assert needle in msg
+
+
+async def test_unknown_fields_are_refused(cluster: Cluster) -> None:
+    c = cluster.client()
+    raw = coordinator_pb2.GetQuoteRequest(spec=task_spec("echo", b"1")).SerializeToString()
+    # field 99, varint 1: a field from a newer (or wrong) contract
+    call = c.channel.unary_unary("/dispatch.v1.CoordinatorService/GetQuote")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await call(raw + b"\x98\x06\x01")
+    assert e.value.code() == INVALID
+    assert "#99" in (e.value.details() or "")
+
+
+async def test_unknown_and_missing_ids(cluster: Cluster) -> None:
+    c = cluster.client()
+    assert (await _code(c.get("job_nope")))[0] == grpc.StatusCode.NOT_FOUND
+    assert (await _code(c.get("")))[0] == INVALID
+    assert (await _code(c.commit("q_nope", "k")))[0] == grpc.StatusCode.NOT_FOUND
+    assert (await _code(c.commit("", "k")))[0] == INVALID
+    q = await c.quote(task_spec("echo", b"1"))
+    assert (await _code(c.commit(q.quote_id, "k" * 200)))[0] == INVALID
+    assert (await _code(c.cancel("job_nope")))[0] == grpc.StatusCode.NOT_FOUND
+    assert (await _code(c.receipt("job_nope")))[0] == grpc.StatusCode.NOT_FOUND
+
+
+async def test_another_clients_job_is_off_limits(cluster: Cluster) -> None:
+    await cluster.worker()
+    owner, other = cluster.client(), cluster.client()
+    job = await owner.submit(task_spec("echo", b"1"))
+    await owner.wait(job.job_id)
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    assert (await _code(other.get(job.job_id)))[0] == denied
+    assert (await _code(other.cancel(job.job_id)))[0] == denied
+    assert (await _code(other.receipt(job.job_id)))[0] == denied
+
+    async def watch() -> None:
+        async for _ in other.watch(job.job_id):
+            pass
+
+    assert (await _code(watch()))[0] == denied
+
+
+async def test_receipt_of_unfinished_job_is_failed_precondition(cluster: Cluster) -> None:
+    c = cluster.client()
+    job = await c.submit(task_spec("echo", b"1"))
+    code, msg = await _code(c.receipt(job.job_id))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "QUEUED" in msg
+
+
+async def test_authentication_is_required_and_checked(cluster: Cluster) -> None:
+    c = cluster.client()
+    q = await c.quote(task_spec("echo", b"1"))
+    req = coordinator_pb2.CommitJobRequest(quote_id=q.quote_id, idempotency_key="k")
+    unauth = grpc.StatusCode.UNAUTHENTICATED
+    code, msg = await _code(c.jobs.CommitJob(req))
+    assert code == unauth and "dispatch auth header" in msg
+    key, other = KeyPair.generate(), KeyPair.generate()
+    bad: list[tuple[str, str]] = [
+        ("Bearer abc", "authorization must be"),
+        ("Dispatch v1.abc", "malformed"),
+        (tokens.metadata_value(key, ttl_seconds=-10), "expired"),
+        (tokens.metadata_value(key, ttl_seconds=10**7), "lifetime"),
+    ]
+    # a token whose signature was made by another key: claiming someone else's identity
+    good = tokens.make_token(key).split(".")
+    forged = tokens.make_token(other).split(".")
+    bad.append((f"Dispatch v1.{good[1]}.{good[2]}.{forged[3]}", "signature"))
+    for value, needle in bad:
+        code, msg = await _code(c.jobs.CommitJob(req, metadata=(("authorization", value),)))
+        assert code == unauth, value
+        assert needle in msg, (value, msg)
+
+
+async def test_public_methods_need_no_credentials(cluster: Cluster) -> None:
+    c = cluster.client()
+    await c.jobs.GetQuote(coordinator_pb2.GetQuoteRequest(spec=task_spec("echo", b"1")))
+    await c.jobs.ListWorkers(coordinator_pb2.ListWorkersRequest())
+    stub = receipt_pb2_grpc.ReceiptServiceStub(c.channel)
+    resp = await stub.VerifyReceipt(receipt_pb2.VerifyReceiptRequest())
+    assert not resp.valid and resp.problems
+
+
+async def test_list_workers_rejects_unknown_kind(cluster: Cluster) -> None:
+    c = cluster.client()
+    code, _ = await _code(c.jobs.ListWorkers(coordinator_pb2.ListWorkersRequest(kind=9)))  # type: ignore[arg-type]
+    assert code == INVALID
+
+
+async def test_oversized_message_is_refused_by_grpc(cluster: Cluster) -> None:
+    c = cluster.client()
+    big = task_spec("echo", b"x" * (5 * 1024 * 1024))
+    code, _ = await _code(c.quote(big))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -1,0 +1,234 @@
+"""A job runs end to end over gRPC: quotes, commit, watch, cancel, receipts."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+import pytest
+from conftest import Cluster, rpc_code, wait_until
+
+from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, receipt_pb2_grpc
+from dispatchnet.client import task_spec
+from dispatchnet.receipts.core import sha256, verify_receipt_message
+
+COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
+
+
+async def test_task_job_completes_with_a_verifiable_receipt(cluster: Cluster) -> None:
+    w = await cluster.worker()
+    c = cluster.client()
+    spec = task_spec("sha256", b'"hello"')
+    quote = await c.quote(spec)
+    assert quote.price.amount_micros == 1000 and quote.price.currency == "USD"
+    assert quote.eligible_workers == 1
+    job = await c.commit(quote.quote_id, "k1")
+    assert job.state == coordinator_pb2.JOB_STATE_QUEUED
+    done = await c.wait(job.job_id)
+    assert done.state == COMPLETED
+    assert done.result.output.decode() == sha256(b'"hello"').hex()
+    assert done.worker_id == w.key.public_hex
+    assert done.price == quote.price
+
+    v = verify_receipt_message(done.receipt, cluster.coord.public_key)
+    assert v.valid, v.problems
+    body = v.body
+    assert body is not None
+    assert body.job_id == job.job_id
+    assert body.input_sha256 == quote.spec_sha256
+    assert body.output_sha256 == sha256(done.result.output)
+    assert body.worker_public_key == w.key.public_key
+    assert body.client_id == c.key.public_hex
+    assert body.price.amount_micros == 1000
+    assert body.payment.status == "none"
+
+    stub = receipt_pb2_grpc.ReceiptServiceStub(c.channel)
+    resp = await stub.VerifyReceipt(receipt_pb2.VerifyReceiptRequest(receipt=done.receipt))
+    assert resp.valid and resp.decoded.job_id == job.job_id
+    got = await c.receipt(job.job_id)
+    assert got.receipt == done.receipt and got.decoded.job_id == job.job_id
+
+
+async def test_tampered_receipt_fails_verification(cluster: Cluster) -> None:
+    await cluster.worker()
+    c = cluster.client()
+    done = await c.wait((await c.submit(task_spec("echo", b"[1]"))).job_id)
+    body = receipt_pb2.ReceiptBody.FromString(done.receipt.body)
+    body.price.amount_micros = 1  # a cheaper price than was paid
+    forged = receipt_pb2.Receipt()
+    forged.CopyFrom(done.receipt)
+    forged.body = body.SerializeToString()
+    v = verify_receipt_message(forged)
+    assert not v.valid
+    assert any("worker signature" in p for p in v.problems)
+    assert any("coordinator signature" in p for p in v.problems)
+    stub = receipt_pb2_grpc.ReceiptServiceStub(c.channel)
+    resp = await stub.VerifyReceipt(receipt_pb2.VerifyReceiptRequest(receipt=forged))
+    assert not resp.valid and resp.problems
+
+
+@pytest.mark.parametrize(
+    ("task", "policy", "micros"),
+    [
+        ("echo", common_pb2.POLICY_FAST, 3000),
+        ("echo", common_pb2.POLICY_CHEAP, 1000),
+        ("echo", common_pb2.POLICY_AUTO, 1000),
+        ("echo", common_pb2.POLICY_UNSPECIFIED, 1000),
+    ],
+)
+async def test_task_prices_come_from_the_profile(
+    cluster: Cluster, task: str, policy: int, micros: int
+) -> None:
+    q = await cluster.client().quote(task_spec(task, b"1", policy))
+    assert q.price.amount_micros == micros
+
+
+async def test_llm_prices_and_auto_policy(cluster: Cluster) -> None:
+    c = cluster.client()
+    spec = common_pb2.JobSpec(llm=common_pb2.LlmRequest(prompt="hi"))
+    q = await c.quote(spec)
+    assert q.price.amount_micros == 10000
+    assert q.spec.policy == common_pb2.POLICY_FAST
+    assert q.eligible_workers == 0
+    spec.policy = common_pb2.POLICY_CHEAP
+    assert (await c.quote(spec)).price.amount_micros == 5000
+
+
+async def test_commit_is_idempotent_per_client(cluster: Cluster) -> None:
+    c = cluster.client()
+    q = await c.quote(task_spec("echo", b"1"))
+    first = await c.jobs.CommitJob(
+        coordinator_pb2.CommitJobRequest(quote_id=q.quote_id, idempotency_key="same"),
+        metadata=c.metadata(),
+    )
+    again = await c.jobs.CommitJob(
+        coordinator_pb2.CommitJobRequest(quote_id=q.quote_id, idempotency_key="same"),
+        metadata=c.metadata(),
+    )
+    assert first.created and not again.created
+    assert first.job.job_id == again.job.job_id
+    # another client using the same key gets its own job
+    other = cluster.client()
+    theirs = await other.commit(q.quote_id, "same")
+    assert theirs.job_id != first.job.job_id
+    # the same key for a different quote is refused
+    q2 = await c.quote(task_spec("echo", b"2"))
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await c.commit(q2.quote_id, "same")
+    assert rpc_code(e.value) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_idempotent_retry_works_after_the_quote_expired(cluster: Cluster) -> None:
+    c = cluster.client()
+    q = await c.quote(task_spec("echo", b"1"))
+    job = await c.commit(q.quote_id, "retry")
+    cluster.coord.jobs.clock = lambda: time.time() + 3600
+    assert (await c.commit(q.quote_id, "retry")).job_id == job.job_id
+
+
+async def test_expired_quote_is_refused(cluster: Cluster) -> None:
+    c = cluster.client()
+    q = await c.quote(task_spec("echo", b"1"))
+    cluster.coord.jobs.clock = lambda: time.time() + 3600
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await c.commit(q.quote_id, "late")
+    assert rpc_code(e.value) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "expired" in (e.value.details() or "")
+
+
+async def test_watch_streams_sequenced_events_and_resumes(cluster: Cluster) -> None:
+    await cluster.worker()
+    c = cluster.client()
+    job = await c.submit(task_spec("echo", b'{"a": 1}'))
+    events = [item async for item in c.watch(job.job_id)]
+    seqs = [i.event.sequence for i in events]
+    assert seqs == list(range(1, len(seqs) + 1))
+    states = [i.event.state_change.to_state for i in events]
+    assert states == [
+        coordinator_pb2.JOB_STATE_QUEUED,
+        coordinator_pb2.JOB_STATE_OFFERED,
+        coordinator_pb2.JOB_STATE_RUNNING,
+        COMPLETED,
+    ]
+    assert events[-1].job.state == COMPLETED
+    assert all(not i.HasField("job") for i in events[:-1])
+    resumed = [item async for item in c.watch(job.job_id, after=2)]
+    assert [i.event.sequence for i in resumed] == [3, 4]
+    assert [item async for item in c.watch(job.job_id, after=4)] == []
+
+
+async def test_cancel_a_running_job_tells_the_worker(cluster: Cluster) -> None:
+    w = await cluster.worker()
+    c = cluster.client()
+    job = await c.submit(task_spec("sleep", json.dumps({"ms": 60000}).encode()))
+
+    async def running() -> bool:
+        return (await c.get(job.job_id)).state == coordinator_pb2.JOB_STATE_RUNNING
+
+    await wait_until(running, what="job running")
+    cancelled = await c.cancel(job.job_id, "changed my mind")
+    assert cancelled.state == coordinator_pb2.JOB_STATE_CANCELLED
+    assert cancelled.failure.message == "changed my mind"
+    await wait_until(lambda: not w._running, what="worker stopped the job")
+    again = await c.cancel(job.job_id)
+    assert again.state == coordinator_pb2.JOB_STATE_CANCELLED
+    assert (await c.get(job.job_id)).state == coordinator_pb2.JOB_STATE_CANCELLED
+
+
+async def test_cancel_a_completed_job_is_refused(cluster: Cluster) -> None:
+    await cluster.worker()
+    c = cluster.client()
+    done = await c.wait((await c.submit(task_spec("echo", b"1"))).job_id)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await c.cancel(done.job_id)
+    assert rpc_code(e.value) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_cancel_a_queued_job(cluster: Cluster) -> None:
+    c = cluster.client()
+    job = await c.submit(task_spec("echo", b"1"))
+    assert (await c.cancel(job.job_id)).state == coordinator_pb2.JOB_STATE_CANCELLED
+
+
+async def test_task_error_fails_the_job_without_retry(cluster: Cluster) -> None:
+    await cluster.worker()
+    c = cluster.client()
+    done = await c.wait((await c.submit(task_spec("sleep", b'"not an object"'))).job_id)
+    assert done.state == coordinator_pb2.JOB_STATE_FAILED
+    assert done.failure.code == "bad_input"
+    assert done.attempts == 1
+    assert not done.HasField("receipt")
+
+
+async def test_job_with_no_eligible_worker_fails_after_queue_timeout(cluster: Cluster) -> None:
+    c = cluster.client()
+    job = await c.submit(task_spec("no_such_task", b"1"))
+    cluster.coord.jobs.clock = lambda: time.time() + 3600
+    cluster.coord.hub.kick()
+    done = await c.wait(job.job_id)
+    assert done.state == coordinator_pb2.JOB_STATE_FAILED
+    assert done.failure.code == "no_eligible_worker"
+
+
+async def test_list_workers_is_public(cluster: Cluster) -> None:
+    w1 = await cluster.worker("seeker", max_concurrency=2)
+    w2 = await cluster.worker("desktop")
+    workers = await cluster.client().list_workers()
+    by_id = {w.worker_id: w for w in workers}
+    assert by_id[w1.key.public_hex].kind == common_pb2.WORKER_KIND_SEEKER
+    assert by_id[w1.key.public_hex].max_concurrency == 2
+    assert by_id[w2.key.public_hex].kind == common_pb2.WORKER_KIND_DESKTOP
+    assert "echo" in by_id[w1.key.public_hex].tasks
+    assert by_id[w1.key.public_hex].reputation == pytest.approx(0.5)
+
+
+async def test_many_jobs_spread_over_workers(cluster: Cluster) -> None:
+    ws = [await cluster.worker(max_concurrency=2) for _ in range(3)]
+    c = cluster.client()
+    jobs = [await c.submit(task_spec("sha256", str(i).encode())) for i in range(30)]
+    done = [await c.wait(j.job_id) for j in jobs]
+    assert all(d.state == COMPLETED for d in done)
+    used = {d.worker_id for d in done}
+    assert used <= {w.key.public_hex for w in ws}
+    assert len(used) >= 2

@@ -1,0 +1,259 @@
+"""WorkerService.Connect at the protocol level, with a hand-driven worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from conftest import Cluster, wait_until
+
+from dispatch.v1 import common_pb2, coordinator_pb2, worker_pb2, worker_pb2_grpc
+from dispatchnet.client import task_spec
+from dispatchnet.keys import KeyPair
+from dispatchnet.receipts.core import sha256
+
+HELLO = b"dispatch.v1.WorkerHello\n"
+
+
+class RawWorker:
+    """Speaks WorkerService.Connect message by message."""
+
+    def __init__(self, channel: grpc.aio.Channel, key: KeyPair | None = None) -> None:
+        self.key = key or KeyPair.generate()
+        self.out: asyncio.Queue[worker_pb2.ConnectRequest | None] = asyncio.Queue()
+        self.call = worker_pb2_grpc.WorkerServiceStub(channel).Connect(self._requests())
+
+    async def _requests(self) -> AsyncIterator[worker_pb2.ConnectRequest]:
+        while (m := await self.out.get()) is not None:
+            yield m
+
+    def send(self, **kw: object) -> None:
+        self.out.put_nowait(worker_pb2.ConnectRequest(**kw))  # type: ignore[arg-type]
+
+    async def recv(self) -> worker_pb2.ConnectResponse:
+        msg = await asyncio.wait_for(self.call.read(), 10)
+        assert msg is not grpc.aio.EOF, "stream ended"
+        return msg  # type: ignore[no-any-return]
+
+    def hello(
+        self,
+        kind: int = common_pb2.WORKER_KIND_SEEKER,
+        tasks: tuple[str, ...] = ("echo",),
+        models: tuple[str, ...] = (),
+        public_key: bytes | None = None,
+    ) -> None:
+        self.send(
+            hello=worker_pb2.Hello(
+                public_key=public_key or self.key.public_key,
+                kind=kind,  # type: ignore[arg-type]
+                capabilities=worker_pb2.Capabilities(
+                    tasks=tasks, llm_models=models, max_concurrency=1
+                ),
+            )
+        )
+
+    async def handshake(self, **kw: object) -> worker_pb2.Welcome:
+        self.hello(**kw)  # type: ignore[arg-type]
+        ch = (await self.recv()).challenge
+        self.send(
+            challenge_response=worker_pb2.ChallengeResponse(
+                signature=self.key.sign(HELLO, ch.nonce + ch.coordinator_public_key)
+            )
+        )
+        return (await self.recv()).welcome
+
+    async def status(self) -> grpc.StatusCode:
+        return await asyncio.wait_for(self.call.code(), 10)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.out.put_nowait(None)
+        self.call.cancel()
+
+
+@pytest.fixture
+async def channel(cluster: Cluster) -> AsyncIterator[grpc.aio.Channel]:
+    ch = grpc.aio.insecure_channel(cluster.address)
+    yield ch
+    await ch.close()
+
+
+async def test_handshake_gives_an_identity_from_the_proven_key(
+    cluster: Cluster, channel: grpc.aio.Channel
+) -> None:
+    w = RawWorker(channel)
+    welcome = await w.handshake()
+    assert welcome.worker_id == w.key.public_hex
+    assert welcome.heartbeat_interval_seconds == 1
+    w.close()
+
+
+async def test_first_message_must_be_hello(channel: grpc.aio.Channel) -> None:
+    w = RawWorker(channel)
+    w.send(heartbeat=worker_pb2.Heartbeat())
+    assert await w.status() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_claiming_someone_elses_key_is_unauthenticated(channel: grpc.aio.Channel) -> None:
+    victim = KeyPair.generate()
+    w = RawWorker(channel)  # holds its own key, presents the victim's public key
+    w.hello(public_key=victim.public_key)
+    ch = (await w.recv()).challenge
+    w.send(
+        challenge_response=worker_pb2.ChallengeResponse(
+            signature=w.key.sign(HELLO, ch.nonce + ch.coordinator_public_key)
+        )
+    )
+    assert await w.status() == grpc.StatusCode.UNAUTHENTICATED
+    assert "challenge signature" in (await w.call.details() or "")
+
+
+async def test_signature_over_another_nonce_is_refused(channel: grpc.aio.Channel) -> None:
+    w = RawWorker(channel)
+    w.hello()
+    ch = (await w.recv()).challenge
+    w.send(
+        challenge_response=worker_pb2.ChallengeResponse(
+            signature=w.key.sign(HELLO, b"\x00" * 32 + ch.coordinator_public_key)
+        )
+    )
+    assert await w.status() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"kind": common_pb2.WORKER_KIND_SEEKER, "models": ("m",)}, "seekers run TASK"),
+        ({"kind": 0}, "hello.kind"),
+        ({"public_key": b"short"}, "32-byte"),
+        ({"tasks": ("Bad Task",)}, "not a task name"),
+    ],
+)
+async def test_bad_hello_is_invalid_argument(
+    channel: grpc.aio.Channel, kw: dict[str, object], needle: str
+) -> None:
+    w = RawWorker(channel)
+    w.hello(**kw)  # type: ignore[arg-type]
+    if kw.get("kind", 1) and "public_key" not in kw and "tasks" not in kw:
+        ch = (await w.recv()).challenge
+        w.send(
+            challenge_response=worker_pb2.ChallengeResponse(
+                signature=w.key.sign(HELLO, ch.nonce + ch.coordinator_public_key)
+            )
+        )
+    assert await w.status() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in (await w.call.details() or "")
+
+
+async def test_rejected_offer_goes_to_another_worker(
+    cluster: Cluster, channel: grpc.aio.Channel
+) -> None:
+    raw = RawWorker(channel)
+    await raw.handshake()
+    c = cluster.client()
+    job = await c.submit(task_spec("echo", b"1"))
+    offer = (await raw.recv()).offer
+    assert offer.job_id == job.job_id and offer.attempt == 1
+    assert offer.spec_sha256 == sha256(offer.spec.SerializeToString(deterministic=True))
+    good = await cluster.worker()
+    raw.send(
+        offer_response=worker_pb2.OfferResponse(
+            job_id=offer.job_id, attempt=1, accept=False, reason="battery_low"
+        )
+    )
+    done = await c.wait(job.job_id)
+    assert done.state == coordinator_pb2.JOB_STATE_COMPLETED
+    assert done.worker_id == good.key.public_hex and done.attempts == 2
+    reasons = [i.event.state_change.reason async for i in c.watch(job.job_id)]
+    assert "rejected: battery_low" in reasons
+    raw.close()
+
+
+async def test_unanswered_offer_lapses_and_is_cancelled(
+    cluster: Cluster, channel: grpc.aio.Channel
+) -> None:
+    raw = RawWorker(channel)
+    await raw.handshake()
+    c = cluster.client()
+    job = await c.submit(task_spec("echo", b"1"))
+    assert (await raw.recv()).offer.job_id == job.job_id
+    # heartbeat so we are not evicted, but never answer the offer
+    raw.send(heartbeat=worker_pb2.Heartbeat())
+    cancel = (await raw.recv()).cancel
+    assert cancel.job_id == job.job_id and cancel.reason == "offer_lease_expired"
+    after = await c.get(job.job_id)
+    assert after.state in (coordinator_pb2.JOB_STATE_QUEUED, coordinator_pb2.JOB_STATE_OFFERED)
+    raw.close()
+
+
+async def test_result_with_a_bad_receipt_is_refused(
+    cluster: Cluster, channel: grpc.aio.Channel
+) -> None:
+    raw = RawWorker(channel)
+    await raw.handshake()
+    c = cluster.client()
+    job = await c.submit(task_spec("echo", b"1"))
+    offer = (await raw.recv()).offer
+    raw.send(offer_response=worker_pb2.OfferResponse(job_id=job.job_id, attempt=1, accept=True))
+
+    async def running() -> bool:
+        return (await c.get(job.job_id)).state == coordinator_pb2.JOB_STATE_RUNNING
+
+    await wait_until(running, what="running")
+    raw.send(
+        completed=worker_pb2.JobCompleted(
+            job_id=job.job_id,
+            attempt=offer.attempt,
+            result=common_pb2.JobResult(output=b"1", content_type="application/json"),
+            receipt_body=b"\x08\x01",
+            receipt_signature=b"\x00" * 64,
+        )
+    )
+    ack = (await raw.recv()).result_ack
+    assert not ack.accepted and "does not match" in ack.reason
+    reasons = [i.event.state_change.reason async for i in c.watch(job.job_id)]
+    assert any(r.startswith("bad receipt") for r in reasons)
+    raw.close()
+
+
+async def test_stale_result_is_refused(cluster: Cluster, channel: grpc.aio.Channel) -> None:
+    raw = RawWorker(channel)
+    await raw.handshake()
+    raw.send(completed=worker_pb2.JobCompleted(job_id="job_x", attempt=3))
+    ack = (await raw.recv()).result_ack
+    assert not ack.accepted and "stale" in ack.reason
+    raw.close()
+
+
+async def test_drain_stops_new_offers(cluster: Cluster, channel: grpc.aio.Channel) -> None:
+    raw = RawWorker(channel)
+    await raw.handshake()
+    raw.send(drain=worker_pb2.Drain(reason="shutting down"))
+
+    async def draining() -> bool:
+        ws = await cluster.client().list_workers()
+        return any(w.draining for w in ws)
+
+    await wait_until(draining, what="draining")
+    c = cluster.client()
+    job = await c.submit(task_spec("echo", b"1"))
+    good = await cluster.worker()
+    done = await c.wait(job.job_id)
+    assert done.worker_id == good.key.public_hex and done.attempts == 1
+    raw.close()
+
+
+async def test_reconnect_replaces_the_old_session(
+    cluster: Cluster, channel: grpc.aio.Channel
+) -> None:
+    key = KeyPair.generate()
+    first = RawWorker(channel, key)
+    await first.handshake()
+    second = RawWorker(channel, key)
+    await second.handshake()
+    assert "replaced" in (await first.recv()).go_away.reason
+    workers = await cluster.client().list_workers()
+    assert [w.worker_id for w in workers] == [key.public_hex]
+    first.close()
+    second.close()
