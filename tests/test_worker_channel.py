@@ -2,81 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-
 import grpc
 import pytest
-from conftest import Cluster, wait_until
+from conftest import HELLO, Cluster, RawWorker, wait_until
 
-from dispatch.v1 import common_pb2, coordinator_pb2, worker_pb2, worker_pb2_grpc
+from dispatch.v1 import common_pb2, coordinator_pb2, worker_pb2
 from dispatchnet.client import task_spec
 from dispatchnet.keys import KeyPair
 from dispatchnet.receipts.core import sha256
-
-HELLO = b"dispatch.v1.WorkerHello\n"
-
-
-class RawWorker:
-    """Speaks WorkerService.Connect message by message."""
-
-    def __init__(self, channel: grpc.aio.Channel, key: KeyPair | None = None) -> None:
-        self.key = key or KeyPair.generate()
-        self.out: asyncio.Queue[worker_pb2.ConnectRequest | None] = asyncio.Queue()
-        self.call = worker_pb2_grpc.WorkerServiceStub(channel).Connect(self._requests())
-
-    async def _requests(self) -> AsyncIterator[worker_pb2.ConnectRequest]:
-        while (m := await self.out.get()) is not None:
-            yield m
-
-    def send(self, **kw: object) -> None:
-        self.out.put_nowait(worker_pb2.ConnectRequest(**kw))  # type: ignore[arg-type]
-
-    async def recv(self) -> worker_pb2.ConnectResponse:
-        msg = await asyncio.wait_for(self.call.read(), 10)
-        assert msg is not grpc.aio.EOF, "stream ended"
-        return msg  # type: ignore[no-any-return]
-
-    def hello(
-        self,
-        kind: int = common_pb2.WORKER_KIND_SEEKER,
-        tasks: tuple[str, ...] = ("echo",),
-        models: tuple[str, ...] = (),
-        public_key: bytes | None = None,
-    ) -> None:
-        self.send(
-            hello=worker_pb2.Hello(
-                public_key=public_key or self.key.public_key,
-                kind=kind,  # type: ignore[arg-type]
-                capabilities=worker_pb2.Capabilities(
-                    tasks=tasks, llm_models=models, max_concurrency=1
-                ),
-            )
-        )
-
-    async def handshake(self, **kw: object) -> worker_pb2.Welcome:
-        self.hello(**kw)  # type: ignore[arg-type]
-        ch = (await self.recv()).challenge
-        self.send(
-            challenge_response=worker_pb2.ChallengeResponse(
-                signature=self.key.sign(HELLO, ch.nonce + ch.coordinator_public_key)
-            )
-        )
-        return (await self.recv()).welcome
-
-    async def status(self) -> grpc.StatusCode:
-        return await asyncio.wait_for(self.call.code(), 10)  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        self.out.put_nowait(None)
-        self.call.cancel()
-
-
-@pytest.fixture
-async def channel(cluster: Cluster) -> AsyncIterator[grpc.aio.Channel]:
-    ch = grpc.aio.insecure_channel(cluster.address)
-    yield ch
-    await ch.close()
 
 
 async def test_handshake_gives_an_identity_from_the_proven_key(

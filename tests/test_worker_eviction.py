@@ -6,8 +6,7 @@ import json
 
 import grpc
 import pytest
-from conftest import Cluster, make_profile, wait_until
-from test_worker_channel import RawWorker, channel  # noqa: F401 (fixture)
+from conftest import Cluster, RawWorker, make_profile, wait_until
 
 from dispatch.v1 import coordinator_pb2, worker_pb2
 from dispatchnet.client import task_spec
