@@ -9,7 +9,7 @@ NPM_STAMP := node_modules/.installed
 PROTOS := $(wildcard proto/dispatch/v1/*.proto)
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup proto check-proto lint test demo bench clean
+.PHONY: setup proto check-proto lint test demo clean
 
 setup: $(STAMP) $(NPM_STAMP)
 
@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $@
 
+# `npm install` (not `npm ci`): the lock holds only this platform's buf binary package,
+# which `npm ci` rejects as out of sync. Versions stay pinned by package-lock.json.
 $(NPM_STAMP): package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
 # Regenerate Python code from the .proto files (output is committed).

@@ -190,3 +190,26 @@ async def test_reconnect_replaces_the_old_session(
     assert [w.worker_id for w in workers] == [key.public_hex]
     first.close()
     second.close()
+
+
+async def test_progress_reaches_watchers(cluster: Cluster, channel: grpc.aio.Channel) -> None:
+    raw = RawWorker(channel)
+    await raw.handshake()
+    c = cluster.client()
+    job = await c.submit(task_spec("echo", b"1"))
+    offer = (await raw.recv()).offer
+    raw.send(offer_response=worker_pb2.OfferResponse(job_id=job.job_id, attempt=1, accept=True))
+    raw.send(
+        progress=worker_pb2.JobProgress(job_id=job.job_id, attempt=1, text="tok", fraction=0.5)
+    )
+    raw.send(progress=worker_pb2.JobProgress(job_id=job.job_id, attempt=9, text="stale"))
+    events = c.watch(job.job_id)
+    seen = []
+    async for item in events:
+        seen.append(item.event)
+        if item.event.HasField("progress"):
+            break
+    assert seen[-1].progress.text == "tok" and seen[-1].progress.fraction == 0.5
+    assert seen[-1].state == coordinator_pb2.JOB_STATE_RUNNING
+    assert offer.attempt == 1
+    raw.close()
