@@ -174,8 +174,11 @@ class WorkerHub:
         return session
 
     def unregister(self, session: WorkerSession, reason: str) -> None:
+        """Forgets a session and requeues what it held; safe to call more than once."""
         if self.sessions.get(session.worker_id) is session:
             del self.sessions[session.worker_id]
+        elif session.closed and not session.active:
+            return
         session.closed = True
         held = dict(session.active)
         session.active.clear()
@@ -256,12 +259,20 @@ class WorkerHub:
     def kick(self) -> None:
         self._wake.set()
 
+    def _free_slots(self) -> int:
+        return sum(
+            s.max_concurrency - s.load for s in self.sessions.values() if not s.draining
+        )
+
     def dispatch_once(self) -> int:
-        if not any(not s.draining and s.load < s.max_concurrency for s in self.sessions.values()):
+        free = self._free_slots()
+        if free <= 0:
             return 0
         offered = 0
         paired: dict[str, set[str]] = {}
         for job in self.store.queued_jobs(DISPATCH_BATCH):
+            if offered >= free:
+                break
             allowed = None
             if job.spec.privacy is Privacy.PRIVATE:
                 if job.client_id not in paired:
