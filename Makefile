@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 PROTOS := $(wildcard proto/dispatch/v1/*.proto)
+# FileDescriptorSet with comments, served by reflection so `grpcurl describe` shows the docs.
+DESCRIPTORS := dispatch/v1/descriptors.binpb
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
 .PHONY: setup proto check-proto lint test demo clean
@@ -26,10 +28,11 @@ $(NPM_STAMP): package.json package-lock.json
 
 # Regenerate Python code from the .proto files (output is committed).
 proto: $(STAMP)
-	rm -rf generated/dispatch/v1/*_pb2*.py generated/dispatch/v1/*_pb2*.pyi
+	rm -rf generated/dispatch/v1/*_pb2*.py generated/dispatch/v1/*_pb2*.pyi generated/$(DESCRIPTORS)
 	$(PY) -m grpc_tools.protoc -Iproto \
 	  --python_out=generated --grpc_python_out=generated \
-	  --mypy_out=generated --mypy_grpc_out=generated $(PROTOS) >/dev/null
+	  --mypy_out=generated --mypy_grpc_out=generated \
+	  --include_source_info --descriptor_set_out=generated/$(DESCRIPTORS) $(PROTOS) >/dev/null
 	touch generated/dispatch/__init__.py generated/dispatch/v1/__init__.py
 
 # Fails when generated/ does not match proto/.
@@ -37,11 +40,12 @@ check-proto: $(STAMP)
 	@tmp=$$(mktemp -d); \
 	$(PY) -m grpc_tools.protoc -Iproto \
 	  --python_out=$$tmp --grpc_python_out=$$tmp \
-	  --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) >/dev/null; \
-	for f in $$(cd $$tmp && find . -name '*_pb2*' | sort); do \
+	  --mypy_out=$$tmp --mypy_grpc_out=$$tmp \
+	  --include_source_info --descriptor_set_out=$$tmp/$(DESCRIPTORS) $(PROTOS) >/dev/null; \
+	for f in $$(cd $$tmp && find . -name '*_pb2*' -o -name '*.binpb' | sort); do \
 	  cmp -s $$tmp/$$f generated/$$f || { echo "stale: generated/$$f (run make proto)"; rm -rf $$tmp; exit 1; }; \
 	done; \
-	extra=$$(cd generated && find . -name '*_pb2*' | sort | while read f; do [ -e $$tmp/$$f ] || echo $$f; done); \
+	extra=$$(cd generated && find . -name '*_pb2*' -o -name '*.binpb' | sort | while read f; do [ -e $$tmp/$$f ] || echo $$f; done); \
 	rm -rf $$tmp; \
 	if [ -n "$$extra" ]; then echo "generated files with no .proto: $$extra"; exit 1; fi; \
 	echo "generated/ is up to date"

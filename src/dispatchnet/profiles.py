@@ -107,27 +107,23 @@ T = TypeVar("T")
 
 
 def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
-    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(known))
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(hints))
     if unknown:
         raise ProfileError(f"{where}: unknown setting(s) {', '.join(unknown)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        f = known[name]
-        if isinstance(value, dict):
-            sub: type[Any] = typing.get_type_hints(cls)[name]
-            if not dataclasses.is_dataclass(sub):
-                raise ProfileError(f"{where}: [{name}] is not a section")
-            kwargs[name] = _build(sub, value, f"{where} [{name}]")
-        else:
-            default = getattr(cls(), f.name)
-            if (
-                isinstance(default, bool) != isinstance(value, bool)
-                or (isinstance(default, (int, float)) and not isinstance(value, (int, float)))
-                or (isinstance(default, str) and not isinstance(value, str))
-            ):
-                raise ProfileError(f"{where}: {name} has the wrong type")
+        expected: type[Any] = hints[name]
+        if dataclasses.is_dataclass(expected):
+            if not isinstance(value, dict):
+                raise ProfileError(f"{where}: [{name}] must be a section")
+            kwargs[name] = _build(expected, value, f"{where} [{name}]")
+        elif type(value) is expected or (expected is float and type(value) is int):
             kwargs[name] = value
+        else:
+            raise ProfileError(
+                f"{where}: {name} must be {expected.__name__}, not {type(value).__name__}"
+            )
     return cls(**kwargs)
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from dispatch.v1 import (
     coordinator_pb2,
@@ -21,6 +20,7 @@ from dispatch.v1 import (
     worker_pb2_grpc,
 )
 from dispatchnet import keys
+from dispatchnet.api import reflection
 from dispatchnet.api.edge import AuthInterceptor, ErrorInterceptor
 from dispatchnet.api.servicers import (
     CoordinatorServicer,
@@ -108,13 +108,8 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            *SERVICE_NAMES,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+    reflection.enable(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server
     )
     port = server.add_insecure_port(listen)
     if port == 0:

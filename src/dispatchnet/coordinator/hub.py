@@ -260,9 +260,7 @@ class WorkerHub:
         self._wake.set()
 
     def _free_slots(self) -> int:
-        return sum(
-            s.max_concurrency - s.load for s in self.sessions.values() if not s.draining
-        )
+        return sum(s.max_concurrency - s.load for s in self.sessions.values() if not s.draining)
 
     def dispatch_once(self) -> int:
         free = self._free_slots()

@@ -51,11 +51,12 @@ class PairingService:
         norm = normalize(code)
         if len(norm) != CODE_LEN or any(c not in ALPHABET for c in norm):
             raise InvalidArgument("a pairing code looks like XXXX-XXXX")
-        client_id = self.store.claim_pairing_code(code_hash(norm), self.clock())
+        digest = code_hash(norm)
+        if self.store.pairing_code_owner(digest, self.clock()) == worker_id:
+            raise InvalidArgument("a key cannot pair with itself (claim with the worker's key)")
+        client_id = self.store.claim_pairing_code(digest, self.clock())
         if client_id is None:
             raise NotFound("pairing code is unknown, already used or expired")
-        if client_id == worker_id:
-            raise InvalidArgument("a key cannot pair with itself")
         return self.store.put_pairing(Pairing(new_id("pair"), client_id, worker_id, self.clock()))
 
     def list(self, party_id: str, include_revoked: bool) -> list[Pairing]:

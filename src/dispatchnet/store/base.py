@@ -51,6 +51,10 @@ class Store(Protocol):
 
     # pairing
     def put_pairing_code(self, code_hash: bytes, client_id: str, expires_at: float) -> None: ...
+    def pairing_code_owner(self, code_hash: bytes, now: float) -> str | None:
+        """The client of an unexpired, unused code (does not use it)."""
+        ...
+
     def claim_pairing_code(self, code_hash: bytes, now: float) -> str | None:
         """Marks an unexpired, unused code used and returns its client_id (atomic)."""
         ...

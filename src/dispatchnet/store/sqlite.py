@@ -173,7 +173,11 @@ class SqliteStore:
         self._conn.execute(f"PRAGMA synchronous={synchronous}")
         self._conn.execute("PRAGMA busy_timeout=5000")
         self.db = sqlite_utils.Database(self._conn)
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            self._conn.close()
+            raise
 
     def _migrate(self) -> None:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
@@ -387,6 +391,14 @@ class SqliteStore:
         self._conn.execute(
             "INSERT INTO pairing_codes VALUES (?,?,?,NULL)", (code_hash, client_id, expires_at)
         )
+
+    def pairing_code_owner(self, code_hash: bytes, now: float) -> str | None:
+        r = self._conn.execute(
+            "SELECT client_id FROM pairing_codes "
+            "WHERE code_hash=? AND used_at IS NULL AND expires_at>=?",
+            (code_hash, now),
+        ).fetchone()
+        return None if r is None else str(r["client_id"])
 
     def claim_pairing_code(self, code_hash: bytes, now: float) -> str | None:
         self._conn.execute("BEGIN IMMEDIATE")

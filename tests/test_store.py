@@ -1,0 +1,234 @@
+"""SqliteStore on a real file: schema, durability, idempotency, compare-and-set, events."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dispatchnet.coordinator.models import (
+    Event,
+    EventKind,
+    Job,
+    JobSpec,
+    JobState,
+    JobType,
+    PaymentRef,
+    Policy,
+    Privacy,
+    Quote,
+    Receipt,
+    Result,
+)
+from dispatchnet.store.sqlite import SCHEMA_VERSION, SqliteStore
+
+SPEC = JobSpec(
+    job_type=JobType.TASK,
+    policy=Policy.CHEAP,
+    privacy=Privacy.PUBLIC,
+    task_name="echo",
+    llm_model="",
+    spec_bytes=b"\x12\x06\n\x04echo",
+    spec_sha256=hashlib.sha256(b"\x12\x06\n\x04echo").digest(),
+)
+
+
+def make_job(job_id: str, client_id: str = "client-a", key: str = "k1") -> Job:
+    return Job(
+        job_id=job_id,
+        client_id=client_id,
+        state=JobState.QUEUED,
+        spec=SPEC,
+        price_micros=1000,
+        currency="USD",
+        quote_id="q_1",
+        idempotency_key=key,
+        attempts=0,
+        max_attempts=3,
+        created_at=100.0,
+        updated_at=100.0,
+        queued_at=100.0,
+    )
+
+
+def queued(job_id: str) -> Event:
+    return Event(job_id, EventKind.STATE, JobState.QUEUED, 100.0, reason="committed")
+
+
+def progress(job_id: str, text: str) -> Event:
+    return Event(job_id, EventKind.PROGRESS, JobState.RUNNING, 101.0, text=text, fraction=0.5)
+
+
+def offer(store: SqliteStore, job: Job, attempt: int = 0) -> Job | None:
+    """QUEUED -> OFFERED to worker w1, as the dispatcher does it."""
+    return store.transition(
+        job.job_id,
+        (JobState.QUEUED,),
+        attempt,
+        {"state": JobState.OFFERED, "worker_id": "w1", "attempts": attempt + 1},
+        Event(job.job_id, EventKind.STATE, JobState.OFFERED, 102.0, from_state=JobState.QUEUED),
+    )
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "coord.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[SqliteStore]:
+    s = SqliteStore(db_path)
+    yield s
+    s.close()
+
+
+def test_schema_version_and_wal(store: SqliteStore, db_path: Path) -> None:
+    assert store.schema_version() == SCHEMA_VERSION
+    other = sqlite3.connect(db_path)  # WAL is a property of the file, not the connection
+    try:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        other.close()
+
+
+def test_jobs_events_and_quotes_survive_a_reopen(db_path: Path) -> None:
+    store = SqliteStore(db_path)
+    quote = Quote("q_1", SPEC, 1000, "USD", 99.0, 399.0)
+    store.put_quote(quote)
+    job, _ = store.create_job(make_job("job_1"), queued("job_1"))
+    offered = offer(store, job)
+    done = store.transition(
+        job.job_id,
+        (JobState.OFFERED,),
+        1,
+        {
+            "state": JobState.COMPLETED,
+            "result": Result(b"out", "text/plain", prompt_tokens=3, completion_tokens=4),
+            "receipt": Receipt(b"body", b"w" * 64, b"c" * 64, b"h" * 32),
+            "payment": PaymentRef(network="test", status="settled"),
+        },
+        Event(job.job_id, EventKind.STATE, JobState.COMPLETED, 103.0, from_state=JobState.OFFERED),
+    )
+    assert offered is not None and done is not None
+    assert done.result == Result(b"out", "text/plain", 3, 4)
+    assert done.receipt is not None and done.payment.status == "settled"
+    events = store.events_after(job.job_id, 0)
+    store.close()
+
+    again = SqliteStore(db_path)
+    try:
+        assert again.schema_version() == SCHEMA_VERSION
+        assert again.get_quote("q_1") == quote
+        assert again.get_job("job_1") == done
+        assert again.get_job_by_key("client-a", "k1") == done
+        assert again.events_after("job_1", 0) == events
+        assert [e.state for e in events] == [JobState.QUEUED, JobState.OFFERED, JobState.COMPLETED]
+    finally:
+        again.close()
+
+
+def test_create_job_is_idempotent_per_client_and_key(store: SqliteStore) -> None:
+    first, created = store.create_job(make_job("job_1"), queued("job_1"))
+    assert created and first.job_id == "job_1" and first.last_sequence == 1
+    again, created = store.create_job(make_job("job_2"), queued("job_2"))
+    assert not created
+    assert again == first
+    assert store.get_job("job_2") is None
+    assert store.events_after("job_2", 0) == []
+    assert len(store.events_after("job_1", 0)) == 1
+    # another client may use the same key
+    theirs, created = store.create_job(make_job("job_3", client_id="client-b"), queued("job_3"))
+    assert created and theirs.job_id == "job_3"
+
+
+def test_transition_is_compare_and_set(store: SqliteStore) -> None:
+    job, _ = store.create_job(make_job("job_1"), queued("job_1"))
+    wrong_state = store.transition(
+        job.job_id,
+        (JobState.RUNNING,),
+        None,
+        {"state": JobState.COMPLETED},
+        Event(job.job_id, EventKind.STATE, JobState.COMPLETED, 102.0),
+    )
+    assert wrong_state is None
+    assert offer(store, job, attempt=5) is None
+    assert store.get_job(job.job_id) == job
+    assert len(store.events_after(job.job_id, 0)) == 1
+
+    moved = offer(store, job)
+    assert moved is not None
+    assert (moved.state, moved.attempts, moved.worker_id) == (JobState.OFFERED, 1, "w1")
+    assert moved.last_sequence == 2
+    # the same move again lost its race: the job is no longer QUEUED at attempt 0
+    assert offer(store, job) is None
+    assert store.get_job(job.job_id) == moved
+
+
+def test_transition_without_event_keeps_the_sequence(store: SqliteStore) -> None:
+    job, _ = store.create_job(make_job("job_1"), queued("job_1"))
+    updated = store.transition(job.job_id, (JobState.QUEUED,), None, {"queued_at": 200.0}, None)
+    assert updated is not None and updated.queued_at == 200.0 and updated.last_sequence == 1
+    with pytest.raises(KeyError, match="nonsense"):
+        store.transition(job.job_id, (JobState.QUEUED,), None, {"nonsense": 1}, None)
+    assert store.get_job(job.job_id) == updated
+
+
+def test_events_are_numbered_consecutively(store: SqliteStore) -> None:
+    job, _ = store.create_job(make_job("job_1"), queued("job_1"))
+    offer(store, job)
+    appended = [store.append_event(progress(job.job_id, f"step {i}")) for i in range(5)]
+    assert [e.sequence for e in appended if e is not None] == [3, 4, 5, 6, 7]
+    assert appended[0] is not None and appended[0].text == "step 0"
+    assert [e.sequence for e in store.events_after(job.job_id, 0)] == list(range(1, 8))
+    later = store.events_after(job.job_id, 4)
+    assert [e.sequence for e in later] == [5, 6, 7]
+    assert [e.text for e in later] == ["step 2", "step 3", "step 4"]
+    assert [e.sequence for e in store.events_after(job.job_id, 2, limit=2)] == [3, 4]
+    assert store.events_after(job.job_id, 7) == []
+    # a second job's numbering is its own
+    other, _ = store.create_job(make_job("job_2", key="k2"), queued("job_2"))
+    assert [e.sequence for e in store.events_after(other.job_id, 0)] == [1]
+    now = store.get_job(job.job_id)
+    assert now is not None and now.last_sequence == 7
+
+
+def test_append_event_on_a_final_job_is_refused(store: SqliteStore) -> None:
+    job, _ = store.create_job(make_job("job_1"), queued("job_1"))
+    cancelled = store.transition(
+        job.job_id,
+        (JobState.QUEUED,),
+        None,
+        {"state": JobState.CANCELLED},
+        Event(job.job_id, EventKind.STATE, JobState.CANCELLED, 102.0),
+    )
+    assert cancelled is not None and cancelled.last_sequence == 2
+    assert store.append_event(progress(job.job_id, "too late")) is None
+    assert store.get_job(job.job_id) == cancelled
+    assert len(store.events_after(job.job_id, 0)) == 2
+    assert store.append_event(progress("job_nope", "x")) is None
+
+
+def test_pairing_codes_are_single_use_and_expire(store: SqliteStore) -> None:
+    store.put_pairing_code(b"a" * 32, "client-a", expires_at=100.0)
+    store.put_pairing_code(b"b" * 32, "client-b", expires_at=100.0)
+    assert store.claim_pairing_code(b"a" * 32, now=50.0) == "client-a"
+    assert store.claim_pairing_code(b"a" * 32, now=50.0) is None
+    assert store.claim_pairing_code(b"b" * 32, now=100.5) is None
+    # a failed claim of an expired code did not consume it (as seen from an earlier clock)
+    assert store.claim_pairing_code(b"b" * 32, now=99.0) == "client-b"
+    assert store.claim_pairing_code(b"c" * 32, now=0.0) is None
+
+
+def test_a_newer_schema_refuses_to_open(db_path: Path) -> None:
+    SqliteStore(db_path).close()
+    raw = sqlite3.connect(db_path)
+    raw.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    raw.close()
+    with pytest.raises(
+        RuntimeError, match=rf"schema v{SCHEMA_VERSION + 1} is newer.*v{SCHEMA_VERSION}"
+    ):
+        SqliteStore(db_path)

@@ -1,0 +1,456 @@
+"""Pure unit tests: receipts and Merkle proofs, auth tokens, key files, matching, profiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import stat
+from pathlib import Path
+
+import pytest
+
+from dispatch.v1 import common_pb2, receipt_pb2
+from dispatchnet import keys
+from dispatchnet.auth.tokens import MAX_CLOCK_SKEW, Caller, make_token, verify_header
+from dispatchnet.coordinator import matching
+from dispatchnet.coordinator.models import JobSpec, JobType, Policy, Privacy, WorkerKind
+from dispatchnet.errors import Unauthenticated
+from dispatchnet.keys import KeyPair
+from dispatchnet.profiles import ProfileError, load_profile
+from dispatchnet.receipts.core import (
+    ExpectedReceipt,
+    check_worker_receipt,
+    merkle_proof,
+    merkle_root,
+    serialize_body,
+    sha256,
+    sign_body,
+    verify_merkle_proof,
+    verify_receipt,
+)
+
+# --- Merkle batching ---------------------------------------------------------------------
+
+
+def _hashes(n: int) -> list[bytes]:
+    return [sha256(b"receipt %d" % i) for i in range(n)]
+
+
+def test_merkle_layout_is_the_documented_one() -> None:
+    a, b, c = _hashes(3)
+    leaf = [hashlib.sha256(b"\x00" + h).digest() for h in (a, b, c)]
+    ab = hashlib.sha256(b"\x01" + leaf[0] + leaf[1]).digest()
+    assert merkle_root([a]) == leaf[0]
+    assert merkle_root([a, b, c]) == hashlib.sha256(b"\x01" + ab + leaf[2]).digest()
+    assert merkle_proof([a, b, c], 2) == [ab]  # c is carried up a level, adding no sibling
+
+
+@pytest.mark.parametrize("n", range(1, 18))
+def test_merkle_proofs_verify_and_forgeries_do_not(n: int) -> None:
+    hashes = _hashes(n)
+    root = merkle_root(hashes)
+    wrong_root = bytes([root[0] ^ 1]) + root[1:]
+    stranger = sha256(b"not in the batch")
+    for i, h in enumerate(hashes):
+        proof = merkle_proof(hashes, i)
+        assert verify_merkle_proof(h, i, n, proof, root), i
+        assert not verify_merkle_proof(h, i, n, proof, wrong_root)
+        assert not verify_merkle_proof(h, (i + 1) % n if n > 1 else 1, n, proof, root)
+        assert not verify_merkle_proof(stranger, i, n, proof, root)
+        if n > 1:
+            assert not verify_merkle_proof(hashes[(i + 1) % n], i, n, proof, root)
+            assert not verify_merkle_proof(h, i, n, proof[:-1], root)
+        assert not verify_merkle_proof(h, i, n, [*proof, stranger], root)
+    assert not verify_merkle_proof(hashes[0], -1, n, merkle_proof(hashes, 0), root)
+
+
+def test_merkle_edge_cases() -> None:
+    with pytest.raises(ValueError, match="at least one leaf"):
+        merkle_root([])
+    with pytest.raises(ValueError, match="out of range"):
+        merkle_proof(_hashes(3), 3)
+    assert merkle_root(_hashes(4)) != merkle_root(_hashes(5))
+
+
+# --- receipts ----------------------------------------------------------------------------
+
+WORKER, COORD, OTHER = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
+
+
+def _body(**overrides: object) -> receipt_pb2.ReceiptBody:
+    fields: dict[str, object] = {
+        "version": 1,
+        "job_id": "job_1",
+        "job_type": common_pb2.JOB_TYPE_TASK,
+        "input_sha256": sha256(b"input"),
+        "output_sha256": sha256(b"output"),
+        "worker_public_key": WORKER.public_key,
+        "coordinator_public_key": COORD.public_key,
+        "price": common_pb2.Money(currency="USD", amount_micros=1000),
+        "payment": common_pb2.PaymentReference(status="none"),
+        "attempt": 1,
+        "client_id": "c" * 64,
+        **overrides,
+    }
+    body = receipt_pb2.ReceiptBody(**fields)  # type: ignore[arg-type]
+    body.started_at.FromSeconds(1000)
+    body.completed_at.FromSeconds(1001)
+    return body
+
+
+EXPECTED = ExpectedReceipt(
+    job_id="job_1",
+    attempt=1,
+    job_type=common_pb2.JOB_TYPE_TASK,
+    input_sha256=sha256(b"input"),
+    output_sha256=sha256(b"output"),
+    worker_public_key=WORKER.public_key,
+    coordinator_public_key=COORD.public_key,
+    client_id="c" * 64,
+    price_micros=1000,
+    currency="USD",
+    payment=common_pb2.PaymentReference(status="none"),
+)
+
+
+def test_a_well_formed_receipt_verifies() -> None:
+    body = serialize_body(_body())
+    v = verify_receipt(
+        body, sign_body(WORKER, body), sign_body(COORD, body), sha256(body), COORD.public_key
+    )
+    assert v.valid, v.problems
+    assert v.body is not None and v.body.job_id == "job_1"
+
+
+def test_every_flipped_body_byte_is_detected() -> None:
+    body = serialize_body(_body())
+    wsig, csig = sign_body(WORKER, body), sign_body(COORD, body)
+    for i in range(len(body)):
+        flipped = body[:i] + bytes([body[i] ^ 0x01]) + body[i + 1 :]
+        assert not verify_receipt(flipped, wsig, csig).valid, i
+
+
+@pytest.mark.parametrize(
+    ("signers", "receipt_hash", "expected_coord", "problem"),
+    [
+        ((OTHER, COORD), None, b"", "worker signature does not verify"),
+        ((WORKER, OTHER), None, b"", "coordinator signature does not verify"),
+        ((WORKER, COORD), b"\x00" * 32, b"", "receipt_sha256 does not match"),
+        ((WORKER, COORD), None, OTHER.public_key, "different coordinator"),
+    ],
+)
+def test_receipt_problems_are_named(
+    signers: tuple[KeyPair, KeyPair],
+    receipt_hash: bytes | None,
+    expected_coord: bytes,
+    problem: str,
+) -> None:
+    body = serialize_body(_body())
+    v = verify_receipt(
+        body,
+        sign_body(signers[0], body),
+        sign_body(signers[1], body),
+        sha256(body) if receipt_hash is None else receipt_hash,
+        expected_coord,
+    )
+    assert len(v.problems) == 1 and problem in v.problems[0], v.problems
+
+
+def test_garbage_is_not_a_receipt() -> None:
+    v = verify_receipt(b"\xff\xff\xff", b"", b"")
+    assert not v.valid and "not a dispatch.v1.ReceiptBody" in v.problems[0]
+    assert not verify_receipt(b"", b"", b"").valid
+
+
+def test_check_worker_receipt_accepts_a_matching_body() -> None:
+    body = serialize_body(_body())
+    assert check_worker_receipt(body, sign_body(WORKER, body), EXPECTED) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "name"),
+    [
+        ({"job_id": "job_2"}, "job_id"),
+        ({"attempt": 2}, "attempt"),
+        ({"job_type": common_pb2.JOB_TYPE_LLM}, "job_type"),
+        ({"input_sha256": sha256(b"other")}, "input_sha256"),
+        ({"output_sha256": sha256(b"other")}, "output_sha256"),
+        ({"coordinator_public_key": OTHER.public_key}, "coordinator_public_key"),
+        ({"client_id": "d" * 64}, "client_id"),
+        ({"price_micros": 1}, "price.amount_micros"),
+        ({"currency": "EUR"}, "price.currency"),
+        ({"payment": common_pb2.PaymentReference(status="settled")}, "payment"),
+    ],
+)
+def test_check_worker_receipt_names_each_mismatch(change: dict[str, object], name: str) -> None:
+    body = serialize_body(_body())
+    expected = dataclasses.replace(EXPECTED, **change)  # type: ignore[arg-type]
+    problems = check_worker_receipt(body, sign_body(WORKER, body), expected)
+    assert problems == [f"receipt {name} does not match the job"]
+
+
+def test_check_worker_receipt_lists_every_problem() -> None:
+    body_msg = _body(job_id="job_2", output_sha256=sha256(b"lie"))
+    body_msg.price.amount_micros = 1
+    body_msg.ClearField("completed_at")
+    body = serialize_body(body_msg)
+    problems = check_worker_receipt(body, sign_body(OTHER, body), EXPECTED)
+    assert problems == [
+        "receipt job_id does not match the job",
+        "receipt output_sha256 does not match the job",
+        "receipt price.amount_micros does not match the job",
+        "receipt needs started_at and completed_at",
+        "worker receipt signature does not verify",
+    ]
+
+
+# --- auth tokens -------------------------------------------------------------------------
+
+NOW = 1_700_000_000.0
+
+
+def _header(token: str) -> str:
+    return f"Dispatch {token}"
+
+
+def test_token_round_trip_identifies_the_key() -> None:
+    key = KeyPair.generate()
+    caller = verify_header(_header(make_token(key, 300, now=NOW)), 3600, now=NOW)
+    assert caller == Caller(key.public_key)
+    assert caller.id == key.public_hex
+
+
+def _tampered(token: str, part: int) -> str:
+    parts = token.split(".")
+    if part == 2:  # an earlier expiry: still valid by the clock, so only the signature tells
+        parts[2] = str(int(parts[2]) - 1)
+    else:
+        parts[part] = ("B" if parts[part][0] == "A" else "A") + parts[part][1:]
+    return ".".join(parts)
+
+
+@pytest.mark.parametrize(
+    ("part", "needle"), [(0, "malformed"), (1, "signature"), (2, "signature"), (3, "signature")]
+)
+def test_tampering_with_any_part_fails(part: int, needle: str) -> None:
+    token = make_token(KeyPair.generate(), 300, now=NOW)
+    bad = _tampered(token, part)
+    assert bad != token
+    with pytest.raises(Unauthenticated, match=needle):
+        verify_header(_header(bad), 3600, now=NOW)
+
+
+def test_a_signature_from_another_key_fails() -> None:
+    mine, theirs = (make_token(KeyPair.generate(), 300, now=NOW).split(".") for _ in range(2))
+    forged = ".".join([*mine[:3], theirs[3]])
+    with pytest.raises(Unauthenticated, match="signature"):
+        verify_header(_header(forged), 3600, now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("header", "needle"),
+    [
+        ("Bearer abc", "authorization must be"),
+        ("Dispatch", "authorization must be"),
+        ("Dispatch v1.a.b", "malformed"),
+        ("Dispatch v1.!!!.123.abc", "malformed"),
+        ("Dispatch v1.AAAA.123.AAAA", "32 bytes"),
+    ],
+)
+def test_malformed_headers(header: str, needle: str) -> None:
+    with pytest.raises(Unauthenticated, match=needle):
+        verify_header(header, 3600, now=NOW)
+
+
+def test_token_expiry_and_lifetime_limit() -> None:
+    key = KeyPair.generate()
+    token = _header(make_token(key, 300, now=NOW))
+    assert verify_header(token, 3600, now=NOW + 300).id == key.public_hex
+    with pytest.raises(Unauthenticated, match="expired"):
+        verify_header(token, 3600, now=NOW + 301)
+
+    longest = _header(make_token(key, 3600 + MAX_CLOCK_SKEW, now=NOW))
+    assert verify_header(longest, 3600, now=NOW).id == key.public_hex
+    too_long = _header(make_token(key, 3600 + MAX_CLOCK_SKEW + 1, now=NOW))
+    with pytest.raises(Unauthenticated, match=r"lifetime exceeds .* 3600s"):
+        verify_header(too_long, 3600, now=NOW)
+
+
+# --- key files ---------------------------------------------------------------------------
+
+
+def test_key_file_is_created_private_and_reloaded(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "worker.key"
+    key = keys.load_or_create(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert keys.load_or_create(path).public_key == key.public_key
+    assert keys.load(path).public_key == key.public_key
+    msg = key.sign(b"ctx\n", b"hello")
+    assert keys.verify(key.public_key, b"ctx\n", b"hello", msg)
+    assert not keys.verify(key.public_key, b"other\n", b"hello", msg)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("garbage", "is not a Dispatch key file"),
+        ("dispatch-ed25519-seed-v1\n" + "zz" * 32 + "\n", "is not hex"),
+        ("dispatch-ed25519-seed-v1\n" + "ab" * 16 + "\n", "must be 32 bytes"),
+        ("dispatch-ed25519-seed-v1\n", "is not a Dispatch key file"),
+    ],
+)
+def test_corrupt_key_file_is_refused_not_replaced(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "worker.key"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=needle):
+        keys.load_or_create(path)
+    assert path.read_text() == text
+
+
+# --- matching ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FakeWorker:
+    worker_id: str
+    kind: WorkerKind = WorkerKind.SEEKER
+    tasks: frozenset[str] = frozenset({"echo"})
+    llm_models: frozenset[str] = frozenset()
+    max_concurrency: int = 2
+    draining: bool = False
+    load: int = 0
+
+
+def _spec(
+    job_type: JobType = JobType.TASK,
+    policy: Policy = Policy.CHEAP,
+    privacy: Privacy = Privacy.PUBLIC,
+    task: str = "echo",
+    model: str = "",
+) -> JobSpec:
+    return JobSpec(job_type, policy, privacy, task, model, b"", b"")
+
+
+DESKTOP = FakeWorker("d", WorkerKind.DESKTOP, llm_models=frozenset({"llama"}))
+SEEKER = FakeWorker("s", WorkerKind.SEEKER)
+
+
+def test_llm_jobs_go_only_to_desktops_serving_the_model() -> None:
+    llm = _spec(JobType.LLM, Policy.FAST, task="")
+    assert matching.eligible(llm, DESKTOP, None)
+    assert matching.eligible(dataclasses.replace(llm, llm_model="llama"), DESKTOP, None)
+    assert not matching.eligible(dataclasses.replace(llm, llm_model="mistral"), DESKTOP, None)
+    assert not matching.eligible(llm, dataclasses.replace(DESKTOP, llm_models=frozenset()), None)
+    seeker_with_model = dataclasses.replace(SEEKER, llm_models=frozenset({"llama"}))
+    assert not matching.eligible(llm, seeker_with_model, None)
+
+
+def test_task_jobs_need_the_task() -> None:
+    assert matching.eligible(_spec(task="echo"), SEEKER, None)
+    assert not matching.eligible(_spec(task="sha256"), SEEKER, None)
+
+
+def test_private_jobs_need_a_pairing() -> None:
+    private = _spec(privacy=Privacy.PRIVATE)
+    assert not matching.eligible(private, SEEKER, None)
+    assert not matching.eligible(private, SEEKER, {"someone-else"})
+    assert matching.eligible(private, SEEKER, {"s"})
+    assert matching.eligible(_spec(), SEEKER, set())
+
+
+def test_full_or_draining_workers_get_nothing() -> None:
+    assert matching.eligible(_spec(), dataclasses.replace(SEEKER, load=1), None)
+    assert not matching.eligible(_spec(), dataclasses.replace(SEEKER, load=2), None)
+    assert not matching.eligible(_spec(), dataclasses.replace(SEEKER, draining=True), None)
+    assert not matching.eligible(
+        _spec(privacy=Privacy.PRIVATE), dataclasses.replace(SEEKER, draining=True), {"s"}
+    )
+
+
+def test_weight_prefers_by_policy_and_reputation() -> None:
+    fast, cheap = _spec(policy=Policy.FAST), _spec(policy=Policy.CHEAP)
+    assert matching.weight(fast, DESKTOP, 0.5) > matching.weight(fast, SEEKER, 0.5)
+    assert matching.weight(cheap, SEEKER, 0.5) > matching.weight(cheap, DESKTOP, 0.5)
+    scores = [matching.weight(cheap, SEEKER, r) for r in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert scores == sorted(scores) and len(set(scores)) == 5
+    assert scores[0] > 0  # a worker with no successes is never excluded outright
+    busy = dataclasses.replace(SEEKER, load=1)
+    assert matching.weight(cheap, busy, 0.5) < matching.weight(cheap, SEEKER, 0.5)
+
+
+def test_choose_favours_reputation_without_starving_newcomers() -> None:
+    good, newcomer = FakeWorker("good"), FakeWorker("new")
+    rng = random.Random(20240601)
+    picks = [
+        matching.choose(_spec(), [good, newcomer], {"good": 1.0}, rng).worker_id
+        for _ in range(2000)
+    ]
+    n_good, n_new = picks.count("good"), picks.count("new")
+    # weights 1.1 : 0.6, an expected share of 1295 : 705
+    assert n_good / n_new > 1.5
+    assert n_new > 500
+
+
+# --- profiles ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def profile_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("DISPATCH_PROFILE_DIR", raising=False)
+    return tmp_path / "custom.toml"
+
+
+def test_local_profile_has_the_seed_prices() -> None:
+    p = load_profile("local").pricing
+    assert (p.currency, p.fast_llm, p.fast_task, p.cheap_llm, p.cheap_task) == (
+        "USD",
+        10000,
+        3000,
+        5000,
+        1000,
+    )
+
+
+def test_a_profile_file_overrides_defaults(profile_file: Path) -> None:
+    profile_file.write_text('name = "custom"\n[jobs]\nmax_attempts = 5\n')
+    p = load_profile(str(profile_file))
+    assert p.name == "custom" and p.jobs.max_attempts == 5
+    assert p.jobs.quote_ttl_seconds == 300
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[jobs]\nmax_atempts = 5\n", "max_atempts"),
+        ("[gossip]\nenabled = true\n", "gossip"),
+        ("colour = 'blue'\n", "colour"),
+        ("[jobs]\nmax_attempts = 'three'\n", "max_attempts must be int, not str"),
+        ("[payments]\nenabled = 1\n", "enabled must be bool, not int"),
+        ("[server]\nlisten = 50051\n", "listen must be str, not int"),
+        ("[auth]\nmax_token_ttl_seconds = true\n", "max_token_ttl_seconds must be int, not bool"),
+        ("[jobs\n", "custom.toml"),
+    ],
+)
+def test_bad_profiles_name_the_problem(profile_file: Path, text: str, needle: str) -> None:
+    profile_file.write_text(text)
+    with pytest.raises(ProfileError, match=needle):
+        load_profile(str(profile_file))
+
+
+def test_a_section_given_as_a_scalar_is_refused(profile_file: Path) -> None:
+    profile_file.write_text("pricing = 3\n")
+    with pytest.raises(ProfileError, match="pricing"):
+        load_profile(str(profile_file))
+
+
+def test_a_float_for_an_integer_setting_is_refused(profile_file: Path) -> None:
+    profile_file.write_text("[jobs]\nmax_attempts = 2.5\n")
+    with pytest.raises(ProfileError, match="max_attempts"):
+        load_profile(str(profile_file))
+
+
+def test_an_unknown_profile_name_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DISPATCH_PROFILE_DIR", raising=False)
+    with pytest.raises(ProfileError, match="no profile named 'no-such-profile'"):
+        load_profile("no-such-profile")
