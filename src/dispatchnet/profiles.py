@@ -30,6 +30,7 @@ class LimitsConfig:
     max_task_input_bytes: int = 1024 * 1024
     max_prompt_chars: int = 32768
     max_llm_tokens: int = 4096
+    max_wasm_module_bytes: int = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True)

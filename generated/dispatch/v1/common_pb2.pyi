@@ -227,31 +227,80 @@ Global___LlmRequest: _TypeAlias = LlmRequest  # noqa: Y015
 
 @_typing.final
 class TaskRequest(_message.Message):
-    """A request to run a named built-in task."""
+    """A request to run a task: a named built-in task, or a WebAssembly module."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
+    WASM_FIELD_NUMBER: _builtins.int
+    USE_LLM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Task name from the worker task catalogue, e.g. "echo" or "sha256"."""
+    """Task name from the worker task catalogue, e.g. "echo", "sha256", "summarize";
+    "wasm" runs the module in `wasm`.
+    """
     input: _builtins.bytes
     """Opaque input bytes; built-in tasks document their own format (most take
-    UTF-8 JSON). Limited in size by the coordinator's profile.
+    UTF-8 JSON or text); a WebAssembly module reads them with `input_read`.
+    Limited in size by the coordinator's profile.
     """
+    use_llm: _builtins.bool
+    """Run a text task (summarize, classify, extract_json) with the worker's LLM
+    instead of its deterministic algorithm; only desktops serving a model take it.
+    """
+    @_builtins.property
+    def wasm(self) -> Global___WasmModule:
+        """The module to run; required when name is "wasm", refused otherwise."""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         input: _builtins.bytes = ...,
+        wasm: Global___WasmModule | None = ...,
+        use_llm: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["wasm", b"wasm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "name", b"name", "use_llm", b"use_llm", "wasm", b"wasm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskRequest: _TypeAlias = TaskRequest  # noqa: Y015
+
+@_typing.final
+class WasmModule(_message.Message):
+    """A WebAssembly module for a "wasm" task. The module runs with no filesystem,
+    clock or network, under fuel, memory and wall-time limits, and talks to the
+    host only through the imports documented in the README ("env" module:
+    input_len, input_read, output_write). Its exported `run` function is called.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODULE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    module: _builtins.bytes
+    """The module itself (binary .wasm; the CLI compiles .wat text first)."""
+    sha256: _builtins.bytes
+    """SHA-256 of a module the coordinator already stores (sent in an earlier
+    quote). GetQuote resolves it, so quotes and offers always carry the bytes.
+    """
+    def __init__(
+        self,
+        *,
+        module: _builtins.bytes = ...,
+        sha256: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["module", b"module", "sha256", b"sha256", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["module", b"module", "sha256", b"sha256", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["module", "sha256"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___WasmModule: _TypeAlias = WasmModule  # noqa: Y015
 
 @_typing.final
 class JobSpec(_message.Message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -22,7 +23,7 @@ from dispatchnet.coordinator.models import (
     WorkerKind,
 )
 from dispatchnet.coordinator.pricing import resolve_policy
-from dispatchnet.errors import InvalidArgument
+from dispatchnet.errors import InvalidArgument, NotFound
 from dispatchnet.profiles import LimitsConfig
 from dispatchnet.receipts.core import sha256
 from dispatchnet.receipts.notary import payment_to_proto
@@ -30,6 +31,8 @@ from dispatchnet.receipts.notary import payment_to_proto
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")
 MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/\-]{0,127}$")
 ROLES = {"system", "user", "assistant"}
+WASM_TASK = "wasm"
+LLM_TEXT_TASKS = frozenset({"summarize", "classify", "extract_json"})
 
 
 def ts(seconds: float) -> Timestamp:
@@ -49,8 +52,48 @@ def _enum(
         raise InvalidArgument(f"{field}: unknown value {value}") from None
 
 
-def spec_from_proto(spec: common_pb2.JobSpec, limits: LimitsConfig) -> JobSpec:
-    """Validates a JobSpec and resolves its policy and privacy."""
+def _wasm_module(
+    task: common_pb2.TaskRequest, limits: LimitsConfig, stored: Callable[[bytes], bytes | None]
+) -> bytes | None:
+    """The module of a "wasm" task, resolving a sha256 reference to the stored bytes."""
+    source = task.wasm.WhichOneof("source") if task.HasField("wasm") else None
+    if task.name != WASM_TASK:
+        if source is not None:
+            raise InvalidArgument(f'spec.task.wasm is only for the "{WASM_TASK}" task')
+        return None
+    if source is None:
+        raise InvalidArgument('a "wasm" task needs spec.task.wasm.module or spec.task.wasm.sha256')
+    if source == "sha256":
+        if len(task.wasm.sha256) != 32:
+            raise InvalidArgument("spec.task.wasm.sha256 must be 32 bytes")
+        module = stored(task.wasm.sha256)
+        if module is None:
+            raise NotFound(
+                f"no stored WebAssembly module has sha256 {task.wasm.sha256.hex()}; "
+                "send the module itself once"
+            )
+    else:
+        module = task.wasm.module
+    if not module:
+        raise InvalidArgument("spec.task.wasm.module is empty")
+    if len(module) > limits.max_wasm_module_bytes:
+        raise InvalidArgument(
+            f"the WebAssembly module is {len(module)} bytes; "
+            f"the limit is {limits.max_wasm_module_bytes}"
+        )
+    return module
+
+
+def spec_from_proto(
+    spec: common_pb2.JobSpec,
+    limits: LimitsConfig,
+    stored_module: Callable[[bytes], bytes | None] = lambda sha: None,
+) -> tuple[JobSpec, bytes | None]:
+    """Validates a JobSpec and resolves its policy, privacy and WebAssembly module.
+
+    Returns the domain spec and, for a "wasm" task, the module bytes (the normalized spec
+    always carries the bytes, so a module sent by hash and by value hash the same)."""
+    module = None
     work = spec.WhichOneof("work")
     if work is None:
         raise InvalidArgument("spec: set exactly one of spec.llm or spec.task")
@@ -66,6 +109,11 @@ def spec_from_proto(spec: common_pb2.JobSpec, limits: LimitsConfig) -> JobSpec:
             raise InvalidArgument(
                 f"spec.task.input is {len(spec.task.input)} bytes; "
                 f"the limit is {limits.max_task_input_bytes}"
+            )
+        module = _wasm_module(spec.task, limits, stored_module)
+        if spec.task.use_llm and task_name not in LLM_TEXT_TASKS:
+            raise InvalidArgument(
+                f"spec.task.use_llm works only for {', '.join(sorted(LLM_TEXT_TASKS))}"
             )
     else:
         llm = spec.llm
@@ -91,8 +139,14 @@ def spec_from_proto(spec: common_pb2.JobSpec, limits: LimitsConfig) -> JobSpec:
     normalized.CopyFrom(spec)
     normalized.policy = common_pb2.Policy.ValueType(int(resolved))
     normalized.privacy = common_pb2.Privacy.ValueType(int(privacy))
+    if module is not None:
+        normalized.task.wasm.module = module
     data = normalized.SerializeToString(deterministic=True)
-    return JobSpec(job_type, resolved, Privacy(privacy), task_name, model, data, sha256(data))
+    use_llm = work == "task" and spec.task.use_llm
+    domain = JobSpec(
+        job_type, resolved, Privacy(privacy), task_name, model, data, sha256(data), use_llm
+    )
+    return domain, module
 
 
 def spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:

@@ -43,8 +43,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     ) -> coordinator_pb2.GetQuoteResponse:
         if not request.HasField("spec"):
             raise InvalidArgument("spec is required")
-        spec = convert.spec_from_proto(request.spec, self.limits)
-        q = self.jobs.quote(spec)
+        spec, module = convert.spec_from_proto(request.spec, self.limits, self.jobs.stored_module)
+        q = self.jobs.quote(spec, module)
         return coordinator_pb2.GetQuoteResponse(
             quote=coordinator_pb2.Quote(
                 quote_id=q.quote_id,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -71,8 +72,14 @@ class JobService:
 
     # --- client side --------------------------------------------------------------------
 
-    def quote(self, spec: JobSpec) -> Quote:
+    def stored_module(self, sha256: bytes) -> bytes | None:
+        """A WebAssembly module sent with an earlier quote, by its SHA-256."""
+        return self.store.get_module(sha256)
+
+    def quote(self, spec: JobSpec, wasm_module: bytes | None = None) -> Quote:
         now = self.clock()
+        if wasm_module is not None:
+            self.store.put_module(hashlib.sha256(wasm_module).digest(), wasm_module, now)
         q = Quote(
             quote_id=new_id("q"),
             spec=spec,

@@ -36,19 +36,18 @@ def eligible(spec: JobSpec, w: Candidate, paired: set[str] | None) -> bool:
         return False
     if spec.privacy is Privacy.PRIVATE and (paired is None or w.worker_id not in paired):
         return False
-    if spec.job_type is JobType.LLM:
-        if w.kind is not WorkerKind.DESKTOP or not w.llm_models:
-            return False
-        return not spec.llm_model or spec.llm_model in w.llm_models
-    return spec.task_name in w.tasks
+    return can_ever_run(spec, w)
 
 
 def can_ever_run(spec: JobSpec, w: Candidate) -> bool:
     """Eligible but for load, draining and pairing (for quotes)."""
-    if spec.job_type is JobType.LLM:
-        return w.kind is WorkerKind.DESKTOP and (
-            spec.llm_model in w.llm_models if spec.llm_model else bool(w.llm_models)
-        )
+    if spec.needs_llm:
+        if w.kind is not WorkerKind.DESKTOP or not w.llm_models:
+            return False
+        if spec.llm_model and spec.llm_model not in w.llm_models:
+            return False
+        if spec.job_type is JobType.LLM:
+            return True
     return spec.task_name in w.tasks
 
 

@@ -59,6 +59,12 @@ class JobSpec:
     llm_model: str
     spec_bytes: bytes
     spec_sha256: bytes
+    use_llm: bool = False
+
+    @property
+    def needs_llm(self) -> bool:
+        """LLM jobs, and text tasks the client wants run by a model."""
+        return self.job_type is JobType.LLM or self.use_llm
 
 
 @dataclass(frozen=True)

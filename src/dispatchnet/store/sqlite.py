@@ -139,7 +139,16 @@ def _v1(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS = [_v1]
+def _v2(db: sqlite_utils.Database) -> None:
+    """Text tasks run by an LLM; stored WebAssembly modules."""
+    db.execute("ALTER TABLE quotes ADD COLUMN use_llm INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE jobs ADD COLUMN use_llm INTEGER NOT NULL DEFAULT 0")
+    db.table("wasm_modules").create(
+        {"sha256": bytes, "module": bytes, "created_at": float}, pk="sha256"
+    )
+
+
+MIGRATIONS = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JOB_SIMPLE = {
@@ -206,7 +215,7 @@ class SqliteStore:
     def put_quote(self, quote: Quote) -> None:
         s = quote.spec
         self._conn.execute(
-            "INSERT INTO quotes VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO quotes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 quote.quote_id,
                 int(s.job_type),
@@ -220,6 +229,7 @@ class SqliteStore:
                 quote.currency,
                 quote.created_at,
                 quote.expires_at,
+                int(s.use_llm),
             ),
         )
 
@@ -467,6 +477,19 @@ class SqliteStore:
         )
         return {r["worker_id"] for r in rows}
 
+    # --- WebAssembly modules ------------------------------------------------------------
+
+    def put_module(self, sha256: bytes, module: bytes, now: float) -> None:
+        self._conn.execute(
+            "INSERT OR IGNORE INTO wasm_modules VALUES (?,?,?)", (sha256, module, now)
+        )
+
+    def get_module(self, sha256: bytes) -> bytes | None:
+        r = self._conn.execute(
+            "SELECT module FROM wasm_modules WHERE sha256=?", (sha256,)
+        ).fetchone()
+        return None if r is None else bytes(r["module"])
+
     # --- workers ------------------------------------------------------------------------
 
     def record_worker_seen(self, worker_id: str, kind: int, now: float) -> None:
@@ -499,6 +522,7 @@ def _spec(r: sqlite3.Row) -> JobSpec:
         llm_model=r["llm_model"] or "",
         spec_bytes=r["spec_bytes"],
         spec_sha256=r["spec_sha256"],
+        use_llm=bool(r["use_llm"]),
     )
 
 
@@ -544,6 +568,7 @@ def _job_row(job: Job) -> dict[str, Any]:
         llm_model=s.llm_model,
         spec_bytes=s.spec_bytes,
         spec_sha256=s.spec_sha256,
+        use_llm=int(s.use_llm),
     )
     row.update(
         _changes_row(

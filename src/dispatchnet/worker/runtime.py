@@ -21,7 +21,8 @@ import dispatchnet
 from dispatch.v1 import common_pb2, receipt_pb2, worker_pb2, worker_pb2_grpc
 from dispatchnet.keys import KeyPair
 from dispatchnet.receipts.core import RECEIPT_VERSION, serialize_body, sha256, sign_body
-from dispatchnet.worker.tasks import TASK_NAMES, TaskError, TaskOutput, run_task
+from dispatchnet.worker.executors import BuiltinTasks, Executor
+from dispatchnet.worker.tasks import TaskError, TaskOutput
 
 HELLO_CONTEXT = b"dispatch.v1.WorkerHello\n"
 HANDSHAKE_TIMEOUT_SECONDS = 30.0
@@ -58,7 +59,7 @@ class Worker:
         key: KeyPair,
         kind: Literal["seeker", "desktop"] = "seeker",
         max_concurrency: int = 4,
-        tasks: list[str] | None = None,
+        executors: list[Executor] | None = None,
         version: str = dispatchnet.__version__,
         backoff_initial: float = 0.2,
         backoff_max: float = 10.0,
@@ -68,15 +69,16 @@ class Worker:
             raise ValueError(f"kind must be 'seeker' or 'desktop', not {kind!r}")
         if not 1 <= max_concurrency <= MAX_CONCURRENCY:
             raise ValueError(f"max_concurrency must be between 1 and {MAX_CONCURRENCY}")
-        tasks = list(TASK_NAMES if tasks is None else tasks)
-        unknown = sorted(set(tasks) - set(TASK_NAMES))
-        if unknown:
-            raise ValueError(f"unknown tasks: {', '.join(unknown)}")
+        self.executors: list[Executor] = executors if executors is not None else [BuiltinTasks()]
+        models = sorted({m for e in self.executors for m in e.llm_models})
+        if models and kind != "desktop":
+            raise ValueError("only desktop workers serve LLM models")
         self.coordinator = coordinator
         self.key = key
         self.kind = kind
         self.max_concurrency = max_concurrency
-        self.tasks = tasks
+        self.tasks = sorted({t for e in self.executors for t in e.tasks})
+        self.llm_models = models
         self.version = version
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
@@ -206,7 +208,7 @@ class Worker:
             public_key=self.key.public_key,
             kind=_KINDS[self.kind],
             capabilities=worker_pb2.Capabilities(
-                tasks=self.tasks, llm_models=[], max_concurrency=self.max_concurrency
+                tasks=self.tasks, llm_models=self.llm_models, max_concurrency=self.max_concurrency
             ),
             version=self.version,
         )
@@ -296,15 +298,15 @@ class Worker:
 
     # --- jobs -----------------------------------------------------------------------------
 
+    def _executor(self, spec: common_pb2.JobSpec) -> Executor | None:
+        return next((e for e in self.executors if e.takes(spec)), None)
+
     def _rejection(self, offer: worker_pb2.JobOffer) -> str:
         """Why the offer must be refused; empty to accept it."""
         if self._draining:
             return "draining"
-        work = offer.spec.WhichOneof("work")
-        if work == "llm":
-            return "llm_unsupported"
-        if work != "task" or offer.spec.task.name not in self.tasks:
-            return "unknown_task"
+        if self._executor(offer.spec) is None:
+            return "unsupported"
         key = (offer.job_id, offer.attempt)
         if key in self._running or key in self._pending:
             return "duplicate"
@@ -334,9 +336,18 @@ class Worker:
         """Runs the offered task; returns its JobCompleted or JobFailed message."""
         started_at = _now()
         limit = offer.time_limit_seconds or None
+        executor = self._executor(offer.spec)
+        assert executor is not None  # checked when the offer was accepted
+
+        def progress(text: str, fraction: float) -> None:
+            msg = worker_pb2.JobProgress(
+                job_id=offer.job_id, attempt=offer.attempt, text=text, fraction=fraction
+            )
+            self._send(ConnectRequest(progress=msg))
+
         try:
             async with asyncio.timeout(limit):
-                out = await run_task(offer.spec.task.name, offer.spec.task.input)
+                out = await executor.run(offer.spec, progress)
         except TaskError as e:
             return self._failure(offer, e.code, e.message, e.retryable)
         except TimeoutError:
@@ -359,7 +370,11 @@ class Worker:
             receipt_pb2.ReceiptBody(
                 version=RECEIPT_VERSION,
                 job_id=offer.job_id,
-                job_type=common_pb2.JOB_TYPE_TASK,
+                job_type=(
+                    common_pb2.JOB_TYPE_LLM
+                    if offer.spec.WhichOneof("work") == "llm"
+                    else common_pb2.JOB_TYPE_TASK
+                ),
                 input_sha256=offer.spec_sha256,
                 output_sha256=sha256(out.output),
                 worker_public_key=self.key.public_key,
@@ -375,7 +390,13 @@ class Worker:
         completed = worker_pb2.JobCompleted(
             job_id=offer.job_id,
             attempt=offer.attempt,
-            result=common_pb2.JobResult(output=out.output, content_type=out.content_type),
+            result=common_pb2.JobResult(
+                output=out.output,
+                content_type=out.content_type,
+                usage=common_pb2.TokenUsage(
+                    prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens
+                ),
+            ),
             receipt_body=body,
             receipt_signature=sign_body(self.key, body),
         )

@@ -27,10 +27,12 @@ class TaskError(Exception):
 
 @dataclass
 class TaskOutput:
-    """What a task produced."""
+    """What a task (or any executor) produced."""
 
     output: bytes
     content_type: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 def _parse_json(data: bytes) -> tuple[bool, object]:
