@@ -7,11 +7,13 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import Cluster, Proc, wait_until
+import grpc
+from conftest import Cluster, Proc, RawWorker, wait_until
 
-from dispatch.v1 import coordinator_pb2
+from dispatch.v1 import coordinator_pb2, receipt_pb2, worker_pb2
 from dispatchnet.client import CoordinatorClient, task_spec
 from dispatchnet.keys import KeyPair
+from dispatchnet.receipts.core import verify_receipt_message
 
 RUNNING = coordinator_pb2.JOB_STATE_RUNNING
 COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
@@ -102,3 +104,54 @@ async def test_sigterm_drains_the_worker(
     assert done.state == COMPLETED and done.attempts == 1
     assert done.worker_id == w.info["worker_id"]
     assert w.p.wait(15) == 0
+
+
+async def test_worker_that_reconnects_resumes_its_running_job(cluster: Cluster) -> None:
+    w = await cluster.worker(max_concurrency=1)
+    c = cluster.client()
+    job = await c.submit(task_spec("sleep", sleep_spec(600)))
+
+    async def running() -> bool:
+        return (await c.get(job.job_id)).state == RUNNING
+
+    await wait_until(running, what="job running")
+    sessions = w.sessions
+    # the coordinator loses the stream mid-job; the worker keeps running the job
+    cluster.coord.hub.sessions[w.key.public_hex].close("test: connection lost")
+    done = await c.wait(job.job_id)
+    assert done.state == COMPLETED and done.attempts == 1
+    assert done.worker_id == w.key.public_hex
+    assert w.sessions > sessions  # it reconnected by itself
+    reasons = [i.event.state_change.reason async for i in c.watch(job.job_id)]
+    assert reasons == ["committed", "offered", "accepted", "worker_closed", "resumed", "completed"]
+    assert verify_receipt_message(done.receipt, cluster.coord.public_key).valid
+
+
+async def test_late_result_wins_over_a_slower_retry(
+    cluster: Cluster, channel: grpc.aio.Channel
+) -> None:
+    w = await cluster.worker(max_concurrency=1)
+    c = cluster.client()
+    job = await c.submit(task_spec("sleep", sleep_spec(400)))
+
+    async def running() -> bool:
+        return (await c.get(job.job_id)).state == RUNNING
+
+    await wait_until(running, what="job running")
+    other = RawWorker(channel)  # takes the retry and never finishes it
+    await other.handshake(tasks=("sleep",))
+    # the stream drops and the worker stays away for a second: the retry goes to `other`
+    cluster.coord.hub.sessions[w.key.public_hex].close("test", retry_after_seconds=1)
+    offer = (await other.recv()).offer
+    assert offer.job_id == job.job_id and offer.attempt == 2
+    other.send(offer_response=worker_pb2.OfferResponse(job_id=job.job_id, attempt=2, accept=True))
+    cancel = (await other.recv()).cancel  # the first worker's result arrived and won
+    assert cancel.job_id == job.job_id and cancel.reason == "completed_elsewhere"
+    done = await c.get(job.job_id)
+    assert done.state == COMPLETED and done.worker_id == w.key.public_hex
+    body = receipt_pb2.ReceiptBody.FromString(done.receipt.body)
+    assert body.attempt == 1
+    assert verify_receipt_message(done.receipt, cluster.coord.public_key).valid
+    reasons = [i.event.state_change.reason async for i in c.watch(job.job_id)]
+    assert "completed_late" in reasons
+    other.close()

@@ -191,6 +191,7 @@ class Hello(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
     public_key: _builtins.bytes
     """The worker's ed25519 public key (32 bytes); proven by ChallengeResponse."""
     kind: _common_pb2.WorkerKind.ValueType
@@ -205,6 +206,13 @@ class Hello(_message.Message):
     def capabilities(self) -> Global___Capabilities:
         """What it can run."""
 
+    @_builtins.property
+    def running(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunningJob]:
+        """Jobs the worker is still running from an earlier session (after a dropped
+        stream). The coordinator resumes them on this session when it can, and
+        counts them as load either way.
+        """
+
     def __init__(
         self,
         *,
@@ -213,14 +221,41 @@ class Hello(_message.Message):
         capabilities: Global___Capabilities | None = ...,
         version: _builtins.str = ...,
         agent_id: _builtins.str = ...,
+        running: _abc.Iterable[Global___RunningJob] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "kind", b"kind", "public_key", b"public_key", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "kind", b"kind", "public_key", b"public_key", "running", b"running", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Hello: _TypeAlias = Hello  # noqa: Y015
+
+@_typing.final
+class RunningJob(_message.Message):
+    """A job attempt a worker is running."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job."""
+    attempt: _builtins.int
+    """The attempt from its offer."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunningJob: _TypeAlias = RunningJob  # noqa: Y015
 
 @_typing.final
 class Challenge(_message.Message):

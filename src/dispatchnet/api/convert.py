@@ -270,6 +270,7 @@ def hello_from_proto(h: worker_pb2.Hello) -> hubmod.WorkerHello:
         max_concurrency=caps.max_concurrency,
         version=h.version,
         agent_id=h.agent_id,
+        running=tuple((r.job_id, r.attempt) for r in h.running),
     )
 
 

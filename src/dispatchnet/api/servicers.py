@@ -163,7 +163,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def _handle(self, s: WorkerSession, msg: worker_pb2.ConnectRequest) -> None:
         kind = msg.WhichOneof("msg")
         if kind == "heartbeat":
-            self.hub.touch(s)
+            self.hub.touch(s, list(msg.heartbeat.running_job_ids))
         elif kind == "offer_response":
             r = msg.offer_response
             self.hub.offer_response(s, r.job_id, r.attempt, r.accept, r.reason)

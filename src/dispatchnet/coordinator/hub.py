@@ -69,6 +69,7 @@ class WorkerHello:
     max_concurrency: int
     version: str = ""
     agent_id: str = ""
+    running: tuple[tuple[str, int], ...] = ()  # (job_id, attempt) still running from before
 
 
 @dataclass(eq=False)
@@ -86,11 +87,13 @@ class WorkerSession:
     draining: bool = False
     closed: bool = False
     active: dict[str, int] = field(default_factory=dict)  # job_id -> attempt
+    # jobs the worker runs that this session does not hold (taken over elsewhere meanwhile)
+    foreign: set[str] = field(default_factory=set)
     outbox: asyncio.Queue[Outbound | None] = field(default_factory=asyncio.Queue)
 
     @property
     def load(self) -> int:
-        return len(self.active)
+        return len(self.active) + len(self.foreign)
 
     def send(self, msg: Outbound) -> None:
         if not self.closed:
@@ -169,6 +172,11 @@ class WorkerHub:
         self.sessions[worker_id] = session
         self.store.record_worker_seen(worker_id, int(hello.kind), now)
         self.reputation.warm(worker_id)
+        for job_id, attempt in hello.running:
+            if self.jobs.resume(job_id, attempt, worker_id) is not None:
+                session.active[job_id] = attempt
+            else:
+                session.foreign.add(job_id)
         log.info("worker %s… connected (%s)", worker_id[:12], hello.kind.name.lower())
         self.kick()
         return session
@@ -188,8 +196,12 @@ class WorkerHub:
                 self.jobs.requeue(job, f"worker_{reason}", tell_worker=False)
         log.info("worker %s… gone (%s)", session.worker_id[:12], reason)
 
-    def touch(self, session: WorkerSession) -> None:
+    def touch(self, session: WorkerSession, running: list[str] | None = None) -> None:
+        """Notes that the worker is alive; with a heartbeat's running job ids, reconciles
+        the load it carries beyond what this session holds."""
         session.last_seen = self.clock()
+        if running is not None:
+            session.foreign = set(running) - set(session.active)
 
     def drain(self, session: WorkerSession) -> None:
         session.draining = True
@@ -223,15 +235,20 @@ class WorkerHub:
         signature: bytes,
     ) -> None:
         self.touch(s)
+        s.foreign.discard(job_id)
         ok, reason = self.jobs.complete(
             job_id, attempt, s.worker_id, s.public_key, result, body, signature
         )
+        if not ok:
+            self._avoid.setdefault(job_id, set()).add(s.worker_id)
         s.send(ResultAck(job_id, attempt, ok, reason))
+        self.kick()
 
     def failed(
         self, s: WorkerSession, job_id: str, attempt: int, failure: Failure, retryable: bool
     ) -> None:
         self.touch(s)
+        s.foreign.discard(job_id)
         if retryable:
             self._avoid.setdefault(job_id, set()).add(s.worker_id)
         ok = self.jobs.fail(job_id, attempt, s.worker_id, failure, retryable)

@@ -219,6 +219,21 @@ class JobService:
             lease_expires_at=self.clock() + self.cfg.time_limit_seconds,
         )
 
+    def resume(self, job_id: str, attempt: int, worker_id: str) -> Job | None:
+        """A reconnecting worker still runs an attempt its dropped stream lost: if the job
+        is still queued from that attempt, it goes back to RUNNING on that worker."""
+        job = self._held(job_id, attempt, worker_id, (JobState.QUEUED,))
+        if job is None:
+            return None
+        return self._move(
+            job,
+            (JobState.QUEUED,),
+            attempt,
+            JobState.RUNNING,
+            "resumed",
+            lease_expires_at=self.clock() + self.cfg.time_limit_seconds,
+        )
+
     def reject(self, job_id: str, attempt: int, worker_id: str, reason: str) -> Job | None:
         job = self._held(job_id, attempt, worker_id, (JobState.OFFERED,))
         if job is None:
@@ -254,28 +269,47 @@ class JobService:
         receipt_body: bytes,
         signature: bytes,
     ) -> tuple[bool, str]:
-        """Records a result with its countersigned receipt; (accepted, reason)."""
+        """Records a result with its countersigned receipt; (accepted, reason).
+
+        The first valid result wins: besides the worker running the current attempt, a
+        worker that held an earlier attempt (its stream dropped, the job was requeued) may
+        still deliver, as long as the job is not final. Whoever holds the job then is told
+        to stop."""
         job = self._held(job_id, attempt, worker_id, (JobState.RUNNING,))
-        if job is None:
-            return False, "stale: the job is no longer held by this worker at this attempt"
+        late = job is None
+        if late:
+            job = self.store.get_job(job_id)
+            if (
+                job is None
+                or job.state.final
+                or not self.store.held_attempt(job_id, worker_id, attempt)
+            ):
+                return False, "stale: this worker holds no open attempt of the job"
+        assert job is not None
         try:
-            receipt = self.notary.countersign(job, worker_key, result, receipt_body, signature)
+            receipt = self.notary.countersign(
+                job, attempt, worker_key, result, receipt_body, signature
+            )
         except DispatchError as e:
-            self.requeue(job, f"bad receipt: {e.message}", tell_worker=False)
+            if not late:
+                self.requeue(job, f"bad receipt: {e.message}", tell_worker=False)
             return False, e.message
         done = self._move(
             job,
-            (JobState.RUNNING,),
-            attempt,
+            OPEN_STATES if late else (JobState.RUNNING,),
+            job.attempts,
             JobState.COMPLETED,
-            "completed",
+            "completed_late" if late else "completed",
             result=result,
             receipt=receipt,
+            worker_id=worker_id,
             lease_expires_at=0.0,
         )
         if done is None:
             return False, "stale: the job changed state meanwhile"
         self.reputation.record(worker_id, True)
+        if late and job.state in ACTIVE_STATES and job.worker_id:
+            self._release(done, job.worker_id, job.attempts, "completed_elsewhere", True)
         self._release(done, worker_id, attempt, "completed", tell_worker=False)
         return True, ""
 

@@ -14,9 +14,16 @@ class ReceiptNotary(Protocol):
     def public_key(self) -> bytes: ...
 
     def countersign(
-        self, job: Job, worker_public_key: bytes, result: Result, body: bytes, signature: bytes
+        self,
+        job: Job,
+        attempt: int,
+        worker_public_key: bytes,
+        result: Result,
+        body: bytes,
+        signature: bytes,
     ) -> Receipt:
-        """The countersigned receipt; raises InvalidArgument listing what does not match."""
+        """The countersigned receipt for a result of the job's `attempt`; raises
+        InvalidArgument listing what does not match."""
         ...
 
 

@@ -29,11 +29,17 @@ class Notary:
         return self.key.public_key
 
     def countersign(
-        self, job: Job, worker_public_key: bytes, result: Result, body: bytes, signature: bytes
+        self,
+        job: Job,
+        attempt: int,
+        worker_public_key: bytes,
+        result: Result,
+        body: bytes,
+        signature: bytes,
     ) -> Receipt:
         expected = ExpectedReceipt(
             job_id=job.job_id,
-            attempt=job.attempts,
+            attempt=attempt,
             job_type=int(job.spec.job_type),
             input_sha256=job.spec.spec_sha256,
             output_sha256=sha256(result.output),

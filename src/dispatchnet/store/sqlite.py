@@ -356,6 +356,14 @@ class SqliteStore:
             ),
         )
 
+    def held_attempt(self, job_id: str, worker_id: str, attempt: int) -> bool:
+        r = self._conn.execute(
+            "SELECT 1 FROM events WHERE job_id=? AND kind=? AND state=? AND worker_id=? "
+            "AND attempt=? LIMIT 1",
+            (job_id, EventKind.STATE.value, int(JobState.OFFERED), worker_id, attempt),
+        ).fetchone()
+        return r is not None
+
     def events_after(self, job_id: str, sequence: int, limit: int = 500) -> list[Event]:
         rows = self._conn.execute(
             "SELECT * FROM events WHERE job_id=? AND sequence>? ORDER BY sequence LIMIT ?",

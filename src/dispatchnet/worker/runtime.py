@@ -211,6 +211,11 @@ class Worker:
                 tasks=self.tasks, llm_models=self.llm_models, max_concurrency=self.max_concurrency
             ),
             version=self.version,
+            # jobs still running, or finished but not acknowledged, from an earlier session
+            running=[
+                worker_pb2.RunningJob(job_id=job_id, attempt=attempt)
+                for job_id, attempt in sorted({*self._running, *self._pending})
+            ],
         )
         await call.write(ConnectRequest(hello=hello))
         challenge = (await self._read_expected(call, "challenge")).challenge
