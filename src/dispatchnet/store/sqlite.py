@@ -6,9 +6,10 @@ transactions. The schema is versioned with PRAGMA user_version; MIGRATIONS lists
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,14 +196,21 @@ class SqliteStore:
                 f"database schema v{version} is newer than this build (v{SCHEMA_VERSION})"
             )
         for step in range(version, SCHEMA_VERSION):
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
+            with self._tx():
                 MIGRATIONS[step](self.db)
                 self._conn.execute(f"PRAGMA user_version={step + 1}")
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        """One write transaction: committed when the block ends (also by return), rolled
+        back when it raises."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
 
     def schema_version(self) -> int:
         return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
@@ -251,14 +259,12 @@ class SqliteStore:
     def create_job(self, job: Job, event: Event) -> tuple[Job, bool]:
         row = _job_row(job)
         row["last_sequence"] = 1
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx():
             existing = self._conn.execute(
                 "SELECT * FROM jobs WHERE client_id=? AND idempotency_key=?",
                 (job.client_id, job.idempotency_key),
             ).fetchone()
             if existing is not None:
-                self._conn.execute("ROLLBACK")
                 return _job(existing), False
             cols = ",".join(row)
             self._conn.execute(
@@ -266,10 +272,6 @@ class SqliteStore:
                 tuple(row.values()),
             )
             self._insert_event(event, 1)
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
         created = self.get_job(job.job_id)
         assert created is not None
         return created, True
@@ -293,8 +295,7 @@ class SqliteStore:
         changes: dict[str, Any],
         event: Event | None,
     ) -> Job | None:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx():
             r = self._conn.execute(
                 "SELECT state, attempts, last_sequence FROM jobs WHERE job_id=?", (job_id,)
             ).fetchone()
@@ -303,7 +304,6 @@ class SqliteStore:
                 or JobState(r["state"]) not in from_states
                 or (attempt is not None and r["attempts"] != attempt)
             ):
-                self._conn.execute("ROLLBACK")
                 return None
             values = _changes_row(changes)
             seq = r["last_sequence"] + (1 if event is not None else 0)
@@ -312,30 +312,20 @@ class SqliteStore:
             self._conn.execute(f"UPDATE jobs SET {sets} WHERE job_id=?", (*values.values(), job_id))
             if event is not None:
                 self._insert_event(event, seq)
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
         return self.get_job(job_id)
 
     def append_event(self, event: Event, open_only: bool = True) -> Event | None:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx():
             r = self._conn.execute(
                 "SELECT state, last_sequence FROM jobs WHERE job_id=?", (event.job_id,)
             ).fetchone()
             if r is None or (open_only and JobState(r["state"]).final):
-                self._conn.execute("ROLLBACK")
                 return None
             seq = r["last_sequence"] + 1
             self._conn.execute(
                 "UPDATE jobs SET last_sequence=? WHERE job_id=?", (seq, event.job_id)
             )
             self._insert_event(event, seq)
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
         return Event(**{**event.__dict__, "sequence": seq})
 
     def _insert_event(self, e: Event, seq: int) -> None:
@@ -419,43 +409,31 @@ class SqliteStore:
         return None if r is None else str(r["client_id"])
 
     def claim_pairing_code(self, code_hash: bytes, now: float) -> str | None:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx():
             r = self._conn.execute(
                 "SELECT client_id FROM pairing_codes "
                 "WHERE code_hash=? AND used_at IS NULL AND expires_at>=?",
                 (code_hash, now),
             ).fetchone()
             if r is None:
-                self._conn.execute("ROLLBACK")
                 return None
             self._conn.execute(
                 "UPDATE pairing_codes SET used_at=? WHERE code_hash=?", (now, code_hash)
             )
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
         return str(r["client_id"])
 
     def put_pairing(self, pairing: Pairing) -> Pairing:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx():
             r = self._conn.execute(
                 "SELECT * FROM pairings WHERE client_id=? AND worker_id=? AND revoked_at IS NULL",
                 (pairing.client_id, pairing.worker_id),
             ).fetchone()
             if r is not None:
-                self._conn.execute("ROLLBACK")
                 return _pairing(r)
             self._conn.execute(
                 "INSERT INTO pairings VALUES (?,?,?,?,NULL)",
                 (pairing.pairing_id, pairing.client_id, pairing.worker_id, pairing.created_at),
             )
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
         return pairing
 
     def get_pairing(self, pairing_id: str) -> Pairing | None:
