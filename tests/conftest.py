@@ -21,6 +21,7 @@ from dispatchnet.client import CoordinatorClient
 from dispatchnet.keys import KeyPair
 from dispatchnet.profiles import Profile, load_profile
 from dispatchnet.server import Coordinator, start_coordinator
+from dispatchnet.worker.executors import Executor
 from dispatchnet.worker.runtime import Worker
 
 FAST = {
@@ -68,13 +69,18 @@ class Cluster:
         self.clients: list[CoordinatorClient] = []
 
     async def worker(
-        self, kind: str = "seeker", max_concurrency: int = 4, key: KeyPair | None = None
+        self,
+        kind: str = "seeker",
+        max_concurrency: int = 4,
+        key: KeyPair | None = None,
+        executors: list[Executor] | None = None,
     ) -> Worker:
         w = Worker(
             self.address,
             key or KeyPair.generate(),
             kind=kind,  # type: ignore[arg-type]
             max_concurrency=max_concurrency,
+            executors=executors,
             backoff_initial=0.05,
             backoff_max=0.5,
         )

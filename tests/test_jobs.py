@@ -232,3 +232,13 @@ async def test_many_jobs_spread_over_workers(cluster: Cluster) -> None:
     used = {d.worker_id for d in done}
     assert used <= {w.key.public_hex for w in ws}
     assert len(used) >= 2
+
+
+async def test_jobs_nobody_can_run_do_not_block_the_queue(cluster: Cluster) -> None:
+    c = cluster.client()
+    for i in range(520):  # more than one dispatch page of jobs no connected worker runs
+        await c.submit(task_spec("no_such_task", str(i).encode()))
+    runnable = [await c.submit(task_spec("sha256", str(i).encode())) for i in range(5)]
+    await cluster.worker()
+    done = [await c.wait(j.job_id) for j in runnable]
+    assert all(d.state == COMPLETED for d in done)

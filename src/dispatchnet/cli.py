@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2
 from dispatchnet import keys
 from dispatchnet.auth.tokens import METADATA_KEY, metadata_value
-from dispatchnet.client import CoordinatorClient, task_spec
+from dispatchnet.client import CoordinatorClient, llm_spec, task_spec
 from dispatchnet.profiles import ProfileError, load_profile
 from dispatchnet.receipts.core import verify_receipt_message
 
@@ -107,10 +107,23 @@ async def _until_signal() -> None:
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
+    from dispatchnet.worker.executors import default_executors
+    from dispatchnet.worker.llm import LlmSetupError, llm_executor
     from dispatchnet.worker.runtime import Worker
 
+    executors = default_executors()
+    try:
+        llm = llm_executor(args.kind, args.llm_backend, args.llm_url, args.model, args.model_path)
+    except LlmSetupError as e:
+        raise CliError(str(e)) from e
+    if llm is not None:
+        executors.append(llm)
     worker = Worker(
-        args.coordinator, _worker_key(args), kind=args.kind, max_concurrency=args.max_concurrency
+        args.coordinator,
+        _worker_key(args),
+        kind=args.kind,
+        max_concurrency=args.max_concurrency,
+        executors=executors,
     )
     loop = asyncio.get_running_loop()
     draining: set[asyncio.Task[None]] = set()
@@ -126,11 +139,55 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGINT, on_term)
     print(
         json.dumps(
-            {"worker_id": worker.key.public_hex, "kind": args.kind, "coordinator": args.coordinator}
+            {
+                "worker_id": worker.key.public_hex,
+                "kind": args.kind,
+                "coordinator": args.coordinator,
+                "llm_models": worker.llm_models,
+            }
         ),
         flush=True,
     )
     await worker.run()
+    return 0
+
+
+async def cmd_seekers(args: argparse.Namespace) -> int:
+    from dispatchnet.worker.seekers import WORKER_LOG, SeekerSwarm
+
+    try:
+        swarm = SeekerSwarm(
+            args.coordinator,
+            args.count,
+            seed=args.seed,
+            max_concurrency=args.max_concurrency,
+            flaky=args.flaky,
+            battery=args.battery,
+            heat=args.heat,
+            slow=args.slow,
+            key_dir=Path(args.key_dir) if args.key_dir else None,
+        )
+    except ValueError as e:
+        raise CliError(str(e), code=2) from e
+    if not args.verbose:
+        logging.getLogger(WORKER_LOG).setLevel(logging.WARNING)
+    draining = asyncio.Event()
+
+    def on_signal() -> None:
+        if not draining.is_set():
+            logging.getLogger("dispatch.seekers").info("draining %d seekers", args.count)
+            draining.set()
+        else:
+            swarm.stop()
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, on_signal)
+    loop.add_signal_handler(signal.SIGINT, on_signal)
+    info = {"seekers": args.count, "coordinator": args.coordinator, "seed": swarm.seed}
+    print(json.dumps(info), flush=True)
+    await swarm.start()
+    await draining.wait()
+    await swarm.drain(args.drain_timeout)
     return 0
 
 
@@ -147,8 +204,63 @@ def _task_input(text: str | None) -> bytes:
     return text.encode()
 
 
-async def cmd_job_submit(args: argparse.Namespace) -> int:
+def _wasm_file(path: str) -> bytes:
+    """The binary module for --wasm: a .wasm file, or .wat text compiled here."""
+    import wasmtime  # only `job submit --wasm` needs it
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise CliError(f"--wasm: cannot read {path}: {e.strerror or e}", code=2) from e
+    if path.endswith(".wat"):
+        try:
+            data = bytes(wasmtime.wat2wasm(data))
+        except wasmtime.WasmtimeError as e:
+            detail = str(e).replace("<anon>", path)
+            raise CliError(f"--wasm: {path} is not valid WAT: {detail}", code=2) from e
+    elif not data.startswith(b"\0asm"):
+        raise CliError(
+            f"--wasm: {path} is not a WebAssembly binary (name WAT text files *.wat)", code=2
+        )
+    try:
+        wasmtime.Module.validate(wasmtime.Engine(), data)
+    except wasmtime.WasmtimeError as e:
+        raise CliError(f"--wasm: {path} is not a valid WebAssembly module: {e}", code=2) from e
+    return data
+
+
+def _submit_spec(args: argparse.Namespace) -> common_pb2.JobSpec:
+    """The spec for `job submit`, from whichever of its work options (--task, --wasm,
+    --prompt) is set."""
+    llm_options = (args.model, args.max_tokens, args.temperature)
+    if args.prompt is not None:
+        if args.input is not None or args.use_llm:
+            raise CliError("--input and --use-llm go with --task, not --prompt", code=2)
+        return llm_spec(
+            args.prompt,
+            args.model or "",
+            args.max_tokens or 0,
+            args.temperature or 0.0,
+            POLICIES[args.policy],
+            args.private,
+        )
+    if any(o is not None for o in llm_options):
+        raise CliError("--model, --max-tokens and --temperature go with --prompt", code=2)
+    if args.use_llm and args.task is None:
+        raise CliError("--use-llm goes with --task (summarize, classify, extract_json)", code=2)
+    if args.wasm is not None:
+        # --input is raw text here: its UTF-8 bytes are the module's input.
+        data = (args.input or "").encode()
+        spec = task_spec("wasm", data, POLICIES[args.policy], args.private)
+        spec.task.wasm.module = _wasm_file(args.wasm)
+        return spec
     spec = task_spec(args.task, _task_input(args.input), POLICIES[args.policy], args.private)
+    spec.task.use_llm = args.use_llm
+    return spec
+
+
+async def cmd_job_submit(args: argparse.Namespace) -> int:
+    spec = _submit_spec(args)
     async with CoordinatorClient(args.coordinator, _client_key(args)) as c:
         quote = await c.quote(spec)
         job = await c.commit(quote.quote_id, args.idempotency_key or "")
@@ -288,14 +400,52 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--drain-timeout", type=float, default=60.0, help="seconds SIGTERM waits for running jobs"
     )
+    w.add_argument(
+        "--llm-backend",
+        choices=["embedded", "openai", "none"],
+        help="LLM for desktops (default embedded: the shipped model, in-process; seekers: none)",
+    )
+    w.add_argument("--llm-url", help="OpenAI-compatible API root for openai, e.g. .../v1")
+    w.add_argument("--model", help="model name to serve and advertise (required for openai)")
+    w.add_argument("--model-path", help="GGUF file for the embedded backend")
     w.set_defaults(fn=cmd_worker)
+
+    sk = sub.add_parser("seekers", help="simulate many mobile seekers in one process")
+    sk.add_argument(
+        "--coordinator",
+        default=DEFAULT_COORDINATOR,
+        help="coordinator address HOST:PORT (env DISPATCH_COORDINATOR)",
+    )
+    sk.add_argument("--count", type=int, required=True, help="how many seekers")
+    sk.add_argument("--seed", type=int, help="makes devices and drops reproducible")
+    sk.add_argument("--max-concurrency", type=int, default=1, help="jobs per seeker at once")
+    sk.add_argument(
+        "--flaky", type=float, default=0.0, metavar="P", help="drop probability per 5 s tick"
+    )
+    sk.add_argument("--battery", action="store_true", help="reject offers below 20%% battery")
+    sk.add_argument("--heat", action="store_true", help="reject offers when the device is hot")
+    sk.add_argument(
+        "--slow", type=float, default=1.0, metavar="F", help="device speed factors in [1, F]"
+    )
+    sk.add_argument("--key-dir", help="keep the seekers' keys here (default: ephemeral keys)")
+    sk.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running jobs"
+    )
+    sk.set_defaults(fn=cmd_seekers)
 
     j = sub.add_parser("job", help="submit and follow jobs")
     jsub = j.add_subparsers(dest="job_cmd", required=True)
-    s = jsub.add_parser("submit", help="quote, commit and optionally wait for a TASK job")
+    s = jsub.add_parser("submit", help="quote, commit and optionally wait for a job")
     with_coord(s)
-    s.add_argument("--task", required=True, help="task name, e.g. echo or sha256")
-    s.add_argument("--input", help="task input as JSON")
+    work = s.add_mutually_exclusive_group(required=True)
+    work.add_argument("--task", help="task name, e.g. echo or sha256")
+    work.add_argument("--wasm", metavar="FILE", help="run a WebAssembly module (.wasm or .wat)")
+    work.add_argument("--prompt", help="run an LLM job with this user prompt (desktops only)")
+    s.add_argument("--input", help="task input as JSON (raw text with --wasm)")
+    s.add_argument("--use-llm", action="store_true", help="run a text task with an LLM")
+    s.add_argument("--model", help="LLM model the worker must serve (default: any)")
+    s.add_argument("--max-tokens", type=int, help="LLM tokens to generate at most")
+    s.add_argument("--temperature", type=float, help="LLM sampling temperature in [0, 2]")
     s.add_argument("--policy", choices=sorted(POLICIES), default="auto")
     s.add_argument("--private", action="store_true", help="only paired workers may run it")
     s.add_argument("--idempotency-key", help="retrying with the same key returns the same job")

@@ -158,3 +158,21 @@ def task_spec(name: str, data: bytes, policy: int = 0, private: bool = False) ->
         policy=cast(common_pb2.Policy.ValueType, policy),
         privacy=common_pb2.PRIVACY_PRIVATE if private else common_pb2.PRIVACY_PUBLIC,
     )
+
+
+def llm_spec(
+    prompt: str,
+    model: str = "",
+    max_tokens: int = 0,
+    temperature: float = 0.0,
+    policy: int = 0,
+    private: bool = False,
+) -> common_pb2.JobSpec:
+    """An LLM job with one user prompt; an empty model lets the worker choose."""
+    return common_pb2.JobSpec(
+        llm=common_pb2.LlmRequest(
+            prompt=prompt, model=model, max_tokens=max_tokens, temperature=temperature
+        ),
+        policy=cast(common_pb2.Policy.ValueType, policy),
+        privacy=common_pb2.PRIVACY_PRIVATE if private else common_pb2.PRIVACY_PUBLIC,
+    )

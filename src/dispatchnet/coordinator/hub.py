@@ -12,7 +12,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from dispatchnet.coordinator import matching
@@ -22,11 +22,15 @@ from dispatchnet.coordinator.ports import ReputationSource
 from dispatchnet.errors import InvalidArgument, Unauthenticated
 from dispatchnet.keys import verify
 from dispatchnet.profiles import JobsConfig, WorkersConfig
-from dispatchnet.store.base import Store
+from dispatchnet.store.base import Runnable, Store
 
 HELLO_CONTEXT = b"dispatch.v1.WorkerHello\n"
 MAX_CONCURRENCY = 64
-DISPATCH_BATCH = 500
+# A dispatch pass reads the queue in pages of 2x the free slots (within these bounds) and
+# looks at no more than DISPATCH_SCAN_MAX jobs.
+DISPATCH_PAGE_MIN = 16
+DISPATCH_PAGE_MAX = 500
+DISPATCH_SCAN_MAX = 5000
 log = logging.getLogger("dispatch.hub")
 
 
@@ -279,13 +283,33 @@ class WorkerHub:
     def _free_slots(self) -> int:
         return sum(s.max_concurrency - s.load for s in self.sessions.values() if not s.draining)
 
+    def _runnable(self) -> Runnable:
+        free = [s for s in self.sessions.values() if not s.draining and s.load < s.max_concurrency]
+        return Runnable(
+            task_names=frozenset(t for s in free for t in s.tasks),
+            llm=any(s.kind is WorkerKind.DESKTOP and s.llm_models for s in free),
+        )
+
+    def _queued(self, free: int) -> Iterator[Job]:
+        """Queued jobs some free worker could run, oldest first, a page at a time, so that
+        jobs nobody can take do not hold up the ones behind them."""
+        runnable, after, scanned = self._runnable(), None, 0
+        page_size = min(DISPATCH_PAGE_MAX, max(DISPATCH_PAGE_MIN, 2 * free))
+        while scanned < DISPATCH_SCAN_MAX:
+            page = self.store.queued_jobs(page_size, after, runnable)
+            yield from page
+            if len(page) < page_size:
+                return
+            scanned += len(page)
+            after = (page[-1].queued_at, page[-1].job_id)
+
     def dispatch_once(self) -> int:
         free = self._free_slots()
         if free <= 0:
             return 0
         offered = 0
         paired: dict[str, set[str]] = {}
-        for job in self.store.queued_jobs(DISPATCH_BATCH):
+        for job in self._queued(free):
             if offered >= free:
                 break
             allowed = None

@@ -8,9 +8,19 @@ coordinators safe. Implementations: store/sqlite.py (embedded default).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from dispatchnet.coordinator.models import Event, Job, JobState, Pairing, Quote
+
+
+@dataclass(frozen=True)
+class Runnable:
+    """What the connected workers with free slots can run: TASK jobs with these names
+    (without an LLM), and jobs that need an LLM when `llm` is true."""
+
+    task_names: frozenset[str]
+    llm: bool
 
 
 class Store(Protocol):
@@ -48,7 +58,13 @@ class Store(Protocol):
         ...
 
     def events_after(self, job_id: str, sequence: int, limit: int = 500) -> list[Event]: ...
-    def queued_jobs(self, limit: int) -> list[Job]: ...
+    def queued_jobs(
+        self, limit: int, after: tuple[float, str] | None = None, runnable: Runnable | None = None
+    ) -> list[Job]:
+        """QUEUED jobs oldest first, after the (queued_at, job_id) cursor, and only those
+        `runnable` admits (None admits all)."""
+        ...
+
     def lapsed_leases(self, now: float) -> list[Job]: ...
     def stale_queued(self, queued_before: float) -> list[Job]: ...
     def active_jobs(self, worker_id: str | None = None) -> list[Job]: ...

@@ -32,6 +32,7 @@ from dispatchnet.coordinator.models import (
     Receipt,
     Result,
 )
+from dispatchnet.store.base import Runnable
 
 
 def _v1(db: sqlite_utils.Database) -> None:
@@ -379,8 +380,24 @@ class SqliteStore:
     def _jobs(self, where: str, params: tuple[Any, ...]) -> list[Job]:
         return [_job(r) for r in self._conn.execute(f"SELECT * FROM jobs WHERE {where}", params)]
 
-    def queued_jobs(self, limit: int) -> list[Job]:
-        return self._jobs("state=? ORDER BY queued_at LIMIT ?", (int(JobState.QUEUED), limit))
+    def queued_jobs(
+        self, limit: int, after: tuple[float, str] | None = None, runnable: Runnable | None = None
+    ) -> list[Job]:
+        where = "state=?"
+        params: list[Any] = [int(JobState.QUEUED)]
+        if after is not None:
+            where += " AND (queued_at, job_id) > (?, ?)"
+            params += list(after)
+        if runnable is not None:
+            names = sorted(runnable.task_names)
+            task = f"job_type=? AND use_llm=0 AND task_name IN ({','.join('?' * len(names))})"
+            llm = "job_type=? OR use_llm=1" if runnable.llm else "0"
+            where += f" AND (({task}) OR ({llm}))"
+            params += [int(JobType.TASK), *names]
+            if runnable.llm:
+                params.append(int(JobType.LLM))
+        params.append(limit)
+        return self._jobs(f"{where} ORDER BY queued_at, job_id LIMIT ?", tuple(params))
 
     def lapsed_leases(self, now: float) -> list[Job]:
         return self._jobs("state IN (?,?) AND lease_expires_at<?", (*map(int, ACTIVE_STATES), now))

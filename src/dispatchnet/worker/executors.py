@@ -13,6 +13,7 @@ from typing import Protocol
 
 from dispatch.v1 import common_pb2
 from dispatchnet.worker.tasks import TASK_NAMES, TaskOutput, run_task
+from dispatchnet.worker.wasm import WasmExecutor
 
 Progress = Callable[[str, float], None]
 """progress(text_chunk, fraction): fraction in [0, 1], or 0 when unknown."""
@@ -65,3 +66,8 @@ class BuiltinTasks:
 
     async def run(self, spec: common_pb2.JobSpec, progress: Progress) -> TaskOutput:
         return await run_task(spec.task.name, spec.task.input)
+
+
+def default_executors() -> list[Executor]:
+    """What a worker runs unless told otherwise: the built-in tasks and WebAssembly modules."""
+    return [BuiltinTasks(), WasmExecutor()]

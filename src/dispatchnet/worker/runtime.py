@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import random
+from collections.abc import Callable
 from typing import Literal, NoReturn, cast
 
 import grpc
@@ -21,7 +22,7 @@ import dispatchnet
 from dispatch.v1 import common_pb2, receipt_pb2, worker_pb2, worker_pb2_grpc
 from dispatchnet.keys import KeyPair
 from dispatchnet.receipts.core import RECEIPT_VERSION, serialize_body, sha256, sign_body
-from dispatchnet.worker.executors import BuiltinTasks, Executor
+from dispatchnet.worker.executors import Executor, default_executors
 from dispatchnet.worker.tasks import TaskError, TaskOutput
 
 HELLO_CONTEXT = b"dispatch.v1.WorkerHello\n"
@@ -51,7 +52,12 @@ def _now() -> Timestamp:
 
 
 class Worker:
-    """A worker process: connects to a coordinator, runs offered jobs, reports results."""
+    """A worker process: connects to a coordinator, runs offered jobs, reports results.
+
+    offer_filter, if given, is a device policy consulted for each offer that passes the
+    built-in checks (draining, unsupported, duplicate, busy): it returns a rejection reason
+    (e.g. "battery_low"), or "" to accept.
+    """
 
     def __init__(
         self,
@@ -64,12 +70,13 @@ class Worker:
         backoff_initial: float = 0.2,
         backoff_max: float = 10.0,
         log: logging.Logger | None = None,
+        offer_filter: Callable[[worker_pb2.JobOffer], str] | None = None,
     ) -> None:
         if kind not in _KINDS:
             raise ValueError(f"kind must be 'seeker' or 'desktop', not {kind!r}")
         if not 1 <= max_concurrency <= MAX_CONCURRENCY:
             raise ValueError(f"max_concurrency must be between 1 and {MAX_CONCURRENCY}")
-        self.executors: list[Executor] = executors if executors is not None else [BuiltinTasks()]
+        self.executors: list[Executor] = executors if executors is not None else default_executors()
         models = sorted({m for e in self.executors for m in e.llm_models})
         if models and kind != "desktop":
             raise ValueError("only desktop workers serve LLM models")
@@ -83,6 +90,7 @@ class Worker:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.log = log or logging.getLogger(__name__)
+        self.offer_filter = offer_filter
 
         # Observable state.
         self.connected = asyncio.Event()
@@ -91,6 +99,7 @@ class Worker:
         self.heartbeat_interval: float = DEFAULT_HEARTBEAT_SECONDS
         self.completed = 0
         self.failed = 0
+        self.rejected = 0
         self.sessions = 0
 
         self._draining = False
@@ -100,6 +109,8 @@ class Worker:
         self._settled = asyncio.Event()  # set while nothing runs and every result is acked
         self._settled.set()
         self._outbox: asyncio.Queue[worker_pb2.ConnectRequest] | None = None
+        self._session_task: asyncio.Task[None] | None = None
+        self._offline_for = 0.0  # set by disconnect(): the least delay before reconnecting
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -111,17 +122,20 @@ class Worker:
             while not self._stop.is_set():
                 sessions_before = self.sessions
                 session = asyncio.create_task(self._session())
+                self._session_task = session
                 try:
                     await asyncio.wait({session, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     session.cancel()
                     await asyncio.wait({session})
+                    self._session_task = None
                 retry_after = self._log_session_end(session)
                 if self._stop.is_set():
                     break
                 if self.sessions > sessions_before:
                     failures = 0
-                delay = max(retry_after, self._backoff(failures))
+                delay = max(retry_after, self._offline_for, self._backoff(failures))
+                self._offline_for = 0.0
                 failures = min(failures + 1, 32)
                 self.log.info("reconnecting to %s in %.2fs", self.coordinator, delay)
                 await asyncio.wait({stop_wait}, timeout=delay)
@@ -152,6 +166,19 @@ class Worker:
         """
         self._stop.set()
         self._cancel_jobs()
+
+    def disconnect(self, offline_for: float = 0.0) -> bool:
+        """Drops the current session as a lost connection would, without stopping.
+
+        run() reconnects after at least offline_for seconds (and its usual backoff). Running
+        jobs go on, and their results are resent on the next session. Returns False, doing
+        nothing, when no session is open or being opened (e.g. during a backoff wait).
+        """
+        if self._session_task is None or self._session_task.done():
+            return False
+        self._offline_for = max(0.0, offline_for)
+        self._session_task.cancel()
+        return True
 
     def _backoff(self, failures: int) -> float:
         """Full jitter: uniform in [0, min(backoff_max, backoff_initial * 2^failures)]."""
@@ -317,6 +344,8 @@ class Worker:
             return "duplicate"
         if len(self._running) >= self.max_concurrency:
             return "busy"
+        if self.offer_filter is not None:
+            return self.offer_filter(offer)
         return ""
 
     def _on_offer(self, offer: worker_pb2.JobOffer) -> None:
@@ -326,6 +355,7 @@ class Worker:
         )
         self._send(ConnectRequest(offer_response=response))
         if reason:
+            self.rejected += 1
             self.log.info("rejected job %s attempt %d: %s", offer.job_id, offer.attempt, reason)
             return
         key = (offer.job_id, offer.attempt)
