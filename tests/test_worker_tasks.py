@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 
 import pytest
 
@@ -312,3 +313,18 @@ async def test_text_tasks_are_deterministic() -> None:
         data = json.dumps(value).encode()
         first = await run_task(name, data)
         assert await run_task(name, data) == first
+
+
+async def test_deeply_nested_json_is_refused_even_with_a_raised_recursion_limit() -> None:
+    # Some libraries (py_ecc, via web3) raise the recursion limit process-wide; the C JSON
+    # parser would then overflow the C stack on deep input instead of raising.
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(100_000)
+    try:
+        out = await run_task("echo", b"[" * 100_000)
+        assert out.content_type == "application/octet-stream"
+        with pytest.raises(TaskError) as e:
+            await run_task("summarize", b"[" * 100_000 + b"]" * 100_000)
+        assert e.value.code == "bad_input" and not e.value.retryable
+    finally:
+        sys.setrecursionlimit(previous)

@@ -23,7 +23,7 @@ from dispatchnet import keys
 from dispatchnet.auth.tokens import METADATA_KEY, metadata_value
 from dispatchnet.client import CoordinatorClient, llm_spec, task_spec
 from dispatchnet.profiles import ProfileError, load_profile
-from dispatchnet.receipts.core import verify_receipt_message
+from dispatchnet.receipts.core import check_receipt_proof, verify_receipt_message
 
 DEFAULT_COORDINATOR = os.environ.get("DISPATCH_COORDINATOR", "127.0.0.1:50051")
 POLICIES = {
@@ -339,15 +339,68 @@ def load_receipt_file(path: Path) -> receipt_pb2.Receipt:
     return receipt
 
 
+def load_proof_file(path: Path) -> receipt_pb2.GetReceiptProofResponse:
+    """Reads a proof saved from `receipt proof` (GetReceiptProofResponse as proto JSON)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot read {path}: {e}", code=2) from e
+    proof = receipt_pb2.GetReceiptProofResponse()
+    try:
+        json_format.ParseDict(data, proof, ignore_unknown_fields=True)
+    except json_format.ParseError as e:
+        raise CliError(f"{path} holds no receipt proof: {e}", code=2) from e
+    if not proof.merkle_root:
+        raise CliError(f"{path} holds no receipt proof (no merkle_root)", code=2)
+    return proof
+
+
+def proof_json(proof: receipt_pb2.GetReceiptProofResponse) -> dict[str, Any]:
+    """Proto JSON of a proof, zero values included (leaf_index 0, empty anchor), in the
+    order of the message's fields."""
+    d = json_format.MessageToDict(
+        proof, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return {f.name: d[f.name] for f in proof.DESCRIPTOR.fields if f.name in d}
+
+
 async def cmd_receipt_verify(args: argparse.Namespace) -> int:
     receipt = load_receipt_file(Path(args.file))
     expected = bytes.fromhex(args.coordinator_key) if args.coordinator_key else b""
     v = verify_receipt_message(receipt, expected)
-    result: dict[str, Any] = {"valid": v.valid, "problems": v.problems}
+    problems = list(v.problems)
+    proof_result: dict[str, Any] | None = None
+    if args.proof:
+        proof = load_proof_file(Path(args.proof))
+        proof_problems = check_receipt_proof(proof, receipt)
+        problems += proof_problems
+        proof_result = {
+            "valid": not proof_problems,
+            "batch_id": proof.batch_id,
+            "leaf_index": proof.leaf_index,
+            "leaf_count": proof.leaf_count,
+            "merkle_root": proof.merkle_root.hex(),
+            "anchor_network": proof.anchor_network,
+            "anchor_transaction": proof.anchor_transaction,
+        }
+    result: dict[str, Any] = {"valid": not problems, "problems": problems}
     if v.body is not None:
         result["receipt"] = to_dict(v.body)
+    if proof_result is not None:
+        result["proof"] = proof_result
     emit(result)
-    return 0 if v.valid else 1
+    return 0 if not problems else 1
+
+
+async def cmd_receipt_proof(args: argparse.Namespace) -> int:
+    async with CoordinatorClient(args.coordinator, _client_key(args)) as c:
+        proof = await c.receipt_proof(args.job_id)
+        receipt = (await c.receipt(args.job_id)).receipt
+    emit(proof_json(proof))
+    problems = check_receipt_proof(proof, receipt)
+    if problems:
+        raise CliError("the proof does not verify: " + "; ".join(problems))
+    return 0
 
 
 async def cmd_auth_header(args: argparse.Namespace) -> int:
@@ -490,7 +543,19 @@ def build_parser() -> argparse.ArgumentParser:
     rv = rsub.add_parser("verify", help="verify a receipt offline (exit 0 only if valid)")
     rv.add_argument("file", help="JSON from `job submit --wait` or `job get`, or a Receipt")
     rv.add_argument("--coordinator-key", help="require this coordinator public key (hex)")
+    rv.add_argument(
+        "--proof",
+        metavar="PROOF_FILE",
+        help="also check this Merkle proof (JSON from `receipt proof`) against the receipt",
+    )
     rv.set_defaults(fn=cmd_receipt_verify)
+    rp = rsub.add_parser(
+        "proof",
+        help="print a receipt's Merkle inclusion proof and check it (exit 0 only if it holds)",
+    )
+    with_coord(rp)
+    rp.add_argument("job_id")
+    rp.set_defaults(fn=cmd_receipt_proof)
 
     a = sub.add_parser("auth", help="credentials for grpcurl and other clients")
     asub = a.add_subparsers(dest="auth_cmd", required=True)

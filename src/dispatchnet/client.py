@@ -151,6 +151,13 @@ class CoordinatorClient:
             receipt_pb2.GetReceiptRequest(job_id=job_id), metadata=self.metadata()
         )
 
+    async def receipt_proof(self, job_id: str) -> receipt_pb2.GetReceiptProofResponse:
+        """The Merkle inclusion proof of a job's receipt (FAILED_PRECONDITION until the
+        receipt's batch closes)."""
+        return await self.receipts.GetReceiptProof(
+            receipt_pb2.GetReceiptProofRequest(job_id=job_id), metadata=self.metadata()
+        )
+
 
 def task_spec(name: str, data: bytes, policy: int = 0, private: bool = False) -> common_pb2.JobSpec:
     return common_pb2.JobSpec(

@@ -79,6 +79,15 @@ class ReputationConfig:
 
 
 @dataclass(frozen=True)
+class ReceiptsConfig:
+    # A batch closes when this many receipts wait, or when the oldest has waited this long.
+    batch_size: int = 64
+    batch_max_age_seconds: float = 10
+    # Where batch roots are anchored: "none" (no chain), or a chain adapter's name.
+    anchor: str = "none"
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str = "local"
     description: str = ""
@@ -91,6 +100,7 @@ class Profile:
     pairing: PairingConfig = field(default_factory=PairingConfig)
     payments: PaymentsConfig = field(default_factory=PaymentsConfig)
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
+    receipts: ReceiptsConfig = field(default_factory=ReceiptsConfig)
 
     def with_overrides(self, **sections: dict[str, Any]) -> Profile:
         """A copy with some fields of some sections replaced (used by tests and the CLI)."""

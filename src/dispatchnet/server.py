@@ -33,6 +33,8 @@ from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.pairing import PairingService
 from dispatchnet.coordinator.receipts import ReceiptQueries
 from dispatchnet.profiles import Profile
+from dispatchnet.receipts.anchoring import anchorer_for
+from dispatchnet.receipts.batcher import ReceiptBatcher
 from dispatchnet.receipts.notary import Notary
 from dispatchnet.reputation.local import LocalReputation
 from dispatchnet.store.sqlite import SqliteStore
@@ -58,12 +60,15 @@ class Coordinator:
     hub: WorkerHub
     health: health.aio.HealthServicer
     public_key: bytes
+    batcher: ReceiptBatcher | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.hub.stop()
         await self.server.stop(grace)
+        if self.batcher is not None:
+            await self.batcher.stop()
         self.store.close()
 
 
@@ -72,12 +77,18 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         raise ValueError(f"profile {profile.name}: payments are not supported by this build yet")
     if profile.reputation.source != "local":
         raise ValueError(f"profile {profile.name}: unknown reputation source")
+    try:
+        anchorer = anchorer_for(profile.receipts.anchor)
+    except ValueError as e:
+        raise ValueError(f"profile {profile.name}: {e}") from e
     data_dir.mkdir(parents=True, exist_ok=True)
     key = keys.load_or_create(data_dir / "coordinator.key")
     store = SqliteStore(data_dir / "coordinator.db", profile.server.sqlite_synchronous)
     reputation = LocalReputation(store)
     jobs = JobService(store, profile.jobs, profile.pricing, Notary(key), reputation)
     hub = WorkerHub(jobs, store, reputation, key.public_key, profile.workers, profile.jobs)
+    batcher = ReceiptBatcher(store, profile.receipts, anchorer)
+    jobs.completion_listeners.append(batcher)
     requeued = jobs.recover()
     if requeued:
         log.info("requeued %d job(s) held by workers before the restart", requeued)
@@ -116,9 +127,10 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         raise OSError(f"cannot listen on {listen}")
     await server.start()
     hub.start()
+    batcher.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "coordinator %s… listening on port %d (profile %s)", key.public_hex[:12], port, profile.name
     )
-    return Coordinator(server, port, store, jobs, hub, health_servicer, key.public_key)
+    return Coordinator(server, port, store, jobs, hub, health_servicer, key.public_key, batcher)

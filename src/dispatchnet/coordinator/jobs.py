@@ -30,7 +30,12 @@ from dispatchnet.coordinator.models import (
     Quote,
     Result,
 )
-from dispatchnet.coordinator.ports import JobListener, ReceiptNotary, ReputationSource
+from dispatchnet.coordinator.ports import (
+    CompletionListener,
+    JobListener,
+    ReceiptNotary,
+    ReputationSource,
+)
 from dispatchnet.coordinator.pricing import price_micros
 from dispatchnet.errors import (
     DispatchError,
@@ -69,6 +74,7 @@ class JobService:
         self.notifier = notifier or JobNotifier()
         self.clock = clock
         self.listener: JobListener | None = None
+        self.completion_listeners: list[CompletionListener] = []
 
     # --- client side --------------------------------------------------------------------
 
@@ -311,6 +317,8 @@ class JobService:
         if late and job.state in ACTIVE_STATES and job.worker_id:
             self._release(done, job.worker_id, job.attempts, "completed_elsewhere", True)
         self._release(done, worker_id, attempt, "completed", tell_worker=False)
+        for listener in self.completion_listeners:
+            listener.job_completed(done)
         return True, ""
 
     def fail(

@@ -162,3 +162,49 @@ class Pairing:
     worker_id: str
     created_at: float
     revoked_at: float | None = None
+
+
+# --- receipt batches --------------------------------------------------------------------
+
+
+class AnchorStatus(enum.Enum):
+    """Where a batch's Merkle root stands with its chain."""
+
+    NONE = "none"  # the profile anchors on no chain; final
+    PENDING = "pending"  # waiting for (or retrying after) a chain's trouble
+    ANCHORED = "anchored"  # the root is on chain: anchor_network + anchor_transaction; final
+    FAILED = "failed"  # the anchorer failed unexpectedly (a bug?); retried, slowly
+
+
+@dataclass(frozen=True)
+class UnbatchedReceipt:
+    """A completed job's receipt that belongs to no batch yet."""
+
+    job_id: str
+    receipt_sha256: bytes
+    completed_at: float
+
+
+@dataclass(frozen=True)
+class ReceiptLeaf:
+    """A receipt's place in its batch's Merkle tree."""
+
+    batch_id: str
+    leaf_index: int
+    job_id: str
+    receipt_sha256: bytes
+
+
+@dataclass(frozen=True)
+class ReceiptBatch:
+    """A closed batch of receipts: the Merkle root over their hashes and its anchor."""
+
+    batch_id: str
+    merkle_root: bytes
+    leaf_count: int
+    created_at: float
+    anchor_status: AnchorStatus
+    anchor_network: str = ""
+    anchor_transaction: str = ""
+    anchor_error: str = ""
+    anchored_at: float | None = None

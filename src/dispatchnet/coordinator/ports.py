@@ -53,3 +53,10 @@ class JobListener(Protocol):
     ) -> None:
         """worker_id no longer holds the job's attempt; tell_worker: send it a cancel."""
         ...
+
+
+class CompletionListener(Protocol):
+    """Told about every job that completes (e.g. the receipt batcher's wake-up). Called on
+    the hot path: it must return at once and never block or call a chain."""
+
+    def job_completed(self, job: Job) -> None: ...

@@ -15,6 +15,11 @@ from google.protobuf.message import DecodeError
 from dispatch.v1 import common_pb2, receipt_pb2
 from dispatchnet.keys import KeyPair, verify
 
+# Merkle batching lives in receipts/merkle.py (no protobuf there); re-exported here.
+from dispatchnet.receipts.merkle import merkle_proof as merkle_proof
+from dispatchnet.receipts.merkle import merkle_root as merkle_root
+from dispatchnet.receipts.merkle import verify_merkle_proof as verify_merkle_proof
+
 SIGNING_CONTEXT = b"dispatch.v1.ReceiptBody\n"
 RECEIPT_VERSION = 1
 
@@ -144,65 +149,28 @@ def check_worker_receipt(body: bytes, signature: bytes, expected: ExpectedReceip
     return problems
 
 
-# --- Merkle batching -------------------------------------------------------------------
-# Leaves are receipt hashes. leaf = H(0x00 || receipt_sha256); node = H(0x01 || left || right);
-# an odd node at the end of a level is carried up unchanged. The prefixes keep a leaf from
-# being passed off as an inner node.
+def check_receipt_proof(
+    proof: receipt_pb2.GetReceiptProofResponse, receipt: receipt_pb2.Receipt | None = None
+) -> list[str]:
+    """Problems with a Merkle inclusion proof (offline); empty when it recomputes its root.
 
-
-def _leaf(h: bytes) -> bytes:
-    return sha256(b"\x00" + h)
-
-
-def _node(a: bytes, b: bytes) -> bytes:
-    return sha256(b"\x01" + a + b)
-
-
-def merkle_root(receipt_hashes: list[bytes]) -> bytes:
-    if not receipt_hashes:
-        raise ValueError("a Merkle tree needs at least one leaf")
-    level = [_leaf(h) for h in receipt_hashes]
-    while len(level) > 1:
-        nxt = [_node(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
-        if len(level) % 2:
-            nxt.append(level[-1])
-        level = nxt
-    return level[0]
-
-
-def merkle_proof(receipt_hashes: list[bytes], index: int) -> list[bytes]:
-    """Sibling hashes from the leaf at index up to the root (carried-up levels add none)."""
-    if not 0 <= index < len(receipt_hashes):
-        raise ValueError("leaf index out of range")
-    level = [_leaf(h) for h in receipt_hashes]
-    proof: list[bytes] = []
-    while len(level) > 1:
-        sibling = index ^ 1
-        if sibling < len(level):
-            proof.append(level[sibling])
-        nxt = [_node(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
-        if len(level) % 2:
-            nxt.append(level[-1])
-        level, index = nxt, index // 2
-    return proof
-
-
-def verify_merkle_proof(
-    receipt_sha256: bytes, index: int, count: int, proof: list[bytes], root: bytes
-) -> bool:
-    if not 0 <= index < count:
-        return False
-    h, width, steps = _leaf(receipt_sha256), count, iter(proof)
-    while width > 1:
-        if index % 2 == 1:
-            sib = next(steps, None)
-            if sib is None:
-                return False
-            h = _node(sib, h)
-        elif index + 1 < width:
-            sib = next(steps, None)
-            if sib is None:
-                return False
-            h = _node(h, sib)
-        index, width = index // 2, (width + 1) // 2
-    return next(steps, None) is None and h == root
+    With `receipt`, the proof must also be for that receipt: its leaf is the SHA-256 of
+    the receipt's signed body. (verify_receipt checks the receipt itself.)"""
+    problems = []
+    if len(proof.receipt_sha256) != 32:
+        problems.append("proof.receipt_sha256 must be 32 bytes")
+    if len(proof.merkle_root) != 32:
+        problems.append("proof.merkle_root must be 32 bytes")
+    if receipt is not None:
+        if proof.receipt_sha256 != sha256(receipt.body):
+            problems.append("the proof is for another receipt (receipt_sha256 differs)")
+    ok = verify_merkle_proof(
+        proof.receipt_sha256,
+        proof.leaf_index,
+        proof.leaf_count,
+        list(proof.proof),
+        proof.merkle_root,
+    )
+    if not ok:
+        problems.append("the proof does not recompute merkle_root")
+    return problems

@@ -11,7 +11,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from dispatchnet.coordinator.models import Event, Job, JobState, Pairing, Quote
+from dispatchnet.coordinator.models import (
+    AnchorStatus,
+    Event,
+    Job,
+    JobState,
+    Pairing,
+    Quote,
+    ReceiptBatch,
+    ReceiptLeaf,
+    UnbatchedReceipt,
+)
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,47 @@ class Store(Protocol):
     def record_outcome(self, worker_id: str, success: bool) -> None: ...
     def worker_stats(self, worker_id: str) -> tuple[int, int]:
         """(completed, failed) counts of a worker."""
+        ...
+
+    # receipt batches (Merkle trees over receipt hashes) and their anchors
+    def unbatched_receipts(self, limit: int) -> list[UnbatchedReceipt]:
+        """Receipts of COMPLETED jobs that belong to no batch yet, oldest completion first
+        (ties by job_id), at most `limit`."""
+        ...
+
+    def create_receipt_batch(self, batch: ReceiptBatch, leaves: Sequence[UnbatchedReceipt]) -> bool:
+        """Stores batch and makes leaves[i] its leaf i, all in one transaction. Refuses
+        (returns False, writes nothing) when any leaf is already in a batch, is not a
+        completed job, or has another receipt hash: two batchers never share a receipt."""
+        ...
+
+    def get_receipt_batch(self, batch_id: str) -> ReceiptBatch | None: ...
+
+    def receipt_leaf(self, job_id: str) -> ReceiptLeaf | None:
+        """Where a job's receipt sits in its batch; None while it is in none."""
+        ...
+
+    def batch_leaves(self, batch_id: str) -> list[ReceiptLeaf]:
+        """Every leaf of a batch, by leaf_index (0..leaf_count-1)."""
+        ...
+
+    def receipt_batches(
+        self, statuses: Sequence[AnchorStatus] | None = None, limit: int = 100
+    ) -> list[ReceiptBatch]:
+        """Batches oldest first (ties by batch_id), only those in `statuses` when given."""
+        ...
+
+    def update_anchor(
+        self,
+        batch_id: str,
+        status: AnchorStatus,
+        network: str = "",
+        transaction: str = "",
+        error: str = "",
+        anchored_at: float | None = None,
+    ) -> ReceiptBatch | None:
+        """Records an anchoring outcome on a batch that is PENDING or FAILED (a final
+        status, NONE or ANCHORED, never changes); None when the batch is unknown or final."""
         ...
 
     def close(self) -> None: ...

@@ -17,6 +17,7 @@ import sqlite_utils
 
 from dispatchnet.coordinator.models import (
     ACTIVE_STATES,
+    AnchorStatus,
     Event,
     EventKind,
     Failure,
@@ -30,7 +31,10 @@ from dispatchnet.coordinator.models import (
     Privacy,
     Quote,
     Receipt,
+    ReceiptBatch,
+    ReceiptLeaf,
     Result,
+    UnbatchedReceipt,
 )
 from dispatchnet.store.base import Runnable
 
@@ -150,7 +154,39 @@ def _v2(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS = [_v1, _v2]
+def _v3(db: sqlite_utils.Database) -> None:
+    """Receipt batches: Merkle roots over receipt hashes, their anchors, and each
+    completed job's leaf. Jobs completed before this version become unbatched receipts."""
+    db.table("receipt_batches").create(
+        {
+            "batch_id": str,
+            "merkle_root": bytes,
+            "leaf_count": int,
+            "created_at": float,
+            "anchor_status": str,
+            "anchor_network": str,
+            "anchor_transaction": str,
+            "anchor_error": str,
+            "anchored_at": float,
+        },
+        pk="batch_id",
+        not_null={"merkle_root", "leaf_count", "created_at", "anchor_status"},
+    )
+    db.table("receipt_batches").create_index(["anchor_status", "created_at"])
+    db.execute("ALTER TABLE jobs ADD COLUMN receipt_batch_id TEXT")
+    db.execute("ALTER TABLE jobs ADD COLUMN receipt_leaf_index INTEGER")
+    db.execute(
+        "CREATE UNIQUE INDEX idx_jobs_receipt_leaf ON jobs (receipt_batch_id, receipt_leaf_index) "
+        "WHERE receipt_batch_id IS NOT NULL"
+    )
+    # Only the receipts waiting for a batch: the batcher's query reads this index alone.
+    db.execute(
+        "CREATE INDEX idx_jobs_unbatched_receipts ON jobs (updated_at, job_id) "
+        f"WHERE state={int(JobState.COMPLETED)} AND receipt_batch_id IS NULL"
+    )
+
+
+MIGRATIONS = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JOB_SIMPLE = {
@@ -169,6 +205,10 @@ _JOB_SIMPLE = {
     "price_micros",
     "currency",
 }
+
+
+class _Conflict(Exception):
+    """A conditional write found the row changed; the transaction rolls back."""
 
 
 class SqliteStore:
@@ -493,6 +533,117 @@ class SqliteStore:
         ).fetchone()
         return None if r is None else bytes(r["module"])
 
+    # --- receipt batches ----------------------------------------------------------------
+
+    def unbatched_receipts(self, limit: int) -> list[UnbatchedReceipt]:
+        # Read through the partial index (only unbatched receipts), whatever the planner
+        # guesses; its WHERE needs the state as a literal, not a parameter.
+        rows = self._conn.execute(
+            "SELECT job_id, receipt_sha256, updated_at FROM jobs "
+            "INDEXED BY idx_jobs_unbatched_receipts "
+            f"WHERE state={int(JobState.COMPLETED)} AND receipt_batch_id IS NULL "
+            "AND receipt_sha256 IS NOT NULL ORDER BY updated_at, job_id LIMIT ?",
+            (limit,),
+        )
+        return [UnbatchedReceipt(r["job_id"], r["receipt_sha256"], r["updated_at"]) for r in rows]
+
+    def create_receipt_batch(self, batch: ReceiptBatch, leaves: Sequence[UnbatchedReceipt]) -> bool:
+        if len(leaves) != batch.leaf_count or not leaves:
+            raise ValueError("a batch needs leaf_count leaves, at least one")
+        try:
+            with self._tx():
+                for index, leaf in enumerate(leaves):
+                    cur = self._conn.execute(
+                        "UPDATE jobs SET receipt_batch_id=?, receipt_leaf_index=? WHERE job_id=? "
+                        "AND state=? AND receipt_sha256=? AND receipt_batch_id IS NULL",
+                        (
+                            batch.batch_id,
+                            index,
+                            leaf.job_id,
+                            int(JobState.COMPLETED),
+                            leaf.receipt_sha256,
+                        ),
+                    )
+                    if cur.rowcount != 1:
+                        raise _Conflict  # rolls the whole batch back
+                self._conn.execute(
+                    "INSERT INTO receipt_batches VALUES (?,?,?,?,?,?,?,?,?)",
+                    (
+                        batch.batch_id,
+                        batch.merkle_root,
+                        batch.leaf_count,
+                        batch.created_at,
+                        batch.anchor_status.value,
+                        batch.anchor_network,
+                        batch.anchor_transaction,
+                        batch.anchor_error,
+                        batch.anchored_at,
+                    ),
+                )
+        except _Conflict:
+            return False
+        return True
+
+    def get_receipt_batch(self, batch_id: str) -> ReceiptBatch | None:
+        r = self._conn.execute(
+            "SELECT * FROM receipt_batches WHERE batch_id=?", (batch_id,)
+        ).fetchone()
+        return _batch(r) if r is not None else None
+
+    def receipt_leaf(self, job_id: str) -> ReceiptLeaf | None:
+        r = self._conn.execute(
+            "SELECT receipt_batch_id, receipt_leaf_index, job_id, receipt_sha256 FROM jobs "
+            "WHERE job_id=? AND receipt_batch_id IS NOT NULL",
+            (job_id,),
+        ).fetchone()
+        return None if r is None else ReceiptLeaf(*r)
+
+    def batch_leaves(self, batch_id: str) -> list[ReceiptLeaf]:
+        rows = self._conn.execute(
+            "SELECT receipt_batch_id, receipt_leaf_index, job_id, receipt_sha256 FROM jobs "
+            "WHERE receipt_batch_id=? ORDER BY receipt_leaf_index",
+            (batch_id,),
+        )
+        return [ReceiptLeaf(*r) for r in rows]
+
+    def receipt_batches(
+        self, statuses: Sequence[AnchorStatus] | None = None, limit: int = 100
+    ) -> list[ReceiptBatch]:
+        where, values = "", [st.value for st in statuses or ()]
+        if statuses is not None:
+            where = f"WHERE anchor_status IN ({','.join('?' * len(values))})"
+        rows = self._conn.execute(
+            f"SELECT * FROM receipt_batches {where} ORDER BY created_at, batch_id LIMIT ?",
+            (*values, limit),
+        )
+        return [_batch(r) for r in rows]
+
+    def update_anchor(
+        self,
+        batch_id: str,
+        status: AnchorStatus,
+        network: str = "",
+        transaction: str = "",
+        error: str = "",
+        anchored_at: float | None = None,
+    ) -> ReceiptBatch | None:
+        cur = self._conn.execute(
+            "UPDATE receipt_batches SET anchor_status=?, anchor_network=?, "
+            "anchor_transaction=?, anchor_error=?, anchored_at=? "
+            "WHERE batch_id=? AND anchor_status IN (?,?)",
+            (
+                status.value,
+                network,
+                transaction,
+                error,
+                anchored_at,
+                batch_id,
+                AnchorStatus.PENDING.value,
+                AnchorStatus.FAILED.value,
+            ),
+        )
+        return self.get_receipt_batch(batch_id) if cur.rowcount == 1 else None
+
     # --- workers ------------------------------------------------------------------------
 
     def record_worker_seen(self, worker_id: str, kind: int, now: float) -> None:
@@ -622,6 +773,20 @@ def _job(r: sqlite3.Row) -> Job:
         failure=failure,
         receipt=receipt,
         payment=PaymentRef(**json.loads(r["payment"] or "{}")),
+    )
+
+
+def _batch(r: sqlite3.Row) -> ReceiptBatch:
+    return ReceiptBatch(
+        batch_id=r["batch_id"],
+        merkle_root=r["merkle_root"],
+        leaf_count=r["leaf_count"],
+        created_at=r["created_at"],
+        anchor_status=AnchorStatus(r["anchor_status"]),
+        anchor_network=r["anchor_network"] or "",
+        anchor_transaction=r["anchor_transaction"] or "",
+        anchor_error=r["anchor_error"] or "",
+        anchored_at=r["anchored_at"],
     )
 
 

@@ -40,8 +40,28 @@ class TaskOutput:
     completion_tokens: int = 0
 
 
+MAX_JSON_DEPTH = 256
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def _json_depth(data: bytes) -> int:
+    """Deepest array/object nesting in data (strings skipped)."""
+    depth = deepest = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub(b"", data)):
+        depth += 1 if m.group() in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def _parse_json(data: bytes) -> tuple[bool, object]:
-    """(True, value) if data is valid UTF-8 JSON, else (False, None)."""
+    """(True, value) if data is valid UTF-8 JSON, else (False, None).
+
+    Input nested deeper than MAX_JSON_DEPTH counts as not JSON: the C parser recurses, and
+    with a raised recursion limit (some libraries raise it process-wide) deep input would
+    overflow the C stack instead of raising RecursionError."""
+    if _json_depth(data) > MAX_JSON_DEPTH:
+        return False, None
     try:
         return True, json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError):

@@ -1,0 +1,1 @@
+"""Local chains for the embedded default profile (an anvil EVM node, a local Solana)."""

@@ -1,0 +1,238 @@
+"""ReceiptBatcher: closes Merkle batches of completed jobs' receipts and anchors their roots.
+
+Two background tasks, both off the matching hot path:
+- batching: a batch closes when `batch_size` receipts wait, or when the oldest waiting
+  receipt has waited `batch_max_age_seconds`. The root is computed here (receipts/merkle.py)
+  and the batch and its leaves are stored in one transaction. Completing a job wakes this
+  loop (job_completed); a periodic tick also picks up receipts other coordinators completed.
+- anchoring: batches with status "pending" (or "failed") are handed to the Anchorer, oldest
+  first. Chain trouble (Unavailable, or no answer within `anchor_timeout`) leaves the batch
+  "pending" with the error noted and pauses anchoring with exponential backoff; any other
+  error marks it "failed" and retries it at the slowest pace. Nothing is dropped: every
+  batch is retried until it is "anchored". Retry timing is kept in memory, so a restart
+  retries at once.
+
+Plain domain code: no grpc, no protobuf, no chain; the store and the anchorer are protocols.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+
+from dispatchnet.coordinator.models import AnchorStatus, Job, ReceiptBatch, UnbatchedReceipt
+from dispatchnet.errors import Unavailable
+from dispatchnet.profiles import ReceiptsConfig
+from dispatchnet.receipts.anchoring import Anchorer
+from dispatchnet.receipts.merkle import merkle_root
+from dispatchnet.store.base import Store
+
+log = logging.getLogger("dispatch.receipts")
+
+MAX_BATCHES_PER_PASS = 100  # a pass closes at most this many batches before yielding
+ANCHOR_PAGE = 100  # batches read per anchoring pass
+TO_ANCHOR = (AnchorStatus.PENDING, AnchorStatus.FAILED)
+
+
+def new_batch_id() -> str:
+    return f"batch_{secrets.token_hex(12)}"
+
+
+class ReceiptBatcher:
+    def __init__(
+        self,
+        store: Store,
+        cfg: ReceiptsConfig,
+        anchorer: Anchorer,
+        clock: Callable[[], float] = time.time,
+        tick_seconds: float = 1.0,
+        retry_initial_seconds: float = 1.0,
+        retry_max_seconds: float = 60.0,
+        anchor_timeout_seconds: float = 120.0,
+    ) -> None:
+        if cfg.batch_size < 1:
+            raise ValueError("receipts.batch_size must be at least 1")
+        if cfg.batch_max_age_seconds <= 0:
+            raise ValueError("receipts.batch_max_age_seconds must be positive")
+        self.store = store
+        self.cfg = cfg
+        self.anchorer = anchorer
+        self.clock = clock
+        self.tick = tick_seconds
+        self.retry_initial = retry_initial_seconds
+        self.retry_max = retry_max_seconds
+        self.anchor_timeout = anchor_timeout_seconds
+        self._next_due: float | None = None  # when the oldest waiting receipt is due
+        self._chain_failures = 0  # consecutive transient anchoring failures
+        self._chain_retry_at = 0.0
+        self._failed_retry_at: dict[str, float] = {}  # batch_id -> next try ("failed" ones)
+        self._wake = asyncio.Event()
+        self._anchor_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    # --- batching -----------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Something may be due: run a batching pass soon."""
+        self._wake.set()
+
+    def job_completed(self, job: Job) -> None:
+        """CompletionListener: a completed job has a receipt waiting for a batch."""
+        self._wake.set()
+
+    def close_due(self) -> list[ReceiptBatch]:
+        """Closes every batch that is due now (full, or holding a receipt that waited long
+        enough); the batches stored."""
+        closed: list[ReceiptBatch] = []
+        self._next_due = None
+        for _ in range(MAX_BATCHES_PER_PASS):
+            waiting = self.store.unbatched_receipts(self.cfg.batch_size)
+            if not waiting:
+                return closed
+            due_at = waiting[0].completed_at + self.cfg.batch_max_age_seconds
+            if len(waiting) < self.cfg.batch_size and self.clock() < due_at:
+                self._next_due = due_at
+                return closed
+            batch = self._close(waiting)
+            if batch is not None:
+                closed.append(batch)
+        self.kick()  # more is due; continue after other tasks had a turn
+        return closed
+
+    def _close(self, waiting: list[UnbatchedReceipt]) -> ReceiptBatch | None:
+        batch = ReceiptBatch(
+            batch_id=new_batch_id(),
+            merkle_root=merkle_root([r.receipt_sha256 for r in waiting]),
+            leaf_count=len(waiting),
+            created_at=self.clock(),
+            anchor_status=AnchorStatus.PENDING if self.anchorer.enabled else AnchorStatus.NONE,
+        )
+        if not self.store.create_receipt_batch(batch, waiting):
+            # another coordinator batched some of these meanwhile; the next read sees it
+            log.info("receipt batch lost a race with another batcher; re-reading")
+            return None
+        log.info(
+            "receipt batch %s closed: %d receipt(s), root %s",
+            batch.batch_id,
+            batch.leaf_count,
+            batch.merkle_root.hex(),
+        )
+        return batch
+
+    def _batch_wait(self) -> float:
+        if self._next_due is None:
+            return self.tick
+        return min(self.tick, max(0.01, self._next_due - self.clock()))
+
+    async def _batch_loop(self) -> None:
+        while not self._stopping:
+            try:
+                if self.close_due() and self.anchorer.enabled:
+                    self._anchor_wake.set()
+            except Exception:
+                log.exception("receipt batching pass failed; retrying on the next tick")
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._batch_wait()):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    # --- anchoring ----------------------------------------------------------------------
+
+    async def anchor_due(self) -> int:
+        """Anchors the batches waiting for it whose retry time has come, oldest first; how
+        many got anchored. Stops at the first chain trouble (the chain is likely down for
+        all of them)."""
+        now = self.clock()
+        if now < self._chain_retry_at:
+            return 0
+        anchored = 0
+        for batch in self.store.receipt_batches(TO_ANCHOR, limit=ANCHOR_PAGE):
+            if self._failed_retry_at.get(batch.batch_id, 0.0) > now:
+                continue
+            outcome = await self._anchor(batch)
+            if outcome is AnchorStatus.ANCHORED:
+                anchored += 1
+            elif outcome is AnchorStatus.PENDING:
+                break
+        return anchored
+
+    async def _anchor(self, batch: ReceiptBatch) -> AnchorStatus:
+        try:
+            async with asyncio.timeout(self.anchor_timeout):
+                result = await self.anchorer.anchor(
+                    batch.merkle_root, batch.leaf_count, batch.batch_id
+                )
+        except (Unavailable, TimeoutError) as e:
+            error = e.message if isinstance(e, Unavailable) else "no answer in time"
+            self._chain_failures += 1
+            delay = min(self.retry_max, self.retry_initial * 2 ** (self._chain_failures - 1))
+            self._chain_retry_at = self.clock() + delay
+            self.store.update_anchor(batch.batch_id, AnchorStatus.PENDING, error=error)
+            log.warning(
+                "anchoring batch %s failed (%s); retrying in %.1fs", batch.batch_id, error, delay
+            )
+            return AnchorStatus.PENDING
+        except Exception as e:
+            log.exception("anchoring batch %s failed unexpectedly", batch.batch_id)
+            self._failed_retry_at[batch.batch_id] = self.clock() + self.retry_max
+            error = f"{type(e).__name__}: {e}"
+            self.store.update_anchor(batch.batch_id, AnchorStatus.FAILED, error=error)
+            return AnchorStatus.FAILED
+        self._chain_failures = 0
+        self._chain_retry_at = 0.0
+        self._failed_retry_at.pop(batch.batch_id, None)
+        self.store.update_anchor(
+            batch.batch_id,
+            AnchorStatus.ANCHORED,
+            network=result.network,
+            transaction=result.transaction,
+            anchored_at=self.clock(),
+        )
+        log.info(
+            "receipt batch %s anchored on %s in %s",
+            batch.batch_id,
+            result.network,
+            result.transaction,
+        )
+        return AnchorStatus.ANCHORED
+
+    def _anchor_wait(self) -> float:
+        backoff = self._chain_retry_at - self.clock()
+        return min(self.tick, max(0.01, backoff)) if backoff > 0 else self.tick
+
+    async def _anchor_loop(self) -> None:
+        while not self._stopping:
+            try:
+                if await self.anchor_due() >= ANCHOR_PAGE:
+                    self._anchor_wake.set()  # a full page went through: there may be more
+            except Exception:
+                log.exception("anchoring pass failed; retrying on the next tick")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._anchor_wait()):
+                    await self._anchor_wake.wait()
+            self._anchor_wake.clear()
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._tasks:
+            return
+        self._stopping = False
+        self._tasks.append(asyncio.create_task(self._batch_loop(), name="receipt-batcher"))
+        if self.anchorer.enabled:
+            self._tasks.append(asyncio.create_task(self._anchor_loop(), name="receipt-anchorer"))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
