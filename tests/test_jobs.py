@@ -242,3 +242,15 @@ async def test_jobs_nobody_can_run_do_not_block_the_queue(cluster: Cluster) -> N
     await cluster.worker()
     done = [await c.wait(j.job_id) for j in runnable]
     assert all(d.state == COMPLETED for d in done)
+
+
+async def test_long_expired_quotes_are_purged(cluster: Cluster) -> None:
+    c = cluster.client()
+    old = await c.quote(task_spec("echo", b"1"))
+    jobs = cluster.coord.jobs
+    jobs.clock = lambda: time.time() + 3 * 3600
+    jobs._next_purge = 0.0
+    jobs.sweep()
+    assert cluster.coord.store.get_quote(old.quote_id) is None
+    fresh = await c.quote(task_spec("echo", b"2"))
+    assert cluster.coord.store.get_quote(fresh.quote_id) is not None

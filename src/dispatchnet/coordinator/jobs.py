@@ -49,6 +49,9 @@ from dispatchnet.store.base import Store
 
 MAX_IDEMPOTENCY_KEY = 128
 WATCH_POLL_SECONDS = 5.0
+# Expired quotes stay this long (so a late CommitJob hears "expired", not "not found").
+EXPIRED_RETENTION_SECONDS = 3600.0
+PURGE_INTERVAL_SECONDS = 60.0
 
 
 def new_id(prefix: str) -> str:
@@ -75,6 +78,7 @@ class JobService:
         self.clock = clock
         self.listener: JobListener | None = None
         self.completion_listeners: list[CompletionListener] = []
+        self._next_purge = 0.0
 
     # --- client side --------------------------------------------------------------------
 
@@ -385,8 +389,13 @@ class JobService:
         return out
 
     def sweep(self) -> None:
-        """Lapsed leases go back to the queue; jobs nobody could take in time fail."""
+        """Lapsed leases go back to the queue; jobs nobody could take in time fail; quotes
+        and pairing codes long expired are deleted (GetQuote is public, so they must not
+        pile up)."""
         now = self.clock()
+        if now >= self._next_purge:
+            self.store.purge_expired(now - EXPIRED_RETENTION_SECONDS)
+            self._next_purge = now + PURGE_INTERVAL_SECONDS
         for job in self.store.lapsed_leases(now):
             reason = (
                 "offer_lease_expired" if job.state is JobState.OFFERED else "time_limit_exceeded"

@@ -37,6 +37,9 @@ class Store(Protocol):
     # quotes
     def put_quote(self, quote: Quote) -> None: ...
     def get_quote(self, quote_id: str) -> Quote | None: ...
+    def purge_expired(self, before: float) -> int:
+        """Deletes quotes and pairing codes that expired before `before`; how many."""
+        ...
 
     # jobs
     def create_job(self, job: Job, event: Event) -> tuple[Job, bool]:

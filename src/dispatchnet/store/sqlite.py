@@ -186,7 +186,13 @@ def _v3(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS = [_v1, _v2, _v3]
+def _v4(db: sqlite_utils.Database) -> None:
+    """Indexes for purging expired quotes and pairing codes."""
+    db.table("quotes").create_index(["expires_at"])
+    db.table("pairing_codes").create_index(["expires_at"])
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JOB_SIMPLE = {
@@ -281,6 +287,12 @@ class SqliteStore:
                 int(s.use_llm),
             ),
         )
+
+    def purge_expired(self, before: float) -> int:
+        with self._tx():
+            quotes = self._conn.execute("DELETE FROM quotes WHERE expires_at<?", (before,))
+            codes = self._conn.execute("DELETE FROM pairing_codes WHERE expires_at<?", (before,))
+        return int(quotes.rowcount) + int(codes.rowcount)
 
     def get_quote(self, quote_id: str) -> Quote | None:
         r = self._conn.execute("SELECT * FROM quotes WHERE quote_id=?", (quote_id,)).fetchone()
