@@ -2,7 +2,7 @@
 
 Integration tests run real coordinators on port 0 with in-process workers; the batcher's
 timing and anchoring retries are unit-tested against a SqliteStore with a fake clock and a
-fake Anchorer (the chain anchor comes later, behind the same protocol).
+fake Anchorer (the EVM anchorer runs against a real anvil in test_chain.py).
 """
 
 from __future__ import annotations

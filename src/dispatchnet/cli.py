@@ -89,6 +89,7 @@ async def cmd_coordinator(args: argparse.Namespace) -> int:
                 "profile": profile.name,
                 "data_dir": str(data_dir),
                 "coordinator_public_key": coord.public_key.hex(),
+                "anchoring": coord.anchoring,
             }
         ),
         flush=True,
@@ -365,6 +366,8 @@ def proof_json(proof: receipt_pb2.GetReceiptProofResponse) -> dict[str, Any]:
 
 
 async def cmd_receipt_verify(args: argparse.Namespace) -> int:
+    if args.onchain and not args.proof:
+        raise CliError("--onchain checks a proof's anchor: give --proof PROOF_FILE", code=2)
     receipt = load_receipt_file(Path(args.file))
     expected = bytes.fromhex(args.coordinator_key) if args.coordinator_key else b""
     v = verify_receipt_message(receipt, expected)
@@ -383,6 +386,10 @@ async def cmd_receipt_verify(args: argparse.Namespace) -> int:
             "anchor_network": proof.anchor_network,
             "anchor_transaction": proof.anchor_transaction,
         }
+        if args.onchain:
+            onchain = await _check_onchain(args, proof)
+            problems += onchain["problems"]
+            proof_result["onchain"] = onchain
     result: dict[str, Any] = {"valid": not problems, "problems": problems}
     if v.body is not None:
         result["receipt"] = to_dict(v.body)
@@ -390,6 +397,32 @@ async def cmd_receipt_verify(args: argparse.Namespace) -> int:
         result["proof"] = proof_result
     emit(result)
     return 0 if not problems else 1
+
+
+async def _check_onchain(
+    args: argparse.Namespace, proof: receipt_pb2.GetReceiptProofResponse
+) -> dict[str, Any]:
+    """`receipt verify --onchain`: the proof's root and anchor transaction, on the chain of
+    --profile."""
+    from dispatchnet.chains.evm import ChainConfigError, check_anchor_onchain, resolve_evm_chain
+
+    profile = load_profile(args.profile)
+    if profile.chain.kind != "evm":
+        raise CliError(f"--onchain: profile {profile.name} has no EVM chain", code=2)
+    try:
+        chain = resolve_evm_chain(profile.chain)
+    except ChainConfigError as e:
+        raise CliError(f"--onchain: {e}") from e
+    check = await asyncio.to_thread(
+        check_anchor_onchain,
+        chain,
+        proof.merkle_root,
+        proof.anchor_network,
+        proof.anchor_transaction,
+        expected_anchorer=args.anchorer or "",
+        timeout=profile.chain.rpc_timeout_seconds,
+    )
+    return {"network": chain.network, "receipt_anchor": chain.receipt_anchor, **check.as_dict()}
 
 
 async def cmd_receipt_proof(args: argparse.Namespace) -> int:
@@ -401,6 +434,29 @@ async def cmd_receipt_proof(args: argparse.Namespace) -> int:
     if problems:
         raise CliError("the proof does not verify: " + "; ".join(problems))
     return 0
+
+
+# --- local chain --------------------------------------------------------------------------
+
+
+async def cmd_chain(args: argparse.Namespace) -> int:
+    from dispatchnet.chains.evm import ChainConfigError
+    from dispatchnet.devchain import local_chain
+    from dispatchnet.devchain.anvil import AnvilError
+
+    profile = load_profile(args.profile)
+    try:
+        if args.chain_cmd == "up":
+            emit(await asyncio.to_thread(local_chain.chain_up, profile, args.port))
+            return 0
+        if args.chain_cmd == "down":
+            emit(await asyncio.to_thread(local_chain.chain_down, profile))
+            return 0
+        status = await asyncio.to_thread(local_chain.chain_status, profile)
+    except (ChainConfigError, AnvilError) as e:
+        raise CliError(str(e)) from e
+    emit(status)
+    return 0 if status["ok"] else 1
 
 
 async def cmd_auth_header(args: argparse.Namespace) -> int:
@@ -548,6 +604,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PROOF_FILE",
         help="also check this Merkle proof (JSON from `receipt proof`) against the receipt",
     )
+    rv.add_argument(
+        "--onchain",
+        action="store_true",
+        help="also check on chain that the proof's root is anchored by its anchor transaction",
+    )
+    rv.add_argument(
+        "--profile", default="local-monad", help="the chain for --onchain (profile or .toml)"
+    )
+    rv.add_argument("--anchorer", help="with --onchain: require this anchoring address")
     rv.set_defaults(fn=cmd_receipt_verify)
     rp = rsub.add_parser(
         "proof",
@@ -556,6 +621,18 @@ def build_parser() -> argparse.ArgumentParser:
     with_coord(rp)
     rp.add_argument("job_id")
     rp.set_defaults(fn=cmd_receipt_proof)
+
+    ch = sub.add_parser("chain", help="a local EVM chain for chain profiles (anvil)")
+    chsub = ch.add_subparsers(dest="chain_cmd", required=True)
+    cu = chsub.add_parser(
+        "up", help="start anvil, deploy the contracts, fund demo accounts (idempotent)"
+    )
+    cu.add_argument("--port", type=int, help="anvil's port (default [chain] devchain_port; 0: any)")
+    chsub.add_parser("down", help="stop the local chain and remove its deployment file")
+    chsub.add_parser("status", help="where the profile's chain is and whether it answers")
+    for sp in chsub.choices.values():
+        sp.add_argument("--profile", default="local-monad", help="profile name or .toml path")
+    ch.set_defaults(fn=cmd_chain)
 
     a = sub.add_parser("auth", help="credentials for grpcurl and other clients")
     asub = a.add_subparsers(dest="auth_cmd", required=True)

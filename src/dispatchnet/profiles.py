@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -88,6 +89,59 @@ class ReceiptsConfig:
 
 
 @dataclass(frozen=True)
+class ChainConfig:
+    """The chain a coordinator talks to (`[chain]`); kind "none" means no chain at all.
+
+    For kind "evm", `network` is the chain's CAIP-2 id ("eip155:<chain id>"). Where the chain
+    and the contracts are comes either from `deployment` (the name of a deployment file,
+    $DISPATCH_HOME/chains/<name>.json, written by `dispatch chain up`; or a path to such a
+    .json file) or from `rpc_url` and the contract addresses given here, never both. An
+    empty address means the contract is not used (e.g. no `receipt_anchor`: anchoring off).
+    """
+
+    kind: str = "none"  # "none" | "evm"
+    network: str = ""
+    rpc_url: str = ""
+    deployment: str = ""
+    identity_registry: str = ""
+    reputation_registry: str = ""
+    validation_registry: str = ""
+    receipt_anchor: str = ""
+    usdc: str = ""
+    # The coordinator's chain account (a secp256k1 key file, created 0600 on first use).
+    # Empty: the deployment file's "coordinator" dev account when there is a deployment,
+    # else <coordinator data dir>/chain.key.
+    key_file: str = ""
+    # Gas limit of one ReceiptAnchor.anchor transaction. Some chains (Monad) charge for the
+    # limit, not the gas used: keep it tight.
+    anchor_gas_limit: int = 60000
+    rpc_timeout_seconds: float = 10
+    # How long to wait for a sent transaction's receipt before retrying later.
+    tx_timeout_seconds: float = 60
+    # The local chain `dispatch chain up` starts ("anvil"), or "" when the profile has none.
+    devchain: str = ""
+    devchain_port: int = 8545
+
+
+EVM_NETWORK = re.compile(r"eip155:[1-9][0-9]{0,18}")
+ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+ADDRESS_FIELDS = (
+    "identity_registry",
+    "reputation_registry",
+    "validation_registry",
+    "receipt_anchor",
+    "usdc",
+)
+
+
+def chain_id_of(network: str) -> int:
+    """The chain id of an "eip155:<id>" network."""
+    if not EVM_NETWORK.fullmatch(network):
+        raise ValueError(f"{network!r} is not an EVM network (eip155:<chain id>)")
+    return int(network.split(":", 1)[1])
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str = "local"
     description: str = ""
@@ -101,13 +155,18 @@ class Profile:
     payments: PaymentsConfig = field(default_factory=PaymentsConfig)
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
     receipts: ReceiptsConfig = field(default_factory=ReceiptsConfig)
+    chain: ChainConfig = field(default_factory=ChainConfig)
 
     def with_overrides(self, **sections: dict[str, Any]) -> Profile:
         """A copy with some fields of some sections replaced (used by tests and the CLI)."""
         changes: dict[str, Any] = {}
         for section, values in sections.items():
             changes[section] = dataclasses.replace(getattr(self, section), **values)
-        return dataclasses.replace(self, **changes)
+        profile = dataclasses.replace(self, **changes)
+        problems = check_profile(profile)
+        if problems:
+            raise ProfileError(f"{profile.name}: {'; '.join(problems)}")
+        return profile
 
 
 class ProfileError(ValueError):
@@ -138,6 +197,38 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
     return cls(**kwargs)
 
 
+def check_profile(profile: Profile) -> list[str]:
+    """Problems with settings that parse but do not fit together."""
+    problems: list[str] = []
+    c = profile.chain
+    if c.kind not in ("none", "evm"):
+        problems.append(f"[chain] kind must be none or evm, not {c.kind!r}")
+    elif c.kind == "evm":
+        if not EVM_NETWORK.fullmatch(c.network):
+            problems.append(f"[chain] network must be eip155:<chain id>, not {c.network!r}")
+        if bool(c.deployment) == bool(c.rpc_url):
+            problems.append("[chain] needs exactly one of deployment and rpc_url")
+        for name in ADDRESS_FIELDS:
+            value = getattr(c, name)
+            if c.deployment and value:
+                problems.append(f"[chain] {name} comes from the deployment; do not set both")
+            elif value and not ADDRESS.fullmatch(value):
+                problems.append(f"[chain] {name} is not an address (0x + 40 hex digits)")
+        if c.anchor_gas_limit < 21000:
+            problems.append("[chain] anchor_gas_limit must be at least 21000")
+        if c.rpc_timeout_seconds <= 0 or c.tx_timeout_seconds <= 0:
+            problems.append("[chain] timeouts must be positive")
+    if c.devchain not in ("", "anvil"):
+        problems.append(f"[chain] devchain must be anvil or empty, not {c.devchain!r}")
+    elif c.devchain and (c.kind != "evm" or not c.deployment):
+        problems.append("[chain] devchain needs kind = evm and a deployment name")
+    if not 0 <= c.devchain_port <= 65535:
+        problems.append("[chain] devchain_port must be a port number")
+    if profile.receipts.anchor == "evm" and c.kind != "evm":
+        problems.append('[receipts] anchor = "evm" needs [chain] kind = "evm"')
+    return problems
+
+
 def resolve_path(name_or_path: str) -> Path:
     p = Path(name_or_path).expanduser()
     if p.suffix == ".toml" and p.exists():
@@ -156,4 +247,8 @@ def load_profile(name_or_path: str) -> Profile:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"{path.name}: {e}") from e
-    return _build(Profile, data, path.name)
+    profile = _build(Profile, data, path.name)
+    problems = check_profile(profile)
+    if problems:
+        raise ProfileError(f"{path.name}: {'; '.join(problems)}")
+    return profile

@@ -61,6 +61,7 @@ class Coordinator:
     health: health.aio.HealthServicer
     public_key: bytes
     batcher: ReceiptBatcher | None = None
+    anchoring: str = ""  # how receipt roots are anchored, for people
 
     async def stop(self, grace: float = 1.0) -> None:
         for name in ("", *SERVICE_NAMES):
@@ -77,11 +78,17 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         raise ValueError(f"profile {profile.name}: payments are not supported by this build yet")
     if profile.reputation.source != "local":
         raise ValueError(f"profile {profile.name}: unknown reputation source")
+    data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        anchorer = anchorer_for(profile.receipts.anchor)
+        anchorer = anchorer_for(profile.receipts.anchor, profile.chain, data_dir)
     except ValueError as e:
         raise ValueError(f"profile {profile.name}: {e}") from e
-    data_dir.mkdir(parents=True, exist_ok=True)
+    describe = getattr(anchorer, "describe", None)
+    anchoring = describe() if callable(describe) else profile.receipts.anchor
+    if anchorer.enabled:
+        log.info("receipt roots are anchored with %s", anchoring)
+    elif profile.receipts.anchor != "none":
+        log.warning("receipt anchoring is off: %s", anchoring)
     key = keys.load_or_create(data_dir / "coordinator.key")
     store = SqliteStore(data_dir / "coordinator.db", profile.server.sqlite_synchronous)
     reputation = LocalReputation(store)
@@ -133,4 +140,6 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
     log.info(
         "coordinator %s… listening on port %d (profile %s)", key.public_hex[:12], port, profile.name
     )
-    return Coordinator(server, port, store, jobs, hub, health_servicer, key.public_key, batcher)
+    return Coordinator(
+        server, port, store, jobs, hub, health_servicer, key.public_key, batcher, str(anchoring)
+    )

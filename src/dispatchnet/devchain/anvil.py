@@ -8,8 +8,10 @@ a Node wrapper around it, which this module skips. Nothing is downloaded at run 
         chain.rpc_url                    # http://127.0.0.1:<free port>
         chain.accounts[0].private_key    # deterministic dev accounts (anvil's default mnemonic)
 
-anvil listens on port 0 (the kernel picks a free port, so there is no race between
-choosing a port and binding it) and logs to a file, from which the bound address is read.
+anvil listens on port 0 by default (the kernel picks a free port, so there is no race between
+choosing a port and binding it; `port=N` asks for one) and logs to a file, from which the
+bound address is read. `Anvil(detached=True, log_path=...)` plus detach() leaves a node
+running after the Python process exits (`dispatch chain up`).
 start() returns once eth_chainId answers with the expected chain id.
 """
 
@@ -134,6 +136,8 @@ class Anvil:
         binary: Path | None = None,
         startup_timeout: float = 20.0,
         extra_args: tuple[str, ...] = (),
+        port: int = 0,
+        detached: bool = False,
     ) -> None:
         self.chain_id = chain_id
         self.n_accounts = accounts
@@ -142,6 +146,9 @@ class Anvil:
         self.binary = binary
         self.startup_timeout = startup_timeout
         self.extra_args = extra_args
+        self.requested_port = port
+        # detached: anvil runs in its own session and outlives this process (see detach()).
+        self.detached = detached
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.log_path = log_path
         self.host = "127.0.0.1"
@@ -171,7 +178,7 @@ class Anvil:
         args = [
             str(binary),
             "--host", self.host,
-            "--port", "0",
+            "--port", str(self.requested_port),
             "--chain-id", str(self.chain_id),
             "--accounts", str(self.n_accounts),
             "--mnemonic", self.mnemonic,
@@ -185,7 +192,11 @@ class Anvil:
         with log_path.open("ab") as log:
             offset = log.tell()
             self._proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=self.detached,
             )
         self.log_path = log_path
         atexit.register(self.stop)
@@ -235,6 +246,23 @@ class Anvil:
             DevAccount(address=to_checksum_address(a), private_key=k)
             for a, k in zip(data["available_accounts"], data["private_keys"], strict=True)
         ]
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def detach(self) -> int:
+        """Lets anvil outlive this object and this process (`dispatch chain up`); returns its
+        pid. stop() no longer touches it: end it with a signal to that pid."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise AnvilError("anvil is not running")
+        atexit.unregister(self.stop)
+        pid = self._proc.pid
+        self._proc = None
+        if self._tmp is not None:
+            self._tmp.cleanup()  # only the --config-out file, read at start-up
+            self._tmp = None
+        return pid
 
     def stop(self, timeout: float = 5.0) -> None:
         """Terminates anvil (SIGTERM, then SIGKILL after `timeout`). Safe to call twice."""

@@ -9,7 +9,10 @@ live with the chain adapters (chains/).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
+
+from dispatchnet.profiles import ChainConfig
 
 
 @dataclass(frozen=True)
@@ -38,16 +41,39 @@ class Anchorer(Protocol):
 
 
 class NoAnchor:
-    """The anchorer of profiles with no chain (`anchor = "none"`)."""
+    """The anchorer of profiles with no chain (`anchor = "none"`), or of a chain profile
+    that names no anchor contract (`reason` says why)."""
 
     enabled = False
+
+    def __init__(self, reason: str = 'receipts.anchor = "none"') -> None:
+        self.reason = reason
+
+    def describe(self) -> str:
+        return f"off ({self.reason})"
 
     async def anchor(self, root: bytes, leaf_count: int, batch_id: str) -> AnchorResult:
         return AnchorResult(network="", transaction="")
 
 
-def anchorer_for(name: str) -> Anchorer:
-    """The anchorer a profile's `[receipts] anchor` names."""
+def anchorer_for(
+    name: str, chain: ChainConfig | None = None, data_dir: Path | None = None
+) -> Anchorer:
+    """The anchorer a profile's `[receipts] anchor` names, built from its `[chain]`
+    (data_dir: the coordinator's, where a new chain key goes if the profile names none).
+    Raises ValueError for settings that cannot work."""
     if name == "none":
         return NoAnchor()
-    raise ValueError(f"unknown receipts.anchor {name!r} (this build knows: none)")
+    if name == "evm":
+        # the adapter, imported only by profiles that use it (web3 is heavy)
+        from dispatchnet.chains.evm import EvmAnchorer, resolve_evm_chain
+
+        if chain is None or chain.kind != "evm":
+            raise ValueError('receipts.anchor = "evm" needs [chain] kind = "evm"')
+        if not chain.deployment and not chain.receipt_anchor:
+            return NoAnchor(f"[chain] receipt_anchor is empty: no ReceiptAnchor on {chain.network}")
+        resolved = resolve_evm_chain(chain, data_dir)
+        if not resolved.receipt_anchor:
+            return NoAnchor(f"the deployment has no receipt_anchor on {chain.network}")
+        return EvmAnchorer.for_chain(resolved, chain)
+    raise ValueError(f"unknown receipts.anchor {name!r} (this build knows: none, evm)")

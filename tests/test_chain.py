@@ -1,0 +1,466 @@
+"""The EVM track on a local chain: `dispatch chain up|status|down`, anchoring receipt batch
+roots with EvmAnchorer, `dispatch receipt verify --onchain`, and chain outages.
+
+One real anvil for the module, started by `dispatch chain up --port 0` (a subprocess, as a
+user would) with DISPATCH_HOME in a temporary directory, and stopped at the end. The
+outage test puts a TCP proxy between the coordinator and anvil and closes it: the node is
+unreachable exactly as when it is down, while its state (and the contract addresses) stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from conftest import FAST, Cluster, wait_until
+
+import dispatchnet.chains  # noqa: F401  (before web3: see dispatchnet/chains/__init__.py)
+from dispatch.v1 import coordinator_pb2, receipt_pb2
+from dispatchnet import cli
+from dispatchnet.chains.evm import (
+    EvmAnchorer,
+    anchor_contract,
+    load_or_create_chain_key,
+    web3_for,
+)
+from dispatchnet.chains.evm_deploy import load_artifact
+from dispatchnet.cli import job_json, proof_json
+from dispatchnet.client import CoordinatorClient, task_spec
+from dispatchnet.coordinator.models import AnchorStatus
+from dispatchnet.devchain.anvil import _rpc
+from dispatchnet.devchain.local_chain import pid_alive, stop_pid
+from dispatchnet.profiles import Profile, ProfileError, chain_id_of, load_profile
+from dispatchnet.server import start_coordinator
+
+COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
+PUBLIC_IDENTITY = "0x8004A818BFB912233c491871b3d84c89A494BD9e"
+PUBLIC_REPUTATION = "0x8004B663056A597Dffe9eCcC1965A193B7388713"
+
+
+def _env(home: Path) -> dict[str, str]:
+    return {**os.environ, "DISPATCH_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+
+
+def dispatch(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dispatchnet.cli", *args],
+        env=_env(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def adispatch(home: Path, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dispatchnet.cli",
+        *args,
+        env=_env(home),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("dispatch-home")
+
+
+@pytest.fixture(scope="module")
+def chain(home: Path) -> Iterator[dict[str, Any]]:
+    r = dispatch(home, "chain", "up", "--profile", "local-monad", "--port", "0")
+    assert r.returncode == 0, r.stderr
+    data: dict[str, Any] = json.loads(r.stdout)
+    try:
+        yield data
+    finally:
+        if (home / "chains" / "local-monad.json").exists():  # the last test did not run
+            dispatch(home, "chain", "down", "--profile", "local-monad")
+        stop_pid(int(data["anvil_pid"]))  # whatever happened above
+        assert not pid_alive(int(data["anvil_pid"]))
+
+
+def chain_profile(deployment: str, **chain: Any) -> Profile:
+    """local-monad with fast job timings and small batches, on the test's deployment."""
+    sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in FAST.items()}
+    sections["receipts"] = {"batch_size": 2, "batch_max_age_seconds": 30}
+    sections["chain"] = {"deployment": deployment, **chain}
+    return load_profile("local-monad").with_overrides(**sections)
+
+
+@contextlib.asynccontextmanager
+async def cluster_for(profile: Profile, data: Path) -> AsyncIterator[Cluster]:
+    coord = await start_coordinator(profile, data, "127.0.0.1:0")
+    assert coord.batcher is not None
+    # retry quickly in tests (the defaults back off up to a minute)
+    coord.batcher.retry_initial, coord.batcher.retry_max = 0.1, 0.3
+    c = Cluster(coord, data)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def complete(c: CoordinatorClient, n: int, tag: str) -> list[coordinator_pb2.Job]:
+    jobs = [await c.submit(task_spec("echo", f'"{tag}-{i}"'.encode())) for i in range(n)]
+    done = [await c.wait(j.job_id) for j in jobs]
+    assert all(d.state == COMPLETED for d in done)
+    return done
+
+
+async def anchored_proof(c: CoordinatorClient, job_id: str) -> receipt_pb2.GetReceiptProofResponse:
+    proof: list[receipt_pb2.GetReceiptProofResponse] = []
+
+    async def ready() -> bool:
+        try:
+            p = await c.receipt_proof(job_id)
+        except grpc.aio.AioRpcError as e:
+            assert e.code() is grpc.StatusCode.FAILED_PRECONDITION, e
+            return False
+        proof[:] = [p]
+        return bool(p.anchor_transaction)
+
+    await wait_until(ready, 20, "an anchored proof")
+    return proof[0]
+
+
+# --- profiles (no chain needed) --------------------------------------------------------------
+
+
+def test_the_two_evm_profiles_differ_only_in_configuration() -> None:
+    local, testnet = load_profile("local-monad"), load_profile("monad-testnet")
+    assert local.receipts.anchor == testnet.receipts.anchor == "evm"
+    assert (
+        dataclasses.replace(
+            local, name=testnet.name, description=testnet.description, chain=testnet.chain
+        )
+        == testnet
+    )
+    assert (local.chain.kind, testnet.chain.kind) == ("evm", "evm")
+    assert chain_id_of(testnet.chain.network) == 10143
+    assert testnet.chain.rpc_url == "https://testnet-rpc.monad.xyz"
+    assert testnet.chain.identity_registry == PUBLIC_IDENTITY
+    assert testnet.chain.reputation_registry == PUBLIC_REPUTATION
+    assert testnet.chain.receipt_anchor == ""
+    assert testnet.chain.anchor_gas_limit <= 60000  # Monad charges for the limit
+    assert local.chain.deployment == "local-monad" and local.chain.devchain == "anvil"
+
+
+async def test_monad_testnet_starts_with_anchoring_off_and_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    profile = load_profile("monad-testnet")
+    coord = await start_coordinator(profile, tmp_path / "coord", "127.0.0.1:0")
+    try:
+        assert coord.batcher is not None and not coord.batcher.anchorer.enabled
+        assert "receipt_anchor is empty" in coord.anchoring
+        assert any("anchoring is off" in r.getMessage() for r in caplog.records)
+    finally:
+        await coord.stop(grace=0.1)
+
+
+@pytest.mark.parametrize(
+    ("chain_toml", "error"),
+    [
+        ('kind = "evm"\nnetwork = "eip155:1"\nrpc_url = "http://x"\ncolour = 1', "colour"),
+        ('kind = "evm"\nnetwork = "monad"\nrpc_url = "http://x"', "eip155:<chain id>"),
+        ('kind = "evm"\nnetwork = "eip155:1"', "exactly one of deployment and rpc_url"),
+        (
+            'kind = "evm"\nnetwork = "eip155:1"\ndeployment = "d"\nreceipt_anchor = "0x'
+            + "11" * 20
+            + '"',
+            "comes from the deployment",
+        ),
+        ('kind = "evm"\nnetwork = "eip155:1"\nrpc_url = "http://x"\nusdc = "0x12"', "usdc"),
+        ('kind = "solana"', "kind must be none or evm"),
+        ('kind = "evm"\nnetwork = "eip155:1"\nrpc_url = "h"\nanchor_gas_limit = 5', "21000"),
+    ],
+)
+def test_bad_chain_settings_are_refused(tmp_path: Path, chain_toml: str, error: str) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(f'name = "p"\n[chain]\n{chain_toml}\n')
+    with pytest.raises(ProfileError, match=error):
+        load_profile(str(path))
+
+
+def test_evm_anchoring_needs_an_evm_chain(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('name = "p"\n[receipts]\nanchor = "evm"\n')
+    with pytest.raises(ProfileError, match=r'anchor = "evm" needs \[chain\] kind = "evm"'):
+        load_profile(str(path))
+
+
+def test_chain_key_files_are_created_0600_and_reloaded(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "chain.key"
+    key = load_or_create_chain_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_chain_key(path) == key and len(bytes.fromhex(key[2:])) == 32
+    path.write_text("junk\n")
+    with pytest.raises(ValueError, match="not a Dispatch chain key file"):
+        load_or_create_chain_key(path)
+
+
+def test_chain_commands_refuse_profiles_without_a_local_chain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DISPATCH_HOME", str(tmp_path))
+    assert cli.main(["chain", "up", "--profile", "monad-testnet"]) == 1
+    assert "has no local chain" in capsys.readouterr().err
+    assert cli.main(["chain", "status", "--profile", "local-monad"]) == 1
+    assert "run `dispatch chain up`" in capsys.readouterr().out
+    assert not (tmp_path / "chains").exists()
+
+
+# --- a local chain ---------------------------------------------------------------------------
+
+
+def test_chain_up_is_idempotent_and_status_reports_it(home: Path, chain: dict[str, Any]) -> None:
+    path = home / "chains" / "local-monad.json"
+    assert json.loads(path.read_text()) == chain
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert chain["network"] == "eip155:31337" and chain["chain_id"] == 31337
+    assert "LOCAL DEVELOPMENT CHAIN ONLY" in chain["warning"]
+    assert set(chain["accounts"]) == {"coordinator", "client"}
+    assert set(chain["contracts"]) == {
+        "identity_registry", "reputation_registry", "validation_registry", "receipt_anchor",
+        "usdc",
+    }  # fmt: skip
+    assert pid_alive(chain["anvil_pid"])
+
+    again = dispatch(home, "chain", "up", "--profile", "local-monad", "--port", "0")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == chain  # the same anvil, the same contracts
+
+    status = dispatch(home, "chain", "status", "--profile", "local-monad")
+    assert status.returncode == 0, status.stdout + status.stderr
+    shown = json.loads(status.stdout)
+    assert shown["ok"] and shown["running"] and shown["anvil_pid"] == chain["anvil_pid"]
+    assert shown["rpc_url"] == chain["rpc_url"] and shown["chain_id"] == 31337
+
+    w3 = web3_for(chain["rpc_url"], 5)
+    usdc = w3.eth.contract(address=chain["contracts"]["usdc"], abi=load_artifact("TestUSDC").abi)
+    for account in chain["accounts"].values():
+        assert usdc.functions.balanceOf(account["address"]).call() == account["usdc"] > 0
+        assert w3.eth.get_balance(account["address"]) > 0
+
+
+async def test_anchorer_serializes_sends_and_reanchoring_returns_the_first_tx(
+    chain: dict[str, Any],
+) -> None:
+    anchorer = EvmAnchorer(
+        chain["rpc_url"],
+        chain["network"],
+        chain["contracts"]["receipt_anchor"],
+        chain["accounts"]["client"]["private_key"],  # not the coordinator: no shared nonces
+        gas_limit=60000,
+    )
+    roots = [os.urandom(32) for _ in range(3)]
+    results = await asyncio.gather(
+        *(anchorer.anchor(r, 2, f"batch_{i:024x}") for i, r in enumerate(roots))
+    )
+    assert len({r.transaction for r in results}) == 3
+    assert {r.network for r in results} == {"eip155:31337"}
+    again = await anchorer.anchor(roots[0], 2, "batch_again")
+    assert again == results[0]
+    receipt = anchorer.w3.eth.get_transaction_receipt(results[0].transaction)  # type: ignore[arg-type]
+    assert receipt["gasUsed"] < 60000 == receipt_gas_limit(anchorer, results[0].transaction)
+
+    tight = EvmAnchorer(
+        chain["rpc_url"],
+        chain["network"],
+        chain["contracts"]["receipt_anchor"],
+        chain["accounts"]["client"]["private_key"],
+        gas_limit=30000,
+    )
+    with pytest.raises(RuntimeError, match="anchor_gas_limit is 30000"):
+        await tight.anchor(os.urandom(32), 1, "batch_tight")
+
+
+def receipt_gas_limit(anchorer: EvmAnchorer, tx: str) -> int:
+    return int(anchorer.w3.eth.get_transaction(tx)["gas"])  # type: ignore[arg-type]
+
+
+async def test_batches_are_anchored_and_verify_onchain(
+    home: Path, chain: dict[str, Any], tmp_path: Path
+) -> None:
+    profile = chain_profile(str(home / "chains" / "local-monad.json"))
+    async with cluster_for(profile, tmp_path / "coord") as cluster:
+        assert cluster.coord.anchoring.startswith("evm: ReceiptAnchor")
+        await cluster.worker()
+        c = cluster.client()
+        jobs = await complete(c, 4, "anchored")  # two batches of two
+        proofs = [await anchored_proof(c, j.job_id) for j in jobs]
+    assert {p.anchor_network for p in proofs} == {"eip155:31337"}
+    assert len({p.batch_id for p in proofs}) == 2
+
+    w3 = web3_for(chain["rpc_url"], 5)
+    anchor = anchor_contract(w3, chain["contracts"]["receipt_anchor"])
+    block, anchorer = anchor.functions.anchoredAt(proofs[0].merkle_root).call()
+    assert block > 0 and anchorer == chain["accounts"]["coordinator"]["address"]
+
+    (tmp_path / "job.json").write_text(json.dumps(job_json(jobs[0])))
+
+    async def run(proof: receipt_pb2.GetReceiptProofResponse, *extra: str) -> tuple[int, Any]:
+        (tmp_path / "proof.json").write_text(json.dumps(proof_json(proof)))
+        code, out, err = await adispatch(
+            home, "receipt", "verify", str(tmp_path / "job.json"),
+            "--proof", str(tmp_path / "proof.json"), "--onchain", "--profile", "local-monad",
+            *extra,
+        )  # fmt: skip
+        assert out, err
+        return code, json.loads(out)
+
+    code, shown = await run(proofs[0], "--anchorer", chain["accounts"]["coordinator"]["address"])
+    assert code == 0, shown
+    onchain = shown["proof"]["onchain"]
+    assert onchain["valid"] and onchain["anchored_in_block"] == block
+    assert onchain["anchorer"] == chain["accounts"]["coordinator"]["address"]
+
+    tampered = receipt_pb2.GetReceiptProofResponse()
+    tampered.CopyFrom(proofs[0])
+    tampered.merkle_root = os.urandom(32)
+    code, shown = await run(tampered)
+    assert code == 1 and any("no anchor" in p for p in shown["problems"]), shown
+
+    other_tx = receipt_pb2.GetReceiptProofResponse()
+    other_tx.CopyFrom(proofs[0])
+    other_tx.anchor_transaction = next(
+        p.anchor_transaction for p in proofs if p.batch_id != proofs[0].batch_id
+    )
+    code, shown = await run(other_tx)
+    assert code == 1 and any("root mismatch" in p for p in shown["problems"]), shown
+
+    missing = receipt_pb2.GetReceiptProofResponse()
+    missing.CopyFrom(proofs[0])
+    missing.anchor_transaction = "0x" + os.urandom(32).hex()
+    code, shown = await run(missing)
+    assert code == 1 and any("tx not found" in p for p in shown["problems"]), shown
+
+
+class TcpProxy:
+    """127.0.0.1:<port> -> 127.0.0.1:<target>; stop() makes the port refuse connections
+    (and cuts the open ones), start() listens on the same port again."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in list(self.writers):
+            w.close()
+        await self.server.wait_closed()
+        self.server = None
+
+    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        w.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+        self.writers |= {writer, up_writer}
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        finally:
+            self.writers -= {writer, up_writer}
+
+
+async def test_a_chain_outage_leaves_batches_pending_and_jobs_running(
+    chain: dict[str, Any], tmp_path: Path
+) -> None:
+    # The coordinator's own account: a new key file, funded with test ether.
+    key_file = tmp_path / "coordinator-chain.key"
+    key = load_or_create_chain_key(key_file)
+    address = web3_for(chain["rpc_url"], 5).eth.account.from_key(key).address
+    _rpc(chain["rpc_url"], "anvil_setBalance", [address, hex(10**18)], timeout=5)
+
+    proxy = TcpProxy(int(chain["rpc_url"].rsplit(":", 1)[1]))
+    await proxy.start()
+    await proxy.stop()  # the node is unreachable from the start
+    profile = chain_profile(
+        "",
+        devchain="",
+        rpc_url=proxy.url,
+        receipt_anchor=chain["contracts"]["receipt_anchor"],
+        key_file=str(key_file),
+        rpc_timeout_seconds=2,
+    )
+    async with cluster_for(profile, tmp_path / "coord") as cluster:
+        store = cluster.coord.store
+        await cluster.worker()
+        c = cluster.client()
+        jobs = await complete(c, 2, "outage")
+
+        def pending_with_error() -> bool:
+            batches = store.receipt_batches((AnchorStatus.PENDING,))
+            return bool(batches) and "connection refused" in batches[0].anchor_error
+
+        await wait_until(pending_with_error, 10, "a pending batch with the chain error")
+        started = time.monotonic()
+        (later,) = await complete(c, 1, "during-outage")  # jobs do not wait for the chain
+        assert time.monotonic() - started < 5
+        assert store.receipt_batches((AnchorStatus.ANCHORED,)) == []
+
+        await proxy.start()  # the node is back, at the same address, with its state
+        try:
+            proof = await anchored_proof(c, jobs[0].job_id)
+        finally:
+            await proxy.stop()
+        (batch,) = store.receipt_batches((AnchorStatus.ANCHORED,))
+        assert batch.anchor_error == "" and batch.anchor_transaction == proof.anchor_transaction
+        assert later.state == COMPLETED
+
+    anchor = anchor_contract(web3_for(chain["rpc_url"], 5), chain["contracts"]["receipt_anchor"])
+    block, anchorer = anchor.functions.anchoredAt(proof.merkle_root).call()
+    assert block > 0 and anchorer == address
+
+
+def test_chain_down_stops_anvil_and_removes_the_deployment(
+    home: Path, chain: dict[str, Any]
+) -> None:
+    """Runs last in this module (pytest keeps file order)."""
+    r = dispatch(home, "chain", "down", "--profile", "local-monad")
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert shown["stopped"] and shown["anvil_pid"] == chain["anvil_pid"]
+    assert not pid_alive(chain["anvil_pid"])
+    assert not (home / "chains" / "local-monad.json").exists()
+    status = dispatch(home, "chain", "status", "--profile", "local-monad")
+    assert status.returncode == 1 and not json.loads(status.stdout)["ok"]
+    again = dispatch(home, "chain", "down", "--profile", "local-monad")
+    assert again.returncode == 0 and not json.loads(again.stdout)["stopped"]
