@@ -181,6 +181,8 @@ def test_check_worker_receipt_accepts_a_matching_body() -> None:
         ({"price_micros": 1}, "price.amount_micros"),
         ({"currency": "EUR"}, "price.currency"),
         ({"payment": common_pb2.PaymentReference(status="settled")}, "payment"),
+        # a session whose agent id was verified: a receipt without it (or another) is refused
+        ({"worker_agent_id": "7"}, "worker_agent_id"),
     ],
 )
 def test_check_worker_receipt_names_each_mismatch(change: dict[str, object], name: str) -> None:

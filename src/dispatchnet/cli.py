@@ -69,7 +69,43 @@ def _client_key(args: argparse.Namespace) -> keys.KeyPair:
 
 
 def _worker_key(args: argparse.Namespace) -> keys.KeyPair:
-    return keys.load_or_create(Path(args.key_file or keys.default_home() / "worker.key"))
+    return keys.load_or_create(_worker_key_path(args))
+
+
+def _worker_key_path(args: argparse.Namespace) -> Path:
+    return Path(args.key_file or keys.default_home() / "worker.key")
+
+
+def _agent_file(key_path: Path) -> Path:
+    """Where `dispatch worker register` records the agent: next to the worker key
+    (worker.key -> worker.agent.json)."""
+    return key_path.with_suffix(".agent.json")
+
+
+def _default_chain_key(key_path: Path) -> Path:
+    """The worker's secp256k1 chain key, next to its ed25519 key (worker.chain.key)."""
+    return key_path.with_suffix(".chain.key")
+
+
+def _worker_agent(args: argparse.Namespace) -> tuple[str, str]:
+    """(agent id, chain key) recorded by `dispatch worker register`, or ("", "")."""
+    path = _agent_file(_worker_key_path(args))
+    if not path.exists():
+        return "", ""
+    try:
+        data = json.loads(path.read_text())
+        agent_id, chain_key_file = str(data["agent_id"]), Path(data["chain_key_file"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CliError(f"{path} is not an agent file from `dispatch worker register`: {e}") from e
+    import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
+    from dispatchnet.chains.evm import ChainConfigError, load_or_create_chain_key
+
+    if not chain_key_file.exists():
+        raise CliError(f"{path}: its chain key {chain_key_file} is missing")
+    try:
+        return agent_id, load_or_create_chain_key(chain_key_file)
+    except ChainConfigError as e:
+        raise CliError(str(e)) from e
 
 
 # --- coordinator / worker -----------------------------------------------------------------
@@ -112,6 +148,9 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     from dispatchnet.worker.llm import LlmSetupError, llm_executor
     from dispatchnet.worker.runtime import Worker
 
+    if getattr(args, "worker_cmd", None) == "register":
+        return await cmd_worker_register(args)
+    agent_id, chain_key = _worker_agent(args)
     executors = default_executors()
     try:
         llm = llm_executor(args.kind, args.llm_backend, args.llm_url, args.model, args.model_path)
@@ -125,6 +164,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         kind=args.kind,
         max_concurrency=args.max_concurrency,
         executors=executors,
+        agent_id=agent_id,
+        chain_key=chain_key,
     )
     loop = asyncio.get_running_loop()
     draining: set[asyncio.Task[None]] = set()
@@ -145,12 +186,86 @@ async def cmd_worker(args: argparse.Namespace) -> int:
                 "kind": args.kind,
                 "coordinator": args.coordinator,
                 "llm_models": worker.llm_models,
+                "agent_id": agent_id,
             }
         ),
         flush=True,
     )
     await worker.run()
     return 0
+
+
+async def cmd_worker_register(args: argparse.Namespace) -> int:
+    """Registers the worker in the profile's IdentityRegistry (see README "Worker identity")."""
+    import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
+    from dispatchnet.chains.evm import (
+        TRANSIENT,
+        ChainConfigError,
+        load_or_create_chain_key,
+        resolve_evm_chain,
+    )
+    from dispatchnet.chains.identity import fund_dev_account, register_worker
+
+    profile = load_profile(args.profile)
+    key_path = _worker_key_path(args)
+    key = keys.load_or_create(key_path)
+    chain_key_path = (
+        Path(args.chain_key_file) if args.chain_key_file else _default_chain_key(key_path)
+    )
+    try:
+        chain = resolve_evm_chain(profile.chain)
+        chain_key = load_or_create_chain_key(chain_key_path)
+        address = str(_chain_address(chain_key))
+        funded = False
+        if profile.chain.devchain:
+            # a local dev chain: give the new account gas money (anvil_setBalance)
+            funded = await asyncio.to_thread(fund_dev_account, chain, address, 10**18)
+        result = await asyncio.to_thread(
+            register_worker,
+            chain,
+            chain_key,
+            key.public_key,
+            name=args.name or f"dispatch-worker-{key.public_hex[:8]}",
+            description=args.description,
+            endpoint=args.endpoint or args.coordinator,
+            timeout=profile.chain.tx_timeout_seconds,
+        )
+    except ChainConfigError as e:
+        raise CliError(str(e)) from e
+    except TRANSIENT as e:
+        raise CliError(f"cannot reach chain {profile.chain.network}: {e}") from e
+    except RuntimeError as e:  # a reverted transaction
+        raise CliError(f"registration failed: {e}") from e
+    agent_file = _agent_file(key_path)
+    agent_file.write_text(
+        json.dumps(
+            {
+                "agent_id": result["agent_id"],
+                "chain_key_file": str(chain_key_path.resolve()),
+                "chain_address": result["chain_address"],
+                "network": result["network"],
+                "identity_registry": result["identity_registry"],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    emit(
+        {
+            **result,
+            "worker_id": key.public_hex,
+            "chain_key_file": str(chain_key_path),
+            "agent_file": str(agent_file),
+            "funded": funded,
+        }
+    )
+    return 0
+
+
+def _chain_address(chain_key: str) -> str:
+    from eth_account import Account
+
+    return str(Account.from_key(chain_key).address)
 
 
 async def cmd_seekers(args: argparse.Namespace) -> int:
@@ -518,6 +633,22 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--model", help="model name to serve and advertise (required for openai)")
     w.add_argument("--model-path", help="GGUF file for the embedded backend")
     w.set_defaults(fn=cmd_worker)
+    wsub = w.add_subparsers(dest="worker_cmd")
+    wr = wsub.add_parser(
+        "register", help="register the worker as an agent in the profile's IdentityRegistry"
+    )
+    with_coord(wr, "worker key file")
+    wr.add_argument("--profile", default="local-monad", help="profile name or .toml path")
+    wr.add_argument(
+        "--chain-key-file",
+        help="the worker's secp256k1 chain key (default: next to the worker key, *.chain.key; "
+        "created 0600 when missing)",
+    )
+    wr.add_argument("--name", help="agent name in the registration file")
+    wr.add_argument("--description", default="Dispatch compute worker (dispatch.v1)")
+    wr.add_argument(
+        "--endpoint", help="gRPC endpoint in the registration file (default: --coordinator)"
+    )
 
     sk = sub.add_parser("seekers", help="simulate many mobile seekers in one process")
     sk.add_argument(

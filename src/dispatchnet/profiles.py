@@ -51,6 +51,19 @@ class WorkersConfig:
 
 
 @dataclass(frozen=True)
+class IdentityConfig:
+    """Worker identity on chain (`[identity]`), used when [chain] kind is "evm": a worker
+    that sends Hello.agent_id must prove it controls that ERC-8004 agent (see
+    ChallengeResponse.chain_signature). require_registration: refuse workers that send no
+    agent id (false: they are admitted with no agent id, so no on-chain reputation)."""
+
+    require_registration: bool = False
+    # How long a verified (agent id, chain address, ed25519 key) is trusted without
+    # reading the chain again (reconnects within it cost no chain reads).
+    cache_ttl_seconds: float = 300
+
+
+@dataclass(frozen=True)
 class PricingConfig:
     currency: str = "USD"
     fast_llm: int = 10000
@@ -76,7 +89,27 @@ class PaymentsConfig:
 
 @dataclass(frozen=True)
 class ReputationConfig:
+    """Where matching's worker scores come from: "local" (this coordinator's own job
+    records) or "erc8004" (ReputationRegistry.getSummary over trusted_reviewers plus the
+    coordinator's own chain account; see reputation/erc8004.py for the formula)."""
+
     source: str = "local"
+    trusted_reviewers: list[str] = field(default_factory=list)
+    cache_ttl_seconds: float = 300
+    prior: float = 0.5  # the score of a worker with no feedback (or no agent id)
+    prior_weight: float = 2  # the prior counts like this many feedback entries
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """ERC-8004 feedback on workers (`[feedback]`): every finished job whose worker has an
+    agent id gets one giveFeedback from the coordinator's chain account (needs [chain]
+    kind = "evm" with a reputation_registry)."""
+
+    enabled: bool = False
+    # Gas limit of one giveFeedback (~192k the first time an agent is rated by this
+    # account, ~108k later). Monad charges for the limit: keep it tight.
+    gas_limit: int = 250000
 
 
 @dataclass(frozen=True)
@@ -149,11 +182,13 @@ class Profile:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     pairing: PairingConfig = field(default_factory=PairingConfig)
     payments: PaymentsConfig = field(default_factory=PaymentsConfig)
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     receipts: ReceiptsConfig = field(default_factory=ReceiptsConfig)
     chain: ChainConfig = field(default_factory=ChainConfig)
 
@@ -188,7 +223,9 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
             if not isinstance(value, dict):
                 raise ProfileError(f"{where}: [{name}] must be a section")
             kwargs[name] = _build(expected, value, f"{where} [{name}]")
-        elif type(value) is expected or (expected is float and type(value) is int):
+        elif type(value) is (typing.get_origin(expected) or expected) or (
+            expected is float and type(value) is int
+        ):
             kwargs[name] = value
         else:
             raise ProfileError(
@@ -224,6 +261,23 @@ def check_profile(profile: Profile) -> list[str]:
         problems.append("[chain] devchain needs kind = evm and a deployment name")
     if not 0 <= c.devchain_port <= 65535:
         problems.append("[chain] devchain_port must be a port number")
+    r = profile.reputation
+    if r.source not in ("local", "erc8004"):
+        problems.append(f"[reputation] source must be local or erc8004, not {r.source!r}")
+    elif r.source == "erc8004" and c.kind != "evm":
+        problems.append('[reputation] source = "erc8004" needs [chain] kind = "evm"')
+    if not all(isinstance(a, str) and ADDRESS.fullmatch(a) for a in r.trusted_reviewers):
+        problems.append("[reputation] trusted_reviewers must be addresses (0x + 40 hex digits)")
+    if not 0 <= r.prior <= 1 or r.prior_weight <= 0 or r.cache_ttl_seconds < 0:
+        problems.append("[reputation] needs 0 <= prior <= 1, prior_weight > 0, cache_ttl >= 0")
+    if profile.feedback.enabled and c.kind != "evm":
+        problems.append('[feedback] enabled needs [chain] kind = "evm"')
+    if profile.feedback.gas_limit < 21000:
+        problems.append("[feedback] gas_limit must be at least 21000")
+    if profile.identity.require_registration and c.kind != "evm":
+        problems.append('[identity] require_registration needs [chain] kind = "evm"')
+    if profile.identity.cache_ttl_seconds < 0:
+        problems.append("[identity] cache_ttl_seconds must not be negative")
     if profile.receipts.anchor == "evm" and c.kind != "evm":
         problems.append('[receipts] anchor = "evm" needs [chain] kind = "evm"')
     return problems

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +22,7 @@ from dispatch.v1 import (
     worker_pb2_grpc,
 )
 from dispatchnet import keys
+from dispatchnet.agent_identity import IdentityVerifier
 from dispatchnet.api import reflection
 from dispatchnet.api.edge import AuthInterceptor, ErrorInterceptor
 from dispatchnet.api.servicers import (
@@ -31,11 +34,13 @@ from dispatchnet.api.servicers import (
 from dispatchnet.coordinator.hub import WorkerHub
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.pairing import PairingService
+from dispatchnet.coordinator.ports import ReputationSource
 from dispatchnet.coordinator.receipts import ReceiptQueries
 from dispatchnet.profiles import Profile
 from dispatchnet.receipts.anchoring import anchorer_for
 from dispatchnet.receipts.batcher import ReceiptBatcher
 from dispatchnet.receipts.notary import Notary
+from dispatchnet.reputation.feedback import FeedbackSender, feedback_sender_for
 from dispatchnet.reputation.local import LocalReputation
 from dispatchnet.store.sqlite import SqliteStore
 
@@ -62,6 +67,7 @@ class Coordinator:
     public_key: bytes
     batcher: ReceiptBatcher | None = None
     anchoring: str = ""  # how receipt roots are anchored, for people
+    feedback: FeedbackSender | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
         for name in ("", *SERVICE_NAMES):
@@ -70,14 +76,39 @@ class Coordinator:
         await self.server.stop(grace)
         if self.batcher is not None:
             await self.batcher.stop()
+        if self.feedback is not None:
+            await self.feedback.stop()
+        stop_reputation = getattr(self.jobs.reputation, "stop", None)
+        if stop_reputation is not None:
+            await stop_reputation()
         self.store.close()
+
+
+def identity_verifier_for(profile: Profile) -> IdentityVerifier | None:
+    """The on-chain check of workers' agent ids: for an EVM [chain] with an
+    identity_registry; None otherwise (agent ids are then ignored)."""
+    if profile.chain.kind != "evm":
+        return None
+    # the adapter, imported only by profiles that use it (web3 is heavy)
+    import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
+    from dispatchnet.chains.evm import resolve_evm_chain
+    from dispatchnet.chains.identity import EvmIdentityVerifier
+
+    chain = resolve_evm_chain(profile.chain)
+    if not chain.identity_registry:
+        if profile.identity.require_registration:
+            raise ValueError("[identity] require_registration needs an identity_registry")
+        return None
+    return EvmIdentityVerifier(
+        chain,
+        rpc_timeout=profile.chain.rpc_timeout_seconds,
+        ttl_seconds=profile.identity.cache_ttl_seconds,
+    )
 
 
 async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Coordinator:
     if profile.payments.enabled:
         raise ValueError(f"profile {profile.name}: payments are not supported by this build yet")
-    if profile.reputation.source != "local":
-        raise ValueError(f"profile {profile.name}: unknown reputation source")
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
         anchorer = anchorer_for(profile.receipts.anchor, profile.chain, data_dir)
@@ -91,11 +122,41 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         log.warning("receipt anchoring is off: %s", anchoring)
     key = keys.load_or_create(data_dir / "coordinator.key")
     store = SqliteStore(data_dir / "coordinator.db", profile.server.sqlite_synchronous)
-    reputation = LocalReputation(store)
+    sessions: dict[str, Any] = {}  # the hub's, once it exists
+
+    def agent_of(worker_id: str) -> str:
+        """A connected worker's agent id (its session's), "" for none."""
+        session = sessions.get(worker_id)
+        return str(session.agent_id) if session is not None else ""
+
+    try:
+        reputation = reputation_for(profile, data_dir, store, agent_of)
+        feedback = feedback_sender_for(profile, data_dir, store)
+    except ValueError as e:
+        store.close()
+        raise ValueError(f"profile {profile.name}: {e}") from e
     jobs = JobService(store, profile.jobs, profile.pricing, Notary(key), reputation)
-    hub = WorkerHub(jobs, store, reputation, key.public_key, profile.workers, profile.jobs)
+    try:
+        identity = identity_verifier_for(profile)
+    except ValueError as e:
+        raise ValueError(f"profile {profile.name}: {e}") from e
+    hub = WorkerHub(
+        jobs,
+        store,
+        reputation,
+        key.public_key,
+        profile.workers,
+        profile.jobs,
+        identity=identity,
+        require_registration=profile.identity.require_registration,
+    )
+    sessions = hub.sessions
     batcher = ReceiptBatcher(store, profile.receipts, anchorer)
     jobs.completion_listeners.append(batcher)
+    if feedback is not None:
+        jobs.feedback_uri_base = f"dispatch://{key.public_hex}"
+        jobs.agent_of = agent_of
+        jobs.completion_listeners.append(feedback)
     requeued = jobs.recover()
     if requeued:
         log.info("requeued %d job(s) held by workers before the restart", requeued)
@@ -135,11 +196,49 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
     await server.start()
     hub.start()
     batcher.start()
+    if feedback is not None:
+        feedback.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "coordinator %s… listening on port %d (profile %s)", key.public_hex[:12], port, profile.name
     )
     return Coordinator(
-        server, port, store, jobs, hub, health_servicer, key.public_key, batcher, str(anchoring)
+        server,
+        port,
+        store,
+        jobs,
+        hub,
+        health_servicer,
+        key.public_key,
+        batcher,
+        str(anchoring),
+        feedback,
     )
+
+
+def reputation_for(
+    profile: Profile, data_dir: Path, store: SqliteStore, agent_of: Callable[[str], str]
+) -> ReputationSource:
+    """The reputation source the profile's [reputation] source names."""
+    r = profile.reputation
+    if r.source == "local":
+        return LocalReputation(store)
+    if r.source == "erc8004":
+        # imported only by profiles that use it (web3 is heavy)
+        from dispatchnet.chains.evm import EvmReputationReader, resolve_evm_chain
+        from dispatchnet.coordinator.jobs import FEEDBACK_TAG1
+        from dispatchnet.reputation.erc8004 import Erc8004Reputation
+
+        chain = resolve_evm_chain(profile.chain, data_dir)
+        reader = EvmReputationReader(
+            chain, r.trusted_reviewers, FEEDBACK_TAG1, profile.chain.rpc_timeout_seconds
+        )
+        return Erc8004Reputation(
+            reader,
+            agent_of,
+            prior=r.prior,
+            prior_weight=r.prior_weight,
+            ttl_seconds=r.cache_ttl_seconds,
+        )
+    raise ValueError(f"unknown reputation source {r.source!r}")

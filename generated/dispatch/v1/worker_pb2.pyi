@@ -199,8 +199,9 @@ class Hello(_message.Message):
     version: _builtins.str
     """Free-form software version, for operators."""
     agent_id: _builtins.str
-    """On-chain agent id the worker claims; verified against the chain when the
-    profile has one, ignored otherwise.
+    """On-chain agent id (ERC-8004 IdentityRegistry, decimal) the worker claims;
+    proven by ChallengeResponse.chain_signature and verified against the chain
+    when the profile has one, ignored otherwise.
     """
     @_builtins.property
     def capabilities(self) -> Global___Capabilities:
@@ -290,16 +291,25 @@ class ChallengeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    CHAIN_SIGNATURE_FIELD_NUMBER: _builtins.int
     signature: _builtins.bytes
     """ed25519 signature over "dispatch.v1.WorkerHello\\n" || nonce || coordinator_public_key."""
+    chain_signature: _builtins.bytes
+    """Proof of control of Hello.agent_id (required when agent_id is set and the
+    coordinator's profile has an EVM chain): a 65-byte EIP-191 personal_sign
+    signature, by the agent's owner or agent wallet in the IdentityRegistry, over
+    "dispatch.v1.WorkerAgent\\n" || nonce || coordinator_public_key ||
+    Hello.public_key || agent_id as decimal ASCII.
+    """
     def __init__(
         self,
         *,
         signature: _builtins.bytes = ...,
+        chain_signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_signature", b"chain_signature", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -315,6 +325,7 @@ class Welcome(_message.Message):
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
     EVICTION_SECONDS_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """The worker's id (hex of its public key)."""
     heartbeat_interval_seconds: _builtins.int
@@ -323,6 +334,11 @@ class Welcome(_message.Message):
     """The coordinator evicts the worker after this long without a message."""
     session_id: _builtins.str
     """Session id, for logs."""
+    agent_id: _builtins.str
+    """The agent id the coordinator verified for this session (Hello.agent_id and
+    its chain_signature checked on chain); empty when none was verified. Put it in
+    ReceiptBody.worker_agent_id: receipts with any other value are refused.
+    """
     def __init__(
         self,
         *,
@@ -330,10 +346,11 @@ class Welcome(_message.Message):
         heartbeat_interval_seconds: _builtins.int = ...,
         eviction_seconds: _builtins.int = ...,
         session_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eviction_seconds", b"eviction_seconds", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "session_id", b"session_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "eviction_seconds", b"eviction_seconds", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "session_id", b"session_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -131,8 +132,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         second = await anext(it, None)
         if second is None or second.WhichOneof("msg") != "challenge_response":
             raise InvalidArgument("the second message on Connect must be challenge_response")
-        self.hub.authenticate(hello.public_key, nonce, second.challenge_response.signature)
-        session = self.hub.register(hello)
+        proof = second.challenge_response
+        self.hub.authenticate(hello.public_key, nonce, proof.signature)
+        agent_id = await self.hub.verify_agent(hello, nonce, proof.chain_signature)
+        session = self.hub.register(dataclasses.replace(hello, agent_id=agent_id))
         reader = asyncio.create_task(self._read(it, session))
         reason = "disconnected"
         try:
@@ -142,6 +145,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     heartbeat_interval_seconds=self.cfg.heartbeat_interval_seconds,
                     eviction_seconds=int(self.cfg.eviction_seconds),
                     session_id=session.session_id,
+                    agent_id=session.agent_id,
                 )
             )
             while (out := await session.next_outbound()) is not None:

@@ -223,6 +223,61 @@ def find_anchor_transaction(contract: Contract, root: bytes, block: int) -> str:
     return _hex(logs[0]["transactionHash"]) if logs else ""
 
 
+# --- the shared sender ----------------------------------------------------------------------
+
+
+class EvmSender:
+    """Signs and sends transactions from one chain account. Every user of the account in
+    this process (the anchorer, the feedback sender) shares one EvmSender (shared_sender),
+    and holds `lock` around everything from reading the nonce to sending, so their nonces
+    never collide. The nonce is the node's pending count, fetched for every transaction; a
+    "nonce too low" answer (another process used the account) refetches it and sends again.
+    Blocking: call it in a worker thread."""
+
+    def __init__(self, w3: Web3, network: str, private_key: str) -> None:
+        self.w3 = w3
+        self.network = network
+        self.chain_id = chain_id_of(network)
+        self.account: LocalAccount = Account.from_key(private_key)
+        self.lock = threading.Lock()
+
+    @property
+    def address(self) -> ChecksumAddress:
+        return self.account.address
+
+    def send(self, fn: Any, gas_limit: int, nonce_retries: int = 3) -> bytes:
+        """Signs and sends with the pending nonce and the given gas limit; the caller holds
+        `lock`."""
+        for attempt in range(nonce_retries + 1):
+            nonce = self.w3.eth.get_transaction_count(self.address, "pending")
+            tx = fn.build_transaction(
+                {"from": self.address, "nonce": nonce, "gas": gas_limit, "chainId": self.chain_id}
+            )
+            signed = self.account.sign_transaction(tx)
+            try:
+                return bytes(self.w3.eth.send_raw_transaction(signed.raw_transaction))
+            except Web3RPCError as e:
+                if "nonce too low" not in str(e).lower() or attempt == nonce_retries:
+                    raise
+                log.info("nonce %d was taken; refetching the pending nonce", nonce)
+        raise AssertionError("unreachable")
+
+
+_SENDERS: dict[tuple[str, str], EvmSender] = {}
+_SENDERS_LOCK = threading.Lock()
+
+
+def shared_sender(rpc_url: str, network: str, private_key: str, rpc_timeout: float) -> EvmSender:
+    """The process's one EvmSender for this account on this node."""
+    address = str(Account.from_key(private_key).address)
+    with _SENDERS_LOCK:
+        sender = _SENDERS.get((rpc_url, address))
+        if sender is None:
+            sender = EvmSender(web3_for(rpc_url, rpc_timeout), network, private_key)
+            _SENDERS[(rpc_url, address)] = sender
+        return sender
+
+
 # --- anchoring ------------------------------------------------------------------------------
 
 
@@ -265,10 +320,11 @@ class EvmAnchorer:
         self.poll_seconds = poll_seconds
         self.nonce_retries = nonce_retries
         self.rpc_url = rpc_url
-        self.w3 = web3_for(rpc_url, rpc_timeout)
+        self.sender = shared_sender(rpc_url, network, private_key, rpc_timeout)
+        self.w3 = self.sender.w3
         self.contract = anchor_contract(self.w3, contract_address)
-        self.account: LocalAccount = Account.from_key(private_key)
-        self._lock = threading.Lock()
+        self.account: LocalAccount = self.sender.account
+        self._lock = self.sender.lock  # shared with every other sender from this account
         self._chain_checked = False
 
     @classmethod
@@ -362,25 +418,7 @@ class EvmAnchorer:
         return tx
 
     def _send(self, fn: Any) -> bytes:
-        """Signs and sends with the pending nonce; refetches it on "nonce too low"."""
-        for attempt in range(self.nonce_retries + 1):
-            nonce = self.w3.eth.get_transaction_count(self.address, "pending")
-            tx = fn.build_transaction(
-                {
-                    "from": self.address,
-                    "nonce": nonce,
-                    "gas": self.gas_limit,
-                    "chainId": self.chain_id,
-                }
-            )
-            signed = self.account.sign_transaction(tx)
-            try:
-                return bytes(self.w3.eth.send_raw_transaction(signed.raw_transaction))
-            except Web3RPCError as e:
-                if "nonce too low" not in str(e).lower() or attempt == self.nonce_retries:
-                    raise
-                log.info("nonce %d was taken; refetching the pending nonce", nonce)
-        raise AssertionError("unreachable")
+        return self.sender.send(fn, self.gas_limit, self.nonce_retries)
 
 
 def _brief(e: BaseException) -> str:
@@ -482,3 +520,164 @@ def check_anchor_onchain(
     except (requests.RequestException, OSError) as e:
         out.problems.append(f"cannot reach chain {chain.network} at {chain.rpc_url}: {_brief(e)}")
     return out
+
+
+# --- feedback -------------------------------------------------------------------------------
+
+
+FEEDBACK_LOOKBACK = 10_000  # blocks searched for an entry's earlier transaction
+
+
+class FeedbackRejected(RuntimeError):
+    """giveFeedback reverts (or would): e.g. the coordinator's account owns the agent, or
+    the agent does not exist. The entry is marked "failed" with this reason."""
+
+
+def reputation_contract(w3: Web3, address: str) -> Contract:
+    if "ReputationRegistry" not in _ABI_CACHE:
+        _ABI_CACHE["ReputationRegistry"] = load_artifact("ReputationRegistry").abi
+    return w3.eth.contract(
+        address=Web3.to_checksum_address(address), abi=_ABI_CACHE["ReputationRegistry"]
+    )
+
+
+class EvmFeedbackPoster:
+    """Posts ReputationRegistry.giveFeedback from the coordinator's chain account through the
+    shared EvmSender (same lock and nonces as the anchorer). Blocking calls run in a thread.
+
+    Exactly once: before sending, the registry's NewFeedback events from this account for
+    the agent are searched for the entry's feedbackURI + feedbackHash; when found (a retry
+    after a lost receipt or a crash), that transaction is returned and nothing is sent.
+    Node trouble: Unavailable (the entry stays pending). A revert: FeedbackRejected."""
+
+    def __init__(
+        self,
+        chain: EvmChain,
+        *,
+        gas_limit: int,
+        rpc_timeout: float = 10.0,
+        tx_timeout: float = 60.0,
+        poll_seconds: float = 0.1,
+    ) -> None:
+        if not chain.reputation_registry:
+            raise ChainConfigError("[chain] has no reputation_registry address")
+        if not chain.account_key:
+            raise ChainConfigError("[chain] has no account to send feedback from")
+        self.network = chain.network
+        self.rpc_url = chain.rpc_url
+        self.gas_limit = gas_limit
+        self.tx_timeout = tx_timeout
+        self.poll_seconds = poll_seconds
+        self.sender = shared_sender(chain.rpc_url, chain.network, chain.account_key, rpc_timeout)
+        self.contract = reputation_contract(self.sender.w3, chain.reputation_registry)
+
+    @property
+    def address(self) -> ChecksumAddress:
+        return self.sender.address
+
+    def describe(self) -> str:
+        return (
+            f"evm: ReputationRegistry {self.contract.address} on {self.network}, from "
+            f"{self.address}, gas limit {self.gas_limit}"
+        )
+
+    async def give(self, entry: Any) -> str:
+        """Sends one FeedbackEntry; the transaction hash."""
+        return await asyncio.to_thread(self._give_locked, entry)
+
+    def _give_locked(self, entry: Any) -> str:
+        with self.sender.lock:
+            try:
+                return self._give(entry)
+            except TRANSIENT as e:
+                raise Unavailable(f"chain {self.network} at {self.rpc_url}: {_brief(e)}") from e
+
+    def _give(self, entry: Any) -> str:
+        existing = self._existing(entry)
+        if existing:
+            return existing
+        fn = self.contract.functions.giveFeedback(
+            entry.agent_id,
+            entry.value,
+            entry.value_decimals,
+            entry.tag1,
+            entry.tag2,
+            "",
+            entry.feedback_uri,
+            entry.feedback_hash,
+        )
+        try:
+            fn.estimate_gas({"from": self.address, "gas": self.gas_limit})
+        except ContractLogicError as e:
+            raise FeedbackRejected(f"giveFeedback reverts: {_brief(e)}") from e
+        tx_hash = self.sender.send(fn, self.gas_limit)
+        try:
+            receipt = self.sender.w3.eth.wait_for_transaction_receipt(
+                HexBytes(tx_hash), timeout=self.tx_timeout, poll_latency=self.poll_seconds
+            )
+        except TimeExhausted as e:
+            raise Unavailable(
+                f"feedback transaction {_hex(tx_hash)} not mined within {self.tx_timeout:g}s"
+            ) from e
+        if receipt["status"] != 1:
+            raise FeedbackRejected(
+                f"feedback transaction {_hex(tx_hash)} reverted (gas used {receipt['gasUsed']} "
+                f"of gas limit {self.gas_limit})"
+            )
+        return _hex(tx_hash)
+
+    def _existing(self, entry: Any) -> str:
+        """This account's NewFeedback for the entry within the last FEEDBACK_LOOKBACK
+        blocks ("" if none). A node that refuses the log query (range limits on public
+        RPCs) skips the check, with a warning: only a retry after a lost receipt could
+        then post twice."""
+        latest = int(self.sender.w3.eth.block_number)
+        try:
+            logs = self.contract.events.NewFeedback().get_logs(
+                from_block=max(0, latest - FEEDBACK_LOOKBACK),
+                to_block=latest,
+                argument_filters={"agentId": entry.agent_id, "clientAddress": self.address},
+            )
+        except Web3RPCError as e:
+            log.warning("cannot search earlier feedback (%s); sending without the check", e)
+            return ""
+        for ev in logs:
+            args = ev["args"]
+            if (
+                args["feedbackURI"] == entry.feedback_uri
+                and bytes(args["feedbackHash"]) == entry.feedback_hash
+            ):
+                return _hex(ev["transactionHash"])
+        return ""
+
+
+class EvmReputationReader:
+    """Reads ReputationRegistry.getSummary over the trusted reviewers (blocking: call it in
+    a thread). summary(agent_id) -> (count, average value) of the successRate feedback."""
+
+    def __init__(
+        self, chain: EvmChain, trusted: list[str], tag1: str, timeout: float = 10.0
+    ) -> None:
+        if not chain.reputation_registry:
+            raise ChainConfigError("[chain] has no reputation_registry address")
+        reviewers = [_address(a, "[reputation] trusted_reviewers") for a in trusted]
+        if chain.account_key and chain.account_address not in reviewers:
+            reviewers.append(chain.account_address)  # the coordinator trusts itself
+        if not reviewers:
+            raise ChainConfigError("[reputation] has no trusted reviewer")
+        self.reviewers = reviewers
+        self.tag1 = tag1
+        self.network = chain.network
+        self.rpc_url = chain.rpc_url
+        self.contract = reputation_contract(
+            web3_for(chain.rpc_url, timeout), chain.reputation_registry
+        )
+
+    def summary(self, agent_id: int) -> tuple[int, float]:
+        try:
+            count, value, decimals = self.contract.functions.getSummary(
+                agent_id, self.reviewers, self.tag1, ""
+            ).call()
+        except TRANSIENT as e:
+            raise Unavailable(f"chain {self.network} at {self.rpc_url}: {_brief(e)}") from e
+        return int(count), int(value) / 10 ** int(decimals)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from dispatchnet.agent_identity import IdentityVerifier
 from dispatchnet.coordinator import matching
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Failure, Job, JobSpec, Privacy, Result, WorkerKind
@@ -124,8 +125,13 @@ class WorkerHub:
         jobs_cfg: JobsConfig,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        identity: IdentityVerifier | None = None,
+        require_registration: bool = False,
     ) -> None:
         self.jobs = jobs
+        # checks Hello.agent_id claims on chain (None: no chain, agent ids are dropped)
+        self.identity = identity
+        self.require_registration = require_registration
         self.store = store
         self.reputation = reputation
         self.public_key = coordinator_public_key
@@ -150,7 +156,27 @@ class WorkerHub:
         if not verify(public_key, HELLO_CONTEXT, nonce + self.public_key, signature):
             raise Unauthenticated("challenge signature does not verify for the hello's public key")
 
+    async def verify_agent(self, hello: WorkerHello, nonce: bytes, chain_signature: bytes) -> str:
+        """The agent id to put in the session: hello.agent_id once the identity verifier
+        has checked the chain proof, "" for a worker without one (refused when registration
+        is required) or when there is no chain. Call after authenticate(); hello.agent_id
+        itself must never reach a session unverified."""
+        if not hello.agent_id:
+            if self.require_registration:
+                raise Unauthenticated(
+                    "this coordinator admits registered workers only: register the worker "
+                    "with `dispatch worker register` and connect with its agent id"
+                )
+            return ""
+        if self.identity is None:
+            return ""  # no chain to check the claim against: ignored
+        verified = await self.identity.verify(
+            hello.agent_id, hello.public_key, nonce, self.public_key, chain_signature
+        )
+        return verified.agent_id
+
     def register(self, hello: WorkerHello) -> WorkerSession:
+        """Opens a session; hello.agent_id must be the verified one (see verify_agent)."""
         if hello.kind is WorkerKind.SEEKER and hello.llm_models:
             raise InvalidArgument("seekers run TASK jobs only; llm_models must be empty")
         if not 1 <= hello.max_concurrency <= MAX_CONCURRENCY:
@@ -241,7 +267,14 @@ class WorkerHub:
         self.touch(s)
         s.foreign.discard(job_id)
         ok, reason = self.jobs.complete(
-            job_id, attempt, s.worker_id, s.public_key, result, body, signature
+            job_id,
+            attempt,
+            s.worker_id,
+            s.public_key,
+            result,
+            body,
+            signature,
+            worker_agent_id=s.agent_id,  # verified at Connect; the receipt must carry it
         )
         if not ok:
             self._avoid.setdefault(job_id, set()).add(s.worker_id)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +25,7 @@ from dispatchnet.coordinator.models import (
     Event,
     EventKind,
     Failure,
+    FeedbackEntry,
     Job,
     JobSpec,
     JobState,
@@ -52,6 +55,14 @@ WATCH_POLL_SECONDS = 5.0
 # Expired quotes stay this long (so a late CommitJob hears "expired", not "not found").
 EXPIRED_RETENTION_SECONDS = 3600.0
 PURGE_INTERVAL_SECONDS = 60.0
+# Feedback for a worker with an agent id (see README "Reputation and feedback"):
+FEEDBACK_TAG1 = "successRate"
+FEEDBACK_POSITIVE = 100  # a completed job (valueDecimals 0: 100 of 100)
+FEEDBACK_NEGATIVE = 0  # a job that failed on the worker (final failure)
+# Final failures that are not the worker's fault: no feedback.
+NOT_WORKER_FAULT = frozenset({"bad_input", "context_length_exceeded", "coordinator_restarted"})
+
+log = logging.getLogger("dispatch.jobs")
 
 
 def new_id(prefix: str) -> str:
@@ -79,6 +90,10 @@ class JobService:
         self.listener: JobListener | None = None
         self.completion_listeners: list[CompletionListener] = []
         self._next_purge = 0.0
+        # Feedback outbox: off while feedback_uri_base is None. agent_of(worker_id) is the
+        # agent id (decimal) of a connected worker, "" for none (set by the server).
+        self.feedback_uri_base: str | None = None
+        self.agent_of: Callable[[str], str] = lambda _worker_id: ""
 
     # --- client side --------------------------------------------------------------------
 
@@ -278,8 +293,11 @@ class JobService:
         result: Result,
         receipt_body: bytes,
         signature: bytes,
+        worker_agent_id: str = "",
     ) -> tuple[bool, str]:
         """Records a result with its countersigned receipt; (accepted, reason).
+        worker_agent_id: the delivering session's verified agent id ("" for none); the
+        receipt's worker_agent_id must equal it.
 
         The first valid result wins: besides the worker running the current attempt, a
         worker that held an earlier attempt (its stream dropped, the job was requeued) may
@@ -298,7 +316,7 @@ class JobService:
         assert job is not None
         try:
             receipt = self.notary.countersign(
-                job, attempt, worker_key, result, receipt_body, signature
+                job, attempt, worker_key, result, receipt_body, signature, worker_agent_id
             )
         except DispatchError as e:
             if not late:
@@ -314,6 +332,7 @@ class JobService:
             receipt=receipt,
             worker_id=worker_id,
             lease_expires_at=0.0,
+            feedback=self._feedback(job, worker_id, True, receipt.sha256, worker_agent_id),
         )
         if done is None:
             return False, "stale: the job changed state meanwhile"
@@ -342,6 +361,9 @@ class JobService:
             failure.code,
             failure=failure,
             lease_expires_at=0.0,
+            feedback=None
+            if failure.code in NOT_WORKER_FAULT
+            else self._feedback(job, worker_id, False, _failure_hash(job, attempt, failure)),
         )
         if failed is not None:
             self._release(failed, worker_id, attempt, failure.code, tell_worker=False)
@@ -362,6 +384,11 @@ class JobService:
                 reason,
                 failure=failure,
                 lease_expires_at=0.0,
+                feedback=None
+                if reason in NOT_WORKER_FAULT
+                else self._feedback(
+                    job, job.worker_id, False, _failure_hash(job, job.attempts, failure)
+                ),
             )
         else:
             moved = self._move(
@@ -444,6 +471,7 @@ class JobService:
         attempt: int | None,
         to: JobState,
         reason: str,
+        feedback: FeedbackEntry | None = None,
         **changes: object,
     ) -> Job | None:
         now = self.clock()
@@ -460,11 +488,47 @@ class JobService:
             attempt=new_attempt,
         )
         moved = self.store.transition(
-            job.job_id, from_states, attempt, {"state": to, "updated_at": now, **changes}, event
+            job.job_id,
+            from_states,
+            attempt,
+            {"state": to, "updated_at": now, **changes},
+            event,
+            feedback,
         )
         if moved is not None:
             self._changed(moved)
         return moved
+
+    def _feedback(
+        self, job: Job, worker_id: str, success: bool, feedback_hash: bytes, agent: str = ""
+    ) -> FeedbackEntry | None:
+        """The feedback outbox entry owed for the job's final transition, written in the
+        same transaction; None when feedback is off or the worker has no agent id. The
+        agent id: the one the delivering session gave (complete), else the worker's
+        connected session's (agent_of)."""
+        if self.feedback_uri_base is None or not worker_id:
+            return None
+        agent = agent or self.agent_of(worker_id)
+        if not agent:
+            return None
+        try:
+            agent_id = int(agent)
+        except ValueError:
+            log.warning("worker %s has agent id %r, not a number: no feedback", worker_id, agent)
+            return None
+        if not 0 <= agent_id < 2**256:
+            return None
+        return FeedbackEntry(
+            job_id=job.job_id,
+            agent_id=agent_id,
+            value=FEEDBACK_POSITIVE if success else FEEDBACK_NEGATIVE,
+            value_decimals=0,
+            tag1=FEEDBACK_TAG1,
+            tag2=job.spec.job_type.name.lower(),
+            feedback_uri=f"{self.feedback_uri_base}/jobs/{job.job_id}",
+            feedback_hash=feedback_hash,
+            created_at=self.clock(),
+        )
 
     def _changed(self, job: Job) -> None:
         self.notifier.notify(job.job_id)
@@ -474,6 +538,18 @@ class JobService:
     ) -> None:
         if self.listener and worker_id:
             self.listener.job_released(job, worker_id, attempt, reason, tell_worker)
+
+
+def _failure_hash(job: Job, attempt: int, failure: Failure) -> bytes:
+    """sha256 of the failure record a negative feedback entry points at."""
+    record = {
+        "job_id": job.job_id,
+        "attempt": attempt,
+        "worker_id": job.worker_id,
+        "code": failure.code,
+        "message": failure.message,
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).digest()
 
 
 async def _wait(ev: asyncio.Event, seconds: float) -> None:

@@ -208,3 +208,33 @@ class ReceiptBatch:
     anchor_transaction: str = ""
     anchor_error: str = ""
     anchored_at: float | None = None
+
+
+# --- feedback outbox --------------------------------------------------------------------
+
+
+class FeedbackStatus(enum.Enum):
+    """Where a feedback entry of the outbox stands with the ReputationRegistry."""
+
+    PENDING = "pending"  # waiting to be sent (or retried after chain trouble)
+    SENT = "sent"  # on chain: transaction; final
+    FAILED = "failed"  # reverted (e.g. the coordinator owns the agent): error; final
+
+
+@dataclass(frozen=True)
+class FeedbackEntry:
+    """One giveFeedback call owed for a finished job (one per job: job_id is the key)."""
+
+    job_id: str
+    agent_id: int
+    value: int
+    value_decimals: int
+    tag1: str
+    tag2: str
+    feedback_uri: str
+    feedback_hash: bytes  # 32 bytes
+    created_at: float
+    status: FeedbackStatus = FeedbackStatus.PENDING
+    transaction: str = ""
+    error: str = ""
+    attempts: int = 0

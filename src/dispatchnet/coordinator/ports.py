@@ -21,9 +21,11 @@ class ReceiptNotary(Protocol):
         result: Result,
         body: bytes,
         signature: bytes,
+        worker_agent_id: str = "",
     ) -> Receipt:
         """The countersigned receipt for a result of the job's `attempt`; raises
-        InvalidArgument listing what does not match."""
+        InvalidArgument listing what does not match (worker_agent_id: the session's
+        verified agent id, which the body must carry)."""
         ...
 
 

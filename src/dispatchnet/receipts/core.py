@@ -117,6 +117,8 @@ class ExpectedReceipt:
     price_micros: int
     currency: str
     payment: common_pb2.PaymentReference
+    # the session's verified on-chain agent id ("" when none was verified)
+    worker_agent_id: str = ""
 
 
 def check_worker_receipt(body: bytes, signature: bytes, expected: ExpectedReceipt) -> list[str]:
@@ -138,6 +140,7 @@ def check_worker_receipt(body: bytes, signature: bytes, expected: ExpectedReceip
         ("price.amount_micros", decoded.price.amount_micros, expected.price_micros),
         ("price.currency", decoded.price.currency, expected.currency),
         ("payment", decoded.payment, expected.payment),
+        ("worker_agent_id", decoded.worker_agent_id, expected.worker_agent_id),
     ]
     for name, got, want in checks:
         if got != want:

@@ -36,6 +36,7 @@ class Notary:
         result: Result,
         body: bytes,
         signature: bytes,
+        worker_agent_id: str = "",
     ) -> Receipt:
         expected = ExpectedReceipt(
             job_id=job.job_id,
@@ -49,6 +50,7 @@ class Notary:
             price_micros=job.price_micros,
             currency=job.currency,
             payment=payment_to_proto(job.payment),
+            worker_agent_id=worker_agent_id,
         )
         problems = check_worker_receipt(body, signature, expected)
         if problems:

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 from dispatchnet.coordinator.models import (
     AnchorStatus,
     Event,
+    FeedbackEntry,
+    FeedbackStatus,
     Job,
     JobState,
     Pairing,
@@ -57,9 +59,12 @@ class Store(Protocol):
         attempt: int | None,
         changes: dict[str, Any],
         event: Event | None,
+        feedback: FeedbackEntry | None = None,
     ) -> Job | None:
         """Applies changes (Job field names) if the job is in one of from_states (and at
-        attempt, when given), appending event; None when the condition did not hold."""
+        attempt, when given), appending event and adding `feedback` to the feedback outbox
+        in the same transaction (at most one entry per job); None when the condition did
+        not hold."""
         ...
 
     def append_event(self, event: Event, open_only: bool = True) -> Event | None:
@@ -151,6 +156,19 @@ class Store(Protocol):
     ) -> ReceiptBatch | None:
         """Records an anchoring outcome on a batch that is PENDING or FAILED (a final
         status, NONE or ANCHORED, never changes); None when the batch is unknown or final."""
+        ...
+
+    def feedback_entries(
+        self, statuses: Sequence[FeedbackStatus] | None = None, limit: int = 1000
+    ) -> list[FeedbackEntry]:
+        """Feedback outbox entries, oldest first, only those in `statuses` when given."""
+        ...
+
+    def update_feedback(
+        self, job_id: str, status: FeedbackStatus, transaction: str = "", error: str = ""
+    ) -> bool:
+        """Records a sending outcome on a PENDING entry (counting the attempt); False when
+        the entry is unknown or final."""
         ...
 
     def close(self) -> None: ...

@@ -21,6 +21,8 @@ from dispatchnet.coordinator.models import (
     Event,
     EventKind,
     Failure,
+    FeedbackEntry,
+    FeedbackStatus,
     Job,
     JobSpec,
     JobState,
@@ -192,7 +194,32 @@ def _v4(db: sqlite_utils.Database) -> None:
     db.table("pairing_codes").create_index(["expires_at"])
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4]
+def _v5(db: sqlite_utils.Database) -> None:
+    """The feedback outbox: one ReputationRegistry.giveFeedback owed per finished job whose
+    worker has an agent id, written with the job's final transition."""
+    db.table("feedback_outbox").create(
+        {
+            "job_id": str,
+            "agent_id": str,  # uint256 as decimal text
+            "value": int,
+            "value_decimals": int,
+            "tag1": str,
+            "tag2": str,
+            "feedback_uri": str,
+            "feedback_hash": bytes,
+            "created_at": float,
+            "status": str,
+            "tx": str,
+            "error": str,
+            "attempts": int,
+        },
+        pk="job_id",
+        not_null={"agent_id", "value", "feedback_hash", "created_at", "status"},
+    )
+    db.table("feedback_outbox").create_index(["status", "created_at"])
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JOB_SIMPLE = {
@@ -347,6 +374,7 @@ class SqliteStore:
         attempt: int | None,
         changes: dict[str, Any],
         event: Event | None,
+        feedback: FeedbackEntry | None = None,
     ) -> Job | None:
         with self._tx():
             r = self._conn.execute(
@@ -365,6 +393,8 @@ class SqliteStore:
             self._conn.execute(f"UPDATE jobs SET {sets} WHERE job_id=?", (*values.values(), job_id))
             if event is not None:
                 self._insert_event(event, seq)
+            if feedback is not None:
+                self._insert_feedback(feedback)
         return self.get_job(job_id)
 
     def append_event(self, event: Event, open_only: bool = True) -> Event | None:
@@ -656,6 +686,51 @@ class SqliteStore:
         )
         return self.get_receipt_batch(batch_id) if cur.rowcount == 1 else None
 
+    # --- feedback outbox ----------------------------------------------------------------
+
+    def _insert_feedback(self, f: FeedbackEntry) -> None:
+        self._conn.execute(
+            "INSERT OR IGNORE INTO feedback_outbox VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                f.job_id,
+                str(f.agent_id),
+                f.value,
+                f.value_decimals,
+                f.tag1,
+                f.tag2,
+                f.feedback_uri,
+                f.feedback_hash,
+                f.created_at,
+                f.status.value,
+                f.transaction,
+                f.error,
+                f.attempts,
+            ),
+        )
+
+    def feedback_entries(
+        self, statuses: Sequence[FeedbackStatus] | None = None, limit: int = 1000
+    ) -> list[FeedbackEntry]:
+        where, params = "", tuple[str, ...]()  # no filter
+        if statuses:
+            where = f"WHERE status IN ({','.join('?' * len(statuses))})"
+            params = tuple(s.value for s in statuses)
+        rows = self._conn.execute(
+            f"SELECT * FROM feedback_outbox {where} ORDER BY created_at, job_id LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+        return [_feedback(r) for r in rows]
+
+    def update_feedback(
+        self, job_id: str, status: FeedbackStatus, transaction: str = "", error: str = ""
+    ) -> bool:
+        cur = self._conn.execute(
+            "UPDATE feedback_outbox SET status=?, tx=?, error=?, attempts=attempts+1 "
+            "WHERE job_id=? AND status=?",
+            (status.value, transaction, error, job_id, FeedbackStatus.PENDING.value),
+        )
+        return cur.rowcount == 1
+
     # --- workers ------------------------------------------------------------------------
 
     def record_worker_seen(self, worker_id: str, kind: int, now: float) -> None:
@@ -799,6 +874,24 @@ def _batch(r: sqlite3.Row) -> ReceiptBatch:
         anchor_transaction=r["anchor_transaction"] or "",
         anchor_error=r["anchor_error"] or "",
         anchored_at=r["anchored_at"],
+    )
+
+
+def _feedback(r: sqlite3.Row) -> FeedbackEntry:
+    return FeedbackEntry(
+        job_id=r["job_id"],
+        agent_id=int(r["agent_id"]),
+        value=int(r["value"]),
+        value_decimals=int(r["value_decimals"]),
+        tag1=r["tag1"],
+        tag2=r["tag2"],
+        feedback_uri=r["feedback_uri"],
+        feedback_hash=bytes(r["feedback_hash"]),
+        created_at=float(r["created_at"]),
+        status=FeedbackStatus(r["status"]),
+        transaction=r["tx"] or "",
+        error=r["error"] or "",
+        attempts=int(r["attempts"] or 0),
     )
 
 

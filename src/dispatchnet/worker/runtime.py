@@ -71,6 +71,8 @@ class Worker:
         backoff_max: float = 10.0,
         log: logging.Logger | None = None,
         offer_filter: Callable[[worker_pb2.JobOffer], str] | None = None,
+        agent_id: str = "",
+        chain_key: str = "",
     ) -> None:
         if kind not in _KINDS:
             raise ValueError(f"kind must be 'seeker' or 'desktop', not {kind!r}")
@@ -91,10 +93,15 @@ class Worker:
         self.backoff_max = backoff_max
         self.log = log or logging.getLogger(__name__)
         self.offer_filter = offer_filter
+        # On-chain agent id (`dispatch worker register`) and the secp256k1 key (0x hex) of
+        # the agent's owner, which signs ChallengeResponse.chain_signature.
+        self.agent_id = agent_id
+        self.chain_key = chain_key
 
         # Observable state.
         self.connected = asyncio.Event()
         self.worker_id = ""
+        self.verified_agent_id = ""
         self.coordinator_public_key = b""
         self.heartbeat_interval: float = DEFAULT_HEARTBEAT_SECONDS
         self.completed = 0
@@ -238,6 +245,7 @@ class Worker:
                 tasks=self.tasks, llm_models=self.llm_models, max_concurrency=self.max_concurrency
             ),
             version=self.version,
+            agent_id=self.agent_id,
             # jobs still running, or finished but not acknowledged, from an earlier session
             running=[
                 worker_pb2.RunningJob(job_id=job_id, attempt=attempt)
@@ -248,6 +256,14 @@ class Worker:
         challenge = (await self._read_expected(call, "challenge")).challenge
         signature = self.key.sign(HELLO_CONTEXT, challenge.nonce + challenge.coordinator_public_key)
         response = worker_pb2.ChallengeResponse(signature=signature)
+        if self.agent_id and self.chain_key:
+            response.chain_signature = _sign_agent_proof(
+                self.chain_key,
+                challenge.nonce,
+                challenge.coordinator_public_key,
+                self.key.public_key,
+                self.agent_id,
+            )
         await call.write(ConnectRequest(challenge_response=response))
         welcome = (await self._read_expected(call, "welcome")).welcome
         return challenge.coordinator_public_key, welcome
@@ -277,6 +293,7 @@ class Worker:
         outbox: asyncio.Queue[worker_pb2.ConnectRequest],
     ) -> None:
         self.worker_id = welcome.worker_id
+        self.verified_agent_id = welcome.agent_id  # what receipts must carry
         self.coordinator_public_key = coordinator_key
         self.heartbeat_interval = welcome.heartbeat_interval_seconds or DEFAULT_HEARTBEAT_SECONDS
         self.sessions += 1
@@ -414,6 +431,7 @@ class Worker:
                 output_sha256=sha256(out.output),
                 worker_public_key=self.key.public_key,
                 coordinator_public_key=coordinator_key,
+                worker_agent_id=self.verified_agent_id,
                 price=offer.price,
                 payment=offer.payment,
                 attempt=offer.attempt,
@@ -496,3 +514,13 @@ class Worker:
             self._settled.clear()
         else:
             self._settled.set()
+
+
+def _sign_agent_proof(
+    chain_key: str, nonce: bytes, coordinator_key: bytes, public_key: bytes, agent_id: str
+) -> bytes:
+    # web3/eth_account only for workers with a chain identity
+    import dispatchnet.chains  # noqa: F401  (before eth_account: restores the recursion limit)
+    from dispatchnet.chains.identity import sign_agent_proof
+
+    return sign_agent_proof(chain_key, nonce, coordinator_key, public_key, agent_id)

@@ -1,0 +1,93 @@
+"""Shared by the tests that need a real local chain: `dispatch` as a subprocess, one anvil
+per test module (`dispatch chain up --port 0` in a temporary DISPATCH_HOME, stopped at the
+end), and coordinators on that chain's deployment. Import the fixtures `home` and `chain`
+into a test module to use them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FAST, Cluster
+
+import dispatchnet.chains  # noqa: F401  (before web3: see dispatchnet/chains/__init__.py)
+from dispatchnet.devchain.local_chain import pid_alive, stop_pid
+from dispatchnet.profiles import Profile, load_profile
+from dispatchnet.server import start_coordinator
+
+
+def _env(home: Path) -> dict[str, str]:
+    return {**os.environ, "DISPATCH_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+
+
+def dispatch(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dispatchnet.cli", *args],
+        env=_env(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def adispatch(home: Path, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dispatchnet.cli",
+        *args,
+        env=_env(home),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("dispatch-home")
+
+
+@pytest.fixture(scope="module")
+def chain(home: Path) -> Iterator[dict[str, Any]]:
+    r = dispatch(home, "chain", "up", "--profile", "local-monad", "--port", "0")
+    assert r.returncode == 0, r.stderr
+    data: dict[str, Any] = json.loads(r.stdout)
+    try:
+        yield data
+    finally:
+        if (home / "chains" / "local-monad.json").exists():  # the last test did not run
+            dispatch(home, "chain", "down", "--profile", "local-monad")
+        stop_pid(int(data["anvil_pid"]))  # whatever happened above
+        assert not pid_alive(int(data["anvil_pid"]))
+
+
+def chain_profile(deployment: str, **chain: Any) -> Profile:
+    """local-monad with fast job timings and small batches, on the test's deployment."""
+    sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in FAST.items()}
+    sections["receipts"] = {"batch_size": 2, "batch_max_age_seconds": 30}
+    sections["chain"] = {"deployment": deployment, **chain}
+    return load_profile("local-monad").with_overrides(**sections)
+
+
+@contextlib.asynccontextmanager
+async def cluster_for(profile: Profile, data: Path) -> AsyncIterator[Cluster]:
+    coord = await start_coordinator(profile, data, "127.0.0.1:0")
+    assert coord.batcher is not None
+    # retry quickly in tests (the defaults back off up to a minute)
+    coord.batcher.retry_initial, coord.batcher.retry_max = 0.1, 0.3
+    c = Cluster(coord, data)
+    try:
+        yield c
+    finally:
+        await c.close()
