@@ -1,17 +1,26 @@
-"""Pure unit tests: receipts and Merkle proofs, auth tokens, key files, matching, profiles."""
+"""Pure unit tests: receipts and Merkle proofs, auth tokens, key files, matching, profiles,
+ERC-8004 registration files."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
+import json
 import random
 import stat
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 from dispatch.v1 import common_pb2, receipt_pb2
 from dispatchnet import keys
+from dispatchnet.agent_identity import (
+    REGISTRATION_TYPE,
+    RegistrationFileError,
+    check_registration_uri,
+)
 from dispatchnet.auth.tokens import MAX_CLOCK_SKEW, Caller, make_token, verify_header
 from dispatchnet.coordinator import matching
 from dispatchnet.coordinator.models import JobSpec, JobType, Policy, Privacy, WorkerKind
@@ -456,3 +465,89 @@ def test_an_unknown_profile_name_is_refused(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("DISPATCH_PROFILE_DIR", raising=False)
     with pytest.raises(ProfileError, match="no profile named 'no-such-profile'"):
         load_profile("no-such-profile")
+
+
+# --- ERC-8004 registration files ----------------------------------------------------------
+
+REGISTRY = "eip155:31337:0x8004A818BFB912233c491871b3d84c89A494BD9e"
+
+
+def _registration(**changes: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "type": REGISTRATION_TYPE,
+        "name": "w",
+        "description": "",
+        "services": [{"name": "gRPC", "endpoint": "127.0.0.1:50051", "version": "dispatch.v1"}],
+        "registrations": [{"agentId": 7, "agentRegistry": REGISTRY}],
+        "supportedTrust": ["reputation"],
+    }
+    doc.update(changes)
+    return {k: v for k, v in doc.items() if v is not None}
+
+
+def _b64_uri(doc: object) -> str:
+    return "data:application/json;base64," + base64.b64encode(json.dumps(doc).encode()).decode()
+
+
+def test_a_valid_registration_file_parses() -> None:
+    doc = _registration()
+    assert check_registration_uri(_b64_uri(doc), 7, REGISTRY) == doc
+    # the registry is compared case-insensitively; the agent id may be a decimal string
+    other_case = _registration(registrations=[{"agentId": "7", "agentRegistry": REGISTRY.lower()}])
+    assert check_registration_uri(_b64_uri(other_case), 7, REGISTRY) == other_case
+    # registrations are optional, and may list the agent on other chains too
+    assert check_registration_uri(_b64_uri(_registration(registrations=None)), 7, REGISTRY)
+    multi = _registration(
+        registrations=[
+            {"agentId": 3, "agentRegistry": "eip155:1:0xabc"},
+            {"agentId": 7, "agentRegistry": REGISTRY},
+        ]
+    )
+    assert check_registration_uri(_b64_uri(multi), 7, REGISTRY) == multi
+
+
+def test_a_percent_encoded_data_uri_parses() -> None:
+    doc = _registration()
+    uri = "data:application/json;charset=utf-8," + quote(json.dumps(doc))
+    assert check_registration_uri(uri, 7, REGISTRY) == doc
+
+
+def test_http_and_ipfs_registration_files_are_not_fetched() -> None:
+    for uri in ("https://example.com/agent.json", "http://x/a.json", "ipfs://bafy/agent.json"):
+        assert check_registration_uri(uri, 7, REGISTRY) is None
+
+
+@pytest.mark.parametrize(
+    ("uri", "needle"),
+    [
+        ("data:application/json;base64,bm90IGpzb24=", "not valid JSON"),
+        ("data:application/json,%7Bnot%20json", "not valid JSON"),
+        ("data:application/json;base64,!!!", "base64 does not decode"),
+        ("data:text/plain,{}", "not application/json"),
+        ("data:application/json;base64,WzFd", "not a JSON object"),
+        (_b64_uri(_registration(type="https://example.com/other")), "type is"),
+        (_b64_uri(_registration(type=None)), 'no "type"'),
+        (_b64_uri(_registration(services=None)), 'no "services" list'),
+        (_b64_uri(_registration(services={"name": "gRPC"})), 'no "services" list'),
+        (_b64_uri(_registration(services=["gRPC"])), "services[0]"),
+        (
+            _b64_uri(_registration(registrations=[{"agentId": 8, "agentRegistry": REGISTRY}])),
+            f"name agent 8 in {REGISTRY}, not agent 7",
+        ),
+        (
+            _b64_uri(
+                _registration(registrations=[{"agentId": 7, "agentRegistry": "eip155:1:0xdead"}])
+            ),
+            "name agent 7 in eip155:1:0xdead, not agent 7 in eip155:31337",
+        ),
+        (_b64_uri(_registration(registrations={"agentId": 7})), "not a list"),
+        ("data:application/json," + "[" * 100_000, "nested too deeply"),
+        ("", "empty"),
+        ("ftp://example.com/a.json", "neither a data: URI"),
+        ("data:application/json;base64", "no ','"),
+    ],
+)
+def test_bad_registration_files_name_the_problem(uri: str, needle: str) -> None:
+    with pytest.raises(RegistrationFileError) as e:
+        check_registration_uri(uri, 7, REGISTRY)
+    assert needle in str(e.value)

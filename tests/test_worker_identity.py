@@ -1,7 +1,8 @@
 """Worker identity on chain: `dispatch worker register` (ERC-8004 IdentityRegistry, a real
 anvil), the Connect proof (ChallengeResponse.chain_signature), the verified agent id in
 ListWorkers and receipts, and the refusals: someone else's agent, a registration without
-the ed25519 key, require_registration, and a chain that does not answer.
+the ed25519 key, a registration file that does not parse, require_registration, and a chain
+that does not answer.
 """
 
 from __future__ import annotations
@@ -190,6 +191,30 @@ async def test_refusals(home: Path, registered: dict[str, Any], tmp_path: Path) 
         assert "admits registered workers only" in details
         code, _, welcome = await connect(c.address, worker_key(registered), agent_id, owner_key)
         assert code is None and welcome is not None and welcome.agent_id == agent_id
+
+
+async def test_a_registration_file_that_does_not_parse_is_refused(
+    home: Path, chain: dict[str, Any], tmp_path: Path
+) -> None:
+    data = json.loads(Path(deployment(home)).read_text())
+    w3 = web3_for(data["rpc_url"], 5)
+    reg = identity_contract(w3, data["contracts"]["identity_registry"])
+    client_account = data["accounts"]["client"]  # a funded anvil account
+    key = KeyPair.generate()
+    broken = "data:application/json;base64," + base64.b64encode(b'{"type": ').decode()
+    tx = reg.functions.register(broken, [("dispatch.ed25519", key.public_key)]).transact(
+        {"from": client_account["address"]}
+    )
+    rcpt = w3.eth.wait_for_transaction_receipt(tx)
+    [event] = reg.events.Registered().process_receipt(rcpt, errors=DISCARD)
+    agent_id = str(event["args"]["agentId"])
+    assert bytes(reg.functions.getMetadata(int(agent_id), "dispatch.ed25519").call()) == (
+        key.public_key
+    )
+    async with cluster_for(chain_profile(deployment(home)), tmp_path / "coord") as c:
+        code, details, _ = await connect(c.address, key, agent_id, client_account["private_key"])
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "registration file" in details and "not valid JSON" in details
 
 
 async def test_chain_down_during_connect_is_unavailable(

@@ -1,11 +1,17 @@
-"""`dispatch demo`: the whole network on this machine, end to end.
+"""`dispatch demo`: the whole network on this machine, end to end, on a local EVM chain.
 
-Starts a local coordinator and three workers (two seekers, one desktop) as subprocesses,
-then plays a client through the seed's three scenarios: a public FAST LLM job run by the
-desktop's embedded model (tokens streamed live), a public CHEAP task and a PRIVATE task that
-only the worker the client paired with may run. Every job's receipt is
-checked in-process and with `dispatch receipt verify`, exactly as a user would offline.
-Everything lives in a temporary directory that is removed at the end.
+Starts a local chain (`dispatch chain up --profile local-monad`, anvil with Dispatch's
+contracts), registers three workers (two seekers, one desktop) as ERC-8004 agents with
+`dispatch worker register`, then starts a coordinator on the local-monad profile (receipt
+batches close after 2 s and are anchored on the chain; reputation read from the chain) and
+the workers as subprocesses. A client then plays the seed's three scenarios: a public FAST
+LLM job run by the desktop's embedded model (tokens streamed live), a public CHEAP task and a
+PRIVATE task that only the worker the client paired with may run. Every job's receipt is
+checked in-process and with `dispatch receipt verify`, exactly as a user would offline. The
+workers' reputations are shown before and after the coordinator's on-chain feedback, and one
+receipt is checked on chain (`dispatch receipt proof` + `receipt verify --onchain`).
+Everything, the chain included, lives in a temporary directory ($DISPATCH_HOME for the
+children) that is removed at the end; `dispatch chain down` stops anvil.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dispatch.v1 import common_pb2, coordinator_pb2
 from dispatchnet import keys
 from dispatchnet.cli import job_json
 from dispatchnet.client import CoordinatorClient, llm_spec, task_spec
+from dispatchnet.profiles import resolve_path
 from dispatchnet.receipts.core import verify_receipt_message
 
 START_TIMEOUT = 20.0
@@ -38,6 +45,12 @@ JOB_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 POLL_INTERVAL = 0.1
+CHAIN_PROFILE = "local-monad"
+# The demo's coordinator runs local-monad with receipt batches closing after this many
+# seconds (instead of 10), so the receipts are anchored quickly.
+BATCH_MAX_AGE = 2
+FEEDBACK_TIMEOUT = 30.0
+PROOF_TIMEOUT = 30.0
 INDENT = "      "
 
 _KIND_NAMES = {common_pb2.WORKER_KIND_SEEKER: "seeker", common_pb2.WORKER_KIND_DESKTOP: "desktop"}
@@ -63,6 +76,7 @@ class WorkerInfo:
     kind: str
     key_file: Path
     worker_id: str = ""
+    agent_id: str = ""
 
 
 @dataclass
@@ -134,6 +148,8 @@ class Demo:
         self.env.pop("DISPATCH_COORDINATOR", None)
         self.children: list[Child] = []
         self.address = ""
+        self.chain: dict[str, Any] = {}  # the deployment file `dispatch chain up` printed
+        self.coordinator_profile = tmp / f"{CHAIN_PROFILE}-demo.toml"
         self.coordinator_key = b""
         self.workers = [
             WorkerInfo("seeker-1", "seeker", tmp / "seeker-1.key"),
@@ -245,7 +261,7 @@ class Demo:
             "coordinator",
             "coordinator",
             "--profile",
-            "local",
+            str(self.coordinator_profile),
             "--listen",
             "127.0.0.1:0",
             "--data-dir",
@@ -258,6 +274,11 @@ class Demo:
             raise DemoError(f"the coordinator's status line lacks {e}: {info}") from None
         say(f"{INDENT}listening on {self.address} (profile {info.get('profile', '?')})")
         say(f"{INDENT}coordinator key {self.coordinator_key.hex()[:16]}...  (signs every receipt)")
+        say(f"{INDENT}anchoring {info.get('anchoring', '?')}")
+        say(
+            f"{INDENT}receipt batches close after {BATCH_MAX_AGE}s; "
+            "reputation source: erc8004 (read from the chain)"
+        )
 
     async def start_workers(self) -> None:
         for w in self.workers:
@@ -276,13 +297,17 @@ class Demo:
             w.worker_id = str(info.get("worker_id", ""))
             if not w.worker_id:
                 raise DemoError(f"{w.label} did not report its worker id: {info}")
+            if str(info.get("agent_id", "")) != w.agent_id:
+                raise DemoError(f"{w.label} connects as agent {info.get('agent_id')!r}")
         began = time.monotonic()
         wanted = {w.worker_id for w in self.workers}
         seen: dict[str, coordinator_pb2.WorkerInfo] = {}
         async with CoordinatorClient(self.address, keys.KeyPair.generate()) as c:
             while True:
                 seen = {w.worker_id: w for w in await c.list_workers()}
-                if wanted <= seen.keys():
+                if wanted <= seen.keys() and all(
+                    seen[w.worker_id].agent_id == w.agent_id for w in self.workers
+                ):
                     break
                 if time.monotonic() - began > CONNECT_TIMEOUT:
                     missing = ", ".join(w.label for w in self.workers if w.worker_id not in seen)
@@ -293,12 +318,235 @@ class Demo:
             kind = _KIND_NAMES.get(info_w.kind, "?")
             say(
                 f"{INDENT}{w.label:<10} {kind:<8} id {short(w.worker_id)}  "
-                f"tasks: {', '.join(info_w.tasks)}"
+                f"agent #{info_w.agent_id or '-'} (verified)  tasks: {', '.join(info_w.tasks)}"
             )
         say(
             f"{INDENT}ListWorkers shows all {len(self.workers)} connected "
             f"({time.monotonic() - began:.1f}s)"
         )
+        await self.show_reputation("before")
+
+    async def show_reputation(self, when: str) -> None:
+        """Each worker's reputation as ListWorkers shows it (what matching uses)."""
+        async with CoordinatorClient(self.address, keys.KeyPair.generate()) as c:
+            listed = {w.worker_id: w for w in await c.list_workers()}
+        scores = "  ".join(
+            f"{w.label} {listed[w.worker_id].reputation:.2f}"
+            if w.worker_id in listed
+            else f"{w.label} -"
+            for w in self.workers
+        )
+        say(f"{INDENT}reputation {when:<6} {scores}  (ListWorkers, source erc8004)")
+
+    # --- the chain -----------------------------------------------------------------------------
+
+    def write_coordinator_profile(self) -> None:
+        """local-monad, with short receipt batches and reputation read from the chain."""
+        text = resolve_path(CHAIN_PROFILE).read_text()
+        for old, new in (
+            ("batch_max_age_seconds = 10", f"batch_max_age_seconds = {BATCH_MAX_AGE}"),
+            ('[reputation]\nsource = "local"', '[reputation]\nsource = "erc8004"'),
+        ):
+            if old not in text:
+                raise DemoError(f"profile {CHAIN_PROFILE} has no `{old}` to adjust")
+            text = text.replace(old, new)
+        self.coordinator_profile.write_text(text)
+
+    async def chain_up(self) -> None:
+        code, out, err = await self.run_cli(
+            "chain", "up", "--profile", CHAIN_PROFILE, "--port", "0"
+        )
+        if code != 0:
+            raise DemoError(f"`dispatch chain up` exited {code}: {(err or out).strip()[-300:]}")
+        self.chain = json.loads(out)
+        contracts = self.chain.get("contracts", {})
+        say(
+            f"{INDENT}`dispatch chain up --profile {CHAIN_PROFILE} --port 0`: anvil at "
+            f"{self.chain.get('rpc_url')} ({self.chain.get('network')}, pid "
+            f"{self.chain.get('anvil_pid')})"
+        )
+        say(f"{INDENT}contracts deployed: IdentityRegistry {contracts.get('identity_registry')}")
+        say(f"{INDENT}{'':20}ReputationRegistry {contracts.get('reputation_registry')}")
+        say(f"{INDENT}{'':20}ReceiptAnchor {contracts.get('receipt_anchor')}")
+        self.write_coordinator_profile()
+
+    async def chain_down(self) -> None:
+        """`dispatch chain down`; kills the recorded anvil itself if that command fails."""
+        if not self.chain:
+            return
+        try:
+            code, out, err = await self.run_cli("chain", "down", "--profile", CHAIN_PROFILE)
+        except DemoError as e:
+            code, out, err = 1, "", str(e)
+        if code == 0:
+            say(f"`dispatch chain down`: anvil (pid {self.chain.get('anvil_pid')}) stopped")
+            return
+        from dispatchnet.devchain.local_chain import stop_pid
+
+        await asyncio.to_thread(stop_pid, int(self.chain.get("anvil_pid") or 0))
+        say(f"`dispatch chain down` exited {code} ({(err or out).strip()[-200:]}); anvil killed")
+
+    async def register_workers(self) -> None:
+        for w in self.workers:
+            code, out, err = await self.run_cli(
+                "worker",
+                "register",
+                "--profile",
+                CHAIN_PROFILE,
+                "--key-file",
+                str(w.key_file),
+                "--name",
+                f"dispatch-demo-{w.label}",
+                "--endpoint",
+                self.address,
+            )
+            if code != 0:
+                raise DemoError(
+                    f"`dispatch worker register` ({w.label}) exited {code}: "
+                    f"{(err or out).strip()[-300:]}"
+                )
+            result = json.loads(out)
+            w.agent_id = str(result.get("agent_id", ""))
+            if not w.agent_id:
+                raise DemoError(f"`dispatch worker register` printed no agent id: {result}")
+            say(
+                f"{INDENT}{w.label:<10} agent #{w.agent_id}  owner {result.get('chain_address')}"
+                f"  tx {str(result.get('tx', ''))[:18]}..."
+            )
+        say(
+            f"{INDENT}(`dispatch worker register --profile {CHAIN_PROFILE} --key-file "
+            "<worker key>`; each worker proves its agent on Connect)"
+        )
+
+    def _summary_reader(self) -> Callable[[int], tuple[int, int]]:
+        """getSummary(agent, [coordinator account], "successRate", "") on the demo chain."""
+        import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
+        from dispatchnet.chains.evm import reputation_contract, web3_for
+        from dispatchnet.coordinator.jobs import FEEDBACK_TAG1
+
+        contract = reputation_contract(
+            web3_for(str(self.chain["rpc_url"]), 5.0),
+            str(self.chain["contracts"]["reputation_registry"]),
+        )
+        reviewer = str(self.chain["accounts"]["coordinator"]["address"])
+
+        def read(agent_id: int) -> tuple[int, int]:
+            count, value, decimals = contract.functions.getSummary(
+                agent_id, [reviewer], FEEDBACK_TAG1, ""
+            ).call()
+            return int(count), int(value) // 10 ** int(decimals)
+
+        return read
+
+    async def reputation_after(self, outcomes: list[Outcome]) -> None:
+        """Waits until the coordinator's feedback for every finished job is on chain, then
+        shows it and the workers' reputation again."""
+        expected = {w.agent_id: 0 for w in self.workers}
+        for o in outcomes:
+            if o.job is not None and o.job.worker_id:
+                w = next((w for w in self.workers if w.worker_id == o.job.worker_id), None)
+                if w is not None:
+                    expected[w.agent_id] += 1
+        read = self._summary_reader()
+        began = time.monotonic()
+        while True:
+            try:
+                summaries = {a: await asyncio.to_thread(read, int(a)) for a in expected if a}
+            except Exception as e:  # web3 raises many types; the chain is the demo's own
+                raise DemoError(f"cannot read getSummary from the chain: {e}") from e
+            if all(summaries[a][0] >= n for a, n in expected.items()):
+                break
+            if time.monotonic() - began > FEEDBACK_TIMEOUT:
+                raise DemoError(
+                    f"feedback not on chain after {FEEDBACK_TIMEOUT:.0f}s "
+                    f"(agents: on chain / jobs {summaries} / {expected})"
+                )
+            await asyncio.sleep(0.5)
+        say(
+            f"{INDENT}the coordinator posted one giveFeedback per job "
+            f"(successRate 100 = completed); on chain after {time.monotonic() - began:.1f}s:"
+        )
+        for w in self.workers:
+            count, value = summaries[w.agent_id]
+            # the erc8004 source's score with the default prior 0.5 weighted like 2 entries
+            score = (count * value / 100 + 2 * 0.5) / (count + 2)
+            say(
+                f"{INDENT}  {w.label:<10} agent #{w.agent_id}: getSummary -> {count} "
+                f"feedback{'' if count == 1 else 's'}, average {value if count else '-'}"
+                f" -> score {score:.2f}"
+            )
+        await self.show_reputation("after")
+
+    async def verify_onchain(self, job: coordinator_pb2.Job) -> bool:
+        """`dispatch receipt proof` (retried until the batch is anchored), then
+        `dispatch receipt verify --proof --onchain`."""
+        job_file = self.tmp / f"{job.job_id}.json"
+        proof_file = self.tmp / "proof.json"
+        began = time.monotonic()
+        proof: dict[str, Any] = {}
+        while True:
+            code, out, err = await self.run_cli(
+                "receipt",
+                "proof",
+                job.job_id,
+                "--coordinator",
+                self.address,
+                "--key-file",
+                str(self.tmp / "client.key"),
+            )
+            if code == 0:
+                proof = json.loads(out)
+                if proof.get("anchor_transaction"):
+                    break
+            elif "not batched yet" not in err:
+                raise DemoError(f"`dispatch receipt proof` exited {code}: {err.strip()[-300:]}")
+            if time.monotonic() - began > PROOF_TIMEOUT:
+                raise DemoError(f"receipt not anchored after {PROOF_TIMEOUT:.0f}s")
+            await asyncio.sleep(0.5)
+        proof_file.write_text(out)
+        say(
+            f"{INDENT}`dispatch receipt proof {job.job_id} > proof.json` "
+            f"({time.monotonic() - began:.1f}s)"
+        )
+        say(
+            f"{INDENT}  batch {proof.get('batch_id')}: leaf {proof.get('leaf_index', 0)} "
+            f"of {proof.get('leaf_count')}"
+        )
+        code, out, err = await self.run_cli(
+            "receipt",
+            "verify",
+            job_file.name,
+            "--proof",
+            proof_file.name,
+            "--onchain",
+            "--profile",
+            CHAIN_PROFILE,
+            "--coordinator-key",
+            self.coordinator_key.hex(),
+        )
+        say(
+            f"{INDENT}`dispatch receipt verify {job_file.name} --proof proof.json --onchain "
+            f"--profile {CHAIN_PROFILE}` -> exit {code}"
+        )
+        try:
+            result = json.loads(out)
+        except ValueError:
+            result = {}
+        p = result.get("proof", {})
+        onchain = p.get("onchain", {})
+        say(f"{INDENT}  root        0x{p.get('merkle_root', '?')}")
+        say(
+            f"{INDENT}  anchor tx   {p.get('anchor_transaction', '?')} on {p.get('anchor_network')}"
+        )
+        say(
+            f"{INDENT}  on chain    ReceiptAnchor {onchain.get('receipt_anchor', '?')}, "
+            f"block {onchain.get('anchored_in_block', '?')}, "
+            f"anchored by {onchain.get('anchorer', '?')}"
+        )
+        if code != 0:
+            problems = result.get("problems") or [(err or out).strip()[-300:]]
+            raise DemoError(f"on-chain verify failed: {'; '.join(map(str, problems))}")
+        return True
 
     async def run_job(
         self,
@@ -464,20 +712,28 @@ def summary(outcomes: list[Outcome], labeler: Callable[[str], str]) -> None:
 
 
 async def run_demo() -> int:
-    """Runs the demo; 0 when every scenario completed on the right worker with a valid receipt."""
+    """Runs the demo; 0 when every scenario completed on the right worker with a valid receipt,
+    the feedback reached the chain and a receipt checked out on chain."""
     tmp = Path(tempfile.mkdtemp(prefix="dispatch-demo-"))
     demo = Demo(tmp)
     outcomes: list[Outcome] = []
-    step_total = 6
-    say("Dispatch demo: a coordinator, two seekers, a desktop and a client, all on this machine")
-    say(f"(scratch space: {tmp}, removed at the end)")
+    step_total = 10
+    say(
+        "Dispatch demo: a local chain, a coordinator, two seekers, a desktop and a client, "
+        "all on this machine"
+    )
+    say(f"(scratch space: {tmp}, removed at the end; DISPATCH_HOME={tmp / 'home'})")
     try:
         try:
-            say(f"\n[1/{step_total}] Starting a coordinator")
+            say(f"\n[1/{step_total}] Starting the local chain (anvil + Dispatch's contracts)")
+            await demo.chain_up()
+            say(f"\n[2/{step_total}] Starting a coordinator on {CHAIN_PROFILE}")
             await demo.start_coordinator()
-            say(f"\n[2/{step_total}] Starting workers: 2 seekers (phones) and 1 desktop")
+            say(f"\n[3/{step_total}] Registering the workers as ERC-8004 agents")
+            await demo.register_workers()
+            say(f"\n[4/{step_total}] Starting workers: 2 seekers (phones) and 1 desktop")
             await demo.start_workers()
-        except (DemoError, OSError) as e:
+        except (DemoError, OSError, ValueError) as e:
             say(f"{INDENT}FAILED: {e}")
             demo.print_logs()
             return 1
@@ -505,13 +761,14 @@ async def run_demo() -> int:
                 demo.private_task,
             ),
         ]
+        first = 5
         async with CoordinatorClient(demo.address, demo.client_key) as client:
             say(
                 f"\nThe client is just an ed25519 key ({short(demo.client_key.public_hex)});"
                 " the jobs it commits belong to it."
             )
-            for n, (title, what, play) in enumerate(scenarios, start=3):
-                say(f"\n[{n}/{step_total}] Scenario {n - 2}, {title}: {what}")
+            for n, (title, what, play) in enumerate(scenarios, start=first):
+                say(f"\n[{n}/{step_total}] Scenario {n - first + 1}, {title}: {what}")
                 outcome = Outcome(title)
                 outcomes.append(outcome)
                 try:
@@ -523,17 +780,41 @@ async def run_demo() -> int:
                     outcome.problems.append(f"{e.code().name}: {e.details()}")
                     say(f"{INDENT}FAILED: {e.code().name}: {e.details()}")
 
+        chain_problems: list[str] = []
+        say(f"\n[8/{step_total}] Reputation after the coordinator's on-chain feedback")
+        try:
+            await demo.reputation_after(outcomes)
+        except (DemoError, OSError, ValueError) as e:
+            chain_problems.append(str(e))
+            say(f"{INDENT}FAILED: {e}")
+        except grpc.aio.AioRpcError as e:
+            chain_problems.append(f"{e.code().name}: {e.details()}")
+            say(f"{INDENT}FAILED: {e.code().name}: {e.details()}")
+        say(f"\n[9/{step_total}] A receipt checked on chain (its batch root is anchored)")
+        anchored = next((o.job for o in outcomes if o.ok and o.job is not None), None)
+        try:
+            if anchored is None:
+                raise DemoError("no completed job to check")
+            await demo.verify_onchain(anchored)
+        except (DemoError, OSError, ValueError) as e:
+            chain_problems.append(str(e))
+            say(f"{INDENT}FAILED: {e}")
+
         say(f"\n[{step_total}/{step_total}] Summary")
         summary(outcomes, demo.label)
-        ok = bool(outcomes) and all(o.ok for o in outcomes)
+        for p in chain_problems:
+            say(f"  ! chain: {p}")
+        ok = bool(outcomes) and all(o.ok for o in outcomes) and not chain_problems
         if not ok:
             demo.print_logs()
         say(
-            "\nAll scenarios completed with valid receipts."
+            "\nAll scenarios completed with valid receipts, feedback on chain and an anchored "
+            "receipt verified on chain."
             if ok
             else "\nThe demo FAILED (see above)."
         )
         return 0 if ok else 1
     finally:
         await demo.stop_all()
+        await demo.chain_down()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,10 +26,13 @@ from web3.logs import DISCARD
 
 from dispatchnet.agent_identity import (
     ED25519_METADATA_KEY,
+    REGISTRATION_TYPE,
     SOLANA_METADATA_KEY,
+    RegistrationFileError,
     VerifiedAgent,
     agent_proof_message,
     base58,
+    check_registration_uri,
     parse_agent_id,
 )
 from dispatchnet.chains.evm import (
@@ -43,7 +47,7 @@ from dispatchnet.chains.evm import (
 from dispatchnet.chains.evm_deploy import load_artifact
 from dispatchnet.errors import FailedPrecondition, Unauthenticated, Unavailable
 
-REGISTRATION_TYPE = "https://eips.ethereum.org/EIPS/eip-8004#registration-v1"
+log = logging.getLogger("dispatch.identity")
 _ABI: list[dict[str, Any]] = []
 
 
@@ -172,8 +176,10 @@ def _mine(sender: EvmSender, fn: Any, gas_limit: int, timeout: float) -> Any:
 class EvmIdentityVerifier:
     """Checks a worker's chain_signature against the IdentityRegistry: the signer must be
     ownerOf(agentId) or getAgentWallet(agentId), and getMetadata(agentId, "dispatch.ed25519")
-    must equal the worker's ed25519 key. Verified (agent, address, key) triples are cached
-    for ttl_seconds."""
+    must equal the worker's ed25519 key; tokenURI(agentId), the registration file, must pass
+    check_registration_uri (a data: URI is parsed, an http(s)/ipfs one is not fetched and
+    only logged as unchecked). Verified (agent, address, key) triples are cached for
+    ttl_seconds."""
 
     def __init__(
         self,
@@ -263,4 +269,28 @@ class EvmIdentityVerifier:
                 f"("
                 f'"{ED25519_METADATA_KEY}"), not to this worker\'s key '
                 f"{worker_public_key.hex()[:16]}…"
+            )
+        self._check_registration_file(agent_id)
+
+    def _check_registration_file(self, agent_id: int) -> None:
+        try:
+            uri = str(self.registry.functions.tokenURI(agent_id).call())
+        except TRANSIENT as e:
+            raise Unavailable(
+                f"cannot check agent {agent_id} on chain {self.chain.network} at "
+                f"{self.chain.rpc_url}: {_brief(e)}"
+            ) from e
+        registry = f"eip155:{self.chain.chain_id}:{self.registry.address}"
+        try:
+            doc = check_registration_uri(uri, agent_id, registry)
+        except RegistrationFileError as e:
+            raise FailedPrecondition(
+                f"agent {agent_id}: its registration file (tokenURI) is unusable: {e}; "
+                "fix it with setAgentURI or `dispatch worker register`"
+            ) from None
+        if doc is None:
+            log.info(
+                "agent %d: registration file %s not checked (http(s)/ipfs URIs are not fetched)",
+                agent_id,
+                uri[:200],
             )
