@@ -32,6 +32,7 @@ from dispatchnet.chains.evm import (
     EvmAnchorer,
     anchor_contract,
     load_or_create_chain_key,
+    reputation_contract,
     web3_for,
 )
 from dispatchnet.chains.evm_deploy import load_artifact
@@ -382,6 +383,39 @@ async def test_a_chain_outage_leaves_batches_pending_and_jobs_running(
     anchor = anchor_contract(web3_for(chain["rpc_url"], 5), chain["contracts"]["receipt_anchor"])
     block, anchorer = anchor.functions.anchoredAt(proof.merkle_root).call()
     assert block > 0 and anchorer == address
+
+
+def test_chain_reputation_shows_summary_and_feedback(
+    home: Path, chain: dict[str, Any], tmp_path: Path
+) -> None:
+    reg = dispatch(
+        home, "worker", "register", "--profile", "local-monad",
+        "--key-file", str(tmp_path / "rep-worker.key"),
+    )  # fmt: skip
+    assert reg.returncode == 0, reg.stderr
+    agent_id = int(json.loads(reg.stdout)["agent_id"])
+    # the coordinator account (a trusted reviewer) rates the agent once
+    w3 = web3_for(chain["rpc_url"], 5)
+    coordinator = w3.eth.account.from_key(chain["accounts"]["coordinator"]["private_key"])
+    registry = reputation_contract(w3, chain["contracts"]["reputation_registry"])
+    tx = registry.functions.giveFeedback(
+        agent_id, 100, 0, "successRate", "task", "", "dispatch://test", b"\x01" * 32
+    ).build_transaction({
+        "from": coordinator.address, "nonce": w3.eth.get_transaction_count(coordinator.address),
+        "chainId": chain["chain_id"], "gas": 400_000,
+    })  # fmt: skip
+    sent = w3.eth.send_raw_transaction(coordinator.sign_transaction(tx).raw_transaction)
+    assert w3.eth.wait_for_transaction_receipt(sent, timeout=10)["status"] == 1
+
+    out = dispatch(home, "chain", "reputation", str(agent_id), "--profile", "local-monad")
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["agent_id"] == agent_id and shown["count"] == 1 and shown["average"] == 100
+    assert coordinator.address in shown["reviewers"]
+    assert shown["feedback"] == [{
+        "client": coordinator.address, "index": 1, "value": 100, "tag1": "successRate",
+        "tag2": "task", "revoked": False,
+    }]  # fmt: skip
 
 
 def test_chain_down_stops_anvil_and_removes_the_deployment(

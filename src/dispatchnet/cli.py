@@ -574,6 +574,43 @@ async def cmd_chain(args: argparse.Namespace) -> int:
     return 0 if status["ok"] else 1
 
 
+async def cmd_chain_reputation(args: argparse.Namespace) -> int:
+    """An agent's reputation as matching sees it, and the feedback entries behind it."""
+    from dispatchnet.chains.evm import ChainConfigError, EvmReputationReader, resolve_evm_chain
+    from dispatchnet.coordinator.jobs import FEEDBACK_TAG1
+    from dispatchnet.errors import Unavailable
+
+    profile = load_profile(args.profile)
+
+    def read() -> dict[str, Any]:
+        chain = resolve_evm_chain(profile.chain)
+        reviewers = [*profile.reputation.trusted_reviewers, *(args.reviewer or [])]
+        reader = EvmReputationReader(chain, reviewers, FEEDBACK_TAG1)
+        count, average = reader.summary(args.agent_id)
+        registry = reader.contract.functions
+        entries = []
+        for client in registry.getClients(args.agent_id).call():
+            for index in range(1, registry.getLastIndex(args.agent_id, client).call() + 1):
+                value, decimals, tag1, tag2, revoked = registry.readFeedback(
+                    args.agent_id, client, index
+                ).call()
+                entries.append({
+                    "client": client, "index": index, "value": value / 10**decimals,
+                    "tag1": tag1, "tag2": tag2, "revoked": revoked,
+                })  # fmt: skip
+        return {
+            "agent_id": args.agent_id, "network": chain.network, "reviewers": reader.reviewers,
+            "tag1": FEEDBACK_TAG1, "count": count, "average": average if count else None,
+            "feedback": entries,
+        }  # fmt: skip
+
+    try:
+        emit(await asyncio.to_thread(read))
+    except (ChainConfigError, Unavailable) as e:
+        raise CliError(str(e)) from e
+    return 0
+
+
 async def cmd_auth_header(args: argparse.Namespace) -> int:
     value = metadata_value(_client_key(args), args.ttl)
     if args.raw:
@@ -761,6 +798,14 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument("--port", type=int, help="anvil's port (default [chain] devchain_port; 0: any)")
     chsub.add_parser("down", help="stop the local chain and remove its deployment file")
     chsub.add_parser("status", help="where the profile's chain is and whether it answers")
+    cr = chsub.add_parser(
+        "reputation", help="an agent's on-chain reputation (getSummary) and its feedback"
+    )
+    cr.add_argument("agent_id", type=int)
+    cr.add_argument(
+        "--reviewer", action="append", help="also trust this reviewer address (repeatable)"
+    )
+    cr.set_defaults(fn=cmd_chain_reputation)
     for sp in chsub.choices.values():
         sp.add_argument("--profile", default="local-monad", help="profile name or .toml path")
     ch.set_defaults(fn=cmd_chain)
