@@ -19,6 +19,8 @@ import pytest
 from conftest import FAST, Cluster
 
 import dispatchnet.chains  # noqa: F401  (before web3: see dispatchnet/chains/__init__.py)
+from dispatchnet.chains.evm import load_or_create_chain_key, web3_for
+from dispatchnet.devchain.anvil import _rpc
 from dispatchnet.devchain.local_chain import pid_alive, stop_pid
 from dispatchnet.profiles import Profile, load_profile
 from dispatchnet.server import start_coordinator
@@ -91,3 +93,66 @@ async def cluster_for(profile: Profile, data: Path) -> AsyncIterator[Cluster]:
         yield c
     finally:
         await c.close()
+
+
+class TcpProxy:
+    """127.0.0.1:<port> -> 127.0.0.1:<target>; stop() makes the port refuse connections
+    (and cuts the open ones), start() listens on the same port again."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in list(self.writers):
+            w.close()
+        await self.server.wait_closed()
+        self.server = None
+
+    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        w.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+        self.writers |= {writer, up_writer}
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        finally:
+            self.writers -= {writer, up_writer}
+
+
+async def unreachable_proxy(chain: dict[str, Any]) -> TcpProxy:
+    """A proxy to the chain's node, stopped: its URL refuses connections until start()."""
+    proxy = TcpProxy(int(chain["rpc_url"].rsplit(":", 1)[1]))
+    await proxy.start()
+    await proxy.stop()
+    return proxy
+
+
+def funded_chain_key(chain: dict[str, Any], key_file: Path) -> str:
+    """Creates a chain key file for the coordinator's own account, funds it with test
+    ether, and returns its address."""
+    key = load_or_create_chain_key(key_file)
+    address = web3_for(chain["rpc_url"], 5).eth.account.from_key(key).address
+    _rpc(chain["rpc_url"], "anvil_setBalance", [address, hex(10**18)], timeout=5)
+    return str(address)

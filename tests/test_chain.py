@@ -10,7 +10,6 @@ unreachable exactly as when it is down, while its state (and the contract addres
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import os
@@ -22,7 +21,14 @@ from typing import Any
 import chain_fixtures
 import grpc
 import pytest
-from chain_fixtures import adispatch, chain_profile, cluster_for, dispatch
+from chain_fixtures import (
+    adispatch,
+    chain_profile,
+    cluster_for,
+    dispatch,
+    funded_chain_key,
+    unreachable_proxy,
+)
 from conftest import wait_until
 
 import dispatchnet.chains  # noqa: F401  (before web3: see dispatchnet/chains/__init__.py)
@@ -39,7 +45,6 @@ from dispatchnet.chains.evm_deploy import load_artifact
 from dispatchnet.cli import job_json, proof_json
 from dispatchnet.client import CoordinatorClient, task_spec
 from dispatchnet.coordinator.models import AnchorStatus
-from dispatchnet.devchain.anvil import _rpc
 from dispatchnet.devchain.local_chain import pid_alive
 from dispatchnet.profiles import ProfileError, chain_id_of, load_profile
 from dispatchnet.server import start_coordinator
@@ -289,64 +294,12 @@ async def test_batches_are_anchored_and_verify_onchain(
     assert code == 1 and any("tx not found" in p for p in shown["problems"]), shown
 
 
-class TcpProxy:
-    """127.0.0.1:<port> -> 127.0.0.1:<target>; stop() makes the port refuse connections
-    (and cuts the open ones), start() listens on the same port again."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.port = 0
-        self.server: asyncio.Server | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for w in list(self.writers):
-            w.close()
-        await self.server.wait_closed()
-        self.server = None
-
-    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        w.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            writer.close()
-            return
-        self.writers |= {writer, up_writer}
-        try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-        finally:
-            self.writers -= {writer, up_writer}
-
-
 async def test_a_chain_outage_leaves_batches_pending_and_jobs_running(
     chain: dict[str, Any], tmp_path: Path
 ) -> None:
-    # The coordinator's own account: a new key file, funded with test ether.
     key_file = tmp_path / "coordinator-chain.key"
-    key = load_or_create_chain_key(key_file)
-    address = web3_for(chain["rpc_url"], 5).eth.account.from_key(key).address
-    _rpc(chain["rpc_url"], "anvil_setBalance", [address, hex(10**18)], timeout=5)
-
-    proxy = TcpProxy(int(chain["rpc_url"].rsplit(":", 1)[1]))
-    await proxy.start()
-    await proxy.stop()  # the node is unreachable from the start
+    address = funded_chain_key(chain, key_file)
+    proxy = await unreachable_proxy(chain)
     profile = chain_profile(
         "",
         devchain="",

@@ -16,14 +16,13 @@ from typing import Any
 
 import chain_fixtures
 import pytest
-from chain_fixtures import chain_profile, cluster_for
+from chain_fixtures import chain_profile, cluster_for, funded_chain_key, unreachable_proxy
 from conftest import Cluster, wait_until
-from test_chain import TcpProxy, complete
+from test_chain import complete
 
 import dispatchnet.chains  # noqa: F401  (before web3: see dispatchnet/chains/__init__.py)
 from dispatch.v1 import coordinator_pb2
 from dispatchnet.chains.evm import (
-    load_or_create_chain_key,
     reputation_contract,
     web3_for,
 )
@@ -156,13 +155,9 @@ async def test_feedback_waits_for_the_chain_and_lands_exactly_once(
     chain: dict[str, Any], tmp_path: Path
 ) -> None:
     key_file = tmp_path / "coordinator-chain.key"
-    key = load_or_create_chain_key(key_file)
-    address = web3_for(chain["rpc_url"], 5).eth.account.from_key(key).address
-    _rpc(chain["rpc_url"], "anvil_setBalance", [address, hex(10**18)], timeout=5)
+    address = funded_chain_key(chain, key_file)
     agent = register_agent(chain)
-    proxy = TcpProxy(int(chain["rpc_url"].rsplit(":", 1)[1]))
-    await proxy.start()
-    await proxy.stop()  # the node is unreachable from the start
+    proxy = await unreachable_proxy(chain)
     profile = chain_profile(
         "",
         devchain="",
