@@ -15,7 +15,7 @@ PROTOS := $(wildcard proto/dispatch/v1/*.proto)
 DESCRIPTORS := dispatch/v1/descriptors.binpb
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup proto check-proto contracts check-contracts lint test demo clean
+.PHONY: setup proto check-proto contracts check-contracts lint test demo bench clean
 
 setup: $(STAMP) $(MODEL_STAMP) $(NPM_STAMP)
 
@@ -82,6 +82,10 @@ test: setup lint
 
 demo: setup
 	$(BIN)/dispatch demo
+
+# Measured, not asserted: paid jobs on a local chain; prints x402 verify/settle latencies.
+bench: setup
+	$(BIN)/dispatch bench
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -74,11 +74,14 @@ def chain(home: Path) -> Iterator[dict[str, Any]]:
         assert not pid_alive(int(data["anvil_pid"]))
 
 
-def chain_profile(deployment: str, **chain: Any) -> Profile:
-    """local-monad with fast job timings and small batches, on the test's deployment."""
+def chain_profile(deployment: str, payments: dict[str, Any] | None = None, **chain: Any) -> Profile:
+    """local-monad with fast job timings and small batches, on the test's deployment;
+    payments off unless `payments` gives [payments] settings (enabled by default then)."""
     sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in FAST.items()}
     sections["receipts"] = {"batch_size": 2, "batch_max_age_seconds": 30}
     sections["chain"] = {"deployment": deployment, **chain}
+    sections["payments"] = {"enabled": True, **payments} if payments is not None else {}
+    sections["payments"].setdefault("enabled", False)
     return load_profile("local-monad").with_overrides(**sections)
 
 

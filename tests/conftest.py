@@ -89,8 +89,8 @@ class Cluster:
         await asyncio.wait_for(w.connected.wait(), 10)
         return w
 
-    def client(self, key: KeyPair | None = None) -> CoordinatorClient:
-        c = CoordinatorClient(self.address, key or KeyPair.generate())
+    def client(self, key: KeyPair | None = None, wallet: Any = None) -> CoordinatorClient:
+        c = CoordinatorClient(self.address, key or KeyPair.generate(), wallet)
         self.clients.append(c)
         return c
 

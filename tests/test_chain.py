@@ -85,14 +85,26 @@ async def anchored_proof(c: CoordinatorClient, job_id: str) -> receipt_pb2.GetRe
 
 
 def test_the_two_evm_profiles_differ_only_in_configuration() -> None:
+    """The same build on two chains: only where the chain is and how its payments are
+    settled and paid for differ ([chain], the accepted networks, the wallet key)."""
     local, testnet = load_profile("local-monad"), load_profile("monad-testnet")
     assert local.receipts.anchor == testnet.receipts.anchor == "evm"
     assert (
         dataclasses.replace(
-            local, name=testnet.name, description=testnet.description, chain=testnet.chain
+            local,
+            name=testnet.name,
+            description=testnet.description,
+            chain=testnet.chain,
+            payments=dataclasses.replace(local.payments, accept=testnet.payments.accept),
+            wallet=dataclasses.replace(local.wallet, key_file=testnet.wallet.key_file),
         )
         == testnet
     )
+    assert local.payments.enabled and testnet.payments.enabled
+    [local_accept], [testnet_accept] = local.payments.accept, testnet.payments.accept
+    assert (local_accept.network, testnet_accept.network) == ("eip155:31337", "eip155:10143")
+    assert local_accept.facilitator == "" and testnet_accept.facilitator.startswith("https://")
+    assert local_accept.asset == testnet_accept.asset == ""  # deployment / SDK default USDC
     assert (local.chain.kind, testnet.chain.kind) == ("evm", "evm")
     assert chain_id_of(testnet.chain.network) == 10143
     assert testnet.chain.rpc_url == "https://testnet-rpc.monad.xyz"

@@ -28,10 +28,20 @@ async def test_demo_runs_all_scenarios(capsys: pytest.CaptureFixture[str]) -> No
     summary = out.split("Summary", 1)[1]
     for scenario in ("public fast LLM", "public cheap task", "private task"):
         row = next(line for line in summary.splitlines() if line.strip().startswith(scenario + " "))
-        assert "COMPLETED" in row
+        assert "COMPLETED" in row and " settled " in row
         assert row.rstrip().endswith("valid")
     assert out.count("-> exit 0") == 4  # 3 offline verifies + 1 on-chain verify
-    assert "All scenarios completed with valid receipts" in out
+    assert "All scenarios completed and were paid for on chain" in out
+
+    # every job paid with x402 and settled once: balances read on chain before and after
+    payments = out.split("Payments: test USDC on chain", 1)[1].split("Reputation after", 1)[0]
+    payer = re.search(r"payer +([\d,.]+) USDC +([\d,.]+) USDC", payments)
+    payee = re.search(r"payee +([\d,.]+) USDC +([\d,.]+) USDC", payments)
+    assert payer is not None and payee is not None
+    amount = [float(g.replace(",", "")) for g in (*payer.groups(), *payee.groups())]
+    assert round(amount[0] - amount[1], 6) == round(amount[3] - amount[2], 6) == 0.012
+    assert len(re.findall(r"USDC in 0x[0-9a-f]{64}", payments)) == 3
+    assert "paid exactly the 0.012000 USDC its settled jobs cost, once each" in payments
 
     # the chain: started with a free port, and every worker registered and verified
     anvil = re.search(r"`dispatch chain up --profile local-monad --port 0`: .* pid (\d+)\)", out)

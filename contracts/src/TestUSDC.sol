@@ -151,6 +151,8 @@ contract TestUSDC is ERC20, EIP712 {
         bytes32 digest =
             _hashTypedDataV4(keccak256(abi.encode(typehash, from, to, value, validAfter, validBefore, nonce)));
         require(SignatureChecker.isValidSignatureNow(from, digest, signature), "TestUSDC: invalid signature");
+        // FiatToken's reason string (x402 facilitators map it to insufficient balance)
+        require(balanceOf(from) >= value, "ERC20: transfer amount exceeds balance");
         _authorizationStates[from][nonce] = true;
         emit AuthorizationUsed(from, nonce);
         _transfer(from, to, value);

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -21,7 +22,7 @@ from google.protobuf.message import Message
 from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2
 from dispatchnet import keys
 from dispatchnet.auth.tokens import METADATA_KEY, metadata_value
-from dispatchnet.client import CoordinatorClient, llm_spec, task_spec
+from dispatchnet.client import PAYMENT_REQUIRED, CoordinatorClient, llm_spec, task_spec, trailer
 from dispatchnet.profiles import ProfileError, load_profile
 from dispatchnet.receipts.core import check_receipt_proof, verify_receipt_message
 
@@ -375,9 +376,24 @@ def _submit_spec(args: argparse.Namespace) -> common_pb2.JobSpec:
     return spec
 
 
+def _wallet(args: argparse.Namespace) -> Any:
+    """The wallet `job submit` pays with: --wallet-key, else the profile's [wallet] (its
+    key_file, or the chain deployment's "client" dev account); None with --no-pay."""
+    if args.no_pay:
+        return None
+    profile = load_profile(args.profile)
+    if args.max_payment is not None:
+        profile = profile.with_overrides(wallet={"max_per_job_micros": args.max_payment})
+    if profile.chain.kind != "evm" and not args.wallet_key and not profile.wallet.key_file:
+        return None
+    from dispatchnet.payments.wallet import wallet_for  # x402 and web3 are heavy
+
+    return wallet_for(profile, args.wallet_key or "")
+
+
 async def cmd_job_submit(args: argparse.Namespace) -> int:
     spec = _submit_spec(args)
-    async with CoordinatorClient(args.coordinator, _client_key(args)) as c:
+    async with CoordinatorClient(args.coordinator, _client_key(args), _wallet(args)) as c:
         quote = await c.quote(spec)
         job = await c.commit(quote.quote_id, args.idempotency_key or "")
         if args.wait:
@@ -611,6 +627,64 @@ async def cmd_chain_reputation(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_wallet(args: argparse.Namespace) -> int:
+    """The client's x402 wallet: a secp256k1 chain key (README "Payments")."""
+    from dispatchnet.chains.evm import ChainConfigError, load_or_create_chain_key
+    from dispatchnet.payments.wallet import wallet_for
+
+    if args.wallet_cmd == "new":
+        path = Path(args.key_file).expanduser()
+        path = path if path.is_absolute() else keys.default_home() / path
+        if path.exists():
+            raise CliError(f"{path} exists already; it is the key of a wallet")
+        key = load_or_create_chain_key(path)
+        from eth_account import Account
+
+        emit({"address": Account.from_key(key).address, "key_file": str(path)})
+        return 0
+    profile = load_profile(args.profile)
+    if getattr(args, "max_payment", None) is not None:
+        profile = profile.with_overrides(wallet={"max_per_job_micros": args.max_payment})
+    try:
+        wallet = wallet_for(profile, args.wallet_key or "")
+    except ChainConfigError as e:
+        raise CliError(str(e)) from e
+    if wallet is None:
+        raise CliError(
+            f"profile {profile.name} has no wallet: set [wallet] key_file, pass --wallet-key, "
+            "or start its local chain (`dispatch chain up`) for the dev account"
+        )
+    if args.wallet_cmd == "address":
+        emit({"address": wallet.address})
+    elif args.wallet_cmd == "pay":
+        print(await asyncio.to_thread(wallet.pay, args.payment_required.strip()))
+    else:
+        emit(await asyncio.to_thread(_wallet_balances, profile, wallet))
+    return 0
+
+
+def _wallet_balances(profile: Any, wallet: Any) -> dict[str, Any]:
+    from x402.mechanisms.evm.default_assets import get_default_asset
+
+    from dispatchnet.chains.evm import resolve_evm_chain, web3_for
+    from dispatchnet.chains.evm_payments import token_balance
+    from dispatchnet.errors import Unavailable
+
+    chain = resolve_evm_chain(profile.chain)
+    assets = {a.address.lower(): a.address for a in wallet.extra_assets}
+    with contextlib.suppress(ValueError, KeyError):
+        default = get_default_asset(chain.network)["asset"]
+        assets.setdefault(default.lower(), default)
+    w3 = web3_for(chain.rpc_url, profile.chain.rpc_timeout_seconds)
+    try:
+        balances = [
+            {"asset": a, "balance": token_balance(w3, a, wallet.address)} for a in assets.values()
+        ]
+    except Unavailable as e:
+        raise CliError(e.message) from e
+    return {"address": wallet.address, "network": chain.network, "balances": balances}
+
+
 async def cmd_auth_header(args: argparse.Namespace) -> int:
     value = metadata_value(_client_key(args), args.ttl)
     if args.raw:
@@ -623,6 +697,12 @@ async def cmd_auth_header(args: argparse.Namespace) -> int:
 async def cmd_keys_show(args: argparse.Namespace) -> int:
     emit({"client_id": _client_key(args).public_hex})
     return 0
+
+
+async def cmd_bench(args: argparse.Namespace) -> int:
+    from dispatchnet.bench import run_bench
+
+    return await run_bench(args.jobs)
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
@@ -727,6 +807,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--private", action="store_true", help="only paired workers may run it")
     s.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
     s.add_argument("--wait", action="store_true", help="wait for the final state")
+    s.add_argument(
+        "--profile",
+        default="local",
+        help="profile whose [wallet] pays when the coordinator asks for x402 payment",
+    )
+    s.add_argument("--wallet-key", metavar="FILE", help="pay with this chain key file instead")
+    s.add_argument(
+        "--max-payment",
+        type=int,
+        metavar="MICRO_USD",
+        help="most this job may cost (default: the profile's [wallet] max_per_job_micros)",
+    )
+    s.add_argument("--no-pay", action="store_true", help="never pay (commit fails if asked)")
     s.set_defaults(fn=cmd_job_submit)
     for name, fn, hlp in (
         ("get", cmd_job_get, "show a job"),
@@ -810,6 +903,28 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--profile", default="local-monad", help="profile name or .toml path")
     ch.set_defaults(fn=cmd_chain)
 
+    wl = sub.add_parser("wallet", help="the x402 wallet `job submit` pays with")
+    wsub = wl.add_subparsers(dest="wallet_cmd", required=True)
+    wn = wsub.add_parser("new", help="create a wallet key file (secp256k1, mode 0600)")
+    wn.add_argument(
+        "--key-file", default="wallet.key", help="where (default: wallet.key in $DISPATCH_HOME)"
+    )
+    wn.set_defaults(fn=cmd_wallet)
+    for name, hlp in (
+        ("address", "the wallet's address"),
+        ("balance", "the wallet's stablecoin balances on the profile's chain"),
+        ("pay", "sign a payment-signature for a payment-required trailer (for grpcurl)"),
+    ):
+        sp = wsub.add_parser(name, help=hlp)
+        sp.add_argument("--profile", default="local-monad", help="profile name or .toml path")
+        sp.add_argument("--wallet-key", metavar="FILE", help="this key file instead of [wallet]'s")
+        if name == "pay":
+            sp.add_argument("payment_required", help="the payment-required trailer's value")
+            sp.add_argument(
+                "--max-payment", type=int, metavar="MICRO_USD", help="most this may cost"
+            )
+        sp.set_defaults(fn=cmd_wallet)
+
     a = sub.add_parser("auth", help="credentials for grpcurl and other clients")
     asub = a.add_subparsers(dest="auth_cmd", required=True)
     ah = asub.add_parser("header", help="print the -H metadata for grpcurl")
@@ -823,7 +938,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the end-to-end demo on a local coordinator")
     d.set_defaults(fn=cmd_demo)
+    b = sub.add_parser("bench", help="measure paid jobs on a local chain (x402 latencies)")
+    b.add_argument("--jobs", type=int, default=40, help="how many paid jobs to run")
+    b.set_defaults(fn=cmd_bench)
     return p
+
+
+def describe_payment_required(value: str) -> str:
+    """What a payment-required trailer asks for, for people."""
+    try:
+        data = json.loads(base64.b64decode(value))
+        lines = [f"payment required ({data.get('error') or 'no reason given'}); accepted:"]
+        for a in data.get("accepts") or []:
+            lines.append(
+                f"  {a.get('amount')} atomic units of {a.get('asset')} on {a.get('network')} "
+                f"to {a.get('payTo')} ({a.get('scheme')}, within {a.get('maxTimeoutSeconds')}s)"
+            )
+        lines.append(
+            "pay with `job submit --profile <profile with a [wallet]>` or --wallet-key FILE"
+        )
+        return "\n".join(lines)
+    except (ValueError, TypeError, AttributeError):
+        return "payment required (the payment-required trailer does not parse)"
 
 
 def run(fn: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
@@ -834,6 +970,9 @@ def run(fn: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Names
         return e.code
     except grpc.aio.AioRpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        required = trailer(e.trailing_metadata(), PAYMENT_REQUIRED)
+        if required:
+            print(describe_payment_required(required), file=sys.stderr)
         return 1
     except (ProfileError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -849,6 +988,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:  # the x402 SDK logs every signature at INFO
+        logging.getLogger("x402").setLevel(logging.WARNING)
     with contextlib.suppress(BrokenPipeError):
         return run(args.fn, args)
     return 1

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import cast
+from typing import Protocol, cast
 
 import grpc
 
@@ -28,14 +29,37 @@ FINAL_STATES = (
     coordinator_pb2.JOB_STATE_CANCELLED,
 )
 TOKEN_TTL = 120
+# x402 over gRPC (README "Payments")
+PAYMENT_REQUIRED = "payment-required"
+PAYMENT_SIGNATURE = "payment-signature"
+PAYMENT_RESPONSE = "payment-response"
+
+
+class Payer(Protocol):
+    def pay(self, required_header: str) -> str:
+        """A payment-signature value for a payment-required value (blocking)."""
+        ...
+
+
+def trailer(metadata: object, key: str) -> str:
+    """The value of `key` in gRPC (trailing) metadata, "" when absent."""
+    for k, v in cast(tuple[tuple[str, str], ...], metadata or ()):
+        if k == key:
+            return v if isinstance(v, str) else bytes(v).decode()
+    return ""
 
 
 class CoordinatorClient:
     """One channel to a coordinator; every call signs a fresh short-lived token."""
 
-    def __init__(self, address: str, key: KeyPair) -> None:
+    def __init__(self, address: str, key: KeyPair, wallet: Payer | None = None) -> None:
+        """wallet: pays CommitJob's x402 payment when the coordinator asks for one
+        (payments/wallet.py Wallet); without one such a commit fails RESOURCE_EXHAUSTED."""
         self.address = address
         self.key = key
+        self.wallet = wallet
+        # the `payment-response` trailer of the last paid CommitJob ("" for none)
+        self.last_payment_response = ""
         self.channel = grpc.aio.insecure_channel(address)
         self.jobs = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
         self.receipts = receipt_pb2_grpc.ReceiptServiceStub(self.channel)
@@ -64,12 +88,27 @@ class CoordinatorClient:
         return resp.quote
 
     async def commit(self, quote_id: str, idempotency_key: str = "") -> coordinator_pb2.Job:
-        resp = await self.jobs.CommitJob(
-            coordinator_pb2.CommitJobRequest(
-                quote_id=quote_id, idempotency_key=idempotency_key or str(uuid.uuid4())
-            ),
-            metadata=self.metadata(),
+        """Commits the quote. When the coordinator answers with x402's `payment-required`
+        trailer and this client has a wallet, the same call is retried once with a
+        `payment-signature` for it."""
+        request = coordinator_pb2.CommitJobRequest(
+            quote_id=quote_id, idempotency_key=idempotency_key or str(uuid.uuid4())
         )
+        try:
+            return await self._commit(request, ())
+        except grpc.aio.AioRpcError as e:
+            required = trailer(e.trailing_metadata(), PAYMENT_REQUIRED)
+            if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or not required or not self.wallet:
+                raise
+        signature = await asyncio.to_thread(self.wallet.pay, required)
+        return await self._commit(request, ((PAYMENT_SIGNATURE, signature),))
+
+    async def _commit(
+        self, request: coordinator_pb2.CommitJobRequest, extra: tuple[tuple[str, str], ...]
+    ) -> coordinator_pb2.Job:
+        call = self.jobs.CommitJob(request, metadata=(*self.metadata(), *extra))
+        resp = await call
+        self.last_payment_response = trailer(await call.trailing_metadata(), PAYMENT_RESPONSE)
         return resp.job
 
     async def submit(

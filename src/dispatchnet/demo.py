@@ -9,7 +9,11 @@ LLM job run by the desktop's embedded model (tokens streamed live), a public CHE
 PRIVATE task that only the worker the client paired with may run. Every job's receipt is
 checked in-process and with `dispatch receipt verify`, exactly as a user would offline. The
 workers' reputations are shown before and after the coordinator's on-chain feedback, and one
-receipt is checked on chain (`dispatch receipt proof` + `receipt verify --onchain`).
+receipt is checked on chain (`dispatch receipt proof` + `receipt verify --onchain`). Every
+job is paid for with x402: the client's wallet (the deployment's funded "client" account)
+signs an EIP-3009 authorization for the quoted price in test USDC, the coordinator verifies
+it at CommitJob and settles it on chain once the job completes; the payer's and the payee's
+balances are shown before and after, with the settlement transactions.
 Everything, the chain included, lives in a temporary directory ($DISPATCH_HOME for the
 children) that is removed at the end; `dispatch chain down` stops anvil.
 """
@@ -51,6 +55,8 @@ CHAIN_PROFILE = "local-monad"
 BATCH_MAX_AGE = 2
 FEEDBACK_TIMEOUT = 30.0
 PROOF_TIMEOUT = 30.0
+SETTLE_TIMEOUT = 30.0
+WALLET_LIMIT = 100_000  # micro-USD the demo's wallet pays for one job at most
 INDENT = "      "
 
 _KIND_NAMES = {common_pb2.WORKER_KIND_SEEKER: "seeker", common_pb2.WORKER_KIND_DESKTOP: "desktop"}
@@ -93,6 +99,7 @@ class Outcome:
         return (
             self.job is not None
             and self.job.state == coordinator_pb2.JOB_STATE_COMPLETED
+            and self.job.payment.status == "settled"
             and self.receipt_valid
             and not self.problems
         )
@@ -104,6 +111,11 @@ def say(text: str = "") -> None:
 
 def short(hex_id: str) -> str:
     return hex_id[:8]
+
+
+def usdc(atomic: int) -> str:
+    """Test USDC atomic units (6 decimals) as an amount."""
+    return f"{atomic / 1_000_000:,.6f} USDC"
 
 
 def usd(micros: int) -> str:
@@ -157,6 +169,7 @@ class Demo:
             WorkerInfo("desktop-1", "desktop", tmp / "desktop-1.key"),
         ]
         self.client_key = keys.load_or_create(tmp / "client.key")
+        self.payer_address = ""
 
     # --- processes ---------------------------------------------------------------------------
 
@@ -563,6 +576,11 @@ class Demo:
             f"{'' if quote.eligible_workers == 1 else 's'} can run it"
         )
         job = await c.commit(quote.quote_id)
+        p = job.payment
+        say(
+            f"{INDENT}paid     x402: {usdc(int(p.amount or 0))} authorized by {short(p.payer)}"
+            f" on {p.network} ({p.status}; settled once the job completes)"
+        )
         say(f"{INDENT}job      {job.job_id} committed, waiting...")
         try:
             follow = self.stream_tokens(c, job.job_id) if stream else c.wait(job.job_id)
@@ -579,8 +597,72 @@ class Demo:
             raise DemoError(f"job ended {state_name(job.state)} ({failure})")
         say(f"{INDENT}worker   {self.label(job.worker_id)}")
         say(f"{INDENT}output   {output_text(job)}")
+        job = await self.settled(c, job)
+        outcome.job = job
+        say(f"{INDENT}settled  {usdc(int(job.payment.amount))} in {job.payment.transaction}")
         await self.check_receipt(job, outcome)
         return job
+
+    async def settled(self, c: CoordinatorClient, job: coordinator_pb2.Job) -> coordinator_pb2.Job:
+        """The job once its payment has left "authorized" (the coordinator settles it on
+        chain right after the job completes)."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while job.payment.status == "authorized" and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_INTERVAL)
+            job = await c.get(job.job_id)
+        if job.payment.status != "settled":
+            raise DemoError(f"payment still {job.payment.status} after {SETTLE_TIMEOUT:.0f}s")
+        return job
+
+    def balances(self) -> tuple[int, int]:
+        """Test USDC of the paying client and of the coordinator (the payee), on chain."""
+        import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
+        from dispatchnet.chains.evm import web3_for
+        from dispatchnet.chains.evm_payments import token_balance
+
+        w3 = web3_for(str(self.chain["rpc_url"]), 5.0)
+        asset = str(self.chain["contracts"]["usdc"])
+        return (
+            token_balance(w3, asset, self.payer_address),
+            token_balance(w3, asset, str(self.chain["accounts"]["coordinator"]["address"])),
+        )
+
+    def wallet(self) -> Any:
+        """The client's x402 wallet: the deployment's funded "client" dev account."""
+        import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
+        from dispatchnet.payments.wallet import Asset, Wallet
+
+        wallet = Wallet(
+            str(self.chain["accounts"]["client"]["private_key"]),
+            WALLET_LIMIT,
+            [Asset(str(self.chain["network"]), str(self.chain["contracts"]["usdc"]))],
+        )
+        self.payer_address = wallet.address
+        return wallet
+
+    def show_payments(self, before: tuple[int, int], outcomes: list[Outcome]) -> list[str]:
+        """Balances before and after, the settlement transactions; problems if they do not
+        add up to the jobs' prices."""
+        after = self.balances()
+        payee = str(self.chain["accounts"]["coordinator"]["address"])
+        say(f"{INDENT}{'':8}{'before':>20}{'after':>20}")
+        say(f"{INDENT}{'payer':8}{usdc(before[0]):>20}{usdc(after[0]):>20}  {self.payer_address}")
+        say(f"{INDENT}{'payee':8}{usdc(before[1]):>20}{usdc(after[1]):>20}  {payee} (coordinator)")
+        paid = 0
+        for o in outcomes:
+            if o.job is not None and o.job.payment.status == "settled":
+                p = o.job.payment
+                paid += int(p.amount)
+                say(f"{INDENT}{o.title:22} {usdc(int(p.amount))} in {p.transaction}")
+        problems = []
+        if before[0] - after[0] != paid or after[1] - before[1] != paid:
+            problems.append(
+                f"balances moved by {before[0] - after[0]} / {after[1] - before[1]}, "
+                f"the settled payments add up to {paid}"
+            )
+        else:
+            say(f"{INDENT}the payer paid exactly the {usdc(paid)} its settled jobs cost, once each")
+        return problems
 
     async def stream_tokens(self, c: CoordinatorClient, job_id: str) -> coordinator_pb2.Job:
         """Follows WatchJob, printing the tokens the worker streams as they arrive."""
@@ -686,7 +768,7 @@ class Demo:
 
 
 def summary(outcomes: list[Outcome], labeler: Callable[[str], str]) -> None:
-    rows = [("Scenario", "Job id", "State", "Worker", "Price", "Tries", "Receipt")]
+    rows = [("Scenario", "Job id", "State", "Worker", "Price", "Payment", "Tries", "Receipt")]
     for o in outcomes:
         j = o.job
         rows.append(
@@ -696,6 +778,7 @@ def summary(outcomes: list[Outcome], labeler: Callable[[str], str]) -> None:
                 state_name(j.state) if j else "-",
                 labeler(j.worker_id) if j else "-",
                 usd(j.price.amount_micros) if j else "-",
+                j.payment.status if j else "-",
                 str(j.attempts) if j else "-",
                 "valid" if o.receipt_valid else "NO",
             )
@@ -717,7 +800,7 @@ async def run_demo() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="dispatch-demo-"))
     demo = Demo(tmp)
     outcomes: list[Outcome] = []
-    step_total = 10
+    step_total = 11
     say(
         "Dispatch demo: a local chain, a coordinator, two seekers, a desktop and a client, "
         "all on this machine"
@@ -762,10 +845,14 @@ async def run_demo() -> int:
             ),
         ]
         first = 5
-        async with CoordinatorClient(demo.address, demo.client_key) as client:
+        wallet = demo.wallet()
+        before = demo.balances()
+        async with CoordinatorClient(demo.address, demo.client_key, wallet) as client:
             say(
                 f"\nThe client is just an ed25519 key ({short(demo.client_key.public_hex)});"
-                " the jobs it commits belong to it."
+                " the jobs it commits belong to it. It pays for each with x402 from the wallet"
+                f" {wallet.address}: {usdc(before[0])} of test USDC, at most"
+                f" {usd(WALLET_LIMIT)} per job."
             )
             for n, (title, what, play) in enumerate(scenarios, start=first):
                 say(f"\n[{n}/{step_total}] Scenario {n - first + 1}, {title}: {what}")
@@ -781,7 +868,13 @@ async def run_demo() -> int:
                     say(f"{INDENT}FAILED: {e.code().name}: {e.details()}")
 
         chain_problems: list[str] = []
-        say(f"\n[8/{step_total}] Reputation after the coordinator's on-chain feedback")
+        say(f"\n[8/{step_total}] Payments: test USDC on chain, before and after")
+        try:
+            chain_problems += demo.show_payments(before, outcomes)
+        except (DemoError, OSError, ValueError) as e:
+            chain_problems.append(str(e))
+            say(f"{INDENT}FAILED: {e}")
+        say(f"\n[9/{step_total}] Reputation after the coordinator's on-chain feedback")
         try:
             await demo.reputation_after(outcomes)
         except (DemoError, OSError, ValueError) as e:
@@ -790,7 +883,7 @@ async def run_demo() -> int:
         except grpc.aio.AioRpcError as e:
             chain_problems.append(f"{e.code().name}: {e.details()}")
             say(f"{INDENT}FAILED: {e.code().name}: {e.details()}")
-        say(f"\n[9/{step_total}] A receipt checked on chain (its batch root is anchored)")
+        say(f"\n[10/{step_total}] A receipt checked on chain (its batch root is anchored)")
         anchored = next((o.job for o in outcomes if o.ok and o.job is not None), None)
         try:
             if anchored is None:
@@ -808,8 +901,8 @@ async def run_demo() -> int:
         if not ok:
             demo.print_logs()
         say(
-            "\nAll scenarios completed with valid receipts, feedback on chain and an anchored "
-            "receipt verified on chain."
+            "\nAll scenarios completed and were paid for on chain, with valid receipts, feedback"
+            " on chain and an anchored receipt verified on chain."
             if ok
             else "\nThe demo FAILED (see above)."
         )

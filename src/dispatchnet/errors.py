@@ -45,3 +45,22 @@ class ResourceExhausted(DispatchError):
 
 class Unavailable(DispatchError):
     """A dependency (chain node, facilitator) is down; retrying later may work."""
+
+
+class PaymentRequired(ResourceExhausted):
+    """CommitJob needs a payment it does not have: none was sent, or the one sent was
+    refused (`reason`: the x402 reason code, e.g. "invalid_exact_evm_insufficient_balance").
+    The payment edge answers RESOURCE_EXHAUSTED with a `payment-required` trailer listing
+    what it accepts (`required_header`, filled in by the edge)."""
+
+    def __init__(self, message: str, reason: str = "", required_header: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.required_header = required_header
+
+
+class PaymentReused(PaymentRequired):
+    """The payment's one-time authorization was already used for another job."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="payment_already_used")

@@ -83,8 +83,46 @@ class PairingConfig:
 
 
 @dataclass(frozen=True)
+class AcceptConfig:
+    """One network CommitJob accepts x402 payments on (`[[payments.accept]]`)."""
+
+    # CAIP-2 id; EVM networks must be [chain]'s network (its account is paid and refunds).
+    network: str = ""
+    # Token address. "": [chain]'s usdc (e.g. the deployment's test USDC) if it has one,
+    # else the x402 SDK's default stablecoin for the network.
+    asset: str = ""
+    # "": an in-process facilitator that verifies and settles with [chain]'s node and
+    # account; otherwise the URL of an x402 facilitator.
+    facilitator: str = ""
+
+
+@dataclass(frozen=True)
 class PaymentsConfig:
+    """x402 payments for CommitJob (`[payments]`; README "Payments")."""
+
     enabled: bool = False
+    accept: list[AcceptConfig] = field(default_factory=list)
+    # Longest authorization asked of a client (the requirement's maxTimeoutSeconds is the
+    # job's worst-case lifetime plus settle_margin_seconds, capped by this).
+    max_authorization_seconds: int = 3600
+    # Settle at the latest this long before the authorization expires: early, while the
+    # job still runs, when it must; the payer is then refunded if the job fails.
+    settle_margin_seconds: int = 60
+    # Gas limits of a transferWithAuthorization settlement and of a refund transfer.
+    settle_gas_limit: int = 150000
+    refund_gas_limit: int = 100000
+
+
+@dataclass(frozen=True)
+class WalletConfig:
+    """The client side (`[wallet]`): what `dispatch job submit` pays with."""
+
+    # secp256k1 key file (`dispatch wallet` format). "": the deployment file's "client" dev
+    # account when [chain] has a deployment, else no wallet (no automatic payment).
+    key_file: str = ""
+    # The most one job may cost, in micro-USD (a 6-decimals stablecoin's atomic units);
+    # a coordinator asking more is refused without signing anything.
+    max_per_job_micros: int = 100000
 
 
 @dataclass(frozen=True)
@@ -187,6 +225,7 @@ class Profile:
     auth: AuthConfig = field(default_factory=AuthConfig)
     pairing: PairingConfig = field(default_factory=PairingConfig)
     payments: PaymentsConfig = field(default_factory=PaymentsConfig)
+    wallet: WalletConfig = field(default_factory=WalletConfig)
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     receipts: ReceiptsConfig = field(default_factory=ReceiptsConfig)
@@ -219,10 +258,15 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         expected: type[Any] = hints[name]
+        item = (typing.get_args(expected) or (None,))[0]
         if dataclasses.is_dataclass(expected):
             if not isinstance(value, dict):
                 raise ProfileError(f"{where}: [{name}] must be a section")
             kwargs[name] = _build(expected, value, f"{where} [{name}]")
+        elif isinstance(item, type) and dataclasses.is_dataclass(item):
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ProfileError(f"{where}: {name} must be a list of tables ([[...{name}]])")
+            kwargs[name] = [_build(item, v, f"{where} [[{name}]]") for v in value]
         elif type(value) is (typing.get_origin(expected) or expected) or (
             expected is float and type(value) is int
         ):
@@ -280,6 +324,40 @@ def check_profile(profile: Profile) -> list[str]:
         problems.append("[identity] cache_ttl_seconds must not be negative")
     if profile.receipts.anchor == "evm" and c.kind != "evm":
         problems.append('[receipts] anchor = "evm" needs [chain] kind = "evm"')
+    problems += _check_payments(profile)
+    return problems
+
+
+def _check_payments(profile: Profile) -> list[str]:
+    p, c = profile.payments, profile.chain
+    problems: list[str] = []
+    if p.enabled and not p.accept:
+        problems.append("[payments] enabled needs at least one [[payments.accept]] network")
+    if p.enabled and profile.pricing.currency != "USD":
+        problems.append('[payments] needs [pricing] currency = "USD" (stablecoin prices)')
+    seen = set()
+    for a in p.accept:
+        if a.network in seen:
+            problems.append(f"[[payments.accept]] lists {a.network} twice")
+        seen.add(a.network)
+        if not EVM_NETWORK.fullmatch(a.network):
+            problems.append(f"[[payments.accept]] network {a.network!r} is not eip155:<chain id>")
+        elif c.kind != "evm" or a.network != c.network:
+            problems.append(
+                f"[[payments.accept]] {a.network} needs [chain] kind = evm on that network"
+            )
+        if a.asset and not ADDRESS.fullmatch(a.asset):
+            problems.append(f"[[payments.accept]] asset {a.asset!r} is not an address")
+        if a.facilitator and not re.fullmatch(r"https?://\S+", a.facilitator):
+            problems.append(f"[[payments.accept]] facilitator {a.facilitator!r} is not a URL")
+    if p.settle_margin_seconds < 10 or p.max_authorization_seconds <= p.settle_margin_seconds:
+        problems.append(
+            "[payments] needs settle_margin_seconds >= 10 and max_authorization_seconds above it"
+        )
+    if min(p.settle_gas_limit, p.refund_gas_limit) < 21000:
+        problems.append("[payments] gas limits must be at least 21000")
+    if profile.wallet.max_per_job_micros < 0:
+        problems.append("[wallet] max_per_job_micros must not be negative")
     return problems
 
 

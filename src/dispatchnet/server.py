@@ -36,6 +36,8 @@ from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.pairing import PairingService
 from dispatchnet.coordinator.ports import ReputationSource
 from dispatchnet.coordinator.receipts import ReceiptQueries
+from dispatchnet.payments.interceptor import PaymentInterceptor
+from dispatchnet.payments.service import PaymentService
 from dispatchnet.profiles import Profile
 from dispatchnet.receipts.anchoring import anchorer_for
 from dispatchnet.receipts.batcher import ReceiptBatcher
@@ -68,6 +70,7 @@ class Coordinator:
     batcher: ReceiptBatcher | None = None
     anchoring: str = ""  # how receipt roots are anchored, for people
     feedback: FeedbackSender | None = None
+    payments: PaymentService | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
         for name in ("", *SERVICE_NAMES):
@@ -78,6 +81,8 @@ class Coordinator:
             await self.batcher.stop()
         if self.feedback is not None:
             await self.feedback.stop()
+        if self.payments is not None:
+            await self.payments.stop()
         stop_reputation = getattr(self.jobs.reputation, "stop", None)
         if stop_reputation is not None:
             await stop_reputation()
@@ -107,8 +112,6 @@ def identity_verifier_for(profile: Profile) -> IdentityVerifier | None:
 
 
 async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Coordinator:
-    if profile.payments.enabled:
-        raise ValueError(f"profile {profile.name}: payments are not supported by this build yet")
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
         anchorer = anchorer_for(profile.receipts.anchor, profile.chain, data_dir)
@@ -157,6 +160,11 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         jobs.feedback_uri_base = f"dispatch://{key.public_hex}"
         jobs.agent_of = agent_of
         jobs.completion_listeners.append(feedback)
+    try:
+        payments = payment_service_for(profile, data_dir, store, jobs)
+    except ValueError as e:
+        store.close()
+        raise ValueError(f"profile {profile.name}: {e}") from e
     requeued = jobs.recover()
     if requeued:
         log.info("requeued %d job(s) held by workers before the restart", requeued)
@@ -169,10 +177,13 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), AuthInterceptor(profile.auth.max_token_ttl_seconds)],
-        options=opts,
-    )
+    interceptors: list[Any] = [
+        ErrorInterceptor(),
+        AuthInterceptor(profile.auth.max_token_ttl_seconds),
+    ]
+    if payments is not None:
+        interceptors.append(PaymentInterceptor(payments))
+    server = grpc.aio.server(interceptors=interceptors, options=opts)
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
         CoordinatorServicer(jobs, hub, profile.limits), server
     )
@@ -198,6 +209,8 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
     batcher.start()
     if feedback is not None:
         feedback.start()
+    if payments is not None:
+        payments.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -214,7 +227,23 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         batcher,
         str(anchoring),
         feedback,
+        payments,
     )
+
+
+def payment_service_for(
+    profile: Profile, data_dir: Path, store: SqliteStore, jobs: JobService
+) -> PaymentService | None:
+    """x402 payments for CommitJob ([payments] enabled), None when they are off."""
+    if not profile.payments.enabled:
+        return None
+    # imported only by profiles that take payments (x402 and web3 are heavy)
+    from dispatchnet.payments.x402 import gateway_for
+
+    gateway = gateway_for(profile, data_dir)
+    assert gateway is not None
+    log.info("CommitJob takes x402 payments on %s", gateway.describe())
+    return PaymentService(store, jobs, gateway, profile.payments, profile.jobs)
 
 
 def reputation_for(

@@ -434,8 +434,15 @@ Global___JobFailure: _TypeAlias = JobFailure  # noqa: Y015
 
 @_typing.final
 class PaymentReference(_message.Message):
-    """Reference to the payment for a job. All fields are empty while the
+    """Reference to the payment for a job (x402 "exact" payment; see README
+    "Payments"). All fields are empty, and status "none", while the
     coordinator's profile has payments off.
+
+    The coordinator verifies the payment when the job is committed and settles
+    it on chain only once a worker has completed the job; a job that never
+    completes is not charged. When the payment's validity window would close
+    before the job can finish, the coordinator settles early and refunds the
+    payer on chain if the job then fails.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -446,18 +453,38 @@ class PaymentReference(_message.Message):
     AMOUNT_FIELD_NUMBER: _builtins.int
     ASSET_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    REFUND_TRANSACTION_FIELD_NUMBER: _builtins.int
+    AUTHORIZATION_ID_FIELD_NUMBER: _builtins.int
+    PAY_TO_FIELD_NUMBER: _builtins.int
     network: _builtins.str
     """CAIP-2 network id, e.g. "eip155:10143"."""
     payer: _builtins.str
     """Address of the payer."""
     transaction: _builtins.str
-    """Settlement transaction hash or signature."""
+    """Settlement transaction hash; empty until the payment is settled."""
     amount: _builtins.str
-    """Amount paid in the asset's atomic units, as a decimal string."""
+    """Amount in the asset's atomic units, as a decimal string."""
     asset: _builtins.str
-    """Asset address or mint."""
+    """Asset (token contract) address or mint."""
     status: _builtins.str
-    """"none", "authorized", "settled" or "refunded"."""
+    """"none": no payment. "authorized": verified, not settled (nothing has moved).
+    "held": settled before the job finished (its authorization was about to
+    expire); refunded if the job fails. "settled": the job completed and the
+    payment is settled in `transaction`. "released": the job did not complete
+    and the authorization was never used: the payer was not charged.
+    "refund_due": settled, the job failed, the refund is on its way.
+    "refunded": settled and paid back in `refund_transaction`. "failed": the
+    chain refused the settlement (e.g. the payer's balance moved away): the
+    payer was not charged.
+    """
+    refund_transaction: _builtins.str
+    """Transaction that paid the amount back to the payer (status "refunded")."""
+    authorization_id: _builtins.str
+    """The payment's one-time authorization id on its chain (for EVM: the
+    EIP-3009 nonce, 0x hex); a payment is accepted once.
+    """
+    pay_to: _builtins.str
+    """Address the payment goes to (the coordinator's account)."""
     def __init__(
         self,
         *,
@@ -467,10 +494,13 @@ class PaymentReference(_message.Message):
         amount: _builtins.str = ...,
         asset: _builtins.str = ...,
         status: _builtins.str = ...,
+        refund_transaction: _builtins.str = ...,
+        authorization_id: _builtins.str = ...,
+        pay_to: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "network", b"network", "payer", b"payer", "status", b"status", "transaction", b"transaction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "authorization_id", b"authorization_id", "network", b"network", "pay_to", b"pay_to", "payer", b"payer", "refund_transaction", b"refund_transaction", "status", b"status", "transaction", b"transaction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

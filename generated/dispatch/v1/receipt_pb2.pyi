@@ -166,6 +166,7 @@ class GetReceiptResponse(_message.Message):
 
     RECEIPT_FIELD_NUMBER: _builtins.int
     DECODED_FIELD_NUMBER: _builtins.int
+    PAYMENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def receipt(self) -> Global___Receipt:
         """The receipt."""
@@ -174,15 +175,24 @@ class GetReceiptResponse(_message.Message):
     def decoded(self) -> Global___ReceiptBody:
         """The decoded body, for convenience; not what was signed."""
 
+    @_builtins.property
+    def payment(self) -> _common_pb2.PaymentReference:
+        """The payment's state now. The signed body carries the payment as it stood
+        when the worker finished (status "authorized" while settlement waits for
+        completion); this one says whether it was then settled or refunded, with
+        the transactions, which anyone can check on chain.
+        """
+
     def __init__(
         self,
         *,
         receipt: Global___Receipt | None = ...,
         decoded: Global___ReceiptBody | None = ...,
+        payment: _common_pb2.PaymentReference | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["decoded", b"decoded", "receipt", b"receipt"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decoded", b"decoded", "payment", b"payment", "receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decoded", b"decoded", "receipt", b"receipt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decoded", b"decoded", "payment", b"payment", "receipt", b"receipt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -63,6 +63,16 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error (details are in the coordinator's log)"
 
 
+PAYMENT_REQUIRED = "payment-required"
+
+
+def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata an error carries: x402's `payment-required` for PaymentRequired."""
+    if isinstance(exc, errors.PaymentRequired) and exc.required_header:
+        return ((PAYMENT_REQUIRED, exc.required_header),)
+    return ()
+
+
 def unknown_field_paths(msg: Message, prefix: str = "") -> list[str]:
     # The stub lacks __iter__; the set iterates through __getitem__.
     fields = cast(Iterable[Any], unknown_fields.UnknownFieldSet(msg))
@@ -104,7 +114,7 @@ class ErrorInterceptor(AsyncServerInterceptor):
         except Exception as e:
             failure = e
         code, message = status_for(failure)
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata=trailers_for(failure))
 
     async def _stream(self, response: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
         failure: BaseException

@@ -29,8 +29,10 @@ from dispatchnet.coordinator.models import Failure
 from dispatchnet.coordinator.pairing import PairingService
 from dispatchnet.coordinator.receipts import ReceiptQueries
 from dispatchnet.errors import InvalidArgument
+from dispatchnet.payments.interceptor import current_payment
 from dispatchnet.profiles import LimitsConfig, WorkersConfig
 from dispatchnet.receipts.core import verify_receipt_message
+from dispatchnet.receipts.notary import payment_to_proto
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -60,7 +62,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def CommitJob(
         self, request: coordinator_pb2.CommitJobRequest, context: Ctx
     ) -> coordinator_pb2.CommitJobResponse:
-        job, created = self.jobs.commit(caller().id, request.quote_id, request.idempotency_key)
+        job, created = self.jobs.commit(
+            caller().id, request.quote_id, request.idempotency_key, current_payment()
+        )
         return coordinator_pb2.CommitJobResponse(job=convert.job_to_proto(job), created=created)
 
     async def GetJob(
@@ -206,11 +210,13 @@ class ReceiptServicer(receipt_pb2_grpc.ReceiptServiceServicer):
     async def GetReceipt(
         self, request: receipt_pb2.GetReceiptRequest, context: Ctx
     ) -> receipt_pb2.GetReceiptResponse:
-        r = self.receipts.get(caller().id, request.job_id)
+        r, payment = self.receipts.get_with_payment(caller().id, request.job_id)
         msg = convert.receipt_to_proto(r)
         decoded = receipt_pb2.ReceiptBody()
         decoded.ParseFromString(r.body)
-        return receipt_pb2.GetReceiptResponse(receipt=msg, decoded=decoded)
+        return receipt_pb2.GetReceiptResponse(
+            receipt=msg, decoded=decoded, payment=payment_to_proto(payment)
+        )
 
     async def VerifyReceipt(
         self, request: receipt_pb2.VerifyReceiptRequest, context: Ctx

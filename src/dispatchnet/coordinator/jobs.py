@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from dispatchnet.coordinator.models import (
     Job,
     JobSpec,
     JobState,
+    Payment,
     Privacy,
     Quote,
     Result,
@@ -89,6 +91,8 @@ class JobService:
         self.clock = clock
         self.listener: JobListener | None = None
         self.completion_listeners: list[CompletionListener] = []
+        # called with the job after every final transition (completed, failed, cancelled)
+        self.final_listeners: list[Callable[[Job], None]] = []
         self._next_purge = 0.0
         # Feedback outbox: off while feedback_uri_base is None. agent_of(worker_id) is the
         # agent id (decimal) of a connected worker, "" for none (set by the server).
@@ -116,7 +120,28 @@ class JobService:
         self.store.put_quote(q)
         return q
 
-    def commit(self, client_id: str, quote_id: str, idempotency_key: str) -> tuple[Job, bool]:
+    def existing(self, client_id: str, idempotency_key: str) -> Job | None:
+        """The client's job committed with this idempotency key, if any."""
+        return self.store.get_job_by_key(client_id, idempotency_key)
+
+    def get_quote(self, quote_id: str) -> Quote:
+        if not quote_id:
+            raise InvalidArgument("quote_id is required (get one from GetQuote)")
+        quote = self.store.get_quote(quote_id)
+        if quote is None:
+            raise NotFound(f"quote {quote_id} does not exist")
+        return quote
+
+    def commit(
+        self,
+        client_id: str,
+        quote_id: str,
+        idempotency_key: str,
+        payment: Payment | None = None,
+    ) -> tuple[Job, bool]:
+        """Turns the quote into a queued job. payment: the verified payment for it (job_id
+        is filled in here); stored with the job in one transaction, and not stored when the
+        idempotency key returns an existing job."""
         if not quote_id:
             raise InvalidArgument("quote_id is required (get one from GetQuote)")
         if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
@@ -153,7 +178,9 @@ class JobService:
                 "`dispatch pair create` / `dispatch pair claim` first"
             )
         event = Event(job.job_id, EventKind.STATE, JobState.QUEUED, now, reason="committed")
-        stored, created = self.store.create_job(job, event)
+        if payment is not None:
+            payment = dataclasses.replace(payment, job_id=job.job_id)
+        stored, created = self.store.create_job(job, event, payment)
         if created:
             self._changed(stored)
             if self.listener:
@@ -497,6 +524,9 @@ class JobService:
         )
         if moved is not None:
             self._changed(moved)
+            if to.final:
+                for listener in self.final_listeners:
+                    listener(moved)
         return moved
 
     def _feedback(

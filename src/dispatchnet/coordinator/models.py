@@ -101,12 +101,78 @@ class Receipt:
 
 @dataclass(frozen=True)
 class PaymentRef:
+    """What a job (and its receipt) says about its payment; see PaymentStatus."""
+
     network: str = ""
     payer: str = ""
     transaction: str = ""
     amount: str = ""
     asset: str = ""
     status: str = "none"
+    refund_transaction: str = ""
+    authorization_id: str = ""
+    pay_to: str = ""
+
+
+class PaymentStatus(enum.Enum):
+    """Where a job's payment stands (payments/service.py moves it)."""
+
+    AUTHORIZED = "authorized"  # verified at commit; nothing moved yet
+    HELD = "held"  # settled early (its window was closing), the job is still open
+    SETTLED = "settled"  # the job completed and the payment is on chain; final
+    RELEASED = "released"  # the job did not complete; never settled, not charged; final
+    REFUND_DUE = "refund_due"  # settled early, then the job did not complete
+    REFUNDED = "refunded"  # settled and paid back; final
+    FAILED = "failed"  # the chain refused the settlement; not charged; final
+
+    @property
+    def final(self) -> bool:
+        return self in (
+            PaymentStatus.SETTLED,
+            PaymentStatus.RELEASED,
+            PaymentStatus.REFUNDED,
+            PaymentStatus.FAILED,
+        )
+
+
+@dataclass(frozen=True)
+class Payment:
+    """A job's x402 payment: the verified authorization (the client's payload and the
+    requirement it met, as x402 JSON) and what has happened to it since. One row per job;
+    (network, asset, payer, authorization_id) is unique, so a payment is accepted once."""
+
+    job_id: str
+    network: str
+    asset: str
+    pay_to: str
+    payer: str
+    amount: int  # atomic units of the asset
+    authorization_id: str  # EIP-3009 nonce (0x hex, lower case)
+    valid_before: float  # the authorization cannot be settled after this
+    settle_by: float  # settle (early if need be) no later than this
+    payload_json: str
+    requirement_json: str
+    status: PaymentStatus
+    created_at: float
+    updated_at: float
+    transaction: str = ""
+    refund_transaction: str = ""
+    refund_raw: str = ""  # the signed refund transaction, kept until it is mined
+    error: str = ""
+    attempts: int = 0
+
+    def ref(self) -> PaymentRef:
+        return PaymentRef(
+            network=self.network,
+            payer=self.payer,
+            transaction=self.transaction,
+            amount=str(self.amount),
+            asset=self.asset,
+            status=self.status.value,
+            refund_transaction=self.refund_transaction,
+            authorization_id=self.authorization_id,
+            pay_to=self.pay_to,
+        )
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dispatchnet.coordinator.jobs import JobService
-from dispatchnet.coordinator.models import AnchorStatus, Receipt
+from dispatchnet.coordinator.models import AnchorStatus, PaymentRef, Receipt
 from dispatchnet.errors import FailedPrecondition
 from dispatchnet.receipts.merkle import merkle_proof, merkle_root
 
@@ -36,12 +36,16 @@ class ReceiptQueries:
         self.jobs = jobs
 
     def get(self, client_id: str, job_id: str) -> Receipt:
+        return self.get_with_payment(client_id, job_id)[0]
+
+    def get_with_payment(self, client_id: str, job_id: str) -> tuple[Receipt, PaymentRef]:
+        """The receipt and the job's payment as it stands now (settled, refunded...)."""
         job = self.jobs.get(client_id, job_id)
         if job.receipt is None:
             raise FailedPrecondition(
                 f"job {job_id} is {job.state.name}; only completed jobs have receipts"
             )
-        return job.receipt
+        return job.receipt, job.payment
 
     def proof(self, client_id: str, job_id: str) -> ReceiptProof:
         """The inclusion proof of a completed job's receipt in its batch (owner only)."""

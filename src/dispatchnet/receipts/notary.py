@@ -17,6 +17,9 @@ def payment_to_proto(p: PaymentRef) -> common_pb2.PaymentReference:
         amount=p.amount,
         asset=p.asset,
         status=p.status,
+        refund_transaction=p.refund_transaction,
+        authorization_id=p.authorization_id,
+        pay_to=p.pay_to,
     )
 
 

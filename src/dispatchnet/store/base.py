@@ -19,6 +19,8 @@ from dispatchnet.coordinator.models import (
     Job,
     JobState,
     Pairing,
+    Payment,
+    PaymentStatus,
     Quote,
     ReceiptBatch,
     ReceiptLeaf,
@@ -44,9 +46,30 @@ class Store(Protocol):
         ...
 
     # jobs
-    def create_job(self, job: Job, event: Event) -> tuple[Job, bool]:
-        """Inserts job with its first event; if (client_id, idempotency_key) exists already,
-        returns that job and False instead."""
+    def create_job(
+        self, job: Job, event: Event, payment: Payment | None = None
+    ) -> tuple[Job, bool]:
+        """Inserts job with its first event (and its payment, in the same transaction); if
+        (client_id, idempotency_key) exists already, returns that job and False instead and
+        stores no payment. Raises PaymentReused when the payment's (network, asset, payer,
+        authorization_id) belongs to another job already."""
+        ...
+
+    # payments
+    def get_payment(self, job_id: str) -> Payment | None: ...
+    def payment_used(self, network: str, asset: str, payer: str, authorization_id: str) -> bool:
+        """Whether a job was committed with this payment already."""
+        ...
+
+    def open_payments(self, limit: int = 100) -> list[tuple[Payment, JobState]]:
+        """Payments that are not final, with their job's state, oldest first."""
+        ...
+
+    def update_payment(
+        self, job_id: str, from_statuses: Sequence[PaymentStatus], changes: dict[str, Any]
+    ) -> Payment | None:
+        """Compare-and-set on the payment's status; updates the job's payment reference in
+        the same transaction. None when the status was not one of from_statuses."""
         ...
 
     def get_job(self, job_id: str) -> Job | None: ...

@@ -7,6 +7,7 @@ transactions. The schema is versioned with PRAGMA user_version; MIGRATIONS lists
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -28,7 +29,9 @@ from dispatchnet.coordinator.models import (
     JobState,
     JobType,
     Pairing,
+    Payment,
     PaymentRef,
+    PaymentStatus,
     Policy,
     Privacy,
     Quote,
@@ -38,6 +41,7 @@ from dispatchnet.coordinator.models import (
     Result,
     UnbatchedReceipt,
 )
+from dispatchnet.errors import PaymentReused
 from dispatchnet.store.base import Runnable
 
 
@@ -219,7 +223,42 @@ def _v5(db: sqlite_utils.Database) -> None:
     db.table("feedback_outbox").create_index(["status", "created_at"])
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5]
+def _v6(db: sqlite_utils.Database) -> None:
+    """x402 payments: one row per paid job, written with the job; the unique replay key
+    makes each payment acceptable once, across restarts."""
+    db.table("payments").create(
+        {
+            "job_id": str,
+            "network": str,
+            "asset": str,
+            "pay_to": str,
+            "payer": str,
+            "amount": str,  # atomic units, decimal text (may exceed 64 bits)
+            "authorization_id": str,
+            "valid_before": float,
+            "settle_by": float,
+            "payload_json": str,
+            "requirement_json": str,
+            "status": str,
+            "created_at": float,
+            "updated_at": float,
+            "tx": str,
+            "refund_tx": str,
+            "refund_raw": str,
+            "error": str,
+            "attempts": int,
+        },
+        pk="job_id",
+        not_null={"network", "asset", "payer", "authorization_id", "status"},
+    )
+    db.execute(
+        "CREATE UNIQUE INDEX payments_replay ON payments "
+        "(network, lower(asset), lower(payer), lower(authorization_id))"
+    )
+    db.table("payments").create_index(["status", "created_at"])
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JOB_SIMPLE = {
@@ -336,7 +375,11 @@ class SqliteStore:
 
     # --- jobs ---------------------------------------------------------------------------
 
-    def create_job(self, job: Job, event: Event) -> tuple[Job, bool]:
+    def create_job(
+        self, job: Job, event: Event, payment: Payment | None = None
+    ) -> tuple[Job, bool]:
+        if payment is not None:
+            job = dataclasses.replace(job, payment=payment.ref())
         row = _job_row(job)
         row["last_sequence"] = 1
         with self._tx():
@@ -352,6 +395,13 @@ class SqliteStore:
                 tuple(row.values()),
             )
             self._insert_event(event, 1)
+            if payment is not None:
+                try:
+                    self._insert_payment(payment)
+                except sqlite3.IntegrityError:
+                    raise PaymentReused(
+                        "this payment was already used for another job; sign a new one"
+                    ) from None
         created = self.get_job(job.job_id)
         assert created is not None
         return created, True
@@ -731,6 +781,89 @@ class SqliteStore:
         )
         return cur.rowcount == 1
 
+    # --- payments -----------------------------------------------------------------------
+
+    def _insert_payment(self, p: Payment) -> None:
+        self._conn.execute(
+            "INSERT INTO payments VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                p.job_id,
+                p.network,
+                p.asset,
+                p.pay_to,
+                p.payer,
+                str(p.amount),
+                p.authorization_id,
+                p.valid_before,
+                p.settle_by,
+                p.payload_json,
+                p.requirement_json,
+                p.status.value,
+                p.created_at,
+                p.updated_at,
+                p.transaction,
+                p.refund_transaction,
+                p.refund_raw,
+                p.error,
+                p.attempts,
+            ),
+        )
+
+    def get_payment(self, job_id: str) -> Payment | None:
+        r = self._conn.execute("SELECT * FROM payments WHERE job_id=?", (job_id,)).fetchone()
+        return _payment(r) if r is not None else None
+
+    def payment_used(self, network: str, asset: str, payer: str, authorization_id: str) -> bool:
+        r = self._conn.execute(
+            "SELECT 1 FROM payments WHERE network=? AND lower(asset)=? AND lower(payer)=? "
+            "AND lower(authorization_id)=?",
+            (network, asset.lower(), payer.lower(), authorization_id.lower()),
+        ).fetchone()
+        return r is not None
+
+    def open_payments(self, limit: int = 100) -> list[tuple[Payment, JobState]]:
+        final = [s.value for s in PaymentStatus if s.final]
+        rows = self._conn.execute(
+            "SELECT payments.*, jobs.state AS job_state FROM payments "
+            "JOIN jobs ON jobs.job_id = payments.job_id "
+            f"WHERE payments.status NOT IN ({','.join('?' * len(final))}) "
+            "ORDER BY payments.created_at, payments.job_id LIMIT ?",
+            (*final, limit),
+        ).fetchall()
+        return [(_payment(r), JobState(r["job_state"])) for r in rows]
+
+    def update_payment(
+        self, job_id: str, from_statuses: Sequence[PaymentStatus], changes: dict[str, Any]
+    ) -> Payment | None:
+        columns = {
+            "status": "status",
+            "transaction": "tx",
+            "refund_transaction": "refund_tx",
+            "refund_raw": "refund_raw",
+            "error": "error",
+            "attempts": "attempts",
+            "settle_by": "settle_by",
+            "updated_at": "updated_at",
+        }
+        values = {
+            columns[k]: (v.value if isinstance(v, PaymentStatus) else v) for k, v in changes.items()
+        }
+        with self._tx():
+            cur = self._conn.execute(
+                f"UPDATE payments SET {','.join(f'{c}=?' for c in values)} WHERE job_id=? "
+                f"AND status IN ({','.join('?' * len(from_statuses))})",
+                (*values.values(), job_id, *(s.value for s in from_statuses)),
+            )
+            if cur.rowcount != 1:
+                return None
+            r = self._conn.execute("SELECT * FROM payments WHERE job_id=?", (job_id,)).fetchone()
+            payment = _payment(r)
+            self._conn.execute(
+                "UPDATE jobs SET payment=? WHERE job_id=?",
+                (json.dumps(payment.ref().__dict__), job_id),
+            )
+        return payment
+
     # --- workers ------------------------------------------------------------------------
 
     def record_worker_seen(self, worker_id: str, kind: int, now: float) -> None:
@@ -892,6 +1025,30 @@ def _feedback(r: sqlite3.Row) -> FeedbackEntry:
         transaction=r["tx"] or "",
         error=r["error"] or "",
         attempts=int(r["attempts"] or 0),
+    )
+
+
+def _payment(r: sqlite3.Row) -> Payment:
+    return Payment(
+        job_id=r["job_id"],
+        network=r["network"],
+        asset=r["asset"],
+        pay_to=r["pay_to"],
+        payer=r["payer"],
+        amount=int(r["amount"]),
+        authorization_id=r["authorization_id"],
+        valid_before=r["valid_before"],
+        settle_by=r["settle_by"],
+        payload_json=r["payload_json"],
+        requirement_json=r["requirement_json"],
+        status=PaymentStatus(r["status"]),
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        transaction=r["tx"] or "",
+        refund_transaction=r["refund_tx"] or "",
+        refund_raw=r["refund_raw"] or "",
+        error=r["error"] or "",
+        attempts=r["attempts"] or 0,
     )
 
 

@@ -1,0 +1,298 @@
+"""EVM side of x402 payments: the in-process facilitator's signer, the on-chain lookup of a
+used EIP-3009 authorization, and refunds.
+
+Everything here is blocking web3.py code; payments/service.py calls it in worker threads.
+Every transaction goes through the coordinator account's shared EvmSender (chains/evm.py),
+so settlements, refunds, anchors and feedback never race for a nonce.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from hexbytes import HexBytes
+from web3 import Web3
+from web3.exceptions import TransactionNotFound, Web3RPCError
+from x402.mechanisms.evm import FacilitatorWeb3Signer
+from x402.mechanisms.evm.types import TransactionReceipt
+
+from dispatchnet.chains.evm import TRANSIENT, EvmSender, _brief, _hex, web3_for
+from dispatchnet.errors import Unavailable
+
+log = logging.getLogger("dispatch.payments.evm")
+
+# The ERC-20 and EIP-3009 pieces payments use (any USDC-like token has them).
+TOKEN_ABI: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "name": "transfer",
+        "stateMutability": "nonpayable",
+        "inputs": [{"name": "to", "type": "address"}, {"name": "value", "type": "uint256"}],
+        "outputs": [{"name": "", "type": "bool"}],
+    },
+    {
+        "type": "function",
+        "name": "balanceOf",
+        "stateMutability": "view",
+        "inputs": [{"name": "account", "type": "address"}],
+        "outputs": [{"name": "", "type": "uint256"}],
+    },
+    {
+        "type": "function",
+        "name": "decimals",
+        "stateMutability": "view",
+        "inputs": [],
+        "outputs": [{"name": "", "type": "uint8"}],
+    },
+    {
+        "type": "function",
+        "name": "name",
+        "stateMutability": "view",
+        "inputs": [],
+        "outputs": [{"name": "", "type": "string"}],
+    },
+    {
+        "type": "function",
+        "name": "version",
+        "stateMutability": "view",
+        "inputs": [],
+        "outputs": [{"name": "", "type": "string"}],
+    },
+    {
+        "type": "function",
+        "name": "authorizationState",
+        "stateMutability": "view",
+        "inputs": [
+            {"name": "authorizer", "type": "address"},
+            {"name": "nonce", "type": "bytes32"},
+        ],
+        "outputs": [{"name": "", "type": "bool"}],
+    },
+    {
+        "type": "event",
+        "name": "AuthorizationUsed",
+        "anonymous": False,
+        "inputs": [
+            {"name": "authorizer", "type": "address", "indexed": True},
+            {"name": "nonce", "type": "bytes32", "indexed": True},
+        ],
+    },
+]
+
+
+class CoordinatorFacilitatorSigner(FacilitatorWeb3Signer):
+    """The in-process x402 facilitator's signer: the coordinator's chain account.
+
+    - Transactions (transferWithAuthorization) go through the account's shared EvmSender,
+      with the profile's gas limit, instead of the SDK's own nonce counter.
+    - Calls use the profile's RPC timeout.
+    - The SDK reports an unreachable node during verification as an invalid signature;
+      this signer notes when a call failed for transport reasons (`transport_failed_since`)
+      so the payment edge can answer UNAVAILABLE instead of blaming the payer.
+    """
+
+    def __init__(
+        self,
+        sender: EvmSender,
+        private_key: str,
+        rpc_url: str,
+        rpc_timeout: float,
+        tx_timeout: float,
+        gas_limit: int,
+    ) -> None:
+        super().__init__(
+            private_key, rpc_url, confirmation_timeout_seconds=tx_timeout, gas_limit=gas_limit
+        )
+        self._w3 = web3_for(rpc_url, rpc_timeout)
+        self._sender = sender
+        self._lock = threading.Lock()
+        self._transport_failed_at = 0.0
+        self.last_transport_error = ""
+
+    def transport_failed_since(self, t: float) -> bool:
+        with self._lock:
+            return self._transport_failed_at >= t
+
+    def _note(self, e: BaseException) -> None:
+        if isinstance(e, TRANSIENT) and not _is_revert(e):
+            with self._lock:
+                self._transport_failed_at = time.monotonic()
+                self.last_transport_error = _brief(e)
+
+    def _watched(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(super(), name)(*args, **kwargs)
+        except BaseException as e:
+            self._note(e)
+            raise
+
+    def get_chain_id(self) -> int:
+        return int(self._watched("get_chain_id"))
+
+    def read_contract(self, address: str, abi: list[dict[str, Any]], fn: str, *args: Any) -> Any:
+        return self._watched("read_contract", address, abi, fn, *args)
+
+    def verify_typed_data(self, *args: Any, **kwargs: Any) -> bool:
+        return bool(self._watched("verify_typed_data", *args, **kwargs))
+
+    def get_balance(self, address: str, token_address: str) -> int:
+        return int(self._watched("get_balance", address, token_address))
+
+    def get_code(self, address: str) -> bytes:
+        return bytes(self._watched("get_code", address))
+
+    def wait_for_transaction_receipt(self, tx_hash: str) -> TransactionReceipt:
+        result: TransactionReceipt = self._watched("wait_for_transaction_receipt", tx_hash)
+        return result
+
+    def write_contract(
+        self,
+        address: str,
+        abi: list[dict[str, Any]],
+        function_name: str,
+        *args: Any,
+        data_suffix: str | None = None,
+    ) -> str:
+        if data_suffix:
+            raise ValueError("calldata suffixes (builder codes) are not used by Dispatch")
+        contract = self._w3.eth.contract(address=Web3.to_checksum_address(address), abi=abi)
+        fn = getattr(contract.functions, function_name)(*args)
+        try:
+            with self._sender.lock:
+                return _hex(self._sender.send(fn, self._gas_limit))
+        except BaseException as e:
+            self._note(e)
+            raise
+
+    def send_transaction(self, to: str, data: bytes) -> str:
+        # only used to deploy ERC-6492 smart wallets, which Dispatch does not allow
+        raise ValueError("the Dispatch facilitator sends no raw transactions")
+
+
+def _is_revert(e: BaseException) -> bool:
+    return isinstance(e, Web3RPCError) and "revert" in str(e).lower()
+
+
+def authorization_use(
+    w3: Web3, asset: str, payer: str, nonce: str, from_block: int = 0
+) -> tuple[bool, str]:
+    """Whether the EIP-3009 authorization (payer, nonce) is used or cancelled on chain,
+    and the transaction whose AuthorizationUsed event used it ("" if none was found: the
+    authorization was cancelled, or the node keeps no logs that old). Unavailable when the
+    node cannot be reached."""
+    token = w3.eth.contract(address=Web3.to_checksum_address(asset), abi=TOKEN_ABI)
+    nonce_bytes = HexBytes(nonce)
+    try:
+        used = bool(
+            token.functions.authorizationState(Web3.to_checksum_address(payer), nonce_bytes).call()
+        )
+        if not used:
+            return False, ""
+        logs = token.events.AuthorizationUsed().get_logs(
+            from_block=from_block,
+            argument_filters={
+                "authorizer": Web3.to_checksum_address(payer),
+                "nonce": nonce_bytes,
+            },
+        )
+    except TRANSIENT as e:
+        raise Unavailable(f"chain node unreachable: {_brief(e)}") from e
+    return True, (_hex(logs[0]["transactionHash"]) if logs else "")
+
+
+class EvmRefunder:
+    """Pays a settled amount back to the payer with an ERC-20 transfer from the coordinator
+    account. Signing and broadcasting are separate so the caller can store the signed
+    transaction (and its hash) first: a crash between the two then resends the same
+    transaction (same nonce) instead of paying twice."""
+
+    def __init__(self, sender: EvmSender, gas_limit: int, tx_timeout: float) -> None:
+        self.sender = sender
+        self.gas_limit = gas_limit
+        self.tx_timeout = tx_timeout
+
+    @property
+    def address(self) -> str:
+        return str(self.sender.address)
+
+    def sign(self, asset: str, to: str, amount: int) -> tuple[str, str]:
+        """(raw transaction hex, transaction hash) of transfer(to, amount)."""
+        w3 = self.sender.w3
+        token = w3.eth.contract(address=Web3.to_checksum_address(asset), abi=TOKEN_ABI)
+        fn: Any = token.functions.transfer(Web3.to_checksum_address(to), int(amount))
+        try:
+            with self.sender.lock:
+                nonce = w3.eth.get_transaction_count(self.sender.address, "pending")
+                tx = fn.build_transaction(
+                    {
+                        "from": self.sender.address,
+                        "nonce": nonce,
+                        "gas": self.gas_limit,
+                        "chainId": self.sender.chain_id,
+                    }
+                )
+                signed = self.sender.account.sign_transaction(tx)
+        except TRANSIENT as e:
+            raise Unavailable(f"chain node unreachable: {_brief(e)}") from e
+        return "0x" + bytes(signed.raw_transaction).hex(), _hex(bytes(signed.hash))
+
+    def status(self, tx_hash: str) -> bool | None:
+        """True: mined and succeeded; False: mined and reverted; None: not mined (yet)."""
+        try:
+            receipt = self.sender.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
+        except TransactionNotFound:
+            return None
+        except TRANSIENT as e:
+            raise Unavailable(f"chain node unreachable: {_brief(e)}") from e
+        return bool(receipt["status"] == 1)
+
+    def broadcast(self, raw: str, tx_hash: str) -> bool | None:
+        """Sends the stored transaction (again) and waits for it; as status(). Returns
+        None without waiting when the node refuses it as stale (its nonce was taken by
+        another transaction): the caller signs a new one."""
+        w3 = self.sender.w3
+        try:
+            with self.sender.lock:
+                w3.eth.send_raw_transaction(HexBytes(raw))
+        except Web3RPCError as e:
+            text = str(e).lower()
+            if "nonce too low" in text:
+                mined = self.status(tx_hash)
+                if mined is None:
+                    log.info("refund %s went stale (nonce taken); signing a new one", tx_hash)
+                return mined
+            if "already known" not in text:
+                raise Unavailable(f"refund not accepted by the node: {_brief(e)}") from e
+        except TRANSIENT as e:
+            raise Unavailable(f"chain node unreachable: {_brief(e)}") from e
+        try:
+            receipt = w3.eth.wait_for_transaction_receipt(
+                HexBytes(tx_hash), timeout=self.tx_timeout
+            )
+        except TRANSIENT as e:
+            raise Unavailable(f"no receipt for refund {tx_hash} yet: {_brief(e)}") from e
+        return bool(receipt["status"] == 1)
+
+
+def token_info(w3: Web3, asset: str) -> tuple[str, str, int]:
+    """(EIP-712 name, version, decimals) of an EIP-3009 token."""
+    token = w3.eth.contract(address=Web3.to_checksum_address(asset), abi=TOKEN_ABI)
+    try:
+        return (
+            str(token.functions.name().call()),
+            str(token.functions.version().call()),
+            int(token.functions.decimals().call()),
+        )
+    except TRANSIENT as e:
+        raise Unavailable(f"chain node unreachable: {_brief(e)}") from e
+
+
+def token_balance(w3: Web3, asset: str, account: str) -> int:
+    token = w3.eth.contract(address=Web3.to_checksum_address(asset), abi=TOKEN_ABI)
+    try:
+        return int(token.functions.balanceOf(Web3.to_checksum_address(account)).call())
+    except TRANSIENT as e:
+        raise Unavailable(f"chain node unreachable: {_brief(e)}") from e

@@ -1,0 +1,71 @@
+"""x402 over gRPC: the interceptor that gates CommitJob with a payment.
+
+The mapping follows x402's HTTP transport (README "Payments"):
+
+- request metadata `payment-signature`: base64 JSON of an x402 v2 PaymentPayload;
+- no payment, or one refused: RESOURCE_EXHAUSTED with trailing metadata `payment-required`,
+  base64 JSON of a PaymentRequired listing the quote's `accepts` (set by the edge's one
+  error mapping from the PaymentRequired error);
+- a malformed payment: INVALID_ARGUMENT; facilitator or chain node down: UNAVAILABLE;
+- success: trailing metadata `payment-response`, base64 JSON of a SettleResponse (its
+  transaction stays empty until the job completes and the payment is settled).
+
+A CommitJob whose idempotency key names an existing job needs no payment: it returns that
+job, charged once.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any
+
+from grpc_interceptor.server import AsyncServerInterceptor
+
+from dispatchnet.api.edge import Context, Handler, caller
+from dispatchnet.coordinator.models import Payment
+from dispatchnet.errors import PaymentRequired
+from dispatchnet.payments.service import PaymentService
+
+PAYMENT_SIGNATURE = "payment-signature"
+PAYMENT_RESPONSE = "payment-response"
+COMMIT_JOB = "/dispatch.v1.CoordinatorService/CommitJob"
+
+_payment: contextvars.ContextVar[Payment | None] = contextvars.ContextVar("payment", default=None)
+
+
+def current_payment() -> Payment | None:
+    """The verified payment of the current CommitJob (None while payments are off, or
+    when the call returns an existing job)."""
+    return _payment.get()
+
+
+class PaymentInterceptor(AsyncServerInterceptor):
+    def __init__(self, service: PaymentService) -> None:
+        self.service = service
+
+    async def intercept(
+        self, method: Handler, request: Any, context: Context, method_name: str
+    ) -> Any:
+        if method_name != COMMIT_JOB:
+            response = method(request, context)
+            if hasattr(response, "__aiter__"):
+                return response
+            return await response
+        values = [v for k, v in (context.invocation_metadata() or ()) if k == PAYMENT_SIGNATURE]
+        header = str(values[0]) if values else None
+        payment = await self.service.authorize(
+            caller().id, request.quote_id, request.idempotency_key, header
+        )
+        token = _payment.set(payment)
+        try:
+            response = await method(request, context)
+        except PaymentRequired as e:
+            if e.required_header:
+                raise
+            raise await self.service.refusal_for(request.quote_id, e) from None
+        finally:
+            _payment.reset(token)
+        value = self.service.response_header(response.job)
+        if value:
+            context.set_trailing_metadata(((PAYMENT_RESPONSE, value),))
+        return response

@@ -1,0 +1,317 @@
+"""PaymentService: when a job is paid for, and when the money moves.
+
+At CommitJob (authorize): the payment must meet one of the quote's offers and verify with a
+facilitator; it is stored with the job in one transaction, and its one-time authorization
+id is unique in the store, so a payment is accepted once, across restarts. Nothing moves
+on chain yet.
+
+Afterwards a background loop (settle_due) moves each payment on:
+
+    AUTHORIZED --job completed--------------------------> settle --> SETTLED
+    AUTHORIZED --job failed/cancelled-------------------> RELEASED (never settled: not charged)
+    AUTHORIZED --settle_by reached, job still open------> settle --> HELD
+    HELD       --job completed--------------------------> SETTLED
+    HELD       --job failed/cancelled-------------------> REFUND_DUE --refund--> REFUNDED
+    AUTHORIZED --the chain refuses the settlement-------> FAILED (not charged)
+
+settle_by is the authorization's validBefore minus the profile's settle margin: the client
+is charged only for completed work whenever the authorization's window allows it, and
+otherwise refunded on chain. The chain being down leaves a payment where it is (the error
+noted) and the loop backs off; a payment whose settlement was sent before a crash is
+found on chain instead of being sent again. Refunds are signed and stored before they are
+broadcast, so a retry resends the same transaction rather than paying twice.
+
+Domain code: no grpc, no SQL, no x402 types (the gateway, payments/x402.py, has those).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from dispatchnet.coordinator.jobs import JobService
+from dispatchnet.coordinator.models import Job, JobState, Payment, PaymentStatus, Quote
+from dispatchnet.errors import FailedPrecondition, PaymentRequired, PaymentReused, Unavailable
+from dispatchnet.metrics import METRICS
+from dispatchnet.profiles import JobsConfig, PaymentsConfig
+from dispatchnet.store.base import Store
+
+log = logging.getLogger("dispatch.payments")
+
+COMMIT_RESOURCE = "grpc:///dispatch.v1.CoordinatorService/CommitJob"
+PAGE = 100
+
+
+class SettlementRefused(Exception):
+    """The chain will not settle this payment (the payer's balance is gone, the
+    authorization was cancelled or expired): final, and the payer is not charged."""
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(f"{reason}: {message}" if message else reason)
+        self.reason = reason
+
+
+class PaymentGateway(Protocol):
+    """The x402 machinery (payments/x402.py). Every method may block."""
+
+    def describe(self) -> str: ...
+    def offers(self, price_micros: int, timeout_seconds: int) -> list[Any]: ...
+    def required_header(
+        self, offers: list[Any], error: str, resource: str, description: str
+    ) -> str: ...
+    def parse(self, header: str, offers: list[Any], now: float) -> Payment: ...
+    def verify(self, payment: Payment) -> None: ...
+    def response_header(self, payment: Payment) -> str: ...
+    def settle(self, payment: Payment) -> str: ...
+    def sign_refund(self, payment: Payment) -> tuple[str, str]: ...
+    def refund_status(self, payment: Payment) -> bool | None: ...
+    def broadcast_refund(self, payment: Payment) -> bool | None: ...
+
+
+class PaymentService:
+    def __init__(
+        self,
+        store: Store,
+        jobs: JobService,
+        gateway: PaymentGateway,
+        cfg: PaymentsConfig,
+        jobs_cfg: JobsConfig,
+        clock: Callable[[], float] = time.time,
+        tick_seconds: float = 1.0,
+        retry_initial_seconds: float = 1.0,
+        retry_max_seconds: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.jobs = jobs
+        self.gateway = gateway
+        self.cfg = cfg
+        self.jobs_cfg = jobs_cfg
+        self.clock = clock
+        self.tick = tick_seconds
+        self.retry_initial = retry_initial_seconds
+        self.retry_max = retry_max_seconds
+        self._failures = 0
+        self._retry_at = 0.0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.last_error = ""
+        jobs.final_listeners.append(self.job_final)
+
+    # --- at CommitJob -------------------------------------------------------------------------
+
+    def timeout_seconds(self) -> int:
+        """The authorization window asked of clients: the job's worst-case lifetime (queue
+        wait plus every attempt's time limit) plus the settle margin, capped."""
+        j = self.jobs_cfg
+        lifetime = j.queue_timeout_seconds + j.max_attempts * j.time_limit_seconds
+        return int(
+            min(self.cfg.max_authorization_seconds, lifetime + self.cfg.settle_margin_seconds)
+        )
+
+    async def offers(self, quote: Quote) -> list[Any]:
+        return await asyncio.to_thread(
+            self.gateway.offers, quote.price_micros, self.timeout_seconds()
+        )
+
+    def refusal(
+        self, quote: Quote, offers: list[Any], message: str, reason: str
+    ) -> PaymentRequired:
+        """A PaymentRequired error carrying the payment-required header for the quote."""
+        header = self.gateway.required_header(
+            offers,
+            reason or message,
+            f"{COMMIT_RESOURCE}?quote_id={quote.quote_id}",
+            f"{quote.spec.job_type.name} job ({quote.spec.policy.name}), quote {quote.quote_id}",
+        )
+        return PaymentRequired(message, reason=reason, required_header=header)
+
+    async def authorize(
+        self, client_id: str, quote_id: str, idempotency_key: str, header: str | None
+    ) -> Payment | None:
+        """The verified payment for CommitJob(quote_id), to be stored with the job; None
+        when the idempotency key names an existing job (which costs nothing more). Raises
+        PaymentRequired (none sent, or refused), InvalidArgument (malformed), Unavailable
+        (facilitator or node down), and the quote's own errors."""
+        if self.jobs.existing(client_id, idempotency_key) is not None:
+            return None
+        quote = self.jobs.get_quote(quote_id)
+        now = self.clock()
+        if quote.expires_at < now:
+            raise FailedPrecondition(f"quote {quote_id} expired; ask for a new quote")
+        offers = await self.offers(quote)
+        if not header:
+            raise self.refusal(
+                quote,
+                offers,
+                "CommitJob needs an x402 payment: send `payment-signature` metadata for one "
+                "of the payment-required trailer's `accepts` (README: Payments)",
+                "payment_required",
+            )
+        try:
+            payment = self.gateway.parse(header, offers, now)
+            if self.store.payment_used(
+                payment.network, payment.asset, payment.payer, payment.authorization_id
+            ):
+                raise PaymentReused("this payment was already used for a job; sign a new one")
+            with METRICS.timed("x402.verify"):
+                await asyncio.to_thread(self.gateway.verify, payment)
+        except PaymentRequired as e:
+            raise self.refusal(quote, offers, e.message, e.reason) from None
+        return payment
+
+    async def refusal_for(self, quote_id: str, e: PaymentRequired) -> PaymentRequired:
+        """e with the quote's payment-required header (for refusals raised at commit)."""
+        quote = self.jobs.get_quote(quote_id)
+        return self.refusal(quote, await self.offers(quote), e.message, e.reason)
+
+    def response_header(self, job: Job) -> str:
+        payment = self.store.get_payment(job.job_id)
+        return self.gateway.response_header(payment) if payment is not None else ""
+
+    # --- settlement loop --------------------------------------------------------------------
+
+    def job_final(self, job: Job) -> None:
+        """JobService final listener: the job's payment may be due."""
+        self._wake.set()
+
+    async def settle_due(self) -> int:
+        """One pass over the open payments; how many changed. Stops at chain trouble and
+        backs off."""
+        if self.clock() < self._retry_at:
+            return 0
+        changed = 0
+        for payment, job_state in self.store.open_payments(PAGE):
+            try:
+                if await self._advance(payment, job_state):
+                    changed += 1
+            except Unavailable as e:
+                self._back_off(payment, e.message)
+                break
+            except Exception:  # a bug, not the chain: keep the payment, go on
+                log.exception("payment of job %s failed unexpectedly", payment.job_id)
+                continue
+            self._failures, self._retry_at, self.last_error = 0, 0.0, ""
+        return changed
+
+    def _back_off(self, payment: Payment, error: str) -> None:
+        self.last_error = error
+        self._failures += 1
+        delay = min(self.retry_max, self.retry_initial * 2 ** (self._failures - 1))
+        self._retry_at = self.clock() + delay
+        self._update(payment, (payment.status,), error=error, attempts=payment.attempts + 1)
+        log.warning("payment of job %s waits (%s); retrying in %.1fs", payment.job_id, error, delay)
+
+    async def _advance(self, p: Payment, job_state: JobState) -> bool:
+        now = self.clock()
+        done = job_state is JobState.COMPLETED
+        dropped = job_state in (JobState.FAILED, JobState.CANCELLED)
+        if p.status is PaymentStatus.AUTHORIZED:
+            if dropped:
+                return self._update(p, (p.status,), status=PaymentStatus.RELEASED) is not None
+            if not done and now < p.settle_by:
+                return False
+            if now >= p.valid_before:
+                self._update(
+                    p,
+                    (p.status,),
+                    status=PaymentStatus.FAILED,
+                    error="the authorization expired before it could be settled",
+                )
+                log.warning("payment of job %s expired unsettled: not charged", p.job_id)
+                return True
+            return await self._settle(p)
+        if p.status is PaymentStatus.HELD:
+            if done:
+                return self._update(p, (p.status,), status=PaymentStatus.SETTLED) is not None
+            if dropped:
+                p = self._update(p, (p.status,), status=PaymentStatus.REFUND_DUE) or p
+        if p.status is PaymentStatus.REFUND_DUE:
+            return await self._refund(p)
+        return False
+
+    async def _settle(self, p: Payment) -> bool:
+        try:
+            with METRICS.timed("x402.settle"):
+                tx = await asyncio.to_thread(self.gateway.settle, p)
+        except SettlementRefused as e:
+            log.warning("settlement of job %s refused: %s (not charged)", p.job_id, e)
+            self._update(p, (p.status,), status=PaymentStatus.FAILED, error=str(e))
+            return True
+        job = self.store.get_job(p.job_id)
+        state = job.state if job is not None else JobState.FAILED
+        status = (
+            PaymentStatus.SETTLED
+            if state is JobState.COMPLETED
+            else PaymentStatus.REFUND_DUE
+            if state.final
+            else PaymentStatus.HELD
+        )
+        log.info("payment of job %s settled in %s (%s)", p.job_id, tx, status.value)
+        self._update(p, (p.status,), status=status, transaction=tx, error="")
+        return True
+
+    async def _refund(self, p: Payment) -> bool:
+        if p.refund_transaction:
+            mined = await asyncio.to_thread(self.gateway.refund_status, p)
+            if mined is None:
+                mined = await asyncio.to_thread(self.gateway.broadcast_refund, p)
+            if mined is None:  # stale: sign a new one
+                self._update(p, (p.status,), refund_transaction="", refund_raw="")
+                return True
+            if not mined:
+                # reverted (e.g. the account lacks the funds): keep it due, try a new one
+                self._update(
+                    p,
+                    (p.status,),
+                    refund_transaction="",
+                    refund_raw="",
+                    error=f"refund {p.refund_transaction} reverted",
+                )
+                raise Unavailable(f"refund {p.refund_transaction} reverted")
+            self._update(p, (p.status,), status=PaymentStatus.REFUNDED, refund_raw="", error="")
+            log.info("payment of job %s refunded in %s", p.job_id, p.refund_transaction)
+            return True
+        raw, tx = await asyncio.to_thread(self.gateway.sign_refund, p)
+        stored = self._update(p, (p.status,), refund_transaction=tx, refund_raw=raw)
+        return await self._refund(stored) if stored is not None else False
+
+    def _update(
+        self, p: Payment, from_statuses: tuple[PaymentStatus, ...], **changes: Any
+    ) -> Payment | None:
+        updated = self.store.update_payment(
+            p.job_id, from_statuses, {**changes, "updated_at": self.clock()}
+        )
+        if updated is not None:
+            self.jobs.notifier.notify(p.job_id)
+        return updated
+
+    def _wait(self) -> float:
+        backoff = self._retry_at - self.clock()
+        return min(self.tick, max(0.01, backoff)) if backoff > 0 else self.tick
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                if await self.settle_due() >= PAGE:
+                    self._wake.set()
+            except Exception:
+                log.exception("payment pass failed; retrying on the next tick")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._wait()):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="payment-settler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

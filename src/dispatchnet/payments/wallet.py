@@ -1,0 +1,152 @@
+"""The client side of x402 over gRPC: a wallet that answers a `payment-required` trailer
+with a `payment-signature`, using the official SDK's client scheme (EIP-3009 signatures).
+
+    wallet = wallet_for(profile)              # None when the profile gives no wallet key
+    signature = wallet.pay(required_header)   # blocking; PaymentDeclined over the limit
+
+Spend control: the wallet pays only in assets it knows (the SDK's default stablecoins and
+the [chain] deployment's test USDC) and never more than [wallet] max_per_job_micros for one
+job (micro-USD; an asset's atomic units at 6 decimals).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from eth_account import Account
+from x402 import x402ClientSync
+from x402.http.utils import decode_payment_required_header, encode_payment_signature_header
+from x402.mechanisms.evm import EthAccountSigner
+from x402.mechanisms.evm.default_assets import find_default_asset
+from x402.mechanisms.evm.exact import ExactEvmClientScheme
+from x402.schemas import PaymentRequired, PaymentRequirements
+
+from dispatchnet.chains.evm import (
+    ChainConfigError,
+    _in_home,
+    deployment_path,
+    load_or_create_chain_key,
+    read_deployment,
+)
+from dispatchnet.profiles import Profile
+
+log = logging.getLogger("dispatch.wallet")
+
+MICROS = 10**6
+
+
+class PaymentDeclined(ValueError):
+    """The wallet will not pay what the coordinator asks (over the limit, unknown asset,
+    or a network it cannot pay on)."""
+
+
+@dataclass(frozen=True)
+class Asset:
+    network: str
+    address: str
+    decimals: int = 6
+
+
+class Wallet:
+    def __init__(
+        self, private_key: str, max_per_job_micros: int, extra_assets: list[Asset] | None = None
+    ) -> None:
+        self.account = Account.from_key(private_key)
+        self.max_per_job_micros = max_per_job_micros
+        self.extra_assets = list(extra_assets or [])
+        self.client = x402ClientSync()
+        scheme = ExactEvmClientScheme(EthAccountSigner(self.account))
+        self.client.register("eip155:*", scheme)
+
+    @property
+    def address(self) -> str:
+        return str(self.account.address)
+
+    def _cap(self, req: PaymentRequirements) -> int | None:
+        """The most this wallet pays for the requirement, in its atomic units; None when it
+        does not know the asset."""
+        network = str(req.network)
+        default = find_default_asset(req.asset, network)
+        if default is not None:
+            decimals = int(default["decimals"])
+        else:
+            known = [
+                a
+                for a in self.extra_assets
+                if a.network == network and a.address.lower() == req.asset.lower()
+            ]
+            if not known:
+                return None
+            decimals = known[0].decimals
+        return int(self.max_per_job_micros * 10**decimals // MICROS)
+
+    def pay(self, required_header: str) -> str:
+        """A `payment-signature` value for one of the trailer's accepted requirements."""
+        try:
+            required = decode_payment_required_header(required_header)
+        except Exception as e:
+            raise PaymentDeclined(f"the payment-required trailer does not parse: {e}") from None
+        if not isinstance(required, PaymentRequired):
+            raise PaymentDeclined("only x402 version 2 payments are supported")
+        affordable = []
+        reasons = []
+        for req in required.accepts:
+            cap = self._cap(req)
+            if cap is None:
+                reasons.append(f"{req.network}: unknown asset {req.asset}")
+            elif int(req.amount) > cap:
+                reasons.append(
+                    f"{req.network}: asks {req.amount} atomic units, more than the "
+                    f"[wallet] limit of {cap} ({self.max_per_job_micros} micro-USD)"
+                )
+            else:
+                affordable.append(req)
+        if not affordable:
+            raise PaymentDeclined("will not pay: " + "; ".join(reasons or ["nothing offered"]))
+        self.client.set_spend_controls(
+            {
+                "allowed_assets": [
+                    {
+                        "network": str(r.network),
+                        "asset": r.asset,
+                        "max_amount_per_payment": str(self._cap(r)),
+                    }
+                    for r in affordable
+                ]
+            }
+        )
+        offer = required.model_copy(update={"accepts": affordable})
+        try:
+            payload = self.client.create_payment_payload(offer)
+        except Exception as e:
+            raise PaymentDeclined(f"cannot sign a payment: {e}") from None
+        return encode_payment_signature_header(payload)
+
+
+def wallet_for(profile: Profile, key_file: str = "") -> Wallet | None:
+    """The profile's wallet: key_file (or [wallet] key_file), else the deployment file's
+    "client" dev account, else None. Raises ChainConfigError for a key that does not load."""
+    w = profile.wallet
+    extra: list[Asset] = []
+    key = ""
+    chain = profile.chain
+    if chain.kind == "evm":
+        if chain.usdc:
+            extra.append(Asset(chain.network, chain.usdc))
+        if chain.deployment and deployment_path(chain.deployment).exists():
+            data = read_deployment(chain.deployment)
+            usdc = (data.get("contracts") or {}).get("usdc")
+            if usdc:
+                extra.append(Asset(chain.network, str(usdc)))
+            client = (data.get("accounts") or {}).get("client") or {}
+            key = str(client.get("private_key") or "")
+    path = key_file or w.key_file
+    if path:
+        p = _in_home(path)
+        if not p.exists():
+            raise ChainConfigError(f"no wallet key file {p}")
+        key = load_or_create_chain_key(p)
+    if not key:
+        return None
+    return Wallet(key, w.max_per_job_micros, extra)

@@ -1,0 +1,584 @@
+"""x402 payments over gRPC against a real anvil with the test USDC: every balance is read on
+chain. One anvil per module (chain_fixtures); each test uses fresh payer accounts so the
+balances of one test never depend on another."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from chain_fixtures import (  # noqa: F401
+    TcpProxy,
+    adispatch,
+    chain,
+    chain_profile,
+    cluster_for,
+    funded_chain_key,
+    home,
+)
+from conftest import Cluster, wait_until
+from test_grpcurl import COORDINATOR, ECHO_SPEC, GRPCURL, call, grpcurl
+from x402.http.utils import decode_payment_required_header, encode_payment_signature_header
+from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
+
+import dispatchnet.chains  # noqa: F401  (before web3)
+from dispatch.v1 import common_pb2, coordinator_pb2
+from dispatchnet.chains.evm import web3_for
+from dispatchnet.chains.evm_payments import TOKEN_ABI, token_balance
+from dispatchnet.client import (
+    PAYMENT_REQUIRED,
+    PAYMENT_RESPONSE,
+    PAYMENT_SIGNATURE,
+    CoordinatorClient,
+    task_spec,
+    trailer,
+)
+from dispatchnet.keys import KeyPair
+from dispatchnet.payments.wallet import Asset, PaymentDeclined, Wallet
+from dispatchnet.worker.tasks import TaskError, TaskOutput
+
+NETWORK = "eip155:31337"
+ECHO = task_spec("echo", b'{"text": "hi"}')
+PRICE = 1000  # CHEAP task, micro-USD = test USDC atomic units
+
+
+def usdc(deployed: dict[str, Any]) -> str:
+    return str(deployed["contracts"]["usdc"])
+
+
+def balance(deployed: dict[str, Any], address: str) -> int:
+    return token_balance(web3_for(deployed["rpc_url"], 5), usdc(deployed), address)
+
+
+def new_payer(deployed: dict[str, Any], amount: int = 1_000_000) -> Wallet:
+    """A fresh account holding `amount` test USDC (sent from the deployment's client)."""
+    w3 = web3_for(deployed["rpc_url"], 5)
+    account = w3.eth.account.create()
+    if amount:
+        funder = w3.eth.account.from_key(deployed["accounts"]["client"]["private_key"])
+        token = w3.eth.contract(address=usdc(deployed), abi=TOKEN_ABI)
+        tx = token.functions.transfer(account.address, amount).build_transaction(
+            {"from": funder.address, "nonce": w3.eth.get_transaction_count(funder.address)}
+        )
+        w3.eth.wait_for_transaction_receipt(
+            w3.eth.send_raw_transaction(funder.sign_transaction(tx).raw_transaction)
+        )
+    return Wallet("0x" + bytes(account.key).hex(), 100_000, [Asset(NETWORK, usdc(deployed))])
+
+
+@pytest.fixture
+async def paid(
+    home: Path,  # noqa: F811
+    chain: dict[str, Any],  # noqa: F811
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Cluster]:
+    settings = getattr(request, "param", {})
+    profile = chain_profile(str(home / "chains" / "local-monad.json"), payments=settings)
+    async with cluster_for(profile, tmp_path / "coord") as cluster:
+        assert cluster.coord.payments is not None
+        cluster.coord.payments.retry_initial, cluster.coord.payments.retry_max = 0.1, 0.3
+        yield cluster
+
+
+def payee(deployed: dict[str, Any]) -> str:
+    return str(deployed["accounts"]["coordinator"]["address"])
+
+
+async def payment_status(cluster: Cluster, job_id: str, status: str) -> None:
+    async def reached() -> bool:
+        p = cluster.coord.store.get_payment(job_id)
+        return p is not None and p.status.value == status
+
+    await wait_until(reached, 30, f"payment {status}")
+
+
+async def test_a_paid_job_is_settled_once_after_it_completes(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+) -> None:
+    await paid.worker("seeker")
+    wallet = new_payer(chain)
+    before_payer, before_payee = balance(chain, wallet.address), balance(chain, payee(chain))
+    c = paid.client(wallet=wallet)
+    job = await c.submit(ECHO)
+    response = json.loads(base64.b64decode(c.last_payment_response))
+    assert response["success"] is True and response["extra"]["status"] == "authorized"
+    assert job.payment.status == "authorized" and job.payment.payer == wallet.address
+    done = await c.wait(job.job_id)
+    assert done.state == coordinator_pb2.JOB_STATE_COMPLETED
+    await payment_status(paid, job.job_id, "settled")
+    final = await c.get(job.job_id)
+    assert final.payment.transaction.startswith("0x")
+    assert balance(chain, wallet.address) == before_payer - PRICE
+    assert balance(chain, payee(chain)) == before_payee + PRICE
+    receipt = await c.receipt(job.job_id)
+    assert receipt.decoded.payment.status == "authorized"
+    assert receipt.payment.status == "settled"
+    assert receipt.payment.transaction == final.payment.transaction
+
+
+async def test_no_payment_is_resource_exhausted_with_the_requirements(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+) -> None:
+    c = paid.client()
+    quote = await c.quote(ECHO)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await c.commit(quote.quote_id)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    required = json.loads(base64.b64decode(trailer(e.value.trailing_metadata(), PAYMENT_REQUIRED)))
+    [accept] = required["accepts"]
+    assert required["x402Version"] == 2
+    assert accept["network"] == NETWORK and accept["amount"] == str(PRICE)
+    assert accept["asset"].lower() == usdc(chain).lower()
+    assert accept["payTo"].lower() == payee(chain).lower()
+    assert accept["extra"] == {"name": "USDC", "version": "2"}
+    assert trailer(e.value.trailing_metadata(), PAYMENT_RESPONSE) == ""
+
+
+# --- crafting payments ------------------------------------------------------------------------
+
+
+async def required_header(c: CoordinatorClient, quote_id: str) -> str:
+    """The payment-required trailer CommitJob answers a commit without payment with."""
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await c._commit(
+            coordinator_pb2.CommitJobRequest(quote_id=quote_id, idempotency_key="x"), ()
+        )
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    return trailer(e.value.trailing_metadata(), PAYMENT_REQUIRED)
+
+
+def signed(
+    wallet: Wallet, header: str, change: Callable[[PaymentRequirements], None] | None = None
+) -> PaymentPayload:
+    """A payload the wallet signs for the first accepted requirement, after `change` to
+    what it signs; `accepted` still names the requirement as offered."""
+    required = decode_payment_required_header(header)
+    assert isinstance(required, PaymentRequired)
+    offered = required.accepts[0]
+    signing = offered.model_copy(deep=True)
+    if change is not None:
+        change(signing)
+    wallet.client.set_spend_controls(False)
+    payload = wallet.client.create_payment_payload(
+        required.model_copy(update={"accepts": [signing]})
+    )
+    assert isinstance(payload, PaymentPayload)
+    return payload.model_copy(update={"accepted": offered})
+
+
+async def commit_with(
+    c: CoordinatorClient, quote_id: str, signature: str, key: str = ""
+) -> coordinator_pb2.Job:
+    request = coordinator_pb2.CommitJobRequest(
+        quote_id=quote_id, idempotency_key=key or uuid.uuid4().hex
+    )
+    return await c._commit(request, ((PAYMENT_SIGNATURE, signature),))
+
+
+async def refused(
+    c: CoordinatorClient, quote_id: str, signature: str
+) -> tuple[grpc.StatusCode, str, str]:
+    """(code, details, x402 error) of a commit that must fail."""
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await commit_with(c, quote_id, signature)
+    header = trailer(e.value.trailing_metadata(), PAYMENT_REQUIRED)
+    error = json.loads(base64.b64decode(header)).get("error", "") if header else ""
+    return e.value.code(), e.value.details() or "", error
+
+
+def balances(deployed: dict[str, Any], *addresses: str) -> list[int]:
+    return [balance(deployed, a) for a in addresses]
+
+
+RE = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_refused_payments_move_nothing(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+) -> None:
+    """Underpayment, wrong asset, wrong chain, wrong recipient, expired authorization, a
+    signature by another key, and a payer without the funds: RESOURCE_EXHAUSTED with the
+    reason, no job, and not one token moved."""
+    wallet, other, poor = new_payer(chain), new_payer(chain), new_payer(chain, PRICE - 1)
+    c = paid.client()
+    quote = await c.quote(ECHO)
+    header = await required_header(c, quote.quote_id)
+    start = balances(chain, wallet.address, other.address, poor.address, payee(chain))
+
+    def amount(r: PaymentRequirements) -> None:
+        r.amount = str(PRICE - 1)
+
+    def expired(r: PaymentRequirements) -> None:
+        r.max_timeout_seconds = 1  # validBefore = now + 1: inside the facilitator's margin
+
+    underpaid = signed(wallet, header, amount)
+    code, _, error = await refused(c, quote.quote_id, encode_payment_signature_header(underpaid))
+    assert (code, error) == (RE, "invalid_exact_evm_payload_authorization_value_mismatch")
+    # the same underpayment naming what it signed: matches no accepted requirement
+    honest = underpaid.model_copy(
+        update={"accepted": underpaid.accepted.model_copy(update={"amount": str(PRICE - 1)})}
+    )
+    code, details, error = await refused(c, quote.quote_id, encode_payment_signature_header(honest))
+    assert (code, error) == (RE, "no_matching_requirements") and "accepts" in details
+
+    for field, value in (
+        ("asset", chain["contracts"]["receipt_anchor"]),  # another token
+        ("network", "eip155:10143"),  # another chain
+        ("pay_to", other.address),  # another recipient
+    ):
+        payload = signed(wallet, header)
+        payload = payload.model_copy(
+            update={"accepted": payload.accepted.model_copy(update={field: value})}
+        )
+        code, _, error = await refused(c, quote.quote_id, encode_payment_signature_header(payload))
+        assert (code, error) == (RE, "no_matching_requirements"), field
+
+    code, _, error = await refused(
+        c, quote.quote_id, encode_payment_signature_header(signed(wallet, header, expired))
+    )
+    assert (code, error) == (RE, "invalid_exact_evm_payload_authorization_valid_before")
+
+    forged = signed(other, header)  # other's signature over an authorization from wallet
+    forged.payload["authorization"]["from"] = wallet.address
+    code, _, error = await refused(c, quote.quote_id, encode_payment_signature_header(forged))
+    assert (code, error) == (RE, "invalid_exact_evm_payload_signature")
+
+    code, _, error = await refused(
+        c, quote.quote_id, encode_payment_signature_header(signed(poor, header))
+    )
+    assert (code, error) == (RE, "invalid_exact_evm_insufficient_balance")
+
+    assert balances(chain, wallet.address, other.address, poor.address, payee(chain)) == start
+    assert paid.coord.store.open_payments() == []
+
+
+async def test_malformed_payments_are_invalid_argument(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+) -> None:
+    c = paid.client()
+    quote = await c.quote(ECHO)
+    header = await required_header(c, quote.quote_id)
+    good = encode_payment_signature_header(signed(new_payer(chain), header))
+    data = json.loads(base64.b64decode(good))
+    data["payload"]["authorization"]["value"] = "lots"
+    for bad in (
+        "not base64 at all!",
+        base64.b64encode(b"[1, 2").decode(),
+        base64.b64encode(b'{"x402Version": 2}').decode(),
+        base64.b64encode(json.dumps(data).encode()).decode(),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await commit_with(c, quote.quote_id, bad)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert "payment-signature" in (e.value.details() or "")
+
+
+async def test_a_payment_is_accepted_once(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The same payment on two concurrent commits, again while its job waits, again after
+    it settled, and again after a restart: one job, charged once. Retrying the commit
+    with its idempotency key returns the job without charging again."""
+    wallet = new_payer(chain)
+    start_payer, start_payee = balances(chain, wallet.address, payee(chain))
+    c = paid.client()
+    quotes = [await c.quote(ECHO) for _ in range(4)]
+    header = await required_header(c, quotes[0].quote_id)
+    signature = encode_payment_signature_header(signed(wallet, header))
+
+    results = await asyncio.gather(
+        commit_with(c, quotes[0].quote_id, signature, "first"),
+        commit_with(c, quotes[1].quote_id, signature, "second"),
+        return_exceptions=True,
+    )
+    jobs = [r for r in results if isinstance(r, coordinator_pb2.Job)]
+    errors = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(jobs) == 1 and len(errors) == 1, results
+    assert errors[0].code() == RE
+    assert "already used" in (errors[0].details() or "")
+    (job,) = jobs
+
+    code, _, error = await refused(c, quotes[2].quote_id, signature)  # the job still waits
+    assert (code, error) == (RE, "payment_already_used")
+    key = "first" if job.quote_id == quotes[0].quote_id else "second"
+    again = await commit_with(c, job.quote_id, signature, key)  # a retry of the commit
+    assert again.job_id == job.job_id
+
+    await paid.worker("seeker")
+    assert (await c.wait(job.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED
+    await payment_status(paid, job.job_id, "settled")
+    code, _, error = await refused(c, quotes[3].quote_id, signature)
+    assert (code, error) == (RE, "payment_already_used")
+
+    assert balances(chain, wallet.address, payee(chain)) == [
+        start_payer - PRICE,
+        start_payee + PRICE,
+    ]
+
+
+async def test_replay_protection_survives_a_restart(
+    home: Path,  # noqa: F811
+    chain: dict[str, Any],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    profile = chain_profile(str(home / "chains" / "local-monad.json"), payments={})
+    wallet, key = new_payer(chain), KeyPair.generate()
+    async with cluster_for(profile, tmp_path / "coord") as cluster:
+        c = cluster.client(key)
+        quote = await c.quote(ECHO)
+        signature = encode_payment_signature_header(
+            signed(wallet, await required_header(c, quote.quote_id))
+        )
+        job = await commit_with(c, quote.quote_id, signature, "k")  # waits: no worker
+    async with cluster_for(profile, tmp_path / "coord") as cluster:
+        c = cluster.client(key)
+        code, _, error = await refused(c, (await c.quote(ECHO)).quote_id, signature)
+        assert (code, error) == (RE, "payment_already_used")
+        await cluster.worker("seeker")
+        assert (await c.wait(job.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED
+        await payment_status(cluster, job.job_id, "settled")
+
+
+class Broken:
+    """An executor for echo that always fails (retryable): the job fails on every worker."""
+
+    tasks = ["echo"]
+    llm_models: list[str] = []
+
+    def takes(self, spec: common_pb2.JobSpec) -> bool:
+        return spec.WhichOneof("work") == "task" and spec.task.name == "echo"
+
+    async def run(self, spec: common_pb2.JobSpec, progress: Any) -> TaskOutput:
+        raise TaskError("broken", "this worker breaks every job", retryable=True)
+
+
+async def test_a_job_that_fails_everywhere_is_never_charged(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+) -> None:
+    await paid.worker("seeker", executors=[Broken()])
+    wallet = new_payer(chain)
+    start = balances(chain, wallet.address, payee(chain))
+    c = paid.client(wallet=wallet)
+    job = await c.submit(ECHO)
+    assert (await c.wait(job.job_id)).state == coordinator_pb2.JOB_STATE_FAILED
+    await payment_status(paid, job.job_id, "released")
+    final = await c.get(job.job_id)
+    assert final.payment.status == "released" and final.payment.transaction == ""
+    assert balances(chain, wallet.address, payee(chain)) == start
+
+    cancelled = await c.submit(ECHO, "to-cancel")
+    await c.cancel(cancelled.job_id)
+    await payment_status(paid, cancelled.job_id, "released")
+    assert balances(chain, wallet.address, payee(chain)) == start
+
+
+EARLY = {"max_authorization_seconds": 16, "settle_margin_seconds": 15}
+
+
+@pytest.mark.parametrize("paid", [EARLY], indirect=True)
+async def test_a_short_authorization_is_settled_early_and_refunded_if_the_job_fails(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+) -> None:
+    """The authorization would expire before the job could finish: the coordinator settles
+    while the job waits, and pays the payer back on chain when the job then fails."""
+    wallet = new_payer(chain)
+    start_payer, start_payee = balances(chain, wallet.address, payee(chain))
+    c = paid.client(wallet=wallet)
+    job = await c.submit(ECHO)  # no worker yet: the job waits
+    await payment_status(paid, job.job_id, "held")
+    held = await c.get(job.job_id)
+    assert held.state == coordinator_pb2.JOB_STATE_QUEUED and held.payment.transaction
+    assert balances(chain, wallet.address, payee(chain)) == [
+        start_payer - PRICE,
+        start_payee + PRICE,
+    ]
+    await paid.worker("seeker", executors=[Broken()])
+    assert (await c.wait(job.job_id)).state == coordinator_pb2.JOB_STATE_FAILED
+    await payment_status(paid, job.job_id, "refunded")
+    final = await c.get(job.job_id)
+    assert final.payment.refund_transaction.startswith("0x")
+    receipt = web3_for(chain["rpc_url"], 5).eth.get_transaction_receipt(
+        final.payment.refund_transaction
+    )
+    assert receipt["status"] == 1
+    assert balances(chain, wallet.address, payee(chain)) == [start_payer, start_payee]
+
+    # a held payment whose job completes is simply settled
+    ok = await c.submit(task_spec("sha256", b"data"), "completes")  # Broken cannot run it
+    await payment_status(paid, ok.job_id, "held")
+    await paid.worker("seeker")
+    assert (await c.wait(ok.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED
+    await payment_status(paid, ok.job_id, "settled")
+    assert balance(chain, wallet.address) == start_payer - PRICE
+
+
+async def test_a_settlement_sent_before_a_crash_is_not_sent_again(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+) -> None:
+    """The settlement went on chain but the coordinator never recorded it: the next
+    attempt finds the used authorization on chain and records that transaction."""
+    service = paid.coord.payments
+    assert service is not None
+    await service.stop()  # settle by hand below
+    await paid.worker("seeker")
+    wallet = new_payer(chain)
+    start = balance(chain, wallet.address)
+    c = paid.client(wallet=wallet)
+    job = await c.submit(ECHO)
+    assert (await c.wait(job.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED
+    payment = paid.coord.store.get_payment(job.job_id)
+    assert payment is not None and payment.status.value == "authorized"
+    tx = await asyncio.to_thread(service.gateway.settle, payment)  # ...and "crash"
+    assert await service.settle_due() == 1
+    settled = paid.coord.store.get_payment(job.job_id)
+    assert settled is not None and settled.status.value == "settled"
+    assert settled.transaction == tx
+    assert balance(chain, wallet.address) == start - PRICE
+
+
+async def test_the_chain_down_at_commit_is_unavailable_and_during_settlement_waits(
+    chain: dict[str, Any],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Node unreachable: CommitJob answers UNAVAILABLE (not a refused payment); a completed
+    job's settlement waits for the node and then happens exactly once."""
+    key_file = tmp_path / "coordinator-chain.key"
+    address = funded_chain_key(chain, key_file)
+    proxy = TcpProxy(int(chain["rpc_url"].rsplit(":", 1)[1]))
+    await proxy.start()
+    profile = chain_profile(
+        "",
+        payments={},
+        devchain="",
+        rpc_url=proxy.url,
+        usdc=usdc(chain),
+        key_file=str(key_file),
+        rpc_timeout_seconds=2,
+        tx_timeout_seconds=5,
+    ).with_overrides(receipts={"anchor": "none"}, feedback={"enabled": False})
+    wallet = new_payer(chain)
+    start_payer, start_payee = balances(chain, wallet.address, address)
+    try:
+        async with cluster_for(profile, tmp_path / "coord") as cluster:
+            assert cluster.coord.payments is not None
+            cluster.coord.payments.retry_initial = cluster.coord.payments.retry_max = 0.2
+            c = cluster.client(wallet=wallet)
+            quote = await c.quote(ECHO)
+            header = await required_header(c, quote.quote_id)
+            signature = encode_payment_signature_header(signed(wallet, header))
+            await proxy.stop()
+            code, details, _ = await refused(c, quote.quote_id, signature)
+            assert code == grpc.StatusCode.UNAVAILABLE, details
+            assert "unreachable" in details
+
+            await proxy.start()
+            job = await commit_with(c, quote.quote_id, signature)  # the same payment, now
+            await proxy.stop()
+            await cluster.worker("seeker")
+            assert (await c.wait(job.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED
+
+            def waiting_with_error() -> bool:
+                p = cluster.coord.store.get_payment(job.job_id)
+                return p is not None and p.status.value == "authorized" and p.attempts > 0
+
+            await wait_until(waiting_with_error, 20, "a settlement waiting for the node")
+            assert balances(chain, wallet.address, address) == [start_payer, start_payee]
+            await proxy.start()
+            await payment_status(cluster, job.job_id, "settled")
+    finally:
+        if proxy.server is not None:
+            await proxy.stop()
+    assert balances(chain, wallet.address, address) == [start_payer - PRICE, start_payee + PRICE]
+
+
+async def test_the_wallet_keeps_to_its_limit(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+) -> None:
+    wallet = new_payer(chain)
+    stingy = Wallet(wallet.account.key.hex(), PRICE - 1, wallet.extra_assets)
+    c = paid.client(wallet=stingy)
+    with pytest.raises(PaymentDeclined, match="more than the"):
+        await c.submit(ECHO)
+    unknown = Wallet(wallet.account.key.hex(), 100_000, [])  # does not know the test USDC
+    with pytest.raises(PaymentDeclined, match="unknown asset"):
+        await paid.client(wallet=unknown).submit(ECHO)
+    assert balance(chain, wallet.address) == 1_000_000
+
+
+# --- the manual story: the CLI and grpcurl ------------------------------------------------------
+
+
+async def test_cli_and_grpcurl_pay_with_the_deployment_wallet(
+    paid: Cluster,
+    home: Path,  # noqa: F811
+    chain: dict[str, Any],  # noqa: F811
+) -> None:
+    """`dispatch job submit` pays by itself with the profile's wallet (the deployment's
+    client account); with grpcurl, the payment-required trailer decodes to the quote's
+    requirements and `dispatch wallet pay` answers it."""
+    await paid.worker("seeker")
+    client = str(chain["accounts"]["client"]["address"])
+    start = balance(chain, client)
+    code, out, err = await adispatch(
+        home, "job", "submit", "--coordinator", paid.address, "--profile", "local-monad",
+        "--task", "echo", "--input", '{"a": 1}', "--wait",
+    )  # fmt: skip
+    assert code == 0, err
+    job = json.loads(out)
+    assert job["state"] == "JOB_STATE_COMPLETED" and job["payment"]["payer"] == client
+    await payment_status(paid, job["job_id"], "settled")
+    assert balance(chain, client) == start - PRICE
+
+    code, out, err = await adispatch(
+        home, "job", "submit", "--coordinator", paid.address, "--no-pay", "--task", "echo",
+    )  # fmt: skip
+    assert code == 1 and "RESOURCE_EXHAUSTED" in err
+    assert f"{PRICE} atomic units of {usdc(chain)} on {NETWORK}" in err
+
+    # grpcurl: quote, commit without payment (-v shows the trailers), pay, commit again
+    if not GRPCURL.exists():
+        pytest.skip("no grpcurl")
+    quote = await call(paid.address, f"{COORDINATOR}/GetQuote", ECHO_SPEC)
+    code, out, err = await adispatch(home, "auth", "header", "--raw")
+    assert code == 0, err
+    auth = ("-H", f"authorization: {out.strip()}")
+    body = {"quote_id": quote["quote"]["quote_id"], "idempotency_key": "by-hand"}
+    code, out = await grpcurl(
+        "-v", *auth, "-d", json.dumps(body), paid.address, f"{COORDINATOR}/CommitJob"
+    )
+    assert code != 0 and "Code: ResourceExhausted" in out, out
+    required = re.search(r"^payment-required: (\S+)$", out, re.M)
+    assert required is not None, out
+    decoded = json.loads(base64.b64decode(required.group(1)))
+    assert decoded["accepts"][0]["amount"] == str(PRICE)
+    code, signature, err = await adispatch(
+        home, "wallet", "pay", required.group(1), "--profile", "local-monad"
+    )
+    assert code == 0, err
+    code, out = await grpcurl(
+        "-v", *auth, "-H", f"payment-signature: {signature.strip()}",
+        "-d", json.dumps(body), paid.address, f"{COORDINATOR}/CommitJob",
+    )  # fmt: skip
+    assert code == 0, out
+    response = re.search(r"^payment-response: (\S+)$", out, re.M)
+    assert response is not None, out
+    assert json.loads(base64.b64decode(response.group(1)))["payer"] == client
