@@ -27,7 +27,6 @@ Domain code: no grpc, no SQL, no x402 types (the gateway, payments/x402.py, has 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from typing import Any, Protocol
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Job, JobState, Payment, PaymentStatus, Quote
 from dispatchnet.errors import FailedPrecondition, PaymentRequired, PaymentReused, Unavailable
+from dispatchnet.loops import OutboxLoop
 from dispatchnet.metrics import METRICS
 from dispatchnet.profiles import JobsConfig, PaymentsConfig
 from dispatchnet.store.base import Store
@@ -72,7 +72,10 @@ class PaymentGateway(Protocol):
     def broadcast_refund(self, payment: Payment) -> bool | None: ...
 
 
-class PaymentService:
+class PaymentService(OutboxLoop):
+    name = "payment-settler"
+    page = PAGE
+
     def __init__(
         self,
         store: Store,
@@ -85,20 +88,12 @@ class PaymentService:
         retry_initial_seconds: float = 1.0,
         retry_max_seconds: float = 30.0,
     ) -> None:
+        super().__init__(clock, tick_seconds, retry_initial_seconds, retry_max_seconds)
         self.store = store
         self.jobs = jobs
         self.gateway = gateway
         self.cfg = cfg
         self.jobs_cfg = jobs_cfg
-        self.clock = clock
-        self.tick = tick_seconds
-        self.retry_initial = retry_initial_seconds
-        self.retry_max = retry_max_seconds
-        self._failures = 0
-        self._retry_at = 0.0
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self.last_error = ""
         jobs.final_listeners.append(self.job_final)
 
     # --- at CommitJob -------------------------------------------------------------------------
@@ -176,12 +171,15 @@ class PaymentService:
 
     def job_final(self, job: Job) -> None:
         """JobService final listener: the job's payment may be due."""
-        self._wake.set()
+        self.kick()
+
+    async def run_pass(self) -> int:
+        return await self.settle_due()
 
     async def settle_due(self) -> int:
         """One pass over the open payments; how many changed. Stops at chain trouble and
         backs off."""
-        if self.clock() < self._retry_at:
+        if self.backing_off():
             return 0
         changed = 0
         for payment, job_state in self.store.open_payments(PAGE):
@@ -194,14 +192,11 @@ class PaymentService:
             except Exception:  # a bug, not the chain: keep the payment, go on
                 log.exception("payment of job %s failed unexpectedly", payment.job_id)
                 continue
-            self._failures, self._retry_at, self.last_error = 0, 0.0, ""
+            self.recovered()
         return changed
 
     def _back_off(self, payment: Payment, error: str) -> None:
-        self.last_error = error
-        self._failures += 1
-        delay = min(self.retry_max, self.retry_initial * 2 ** (self._failures - 1))
-        self._retry_at = self.clock() + delay
+        delay = self.backed_off(error)
         self._update(payment, (payment.status,), error=error, attempts=payment.attempts + 1)
         log.warning("payment of job %s waits (%s); retrying in %.1fs", payment.job_id, error, delay)
 
@@ -288,30 +283,3 @@ class PaymentService:
         if updated is not None:
             self.jobs.notifier.notify(p.job_id)
         return updated
-
-    def _wait(self) -> float:
-        backoff = self._retry_at - self.clock()
-        return min(self.tick, max(0.01, backoff)) if backoff > 0 else self.tick
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                if await self.settle_due() >= PAGE:
-                    self._wake.set()
-            except Exception:
-                log.exception("payment pass failed; retrying on the next tick")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._wait()):
-                    await self._wake.wait()
-            self._wake.clear()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="payment-settler")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None

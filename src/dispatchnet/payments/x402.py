@@ -21,9 +21,10 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from x402 import x402FacilitatorSync, x402ResourceServerSync
 from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
@@ -64,6 +65,7 @@ from dispatchnet.profiles import AcceptConfig, Profile
 log = logging.getLogger("dispatch.payments")
 
 SCHEME = "exact"
+T = TypeVar("T")
 MICROS = 10**6
 
 
@@ -252,20 +254,29 @@ class X402Gateway:
     def verify(self, payment: Payment) -> None:
         """Verifies the parsed payment with its network's facilitator (signature, amount,
         recipient, validity window, unused nonce, the payer's balance). Nothing moves."""
+        verified, node_down = self._facilitate(payment, self.server.verify_payment)
+        if not verified.is_valid:
+            if node_down:
+                raise Unavailable(f"chain node unreachable while verifying: {node_down}")
+            reason = verified.invalid_reason or "invalid_payment"
+            raise PaymentRequired(f"payment refused: {reason}", reason=reason)
+
+    def _facilitate(self, payment: Payment, call: Callable[[Any, Any], T]) -> tuple[T, str]:
+        """call(payload, requirement) (the SDK's verify or settle) and, when the in-process
+        facilitator's node failed meanwhile, what went wrong ("" otherwise): the SDK reports
+        an unreachable node as an invalid payment. An exception means the facilitator is
+        unusable: Unavailable."""
         rail = self.rails[payment.network]
         payload, requirement = _x402_objects(payment)
         started = time.monotonic()
         try:
-            verified = self.server.verify_payment(payload, requirement)
+            result = call(payload, requirement)
         except Exception as e:
             raise Unavailable(f"x402 facilitator failed: {_first_line(e)}") from e
-        if not verified.is_valid:
-            if rail.signer is not None and rail.signer.transport_failed_since(started):
-                raise Unavailable(
-                    f"chain node unreachable while verifying: {rail.signer.last_transport_error}"
-                )
-            reason = verified.invalid_reason or "invalid_payment"
-            raise PaymentRequired(f"payment refused: {reason}", reason=reason)
+        signer = rail.signer
+        if signer is not None and signer.transport_failed_since(started):
+            return result, signer.last_transport_error or "no answer"
+        return result, ""
 
     def response_header(self, payment: Payment) -> str:
         """The `payment-response` value for a committed job: an x402 SettleResponse whose
@@ -288,21 +299,14 @@ class X402Gateway:
         authorization is already used on chain (by an earlier attempt that crashed or lost
         its receipt) is not sent again: the transaction that used it is returned."""
         rail = self.rails[payment.network]
-        payload, requirement = _x402_objects(payment)
-        started = time.monotonic()
-        try:
-            result = self.server.settle_payment(payload, requirement)
-        except Exception as e:
-            raise Unavailable(f"x402 facilitator failed: {_first_line(e)}") from e
+        result, node_down = self._facilitate(payment, self.server.settle_payment)
         if result.success:
             return str(result.transaction)
         reason = result.error_reason or "settlement_failed"
         if reason == ERR_SETTLEMENT_PENDING:
             raise Unavailable(f"settlement {result.transaction} not confirmed yet")
-        if rail.signer is not None and rail.signer.transport_failed_since(started):
-            raise Unavailable(
-                f"chain node unreachable while settling: {rail.signer.last_transport_error}"
-            )
+        if node_down:
+            raise Unavailable(f"chain node unreachable while settling: {node_down}")
         if reason == ERR_NONCE_ALREADY_USED or "nonce" in reason:
             used, tx = authorization_use(
                 rail.w3, payment.asset, payment.payer, payment.authorization_id

@@ -13,7 +13,6 @@ not retried. A sent entry is SENT with its transaction hash.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Protocol
 
 from dispatchnet.coordinator.models import FeedbackEntry, FeedbackStatus, Job
 from dispatchnet.errors import Unavailable
+from dispatchnet.loops import OutboxLoop
 from dispatchnet.profiles import Profile
 from dispatchnet.store.base import Store
 
@@ -37,7 +37,10 @@ class FeedbackPoster(Protocol):
         ...
 
 
-class FeedbackSender:
+class FeedbackSender(OutboxLoop):
+    name = "feedback-sender"
+    page = PAGE
+
     def __init__(
         self,
         store: Store,
@@ -49,31 +52,23 @@ class FeedbackSender:
         retry_max_seconds: float = 60.0,
         send_timeout_seconds: float = 120.0,
     ) -> None:
+        super().__init__(clock, tick_seconds, retry_initial_seconds, retry_max_seconds)
         self.store = store
         self.poster = poster
         self.rejected = rejected
-        self.clock = clock
-        self.tick = tick_seconds
-        self.retry_initial = retry_initial_seconds
-        self.retry_max = retry_max_seconds
         self.send_timeout = send_timeout_seconds
-        self._failures = 0
-        self._retry_at = 0.0
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self.last_error = ""
 
     def job_completed(self, job: Job) -> None:
         """CompletionListener: an entry may be waiting."""
         self._wake.set()
 
-    def kick(self) -> None:
-        self._wake.set()
+    async def run_pass(self) -> int:
+        return await self.send_due()
 
     async def send_due(self) -> int:
         """Sends pending entries, oldest first, unless backing off; how many were sent.
         Stops at the first chain trouble."""
-        if self.clock() < self._retry_at:
+        if self.backing_off():
             return 0
         sent = 0
         for entry in self.store.feedback_entries((FeedbackStatus.PENDING,), limit=PAGE):
@@ -81,10 +76,9 @@ class FeedbackSender:
                 async with asyncio.timeout(self.send_timeout):
                     tx = await self.poster.give(entry)
             except (Unavailable, TimeoutError) as e:
-                self.last_error = e.message if isinstance(e, Unavailable) else "no answer in time"
-                self._failures += 1
-                delay = min(self.retry_max, self.retry_initial * 2 ** (self._failures - 1))
-                self._retry_at = self.clock() + delay
+                delay = self.backed_off(
+                    e.message if isinstance(e, Unavailable) else "no answer in time"
+                )
                 log.warning(
                     "feedback for job %s not sent (%s); retrying in %.1fs",
                     entry.job_id,
@@ -99,38 +93,11 @@ class FeedbackSender:
             except Exception:  # a bug, not the chain: keep it pending, go on with the rest
                 log.exception("sending feedback for job %s failed unexpectedly", entry.job_id)
                 continue
-            self._failures, self._retry_at, self.last_error = 0, 0.0, ""
+            self.recovered()
             self.store.update_feedback(entry.job_id, FeedbackStatus.SENT, transaction=tx)
             log.info("feedback for job %s (agent %d) sent in %s", entry.job_id, entry.agent_id, tx)
             sent += 1
         return sent
-
-    def _wait(self) -> float:
-        backoff = self._retry_at - self.clock()
-        return min(self.tick, max(0.01, backoff)) if backoff > 0 else self.tick
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                if await self.send_due() >= PAGE:
-                    self._wake.set()
-            except Exception:
-                log.exception("feedback pass failed; retrying on the next tick")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._wait()):
-                    await self._wake.wait()
-            self._wake.clear()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="feedback-sender")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
 
 def feedback_sender_for(profile: Profile, data_dir: Path, store: Store) -> FeedbackSender | None:

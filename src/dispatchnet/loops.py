@@ -1,0 +1,84 @@
+"""OutboxLoop: the background loop shared by the coordinator's chain outboxes (feedback,
+payments). A pass runs every tick, or at once when kick()ed; a pass that handled a full
+page runs again straight away. After chain trouble the pass calls backed_off(), which
+pauses passes with exponential backoff; a successful step calls recovered()."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("dispatch.loops")
+
+
+class OutboxLoop:
+    name = "outbox"  # the task's name, and the log's word for it
+    page = 100  # a pass that handles this many items is followed by another at once
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        tick_seconds: float = 1.0,
+        retry_initial_seconds: float = 1.0,
+        retry_max_seconds: float = 60.0,
+    ) -> None:
+        self.clock = clock
+        self.tick = tick_seconds
+        self.retry_initial = retry_initial_seconds
+        self.retry_max = retry_max_seconds
+        self._failures = 0
+        self._retry_at = 0.0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.last_error = ""
+
+    async def run_pass(self) -> int:
+        """One pass; how many items it handled."""
+        raise NotImplementedError
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    def backing_off(self) -> bool:
+        return self.clock() < self._retry_at
+
+    def backed_off(self, error: str) -> float:
+        """Notes chain trouble; the delay before the next pass."""
+        self.last_error = error
+        self._failures += 1
+        delay = float(min(self.retry_max, self.retry_initial * 2 ** (self._failures - 1)))
+        self._retry_at = self.clock() + delay
+        return delay
+
+    def recovered(self) -> None:
+        self._failures, self._retry_at, self.last_error = 0, 0.0, ""
+
+    def _wait(self) -> float:
+        backoff = self._retry_at - self.clock()
+        return min(self.tick, max(0.01, backoff)) if backoff > 0 else self.tick
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                if await self.run_pass() >= self.page:
+                    self._wake.set()
+            except Exception:
+                log.exception("%s pass failed; retrying on the next tick", self.name)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._wait()):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name=self.name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
