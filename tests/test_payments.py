@@ -428,6 +428,18 @@ async def test_a_short_authorization_is_settled_early_and_refunded_if_the_job_fa
     await payment_status(paid, ok.job_id, "settled")
     assert balance(chain, wallet.address) == start_payer - PRICE
 
+    # settled early while the job runs: the receipt still matches (it signs the
+    # authorization, not the settlement), and the job completes settled
+    slow = await c.submit(task_spec("sleep", b'{"ms": 2500}'), "slow")
+    assert (await c.wait(slow.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED
+    assert (await c.get(slow.job_id)).attempts == 1
+    await payment_status(paid, slow.job_id, "settled")
+    receipt = await c.receipt(slow.job_id)
+    assert receipt.decoded.payment.status == "authorized"
+    assert receipt.decoded.payment.transaction == ""
+    assert receipt.payment.status == "settled"
+    assert balance(chain, wallet.address) == start_payer - 2 * PRICE
+
 
 async def test_a_settlement_sent_before_a_crash_is_not_sent_again(
     paid: Cluster,

@@ -441,6 +441,17 @@ def test_a_profile_file_overrides_defaults(profile_file: Path) -> None:
         ("[server]\nlisten = 50051\n", "listen must be str, not int"),
         ("[auth]\nmax_token_ttl_seconds = true\n", "max_token_ttl_seconds must be int, not bool"),
         ("[jobs\n", "custom.toml"),
+        ("[payments]\nenabled = true\n", "at least one \\[\\[payments.accept\\]\\]"),
+        ("[payments]\naccept = 'eip155:1'\n", "accept must be a list of tables"),
+        ("[[payments.accept]]\nnetwork = 'eip155:1'\nfee = 2\n", "unknown setting\\(s\\) fee"),
+        ("[[payments.accept]]\nnetwork = 'eip155:1'\n", "needs \\[chain\\] kind = evm"),
+        ("[[payments.accept]]\nnetwork = 'solana'\n", "is not eip155"),
+        (
+            "[[payments.accept]]\nnetwork = 'eip155:1'\nfacilitator = 'ftp://x'\n",
+            "is not a URL",
+        ),
+        ("[payments]\nsettle_margin_seconds = 5\n", "settle_margin_seconds >= 10"),
+        ("[wallet]\nmax_per_job_micros = -1\n", "must not be negative"),
     ],
 )
 def test_bad_profiles_name_the_problem(profile_file: Path, text: str, needle: str) -> None:

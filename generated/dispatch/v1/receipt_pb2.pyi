@@ -66,7 +66,10 @@ class ReceiptBody(_message.Message):
 
     @_builtins.property
     def payment(self) -> _common_pb2.PaymentReference:
-        """The payment for the job (empty while payments are off)."""
+        """The payment authorization the job ran under: status "authorized" and no
+        transactions (GetReceiptResponse.payment has the settlement); empty while
+        payments are off.
+        """
 
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
@@ -177,10 +180,10 @@ class GetReceiptResponse(_message.Message):
 
     @_builtins.property
     def payment(self) -> _common_pb2.PaymentReference:
-        """The payment's state now. The signed body carries the payment as it stood
-        when the worker finished (status "authorized" while settlement waits for
-        completion); this one says whether it was then settled or refunded, with
-        the transactions, which anyone can check on chain.
+        """The payment's state now. The signed body carries the authorization the job
+        ran under (status "authorized", no transactions: settlement comes after the
+        receipt); this one says whether it was then settled or refunded, with the
+        transactions, which anyone can check on chain.
         """
 
     def __init__(

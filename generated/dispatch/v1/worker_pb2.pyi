@@ -419,7 +419,9 @@ class JobOffer(_message.Message):
 
     @_builtins.property
     def payment(self) -> _common_pb2.PaymentReference:
-        """Payment reference (goes into the receipt)."""
+        """The payment authorization the job runs under (goes into the receipt):
+        status "authorized" and no transactions, whatever its settlement does.
+        """
 
     def __init__(
         self,

@@ -286,7 +286,7 @@ def outbound_to_proto(msg: hubmod.Outbound) -> worker_pb2.ConnectResponse:
                 time_limit_seconds=msg.time_limit_seconds,
                 spec_sha256=job.spec.spec_sha256,
                 price=money(job.price_micros, job.currency),
-                payment=payment_to_proto(job.payment),
+                payment=payment_to_proto(job.payment.signed()),
                 client_id=job.client_id,
             )
         )

@@ -5,6 +5,7 @@ Enum values mirror dispatch.v1 so the API layer converts with int().
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 
@@ -112,6 +113,14 @@ class PaymentRef:
     refund_transaction: str = ""
     authorization_id: str = ""
     pay_to: str = ""
+
+    def signed(self) -> PaymentRef:
+        """What offers and receipts carry: the authorization the job runs under (status
+        "authorized", no transactions), not its settlement, which may change while the job
+        runs (an early settlement) and happens after the receipt is signed."""
+        if self.status == "none":
+            return self
+        return dataclasses.replace(self, status="authorized", transaction="", refund_transaction="")
 
 
 class PaymentStatus(enum.Enum):

@@ -52,7 +52,7 @@ class Notary:
             client_id=job.client_id,
             price_micros=job.price_micros,
             currency=job.currency,
-            payment=payment_to_proto(job.payment),
+            payment=payment_to_proto(job.payment.signed()),
             worker_agent_id=worker_agent_id,
         )
         problems = check_worker_receipt(body, signature, expected)
