@@ -8,8 +8,10 @@ import asyncio
 import base64
 import json
 import re
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +23,21 @@ from chain_fixtures import (  # noqa: F401
     chain,
     chain_profile,
     cluster_for,
+    dispatch,
     funded_chain_key,
     home,
 )
 from conftest import Cluster, wait_until
 from test_grpcurl import COORDINATOR, ECHO_SPEC, GRPCURL, call, grpcurl
+from x402 import x402FacilitatorSync
 from x402.http.utils import decode_payment_required_header, encode_payment_signature_header
+from x402.mechanisms.evm import FacilitatorWeb3Signer
+from x402.mechanisms.evm.exact import ExactEvmFacilitatorScheme, ExactEvmSchemeConfig
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
 
 import dispatchnet.chains  # noqa: F401  (before web3)
 from dispatch.v1 import common_pb2, coordinator_pb2
-from dispatchnet.chains.evm import web3_for
+from dispatchnet.chains.evm import load_or_create_chain_key, web3_for
 from dispatchnet.chains.evm_payments import TOKEN_ABI, token_balance
 from dispatchnet.client import (
     PAYMENT_REQUIRED,
@@ -43,6 +49,7 @@ from dispatchnet.client import (
 )
 from dispatchnet.keys import KeyPair
 from dispatchnet.payments.wallet import Asset, PaymentDeclined, Wallet
+from dispatchnet.profiles import AcceptConfig
 from dispatchnet.worker.tasks import TaskError, TaskOutput
 
 NETWORK = "eip155:31337"
@@ -594,3 +601,116 @@ async def test_cli_and_grpcurl_pay_with_the_deployment_wallet(
     response = re.search(r"^payment-response: (\S+)$", out, re.M)
     assert response is not None, out
     assert json.loads(base64.b64decode(response.group(1)))["payer"] == client
+
+
+# --- an HTTP facilitator (how monad-testnet settles) ------------------------------------------
+
+
+class HttpFacilitator:
+    """An x402 facilitator served over HTTP on 127.0.0.1:<free port>: the SDK's facilitator
+    with its own web3 signer (its own funded account pays the gas), behind the /supported,
+    /verify and /settle endpoints the SDK's HTTPFacilitatorClient calls."""
+
+    def __init__(self, chain: dict[str, Any], key: str) -> None:  # noqa: F811
+        signer = FacilitatorWeb3Signer(key, chain["rpc_url"])
+        self.address = signer.address
+        self.facilitator = x402FacilitatorSync()
+        self.facilitator.register(
+            [NETWORK], ExactEvmFacilitatorScheme(signer, ExactEvmSchemeConfig(True))
+        )
+        facilitator = self.facilitator
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def reply(self, model: Any) -> None:
+                body = model.model_dump_json(by_alias=True, exclude_none=True).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self.reply(facilitator.get_supported())
+
+            def do_POST(self) -> None:
+                data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                payload = PaymentPayload.model_validate(data["paymentPayload"])
+                requirement = PaymentRequirements.model_validate(data["paymentRequirements"])
+                call = facilitator.verify if self.path == "/verify" else facilitator.settle
+                self.reply(call(payload, requirement))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+async def test_payments_through_an_http_facilitator(
+    home: Path,  # noqa: F811
+    chain: dict[str, Any],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """monad-testnet's way (a facilitator URL), on the local chain: verified and settled by
+    the remote facilitator, whose account pays the gas; UNAVAILABLE while it is down."""
+    fee_payer = tmp_path / "facilitator.key"
+    funded_chain_key(chain, fee_payer)
+    remote = HttpFacilitator(chain, load_or_create_chain_key(fee_payer))
+    try:
+        profile = chain_profile(
+            str(home / "chains" / "local-monad.json"),
+            payments={"accept": [AcceptConfig(network=NETWORK, facilitator=remote.url)]},
+        )
+        wallet = new_payer(chain)
+        start_payer, start_payee = balances(chain, wallet.address, payee(chain))
+        async with cluster_for(profile, tmp_path / "coord") as cluster:
+            await cluster.worker("seeker")
+            c = cluster.client(wallet=wallet)
+            job = await c.submit(ECHO)
+            assert (await c.wait(job.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED
+            await payment_status(cluster, job.job_id, "settled")
+            tx = (await c.get(job.job_id)).payment.transaction
+            sent = web3_for(chain["rpc_url"], 5).eth.get_transaction(tx)
+            assert sent["from"] == remote.address  # the facilitator paid the gas
+            assert balances(chain, wallet.address, payee(chain)) == [
+                start_payer - PRICE,
+                start_payee + PRICE,
+            ]
+            remote.stop()
+            quote = await c.quote(ECHO)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await c.commit(quote.quote_id)  # asks, pays, and the facilitator is gone
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+            assert "facilitator" in (e.value.details() or "")
+    finally:
+        if remote.thread.is_alive():
+            remote.stop()
+
+
+def test_wallet_commands(home: Path, chain: dict[str, Any], tmp_path: Path) -> None:  # noqa: F811
+    made = dispatch(home, "wallet", "new", "--key-file", str(tmp_path / "w.key"))
+    assert made.returncode == 0, made.stderr
+    address = json.loads(made.stdout)["address"]
+    assert (tmp_path / "w.key").stat().st_mode & 0o777 == 0o600
+    again = dispatch(home, "wallet", "new", "--key-file", str(tmp_path / "w.key"))
+    assert again.returncode != 0 and "exists already" in again.stderr
+    shown = dispatch(home, "wallet", "address", "--wallet-key", str(tmp_path / "w.key"))
+    assert json.loads(shown.stdout) == {"address": address}
+
+    out = dispatch(home, "wallet", "balance", "--profile", "local-monad")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["address"] == chain["accounts"]["client"]["address"]
+    assert report["network"] == NETWORK
+    assert report["balances"] == [
+        {"asset": usdc(chain), "balance": balance(chain, report["address"])}
+    ]
+    missing = dispatch(home, "wallet", "address", "--wallet-key", str(tmp_path / "none.key"))
+    assert missing.returncode != 0 and "no wallet key file" in missing.stderr
