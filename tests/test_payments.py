@@ -9,10 +9,12 @@ import base64
 import json
 import re
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -33,6 +35,7 @@ from x402 import x402FacilitatorSync
 from x402.http.utils import decode_payment_required_header, encode_payment_signature_header
 from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.exact import ExactEvmFacilitatorScheme, ExactEvmSchemeConfig
+from x402.mechanisms.evm.exact import facilitator as exact_facilitator
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
 
 import dispatchnet.chains  # noqa: F401  (before web3)
@@ -451,9 +454,12 @@ async def test_a_short_authorization_is_settled_early_and_refunded_if_the_job_fa
 async def test_a_settlement_sent_before_a_crash_is_not_sent_again(
     paid: Cluster,
     chain: dict[str, Any],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The settlement went on chain but the coordinator never recorded it: the next
-    attempt finds the used authorization on chain and records that transaction."""
+    attempt finds the used authorization on chain and records that transaction, even
+    once the authorization has expired. An expired one that was never used is written
+    off: the payer is not charged."""
     service = paid.coord.payments
     assert service is not None
     await service.stop()  # settle by hand below
@@ -461,16 +467,28 @@ async def test_a_settlement_sent_before_a_crash_is_not_sent_again(
     wallet = new_payer(chain)
     start = balance(chain, wallet.address)
     c = paid.client(wallet=wallet)
-    job = await c.submit(ECHO)
-    assert (await c.wait(job.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED
-    payment = paid.coord.store.get_payment(job.job_id)
-    assert payment is not None and payment.status.value == "authorized"
-    tx = await asyncio.to_thread(service.gateway.settle, payment)  # ...and "crash"
-    assert await service.settle_due() == 1
-    settled = paid.coord.store.get_payment(job.job_id)
-    assert settled is not None and settled.status.value == "settled"
-    assert settled.transaction == tx
-    assert balance(chain, wallet.address) == start - PRICE
+    jobs = [await c.submit(ECHO, key) for key in ("crash", "expired-after-crash", "expired")]
+    for job in jobs:
+        assert (await c.wait(job.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED
+    payments = [paid.coord.store.get_payment(job.job_id) for job in jobs]
+    assert all(p is not None and p.status.value == "authorized" for p in payments)
+    sent = [await asyncio.to_thread(service.gateway.settle, p) for p in payments[:2]]  # "crash"
+
+    crashed = payments[0]
+    assert crashed is not None
+    assert await asyncio.to_thread(service.gateway.settle, crashed) == sent[0]  # not again
+    # the coordinator comes back after the authorizations expired (the clock jumps)
+    later = time.time() + 7200
+    monkeypatch.setattr(exact_facilitator, "time", SimpleNamespace(time=lambda: later))
+    assert await service.settle_due() == 3
+    final = [paid.coord.store.get_payment(job.job_id) for job in jobs]
+    assert [(p.status.value, p.transaction) for p in final if p is not None] == [
+        ("settled", sent[0]),
+        ("settled", sent[1]),
+        ("failed", ""),
+    ]
+    assert final[2] is not None and "valid_before" in final[2].error
+    assert balance(chain, wallet.address) == start - 2 * PRICE
 
 
 async def test_the_chain_down_at_commit_is_unavailable_and_during_settlement_waits(

@@ -209,15 +209,8 @@ class PaymentService(OutboxLoop):
                 return self._update(p, (p.status,), status=PaymentStatus.RELEASED) is not None
             if not done and now < p.settle_by:
                 return False
-            if now >= p.valid_before:
-                self._update(
-                    p,
-                    (p.status,),
-                    status=PaymentStatus.FAILED,
-                    error="the authorization expired before it could be settled",
-                )
-                log.warning("payment of job %s expired unsettled: not charged", p.job_id)
-                return True
+            # (an expired authorization is refused by the facilitator, unless an earlier
+            # attempt settled it after all: settle finds that on chain)
             return await self._settle(p)
         if p.status is PaymentStatus.HELD:
             if done:

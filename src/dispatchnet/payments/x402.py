@@ -33,7 +33,7 @@ from x402.http.utils import (
     encode_payment_required_header,
     encode_payment_response_header,
 )
-from x402.mechanisms.evm.constants import ERR_NONCE_ALREADY_USED, ERR_SETTLEMENT_PENDING
+from x402.mechanisms.evm.constants import ERR_SETTLEMENT_PENDING
 from x402.mechanisms.evm.default_assets import get_default_asset
 from x402.mechanisms.evm.exact import (
     ExactEvmFacilitatorScheme,
@@ -295,9 +295,11 @@ class X402Gateway:
     # --- settlement and refunds -------------------------------------------------------------
 
     def settle(self, payment: Payment) -> str:
-        """Settles the payment on chain; its transaction hash. A payment whose
-        authorization is already used on chain (by an earlier attempt that crashed or lost
-        its receipt) is not sent again: the transaction that used it is returned."""
+        """Settles the payment on chain; its transaction hash. Before any refusal is
+        final, the chain is asked whether the authorization was used: a settlement sent by
+        an earlier attempt (that crashed, or lost its receipt, perhaps until the
+        authorization expired) is found by its AuthorizationUsed event and returned instead
+        of being sent again or written off."""
         rail = self.rails[payment.network]
         result, node_down = self._facilitate(payment, self.server.settle_payment)
         if result.success:
@@ -307,13 +309,13 @@ class X402Gateway:
             raise Unavailable(f"settlement {result.transaction} not confirmed yet")
         if node_down:
             raise Unavailable(f"chain node unreachable while settling: {node_down}")
-        if reason == ERR_NONCE_ALREADY_USED or "nonce" in reason:
-            used, tx = authorization_use(
-                rail.w3, payment.asset, payment.payer, payment.authorization_id
-            )
-            if used and tx:
-                log.info("payment for job %s was already settled in %s", payment.job_id, tx)
-                return tx
+        used, tx = authorization_use(
+            rail.w3, payment.asset, payment.payer, payment.authorization_id
+        )
+        if used and tx:
+            log.info("payment for job %s was already settled in %s", payment.job_id, tx)
+            return tx
+        if used:
             raise SettlementRefused(reason, "the payer cancelled the authorization")
         raise SettlementRefused(reason, result.error_message or "")
 
