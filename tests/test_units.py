@@ -3,6 +3,7 @@ ERC-8004 registration files."""
 
 from __future__ import annotations
 
+import ast
 import base64
 import dataclasses
 import hashlib
@@ -562,3 +563,29 @@ def test_bad_registration_files_name_the_problem(uri: str, needle: str) -> None:
     with pytest.raises(RegistrationFileError) as e:
         check_registration_uri(uri, 7, REGISTRY)
     assert needle in str(e.value)
+
+
+# --- layers ----------------------------------------------------------------------------------
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "dispatchnet"
+DOMAIN = [
+    *sorted((SRC / "coordinator").glob("*.py")),
+    *(SRC / "receipts" / name for name in ("merkle.py", "batcher.py", "anchoring.py")),
+    *(SRC / "reputation" / name for name in ("local.py", "erc8004.py", "feedback.py")),
+    SRC / "payments" / "service.py",
+    SRC / "loops.py",
+]
+FOREIGN = ("grpc", "grpc_interceptor", "dispatch", "sqlite3", "sqlite_utils", "web3", "x402")
+
+
+@pytest.mark.parametrize("path", DOMAIN, ids=lambda p: str(p.relative_to(SRC)))
+def test_domain_code_imports_no_transport_storage_or_chain_library(path: Path) -> None:
+    """ARCHITECTURE's layers: domain code talks to grpc, SQL and chains through protocols."""
+    tree = ast.parse(path.read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            imported.add(node.module.split(".")[0])
+    assert not imported & set(FOREIGN), imported & set(FOREIGN)
