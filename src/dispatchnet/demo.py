@@ -578,7 +578,8 @@ class Demo:
         job = await c.commit(quote.quote_id)
         p = job.payment
         say(
-            f"{INDENT}paid     x402: {usdc(int(p.amount or 0))} authorized by {short(p.payer)}"
+            f"{INDENT}paid     x402: {usdc(int(p.amount or 0))} authorized by "
+            f"{p.payer[:6]}…{p.payer[-4:]}"
             f" on {p.network} ({p.status}; settled once the job completes)"
         )
         say(f"{INDENT}job      {job.job_id} committed, waiting...")
