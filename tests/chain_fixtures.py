@@ -90,7 +90,7 @@ async def cluster_for(profile: Profile, data: Path) -> AsyncIterator[Cluster]:
     coord = await start_coordinator(profile, data, "127.0.0.1:0")
     assert coord.batcher is not None
     # retry quickly in tests (the defaults back off up to a minute)
-    coord.batcher.retry_initial, coord.batcher.retry_max = 0.1, 0.3
+    coord.batcher.anchoring.retry_initial, coord.batcher.anchoring.retry_max = 0.1, 0.3
     c = Cluster(coord, data)
     try:
         yield c

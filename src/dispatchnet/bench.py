@@ -39,7 +39,7 @@ async def run_bench(jobs: int = 40) -> int:
     import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
     from dispatchnet.client import CoordinatorClient, task_spec
     from dispatchnet.devchain.local_chain import chain_down, chain_up
-    from dispatchnet.payments.wallet import Asset, Wallet
+    from dispatchnet.payments.wallet import Wallet
     from dispatchnet.profiles import load_profile
     from dispatchnet.server import start_coordinator
     from dispatchnet.worker.runtime import Worker
@@ -60,11 +60,7 @@ async def run_bench(jobs: int = 40) -> int:
         try:
             for w in workers:
                 await asyncio.wait_for(w.connected.wait(), 20)
-            wallet = Wallet(
-                str(chain["accounts"]["client"]["private_key"]),
-                100_000,
-                [Asset(str(chain["network"]), str(chain["contracts"]["usdc"]))],
-            )
+            wallet = Wallet.of_deployment(chain, profile.wallet.max_per_job_micros)
             METRICS.reset()
             async with CoordinatorClient(address, keys.KeyPair.generate(), wallet) as c:
                 gate = asyncio.Semaphore(CONCURRENCY)

@@ -631,13 +631,9 @@ class Demo:
     def wallet(self) -> Any:
         """The client's x402 wallet: the deployment's funded "client" dev account."""
         import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
-        from dispatchnet.payments.wallet import Asset, Wallet
+        from dispatchnet.payments.wallet import Wallet
 
-        wallet = Wallet(
-            str(self.chain["accounts"]["client"]["private_key"]),
-            WALLET_LIMIT,
-            [Asset(str(self.chain["network"]), str(self.chain["contracts"]["usdc"]))],
-        )
+        wallet = Wallet.of_deployment(self.chain, WALLET_LIMIT)
         self.payer_address = wallet.address
         return wallet
 

@@ -141,7 +141,7 @@ def resolve_evm_chain(cfg: ChainConfig, data_dir: Path | None = None) -> EvmChai
     if not rpc_url:
         raise ChainConfigError("[chain] has no RPC URL")
     if cfg.key_file:
-        account_key = load_or_create_chain_key(_in_home(cfg.key_file))
+        account_key = load_or_create_chain_key(in_home(cfg.key_file))
     elif not account_key and data_dir is not None:
         account_key = load_or_create_chain_key(data_dir / "chain.key")
     return EvmChain(
@@ -158,7 +158,8 @@ _CONTRACTS = (
 )
 
 
-def _in_home(path: str) -> Path:
+def in_home(path: str) -> Path:
+    """A path from a profile: relative paths are under $DISPATCH_HOME."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else keys.default_home() / p
 
@@ -245,21 +246,27 @@ class EvmSender:
     def address(self) -> ChecksumAddress:
         return self.account.address
 
+    def sign(self, fn: Any, gas_limit: int) -> tuple[bytes, bytes]:
+        """(raw transaction, hash) of the contract call fn, with the pending nonce and the
+        given gas limit; the caller holds `lock`."""
+        nonce = self.w3.eth.get_transaction_count(self.address, "pending")
+        tx = fn.build_transaction(
+            {"from": self.address, "nonce": nonce, "gas": gas_limit, "chainId": self.chain_id}
+        )
+        signed = self.account.sign_transaction(tx)
+        return bytes(signed.raw_transaction), bytes(signed.hash)
+
     def send(self, fn: Any, gas_limit: int, nonce_retries: int = 3) -> bytes:
         """Signs and sends with the pending nonce and the given gas limit; the caller holds
         `lock`."""
         for attempt in range(nonce_retries + 1):
-            nonce = self.w3.eth.get_transaction_count(self.address, "pending")
-            tx = fn.build_transaction(
-                {"from": self.address, "nonce": nonce, "gas": gas_limit, "chainId": self.chain_id}
-            )
-            signed = self.account.sign_transaction(tx)
+            raw, _ = self.sign(fn, gas_limit)
             try:
-                return bytes(self.w3.eth.send_raw_transaction(signed.raw_transaction))
+                return bytes(self.w3.eth.send_raw_transaction(raw))
             except Web3RPCError as e:
                 if "nonce too low" not in str(e).lower() or attempt == nonce_retries:
                     raise
-                log.info("nonce %d was taken; refetching the pending nonce", nonce)
+                log.info("a nonce was taken meanwhile; refetching the pending nonce")
         raise AssertionError("unreachable")
 
 

@@ -19,7 +19,7 @@ from web3.exceptions import TransactionNotFound, Web3RPCError
 from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.types import TransactionReceipt
 
-from dispatchnet.chains.evm import TRANSIENT, EvmSender, _brief, _hex, web3_for
+from dispatchnet.chains.evm import TRANSIENT, EvmSender, _brief, _hex
 from dispatchnet.errors import Unavailable
 
 log = logging.getLogger("dispatch.payments.evm")
@@ -88,7 +88,7 @@ class CoordinatorFacilitatorSigner(FacilitatorWeb3Signer):
 
     - Transactions (transferWithAuthorization) go through the account's shared EvmSender,
       with the profile's gas limit, instead of the SDK's own nonce counter.
-    - Calls use the profile's RPC timeout.
+    - Calls go through the sender's node connection (the profile's RPC timeout).
     - The SDK reports an unreachable node during verification as an invalid signature;
       this signer notes when a call failed for transport reasons (`transport_failed_since`)
       so the payment edge can answer UNAVAILABLE instead of blaming the payer.
@@ -99,14 +99,13 @@ class CoordinatorFacilitatorSigner(FacilitatorWeb3Signer):
         sender: EvmSender,
         private_key: str,
         rpc_url: str,
-        rpc_timeout: float,
         tx_timeout: float,
         gas_limit: int,
     ) -> None:
         super().__init__(
             private_key, rpc_url, confirmation_timeout_seconds=tx_timeout, gas_limit=gas_limit
         )
-        self._w3 = web3_for(rpc_url, rpc_timeout)
+        self._w3 = sender.w3
         self._sender = sender
         self._lock = threading.Lock()
         self._transport_failed_at = 0.0
@@ -222,22 +221,13 @@ class EvmRefunder:
         """(raw transaction hex, transaction hash) of transfer(to, amount)."""
         w3 = self.sender.w3
         token = w3.eth.contract(address=Web3.to_checksum_address(asset), abi=TOKEN_ABI)
-        fn: Any = token.functions.transfer(Web3.to_checksum_address(to), int(amount))
+        fn = token.functions.transfer(Web3.to_checksum_address(to), int(amount))
         try:
             with self.sender.lock:
-                nonce = w3.eth.get_transaction_count(self.sender.address, "pending")
-                tx = fn.build_transaction(
-                    {
-                        "from": self.sender.address,
-                        "nonce": nonce,
-                        "gas": self.gas_limit,
-                        "chainId": self.sender.chain_id,
-                    }
-                )
-                signed = self.sender.account.sign_transaction(tx)
+                raw, tx_hash = self.sender.sign(fn, self.gas_limit)
         except TRANSIENT as e:
             raise Unavailable(f"chain node unreachable: {_brief(e)}") from e
-        return "0x" + bytes(signed.raw_transaction).hex(), _hex(bytes(signed.hash))
+        return "0x" + raw.hex(), _hex(tx_hash)
 
     def status(self, tx_hash: str) -> bool | None:
         """True: mined and succeeded; False: mined and reverted; None: not mined (yet)."""

@@ -120,10 +120,6 @@ class JobService:
         self.store.put_quote(q)
         return q
 
-    def existing(self, client_id: str, idempotency_key: str) -> Job | None:
-        """The client's job committed with this idempotency key, if any."""
-        return self.store.get_job_by_key(client_id, idempotency_key)
-
     def get_quote(self, quote_id: str) -> Quote:
         if not quote_id:
             raise InvalidArgument("quote_id is required (get one from GetQuote)")
@@ -131,6 +127,31 @@ class JobService:
         if quote is None:
             raise NotFound(f"quote {quote_id} does not exist")
         return quote
+
+    def check_commit(
+        self, client_id: str, quote_id: str, idempotency_key: str
+    ) -> tuple[Quote, Job | None]:
+        """Whether CommitJob(quote_id, idempotency_key) can go ahead: the quote, and the
+        client's job already committed with this key (None: a new job would be made).
+        Raises what commit would: a bad key, an unknown or expired quote, a key used for
+        another quote, a PRIVATE job without a pairing. The payment edge asks this before
+        it verifies a payment."""
+        if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+            raise InvalidArgument(f"idempotency_key must be 1-{MAX_IDEMPOTENCY_KEY} characters")
+        quote = self.get_quote(quote_id)
+        existing = self.store.get_job_by_key(client_id, idempotency_key)
+        if existing is not None:
+            if existing.quote_id != quote_id:
+                raise FailedPrecondition("idempotency_key was already used for another quote")
+            return quote, existing
+        if quote.expires_at < self.clock():
+            raise FailedPrecondition(f"quote {quote_id} expired; ask for a new quote")
+        if quote.spec.privacy is Privacy.PRIVATE and not self.store.paired_workers(client_id):
+            raise FailedPrecondition(
+                "a PRIVATE job needs at least one paired worker; pair one with "
+                "`dispatch pair create` / `dispatch pair claim` first"
+            )
+        return quote, None
 
     def commit(
         self,
@@ -142,13 +163,9 @@ class JobService:
         """Turns the quote into a queued job. payment: the verified payment for it (job_id
         is filled in here); stored with the job in one transaction, and not stored when the
         idempotency key returns an existing job."""
-        if not quote_id:
-            raise InvalidArgument("quote_id is required (get one from GetQuote)")
-        if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
-            raise InvalidArgument(f"idempotency_key must be 1-{MAX_IDEMPOTENCY_KEY} characters")
-        quote = self.store.get_quote(quote_id)
-        if quote is None:
-            raise NotFound(f"quote {quote_id} does not exist")
+        quote, existing = self.check_commit(client_id, quote_id, idempotency_key)
+        if existing is not None:
+            return existing, False
         now = self.clock()
         job = Job(
             job_id=new_id("job"),
@@ -165,18 +182,6 @@ class JobService:
             updated_at=now,
             queued_at=now,
         )
-        existing = self.store.get_job_by_key(client_id, idempotency_key)
-        if existing is not None:
-            if existing.quote_id != quote_id:
-                raise FailedPrecondition("idempotency_key was already used for another quote")
-            return existing, False
-        if quote.expires_at < now:
-            raise FailedPrecondition(f"quote {quote_id} expired; ask for a new quote")
-        if quote.spec.privacy is Privacy.PRIVATE and not self.store.paired_workers(client_id):
-            raise FailedPrecondition(
-                "a PRIVATE job needs at least one paired worker; pair one with "
-                "`dispatch pair create` / `dispatch pair claim` first"
-            )
         event = Event(job.job_id, EventKind.STATE, JobState.QUEUED, now, reason="committed")
         if payment is not None:
             payment = dataclasses.replace(payment, job_id=job.job_id)

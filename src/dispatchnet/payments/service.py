@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Job, JobState, Payment, PaymentStatus, Quote
-from dispatchnet.errors import FailedPrecondition, PaymentRequired, PaymentReused, Unavailable
+from dispatchnet.errors import PaymentRequired, PaymentReused, Unavailable
 from dispatchnet.loops import OutboxLoop
 from dispatchnet.metrics import METRICS
 from dispatchnet.profiles import JobsConfig, PaymentsConfig
@@ -130,13 +130,12 @@ class PaymentService(OutboxLoop):
         """The verified payment for CommitJob(quote_id), to be stored with the job; None
         when the idempotency key names an existing job (which costs nothing more). Raises
         PaymentRequired (none sent, or refused), InvalidArgument (malformed), Unavailable
-        (facilitator or node down), and the quote's own errors."""
-        if self.jobs.existing(client_id, idempotency_key) is not None:
+        (facilitator or node down), and whatever would stop the commit anyway
+        (JobService.check_commit), before any payment is verified."""
+        quote, existing = self.jobs.check_commit(client_id, quote_id, idempotency_key)
+        if existing is not None:
             return None
-        quote = self.jobs.get_quote(quote_id)
         now = self.clock()
-        if quote.expires_at < now:
-            raise FailedPrecondition(f"quote {quote_id} expired; ask for a new quote")
         offers = await self.offers(quote)
         if not header:
             raise self.refusal(

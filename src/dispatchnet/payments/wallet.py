@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from eth_account import Account
 from x402 import x402ClientSync
@@ -24,8 +25,8 @@ from x402.schemas import PaymentRequired, PaymentRequirements
 
 from dispatchnet.chains.evm import (
     ChainConfigError,
-    _in_home,
     deployment_path,
+    in_home,
     load_or_create_chain_key,
     read_deployment,
 )
@@ -58,6 +59,17 @@ class Wallet:
         self.client = x402ClientSync()
         scheme = ExactEvmClientScheme(EthAccountSigner(self.account))
         self.client.register("eip155:*", scheme)
+
+    @classmethod
+    def of_deployment(
+        cls, data: dict[str, Any], max_per_job_micros: int, account: str = "client"
+    ) -> Wallet:
+        """The wallet of a deployment file's dev account (`dispatch chain up` funds the
+        "client" one with test USDC), knowing the deployment's USDC."""
+        key = str(((data.get("accounts") or {}).get(account) or {}).get("private_key") or "")
+        if not key:
+            raise ChainConfigError(f"the deployment has no {account!r} account")
+        return cls(key, max_per_job_micros, deployment_assets(data))
 
     @property
     def address(self) -> str:
@@ -124,29 +136,29 @@ class Wallet:
         return encode_payment_signature_header(payload)
 
 
+def deployment_assets(data: dict[str, Any]) -> list[Asset]:
+    """The stablecoin a deployment file names (its test USDC), if any."""
+    usdc = (data.get("contracts") or {}).get("usdc")
+    return [Asset(str(data.get("network") or ""), str(usdc))] if usdc else []
+
+
 def wallet_for(profile: Profile, key_file: str = "") -> Wallet | None:
     """The profile's wallet: key_file (or [wallet] key_file), else the deployment file's
     "client" dev account, else None. Raises ChainConfigError for a key that does not load."""
     w = profile.wallet
-    extra: list[Asset] = []
-    key = ""
     chain = profile.chain
-    if chain.kind == "evm":
-        if chain.usdc:
-            extra.append(Asset(chain.network, chain.usdc))
-        if chain.deployment and deployment_path(chain.deployment).exists():
-            data = read_deployment(chain.deployment)
-            usdc = (data.get("contracts") or {}).get("usdc")
-            if usdc:
-                extra.append(Asset(chain.network, str(usdc)))
-            client = (data.get("accounts") or {}).get("client") or {}
-            key = str(client.get("private_key") or "")
+    data: dict[str, Any] = {}
+    if chain.kind == "evm" and chain.deployment and deployment_path(chain.deployment).exists():
+        data = read_deployment(chain.deployment)
+    extra = deployment_assets(data)
+    if chain.kind == "evm" and chain.usdc:
+        extra.append(Asset(chain.network, chain.usdc))
     path = key_file or w.key_file
     if path:
-        p = _in_home(path)
+        p = in_home(path)
         if not p.exists():
             raise ChainConfigError(f"no wallet key file {p}")
-        key = load_or_create_chain_key(p)
-    if not key:
+        return Wallet(load_or_create_chain_key(p), w.max_per_job_micros, extra)
+    if "client" not in (data.get("accounts") or {}):
         return None
-    return Wallet(key, w.max_per_job_micros, extra)
+    return Wallet.of_deployment(data, w.max_per_job_micros)

@@ -50,7 +50,7 @@ from x402.schemas import (
     SettleResponse,
 )
 
-from dispatchnet.chains.evm import EvmChain, resolve_evm_chain, shared_sender, web3_for
+from dispatchnet.chains.evm import EvmChain, resolve_evm_chain, shared_sender
 from dispatchnet.chains.evm_payments import (
     CoordinatorFacilitatorSigner,
     EvmRefunder,
@@ -108,7 +108,6 @@ class NetworkRail:
                 sender,
                 chain.account_key,
                 chain.rpc_url,
-                cfg.rpc_timeout_seconds,
                 cfg.tx_timeout_seconds,
                 pay.settle_gas_limit,
             )
@@ -124,7 +123,7 @@ class NetworkRail:
         self._asset_address = accept.asset or chain.usdc
         self._asset: _Asset | None = None
         self._lock = threading.Lock()
-        self.w3 = web3_for(chain.rpc_url, cfg.rpc_timeout_seconds)
+        self.w3 = sender.w3
         self.refunder = EvmRefunder(sender, pay.refund_gas_limit, cfg.tx_timeout_seconds)
 
     def asset(self) -> _Asset:

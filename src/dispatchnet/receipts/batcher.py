@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from dispatchnet.coordinator.models import AnchorStatus, Job, ReceiptBatch, UnbatchedReceipt
 from dispatchnet.errors import Unavailable
+from dispatchnet.loops import OutboxLoop
 from dispatchnet.profiles import ReceiptsConfig
 from dispatchnet.receipts.anchoring import Anchorer
 from dispatchnet.receipts.merkle import merkle_root
@@ -63,17 +64,15 @@ class ReceiptBatcher:
         self.anchorer = anchorer
         self.clock = clock
         self.tick = tick_seconds
-        self.retry_initial = retry_initial_seconds
-        self.retry_max = retry_max_seconds
         self.anchor_timeout = anchor_timeout_seconds
+        # the anchoring loop, with its backoff after chain trouble
+        self.anchoring = _Anchoring(
+            self, clock, tick_seconds, retry_initial_seconds, retry_max_seconds
+        )
         self._next_due: float | None = None  # when the oldest waiting receipt is due
-        self._chain_failures = 0  # consecutive transient anchoring failures
-        self._chain_retry_at = 0.0
         self._failed_retry_at: dict[str, float] = {}  # batch_id -> next try ("failed" ones)
         self._wake = asyncio.Event()
-        self._anchor_wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
 
     # --- batching -----------------------------------------------------------------------
 
@@ -130,10 +129,10 @@ class ReceiptBatcher:
         return min(self.tick, max(0.01, self._next_due - self.clock()))
 
     async def _batch_loop(self) -> None:
-        while not self._stopping:
+        while True:
             try:
                 if self.close_due() and self.anchorer.enabled:
-                    self._anchor_wake.set()
+                    self.anchoring.kick()
             except Exception:
                 log.exception("receipt batching pass failed; retrying on the next tick")
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
@@ -148,9 +147,9 @@ class ReceiptBatcher:
         """Anchors the batches waiting for it whose retry time has come, oldest first; how
         many got anchored. Stops at the first chain trouble (the chain is likely down for
         all of them)."""
-        now = self.clock()
-        if now < self._chain_retry_at:
+        if self.anchoring.backing_off():
             return 0
+        now = self.clock()
         anchored = 0
         for batch in self.store.receipt_batches(TO_ANCHOR, limit=ANCHOR_PAGE):
             if self._failed_retry_at.get(batch.batch_id, 0.0) > now:
@@ -170,9 +169,7 @@ class ReceiptBatcher:
                 )
         except (Unavailable, TimeoutError) as e:
             error = e.message if isinstance(e, Unavailable) else "no answer in time"
-            self._chain_failures += 1
-            delay = min(self.retry_max, self.retry_initial * 2 ** (self._chain_failures - 1))
-            self._chain_retry_at = self.clock() + delay
+            delay = self.anchoring.backed_off(error)
             self.store.update_anchor(batch.batch_id, AnchorStatus.PENDING, error=error)
             log.warning(
                 "anchoring batch %s failed (%s); retrying in %.1fs", batch.batch_id, error, delay
@@ -180,12 +177,11 @@ class ReceiptBatcher:
             return AnchorStatus.PENDING
         except Exception as e:
             log.exception("anchoring batch %s failed unexpectedly", batch.batch_id)
-            self._failed_retry_at[batch.batch_id] = self.clock() + self.retry_max
+            self._failed_retry_at[batch.batch_id] = self.clock() + self.anchoring.retry_max
             error = f"{type(e).__name__}: {e}"
             self.store.update_anchor(batch.batch_id, AnchorStatus.FAILED, error=error)
             return AnchorStatus.FAILED
-        self._chain_failures = 0
-        self._chain_retry_at = 0.0
+        self.anchoring.recovered()
         self._failed_retry_at.pop(batch.batch_id, None)
         self.store.update_anchor(
             batch.batch_id,
@@ -202,37 +198,40 @@ class ReceiptBatcher:
         )
         return AnchorStatus.ANCHORED
 
-    def _anchor_wait(self) -> float:
-        backoff = self._chain_retry_at - self.clock()
-        return min(self.tick, max(0.01, backoff)) if backoff > 0 else self.tick
-
-    async def _anchor_loop(self) -> None:
-        while not self._stopping:
-            try:
-                if await self.anchor_due() >= ANCHOR_PAGE:
-                    self._anchor_wake.set()  # a full page went through: there may be more
-            except Exception:
-                log.exception("anchoring pass failed; retrying on the next tick")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._anchor_wait()):
-                    await self._anchor_wake.wait()
-            self._anchor_wake.clear()
-
     # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._tasks:
-            return
-        self._stopping = False
-        self._tasks.append(asyncio.create_task(self._batch_loop(), name="receipt-batcher"))
-        if self.anchorer.enabled:
-            self._tasks.append(asyncio.create_task(self._anchor_loop(), name="receipt-anchorer"))
+        if self._task is None:
+            self._task = asyncio.create_task(self._batch_loop(), name="receipt-batcher")
+            if self.anchorer.enabled:
+                self.anchoring.start()
 
     async def stop(self) -> None:
-        self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+        await self.anchoring.stop()
+        if self._task is not None:
+            self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+                await self._task
+            self._task = None
+
+
+class _Anchoring(OutboxLoop):
+    """The batcher's anchoring loop: anchor_due every tick, at once when a batch closes,
+    paused with exponential backoff after chain trouble."""
+
+    name = "receipt-anchorer"
+    page = ANCHOR_PAGE
+
+    def __init__(
+        self,
+        batcher: ReceiptBatcher,
+        clock: Callable[[], float],
+        tick_seconds: float,
+        retry_initial_seconds: float,
+        retry_max_seconds: float,
+    ) -> None:
+        super().__init__(clock, tick_seconds, retry_initial_seconds, retry_max_seconds)
+        self.batcher = batcher
+
+    async def run_pass(self) -> int:
+        return await self.batcher.anchor_due()
