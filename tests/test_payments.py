@@ -732,3 +732,27 @@ def test_wallet_commands(home: Path, chain: dict[str, Any], tmp_path: Path) -> N
     ]
     missing = dispatch(home, "wallet", "address", "--wallet-key", str(tmp_path / "none.key"))
     assert missing.returncode != 0 and "no wallet key file" in missing.stderr
+
+
+async def test_a_commit_that_cannot_go_ahead_is_refused_before_any_payment(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+) -> None:
+    """An unpaired PRIVATE job, an unknown quote or a bad idempotency key: the commit's
+    own error, not a payment request, and nothing signed or moved."""
+    wallet = new_payer(chain)
+    c = paid.client(wallet=wallet)
+    quote = await c.quote(task_spec("echo", b"{}", private=True))
+    for quote_id, key, code in (
+        (quote.quote_id, "k", grpc.StatusCode.FAILED_PRECONDITION),
+        ("q_unknown", "k", grpc.StatusCode.NOT_FOUND),
+        (quote.quote_id, "", grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await c._commit(
+                coordinator_pb2.CommitJobRequest(quote_id=quote_id, idempotency_key=key), ()
+            )
+        assert e.value.code() == code, e.value.details()
+        assert trailer(e.value.trailing_metadata(), PAYMENT_REQUIRED) == ""
+    assert balance(chain, wallet.address) == 1_000_000
+    assert paid.coord.store.open_payments() == []
