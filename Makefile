@@ -15,7 +15,7 @@ PROTOS := $(wildcard proto/dispatch/v1/*.proto)
 DESCRIPTORS := dispatch/v1/descriptors.binpb
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup proto check-proto contracts check-contracts lint test demo bench clean
+.PHONY: setup proto check-proto check-breaking contracts check-contracts lint test demo bench clean
 
 setup: $(STAMP) $(MODEL_STAMP) $(NPM_STAMP)
 
@@ -62,6 +62,20 @@ check-proto: $(STAMP)
 	if [ -n "$$extra" ]; then echo "generated files with no .proto: $$extra"; exit 1; fi; \
 	echo "generated/ is up to date"
 
+# Fails when proto/ breaks wire or generated-code compatibility (buf's FILE rules) with
+# BREAKING_BASE: the newest release tag (v*), else the previous commit (a merge's first
+# parent: main before the merge). Adding fields, messages or comments passes. Skipped when
+# there is no base to compare with (a first commit, a shallow clone, no git).
+BREAKING_BASE ?= $(shell git describe --tags --abbrev=0 --match 'v*' 2>/dev/null || \
+  git rev-parse --verify --quiet HEAD~1 2>/dev/null)
+check-breaking: $(NPM_STAMP)
+	@if [ -z "$(BREAKING_BASE)" ]; then \
+	  echo "buf breaking: no release tag or previous commit to compare with; skipped"; \
+	else \
+	  buf breaking proto --against '.git#ref=$(BREAKING_BASE),subdir=proto' && \
+	  echo "proto/ is compatible with $(BREAKING_BASE)"; \
+	fi
+
 # Compile contracts/src/*.sol with the pinned solc-js (standard JSON, viaIR) into
 # contracts/artifacts/ (committed).
 contracts: $(STAMP) $(NPM_STAMP)
@@ -71,7 +85,7 @@ contracts: $(STAMP) $(NPM_STAMP)
 check-contracts: $(STAMP) $(NPM_STAMP)
 	$(PY) contracts/build.py --check
 
-lint: setup check-proto check-contracts
+lint: setup check-proto check-breaking check-contracts
 	$(BIN)/ruff check src tests contracts
 	$(BIN)/ruff format --check src tests contracts
 	$(BIN)/mypy

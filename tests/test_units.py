@@ -202,6 +202,16 @@ def test_check_worker_receipt_names_each_mismatch(change: dict[str, object], nam
     assert problems == [f"receipt {name} does not match the job"]
 
 
+def test_check_worker_receipt_refuses_fields_it_does_not_know() -> None:
+    # field 99 at the top and field 98 inside price: signed claims nobody here can read
+    body = serialize_body(_body()) + b"\x98\x06\x01"
+    price = _body().price.SerializeToString() + b"\x90\x06\x01"
+    body += b"\x4a" + bytes([len(price)]) + price
+    problems = check_worker_receipt(body, sign_body(WORKER, body), EXPECTED)
+    known = "receipt body has fields this coordinator does not know"
+    assert problems == [f"{known}: ['#99', 'price.#98']"]
+
+
 def test_check_worker_receipt_lists_every_problem() -> None:
     body_msg = _body(job_id="job_2", output_sha256=sha256(b"lie"))
     body_msg.price.amount_micros = 1

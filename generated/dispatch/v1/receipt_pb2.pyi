@@ -22,7 +22,13 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class ReceiptBody(_message.Message):
-    """The signed content of a receipt."""
+    """The signed content of a receipt.
+
+    Stricter than other messages: the coordinator countersigns a worker's body only
+    if every field in it (and in its sub-messages) is one the coordinator knows, so
+    it never signs claims it cannot read (the result is refused in ResultAck).
+    Requests elsewhere may carry unknown fields; they are ignored.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

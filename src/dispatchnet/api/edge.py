@@ -1,21 +1,20 @@
 """The gRPC edge: one exception-to-status mapping and client authentication, as interceptors.
 
-ErrorInterceptor (outermost) turns typed domain errors into their status codes, refuses
-requests carrying fields this server does not know, and reports anything unexpected as
-INTERNAL without a traceback. AuthInterceptor checks the `authorization` metadata on every
-method that is not public and makes the caller available through `caller()`.
+ErrorInterceptor (outermost) turns typed domain errors into their status codes and reports
+anything unexpected as INTERNAL without a traceback. Requests carrying fields this server
+does not know are served (protobuf's forward compatibility: unknown fields are ignored).
+AuthInterceptor checks the `authorization` metadata on every method that is not public and
+makes the caller available through `caller()`.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, cast
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
-from google.protobuf import unknown_fields
-from google.protobuf.message import Message
 from grpc_interceptor.server import AsyncServerInterceptor
 
 from dispatchnet import errors
@@ -73,21 +72,6 @@ def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
     return ()
 
 
-def unknown_field_paths(msg: Message, prefix: str = "") -> list[str]:
-    # The stub lacks __iter__; the set iterates through __getitem__.
-    fields = cast(Iterable[Any], unknown_fields.UnknownFieldSet(msg))
-    found = [f"{prefix}#{f.field_number}" for f in fields]
-    for fd, value in msg.ListFields():
-        if fd.message_type is None:
-            continue
-        values = value if fd.is_repeated else [value]
-        for i, v in enumerate(values):
-            if isinstance(v, Message):
-                name = f"{prefix}{fd.name}" + (f"[{i}]" if fd.is_repeated else "")
-                found += unknown_field_paths(v, name + ".")
-    return found
-
-
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Context], Any]
 
@@ -96,13 +80,6 @@ class ErrorInterceptor(AsyncServerInterceptor):
     async def intercept(
         self, method: Handler, request: Any, context: Context, method_name: str
     ) -> Any:
-        if isinstance(request, Message):
-            unknown = unknown_field_paths(request)
-            if unknown:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request has fields this server does not know: {', '.join(unknown)}",
-                )
         response = method(request, context)
         if hasattr(response, "__aiter__"):
             return self._stream(response, context)

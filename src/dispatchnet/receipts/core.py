@@ -8,9 +8,12 @@ it, and checks the signatures over the bytes as they are.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
-from google.protobuf.message import DecodeError
+from google.protobuf import unknown_fields
+from google.protobuf.message import DecodeError, Message
 
 from dispatch.v1 import common_pb2, receipt_pb2
 from dispatchnet.keys import KeyPair, verify
@@ -57,6 +60,22 @@ def decode_body(body: bytes) -> receipt_pb2.ReceiptBody | None:
     except DecodeError:
         return None
     return msg
+
+
+def unknown_field_paths(msg: Message, prefix: str = "") -> list[str]:
+    """Paths of the fields in msg (and its sub-messages) this build does not know."""
+    # The stub lacks __iter__; the set iterates through __getitem__.
+    fields = cast(Iterable[Any], unknown_fields.UnknownFieldSet(msg))
+    found = [f"{prefix}#{f.field_number}" for f in fields]
+    for fd, value in msg.ListFields():
+        if fd.message_type is None:
+            continue
+        values = value if fd.is_repeated else [value]
+        for i, v in enumerate(values):
+            if isinstance(v, Message):
+                name = f"{prefix}{fd.name}" + (f"[{i}]" if fd.is_repeated else "")
+                found += unknown_field_paths(v, name + ".")
+    return found
 
 
 def verify_receipt(
@@ -127,6 +146,11 @@ def check_worker_receipt(body: bytes, signature: bytes, expected: ExpectedReceip
     if decoded is None or not body:
         return ["receipt body is not a dispatch.v1.ReceiptBody"]
     problems = []
+    # The coordinator countersigns only what it can read: a signed body with fields this
+    # build does not know would carry claims nobody here checked.
+    unknown = unknown_field_paths(decoded)
+    if unknown:
+        problems.append(f"receipt body has fields this coordinator does not know: {unknown[:5]}")
     checks: list[tuple[str, object, object]] = [
         ("version", decoded.version, RECEIPT_VERSION),
         ("job_id", decoded.job_id, expected.job_id),
