@@ -169,3 +169,17 @@ async def test_oversized_message_is_refused_by_grpc(cluster: Cluster) -> None:
     big = task_spec("echo", b"x" * (5 * 1024 * 1024))
     code, _ = await _code(c.quote(big))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.mark.parametrize("after", [2**63 - 1, 2**63, 2**64 - 1])
+async def test_watch_after_any_uint64_is_served(cluster: Cluster, after: int) -> None:
+    """after_sequence is a uint64: a value past every sequence (even past SQLite's int64)
+    sends no events, like any value past the job's last one."""
+    await cluster.worker()
+    c = cluster.client()
+    job = await c.submit(task_spec("echo", b"1"))
+    done = await c.wait(job.job_id)
+    assert [item async for item in c.watch(job.job_id, after)] == []
+    # and the job's own history is intact
+    events = [item.event.sequence async for item in c.watch(job.job_id, 0)]
+    assert events[-1] == done.last_sequence

@@ -369,7 +369,9 @@ class WatchJobRequest(_message.Message):
     job_id: _builtins.str
     """The job."""
     after_sequence: _builtins.int
-    """Send only events with a greater sequence number; 0 sends all of them."""
+    """Send only events with a greater sequence number; 0 sends all of them. Any
+    value is accepted: one past the job's last event (up to 2^64-1) sends none.
+    """
     def __init__(
         self,
         *,

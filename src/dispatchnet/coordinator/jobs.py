@@ -54,6 +54,8 @@ from dispatchnet.store.base import Store
 
 MAX_IDEMPOTENCY_KEY = 128
 WATCH_POLL_SECONDS = 5.0
+# Event sequence numbers are signed 64-bit in the store; no job gets near this.
+MAX_SEQUENCE = 2**63 - 1
 # Expired quotes stay this long (so a late CommitJob hears "expired", not "not found").
 EXPIRED_RETENTION_SECONDS = 3600.0
 PURGE_INTERVAL_SECONDS = 60.0
@@ -227,11 +229,12 @@ class JobService:
         return updated
 
     async def watch(self, client_id: str, job_id: str, after: int) -> AsyncIterator[Event]:
-        """Events after sequence `after`, live, until the final state's event."""
+        """Events after sequence `after`, live, until the final state's event. Any `after`
+        past MAX_SEQUENCE means the same as MAX_SEQUENCE: past every event."""
         self.get(client_id, job_id)
         wake = self.notifier.subscribe(job_id)
         try:
-            seq = after
+            seq = min(max(after, 0), MAX_SEQUENCE)
             while True:
                 wake.clear()
                 events = self.store.events_after(job_id, seq)
