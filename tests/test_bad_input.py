@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
-from conftest import Cluster, make_profile, rpc_code
+from conftest import HELLO, Cluster, make_profile, rpc_code
 
-from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, receipt_pb2_grpc
+from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, receipt_pb2_grpc, worker_pb2
 from dispatchnet.auth import tokens
 from dispatchnet.client import task_spec
 from dispatchnet.keys import KeyPair
@@ -183,3 +186,73 @@ async def test_watch_after_any_uint64_is_served(cluster: Cluster, after: int) ->
     # and the job's own history is intact
     events = [item.event.sequence async for item in c.watch(job.job_id, 0)]
     assert events[-1] == done.last_sequence
+
+
+GARBAGE = b"\xff\xff\xff\xff"  # a truncated varint: no message type parses it
+
+
+async def _drain(call: Any) -> None:
+    async for _ in call:
+        pass
+
+
+async def _garbage_after_handshake(channel: grpc.aio.Channel) -> tuple[grpc.StatusCode, str]:
+    """A worker that completes the handshake, then sends bytes that are no ConnectRequest."""
+    key = KeyPair.generate()
+    out: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[bytes]:
+        while True:
+            yield await out.get()
+
+    call = channel.stream_stream("/dispatch.v1.WorkerService/Connect")(requests())
+    hello = worker_pb2.Hello(
+        public_key=key.public_key,
+        kind=common_pb2.WORKER_KIND_SEEKER,
+        capabilities=worker_pb2.Capabilities(tasks=["echo"], max_concurrency=1),
+    )
+    out.put_nowait(worker_pb2.ConnectRequest(hello=hello).SerializeToString())
+    challenge = worker_pb2.ConnectResponse.FromString(await call.read()).challenge
+    proof = key.sign(HELLO, challenge.nonce + challenge.coordinator_public_key)
+    response = worker_pb2.ChallengeResponse(signature=proof)
+    out.put_nowait(worker_pb2.ConnectRequest(challenge_response=response).SerializeToString())
+    assert worker_pb2.ConnectResponse.FromString(await call.read()).HasField("welcome")
+    out.put_nowait(GARBAGE)
+    try:
+        while await asyncio.wait_for(call.read(), 10) is not grpc.aio.EOF:
+            pass
+    except grpc.aio.AioRpcError:
+        pass
+    try:
+        return await asyncio.wait_for(call.code(), 10), await call.details()
+    finally:
+        call.cancel()
+
+
+async def test_undecodable_requests_are_invalid_argument_on_every_method(
+    cluster: Cluster, channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bytes that do not parse as the method's request type: INVALID_ARGUMENT on every
+    method (unary, server streaming, bidi, public or not, ours or grpc's), and the log
+    gets at most one line, with no traceback."""
+    caplog.set_level(logging.INFO)
+    for method in (
+        "/dispatch.v1.CoordinatorService/GetQuote",  # public
+        "/dispatch.v1.CoordinatorService/GetJob",  # needs credentials: none are sent
+        "/dispatch.v1.TrustService/ClaimPairing",
+        "/grpc.health.v1.Health/Check",
+    ):
+        code, msg = await _code(channel.unary_unary(method)(GARBAGE))
+        assert code == INVALID, method
+        assert msg.startswith("request is not a valid ") and msg.endswith(" message"), msg
+    watch = channel.unary_stream("/dispatch.v1.CoordinatorService/WatchJob")(GARBAGE)
+    code, msg = await _code(_drain(watch))
+    assert (code, msg) == (INVALID, "request is not a valid dispatch.v1.WatchJobRequest message")
+    connect = channel.stream_stream("/dispatch.v1.WorkerService/Connect")(iter([GARBAGE]))
+    bad_connect = (INVALID, "request is not a valid dispatch.v1.ConnectRequest message")
+    assert await _code(_drain(connect)) == bad_connect
+    assert await _garbage_after_handshake(channel) == bad_connect
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not any(r.exc_info for r in caplog.records), [r.getMessage() for r in records]
+    assert len(records) == 1, [r.getMessage() for r in records]
+    assert "undecodable" in records[0].getMessage()

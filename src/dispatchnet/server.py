@@ -24,7 +24,7 @@ from dispatch.v1 import (
 from dispatchnet import keys
 from dispatchnet.agent_identity import IdentityVerifier
 from dispatchnet.api import reflection
-from dispatchnet.api.edge import AuthInterceptor, ErrorInterceptor
+from dispatchnet.api.edge import AuthInterceptor, DecodeInterceptor, ErrorInterceptor
 from dispatchnet.api.servicers import (
     CoordinatorServicer,
     ReceiptServicer,
@@ -178,6 +178,7 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         ("grpc.so_reuseport", 0),
     ]
     interceptors: list[Any] = [
+        DecodeInterceptor(),
         ErrorInterceptor(),
         AuthInterceptor(profile.auth.max_token_ttl_seconds),
     ]

@@ -1,5 +1,8 @@
 """The gRPC edge: one exception-to-status mapping and client authentication, as interceptors.
 
+DecodeInterceptor (first) makes every method answer INVALID_ARGUMENT to bytes that do not
+parse as its request type (grpc.aio decodes before any interceptor runs, and would answer
+UNKNOWN with a traceback per request); it logs at most one line per DECODE_LOG_SECONDS.
 ErrorInterceptor (outermost) turns typed domain errors into their status codes and reports
 anything unexpected as INTERNAL without a traceback. Requests carrying fields this server
 does not know are served (protobuf's forward compatibility: unknown fields are ignored).
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -74,6 +78,113 @@ def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Context], Any]
+
+DECODE_LOG_SECONDS = 60.0
+
+
+class RateLimitedLog:
+    """Logs at most one line per `interval` seconds, counting the lines it held back."""
+
+    def __init__(self, logger: logging.Logger, interval: float) -> None:
+        self.logger, self.interval = logger, interval
+        self.last = -interval
+        self.held = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.held += 1
+            return
+        held, self.held, self.last = self.held, 0, now
+        suffix = f" ({held} more since the last report)" if held else ""
+        self.logger.warning(msg + suffix, *args)
+
+
+class Undecodable:
+    """Stands in for a request whose bytes do not parse; keeps no reference to them."""
+
+    __slots__ = ("type_name",)
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every method's request deserializer: bytes that are not a valid request get
+    INVALID_ARGUMENT "request is not a valid <type> message", for unary and streaming
+    requests alike (a bad message mid-stream ends the stream with it)."""
+
+    def __init__(self, log_interval: float = DECODE_LOG_SECONDS) -> None:
+        self.log = RateLimitedLog(log, log_interval)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method_name = handler_call_details.method
+        deserialize = handler.request_deserializer
+        cls = getattr(deserialize, "__self__", None)
+        descriptor = getattr(cls, "DESCRIPTOR", None)
+        type_name = str(getattr(descriptor, "full_name", "request"))
+
+        def safe_deserialize(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except Exception:
+                return Undecodable(type_name)
+
+        async def refuse(bad: Undecodable, context: Context) -> None:
+            self.log.warning("refused an undecodable %s on %s", bad.type_name, method_name)
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {bad.type_name} message"
+            )
+
+        async def checked(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, Undecodable):
+                    await refuse(request, context)
+                yield request
+
+        def replaced(**behaviour: Any) -> Any:
+            return handler._replace(request_deserializer=safe_deserialize, **behaviour)
+
+        if handler.request_streaming and handler.response_streaming:
+            inner = handler.stream_stream
+
+            async def stream_stream(requests: AsyncIterator[Any], context: Context) -> Any:
+                async for r in inner(checked(requests, context), context):
+                    yield r
+
+            return replaced(stream_stream=stream_stream)
+        if handler.request_streaming:
+            inner = handler.stream_unary
+
+            async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
+                return await inner(checked(requests, context), context)
+
+            return replaced(stream_unary=stream_unary)
+        if handler.response_streaming:
+            inner = handler.unary_stream
+
+            async def unary_stream(request: Any, context: Context) -> Any:
+                if isinstance(request, Undecodable):
+                    await refuse(request, context)
+                async for r in inner(request, context):
+                    yield r
+
+            return replaced(unary_stream=unary_stream)
+        inner = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Context) -> Any:
+            if isinstance(request, Undecodable):
+                await refuse(request, context)
+            return await inner(request, context)
+
+        return replaced(unary_unary=unary_unary)
 
 
 class ErrorInterceptor(AsyncServerInterceptor):
