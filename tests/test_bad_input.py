@@ -9,11 +9,12 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import HELLO, Cluster, make_profile, rpc_code
+from conftest import HELLO, Cluster, RawWorker, make_profile, rpc_code
 
 from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, receipt_pb2_grpc, worker_pb2
 from dispatchnet.auth import tokens
 from dispatchnet.client import task_spec
+from dispatchnet.errors import quoted
 from dispatchnet.keys import KeyPair
 from dispatchnet.profiles import Profile
 
@@ -256,3 +257,49 @@ async def test_undecodable_requests_are_invalid_argument_on_every_method(
     assert not any(r.exc_info for r in caplog.records), [r.getMessage() for r in records]
     assert len(records) == 1, [r.getMessage() for r in records]
     assert "undecodable" in records[0].getMessage()
+
+
+BIG = "x" * (1024 * 1024)
+
+
+@pytest.mark.parametrize(
+    ("call", "field", "limit"),
+    [
+        (lambda c: c.get(BIG), "job_id", 64),
+        (lambda c: c.cancel(BIG), "job_id", 64),
+        (lambda c: c.cancel("job_x", reason=BIG), "reason", 512),
+        (lambda c: c.commit(BIG, "k"), "quote_id", 64),
+        (lambda c: c.commit("q_x", BIG), "idempotency_key", 128),
+        (lambda c: c.receipt(BIG), "job_id", 64),
+        (lambda c: c.receipt_proof(BIG), "job_id", 64),
+        (lambda c: c.claim_pairing(BIG), "code", 32),
+        (lambda c: c.revoke_pairing(BIG), "pairing_id", 64),
+        (lambda c: _drain(c.watch(BIG)), "job_id", 64),
+    ],
+)
+async def test_oversized_ids_are_refused_with_a_short_message(
+    cluster: Cluster, call: Any, field: str, limit: int
+) -> None:
+    """Every id a client sends has a documented maximum length, checked before anything
+    looks it up; the message names the field and never echoes the id back."""
+    code, msg = await _code(call(cluster.client()))
+    assert (code, msg) == (INVALID, f"{field} is {len(BIG)} characters; the limit is {limit}")
+
+
+async def test_oversized_ids_from_a_worker_end_its_stream(channel: grpc.aio.Channel) -> None:
+    w = RawWorker(channel)
+    await w.handshake()
+    w.send(heartbeat=worker_pb2.Heartbeat(running_job_ids=["job_a", "j" * 65]))
+    assert await w.status() == INVALID
+    assert (
+        await w.call.details() == "heartbeat.running_job_ids[1] is 65 characters; the limit is 64"
+    )
+    w.close()
+
+
+def test_error_messages_quote_a_short_prefix_of_caller_input() -> None:
+    assert quoted("job_abc") == "job_abc"
+    assert quoted("a\nb") == "'a\\nb'"
+    long = quoted("y" * 10**6)
+    assert long.startswith("'yyyy") and long.endswith("… (1000000 characters)")
+    assert len(long) < 80

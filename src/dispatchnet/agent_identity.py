@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
+from dispatchnet.errors import quoted
+
 AGENT_CONTEXT = b"dispatch.v1.WorkerAgent\n"
 ED25519_METADATA_KEY = "dispatch.ed25519"
 SOLANA_METADATA_KEY = "dispatch.solana"
@@ -40,7 +42,7 @@ def agent_proof_message(
 def parse_agent_id(agent_id: str) -> int:
     """A decimal agent id (ValueError otherwise)."""
     if not agent_id.isdecimal() or not agent_id.isascii() or len(agent_id) > 78:
-        raise ValueError(f"agent id {agent_id[:80]!r} is not a decimal number")
+        raise ValueError(f"agent id {quoted(agent_id)} is not a decimal number")
     if agent_id != str(int(agent_id)):
         raise ValueError(f"agent id {agent_id!r} has leading zeros")
     return int(agent_id)
@@ -66,7 +68,7 @@ def check_registration_uri(uri: str, agent_id: int, agent_registry: str) -> dict
         return None
     if not uri[:5].lower() == "data:":
         raise RegistrationFileError(
-            f"agent URI {uri[:40]!r} is neither a data: URI nor http(s):// or ipfs://"
+            f"agent URI {quoted(uri)} is neither a data: URI nor http(s):// or ipfs://"
         )
     header, sep, payload = uri[5:].partition(",")
     if not sep:
@@ -97,7 +99,7 @@ def check_registration_uri(uri: str, agent_id: int, agent_registry: str) -> dict
         raise RegistrationFileError(f'the registration file has no "type" ({REGISTRATION_TYPE})')
     if doc["type"] != REGISTRATION_TYPE:
         raise RegistrationFileError(
-            f"the registration file's type is {str(doc['type'])[:80]!r}, not {REGISTRATION_TYPE!r}"
+            f"the registration file's type is {quoted(doc['type'])}, not {REGISTRATION_TYPE!r}"
         )
     services = doc.get("services")
     if not isinstance(services, list):

@@ -64,3 +64,18 @@ class PaymentReused(PaymentRequired):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, reason="payment_already_used")
+
+
+QUOTE_CHARS = 40
+
+
+def quoted(value: object, limit: int = QUOTE_CHARS) -> str:
+    """Caller input as an error message may show it: short printable text as it is, anything
+    else as the repr of its first `limit` characters, with its length when cut. Messages
+    never echo a whole request (a multi-MiB id would come back as a multi-MiB status)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit and text.isprintable():
+        return text
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text)} characters)"

@@ -36,6 +36,7 @@ from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.pairing import PairingService
 from dispatchnet.coordinator.ports import ReputationSource
 from dispatchnet.coordinator.receipts import ReceiptQueries
+from dispatchnet.memory import MemoryTrimmer
 from dispatchnet.payments.interceptor import PaymentInterceptor
 from dispatchnet.payments.service import PaymentService
 from dispatchnet.profiles import Profile
@@ -71,12 +72,15 @@ class Coordinator:
     anchoring: str = ""  # how receipt roots are anchored, for people
     feedback: FeedbackSender | None = None
     payments: PaymentService | None = None
+    trimmer: MemoryTrimmer | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.hub.stop()
         await self.server.stop(grace)
+        if self.trimmer is not None:
+            self.trimmer.close()
         if self.batcher is not None:
             await self.batcher.stop()
         if self.feedback is not None:
@@ -177,8 +181,9 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ("grpc.so_reuseport", 0),
     ]
+    trimmer = MemoryTrimmer()
     interceptors: list[Any] = [
-        DecodeInterceptor(),
+        DecodeInterceptor(trimmer=trimmer),
         ErrorInterceptor(),
         AuthInterceptor(profile.auth.max_token_ttl_seconds),
     ]
@@ -229,6 +234,7 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         str(anchoring),
         feedback,
         payments,
+        trimmer,
     )
 
 

@@ -167,10 +167,12 @@ class CommitJobRequest(_message.Message):
     QUOTE_ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     quote_id: _builtins.str
-    """A quote from GetQuote that has not expired."""
+    """A quote from GetQuote that has not expired. At most 64 characters
+    (INVALID_ARGUMENT beyond, before any lookup).
+    """
     idempotency_key: _builtins.str
-    """Client-chosen key (1-128 chars); committing again with the same key
-    returns the same job instead of creating another.
+    """Client-chosen key (1-128 characters; INVALID_ARGUMENT beyond); committing
+    again with the same key returns the same job instead of creating another.
     """
     def __init__(
         self,
@@ -320,7 +322,9 @@ class GetJobRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job."""
+    """The job. At most 64 characters (INVALID_ARGUMENT beyond, before any
+    lookup).
+    """
     def __init__(
         self,
         *,
@@ -367,7 +371,9 @@ class WatchJobRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job."""
+    """The job. At most 64 characters (INVALID_ARGUMENT beyond, before any
+    lookup).
+    """
     after_sequence: _builtins.int
     """Send only events with a greater sequence number; 0 sends all of them. Any
     value is accepted: one past the job's last event (up to 2^64-1) sends none.
@@ -541,9 +547,11 @@ class CancelJobRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job."""
+    """The job. At most 64 characters (INVALID_ARGUMENT beyond, before any
+    lookup).
+    """
     reason: _builtins.str
-    """Optional reason, recorded on the job."""
+    """Optional reason, recorded on the job. At most 512 characters."""
     def __init__(
         self,
         *,

@@ -153,7 +153,9 @@ class GetReceiptRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job whose receipt to return."""
+    """The job whose receipt to return. At most 64 characters (INVALID_ARGUMENT
+    beyond, before any lookup).
+    """
     def __init__(
         self,
         *,
@@ -279,7 +281,9 @@ class GetReceiptProofRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job whose receipt proof to return."""
+    """The job whose receipt proof to return. At most 64 characters
+    (INVALID_ARGUMENT beyond, before any lookup).
+    """
     def __init__(
         self,
         *,

@@ -119,7 +119,7 @@ class ClaimPairingRequest(_message.Message):
 
     CODE_FIELD_NUMBER: _builtins.int
     code: _builtins.str
-    """The code from the client."""
+    """The code from the client. At most 32 characters (INVALID_ARGUMENT beyond)."""
     def __init__(
         self,
         *,
@@ -211,7 +211,9 @@ class RevokePairingRequest(_message.Message):
 
     PAIRING_ID_FIELD_NUMBER: _builtins.int
     pairing_id: _builtins.str
-    """The pairing to revoke."""
+    """The pairing to revoke. At most 64 characters (INVALID_ARGUMENT beyond,
+    before any lookup).
+    """
     def __init__(
         self,
         *,

@@ -201,7 +201,7 @@ class Hello(_message.Message):
     agent_id: _builtins.str
     """On-chain agent id (ERC-8004 IdentityRegistry, decimal) the worker claims;
     proven by ChallengeResponse.chain_signature and verified against the chain
-    when the profile has one, ignored otherwise.
+    when the profile has one, ignored otherwise. At most 78 characters.
     """
     @_builtins.property
     def capabilities(self) -> Global___Capabilities:
@@ -241,7 +241,9 @@ class RunningJob(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job."""
+    """The job. At most 64 characters: a longer one ends the stream with
+    INVALID_ARGUMENT.
+    """
     attempt: _builtins.int
     """The attempt from its offer."""
     def __init__(
@@ -365,7 +367,9 @@ class Heartbeat(_message.Message):
     RUNNING_JOB_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def running_job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Job ids the worker is running now."""
+        """Job ids the worker is running now. Each at most 64 characters: a longer one
+        ends the stream with INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,
@@ -455,7 +459,9 @@ class OfferResponse(_message.Message):
     ACCEPT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job."""
+    """The job. At most 64 characters: a longer one ends the stream with
+    INVALID_ARGUMENT.
+    """
     attempt: _builtins.int
     """The attempt from the offer."""
     accept: _builtins.bool
@@ -489,7 +495,9 @@ class JobProgress(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     FRACTION_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job."""
+    """The job. At most 64 characters: a longer one ends the stream with
+    INVALID_ARGUMENT.
+    """
     attempt: _builtins.int
     """The attempt from the offer."""
     text: _builtins.str
@@ -524,7 +532,9 @@ class JobCompleted(_message.Message):
     RECEIPT_BODY_FIELD_NUMBER: _builtins.int
     RECEIPT_SIGNATURE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job."""
+    """The job. At most 64 characters: a longer one ends the stream with
+    INVALID_ARGUMENT.
+    """
     attempt: _builtins.int
     """The attempt from the offer."""
     receipt_body: _builtins.bytes
@@ -563,7 +573,9 @@ class JobFailed(_message.Message):
     FAILURE_FIELD_NUMBER: _builtins.int
     RETRYABLE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job."""
+    """The job. At most 64 characters: a longer one ends the stream with
+    INVALID_ARGUMENT.
+    """
     attempt: _builtins.int
     """The attempt from the offer."""
     retryable: _builtins.bool

@@ -23,7 +23,7 @@ from dispatchnet.coordinator.models import (
     WorkerKind,
 )
 from dispatchnet.coordinator.pricing import resolve_policy
-from dispatchnet.errors import InvalidArgument, NotFound
+from dispatchnet.errors import InvalidArgument, NotFound, quoted
 from dispatchnet.profiles import LimitsConfig
 from dispatchnet.receipts.core import sha256
 from dispatchnet.receipts.notary import payment_to_proto
@@ -258,10 +258,12 @@ def hello_from_proto(h: worker_pb2.Hello) -> hubmod.WorkerHello:
     caps = h.capabilities
     for name in caps.tasks:
         if not NAME_RE.match(name):
-            raise InvalidArgument(f"hello.capabilities.tasks: {name!r} is not a task name")
+            raise InvalidArgument(f"hello.capabilities.tasks: {quoted(name)} is not a task name")
     for name in caps.llm_models:
         if not MODEL_RE.match(name):
-            raise InvalidArgument(f"hello.capabilities.llm_models: {name!r} is not a model name")
+            raise InvalidArgument(
+                f"hello.capabilities.llm_models: {quoted(name)} is not a model name"
+            )
     return hubmod.WorkerHello(
         public_key=bytes(h.public_key),
         kind=kind,

@@ -48,6 +48,7 @@ from dispatchnet.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    quoted,
 )
 from dispatchnet.profiles import JobsConfig, PricingConfig
 from dispatchnet.store.base import Store
@@ -127,7 +128,7 @@ class JobService:
             raise InvalidArgument("quote_id is required (get one from GetQuote)")
         quote = self.store.get_quote(quote_id)
         if quote is None:
-            raise NotFound(f"quote {quote_id} does not exist")
+            raise NotFound(f"quote {quoted(quote_id)} does not exist")
         return quote
 
     def check_commit(
@@ -147,7 +148,7 @@ class JobService:
                 raise FailedPrecondition("idempotency_key was already used for another quote")
             return quote, existing
         if quote.expires_at < self.clock():
-            raise FailedPrecondition(f"quote {quote_id} expired; ask for a new quote")
+            raise FailedPrecondition(f"quote {quoted(quote_id)} expired; ask for a new quote")
         if quote.spec.privacy is Privacy.PRIVATE and not self.store.paired_workers(client_id):
             raise FailedPrecondition(
                 "a PRIVATE job needs at least one paired worker; pair one with "
@@ -201,9 +202,9 @@ class JobService:
             raise InvalidArgument("job_id is required")
         job = self.store.get_job(job_id)
         if job is None:
-            raise NotFound(f"job {job_id} does not exist")
+            raise NotFound(f"job {quoted(job_id)} does not exist")
         if job.client_id != client_id:
-            raise PermissionDenied(f"job {job_id} belongs to another client")
+            raise PermissionDenied(f"job {quoted(job_id)} belongs to another client")
         return job
 
     def cancel(self, client_id: str, job_id: str, reason: str) -> Job:
@@ -211,7 +212,7 @@ class JobService:
         if job.state is JobState.CANCELLED:
             return job
         if job.state.final:
-            raise FailedPrecondition(f"job {job_id} is already {job.state.name}")
+            raise FailedPrecondition(f"job {quoted(job_id)} is already {job.state.name}")
         failure = Failure("cancelled", reason or "cancelled by its owner")
         updated = self._move(
             job,

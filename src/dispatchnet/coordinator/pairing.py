@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from dispatchnet.coordinator.jobs import new_id
 from dispatchnet.coordinator.models import Pairing
-from dispatchnet.errors import InvalidArgument, NotFound, PermissionDenied
+from dispatchnet.errors import InvalidArgument, NotFound, PermissionDenied, quoted
 from dispatchnet.profiles import PairingConfig
 from dispatchnet.store.base import Store
 
@@ -67,7 +67,7 @@ class PairingService:
             raise InvalidArgument("pairing_id is required")
         p = self.store.get_pairing(pairing_id)
         if p is None:
-            raise NotFound(f"pairing {pairing_id} does not exist")
+            raise NotFound(f"pairing {quoted(pairing_id)} does not exist")
         if party_id not in (p.client_id, p.worker_id):
             raise PermissionDenied("only the paired client or worker may revoke a pairing")
         revoked = self.store.revoke_pairing(pairing_id, self.clock())

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import AnchorStatus, PaymentRef, Receipt
-from dispatchnet.errors import FailedPrecondition
+from dispatchnet.errors import FailedPrecondition, quoted
 from dispatchnet.receipts.merkle import merkle_proof, merkle_root
 
 
@@ -43,7 +43,7 @@ class ReceiptQueries:
         job = self.jobs.get(client_id, job_id)
         if job.receipt is None:
             raise FailedPrecondition(
-                f"job {job_id} is {job.state.name}; only completed jobs have receipts"
+                f"job {quoted(job_id)} is {job.state.name}; only completed jobs have receipts"
             )
         return job.receipt, job.payment
 
@@ -54,7 +54,7 @@ class ReceiptQueries:
         leaf = store.receipt_leaf(job_id)
         if leaf is None:
             raise FailedPrecondition(
-                f"the receipt of job {job_id} is not batched yet; retry in a few seconds"
+                f"the receipt of job {quoted(job_id)} is not batched yet; retry in a few seconds"
             )
         batch = store.get_receipt_batch(leaf.batch_id)
         hashes = [x.receipt_sha256 for x in store.batch_leaves(leaf.batch_id)]
