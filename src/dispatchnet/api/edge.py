@@ -4,7 +4,7 @@ DecodeInterceptor (first) makes every method answer INVALID_ARGUMENT to bytes th
 parse as its request type (grpc.aio decodes before any interceptor runs, and would answer
 UNKNOWN with a traceback per request), logging at most one line per DECODE_LOG_SECONDS,
 and to ids over their limits (api/bounds.py) before anything looks them up.
-ErrorInterceptor (outermost) turns typed domain errors into their status codes and reports
+ErrorInterceptor (next) turns typed domain errors into their status codes and reports
 anything unexpected as INTERNAL without a traceback. Requests carrying fields this server
 does not know are served (protobuf's forward compatibility: unknown fields are ignored).
 AuthInterceptor checks the `authorization` metadata on every method that is not public and
@@ -114,7 +114,9 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
     """Checks every request message, unary or streamed, before any other code sees it:
     bytes that are not a valid request get INVALID_ARGUMENT "request is not a valid <type>
     message" (its request deserializer is wrapped), and an id over its limit (api/bounds.py)
-    gets INVALID_ARGUMENT naming the field. A bad message mid-stream ends the stream."""
+    gets INVALID_ARGUMENT naming the field. A bad message mid-stream ends the stream.
+    Each request's size goes to `trimmer` (memory.py), which returns memory to the OS
+    after big ones; errors leave with their tracebacks cut (see _cut)."""
 
     def __init__(
         self, log_interval: float = DECODE_LOG_SECONDS, trimmer: MemoryTrimmer | None = None
