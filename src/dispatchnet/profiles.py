@@ -145,9 +145,12 @@ class FeedbackConfig:
     kind = "evm" with a reputation_registry)."""
 
     enabled: bool = False
-    # Gas limit of one giveFeedback (~192k the first time an agent is rated by this
-    # account, ~108k later). Monad charges for the limit: keep it tight.
-    gas_limit: int = 250000
+    # The most gas one giveFeedback may use. Each is sent with the node's estimate plus 25%
+    # (Monad charges for the limit, so the limit follows the estimate), never more than
+    # this. ~192k the first time an agent is rated by this account, ~108k later (the
+    # reference registries ~214k / ~132k on anvil, more under Monad's cold-access pricing).
+    # An entry that needs more, or that ran out of gas, stays pending and is retried.
+    gas_limit: int = 500000
 
 
 @dataclass(frozen=True)
