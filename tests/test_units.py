@@ -589,3 +589,11 @@ def test_domain_code_imports_no_transport_storage_or_chain_library(path: Path) -
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             imported.add(node.module.split(".")[0])
     assert not imported & set(FOREIGN), imported & set(FOREIGN)
+
+
+def test_secp256k1_runs_on_the_native_backend() -> None:
+    # eth-keys silently falls back to pure Python (~50x slower per recovery) without
+    # coincurve; payment and identity checks recover a key on every paid job.
+    from eth_keys.backends import get_backend
+
+    assert type(get_backend()).__name__ == "CoinCurveECCBackend"
