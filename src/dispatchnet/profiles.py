@@ -48,6 +48,9 @@ class JobsConfig:
 class WorkersConfig:
     heartbeat_interval_seconds: int = 10
     eviction_seconds: float = 30
+    # A Connect stream must send Hello, then ChallengeResponse, within this long of
+    # opening; otherwise it ends with DEADLINE_EXCEEDED.
+    hello_timeout_seconds: float = 10
 
 
 @dataclass(frozen=True)
@@ -320,6 +323,8 @@ def check_profile(profile: Profile) -> list[str]:
         problems.append("[feedback] gas_limit must be at least 21000")
     if profile.identity.require_registration and c.kind != "evm":
         problems.append('[identity] require_registration needs [chain] kind = "evm"')
+    if profile.workers.hello_timeout_seconds <= 0:
+        problems.append("[workers] hello_timeout_seconds must be positive")
     if profile.identity.cache_ttl_seconds < 0:
         problems.append("[identity] cache_ttl_seconds must not be negative")
     if profile.receipts.anchor == "evm" and c.kind != "evm":

@@ -32,8 +32,11 @@ class WorkerServiceStub:
     fresh nonce; the worker sends ChallengeResponse with an ed25519 signature
     over "dispatch.v1.WorkerHello\n" || nonce || coordinator_public_key; the
     coordinator answers Welcome. Any other first messages, or a bad signature,
-    end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. The worker's
-    identity (worker_id) is the hex of the key it proved.
+    end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. Hello and
+    ChallengeResponse must both arrive within the coordinator's
+    `[workers] hello_timeout_seconds` (10 by default) of opening the stream, or
+    it ends with DEADLINE_EXCEEDED. The worker's identity (worker_id) is the hex
+    of the key it proved.
 
     Then: the worker sends Heartbeat at the interval Welcome gives; the
     coordinator evicts a worker it has not heard from for `eviction_seconds`
@@ -64,8 +67,11 @@ class WorkerServiceServicer:
     fresh nonce; the worker sends ChallengeResponse with an ed25519 signature
     over "dispatch.v1.WorkerHello\n" || nonce || coordinator_public_key; the
     coordinator answers Welcome. Any other first messages, or a bad signature,
-    end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. The worker's
-    identity (worker_id) is the hex of the key it proved.
+    end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. Hello and
+    ChallengeResponse must both arrive within the coordinator's
+    `[workers] hello_timeout_seconds` (10 by default) of opening the stream, or
+    it ends with DEADLINE_EXCEEDED. The worker's identity (worker_id) is the hex
+    of the key it proved.
 
     Then: the worker sends Heartbeat at the interval Welcome gives; the
     coordinator evicts a worker it has not heard from for `eviction_seconds`
@@ -106,8 +112,11 @@ class WorkerService:
     fresh nonce; the worker sends ChallengeResponse with an ed25519 signature
     over "dispatch.v1.WorkerHello\n" || nonce || coordinator_public_key; the
     coordinator answers Welcome. Any other first messages, or a bad signature,
-    end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. The worker's
-    identity (worker_id) is the hex of the key it proved.
+    end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. Hello and
+    ChallengeResponse must both arrive within the coordinator's
+    `[workers] hello_timeout_seconds` (10 by default) of opening the stream, or
+    it ends with DEADLINE_EXCEEDED. The worker's identity (worker_id) is the hex
+    of the key it proved.
 
     Then: the worker sends Heartbeat at the interval Welcome gives; the
     coordinator evicts a worker it has not heard from for `eviction_seconds`
