@@ -8,8 +8,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Cluster, RawWorker, make_profile
+from conftest import Cluster, RawWorker, make_profile, wait_until
 
+from dispatch.v1 import coordinator_pb2, worker_pb2
+from dispatchnet.client import task_spec
+from dispatchnet.errors import InvalidArgument
 from dispatchnet.server import start_coordinator
 
 
@@ -46,3 +49,74 @@ async def test_unanswered_challenge_is_closed_after_the_hello_timeout(
         assert "no challenge_response within 0.5s" in (await w.call.details() or "")
         assert not impatient.coord.hub.sessions
         w.close()
+
+
+# --- an error while handling one worker message ------------------------------------------
+
+
+def _boom(*args: object) -> None:
+    raise RuntimeError("boom")
+
+
+def _refuse(*args: object) -> None:
+    raise InvalidArgument("result.output is too large")
+
+
+async def test_internal_error_handling_a_message_is_logged_and_named_in_go_away(
+    cluster: Cluster,
+    channel: grpc.aio.Channel,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(cluster.coord.hub, "progress", _boom)
+    raw = RawWorker(channel)
+    await raw.handshake()
+    raw.send(progress=worker_pb2.JobProgress(job_id="job_x", attempt=2, text="t"))
+    go_away = (await raw.recv()).go_away
+    assert go_away.reason.startswith("internal error handling progress for job job_x")
+    assert go_away.retry_after_seconds > 0
+    records = [r for r in caplog.records if r.name == "dispatch.hub" and r.exc_info]
+    assert len(records) == 1, records
+    text = records[0].getMessage()
+    assert "progress for job job_x" in text and raw.key.public_hex in text
+    assert "attempt 2" in text and "boom" in str(records[0].exc_info[1])  # type: ignore[index]
+    raw.close()
+
+
+async def test_refused_progress_ends_the_session_with_its_reason(
+    cluster: Cluster, channel: grpc.aio.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cluster.coord.hub, "progress", _refuse)
+    raw = RawWorker(channel)
+    await raw.handshake()
+    raw.send(progress=worker_pb2.JobProgress(job_id="job_x", attempt=1, text="t"))
+    go_away = (await raw.recv()).go_away
+    assert go_away.reason == "progress for job job_x refused: result.output is too large"
+    raw.close()
+
+
+async def test_refused_result_is_answered_and_the_session_goes_on(
+    cluster: Cluster, channel: grpc.aio.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cluster.coord.hub, "completed", _refuse)
+    raw = RawWorker(channel)
+    await raw.handshake()
+    c = cluster.client()
+    job = await c.submit(task_spec("echo", b"1"))
+    offer = (await raw.recv()).offer
+    raw.send(offer_response=worker_pb2.OfferResponse(job_id=job.job_id, attempt=1, accept=True))
+
+    async def running() -> bool:
+        return (await c.get(job.job_id)).state == coordinator_pb2.JOB_STATE_RUNNING
+
+    await wait_until(running, what="running")
+    raw.send(completed=worker_pb2.JobCompleted(job_id=job.job_id, attempt=offer.attempt))
+    ack = (await raw.recv()).result_ack
+    assert (ack.job_id, ack.attempt, ack.accepted) == (job.job_id, 1, False)
+    assert ack.reason == "result.output is too large"
+    # the attempt was given up and the same session is offered the next one
+    again = (await raw.recv()).offer
+    assert (again.job_id, again.attempt) == (job.job_id, 2)
+    reasons = [e.reason for e in cluster.coord.store.events_after(job.job_id, 0)]
+    assert "failed: result_refused" in reasons
+    raw.close()

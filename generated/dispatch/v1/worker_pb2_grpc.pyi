@@ -46,6 +46,15 @@ class WorkerServiceStub:
     then JobProgress while it runs and JobCompleted or JobFailed at the end.
     The coordinator acknowledges results with ResultAck. Drain asks the
     coordinator for no new offers; GoAway tells the worker to disconnect.
+
+    A message the coordinator refuses: a refused JobCompleted or JobFailed is
+    answered with ResultAck accepted=false and the reason (the attempt is given
+    up and the job requeued; the worker should forget the result), and the
+    session goes on. Any other refused message ends the session with a GoAway
+    whose reason is "<message> for job <id> refused: <why>". An internal error
+    while handling a message ends the session with GoAway "internal error
+    handling <message> for job <id>" and a retry_after_seconds; the coordinator
+    logs it, and the worker resends its unacknowledged results on reconnecting.
     """
 
     @_typing.overload
@@ -76,6 +85,15 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     then JobProgress while it runs and JobCompleted or JobFailed at the end.
     The coordinator acknowledges results with ResultAck. Drain asks the
     coordinator for no new offers; GoAway tells the worker to disconnect.
+
+    A message the coordinator refuses: a refused JobCompleted or JobFailed is
+    answered with ResultAck accepted=false and the reason (the attempt is given
+    up and the job requeued; the worker should forget the result), and the
+    session goes on. Any other refused message ends the session with a GoAway
+    whose reason is "<message> for job <id> refused: <why>". An internal error
+    while handling a message ends the session with GoAway "internal error
+    handling <message> for job <id>" and a retry_after_seconds; the coordinator
+    logs it, and the worker resends its unacknowledged results on reconnecting.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -102,6 +120,15 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     then JobProgress while it runs and JobCompleted or JobFailed at the end.
     The coordinator acknowledges results with ResultAck. Drain asks the
     coordinator for no new offers; GoAway tells the worker to disconnect.
+
+    A message the coordinator refuses: a refused JobCompleted or JobFailed is
+    answered with ResultAck accepted=false and the reason (the attempt is given
+    up and the job requeued; the worker should forget the result), and the
+    session goes on. Any other refused message ends the session with a GoAway
+    whose reason is "<message> for job <id> refused: <why>". An internal error
+    while handling a message ends the session with GoAway "internal error
+    handling <message> for job <id>" and a retry_after_seconds; the coordinator
+    logs it, and the worker resends its unacknowledged results on reconnecting.
     """
 
     @_abc_1.abstractmethod

@@ -179,12 +179,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def _read(self, it: AsyncIterator[worker_pb2.ConnectRequest], s: WorkerSession) -> None:
         try:
             async for msg in it:
-                self._handle(s, msg)
+                kind = msg.WhichOneof("msg")
+                try:
+                    self._handle(s, kind, msg)
+                except Exception as e:
+                    about = getattr(msg, kind) if kind else None
+                    job_id = str(getattr(about, "job_id", ""))
+                    attempt = int(getattr(about, "attempt", 0))
+                    self.hub.message_failed(s, kind or "unset", job_id, attempt, e)
+                if s.closed:
+                    return
         finally:
             s.close("stream closed by the worker")
 
-    def _handle(self, s: WorkerSession, msg: worker_pb2.ConnectRequest) -> None:
-        kind = msg.WhichOneof("msg")
+    def _handle(self, s: WorkerSession, kind: str | None, msg: worker_pb2.ConnectRequest) -> None:
         if kind == "heartbeat":
             self.hub.touch(s, list(msg.heartbeat.running_job_ids))
         elif kind == "offer_response":
