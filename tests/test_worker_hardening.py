@@ -3,6 +3,8 @@ receipt timestamps. Hand-driven workers against real coordinators on port 0."""
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,9 +12,10 @@ import grpc
 import pytest
 from conftest import Cluster, RawWorker, make_profile, wait_until
 
-from dispatch.v1 import coordinator_pb2, worker_pb2
+from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, worker_pb2
 from dispatchnet.client import task_spec
 from dispatchnet.errors import InvalidArgument
+from dispatchnet.receipts.core import RECEIPT_VERSION, serialize_body, sha256, sign_body
 from dispatchnet.server import start_coordinator
 
 
@@ -119,4 +122,78 @@ async def test_refused_result_is_answered_and_the_session_goes_on(
     assert (again.job_id, again.attempt) == (job.job_id, 2)
     reasons = [e.reason for e in cluster.coord.store.events_after(job.job_id, 0)]
     assert "failed: result_refused" in reasons
+    raw.close()
+
+
+# --- receipt times -----------------------------------------------------------------------
+
+DAY = 86400
+
+
+def _receipt(
+    raw: RawWorker,
+    offer: worker_pb2.JobOffer,
+    coordinator_key: bytes,
+    output: bytes,
+    started: float,
+    completed: float,
+) -> worker_pb2.JobCompleted:
+    """A JobCompleted whose receipt is right in every field but its times."""
+    body = receipt_pb2.ReceiptBody(
+        version=RECEIPT_VERSION,
+        job_id=offer.job_id,
+        job_type=common_pb2.JOB_TYPE_TASK,
+        input_sha256=offer.spec_sha256,
+        output_sha256=sha256(output),
+        worker_public_key=raw.key.public_key,
+        coordinator_public_key=coordinator_key,
+        price=offer.price,
+        payment=offer.payment,
+        attempt=offer.attempt,
+        client_id=offer.client_id,
+    )
+    body.started_at.FromNanoseconds(int(started * 1e9))
+    body.completed_at.FromNanoseconds(int(completed * 1e9))
+    data = serialize_body(body)
+    return worker_pb2.JobCompleted(
+        job_id=offer.job_id,
+        attempt=offer.attempt,
+        result=common_pb2.JobResult(output=output, content_type="application/json"),
+        receipt_body=data,
+        receipt_signature=sign_body(raw.key, data),
+    )
+
+
+@pytest.mark.parametrize(
+    ("started", "completed", "refusal"),
+    [
+        (0, 0, ""),  # times within the attempt: countersigned
+        (0, DAY, r"receipt completed_at is 86[34]\d\ds ahead of the coordinator's clock \(30s"),
+        (2, 1, "receipt started_at is after its completed_at"),
+        (-3600, 0, r"receipt started_at is 3[56]\d\ds before this attempt was offered \(30s"),
+    ],
+)
+async def test_receipt_times_must_fit_the_attempt(
+    cluster: Cluster, channel: grpc.aio.Channel, started: int, completed: int, refusal: str
+) -> None:
+    raw = RawWorker(channel)
+    await raw.handshake()
+    c = cluster.client()
+    job = await c.submit(task_spec("echo", b"1"))
+    offer = (await raw.recv()).offer
+    raw.send(offer_response=worker_pb2.OfferResponse(job_id=job.job_id, attempt=1, accept=True))
+
+    async def running() -> bool:
+        return (await c.get(job.job_id)).state == coordinator_pb2.JOB_STATE_RUNNING
+
+    await wait_until(running, what="running")
+    now = time.time()
+    key = cluster.coord.hub.public_key
+    raw.send(completed=_receipt(raw, offer, key, b"1", now + started, now + completed))
+    ack = (await raw.recv()).result_ack
+    assert ack.accepted == (not refusal), ack.reason
+    assert re.match(refusal, ack.reason), ack.reason
+    if refusal:
+        reasons = [e.reason for e in cluster.coord.store.events_after(job.job_id, 0)]
+        assert f"bad receipt: {ack.reason}" in reasons
     raw.close()

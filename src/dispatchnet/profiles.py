@@ -160,6 +160,9 @@ class ReceiptsConfig:
     batch_max_age_seconds: float = 10
     # Where batch roots are anchored: "none" (no chain), or a chain adapter's name.
     anchor: str = "none"
+    # How far a worker's clock may be off the coordinator's: a receipt is refused when it
+    # started earlier than its offer, or completed later than now, by more than this.
+    max_clock_skew_seconds: float = 30
 
 
 @dataclass(frozen=True)
@@ -327,6 +330,8 @@ def check_profile(profile: Profile) -> list[str]:
         problems.append("[workers] hello_timeout_seconds must be positive")
     if profile.identity.cache_ttl_seconds < 0:
         problems.append("[identity] cache_ttl_seconds must not be negative")
+    if profile.receipts.max_clock_skew_seconds < 0:
+        problems.append("[receipts] max_clock_skew_seconds must not be negative")
     if profile.receipts.anchor == "evm" and c.kind != "evm":
         problems.append('[receipts] anchor = "evm" needs [chain] kind = "evm"')
     problems += _check_payments(profile)
