@@ -98,6 +98,18 @@ async def test_refused_progress_ends_the_session_with_its_reason(
     raw.close()
 
 
+async def test_a_long_job_id_is_cut_where_it_is_echoed(
+    cluster: Cluster, channel: grpc.aio.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cluster.coord.hub, "progress", _refuse)
+    raw = RawWorker(channel)
+    await raw.handshake()
+    raw.send(progress=worker_pb2.JobProgress(job_id="j" * 100_000, attempt=1))
+    go_away = (await raw.recv()).go_away
+    assert go_away.reason.startswith(f"progress for job {'j' * 64}… refused: ")
+    raw.close()
+
+
 async def test_refused_result_is_answered_and_the_session_goes_on(
     cluster: Cluster, channel: grpc.aio.Channel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
