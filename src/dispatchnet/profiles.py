@@ -48,6 +48,9 @@ class JobsConfig:
 class WorkersConfig:
     heartbeat_interval_seconds: int = 10
     eviction_seconds: float = 30
+    # A Connect stream must send Hello, then ChallengeResponse, within this long of
+    # opening; otherwise it ends with DEADLINE_EXCEEDED.
+    hello_timeout_seconds: float = 10
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,9 @@ class ReceiptsConfig:
     batch_max_age_seconds: float = 10
     # Where batch roots are anchored: "none" (no chain), or a chain adapter's name.
     anchor: str = "none"
+    # How far a worker's clock may be off the coordinator's: a receipt is refused when it
+    # started earlier than its offer, or completed later than now, by more than this.
+    max_clock_skew_seconds: float = 30
 
 
 @dataclass(frozen=True)
@@ -323,8 +329,12 @@ def check_profile(profile: Profile) -> list[str]:
         problems.append("[feedback] gas_limit must be at least 21000")
     if profile.identity.require_registration and c.kind != "evm":
         problems.append('[identity] require_registration needs [chain] kind = "evm"')
+    if profile.workers.hello_timeout_seconds <= 0:
+        problems.append("[workers] hello_timeout_seconds must be positive")
     if profile.identity.cache_ttl_seconds < 0:
         problems.append("[identity] cache_ttl_seconds must not be negative")
+    if profile.receipts.max_clock_skew_seconds < 0:
+        problems.append("[receipts] max_clock_skew_seconds must not be negative")
     if profile.receipts.anchor == "evm" and c.kind != "evm":
         problems.append('[receipts] anchor = "evm" needs [chain] kind = "evm"')
     problems += _check_payments(profile)
