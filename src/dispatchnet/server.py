@@ -142,7 +142,13 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
     except ValueError as e:
         store.close()
         raise ValueError(f"profile {profile.name}: {e}") from e
-    jobs = JobService(store, profile.jobs, profile.pricing, Notary(key), reputation)
+    jobs = JobService(
+        store,
+        profile.jobs,
+        profile.pricing,
+        Notary(key, profile.receipts.max_clock_skew_seconds),
+        reputation,
+    )
     try:
         identity = identity_verifier_for(profile)
     except ValueError as e:
