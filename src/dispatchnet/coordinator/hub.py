@@ -20,7 +20,7 @@ from dispatchnet.coordinator import matching
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Failure, Job, JobSpec, Privacy, Result, WorkerKind
 from dispatchnet.coordinator.ports import ReputationSource
-from dispatchnet.errors import DispatchError, InvalidArgument, Unauthenticated
+from dispatchnet.errors import DispatchError, InvalidArgument, Unauthenticated, quoted
 from dispatchnet.keys import verify
 from dispatchnet.profiles import JobsConfig, WorkersConfig
 from dispatchnet.store.base import Runnable, Store
@@ -36,8 +36,6 @@ DISPATCH_SCAN_MAX = 5000
 RESULT_KINDS = frozenset({"completed", "failed"})
 # After an internal error ends a session, the worker waits this long before reconnecting.
 INTERNAL_ERROR_RETRY_AFTER_SECONDS = 5
-# A worker-sent job id is cut to this many characters where it is echoed in logs and GoAway.
-MAX_ECHOED_ID = 64
 log = logging.getLogger("dispatch.hub")
 
 
@@ -308,8 +306,7 @@ class WorkerHub:
         the session with a GoAway carrying its message. Any other error is a bug: it is
         logged once with its traceback, and the session ends with a GoAway naming the
         message (the worker sends unacknowledged results again when it reconnects)."""
-        shown = job_id if len(job_id) <= MAX_ECHOED_ID else job_id[:MAX_ECHOED_ID] + "…"
-        about = f"{kind} for job {shown}" if job_id else kind
+        about = f"{kind} for job {quoted(job_id)}" if job_id else kind
         if isinstance(error, DispatchError):
             if kind not in RESULT_KINDS or not job_id:
                 s.close(f"{about} refused: {error.message}")
