@@ -16,7 +16,9 @@ from dispatchnet.coordinator.models import (
     JobSpec,
     JobState,
     JobType,
+    Payment,
     PaymentRef,
+    PaymentStatus,
     Policy,
     Privacy,
     Quote,
@@ -232,3 +234,47 @@ def test_a_newer_schema_refuses_to_open(db_path: Path) -> None:
         RuntimeError, match=rf"schema v{SCHEMA_VERSION + 1} is newer.*v{SCHEMA_VERSION}"
     ):
         SqliteStore(db_path)
+
+
+def _payment(job_id: str, n: int, settle_by: float = 10_000.0) -> Payment:
+    return Payment(
+        job_id=job_id,
+        network="eip155:31337",
+        asset="0x" + "11" * 20,
+        pay_to="0x" + "22" * 20,
+        payer="0x" + "33" * 20,
+        amount=1000,
+        authorization_id="0x" + f"{n:064x}",
+        valid_before=settle_by + 60,
+        settle_by=settle_by,
+        payload_json="{}",
+        requirement_json="{}",
+        status=PaymentStatus.AUTHORIZED,
+        created_at=100.0 + n,
+        updated_at=100.0 + n,
+    )
+
+
+def test_due_payments_are_not_hidden_behind_payments_of_running_jobs(
+    store: SqliteStore,
+) -> None:
+    # 150 paid jobs still queued, committed first, then one completed and one whose
+    # authorization must be settled early: a page of 100 must hold the two that are due.
+    for n in range(150):
+        store.create_job(
+            make_job(f"job_open{n}", key=f"k{n}"),
+            queued(f"job_open{n}"),
+            _payment(f"job_open{n}", n),
+        )
+    done = make_job("job_done", key="kd")
+    store.create_job(done, queued("job_done"), _payment("job_done", 1000))
+    store.transition("job_done", (JobState.QUEUED,), 0, {"state": JobState.COMPLETED}, None)
+    urgent = make_job("job_urgent", key="ku")
+    store.create_job(urgent, queued("job_urgent"), _payment("job_urgent", 1001, settle_by=500.0))
+    due = store.due_payments(now=600.0, limit=100)
+    assert [(p.job_id, state) for p, state in due] == [
+        ("job_done", JobState.COMPLETED),
+        ("job_urgent", JobState.QUEUED),
+    ]
+    assert store.due_payments(now=400.0, limit=100)[0][0].job_id == "job_done"
+    assert len(store.open_payments(limit=100)) == 100  # the old page: none of them due

@@ -111,9 +111,16 @@ class PaymentsConfig:
     # Settle at the latest this long before the authorization expires: early, while the
     # job still runs, when it must; the payer is then refunded if the job fails.
     settle_margin_seconds: int = 60
-    # Gas limits of a transferWithAuthorization settlement and of a refund transfer.
+    # Gas limits of a transferWithAuthorization settlement and of a refund transfer; a
+    # batch settlement gets settle_gas_limit per payment (and its estimate + 25% below that).
     settle_gas_limit: int = 150000
     refund_gas_limit: int = 100000
+    # Batched settlement (when [chain] has a batch_settler and the facilitator is the
+    # in-process one): payments due are settled together, in one transaction per batch of
+    # at most settle_batch_size, sent when a batch is full or when the oldest payment due
+    # has waited settle_max_wait_seconds.
+    settle_batch_size: int = 50
+    settle_max_wait_seconds: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -188,6 +195,9 @@ class ChainConfig:
     validation_registry: str = ""
     receipt_anchor: str = ""
     usdc: str = ""
+    # A BatchSettler contract (contracts/src/BatchSettler.sol): the in-process facilitator
+    # settles many x402 payments in one transaction through it. Empty: one per payment.
+    batch_settler: str = ""
     # The coordinator's chain account (a secp256k1 key file, created 0600 on first use).
     # Empty: the deployment file's "coordinator" dev account when there is a deployment,
     # else <coordinator data dir>/chain.key.
@@ -211,6 +221,7 @@ ADDRESS_FIELDS = (
     "validation_registry",
     "receipt_anchor",
     "usdc",
+    "batch_settler",
 )
 
 
@@ -369,6 +380,10 @@ def _check_payments(profile: Profile) -> list[str]:
         )
     if min(p.settle_gas_limit, p.refund_gas_limit) < 21000:
         problems.append("[payments] gas limits must be at least 21000")
+    if not 1 <= p.settle_batch_size <= 200:
+        problems.append("[payments] settle_batch_size must be 1-200")
+    if not 0 <= p.settle_max_wait_seconds <= 600:
+        problems.append("[payments] settle_max_wait_seconds must be 0-600")
     if profile.wallet.max_per_job_micros < 0:
         problems.append("[wallet] max_per_job_micros must not be negative")
     return problems

@@ -65,6 +65,13 @@ class Store(Protocol):
         """Payments that are not final, with their job's state, oldest first."""
         ...
 
+    def due_payments(self, now: float, limit: int = 100) -> list[tuple[Payment, JobState]]:
+        """Payments the settlement loop has something to do for, with their job's state,
+        oldest first: authorized ones whose job is final or whose settle_by has come, held
+        ones whose job is final, and refunds due. Payments of jobs still running wait
+        outside the page, so they never hide the ones behind them."""
+        ...
+
     def update_payment(
         self, job_id: str, from_statuses: Sequence[PaymentStatus], changes: dict[str, Any]
     ) -> Payment | None:

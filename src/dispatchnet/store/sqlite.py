@@ -832,6 +832,28 @@ class SqliteStore:
         ).fetchall()
         return [(_payment(r), JobState(r["job_state"])) for r in rows]
 
+    def due_payments(self, now: float, limit: int = 100) -> list[tuple[Payment, JobState]]:
+        final_jobs = [s.value for s in JobState if s.final]
+        marks = ",".join("?" * len(final_jobs))
+        rows = self._conn.execute(
+            "SELECT payments.*, jobs.state AS job_state FROM payments "
+            "JOIN jobs ON jobs.job_id = payments.job_id "
+            f"WHERE (payments.status = ? AND (jobs.state IN ({marks}) OR payments.settle_by <= ?)) "
+            f"OR (payments.status = ? AND jobs.state IN ({marks})) "
+            "OR payments.status = ? "
+            "ORDER BY payments.created_at, payments.job_id LIMIT ?",
+            (
+                PaymentStatus.AUTHORIZED.value,
+                *final_jobs,
+                now,
+                PaymentStatus.HELD.value,
+                *final_jobs,
+                PaymentStatus.REFUND_DUE.value,
+                limit,
+            ),
+        ).fetchall()
+        return [(_payment(r), JobState(r["job_state"])) for r in rows]
+
     def update_payment(
         self, job_id: str, from_statuses: Sequence[PaymentStatus], changes: dict[str, Any]
     ) -> Payment | None:
