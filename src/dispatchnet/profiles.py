@@ -80,6 +80,17 @@ class AuthConfig:
 @dataclass(frozen=True)
 class PairingConfig:
     code_ttl_seconds: int = 3600
+    # Failed ClaimPairing calls (a wrong, used or expired code) allowed per worker key in
+    # the window; beyond, that key's claims are refused (RESOURCE_EXHAUSTED) until the
+    # window has passed, even with the right code.
+    max_failed_claims: int = 5
+    failed_claims_window_seconds: float = 600
+    # The same for all keys together (new keys are free, so this is the real bound).
+    max_failed_claims_global: int = 100
+    failed_claims_global_window_seconds: float = 60
+    # Worker keys whose failures are remembered (in memory, per coordinator); beyond, the
+    # key whose last failure is oldest is forgotten.
+    max_tracked_keys: int = 10000
 
 
 @dataclass(frozen=True)
@@ -320,6 +331,11 @@ def check_profile(profile: Profile) -> list[str]:
         problems.append("[feedback] gas_limit must be at least 21000")
     if profile.identity.require_registration and c.kind != "evm":
         problems.append('[identity] require_registration needs [chain] kind = "evm"')
+    pa = profile.pairing
+    if min(pa.max_failed_claims, pa.max_failed_claims_global, pa.max_tracked_keys) < 1 or (
+        min(pa.failed_claims_window_seconds, pa.failed_claims_global_window_seconds) <= 0
+    ):
+        problems.append("[pairing] failed-claim limits and windows must be positive")
     if profile.identity.cache_ttl_seconds < 0:
         problems.append("[identity] cache_ttl_seconds must not be negative")
     if profile.receipts.anchor == "evm" and c.kind != "evm":
