@@ -237,7 +237,10 @@ class TaskRequest(_message.Message):
     USE_LLM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Task name from the worker task catalogue, e.g. "echo", "sha256", "summarize";
-    "wasm" runs the module in `wasm`.
+    "wasm" runs the module in `wasm`. GetQuote refuses (FAILED_PRECONDITION,
+    naming the known tasks) a name that is neither built in nor declared by a
+    worker that ever connected (the coordinator keeps the 1024 most recently
+    declared names).
     """
     input: _builtins.bytes
     """Opaque input bytes; built-in tasks document their own format (most take

@@ -19,6 +19,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 
+from dispatchnet.coordinator.catalogue import TaskCatalogue
 from dispatchnet.coordinator.events import JobNotifier
 from dispatchnet.coordinator.models import (
     ACTIVE_STATES,
@@ -30,6 +31,7 @@ from dispatchnet.coordinator.models import (
     Job,
     JobSpec,
     JobState,
+    JobType,
     Payment,
     Privacy,
     Quote,
@@ -81,8 +83,11 @@ class JobService:
         reputation: ReputationSource,
         notifier: JobNotifier | None = None,
         clock: Callable[[], float] = time.time,
+        catalogue: TaskCatalogue | None = None,
     ) -> None:
         self.store = store
+        # the task names quotes may ask for (None: any)
+        self.catalogue = catalogue
         self.cfg = jobs
         self.pricing = pricing
         self.notary = notary
@@ -106,6 +111,10 @@ class JobService:
         return self.store.get_module(sha256)
 
     def quote(self, spec: JobSpec, wasm_module: bytes | None = None) -> Quote:
+        """Prices spec and stores the quote. FailedPrecondition for a TASK no worker has
+        ever offered (see TaskCatalogue)."""
+        if spec.job_type is JobType.TASK and self.catalogue is not None:
+            self.catalogue.check(spec.task_name)
         now = self.clock()
         if wasm_module is not None:
             self.store.put_module(hashlib.sha256(wasm_module).digest(), wasm_module, now)

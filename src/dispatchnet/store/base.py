@@ -135,6 +135,19 @@ class Store(Protocol):
 
     # workers
     def record_worker_seen(self, worker_id: str, kind: int, now: float) -> None: ...
+    def record_task_names(self, names: Sequence[str], now: float, keep: int) -> None:
+        """Notes that a worker declared these task names now; keeps only the `keep` names
+        declared most recently."""
+        ...
+
+    def task_name_known(self, name: str) -> bool:
+        """Whether a worker declared this task name (and it was not dropped since)."""
+        ...
+
+    def task_names(self, limit: int) -> list[str]:
+        """At most `limit` declared task names, most recently declared first."""
+        ...
+
     def record_outcome(self, worker_id: str, success: bool) -> None: ...
     def worker_stats(self, worker_id: str) -> tuple[int, int]:
         """(completed, failed) counts of a worker."""

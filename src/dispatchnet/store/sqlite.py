@@ -258,7 +258,13 @@ def _v6(db: sqlite_utils.Database) -> None:
     db.table("payments").create_index(["status", "created_at"])
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6]
+def _v7(db: sqlite_utils.Database) -> None:
+    """Task names workers have declared (GetQuote refuses names no worker ever offered)."""
+    db.table("task_names").create({"name": str, "last_seen": float}, pk="name")
+    db.table("task_names").create_index(["last_seen"])
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JOB_SIMPLE = {
@@ -872,6 +878,29 @@ class SqliteStore:
             "DO UPDATE SET kind=excluded.kind, last_seen=excluded.last_seen",
             (worker_id, kind, now, now),
         )
+
+    def record_task_names(self, names: Sequence[str], now: float, keep: int) -> None:
+        with self._tx():
+            self._conn.executemany(
+                "INSERT INTO task_names VALUES (?,?) "
+                "ON CONFLICT(name) DO UPDATE SET last_seen=excluded.last_seen",
+                [(name, now) for name in names],
+            )
+            self._conn.execute(
+                "DELETE FROM task_names WHERE name NOT IN "
+                "(SELECT name FROM task_names ORDER BY last_seen DESC, name LIMIT ?)",
+                (keep,),
+            )
+
+    def task_name_known(self, name: str) -> bool:
+        r = self._conn.execute("SELECT 1 FROM task_names WHERE name=?", (name,)).fetchone()
+        return r is not None
+
+    def task_names(self, limit: int) -> list[str]:
+        rows = self._conn.execute(
+            "SELECT name FROM task_names ORDER BY last_seen DESC, name LIMIT ?", (limit,)
+        )
+        return [str(r["name"]) for r in rows]
 
     def record_outcome(self, worker_id: str, success: bool) -> None:
         col = "completed" if success else "failed"
