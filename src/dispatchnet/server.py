@@ -143,7 +143,13 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         raise ValueError(f"profile {profile.name}: {e}") from e
     catalogue = TaskCatalogue(store, [*TASK_NAMES, WASM_TASK])
     jobs = JobService(
-        store, profile.jobs, profile.pricing, Notary(key), reputation, catalogue=catalogue
+        store,
+        profile.jobs,
+        profile.pricing,
+        Notary(key),
+        reputation,
+        catalogue=catalogue,
+        quotes=profile.quotes,
     )
     try:
         identity = identity_verifier_for(profile)

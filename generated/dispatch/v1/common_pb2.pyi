@@ -287,7 +287,9 @@ class WasmModule(_message.Message):
     """The module itself (binary .wasm; the CLI compiles .wat text first)."""
     sha256: _builtins.bytes
     """SHA-256 of a module the coordinator already stores (sent in an earlier
-    quote). GetQuote resolves it, so quotes and offers always carry the bytes.
+    quote that has not expired, or used by a job that is not final; others
+    are deleted). GetQuote resolves it, so quotes and offers always carry the
+    bytes.
     """
     def __init__(
         self,
