@@ -83,7 +83,7 @@ test: setup lint
 demo: setup
 	$(BIN)/dispatch demo
 
-# Measured, not asserted: paid jobs on a local chain; prints x402 verify/settle latencies.
+# Measured, not asserted: jobs unpaid and paid (local chain) as ratios to a raw gRPC baseline.
 bench: setup
 	$(BIN)/dispatch bench
 

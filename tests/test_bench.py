@@ -9,11 +9,25 @@ import pytest
 from dispatchnet.bench import run_bench
 
 
-async def test_bench_runs_paid_jobs_and_prints_the_x402_latencies(
+async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert await run_bench(jobs=3) == 0
+    assert await run_bench(seconds=0.4, many=8) == 0
     out = capsys.readouterr().out
-    assert "payments: 3 settled, 3 in all" in out
-    for series in ("x402.verify", "x402.settle", "commit", "job"):
-        assert re.search(rf"{re.escape(series)}: n=3 mean=[\d.]+ms p50=", out), out
+    for series in (
+        "raw unary, 64 callers",
+        "raw unary, 1 caller",
+        "raw bidi round trips, 100 streams",
+        "unpaid job end to end, 1 submitter",
+        "unpaid jobs, 8 submitters",
+        "paid CommitJob, 4 submitters",
+        "paid jobs, 16 submitters",
+    ):
+        assert re.search(rf"{re.escape(series)}: \d+ in [\d.]+s = [\d,.]+/s, p50 [\d.]+ ms", out), (
+            series,
+            out,
+        )
+    assert re.search(r"settled (\d+) of \1 in", out), out
+    assert out.count("load average") >= 3
+    summary = out[out.index("summary") :]
+    assert len(re.findall(r"^  \S.*\s[\d.]+\s+(>=|<=|diff)", summary, re.M)) == 5, summary

@@ -61,6 +61,7 @@ FUNCTIONS: dict[str, dict[str, str]] = {
         "ownerOf(uint256)": "address",
         "isAuthorizedOrOwner(address,uint256)": "bool",
         "version()": "string",
+        "getVersion()": "string",
         "name()": "string",
         "symbol()": "string",
     },
@@ -77,6 +78,7 @@ FUNCTIONS: dict[str, dict[str, str]] = {
         "getClients(uint256)": "address[]",
         "getLastIndex(uint256,address)": "uint64",
         "getIdentityRegistry()": "address",
+        "getVersion()": "string",
     },
     "ValidationRegistry": {
         "validationRequest(address,uint256,string,bytes32)": "",
@@ -86,6 +88,7 @@ FUNCTIONS: dict[str, dict[str, str]] = {
         "getAgentValidations(uint256)": "bytes32[]",
         "getValidatorRequests(address)": "bytes32[]",
         "getIdentityRegistry()": "address",
+        "getVersion()": "string",
     },
     "ReceiptAnchor": {
         "anchor(bytes32,uint32,string)": "bool",
@@ -305,6 +308,9 @@ def test_anvil_is_a_local_dev_chain(chain: Chain) -> None:
     assert identity.functions.symbol().call() == "AGENT"
     for name in ("ReputationRegistry", "ValidationRegistry"):
         assert chain.contract(name).functions.getIdentityRegistry().call() == identity.address
+    # the reference implementation's version getter, on every registry
+    for name in ("IdentityRegistry", "ReputationRegistry", "ValidationRegistry"):
+        assert chain.contract(name).functions.getVersion().call() == "2.0.0"
 
 
 def test_register_with_metadata_emits_events_and_ids_start_at_1(chain: Chain) -> None:

@@ -193,3 +193,97 @@ async def test_feedback_waits_for_the_chain_and_lands_exactly_once(
     )
     assert registry.functions.getLastIndex(agent, address).call() == 2
     await asyncio.sleep(0)
+
+
+def _poster(chain: dict[str, Any], tmp_path: Path, gas_limit: int) -> Any:
+    from dispatchnet.chains.evm import EvmFeedbackPoster, resolve_evm_chain
+
+    key_file = tmp_path / "feedback-chain.key"
+    if not key_file.exists():
+        funded_chain_key(chain, key_file)
+    cfg = chain_profile(
+        "",
+        devchain="",
+        rpc_url=chain["rpc_url"],
+        reputation_registry=chain["contracts"]["reputation_registry"],
+        key_file=str(key_file),
+    ).chain
+    return EvmFeedbackPoster(resolve_evm_chain(cfg), gas_limit=gas_limit)
+
+
+def _entry(agent: int, job_id: str) -> Any:
+    from dispatchnet.coordinator.models import FeedbackEntry
+
+    return FeedbackEntry(
+        job_id=job_id,
+        agent_id=agent,
+        value=100,
+        value_decimals=0,
+        tag1="successRate",
+        tag2="task",
+        feedback_uri=f"dispatch://test/jobs/{job_id}",
+        feedback_hash=bytes(32),
+        created_at=time.time(),
+    )
+
+
+async def test_feedback_that_runs_out_of_gas_is_retried_not_failed(
+    chain: dict[str, Any], tmp_path: Path
+) -> None:
+    # The reference registries cost more gas for an agent's first feedback than later ones;
+    # a transaction that runs out of gas changed nothing and must be retried, not written off.
+    from dispatchnet.errors import Unavailable
+
+    agent = register_agent(chain)
+    poster = _poster(chain, tmp_path, gas_limit=1_000_000)
+    real = poster.estimate
+    poster.estimate = lambda fn: 40_000  # too little: the transaction runs out of gas
+    with pytest.raises(Unavailable, match="ran out of gas"):
+        await poster.give(_entry(agent, "job_oog"))
+    poster.estimate = real
+    tx = await poster.give(_entry(agent, "job_oog"))
+    assert tx.startswith("0x")
+    registry = reputation_contract(
+        web3_for(chain["rpc_url"], 5), chain["contracts"]["reputation_registry"]
+    )
+    assert registry.functions.getLastIndex(agent, poster.address).call() == 1
+
+
+async def test_feedback_above_the_gas_cap_stays_pending_until_the_cap_is_raised(
+    chain: dict[str, Any], tmp_path: Path
+) -> None:
+    from dispatchnet.errors import Unavailable
+
+    agent = register_agent(chain)
+    low = _poster(chain, tmp_path, gas_limit=60_000)
+    with pytest.raises(Unavailable, match=r"needs \d+ gas; \[feedback\] gas_limit is 60000"):
+        await low.give(_entry(agent, "job_cap"))
+    high = _poster(chain, tmp_path, gas_limit=1_000_000)
+    fn = high.contract.functions.giveFeedback(
+        agent, 100, 0, "successRate", "task", "", "u", bytes(32)
+    )
+    gas = high.estimate(fn)
+    assert gas < 1_000_000  # the estimate plus the margin is sent, not the cap
+    assert (await high.give(_entry(agent, "job_cap"))).startswith("0x")
+
+
+async def test_a_trusted_reviewer_listed_twice_counts_once(
+    chain: dict[str, Any], tmp_path: Path
+) -> None:
+    from dispatchnet.chains.evm import EvmReputationReader, resolve_evm_chain
+
+    agent = register_agent(chain)
+    poster = _poster(chain, tmp_path, gas_limit=1_000_000)
+    await poster.give(_entry(agent, "job_dup"))
+    reviewer = str(poster.address)
+    cfg = chain_profile(
+        "",
+        devchain="",
+        rpc_url=chain["rpc_url"],
+        reputation_registry=chain["contracts"]["reputation_registry"],
+    ).chain
+    reader = EvmReputationReader(
+        resolve_evm_chain(cfg), [reviewer, reviewer.lower(), reviewer], "successRate"
+    )
+    assert reader.reviewers == [reviewer]
+    assert reader.summary(agent) == (1, 100.0)

@@ -274,3 +274,26 @@ async def test_seekers_command(cluster: Cluster, procs: Callable[[list[str]], Pr
         return not await seeker_ids(c)
 
     await wait_until(none_left, what="seekers gone after SIGTERM")
+
+
+def _connections_to(port: int) -> int:
+    """ESTABLISHED TCP connections from this process's network namespace to port."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                count += 1
+    return count
+
+
+async def test_each_simulated_seeker_holds_its_own_connection(cluster: Cluster) -> None:
+    # N simulated phones must be N sockets, not N streams on one shared connection.
+    before = _connections_to(cluster.coord.port)
+    async with quick_swarm(cluster.address, 12, seed=3) as swarm:
+        await wait_until(all_connected(swarm), within=30, what="12 seekers connected")
+        assert _connections_to(cluster.coord.port) - before >= 12

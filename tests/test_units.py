@@ -121,6 +121,9 @@ EXPECTED = ExpectedReceipt(
     price_micros=1000,
     currency="USD",
     payment=common_pb2.PaymentReference(status="none"),
+    offered_at=1000.0,
+    now=1010.0,
+    max_clock_skew_seconds=30,
 )
 
 
@@ -200,6 +203,33 @@ def test_check_worker_receipt_names_each_mismatch(change: dict[str, object], nam
     expected = dataclasses.replace(EXPECTED, **change)  # type: ignore[arg-type]
     problems = check_worker_receipt(body, sign_body(WORKER, body), expected)
     assert problems == [f"receipt {name} does not match the job"]
+
+
+@pytest.mark.parametrize(
+    ("started", "completed", "problem"),
+    [
+        (1001, 1000, "receipt started_at is after its completed_at"),
+        (969, 1001, "receipt started_at is 31s before this attempt was offered"),
+        (1000, 1010 + 86400, "receipt completed_at is 86400s ahead of the coordinator's clock"),
+    ],
+)
+def test_check_worker_receipt_refuses_times_outside_the_attempt(
+    started: int, completed: int, problem: str
+) -> None:
+    msg = _body()
+    msg.started_at.FromSeconds(started)
+    msg.completed_at.FromSeconds(completed)
+    body = serialize_body(msg)
+    problems = check_worker_receipt(body, sign_body(WORKER, body), EXPECTED)
+    assert len(problems) == 1 and problems[0].startswith(problem), problems
+
+
+def test_check_worker_receipt_allows_the_clock_skew() -> None:
+    msg = _body()
+    msg.started_at.FromSeconds(970)  # 30s before the offer
+    msg.completed_at.FromSeconds(1040)  # 30s after now
+    body = serialize_body(msg)
+    assert check_worker_receipt(body, sign_body(WORKER, body), EXPECTED) == []
 
 
 def test_check_worker_receipt_lists_every_problem() -> None:
@@ -453,6 +483,8 @@ def test_a_profile_file_overrides_defaults(profile_file: Path) -> None:
         ),
         ("[payments]\nsettle_margin_seconds = 5\n", "settle_margin_seconds >= 10"),
         ("[wallet]\nmax_per_job_micros = -1\n", "must not be negative"),
+        ("[workers]\nhello_timeout_seconds = 0\n", "hello_timeout_seconds must be positive"),
+        ("[receipts]\nmax_clock_skew_seconds = -1\n", "max_clock_skew_seconds must not be"),
     ],
 )
 def test_bad_profiles_name_the_problem(profile_file: Path, text: str, needle: str) -> None:
@@ -589,3 +621,11 @@ def test_domain_code_imports_no_transport_storage_or_chain_library(path: Path) -
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             imported.add(node.module.split(".")[0])
     assert not imported & set(FOREIGN), imported & set(FOREIGN)
+
+
+def test_secp256k1_runs_on_the_native_backend() -> None:
+    # eth-keys silently falls back to pure Python (~50x slower per recovery) without
+    # coincurve; payment and identity checks recover a key on every paid job.
+    from eth_keys.backends import get_backend
+
+    assert type(get_backend()).__name__ == "CoinCurveECCBackend"

@@ -65,7 +65,13 @@ contract IdentityRegistry is ERC721URIStorage, EIP712 {
 
     constructor() ERC721("AgentIdentity", "AGENT") EIP712("ERC8004IdentityRegistry", "1") {}
 
-    /// @notice The ERC-8004 version this registry implements.
+    /// @notice The ERC-8004 version this registry implements (as the reference
+    /// implementation's getVersion() reports it).
+    function getVersion() external pure returns (string memory) {
+        return "2.0.0";
+    }
+
+    /// @notice Same as getVersion(), kept for callers of earlier builds.
     function version() external pure returns (string memory) {
         return "2.0.0";
     }

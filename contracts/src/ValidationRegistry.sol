@@ -57,6 +57,12 @@ contract ValidationRegistry {
         _identityRegistry = IIdentityRegistry(identityRegistry_);
     }
 
+    /// @notice The ERC-8004 version this registry implements (as the reference
+    /// implementation's getVersion() reports it).
+    function getVersion() external pure returns (string memory) {
+        return "2.0.0";
+    }
+
     function getIdentityRegistry() external view returns (address identityRegistry) {
         return address(_identityRegistry);
     }

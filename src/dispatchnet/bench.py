@@ -1,102 +1,459 @@
-"""`dispatch bench` (`make bench`): measured numbers, not asserted ones.
+"""`dispatch bench` (`make bench`): measured numbers, never asserted ones.
 
-Starts a local chain (anvil with the contracts, in a temporary DISPATCH_HOME), a
-coordinator on local-monad (payments on) and seekers in this process, then runs paid
-CHEAP tasks from one client, a few at a time, and prints:
+One run, one process tree, so every figure is a ratio to a baseline measured on the same
+machine under the same load:
 
-- x402.verify: the facilitator's verification at CommitJob (signature, balance, simulation)
-- x402.settle: the on-chain settlement after a job completes (transferWithAuthorization
-  sent and its receipt awaited)
-- commit: a paid CommitJob as the client sees it (quote refused, payment signed, retried)
-- job: commit to completed, as the client sees it
+1. raw: a bare grpc.aio server in a child process (a bytes-in, bytes-out unary method and a
+   bidi echo stream; no interceptors, no storage); this process calls it with 64 concurrent
+   callers, then with 1, then round trips on 100 streams. This is gRPC's own ceiling here.
+2. unpaid: `dispatch coordinator --profile local` in a child process and `dispatch worker`
+   children (TASK workers with many slots); this process submits trivial `echo` jobs
+   (GetQuote -> CommitJob -> WatchJob to the end) from 1, 4, 16 and 64 submitters.
+3. paid: a local anvil chain, `dispatch coordinator --profile local-monad` (x402 on, the
+   deployment's test USDC) in a child process, the same workers; CommitJob p50 with 4
+   submitters, jobs/s with 16, then how long settlement takes to drain what was paid and
+   how many settlement transactions it sent.
 
-Latencies come from the coordinator's in-process metrics (dispatchnet.metrics) and from
-the client's clock; they are printed, never asserted.
+Each section prints p50/p99 and the 1-minute load average when it ended, and the summary
+table prints each figure as a ratio to its baseline, with the issue's target beside it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import contextlib
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
 
 from dispatchnet import keys
-from dispatchnet.metrics import METRICS, Metrics
 
-WORKERS = 2
-CONCURRENCY = 4
-
-
-async def run_bench(jobs: int = 40) -> int:
-    tmp = Path(tempfile.mkdtemp(prefix="dispatch-bench-"))
-    old_home = os.environ.get("DISPATCH_HOME")
-    os.environ["DISPATCH_HOME"] = str(tmp / "home")
-    # heavy imports only here (web3, x402)
-    import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
-    from dispatchnet.client import CoordinatorClient, task_spec
-    from dispatchnet.devchain.local_chain import chain_down, chain_up
+if TYPE_CHECKING:
     from dispatchnet.payments.wallet import Wallet
-    from dispatchnet.profiles import load_profile
-    from dispatchnet.server import start_coordinator
-    from dispatchnet.worker.runtime import Worker
 
-    profile = load_profile("local-monad").with_overrides(
-        receipts={"anchor": "none"}, feedback={"enabled": False}
+RAW_SERVICE = "dispatch.bench.Raw"
+UNARY_CALLERS = 64
+STREAMS = 100
+WORKERS = 2
+WORKER_SLOTS = 32
+PAYLOAD = b"x" * 32
+START_TIMEOUT = 60.0
+
+
+# --- measurement ------------------------------------------------------------------------
+
+
+@dataclass
+class Series:
+    """Latencies (seconds) of operations finished within `elapsed` seconds."""
+
+    name: str
+    samples: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+    errors: int = 0
+
+    @property
+    def rate(self) -> float:
+        return len(self.samples) / self.elapsed if self.elapsed else 0.0
+
+    def pct(self, p: float) -> float:
+        if not self.samples:
+            return float("nan")
+        s = sorted(self.samples)
+        return s[min(len(s) - 1, int(p * len(s)))]
+
+    @property
+    def p50_ms(self) -> float:
+        return self.pct(0.5) * 1000
+
+    @property
+    def p99_ms(self) -> float:
+        return self.pct(0.99) * 1000
+
+    def line(self) -> str:
+        errors = f", {self.errors} errors" if self.errors else ""
+        return (
+            f"{self.name}: {len(self.samples)} in {self.elapsed:.1f}s = {self.rate:,.0f}/s, "
+            f"p50 {self.p50_ms:.2f} ms, p99 {self.p99_ms:.2f} ms{errors}"
+        )
+
+
+async def closed_loop(
+    name: str, callers: int, seconds: float, op: Callable[[], Awaitable[object]]
+) -> Series:
+    """`callers` concurrent loops each running op back to back for `seconds`."""
+    series = Series(name)
+    deadline = time.perf_counter() + seconds
+
+    async def caller() -> None:
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            try:
+                await op()
+            except (grpc.RpcError, TimeoutError):
+                series.errors += 1
+                continue
+            series.samples.append(time.perf_counter() - t)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    series.elapsed = time.perf_counter() - start
+    return series
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+# --- child processes --------------------------------------------------------------------
+
+
+class Child:
+    """A child process that prints one JSON line when it is ready."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log.open("w")
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=self.log, env=env, text=True
+        )
+
+    async def ready(self) -> dict[str, object]:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), START_TIMEOUT)
+        if not line:
+            raise RuntimeError(
+                f"{self.proc.args!r} exited before it was ready; see {self.log.name}"
+            )
+        info: dict[str, object] = json.loads(line)
+        return info
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.log.close()
+
+
+class Children:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.env = {**os.environ, "DISPATCH_HOME": str(tmp / "home"), "PYTHONUNBUFFERED": "1"}
+        self.started: list[Child] = []
+
+    async def start(self, name: str, *args: str) -> dict[str, object]:
+        child = Child([sys.executable, *args], self.env, self.tmp / f"{name}.log")
+        self.started.append(child)
+        return await child.ready()
+
+    async def dispatch(self, name: str, *args: str) -> dict[str, object]:
+        return await self.start(name, "-m", "dispatchnet.cli", *args)
+
+    def stop_all(self) -> None:
+        for child in reversed(self.started):
+            child.stop()
+        self.started.clear()
+
+
+# --- the raw baseline -------------------------------------------------------------------
+
+
+async def serve_raw() -> None:
+    """The baseline server: no interceptors, no storage, bytes in and out."""
+
+    async def echo(request: bytes, context: object) -> bytes:
+        return request
+
+    async def stream(requests: AsyncIterator[bytes], context: object) -> AsyncIterator[bytes]:
+        async for message in requests:
+            yield message
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                RAW_SERVICE,
+                {
+                    "Echo": grpc.unary_unary_rpc_method_handler(echo),
+                    "Stream": grpc.stream_stream_rpc_method_handler(stream),
+                },
+            ),
+        )
     )
-    client_side = Metrics()
-    for name in ("dispatch", "dispatchnet", "x402"):  # the numbers, not the chatter
-        logging.getLogger(name).setLevel(logging.WARNING)
-    print(f"dispatch bench: {jobs} paid CHEAP tasks on a local anvil, {CONCURRENCY} at a time")
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(json.dumps({"listening": f"127.0.0.1:{port}"}), flush=True)
+    await server.wait_for_termination()
+
+
+@dataclass
+class Raw:
+    unary: Series
+    unary_one: Series
+    bidi: Series
+
+
+async def bench_raw(children: Children, seconds: float) -> Raw:
+    info = await children.start("raw", "-m", "dispatchnet.bench", "raw-server")
+    async with grpc.aio.insecure_channel(str(info["listening"])) as channel:
+        echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            f"/{RAW_SERVICE}/Echo"
+        )
+        await echo(PAYLOAD)
+        unary = await closed_loop(
+            f"raw unary, {UNARY_CALLERS} callers", UNARY_CALLERS, seconds, lambda: echo(PAYLOAD)
+        )
+        unary_one = await closed_loop("raw unary, 1 caller", 1, seconds / 2, lambda: echo(PAYLOAD))
+        open_stream: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+            f"/{RAW_SERVICE}/Stream"
+        )
+        calls = [open_stream() for _ in range(STREAMS)]
+        queue: asyncio.Queue[grpc.aio.StreamStreamCall[bytes, bytes]] = asyncio.Queue()
+        for call in calls:
+            queue.put_nowait(call)
+
+        async def round_trip() -> None:
+            call = await queue.get()
+            try:
+                await call.write(PAYLOAD)
+                await call.read()
+            finally:
+                queue.put_nowait(call)
+
+        bidi = await closed_loop(
+            f"raw bidi round trips, {STREAMS} streams", STREAMS, seconds, round_trip
+        )
+        for call in calls:
+            call.cancel()
+    return Raw(unary, unary_one, bidi)
+
+
+# --- jobs through a coordinator ---------------------------------------------------------
+
+
+async def start_workers(children: Children, address: str, tmp: Path) -> None:
+    for n in range(WORKERS):
+        await children.dispatch(
+            f"worker{n}",
+            "worker",
+            "--coordinator",
+            address,
+            "--kind",
+            "seeker",
+            "--max-concurrency",
+            str(WORKER_SLOTS),
+            "--key-file",
+            str(tmp / f"worker{n}.key"),
+        )
+
+
+@dataclass
+class JobFigures:
+    e2e_one: Series
+    commit_four: Series
+    jobs_sixteen: Series
+    jobs_many: Series | None
+    load: float
+
+
+async def bench_jobs(
+    label: str,
+    address: str,
+    client_key: keys.KeyPair,
+    wallet: Wallet | None,
+    seconds: float,
+    many: int | None,
+) -> tuple[JobFigures, list[str]]:
+    """Trivial jobs from 1, 4, 16 (and `many`) submitters; the job ids committed."""
+    from dispatchnet.client import CoordinatorClient, task_spec
+
+    committed: list[str] = []
+    async with CoordinatorClient(address, client_key, wallet) as c:
+        commits = Series(f"{label} CommitJob, 4 submitters")
+        counter = iter(range(10**9))
+
+        async def job(record_commit: bool = False) -> None:
+            spec = task_spec("echo", f"job {next(counter)}".encode())
+            quote = await c.quote(spec)
+            t = time.perf_counter()
+            j = await c.commit(quote.quote_id)
+            if record_commit:
+                commits.samples.append(time.perf_counter() - t)
+            committed.append(j.job_id)
+            await c.wait(j.job_id)
+
+        await job()  # warm up (connections, token, first payment's token metadata)
+        e2e_one = await closed_loop(f"{label} job end to end, 1 submitter", 1, seconds / 2, job)
+        four = await closed_loop(f"{label} jobs, 4 submitters", 4, seconds / 2, lambda: job(True))
+        commits.elapsed = four.elapsed
+        sixteen = await closed_loop(f"{label} jobs, 16 submitters", 16, seconds, job)
+        many_series = (
+            await closed_loop(f"{label} jobs, {many} submitters", many, seconds, job)
+            if many
+            else None
+        )
+        load = load_average()
+    for s in (e2e_one, commits, four, sixteen, many_series):
+        if s is not None:
+            print("  " + s.line())
+    print(f"  load average (1 min) after the {label} run: {load:.2f}")
+    return JobFigures(e2e_one, commits, sixteen, many_series, load), committed
+
+
+@dataclass
+class Settlement:
+    drained_seconds: float
+    transactions: int
+    settled: int
+    delays: Series
+
+
+async def wait_settled(address: str, client_key: keys.KeyPair, job_ids: list[str]) -> Settlement:
+    """Polls every paid job until its payment leaves "authorized"."""
+    from dispatchnet.client import CoordinatorClient
+
+    start = time.perf_counter()
+    txs: set[str] = set()
+    settled = 0
+    delays = Series("completion -> settled")
+    pending = list(job_ids)
+    async with CoordinatorClient(address, client_key) as c:
+        while pending:
+            still = []
+            for job_id in pending:
+                j = await c.get(job_id)
+                if j.payment.status == "authorized":
+                    still.append(job_id)
+                    continue
+                if j.payment.status == "settled":
+                    settled += 1
+                    txs.add(j.payment.transaction)
+                    delays.samples.append(max(0.0, time.time() - j.updated_at.ToSeconds()))
+            pending = still
+            if pending:
+                await asyncio.sleep(0.2)
+    delays.elapsed = time.perf_counter() - start
+    return Settlement(delays.elapsed, len(txs), settled, delays)
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+def ratio_row(figure: str, value: str, ratio: float, target: str) -> str:
+    return f"  {figure:<58} {value:>14} {ratio:>8.2f}   {target}"
+
+
+async def run_bench(seconds: float = 5.0, many: int = 64) -> int:
+    """The whole bench: each measurement runs `seconds`; the throughput run has `many`
+    submitters. 0 when every paid job settled."""
+    tmp = Path(tempfile.mkdtemp(prefix="dispatch-bench-"))
+    children = Children(tmp)
+    old_home = os.environ.get("DISPATCH_HOME")
+    os.environ["DISPATCH_HOME"] = children.env["DISPATCH_HOME"]
+    chain_profile = None
+    print(f"dispatch bench: {os.cpu_count()} cores, {seconds:g} s per measurement")
     try:
-        chain = await asyncio.to_thread(chain_up, profile, 0)
-        coord = await start_coordinator(profile, tmp / "coord", "127.0.0.1:0")
-        address = f"127.0.0.1:{coord.port}"
-        workers = [Worker(address, keys.KeyPair.generate(), kind="seeker") for _ in range(WORKERS)]
-        tasks = [asyncio.create_task(w.run()) for w in workers]
-        try:
-            for w in workers:
-                await asyncio.wait_for(w.connected.wait(), 20)
-            wallet = Wallet.of_deployment(chain, profile.wallet.max_per_job_micros)
-            METRICS.reset()
-            async with CoordinatorClient(address, keys.KeyPair.generate(), wallet) as c:
-                gate = asyncio.Semaphore(CONCURRENCY)
-                settled: list[str] = []
+        print("raw grpc.aio baseline (child process)")
+        raw = await bench_raw(children, seconds)
+        for s in (raw.unary, raw.unary_one, raw.bidi):
+            print("  " + s.line())
+        print(f"  load average (1 min): {load_average():.2f}")
+        children.stop_all()
 
-                async def one(n: int) -> None:
-                    async with gate:
-                        spec = task_spec("sha256", f"job {n}".encode())
-                        quote = await c.quote(spec)
-                        started = time.perf_counter()
-                        with client_side.timed("commit"):
-                            job = await c.commit(quote.quote_id)
-                        job = await c.wait(job.job_id)
-                        client_side.observe("job", time.perf_counter() - started)
-                        while job.payment.status == "authorized":
-                            await asyncio.sleep(0.05)
-                            job = await c.get(job.job_id)
-                        settled.append(job.payment.status)
+        print("unpaid trivial TASK jobs: coordinator (profile local) and workers in children")
+        info = await children.dispatch(
+            "coordinator", "coordinator", "--profile", "local", "--listen", "127.0.0.1:0",
+            "--data-dir", str(tmp / "coord-local"),
+        )  # fmt: skip
+        address = str(info["listening"])
+        await start_workers(children, address, tmp)
+        unpaid, _ = await bench_jobs(
+            "unpaid", address, keys.KeyPair.generate(), None, seconds, many
+        )
+        children.stop_all()
 
-                wall = time.perf_counter()
-                await asyncio.gather(*(one(n) for n in range(jobs)))
-                wall = time.perf_counter() - wall
-            print(f"  {jobs} jobs committed, run and settled in {wall:.2f}s")
-            print(f"  payments: {settled.count('settled')} settled, {len(settled)} in all")
-            for summary in [*METRICS.summaries(), *client_side.summaries()]:
-                print("  " + summary.line())
-        finally:
-            for w in workers:
-                w.stop()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await coord.stop()
-        return 0 if settled.count("settled") == jobs else 1
+        print("paid trivial TASK jobs: local anvil, coordinator (profile local-monad), x402")
+        import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
+        from dispatchnet.devchain.local_chain import chain_up
+        from dispatchnet.payments.wallet import Wallet
+        from dispatchnet.profiles import load_profile
+
+        chain_profile = load_profile("local-monad")
+        chain = await asyncio.to_thread(chain_up, chain_profile, 0)
+        info = await children.dispatch(
+            "coordinator-paid", "coordinator", "--profile", "local-monad", "--listen",
+            "127.0.0.1:0", "--data-dir", str(tmp / "coord-paid"),
+        )  # fmt: skip
+        address = str(info["listening"])
+        await start_workers(children, address, tmp)
+        wallet = Wallet.of_deployment(chain, chain_profile.wallet.max_per_job_micros)
+        payer = keys.KeyPair.generate()
+        paid, paid_ids = await bench_jobs("paid", address, payer, wallet, seconds, None)
+        print(f"  waiting for settlement of {len(paid_ids)} paid jobs")
+        settlement = await wait_settled(address, payer, paid_ids)
+        print(
+            f"  settled {settlement.settled} of {len(paid_ids)} in "
+            f"{settlement.drained_seconds:.1f}s after the load stopped, "
+            f"{settlement.transactions} settlement transactions; {settlement.delays.line()}"
+        )
+        children.stop_all()
+
+        per100 = 100 * settlement.transactions / max(1, settlement.settled)
+        many_rate = unpaid.jobs_many.rate if unpaid.jobs_many else float("nan")
+        print("summary (ratio = figure / its baseline in this run)")
+        print(f"  {'figure':<58} {'value':>14} {'ratio':>8}   target")
+        print(ratio_row(
+            f"trivial jobs/s, {many} submitters / raw unary RPC/s",
+            f"{many_rate:,.0f}/s", many_rate / raw.unary.rate, ">= 0.2",
+        ))  # fmt: skip
+        print(ratio_row(
+            "job p50 end to end, 1 submitter / raw unary p50",
+            f"{unpaid.e2e_one.p50_ms:.2f} ms", unpaid.e2e_one.p50_ms / raw.unary_one.p50_ms,
+            "<= 5",
+        ))  # fmt: skip
+        diff = paid.commit_four.p50_ms - unpaid.commit_four.p50_ms
+        print(ratio_row(
+            "paid - unpaid CommitJob p50, 4 submitters (ms)",
+            f"{diff:.1f} ms", diff / max(1e-9, unpaid.commit_four.p50_ms), "diff <= 25 ms",
+        ))  # fmt: skip
+        print(ratio_row(
+            "paid jobs/s / unpaid jobs/s, 16 submitters",
+            f"{paid.jobs_sixteen.rate:,.1f}/s", paid.jobs_sixteen.rate / unpaid.jobs_sixteen.rate,
+            ">= 0.5",
+        ))  # fmt: skip
+        print(ratio_row(
+            "settlement transactions per 100 paid jobs", f"{per100:.0f}", per100 / 100, "<= 10",
+        ))  # fmt: skip
+        return 0 if settlement.settled == len(paid_ids) else 1
     finally:
-        await asyncio.to_thread(chain_down, profile)
+        children.stop_all()
+        if chain_profile is not None:
+            from dispatchnet.devchain.local_chain import chain_down
+
+            await asyncio.to_thread(chain_down, chain_profile)
         if old_home is None:
             os.environ.pop("DISPATCH_HOME", None)
         else:
             os.environ["DISPATCH_HOME"] = old_home
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["raw-server"]:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_raw())

@@ -702,7 +702,7 @@ async def cmd_keys_show(args: argparse.Namespace) -> int:
 async def cmd_bench(args: argparse.Namespace) -> int:
     from dispatchnet.bench import run_bench
 
-    return await run_bench(args.jobs)
+    return await run_bench(seconds=args.seconds, many=args.submitters)
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
@@ -938,8 +938,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the end-to-end demo on a local coordinator")
     d.set_defaults(fn=cmd_demo)
-    b = sub.add_parser("bench", help="measure paid jobs on a local chain (x402 latencies)")
-    b.add_argument("--jobs", type=int, default=40, help="how many paid jobs to run")
+    b = sub.add_parser(
+        "bench", help="measure jobs against a raw gRPC baseline, unpaid and paid (x402)"
+    )
+    b.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
+    b.add_argument(
+        "--submitters", type=int, default=64, help="concurrent submitters of the throughput run"
+    )
     b.set_defaults(fn=cmd_bench)
     return p
 

@@ -47,6 +47,10 @@ class Unavailable(DispatchError):
     """A dependency (chain node, facilitator) is down; retrying later may work."""
 
 
+class DeadlineExceeded(DispatchError):
+    """The caller took too long to do its part (e.g. a worker's Connect handshake)."""
+
+
 class PaymentRequired(ResourceExhausted):
     """CommitJob needs a payment it does not have: none was sent, or the one sent was
     refused (`reason`: the x402 reason code, e.g. "invalid_exact_evm_insufficient_balance").

@@ -65,6 +65,9 @@ class QuotesConfig:
 class WorkersConfig:
     heartbeat_interval_seconds: int = 10
     eviction_seconds: float = 30
+    # A Connect stream must send Hello, then ChallengeResponse, within this long of
+    # opening; otherwise it ends with DEADLINE_EXCEEDED.
+    hello_timeout_seconds: float = 10
 
 
 @dataclass(frozen=True)
@@ -173,9 +176,12 @@ class FeedbackConfig:
     kind = "evm" with a reputation_registry)."""
 
     enabled: bool = False
-    # Gas limit of one giveFeedback (~192k the first time an agent is rated by this
-    # account, ~108k later). Monad charges for the limit: keep it tight.
-    gas_limit: int = 250000
+    # The most gas one giveFeedback may use. Each is sent with the node's estimate plus 25%
+    # (Monad charges for the limit, so the limit follows the estimate), never more than
+    # this. ~192k the first time an agent is rated by this account, ~108k later (the
+    # reference registries ~214k / ~132k on anvil, more under Monad's cold-access pricing).
+    # An entry that needs more, or that ran out of gas, stays pending and is retried.
+    gas_limit: int = 500000
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,9 @@ class ReceiptsConfig:
     batch_max_age_seconds: float = 10
     # Where batch roots are anchored: "none" (no chain), or a chain adapter's name.
     anchor: str = "none"
+    # How far a worker's clock may be off the coordinator's: a receipt is refused when it
+    # started earlier than its offer, or completed later than now, by more than this.
+    max_clock_skew_seconds: float = 30
 
 
 @dataclass(frozen=True)
@@ -359,8 +368,12 @@ def check_profile(profile: Profile) -> list[str]:
         min(pa.failed_claims_window_seconds, pa.failed_claims_global_window_seconds) <= 0
     ):
         problems.append("[pairing] failed-claim limits and windows must be positive")
+    if profile.workers.hello_timeout_seconds <= 0:
+        problems.append("[workers] hello_timeout_seconds must be positive")
     if profile.identity.cache_ttl_seconds < 0:
         problems.append("[identity] cache_ttl_seconds must not be negative")
+    if profile.receipts.max_clock_skew_seconds < 0:
+        problems.append("[receipts] max_clock_skew_seconds must not be negative")
     if profile.receipts.anchor == "evm" and c.kind != "evm":
         problems.append('[receipts] anchor = "evm" needs [chain] kind = "evm"')
     problems += _check_payments(profile)

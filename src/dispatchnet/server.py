@@ -146,7 +146,7 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         store,
         profile.jobs,
         profile.pricing,
-        Notary(key),
+        Notary(key, profile.receipts.max_clock_skew_seconds),
         reputation,
         catalogue=catalogue,
         quotes=profile.quotes,

@@ -101,7 +101,11 @@ class Quote(_message.Message):
     quote_id: _builtins.str
     """Opaque quote id; pass it to CommitJob."""
     spec_sha256: _builtins.bytes
-    """SHA-256 of the spec's deterministic serialization (the receipt input hash)."""
+    """SHA-256 of `spec` above (the normalized spec: policy and privacy resolved,
+    a wasm module sent by hash replaced by its bytes, unknown fields dropped) in
+    canonical protobuf binary form: fields in field-number order, defaults
+    omitted, no unknown fields. The receipt's input hash. README "Wire formats".
+    """
     eligible_workers: _builtins.int
     """Workers connected now that could run the job (ignoring pairing)."""
     @_builtins.property

@@ -31,11 +31,16 @@ class CoordinatorServiceStub:
 
     Authentication: GetQuote and ListWorkers are public (GetQuote verifies the
     metadata when it is sent). Every other method
-    needs the `authorization` metadata entry described in the README
-    ("Dispatch <token>", a short-lived ed25519-signed token; `dispatch auth
-    header` prints one). The key that signed it is the caller's identity; a
-    job belongs to the key that committed it and only that key may read,
-    watch or cancel it.
+    needs the metadata entry `authorization: Dispatch <token>` (`dispatch auth
+    header` prints one), where <token> is
+      v1.<public key>.<expiry>.<signature>
+    with <public key> the 32-byte ed25519 key in base64url without padding (not
+    hex), <expiry> unix seconds in ASCII decimal, and <signature> the 64-byte
+    ed25519 signature, base64url without padding, over the bytes
+      "dispatch.v1.ClientAuth\\n" || public key (32 raw bytes) || expiry digits.
+    The README ("Wire formats") has a worked example. The key that signed it is
+    the caller's identity (client_id = its lowercase hex); a job belongs to the
+    key that committed it and only that key may read, watch or cancel it.
     """
 
     @_typing.overload
@@ -82,11 +87,16 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
 
     Authentication: GetQuote and ListWorkers are public (GetQuote verifies the
     metadata when it is sent). Every other method
-    needs the `authorization` metadata entry described in the README
-    ("Dispatch <token>", a short-lived ed25519-signed token; `dispatch auth
-    header` prints one). The key that signed it is the caller's identity; a
-    job belongs to the key that committed it and only that key may read,
-    watch or cancel it.
+    needs the metadata entry `authorization: Dispatch <token>` (`dispatch auth
+    header` prints one), where <token> is
+      v1.<public key>.<expiry>.<signature>
+    with <public key> the 32-byte ed25519 key in base64url without padding (not
+    hex), <expiry> unix seconds in ASCII decimal, and <signature> the 64-byte
+    ed25519 signature, base64url without padding, over the bytes
+      "dispatch.v1.ClientAuth\\n" || public key (32 raw bytes) || expiry digits.
+    The README ("Wire formats") has a worked example. The key that signed it is
+    the caller's identity (client_id = its lowercase hex); a job belongs to the
+    key that committed it and only that key may read, watch or cancel it.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -129,11 +139,16 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Authentication: GetQuote and ListWorkers are public (GetQuote verifies the
     metadata when it is sent). Every other method
-    needs the `authorization` metadata entry described in the README
-    ("Dispatch <token>", a short-lived ed25519-signed token; `dispatch auth
-    header` prints one). The key that signed it is the caller's identity; a
-    job belongs to the key that committed it and only that key may read,
-    watch or cancel it.
+    needs the metadata entry `authorization: Dispatch <token>` (`dispatch auth
+    header` prints one), where <token> is
+      v1.<public key>.<expiry>.<signature>
+    with <public key> the 32-byte ed25519 key in base64url without padding (not
+    hex), <expiry> unix seconds in ASCII decimal, and <signature> the 64-byte
+    ed25519 signature, base64url without padding, over the bytes
+      "dispatch.v1.ClientAuth\\n" || public key (32 raw bytes) || expiry digits.
+    The README ("Wire formats") has a worked example. The key that signed it is
+    the caller's identity (client_id = its lowercase hex); a job belongs to the
+    key that committed it and only that key may read, watch or cancel it.
     """
 
     @_abc_1.abstractmethod

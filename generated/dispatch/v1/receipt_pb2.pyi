@@ -73,11 +73,17 @@ class ReceiptBody(_message.Message):
 
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
-        """When the worker started running the job."""
+        """When the worker started running the job. The coordinator refuses (ResultAck
+        accepted=false, reason naming the field) a receipt that started before the
+        attempt was offered, or after completed_at; its clock check allows
+        `[receipts] max_clock_skew_seconds` (30 by default).
+        """
 
     @_builtins.property
     def completed_at(self) -> _timestamp_pb2.Timestamp:
-        """When the worker finished the job."""
+        """When the worker finished the job; refused when it is later than the
+        coordinator's clock by more than `[receipts] max_clock_skew_seconds`.
+        """
 
     def __init__(
         self,

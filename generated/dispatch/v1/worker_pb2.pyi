@@ -659,7 +659,7 @@ class ResultAck(_message.Message):
     accepted: _builtins.bool
     """True when the result was recorded; the worker may forget it."""
     reason: _builtins.str
-    """Why it was refused (e.g. stale attempt, bad receipt)."""
+    """Why it was refused (e.g. stale attempt, bad receipt, a refused field)."""
     def __init__(
         self,
         *,
@@ -685,7 +685,9 @@ class GoAway(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
-    """Why."""
+    """Why: e.g. shutting down, replaced, evicted, a refused message, an
+    internal error handling a message (see the service comment).
+    """
     retry_after_seconds: _builtins.int
     """Reconnect no sooner than this many seconds from now."""
     def __init__(

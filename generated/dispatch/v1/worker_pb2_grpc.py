@@ -32,8 +32,11 @@ class WorkerServiceStub:
     fresh nonce; the worker sends ChallengeResponse with an ed25519 signature
     over "dispatch.v1.WorkerHello\n" || nonce || coordinator_public_key; the
     coordinator answers Welcome. Any other first messages, or a bad signature,
-    end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. The worker's
-    identity (worker_id) is the hex of the key it proved.
+    end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. Hello and
+    ChallengeResponse must both arrive within the coordinator's
+    `[workers] hello_timeout_seconds` (10 by default) of opening the stream, or
+    it ends with DEADLINE_EXCEEDED. The worker's identity (worker_id) is the hex
+    of the key it proved.
 
     Then: the worker sends Heartbeat at the interval Welcome gives; the
     coordinator evicts a worker it has not heard from for `eviction_seconds`
@@ -42,6 +45,15 @@ class WorkerServiceStub:
     then JobProgress while it runs and JobCompleted or JobFailed at the end.
     The coordinator acknowledges results with ResultAck. Drain asks the
     coordinator for no new offers; GoAway tells the worker to disconnect.
+
+    A message the coordinator refuses: a refused JobCompleted or JobFailed is
+    answered with ResultAck accepted=false and the reason (the attempt is given
+    up and the job requeued; the worker should forget the result), and the
+    session goes on. Any other refused message ends the session with a GoAway
+    whose reason is "<message> for job <id> refused: <why>". An internal error
+    while handling a message ends the session with GoAway "internal error
+    handling <message> for job <id>" and a retry_after_seconds; the coordinator
+    logs it, and the worker resends its unacknowledged results on reconnecting.
     """
 
     def __init__(self, channel):
@@ -64,8 +76,11 @@ class WorkerServiceServicer:
     fresh nonce; the worker sends ChallengeResponse with an ed25519 signature
     over "dispatch.v1.WorkerHello\n" || nonce || coordinator_public_key; the
     coordinator answers Welcome. Any other first messages, or a bad signature,
-    end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. The worker's
-    identity (worker_id) is the hex of the key it proved.
+    end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. Hello and
+    ChallengeResponse must both arrive within the coordinator's
+    `[workers] hello_timeout_seconds` (10 by default) of opening the stream, or
+    it ends with DEADLINE_EXCEEDED. The worker's identity (worker_id) is the hex
+    of the key it proved.
 
     Then: the worker sends Heartbeat at the interval Welcome gives; the
     coordinator evicts a worker it has not heard from for `eviction_seconds`
@@ -74,6 +89,15 @@ class WorkerServiceServicer:
     then JobProgress while it runs and JobCompleted or JobFailed at the end.
     The coordinator acknowledges results with ResultAck. Drain asks the
     coordinator for no new offers; GoAway tells the worker to disconnect.
+
+    A message the coordinator refuses: a refused JobCompleted or JobFailed is
+    answered with ResultAck accepted=false and the reason (the attempt is given
+    up and the job requeued; the worker should forget the result), and the
+    session goes on. Any other refused message ends the session with a GoAway
+    whose reason is "<message> for job <id> refused: <why>". An internal error
+    while handling a message ends the session with GoAway "internal error
+    handling <message> for job <id>" and a retry_after_seconds; the coordinator
+    logs it, and the worker resends its unacknowledged results on reconnecting.
     """
 
     def Connect(self, request_iterator, context):
@@ -106,8 +130,11 @@ class WorkerService:
     fresh nonce; the worker sends ChallengeResponse with an ed25519 signature
     over "dispatch.v1.WorkerHello\n" || nonce || coordinator_public_key; the
     coordinator answers Welcome. Any other first messages, or a bad signature,
-    end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. The worker's
-    identity (worker_id) is the hex of the key it proved.
+    end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. Hello and
+    ChallengeResponse must both arrive within the coordinator's
+    `[workers] hello_timeout_seconds` (10 by default) of opening the stream, or
+    it ends with DEADLINE_EXCEEDED. The worker's identity (worker_id) is the hex
+    of the key it proved.
 
     Then: the worker sends Heartbeat at the interval Welcome gives; the
     coordinator evicts a worker it has not heard from for `eviction_seconds`
@@ -116,6 +143,15 @@ class WorkerService:
     then JobProgress while it runs and JobCompleted or JobFailed at the end.
     The coordinator acknowledges results with ResultAck. Drain asks the
     coordinator for no new offers; GoAway tells the worker to disconnect.
+
+    A message the coordinator refuses: a refused JobCompleted or JobFailed is
+    answered with ResultAck accepted=false and the reason (the attempt is given
+    up and the job requeued; the worker should forget the result), and the
+    session goes on. Any other refused message ends the session with a GoAway
+    whose reason is "<message> for job <id> refused: <why>". An internal error
+    while handling a message ends the session with GoAway "internal error
+    handling <message> for job <id>" and a retry_after_seconds; the coordinator
+    logs it, and the worker resends its unacknowledged results on reconnecting.
     """
 
     @staticmethod

@@ -137,6 +137,7 @@ def spec_from_proto(
     resolved = resolve_policy(job_type, Policy(policy))
     normalized = common_pb2.JobSpec()
     normalized.CopyFrom(spec)
+    normalized.DiscardUnknownFields()  # the hash covers only what this coordinator knows
     normalized.policy = common_pb2.Policy.ValueType(int(resolved))
     normalized.privacy = common_pb2.Privacy.ValueType(int(privacy))
     if module is not None:

@@ -28,7 +28,7 @@ from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Failure
 from dispatchnet.coordinator.pairing import PairingService
 from dispatchnet.coordinator.receipts import ReceiptQueries
-from dispatchnet.errors import InvalidArgument
+from dispatchnet.errors import DeadlineExceeded, InvalidArgument
 from dispatchnet.payments.interceptor import current_payment
 from dispatchnet.profiles import LimitsConfig, WorkersConfig
 from dispatchnet.receipts.core import verify_receipt_message
@@ -126,7 +126,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request_iterator: AsyncIterator[worker_pb2.ConnectRequest], context: Ctx
     ) -> AsyncIterator[worker_pb2.ConnectResponse]:
         it = aiter(request_iterator)
-        first = await anext(it, None)
+        deadline = asyncio.get_running_loop().time() + self.cfg.hello_timeout_seconds
+        first = await self._handshake_message(it, deadline, "hello")
         if first is None or first.WhichOneof("msg") != "hello":
             raise InvalidArgument("the first message on Connect must be hello")
         hello = convert.hello_from_proto(first.hello)
@@ -134,7 +135,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         yield worker_pb2.ConnectResponse(
             challenge=worker_pb2.Challenge(nonce=nonce, coordinator_public_key=self.hub.public_key)
         )
-        second = await anext(it, None)
+        second = await self._handshake_message(it, deadline, "challenge_response")
         if second is None or second.WhichOneof("msg") != "challenge_response":
             raise InvalidArgument("the second message on Connect must be challenge_response")
         proof = second.challenge_response
@@ -162,15 +163,37 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 await reader
             self.hub.unregister(session, reason)
 
+    async def _handshake_message(
+        self, it: AsyncIterator[worker_pb2.ConnectRequest], deadline: float, what: str
+    ) -> worker_pb2.ConnectRequest | None:
+        """The next message (None at end of stream); DeadlineExceeded once the handshake
+        has taken [workers] hello_timeout_seconds."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await anext(it, None)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no {what} within {self.cfg.hello_timeout_seconds:g}s of opening the stream "
+                "([workers] hello_timeout_seconds)"
+            ) from None
+
     async def _read(self, it: AsyncIterator[worker_pb2.ConnectRequest], s: WorkerSession) -> None:
         try:
             async for msg in it:
-                self._handle(s, msg)
+                kind = msg.WhichOneof("msg")
+                try:
+                    self._handle(s, kind, msg)
+                except Exception as e:
+                    about = getattr(msg, kind) if kind else None
+                    job_id = str(getattr(about, "job_id", ""))
+                    attempt = int(getattr(about, "attempt", 0))
+                    self.hub.message_failed(s, kind or "unset", job_id, attempt, e)
+                if s.closed:
+                    return
         finally:
             s.close("stream closed by the worker")
 
-    def _handle(self, s: WorkerSession, msg: worker_pb2.ConnectRequest) -> None:
-        kind = msg.WhichOneof("msg")
+    def _handle(self, s: WorkerSession, kind: str | None, msg: worker_pb2.ConnectRequest) -> None:
         if kind == "heartbeat":
             self.hub.touch(s, list(msg.heartbeat.running_job_ids))
         elif kind == "offer_response":

@@ -533,6 +533,9 @@ def check_anchor_onchain(
 
 
 FEEDBACK_LOOKBACK = 10_000  # blocks searched for an entry's earlier transaction
+# giveFeedback's gas limit is the node's estimate plus this share (storage costs can move
+# between the estimate and the transaction: a first rating of an agent costs more)
+FEEDBACK_GAS_MARGIN = 0.25
 
 
 class FeedbackRejected(RuntimeError):
@@ -555,7 +558,11 @@ class EvmFeedbackPoster:
     Exactly once: before sending, the registry's NewFeedback events from this account for
     the agent are searched for the entry's feedbackURI + feedbackHash; when found (a retry
     after a lost receipt or a crash), that transaction is returned and nothing is sent.
-    Node trouble: Unavailable (the entry stays pending). A revert: FeedbackRejected."""
+    Gas: each transaction gets the node's estimate plus FEEDBACK_GAS_MARGIN, never more than
+    `gas_limit` (the profile's cap; chains like Monad charge for the limit). An estimate
+    above the cap, or a transaction that ran out of gas, is not the registry refusing the
+    entry: Unavailable (the entry stays pending and is retried). Node trouble: Unavailable.
+    A revert of the call itself: FeedbackRejected."""
 
     def __init__(
         self,
@@ -585,7 +592,7 @@ class EvmFeedbackPoster:
     def describe(self) -> str:
         return (
             f"evm: ReputationRegistry {self.contract.address} on {self.network}, from "
-            f"{self.address}, gas limit {self.gas_limit}"
+            f"{self.address}, gas: estimate +{FEEDBACK_GAS_MARGIN:.0%}, at most {self.gas_limit}"
         )
 
     async def give(self, entry: Any) -> str:
@@ -598,6 +605,21 @@ class EvmFeedbackPoster:
                 return self._give(entry)
             except TRANSIENT as e:
                 raise Unavailable(f"chain {self.network} at {self.rpc_url}: {_brief(e)}") from e
+
+    def estimate(self, fn: Any) -> int:
+        """The gas to send fn with: the node's estimate plus the margin, capped. Raises
+        FeedbackRejected when the call itself reverts, Unavailable when it needs more gas
+        than the cap allows (raise [feedback] gas_limit)."""
+        try:
+            needed = int(fn.estimate_gas({"from": self.address}))
+        except ContractLogicError as e:
+            raise FeedbackRejected(f"giveFeedback reverts: {_brief(e)}") from e
+        if needed > self.gas_limit:
+            raise Unavailable(
+                f"giveFeedback needs {needed} gas; [feedback] gas_limit is {self.gas_limit}: "
+                "raise it (the entry stays pending)"
+            )
+        return min(self.gas_limit, int(needed * (1 + FEEDBACK_GAS_MARGIN)))
 
     def _give(self, entry: Any) -> str:
         existing = self._existing(entry)
@@ -613,11 +635,8 @@ class EvmFeedbackPoster:
             entry.feedback_uri,
             entry.feedback_hash,
         )
-        try:
-            fn.estimate_gas({"from": self.address, "gas": self.gas_limit})
-        except ContractLogicError as e:
-            raise FeedbackRejected(f"giveFeedback reverts: {_brief(e)}") from e
-        tx_hash = self.sender.send(fn, self.gas_limit)
+        gas = self.estimate(fn)
+        tx_hash = self.sender.send(fn, gas)
         try:
             receipt = self.sender.w3.eth.wait_for_transaction_receipt(
                 HexBytes(tx_hash), timeout=self.tx_timeout, poll_latency=self.poll_seconds
@@ -627,9 +646,14 @@ class EvmFeedbackPoster:
                 f"feedback transaction {_hex(tx_hash)} not mined within {self.tx_timeout:g}s"
             ) from e
         if receipt["status"] != 1:
+            used = int(receipt["gasUsed"])
+            if used >= gas:  # out of gas, not a refusal: a reverted send changed nothing
+                raise Unavailable(
+                    f"feedback transaction {_hex(tx_hash)} ran out of gas ({used} of {gas}); "
+                    "retrying with a fresh estimate"
+                )
             raise FeedbackRejected(
-                f"feedback transaction {_hex(tx_hash)} reverted (gas used {receipt['gasUsed']} "
-                f"of gas limit {self.gas_limit})"
+                f"feedback transaction {_hex(tx_hash)} reverted (gas used {used} of {gas})"
             )
         return _hex(tx_hash)
 
@@ -667,7 +691,11 @@ class EvmReputationReader:
     ) -> None:
         if not chain.reputation_registry:
             raise ChainConfigError("[chain] has no reputation_registry address")
-        reviewers = [_address(a, "[reputation] trusted_reviewers") for a in trusted]
+        # Each reviewer once: getSummary (the reference implementation's too) counts a
+        # reviewer listed twice twice.
+        reviewers = list(
+            dict.fromkeys(_address(a, "[reputation] trusted_reviewers") for a in trusted)
+        )
         if chain.account_key and chain.account_address not in reviewers:
             reviewers.append(chain.account_address)  # the coordinator trusts itself
         if not reviewers:

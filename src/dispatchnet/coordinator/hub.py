@@ -21,7 +21,7 @@ from dispatchnet.coordinator.catalogue import TaskCatalogue
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Failure, Job, JobSpec, Privacy, Result, WorkerKind
 from dispatchnet.coordinator.ports import ReputationSource
-from dispatchnet.errors import InvalidArgument, Unauthenticated
+from dispatchnet.errors import DispatchError, InvalidArgument, Unauthenticated
 from dispatchnet.keys import verify
 from dispatchnet.profiles import JobsConfig, WorkersConfig
 from dispatchnet.store.base import Runnable, Store
@@ -33,6 +33,12 @@ MAX_CONCURRENCY = 64
 DISPATCH_PAGE_MIN = 16
 DISPATCH_PAGE_MAX = 500
 DISPATCH_SCAN_MAX = 5000
+# Messages that carry a job's result; a refused one is answered with a ResultAck.
+RESULT_KINDS = frozenset({"completed", "failed"})
+# After an internal error ends a session, the worker waits this long before reconnecting.
+INTERNAL_ERROR_RETRY_AFTER_SECONDS = 5
+# A worker-sent job id is cut to this many characters where it is echoed in logs and GoAway.
+MAX_ECHOED_ID = 64
 log = logging.getLogger("dispatch.hub")
 
 
@@ -295,6 +301,46 @@ class WorkerHub:
             self._avoid.setdefault(job_id, set()).add(s.worker_id)
         ok = self.jobs.fail(job_id, attempt, s.worker_id, failure, retryable)
         s.send(ResultAck(job_id, attempt, ok, "" if ok else "stale"))
+
+    def message_failed(
+        self, s: WorkerSession, kind: str, job_id: str, attempt: int, error: Exception
+    ) -> None:
+        """Handling one worker message (`kind`: its name in the protocol) raised `error`.
+
+        A typed error refusing a result (completed, failed) is answered with a ResultAck
+        refusal carrying its message, and the attempt is given up (requeued like a
+        retryable failure); the session goes on. A typed error on any other message ends
+        the session with a GoAway carrying its message. Any other error is a bug: it is
+        logged once with its traceback, and the session ends with a GoAway naming the
+        message (the worker sends unacknowledged results again when it reconnects)."""
+        shown = job_id if len(job_id) <= MAX_ECHOED_ID else job_id[:MAX_ECHOED_ID] + "…"
+        about = f"{kind} for job {shown}" if job_id else kind
+        if isinstance(error, DispatchError):
+            if kind not in RESULT_KINDS or not job_id:
+                s.close(f"{about} refused: {error.message}")
+                return
+            try:
+                self._refuse_result(s, job_id, attempt, error.message)
+                return
+            except Exception as e:  # giving the attempt up failed too: a bug
+                error = e
+        log.error(
+            "internal error handling %s from worker %s (attempt %d)",
+            about,
+            s.worker_id,
+            attempt,
+            exc_info=error,
+        )
+        s.close(
+            f"internal error handling {about} (details are in the coordinator's log)",
+            INTERNAL_ERROR_RETRY_AFTER_SECONDS,
+        )
+
+    def _refuse_result(self, s: WorkerSession, job_id: str, attempt: int, reason: str) -> None:
+        s.foreign.discard(job_id)
+        self._avoid.setdefault(job_id, set()).add(s.worker_id)
+        self.jobs.fail(job_id, attempt, s.worker_id, Failure("result_refused", reason), True)
+        s.send(ResultAck(job_id, attempt, False, reason))
 
     # --- JobListener --------------------------------------------------------------------
 

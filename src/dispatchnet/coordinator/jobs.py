@@ -388,16 +388,20 @@ class JobService:
         late = job is None
         if late:
             job = self.store.get_job(job_id)
-            if (
-                job is None
-                or job.state.final
-                or not self.store.held_attempt(job_id, worker_id, attempt)
-            ):
-                return False, "stale: this worker holds no open attempt of the job"
-        assert job is not None
+        offered_at = self.store.offered_at(job_id, worker_id, attempt)
+        if job is None or job.state.final or offered_at is None:
+            return False, "stale: this worker holds no open attempt of the job"
         try:
             receipt = self.notary.countersign(
-                job, attempt, worker_key, result, receipt_body, signature, worker_agent_id
+                job,
+                attempt,
+                worker_key,
+                result,
+                receipt_body,
+                signature,
+                worker_agent_id,
+                offered_at=offered_at,
+                now=self.clock(),
             )
         except DispatchError as e:
             if not late:

@@ -22,10 +22,15 @@ class ReceiptNotary(Protocol):
         body: bytes,
         signature: bytes,
         worker_agent_id: str = "",
+        *,
+        offered_at: float,
+        now: float,
     ) -> Receipt:
         """The countersigned receipt for a result of the job's `attempt`; raises
         InvalidArgument listing what does not match (worker_agent_id: the session's
-        verified agent id, which the body must carry)."""
+        verified agent id, which the body must carry). The body's times must fit the
+        attempt: started no earlier than `offered_at` and completed no later than `now`,
+        each within the notary's allowed clock skew, and started before completed."""
         ...
 
 

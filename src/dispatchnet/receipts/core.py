@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
 
 from dispatch.v1 import common_pb2, receipt_pb2
@@ -117,6 +118,11 @@ class ExpectedReceipt:
     price_micros: int
     currency: str
     payment: common_pb2.PaymentReference
+    # when this attempt was offered to the worker, and the coordinator's time now (Unix
+    # seconds): started_at and completed_at must lie between them, give or take the skew
+    offered_at: float
+    now: float
+    max_clock_skew_seconds: float
     # the session's verified on-chain agent id ("" when none was verified)
     worker_agent_id: str = ""
 
@@ -147,8 +153,34 @@ def check_worker_receipt(body: bytes, signature: bytes, expected: ExpectedReceip
             problems.append(f"receipt {name} does not match the job")
     if not decoded.HasField("started_at") or not decoded.HasField("completed_at"):
         problems.append("receipt needs started_at and completed_at")
+    else:
+        problems += _time_problems(decoded, expected)
     if not verify(expected.worker_public_key, SIGNING_CONTEXT, body, signature):
         problems.append("worker receipt signature does not verify")
+    return problems
+
+
+def _seconds(t: timestamp_pb2.Timestamp) -> float:
+    return t.seconds + t.nanos / 1e9
+
+
+def _time_problems(body: receipt_pb2.ReceiptBody, expected: ExpectedReceipt) -> list[str]:
+    """started_at <= completed_at, and both within [offered_at, now] widened by the skew."""
+    started, completed = _seconds(body.started_at), _seconds(body.completed_at)
+    skew = expected.max_clock_skew_seconds
+    problems = []
+    if started > completed:
+        problems.append("receipt started_at is after its completed_at")
+    if started < expected.offered_at - skew:
+        problems.append(
+            f"receipt started_at is {expected.offered_at - started:.0f}s before this attempt "
+            f"was offered ({skew:g}s of clock skew allowed)"
+        )
+    if completed > expected.now + skew:
+        problems.append(
+            f"receipt completed_at is {completed - expected.now:.0f}s ahead of the "
+            f"coordinator's clock ({skew:g}s of clock skew allowed)"
+        )
     return problems
 
 

@@ -24,8 +24,12 @@ def payment_to_proto(p: PaymentRef) -> common_pb2.PaymentReference:
 
 
 class Notary:
-    def __init__(self, key: KeyPair) -> None:
+    """max_clock_skew_seconds: how far a worker's clock may be off the coordinator's
+    (`[receipts] max_clock_skew_seconds`) when its receipt times are checked."""
+
+    def __init__(self, key: KeyPair, max_clock_skew_seconds: float = 30.0) -> None:
         self.key = key
+        self.max_clock_skew_seconds = max_clock_skew_seconds
 
     @property
     def public_key(self) -> bytes:
@@ -40,6 +44,9 @@ class Notary:
         body: bytes,
         signature: bytes,
         worker_agent_id: str = "",
+        *,
+        offered_at: float,
+        now: float,
     ) -> Receipt:
         expected = ExpectedReceipt(
             job_id=job.job_id,
@@ -54,6 +61,9 @@ class Notary:
             currency=job.currency,
             payment=payment_to_proto(job.payment.signed()),
             worker_agent_id=worker_agent_id,
+            offered_at=offered_at,
+            now=now,
+            max_clock_skew_seconds=self.max_clock_skew_seconds,
         )
         problems = check_worker_receipt(body, signature, expected)
         if problems:

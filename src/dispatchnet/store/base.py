@@ -119,8 +119,9 @@ class Store(Protocol):
         """Appends a non-state event (progress); None if the job is final (open_only)."""
         ...
 
-    def held_attempt(self, job_id: str, worker_id: str, attempt: int) -> bool:
-        """True if the job's history shows worker_id was offered the given attempt."""
+    def offered_at(self, job_id: str, worker_id: str, attempt: int) -> float | None:
+        """When the job's history shows worker_id was offered the given attempt; None if
+        it never was."""
         ...
 
     def events_after(self, job_id: str, sequence: int, limit: int = 500) -> list[Event]: ...

@@ -583,13 +583,13 @@ class SqliteStore:
             ),
         )
 
-    def held_attempt(self, job_id: str, worker_id: str, attempt: int) -> bool:
+    def offered_at(self, job_id: str, worker_id: str, attempt: int) -> float | None:
         r = self._conn.execute(
-            "SELECT 1 FROM events WHERE job_id=? AND kind=? AND state=? AND worker_id=? "
-            "AND attempt=? LIMIT 1",
+            "SELECT time FROM events WHERE job_id=? AND kind=? AND state=? AND worker_id=? "
+            "AND attempt=? ORDER BY sequence LIMIT 1",
             (job_id, EventKind.STATE.value, int(JobState.OFFERED), worker_id, attempt),
         ).fetchone()
-        return r is not None
+        return None if r is None else float(r["time"])
 
     def events_after(self, job_id: str, sequence: int, limit: int = 500) -> list[Event]:
         rows = self._conn.execute(

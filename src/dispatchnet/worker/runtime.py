@@ -211,7 +211,10 @@ class Worker:
 
     async def _session(self) -> None:
         """One Connect stream: handshake, then serve it until it ends (always by raising)."""
-        async with grpc.aio.insecure_channel(self.coordinator) as channel:
+        # A local subchannel pool: the worker's own TCP connection, even when one process
+        # runs many workers (gRPC otherwise shares one connection per target).
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        async with grpc.aio.insecure_channel(self.coordinator, options=options) as channel:
             call = worker_pb2_grpc.WorkerServiceStub(channel).Connect()
             try:
                 async with asyncio.timeout(HANDSHAKE_TIMEOUT_SECONDS):

@@ -1,0 +1,211 @@
+"""WorkerService.Connect hardening: handshake deadline, errors while handling a message,
+receipt timestamps. Hand-driven workers against real coordinators on port 0."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import Cluster, RawWorker, make_profile, wait_until
+
+from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, worker_pb2
+from dispatchnet.client import task_spec
+from dispatchnet.errors import InvalidArgument
+from dispatchnet.receipts.core import RECEIPT_VERSION, serialize_body, sha256, sign_body
+from dispatchnet.server import start_coordinator
+
+
+@pytest.fixture
+async def impatient(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """A coordinator that gives a Connect stream half a second to say hello."""
+    profile = make_profile(workers={"hello_timeout_seconds": 0.5})
+    c = Cluster(await start_coordinator(profile, tmp_path / "coord", "127.0.0.1:0"), tmp_path)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def test_silent_connect_stream_is_closed_after_the_hello_timeout(
+    impatient: Cluster,
+) -> None:
+    async with grpc.aio.insecure_channel(impatient.address) as channel:
+        w = RawWorker(channel)  # opens the stream and sends nothing
+        assert await w.status() == grpc.StatusCode.DEADLINE_EXCEEDED
+        details = await w.call.details() or ""
+        assert "no hello within 0.5s" in details and "hello_timeout_seconds" in details
+        w.close()
+
+
+async def test_unanswered_challenge_is_closed_after_the_hello_timeout(
+    impatient: Cluster,
+) -> None:
+    async with grpc.aio.insecure_channel(impatient.address) as channel:
+        w = RawWorker(channel)
+        w.hello()
+        assert (await w.recv()).HasField("challenge")
+        assert await w.status() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "no challenge_response within 0.5s" in (await w.call.details() or "")
+        assert not impatient.coord.hub.sessions
+        w.close()
+
+
+# --- an error while handling one worker message ------------------------------------------
+
+
+def _boom(*args: object) -> None:
+    raise RuntimeError("boom")
+
+
+def _refuse(*args: object) -> None:
+    raise InvalidArgument("result.output is too large")
+
+
+async def test_internal_error_handling_a_message_is_logged_and_named_in_go_away(
+    cluster: Cluster,
+    channel: grpc.aio.Channel,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(cluster.coord.hub, "progress", _boom)
+    raw = RawWorker(channel)
+    await raw.handshake()
+    raw.send(progress=worker_pb2.JobProgress(job_id="job_x", attempt=2, text="t"))
+    go_away = (await raw.recv()).go_away
+    assert go_away.reason.startswith("internal error handling progress for job job_x")
+    assert go_away.retry_after_seconds > 0
+    records = [r for r in caplog.records if r.name == "dispatch.hub" and r.exc_info]
+    assert len(records) == 1, records
+    text = records[0].getMessage()
+    assert "progress for job job_x" in text and raw.key.public_hex in text
+    assert "attempt 2" in text and "boom" in str(records[0].exc_info[1])  # type: ignore[index]
+    raw.close()
+
+
+async def test_refused_progress_ends_the_session_with_its_reason(
+    cluster: Cluster, channel: grpc.aio.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cluster.coord.hub, "progress", _refuse)
+    raw = RawWorker(channel)
+    await raw.handshake()
+    raw.send(progress=worker_pb2.JobProgress(job_id="job_x", attempt=1, text="t"))
+    go_away = (await raw.recv()).go_away
+    assert go_away.reason == "progress for job job_x refused: result.output is too large"
+    raw.close()
+
+
+async def test_a_long_job_id_is_cut_where_it_is_echoed(
+    cluster: Cluster, channel: grpc.aio.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cluster.coord.hub, "progress", _refuse)
+    raw = RawWorker(channel)
+    await raw.handshake()
+    raw.send(progress=worker_pb2.JobProgress(job_id="j" * 100_000, attempt=1))
+    go_away = (await raw.recv()).go_away
+    assert go_away.reason.startswith(f"progress for job {'j' * 64}… refused: ")
+    raw.close()
+
+
+async def test_refused_result_is_answered_and_the_session_goes_on(
+    cluster: Cluster, channel: grpc.aio.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cluster.coord.hub, "completed", _refuse)
+    raw = RawWorker(channel)
+    await raw.handshake()
+    c = cluster.client()
+    job = await c.submit(task_spec("echo", b"1"))
+    offer = (await raw.recv()).offer
+    raw.send(offer_response=worker_pb2.OfferResponse(job_id=job.job_id, attempt=1, accept=True))
+
+    async def running() -> bool:
+        return (await c.get(job.job_id)).state == coordinator_pb2.JOB_STATE_RUNNING
+
+    await wait_until(running, what="running")
+    raw.send(completed=worker_pb2.JobCompleted(job_id=job.job_id, attempt=offer.attempt))
+    ack = (await raw.recv()).result_ack
+    assert (ack.job_id, ack.attempt, ack.accepted) == (job.job_id, 1, False)
+    assert ack.reason == "result.output is too large"
+    # the attempt was given up and the same session is offered the next one
+    again = (await raw.recv()).offer
+    assert (again.job_id, again.attempt) == (job.job_id, 2)
+    reasons = [e.reason for e in cluster.coord.store.events_after(job.job_id, 0)]
+    assert "failed: result_refused" in reasons
+    raw.close()
+
+
+# --- receipt times -----------------------------------------------------------------------
+
+DAY = 86400
+
+
+def _receipt(
+    raw: RawWorker,
+    offer: worker_pb2.JobOffer,
+    coordinator_key: bytes,
+    output: bytes,
+    started: float,
+    completed: float,
+) -> worker_pb2.JobCompleted:
+    """A JobCompleted whose receipt is right in every field but its times."""
+    body = receipt_pb2.ReceiptBody(
+        version=RECEIPT_VERSION,
+        job_id=offer.job_id,
+        job_type=common_pb2.JOB_TYPE_TASK,
+        input_sha256=offer.spec_sha256,
+        output_sha256=sha256(output),
+        worker_public_key=raw.key.public_key,
+        coordinator_public_key=coordinator_key,
+        price=offer.price,
+        payment=offer.payment,
+        attempt=offer.attempt,
+        client_id=offer.client_id,
+    )
+    body.started_at.FromNanoseconds(int(started * 1e9))
+    body.completed_at.FromNanoseconds(int(completed * 1e9))
+    data = serialize_body(body)
+    return worker_pb2.JobCompleted(
+        job_id=offer.job_id,
+        attempt=offer.attempt,
+        result=common_pb2.JobResult(output=output, content_type="application/json"),
+        receipt_body=data,
+        receipt_signature=sign_body(raw.key, data),
+    )
+
+
+@pytest.mark.parametrize(
+    ("started", "completed", "refusal"),
+    [
+        (0, 0, ""),  # times within the attempt: countersigned
+        (0, DAY, r"receipt completed_at is 86[34]\d\ds ahead of the coordinator's clock \(30s"),
+        (2, 1, "receipt started_at is after its completed_at"),
+        (-3600, 0, r"receipt started_at is 3[56]\d\ds before this attempt was offered \(30s"),
+    ],
+)
+async def test_receipt_times_must_fit_the_attempt(
+    cluster: Cluster, channel: grpc.aio.Channel, started: int, completed: int, refusal: str
+) -> None:
+    raw = RawWorker(channel)
+    await raw.handshake()
+    c = cluster.client()
+    job = await c.submit(task_spec("echo", b"1"))
+    offer = (await raw.recv()).offer
+    raw.send(offer_response=worker_pb2.OfferResponse(job_id=job.job_id, attempt=1, accept=True))
+
+    async def running() -> bool:
+        return (await c.get(job.job_id)).state == coordinator_pb2.JOB_STATE_RUNNING
+
+    await wait_until(running, what="running")
+    now = time.time()
+    key = cluster.coord.hub.public_key
+    raw.send(completed=_receipt(raw, offer, key, b"1", now + started, now + completed))
+    ack = (await raw.recv()).result_ack
+    assert ack.accepted == (not refusal), ack.reason
+    assert re.match(refusal, ack.reason), ack.reason
+    if refusal:
+        reasons = [e.reason for e in cluster.coord.store.events_after(job.job_id, 0)]
+        assert f"bad receipt: {ack.reason}" in reasons
+    raw.close()
