@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlite_utils
 
 from dispatchnet.coordinator.models import (
     Event,
@@ -25,7 +26,8 @@ from dispatchnet.coordinator.models import (
     Receipt,
     Result,
 )
-from dispatchnet.store.sqlite import SCHEMA_VERSION, SqliteStore
+from dispatchnet.store.base import QuoteUsage
+from dispatchnet.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
 
 SPEC = JobSpec(
     job_type=JobType.TASK,
@@ -278,3 +280,25 @@ def test_due_payments_are_not_hidden_behind_payments_of_running_jobs(
     ]
     assert store.due_payments(now=400.0, limit=100)[0][0].job_id == "job_done"
     assert len(store.open_payments(limit=100)) == 100  # the old page: none of them due
+
+
+def test_quotes_stored_before_quote_accounting_count_until_released(db_path: Path) -> None:
+    raw = sqlite3.connect(db_path)
+    db = sqlite_utils.Database(raw)
+    for step in MIGRATIONS[:7]:  # the schema before v8
+        step(db)
+    raw.execute(
+        "INSERT INTO quotes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        ("q_old", 2, 2, 1, "echo", "", SPEC.spec_bytes, SPEC.spec_sha256, 1000, "USD", 1, 2, 0),
+    )
+    raw.execute("PRAGMA user_version=7")
+    raw.commit()
+    raw.close()
+    store = SqliteStore(db_path)
+    try:
+        assert store.quote_usage("")[1] == QuoteUsage(1, len(SPEC.spec_bytes))
+        assert store.release_expired_quotes(now=3.0) == 1
+        assert store.quote_usage("") == (QuoteUsage(0, 0), QuoteUsage(0, 0))
+        assert store.purge_expired(before=3.0) == 1
+    finally:
+        store.close()

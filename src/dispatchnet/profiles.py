@@ -45,6 +45,23 @@ class JobsConfig:
 
 
 @dataclass(frozen=True)
+class QuotesConfig:
+    """What GetQuote may store (`[quotes]`; README "Quotes and what they store"). A quote
+    counts its serialized spec (task input and WebAssembly module included) plus a fixed
+    256 bytes until it expires; beyond a limit GetQuote answers RESOURCE_EXHAUSTED."""
+
+    # The largest spec a GetQuote without `authorization` metadata may have (larger:
+    # UNAUTHENTICATED, asking for the metadata).
+    anonymous_max_spec_bytes: int = 16 * 1024
+    # Unexpired quotes of all anonymous callers together.
+    anonymous_max_quotes: int = 10000
+    # Bytes of unexpired quotes per authenticated client.
+    client_max_bytes: int = 64 * 1024 * 1024
+    # Bytes of unexpired quotes of everyone together.
+    max_bytes: int = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class WorkersConfig:
     heartbeat_interval_seconds: int = 10
     eviction_seconds: float = 30
@@ -83,6 +100,17 @@ class AuthConfig:
 @dataclass(frozen=True)
 class PairingConfig:
     code_ttl_seconds: int = 3600
+    # Failed ClaimPairing calls (a wrong, used or expired code) allowed per worker key in
+    # the window; beyond, that key's claims are refused (RESOURCE_EXHAUSTED) until the
+    # window has passed, even with the right code.
+    max_failed_claims: int = 5
+    failed_claims_window_seconds: float = 600
+    # The same for all keys together (new keys are free, so this is the real bound).
+    max_failed_claims_global: int = 100
+    failed_claims_global_window_seconds: float = 60
+    # Worker keys whose failures are remembered (in memory, per coordinator); beyond, the
+    # key whose last failure is oldest is forgotten.
+    max_tracked_keys: int = 10000
 
 
 @dataclass(frozen=True)
@@ -239,6 +267,7 @@ class Profile:
     server: ServerConfig = field(default_factory=ServerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    quotes: QuotesConfig = field(default_factory=QuotesConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
@@ -340,6 +369,16 @@ def check_profile(profile: Profile) -> list[str]:
         problems.append("[feedback] gas_limit must be at least 21000")
     if profile.identity.require_registration and c.kind != "evm":
         problems.append('[identity] require_registration needs [chain] kind = "evm"')
+    q = profile.quotes
+    if min(q.anonymous_max_quotes, q.client_max_bytes, q.max_bytes) < 1:
+        problems.append("[quotes] limits must be positive")
+    if q.anonymous_max_spec_bytes < 0:
+        problems.append("[quotes] anonymous_max_spec_bytes must not be negative")
+    pa = profile.pairing
+    if min(pa.max_failed_claims, pa.max_failed_claims_global, pa.max_tracked_keys) < 1 or (
+        min(pa.failed_claims_window_seconds, pa.failed_claims_global_window_seconds) <= 0
+    ):
+        problems.append("[pairing] failed-claim limits and windows must be positive")
     if profile.workers.hello_timeout_seconds <= 0:
         problems.append("[workers] hello_timeout_seconds must be positive")
     if profile.identity.cache_ttl_seconds < 0:

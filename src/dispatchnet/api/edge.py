@@ -3,7 +3,8 @@
 ErrorInterceptor (outermost) turns typed domain errors into their status codes, refuses
 requests carrying fields this server does not know, and reports anything unexpected as
 INTERNAL without a traceback. AuthInterceptor checks the `authorization` metadata on every
-method that is not public and makes the caller available through `caller()`.
+method that is not public (and on GetQuote when it is sent) and makes the caller available
+through `caller()` / `optional_caller()`.
 """
 
 from __future__ import annotations
@@ -37,13 +38,15 @@ STATUS = {
 
 PUBLIC_METHODS = frozenset(
     {
-        "/dispatch.v1.CoordinatorService/GetQuote",
         "/dispatch.v1.CoordinatorService/ListWorkers",
         "/dispatch.v1.ReceiptService/VerifyReceipt",
         "/dispatch.v1.WorkerService/Connect",  # authenticates with its own challenge
     }
 )
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# Methods anyone may call, that verify the `authorization` metadata when it is sent (the
+# caller is then known; see optional_caller()).
+OPTIONAL_AUTH_METHODS = frozenset({"/dispatch.v1.CoordinatorService/GetQuote"})
 
 _caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
 
@@ -54,6 +57,11 @@ def caller() -> Caller:
     if c is None:
         raise errors.Unauthenticated("this method needs client authentication")
     return c
+
+
+def optional_caller() -> Caller | None:
+    """The caller of the current RPC if it authenticated, None if it did not."""
+    return _caller.get()
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -140,6 +148,8 @@ class AuthInterceptor(AsyncServerInterceptor):
             return None
         values = [v for k, v in (context.invocation_metadata() or ()) if k == METADATA_KEY]
         if not values:
+            if method_name in OPTIONAL_AUTH_METHODS:
+                return None
             raise errors.Unauthenticated(
                 f"{method_name} needs '{METADATA_KEY}: Dispatch <token>' metadata; "
                 "`dispatch auth header` prints one"

@@ -22,7 +22,7 @@ from dispatch.v1 import (
     worker_pb2_grpc,
 )
 from dispatchnet.api import convert
-from dispatchnet.api.edge import caller
+from dispatchnet.api.edge import caller, optional_caller
 from dispatchnet.coordinator.hub import WorkerHub, WorkerSession
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Failure
@@ -47,7 +47,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if not request.HasField("spec"):
             raise InvalidArgument("spec is required")
         spec, module = convert.spec_from_proto(request.spec, self.limits, self.jobs.stored_module)
-        q = self.jobs.quote(spec, module)
+        who = optional_caller()
+        q = self.jobs.quote(spec, module, who.id if who is not None else "")
         return coordinator_pb2.GetQuoteResponse(
             quote=coordinator_pb2.Quote(
                 quote_id=q.quote_id,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from dispatchnet.agent_identity import IdentityVerifier
 from dispatchnet.coordinator import matching
+from dispatchnet.coordinator.catalogue import TaskCatalogue
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Failure, Job, JobSpec, Privacy, Result, WorkerKind
 from dispatchnet.coordinator.ports import ReputationSource
@@ -133,8 +134,10 @@ class WorkerHub:
         rng: random.Random | None = None,
         identity: IdentityVerifier | None = None,
         require_registration: bool = False,
+        catalogue: TaskCatalogue | None = None,
     ) -> None:
         self.jobs = jobs
+        self.catalogue = catalogue  # told the task names every worker declares
         # checks Hello.agent_id claims on chain (None: no chain, agent ids are dropped)
         self.identity = identity
         self.require_registration = require_registration
@@ -207,6 +210,8 @@ class WorkerHub:
         )
         self.sessions[worker_id] = session
         self.store.record_worker_seen(worker_id, int(hello.kind), now)
+        if self.catalogue is not None:
+            self.catalogue.declared(hello.tasks)
         self.reputation.warm(worker_id)
         for job_id, attempt in hello.running:
             if self.jobs.resume(job_id, attempt, worker_id) is not None:

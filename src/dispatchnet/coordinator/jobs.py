@@ -19,6 +19,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 
+from dispatchnet.coordinator.catalogue import TaskCatalogue
 from dispatchnet.coordinator.events import JobNotifier
 from dispatchnet.coordinator.models import (
     ACTIVE_STATES,
@@ -30,6 +31,7 @@ from dispatchnet.coordinator.models import (
     Job,
     JobSpec,
     JobState,
+    JobType,
     Payment,
     Privacy,
     Quote,
@@ -48,15 +50,19 @@ from dispatchnet.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
 )
-from dispatchnet.profiles import JobsConfig, PricingConfig
+from dispatchnet.profiles import JobsConfig, PricingConfig, QuotesConfig
 from dispatchnet.store.base import Store
 
 MAX_IDEMPOTENCY_KEY = 128
 WATCH_POLL_SECONDS = 5.0
-# Expired quotes stay this long (so a late CommitJob hears "expired", not "not found").
+# Expired quotes stay this long (so a late CommitJob hears "expired", not "not found"),
+# without their spec: they stop counting toward [quotes] limits within PURGE_INTERVAL.
 EXPIRED_RETENTION_SECONDS = 3600.0
 PURGE_INTERVAL_SECONDS = 60.0
+QUOTE_ROW_BYTES = 256  # what a stored quote counts besides its spec
 # Feedback for a worker with an agent id (see README "Reputation and feedback"):
 FEEDBACK_TAG1 = "successRate"
 FEEDBACK_POSITIVE = 100  # a completed job (valueDecimals 0: 100 of 100)
@@ -81,8 +87,13 @@ class JobService:
         reputation: ReputationSource,
         notifier: JobNotifier | None = None,
         clock: Callable[[], float] = time.time,
+        catalogue: TaskCatalogue | None = None,
+        quotes: QuotesConfig | None = None,
     ) -> None:
         self.store = store
+        self.quotes = quotes or QuotesConfig()
+        # the task names quotes may ask for (None: any)
+        self.catalogue = catalogue
         self.cfg = jobs
         self.pricing = pricing
         self.notary = notary
@@ -105,10 +116,15 @@ class JobService:
         """A WebAssembly module sent with an earlier quote, by its SHA-256."""
         return self.store.get_module(sha256)
 
-    def quote(self, spec: JobSpec, wasm_module: bytes | None = None) -> Quote:
+    def quote(self, spec: JobSpec, wasm_module: bytes | None = None, client_id: str = "") -> Quote:
+        """Prices spec and stores the quote under client_id ("" for an anonymous caller).
+        FailedPrecondition for a TASK no worker has ever offered (see TaskCatalogue);
+        Unauthenticated for an anonymous spec over [quotes] anonymous_max_spec_bytes;
+        ResourceExhausted beyond the other [quotes] limits on stored quotes."""
+        if spec.job_type is JobType.TASK and self.catalogue is not None:
+            self.catalogue.check(spec.task_name)
+        size = self._check_quote_storage(spec, client_id)
         now = self.clock()
-        if wasm_module is not None:
-            self.store.put_module(hashlib.sha256(wasm_module).digest(), wasm_module, now)
         q = Quote(
             quote_id=new_id("q"),
             spec=spec,
@@ -117,8 +133,41 @@ class JobService:
             created_at=now,
             expires_at=now + self.cfg.quote_ttl_seconds,
         )
-        self.store.put_quote(q)
+        self.store.put_quote(q, client_id, size, wasm_module)
         return q
+
+    def _check_quote_storage(self, spec: JobSpec, client_id: str) -> int:
+        """The bytes a quote for spec counts; raises when storing it would pass a limit."""
+        cfg = self.quotes
+        spec_bytes = len(spec.spec_bytes)
+        size = spec_bytes + QUOTE_ROW_BYTES
+        held = self.cfg.quote_ttl_seconds + PURGE_INTERVAL_SECONDS
+        retry = f"a quote's storage is released within {held:g}s of its making"
+        if not client_id and spec_bytes > cfg.anonymous_max_spec_bytes:
+            raise Unauthenticated(
+                f"this spec is {spec_bytes} bytes; GetQuote without authorization takes "
+                f"{cfg.anonymous_max_spec_bytes} at most: send 'authorization: Dispatch "
+                "<token>' metadata (`dispatch auth header` prints one; the CLI and the "
+                "Python client send it)"
+            )
+        mine, everyone = self.store.quote_usage(client_id)
+        if not client_id and mine.quotes >= cfg.anonymous_max_quotes:
+            raise ResourceExhausted(
+                f"anonymous callers hold {mine.quotes} unexpired quotes, the most this "
+                f"coordinator stores; send 'authorization' metadata with GetQuote (`dispatch "
+                f"auth header`), or retry later ({retry})"
+            )
+        if client_id and mine.bytes + size > cfg.client_max_bytes:
+            raise ResourceExhausted(
+                f"your unexpired quotes hold {mine.bytes} bytes and this one needs {size}; "
+                f"the limit per client is {cfg.client_max_bytes}; retry later ({retry})"
+            )
+        if everyone.bytes + size > cfg.max_bytes:
+            raise ResourceExhausted(
+                f"this coordinator's quote storage is full ({cfg.max_bytes} bytes); "
+                f"retry later ({retry})"
+            )
+        return size
 
     def get_quote(self, quote_id: str) -> Quote:
         if not quote_id:
@@ -452,11 +501,12 @@ class JobService:
         return out
 
     def sweep(self) -> None:
-        """Lapsed leases go back to the queue; jobs nobody could take in time fail; quotes
-        and pairing codes long expired are deleted (GetQuote is public, so they must not
-        pile up)."""
+        """Lapsed leases go back to the queue; jobs nobody could take in time fail; expired
+        quotes give their storage back, and with pairing codes long expired are deleted
+        (GetQuote is public, so they must not pile up)."""
         now = self.clock()
         if now >= self._next_purge:
+            self.store.release_expired_quotes(now)
             self.store.purge_expired(now - EXPIRED_RETENTION_SECONDS)
             self._next_purge = now + PURGE_INTERVAL_SECONDS
         for job in self.store.lapsed_leases(now):

@@ -37,12 +37,37 @@ class Runnable:
     llm: bool
 
 
+@dataclass(frozen=True)
+class QuoteUsage:
+    """Stored quotes not yet released, and the bytes they count."""
+
+    quotes: int
+    bytes: int
+
+
 class Store(Protocol):
     # quotes
-    def put_quote(self, quote: Quote) -> None: ...
+    def put_quote(
+        self, quote: Quote, owner: str = "", size: int = 0, module: bytes | None = None
+    ) -> None:
+        """Stores quote for owner (a client id, "" for anonymous) and counts `size` bytes
+        toward owner's and the total usage until it is released; stores `module` (the
+        WebAssembly module of its spec, content-addressed) with it. One transaction."""
+        ...
+
     def get_quote(self, quote_id: str) -> Quote | None: ...
+    def quote_usage(self, owner: str) -> tuple[QuoteUsage, QuoteUsage]:
+        """What owner's unreleased quotes hold, and what everyone's do."""
+        ...
+
+    def release_expired_quotes(self, now: float) -> int:
+        """Quotes that expired before `now` give their usage back and drop their spec (the
+        row stays, so CommitJob still says "expired", until purge_expired); then modules
+        that no stored quote and no open job references are deleted. How many quotes."""
+        ...
+
     def purge_expired(self, before: float) -> int:
-        """Deletes quotes and pairing codes that expired before `before`; how many."""
+        """Deletes released quotes and pairing codes that expired before `before`; how many."""
         ...
 
     # jobs
@@ -137,12 +162,24 @@ class Store(Protocol):
     def revoke_pairing(self, pairing_id: str, now: float) -> Pairing | None: ...
     def paired_workers(self, client_id: str) -> set[str]: ...
 
-    # WebAssembly modules, content-addressed
-    def put_module(self, sha256: bytes, module: bytes, now: float) -> None: ...
+    # WebAssembly modules, content-addressed (stored with quotes, see put_quote)
     def get_module(self, sha256: bytes) -> bytes | None: ...
 
     # workers
     def record_worker_seen(self, worker_id: str, kind: int, now: float) -> None: ...
+    def record_task_names(self, names: Sequence[str], now: float, keep: int) -> None:
+        """Notes that a worker declared these task names now; keeps only the `keep` names
+        declared most recently."""
+        ...
+
+    def task_name_known(self, name: str) -> bool:
+        """Whether a worker declared this task name (and it was not dropped since)."""
+        ...
+
+    def task_names(self, limit: int) -> list[str]:
+        """At most `limit` declared task names, most recently declared first."""
+        ...
+
     def record_outcome(self, worker_id: str, success: bool) -> None: ...
     def worker_stats(self, worker_id: str) -> tuple[int, int]:
         """(completed, failed) counts of a worker."""
