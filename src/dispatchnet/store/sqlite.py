@@ -521,11 +521,13 @@ class SqliteStore:
             where += " AND (queued_at, job_id) > (?, ?)"
             params += list(after)
         if runnable is not None:
-            names = sorted(runnable.task_names)
-            task = f"job_type=? AND use_llm=0 AND task_name IN ({','.join('?' * len(names))})"
+            # The names go in as one JSON array: their number is up to the connected
+            # workers, and SQLite refuses more than 32766 bound parameters.
+            names = json.dumps(sorted(runnable.task_names))
+            task = "job_type=? AND use_llm=0 AND task_name IN (SELECT value FROM json_each(?))"
             llm = "job_type=? OR use_llm=1" if runnable.llm else "0"
             where += f" AND (({task}) OR ({llm}))"
-            params += [int(JobType.TASK), *names]
+            params += [int(JobType.TASK), names]
             if runnable.llm:
                 params.append(int(JobType.LLM))
         params.append(limit)
