@@ -35,6 +35,11 @@ class WorkerServiceStub:
     end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. The worker's
     identity (worker_id) is the hex of the key it proved.
 
+    Limits: every list and string a worker sends is bounded (the numbers are on
+    each field below; strings count characters). A message beyond a limit ends
+    the stream with INVALID_ARGUMENT naming the field and the limit. Every
+    job_id a worker sends is at most 64 characters.
+
     Then: the worker sends Heartbeat at the interval Welcome gives; the
     coordinator evicts a worker it has not heard from for `eviction_seconds`
     and requeues its jobs. The coordinator sends JobOffer with a lease; the
@@ -66,6 +71,11 @@ class WorkerServiceServicer:
     coordinator answers Welcome. Any other first messages, or a bad signature,
     end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. The worker's
     identity (worker_id) is the hex of the key it proved.
+
+    Limits: every list and string a worker sends is bounded (the numbers are on
+    each field below; strings count characters). A message beyond a limit ends
+    the stream with INVALID_ARGUMENT naming the field and the limit. Every
+    job_id a worker sends is at most 64 characters.
 
     Then: the worker sends Heartbeat at the interval Welcome gives; the
     coordinator evicts a worker it has not heard from for `eviction_seconds`
@@ -108,6 +118,11 @@ class WorkerService:
     coordinator answers Welcome. Any other first messages, or a bad signature,
     end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. The worker's
     identity (worker_id) is the hex of the key it proved.
+
+    Limits: every list and string a worker sends is bounded (the numbers are on
+    each field below; strings count characters). A message beyond a limit ends
+    the stream with INVALID_ARGUMENT naming the field and the limit. Every
+    job_id a worker sends is at most 64 characters.
 
     Then: the worker sends Heartbeat at the interval Welcome gives; the
     coordinator evicts a worker it has not heard from for `eviction_seconds`

@@ -36,6 +36,11 @@ class WorkerServiceStub:
     end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. The worker's
     identity (worker_id) is the hex of the key it proved.
 
+    Limits: every list and string a worker sends is bounded (the numbers are on
+    each field below; strings count characters). A message beyond a limit ends
+    the stream with INVALID_ARGUMENT naming the field and the limit. Every
+    job_id a worker sends is at most 64 characters.
+
     Then: the worker sends Heartbeat at the interval Welcome gives; the
     coordinator evicts a worker it has not heard from for `eviction_seconds`
     and requeues its jobs. The coordinator sends JobOffer with a lease; the
@@ -63,6 +68,11 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. The worker's
     identity (worker_id) is the hex of the key it proved.
 
+    Limits: every list and string a worker sends is bounded (the numbers are on
+    each field below; strings count characters). A message beyond a limit ends
+    the stream with INVALID_ARGUMENT naming the field and the limit. Every
+    job_id a worker sends is at most 64 characters.
+
     Then: the worker sends Heartbeat at the interval Welcome gives; the
     coordinator evicts a worker it has not heard from for `eviction_seconds`
     and requeues its jobs. The coordinator sends JobOffer with a lease; the
@@ -85,6 +95,11 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     coordinator answers Welcome. Any other first messages, or a bad signature,
     end the stream with UNAUTHENTICATED / INVALID_ARGUMENT. The worker's
     identity (worker_id) is the hex of the key it proved.
+
+    Limits: every list and string a worker sends is bounded (the numbers are on
+    each field below; strings count characters). A message beyond a limit ends
+    the stream with INVALID_ARGUMENT naming the field and the limit. Every
+    job_id a worker sends is at most 64 characters.
 
     Then: the worker sends Heartbeat at the interval Welcome gives; the
     coordinator evicts a worker it has not heard from for `eviction_seconds`

@@ -28,7 +28,7 @@ from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Failure
 from dispatchnet.coordinator.pairing import PairingService
 from dispatchnet.coordinator.receipts import ReceiptQueries
-from dispatchnet.errors import InvalidArgument
+from dispatchnet.errors import DispatchError, InvalidArgument
 from dispatchnet.payments.interceptor import current_payment
 from dispatchnet.profiles import LimitsConfig, WorkersConfig
 from dispatchnet.receipts.core import verify_receipt_message
@@ -137,6 +137,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if second is None or second.WhichOneof("msg") != "challenge_response":
             raise InvalidArgument("the second message on Connect must be challenge_response")
         proof = second.challenge_response
+        convert.check_challenge_response(proof)
         self.hub.authenticate(hello.public_key, nonce, proof.signature)
         agent_id = await self.hub.verify_agent(hello, nonce, proof.chain_signature)
         session = self.hub.register(dataclasses.replace(hello, agent_id=agent_id))
@@ -160,15 +161,28 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             self.hub.unregister(session, reason)
+        if reader.done() and not reader.cancelled() and reader.exception() is None:
+            refused = reader.result()
+            if refused is not None:
+                raise refused  # the stream ends with its status (INVALID_ARGUMENT)
 
-    async def _read(self, it: AsyncIterator[worker_pb2.ConnectRequest], s: WorkerSession) -> None:
+    async def _read(
+        self, it: AsyncIterator[worker_pb2.ConnectRequest], s: WorkerSession
+    ) -> DispatchError | None:
+        """Handles the worker's messages; returns the error that made it stop reading, if
+        a message was refused (the session then ends without a GoAway)."""
         try:
             async for msg in it:
                 self._handle(s, msg)
+        except DispatchError as e:
+            s.end()
+            return e
         finally:
             s.close("stream closed by the worker")
+        return None
 
     def _handle(self, s: WorkerSession, msg: worker_pb2.ConnectRequest) -> None:
+        convert.check_worker_message(msg)
         kind = msg.WhichOneof("msg")
         if kind == "heartbeat":
             self.hub.touch(s, list(msg.heartbeat.running_job_ids))

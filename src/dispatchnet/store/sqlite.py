@@ -487,6 +487,15 @@ class SqliteStore:
         ).fetchone()
         return r is not None
 
+    def held_attempts(self, worker_id: str, job_ids: Sequence[str]) -> set[tuple[str, int]]:
+        rows = self._conn.execute(
+            "SELECT DISTINCT job_id, attempt FROM events "
+            "WHERE job_id IN (SELECT value FROM json_each(?)) AND kind=? AND state=? "
+            "AND worker_id=?",
+            (json.dumps(list(job_ids)), EventKind.STATE.value, int(JobState.OFFERED), worker_id),
+        )
+        return {(str(r["job_id"]), int(r["attempt"])) for r in rows}
+
     def events_after(self, job_id: str, sequence: int, limit: int = 500) -> list[Event]:
         rows = self._conn.execute(
             "SELECT * FROM events WHERE job_id=? AND sequence>? ORDER BY sequence LIMIT ?",
