@@ -219,6 +219,7 @@ class WorkerHub:
             else:
                 session.foreign.add(job_id)
         self._log_ignored(session, session.ignored)
+        self.jobs.worker_returned(worker_id, set(session.active))
         log.info("worker %s… connected (%s)", worker_id[:12], hello.kind.name.lower())
         self.kick()
         return session
@@ -232,6 +233,11 @@ class WorkerHub:
         session.closed = True
         held = dict(session.active)
         session.active.clear()
+        if self._stopping:
+            # the coordinator is going down: the jobs stay the workers', and the next
+            # start holds them for a while (JobService.recover), as after a crash
+            log.info("worker %s… gone (coordinator stopping)", session.worker_id[:12])
+            return
         for job_id, attempt in held.items():
             job = self.store.get_job(job_id)
             if job is not None and job.worker_id == session.worker_id and job.attempts == attempt:
