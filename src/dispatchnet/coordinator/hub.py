@@ -225,7 +225,9 @@ class WorkerHub:
         return session
 
     def unregister(self, session: WorkerSession, reason: str) -> None:
-        """Forgets a session and requeues what it held; safe to call more than once."""
+        """Forgets a session and requeues what it held (except while the coordinator
+        stops: the jobs then stay held, see JobService.recover); safe to call more than
+        once."""
         if self.sessions.get(session.worker_id) is session:
             del self.sessions[session.worker_id]
         elif session.closed and not session.active:

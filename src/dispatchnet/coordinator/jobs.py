@@ -66,9 +66,10 @@ PURGE_INTERVAL_SECONDS = 60.0
 FEEDBACK_TAG1 = "successRate"
 FEEDBACK_POSITIVE = 100  # a completed job (valueDecimals 0: 100 of 100)
 FEEDBACK_NEGATIVE = 0  # a job that failed on the worker (final failure)
-# Final failures that are not the worker's fault: no feedback.
-NOT_WORKER_FAULT = frozenset({"bad_input", "context_length_exceeded", "coordinator_restarted"})
+# The reason of the events of a job held, then requeued, across a coordinator restart.
 RESTARTED = "coordinator_restarted"
+# Final failures that are not the worker's fault: no feedback.
+NOT_WORKER_FAULT = frozenset({"bad_input", "context_length_exceeded", RESTARTED})
 
 log = logging.getLogger("dispatch.jobs")
 
