@@ -26,7 +26,7 @@ from dispatchnet.coordinator.models import (
     Receipt,
     Result,
 )
-from dispatchnet.store.base import QuoteUsage
+from dispatchnet.store.base import QuoteUsage, Runnable
 from dispatchnet.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
 
 SPEC = JobSpec(
@@ -198,6 +198,16 @@ def test_events_are_numbered_consecutively(store: SqliteStore) -> None:
     assert [e.sequence for e in store.events_after(other.job_id, 0)] == [1]
     now = store.get_job(job.job_id)
     assert now is not None and now.last_sequence == 7
+
+
+def test_queued_jobs_binds_no_parameter_per_task_name(store: SqliteStore) -> None:
+    """The union of every free worker's task names can be far beyond SQLite's variable
+    limit (32766): the query must not bind one parameter per name."""
+    store.create_job(make_job("job_1"), queued("job_1"))
+    names = frozenset({"echo", *(f"t{i}" for i in range(300_000))})
+    assert [j.job_id for j in store.queued_jobs(10, None, Runnable(names, False))] == ["job_1"]
+    assert store.queued_jobs(10, None, Runnable(frozenset({"other"}), False)) == []
+    assert store.queued_jobs(10, None, Runnable(frozenset(), False)) == []
 
 
 def test_append_event_on_a_final_job_is_refused(store: SqliteStore) -> None:

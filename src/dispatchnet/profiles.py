@@ -42,6 +42,10 @@ class JobsConfig:
     time_limit_seconds: int = 300
     queue_timeout_seconds: float = 600
     sweep_interval_seconds: float = 1.0
+    # After a coordinator restart, each job a worker held stays that worker's for this
+    # long, so it can reconnect and resume it; then it is requeued without costing an
+    # attempt (README "Job lifecycle").
+    restart_grace_seconds: float = 30
 
 
 @dataclass(frozen=True)

@@ -178,9 +178,13 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
     except ValueError as e:
         store.close()
         raise ValueError(f"profile {profile.name}: {e}") from e
-    requeued = jobs.recover()
-    if requeued:
-        log.info("requeued %d job(s) held by workers before the restart", requeued)
+    held = jobs.recover()
+    if held:
+        log.info(
+            "%d job(s) held by workers before the restart wait %gs for their worker",
+            held,
+            profile.jobs.restart_grace_seconds,
+        )
 
     opts = [
         ("grpc.max_receive_message_length", profile.server.max_message_bytes),

@@ -131,6 +131,11 @@ class Store(Protocol):
         it never was."""
         ...
 
+    def held_attempts(self, worker_id: str, job_ids: Sequence[str]) -> set[tuple[str, int]]:
+        """The (job_id, attempt) pairs among job_ids that worker_id was offered, in one
+        read whatever the number of ids (the caller bounds them)."""
+        ...
+
     def events_after(self, job_id: str, sequence: int, limit: int = 500) -> list[Event]: ...
     def queued_jobs(
         self, limit: int, after: tuple[float, str] | None = None, runnable: Runnable | None = None

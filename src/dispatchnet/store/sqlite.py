@@ -591,6 +591,15 @@ class SqliteStore:
         ).fetchone()
         return None if r is None else float(r["time"])
 
+    def held_attempts(self, worker_id: str, job_ids: Sequence[str]) -> set[tuple[str, int]]:
+        rows = self._conn.execute(
+            "SELECT DISTINCT job_id, attempt FROM events "
+            "WHERE job_id IN (SELECT value FROM json_each(?)) AND kind=? AND state=? "
+            "AND worker_id=?",
+            (json.dumps(list(job_ids)), EventKind.STATE.value, int(JobState.OFFERED), worker_id),
+        )
+        return {(str(r["job_id"]), int(r["attempt"])) for r in rows}
+
     def events_after(self, job_id: str, sequence: int, limit: int = 500) -> list[Event]:
         rows = self._conn.execute(
             "SELECT * FROM events WHERE job_id=? AND sequence>? ORDER BY sequence LIMIT ?",
@@ -625,11 +634,13 @@ class SqliteStore:
             where += " AND (queued_at, job_id) > (?, ?)"
             params += list(after)
         if runnable is not None:
-            names = sorted(runnable.task_names)
-            task = f"job_type=? AND use_llm=0 AND task_name IN ({','.join('?' * len(names))})"
+            # The names go in as one JSON array: their number is up to the connected
+            # workers, and SQLite refuses more than 32766 bound parameters.
+            names = json.dumps(sorted(runnable.task_names))
+            task = "job_type=? AND use_llm=0 AND task_name IN (SELECT value FROM json_each(?))"
             llm = "job_type=? OR use_llm=1" if runnable.llm else "0"
             where += f" AND (({task}) OR ({llm}))"
-            params += [int(JobType.TASK), *names]
+            params += [int(JobType.TASK), names]
             if runnable.llm:
                 params.append(int(JobType.LLM))
         params.append(limit)
