@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import HELLO, Cluster, RawWorker, make_profile, rpc_code
+from conftest import HELLO, Cluster, make_profile, rpc_code
 
 from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, receipt_pb2_grpc, worker_pb2
 from dispatchnet.auth import tokens
@@ -284,17 +284,6 @@ async def test_oversized_ids_are_refused_with_a_short_message(
     looks it up; the message names the field and never echoes the id back."""
     code, msg = await _code(call(cluster.client()))
     assert (code, msg) == (INVALID, f"{field} is {len(BIG)} characters; the limit is {limit}")
-
-
-async def test_oversized_ids_from_a_worker_end_its_stream(channel: grpc.aio.Channel) -> None:
-    w = RawWorker(channel)
-    await w.handshake()
-    w.send(heartbeat=worker_pb2.Heartbeat(running_job_ids=["job_a", "j" * 65]))
-    assert await w.status() == INVALID
-    assert (
-        await w.call.details() == "heartbeat.running_job_ids[1] is 65 characters; the limit is 64"
-    )
-    w.close()
 
 
 def test_error_messages_quote_a_short_prefix_of_caller_input() -> None:

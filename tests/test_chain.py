@@ -192,7 +192,7 @@ def test_chain_up_is_idempotent_and_status_reports_it(home: Path, chain: dict[st
     assert set(chain["accounts"]) == {"coordinator", "client"}
     assert set(chain["contracts"]) == {
         "identity_registry", "reputation_registry", "validation_registry", "receipt_anchor",
-        "usdc",
+        "usdc", "batch_settler",
     }  # fmt: skip
     assert pid_alive(chain["anvil_pid"])
 

@@ -94,6 +94,10 @@ FUNCTIONS: dict[str, dict[str, str]] = {
         "anchor(bytes32,uint32,string)": "bool",
         "anchoredAt(bytes32)": "uint64,address",
     },
+    "BatchSettler": {
+        "settle(address,(address,address,uint256,uint256,uint256,bytes32,bytes)[])": "bool[]",
+        "authorizationStates(address,address[],bytes32[])": "bool[]",
+    },
     "TestUSDC": {
         f"transferWithAuthorization({EIP3009},uint8,bytes32,bytes32)": "",
         f"transferWithAuthorization({EIP3009},bytes)": "",
@@ -138,6 +142,7 @@ EVENTS: dict[str, dict[str, tuple[bool, ...]]] = {
     "ReceiptAnchor": {
         "Anchored(bytes32,address,uint32,string)": (True, True, False, False),
     },
+    "BatchSettler": {},
     "TestUSDC": {
         "AuthorizationUsed(address,bytes32)": (True, True),
         "AuthorizationCanceled(address,bytes32)": (True, True),

@@ -7,11 +7,14 @@ import time
 
 import grpc
 import pytest
-from conftest import Cluster, rpc_code, wait_until
+from conftest import Cluster, RawWorker, rpc_code, wait_until
 
 from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, receipt_pb2_grpc
 from dispatchnet.client import task_spec
+from dispatchnet.coordinator.catalogue import MAX_LISTED, TaskCatalogue
+from dispatchnet.errors import FailedPrecondition
 from dispatchnet.receipts.core import sha256, verify_receipt_message
+from dispatchnet.worker.executors import BuiltinTasks
 
 COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
 
@@ -203,7 +206,7 @@ async def test_task_error_fails_the_job_without_retry(cluster: Cluster) -> None:
 
 async def test_job_with_no_eligible_worker_fails_after_queue_timeout(cluster: Cluster) -> None:
     c = cluster.client()
-    job = await c.submit(task_spec("no_such_task", b"1"))
+    job = await c.submit(task_spec("echo", b"1"))  # no worker is connected
     cluster.coord.jobs.clock = lambda: time.time() + 3600
     cluster.coord.hub.kick()
     done = await c.wait(job.job_id)
@@ -237,9 +240,9 @@ async def test_many_jobs_spread_over_workers(cluster: Cluster) -> None:
 async def test_jobs_nobody_can_run_do_not_block_the_queue(cluster: Cluster) -> None:
     c = cluster.client()
     for i in range(520):  # more than one dispatch page of jobs no connected worker runs
-        await c.submit(task_spec("no_such_task", str(i).encode()))
+        await c.submit(task_spec("echo", str(i).encode()))
     runnable = [await c.submit(task_spec("sha256", str(i).encode())) for i in range(5)]
-    await cluster.worker()
+    await cluster.worker(executors=[BuiltinTasks(["sha256"])])
     done = [await c.wait(j.job_id) for j in runnable]
     assert all(d.state == COMPLETED for d in done)
 
@@ -254,3 +257,45 @@ async def test_long_expired_quotes_are_purged(cluster: Cluster) -> None:
     assert cluster.coord.store.get_quote(old.quote_id) is None
     fresh = await c.quote(task_spec("echo", b"2"))
     assert cluster.coord.store.get_quote(fresh.quote_id) is not None
+
+
+async def test_a_task_no_worker_ever_offered_is_refused_at_quote_time(cluster: Cluster) -> None:
+    c = cluster.client()
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await c.quote(task_spec("ech", b"1"))
+    assert rpc_code(e.value) == grpc.StatusCode.FAILED_PRECONDITION
+    msg = e.value.details() or ""
+    assert msg.startswith('no worker has ever offered task "ech" (did you mean "echo"?); ')
+    assert "known tasks: classify, echo, extract_json, sha256, sleep" in msg
+    assert "wasm" in msg  # the built-in catalogue counts before any worker connects
+
+
+async def test_a_task_a_worker_declared_stays_known(
+    cluster: Cluster, channel: grpc.aio.Channel
+) -> None:
+    c = cluster.client()
+    with pytest.raises(grpc.aio.AioRpcError):
+        await c.quote(task_spec("resize_image", b"1"))
+    raw = RawWorker(channel)
+    await raw.handshake(tasks=("resize_image",))
+    raw.close()
+    await wait_until(lambda: not cluster.coord.hub.sessions, what="the worker to leave")
+    q = await c.quote(task_spec("resize_image", b"1"))  # known though nobody runs it now
+    assert q.eligible_workers == 0
+    # kept durably: a coordinator starting on the same store knows it too
+    assert TaskCatalogue(cluster.coord.store, []).check("resize_image") is None
+
+
+async def test_declared_task_names_are_bounded(cluster: Cluster) -> None:
+    store = cluster.coord.store
+    for i in range(10):
+        store.record_task_names([f"t{i}"], 100.0 + i, keep=4)
+    store.record_task_names(["t7"], 200.0, keep=4)  # declared again: the most recent
+    store.record_task_names(["t10"], 201.0, keep=4)
+    assert store.task_names(100) == ["t10", "t7", "t9", "t8"]
+    # the message lists a bounded number of names
+    catalogue = TaskCatalogue(store, [f"b{i:03}" for i in range(100)])
+    with pytest.raises(FailedPrecondition) as e:
+        catalogue.check("nope")
+    assert e.value.message.count(",") == MAX_LISTED  # MAX_LISTED names and "… (N more)"
+    assert e.value.message.endswith("(84 more)")

@@ -14,6 +14,8 @@ from conftest import Cluster, rpc_code
 from dispatch.v1 import coordinator_pb2, trust_pb2, trust_pb2_grpc
 from dispatchnet.client import CoordinatorClient, task_spec
 from dispatchnet.coordinator.pairing import PairingService
+from dispatchnet.coordinator.ratelimit import FailureLimiter
+from dispatchnet.errors import NotFound, ResourceExhausted
 from dispatchnet.keys import KeyPair
 from dispatchnet.profiles import PairingConfig
 
@@ -124,6 +126,63 @@ async def test_codes_are_stored_only_as_hashes(cluster: Cluster) -> None:
     for f in Path(cluster.coord.store.path), Path(cluster.coord.store.path + "-wal"):
         data = f.read_bytes()
         assert not any(p.encode() in data for p in plain), f
+
+
+async def test_failed_claims_lock_the_key_out_even_with_the_right_code(cluster: Cluster) -> None:
+    client, guesser, other = cluster.client(), cluster.client(), cluster.client()
+    code = (await client.create_pairing_code()).code
+    wrong = "AAAA-AAAA" if code != "AAAA-AAAA" else "BBBB-BBBB"
+    for _ in range(5):  # [pairing] max_failed_claims
+        assert (await _code(guesser.claim_pairing(wrong)))[0] == grpc.StatusCode.NOT_FOUND
+    status, msg = await _code(guesser.claim_pairing(code))
+    assert status == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert re.fullmatch(r"too many failed pairing claims; try again in \d+ s", msg), msg
+    s = int(msg.split()[-2])
+    assert 590 <= s <= 600
+    # the lockout is the guessing key's: another key claims the code it did not use
+    assert (await other.claim_pairing(code)).client_id == client.key.public_hex
+
+
+def _service(cluster: Cluster, now: list[float], **cfg: Any) -> PairingService:
+    return PairingService(cluster.coord.store, PairingConfig(**cfg), clock=lambda: now[0])
+
+
+async def test_failed_claims_are_limited_for_all_keys_together(cluster: Cluster) -> None:
+    now = [time.time()]
+    svc = _service(cluster, now, max_failed_claims_global=3)
+    code, _ = svc.create_code("c" * 64, 3600)
+    for i in range(3):  # three keys, one wrong guess each
+        with pytest.raises(NotFound):
+            svc.claim(f"w{i}", "AAAA-AAAA" if code != "AAAA-AAAA" else "BBBB-BBBB")
+    with pytest.raises(ResourceExhausted, match="try again in 60 s"):
+        svc.claim("fresh-key", code)  # a new key with the right code: locked out too
+    now[0] += 60  # failed_claims_global_window_seconds
+    assert svc.claim("fresh-key", code).client_id == "c" * 64
+
+
+async def test_a_key_lockout_ends_with_its_window(cluster: Cluster) -> None:
+    now = [time.time()]
+    svc = _service(cluster, now, max_failed_claims=2, failed_claims_window_seconds=100)
+    code, _ = svc.create_code("c" * 64, 3600)
+    for _ in range(2):
+        with pytest.raises(NotFound):
+            svc.claim("w", "AAAA-AAAA" if code != "AAAA-AAAA" else "BBBB-BBBB")
+    now[0] += 40
+    with pytest.raises(ResourceExhausted, match="try again in 60 s"):
+        svc.claim("w", code)
+    now[0] += 60
+    assert svc.claim("w", code).worker_id == "w"
+
+
+def test_the_failure_table_is_bounded() -> None:
+    limiter = FailureLimiter(2, 600, 10**9, 60, max_keys=100)
+    for i in range(1000):
+        limiter.failed(f"key{i}", 1000.0 + i)
+        limiter.failed(f"key{i}", 1000.0 + i)
+    assert len(limiter) == 100
+    # the most recent keys are the ones remembered
+    assert limiter.retry_after("key999", 2000.0) > 0
+    assert limiter.retry_after("key0", 2000.0) == 0
 
 
 # --- listing and revoking ----------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import re
 import threading
@@ -50,6 +51,7 @@ from dispatchnet.client import (
     task_spec,
     trailer,
 )
+from dispatchnet.devchain.anvil import _rpc
 from dispatchnet.keys import KeyPair
 from dispatchnet.payments.wallet import Asset, PaymentDeclined, Wallet
 from dispatchnet.profiles import AcceptConfig
@@ -477,18 +479,29 @@ async def test_a_settlement_sent_before_a_crash_is_not_sent_again(
     crashed = payments[0]
     assert crashed is not None
     assert await asyncio.to_thread(service.gateway.settle, crashed) == sent[0]  # not again
-    # the coordinator comes back after the authorizations expired (the clock jumps)
-    later = time.time() + 7200
-    monkeypatch.setattr(exact_facilitator, "time", SimpleNamespace(time=lambda: later))
-    assert await service.settle_due() == 3
-    final = [paid.coord.store.get_payment(job.job_id) for job in jobs]
-    assert [(p.status.value, p.transaction) for p in final if p is not None] == [
-        ("settled", sent[0]),
-        ("settled", sent[1]),
-        ("failed", ""),
-    ]
-    assert final[2] is not None and "valid_before" in final[2].error
-    assert balance(chain, wallet.address) == start - 2 * PRICE
+    # the coordinator comes back after the authorizations expired: the chain's clock and
+    # the facilitator's jump two hours (the chain's state is put back afterwards)
+    rpc = chain["rpc_url"]
+    snapshot = _rpc(rpc, "evm_snapshot", [], timeout=5)
+    try:
+        _rpc(rpc, "evm_increaseTime", [7200], timeout=5)
+        _rpc(rpc, "evm_mine", [], timeout=5)
+        later = time.time() + 7200
+        monkeypatch.setattr(exact_facilitator, "time", SimpleNamespace(time=lambda: later))
+        monkeypatch.setattr(
+            service, "cfg", dataclasses.replace(service.cfg, settle_max_wait_seconds=0)
+        )
+        assert await service.settle_due() == 3
+        final = [paid.coord.store.get_payment(job.job_id) for job in jobs]
+        assert [(p.status.value, p.transaction) for p in final if p is not None] == [
+            ("settled", sent[0]),
+            ("settled", sent[1]),
+            ("failed", ""),
+        ]
+        assert final[2] is not None and "valid_before" in final[2].error
+        assert balance(chain, wallet.address) == start - 2 * PRICE
+    finally:
+        _rpc(rpc, "evm_revert", [snapshot], timeout=5)
 
 
 async def test_the_chain_down_at_commit_is_unavailable_and_during_settlement_waits(
@@ -756,3 +769,47 @@ async def test_a_commit_that_cannot_go_ahead_is_refused_before_any_payment(
         assert trailer(e.value.trailing_metadata(), PAYMENT_REQUIRED) == ""
     assert balance(chain, wallet.address) == 1_000_000
     assert paid.coord.store.open_payments() == []
+
+
+async def test_payments_due_together_settle_in_one_transaction(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Settlement is batched: the payments due go out in one BatchSettler transaction, and
+    one the token refuses inside the batch (its payer's balance was spent by an earlier
+    payment of the same batch) fails alone, not charged, while the others settle."""
+    service = paid.coord.payments
+    assert service is not None
+    await service.stop()  # let them all come due, then settle by hand
+    await paid.worker("seeker", max_concurrency=8)
+    payers = [new_payer(chain) for _ in range(2)]
+    broke = new_payer(chain, amount=PRICE)  # enough for one job, verified for both
+    starts = {w.address: balance(chain, w.address) for w in [*payers, broke]}
+    before_payee = balance(chain, payee(chain))
+    jobs = []
+    for i in range(6):
+        jobs.append(await paid.client(wallet=payers[i % 2]).submit(ECHO, f"batch{i}"))
+    c = paid.client(wallet=broke)
+    jobs += [await c.submit(ECHO, "broke1"), await c.submit(ECHO, "broke2")]
+    await wait_until(
+        lambda: all(
+            (j := paid.coord.store.get_job(job.job_id)) is not None and j.state.name == "COMPLETED"
+            for job in jobs
+        ),
+        30,
+        "8 jobs completed",
+    )
+    monkeypatch.setattr(service, "cfg", dataclasses.replace(service.cfg, settle_max_wait_seconds=0))
+    assert await service.settle_due() == 8
+    final = [paid.coord.store.get_payment(job.job_id) for job in jobs]
+    assert all(p is not None for p in final)
+    statuses = [p.status.value for p in final if p is not None]
+    assert statuses == ["settled"] * 7 + ["failed"]
+    failed = final[-1]
+    assert failed is not None and "insufficient" in failed.error
+    assert len({p.transaction for p in final[:7] if p is not None}) == 1  # one transaction
+    for w in payers:
+        assert balance(chain, w.address) == starts[w.address] - 3 * PRICE
+    assert balance(chain, broke.address) == starts[broke.address] - PRICE == 0
+    assert balance(chain, payee(chain)) == before_payee + 7 * PRICE

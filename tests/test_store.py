@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlite_utils
 
 from dispatchnet.coordinator.models import (
     Event,
@@ -16,14 +17,17 @@ from dispatchnet.coordinator.models import (
     JobSpec,
     JobState,
     JobType,
+    Payment,
     PaymentRef,
+    PaymentStatus,
     Policy,
     Privacy,
     Quote,
     Receipt,
     Result,
 )
-from dispatchnet.store.sqlite import SCHEMA_VERSION, SqliteStore
+from dispatchnet.store.base import QuoteUsage, Runnable
+from dispatchnet.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
 
 SPEC = JobSpec(
     job_type=JobType.TASK,
@@ -196,6 +200,16 @@ def test_events_are_numbered_consecutively(store: SqliteStore) -> None:
     assert now is not None and now.last_sequence == 7
 
 
+def test_queued_jobs_binds_no_parameter_per_task_name(store: SqliteStore) -> None:
+    """The union of every free worker's task names can be far beyond SQLite's variable
+    limit (32766): the query must not bind one parameter per name."""
+    store.create_job(make_job("job_1"), queued("job_1"))
+    names = frozenset({"echo", *(f"t{i}" for i in range(300_000))})
+    assert [j.job_id for j in store.queued_jobs(10, None, Runnable(names, False))] == ["job_1"]
+    assert store.queued_jobs(10, None, Runnable(frozenset({"other"}), False)) == []
+    assert store.queued_jobs(10, None, Runnable(frozenset(), False)) == []
+
+
 def test_append_event_on_a_final_job_is_refused(store: SqliteStore) -> None:
     job, _ = store.create_job(make_job("job_1"), queued("job_1"))
     cancelled = store.transition(
@@ -232,3 +246,69 @@ def test_a_newer_schema_refuses_to_open(db_path: Path) -> None:
         RuntimeError, match=rf"schema v{SCHEMA_VERSION + 1} is newer.*v{SCHEMA_VERSION}"
     ):
         SqliteStore(db_path)
+
+
+def _payment(job_id: str, n: int, settle_by: float = 10_000.0) -> Payment:
+    return Payment(
+        job_id=job_id,
+        network="eip155:31337",
+        asset="0x" + "11" * 20,
+        pay_to="0x" + "22" * 20,
+        payer="0x" + "33" * 20,
+        amount=1000,
+        authorization_id="0x" + f"{n:064x}",
+        valid_before=settle_by + 60,
+        settle_by=settle_by,
+        payload_json="{}",
+        requirement_json="{}",
+        status=PaymentStatus.AUTHORIZED,
+        created_at=100.0 + n,
+        updated_at=100.0 + n,
+    )
+
+
+def test_due_payments_are_not_hidden_behind_payments_of_running_jobs(
+    store: SqliteStore,
+) -> None:
+    # 150 paid jobs still queued, committed first, then one completed and one whose
+    # authorization must be settled early: a page of 100 must hold the two that are due.
+    for n in range(150):
+        store.create_job(
+            make_job(f"job_open{n}", key=f"k{n}"),
+            queued(f"job_open{n}"),
+            _payment(f"job_open{n}", n),
+        )
+    done = make_job("job_done", key="kd")
+    store.create_job(done, queued("job_done"), _payment("job_done", 1000))
+    store.transition("job_done", (JobState.QUEUED,), 0, {"state": JobState.COMPLETED}, None)
+    urgent = make_job("job_urgent", key="ku")
+    store.create_job(urgent, queued("job_urgent"), _payment("job_urgent", 1001, settle_by=500.0))
+    due = store.due_payments(now=600.0, limit=100)
+    assert [(p.job_id, state) for p, state in due] == [
+        ("job_done", JobState.COMPLETED),
+        ("job_urgent", JobState.QUEUED),
+    ]
+    assert store.due_payments(now=400.0, limit=100)[0][0].job_id == "job_done"
+    assert len(store.open_payments(limit=100)) == 100  # the old page: none of them due
+
+
+def test_quotes_stored_before_quote_accounting_count_until_released(db_path: Path) -> None:
+    raw = sqlite3.connect(db_path)
+    db = sqlite_utils.Database(raw)
+    for step in MIGRATIONS[:7]:  # the schema before v8
+        step(db)
+    raw.execute(
+        "INSERT INTO quotes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        ("q_old", 2, 2, 1, "echo", "", SPEC.spec_bytes, SPEC.spec_sha256, 1000, "USD", 1, 2, 0),
+    )
+    raw.execute("PRAGMA user_version=7")
+    raw.commit()
+    raw.close()
+    store = SqliteStore(db_path)
+    try:
+        assert store.quote_usage("")[1] == QuoteUsage(1, len(SPEC.spec_bytes))
+        assert store.release_expired_quotes(now=3.0) == 1
+        assert store.quote_usage("") == (QuoteUsage(0, 0), QuoteUsage(0, 0))
+        assert store.purge_expired(before=3.0) == 1
+    finally:
+        store.close()

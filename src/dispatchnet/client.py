@@ -84,7 +84,10 @@ class CoordinatorClient:
         return ((METADATA_KEY, self._token[1]),)
 
     async def quote(self, spec: common_pb2.JobSpec) -> coordinator_pb2.Quote:
-        resp = await self.jobs.GetQuote(coordinator_pb2.GetQuoteRequest(spec=spec))
+        # authenticated: the quote is stored under this key (larger specs need that)
+        resp = await self.jobs.GetQuote(
+            coordinator_pb2.GetQuoteRequest(spec=spec), metadata=self.metadata()
+        )
         return resp.quote
 
     async def commit(self, quote_id: str, idempotency_key: str = "") -> coordinator_pb2.Job:

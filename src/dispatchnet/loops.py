@@ -33,6 +33,7 @@ class OutboxLoop:
         self._retry_at = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._pass_at = float("inf")  # a pass wanted no later than this (wake_at)
         self.last_error = ""
 
     async def run_pass(self) -> int:
@@ -41,6 +42,10 @@ class OutboxLoop:
 
     def kick(self) -> None:
         self._wake.set()
+
+    def wake_at(self, t: float) -> None:
+        """Asks for a pass no later than clock time t (sooner than the tick if need be)."""
+        self._pass_at = min(self._pass_at, t)
 
     def backing_off(self) -> bool:
         return self.clock() < self._retry_at
@@ -57,8 +62,12 @@ class OutboxLoop:
         self._failures, self._retry_at, self.last_error = 0, 0.0, ""
 
     def _wait(self) -> float:
-        backoff = self._retry_at - self.clock()
-        return min(self.tick, max(0.01, backoff)) if backoff > 0 else self.tick
+        now = self.clock()
+        backoff = self._retry_at - now
+        wait = min(self.tick, max(0.01, backoff)) if backoff > 0 else self.tick
+        if self._pass_at < float("inf"):
+            wait = min(wait, max(0.01, self._pass_at - now))
+        return wait
 
     async def _loop(self) -> None:
         while True:
@@ -71,6 +80,7 @@ class OutboxLoop:
                 async with asyncio.timeout(self._wait()):
                     await self._wake.wait()
             self._wake.clear()
+            self._pass_at = float("inf")
 
     def start(self) -> None:
         if self._task is None:

@@ -42,6 +42,27 @@ class JobsConfig:
     time_limit_seconds: int = 300
     queue_timeout_seconds: float = 600
     sweep_interval_seconds: float = 1.0
+    # After a coordinator restart, each job a worker held stays that worker's for this
+    # long, so it can reconnect and resume it; then it is requeued without costing an
+    # attempt (README "Job lifecycle").
+    restart_grace_seconds: float = 30
+
+
+@dataclass(frozen=True)
+class QuotesConfig:
+    """What GetQuote may store (`[quotes]`; README "Quotes and what they store"). A quote
+    counts its serialized spec (task input and WebAssembly module included) plus a fixed
+    256 bytes until it expires; beyond a limit GetQuote answers RESOURCE_EXHAUSTED."""
+
+    # The largest spec a GetQuote without `authorization` metadata may have (larger:
+    # UNAUTHENTICATED, asking for the metadata).
+    anonymous_max_spec_bytes: int = 16 * 1024
+    # Unexpired quotes of all anonymous callers together.
+    anonymous_max_quotes: int = 10000
+    # Bytes of unexpired quotes per authenticated client.
+    client_max_bytes: int = 64 * 1024 * 1024
+    # Bytes of unexpired quotes of everyone together.
+    max_bytes: int = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -83,6 +104,17 @@ class AuthConfig:
 @dataclass(frozen=True)
 class PairingConfig:
     code_ttl_seconds: int = 3600
+    # Failed ClaimPairing calls (a wrong, used or expired code) allowed per worker key in
+    # the window; beyond, that key's claims are refused (RESOURCE_EXHAUSTED) until the
+    # window has passed, even with the right code.
+    max_failed_claims: int = 5
+    failed_claims_window_seconds: float = 600
+    # The same for all keys together (new keys are free, so this is the real bound).
+    max_failed_claims_global: int = 100
+    failed_claims_global_window_seconds: float = 60
+    # Worker keys whose failures are remembered (in memory, per coordinator); beyond, the
+    # key whose last failure is oldest is forgotten.
+    max_tracked_keys: int = 10000
 
 
 @dataclass(frozen=True)
@@ -111,9 +143,16 @@ class PaymentsConfig:
     # Settle at the latest this long before the authorization expires: early, while the
     # job still runs, when it must; the payer is then refunded if the job fails.
     settle_margin_seconds: int = 60
-    # Gas limits of a transferWithAuthorization settlement and of a refund transfer.
+    # Gas limits of a transferWithAuthorization settlement and of a refund transfer; a
+    # batch settlement gets settle_gas_limit per payment (and its estimate + 25% below that).
     settle_gas_limit: int = 150000
     refund_gas_limit: int = 100000
+    # Batched settlement (when [chain] has a batch_settler and the facilitator is the
+    # in-process one): payments due are settled together, in one transaction per batch of
+    # at most settle_batch_size, sent when a batch is full or when the oldest payment due
+    # has waited settle_max_wait_seconds.
+    settle_batch_size: int = 50
+    settle_max_wait_seconds: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -188,6 +227,9 @@ class ChainConfig:
     validation_registry: str = ""
     receipt_anchor: str = ""
     usdc: str = ""
+    # A BatchSettler contract (contracts/src/BatchSettler.sol): the in-process facilitator
+    # settles many x402 payments in one transaction through it. Empty: one per payment.
+    batch_settler: str = ""
     # The coordinator's chain account (a secp256k1 key file, created 0600 on first use).
     # Empty: the deployment file's "coordinator" dev account when there is a deployment,
     # else <coordinator data dir>/chain.key.
@@ -211,6 +253,7 @@ ADDRESS_FIELDS = (
     "validation_registry",
     "receipt_anchor",
     "usdc",
+    "batch_settler",
 )
 
 
@@ -228,6 +271,7 @@ class Profile:
     server: ServerConfig = field(default_factory=ServerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    quotes: QuotesConfig = field(default_factory=QuotesConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
@@ -329,6 +373,16 @@ def check_profile(profile: Profile) -> list[str]:
         problems.append("[feedback] gas_limit must be at least 21000")
     if profile.identity.require_registration and c.kind != "evm":
         problems.append('[identity] require_registration needs [chain] kind = "evm"')
+    q = profile.quotes
+    if min(q.anonymous_max_quotes, q.client_max_bytes, q.max_bytes) < 1:
+        problems.append("[quotes] limits must be positive")
+    if q.anonymous_max_spec_bytes < 0:
+        problems.append("[quotes] anonymous_max_spec_bytes must not be negative")
+    pa = profile.pairing
+    if min(pa.max_failed_claims, pa.max_failed_claims_global, pa.max_tracked_keys) < 1 or (
+        min(pa.failed_claims_window_seconds, pa.failed_claims_global_window_seconds) <= 0
+    ):
+        problems.append("[pairing] failed-claim limits and windows must be positive")
     if profile.workers.hello_timeout_seconds <= 0:
         problems.append("[workers] hello_timeout_seconds must be positive")
     if profile.identity.cache_ttl_seconds < 0:
@@ -369,6 +423,10 @@ def _check_payments(profile: Profile) -> list[str]:
         )
     if min(p.settle_gas_limit, p.refund_gas_limit) < 21000:
         problems.append("[payments] gas limits must be at least 21000")
+    if not 1 <= p.settle_batch_size <= 200:
+        problems.append("[payments] settle_batch_size must be 1-200")
+    if not 0 <= p.settle_max_wait_seconds <= 600:
+        problems.append("[payments] settle_max_wait_seconds must be 0-600")
     if profile.wallet.max_per_job_micros < 0:
         problems.append("[wallet] max_per_job_micros must not be negative")
     return problems

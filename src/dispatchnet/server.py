@@ -24,6 +24,7 @@ from dispatch.v1 import (
 from dispatchnet import keys
 from dispatchnet.agent_identity import IdentityVerifier
 from dispatchnet.api import reflection
+from dispatchnet.api.convert import WASM_TASK
 from dispatchnet.api.edge import AuthInterceptor, DecodeInterceptor, ErrorInterceptor
 from dispatchnet.api.servicers import (
     CoordinatorServicer,
@@ -31,6 +32,7 @@ from dispatchnet.api.servicers import (
     TrustServicer,
     WorkerServicer,
 )
+from dispatchnet.coordinator.catalogue import TaskCatalogue
 from dispatchnet.coordinator.hub import WorkerHub
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.pairing import PairingService
@@ -46,6 +48,7 @@ from dispatchnet.receipts.notary import Notary
 from dispatchnet.reputation.feedback import FeedbackSender, feedback_sender_for
 from dispatchnet.reputation.local import LocalReputation
 from dispatchnet.store.sqlite import SqliteStore
+from dispatchnet.worker.tasks import TASK_NAMES
 
 log = logging.getLogger("dispatch.coordinator")
 
@@ -142,12 +145,15 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
     except ValueError as e:
         store.close()
         raise ValueError(f"profile {profile.name}: {e}") from e
+    catalogue = TaskCatalogue(store, [*TASK_NAMES, WASM_TASK])
     jobs = JobService(
         store,
         profile.jobs,
         profile.pricing,
         Notary(key, profile.receipts.max_clock_skew_seconds),
         reputation,
+        catalogue=catalogue,
+        quotes=profile.quotes,
     )
     try:
         identity = identity_verifier_for(profile)
@@ -162,6 +168,7 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         profile.jobs,
         identity=identity,
         require_registration=profile.identity.require_registration,
+        catalogue=catalogue,
     )
     sessions = hub.sessions
     batcher = ReceiptBatcher(store, profile.receipts, anchorer)
@@ -175,9 +182,13 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
     except ValueError as e:
         store.close()
         raise ValueError(f"profile {profile.name}: {e}") from e
-    requeued = jobs.recover()
-    if requeued:
-        log.info("requeued %d job(s) held by workers before the restart", requeued)
+    held = jobs.recover()
+    if held:
+        log.info(
+            "%d job(s) held by workers before the restart wait %gs for their worker",
+            held,
+            profile.jobs.restart_grace_seconds,
+        )
 
     opts = [
         ("grpc.max_receive_message_length", profile.server.max_message_bytes),

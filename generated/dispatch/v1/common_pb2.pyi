@@ -237,7 +237,10 @@ class TaskRequest(_message.Message):
     USE_LLM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Task name from the worker task catalogue, e.g. "echo", "sha256", "summarize";
-    "wasm" runs the module in `wasm`.
+    "wasm" runs the module in `wasm`. GetQuote refuses (FAILED_PRECONDITION,
+    naming the known tasks) a name that is neither built in nor declared by a
+    worker that ever connected (the coordinator keeps the 1024 most recently
+    declared names).
     """
     input: _builtins.bytes
     """Opaque input bytes; built-in tasks document their own format (most take
@@ -284,7 +287,9 @@ class WasmModule(_message.Message):
     """The module itself (binary .wasm; the CLI compiles .wat text first)."""
     sha256: _builtins.bytes
     """SHA-256 of a module the coordinator already stores (sent in an earlier
-    quote). GetQuote resolves it, so quotes and offers always carry the bytes.
+    quote that has not expired, or used by a job that is not final; others
+    are deleted). GetQuote resolves it, so quotes and offers always carry the
+    bytes.
     """
     def __init__(
         self,

@@ -253,7 +253,9 @@ class Job(_message.Message):
     attempts: _builtins.int
     """Attempts made so far (an attempt starts when a worker is offered the job)."""
     max_attempts: _builtins.int
-    """Attempts allowed before the job fails."""
+    """Attempts allowed before the job fails; one more for each attempt that a
+    coordinator restart cut short (a restart costs no attempt).
+    """
     worker_id: _builtins.str
     """The worker of the current or last attempt (hex public key), if any."""
     last_sequence: _builtins.int

@@ -28,7 +28,8 @@ if _version_not_supported:
 class CoordinatorServiceStub:
     """The client-facing API of a coordinator.
 
-    Authentication: GetQuote and ListWorkers are public. Every other method
+    Authentication: GetQuote and ListWorkers are public (GetQuote verifies the
+    metadata when it is sent). Every other method
     needs the metadata entry `authorization: Dispatch <token>` (`dispatch auth
     header` prints one), where <token> is
     v1.<public key>.<expiry>.<signature>
@@ -82,7 +83,8 @@ class CoordinatorServiceStub:
 class CoordinatorServiceServicer:
     """The client-facing API of a coordinator.
 
-    Authentication: GetQuote and ListWorkers are public. Every other method
+    Authentication: GetQuote and ListWorkers are public (GetQuote verifies the
+    metadata when it is sent). Every other method
     needs the metadata entry `authorization: Dispatch <token>` (`dispatch auth
     header` prints one), where <token> is
     v1.<public key>.<expiry>.<signature>
@@ -97,6 +99,21 @@ class CoordinatorServiceServicer:
 
     def GetQuote(self, request, context):
         """Prices a job. The quote binds the spec and the price until it expires.
+        Anyone may call it; `authorization` metadata, when sent, is verified
+        (UNAUTHENTICATED if bad) and the quote is stored under that client.
+        What quotes store is bounded by the profile's [quotes] limits (defaults):
+        - an anonymous caller's spec (serialized, with task input and WebAssembly
+        module) is at most anonymous_max_spec_bytes (16 KiB); larger specs get
+        UNAUTHENTICATED asking for the metadata;
+        - anonymous callers together hold at most anonymous_max_quotes (10000)
+        unexpired quotes;
+        - each quote counts its spec plus 256 bytes; a client holds at most
+        client_max_bytes (64 MiB), everyone together max_bytes (1 GiB).
+        Beyond a limit: RESOURCE_EXHAUSTED. An expired quote stops counting within
+        a minute; stored WebAssembly modules that no quote and no open job
+        references are deleted then.
+        FAILED_PRECONDITION for a task no worker has ever offered (see
+        TaskRequest.name).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,7 +201,8 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
 class CoordinatorService:
     """The client-facing API of a coordinator.
 
-    Authentication: GetQuote and ListWorkers are public. Every other method
+    Authentication: GetQuote and ListWorkers are public (GetQuote verifies the
+    metadata when it is sent). Every other method
     needs the metadata entry `authorization: Dispatch <token>` (`dispatch auth
     header` prints one), where <token> is
     v1.<public key>.<expiry>.<signature>

@@ -29,7 +29,8 @@ GRPC_VERSION: str
 class CoordinatorServiceStub:
     """The client-facing API of a coordinator.
 
-    Authentication: GetQuote and ListWorkers are public. Every other method
+    Authentication: GetQuote and ListWorkers are public (GetQuote verifies the
+    metadata when it is sent). Every other method
     needs the metadata entry `authorization: Dispatch <token>` (`dispatch auth
     header` prints one), where <token> is
       v1.<public key>.<expiry>.<signature>
@@ -47,7 +48,23 @@ class CoordinatorServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CoordinatorServiceAsyncStub: ...
     GetQuote: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetQuoteRequest, _coordinator_pb2.GetQuoteResponse]
-    """Prices a job. The quote binds the spec and the price until it expires."""
+    """Prices a job. The quote binds the spec and the price until it expires.
+    Anyone may call it; `authorization` metadata, when sent, is verified
+    (UNAUTHENTICATED if bad) and the quote is stored under that client.
+    What quotes store is bounded by the profile's [quotes] limits (defaults):
+    - an anonymous caller's spec (serialized, with task input and WebAssembly
+      module) is at most anonymous_max_spec_bytes (16 KiB); larger specs get
+      UNAUTHENTICATED asking for the metadata;
+    - anonymous callers together hold at most anonymous_max_quotes (10000)
+      unexpired quotes;
+    - each quote counts its spec plus 256 bytes; a client holds at most
+      client_max_bytes (64 MiB), everyone together max_bytes (1 GiB).
+    Beyond a limit: RESOURCE_EXHAUSTED. An expired quote stops counting within
+    a minute; stored WebAssembly modules that no quote and no open job
+    references are deleted then.
+    FAILED_PRECONDITION for a task no worker has ever offered (see
+    TaskRequest.name).
+    """
     CommitJob: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CommitJobRequest, _coordinator_pb2.CommitJobResponse]
     """Turns a quote into a queued job. Idempotent on idempotency_key per client.
     When the profile has payments on, the call must carry an x402 payment
@@ -68,7 +85,8 @@ class CoordinatorServiceStub:
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """The client-facing API of a coordinator.
 
-    Authentication: GetQuote and ListWorkers are public. Every other method
+    Authentication: GetQuote and ListWorkers are public (GetQuote verifies the
+    metadata when it is sent). Every other method
     needs the metadata entry `authorization: Dispatch <token>` (`dispatch auth
     header` prints one), where <token> is
       v1.<public key>.<expiry>.<signature>
@@ -83,7 +101,23 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetQuote: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetQuoteRequest, _coordinator_pb2.GetQuoteResponse]  # type: ignore[assignment]
-    """Prices a job. The quote binds the spec and the price until it expires."""
+    """Prices a job. The quote binds the spec and the price until it expires.
+    Anyone may call it; `authorization` metadata, when sent, is verified
+    (UNAUTHENTICATED if bad) and the quote is stored under that client.
+    What quotes store is bounded by the profile's [quotes] limits (defaults):
+    - an anonymous caller's spec (serialized, with task input and WebAssembly
+      module) is at most anonymous_max_spec_bytes (16 KiB); larger specs get
+      UNAUTHENTICATED asking for the metadata;
+    - anonymous callers together hold at most anonymous_max_quotes (10000)
+      unexpired quotes;
+    - each quote counts its spec plus 256 bytes; a client holds at most
+      client_max_bytes (64 MiB), everyone together max_bytes (1 GiB).
+    Beyond a limit: RESOURCE_EXHAUSTED. An expired quote stops counting within
+    a minute; stored WebAssembly modules that no quote and no open job
+    references are deleted then.
+    FAILED_PRECONDITION for a task no worker has ever offered (see
+    TaskRequest.name).
+    """
     CommitJob: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CommitJobRequest, _coordinator_pb2.CommitJobResponse]  # type: ignore[assignment]
     """Turns a quote into a queued job. Idempotent on idempotency_key per client.
     When the profile has payments on, the call must carry an x402 payment
@@ -103,7 +137,8 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The client-facing API of a coordinator.
 
-    Authentication: GetQuote and ListWorkers are public. Every other method
+    Authentication: GetQuote and ListWorkers are public (GetQuote verifies the
+    metadata when it is sent). Every other method
     needs the metadata entry `authorization: Dispatch <token>` (`dispatch auth
     header` prints one), where <token> is
       v1.<public key>.<expiry>.<signature>
@@ -122,7 +157,23 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.GetQuoteRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.GetQuoteResponse, _abc.Awaitable[_coordinator_pb2.GetQuoteResponse]]:
-        """Prices a job. The quote binds the spec and the price until it expires."""
+        """Prices a job. The quote binds the spec and the price until it expires.
+        Anyone may call it; `authorization` metadata, when sent, is verified
+        (UNAUTHENTICATED if bad) and the quote is stored under that client.
+        What quotes store is bounded by the profile's [quotes] limits (defaults):
+        - an anonymous caller's spec (serialized, with task input and WebAssembly
+          module) is at most anonymous_max_spec_bytes (16 KiB); larger specs get
+          UNAUTHENTICATED asking for the metadata;
+        - anonymous callers together hold at most anonymous_max_quotes (10000)
+          unexpired quotes;
+        - each quote counts its spec plus 256 bytes; a client holds at most
+          client_max_bytes (64 MiB), everyone together max_bytes (1 GiB).
+        Beyond a limit: RESOURCE_EXHAUSTED. An expired quote stops counting within
+        a minute; stored WebAssembly modules that no quote and no open job
+        references are deleted then.
+        FAILED_PRECONDITION for a task no worker has ever offered (see
+        TaskRequest.name).
+        """
 
     @_abc_1.abstractmethod
     def CommitJob(

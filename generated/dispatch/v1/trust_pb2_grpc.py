@@ -84,6 +84,12 @@ class TrustServiceServicer:
 
     def ClaimPairing(self, request, context):
         """Claims a code: pairs the calling worker key with the code's client.
+        Failed claims (NOT_FOUND: a wrong, used or expired code) are limited: after
+        [pairing] max_failed_claims (5) by one key within
+        failed_claims_window_seconds (600), or max_failed_claims_global (100) by all
+        keys within failed_claims_global_window_seconds (60), claims are refused
+        with RESOURCE_EXHAUSTED "too many failed pairing claims; try again in N s",
+        even with the right code. Counted in memory, per coordinator.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

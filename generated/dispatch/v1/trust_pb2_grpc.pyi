@@ -44,7 +44,14 @@ class TrustServiceStub:
     CreatePairingCode: _grpc.UnaryUnaryMultiCallable[_trust_pb2.CreatePairingCodeRequest, _trust_pb2.CreatePairingCodeResponse]
     """A new pairing code for the calling client."""
     ClaimPairing: _grpc.UnaryUnaryMultiCallable[_trust_pb2.ClaimPairingRequest, _trust_pb2.ClaimPairingResponse]
-    """Claims a code: pairs the calling worker key with the code's client."""
+    """Claims a code: pairs the calling worker key with the code's client.
+    Failed claims (NOT_FOUND: a wrong, used or expired code) are limited: after
+    [pairing] max_failed_claims (5) by one key within
+    failed_claims_window_seconds (600), or max_failed_claims_global (100) by all
+    keys within failed_claims_global_window_seconds (60), claims are refused
+    with RESOURCE_EXHAUSTED "too many failed pairing claims; try again in N s",
+    even with the right code. Counted in memory, per coordinator.
+    """
     ListPairings: _grpc.UnaryUnaryMultiCallable[_trust_pb2.ListPairingsRequest, _trust_pb2.ListPairingsResponse]
     """The caller's pairings (as client or as worker)."""
     RevokePairing: _grpc.UnaryUnaryMultiCallable[_trust_pb2.RevokePairingRequest, _trust_pb2.RevokePairingResponse]
@@ -66,7 +73,14 @@ class TrustServiceAsyncStub(TrustServiceStub):
     CreatePairingCode: _aio.UnaryUnaryMultiCallable[_trust_pb2.CreatePairingCodeRequest, _trust_pb2.CreatePairingCodeResponse]  # type: ignore[assignment]
     """A new pairing code for the calling client."""
     ClaimPairing: _aio.UnaryUnaryMultiCallable[_trust_pb2.ClaimPairingRequest, _trust_pb2.ClaimPairingResponse]  # type: ignore[assignment]
-    """Claims a code: pairs the calling worker key with the code's client."""
+    """Claims a code: pairs the calling worker key with the code's client.
+    Failed claims (NOT_FOUND: a wrong, used or expired code) are limited: after
+    [pairing] max_failed_claims (5) by one key within
+    failed_claims_window_seconds (600), or max_failed_claims_global (100) by all
+    keys within failed_claims_global_window_seconds (60), claims are refused
+    with RESOURCE_EXHAUSTED "too many failed pairing claims; try again in N s",
+    even with the right code. Counted in memory, per coordinator.
+    """
     ListPairings: _aio.UnaryUnaryMultiCallable[_trust_pb2.ListPairingsRequest, _trust_pb2.ListPairingsResponse]  # type: ignore[assignment]
     """The caller's pairings (as client or as worker)."""
     RevokePairing: _aio.UnaryUnaryMultiCallable[_trust_pb2.RevokePairingRequest, _trust_pb2.RevokePairingResponse]  # type: ignore[assignment]
@@ -97,7 +111,14 @@ class TrustServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _trust_pb2.ClaimPairingRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trust_pb2.ClaimPairingResponse, _abc.Awaitable[_trust_pb2.ClaimPairingResponse]]:
-        """Claims a code: pairs the calling worker key with the code's client."""
+        """Claims a code: pairs the calling worker key with the code's client.
+        Failed claims (NOT_FOUND: a wrong, used or expired code) are limited: after
+        [pairing] max_failed_claims (5) by one key within
+        failed_claims_window_seconds (600), or max_failed_claims_global (100) by all
+        keys within failed_claims_global_window_seconds (60), claims are refused
+        with RESOURCE_EXHAUSTED "too many failed pairing claims; try again in N s",
+        even with the right code. Counted in memory, per coordinator.
+        """
 
     @_abc_1.abstractmethod
     def ListPairings(

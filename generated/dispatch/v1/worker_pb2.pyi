@@ -159,11 +159,13 @@ class Capabilities(_message.Message):
     """Jobs it runs at once (1-64)."""
     @_builtins.property
     def tasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Built-in task names it runs."""
+        """Built-in task names it runs: at most 256, each 1-64 of a-z 0-9 _ . -"""
 
     @_builtins.property
     def llm_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """LLM model names it serves; must be empty for seekers."""
+        """LLM model names it serves (at most 64, each at most 128 characters); must
+        be empty for seekers.
+        """
 
     def __init__(
         self,
@@ -197,7 +199,7 @@ class Hello(_message.Message):
     kind: _common_pb2.WorkerKind.ValueType
     """Desktop or seeker."""
     version: _builtins.str
-    """Free-form software version, for operators."""
+    """Free-form software version, for operators; at most 128 characters."""
     agent_id: _builtins.str
     """On-chain agent id (ERC-8004 IdentityRegistry, decimal) the worker claims;
     proven by ChallengeResponse.chain_signature and verified against the chain
@@ -210,8 +212,12 @@ class Hello(_message.Message):
     @_builtins.property
     def running(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunningJob]:
         """Jobs the worker is still running from an earlier session (after a dropped
-        stream). The coordinator resumes them on this session when it can, and
-        counts them as load either way.
+        stream, or a coordinator restart), at most 128. The coordinator resumes an
+        attempt it offered to this worker when the job still waits for it (queued
+        since the attempt, or held for the worker after a coordinator restart);
+        an attempt it offered to this worker and gave to another meanwhile still
+        counts as the worker's load. Entries it never offered to this worker are
+        ignored.
         """
 
     def __init__(
@@ -241,9 +247,7 @@ class RunningJob(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job. At most 64 characters: a longer one ends the stream with
-    INVALID_ARGUMENT.
-    """
+    """The job."""
     attempt: _builtins.int
     """The attempt from its offer."""
     def __init__(
@@ -295,13 +299,15 @@ class ChallengeResponse(_message.Message):
     SIGNATURE_FIELD_NUMBER: _builtins.int
     CHAIN_SIGNATURE_FIELD_NUMBER: _builtins.int
     signature: _builtins.bytes
-    """ed25519 signature over "dispatch.v1.WorkerHello\\n" || nonce || coordinator_public_key."""
+    """ed25519 signature over "dispatch.v1.WorkerHello\\n" || nonce || coordinator_public_key
+    (at most 128 bytes).
+    """
     chain_signature: _builtins.bytes
     """Proof of control of Hello.agent_id (required when agent_id is set and the
     coordinator's profile has an EVM chain): a 65-byte EIP-191 personal_sign
     signature, by the agent's owner or agent wallet in the IdentityRegistry, over
     "dispatch.v1.WorkerAgent\\n" || nonce || coordinator_public_key ||
-    Hello.public_key || agent_id as decimal ASCII.
+    Hello.public_key || agent_id as decimal ASCII. At most 128 bytes.
     """
     def __init__(
         self,
@@ -367,8 +373,8 @@ class Heartbeat(_message.Message):
     RUNNING_JOB_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def running_job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Job ids the worker is running now. Each at most 64 characters: a longer one
-        ends the stream with INVALID_ARGUMENT.
+        """Job ids the worker is running now, at most 128. Only jobs this coordinator
+        offered to this worker count as its load; other ids are ignored.
         """
 
     def __init__(
@@ -459,15 +465,13 @@ class OfferResponse(_message.Message):
     ACCEPT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job. At most 64 characters: a longer one ends the stream with
-    INVALID_ARGUMENT.
-    """
+    """The job."""
     attempt: _builtins.int
     """The attempt from the offer."""
     accept: _builtins.bool
     """True to take the job."""
     reason: _builtins.str
-    """Why it was rejected (e.g. "busy", "battery_low")."""
+    """Why it was rejected (e.g. "busy", "battery_low"); at most 256 characters."""
     def __init__(
         self,
         *,
@@ -495,13 +499,13 @@ class JobProgress(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     FRACTION_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job. At most 64 characters: a longer one ends the stream with
-    INVALID_ARGUMENT.
-    """
+    """The job."""
     attempt: _builtins.int
     """The attempt from the offer."""
     text: _builtins.str
-    """Text chunk (e.g. LLM tokens)."""
+    """Text chunk (e.g. LLM tokens); at most 16384 characters (send longer
+    output in several messages).
+    """
     fraction: _builtins.float
     """Completion estimate in [0, 1]."""
     def __init__(
@@ -532,18 +536,20 @@ class JobCompleted(_message.Message):
     RECEIPT_BODY_FIELD_NUMBER: _builtins.int
     RECEIPT_SIGNATURE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job. At most 64 characters: a longer one ends the stream with
-    INVALID_ARGUMENT.
-    """
+    """The job."""
     attempt: _builtins.int
     """The attempt from the offer."""
     receipt_body: _builtins.bytes
-    """Serialized ReceiptBody the worker built for this result."""
+    """Serialized ReceiptBody the worker built for this result; at most 16384 bytes."""
     receipt_signature: _builtins.bytes
-    """The worker's signature over "dispatch.v1.ReceiptBody\\n" || receipt_body."""
+    """The worker's signature over "dispatch.v1.ReceiptBody\\n" || receipt_body
+    (at most 128 bytes).
+    """
     @_builtins.property
     def result(self) -> _common_pb2.JobResult:
-        """The result."""
+        """The result; result.content_type at most 128 characters. The output is
+        bounded by the coordinator's message size (server.max_message_bytes).
+        """
 
     def __init__(
         self,
@@ -573,9 +579,7 @@ class JobFailed(_message.Message):
     FAILURE_FIELD_NUMBER: _builtins.int
     RETRYABLE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job. At most 64 characters: a longer one ends the stream with
-    INVALID_ARGUMENT.
-    """
+    """The job."""
     attempt: _builtins.int
     """The attempt from the offer."""
     retryable: _builtins.bool
@@ -584,7 +588,7 @@ class JobFailed(_message.Message):
     """
     @_builtins.property
     def failure(self) -> _common_pb2.JobFailure:
-        """What went wrong."""
+        """What went wrong: code at most 64 characters, message at most 2048."""
 
     def __init__(
         self,
@@ -610,7 +614,7 @@ class Drain(_message.Message):
 
     REASON_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
-    """Why, for logs."""
+    """Why, for logs; at most 256 characters."""
     def __init__(
         self,
         *,

@@ -38,6 +38,11 @@ class WorkerServiceStub:
     it ends with DEADLINE_EXCEEDED. The worker's identity (worker_id) is the hex
     of the key it proved.
 
+    Limits: every list and string a worker sends is bounded (the numbers are on
+    each field below; strings count characters). A message beyond a limit ends
+    the stream with INVALID_ARGUMENT naming the field and the limit. Every
+    job_id a worker sends is at most 64 characters.
+
     Then: the worker sends Heartbeat at the interval Welcome gives; the
     coordinator evicts a worker it has not heard from for `eviction_seconds`
     and requeues its jobs. The coordinator sends JobOffer with a lease; the
@@ -81,6 +86,11 @@ class WorkerServiceServicer:
     `[workers] hello_timeout_seconds` (10 by default) of opening the stream, or
     it ends with DEADLINE_EXCEEDED. The worker's identity (worker_id) is the hex
     of the key it proved.
+
+    Limits: every list and string a worker sends is bounded (the numbers are on
+    each field below; strings count characters). A message beyond a limit ends
+    the stream with INVALID_ARGUMENT naming the field and the limit. Every
+    job_id a worker sends is at most 64 characters.
 
     Then: the worker sends Heartbeat at the interval Welcome gives; the
     coordinator evicts a worker it has not heard from for `eviction_seconds`
@@ -135,6 +145,11 @@ class WorkerService:
     `[workers] hello_timeout_seconds` (10 by default) of opening the stream, or
     it ends with DEADLINE_EXCEEDED. The worker's identity (worker_id) is the hex
     of the key it proved.
+
+    Limits: every list and string a worker sends is bounded (the numbers are on
+    each field below; strings count characters). A message beyond a limit ends
+    the stream with INVALID_ARGUMENT naming the field and the limit. Every
+    job_id a worker sends is at most 64 characters.
 
     Then: the worker sends Heartbeat at the interval Welcome gives; the
     coordinator evicts a worker it has not heard from for `eviction_seconds`

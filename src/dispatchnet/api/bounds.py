@@ -1,8 +1,8 @@
-"""Length limits of the ids callers send, checked on every request message before anything
-looks an id up (documented on each field in proto/dispatch/v1/*.proto).
+"""Length limits of the ids clients send (dispatchnet.protocol; documented on each field in
+proto/dispatch/v1/*.proto), checked before anything looks an id up.
 
-The edge (api/edge.py, DecodeInterceptor) runs `oversized_id` on every request, unary or
-streamed, so no servicer, domain call or store lookup ever sees a multi-MiB id.
+The edge (api/edge.py, DecodeInterceptor) runs `oversized_id` on every request message, so
+no servicer, domain call or store lookup ever sees a multi-MiB id.
 """
 
 from __future__ import annotations
@@ -12,26 +12,21 @@ from functools import cache
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from dispatchnet.coordinator.jobs import MAX_IDEMPOTENCY_KEY
+from dispatchnet import protocol
 
-# Ids the coordinator makes are "<prefix>_" + 24 hex digits; 64 leaves room to change that.
-MAX_ID_CHARS = 64
-# A pairing code is XXXX-XXXX; spaces and dashes are ignored, so allow some.
-MAX_PAIRING_CODE_CHARS = 32
-# A uint256 in decimal.
-MAX_AGENT_ID_CHARS = 78
-MAX_CANCEL_REASON_CHARS = 512
-
-# By field name, in any message; or by full name, for one field.
+# By full field name. Worker messages on Connect are checked by api/convert.py
+# (check_worker_message, hello_from_proto) against the other limits of dispatchnet.protocol.
 LIMITS: dict[str, int] = {
-    "job_id": MAX_ID_CHARS,
-    "quote_id": MAX_ID_CHARS,
-    "pairing_id": MAX_ID_CHARS,
-    "running_job_ids": MAX_ID_CHARS,
-    "idempotency_key": MAX_IDEMPOTENCY_KEY,
-    "dispatch.v1.ClaimPairingRequest.code": MAX_PAIRING_CODE_CHARS,
-    "dispatch.v1.Hello.agent_id": MAX_AGENT_ID_CHARS,
-    "dispatch.v1.CancelJobRequest.reason": MAX_CANCEL_REASON_CHARS,
+    "dispatch.v1.CommitJobRequest.quote_id": protocol.MAX_ID_CHARS,
+    "dispatch.v1.CommitJobRequest.idempotency_key": protocol.MAX_IDEMPOTENCY_KEY_CHARS,
+    "dispatch.v1.GetJobRequest.job_id": protocol.MAX_ID_CHARS,
+    "dispatch.v1.WatchJobRequest.job_id": protocol.MAX_ID_CHARS,
+    "dispatch.v1.CancelJobRequest.job_id": protocol.MAX_ID_CHARS,
+    "dispatch.v1.CancelJobRequest.reason": protocol.MAX_CANCEL_REASON_CHARS,
+    "dispatch.v1.GetReceiptRequest.job_id": protocol.MAX_ID_CHARS,
+    "dispatch.v1.GetReceiptProofRequest.job_id": protocol.MAX_ID_CHARS,
+    "dispatch.v1.ClaimPairingRequest.code": protocol.MAX_PAIRING_CODE_CHARS,
+    "dispatch.v1.RevokePairingRequest.pairing_id": protocol.MAX_ID_CHARS,
 }
 
 Plan = tuple[tuple[tuple[FieldDescriptor, int], ...], tuple[FieldDescriptor, ...]]
@@ -40,7 +35,7 @@ Plan = tuple[tuple[tuple[FieldDescriptor, int], ...], tuple[FieldDescriptor, ...
 def _limit(fd: FieldDescriptor) -> int | None:
     if fd.type != FieldDescriptor.TYPE_STRING:
         return None
-    return LIMITS.get(fd.full_name, LIMITS.get(fd.name))
+    return LIMITS.get(fd.full_name)
 
 
 @cache

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, trust_pb2, worker_pb2
+from dispatchnet import protocol
 from dispatchnet.coordinator import hub as hubmod
 from dispatchnet.coordinator.models import (
     Event,
@@ -250,13 +251,40 @@ def worker_kind(value: int) -> WorkerKind | None:
         raise InvalidArgument(f"unknown worker kind {value}") from None
 
 
+def _chars(value: str, limit: int, field: str) -> None:
+    if len(value) > limit:
+        raise InvalidArgument(f"{field} is {len(value)} characters; the limit is {limit}")
+
+
+def _bytes(value: bytes, limit: int, field: str) -> None:
+    if len(value) > limit:
+        raise InvalidArgument(f"{field} is {len(value)} bytes; the limit is {limit}")
+
+
+def _entries(values: Sized, limit: int, field: str) -> None:
+    if len(values) > limit:
+        raise InvalidArgument(f"{field} has {len(values)} entries; the limit is {limit}")
+
+
+def _job_ids(ids: list[str], field: str) -> None:
+    _entries(ids, protocol.MAX_RUNNING_JOBS, field)
+    for job_id in ids:
+        _chars(job_id, protocol.MAX_JOB_ID_CHARS, f"{field} entry")
+
+
 def hello_from_proto(h: worker_pb2.Hello) -> hubmod.WorkerHello:
+    """Validates a Hello (every list and string within dispatchnet.protocol's limits)."""
     if len(h.public_key) != 32:
         raise InvalidArgument("hello.public_key must be a 32-byte ed25519 public key")
     kind = worker_kind(h.kind)
     if kind is None:
         raise InvalidArgument("hello.kind is required (desktop or seeker)")
     caps = h.capabilities
+    _entries(caps.tasks, protocol.MAX_TASKS, "hello.capabilities.tasks")
+    _entries(caps.llm_models, protocol.MAX_LLM_MODELS, "hello.capabilities.llm_models")
+    _chars(h.version, protocol.MAX_VERSION_CHARS, "hello.version")
+    _chars(h.agent_id, protocol.MAX_AGENT_ID_CHARS, "hello.agent_id")
+    _job_ids([r.job_id for r in h.running], "hello.running")
     for name in caps.tasks:
         if not NAME_RE.match(name):
             raise InvalidArgument(f"hello.capabilities.tasks: {quoted(name)} is not a task name")
@@ -275,6 +303,44 @@ def hello_from_proto(h: worker_pb2.Hello) -> hubmod.WorkerHello:
         agent_id=h.agent_id,
         running=tuple((r.job_id, r.attempt) for r in h.running),
     )
+
+
+def check_challenge_response(r: worker_pb2.ChallengeResponse) -> None:
+    _bytes(r.signature, protocol.MAX_SIGNATURE_BYTES, "challenge_response.signature")
+    _bytes(r.chain_signature, protocol.MAX_SIGNATURE_BYTES, "challenge_response.chain_signature")
+
+
+def check_worker_message(msg: worker_pb2.ConnectRequest) -> None:
+    """Raises InvalidArgument when a message after the handshake exceeds a limit of
+    dispatchnet.protocol (the ones worker.proto documents)."""
+    kind = msg.WhichOneof("msg")
+    if kind == "heartbeat":
+        _job_ids(list(msg.heartbeat.running_job_ids), "heartbeat.running_job_ids")
+    elif kind == "offer_response":
+        r = msg.offer_response
+        _chars(r.job_id, protocol.MAX_JOB_ID_CHARS, "offer_response.job_id")
+        _chars(r.reason, protocol.MAX_REASON_CHARS, "offer_response.reason")
+    elif kind == "progress":
+        p = msg.progress
+        _chars(p.job_id, protocol.MAX_JOB_ID_CHARS, "progress.job_id")
+        _chars(p.text, protocol.MAX_PROGRESS_TEXT_CHARS, "progress.text")
+    elif kind == "completed":
+        c = msg.completed
+        _chars(c.job_id, protocol.MAX_JOB_ID_CHARS, "completed.job_id")
+        _chars(
+            c.result.content_type,
+            protocol.MAX_CONTENT_TYPE_CHARS,
+            "completed.result.content_type",
+        )
+        _bytes(c.receipt_body, protocol.MAX_RECEIPT_BODY_BYTES, "completed.receipt_body")
+        _bytes(c.receipt_signature, protocol.MAX_SIGNATURE_BYTES, "completed.receipt_signature")
+    elif kind == "failed":
+        f = msg.failed
+        _chars(f.job_id, protocol.MAX_JOB_ID_CHARS, "failed.job_id")
+        _chars(f.failure.code, protocol.MAX_FAILURE_CODE_CHARS, "failed.failure.code")
+        _chars(f.failure.message, protocol.MAX_FAILURE_MESSAGE_CHARS, "failed.failure.message")
+    elif kind == "drain":
+        _chars(msg.drain.reason, protocol.MAX_REASON_CHARS, "drain.reason")
 
 
 def outbound_to_proto(msg: hubmod.Outbound) -> worker_pb2.ConnectResponse:

@@ -3,12 +3,13 @@
 DecodeInterceptor (first) makes every method answer INVALID_ARGUMENT to bytes that do not
 parse as its request type (grpc.aio decodes before any interceptor runs, and would answer
 UNKNOWN with a traceback per request), logging at most one line per DECODE_LOG_SECONDS,
-and to ids over their limits (api/bounds.py) before anything looks them up.
+and to client ids over their limits (api/bounds.py) before anything looks them up.
 ErrorInterceptor (next) turns typed domain errors into their status codes and reports
 anything unexpected as INTERNAL without a traceback. Requests carrying fields this server
 does not know are served (protobuf's forward compatibility: unknown fields are ignored).
-AuthInterceptor checks the `authorization` metadata on every method that is not public and
-makes the caller available through `caller()`.
+AuthInterceptor checks the `authorization` metadata on every method that is not public (and
+on GetQuote when it is sent) and makes the caller available through `caller()` /
+`optional_caller()`.
 """
 
 from __future__ import annotations
@@ -43,13 +44,15 @@ STATUS = {
 
 PUBLIC_METHODS = frozenset(
     {
-        "/dispatch.v1.CoordinatorService/GetQuote",
         "/dispatch.v1.CoordinatorService/ListWorkers",
         "/dispatch.v1.ReceiptService/VerifyReceipt",
         "/dispatch.v1.WorkerService/Connect",  # authenticates with its own challenge
     }
 )
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# Methods anyone may call, that verify the `authorization` metadata when it is sent (the
+# caller is then known; see optional_caller()).
+OPTIONAL_AUTH_METHODS = frozenset({"/dispatch.v1.CoordinatorService/GetQuote"})
 
 _caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
 
@@ -60,6 +63,11 @@ def caller() -> Caller:
     if c is None:
         raise errors.Unauthenticated("this method needs client authentication")
     return c
+
+
+def optional_caller() -> Caller | None:
+    """The caller of the current RPC if it authenticated, None if it did not."""
+    return _caller.get()
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -270,6 +278,8 @@ class AuthInterceptor(AsyncServerInterceptor):
             return None
         values = [v for k, v in (context.invocation_metadata() or ()) if k == METADATA_KEY]
         if not values:
+            if method_name in OPTIONAL_AUTH_METHODS:
+                return None
             raise errors.Unauthenticated(
                 f"{method_name} needs '{METADATA_KEY}: Dispatch <token>' metadata; "
                 "`dispatch auth header` prints one"

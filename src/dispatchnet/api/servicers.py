@@ -22,13 +22,13 @@ from dispatch.v1 import (
     worker_pb2_grpc,
 )
 from dispatchnet.api import convert
-from dispatchnet.api.edge import caller
+from dispatchnet.api.edge import caller, optional_caller
 from dispatchnet.coordinator.hub import WorkerHub, WorkerSession
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Failure
 from dispatchnet.coordinator.pairing import PairingService
 from dispatchnet.coordinator.receipts import ReceiptQueries
-from dispatchnet.errors import DeadlineExceeded, InvalidArgument
+from dispatchnet.errors import DeadlineExceeded, DispatchError, InvalidArgument
 from dispatchnet.payments.interceptor import current_payment
 from dispatchnet.profiles import LimitsConfig, WorkersConfig
 from dispatchnet.receipts.core import verify_receipt_message
@@ -47,7 +47,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if not request.HasField("spec"):
             raise InvalidArgument("spec is required")
         spec, module = convert.spec_from_proto(request.spec, self.limits, self.jobs.stored_module)
-        q = self.jobs.quote(spec, module)
+        who = optional_caller()
+        q = self.jobs.quote(spec, module, who.id if who is not None else "")
         return coordinator_pb2.GetQuoteResponse(
             quote=coordinator_pb2.Quote(
                 quote_id=q.quote_id,
@@ -138,6 +139,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if second is None or second.WhichOneof("msg") != "challenge_response":
             raise InvalidArgument("the second message on Connect must be challenge_response")
         proof = second.challenge_response
+        convert.check_challenge_response(proof)
         self.hub.authenticate(hello.public_key, nonce, proof.signature)
         agent_id = await self.hub.verify_agent(hello, nonce, proof.chain_signature)
         session = self.hub.register(dataclasses.replace(hello, agent_id=agent_id))
@@ -161,6 +163,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             self.hub.unregister(session, reason)
+        if reader.done() and not reader.cancelled() and reader.exception() is None:
+            refused = reader.result()
+            if refused is not None:
+                raise refused  # the stream ends with its status (INVALID_ARGUMENT)
 
     async def _handshake_message(
         self, it: AsyncIterator[worker_pb2.ConnectRequest], deadline: float, what: str
@@ -176,10 +182,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 "([workers] hello_timeout_seconds)"
             ) from None
 
-    async def _read(self, it: AsyncIterator[worker_pb2.ConnectRequest], s: WorkerSession) -> None:
+    async def _read(
+        self, it: AsyncIterator[worker_pb2.ConnectRequest], s: WorkerSession
+    ) -> DispatchError | None:
+        """Handles the worker's messages. A message beyond the protocol's limits stops the
+        reading and is returned (the stream then ends with its status, INVALID_ARGUMENT,
+        and no GoAway); a message whose handling fails goes to hub.message_failed."""
         try:
             async for msg in it:
                 kind = msg.WhichOneof("msg")
+                try:
+                    convert.check_worker_message(msg)
+                except DispatchError as e:
+                    s.end()
+                    return e
                 try:
                     self._handle(s, kind, msg)
                 except Exception as e:
@@ -188,9 +204,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     attempt = int(getattr(about, "attempt", 0))
                     self.hub.message_failed(s, kind or "unset", job_id, attempt, e)
                 if s.closed:
-                    return
+                    return None
         finally:
             s.close("stream closed by the worker")
+        return None
 
     def _handle(self, s: WorkerSession, kind: str | None, msg: worker_pb2.ConnectRequest) -> None:
         if kind == "heartbeat":

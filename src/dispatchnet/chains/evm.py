@@ -97,6 +97,7 @@ class EvmChain:
     validation_registry: str = ""
     receipt_anchor: str = ""
     usdc: str = ""
+    batch_settler: str = ""
     # secp256k1 private key (0x hex) of the coordinator's chain account; "" when unknown
     account_key: str = field(default="", repr=False)
 
@@ -155,6 +156,7 @@ _CONTRACTS = (
     "validation_registry",
     "receipt_anchor",
     "usdc",
+    "batch_settler",
 )
 
 

@@ -55,6 +55,7 @@ class Deployment:
     validation: str
     receipt_anchor: str
     usdc: str
+    batch_settler: str
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,6 +73,7 @@ class Deployment:
             validation=Web3.to_checksum_address(data["validation"]),
             receipt_anchor=Web3.to_checksum_address(data["receipt_anchor"]),
             usdc=Web3.to_checksum_address(data["usdc"]),
+            batch_settler=Web3.to_checksum_address(data["batch_settler"]),
         )
 
     @classmethod
@@ -104,8 +106,8 @@ def deploy(
     artifacts_dir: Path | None = None,
     timeout: float = 120.0,
 ) -> Deployment:
-    """Deploys IdentityRegistry, ReputationRegistry, ValidationRegistry, ReceiptAnchor and
-    TestUSDC from the account of `private_key` (which becomes the USDC minter)."""
+    """Deploys IdentityRegistry, ReputationRegistry, ValidationRegistry, ReceiptAnchor,
+    TestUSDC and BatchSettler from the account of `private_key` (which becomes the USDC minter)."""
     w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
 
     def constructor(name: str, *args: Any) -> ContractConstructor:
@@ -117,6 +119,7 @@ def deploy(
     validation = _send(w3, constructor("ValidationRegistry", identity), private_key, timeout)
     anchor = _send(w3, constructor("ReceiptAnchor"), private_key, timeout)
     usdc = _send(w3, constructor("TestUSDC"), private_key, timeout)
+    settler = _send(w3, constructor("BatchSettler"), private_key, timeout)
     return Deployment(
         chain_id=w3.eth.chain_id,
         rpc_url=rpc_url,
@@ -125,4 +128,5 @@ def deploy(
         validation=validation,
         receipt_anchor=anchor,
         usdc=usdc,
+        batch_settler=settler,
     )

@@ -11,18 +11,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.exceptions import TransactionNotFound, Web3RPCError
+from web3.logs import DISCARD
 from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.types import TransactionReceipt
 
 from dispatchnet.chains.evm import TRANSIENT, EvmSender, _brief, _hex
+from dispatchnet.chains.evm_deploy import load_artifact
 from dispatchnet.errors import Unavailable
 
 log = logging.getLogger("dispatch.payments.evm")
+
+# Gas of a BatchSettler.settle beyond its per-payment share (the call and the loop).
+BATCH_BASE_GAS = 30000
 
 # The ERC-20 and EIP-3009 pieces payments use (any USDC-like token has them).
 TOKEN_ABI: list[dict[str, Any]] = [
@@ -265,6 +271,122 @@ class EvmRefunder:
         except TRANSIENT as e:
             raise Unavailable(f"no receipt for refund {tx_hash} yet: {_brief(e)}") from e
         return bool(receipt["status"] == 1)
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """A signed EIP-3009 transferWithAuthorization, as an x402 exact payment carries it."""
+
+    payer: str
+    to: str
+    value: int
+    valid_after: int
+    valid_before: int
+    nonce: str  # 0x hex, 32 bytes
+    signature: str  # 0x hex
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.payer.lower(), self.nonce.lower()
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        return (
+            Web3.to_checksum_address(self.payer),
+            Web3.to_checksum_address(self.to),
+            self.value,
+            self.valid_after,
+            self.valid_before,
+            HexBytes(self.nonce),
+            HexBytes(self.signature),
+        )
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What one BatchSettler.settle did: the transaction ("" when nothing was sent), the
+    authorizations it moved (by Authorization.key, from the token's AuthorizationUsed
+    events), and those the token would not take (a simulation left them out)."""
+
+    transaction: str
+    settled: frozenset[tuple[str, str]]
+    refused: frozenset[tuple[str, str]]
+
+
+class EvmBatchSettler:
+    """Settles many EIP-3009 authorizations of one token in one BatchSettler.settle
+    transaction from the coordinator account (through its shared EvmSender).
+
+    A simulation first leaves out what the token would refuse (a spent balance, an expired
+    or already used authorization), so one bad payment never holds up the others. The
+    chain makes it exactly once: an authorization's nonce can be used once, and `used()`
+    tells which ones an earlier, interrupted attempt already settled."""
+
+    def __init__(
+        self, sender: EvmSender, address: str, per_payment_gas: int, tx_timeout: float
+    ) -> None:
+        self.sender = sender
+        self.per_payment_gas = per_payment_gas
+        self.tx_timeout = tx_timeout
+        w3 = sender.w3
+        self.contract = w3.eth.contract(
+            address=Web3.to_checksum_address(address), abi=load_artifact("BatchSettler").abi
+        )
+
+    def used(self, asset: str, auths: list[Authorization]) -> list[bool]:
+        """Whether each authorization is used (or cancelled) on chain, in one call."""
+        try:
+            return [
+                bool(u)
+                for u in self.contract.functions.authorizationStates(
+                    Web3.to_checksum_address(asset),
+                    [Web3.to_checksum_address(a.payer) for a in auths],
+                    [HexBytes(a.nonce) for a in auths],
+                ).call()
+            ]
+        except TRANSIENT as e:
+            raise Unavailable(f"chain node unreachable: {_brief(e)}") from e
+
+    def settle(self, asset: str, auths: list[Authorization]) -> BatchOutcome:
+        """One transaction for every authorization the token takes now. Unavailable on
+        node trouble, a transaction not mined in time, or a reverted batch (nothing moved:
+        retry)."""
+        token = Web3.to_checksum_address(asset)
+        w3 = self.sender.w3
+        try:
+            ok = self.contract.functions.settle(token, [a.as_tuple() for a in auths]).call(
+                {"from": self.sender.address}
+            )
+            send = [a for a, good in zip(auths, ok, strict=True) if good]
+            refused = frozenset(a.key for a, good in zip(auths, ok, strict=True) if not good)
+            if not send:
+                return BatchOutcome("", frozenset(), refused)
+            fn = self.contract.functions.settle(token, [a.as_tuple() for a in send])
+            # Not an estimate: the batch catches each transfer's failure, so the node's
+            # estimate is the least gas at which the batch *succeeds*, even when every
+            # transfer inside it then runs out of gas.
+            gas = self.per_payment_gas * len(send) + BATCH_BASE_GAS
+            with self.sender.lock:
+                tx_hash = self.sender.send(fn, gas)
+            receipt = w3.eth.wait_for_transaction_receipt(
+                HexBytes(tx_hash), timeout=self.tx_timeout, poll_latency=0.05
+            )
+        except TRANSIENT as e:
+            raise Unavailable(f"batch settlement: {_brief(e)}") from e
+        if receipt["status"] != 1:
+            raise Unavailable(
+                f"batch settlement {_hex(tx_hash)} reverted (gas used {receipt['gasUsed']} of "
+                f"{gas}); nothing moved, retrying"
+            )
+        events = (
+            w3.eth.contract(address=token, abi=TOKEN_ABI)
+            .events.AuthorizationUsed()
+            .process_receipt(receipt, errors=DISCARD)
+        )
+        settled = frozenset(
+            (str(ev["args"]["authorizer"]).lower(), _hex(ev["args"]["nonce"]).lower())
+            for ev in events
+        )
+        return BatchOutcome(_hex(tx_hash), settled, refused)
 
 
 def token_info(w3: Web3, asset: str) -> tuple[str, str, int]:

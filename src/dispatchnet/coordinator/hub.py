@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 
 from dispatchnet.agent_identity import IdentityVerifier
 from dispatchnet.coordinator import matching
+from dispatchnet.coordinator.catalogue import TaskCatalogue
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Failure, Job, JobSpec, Privacy, Result, WorkerKind
 from dispatchnet.coordinator.ports import ReputationSource
 from dispatchnet.errors import DispatchError, InvalidArgument, Unauthenticated, quoted
 from dispatchnet.keys import verify
 from dispatchnet.profiles import JobsConfig, WorkersConfig
+from dispatchnet.protocol import HELLO_CONTEXT, MAX_CONCURRENCY
 from dispatchnet.store.base import Runnable, Store
 
-HELLO_CONTEXT = b"dispatch.v1.WorkerHello\n"
-MAX_CONCURRENCY = 64
 # A dispatch pass reads the queue in pages of 2x the free slots (within these bounds) and
 # looks at no more than DISPATCH_SCAN_MAX jobs.
 DISPATCH_PAGE_MIN = 16
@@ -96,8 +96,10 @@ class WorkerSession:
     draining: bool = False
     closed: bool = False
     active: dict[str, int] = field(default_factory=dict)  # job_id -> attempt
-    # jobs the worker runs that this session does not hold (taken over elsewhere meanwhile)
+    # jobs the worker runs that this session does not hold (taken over elsewhere meanwhile);
+    # only jobs this worker was offered: anything else a worker lists is in `ignored`
     foreign: set[str] = field(default_factory=set)
+    ignored: set[str] = field(default_factory=set)
     outbox: asyncio.Queue[Outbound | None] = field(default_factory=asyncio.Queue)
 
     @property
@@ -111,6 +113,11 @@ class WorkerSession:
     def close(self, reason: str, retry_after_seconds: int = 0) -> None:
         if not self.closed:
             self.outbox.put_nowait(GoAway(reason, retry_after_seconds))
+            self.end()
+
+    def end(self) -> None:
+        """Ends the stream without a GoAway (the stream's status says why)."""
+        if not self.closed:
             self.outbox.put_nowait(None)
             self.closed = True
 
@@ -131,8 +138,10 @@ class WorkerHub:
         rng: random.Random | None = None,
         identity: IdentityVerifier | None = None,
         require_registration: bool = False,
+        catalogue: TaskCatalogue | None = None,
     ) -> None:
         self.jobs = jobs
+        self.catalogue = catalogue  # told the task names every worker declares
         # checks Hello.agent_id claims on chain (None: no chain, agent ids are dropped)
         self.identity = identity
         self.require_registration = require_registration
@@ -205,18 +214,29 @@ class WorkerHub:
         )
         self.sessions[worker_id] = session
         self.store.record_worker_seen(worker_id, int(hello.kind), now)
+        if self.catalogue is not None:
+            self.catalogue.declared(hello.tasks)
         self.reputation.warm(worker_id)
+        # one read for the whole (bounded) list; a write only for what really resumes
+        ids = [job_id for job_id, _ in hello.running]
+        held = self.store.held_attempts(worker_id, ids) if ids else set()
         for job_id, attempt in hello.running:
-            if self.jobs.resume(job_id, attempt, worker_id) is not None:
+            if (job_id, attempt) not in held:
+                session.ignored.add(job_id)
+            elif self.jobs.resume(job_id, attempt, worker_id) is not None:
                 session.active[job_id] = attempt
             else:
                 session.foreign.add(job_id)
+        self._log_ignored(session, session.ignored)
+        self.jobs.worker_returned(worker_id, set(session.active))
         log.info("worker %s… connected (%s)", worker_id[:12], hello.kind.name.lower())
         self.kick()
         return session
 
     def unregister(self, session: WorkerSession, reason: str) -> None:
-        """Forgets a session and requeues what it held; safe to call more than once."""
+        """Forgets a session and requeues what it held (except while the coordinator
+        stops: the jobs then stay held, see JobService.recover); safe to call more than
+        once."""
         if self.sessions.get(session.worker_id) is session:
             del self.sessions[session.worker_id]
         elif session.closed and not session.active:
@@ -224,6 +244,11 @@ class WorkerHub:
         session.closed = True
         held = dict(session.active)
         session.active.clear()
+        if self._stopping:
+            # the coordinator is going down: the jobs stay the workers', and the next
+            # start holds them for a while (JobService.recover), as after a crash
+            log.info("worker %s… gone (coordinator stopping)", session.worker_id[:12])
+            return
         for job_id, attempt in held.items():
             job = self.store.get_job(job_id)
             if job is not None and job.worker_id == session.worker_id and job.attempts == attempt:
@@ -232,10 +257,30 @@ class WorkerHub:
 
     def touch(self, session: WorkerSession, running: list[str] | None = None) -> None:
         """Notes that the worker is alive; with a heartbeat's running job ids, reconciles
-        the load it carries beyond what this session holds."""
+        the load it carries beyond what this session holds. Only jobs this worker was
+        offered count; other ids are ignored (and logged once)."""
         session.last_seen = self.clock()
-        if running is not None:
-            session.foreign = set(running) - set(session.active)
+        if running is None:
+            return
+        ids = set(running) - set(session.active)
+        known = ids & session.foreign
+        new = ids - known - session.ignored
+        held = set()
+        if new:
+            held = {j for j, _ in self.store.held_attempts(session.worker_id, sorted(new))}
+            self._log_ignored(session, new - held)
+        session.foreign = known | held
+        session.ignored = (ids & session.ignored) | (new - held)
+
+    @staticmethod
+    def _log_ignored(session: WorkerSession, ids: set[str]) -> None:
+        if ids:
+            log.warning(
+                "worker %s… lists %d job(s) it was never offered (ignored): %s",
+                session.worker_id[:12],
+                len(ids),
+                ", ".join(repr(i) for i in sorted(ids)[:3]) + (", …" if len(ids) > 3 else ""),
+            )
 
     def drain(self, session: WorkerSession) -> None:
         session.draining = True
@@ -357,7 +402,10 @@ class WorkerHub:
         self._wake.set()
 
     def _free_slots(self) -> int:
-        return sum(s.max_concurrency - s.load for s in self.sessions.values() if not s.draining)
+        # clamped per worker: one overloaded worker takes no slots from the others
+        return sum(
+            max(0, s.max_concurrency - s.load) for s in self.sessions.values() if not s.draining
+        )
 
     def _runnable(self) -> Runnable:
         free = [s for s in self.sessions.values() if not s.draining and s.load < s.max_concurrency]

@@ -5,6 +5,11 @@ A lapsed lease, a rejected offer, a retryable failure or a lost worker returns t
 QUEUED; once attempts reach max_attempts it FAILS instead. Every transition is a
 compare-and-set in the store that commits the job and its event together, before anyone
 is told about it.
+
+A coordinator restart is nobody's fault: at start-up (recover) the jobs workers held stay
+theirs for jobs.restart_grace_seconds, so a worker that reconnects resumes them; a job
+whose worker does not come back is requeued without costing an attempt (its max_attempts
+grows by one).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 
+from dispatchnet import protocol
+from dispatchnet.coordinator.catalogue import TaskCatalogue
 from dispatchnet.coordinator.events import JobNotifier
 from dispatchnet.coordinator.models import (
     ACTIVE_STATES,
@@ -30,6 +37,7 @@ from dispatchnet.coordinator.models import (
     Job,
     JobSpec,
     JobState,
+    JobType,
     Payment,
     Privacy,
     Quote,
@@ -48,24 +56,30 @@ from dispatchnet.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
     quoted,
 )
-from dispatchnet.profiles import JobsConfig, PricingConfig
+from dispatchnet.profiles import JobsConfig, PricingConfig, QuotesConfig
 from dispatchnet.store.base import Store
 
-MAX_IDEMPOTENCY_KEY = 128
+MAX_IDEMPOTENCY_KEY = protocol.MAX_IDEMPOTENCY_KEY_CHARS
 WATCH_POLL_SECONDS = 5.0
 # Event sequence numbers are signed 64-bit in the store; no job gets near this.
 MAX_SEQUENCE = 2**63 - 1
-# Expired quotes stay this long (so a late CommitJob hears "expired", not "not found").
+# Expired quotes stay this long (so a late CommitJob hears "expired", not "not found"),
+# without their spec: they stop counting toward [quotes] limits within PURGE_INTERVAL.
 EXPIRED_RETENTION_SECONDS = 3600.0
 PURGE_INTERVAL_SECONDS = 60.0
+QUOTE_ROW_BYTES = 256  # what a stored quote counts besides its spec
 # Feedback for a worker with an agent id (see README "Reputation and feedback"):
 FEEDBACK_TAG1 = "successRate"
 FEEDBACK_POSITIVE = 100  # a completed job (valueDecimals 0: 100 of 100)
 FEEDBACK_NEGATIVE = 0  # a job that failed on the worker (final failure)
+# The reason of the events of a job held, then requeued, across a coordinator restart.
+RESTARTED = "coordinator_restarted"
 # Final failures that are not the worker's fault: no feedback.
-NOT_WORKER_FAULT = frozenset({"bad_input", "context_length_exceeded", "coordinator_restarted"})
+NOT_WORKER_FAULT = frozenset({"bad_input", "context_length_exceeded", RESTARTED})
 
 log = logging.getLogger("dispatch.jobs")
 
@@ -84,8 +98,13 @@ class JobService:
         reputation: ReputationSource,
         notifier: JobNotifier | None = None,
         clock: Callable[[], float] = time.time,
+        catalogue: TaskCatalogue | None = None,
+        quotes: QuotesConfig | None = None,
     ) -> None:
         self.store = store
+        self.quotes = quotes or QuotesConfig()
+        # the task names quotes may ask for (None: any)
+        self.catalogue = catalogue
         self.cfg = jobs
         self.pricing = pricing
         self.notary = notary
@@ -97,6 +116,9 @@ class JobService:
         # called with the job after every final transition (completed, failed, cancelled)
         self.final_listeners: list[Callable[[Job], None]] = []
         self._next_purge = 0.0
+        # Jobs held for their worker since start-up (recover): worker_id -> job_id -> attempt.
+        # Rebuilt from the store at every start, so it survives repeated restarts.
+        self._restart_holds: dict[str, dict[str, int]] = {}
         # Feedback outbox: off while feedback_uri_base is None. agent_of(worker_id) is the
         # agent id (decimal) of a connected worker, "" for none (set by the server).
         self.feedback_uri_base: str | None = None
@@ -108,10 +130,15 @@ class JobService:
         """A WebAssembly module sent with an earlier quote, by its SHA-256."""
         return self.store.get_module(sha256)
 
-    def quote(self, spec: JobSpec, wasm_module: bytes | None = None) -> Quote:
+    def quote(self, spec: JobSpec, wasm_module: bytes | None = None, client_id: str = "") -> Quote:
+        """Prices spec and stores the quote under client_id ("" for an anonymous caller).
+        FailedPrecondition for a TASK no worker has ever offered (see TaskCatalogue);
+        Unauthenticated for an anonymous spec over [quotes] anonymous_max_spec_bytes;
+        ResourceExhausted beyond the other [quotes] limits on stored quotes."""
+        if spec.job_type is JobType.TASK and self.catalogue is not None:
+            self.catalogue.check(spec.task_name)
+        size = self._check_quote_storage(spec, client_id)
         now = self.clock()
-        if wasm_module is not None:
-            self.store.put_module(hashlib.sha256(wasm_module).digest(), wasm_module, now)
         q = Quote(
             quote_id=new_id("q"),
             spec=spec,
@@ -120,8 +147,41 @@ class JobService:
             created_at=now,
             expires_at=now + self.cfg.quote_ttl_seconds,
         )
-        self.store.put_quote(q)
+        self.store.put_quote(q, client_id, size, wasm_module)
         return q
+
+    def _check_quote_storage(self, spec: JobSpec, client_id: str) -> int:
+        """The bytes a quote for spec counts; raises when storing it would pass a limit."""
+        cfg = self.quotes
+        spec_bytes = len(spec.spec_bytes)
+        size = spec_bytes + QUOTE_ROW_BYTES
+        held = self.cfg.quote_ttl_seconds + PURGE_INTERVAL_SECONDS
+        retry = f"a quote's storage is released within {held:g}s of its making"
+        if not client_id and spec_bytes > cfg.anonymous_max_spec_bytes:
+            raise Unauthenticated(
+                f"this spec is {spec_bytes} bytes; GetQuote without authorization takes "
+                f"{cfg.anonymous_max_spec_bytes} at most: send 'authorization: Dispatch "
+                "<token>' metadata (`dispatch auth header` prints one; the CLI and the "
+                "Python client send it)"
+            )
+        mine, everyone = self.store.quote_usage(client_id)
+        if not client_id and mine.quotes >= cfg.anonymous_max_quotes:
+            raise ResourceExhausted(
+                f"anonymous callers hold {mine.quotes} unexpired quotes, the most this "
+                f"coordinator stores; send 'authorization' metadata with GetQuote (`dispatch "
+                f"auth header`), or retry later ({retry})"
+            )
+        if client_id and mine.bytes + size > cfg.client_max_bytes:
+            raise ResourceExhausted(
+                f"your unexpired quotes hold {mine.bytes} bytes and this one needs {size}; "
+                f"the limit per client is {cfg.client_max_bytes}; retry later ({retry})"
+            )
+        if everyone.bytes + size > cfg.max_bytes:
+            raise ResourceExhausted(
+                f"this coordinator's quote storage is full ({cfg.max_bytes} bytes); "
+                f"retry later ({retry})"
+            )
+        return size
 
     def get_quote(self, quote_id: str) -> Quote:
         if not quote_id:
@@ -281,19 +341,33 @@ class JobService:
         )
 
     def resume(self, job_id: str, attempt: int, worker_id: str) -> Job | None:
-        """A reconnecting worker still runs an attempt its dropped stream lost: if the job
-        is still queued from that attempt, it goes back to RUNNING on that worker."""
-        job = self._held(job_id, attempt, worker_id, (JobState.QUEUED,))
+        """A reconnecting worker still runs an attempt: if the job still waits for it
+        (queued since that attempt after the worker's stream dropped, or still held by
+        the worker since a coordinator restart), it goes back to RUNNING on that worker."""
+        states = (JobState.QUEUED, *ACTIVE_STATES)
+        job = self._held(job_id, attempt, worker_id, states)
         if job is None:
             return None
         return self._move(
             job,
-            (JobState.QUEUED,),
+            states,
             attempt,
             JobState.RUNNING,
             "resumed",
             lease_expires_at=self.clock() + self.cfg.time_limit_seconds,
         )
+
+    def worker_returned(self, worker_id: str, resumed: set[str]) -> None:
+        """A worker reconnected after a coordinator restart: the jobs held for it that it
+        did not resume (it no longer runs them) are requeued now, costing no attempt."""
+        for job_id, attempt in list(self._restart_holds.get(worker_id, {}).items()):
+            if job_id in resumed:
+                continue
+            job = self._held(job_id, attempt, worker_id, ACTIVE_STATES)
+            if job is None:
+                self._drop_hold(worker_id, job_id)
+            else:
+                self.requeue(job, RESTARTED, tell_worker=False, costs_attempt=False)
 
     def reject(self, job_id: str, attempt: int, worker_id: str, reason: str) -> Job | None:
         job = self._held(job_id, attempt, worker_id, (JobState.OFFERED,))
@@ -409,9 +483,24 @@ class JobService:
             self._release(failed, worker_id, attempt, failure.code, tell_worker=False)
         return failed is not None
 
-    def requeue(self, job: Job, reason: str, tell_worker: bool) -> Job | None:
-        """Takes an active job back from its worker: QUEUED again, or FAILED past max attempts."""
-        if job.attempts >= job.max_attempts:
+    def requeue(
+        self, job: Job, reason: str, tell_worker: bool, costs_attempt: bool = True
+    ) -> Job | None:
+        """Takes an active job back from its worker: QUEUED again, or FAILED past max
+        attempts. costs_attempt=False (the attempt was cut short by a coordinator
+        restart): always QUEUED, with one more attempt allowed."""
+        if not costs_attempt:
+            moved = self._move(
+                job,
+                ACTIVE_STATES,
+                job.attempts,
+                JobState.QUEUED,
+                reason,
+                queued_at=self.clock(),
+                lease_expires_at=0.0,
+                max_attempts=job.max_attempts + 1,
+            )
+        elif job.attempts >= job.max_attempts:
             failure = Failure(
                 "max_attempts_exceeded",
                 f"gave up after {job.attempts} attempt(s); last: {reason}",
@@ -456,14 +545,19 @@ class JobService:
         return out
 
     def sweep(self) -> None:
-        """Lapsed leases go back to the queue; jobs nobody could take in time fail; quotes
-        and pairing codes long expired are deleted (GetQuote is public, so they must not
-        pile up)."""
+        """Lapsed leases go back to the queue; jobs nobody could take in time fail; expired
+        quotes give their storage back, and with pairing codes long expired are deleted
+        (GetQuote is public, so they must not pile up)."""
         now = self.clock()
         if now >= self._next_purge:
+            self.store.release_expired_quotes(now)
             self.store.purge_expired(now - EXPIRED_RETENTION_SECONDS)
             self._next_purge = now + PURGE_INTERVAL_SECONDS
         for job in self.store.lapsed_leases(now):
+            if self._restart_holds.get(job.worker_id, {}).get(job.job_id) == job.attempts:
+                # its worker did not come back within the restart grace
+                self.requeue(job, RESTARTED, tell_worker=True, costs_attempt=False)
+                continue
             reason = (
                 "offer_lease_expired" if job.state is JobState.OFFERED else "time_limit_exceeded"
             )
@@ -483,11 +577,21 @@ class JobService:
             )
 
     def recover(self) -> int:
-        """At start-up, no worker is connected to this process: requeue what they held."""
-        jobs = self.store.active_jobs()
-        for job in jobs:
-            self.requeue(job, "coordinator_restarted", tell_worker=False)
-        return len(jobs)
+        """At start-up, no worker is connected to this process yet: each job a worker held
+        stays held for it, under a lease of jobs.restart_grace_seconds, for the worker to
+        reconnect and resume (resume); past the lease, or when the worker comes back
+        without it (worker_returned), the job is requeued without costing an attempt.
+        Returns how many jobs are held."""
+        grace_until = self.clock() + self.cfg.restart_grace_seconds
+        held = 0
+        for job in self.store.active_jobs():
+            moved = self._move(
+                job, (job.state,), job.attempts, job.state, RESTARTED, lease_expires_at=grace_until
+            )
+            if moved is not None:
+                self._restart_holds.setdefault(job.worker_id, {})[job.job_id] = job.attempts
+                held += 1
+        return held
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -536,6 +640,7 @@ class JobService:
             feedback,
         )
         if moved is not None:
+            self._drop_hold(job.worker_id, job.job_id)  # any move ends a restart hold
             self._changed(moved)
             if to.final:
                 for listener in self.final_listeners:
@@ -572,6 +677,13 @@ class JobService:
             feedback_hash=feedback_hash,
             created_at=self.clock(),
         )
+
+    def _drop_hold(self, worker_id: str, job_id: str) -> None:
+        holds = self._restart_holds.get(worker_id)
+        if holds is not None:
+            holds.pop(job_id, None)
+            if not holds:
+                del self._restart_holds[worker_id]
 
     def _changed(self, job: Job) -> None:
         self.notifier.notify(job.job_id)

@@ -2,6 +2,8 @@
 
 Codes are 8 characters from a 32-letter alphabet (40 bits), shown as XXXX-XXXX, single use,
 short-lived, and stored only as SHA-256 hashes. A worker claims one with its own key.
+Failed claims are limited per worker key and for everyone together (see FailureLimiter):
+past a limit, claims are refused for a while, even with the right code.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ from collections.abc import Callable
 
 from dispatchnet.coordinator.jobs import new_id
 from dispatchnet.coordinator.models import Pairing
-from dispatchnet.errors import InvalidArgument, NotFound, PermissionDenied, quoted
+from dispatchnet.coordinator.ratelimit import FailureLimiter, whole_seconds
+from dispatchnet.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    quoted,
+)
 from dispatchnet.profiles import PairingConfig
 from dispatchnet.store.base import Store
 
@@ -37,6 +46,13 @@ class PairingService:
         self.store = store
         self.cfg = cfg
         self.clock = clock
+        self.failures = FailureLimiter(
+            cfg.max_failed_claims,
+            cfg.failed_claims_window_seconds,
+            cfg.max_failed_claims_global,
+            cfg.failed_claims_global_window_seconds,
+            cfg.max_tracked_keys,
+        )
 
     def create_code(self, client_id: str, ttl_seconds: int) -> tuple[str, float]:
         ttl = ttl_seconds or self.cfg.code_ttl_seconds
@@ -48,6 +64,13 @@ class PairingService:
         return f"{raw[:4]}-{raw[4:]}", expires
 
     def claim(self, worker_id: str, code: str) -> Pairing:
+        """Pairs worker_id with the code's client. ResourceExhausted while worker_id (or
+        everyone) has too many failed claims in the window, whatever the code."""
+        wait = self.failures.retry_after(worker_id, self.clock())
+        if wait > 0:
+            raise ResourceExhausted(
+                f"too many failed pairing claims; try again in {whole_seconds(wait)} s"
+            )
         norm = normalize(code)
         if len(norm) != CODE_LEN or any(c not in ALPHABET for c in norm):
             raise InvalidArgument("a pairing code looks like XXXX-XXXX")
@@ -56,7 +79,9 @@ class PairingService:
             raise InvalidArgument("a key cannot pair with itself (claim with the worker's key)")
         client_id = self.store.claim_pairing_code(digest, self.clock())
         if client_id is None:
+            self.failures.failed(worker_id, self.clock())
             raise NotFound("pairing code is unknown, already used or expired")
+        self.failures.succeeded(worker_id)
         return self.store.put_pairing(Pairing(new_id("pair"), client_id, worker_id, self.clock()))
 
     def list(self, party_id: str, include_revoked: bool) -> list[Pairing]:

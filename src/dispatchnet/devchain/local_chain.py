@@ -94,8 +94,11 @@ def _serves(data: dict[str, Any]) -> bool:
         w3 = web3_for(str(data["rpc_url"]), 2.0)
         if w3.eth.chain_id != int(data["chain_id"]):
             return False
-        anchor = Web3.to_checksum_address(data["contracts"]["receipt_anchor"])
-        return len(w3.eth.get_code(anchor)) > 0
+        # a chain deployed by an older build (no batch settler) is replaced
+        contracts = data["contracts"]
+        anchor = Web3.to_checksum_address(contracts["receipt_anchor"])
+        settler = Web3.to_checksum_address(contracts["batch_settler"])
+        return len(w3.eth.get_code(anchor)) > 0 and len(w3.eth.get_code(settler)) > 0
     except (*TRANSIENT, KeyError, TypeError, ValueError):
         return False
 
@@ -159,6 +162,7 @@ def chain_up(profile: Profile, port: int | None = None) -> dict[str, Any]:
                 "validation_registry": deployment.validation,
                 "receipt_anchor": deployment.receipt_anchor,
                 "usdc": deployment.usdc,
+                "batch_settler": deployment.batch_settler,
             },
             "deployer": deployer.address,
             "accounts": {

@@ -66,7 +66,7 @@ class PaymentGateway(Protocol):
     def parse(self, header: str, offers: list[Any], now: float) -> Payment: ...
     def verify(self, payment: Payment) -> None: ...
     def response_header(self, payment: Payment) -> str: ...
-    def settle(self, payment: Payment) -> str: ...
+    def settle_batch(self, payments: list[Payment]) -> dict[str, str | SettlementRefused]: ...
     def sign_refund(self, payment: Payment) -> tuple[str, str]: ...
     def refund_status(self, payment: Payment) -> bool | None: ...
     def broadcast_refund(self, payment: Payment) -> bool | None: ...
@@ -94,6 +94,8 @@ class PaymentService(OutboxLoop):
         self.gateway = gateway
         self.cfg = cfg
         self.jobs_cfg = jobs_cfg
+        # job_id -> when its payment was first seen due for settlement (batching window)
+        self._due_since: dict[str, float] = {}
         jobs.final_listeners.append(self.job_final)
 
     # --- at CommitJob -------------------------------------------------------------------------
@@ -176,41 +178,43 @@ class PaymentService(OutboxLoop):
         return await self.settle_due()
 
     async def settle_due(self) -> int:
-        """One pass over the open payments; how many changed. Stops at chain trouble and
-        backs off."""
+        """One pass over the payments due; how many changed. Settlements are gathered and
+        sent in batches (see _settle_due). Stops at chain trouble and backs off."""
         if self.backing_off():
             return 0
         changed = 0
-        for payment, job_state in self.store.open_payments(PAGE):
+        due: list[Payment] = []
+        for payment, job_state in self.store.due_payments(self.clock(), PAGE):
             try:
-                if await self._advance(payment, job_state):
+                if await self._advance(payment, job_state, due):
                     changed += 1
             except Unavailable as e:
                 self._back_off(payment, e.message)
-                break
+                return changed
             except Exception:  # a bug, not the chain: keep the payment, go on
                 log.exception("payment of job %s failed unexpectedly", payment.job_id)
                 continue
             self.recovered()
-        return changed
+        return changed + await self._settle_due(due)
 
     def _back_off(self, payment: Payment, error: str) -> None:
         delay = self.backed_off(error)
         self._update(payment, (payment.status,), error=error, attempts=payment.attempts + 1)
         log.warning("payment of job %s waits (%s); retrying in %.1fs", payment.job_id, error, delay)
 
-    async def _advance(self, p: Payment, job_state: JobState) -> bool:
+    async def _advance(self, p: Payment, job_state: JobState, due: list[Payment]) -> bool:
+        """Moves p on where that needs no settlement; a payment to settle goes to `due`."""
         now = self.clock()
         done = job_state is JobState.COMPLETED
         dropped = job_state in (JobState.FAILED, JobState.CANCELLED)
         if p.status is PaymentStatus.AUTHORIZED:
             if dropped:
                 return self._update(p, (p.status,), status=PaymentStatus.RELEASED) is not None
-            if not done and now < p.settle_by:
-                return False
-            # (an expired authorization is refused by the facilitator, unless an earlier
-            # attempt settled it after all: settle finds that on chain)
-            return await self._settle(p)
+            if done or now >= p.settle_by:
+                # (an expired authorization is refused, unless an earlier attempt settled
+                # it after all: settlement finds that on chain)
+                due.append(p)
+            return False
         if p.status is PaymentStatus.HELD:
             if done:
                 return self._update(p, (p.status,), status=PaymentStatus.SETTLED) is not None
@@ -220,14 +224,52 @@ class PaymentService(OutboxLoop):
             return await self._refund(p)
         return False
 
-    async def _settle(self, p: Payment) -> bool:
-        try:
-            with METRICS.timed("x402.settle"):
-                tx = await asyncio.to_thread(self.gateway.settle, p)
-        except SettlementRefused as e:
-            log.warning("settlement of job %s refused: %s (not charged)", p.job_id, e)
-            self._update(p, (p.status,), status=PaymentStatus.FAILED, error=str(e))
-            return True
+    async def _settle_due(self, due: list[Payment]) -> int:
+        """Settles the payments due in batches of settle_batch_size: a full batch at once,
+        a smaller one once its oldest payment has waited settle_max_wait_seconds (or when a
+        payment's settle_by has come). Nothing is lost by waiting: the payments stay
+        authorized in the store."""
+        now = self.clock()
+        seen = {p.job_id for p in due}
+        for job_id in list(self._due_since):
+            if job_id not in seen:
+                del self._due_since[job_id]
+        for p in due:
+            self._due_since.setdefault(p.job_id, now)
+        size = self.cfg.settle_batch_size
+        oldest = min((self._due_since[p.job_id] for p in due), default=now)
+        urgent = any(now >= p.settle_by for p in due)
+        ready = len(due) >= size or urgent or now - oldest >= self.cfg.settle_max_wait_seconds
+        if not ready:
+            self.wake_at(oldest + self.cfg.settle_max_wait_seconds)
+            return 0
+        changed = 0
+        for i in range(0, len(due), size):
+            chunk = due[i : i + size]
+            if len(chunk) < size and not urgent and now - oldest < self.cfg.settle_max_wait_seconds:
+                self.wake_at(oldest + self.cfg.settle_max_wait_seconds)
+                break
+            try:
+                with METRICS.timed("x402.settle_batch"):
+                    results = await asyncio.to_thread(self.gateway.settle_batch, chunk)
+            except Unavailable as e:
+                for p in chunk:
+                    self._back_off(p, e.message)
+                break
+            self.recovered()
+            for p in chunk:
+                result = results.get(p.job_id)
+                if result is not None:
+                    self._due_since.pop(p.job_id, None)
+                    changed += self._settled(p, result)
+        return changed
+
+    def _settled(self, p: Payment, result: str | SettlementRefused) -> int:
+        """Records one settlement's outcome: the transaction, or a final refusal."""
+        if isinstance(result, SettlementRefused):
+            log.warning("settlement of job %s refused: %s (not charged)", p.job_id, result)
+            self._update(p, (p.status,), status=PaymentStatus.FAILED, error=str(result))
+            return 1
         job = self.store.get_job(p.job_id)
         state = job.state if job is not None else JobState.FAILED
         status = (
@@ -237,9 +279,9 @@ class PaymentService(OutboxLoop):
             if state.final
             else PaymentStatus.HELD
         )
-        log.info("payment of job %s settled in %s (%s)", p.job_id, tx, status.value)
-        self._update(p, (p.status,), status=status, transaction=tx, error="")
-        return True
+        log.info("payment of job %s settled in %s (%s)", p.job_id, result, status.value)
+        self._update(p, (p.status,), status=status, transaction=result, error="")
+        return 1
 
     async def _refund(self, p: Payment) -> bool:
         if p.refund_transaction:

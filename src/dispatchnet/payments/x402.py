@@ -52,7 +52,9 @@ from x402.schemas import (
 
 from dispatchnet.chains.evm import EvmChain, resolve_evm_chain, shared_sender
 from dispatchnet.chains.evm_payments import (
+    Authorization,
     CoordinatorFacilitatorSigner,
+    EvmBatchSettler,
     EvmRefunder,
     authorization_use,
     token_info,
@@ -125,6 +127,17 @@ class NetworkRail:
         self._lock = threading.Lock()
         self.w3 = sender.w3
         self.refunder = EvmRefunder(sender, pay.refund_gas_limit, cfg.tx_timeout_seconds)
+        # Many settlements in one transaction: only where this process settles itself (a
+        # remote facilitator settles one payment per call) and the chain has the contract.
+        self.batch = (
+            EvmBatchSettler(
+                sender, chain.batch_settler, pay.settle_gas_limit, cfg.tx_timeout_seconds
+            )
+            if self.signer is not None and chain.batch_settler
+            else None
+        )
+        if self.batch is not None:
+            self.describe += f", settling in batches through {chain.batch_settler}"
 
     def asset(self) -> _Asset:
         """The asset and its EIP-712 domain: the SDK's default for the network, or read
@@ -318,6 +331,70 @@ class X402Gateway:
             raise SettlementRefused(reason, "the payer cancelled the authorization")
         raise SettlementRefused(reason, result.error_message or "")
 
+    def settle_batch(self, payments: list[Payment]) -> dict[str, str | SettlementRefused]:
+        """Settles the payments, in one transaction per network and asset where the
+        network's rail can batch (else one by one, as settle()); job_id -> the transaction
+        that settled it, or the SettlementRefused that makes it final. A payment missing
+        from the answer is still open (its batch did not move it: try again). Unavailable:
+        chain trouble, nothing recorded, try again later."""
+        out: dict[str, str | SettlementRefused] = {}
+        groups: dict[tuple[str, str], list[Payment]] = {}
+        for p in payments:
+            groups.setdefault((p.network, p.asset), []).append(p)
+        for (network, asset), group in groups.items():
+            rail = self.rails[network]
+            if rail.batch is None:
+                for p in group:
+                    try:
+                        out[p.job_id] = self.settle(p)
+                    except SettlementRefused as e:
+                        out[p.job_id] = e
+                continue
+            out.update(self._settle_group(rail, rail.batch, asset, group))
+        return out
+
+    def _settle_group(
+        self, rail: NetworkRail, batch: EvmBatchSettler, asset: str, group: list[Payment]
+    ) -> dict[str, str | SettlementRefused]:
+        out: dict[str, str | SettlementRefused] = {}
+        auths = {p.job_id: _authorization(p) for p in group}
+        todo: list[Payment] = []
+        # An earlier attempt (interrupted before it was recorded) may have settled some.
+        for p, used in zip(group, batch.used(asset, list(auths.values())), strict=True):
+            if not used:
+                todo.append(p)
+                continue
+            used_now, tx = authorization_use(rail.w3, asset, p.payer, p.authorization_id)
+            if used_now and tx:
+                log.info("payment for job %s was already settled in %s", p.job_id, tx)
+                out[p.job_id] = tx
+            else:
+                out[p.job_id] = SettlementRefused(
+                    "authorization_used", "the payer cancelled the authorization"
+                )
+        if not todo:
+            return out
+        outcome = batch.settle(asset, [auths[p.job_id] for p in todo])
+        for p in todo:
+            key = auths[p.job_id].key
+            if key in outcome.settled:
+                out[p.job_id] = outcome.transaction
+            elif key in outcome.refused and (refusal := self._refusal(p)) is not None:
+                out[p.job_id] = refusal
+        return out
+
+    def _refusal(self, payment: Payment) -> SettlementRefused | None:
+        """Why the token will not take a payment, in x402's words (the facilitator's
+        verification names the reason: balance, expiry, ...); None when it still verifies
+        (it stays open and is tried again, until its authorization expires)."""
+        verified, node_down = self._facilitate(payment, self.server.verify_payment)
+        if node_down:
+            raise Unavailable(f"chain node unreachable while settling: {node_down}")
+        if verified.is_valid:
+            log.warning("payment of job %s verifies but the token refused it", payment.job_id)
+            return None
+        return SettlementRefused(verified.invalid_reason or "settlement_failed")
+
     def sign_refund(self, payment: Payment) -> tuple[str, str]:
         return self.rails[payment.network].refunder.sign(
             payment.asset, payment.payer, payment.amount
@@ -336,6 +413,20 @@ def _x402_objects(payment: Payment) -> tuple[PaymentPayload, PaymentRequirements
     return (
         PaymentPayload.model_validate(json.loads(payment.payload_json)),
         PaymentRequirements.model_validate(json.loads(payment.requirement_json)),
+    )
+
+
+def _authorization(payment: Payment) -> Authorization:
+    exact = ExactEIP3009Payload.from_dict(json.loads(payment.payload_json)["payload"])
+    a = exact.authorization
+    return Authorization(
+        payer=a.from_address,
+        to=a.to,
+        value=int(a.value),
+        valid_after=int(a.valid_after),
+        valid_before=int(a.valid_before),
+        nonce=a.nonce,
+        signature=exact.signature or "0x",
     )
 
 

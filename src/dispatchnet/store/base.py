@@ -37,12 +37,37 @@ class Runnable:
     llm: bool
 
 
+@dataclass(frozen=True)
+class QuoteUsage:
+    """Stored quotes not yet released, and the bytes they count."""
+
+    quotes: int
+    bytes: int
+
+
 class Store(Protocol):
     # quotes
-    def put_quote(self, quote: Quote) -> None: ...
+    def put_quote(
+        self, quote: Quote, owner: str = "", size: int = 0, module: bytes | None = None
+    ) -> None:
+        """Stores quote for owner (a client id, "" for anonymous) and counts `size` bytes
+        toward owner's and the total usage until it is released; stores `module` (the
+        WebAssembly module of its spec, content-addressed) with it. One transaction."""
+        ...
+
     def get_quote(self, quote_id: str) -> Quote | None: ...
+    def quote_usage(self, owner: str) -> tuple[QuoteUsage, QuoteUsage]:
+        """What owner's unreleased quotes hold, and what everyone's do."""
+        ...
+
+    def release_expired_quotes(self, now: float) -> int:
+        """Quotes that expired before `now` give their usage back and drop their spec (the
+        row stays, so CommitJob still says "expired", until purge_expired); then modules
+        that no stored quote and no open job references are deleted. How many quotes."""
+        ...
+
     def purge_expired(self, before: float) -> int:
-        """Deletes quotes and pairing codes that expired before `before`; how many."""
+        """Deletes released quotes and pairing codes that expired before `before`; how many."""
         ...
 
     # jobs
@@ -63,6 +88,13 @@ class Store(Protocol):
 
     def open_payments(self, limit: int = 100) -> list[tuple[Payment, JobState]]:
         """Payments that are not final, with their job's state, oldest first."""
+        ...
+
+    def due_payments(self, now: float, limit: int = 100) -> list[tuple[Payment, JobState]]:
+        """Payments the settlement loop has something to do for, with their job's state,
+        oldest first: authorized ones whose job is final or whose settle_by has come, held
+        ones whose job is final, and refunds due. Payments of jobs still running wait
+        outside the page, so they never hide the ones behind them."""
         ...
 
     def update_payment(
@@ -99,6 +131,11 @@ class Store(Protocol):
         it never was."""
         ...
 
+    def held_attempts(self, worker_id: str, job_ids: Sequence[str]) -> set[tuple[str, int]]:
+        """The (job_id, attempt) pairs among job_ids that worker_id was offered, in one
+        read whatever the number of ids (the caller bounds them)."""
+        ...
+
     def events_after(self, job_id: str, sequence: int, limit: int = 500) -> list[Event]: ...
     def queued_jobs(
         self, limit: int, after: tuple[float, str] | None = None, runnable: Runnable | None = None
@@ -130,12 +167,24 @@ class Store(Protocol):
     def revoke_pairing(self, pairing_id: str, now: float) -> Pairing | None: ...
     def paired_workers(self, client_id: str) -> set[str]: ...
 
-    # WebAssembly modules, content-addressed
-    def put_module(self, sha256: bytes, module: bytes, now: float) -> None: ...
+    # WebAssembly modules, content-addressed (stored with quotes, see put_quote)
     def get_module(self, sha256: bytes) -> bytes | None: ...
 
     # workers
     def record_worker_seen(self, worker_id: str, kind: int, now: float) -> None: ...
+    def record_task_names(self, names: Sequence[str], now: float, keep: int) -> None:
+        """Notes that a worker declared these task names now; keeps only the `keep` names
+        declared most recently."""
+        ...
+
+    def task_name_known(self, name: str) -> bool:
+        """Whether a worker declared this task name (and it was not dropped since)."""
+        ...
+
+    def task_names(self, limit: int) -> list[str]:
+        """At most `limit` declared task names, most recently declared first."""
+        ...
+
     def record_outcome(self, worker_id: str, success: bool) -> None: ...
     def worker_stats(self, worker_id: str) -> tuple[int, int]:
         """(completed, failed) counts of a worker."""

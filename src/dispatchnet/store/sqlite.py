@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,7 @@ import sqlite_utils
 
 from dispatchnet.coordinator.models import (
     ACTIVE_STATES,
+    OPEN_STATES,
     AnchorStatus,
     Event,
     EventKind,
@@ -42,7 +44,9 @@ from dispatchnet.coordinator.models import (
     UnbatchedReceipt,
 )
 from dispatchnet.errors import PaymentReused
-from dispatchnet.store.base import Runnable
+from dispatchnet.store.base import QuoteUsage, Runnable
+
+TOTAL_OWNER = "*"  # the quote_usage row of all owners together (client ids are hex)
 
 
 def _v1(db: sqlite_utils.Database) -> None:
@@ -258,7 +262,38 @@ def _v6(db: sqlite_utils.Database) -> None:
     db.table("payments").create_index(["status", "created_at"])
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6]
+def _v7(db: sqlite_utils.Database) -> None:
+    """Task names workers have declared (GetQuote refuses names no worker ever offered)."""
+    db.table("task_names").create({"name": str, "last_seen": float}, pk="name")
+    db.table("task_names").create_index(["last_seen"])
+
+
+def _v8(db: sqlite_utils.Database) -> None:
+    """Quote storage accounting: each quote's owner ("" anonymous), counted size and
+    module; usage per owner (and TOTAL_OWNER); module references for purging modules."""
+    db.execute("ALTER TABLE quotes ADD COLUMN client_id TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE quotes ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE quotes ADD COLUMN module_sha256 BLOB")
+    db.execute("ALTER TABLE jobs ADD COLUMN module_sha256 BLOB")
+    db.execute("UPDATE quotes SET size=length(spec_bytes)")
+    db.execute(
+        "CREATE INDEX idx_quotes_module ON quotes (module_sha256) WHERE module_sha256 IS NOT NULL"
+    )
+    db.execute(
+        "CREATE INDEX idx_jobs_module ON jobs (module_sha256) WHERE module_sha256 IS NOT NULL"
+    )
+    db.table("quote_usage").create({"owner": str, "quotes": int, "bytes": int}, pk="owner")
+    db.execute(
+        "INSERT INTO quote_usage SELECT client_id, count(*), sum(size) FROM quotes "
+        "GROUP BY client_id"
+    )
+    db.execute(
+        "INSERT INTO quote_usage SELECT ?, count(*), coalesce(sum(size), 0) FROM quotes",
+        (TOTAL_OWNER,),
+    )
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JOB_SIMPLE = {
@@ -333,10 +368,29 @@ class SqliteStore:
 
     # --- quotes -------------------------------------------------------------------------
 
-    def put_quote(self, quote: Quote) -> None:
+    def put_quote(
+        self, quote: Quote, owner: str = "", size: int = 0, module: bytes | None = None
+    ) -> None:
+        module_sha = hashlib.sha256(module).digest() if module is not None else None
+        with self._tx():
+            self._insert_quote(quote, owner, size, module_sha)
+            if module is not None:
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO wasm_modules VALUES (?,?,?)",
+                    (module_sha, module, quote.created_at),
+                )
+            self._conn.executemany(
+                "INSERT INTO quote_usage VALUES (?,1,?) ON CONFLICT(owner) "
+                "DO UPDATE SET quotes=quotes+1, bytes=bytes+excluded.bytes",
+                [(owner, size), (TOTAL_OWNER, size)],
+            )
+
+    def _insert_quote(self, quote: Quote, owner: str, size: int, module_sha: bytes | None) -> None:
         s = quote.spec
         self._conn.execute(
-            "INSERT INTO quotes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO quotes (quote_id, job_type, policy, privacy, task_name, llm_model, "
+            "spec_bytes, spec_sha256, price_micros, currency, created_at, expires_at, use_llm, "
+            "client_id, size, module_sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 quote.quote_id,
                 int(s.job_type),
@@ -351,12 +405,57 @@ class SqliteStore:
                 quote.created_at,
                 quote.expires_at,
                 int(s.use_llm),
+                owner,
+                size,
+                module_sha,
             ),
         )
 
+    def quote_usage(self, owner: str) -> tuple[QuoteUsage, QuoteUsage]:
+        rows = {
+            r["owner"]: QuoteUsage(int(r["quotes"]), int(r["bytes"]))
+            for r in self._conn.execute(
+                "SELECT * FROM quote_usage WHERE owner IN (?,?)", (owner, TOTAL_OWNER)
+            )
+        }
+        none = QuoteUsage(0, 0)
+        return rows.get(owner, none), rows.get(TOTAL_OWNER, none)
+
+    def release_expired_quotes(self, now: float) -> int:
+        with self._tx():
+            freed = self._conn.execute(
+                "SELECT client_id, count(*) AS n, sum(size) AS b FROM quotes "
+                "WHERE expires_at<? AND size>0 GROUP BY client_id",
+                (now,),
+            ).fetchall()
+            self._conn.execute(
+                "UPDATE quotes SET spec_bytes=x'', size=0, module_sha256=NULL "
+                "WHERE expires_at<? AND size>0",
+                (now,),
+            )
+            n, b = sum(int(r["n"]) for r in freed), sum(int(r["b"]) for r in freed)
+            self._conn.executemany(
+                "UPDATE quote_usage SET quotes=quotes-?, bytes=bytes-? WHERE owner=?",
+                [(int(r["n"]), int(r["b"]), r["client_id"]) for r in freed] + [(n, b, TOTAL_OWNER)],
+            )
+            self._conn.execute(
+                "DELETE FROM quote_usage WHERE quotes<=0 AND owner<>?", (TOTAL_OWNER,)
+            )
+            open_states = ",".join(str(int(st)) for st in OPEN_STATES)
+            self._conn.execute(
+                "DELETE FROM wasm_modules WHERE NOT EXISTS "
+                "(SELECT 1 FROM quotes WHERE module_sha256=wasm_modules.sha256) "
+                "AND NOT EXISTS (SELECT 1 FROM jobs WHERE module_sha256=wasm_modules.sha256 "
+                f"AND state IN ({open_states}))"
+            )
+        return n
+
     def purge_expired(self, before: float) -> int:
         with self._tx():
-            quotes = self._conn.execute("DELETE FROM quotes WHERE expires_at<?", (before,))
+            # released quotes only (size 0): a quote's usage is given back exactly once
+            quotes = self._conn.execute(
+                "DELETE FROM quotes WHERE expires_at<? AND size=0", (before,)
+            )
             codes = self._conn.execute("DELETE FROM pairing_codes WHERE expires_at<?", (before,))
         return int(quotes.rowcount) + int(codes.rowcount)
 
@@ -395,6 +494,11 @@ class SqliteStore:
                 tuple(row.values()),
             )
             self._insert_event(event, 1)
+            self._conn.execute(
+                "UPDATE jobs SET module_sha256="
+                "(SELECT module_sha256 FROM quotes WHERE quote_id=?) WHERE job_id=?",
+                (job.quote_id, job.job_id),
+            )
             if payment is not None:
                 try:
                     self._insert_payment(payment)
@@ -487,6 +591,15 @@ class SqliteStore:
         ).fetchone()
         return None if r is None else float(r["time"])
 
+    def held_attempts(self, worker_id: str, job_ids: Sequence[str]) -> set[tuple[str, int]]:
+        rows = self._conn.execute(
+            "SELECT DISTINCT job_id, attempt FROM events "
+            "WHERE job_id IN (SELECT value FROM json_each(?)) AND kind=? AND state=? "
+            "AND worker_id=?",
+            (json.dumps(list(job_ids)), EventKind.STATE.value, int(JobState.OFFERED), worker_id),
+        )
+        return {(str(r["job_id"]), int(r["attempt"])) for r in rows}
+
     def events_after(self, job_id: str, sequence: int, limit: int = 500) -> list[Event]:
         rows = self._conn.execute(
             "SELECT * FROM events WHERE job_id=? AND sequence>? ORDER BY sequence LIMIT ?",
@@ -521,11 +634,13 @@ class SqliteStore:
             where += " AND (queued_at, job_id) > (?, ?)"
             params += list(after)
         if runnable is not None:
-            names = sorted(runnable.task_names)
-            task = f"job_type=? AND use_llm=0 AND task_name IN ({','.join('?' * len(names))})"
+            # The names go in as one JSON array: their number is up to the connected
+            # workers, and SQLite refuses more than 32766 bound parameters.
+            names = json.dumps(sorted(runnable.task_names))
+            task = "job_type=? AND use_llm=0 AND task_name IN (SELECT value FROM json_each(?))"
             llm = "job_type=? OR use_llm=1" if runnable.llm else "0"
             where += f" AND (({task}) OR ({llm}))"
-            params += [int(JobType.TASK), *names]
+            params += [int(JobType.TASK), names]
             if runnable.llm:
                 params.append(int(JobType.LLM))
         params.append(limit)
@@ -613,11 +728,6 @@ class SqliteStore:
         return {r["worker_id"] for r in rows}
 
     # --- WebAssembly modules ------------------------------------------------------------
-
-    def put_module(self, sha256: bytes, module: bytes, now: float) -> None:
-        self._conn.execute(
-            "INSERT OR IGNORE INTO wasm_modules VALUES (?,?,?)", (sha256, module, now)
-        )
 
     def get_module(self, sha256: bytes) -> bytes | None:
         r = self._conn.execute(
@@ -832,6 +942,28 @@ class SqliteStore:
         ).fetchall()
         return [(_payment(r), JobState(r["job_state"])) for r in rows]
 
+    def due_payments(self, now: float, limit: int = 100) -> list[tuple[Payment, JobState]]:
+        final_jobs = [s.value for s in JobState if s.final]
+        marks = ",".join("?" * len(final_jobs))
+        rows = self._conn.execute(
+            "SELECT payments.*, jobs.state AS job_state FROM payments "
+            "JOIN jobs ON jobs.job_id = payments.job_id "
+            f"WHERE (payments.status = ? AND (jobs.state IN ({marks}) OR payments.settle_by <= ?)) "
+            f"OR (payments.status = ? AND jobs.state IN ({marks})) "
+            "OR payments.status = ? "
+            "ORDER BY payments.created_at, payments.job_id LIMIT ?",
+            (
+                PaymentStatus.AUTHORIZED.value,
+                *final_jobs,
+                now,
+                PaymentStatus.HELD.value,
+                *final_jobs,
+                PaymentStatus.REFUND_DUE.value,
+                limit,
+            ),
+        ).fetchall()
+        return [(_payment(r), JobState(r["job_state"])) for r in rows]
+
     def update_payment(
         self, job_id: str, from_statuses: Sequence[PaymentStatus], changes: dict[str, Any]
     ) -> Payment | None:
@@ -872,6 +1004,29 @@ class SqliteStore:
             "DO UPDATE SET kind=excluded.kind, last_seen=excluded.last_seen",
             (worker_id, kind, now, now),
         )
+
+    def record_task_names(self, names: Sequence[str], now: float, keep: int) -> None:
+        with self._tx():
+            self._conn.executemany(
+                "INSERT INTO task_names VALUES (?,?) "
+                "ON CONFLICT(name) DO UPDATE SET last_seen=excluded.last_seen",
+                [(name, now) for name in names],
+            )
+            self._conn.execute(
+                "DELETE FROM task_names WHERE name NOT IN "
+                "(SELECT name FROM task_names ORDER BY last_seen DESC, name LIMIT ?)",
+                (keep,),
+            )
+
+    def task_name_known(self, name: str) -> bool:
+        r = self._conn.execute("SELECT 1 FROM task_names WHERE name=?", (name,)).fetchone()
+        return r is not None
+
+    def task_names(self, limit: int) -> list[str]:
+        rows = self._conn.execute(
+            "SELECT name FROM task_names ORDER BY last_seen DESC, name LIMIT ?", (limit,)
+        )
+        return [str(r["name"]) for r in rows]
 
     def record_outcome(self, worker_id: str, success: bool) -> None:
         col = "completed" if success else "failed"

@@ -21,14 +21,21 @@ from google.protobuf.timestamp_pb2 import Timestamp
 import dispatchnet
 from dispatch.v1 import common_pb2, receipt_pb2, worker_pb2, worker_pb2_grpc
 from dispatchnet.keys import KeyPair
+from dispatchnet.protocol import (
+    HELLO_CONTEXT,
+    MAX_CONCURRENCY,
+    MAX_FAILURE_CODE_CHARS,
+    MAX_FAILURE_MESSAGE_CHARS,
+    MAX_PROGRESS_TEXT_CHARS,
+    MAX_RUNNING_JOBS,
+    MAX_VERSION_CHARS,
+)
 from dispatchnet.receipts.core import RECEIPT_VERSION, serialize_body, sha256, sign_body
 from dispatchnet.worker.executors import Executor, default_executors
 from dispatchnet.worker.tasks import TaskError, TaskOutput
 
-HELLO_CONTEXT = b"dispatch.v1.WorkerHello\n"
 HANDSHAKE_TIMEOUT_SECONDS = 30.0
 DEFAULT_HEARTBEAT_SECONDS = 10
-MAX_CONCURRENCY = 64
 
 _KINDS = {"seeker": common_pb2.WORKER_KIND_SEEKER, "desktop": common_pb2.WORKER_KIND_DESKTOP}
 
@@ -247,12 +254,13 @@ class Worker:
             capabilities=worker_pb2.Capabilities(
                 tasks=self.tasks, llm_models=self.llm_models, max_concurrency=self.max_concurrency
             ),
-            version=self.version,
+            version=self.version[:MAX_VERSION_CHARS],
             agent_id=self.agent_id,
             # jobs still running, or finished but not acknowledged, from an earlier session
+            # (within the protocol's limit; the rest are resent as results or given up)
             running=[
                 worker_pb2.RunningJob(job_id=job_id, attempt=attempt)
-                for job_id, attempt in sorted({*self._running, *self._pending})
+                for job_id, attempt in sorted({*self._running, *self._pending})[:MAX_RUNNING_JOBS]
             ],
         )
         await call.write(ConnectRequest(hello=hello))
@@ -338,7 +346,7 @@ class Worker:
     async def _heartbeat_loop(self, outbox: asyncio.Queue[worker_pb2.ConnectRequest]) -> NoReturn:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            running = sorted({job_id for job_id, _ in self._running})
+            running = sorted({job_id for job_id, _ in self._running})[:MAX_RUNNING_JOBS]
             outbox.put_nowait(
                 ConnectRequest(heartbeat=worker_pb2.Heartbeat(running_job_ids=running))
             )
@@ -395,10 +403,15 @@ class Worker:
         assert executor is not None  # checked when the offer was accepted
 
         def progress(text: str, fraction: float) -> None:
-            msg = worker_pb2.JobProgress(
-                job_id=offer.job_id, attempt=offer.attempt, text=text, fraction=fraction
-            )
-            self._send(ConnectRequest(progress=msg))
+            # long text goes in several messages, each within the protocol's limit
+            for start in range(0, max(len(text), 1), MAX_PROGRESS_TEXT_CHARS):
+                msg = worker_pb2.JobProgress(
+                    job_id=offer.job_id,
+                    attempt=offer.attempt,
+                    text=text[start : start + MAX_PROGRESS_TEXT_CHARS],
+                    fraction=fraction,
+                )
+                self._send(ConnectRequest(progress=msg))
 
         try:
             async with asyncio.timeout(limit):
@@ -465,7 +478,9 @@ class Worker:
         failed = worker_pb2.JobFailed(
             job_id=offer.job_id,
             attempt=offer.attempt,
-            failure=common_pb2.JobFailure(code=code, message=message),
+            failure=common_pb2.JobFailure(
+                code=code[:MAX_FAILURE_CODE_CHARS], message=message[:MAX_FAILURE_MESSAGE_CHARS]
+            ),
             retryable=retryable,
         )
         return ConnectRequest(failed=failed)

@@ -1,0 +1,40 @@
+"""Wire-protocol constants shared by the coordinator, the worker and the clients.
+
+Limits on what a worker may send on WorkerService.Connect (documented field by field in
+proto/dispatch/v1/worker.proto). The coordinator checks them at the edge and ends the
+stream with INVALID_ARGUMENT beyond them; the worker runtime keeps within them. String
+limits count characters, byte limits bytes.
+"""
+
+from __future__ import annotations
+
+HELLO_CONTEXT = b"dispatch.v1.WorkerHello\n"
+
+# Hello
+MAX_CONCURRENCY = 64  # Capabilities.max_concurrency: 1 to this
+MAX_TASKS = 256  # Capabilities.tasks entries (each a task name, at most 64 characters)
+MAX_LLM_MODELS = 64  # Capabilities.llm_models entries (each at most 128 characters)
+MAX_VERSION_CHARS = 128  # Hello.version
+MAX_AGENT_ID_CHARS = 78  # Hello.agent_id: a uint256 in decimal has at most 78 digits
+# Hello.running and Heartbeat.running_job_ids entries: what a worker runs, plus results
+# not yet acknowledged, is at most a few times MAX_CONCURRENCY.
+MAX_RUNNING_JOBS = 128
+MAX_SIGNATURE_BYTES = 128  # ChallengeResponse.signature / chain_signature, receipt signature
+
+# Every message about a job
+MAX_JOB_ID_CHARS = 64  # job_id (the coordinator's ids are 28 characters)
+
+# After the handshake
+MAX_REASON_CHARS = 256  # OfferResponse.reason, Drain.reason
+MAX_PROGRESS_TEXT_CHARS = 16384  # JobProgress.text (longer output goes in several messages)
+MAX_FAILURE_CODE_CHARS = 64  # JobFailed.failure.code
+MAX_FAILURE_MESSAGE_CHARS = 2048  # JobFailed.failure.message
+MAX_CONTENT_TYPE_CHARS = 128  # JobCompleted.result.content_type
+MAX_RECEIPT_BODY_BYTES = 16384  # JobCompleted.receipt_body
+
+# Client requests (coordinator.proto, receipt.proto, trust.proto), checked at the edge
+# (api/bounds.py) before anything looks them up; INVALID_ARGUMENT beyond.
+MAX_ID_CHARS = 64  # job_id, quote_id, pairing_id (the coordinator's ids are under 30)
+MAX_IDEMPOTENCY_KEY_CHARS = 128  # CommitJobRequest.idempotency_key
+MAX_PAIRING_CODE_CHARS = 32  # ClaimPairingRequest.code (XXXX-XXXX; dashes, spaces ignored)
+MAX_CANCEL_REASON_CHARS = 512  # CancelJobRequest.reason (stored with the job)

@@ -1,0 +1,208 @@
+"""A coordinator restart is nobody's fault: held jobs wait for their worker, no attempt lost."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from conftest import Cluster, Proc, RawWorker, make_profile, wait_until
+
+from dispatch.v1 import coordinator_pb2
+from dispatchnet.client import CoordinatorClient, task_spec
+from dispatchnet.coordinator.jobs import JobService
+from dispatchnet.coordinator.models import (
+    Failure,
+    Job,
+    JobSpec,
+    JobState,
+    JobType,
+    Policy,
+    Privacy,
+)
+from dispatchnet.keys import KeyPair
+from dispatchnet.profiles import PROFILE_DIR, JobsConfig, PricingConfig
+from dispatchnet.receipts.notary import Notary
+from dispatchnet.reputation.local import LocalReputation
+from dispatchnet.server import start_coordinator
+from dispatchnet.store.sqlite import SqliteStore
+
+COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
+RUNNING = coordinator_pb2.JOB_STATE_RUNNING
+SPEC_BYTES = b"\x12\x06\n\x04echo"
+SPEC = JobSpec(
+    JobType.TASK,
+    Policy.CHEAP,
+    Privacy.PUBLIC,
+    "echo",
+    "",
+    SPEC_BYTES,
+    hashlib.sha256(SPEC_BYTES).digest(),
+)
+GRACE = 30.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def start(store: SqliteStore, clock: Clock) -> JobService:
+    """A JobService as a (re)started coordinator builds it, recover() included."""
+    cfg = dataclasses.replace(JobsConfig(), max_attempts=1, restart_grace_seconds=GRACE)
+    jobs = JobService(
+        store, cfg, PricingConfig(), Notary(KeyPair.generate()), LocalReputation(store), clock=clock
+    )
+    jobs.recover()
+    return jobs
+
+
+def running(jobs: JobService, key: str, worker: str = "w1") -> Job:
+    quote = jobs.quote(SPEC)
+    job, _ = jobs.commit("client", quote.quote_id, key)
+    assert jobs.offer(job, worker) is not None
+    accepted = jobs.accept(job.job_id, 1, worker)
+    assert accepted is not None and accepted.state is JobState.RUNNING
+    return accepted
+
+
+def reasons(store: SqliteStore, job_id: str) -> list[str]:
+    return [e.reason for e in store.events_after(job_id, 0) if e.reason]
+
+
+def test_a_restart_holds_running_jobs_for_their_worker_and_costs_no_attempt(
+    tmp_path: Path,
+) -> None:
+    store, clock = SqliteStore(tmp_path / "coord.db"), Clock()
+    try:
+        job = running(start(store, clock), "k1")  # its last attempt (max_attempts 1)
+        jobs = start(store, clock)  # restarted
+        held = store.get_job(job.job_id)
+        assert held is not None and held.state is JobState.RUNNING and held.worker_id == "w1"
+        assert held.lease_expires_at == clock.now + GRACE
+        clock.now += GRACE - 1
+        jobs.sweep()  # nobody else may take it during the grace
+        assert store.queued_jobs(10) == []
+        jobs = start(store, clock)  # restarted again: a fresh grace
+        clock.now += GRACE - 1
+        jobs.sweep()
+        assert store.get_job(job.job_id).state is JobState.RUNNING  # type: ignore[union-attr]
+        clock.now += 2
+        jobs.sweep()  # the worker never came back: requeued, not failed
+        after = store.get_job(job.job_id)
+        assert after is not None and after.state is JobState.QUEUED
+        assert (after.attempts, after.max_attempts) == (1, 2)
+        assert reasons(store, job.job_id)[-1] == "coordinator_restarted"
+        # the interrupted attempt did not count: the next one is a real (last) attempt
+        assert jobs.offer(after, "w2") is not None
+        assert jobs.fail(job.job_id, 2, "w2", Failure("worker_error", "crashed"), retryable=True)
+        final = store.get_job(job.job_id)
+        assert final is not None and final.state is JobState.FAILED
+        assert final.failure is not None and final.failure.code == "max_attempts_exceeded"
+    finally:
+        store.close()
+
+
+def test_the_returning_worker_resumes_what_it_lists_and_frees_the_rest(tmp_path: Path) -> None:
+    store, clock = SqliteStore(tmp_path / "coord.db"), Clock()
+    try:
+        first = start(store, clock)
+        kept, dropped = running(first, "k1"), running(first, "k2")
+        jobs = start(store, clock)
+        assert jobs.resume(kept.job_id, 1, "w2") is None  # only its own worker
+        resumed = jobs.resume(kept.job_id, 1, "w1")
+        assert resumed is not None and resumed.state is JobState.RUNNING
+        jobs.worker_returned("w1", {kept.job_id})
+        freed = store.get_job(dropped.job_id)
+        assert freed is not None and freed.state is JobState.QUEUED
+        assert (freed.attempts, freed.max_attempts) == (1, 2)
+        clock.now += GRACE + 1
+        jobs.sweep()  # the resumed job runs on under its time limit
+        again = store.get_job(kept.job_id)
+        assert again is not None and again.state is JobState.RUNNING and again.attempts == 1
+        assert reasons(store, kept.job_id)[-2:] == ["coordinator_restarted", "resumed"]
+    finally:
+        store.close()
+
+
+def sleep_spec(ms: int) -> bytes:
+    return json.dumps({"ms": ms}).encode()
+
+
+async def test_a_stopped_and_restarted_coordinator_lets_the_worker_resume(
+    tmp_path: Path,
+) -> None:
+    """A graceful stop and start: the job on its last attempt is neither failed nor
+    offered to a worker that connects first; its own worker resumes it."""
+    profile = make_profile(jobs={"max_attempts": 1, "restart_grace_seconds": 15})
+    data = tmp_path / "coord"
+    cluster = Cluster(await start_coordinator(profile, data, "127.0.0.1:0"), tmp_path)
+    channel = grpc.aio.insecure_channel(cluster.address)
+    other: RawWorker | None = None
+    try:
+        w = await cluster.worker(max_concurrency=1)
+        c = cluster.client()
+        job = await c.submit(task_spec("sleep", sleep_spec(1500)))
+
+        async def running_on_w() -> bool:
+            return (await c.get(job.job_id)).state == RUNNING
+
+        await wait_until(running_on_w, what="job running")
+        await cluster.coord.stop(grace=0.2)  # w is told to come back in a second
+        cluster.coord = await start_coordinator(profile, data, cluster.address)
+        other = RawWorker(channel)  # connects first and could run the job
+        await other.handshake(tasks=("sleep",))
+        done = await c.wait(job.job_id)
+        assert done.state == COMPLETED, done.failure
+        assert done.attempts == 1 and done.worker_id == w.key.public_hex
+        got = [i.event.state_change.reason async for i in c.watch(job.job_id)]
+        assert got == [
+            "committed",
+            "offered",
+            "accepted",
+            "coordinator_restarted",
+            "resumed",
+            "completed",
+        ]
+    finally:
+        if other is not None:
+            other.close()
+        await channel.close()
+        await cluster.close()
+
+
+async def test_a_killed_coordinator_does_not_fail_a_job_on_its_last_attempt(
+    procs: Callable[[list[str]], Proc], tmp_path: Path
+) -> None:
+    text = (PROFILE_DIR / "local.toml").read_text()
+    assert "max_attempts = 3" in text
+    profile = tmp_path / "one-attempt.toml"
+    profile.write_text(text.replace("max_attempts = 3", "max_attempts = 1"))
+    data = tmp_path / "coord-data"
+    args = ["coordinator", "--profile", str(profile), "--data-dir", str(data)]
+    coord = procs([*args, "--listen", "127.0.0.1:0"])
+    address = coord.info["listening"]
+    key = KeyPair.generate()
+    async with CoordinatorClient(address, key) as c:
+        procs(["worker", "--coordinator", address, "--key-file", str(tmp_path / "w.key")])
+        job = await c.submit(task_spec("sleep", sleep_spec(2000)))
+
+        async def running() -> bool:
+            return (await c.get(job.job_id)).state == RUNNING
+
+        await wait_until(running, what="job running")
+    coord.kill(signal.SIGKILL)
+    procs([*args, "--listen", address])
+    async with CoordinatorClient(address, key) as c:
+        done = await c.wait(job.job_id)
+        assert done.state == COMPLETED, done.failure
+        assert done.attempts == 1 and done.max_attempts == 1
+        got = [i.event.state_change.reason async for i in c.watch(job.job_id)]
+        assert "resumed" in got and "max_attempts_exceeded" not in got
