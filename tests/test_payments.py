@@ -11,6 +11,7 @@ import json
 import re
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -813,3 +814,34 @@ async def test_payments_due_together_settle_in_one_transaction(
         assert balance(chain, w.address) == starts[w.address] - 3 * PRICE
     assert balance(chain, broke.address) == starts[broke.address] - PRICE == 0
     assert balance(chain, payee(chain)) == before_payee + 7 * PRICE
+
+
+async def test_a_paid_commit_does_not_ask_the_node_its_chain_id(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """web3 checks every call's chain id; the node's answer is cached, so verifying a
+    payment costs only the round trips the exact scheme needs (the payer's code and the
+    transfer's simulation), not one more per call."""
+    import requests
+
+    await paid.worker("seeker")
+    c = paid.client(wallet=new_payer(chain))
+    await c.submit(ECHO, "warm-up")
+    methods: list[str] = []
+    post = requests.Session.post
+
+    def counting(self: requests.Session, url: str, *args: Any, **kwargs: Any) -> Any:
+        # only the facilitator's calls (the settlement and anchoring loops run meanwhile)
+        if any("/x402/" in frame.filename for frame in traceback.extract_stack()):
+            body = kwargs.get("data") or b"{}"
+            methods.append(str(json.loads(body).get("method", "?")))
+        return post(self, url, *args, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "post", counting)
+    for i in range(3):
+        await c.commit((await c.quote(ECHO)).quote_id, f"counted{i}")
+    assert methods.count("eth_call") == 3  # the verifications did reach the node
+    # web3 may ask once more for its cache's sake; without the cache it was 2 per commit
+    assert methods.count("eth_chainId") <= 1, methods

@@ -35,6 +35,7 @@ from web3.exceptions import (
     Web3RPCError,
 )
 from web3.logs import DISCARD
+from web3.types import RPCEndpoint
 
 from dispatchnet import keys
 from dispatchnet.chains.evm_deploy import load_artifact
@@ -192,7 +193,16 @@ def load_or_create_chain_key(path: Path) -> str:
 
 
 def web3_for(rpc_url: str, timeout: float) -> Web3:
-    return Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
+    # eth_chainId is cached: web3 validates every call's chain id, which otherwise costs a
+    # round trip to the node per call (two per paid CommitJob), and a node's id is fixed.
+    return Web3(
+        Web3.HTTPProvider(
+            rpc_url,
+            request_kwargs={"timeout": timeout},
+            cache_allowed_requests=True,
+            cacheable_requests={RPCEndpoint("eth_chainId")},
+        )
+    )
 
 
 def anchor_contract(w3: Web3, address: str) -> Contract:
