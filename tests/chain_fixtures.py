@@ -19,7 +19,7 @@ import pytest
 from conftest import FAST, Cluster
 
 import dispatchnet.chains  # noqa: F401  (before web3: see dispatchnet/chains/__init__.py)
-from dispatchnet.chains.evm import load_or_create_chain_key, web3_for
+from dispatchnet.chains.evm.node import load_or_create_chain_key, web3_for
 from dispatchnet.devchain.anvil import _rpc
 from dispatchnet.devchain.local_chain import pid_alive, stop_pid
 from dispatchnet.profiles import Profile, load_profile

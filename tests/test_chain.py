@@ -34,14 +34,10 @@ from conftest import wait_until
 import dispatchnet.chains  # noqa: F401  (before web3: see dispatchnet/chains/__init__.py)
 from dispatch.v1 import coordinator_pb2, receipt_pb2
 from dispatchnet import cli
-from dispatchnet.chains.evm import (
-    EvmAnchorer,
-    anchor_contract,
-    load_or_create_chain_key,
-    reputation_contract,
-    web3_for,
-)
-from dispatchnet.chains.evm_deploy import load_artifact
+from dispatchnet.chains.evm.anchoring import EvmAnchorer, anchor_contract
+from dispatchnet.chains.evm.deploy import load_artifact
+from dispatchnet.chains.evm.node import load_or_create_chain_key, web3_for
+from dispatchnet.chains.evm.reputation import reputation_contract
 from dispatchnet.cli import job_json, proof_json
 from dispatchnet.client import CoordinatorClient, task_spec
 from dispatchnet.coordinator.models import AnchorStatus

@@ -23,7 +23,7 @@ from web3.contract import Contract
 from web3.exceptions import ContractCustomError, ContractLogicError
 from web3.logs import DISCARD
 
-from dispatchnet.chains.evm_deploy import ARTIFACTS_DIR, Deployment, deploy, load_artifact
+from dispatchnet.chains.evm.deploy import ARTIFACTS_DIR, Deployment, deploy, load_artifact
 from dispatchnet.devchain.anvil import Anvil, _rpc
 
 ZERO32 = b"\x00" * 32

@@ -22,11 +22,9 @@ from test_chain import complete
 
 import dispatchnet.chains  # noqa: F401  (before web3: see dispatchnet/chains/__init__.py)
 from dispatch.v1 import coordinator_pb2
-from dispatchnet.chains.evm import (
-    reputation_contract,
-    web3_for,
-)
-from dispatchnet.chains.evm_deploy import load_artifact
+from dispatchnet.chains.evm.deploy import load_artifact
+from dispatchnet.chains.evm.node import web3_for
+from dispatchnet.chains.evm.reputation import reputation_contract
 from dispatchnet.client import task_spec
 from dispatchnet.coordinator.models import FeedbackStatus
 from dispatchnet.devchain.anvil import _rpc
@@ -196,7 +194,8 @@ async def test_feedback_waits_for_the_chain_and_lands_exactly_once(
 
 
 def _poster(chain: dict[str, Any], tmp_path: Path, gas_limit: int) -> Any:
-    from dispatchnet.chains.evm import EvmFeedbackPoster, resolve_evm_chain
+    from dispatchnet.chains.evm.node import resolve_evm_chain
+    from dispatchnet.chains.evm.reputation import EvmFeedbackPoster
 
     key_file = tmp_path / "feedback-chain.key"
     if not key_file.exists():
@@ -270,7 +269,8 @@ async def test_feedback_above_the_gas_cap_stays_pending_until_the_cap_is_raised(
 async def test_a_trusted_reviewer_listed_twice_counts_once(
     chain: dict[str, Any], tmp_path: Path
 ) -> None:
-    from dispatchnet.chains.evm import EvmReputationReader, resolve_evm_chain
+    from dispatchnet.chains.evm.node import resolve_evm_chain
+    from dispatchnet.chains.evm.reputation import EvmReputationReader
 
     agent = register_agent(chain)
     poster = _poster(chain, tmp_path, gas_limit=1_000_000)

@@ -42,8 +42,8 @@ from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
 
 import dispatchnet.chains  # noqa: F401  (before web3)
 from dispatch.v1 import common_pb2, coordinator_pb2
-from dispatchnet.chains.evm import load_or_create_chain_key, web3_for
-from dispatchnet.chains.evm_payments import TOKEN_ABI, token_balance
+from dispatchnet.chains.evm.node import load_or_create_chain_key, web3_for
+from dispatchnet.chains.evm.payments import TOKEN_ABI, token_balance
 from dispatchnet.client import (
     PAYMENT_REQUIRED,
     PAYMENT_RESPONSE,

@@ -26,8 +26,8 @@ import dispatchnet.chains  # noqa: F401  (before web3: see dispatchnet/chains/__
 from dispatch.v1 import common_pb2, coordinator_pb2, worker_pb2
 from dispatchnet import keys
 from dispatchnet.agent_identity import base58
-from dispatchnet.chains.evm import load_or_create_chain_key, web3_for
-from dispatchnet.chains.identity import identity_contract, sign_agent_proof
+from dispatchnet.chains.evm.identity import identity_contract, sign_agent_proof
+from dispatchnet.chains.evm.node import load_or_create_chain_key, web3_for
 from dispatchnet.client import task_spec
 from dispatchnet.keys import KeyPair
 from dispatchnet.worker.runtime import Worker

@@ -1,6 +1,6 @@
 """Worker identity on chain, the domain side: the exact bytes a worker's chain account signs
 to prove it controls an ERC-8004 agent, and the protocol the coordinator checks it through.
-No web3 here: chains/identity.py implements IdentityVerifier for EVM chains.
+No web3 here: chains/evm/identity.py implements IdentityVerifier for EVM chains.
 
 The proof (ChallengeResponse.chain_signature) is an EIP-191 personal_sign signature over
 

@@ -99,7 +99,8 @@ def _worker_agent(args: argparse.Namespace) -> tuple[str, str]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CliError(f"{path} is not an agent file from `dispatch worker register`: {e}") from e
     import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
-    from dispatchnet.chains.evm import ChainConfigError, load_or_create_chain_key
+    from dispatchnet.chains.deployments import ChainConfigError
+    from dispatchnet.chains.evm.node import load_or_create_chain_key
 
     if not chain_key_file.exists():
         raise CliError(f"{path}: its chain key {chain_key_file} is missing")
@@ -199,13 +200,9 @@ async def cmd_worker(args: argparse.Namespace) -> int:
 async def cmd_worker_register(args: argparse.Namespace) -> int:
     """Registers the worker in the profile's IdentityRegistry (see README "Worker identity")."""
     import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
-    from dispatchnet.chains.evm import (
-        TRANSIENT,
-        ChainConfigError,
-        load_or_create_chain_key,
-        resolve_evm_chain,
-    )
-    from dispatchnet.chains.identity import fund_dev_account, register_worker
+    from dispatchnet.chains.deployments import ChainConfigError
+    from dispatchnet.chains.evm.identity import fund_dev_account, register_worker
+    from dispatchnet.chains.evm.node import TRANSIENT, load_or_create_chain_key, resolve_evm_chain
 
     profile = load_profile(args.profile)
     key_path = _worker_key_path(args)
@@ -535,7 +532,9 @@ async def _check_onchain(
 ) -> dict[str, Any]:
     """`receipt verify --onchain`: the proof's root and anchor transaction, on the chain of
     --profile."""
-    from dispatchnet.chains.evm import ChainConfigError, check_anchor_onchain, resolve_evm_chain
+    from dispatchnet.chains.deployments import ChainConfigError
+    from dispatchnet.chains.evm.anchoring import check_anchor_onchain
+    from dispatchnet.chains.evm.node import resolve_evm_chain
 
     profile = load_profile(args.profile)
     if profile.chain.kind != "evm":
@@ -571,7 +570,7 @@ async def cmd_receipt_proof(args: argparse.Namespace) -> int:
 
 
 async def cmd_chain(args: argparse.Namespace) -> int:
-    from dispatchnet.chains.evm import ChainConfigError
+    from dispatchnet.chains.deployments import ChainConfigError
     from dispatchnet.devchain import local_chain
     from dispatchnet.devchain.anvil import AnvilError
 
@@ -592,7 +591,9 @@ async def cmd_chain(args: argparse.Namespace) -> int:
 
 async def cmd_chain_reputation(args: argparse.Namespace) -> int:
     """An agent's reputation as matching sees it, and the feedback entries behind it."""
-    from dispatchnet.chains.evm import ChainConfigError, EvmReputationReader, resolve_evm_chain
+    from dispatchnet.chains.deployments import ChainConfigError
+    from dispatchnet.chains.evm.node import resolve_evm_chain
+    from dispatchnet.chains.evm.reputation import EvmReputationReader
     from dispatchnet.coordinator.jobs import FEEDBACK_TAG1
     from dispatchnet.errors import Unavailable
 
@@ -629,7 +630,8 @@ async def cmd_chain_reputation(args: argparse.Namespace) -> int:
 
 async def cmd_wallet(args: argparse.Namespace) -> int:
     """The client's x402 wallet: a secp256k1 chain key (README "Payments")."""
-    from dispatchnet.chains.evm import ChainConfigError, load_or_create_chain_key
+    from dispatchnet.chains.deployments import ChainConfigError
+    from dispatchnet.chains.evm.node import load_or_create_chain_key
     from dispatchnet.payments.wallet import wallet_for
 
     if args.wallet_cmd == "new":
@@ -666,8 +668,8 @@ async def cmd_wallet(args: argparse.Namespace) -> int:
 def _wallet_balances(profile: Any, wallet: Any) -> dict[str, Any]:
     from x402.mechanisms.evm.default_assets import get_default_asset
 
-    from dispatchnet.chains.evm import resolve_evm_chain, web3_for
-    from dispatchnet.chains.evm_payments import token_balance
+    from dispatchnet.chains.evm.node import resolve_evm_chain, web3_for
+    from dispatchnet.chains.evm.payments import token_balance
     from dispatchnet.errors import Unavailable
 
     chain = resolve_evm_chain(profile.chain)

@@ -434,7 +434,8 @@ class Demo:
     def _summary_reader(self) -> Callable[[int], tuple[int, int]]:
         """getSummary(agent, [coordinator account], "successRate", "") on the demo chain."""
         import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
-        from dispatchnet.chains.evm import reputation_contract, web3_for
+        from dispatchnet.chains.evm.node import web3_for
+        from dispatchnet.chains.evm.reputation import reputation_contract
         from dispatchnet.coordinator.jobs import FEEDBACK_TAG1
 
         contract = reputation_contract(
@@ -618,8 +619,8 @@ class Demo:
     def balances(self) -> tuple[int, int]:
         """Test USDC of the paying client and of the coordinator (the payee), on chain."""
         import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
-        from dispatchnet.chains.evm import web3_for
-        from dispatchnet.chains.evm_payments import token_balance
+        from dispatchnet.chains.evm.node import web3_for
+        from dispatchnet.chains.evm.payments import token_balance
 
         w3 = web3_for(str(self.chain["rpc_url"]), 5.0)
         asset = str(self.chain["contracts"]["usdc"])

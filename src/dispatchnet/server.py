@@ -103,8 +103,8 @@ def identity_verifier_for(profile: Profile) -> IdentityVerifier | None:
         return None
     # the adapter, imported only by profiles that use it (web3 is heavy)
     import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
-    from dispatchnet.chains.evm import resolve_evm_chain
-    from dispatchnet.chains.identity import EvmIdentityVerifier
+    from dispatchnet.chains.evm.identity import EvmIdentityVerifier
+    from dispatchnet.chains.evm.node import resolve_evm_chain
 
     chain = resolve_evm_chain(profile.chain)
     if not chain.identity_registry:
@@ -279,7 +279,8 @@ def reputation_for(
         return LocalReputation(store)
     if r.source == "erc8004":
         # imported only by profiles that use it (web3 is heavy)
-        from dispatchnet.chains.evm import EvmReputationReader, resolve_evm_chain
+        from dispatchnet.chains.evm.node import resolve_evm_chain
+        from dispatchnet.chains.evm.reputation import EvmReputationReader
         from dispatchnet.coordinator.jobs import FEEDBACK_TAG1
         from dispatchnet.reputation.erc8004 import Erc8004Reputation
 

@@ -1,6 +1,6 @@
 """`dispatch chain up|down|status`: a local EVM chain that outlives the command.
 
-up starts anvil in its own session, deploys Dispatch's contracts (chains/evm_deploy.py),
+up starts anvil in its own session, deploys Dispatch's contracts (chains/evm/deploy.py),
 mints test USDC to two demo accounts and writes the deployment file
 $DISPATCH_HOME/chains/<deployment>.json, which profiles with `deployment = "<name>"` read.
 It is idempotent: when the recorded anvil is alive and serves the deployment, the existing
@@ -26,15 +26,9 @@ from typing import Any
 from eth_account import Account
 from web3 import Web3
 
-from dispatchnet.chains.evm import (
-    TRANSIENT,
-    ChainConfigError,
-    deployment_path,
-    read_deployment,
-    resolve_evm_chain,
-    web3_for,
-)
-from dispatchnet.chains.evm_deploy import deploy, load_artifact
+from dispatchnet.chains.deployments import ChainConfigError, deployment_path, read_deployment
+from dispatchnet.chains.evm.deploy import deploy, load_artifact
+from dispatchnet.chains.evm.node import TRANSIENT, resolve_evm_chain, web3_for
 from dispatchnet.devchain.anvil import Anvil
 from dispatchnet.profiles import Profile, chain_id_of
 

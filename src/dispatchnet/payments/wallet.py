@@ -23,13 +23,13 @@ from x402.mechanisms.evm.default_assets import find_default_asset
 from x402.mechanisms.evm.exact import ExactEvmClientScheme
 from x402.schemas import PaymentRequired, PaymentRequirements
 
-from dispatchnet.chains.evm import (
+from dispatchnet.chains.deployments import (
     ChainConfigError,
     deployment_path,
     in_home,
-    load_or_create_chain_key,
     read_deployment,
 )
+from dispatchnet.chains.evm.node import load_or_create_chain_key
 from dispatchnet.profiles import Profile
 
 log = logging.getLogger("dispatch.wallet")

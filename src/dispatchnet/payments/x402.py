@@ -50,8 +50,8 @@ from x402.schemas import (
     SettleResponse,
 )
 
-from dispatchnet.chains.evm import EvmChain, resolve_evm_chain, shared_sender
-from dispatchnet.chains.evm_payments import (
+from dispatchnet.chains.evm.node import EvmChain, resolve_evm_chain, shared_sender
+from dispatchnet.chains.evm.payments import (
     Authorization,
     CoordinatorFacilitatorSigner,
     EvmBatchSettler,

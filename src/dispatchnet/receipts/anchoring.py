@@ -66,7 +66,8 @@ def anchorer_for(
         return NoAnchor()
     if name == "evm":
         # the adapter, imported only by profiles that use it (web3 is heavy)
-        from dispatchnet.chains.evm import EvmAnchorer, resolve_evm_chain
+        from dispatchnet.chains.evm.anchoring import EvmAnchorer
+        from dispatchnet.chains.evm.node import resolve_evm_chain
 
         if chain is None or chain.kind != "evm":
             raise ValueError('receipts.anchor = "evm" needs [chain] kind = "evm"')

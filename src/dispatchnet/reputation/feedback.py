@@ -106,7 +106,8 @@ def feedback_sender_for(profile: Profile, data_dir: Path, store: Store) -> Feedb
     if not profile.feedback.enabled:
         return None
     # the adapter, imported only by profiles that use it (web3 is heavy)
-    from dispatchnet.chains.evm import EvmFeedbackPoster, FeedbackRejected, resolve_evm_chain
+    from dispatchnet.chains.evm.node import resolve_evm_chain
+    from dispatchnet.chains.evm.reputation import EvmFeedbackPoster, FeedbackRejected
 
     chain = resolve_evm_chain(profile.chain, data_dir)
     if not chain.reputation_registry:

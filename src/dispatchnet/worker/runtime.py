@@ -539,6 +539,6 @@ def _sign_agent_proof(
 ) -> bytes:
     # web3/eth_account only for workers with a chain identity
     import dispatchnet.chains  # noqa: F401  (before eth_account: restores the recursion limit)
-    from dispatchnet.chains.identity import sign_agent_proof
+    from dispatchnet.chains.evm.identity import sign_agent_proof
 
     return sign_agent_proof(chain_key, nonce, coordinator_key, public_key, agent_id)

@@ -35,16 +35,9 @@ from dispatchnet.agent_identity import (
     check_registration_uri,
     parse_agent_id,
 )
-from dispatchnet.chains.evm import (
-    TRANSIENT,
-    ChainConfigError,
-    EvmChain,
-    EvmSender,
-    _brief,
-    _hex,
-    web3_for,
-)
-from dispatchnet.chains.evm_deploy import load_artifact
+from dispatchnet.chains.deployments import ChainConfigError
+from dispatchnet.chains.evm.deploy import load_artifact
+from dispatchnet.chains.evm.node import TRANSIENT, EvmChain, EvmSender, _brief, _hex, web3_for
 from dispatchnet.errors import FailedPrecondition, Unauthenticated, Unavailable
 
 log = logging.getLogger("dispatch.identity")

@@ -21,8 +21,8 @@ from web3.logs import DISCARD
 from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.types import TransactionReceipt
 
-from dispatchnet.chains.evm import TRANSIENT, EvmSender, _brief, _hex
-from dispatchnet.chains.evm_deploy import load_artifact
+from dispatchnet.chains.evm.deploy import load_artifact
+from dispatchnet.chains.evm.node import TRANSIENT, EvmSender, _brief, _hex
 from dispatchnet.errors import Unavailable
 
 log = logging.getLogger("dispatch.payments.evm")

@@ -22,7 +22,7 @@ from web3.contract.contract import ContractConstructor
 from web3.types import TxParams
 
 # contracts/artifacts/ of the repository this package is installed from (editable install).
-ARTIFACTS_DIR = Path(__file__).resolve().parents[3] / "contracts" / "artifacts"
+ARTIFACTS_DIR = Path(__file__).resolve().parents[4] / "contracts" / "artifacts"
 
 
 @dataclass(frozen=True)

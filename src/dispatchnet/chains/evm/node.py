@@ -1,0 +1,244 @@
+"""The EVM node and account: where a profile's chain is (EvmChain, resolve_evm_chain),
+the coordinator's chain key, web3 connections, and the one nonce-safe sender per account
+that anchoring, feedback, settlements and refunds share.
+
+Everything here that talks to a node is blocking web3.py code: async callers go through
+asyncio.to_thread, so the event loop never waits on the chain.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
+from web3 import Web3
+from web3.exceptions import (
+    TimeExhausted,
+    Web3RPCError,
+)
+from web3.types import RPCEndpoint
+
+from dispatchnet.chains.deployments import (
+    ChainConfigError,
+    deployment_path,
+    in_home,
+    read_deployment,
+)
+from dispatchnet.chains.evm.deploy import load_artifact
+from dispatchnet.profiles import ChainConfig, chain_id_of
+
+log = logging.getLogger("dispatch.chain")
+
+CHAIN_KEY_HEADER = "dispatch-secp256k1-key-v1"
+
+
+@dataclass(frozen=True)
+class EvmChain:
+    """A profile's EVM chain, resolved: the deployment file read, addresses checksummed
+    ("" where the profile uses no such contract), the coordinator's account key found."""
+
+    network: str
+    chain_id: int
+    rpc_url: str
+    identity_registry: str = ""
+    reputation_registry: str = ""
+    validation_registry: str = ""
+    receipt_anchor: str = ""
+    usdc: str = ""
+    batch_settler: str = ""
+    # secp256k1 private key (0x hex) of the coordinator's chain account; "" when unknown
+    account_key: str = field(default="", repr=False)
+
+    @property
+    def account_address(self) -> str:
+        return str(Account.from_key(self.account_key).address) if self.account_key else ""
+
+
+def _address(value: Any, what: str) -> str:
+    if not value:
+        return ""
+    try:
+        return str(Web3.to_checksum_address(str(value)))
+    except ValueError as e:
+        raise ChainConfigError(f"{what}: {value!r} is not an address") from e
+
+
+def resolve_evm_chain(cfg: ChainConfig, data_dir: Path | None = None) -> EvmChain:
+    """The chain a profile's [chain] describes (kind "evm"). With a deployment name the RPC
+    URL, addresses and (unless key_file is set) the coordinator account come from the
+    deployment file; otherwise from the profile. data_dir: where a new chain.key goes when
+    neither key_file nor a deployment account is given (None: no key is loaded)."""
+    if cfg.kind != "evm":
+        raise ChainConfigError(f'[chain] kind is {cfg.kind!r}, not "evm"')
+    chain_id = chain_id_of(cfg.network)
+    account_key = ""
+    if cfg.deployment:
+        data = read_deployment(cfg.deployment)
+        where = str(deployment_path(cfg.deployment))
+        if data.get("network") != cfg.network:
+            raise ChainConfigError(
+                f"{where} is for network {data.get('network')!r}, the profile for {cfg.network!r}"
+            )
+        contracts = data.get("contracts") or {}
+        values = {k: _address(contracts.get(k), f"{where} contracts.{k}") for k in _CONTRACTS}
+        rpc_url = str(data.get("rpc_url") or "")
+        coordinator = (data.get("accounts") or {}).get("coordinator") or {}
+        account_key = str(coordinator.get("private_key") or "")
+    else:
+        values = {k: _address(getattr(cfg, k), f"[chain] {k}") for k in _CONTRACTS}
+        rpc_url = cfg.rpc_url
+    if not rpc_url:
+        raise ChainConfigError("[chain] has no RPC URL")
+    if cfg.key_file:
+        account_key = load_or_create_chain_key(in_home(cfg.key_file))
+    elif not account_key and data_dir is not None:
+        account_key = load_or_create_chain_key(data_dir / "chain.key")
+    return EvmChain(
+        network=cfg.network, chain_id=chain_id, rpc_url=rpc_url, account_key=account_key, **values
+    )
+
+
+_CONTRACTS = (
+    "identity_registry",
+    "reputation_registry",
+    "validation_registry",
+    "receipt_anchor",
+    "usdc",
+    "batch_settler",
+)
+
+
+def load_or_create_chain_key(path: Path) -> str:
+    """The secp256k1 private key (0x hex) in a chain key file, created (mode 0600, a new
+    random key) when missing. The file holds a header line and the key in hex."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = "0x" + bytes(Account.create().key).hex()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # created meanwhile by another process: read theirs
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{CHAIN_KEY_HEADER}\n{key}\n")
+            return key
+    lines = path.read_text().split()
+    if len(lines) != 2 or lines[0] != CHAIN_KEY_HEADER:
+        raise ChainConfigError(f"{path} is not a Dispatch chain key file")
+    try:
+        Account.from_key(lines[1])
+    except (ValueError, TypeError) as e:
+        raise ChainConfigError(f"{path}: not a secp256k1 private key") from e
+    return lines[1]
+
+
+def web3_for(rpc_url: str, timeout: float) -> Web3:
+    # eth_chainId is cached: web3 validates every call's chain id, which otherwise costs a
+    # round trip to the node per call (two per paid CommitJob), and a node's id is fixed.
+    return Web3(
+        Web3.HTTPProvider(
+            rpc_url,
+            request_kwargs={"timeout": timeout},
+            cache_allowed_requests=True,
+            cacheable_requests={RPCEndpoint("eth_chainId")},
+        )
+    )
+
+
+_ABI_CACHE: dict[str, list[dict[str, Any]]] = {}
+
+
+# Errors that mean "the node (or the path to it) is in trouble; try again later".
+TRANSIENT = (requests.RequestException, OSError, TimeExhausted, Web3RPCError)
+
+
+def _hex(tx_hash: bytes | str) -> str:
+    if isinstance(tx_hash, str):
+        return tx_hash if tx_hash.startswith("0x") else "0x" + tx_hash
+    return "0x" + bytes(tx_hash).hex()
+
+
+def _brief(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, requests.ConnectionError):
+        text = "connection refused or lost"
+    elif isinstance(e, requests.Timeout):
+        text = "no answer in time"
+    return text[:300]
+
+
+# --- the shared sender ----------------------------------------------------------------------
+
+
+class EvmSender:
+    """Signs and sends transactions from one chain account. Every user of the account in
+    this process (the anchorer, the feedback sender) shares one EvmSender (shared_sender),
+    and holds `lock` around everything from reading the nonce to sending, so their nonces
+    never collide. The nonce is the node's pending count, fetched for every transaction; a
+    "nonce too low" answer (another process used the account) refetches it and sends again.
+    Blocking: call it in a worker thread."""
+
+    def __init__(self, w3: Web3, network: str, private_key: str) -> None:
+        self.w3 = w3
+        self.network = network
+        self.chain_id = chain_id_of(network)
+        self.account: LocalAccount = Account.from_key(private_key)
+        self.lock = threading.Lock()
+
+    @property
+    def address(self) -> ChecksumAddress:
+        return self.account.address
+
+    def sign(self, fn: Any, gas_limit: int) -> tuple[bytes, bytes]:
+        """(raw transaction, hash) of the contract call fn, with the pending nonce and the
+        given gas limit; the caller holds `lock`."""
+        nonce = self.w3.eth.get_transaction_count(self.address, "pending")
+        tx = fn.build_transaction(
+            {"from": self.address, "nonce": nonce, "gas": gas_limit, "chainId": self.chain_id}
+        )
+        signed = self.account.sign_transaction(tx)
+        return bytes(signed.raw_transaction), bytes(signed.hash)
+
+    def send(self, fn: Any, gas_limit: int, nonce_retries: int = 3) -> bytes:
+        """Signs and sends with the pending nonce and the given gas limit; the caller holds
+        `lock`."""
+        for attempt in range(nonce_retries + 1):
+            raw, _ = self.sign(fn, gas_limit)
+            try:
+                return bytes(self.w3.eth.send_raw_transaction(raw))
+            except Web3RPCError as e:
+                if "nonce too low" not in str(e).lower() or attempt == nonce_retries:
+                    raise
+                log.info("a nonce was taken meanwhile; refetching the pending nonce")
+        raise AssertionError("unreachable")
+
+
+_SENDERS: dict[tuple[str, str], EvmSender] = {}
+_SENDERS_LOCK = threading.Lock()
+
+
+def shared_sender(rpc_url: str, network: str, private_key: str, rpc_timeout: float) -> EvmSender:
+    """The process's one EvmSender for this account on this node."""
+    address = str(Account.from_key(private_key).address)
+    with _SENDERS_LOCK:
+        sender = _SENDERS.get((rpc_url, address))
+        if sender is None:
+            sender = EvmSender(web3_for(rpc_url, rpc_timeout), network, private_key)
+            _SENDERS[(rpc_url, address)] = sender
+        return sender
+
+
+def load_abi(name: str) -> list[dict[str, Any]]:
+    """A contract's ABI from contracts/artifacts/, read once."""
+    if name not in _ABI_CACHE:
+        _ABI_CACHE[name] = load_artifact(name).abi
+    return _ABI_CACHE[name]

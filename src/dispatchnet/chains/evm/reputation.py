@@ -1,0 +1,221 @@
+"""ERC-8004 reputation on EVM chains: feedback posted from the coordinator's account
+(EvmFeedbackPoster, exactly once per entry) and summaries read over trusted reviewers
+(EvmReputationReader)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from eth_typing import ChecksumAddress
+from hexbytes import HexBytes
+from web3 import Web3
+from web3.contract.contract import Contract
+from web3.exceptions import (
+    ContractLogicError,
+    TimeExhausted,
+    Web3RPCError,
+)
+
+from dispatchnet.chains.deployments import ChainConfigError
+from dispatchnet.chains.evm.node import (
+    TRANSIENT,
+    EvmChain,
+    _address,
+    _brief,
+    _hex,
+    load_abi,
+    shared_sender,
+    web3_for,
+)
+from dispatchnet.errors import Unavailable
+
+log = logging.getLogger("dispatch.chain")
+
+
+# --- feedback -------------------------------------------------------------------------------
+
+
+FEEDBACK_LOOKBACK = 10_000  # blocks searched for an entry's earlier transaction
+# giveFeedback's gas limit is the node's estimate plus this share (storage costs can move
+# between the estimate and the transaction: a first rating of an agent costs more)
+FEEDBACK_GAS_MARGIN = 0.25
+
+
+class FeedbackRejected(RuntimeError):
+    """giveFeedback reverts (or would): e.g. the coordinator's account owns the agent, or
+    the agent does not exist. The entry is marked "failed" with this reason."""
+
+
+def reputation_contract(w3: Web3, address: str) -> Contract:
+    return w3.eth.contract(
+        address=Web3.to_checksum_address(address), abi=load_abi("ReputationRegistry")
+    )
+
+
+class EvmFeedbackPoster:
+    """Posts ReputationRegistry.giveFeedback from the coordinator's chain account through the
+    shared EvmSender (same lock and nonces as the anchorer). Blocking calls run in a thread.
+
+    Exactly once: before sending, the registry's NewFeedback events from this account for
+    the agent are searched for the entry's feedbackURI + feedbackHash; when found (a retry
+    after a lost receipt or a crash), that transaction is returned and nothing is sent.
+    Gas: each transaction gets the node's estimate plus FEEDBACK_GAS_MARGIN, never more than
+    `gas_limit` (the profile's cap; chains like Monad charge for the limit). An estimate
+    above the cap, or a transaction that ran out of gas, is not the registry refusing the
+    entry: Unavailable (the entry stays pending and is retried). Node trouble: Unavailable.
+    A revert of the call itself: FeedbackRejected."""
+
+    def __init__(
+        self,
+        chain: EvmChain,
+        *,
+        gas_limit: int,
+        rpc_timeout: float = 10.0,
+        tx_timeout: float = 60.0,
+        poll_seconds: float = 0.1,
+    ) -> None:
+        if not chain.reputation_registry:
+            raise ChainConfigError("[chain] has no reputation_registry address")
+        if not chain.account_key:
+            raise ChainConfigError("[chain] has no account to send feedback from")
+        self.network = chain.network
+        self.rpc_url = chain.rpc_url
+        self.gas_limit = gas_limit
+        self.tx_timeout = tx_timeout
+        self.poll_seconds = poll_seconds
+        self.sender = shared_sender(chain.rpc_url, chain.network, chain.account_key, rpc_timeout)
+        self.contract = reputation_contract(self.sender.w3, chain.reputation_registry)
+
+    @property
+    def address(self) -> ChecksumAddress:
+        return self.sender.address
+
+    def describe(self) -> str:
+        return (
+            f"evm: ReputationRegistry {self.contract.address} on {self.network}, from "
+            f"{self.address}, gas: estimate +{FEEDBACK_GAS_MARGIN:.0%}, at most {self.gas_limit}"
+        )
+
+    async def give(self, entry: Any) -> str:
+        """Sends one FeedbackEntry; the transaction hash."""
+        return await asyncio.to_thread(self._give_locked, entry)
+
+    def _give_locked(self, entry: Any) -> str:
+        with self.sender.lock:
+            try:
+                return self._give(entry)
+            except TRANSIENT as e:
+                raise Unavailable(f"chain {self.network} at {self.rpc_url}: {_brief(e)}") from e
+
+    def estimate(self, fn: Any) -> int:
+        """The gas to send fn with: the node's estimate plus the margin, capped. Raises
+        FeedbackRejected when the call itself reverts, Unavailable when it needs more gas
+        than the cap allows (raise [feedback] gas_limit)."""
+        try:
+            needed = int(fn.estimate_gas({"from": self.address}))
+        except ContractLogicError as e:
+            raise FeedbackRejected(f"giveFeedback reverts: {_brief(e)}") from e
+        if needed > self.gas_limit:
+            raise Unavailable(
+                f"giveFeedback needs {needed} gas; [feedback] gas_limit is {self.gas_limit}: "
+                "raise it (the entry stays pending)"
+            )
+        return min(self.gas_limit, int(needed * (1 + FEEDBACK_GAS_MARGIN)))
+
+    def _give(self, entry: Any) -> str:
+        existing = self._existing(entry)
+        if existing:
+            return existing
+        fn = self.contract.functions.giveFeedback(
+            entry.agent_id,
+            entry.value,
+            entry.value_decimals,
+            entry.tag1,
+            entry.tag2,
+            "",
+            entry.feedback_uri,
+            entry.feedback_hash,
+        )
+        gas = self.estimate(fn)
+        tx_hash = self.sender.send(fn, gas)
+        try:
+            receipt = self.sender.w3.eth.wait_for_transaction_receipt(
+                HexBytes(tx_hash), timeout=self.tx_timeout, poll_latency=self.poll_seconds
+            )
+        except TimeExhausted as e:
+            raise Unavailable(
+                f"feedback transaction {_hex(tx_hash)} not mined within {self.tx_timeout:g}s"
+            ) from e
+        if receipt["status"] != 1:
+            used = int(receipt["gasUsed"])
+            if used >= gas:  # out of gas, not a refusal: a reverted send changed nothing
+                raise Unavailable(
+                    f"feedback transaction {_hex(tx_hash)} ran out of gas ({used} of {gas}); "
+                    "retrying with a fresh estimate"
+                )
+            raise FeedbackRejected(
+                f"feedback transaction {_hex(tx_hash)} reverted (gas used {used} of {gas})"
+            )
+        return _hex(tx_hash)
+
+    def _existing(self, entry: Any) -> str:
+        """This account's NewFeedback for the entry within the last FEEDBACK_LOOKBACK
+        blocks ("" if none). A node that refuses the log query (range limits on public
+        RPCs) skips the check, with a warning: only a retry after a lost receipt could
+        then post twice."""
+        latest = int(self.sender.w3.eth.block_number)
+        try:
+            logs = self.contract.events.NewFeedback().get_logs(
+                from_block=max(0, latest - FEEDBACK_LOOKBACK),
+                to_block=latest,
+                argument_filters={"agentId": entry.agent_id, "clientAddress": self.address},
+            )
+        except Web3RPCError as e:
+            log.warning("cannot search earlier feedback (%s); sending without the check", e)
+            return ""
+        for ev in logs:
+            args = ev["args"]
+            if (
+                args["feedbackURI"] == entry.feedback_uri
+                and bytes(args["feedbackHash"]) == entry.feedback_hash
+            ):
+                return _hex(ev["transactionHash"])
+        return ""
+
+
+class EvmReputationReader:
+    """Reads ReputationRegistry.getSummary over the trusted reviewers (blocking: call it in
+    a thread). summary(agent_id) -> (count, average value) of the successRate feedback."""
+
+    def __init__(
+        self, chain: EvmChain, trusted: list[str], tag1: str, timeout: float = 10.0
+    ) -> None:
+        if not chain.reputation_registry:
+            raise ChainConfigError("[chain] has no reputation_registry address")
+        # Each reviewer once: getSummary (the reference implementation's too) counts a
+        # reviewer listed twice twice.
+        reviewers = list(
+            dict.fromkeys(_address(a, "[reputation] trusted_reviewers") for a in trusted)
+        )
+        if chain.account_key and chain.account_address not in reviewers:
+            reviewers.append(chain.account_address)  # the coordinator trusts itself
+        if not reviewers:
+            raise ChainConfigError("[reputation] has no trusted reviewer")
+        self.reviewers = reviewers
+        self.tag1 = tag1
+        self.network = chain.network
+        self.rpc_url = chain.rpc_url
+        self.contract = reputation_contract(
+            web3_for(chain.rpc_url, timeout), chain.reputation_registry
+        )
+
+    def summary(self, agent_id: int) -> tuple[int, float]:
+        try:
+            count, value, decimals = self.contract.functions.getSummary(
+                agent_id, self.reviewers, self.tag1, ""
+            ).call()
+        except TRANSIENT as e:
+            raise Unavailable(f"chain {self.network} at {self.rpc_url}: {_brief(e)}") from e
+        return int(count), int(value) / 10 ** int(decimals)
