@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from conftest import FAST, Cluster
 
-import dispatchnet.chains  # noqa: F401  (before web3: see dispatchnet/chains/__init__.py)
+import dispatchnet.chains.evm  # noqa: F401  (before web3: see dispatchnet/chains/__init__.py)
 from dispatchnet.chains.evm.node import load_or_create_chain_key, web3_for
 from dispatchnet.devchain.anvil import _rpc
 from dispatchnet.devchain.local_chain import pid_alive, stop_pid

@@ -31,10 +31,11 @@ from chain_fixtures import (
 )
 from conftest import wait_until
 
-import dispatchnet.chains  # noqa: F401  (before web3: see dispatchnet/chains/__init__.py)
+import dispatchnet.chains.evm  # noqa: F401  (before web3: see dispatchnet/chains/__init__.py)
 from dispatch.v1 import coordinator_pb2, receipt_pb2
 from dispatchnet import cli
 from dispatchnet.chains.evm.anchoring import EvmAnchorer, anchor_contract
+from dispatchnet.chains.evm.config import chain_id_of
 from dispatchnet.chains.evm.deploy import load_artifact
 from dispatchnet.chains.evm.node import load_or_create_chain_key, web3_for
 from dispatchnet.chains.evm.reputation import reputation_contract
@@ -42,7 +43,7 @@ from dispatchnet.cli import job_json, proof_json
 from dispatchnet.client import CoordinatorClient, task_spec
 from dispatchnet.coordinator.models import AnchorStatus
 from dispatchnet.devchain.local_chain import pid_alive
-from dispatchnet.profiles import ProfileError, chain_id_of, load_profile
+from dispatchnet.profiles import ProfileError, load_profile
 from dispatchnet.server import start_coordinator
 
 COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
@@ -137,7 +138,7 @@ async def test_monad_testnet_starts_with_anchoring_off_and_says_why(
             "comes from the deployment",
         ),
         ('kind = "evm"\nnetwork = "eip155:1"\nrpc_url = "http://x"\nusdc = "0x12"', "usdc"),
-        ('kind = "solana"', "kind must be none or evm"),
+        ('kind = "cardano"', "kind must be one of none, evm"),
         ('kind = "evm"\nnetwork = "eip155:1"\nrpc_url = "h"\nanchor_gas_limit = 5', "21000"),
     ],
 )
@@ -151,7 +152,7 @@ def test_bad_chain_settings_are_refused(tmp_path: Path, chain_toml: str, error: 
 def test_evm_anchoring_needs_an_evm_chain(tmp_path: Path) -> None:
     path = tmp_path / "p.toml"
     path.write_text('name = "p"\n[receipts]\nanchor = "evm"\n')
-    with pytest.raises(ProfileError, match=r'anchor = "evm" needs \[chain\] kind = "evm"'):
+    with pytest.raises(ProfileError, match=r'anchor must be "none" or the \[chain\] kind'):
         load_profile(str(path))
 
 

@@ -204,7 +204,7 @@ def test_artifacts_are_complete() -> None:
 def test_importing_evm_libraries_keeps_the_recursion_limit() -> None:
     """py_ecc (under eth_account) raises it to 100000 on import, which turns deeply nested
     JSON into a segfault; dispatchnet.chains puts it back (see its docstring)."""
-    import dispatchnet.chains  # noqa: F401  (already imported above; this is the point)
+    import dispatchnet.chains.evm  # noqa: F401  (already imported above; this is the point)
 
     assert "py_ecc" in sys.modules
     assert sys.getrecursionlimit() <= 1000

@@ -20,7 +20,7 @@ from chain_fixtures import chain_profile, cluster_for, funded_chain_key, unreach
 from conftest import Cluster, wait_until
 from test_chain import complete
 
-import dispatchnet.chains  # noqa: F401  (before web3: see dispatchnet/chains/__init__.py)
+import dispatchnet.chains.evm  # noqa: F401  (before web3: see dispatchnet/chains/__init__.py)
 from dispatch.v1 import coordinator_pb2
 from dispatchnet.chains.evm.deploy import load_artifact
 from dispatchnet.chains.evm.node import web3_for

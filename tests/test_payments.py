@@ -40,7 +40,7 @@ from x402.mechanisms.evm.exact import ExactEvmFacilitatorScheme, ExactEvmSchemeC
 from x402.mechanisms.evm.exact import facilitator as exact_facilitator
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
 
-import dispatchnet.chains  # noqa: F401  (before web3)
+import dispatchnet.chains.evm  # noqa: F401  (before web3)
 from dispatch.v1 import common_pb2, coordinator_pb2
 from dispatchnet.chains.evm.node import load_or_create_chain_key, web3_for
 from dispatchnet.chains.evm.payments import TOKEN_ABI, token_balance

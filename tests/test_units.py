@@ -485,8 +485,8 @@ def test_a_profile_file_overrides_defaults(profile_file: Path) -> None:
         ("[payments]\nenabled = true\n", "at least one \\[\\[payments.accept\\]\\]"),
         ("[payments]\naccept = 'eip155:1'\n", "accept must be a list of tables"),
         ("[[payments.accept]]\nnetwork = 'eip155:1'\nfee = 2\n", "unknown setting\\(s\\) fee"),
-        ("[[payments.accept]]\nnetwork = 'eip155:1'\n", "needs \\[chain\\] kind = evm"),
-        ("[[payments.accept]]\nnetwork = 'solana'\n", "is not eip155"),
+        ("[[payments.accept]]\nnetwork = 'eip155:1'\n", "needs a \\[chain\\] on that network"),
+        ("[[payments.accept]]\nnetwork = 'solana'\n", "'solana' needs a \\[chain\\] on"),
         (
             "[[payments.accept]]\nnetwork = 'eip155:1'\nfacilitator = 'ftp://x'\n",
             "is not a URL",
@@ -631,6 +631,46 @@ def test_domain_code_imports_no_transport_storage_or_chain_library(path: Path) -
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             imported.add(node.module.split(".")[0])
     assert not imported & set(FOREIGN), imported & set(FOREIGN)
+
+
+# Chain kinds and network-id prefixes: only chains/ (the registry and the adapters) may
+# compare anything with these; everything else asks the registry for the adapter.
+CHAIN_WORDS = ("evm", "solana", "eip155", "svm")
+OUTSIDE_CHAINS = sorted(p for p in SRC.rglob("*.py") if "chains" not in p.relative_to(SRC).parts)
+
+
+def _chain_literals(node: ast.AST) -> list[str]:
+    found = []
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+            text = sub.value.lower()
+            if any(text == w or text.startswith(f"{w}:") for w in CHAIN_WORDS):
+                found.append(sub.value)
+    return found
+
+
+def test_nothing_outside_chains_compares_a_chain_kind_or_network() -> None:
+    """The chain seam: code outside chains/ never branches on a chain kind or a network's
+    name (`kind == "evm"`, `network.startswith("eip155:")`, `kind in ("evm", ...)`)."""
+    offences = []
+    for path in OUTSIDE_CHAINS:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare):
+                words = _chain_literals(node)
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("startswith", "endswith")
+            ):
+                words = _chain_literals(node)
+            elif isinstance(node, ast.Match):
+                words = [w for case in node.cases for w in _chain_literals(case.pattern)]
+            else:
+                continue
+            if words:
+                offences.append(f"{path.relative_to(SRC)}:{node.lineno} compares {words}")
+    assert not offences, offences
 
 
 def test_secp256k1_runs_on_the_native_backend() -> None:

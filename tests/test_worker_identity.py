@@ -22,7 +22,7 @@ from chain_fixtures import chain_profile, cluster_for, dispatch
 from conftest import HELLO, RawWorker
 from web3.logs import DISCARD
 
-import dispatchnet.chains  # noqa: F401  (before web3: see dispatchnet/chains/__init__.py)
+import dispatchnet.chains.evm  # noqa: F401  (before web3: see dispatchnet/chains/__init__.py)
 from dispatch.v1 import common_pb2, coordinator_pb2, worker_pb2
 from dispatchnet import keys
 from dispatchnet.agent_identity import base58

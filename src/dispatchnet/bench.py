@@ -388,7 +388,7 @@ async def run_bench(seconds: float = 5.0, many: int = 64) -> int:
         children.stop_all()
 
         print("paid trivial TASK jobs: local anvil, coordinator (profile local-monad), x402")
-        import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
+        import dispatchnet.chains.evm  # noqa: F401  (before web3: restores the recursion limit)
         from dispatchnet.devchain.local_chain import chain_up
         from dispatchnet.payments.wallet import Wallet
         from dispatchnet.profiles import load_profile

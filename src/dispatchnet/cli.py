@@ -98,7 +98,7 @@ def _worker_agent(args: argparse.Namespace) -> tuple[str, str]:
         agent_id, chain_key_file = str(data["agent_id"]), Path(data["chain_key_file"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CliError(f"{path} is not an agent file from `dispatch worker register`: {e}") from e
-    import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
+    import dispatchnet.chains.evm  # noqa: F401  (before web3: restores the recursion limit)
     from dispatchnet.chains.deployments import ChainConfigError
     from dispatchnet.chains.evm.node import load_or_create_chain_key
 
@@ -199,7 +199,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
 
 async def cmd_worker_register(args: argparse.Namespace) -> int:
     """Registers the worker in the profile's IdentityRegistry (see README "Worker identity")."""
-    import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
+    import dispatchnet.chains.evm  # noqa: F401  (before web3: restores the recursion limit)
     from dispatchnet.chains.deployments import ChainConfigError
     from dispatchnet.chains.evm.identity import fund_dev_account, register_worker
     from dispatchnet.chains.evm.node import TRANSIENT, load_or_create_chain_key, resolve_evm_chain
@@ -381,11 +381,9 @@ def _wallet(args: argparse.Namespace) -> Any:
     profile = load_profile(args.profile)
     if args.max_payment is not None:
         profile = profile.with_overrides(wallet={"max_per_job_micros": args.max_payment})
-    if profile.chain.kind != "evm" and not args.wallet_key and not profile.wallet.key_file:
-        return None
-    from dispatchnet.payments.wallet import wallet_for  # x402 and web3 are heavy
+    from dispatchnet.chains import registry
 
-    return wallet_for(profile, args.wallet_key or "")
+    return registry.adapter_of(profile).client_wallet(profile, args.wallet_key or "")
 
 
 async def cmd_job_submit(args: argparse.Namespace) -> int:
@@ -532,27 +530,21 @@ async def _check_onchain(
 ) -> dict[str, Any]:
     """`receipt verify --onchain`: the proof's root and anchor transaction, on the chain of
     --profile."""
+    from dispatchnet.chains import registry
     from dispatchnet.chains.deployments import ChainConfigError
-    from dispatchnet.chains.evm.anchoring import check_anchor_onchain
-    from dispatchnet.chains.evm.node import resolve_evm_chain
 
     profile = load_profile(args.profile)
-    if profile.chain.kind != "evm":
-        raise CliError(f"--onchain: profile {profile.name} has no EVM chain", code=2)
     try:
-        chain = resolve_evm_chain(profile.chain)
+        return await asyncio.to_thread(
+            registry.adapter_of(profile).check_anchor,
+            profile,
+            proof.merkle_root,
+            proof.anchor_network,
+            proof.anchor_transaction,
+            args.anchorer or "",
+        )
     except ChainConfigError as e:
-        raise CliError(f"--onchain: {e}") from e
-    check = await asyncio.to_thread(
-        check_anchor_onchain,
-        chain,
-        proof.merkle_root,
-        proof.anchor_network,
-        proof.anchor_transaction,
-        expected_anchorer=args.anchorer or "",
-        timeout=profile.chain.rpc_timeout_seconds,
-    )
-    return {"network": chain.network, "receipt_anchor": chain.receipt_anchor, **check.as_dict()}
+        raise CliError(f"--onchain: {e}", code=2) from e
 
 
 async def cmd_receipt_proof(args: argparse.Namespace) -> int:
@@ -570,20 +562,20 @@ async def cmd_receipt_proof(args: argparse.Namespace) -> int:
 
 
 async def cmd_chain(args: argparse.Namespace) -> int:
-    from dispatchnet.chains.deployments import ChainConfigError
-    from dispatchnet.devchain import local_chain
-    from dispatchnet.devchain.anvil import AnvilError
+    from dispatchnet.chains import registry
+    from dispatchnet.chains.deployments import ChainConfigError, DevChainError
 
     profile = load_profile(args.profile)
+    chain = registry.adapter_of(profile)
     try:
         if args.chain_cmd == "up":
-            emit(await asyncio.to_thread(local_chain.chain_up, profile, args.port))
+            emit(await asyncio.to_thread(chain.chain_up, profile, args.port))
             return 0
         if args.chain_cmd == "down":
-            emit(await asyncio.to_thread(local_chain.chain_down, profile))
+            emit(await asyncio.to_thread(chain.chain_down, profile))
             return 0
-        status = await asyncio.to_thread(local_chain.chain_status, profile)
-    except (ChainConfigError, AnvilError) as e:
+        status = await asyncio.to_thread(chain.chain_status, profile)
+    except (ChainConfigError, DevChainError) as e:
         raise CliError(str(e)) from e
     emit(status)
     return 0 if status["ok"] else 1

@@ -433,7 +433,7 @@ class Demo:
 
     def _summary_reader(self) -> Callable[[int], tuple[int, int]]:
         """getSummary(agent, [coordinator account], "successRate", "") on the demo chain."""
-        import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
+        import dispatchnet.chains.evm  # noqa: F401  (before web3: restores the recursion limit)
         from dispatchnet.chains.evm.node import web3_for
         from dispatchnet.chains.evm.reputation import reputation_contract
         from dispatchnet.coordinator.jobs import FEEDBACK_TAG1
@@ -618,7 +618,7 @@ class Demo:
 
     def balances(self) -> tuple[int, int]:
         """Test USDC of the paying client and of the coordinator (the payee), on chain."""
-        import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
+        import dispatchnet.chains.evm  # noqa: F401  (before web3: restores the recursion limit)
         from dispatchnet.chains.evm.node import web3_for
         from dispatchnet.chains.evm.payments import token_balance
 
@@ -631,7 +631,7 @@ class Demo:
 
     def wallet(self) -> Any:
         """The client's x402 wallet: the deployment's funded "client" dev account."""
-        import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
+        import dispatchnet.chains.evm  # noqa: F401  (before web3: restores the recursion limit)
         from dispatchnet.payments.wallet import Wallet
 
         wallet = Wallet.of_deployment(self.chain, WALLET_LIMIT)

@@ -245,23 +245,7 @@ class ChainConfig:
     devchain_port: int = 8545
 
 
-EVM_NETWORK = re.compile(r"eip155:[1-9][0-9]{0,18}")
-ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
-ADDRESS_FIELDS = (
-    "identity_registry",
-    "reputation_registry",
-    "validation_registry",
-    "receipt_anchor",
-    "usdc",
-    "batch_settler",
-)
-
-
-def chain_id_of(network: str) -> int:
-    """The chain id of an "eip155:<id>" network."""
-    if not EVM_NETWORK.fullmatch(network):
-        raise ValueError(f"{network!r} is not an EVM network (eip155:<chain id>)")
-    return int(network.split(":", 1)[1])
+ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")  # an EVM address (ERC-8004 reviewers, assets)
 
 
 @dataclass(frozen=True)
@@ -335,44 +319,32 @@ def check_profile(profile: Profile) -> list[str]:
     """Problems with settings that parse but do not fit together."""
     problems: list[str] = []
     c = profile.chain
-    if c.kind not in ("none", "evm"):
-        problems.append(f"[chain] kind must be none or evm, not {c.kind!r}")
-    elif c.kind == "evm":
-        if not EVM_NETWORK.fullmatch(c.network):
-            problems.append(f"[chain] network must be eip155:<chain id>, not {c.network!r}")
-        if bool(c.deployment) == bool(c.rpc_url):
-            problems.append("[chain] needs exactly one of deployment and rpc_url")
-        for name in ADDRESS_FIELDS:
-            value = getattr(c, name)
-            if c.deployment and value:
-                problems.append(f"[chain] {name} comes from the deployment; do not set both")
-            elif value and not ADDRESS.fullmatch(value):
-                problems.append(f"[chain] {name} is not an address (0x + 40 hex digits)")
-        if c.anchor_gas_limit < 21000:
-            problems.append("[chain] anchor_gas_limit must be at least 21000")
-        if c.rpc_timeout_seconds <= 0 or c.tx_timeout_seconds <= 0:
-            problems.append("[chain] timeouts must be positive")
-    if c.devchain not in ("", "anvil"):
-        problems.append(f"[chain] devchain must be anvil or empty, not {c.devchain!r}")
-    elif c.devchain and (c.kind != "evm" or not c.deployment):
-        problems.append("[chain] devchain needs kind = evm and a deployment name")
+    from dispatchnet.chains import registry  # light: no chain library is imported
+
+    problems += registry.problems(c)
+    can = registry.capabilities(c.kind)
+
+    def needs(capability: str, what: str) -> None:
+        if capability not in can:
+            problems.append(f"{what} needs a [chain] kind that provides {capability}")
+
     if not 0 <= c.devchain_port <= 65535:
         problems.append("[chain] devchain_port must be a port number")
     r = profile.reputation
     if r.source not in ("local", "erc8004"):
         problems.append(f"[reputation] source must be local or erc8004, not {r.source!r}")
-    elif r.source == "erc8004" and c.kind != "evm":
-        problems.append('[reputation] source = "erc8004" needs [chain] kind = "evm"')
+    elif r.source == "erc8004":
+        needs("reputation", '[reputation] source = "erc8004"')
     if not all(isinstance(a, str) and ADDRESS.fullmatch(a) for a in r.trusted_reviewers):
         problems.append("[reputation] trusted_reviewers must be addresses (0x + 40 hex digits)")
     if not 0 <= r.prior <= 1 or r.prior_weight <= 0 or r.cache_ttl_seconds < 0:
         problems.append("[reputation] needs 0 <= prior <= 1, prior_weight > 0, cache_ttl >= 0")
-    if profile.feedback.enabled and c.kind != "evm":
-        problems.append('[feedback] enabled needs [chain] kind = "evm"')
+    if profile.feedback.enabled:
+        needs("feedback", "[feedback] enabled")
     if profile.feedback.gas_limit < 21000:
         problems.append("[feedback] gas_limit must be at least 21000")
-    if profile.identity.require_registration and c.kind != "evm":
-        problems.append('[identity] require_registration needs [chain] kind = "evm"')
+    if profile.identity.require_registration:
+        needs("identity", "[identity] require_registration")
     q = profile.quotes
     if min(q.anonymous_max_quotes, q.client_max_bytes, q.max_bytes) < 1:
         problems.append("[quotes] limits must be positive")
@@ -389,13 +361,16 @@ def check_profile(profile: Profile) -> list[str]:
         problems.append("[identity] cache_ttl_seconds must not be negative")
     if profile.receipts.max_clock_skew_seconds < 0:
         problems.append("[receipts] max_clock_skew_seconds must not be negative")
-    if profile.receipts.anchor == "evm" and c.kind != "evm":
-        problems.append('[receipts] anchor = "evm" needs [chain] kind = "evm"')
-    problems += _check_payments(profile)
+    anchor = profile.receipts.anchor
+    if anchor != "none" and anchor != c.kind:
+        problems.append(f'[receipts] anchor must be "none" or the [chain] kind, not {anchor!r}')
+    elif anchor != "none":
+        needs("anchor", f'[receipts] anchor = "{anchor}"')
+    problems += _check_payments(profile, can)
     return problems
 
 
-def _check_payments(profile: Profile) -> list[str]:
+def _check_payments(profile: Profile, can: frozenset[str]) -> list[str]:
     p, c = profile.payments, profile.chain
     problems: list[str] = []
     if p.enabled and not p.accept:
@@ -407,11 +382,10 @@ def _check_payments(profile: Profile) -> list[str]:
         if a.network in seen:
             problems.append(f"[[payments.accept]] lists {a.network} twice")
         seen.add(a.network)
-        if not EVM_NETWORK.fullmatch(a.network):
-            problems.append(f"[[payments.accept]] network {a.network!r} is not eip155:<chain id>")
-        elif c.kind != "evm" or a.network != c.network:
+        if "payments" not in can or a.network != c.network:
             problems.append(
-                f"[[payments.accept]] {a.network} needs [chain] kind = evm on that network"
+                f"[[payments.accept]] {a.network!r} needs a [chain] on that network whose kind "
+                "takes payments"
             )
         if a.asset and not ADDRESS.fullmatch(a.asset):
             problems.append(f"[[payments.accept]] asset {a.asset!r} is not an address")

@@ -32,6 +32,7 @@ from dispatchnet.api.servicers import (
     TrustServicer,
     WorkerServicer,
 )
+from dispatchnet.chains import registry
 from dispatchnet.coordinator.catalogue import TaskCatalogue
 from dispatchnet.coordinator.hub import WorkerHub
 from dispatchnet.coordinator.jobs import JobService
@@ -97,25 +98,9 @@ class Coordinator:
 
 
 def identity_verifier_for(profile: Profile) -> IdentityVerifier | None:
-    """The on-chain check of workers' agent ids: for an EVM [chain] with an
-    identity_registry; None otherwise (agent ids are then ignored)."""
-    if profile.chain.kind != "evm":
-        return None
-    # the adapter, imported only by profiles that use it (web3 is heavy)
-    import dispatchnet.chains  # noqa: F401  (before web3: restores the recursion limit)
-    from dispatchnet.chains.evm.identity import EvmIdentityVerifier
-    from dispatchnet.chains.evm.node import resolve_evm_chain
-
-    chain = resolve_evm_chain(profile.chain)
-    if not chain.identity_registry:
-        if profile.identity.require_registration:
-            raise ValueError("[identity] require_registration needs an identity_registry")
-        return None
-    return EvmIdentityVerifier(
-        chain,
-        rpc_timeout=profile.chain.rpc_timeout_seconds,
-        ttl_seconds=profile.identity.cache_ttl_seconds,
-    )
+    """The on-chain check of workers' agent ids, from the [chain] kind's adapter; None when
+    the chain has no identity registry (agent ids are then ignored)."""
+    return registry.adapter_of(profile).identity_verifier(profile)
 
 
 async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Coordinator:
@@ -278,15 +263,11 @@ def reputation_for(
     if r.source == "local":
         return LocalReputation(store)
     if r.source == "erc8004":
-        # imported only by profiles that use it (web3 is heavy)
-        from dispatchnet.chains.evm.node import resolve_evm_chain
-        from dispatchnet.chains.evm.reputation import EvmReputationReader
         from dispatchnet.coordinator.jobs import FEEDBACK_TAG1
         from dispatchnet.reputation.erc8004 import Erc8004Reputation
 
-        chain = resolve_evm_chain(profile.chain, data_dir)
-        reader = EvmReputationReader(
-            chain, r.trusted_reviewers, FEEDBACK_TAG1, profile.chain.rpc_timeout_seconds
+        reader = registry.adapter_of(profile).summary_reader(
+            profile, data_dir, r.trusted_reviewers, FEEDBACK_TAG1
         )
         return Erc8004Reputation(
             reader,

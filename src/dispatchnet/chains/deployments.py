@@ -18,6 +18,10 @@ class ChainConfigError(ValueError):
     """The profile's chain settings, or the deployment file they name, do not work."""
 
 
+class DevChainError(RuntimeError):
+    """A local development chain could not be started or stopped."""
+
+
 def deployment_path(name: str) -> Path:
     """The deployment file a profile's `deployment` names: a path to a .json file, or
     $DISPATCH_HOME/chains/<name>.json."""

@@ -37,6 +37,8 @@ from typing import Self
 
 from eth_utils.address import to_checksum_address
 
+from dispatchnet.chains.deployments import DevChainError
+
 # Anvil's (and Hardhat's) well-known development mnemonic: its accounts are public and hold
 # test ether only. Never use them on a public network.
 DEFAULT_MNEMONIC = "test test test test test test test test test test test junk"
@@ -49,7 +51,7 @@ _LISTENING = re.compile(rb"Listening on ([0-9.]+):(\d+)")
 _PKG = "@foundry-rs"
 
 
-class AnvilError(RuntimeError):
+class AnvilError(DevChainError):
     """anvil could not be found, or did not start."""
 
 

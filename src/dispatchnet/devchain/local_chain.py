@@ -27,10 +27,11 @@ from eth_account import Account
 from web3 import Web3
 
 from dispatchnet.chains.deployments import ChainConfigError, deployment_path, read_deployment
+from dispatchnet.chains.evm.config import chain_id_of
 from dispatchnet.chains.evm.deploy import deploy, load_artifact
 from dispatchnet.chains.evm.node import TRANSIENT, resolve_evm_chain, web3_for
 from dispatchnet.devchain.anvil import Anvil
-from dispatchnet.profiles import Profile, chain_id_of
+from dispatchnet.profiles import Profile
 
 # Test USDC minted to each demo account (6 decimals): 1,000 USDC.
 DEMO_USDC = 1_000 * 10**6
@@ -210,8 +211,6 @@ def chain_down(profile: Profile) -> dict[str, Any]:
 def chain_status(profile: Profile) -> dict[str, Any]:
     """Where the profile's chain is and whether it answers (`ok`)."""
     cfg = profile.chain
-    if cfg.kind != "evm":
-        return {"profile": profile.name, "kind": cfg.kind, "ok": False, "note": "no chain"}
     out: dict[str, Any] = {"profile": profile.name, "network": cfg.network}
     if cfg.devchain:
         path = deployment_path(cfg.deployment)

@@ -148,10 +148,10 @@ def wallet_for(profile: Profile, key_file: str = "") -> Wallet | None:
     w = profile.wallet
     chain = profile.chain
     data: dict[str, Any] = {}
-    if chain.kind == "evm" and chain.deployment and deployment_path(chain.deployment).exists():
+    if chain.deployment and deployment_path(chain.deployment).exists():
         data = read_deployment(chain.deployment)
     extra = deployment_assets(data)
-    if chain.kind == "evm" and chain.usdc:
+    if chain.usdc:
         extra.append(Asset(chain.network, chain.usdc))
     path = key_file or w.key_file
     if path:

@@ -22,25 +22,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from x402 import x402FacilitatorSync, x402ResourceServerSync
-from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
+from x402 import x402ResourceServerSync
 from x402.http.utils import (
     decode_payment_signature_header,
     encode_payment_required_header,
     encode_payment_response_header,
 )
-from x402.mechanisms.evm.constants import ERR_SETTLEMENT_PENDING
-from x402.mechanisms.evm.default_assets import get_default_asset
-from x402.mechanisms.evm.exact import (
-    ExactEvmFacilitatorScheme,
-    ExactEvmSchemeConfig,
-    ExactEvmServerScheme,
-)
-from x402.mechanisms.evm.types import ExactEIP3009Payload
 from x402.schemas import (
     AssetAmount,
     PaymentPayload,
@@ -50,119 +40,63 @@ from x402.schemas import (
     SettleResponse,
 )
 
-from dispatchnet.chains.evm.node import EvmChain, resolve_evm_chain, shared_sender
-from dispatchnet.chains.evm.payments import (
-    Authorization,
-    CoordinatorFacilitatorSigner,
-    EvmBatchSettler,
-    EvmRefunder,
-    authorization_use,
-    token_info,
-)
+from dispatchnet.chains import registry
 from dispatchnet.coordinator.models import Payment, PaymentStatus
 from dispatchnet.errors import InvalidArgument, PaymentRequired, Unavailable
 from dispatchnet.payments.service import SettlementRefused
-from dispatchnet.profiles import AcceptConfig, Profile
+from dispatchnet.profiles import Profile
 
 log = logging.getLogger("dispatch.payments")
 
 SCHEME = "exact"
+# x402's error reason for a settlement sent but not confirmed yet (every scheme's word)
+SETTLEMENT_PENDING = "settlement_pending"
 T = TypeVar("T")
 MICROS = 10**6
 
 
-@dataclass
-class _Asset:
-    address: str
-    name: str
-    version: str
-    decimals: int
+class PaymentRail(Protocol):
+    """One accepted network, as its chain kind implements it (chains/<kind>/rail.py, made by
+    the kind's ChainAdapter.payment_rail). Every method may block."""
 
+    network: str
+    pay_to: str
+    describe: str
+    facilitator: Any  # an x402 facilitator (in-process) or facilitator client (a URL)
 
-class NetworkRail:
-    """One accepted network: its facilitator, pay-to account, asset and refunder."""
+    def asset(self) -> Any:  # .address .name .version .decimals
+        ...
 
-    def __init__(
+    def server_scheme(self) -> Any: ...
+    def authorization(self, payload: PaymentPayload) -> Any:  # .payer .value .nonce ...
+        ...
+
+    def transport_error_since(self, t: float) -> str: ...
+    def settlement_of(self, payment: Payment) -> tuple[bool, str]: ...
+
+    batch: Any  # None when the rail settles one payment at a time
+
+    def settle_batch(
         self,
-        accept: AcceptConfig,
-        chain: EvmChain,
-        profile: Profile,
-    ) -> None:
-        cfg = profile.chain
-        pay = profile.payments
-        self.network = accept.network
-        self.chain = chain
-        if not chain.account_key:
-            raise ValueError(f"payments on {self.network} need [chain]'s account key")
-        self.pay_to = chain.account_address
-        sender = shared_sender(
-            chain.rpc_url, chain.network, chain.account_key, cfg.rpc_timeout_seconds
-        )
-        self.signer: CoordinatorFacilitatorSigner | None = None
-        self.facilitator: Any
-        if accept.facilitator:
-            self.facilitator = HTTPFacilitatorClientSync(
-                FacilitatorConfig(url=accept.facilitator, timeout=cfg.rpc_timeout_seconds * 3)
-            )
-            self.describe = f"{self.network} via facilitator {accept.facilitator}"
-        else:
-            self.signer = CoordinatorFacilitatorSigner(
-                sender,
-                chain.account_key,
-                chain.rpc_url,
-                cfg.tx_timeout_seconds,
-                pay.settle_gas_limit,
-            )
-            facilitator = x402FacilitatorSync()
-            facilitator.register(
-                [self.network],
-                ExactEvmFacilitatorScheme(
-                    self.signer, ExactEvmSchemeConfig(simulate_in_settle=True)
-                ),
-            )
-            self.facilitator = facilitator
-            self.describe = f"{self.network} (in-process facilitator, account {self.pay_to})"
-        self._asset_address = accept.asset or chain.usdc
-        self._asset: _Asset | None = None
-        self._lock = threading.Lock()
-        self.w3 = sender.w3
-        self.refunder = EvmRefunder(sender, pay.refund_gas_limit, cfg.tx_timeout_seconds)
-        # Many settlements in one transaction: only where this process settles itself (a
-        # remote facilitator settles one payment per call) and the chain has the contract.
-        self.batch = (
-            EvmBatchSettler(
-                sender, chain.batch_settler, pay.settle_gas_limit, cfg.tx_timeout_seconds
-            )
-            if self.signer is not None and chain.batch_settler
-            else None
-        )
-        if self.batch is not None:
-            self.describe += f", settling in batches through {chain.batch_settler}"
+        asset: str,
+        payments: list[Payment],
+        refusal: Callable[[Payment], SettlementRefused | None],
+    ) -> dict[str, str | SettlementRefused]: ...
 
-    def asset(self) -> _Asset:
-        """The asset and its EIP-712 domain: the SDK's default for the network, or read
-        from the token contract once (Unavailable while the node is down)."""
-        with self._lock:
-            if self._asset is None:
-                if self._asset_address:
-                    name, version, decimals = token_info(self.w3, self._asset_address)
-                    self._asset = _Asset(self._asset_address, name, version, decimals)
-                else:
-                    d = get_default_asset(self.network)
-                    self._asset = _Asset(d["asset"], d["name"], d["version"], d["decimals"])
-            return self._asset
+    def sign_refund(self, payment: Payment) -> tuple[str, str]: ...
+    def refund_status(self, payment: Payment) -> bool | None: ...
+    def broadcast_refund(self, payment: Payment) -> bool | None: ...
 
 
 class X402Gateway:
-    def __init__(self, rails: list[NetworkRail], settle_margin_seconds: float) -> None:
+    def __init__(self, rails: list[PaymentRail], settle_margin_seconds: float) -> None:
         if not rails:
             raise ValueError("payments need at least one accepted network")
         self.rails = {r.network: r for r in rails}
         self.settle_margin = settle_margin_seconds
         self.server = x402ResourceServerSync([r.facilitator for r in rails])
         for r in rails:
-            scheme: Any = ExactEvmServerScheme()  # type: ignore[no-untyped-call]
-            self.server.register(r.network, scheme)
+            self.server.register(r.network, r.server_scheme())
         self._initialized = False
         self._lock = threading.Lock()
 
@@ -239,19 +173,13 @@ class X402Gateway:
                 "asset, amount, payTo and maxTimeoutSeconds must be one of `accepts`)",
                 reason="no_matching_requirements",
             )
-        try:
-            auth = ExactEIP3009Payload.from_dict(payload.payload).authorization
-            int(auth.value), int(auth.valid_before), bytes.fromhex(auth.nonce.removeprefix("0x"))
-        except Exception as e:
-            raise InvalidArgument(
-                f"payment-signature: not an exact EIP-3009 payment: {_first_line(e)}"
-            ) from None
+        auth = self.rails[str(requirement.network)].authorization(payload)
         return Payment(
             job_id="",
             network=str(requirement.network),
             asset=requirement.asset,
             pay_to=requirement.pay_to,
-            payer=auth.from_address,
+            payer=auth.payer,
             amount=int(auth.value),
             authorization_id=auth.nonce.lower(),
             valid_before=float(auth.valid_before),
@@ -285,10 +213,7 @@ class X402Gateway:
             result = call(payload, requirement)
         except Exception as e:
             raise Unavailable(f"x402 facilitator failed: {_first_line(e)}") from e
-        signer = rail.signer
-        if signer is not None and signer.transport_failed_since(started):
-            return result, signer.last_transport_error or "no answer"
-        return result, ""
+        return result, rail.transport_error_since(started)
 
     def response_header(self, payment: Payment) -> str:
         """The `payment-response` value for a committed job: an x402 SettleResponse whose
@@ -317,13 +242,11 @@ class X402Gateway:
         if result.success:
             return str(result.transaction)
         reason = result.error_reason or "settlement_failed"
-        if reason == ERR_SETTLEMENT_PENDING:
+        if reason == SETTLEMENT_PENDING:
             raise Unavailable(f"settlement {result.transaction} not confirmed yet")
         if node_down:
             raise Unavailable(f"chain node unreachable while settling: {node_down}")
-        used, tx = authorization_use(
-            rail.w3, payment.asset, payment.payer, payment.authorization_id
-        )
+        used, tx = rail.settlement_of(payment)
         if used and tx:
             log.info("payment for job %s was already settled in %s", payment.job_id, tx)
             return tx
@@ -350,37 +273,7 @@ class X402Gateway:
                     except SettlementRefused as e:
                         out[p.job_id] = e
                 continue
-            out.update(self._settle_group(rail, rail.batch, asset, group))
-        return out
-
-    def _settle_group(
-        self, rail: NetworkRail, batch: EvmBatchSettler, asset: str, group: list[Payment]
-    ) -> dict[str, str | SettlementRefused]:
-        out: dict[str, str | SettlementRefused] = {}
-        auths = {p.job_id: _authorization(p) for p in group}
-        todo: list[Payment] = []
-        # An earlier attempt (interrupted before it was recorded) may have settled some.
-        for p, used in zip(group, batch.used(asset, list(auths.values())), strict=True):
-            if not used:
-                todo.append(p)
-                continue
-            used_now, tx = authorization_use(rail.w3, asset, p.payer, p.authorization_id)
-            if used_now and tx:
-                log.info("payment for job %s was already settled in %s", p.job_id, tx)
-                out[p.job_id] = tx
-            else:
-                out[p.job_id] = SettlementRefused(
-                    "authorization_used", "the payer cancelled the authorization"
-                )
-        if not todo:
-            return out
-        outcome = batch.settle(asset, [auths[p.job_id] for p in todo])
-        for p in todo:
-            key = auths[p.job_id].key
-            if key in outcome.settled:
-                out[p.job_id] = outcome.transaction
-            elif key in outcome.refused and (refusal := self._refusal(p)) is not None:
-                out[p.job_id] = refusal
+            out.update(rail.settle_batch(asset, group, self._refusal))
         return out
 
     def _refusal(self, payment: Payment) -> SettlementRefused | None:
@@ -396,17 +289,13 @@ class X402Gateway:
         return SettlementRefused(verified.invalid_reason or "settlement_failed")
 
     def sign_refund(self, payment: Payment) -> tuple[str, str]:
-        return self.rails[payment.network].refunder.sign(
-            payment.asset, payment.payer, payment.amount
-        )
+        return self.rails[payment.network].sign_refund(payment)
 
     def refund_status(self, payment: Payment) -> bool | None:
-        return self.rails[payment.network].refunder.status(payment.refund_transaction)
+        return self.rails[payment.network].refund_status(payment)
 
     def broadcast_refund(self, payment: Payment) -> bool | None:
-        return self.rails[payment.network].refunder.broadcast(
-            payment.refund_raw, payment.refund_transaction
-        )
+        return self.rails[payment.network].broadcast_refund(payment)
 
 
 def _x402_objects(payment: Payment) -> tuple[PaymentPayload, PaymentRequirements]:
@@ -416,29 +305,16 @@ def _x402_objects(payment: Payment) -> tuple[PaymentPayload, PaymentRequirements
     )
 
 
-def _authorization(payment: Payment) -> Authorization:
-    exact = ExactEIP3009Payload.from_dict(json.loads(payment.payload_json)["payload"])
-    a = exact.authorization
-    return Authorization(
-        payer=a.from_address,
-        to=a.to,
-        value=int(a.value),
-        valid_after=int(a.valid_after),
-        valid_before=int(a.valid_before),
-        nonce=a.nonce,
-        signature=exact.signature or "0x",
-    )
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__
 
 
 def gateway_for(profile: Profile, data_dir: Path) -> X402Gateway | None:
-    """The profile's payment gateway ([payments] enabled), None when payments are off."""
+    """The profile's payment gateway ([payments] enabled), None when payments are off; each
+    accepted network's rail comes from the [chain] kind's adapter."""
     if not profile.payments.enabled:
         return None
-    chain = resolve_evm_chain(profile.chain, data_dir)
-    rails = [NetworkRail(a, chain, profile) for a in profile.payments.accept]
+    adapter = registry.adapter_of(profile)
+    rails = [adapter.payment_rail(a, profile, data_dir) for a in profile.payments.accept]
     return X402Gateway(rails, profile.payments.settle_margin_seconds)

@@ -59,22 +59,13 @@ class NoAnchor:
 def anchorer_for(
     name: str, chain: ChainConfig | None = None, data_dir: Path | None = None
 ) -> Anchorer:
-    """The anchorer a profile's `[receipts] anchor` names, built from its `[chain]`
-    (data_dir: the coordinator's, where a new chain key goes if the profile names none).
-    Raises ValueError for settings that cannot work."""
+    """The anchorer a profile's `[receipts] anchor` names: "none", or the [chain] kind,
+    whose adapter builds it from `[chain]` (data_dir: the coordinator's, where a new chain
+    key goes if the profile names none). Raises ValueError for settings that cannot work."""
     if name == "none":
         return NoAnchor()
-    if name == "evm":
-        # the adapter, imported only by profiles that use it (web3 is heavy)
-        from dispatchnet.chains.evm.anchoring import EvmAnchorer
-        from dispatchnet.chains.evm.node import resolve_evm_chain
+    if chain is None or name != chain.kind:
+        raise ValueError(f'receipts.anchor must be "none" or the [chain] kind, not {name!r}')
+    from dispatchnet.chains import registry
 
-        if chain is None or chain.kind != "evm":
-            raise ValueError('receipts.anchor = "evm" needs [chain] kind = "evm"')
-        if not chain.deployment and not chain.receipt_anchor:
-            return NoAnchor(f"[chain] receipt_anchor is empty: no ReceiptAnchor on {chain.network}")
-        resolved = resolve_evm_chain(chain, data_dir)
-        if not resolved.receipt_anchor:
-            return NoAnchor(f"the deployment has no receipt_anchor on {chain.network}")
-        return EvmAnchorer.for_chain(resolved, chain)
-    raise ValueError(f"unknown receipts.anchor {name!r} (this build knows: none, evm)")
+    return registry.adapter(chain.kind).anchorer(chain, data_dir)

@@ -105,19 +105,14 @@ def feedback_sender_for(profile: Profile, data_dir: Path, store: Store) -> Feedb
     Raises ValueError for settings that cannot work."""
     if not profile.feedback.enabled:
         return None
-    # the adapter, imported only by profiles that use it (web3 is heavy)
-    from dispatchnet.chains.evm.node import resolve_evm_chain
-    from dispatchnet.chains.evm.reputation import EvmFeedbackPoster, FeedbackRejected
+    from dispatchnet.chains import registry
 
-    chain = resolve_evm_chain(profile.chain, data_dir)
-    if not chain.reputation_registry:
-        log.warning("feedback on workers is off: no reputation_registry on %s", chain.network)
+    made = registry.adapter_of(profile).feedback_poster(profile, data_dir)
+    if made is None:
+        log.warning("feedback on workers is off: [chain] %s has no reputation registry",
+                    profile.chain.network)  # fmt: skip
         return None
-    poster = EvmFeedbackPoster(
-        chain,
-        gas_limit=profile.feedback.gas_limit,
-        rpc_timeout=profile.chain.rpc_timeout_seconds,
-        tx_timeout=profile.chain.tx_timeout_seconds,
-    )
-    log.info("feedback on workers is posted with %s", poster.describe())
-    return FeedbackSender(store, poster, rejected=(FeedbackRejected,))
+    poster, rejected = made
+    describe = getattr(poster, "describe", None)
+    log.info("feedback on workers is posted with %s", describe() if callable(describe) else poster)
+    return FeedbackSender(store, poster, rejected=rejected)

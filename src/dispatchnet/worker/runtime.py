@@ -538,7 +538,7 @@ def _sign_agent_proof(
     chain_key: str, nonce: bytes, coordinator_key: bytes, public_key: bytes, agent_id: str
 ) -> bytes:
     # web3/eth_account only for workers with a chain identity
-    import dispatchnet.chains  # noqa: F401  (before eth_account: restores the recursion limit)
+    import dispatchnet.chains.evm  # noqa: F401  (before eth_account: restores the recursion limit)
     from dispatchnet.chains.evm.identity import sign_agent_proof
 
     return sign_agent_proof(chain_key, nonce, coordinator_key, public_key, agent_id)

@@ -29,6 +29,7 @@ from web3.exceptions import (
 from web3.logs import DISCARD
 
 from dispatchnet.chains.deployments import ChainConfigError
+from dispatchnet.chains.evm.config import chain_id_of
 from dispatchnet.chains.evm.node import (
     TRANSIENT,
     EvmChain,
@@ -39,7 +40,7 @@ from dispatchnet.chains.evm.node import (
     web3_for,
 )
 from dispatchnet.errors import Unavailable
-from dispatchnet.profiles import ChainConfig, chain_id_of
+from dispatchnet.profiles import ChainConfig
 from dispatchnet.receipts.anchoring import AnchorResult
 
 log = logging.getLogger("dispatch.chain")

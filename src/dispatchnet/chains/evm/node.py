@@ -32,8 +32,9 @@ from dispatchnet.chains.deployments import (
     in_home,
     read_deployment,
 )
+from dispatchnet.chains.evm.config import chain_id_of
 from dispatchnet.chains.evm.deploy import load_artifact
-from dispatchnet.profiles import ChainConfig, chain_id_of
+from dispatchnet.profiles import ChainConfig
 
 log = logging.getLogger("dispatch.chain")
 

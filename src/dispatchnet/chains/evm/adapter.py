@@ -1,0 +1,122 @@
+"""The EVM kind's ChainAdapter (chains/registry.py): every chain role a profile with
+[chain] kind = "evm" needs, built from the modules of this package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dispatchnet.chains.evm.node import resolve_evm_chain
+from dispatchnet.profiles import AcceptConfig, ChainConfig, Profile
+
+if TYPE_CHECKING:
+    from dispatchnet.agent_identity import IdentityVerifier
+    from dispatchnet.receipts.anchoring import Anchorer
+    from dispatchnet.reputation.erc8004 import SummaryReader
+    from dispatchnet.reputation.feedback import FeedbackPoster
+
+
+class EvmAdapter:
+    kind = "evm"
+
+    def anchorer(self, cfg: ChainConfig, data_dir: Path | None) -> Anchorer:
+        from dispatchnet.chains.evm.anchoring import EvmAnchorer
+        from dispatchnet.receipts.anchoring import NoAnchor
+
+        if not cfg.deployment and not cfg.receipt_anchor:
+            return NoAnchor(f"[chain] receipt_anchor is empty: no ReceiptAnchor on {cfg.network}")
+        resolved = resolve_evm_chain(cfg, data_dir)
+        if not resolved.receipt_anchor:
+            return NoAnchor(f"the deployment has no receipt_anchor on {cfg.network}")
+        return EvmAnchorer.for_chain(resolved, cfg)
+
+    def identity_verifier(self, profile: Profile) -> IdentityVerifier | None:
+        from dispatchnet.chains.evm.identity import EvmIdentityVerifier
+
+        chain = resolve_evm_chain(profile.chain)
+        if not chain.identity_registry:
+            if profile.identity.require_registration:
+                raise ValueError("[identity] require_registration needs an identity_registry")
+            return None
+        return EvmIdentityVerifier(
+            chain,
+            rpc_timeout=profile.chain.rpc_timeout_seconds,
+            ttl_seconds=profile.identity.cache_ttl_seconds,
+        )
+
+    def summary_reader(
+        self, profile: Profile, data_dir: Path, trusted: list[str], tag1: str
+    ) -> SummaryReader:
+        from dispatchnet.chains.evm.reputation import EvmReputationReader
+
+        chain = resolve_evm_chain(profile.chain, data_dir)
+        return EvmReputationReader(chain, trusted, tag1, profile.chain.rpc_timeout_seconds)
+
+    def feedback_poster(
+        self, profile: Profile, data_dir: Path
+    ) -> tuple[FeedbackPoster, tuple[type[BaseException], ...]] | None:
+        from dispatchnet.chains.evm.reputation import EvmFeedbackPoster, FeedbackRejected
+
+        chain = resolve_evm_chain(profile.chain, data_dir)
+        if not chain.reputation_registry:
+            return None
+        poster = EvmFeedbackPoster(
+            chain,
+            gas_limit=profile.feedback.gas_limit,
+            rpc_timeout=profile.chain.rpc_timeout_seconds,
+            tx_timeout=profile.chain.tx_timeout_seconds,
+        )
+        return poster, (FeedbackRejected,)
+
+    def payment_rail(self, accept: AcceptConfig, profile: Profile, data_dir: Path) -> Any:
+        from dispatchnet.chains.evm.rail import EvmRail
+
+        return EvmRail(accept, resolve_evm_chain(profile.chain, data_dir), profile)
+
+    def client_wallet(self, profile: Profile, key_file: str) -> Any:
+        from dispatchnet.payments.wallet import wallet_for
+
+        return wallet_for(profile, key_file)
+
+    def check_anchor(
+        self, profile: Profile, root: bytes, network: str, transaction: str, expected_anchorer: str
+    ) -> dict[str, Any]:
+        from dispatchnet.chains.evm.anchoring import check_anchor_onchain
+
+        chain = resolve_evm_chain(profile.chain)
+        check = check_anchor_onchain(
+            chain,
+            root,
+            network,
+            transaction,
+            expected_anchorer=expected_anchorer,
+            timeout=profile.chain.rpc_timeout_seconds,
+        )
+        return {"network": chain.network, "receipt_anchor": chain.receipt_anchor, **check.as_dict()}
+
+    def token_balance(self, profile: Profile, asset: str, account: str) -> int:
+        from dispatchnet.chains.evm.node import web3_for
+        from dispatchnet.chains.evm.payments import token_balance
+
+        chain = resolve_evm_chain(profile.chain)
+        return token_balance(
+            web3_for(chain.rpc_url, profile.chain.rpc_timeout_seconds), asset, account
+        )
+
+    def chain_up(self, profile: Profile, port: int | None) -> dict[str, Any]:
+        from dispatchnet.devchain import local_chain
+
+        return local_chain.chain_up(profile, port)
+
+    def chain_down(self, profile: Profile) -> dict[str, Any]:
+        from dispatchnet.devchain import local_chain
+
+        return local_chain.chain_down(profile)
+
+    def chain_status(self, profile: Profile) -> dict[str, Any]:
+        from dispatchnet.devchain import local_chain
+
+        return local_chain.chain_status(profile)
+
+
+ADAPTER = EvmAdapter()

@@ -1,0 +1,217 @@
+"""x402 on EVM chains: one accepted network's rail (EvmRail) for payments/x402.py's
+gateway, with the SDK's exact EIP-3009 scheme. Blocking web3.py code: call it in threads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from x402 import x402FacilitatorSync
+from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
+from x402.mechanisms.evm.default_assets import get_default_asset
+from x402.mechanisms.evm.exact import (
+    ExactEvmFacilitatorScheme,
+    ExactEvmSchemeConfig,
+    ExactEvmServerScheme,
+)
+from x402.mechanisms.evm.types import ExactEIP3009Payload
+from x402.schemas import PaymentPayload
+
+from dispatchnet.chains.evm.node import EvmChain, shared_sender
+from dispatchnet.chains.evm.payments import (
+    Authorization,
+    CoordinatorFacilitatorSigner,
+    EvmBatchSettler,
+    EvmRefunder,
+    authorization_use,
+    token_info,
+)
+from dispatchnet.coordinator.models import Payment
+from dispatchnet.errors import InvalidArgument
+from dispatchnet.payments.service import SettlementRefused
+from dispatchnet.profiles import AcceptConfig, Profile
+
+log = logging.getLogger("dispatch.payments")
+
+
+@dataclass
+class Asset:
+    address: str
+    name: str
+    version: str
+    decimals: int
+
+
+class EvmRail:
+    """One accepted EVM network of CommitJob (payments/x402.py's PaymentRail): x402's exact
+    EIP-3009 scheme, its facilitator (in-process with the coordinator's account, or a URL),
+    the pay-to account, the asset, refunds and batched settlement. Every method blocks."""
+
+    def __init__(
+        self,
+        accept: AcceptConfig,
+        chain: EvmChain,
+        profile: Profile,
+    ) -> None:
+        cfg = profile.chain
+        pay = profile.payments
+        self.network = accept.network
+        self.chain = chain
+        if not chain.account_key:
+            raise ValueError(f"payments on {self.network} need [chain]'s account key")
+        self.pay_to = chain.account_address
+        sender = shared_sender(
+            chain.rpc_url, chain.network, chain.account_key, cfg.rpc_timeout_seconds
+        )
+        self.signer: CoordinatorFacilitatorSigner | None = None
+        self.facilitator: Any
+        if accept.facilitator:
+            self.facilitator = HTTPFacilitatorClientSync(
+                FacilitatorConfig(url=accept.facilitator, timeout=cfg.rpc_timeout_seconds * 3)
+            )
+            self.describe = f"{self.network} via facilitator {accept.facilitator}"
+        else:
+            self.signer = CoordinatorFacilitatorSigner(
+                sender,
+                chain.account_key,
+                chain.rpc_url,
+                cfg.tx_timeout_seconds,
+                pay.settle_gas_limit,
+            )
+            facilitator = x402FacilitatorSync()
+            facilitator.register(
+                [self.network],
+                ExactEvmFacilitatorScheme(
+                    self.signer, ExactEvmSchemeConfig(simulate_in_settle=True)
+                ),
+            )
+            self.facilitator = facilitator
+            self.describe = f"{self.network} (in-process facilitator, account {self.pay_to})"
+        self._asset_address = accept.asset or chain.usdc
+        self._asset: Asset | None = None
+        self._lock = threading.Lock()
+        self.w3 = sender.w3
+        self.refunder = EvmRefunder(sender, pay.refund_gas_limit, cfg.tx_timeout_seconds)
+        # Many settlements in one transaction: only where this process settles itself (a
+        # remote facilitator settles one payment per call) and the chain has the contract.
+        self.batch = (
+            EvmBatchSettler(
+                sender, chain.batch_settler, pay.settle_gas_limit, cfg.tx_timeout_seconds
+            )
+            if self.signer is not None and chain.batch_settler
+            else None
+        )
+        if self.batch is not None:
+            self.describe += f", settling in batches through {chain.batch_settler}"
+
+    def asset(self) -> Asset:
+        """The asset and its EIP-712 domain: the SDK's default for the network, or read
+        from the token contract once (Unavailable while the node is down)."""
+        with self._lock:
+            if self._asset is None:
+                if self._asset_address:
+                    name, version, decimals = token_info(self.w3, self._asset_address)
+                    self._asset = Asset(self._asset_address, name, version, decimals)
+                else:
+                    d = get_default_asset(self.network)
+                    self._asset = Asset(d["asset"], d["name"], d["version"], d["decimals"])
+            return self._asset
+
+    def server_scheme(self) -> Any:
+        """The x402 SDK's server side of the exact scheme on this network."""
+        return ExactEvmServerScheme()  # type: ignore[no-untyped-call]
+
+    def authorization(self, payload: PaymentPayload) -> Authorization:
+        """The signed EIP-3009 authorization an exact payment carries; InvalidArgument if
+        it is not one. No I/O."""
+        try:
+            exact = ExactEIP3009Payload.from_dict(payload.payload)
+            a = exact.authorization
+            auth = Authorization(
+                payer=a.from_address,
+                to=a.to,
+                value=int(a.value),
+                valid_after=int(a.valid_after),
+                valid_before=int(a.valid_before),
+                nonce=a.nonce.lower(),
+                signature=exact.signature or "0x",
+            )
+            bytes.fromhex(auth.nonce.removeprefix("0x"))
+        except Exception as e:
+            raise InvalidArgument(
+                f"payment-signature: not an exact EIP-3009 payment: {first_line(e)}"
+            ) from None
+        return auth
+
+    def transport_error_since(self, t: float) -> str:
+        """What went wrong when the in-process facilitator's node failed since monotonic
+        time t ("" if it did not, or the facilitator is remote)."""
+        if self.signer is not None and self.signer.transport_failed_since(t):
+            return self.signer.last_transport_error or "no answer"
+        return ""
+
+    def settlement_of(self, payment: Payment) -> tuple[bool, str]:
+        """Whether the payment's authorization is used on chain, and the transaction that
+        used it ("" if none was found: cancelled, or logs that old are gone)."""
+        return authorization_use(self.w3, payment.asset, payment.payer, payment.authorization_id)
+
+    def settle_batch(
+        self,
+        asset: str,
+        payments: list[Payment],
+        refusal: Callable[[Payment], SettlementRefused | None],
+    ) -> dict[str, str | SettlementRefused]:
+        """Settles payments of one asset in one BatchSettler transaction (see
+        X402Gateway.settle_batch for the answer's meaning); refusal(p) says why the token
+        refused p (None: try again later). Raises ValueError when this rail cannot batch."""
+        batch = self.batch
+        if batch is None:
+            raise ValueError(f"{self.network} settles one payment at a time")
+        out: dict[str, str | SettlementRefused] = {}
+        auths = {p.job_id: self.authorization(_payload(p)) for p in payments}
+        todo: list[Payment] = []
+        # An earlier attempt (interrupted before it was recorded) may have settled some.
+        for p, used in zip(payments, batch.used(asset, list(auths.values())), strict=True):
+            if not used:
+                todo.append(p)
+                continue
+            used_now, tx = self.settlement_of(p)
+            if used_now and tx:
+                log.info("payment for job %s was already settled in %s", p.job_id, tx)
+                out[p.job_id] = tx
+            else:
+                out[p.job_id] = SettlementRefused(
+                    "authorization_used", "the payer cancelled the authorization"
+                )
+        if not todo:
+            return out
+        outcome = batch.settle(asset, [auths[p.job_id] for p in todo])
+        for p in todo:
+            key = auths[p.job_id].key
+            if key in outcome.settled:
+                out[p.job_id] = outcome.transaction
+            elif key in outcome.refused and (refused := refusal(p)) is not None:
+                out[p.job_id] = refused
+        return out
+
+    def sign_refund(self, payment: Payment) -> tuple[str, str]:
+        return self.refunder.sign(payment.asset, payment.payer, payment.amount)
+
+    def refund_status(self, payment: Payment) -> bool | None:
+        return self.refunder.status(payment.refund_transaction)
+
+    def broadcast_refund(self, payment: Payment) -> bool | None:
+        return self.refunder.broadcast(payment.refund_raw, payment.refund_transaction)
+
+
+def _payload(payment: Payment) -> PaymentPayload:
+    return PaymentPayload.model_validate(json.loads(payment.payload_json))
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

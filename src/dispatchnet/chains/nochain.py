@@ -1,0 +1,75 @@
+"""The chain kind "none": a coordinator with no chain. No anchoring (receipts stay local),
+no on-chain identity or reputation, no payments; `dispatch chain` has nothing to start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dispatchnet.chains.deployments import ChainConfigError
+
+if TYPE_CHECKING:
+    from dispatchnet.agent_identity import IdentityVerifier
+    from dispatchnet.profiles import AcceptConfig, ChainConfig, Profile
+    from dispatchnet.receipts.anchoring import Anchorer
+    from dispatchnet.reputation.erc8004 import SummaryReader
+    from dispatchnet.reputation.feedback import FeedbackPoster
+
+CAPABILITIES: frozenset[str] = frozenset()
+
+
+def problems(c: ChainConfig) -> list[str]:
+    if c.devchain:
+        return ["[chain] devchain needs a chain kind that has a local chain"]
+    return []
+
+
+class NoChain:
+    kind = "none"
+
+    def _none(self, what: str) -> ChainConfigError:
+        return ChainConfigError(f"{what} needs a [chain]; this profile has none (kind = none)")
+
+    def anchorer(self, cfg: ChainConfig, data_dir: Path | None) -> Anchorer:
+        from dispatchnet.receipts.anchoring import NoAnchor
+
+        return NoAnchor("[chain] kind is none: no chain to anchor on")
+
+    def identity_verifier(self, profile: Profile) -> IdentityVerifier | None:
+        return None
+
+    def summary_reader(
+        self, profile: Profile, data_dir: Path, trusted: list[str], tag1: str
+    ) -> SummaryReader:
+        raise self._none("on-chain reputation")
+
+    def feedback_poster(
+        self, profile: Profile, data_dir: Path
+    ) -> tuple[FeedbackPoster, tuple[type[BaseException], ...]] | None:
+        return None
+
+    def payment_rail(self, accept: AcceptConfig, profile: Profile, data_dir: Path) -> Any:
+        raise self._none("x402 payments")
+
+    def client_wallet(self, profile: Profile, key_file: str) -> Any:
+        return None
+
+    def check_anchor(
+        self, profile: Profile, root: bytes, network: str, transaction: str, expected_anchorer: str
+    ) -> dict[str, Any]:
+        raise self._none("--onchain")
+
+    def token_balance(self, profile: Profile, asset: str, account: str) -> int:
+        raise self._none("a balance")
+
+    def chain_up(self, profile: Profile, port: int | None) -> dict[str, Any]:
+        raise self._none("`dispatch chain up`")
+
+    def chain_down(self, profile: Profile) -> dict[str, Any]:
+        raise self._none("`dispatch chain down`")
+
+    def chain_status(self, profile: Profile) -> dict[str, Any]:
+        return {"profile": profile.name, "kind": "none", "ok": False, "note": "no chain"}
+
+
+ADAPTER = NoChain()

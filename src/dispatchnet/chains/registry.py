@@ -1,0 +1,121 @@
+"""The chain registry: the one place that maps a profile's `[chain] kind` to its adapter.
+
+Every chain-specific role the coordinator, the CLI and the demo need is a method of the
+kind's ChainAdapter; callers ask the registry for the adapter of their profile and never
+compare a chain kind or a network name themselves (tests/test_units.py walks the code and
+fails on such a comparison outside chains/).
+
+Adapters are imported lazily: a profile with no chain never imports web3, and the light
+settings check (`problems`) never imports a chain library at all.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from dispatchnet.agent_identity import IdentityVerifier
+    from dispatchnet.profiles import AcceptConfig, ChainConfig, Profile
+    from dispatchnet.receipts.anchoring import Anchorer
+    from dispatchnet.reputation.erc8004 import SummaryReader
+    from dispatchnet.reputation.feedback import FeedbackPoster
+
+
+class ChainAdapter(Protocol):
+    """What a chain kind provides. Methods that talk to a node may block: they build
+    objects whose own methods say how they must be called."""
+
+    kind: str
+
+    def anchorer(self, cfg: ChainConfig, data_dir: Path | None) -> Anchorer:
+        """Anchors receipt batch roots on this chain ([receipts] anchor = "chain")."""
+        ...
+
+    def identity_verifier(self, profile: Profile) -> IdentityVerifier | None:
+        """Checks workers' agent id claims at Connect; None: agent ids are ignored."""
+        ...
+
+    def summary_reader(
+        self, profile: Profile, data_dir: Path, trusted: list[str], tag1: str
+    ) -> SummaryReader:
+        """Reads a worker agent's reputation summary over the trusted reviewers."""
+        ...
+
+    def feedback_poster(
+        self, profile: Profile, data_dir: Path
+    ) -> tuple[FeedbackPoster, tuple[type[BaseException], ...]] | None:
+        """Posts feedback on workers, with the errors that mean a final refusal; None when
+        the chain has no reputation registry."""
+        ...
+
+    def payment_rail(self, accept: AcceptConfig, profile: Profile, data_dir: Path) -> Any:
+        """One accepted x402 network of CommitJob (payments/x402.py's PaymentRail)."""
+        ...
+
+    def client_wallet(self, profile: Profile, key_file: str) -> Any:
+        """The wallet `dispatch job submit` pays with (payments/wallet.py), None if none."""
+        ...
+
+    def check_anchor(self, profile: Profile, root: bytes, network: str, transaction: str,
+                     expected_anchorer: str) -> dict[str, Any]:  # fmt: skip
+        """`dispatch receipt verify --onchain`: the anchor of a proof's root, read back."""
+        ...
+
+    def token_balance(self, profile: Profile, asset: str, account: str) -> int:
+        """An account's balance of a payment asset, in atomic units, read on chain."""
+        ...
+
+    def chain_up(self, profile: Profile, port: int | None) -> dict[str, Any]:
+        """Starts (or finds running) the profile's local chain; its deployment data."""
+        ...
+
+    def chain_down(self, profile: Profile) -> dict[str, Any]: ...
+
+    def chain_status(self, profile: Profile) -> dict[str, Any]: ...
+
+
+# kind -> (module with a light `problems(cfg)` check, module with ADAPTER)
+_KINDS: dict[str, tuple[str, str]] = {
+    "none": ("dispatchnet.chains.nochain", "dispatchnet.chains.nochain"),
+    "evm": ("dispatchnet.chains.evm.config", "dispatchnet.chains.evm.adapter"),
+}
+
+
+def kinds() -> tuple[str, ...]:
+    return tuple(_KINDS)
+
+
+def adapter(kind: str) -> ChainAdapter:
+    """The adapter of a chain kind. ValueError for a kind this build does not know."""
+    if kind not in _KINDS:
+        raise ValueError(
+            f"[chain] kind {kind!r} is unknown (this build knows: {', '.join(_KINDS)})"
+        )
+    found: ChainAdapter = importlib.import_module(_KINDS[kind][1]).ADAPTER
+    return found
+
+
+def adapter_of(profile: Profile) -> ChainAdapter:
+    return adapter(profile.chain.kind)
+
+
+def capabilities(kind: str) -> frozenset[str]:
+    """What a chain kind provides to a profile: "anchor", "identity", "reputation",
+    "feedback", "payments" (no chain library imported); empty for an unknown kind."""
+    if kind not in _KINDS:
+        return frozenset()
+    found: frozenset[str] = importlib.import_module(_KINDS[kind][0]).CAPABILITIES
+    return found
+
+
+def problems(cfg: ChainConfig) -> list[str]:
+    """What is wrong with a [chain] section for its kind (no chain library imported)."""
+    if cfg.kind not in _KINDS:
+        return [f"[chain] kind must be one of {', '.join(_KINDS)}, not {cfg.kind!r}"]
+    check: Callable[[ChainConfig], list[str]] = importlib.import_module(
+        _KINDS[cfg.kind][0]
+    ).problems
+    return check(cfg)
