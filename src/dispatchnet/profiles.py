@@ -50,7 +50,7 @@ class JobsConfig:
     # in one row per many chunks, at the latest this long after the first unwritten one
     # (0: a row per chunk). A crash loses at most this much progress text (README "Job
     # lifecycle").
-    progress_flush_seconds: float = 0.5
+    progress_flush_seconds: float = 1.0
 
 
 @dataclass(frozen=True)
