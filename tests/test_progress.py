@@ -14,7 +14,7 @@ from conftest import Cluster, make_profile, wait_until
 from dispatch.v1 import common_pb2, coordinator_pb2
 from dispatchnet.client import CoordinatorClient, task_spec
 from dispatchnet.coordinator.events import TAIL_EVENTS
-from dispatchnet.coordinator.jobs import PROGRESS_FLUSH_CHUNKS
+from dispatchnet.coordinator.jobs import PROGRESS_FLUSH_CHARS, PROGRESS_FLUSH_CHUNKS
 from dispatchnet.coordinator.models import EventKind
 from dispatchnet.profiles import Profile
 from dispatchnet.server import start_coordinator
@@ -159,14 +159,21 @@ async def test_memory_per_job_is_bounded_while_a_watcher_lags(cluster: Cluster) 
     for i in range(3 * TAIL_EVENTS):  # the worker's own attempt, straight into the service
         jobs.progress(job.job_id, running.attempts, running.worker_id, f"x{i} ", 0.5)
     pending, _, _ = jobs.live.pending(job.job_id)
-    assert pending < PROGRESS_FLUSH_CHUNKS
-    held = jobs.live.after(job.job_id, jobs.live.last(job.job_id) - TAIL_EVENTS - pending)
+    assert 0 < pending < PROGRESS_FLUSH_CHUNKS
+    big = "y" * (PROGRESS_FLUSH_CHARS // 2)  # two of them pass the character bound
+    jobs.progress(job.job_id, running.attempts, running.worker_id, big, 0.5)
+    assert jobs.live.pending(job.job_id)[0] == pending + 1
+    jobs.progress(job.job_id, running.attempts, running.worker_id, big, 0.5)
+    assert jobs.live.pending(job.job_id)[0] == 0
+    held = jobs.live.after(job.job_id, jobs.live.last(job.job_id) - TAIL_EVENTS - 1)
     assert held is None  # older events left memory (they are in the store)
     late = [i.event async for i in _until(c, job.job_id, jobs.live.last(job.job_id))]
     assert consecutive(late, 1)
     assert [e.progress.text for e in late if e.WhichOneof("detail") == "progress"] == [
         *TEXT[: CHUNKS // 2],
         *(f"x{i} " for i in range(3 * TAIL_EVENTS)),
+        big,
+        big,
     ]
     streamer.gate.set()
     await live.done()
