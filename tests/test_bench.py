@@ -30,4 +30,5 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
     assert re.search(r"settled (\d+) of \1 in", out), out
     assert out.count("load average") >= 3
     summary = out[out.index("summary") :]
-    assert len(re.findall(r"^  \S.*\s[\d.]+\s+(>=|<=|diff)", summary, re.M)) == 5, summary
+    assert re.search(r"^  128 progress events, \d+ events, \d+ durable rows$", out, re.M), out
+    assert len(re.findall(r"^  \S.*\s[\d.]+\s+(>=|<=|diff)", summary, re.M)) == 6, summary

@@ -62,8 +62,16 @@ def queued(job_id: str) -> Event:
     return Event(job_id, EventKind.STATE, JobState.QUEUED, 100.0, reason="committed")
 
 
-def progress(job_id: str, text: str) -> Event:
-    return Event(job_id, EventKind.PROGRESS, JobState.RUNNING, 101.0, text=text, fraction=0.5)
+def progress(job_id: str, text: str, sequence: int = 0, fraction: float = 0.5) -> Event:
+    return Event(
+        job_id,
+        EventKind.PROGRESS,
+        JobState.RUNNING,
+        101.0 + sequence,
+        sequence=sequence,
+        text=text,
+        fraction=fraction,
+    )
 
 
 def offer(store: SqliteStore, job: Job, attempt: int = 0) -> Job | None:
@@ -184,9 +192,8 @@ def test_transition_without_event_keeps_the_sequence(store: SqliteStore) -> None
 def test_events_are_numbered_consecutively(store: SqliteStore) -> None:
     job, _ = store.create_job(make_job("job_1"), queued("job_1"))
     offer(store, job)
-    appended = [store.append_event(progress(job.job_id, f"step {i}")) for i in range(5)]
-    assert [e.sequence for e in appended if e is not None] == [3, 4, 5, 6, 7]
-    assert appended[0] is not None and appended[0].text == "step 0"
+    for i in range(5):
+        assert store.append_progress([progress(job.job_id, f"step {i}", 3 + i)])
     assert [e.sequence for e in store.events_after(job.job_id, 0)] == list(range(1, 8))
     later = store.events_after(job.job_id, 4)
     assert [e.sequence for e in later] == [5, 6, 7]
@@ -210,7 +217,32 @@ def test_queued_jobs_binds_no_parameter_per_task_name(store: SqliteStore) -> Non
     assert store.queued_jobs(10, None, Runnable(frozenset(), False)) == []
 
 
-def test_append_event_on_a_final_job_is_refused(store: SqliteStore) -> None:
+def test_coalesced_progress_is_one_row_read_back_event_by_event(store: SqliteStore) -> None:
+    """Many progress chunks make one row; a read from inside the row gives exactly the
+    chunks after it, each as it was appended (text, fraction, time, sequence)."""
+    job, _ = store.create_job(make_job("job_1"), queued("job_1"))
+    offer(store, job)
+    chunks = [progress(job.job_id, f"tok{i} ", 3 + i, fraction=i / 100) for i in range(100)]
+    chunks[7] = progress(job.job_id, "", 10, fraction=0.07)  # an empty chunk keeps its place
+    assert store.append_progress(chunks[:60]) and store.append_progress(chunks[60:])
+    rows = store.db.execute("SELECT count(*) FROM events WHERE job_id=?", (job.job_id,))
+    assert rows.fetchone()[0] == 4  # queued, offered, two progress rows
+    assert store.events_after(job.job_id, 2) == chunks
+    assert store.events_after(job.job_id, 40) == chunks[38:]
+    assert store.events_after(job.job_id, 40, limit=5) == chunks[38:43]
+    assert store.events_after(job.job_id, 62, limit=1) == [chunks[60]]
+    assert store.events_after(job.job_id, 102) == []
+    now = store.get_job(job.job_id)
+    assert now is not None and now.last_sequence == 102
+    # only the next sequence number is taken, and never twice
+    assert not store.append_progress([progress(job.job_id, "gap", 104)])
+    assert not store.append_progress([progress(job.job_id, "again", 102)])
+    assert store.append_progress([progress(job.job_id, "next", 103)])
+    with pytest.raises(ValueError):
+        store.append_progress([progress(job.job_id, "a", 104), progress(job.job_id, "b", 106)])
+
+
+def test_append_progress_on_a_final_job_is_refused(store: SqliteStore) -> None:
     job, _ = store.create_job(make_job("job_1"), queued("job_1"))
     cancelled = store.transition(
         job.job_id,
@@ -220,10 +252,10 @@ def test_append_event_on_a_final_job_is_refused(store: SqliteStore) -> None:
         Event(job.job_id, EventKind.STATE, JobState.CANCELLED, 102.0),
     )
     assert cancelled is not None and cancelled.last_sequence == 2
-    assert store.append_event(progress(job.job_id, "too late")) is None
+    assert not store.append_progress([progress(job.job_id, "too late", 3)])
     assert store.get_job(job.job_id) == cancelled
     assert len(store.events_after(job.job_id, 0)) == 2
-    assert store.append_event(progress("job_nope", "x")) is None
+    assert not store.append_progress([progress("job_nope", "x", 1)])
 
 
 def test_pairing_codes_are_single_use_and_expire(store: SqliteStore) -> None:

@@ -9,6 +9,8 @@ machine under the same load:
 2. unpaid: `dispatch coordinator --profile local` in a child process and `dispatch worker`
    children (TASK workers with many slots); this process submits trivial `echo` jobs
    (GetQuote -> CommitJob -> WatchJob to the end) from 1, 4, 16 and 64 submitters.
+   Then a desktop worker (the shipped model) runs one 128-token LLM job, watched to the
+   end, and the coordinator's store is read for how many event rows the job left.
 3. paid: a local anvil chain, `dispatch coordinator --profile local-monad` (x402 on, the
    deployment's test USDC) in a child process, the same workers; CommitJob p50 with 4
    submitters, jobs/s with 16, then how long settlement takes to drain what was paid and
@@ -25,6 +27,7 @@ import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -48,6 +51,8 @@ WORKERS = 2
 WORKER_SLOTS = 32
 PAYLOAD = b"x" * 32
 START_TIMEOUT = 60.0
+LLM_TOKENS = 128
+LLM_PROMPT = "Write a long story about a dragon."  # the shipped model writes 400+ tokens
 
 
 # --- measurement ------------------------------------------------------------------------
@@ -316,6 +321,34 @@ async def bench_jobs(
 
 
 @dataclass
+class LlmRows:
+    chunks: int  # progress events the watch received
+    events: int  # every event of the job (what one row per event would store)
+    rows: int  # durable rows in the events table
+
+
+async def bench_llm_rows(children: Children, address: str, tmp: Path, db: Path) -> LlmRows:
+    """One LLM job of LLM_TOKENS tokens on a desktop worker (the shipped model), watched
+    to the end; then how many durable event rows it left in the coordinator's store."""
+    from dispatchnet.client import CoordinatorClient, llm_spec
+
+    await children.dispatch(
+        "desktop", "worker", "--coordinator", address, "--kind", "desktop",
+        "--max-concurrency", "1", "--key-file", str(tmp / "desktop.key"),
+    )  # fmt: skip
+    chunks = events = 0
+    async with CoordinatorClient(address, keys.KeyPair.generate()) as c:
+        job = await c.submit(llm_spec(LLM_PROMPT, max_tokens=LLM_TOKENS))
+        async for item in c.watch(job.job_id):
+            events += 1
+            chunks += item.event.WhichOneof("detail") == "progress"
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        sql = "SELECT count(*) FROM events WHERE job_id=?"
+        (rows,) = conn.execute(sql, (job.job_id,)).fetchone()
+    return LlmRows(chunks, events, int(rows))
+
+
+@dataclass
 class Settlement:
     drained_seconds: float
     transactions: int
@@ -385,6 +418,13 @@ async def run_bench(seconds: float = 5.0, many: int = 64) -> int:
         unpaid, _ = await bench_jobs(
             "unpaid", address, keys.KeyPair.generate(), None, seconds, many
         )
+        print(f"one {LLM_TOKENS}-token LLM job on a desktop worker (the shipped model)")
+        llm: LlmRows | None = None
+        try:
+            llm = await bench_llm_rows(children, address, tmp, tmp / "coord-local/coordinator.db")
+            print(f"  {llm.chunks} progress events, {llm.events} events, {llm.rows} durable rows")
+        except (RuntimeError, TimeoutError, grpc.aio.AioRpcError) as e:
+            print(f"  skipped: {e}")
         children.stop_all()
 
         print("paid trivial TASK jobs: local anvil, coordinator (profile local-monad), x402")
@@ -439,6 +479,11 @@ async def run_bench(seconds: float = 5.0, many: int = 64) -> int:
         print(ratio_row(
             "settlement transactions per 100 paid jobs", f"{per100:.0f}", per100 / 100, "<= 10",
         ))  # fmt: skip
+        if llm is not None:
+            print(ratio_row(
+                f"durable event rows, {LLM_TOKENS}-token LLM job / its events",
+                f"{llm.rows} rows", llm.rows / max(1, llm.events), "<= 10 rows",
+            ))  # fmt: skip
         return 0 if settlement.settled == len(paid_ids) else 1
     finally:
         children.stop_all()

@@ -46,6 +46,11 @@ class JobsConfig:
     # long, so it can reconnect and resume it; then it is requeued without costing an
     # attempt (README "Job lifecycle").
     restart_grace_seconds: float = 30
+    # Progress chunks reach watchers from memory at once; the store gets them coalesced,
+    # in one row per many chunks, at the latest this long after the first unwritten one
+    # (0: a row per chunk). A crash loses at most this much progress text (README "Job
+    # lifecycle").
+    progress_flush_seconds: float = 1.0
 
 
 @dataclass(frozen=True)

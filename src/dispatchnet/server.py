@@ -83,6 +83,7 @@ class Coordinator:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.hub.stop()
         await self.server.stop(grace)
+        self.jobs.flush_progress()  # a clean stop loses no progress text
         if self.trimmer is not None:
             self.trimmer.close()
         if self.batcher is not None:

@@ -259,7 +259,9 @@ class Job(_message.Message):
     worker_id: _builtins.str
     """The worker of the current or last attempt (hex public key), if any."""
     last_sequence: _builtins.int
-    """Sequence number of the job's latest event."""
+    """Sequence number of the job's latest event (progress not stored yet
+    included, as seen by the coordinator that answers).
+    """
     @_builtins.property
     def spec(self) -> _common_pb2.JobSpec:
         """What to run."""
@@ -383,6 +385,9 @@ class WatchJobRequest(_message.Message):
     after_sequence: _builtins.int
     """Send only events with a greater sequence number; 0 sends all of them. Any
     value is accepted: one past the job's last event (up to 2^64-1) sends none.
+    Resuming from any sequence number a watch received gives exactly the
+    events after it, each as it was first sent (also after a coordinator
+    restart, for events that were stored; see JobEvent).
     """
     def __init__(
         self,
@@ -402,6 +407,12 @@ Global___WatchJobRequest: _TypeAlias = WatchJobRequest  # noqa: Y015
 class JobEvent(_message.Message):
     """One event in a job's history. Sequence numbers start at 1 and increase by
     one per event of the job, so a client can resume after a disconnect.
+    State changes are stored before they are sent. Progress events are sent at
+    once and stored in batches: at the latest [jobs] progress_flush_seconds
+    after they happen, and always before the job's next state change. A
+    coordinator that is killed (not stopped) loses the progress events it had
+    not stored yet, and gives their sequence numbers to later events: after a
+    crash, resume from at most GetJob's Job.last_sequence.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -137,7 +137,10 @@ class CoordinatorServiceServicer:
 
     def WatchJob(self, request, context):
         """A stream of the job's events, from after_sequence on, ending after the
-        final state's event.
+        final state's event. Each event is sent as soon as it happens; progress
+        chunks reach the stream before they are stored (the store gets them in
+        batches, see JobEvent), so a watch on another coordinator of the same
+        store sees them only once stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

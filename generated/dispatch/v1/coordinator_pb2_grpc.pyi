@@ -74,7 +74,10 @@ class CoordinatorServiceStub:
     """The current state of a job (poll)."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.WatchJobRequest, _coordinator_pb2.WatchJobResponse]
     """A stream of the job's events, from after_sequence on, ending after the
-    final state's event.
+    final state's event. Each event is sent as soon as it happens; progress
+    chunks reach the stream before they are stored (the store gets them in
+    batches, see JobEvent), so a watch on another coordinator of the same
+    store sees them only once stored.
     """
     CancelJob: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CancelJobRequest, _coordinator_pb2.CancelJobResponse]
     """Cancels a job that is not final yet."""
@@ -127,7 +130,10 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """The current state of a job (poll)."""
     WatchJob: _aio.UnaryStreamMultiCallable[_coordinator_pb2.WatchJobRequest, _coordinator_pb2.WatchJobResponse]  # type: ignore[assignment]
     """A stream of the job's events, from after_sequence on, ending after the
-    final state's event.
+    final state's event. Each event is sent as soon as it happens; progress
+    chunks reach the stream before they are stored (the store gets them in
+    batches, see JobEvent), so a watch on another coordinator of the same
+    store sees them only once stored.
     """
     CancelJob: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CancelJobRequest, _coordinator_pb2.CancelJobResponse]  # type: ignore[assignment]
     """Cancels a job that is not final yet."""
@@ -201,7 +207,10 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.WatchJobResponse], _abc.AsyncIterator[_coordinator_pb2.WatchJobResponse]]:
         """A stream of the job's events, from after_sequence on, ending after the
-        final state's event.
+        final state's event. Each event is sent as soon as it happens; progress
+        chunks reach the stream before they are stored (the store gets them in
+        batches, see JobEvent), so a watch on another coordinator of the same
+        store sees them only once stored.
         """
 
     @_abc_1.abstractmethod

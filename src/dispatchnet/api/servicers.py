@@ -78,15 +78,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_pb2.WatchJobRequest, context: Ctx
     ) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
         who = caller().id
-        last = None
         async for event in self.jobs.watch(who, request.job_id, request.after_sequence):
-            if last is not None:
-                yield coordinator_pb2.WatchJobResponse(event=convert.event_to_proto(last))
-            last = event
-        if last is not None:
-            job = self.jobs.get(who, request.job_id)
+            # each event goes out at once (a live token is not held back for the next);
+            # the final state's event, always the last, carries the job
+            job = self.jobs.get(who, request.job_id) if event.final else None
             yield coordinator_pb2.WatchJobResponse(
-                event=convert.event_to_proto(last), job=convert.job_to_proto(job)
+                event=convert.event_to_proto(event),
+                job=convert.job_to_proto(job) if job is not None else None,
             )
 
     async def CancelJob(

@@ -1,11 +1,22 @@
-"""In-process wake-ups for job watchers. Durable history lives in the store; this only
-shortens the wait. Watchers also re-read the store periodically, so events written by
+"""Live job events in this process: wake-ups for watchers (JobNotifier) and each running
+job's recent events in memory (LiveEvents), so progress reaches watchers without a store
+write per chunk. Durable history lives in the store; watchers fall back to it for anything
+memory no longer (or never) held, and re-read it periodically, so events written by
 another coordinator process are seen too."""
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+import itertools
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+from dispatchnet.coordinator.models import Event, JobState
+
+# What a job's memory keeps of events already in the store, for watchers a little behind
+# (older ones are read from the store).
+TAIL_EVENTS = 256
+TAIL_CHARS = 64 * 1024
 
 
 class JobNotifier:
@@ -27,3 +38,159 @@ class JobNotifier:
             waiters.discard(ev)
             if not waiters:
                 del self._waiters[job_id]
+
+    def watched(self, job_id: str) -> bool:
+        """Whether anyone in this process watches the job."""
+        return bool(self._waiters.get(job_id))
+
+
+@dataclass
+class _Tail:
+    """One job's events in memory: every event with a sequence above `floor`, in order
+    with no gap; those above `durable` (progress only) are not in the store yet."""
+
+    floor: int
+    durable: int
+    state: JobState
+    events: deque[Event] = field(default_factory=deque)
+    chars: int = 0  # text held by events
+    pending_chars: int = 0  # text held by events above durable
+    pending_since: float = 0.0  # clock time of the oldest event above durable
+    timer: asyncio.TimerHandle | None = None
+
+    @property
+    def last(self) -> int:
+        return self.events[-1].sequence if self.events else self.floor
+
+    @property
+    def pending(self) -> int:
+        return self.last - self.durable
+
+
+class LiveEvents:
+    """Recent events of the jobs that sent progress, by job. Holds no store: JobService
+    decides when pending progress is written (take_pending / flushed) and tells this
+    about state changes it committed (state)."""
+
+    def __init__(self) -> None:
+        self._tails: dict[str, _Tail] = {}
+
+    def __contains__(self, job_id: str) -> bool:
+        return job_id in self._tails
+
+    def last(self, job_id: str) -> int:
+        """The job's last sequence held in memory (0: none)."""
+        tail = self._tails.get(job_id)
+        return tail.last if tail is not None else 0
+
+    def progress(self, event: Event, durable_last: int, now: float) -> Event:
+        """Appends a progress event with the next sequence number: after the store's last
+        (durable_last) and after anything in memory. Returns the numbered event."""
+        tail = self._tails.get(event.job_id)
+        if tail is None or durable_last > tail.last:
+            # first progress, or the store moved on without us (another process):
+            # memory restarts at the store's end
+            self._drop(event.job_id)
+            tail = self._tails[event.job_id] = _Tail(durable_last, durable_last, event.state)
+        numbered = Event(**{**event.__dict__, "sequence": tail.last + 1})
+        if tail.pending == 0:
+            tail.pending_since = now
+        self._append(tail, numbered)
+        tail.pending_chars += len(numbered.text)
+        return numbered
+
+    def state(self, event: Event) -> None:
+        """A state change committed to the store as event (its sequence set): appended
+        when memory holds the job's events up to the one before; otherwise memory of the
+        job restarts after it."""
+        tail = self._tails.get(event.job_id)
+        if tail is None:
+            return
+        if event.sequence != tail.last + 1 or tail.pending:
+            self._drop(event.job_id)
+            self._tails[event.job_id] = _Tail(event.sequence, event.sequence, event.state)
+            return
+        tail.state = event.state
+        tail.durable = event.sequence
+        self._append(tail, event)
+
+    def after(self, job_id: str, sequence: int) -> list[Event] | None:
+        """The job's events after `sequence` from memory; None when memory cannot tell
+        (the job has no events in memory, or some after `sequence` are only in the store)."""
+        tail = self._tails.get(job_id)
+        if tail is None or sequence < tail.floor:
+            return None
+        start = sequence - tail.floor  # events are consecutive from floor + 1
+        return list(itertools.islice(tail.events, start, None))
+
+    def pending(self, job_id: str) -> tuple[int, int, float]:
+        """(events, text characters, clock time of the oldest) not in the store yet."""
+        tail = self._tails.get(job_id)
+        if tail is None or not tail.pending:
+            return 0, 0, 0.0
+        return tail.pending, tail.pending_chars, tail.pending_since
+
+    def take_pending(self, job_id: str) -> list[Event]:
+        """The job's progress events not in the store yet, oldest first (stay pending
+        until flushed)."""
+        tail = self._tails.get(job_id)
+        if tail is None or not tail.pending:
+            return []
+        return list(itertools.islice(tail.events, len(tail.events) - tail.pending, None))
+
+    def flushed(self, job_id: str, through: int) -> None:
+        """Events up to `through` are in the store (or given up); memory may let them go."""
+        tail = self._tails.get(job_id)
+        if tail is None:
+            return
+        tail.durable = max(tail.durable, min(through, tail.last))
+        if not tail.pending:
+            tail.pending_chars = 0
+            if tail.timer is not None:
+                tail.timer.cancel()
+                tail.timer = None
+        self._trim(tail)
+
+    def set_timer(self, job_id: str, timer: asyncio.TimerHandle) -> bool:
+        """Keeps the flush timer of the job's pending events; False (timer cancelled)
+        when one is set already or nothing is pending."""
+        tail = self._tails.get(job_id)
+        if tail is None or not tail.pending or tail.timer is not None:
+            timer.cancel()
+            return False
+        tail.timer = timer
+        return True
+
+    def with_pending(self) -> list[str]:
+        """Jobs with progress not in the store yet."""
+        return [job_id for job_id, tail in self._tails.items() if tail.pending]
+
+    def release(self, job_id: str) -> None:
+        """Forgets the job when nothing of it is pending and it no longer runs (the caller
+        knows no watcher needs it: watchers of a forgotten job read the store)."""
+        tail = self._tails.get(job_id)
+        if tail is not None and not tail.pending and tail.state is not JobState.RUNNING:
+            self._drop(job_id)
+
+    def jobs(self) -> int:
+        return len(self._tails)
+
+    def _append(self, tail: _Tail, event: Event) -> None:
+        tail.events.append(event)
+        tail.chars += len(event.text)
+        self._trim(tail)
+
+    def _trim(self, tail: _Tail) -> None:
+        while (
+            tail.events
+            and tail.events[0].sequence <= tail.durable
+            and (len(tail.events) > TAIL_EVENTS or tail.chars > TAIL_CHARS)
+        ):
+            old = tail.events.popleft()
+            tail.chars -= len(old.text)
+            tail.floor = old.sequence
+
+    def _drop(self, job_id: str) -> None:
+        tail = self._tails.pop(job_id, None)
+        if tail is not None and tail.timer is not None:
+            tail.timer.cancel()

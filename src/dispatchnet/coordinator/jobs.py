@@ -10,6 +10,13 @@ A coordinator restart is nobody's fault: at start-up (recover) the jobs workers 
 theirs for jobs.restart_grace_seconds, so a worker that reconnects resumes them; a job
 whose worker does not come back is requeued without costing an attempt (its max_attempts
 grows by one).
+
+Progress (LLM tokens) is not a state change: each chunk gets its sequence number at once
+and reaches watchers from memory (LiveEvents), and the store gets the chunks coalesced,
+one row per PROGRESS_FLUSH_CHUNKS chunks or PROGRESS_FLUSH_CHARS characters at most,
+written at the latest jobs.progress_flush_seconds after the first unwritten chunk and
+always before the job's next state change, so stored sequence numbers stay in order.
+A coordinator crash loses the unwritten chunks (never a state change or a result).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from collections.abc import AsyncIterator, Callable
 
 from dispatchnet import protocol
 from dispatchnet.coordinator.catalogue import TaskCatalogue
-from dispatchnet.coordinator.events import JobNotifier
+from dispatchnet.coordinator.events import JobNotifier, LiveEvents
 from dispatchnet.coordinator.models import (
     ACTIVE_STATES,
     OPEN_STATES,
@@ -65,6 +72,11 @@ from dispatchnet.store.base import Store
 
 MAX_IDEMPOTENCY_KEY = protocol.MAX_IDEMPOTENCY_KEY_CHARS
 WATCH_POLL_SECONDS = 5.0
+# A job's unwritten progress goes to the store when it reaches either bound (or when
+# jobs.progress_flush_seconds have passed, or the job changes state): this bounds both
+# the memory a running job holds and the rows it writes.
+PROGRESS_FLUSH_CHUNKS = 128
+PROGRESS_FLUSH_CHARS = 16 * 1024
 # Event sequence numbers are signed 64-bit in the store; no job gets near this.
 MAX_SEQUENCE = 2**63 - 1
 # Expired quotes stay this long (so a late CommitJob hears "expired", not "not found"),
@@ -110,6 +122,7 @@ class JobService:
         self.notary = notary
         self.reputation = reputation
         self.notifier = notifier or JobNotifier()
+        self.live = LiveEvents()
         self.clock = clock
         self.listener: JobListener | None = None
         self.completion_listeners: list[CompletionListener] = []
@@ -265,6 +278,8 @@ class JobService:
             raise NotFound(f"job {quoted(job_id)} does not exist")
         if job.client_id != client_id:
             raise PermissionDenied(f"job {quoted(job_id)} belongs to another client")
+        if self.live.last(job_id) > job.last_sequence:  # progress not written yet
+            job = dataclasses.replace(job, last_sequence=self.live.last(job_id))
         return job
 
     def cancel(self, client_id: str, job_id: str, reason: str) -> Job:
@@ -290,7 +305,8 @@ class JobService:
         return updated
 
     async def watch(self, client_id: str, job_id: str, after: int) -> AsyncIterator[Event]:
-        """Events after sequence `after`, live, until the final state's event. Any `after`
+        """Events after sequence `after`, live, until the final state's event: from memory
+        while this process holds them (see LiveEvents), else from the store. Any `after`
         past MAX_SEQUENCE means the same as MAX_SEQUENCE: past every event."""
         self.get(client_id, job_id)
         wake = self.notifier.subscribe(job_id)
@@ -298,7 +314,11 @@ class JobService:
             seq = min(max(after, 0), MAX_SEQUENCE)
             while True:
                 wake.clear()
-                events = self.store.events_after(job_id, seq)
+                events = self.live.after(job_id, seq)
+                if events is None:
+                    events = self.store.events_after(job_id, seq)
+                    if not events:  # the store ends at seq: the rest, if any, is in memory
+                        events = self.live.after(job_id, seq) or []
                 for e in events:
                     seq = e.sequence
                     yield e
@@ -310,6 +330,8 @@ class JobService:
                 await _wait(wake, WATCH_POLL_SECONDS)
         finally:
             self.notifier.unsubscribe(job_id, wake)
+            if not self.notifier.watched(job_id):
+                self.live.release(job_id)
 
     # --- worker side --------------------------------------------------------------------
 
@@ -378,21 +400,46 @@ class JobService:
     def progress(
         self, job_id: str, attempt: int, worker_id: str, text: str, fraction: float
     ) -> None:
+        """A chunk of output of the running attempt: numbered and sent to watchers now,
+        written to the store with the chunks around it (see the module docstring)."""
         job = self._held(job_id, attempt, worker_id, (JobState.RUNNING,))
         if job is None:
             return
+        now = self.clock()
         e = Event(
             job_id,
             EventKind.PROGRESS,
             job.state,
-            self.clock(),
+            now,
             worker_id=worker_id,
             attempt=attempt,
             text=text,
             fraction=fraction,
         )
-        if self.store.append_event(e) is not None:
-            self.notifier.notify(job_id)
+        self.live.progress(e, job.last_sequence, now)
+        self.notifier.notify(job_id)
+        chunks, chars, _ = self.live.pending(job_id)
+        delay = self.cfg.progress_flush_seconds
+        if chunks >= PROGRESS_FLUSH_CHUNKS or chars >= PROGRESS_FLUSH_CHARS or delay <= 0:
+            self.flush_progress(job_id)
+        elif chunks == 1:
+            with contextlib.suppress(RuntimeError):  # no loop (tests): sweep() flushes
+                loop = asyncio.get_running_loop()
+                self.live.set_timer(job_id, loop.call_later(delay, self.flush_progress, job_id))
+
+    def flush_progress(self, job_id: str | None = None) -> None:
+        """Writes the job's (None: every job's) progress not in the store yet, one row
+        per job. Chunks of a job that became final meanwhile (on another coordinator)
+        are dropped."""
+        for jid in [job_id] if job_id is not None else self.live.with_pending():
+            pending = self.live.take_pending(jid)
+            if not pending:
+                continue
+            if not self.store.append_progress(pending):
+                log.warning(
+                    "job %s: %d progress chunk(s) not stored (the job moved on)", jid, len(pending)
+                )
+            self.live.flushed(jid, pending[-1].sequence)
 
     def complete(
         self,
@@ -549,6 +596,9 @@ class JobService:
         quotes give their storage back, and with pairing codes long expired are deleted
         (GetQuote is public, so they must not pile up)."""
         now = self.clock()
+        for job_id in self.live.with_pending():  # backstop for the flush timers
+            if self.live.pending(job_id)[2] + self.cfg.progress_flush_seconds <= now:
+                self.flush_progress(job_id)
         if now >= self._next_purge:
             self.store.release_expired_quotes(now)
             self.store.purge_expired(now - EXPIRED_RETENTION_SECONDS)
@@ -618,6 +668,7 @@ class JobService:
         feedback: FeedbackEntry | None = None,
         **changes: object,
     ) -> Job | None:
+        self.flush_progress(job.job_id)  # progress first: stored sequences stay in order
         now = self.clock()
         worker_id = str(changes.get("worker_id", job.worker_id))
         new_attempt = int(changes.get("attempts", job.attempts))  # type: ignore[call-overload]
@@ -640,6 +691,9 @@ class JobService:
             feedback,
         )
         if moved is not None:
+            self.live.state(dataclasses.replace(event, sequence=moved.last_sequence))
+            if not self.notifier.watched(job.job_id):
+                self.live.release(job.job_id)
             self._drop_hold(job.worker_id, job.job_id)  # any move ends a restart hold
             self._changed(moved)
             if to.final:

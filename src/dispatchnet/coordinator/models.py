@@ -229,6 +229,11 @@ class Event:
     text: str = ""
     fraction: float = 0.0
 
+    @property
+    def final(self) -> bool:
+        """A change to a final state: the job's last event."""
+        return self.kind is EventKind.STATE and self.state.final
+
 
 @dataclass(frozen=True)
 class Pairing:

@@ -122,8 +122,11 @@ class Store(Protocol):
         not hold."""
         ...
 
-    def append_event(self, event: Event, open_only: bool = True) -> Event | None:
-        """Appends a non-state event (progress); None if the job is final (open_only)."""
+    def append_progress(self, events: Sequence[Event]) -> bool:
+        """Stores progress events of one job, one attempt, with consecutive sequence
+        numbers (given by the caller), as one row, and makes the last one the job's
+        last_sequence. False (nothing written) when the job is final or unknown, or its
+        last_sequence is not the one before the first event's."""
         ...
 
     def offered_at(self, job_id: str, worker_id: str, attempt: int) -> float | None:
@@ -136,7 +139,11 @@ class Store(Protocol):
         read whatever the number of ids (the caller bounds them)."""
         ...
 
-    def events_after(self, job_id: str, sequence: int, limit: int = 500) -> list[Event]: ...
+    def events_after(self, job_id: str, sequence: int, limit: int = 500) -> list[Event]:
+        """At most `limit` events after `sequence`, in order; progress events stored
+        together (append_progress) come back one by one, as they were given."""
+        ...
+
     def queued_jobs(
         self, limit: int, after: tuple[float, str] | None = None, runnable: Runnable | None = None
     ) -> list[Job]:

@@ -293,7 +293,15 @@ def _v8(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
+def _v9(db: sqlite_utils.Database) -> None:
+    """Coalesced progress: one events row holds consecutive progress events, from
+    first_sequence to sequence, its text their texts joined and `chunks` a JSON list of
+    [text length, fraction, time] per event, so reads give back each event as it was."""
+    db.execute("ALTER TABLE events ADD COLUMN first_sequence INTEGER")
+    db.execute("ALTER TABLE events ADD COLUMN chunks TEXT")
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JOB_SIMPLE = {
@@ -551,23 +559,34 @@ class SqliteStore:
                 self._insert_feedback(feedback)
         return self.get_job(job_id)
 
-    def append_event(self, event: Event, open_only: bool = True) -> Event | None:
+    def append_progress(self, events: Sequence[Event]) -> bool:
+        if not events:
+            return True
+        first, last = events[0], events[-1]
+        job_id = first.job_id
+        if last.sequence - first.sequence != len(events) - 1:
+            raise ValueError("append_progress takes consecutive sequence numbers")
         with self._tx():
             r = self._conn.execute(
-                "SELECT state, last_sequence FROM jobs WHERE job_id=?", (event.job_id,)
+                "SELECT state, last_sequence FROM jobs WHERE job_id=?", (job_id,)
             ).fetchone()
-            if r is None or (open_only and JobState(r["state"]).final):
-                return None
-            seq = r["last_sequence"] + 1
+            if r is None or JobState(r["state"]).final or r["last_sequence"] != first.sequence - 1:
+                return False
             self._conn.execute(
-                "UPDATE jobs SET last_sequence=? WHERE job_id=?", (seq, event.job_id)
+                "UPDATE jobs SET last_sequence=? WHERE job_id=?", (last.sequence, job_id)
             )
-            self._insert_event(event, seq)
-        return Event(**{**event.__dict__, "sequence": seq})
+            chunks = json.dumps([[len(e.text), e.fraction, e.time] for e in events])
+            row = dataclasses.replace(last, text="".join(e.text for e in events))
+            self._insert_event(row, last.sequence, first.sequence, chunks)
+        return True
 
-    def _insert_event(self, e: Event, seq: int) -> None:
+    def _insert_event(
+        self, e: Event, seq: int, first_sequence: int | None = None, chunks: str | None = None
+    ) -> None:
         self._conn.execute(
-            "INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO events (job_id, sequence, kind, state, time, from_state, reason, "
+            "worker_id, attempt, text, fraction, first_sequence, chunks) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 e.job_id,
                 seq,
@@ -580,6 +599,8 @@ class SqliteStore:
                 e.attempt,
                 e.text,
                 e.fraction,
+                first_sequence,
+                chunks,
             ),
         )
 
@@ -601,26 +622,18 @@ class SqliteStore:
         return {(str(r["job_id"]), int(r["attempt"])) for r in rows}
 
     def events_after(self, job_id: str, sequence: int, limit: int = 500) -> list[Event]:
+        # a coalesced row is keyed by its last sequence, so the row holding sequence+1
+        # is the first one found; its events up to `sequence` are skipped
         rows = self._conn.execute(
             "SELECT * FROM events WHERE job_id=? AND sequence>? ORDER BY sequence LIMIT ?",
             (job_id, sequence, limit),
         ).fetchall()
-        return [
-            Event(
-                job_id=r["job_id"],
-                kind=EventKind(r["kind"]),
-                state=JobState(r["state"]),
-                time=r["time"],
-                sequence=r["sequence"],
-                from_state=JobState(r["from_state"]) if r["from_state"] is not None else None,
-                reason=r["reason"] or "",
-                worker_id=r["worker_id"] or "",
-                attempt=r["attempt"] or 0,
-                text=r["text"] or "",
-                fraction=r["fraction"] or 0.0,
-            )
-            for r in rows
-        ]
+        out: list[Event] = []
+        for r in rows:
+            out.extend(e for e in _events(r) if e.sequence > sequence)
+            if len(out) >= limit:
+                break
+        return out[:limit]
 
     def _jobs(self, where: str, params: tuple[Any, ...]) -> list[Job]:
         return [_job(r) for r in self._conn.execute(f"SELECT * FROM jobs WHERE {where}", params)]
@@ -1110,6 +1123,38 @@ def _job_row(job: Job) -> dict[str, Any]:
         )
     )
     return row
+
+
+def _events(r: sqlite3.Row) -> list[Event]:
+    """The events an events row holds: itself, or the progress events coalesced in it."""
+    e = Event(
+        job_id=r["job_id"],
+        kind=EventKind(r["kind"]),
+        state=JobState(r["state"]),
+        time=r["time"],
+        sequence=r["sequence"],
+        from_state=JobState(r["from_state"]) if r["from_state"] is not None else None,
+        reason=r["reason"] or "",
+        worker_id=r["worker_id"] or "",
+        attempt=r["attempt"] or 0,
+        text=r["text"] or "",
+        fraction=r["fraction"] or 0.0,
+    )
+    if r["chunks"] is None:
+        return [e]
+    out, at = [], 0
+    for i, (length, fraction, time) in enumerate(json.loads(r["chunks"])):
+        out.append(
+            dataclasses.replace(
+                e,
+                sequence=r["first_sequence"] + i,
+                text=e.text[at : at + length],
+                fraction=fraction,
+                time=time,
+            )
+        )
+        at += length
+    return out
 
 
 def _job(r: sqlite3.Row) -> Job:
