@@ -22,7 +22,8 @@ from dispatchnet.agent_identity import (
     RegistrationFileError,
     check_registration_uri,
 )
-from dispatchnet.auth.tokens import MAX_CLOCK_SKEW, Caller, make_token, verify_header
+from dispatchnet.auth import tokens
+from dispatchnet.auth.tokens import MAX_CLOCK_SKEW, Caller, TokenCache, make_token, verify_header
 from dispatchnet.coordinator import matching
 from dispatchnet.coordinator.models import JobSpec, JobType, Policy, Privacy, WorkerKind
 from dispatchnet.errors import Unauthenticated
@@ -327,6 +328,63 @@ def test_token_expiry_and_lifetime_limit() -> None:
     too_long = _header(make_token(key, 3600 + MAX_CLOCK_SKEW + 1, now=NOW))
     with pytest.raises(Unauthenticated, match=r"lifetime exceeds .* 3600s"):
         verify_header(too_long, 3600, now=NOW)
+
+
+@pytest.fixture
+def signature_checks(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The public keys of every ed25519 token check, in order."""
+    checked: list[bytes] = []
+    real = tokens.verify
+
+    def counting(public_key: bytes, context: bytes, message: bytes, signature: bytes) -> bool:
+        checked.append(public_key)
+        return real(public_key, context, message, signature)
+
+    monkeypatch.setattr(tokens, "verify", counting)
+    return checked
+
+
+def test_a_cached_token_is_verified_once_until_it_expires(signature_checks: list[bytes]) -> None:
+    key, cache = KeyPair.generate(), TokenCache()
+    token = _header(make_token(key, 300, now=NOW))
+    for t in range(10):
+        assert verify_header(token, 3600, now=NOW + t, cache=cache).id == key.public_hex
+    assert len(signature_checks) == 1
+    assert verify_header(token, 3600, now=NOW + 300, cache=cache).id == key.public_hex
+    with pytest.raises(Unauthenticated, match="expired"):
+        verify_header(token, 3600, now=NOW + 301, cache=cache)
+    assert len(signature_checks) == 1 and len(cache) == 0
+
+
+def test_a_forged_token_is_never_cached(signature_checks: list[bytes]) -> None:
+    key, other, cache = KeyPair.generate(), KeyPair.generate(), TokenCache()
+    good = make_token(key, 300, now=NOW).split(".")
+    forged = _header(".".join([*good[:3], make_token(other, 300, now=NOW).split(".")[3]]))
+    for _ in range(3):
+        with pytest.raises(Unauthenticated, match="signature"):
+            verify_header(forged, 3600, now=NOW, cache=cache)
+    assert len(signature_checks) == 3 and len(cache) == 0
+    # the genuine token with the same key and expiry is checked on its own merits
+    assert verify_header(_header(".".join(good)), 3600, now=NOW, cache=cache).id == key.public_hex
+    with pytest.raises(Unauthenticated, match="signature"):
+        verify_header(forged, 3600, now=NOW, cache=cache)
+
+
+def test_the_token_cache_stays_bounded_least_recently_used_out(
+    signature_checks: list[bytes],
+) -> None:
+    cache = TokenCache(size=3)
+    keys_ = [KeyPair.generate() for _ in range(4)]
+    headers = [_header(make_token(k, 300, now=NOW)) for k in keys_]
+    for h in headers[:3]:
+        verify_header(h, 3600, now=NOW, cache=cache)
+    verify_header(headers[0], 3600, now=NOW, cache=cache)  # now the most recent
+    verify_header(headers[3], 3600, now=NOW, cache=cache)  # evicts headers[1]
+    assert len(cache) == 3 and len(signature_checks) == 4
+    verify_header(headers[0], 3600, now=NOW, cache=cache)
+    assert len(signature_checks) == 4
+    verify_header(headers[1], 3600, now=NOW, cache=cache)
+    assert signature_checks[-1] == keys_[1].public_key and len(cache) == 3
 
 
 # --- key files ---------------------------------------------------------------------------
