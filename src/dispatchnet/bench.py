@@ -61,6 +61,7 @@ SEEKERS_PER_PROCESS = 1000
 BURST = 32
 IDLE_SECONDS = 3.0  # at most: never more than a measurement's `seconds` (at least 1)
 GIB = 1024**3
+OPEN_FILES_SPARE = 256  # the coordinator's files besides its seekers' connections
 
 
 # --- measurement ------------------------------------------------------------------------
@@ -527,9 +528,11 @@ async def run_bench(seconds: float = 5.0, many: int = 64, scale: int = 5000) -> 
         )
         children.stop("worker")
 
-        sizes = [SCALE_BASE, scale] if scale > SCALE_BASE else [SCALE_BASE]
+        fits = min(scale, open_files - OPEN_FILES_SPARE)  # the coordinator: one per seeker
+        sizes = [SCALE_BASE, fits] if fits > SCALE_BASE else [SCALE_BASE]
         print(
             f"scale: the same coordinator with {' then '.join(map(str, sizes))} seekers connected"
+            + (f" ({scale} do not fit in {open_files} open files)" if fits < scale else "")
         )
         scaled = await bench_scale(children, address, children.pid("coordinator"), seconds, sizes)
         children.stop_all()
