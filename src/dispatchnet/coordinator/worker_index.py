@@ -158,8 +158,8 @@ class WorkerIndex(Generic[C]):
             self.free.discard(s)
 
     def order(self, s: C) -> int:
-        """Registration order (ties broken the way a scan of all sessions would)."""
-        return self._seq[id(s)]
+        """Registration order, the order of a scan of all sessions (unindexed: last)."""
+        return self._seq.get(id(s), 1 << 62)
 
     def able(self, spec: JobSpec) -> int:
         """How many sessions could ever run spec (matching.can_ever_run), free or not."""
