@@ -153,6 +153,36 @@ async def test_authentication_is_required_and_checked(cluster: Cluster) -> None:
         assert needle in msg, (value, msg)
 
 
+async def test_a_token_signature_is_checked_once_per_token(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checked: list[bytes] = []
+    real = tokens.verify
+
+    def counting(public_key: bytes, context: bytes, message: bytes, signature: bytes) -> bool:
+        checked.append(signature)
+        return real(public_key, context, message, signature)
+
+    monkeypatch.setattr(tokens, "verify", counting)
+    key, other = KeyPair.generate(), KeyPair.generate()
+    token = tokens.make_token(key)
+    good = (("authorization", f"Dispatch {token}"),)
+    parts = token.split(".")
+    forged_sig = tokens.make_token(other).split(".")[3]
+    forged = (("authorization", f"Dispatch {'.'.join([*parts[:3], forged_sig])}"),)
+    stub = cluster.client(key).jobs
+    for _ in range(5):
+        code, _ = await _code(stub.GetJob(coordinator_pb2.GetJobRequest(job_id="j"), metadata=good))
+        assert code == grpc.StatusCode.NOT_FOUND  # past authentication
+    assert len(checked) == 1
+    for _ in range(2):  # a forged signature is checked (and refused) every time
+        code, _ = await _code(
+            stub.GetJob(coordinator_pb2.GetJobRequest(job_id="j"), metadata=forged)
+        )
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert len(checked) == 3
+
+
 async def test_public_methods_need_no_credentials(cluster: Cluster) -> None:
     c = cluster.client()
     await c.jobs.GetQuote(coordinator_pb2.GetQuoteRequest(spec=task_spec("echo", b"1")))

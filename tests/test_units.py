@@ -22,9 +22,11 @@ from dispatchnet.agent_identity import (
     RegistrationFileError,
     check_registration_uri,
 )
-from dispatchnet.auth.tokens import MAX_CLOCK_SKEW, Caller, make_token, verify_header
+from dispatchnet.auth import tokens
+from dispatchnet.auth.tokens import MAX_CLOCK_SKEW, Caller, TokenCache, make_token, verify_header
 from dispatchnet.coordinator import matching
 from dispatchnet.coordinator.models import JobSpec, JobType, Policy, Privacy, WorkerKind
+from dispatchnet.coordinator.worker_index import WorkerIndex
 from dispatchnet.errors import Unauthenticated
 from dispatchnet.keys import KeyPair
 from dispatchnet.profiles import ProfileError, load_profile
@@ -329,6 +331,63 @@ def test_token_expiry_and_lifetime_limit() -> None:
         verify_header(too_long, 3600, now=NOW)
 
 
+@pytest.fixture
+def signature_checks(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The public keys of every ed25519 token check, in order."""
+    checked: list[bytes] = []
+    real = tokens.verify
+
+    def counting(public_key: bytes, context: bytes, message: bytes, signature: bytes) -> bool:
+        checked.append(public_key)
+        return real(public_key, context, message, signature)
+
+    monkeypatch.setattr(tokens, "verify", counting)
+    return checked
+
+
+def test_a_cached_token_is_verified_once_until_it_expires(signature_checks: list[bytes]) -> None:
+    key, cache = KeyPair.generate(), TokenCache()
+    token = _header(make_token(key, 300, now=NOW))
+    for t in range(10):
+        assert verify_header(token, 3600, now=NOW + t, cache=cache).id == key.public_hex
+    assert len(signature_checks) == 1
+    assert verify_header(token, 3600, now=NOW + 300, cache=cache).id == key.public_hex
+    with pytest.raises(Unauthenticated, match="expired"):
+        verify_header(token, 3600, now=NOW + 301, cache=cache)
+    assert len(signature_checks) == 1 and len(cache) == 0
+
+
+def test_a_forged_token_is_never_cached(signature_checks: list[bytes]) -> None:
+    key, other, cache = KeyPair.generate(), KeyPair.generate(), TokenCache()
+    good = make_token(key, 300, now=NOW).split(".")
+    forged = _header(".".join([*good[:3], make_token(other, 300, now=NOW).split(".")[3]]))
+    for _ in range(3):
+        with pytest.raises(Unauthenticated, match="signature"):
+            verify_header(forged, 3600, now=NOW, cache=cache)
+    assert len(signature_checks) == 3 and len(cache) == 0
+    # the genuine token with the same key and expiry is checked on its own merits
+    assert verify_header(_header(".".join(good)), 3600, now=NOW, cache=cache).id == key.public_hex
+    with pytest.raises(Unauthenticated, match="signature"):
+        verify_header(forged, 3600, now=NOW, cache=cache)
+
+
+def test_the_token_cache_stays_bounded_least_recently_used_out(
+    signature_checks: list[bytes],
+) -> None:
+    cache = TokenCache(size=3)
+    keys_ = [KeyPair.generate() for _ in range(4)]
+    headers = [_header(make_token(k, 300, now=NOW)) for k in keys_]
+    for h in headers[:3]:
+        verify_header(h, 3600, now=NOW, cache=cache)
+    verify_header(headers[0], 3600, now=NOW, cache=cache)  # now the most recent
+    verify_header(headers[3], 3600, now=NOW, cache=cache)  # evicts headers[1]
+    assert len(cache) == 3 and len(signature_checks) == 4
+    verify_header(headers[0], 3600, now=NOW, cache=cache)
+    assert len(signature_checks) == 4
+    verify_header(headers[1], 3600, now=NOW, cache=cache)
+    assert signature_checks[-1] == keys_[1].public_key and len(cache) == 3
+
+
 # --- key files ---------------------------------------------------------------------------
 
 
@@ -442,6 +501,145 @@ def test_choose_favours_reputation_without_starving_newcomers() -> None:
     # weights 1.1 : 0.6, an expected share of 1295 : 705
     assert n_good / n_new > 1.5
     assert n_new > 500
+
+
+def _old_choice(
+    spec: JobSpec,
+    workers: list[FakeWorker],
+    avoid: set[str],
+    scores: dict[str, float],
+    rng: random.Random,
+) -> FakeWorker | None:
+    """The hub's choice before the worker index: a scan of every session."""
+    cands = [w for w in workers if matching.eligible(spec, w, None)]
+    cands = [w for w in cands if w.worker_id not in avoid] or cands
+    return matching.choose(spec, cands, scores, rng) if cands else None
+
+
+def _random_workers(rng: random.Random, n: int) -> list[FakeWorker]:
+    return [
+        FakeWorker(
+            f"w{i}",
+            rng.choice([WorkerKind.SEEKER, WorkerKind.DESKTOP]),
+            frozenset(rng.sample(["echo", "sha256", "wasm"], rng.randint(0, 2))),
+            max_concurrency=2,
+            draining=rng.random() < 0.1,
+            load=rng.randint(0, 2),
+        )
+        for i in range(n)
+    ]
+
+
+def test_choose_among_a_small_pool_is_the_old_scan_exactly() -> None:
+    setup = random.Random(7)
+
+    def no_draw() -> FakeWorker:
+        raise AssertionError("a small pool is weighed in full")
+
+    for trial in range(300):
+        workers = _random_workers(setup, setup.randint(0, matching.SCAN_MAX))
+        spec = _spec(task=setup.choice(["echo", "sha256"]), policy=setup.choice(list(Policy)))
+        avoid = {w.worker_id for w in workers if setup.random() < 0.3}
+        scores = {w.worker_id: setup.random() for w in workers}
+        old = _old_choice(spec, workers, avoid, scores, random.Random(trial))
+        new = matching.choose_among(
+            spec,
+            workers,
+            len(workers),
+            no_draw,
+            {w.kind for w in workers},
+            lambda w, a=avoid, sp=spec: matching.eligible(sp, w, None) and w.worker_id not in a,
+            lambda w, sp=spec: matching.eligible(sp, w, None),
+            scores.__getitem__,
+            random.Random(trial),
+        )
+        assert new is old, trial
+
+
+def test_choose_among_a_large_pool_checks_a_bounded_number_and_keeps_the_weights() -> None:
+    good = [FakeWorker(f"good{i}") for i in range(500)]
+    new = [FakeWorker(f"new{i}") for i in range(500)]
+    pool, rng = good + new, random.Random(20240601)
+    scores = {w.worker_id: 1.0 for w in good} | {w.worker_id: 0.0 for w in new}
+    for policy in (Policy.CHEAP, Policy.FAST):  # FAST: no desktop here, a lower cap
+        spec, checks, picks = _spec(policy=policy), [0], []
+
+        def usable(w: FakeWorker, sp: JobSpec = spec, n: list[int] = checks) -> bool:
+            n[0] += 1
+            return matching.eligible(sp, w, None)
+
+        for _ in range(3000):
+            before = checks[0]
+            w = matching.choose_among(
+                spec, pool, len(pool), lambda: rng.choice(pool), {WorkerKind.SEEKER},
+                usable, usable, scores.__getitem__, rng,
+            )  # fmt: skip
+            assert w is not None and checks[0] - before <= matching.DRAWS
+            picks.append(w.worker_id.startswith("good"))
+        # weights 1.1 : 0.1, an expected 2750 : 250, as choose would give
+        assert 200 < picks.count(False) < 300, policy
+        assert checks[0] < 3000 * 4  # about 1.8 draws per choice (2 with FAST)
+
+
+def test_choose_among_falls_back_to_avoided_workers_then_none() -> None:
+    pool, rng = [FakeWorker(f"w{i}") for i in range(200)], random.Random(1)
+    spec = _spec()
+    picked = matching.choose_among(
+        spec, pool, len(pool), lambda: rng.choice(pool), {WorkerKind.SEEKER},
+        lambda w: False, lambda w: w.worker_id == "w7", lambda _: 0.5, rng,
+    )  # fmt: skip
+    assert picked is pool[7]
+    nobody = matching.choose_among(
+        spec, pool, len(pool), lambda: rng.choice(pool), {WorkerKind.SEEKER},
+        lambda w: False, lambda w: False, lambda _: 0.5, rng,
+    )  # fmt: skip
+    assert nobody is None
+
+
+def test_the_worker_index_agrees_with_a_scan_of_every_session() -> None:
+    rng, index = random.Random(3), WorkerIndex[FakeWorker]()
+    live: list[FakeWorker] = []
+    specs = [
+        _spec(task="echo"),
+        _spec(task="sha256"),
+        _spec(task="nothing"),
+        _spec(JobType.LLM, task=""),
+        _spec(JobType.LLM, task="", model="llama"),
+        _spec(JobType.LLM, task="", model="mistral"),
+        dataclasses.replace(_spec(task="echo"), use_llm=True),
+    ]
+    for step in range(2000):
+        op = rng.random()
+        if op < 0.3 or not live:
+            w = _random_workers(rng, 1)[0]
+            w.worker_id = f"w{step}"
+            if w.kind is WorkerKind.DESKTOP and rng.random() < 0.6:
+                w.llm_models = frozenset(rng.sample(["llama", "mistral"], rng.randint(1, 2)))
+            live.append(w)
+            index.add(w)
+        elif op < 0.45:
+            index.remove(live.pop(rng.randrange(len(live))))
+        else:
+            w = rng.choice(live)
+            if rng.random() < 0.2:
+                w.draining = True
+            else:
+                w.load = rng.randint(0, 3)
+            index.refresh(w)
+        free = [w for w in live if not w.draining and w.load < w.max_concurrency]
+        assert index.free_slots == sum(
+            max(0, w.max_concurrency - w.load) for w in live if not w.draining
+        )
+        assert index.free_task_names() == frozenset(t for w in free for t in w.tasks)
+        assert index.any_free_llm() == any(
+            w.kind is WorkerKind.DESKTOP and w.llm_models for w in free
+        )
+        for spec in specs:
+            assert index.able(spec) == sum(1 for w in live if matching.can_ever_run(spec, w))
+            pool = index.free.for_spec(spec)
+            found = {w.worker_id for w in pool or () if matching.eligible(spec, w, None)}
+            assert found == {w.worker_id for w in live if matching.eligible(spec, w, None)}
+            assert sorted(live, key=index.order) == live
 
 
 # --- profiles ----------------------------------------------------------------------------

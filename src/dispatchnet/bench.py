@@ -11,7 +11,14 @@ machine under the same load:
    (GetQuote -> CommitJob -> WatchJob to the end) from 1, 4, 16 and 64 submitters.
    Then a desktop worker (the shipped model) runs one 128-token LLM job, watched to the
    end, and the coordinator's store is read for how many event rows the job left.
-3. paid: a local anvil chain, `dispatch coordinator --profile local-monad` (x402 on, the
+3. scale: the unpaid section's coordinator (its workers gone) with N connected seekers
+   (`dispatch seekers` children, at most SEEKERS_PER_PROCESS each, every seeker its own
+   TCP connection) for N = SCALE_BASE and N = `scale`: burst jobs/s (BURST submitters,
+   fewer than SCALE_BASE so that free seekers never run out) and the end-to-end p50 with
+   1 submitter, then the coordinator's RSS and its CPU while idle (all seekers connected,
+   no jobs: heartbeats only). The seekers add no artificial delay (no --slow, --battery
+   or --heat): a figure is matching, the stream round trips and the `echo` task itself.
+4. paid: a local anvil chain, `dispatch coordinator --profile local-monad` (x402 on, the
    deployment's test USDC) in a child process, the same workers; CommitJob p50 with 4
    submitters, jobs/s with 16, then how long settlement takes to drain what was paid and
    how many settlement transactions it sent.
@@ -26,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -53,6 +61,12 @@ PAYLOAD = b"x" * 32
 START_TIMEOUT = 60.0
 LLM_TOKENS = 128
 LLM_PROMPT = "Write a long story about a dragon."  # the shipped model writes 400+ tokens
+SCALE_BASE = 50
+SEEKERS_PER_PROCESS = 1000
+BURST = 32
+IDLE_SECONDS = 3.0  # at most: never more than a measurement's `seconds` (at least 1)
+GIB = 1024**3
+OPEN_FILES_SPARE = 256  # the coordinator's files besides its seekers' connections
 
 
 # --- measurement ------------------------------------------------------------------------
@@ -127,6 +141,7 @@ class Child:
     """A child process that prints one JSON line when it is ready."""
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.name = log.stem
         self.log = log.open("w")
         self.proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=self.log, env=env, text=True
@@ -165,6 +180,15 @@ class Children:
         child = Child([sys.executable, *args], self.env, self.tmp / f"{name}.log")
         self.started.append(child)
         return await child.ready()
+
+    def pid(self, name: str) -> int:
+        return next(c.proc.pid for c in self.started if c.name == name)
+
+    def stop(self, prefix: str) -> None:
+        """Stops the children whose name starts with prefix."""
+        for child in [c for c in reversed(self.started) if c.name.startswith(prefix)]:
+            child.stop()
+            self.started.remove(child)
 
     async def dispatch(self, name: str, *args: str) -> dict[str, object]:
         return await self.start(name, "-m", "dispatchnet.cli", *args)
@@ -384,6 +408,118 @@ async def wait_settled(address: str, client_key: keys.KeyPair, job_ids: list[str
     return Settlement(delays.elapsed, len(txs), settled, delays)
 
 
+# --- many connected seekers -------------------------------------------------------------
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident set size (VmRSS in /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (/proc/<pid>/stat utime + stime)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def raise_open_files_limit() -> int:
+    """Raises the soft limit of open files to the hard one (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+@dataclass
+class Scale:
+    seekers: int
+    e2e_one: Series
+    burst: Series
+    rss: int
+    idle_cpu_percent: float
+    connect_seconds: float
+
+
+async def connected_seekers(address: str, client_key: keys.KeyPair) -> int:
+    """Workers that can run `echo` (a quote counts them)."""
+    from dispatchnet.client import CoordinatorClient, task_spec
+
+    async with CoordinatorClient(address, client_key) as c:
+        return int((await c.quote(task_spec("echo", b"null"))).eligible_workers)
+
+
+async def add_seekers(
+    children: Children, address: str, client_key: keys.KeyPair, have: int, want: int
+) -> float:
+    """Starts `dispatch seekers` children until `want` seekers run; waits until the
+    coordinator counts them all. Returns how long they took to connect."""
+    start = time.perf_counter()
+    n = have
+    while n < want:
+        count = min(SEEKERS_PER_PROCESS, want - n)
+        await children.dispatch(
+            f"seekers{n}", "seekers", "--coordinator", address, "--count", str(count),
+            "--seed", str(n),
+        )  # fmt: skip
+        n += count
+    deadline = time.perf_counter() + START_TIMEOUT + want / 50
+    while (connected := await connected_seekers(address, client_key)) < want:
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"only {connected} of {want} seekers connected; see seekers*.log")
+        await asyncio.sleep(0.5)
+    return time.perf_counter() - start
+
+
+async def scale_jobs(
+    address: str, client_key: keys.KeyPair, label: str, seconds: float
+) -> tuple[Series, Series]:
+    """Trivial jobs end to end from 1 submitter, then from BURST submitters."""
+    from dispatchnet.client import CoordinatorClient, task_spec
+
+    async with CoordinatorClient(address, client_key) as c:
+        counter = iter(range(10**9))
+
+        async def job() -> None:
+            spec = task_spec("echo", f"{label} job {next(counter)}".encode())
+            j = await c.commit((await c.quote(spec)).quote_id)
+            await c.wait(j.job_id)
+
+        await job()  # warm up
+        e2e = await closed_loop(f"{label}: job end to end, 1 submitter", 1, seconds / 2, job)
+        burst = await closed_loop(f"{label}: burst jobs, {BURST} submitters", BURST, seconds, job)
+    return e2e, burst
+
+
+async def bench_scale(
+    children: Children, address: str, coordinator_pid: int, seconds: float, sizes: list[int]
+) -> list[Scale]:
+    """Trivial jobs with each number of connected seekers in `sizes` (ascending)."""
+    figures: list[Scale] = []
+    client_key, have = keys.KeyPair.generate(), 0
+    for n in sizes:
+        took = await add_seekers(children, address, client_key, have, n)
+        have = n
+        e2e, burst = await scale_jobs(address, client_key, f"{n} seekers", seconds)
+        cpu = cpu_seconds(coordinator_pid)
+        t = time.perf_counter()
+        await asyncio.sleep(min(IDLE_SECONDS, max(1.0, seconds)))
+        idle = 100 * (cpu_seconds(coordinator_pid) - cpu) / (time.perf_counter() - t)
+        rss = rss_bytes(coordinator_pid)
+        for series in (e2e, burst):
+            print("  " + series.line())
+        print(
+            f"  {n} seekers connected in {took:.1f}s; coordinator RSS {rss / 2**20:,.0f} MiB, "
+            f"idle CPU {idle:.1f}% of a core over {time.perf_counter() - t:.1f}s (no jobs); "
+            f"load average (1 min) {load_average():.2f}"
+        )
+        figures.append(Scale(n, e2e, burst, rss, idle, took))
+    return figures
+
+
 # --- the run ----------------------------------------------------------------------------
 
 
@@ -391,15 +527,20 @@ def ratio_row(figure: str, value: str, ratio: float, target: str) -> str:
     return f"  {figure:<58} {value:>14} {ratio:>8.2f}   {target}"
 
 
-async def run_bench(seconds: float = 5.0, many: int = 64) -> int:
+async def run_bench(seconds: float = 5.0, many: int = 64, scale: int = 5000) -> int:
     """The whole bench: each measurement runs `seconds`; the throughput run has `many`
-    submitters. 0 when every paid job settled."""
+    submitters; the scale section compares SCALE_BASE connected seekers with `scale`.
+    0 when every paid job settled."""
     tmp = Path(tempfile.mkdtemp(prefix="dispatch-bench-"))
     children = Children(tmp)
     old_home = os.environ.get("DISPATCH_HOME")
     os.environ["DISPATCH_HOME"] = children.env["DISPATCH_HOME"]
     chain_profile = None
-    print(f"dispatch bench: {os.cpu_count()} cores, {seconds:g} s per measurement")
+    open_files = raise_open_files_limit()
+    print(
+        f"dispatch bench: {os.cpu_count()} cores, {seconds:g} s per measurement, "
+        f"open files limit {open_files}"
+    )
     try:
         print("raw grpc.aio baseline (child process)")
         raw = await bench_raw(children, seconds)
@@ -425,6 +566,16 @@ async def run_bench(seconds: float = 5.0, many: int = 64) -> int:
             print(f"  {llm.chunks} progress events, {llm.events} events, {llm.rows} durable rows")
         except (RuntimeError, TimeoutError, grpc.aio.AioRpcError) as e:
             print(f"  skipped: {e}")
+        children.stop("worker")
+        children.stop("desktop")
+
+        fits = min(scale, open_files - OPEN_FILES_SPARE)  # the coordinator: one per seeker
+        sizes = [SCALE_BASE, fits] if fits > SCALE_BASE else [SCALE_BASE]
+        print(
+            f"scale: the same coordinator with {' then '.join(map(str, sizes))} seekers connected"
+            + (f" ({scale} do not fit in {open_files} open files)" if fits < scale else "")
+        )
+        scaled = await bench_scale(children, address, children.pid("coordinator"), seconds, sizes)
         children.stop_all()
 
         print("paid trivial TASK jobs: local anvil, coordinator (profile local-monad), x402")
@@ -453,6 +604,7 @@ async def run_bench(seconds: float = 5.0, many: int = 64) -> int:
         )
         children.stop_all()
 
+        base, top = scaled[0], scaled[-1]
         per100 = 100 * settlement.transactions / max(1, settlement.settled)
         many_rate = unpaid.jobs_many.rate if unpaid.jobs_many else float("nan")
         print("summary (ratio = figure / its baseline in this run)")
@@ -484,6 +636,22 @@ async def run_bench(seconds: float = 5.0, many: int = 64) -> int:
                 f"durable event rows, {LLM_TOKENS}-token LLM job / its events",
                 f"{llm.rows} rows", llm.rows / max(1, llm.events), "<= 10 rows",
             ))  # fmt: skip
+        print(ratio_row(
+            f"burst jobs/s, {top.seekers} / {base.seekers} connected seekers",
+            f"{top.burst.rate:,.0f}/s", top.burst.rate / base.burst.rate, ">= 0.8",
+        ))  # fmt: skip
+        print(ratio_row(
+            f"job p50 end to end, {top.seekers} / {base.seekers} connected seekers",
+            f"{top.e2e_one.p50_ms:.2f} ms", top.e2e_one.p50_ms / base.e2e_one.p50_ms, "<= 1.5",
+        ))  # fmt: skip
+        print(ratio_row(
+            f"coordinator RSS, {top.seekers} connected seekers / 1 GiB",
+            f"{top.rss / 2**20:,.0f} MiB", top.rss / GIB, "<= 1",
+        ))  # fmt: skip
+        print(ratio_row(
+            f"coordinator idle CPU, {top.seekers} connected seekers / 10% of a core",
+            f"{top.idle_cpu_percent:.1f}%", top.idle_cpu_percent / 10, "<= 1",
+        ))  # fmt: skip
         return 0 if settlement.settled == len(paid_ids) else 1
     finally:
         children.stop_all()

@@ -696,7 +696,7 @@ async def cmd_keys_show(args: argparse.Namespace) -> int:
 async def cmd_bench(args: argparse.Namespace) -> int:
     from dispatchnet.bench import run_bench
 
-    return await run_bench(seconds=args.seconds, many=args.submitters)
+    return await run_bench(seconds=args.seconds, many=args.submitters, scale=args.seekers)
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
@@ -938,6 +938,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
     b.add_argument(
         "--submitters", type=int, default=64, help="concurrent submitters of the throughput run"
+    )
+    b.add_argument(
+        "--seekers",
+        type=int,
+        default=5000,
+        help="connected seekers of the scale section (compared with 50)",
     )
     b.set_defaults(fn=cmd_bench)
     return p

@@ -25,7 +25,7 @@ from grpc_interceptor.server import AsyncServerInterceptor
 
 from dispatchnet import errors
 from dispatchnet.api.bounds import oversized_id
-from dispatchnet.auth.tokens import METADATA_KEY, Caller, verify_header
+from dispatchnet.auth.tokens import METADATA_KEY, Caller, TokenCache, verify_header
 from dispatchnet.memory import MemoryTrimmer
 
 log = logging.getLogger("dispatch.edge")
@@ -272,6 +272,7 @@ class ErrorInterceptor(AsyncServerInterceptor):
 class AuthInterceptor(AsyncServerInterceptor):
     def __init__(self, max_token_ttl_seconds: int) -> None:
         self.max_ttl = max_token_ttl_seconds
+        self.tokens = TokenCache()  # one signature check per token, not per call
 
     def _authenticate(self, context: Context, method_name: str) -> Caller | None:
         if method_name in PUBLIC_METHODS or method_name.startswith(PUBLIC_PREFIXES):
@@ -284,7 +285,7 @@ class AuthInterceptor(AsyncServerInterceptor):
                 f"{method_name} needs '{METADATA_KEY}: Dispatch <token>' metadata; "
                 "`dispatch auth header` prints one"
             )
-        return verify_header(str(values[0]), self.max_ttl)
+        return verify_header(str(values[0]), self.max_ttl, cache=self.tokens)
 
     async def intercept(
         self, method: Handler, request: Any, context: Context, method_name: str

@@ -9,6 +9,10 @@ public key; nothing the caller merely declares is trusted.
 Tokens are bearer credentials until they expire: keep their lifetime short (the SDK signs
 a fresh one per minute; `dispatch auth header` defaults to one hour) and use TLS beyond
 loopback.
+
+The coordinator verifies a token's signature once: a TokenCache remembers the tokens whose
+signature verified (at most TOKEN_CACHE_SIZE, least recently used first out) until they
+expire; every other check (format, expiry, lifetime limit) still runs on every call.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from dispatchnet.errors import Unauthenticated
@@ -25,6 +30,8 @@ CONTEXT = b"dispatch.v1.ClientAuth\n"
 SCHEME = "Dispatch"
 METADATA_KEY = "authorization"
 MAX_CLOCK_SKEW = 60
+# Tokens whose signature verified, remembered per coordinator (~300 bytes each).
+TOKEN_CACHE_SIZE = 10_000
 
 
 def _b64(data: bytes) -> str:
@@ -58,8 +65,44 @@ class Caller:
         return self.public_key.hex()
 
 
-def verify_header(value: str, max_ttl_seconds: int, now: float | None = None) -> Caller:
-    """Checks an `authorization` value; raises Unauthenticated saying what is wrong."""
+class TokenCache:
+    """Tokens whose ed25519 signature verified: at most `size`, least recently used out.
+
+    Keyed by the decoded (public key, expiry, signature), which is exactly what the
+    signature check reads, so two spellings of one token share an entry and a cached
+    entry is worth what a fresh check would be. Only verified tokens go in; a token is
+    never accepted past its expiry (verify_header checks it before looking here)."""
+
+    def __init__(self, size: int = TOKEN_CACHE_SIZE) -> None:
+        self.size = size
+        self._verified: OrderedDict[tuple[bytes, int, bytes], None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._verified)
+
+    def hit(self, key: tuple[bytes, int, bytes]) -> bool:
+        if key not in self._verified:
+            return False
+        self._verified.move_to_end(key)
+        return True
+
+    def add(self, key: tuple[bytes, int, bytes]) -> None:
+        self._verified[key] = None
+        self._verified.move_to_end(key)
+        while len(self._verified) > self.size:
+            self._verified.popitem(last=False)
+
+    def forget(self, key: tuple[bytes, int, bytes]) -> None:
+        self._verified.pop(key, None)
+
+
+def verify_header(
+    value: str, max_ttl_seconds: int, now: float | None = None, cache: TokenCache | None = None
+) -> Caller:
+    """Checks an `authorization` value; raises Unauthenticated saying what is wrong.
+
+    With a cache, the signature of a token seen (and verified) before is not checked
+    again until the token expires."""
     now = time.time() if now is None else now
     scheme, _, token = value.strip().partition(" ")
     if scheme != SCHEME or not token:
@@ -77,12 +120,19 @@ def verify_header(value: str, max_ttl_seconds: int, now: float | None = None) ->
         raise Unauthenticated("malformed token: bad base64 or expiry") from e
     if len(public_key) != 32:
         raise Unauthenticated("malformed token: the public key must be 32 bytes")
+    key = (public_key, expires, signature)
     if expires < now:
+        if cache is not None:
+            cache.forget(key)
         raise Unauthenticated("token expired; sign a new one")
     if expires > now + max_ttl_seconds + MAX_CLOCK_SKEW:
         raise Unauthenticated(
             f"token lifetime exceeds the coordinator's limit of {max_ttl_seconds}s"
         )
+    if cache is not None and cache.hit(key):
+        return Caller(public_key)
     if not verify(public_key, CONTEXT, public_key + str(expires).encode(), signature):
         raise Unauthenticated("token signature does not verify")
+    if cache is not None:
+        cache.add(key)
     return Caller(public_key)

@@ -21,6 +21,7 @@ from dispatchnet.coordinator.catalogue import TaskCatalogue
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Failure, Job, JobSpec, Privacy, Result, WorkerKind
 from dispatchnet.coordinator.ports import ReputationSource
+from dispatchnet.coordinator.worker_index import WorkerIndex
 from dispatchnet.errors import DispatchError, InvalidArgument, Unauthenticated, quoted
 from dispatchnet.keys import verify
 from dispatchnet.profiles import JobsConfig, WorkersConfig
@@ -153,6 +154,9 @@ class WorkerHub:
         self.clock = clock
         self.rng = rng or random.Random()
         self.sessions: dict[str, WorkerSession] = {}
+        # the same sessions by what they can run and by free slots: refresh a session in it
+        # after every change of its load (active, foreign) or draining flag
+        self.index: WorkerIndex[WorkerSession] = WorkerIndex()
         self._avoid: dict[str, set[str]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -229,6 +233,7 @@ class WorkerHub:
                 session.foreign.add(job_id)
         self._log_ignored(session, session.ignored)
         self.jobs.worker_returned(worker_id, set(session.active))
+        self.index.add(session)
         log.info("worker %s… connected (%s)", worker_id[:12], hello.kind.name.lower())
         self.kick()
         return session
@@ -237,6 +242,7 @@ class WorkerHub:
         """Forgets a session and requeues what it held (except while the coordinator
         stops: the jobs then stay held, see JobService.recover); safe to call more than
         once."""
+        self.index.remove(session)
         if self.sessions.get(session.worker_id) is session:
             del self.sessions[session.worker_id]
         elif session.closed and not session.active:
@@ -271,6 +277,7 @@ class WorkerHub:
             self._log_ignored(session, new - held)
         session.foreign = known | held
         session.ignored = (ids & session.ignored) | (new - held)
+        self.index.refresh(session)
 
     @staticmethod
     def _log_ignored(session: WorkerSession, ids: set[str]) -> None:
@@ -284,6 +291,7 @@ class WorkerHub:
 
     def drain(self, session: WorkerSession) -> None:
         session.draining = True
+        self.index.refresh(session)
 
     # --- messages from workers ----------------------------------------------------------
 
@@ -315,6 +323,7 @@ class WorkerHub:
     ) -> None:
         self.touch(s)
         s.foreign.discard(job_id)
+        self.index.refresh(s)
         ok, reason = self.jobs.complete(
             job_id,
             attempt,
@@ -335,6 +344,7 @@ class WorkerHub:
     ) -> None:
         self.touch(s)
         s.foreign.discard(job_id)
+        self.index.refresh(s)
         if retryable:
             self._avoid.setdefault(job_id, set()).add(s.worker_id)
         ok = self.jobs.fail(job_id, attempt, s.worker_id, failure, retryable)
@@ -375,6 +385,7 @@ class WorkerHub:
 
     def _refuse_result(self, s: WorkerSession, job_id: str, attempt: int, reason: str) -> None:
         s.foreign.discard(job_id)
+        self.index.refresh(s)
         self._avoid.setdefault(job_id, set()).add(s.worker_id)
         self.jobs.fail(job_id, attempt, s.worker_id, Failure("result_refused", reason), True)
         s.send(ResultAck(job_id, attempt, False, reason))
@@ -390,6 +401,7 @@ class WorkerHub:
         s = self.sessions.get(worker_id)
         if s is not None and s.active.get(job.job_id) == attempt:
             del s.active[job.job_id]
+            self.index.refresh(s)
             if tell_worker:
                 s.send(Cancel(job.job_id, attempt, reason))
         if job.state.final:
@@ -401,18 +413,8 @@ class WorkerHub:
     def kick(self) -> None:
         self._wake.set()
 
-    def _free_slots(self) -> int:
-        # clamped per worker: one overloaded worker takes no slots from the others
-        return sum(
-            max(0, s.max_concurrency - s.load) for s in self.sessions.values() if not s.draining
-        )
-
     def _runnable(self) -> Runnable:
-        free = [s for s in self.sessions.values() if not s.draining and s.load < s.max_concurrency]
-        return Runnable(
-            task_names=frozenset(t for s in free for t in s.tasks),
-            llm=any(s.kind is WorkerKind.DESKTOP and s.llm_models for s in free),
-        )
+        return Runnable(task_names=self.index.free_task_names(), llm=self.index.any_free_llm())
 
     def _queued(self, free: int) -> Iterator[Job]:
         """Queued jobs some free worker could run, oldest first, a page at a time, so that
@@ -428,7 +430,7 @@ class WorkerHub:
             after = (page[-1].queued_at, page[-1].job_id)
 
     def dispatch_once(self) -> int:
-        free = self._free_slots()
+        free = self.index.free_slots
         if free <= 0:
             return 0
         offered = 0
@@ -441,22 +443,50 @@ class WorkerHub:
                 if job.client_id not in paired:
                     paired[job.client_id] = self.store.paired_workers(job.client_id)
                 allowed = paired[job.client_id]
-            cands = [s for s in self.sessions.values() if matching.eligible(job.spec, s, allowed)]
-            avoid = self._avoid.get(job.job_id)
-            if avoid:
-                cands = [s for s in cands if s.worker_id not in avoid] or cands
-            if not cands:
+            session = self._choose(job, allowed)
+            if session is None:
                 continue
-            scores = {s.worker_id: self.reputation.score(s.worker_id) for s in cands}
-            chosen = matching.choose(job.spec, cands, scores, self.rng)
-            session = self.sessions[chosen.worker_id]
             moved = self.jobs.offer(job, session.worker_id)
             if moved is None:
                 continue
             session.active[job.job_id] = moved.attempts
+            self.index.refresh(session)
             session.send(Offer(moved, self.jobs_cfg.time_limit_seconds))
             offered += 1
         return offered
+
+    def _choose(self, job: Job, allowed: set[str] | None) -> WorkerSession | None:
+        """A worker for job among the free ones able to run it (paired ones only when
+        `allowed` is given), steering clear of those it avoids unless nobody else can."""
+        spec = job.spec
+        pool = self.index.free.for_spec(spec)
+        if pool is None:
+            return None
+        members: list[WorkerSession] | None = None
+        if allowed is not None and len(allowed) < len(pool):
+            members = [s for w in allowed if (s := self.sessions.get(w)) is not None]
+        elif len(pool) <= matching.SCAN_MAX:
+            members = list(pool)
+        if members is not None:
+            members.sort(key=self.index.order)  # the order a scan of all sessions had
+        some = members if members is not None else pool
+        kinds = {s.kind for s in members} if members is not None else set(pool.kinds)
+        avoid = self._avoid.get(job.job_id) or set()
+
+        def eligible(s: WorkerSession) -> bool:
+            return matching.eligible(spec, s, allowed)
+
+        return matching.choose_among(
+            spec,
+            some,
+            len(some),
+            lambda: pool.pick(self.rng) if members is None else self.rng.choice(members),
+            kinds,
+            lambda s: eligible(s) and s.worker_id not in avoid,
+            eligible,
+            self.reputation.score,
+            self.rng,
+        )
 
     def evict_silent(self) -> None:
         cutoff = self.clock() - self.workers_cfg.eviction_seconds
@@ -466,7 +496,7 @@ class WorkerHub:
                 self.unregister(s, "evicted")
 
     def eligible_count(self, spec: JobSpec) -> int:
-        return sum(1 for s in self.sessions.values() if matching.can_ever_run(spec, s))
+        return self.index.able(spec)
 
     async def run(self) -> None:
         """Dispatch on every kick; sweep leases, queue timeouts and silent workers periodically."""

@@ -1,0 +1,89 @@
+"""Dispatching with thousands of connected workers looks only at the ones that can run the
+job (the hub's worker index), and at a bounded sample of those."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+
+import pytest
+from conftest import Cluster, wait_until
+
+from dispatch.v1 import coordinator_pb2
+from dispatchnet.client import task_spec
+from dispatchnet.coordinator import matching
+from dispatchnet.coordinator.hub import WorkerHello, WorkerSession
+from dispatchnet.coordinator.models import Privacy, WorkerKind
+
+SEEKERS = 5000
+
+
+def _connect(cluster: Cluster, n: int, tasks: frozenset[str]) -> list[WorkerSession]:
+    """n sessions opened through the hub itself (no stream: their offers stay queued)."""
+    hub = cluster.coord.hub
+    return [
+        hub.register(WorkerHello(secrets.token_bytes(32), WorkerKind.SEEKER, tasks, frozenset(), 1))
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture
+def eligibility_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    checked: list[str] = []
+    real = matching.eligible
+
+    def counting(spec: object, w: matching.Candidate, paired: set[str] | None) -> bool:
+        checked.append(w.worker_id)
+        return real(spec, w, paired)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(matching, "eligible", counting)
+    return checked
+
+
+async def test_a_job_among_5000_seekers_checks_a_bounded_number_of_sessions(
+    cluster: Cluster, eligibility_checks: list[str]
+) -> None:
+    hub = cluster.coord.hub
+    sessions = _connect(cluster, SEEKERS, frozenset({"echo"}))
+    others = _connect(cluster, 3, frozenset({"sha256"}))
+    c = cluster.client()
+    assert (await c.quote(task_spec("echo", b"1"))).eligible_workers == SEEKERS
+    assert (await c.quote(task_spec("sha256", b"1"))).eligible_workers == 3
+    eligibility_checks.clear()
+
+    job = await c.submit(task_spec("echo", b"1"))
+    await wait_until(
+        lambda: any(job.job_id in s.active for s in sessions), what="the job to be offered"
+    )
+    assert 1 <= len(eligibility_checks) <= matching.DRAWS
+    assert not any(s.active for s in others)  # never even looked at: not their task
+    assert not {s.worker_id for s in others} & set(eligibility_checks)
+    assert hub.index.free_slots == SEEKERS + 3 - 1
+
+    # a PRIVATE job considers the client's paired workers only, not the 5,000
+    held = hub.store.get_job(job.job_id)
+    assert held is not None
+    private = dataclasses.replace(
+        held, spec=dataclasses.replace(held.spec, privacy=Privacy.PRIVATE)
+    )
+    paired = {sessions[7].worker_id, sessions[8].worker_id, "gone"}
+    eligibility_checks.clear()
+    chosen = hub._choose(private, paired)
+    assert chosen is not None and chosen.worker_id in paired
+    assert len(eligibility_checks) <= 2
+
+
+async def test_free_slots_follow_offers_and_results(cluster: Cluster) -> None:
+    hub = cluster.coord.hub
+    c = cluster.client()
+    w = await cluster.worker(max_concurrency=2)
+    assert hub.index.free_slots == 2
+    job = await c.submit(task_spec("echo", b"hello"))
+    done = await c.wait(job.job_id)
+    assert done.state == coordinator_pb2.JOB_STATE_COMPLETED
+    await wait_until(lambda: hub.index.free_slots == 2, what="the slot to be free again")
+    session = hub.sessions[w.key.public_hex]
+    hub.drain(session)
+    assert hub.index.free_slots == 0 and not hub.index.free_task_names()
+    hub.unregister(session, "test")
+    assert len(hub.index) == 0
