@@ -127,6 +127,7 @@ def test_airdrop_and_get_balance(node: NodeServer) -> None:
     i = tx["result"]["transaction"]["message"]["accountKeys"].index(str(who))
     assert (meta["preBalances"][i], meta["postBalances"][i]) == (0, 2 * 10**9)
     assert rpc(node.rpc_url, "requestAirdrop", str(who), 10**30)["error"]["code"] == -32602
+    assert rpc(node.rpc_url, "requestAirdrop", str(who), 1_001 * 10**9)["error"]["code"] == -32602
 
 
 def test_bootstrap_creates_mint_and_funded_token_accounts(
@@ -408,6 +409,8 @@ def test_x402_exact_svm_payment_verified_and_settled_over_json_rpc(
     )
     keys = got.transaction.transaction.message.account_keys  # type: ignore[union-attr]
     assert str(keys[0]) == str(coordinator.pubkey())  # the facilitator paid the fee
+    meta = got.transaction.meta
+    assert meta.pre_balances[0] - meta.post_balances[0] == meta.fee == 10_000  # two signatures
     # the same payment again is not settled twice
     again = facilitator.settle(payload, requirements)
     assert not again.success

@@ -23,6 +23,7 @@ What it does as a validator does:
 - There is a single node and no forks: a processed transaction is final at once
   (confirmationStatus "finalized"), and every commitment level reads the same state.
 - requestAirdrop is a real system transfer from the node's faucet keypair.
+- Fees: LiteSVM charges 5000 lamports a signature and no priority fee; meta.fee says so.
 
 Bounds: request bodies (1 MiB, HTTP 413 beyond), batches (100 requests), a transaction's
 wire size (1232 bytes, as a validator's packet), getMultipleAccounts (100 keys),
@@ -80,7 +81,6 @@ SOLANA_CORE_VERSION = "2.1.0"
 
 TOKEN_PROGRAM = Pubkey.from_string("TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA")
 TOKEN_2022_PROGRAM = Pubkey.from_string("TokenzQdBNbLqP5VEhdkAS6EPFLC1PHnBqCXEpPxuEb")
-COMPUTE_BUDGET_PROGRAM = Pubkey.from_string("ComputeBudget111111111111111111111111111111")
 MEMO_PROGRAMS = (
     Pubkey.from_string("MemoSq4gqABAXKb96qnH8TysNcWxMyWCqXgDLGmfcHr"),
     Pubkey.from_string("Memo1UhkJRfHyvLMcVucJwxXeuD728EqVDDwQDxFMNo"),
@@ -353,23 +353,9 @@ def _message_bytes(message: Message | MessageV0) -> bytes:
 
 
 def _fee(message: Message | MessageV0) -> int:
-    """Base fee (5000 lamports a signature) plus the priority fee: compute-unit price
-    (micro-lamports) times the compute-unit limit, rounded up."""
-    keys = list(message.account_keys)
-    price, limit, n_other = 0, None, 0
-    for ix in message.instructions:
-        data = bytes(ix.data)
-        if keys[ix.program_id_index] == COMPUTE_BUDGET_PROGRAM:
-            if data[:1] == b"\x02" and len(data) >= 5:
-                limit = int.from_bytes(data[1:5], "little")
-            elif data[:1] == b"\x03" and len(data) >= 9:
-                price = int.from_bytes(data[1:9], "little")
-        else:
-            n_other += 1
-    if limit is None:
-        limit = min(200_000 * n_other, 1_400_000)
-    priority = (price * limit + 999_999) // 1_000_000
-    return LAMPORTS_PER_SIGNATURE * message.header.num_required_signatures + priority
+    """What LiteSVM charges: 5000 lamports a signature. It charges no priority fee (compute
+    unit price), so neither does this node's fee reporting: meta.fee matches the balances."""
+    return LAMPORTS_PER_SIGNATURE * message.header.num_required_signatures
 
 
 # -- the ledger ---------------------------------------------------------------------------
@@ -839,7 +825,7 @@ class SolanaNode:
             block_time=self._block_time(self._slot),
             tx=tx,
             err=err,
-            fee=max(0, pre[0] - post[0]) if err is not None else _fee(tx.message),
+            fee=_fee(tx.message),
             pre_balances=pre,
             post_balances=post,
             pre_token_balances=pre_tokens,
@@ -872,10 +858,7 @@ class SolanaNode:
         key = _pubkey(_required(params, 0, "the recipient address"))
         lamports = _u64(_required(params, 1, "the lamports"), "lamports")
         if not 0 < lamports <= MAX_AIRDROP_LAMPORTS:
-            raise RpcError(
-                INTERNAL_ERROR,
-                f"airdrop request failed: between 1 and {MAX_AIRDROP_LAMPORTS} lamports",
-            )
+            raise _invalid(f"Invalid params: an airdrop is 1 to {MAX_AIRDROP_LAMPORTS} lamports")
         message = MessageV0.try_compile(
             self.faucet.pubkey(),
             [
