@@ -500,3 +500,66 @@ def test_launcher_runs_the_module_and_chain_up_status_down(tmp_path: Path) -> No
         down = chain_down(path)
     assert down["stopped"] and not path.exists() and not pid_alive(data["node_pid"])
     assert chain_status(path)["ok"] is False
+
+
+def test_history_is_bounded_but_replays_stay_refused() -> None:
+    with NodeServer(SolanaNode(history_limit=3)) as server:
+        client = Client(server.rpc_url)
+        payer = Keypair()
+        wait_for_signature(client, client.request_airdrop(payer.pubkey(), 10**9).value)
+        txs = [
+            signed(client, payer, [Instruction(MEMO_PROGRAMS[0], f"m{i}".encode(), [])])
+            for i in range(4)
+        ]
+        for tx in txs:
+            client.send_raw_transaction(bytes(tx))
+        first, last = str(txs[0].signatures[0]), str(txs[-1].signatures[0])
+        opts = {"maxSupportedTransactionVersion": 0}
+        assert rpc(server.rpc_url, "getTransaction", first, opts)["result"] is None
+        assert rpc(server.rpc_url, "getTransaction", last, opts)["result"] is not None
+        assert (
+            len(rpc(server.rpc_url, "getSignaturesForAddress", str(payer.pubkey()))["result"]) == 3
+        )
+        # out of the kept history, but its blockhash still lives: still a replay
+        replay = rpc(
+            server.rpc_url,
+            "sendTransaction",
+            base64.b64encode(bytes(txs[0])).decode(),
+            {"encoding": "base64"},
+        )
+        assert replay["error"]["data"]["err"] == "AlreadyProcessed"
+        assert rpc(server.rpc_url, "getTransactionCount")["result"] == 5  # airdrop + 4
+
+
+def test_concurrent_transfers_all_land_once(node: NodeServer, chain: dict[str, Any]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = Client(node.rpc_url)
+    blockhash = client.get_latest_blockhash().value.blockhash
+    payer = kp(chain, "client")
+    txs = [
+        signed(client, payer, [usdc_transfer(chain, "client", "coordinator", 1_000 + i)], blockhash)
+        for i in range(16)
+    ]
+
+    def send(tx: VersionedTransaction) -> Signature:
+        return Client(node.rpc_url).send_raw_transaction(bytes(tx)).value
+
+    with ThreadPoolExecutor(8) as pool:
+        sigs = list(pool.map(send, txs))
+    statuses = client.get_signature_statuses(sigs).value
+    assert all(s is not None and s.err is None for s in statuses)
+    sent = sum(1_000 + i for i in range(16))
+    assert (
+        token_balance(client, chain["accounts"]["client"]["token_account"]) == 1_000 * 10**6 - sent
+    )
+
+
+def test_a_stalled_client_is_disconnected_and_others_are_served() -> None:
+    import socket
+
+    with NodeServer(SolanaNode(), request_timeout=0.2) as server:
+        with socket.create_connection((server.host, server.port), timeout=10) as stalled:
+            stalled.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            assert rpc(server.rpc_url, "getHealth")["result"] == "ok"  # served meanwhile
+            assert stalled.recv(1024) == b""  # closed by the node, not by us

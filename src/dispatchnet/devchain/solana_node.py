@@ -25,8 +25,9 @@ What it does as a validator does:
 - requestAirdrop is a real system transfer from the node's faucet keypair.
 - Fees: LiteSVM charges 5000 lamports a signature and no priority fee; meta.fee says so.
 
-Bounds: request bodies (1 MiB, HTTP 413 beyond), batches (100 requests), a transaction's
-wire size (1232 bytes, as a validator's packet), getMultipleAccounts (100 keys),
+Bounds: request bodies (1 MiB, HTTP 413 beyond; 30 s to send one), batches (100
+requests), a transaction's wire size (1232 bytes, as a validator's packet),
+getMultipleAccounts (100 keys),
 getSignatureStatuses (256 signatures), getSignaturesForAddress (1000), airdrops
 (1,000 SOL each). LiteSVM is not thread-safe: one lock owns it.
 """
@@ -66,6 +67,7 @@ VALIDITY_SLOTS = 150  # MAX_PROCESSING_AGE: a blockhash's lifetime, in slots
 STATUS_CACHE_SLOTS = 300  # getSignatureStatuses without searchTransactionHistory looks this far
 HISTORY_LIMIT = 10_000
 MAX_BODY_BYTES = 1 << 20
+REQUEST_TIMEOUT_SECONDS = 30.0  # a connection idle this long mid-request is closed
 MAX_BATCH = 100
 PACKET_DATA_SIZE = 1232  # a transaction's wire size limit
 MAX_BASE64_TX = 1644
@@ -1020,6 +1022,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.request_timeout)  # a stalled client lets go
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per request would drown the log
 
@@ -1068,6 +1074,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     node: SolanaNode
+    request_timeout: float
 
 
 class NodeServer:
@@ -1075,11 +1082,17 @@ class NodeServer:
     kernel pick a free port (read `port` / `rpc_url` after start())."""
 
     def __init__(
-        self, node: SolanaNode | None = None, *, host: str = "127.0.0.1", port: int = 0
+        self,
+        node: SolanaNode | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        request_timeout: float = REQUEST_TIMEOUT_SECONDS,
     ) -> None:
         self.node = node or SolanaNode()
         self.host = host
         self.requested_port = port
+        self.request_timeout = request_timeout
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -1096,6 +1109,7 @@ class NodeServer:
     def start(self) -> Self:
         server = _Server((self.host, self.requested_port), _Handler)
         server.node = self.node
+        server.request_timeout = self.request_timeout
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True,
