@@ -563,3 +563,30 @@ def test_a_stalled_client_is_disconnected_and_others_are_served() -> None:
             stalled.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
             assert rpc(server.rpc_url, "getHealth")["result"] == "ok"  # served meanwhile
             assert stalled.recv(1024) == b""  # closed by the node, not by us
+
+
+def test_a_transaction_whose_fee_cannot_be_paid_does_not_land(node: NodeServer) -> None:
+    client = Client(node.rpc_url)
+    broke = Keypair()  # no lamports: the fee cannot be charged
+    tx = signed(client, broke, [Instruction(MEMO_PROGRAMS[0], b"free ride", [])])
+    sim = rpc(
+        node.rpc_url,
+        "simulateTransaction",
+        base64.b64encode(bytes(tx)).decode(),
+        {"encoding": "base64"},
+    )
+    assert sim["result"]["value"]["err"] == "AccountNotFound"
+    with pytest.raises(RPCException) as err:
+        client.send_raw_transaction(bytes(tx))
+    assert err.value.args[0].message == (
+        "Transaction simulation failed: "
+        "Attempt to debit an account but found no record of a prior credit."
+    )
+    sig = client.send_raw_transaction(bytes(tx), TxOpts(skip_preflight=True)).value
+    assert client.get_signature_statuses([sig], True).value == [None]
+    assert (
+        rpc(node.rpc_url, "getTransaction", str(sig), {"maxSupportedTransactionVersion": 0})[
+            "result"
+        ]
+        is None
+    )

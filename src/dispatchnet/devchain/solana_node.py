@@ -38,6 +38,7 @@ import argparse
 import base64
 import hashlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -61,6 +62,8 @@ from solders.system_program import TransferParams, transfer
 from solders.token.state import Mint, TokenAccount
 from solders.transaction import VersionedTransaction
 from solders.transaction_metadata import FailedTransactionMetadata, TransactionMetadata
+
+_log = logging.getLogger(__name__)
 
 SLOT_SECONDS = 0.4
 VALIDITY_SLOTS = 150  # MAX_PROCESSING_AGE: a blockhash's lifetime, in slots
@@ -485,6 +488,7 @@ class SolanaNode:
         except RpcError as e:
             return self._error(rid, e)
         except Exception as e:  # a bug must not take the server down
+            _log.exception("%s failed", req["method"])
             return self._error(rid, RpcError(INTERNAL_ERROR, f"Internal error: {e}"))
         return {"jsonrpc": "2.0", "result": result, "id": rid}
 
@@ -809,7 +813,10 @@ class SolanaNode:
             )
         return out
 
-    def _process(self, tx: VersionedTransaction) -> TxRecord:
+    def _process(self, tx: VersionedTransaction) -> TxRecord | None:
+        """Executes `tx` and records it; None when it did not land: a transaction whose fee
+        cannot be charged (unknown or poor fee payer, an account that cannot be loaded) is
+        dropped by a validator, with no fee and no record."""
         keys = list(tx.message.account_keys)
         pre = [self._svm.get_balance(k) or 0 for k in keys]
         pre_tokens = self._token_balances(keys)
@@ -820,6 +827,8 @@ class SolanaNode:
         else:
             meta, err = result, None
         post = [self._svm.get_balance(k) or 0 for k in keys]
+        if err is not None and post[0] == pre[0]:
+            return None
         signature = str(tx.signatures[0])
         record = TxRecord(
             signature=signature,
@@ -874,8 +883,8 @@ class SolanaNode:
             Hash.from_string(self._blockhash(self._slot)),
         )
         record = self._process(VersionedTransaction(message, [self.faucet]))
-        if record.err is not None:
-            raise RpcError(INTERNAL_ERROR, f"airdrop request failed: {record.err}")
+        if record is None or record.err is not None:
+            raise RpcError(INTERNAL_ERROR, "airdrop request failed: the faucet's transfer failed")
         return record.signature
 
     def _status(self, record: TxRecord) -> dict[str, Any]:
@@ -1151,6 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validity-slots", type=int, default=VALIDITY_SLOTS)
     parser.add_argument("--history", type=int, default=HISTORY_LIMIT)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     node = SolanaNode(
         slot_seconds=args.slot_ms / 1000,
         validity_slots=args.validity_slots,
