@@ -226,6 +226,10 @@ def test_memo_is_readable_from_get_transaction(node: NodeServer, chain: dict[str
     assert f'Memo (len {len(text)}): "{text}"' in " ".join(got["result"]["meta"]["logMessages"])
     listed = rpc(node.rpc_url, "getSignaturesForAddress", str(payer.pubkey()))["result"]
     assert listed[0]["memo"] == f"[{len(text)}] {text}"
+    # as solana-py asks (limit null)
+    assert (
+        client.get_signatures_for_address(payer.pubkey()).value[0].memo == f"[{len(text)}] {text}"
+    )
 
 
 def test_expired_blockhash_is_refused(fast_node: NodeServer) -> None:

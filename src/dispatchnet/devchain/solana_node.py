@@ -998,7 +998,8 @@ class SolanaNode:
     def get_signatures_for_address(self, params: list[Any]) -> Any:
         address = str(_pubkey(_required(params, 0, "the address")))
         cfg = _config(params, 1)
-        limit = cfg.get("limit", MAX_SIGNATURES_FOR_ADDRESS)
+        limit = cfg.get("limit")
+        limit = MAX_SIGNATURES_FOR_ADDRESS if limit is None else limit
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise _invalid(f"Invalid limit; max {MAX_SIGNATURES_FOR_ADDRESS}")
         before, until = cfg.get("before"), cfg.get("until")
