@@ -269,6 +269,8 @@ def test_expired_blockhash_is_refused(fast_node: NodeServer) -> None:
     assert raw["error"]["code"] == -32002 and raw["error"]["data"]["err"] == "BlockhashNotFound"
     sim = client.simulate_transaction(tx).value
     assert sim.err == TransactionErrorFieldless.BlockhashNotFound
+    replaced = client.simulate_transaction(tx, replace_recent_blockhash=True).value
+    assert replaced.err is None and replaced.replacement_blockhash is not None
     # skipPreflight: the node answers the signature and drops the transaction, as a validator does
     sig = client.send_raw_transaction(bytes(tx), TxOpts(skip_preflight=True)).value
     assert client.get_signature_statuses([sig], search_transaction_history=True).value == [None]
