@@ -218,8 +218,9 @@ def error_text(err: Any) -> str:
     return json.dumps(err)
 
 
-def _preflight_failure(err: Any, sim: dict[str, Any] | None = None) -> RpcError:
-    data: dict[str, Any] = {
+def _unsimulated(err: Any) -> dict[str, Any]:
+    """A simulation result for a transaction refused before execution (age, status cache)."""
+    return {
         "accounts": None,
         "err": err,
         "innerInstructions": None,
@@ -229,12 +230,14 @@ def _preflight_failure(err: Any, sim: dict[str, Any] | None = None) -> RpcError:
         "returnData": None,
         "unitsConsumed": 0,
     }
-    if sim is not None:
-        data.update(sim)
+
+
+def _preflight_failure(sim: dict[str, Any]) -> RpcError:
+    """sendTransaction's refusal when preflight fails: the simulation result as data."""
     return RpcError(
         SEND_TRANSACTION_PREFLIGHT_FAILURE,
-        f"Transaction simulation failed: {error_text(err)}",
-        data,
+        f"Transaction simulation failed: {error_text(sim['err'])}",
+        sim,
     )
 
 
@@ -760,16 +763,7 @@ class SolanaNode:
         else:
             err = self._check(tx)
         if err is not None:
-            value: dict[str, Any] = {
-                "accounts": None,
-                "err": err,
-                "innerInstructions": None,
-                "loadedAccountsDataSize": None,
-                "logs": [],
-                "replacementBlockhash": None,
-                "returnData": None,
-                "unitsConsumed": 0,
-            }
+            value = _unsimulated(err)
         else:
             value = self._simulate(tx)
             value["replacementBlockhash"] = replacement
@@ -782,11 +776,9 @@ class SolanaNode:
         self._verify_signatures(tx)
         err = self._check(tx)
         if not cfg.get("skipPreflight"):
-            if err is not None:
-                raise _preflight_failure(err)
-            sim = self._simulate(tx)
+            sim = _unsimulated(err) if err is not None else self._simulate(tx)
             if sim["err"] is not None:
-                raise _preflight_failure(sim["err"], sim)
+                raise _preflight_failure(sim)
         if err is None:
             self._process(tx)
         # else: a validator drops a stale or duplicate transaction without a word
