@@ -24,12 +24,15 @@ What it does as a validator does:
   (confirmationStatus "finalized"), and every commitment level reads the same state.
 - requestAirdrop is a real system transfer from the node's faucet keypair.
 - Fees: LiteSVM charges 5000 lamports a signature and no priority fee; meta.fee says so.
+  A transaction whose fee cannot be charged does not land (no record, no status).
+- Not served: getTransaction's jsonParsed encoding (json, base64 and base58 are), balances
+  of accounts loaded through address lookup tables, websocket subscriptions.
 
 Bounds: request bodies (1 MiB, HTTP 413 beyond; 30 s to send one), batches (100
 requests), a transaction's wire size (1232 bytes, as a validator's packet),
-getMultipleAccounts (100 keys),
-getSignatureStatuses (256 signatures), getSignaturesForAddress (1000), airdrops
-(1,000 SOL each). LiteSVM is not thread-safe: one lock owns it.
+getMultipleAccounts (100 keys), getSignatureStatuses (256 signatures),
+getSignaturesForAddress (1000), airdrops (1,000 SOL each). LiteSVM is not thread-safe:
+one lock owns it.
 """
 
 from __future__ import annotations
