@@ -87,3 +87,26 @@ async def test_free_slots_follow_offers_and_results(cluster: Cluster) -> None:
     assert hub.index.free_slots == 0 and not hub.index.free_task_names()
     hub.unregister(session, "test")
     assert len(hub.index) == 0
+
+
+async def test_heartbeats_are_stretched_as_workers_crowd_in(cluster: Cluster) -> None:
+    # 5,000 idle seekers at a 10 s interval were 500 heartbeats a second, most of a
+    # coordinator's idle CPU: the interval each worker is given grows with the crowd.
+    hub = cluster.coord.hub
+    hub.workers_cfg = dataclasses.replace(
+        hub.workers_cfg, heartbeat_interval_seconds=1, eviction_seconds=5,
+        max_heartbeats_per_second=100,
+    )  # fmt: skip
+    first = _connect(cluster, 1, frozenset({"echo"}))[0]
+    assert (first.heartbeat_interval, first.eviction_seconds) == (1, 5)
+    crowd = _connect(cluster, 999, frozenset({"echo"}))
+    last = _connect(cluster, 1, frozenset({"echo"}))[0]
+    assert last.heartbeat_interval == 11  # 1,001 workers at 100 a second
+    assert last.eviction_seconds == 55
+    # the whole crowd sends about the cap, not one a second each
+    rate = sum(1 / s.heartbeat_interval for s in [first, *crowd, last])
+    assert rate < 100 * 3
+    # eviction follows each session's own time
+    hub.clock = lambda: last.last_seen + 6
+    hub.evict_silent()
+    assert last.worker_id in hub.sessions and first.worker_id not in hub.sessions

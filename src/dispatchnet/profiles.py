@@ -74,6 +74,11 @@ class QuotesConfig:
 class WorkersConfig:
     heartbeat_interval_seconds: int = 10
     eviction_seconds: float = 30
+    # Heartbeats the coordinator asks for from all workers together, at most (0: no cap).
+    # A worker connecting when N are connected is given the interval
+    # max(heartbeat_interval_seconds, N / max_heartbeats_per_second), and an eviction time
+    # scaled by the same factor: a crowd of idle workers costs a bounded CPU share.
+    max_heartbeats_per_second: float = 200
     # A Connect stream must send Hello, then ChallengeResponse, within this long of
     # opening; otherwise it ends with DEADLINE_EXCEEDED.
     hello_timeout_seconds: float = 10
@@ -360,6 +365,8 @@ def check_profile(profile: Profile) -> list[str]:
         min(pa.failed_claims_window_seconds, pa.failed_claims_global_window_seconds) <= 0
     ):
         problems.append("[pairing] failed-claim limits and windows must be positive")
+    if profile.workers.max_heartbeats_per_second < 0:
+        problems.append("[workers] max_heartbeats_per_second must not be negative")
     if profile.workers.hello_timeout_seconds <= 0:
         problems.append("[workers] hello_timeout_seconds must be positive")
     if profile.identity.cache_ttl_seconds < 0:

@@ -337,9 +337,14 @@ class Welcome(_message.Message):
     worker_id: _builtins.str
     """The worker's id (hex of its public key)."""
     heartbeat_interval_seconds: _builtins.int
-    """Send a Heartbeat at least this often."""
+    """Send a Heartbeat at least this often. Per session: the profile's interval,
+    stretched when many workers are connected so that all of them together send
+    at most the coordinator's [workers] max_heartbeats_per_second.
+    """
     eviction_seconds: _builtins.int
-    """The coordinator evicts the worker after this long without a message."""
+    """The coordinator evicts the worker after this long without a message (scaled
+    with the interval above).
+    """
     session_id: _builtins.str
     """Session id, for logs."""
     agent_id: _builtins.str

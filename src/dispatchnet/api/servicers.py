@@ -147,8 +147,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             yield worker_pb2.ConnectResponse(
                 welcome=worker_pb2.Welcome(
                     worker_id=session.worker_id,
-                    heartbeat_interval_seconds=self.cfg.heartbeat_interval_seconds,
-                    eviction_seconds=int(self.cfg.eviction_seconds),
+                    heartbeat_interval_seconds=session.heartbeat_interval,
+                    eviction_seconds=int(session.eviction_seconds),
                     session_id=session.session_id,
                     agent_id=session.agent_id,
                 )

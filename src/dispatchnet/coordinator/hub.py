@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import secrets
 import time
@@ -94,6 +95,9 @@ class WorkerSession:
     session_id: str
     connected_at: float
     last_seen: float
+    # what this session was told in Welcome (see WorkerHub.heartbeat_interval)
+    heartbeat_interval: int = 10
+    eviction_seconds: float = 30.0
     draining: bool = False
     closed: bool = False
     active: dict[str, int] = field(default_factory=dict)  # job_id -> attempt
@@ -216,6 +220,9 @@ class WorkerHub:
             connected_at=now,
             last_seen=now,
         )
+        session.heartbeat_interval = self.heartbeat_interval()
+        scale = session.heartbeat_interval / max(1, self.workers_cfg.heartbeat_interval_seconds)
+        session.eviction_seconds = self.workers_cfg.eviction_seconds * scale
         self.sessions[worker_id] = session
         self.store.record_worker_seen(worker_id, int(hello.kind), now)
         if self.catalogue is not None:
@@ -488,10 +495,20 @@ class WorkerHub:
             self.rng,
         )
 
+    def heartbeat_interval(self) -> int:
+        """The heartbeat interval for a worker connecting now: the profile's, stretched so
+        that all connected workers together send at most [workers]
+        max_heartbeats_per_second (sessions keep the interval they were given)."""
+        cfg = self.workers_cfg
+        if cfg.max_heartbeats_per_second <= 0:
+            return cfg.heartbeat_interval_seconds
+        needed = math.ceil((len(self.sessions) + 1) / cfg.max_heartbeats_per_second)
+        return max(cfg.heartbeat_interval_seconds, needed)
+
     def evict_silent(self) -> None:
-        cutoff = self.clock() - self.workers_cfg.eviction_seconds
+        now = self.clock()
         for s in list(self.sessions.values()):
-            if s.last_seen < cutoff:
+            if s.last_seen < now - s.eviction_seconds:
                 s.close("evicted: no heartbeat")
                 self.unregister(s, "evicted")
 
