@@ -42,6 +42,7 @@ from dispatchnet.cli import job_json, proof_json
 from dispatchnet.client import CoordinatorClient, task_spec
 from dispatchnet.coordinator.models import AnchorStatus
 from dispatchnet.devchain.solana_local import _rpc, pid_alive, stop_pid
+from dispatchnet.errors import Unavailable
 from dispatchnet.profiles import Profile, ProfileError, load_profile
 
 COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
@@ -337,6 +338,15 @@ async def test_solana_anchoring_is_exactly_once_across_retries(
     assert result.transaction == str(unsent.signature)
     assert anchor_memos(chain["rpc_url"], address, pending_root) == [str(unsent.signature)]
     assert retrier._in_flight == {}
+
+
+async def test_an_unfunded_solana_keypair_leaves_the_batch_pending_saying_why(
+    chain: dict[str, Any],
+) -> None:
+    anchorer = SolanaAnchorer(chain["rpc_url"], DEVNET, Keypair(), rpc_timeout=5)
+    with pytest.raises(Unavailable, match="no record of a prior credit") as e:
+        await anchorer.anchor(os.urandom(32), 1, "batch_unfunded")
+    assert "RpcSimulateTransactionResult" not in str(e.value)  # the node's message, short
 
 
 async def test_a_solana_node_outage_leaves_batches_pending_and_anchors_later(

@@ -78,7 +78,7 @@ class ChainAdapter(Protocol):
     def chain_status(self, profile: Profile) -> dict[str, Any]: ...
 
 
-# kind -> (module with a light `problems(cfg)` check, module with ADAPTER)
+# kind -> (module with a light `problems(cfg)` check, CAPABILITIES and KEYS; module with ADAPTER)
 _KINDS: dict[str, tuple[str, str]] = {
     "none": ("dispatchnet.chains.nochain", "dispatchnet.chains.nochain"),
     "evm": ("dispatchnet.chains.evm.config", "dispatchnet.chains.evm.adapter"),

@@ -142,4 +142,7 @@ def brief(e: BaseException) -> str:
             return "connection refused or lost"
         if isinstance(err, httpx.TimeoutException | httpx2.TimeoutException):
             return "no answer in time"
+    detail = e.args[0] if isinstance(e, RPCException) and e.args else None
+    if isinstance(getattr(detail, "message", None), str):  # a JSON-RPC error object
+        return str(detail.message)[:300]  # type: ignore[union-attr]
     return (str(e) or type(e).__name__)[:300]
