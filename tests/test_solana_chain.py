@@ -14,6 +14,8 @@ import dataclasses
 import json
 import os
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,6 +186,22 @@ def test_bad_solana_chain_settings_are_refused_naming_the_key(
         load_profile(str(path))
 
 
+def test_checking_chain_profiles_imports_no_chain_library() -> None:
+    """Each kind's [chain] check is light: loading the chain profiles (kinds solana and
+    evm) imports neither solana-py/solders nor web3."""
+    code = (
+        "import sys\n"
+        "from dispatchnet.profiles import load_profile\n"
+        "for name in ('local-solana', 'solana-devnet', 'local-monad', 'monad-testnet'):\n"
+        "    load_profile(name)\n"
+        "heavy = ('solana', 'solders', 'spl', 'httpx2', 'web3', 'eth_account', 'x402')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
 def test_solana_anchoring_needs_a_solana_chain(tmp_path: Path) -> None:
     path = tmp_path / "p.toml"
     path.write_text('name = "p"\n[receipts]\nanchor = "solana"\n')
@@ -254,7 +272,8 @@ async def test_solana_batches_are_anchored_as_memos_and_verify_onchain(
 
     fetched = _fetch(client_for(chain["rpc_url"], 5), proofs[0].anchor_transaction)
     assert fetched is not None
-    tx, err = fetched
+    tx, err, slot = fetched
+    assert slot > 0
     assert err is None and signer_of(tx) == coordinator
     assert memos_of(tx) == [memo_text(proofs[0].merkle_root, 2, proofs[0].batch_id)]
     assert anchor_memos(chain["rpc_url"], coordinator, proofs[0].merkle_root) == [

@@ -66,10 +66,14 @@ def signer_of(tx: VersionedTransaction) -> str:
     return str(tx.message.account_keys[0])
 
 
-def _fetch(client: Client, signature: str) -> tuple[VersionedTransaction, Any] | None:
-    """(transaction, its error or None) of a landed signature; None if the node has none."""
+def _fetch(client: Client, signature: str) -> tuple[VersionedTransaction, Any, int] | None:
+    """(transaction, its error or None, slot) of a landed signature; None if the node has
+    none."""
     found = client.get_transaction(
-        Signature.from_string(signature), encoding="base64", max_supported_transaction_version=0
+        Signature.from_string(signature),
+        encoding="base64",
+        commitment=Confirmed,  # the default (finalized) misses the last ~13 s on a cluster
+        max_supported_transaction_version=0,
     ).value
     if found is None:
         return None
@@ -77,7 +81,7 @@ def _fetch(client: Client, signature: str) -> tuple[VersionedTransaction, Any] |
     if not isinstance(tx, VersionedTransaction):
         raise AnchorError(f"transaction {signature}: unexpected encoding")
     meta = found.transaction.meta
-    return tx, (meta.err if meta is not None else None)
+    return tx, (meta.err if meta is not None else None), int(found.slot)
 
 
 @dataclass
@@ -201,7 +205,9 @@ class SolanaAnchorer:
         seen = 0
         while seen < self.lookback:
             want = min(PAGE, self.lookback - seen)
-            page = self.client.get_signatures_for_address(address, before=before, limit=want).value
+            page = self.client.get_signatures_for_address(
+                address, before=before, limit=want, commitment=Confirmed
+            ).value
             for entry in page:
                 if entry.err is None and entry.memo and prefix in entry.memo:
                     candidates.append(str(entry.signature))
@@ -213,7 +219,7 @@ class SolanaAnchorer:
             fetched = _fetch(self.client, signature)
             if fetched is None:
                 continue
-            tx, err = fetched
+            tx, err, _slot = fetched
             if err is None and signer_of(tx) == str(address):
                 if any(m.startswith(prefix) for m in memos_of(tx)):
                     return signature
@@ -310,10 +316,7 @@ def check_anchor_onchain(
         if fetched is None:
             out.problems.append(f"tx not found: {transaction} is not on {chain.network}")
             return out
-        tx, err = fetched
-        slot = client.get_signature_statuses([signature], search_transaction_history=True)
-        status = slot.value[0]
-        out.slot = int(status.slot) if status is not None else 0
+        tx, err, out.slot = fetched
     except TRANSIENT as e:
         out.problems.append(f"cannot reach chain {chain.network} at {chain.rpc_url}: {brief(e)}")
         return out
