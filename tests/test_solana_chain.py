@@ -46,6 +46,7 @@ from dispatchnet.coordinator.models import AnchorStatus
 from dispatchnet.devchain.solana_local import _rpc, pid_alive, stop_pid
 from dispatchnet.errors import Unavailable
 from dispatchnet.profiles import Profile, ProfileError, load_profile
+from dispatchnet.server import start_coordinator
 
 COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
 DEVNET = "solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1"
@@ -218,6 +219,27 @@ def test_solana_key_files_are_created_0600_and_reloaded(tmp_path: Path) -> None:
     path.write_text("not a key\n")
     with pytest.raises(ValueError, match="not a Dispatch Solana key file"):
         load_or_create_solana_key(path)
+
+
+async def test_a_solana_devnet_coordinator_starts_anchoring_from_its_new_keypair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No chain call at start-up: the keypair is created (0600) under DISPATCH_HOME and
+    the coordinator says where it anchors and from which address (the one to fund)."""
+    monkeypatch.setenv("DISPATCH_HOME", str(tmp_path / "home"))
+    coord = await start_coordinator(
+        load_profile("solana-devnet"), tmp_path / "coord", "127.0.0.1:0"
+    )
+    try:
+        key_file = tmp_path / "home" / "solana-coordinator.key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        address = str(Keypair.from_base58_string(load_or_create_solana_key(key_file)).pubkey())
+        assert coord.batcher is not None and coord.batcher.anchorer.enabled
+        assert coord.anchoring == (
+            f"solana: Memo on {DEVNET} via https://api.devnet.solana.com, from {address}"
+        )
+    finally:
+        await coord.stop(grace=0.1)
 
 
 def test_solana_devnet_has_no_local_chain(tmp_path: Path) -> None:
