@@ -380,6 +380,14 @@ async def test_solana_anchoring_is_exactly_once_across_retries(
     assert anchor_memos(chain["rpc_url"], address, pending_root) == [str(unsent.signature)]
     assert retrier._in_flight == {}
 
+    # one that expired without landing is replaced by a new one, never sent alongside it
+    expired_root = os.urandom(32)
+    stale = retrier._sign(memo_text(expired_root, 2, "batch_expired"))
+    retrier._in_flight[expired_root] = dataclasses.replace(stale, last_valid_block_height=0)
+    fresh = await retrier.anchor(expired_root, 2, "batch_expired")
+    assert fresh.transaction != str(stale.signature)
+    assert anchor_memos(chain["rpc_url"], address, expired_root) == [fresh.transaction]
+
 
 async def test_an_unfunded_solana_keypair_leaves_the_batch_pending_saying_why(
     chain: dict[str, Any],
