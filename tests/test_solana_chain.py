@@ -26,15 +26,22 @@ import grpc
 import pytest
 from chain_fixtures import adispatch, cluster_for, dispatch, unreachable_proxy
 from conftest import FAST, wait_until
+from solders.hash import Hash
 from solders.keypair import Keypair
+from solders.message import MessageV0
 from solders.signature import Signature
+from solders.transaction import VersionedTransaction
+from spl.memo.instructions import create_memo
+from spl.memo.models import MemoParams
 
 from dispatch.v1 import coordinator_pb2, receipt_pb2
 from dispatchnet.chains import registry
 from dispatchnet.chains.solana.anchoring import (
+    MEMO_PROGRAM,
     MEMO_TAG,
     SolanaAnchorer,
     _fetch,
+    _InFlight,
     memo_text,
     memos_of,
     signer_of,
@@ -380,13 +387,24 @@ async def test_solana_anchoring_is_exactly_once_across_retries(
     assert anchor_memos(chain["rpc_url"], address, pending_root) == [str(unsent.signature)]
     assert retrier._in_flight == {}
 
-    # one that expired without landing is replaced by a new one, never sent alongside it
+    # one whose blockhash expired without it landing is replaced by a new one (resending
+    # it would be refused: BlockhashNotFound)
     expired_root = os.urandom(32)
-    stale = retrier._sign(memo_text(expired_root, 2, "batch_expired"))
-    retrier._in_flight[expired_root] = dataclasses.replace(stale, last_valid_block_height=0)
+    memo = create_memo(
+        MemoParams(
+            program_id=MEMO_PROGRAM,
+            signer=keypair.pubkey(),
+            message=memo_text(expired_root, 2, "batch_expired").encode(),
+        )
+    )
+    old_tx = VersionedTransaction(
+        MessageV0.try_compile(keypair.pubkey(), [memo], [], Hash.new_unique()), [keypair]
+    )
+    retrier._in_flight[expired_root] = _InFlight(bytes(old_tx), old_tx.signatures[0], 0)
     fresh = await retrier.anchor(expired_root, 2, "batch_expired")
-    assert fresh.transaction != str(stale.signature)
+    assert fresh.transaction != str(old_tx.signatures[0])
     assert anchor_memos(chain["rpc_url"], address, expired_root) == [fresh.transaction]
+    assert retrier._in_flight == {}
 
 
 async def test_an_unfunded_solana_keypair_leaves_the_batch_pending_saying_why(
