@@ -227,9 +227,12 @@ class ChainConfig:
     $DISPATCH_HOME/chains/<name>.json, written by `dispatch chain up`; or a path to such a
     .json file) or from `rpc_url` and the contract addresses given here, never both. An
     empty address means the contract is not used (e.g. no `receipt_anchor`: anchoring off).
+    For kind "solana", `network` is "solana:<genesis hash prefix>" and `mint` replaces the
+    contract addresses. The keys are typed per kind: each kind refuses, by name, a key it
+    does not read that is set away from its default (chains/registry.problems).
     """
 
-    kind: str = "none"  # "none" | "evm"
+    kind: str = "none"  # "none" | "evm" | "solana"
     network: str = ""
     rpc_url: str = ""
     deployment: str = ""
@@ -241,17 +244,25 @@ class ChainConfig:
     # A BatchSettler contract (contracts/src/BatchSettler.sol): the in-process facilitator
     # settles many x402 payments in one transaction through it. Empty: one per payment.
     batch_settler: str = ""
-    # The coordinator's chain account (a secp256k1 key file, created 0600 on first use).
+    # Solana: the SPL mint of the payment stablecoin (base58), with rpc_url; from the
+    # deployment file otherwise.
+    mint: str = ""
+    # The coordinator's chain account (a secp256k1 key file for evm, an ed25519 keypair
+    # file for solana, created 0600 on first use).
     # Empty: the deployment file's "coordinator" dev account when there is a deployment,
     # else <coordinator data dir>/chain.key.
     key_file: str = ""
     # Gas limit of one ReceiptAnchor.anchor transaction. Some chains (Monad) charge for the
     # limit, not the gas used: keep it tight.
     anchor_gas_limit: int = 60000
+    # Solana: before anchoring a root, this many of the coordinator key's latest
+    # transactions are searched for an earlier memo of it, so a retry never anchors twice.
+    anchor_lookback: int = 1000
     rpc_timeout_seconds: float = 10
     # How long to wait for a sent transaction's receipt before retrying later.
     tx_timeout_seconds: float = 60
-    # The local chain `dispatch chain up` starts ("anvil"), or "" when the profile has none.
+    # The local chain `dispatch chain up` starts ("anvil" for evm, "litesvm" for solana),
+    # or "" when the profile has none.
     devchain: str = ""
     devchain_port: int = 8545
 

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from dispatchnet.reputation.feedback import FeedbackPoster
 
 CAPABILITIES: frozenset[str] = frozenset()
+# The [chain] keys this kind reads (devchain only to refuse it with a clearer message).
+KEYS = frozenset({"kind", "devchain"})
 
 
 def problems(c: ChainConfig) -> list[str]:

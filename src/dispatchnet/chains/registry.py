@@ -11,6 +11,7 @@ settings check (`problems`) never imports a chain library at all.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from pathlib import Path
@@ -77,10 +78,11 @@ class ChainAdapter(Protocol):
     def chain_status(self, profile: Profile) -> dict[str, Any]: ...
 
 
-# kind -> (module with a light `problems(cfg)` check, module with ADAPTER)
+# kind -> (module with a light `problems(cfg)` check, CAPABILITIES and KEYS; module with ADAPTER)
 _KINDS: dict[str, tuple[str, str]] = {
     "none": ("dispatchnet.chains.nochain", "dispatchnet.chains.nochain"),
     "evm": ("dispatchnet.chains.evm.config", "dispatchnet.chains.evm.adapter"),
+    "solana": ("dispatchnet.chains.solana.config", "dispatchnet.chains.solana.adapter"),
 }
 
 
@@ -112,10 +114,17 @@ def capabilities(kind: str) -> frozenset[str]:
 
 
 def problems(cfg: ChainConfig) -> list[str]:
-    """What is wrong with a [chain] section for its kind (no chain library imported)."""
+    """What is wrong with a [chain] section for its kind (no chain library imported): first
+    the keys of other kinds (set away from their defaults), named, then the kind's checks."""
     if cfg.kind not in _KINDS:
         return [f"[chain] kind must be one of {', '.join(_KINDS)}, not {cfg.kind!r}"]
-    check: Callable[[ChainConfig], list[str]] = importlib.import_module(
-        _KINDS[cfg.kind][0]
-    ).problems
-    return check(cfg)
+    module = importlib.import_module(_KINDS[cfg.kind][0])
+    own: frozenset[str] = module.KEYS
+    defaults = type(cfg)()
+    out = [
+        f"[chain] {f.name} is not a setting of kind {cfg.kind}"
+        for f in dataclasses.fields(cfg)
+        if f.name not in own and getattr(cfg, f.name) != getattr(defaults, f.name)
+    ]
+    check: Callable[[ChainConfig], list[str]] = module.problems
+    return out + check(cfg)

@@ -23,6 +23,22 @@ ADDRESS_FIELDS = (
 # What an EVM chain provides to a profile (registry.capabilities).
 CAPABILITIES = frozenset({"anchor", "identity", "reputation", "feedback", "payments"})
 DEVCHAINS = ("anvil",)
+# The [chain] keys this kind reads; any other key set away from its default is refused.
+KEYS = frozenset(
+    {
+        "kind",
+        "network",
+        "rpc_url",
+        "deployment",
+        *ADDRESS_FIELDS,
+        "key_file",
+        "anchor_gas_limit",
+        "rpc_timeout_seconds",
+        "tx_timeout_seconds",
+        "devchain",
+        "devchain_port",
+    }
+)
 
 
 def chain_id_of(network: str) -> int:

@@ -1,0 +1,162 @@
+"""The Solana kind's ChainAdapter (chains/registry.py): every chain role a profile with
+[chain] kind = "solana" needs, built from the modules of this package.
+
+Not yet here: x402 payments (payment_rail, client_wallet: chains/solana/rail.py and
+wallet.py), on-chain identity and reputation (workers' Solana addresses are listed in their
+ERC-8004 registration files, read on the EVM side)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dispatchnet.chains.deployments import (
+    ChainConfigError,
+    DevChainError,
+    deployment_path,
+    in_home,
+)
+from dispatchnet.chains.solana.node import TRANSIENT, brief, client_for, resolve_solana_chain
+from dispatchnet.profiles import AcceptConfig, ChainConfig, Profile
+
+if TYPE_CHECKING:
+    from dispatchnet.agent_identity import IdentityVerifier
+    from dispatchnet.receipts.anchoring import Anchorer
+    from dispatchnet.reputation.erc8004 import SummaryReader
+    from dispatchnet.reputation.feedback import FeedbackPoster
+
+
+def _local_chain(profile: Profile) -> Path:
+    """The deployment file of the profile's local chain."""
+    cfg = profile.chain
+    if not cfg.devchain:
+        raise ChainConfigError(
+            f"profile {profile.name} has no local chain ([chain] devchain is empty); "
+            "its chain is " + (cfg.rpc_url or cfg.network)
+        )
+    return deployment_path(cfg.deployment)
+
+
+def _reading(cfg: ChainConfig) -> ChainConfig:
+    """cfg for read-only uses: a key_file that does not exist is not created."""
+    if cfg.key_file and not in_home(cfg.key_file).exists():
+        return dataclasses.replace(cfg, key_file="")
+    return cfg
+
+
+class SolanaAdapter:
+    kind = "solana"
+
+    def _none(self, what: str) -> ChainConfigError:
+        return ChainConfigError(f"{what} is not available on [chain] kind solana yet")
+
+    def anchorer(self, cfg: ChainConfig, data_dir: Path | None) -> Anchorer:
+        from dispatchnet.chains.solana.anchoring import SolanaAnchorer
+
+        return SolanaAnchorer.for_chain(resolve_solana_chain(cfg, data_dir), cfg)
+
+    def identity_verifier(self, profile: Profile) -> IdentityVerifier | None:
+        return None  # no identity registry: agent ids are ignored (require_registration is
+        # refused at load time: the kind lacks the "identity" capability)
+
+    def summary_reader(
+        self, profile: Profile, data_dir: Path, trusted: list[str], tag1: str
+    ) -> SummaryReader:
+        raise self._none("on-chain reputation")
+
+    def feedback_poster(
+        self, profile: Profile, data_dir: Path
+    ) -> tuple[FeedbackPoster, tuple[type[BaseException], ...]] | None:
+        return None
+
+    def payment_rail(self, accept: AcceptConfig, profile: Profile, data_dir: Path) -> Any:
+        raise ChainConfigError("x402 payments on [chain] kind solana: not yet")
+
+    def client_wallet(self, profile: Profile, key_file: str) -> Any:
+        return None
+
+    def check_anchor(
+        self, profile: Profile, root: bytes, network: str, transaction: str, expected_anchorer: str
+    ) -> dict[str, Any]:
+        """Without expected_anchorer, the profile's coordinator keypair (the deployment's
+        account or an existing key_file) is expected: anyone can write a memo."""
+        from dispatchnet.chains.solana.anchoring import check_anchor_onchain
+
+        chain = resolve_solana_chain(_reading(profile.chain))
+        expected = expected_anchorer or chain.address
+        check = check_anchor_onchain(
+            chain,
+            root,
+            network,
+            transaction,
+            expected_anchorer=expected,
+            timeout=profile.chain.rpc_timeout_seconds,
+        )
+        return {"network": chain.network, "expected_anchorer": expected, **check.as_dict()}
+
+    def token_balance(self, profile: Profile, asset: str, account: str) -> int:
+        """`account`'s balance of the SPL mint `asset` ("" = [chain]'s mint), held in its
+        associated token account (0 when it has none)."""
+        from solders.pubkey import Pubkey
+        from spl.token.constants import TOKEN_PROGRAM_ID
+        from spl.token.instructions import get_associated_token_address
+
+        chain = resolve_solana_chain(_reading(profile.chain))
+        mint = asset or chain.mint
+        try:
+            ata = get_associated_token_address(
+                Pubkey.from_string(account), Pubkey.from_string(mint), TOKEN_PROGRAM_ID
+            )
+        except ValueError as e:
+            raise ChainConfigError(f"not a Solana address: {e}") from e
+        client = client_for(chain.rpc_url, profile.chain.rpc_timeout_seconds)
+        if client.get_account_info(ata).value is None:
+            return 0
+        return int(client.get_token_account_balance(ata).value.amount)
+
+    def chain_up(self, profile: Profile, port: int | None) -> dict[str, Any]:
+        from dispatchnet.devchain import solana_local
+
+        path = _local_chain(profile)
+        try:
+            data = solana_local.chain_up(
+                path, port=profile.chain.devchain_port if port is None else port
+            )
+        except (solana_local.SolanaLocalError, OSError) as e:
+            raise DevChainError(f"the local Solana node: {e}") from e
+        if data.get("network") != profile.chain.network:
+            raise ChainConfigError(
+                f"{path} is for network {data.get('network')!r}, the profile for "
+                f"{profile.chain.network!r}"
+            )
+        return data
+
+    def chain_down(self, profile: Profile) -> dict[str, Any]:
+        from dispatchnet.devchain import solana_local
+
+        return solana_local.chain_down(_local_chain(profile))
+
+    def chain_status(self, profile: Profile) -> dict[str, Any]:
+        from dispatchnet.devchain import solana_local
+
+        cfg = profile.chain
+        if cfg.devchain:
+            out = solana_local.chain_status(deployment_path(cfg.deployment))
+            return {"profile": profile.name, **out}
+        out = {"profile": profile.name, "network": cfg.network, "rpc_url": cfg.rpc_url}
+        try:
+            client = client_for(cfg.rpc_url, cfg.rpc_timeout_seconds)
+            genesis = str(client.get_genesis_hash().value)
+            out.update(genesis_hash=genesis, slot=int(client.get_slot().value))
+        except TRANSIENT as e:
+            out.update(ok=False, note=f"cannot reach {cfg.rpc_url}: {brief(e)}")
+            return out
+        # a public cluster's CAIP-2 id is its genesis hash's first 32 characters
+        out["ok"] = cfg.network == f"solana:{genesis[:32]}"
+        if not out["ok"]:
+            out["note"] = f"the node's genesis hash {genesis} is not {cfg.network}'s"
+        return out
+
+
+ADAPTER = SolanaAdapter()
