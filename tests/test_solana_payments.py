@@ -8,8 +8,10 @@ import base64
 import dataclasses
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from solders.signature import Signature
 from solders.transaction import VersionedTransaction
 from x402.http.utils import decode_payment_signature_header, encode_payment_signature_header
 from x402.mechanisms.svm import derive_ata
+from x402.schemas import PaymentPayload, PaymentRequirements
 
 from dispatchnet.chains.deployments import ChainConfigError
 from dispatchnet.chains.solana.rail import SvmRail, message_id
@@ -341,19 +344,81 @@ async def test_a_payment_is_settled_at_once_and_refunded_when_the_job_is_cancell
     assert balance(chain, "client") == before
 
 
-def test_a_settlement_by_a_remote_facilitator_is_found_on_chain(chain: dict[str, Any]) -> None:
-    gateway = X402Gateway([rail_of(chain)], 60)
-    payment = pay(gateway, SvmWallet.of_deployment(chain, LIMIT), 1_200, time.time())
-    signature = gateway.settle(payment)
-    # a rail whose fee payer is someone else's cannot derive the signature: it searches
-    remote = SvmRail(
-        chain["network"],
-        chain["rpc_url"],
-        chain["usdc"]["mint"],
-        keypair(chain, "deployer"),
-        facilitator_url="http://127.0.0.1:9/unused",
-    )
-    assert remote.settlement_of(payment) == (True, signature)
-    unsettled = pay(gateway, SvmWallet.of_deployment(chain, LIMIT), 1_300, time.time())
-    assert remote.settlement_of(unsettled) == (False, "")
-    assert gateway.rails[payment.network].settlement_of(unsettled) == (False, "")
+class HttpFacilitator:
+    """An x402 facilitator over HTTP on 127.0.0.1:<free port> (how devnet settles): the
+    SDK's SVM facilitator with its own fee payer, behind /supported, /verify and /settle."""
+
+    def __init__(self, data: dict[str, Any], fee_payer: Keypair) -> None:
+        facilitator = rail_of_keypair(data, fee_payer).facilitator
+        self.address = str(fee_payer.pubkey())
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def reply(self, model: Any) -> None:
+                body = model.model_dump_json(by_alias=True, exclude_none=True).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self.reply(facilitator.get_supported())
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                payload = PaymentPayload.model_validate(body["paymentPayload"])
+                requirement = PaymentRequirements.model_validate(body["paymentRequirements"])
+                call = facilitator.verify if self.path == "/verify" else facilitator.settle
+                self.reply(call(payload, requirement))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def rail_of_keypair(data: dict[str, Any], kp: Keypair, **kw: Any) -> SvmRail:
+    return SvmRail(data["network"], data["rpc_url"], data["usdc"]["mint"], kp, **kw)
+
+
+def test_payments_through_an_http_facilitator(chain: dict[str, Any]) -> None:
+    """devnet's way: the facilitator URL's account pays the fee; the coordinator still
+    finds the landed transaction (by its message) without knowing the fee payer's key."""
+    remote = HttpFacilitator(chain, keypair(chain, "deployer"))
+    try:
+        rail = rail_of_keypair(chain, keypair(chain, "coordinator"), facilitator_url=remote.url)
+        gateway = X402Gateway([rail], 60)
+        wallet = SvmWallet.of_deployment(chain, LIMIT)
+        before = balance(chain, "client"), balance(chain, "coordinator")
+        payment = pay(gateway, wallet, 1_200, time.time())
+        gateway.verify(payment)
+        signature = gateway.settle(payment)
+        assert (balance(chain, "client"), balance(chain, "coordinator")) == (
+            before[0] - 1_200,
+            before[1] + 1_200,
+        )
+        landed = Client(chain["rpc_url"]).get_transaction(
+            Signature.from_string(signature), max_supported_transaction_version=0
+        )
+        assert landed.value is not None
+        keys = landed.value.transaction.transaction.message.account_keys  # type: ignore[union-attr]
+        assert str(keys[0]) == remote.address  # the facilitator paid the fee
+        assert rail.settlement_of(payment) == (True, signature)
+        assert gateway.settle(payment) == signature  # again: found, not sent twice
+        assert balance(chain, "client") == before[0] - 1_200
+        unsettled = pay(gateway, wallet, 1_300, time.time())
+        assert rail.settlement_of(unsettled) == (False, "")
+        remote.stop()
+        with pytest.raises(Unavailable, match="facilitator"):
+            gateway.verify(unsettled)
+    finally:
+        if remote.thread.is_alive():
+            remote.stop()
