@@ -29,6 +29,7 @@ from conftest import FAST, wait_until
 from solders.hash import Hash
 from solders.keypair import Keypair
 from solders.message import MessageV0
+from solders.pubkey import Pubkey
 from solders.signature import Signature
 from solders.transaction import VersionedTransaction
 from spl.memo.instructions import create_memo
@@ -76,10 +77,11 @@ def chain(home: Path) -> Iterator[dict[str, Any]]:
         assert not pid_alive(int(data["node_pid"]))
 
 
-def solana_profile(**chain: Any) -> Profile:
-    """local-solana with fast job timings and batches of two (payments are off)."""
+def solana_profile(paid: bool = False, **chain: Any) -> Profile:
+    """local-solana with fast job timings and batches of two (payments off unless paid)."""
     sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in FAST.items()}
     sections["receipts"] = {"batch_size": 2, "batch_max_age_seconds": 30}
+    sections["payments"] = {"enabled": paid}
     sections["chain"] = chain
     return load_profile("local-solana").with_overrides(**sections)
 
@@ -125,21 +127,31 @@ def funded_keypair(chain: dict[str, Any], key_file: Path) -> Keypair:
 
 
 def test_the_two_solana_profiles_differ_only_in_configuration() -> None:
-    """The same build on two Solana clusters: only where the chain is differs ([chain])."""
+    """The same build on two Solana clusters: only where the chain is and how payments are
+    settled and paid for differ ([chain], the facilitator, the wallet key)."""
     local, devnet = load_profile("local-solana"), load_profile("solana-devnet")
     assert local.receipts.anchor == devnet.receipts.anchor == "solana"
     assert (
         dataclasses.replace(
-            local, name=devnet.name, description=devnet.description, chain=devnet.chain
+            local,
+            name=devnet.name,
+            description=devnet.description,
+            chain=devnet.chain,
+            payments=dataclasses.replace(local.payments, accept=devnet.payments.accept),
+            wallet=dataclasses.replace(local.wallet, key_file=devnet.wallet.key_file),
         )
         == devnet
     )
+    [local_accept], [devnet_accept] = local.payments.accept, devnet.payments.accept
+    assert local_accept.network == devnet_accept.network == DEVNET
+    assert local_accept.facilitator == "" and devnet_accept.facilitator.startswith("https://")
     assert (local.chain.kind, devnet.chain.kind) == ("solana", "solana")
     assert local.chain.network == devnet.chain.network == DEVNET
     assert local.chain.deployment == "local-solana" and local.chain.devchain == "litesvm"
     assert devnet.chain.rpc_url == "https://api.devnet.solana.com"
     assert devnet.chain.mint == DEVNET_USDC and devnet.chain.key_file
-    assert not local.payments.enabled and not local.feedback.enabled  # until the rail lands
+    assert local.payments.enabled and devnet.payments.enabled
+    assert not local.feedback.enabled
     assert local.reputation.source == "local"
     assert {"anchor", "payments"} <= registry.capabilities("solana")
 
@@ -455,6 +467,100 @@ async def test_a_solana_node_outage_leaves_batches_pending_and_anchors_later(
         assert batch.anchor_error == "" and batch.anchor_transaction == proof.anchor_transaction
         assert later.state == COMPLETED
     assert anchor_memos(chain["rpc_url"], address, proof.merkle_root) == [proof.anchor_transaction]
+
+
+async def test_a_paid_job_on_solana_is_settled_at_commit_and_a_cancelled_one_refunded(
+    home: Path, chain: dict[str, Any], tmp_path: Path
+) -> None:
+    """The Solana track's payments, as a client sees them: exact SVM paid at CommitJob,
+    settled at once (the payload's blockhash cannot wait: "held"), "settled" when the job
+    completes; a job cancelled before it ran is refunded on chain."""
+    from dispatchnet.chains import registry
+    from dispatchnet.chains.solana.wallet import SvmWallet
+
+    profile = solana_profile(paid=True, deployment=str(home / "chains" / "local-solana.json"))
+    adapter = registry.adapter_of(profile)
+    mint = chain["usdc"]["mint"]
+    payer = chain["accounts"]["client"]["address"]
+    payee = chain["accounts"]["coordinator"]["address"]
+
+    def balance(owner: str) -> int:
+        return adapter.token_balance(profile, mint, owner)
+
+    before_payer, before_payee = balance(payer), balance(payee)
+    wallet = SvmWallet.of_deployment(chain, 100_000)
+    async with cluster_for(profile, tmp_path / "coord") as cluster:
+        worker = await cluster.worker()
+        c = cluster.client(wallet=wallet)
+        job = await c.submit(task_spec("echo", b'"paid"'))
+        assert job.payment.network == DEVNET and job.payment.status == "authorized"
+        done = await c.wait(job.job_id)
+        assert done.state == COMPLETED
+
+        async def settled() -> bool:
+            return (await c.get(job.job_id)).payment.status == "settled"
+
+        await wait_until(settled, 20, "the payment settled")
+        tx = (await c.get(job.job_id)).payment.transaction
+        assert tx  # the settlement's signature
+
+        # with no worker connected the next job waits queued; it is cancelled, then refunded
+        worker.stop()
+        await wait_until(lambda: not cluster.coord.hub.sessions, 10, "the worker gone")
+        lonely = await c.submit(task_spec("echo", b'"lonely"'))
+
+        async def held() -> bool:
+            return (await c.get(lonely.job_id)).payment.status == "held"
+
+        await wait_until(held, 20, "the payment settled at commit")
+        await c.cancel(lonely.job_id)
+
+        async def refunded() -> bool:
+            return (await c.get(lonely.job_id)).payment.status == "refunded"
+
+        await wait_until(refunded, 30, "the cancelled job's payment refunded")
+        assert (await c.get(lonely.job_id)).payment.refund_transaction
+    assert balance(payer) == before_payer - 1000  # one CHEAP task, paid once
+    assert balance(payee) == before_payee + 1000
+
+
+async def test_the_cli_pays_on_solana_and_its_wallet_speaks_solana_keys(
+    home: Path, chain: dict[str, Any], tmp_path: Path
+) -> None:
+    profile = solana_profile(paid=True, deployment=str(home / "chains" / "local-solana.json"))
+    client = chain["accounts"]["client"]["address"]
+    mint = chain["usdc"]["mint"]
+    code, out, err = await adispatch(home, "wallet", "address", "--profile", "local-solana")
+    assert code == 0, err
+    assert json.loads(out)["address"] == client
+    code, out, err = await adispatch(home, "wallet", "balance", "--profile", "local-solana")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["network"] == DEVNET
+    [entry] = [b for b in shown["balances"] if b["asset"] == mint]
+    start = entry["balance"]
+    assert start > 0
+    key = tmp_path / "sol.key"
+    code, out, err = await adispatch(
+        home, "wallet", "new", "--profile", "local-solana", "--key-file", str(key)
+    )
+    assert code == 0, err
+    made = json.loads(out)
+    assert Keypair.from_base58_string(key.read_text().strip()).pubkey() == Pubkey.from_string(
+        made["address"]
+    )
+    async with cluster_for(profile, tmp_path / "coord") as cluster:
+        await cluster.worker()
+        code, out, err = await adispatch(
+            home, "job", "submit", "--coordinator", cluster.address, "--profile",
+            "local-solana", "--task", "echo", "--input", '{"a": 1}', "--wait",
+        )  # fmt: skip
+        assert code == 0, err
+        job = json.loads(out)
+        assert job["state"] == "JOB_STATE_COMPLETED" and job["payment"]["payer"] == client
+    code, out, err = await adispatch(home, "wallet", "balance", "--profile", "local-solana")
+    [entry] = [b for b in json.loads(out)["balances"] if b["asset"] == mint]
+    assert entry["balance"] == start - 1000
 
 
 def test_solana_chain_down_stops_the_node_and_removes_the_deployment(

@@ -621,26 +621,28 @@ async def cmd_chain_reputation(args: argparse.Namespace) -> int:
 
 
 async def cmd_wallet(args: argparse.Namespace) -> int:
-    """The client's x402 wallet: a secp256k1 chain key (README "Payments")."""
+    """The client's x402 wallet: a key of the profile's chain kind (README "Payments")."""
+    from dispatchnet.chains import registry
     from dispatchnet.chains.deployments import ChainConfigError
-    from dispatchnet.chains.evm.node import load_or_create_chain_key
-    from dispatchnet.payments.wallet import wallet_for
+    from dispatchnet.errors import Unavailable
 
+    profile = load_profile(args.profile)
+    chain = registry.adapter_of(profile)
     if args.wallet_cmd == "new":
         path = Path(args.key_file).expanduser()
         path = path if path.is_absolute() else keys.default_home() / path
         if path.exists():
             raise CliError(f"{path} exists already; it is the key of a wallet")
-        key = load_or_create_chain_key(path)
-        from eth_account import Account
-
-        emit({"address": Account.from_key(key).address, "key_file": str(path)})
+        try:
+            address = chain.new_wallet_key(path)
+        except ChainConfigError as e:
+            raise CliError(str(e)) from e
+        emit({"address": address, "key_file": str(path)})
         return 0
-    profile = load_profile(args.profile)
     if getattr(args, "max_payment", None) is not None:
         profile = profile.with_overrides(wallet={"max_per_job_micros": args.max_payment})
     try:
-        wallet = wallet_for(profile, args.wallet_key or "")
+        wallet = chain.client_wallet(profile, args.wallet_key or "")
     except ChainConfigError as e:
         raise CliError(str(e)) from e
     if wallet is None:
@@ -653,30 +655,11 @@ async def cmd_wallet(args: argparse.Namespace) -> int:
     elif args.wallet_cmd == "pay":
         print(await asyncio.to_thread(wallet.pay, args.payment_required.strip()))
     else:
-        emit(await asyncio.to_thread(_wallet_balances, profile, wallet))
+        try:
+            emit(await asyncio.to_thread(chain.wallet_balances, profile, wallet))
+        except (Unavailable, ChainConfigError) as e:
+            raise CliError(str(e)) from e
     return 0
-
-
-def _wallet_balances(profile: Any, wallet: Any) -> dict[str, Any]:
-    from x402.mechanisms.evm.default_assets import get_default_asset
-
-    from dispatchnet.chains.evm.node import resolve_evm_chain, web3_for
-    from dispatchnet.chains.evm.payments import token_balance
-    from dispatchnet.errors import Unavailable
-
-    chain = resolve_evm_chain(profile.chain)
-    assets = {a.address.lower(): a.address for a in wallet.extra_assets}
-    with contextlib.suppress(ValueError, KeyError):
-        default = get_default_asset(chain.network)["asset"]
-        assets.setdefault(default.lower(), default)
-    w3 = web3_for(chain.rpc_url, profile.chain.rpc_timeout_seconds)
-    try:
-        balances = [
-            {"asset": a, "balance": token_balance(w3, a, wallet.address)} for a in assets.values()
-        ]
-    except Unavailable as e:
-        raise CliError(e.message) from e
-    return {"address": wallet.address, "network": chain.network, "balances": balances}
 
 
 async def cmd_auth_header(args: argparse.Namespace) -> int:
@@ -899,7 +882,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     wl = sub.add_parser("wallet", help="the x402 wallet `job submit` pays with")
     wsub = wl.add_subparsers(dest="wallet_cmd", required=True)
-    wn = wsub.add_parser("new", help="create a wallet key file (secp256k1, mode 0600)")
+    wn = wsub.add_parser(
+        "new", help="create a wallet key file of the profile's chain kind (mode 0600)"
+    )
+    wn.add_argument("--profile", default="local-monad", help="profile name or .toml path")
     wn.add_argument(
         "--key-file", default="wallet.key", help="where (default: wallet.key in $DISPATCH_HOME)"
     )

@@ -395,6 +395,8 @@ def check_profile(profile: Profile) -> list[str]:
 
 
 def _check_payments(profile: Profile, can: frozenset[str]) -> list[str]:
+    from dispatchnet.chains import registry  # light: no chain library is imported
+
     p, c = profile.payments, profile.chain
     problems: list[str] = []
     if p.enabled and not p.accept:
@@ -411,8 +413,8 @@ def _check_payments(profile: Profile, can: frozenset[str]) -> list[str]:
                 f"[[payments.accept]] {a.network!r} needs a [chain] on that network whose kind "
                 "takes payments"
             )
-        if a.asset and not ADDRESS.fullmatch(a.asset):
-            problems.append(f"[[payments.accept]] asset {a.asset!r} is not an address")
+        if a.asset and (why := registry.asset_problem(c.kind, a.asset)) is not None:
+            problems.append(f"[[payments.accept]] {why}")
         if a.facilitator and not re.fullmatch(r"https?://\S+", a.facilitator):
             problems.append(f"[[payments.accept]] facilitator {a.facilitator!r} is not a URL")
     if p.settle_margin_seconds < 10 or p.max_authorization_seconds <= p.settle_margin_seconds:

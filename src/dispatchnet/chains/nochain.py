@@ -20,6 +20,10 @@ CAPABILITIES: frozenset[str] = frozenset()
 KEYS = frozenset({"kind", "devchain"})
 
 
+def asset_problem(asset: str) -> str | None:
+    return "no chain to pay on"
+
+
 def problems(c: ChainConfig) -> list[str]:
     if c.devchain:
         return ["[chain] devchain needs a chain kind that has a local chain"]
@@ -55,6 +59,12 @@ class NoChain:
 
     def client_wallet(self, profile: Profile, key_file: str) -> Any:
         return None
+
+    def new_wallet_key(self, path: Path) -> str:
+        raise self._none("a wallet")
+
+    def wallet_balances(self, profile: Profile, wallet: Any) -> dict[str, Any]:
+        raise self._none("a wallet")
 
     def check_anchor(
         self, profile: Profile, root: bytes, network: str, transaction: str, expected_anchorer: str

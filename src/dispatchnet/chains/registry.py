@@ -60,6 +60,14 @@ class ChainAdapter(Protocol):
         """The wallet `dispatch job submit` pays with (payments/wallet.py), None if none."""
         ...
 
+    def new_wallet_key(self, path: Path) -> str:
+        """Creates a wallet key file (mode 0600) for this kind; the wallet's address."""
+        ...
+
+    def wallet_balances(self, profile: Profile, wallet: Any) -> dict[str, Any]:
+        """`dispatch wallet balance`: the wallet's balances of the assets it pays in."""
+        ...
+
     def check_anchor(self, profile: Profile, root: bytes, network: str, transaction: str,
                      expected_anchorer: str) -> dict[str, Any]:  # fmt: skip
         """`dispatch receipt verify --onchain`: the anchor of a proof's root, read back."""
@@ -111,6 +119,14 @@ def capabilities(kind: str) -> frozenset[str]:
         return frozenset()
     found: frozenset[str] = importlib.import_module(_KINDS[kind][0]).CAPABILITIES
     return found
+
+
+def asset_problem(kind: str, asset: str) -> str | None:
+    """Why `asset` cannot be a payment asset on a chain of this kind, or None (light)."""
+    if kind not in _KINDS:
+        return f"[chain] kind {kind!r} is unknown"
+    check: Callable[[str], str | None] = importlib.import_module(_KINDS[kind][0]).asset_problem
+    return check(asset)
 
 
 def problems(cfg: ChainConfig) -> list[str]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +78,30 @@ class EvmAdapter:
         from dispatchnet.payments.wallet import wallet_for
 
         return wallet_for(profile, key_file)
+
+    def new_wallet_key(self, path: Path) -> str:
+        from eth_account import Account
+
+        from dispatchnet.chains.evm.node import load_or_create_chain_key
+
+        return str(Account.from_key(load_or_create_chain_key(path)).address)
+
+    def wallet_balances(self, profile: Profile, wallet: Any) -> dict[str, Any]:
+        from x402.mechanisms.evm.default_assets import get_default_asset
+
+        from dispatchnet.chains.evm.node import web3_for
+        from dispatchnet.chains.evm.payments import token_balance
+
+        chain = resolve_evm_chain(profile.chain)
+        assets = {a.address.lower(): a.address for a in wallet.extra_assets}
+        with contextlib.suppress(ValueError, KeyError):
+            default = get_default_asset(chain.network)["asset"]
+            assets.setdefault(default.lower(), default)
+        w3 = web3_for(chain.rpc_url, profile.chain.rpc_timeout_seconds)
+        balances = [
+            {"asset": a, "balance": token_balance(w3, a, wallet.address)} for a in assets.values()
+        ]
+        return {"address": wallet.address, "network": chain.network, "balances": balances}
 
     def check_anchor(
         self, profile: Profile, root: bytes, network: str, transaction: str, expected_anchorer: str

@@ -55,6 +55,11 @@ def network_problem(network: str, section: str) -> str | None:
     return f"{section} network must be eip155:<chain id>, not {network!r}"
 
 
+def asset_problem(asset: str) -> str | None:
+    """Why `asset` cannot be a payment asset on this kind (a token address), or None."""
+    return None if ADDRESS.fullmatch(asset) else f"asset {asset!r} is not an address"
+
+
 def problems(c: ChainConfig) -> list[str]:
     out: list[str] = []
     if (p := network_problem(c.network, "[chain]")) is not None:

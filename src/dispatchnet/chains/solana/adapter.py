@@ -45,6 +45,10 @@ def _reading(cfg: ChainConfig) -> ChainConfig:
     return cfg
 
 
+# An SVM payment's blockhash is valid for ~150 slots: it cannot wait for the job.
+SVM_PAYLOAD_SECONDS = 60
+
+
 class SolanaAdapter:
     kind = "solana"
 
@@ -71,10 +75,53 @@ class SolanaAdapter:
         return None
 
     def payment_rail(self, accept: AcceptConfig, profile: Profile, data_dir: Path) -> Any:
-        raise ChainConfigError("x402 payments on [chain] kind solana: not yet")
+        from dispatchnet.chains.solana.rail import SvmRail
+
+        if profile.payments.settle_margin_seconds < SVM_PAYLOAD_SECONDS:
+            # an SVM payment expires with its blockhash: it must be settled at once
+            raise ChainConfigError(
+                f"[payments] settle_margin_seconds must be at least {SVM_PAYLOAD_SECONDS} on "
+                "kind solana (a payment's blockhash expires in about a minute: it is settled "
+                "at commit)"
+            )
+        chain = resolve_solana_chain(profile.chain, data_dir)
+        return SvmRail(
+            accept.network,
+            chain.rpc_url,
+            accept.asset or chain.mint,
+            chain.keypair,
+            rpc_timeout=profile.chain.rpc_timeout_seconds,
+            tx_timeout=profile.chain.tx_timeout_seconds,
+            facilitator_url=accept.facilitator,
+        )
 
     def client_wallet(self, profile: Profile, key_file: str) -> Any:
-        return None
+        """--wallet-key / [wallet] key_file (a Solana keypair file), else the deployment
+        file's "client" dev account, else None."""
+        from dispatchnet.chains.deployments import read_deployment
+        from dispatchnet.chains.solana.wallet import (
+            SvmWallet,
+            load_or_create_solana_key,
+            svm_deployment_assets,
+        )
+        from dispatchnet.payments.wallet import Asset
+
+        cfg = profile.chain
+        limit = profile.wallet.max_per_job_micros
+        data: dict[str, Any] = {}
+        if cfg.deployment and deployment_path(cfg.deployment).exists():
+            data = read_deployment(cfg.deployment)
+        path = key_file or profile.wallet.key_file
+        if path:
+            p = in_home(path)
+            if not p.exists():
+                raise ChainConfigError(f"no wallet key file {p}")
+            extra = [Asset(cfg.network, cfg.mint)] if cfg.mint else svm_deployment_assets(data)
+            rpc_url = cfg.rpc_url or str(data.get("rpc_url") or "") or None
+            return SvmWallet(load_or_create_solana_key(p), limit, extra, rpc_url)
+        if "client" not in (data.get("accounts") or {}):
+            return None
+        return SvmWallet.of_deployment(data, limit)
 
     def check_anchor(
         self, profile: Profile, root: bytes, network: str, transaction: str, expected_anchorer: str
@@ -94,6 +141,20 @@ class SolanaAdapter:
             timeout=profile.chain.rpc_timeout_seconds,
         )
         return {"network": chain.network, "expected_anchorer": expected, **check.as_dict()}
+
+    def new_wallet_key(self, path: Path) -> str:
+        from dispatchnet.chains.solana.wallet import load_or_create_solana_key
+
+        return str(load_or_create_solana_key(path).pubkey())
+
+    def wallet_balances(self, profile: Profile, wallet: Any) -> dict[str, Any]:
+        chain = resolve_solana_chain(_reading(profile.chain))
+        mints = {a.address for a in wallet.extra_assets} | ({chain.mint} if chain.mint else set())
+        balances = [
+            {"asset": m, "balance": self.token_balance(profile, m, wallet.address)}
+            for m in sorted(mints)
+        ]
+        return {"address": wallet.address, "network": chain.network, "balances": balances}
 
     def token_balance(self, profile: Profile, asset: str, account: str) -> int:
         """`account`'s balance of the SPL mint `asset` ("" = [chain]'s mint), held in its

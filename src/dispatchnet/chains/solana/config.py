@@ -43,6 +43,11 @@ def network_problem(network: str, section: str) -> str | None:
     return f"{section} network must be solana:<32-character genesis hash prefix>, not {network!r}"
 
 
+def asset_problem(asset: str) -> str | None:
+    """Why `asset` cannot be a payment asset on this kind (an SPL mint), or None."""
+    return None if BASE58_KEY.fullmatch(asset) else f"asset {asset!r} is not a mint address"
+
+
 def problems(c: ChainConfig) -> list[str]:
     out: list[str] = []
     if (p := network_problem(c.network, "[chain]")) is not None:
