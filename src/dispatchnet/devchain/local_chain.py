@@ -15,10 +15,8 @@ Blocking code (subprocesses, HTTP): async callers use asyncio.to_thread.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,9 @@ from dispatchnet.chains.deployments import ChainConfigError, deployment_path, re
 from dispatchnet.chains.evm.config import chain_id_of
 from dispatchnet.chains.evm.deploy import deploy, load_artifact
 from dispatchnet.chains.evm.node import TRANSIENT, resolve_evm_chain, web3_for
+from dispatchnet.devchain import processes
 from dispatchnet.devchain.anvil import Anvil
+from dispatchnet.devchain.processes import pid_alive
 from dispatchnet.profiles import Profile
 
 # Test USDC minted to each demo account (6 decimals): 1,000 USDC.
@@ -49,22 +49,6 @@ def _dev_chain(profile: Profile) -> Path:
             "its chain is " + (cfg.rpc_url or cfg.network or "none")
         )
     return deployment_path(cfg.deployment)
-
-
-def pid_alive(pid: int) -> bool:
-    """True when `pid` runs (a zombie, exited but not reaped, counts as gone)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError, IndexError):
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
 
 
 def _is_anvil(pid: int) -> bool:
@@ -182,18 +166,7 @@ def chain_up(profile: Profile, port: int | None = None) -> dict[str, Any]:
 
 def stop_pid(pid: int, timeout: float = 5.0) -> bool:
     """SIGTERM (then SIGKILL) for an anvil pid; True if it was running."""
-    if not (pid_alive(pid) and _is_anvil(pid)):
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + timeout
-        time.sleep(0.02)
-    return True
+    return processes.stop_pid(pid, _is_anvil, timeout)
 
 
 def chain_down(profile: Profile) -> dict[str, Any]:

@@ -25,7 +25,6 @@ import atexit
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,8 @@ from spl.token.instructions import (
     mint_to_checked,
 )
 
+from dispatchnet.devchain import processes
+from dispatchnet.devchain.processes import pid_alive
 from dispatchnet.devchain.solana_node import MINT_LEN, TOKEN_PROGRAM
 
 NODE_MODULE = "dispatchnet.devchain.solana_node"
@@ -368,21 +369,6 @@ def bootstrap(
 # -- chain up / status / down over a deployment file ------------------------------------
 
 
-def pid_alive(pid: int) -> bool:
-    """True when `pid` runs (a zombie, exited but not reaped, counts as gone)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
 def is_solana_node(pid: int) -> bool:
     """Guards against signalling a recycled pid: on Linux the command line must be the
     node's (`python -m dispatchnet.devchain.solana_node`)."""
@@ -398,18 +384,7 @@ def is_solana_node(pid: int) -> bool:
 
 def stop_pid(pid: int, timeout: float = 5.0) -> bool:
     """SIGTERM (then SIGKILL) for a node pid; True if it was running."""
-    if not is_solana_node(pid):
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + timeout
-        time.sleep(0.02)
-    return True
+    return processes.stop_pid(pid, is_solana_node, timeout)
 
 
 def serves(data: dict[str, Any], timeout: float = 2.0) -> bool:
