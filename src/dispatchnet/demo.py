@@ -332,7 +332,8 @@ class TrackRun:
 
     @property
     def ok(self) -> bool:
-        return len(self.outcomes) == 3 and all(o.ok for o in self.outcomes) and not self.problems
+        # (a setup step that failed is in self.problems, and no scenario ran)
+        return bool(self.outcomes) and all(o.ok for o in self.outcomes) and not self.problems
 
     def step(self, n: int, text: str) -> None:
         say(f"\n[{self.track.name} {n}/{STEPS}] {text}")
@@ -423,6 +424,10 @@ class TrackRun:
             text = text.replace(old, new)
         self.coordinator_profile.write_text(text)
         profile = load_profile(str(self.coordinator_profile))
+        needs = {"anchor", "payments"} | ({"identity", "feedback"} if self.track.agents else set())
+        missing = needs - registry.capabilities(profile.chain.kind)
+        if missing:
+            raise DemoError(f"[chain] kind {profile.chain.kind} lacks {', '.join(sorted(missing))}")
         # read in this process, whose $DISPATCH_HOME is not the demo's: the file by path
         deployment = self.home / CHAINS_DIR / f"{profile.chain.deployment}.json"
         self.profile = dataclasses.replace(
