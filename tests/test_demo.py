@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dispatchnet import demo
 from dispatchnet.demo import run_demo
 from dispatchnet.devchain.local_chain import pid_alive
 
@@ -117,6 +118,27 @@ async def test_demo_runs_all_scenarios_on_both_chains(capsys: pytest.CaptureFixt
         assert (float(score) > 0.5) == (int(count) > 0)
 
     # cleaned up: the scratch space (both chains' deployments included) is removed
+    scratch = re.search(r"scratch space: (\S+),", out)
+    assert scratch is not None
+    assert not Path(scratch.group(1)).exists()
+
+
+async def test_a_track_that_cannot_start_fails_the_demo_and_cleans_up(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A track whose chain does not come up is reported, fails the demo (exit 1), and leaves
+    nothing behind."""
+    broken = demo.Track("Broken", "no-such-profile", "no node", "pid", False, False)
+    monkeypatch.setattr(demo, "TRACKS", (broken,))
+    assert await run_demo() == 1
+
+    out = capsys.readouterr().out
+    assert "=== Broken track: profile no-such-profile" in out
+    assert re.search(
+        r"\[Broken 1/10\] Starting the local chain .*\n +FAILED: `dispatch chain up`", out
+    )
+    assert "  ! Broken chain: `dispatch chain up` exited" in out
+    assert "The demo FAILED" in out
     scratch = re.search(r"scratch space: (\S+),", out)
     assert scratch is not None
     assert not Path(scratch.group(1)).exists()
