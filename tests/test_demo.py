@@ -1,5 +1,7 @@
-"""`dispatch demo` end to end: a local anvil chain, real coordinator and worker subprocesses
-on loopback, registered agents, on-chain feedback and an on-chain receipt check."""
+"""`dispatch demo` end to end on both chain tracks: a local anvil chain and a local Solana
+(LiteSVM) node, one coordinator per chain and real worker subprocesses on loopback; on the
+EVM track registered agents and on-chain feedback; on each chain real x402 payments with
+balances read on chain, and an on-chain receipt check."""
 
 from __future__ import annotations
 
@@ -8,57 +10,105 @@ from pathlib import Path
 
 import pytest
 
+from dispatchnet import demo
 from dispatchnet.demo import run_demo
 from dispatchnet.devchain.local_chain import pid_alive
 
+SCENARIOS = ("public fast LLM", "public cheap task", "private task")
+# (track, profile, network, a settlement transaction, a payer/payee address)
+TRACKS = (
+    ("EVM", "local-monad", "eip155:31337", r"0x[0-9a-f]{64}", r"0x[0-9a-fA-F]{40}"),
+    (
+        "Solana",
+        "local-solana",
+        "solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1",
+        r"[1-9A-HJ-NP-Za-km-z]{64,88}",
+        r"[1-9A-HJ-NP-Za-km-z]{32,44}",
+    ),
+)
 
-async def test_demo_runs_all_scenarios(capsys: pytest.CaptureFixture[str]) -> None:
-    assert await run_demo() == 0
 
-    out = capsys.readouterr().out
-    for header in (
-        "Scenario 1, public fast LLM:",
-        "Scenario 2, public cheap task:",
-        "Scenario 3, private task:",
-    ):
-        assert header in out
-    assert "ran on the paired worker seeker-1: ok" in out
-    llm = out.split("Scenario 1", 1)[1].split("Scenario 2", 1)[0]
+def check_track(text: str, profile: str, network: str, tx: str, address: str) -> int:
+    """The steps every track shows; the pid of its local chain's node."""
+    for n, scenario in enumerate(SCENARIOS, start=1):
+        assert f"Scenario {n}, {scenario}:" in text
+    assert "ran on the paired worker seeker-1: ok" in text
+    llm = text.split("Scenario 1", 1)[1].split("Scenario 2", 1)[0]
     assert "tokens   " in llm and "desktop-1" in llm  # streamed, and run by the desktop
-    summary = out.split("Summary", 1)[1]
-    for scenario in ("public fast LLM", "public cheap task", "private task"):
-        row = next(line for line in summary.splitlines() if line.strip().startswith(scenario + " "))
-        assert "COMPLETED" in row and " settled " in row
-        assert row.rstrip().endswith("valid")
-    assert out.count("-> exit 0") == 4  # 3 offline verifies + 1 on-chain verify
-    assert "All scenarios completed and were paid for on chain" in out
+    assert text.count("-> exit 0") == 4  # 3 offline verifies + 1 on-chain verify
+    for scenario in SCENARIOS:  # each job paid on this chain, then settled on it
+        part = text.split(f", {scenario}:", 1)[1].split("\n\n", 1)[0]
+        assert re.search(rf"paid +x402: [\d.]+ USDC signed by \S+ on {re.escape(network)} ", part)
+        assert re.search(
+            rf"settled +[\d.]+ USDC in {tx} +\(authorized -> (held -> )?settled\)", part
+        )
 
     # every job paid with x402 and settled once: balances read on chain before and after
-    payments = out.split("Payments: test USDC on chain", 1)[1].split("Reputation after", 1)[0]
-    payer = re.search(r"payer +([\d,.]+) USDC +([\d,.]+) USDC", payments)
-    payee = re.search(r"payee +([\d,.]+) USDC +([\d,.]+) USDC", payments)
+    payments = text.split("Payments: test USDC on chain", 1)[1].split("\n\n", 1)[0]
+    payer = re.search(rf"payer +([\d,.]+) USDC +([\d,.]+) USDC +{address}\n", payments)
+    payee = re.search(
+        rf"payee +([\d,.]+) USDC +([\d,.]+) USDC +{address} \(coordinator\)", payments
+    )
     assert payer is not None and payee is not None
     amount = [float(g.replace(",", "")) for g in (*payer.groups(), *payee.groups())]
     assert round(amount[0] - amount[1], 6) == round(amount[3] - amount[2], 6) == 0.012
-    assert len(re.findall(r"USDC in 0x[0-9a-f]{64}", payments)) == 3
+    assert len(re.findall(rf"USDC in {tx}\n", payments)) == 3
     assert "paid exactly the 0.012000 USDC its settled jobs cost, once each" in payments
 
-    # the chain: started with a free port, and every worker registered and verified
-    anvil = re.search(r"`dispatch chain up --profile local-monad --port 0`: .* pid (\d+)\)", out)
-    assert anvil is not None
-    for label in ("seeker-1", "seeker-2", "desktop-1"):
-        registered = re.search(rf"{label} +agent #(\d+) +owner 0x[0-9a-fA-F]{{40}}", out)
-        assert registered is not None
-        assert re.search(rf"{label} +\w+ +id \w+ +agent #{registered.group(1)} \(verified\)", out)
+    # one receipt checked on chain
+    onchain = text.split("A receipt checked on chain", 1)[1]
+    assert re.search(rf"--onchain --profile {profile}` -> exit 0", onchain)
+    assert re.search(r"root +0x[0-9a-f]{64}", onchain)
+    assert re.search(rf"anchor tx +{tx} on {re.escape(network)}", onchain)
 
-    # reputation before (the prior) and after the feedback reached the chain
-    before = re.search(r"reputation before (.*)\(ListWorkers, source erc8004\)", out)
-    after = re.search(r"reputation after +(.*)\(ListWorkers, source erc8004\)", out)
+    # the chain: started on a free port, and brought down at the end of the track
+    node = re.search(rf"`dispatch chain up --profile {profile} --port 0`: .* pid (\d+)\)", text)
+    assert node is not None
+    assert re.search(
+        rf"`dispatch chain down --profile {profile}`: .*\(pid {node[1]}\) stopped", text
+    )
+    return int(node.group(1))
+
+
+async def test_demo_runs_all_scenarios_on_both_chains(capsys: pytest.CaptureFixture[str]) -> None:
+    assert await run_demo() == 0
+
+    out = capsys.readouterr().out
+    evm = out.split("=== EVM track: profile local-monad", 1)[1].split("=== Solana track", 1)[0]
+    solana = out.split("=== Solana track: profile local-solana", 1)[1].split("\nSummary\n", 1)[0]
+    sections = {"EVM": evm, "Solana": solana}
+    pids = [check_track(sections[name], *rest) for name, *rest in TRACKS]
+    assert not any(pid_alive(pid) for pid in pids)
+
+    # a row per scenario per chain, each completed, settled, with a valid receipt
+    summary = out.split("\nSummary\n", 1)[1]
+    for chain, *_ in TRACKS:
+        for scenario in SCENARIOS:
+            row = re.search(
+                rf"^  {chain} +{scenario} +job_\w+ +COMPLETED .* settled .*$", summary, re.M
+            )
+            assert row is not None, (chain, scenario)
+            assert row.group(0).rstrip().endswith("valid")
+    assert "All scenarios completed on every chain and were paid for on chain" in out
+
+    # the EVM track: every worker registered and verified
+    for label in ("seeker-1", "seeker-2", "desktop-1"):
+        registered = re.search(rf"{label} +agent #(\d+) +owner 0x[0-9a-fA-F]{{40}}", evm)
+        assert registered is not None
+        assert re.search(rf"{label} +\w+ +id \w+ +agent #{registered.group(1)} \(verified\)", evm)
+    # the Solana track: unregistered workers, no reputation steps, and the track says so
+    assert "agent #" not in solana and solana.count("no agent id") == 3
+    assert "reputation: on the EVM track only for now" in solana
+    assert "reputation before" not in solana and "getSummary" not in solana
+
+    # EVM reputation before (the prior) and after the feedback reached the chain
+    before = re.search(r"reputation before (.*)\(ListWorkers, source erc8004\)", evm)
+    after = re.search(r"reputation after +(.*)\(ListWorkers, source erc8004\)", evm)
     assert before is not None and after is not None
     assert before.group(1).split() == ["seeker-1", "0.50", "seeker-2", "0.50", "desktop-1", "0.50"]
     scores_after = dict(zip(*[iter(after.group(1).split())] * 2, strict=True))
     feedback = re.findall(
-        r"(\S+) +agent #\d+: getSummary -> (\d+) feedbacks?, average (\S+) -> score (\S+)", out
+        r"(\S+) +agent #\d+: getSummary -> (\d+) feedbacks?, average (\S+) -> score (\S+)", evm
     )
     assert sorted(label for label, *_ in feedback) == sorted(scores_after)
     assert sum(int(count) for _, count, _, _ in feedback) == 3  # one per job, all on chain
@@ -67,15 +117,28 @@ async def test_demo_runs_all_scenarios(capsys: pytest.CaptureFixture[str]) -> No
         assert scores_after[label] == score  # ListWorkers agrees with the chain
         assert (float(score) > 0.5) == (int(count) > 0)
 
-    # one receipt checked on chain
-    onchain = out.split("A receipt checked on chain", 1)[1].split("Summary", 1)[0]
-    assert re.search(r"--onchain --profile local-monad` -> exit 0", onchain)
-    assert re.search(r"root +0x[0-9a-f]{64}", onchain)
-    assert re.search(r"anchor tx +0x[0-9a-f]{64} on eip155:31337", onchain)
+    # cleaned up: the scratch space (both chains' deployments included) is removed
+    scratch = re.search(r"scratch space: (\S+),", out)
+    assert scratch is not None
+    assert not Path(scratch.group(1)).exists()
 
-    # cleaned up: the chain is down, anvil is gone and the scratch space removed
-    assert "`dispatch chain down`: anvil (pid" in out
-    assert not pid_alive(int(anvil.group(1)))
+
+async def test_a_track_that_cannot_start_fails_the_demo_and_cleans_up(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A track whose chain does not come up is reported, fails the demo (exit 1), and leaves
+    nothing behind."""
+    broken = demo.Track("Broken", "no-such-profile", "no node", "pid", False, False)
+    monkeypatch.setattr(demo, "TRACKS", (broken,))
+    assert await run_demo() == 1
+
+    out = capsys.readouterr().out
+    assert "=== Broken track: profile no-such-profile" in out
+    assert re.search(
+        r"\[Broken 1/10\] Starting the local chain .*\n +FAILED: `dispatch chain up`", out
+    )
+    assert "  ! Broken chain: `dispatch chain up` exited" in out
+    assert "The demo FAILED" in out
     scratch = re.search(r"scratch space: (\S+),", out)
     assert scratch is not None
     assert not Path(scratch.group(1)).exists()

@@ -1,35 +1,42 @@
-"""`dispatch demo`: the whole network on this machine, end to end, on a local EVM chain.
+"""`dispatch demo`: the whole network on this machine, end to end, on two local chains.
 
-Starts a local chain (`dispatch chain up --profile local-monad`, anvil with Dispatch's
-contracts), registers three workers (two seekers, one desktop) as ERC-8004 agents with
-`dispatch worker register`, then starts a coordinator on the local-monad profile (receipt
-batches close after 2 s and are anchored on the chain; reputation read from the chain) and
-the workers as subprocesses. A client then plays the seed's three scenarios: a public FAST
-LLM job run by the desktop's embedded model (tokens streamed live), a public CHEAP task and a
-PRIVATE task that only the worker the client paired with may run. Every job's receipt is
-checked in-process and with `dispatch receipt verify`, exactly as a user would offline. The
-workers' reputations are shown before and after the coordinator's on-chain feedback, and one
-receipt is checked on chain (`dispatch receipt proof` + `receipt verify --onchain`). Every
-job is paid for with x402: the client's wallet (the deployment's funded "client" account)
-signs an EIP-3009 authorization for the quoted price in test USDC, the coordinator verifies
-it at CommitJob and settles it on chain once the job completes; the payer's and the payee's
-balances are shown before and after, with the settlement transactions.
-Everything, the chain included, lives in a temporary directory ($DISPATCH_HOME for the
-children) that is removed at the end; `dispatch chain down` stops anvil.
+The same steps run once per track (TRACKS: the EVM track on local-monad's anvil, the Solana
+track on local-solana's LiteSVM node), one coordinator per chain: `dispatch chain up
+--profile <track> --port 0` starts the chain, a coordinator on that profile (receipt batches
+close after 2 s and are anchored on the chain) listens on its own free port with its own
+data dir, and two seekers and a desktop connect to it as subprocesses. On a track whose
+workers are ERC-8004 agents (EVM) they are registered first with `dispatch worker register`,
+reputation is read from the chain and the coordinator's feedback is shown on chain; on the
+Solana track the workers connect unregistered ("reputation: on the EVM track only for
+now"). A client then plays the seed's three scenarios on each chain: a public FAST LLM job
+run by the desktop's embedded model (tokens streamed live), a public CHEAP task and a
+PRIVATE task that only the worker the client paired with may run. Every job is paid for
+with x402 from the deployment's funded "client" account in test USDC (EVM: an EIP-3009
+authorization, settled once the job completes; Solana: an SPL transfer settled at commit,
+"held" until the job completes); the payer's and payee's balances are read on chain before
+and after, with the settlement transactions. Every receipt is checked in-process and with
+`dispatch receipt verify`, and one receipt per chain on chain (`dispatch receipt proof` +
+`receipt verify --onchain`). A summary table has a row per scenario per chain.
+Everything, the chains included, lives in a temporary directory ($DISPATCH_HOME for the
+children) that is removed at the end; each track's processes are stopped and its chain
+brought down (`dispatch chain down`) before the next track starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+import warnings
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -38,9 +45,11 @@ import grpc
 
 from dispatch.v1 import common_pb2, coordinator_pb2
 from dispatchnet import keys
+from dispatchnet.chains import registry
+from dispatchnet.chains.deployments import CHAINS_DIR
 from dispatchnet.cli import job_json
 from dispatchnet.client import CoordinatorClient, llm_spec, task_spec
-from dispatchnet.profiles import resolve_path
+from dispatchnet.profiles import Profile, load_profile, resolve_path
 from dispatchnet.receipts.core import verify_receipt_message
 
 START_TIMEOUT = 20.0
@@ -49,17 +58,44 @@ JOB_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 POLL_INTERVAL = 0.1
-CHAIN_PROFILE = "local-monad"
-# The demo's coordinator runs local-monad with receipt batches closing after this many
+# Each track's coordinator runs its profile with receipt batches closing after this many
 # seconds (instead of 10), so the receipts are anchored quickly.
 BATCH_MAX_AGE = 2
 FEEDBACK_TIMEOUT = 30.0
 PROOF_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 30.0
-WALLET_LIMIT = 100_000  # micro-USD the demo's wallet pays for one job at most
 INDENT = "      "
+STEPS = 10  # per track
+NO_REPUTATION = "reputation: on the EVM track only for now"
 
 _KIND_NAMES = {common_pb2.WORKER_KIND_SEEKER: "seeker", common_pb2.WORKER_KIND_DESKTOP: "desktop"}
+
+
+@dataclass(frozen=True)
+class Track:
+    """One chain the demo plays the scenarios on. Only these fields differ between tracks:
+    the steps are the same code (the chain itself is reached through the registry's
+    adapter for the profile's [chain] kind)."""
+
+    name: str  # the summary's Chain column
+    profile: str  # `dispatch chain up --profile …` and the coordinator's profile
+    node: str  # what `dispatch chain up` starts
+    pid_field: str  # the deployment file's record of the node's pid
+    agents: bool  # workers are ERC-8004 agents: registered, rated on chain, fed back to
+    settles_at_commit: bool  # the x402 payment moves at commit ("held" until the job ends)
+
+
+TRACKS = (
+    Track("EVM", "local-monad", "anvil", "anvil_pid", agents=True, settles_at_commit=False),
+    Track(
+        "Solana",
+        "local-solana",
+        "a LiteSVM node",
+        "node_pid",
+        agents=False,  # no ERC-8004 identity/reputation on Solana yet
+        settles_at_commit=True,
+    ),
+)
 
 
 class DemoError(Exception):
@@ -87,10 +123,12 @@ class WorkerInfo:
 
 @dataclass
 class Outcome:
-    """What one scenario produced and whether it checked out."""
+    """What one scenario produced on one chain and whether it checked out."""
 
+    chain: str
     title: str
     job: coordinator_pb2.Job | None = None
+    worker: str = "-"  # who ran it, as the demo names its workers
     receipt_valid: bool = False
     problems: list[str] = field(default_factory=list)
 
@@ -113,9 +151,9 @@ def short(hex_id: str) -> str:
     return hex_id[:8]
 
 
-def usdc(atomic: int) -> str:
-    """Test USDC atomic units (6 decimals) as an amount."""
-    return f"{atomic / 1_000_000:,.6f} USDC"
+def usdc(atomic: int, decimals: int = 6) -> str:
+    """Test USDC atomic units as an amount."""
+    return f"{atomic / 10**decimals:,.6f} USDC"
 
 
 def usd(micros: int) -> str:
@@ -153,32 +191,31 @@ def _tail(path: Path, lines: int = 15) -> list[str]:
         return []
 
 
-class Demo:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.env = {**os.environ, "DISPATCH_HOME": str(tmp / "home"), "PYTHONUNBUFFERED": "1"}
-        self.env.pop("DISPATCH_COORDINATOR", None)
-        self.children: list[Child] = []
-        self.address = ""
-        self.chain: dict[str, Any] = {}  # the deployment file `dispatch chain up` printed
-        self.coordinator_profile = tmp / f"{CHAIN_PROFILE}-demo.toml"
-        self.coordinator_key = b""
-        self.workers = [
-            WorkerInfo("seeker-1", "seeker", tmp / "seeker-1.key"),
-            WorkerInfo("seeker-2", "seeker", tmp / "seeker-2.key"),
-            WorkerInfo("desktop-1", "desktop", tmp / "desktop-1.key"),
-        ]
-        self.client_key = keys.load_or_create(tmp / "client.key")
-        self.payer_address = ""
+def _problem(e: BaseException) -> str:
+    if isinstance(e, grpc.aio.AioRpcError):
+        return f"{e.code().name}: {e.details()}"
+    return str(e)
 
-    # --- processes ---------------------------------------------------------------------------
+
+# What a step may fail with and still let the demo go on to the next step.
+STEP_ERRORS = (DemoError, OSError, ValueError, grpc.aio.AioRpcError)
+
+
+class Processes:
+    """The `dispatch` subprocesses of one track: started in its directory with the demo's
+    environment, stopped together (workers first)."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.env = env
+        self.children: list[Child] = []
 
     def cli_args(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "dispatchnet.cli", *args]
 
-    async def spawn(self, name: str, *args: str) -> tuple[Child, dict[str, Any]]:
+    async def spawn(self, name: str, *args: str) -> dict[str, Any]:
         """Starts a long-running `dispatch` command and reads the JSON line it prints first."""
-        log_path = self.tmp / f"{name}.log"
+        log_path = self.workdir / f"{name}.log"
         log_file = _open_log(log_path)
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -187,13 +224,12 @@ class Demo:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log_file,
                 env=self.env,
-                cwd=self.tmp,
+                cwd=self.workdir,
             )
         except BaseException:
             log_file.close()
             raise
-        child = Child(name, proc, log_path, log_file)
-        self.children.append(child)
+        self.children.append(Child(name, proc, log_path, log_file))
         assert proc.stdout is not None
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
@@ -208,9 +244,9 @@ class Demo:
             raise DemoError(f"{name} printed {line!r} instead of its JSON status line") from None
         if not isinstance(info, dict):
             raise DemoError(f"{name} printed {line!r} instead of its JSON status line")
-        return child, info
+        return info
 
-    async def run_cli(self, *args: str) -> tuple[int, str, str]:
+    async def run(self, *args: str) -> tuple[int, str, str]:
         """Runs a short `dispatch` command to completion: (exit code, stdout, stderr)."""
         proc = await asyncio.create_subprocess_exec(
             *self.cli_args(*args),
@@ -218,7 +254,7 @@ class Demo:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=self.env,
-            cwd=self.tmp,
+            cwd=self.workdir,
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT)
@@ -232,7 +268,8 @@ class Demo:
         return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
     async def stop_all(self) -> None:
-        """SIGTERM to everything still running (workers first), then kill what lingers."""
+        """SIGTERM to everything still running (workers first), then kill what lingers;
+        idempotent."""
         workers = [c for c in self.children if c.name != "coordinator"]
         coordinator = [c for c in self.children if c.name == "coordinator"]
         for group in (workers, coordinator):
@@ -252,14 +289,58 @@ class Demo:
                     proc.kill()
                 await proc.wait()
 
-    def print_logs(self) -> None:
+    def print_logs(self, prefix: str) -> None:
         for c in self.children:
             lines = _tail(c.log_path)
             if lines:
-                print(f"--- last lines of {c.name}'s log ---", file=sys.stderr)
+                print(f"--- last lines of {prefix} {c.name}'s log ---", file=sys.stderr)
                 for line in lines:
                     print(f"  {line}", file=sys.stderr)
         sys.stderr.flush()
+
+
+class TrackRun:
+    """One track played end to end: its chain, coordinator, workers, scenarios and checks.
+    Steps record what went wrong (self.problems, each outcome's problems) and go on."""
+
+    def __init__(
+        self, track: Track, tmp: Path, env: dict[str, str], client_key: keys.KeyPair
+    ) -> None:
+        self.track = track
+        self.home = Path(env["DISPATCH_HOME"])
+        self.dir = tmp / track.profile
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.procs = Processes(self.dir, env)
+        self.client_key = client_key
+        self.client_key_file = tmp / "client.key"
+        self.coordinator_profile = self.dir / f"{track.profile}-demo.toml"
+        self.chain: dict[str, Any] = {}  # the deployment file `dispatch chain up` printed
+        self.profile: Profile | None = None  # the coordinator's, read in this process
+        self.address = ""
+        self.coordinator_key = b""
+        self.workers = [
+            WorkerInfo("seeker-1", "seeker", self.dir / "seeker-1.key"),
+            WorkerInfo("seeker-2", "seeker", self.dir / "seeker-2.key"),
+            WorkerInfo("desktop-1", "desktop", self.dir / "desktop-1.key"),
+        ]
+        self.outcomes: list[Outcome] = []
+        self.problems: list[str] = []  # the chain-wide checks' (payments, reputation, anchor)
+        self.wallet: Any = None
+        self.asset: Any = None  # the wallet's payment asset: the deployment's test USDC
+        self.before = (0, 0)  # the payer's and the payee's balances before the first job
+        self.stopped = False
+
+    @property
+    def ok(self) -> bool:
+        # (a setup step that failed is in self.problems, and no scenario ran)
+        return bool(self.outcomes) and all(o.ok for o in self.outcomes) and not self.problems
+
+    def step(self, n: int, text: str) -> None:
+        say(f"\n[{self.track.name} {n}/{STEPS}] {text}")
+
+    def failed(self, e: BaseException, into: list[str]) -> None:
+        into.append(_problem(e))
+        say(f"{INDENT}FAILED: {_problem(e)}")
 
     def label(self, worker_id: str) -> str:
         for w in self.workers:
@@ -267,10 +348,138 @@ class Demo:
                 return f"{w.label} ({short(worker_id)})"
         return short(worker_id) if worker_id else "-"
 
-    # --- steps -------------------------------------------------------------------------------
+    def amount(self, atomic: int) -> str:
+        return usdc(atomic, self.asset.decimals if self.asset is not None else 6)
+
+    # --- the track's steps -------------------------------------------------------------------
+
+    async def play(self) -> None:
+        """Every step of the track, then its processes and chain stopped."""
+        t = self.track
+        say(f"\n=== {t.name} track: profile {t.profile}, one coordinator on {t.node} ===")
+        try:
+            try:
+                self.step(1, f"Starting the local chain ({t.node})")
+                await self.chain_up()
+                self.step(2, f"Starting a coordinator on {t.profile}")
+                await self.start_coordinator()
+                if t.agents:
+                    self.step(3, "Registering the workers as ERC-8004 agents")
+                    await self.register_workers()
+                else:
+                    self.step(3, f"Workers connect unregistered ({NO_REPUTATION})")
+                self.step(4, "Starting workers: 2 seekers (phones) and 1 desktop")
+                await self.start_workers()
+                await self.open_wallet()
+            except STEP_ERRORS as e:
+                self.failed(e, self.problems)
+                return
+            await self.play_scenarios()
+            self.step(8, "Payments: test USDC on chain, before and after")
+            try:
+                await self.show_payments()
+            except STEP_ERRORS as e:
+                self.failed(e, self.problems)
+            if t.agents:
+                self.step(9, "Reputation after the coordinator's on-chain feedback")
+                try:
+                    await self.reputation_after()
+                except STEP_ERRORS as e:
+                    self.failed(e, self.problems)
+            else:
+                self.step(9, f"Reputation: none on this chain ({NO_REPUTATION})")
+            self.step(10, "A receipt checked on chain (its batch root is anchored)")
+            anchored = next((o.job for o in self.outcomes if o.ok and o.job is not None), None)
+            try:
+                if anchored is None:
+                    raise DemoError("no completed job to check")
+                await self.verify_onchain(anchored)
+            except STEP_ERRORS as e:
+                self.failed(e, self.problems)
+        finally:
+            if not self.ok:
+                self.procs.print_logs(t.name)
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stops the track's processes, then its chain; idempotent."""
+        if self.stopped:
+            return
+        self.stopped = True
+        await self.procs.stop_all()
+        await self.chain_down()
+
+    # --- the chain -----------------------------------------------------------------------------
+
+    def write_coordinator_profile(self) -> None:
+        """The track's profile with short receipt batches (and, for agents, reputation read
+        from the chain)."""
+        text = resolve_path(self.track.profile).read_text()
+        changes = [("batch_max_age_seconds = 10", f"batch_max_age_seconds = {BATCH_MAX_AGE}")]
+        if self.track.agents:
+            changes.append(('[reputation]\nsource = "local"', '[reputation]\nsource = "erc8004"'))
+        for old, new in changes:
+            if old not in text:
+                raise DemoError(f"profile {self.track.profile} has no `{old}` to adjust")
+            text = text.replace(old, new)
+        self.coordinator_profile.write_text(text)
+        profile = load_profile(str(self.coordinator_profile))
+        needs = {"anchor", "payments"} | ({"identity", "feedback"} if self.track.agents else set())
+        missing = needs - registry.capabilities(profile.chain.kind)
+        if missing:
+            raise DemoError(f"[chain] kind {profile.chain.kind} lacks {', '.join(sorted(missing))}")
+        # read in this process, whose $DISPATCH_HOME is not the demo's: the file by path
+        deployment = self.home / CHAINS_DIR / f"{profile.chain.deployment}.json"
+        self.profile = dataclasses.replace(
+            profile, chain=dataclasses.replace(profile.chain, deployment=str(deployment))
+        )
+
+    def adapter(self) -> tuple[registry.ChainAdapter, Profile]:
+        if self.profile is None:
+            raise DemoError("the chain is not up")
+        return registry.adapter_of(self.profile), self.profile
+
+    async def chain_up(self) -> None:
+        p = self.track.profile
+        code, out, err = await self.procs.run("chain", "up", "--profile", p, "--port", "0")
+        if code != 0:
+            raise DemoError(f"`dispatch chain up` exited {code}: {(err or out).strip()[-300:]}")
+        self.chain = json.loads(out)
+        say(
+            f"{INDENT}`dispatch chain up --profile {p} --port 0`: {self.track.node} at "
+            f"{self.chain.get('rpc_url')} ({self.chain.get('network')}, pid "
+            f"{self.chain.get(self.track.pid_field)})"
+        )
+        deployed = dict(self.chain.get("contracts") or {})
+        usdc_info = self.chain.get("usdc")
+        if isinstance(usdc_info, dict) and usdc_info.get("mint"):
+            deployed["test USDC mint"] = usdc_info["mint"]
+        for n, (name, address) in enumerate(deployed.items()):
+            say(f"{INDENT}{'deployed' if n == 0 else '':9}{name:<22}{address}")
+        self.write_coordinator_profile()
+
+    async def chain_down(self) -> None:
+        """`dispatch chain down`; kills the recorded node itself if that command fails."""
+        if not self.chain:
+            return
+        pid = int(self.chain.get(self.track.pid_field) or 0)
+        what = f"{self.track.node} (pid {pid})"
+        try:
+            code, out, err = await self.procs.run("chain", "down", "--profile", self.track.profile)
+        except DemoError as e:
+            code, out, err = 1, "", str(e)
+        if code == 0:
+            say(f"`dispatch chain down --profile {self.track.profile}`: {what} stopped")
+            return
+        from dispatchnet.devchain.local_chain import stop_pid
+
+        await asyncio.to_thread(stop_pid, pid)
+        say(f"`dispatch chain down` exited {code} ({(err or out).strip()[-200:]}); {what} killed")
+
+    # --- coordinator and workers ---------------------------------------------------------------
 
     async def start_coordinator(self) -> None:
-        _, info = await self.spawn(
+        info = await self.procs.spawn(
             "coordinator",
             "coordinator",
             "--profile",
@@ -278,7 +487,7 @@ class Demo:
             "--listen",
             "127.0.0.1:0",
             "--data-dir",
-            str(self.tmp / "coordinator"),
+            str(self.dir / "coordinator"),
         )
         try:
             self.address = str(info["listening"])
@@ -290,12 +499,48 @@ class Demo:
         say(f"{INDENT}anchoring {info.get('anchoring', '?')}")
         say(
             f"{INDENT}receipt batches close after {BATCH_MAX_AGE}s; "
-            "reputation source: erc8004 (read from the chain)"
+            + (
+                "reputation source: erc8004 (read from the chain)"
+                if self.track.agents
+                else NO_REPUTATION
+            )
+        )
+
+    async def register_workers(self) -> None:
+        for w in self.workers:
+            code, out, err = await self.procs.run(
+                "worker",
+                "register",
+                "--profile",
+                self.track.profile,
+                "--key-file",
+                str(w.key_file),
+                "--name",
+                f"dispatch-demo-{w.label}",
+                "--endpoint",
+                self.address,
+            )
+            if code != 0:
+                raise DemoError(
+                    f"`dispatch worker register` ({w.label}) exited {code}: "
+                    f"{(err or out).strip()[-300:]}"
+                )
+            result = json.loads(out)
+            w.agent_id = str(result.get("agent_id", ""))
+            if not w.agent_id:
+                raise DemoError(f"`dispatch worker register` printed no agent id: {result}")
+            say(
+                f"{INDENT}{w.label:<10} agent #{w.agent_id}  owner {result.get('chain_address')}"
+                f"  tx {str(result.get('tx', ''))[:18]}..."
+            )
+        say(
+            f"{INDENT}(`dispatch worker register --profile {self.track.profile} --key-file "
+            "<worker key>`; each worker proves its agent on Connect)"
         )
 
     async def start_workers(self) -> None:
         for w in self.workers:
-            _, info = await self.spawn(
+            info = await self.procs.spawn(
                 w.label,
                 "worker",
                 "--coordinator",
@@ -329,15 +574,17 @@ class Demo:
         for w in self.workers:
             info_w = seen[w.worker_id]
             kind = _KIND_NAMES.get(info_w.kind, "?")
+            agent = f"agent #{info_w.agent_id} (verified)" if info_w.agent_id else "no agent id"
             say(
-                f"{INDENT}{w.label:<10} {kind:<8} id {short(w.worker_id)}  "
-                f"agent #{info_w.agent_id or '-'} (verified)  tasks: {', '.join(info_w.tasks)}"
+                f"{INDENT}{w.label:<10} {kind:<8} id {short(w.worker_id)}  {agent}  "
+                f"tasks: {', '.join(info_w.tasks)}"
             )
         say(
             f"{INDENT}ListWorkers shows all {len(self.workers)} connected "
             f"({time.monotonic() - began:.1f}s)"
         )
-        await self.show_reputation("before")
+        if self.track.agents:
+            await self.show_reputation("before")
 
     async def show_reputation(self, when: str) -> None:
         """Each worker's reputation as ListWorkers shows it (what matching uses)."""
@@ -351,122 +598,29 @@ class Demo:
         )
         say(f"{INDENT}reputation {when:<6} {scores}  (ListWorkers, source erc8004)")
 
-    # --- the chain -----------------------------------------------------------------------------
-
-    def write_coordinator_profile(self) -> None:
-        """local-monad, with short receipt batches and reputation read from the chain."""
-        text = resolve_path(CHAIN_PROFILE).read_text()
-        for old, new in (
-            ("batch_max_age_seconds = 10", f"batch_max_age_seconds = {BATCH_MAX_AGE}"),
-            ('[reputation]\nsource = "local"', '[reputation]\nsource = "erc8004"'),
-        ):
-            if old not in text:
-                raise DemoError(f"profile {CHAIN_PROFILE} has no `{old}` to adjust")
-            text = text.replace(old, new)
-        self.coordinator_profile.write_text(text)
-
-    async def chain_up(self) -> None:
-        code, out, err = await self.run_cli(
-            "chain", "up", "--profile", CHAIN_PROFILE, "--port", "0"
-        )
-        if code != 0:
-            raise DemoError(f"`dispatch chain up` exited {code}: {(err or out).strip()[-300:]}")
-        self.chain = json.loads(out)
-        contracts = self.chain.get("contracts", {})
-        say(
-            f"{INDENT}`dispatch chain up --profile {CHAIN_PROFILE} --port 0`: anvil at "
-            f"{self.chain.get('rpc_url')} ({self.chain.get('network')}, pid "
-            f"{self.chain.get('anvil_pid')})"
-        )
-        say(f"{INDENT}contracts deployed: IdentityRegistry {contracts.get('identity_registry')}")
-        say(f"{INDENT}{'':20}ReputationRegistry {contracts.get('reputation_registry')}")
-        say(f"{INDENT}{'':20}ReceiptAnchor {contracts.get('receipt_anchor')}")
-        self.write_coordinator_profile()
-
-    async def chain_down(self) -> None:
-        """`dispatch chain down`; kills the recorded anvil itself if that command fails."""
-        if not self.chain:
-            return
-        try:
-            code, out, err = await self.run_cli("chain", "down", "--profile", CHAIN_PROFILE)
-        except DemoError as e:
-            code, out, err = 1, "", str(e)
-        if code == 0:
-            say(f"`dispatch chain down`: anvil (pid {self.chain.get('anvil_pid')}) stopped")
-            return
-        from dispatchnet.devchain.local_chain import stop_pid
-
-        await asyncio.to_thread(stop_pid, int(self.chain.get("anvil_pid") or 0))
-        say(f"`dispatch chain down` exited {code} ({(err or out).strip()[-200:]}); anvil killed")
-
-    async def register_workers(self) -> None:
-        for w in self.workers:
-            code, out, err = await self.run_cli(
-                "worker",
-                "register",
-                "--profile",
-                CHAIN_PROFILE,
-                "--key-file",
-                str(w.key_file),
-                "--name",
-                f"dispatch-demo-{w.label}",
-                "--endpoint",
-                self.address,
-            )
-            if code != 0:
-                raise DemoError(
-                    f"`dispatch worker register` ({w.label}) exited {code}: "
-                    f"{(err or out).strip()[-300:]}"
-                )
-            result = json.loads(out)
-            w.agent_id = str(result.get("agent_id", ""))
-            if not w.agent_id:
-                raise DemoError(f"`dispatch worker register` printed no agent id: {result}")
-            say(
-                f"{INDENT}{w.label:<10} agent #{w.agent_id}  owner {result.get('chain_address')}"
-                f"  tx {str(result.get('tx', ''))[:18]}..."
-            )
-        say(
-            f"{INDENT}(`dispatch worker register --profile {CHAIN_PROFILE} --key-file "
-            "<worker key>`; each worker proves its agent on Connect)"
-        )
-
-    def _summary_reader(self) -> Callable[[int], tuple[int, int]]:
-        """getSummary(agent, [coordinator account], "successRate", "") on the demo chain."""
-        import dispatchnet.chains.evm  # noqa: F401  (before web3: restores the recursion limit)
-        from dispatchnet.chains.evm.node import web3_for
-        from dispatchnet.chains.evm.reputation import reputation_contract
-        from dispatchnet.coordinator.jobs import FEEDBACK_TAG1
-
-        contract = reputation_contract(
-            web3_for(str(self.chain["rpc_url"]), 5.0),
-            str(self.chain["contracts"]["reputation_registry"]),
-        )
-        reviewer = str(self.chain["accounts"]["coordinator"]["address"])
-
-        def read(agent_id: int) -> tuple[int, int]:
-            count, value, decimals = contract.functions.getSummary(
-                agent_id, [reviewer], FEEDBACK_TAG1, ""
-            ).call()
-            return int(count), int(value) // 10 ** int(decimals)
-
-        return read
-
-    async def reputation_after(self, outcomes: list[Outcome]) -> None:
+    async def reputation_after(self) -> None:
         """Waits until the coordinator's feedback for every finished job is on chain, then
         shows it and the workers' reputation again."""
+        from dispatchnet.coordinator.jobs import FEEDBACK_TAG1
+
         expected = {w.agent_id: 0 for w in self.workers}
-        for o in outcomes:
+        for o in self.outcomes:
             if o.job is not None and o.job.worker_id:
                 w = next((w for w in self.workers if w.worker_id == o.job.worker_id), None)
                 if w is not None:
                     expected[w.agent_id] += 1
-        read = self._summary_reader()
+        adapter, profile = self.adapter()
+        try:  # the reviewer: the coordinator's own account (the deployment's)
+            reader = adapter.summary_reader(profile, self.dir / "coordinator", [], FEEDBACK_TAG1)
+        except Exception as e:  # web3 raises many types; the chain is the demo's own
+            raise DemoError(f"cannot read reputation from the chain: {e}") from e
         began = time.monotonic()
         while True:
             try:
-                summaries = {a: await asyncio.to_thread(read, int(a)) for a in expected if a}
-            except Exception as e:  # web3 raises many types; the chain is the demo's own
+                summaries = {
+                    a: await asyncio.to_thread(reader.summary, int(a)) for a in expected if a
+                }
+            except Exception as e:  # as above
                 raise DemoError(f"cannot read getSummary from the chain: {e}") from e
             if all(summaries[a][0] >= n for a, n in expected.items()):
                 break
@@ -486,81 +640,111 @@ class Demo:
             score = (count * value / 100 + 2 * 0.5) / (count + 2)
             say(
                 f"{INDENT}  {w.label:<10} agent #{w.agent_id}: getSummary -> {count} "
-                f"feedback{'' if count == 1 else 's'}, average {value if count else '-'}"
+                f"feedback{'' if count == 1 else 's'}, average {f'{value:g}' if count else '-'}"
                 f" -> score {score:.2f}"
             )
         await self.show_reputation("after")
 
-    async def verify_onchain(self, job: coordinator_pb2.Job) -> bool:
-        """`dispatch receipt proof` (retried until the batch is anchored), then
-        `dispatch receipt verify --proof --onchain`."""
-        job_file = self.tmp / f"{job.job_id}.json"
-        proof_file = self.tmp / "proof.json"
-        began = time.monotonic()
-        proof: dict[str, Any] = {}
-        while True:
-            code, out, err = await self.run_cli(
-                "receipt",
-                "proof",
-                job.job_id,
-                "--coordinator",
-                self.address,
-                "--key-file",
-                str(self.tmp / "client.key"),
-            )
-            if code == 0:
-                proof = json.loads(out)
-                if proof.get("anchor_transaction"):
-                    break
-            elif "not batched yet" not in err:
-                raise DemoError(f"`dispatch receipt proof` exited {code}: {err.strip()[-300:]}")
-            if time.monotonic() - began > PROOF_TIMEOUT:
-                raise DemoError(f"receipt not anchored after {PROOF_TIMEOUT:.0f}s")
-            await asyncio.sleep(0.5)
-        proof_file.write_text(out)
-        say(
-            f"{INDENT}`dispatch receipt proof {job.job_id} > proof.json` "
-            f"({time.monotonic() - began:.1f}s)"
-        )
-        say(
-            f"{INDENT}  batch {proof.get('batch_id')}: leaf {proof.get('leaf_index', 0)} "
-            f"of {proof.get('leaf_count')}"
-        )
-        code, out, err = await self.run_cli(
-            "receipt",
-            "verify",
-            job_file.name,
-            "--proof",
-            proof_file.name,
-            "--onchain",
-            "--profile",
-            CHAIN_PROFILE,
-            "--coordinator-key",
-            self.coordinator_key.hex(),
-        )
-        say(
-            f"{INDENT}`dispatch receipt verify {job_file.name} --proof proof.json --onchain "
-            f"--profile {CHAIN_PROFILE}` -> exit {code}"
-        )
+    # --- payments ------------------------------------------------------------------------------
+
+    async def open_wallet(self) -> None:
+        """The client's x402 wallet on this chain (the deployment's funded "client" account)
+        and its payment asset, the deployment's test USDC; balances before any job."""
+        adapter, profile = self.adapter()
+        self.wallet = adapter.client_wallet(profile, "")
+        if self.wallet is None or not self.wallet.extra_assets:
+            raise DemoError("the deployment has no funded client account or test USDC")
+        self.asset = self.wallet.extra_assets[0]
+        self.before = await self.balances()
+
+    @property
+    def payee(self) -> str:
+        return str(self.chain["accounts"]["coordinator"]["address"])
+
+    async def balances(self) -> tuple[int, int]:
+        """Test USDC of the paying client and of the coordinator (the payee), on chain."""
+        adapter, profile = self.adapter()
         try:
-            result = json.loads(out)
-        except ValueError:
-            result = {}
-        p = result.get("proof", {})
-        onchain = p.get("onchain", {})
-        say(f"{INDENT}  root        0x{p.get('merkle_root', '?')}")
-        say(
-            f"{INDENT}  anchor tx   {p.get('anchor_transaction', '?')} on {p.get('anchor_network')}"
-        )
-        say(
-            f"{INDENT}  on chain    ReceiptAnchor {onchain.get('receipt_anchor', '?')}, "
-            f"block {onchain.get('anchored_in_block', '?')}, "
-            f"anchored by {onchain.get('anchorer', '?')}"
-        )
-        if code != 0:
-            problems = result.get("problems") or [(err or out).strip()[-300:]]
-            raise DemoError(f"on-chain verify failed: {'; '.join(map(str, problems))}")
-        return True
+            return (
+                await asyncio.to_thread(
+                    adapter.token_balance, profile, self.asset.address, self.wallet.address
+                ),
+                await asyncio.to_thread(
+                    adapter.token_balance, profile, self.asset.address, self.payee
+                ),
+            )
+        except Exception as e:  # the chain libraries raise many types; the chain is our own
+            raise DemoError(f"cannot read balances on chain: {e}") from e
+
+    async def show_payments(self) -> None:
+        """Balances before and after, the settlement transactions; a problem if they do not
+        add up to the jobs' prices."""
+        before, after = self.before, await self.balances()
+        a = self.amount
+        say(f"{INDENT}{'':8}{'before':>20}{'after':>20}")
+        say(f"{INDENT}{'payer':8}{a(before[0]):>20}{a(after[0]):>20}  {self.wallet.address}")
+        say(f"{INDENT}{'payee':8}{a(before[1]):>20}{a(after[1]):>20}  {self.payee} (coordinator)")
+        paid = 0
+        for o in self.outcomes:
+            if o.job is not None and o.job.payment.status == "settled":
+                p = o.job.payment
+                paid += int(p.amount)
+                say(f"{INDENT}{o.title:22} {a(int(p.amount))} in {p.transaction}")
+        if before[0] - after[0] != paid or after[1] - before[1] != paid:
+            raise DemoError(
+                f"balances moved by {before[0] - after[0]} / {after[1] - before[1]}, "
+                f"the settled payments add up to {paid}"
+            )
+        say(f"{INDENT}the payer paid exactly the {a(paid)} its settled jobs cost, once each")
+
+    async def payment_moves(
+        self, c: CoordinatorClient, job: coordinator_pb2.Job, seen: list[str], until: set[str]
+    ) -> coordinator_pb2.Job:
+        """Polls the job until its payment status is in `until` (noting each status seen)."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while job.payment.status not in until and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_INTERVAL)
+            job = await c.get(job.job_id)
+            _note(seen, job.payment.status)
+        return job
+
+    # --- scenarios -----------------------------------------------------------------------------
+
+    async def play_scenarios(self) -> None:
+        scenarios: list[tuple[str, str, Callable[[CoordinatorClient, Outcome], Awaitable[None]]]]
+        scenarios = [
+            (
+                "public fast LLM",
+                "a summary by the desktop's embedded model, tokens streamed live",
+                self.public_llm,
+            ),
+            (
+                "public cheap task",
+                "word_count at CHEAP policy (matching favours seekers)",
+                self.public_task,
+            ),
+            (
+                "private task",
+                "echo that only a worker paired with the client may run",
+                self.private_task,
+            ),
+        ]
+        wallet = self.wallet
+        async with CoordinatorClient(self.address, self.client_key, wallet) as client:
+            say(
+                f"\nThe client is just an ed25519 key ({short(self.client_key.public_hex)});"
+                " the jobs it commits belong to it. It pays for each with x402 from the wallet"
+                f" {wallet.address} ({self.amount(self.before[0])}, the deployment's test"
+                f" token), at most {usd(wallet.max_per_job_micros)} per job."
+            )
+            for n, (title, what, play) in enumerate(scenarios, start=1):
+                self.step(4 + n, f"Scenario {n}, {title}: {what}")
+                outcome = Outcome(self.track.name, title)
+                self.outcomes.append(outcome)
+                try:
+                    await play(client, outcome)
+                except STEP_ERRORS as e:
+                    self.failed(e, outcome.problems)
 
     async def run_job(
         self,
@@ -578,11 +762,20 @@ class Demo:
         )
         job = await c.commit(quote.quote_id)
         p = job.payment
-        say(
-            f"{INDENT}paid     x402: {usdc(int(p.amount or 0))} authorized by "
-            f"{p.payer[:6]}…{p.payer[-4:]}"
-            f" on {p.network} ({p.status}; settled once the job completes)"
+        seen = [p.status]
+        when = (
+            "transferred at commit, held until the job completes, refunded on chain if it fails"
+            if self.track.settles_at_commit
+            else "settled once the job completes"
         )
+        say(
+            f"{INDENT}paid     x402: {self.amount(int(p.amount or 0))} signed by "
+            f"{p.payer[:6]}…{p.payer[-4:]} on {p.network} ({p.status}; {when})"
+        )
+        if self.track.settles_at_commit:
+            job = await self.payment_moves(c, job, seen, {"held", "settled", "failed"})
+            if job.payment.status == "held":
+                say(f"{INDENT}held     {job.payment.transaction} landed (the job still runs)")
         say(f"{INDENT}job      {job.job_id} committed, waiting...")
         try:
             follow = self.stream_tokens(c, job.job_id) if stream else c.wait(job.job_id)
@@ -592,75 +785,25 @@ class Demo:
             outcome.job = job
             raise DemoError(f"job still {state_name(job.state)} after {JOB_TIMEOUT:.0f}s") from None
         outcome.job = job
+        outcome.worker = self.label(job.worker_id)
         tries = "attempt" if job.attempts == 1 else "attempts"
         say(f"{INDENT}result   {state_name(job.state)} after {job.attempts} {tries}")
         if job.state != coordinator_pb2.JOB_STATE_COMPLETED:
             failure = f"{job.failure.code}: {job.failure.message}" if job.failure.code else "?"
             raise DemoError(f"job ended {state_name(job.state)} ({failure})")
-        say(f"{INDENT}worker   {self.label(job.worker_id)}")
+        say(f"{INDENT}worker   {outcome.worker}")
         say(f"{INDENT}output   {output_text(job)}")
-        job = await self.settled(c, job)
+        _note(seen, job.payment.status)
+        job = await self.payment_moves(c, job, seen, {"settled", "failed", "refunded"})
         outcome.job = job
-        say(f"{INDENT}settled  {usdc(int(job.payment.amount))} in {job.payment.transaction}")
-        await self.check_receipt(job, outcome)
-        return job
-
-    async def settled(self, c: CoordinatorClient, job: coordinator_pb2.Job) -> coordinator_pb2.Job:
-        """The job once its payment has left "authorized" (the coordinator settles it on
-        chain right after the job completes)."""
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        while job.payment.status == "authorized" and time.monotonic() < deadline:
-            await asyncio.sleep(POLL_INTERVAL)
-            job = await c.get(job.job_id)
         if job.payment.status != "settled":
             raise DemoError(f"payment still {job.payment.status} after {SETTLE_TIMEOUT:.0f}s")
-        return job
-
-    def balances(self) -> tuple[int, int]:
-        """Test USDC of the paying client and of the coordinator (the payee), on chain."""
-        import dispatchnet.chains.evm  # noqa: F401  (before web3: restores the recursion limit)
-        from dispatchnet.chains.evm.node import web3_for
-        from dispatchnet.chains.evm.payments import token_balance
-
-        w3 = web3_for(str(self.chain["rpc_url"]), 5.0)
-        asset = str(self.chain["contracts"]["usdc"])
-        return (
-            token_balance(w3, asset, self.payer_address),
-            token_balance(w3, asset, str(self.chain["accounts"]["coordinator"]["address"])),
+        say(
+            f"{INDENT}settled  {self.amount(int(job.payment.amount))} in "
+            f"{job.payment.transaction}  ({' -> '.join(seen)})"
         )
-
-    def wallet(self) -> Any:
-        """The client's x402 wallet: the deployment's funded "client" dev account."""
-        import dispatchnet.chains.evm  # noqa: F401  (before web3: restores the recursion limit)
-        from dispatchnet.payments.wallet import Wallet
-
-        wallet = Wallet.of_deployment(self.chain, WALLET_LIMIT)
-        self.payer_address = wallet.address
-        return wallet
-
-    def show_payments(self, before: tuple[int, int], outcomes: list[Outcome]) -> list[str]:
-        """Balances before and after, the settlement transactions; problems if they do not
-        add up to the jobs' prices."""
-        after = self.balances()
-        payee = str(self.chain["accounts"]["coordinator"]["address"])
-        say(f"{INDENT}{'':8}{'before':>20}{'after':>20}")
-        say(f"{INDENT}{'payer':8}{usdc(before[0]):>20}{usdc(after[0]):>20}  {self.payer_address}")
-        say(f"{INDENT}{'payee':8}{usdc(before[1]):>20}{usdc(after[1]):>20}  {payee} (coordinator)")
-        paid = 0
-        for o in outcomes:
-            if o.job is not None and o.job.payment.status == "settled":
-                p = o.job.payment
-                paid += int(p.amount)
-                say(f"{INDENT}{o.title:22} {usdc(int(p.amount))} in {p.transaction}")
-        problems = []
-        if before[0] - after[0] != paid or after[1] - before[1] != paid:
-            problems.append(
-                f"balances moved by {before[0] - after[0]} / {after[1] - before[1]}, "
-                f"the settled payments add up to {paid}"
-            )
-        else:
-            say(f"{INDENT}the payer paid exactly the {usdc(paid)} its settled jobs cost, once each")
-        return problems
+        await self.check_receipt(job, outcome)
+        return job
 
     async def stream_tokens(self, c: CoordinatorClient, job_id: str) -> coordinator_pb2.Job:
         """Follows WatchJob, printing the tokens the worker streams as they arrive."""
@@ -691,9 +834,9 @@ class Demo:
                     problems.append("the receipt was signed by another worker")
         in_process = "valid" if not problems else "INVALID"
 
-        path = self.tmp / f"{job.job_id}.json"
+        path = self.dir / f"{job.job_id}.json"
         path.write_text(json.dumps(job_json(job), indent=2) + "\n")
-        code, out, err = await self.run_cli(
+        code, out, err = await self.procs.run(
             "receipt", "verify", str(path), "--coordinator-key", self.coordinator_key.hex()
         )
         offline = "exit 0" if code == 0 else f"exit {code}"
@@ -730,7 +873,7 @@ class Demo:
         owner = self.workers[0]
         code = await c.create_pairing_code()
         say(f"{INDENT}pairing  client created code {code.code}")
-        rc, out, err = await self.run_cli(
+        rc, out, err = await self.procs.run(
             "pair",
             "claim",
             code.code,
@@ -764,17 +907,106 @@ class Demo:
             )
             say(f"{INDENT}check    ran on {self.label(job.worker_id)}, NOT the paired worker")
 
+    # --- the anchor ----------------------------------------------------------------------------
 
-def summary(outcomes: list[Outcome], labeler: Callable[[str], str]) -> None:
-    rows = [("Scenario", "Job id", "State", "Worker", "Price", "Payment", "Tries", "Receipt")]
+    async def verify_onchain(self, job: coordinator_pb2.Job) -> None:
+        """`dispatch receipt proof` (retried until the batch is anchored), then
+        `dispatch receipt verify --proof --onchain`."""
+        profile_name = self.track.profile
+        job_file = self.dir / f"{job.job_id}.json"
+        proof_file = self.dir / "proof.json"
+        began = time.monotonic()
+        proof: dict[str, Any] = {}
+        while True:
+            code, out, err = await self.procs.run(
+                "receipt",
+                "proof",
+                job.job_id,
+                "--coordinator",
+                self.address,
+                "--key-file",
+                str(self.client_key_file),
+            )
+            if code == 0:
+                proof = json.loads(out)
+                if proof.get("anchor_transaction"):
+                    break
+            elif "not batched yet" not in err:
+                raise DemoError(f"`dispatch receipt proof` exited {code}: {err.strip()[-300:]}")
+            if time.monotonic() - began > PROOF_TIMEOUT:
+                raise DemoError(f"receipt not anchored after {PROOF_TIMEOUT:.0f}s")
+            await asyncio.sleep(0.5)
+        proof_file.write_text(out)
+        say(
+            f"{INDENT}`dispatch receipt proof {job.job_id} > proof.json` "
+            f"({time.monotonic() - began:.1f}s)"
+        )
+        say(
+            f"{INDENT}  batch {proof.get('batch_id')}: leaf {proof.get('leaf_index', 0)} "
+            f"of {proof.get('leaf_count')}"
+        )
+        code, out, err = await self.procs.run(
+            "receipt",
+            "verify",
+            job_file.name,
+            "--proof",
+            proof_file.name,
+            "--onchain",
+            "--profile",
+            profile_name,
+            "--coordinator-key",
+            self.coordinator_key.hex(),
+        )
+        say(
+            f"{INDENT}`dispatch receipt verify {job_file.name} --proof proof.json --onchain "
+            f"--profile {profile_name}` -> exit {code}"
+        )
+        try:
+            result = json.loads(out)
+        except ValueError:
+            result = {}
+        p = result.get("proof", {})
+        onchain = p.get("onchain", {})
+        say(f"{INDENT}  root        0x{p.get('merkle_root', '?')}")
+        say(
+            f"{INDENT}  anchor tx   {p.get('anchor_transaction', '?')} on {p.get('anchor_network')}"
+        )
+        # what the chain's check read back (an anchor contract and block, or a memo and slot)
+        where = [
+            f"{label} {onchain[key]}"
+            for key, label in (
+                ("receipt_anchor", "ReceiptAnchor"),
+                ("anchored_in_block", "block"),
+                ("slot", "slot"),
+                ("memo", "memo"),
+            )
+            if onchain.get(key)
+        ]
+        say(f"{INDENT}  on chain    {', '.join(where)}, anchored by {onchain.get('anchorer', '?')}")
+        if code != 0:
+            problems = result.get("problems") or [(err or out).strip()[-300:]]
+            raise DemoError(f"on-chain verify failed: {'; '.join(map(str, problems))}")
+
+
+def _note(seen: list[str], status: str) -> None:
+    if status and seen[-1:] != [status]:
+        seen.append(status)
+
+
+def summary(runs: list[TrackRun]) -> None:
+    rows = [
+        ("Chain", "Scenario", "Job id", "State", "Worker", "Price", "Payment", "Tries", "Receipt")
+    ]
+    outcomes = [o for r in runs for o in r.outcomes]
     for o in outcomes:
         j = o.job
         rows.append(
             (
+                o.chain,
                 o.title,
                 j.job_id if j else "-",
                 state_name(j.state) if j else "-",
-                labeler(j.worker_id) if j else "-",
+                o.worker,
                 usd(j.price.amount_micros) if j else "-",
                 j.payment.status if j else "-",
                 str(j.attempts) if j else "-",
@@ -789,123 +1021,62 @@ def summary(outcomes: list[Outcome], labeler: Callable[[str], str]) -> None:
     for o in outcomes:
         if o.problems or not o.ok:
             for p in o.problems or ["did not complete"]:
-                say(f"  ! {o.title}: {p}")
+                say(f"  ! {o.chain} {o.title}: {p}")
+    for r in runs:
+        for p in r.problems:
+            say(f"  ! {r.track.name} chain: {p}")
+
+
+@contextlib.contextmanager
+def quiet_chain_clients() -> Iterator[None]:
+    """The demo's own chain reads (balances, the Solana wallet's blockhash) would log each
+    RPC request at INFO and warn that solana-py's sync Client is deprecated, in the middle
+    of the output the user watches."""
+    loggers = [logging.getLogger(name) for name in ("httpx", "httpx2")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Client is deprecated")
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
 
 
 async def run_demo() -> int:
-    """Runs the demo; 0 when every scenario completed on the right worker with a valid receipt,
-    the feedback reached the chain and a receipt checked out on chain."""
+    """Runs the demo; 0 when, on every track, every scenario completed on the right worker,
+    paid and settled on chain with a valid receipt, the balances moved by exactly the
+    prices, a receipt checked out on chain and (agents) the feedback reached the chain."""
     tmp = Path(tempfile.mkdtemp(prefix="dispatch-demo-"))
-    demo = Demo(tmp)
-    outcomes: list[Outcome] = []
-    step_total = 11
+    env = {**os.environ, "DISPATCH_HOME": str(tmp / "home"), "PYTHONUNBUFFERED": "1"}
+    env.pop("DISPATCH_COORDINATOR", None)
+    client_key = keys.load_or_create(tmp / "client.key")
+    runs = [TrackRun(t, tmp, env, client_key) for t in TRACKS]
     say(
-        "Dispatch demo: a local chain, a coordinator, two seekers, a desktop and a client, "
-        "all on this machine"
+        f"Dispatch demo: the same network on {len(TRACKS)} local chains ("
+        + ", ".join(f"{t.name} on {t.profile}" for t in TRACKS)
+        + "), one coordinator per chain, each with two seekers, a desktop and a client,"
+        " all on this machine"
     )
     say(f"(scratch space: {tmp}, removed at the end; DISPATCH_HOME={tmp / 'home'})")
     try:
-        try:
-            say(f"\n[1/{step_total}] Starting the local chain (anvil + Dispatch's contracts)")
-            await demo.chain_up()
-            say(f"\n[2/{step_total}] Starting a coordinator on {CHAIN_PROFILE}")
-            await demo.start_coordinator()
-            say(f"\n[3/{step_total}] Registering the workers as ERC-8004 agents")
-            await demo.register_workers()
-            say(f"\n[4/{step_total}] Starting workers: 2 seekers (phones) and 1 desktop")
-            await demo.start_workers()
-        except (DemoError, OSError, ValueError) as e:
-            say(f"{INDENT}FAILED: {e}")
-            demo.print_logs()
-            return 1
-        except grpc.aio.AioRpcError as e:
-            say(f"{INDENT}FAILED: {e.code().name}: {e.details()}")
-            demo.print_logs()
-            return 1
-
-        scenarios: list[
-            tuple[str, str, Callable[[CoordinatorClient, Outcome], Awaitable[None]]]
-        ] = [
-            (
-                "public fast LLM",
-                "a summary by the desktop's embedded model, tokens streamed live",
-                demo.public_llm,
-            ),
-            (
-                "public cheap task",
-                "word_count at CHEAP policy (matching favours seekers)",
-                demo.public_task,
-            ),
-            (
-                "private task",
-                "echo that only a worker paired with the client may run",
-                demo.private_task,
-            ),
-        ]
-        first = 5
-        wallet = demo.wallet()
-        before = demo.balances()
-        async with CoordinatorClient(demo.address, demo.client_key, wallet) as client:
-            say(
-                f"\nThe client is just an ed25519 key ({short(demo.client_key.public_hex)});"
-                " the jobs it commits belong to it. It pays for each with x402 from the wallet"
-                f" {wallet.address}: {usdc(before[0])} of test USDC, at most"
-                f" {usd(WALLET_LIMIT)} per job."
-            )
-            for n, (title, what, play) in enumerate(scenarios, start=first):
-                say(f"\n[{n}/{step_total}] Scenario {n - first + 1}, {title}: {what}")
-                outcome = Outcome(title)
-                outcomes.append(outcome)
-                try:
-                    await play(client, outcome)
-                except (DemoError, OSError, ValueError) as e:
-                    outcome.problems.append(str(e))
-                    say(f"{INDENT}FAILED: {e}")
-                except grpc.aio.AioRpcError as e:
-                    outcome.problems.append(f"{e.code().name}: {e.details()}")
-                    say(f"{INDENT}FAILED: {e.code().name}: {e.details()}")
-
-        chain_problems: list[str] = []
-        say(f"\n[8/{step_total}] Payments: test USDC on chain, before and after")
-        try:
-            chain_problems += demo.show_payments(before, outcomes)
-        except (DemoError, OSError, ValueError) as e:
-            chain_problems.append(str(e))
-            say(f"{INDENT}FAILED: {e}")
-        say(f"\n[9/{step_total}] Reputation after the coordinator's on-chain feedback")
-        try:
-            await demo.reputation_after(outcomes)
-        except (DemoError, OSError, ValueError) as e:
-            chain_problems.append(str(e))
-            say(f"{INDENT}FAILED: {e}")
-        except grpc.aio.AioRpcError as e:
-            chain_problems.append(f"{e.code().name}: {e.details()}")
-            say(f"{INDENT}FAILED: {e.code().name}: {e.details()}")
-        say(f"\n[10/{step_total}] A receipt checked on chain (its batch root is anchored)")
-        anchored = next((o.job for o in outcomes if o.ok and o.job is not None), None)
-        try:
-            if anchored is None:
-                raise DemoError("no completed job to check")
-            await demo.verify_onchain(anchored)
-        except (DemoError, OSError, ValueError) as e:
-            chain_problems.append(str(e))
-            say(f"{INDENT}FAILED: {e}")
-
-        say(f"\n[{step_total}/{step_total}] Summary")
-        summary(outcomes, demo.label)
-        for p in chain_problems:
-            say(f"  ! chain: {p}")
-        ok = bool(outcomes) and all(o.ok for o in outcomes) and not chain_problems
-        if not ok:
-            demo.print_logs()
+        with quiet_chain_clients():
+            for run in runs:
+                await run.play()
+        say("\nSummary")
+        summary(runs)
+        ok = all(r.ok for r in runs)
         say(
-            "\nAll scenarios completed and were paid for on chain, with valid receipts, feedback"
-            " on chain and an anchored receipt verified on chain."
+            "\nAll scenarios completed on every chain and were paid for on chain, with valid"
+            " receipts and an anchored receipt verified on each chain (feedback on chain: "
+            f"{', '.join(t.name for t in TRACKS if t.agents)})."
             if ok
             else "\nThe demo FAILED (see above)."
         )
         return 0 if ok else 1
     finally:
-        await demo.stop_all()
-        await demo.chain_down()
+        for run in runs:
+            await run.stop()
         shutil.rmtree(tmp, ignore_errors=True)
