@@ -289,6 +289,11 @@ class Profile:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     receipts: ReceiptsConfig = field(default_factory=ReceiptsConfig)
     chain: ChainConfig = field(default_factory=ChainConfig)
+    # `[identity_chain]`: for a [chain] kind with no ERC-8004 registries of its own (solana),
+    # the EVM chain that holds the workers' identities and takes the coordinator's
+    # feedback (same keys as an evm [chain]; its account posts giveFeedback). Kind "none":
+    # no identity chain (agent ids are ignored, no on-chain reputation).
+    identity_chain: ChainConfig = field(default_factory=ChainConfig)
 
     def with_overrides(self, **sections: dict[str, Any]) -> Profile:
         """A copy with some fields of some sections replaced (used by tests and the CLI)."""
@@ -344,11 +349,14 @@ def check_profile(profile: Profile) -> list[str]:
     from dispatchnet.chains import registry  # light: no chain library is imported
 
     problems += registry.problems(c)
-    can = registry.capabilities(c.kind)
+    problems += registry.identity_chain_problems(c, profile.identity_chain)
+    can = registry.profile_capabilities(c, profile.identity_chain)
 
     def needs(capability: str, what: str) -> None:
         if capability not in can:
-            problems.append(f"{what} needs a [chain] kind that provides {capability}")
+            problems.append(
+                f"{what} needs a [chain] kind (or [identity_chain]) that provides {capability}"
+            )
 
     if not 0 <= c.devchain_port <= 65535:
         problems.append("[chain] devchain_port must be a port number")
