@@ -87,10 +87,11 @@ class WorkersConfig:
 
 @dataclass(frozen=True)
 class IdentityConfig:
-    """Worker identity on chain (`[identity]`), used when [chain] kind is "evm": a worker
-    that sends Hello.agent_id must prove it controls that ERC-8004 agent (see
-    ChallengeResponse.chain_signature). require_registration: refuse workers that send no
-    agent id (false: they are admitted with no agent id, so no on-chain reputation)."""
+    """Worker identity on chain (`[identity]`), used when [chain] (or [identity_chain]) has an
+    ERC-8004 IdentityRegistry: a worker that sends Hello.agent_id must prove it controls
+    that agent (ChallengeResponse.chain_signature, and solana_signature on the Solana
+    track). require_registration: refuse workers that send no agent id (false: they are
+    admitted with no agent id, so no on-chain reputation)."""
 
     require_registration: bool = False
     # How long a verified (agent id, chain address, ed25519 key) is trusted without
@@ -194,8 +195,8 @@ class ReputationConfig:
 @dataclass(frozen=True)
 class FeedbackConfig:
     """ERC-8004 feedback on workers (`[feedback]`): every finished job whose worker has an
-    agent id gets one giveFeedback from the coordinator's chain account (needs [chain]
-    kind = "evm" with a reputation_registry)."""
+    agent id gets one giveFeedback from the coordinator's chain account (needs a [chain],
+    or an [identity_chain], of kind "evm" with a reputation_registry)."""
 
     enabled: bool = False
     # The most gas one giveFeedback may use. Each is sent with the node's estimate plus 25%
