@@ -275,6 +275,11 @@ async def test_a_registered_worker_proves_both_keys_and_its_jobs_are_rated_on_th
         int(agent_id), [coordinator], "successRate", ""
     ).call()
     assert (count, value / 10**decimals) == (1, 100)
+    # `dispatch chain reputation` reads the identity chain's registry too
+    r = dispatch(home, "chain", "reputation", agent_id, "--profile", "local-solana")
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert (shown["count"], shown["network"]) == (1, "eip155:31337")
 
 
 async def test_the_cli_worker_connects_with_its_agent_file(
