@@ -177,6 +177,10 @@ def send_as(w3: Any, private_key: str, fn: Any) -> None:
             'rpc_url = "http://y"\nmint = "x"\n',
             r"\[identity_chain\] mint is not a setting of kind evm",
         ),
+        (  # settings without a kind are not silently ignored
+            '[identity_chain]\ndeployment = "local-monad"\n',
+            r"\[identity_chain\] deployment is not a setting of kind none",
+        ),
         (  # without an identity chain, Solana has no reputation registry
             '[chain]\nkind = "solana"\nnetwork = "solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1"\n'
             'rpc_url = "http://x"\n[feedback]\nenabled = true\n',

@@ -154,8 +154,8 @@ def identity_chain_problems(chain: ChainConfig, identity_chain: ChainConfig) -> 
     """What is wrong with an [identity_chain] section (none when its kind is "none"): only a
     [chain] kind that links one (LINKS_IDENTITY_CHAIN) takes it, and it must be a chain that
     provides identity, reputation and feedback, checked like a [chain] of its kind."""
-    if identity_chain.kind == "none":
-        return []
+    if identity_chain.kind == "none":  # only settings left over without a kind
+        return [p.replace("[chain]", "[identity_chain]") for p in problems(identity_chain)]
     if chain.kind not in _KINDS or not getattr(
         importlib.import_module(_KINDS[chain.kind][0]), "LINKS_IDENTITY_CHAIN", False
     ):
