@@ -134,8 +134,9 @@ def funded_keypair(chain: dict[str, Any], key_file: Path) -> Keypair:
 
 
 def test_the_two_solana_profiles_differ_only_in_configuration() -> None:
-    """The same build on two Solana clusters: only where the chain is and how payments are
-    settled and paid for differ ([chain], the facilitator, the wallet key)."""
+    """The same build on two Solana clusters: only where the chains are and how payments
+    are settled and paid for differ ([chain], [identity_chain], the facilitator, the wallet
+    key), and where matching's scores come from (the local anvil's registry, or local)."""
     local, devnet = load_profile("local-solana"), load_profile("solana-devnet")
     assert local.receipts.anchor == devnet.receipts.anchor == "solana"
     assert (

@@ -55,9 +55,6 @@ SVM_PAYLOAD_SECONDS = 60
 class SolanaAdapter:
     kind = "solana"
 
-    def _none(self, what: str) -> ChainConfigError:
-        return ChainConfigError(f"{what} is not available on [chain] kind solana yet")
-
     def anchorer(self, cfg: ChainConfig, data_dir: Path | None) -> Anchorer:
         from dispatchnet.chains.solana.anchoring import SolanaAnchorer
 
@@ -87,7 +84,9 @@ class SolanaAdapter:
     ) -> SummaryReader:
         evm = registry.identity_profile(profile)
         if evm is None:
-            raise self._none("on-chain reputation without an [identity_chain]")
+            raise ChainConfigError(
+                "on-chain reputation on [chain] kind solana needs an [identity_chain]"
+            )
         return registry.adapter_of(evm).summary_reader(evm, data_dir, trusted, tag1)
 
     def feedback_poster(
