@@ -74,15 +74,22 @@ def chain(home: Path) -> Iterator[dict[str, Any]]:
         if (home / "chains" / "local-solana.json").exists():  # the last test did not run
             dispatch(home, "chain", "down", "--profile", "local-solana")
         stop_pid(int(data["node_pid"]))  # whatever happened above
+        stop_pid(int(data["identity_chain"]["anvil_pid"]))  # [identity_chain]'s anvil
         assert not pid_alive(int(data["node_pid"]))
 
 
-def solana_profile(paid: bool = False, **chain: Any) -> Profile:
-    """local-solana with fast job timings and batches of two (payments off unless paid)."""
+def solana_profile(paid: bool = False, identity: str = "", **chain: Any) -> Profile:
+    """local-solana with fast job timings and batches of two (payments off unless paid);
+    its [identity_chain] is the deployment file `identity`, by default the anvil's next to
+    the Solana deployment file."""
     sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in FAST.items()}
     sections["receipts"] = {"batch_size": 2, "batch_max_age_seconds": 30}
     sections["payments"] = {"enabled": paid}
     sections["chain"] = chain
+    if chain.get("deployment") and not identity:
+        identity = str(Path(chain["deployment"]).parent / "local-monad.json")
+    if identity:
+        sections["identity_chain"] = {"deployment": identity}
     return load_profile("local-solana").with_overrides(**sections)
 
 
@@ -127,8 +134,9 @@ def funded_keypair(chain: dict[str, Any], key_file: Path) -> Keypair:
 
 
 def test_the_two_solana_profiles_differ_only_in_configuration() -> None:
-    """The same build on two Solana clusters: only where the chain is and how payments are
-    settled and paid for differ ([chain], the facilitator, the wallet key)."""
+    """The same build on two Solana clusters: only where the chains are and how payments
+    are settled and paid for differ ([chain], [identity_chain], the facilitator, the wallet
+    key), and where matching's scores come from (the local anvil's registry, or local)."""
     local, devnet = load_profile("local-solana"), load_profile("solana-devnet")
     assert local.receipts.anchor == devnet.receipts.anchor == "solana"
     assert (
@@ -137,6 +145,8 @@ def test_the_two_solana_profiles_differ_only_in_configuration() -> None:
             name=devnet.name,
             description=devnet.description,
             chain=devnet.chain,
+            identity_chain=devnet.identity_chain,
+            reputation=devnet.reputation,
             payments=dataclasses.replace(local.payments, accept=devnet.payments.accept),
             wallet=dataclasses.replace(local.wallet, key_file=devnet.wallet.key_file),
         )
@@ -151,8 +161,11 @@ def test_the_two_solana_profiles_differ_only_in_configuration() -> None:
     assert devnet.chain.rpc_url == "https://api.devnet.solana.com"
     assert devnet.chain.mint == DEVNET_USDC and devnet.chain.key_file
     assert local.payments.enabled and devnet.payments.enabled
-    assert not local.feedback.enabled
-    assert local.reputation.source == "local"
+    assert local.feedback.enabled and devnet.feedback.enabled
+    assert (local.reputation.source, devnet.reputation.source) == ("erc8004", "local")
+    # identities and reputation on an EVM [identity_chain]: local anvil, Monad testnet
+    assert local.identity_chain.deployment == "local-monad"
+    assert devnet.identity_chain.network == "eip155:10143"
     assert {"anchor", "payments"} <= registry.capabilities("solana")
 
 
@@ -273,7 +286,7 @@ def test_solana_chain_up_is_idempotent_and_status_reports_it(
     home: Path, chain: dict[str, Any]
 ) -> None:
     path = home / "chains" / "local-solana.json"
-    assert json.loads(path.read_text()) == chain
+    assert json.loads(path.read_text()) == {k: v for k, v in chain.items() if k != "identity_chain"}
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert chain["network"] == DEVNET and chain["cluster"] == "localnet"
     assert "LOCAL DEVELOPMENT CHAIN ONLY" in chain["warning"]
@@ -429,12 +442,13 @@ async def test_an_unfunded_solana_keypair_leaves_the_batch_pending_saying_why(
 
 
 async def test_a_solana_node_outage_leaves_batches_pending_and_anchors_later(
-    chain: dict[str, Any], tmp_path: Path
+    home: Path, chain: dict[str, Any], tmp_path: Path
 ) -> None:
     key_file = tmp_path / "coordinator-solana.key"
     address = str(funded_keypair(chain, key_file).pubkey())
     proxy = await unreachable_proxy(chain)
     profile = solana_profile(
+        identity=str(home / "chains" / "local-monad.json"),
         deployment="",
         devchain="",
         rpc_url=proxy.url,

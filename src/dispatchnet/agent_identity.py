@@ -10,6 +10,16 @@ The proof (ChallengeResponse.chain_signature) is an EIP-191 personal_sign signat
 by the agent's owner or its agent wallet. The coordinator accepts it when the recovered
 address is one of those AND the agent's "dispatch.ed25519" metadata equals the ed25519 key
 that signed the ordinary challenge, so an agent id is bound to exactly one worker key.
+
+On a chain kind whose identities live on another chain (Solana with an [identity_chain]),
+the worker also proves its Solana key (ChallengeResponse.solana_signature): a plain
+ed25519 signature, as a Solana wallet's signMessage makes, over
+
+    b"dispatch.v1.WorkerSolana\n" || nonce || coordinator_public_key || worker_ed25519_key
+        || agent_id as decimal ASCII
+
+by the key the agent's "dispatch.solana" metadata names (base58), which its registration
+file must list too (`dispatch.solana`): the link counts only when both sides agree.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from dispatchnet.errors import quoted
 AGENT_CONTEXT = b"dispatch.v1.WorkerAgent\n"
 ED25519_METADATA_KEY = "dispatch.ed25519"
 SOLANA_METADATA_KEY = "dispatch.solana"
+SOLANA_LINK_CONTEXT = b"dispatch.v1.WorkerSolana\n"
 AGENT_ID_FILE = "agent_id"  # next to the worker key: <key>.agent_id
 REGISTRATION_TYPE = "https://eips.ethereum.org/EIPS/eip-8004#registration-v1"
 # agent URIs accepted without being read: fetching them would make Connect depend on the
@@ -37,6 +48,15 @@ def agent_proof_message(
     nonce: bytes, coordinator_public_key: bytes, worker_public_key: bytes, agent_id: str
 ) -> bytes:
     return AGENT_CONTEXT + nonce + coordinator_public_key + worker_public_key + agent_id.encode()
+
+
+def solana_link_message(
+    nonce: bytes, coordinator_public_key: bytes, worker_public_key: bytes, agent_id: str
+) -> bytes:
+    """What the worker's Solana key signs (ChallengeResponse.solana_signature)."""
+    return (
+        SOLANA_LINK_CONTEXT + nonce + coordinator_public_key + worker_public_key + agent_id.encode()
+    )
 
 
 def parse_agent_id(agent_id: str) -> int:
@@ -146,7 +166,8 @@ class IdentityVerifier(Protocol):
     """Checks a worker's claim to an on-chain agent. Raises Unauthenticated (not the
     agent's owner/wallet, or the agent is bound to another key), FailedPrecondition (the
     registration lacks or has a malformed dispatch.ed25519, or its registration file is
-    unusable: check_registration_uri), or Unavailable (chain down)."""
+    unusable: check_registration_uri), or Unavailable (chain down). solana_signature is
+    checked only by verifiers that link a Solana key (see the module docstring)."""
 
     async def verify(
         self,
@@ -155,6 +176,7 @@ class IdentityVerifier(Protocol):
         nonce: bytes,
         coordinator_public_key: bytes,
         chain_signature: bytes,
+        solana_signature: bytes = b"",
     ) -> VerifiedAgent: ...
 
 
@@ -169,3 +191,17 @@ def base58(data: bytes) -> str:
         n, r = divmod(n, 58)
         out = _B58[r] + out
     return "1" * (len(data) - len(data.lstrip(b"\0"))) + out
+
+
+def base58_decode(text: str) -> bytes:
+    """The bytes of a Bitcoin-alphabet base58 string (ValueError when it is not one)."""
+    if len(text) > 128:
+        raise ValueError("base58 text too long")
+    n = 0
+    for ch in text:
+        i = _B58.find(ch)
+        if i < 0:
+            raise ValueError(f"{ch!r} is not a base58 character")
+        n = n * 58 + i
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big") if n else b""
+    return b"\0" * (len(text) - len(text.lstrip("1"))) + body

@@ -88,24 +88,41 @@ def _default_chain_key(key_path: Path) -> Path:
     return key_path.with_suffix(".chain.key")
 
 
-def _worker_agent(args: argparse.Namespace) -> tuple[str, str]:
-    """(agent id, chain key) recorded by `dispatch worker register`, or ("", "")."""
-    path = _agent_file(_worker_key_path(args))
+def _default_solana_key(key_path: Path) -> Path:
+    """The worker's Solana keypair, next to its ed25519 key (worker.solana.key)."""
+    return key_path.with_suffix(".solana.key")
+
+
+def _worker_agent(args: argparse.Namespace) -> tuple[str, str, keys.KeyPair | None]:
+    """(agent id, chain key, Solana key or None) recorded by `dispatch worker register` in
+    --agent-file (default next to the worker key), or ("", "", None) when there is none."""
+    explicit = getattr(args, "agent_file", None)
+    path = Path(explicit) if explicit else _agent_file(_worker_key_path(args))
     if not path.exists():
-        return "", ""
+        if explicit:
+            raise CliError(f"no agent file {path}")
+        return "", "", None
     try:
         data = json.loads(path.read_text())
         agent_id, chain_key_file = str(data["agent_id"]), Path(data["chain_key_file"])
+        solana_key_file = Path(data["solana_key_file"]) if data.get("solana_key_file") else None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CliError(f"{path} is not an agent file from `dispatch worker register`: {e}") from e
     import dispatchnet.chains.evm  # noqa: F401  (before web3: restores the recursion limit)
     from dispatchnet.chains.deployments import ChainConfigError
     from dispatchnet.chains.evm.node import load_or_create_chain_key
 
-    if not chain_key_file.exists():
-        raise CliError(f"{path}: its chain key {chain_key_file} is missing")
+    for needed in (chain_key_file, solana_key_file):
+        if needed is not None and not needed.exists():
+            raise CliError(f"{path}: its key file {needed} is missing")
     try:
-        return agent_id, load_or_create_chain_key(chain_key_file)
+        solana = None
+        if solana_key_file is not None:
+            from dispatchnet.chains.solana.wallet import load_or_create_solana_key
+
+            # a Solana keypair is an ed25519 seed || public key
+            solana = keys.KeyPair.from_seed(bytes(load_or_create_solana_key(solana_key_file))[:32])
+        return agent_id, load_or_create_chain_key(chain_key_file), solana
     except ChainConfigError as e:
         raise CliError(str(e)) from e
 
@@ -152,7 +169,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
 
     if getattr(args, "worker_cmd", None) == "register":
         return await cmd_worker_register(args)
-    agent_id, chain_key = _worker_agent(args)
+    agent_id, chain_key, solana_key = _worker_agent(args)
     executors = default_executors()
     try:
         llm = llm_executor(args.kind, args.llm_backend, args.llm_url, args.model, args.model_path)
@@ -168,6 +185,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         executors=executors,
         agent_id=agent_id,
         chain_key=chain_key,
+        solana_key=solana_key,
     )
     loop = asyncio.get_running_loop()
     draining: set[asyncio.Task[None]] = set()
@@ -198,24 +216,38 @@ async def cmd_worker(args: argparse.Namespace) -> int:
 
 
 async def cmd_worker_register(args: argparse.Namespace) -> int:
-    """Registers the worker in the profile's IdentityRegistry (see README "Worker identity")."""
+    """Registers the worker in the profile's IdentityRegistry (see README "Worker identity"):
+    [chain]'s, or [identity_chain]'s with the worker's Solana key (a keypair file of the
+    profile's chain kind, --solana-key-file) named in its metadata and registration file."""
     import dispatchnet.chains.evm  # noqa: F401  (before web3: restores the recursion limit)
+    from dispatchnet.chains import registry
     from dispatchnet.chains.deployments import ChainConfigError
     from dispatchnet.chains.evm.identity import fund_dev_account, register_worker
     from dispatchnet.chains.evm.node import TRANSIENT, load_or_create_chain_key, resolve_evm_chain
 
     profile = load_profile(args.profile)
+    linked = registry.identity_profile(profile)  # identities on another chain
+    evm = linked or profile
     key_path = _worker_key_path(args)
     key = keys.load_or_create(key_path)
     chain_key_path = (
         Path(args.chain_key_file) if args.chain_key_file else _default_chain_key(key_path)
     )
+    solana_key_path: Path | None = None
+    solana = ""
     try:
-        chain = resolve_evm_chain(profile.chain)
+        if linked is not None:
+            solana_key_path = (
+                Path(args.solana_key_file)
+                if args.solana_key_file
+                else _default_solana_key(key_path)
+            )
+            solana = registry.adapter_of(profile).new_wallet_key(solana_key_path)
+        chain = resolve_evm_chain(evm.chain)
         chain_key = load_or_create_chain_key(chain_key_path)
         address = str(_chain_address(chain_key))
         funded = False
-        if profile.chain.devchain:
+        if evm.chain.devchain:
             # a local dev chain: give the new account gas money (anvil_setBalance)
             funded = await asyncio.to_thread(fund_dev_account, chain, address, 10**18)
         result = await asyncio.to_thread(
@@ -226,12 +258,13 @@ async def cmd_worker_register(args: argparse.Namespace) -> int:
             name=args.name or f"dispatch-worker-{key.public_hex[:8]}",
             description=args.description,
             endpoint=args.endpoint or args.coordinator,
-            timeout=profile.chain.tx_timeout_seconds,
+            timeout=evm.chain.tx_timeout_seconds,
+            solana=solana,
         )
     except ChainConfigError as e:
         raise CliError(str(e)) from e
     except TRANSIENT as e:
-        raise CliError(f"cannot reach chain {profile.chain.network}: {e}") from e
+        raise CliError(f"cannot reach chain {evm.chain.network}: {e}") from e
     except RuntimeError as e:  # a reverted transaction
         raise CliError(f"registration failed: {e}") from e
     agent_file = _agent_file(key_path)
@@ -243,6 +276,12 @@ async def cmd_worker_register(args: argparse.Namespace) -> int:
                 "chain_address": result["chain_address"],
                 "network": result["network"],
                 "identity_registry": result["identity_registry"],
+                "solana": result["solana"],
+                **(
+                    {"solana_key_file": str(solana_key_path.resolve())}
+                    if solana_key_path is not None
+                    else {}
+                ),
             },
             indent=2,
         )
@@ -253,6 +292,7 @@ async def cmd_worker_register(args: argparse.Namespace) -> int:
             **result,
             "worker_id": key.public_hex,
             "chain_key_file": str(chain_key_path),
+            **({"solana_key_file": str(solana_key_path)} if solana_key_path else {}),
             "agent_file": str(agent_file),
             "funded": funded,
         }
@@ -583,6 +623,7 @@ async def cmd_chain(args: argparse.Namespace) -> int:
 
 async def cmd_chain_reputation(args: argparse.Namespace) -> int:
     """An agent's reputation as matching sees it, and the feedback entries behind it."""
+    from dispatchnet.chains import registry
     from dispatchnet.chains.deployments import ChainConfigError
     from dispatchnet.chains.evm.node import resolve_evm_chain
     from dispatchnet.chains.evm.reputation import EvmReputationReader
@@ -590,9 +631,10 @@ async def cmd_chain_reputation(args: argparse.Namespace) -> int:
     from dispatchnet.errors import Unavailable
 
     profile = load_profile(args.profile)
+    evm = registry.identity_profile(profile) or profile  # where the reputation registry is
 
     def read() -> dict[str, Any]:
-        chain = resolve_evm_chain(profile.chain)
+        chain = resolve_evm_chain(evm.chain)
         reviewers = [*profile.reputation.trusted_reviewers, *(args.reviewer or [])]
         reader = EvmReputationReader(chain, reviewers, FEEDBACK_TAG1)
         count, average = reader.summary(args.agent_id)
@@ -726,6 +768,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--llm-url", help="OpenAI-compatible API root for openai, e.g. .../v1")
     w.add_argument("--model", help="model name to serve and advertise (required for openai)")
     w.add_argument("--model-path", help="GGUF file for the embedded backend")
+    w.add_argument(
+        "--agent-file",
+        help="agent file from `dispatch worker register` (default: next to the worker key, "
+        "*.agent.json, when it exists)",
+    )
     w.set_defaults(fn=cmd_worker)
     wsub = w.add_subparsers(dest="worker_cmd")
     wr = wsub.add_parser(
@@ -737,6 +784,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--chain-key-file",
         help="the worker's secp256k1 chain key (default: next to the worker key, *.chain.key; "
         "created 0600 when missing)",
+    )
+    wr.add_argument(
+        "--solana-key-file",
+        help="with a profile whose identities live on an [identity_chain] (local-solana): the "
+        "worker's Solana keypair, named in its registration (default: next to the worker "
+        "key, *.solana.key; created 0600 when missing)",
     )
     wr.add_argument("--name", help="agent name in the registration file")
     wr.add_argument("--description", default="Dispatch compute worker (dispatch.v1)")

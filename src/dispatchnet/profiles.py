@@ -87,10 +87,11 @@ class WorkersConfig:
 
 @dataclass(frozen=True)
 class IdentityConfig:
-    """Worker identity on chain (`[identity]`), used when [chain] kind is "evm": a worker
-    that sends Hello.agent_id must prove it controls that ERC-8004 agent (see
-    ChallengeResponse.chain_signature). require_registration: refuse workers that send no
-    agent id (false: they are admitted with no agent id, so no on-chain reputation)."""
+    """Worker identity on chain (`[identity]`), used when [chain] (or [identity_chain]) has an
+    ERC-8004 IdentityRegistry: a worker that sends Hello.agent_id must prove it controls
+    that agent (ChallengeResponse.chain_signature, and solana_signature on the Solana
+    track). require_registration: refuse workers that send no agent id (false: they are
+    admitted with no agent id, so no on-chain reputation)."""
 
     require_registration: bool = False
     # How long a verified (agent id, chain address, ed25519 key) is trusted without
@@ -194,8 +195,8 @@ class ReputationConfig:
 @dataclass(frozen=True)
 class FeedbackConfig:
     """ERC-8004 feedback on workers (`[feedback]`): every finished job whose worker has an
-    agent id gets one giveFeedback from the coordinator's chain account (needs [chain]
-    kind = "evm" with a reputation_registry)."""
+    agent id gets one giveFeedback from the coordinator's chain account (needs a [chain],
+    or an [identity_chain], of kind "evm" with a reputation_registry)."""
 
     enabled: bool = False
     # The most gas one giveFeedback may use. Each is sent with the node's estimate plus 25%
@@ -289,6 +290,11 @@ class Profile:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     receipts: ReceiptsConfig = field(default_factory=ReceiptsConfig)
     chain: ChainConfig = field(default_factory=ChainConfig)
+    # `[identity_chain]`: for a [chain] kind with no ERC-8004 registries of its own (solana),
+    # the EVM chain that holds the workers' identities and takes the coordinator's
+    # feedback (same keys as an evm [chain]; its account posts giveFeedback). Kind "none":
+    # no identity chain (agent ids are ignored, no on-chain reputation).
+    identity_chain: ChainConfig = field(default_factory=ChainConfig)
 
     def with_overrides(self, **sections: dict[str, Any]) -> Profile:
         """A copy with some fields of some sections replaced (used by tests and the CLI)."""
@@ -344,11 +350,14 @@ def check_profile(profile: Profile) -> list[str]:
     from dispatchnet.chains import registry  # light: no chain library is imported
 
     problems += registry.problems(c)
-    can = registry.capabilities(c.kind)
+    problems += registry.identity_chain_problems(c, profile.identity_chain)
+    can = registry.profile_capabilities(c, profile.identity_chain)
 
     def needs(capability: str, what: str) -> None:
         if capability not in can:
-            problems.append(f"{what} needs a [chain] kind that provides {capability}")
+            problems.append(
+                f"{what} needs a [chain] kind (or [identity_chain]) that provides {capability}"
+            )
 
     if not 0 <= c.devchain_port <= 65535:
         problems.append("[chain] devchain_port must be a port number")

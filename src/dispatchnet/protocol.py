@@ -19,7 +19,7 @@ MAX_AGENT_ID_CHARS = 78  # Hello.agent_id: a uint256 in decimal has at most 78 d
 # Hello.running and Heartbeat.running_job_ids entries: what a worker runs, plus results
 # not yet acknowledged, is at most a few times MAX_CONCURRENCY.
 MAX_RUNNING_JOBS = 128
-MAX_SIGNATURE_BYTES = 128  # ChallengeResponse.signature / chain_signature, receipt signature
+MAX_SIGNATURE_BYTES = 128  # ChallengeResponse signature / chain_ / solana_signature, receipts
 
 # Every message about a job
 MAX_JOB_ID_CHARS = 64  # job_id (the coordinator's ids are 28 characters)

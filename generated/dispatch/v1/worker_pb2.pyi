@@ -298,6 +298,7 @@ class ChallengeResponse(_message.Message):
 
     SIGNATURE_FIELD_NUMBER: _builtins.int
     CHAIN_SIGNATURE_FIELD_NUMBER: _builtins.int
+    SOLANA_SIGNATURE_FIELD_NUMBER: _builtins.int
     signature: _builtins.bytes
     """ed25519 signature over "dispatch.v1.WorkerHello\\n" || nonce || coordinator_public_key
     (at most 128 bytes).
@@ -309,15 +310,24 @@ class ChallengeResponse(_message.Message):
     "dispatch.v1.WorkerAgent\\n" || nonce || coordinator_public_key ||
     Hello.public_key || agent_id as decimal ASCII. At most 128 bytes.
     """
+    solana_signature: _builtins.bytes
+    """Proof of the agent's Solana key (required with agent_id when the coordinator's
+    chain is Solana and its identities live on an EVM [identity_chain]): a 64-byte
+    ed25519 signature, by the Solana key that the agent's "dispatch.solana" metadata
+    names (base58) and its registration file lists, over "dispatch.v1.WorkerSolana\\n"
+    || nonce || coordinator_public_key || Hello.public_key || agent_id as decimal
+    ASCII. Ignored by coordinators that link no Solana key. At most 128 bytes.
+    """
     def __init__(
         self,
         *,
         signature: _builtins.bytes = ...,
         chain_signature: _builtins.bytes = ...,
+        solana_signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_signature", b"chain_signature", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_signature", b"chain_signature", "signature", b"signature", "solana_signature", b"solana_signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

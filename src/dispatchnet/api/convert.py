@@ -308,6 +308,7 @@ def hello_from_proto(h: worker_pb2.Hello) -> hubmod.WorkerHello:
 def check_challenge_response(r: worker_pb2.ChallengeResponse) -> None:
     _bytes(r.signature, protocol.MAX_SIGNATURE_BYTES, "challenge_response.signature")
     _bytes(r.chain_signature, protocol.MAX_SIGNATURE_BYTES, "challenge_response.chain_signature")
+    _bytes(r.solana_signature, protocol.MAX_SIGNATURE_BYTES, "challenge_response.solana_signature")
 
 
 def check_worker_message(msg: worker_pb2.ConnectRequest) -> None:

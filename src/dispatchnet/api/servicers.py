@@ -139,7 +139,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         proof = second.challenge_response
         convert.check_challenge_response(proof)
         self.hub.authenticate(hello.public_key, nonce, proof.signature)
-        agent_id = await self.hub.verify_agent(hello, nonce, proof.chain_signature)
+        agent_id = await self.hub.verify_agent(
+            hello, nonce, proof.chain_signature, proof.solana_signature
+        )
         session = self.hub.register(dataclasses.replace(hello, agent_id=agent_id))
         reader = asyncio.create_task(self._read(it, session))
         reason = "disconnected"

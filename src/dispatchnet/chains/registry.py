@@ -144,3 +144,45 @@ def problems(cfg: ChainConfig) -> list[str]:
     ]
     check: Callable[[ChainConfig], list[str]] = module.problems
     return out + check(cfg)
+
+
+# What an [identity_chain] lends to a profile whose [chain] kind lacks it.
+_LENT = frozenset({"identity", "reputation", "feedback"})
+
+
+def identity_chain_problems(chain: ChainConfig, identity_chain: ChainConfig) -> list[str]:
+    """What is wrong with an [identity_chain] section (none when its kind is "none"): only a
+    [chain] kind that links one (LINKS_IDENTITY_CHAIN) takes it, and it must be a chain that
+    provides identity, reputation and feedback, checked like a [chain] of its kind."""
+    if identity_chain.kind == "none":  # only settings left over without a kind
+        return [p.replace("[chain]", "[identity_chain]") for p in problems(identity_chain)]
+    if chain.kind not in _KINDS or not getattr(
+        importlib.import_module(_KINDS[chain.kind][0]), "LINKS_IDENTITY_CHAIN", False
+    ):
+        return [f"[identity_chain] is not read by [chain] kind {chain.kind!r}"]
+    if not _LENT <= capabilities(identity_chain.kind):
+        return [
+            f"[identity_chain] kind must provide {', '.join(sorted(_LENT))}, "
+            f"not {identity_chain.kind!r}"
+        ]
+    out = [p.replace("[chain]", "[identity_chain]") for p in problems(identity_chain)]
+    if not 0 <= identity_chain.devchain_port <= 65535:
+        out.append("[identity_chain] devchain_port must be a port number")
+    return out
+
+
+def profile_capabilities(chain: ChainConfig, identity_chain: ChainConfig) -> frozenset[str]:
+    """What a profile's chains provide: [chain]'s kind, plus identity, reputation and
+    feedback from its [identity_chain] when it has one (light)."""
+    own = capabilities(chain.kind)
+    if identity_chain.kind == "none" or identity_chain_problems(chain, identity_chain):
+        return own
+    return own | (capabilities(identity_chain.kind) & _LENT)
+
+
+def identity_profile(profile: Profile) -> Profile | None:
+    """The profile as its [identity_chain]'s adapter sees it ([chain] replaced by the
+    identity chain), None when the profile has no [identity_chain]."""
+    if profile.identity_chain.kind == "none":
+        return None
+    return dataclasses.replace(profile, chain=profile.identity_chain)

@@ -177,7 +177,13 @@ class WorkerHub:
         if not verify(public_key, HELLO_CONTEXT, nonce + self.public_key, signature):
             raise Unauthenticated("challenge signature does not verify for the hello's public key")
 
-    async def verify_agent(self, hello: WorkerHello, nonce: bytes, chain_signature: bytes) -> str:
+    async def verify_agent(
+        self,
+        hello: WorkerHello,
+        nonce: bytes,
+        chain_signature: bytes,
+        solana_signature: bytes = b"",
+    ) -> str:
         """The agent id to put in the session: hello.agent_id once the identity verifier
         has checked the chain proof, "" for a worker without one (refused when registration
         is required) or when there is no chain. Call after authenticate(); hello.agent_id
@@ -192,7 +198,12 @@ class WorkerHub:
         if self.identity is None:
             return ""  # no chain to check the claim against: ignored
         verified = await self.identity.verify(
-            hello.agent_id, hello.public_key, nonce, self.public_key, chain_signature
+            hello.agent_id,
+            hello.public_key,
+            nonce,
+            self.public_key,
+            chain_signature,
+            solana_signature,
         )
         return verified.agent_id
 

@@ -20,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 import dispatchnet
 from dispatch.v1 import common_pb2, receipt_pb2, worker_pb2, worker_pb2_grpc
+from dispatchnet.agent_identity import solana_link_message
 from dispatchnet.keys import KeyPair
 from dispatchnet.protocol import (
     HELLO_CONTEXT,
@@ -80,6 +81,7 @@ class Worker:
         offer_filter: Callable[[worker_pb2.JobOffer], str] | None = None,
         agent_id: str = "",
         chain_key: str = "",
+        solana_key: KeyPair | None = None,
     ) -> None:
         if kind not in _KINDS:
             raise ValueError(f"kind must be 'seeker' or 'desktop', not {kind!r}")
@@ -104,6 +106,9 @@ class Worker:
         # the agent's owner, which signs ChallengeResponse.chain_signature.
         self.agent_id = agent_id
         self.chain_key = chain_key
+        # The Solana key the agent's registration names (ChallengeResponse.solana_signature);
+        # None: the worker key, which is the Solana address a default registration lists.
+        self.solana_key = solana_key
 
         # Observable state.
         self.connected = asyncio.Event()
@@ -275,6 +280,13 @@ class Worker:
                 self.key.public_key,
                 self.agent_id,
             )
+            # for a Solana-track coordinator (others ignore it): the Solana key's proof
+            link = solana_link_message(
+                challenge.nonce, challenge.coordinator_public_key, self.key.public_key,
+                self.agent_id,
+            )  # fmt: skip
+            solana = self.solana_key or self.key
+            response.solana_signature = solana.sign(b"", link)
         await call.write(ConnectRequest(challenge_response=response))
         welcome = (await self._read_expected(call, "welcome")).welcome
         return challenge.coordinator_public_key, welcome

@@ -32,13 +32,16 @@ from dispatchnet.agent_identity import (
     VerifiedAgent,
     agent_proof_message,
     base58,
+    base58_decode,
     check_registration_uri,
     parse_agent_id,
+    solana_link_message,
 )
 from dispatchnet.chains.deployments import ChainConfigError
 from dispatchnet.chains.evm.deploy import load_artifact
 from dispatchnet.chains.evm.node import TRANSIENT, EvmChain, EvmSender, _brief, _hex, web3_for
 from dispatchnet.errors import FailedPrecondition, Unauthenticated, Unavailable
+from dispatchnet.keys import verify as ed25519_verify
 
 log = logging.getLogger("dispatch.identity")
 _ABI: list[dict[str, Any]] = []
@@ -72,8 +75,11 @@ def registration_file(
     ed25519_public_key: bytes,
     agent_id: int | None = None,
     chain: EvmChain | None = None,
+    solana: str = "",
 ) -> dict[str, Any]:
-    """An ERC-8004 registration-v1 file for a worker (registrations once the id is known)."""
+    """An ERC-8004 registration-v1 file for a worker (registrations once the id is known).
+    dispatch.solana lists the worker's Solana address: `solana`, by default its ed25519
+    key in base58 (the same key is a Solana address)."""
     data: dict[str, Any] = {
         "type": REGISTRATION_TYPE,
         "name": name,
@@ -82,7 +88,7 @@ def registration_file(
         "supportedTrust": ["reputation"],
         "dispatch": {
             "ed25519": ed25519_public_key.hex(),
-            "solana": base58(ed25519_public_key),
+            "solana": solana or base58(ed25519_public_key),
         },
     }
     if agent_id is not None and chain is not None:
@@ -117,19 +123,23 @@ def register_worker(
     endpoint: str,
     gas_limit: int = 1_000_000,
     timeout: float = 60.0,
+    solana: str = "",
 ) -> dict[str, Any]:
     """Registers the worker as an agent owned by chain_key's account: register(uri, metadata)
-    with dispatch.ed25519 and dispatch.solana, then setAgentURI with the final registration
-    file (which names the new agent id). Blocking. Returns agent_id, chain_address, tx."""
+    with dispatch.ed25519 and dispatch.solana (`solana`, a base58 Solana address; default
+    the ed25519 key's), then setAgentURI with the final registration file (which names the
+    new agent id and lists the same Solana address). Blocking. Returns agent_id,
+    chain_address, tx."""
     if not chain.identity_registry:
         raise ChainConfigError("[chain] has no identity_registry address")
     w3 = web3_for(chain.rpc_url, timeout)
     sender = EvmSender(w3, chain.network, chain_key)
     registry = identity_contract(w3, chain.identity_registry)
-    first = registration_file(name, description, endpoint, ed25519_public_key)
+    solana = solana or base58(ed25519_public_key)
+    first = registration_file(name, description, endpoint, ed25519_public_key, solana=solana)
     metadata = [
         (ED25519_METADATA_KEY, ed25519_public_key),
-        (SOLANA_METADATA_KEY, base58(ed25519_public_key).encode()),
+        (SOLANA_METADATA_KEY, solana.encode()),
     ]
     fn = registry.functions.register(data_uri(first), metadata)
     receipt = _mine(sender, fn, gas_limit, timeout)
@@ -139,7 +149,9 @@ def register_worker(
             f"register transaction {_hex(receipt['transactionHash'])} emitted no Registered"
         )
     agent_id = int(events[0]["args"]["agentId"])
-    final = registration_file(name, description, endpoint, ed25519_public_key, agent_id, chain)
+    final = registration_file(
+        name, description, endpoint, ed25519_public_key, agent_id, chain, solana=solana
+    )
     receipt2 = _mine(
         sender, registry.functions.setAgentURI(agent_id, data_uri(final)), gas_limit, timeout
     )
@@ -150,7 +162,7 @@ def register_worker(
         "uri_tx": _hex(receipt2["transactionHash"]),
         "network": chain.network,
         "identity_registry": chain.identity_registry,
-        "solana": base58(ed25519_public_key),
+        "solana": solana,
     }
 
 
@@ -172,7 +184,13 @@ class EvmIdentityVerifier:
     must equal the worker's ed25519 key; tokenURI(agentId), the registration file, must pass
     check_registration_uri (a data: URI is parsed, an http(s)/ipfs one is not fetched and
     only logged as unchecked). Verified (agent, address, key) triples are cached for
-    ttl_seconds."""
+    ttl_seconds.
+
+    With solana_link (the Solana track, whose identities live on this EVM chain), the agent
+    must also link a Solana key: getMetadata(agentId, "dispatch.solana") names it (base58),
+    the registration file (when it is a data: URI) lists the same address as
+    dispatch.solana, and every Connect's solana_signature must verify under it (the key is
+    cached with the triple, the signature over the fresh nonce is checked each time)."""
 
     def __init__(
         self,
@@ -181,6 +199,7 @@ class EvmIdentityVerifier:
         rpc_timeout: float = 10.0,
         ttl_seconds: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        solana_link: bool = False,
     ) -> None:
         if not chain.identity_registry:
             raise ChainConfigError("[chain] has no identity_registry address")
@@ -189,7 +208,9 @@ class EvmIdentityVerifier:
         self.registry = identity_contract(self.w3, chain.identity_registry)
         self.ttl = ttl_seconds
         self.clock = clock
-        self._cache: dict[tuple[str, str, bytes], float] = {}
+        self.solana_link = solana_link
+        # (agent, address, key) -> (expiry, the agent's linked Solana key or b"")
+        self._cache: dict[tuple[str, str, bytes], tuple[float, bytes]] = {}
 
     async def verify(
         self,
@@ -198,6 +219,7 @@ class EvmIdentityVerifier:
         nonce: bytes,
         coordinator_public_key: bytes,
         chain_signature: bytes,
+        solana_signature: bytes = b"",
     ) -> VerifiedAgent:
         try:
             number = parse_agent_id(agent_id)
@@ -213,17 +235,30 @@ class EvmIdentityVerifier:
             address = str(Account.recover_message(encode_defunct(msg), signature=chain_signature))
         except Exception as e:  # malformed signature (bad v, s out of range, ...)
             raise Unauthenticated(f"agent {agent_id}: chain_signature does not recover") from e
+        if self.solana_link and len(solana_signature) != 64:
+            raise Unauthenticated(
+                f"agent {agent_id}: solana_signature must be a 64-byte ed25519 signature by "
+                f'the Solana key its "{SOLANA_METADATA_KEY}" metadata names'
+            )
         key = (agent_id, address, worker_public_key)
         now = self.clock()
-        if self._cache.get(key, 0.0) > now:
-            return VerifiedAgent(agent_id, address)
-        await asyncio.to_thread(self._check, number, address, worker_public_key)
-        self._cache[key] = now + self.ttl
-        if len(self._cache) > 10_000:
-            self._cache = {k: v for k, v in self._cache.items() if v > now}
+        expiry, solana_key = self._cache.get(key, (0.0, b""))
+        if expiry <= now:
+            solana_key = await asyncio.to_thread(self._check, number, address, worker_public_key)
+            self._cache[key] = (now + self.ttl, solana_key)
+            if len(self._cache) > 10_000:
+                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+        if self.solana_link:
+            msg = solana_link_message(nonce, coordinator_public_key, worker_public_key, agent_id)
+            if not ed25519_verify(solana_key, b"", msg, solana_signature):
+                raise Unauthenticated(
+                    f"agent {agent_id}: solana_signature does not verify for the Solana key "
+                    f'{base58(solana_key)} that its "{SOLANA_METADATA_KEY}" metadata names'
+                )
         return VerifiedAgent(agent_id, address)
 
-    def _check(self, agent_id: int, address: str, worker_public_key: bytes) -> None:
+    def _check(self, agent_id: int, address: str, worker_public_key: bytes) -> bytes:
+        """Blocking chain reads; the agent's linked Solana key (b"" without solana_link)."""
         f = self.registry.functions
         try:
             try:
@@ -241,6 +276,11 @@ class EvmIdentityVerifier:
                     + (f" and its agent wallet {wallet}" if int(wallet, 16) else "")
                 )
             bound = bytes(f.getMetadata(agent_id, ED25519_METADATA_KEY).call())
+            solana = (
+                bytes(f.getMetadata(agent_id, SOLANA_METADATA_KEY).call())
+                if self.solana_link
+                else b""
+            )
         except TRANSIENT as e:
             raise Unavailable(
                 f"cannot check agent {agent_id} on chain {self.chain.network} at "
@@ -263,9 +303,38 @@ class EvmIdentityVerifier:
                 f'"{ED25519_METADATA_KEY}"), not to this worker\'s key '
                 f"{worker_public_key.hex()[:16]}…"
             )
-        self._check_registration_file(agent_id)
+        solana_key = self._solana_key(agent_id, solana) if self.solana_link else b""
+        doc = self._check_registration_file(agent_id)
+        if self.solana_link and doc is not None:
+            listed = (doc.get("dispatch") or {}) if isinstance(doc.get("dispatch"), dict) else {}
+            if listed.get("solana") != base58(solana_key):
+                raise Unauthenticated(
+                    f"agent {agent_id}: its registration file lists Solana address "
+                    f"{str(listed.get('solana') or 'none')[:64]!r} (dispatch.solana), its "
+                    f'"{SOLANA_METADATA_KEY}" metadata {base58(solana_key)}: both must name '
+                    "the worker's Solana key"
+                )
+        return solana_key
 
-    def _check_registration_file(self, agent_id: int) -> None:
+    def _solana_key(self, agent_id: int, metadata: bytes) -> bytes:
+        """The 32-byte key that the agent's dispatch.solana metadata names in base58."""
+        if not metadata:
+            raise FailedPrecondition(
+                f'agent {agent_id} has no "{SOLANA_METADATA_KEY}" metadata: register the '
+                "worker with `dispatch worker register` for this profile"
+            )
+        try:
+            key = base58_decode(metadata.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            key = b""
+        if len(key) != 32:
+            raise FailedPrecondition(
+                f'agent {agent_id}: "{SOLANA_METADATA_KEY}" metadata is not a base58 Solana '
+                "address (a 32-byte ed25519 key)"
+            )
+        return key
+
+    def _check_registration_file(self, agent_id: int) -> dict[str, Any] | None:
         try:
             uri = str(self.registry.functions.tokenURI(agent_id).call())
         except TRANSIENT as e:
@@ -287,3 +356,4 @@ class EvmIdentityVerifier:
                 agent_id,
                 uri[:200],
             )
+        return doc

@@ -1,9 +1,11 @@
 """The Solana kind's ChainAdapter (chains/registry.py): every chain role a profile with
 [chain] kind = "solana" needs, built from the modules of this package.
 
-Not yet here: x402 payments (payment_rail, client_wallet: chains/solana/rail.py and
-wallet.py), on-chain identity and reputation (workers' Solana addresses are listed in their
-ERC-8004 registration files, read on the EVM side)."""
+Identity and reputation live on an EVM chain, the profile's [identity_chain]: a worker is an
+ERC-8004 agent there whose registration names its Solana key (metadata "dispatch.solana" and
+the registration file's dispatch.solana), proven at Connect by ChallengeResponse.
+solana_signature; feedback goes to that chain's ReputationRegistry. The roles delegate to
+the identity chain's adapter (chains/evm), and chain up|down|status handle both chains."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dispatchnet.chains import registry
 from dispatchnet.chains.deployments import (
     ChainConfigError,
     DevChainError,
@@ -52,27 +55,47 @@ SVM_PAYLOAD_SECONDS = 60
 class SolanaAdapter:
     kind = "solana"
 
-    def _none(self, what: str) -> ChainConfigError:
-        return ChainConfigError(f"{what} is not available on [chain] kind solana yet")
-
     def anchorer(self, cfg: ChainConfig, data_dir: Path | None) -> Anchorer:
         from dispatchnet.chains.solana.anchoring import SolanaAnchorer
 
         return SolanaAnchorer.for_chain(resolve_solana_chain(cfg, data_dir), cfg)
 
     def identity_verifier(self, profile: Profile) -> IdentityVerifier | None:
-        return None  # no identity registry: agent ids are ignored (require_registration is
-        # refused at load time: the kind lacks the "identity" capability)
+        """The [identity_chain]'s check plus the Solana link; None without an identity chain
+        (agent ids are ignored; require_registration is refused at load time then)."""
+        evm = registry.identity_profile(profile)
+        if evm is None:
+            return None
+        from dispatchnet.chains.evm.identity import EvmIdentityVerifier
+        from dispatchnet.chains.evm.node import resolve_evm_chain
+
+        chain = resolve_evm_chain(evm.chain)
+        if not chain.identity_registry:
+            raise ValueError("[identity_chain] has no identity_registry")
+        return EvmIdentityVerifier(
+            chain,
+            rpc_timeout=evm.chain.rpc_timeout_seconds,
+            ttl_seconds=profile.identity.cache_ttl_seconds,
+            solana_link=True,
+        )
 
     def summary_reader(
         self, profile: Profile, data_dir: Path, trusted: list[str], tag1: str
     ) -> SummaryReader:
-        raise self._none("on-chain reputation")
+        evm = registry.identity_profile(profile)
+        if evm is None:
+            raise ChainConfigError(
+                "on-chain reputation on [chain] kind solana needs an [identity_chain]"
+            )
+        return registry.adapter_of(evm).summary_reader(evm, data_dir, trusted, tag1)
 
     def feedback_poster(
         self, profile: Profile, data_dir: Path
     ) -> tuple[FeedbackPoster, tuple[type[BaseException], ...]] | None:
-        return None
+        evm = registry.identity_profile(profile)
+        if evm is None:
+            return None
+        return registry.adapter_of(evm).feedback_poster(evm, data_dir)
 
     def payment_rail(self, accept: AcceptConfig, profile: Profile, data_dir: Path) -> Any:
         from dispatchnet.chains.solana.rail import SvmRail
@@ -177,6 +200,18 @@ class SolanaAdapter:
         return int(client.get_token_account_balance(ata).value.amount)
 
     def chain_up(self, profile: Profile, port: int | None) -> dict[str, Any]:
+        """The Solana node (on `port`), then the [identity_chain]'s local chain when the
+        profile has one (on its own devchain_port, or any free port when `port` is 0): its
+        deployment data under "identity_chain"."""
+        data = self._solana_up(profile, port)
+        evm = registry.identity_profile(profile)
+        if evm is not None and evm.chain.devchain:
+            data["identity_chain"] = registry.adapter_of(evm).chain_up(
+                evm, 0 if port == 0 else None
+            )
+        return data
+
+    def _solana_up(self, profile: Profile, port: int | None) -> dict[str, Any]:
         from dispatchnet.devchain import solana_local
 
         path = _local_chain(profile)
@@ -194,11 +229,28 @@ class SolanaAdapter:
         return data
 
     def chain_down(self, profile: Profile) -> dict[str, Any]:
+        """Stops both local chains (the [identity_chain]'s too: another profile sharing
+        its deployment, e.g. local-monad, loses it as well)."""
         from dispatchnet.devchain import solana_local
 
-        return solana_local.chain_down(_local_chain(profile))
+        out = solana_local.chain_down(_local_chain(profile))
+        evm = registry.identity_profile(profile)
+        if evm is not None and evm.chain.devchain:
+            out["identity_chain"] = registry.adapter_of(evm).chain_down(evm)
+        return out
 
     def chain_status(self, profile: Profile) -> dict[str, Any]:
+        """The Solana chain's status, with the [identity_chain]'s under "identity_chain";
+        ok only when both are."""
+        out = self._solana_status(profile)
+        evm = registry.identity_profile(profile)
+        if evm is not None:
+            other = registry.adapter_of(evm).chain_status(evm)
+            out["identity_chain"] = other
+            out["ok"] = bool(out.get("ok")) and bool(other.get("ok"))
+        return out
+
+    def _solana_status(self, profile: Profile) -> dict[str, Any]:
         from dispatchnet.devchain import solana_local
 
         cfg = profile.chain
