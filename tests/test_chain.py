@@ -1,10 +1,9 @@
 """The EVM track on a local chain: `dispatch chain up|status|down`, anchoring receipt batch
-roots with EvmAnchorer, `dispatch receipt verify --onchain`, and chain outages.
+roots with EvmAnchorer, `dispatch receipt verify --onchain`. What both chain tracks
+promise alike (payments, outages) is in test_tracks.py, run for each kind.
 
 One real anvil for the module, started by `dispatch chain up --port 0` (a subprocess, as a
-user would) with DISPATCH_HOME in a temporary directory, and stopped at the end. The
-outage test puts a TCP proxy between the coordinator and anvil and closes it: the node is
-unreachable exactly as when it is down, while its state (and the contract addresses) stay.
+user would) with DISPATCH_HOME in a temporary directory, and stopped at the end.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import dataclasses
 import json
 import os
 import stat
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +24,6 @@ from chain_fixtures import (
     chain_profile,
     cluster_for,
     dispatch,
-    funded_chain_key,
-    unreachable_proxy,
 )
 from conftest import wait_until
 
@@ -41,7 +37,6 @@ from dispatchnet.chains.evm.node import load_or_create_chain_key, web3_for
 from dispatchnet.chains.evm.reputation import reputation_contract
 from dispatchnet.cli import job_json, proof_json
 from dispatchnet.client import CoordinatorClient, task_spec
-from dispatchnet.coordinator.models import AnchorStatus
 from dispatchnet.devchain.local_chain import pid_alive
 from dispatchnet.profiles import ProfileError, load_profile
 from dispatchnet.server import start_coordinator
@@ -301,50 +296,6 @@ async def test_batches_are_anchored_and_verify_onchain(
     missing.anchor_transaction = "0x" + os.urandom(32).hex()
     code, shown = await run(missing)
     assert code == 1 and any("tx not found" in p for p in shown["problems"]), shown
-
-
-async def test_a_chain_outage_leaves_batches_pending_and_jobs_running(
-    chain: dict[str, Any], tmp_path: Path
-) -> None:
-    key_file = tmp_path / "coordinator-chain.key"
-    address = funded_chain_key(chain, key_file)
-    proxy = await unreachable_proxy(chain)
-    profile = chain_profile(
-        "",
-        devchain="",
-        rpc_url=proxy.url,
-        receipt_anchor=chain["contracts"]["receipt_anchor"],
-        key_file=str(key_file),
-        rpc_timeout_seconds=2,
-    )
-    async with cluster_for(profile, tmp_path / "coord") as cluster:
-        store = cluster.coord.store
-        await cluster.worker()
-        c = cluster.client()
-        jobs = await complete(c, 2, "outage")
-
-        def pending_with_error() -> bool:
-            batches = store.receipt_batches((AnchorStatus.PENDING,))
-            return bool(batches) and "connection refused" in batches[0].anchor_error
-
-        await wait_until(pending_with_error, 10, "a pending batch with the chain error")
-        started = time.monotonic()
-        (later,) = await complete(c, 1, "during-outage")  # jobs do not wait for the chain
-        assert time.monotonic() - started < 5
-        assert store.receipt_batches((AnchorStatus.ANCHORED,)) == []
-
-        await proxy.start()  # the node is back, at the same address, with its state
-        try:
-            proof = await anchored_proof(c, jobs[0].job_id)
-        finally:
-            await proxy.stop()
-        (batch,) = store.receipt_batches((AnchorStatus.ANCHORED,))
-        assert batch.anchor_error == "" and batch.anchor_transaction == proof.anchor_transaction
-        assert later.state == COMPLETED
-
-    anchor = anchor_contract(web3_for(chain["rpc_url"], 5), chain["contracts"]["receipt_anchor"])
-    block, anchorer = anchor.functions.anchoredAt(proof.merkle_root).call()
-    assert block > 0 and anchorer == address
 
 
 def test_chain_reputation_shows_summary_and_feedback(

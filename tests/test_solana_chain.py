@@ -1,11 +1,11 @@
 """The Solana track on a local chain: `dispatch chain up|status|down --profile local-solana`,
 anchoring receipt batch roots as SPL Memos (SolanaAnchorer), `dispatch receipt verify
---onchain`, exactly-once anchoring across retries, and node outages.
+--onchain`, exactly-once anchoring across retries. What both chain tracks promise alike
+(payments, outages) is in test_tracks.py, run for each kind.
 
 One local Solana node (LiteSVM behind JSON-RPC) for the module, started by `dispatch chain
 up --port 0` (a subprocess, as a user would) with DISPATCH_HOME in a temporary directory,
-and stopped at the end. The outage test puts a TCP proxy between the coordinator and the
-node and closes it: the node is unreachable exactly as when it is down, while its state stays.
+and stopped at the end.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import chain_fixtures
 import grpc
 import pytest
-from chain_fixtures import adispatch, cluster_for, dispatch, unreachable_proxy
+from chain_fixtures import adispatch, cluster_for, dispatch
 from conftest import FAST, wait_until
 from solders.hash import Hash
 from solders.keypair import Keypair
@@ -50,7 +49,6 @@ from dispatchnet.chains.solana.anchoring import (
 from dispatchnet.chains.solana.node import client_for, load_or_create_solana_key
 from dispatchnet.cli import job_json, proof_json
 from dispatchnet.client import CoordinatorClient, task_spec
-from dispatchnet.coordinator.models import AnchorStatus
 from dispatchnet.devchain.solana_local import _rpc, pid_alive, stop_pid
 from dispatchnet.errors import Unavailable
 from dispatchnet.profiles import Profile, ProfileError, load_profile
@@ -439,48 +437,6 @@ async def test_an_unfunded_solana_keypair_leaves_the_batch_pending_saying_why(
     with pytest.raises(Unavailable, match="no record of a prior credit") as e:
         await anchorer.anchor(os.urandom(32), 1, "batch_unfunded")
     assert "RpcSimulateTransactionResult" not in str(e.value)  # the node's message, short
-
-
-async def test_a_solana_node_outage_leaves_batches_pending_and_anchors_later(
-    home: Path, chain: dict[str, Any], tmp_path: Path
-) -> None:
-    key_file = tmp_path / "coordinator-solana.key"
-    address = str(funded_keypair(chain, key_file).pubkey())
-    proxy = await unreachable_proxy(chain)
-    profile = solana_profile(
-        identity=str(home / "chains" / "local-monad.json"),
-        deployment="",
-        devchain="",
-        rpc_url=proxy.url,
-        mint=chain["usdc"]["mint"],
-        key_file=str(key_file),
-        rpc_timeout_seconds=2,
-    )
-    async with cluster_for(profile, tmp_path / "coord") as cluster:
-        store = cluster.coord.store
-        await cluster.worker()
-        c = cluster.client()
-        jobs = await complete(c, 2, "outage")
-
-        def pending_with_error() -> bool:
-            batches = store.receipt_batches((AnchorStatus.PENDING,))
-            return bool(batches) and "connection refused" in batches[0].anchor_error
-
-        await wait_until(pending_with_error, 10, "a pending batch with the chain error")
-        started = time.monotonic()
-        (later,) = await complete(c, 1, "during-outage")  # jobs do not wait for the chain
-        assert time.monotonic() - started < 5
-        assert store.receipt_batches((AnchorStatus.ANCHORED,)) == []
-
-        await proxy.start()  # the node is back, at the same address, with its state
-        try:
-            proof = await anchored_proof(c, jobs[0].job_id)
-        finally:
-            await proxy.stop()
-        (batch,) = store.receipt_batches((AnchorStatus.ANCHORED,))
-        assert batch.anchor_error == "" and batch.anchor_transaction == proof.anchor_transaction
-        assert later.state == COMPLETED
-    assert anchor_memos(chain["rpc_url"], address, proof.merkle_root) == [proof.anchor_transaction]
 
 
 async def test_a_paid_job_on_solana_is_settled_at_commit_and_a_cancelled_one_refunded(

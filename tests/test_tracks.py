@@ -1,0 +1,245 @@
+"""What both chain tracks promise, written once and run for each chain kind (EVM on anvil,
+Solana on the local LiteSVM node): a paid job is charged once and its payment cannot be
+used again; a job that never completes costs its payer nothing; receipt batches wait out a
+node outage and are anchored exactly once when the node is back.
+
+Each kind is a Track: how to build its profile, its client wallet, balances read on chain,
+and what an anchor looks like on that chain. Both local chains live for the module."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import chain_fixtures
+import pytest
+from chain_fixtures import (
+    chain_profile,
+    cluster_for,
+    dispatch,
+    funded_chain_key,
+    unreachable_proxy,
+)
+from conftest import wait_until
+from test_chain import anchored_proof, complete
+from test_payments import RE, commit_with, refused, required_header
+from test_solana_chain import anchor_memos, funded_keypair, solana_profile
+
+import dispatchnet.chains.evm  # noqa: F401  (before web3: restores the recursion limit)
+from dispatch.v1 import coordinator_pb2
+from dispatchnet.chains import registry
+from dispatchnet.chains.evm.anchoring import anchor_contract
+from dispatchnet.chains.evm.node import web3_for
+from dispatchnet.client import task_spec
+from dispatchnet.coordinator.models import AnchorStatus
+from dispatchnet.devchain.local_chain import stop_pid
+from dispatchnet.devchain.processes import pid_alive
+from dispatchnet.devchain.solana_local import stop_pid as stop_solana_node
+from dispatchnet.profiles import Profile
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
+ECHO = task_spec("echo", b'{"text": "hi"}')
+PRICE = 1000  # a CHEAP task in micro-USD = test USDC atomic units on both chains
+
+home = chain_fixtures.home
+
+
+@pytest.fixture(scope="module")
+def evm_chain(home: Path) -> Iterator[dict[str, Any]]:
+    r = dispatch(home, "chain", "up", "--profile", "local-monad", "--port", "0")
+    assert r.returncode == 0, r.stderr
+    data: dict[str, Any] = json.loads(r.stdout)
+    yield data
+    dispatch(home, "chain", "down", "--profile", "local-monad")
+    stop_pid(int(data["anvil_pid"]))
+    assert not pid_alive(int(data["anvil_pid"]))
+
+
+@pytest.fixture(scope="module")
+def solana_chain(home: Path, evm_chain: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    # local-solana's identity chain is local-monad's anvil, already up (evm_chain)
+    r = dispatch(home, "chain", "up", "--profile", "local-solana", "--port", "0")
+    assert r.returncode == 0, r.stderr
+    data: dict[str, Any] = json.loads(r.stdout)
+    yield data
+    stop_solana_node(int(data["node_pid"]))
+    assert not pid_alive(int(data["node_pid"]))
+
+
+@dataclass
+class Track:
+    kind: str
+    chain: dict[str, Any]
+    # (paid, chain overrides) -> the kind's local profile on this module's chain
+    profile: Callable[..., Profile]
+    # key file -> (a funded coordinator account's address, [chain] overrides for a
+    # coordinator reaching the chain at proxy_url with that key)
+    outage: Callable[[Path, str], tuple[str, dict[str, Any]]]
+    # (root, anchorer) -> the transactions that anchored root from anchorer, read on chain
+    anchors: Callable[[bytes, str], list[str]]
+
+    def wallet(self) -> Any:
+        return registry.adapter_of(self.profile(True)).client_wallet(self.profile(True), "")
+
+    def balance(self, owner: str) -> int:
+        profile = self.profile(True)
+        asset = self.wallet().extra_assets[0].address
+        return int(registry.adapter_of(profile).token_balance(profile, asset, owner))
+
+    @property
+    def payee(self) -> str:
+        return str(self.chain["accounts"]["coordinator"]["address"])
+
+
+def _evm(home: Path, chain: dict[str, Any]) -> Track:
+    deployment = str(home / "chains" / "local-monad.json")
+
+    def profile(paid: bool = False, **overrides: Any) -> Profile:
+        where = overrides.pop("deployment", deployment)
+        return chain_profile(where, payments={} if paid else None, **overrides)
+
+    def outage(key_file: Path, proxy_url: str) -> tuple[str, dict[str, Any]]:
+        address = funded_chain_key(chain, key_file)
+        return address, {
+            "deployment": "",
+            "devchain": "",
+            "rpc_url": proxy_url,
+            "receipt_anchor": chain["contracts"]["receipt_anchor"],
+            "key_file": str(key_file),
+            "rpc_timeout_seconds": 2,
+        }
+
+    def anchors(root: bytes, anchorer: str) -> list[str]:
+        contract = anchor_contract(
+            web3_for(chain["rpc_url"], 5), chain["contracts"]["receipt_anchor"]
+        )
+        block, by = contract.functions.anchoredAt(root).call()
+        if not block or by != anchorer:
+            return []
+        logs = contract.events.Anchored().get_logs(
+            from_block=block, to_block=block, argument_filters={"merkleRoot": root}
+        )
+        return ["0x" + bytes(ev["transactionHash"]).hex() for ev in logs]
+
+    return Track("evm", chain, profile, outage, anchors)
+
+
+def _solana(home: Path, chain: dict[str, Any]) -> Track:
+    deployment = str(home / "chains" / "local-solana.json")
+    identity = str(home / "chains" / "local-monad.json")
+
+    def profile(paid: bool = False, **overrides: Any) -> Profile:
+        return solana_profile(
+            paid=paid, identity=identity, **{"deployment": deployment, **overrides}
+        )
+
+    def outage(key_file: Path, proxy_url: str) -> tuple[str, dict[str, Any]]:
+        address = str(funded_keypair(chain, key_file).pubkey())
+        return address, {
+            "deployment": "",
+            "devchain": "",
+            "rpc_url": proxy_url,
+            "mint": chain["usdc"]["mint"],
+            "key_file": str(key_file),
+            "rpc_timeout_seconds": 2,
+        }
+
+    def anchors(root: bytes, anchorer: str) -> list[str]:
+        return anchor_memos(chain["rpc_url"], anchorer, root)
+
+    return Track("solana", chain, profile, outage, anchors)
+
+
+@pytest.fixture(params=["evm", "solana"])
+def track(request: pytest.FixtureRequest, home: Path) -> Track:
+    kind = str(request.param)
+    chain: dict[str, Any] = request.getfixturevalue(f"{kind}_chain")
+    return _evm(home, chain) if kind == "evm" else _solana(home, chain)
+
+
+async def test_a_paid_job_is_charged_once_and_its_payment_cannot_be_used_again(
+    track: Track, tmp_path: Path
+) -> None:
+    wallet = track.wallet()
+    payer = wallet.address
+    start_payer, start_payee = track.balance(payer), track.balance(track.payee)
+    async with cluster_for(track.profile(True), tmp_path / "coord") as cluster:
+        await cluster.worker()
+        c = cluster.client()
+        first, second = await c.quote(ECHO), await c.quote(ECHO)
+        signature = wallet.pay(await required_header(c, first.quote_id))
+        job = await commit_with(c, first.quote_id, signature, "first")
+        assert (await c.wait(job.job_id)).state == COMPLETED
+
+        async def settled() -> bool:
+            return (await c.get(job.job_id)).payment.status == "settled"
+
+        await wait_until(settled, 30, "the payment settled")
+        # the same signed payment for another quote: refused, whatever the chain
+        code, _, error = await refused(c, second.quote_id, signature)
+        assert (code, error) == (RE, "payment_already_used")
+        # retrying the commit with its idempotency key charges nothing more
+        again = await commit_with(c, first.quote_id, signature, "first")
+        assert again.job_id == job.job_id
+    assert track.balance(payer) == start_payer - PRICE
+    assert track.balance(track.payee) == start_payee + PRICE
+
+
+async def test_a_job_that_never_completes_costs_its_payer_nothing(
+    track: Track, tmp_path: Path
+) -> None:
+    """Cancelled while queued (no worker): EVM never settles it ("released"); Solana
+    settled it at commit and pays it back on chain ("refunded")."""
+    wallet = track.wallet()
+    start = track.balance(wallet.address)
+    async with cluster_for(track.profile(True), tmp_path / "coord") as cluster:
+        c = cluster.client(wallet=wallet)
+        job = await c.submit(ECHO, "never-runs")
+        await c.cancel(job.job_id)
+
+        async def done() -> bool:
+            return (await c.get(job.job_id)).payment.status in ("released", "refunded")
+
+        await wait_until(done, 30, "the payment released or refunded")
+    assert track.balance(wallet.address) == start
+
+
+async def test_anchoring_waits_out_a_node_outage_and_anchors_once(
+    track: Track, tmp_path: Path
+) -> None:
+    proxy = await unreachable_proxy(track.chain)
+    address, chain = track.outage(tmp_path / "coordinator.key", proxy.url)
+    async with cluster_for(track.profile(False, **chain), tmp_path / "coord") as cluster:
+        store = cluster.coord.store
+        await cluster.worker()
+        c = cluster.client()
+        jobs = await complete(c, 2, "outage")
+
+        def pending_with_error() -> bool:
+            batches = store.receipt_batches((AnchorStatus.PENDING,))
+            return bool(batches) and "connection refused" in batches[0].anchor_error
+
+        await wait_until(pending_with_error, 10, "a pending batch with the chain error")
+        started = time.monotonic()
+        (later,) = await complete(c, 1, "during-outage")  # jobs do not wait for the chain
+        assert time.monotonic() - started < 5
+        assert store.receipt_batches((AnchorStatus.ANCHORED,)) == []
+
+        await proxy.start()  # the node is back, at the same address, with its state
+        try:
+            proof = await anchored_proof(c, jobs[0].job_id)
+        finally:
+            await proxy.stop()
+        (batch,) = store.receipt_batches((AnchorStatus.ANCHORED,))
+        assert batch.anchor_error == "" and batch.anchor_transaction == proof.anchor_transaction
+        assert later.state == COMPLETED
+    assert track.anchors(proof.merkle_root, address) == [proof.anchor_transaction]
