@@ -8,6 +8,7 @@ and what an anchor looks like on that chain. Both local chains live for the modu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from conftest import wait_until
 from test_chain import anchored_proof, complete
 from test_payments import RE, commit_with, refused, required_header
 from test_solana_chain import anchor_memos, funded_keypair, solana_profile
+from x402.http.utils import decode_payment_required_header
 
 import dispatchnet.chains.evm  # noqa: F401  (before web3: restores the recursion limit)
 from dispatch.v1 import coordinator_pb2
@@ -243,3 +245,38 @@ async def test_anchoring_waits_out_a_node_outage_and_anchors_once(
         assert batch.anchor_error == "" and batch.anchor_transaction == proof.anchor_transaction
         assert later.state == COMPLETED
     assert track.anchors(proof.merkle_root, address) == [proof.anchor_transaction]
+
+
+async def test_a_coordinator_may_accept_both_chains_and_the_client_picks(
+    home: Path, evm_chain: dict[str, Any], solana_chain: dict[str, Any], tmp_path: Path
+) -> None:
+    """local-solana accepting its Solana USDC and, on its [identity_chain], the anvil's
+    test USDC: the payment-required trailer lists both, and each client pays with the
+    one its wallet can sign."""
+    evm, svm = _evm(home, evm_chain), _solana(home, solana_chain)
+    profile = svm.profile(True)
+    accepts = [
+        *profile.payments.accept,
+        dataclasses.replace(profile.payments.accept[0], network=evm_chain["network"]),
+    ]
+    profile = profile.with_overrides(payments={"accept": accepts})
+    evm_wallet, svm_wallet = evm.wallet(), svm.wallet()
+    starts = [evm.balance(evm_wallet.address), svm.balance(svm_wallet.address)]
+    async with cluster_for(profile, tmp_path / "coord") as cluster:
+        await cluster.worker()
+        header = await required_header(
+            cluster.client(), (await cluster.client().quote(ECHO)).quote_id
+        )
+        offered = {a.network for a in decode_payment_required_header(header).accepts}
+        assert offered == {evm_chain["network"], solana_chain["network"]}
+        for wallet in (evm_wallet, svm_wallet):
+            c = cluster.client(wallet=wallet)
+            job = await c.submit(ECHO)
+            assert (await c.wait(job.job_id)).state == COMPLETED
+
+            async def settled(c: Any = c, job_id: str = job.job_id) -> bool:
+                return (await c.get(job_id)).payment.status == "settled"
+
+            await wait_until(settled, 30, "the payment settled")
+    assert evm.balance(evm_wallet.address) == starts[0] - PRICE
+    assert svm.balance(svm_wallet.address) == starts[1] - PRICE

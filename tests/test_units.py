@@ -683,8 +683,8 @@ def test_a_profile_file_overrides_defaults(profile_file: Path) -> None:
         ("[payments]\nenabled = true\n", "at least one \\[\\[payments.accept\\]\\]"),
         ("[payments]\naccept = 'eip155:1'\n", "accept must be a list of tables"),
         ("[[payments.accept]]\nnetwork = 'eip155:1'\nfee = 2\n", "unknown setting\\(s\\) fee"),
-        ("[[payments.accept]]\nnetwork = 'eip155:1'\n", "needs a \\[chain\\] on that network"),
-        ("[[payments.accept]]\nnetwork = 'solana'\n", "'solana' needs a \\[chain\\] on"),
+        ("[[payments.accept]]\nnetwork = 'eip155:1'\n", "'eip155:1' needs a \\[chain\\]"),
+        ("[[payments.accept]]\nnetwork = 'solana'\n", "'solana' needs a \\[chain\\]"),
         (
             "[[payments.accept]]\nnetwork = 'eip155:1'\nfacilitator = 'ftp://x'\n",
             "is not a URL",

@@ -399,14 +399,14 @@ def check_profile(profile: Profile) -> list[str]:
         problems.append(f'[receipts] anchor must be "none" or the [chain] kind, not {anchor!r}')
     elif anchor != "none":
         needs("anchor", f'[receipts] anchor = "{anchor}"')
-    problems += _check_payments(profile, can)
+    problems += _check_payments(profile)
     return problems
 
 
-def _check_payments(profile: Profile, can: frozenset[str]) -> list[str]:
+def _check_payments(profile: Profile) -> list[str]:
     from dispatchnet.chains import registry  # light: no chain library is imported
 
-    p, c = profile.payments, profile.chain
+    p = profile.payments
     problems: list[str] = []
     if p.enabled and not p.accept:
         problems.append("[payments] enabled needs at least one [[payments.accept]] network")
@@ -417,12 +417,13 @@ def _check_payments(profile: Profile, can: frozenset[str]) -> list[str]:
         if a.network in seen:
             problems.append(f"[[payments.accept]] lists {a.network} twice")
         seen.add(a.network)
-        if "payments" not in can or a.network != c.network:
+        on = registry.payment_chain(profile, a.network)
+        if on is None:
             problems.append(
-                f"[[payments.accept]] {a.network!r} needs a [chain] on that network whose kind "
-                "takes payments"
+                f"[[payments.accept]] {a.network!r} needs a [chain] (or [identity_chain]) on "
+                "that network whose kind takes payments"
             )
-        if a.asset and (why := registry.asset_problem(c.kind, a.asset)) is not None:
+        elif a.asset and (why := registry.asset_problem(on.kind, a.asset)) is not None:
             problems.append(f"[[payments.accept]] {why}")
         if a.facilitator and not re.fullmatch(r"https?://\S+", a.facilitator):
             problems.append(f"[[payments.accept]] facilitator {a.facilitator!r} is not a URL")

@@ -180,6 +180,16 @@ def profile_capabilities(chain: ChainConfig, identity_chain: ChainConfig) -> fro
     return own | (capabilities(identity_chain.kind) & _LENT)
 
 
+def payment_chain(profile: Profile, network: str) -> ChainConfig | None:
+    """The chain an accepted payment network is on: [chain], or the [identity_chain] (a
+    coordinator may take payments on both: the client picks), when it is on that network
+    and its kind takes payments; None otherwise. Light: no chain library is imported."""
+    for cfg in (profile.chain, profile.identity_chain):
+        if cfg.kind != "none" and cfg.network == network and "payments" in capabilities(cfg.kind):
+            return cfg
+    return None
+
+
 def identity_profile(profile: Profile) -> Profile | None:
     """The profile as its [identity_chain]'s adapter sees it ([chain] replaced by the
     identity chain), None when the profile has no [identity_chain]."""

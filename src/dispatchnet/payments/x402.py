@@ -17,6 +17,7 @@ down; try again), SettlementRefused (the chain will not take it; final).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -312,9 +313,15 @@ def _first_line(e: BaseException) -> str:
 
 def gateway_for(profile: Profile, data_dir: Path) -> X402Gateway | None:
     """The profile's payment gateway ([payments] enabled), None when payments are off; each
-    accepted network's rail comes from the [chain] kind's adapter."""
+    accepted network's rail comes from the adapter of the chain that network is on ([chain],
+    or [identity_chain]: a coordinator may accept both, the client picks)."""
     if not profile.payments.enabled:
         return None
-    adapter = registry.adapter_of(profile)
-    rails = [adapter.payment_rail(a, profile, data_dir) for a in profile.payments.accept]
+    rails = []
+    for accept in profile.payments.accept:
+        chain = registry.payment_chain(profile, accept.network)
+        if chain is None:
+            raise ValueError(f"[[payments.accept]] {accept.network}: no chain of the profile")
+        on = dataclasses.replace(profile, chain=chain)
+        rails.append(registry.adapter(chain.kind).payment_rail(accept, on, data_dir))
     return X402Gateway(rails, profile.payments.settle_margin_seconds)
