@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import chain_fixtures
+import grpc
 import pytest
 from chain_fixtures import (
     chain_profile,
@@ -27,9 +28,9 @@ from chain_fixtures import (
 )
 from conftest import wait_until
 from test_chain import anchored_proof, complete
-from test_payments import RE, commit_with, refused, required_header
+from test_payments import RE, commit_with, refused, required_header, signed
 from test_solana_chain import anchor_memos, funded_keypair, solana_profile
-from x402.http.utils import decode_payment_required_header
+from x402.http.utils import decode_payment_required_header, encode_payment_signature_header
 
 import dispatchnet.chains.evm  # noqa: F401  (before web3: restores the recursion limit)
 from dispatch.v1 import coordinator_pb2
@@ -116,8 +117,11 @@ def _evm(home: Path, chain: dict[str, Any]) -> Track:
             "devchain": "",
             "rpc_url": proxy_url,
             "receipt_anchor": chain["contracts"]["receipt_anchor"],
+            "usdc": chain["contracts"]["usdc"],
+            "batch_settler": chain["contracts"]["batch_settler"],
             "key_file": str(key_file),
             "rpc_timeout_seconds": 2,
+            "tx_timeout_seconds": 5,
         }
 
     def anchors(root: bytes, anchorer: str) -> list[str]:
@@ -153,6 +157,7 @@ def _solana(home: Path, chain: dict[str, Any]) -> Track:
             "mint": chain["usdc"]["mint"],
             "key_file": str(key_file),
             "rpc_timeout_seconds": 2,
+            "tx_timeout_seconds": 5,
         }
 
     def anchors(root: bytes, anchorer: str) -> list[str]:
@@ -280,3 +285,57 @@ async def test_a_coordinator_may_accept_both_chains_and_the_client_picks(
             await wait_until(settled, 30, "the payment settled")
     assert evm.balance(evm_wallet.address) == starts[0] - PRICE
     assert svm.balance(svm_wallet.address) == starts[1] - PRICE
+
+
+async def test_an_underpayment_is_refused_and_moves_nothing(track: Track, tmp_path: Path) -> None:
+    wallet = track.wallet()
+    start = track.balance(wallet.address)
+
+    def less(requirement: Any) -> None:
+        requirement.amount = str(int(requirement.amount) - 1)
+
+    async with cluster_for(track.profile(True), tmp_path / "coord") as cluster:
+        c = cluster.client()
+        quote = await c.quote(ECHO)
+        header = await required_header(c, quote.quote_id)
+        signature = encode_payment_signature_header(signed(wallet, header, less))
+        code, _, error = await refused(c, quote.quote_id, signature)
+        assert code == RE and error
+    assert track.balance(wallet.address) == start
+
+
+async def test_the_node_down_at_commit_is_unavailable_then_the_same_payment_goes_through(
+    track: Track, tmp_path: Path
+) -> None:
+    proxy = await unreachable_proxy(track.chain)
+    _, chain = track.outage(tmp_path / "coordinator.key", proxy.url)
+    profile = track.profile(True, **chain).with_overrides(
+        receipts={"anchor": "none"}, feedback={"enabled": False}
+    )
+    wallet = track.wallet()
+    start = track.balance(wallet.address)
+    await proxy.start()
+    try:
+        async with cluster_for(profile, tmp_path / "coord") as cluster:
+            assert cluster.coord.payments is not None
+            cluster.coord.payments.retry_initial = cluster.coord.payments.retry_max = 0.2
+            await cluster.worker()
+            c = cluster.client(wallet=wallet)
+            quote = await c.quote(ECHO)
+            signature = wallet.pay(await required_header(c, quote.quote_id))
+            await proxy.stop()
+            code, details, _ = await refused(c, quote.quote_id, signature)
+            assert code == grpc.StatusCode.UNAVAILABLE, details
+            assert track.balance(wallet.address) == start  # nothing moved
+
+            await proxy.start()
+            job = await commit_with(c, quote.quote_id, signature)  # the same payment, now
+            assert (await c.wait(job.job_id)).state == COMPLETED
+
+            async def settled() -> bool:
+                return (await c.get(job.job_id)).payment.status == "settled"
+
+            await wait_until(settled, 30, "the payment settled")
+    finally:
+        await proxy.stop()
+    assert track.balance(wallet.address) == start - PRICE

@@ -195,15 +195,42 @@ class SvmRail:
                         raise Unavailable(f"Solana node unreachable: {first_line(e)}") from e
                     if info is None or len(info.data) <= MINT_DECIMALS_OFFSET:
                         raise Unavailable(f"mint {self._mint} not found on {self.rpc_url}")
-                    self._asset = Asset(
+                    asset = Asset(
                         self._mint, "USDC", "", info.data[MINT_DECIMALS_OFFSET], str(info.owner)
                     )
                 else:
                     d = get_default_asset(self.network)
-                    self._asset = Asset(
-                        d["asset"], d["symbol"], "", d["decimals"], d["token_program"]
-                    )
+                    asset = Asset(d["asset"], d["symbol"], "", d["decimals"], d["token_program"])
+                self._open_pay_to_account(asset)
+                self._asset = asset
             return self._asset
+
+    def _open_pay_to_account(self, asset: Asset) -> None:
+        """Payments go to pay_to's associated token account, which must exist before any
+        payment can verify: created once, at the coordinator's cost, if it is missing (a new
+        coordinator keypair has none). Unavailable while the node is down."""
+        program = Pubkey.from_string(asset.token_program)
+        me = self.keypair.pubkey()
+        ata = Pubkey.from_string(derive_ata(self.pay_to, asset.address, str(program)))
+        try:
+            if self.client.get_account_info(ata).value is not None:
+                return
+            ix = create_idempotent_associated_token_account(
+                me, me, Pubkey.from_string(asset.address), program
+            )
+            blockhash = self.client.get_latest_blockhash(Confirmed).value.blockhash
+            tx = VersionedTransaction(
+                MessageV0.try_compile(me, [ix], [], blockhash), [self.keypair]
+            )
+            raw = bytes(tx)
+            self.client.send_raw_transaction(raw, TxOpts(preflight_commitment=Confirmed))
+            if not self._await(tx.signatures[0], raw):
+                raise Unavailable(f"the token account of {self.pay_to} was not created")
+        except TRANSIENT as e:
+            raise Unavailable(f"Solana node unreachable: {first_line(e)}") from e
+        except RPCException as e:
+            raise Unavailable(f"cannot create the token account of {self.pay_to}: {e}") from e
+        log.info("created the token account %s of %s for payments", ata, self.pay_to)
 
     def server_scheme(self) -> Any:
         """The x402 SDK's server side of the exact scheme (no blockhash hints: the client
