@@ -8,8 +8,10 @@ and what an anchor looks like on that chain. Both local chains live for the modu
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import chain_fixtures
 import grpc
 import pytest
 from chain_fixtures import (
+    adispatch,
     chain_profile,
     cluster_for,
     dispatch,
@@ -28,6 +31,7 @@ from chain_fixtures import (
 )
 from conftest import wait_until
 from test_chain import anchored_proof, complete
+from test_grpcurl import COORDINATOR, ECHO_SPEC, GRPCURL, call, grpcurl
 from test_payments import RE, commit_with, refused, required_header, signed
 from test_solana_chain import anchor_memos, funded_keypair, solana_profile
 from x402.http.utils import decode_payment_required_header, encode_payment_signature_header
@@ -339,3 +343,40 @@ async def test_the_node_down_at_commit_is_unavailable_then_the_same_payment_goes
     finally:
         await proxy.stop()
     assert track.balance(wallet.address) == start - PRICE
+
+
+async def test_grpcurl_and_the_wallet_cli_pay_by_hand(
+    track: Track, home: Path, tmp_path: Path
+) -> None:
+    """The manual-testing story on each chain: grpcurl commits without a payment, the
+    `payment-required` trailer names this chain's network, `dispatch wallet pay --profile`
+    signs it with the chain's key, and grpcurl commits again with the signature."""
+    if not GRPCURL.exists():
+        pytest.skip("no grpcurl")
+    profile_name = "local-monad" if track.kind == "evm" else "local-solana"
+    async with cluster_for(track.profile(True), tmp_path / "coord") as cluster:
+        quote = await call(cluster.address, f"{COORDINATOR}/GetQuote", ECHO_SPEC)
+        code, out, err = await adispatch(home, "auth", "header", "--raw")
+        assert code == 0, err
+        auth = ("-H", f"authorization: {out.strip()}")
+        body = {"quote_id": quote["quote"]["quote_id"], "idempotency_key": "by-hand"}
+        code, out = await grpcurl(
+            "-v", *auth, "-d", json.dumps(body), cluster.address, f"{COORDINATOR}/CommitJob"
+        )
+        assert code != 0 and "Code: ResourceExhausted" in out, out
+        required = re.search(r"^payment-required: (\S+)$", out, re.M)
+        assert required is not None, out
+        [offer] = json.loads(base64.b64decode(required.group(1)))["accepts"]
+        assert offer["network"] == track.chain["network"] and offer["amount"] == str(PRICE)
+        code, signature, err = await adispatch(
+            home, "wallet", "pay", required.group(1), "--profile", profile_name
+        )
+        assert code == 0, err
+        code, out = await grpcurl(
+            "-v", *auth, "-H", f"payment-signature: {signature.strip()}",
+            "-d", json.dumps(body), cluster.address, f"{COORDINATOR}/CommitJob",
+        )  # fmt: skip
+        assert code == 0, out
+        response = re.search(r"^payment-response: (\S+)$", out, re.M)
+        assert response is not None, out
+        assert json.loads(base64.b64decode(response.group(1)))["payer"] == track.wallet().address
