@@ -8,10 +8,12 @@ and what an anchor looks like on that chain. Both local chains live for the modu
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import json
 import re
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from chain_fixtures import (
     funded_chain_key,
     unreachable_proxy,
 )
-from conftest import wait_until
+from conftest import Proc, wait_until
 from test_chain import anchored_proof, complete
 from test_grpcurl import COORDINATOR, ECHO_SPEC, GRPCURL, call, grpcurl
 from test_payments import RE, commit_with, refused, required_header, signed
@@ -41,12 +43,14 @@ from dispatch.v1 import coordinator_pb2
 from dispatchnet.chains import registry
 from dispatchnet.chains.evm.anchoring import anchor_contract
 from dispatchnet.chains.evm.node import web3_for
-from dispatchnet.client import task_spec
+from dispatchnet.client import CoordinatorClient, task_spec
 from dispatchnet.coordinator.models import AnchorStatus
 from dispatchnet.devchain.local_chain import stop_pid
 from dispatchnet.devchain.processes import pid_alive
 from dispatchnet.devchain.solana_local import stop_pid as stop_solana_node
+from dispatchnet.keys import KeyPair
 from dispatchnet.profiles import Profile
+from dispatchnet.worker.runtime import Worker
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -380,3 +384,54 @@ async def test_grpcurl_and_the_wallet_cli_pay_by_hand(
         response = re.search(r"^payment-response: (\S+)$", out, re.M)
         assert response is not None, out
         assert json.loads(base64.b64decode(response.group(1)))["payer"] == track.wallet().address
+
+
+async def test_settlements_and_refunds_are_exactly_once_across_a_coordinator_sigkill(
+    track: Track, home: Path, tmp_path: Path
+) -> None:
+    """A coordinator (a real `dispatch coordinator` process on the chain's local profile)
+    is SIGKILLed right after its paid jobs completed and others were cancelled, while
+    settlements and refunds may be in flight; the restarted one finishes them: every
+    completed job charged exactly once, every cancelled one not at all."""
+    profile_name = "local-monad" if track.kind == "evm" else "local-solana"
+    data = tmp_path / "coord-data"
+    started: list[Proc] = []
+
+    def coordinator(listen: str) -> Proc:
+        args = ["coordinator", "--profile", profile_name, "--listen", listen]
+        p = Proc([*args, "--data-dir", str(data)], home, tmp_path / f"coord{len(started)}.log")
+        started.append(p)
+        return p
+
+    wallet = track.wallet()
+    start = track.balance(wallet.address)
+    key = KeyPair.generate()
+    try:
+        address = str(coordinator("127.0.0.1:0").info["listening"])
+        worker = Worker(address, KeyPair.generate(), kind="seeker")
+        running = asyncio.create_task(worker.run())
+        async with CoordinatorClient(address, key, wallet) as c:
+            await asyncio.wait_for(worker.connected.wait(), 20)
+            done = [await c.submit(ECHO, f"done{i}") for i in range(3)]
+            for job in done:
+                assert (await c.wait(job.job_id)).state == COMPLETED
+            worker.stop()
+            await asyncio.gather(running, return_exceptions=True)
+            dropped = [await c.submit(ECHO, f"dropped{i}") for i in range(2)]
+            for job in dropped:
+                await c.cancel(job.job_id)
+        started[0].kill(signal.SIGKILL)  # settlements and refunds may be half done
+        coordinator(address)
+        async with CoordinatorClient(address, key) as c:
+
+            async def finished() -> bool:
+                statuses = [(await c.get(j.job_id)).payment.status for j in done + dropped]
+                return statuses[:3] == ["settled"] * 3 and all(
+                    s in ("released", "refunded") for s in statuses[3:]
+                )
+
+            await wait_until(finished, 60, "every payment settled, released or refunded")
+    finally:
+        for p in started:
+            p.kill()
+    assert track.balance(wallet.address) == start - 3 * PRICE

@@ -207,6 +207,8 @@ class X402Gateway:
         facilitator's node failed meanwhile, what went wrong ("" otherwise): the SDK reports
         an unreachable node as an invalid payment. An exception means the facilitator is
         unusable: Unavailable."""
+        # After a restart the settlement loop comes before any offer: initialize here too.
+        self._init()
         rail = self.rails[payment.network]
         payload, requirement = _x402_objects(payment)
         started = time.monotonic()
