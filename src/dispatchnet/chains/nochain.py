@@ -10,6 +10,7 @@ from dispatchnet.chains.deployments import ChainConfigError
 
 if TYPE_CHECKING:
     from dispatchnet.agent_identity import IdentityVerifier
+    from dispatchnet.payments.payouts import PayoutSender
     from dispatchnet.profiles import AcceptConfig, ChainConfig, Profile
     from dispatchnet.receipts.anchoring import Anchorer
     from dispatchnet.reputation.erc8004 import SummaryReader
@@ -56,6 +57,9 @@ class NoChain:
 
     def payment_rail(self, accept: AcceptConfig, profile: Profile, data_dir: Path) -> Any:
         raise self._none("x402 payments")
+
+    def payouts(self, profile: Profile, data_dir: Path) -> PayoutSender:
+        raise self._none("paying workers")
 
     def client_wallet(self, profile: Profile, key_file: str) -> Any:
         return None

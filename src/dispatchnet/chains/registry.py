@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from dispatchnet.agent_identity import IdentityVerifier
+    from dispatchnet.payments.payouts import PayoutSender
     from dispatchnet.profiles import AcceptConfig, ChainConfig, Profile
     from dispatchnet.receipts.anchoring import Anchorer
     from dispatchnet.reputation.erc8004 import SummaryReader
@@ -54,6 +55,10 @@ class ChainAdapter(Protocol):
 
     def payment_rail(self, accept: AcceptConfig, profile: Profile, data_dir: Path) -> Any:
         """One accepted x402 network of CommitJob (payments/x402.py's PaymentRail)."""
+        ...
+
+    def payouts(self, profile: Profile, data_dir: Path) -> PayoutSender:
+        """Pays workers from the coordinator's [chain] account (payments/payouts.py)."""
         ...
 
     def client_wallet(self, profile: Profile, key_file: str) -> Any:

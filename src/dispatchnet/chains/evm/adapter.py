@@ -12,6 +12,7 @@ from dispatchnet.profiles import AcceptConfig, ChainConfig, Profile
 
 if TYPE_CHECKING:
     from dispatchnet.agent_identity import IdentityVerifier
+    from dispatchnet.payments.payouts import PayoutSender
     from dispatchnet.receipts.anchoring import Anchorer
     from dispatchnet.reputation.erc8004 import SummaryReader
     from dispatchnet.reputation.feedback import FeedbackPoster
@@ -73,6 +74,27 @@ class EvmAdapter:
         from dispatchnet.chains.evm.rail import EvmRail
 
         return EvmRail(accept, resolve_evm_chain(profile.chain, data_dir), profile)
+
+    def payouts(self, profile: Profile, data_dir: Path) -> PayoutSender:
+        """Batched EIP-3009 payouts through the chain's BatchSettler (chains/evm/payouts.py)."""
+        from dispatchnet.chains.deployments import ChainConfigError
+        from dispatchnet.chains.evm.node import shared_sender
+        from dispatchnet.chains.evm.payouts import EvmPayoutSender
+
+        cfg = profile.chain
+        chain = resolve_evm_chain(cfg, data_dir)
+        if not chain.batch_settler:
+            raise ChainConfigError(f"paying workers on {cfg.network} needs a batch_settler")
+        sender = shared_sender(
+            chain.rpc_url, chain.network, chain.account_key, cfg.rpc_timeout_seconds
+        )
+        return EvmPayoutSender(
+            sender,
+            chain.account_key,
+            chain.batch_settler,
+            profile.payments.settle_gas_limit,
+            cfg.tx_timeout_seconds,
+        )
 
     def client_wallet(self, profile: Profile, key_file: str) -> Any:
         from dispatchnet.payments.wallet import wallet_for

@@ -25,6 +25,7 @@ from dispatchnet.profiles import AcceptConfig, ChainConfig, Profile
 
 if TYPE_CHECKING:
     from dispatchnet.agent_identity import IdentityVerifier
+    from dispatchnet.payments.payouts import PayoutSender
     from dispatchnet.receipts.anchoring import Anchorer
     from dispatchnet.reputation.erc8004 import SummaryReader
     from dispatchnet.reputation.feedback import FeedbackPoster
@@ -116,6 +117,18 @@ class SolanaAdapter:
             rpc_timeout=profile.chain.rpc_timeout_seconds,
             tx_timeout=profile.chain.tx_timeout_seconds,
             facilitator_url=accept.facilitator,
+        )
+
+    def payouts(self, profile: Profile, data_dir: Path) -> PayoutSender:
+        """One payout transaction per worker and run (chains/solana/payouts.py)."""
+        from dispatchnet.chains.solana.payouts import SolanaPayoutSender
+
+        chain = resolve_solana_chain(profile.chain, data_dir)
+        return SolanaPayoutSender(
+            chain.rpc_url,
+            chain.keypair,
+            rpc_timeout=profile.chain.rpc_timeout_seconds,
+            tx_timeout=profile.chain.tx_timeout_seconds,
         )
 
     def client_wallet(self, profile: Profile, key_file: str) -> Any:

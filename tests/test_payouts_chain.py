@@ -1,0 +1,229 @@
+"""Worker payouts on chain (payments/payouts.py's PayoutSender), for both chain kinds on
+their local chains: a run's payouts move exactly their amounts, a payout sent twice pays
+once, a crash between storing and sending (or sending and recording) is resolved by
+status() without paying twice, a node outage is Unavailable and then goes through, and an
+EVM authorization that expired unused is failed for good.
+
+A "crash" here is a new sender built from the profile that sees only what the caller
+stored (the SignedPayout), as a restarted coordinator would."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import chain_fixtures
+import pytest
+from chain_fixtures import _rpc, unreachable_proxy
+from eth_account import Account
+from test_tracks import Track, _evm, _solana, evm_chain, solana_chain  # noqa: F401
+from web3.exceptions import ContractLogicError
+
+from dispatchnet.chains import registry
+from dispatchnet.chains.evm.node import CHAIN_KEY_HEADER, load_abi, web3_for
+from dispatchnet.chains.solana.node import SOLANA_KEY_HEADER
+from dispatchnet.errors import Unavailable
+from dispatchnet.payments.payouts import (
+    MEMO_PREFIX,
+    Payout,
+    PayoutSender,
+    PayoutState,
+    SignedPayout,
+)
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+home = chain_fixtures.home
+
+
+@dataclass
+class Rig:
+    """A chain kind's payout sender, its asset, fresh worker addresses and balances."""
+
+    track: Track
+    asset: str
+    new_address: Callable[[], str]
+
+    def sender(self, tmp: Path, **chain: Any) -> PayoutSender:
+        profile = self.track.profile(True, **chain)
+        return registry.adapter_of(profile).payouts(profile, tmp)
+
+    def balance(self, owner: str) -> int:
+        profile = self.track.profile(True)
+        return int(registry.adapter_of(profile).token_balance(profile, self.asset, owner))
+
+    def payouts(self, amounts: list[int]) -> list[Payout]:
+        return [Payout(_new_id(), self.new_address(), a, self.asset) for a in amounts]
+
+    def through(self, proxy_url: str, key_file: Path) -> dict[str, Any]:
+        """[chain] overrides for the coordinator's own account reaching the node at
+        proxy_url."""
+        accounts = self.track.chain["accounts"]["coordinator"]
+        if self.track.kind == "evm":
+            key_file.write_text(f"{CHAIN_KEY_HEADER}\n{accounts['private_key']}\n")
+        else:
+            key_file.write_text(f"{SOLANA_KEY_HEADER}\n{accounts['secret_key']}\n")
+        _, chain = self.track.outage(key_file.parent / "unused.key", proxy_url)
+        return {**chain, "key_file": str(key_file)}
+
+
+def _new_id() -> str:
+    return "0x" + os.urandom(32).hex()
+
+
+@pytest.fixture(params=["evm", "solana"])
+def rig(request: pytest.FixtureRequest, home: Path) -> Rig:
+    kind = str(request.param)
+    chain: dict[str, Any] = request.getfixturevalue(f"{kind}_chain")
+    if kind == "evm":
+        return Rig(
+            _evm(home, chain),
+            chain["contracts"]["usdc"],
+            lambda: str(Account.create().address),
+        )
+    from solders.keypair import Keypair
+
+    return Rig(_solana(home, chain), chain["usdc"]["mint"], lambda: str(Keypair().pubkey()))
+
+
+def test_a_run_to_three_workers_moves_exactly_their_amounts(rig: Rig, tmp_path: Path) -> None:
+    """On Solana the workers have no token account yet: each is created, at the
+    coordinator's cost. On EVM the three go in one transaction."""
+    payer = rig.track.payee
+    sender = rig.sender(tmp_path)
+    payouts = rig.payouts([1000, 2500, 7])
+    start = rig.balance(payer)
+    assert [rig.balance(p.to) for p in payouts] == [0, 0, 0]
+
+    signed = sender.sign(payouts)
+    assert [s.payout for s in signed] == payouts
+    sent = sender.send(signed)
+
+    assert {sent[p.payout_id].state for p in payouts} == {PayoutState.LANDED}
+    transactions = {sent[p.payout_id].transaction for p in payouts}
+    assert len(transactions) == (1 if rig.track.kind == "evm" else 3)
+    assert [rig.balance(p.to) for p in payouts] == [1000, 2500, 7]
+    assert rig.balance(payer) == start - 3507
+
+
+def test_the_same_signed_payouts_sent_twice_pay_once(rig: Rig, tmp_path: Path) -> None:
+    sender = rig.sender(tmp_path)
+    payouts = rig.payouts([1200, 800])
+    signed = sender.sign(payouts)
+    first = sender.send(signed)
+    again = sender.send(signed)
+    assert again == first
+    assert [rig.balance(p.to) for p in payouts] == [1200, 800]
+    if rig.track.kind == "evm":
+        # not only our batch's simulation: the token itself refuses a used nonce
+        _refused_by_the_token(rig, signed[0])
+
+
+def _refused_by_the_token(rig: Rig, signed: SignedPayout) -> None:
+    import json
+
+    raw = json.loads(signed.raw)
+    w3 = web3_for(rig.track.chain["rpc_url"], 5)
+    token = w3.eth.contract(address=raw["asset"], abi=load_abi("TestUSDC"))
+    call = token.functions.transferWithAuthorization(
+        raw["from"],
+        raw["to"],
+        raw["value"],
+        raw["valid_after"],
+        raw["valid_before"],
+        bytes.fromhex(raw["nonce"][2:]),
+        bytes.fromhex(raw["signature"][2:]),
+    )
+    with pytest.raises(ContractLogicError):
+        call.call({"from": raw["from"]})
+
+
+def test_signed_then_a_crash_before_send_is_found_missing_and_sent(
+    rig: Rig, tmp_path: Path
+) -> None:
+    (payout,) = rig.payouts([3000])
+    (stored,) = rig.sender(tmp_path).sign([payout])
+    # restarted: only the stored signed payout is known
+    sender = rig.sender(tmp_path)
+    assert sender.status(stored).state is PayoutState.NOT_FOUND
+    sent = sender.send([stored])[payout.payout_id]
+    assert sent.state is PayoutState.LANDED
+    assert sender.status(stored).state is PayoutState.LANDED
+    assert rig.balance(payout.to) == 3000
+
+
+def test_sent_then_a_crash_before_record_is_found_landed(rig: Rig, tmp_path: Path) -> None:
+    (payout,) = rig.payouts([4000])
+    first = rig.sender(tmp_path)
+    (stored,) = first.sign([payout])
+    sent = first.send([stored])[payout.payout_id]
+    # restarted before recording the outcome: status finds it, nothing is sent again
+    found = rig.sender(tmp_path).status(stored)
+    assert (found.state, found.transaction) == (PayoutState.LANDED, sent.transaction)
+    assert rig.balance(payout.to) == 4000
+    if rig.track.kind == "solana":
+        assert stored.transaction == sent.transaction  # known at signing: it is stored
+        assert _memos(rig, payout.to) == {sent.transaction: f"{MEMO_PREFIX}{payout.payout_id}"}
+
+
+def _memos(rig: Rig, address: str) -> dict[str, str]:
+    """Signature -> memo of the transactions that name `address` and carry a payout memo."""
+    entries = _rpc(rig.track.chain["rpc_url"], "getSignaturesForAddress", [address], 5)
+    assert isinstance(entries, list)
+    return {
+        e["signature"]: e["memo"][e["memo"].index(MEMO_PREFIX) :]
+        for e in entries
+        if e["memo"] and MEMO_PREFIX in e["memo"]
+    }
+
+
+async def test_a_node_outage_is_unavailable_then_the_payouts_go_through(
+    rig: Rig, tmp_path: Path
+) -> None:
+    proxy = await unreachable_proxy(rig.track.chain)
+    chain = rig.through(proxy.url, tmp_path / "coordinator.key")
+    payouts = rig.payouts([500, 600])
+    sender = rig.sender(tmp_path, **chain)
+    with pytest.raises(Unavailable):  # signing reads the chain too
+        await asyncio.to_thread(sender.sign, payouts)
+    await proxy.start()
+    try:
+        signed = await asyncio.to_thread(sender.sign, payouts)
+        await proxy.stop()
+        with pytest.raises(Unavailable):
+            await asyncio.to_thread(sender.send, signed)
+        with pytest.raises(Unavailable):
+            await asyncio.to_thread(sender.status, signed[0])
+        await proxy.start()
+        sent = await asyncio.to_thread(sender.send, signed)
+    finally:
+        if proxy.server is not None:
+            await proxy.stop()
+    assert {s.state for s in sent.values()} == {PayoutState.LANDED}
+    assert [rig.balance(p.to) for p in payouts] == [500, 600]
+
+
+def test_an_evm_authorization_expired_unused_is_failed_for_good(
+    home: Path,
+    evm_chain: dict[str, Any],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    rig = Rig(_evm(home, evm_chain), evm_chain["contracts"]["usdc"], lambda: "")
+    (payout,) = [Payout(_new_id(), str(Account.create().address), 900, rig.asset)]
+    sender = rig.sender(tmp_path)
+    sender.validity_seconds = 60  # type: ignore[attr-defined]
+    (stored,) = sender.sign([payout])
+    assert sender.status(stored).state is PayoutState.NOT_FOUND
+    # the chain's clock moves past valid_before (later payouts sign against chain time)
+    _rpc(evm_chain["rpc_url"], "evm_increaseTime", [61], timeout=5)
+    _rpc(evm_chain["rpc_url"], "evm_mine", [], timeout=5)
+    assert sender.status(stored).state is PayoutState.FAILED
+    assert sender.send([stored])[payout.payout_id].state is PayoutState.FAILED
+    assert rig.balance(payout.to) == 0
