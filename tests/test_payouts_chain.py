@@ -10,7 +10,10 @@ stored (the SignedPayout), as a restarted coordinator would."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +23,20 @@ import chain_fixtures
 import pytest
 from chain_fixtures import _rpc, unreachable_proxy
 from eth_account import Account
+from solana.rpc.api import Client
+from solders.keypair import Keypair
+from solders.pubkey import Pubkey
+from solders.transaction import VersionedTransaction
 from test_tracks import Track, _evm, _solana, evm_chain, solana_chain  # noqa: F401
 from web3.exceptions import ContractLogicError
+from x402.mechanisms.svm import derive_ata
 
 from dispatchnet.chains import registry
 from dispatchnet.chains.evm.node import CHAIN_KEY_HEADER, load_abi, web3_for
 from dispatchnet.chains.solana.node import SOLANA_KEY_HEADER
+from dispatchnet.chains.solana.payouts import SolanaPayoutSender
+from dispatchnet.devchain.solana_local import bootstrap
+from dispatchnet.devchain.solana_node import NodeServer, SolanaNode
 from dispatchnet.errors import Unavailable
 from dispatchnet.payments.payouts import (
     MEMO_PREFIX,
@@ -83,14 +94,12 @@ def rig(request: pytest.FixtureRequest, home: Path) -> Rig:
     kind = str(request.param)
     chain: dict[str, Any] = request.getfixturevalue(f"{kind}_chain")
     if kind == "evm":
-        return Rig(
-            _evm(home, chain),
-            chain["contracts"]["usdc"],
-            lambda: str(Account.create().address),
-        )
-    from solders.keypair import Keypair
-
+        return _evm_rig(home, chain)
     return Rig(_solana(home, chain), chain["usdc"]["mint"], lambda: str(Keypair().pubkey()))
+
+
+def _evm_rig(home: Path, chain: dict[str, Any]) -> Rig:
+    return Rig(_evm(home, chain), chain["contracts"]["usdc"], lambda: str(Account.create().address))
 
 
 def test_a_run_to_three_workers_moves_exactly_their_amounts(rig: Rig, tmp_path: Path) -> None:
@@ -113,6 +122,21 @@ def test_a_run_to_three_workers_moves_exactly_their_amounts(rig: Rig, tmp_path: 
     assert rig.balance(payer) == start - 3507
 
 
+def test_an_evm_run_larger_than_a_transaction_takes_is_split(
+    home: Path,
+    evm_chain: dict[str, Any],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    rig = _evm_rig(home, evm_chain)
+    sender = rig.sender(tmp_path)
+    sender.max_per_transaction = 2  # type: ignore[attr-defined]
+    payouts = rig.payouts([10, 20, 30, 40, 50])
+    sent = sender.send(sender.sign(payouts))
+    assert {s.state for s in sent.values()} == {PayoutState.LANDED}
+    assert len({s.transaction for s in sent.values()}) == 3
+    assert [rig.balance(p.to) for p in payouts] == [10, 20, 30, 40, 50]
+
+
 def test_the_same_signed_payouts_sent_twice_pay_once(rig: Rig, tmp_path: Path) -> None:
     sender = rig.sender(tmp_path)
     payouts = rig.payouts([1200, 800])
@@ -127,8 +151,6 @@ def test_the_same_signed_payouts_sent_twice_pay_once(rig: Rig, tmp_path: Path) -
 
 
 def _refused_by_the_token(rig: Rig, signed: SignedPayout) -> None:
-    import json
-
     raw = json.loads(signed.raw)
     w3 = web3_for(rig.track.chain["rpc_url"], 5)
     token = w3.eth.contract(address=raw["asset"], abi=load_abi("TestUSDC"))
@@ -215,8 +237,8 @@ def test_an_evm_authorization_expired_unused_is_failed_for_good(
     evm_chain: dict[str, Any],  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    rig = Rig(_evm(home, evm_chain), evm_chain["contracts"]["usdc"], lambda: "")
-    (payout,) = [Payout(_new_id(), str(Account.create().address), 900, rig.asset)]
+    rig = _evm_rig(home, evm_chain)
+    (payout,) = rig.payouts([900])
     sender = rig.sender(tmp_path)
     sender.validity_seconds = 60  # type: ignore[attr-defined]
     (stored,) = sender.sign([payout])
@@ -227,3 +249,31 @@ def test_an_evm_authorization_expired_unused_is_failed_for_good(
     assert sender.status(stored).state is PayoutState.FAILED
     assert sender.send([stored])[payout.payout_id].state is PayoutState.FAILED
     assert rig.balance(payout.to) == 0
+
+
+def test_a_solana_payout_whose_blockhash_expired_unsent_is_stale_and_signed_anew() -> None:
+    """A fast node of its own (blockhashes valid for 20 slots of 10 ms)."""
+    with NodeServer(SolanaNode(slot_seconds=0.01, validity_slots=20)) as server:
+        data = bootstrap(server.rpc_url)
+        coordinator = Keypair.from_base58_string(data["accounts"]["coordinator"]["secret_key"])
+        sender = SolanaPayoutSender(server.rpc_url, coordinator, rpc_timeout=5, tx_timeout=10)
+        worker = str(Keypair().pubkey())
+        payout = Payout(_new_id(), worker, 650, data["usdc"]["mint"])
+        (stale,) = sender.sign([payout])
+        blockhash = str(
+            VersionedTransaction.from_bytes(base64.b64decode(stale.raw)).message.recent_blockhash
+        )
+        deadline = time.monotonic() + 10
+        while sender.status(stale).state is PayoutState.NOT_FOUND:
+            assert time.monotonic() < deadline, f"the blockhash {blockhash} never expired"
+            time.sleep(0.01)
+        assert sender.status(stale).state is PayoutState.STALE  # never landed, never can
+        assert sender.send([stale])[payout.payout_id].state is PayoutState.STALE
+        (fresh,) = sender.sign([payout])  # same payout id and memo, a new transaction
+        assert fresh.transaction != stale.transaction
+        assert sender.send([fresh])[payout.payout_id].state is PayoutState.LANDED
+        assert sender.status(stale).state is PayoutState.STALE
+        balance = Client(server.rpc_url).get_token_account_balance(
+            Pubkey.from_string(derive_ata(worker, payout.asset))
+        )
+        assert balance.value.amount == "650"

@@ -28,6 +28,9 @@ from dispatchnet.payments.payouts import Payout, PayoutState, PayoutStatus, Sign
 # How long a signed payout may land, from the chain's time at signing. Past it, a payout
 # never sent (or refused meanwhile) is failed for good: its amount goes back to the balance.
 VALIDITY_SECONDS = 24 * 3600
+# Payouts per BatchSettler.settle transaction: its gas grows with each one and must stay
+# well under a block's gas limit (a larger run is sent in several transactions).
+MAX_PER_TRANSACTION = 50
 
 
 class EvmPayoutSender:
@@ -42,11 +45,13 @@ class EvmPayoutSender:
         per_payment_gas: int,
         tx_timeout: float,
         validity_seconds: int = VALIDITY_SECONDS,
+        max_per_transaction: int = MAX_PER_TRANSACTION,
     ) -> None:
         self.sender = sender
         self._key = private_key
         self.batch = EvmBatchSettler(sender, batch_settler, per_payment_gas, tx_timeout)
         self.validity_seconds = validity_seconds
+        self.max_per_transaction = max_per_transaction
         self._domains: dict[str, tuple[str, str]] = {}
 
     @property
@@ -107,14 +112,16 @@ class EvmPayoutSender:
         return out
 
     def send(self, signed: list[SignedPayout]) -> dict[str, PayoutStatus]:
-        """One BatchSettler.settle per asset for the payouts the token takes now (a used or
-        expired authorization is left out by the batch's simulation and reported by its
-        status); each payout's status after it."""
+        """One BatchSettler.settle per asset (and per max_per_transaction payouts) for the
+        payouts the token takes now (a used or expired authorization is left out by the
+        batch's simulation and reported by its status); each payout's status after it."""
         result: dict[str, PayoutStatus] = {}
         by_asset: dict[str, list[SignedPayout]] = {}
         for s in signed:
             by_asset.setdefault(s.payout.asset.lower(), []).append(s)
-        for group in by_asset.values():
+        n = self.max_per_transaction
+        groups = [g[i : i + n] for g in by_asset.values() for i in range(0, len(g), n)]
+        for group in groups:
             auths = [_authorization(s) for s in group]
             outcome = self.batch.settle(group[0].payout.asset, auths)
             for s, a in zip(group, auths, strict=True):
