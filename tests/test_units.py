@@ -813,6 +813,7 @@ DOMAIN = [
     *(SRC / "receipts" / name for name in ("merkle.py", "batcher.py", "anchoring.py")),
     *(SRC / "reputation" / name for name in ("local.py", "erc8004.py", "feedback.py")),
     SRC / "payments" / "service.py",
+    SRC / "payments" / "payouts.py",
     SRC / "loops.py",
 ]
 FOREIGN = ("grpc", "grpc_interceptor", "dispatch", "sqlite3", "sqlite_utils", "web3", "x402")
