@@ -70,7 +70,8 @@ class PayoutSender(Protocol):
 
     def sign(self, payouts: list[Payout]) -> list[SignedPayout]:
         """One signed payout per payout, in order; nothing is sent. Unavailable on node
-        trouble (signing reads the chain: time or a recent blockhash, the asset)."""
+        trouble (signing reads the chain: time or a recent blockhash, the asset);
+        ValueError for an address that is not one of this chain's."""
         ...
 
     def send(self, signed: list[SignedPayout]) -> dict[str, PayoutStatus]:
