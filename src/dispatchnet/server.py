@@ -253,7 +253,9 @@ def payment_service_for(
     gateway = gateway_for(profile, data_dir)
     assert gateway is not None
     log.info("CommitJob takes x402 payments on %s", gateway.describe())
-    return PaymentService(store, jobs, gateway, profile.payments, profile.jobs)
+    return PaymentService(
+        store, jobs, gateway, profile.payments, profile.jobs, payouts=profile.payouts
+    )
 
 
 def reputation_for(
