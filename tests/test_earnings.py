@@ -9,8 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from conftest import Cluster
+from test_cli import cli_env, ok_json, run
 
+from dispatch.v1 import coordinator_pb2
+from dispatchnet import keys
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import (
     JobSpec,
@@ -27,6 +32,7 @@ from dispatchnet.payments.service import PaymentService, SettlementRefused
 from dispatchnet.profiles import JobsConfig, PaymentsConfig, PayoutsConfig, PricingConfig
 from dispatchnet.receipts.notary import Notary
 from dispatchnet.reputation.local import LocalReputation
+from dispatchnet.server import Coordinator
 from dispatchnet.store.sqlite import SqliteStore
 
 SPEC_BYTES = b"\x12\x06\n\x04echo"
@@ -233,3 +239,107 @@ def test_a_fee_outside_0_to_10000_bps_is_refused(fee_bps: int) -> None:
 
     with pytest.raises(ProfileError, match="fee_bps"):
         Profile().with_overrides(payouts={"fee_bps": fee_bps})
+
+
+# --- GetEarnings, ListWorkers and the CLI over a real coordinator ----------------------------
+
+
+async def credit(coord: Coordinator, worker_id: str, amounts: list[int]) -> list[str]:
+    """Jobs paid `amounts`, completed by worker_id and settled (by a PaymentService on the
+    coordinator's store and job service, against an in-memory chain); their ids."""
+    payments = PaymentService(
+        coord.store,
+        coord.jobs,
+        FakeGateway(),  # type: ignore[arg-type]
+        PaymentsConfig(settle_max_wait_seconds=0),
+        JobsConfig(),
+        payouts=PayoutsConfig(fee_bps=1000),
+    )
+    job_ids = []
+    for n, amount in enumerate(amounts):
+        quote = coord.jobs.quote(SPEC)
+        job, _ = coord.jobs.commit(
+            "client", quote.quote_id, f"k{n}", payment(amount, time.time() + 3600)
+        )
+        done = {"state": JobState.COMPLETED, "worker_id": worker_id}
+        assert coord.store.transition(job.job_id, [JobState.QUEUED], None, done, None)
+        job_ids.append(job.job_id)
+    assert await payments.settle_due() == len(amounts)
+    return job_ids
+
+
+async def test_only_the_worker_reads_its_earnings_and_list_workers_shows_them(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "worker.key"
+    key = keys.load_or_create(key_file)
+    worker_id = key.public_key.hex()
+    # credited before the worker connects, so no job of ours is offered to it
+    first, second = await credit(cluster.coord, worker_id, [1_000_000, 500_001])
+    await cluster.worker(key=key)
+
+    [info] = await cluster.client().list_workers()
+    assert info.worker_id == worker_id
+    [lifetime] = info.lifetime_earnings
+    assert (lifetime.network, lifetime.asset) == ("eip155:31337", "0xusdc")
+    assert lifetime.earned == lifetime.balance == str(900_000 + 450_001)
+
+    mine = cluster.client(key)
+    resp = await mine.earnings()
+    assert resp.worker_id == worker_id and resp.fee_bps == 1000
+    assert [b.earned for b in resp.balances] == ["1350001"]
+    assert {j.job_id: (j.price, j.fee, j.share) for j in resp.jobs} == {
+        first: ("1000000", "100000", "900000"),
+        second: ("500001", "50000", "450001"),
+    }
+    assert not resp.next_page_token and not resp.payouts
+
+    # paged, newest first
+    page1 = await mine.earnings(page_size=1)
+    page2 = await mine.earnings(page_size=1, page_token=page1.next_page_token)
+    assert [j.job_id for j in (*page1.jobs, *page2.jobs)] == [j.job_id for j in resp.jobs]
+    assert page1.next_page_token and not page2.next_page_token
+
+    stub = mine.jobs
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetEarnings(coordinator_pb2.GetEarningsRequest(page_token="not-a-token"))
+    assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED  # anonymous
+    for bad in ("not-a-token", "x" * 129):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetEarnings(
+                coordinator_pb2.GetEarningsRequest(page_token=bad), metadata=mine.metadata()
+            )
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+    other = cluster.client()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await other.jobs.GetEarnings(
+            coordinator_pb2.GetEarningsRequest(worker_id=worker_id), metadata=other.metadata()
+        )
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    theirs = await other.earnings()  # any key reads its own (empty) ledger
+    assert not theirs.jobs and not theirs.balances
+
+    # the CLI, signed with the worker's key file
+    out = ok_json(
+        await run(
+            "worker",
+            "earnings",
+            "--coordinator",
+            cluster.address,
+            "--key-file",
+            str(key_file),
+            "--page-size",
+            "1",
+            "--all",
+            env=cli_env(tmp_path / "home"),
+        )
+    )
+    assert out["worker_id"] == worker_id
+    assert out["balances"] == [
+        {"network": "eip155:31337", "asset": "0xusdc", "earned": "1350001", "balance": "1350001"}
+    ]
+    assert [(j["job_id"], j["share"]) for j in out["jobs"]] == [
+        (j.job_id, j.share) for j in resp.jobs
+    ]
+    assert out["fee_bps"] == 1000
