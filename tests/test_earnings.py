@@ -77,12 +77,12 @@ class FakeGateway:
         return True
 
 
-def payment(amount: int, settle_by: float) -> Payment:
+def payment(amount: int, settle_by: float, network: str = "eip155:31337") -> Payment:
     now = time.time()
     return Payment(
         job_id="",
-        network="eip155:31337",
-        asset="0xusdc",
+        network=network,
+        asset="0xusdc" if network.startswith("eip155") else "mint",
         pay_to="0xcoordinator",
         payer="0xclient",
         amount=amount,
@@ -119,14 +119,16 @@ class Ledger:
         )
         self.n = 0
 
-    def commit(self, amount: int, settle_by: float | None = None) -> str:
+    def commit(
+        self, amount: int, settle_by: float | None = None, network: str = "eip155:31337"
+    ) -> str:
         self.n += 1
         quote = self.jobs.quote(SPEC)
         job, _ = self.jobs.commit(
             "client",
             quote.quote_id,
             f"k{self.n}",
-            payment(amount, settle_by if settle_by is not None else time.time() + 3600),
+            payment(amount, settle_by if settle_by is not None else time.time() + 3600, network),
         )
         return job.job_id
 
@@ -231,6 +233,42 @@ def test_a_refund_after_a_credit_reverses_it(tmp_path: Path) -> None:
     [earning] = ledger.store.earnings(WORKER, 100)
     assert earning.reversed
     assert ledger.store.balances([WORKER]) == {}
+
+
+async def test_lifetime_totals_follow_credits_and_reversals_without_reading_the_ledger(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path, fee_bps=500)
+    jobs = [ledger.commit(1000), ledger.commit(3000), ledger.commit(2000, network="solana:x")]
+    for job_id in jobs:
+        ledger.finish(job_id, JobState.COMPLETED)
+    await ledger.payments.settle_due()
+    refunded = ledger.store.update_payment(
+        jobs[1], (PaymentStatus.SETTLED,), {"status": PaymentStatus.REFUNDED}
+    )
+    assert refunded is not None
+
+    # ListWorkers is public: it reads one running total per worker and asset, never the
+    # (ever-growing) ledger of credits
+    read: set[str] = set()
+
+    def note(action: int, table: str | None, *_: Any) -> int:
+        if action == 20 and table:  # SQLITE_READ
+            read.add(table)
+        return 0  # SQLITE_OK
+
+    ledger.store._conn.set_authorizer(note)
+    try:
+        totals = ledger.store.balances([WORKER])[WORKER]
+    finally:
+        ledger.store._conn.set_authorizer(None)
+    assert read == {"worker_earnings"}
+    assert [(b.network, b.earned) for b in totals] == [("eip155:31337", 950), ("solana:x", 1900)]
+    by_asset: dict[str, int] = {}
+    for e in ledger.store.earnings(WORKER, 100):
+        if not e.reversed:
+            by_asset[e.network] = by_asset.get(e.network, 0) + e.share
+    assert by_asset == {b.network: b.earned for b in totals}
 
 
 @pytest.mark.parametrize("fee_bps", [-1, 10001])

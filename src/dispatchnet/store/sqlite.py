@@ -325,6 +325,13 @@ def _v10(db: sqlite_utils.Database) -> None:
         not_null={"worker_id", "network", "asset", "amount", "fee", "share", "credited_at"},
     )
     db.table("earnings").create_index(["worker_id", "credited_at", "job_id"])
+    # running totals per worker and asset, kept with the credits (ListWorkers reads these,
+    # never the whole ledger)
+    db.table("worker_earnings").create(
+        {"worker_id": str, "network": str, "asset": str, "earned": int},
+        pk=("worker_id", "network", "asset"),
+        not_null={"earned"},
+    )
 
 
 MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10]
@@ -1040,7 +1047,7 @@ class SqliteStore:
             now = payment.updated_at
             if credit is not None:
                 # one credit per job: a retried settlement record never credits twice
-                self._conn.execute(
+                cur = self._conn.execute(
                     "INSERT OR IGNORE INTO earnings "
                     "SELECT job_id, worker_id, ?, ?, ?, ?, ?, ?, ?, NULL FROM jobs "
                     "WHERE job_id=? AND worker_id != ''",
@@ -1055,12 +1062,25 @@ class SqliteStore:
                         job_id,
                     ),
                 )
+                if cur.rowcount == 1:
+                    self._add_earned(job_id, 1)
             if payment.status in (PaymentStatus.REFUND_DUE, PaymentStatus.REFUNDED):
-                self._conn.execute(
+                cur = self._conn.execute(
                     "UPDATE earnings SET reversed_at=? WHERE job_id=? AND reversed_at IS NULL",
                     (now, job_id),
                 )
+                if cur.rowcount == 1:
+                    self._add_earned(job_id, -1)
         return payment
+
+    def _add_earned(self, job_id: str, sign: int) -> None:
+        """Adds (sign 1) or takes back (sign -1) a job's credit in its worker's total."""
+        self._conn.execute(
+            "INSERT INTO worker_earnings SELECT worker_id, network, asset, ? * share "
+            "FROM earnings WHERE job_id=? ON CONFLICT(worker_id, network, asset) "
+            "DO UPDATE SET earned = earned + excluded.earned",
+            (sign, job_id),
+        )
 
     def earnings(
         self, worker_id: str, limit: int, before: tuple[float, str] | None = None
@@ -1077,9 +1097,9 @@ class SqliteStore:
         if not worker_ids:
             return {}
         rows = self._conn.execute(
-            "SELECT worker_id, network, asset, sum(share) AS earned FROM earnings "
-            f"WHERE worker_id IN ({','.join('?' * len(worker_ids))}) AND reversed_at IS NULL "
-            "GROUP BY worker_id, network, asset ORDER BY worker_id, network, asset",
+            "SELECT worker_id, network, asset, earned FROM worker_earnings "
+            f"WHERE worker_id IN ({','.join('?' * len(worker_ids))}) AND earned != 0 "
+            "ORDER BY worker_id, network, asset",
             tuple(worker_ids),
         ).fetchall()
         out: dict[str, list[Balance]] = {}
