@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from conftest import Cluster
-from test_cli import cli_env, ok_json, run
+from test_cli import cli_env, failed, ok_json, run
 
 from dispatch.v1 import coordinator_pb2
 from dispatchnet import keys
@@ -381,3 +381,18 @@ async def test_only_the_worker_reads_its_earnings_and_list_workers_shows_them(
         (j.job_id, j.share) for j in resp.jobs
     ]
     assert out["fee_bps"] == 1000
+    # a key file that is not there is not created (it would have earned nothing)
+    missing = tmp_path / "nope.key"
+    err = failed(
+        await run(
+            "worker",
+            "earnings",
+            "--coordinator",
+            cluster.address,
+            "--key-file",
+            str(missing),
+            env=cli_env(tmp_path / "home"),
+        ),
+        code=2,
+    )
+    assert "no worker key file" in err and not missing.exists()

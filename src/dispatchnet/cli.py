@@ -471,7 +471,10 @@ async def cmd_workers(args: argparse.Namespace) -> int:
 async def cmd_worker_earnings(args: argparse.Namespace) -> int:
     """The worker's balance, its share per job and its payouts (GetEarnings, signed with
     the worker key), as JSON; --all follows every page of jobs."""
-    async with CoordinatorClient(args.coordinator, _worker_key(args)) as c:
+    path = _worker_key_path(args).expanduser()
+    if not path.exists():  # a new key would have earned nothing: say so instead
+        raise CliError(f"no worker key file at {path} (pass the worker's --key-file)", code=2)
+    async with CoordinatorClient(args.coordinator, keys.load(path)) as c:
         resp = await c.earnings(args.page_size, args.page_token or "")
         out = json_format.MessageToDict(
             resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
