@@ -114,6 +114,16 @@ async def payment_status(cluster: Cluster, job_id: str, status: str) -> None:
     await wait_until(reached, 30, f"payment {status}")
 
 
+def credits(cluster: Cluster) -> dict[str, int]:
+    """The shares credited to the cluster's workers (not reversed), by job id."""
+    return {
+        e.job_id: e.share
+        for w, _ in cluster.workers
+        for e in cluster.coord.store.earnings(w.worker_id, 100)
+        if not e.reversed
+    }
+
+
 async def test_a_paid_job_is_settled_once_after_it_completes(
     paid: Cluster,
     chain: dict[str, Any],  # noqa: F811
@@ -137,6 +147,10 @@ async def test_a_paid_job_is_settled_once_after_it_completes(
     assert receipt.decoded.payment.status == "authorized"
     assert receipt.payment.status == "settled"
     assert receipt.payment.transaction == final.payment.transaction
+    # the worker earns the price minus the coordinator's 10% ([payouts] fee_bps)
+    assert credits(paid) == {job.job_id: PRICE - PRICE // 10}
+    [info] = await c.list_workers()
+    assert [b.earned for b in info.lifetime_earnings] == [str(PRICE - PRICE // 10)]
 
 
 async def test_no_payment_is_resource_exhausted_with_the_requirements(
@@ -399,6 +413,7 @@ async def test_a_job_that_fails_everywhere_is_never_charged(
     await c.cancel(cancelled.job_id)
     await payment_status(paid, cancelled.job_id, "released")
     assert balances(chain, wallet.address, payee(chain)) == start
+    assert credits(paid) == {}  # released: no worker earns anything
 
 
 EARLY = {"max_authorization_seconds": 16, "settle_margin_seconds": 15}
@@ -432,6 +447,7 @@ async def test_a_short_authorization_is_settled_early_and_refunded_if_the_job_fa
     )
     assert receipt["status"] == 1
     assert balances(chain, wallet.address, payee(chain)) == [start_payer, start_payee]
+    assert credits(paid) == {}  # the money arrived, but no worker completed the job
 
     # a held payment whose job completes is simply settled
     ok = await c.submit(task_spec("sha256", b"data"), "completes")  # Broken cannot run it
@@ -452,6 +468,7 @@ async def test_a_short_authorization_is_settled_early_and_refunded_if_the_job_fa
     assert receipt.decoded.payment.transaction == ""
     assert receipt.payment.status == "settled"
     assert balance(chain, wallet.address) == start_payer - 2 * PRICE
+    assert credits(paid) == {ok.job_id: PRICE - PRICE // 10, slow.job_id: PRICE - PRICE // 10}
 
 
 async def test_a_settlement_sent_before_a_crash_is_not_sent_again(

@@ -188,7 +188,8 @@ async def test_a_paid_job_is_charged_once_and_its_payment_cannot_be_used_again(
     payer = wallet.address
     start_payer, start_payee = track.balance(payer), track.balance(track.payee)
     async with cluster_for(track.profile(True), tmp_path / "coord") as cluster:
-        await cluster.worker()
+        worker_key = KeyPair.generate()
+        await cluster.worker(key=worker_key)
         c = cluster.client()
         first, second = await c.quote(ECHO), await c.quote(ECHO)
         signature = wallet.pay(await required_header(c, first.quote_id))
@@ -205,6 +206,12 @@ async def test_a_paid_job_is_charged_once_and_its_payment_cannot_be_used_again(
         # retrying the commit with its idempotency key charges nothing more
         again = await commit_with(c, first.quote_id, signature, "first")
         assert again.job_id == job.job_id
+        # settled (on Solana: at commit, then the job completed): the worker is credited
+        # the price minus the coordinator's 10%, once
+        earnings = await cluster.client(worker_key).earnings()
+        assert [(j.job_id, j.share) for j in earnings.jobs] == [
+            (job.job_id, str(PRICE - PRICE // 10))
+        ]
     assert track.balance(payer) == start_payer - PRICE
     assert track.balance(track.payee) == start_payee + PRICE
 
@@ -405,10 +412,10 @@ async def test_settlements_and_refunds_are_exactly_once_across_a_coordinator_sig
 
     wallet = track.wallet()
     start = track.balance(wallet.address)
-    key = KeyPair.generate()
+    key, worker_key = KeyPair.generate(), KeyPair.generate()
     try:
         address = str(coordinator("127.0.0.1:0").info["listening"])
-        worker = Worker(address, KeyPair.generate(), kind="seeker")
+        worker = Worker(address, worker_key, kind="seeker")
         running = asyncio.create_task(worker.run())
         async with CoordinatorClient(address, key, wallet) as c:
             await asyncio.wait_for(worker.connected.wait(), 20)
@@ -431,6 +438,11 @@ async def test_settlements_and_refunds_are_exactly_once_across_a_coordinator_sig
                 )
 
             await wait_until(finished, 60, "every payment settled, released or refunded")
+        async with CoordinatorClient(address, worker_key) as w:
+            # each completed job credited its worker exactly once, the dropped ones not
+            earnings = await w.earnings()
+            assert sorted(j.job_id for j in earnings.jobs) == sorted(j.job_id for j in done)
+            assert [b.earned for b in earnings.balances] == [str(3 * (PRICE - PRICE // 10))]
     finally:
         for p in started:
             p.kill()

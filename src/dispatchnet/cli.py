@@ -169,6 +169,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
 
     if getattr(args, "worker_cmd", None) == "register":
         return await cmd_worker_register(args)
+    if getattr(args, "worker_cmd", None) == "earnings":
+        return await cmd_worker_earnings(args)
     agent_id, chain_key, solana_key = _worker_agent(args)
     executors = default_executors()
     try:
@@ -463,6 +465,27 @@ async def cmd_job_cancel(args: argparse.Namespace) -> int:
 async def cmd_workers(args: argparse.Namespace) -> int:
     async with CoordinatorClient(args.coordinator, keys.KeyPair.generate()) as c:
         emit([to_dict(w) for w in await c.list_workers()])
+    return 0
+
+
+async def cmd_worker_earnings(args: argparse.Namespace) -> int:
+    """The worker's balance, its share per job and its payouts (GetEarnings, signed with
+    the worker key), as JSON; --all follows every page of jobs."""
+    path = _worker_key_path(args).expanduser()
+    if not path.exists():  # a new key would have earned nothing: say so instead
+        raise CliError(f"no worker key file at {path} (pass the worker's --key-file)", code=2)
+    async with CoordinatorClient(args.coordinator, keys.load(path)) as c:
+        resp = await c.earnings(args.page_size, args.page_token or "")
+        out = json_format.MessageToDict(
+            resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        while args.all and resp.next_page_token:
+            resp = await c.earnings(args.page_size, resp.next_page_token)
+            out["jobs"] += [
+                json_format.MessageToDict(j, preserving_proto_field_name=True) for j in resp.jobs
+            ]
+            out["next_page_token"] = resp.next_page_token
+        emit(out)
     return 0
 
 
@@ -796,6 +819,14 @@ def build_parser() -> argparse.ArgumentParser:
     wr.add_argument(
         "--endpoint", help="gRPC endpoint in the registration file (default: --coordinator)"
     )
+
+    we = wsub.add_parser(
+        "earnings", help="the worker's balance, share per job and payouts (signed with its key)"
+    )
+    with_coord(we, "worker key file")
+    we.add_argument("--page-size", type=int, default=0, help="jobs per page (1-100; 0: 100)")
+    we.add_argument("--page-token", help="next_page_token of a previous call")
+    we.add_argument("--all", action="store_true", help="follow every page of jobs")
 
     sk = sub.add_parser("seekers", help="simulate many mobile seekers in one process")
     sk.add_argument(

@@ -163,6 +163,15 @@ class CoordinatorClient:
         resp = await self.jobs.ListWorkers(coordinator_pb2.ListWorkersRequest())
         return list(resp.workers)
 
+    async def earnings(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> coordinator_pb2.GetEarningsResponse:
+        """This key's earnings as a worker (GetEarnings)."""
+        return await self.jobs.GetEarnings(
+            coordinator_pb2.GetEarningsRequest(page_size=page_size, page_token=page_token),
+            metadata=self.metadata(),
+        )
+
     async def create_pairing_code(
         self, ttl_seconds: int = 0
     ) -> trust_pb2.CreatePairingCodeResponse:

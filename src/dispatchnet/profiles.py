@@ -168,6 +168,19 @@ class PaymentsConfig:
 
 
 @dataclass(frozen=True)
+class PayoutsConfig:
+    """What workers earn (`[payouts]`; README "Workers earn")."""
+
+    # The coordinator's fee, in basis points of each settled payment (1000 = 10%); the
+    # worker is credited the rest, in the same transaction that records the settlement.
+    fee_bps: int = 1000
+    # Coming with on-chain payouts (not used yet): the smallest balance paid out, in
+    # atomic units of the payment asset, and how often balances are paid.
+    min_payout_micros: int = 1_000_000
+    interval_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
 class WalletConfig:
     """The client side (`[wallet]`): what `dispatch job submit` pays with."""
 
@@ -285,6 +298,7 @@ class Profile:
     auth: AuthConfig = field(default_factory=AuthConfig)
     pairing: PairingConfig = field(default_factory=PairingConfig)
     payments: PaymentsConfig = field(default_factory=PaymentsConfig)
+    payouts: PayoutsConfig = field(default_factory=PayoutsConfig)
     wallet: WalletConfig = field(default_factory=WalletConfig)
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
@@ -439,6 +453,8 @@ def _check_payments(profile: Profile) -> list[str]:
         problems.append("[payments] settle_max_wait_seconds must be 0-600")
     if profile.wallet.max_per_job_micros < 0:
         problems.append("[wallet] max_per_job_micros must not be negative")
+    if not 0 <= profile.payouts.fee_bps <= 10000:
+        problems.append("[payouts] fee_bps must be 0-10000")
     return problems
 
 

@@ -37,4 +37,6 @@ MAX_RECEIPT_BODY_BYTES = 16384  # JobCompleted.receipt_body
 MAX_ID_CHARS = 64  # job_id, quote_id, pairing_id (the coordinator's ids are under 30)
 MAX_IDEMPOTENCY_KEY_CHARS = 128  # CommitJobRequest.idempotency_key
 MAX_PAIRING_CODE_CHARS = 32  # ClaimPairingRequest.code (XXXX-XXXX; dashes, spaces ignored)
+MAX_PAGE_TOKEN_CHARS = 128  # GetEarningsRequest.page_token
+MAX_EARNINGS_PAGE = 100  # GetEarningsRequest.page_size: 1 to this (0 and more mean this)
 MAX_CANCEL_REASON_CHARS = 512  # CancelJobRequest.reason (stored with the job)

@@ -34,6 +34,7 @@ from dispatchnet.api.servicers import (
 )
 from dispatchnet.chains import registry
 from dispatchnet.coordinator.catalogue import TaskCatalogue
+from dispatchnet.coordinator.earnings import EarningsService
 from dispatchnet.coordinator.hub import WorkerHub
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.pairing import PairingService
@@ -194,7 +195,10 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         interceptors.append(PaymentInterceptor(payments))
     server = grpc.aio.server(interceptors=interceptors, options=opts)
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
-        CoordinatorServicer(jobs, hub, profile.limits), server
+        CoordinatorServicer(
+            jobs, hub, profile.limits, EarningsService(store, profile.payouts.fee_bps)
+        ),
+        server,
     )
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(
         WorkerServicer(hub, profile.workers), server
@@ -253,7 +257,9 @@ def payment_service_for(
     gateway = gateway_for(profile, data_dir)
     assert gateway is not None
     log.info("CommitJob takes x402 payments on %s", gateway.describe())
-    return PaymentService(store, jobs, gateway, profile.payments, profile.jobs)
+    return PaymentService(
+        store, jobs, gateway, profile.payments, profile.jobs, payouts=profile.payouts
+    )
 
 
 def reputation_for(

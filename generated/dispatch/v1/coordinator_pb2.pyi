@@ -647,6 +647,7 @@ class WorkerInfo(_message.Message):
     DRAINING_FIELD_NUMBER: _builtins.int
     CONNECTED_AT_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
+    LIFETIME_EARNINGS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Hex ed25519 public key; proven by the worker on connect."""
     kind: _common_pb2.WorkerKind.ValueType
@@ -673,6 +674,13 @@ class WorkerInfo(_message.Message):
     def connected_at(self) -> _timestamp_pb2.Timestamp:
         """When it connected."""
 
+    @_builtins.property
+    def lifetime_earnings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Balance]:
+        """What it has earned over its lifetime on this coordinator, one entry per
+        payment asset (at most one per network CommitJob accepts): the shares
+        of its settled jobs, refunds deducted.
+        """
+
     def __init__(
         self,
         *,
@@ -686,10 +694,11 @@ class WorkerInfo(_message.Message):
         draining: _builtins.bool = ...,
         connected_at: _timestamp_pb2.Timestamp | None = ...,
         agent_id: _builtins.str = ...,
+        lifetime_earnings: _abc.Iterable[Global___Balance] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "agent_id", b"agent_id", "connected_at", b"connected_at", "draining", b"draining", "kind", b"kind", "llm_models", b"llm_models", "max_concurrency", b"max_concurrency", "reputation", b"reputation", "tasks", b"tasks", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "agent_id", b"agent_id", "connected_at", b"connected_at", "draining", b"draining", "kind", b"kind", "lifetime_earnings", b"lifetime_earnings", "llm_models", b"llm_models", "max_concurrency", b"max_concurrency", "reputation", b"reputation", "tasks", b"tasks", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -718,3 +727,223 @@ class ListWorkersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListWorkersResponse: _TypeAlias = ListWorkersResponse  # noqa: Y015
+
+@_typing.final
+class GetEarningsRequest(_message.Message):
+    """Request for GetEarnings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """The worker (hex ed25519 public key, at most 64 characters); empty means
+    the caller. Any other key than the caller's: PERMISSION_DENIED.
+    """
+    page_size: _builtins.int
+    """Jobs per page: 1-100; 0 means 100 (larger values are capped at 100)."""
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty for the newest jobs. At most
+    128 characters; a token this coordinator did not issue: INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEarningsRequest: _TypeAlias = GetEarningsRequest  # noqa: Y015
+
+@_typing.final
+class Balance(_message.Message):
+    """A worker's earnings in one payment asset. Amounts are atomic units of the
+    asset (e.g. 1000000 = 1 USDC), as decimal text.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NETWORK_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    EARNED_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    network: _builtins.str
+    """CAIP-2 network of the payments (e.g. eip155:10143, solana:...)."""
+    asset: _builtins.str
+    """The payment asset (token contract or mint)."""
+    earned: _builtins.str
+    """Lifetime credits: the shares of the worker's settled jobs, refunds
+    deducted.
+    """
+    balance: _builtins.str
+    """What is still to be paid out (earned minus payouts; payouts on chain
+    are coming, until then this equals earned).
+    """
+    def __init__(
+        self,
+        *,
+        network: _builtins.str = ...,
+        asset: _builtins.str = ...,
+        earned: _builtins.str = ...,
+        balance: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "balance", b"balance", "earned", b"earned", "network", b"network"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Balance: _TypeAlias = Balance  # noqa: Y015
+
+@_typing.final
+class JobEarning(_message.Message):
+    """The worker's share of one settled job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    FEE_BPS_FIELD_NUMBER: _builtins.int
+    FEE_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    CREDITED_AT_FIELD_NUMBER: _builtins.int
+    REVERSED_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job."""
+    network: _builtins.str
+    """CAIP-2 network of the job's payment."""
+    asset: _builtins.str
+    """The payment asset (token contract or mint)."""
+    price: _builtins.str
+    """The job's payment (its price in atomic units of the asset)."""
+    fee_bps: _builtins.int
+    """The coordinator's fee rate applied, in basis points (1000 = 10%)."""
+    fee: _builtins.str
+    """The coordinator's fee: price * fee_bps / 10000, rounded down."""
+    share: _builtins.str
+    """The worker's share: price - fee (the rounding goes to the worker)."""
+    reversed: _builtins.bool
+    """True when the payment was refunded afterwards: the share no longer
+    counts.
+    """
+    @_builtins.property
+    def credited_at(self) -> _timestamp_pb2.Timestamp:
+        """When the settlement was recorded (the money arrived and the job
+        completed).
+        """
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        network: _builtins.str = ...,
+        asset: _builtins.str = ...,
+        price: _builtins.str = ...,
+        fee_bps: _builtins.int = ...,
+        fee: _builtins.str = ...,
+        share: _builtins.str = ...,
+        credited_at: _timestamp_pb2.Timestamp | None = ...,
+        reversed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credited_at", b"credited_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "credited_at", b"credited_at", "fee", b"fee", "fee_bps", b"fee_bps", "job_id", b"job_id", "network", b"network", "price", b"price", "reversed", b"reversed", "share", b"share"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobEarning: _TypeAlias = JobEarning  # noqa: Y015
+
+@_typing.final
+class Payout(_message.Message):
+    """A payout of a worker's balance on chain."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    TRANSACTION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    amount: _builtins.str
+    """Amount in atomic units of the asset, decimal text."""
+    network: _builtins.str
+    """CAIP-2 network paid on."""
+    asset: _builtins.str
+    """The asset paid (token contract or mint)."""
+    transaction: _builtins.str
+    """The payout's transaction, once sent."""
+    state: _builtins.str
+    """Where it stands (e.g. pending, sent, confirmed)."""
+    def __init__(
+        self,
+        *,
+        amount: _builtins.str = ...,
+        network: _builtins.str = ...,
+        asset: _builtins.str = ...,
+        transaction: _builtins.str = ...,
+        state: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "network", b"network", "state", b"state", "transaction", b"transaction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Payout: _TypeAlias = Payout  # noqa: Y015
+
+@_typing.final
+class GetEarningsResponse(_message.Message):
+    """Response of GetEarnings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    BALANCES_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    PAYOUTS_FIELD_NUMBER: _builtins.int
+    FEE_BPS_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """The worker."""
+    next_page_token: _builtins.str
+    """Pass as page_token for the next (older) page; empty on the last page."""
+    fee_bps: _builtins.int
+    """The coordinator's current fee rate in basis points ([payouts] fee_bps)."""
+    @_builtins.property
+    def balances(self) -> _containers.RepeatedCompositeFieldContainer[Global___Balance]:
+        """Its balances, one per payment asset it was paid in."""
+
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobEarning]:
+        """Its share per job, newest first (one page)."""
+
+    @_builtins.property
+    def payouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Payout]:
+        """Its payouts, newest first (empty until payouts on chain arrive)."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        balances: _abc.Iterable[Global___Balance] | None = ...,
+        jobs: _abc.Iterable[Global___JobEarning] | None = ...,
+        next_page_token: _builtins.str = ...,
+        payouts: _abc.Iterable[Global___Payout] | None = ...,
+        fee_bps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balances", b"balances", "fee_bps", b"fee_bps", "jobs", b"jobs", "next_page_token", b"next_page_token", "payouts", b"payouts", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEarningsResponse: _TypeAlias = GetEarningsResponse  # noqa: Y015

@@ -78,6 +78,11 @@ class CoordinatorServiceStub:
                 request_serializer=dispatch_dot_v1_dot_coordinator__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=dispatch_dot_v1_dot_coordinator__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.GetEarnings = channel.unary_unary(
+                '/dispatch.v1.CoordinatorService/GetEarnings',
+                request_serializer=dispatch_dot_v1_dot_coordinator__pb2.GetEarningsRequest.SerializeToString,
+                response_deserializer=dispatch_dot_v1_dot_coordinator__pb2.GetEarningsResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -160,6 +165,19 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEarnings(self, request, context):
+        """What a worker has earned: its balance per payment asset, its share of
+        each settled job (newest first, paged) and its payouts. Only that worker
+        may call it: sign the `authorization` token with the worker's ed25519 key
+        (`dispatch auth header --key-file <worker key>`, or `dispatch worker
+        earnings --key-file <worker key>`); the caller's client_id must be the
+        worker_id asked for (PERMISSION_DENIED otherwise; UNAUTHENTICATED without
+        a token). README "Workers earn".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -192,6 +210,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=dispatch_dot_v1_dot_coordinator__pb2.ListWorkersRequest.FromString,
                     response_serializer=dispatch_dot_v1_dot_coordinator__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'GetEarnings': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEarnings,
+                    request_deserializer=dispatch_dot_v1_dot_coordinator__pb2.GetEarningsRequest.FromString,
+                    response_serializer=dispatch_dot_v1_dot_coordinator__pb2.GetEarningsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -370,6 +393,33 @@ class CoordinatorService:
             '/dispatch.v1.CoordinatorService/ListWorkers',
             dispatch_dot_v1_dot_coordinator__pb2.ListWorkersRequest.SerializeToString,
             dispatch_dot_v1_dot_coordinator__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEarnings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dispatch.v1.CoordinatorService/GetEarnings',
+            dispatch_dot_v1_dot_coordinator__pb2.GetEarningsRequest.SerializeToString,
+            dispatch_dot_v1_dot_coordinator__pb2.GetEarningsResponse.FromString,
             options,
             channel_credentials,
             insecure,

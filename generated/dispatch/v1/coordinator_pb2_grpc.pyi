@@ -83,6 +83,15 @@ class CoordinatorServiceStub:
     """Cancels a job that is not final yet."""
     ListWorkers: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListWorkersRequest, _coordinator_pb2.ListWorkersResponse]
     """The workers connected now."""
+    GetEarnings: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetEarningsRequest, _coordinator_pb2.GetEarningsResponse]
+    """What a worker has earned: its balance per payment asset, its share of
+    each settled job (newest first, paged) and its payouts. Only that worker
+    may call it: sign the `authorization` token with the worker's ed25519 key
+    (`dispatch auth header --key-file <worker key>`, or `dispatch worker
+    earnings --key-file <worker key>`); the caller's client_id must be the
+    worker_id asked for (PERMISSION_DENIED otherwise; UNAUTHENTICATED without
+    a token). README "Workers earn".
+    """
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -139,6 +148,15 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """Cancels a job that is not final yet."""
     ListWorkers: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListWorkersRequest, _coordinator_pb2.ListWorkersResponse]  # type: ignore[assignment]
     """The workers connected now."""
+    GetEarnings: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetEarningsRequest, _coordinator_pb2.GetEarningsResponse]  # type: ignore[assignment]
+    """What a worker has earned: its balance per payment asset, its share of
+    each settled job (newest first, paged) and its payouts. Only that worker
+    may call it: sign the `authorization` token with the worker's ed25519 key
+    (`dispatch auth header --key-file <worker key>`, or `dispatch worker
+    earnings --key-file <worker key>`); the caller's client_id must be the
+    worker_id asked for (PERMISSION_DENIED otherwise; UNAUTHENTICATED without
+    a token). README "Workers earn".
+    """
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The client-facing API of a coordinator.
@@ -228,5 +246,20 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.ListWorkersResponse, _abc.Awaitable[_coordinator_pb2.ListWorkersResponse]]:
         """The workers connected now."""
+
+    @_abc_1.abstractmethod
+    def GetEarnings(
+        self,
+        request: _coordinator_pb2.GetEarningsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.GetEarningsResponse, _abc.Awaitable[_coordinator_pb2.GetEarningsResponse]]:
+        """What a worker has earned: its balance per payment asset, its share of
+        each settled job (newest first, paged) and its payouts. Only that worker
+        may call it: sign the `authorization` token with the worker's ed25519 key
+        (`dispatch auth header --key-file <worker key>`, or `dispatch worker
+        earnings --key-file <worker key>`); the caller's client_id must be the
+        worker_id asked for (PERMISSION_DENIED otherwise; UNAUTHENTICATED without
+        a token). README "Workers earn".
+        """
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

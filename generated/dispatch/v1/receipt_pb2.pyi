@@ -74,7 +74,11 @@ class ReceiptBody(_message.Message):
     def payment(self) -> _common_pb2.PaymentReference:
         """The payment authorization the job ran under: status "authorized" and no
         transactions (GetReceiptResponse.payment has the settlement); empty while
-        payments are off.
+        payments are off. The worker's share is not a signed field: it is
+        derivable from the signed payment amount (atomic units) and the
+        coordinator's fee rate, fee = amount * fee_bps / 10000 rounded down and
+        share = amount - fee, with fee_bps as the coordinator reports it for the
+        job (GetEarnings; README "Workers earn").
         """
 
     @_builtins.property

@@ -25,6 +25,8 @@ LIMITS: dict[str, int] = {
     "dispatch.v1.CancelJobRequest.reason": protocol.MAX_CANCEL_REASON_CHARS,
     "dispatch.v1.GetReceiptRequest.job_id": protocol.MAX_ID_CHARS,
     "dispatch.v1.GetReceiptProofRequest.job_id": protocol.MAX_ID_CHARS,
+    "dispatch.v1.GetEarningsRequest.worker_id": protocol.MAX_ID_CHARS,
+    "dispatch.v1.GetEarningsRequest.page_token": protocol.MAX_PAGE_TOKEN_CHARS,
     "dispatch.v1.ClaimPairingRequest.code": protocol.MAX_PAIRING_CODE_CHARS,
     "dispatch.v1.RevokePairingRequest.pairing_id": protocol.MAX_ID_CHARS,
 }

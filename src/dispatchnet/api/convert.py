@@ -10,7 +10,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, trust_pb2, worker_pb2
 from dispatchnet import protocol
 from dispatchnet.coordinator import hub as hubmod
+from dispatchnet.coordinator.earnings import EarningsPage
 from dispatchnet.coordinator.models import (
+    Balance,
     Event,
     EventKind,
     Job,
@@ -379,3 +381,32 @@ def outbound_to_proto(msg: hubmod.Outbound) -> worker_pb2.ConnectResponse:
 
 def result_from_proto(r: common_pb2.JobResult) -> Result:
     return Result(bytes(r.output), r.content_type, r.usage.prompt_tokens, r.usage.completion_tokens)
+
+
+def balance(b: Balance) -> coordinator_pb2.Balance:
+    return coordinator_pb2.Balance(
+        network=b.network, asset=b.asset, earned=str(b.earned), balance=str(b.balance)
+    )
+
+
+def earnings_to_proto(page: EarningsPage) -> coordinator_pb2.GetEarningsResponse:
+    return coordinator_pb2.GetEarningsResponse(
+        worker_id=page.worker_id,
+        balances=[balance(b) for b in page.balances],
+        jobs=[
+            coordinator_pb2.JobEarning(
+                job_id=e.job_id,
+                network=e.network,
+                asset=e.asset,
+                price=str(e.amount),
+                fee_bps=e.fee_bps,
+                fee=str(e.fee),
+                share=str(e.share),
+                credited_at=ts(e.credited_at),
+                reversed=e.reversed,
+            )
+            for e in page.jobs
+        ],
+        next_page_token=page.next_page_token,
+        fee_bps=page.fee_bps,
+    )

@@ -23,6 +23,7 @@ from dispatch.v1 import (
 )
 from dispatchnet.api import convert
 from dispatchnet.api.edge import caller, optional_caller
+from dispatchnet.coordinator.earnings import EarningsService
 from dispatchnet.coordinator.hub import WorkerHub, WorkerSession
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Failure
@@ -38,8 +39,10 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
-    def __init__(self, jobs: JobService, hub: WorkerHub, limits: LimitsConfig) -> None:
-        self.jobs, self.hub, self.limits = jobs, hub, limits
+    def __init__(
+        self, jobs: JobService, hub: WorkerHub, limits: LimitsConfig, earnings: EarningsService
+    ) -> None:
+        self.jobs, self.hub, self.limits, self.earnings = jobs, hub, limits, earnings
 
     async def GetQuote(
         self, request: coordinator_pb2.GetQuoteRequest, context: Ctx
@@ -97,6 +100,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_pb2.ListWorkersRequest, context: Ctx
     ) -> coordinator_pb2.ListWorkersResponse:
         kind = convert.worker_kind(request.kind)
+        workers = sorted(self.hub.snapshot(kind), key=lambda x: x[0].connected_at)
+        earned = self.earnings.lifetime([s.worker_id for s, _ in workers])
         return coordinator_pb2.ListWorkersResponse(
             workers=[
                 coordinator_pb2.WorkerInfo(
@@ -110,10 +115,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                     draining=s.draining,
                     connected_at=convert.ts(s.connected_at),
                     agent_id=s.agent_id,
+                    lifetime_earnings=[convert.balance(b) for b in earned.get(s.worker_id, [])],
                 )
-                for s, score in sorted(self.hub.snapshot(kind), key=lambda x: x[0].connected_at)
+                for s, score in workers
             ]
         )
+
+    async def GetEarnings(
+        self, request: coordinator_pb2.GetEarningsRequest, context: Ctx
+    ) -> coordinator_pb2.GetEarningsResponse:
+        page = self.earnings.page(
+            caller().id, request.worker_id, request.page_size, request.page_token
+        )
+        return convert.earnings_to_proto(page)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):

@@ -185,6 +185,50 @@ class Payment:
 
 
 @dataclass(frozen=True)
+class Split:
+    """How a settled payment divides between the coordinator (fee) and the worker (share),
+    in atomic units of the payment's asset. The fee rounds down: the odd unit goes to
+    the worker."""
+
+    fee_bps: int
+    fee: int
+    share: int
+
+    @staticmethod
+    def of(amount: int, fee_bps: int) -> Split:
+        fee = amount * fee_bps // 10000
+        return Split(fee_bps, fee, amount - fee)
+
+
+@dataclass(frozen=True)
+class Earning:
+    """A worker's credit for one settled job (one per job); `reversed` when its payment
+    was refunded afterwards (the share then no longer counts)."""
+
+    job_id: str
+    worker_id: str
+    network: str
+    asset: str
+    amount: int  # the payment, atomic units of the asset
+    fee_bps: int
+    fee: int
+    share: int
+    credited_at: float
+    reversed: bool = False
+
+
+@dataclass(frozen=True)
+class Balance:
+    """A worker's earnings in one asset: lifetime credits (shares not reversed), and
+    what is left to pay out."""
+
+    network: str
+    asset: str
+    earned: int
+    balance: int
+
+
+@dataclass(frozen=True)
 class Job:
     job_id: str
     client_id: str

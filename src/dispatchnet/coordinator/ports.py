@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
-from dispatchnet.coordinator.models import Job, Receipt, Result
+from dispatchnet.coordinator.models import Balance, Earning, Job, Receipt, Result
 
 
 class ReceiptNotary(Protocol):
@@ -67,3 +68,17 @@ class CompletionListener(Protocol):
     the hot path: it must return at once and never block or call a chain."""
 
     def job_completed(self, job: Job) -> None: ...
+
+
+class EarningsLedger(Protocol):
+    """The workers' credits (written by the store with each settlement)."""
+
+    def earnings(
+        self, worker_id: str, limit: int, before: tuple[float, str] | None = None
+    ) -> list[Earning]:
+        """A worker's credits newest first, those before the (credited_at, job_id) cursor."""
+        ...
+
+    def balances(self, worker_ids: Sequence[str]) -> dict[str, list[Balance]]:
+        """Each worker's earnings per (network, asset), in one read."""
+        ...

@@ -14,6 +14,10 @@ Afterwards a background loop (settle_due) moves each payment on:
     HELD       --job failed/cancelled-------------------> REFUND_DUE --refund--> REFUNDED
     AUTHORIZED --the chain refuses the settlement-------> FAILED (not charged)
 
+Reaching SETTLED (money arrived, job completed) credits the job's worker with the amount
+minus the [payouts] fee, in the same store transaction; nothing else credits, and a
+refund reverses a credit (README "Workers earn").
+
 settle_by is the authorization's validBefore minus the profile's settle margin: the client
 is charged only for completed work whenever the authorization's window allows it, and
 otherwise refunded on chain. The chain being down leaves a payment where it is (the error
@@ -33,11 +37,11 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from dispatchnet.coordinator.jobs import JobService
-from dispatchnet.coordinator.models import Job, JobState, Payment, PaymentStatus, Quote
+from dispatchnet.coordinator.models import Job, JobState, Payment, PaymentStatus, Quote, Split
 from dispatchnet.errors import PaymentRequired, PaymentReused, Unavailable
 from dispatchnet.loops import OutboxLoop
 from dispatchnet.metrics import METRICS
-from dispatchnet.profiles import JobsConfig, PaymentsConfig
+from dispatchnet.profiles import JobsConfig, PaymentsConfig, PayoutsConfig
 from dispatchnet.store.base import Store
 
 log = logging.getLogger("dispatch.payments")
@@ -87,8 +91,10 @@ class PaymentService(OutboxLoop):
         tick_seconds: float = 1.0,
         retry_initial_seconds: float = 1.0,
         retry_max_seconds: float = 30.0,
+        payouts: PayoutsConfig | None = None,
     ) -> None:
         super().__init__(clock, tick_seconds, retry_initial_seconds, retry_max_seconds)
+        self.payouts = payouts or PayoutsConfig()
         self.store = store
         self.jobs = jobs
         self.gateway = gateway
@@ -311,8 +317,14 @@ class PaymentService(OutboxLoop):
     def _update(
         self, p: Payment, from_statuses: tuple[PaymentStatus, ...], **changes: Any
     ) -> Payment | None:
+        # the money arrived and the job completed: its worker is credited in the same
+        # transaction (refunds reverse a credit in the store; see Store.update_payment)
+        settled = changes.get("status") is PaymentStatus.SETTLED
         updated = self.store.update_payment(
-            p.job_id, from_statuses, {**changes, "updated_at": self.clock()}
+            p.job_id,
+            from_statuses,
+            {**changes, "updated_at": self.clock()},
+            credit=Split.of(p.amount, self.payouts.fee_bps) if settled else None,
         )
         if updated is not None:
             self.jobs.notifier.notify(p.job_id)

@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 from dispatchnet.coordinator.models import (
     AnchorStatus,
+    Balance,
+    Earning,
     Event,
     FeedbackEntry,
     FeedbackStatus,
@@ -24,6 +26,7 @@ from dispatchnet.coordinator.models import (
     Quote,
     ReceiptBatch,
     ReceiptLeaf,
+    Split,
     UnbatchedReceipt,
 )
 
@@ -98,10 +101,30 @@ class Store(Protocol):
         ...
 
     def update_payment(
-        self, job_id: str, from_statuses: Sequence[PaymentStatus], changes: dict[str, Any]
+        self,
+        job_id: str,
+        from_statuses: Sequence[PaymentStatus],
+        changes: dict[str, Any],
+        credit: Split | None = None,
     ) -> Payment | None:
         """Compare-and-set on the payment's status; updates the job's payment reference in
-        the same transaction. None when the status was not one of from_statuses."""
+        the same transaction. None when the status was not one of from_statuses. With
+        `credit`, the job's worker is credited that split of the payment in the same
+        transaction (once per job: a second credit of a job is ignored); a payment moving
+        to REFUND_DUE or REFUNDED reverses its job's credit, if any."""
+        ...
+
+    # earnings
+    def earnings(
+        self, worker_id: str, limit: int, before: tuple[float, str] | None = None
+    ) -> list[Earning]:
+        """A worker's credits, newest first (by credited_at, then job_id), those before
+        the (credited_at, job_id) cursor when given; at most `limit`."""
+        ...
+
+    def balances(self, worker_ids: Sequence[str]) -> dict[str, list[Balance]]:
+        """The earnings of each of worker_ids that has any, per (network, asset), in one
+        read (the caller bounds the ids)."""
         ...
 
     def get_job(self, job_id: str) -> Job | None: ...

@@ -21,6 +21,8 @@ from dispatchnet.coordinator.models import (
     ACTIVE_STATES,
     OPEN_STATES,
     AnchorStatus,
+    Balance,
+    Earning,
     Event,
     EventKind,
     Failure,
@@ -41,6 +43,7 @@ from dispatchnet.coordinator.models import (
     ReceiptBatch,
     ReceiptLeaf,
     Result,
+    Split,
     UnbatchedReceipt,
 )
 from dispatchnet.errors import PaymentReused
@@ -301,7 +304,37 @@ def _v9(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE events ADD COLUMN chunks TEXT")
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
+def _v10(db: sqlite_utils.Database) -> None:
+    """Worker earnings: one credit per settled job (the payment's amount split into the
+    coordinator's fee and the worker's share, atomic units), written with the settlement;
+    reversed_at is set when the payment is refunded afterwards."""
+    db.table("earnings").create(
+        {
+            "job_id": str,
+            "worker_id": str,
+            "network": str,
+            "asset": str,
+            "amount": int,
+            "fee_bps": int,
+            "fee": int,
+            "share": int,
+            "credited_at": float,
+            "reversed_at": float,
+        },
+        pk="job_id",
+        not_null={"worker_id", "network", "asset", "amount", "fee", "share", "credited_at"},
+    )
+    db.table("earnings").create_index(["worker_id", "credited_at", "job_id"])
+    # running totals per worker and asset, kept with the credits (ListWorkers reads these,
+    # never the whole ledger)
+    db.table("worker_earnings").create(
+        {"worker_id": str, "network": str, "asset": str, "earned": int},
+        pk=("worker_id", "network", "asset"),
+        not_null={"earned"},
+    )
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JOB_SIMPLE = {
@@ -978,7 +1011,11 @@ class SqliteStore:
         return [(_payment(r), JobState(r["job_state"])) for r in rows]
 
     def update_payment(
-        self, job_id: str, from_statuses: Sequence[PaymentStatus], changes: dict[str, Any]
+        self,
+        job_id: str,
+        from_statuses: Sequence[PaymentStatus],
+        changes: dict[str, Any],
+        credit: Split | None = None,
     ) -> Payment | None:
         columns = {
             "status": "status",
@@ -1007,7 +1044,72 @@ class SqliteStore:
                 "UPDATE jobs SET payment=? WHERE job_id=?",
                 (json.dumps(payment.ref().__dict__), job_id),
             )
+            now = payment.updated_at
+            if credit is not None:
+                # one credit per job: a retried settlement record never credits twice
+                cur = self._conn.execute(
+                    "INSERT OR IGNORE INTO earnings "
+                    "SELECT job_id, worker_id, ?, ?, ?, ?, ?, ?, ?, NULL FROM jobs "
+                    "WHERE job_id=? AND worker_id != ''",
+                    (
+                        payment.network,
+                        payment.asset,
+                        payment.amount,
+                        credit.fee_bps,
+                        credit.fee,
+                        credit.share,
+                        now,
+                        job_id,
+                    ),
+                )
+                if cur.rowcount == 1:
+                    self._add_earned(job_id, 1)
+            if payment.status in (PaymentStatus.REFUND_DUE, PaymentStatus.REFUNDED):
+                cur = self._conn.execute(
+                    "UPDATE earnings SET reversed_at=? WHERE job_id=? AND reversed_at IS NULL",
+                    (now, job_id),
+                )
+                if cur.rowcount == 1:
+                    self._add_earned(job_id, -1)
         return payment
+
+    def _add_earned(self, job_id: str, sign: int) -> None:
+        """Adds (sign 1) or takes back (sign -1) a job's credit in its worker's total."""
+        self._conn.execute(
+            "INSERT INTO worker_earnings SELECT worker_id, network, asset, ? * share "
+            "FROM earnings WHERE job_id=? ON CONFLICT(worker_id, network, asset) "
+            "DO UPDATE SET earned = earned + excluded.earned",
+            (sign, job_id),
+        )
+
+    def earnings(
+        self, worker_id: str, limit: int, before: tuple[float, str] | None = None
+    ) -> list[Earning]:
+        after = "AND (credited_at, job_id) < (?, ?) " if before is not None else ""
+        rows = self._conn.execute(
+            f"SELECT * FROM earnings WHERE worker_id=? {after}"
+            "ORDER BY credited_at DESC, job_id DESC LIMIT ?",
+            (worker_id, *(before or ()), limit),
+        ).fetchall()
+        return [_earning(r) for r in rows]
+
+    def balances(self, worker_ids: Sequence[str]) -> dict[str, list[Balance]]:
+        if not worker_ids:
+            return {}
+        rows = self._conn.execute(
+            "SELECT worker_id, network, asset, earned FROM worker_earnings "
+            f"WHERE worker_id IN ({','.join('?' * len(worker_ids))}) AND earned != 0 "
+            "ORDER BY worker_id, network, asset",
+            tuple(worker_ids),
+        ).fetchall()
+        out: dict[str, list[Balance]] = {}
+        for r in rows:
+            earned = int(r["earned"])
+            # (payouts come next: until then the whole lifetime share is the balance)
+            out.setdefault(r["worker_id"], []).append(
+                Balance(r["network"], r["asset"], earned, earned)
+            )
+        return out
 
     # --- workers ------------------------------------------------------------------------
 
@@ -1249,6 +1351,21 @@ def _payment(r: sqlite3.Row) -> Payment:
         refund_raw=r["refund_raw"] or "",
         error=r["error"] or "",
         attempts=r["attempts"] or 0,
+    )
+
+
+def _earning(r: sqlite3.Row) -> Earning:
+    return Earning(
+        job_id=r["job_id"],
+        worker_id=r["worker_id"],
+        network=r["network"],
+        asset=r["asset"],
+        amount=int(r["amount"]),
+        fee_bps=int(r["fee_bps"]),
+        fee=int(r["fee"]),
+        share=int(r["share"]),
+        credited_at=r["credited_at"],
+        reversed=r["reversed_at"] is not None,
     )
 
 

@@ -1,0 +1,398 @@
+"""Workers earn (issue 11): each settled payment credits its worker with the amount minus
+the coordinator's fee, in the same store transaction as the settlement, exactly once; and
+the worker (only) reads its ledger through GetEarnings."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from conftest import Cluster
+from test_cli import cli_env, failed, ok_json, run
+
+from dispatch.v1 import coordinator_pb2
+from dispatchnet import keys
+from dispatchnet.coordinator.jobs import JobService
+from dispatchnet.coordinator.models import (
+    JobSpec,
+    JobState,
+    JobType,
+    Payment,
+    PaymentStatus,
+    Policy,
+    Privacy,
+    Split,
+)
+from dispatchnet.keys import KeyPair
+from dispatchnet.payments.service import PaymentService, SettlementRefused
+from dispatchnet.profiles import JobsConfig, PaymentsConfig, PayoutsConfig, PricingConfig
+from dispatchnet.receipts.notary import Notary
+from dispatchnet.reputation.local import LocalReputation
+from dispatchnet.server import Coordinator
+from dispatchnet.store.sqlite import SqliteStore
+
+SPEC_BYTES = b"\x12\x06\n\x04echo"
+SPEC = JobSpec(
+    JobType.TASK,
+    Policy.CHEAP,
+    Privacy.PUBLIC,
+    "echo",
+    "",
+    SPEC_BYTES,
+    hashlib.sha256(SPEC_BYTES).digest(),
+)
+WORKER = "ab" * 32
+
+
+class FakeGateway:
+    """Settles and refunds in memory: what the chain says is scripted per job."""
+
+    def __init__(self) -> None:
+        self.refuse: set[str] = set()
+        self.settled: list[str] = []
+
+    def describe(self) -> str:
+        return "fake"
+
+    def settle_batch(self, payments: list[Payment]) -> dict[str, str | SettlementRefused]:
+        out: dict[str, str | SettlementRefused] = {}
+        for p in payments:
+            self.settled.append(p.job_id)
+            out[p.job_id] = (
+                SettlementRefused("insufficient_funds") if p.job_id in self.refuse else "0xtx"
+            )
+        return out
+
+    def sign_refund(self, payment: Payment) -> tuple[str, str]:
+        return "raw", "0xrefund"
+
+    def refund_status(self, payment: Payment) -> bool | None:
+        return True
+
+    def broadcast_refund(self, payment: Payment) -> bool | None:
+        return True
+
+
+def payment(amount: int, settle_by: float, network: str = "eip155:31337") -> Payment:
+    now = time.time()
+    return Payment(
+        job_id="",
+        network=network,
+        asset="0xusdc" if network.startswith("eip155") else "mint",
+        pay_to="0xcoordinator",
+        payer="0xclient",
+        amount=amount,
+        authorization_id="0x"
+        + hashlib.sha256(str(now).encode() + KeyPair.generate().public_key).hexdigest(),
+        valid_before=settle_by + 60,
+        settle_by=settle_by,
+        payload_json="{}",
+        requirement_json="{}",
+        status=PaymentStatus.AUTHORIZED,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+class Ledger:
+    def __init__(self, tmp_path: Path, fee_bps: int = 1000) -> None:
+        self.store = SqliteStore(tmp_path / "coordinator.db")
+        self.jobs = JobService(
+            self.store,
+            JobsConfig(),
+            PricingConfig(),
+            Notary(KeyPair.generate()),
+            LocalReputation(self.store),
+        )
+        self.gateway = FakeGateway()
+        self.payments = PaymentService(
+            self.store,
+            self.jobs,
+            self.gateway,  # type: ignore[arg-type]
+            PaymentsConfig(settle_max_wait_seconds=0),
+            JobsConfig(),
+            payouts=PayoutsConfig(fee_bps=fee_bps),
+        )
+        self.n = 0
+
+    def commit(
+        self, amount: int, settle_by: float | None = None, network: str = "eip155:31337"
+    ) -> str:
+        self.n += 1
+        quote = self.jobs.quote(SPEC)
+        job, _ = self.jobs.commit(
+            "client",
+            quote.quote_id,
+            f"k{self.n}",
+            payment(amount, settle_by if settle_by is not None else time.time() + 3600, network),
+        )
+        return job.job_id
+
+    def finish(self, job_id: str, state: JobState) -> None:
+        changes: dict[str, Any] = {"state": state, "worker_id": WORKER}
+        assert self.store.transition(job_id, [JobState.QUEUED], None, changes, None)
+
+    def status(self, job_id: str) -> PaymentStatus:
+        p = self.store.get_payment(job_id)
+        assert p is not None
+        return p.status
+
+    def credited(self) -> dict[str, int]:
+        return {e.job_id: e.share for e in self.store.earnings(WORKER, 100) if not e.reversed}
+
+
+def test_the_split_rounds_the_fee_down_and_gives_the_odd_unit_to_the_worker() -> None:
+    assert Split.of(1_000_000, 1000) == Split(1000, 100_000, 900_000)
+    assert Split.of(999, 1000) == Split(1000, 99, 900)
+    assert Split.of(7, 0) == Split(0, 0, 7)
+    assert Split.of(7, 10000) == Split(10000, 7, 0)
+
+
+async def test_only_settled_payments_credit_their_worker_once(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, fee_bps=1000)
+    completed = ledger.commit(1_000_001)
+    failed_job = ledger.commit(500)
+    refused = ledger.commit(700)
+    ledger.gateway.refuse.add(refused)
+    for job_id, state in (
+        (completed, JobState.COMPLETED),
+        (failed_job, JobState.FAILED),
+        (refused, JobState.COMPLETED),
+    ):
+        ledger.finish(job_id, state)
+    await ledger.payments.settle_due()
+
+    assert ledger.status(completed) is PaymentStatus.SETTLED
+    assert ledger.status(failed_job) is PaymentStatus.RELEASED
+    assert ledger.status(refused) is PaymentStatus.FAILED
+    # price minus 10%, rounded down for the coordinator: the worker gets the odd unit
+    assert ledger.credited() == {completed: 1_000_001 - 100_000}
+    [earning] = ledger.store.earnings(WORKER, 100)
+    assert (earning.amount, earning.fee, earning.fee_bps) == (1_000_001, 100_000, 1000)
+    assert ledger.store.balances([WORKER, "cd" * 32]) == {
+        WORKER: [ledger.store.balances([WORKER])[WORKER][0]]
+    }
+    [bal] = ledger.store.balances([WORKER])[WORKER]
+    assert (bal.network, bal.asset, bal.earned) == ("eip155:31337", "0xusdc", 900_001)
+
+    # a retried settlement record (e.g. after a crash) never credits twice
+    p = ledger.store.get_payment(completed)
+    assert p is not None
+    again = ledger.store.update_payment(
+        completed, (PaymentStatus.SETTLED,), {"error": ""}, credit=Split.of(p.amount, 1000)
+    )
+    assert again is not None
+    assert len(ledger.store.earnings(WORKER, 100)) == 1
+    assert ledger.credited() == {completed: 900_001}
+
+
+async def test_an_early_settlement_credits_at_completion_and_a_refund_credits_nothing(
+    tmp_path: Path,
+) -> None:
+    # the Solana path (and EVM's closing window): settled early (HELD) while the job runs
+    ledger = Ledger(tmp_path)
+    done = ledger.commit(2000, settle_by=time.time() - 1)
+    dropped = ledger.commit(3000, settle_by=time.time() - 1)
+    await ledger.payments.settle_due()
+    assert ledger.status(done) is PaymentStatus.HELD
+    assert ledger.status(dropped) is PaymentStatus.HELD
+    assert ledger.credited() == {}  # money arrived, but no job completed yet
+
+    ledger.finish(done, JobState.COMPLETED)
+    ledger.finish(dropped, JobState.CANCELLED)
+    await ledger.payments.settle_due()
+    assert ledger.status(done) is PaymentStatus.SETTLED
+    assert ledger.status(dropped) is PaymentStatus.REFUNDED
+    assert ledger.credited() == {done: 1800}
+    assert len(ledger.store.earnings(WORKER, 100)) == 1
+
+
+def test_a_refund_after_a_credit_reverses_it(tmp_path: Path) -> None:
+    # the store's rule, whatever moves the payment: a refund reverses the job's credit
+    ledger = Ledger(tmp_path)
+    job_id = ledger.commit(1000)
+    ledger.finish(job_id, JobState.COMPLETED)
+    settled = ledger.store.update_payment(
+        job_id,
+        (PaymentStatus.AUTHORIZED,),
+        {"status": PaymentStatus.SETTLED, "updated_at": time.time()},
+        credit=Split.of(1000, 1000),
+    )
+    assert settled is not None and ledger.credited() == {job_id: 900}
+    refunded = ledger.store.update_payment(
+        job_id,
+        (PaymentStatus.SETTLED,),
+        {"status": PaymentStatus.REFUNDED, "updated_at": time.time()},
+    )
+    assert refunded is not None
+    assert ledger.credited() == {}
+    [earning] = ledger.store.earnings(WORKER, 100)
+    assert earning.reversed
+    assert ledger.store.balances([WORKER]) == {}
+
+
+async def test_lifetime_totals_follow_credits_and_reversals_without_reading_the_ledger(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path, fee_bps=500)
+    jobs = [ledger.commit(1000), ledger.commit(3000), ledger.commit(2000, network="solana:x")]
+    for job_id in jobs:
+        ledger.finish(job_id, JobState.COMPLETED)
+    await ledger.payments.settle_due()
+    refunded = ledger.store.update_payment(
+        jobs[1], (PaymentStatus.SETTLED,), {"status": PaymentStatus.REFUNDED}
+    )
+    assert refunded is not None
+
+    # ListWorkers is public: it reads one running total per worker and asset, never the
+    # (ever-growing) ledger of credits
+    read: set[str] = set()
+
+    def note(action: int, table: str | None, *_: Any) -> int:
+        if action == 20 and table:  # SQLITE_READ
+            read.add(table)
+        return 0  # SQLITE_OK
+
+    ledger.store._conn.set_authorizer(note)
+    try:
+        totals = ledger.store.balances([WORKER])[WORKER]
+    finally:
+        ledger.store._conn.set_authorizer(None)
+    assert read == {"worker_earnings"}
+    assert [(b.network, b.earned) for b in totals] == [("eip155:31337", 950), ("solana:x", 1900)]
+    by_asset: dict[str, int] = {}
+    for e in ledger.store.earnings(WORKER, 100):
+        if not e.reversed:
+            by_asset[e.network] = by_asset.get(e.network, 0) + e.share
+    assert by_asset == {b.network: b.earned for b in totals}
+
+
+@pytest.mark.parametrize("fee_bps", [-1, 10001])
+def test_a_fee_outside_0_to_10000_bps_is_refused(fee_bps: int) -> None:
+    from dispatchnet.profiles import Profile, ProfileError
+
+    with pytest.raises(ProfileError, match="fee_bps"):
+        Profile().with_overrides(payouts={"fee_bps": fee_bps})
+
+
+# --- GetEarnings, ListWorkers and the CLI over a real coordinator ----------------------------
+
+
+async def credit(coord: Coordinator, worker_id: str, amounts: list[int]) -> list[str]:
+    """Jobs paid `amounts`, completed by worker_id and settled (by a PaymentService on the
+    coordinator's store and job service, against an in-memory chain); their ids."""
+    payments = PaymentService(
+        coord.store,
+        coord.jobs,
+        FakeGateway(),  # type: ignore[arg-type]
+        PaymentsConfig(settle_max_wait_seconds=0),
+        JobsConfig(),
+        payouts=PayoutsConfig(fee_bps=1000),
+    )
+    job_ids = []
+    for n, amount in enumerate(amounts):
+        quote = coord.jobs.quote(SPEC)
+        job, _ = coord.jobs.commit(
+            "client", quote.quote_id, f"k{n}", payment(amount, time.time() + 3600)
+        )
+        done = {"state": JobState.COMPLETED, "worker_id": worker_id}
+        assert coord.store.transition(job.job_id, [JobState.QUEUED], None, done, None)
+        job_ids.append(job.job_id)
+    assert await payments.settle_due() == len(amounts)
+    return job_ids
+
+
+async def test_only_the_worker_reads_its_earnings_and_list_workers_shows_them(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "worker.key"
+    key = keys.load_or_create(key_file)
+    worker_id = key.public_key.hex()
+    # credited before the worker connects, so no job of ours is offered to it
+    first, second = await credit(cluster.coord, worker_id, [1_000_000, 500_001])
+    await cluster.worker(key=key)
+
+    [info] = await cluster.client().list_workers()
+    assert info.worker_id == worker_id
+    [lifetime] = info.lifetime_earnings
+    assert (lifetime.network, lifetime.asset) == ("eip155:31337", "0xusdc")
+    assert lifetime.earned == lifetime.balance == str(900_000 + 450_001)
+
+    mine = cluster.client(key)
+    resp = await mine.earnings()
+    assert resp.worker_id == worker_id and resp.fee_bps == 1000
+    assert [b.earned for b in resp.balances] == ["1350001"]
+    assert {j.job_id: (j.price, j.fee, j.share) for j in resp.jobs} == {
+        first: ("1000000", "100000", "900000"),
+        second: ("500001", "50000", "450001"),
+    }
+    assert not resp.next_page_token and not resp.payouts
+
+    # paged, newest first
+    page1 = await mine.earnings(page_size=1)
+    page2 = await mine.earnings(page_size=1, page_token=page1.next_page_token)
+    assert [j.job_id for j in (*page1.jobs, *page2.jobs)] == [j.job_id for j in resp.jobs]
+    assert page1.next_page_token and not page2.next_page_token
+
+    stub = mine.jobs
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetEarnings(coordinator_pb2.GetEarningsRequest(page_token="not-a-token"))
+    assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED  # anonymous
+    for bad in ("not-a-token", "x" * 129):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetEarnings(
+                coordinator_pb2.GetEarningsRequest(page_token=bad), metadata=mine.metadata()
+            )
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+    other = cluster.client()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await other.jobs.GetEarnings(
+            coordinator_pb2.GetEarningsRequest(worker_id=worker_id), metadata=other.metadata()
+        )
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    theirs = await other.earnings()  # any key reads its own (empty) ledger
+    assert not theirs.jobs and not theirs.balances
+
+    # the CLI, signed with the worker's key file
+    out = ok_json(
+        await run(
+            "worker",
+            "earnings",
+            "--coordinator",
+            cluster.address,
+            "--key-file",
+            str(key_file),
+            "--page-size",
+            "1",
+            "--all",
+            env=cli_env(tmp_path / "home"),
+        )
+    )
+    assert out["worker_id"] == worker_id
+    assert out["balances"] == [
+        {"network": "eip155:31337", "asset": "0xusdc", "earned": "1350001", "balance": "1350001"}
+    ]
+    assert [(j["job_id"], j["share"]) for j in out["jobs"]] == [
+        (j.job_id, j.share) for j in resp.jobs
+    ]
+    assert out["fee_bps"] == 1000
+    # a key file that is not there is not created (it would have earned nothing)
+    missing = tmp_path / "nope.key"
+    err = failed(
+        await run(
+            "worker",
+            "earnings",
+            "--coordinator",
+            cluster.address,
+            "--key-file",
+            str(missing),
+            env=cli_env(tmp_path / "home"),
+        ),
+        code=2,
+    )
+    assert "no worker key file" in err and not missing.exists()
