@@ -174,8 +174,9 @@ class PayoutsConfig:
     # The coordinator's fee, in basis points of each settled payment (1000 = 10%); the
     # worker is credited the rest, in the same transaction that records the settlement.
     fee_bps: int = 1000
-    # Coming with on-chain payouts (not used yet): the smallest balance paid out, in
-    # atomic units of the payment asset, and how often balances are paid.
+    # A registered worker's unpaid balance is paid out in one transfer (coordinator/
+    # payouts.py) once it reaches min_payout_micros (atomic units of the payment asset), or
+    # interval_seconds after its oldest unpaid credit, whichever comes first.
     min_payout_micros: int = 1_000_000
     interval_seconds: float = 3600.0
 
@@ -455,6 +456,10 @@ def _check_payments(profile: Profile) -> list[str]:
         problems.append("[wallet] max_per_job_micros must not be negative")
     if not 0 <= profile.payouts.fee_bps <= 10000:
         problems.append("[payouts] fee_bps must be 0-10000")
+    if profile.payouts.min_payout_micros < 1:
+        problems.append("[payouts] min_payout_micros must be at least 1")
+    if not profile.payouts.interval_seconds > 0:
+        problems.append("[payouts] interval_seconds must be positive")
     return problems
 
 

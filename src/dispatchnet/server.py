@@ -38,6 +38,7 @@ from dispatchnet.coordinator.earnings import EarningsService
 from dispatchnet.coordinator.hub import WorkerHub
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.pairing import PairingService
+from dispatchnet.coordinator.payouts import PayoutService
 from dispatchnet.coordinator.ports import ReputationSource
 from dispatchnet.coordinator.receipts import ReceiptQueries
 from dispatchnet.memory import MemoryTrimmer
@@ -78,6 +79,7 @@ class Coordinator:
     feedback: FeedbackSender | None = None
     payments: PaymentService | None = None
     trimmer: MemoryTrimmer | None = None
+    payouts: PayoutService | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
         for name in ("", *SERVICE_NAMES):
@@ -93,6 +95,8 @@ class Coordinator:
             await self.feedback.stop()
         if self.payments is not None:
             await self.payments.stop()
+        if self.payouts is not None:
+            await self.payouts.stop()
         stop_reputation = getattr(self.jobs.reputation, "stop", None)
         if stop_reputation is not None:
             await stop_reputation()
@@ -166,6 +170,7 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         jobs.completion_listeners.append(feedback)
     try:
         payments = payment_service_for(profile, data_dir, store, jobs)
+        payouts = payout_service_for(profile, data_dir, store)
     except ValueError as e:
         store.close()
         raise ValueError(f"profile {profile.name}: {e}") from e
@@ -224,6 +229,8 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         feedback.start()
     if payments is not None:
         payments.start()
+    if payouts is not None:
+        payouts.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -242,6 +249,7 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         feedback,
         payments,
         trimmer,
+        payouts,
     )
 
 
@@ -259,6 +267,23 @@ def payment_service_for(
     log.info("CommitJob takes x402 payments on %s", gateway.describe())
     return PaymentService(
         store, jobs, gateway, profile.payments, profile.jobs, payouts=profile.payouts
+    )
+
+
+def payout_service_for(
+    profile: Profile, data_dir: Path, store: SqliteStore
+) -> PayoutService | None:
+    """Worker payouts on [chain] (README "Workers earn"), with payments; None without."""
+    if not profile.payments.enabled:
+        return None
+    adapter = registry.adapter_of(profile)
+    return PayoutService(
+        store,
+        adapter.payouts(profile, data_dir),
+        adapter.payout_addresses(profile, data_dir),
+        profile.chain.network,
+        profile.payouts,
+        tick_seconds=min(1.0, profile.payouts.interval_seconds),
     )
 
 

@@ -409,4 +409,14 @@ def earnings_to_proto(page: EarningsPage) -> coordinator_pb2.GetEarningsResponse
         ],
         next_page_token=page.next_page_token,
         fee_bps=page.fee_bps,
+        payouts=[
+            coordinator_pb2.Payout(
+                amount=str(p.amount),
+                network=p.network,
+                asset=p.asset,
+                transaction=p.transaction,
+                state=p.state.value,
+            )
+            for p in page.payouts
+        ],
     )

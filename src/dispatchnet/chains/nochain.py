@@ -3,6 +3,7 @@ no on-chain identity or reputation, no payments; `dispatch chain` has nothing to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,9 @@ class NoChain:
 
     def payouts(self, profile: Profile, data_dir: Path) -> PayoutSender:
         raise self._none("paying workers")
+
+    def payout_addresses(self, profile: Profile, data_dir: Path) -> Callable[[str], str | None]:
+        return lambda agent_id: None
 
     def client_wallet(self, profile: Profile, key_file: str) -> Any:
         return None

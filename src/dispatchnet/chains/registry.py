@@ -61,6 +61,13 @@ class ChainAdapter(Protocol):
         """Pays workers from the coordinator's [chain] account (payments/payouts.py)."""
         ...
 
+    def payout_addresses(self, profile: Profile, data_dir: Path) -> Callable[[str], str | None]:
+        """agent id -> where that registered worker is paid on [chain] (None: nowhere yet):
+        on EVM its ERC-8004 getAgentWallet, else its owner; on Solana the Solana address its
+        registration links. The callable blocks and raises Unavailable on node trouble; a
+        chain without identities gives a callable that always answers None."""
+        ...
+
     def client_wallet(self, profile: Profile, key_file: str) -> Any:
         """The wallet `dispatch job submit` pays with (payments/wallet.py), None if none."""
         ...

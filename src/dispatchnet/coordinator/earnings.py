@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dispatchnet import protocol
-from dispatchnet.coordinator.models import Balance, Earning
+from dispatchnet.coordinator.models import Balance, Earning, PayoutRecord
 from dispatchnet.coordinator.ports import EarningsLedger
 from dispatchnet.errors import InvalidArgument, PermissionDenied
 
@@ -27,6 +27,7 @@ class EarningsPage:
     jobs: list[Earning]
     next_page_token: str
     fee_bps: int
+    payouts: list[PayoutRecord]  # the newest MAX_PAGE, newest first
 
 
 def _token(e: Earning) -> str:
@@ -67,6 +68,7 @@ class EarningsService:
             jobs=rows,
             next_page_token=_token(rows[-1]) if more else "",
             fee_bps=self.fee_bps,
+            payouts=self.ledger.payouts(worker_id, MAX_PAGE),
         )
 
     def lifetime(self, worker_ids: Sequence[str]) -> dict[str, list[Balance]]:

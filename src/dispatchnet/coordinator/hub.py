@@ -235,7 +235,7 @@ class WorkerHub:
         scale = session.heartbeat_interval / max(1, self.workers_cfg.heartbeat_interval_seconds)
         session.eviction_seconds = self.workers_cfg.eviction_seconds * scale
         self.sessions[worker_id] = session
-        self.store.record_worker_seen(worker_id, int(hello.kind), now)
+        self.store.record_worker_seen(worker_id, int(hello.kind), now, hello.agent_id)
         if self.catalogue is not None:
             self.catalogue.declared(hello.tasks)
         self.reputation.warm(worker_id)

@@ -217,6 +217,44 @@ class Earning:
     reversed: bool = False
 
 
+class PayoutRowState(enum.Enum):
+    """Where a recorded payout stands (coordinator/payouts.py moves it)."""
+
+    PENDING = "pending"  # recorded, the balance debited; not signed yet (or signed anew)
+    SIGNED = "signed"  # its signed artifact is stored: it may have been sent
+    LANDED = "landed"  # on chain; final
+    FAILED = "failed"  # can never land: its amount went back to the balance; final
+
+
+@dataclass(frozen=True)
+class PayoutRecord:
+    """One payout of a worker's whole unpaid balance in one asset (README "Workers earn")."""
+
+    payout_id: str  # "0x" + 64 hex: the EIP-3009 nonce on EVM, the memo on Solana
+    worker_id: str
+    network: str
+    asset: str
+    to: str  # the worker's payout address on the chain
+    amount: int
+    state: PayoutRowState
+    raw: str = ""  # the signed artifact, stored before it is sent
+    transaction: str = ""
+    error: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class PayoutDue:
+    """A worker whose unpaid balance in one asset is due for a payout."""
+
+    worker_id: str
+    agent_id: str  # its last verified agent id, "" when it never connected registered
+    network: str
+    asset: str
+    unpaid: int
+
+
 @dataclass(frozen=True)
 class Balance:
     """A worker's earnings in one asset: lifetime credits (shares not reversed), and

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
-from dispatchnet.coordinator.models import Balance, Earning, Job, Receipt, Result
+from dispatchnet.coordinator.models import (
+    Balance,
+    Earning,
+    Job,
+    PayoutDue,
+    PayoutRecord,
+    PayoutRowState,
+    Receipt,
+    Result,
+)
 
 
 class ReceiptNotary(Protocol):
@@ -81,4 +90,40 @@ class EarningsLedger(Protocol):
 
     def balances(self, worker_ids: Sequence[str]) -> dict[str, list[Balance]]:
         """Each worker's earnings per (network, asset), in one read."""
+        ...
+
+    def payouts(self, worker_id: str, limit: int) -> list[PayoutRecord]:
+        """A worker's payouts, newest first."""
+        ...
+
+
+class PayoutLedger(Protocol):
+    """The payouts table and the balances it debits (written by coordinator/payouts.py)."""
+
+    def payouts_due(
+        self, network: str, min_amount: int, unpaid_before: float, limit: int
+    ) -> list[PayoutDue]:
+        """Workers with an agent id whose unpaid balance on `network` is >= min_amount, or
+        part of it credited at or before unpaid_before; longest waiting first."""
+        ...
+
+    def create_payout(self, payout: PayoutRecord) -> bool:
+        """Records the payout and debits its amount from the worker's balance in one
+        transaction; False (nothing written) when the balance is below the amount."""
+        ...
+
+    def update_payout(
+        self, payout_id: str, from_states: Sequence[PayoutRowState], changes: dict[str, Any]
+    ) -> PayoutRecord | None:
+        """Compare-and-set on the payout's state (changes: state, raw, transaction, error,
+        updated_at); None when its state was not one of from_states. Moving to FAILED
+        returns its amount to the worker's balance in the same transaction."""
+        ...
+
+    def open_payouts(self, network: str, limit: int) -> list[PayoutRecord]:
+        """Payouts on `network` not known to have landed or failed, oldest first."""
+        ...
+
+    def payouts(self, worker_id: str, limit: int) -> list[PayoutRecord]:
+        """A worker's payouts, newest first."""
         ...

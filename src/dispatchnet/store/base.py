@@ -23,6 +23,9 @@ from dispatchnet.coordinator.models import (
     Pairing,
     Payment,
     PaymentStatus,
+    PayoutDue,
+    PayoutRecord,
+    PayoutRowState,
     Quote,
     ReceiptBatch,
     ReceiptLeaf,
@@ -127,6 +130,17 @@ class Store(Protocol):
         read (the caller bounds the ids)."""
         ...
 
+    # payouts (coordinator/ports.py PayoutLedger has the contracts)
+    def payouts_due(
+        self, network: str, min_amount: int, unpaid_before: float, limit: int
+    ) -> list[PayoutDue]: ...
+    def create_payout(self, payout: PayoutRecord) -> bool: ...
+    def update_payout(
+        self, payout_id: str, from_states: Sequence[PayoutRowState], changes: dict[str, Any]
+    ) -> PayoutRecord | None: ...
+    def open_payouts(self, network: str, limit: int) -> list[PayoutRecord]: ...
+    def payouts(self, worker_id: str, limit: int) -> list[PayoutRecord]: ...
+
     def get_job(self, job_id: str) -> Job | None: ...
     def get_job_by_key(self, client_id: str, idempotency_key: str) -> Job | None: ...
 
@@ -201,7 +215,10 @@ class Store(Protocol):
     def get_module(self, sha256: bytes) -> bytes | None: ...
 
     # workers
-    def record_worker_seen(self, worker_id: str, kind: int, now: float) -> None: ...
+    def record_worker_seen(self, worker_id: str, kind: int, now: float, agent_id: str = "") -> None:
+        """Notes a connection; a non-empty (verified) agent id replaces the stored one."""
+        ...
+
     def record_task_names(self, names: Sequence[str], now: float, keep: int) -> None:
         """Notes that a worker declared these task names now; keeps only the `keep` names
         declared most recently."""

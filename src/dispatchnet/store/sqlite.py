@@ -36,6 +36,9 @@ from dispatchnet.coordinator.models import (
     Payment,
     PaymentRef,
     PaymentStatus,
+    PayoutDue,
+    PayoutRecord,
+    PayoutRowState,
     Policy,
     Privacy,
     Quote,
@@ -334,7 +337,43 @@ def _v10(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10]
+def _v11(db: sqlite_utils.Database) -> None:
+    """Worker payouts: each worker's last verified agent id (its payout address is read
+    from it on chain); per worker and asset what was paid out (including payouts not yet
+    landed) and since when some of the balance has waited; one row per payout, written
+    (the balance debited) before it is signed, its signed artifact stored before it is
+    sent."""
+    db.execute("ALTER TABLE workers ADD COLUMN agent_id TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE worker_earnings ADD COLUMN paid INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE worker_earnings ADD COLUMN unpaid_since REAL")
+    db.execute(
+        "UPDATE worker_earnings SET unpaid_since = (SELECT min(credited_at) FROM earnings e "
+        "WHERE e.worker_id = worker_earnings.worker_id AND e.network = worker_earnings.network "
+        "AND e.asset = worker_earnings.asset AND e.reversed_at IS NULL) WHERE earned > 0"
+    )
+    db.table("payouts").create(
+        {
+            "payout_id": str,
+            "worker_id": str,
+            "network": str,
+            "asset": str,
+            "to_address": str,
+            "amount": int,
+            "state": str,
+            "raw": str,
+            "tx": str,
+            "error": str,
+            "created_at": float,
+            "updated_at": float,
+        },
+        pk="payout_id",
+        not_null={"worker_id", "network", "asset", "to_address", "amount", "state"},
+    )
+    db.table("payouts").create_index(["state", "created_at"])
+    db.table("payouts").create_index(["worker_id", "created_at"])
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JOB_SIMPLE = {
@@ -1063,23 +1102,26 @@ class SqliteStore:
                     ),
                 )
                 if cur.rowcount == 1:
-                    self._add_earned(job_id, 1)
+                    self._add_earned(job_id, 1, now)
             if payment.status in (PaymentStatus.REFUND_DUE, PaymentStatus.REFUNDED):
                 cur = self._conn.execute(
                     "UPDATE earnings SET reversed_at=? WHERE job_id=? AND reversed_at IS NULL",
                     (now, job_id),
                 )
                 if cur.rowcount == 1:
-                    self._add_earned(job_id, -1)
+                    self._add_earned(job_id, -1, None)
         return payment
 
-    def _add_earned(self, job_id: str, sign: int) -> None:
-        """Adds (sign 1) or takes back (sign -1) a job's credit in its worker's total."""
+    def _add_earned(self, job_id: str, sign: int, now: float | None) -> None:
+        """Adds (sign 1, at `now`) or takes back (sign -1) a job's credit in its worker's
+        total; a credit to a fully paid balance starts its payout interval."""
         self._conn.execute(
-            "INSERT INTO worker_earnings SELECT worker_id, network, asset, ? * share "
+            "INSERT INTO worker_earnings (worker_id, network, asset, earned, paid, unpaid_since) "
+            "SELECT worker_id, network, asset, ? * share, 0, ? "
             "FROM earnings WHERE job_id=? ON CONFLICT(worker_id, network, asset) "
-            "DO UPDATE SET earned = earned + excluded.earned",
-            (sign, job_id),
+            "DO UPDATE SET earned = earned + excluded.earned, "
+            "unpaid_since = coalesce(unpaid_since, excluded.unpaid_since)",
+            (sign, now, job_id),
         )
 
     def earnings(
@@ -1097,27 +1139,144 @@ class SqliteStore:
         if not worker_ids:
             return {}
         rows = self._conn.execute(
-            "SELECT worker_id, network, asset, earned FROM worker_earnings "
-            f"WHERE worker_id IN ({','.join('?' * len(worker_ids))}) AND earned != 0 "
-            "ORDER BY worker_id, network, asset",
+            "SELECT worker_id, network, asset, earned, paid FROM worker_earnings "
+            f"WHERE worker_id IN ({','.join('?' * len(worker_ids))}) "
+            "AND (earned != 0 OR paid != 0) ORDER BY worker_id, network, asset",
             tuple(worker_ids),
         ).fetchall()
         out: dict[str, list[Balance]] = {}
         for r in rows:
             earned = int(r["earned"])
-            # (payouts come next: until then the whole lifetime share is the balance)
+            # paid counts the payouts not landed yet too: balance = earned - paid - pending
             out.setdefault(r["worker_id"], []).append(
-                Balance(r["network"], r["asset"], earned, earned)
+                Balance(r["network"], r["asset"], earned, earned - int(r["paid"]))
             )
         return out
 
+    # --- payouts ------------------------------------------------------------------------
+
+    def payouts_due(
+        self, network: str, min_amount: int, unpaid_before: float, limit: int
+    ) -> list[PayoutDue]:
+        rows = self._conn.execute(
+            "SELECT e.worker_id, w.agent_id, e.network, e.asset, e.earned - e.paid AS unpaid "
+            "FROM worker_earnings e JOIN workers w ON w.worker_id = e.worker_id "
+            "WHERE e.network = ? AND w.agent_id != '' AND e.earned - e.paid > 0 "
+            "AND (e.earned - e.paid >= ? OR e.unpaid_since <= ?) "
+            "ORDER BY e.unpaid_since, e.worker_id, e.asset LIMIT ?",
+            (network, min_amount, unpaid_before, limit),
+        ).fetchall()
+        return [
+            PayoutDue(r["worker_id"], r["agent_id"], r["network"], r["asset"], int(r["unpaid"]))
+            for r in rows
+        ]
+
+    def create_payout(self, payout: PayoutRecord) -> bool:
+        with self._tx():
+            cur = self._conn.execute(
+                "UPDATE worker_earnings SET paid = paid + ?, unpaid_since = "
+                "CASE WHEN earned - paid - ? > 0 THEN ? ELSE NULL END "
+                "WHERE worker_id=? AND network=? AND asset=? AND earned - paid >= ?",
+                (
+                    payout.amount,
+                    payout.amount,
+                    payout.created_at,
+                    payout.worker_id,
+                    payout.network,
+                    payout.asset,
+                    payout.amount,
+                ),
+            )
+            if cur.rowcount != 1:
+                return False
+            self._conn.execute(
+                "INSERT INTO payouts VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    payout.payout_id,
+                    payout.worker_id,
+                    payout.network,
+                    payout.asset,
+                    payout.to,
+                    payout.amount,
+                    payout.state.value,
+                    payout.raw,
+                    payout.transaction,
+                    payout.error,
+                    payout.created_at,
+                    payout.updated_at,
+                ),
+            )
+        return True
+
+    def update_payout(
+        self,
+        payout_id: str,
+        from_states: Sequence[PayoutRowState],
+        changes: dict[str, Any],
+    ) -> PayoutRecord | None:
+        columns = {
+            "state": "state",
+            "raw": "raw",
+            "transaction": "tx",
+            "error": "error",
+            "updated_at": "updated_at",
+        }
+        values = {
+            columns[k]: (v.value if isinstance(v, PayoutRowState) else v)
+            for k, v in changes.items()
+        }
+        with self._tx():
+            cur = self._conn.execute(
+                f"UPDATE payouts SET {','.join(f'{c}=?' for c in values)} WHERE payout_id=? "
+                f"AND state IN ({','.join('?' * len(from_states))})",
+                (*values.values(), payout_id, *(s.value for s in from_states)),
+            )
+            if cur.rowcount != 1:
+                return None
+            r = self._conn.execute("SELECT * FROM payouts WHERE payout_id=?", (payout_id,))
+            payout = _payout(r.fetchone())
+            if payout.state is PayoutRowState.FAILED:
+                # it can never land: its amount is the worker's to be paid again
+                self._conn.execute(
+                    "UPDATE worker_earnings SET paid = paid - ?, "
+                    "unpaid_since = coalesce(unpaid_since, ?) "
+                    "WHERE worker_id=? AND network=? AND asset=?",
+                    (
+                        payout.amount,
+                        payout.updated_at,
+                        payout.worker_id,
+                        payout.network,
+                        payout.asset,
+                    ),
+                )
+        return payout
+
+    def open_payouts(self, network: str, limit: int) -> list[PayoutRecord]:
+        rows = self._conn.execute(
+            "SELECT * FROM payouts WHERE state IN (?,?) AND network=? "
+            "ORDER BY created_at, payout_id LIMIT ?",
+            (PayoutRowState.PENDING.value, PayoutRowState.SIGNED.value, network, limit),
+        ).fetchall()
+        return [_payout(r) for r in rows]
+
+    def payouts(self, worker_id: str, limit: int) -> list[PayoutRecord]:
+        rows = self._conn.execute(
+            "SELECT * FROM payouts WHERE worker_id=? ORDER BY created_at DESC, payout_id DESC "
+            "LIMIT ?",
+            (worker_id, limit),
+        ).fetchall()
+        return [_payout(r) for r in rows]
+
     # --- workers ------------------------------------------------------------------------
 
-    def record_worker_seen(self, worker_id: str, kind: int, now: float) -> None:
+    def record_worker_seen(self, worker_id: str, kind: int, now: float, agent_id: str = "") -> None:
+        # a session without an agent id keeps the last verified one (its payout address)
         self._conn.execute(
-            "INSERT INTO workers VALUES (?,?,?,?,0,0) ON CONFLICT(worker_id) "
-            "DO UPDATE SET kind=excluded.kind, last_seen=excluded.last_seen",
-            (worker_id, kind, now, now),
+            "INSERT INTO workers (worker_id, kind, first_seen, last_seen, completed, failed, "
+            "agent_id) VALUES (?,?,?,?,0,0,?) ON CONFLICT(worker_id) "
+            "DO UPDATE SET kind=excluded.kind, last_seen=excluded.last_seen, agent_id="
+            "CASE WHEN excluded.agent_id != '' THEN excluded.agent_id ELSE agent_id END",
+            (worker_id, kind, now, now, agent_id),
         )
 
     def record_task_names(self, names: Sequence[str], now: float, keep: int) -> None:
@@ -1351,6 +1510,23 @@ def _payment(r: sqlite3.Row) -> Payment:
         refund_raw=r["refund_raw"] or "",
         error=r["error"] or "",
         attempts=r["attempts"] or 0,
+    )
+
+
+def _payout(r: sqlite3.Row) -> PayoutRecord:
+    return PayoutRecord(
+        payout_id=r["payout_id"],
+        worker_id=r["worker_id"],
+        network=r["network"],
+        asset=r["asset"],
+        to=r["to_address"],
+        amount=int(r["amount"]),
+        state=PayoutRowState(r["state"]),
+        raw=r["raw"] or "",
+        transaction=r["tx"] or "",
+        error=r["error"] or "",
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
     )
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +96,14 @@ class EvmAdapter:
             profile.payments.settle_gas_limit,
             cfg.tx_timeout_seconds,
         )
+
+    def payout_addresses(self, profile: Profile, data_dir: Path) -> Callable[[str], str | None]:
+        from dispatchnet.chains.evm.identity import PayoutAddresses
+
+        chain = resolve_evm_chain(profile.chain, data_dir)
+        if not chain.identity_registry:
+            return lambda agent_id: None
+        return PayoutAddresses(chain, rpc_timeout=profile.chain.rpc_timeout_seconds)
 
     def client_wallet(self, profile: Profile, key_file: str) -> Any:
         from dispatchnet.payments.wallet import wallet_for

@@ -357,3 +357,47 @@ class EvmIdentityVerifier:
                 uri[:200],
             )
         return doc
+
+
+class PayoutAddresses:
+    """Where a registered worker is paid, read from the IdentityRegistry: on this EVM chain
+    the agent's getAgentWallet, else its owner (solana=False); for the Solana track the
+    Solana address its "dispatch.solana" metadata links (solana=True), which Connect
+    checked against its registration file. Blocking; call it in a worker thread."""
+
+    def __init__(self, chain: EvmChain, *, rpc_timeout: float = 10.0, solana: bool = False):
+        if not chain.identity_registry:
+            raise ChainConfigError("[chain] has no identity_registry address")
+        self.chain = chain
+        self.registry = identity_contract(
+            web3_for(chain.rpc_url, rpc_timeout), chain.identity_registry
+        )
+        self.solana = solana
+
+    def __call__(self, agent_id: str) -> str | None:
+        """The agent's payout address; None when it has none (unknown agent, no linked
+        Solana address). Unavailable on node trouble."""
+        try:
+            number = parse_agent_id(agent_id)
+        except ValueError:
+            return None
+        f = self.registry.functions
+        try:
+            if self.solana:
+                linked = bytes(f.getMetadata(number, SOLANA_METADATA_KEY).call())
+                try:
+                    key = base58_decode(linked.decode("ascii"))
+                except (UnicodeDecodeError, ValueError):
+                    return None
+                return base58(key) if len(key) == 32 else None
+            wallet = str(f.getAgentWallet(number).call())
+            if int(wallet, 16):
+                return Web3.to_checksum_address(wallet)
+            return Web3.to_checksum_address(str(f.ownerOf(number).call()))
+        except ContractLogicError:
+            return None  # no such agent
+        except TRANSIENT as e:
+            raise Unavailable(
+                f"cannot read agent {agent_id}'s payout address on {self.chain.network}: "
+                f"{_brief(e)}"
+            ) from e

@@ -10,6 +10,7 @@ the identity chain's adapter (chains/evm), and chain up|down|status handle both 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +131,19 @@ class SolanaAdapter:
             rpc_timeout=profile.chain.rpc_timeout_seconds,
             tx_timeout=profile.chain.tx_timeout_seconds,
         )
+
+    def payout_addresses(self, profile: Profile, data_dir: Path) -> Callable[[str], str | None]:
+        """The Solana address each worker's registration on the [identity_chain] links."""
+        evm = registry.identity_profile(profile)
+        if evm is None:
+            return lambda agent_id: None
+        from dispatchnet.chains.evm.identity import PayoutAddresses
+        from dispatchnet.chains.evm.node import resolve_evm_chain
+
+        chain = resolve_evm_chain(evm.chain)
+        if not chain.identity_registry:
+            return lambda agent_id: None
+        return PayoutAddresses(chain, rpc_timeout=evm.chain.rpc_timeout_seconds, solana=True)
 
     def client_wallet(self, profile: Profile, key_file: str) -> Any:
         """--wallet-key / [wallet] key_file (a Solana keypair file), else the deployment

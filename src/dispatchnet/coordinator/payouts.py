@@ -1,0 +1,183 @@
+"""PayoutService: pays workers their balances on chain, batched and exactly once.
+
+Each run (a background OutboxLoop, never on the job path):
+1. payouts already recorded but not known landed (after a crash, a node outage, a signed
+   payout not sent yet) are looked up on chain with the sender's status() first: LANDED
+   and FAILED are recorded, NOT_FOUND is sent (again: the sender makes a second landing
+   impossible), STALE is signed anew (same payout id);
+2. every worker with an agent id whose unpaid balance on this chain's network reached
+   [payouts] min_payout_micros, or whose oldest unpaid credit waited interval_seconds, and
+   whose payout address the chain gives, gets one payout of its whole unpaid balance: the
+   row is written and the balance debited in one transaction, then it is signed, the signed
+   artifact stored, then sent, and its outcome recorded.
+A payout that can never land (FAILED) returns its amount to the worker's balance. Workers
+without a payout address (unregistered) accrue and are paid once they register.
+
+Chain trouble (Unavailable) leaves every payout where it is and backs off. Domain code:
+the chain is reached through the PayoutSender port and an address resolver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dispatchnet.coordinator.models import PayoutRecord, PayoutRowState
+from dispatchnet.coordinator.ports import PayoutLedger
+from dispatchnet.errors import Unavailable
+from dispatchnet.loops import OutboxLoop
+from dispatchnet.payments.payouts import (
+    Payout,
+    PayoutSender,
+    PayoutState,
+    PayoutStatus,
+    SignedPayout,
+)
+from dispatchnet.profiles import PayoutsConfig
+
+log = logging.getLogger("dispatch.payouts")
+
+PAGE = 100  # payouts (open, or new) handled per run; a full page runs again at once
+
+
+def new_payout_id() -> str:
+    return "0x" + secrets.token_hex(32)
+
+
+class PayoutService(OutboxLoop):
+    name = "payout-sender"
+    page = PAGE
+
+    def __init__(
+        self,
+        ledger: PayoutLedger,
+        sender: PayoutSender,
+        address_of: Callable[[str], str | None],
+        network: str,
+        cfg: PayoutsConfig,
+        clock: Callable[[], float] = time.time,
+        tick_seconds: float = 1.0,
+        retry_initial_seconds: float = 1.0,
+        retry_max_seconds: float = 30.0,
+    ) -> None:
+        """address_of(agent_id) is the agent's payout address on this chain, None when it
+        has none (it blocks: it reads the chain; Unavailable on node trouble)."""
+        super().__init__(clock, tick_seconds, retry_initial_seconds, retry_max_seconds)
+        self.ledger = ledger
+        self.sender = sender
+        self.address_of = address_of
+        self.network = network
+        self.cfg = cfg
+
+    async def run_pass(self) -> int:
+        if self.backing_off():
+            return 0
+        try:
+            handled = await self._resume()
+            handled += await self._pay_due()
+        except Unavailable as e:
+            delay = self.backed_off(e.message)
+            log.warning("payouts wait (%s); retrying in %.1fs", e.message, delay)
+            return 0
+        self.recovered()
+        return handled
+
+    async def _resume(self) -> int:
+        """Step 1: the payouts recorded before this run, looked up before anything is sent."""
+        open_ = self.ledger.open_payouts(self.network, PAGE)
+        to_sign = [p for p in open_ if p.state is PayoutRowState.PENDING]
+        to_send: list[PayoutRecord] = []
+        for p in open_:
+            if p.state is not PayoutRowState.SIGNED:
+                continue
+            status = await asyncio.to_thread(self.sender.status, _signed(p))
+            if status.state is PayoutState.NOT_FOUND:
+                to_send.append(p)
+            elif status.state is PayoutState.STALE:
+                fresh = self._update(p, state=PayoutRowState.PENDING, raw="", error="stale")
+                if fresh is not None:
+                    to_sign.append(fresh)
+            else:
+                self._outcome(p, status)
+        to_send += await self._sign(to_sign)
+        await self._send(to_send)
+        return len(open_)
+
+    async def _pay_due(self) -> int:
+        """Step 2: one new payout per worker and asset that is due."""
+        now = self.clock()
+        due = self.ledger.payouts_due(
+            self.network, self.cfg.min_payout_micros, now - self.cfg.interval_seconds, PAGE
+        )
+        created: list[PayoutRecord] = []
+        for d in due:
+            to = await asyncio.to_thread(self.address_of, d.agent_id)
+            if not to:
+                continue  # no payout address on this chain: it accrues
+            record = PayoutRecord(
+                payout_id=new_payout_id(),
+                worker_id=d.worker_id,
+                network=d.network,
+                asset=d.asset,
+                to=to,
+                amount=d.unpaid,
+                state=PayoutRowState.PENDING,
+                created_at=now,
+                updated_at=now,
+            )
+            if self.ledger.create_payout(record):
+                created.append(record)
+        await self._send(await self._sign(created))
+        if due:
+            # the ones left waiting (no address yet, or under the minimum) come back
+            self.wake_at(now + self.cfg.interval_seconds)
+        return len(created)
+
+    async def _sign(self, pending: list[PayoutRecord]) -> list[PayoutRecord]:
+        """Signs pending payouts and stores each signed artifact before anything is sent."""
+        if not pending:
+            return []
+        payouts = [Payout(p.payout_id, p.to, p.amount, p.asset) for p in pending]
+        signed = await asyncio.to_thread(self.sender.sign, payouts)
+        stored = []
+        for p, s in zip(pending, signed, strict=True):
+            record = self._update(
+                p, state=PayoutRowState.SIGNED, raw=s.raw, transaction=s.transaction, error=""
+            )
+            if record is not None:
+                stored.append(record)
+        return stored
+
+    async def _send(self, signed: list[PayoutRecord]) -> None:
+        if not signed:
+            return
+        results = await asyncio.to_thread(self.sender.send, [_signed(p) for p in signed])
+        for p in signed:
+            status = results.get(p.payout_id)
+            if status is not None:
+                self._outcome(p, status)
+
+    def _outcome(self, p: PayoutRecord, status: PayoutStatus) -> None:
+        if status.state is PayoutState.LANDED:
+            self._update(p, state=PayoutRowState.LANDED, transaction=status.transaction, error="")
+            log.info("payout %s of %d to %s landed in %s", p.payout_id, p.amount, p.to,
+                     status.transaction)  # fmt: skip
+        elif status.state is PayoutState.FAILED:
+            self._update(p, state=PayoutRowState.FAILED, error=status.reason[:500])
+            log.warning("payout %s failed for good (%s): its amount is back in the balance",
+                        p.payout_id, status.reason)  # fmt: skip
+
+    def _update(self, p: PayoutRecord, **changes: Any) -> PayoutRecord | None:
+        return self.ledger.update_payout(
+            p.payout_id,
+            (p.state,),
+            {**changes, "updated_at": self.clock()},
+        )
+
+
+def _signed(p: PayoutRecord) -> SignedPayout:
+    return SignedPayout(Payout(p.payout_id, p.to, p.amount, p.asset), p.raw, p.transaction)

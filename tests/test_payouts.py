@@ -1,0 +1,231 @@
+"""Workers are paid (issue 11): the payout loop over a real store and an in-memory chain.
+
+One payout per worker and asset per run, of the whole unpaid balance, when it reaches
+[payouts] min_payout_micros or its oldest credit waited interval_seconds; only workers with
+a payout address (registered) are paid; a payout is recorded and signed before it is sent,
+looked up on chain after a crash instead of being sent twice; a payout that fails for good
+returns its amount to the balance. The real chains are in test_tracks.py."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from test_earnings import WORKER, Ledger
+
+from dispatchnet.coordinator.models import JobState, PayoutRowState
+from dispatchnet.coordinator.payouts import PayoutService
+from dispatchnet.errors import Unavailable
+from dispatchnet.payments.payouts import (
+    Payout,
+    PayoutState,
+    PayoutStatus,
+    SignedPayout,
+)
+from dispatchnet.profiles import PayoutsConfig
+
+NETWORK = "eip155:31337"
+ADDRESS = "0x" + "77" * 20
+
+
+class FakeChain:
+    """A PayoutSender paying in memory: a payout id lands at most once (like the EIP-3009
+    nonce); `down` makes every call Unavailable; `lose_reply` lands a send but raises (the
+    reply lost, as in a crash right after sending)."""
+
+    def __init__(self) -> None:
+        self.paid: dict[str, tuple[str, int]] = {}  # payout id -> (to, amount)
+        self.transfers: list[str] = []  # every payout id that moved money, in order
+        self.signed: list[str] = []
+        self.sends = 0
+        self.down = False
+        self.lose_reply = False
+        self.refuse: set[str] = set()  # payout ids the chain refuses for good
+
+    def _up(self) -> None:
+        if self.down:
+            raise Unavailable("node down")
+
+    def sign(self, payouts: list[Payout]) -> list[SignedPayout]:
+        self._up()
+        self.signed += [p.payout_id for p in payouts]
+        return [SignedPayout(p, f"raw:{p.payout_id}", "") for p in payouts]
+
+    def send(self, signed: list[SignedPayout]) -> dict[str, PayoutStatus]:
+        self._up()
+        self.sends += 1
+        out = {}
+        for s in signed:
+            pid = s.payout.payout_id
+            if pid in self.refuse:
+                out[pid] = PayoutStatus(PayoutState.FAILED, reason="refused")
+                continue
+            if pid not in self.paid:
+                self.paid[pid] = (s.payout.to, s.payout.amount)
+                self.transfers.append(pid)
+            out[pid] = PayoutStatus(PayoutState.LANDED, f"tx:{pid}")
+        if self.lose_reply:
+            raise Unavailable("the reply was lost")
+        return out
+
+    def status(self, signed: SignedPayout) -> PayoutStatus:
+        self._up()
+        pid = signed.payout.payout_id
+        if pid in self.paid:
+            return PayoutStatus(PayoutState.LANDED, f"tx:{pid}")
+        if pid in self.refuse:
+            return PayoutStatus(PayoutState.FAILED, reason="refused")
+        return PayoutStatus(PayoutState.NOT_FOUND)
+
+    def received(self, to: str) -> int:
+        return sum(amount for who, amount in self.paid.values() if who == to)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def service(
+    ledger: Ledger,
+    chain: FakeChain,
+    addresses: dict[str, str],
+    clock: Clock | None = None,
+    **cfg: float,
+) -> PayoutService:
+    return PayoutService(
+        ledger.store,
+        chain,
+        addresses.get,
+        NETWORK,
+        PayoutsConfig(**{"min_payout_micros": 1, "interval_seconds": 10, **cfg}),  # type: ignore[arg-type]
+        clock=clock or time.time,
+    )
+
+
+async def earn(ledger: Ledger, amounts: list[int], agent_id: str = "7") -> int:
+    """Jobs paid `amounts` completed by WORKER (connected with agent_id) and settled; the
+    sum of its shares."""
+    ledger.store.record_worker_seen(WORKER, 1, time.time(), agent_id)
+    jobs = [ledger.commit(a) for a in amounts]
+    for job_id in jobs:
+        ledger.finish(job_id, JobState.COMPLETED)
+    await ledger.payments.settle_due()
+    return sum(ledger.credited()[j] for j in jobs)
+
+
+def balance(ledger: Ledger) -> tuple[int, int]:
+    [b] = ledger.store.balances([WORKER])[WORKER]
+    return b.earned, b.balance
+
+
+async def test_n_paid_jobs_make_one_transfer_of_the_whole_balance(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    chain = FakeChain()
+    shares = await earn(ledger, [1000, 2000, 3000])
+    assert shares == 5400
+    assert await service(ledger, chain, {"7": ADDRESS}).run_pass() == 1
+    assert len(chain.transfers) == 1 and chain.received(ADDRESS) == shares
+    assert balance(ledger) == (shares, 0)
+    [p] = ledger.store.payouts(WORKER, 10)
+    assert (p.state, p.amount, p.to, p.transaction) == (
+        PayoutRowState.LANDED,
+        shares,
+        ADDRESS,
+        f"tx:{p.payout_id}",
+    )
+    # nothing more to pay: the next run sends nothing
+    assert await service(ledger, chain, {"7": ADDRESS}).run_pass() == 0
+    assert len(chain.transfers) == 1
+
+
+async def test_a_worker_with_no_payout_address_accrues_until_it_registers(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path)
+    chain = FakeChain()
+    shares = await earn(ledger, [1000], agent_id="")  # never connected registered
+    loop = service(ledger, chain, {"7": ADDRESS})
+    assert await loop.run_pass() == 0
+    assert chain.transfers == [] and balance(ledger) == (shares, shares)
+    # registered but the chain gives it no payout address (e.g. no Solana address linked)
+    ledger.store.record_worker_seen(WORKER, 1, time.time(), "8")
+    assert await loop.run_pass() == 0 and chain.transfers == []
+    # a session with no agent id keeps the verified one on record
+    ledger.store.record_worker_seen(WORKER, 1, time.time(), "7")
+    ledger.store.record_worker_seen(WORKER, 1, time.time(), "")
+    assert await loop.run_pass() == 1
+    assert chain.received(ADDRESS) == shares and balance(ledger) == (shares, 0)
+
+
+async def test_a_balance_under_the_minimum_waits_for_the_interval(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    chain = FakeChain()
+    clock = Clock()
+    shares = await earn(ledger, [1000])
+    loop = service(ledger, chain, {"7": ADDRESS}, clock, min_payout_micros=10**9)
+    assert await loop.run_pass() == 0 and chain.transfers == []
+    clock.now += 11  # the oldest unpaid credit waited interval_seconds
+    assert await loop.run_pass() == 1
+    assert chain.received(ADDRESS) == shares
+
+
+async def test_a_send_whose_reply_was_lost_is_found_landed_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path)
+    chain = FakeChain()
+    shares = await earn(ledger, [1000, 1000])
+    chain.lose_reply = True  # money moved, then the coordinator heard nothing (crash)
+    assert await service(ledger, chain, {"7": ADDRESS}).run_pass() == 0
+    [p] = ledger.store.payouts(WORKER, 10)
+    assert p.state is PayoutRowState.SIGNED and p.raw  # signed and stored before sending
+    assert balance(ledger) == (shares, 0)  # pending counts as paid: never paid twice
+    chain.lose_reply = False
+    restarted = service(ledger, chain, {"7": ADDRESS})
+    await restarted.run_pass()
+    assert chain.sends == 1  # found on chain with status(), not sent again
+    assert len(chain.transfers) == 1 and chain.received(ADDRESS) == shares
+    [p] = ledger.store.payouts(WORKER, 10)
+    assert p.state is PayoutRowState.LANDED
+
+
+async def test_a_node_outage_delays_the_payout_then_it_lands_once(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    chain = FakeChain()
+    shares = await earn(ledger, [2000])
+    chain.down = True
+    loop = service(ledger, chain, {"7": ADDRESS})
+    assert await loop.run_pass() == 0
+    [p] = ledger.store.payouts(WORKER, 10)
+    assert p.state is PayoutRowState.PENDING and loop.last_error == "node down"
+    chain.down = False
+    loop.recovered()  # (skip the backoff)
+    await loop.run_pass()
+    assert [q.state for q in ledger.store.payouts(WORKER, 10)] == [PayoutRowState.LANDED]
+    assert chain.signed == [p.payout_id] and chain.received(ADDRESS) == shares
+
+
+async def test_a_payout_that_fails_for_good_returns_to_the_balance(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    chain = FakeChain()
+    shares = await earn(ledger, [1000])
+    loop = service(ledger, chain, {"7": ADDRESS})
+    original = chain.sign
+
+    def refuse_first(payouts: list[Payout]) -> list[SignedPayout]:
+        chain.refuse |= {p.payout_id for p in payouts}
+        chain.sign = original  # type: ignore[method-assign]
+        return original(payouts)
+
+    chain.sign = refuse_first  # type: ignore[method-assign]
+    assert await loop.run_pass() == 1
+    [failed] = ledger.store.payouts(WORKER, 10)
+    assert failed.state is PayoutRowState.FAILED and failed.error == "refused"
+    assert balance(ledger) == (shares, shares) and chain.transfers == []
+    # the next run pays it anew, under a new payout id
+    assert await loop.run_pass() == 1
+    assert chain.received(ADDRESS) == shares and balance(ledger) == (shares, 0)
