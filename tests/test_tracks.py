@@ -40,6 +40,7 @@ from x402.http.utils import decode_payment_required_header, encode_payment_signa
 
 import dispatchnet.chains.evm  # noqa: F401  (before web3: restores the recursion limit)
 from dispatch.v1 import coordinator_pb2
+from dispatchnet import keys
 from dispatchnet.chains import registry
 from dispatchnet.chains.evm.anchoring import anchor_contract
 from dispatchnet.chains.evm.node import web3_for
@@ -447,3 +448,68 @@ async def test_settlements_and_refunds_are_exactly_once_across_a_coordinator_sig
         for p in started:
             p.kill()
     assert track.balance(wallet.address) == start - 3 * PRICE
+
+
+def _register(home: Path, track: Track, key_file: Path) -> dict[str, Any]:
+    """A worker registered through the CLI for the track's local profile: its agent id,
+    keys, and the address it is paid at (EVM: its agent's owner; Solana: its linked key)."""
+    profile_name = "local-monad" if track.kind == "evm" else "local-solana"
+    r = dispatch(
+        home, "worker", "register", "--profile", profile_name, "--key-file", str(key_file),
+        "--name", "paid-worker", "--coordinator", "127.0.0.1:50051",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out: dict[str, Any] = json.loads(r.stdout)
+    out["payout_address"] = out["solana"] if track.kind == "solana" else out["chain_address"]
+    return out
+
+
+def _registered_worker(address: str, key: KeyPair, reg: dict[str, Any]) -> Worker:
+    from dispatchnet.chains.evm.node import load_or_create_chain_key
+    from dispatchnet.chains.solana.wallet import load_or_create_solana_key
+
+    solana = None
+    if reg.get("solana_key_file"):
+        seed = bytes(load_or_create_solana_key(Path(reg["solana_key_file"])))[:32]
+        solana = KeyPair.from_seed(seed)
+    return Worker(
+        address, key, kind="seeker", agent_id=reg["agent_id"],
+        chain_key=load_or_create_chain_key(Path(reg["chain_key_file"])), solana_key=solana,
+        backoff_initial=0.05, backoff_max=0.5,
+    )  # fmt: skip
+
+
+async def test_a_registered_workers_paid_jobs_make_one_payout_to_its_address(
+    track: Track, home: Path, tmp_path: Path
+) -> None:
+    """N paid jobs by one registered worker: one payout transfer of exactly the sum of its
+    shares to its payout address, read on chain; GetEarnings lists it, the balance is 0."""
+    n, share = 3, PRICE - PRICE // 10
+    key_file = tmp_path / "w" / "worker.key"
+    reg = _register(home, track, key_file)
+    start = track.balance(reg["payout_address"])
+    # the balance is due once all n shares are in (one payout, not one per job)
+    profile = track.profile(True).with_overrides(
+        payouts={"min_payout_micros": n * share, "interval_seconds": 3600}
+    )
+    async with cluster_for(profile, tmp_path / "coord") as cluster:
+        key = keys.load_or_create(key_file)
+        w = _registered_worker(cluster.address, key, reg)
+        cluster.workers.append((w, asyncio.create_task(w.run())))
+        await asyncio.wait_for(w.connected.wait(), 20)
+        c = cluster.client(wallet=track.wallet())
+        for i in range(n):
+            job = await c.submit(ECHO, f"paid{i}")
+            assert (await c.wait(job.job_id)).state == COMPLETED
+        me = cluster.client(key)
+
+        async def paid() -> bool:
+            e = await me.earnings()
+            return [p.state for p in e.payouts] == ["landed"]
+
+        await wait_until(paid, 60, "the payout landed")
+        e = await me.earnings()
+        [payout] = e.payouts
+        assert payout.amount == str(n * share) and payout.transaction
+        assert [(b.earned, b.balance) for b in e.balances] == [(str(n * share), "0")]
+    assert track.balance(reg["payout_address"]) == start + n * share
