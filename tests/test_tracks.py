@@ -513,3 +513,57 @@ async def test_a_registered_workers_paid_jobs_make_one_payout_to_its_address(
         assert payout.amount == str(n * share) and payout.transaction
         assert [(b.earned, b.balance) for b in e.balances] == [(str(n * share), "0")]
     assert track.balance(reg["payout_address"]) == start + n * share
+
+
+async def test_a_payout_is_exactly_once_across_a_coordinator_sigkill(
+    track: Track, home: Path, tmp_path: Path
+) -> None:
+    """A real `dispatch coordinator` on the track's local profile (payouts every 10 s) is
+    SIGKILLed right after a registered worker's paid jobs, while the payout may be
+    recorded, signed or sent; the restarted one finishes it: the worker's payout address
+    receives the sum of its shares exactly once."""
+    profile_name = "local-monad" if track.kind == "evm" else "local-solana"
+    data = tmp_path / "coord-data"
+    started: list[Proc] = []
+
+    def coordinator(listen: str) -> Proc:
+        args = ["coordinator", "--profile", profile_name, "--listen", listen]
+        p = Proc([*args, "--data-dir", str(data)], home, tmp_path / f"coord{len(started)}.log")
+        started.append(p)
+        return p
+
+    n, share = 3, PRICE - PRICE // 10
+    key_file = tmp_path / "w" / "worker.key"
+    reg = _register(home, track, key_file)
+    start = track.balance(reg["payout_address"])
+    key, worker_key = KeyPair.generate(), keys.load_or_create(key_file)
+    try:
+        address = str(coordinator("127.0.0.1:0").info["listening"])
+        worker = _registered_worker(address, worker_key, reg)
+        running = asyncio.create_task(worker.run())
+        async with CoordinatorClient(address, key, track.wallet()) as c:
+            await asyncio.wait_for(worker.connected.wait(), 20)
+            done = [await c.submit(ECHO, f"paid{i}") for i in range(n)]
+            for job in done:
+                assert (await c.wait(job.job_id)).state == COMPLETED
+            worker.stop()
+            await asyncio.gather(running, return_exceptions=True)
+        started[0].kill(signal.SIGKILL)  # the payout may be half done
+        coordinator(address)
+        async with CoordinatorClient(address, worker_key) as w:
+
+            async def paid() -> bool:
+                e = await w.earnings()
+                return (
+                    bool(e.payouts)
+                    and all(p.state == "landed" for p in e.payouts)
+                    and [b.balance for b in e.balances] == ["0"]
+                )
+
+            await wait_until(paid, 90, "the worker's balance paid out")
+            e = await w.earnings()
+            assert sum(int(p.amount) for p in e.payouts) == n * share
+    finally:
+        for p in started:
+            p.kill()
+    assert track.balance(reg["payout_address"]) == start + n * share
