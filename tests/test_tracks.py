@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import re
@@ -567,3 +568,55 @@ async def test_a_payout_is_exactly_once_across_a_coordinator_sigkill(
         for p in started:
             p.kill()
     assert track.balance(reg["payout_address"]) == start + n * share
+
+
+async def test_a_node_outage_delays_a_payout_then_it_lands_once(
+    track: Track, home: Path, tmp_path: Path
+) -> None:
+    """The payment chain's node goes away once the worker's share is credited: the payout
+    waits (the error noted, jobs unaffected) and lands once when the node is back."""
+    proxy = await unreachable_proxy(track.chain)
+    _, chain = track.outage(tmp_path / "coordinator.key", proxy.url)
+    if track.kind == "evm":  # identities live on the payment chain: through the proxy too
+        chain["identity_registry"] = track.chain["contracts"]["identity_registry"]
+    profile = track.profile(True, **chain).with_overrides(
+        receipts={"anchor": "none"},
+        feedback={"enabled": False},
+        payouts={"min_payout_micros": 10**9, "interval_seconds": 2},
+    )
+    share = PRICE - PRICE // 10
+    key_file = tmp_path / "w" / "worker.key"
+    reg = _register(home, track, key_file)
+    start = track.balance(reg["payout_address"])
+    await proxy.start()
+    try:
+        async with cluster_for(profile, tmp_path / "coord") as cluster:
+            payouts = cluster.coord.payouts
+            assert payouts is not None
+            payouts.retry_initial = payouts.retry_max = 0.2
+            key = keys.load_or_create(key_file)
+            w = _registered_worker(cluster.address, key, reg)
+            cluster.workers.append((w, asyncio.create_task(w.run())))
+            await asyncio.wait_for(w.connected.wait(), 20)
+            c = cluster.client(wallet=track.wallet())
+            job = await c.submit(ECHO, "paid")
+            assert (await c.wait(job.job_id)).state == COMPLETED
+            me = cluster.client(key)
+
+            async def credited() -> bool:
+                return len((await me.earnings()).jobs) == 1
+
+            await wait_until(credited, 30, "the share credited")
+            await proxy.stop()
+            await wait_until(lambda: bool(payouts.last_error), 30, "the payout waits")
+            assert track.balance(reg["payout_address"]) == start
+            await proxy.start()
+
+            async def paid() -> bool:
+                return [p.state for p in (await me.earnings()).payouts] == ["landed"]
+
+            await wait_until(paid, 60, "the payout landed")
+    finally:
+        with contextlib.suppress(AssertionError):
+            await proxy.stop()
+    assert track.balance(reg["payout_address"]) == start + share
