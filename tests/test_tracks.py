@@ -15,6 +15,7 @@ import dataclasses
 import json
 import re
 import signal
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -568,6 +569,26 @@ async def test_a_payout_is_exactly_once_across_a_coordinator_sigkill(
         for p in started:
             p.kill()
     assert track.balance(reg["payout_address"]) == start + n * share
+    # the store and the chain agree: settlements in, the payout out, the fees kept
+    audit = ("payouts", "audit", "--profile", profile_name, "--coordinator-data", str(data))
+    code, out, err = await adispatch(home, *audit)
+    assert code == 0, out + err
+    report = json.loads(out)
+    [totals] = report["assets"].values()
+    assert (totals["settled_in"], totals["paid_out"], totals["fees_kept"]) == (
+        n * PRICE,
+        n * share,
+        n * (PRICE - share),
+    )
+    assert totals["chain_change"] == totals["expected_change"] == n * (PRICE - share)
+    # a store that says a payout moved more than the chain did: exit 1, the difference named
+    with sqlite3.connect(data / "coordinator.db") as db:
+        db.execute("UPDATE payouts SET amount = amount + 1")
+    code, out, _ = await adispatch(home, *audit)
+    assert code == 1
+    differences = json.loads(out)["differences"]
+    assert len(differences) == len(e.payouts)  # one payout per transaction here
+    assert all(d["kinds"] == ["payout"] and d["chain"] == d["store"] + 1 for d in differences)
 
 
 async def test_a_node_outage_delays_a_payout_then_it_lands_once(

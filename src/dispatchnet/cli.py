@@ -621,6 +621,43 @@ async def cmd_receipt_proof(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- payouts ------------------------------------------------------------------------------
+
+
+async def cmd_payouts_audit(args: argparse.Namespace) -> int:
+    """Compares the coordinator's store with the chain (README "Workers earn"): exit 0 when
+    every settlement, refund and payout it recorded moved exactly that on chain, else 1."""
+    from dispatchnet.chains import registry
+    from dispatchnet.chains.deployments import ChainConfigError
+    from dispatchnet.errors import Unavailable
+    from dispatchnet.payments.audit import audit
+    from dispatchnet.store.sqlite import SqliteStore
+
+    profile = load_profile(args.profile)
+    data_dir = Path(args.coordinator_data or keys.default_home() / f"coordinator-{profile.name}")
+    db = data_dir / "coordinator.db"
+    if not db.exists():
+        raise CliError(f"no coordinator database at {db} (pass --coordinator-data)", code=2)
+    store = SqliteStore(db)
+    try:
+        flows, fees = store.audit_flows(profile.chain.network)
+    finally:
+        store.close()
+    adapter = registry.adapter_of(profile)
+
+    def read(asset: str, tx: str) -> int | None:
+        return adapter.token_flow(profile, data_dir, asset, tx)
+
+    try:
+        report = await asyncio.to_thread(audit, profile.chain.network, flows, fees, read)
+    except ChainConfigError as e:
+        raise CliError(str(e)) from e
+    except Unavailable as e:
+        raise CliError(e.message) from e
+    emit(report.as_dict())
+    return 0 if report.clean else 1
+
+
 # --- local chain --------------------------------------------------------------------------
 
 
@@ -943,6 +980,19 @@ def build_parser() -> argparse.ArgumentParser:
     with_coord(rp)
     rp.add_argument("job_id")
     rp.set_defaults(fn=cmd_receipt_proof)
+
+    po = sub.add_parser("payouts", help="worker payouts")
+    posub = po.add_subparsers(dest="payouts_cmd", required=True)
+    pa = posub.add_parser(
+        "audit", help="compare the coordinator's store with the chain (exit 1 on a difference)"
+    )
+    pa.add_argument("--profile", default="local-monad", help="profile name or .toml path")
+    pa.add_argument(
+        "--coordinator-data",
+        metavar="DIR",
+        help="the coordinator's --data-dir (default: coordinator-<profile> in $DISPATCH_HOME)",
+    )
+    pa.set_defaults(fn=cmd_payouts_audit)
 
     ch = sub.add_parser("chain", help="a local EVM chain for chain profiles (anvil)")
     chsub = ch.add_subparsers(dest="chain_cmd", required=True)

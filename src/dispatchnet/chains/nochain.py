@@ -82,6 +82,11 @@ class NoChain:
     def token_balance(self, profile: Profile, asset: str, account: str) -> int:
         raise self._none("a balance")
 
+    def token_flow(
+        self, profile: Profile, data_dir: Path, asset: str, transaction: str
+    ) -> int | None:
+        raise self._none("audits")
+
     def chain_up(self, profile: Profile, port: int | None) -> dict[str, Any]:
         raise self._none("`dispatch chain up`")
 

@@ -89,6 +89,14 @@ class ChainAdapter(Protocol):
         """An account's balance of a payment asset, in atomic units, read on chain."""
         ...
 
+    def token_flow(
+        self, profile: Profile, data_dir: Path, asset: str, transaction: str
+    ) -> int | None:
+        """How much of `asset` the coordinator's [chain] account gained (negative: paid) in
+        one transaction, read on chain (`dispatch payouts audit`); 0 for a failed one, None
+        when the chain has no such transaction. Blocking; Unavailable on node trouble."""
+        ...
+
     def chain_up(self, profile: Profile, port: int | None) -> dict[str, Any]:
         """Starts (or finds running) the profile's local chain; its deployment data."""
         ...

@@ -1259,6 +1259,43 @@ class SqliteStore:
         ).fetchall()
         return [_payout(r) for r in rows]
 
+    def audit_flows(self, network: str) -> tuple[list[tuple[str, str, str, int]], dict[str, int]]:
+        """What the store says moved through the coordinator's account on `network`:
+        (what, asset, transaction, amount into the account) per settlement, refund and
+        landed payout; and the fees kept per asset (credits not reversed)."""
+        settled = [
+            s.value
+            for s in (
+                PaymentStatus.SETTLED,
+                PaymentStatus.HELD,
+                PaymentStatus.REFUND_DUE,
+                PaymentStatus.REFUNDED,
+            )
+        ]
+        flows: list[tuple[str, str, str, int]] = []
+        for r in self._conn.execute(
+            "SELECT asset, tx, refund_tx, amount, status FROM payments WHERE network=? "
+            f"AND tx != '' AND status IN ({','.join('?' * len(settled))})",
+            (network, *settled),
+        ):
+            flows.append(("settlement", r["asset"], r["tx"], int(r["amount"])))
+            if r["status"] == PaymentStatus.REFUNDED.value:
+                flows.append(("refund", r["asset"], r["refund_tx"], -int(r["amount"])))
+        for r in self._conn.execute(
+            "SELECT asset, tx, amount FROM payouts WHERE network=? AND state=?",
+            (network, PayoutRowState.LANDED.value),
+        ):
+            flows.append(("payout", r["asset"], r["tx"], -int(r["amount"])))
+        fees = {
+            r["asset"]: int(r["fees"])
+            for r in self._conn.execute(
+                "SELECT asset, sum(fee) AS fees FROM earnings WHERE network=? "
+                "AND reversed_at IS NULL GROUP BY asset",
+                (network,),
+            )
+        }
+        return flows, fees
+
     def payouts(self, worker_id: str, limit: int) -> list[PayoutRecord]:
         rows = self._conn.execute(
             "SELECT * FROM payouts WHERE worker_id=? ORDER BY created_at DESC, payout_id DESC "

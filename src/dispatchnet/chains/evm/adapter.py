@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from dispatchnet.reputation.feedback import FeedbackPoster
 
 
+# keccak256("Transfer(address,address,uint256)"): the ERC-20 Transfer event's topic
+_TRANSFER = bytes.fromhex("ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef")
+
+
 class EvmAdapter:
     kind = "evm"
 
@@ -158,6 +162,39 @@ class EvmAdapter:
         return token_balance(
             web3_for(chain.rpc_url, profile.chain.rpc_timeout_seconds), asset, account
         )
+
+    def token_flow(
+        self, profile: Profile, data_dir: Path, asset: str, transaction: str
+    ) -> int | None:
+        from web3.exceptions import TransactionNotFound
+
+        from dispatchnet.chains.evm.node import TRANSIENT, _brief, web3_for
+        from dispatchnet.errors import Unavailable
+
+        chain = resolve_evm_chain(profile.chain, data_dir)
+        me = chain.account_address.lower()
+        w3 = web3_for(chain.rpc_url, profile.chain.rpc_timeout_seconds)
+        try:
+            receipt = w3.eth.get_transaction_receipt(transaction)  # type: ignore[arg-type]
+        except TransactionNotFound:
+            return None
+        except TRANSIENT as e:
+            raise Unavailable(f"cannot read {transaction} on {chain.network}: {_brief(e)}") from e
+        if not receipt["status"]:
+            return 0
+        flow = 0
+        for log in receipt["logs"]:
+            topics = log["topics"]
+            if (
+                str(log["address"]).lower() != asset.lower()
+                or len(topics) != 3
+                or bytes(topics[0]) != _TRANSFER
+            ):
+                continue
+            sender, to = ("0x" + bytes(t)[-20:].hex() for t in topics[1:])
+            amount = int.from_bytes(bytes(log["data"]), "big")
+            flow += (amount if to == me else 0) - (amount if sender == me else 0)
+        return flow
 
     def chain_up(self, profile: Profile, port: int | None) -> dict[str, Any]:
         from dispatchnet.devchain import local_chain

@@ -226,6 +226,41 @@ class SolanaAdapter:
             return 0
         return int(client.get_token_account_balance(ata).value.amount)
 
+    def token_flow(
+        self, profile: Profile, data_dir: Path, asset: str, transaction: str
+    ) -> int | None:
+        from solana.rpc.commitment import Confirmed
+        from solders.signature import Signature
+
+        from dispatchnet.errors import Unavailable
+
+        chain = resolve_solana_chain(profile.chain, data_dir)
+        me = str(chain.keypair.pubkey())
+        client = client_for(chain.rpc_url, profile.chain.rpc_timeout_seconds)
+        try:
+            found = client.get_transaction(
+                Signature.from_string(transaction),
+                encoding="json",
+                commitment=Confirmed,
+                max_supported_transaction_version=0,
+            ).value
+        except TRANSIENT as e:
+            raise Unavailable(f"cannot read {transaction} on {chain.network}: {brief(e)}") from e
+        if found is None:
+            return None
+        meta = found.transaction.meta
+        if meta is None or meta.err is not None:
+            return 0
+
+        def held(balances: Any) -> int:
+            return sum(
+                int(b.ui_token_amount.amount)
+                for b in balances or []
+                if str(b.owner) == me and str(b.mint) == asset
+            )
+
+        return held(meta.post_token_balances) - held(meta.pre_token_balances)
+
     def chain_up(self, profile: Profile, port: int | None) -> dict[str, Any]:
         """The Solana node (on `port`), then the [identity_chain]'s local chain when the
         profile has one (on its own devchain_port, or any free port when `port` is 0): its
