@@ -783,9 +783,7 @@ class Balance(_message.Message):
     deducted.
     """
     balance: _builtins.str
-    """What is still to be paid out (earned minus payouts; payouts on chain
-    are coming, until then this equals earned).
-    """
+    """What is still to be paid out: earned minus payouts landed and pending."""
     def __init__(
         self,
         *,
@@ -882,7 +880,10 @@ class Payout(_message.Message):
     transaction: _builtins.str
     """The payout's transaction, once sent."""
     state: _builtins.str
-    """Where it stands (e.g. pending, sent, confirmed)."""
+    """Where it stands: pending (recorded, not signed), signed (may have been
+    sent), landed (in `transaction`), failed (its amount went back to the
+    balance).
+    """
     def __init__(
         self,
         *,
@@ -928,7 +929,7 @@ class GetEarningsResponse(_message.Message):
 
     @_builtins.property
     def payouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Payout]:
-        """Its payouts, newest first (empty until payouts on chain arrive)."""
+        """Its payouts, newest first (at most 100)."""
 
     def __init__(
         self,
