@@ -276,10 +276,17 @@ def payout_service_for(
     """Worker payouts on [chain] (README "Workers earn"), with payments; None without."""
     if not profile.payments.enabled:
         return None
+    from dispatchnet.chains.deployments import ChainConfigError
+
     adapter = registry.adapter_of(profile)
+    try:
+        sender = adapter.payouts(profile, data_dir)
+    except ChainConfigError as e:  # e.g. an EVM chain with no BatchSettler: payments work
+        log.warning("workers' balances accrue but are not paid out: %s", e)
+        return None
     return PayoutService(
         store,
-        adapter.payouts(profile, data_dir),
+        sender,
         adapter.payout_addresses(profile, data_dir),
         profile.chain.network,
         profile.payouts,
