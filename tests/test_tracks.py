@@ -450,6 +450,13 @@ async def test_settlements_and_refunds_are_exactly_once_across_a_coordinator_sig
         for p in started:
             p.kill()
     assert track.balance(wallet.address) == start - 3 * PRICE
+    # the store and the chain agree on every settlement and refund
+    audit = ("payouts", "audit", "--profile", profile_name, "--coordinator-data", str(data))
+    code, out, err = await adispatch(home, *audit)
+    assert code == 0, out + err
+    [totals] = json.loads(out)["assets"].values()
+    assert totals["settled_in"] - totals["refunded"] == 3 * PRICE
+    assert totals["chain_change"] == totals["expected_change"] == 3 * PRICE
 
 
 def _register(home: Path, track: Track, key_file: Path) -> dict[str, Any]:
