@@ -151,9 +151,13 @@ async def test_a_worker_with_no_payout_address_accrues_until_it_registers(
     loop = service(ledger, chain, {"7": ADDRESS})
     assert await loop.run_pass() == 0
     assert chain.transfers == [] and balance(ledger) == (shares, shares)
-    # registered but the chain gives it no payout address (e.g. no Solana address linked)
+    # registered but the chain gives it no payout address (e.g. no Solana address linked):
+    # looked up once, not on every run
     ledger.store.record_worker_seen(WORKER, 1, time.time(), "8")
+    asked: list[str] = []
+    loop.address_of = lambda agent: asked.append(agent) or {"7": ADDRESS}.get(agent)
     assert await loop.run_pass() == 0 and chain.transfers == []
+    assert await loop.run_pass() == 0 and asked == ["8"]
     # a session with no agent id keeps the verified one on record
     ledger.store.record_worker_seen(WORKER, 1, time.time(), "7")
     ledger.store.record_worker_seen(WORKER, 1, time.time(), "")
@@ -222,10 +226,14 @@ async def test_a_payout_that_fails_for_good_returns_to_the_balance(tmp_path: Pat
         return original(payouts)
 
     chain.sign = refuse_first  # type: ignore[method-assign]
-    assert await loop.run_pass() == 1
+    assert await loop.run_pass() == 0  # (the failure backs off)
     [failed] = ledger.store.payouts(WORKER, 10)
     assert failed.state is PayoutRowState.FAILED and failed.error == "refused"
     assert balance(ledger) == (shares, shares) and chain.transfers == []
-    # the next run pays it anew, under a new payout id
+    # the loop backs off instead of a new failing payout every tick; then pays it anew,
+    # under a new payout id
+    assert loop.backing_off() and "refused" in loop.last_error
+    assert await loop.run_pass() == 0
+    loop.recovered()
     assert await loop.run_pass() == 1
     assert chain.received(ADDRESS) == shares and balance(ledger) == (shares, 0)

@@ -72,16 +72,25 @@ class PayoutService(OutboxLoop):
         self.address_of = address_of
         self.network = network
         self.cfg = cfg
+        # agent id -> when to look again for a payout address the chain did not give
+        self._no_address: dict[str, float] = {}
+        self._failed = ""  # why a payout of this run failed for good ("" none)
 
     async def run_pass(self) -> int:
         if self.backing_off():
             return 0
+        self._failed = ""
         try:
             handled = await self._resume()
             handled += await self._pay_due()
         except Unavailable as e:
             delay = self.backed_off(e.message)
             log.warning("payouts wait (%s); retrying in %.1fs", e.message, delay)
+            return 0
+        if self._failed:
+            # (e.g. the account lacks the funds): new payouts wait, backing off, rather
+            # than a new failing payout per worker every tick
+            self.backed_off(self._failed)
             return 0
         self.recovered()
         return handled
@@ -114,10 +123,15 @@ class PayoutService(OutboxLoop):
             self.network, self.cfg.min_payout_micros, now - self.cfg.interval_seconds, PAGE
         )
         created: list[PayoutRecord] = []
+        for t in [a for a, at in self._no_address.items() if at <= now]:
+            del self._no_address[t]
         for d in due:
+            if d.agent_id in self._no_address:
+                continue
             to = await asyncio.to_thread(self.address_of, d.agent_id)
-            if not to:
-                continue  # no payout address on this chain: it accrues
+            if not to:  # no payout address on this chain: it accrues; asked again later
+                self._no_address[d.agent_id] = now + self.retry_max
+                continue
             record = PayoutRecord(
                 payout_id=new_payout_id(),
                 worker_id=d.worker_id,
@@ -168,6 +182,7 @@ class PayoutService(OutboxLoop):
                      status.transaction)  # fmt: skip
         elif status.state is PayoutState.FAILED:
             self._update(p, state=PayoutRowState.FAILED, error=status.reason[:500])
+            self._failed = f"payout {p.payout_id} failed: {status.reason}"[:500]
             log.warning("payout %s failed for good (%s): its amount is back in the balance",
                         p.payout_id, status.reason)  # fmt: skip
 
