@@ -237,3 +237,33 @@ async def test_a_payout_that_fails_for_good_returns_to_the_balance(tmp_path: Pat
     loop.recovered()
     assert await loop.run_pass() == 1
     assert chain.received(ADDRESS) == shares and balance(ledger) == (shares, 0)
+
+
+async def test_workers_with_no_payout_address_never_hide_the_ones_behind(
+    tmp_path: Path,
+) -> None:
+    """More registered workers than a page that the chain gives no address, all waiting
+    longer: the payable worker behind them is still paid in the same run, and the next
+    run asks the chain about none of them again."""
+    ledger = Ledger(tmp_path)
+    chain = FakeChain()
+    old = time.time() - 3600
+    for i in range(250):
+        worker = f"{i:064x}"
+        ledger.store.record_worker_seen(worker, 1, old, f"{1000 + i}")
+        ledger.store._conn.execute(
+            "INSERT INTO worker_earnings VALUES (?,?,?,?,0,?)",
+            (worker, NETWORK, "0xusdc", 900, old),
+        )
+    shares = await earn(ledger, [1000])
+    asked: list[str] = []
+
+    def address_of(agent: str) -> str | None:
+        asked.append(agent)
+        return ADDRESS if agent == "7" else None
+
+    loop = service(ledger, chain, {})
+    loop.address_of = address_of
+    assert await loop.run_pass() == 1
+    assert chain.received(ADDRESS) == shares and len(asked) == 251
+    assert await loop.run_pass() == 0 and len(asked) == 251

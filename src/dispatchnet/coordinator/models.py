@@ -253,6 +253,11 @@ class PayoutDue:
     network: str
     asset: str
     unpaid: int
+    unpaid_since: float = 0.0  # when its oldest unpaid credit came (the page order)
+
+    @property
+    def cursor(self) -> tuple[float, str, str]:
+        return (self.unpaid_since, self.worker_id, self.asset)
 
 
 @dataclass(frozen=True)

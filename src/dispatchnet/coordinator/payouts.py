@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dispatchnet.coordinator.models import PayoutRecord, PayoutRowState
+from dispatchnet.coordinator.models import PayoutDue, PayoutRecord, PayoutRowState
 from dispatchnet.coordinator.ports import PayoutLedger
 from dispatchnet.errors import Unavailable
 from dispatchnet.loops import OutboxLoop
@@ -42,6 +42,7 @@ from dispatchnet.profiles import PayoutsConfig
 log = logging.getLogger("dispatch.payouts")
 
 PAGE = 100  # payouts (open, or new) handled per run; a full page runs again at once
+MAX_PAGES = 20  # due rows examined per run: at most MAX_PAGES * PAGE
 
 
 def new_payout_id() -> str:
@@ -117,39 +118,48 @@ class PayoutService(OutboxLoop):
         return len(open_)
 
     async def _pay_due(self) -> int:
-        """Step 2: one new payout per worker and asset that is due."""
+        """Step 2: one new payout per worker and asset that is due (at most PAGE)."""
         now = self.clock()
-        due = self.ledger.payouts_due(
-            self.network, self.cfg.min_payout_micros, now - self.cfg.interval_seconds, PAGE
-        )
-        created: list[PayoutRecord] = []
+        before = now - self.cfg.interval_seconds
         for t in [a for a, at in self._no_address.items() if at <= now]:
             del self._no_address[t]
-        for d in due:
-            if d.agent_id in self._no_address:
-                continue
-            to = await asyncio.to_thread(self.address_of, d.agent_id)
-            if not to:  # no payout address on this chain: it accrues; asked again later
-                self._no_address[d.agent_id] = now + self.retry_max
-                continue
-            record = PayoutRecord(
-                payout_id=new_payout_id(),
-                worker_id=d.worker_id,
-                network=d.network,
-                asset=d.asset,
-                to=to,
-                amount=d.unpaid,
-                state=PayoutRowState.PENDING,
-                created_at=now,
-                updated_at=now,
+        created: list[PayoutRecord] = []
+        cursor = None
+        # pages on past workers with no payout address, so they never hide the ones behind
+        for _ in range(MAX_PAGES):
+            page = self.ledger.payouts_due(
+                self.network, self.cfg.min_payout_micros, before, PAGE, cursor
             )
-            if self.ledger.create_payout(record):
-                created.append(record)
+            for d in page:
+                if len(created) < PAGE and d.agent_id not in self._no_address:
+                    record = await self._record(d, now)
+                    if record is not None:
+                        created.append(record)
+            if len(page) < PAGE or len(created) >= PAGE:
+                break
+            cursor = page[-1].cursor
         await self._send(await self._sign(created))
-        if due:
-            # the ones left waiting (no address yet, or under the minimum) come back
-            self.wake_at(now + self.cfg.interval_seconds)
         return len(created)
+
+    async def _record(self, d: PayoutDue, now: float) -> PayoutRecord | None:
+        """The payout of d's whole unpaid balance, recorded (balance debited); None when
+        the worker has no payout address (it accrues; asked again after retry_max)."""
+        to = await asyncio.to_thread(self.address_of, d.agent_id)
+        if not to:
+            self._no_address[d.agent_id] = now + self.retry_max
+            return None
+        record = PayoutRecord(
+            payout_id=new_payout_id(),
+            worker_id=d.worker_id,
+            network=d.network,
+            asset=d.asset,
+            to=to,
+            amount=d.unpaid,
+            state=PayoutRowState.PENDING,
+            created_at=now,
+            updated_at=now,
+        )
+        return record if self.ledger.create_payout(record) else None
 
     async def _sign(self, pending: list[PayoutRecord]) -> list[PayoutRecord]:
         """Signs pending payouts and stores each signed artifact before anything is sent."""

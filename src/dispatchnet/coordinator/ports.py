@@ -101,10 +101,16 @@ class PayoutLedger(Protocol):
     """The payouts table and the balances it debits (written by coordinator/payouts.py)."""
 
     def payouts_due(
-        self, network: str, min_amount: int, unpaid_before: float, limit: int
+        self,
+        network: str,
+        min_amount: int,
+        unpaid_before: float,
+        limit: int,
+        after: tuple[float, str, str] | None = None,
     ) -> list[PayoutDue]:
         """Workers with an agent id whose unpaid balance on `network` is >= min_amount, or
-        part of it credited at or before unpaid_before; longest waiting first."""
+        part of it credited at or before unpaid_before; longest waiting first, those past
+        the `after` cursor (PayoutDue.cursor of the previous page)."""
         ...
 
     def create_payout(self, payout: PayoutRecord) -> bool:

@@ -132,7 +132,12 @@ class Store(Protocol):
 
     # payouts (coordinator/ports.py PayoutLedger has the contracts)
     def payouts_due(
-        self, network: str, min_amount: int, unpaid_before: float, limit: int
+        self,
+        network: str,
+        min_amount: int,
+        unpaid_before: float,
+        limit: int,
+        after: tuple[float, str, str] | None = None,
     ) -> list[PayoutDue]: ...
     def create_payout(self, payout: PayoutRecord) -> bool: ...
     def update_payout(

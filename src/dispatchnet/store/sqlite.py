@@ -1156,18 +1156,33 @@ class SqliteStore:
     # --- payouts ------------------------------------------------------------------------
 
     def payouts_due(
-        self, network: str, min_amount: int, unpaid_before: float, limit: int
+        self,
+        network: str,
+        min_amount: int,
+        unpaid_before: float,
+        limit: int,
+        after: tuple[float, str, str] | None = None,
     ) -> list[PayoutDue]:
+        since = "coalesce(e.unpaid_since, 0)"
+        page = f"AND ({since}, e.worker_id, e.asset) > (?, ?, ?) " if after is not None else ""
         rows = self._conn.execute(
-            "SELECT e.worker_id, w.agent_id, e.network, e.asset, e.earned - e.paid AS unpaid "
+            "SELECT e.worker_id, w.agent_id, e.network, e.asset, e.earned - e.paid AS unpaid, "
+            f"{since} AS since "
             "FROM worker_earnings e JOIN workers w ON w.worker_id = e.worker_id "
             "WHERE e.network = ? AND w.agent_id != '' AND e.earned - e.paid > 0 "
-            "AND (e.earned - e.paid >= ? OR e.unpaid_since <= ?) "
-            "ORDER BY e.unpaid_since, e.worker_id, e.asset LIMIT ?",
-            (network, min_amount, unpaid_before, limit),
+            f"AND (e.earned - e.paid >= ? OR e.unpaid_since <= ?) {page}"
+            f"ORDER BY {since}, e.worker_id, e.asset LIMIT ?",
+            (network, min_amount, unpaid_before, *(after or ()), limit),
         ).fetchall()
         return [
-            PayoutDue(r["worker_id"], r["agent_id"], r["network"], r["asset"], int(r["unpaid"]))
+            PayoutDue(
+                r["worker_id"],
+                r["agent_id"],
+                r["network"],
+                r["asset"],
+                int(r["unpaid"]),
+                float(r["since"]),
+            )
             for r in rows
         ]
 
