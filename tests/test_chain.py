@@ -89,9 +89,14 @@ def test_the_two_evm_profiles_differ_only_in_configuration() -> None:
             chain=testnet.chain,
             payments=dataclasses.replace(local.payments, accept=testnet.payments.accept),
             wallet=dataclasses.replace(local.wallet, key_file=testnet.wallet.key_file),
+            # local chains pay workers out every 10 s, so the demo and tests see it
+            payouts=dataclasses.replace(
+                local.payouts, interval_seconds=testnet.payouts.interval_seconds
+            ),
         )
         == testnet
     )
+    assert local.payouts.interval_seconds <= 10
     assert local.payments.enabled and testnet.payments.enabled
     [local_accept], [testnet_accept] = local.payments.accept, testnet.payments.accept
     assert (local_accept.network, testnet_accept.network) == ("eip155:31337", "eip155:10143")
