@@ -13,8 +13,12 @@ run by the desktop's embedded model (tokens streamed live), a public CHEAP task 
 PRIVATE task that only the worker the client paired with may run. Every job is paid for
 with x402 from the deployment's funded "client" account in test USDC (EVM: an EIP-3009
 authorization, settled once the job completes; Solana: an SPL transfer settled at commit,
-"held" until the job completes); the payer's and payee's balances are read on chain before
-and after, with the settlement transactions. Every receipt is checked in-process and with
+"held" until the job completes). Once the coordinator's payout loop has paid every worker
+that has a payout address (EVM: the registered agents; the unregistered Solana workers
+have none, and their shares are shown from GetEarnings as not yet paid), the test USDC of
+the payer, the coordinator and each worker's payout address is read on chain before and
+after, with the settlement and payout transactions, and must add up exactly: payer paid =
+fees kept + shares paid + shares not yet paid. Every receipt is checked in-process and with
 `dispatch receipt verify`, and one receipt per chain on chain (`dispatch receipt proof` +
 `receipt verify --onchain`). A summary table has a row per scenario per chain.
 Everything, the chains included, lives in a temporary directory ($DISPATCH_HOME for the
@@ -713,6 +717,9 @@ class TrackRun:
         """Polls GetEarnings until every worker with a payout address has nothing left to
         be paid and each of its payouts landed (bounded by PAYOUT_TIMEOUT)."""
         began = time.monotonic()
+        if not any(w.payout_address for w in self.workers):
+            say(f"{INDENT}no worker has a payout address: their shares stay unpaid")
+            return await self.earnings()
         while True:
             earnings = await self.earnings()
             waiting = [
@@ -1160,8 +1167,9 @@ def quiet_chain_clients() -> Iterator[None]:
 
 async def run_demo() -> int:
     """Runs the demo; 0 when, on every track, every scenario completed on the right worker,
-    paid and settled on chain with a valid receipt, the balances moved by exactly the
-    prices, a receipt checked out on chain and (agents) the feedback reached the chain."""
+    paid and settled on chain with a valid receipt, the balances read on chain added
+    up (payer paid = fees + shares paid + shares not yet paid), a receipt checked out on
+    chain and (agents) the feedback reached the chain."""
     tmp = Path(tempfile.mkdtemp(prefix="dispatch-demo-"))
     env = {**os.environ, "DISPATCH_HOME": str(tmp / "home"), "PYTHONUNBUFFERED": "1"}
     env.pop("DISPATCH_COORDINATOR", None)
