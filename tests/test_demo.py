@@ -66,18 +66,14 @@ def check_track(text: str, profile: str, network: str, tx: str, address: str) ->
     assert "they add up: the payer paid exactly the 0.012000 USDC" in payments
     workers = re.findall(rf"(seeker-\d|desktop-1){row}{address}\n", payments)
     payouts = re.findall(rf"payout +(\S+) +([\d.]+) USDC in {tx}\n", payments)
-    if profile == "local-monad":  # every share reached a payout address, read on chain
-        assert shares == 10_800 and unpaid == 0 and "NOT YET PAID" not in payments
-        assert len(workers) == 3
-        gained = sum(
-            float(after.replace(",", "")) - float(b.replace(",", "")) for _, b, after in workers
-        )
-        assert round(gained, 6) == 0.0108
-        assert round(sum(float(amount) for _, amount in payouts), 6) == 0.0108
-    else:  # unregistered: accrued in the store, not paid, and labelled so
-        assert shares == 0 and unpaid == 10_800 and not workers and not payouts
-        assert payments.count("no payout address (no agent id)") == 3
-        assert "NOT YET PAID" in payments
+    # every worker is a registered agent, so every share reached its payout address
+    assert shares == 10_800 and unpaid == 0 and "NOT YET PAID" not in payments
+    assert sorted(label for label, *_ in workers) == ["desktop-1", "seeker-1", "seeker-2"]
+    gained = sum(
+        float(after.replace(",", "")) - float(b.replace(",", "")) for _, b, after in workers
+    )
+    assert round(gained, 6) == 0.0108  # read on chain
+    assert round(sum(float(amount) for _, amount in payouts), 6) == 0.0108
 
     # one receipt checked on chain
     onchain = text.split("A receipt checked on chain", 1)[1]
@@ -120,8 +116,17 @@ async def test_demo_runs_all_scenarios_on_both_chains(capsys: pytest.CaptureFixt
         registered = re.search(rf"{label} +agent #(\d+) +owner 0x[0-9a-fA-F]{{40}}", evm)
         assert registered is not None
         assert re.search(rf"{label} +\w+ +id \w+ +agent #{registered.group(1)} \(verified\)", evm)
-    # the Solana track: unregistered workers, no reputation steps, and the track says so
-    assert "agent #" not in solana and len(re.findall(r"id \w+  no agent id", solana)) == 3
+    # the Solana track: every worker registered on the identity chain with its Solana key,
+    # verified, and paid at that Solana address; no reputation steps, and the track says so
+    payouts = solana.split("Payments and payouts", 1)[1]
+    for label in ("seeker-1", "seeker-2", "desktop-1"):
+        registered = re.search(
+            rf"{label} +agent #(\d+) +owner 0x[0-9a-fA-F]{{40}} +solana ([1-9A-HJ-NP-Za-km-z]+)",
+            solana,
+        )
+        assert registered is not None
+        assert re.search(rf"{label} +\w+ +id \w+ +agent #{registered[1]} \(verified\)", solana)
+        assert re.search(rf"{label} +[\d,.]+ USDC +[\d,.]+ USDC +{registered[2]}\n", payouts)
     assert "reputation: on the EVM track only for now" in solana
     assert "reputation before" not in solana and "getSummary" not in solana
 

@@ -4,26 +4,26 @@ The same steps run once per track (TRACKS: the EVM track on local-monad's anvil,
 track on local-solana's LiteSVM node), one coordinator per chain: `dispatch chain up
 --profile <track> --port 0` starts the chain, a coordinator on that profile (receipt batches
 close after 2 s and are anchored on the chain) listens on its own free port with its own
-data dir, and two seekers and a desktop connect to it as subprocesses. On a track whose
-workers are ERC-8004 agents (EVM) they are registered first with `dispatch worker register`,
-reputation is read from the chain and the coordinator's feedback is shown on chain; on the
-Solana track the workers connect unregistered ("reputation: on the EVM track only for
-now"). A client then plays the seed's three scenarios on each chain: a public FAST LLM job
-run by the desktop's embedded model (tokens streamed live), a public CHEAP task and a
-PRIVATE task that only the worker the client paired with may run. Every job is paid for
-with x402 from the deployment's funded "client" account in test USDC (EVM: an EIP-3009
-authorization, settled once the job completes; Solana: an SPL transfer settled at commit,
-"held" until the job completes). Once the coordinator's payout loop has paid every worker
-that has a payout address (EVM: the registered agents; the unregistered Solana workers
-have none, and their shares are shown from GetEarnings as not yet paid), the test USDC of
-the payer, the coordinator and each worker's payout address is read on chain before and
-after, with the settlement and payout transactions, and must add up exactly: payer paid =
-fees kept + shares paid + shares not yet paid. Every receipt is checked in-process and with
-`dispatch receipt verify`, and one receipt per chain on chain (`dispatch receipt proof` +
-`receipt verify --onchain`). A summary table has a row per scenario per chain.
-Everything, the chains included, lives in a temporary directory ($DISPATCH_HOME for the
-children) that is removed at the end; each track's processes are stopped and its chain
-brought down (`dispatch chain down`) before the next track starts.
+data dir, and two seekers and a desktop connect to it as subprocesses, registered first with
+`dispatch worker register` as ERC-8004 agents (on the Solana track on its identity chain,
+with a Solana key named in the registration, where they are paid). On the EVM track
+reputation is read from the chain and the coordinator's feedback is shown on chain; the
+Solana track has no reputation steps ("reputation: on the EVM track only for now"). A client
+then plays the seed's three scenarios on each chain: a public FAST LLM job run by the
+desktop's embedded model (tokens streamed live), a public CHEAP task and a PRIVATE task that
+only the worker the client paired with may run. Every job is paid for with x402 from the
+deployment's funded "client" account in test USDC (EVM: an EIP-3009 authorization, settled
+once the job completes; Solana: an SPL transfer settled at commit, "held" until the job
+completes). Once the coordinator's payout loop has paid every worker that has a payout
+address (a worker without one would have its share shown from GetEarnings as not yet paid),
+the test USDC of the payer, the coordinator and each worker's payout address is read on
+chain before and after, with the settlement and payout transactions, and must add up
+exactly: payer paid = fees kept + shares paid + shares not yet paid. Every receipt is
+checked in-process and with `dispatch receipt verify`, and one receipt per chain on chain
+(`dispatch receipt proof` + `receipt verify --onchain`). A summary table has a row per
+scenario per chain. Everything, the chains included, lives in a temporary directory
+($DISPATCH_HOME for the children) that is removed at the end; each track's processes are
+stopped and its chain brought down (`dispatch chain down`) before the next track starts.
 """
 
 from __future__ import annotations
@@ -90,6 +90,9 @@ class Track:
     pid_field: str  # the deployment file's record of the node's pid
     agents: bool  # workers are ERC-8004 agents: registered, rated on chain, fed back to
     settles_at_commit: bool  # the x402 payment moves at commit ("held" until the job ends)
+    # workers registered as ERC-8004 agents (so the payout loop pays them) without the
+    # reputation steps: on Solana, on the profile's [identity_chain], naming their Solana key
+    registers: bool = False
 
 
 TRACKS = (
@@ -99,8 +102,9 @@ TRACKS = (
         "local-solana",
         "a LiteSVM node",
         "node_pid",
-        agents=False,  # no ERC-8004 identity/reputation on Solana yet
+        agents=False,  # no reputation steps on Solana yet
         settles_at_commit=True,
+        registers=True,
     ),
 )
 
@@ -374,6 +378,13 @@ class TrackRun:
                 if t.agents:
                     self.step(3, "Registering the workers as ERC-8004 agents")
                     await self.register_workers()
+                elif t.registers:
+                    self.step(
+                        3,
+                        "Registering the workers as ERC-8004 agents on the identity chain, "
+                        f"their Solana keys named in the registration ({NO_REPUTATION})",
+                    )
+                    await self.register_workers()
                 else:
                     self.step(3, f"Workers connect unregistered ({NO_REPUTATION})")
                 self.step(4, "Starting workers: 2 seekers (phones) and 1 desktop")
@@ -436,10 +447,18 @@ class TrackRun:
         missing = needs - registry.capabilities(profile.chain.kind)
         if missing:
             raise DemoError(f"[chain] kind {profile.chain.kind} lacks {', '.join(sorted(missing))}")
-        # read in this process, whose $DISPATCH_HOME is not the demo's: the file by path
-        deployment = self.home / CHAINS_DIR / f"{profile.chain.deployment}.json"
+
+        # read in this process, whose $DISPATCH_HOME is not the demo's: the files by path
+        def by_path(chain: Any) -> Any:
+            if not chain.deployment:
+                return chain
+            path = self.home / CHAINS_DIR / f"{chain.deployment}.json"
+            return dataclasses.replace(chain, deployment=str(path))
+
         self.profile = dataclasses.replace(
-            profile, chain=dataclasses.replace(profile.chain, deployment=str(deployment))
+            profile,
+            chain=by_path(profile.chain),
+            identity_chain=by_path(profile.identity_chain),
         )
 
     def adapter(self) -> tuple[registry.ChainAdapter, Profile]:
@@ -537,9 +556,10 @@ class TrackRun:
             w.agent_id = str(result.get("agent_id", ""))
             if not w.agent_id:
                 raise DemoError(f"`dispatch worker register` printed no agent id: {result}")
+            solana = f"  solana {result['solana']}" if result.get("solana") else ""
             say(
                 f"{INDENT}{w.label:<10} agent #{w.agent_id}  owner {result.get('chain_address')}"
-                f"  tx {str(result.get('tx', ''))[:18]}..."
+                f"{solana}  tx {str(result.get('tx', ''))[:18]}..."
             )
         say(
             f"{INDENT}(`dispatch worker register --profile {self.track.profile} --key-file "
