@@ -43,17 +43,37 @@ def check_track(text: str, profile: str, network: str, tx: str, address: str) ->
             rf"settled +[\d.]+ USDC in {tx} +\(authorized -> (held -> )?settled\)", part
         )
 
-    # every job paid with x402 and settled once: balances read on chain before and after
-    payments = text.split("Payments: test USDC on chain", 1)[1].split("\n\n", 1)[0]
-    payer = re.search(rf"payer +([\d,.]+) USDC +([\d,.]+) USDC +{address}\n", payments)
-    payee = re.search(
-        rf"payee +([\d,.]+) USDC +([\d,.]+) USDC +{address} \(coordinator\)", payments
+    # every job paid with x402 and settled once, the workers' shares paid out (EVM: registered
+    # agents) or shown as not yet paid (Solana: no agent id, no payout address); balances read
+    # on chain before and after, and they add up exactly
+    payments = text.split("Payments and payouts: test USDC on chain", 1)[1].split("\n\n", 1)[0]
+    row = r" +([\d,.]+) USDC +([\d,.]+) USDC +"
+    payer = re.search(rf"payer{row}{address}\n", payments)
+    coordinator = re.search(rf"coordinator{row}{address} \(coordinator", payments)
+    assert payer is not None and coordinator is not None
+    amount = [float(g.replace(",", "")) for g in (*payer.groups(), *coordinator.groups())]
+    assert round(amount[0] - amount[1], 6) == 0.012
+    assert len(re.findall(rf"settled +.* USDC in {tx}\n", payments)) == 3
+    add_up = re.search(
+        r"payer paid (\d+) = fees kept (\d+) \+ shares paid (\d+) \+ shares not yet paid (\d+)",
+        payments,
     )
-    assert payer is not None and payee is not None
-    amount = [float(g.replace(",", "")) for g in (*payer.groups(), *payee.groups())]
-    assert round(amount[0] - amount[1], 6) == round(amount[3] - amount[2], 6) == 0.012
-    assert len(re.findall(rf"USDC in {tx}\n", payments)) == 3
-    assert "paid exactly the 0.012000 USDC its settled jobs cost, once each" in payments
+    assert add_up is not None
+    payer_paid, fees, shares, unpaid = map(int, add_up.groups())
+    assert payer_paid == 12_000 and fees == 1_200  # 3 jobs of 4000 units, fee_bps 1000
+    assert payer_paid == fees + shares + unpaid
+    assert round(amount[3] - amount[2], 6) == (fees + unpaid) / 10**6  # on chain
+    assert "they add up: the payer paid exactly the 0.012000 USDC" in payments
+    workers = re.findall(rf"(seeker-\d|desktop-1){row}{address}\n", payments)
+    payouts = re.findall(rf"payout +(\S+) +([\d.]+) USDC in {tx}\n", payments)
+    # every worker is a registered agent, so every share reached its payout address
+    assert shares == 10_800 and unpaid == 0 and "NOT YET PAID" not in payments
+    assert sorted(label for label, *_ in workers) == ["desktop-1", "seeker-1", "seeker-2"]
+    gained = sum(
+        float(after.replace(",", "")) - float(b.replace(",", "")) for _, b, after in workers
+    )
+    assert round(gained, 6) == 0.0108  # read on chain
+    assert round(sum(float(amount) for _, amount in payouts), 6) == 0.0108
 
     # one receipt checked on chain
     onchain = text.split("A receipt checked on chain", 1)[1]
@@ -96,8 +116,17 @@ async def test_demo_runs_all_scenarios_on_both_chains(capsys: pytest.CaptureFixt
         registered = re.search(rf"{label} +agent #(\d+) +owner 0x[0-9a-fA-F]{{40}}", evm)
         assert registered is not None
         assert re.search(rf"{label} +\w+ +id \w+ +agent #{registered.group(1)} \(verified\)", evm)
-    # the Solana track: unregistered workers, no reputation steps, and the track says so
-    assert "agent #" not in solana and solana.count("no agent id") == 3
+    # the Solana track: every worker registered on the identity chain with its Solana key,
+    # verified, and paid at that Solana address; no reputation steps, and the track says so
+    payouts = solana.split("Payments and payouts", 1)[1]
+    for label in ("seeker-1", "seeker-2", "desktop-1"):
+        registered = re.search(
+            rf"{label} +agent #(\d+) +owner 0x[0-9a-fA-F]{{40}} +solana ([1-9A-HJ-NP-Za-km-z]+)",
+            solana,
+        )
+        assert registered is not None
+        assert re.search(rf"{label} +\w+ +id \w+ +agent #{registered[1]} \(verified\)", solana)
+        assert re.search(rf"{label} +[\d,.]+ USDC +[\d,.]+ USDC +{registered[2]}\n", payouts)
     assert "reputation: on the EVM track only for now" in solana
     assert "reputation before" not in solana and "getSummary" not in solana
 

@@ -4,22 +4,26 @@ The same steps run once per track (TRACKS: the EVM track on local-monad's anvil,
 track on local-solana's LiteSVM node), one coordinator per chain: `dispatch chain up
 --profile <track> --port 0` starts the chain, a coordinator on that profile (receipt batches
 close after 2 s and are anchored on the chain) listens on its own free port with its own
-data dir, and two seekers and a desktop connect to it as subprocesses. On a track whose
-workers are ERC-8004 agents (EVM) they are registered first with `dispatch worker register`,
-reputation is read from the chain and the coordinator's feedback is shown on chain; on the
-Solana track the workers connect unregistered ("reputation: on the EVM track only for
-now"). A client then plays the seed's three scenarios on each chain: a public FAST LLM job
-run by the desktop's embedded model (tokens streamed live), a public CHEAP task and a
-PRIVATE task that only the worker the client paired with may run. Every job is paid for
-with x402 from the deployment's funded "client" account in test USDC (EVM: an EIP-3009
-authorization, settled once the job completes; Solana: an SPL transfer settled at commit,
-"held" until the job completes); the payer's and payee's balances are read on chain before
-and after, with the settlement transactions. Every receipt is checked in-process and with
-`dispatch receipt verify`, and one receipt per chain on chain (`dispatch receipt proof` +
-`receipt verify --onchain`). A summary table has a row per scenario per chain.
-Everything, the chains included, lives in a temporary directory ($DISPATCH_HOME for the
-children) that is removed at the end; each track's processes are stopped and its chain
-brought down (`dispatch chain down`) before the next track starts.
+data dir, and two seekers and a desktop connect to it as subprocesses, registered first with
+`dispatch worker register` as ERC-8004 agents (on the Solana track on its identity chain,
+with a Solana key named in the registration, where they are paid). On the EVM track
+reputation is read from the chain and the coordinator's feedback is shown on chain; the
+Solana track has no reputation steps ("reputation: on the EVM track only for now"). A client
+then plays the seed's three scenarios on each chain: a public FAST LLM job run by the
+desktop's embedded model (tokens streamed live), a public CHEAP task and a PRIVATE task that
+only the worker the client paired with may run. Every job is paid for with x402 from the
+deployment's funded "client" account in test USDC (EVM: an EIP-3009 authorization, settled
+once the job completes; Solana: an SPL transfer settled at commit, "held" until the job
+completes). Once the coordinator's payout loop has paid every worker that has a payout
+address (a worker without one would have its share shown from GetEarnings as not yet paid),
+the test USDC of the payer, the coordinator and each worker's payout address is read on
+chain before and after, with the settlement and payout transactions, and must add up
+exactly: payer paid = fees kept + shares paid + shares not yet paid. Every receipt is
+checked in-process and with `dispatch receipt verify`, and one receipt per chain on chain
+(`dispatch receipt proof` + `receipt verify --onchain`). A summary table has a row per
+scenario per chain. Everything, the chains included, lives in a temporary directory
+($DISPATCH_HOME for the children) that is removed at the end; each track's processes are
+stopped and its chain brought down (`dispatch chain down`) before the next track starts.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ BATCH_MAX_AGE = 2
 FEEDBACK_TIMEOUT = 30.0
 PROOF_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 30.0
+# The payout loop pays a balance [payouts] interval_seconds (10 s on local profiles) after
+# its oldest credit; the demo waits at most this long for every payout to land.
+PAYOUT_TIMEOUT = 45.0
 INDENT = "      "
 STEPS = 10  # per track
 NO_REPUTATION = "reputation: on the EVM track only for now"
@@ -83,6 +90,9 @@ class Track:
     pid_field: str  # the deployment file's record of the node's pid
     agents: bool  # workers are ERC-8004 agents: registered, rated on chain, fed back to
     settles_at_commit: bool  # the x402 payment moves at commit ("held" until the job ends)
+    # workers registered as ERC-8004 agents (so the payout loop pays them) without the
+    # reputation steps: on Solana, on the profile's [identity_chain], naming their Solana key
+    registers: bool = False
 
 
 TRACKS = (
@@ -92,8 +102,9 @@ TRACKS = (
         "local-solana",
         "a LiteSVM node",
         "node_pid",
-        agents=False,  # no ERC-8004 identity/reputation on Solana yet
+        agents=False,  # no reputation steps on Solana yet
         settles_at_commit=True,
+        registers=True,
     ),
 )
 
@@ -119,6 +130,7 @@ class WorkerInfo:
     key_file: Path
     worker_id: str = ""
     agent_id: str = ""
+    payout_address: str = ""  # where the coordinator pays it, read on chain ("" = nowhere)
 
 
 @dataclass
@@ -327,7 +339,7 @@ class TrackRun:
         self.problems: list[str] = []  # the chain-wide checks' (payments, reputation, anchor)
         self.wallet: Any = None
         self.asset: Any = None  # the wallet's payment asset: the deployment's test USDC
-        self.before = (0, 0)  # the payer's and the payee's balances before the first job
+        self.before: dict[str, int] = {}  # test USDC per address before the first job
         self.stopped = False
 
     @property
@@ -366,6 +378,13 @@ class TrackRun:
                 if t.agents:
                     self.step(3, "Registering the workers as ERC-8004 agents")
                     await self.register_workers()
+                elif t.registers:
+                    self.step(
+                        3,
+                        "Registering the workers as ERC-8004 agents on the identity chain, "
+                        f"their Solana keys named in the registration ({NO_REPUTATION})",
+                    )
+                    await self.register_workers()
                 else:
                     self.step(3, f"Workers connect unregistered ({NO_REPUTATION})")
                 self.step(4, "Starting workers: 2 seekers (phones) and 1 desktop")
@@ -375,7 +394,7 @@ class TrackRun:
                 self.failed(e, self.problems)
                 return
             await self.play_scenarios()
-            self.step(8, "Payments: test USDC on chain, before and after")
+            self.step(8, "Payments and payouts: test USDC on chain, before and after")
             try:
                 await self.show_payments()
             except STEP_ERRORS as e:
@@ -428,10 +447,18 @@ class TrackRun:
         missing = needs - registry.capabilities(profile.chain.kind)
         if missing:
             raise DemoError(f"[chain] kind {profile.chain.kind} lacks {', '.join(sorted(missing))}")
-        # read in this process, whose $DISPATCH_HOME is not the demo's: the file by path
-        deployment = self.home / CHAINS_DIR / f"{profile.chain.deployment}.json"
+
+        # read in this process, whose $DISPATCH_HOME is not the demo's: the files by path
+        def by_path(chain: Any) -> Any:
+            if not chain.deployment:
+                return chain
+            path = self.home / CHAINS_DIR / f"{chain.deployment}.json"
+            return dataclasses.replace(chain, deployment=str(path))
+
         self.profile = dataclasses.replace(
-            profile, chain=dataclasses.replace(profile.chain, deployment=str(deployment))
+            profile,
+            chain=by_path(profile.chain),
+            identity_chain=by_path(profile.identity_chain),
         )
 
     def adapter(self) -> tuple[registry.ChainAdapter, Profile]:
@@ -529,9 +556,10 @@ class TrackRun:
             w.agent_id = str(result.get("agent_id", ""))
             if not w.agent_id:
                 raise DemoError(f"`dispatch worker register` printed no agent id: {result}")
+            solana = f"  solana {result['solana']}" if result.get("solana") else ""
             say(
                 f"{INDENT}{w.label:<10} agent #{w.agent_id}  owner {result.get('chain_address')}"
-                f"  tx {str(result.get('tx', ''))[:18]}..."
+                f"{solana}  tx {str(result.get('tx', ''))[:18]}..."
             )
         say(
             f"{INDENT}(`dispatch worker register --profile {self.track.profile} --key-file "
@@ -655,47 +683,159 @@ class TrackRun:
         if self.wallet is None or not self.wallet.extra_assets:
             raise DemoError("the deployment has no funded client account or test USDC")
         self.asset = self.wallet.extra_assets[0]
+        await self.find_payout_addresses()
         self.before = await self.balances()
 
     @property
     def payee(self) -> str:
         return str(self.chain["accounts"]["coordinator"]["address"])
 
-    async def balances(self) -> tuple[int, int]:
-        """Test USDC of the paying client and of the coordinator (the payee), on chain."""
+    async def find_payout_addresses(self) -> None:
+        """Where the coordinator's payout loop pays each worker, read on chain the way it
+        reads it (the agent's wallet or owner on EVM; the Solana address its registration
+        links on Solana); none for a worker without an agent id."""
+        if not any(w.agent_id for w in self.workers):
+            return
         adapter, profile = self.adapter()
         try:
-            return (
-                await asyncio.to_thread(
-                    adapter.token_balance, profile, self.asset.address, self.wallet.address
-                ),
-                await asyncio.to_thread(
-                    adapter.token_balance, profile, self.asset.address, self.payee
-                ),
-            )
+            lookup = adapter.payout_addresses(profile, self.dir / "coordinator")
+            for w in self.workers:
+                if w.agent_id:
+                    found: str | None = await asyncio.to_thread(lookup, w.agent_id)
+                    w.payout_address = found or ""
+        except Exception as e:  # the chain libraries raise many types; the chain is our own
+            raise DemoError(f"cannot read the workers' payout addresses on chain: {e}") from e
+
+    def holders(self) -> list[tuple[str, str]]:
+        """(row label, address) of every account whose test USDC the demo follows."""
+        rows = [("payer", self.wallet.address), ("coordinator", self.payee)]
+        return rows + [(w.label, w.payout_address) for w in self.workers if w.payout_address]
+
+    async def balances(self) -> dict[str, int]:
+        """Test USDC of the paying client, the coordinator (the payee, and the payouts'
+        sender) and each worker's payout address, on chain."""
+        adapter, profile = self.adapter()
+        try:
+            return {
+                address: await asyncio.to_thread(
+                    adapter.token_balance, profile, self.asset.address, address
+                )
+                for _, address in self.holders()
+            }
         except Exception as e:  # the chain libraries raise many types; the chain is our own
             raise DemoError(f"cannot read balances on chain: {e}") from e
 
+    async def earnings(self) -> dict[str, coordinator_pb2.GetEarningsResponse]:
+        """Each worker's GetEarnings (signed with its own key), by label."""
+        out = {}
+        for w in self.workers:
+            async with CoordinatorClient(self.address, keys.load(w.key_file)) as c:
+                out[w.label] = await c.earnings()
+        return out
+
+    async def wait_for_payouts(self) -> dict[str, coordinator_pb2.GetEarningsResponse]:
+        """Polls GetEarnings until every worker with a payout address has nothing left to
+        be paid and each of its payouts landed (bounded by PAYOUT_TIMEOUT)."""
+        began = time.monotonic()
+        if not any(w.payout_address for w in self.workers):
+            say(f"{INDENT}no worker has a payout address: their shares stay unpaid")
+            return await self.earnings()
+        while True:
+            earnings = await self.earnings()
+            waiting = [
+                w.label
+                for w in self.workers
+                if w.payout_address
+                and (
+                    any(int(b.balance) for b in earnings[w.label].balances)
+                    or any(p.state != "landed" for p in earnings[w.label].payouts)
+                )
+            ]
+            if not waiting:
+                say(f"{INDENT}payouts landed ({time.monotonic() - began:.1f}s after the jobs)")
+                return earnings
+            if time.monotonic() - began > PAYOUT_TIMEOUT:
+                raise DemoError(
+                    f"payouts not landed after {PAYOUT_TIMEOUT:.0f}s: {', '.join(waiting)}"
+                )
+            await asyncio.sleep(0.5)
+
     async def show_payments(self) -> None:
-        """Balances before and after, the settlement transactions; a problem if they do not
-        add up to the jobs' prices."""
+        """Waits for the payouts, then shows the balances before and after (read on chain),
+        the settlement and payout transactions; a problem if they do not add up: the payer
+        paid what the settled jobs cost, and that is what the coordinator kept plus what
+        reached the workers' payout addresses plus the shares not paid out yet."""
+        earnings = await self.wait_for_payouts()
         before, after = self.before, await self.balances()
         a = self.amount
-        say(f"{INDENT}{'':8}{'before':>20}{'after':>20}")
-        say(f"{INDENT}{'payer':8}{a(before[0]):>20}{a(after[0]):>20}  {self.wallet.address}")
-        say(f"{INDENT}{'payee':8}{a(before[1]):>20}{a(after[1]):>20}  {self.payee} (coordinator)")
+        say(f"{INDENT}{'':12}{'before':>20}{'after':>20}")
+        for label, address in self.holders():
+            role = " (coordinator: payee, pays the payouts)" if label == "coordinator" else ""
+            say(
+                f"{INDENT}{label:12}{a(before[address]):>20}{a(after[address]):>20}"
+                f"  {address}{role}"
+            )
+        for w in self.workers:
+            if not w.payout_address:
+                say(f"{INDENT}{w.label:12}{'-':>20}{'-':>20}  no payout address (no agent id)")
         paid = 0
         for o in self.outcomes:
             if o.job is not None and o.job.payment.status == "settled":
                 p = o.job.payment
                 paid += int(p.amount)
-                say(f"{INDENT}{o.title:22} {a(int(p.amount))} in {p.transaction}")
-        if before[0] - after[0] != paid or after[1] - before[1] != paid:
-            raise DemoError(
-                f"balances moved by {before[0] - after[0]} / {after[1] - before[1]}, "
-                f"the settled payments add up to {paid}"
+                say(f"{INDENT}settled  {o.title:22} {a(int(p.amount))} in {p.transaction}")
+        unpaid = 0
+        for w in self.workers:
+            e = earnings[w.label]
+            for payout in e.payouts:
+                if payout.state == "landed":
+                    say(
+                        f"{INDENT}payout   {w.label:22} {a(int(payout.amount))} in "
+                        f"{payout.transaction}"
+                    )
+            owed = sum(int(b.balance) for b in e.balances) + sum(
+                int(p.amount) for p in e.payouts if p.state in ("pending", "signed")
             )
-        say(f"{INDENT}the payer paid exactly the {a(paid)} its settled jobs cost, once each")
+            if owed:
+                unpaid += owed
+                say(
+                    f"{INDENT}unpaid   {w.label:22} {a(owed)} accrued, NOT YET PAID "
+                    "(GetEarnings; no payout address)"
+                )
+        payer = before[self.wallet.address] - after[self.wallet.address]
+        kept = after[self.payee] - before[self.payee]
+        shares = sum(
+            after[w.payout_address] - before[w.payout_address]
+            for w in self.workers
+            if w.payout_address
+        )
+        fees_kept = kept - unpaid  # what the coordinator still holds for the workers aside
+        say(
+            f"{INDENT}add up   payer paid {payer} = fees kept {fees_kept} + shares paid {shares}"
+            f" + shares not yet paid {unpaid}  (atomic units)"
+        )
+        say(
+            f"{INDENT}         (the coordinator's balance changed by {kept} = fees {fees_kept}"
+            f" + the unpaid shares it still holds {unpaid})"
+        )
+        if payer != paid:
+            raise DemoError(f"the payer paid {payer}, the settled payments add up to {paid}")
+        if payer != kept + shares:
+            raise DemoError(
+                f"the payer paid {payer}, the coordinator kept {kept} and the workers got {shares}"
+            )
+        fee_bps = next(iter(earnings.values())).fee_bps if earnings else 0
+        jobs = [int(j.price) for e in earnings.values() for j in e.jobs]
+        fees = sum(price * fee_bps // 10_000 for price in jobs)
+        if fees_kept != fees:
+            raise DemoError(
+                f"the coordinator kept {fees_kept} in fees, {fee_bps} bps of the jobs is {fees}"
+            )
+        say(
+            f"{INDENT}they add up: the payer paid exactly the {a(paid)} its settled jobs cost, "
+            f"once each; fees kept {a(fees)} ({fee_bps} bps), shares paid {a(shares)}, "
+            f"not yet paid {a(unpaid)}"
+        )
 
     async def payment_moves(
         self, c: CoordinatorClient, job: coordinator_pb2.Job, seen: list[str], until: set[str]
@@ -734,8 +874,8 @@ class TrackRun:
             say(
                 f"\nThe client is just an ed25519 key ({short(self.client_key.public_hex)});"
                 " the jobs it commits belong to it. It pays for each with x402 from the wallet"
-                f" {wallet.address} ({self.amount(self.before[0])}, the deployment's test"
-                f" token), at most {usd(wallet.max_per_job_micros)} per job."
+                f" {wallet.address} ({self.amount(self.before[wallet.address])}, the"
+                f" deployment's test token), at most {usd(wallet.max_per_job_micros)} per job."
             )
             for n, (title, what, play) in enumerate(scenarios, start=1):
                 self.step(4 + n, f"Scenario {n}, {title}: {what}")
@@ -1047,8 +1187,9 @@ def quiet_chain_clients() -> Iterator[None]:
 
 async def run_demo() -> int:
     """Runs the demo; 0 when, on every track, every scenario completed on the right worker,
-    paid and settled on chain with a valid receipt, the balances moved by exactly the
-    prices, a receipt checked out on chain and (agents) the feedback reached the chain."""
+    paid and settled on chain with a valid receipt, the balances read on chain added
+    up (payer paid = fees + shares paid + shares not yet paid), a receipt checked out on
+    chain and (agents) the feedback reached the chain."""
     tmp = Path(tempfile.mkdtemp(prefix="dispatch-demo-"))
     env = {**os.environ, "DISPATCH_HOME": str(tmp / "home"), "PYTHONUNBUFFERED": "1"}
     env.pop("DISPATCH_COORDINATOR", None)
