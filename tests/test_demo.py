@@ -127,7 +127,7 @@ async def test_demo_runs_all_scenarios_on_both_chains(capsys: pytest.CaptureFixt
         assert registered is not None
         assert re.search(rf"{label} +\w+ +id \w+ +agent #{registered[1]} \(verified\)", solana)
         assert re.search(rf"{label} +[\d,.]+ USDC +[\d,.]+ USDC +{registered[2]}\n", payouts)
-    assert "reputation: on the EVM track only for now" in solana
+    assert "reputation: rated on the identity chain, shown on the EVM track" in solana
     assert "reputation before" not in solana and "getSummary" not in solana
 
     # EVM reputation before (the prior) and after the feedback reached the chain

@@ -8,7 +8,8 @@ data dir, and two seekers and a desktop connect to it as subprocesses, registere
 `dispatch worker register` as ERC-8004 agents (on the Solana track on its identity chain,
 with a Solana key named in the registration, where they are paid). On the EVM track
 reputation is read from the chain and the coordinator's feedback is shown on chain; the
-Solana track has no reputation steps ("reputation: on the EVM track only for now"). A client
+Solana track's workers are rated on the same identity chain, which the demo does not show
+again ("reputation: rated on the identity chain, shown on the EVM track"). A client
 then plays the seed's three scenarios on each chain: a public FAST LLM job run by the
 desktop's embedded model (tokens streamed live), a public CHEAP task and a PRIVATE task that
 only the worker the client paired with may run. Every job is paid for with x402 from the
@@ -73,7 +74,7 @@ SETTLE_TIMEOUT = 30.0
 PAYOUT_TIMEOUT = 45.0
 INDENT = "      "
 STEPS = 10  # per track
-NO_REPUTATION = "reputation: on the EVM track only for now"
+NO_REPUTATION = "reputation: rated on the identity chain, shown on the EVM track"
 
 _KIND_NAMES = {common_pb2.WORKER_KIND_SEEKER: "seeker", common_pb2.WORKER_KIND_DESKTOP: "desktop"}
 
@@ -406,7 +407,7 @@ class TrackRun:
                 except STEP_ERRORS as e:
                     self.failed(e, self.problems)
             else:
-                self.step(9, f"Reputation: none on this chain ({NO_REPUTATION})")
+                self.step(9, f"Reputation ({NO_REPUTATION})")
             self.step(10, "A receipt checked on chain (its batch root is anchored)")
             anchored = next((o.job for o in self.outcomes if o.ok and o.job is not None), None)
             try:
