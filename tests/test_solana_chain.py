@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import chain_fixtures
-import grpc
 import pytest
 from chain_fixtures import adispatch, cluster_for, dispatch
 from conftest import FAST, wait_until
@@ -33,6 +32,7 @@ from solders.signature import Signature
 from solders.transaction import VersionedTransaction
 from spl.memo.instructions import create_memo
 from spl.memo.models import MemoParams
+from test_chain import anchored_proof, complete
 
 from dispatch.v1 import coordinator_pb2, receipt_pb2
 from dispatchnet.chains import registry
@@ -48,7 +48,7 @@ from dispatchnet.chains.solana.anchoring import (
 )
 from dispatchnet.chains.solana.node import client_for, load_or_create_solana_key
 from dispatchnet.cli import job_json, proof_json
-from dispatchnet.client import CoordinatorClient, task_spec
+from dispatchnet.client import task_spec
 from dispatchnet.devchain.solana_local import _rpc, pid_alive, stop_pid
 from dispatchnet.errors import Unavailable
 from dispatchnet.profiles import Profile, ProfileError, load_profile
@@ -89,29 +89,6 @@ def solana_profile(paid: bool = False, identity: str = "", **chain: Any) -> Prof
     if identity:
         sections["identity_chain"] = {"deployment": identity}
     return load_profile("local-solana").with_overrides(**sections)
-
-
-async def complete(c: CoordinatorClient, n: int, tag: str) -> list[coordinator_pb2.Job]:
-    jobs = [await c.submit(task_spec("echo", f'"{tag}-{i}"'.encode())) for i in range(n)]
-    done = [await c.wait(j.job_id) for j in jobs]
-    assert all(d.state == COMPLETED for d in done)
-    return done
-
-
-async def anchored_proof(c: CoordinatorClient, job_id: str) -> receipt_pb2.GetReceiptProofResponse:
-    proof: list[receipt_pb2.GetReceiptProofResponse] = []
-
-    async def ready() -> bool:
-        try:
-            p = await c.receipt_proof(job_id)
-        except grpc.aio.AioRpcError as e:
-            assert e.code() is grpc.StatusCode.FAILED_PRECONDITION, e
-            return False
-        proof[:] = [p]
-        return bool(p.anchor_transaction)
-
-    await wait_until(ready, 20, "an anchored proof")
-    return proof[0]
 
 
 def anchor_memos(rpc_url: str, address: str, root: bytes) -> list[str]:

@@ -26,6 +26,7 @@ from dispatchnet.chains.deployments import (
     read_deployment,
 )
 from dispatchnet.chains.solana.config import BASE58_KEY
+from dispatchnet.errors import Unavailable
 from dispatchnet.profiles import ChainConfig
 
 SOLANA_KEY_HEADER = "dispatch-solana-keypair-v1"
@@ -133,6 +134,24 @@ def client_for(rpc_url: str, timeout: float) -> Client:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         return Client(rpc_url, timeout=timeout)
+
+
+def blockhash_valid(rpc_url: str, blockhash: str, timeout: float) -> bool:
+    """isBlockhashValid at confirmed commitment (solana-py's Client has no such call): a
+    transaction naming an invalid blockhash can no longer land. Unavailable on an error."""
+    reply = httpx.post(
+        rpc_url,
+        json={
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "isBlockhashValid",
+            "params": [blockhash, {"commitment": "confirmed"}],
+        },
+        timeout=timeout,
+    ).json()
+    if "error" in reply:
+        raise Unavailable(f"isBlockhashValid: {reply['error']}")
+    return bool(reply["result"]["value"])
 
 
 def brief(e: BaseException) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import time
 
-import httpx
 from solana.rpc.api import Client
 from solana.rpc.commitment import Confirmed
 from solana.rpc.core import RPCException
@@ -36,7 +35,7 @@ from spl.token.instructions import (
 )
 from x402.mechanisms.svm import MEMO_PROGRAM_ADDRESS, derive_ata
 
-from dispatchnet.chains.solana.node import client_for
+from dispatchnet.chains.solana.node import blockhash_valid, client_for
 from dispatchnet.chains.solana.rail import MINT_DECIMALS_OFFSET, TRANSIENT, first_line
 from dispatchnet.errors import Unavailable
 from dispatchnet.payments.payouts import (
@@ -194,17 +193,4 @@ class SolanaPayoutSender:
         return PayoutStatus(PayoutState.LANDED, str(sig))
 
     def _blockhash_valid(self, blockhash: str) -> bool:
-        # (solana-py's Client has no isBlockhashValid)
-        reply = httpx.post(
-            self.rpc_url,
-            json={
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "isBlockhashValid",
-                "params": [blockhash, {"commitment": "confirmed"}],
-            },
-            timeout=self.rpc_timeout,
-        ).json()
-        if "error" in reply:
-            raise Unavailable(f"isBlockhashValid: {reply['error']}")
-        return bool(reply["result"]["value"])
+        return blockhash_valid(self.rpc_url, blockhash, self.rpc_timeout)

@@ -56,6 +56,7 @@ from x402.mechanisms.svm import (
 from x402.mechanisms.svm.exact import ExactSvmFacilitatorScheme, ExactSvmServerScheme
 from x402.schemas import PaymentPayload
 
+from dispatchnet.chains.solana.node import blockhash_valid
 from dispatchnet.coordinator.models import Payment
 from dispatchnet.errors import InvalidArgument, Unavailable
 from dispatchnet.payments.service import SettlementRefused
@@ -405,20 +406,7 @@ class SvmRail:
             time.sleep(self.poll_seconds)
 
     def _blockhash_valid(self, blockhash: str) -> bool:
-        # (solana-py's Client has no isBlockhashValid)
-        reply = httpx.post(
-            self.rpc_url,
-            json={
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "isBlockhashValid",
-                "params": [blockhash, {"commitment": "confirmed"}],
-            },
-            timeout=self.rpc_timeout,
-        ).json()
-        if "error" in reply:
-            raise Unavailable(f"isBlockhashValid: {reply['error']}")
-        return bool(reply["result"]["value"])
+        return blockhash_valid(self.rpc_url, blockhash, self.rpc_timeout)
 
     def _status(self, sig: Signature) -> bool | None:
         status = self.client.get_signature_statuses([sig], search_transaction_history=True)
