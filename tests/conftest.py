@@ -21,6 +21,7 @@ from dispatchnet.client import CoordinatorClient
 from dispatchnet.keys import KeyPair
 from dispatchnet.profiles import Profile, load_profile
 from dispatchnet.server import Coordinator, start_coordinator
+from dispatchnet.store.sqlite import SqliteStore
 from dispatchnet.worker.executors import Executor
 from dispatchnet.worker.runtime import Worker
 
@@ -67,6 +68,15 @@ class Cluster:
         self.address = f"127.0.0.1:{coord.port}"
         self.workers: list[tuple[Worker, asyncio.Task[None]]] = []
         self.clients: list[CoordinatorClient] = []
+        self._db: SqliteStore | None = None
+
+    @property
+    def db(self) -> SqliteStore:
+        """The coordinator's database through a connection of the test's own, for
+        assertions (synchronous reads of what the coordinator committed)."""
+        if self._db is None:
+            self._db = SqliteStore(self.coord.store.path)
+        return self._db
 
     async def worker(
         self,
@@ -105,6 +115,8 @@ class Cluster:
         for c in self.clients:
             await c.close()
         await self.coord.stop(grace=0.2)
+        if self._db is not None:
+            self._db.close()
 
 
 @pytest.fixture
@@ -120,6 +132,23 @@ async def cluster(tmp_path: Path, profile: Profile) -> AsyncIterator[Cluster]:
         yield c
     finally:
         await c.close()
+
+
+@pytest.fixture
+async def ledgers() -> AsyncIterator[Callable[..., Any]]:
+    """Makes test_earnings.Ledger objects (a store, job and payment services over a fake
+    chain); closes their stores after the test."""
+    from test_earnings import Ledger
+
+    made: list[Ledger] = []
+
+    def make(tmp_path: Path, fee_bps: int = 1000) -> Ledger:
+        made.append(Ledger(tmp_path, fee_bps))
+        return made[-1]
+
+    yield make
+    for ledger in made:
+        await ledger.store.close()
 
 
 HELLO = b"dispatch.v1.WorkerHello\n"

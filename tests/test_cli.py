@@ -238,8 +238,8 @@ async def test_job_get_watch_cancel_and_errors(cluster: Cluster, tmp_path: Path)
     assert slow["state"] == "JOB_STATE_QUEUED"
     client_id = slow["client_id"]
 
-    def running() -> bool:
-        return cluster.coord.jobs.get(client_id, slow["job_id"]).state is JobState.RUNNING
+    async def running() -> bool:
+        return (await cluster.coord.jobs.get(client_id, slow["job_id"])).state is JobState.RUNNING
 
     await wait_until(running, what="the sleep job running")
     cancelled = ok_json(

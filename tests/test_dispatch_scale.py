@@ -18,11 +18,13 @@ from dispatchnet.coordinator.models import Privacy, WorkerKind
 SEEKERS = 5000
 
 
-def _connect(cluster: Cluster, n: int, tasks: frozenset[str]) -> list[WorkerSession]:
+async def _connect(cluster: Cluster, n: int, tasks: frozenset[str]) -> list[WorkerSession]:
     """n sessions opened through the hub itself (no stream: their offers stay queued)."""
     hub = cluster.coord.hub
     return [
-        hub.register(WorkerHello(secrets.token_bytes(32), WorkerKind.SEEKER, tasks, frozenset(), 1))
+        await hub.register(
+            WorkerHello(secrets.token_bytes(32), WorkerKind.SEEKER, tasks, frozenset(), 1)
+        )
         for _ in range(n)
     ]
 
@@ -44,8 +46,8 @@ async def test_a_job_among_5000_seekers_checks_a_bounded_number_of_sessions(
     cluster: Cluster, eligibility_checks: list[str]
 ) -> None:
     hub = cluster.coord.hub
-    sessions = _connect(cluster, SEEKERS, frozenset({"echo"}))
-    others = _connect(cluster, 3, frozenset({"sha256"}))
+    sessions = await _connect(cluster, SEEKERS, frozenset({"echo"}))
+    others = await _connect(cluster, 3, frozenset({"sha256"}))
     c = cluster.client()
     assert (await c.quote(task_spec("echo", b"1"))).eligible_workers == SEEKERS
     assert (await c.quote(task_spec("sha256", b"1"))).eligible_workers == 3
@@ -61,7 +63,7 @@ async def test_a_job_among_5000_seekers_checks_a_bounded_number_of_sessions(
     assert hub.index.free_slots == SEEKERS + 3 - 1
 
     # a PRIVATE job considers the client's paired workers only, not the 5,000
-    held = hub.store.get_job(job.job_id)
+    held = await hub.store.get_job(job.job_id)
     assert held is not None
     private = dataclasses.replace(
         held, spec=dataclasses.replace(held.spec, privacy=Privacy.PRIVATE)
@@ -85,7 +87,7 @@ async def test_free_slots_follow_offers_and_results(cluster: Cluster) -> None:
     session = hub.sessions[w.key.public_hex]
     hub.drain(session)
     assert hub.index.free_slots == 0 and not hub.index.free_task_names()
-    hub.unregister(session, "test")
+    await hub.unregister(session, "test")
     assert len(hub.index) == 0
 
 
@@ -97,10 +99,10 @@ async def test_heartbeats_are_stretched_as_workers_crowd_in(cluster: Cluster) ->
         hub.workers_cfg, heartbeat_interval_seconds=1, eviction_seconds=5,
         max_heartbeats_per_second=100,
     )  # fmt: skip
-    first = _connect(cluster, 1, frozenset({"echo"}))[0]
+    first = (await _connect(cluster, 1, frozenset({"echo"})))[0]
     assert (first.heartbeat_interval, first.eviction_seconds) == (1, 5)
-    crowd = _connect(cluster, 999, frozenset({"echo"}))
-    last = _connect(cluster, 1, frozenset({"echo"}))[0]
+    crowd = await _connect(cluster, 999, frozenset({"echo"}))
+    last = (await _connect(cluster, 1, frozenset({"echo"})))[0]
     assert last.heartbeat_interval == 11  # 1,001 workers at 100 a second
     assert last.eviction_seconds == 55
     # the whole crowd sends about the cap, not one a second each
@@ -108,5 +110,5 @@ async def test_heartbeats_are_stretched_as_workers_crowd_in(cluster: Cluster) ->
     assert rate < 100 * 3
     # eviction follows each session's own time
     hub.clock = lambda: last.last_seen + 6
-    hub.evict_silent()
+    await hub.evict_silent()
     assert last.worker_id in hub.sessions and first.worker_id not in hub.sessions

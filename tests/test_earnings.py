@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from dispatch.v1 import coordinator_pb2
 from dispatchnet import keys
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import (
+    Balance,
     JobSpec,
     JobState,
     JobType,
@@ -34,6 +36,7 @@ from dispatchnet.receipts.notary import Notary
 from dispatchnet.reputation.local import LocalReputation
 from dispatchnet.server import Coordinator
 from dispatchnet.store.sqlite import SqliteStore
+from dispatchnet.store.threaded import ThreadedStore
 
 SPEC_BYTES = b"\x12\x06\n\x04echo"
 SPEC = JobSpec(
@@ -100,7 +103,7 @@ def payment(amount: int, settle_by: float, network: str = "eip155:31337") -> Pay
 
 class Ledger:
     def __init__(self, tmp_path: Path, fee_bps: int = 1000) -> None:
-        self.store = SqliteStore(tmp_path / "coordinator.db")
+        self.store = ThreadedStore(tmp_path / "coordinator.db")
         self.jobs = JobService(
             self.store,
             JobsConfig(),
@@ -119,12 +122,12 @@ class Ledger:
         )
         self.n = 0
 
-    def commit(
+    async def commit(
         self, amount: int, settle_by: float | None = None, network: str = "eip155:31337"
     ) -> str:
         self.n += 1
-        quote = self.jobs.quote(SPEC)
-        job, _ = self.jobs.commit(
+        quote = await self.jobs.quote(SPEC)
+        job, _ = await self.jobs.commit(
             "client",
             quote.quote_id,
             f"k{self.n}",
@@ -132,17 +135,17 @@ class Ledger:
         )
         return job.job_id
 
-    def finish(self, job_id: str, state: JobState) -> None:
+    async def finish(self, job_id: str, state: JobState) -> None:
         changes: dict[str, Any] = {"state": state, "worker_id": WORKER}
-        assert self.store.transition(job_id, [JobState.QUEUED], None, changes, None)
+        assert await self.store.transition(job_id, [JobState.QUEUED], None, changes, None)
 
-    def status(self, job_id: str) -> PaymentStatus:
-        p = self.store.get_payment(job_id)
+    async def status(self, job_id: str) -> PaymentStatus:
+        p = await self.store.get_payment(job_id)
         assert p is not None
         return p.status
 
-    def credited(self) -> dict[str, int]:
-        return {e.job_id: e.share for e in self.store.earnings(WORKER, 100) if not e.reversed}
+    async def credited(self) -> dict[str, int]:
+        return {e.job_id: e.share for e in await self.store.earnings(WORKER, 100) if not e.reversed}
 
 
 def test_the_split_rounds_the_fee_down_and_gives_the_odd_unit_to_the_worker() -> None:
@@ -152,98 +155,108 @@ def test_the_split_rounds_the_fee_down_and_gives_the_odd_unit_to_the_worker() ->
     assert Split.of(7, 10000) == Split(10000, 7, 0)
 
 
-async def test_only_settled_payments_credit_their_worker_once(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path, fee_bps=1000)
-    completed = ledger.commit(1_000_001)
-    failed_job = ledger.commit(500)
-    refused = ledger.commit(700)
+async def test_only_settled_payments_credit_their_worker_once(
+    tmp_path: Path, ledgers: Callable[..., Ledger]
+) -> None:
+    ledger = ledgers(tmp_path, fee_bps=1000)
+    completed = await ledger.commit(1_000_001)
+    failed_job = await ledger.commit(500)
+    refused = await ledger.commit(700)
     ledger.gateway.refuse.add(refused)
     for job_id, state in (
         (completed, JobState.COMPLETED),
         (failed_job, JobState.FAILED),
         (refused, JobState.COMPLETED),
     ):
-        ledger.finish(job_id, state)
+        await ledger.finish(job_id, state)
     await ledger.payments.settle_due()
 
-    assert ledger.status(completed) is PaymentStatus.SETTLED
-    assert ledger.status(failed_job) is PaymentStatus.RELEASED
-    assert ledger.status(refused) is PaymentStatus.FAILED
+    assert await ledger.status(completed) is PaymentStatus.SETTLED
+    assert await ledger.status(failed_job) is PaymentStatus.RELEASED
+    assert await ledger.status(refused) is PaymentStatus.FAILED
     # price minus 10%, rounded down for the coordinator: the worker gets the odd unit
-    assert ledger.credited() == {completed: 1_000_001 - 100_000}
-    [earning] = ledger.store.earnings(WORKER, 100)
+    assert await ledger.credited() == {completed: 1_000_001 - 100_000}
+    [earning] = await ledger.store.earnings(WORKER, 100)
     assert (earning.amount, earning.fee, earning.fee_bps) == (1_000_001, 100_000, 1000)
-    assert ledger.store.balances([WORKER, "cd" * 32]) == {
-        WORKER: [ledger.store.balances([WORKER])[WORKER][0]]
+    assert await ledger.store.balances([WORKER, "cd" * 32]) == {
+        WORKER: [(await ledger.store.balances([WORKER]))[WORKER][0]]
     }
-    [bal] = ledger.store.balances([WORKER])[WORKER]
+    [bal] = (await ledger.store.balances([WORKER]))[WORKER]
     assert (bal.network, bal.asset, bal.earned) == ("eip155:31337", "0xusdc", 900_001)
 
     # a retried settlement record (e.g. after a crash) never credits twice
-    p = ledger.store.get_payment(completed)
+    p = await ledger.store.get_payment(completed)
     assert p is not None
-    again = ledger.store.update_payment(
+    again = await ledger.store.update_payment(
         completed, (PaymentStatus.SETTLED,), {"error": ""}, credit=Split.of(p.amount, 1000)
     )
     assert again is not None
-    assert len(ledger.store.earnings(WORKER, 100)) == 1
-    assert ledger.credited() == {completed: 900_001}
+    assert len(await ledger.store.earnings(WORKER, 100)) == 1
+    assert await ledger.credited() == {completed: 900_001}
 
 
 async def test_an_early_settlement_credits_at_completion_and_a_refund_credits_nothing(
     tmp_path: Path,
+    ledgers: Callable[..., Ledger],
 ) -> None:
     # the Solana path (and EVM's closing window): settled early (HELD) while the job runs
-    ledger = Ledger(tmp_path)
-    done = ledger.commit(2000, settle_by=time.time() - 1)
-    dropped = ledger.commit(3000, settle_by=time.time() - 1)
+    ledger = ledgers(tmp_path)
+    done = await ledger.commit(2000, settle_by=time.time() - 1)
+    dropped = await ledger.commit(3000, settle_by=time.time() - 1)
     await ledger.payments.settle_due()
-    assert ledger.status(done) is PaymentStatus.HELD
-    assert ledger.status(dropped) is PaymentStatus.HELD
-    assert ledger.credited() == {}  # money arrived, but no job completed yet
+    assert await ledger.status(done) is PaymentStatus.HELD
+    assert await ledger.status(dropped) is PaymentStatus.HELD
+    assert await ledger.credited() == {}  # money arrived, but no job completed yet
 
-    ledger.finish(done, JobState.COMPLETED)
-    ledger.finish(dropped, JobState.CANCELLED)
+    await ledger.finish(done, JobState.COMPLETED)
+    await ledger.finish(dropped, JobState.CANCELLED)
     await ledger.payments.settle_due()
-    assert ledger.status(done) is PaymentStatus.SETTLED
-    assert ledger.status(dropped) is PaymentStatus.REFUNDED
-    assert ledger.credited() == {done: 1800}
-    assert len(ledger.store.earnings(WORKER, 100)) == 1
+    assert await ledger.status(done) is PaymentStatus.SETTLED
+    assert await ledger.status(dropped) is PaymentStatus.REFUNDED
+    assert await ledger.credited() == {done: 1800}
+    assert len(await ledger.store.earnings(WORKER, 100)) == 1
 
 
-def test_a_refund_after_a_credit_reverses_it(tmp_path: Path) -> None:
+async def test_a_refund_after_a_credit_reverses_it(
+    tmp_path: Path, ledgers: Callable[..., Ledger]
+) -> None:
     # the store's rule, whatever moves the payment: a refund reverses the job's credit
-    ledger = Ledger(tmp_path)
-    job_id = ledger.commit(1000)
-    ledger.finish(job_id, JobState.COMPLETED)
-    settled = ledger.store.update_payment(
+    ledger = ledgers(tmp_path)
+    job_id = await ledger.commit(1000)
+    await ledger.finish(job_id, JobState.COMPLETED)
+    settled = await ledger.store.update_payment(
         job_id,
         (PaymentStatus.AUTHORIZED,),
         {"status": PaymentStatus.SETTLED, "updated_at": time.time()},
         credit=Split.of(1000, 1000),
     )
-    assert settled is not None and ledger.credited() == {job_id: 900}
-    refunded = ledger.store.update_payment(
+    assert settled is not None and await ledger.credited() == {job_id: 900}
+    refunded = await ledger.store.update_payment(
         job_id,
         (PaymentStatus.SETTLED,),
         {"status": PaymentStatus.REFUNDED, "updated_at": time.time()},
     )
     assert refunded is not None
-    assert ledger.credited() == {}
-    [earning] = ledger.store.earnings(WORKER, 100)
+    assert await ledger.credited() == {}
+    [earning] = await ledger.store.earnings(WORKER, 100)
     assert earning.reversed
-    assert ledger.store.balances([WORKER]) == {}
+    assert await ledger.store.balances([WORKER]) == {}
 
 
 async def test_lifetime_totals_follow_credits_and_reversals_without_reading_the_ledger(
     tmp_path: Path,
+    ledgers: Callable[..., Ledger],
 ) -> None:
-    ledger = Ledger(tmp_path, fee_bps=500)
-    jobs = [ledger.commit(1000), ledger.commit(3000), ledger.commit(2000, network="solana:x")]
+    ledger = ledgers(tmp_path, fee_bps=500)
+    jobs = [
+        await ledger.commit(1000),
+        await ledger.commit(3000),
+        await ledger.commit(2000, network="solana:x"),
+    ]
     for job_id in jobs:
-        ledger.finish(job_id, JobState.COMPLETED)
+        await ledger.finish(job_id, JobState.COMPLETED)
     await ledger.payments.settle_due()
-    refunded = ledger.store.update_payment(
+    refunded = await ledger.store.update_payment(
         jobs[1], (PaymentStatus.SETTLED,), {"status": PaymentStatus.REFUNDED}
     )
     assert refunded is not None
@@ -257,15 +270,18 @@ async def test_lifetime_totals_follow_credits_and_reversals_without_reading_the_
             read.add(table)
         return 0  # SQLITE_OK
 
-    ledger.store._conn.set_authorizer(note)
-    try:
-        totals = ledger.store.balances([WORKER])[WORKER]
-    finally:
-        ledger.store._conn.set_authorizer(None)
+    def balances(db: SqliteStore) -> list[Balance]:
+        db._conn.set_authorizer(note)
+        try:
+            return db.balances([WORKER])[WORKER]
+        finally:
+            db._conn.set_authorizer(None)
+
+    totals = await ledger.store.run_read(balances)
     assert read == {"worker_earnings"}
     assert [(b.network, b.earned) for b in totals] == [("eip155:31337", 950), ("solana:x", 1900)]
     by_asset: dict[str, int] = {}
-    for e in ledger.store.earnings(WORKER, 100):
+    for e in await ledger.store.earnings(WORKER, 100):
         if not e.reversed:
             by_asset[e.network] = by_asset.get(e.network, 0) + e.share
     assert by_asset == {b.network: b.earned for b in totals}
@@ -295,12 +311,12 @@ async def credit(coord: Coordinator, worker_id: str, amounts: list[int]) -> list
     )
     job_ids = []
     for n, amount in enumerate(amounts):
-        quote = coord.jobs.quote(SPEC)
-        job, _ = coord.jobs.commit(
+        quote = await coord.jobs.quote(SPEC)
+        job, _ = await coord.jobs.commit(
             "client", quote.quote_id, f"k{n}", payment(amount, time.time() + 3600)
         )
         done = {"state": JobState.COMPLETED, "worker_id": worker_id}
-        assert coord.store.transition(job.job_id, [JobState.QUEUED], None, done, None)
+        assert await coord.store.transition(job.job_id, [JobState.QUEUED], None, done, None)
         job_ids.append(job.job_id)
     assert await payments.settle_due() == len(amounts)
     return job_ids

@@ -73,7 +73,7 @@ def set_agent(cluster: Cluster, worker: Worker, agent_id: int) -> str:
 
 
 def entries(cluster: Cluster, status: FeedbackStatus) -> list[Any]:
-    return cluster.coord.store.feedback_entries((status,))
+    return cluster.db.feedback_entries((status,))
 
 
 def feedback_profile(deployment: str, **chain_settings: Any) -> Profile:

@@ -13,7 +13,7 @@ from dispatchnet.coordinator.models import FeedbackEntry, FeedbackStatus, JobSta
 from dispatchnet.errors import Unavailable
 from dispatchnet.reputation.erc8004 import Erc8004Reputation
 from dispatchnet.reputation.feedback import FeedbackSender
-from dispatchnet.store.sqlite import SqliteStore
+from dispatchnet.store.threaded import ThreadedStore
 
 
 class Rejected(Exception):
@@ -44,33 +44,33 @@ def entry(job_id: str, agent_id: int = 7) -> FeedbackEntry:
 async def test_outbox_commits_with_the_transition_and_the_sender_retries(
     tmp_path: Path,
 ) -> None:
-    store = SqliteStore(tmp_path / "db.sqlite")
+    store = ThreadedStore(tmp_path / "db.sqlite")
     for job_id, agent in (("j1", 7), ("j2", 666)):
-        store.create_job(make_job(job_id, key=job_id), queued(job_id))
-        done = store.transition(
+        await store.create_job(make_job(job_id, key=job_id), queued(job_id))
+        done = await store.transition(
             job_id, (JobState.QUEUED,), None, {"state": JobState.FAILED}, None, entry(job_id, agent)
         )
         assert done is not None
     # a failed compare-and-set writes no entry; a second entry for a job is ignored
-    assert store.transition("j1", (JobState.QUEUED,), None, {}, None, entry("j1", 8)) is None
-    store.create_job(make_job("j3", key="j3"), queued("j3"))
-    store.transition("j3", (JobState.QUEUED,), None, {}, None, entry("j1", 9))
-    pending = store.feedback_entries((FeedbackStatus.PENDING,))
+    assert await store.transition("j1", (JobState.QUEUED,), None, {}, None, entry("j1", 8)) is None
+    await store.create_job(make_job("j3", key="j3"), queued("j3"))
+    await store.transition("j3", (JobState.QUEUED,), None, {}, None, entry("j1", 9))
+    pending = await store.feedback_entries((FeedbackStatus.PENDING,))
     assert [(e.job_id, e.agent_id) for e in pending] == [("j1", 7), ("j2", 666)]
 
     poster = FakePoster()
     sender = FeedbackSender(store, poster, rejected=(Rejected,), retry_initial_seconds=0)
     assert await sender.send_due() == 0  # the chain is down: nothing lost
     assert "connection refused" in sender.last_error
-    assert len(store.feedback_entries((FeedbackStatus.PENDING,))) == 2
+    assert len(await store.feedback_entries((FeedbackStatus.PENDING,))) == 2
     poster.down = False
     assert await sender.send_due() == 1
-    (sent,) = store.feedback_entries((FeedbackStatus.SENT,))
+    (sent,) = await store.feedback_entries((FeedbackStatus.SENT,))
     assert sent.job_id == "j1" and sent.transaction.startswith("0x") and sent.attempts == 1
-    (failed,) = store.feedback_entries((FeedbackStatus.FAILED,))
+    (failed,) = await store.feedback_entries((FeedbackStatus.FAILED,))
     assert failed.job_id == "j2" and "SelfFeedback" in failed.error
     assert await sender.send_due() == 0 and poster.sent == ["j1"]  # exactly once
-    store.close()
+    await store.close()
 
 
 class FakeReader:
@@ -90,16 +90,16 @@ async def test_erc8004_scores_come_from_the_cache() -> None:
     agents = {"w1": "5", "w2": ""}
     rep = Erc8004Reputation(reader, lambda w: agents.get(w, ""), ttl_seconds=60)
     assert rep.score("w1") == rep.score("w2") == 0.5 and reader.calls == 0
-    rep.warm("w1")
-    rep.warm("w1")  # one refresh in flight at a time
+    await rep.warm("w1")
+    await rep.warm("w1")  # one refresh in flight at a time
     await rep._refreshing[5]
     assert reader.calls == 1 and rep.score("w1") == (4 + 1) / 6
-    rep.warm("w1")  # fresh: no chain read
+    await rep.warm("w1")  # fresh: no chain read
     assert reader.calls == 1
-    rep.record("w1", False)  # nudged locally until the next refresh
+    await rep.record("w1", False)  # nudged locally until the next refresh
     assert rep.score("w1") == (4 + 0 + 1) / 7
     reader.answer = Unavailable("down")
     await rep.refresh(5)  # a failed refresh keeps the last score
     assert rep.score("w1") == (4 + 0 + 1) / 7
-    rep.record("w2", True)  # no agent id: the prior, always
+    await rep.record("w2", True)  # no agent id: the prior, always
     assert rep.score("w2") == 0.5

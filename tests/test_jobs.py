@@ -253,10 +253,10 @@ async def test_long_expired_quotes_are_purged(cluster: Cluster) -> None:
     jobs = cluster.coord.jobs
     jobs.clock = lambda: time.time() + 3 * 3600
     jobs._next_purge = 0.0
-    jobs.sweep()
-    assert cluster.coord.store.get_quote(old.quote_id) is None
+    await jobs.sweep()
+    assert cluster.db.get_quote(old.quote_id) is None
     fresh = await c.quote(task_spec("echo", b"2"))
-    assert cluster.coord.store.get_quote(fresh.quote_id) is not None
+    assert cluster.db.get_quote(fresh.quote_id) is not None
 
 
 async def test_a_task_no_worker_ever_offered_is_refused_at_quote_time(cluster: Cluster) -> None:
@@ -283,19 +283,19 @@ async def test_a_task_a_worker_declared_stays_known(
     q = await c.quote(task_spec("resize_image", b"1"))  # known though nobody runs it now
     assert q.eligible_workers == 0
     # kept durably: a coordinator starting on the same store knows it too
-    assert TaskCatalogue(cluster.coord.store, []).check("resize_image") is None
+    assert await TaskCatalogue(cluster.coord.store, []).check("resize_image") is None
 
 
 async def test_declared_task_names_are_bounded(cluster: Cluster) -> None:
     store = cluster.coord.store
     for i in range(10):
-        store.record_task_names([f"t{i}"], 100.0 + i, keep=4)
-    store.record_task_names(["t7"], 200.0, keep=4)  # declared again: the most recent
-    store.record_task_names(["t10"], 201.0, keep=4)
-    assert store.task_names(100) == ["t10", "t7", "t9", "t8"]
+        await store.record_task_names([f"t{i}"], 100.0 + i, keep=4)
+    await store.record_task_names(["t7"], 200.0, keep=4)  # declared again: the most recent
+    await store.record_task_names(["t10"], 201.0, keep=4)
+    assert await store.task_names(100) == ["t10", "t7", "t9", "t8"]
     # the message lists a bounded number of names
     catalogue = TaskCatalogue(store, [f"b{i:03}" for i in range(100)])
     with pytest.raises(FailedPrecondition) as e:
-        catalogue.check("nope")
+        await catalogue.check("nope")
     assert e.value.message.count(",") == MAX_LISTED  # MAX_LISTED names and "… (N more)"
     assert e.value.message.endswith("(84 more)")

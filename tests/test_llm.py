@@ -133,7 +133,7 @@ async def test_llm_jobs_go_only_to_desktops_serving_the_model(
     quote = await c.quote(llm_spec("Say hi.", max_tokens=4))
     assert quote.eligible_workers == 0
     any_model = await c.commit(quote.quote_id)
-    assert hub.dispatch_once() == 0
+    assert await hub.dispatch_once() == 0
     assert (await c.get(any_model.job_id)).state == QUEUED
 
     # A desktop serving smollm2 takes it, but never a job for another model.
@@ -145,10 +145,10 @@ async def test_llm_jobs_go_only_to_desktops_serving_the_model(
     assert done.state == COMPLETED and done.worker_id == w.key.public_hex
     assert seeker.completed == 0 and seeker.failed == 0
 
-    assert hub.dispatch_once() == 0
+    assert await hub.dispatch_once() == 0
     still = await c.get(other_model.job_id)
     assert still.state == QUEUED and still.attempts == 0
-    history = cluster.coord.store.events_after(other_model.job_id, 0)
+    history = cluster.db.events_after(other_model.job_id, 0)
     assert [(e.kind.value, e.reason) for e in history] == [("state", "committed")]
 
     # Naming the served model works.

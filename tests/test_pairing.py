@@ -93,11 +93,11 @@ async def test_an_expired_code_is_not_found(cluster: Cluster) -> None:
     # second service on the same store, its clock two hours behind, writes a code that has
     # already expired by the time the real service sees it.
     behind = PairingService(cluster.coord.store, PairingConfig(), clock=lambda: time.time() - 7200)
-    code, expires = behind.create_code(client.key.public_hex, 3600)
+    code, expires = await behind.create_code(client.key.public_hex, 3600)
     assert expires < time.time()
     assert (await _code(worker.claim_pairing(code)))[0] == grpc.StatusCode.NOT_FOUND
     # the same path with a live code works, so NOT_FOUND above was the expiry
-    live, _ = PairingService(cluster.coord.store, PairingConfig()).create_code(
+    live, _ = await PairingService(cluster.coord.store, PairingConfig()).create_code(
         client.key.public_hex, 3600
     )
     assert (await worker.claim_pairing(live)).client_id == client.key.public_hex
@@ -116,14 +116,14 @@ async def test_a_key_cannot_pair_with_itself(cluster: Cluster) -> None:
 
 async def test_codes_are_stored_only_as_hashes(cluster: Cluster) -> None:
     code = (await cluster.client().create_pairing_code()).code
-    rows = [tuple(r) for r in cluster.coord.store.db.execute("SELECT * FROM pairing_codes")]
+    rows = [tuple(r) for r in cluster.db.db.execute("SELECT * FROM pairing_codes")]
     assert len(rows) == 1
     plain = {code, code.replace("-", "")}
     for value in rows[0]:
         text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
         assert not any(p in text for p in plain), rows[0]
     # nor anywhere in the database files (main file and write-ahead log)
-    for f in Path(cluster.coord.store.path), Path(cluster.coord.store.path + "-wal"):
+    for f in Path(cluster.db.path), Path(cluster.db.path + "-wal"):
         data = f.read_bytes()
         assert not any(p.encode() in data for p in plain), f
 
@@ -150,28 +150,28 @@ def _service(cluster: Cluster, now: list[float], **cfg: Any) -> PairingService:
 async def test_failed_claims_are_limited_for_all_keys_together(cluster: Cluster) -> None:
     now = [time.time()]
     svc = _service(cluster, now, max_failed_claims_global=3)
-    code, _ = svc.create_code("c" * 64, 3600)
+    code, _ = await svc.create_code("c" * 64, 3600)
     for i in range(3):  # three keys, one wrong guess each
         with pytest.raises(NotFound):
-            svc.claim(f"w{i}", "AAAA-AAAA" if code != "AAAA-AAAA" else "BBBB-BBBB")
+            await svc.claim(f"w{i}", "AAAA-AAAA" if code != "AAAA-AAAA" else "BBBB-BBBB")
     with pytest.raises(ResourceExhausted, match="try again in 60 s"):
-        svc.claim("fresh-key", code)  # a new key with the right code: locked out too
+        await svc.claim("fresh-key", code)  # a new key with the right code: locked out too
     now[0] += 60  # failed_claims_global_window_seconds
-    assert svc.claim("fresh-key", code).client_id == "c" * 64
+    assert (await svc.claim("fresh-key", code)).client_id == "c" * 64
 
 
 async def test_a_key_lockout_ends_with_its_window(cluster: Cluster) -> None:
     now = [time.time()]
     svc = _service(cluster, now, max_failed_claims=2, failed_claims_window_seconds=100)
-    code, _ = svc.create_code("c" * 64, 3600)
+    code, _ = await svc.create_code("c" * 64, 3600)
     for _ in range(2):
         with pytest.raises(NotFound):
-            svc.claim("w", "AAAA-AAAA" if code != "AAAA-AAAA" else "BBBB-BBBB")
+            await svc.claim("w", "AAAA-AAAA" if code != "AAAA-AAAA" else "BBBB-BBBB")
     now[0] += 40
     with pytest.raises(ResourceExhausted, match="try again in 60 s"):
-        svc.claim("w", code)
+        await svc.claim("w", code)
     now[0] += 60
-    assert svc.claim("w", code).worker_id == "w"
+    assert (await svc.claim("w", code)).worker_id == "w"
 
 
 def test_the_failure_table_is_bounded() -> None:
@@ -284,7 +284,7 @@ async def test_private_job_waits_for_its_offline_paired_worker(cluster: Cluster)
     await _pair(cluster, client, paired_key)
     await cluster.worker()  # online, idle, but not paired
     job = await client.submit(task_spec("echo", b'"private"', private=True))
-    assert cluster.coord.hub.dispatch_once() == 0
+    assert await cluster.coord.hub.dispatch_once() == 0
     assert (await client.get(job.job_id)).state == coordinator_pb2.JOB_STATE_QUEUED
 
     await cluster.worker(key=paired_key)

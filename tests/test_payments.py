@@ -108,7 +108,7 @@ def payee(deployed: dict[str, Any]) -> str:
 
 async def payment_status(cluster: Cluster, job_id: str, status: str) -> None:
     async def reached() -> bool:
-        p = cluster.coord.store.get_payment(job_id)
+        p = cluster.db.get_payment(job_id)
         return p is not None and p.status.value == status
 
     await wait_until(reached, 30, f"payment {status}")
@@ -119,7 +119,7 @@ def credits(cluster: Cluster) -> dict[str, int]:
     return {
         e.job_id: e.share
         for w, _ in cluster.workers
-        for e in cluster.coord.store.earnings(w.worker_id, 100)
+        for e in cluster.db.earnings(w.worker_id, 100)
         if not e.reversed
     }
 
@@ -288,7 +288,7 @@ async def test_refused_payments_move_nothing(
     assert (code, error) == (RE, "invalid_exact_evm_insufficient_balance")
 
     assert balances(chain, wallet.address, other.address, poor.address, payee(chain)) == start
-    assert paid.coord.store.open_payments() == []
+    assert paid.db.open_payments() == []
 
 
 async def test_malformed_payments_are_invalid_argument(
@@ -490,7 +490,7 @@ async def test_a_settlement_sent_before_a_crash_is_not_sent_again(
     jobs = [await c.submit(ECHO, key) for key in ("crash", "expired-after-crash", "expired")]
     for job in jobs:
         assert (await c.wait(job.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED
-    payments = [paid.coord.store.get_payment(job.job_id) for job in jobs]
+    payments = [paid.db.get_payment(job.job_id) for job in jobs]
     assert all(p is not None and p.status.value == "authorized" for p in payments)
     sent = [await asyncio.to_thread(service.gateway.settle, p) for p in payments[:2]]  # "crash"
 
@@ -510,7 +510,7 @@ async def test_a_settlement_sent_before_a_crash_is_not_sent_again(
             service, "cfg", dataclasses.replace(service.cfg, settle_max_wait_seconds=0)
         )
         assert await service.settle_due() == 3
-        final = [paid.coord.store.get_payment(job.job_id) for job in jobs]
+        final = [paid.db.get_payment(job.job_id) for job in jobs]
         assert [(p.status.value, p.transaction) for p in final if p is not None] == [
             ("settled", sent[0]),
             ("settled", sent[1]),
@@ -564,7 +564,7 @@ async def test_the_chain_down_at_commit_is_unavailable_and_during_settlement_wai
             assert (await c.wait(job.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED
 
             def waiting_with_error() -> bool:
-                p = cluster.coord.store.get_payment(job.job_id)
+                p = cluster.db.get_payment(job.job_id)
                 return p is not None and p.status.value == "authorized" and p.attempts > 0
 
             await wait_until(waiting_with_error, 20, "a settlement waiting for the node")
@@ -786,7 +786,7 @@ async def test_a_commit_that_cannot_go_ahead_is_refused_before_any_payment(
         assert e.value.code() == code, e.value.details()
         assert trailer(e.value.trailing_metadata(), PAYMENT_REQUIRED) == ""
     assert balance(chain, wallet.address) == 1_000_000
-    assert paid.coord.store.open_payments() == []
+    assert paid.db.open_payments() == []
 
 
 async def test_payments_due_together_settle_in_one_transaction(
@@ -812,7 +812,7 @@ async def test_payments_due_together_settle_in_one_transaction(
     jobs += [await c.submit(ECHO, "broke1"), await c.submit(ECHO, "broke2")]
     await wait_until(
         lambda: all(
-            (j := paid.coord.store.get_job(job.job_id)) is not None and j.state.name == "COMPLETED"
+            (j := paid.db.get_job(job.job_id)) is not None and j.state.name == "COMPLETED"
             for job in jobs
         ),
         30,
@@ -820,7 +820,7 @@ async def test_payments_due_together_settle_in_one_transaction(
     )
     monkeypatch.setattr(service, "cfg", dataclasses.replace(service.cfg, settle_max_wait_seconds=0))
     assert await service.settle_due() == 8
-    final = [paid.coord.store.get_payment(job.job_id) for job in jobs]
+    final = [paid.db.get_payment(job.job_id) for job in jobs]
     assert all(p is not None for p in final)
     statuses = [p.status.value for p in final if p is not None]
     assert statuses == ["settled"] * 7 + ["failed"]

@@ -9,6 +9,7 @@ returns its amount to the balance. The real chains are in test_tracks.py."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from test_earnings import WORKER, Ledger
@@ -23,6 +24,7 @@ from dispatchnet.payments.payouts import (
     SignedPayout,
 )
 from dispatchnet.profiles import PayoutsConfig
+from dispatchnet.store.sqlite import SqliteStore
 
 NETWORK = "eip155:31337"
 ADDRESS = "0x" + "77" * 20
@@ -109,28 +111,31 @@ def service(
 async def earn(ledger: Ledger, amounts: list[int], agent_id: str = "7") -> int:
     """Jobs paid `amounts` completed by WORKER (connected with agent_id) and settled; the
     sum of its shares."""
-    ledger.store.record_worker_seen(WORKER, 1, time.time(), agent_id)
-    jobs = [ledger.commit(a) for a in amounts]
+    await ledger.store.record_worker_seen(WORKER, 1, time.time(), agent_id)
+    jobs = [await ledger.commit(a) for a in amounts]
     for job_id in jobs:
-        ledger.finish(job_id, JobState.COMPLETED)
+        await ledger.finish(job_id, JobState.COMPLETED)
     await ledger.payments.settle_due()
-    return sum(ledger.credited()[j] for j in jobs)
+    credited = await ledger.credited()
+    return sum(credited[j] for j in jobs)
 
 
-def balance(ledger: Ledger) -> tuple[int, int]:
-    [b] = ledger.store.balances([WORKER])[WORKER]
+async def balance(ledger: Ledger) -> tuple[int, int]:
+    [b] = (await ledger.store.balances([WORKER]))[WORKER]
     return b.earned, b.balance
 
 
-async def test_n_paid_jobs_make_one_transfer_of_the_whole_balance(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path)
+async def test_n_paid_jobs_make_one_transfer_of_the_whole_balance(
+    tmp_path: Path, ledgers: Callable[..., Ledger]
+) -> None:
+    ledger = ledgers(tmp_path)
     chain = FakeChain()
     shares = await earn(ledger, [1000, 2000, 3000])
     assert shares == 5400
     assert await service(ledger, chain, {"7": ADDRESS}).run_pass() == 1
     assert len(chain.transfers) == 1 and chain.received(ADDRESS) == shares
-    assert balance(ledger) == (shares, 0)
-    [p] = ledger.store.payouts(WORKER, 10)
+    assert await balance(ledger) == (shares, 0)
+    [p] = await ledger.store.payouts(WORKER, 10)
     assert (p.state, p.amount, p.to, p.transaction) == (
         PayoutRowState.LANDED,
         shares,
@@ -144,29 +149,32 @@ async def test_n_paid_jobs_make_one_transfer_of_the_whole_balance(tmp_path: Path
 
 async def test_a_worker_with_no_payout_address_accrues_until_it_registers(
     tmp_path: Path,
+    ledgers: Callable[..., Ledger],
 ) -> None:
-    ledger = Ledger(tmp_path)
+    ledger = ledgers(tmp_path)
     chain = FakeChain()
     shares = await earn(ledger, [1000], agent_id="")  # never connected registered
     loop = service(ledger, chain, {"7": ADDRESS})
     assert await loop.run_pass() == 0
-    assert chain.transfers == [] and balance(ledger) == (shares, shares)
+    assert chain.transfers == [] and await balance(ledger) == (shares, shares)
     # registered but the chain gives it no payout address (e.g. no Solana address linked):
     # looked up once, not on every run
-    ledger.store.record_worker_seen(WORKER, 1, time.time(), "8")
+    await ledger.store.record_worker_seen(WORKER, 1, time.time(), "8")
     asked: list[str] = []
     loop.address_of = lambda agent: asked.append(agent) or {"7": ADDRESS}.get(agent)
     assert await loop.run_pass() == 0 and chain.transfers == []
     assert await loop.run_pass() == 0 and asked == ["8"]
     # a session with no agent id keeps the verified one on record
-    ledger.store.record_worker_seen(WORKER, 1, time.time(), "7")
-    ledger.store.record_worker_seen(WORKER, 1, time.time(), "")
+    await ledger.store.record_worker_seen(WORKER, 1, time.time(), "7")
+    await ledger.store.record_worker_seen(WORKER, 1, time.time(), "")
     assert await loop.run_pass() == 1
-    assert chain.received(ADDRESS) == shares and balance(ledger) == (shares, 0)
+    assert chain.received(ADDRESS) == shares and await balance(ledger) == (shares, 0)
 
 
-async def test_a_balance_under_the_minimum_waits_for_the_interval(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path)
+async def test_a_balance_under_the_minimum_waits_for_the_interval(
+    tmp_path: Path, ledgers: Callable[..., Ledger]
+) -> None:
+    ledger = ledgers(tmp_path)
     chain = FakeChain()
     clock = Clock()
     shares = await earn(ledger, [1000])
@@ -179,42 +187,47 @@ async def test_a_balance_under_the_minimum_waits_for_the_interval(tmp_path: Path
 
 async def test_a_send_whose_reply_was_lost_is_found_landed_after_a_restart(
     tmp_path: Path,
+    ledgers: Callable[..., Ledger],
 ) -> None:
-    ledger = Ledger(tmp_path)
+    ledger = ledgers(tmp_path)
     chain = FakeChain()
     shares = await earn(ledger, [1000, 1000])
     chain.lose_reply = True  # money moved, then the coordinator heard nothing (crash)
     assert await service(ledger, chain, {"7": ADDRESS}).run_pass() == 0
-    [p] = ledger.store.payouts(WORKER, 10)
+    [p] = await ledger.store.payouts(WORKER, 10)
     assert p.state is PayoutRowState.SIGNED and p.raw  # signed and stored before sending
-    assert balance(ledger) == (shares, 0)  # pending counts as paid: never paid twice
+    assert await balance(ledger) == (shares, 0)  # pending counts as paid: never paid twice
     chain.lose_reply = False
     restarted = service(ledger, chain, {"7": ADDRESS})
     await restarted.run_pass()
     assert chain.sends == 1  # found on chain with status(), not sent again
     assert len(chain.transfers) == 1 and chain.received(ADDRESS) == shares
-    [p] = ledger.store.payouts(WORKER, 10)
+    [p] = await ledger.store.payouts(WORKER, 10)
     assert p.state is PayoutRowState.LANDED
 
 
-async def test_a_node_outage_delays_the_payout_then_it_lands_once(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path)
+async def test_a_node_outage_delays_the_payout_then_it_lands_once(
+    tmp_path: Path, ledgers: Callable[..., Ledger]
+) -> None:
+    ledger = ledgers(tmp_path)
     chain = FakeChain()
     shares = await earn(ledger, [2000])
     chain.down = True
     loop = service(ledger, chain, {"7": ADDRESS})
     assert await loop.run_pass() == 0
-    [p] = ledger.store.payouts(WORKER, 10)
+    [p] = await ledger.store.payouts(WORKER, 10)
     assert p.state is PayoutRowState.PENDING and loop.last_error == "node down"
     chain.down = False
     loop.recovered()  # (skip the backoff)
     await loop.run_pass()
-    assert [q.state for q in ledger.store.payouts(WORKER, 10)] == [PayoutRowState.LANDED]
+    assert [q.state for q in await ledger.store.payouts(WORKER, 10)] == [PayoutRowState.LANDED]
     assert chain.signed == [p.payout_id] and chain.received(ADDRESS) == shares
 
 
-async def test_a_payout_that_fails_for_good_returns_to_the_balance(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path)
+async def test_a_payout_that_fails_for_good_returns_to_the_balance(
+    tmp_path: Path, ledgers: Callable[..., Ledger]
+) -> None:
+    ledger = ledgers(tmp_path)
     chain = FakeChain()
     shares = await earn(ledger, [1000])
     loop = service(ledger, chain, {"7": ADDRESS})
@@ -227,34 +240,39 @@ async def test_a_payout_that_fails_for_good_returns_to_the_balance(tmp_path: Pat
 
     chain.sign = refuse_first  # type: ignore[method-assign]
     assert await loop.run_pass() == 0  # (the failure backs off)
-    [failed] = ledger.store.payouts(WORKER, 10)
+    [failed] = await ledger.store.payouts(WORKER, 10)
     assert failed.state is PayoutRowState.FAILED and failed.error == "refused"
-    assert balance(ledger) == (shares, shares) and chain.transfers == []
+    assert await balance(ledger) == (shares, shares) and chain.transfers == []
     # the loop backs off instead of a new failing payout every tick; then pays it anew,
     # under a new payout id
     assert loop.backing_off() and "refused" in loop.last_error
     assert await loop.run_pass() == 0
     loop.recovered()
     assert await loop.run_pass() == 1
-    assert chain.received(ADDRESS) == shares and balance(ledger) == (shares, 0)
+    assert chain.received(ADDRESS) == shares and await balance(ledger) == (shares, 0)
 
 
 async def test_workers_with_no_payout_address_never_hide_the_ones_behind(
     tmp_path: Path,
+    ledgers: Callable[..., Ledger],
 ) -> None:
     """More registered workers than a page that the chain gives no address, all waiting
     longer: the payable worker behind them is still paid in the same run, and the next
     run asks the chain about none of them again."""
-    ledger = Ledger(tmp_path)
+    ledger = ledgers(tmp_path)
     chain = FakeChain()
     old = time.time() - 3600
-    for i in range(250):
-        worker = f"{i:064x}"
-        ledger.store.record_worker_seen(worker, 1, old, f"{1000 + i}")
-        ledger.store._conn.execute(
-            "INSERT INTO worker_earnings VALUES (?,?,?,?,0,?)",
-            (worker, NETWORK, "0xusdc", 900, old),
-        )
+
+    def unpaid(db: SqliteStore) -> None:
+        for i in range(250):
+            worker = f"{i:064x}"
+            db.record_worker_seen(worker, 1, old, f"{1000 + i}")
+            db._conn.execute(
+                "INSERT INTO worker_earnings VALUES (?,?,?,?,0,?)",
+                (worker, NETWORK, "0xusdc", 900, old),
+            )
+
+    await ledger.store.run_write(unpaid)
     shares = await earn(ledger, [1000])
     asked: list[str] = []
 

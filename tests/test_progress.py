@@ -93,7 +93,7 @@ async def test_progress_reaches_watchers_from_memory_and_is_stored_in_few_rows(
     c = cluster.client()
     job = await c.submit(task_spec("echo", b"x"))
     live = Watcher(c, job.job_id)
-    store = cluster.coord.store
+    store = cluster.db
 
     await wait_until(lambda: len(live.progress()) == CHUNKS // 2, what="half the chunks")
     # seen live, none written yet: the store holds only the state changes
@@ -133,7 +133,7 @@ async def test_unwritten_progress_is_stored_within_progress_flush_seconds(
     await cluster.worker(executors=[streamer])
     c = cluster.client()
     job = await c.submit(task_spec("echo", b"x"))
-    store = cluster.coord.store
+    store = cluster.db
     # the worker stops halfway; what it sent is written after the delay, not at a change
     await wait_until(
         lambda: len(store.events_after(job.job_id, 3)) == CHUNKS // 2, what="progress stored"
@@ -147,7 +147,7 @@ async def test_memory_per_job_is_bounded_while_a_watcher_lags(cluster: Cluster) 
     """A job sending more than the bounds writes rows as it goes, and memory keeps only a
     bounded tail; a watcher that starts late reads the rest from the store."""
     jobs = cluster.coord.jobs
-    store = cluster.coord.store
+    store = cluster.db
     streamer = Streamer()
     await cluster.worker(executors=[streamer])
     c = cluster.client()
@@ -157,13 +157,13 @@ async def test_memory_per_job_is_bounded_while_a_watcher_lags(cluster: Cluster) 
     running = store.get_job(job.job_id)
     assert running is not None
     for i in range(3 * TAIL_EVENTS):  # the worker's own attempt, straight into the service
-        jobs.progress(job.job_id, running.attempts, running.worker_id, f"x{i} ", 0.5)
+        await jobs.progress(job.job_id, running.attempts, running.worker_id, f"x{i} ", 0.5)
     pending, _, _ = jobs.live.pending(job.job_id)
     assert 0 < pending < PROGRESS_FLUSH_CHUNKS
     big = "y" * (PROGRESS_FLUSH_CHARS // 2)  # two of them pass the character bound
-    jobs.progress(job.job_id, running.attempts, running.worker_id, big, 0.5)
+    await jobs.progress(job.job_id, running.attempts, running.worker_id, big, 0.5)
     assert jobs.live.pending(job.job_id)[0] == pending + 1
-    jobs.progress(job.job_id, running.attempts, running.worker_id, big, 0.5)
+    await jobs.progress(job.job_id, running.attempts, running.worker_id, big, 0.5)
     assert jobs.live.pending(job.job_id)[0] == 0
     held = jobs.live.after(job.job_id, jobs.live.last(job.job_id) - TAIL_EVENTS - 1)
     assert held is None  # older events left memory (they are in the store)
@@ -204,7 +204,7 @@ async def test_resume_from_a_stored_sequence_after_a_restart(tmp_path: Path) -> 
             await live.task
         await cluster.coord.stop(grace=0.2)  # a clean stop writes what is pending
         cluster.coord = await start_coordinator(profile, data, cluster.address)
-        store = cluster.coord.store
+        store = cluster.db
         assert rows(store, job.job_id, EventKind.PROGRESS) == 1
 
         async def resumed() -> bool:

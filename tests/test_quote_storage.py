@@ -44,13 +44,13 @@ async def _refused(coro: Any) -> tuple[grpc.StatusCode, str]:
     return rpc_code(e.value), e.value.details() or ""
 
 
-def _release_all(cluster: Cluster) -> None:
+async def _release_all(cluster: Cluster) -> None:
     """Runs the purge pass as if every quote made so far had expired."""
     jobs = cluster.coord.jobs
     later = time.time() + 3600
     jobs.clock = lambda: later
     jobs._next_purge = 0.0
-    jobs.sweep()
+    await jobs.sweep()
     jobs.clock = time.time
 
 
@@ -64,13 +64,13 @@ async def test_a_burst_of_anonymous_quotes_stops_at_the_cap(cluster: Cluster) ->
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "anonymous callers hold 5 unexpired quotes" in msg
         assert "authorization" in msg
-    store = cluster.coord.store
+    store = cluster.db
     anonymous, total = store.quote_usage("")
     assert anonymous.quotes == 5 and total.quotes == 5
     # an authenticated caller is not in the anonymous pool
     assert (await c.quote(task_spec("echo", b"mine"))).quote_id
     # expired quotes give their place back; their rows stay, without the spec
-    _release_all(cluster)
+    await _release_all(cluster)
     assert store.quote_usage("") == (QuoteUsage(0, 0), QuoteUsage(0, 0))
     assert store.get_quote(first) is not None
     assert store.get_quote(first).spec.spec_bytes == b""  # type: ignore[union-attr]
@@ -84,10 +84,10 @@ async def test_a_large_anonymous_quote_needs_authorization(cluster: Cluster) -> 
     assert code == grpc.StatusCode.UNAUTHENTICATED
     assert "GetQuote without authorization takes 1024 at most" in msg
     assert "authorization: Dispatch <token>" in msg and "dispatch auth header" in msg
-    assert cluster.coord.store.quote_usage("")[1].quotes == 0  # nothing was stored
+    assert cluster.db.quote_usage("")[1].quotes == 0  # nothing was stored
     # with the metadata the same spec is quoted, and stored under the client
     q = await c.quote(big)
-    mine, _ = cluster.coord.store.quote_usage(c.key.public_hex)
+    mine, _ = cluster.db.quote_usage(c.key.public_hex)
     assert mine.quotes == 1 and mine.bytes >= 2000 + QUOTE_ROW_BYTES
     assert (await c.commit(q.quote_id)).state == coordinator_pb2.JOB_STATE_QUEUED
     # metadata that is sent is verified, even on this public method
@@ -111,14 +111,14 @@ async def test_each_client_and_everyone_together_have_a_byte_budget(cluster: Clu
     code, msg = await _refused(cluster.client().quote(spec))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "quote storage is full (20480 bytes)" in msg
-    _release_all(cluster)
-    assert cluster.coord.store.quote_usage(a.key.public_hex)[1].bytes == 0
+    await _release_all(cluster)
+    assert cluster.db.quote_usage(a.key.public_hex)[1].bytes == 0
     await a.quote(spec)
 
 
 async def test_modules_nobody_references_are_deleted(cluster: Cluster) -> None:
     c = cluster.client()
-    store = cluster.coord.store
+    store = cluster.db
     kept, dropped = b"\0asm" + b"k" * 100, b"\0asm" + b"d" * 100
     specs = []
     for module in (kept, dropped):
@@ -128,12 +128,12 @@ async def test_modules_nobody_references_are_deleted(cluster: Cluster) -> None:
     job = await c.commit((await c.quote(specs[0])).quote_id)  # stays queued: no worker
     await c.quote(specs[1])
     assert store.get_module(hashlib.sha256(dropped).digest()) == dropped
-    _release_all(cluster)
+    await _release_all(cluster)
     assert store.get_module(hashlib.sha256(dropped).digest()) is None
     # an open job keeps its module (clients may still quote it by hash)
     assert store.get_module(hashlib.sha256(kept).digest()) == kept
     await c.cancel(job.job_id)
-    _release_all(cluster)
+    await _release_all(cluster)
     assert store.get_module(hashlib.sha256(kept).digest()) is None
     rows = store.db.execute("SELECT count(*) FROM wasm_modules").fetchone()[0]
     assert rows == 0

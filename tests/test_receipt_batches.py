@@ -14,7 +14,7 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any, cast
 
@@ -51,6 +51,7 @@ from dispatchnet.receipts.core import sha256, verify_merkle_proof
 from dispatchnet.receipts.merkle import merkle_root
 from dispatchnet.server import start_coordinator
 from dispatchnet.store.sqlite import MIGRATIONS, SqliteStore
+from dispatchnet.store.threaded import ThreadedStore
 
 COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
 PROCESS_TIMEOUT = 30.0
@@ -118,7 +119,7 @@ async def test_every_receipt_gets_a_proof_of_its_batch(cluster: Cluster) -> None
 
     proofs = [await proof_of(c, d.job_id) for d in done]
     by_batch: dict[str, list[int]] = {}
-    store = cluster.coord.store
+    store = cluster.db
     for d, p in zip(done, proofs, strict=True):
         assert p.receipt_sha256 == d.receipt.receipt_sha256 == sha256(d.receipt.body)
         assert holds(p), d.job_id
@@ -192,7 +193,7 @@ async def test_batches_and_proofs_survive_a_restart(tmp_path: Path) -> None:
         await cluster.worker()
         done = await complete(cluster.client(key), 3)
         before = [await proof_of(cluster.clients[0], d.job_id) for d in done]
-        batches = cluster.coord.store.receipt_batches()
+        batches = cluster.db.receipt_batches()
     assert len(batches) == 2
     async with cluster_with(data, batch_size=2, batch_max_age_seconds=0.3) as again:
         c = again.client(key)
@@ -200,7 +201,7 @@ async def test_batches_and_proofs_survive_a_restart(tmp_path: Path) -> None:
         assert after == before
         assert all(holds(p) for p in after)
         await asyncio.sleep(0.5)  # a batcher pass or two: nothing is batched twice
-        assert again.coord.store.receipt_batches() == batches
+        assert again.db.receipt_batches() == batches
 
 
 async def test_cli_receipt_proof_and_verify_with_proof(cluster: Cluster, tmp_path: Path) -> None:
@@ -288,18 +289,22 @@ class Clock:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "coordinator.db")
+async def store(tmp_path: Path) -> AsyncIterator[ThreadedStore]:
+    s = ThreadedStore(tmp_path / "coordinator.db")
     yield s
-    s.close()
+    await s.close()
 
 
-def add_completed(store: SqliteStore, job_id: str, completed_at: float) -> bytes:
+async def nonempty(rows: Awaitable[list[Any]]) -> bool:
+    return bool(await rows)
+
+
+async def add_completed(store: ThreadedStore, job_id: str, completed_at: float) -> bytes:
     """A completed job with a receipt; returns the receipt's hash."""
     job = Job(job_id, "client-a", JobState.QUEUED, SPEC, 1000, "USD", "q", job_id, 0, 3, 1, 1, 1)
-    store.create_job(job, Event(job_id, EventKind.STATE, JobState.QUEUED, 1.0))
+    await store.create_job(job, Event(job_id, EventKind.STATE, JobState.QUEUED, 1.0))
     body = f"receipt of {job_id}".encode()
-    moved = store.transition(
+    moved = await store.transition(
         job_id,
         (JobState.QUEUED,),
         None,
@@ -314,48 +319,50 @@ def add_completed(store: SqliteStore, job_id: str, completed_at: float) -> bytes
     return sha256(body)
 
 
-def test_batches_close_when_full_or_when_the_oldest_is_old_enough(store: SqliteStore) -> None:
+async def test_batches_close_when_full_or_when_the_oldest_is_old_enough(
+    store: ThreadedStore,
+) -> None:
     clock = Clock()
     batcher = ReceiptBatcher(
         store, ReceiptsConfig(batch_size=4, batch_max_age_seconds=10), NoAnchor(), clock
     )
-    hashes = [add_completed(store, f"job_{i}", 1000.0 + i) for i in range(5)]
-    [full] = batcher.close_due()
+    hashes = [await add_completed(store, f"job_{i}", 1000.0 + i) for i in range(5)]
+    [full] = await batcher.close_due()
     assert full.leaf_count == 4 and full.merkle_root == merkle_root(hashes[:4])
     assert full.anchor_status is AnchorStatus.NONE
-    assert [leaf.job_id for leaf in store.batch_leaves(full.batch_id)] == [
+    assert [leaf.job_id for leaf in await store.batch_leaves(full.batch_id)] == [
         f"job_{i}" for i in range(4)
     ]
-    assert batcher.close_due() == []  # job_4 waited 0 s of 10
+    assert await batcher.close_due() == []  # job_4 waited 0 s of 10
     clock.now = 1014.0  # job_4 completed at 1004: it has waited 10 s
-    [aged] = batcher.close_due()
+    [aged] = await batcher.close_due()
     assert aged.leaf_count == 1 and aged.merkle_root == merkle_root([hashes[4]])
-    assert store.unbatched_receipts(10) == []
-    assert store.receipt_leaf("job_4") is not None
-    assert batcher.close_due() == []
+    assert await store.unbatched_receipts(10) == []
+    assert await store.receipt_leaf("job_4") is not None
+    assert await batcher.close_due() == []
 
 
-def test_a_receipt_is_never_in_two_batches(store: SqliteStore) -> None:
-    h0, h1 = add_completed(store, "job_0", 1.0), add_completed(store, "job_1", 2.0)
-    waiting = store.unbatched_receipts(10)
+async def test_a_receipt_is_never_in_two_batches(store: ThreadedStore) -> None:
+    h0, h1 = await add_completed(store, "job_0", 1.0), await add_completed(store, "job_1", 2.0)
+    waiting = await store.unbatched_receipts(10)
     assert waiting == [UnbatchedReceipt("job_0", h0, 1.0), UnbatchedReceipt("job_1", h1, 2.0)]
 
     def batch(batch_id: str, n: int) -> ReceiptBatch:
         root = merkle_root([w.receipt_sha256 for w in waiting[:n]])
         return ReceiptBatch(batch_id, root, n, 5.0, AnchorStatus.NONE)
 
-    assert store.create_receipt_batch(batch("b1", 1), waiting[:1])
+    assert await store.create_receipt_batch(batch("b1", 1), waiting[:1])
     # a second batcher that read both before b1 committed loses, and writes nothing
-    assert not store.create_receipt_batch(batch("b2", 2), waiting)
-    assert store.get_receipt_batch("b2") is None
-    assert store.receipt_leaf("job_1") is None
-    assert [w.job_id for w in store.unbatched_receipts(10)] == ["job_1"]
+    assert not await store.create_receipt_batch(batch("b2", 2), waiting)
+    assert await store.get_receipt_batch("b2") is None
+    assert await store.receipt_leaf("job_1") is None
+    assert [w.job_id for w in await store.unbatched_receipts(10)] == ["job_1"]
     # a stale hash is refused too
     stale = UnbatchedReceipt("job_1", b"\0" * 32, 2.0)
-    assert not store.create_receipt_batch(batch("b3", 1), [stale])
+    assert not await store.create_receipt_batch(batch("b3", 1), [stale])
 
 
-def test_receipts_completed_before_the_upgrade_get_batched(tmp_path: Path) -> None:
+async def test_receipts_completed_before_the_upgrade_get_batched(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     raw = sqlite3.connect(path)
     db = sqlite_utils.Database(raw)
@@ -381,14 +388,14 @@ class FlakyAnchorer:
 
     enabled = True
 
-    def __init__(self, store: SqliteStore, failures: int, error: Exception) -> None:
+    def __init__(self, store: ThreadedStore, failures: int, error: Exception) -> None:
         self.store, self.failures, self.error = store, failures, error
         self.calls: list[tuple[bytes, int, str]] = []
         self.seen: list[tuple[AnchorStatus, str]] = []
 
     async def anchor(self, root: bytes, leaf_count: int, batch_id: str) -> AnchorResult:
         self.calls.append((root, leaf_count, batch_id))
-        batch = self.store.get_receipt_batch(batch_id)
+        batch = await self.store.get_receipt_batch(batch_id)
         assert batch is not None
         self.seen.append((batch.anchor_status, batch.anchor_error))
         if len(self.calls) <= self.failures:
@@ -396,7 +403,7 @@ class FlakyAnchorer:
         return AnchorResult("eip155:31337", f"0x{len(self.calls):064x}")
 
 
-def fast_batcher(store: SqliteStore, anchorer: FlakyAnchorer) -> ReceiptBatcher:
+def fast_batcher(store: ThreadedStore, anchorer: FlakyAnchorer) -> ReceiptBatcher:
     cfg = ReceiptsConfig(batch_size=2, batch_max_age_seconds=0.1, anchor="test")
     return ReceiptBatcher(
         store, cfg, anchorer, tick_seconds=0.02, retry_initial_seconds=0.02, retry_max_seconds=0.1
@@ -404,19 +411,19 @@ def fast_batcher(store: SqliteStore, anchorer: FlakyAnchorer) -> ReceiptBatcher:
 
 
 async def test_a_failed_anchor_stays_pending_and_is_retried_until_anchored(
-    store: SqliteStore,
+    store: ThreadedStore,
 ) -> None:
-    h = [add_completed(store, f"job_{i}", 1.0 + i) for i in range(2)]
+    h = [await add_completed(store, f"job_{i}", 1.0 + i) for i in range(2)]
     anchorer = FlakyAnchorer(store, failures=2, error=Unavailable("rpc down"))
     batcher = fast_batcher(store, anchorer)
     batcher.start()
     try:
         await wait_until(
-            lambda: store.receipt_batches((AnchorStatus.ANCHORED,)) != [], 10, "an anchor"
+            lambda: nonempty(store.receipt_batches((AnchorStatus.ANCHORED,))), 10, "an anchor"
         )
     finally:
         await batcher.stop()
-    [batch] = store.receipt_batches()
+    [batch] = await store.receipt_batches()
     assert anchorer.calls == [(merkle_root(h), 2, batch.batch_id)] * 3
     assert anchorer.seen == [
         (AnchorStatus.PENDING, ""),
@@ -431,24 +438,24 @@ async def test_a_failed_anchor_stays_pending_and_is_retried_until_anchored(
     # the owner's proof now names the anchor
     jobs = JobService(store, JobsConfig(), PricingConfig(), cast(Any, None), cast(Any, None))
     queries = ReceiptQueries(jobs)
-    p = queries.proof("client-a", "job_1")
+    p = await queries.proof("client-a", "job_1")
     assert (p.anchor_network, p.anchor_transaction) == ("eip155:31337", f"0x{3:064x}")
     assert verify_merkle_proof(p.receipt_sha256, p.leaf_index, p.leaf_count, p.proof, p.root)
-    add_completed(store, "job_2", 99.0)  # the batcher is stopped: it stays unbatched
+    await add_completed(store, "job_2", 99.0)  # the batcher is stopped: it stays unbatched
     with pytest.raises(FailedPrecondition, match="not batched yet"):
-        queries.proof("client-a", "job_2")
+        await queries.proof("client-a", "job_2")
 
 
 async def test_an_unexpected_anchor_error_marks_the_batch_failed_and_is_retried(
-    store: SqliteStore,
+    store: ThreadedStore,
 ) -> None:
-    add_completed(store, "job_0", 1.0)
+    await add_completed(store, "job_0", 1.0)
     anchorer = FlakyAnchorer(store, failures=1, error=RuntimeError("bug in the adapter"))
     batcher = fast_batcher(store, anchorer)
     batcher.start()
     try:
         await wait_until(
-            lambda: store.receipt_batches((AnchorStatus.ANCHORED,)) != [], 10, "an anchor"
+            lambda: nonempty(store.receipt_batches((AnchorStatus.ANCHORED,))), 10, "an anchor"
         )
     finally:
         await batcher.stop()
@@ -458,18 +465,18 @@ async def test_an_unexpected_anchor_error_marks_the_batch_failed_and_is_retried(
     ]
 
 
-async def test_a_completed_job_wakes_the_batcher(store: SqliteStore) -> None:
+async def test_a_completed_job_wakes_the_batcher(store: ThreadedStore) -> None:
     cfg = ReceiptsConfig(batch_size=2, batch_max_age_seconds=3600)
     batcher = ReceiptBatcher(store, cfg, NoAnchor(), tick_seconds=60)
     batcher.start()
     try:
         await asyncio.sleep(0.05)  # the first pass found nothing; the next tick is a minute away
         for i in range(2):
-            add_completed(store, f"job_{i}", 1.0 + i)
-        job = store.get_job("job_1")
+            await add_completed(store, f"job_{i}", 1.0 + i)
+        job = await store.get_job("job_1")
         assert job is not None
         batcher.job_completed(job)
-        await wait_until(lambda: store.receipt_batches() != [], 2, "the woken batcher")
+        await wait_until(lambda: nonempty(store.receipt_batches()), 2, "the woken batcher")
     finally:
         await batcher.stop()
 

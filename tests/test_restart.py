@@ -29,7 +29,7 @@ from dispatchnet.profiles import PROFILE_DIR, JobsConfig, PricingConfig
 from dispatchnet.receipts.notary import Notary
 from dispatchnet.reputation.local import LocalReputation
 from dispatchnet.server import start_coordinator
-from dispatchnet.store.sqlite import SqliteStore
+from dispatchnet.store.threaded import ThreadedStore
 
 COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
 RUNNING = coordinator_pb2.JOB_STATE_RUNNING
@@ -54,82 +54,86 @@ class Clock:
         return self.now
 
 
-def start(store: SqliteStore, clock: Clock) -> JobService:
+async def start(store: ThreadedStore, clock: Clock) -> JobService:
     """A JobService as a (re)started coordinator builds it, recover() included."""
     cfg = dataclasses.replace(JobsConfig(), max_attempts=1, restart_grace_seconds=GRACE)
     jobs = JobService(
         store, cfg, PricingConfig(), Notary(KeyPair.generate()), LocalReputation(store), clock=clock
     )
-    jobs.recover()
+    await jobs.recover()
     return jobs
 
 
-def running(jobs: JobService, key: str, worker: str = "w1") -> Job:
-    quote = jobs.quote(SPEC)
-    job, _ = jobs.commit("client", quote.quote_id, key)
-    assert jobs.offer(job, worker) is not None
-    accepted = jobs.accept(job.job_id, 1, worker)
+async def running(jobs: JobService, key: str, worker: str = "w1") -> Job:
+    quote = await jobs.quote(SPEC)
+    job, _ = await jobs.commit("client", quote.quote_id, key)
+    assert await jobs.offer(job, worker) is not None
+    accepted = await jobs.accept(job.job_id, 1, worker)
     assert accepted is not None and accepted.state is JobState.RUNNING
     return accepted
 
 
-def reasons(store: SqliteStore, job_id: str) -> list[str]:
-    return [e.reason for e in store.events_after(job_id, 0) if e.reason]
+async def reasons(store: ThreadedStore, job_id: str) -> list[str]:
+    return [e.reason for e in await store.events_after(job_id, 0) if e.reason]
 
 
-def test_a_restart_holds_running_jobs_for_their_worker_and_costs_no_attempt(
+async def test_a_restart_holds_running_jobs_for_their_worker_and_costs_no_attempt(
     tmp_path: Path,
 ) -> None:
-    store, clock = SqliteStore(tmp_path / "coord.db"), Clock()
+    store, clock = ThreadedStore(tmp_path / "coord.db"), Clock()
     try:
-        job = running(start(store, clock), "k1")  # its last attempt (max_attempts 1)
-        jobs = start(store, clock)  # restarted
-        held = store.get_job(job.job_id)
+        job = await running(await start(store, clock), "k1")  # its last attempt (max_attempts 1)
+        jobs = await start(store, clock)  # restarted
+        held = await store.get_job(job.job_id)
         assert held is not None and held.state is JobState.RUNNING and held.worker_id == "w1"
         assert held.lease_expires_at == clock.now + GRACE
         clock.now += GRACE - 1
-        jobs.sweep()  # nobody else may take it during the grace
-        assert store.queued_jobs(10) == []
-        jobs = start(store, clock)  # restarted again: a fresh grace
+        await jobs.sweep()  # nobody else may take it during the grace
+        assert await store.queued_jobs(10) == []
+        jobs = await start(store, clock)  # restarted again: a fresh grace
         clock.now += GRACE - 1
-        jobs.sweep()
-        assert store.get_job(job.job_id).state is JobState.RUNNING  # type: ignore[union-attr]
+        await jobs.sweep()
+        assert (await store.get_job(job.job_id)).state is JobState.RUNNING  # type: ignore[union-attr]
         clock.now += 2
-        jobs.sweep()  # the worker never came back: requeued, not failed
-        after = store.get_job(job.job_id)
+        await jobs.sweep()  # the worker never came back: requeued, not failed
+        after = await store.get_job(job.job_id)
         assert after is not None and after.state is JobState.QUEUED
         assert (after.attempts, after.max_attempts) == (1, 2)
-        assert reasons(store, job.job_id)[-1] == "coordinator_restarted"
+        assert (await reasons(store, job.job_id))[-1] == "coordinator_restarted"
         # the interrupted attempt did not count: the next one is a real (last) attempt
-        assert jobs.offer(after, "w2") is not None
-        assert jobs.fail(job.job_id, 2, "w2", Failure("worker_error", "crashed"), retryable=True)
-        final = store.get_job(job.job_id)
+        assert await jobs.offer(after, "w2") is not None
+        assert await jobs.fail(
+            job.job_id, 2, "w2", Failure("worker_error", "crashed"), retryable=True
+        )
+        final = await store.get_job(job.job_id)
         assert final is not None and final.state is JobState.FAILED
         assert final.failure is not None and final.failure.code == "max_attempts_exceeded"
     finally:
-        store.close()
+        await store.close()
 
 
-def test_the_returning_worker_resumes_what_it_lists_and_frees_the_rest(tmp_path: Path) -> None:
-    store, clock = SqliteStore(tmp_path / "coord.db"), Clock()
+async def test_the_returning_worker_resumes_what_it_lists_and_frees_the_rest(
+    tmp_path: Path,
+) -> None:
+    store, clock = ThreadedStore(tmp_path / "coord.db"), Clock()
     try:
-        first = start(store, clock)
-        kept, dropped = running(first, "k1"), running(first, "k2")
-        jobs = start(store, clock)
-        assert jobs.resume(kept.job_id, 1, "w2") is None  # only its own worker
-        resumed = jobs.resume(kept.job_id, 1, "w1")
+        first = await start(store, clock)
+        kept, dropped = await running(first, "k1"), await running(first, "k2")
+        jobs = await start(store, clock)
+        assert await jobs.resume(kept.job_id, 1, "w2") is None  # only its own worker
+        resumed = await jobs.resume(kept.job_id, 1, "w1")
         assert resumed is not None and resumed.state is JobState.RUNNING
-        jobs.worker_returned("w1", {kept.job_id})
-        freed = store.get_job(dropped.job_id)
+        await jobs.worker_returned("w1", {kept.job_id})
+        freed = await store.get_job(dropped.job_id)
         assert freed is not None and freed.state is JobState.QUEUED
         assert (freed.attempts, freed.max_attempts) == (1, 2)
         clock.now += GRACE + 1
-        jobs.sweep()  # the resumed job runs on under its time limit
-        again = store.get_job(kept.job_id)
+        await jobs.sweep()  # the resumed job runs on under its time limit
+        again = await store.get_job(kept.job_id)
         assert again is not None and again.state is JobState.RUNNING and again.attempts == 1
-        assert reasons(store, kept.job_id)[-2:] == ["coordinator_restarted", "resumed"]
+        assert (await reasons(store, kept.job_id))[-2:] == ["coordinator_restarted", "resumed"]
     finally:
-        store.close()
+        await store.close()
 
 
 def sleep_spec(ms: int) -> bytes:

@@ -269,9 +269,7 @@ async def test_a_registered_worker_proves_both_keys_and_its_jobs_are_rated_on_th
         job = await client.submit(task_spec("echo", b'"rated"'))
         done = await client.wait(job.job_id)
         assert done.state == coordinator_pb2.JOB_STATE_COMPLETED
-        await wait_until(
-            lambda: c.coord.store.feedback_entries((FeedbackStatus.SENT,)), 20, "feedback sent"
-        )
+        await wait_until(lambda: c.db.feedback_entries((FeedbackStatus.SENT,)), 20, "feedback sent")
     rep = reputation_contract(
         web3_for(data["rpc_url"], 5), data["contracts"]["reputation_registry"]
     )

@@ -1,6 +1,6 @@
 """x402 payments on Solana: SvmRail (the coordinator's side) and SvmWallet (the client's)
 against a real local Solana node, through the gateway and PaymentService the coordinator
-uses, over a real SqliteStore."""
+uses, over a real store."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ from dispatchnet.payments.x402 import X402Gateway
 from dispatchnet.profiles import JobsConfig, PaymentsConfig, PricingConfig
 from dispatchnet.receipts.notary import Notary
 from dispatchnet.reputation.local import LocalReputation
-from dispatchnet.store.sqlite import SqliteStore
+from dispatchnet.store.threaded import ThreadedStore
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Client is deprecated"),
@@ -291,8 +291,8 @@ def test_the_node_down_is_unavailable() -> None:
 
 def service_of(
     data: dict[str, Any], tmp_path: Path
-) -> tuple[SqliteStore, JobService, PaymentService]:
-    store = SqliteStore(tmp_path / "coordinator.db")
+) -> tuple[ThreadedStore, JobService, PaymentService]:
+    store = ThreadedStore(tmp_path / "coordinator.db")
     jobs = JobService(
         store, JobsConfig(), PricingConfig(), Notary(KeyPair.generate()), LocalReputation(store)
     )
@@ -302,17 +302,19 @@ def service_of(
 
 
 async def commit(jobs: JobService, payments: PaymentService, wallet: SvmWallet, key: str) -> str:
-    quote = jobs.quote(SPEC)
+    quote = await jobs.quote(SPEC)
     with pytest.raises(PaymentRequired) as err:
         await payments.authorize("client", quote.quote_id, key, None)
     header = wallet.pay(err.value.required_header)
     payment = await payments.authorize("client", quote.quote_id, key, header)
     assert payment is not None
-    job, created = jobs.commit("client", quote.quote_id, key, payment)
+    job, created = await jobs.commit("client", quote.quote_id, key, payment)
     assert created
     # the store's uniqueness: accepted once
     with pytest.raises(PaymentRequired, match="already used"):
-        await payments.authorize("client", jobs.quote(SPEC).quote_id, key + "-again", header)
+        await payments.authorize(
+            "client", (await jobs.quote(SPEC)).quote_id, key + "-again", header
+        )
     return job.job_id
 
 
@@ -320,28 +322,32 @@ async def test_a_payment_is_settled_at_once_and_refunded_when_the_job_is_cancell
     chain: dict[str, Any], tmp_path: Path
 ) -> None:
     store, jobs, payments = service_of(chain, tmp_path)
-    wallet = SvmWallet.of_deployment(chain, LIMIT)
-    before = balance(chain, "client")
-    job_id = await commit(jobs, payments, wallet, "k1")
-    paid = store.get_payment(job_id)
-    assert paid is not None and paid.status is PaymentStatus.AUTHORIZED
-    price = paid.amount
+    try:
+        wallet = SvmWallet.of_deployment(chain, LIMIT)
+        before = balance(chain, "client")
+        job_id = await commit(jobs, payments, wallet, "k1")
+        paid = await store.get_payment(job_id)
+        assert paid is not None and paid.status is PaymentStatus.AUTHORIZED
+        price = paid.amount
 
-    # the payload cannot wait for the job: the first pass settles it, HELD while it runs
-    assert await payments.settle_due() == 1
-    held = store.get_payment(job_id)
-    assert held is not None and held.status is PaymentStatus.HELD and held.transaction
-    assert balance(chain, "client") == before - price
-    assert await payments.settle_due() == 0  # nothing more to do
+        # the payload cannot wait for the job: the first pass settles it, HELD while it runs
+        assert await payments.settle_due() == 1
+        held = await store.get_payment(job_id)
+        assert held is not None and held.status is PaymentStatus.HELD and held.transaction
+        assert balance(chain, "client") == before - price
+        assert await payments.settle_due() == 0  # nothing more to do
 
-    jobs.cancel("client", job_id, "changed my mind")
-    assert await payments.settle_due() == 1
-    refunded = store.get_payment(job_id)
-    assert refunded is not None and refunded.status is PaymentStatus.REFUNDED
-    assert refunded.refund_transaction and refunded.refund_raw == ""
-    assert balance(chain, "client") == before
-    assert await payments.settle_due() == 0
-    assert balance(chain, "client") == before
+        await jobs.cancel("client", job_id, "changed my mind")
+        assert await payments.settle_due() == 1
+        refunded = await store.get_payment(job_id)
+        assert refunded is not None and refunded.status is PaymentStatus.REFUNDED
+        assert refunded.refund_transaction and refunded.refund_raw == ""
+        assert balance(chain, "client") == before
+        assert await payments.settle_due() == 0
+        assert balance(chain, "client") == before
+
+    finally:
+        await store.close()
 
 
 class HttpFacilitator:

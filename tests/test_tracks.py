@@ -244,7 +244,7 @@ async def test_anchoring_waits_out_a_node_outage_and_anchors_once(
     proxy = await unreachable_proxy(track.chain)
     address, chain = track.outage(tmp_path / "coordinator.key", proxy.url)
     async with cluster_for(track.profile(False, **chain), tmp_path / "coord") as cluster:
-        store = cluster.coord.store
+        store = cluster.db
         await cluster.worker()
         c = cluster.client()
         jobs = await complete(c, 2, "outage")

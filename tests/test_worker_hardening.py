@@ -136,7 +136,7 @@ async def test_refused_result_is_answered_and_the_session_goes_on(
     # the attempt was given up and the same session is offered the next one
     again = (await raw.recv()).offer
     assert (again.job_id, again.attempt) == (job.job_id, 2)
-    reasons = [e.reason for e in cluster.coord.store.events_after(job.job_id, 0)]
+    reasons = [e.reason for e in cluster.db.events_after(job.job_id, 0)]
     assert "failed: result_refused" in reasons
     raw.close()
 
@@ -210,6 +210,6 @@ async def test_receipt_times_must_fit_the_attempt(
     assert ack.accepted == (not refusal), ack.reason
     assert re.match(refusal, ack.reason), ack.reason
     if refusal:
-        reasons = [e.reason for e in cluster.coord.store.events_after(job.job_id, 0)]
+        reasons = [e.reason for e in cluster.db.events_after(job.job_id, 0)]
         assert f"bad receipt: {ack.reason}" in reasons
     raw.close()

@@ -24,6 +24,8 @@ class ServerConfig:
     listen: str = "127.0.0.1:50051"
     max_message_bytes: int = 4 * 1024 * 1024
     sqlite_synchronous: str = "NORMAL"
+    # read connections (threads) serving reads in parallel with the one writer
+    sqlite_readers: int = 2
 
 
 @dataclass(frozen=True)
@@ -401,6 +403,8 @@ def check_profile(profile: Profile) -> list[str]:
         min(pa.failed_claims_window_seconds, pa.failed_claims_global_window_seconds) <= 0
     ):
         problems.append("[pairing] failed-claim limits and windows must be positive")
+    if not 0 <= profile.server.sqlite_readers <= 16:
+        problems.append("[server] sqlite_readers must be 0-16")
     if profile.workers.max_heartbeats_per_second < 0:
         problems.append("[workers] max_heartbeats_per_second must not be negative")
     if profile.workers.hello_timeout_seconds <= 0:

@@ -50,7 +50,8 @@ from dispatchnet.receipts.batcher import ReceiptBatcher
 from dispatchnet.receipts.notary import Notary
 from dispatchnet.reputation.feedback import FeedbackSender, feedback_sender_for
 from dispatchnet.reputation.local import LocalReputation
-from dispatchnet.store.sqlite import SqliteStore
+from dispatchnet.store.base import Store
+from dispatchnet.store.threaded import open_store
 from dispatchnet.worker.tasks import TASK_NAMES
 
 log = logging.getLogger("dispatch.coordinator")
@@ -69,7 +70,7 @@ class Coordinator:
 
     server: grpc.aio.Server
     port: int
-    store: SqliteStore
+    store: Store
     jobs: JobService
     hub: WorkerHub
     health: health.aio.HealthServicer
@@ -86,7 +87,9 @@ class Coordinator:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.hub.stop()
         await self.server.stop(grace)
-        self.jobs.flush_progress()  # a clean stop loses no progress text
+        await self.hub.drain_tasks()
+        await self.jobs.drain()
+        await self.jobs.flush_progress()  # a clean stop loses no progress text
         if self.trimmer is not None:
             self.trimmer.close()
         if self.batcher is not None:
@@ -100,7 +103,7 @@ class Coordinator:
         stop_reputation = getattr(self.jobs.reputation, "stop", None)
         if stop_reputation is not None:
             await stop_reputation()
-        self.store.close()
+        await self.store.close()
 
 
 def identity_verifier_for(profile: Profile) -> IdentityVerifier | None:
@@ -122,7 +125,11 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
     elif profile.receipts.anchor != "none":
         log.warning("receipt anchoring is off: %s", anchoring)
     key = keys.load_or_create(data_dir / "coordinator.key")
-    store = SqliteStore(data_dir / "coordinator.db", profile.server.sqlite_synchronous)
+    store = await open_store(
+        data_dir / "coordinator.db",
+        profile.server.sqlite_synchronous,
+        readers=profile.server.sqlite_readers,
+    )
     sessions: dict[str, Any] = {}  # the hub's, once it exists
 
     def agent_of(worker_id: str) -> str:
@@ -134,7 +141,7 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         reputation = reputation_for(profile, data_dir, store, agent_of)
         feedback = feedback_sender_for(profile, data_dir, store)
     except ValueError as e:
-        store.close()
+        await store.close()
         raise ValueError(f"profile {profile.name}: {e}") from e
     catalogue = TaskCatalogue(store, [*TASK_NAMES, WASM_TASK])
     jobs = JobService(
@@ -149,6 +156,7 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
     try:
         identity = identity_verifier_for(profile)
     except ValueError as e:
+        await store.close()
         raise ValueError(f"profile {profile.name}: {e}") from e
     hub = WorkerHub(
         jobs,
@@ -172,9 +180,9 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         payments = payment_service_for(profile, data_dir, store, jobs)
         payouts = payout_service_for(profile, data_dir, store)
     except ValueError as e:
-        store.close()
+        await store.close()
         raise ValueError(f"profile {profile.name}: {e}") from e
-    held = jobs.recover()
+    held = await jobs.recover()
     if held:
         log.info(
             "%d job(s) held by workers before the restart wait %gs for their worker",
@@ -254,7 +262,7 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
 
 
 def payment_service_for(
-    profile: Profile, data_dir: Path, store: SqliteStore, jobs: JobService
+    profile: Profile, data_dir: Path, store: Store, jobs: JobService
 ) -> PaymentService | None:
     """x402 payments for CommitJob ([payments] enabled), None when they are off."""
     if not profile.payments.enabled:
@@ -270,9 +278,7 @@ def payment_service_for(
     )
 
 
-def payout_service_for(
-    profile: Profile, data_dir: Path, store: SqliteStore
-) -> PayoutService | None:
+def payout_service_for(profile: Profile, data_dir: Path, store: Store) -> PayoutService | None:
     """Worker payouts on [chain] (README "Workers earn"), with payments; None without."""
     if not profile.payments.enabled:
         return None
@@ -295,7 +301,7 @@ def payout_service_for(
 
 
 def reputation_for(
-    profile: Profile, data_dir: Path, store: SqliteStore, agent_of: Callable[[str], str]
+    profile: Profile, data_dir: Path, store: Store, agent_of: Callable[[str], str]
 ) -> ReputationSource:
     """The reputation source the profile's [reputation] source names."""
     r = profile.reputation

@@ -49,9 +49,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     ) -> coordinator_pb2.GetQuoteResponse:
         if not request.HasField("spec"):
             raise InvalidArgument("spec is required")
-        spec, module = convert.spec_from_proto(request.spec, self.limits, self.jobs.stored_module)
+        ref = request.spec.task.wasm.sha256  # a module sent by hash: looked up first
+        known = await self.jobs.stored_module(ref) if len(ref) == 32 else None
+        spec, module = convert.spec_from_proto(request.spec, self.limits, lambda _sha: known)
         who = optional_caller()
-        q = self.jobs.quote(spec, module, who.id if who is not None else "")
+        q = await self.jobs.quote(spec, module, who.id if who is not None else "")
         return coordinator_pb2.GetQuoteResponse(
             quote=coordinator_pb2.Quote(
                 quote_id=q.quote_id,
@@ -66,7 +68,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def CommitJob(
         self, request: coordinator_pb2.CommitJobRequest, context: Ctx
     ) -> coordinator_pb2.CommitJobResponse:
-        job, created = self.jobs.commit(
+        job, created = await self.jobs.commit(
             caller().id, request.quote_id, request.idempotency_key, current_payment()
         )
         return coordinator_pb2.CommitJobResponse(job=convert.job_to_proto(job), created=created)
@@ -74,7 +76,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def GetJob(
         self, request: coordinator_pb2.GetJobRequest, context: Ctx
     ) -> coordinator_pb2.GetJobResponse:
-        job = self.jobs.get(caller().id, request.job_id)
+        job = await self.jobs.get(caller().id, request.job_id)
         return coordinator_pb2.GetJobResponse(job=convert.job_to_proto(job))
 
     async def WatchJob(
@@ -84,7 +86,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         async for event in self.jobs.watch(who, request.job_id, request.after_sequence):
             # each event goes out at once (a live token is not held back for the next);
             # the final state's event, always the last, carries the job
-            job = self.jobs.get(who, request.job_id) if event.final else None
+            job = await self.jobs.get(who, request.job_id) if event.final else None
             yield coordinator_pb2.WatchJobResponse(
                 event=convert.event_to_proto(event),
                 job=convert.job_to_proto(job) if job is not None else None,
@@ -93,7 +95,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def CancelJob(
         self, request: coordinator_pb2.CancelJobRequest, context: Ctx
     ) -> coordinator_pb2.CancelJobResponse:
-        job = self.jobs.cancel(caller().id, request.job_id, request.reason)
+        job = await self.jobs.cancel(caller().id, request.job_id, request.reason)
         return coordinator_pb2.CancelJobResponse(job=convert.job_to_proto(job))
 
     async def ListWorkers(
@@ -101,7 +103,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     ) -> coordinator_pb2.ListWorkersResponse:
         kind = convert.worker_kind(request.kind)
         workers = sorted(self.hub.snapshot(kind), key=lambda x: x[0].connected_at)
-        earned = self.earnings.lifetime([s.worker_id for s, _ in workers])
+        earned = await self.earnings.lifetime([s.worker_id for s, _ in workers])
         return coordinator_pb2.ListWorkersResponse(
             workers=[
                 coordinator_pb2.WorkerInfo(
@@ -124,7 +126,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def GetEarnings(
         self, request: coordinator_pb2.GetEarningsRequest, context: Ctx
     ) -> coordinator_pb2.GetEarningsResponse:
-        page = self.earnings.page(
+        page = await self.earnings.page(
             caller().id, request.worker_id, request.page_size, request.page_token
         )
         return convert.earnings_to_proto(page)
@@ -156,7 +158,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         agent_id = await self.hub.verify_agent(
             hello, nonce, proof.chain_signature, proof.solana_signature
         )
-        session = self.hub.register(dataclasses.replace(hello, agent_id=agent_id))
+        session = await self.hub.register(dataclasses.replace(hello, agent_id=agent_id))
         reader = asyncio.create_task(self._read(it, session))
         reason = "disconnected"
         try:
@@ -176,7 +178,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
-            self.hub.unregister(session, reason)
+            self.hub.unregister_soon(session, reason)
         if reader.done() and not reader.cancelled() and reader.exception() is None:
             refused = reader.result()
             if refused is not None:
@@ -211,30 +213,32 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     s.end()
                     return e
                 try:
-                    self._handle(s, kind, msg)
+                    await self._handle(s, kind, msg)
                 except Exception as e:
                     about = getattr(msg, kind) if kind else None
                     job_id = str(getattr(about, "job_id", ""))
                     attempt = int(getattr(about, "attempt", 0))
-                    self.hub.message_failed(s, kind or "unset", job_id, attempt, e)
+                    await self.hub.message_failed(s, kind or "unset", job_id, attempt, e)
                 if s.closed:
                     return None
         finally:
             s.close("stream closed by the worker")
         return None
 
-    def _handle(self, s: WorkerSession, kind: str | None, msg: worker_pb2.ConnectRequest) -> None:
+    async def _handle(
+        self, s: WorkerSession, kind: str | None, msg: worker_pb2.ConnectRequest
+    ) -> None:
         if kind == "heartbeat":
-            self.hub.touch(s, list(msg.heartbeat.running_job_ids))
+            await self.hub.heartbeat(s, list(msg.heartbeat.running_job_ids))
         elif kind == "offer_response":
             r = msg.offer_response
-            self.hub.offer_response(s, r.job_id, r.attempt, r.accept, r.reason)
+            await self.hub.offer_response(s, r.job_id, r.attempt, r.accept, r.reason)
         elif kind == "progress":
             p = msg.progress
-            self.hub.progress(s, p.job_id, p.attempt, p.text, p.fraction)
+            await self.hub.progress(s, p.job_id, p.attempt, p.text, p.fraction)
         elif kind == "completed":
             c = msg.completed
-            self.hub.completed(
+            await self.hub.completed(
                 s,
                 c.job_id,
                 c.attempt,
@@ -244,7 +248,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
         elif kind == "failed":
             f = msg.failed
-            self.hub.failed(
+            await self.hub.failed(
                 s,
                 f.job_id,
                 f.attempt,
@@ -264,7 +268,7 @@ class ReceiptServicer(receipt_pb2_grpc.ReceiptServiceServicer):
     async def GetReceipt(
         self, request: receipt_pb2.GetReceiptRequest, context: Ctx
     ) -> receipt_pb2.GetReceiptResponse:
-        r, payment = self.receipts.get_with_payment(caller().id, request.job_id)
+        r, payment = await self.receipts.get_with_payment(caller().id, request.job_id)
         msg = convert.receipt_to_proto(r)
         decoded = receipt_pb2.ReceiptBody()
         decoded.ParseFromString(r.body)
@@ -284,7 +288,7 @@ class ReceiptServicer(receipt_pb2_grpc.ReceiptServiceServicer):
     async def GetReceiptProof(
         self, request: receipt_pb2.GetReceiptProofRequest, context: Ctx
     ) -> receipt_pb2.GetReceiptProofResponse:
-        p = self.receipts.proof(caller().id, request.job_id)
+        p = await self.receipts.proof(caller().id, request.job_id)
         return receipt_pb2.GetReceiptProofResponse(
             receipt_sha256=p.receipt_sha256,
             leaf_index=p.leaf_index,
@@ -304,23 +308,23 @@ class TrustServicer(trust_pb2_grpc.TrustServiceServicer):
     async def CreatePairingCode(
         self, request: trust_pb2.CreatePairingCodeRequest, context: Ctx
     ) -> trust_pb2.CreatePairingCodeResponse:
-        code, expires = self.pairing.create_code(caller().id, request.ttl_seconds)
+        code, expires = await self.pairing.create_code(caller().id, request.ttl_seconds)
         return trust_pb2.CreatePairingCodeResponse(code=code, expires_at=convert.ts(expires))
 
     async def ClaimPairing(
         self, request: trust_pb2.ClaimPairingRequest, context: Ctx
     ) -> trust_pb2.ClaimPairingResponse:
-        p = self.pairing.claim(caller().id, request.code)
+        p = await self.pairing.claim(caller().id, request.code)
         return trust_pb2.ClaimPairingResponse(pairing=convert.pairing_to_proto(p))
 
     async def ListPairings(
         self, request: trust_pb2.ListPairingsRequest, context: Ctx
     ) -> trust_pb2.ListPairingsResponse:
-        ps = self.pairing.list(caller().id, request.include_revoked)
+        ps = await self.pairing.list(caller().id, request.include_revoked)
         return trust_pb2.ListPairingsResponse(pairings=[convert.pairing_to_proto(p) for p in ps])
 
     async def RevokePairing(
         self, request: trust_pb2.RevokePairingRequest, context: Ctx
     ) -> trust_pb2.RevokePairingResponse:
-        p = self.pairing.revoke(caller().id, request.pairing_id)
+        p = await self.pairing.revoke(caller().id, request.pairing_id)
         return trust_pb2.RevokePairingResponse(pairing=convert.pairing_to_proto(p))

@@ -30,21 +30,21 @@ class TaskCatalogue:
         self.clock = clock
         self._seen: set[str] = set()  # declared names this process knows of (a cache)
 
-    def declared(self, names: Iterable[str]) -> None:
+    async def declared(self, names: Iterable[str]) -> None:
         """A worker offers these tasks (call on every Hello)."""
         new = sorted(set(names) - self.builtin)[:MAX_DECLARED_TASKS]
         if new:
-            self.store.record_task_names(new, self.clock(), MAX_DECLARED_TASKS)
+            await self.store.record_task_names(new, self.clock(), MAX_DECLARED_TASKS)
             self._remember(new)
 
-    def check(self, name: str) -> None:
+    async def check(self, name: str) -> None:
         """Raises FailedPrecondition when no worker has ever offered task `name`."""
         if name in self.builtin or name in self._seen:
             return
-        if self.store.task_name_known(name):  # declared to another coordinator, or earlier
+        if await self.store.task_name_known(name):  # declared to another coordinator, or earlier
             self._remember([name])
             return
-        known = sorted(self.builtin | set(self.store.task_names(MAX_DECLARED_TASKS)))
+        known = sorted(self.builtin | set(await self.store.task_names(MAX_DECLARED_TASKS)))
         close = difflib.get_close_matches(name, known, n=1)
         hint = f' (did you mean "{close[0]}"?)' if close else ""
         listed = ", ".join(known[:MAX_LISTED])

@@ -50,7 +50,9 @@ class EarningsService:
         self.ledger = ledger
         self.fee_bps = fee_bps
 
-    def page(self, caller_id: str, worker_id: str, page_size: int, page_token: str) -> EarningsPage:
+    async def page(
+        self, caller_id: str, worker_id: str, page_size: int, page_token: str
+    ) -> EarningsPage:
         """The caller's own earnings (worker_id empty or the caller's id; any other:
         PermissionDenied): balances, one page of jobs newest first, and the next token.
         InvalidArgument for a page_token this service did not issue."""
@@ -59,18 +61,18 @@ class EarningsService:
             raise PermissionDenied("only the worker itself may read its earnings")
         size = min(page_size or MAX_PAGE, MAX_PAGE)
         before = _cursor(page_token) if page_token else None
-        rows = self.ledger.earnings(worker_id, size + 1, before)
+        rows = await self.ledger.earnings(worker_id, size + 1, before)
         more = len(rows) > size
         rows = rows[:size]
         return EarningsPage(
             worker_id=worker_id,
-            balances=self.ledger.balances([worker_id]).get(worker_id, []),
+            balances=(await self.ledger.balances([worker_id])).get(worker_id, []),
             jobs=rows,
             next_page_token=_token(rows[-1]) if more else "",
             fee_bps=self.fee_bps,
-            payouts=self.ledger.payouts(worker_id, MAX_PAGE),
+            payouts=await self.ledger.payouts(worker_id, MAX_PAGE),
         )
 
-    def lifetime(self, worker_ids: Sequence[str]) -> dict[str, list[Balance]]:
+    async def lifetime(self, worker_ids: Sequence[str]) -> dict[str, list[Balance]]:
         """Each worker's lifetime earnings per asset, in one read."""
-        return self.ledger.balances(worker_ids)
+        return await self.ledger.balances(worker_ids)

@@ -13,7 +13,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from dispatchnet.agent_identity import IdentityVerifier
@@ -165,6 +165,7 @@ class WorkerHub:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()  # unregister_soon's
         jobs.listener = self
 
     # --- handshake and sessions ---------------------------------------------------------
@@ -207,7 +208,7 @@ class WorkerHub:
         )
         return verified.agent_id
 
-    def register(self, hello: WorkerHello) -> WorkerSession:
+    async def register(self, hello: WorkerHello) -> WorkerSession:
         """Opens a session; hello.agent_id must be the verified one (see verify_agent)."""
         if hello.kind is WorkerKind.SEEKER and hello.llm_models:
             raise InvalidArgument("seekers run TASK jobs only; llm_models must be empty")
@@ -218,7 +219,7 @@ class WorkerHub:
         old = self.sessions.get(worker_id)
         if old is not None:
             old.close("replaced by a newer session of the same worker")
-            self.unregister(old, "replaced")
+            await self.unregister(old, "replaced")
         session = WorkerSession(
             worker_id=worker_id,
             public_key=hello.public_key,
@@ -235,28 +236,28 @@ class WorkerHub:
         scale = session.heartbeat_interval / max(1, self.workers_cfg.heartbeat_interval_seconds)
         session.eviction_seconds = self.workers_cfg.eviction_seconds * scale
         self.sessions[worker_id] = session
-        self.store.record_worker_seen(worker_id, int(hello.kind), now, hello.agent_id)
+        await self.store.record_worker_seen(worker_id, int(hello.kind), now, hello.agent_id)
         if self.catalogue is not None:
-            self.catalogue.declared(hello.tasks)
-        self.reputation.warm(worker_id)
+            await self.catalogue.declared(hello.tasks)
+        await self.reputation.warm(worker_id)
         # one read for the whole (bounded) list; a write only for what really resumes
         ids = [job_id for job_id, _ in hello.running]
-        held = self.store.held_attempts(worker_id, ids) if ids else set()
+        held = await self.store.held_attempts(worker_id, ids) if ids else set()
         for job_id, attempt in hello.running:
             if (job_id, attempt) not in held:
                 session.ignored.add(job_id)
-            elif self.jobs.resume(job_id, attempt, worker_id) is not None:
+            elif await self.jobs.resume(job_id, attempt, worker_id) is not None:
                 session.active[job_id] = attempt
             else:
                 session.foreign.add(job_id)
         self._log_ignored(session, session.ignored)
-        self.jobs.worker_returned(worker_id, set(session.active))
+        await self.jobs.worker_returned(worker_id, set(session.active))
         self.index.add(session)
         log.info("worker %s… connected (%s)", worker_id[:12], hello.kind.name.lower())
         self.kick()
         return session
 
-    def unregister(self, session: WorkerSession, reason: str) -> None:
+    async def unregister(self, session: WorkerSession, reason: str) -> None:
         """Forgets a session and requeues what it held (except while the coordinator
         stops: the jobs then stay held, see JobService.recover); safe to call more than
         once."""
@@ -274,27 +275,49 @@ class WorkerHub:
             log.info("worker %s… gone (coordinator stopping)", session.worker_id[:12])
             return
         for job_id, attempt in held.items():
-            job = self.store.get_job(job_id)
+            job = await self.store.get_job(job_id)
             if job is not None and job.worker_id == session.worker_id and job.attempts == attempt:
-                self.jobs.requeue(job, f"worker_{reason}", tell_worker=False)
+                await self.jobs.requeue(job, f"worker_{reason}", tell_worker=False)
         log.info("worker %s… gone (%s)", session.worker_id[:12], reason)
 
-    def touch(self, session: WorkerSession, running: list[str] | None = None) -> None:
-        """Notes that the worker is alive; with a heartbeat's running job ids, reconciles
-        the load it carries beyond what this session holds. Only jobs this worker was
-        offered count; other ids are ignored (and logged once)."""
+    def unregister_soon(self, session: WorkerSession, reason: str) -> None:
+        """unregister in a task of its own (for a stream's cleanup, which must not wait):
+        the session is gone from matching at once, its jobs are requeued by the task."""
+        self.index.remove(session)
+        task = asyncio.get_running_loop().create_task(self.unregister(session, reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("unregistering a worker failed", exc_info=task.exception())
+
+    async def drain_tasks(self) -> None:
+        """Waits for the unregister_soon tasks (before the store closes)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def touch(self, session: WorkerSession) -> None:
+        """Notes that the worker is alive."""
         session.last_seen = self.clock()
-        if running is None:
-            return
+
+    async def heartbeat(self, session: WorkerSession, running: list[str]) -> None:
+        """A heartbeat with the job ids the worker runs: reconciles the load it carries
+        beyond what this session holds. Only jobs this worker was offered count; other ids
+        are ignored (and logged once)."""
+        self.touch(session)
         ids = set(running) - set(session.active)
         known = ids & session.foreign
         new = ids - known - session.ignored
         held = set()
         if new:
-            held = {j for j, _ in self.store.held_attempts(session.worker_id, sorted(new))}
+            held = {j for j, _ in await self.store.held_attempts(session.worker_id, sorted(new))}
             self._log_ignored(session, new - held)
-        session.foreign = known | held
-        session.ignored = (ids & session.ignored) | (new - held)
+        # what changed while the store answered (an offer, a result) wins over this list
+        ids -= set(session.active)
+        session.foreign = (known | held) & ids
+        session.ignored = ((ids & session.ignored) | (new - held)) & ids
         self.index.refresh(session)
 
     @staticmethod
@@ -313,24 +336,24 @@ class WorkerHub:
 
     # --- messages from workers ----------------------------------------------------------
 
-    def offer_response(
+    async def offer_response(
         self, s: WorkerSession, job_id: str, attempt: int, accept: bool, reason: str
     ) -> None:
         self.touch(s)
         if accept:
-            if self.jobs.accept(job_id, attempt, s.worker_id) is None:
+            if await self.jobs.accept(job_id, attempt, s.worker_id) is None:
                 s.send(Cancel(job_id, attempt, "offer no longer valid"))
         else:
             self._avoid.setdefault(job_id, set()).add(s.worker_id)
-            self.jobs.reject(job_id, attempt, s.worker_id, reason)
+            await self.jobs.reject(job_id, attempt, s.worker_id, reason)
 
-    def progress(
+    async def progress(
         self, s: WorkerSession, job_id: str, attempt: int, text: str, fraction: float
     ) -> None:
         self.touch(s)
-        self.jobs.progress(job_id, attempt, s.worker_id, text, fraction)
+        await self.jobs.progress(job_id, attempt, s.worker_id, text, fraction)
 
-    def completed(
+    async def completed(
         self,
         s: WorkerSession,
         job_id: str,
@@ -342,7 +365,7 @@ class WorkerHub:
         self.touch(s)
         s.foreign.discard(job_id)
         self.index.refresh(s)
-        ok, reason = self.jobs.complete(
+        ok, reason = await self.jobs.complete(
             job_id,
             attempt,
             s.worker_id,
@@ -357,7 +380,7 @@ class WorkerHub:
         s.send(ResultAck(job_id, attempt, ok, reason))
         self.kick()
 
-    def failed(
+    async def failed(
         self, s: WorkerSession, job_id: str, attempt: int, failure: Failure, retryable: bool
     ) -> None:
         self.touch(s)
@@ -365,10 +388,10 @@ class WorkerHub:
         self.index.refresh(s)
         if retryable:
             self._avoid.setdefault(job_id, set()).add(s.worker_id)
-        ok = self.jobs.fail(job_id, attempt, s.worker_id, failure, retryable)
+        ok = await self.jobs.fail(job_id, attempt, s.worker_id, failure, retryable)
         s.send(ResultAck(job_id, attempt, ok, "" if ok else "stale"))
 
-    def message_failed(
+    async def message_failed(
         self, s: WorkerSession, kind: str, job_id: str, attempt: int, error: Exception
     ) -> None:
         """Handling one worker message (`kind`: its name in the protocol) raised `error`.
@@ -385,7 +408,7 @@ class WorkerHub:
                 s.close(f"{about} refused: {error.message}")
                 return
             try:
-                self._refuse_result(s, job_id, attempt, error.message)
+                await self._refuse_result(s, job_id, attempt, error.message)
                 return
             except Exception as e:  # giving the attempt up failed too: a bug
                 error = e
@@ -401,11 +424,13 @@ class WorkerHub:
             INTERNAL_ERROR_RETRY_AFTER_SECONDS,
         )
 
-    def _refuse_result(self, s: WorkerSession, job_id: str, attempt: int, reason: str) -> None:
+    async def _refuse_result(
+        self, s: WorkerSession, job_id: str, attempt: int, reason: str
+    ) -> None:
         s.foreign.discard(job_id)
         self.index.refresh(s)
         self._avoid.setdefault(job_id, set()).add(s.worker_id)
-        self.jobs.fail(job_id, attempt, s.worker_id, Failure("result_refused", reason), True)
+        await self.jobs.fail(job_id, attempt, s.worker_id, Failure("result_refused", reason), True)
         s.send(ResultAck(job_id, attempt, False, reason))
 
     # --- JobListener --------------------------------------------------------------------
@@ -434,42 +459,59 @@ class WorkerHub:
     def _runnable(self) -> Runnable:
         return Runnable(task_names=self.index.free_task_names(), llm=self.index.any_free_llm())
 
-    def _queued(self, free: int) -> Iterator[Job]:
+    async def _queued(self, free: int) -> AsyncIterator[Job]:
         """Queued jobs some free worker could run, oldest first, a page at a time, so that
         jobs nobody can take do not hold up the ones behind them."""
         runnable, after, scanned = self._runnable(), None, 0
         page_size = min(DISPATCH_PAGE_MAX, max(DISPATCH_PAGE_MIN, 2 * free))
         while scanned < DISPATCH_SCAN_MAX:
-            page = self.store.queued_jobs(page_size, after, runnable)
-            yield from page
+            page = await self.store.queued_jobs(page_size, after, runnable)
+            for job in page:
+                yield job
             if len(page) < page_size:
                 return
             scanned += len(page)
             after = (page[-1].queued_at, page[-1].job_id)
 
-    def dispatch_once(self) -> int:
+    async def dispatch_once(self) -> int:
+        """Matches queued jobs to free workers and offers them, all offers of the pass
+        at once (so the store commits them together). A chosen worker's slot is held
+        for the job while its offer is written."""
         free = self.index.free_slots
         if free <= 0:
             return 0
-        offered = 0
+        chosen: list[tuple[Job, WorkerSession]] = []
         paired: dict[str, set[str]] = {}
-        for job in self._queued(free):
-            if offered >= free:
+        async for job in self._queued(free):
+            if len(chosen) >= free:
                 break
             allowed = None
             if job.spec.privacy is Privacy.PRIVATE:
                 if job.client_id not in paired:
-                    paired[job.client_id] = self.store.paired_workers(job.client_id)
+                    paired[job.client_id] = await self.store.paired_workers(job.client_id)
                 allowed = paired[job.client_id]
             session = self._choose(job, allowed)
             if session is None:
                 continue
-            moved = self.jobs.offer(job, session.worker_id)
-            if moved is None:
-                continue
-            session.active[job.job_id] = moved.attempts
+            session.active[job.job_id] = job.attempts + 1  # held while the offer is written
             self.index.refresh(session)
-            session.send(Offer(moved, self.jobs_cfg.time_limit_seconds))
+            chosen.append((job, session))
+        if not chosen:
+            return 0
+        moved = await asyncio.gather(*(self.jobs.offer(j, s.worker_id) for j, s in chosen))
+        offered = 0
+        for (job, session), m in zip(chosen, moved, strict=True):
+            if session.active.get(job.job_id) == job.attempts + 1 and m is None:
+                del session.active[job.job_id]  # someone else got there first
+                self.index.refresh(session)
+            if m is None:
+                continue
+            if session.closed or session.active.get(job.job_id) != m.attempts:
+                # the worker went away (or gave the job up) while the offer was written
+                session.active.pop(job.job_id, None)
+                await self.jobs.requeue(m, "worker_gone", tell_worker=False)
+                continue
+            session.send(Offer(m, self.jobs_cfg.time_limit_seconds))
             offered += 1
         return offered
 
@@ -516,12 +558,12 @@ class WorkerHub:
         needed = math.ceil((len(self.sessions) + 1) / cfg.max_heartbeats_per_second)
         return max(cfg.heartbeat_interval_seconds, needed)
 
-    def evict_silent(self) -> None:
+    async def evict_silent(self) -> None:
         now = self.clock()
         for s in list(self.sessions.values()):
             if s.last_seen < now - s.eviction_seconds:
                 s.close("evicted: no heartbeat")
-                self.unregister(s, "evicted")
+                await self.unregister(s, "evicted")
 
     def eligible_count(self, spec: JobSpec) -> int:
         return self.index.able(spec)
@@ -538,10 +580,10 @@ class WorkerHub:
             self._wake.clear()
             try:
                 if self.clock() >= next_sweep:
-                    self.jobs.sweep()
-                    self.evict_silent()
+                    await self.jobs.sweep()
+                    await self.evict_silent()
                     next_sweep = self.clock() + interval
-                self.dispatch_once()
+                await self.dispatch_once()
             except Exception:
                 log.exception("dispatch pass failed; retrying on the next tick")
 

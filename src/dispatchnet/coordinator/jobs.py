@@ -129,6 +129,7 @@ class JobService:
         # called with the job after every final transition (completed, failed, cancelled)
         self.final_listeners: list[Callable[[Job], None]] = []
         self._next_purge = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()  # progress flushes the timers started
         # Jobs held for their worker since start-up (recover): worker_id -> job_id -> attempt.
         # Rebuilt from the store at every start, so it survives repeated restarts.
         self._restart_holds: dict[str, dict[str, int]] = {}
@@ -139,18 +140,20 @@ class JobService:
 
     # --- client side --------------------------------------------------------------------
 
-    def stored_module(self, sha256: bytes) -> bytes | None:
+    async def stored_module(self, sha256: bytes) -> bytes | None:
         """A WebAssembly module sent with an earlier quote, by its SHA-256."""
-        return self.store.get_module(sha256)
+        return await self.store.get_module(sha256)
 
-    def quote(self, spec: JobSpec, wasm_module: bytes | None = None, client_id: str = "") -> Quote:
+    async def quote(
+        self, spec: JobSpec, wasm_module: bytes | None = None, client_id: str = ""
+    ) -> Quote:
         """Prices spec and stores the quote under client_id ("" for an anonymous caller).
         FailedPrecondition for a TASK no worker has ever offered (see TaskCatalogue);
         Unauthenticated for an anonymous spec over [quotes] anonymous_max_spec_bytes;
         ResourceExhausted beyond the other [quotes] limits on stored quotes."""
         if spec.job_type is JobType.TASK and self.catalogue is not None:
-            self.catalogue.check(spec.task_name)
-        size = self._check_quote_storage(spec, client_id)
+            await self.catalogue.check(spec.task_name)
+        size = await self._check_quote_storage(spec, client_id)
         now = self.clock()
         q = Quote(
             quote_id=new_id("q"),
@@ -160,10 +163,10 @@ class JobService:
             created_at=now,
             expires_at=now + self.cfg.quote_ttl_seconds,
         )
-        self.store.put_quote(q, client_id, size, wasm_module)
+        await self.store.put_quote(q, client_id, size, wasm_module)
         return q
 
-    def _check_quote_storage(self, spec: JobSpec, client_id: str) -> int:
+    async def _check_quote_storage(self, spec: JobSpec, client_id: str) -> int:
         """The bytes a quote for spec counts; raises when storing it would pass a limit."""
         cfg = self.quotes
         spec_bytes = len(spec.spec_bytes)
@@ -177,7 +180,7 @@ class JobService:
                 "<token>' metadata (`dispatch auth header` prints one; the CLI and the "
                 "Python client send it)"
             )
-        mine, everyone = self.store.quote_usage(client_id)
+        mine, everyone = await self.store.quote_usage(client_id)
         if not client_id and mine.quotes >= cfg.anonymous_max_quotes:
             raise ResourceExhausted(
                 f"anonymous callers hold {mine.quotes} unexpired quotes, the most this "
@@ -196,15 +199,15 @@ class JobService:
             )
         return size
 
-    def get_quote(self, quote_id: str) -> Quote:
+    async def get_quote(self, quote_id: str) -> Quote:
         if not quote_id:
             raise InvalidArgument("quote_id is required (get one from GetQuote)")
-        quote = self.store.get_quote(quote_id)
+        quote = await self.store.get_quote(quote_id)
         if quote is None:
             raise NotFound(f"quote {quoted(quote_id)} does not exist")
         return quote
 
-    def check_commit(
+    async def check_commit(
         self, client_id: str, quote_id: str, idempotency_key: str
     ) -> tuple[Quote, Job | None]:
         """Whether CommitJob(quote_id, idempotency_key) can go ahead: the quote, and the
@@ -214,22 +217,22 @@ class JobService:
         it verifies a payment."""
         if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
             raise InvalidArgument(f"idempotency_key must be 1-{MAX_IDEMPOTENCY_KEY} characters")
-        quote = self.get_quote(quote_id)
-        existing = self.store.get_job_by_key(client_id, idempotency_key)
+        quote = await self.get_quote(quote_id)
+        existing = await self.store.get_job_by_key(client_id, idempotency_key)
         if existing is not None:
             if existing.quote_id != quote_id:
                 raise FailedPrecondition("idempotency_key was already used for another quote")
             return quote, existing
         if quote.expires_at < self.clock():
             raise FailedPrecondition(f"quote {quoted(quote_id)} expired; ask for a new quote")
-        if quote.spec.privacy is Privacy.PRIVATE and not self.store.paired_workers(client_id):
+        if quote.spec.privacy is Privacy.PRIVATE and not await self.store.paired_workers(client_id):
             raise FailedPrecondition(
                 "a PRIVATE job needs at least one paired worker; pair one with "
                 "`dispatch pair create` / `dispatch pair claim` first"
             )
         return quote, None
 
-    def commit(
+    async def commit(
         self,
         client_id: str,
         quote_id: str,
@@ -239,7 +242,7 @@ class JobService:
         """Turns the quote into a queued job. payment: the verified payment for it (job_id
         is filled in here); stored with the job in one transaction, and not stored when the
         idempotency key returns an existing job."""
-        quote, existing = self.check_commit(client_id, quote_id, idempotency_key)
+        quote, existing = await self.check_commit(client_id, quote_id, idempotency_key)
         if existing is not None:
             return existing, False
         now = self.clock()
@@ -261,7 +264,7 @@ class JobService:
         event = Event(job.job_id, EventKind.STATE, JobState.QUEUED, now, reason="committed")
         if payment is not None:
             payment = dataclasses.replace(payment, job_id=job.job_id)
-        stored, created = self.store.create_job(job, event, payment)
+        stored, created = await self.store.create_job(job, event, payment)
         if created:
             self._changed(stored)
             if self.listener:
@@ -270,10 +273,10 @@ class JobService:
             raise FailedPrecondition("idempotency_key was already used for another quote")
         return stored, created
 
-    def get(self, client_id: str, job_id: str) -> Job:
+    async def get(self, client_id: str, job_id: str) -> Job:
         if not job_id:
             raise InvalidArgument("job_id is required")
-        job = self.store.get_job(job_id)
+        job = await self.store.get_job(job_id)
         if job is None:
             raise NotFound(f"job {quoted(job_id)} does not exist")
         if job.client_id != client_id:
@@ -282,14 +285,14 @@ class JobService:
             job = dataclasses.replace(job, last_sequence=self.live.last(job_id))
         return job
 
-    def cancel(self, client_id: str, job_id: str, reason: str) -> Job:
-        job = self.get(client_id, job_id)
+    async def cancel(self, client_id: str, job_id: str, reason: str) -> Job:
+        job = await self.get(client_id, job_id)
         if job.state is JobState.CANCELLED:
             return job
         if job.state.final:
             raise FailedPrecondition(f"job {quoted(job_id)} is already {job.state.name}")
         failure = Failure("cancelled", reason or "cancelled by its owner")
-        updated = self._move(
+        updated = await self._move(
             job,
             OPEN_STATES,
             None,
@@ -299,7 +302,7 @@ class JobService:
             lease_expires_at=0.0,
         )
         if updated is None:  # it moved on meanwhile; report what it is now
-            return self.cancel(client_id, job_id, reason)
+            return await self.cancel(client_id, job_id, reason)
         if job.state in ACTIVE_STATES and self.listener:
             self.listener.job_released(updated, job.worker_id, job.attempts, "cancelled", True)
         return updated
@@ -308,7 +311,7 @@ class JobService:
         """Events after sequence `after`, live, until the final state's event: from memory
         while this process holds them (see LiveEvents), else from the store. Any `after`
         past MAX_SEQUENCE means the same as MAX_SEQUENCE: past every event."""
-        self.get(client_id, job_id)
+        await self.get(client_id, job_id)
         wake = self.notifier.subscribe(job_id)
         try:
             seq = min(max(after, 0), MAX_SEQUENCE)
@@ -316,7 +319,7 @@ class JobService:
                 wake.clear()
                 events = self.live.after(job_id, seq)
                 if events is None:
-                    events = self.store.events_after(job_id, seq)
+                    events = await self.store.events_after(job_id, seq)
                     if not events:  # the store ends at seq: the rest, if any, is in memory
                         events = self.live.after(job_id, seq) or []
                 for e in events:
@@ -324,7 +327,7 @@ class JobService:
                     yield e
                 if events:
                     continue
-                job = self.store.get_job(job_id)
+                job = await self.store.get_job(job_id)
                 if job is None or (job.state.final and seq >= job.last_sequence):
                     return
                 await _wait(wake, WATCH_POLL_SECONDS)
@@ -335,10 +338,10 @@ class JobService:
 
     # --- worker side --------------------------------------------------------------------
 
-    def offer(self, job: Job, worker_id: str) -> Job | None:
+    async def offer(self, job: Job, worker_id: str) -> Job | None:
         """QUEUED -> OFFERED to worker_id under a lease; None if someone else got there."""
         now = self.clock()
-        return self._move(
+        return await self._move(
             job,
             (JobState.QUEUED,),
             job.attempts,
@@ -349,11 +352,11 @@ class JobService:
             lease_expires_at=now + self.cfg.offer_lease_seconds,
         )
 
-    def accept(self, job_id: str, attempt: int, worker_id: str) -> Job | None:
-        job = self._held(job_id, attempt, worker_id, (JobState.OFFERED,))
+    async def accept(self, job_id: str, attempt: int, worker_id: str) -> Job | None:
+        job = await self._held(job_id, attempt, worker_id, (JobState.OFFERED,))
         if job is None:
             return None
-        return self._move(
+        return await self._move(
             job,
             (JobState.OFFERED,),
             attempt,
@@ -362,15 +365,15 @@ class JobService:
             lease_expires_at=self.clock() + self.cfg.time_limit_seconds,
         )
 
-    def resume(self, job_id: str, attempt: int, worker_id: str) -> Job | None:
+    async def resume(self, job_id: str, attempt: int, worker_id: str) -> Job | None:
         """A reconnecting worker still runs an attempt: if the job still waits for it
         (queued since that attempt after the worker's stream dropped, or still held by
         the worker since a coordinator restart), it goes back to RUNNING on that worker."""
         states = (JobState.QUEUED, *ACTIVE_STATES)
-        job = self._held(job_id, attempt, worker_id, states)
+        job = await self._held(job_id, attempt, worker_id, states)
         if job is None:
             return None
-        return self._move(
+        return await self._move(
             job,
             states,
             attempt,
@@ -379,30 +382,30 @@ class JobService:
             lease_expires_at=self.clock() + self.cfg.time_limit_seconds,
         )
 
-    def worker_returned(self, worker_id: str, resumed: set[str]) -> None:
+    async def worker_returned(self, worker_id: str, resumed: set[str]) -> None:
         """A worker reconnected after a coordinator restart: the jobs held for it that it
         did not resume (it no longer runs them) are requeued now, costing no attempt."""
         for job_id, attempt in list(self._restart_holds.get(worker_id, {}).items()):
             if job_id in resumed:
                 continue
-            job = self._held(job_id, attempt, worker_id, ACTIVE_STATES)
+            job = await self._held(job_id, attempt, worker_id, ACTIVE_STATES)
             if job is None:
                 self._drop_hold(worker_id, job_id)
             else:
-                self.requeue(job, RESTARTED, tell_worker=False, costs_attempt=False)
+                await self.requeue(job, RESTARTED, tell_worker=False, costs_attempt=False)
 
-    def reject(self, job_id: str, attempt: int, worker_id: str, reason: str) -> Job | None:
-        job = self._held(job_id, attempt, worker_id, (JobState.OFFERED,))
+    async def reject(self, job_id: str, attempt: int, worker_id: str, reason: str) -> Job | None:
+        job = await self._held(job_id, attempt, worker_id, (JobState.OFFERED,))
         if job is None:
             return None
-        return self.requeue(job, f"rejected: {reason or 'no reason'}", tell_worker=False)
+        return await self.requeue(job, f"rejected: {reason or 'no reason'}", tell_worker=False)
 
-    def progress(
+    async def progress(
         self, job_id: str, attempt: int, worker_id: str, text: str, fraction: float
     ) -> None:
         """A chunk of output of the running attempt: numbered and sent to watchers now,
         written to the store with the chunks around it (see the module docstring)."""
-        job = self._held(job_id, attempt, worker_id, (JobState.RUNNING,))
+        job = await self._held(job_id, attempt, worker_id, (JobState.RUNNING,))
         if job is None:
             return
         now = self.clock()
@@ -421,13 +424,28 @@ class JobService:
         chunks, chars, _ = self.live.pending(job_id)
         delay = self.cfg.progress_flush_seconds
         if chunks >= PROGRESS_FLUSH_CHUNKS or chars >= PROGRESS_FLUSH_CHARS or delay <= 0:
-            self.flush_progress(job_id)
+            await self.flush_progress(job_id)
         elif chunks == 1:
-            with contextlib.suppress(RuntimeError):  # no loop (tests): sweep() flushes
-                loop = asyncio.get_running_loop()
-                self.live.set_timer(job_id, loop.call_later(delay, self.flush_progress, job_id))
+            loop = asyncio.get_running_loop()
+            self.live.set_timer(job_id, loop.call_later(delay, self._flush_later, job_id))
 
-    def flush_progress(self, job_id: str | None = None) -> None:
+    def _flush_later(self, job_id: str) -> None:
+        """The flush timer of a job fired: writes its progress in a task of its own."""
+        task = asyncio.get_running_loop().create_task(self.flush_progress(job_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("progress flush failed", exc_info=task.exception())
+
+    async def drain(self) -> None:
+        """Waits for the flushes timers started (before the store closes)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def flush_progress(self, job_id: str | None = None) -> None:
         """Writes the job's (None: every job's) progress not in the store yet, one row
         per job. Chunks of a job that became final meanwhile (on another coordinator)
         are dropped."""
@@ -435,13 +453,13 @@ class JobService:
             pending = self.live.take_pending(jid)
             if not pending:
                 continue
-            if not self.store.append_progress(pending):
+            if not await self.store.append_progress(pending):
                 log.warning(
                     "job %s: %d progress chunk(s) not stored (the job moved on)", jid, len(pending)
                 )
             self.live.flushed(jid, pending[-1].sequence)
 
-    def complete(
+    async def complete(
         self,
         job_id: str,
         attempt: int,
@@ -460,11 +478,11 @@ class JobService:
         worker that held an earlier attempt (its stream dropped, the job was requeued) may
         still deliver, as long as the job is not final. Whoever holds the job then is told
         to stop."""
-        job = self._held(job_id, attempt, worker_id, (JobState.RUNNING,))
+        job = await self._held(job_id, attempt, worker_id, (JobState.RUNNING,))
         late = job is None
         if late:
-            job = self.store.get_job(job_id)
-        offered_at = self.store.offered_at(job_id, worker_id, attempt)
+            job = await self.store.get_job(job_id)
+        offered_at = await self.store.offered_at(job_id, worker_id, attempt)
         if job is None or job.state.final or offered_at is None:
             return False, "stale: this worker holds no open attempt of the job"
         try:
@@ -481,9 +499,9 @@ class JobService:
             )
         except DispatchError as e:
             if not late:
-                self.requeue(job, f"bad receipt: {e.message}", tell_worker=False)
+                await self.requeue(job, f"bad receipt: {e.message}", tell_worker=False)
             return False, e.message
-        done = self._move(
+        done = await self._move(
             job,
             OPEN_STATES if late else (JobState.RUNNING,),
             job.attempts,
@@ -497,7 +515,7 @@ class JobService:
         )
         if done is None:
             return False, "stale: the job changed state meanwhile"
-        self.reputation.record(worker_id, True)
+        await self.reputation.record(worker_id, True)
         if late and job.state in ACTIVE_STATES and job.worker_id:
             self._release(done, job.worker_id, job.attempts, "completed_elsewhere", True)
         self._release(done, worker_id, attempt, "completed", tell_worker=False)
@@ -505,16 +523,16 @@ class JobService:
             listener.job_completed(done)
         return True, ""
 
-    def fail(
+    async def fail(
         self, job_id: str, attempt: int, worker_id: str, failure: Failure, retryable: bool
     ) -> bool:
-        job = self._held(job_id, attempt, worker_id, ACTIVE_STATES)
+        job = await self._held(job_id, attempt, worker_id, ACTIVE_STATES)
         if job is None:
             return False
-        self.reputation.record(worker_id, False)
+        await self.reputation.record(worker_id, False)
         if retryable:
-            return self.requeue(job, f"failed: {failure.code}", tell_worker=False) is not None
-        failed = self._move(
+            return await self.requeue(job, f"failed: {failure.code}", tell_worker=False) is not None
+        failed = await self._move(
             job,
             ACTIVE_STATES,
             attempt,
@@ -530,14 +548,14 @@ class JobService:
             self._release(failed, worker_id, attempt, failure.code, tell_worker=False)
         return failed is not None
 
-    def requeue(
+    async def requeue(
         self, job: Job, reason: str, tell_worker: bool, costs_attempt: bool = True
     ) -> Job | None:
         """Takes an active job back from its worker: QUEUED again, or FAILED past max
         attempts. costs_attempt=False (the attempt was cut short by a coordinator
         restart): always QUEUED, with one more attempt allowed."""
         if not costs_attempt:
-            moved = self._move(
+            moved = await self._move(
                 job,
                 ACTIVE_STATES,
                 job.attempts,
@@ -552,7 +570,7 @@ class JobService:
                 "max_attempts_exceeded",
                 f"gave up after {job.attempts} attempt(s); last: {reason}",
             )
-            moved = self._move(
+            moved = await self._move(
                 job,
                 ACTIVE_STATES,
                 job.attempts,
@@ -567,7 +585,7 @@ class JobService:
                 ),
             )
         else:
-            moved = self._move(
+            moved = await self._move(
                 job,
                 ACTIVE_STATES,
                 job.attempts,
@@ -582,42 +600,42 @@ class JobService:
                 self.listener.job_queued()
         return moved
 
-    def worker_lost(self, worker_id: str, reason: str) -> list[Job]:
+    async def worker_lost(self, worker_id: str, reason: str) -> list[Job]:
         """Requeues every job the worker holds (stream dropped, evicted)."""
         out = []
-        for job in self.store.active_jobs(worker_id):
-            moved = self.requeue(job, reason, tell_worker=False)
+        for job in await self.store.active_jobs(worker_id):
+            moved = await self.requeue(job, reason, tell_worker=False)
             if moved is not None:
                 out.append(moved)
         return out
 
-    def sweep(self) -> None:
+    async def sweep(self) -> None:
         """Lapsed leases go back to the queue; jobs nobody could take in time fail; expired
         quotes give their storage back, and with pairing codes long expired are deleted
         (GetQuote is public, so they must not pile up)."""
         now = self.clock()
         for job_id in self.live.with_pending():  # backstop for the flush timers
             if self.live.pending(job_id)[2] + self.cfg.progress_flush_seconds <= now:
-                self.flush_progress(job_id)
+                await self.flush_progress(job_id)
         if now >= self._next_purge:
-            self.store.release_expired_quotes(now)
-            self.store.purge_expired(now - EXPIRED_RETENTION_SECONDS)
+            await self.store.release_expired_quotes(now)
+            await self.store.purge_expired(now - EXPIRED_RETENTION_SECONDS)
             self._next_purge = now + PURGE_INTERVAL_SECONDS
-        for job in self.store.lapsed_leases(now):
+        for job in await self.store.lapsed_leases(now):
             if self._restart_holds.get(job.worker_id, {}).get(job.job_id) == job.attempts:
                 # its worker did not come back within the restart grace
-                self.requeue(job, RESTARTED, tell_worker=True, costs_attempt=False)
+                await self.requeue(job, RESTARTED, tell_worker=True, costs_attempt=False)
                 continue
             reason = (
                 "offer_lease_expired" if job.state is JobState.OFFERED else "time_limit_exceeded"
             )
-            self.requeue(job, reason, tell_worker=True)
-        for job in self.store.stale_queued(now - self.cfg.queue_timeout_seconds):
+            await self.requeue(job, reason, tell_worker=True)
+        for job in await self.store.stale_queued(now - self.cfg.queue_timeout_seconds):
             failure = Failure(
                 "no_eligible_worker",
                 f"no eligible worker took the job within {self.cfg.queue_timeout_seconds:g}s",
             )
-            self._move(
+            await self._move(
                 job,
                 (JobState.QUEUED,),
                 job.attempts,
@@ -626,7 +644,7 @@ class JobService:
                 failure=failure,
             )
 
-    def recover(self) -> int:
+    async def recover(self) -> int:
         """At start-up, no worker is connected to this process yet: each job a worker held
         stays held for it, under a lease of jobs.restart_grace_seconds, for the worker to
         reconnect and resume (resume); past the lease, or when the worker comes back
@@ -634,8 +652,8 @@ class JobService:
         Returns how many jobs are held."""
         grace_until = self.clock() + self.cfg.restart_grace_seconds
         held = 0
-        for job in self.store.active_jobs():
-            moved = self._move(
+        for job in await self.store.active_jobs():
+            moved = await self._move(
                 job, (job.state,), job.attempts, job.state, RESTARTED, lease_expires_at=grace_until
             )
             if moved is not None:
@@ -645,10 +663,10 @@ class JobService:
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _held(
+    async def _held(
         self, job_id: str, attempt: int, worker_id: str, states: tuple[JobState, ...]
     ) -> Job | None:
-        job = self.store.get_job(job_id)
+        job = await self.store.get_job(job_id)
         if (
             job is None
             or job.worker_id != worker_id
@@ -658,7 +676,7 @@ class JobService:
             return None
         return job
 
-    def _move(
+    async def _move(
         self,
         job: Job,
         from_states: tuple[JobState, ...],
@@ -668,7 +686,7 @@ class JobService:
         feedback: FeedbackEntry | None = None,
         **changes: object,
     ) -> Job | None:
-        self.flush_progress(job.job_id)  # progress first: stored sequences stay in order
+        await self.flush_progress(job.job_id)  # progress first: stored sequences stay in order
         now = self.clock()
         worker_id = str(changes.get("worker_id", job.worker_id))
         new_attempt = int(changes.get("attempts", job.attempts))  # type: ignore[call-overload]
@@ -682,7 +700,7 @@ class JobService:
             worker_id=worker_id,
             attempt=new_attempt,
         )
-        moved = self.store.transition(
+        moved = await self.store.transition(
             job.job_id,
             from_states,
             attempt,

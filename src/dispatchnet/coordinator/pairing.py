@@ -54,16 +54,16 @@ class PairingService:
             cfg.max_tracked_keys,
         )
 
-    def create_code(self, client_id: str, ttl_seconds: int) -> tuple[str, float]:
+    async def create_code(self, client_id: str, ttl_seconds: int) -> tuple[str, float]:
         ttl = ttl_seconds or self.cfg.code_ttl_seconds
         if not 1 <= ttl <= MAX_TTL:
             raise InvalidArgument(f"ttl_seconds must be between 1 and {MAX_TTL}")
         raw = "".join(secrets.choice(ALPHABET) for _ in range(CODE_LEN))
         expires = self.clock() + ttl
-        self.store.put_pairing_code(code_hash(raw), client_id, expires)
+        await self.store.put_pairing_code(code_hash(raw), client_id, expires)
         return f"{raw[:4]}-{raw[4:]}", expires
 
-    def claim(self, worker_id: str, code: str) -> Pairing:
+    async def claim(self, worker_id: str, code: str) -> Pairing:
         """Pairs worker_id with the code's client. ResourceExhausted while worker_id (or
         everyone) has too many failed claims in the window, whatever the code."""
         wait = self.failures.retry_after(worker_id, self.clock())
@@ -75,26 +75,28 @@ class PairingService:
         if len(norm) != CODE_LEN or any(c not in ALPHABET for c in norm):
             raise InvalidArgument("a pairing code looks like XXXX-XXXX")
         digest = code_hash(norm)
-        if self.store.pairing_code_owner(digest, self.clock()) == worker_id:
+        if await self.store.pairing_code_owner(digest, self.clock()) == worker_id:
             raise InvalidArgument("a key cannot pair with itself (claim with the worker's key)")
-        client_id = self.store.claim_pairing_code(digest, self.clock())
+        client_id = await self.store.claim_pairing_code(digest, self.clock())
         if client_id is None:
             self.failures.failed(worker_id, self.clock())
             raise NotFound("pairing code is unknown, already used or expired")
         self.failures.succeeded(worker_id)
-        return self.store.put_pairing(Pairing(new_id("pair"), client_id, worker_id, self.clock()))
+        return await self.store.put_pairing(
+            Pairing(new_id("pair"), client_id, worker_id, self.clock())
+        )
 
-    def list(self, party_id: str, include_revoked: bool) -> list[Pairing]:
-        return self.store.list_pairings(party_id, include_revoked)
+    async def list(self, party_id: str, include_revoked: bool) -> list[Pairing]:
+        return await self.store.list_pairings(party_id, include_revoked)
 
-    def revoke(self, party_id: str, pairing_id: str) -> Pairing:
+    async def revoke(self, party_id: str, pairing_id: str) -> Pairing:
         if not pairing_id:
             raise InvalidArgument("pairing_id is required")
-        p = self.store.get_pairing(pairing_id)
+        p = await self.store.get_pairing(pairing_id)
         if p is None:
             raise NotFound(f"pairing {quoted(pairing_id)} does not exist")
         if party_id not in (p.client_id, p.worker_id):
             raise PermissionDenied("only the paired client or worker may revoke a pairing")
-        revoked = self.store.revoke_pairing(pairing_id, self.clock())
+        revoked = await self.store.revoke_pairing(pairing_id, self.clock())
         assert revoked is not None
         return revoked

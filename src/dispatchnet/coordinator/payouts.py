@@ -98,7 +98,7 @@ class PayoutService(OutboxLoop):
 
     async def _resume(self) -> int:
         """Step 1: the payouts recorded before this run, looked up before anything is sent."""
-        open_ = self.ledger.open_payouts(self.network, PAGE)
+        open_ = await self.ledger.open_payouts(self.network, PAGE)
         to_sign = [p for p in open_ if p.state is PayoutRowState.PENDING]
         to_send: list[PayoutRecord] = []
         for p in open_:
@@ -108,11 +108,11 @@ class PayoutService(OutboxLoop):
             if status.state is PayoutState.NOT_FOUND:
                 to_send.append(p)
             elif status.state is PayoutState.STALE:
-                fresh = self._update(p, state=PayoutRowState.PENDING, raw="", error="stale")
+                fresh = await self._update(p, state=PayoutRowState.PENDING, raw="", error="stale")
                 if fresh is not None:
                     to_sign.append(fresh)
             else:
-                self._outcome(p, status)
+                await self._outcome(p, status)
         to_send += await self._sign(to_sign)
         await self._send(to_send)
         return len(open_)
@@ -127,7 +127,7 @@ class PayoutService(OutboxLoop):
         cursor = None
         # pages on past workers with no payout address, so they never hide the ones behind
         for _ in range(MAX_PAGES):
-            page = self.ledger.payouts_due(
+            page = await self.ledger.payouts_due(
                 self.network, self.cfg.min_payout_micros, before, PAGE, cursor
             )
             for d in page:
@@ -159,7 +159,7 @@ class PayoutService(OutboxLoop):
             created_at=now,
             updated_at=now,
         )
-        return record if self.ledger.create_payout(record) else None
+        return record if await self.ledger.create_payout(record) else None
 
     async def _sign(self, pending: list[PayoutRecord]) -> list[PayoutRecord]:
         """Signs pending payouts and stores each signed artifact before anything is sent."""
@@ -169,7 +169,7 @@ class PayoutService(OutboxLoop):
         signed = await asyncio.to_thread(self.sender.sign, payouts)
         stored = []
         for p, s in zip(pending, signed, strict=True):
-            record = self._update(
+            record = await self._update(
                 p, state=PayoutRowState.SIGNED, raw=s.raw, transaction=s.transaction, error=""
             )
             if record is not None:
@@ -183,21 +183,23 @@ class PayoutService(OutboxLoop):
         for p in signed:
             status = results.get(p.payout_id)
             if status is not None:
-                self._outcome(p, status)
+                await self._outcome(p, status)
 
-    def _outcome(self, p: PayoutRecord, status: PayoutStatus) -> None:
+    async def _outcome(self, p: PayoutRecord, status: PayoutStatus) -> None:
         if status.state is PayoutState.LANDED:
-            self._update(p, state=PayoutRowState.LANDED, transaction=status.transaction, error="")
+            await self._update(
+                p, state=PayoutRowState.LANDED, transaction=status.transaction, error=""
+            )
             log.info("payout %s of %d to %s landed in %s", p.payout_id, p.amount, p.to,
                      status.transaction)  # fmt: skip
         elif status.state is PayoutState.FAILED:
-            self._update(p, state=PayoutRowState.FAILED, error=status.reason[:500])
+            await self._update(p, state=PayoutRowState.FAILED, error=status.reason[:500])
             self._failed = f"payout {p.payout_id} failed: {status.reason}"[:500]
             log.warning("payout %s failed for good (%s): its amount is back in the balance",
                         p.payout_id, status.reason)  # fmt: skip
 
-    def _update(self, p: PayoutRecord, **changes: Any) -> PayoutRecord | None:
-        return self.ledger.update_payout(
+    async def _update(self, p: PayoutRecord, **changes: Any) -> PayoutRecord | None:
+        return await self.ledger.update_payout(
             p.payout_id,
             (p.state,),
             {**changes, "updated_at": self.clock()},

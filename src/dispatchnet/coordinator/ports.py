@@ -49,11 +49,11 @@ class ReputationSource(Protocol):
 
     def score(self, worker_id: str) -> float: ...
 
-    def warm(self, worker_id: str) -> None:
+    async def warm(self, worker_id: str) -> None:
         """Loads or refreshes a worker's score off the hot path (e.g. when it connects)."""
         ...
 
-    def record(self, worker_id: str, success: bool) -> None:
+    async def record(self, worker_id: str, success: bool) -> None:
         """Takes note of a finished job."""
         ...
 
@@ -82,17 +82,17 @@ class CompletionListener(Protocol):
 class EarningsLedger(Protocol):
     """The workers' credits (written by the store with each settlement)."""
 
-    def earnings(
+    async def earnings(
         self, worker_id: str, limit: int, before: tuple[float, str] | None = None
     ) -> list[Earning]:
         """A worker's credits newest first, those before the (credited_at, job_id) cursor."""
         ...
 
-    def balances(self, worker_ids: Sequence[str]) -> dict[str, list[Balance]]:
+    async def balances(self, worker_ids: Sequence[str]) -> dict[str, list[Balance]]:
         """Each worker's earnings per (network, asset), in one read."""
         ...
 
-    def payouts(self, worker_id: str, limit: int) -> list[PayoutRecord]:
+    async def payouts(self, worker_id: str, limit: int) -> list[PayoutRecord]:
         """A worker's payouts, newest first."""
         ...
 
@@ -100,7 +100,7 @@ class EarningsLedger(Protocol):
 class PayoutLedger(Protocol):
     """The payouts table and the balances it debits (written by coordinator/payouts.py)."""
 
-    def payouts_due(
+    async def payouts_due(
         self,
         network: str,
         min_amount: int,
@@ -113,12 +113,12 @@ class PayoutLedger(Protocol):
         the `after` cursor (PayoutDue.cursor of the previous page)."""
         ...
 
-    def create_payout(self, payout: PayoutRecord) -> bool:
+    async def create_payout(self, payout: PayoutRecord) -> bool:
         """Records the payout and debits its amount from the worker's balance in one
         transaction; False (nothing written) when the balance is below the amount."""
         ...
 
-    def update_payout(
+    async def update_payout(
         self, payout_id: str, from_states: Sequence[PayoutRowState], changes: dict[str, Any]
     ) -> PayoutRecord | None:
         """Compare-and-set on the payout's state (changes: state, raw, transaction, error,
@@ -126,10 +126,10 @@ class PayoutLedger(Protocol):
         returns its amount to the worker's balance in the same transaction."""
         ...
 
-    def open_payouts(self, network: str, limit: int) -> list[PayoutRecord]:
+    async def open_payouts(self, network: str, limit: int) -> list[PayoutRecord]:
         """Payouts on `network` not known to have landed or failed, oldest first."""
         ...
 
-    def payouts(self, worker_id: str, limit: int) -> list[PayoutRecord]:
+    async def payouts(self, worker_id: str, limit: int) -> list[PayoutRecord]:
         """A worker's payouts, newest first."""
         ...

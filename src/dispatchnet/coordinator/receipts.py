@@ -35,29 +35,29 @@ class ReceiptQueries:
     def __init__(self, jobs: JobService) -> None:
         self.jobs = jobs
 
-    def get(self, client_id: str, job_id: str) -> Receipt:
-        return self.get_with_payment(client_id, job_id)[0]
+    async def get(self, client_id: str, job_id: str) -> Receipt:
+        return (await self.get_with_payment(client_id, job_id))[0]
 
-    def get_with_payment(self, client_id: str, job_id: str) -> tuple[Receipt, PaymentRef]:
+    async def get_with_payment(self, client_id: str, job_id: str) -> tuple[Receipt, PaymentRef]:
         """The receipt and the job's payment as it stands now (settled, refunded...)."""
-        job = self.jobs.get(client_id, job_id)
+        job = await self.jobs.get(client_id, job_id)
         if job.receipt is None:
             raise FailedPrecondition(
                 f"job {quoted(job_id)} is {job.state.name}; only completed jobs have receipts"
             )
         return job.receipt, job.payment
 
-    def proof(self, client_id: str, job_id: str) -> ReceiptProof:
+    async def proof(self, client_id: str, job_id: str) -> ReceiptProof:
         """The inclusion proof of a completed job's receipt in its batch (owner only)."""
-        receipt = self.get(client_id, job_id)
+        receipt = await self.get(client_id, job_id)
         store = self.jobs.store
-        leaf = store.receipt_leaf(job_id)
+        leaf = await store.receipt_leaf(job_id)
         if leaf is None:
             raise FailedPrecondition(
                 f"the receipt of job {quoted(job_id)} is not batched yet; retry in a few seconds"
             )
-        batch = store.get_receipt_batch(leaf.batch_id)
-        hashes = [x.receipt_sha256 for x in store.batch_leaves(leaf.batch_id)]
+        batch = await store.get_receipt_batch(leaf.batch_id)
+        hashes = [x.receipt_sha256 for x in await store.batch_leaves(leaf.batch_id)]
         if (
             batch is None
             or len(hashes) != batch.leaf_count

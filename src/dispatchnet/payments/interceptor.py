@@ -65,7 +65,7 @@ class PaymentInterceptor(AsyncServerInterceptor):
             raise await self.service.refusal_for(request.quote_id, e) from None
         finally:
             _payment.reset(token)
-        value = self.service.response_header(response.job)
+        value = await self.service.response_header(response.job)
         if value:
             context.set_trailing_metadata(((PAYMENT_RESPONSE, value),))
         return response

@@ -140,7 +140,7 @@ class PaymentService(OutboxLoop):
         PaymentRequired (none sent, or refused), InvalidArgument (malformed), Unavailable
         (facilitator or node down), and whatever would stop the commit anyway
         (JobService.check_commit), before any payment is verified."""
-        quote, existing = self.jobs.check_commit(client_id, quote_id, idempotency_key)
+        quote, existing = await self.jobs.check_commit(client_id, quote_id, idempotency_key)
         if existing is not None:
             return None
         now = self.clock()
@@ -155,7 +155,7 @@ class PaymentService(OutboxLoop):
             )
         try:
             payment = self.gateway.parse(header, offers, now)
-            if self.store.payment_used(
+            if await self.store.payment_used(
                 payment.network, payment.asset, payment.payer, payment.authorization_id
             ):
                 raise PaymentReused("this payment was already used for a job; sign a new one")
@@ -167,11 +167,11 @@ class PaymentService(OutboxLoop):
 
     async def refusal_for(self, quote_id: str, e: PaymentRequired) -> PaymentRequired:
         """e with the quote's payment-required header (for refusals raised at commit)."""
-        quote = self.jobs.get_quote(quote_id)
+        quote = await self.jobs.get_quote(quote_id)
         return self.refusal(quote, await self.offers(quote), e.message, e.reason)
 
-    def response_header(self, job: Job) -> str:
-        payment = self.store.get_payment(job.job_id)
+    async def response_header(self, job: Job) -> str:
+        payment = await self.store.get_payment(job.job_id)
         return self.gateway.response_header(payment) if payment is not None else ""
 
     # --- settlement loop --------------------------------------------------------------------
@@ -190,12 +190,12 @@ class PaymentService(OutboxLoop):
             return 0
         changed = 0
         due: list[Payment] = []
-        for payment, job_state in self.store.due_payments(self.clock(), PAGE):
+        for payment, job_state in await self.store.due_payments(self.clock(), PAGE):
             try:
                 if await self._advance(payment, job_state, due):
                     changed += 1
             except Unavailable as e:
-                self._back_off(payment, e.message)
+                await self._back_off(payment, e.message)
                 return changed
             except Exception:  # a bug, not the chain: keep the payment, go on
                 log.exception("payment of job %s failed unexpectedly", payment.job_id)
@@ -203,9 +203,9 @@ class PaymentService(OutboxLoop):
             self.recovered()
         return changed + await self._settle_due(due)
 
-    def _back_off(self, payment: Payment, error: str) -> None:
+    async def _back_off(self, payment: Payment, error: str) -> None:
         delay = self.backed_off(error)
-        self._update(payment, (payment.status,), error=error, attempts=payment.attempts + 1)
+        await self._update(payment, (payment.status,), error=error, attempts=payment.attempts + 1)
         log.warning("payment of job %s waits (%s); retrying in %.1fs", payment.job_id, error, delay)
 
     async def _advance(self, p: Payment, job_state: JobState, due: list[Payment]) -> bool:
@@ -215,7 +215,7 @@ class PaymentService(OutboxLoop):
         dropped = job_state in (JobState.FAILED, JobState.CANCELLED)
         if p.status is PaymentStatus.AUTHORIZED:
             if dropped:
-                return self._update(p, (p.status,), status=PaymentStatus.RELEASED) is not None
+                return await self._update(p, (p.status,), status=PaymentStatus.RELEASED) is not None
             if done or now >= p.settle_by:
                 # (an expired authorization is refused, unless an earlier attempt settled
                 # it after all: settlement finds that on chain)
@@ -223,9 +223,9 @@ class PaymentService(OutboxLoop):
             return False
         if p.status is PaymentStatus.HELD:
             if done:
-                return self._update(p, (p.status,), status=PaymentStatus.SETTLED) is not None
+                return await self._update(p, (p.status,), status=PaymentStatus.SETTLED) is not None
             if dropped:
-                p = self._update(p, (p.status,), status=PaymentStatus.REFUND_DUE) or p
+                p = await self._update(p, (p.status,), status=PaymentStatus.REFUND_DUE) or p
         if p.status is PaymentStatus.REFUND_DUE:
             return await self._refund(p)
         return False
@@ -260,23 +260,23 @@ class PaymentService(OutboxLoop):
                     results = await asyncio.to_thread(self.gateway.settle_batch, chunk)
             except Unavailable as e:
                 for p in chunk:
-                    self._back_off(p, e.message)
+                    await self._back_off(p, e.message)
                 break
             self.recovered()
-            for p in chunk:
-                result = results.get(p.job_id)
-                if result is not None:
-                    self._due_since.pop(p.job_id, None)
-                    changed += self._settled(p, result)
+            settled = [(p, r) for p in chunk if (r := results.get(p.job_id)) is not None]
+            for p, _ in settled:
+                self._due_since.pop(p.job_id, None)
+            # recorded together: the store commits them in one transaction
+            changed += sum(await asyncio.gather(*(self._settled(p, r) for p, r in settled)))
         return changed
 
-    def _settled(self, p: Payment, result: str | SettlementRefused) -> int:
+    async def _settled(self, p: Payment, result: str | SettlementRefused) -> int:
         """Records one settlement's outcome: the transaction, or a final refusal."""
         if isinstance(result, SettlementRefused):
             log.warning("settlement of job %s refused: %s (not charged)", p.job_id, result)
-            self._update(p, (p.status,), status=PaymentStatus.FAILED, error=str(result))
+            await self._update(p, (p.status,), status=PaymentStatus.FAILED, error=str(result))
             return 1
-        job = self.store.get_job(p.job_id)
+        job = await self.store.get_job(p.job_id)
         state = job.state if job is not None else JobState.FAILED
         status = (
             PaymentStatus.SETTLED
@@ -286,7 +286,7 @@ class PaymentService(OutboxLoop):
             else PaymentStatus.HELD
         )
         log.info("payment of job %s settled in %s (%s)", p.job_id, result, status.value)
-        self._update(p, (p.status,), status=status, transaction=result, error="")
+        await self._update(p, (p.status,), status=status, transaction=result, error="")
         return 1
 
     async def _refund(self, p: Payment) -> bool:
@@ -295,11 +295,11 @@ class PaymentService(OutboxLoop):
             if mined is None:
                 mined = await asyncio.to_thread(self.gateway.broadcast_refund, p)
             if mined is None:  # stale: sign a new one
-                self._update(p, (p.status,), refund_transaction="", refund_raw="")
+                await self._update(p, (p.status,), refund_transaction="", refund_raw="")
                 return True
             if not mined:
                 # reverted (e.g. the account lacks the funds): keep it due, try a new one
-                self._update(
+                await self._update(
                     p,
                     (p.status,),
                     refund_transaction="",
@@ -307,20 +307,22 @@ class PaymentService(OutboxLoop):
                     error=f"refund {p.refund_transaction} reverted",
                 )
                 raise Unavailable(f"refund {p.refund_transaction} reverted")
-            self._update(p, (p.status,), status=PaymentStatus.REFUNDED, refund_raw="", error="")
+            await self._update(
+                p, (p.status,), status=PaymentStatus.REFUNDED, refund_raw="", error=""
+            )
             log.info("payment of job %s refunded in %s", p.job_id, p.refund_transaction)
             return True
         raw, tx = await asyncio.to_thread(self.gateway.sign_refund, p)
-        stored = self._update(p, (p.status,), refund_transaction=tx, refund_raw=raw)
+        stored = await self._update(p, (p.status,), refund_transaction=tx, refund_raw=raw)
         return await self._refund(stored) if stored is not None else False
 
-    def _update(
+    async def _update(
         self, p: Payment, from_statuses: tuple[PaymentStatus, ...], **changes: Any
     ) -> Payment | None:
         # the money arrived and the job completed: its worker is credited in the same
         # transaction (refunds reverse a credit in the store; see Store.update_payment)
         settled = changes.get("status") is PaymentStatus.SETTLED
-        updated = self.store.update_payment(
+        updated = await self.store.update_payment(
             p.job_id,
             from_statuses,
             {**changes, "updated_at": self.clock()},

@@ -84,26 +84,26 @@ class ReceiptBatcher:
         """CompletionListener: a completed job has a receipt waiting for a batch."""
         self._wake.set()
 
-    def close_due(self) -> list[ReceiptBatch]:
+    async def close_due(self) -> list[ReceiptBatch]:
         """Closes every batch that is due now (full, or holding a receipt that waited long
         enough); the batches stored."""
         closed: list[ReceiptBatch] = []
         self._next_due = None
         for _ in range(MAX_BATCHES_PER_PASS):
-            waiting = self.store.unbatched_receipts(self.cfg.batch_size)
+            waiting = await self.store.unbatched_receipts(self.cfg.batch_size)
             if not waiting:
                 return closed
             due_at = waiting[0].completed_at + self.cfg.batch_max_age_seconds
             if len(waiting) < self.cfg.batch_size and self.clock() < due_at:
                 self._next_due = due_at
                 return closed
-            batch = self._close(waiting)
+            batch = await self._close(waiting)
             if batch is not None:
                 closed.append(batch)
         self.kick()  # more is due; continue after other tasks had a turn
         return closed
 
-    def _close(self, waiting: list[UnbatchedReceipt]) -> ReceiptBatch | None:
+    async def _close(self, waiting: list[UnbatchedReceipt]) -> ReceiptBatch | None:
         batch = ReceiptBatch(
             batch_id=new_batch_id(),
             merkle_root=merkle_root([r.receipt_sha256 for r in waiting]),
@@ -111,7 +111,7 @@ class ReceiptBatcher:
             created_at=self.clock(),
             anchor_status=AnchorStatus.PENDING if self.anchorer.enabled else AnchorStatus.NONE,
         )
-        if not self.store.create_receipt_batch(batch, waiting):
+        if not await self.store.create_receipt_batch(batch, waiting):
             # another coordinator batched some of these meanwhile; the next read sees it
             log.info("receipt batch lost a race with another batcher; re-reading")
             return None
@@ -131,7 +131,7 @@ class ReceiptBatcher:
     async def _batch_loop(self) -> None:
         while True:
             try:
-                if self.close_due() and self.anchorer.enabled:
+                if await self.close_due() and self.anchorer.enabled:
                     self.anchoring.kick()
             except Exception:
                 log.exception("receipt batching pass failed; retrying on the next tick")
@@ -151,7 +151,7 @@ class ReceiptBatcher:
             return 0
         now = self.clock()
         anchored = 0
-        for batch in self.store.receipt_batches(TO_ANCHOR, limit=ANCHOR_PAGE):
+        for batch in await self.store.receipt_batches(TO_ANCHOR, limit=ANCHOR_PAGE):
             if self._failed_retry_at.get(batch.batch_id, 0.0) > now:
                 continue
             outcome = await self._anchor(batch)
@@ -170,7 +170,7 @@ class ReceiptBatcher:
         except (Unavailable, TimeoutError) as e:
             error = e.message if isinstance(e, Unavailable) else "no answer in time"
             delay = self.anchoring.backed_off(error)
-            self.store.update_anchor(batch.batch_id, AnchorStatus.PENDING, error=error)
+            await self.store.update_anchor(batch.batch_id, AnchorStatus.PENDING, error=error)
             log.warning(
                 "anchoring batch %s failed (%s); retrying in %.1fs", batch.batch_id, error, delay
             )
@@ -179,11 +179,11 @@ class ReceiptBatcher:
             log.exception("anchoring batch %s failed unexpectedly", batch.batch_id)
             self._failed_retry_at[batch.batch_id] = self.clock() + self.anchoring.retry_max
             error = f"{type(e).__name__}: {e}"
-            self.store.update_anchor(batch.batch_id, AnchorStatus.FAILED, error=error)
+            await self.store.update_anchor(batch.batch_id, AnchorStatus.FAILED, error=error)
             return AnchorStatus.FAILED
         self.anchoring.recovered()
         self._failed_retry_at.pop(batch.batch_id, None)
-        self.store.update_anchor(
+        await self.store.update_anchor(
             batch.batch_id,
             AnchorStatus.ANCHORED,
             network=result.network,

@@ -77,7 +77,7 @@ class Erc8004Reputation:
         s = (c.count * c.mean + c.local_sum + self.k * self.prior) / (n + self.k)
         return min(1.0, max(0.0, s))
 
-    def warm(self, worker_id: str) -> None:
+    async def warm(self, worker_id: str) -> None:
         agent = self._agent(worker_id)
         if agent is None or agent in self._refreshing:
             return
@@ -103,7 +103,7 @@ class Erc8004Reputation:
         finally:
             self._refreshing.pop(agent_id, None)
 
-    def record(self, worker_id: str, success: bool) -> None:
+    async def record(self, worker_id: str, success: bool) -> None:
         agent = self._agent(worker_id)
         if agent is None:
             return

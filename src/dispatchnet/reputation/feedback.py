@@ -71,7 +71,7 @@ class FeedbackSender(OutboxLoop):
         if self.backing_off():
             return 0
         sent = 0
-        for entry in self.store.feedback_entries((FeedbackStatus.PENDING,), limit=PAGE):
+        for entry in await self.store.feedback_entries((FeedbackStatus.PENDING,), limit=PAGE):
             try:
                 async with asyncio.timeout(self.send_timeout):
                     tx = await self.poster.give(entry)
@@ -88,13 +88,13 @@ class FeedbackSender(OutboxLoop):
                 break
             except self.rejected as e:
                 log.warning("feedback for job %s rejected: %s", entry.job_id, e)
-                self.store.update_feedback(entry.job_id, FeedbackStatus.FAILED, error=str(e))
+                await self.store.update_feedback(entry.job_id, FeedbackStatus.FAILED, error=str(e))
                 continue
             except Exception:  # a bug, not the chain: keep it pending, go on with the rest
                 log.exception("sending feedback for job %s failed unexpectedly", entry.job_id)
                 continue
             self.recovered()
-            self.store.update_feedback(entry.job_id, FeedbackStatus.SENT, transaction=tx)
+            await self.store.update_feedback(entry.job_id, FeedbackStatus.SENT, transaction=tx)
             log.info("feedback for job %s (agent %d) sent in %s", entry.job_id, entry.agent_id, tx)
             sent += 1
         return sent

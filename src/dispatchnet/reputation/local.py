@@ -14,14 +14,14 @@ class LocalReputation:
         self.store = store
         self._stats: dict[str, tuple[int, int]] = {}
 
-    def warm(self, worker_id: str) -> None:
-        self._stats[worker_id] = self.store.worker_stats(worker_id)
+    async def warm(self, worker_id: str) -> None:
+        self._stats[worker_id] = await self.store.worker_stats(worker_id)
 
     def score(self, worker_id: str) -> float:
         completed, failed = self._stats.get(worker_id, (0, 0))
         return (completed + 1) / (completed + failed + 2)
 
-    def record(self, worker_id: str, success: bool) -> None:
-        self.store.record_outcome(worker_id, success)
+    async def record(self, worker_id: str, success: bool) -> None:
+        await self.store.record_outcome(worker_id, success)
         completed, failed = self._stats.get(worker_id, (0, 0))
         self._stats[worker_id] = (completed + success, failed + (not success))

@@ -1,8 +1,15 @@
-"""The Store protocol: everything the coordinator keeps durably.
+"""The Store port: everything the coordinator keeps durably, as coroutines.
+
+The event loop never waits on storage: an implementation does its I/O, lock waits and
+sweeps elsewhere (store/threaded.py: SQLite served by its own connection threads, one
+writer and parallel readers under WAL) and the awaiting coroutine resumes when the answer
+is there. A write is acknowledged (its coroutine returns) only once it is committed.
 
 Every method that changes a job is atomic: the job row and its event commit together or
 not at all, and conditional updates (compare-and-set on state and attempt) make concurrent
-coordinators safe. Implementations: store/sqlite.py (embedded default).
+coordinators safe. Implementations: store/threaded.py over store/sqlite.py (the embedded
+default, whose synchronous SqliteStore has the same methods and is what tools and tests of
+the SQL itself use).
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ class QuoteUsage:
 
 class Store(Protocol):
     # quotes
-    def put_quote(
+    async def put_quote(
         self, quote: Quote, owner: str = "", size: int = 0, module: bytes | None = None
     ) -> None:
         """Stores quote for owner (a client id, "" for anonymous) and counts `size` bytes
@@ -61,23 +68,23 @@ class Store(Protocol):
         WebAssembly module of its spec, content-addressed) with it. One transaction."""
         ...
 
-    def get_quote(self, quote_id: str) -> Quote | None: ...
-    def quote_usage(self, owner: str) -> tuple[QuoteUsage, QuoteUsage]:
+    async def get_quote(self, quote_id: str) -> Quote | None: ...
+    async def quote_usage(self, owner: str) -> tuple[QuoteUsage, QuoteUsage]:
         """What owner's unreleased quotes hold, and what everyone's do."""
         ...
 
-    def release_expired_quotes(self, now: float) -> int:
+    async def release_expired_quotes(self, now: float) -> int:
         """Quotes that expired before `now` give their usage back and drop their spec (the
         row stays, so CommitJob still says "expired", until purge_expired); then modules
         that no stored quote and no open job references are deleted. How many quotes."""
         ...
 
-    def purge_expired(self, before: float) -> int:
+    async def purge_expired(self, before: float) -> int:
         """Deletes released quotes and pairing codes that expired before `before`; how many."""
         ...
 
     # jobs
-    def create_job(
+    async def create_job(
         self, job: Job, event: Event, payment: Payment | None = None
     ) -> tuple[Job, bool]:
         """Inserts job with its first event (and its payment, in the same transaction); if
@@ -87,23 +94,25 @@ class Store(Protocol):
         ...
 
     # payments
-    def get_payment(self, job_id: str) -> Payment | None: ...
-    def payment_used(self, network: str, asset: str, payer: str, authorization_id: str) -> bool:
+    async def get_payment(self, job_id: str) -> Payment | None: ...
+    async def payment_used(
+        self, network: str, asset: str, payer: str, authorization_id: str
+    ) -> bool:
         """Whether a job was committed with this payment already."""
         ...
 
-    def open_payments(self, limit: int = 100) -> list[tuple[Payment, JobState]]:
+    async def open_payments(self, limit: int = 100) -> list[tuple[Payment, JobState]]:
         """Payments that are not final, with their job's state, oldest first."""
         ...
 
-    def due_payments(self, now: float, limit: int = 100) -> list[tuple[Payment, JobState]]:
+    async def due_payments(self, now: float, limit: int = 100) -> list[tuple[Payment, JobState]]:
         """Payments the settlement loop has something to do for, with their job's state,
         oldest first: authorized ones whose job is final or whose settle_by has come, held
         ones whose job is final, and refunds due. Payments of jobs still running wait
         outside the page, so they never hide the ones behind them."""
         ...
 
-    def update_payment(
+    async def update_payment(
         self,
         job_id: str,
         from_statuses: Sequence[PaymentStatus],
@@ -118,20 +127,20 @@ class Store(Protocol):
         ...
 
     # earnings
-    def earnings(
+    async def earnings(
         self, worker_id: str, limit: int, before: tuple[float, str] | None = None
     ) -> list[Earning]:
         """A worker's credits, newest first (by credited_at, then job_id), those before
         the (credited_at, job_id) cursor when given; at most `limit`."""
         ...
 
-    def balances(self, worker_ids: Sequence[str]) -> dict[str, list[Balance]]:
+    async def balances(self, worker_ids: Sequence[str]) -> dict[str, list[Balance]]:
         """The earnings of each of worker_ids that has any, per (network, asset), in one
         read (the caller bounds the ids)."""
         ...
 
     # payouts (coordinator/ports.py PayoutLedger has the contracts)
-    def payouts_due(
+    async def payouts_due(
         self,
         network: str,
         min_amount: int,
@@ -139,17 +148,17 @@ class Store(Protocol):
         limit: int,
         after: tuple[float, str, str] | None = None,
     ) -> list[PayoutDue]: ...
-    def create_payout(self, payout: PayoutRecord) -> bool: ...
-    def update_payout(
+    async def create_payout(self, payout: PayoutRecord) -> bool: ...
+    async def update_payout(
         self, payout_id: str, from_states: Sequence[PayoutRowState], changes: dict[str, Any]
     ) -> PayoutRecord | None: ...
-    def open_payouts(self, network: str, limit: int) -> list[PayoutRecord]: ...
-    def payouts(self, worker_id: str, limit: int) -> list[PayoutRecord]: ...
+    async def open_payouts(self, network: str, limit: int) -> list[PayoutRecord]: ...
+    async def payouts(self, worker_id: str, limit: int) -> list[PayoutRecord]: ...
 
-    def get_job(self, job_id: str) -> Job | None: ...
-    def get_job_by_key(self, client_id: str, idempotency_key: str) -> Job | None: ...
+    async def get_job(self, job_id: str) -> Job | None: ...
+    async def get_job_by_key(self, client_id: str, idempotency_key: str) -> Job | None: ...
 
-    def transition(
+    async def transition(
         self,
         job_id: str,
         from_states: Sequence[JobState],
@@ -164,113 +173,119 @@ class Store(Protocol):
         not hold."""
         ...
 
-    def append_progress(self, events: Sequence[Event]) -> bool:
+    async def append_progress(self, events: Sequence[Event]) -> bool:
         """Stores progress events of one job, one attempt, with consecutive sequence
         numbers (given by the caller), as one row, and makes the last one the job's
         last_sequence. False (nothing written) when the job is final or unknown, or its
         last_sequence is not the one before the first event's."""
         ...
 
-    def offered_at(self, job_id: str, worker_id: str, attempt: int) -> float | None:
+    async def offered_at(self, job_id: str, worker_id: str, attempt: int) -> float | None:
         """When the job's history shows worker_id was offered the given attempt; None if
         it never was."""
         ...
 
-    def held_attempts(self, worker_id: str, job_ids: Sequence[str]) -> set[tuple[str, int]]:
+    async def held_attempts(self, worker_id: str, job_ids: Sequence[str]) -> set[tuple[str, int]]:
         """The (job_id, attempt) pairs among job_ids that worker_id was offered, in one
         read whatever the number of ids (the caller bounds them)."""
         ...
 
-    def events_after(self, job_id: str, sequence: int, limit: int = 500) -> list[Event]:
+    async def events_after(self, job_id: str, sequence: int, limit: int = 500) -> list[Event]:
         """At most `limit` events after `sequence`, in order; progress events stored
         together (append_progress) come back one by one, as they were given."""
         ...
 
-    def queued_jobs(
+    async def queued_jobs(
         self, limit: int, after: tuple[float, str] | None = None, runnable: Runnable | None = None
     ) -> list[Job]:
         """QUEUED jobs oldest first, after the (queued_at, job_id) cursor, and only those
         `runnable` admits (None admits all)."""
         ...
 
-    def lapsed_leases(self, now: float) -> list[Job]: ...
-    def stale_queued(self, queued_before: float) -> list[Job]: ...
-    def active_jobs(self, worker_id: str | None = None) -> list[Job]: ...
+    async def lapsed_leases(self, now: float) -> list[Job]: ...
+    async def stale_queued(self, queued_before: float) -> list[Job]: ...
+    async def active_jobs(self, worker_id: str | None = None) -> list[Job]: ...
 
     # pairing
-    def put_pairing_code(self, code_hash: bytes, client_id: str, expires_at: float) -> None: ...
-    def pairing_code_owner(self, code_hash: bytes, now: float) -> str | None:
+    async def put_pairing_code(
+        self, code_hash: bytes, client_id: str, expires_at: float
+    ) -> None: ...
+    async def pairing_code_owner(self, code_hash: bytes, now: float) -> str | None:
         """The client of an unexpired, unused code (does not use it)."""
         ...
 
-    def claim_pairing_code(self, code_hash: bytes, now: float) -> str | None:
+    async def claim_pairing_code(self, code_hash: bytes, now: float) -> str | None:
         """Marks an unexpired, unused code used and returns its client_id (atomic)."""
         ...
 
-    def put_pairing(self, pairing: Pairing) -> Pairing:
+    async def put_pairing(self, pairing: Pairing) -> Pairing:
         """Stores a pairing; an existing active pairing of the same pair is returned instead."""
         ...
 
-    def get_pairing(self, pairing_id: str) -> Pairing | None: ...
-    def list_pairings(self, party_id: str, include_revoked: bool) -> list[Pairing]: ...
-    def revoke_pairing(self, pairing_id: str, now: float) -> Pairing | None: ...
-    def paired_workers(self, client_id: str) -> set[str]: ...
+    async def get_pairing(self, pairing_id: str) -> Pairing | None: ...
+    async def list_pairings(self, party_id: str, include_revoked: bool) -> list[Pairing]: ...
+    async def revoke_pairing(self, pairing_id: str, now: float) -> Pairing | None: ...
+    async def paired_workers(self, client_id: str) -> set[str]: ...
 
     # WebAssembly modules, content-addressed (stored with quotes, see put_quote)
-    def get_module(self, sha256: bytes) -> bytes | None: ...
+    async def get_module(self, sha256: bytes) -> bytes | None: ...
 
     # workers
-    def record_worker_seen(self, worker_id: str, kind: int, now: float, agent_id: str = "") -> None:
+    async def record_worker_seen(
+        self, worker_id: str, kind: int, now: float, agent_id: str = ""
+    ) -> None:
         """Notes a connection; a non-empty (verified) agent id replaces the stored one."""
         ...
 
-    def record_task_names(self, names: Sequence[str], now: float, keep: int) -> None:
+    async def record_task_names(self, names: Sequence[str], now: float, keep: int) -> None:
         """Notes that a worker declared these task names now; keeps only the `keep` names
         declared most recently."""
         ...
 
-    def task_name_known(self, name: str) -> bool:
+    async def task_name_known(self, name: str) -> bool:
         """Whether a worker declared this task name (and it was not dropped since)."""
         ...
 
-    def task_names(self, limit: int) -> list[str]:
+    async def task_names(self, limit: int) -> list[str]:
         """At most `limit` declared task names, most recently declared first."""
         ...
 
-    def record_outcome(self, worker_id: str, success: bool) -> None: ...
-    def worker_stats(self, worker_id: str) -> tuple[int, int]:
+    async def record_outcome(self, worker_id: str, success: bool) -> None: ...
+    async def worker_stats(self, worker_id: str) -> tuple[int, int]:
         """(completed, failed) counts of a worker."""
         ...
 
     # receipt batches (Merkle trees over receipt hashes) and their anchors
-    def unbatched_receipts(self, limit: int) -> list[UnbatchedReceipt]:
+    async def unbatched_receipts(self, limit: int) -> list[UnbatchedReceipt]:
         """Receipts of COMPLETED jobs that belong to no batch yet, oldest completion first
         (ties by job_id), at most `limit`."""
         ...
 
-    def create_receipt_batch(self, batch: ReceiptBatch, leaves: Sequence[UnbatchedReceipt]) -> bool:
+    async def create_receipt_batch(
+        self, batch: ReceiptBatch, leaves: Sequence[UnbatchedReceipt]
+    ) -> bool:
         """Stores batch and makes leaves[i] its leaf i, all in one transaction. Refuses
         (returns False, writes nothing) when any leaf is already in a batch, is not a
         completed job, or has another receipt hash: two batchers never share a receipt."""
         ...
 
-    def get_receipt_batch(self, batch_id: str) -> ReceiptBatch | None: ...
+    async def get_receipt_batch(self, batch_id: str) -> ReceiptBatch | None: ...
 
-    def receipt_leaf(self, job_id: str) -> ReceiptLeaf | None:
+    async def receipt_leaf(self, job_id: str) -> ReceiptLeaf | None:
         """Where a job's receipt sits in its batch; None while it is in none."""
         ...
 
-    def batch_leaves(self, batch_id: str) -> list[ReceiptLeaf]:
+    async def batch_leaves(self, batch_id: str) -> list[ReceiptLeaf]:
         """Every leaf of a batch, by leaf_index (0..leaf_count-1)."""
         ...
 
-    def receipt_batches(
+    async def receipt_batches(
         self, statuses: Sequence[AnchorStatus] | None = None, limit: int = 100
     ) -> list[ReceiptBatch]:
         """Batches oldest first (ties by batch_id), only those in `statuses` when given."""
         ...
 
-    def update_anchor(
+    async def update_anchor(
         self,
         batch_id: str,
         status: AnchorStatus,
@@ -283,17 +298,17 @@ class Store(Protocol):
         status, NONE or ANCHORED, never changes); None when the batch is unknown or final."""
         ...
 
-    def feedback_entries(
+    async def feedback_entries(
         self, statuses: Sequence[FeedbackStatus] | None = None, limit: int = 1000
     ) -> list[FeedbackEntry]:
         """Feedback outbox entries, oldest first, only those in `statuses` when given."""
         ...
 
-    def update_feedback(
+    async def update_feedback(
         self, job_id: str, status: FeedbackStatus, transaction: str = "", error: str = ""
     ) -> bool:
         """Records a sending outcome on a PENDING entry (counting the attempt); False when
         the entry is unknown or final."""
         ...
 
-    def close(self) -> None: ...
+    async def close(self) -> None: ...

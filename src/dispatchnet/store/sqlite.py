@@ -1,7 +1,10 @@
-"""SQLite implementation of the Store protocol (the embedded default).
+"""SQLite implementation of the Store protocol (the embedded default), synchronous.
 
-WAL mode, one connection used from the event loop's thread, explicit BEGIN IMMEDIATE
-transactions. The schema is versioned with PRAGMA user_version; MIGRATIONS lists the steps.
+WAL mode, one connection used by one thread at a time, explicit BEGIN IMMEDIATE
+transactions. store/threaded.py serves it to the event loop: one writer store that may run
+several writes in one transaction (a group, see begin_group), and read-only stores opened
+with read_only=True. The schema is versioned with PRAGMA user_version; MIGRATIONS lists
+the steps.
 """
 
 from __future__ import annotations
@@ -399,20 +402,31 @@ class _Conflict(Exception):
 
 
 class SqliteStore:
-    """Store backed by one SQLite file (or ":memory:")."""
+    """Store backed by one SQLite file (or ":memory:").
 
-    def __init__(self, path: str | Path, synchronous: str = "NORMAL") -> None:
+    read_only=True opens a reader of a database some writer store has opened (and
+    migrated) already: no migration, no journal mode change, and the connection refuses
+    every write (PRAGMA query_only)."""
+
+    def __init__(
+        self, path: str | Path, synchronous: str = "NORMAL", *, read_only: bool = False
+    ) -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError("sqlite_synchronous must be NORMAL or FULL")
         self.path = str(path)
+        self._group = False  # an outer transaction of several writes is open (begin_group)
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute(f"PRAGMA synchronous={synchronous}")
-        self._conn.execute("PRAGMA busy_timeout=5000")
-        self.db = sqlite_utils.Database(self._conn)
         try:
-            self._migrate()
+            if read_only:
+                self._conn.execute("PRAGMA query_only=1")
+            else:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute(f"PRAGMA synchronous={synchronous}")
+            self._conn.execute("PRAGMA busy_timeout=5000")
+            self.db = sqlite_utils.Database(self._conn)
+            if not read_only:
+                self._migrate()
         except BaseException:
             self._conn.close()
             raise
@@ -431,14 +445,82 @@ class SqliteStore:
     @contextlib.contextmanager
     def _tx(self) -> Iterator[None]:
         """One write transaction: committed when the block ends (also by return), rolled
-        back when it raises."""
+        back when it raises. Inside a group (begin_group) it is a savepoint of the group's
+        transaction instead: released when the block ends, rolled back when it raises."""
+        if self._group:
+            with self._savepoint():
+                yield
+            return
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
-        self._conn.execute("COMMIT")
+        self._commit()
+
+    def _commit(self) -> None:
+        """COMMIT; when it fails (I/O error, deferred constraint) the transaction is rolled
+        back rather than left open on the connection, and the error raised."""
+        try:
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
+    def _savepoint(self) -> Iterator[None]:
+        self._conn.execute("SAVEPOINT op")
+        try:
+            yield
+        except BaseException:
+            if self._conn.in_transaction:  # else SQLite rolled the whole transaction back
+                self._conn.execute("ROLLBACK TO op")
+                self._conn.execute("RELEASE op")
+            raise
+        self._conn.execute("RELEASE op")
+
+    # --- group commit (store/threaded.py's writer) --------------------------------------
+
+    def begin_group(self) -> None:
+        """Opens one write transaction (BEGIN IMMEDIATE) for several operations, until
+        end_group: meanwhile each _tx() is a savepoint and statements outside _tx() run
+        in it. Raises what BEGIN raises (e.g. "database is locked" after busy_timeout)."""
+        if self._group:
+            raise RuntimeError("a group is open already")
+        self._conn.execute("BEGIN IMMEDIATE")
+        self._group = True
+
+    @contextlib.contextmanager
+    def group_op(self) -> Iterator[None]:
+        """One operation of the open group, as a savepoint: when the block raises, only
+        its changes are rolled back (unless SQLite rolled back the whole transaction,
+        which group_open then says)."""
+        if not self._group:
+            raise RuntimeError("no group is open")
+        with self._savepoint():
+            yield
+
+    @property
+    def group_open(self) -> bool:
+        """Whether the group's transaction is still open (an I/O or full-disk error makes
+        SQLite roll it back whole)."""
+        return self._group and self._conn.in_transaction
+
+    def end_group(self, commit: bool) -> None:
+        """Commits (or rolls back) the group's transaction and leaves group mode. When
+        COMMIT fails, or the transaction was lost already, nothing of the group is kept
+        and the error is raised."""
+        self._group = False
+        if not self._conn.in_transaction:
+            if commit:
+                raise sqlite3.OperationalError("the group's transaction was rolled back")
+            return
+        if commit:
+            self._commit()
+        else:
+            self._conn.execute("ROLLBACK")
 
     def schema_version(self) -> int:
         return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
