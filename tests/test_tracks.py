@@ -520,6 +520,10 @@ async def test_a_registered_workers_paid_jobs_make_one_payout_to_its_address(
         e = await me.earnings()
         [payout] = e.payouts
         assert payout.amount == str(n * share) and payout.transaction
+        # where it went and what names it on chain (EVM: the nonce; Solana: the memo)
+        assert payout.to.lower() == reg["payout_address"].lower()
+        assert re.fullmatch(r"0x[0-9a-f]{64}", payout.payout_id)
+        assert payout.created_at.seconds > 0
         assert [(b.earned, b.balance) for b in e.balances] == [(str(n * share), "0")]
     assert track.balance(reg["payout_address"]) == start + n * share
 
