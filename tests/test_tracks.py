@@ -492,7 +492,8 @@ async def test_a_registered_workers_paid_jobs_make_one_payout_to_its_address(
     track: Track, home: Path, tmp_path: Path
 ) -> None:
     """N paid jobs by one registered worker: one payout transfer of exactly the sum of its
-    shares to its payout address, read on chain; GetEarnings lists it, the balance is 0."""
+    shares to its payout address, read on chain; GetEarnings lists it, the balance is 0;
+    `dispatch worker earnings --profile` reads that address on chain next to the payout."""
     n, share = 3, PRICE - PRICE // 10
     key_file = tmp_path / "w" / "worker.key"
     reg = _register(home, track, key_file)
@@ -525,6 +526,36 @@ async def test_a_registered_workers_paid_jobs_make_one_payout_to_its_address(
         assert re.fullmatch(r"0x[0-9a-f]{64}", payout.payout_id)
         assert payout.created_at.seconds > 0
         assert [(b.earned, b.balance) for b in e.balances] == [(str(n * share), "0")]
+
+        profile_name = "local-monad" if track.kind == "evm" else "local-solana"
+        earnings = ("worker", "earnings", "--coordinator", cluster.address)
+        earnings += ("--key-file", str(key_file))
+        code, out, err = await adispatch(home, *earnings, "--profile", profile_name)
+        assert code == 0, err
+        on_chain = json.loads(out)["on_chain"]
+        assert on_chain == {
+            "profile": profile_name,
+            "addresses": [
+                {
+                    "network": track.chain["network"],
+                    "asset": payout.asset,
+                    "address": payout.to,
+                    "landed_payouts": 1,
+                    "landed_total": str(n * share),
+                    "in_flight_total": "0",
+                    "balance": str(start + n * share),
+                }
+            ],
+            "notes": [],
+        }
+        # a profile with no chain on the payout's network reads nothing, and says so
+        code, out, err = await adispatch(home, *earnings, "--profile", "local")
+        assert code == 0, err
+        [row] = json.loads(out)["on_chain"]["addresses"]
+        assert row["balance"] is None and row["landed_total"] == str(n * share)
+        assert json.loads(out)["on_chain"]["notes"] == [
+            f"no chain of profile local is on {track.chain['network']}: its balances are not read"
+        ]
     assert track.balance(reg["payout_address"]) == start + n * share
 
 

@@ -23,7 +23,7 @@ from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2
 from dispatchnet import keys
 from dispatchnet.auth.tokens import METADATA_KEY, metadata_value
 from dispatchnet.client import PAYMENT_REQUIRED, CoordinatorClient, llm_spec, task_spec, trailer
-from dispatchnet.profiles import ProfileError, load_profile
+from dispatchnet.profiles import Profile, ProfileError, load_profile
 from dispatchnet.receipts.core import check_receipt_proof, verify_receipt_message
 
 DEFAULT_COORDINATOR = os.environ.get("DISPATCH_COORDINATOR", "127.0.0.1:50051")
@@ -470,12 +470,15 @@ async def cmd_workers(args: argparse.Namespace) -> int:
 
 async def cmd_worker_earnings(args: argparse.Namespace) -> int:
     """The worker's balance, its share per job and its payouts (GetEarnings, signed with
-    the worker key), as JSON; --all follows every page of jobs."""
+    the worker key), as JSON; --all follows every page of jobs; --profile adds its payout
+    addresses read on that profile's chains ("on_chain")."""
     path = _worker_key_path(args).expanduser()
     if not path.exists():  # a new key would have earned nothing: say so instead
         raise CliError(f"no worker key file at {path} (pass the worker's --key-file)", code=2)
+    profile = load_profile(args.profile) if args.profile else None
     async with CoordinatorClient(args.coordinator, keys.load(path)) as c:
         resp = await c.earnings(args.page_size, args.page_token or "")
+        payouts = list(resp.payouts)
         out = json_format.MessageToDict(
             resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
         )
@@ -485,8 +488,46 @@ async def cmd_worker_earnings(args: argparse.Namespace) -> int:
                 json_format.MessageToDict(j, preserving_proto_field_name=True) for j in resp.jobs
             ]
             out["next_page_token"] = resp.next_page_token
-        emit(out)
+    if profile is not None:
+        out["on_chain"] = await _payouts_on_chain(profile, payouts)
+    emit(out)
     return 0
+
+
+async def _payouts_on_chain(
+    profile: Profile, payouts: list[coordinator_pb2.Payout]
+) -> dict[str, Any]:
+    """Per network, asset and payout address of the worker's payouts: the landed total and
+    the address's balance read on chain, through the adapter of the profile's chain on
+    that network (payments/earnings_check.py)."""
+    from dispatchnet.chains import registry
+    from dispatchnet.errors import Unavailable
+    from dispatchnet.payments.earnings_check import PaidTo, addresses_on_chain
+    from dispatchnet.protocol import MAX_EARNINGS_PAGE
+
+    def read(network: str, asset: str, address: str) -> int | None:
+        on = registry.payment_profile(profile, network)
+        if on is None:
+            return None
+        return registry.adapter_of(on).token_balance(on, asset, address)
+
+    paid = [PaidTo(p.network, p.asset, p.to, int(p.amount), p.state) for p in payouts]
+    try:
+        rows = await asyncio.to_thread(addresses_on_chain, paid, read)
+    except Unavailable as e:
+        raise CliError(e.message) from e
+    except ValueError as e:  # ChainConfigError, or an address that is not one
+        raise CliError(str(e)) from e
+    notes = [
+        f"no chain of profile {profile.name} is on {n}: its balances are not read"
+        for n in dict.fromkeys(r["network"] for r in rows if r["balance"] is None)
+    ]
+    if len(payouts) >= MAX_EARNINGS_PAGE:
+        notes.append(f"only the newest {MAX_EARNINGS_PAGE} payouts are counted")
+    unaddressed = sum(1 for p in payouts if not p.to)
+    if unaddressed:
+        notes.append(f"{unaddressed} payout(s) name no address and are not counted")
+    return {"profile": profile.name, "addresses": rows, "notes": notes}
 
 
 # --- pairing ------------------------------------------------------------------------------
@@ -864,6 +905,11 @@ def build_parser() -> argparse.ArgumentParser:
     we.add_argument("--page-size", type=int, default=0, help="jobs per page (1-100; 0: 100)")
     we.add_argument("--page-token", help="next_page_token of a previous call")
     we.add_argument("--all", action="store_true", help="follow every page of jobs")
+    we.add_argument(
+        "--profile",
+        help="also read the balance of each payout address on this profile's chains, next "
+        "to the payouts that landed there (profile name or .toml path)",
+    )
 
     sk = sub.add_parser("seekers", help="simulate many mobile seekers in one process")
     sk.add_argument(
