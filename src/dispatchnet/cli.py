@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -666,12 +667,13 @@ async def cmd_receipt_proof(args: argparse.Namespace) -> int:
 
 
 async def cmd_payouts_audit(args: argparse.Namespace) -> int:
-    """Compares the coordinator's store with the chain (README "Workers earn"): exit 0 when
-    every settlement, refund and payout it recorded moved exactly that on chain, else 1."""
+    """Compares the coordinator's store with the chain (README "Workers earn") on every
+    network the profile accepts payments on: exit 0 when every settlement, refund and
+    payout it recorded moved exactly that on chain, else 1."""
     from dispatchnet.chains import registry
     from dispatchnet.chains.deployments import ChainConfigError
     from dispatchnet.errors import Unavailable
-    from dispatchnet.payments.audit import audit
+    from dispatchnet.payments.audit import AuditReport, audit
     from dispatchnet.store.sqlite import SqliteStore
 
     profile = load_profile(args.profile)
@@ -679,24 +681,30 @@ async def cmd_payouts_audit(args: argparse.Namespace) -> int:
     db = data_dir / "coordinator.db"
     if not db.exists():
         raise CliError(f"no coordinator database at {db} (pass --coordinator-data)", code=2)
+    # each chain as its own adapter sees it ([chain] when the profile accepts no payments)
+    chains = registry.payment_profiles(profile) or [profile]
     store = SqliteStore(db)
     try:
-        flows, fees = store.audit_flows(profile.chain.network)
+        flows = [store.audit_flows(on.chain.network) for on in chains]
     finally:
         store.close()
-    adapter = registry.adapter_of(profile)
 
-    def read(asset: str, tx: str) -> int | None:
-        return adapter.token_flow(profile, data_dir, asset, tx)
+    def run() -> list[AuditReport]:
+        reports = []
+        for on, (recorded, fees) in zip(chains, flows, strict=True):
+            read = functools.partial(registry.adapter_of(on).token_flow, on, data_dir)
+            reports.append(audit(on.chain.network, recorded, fees, read))
+        return reports
 
     try:
-        report = await asyncio.to_thread(audit, profile.chain.network, flows, fees, read)
+        reports = await asyncio.to_thread(run)
     except ChainConfigError as e:
         raise CliError(str(e)) from e
     except Unavailable as e:
         raise CliError(e.message) from e
-    emit(report.as_dict())
-    return 0 if report.clean else 1
+    clean = all(r.clean for r in reports)
+    emit({"clean": clean, "networks": [r.as_dict() for r in reports]})
+    return 0 if clean else 1
 
 
 # --- local chain --------------------------------------------------------------------------

@@ -220,6 +220,20 @@ def payment_profile(profile: Profile, network: str) -> Profile | None:
     return None if chain is None else dataclasses.replace(profile, chain=chain)
 
 
+def payment_profiles(profile: Profile) -> list[Profile]:
+    """payment_profile of each [[payments.accept]] network (each is listed once), in their
+    order: every chain the coordinator takes payments on, so pays workers on and audits
+    (light). ValueError for an accepted network on no chain of the profile (load_profile
+    refuses such a profile)."""
+    out = []
+    for accept in profile.payments.accept:
+        on = payment_profile(profile, accept.network)
+        if on is None:
+            raise ValueError(f"[[payments.accept]] {accept.network}: no chain of the profile")
+        out.append(on)
+    return out
+
+
 def identity_profile(profile: Profile) -> Profile | None:
     """The profile as its [identity_chain]'s adapter sees it ([chain] replaced by the
     identity chain), None when the profile has no [identity_chain]."""
