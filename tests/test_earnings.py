@@ -412,3 +412,71 @@ async def test_only_the_worker_reads_its_earnings_and_list_workers_shows_them(
         code=2,
     )
     assert "no worker key file" in err and not missing.exists()
+
+
+def test_a_payout_on_the_wire_names_its_address_id_and_time() -> None:
+    """What a worker needs to find a payout on chain: the address paid, the payout id (EVM:
+    the EIP-3009 nonce; Solana: the memo), when it was recorded, and its transaction."""
+    from dispatchnet.api.convert import earnings_to_proto
+    from dispatchnet.coordinator.earnings import EarningsPage
+    from dispatchnet.coordinator.models import PayoutRecord, PayoutRowState
+
+    record = PayoutRecord(
+        payout_id="0x" + "5a" * 32,
+        worker_id=WORKER,
+        network="eip155:31337",
+        asset="0xusdc",
+        to="0x" + "77" * 20,
+        amount=900,
+        state=PayoutRowState.LANDED,
+        raw="signed",
+        transaction="0x" + "aa" * 32,
+        created_at=1_700_000_000.25,
+        updated_at=1_700_000_001.0,
+    )
+    page = EarningsPage(WORKER, [], [], "", 1000, [record])
+    [p] = earnings_to_proto(page).payouts
+    assert (p.amount, p.network, p.asset, p.transaction, p.state) == (
+        "900",
+        "eip155:31337",
+        "0xusdc",
+        "0x" + "aa" * 32,
+        "landed",
+    )
+    assert (p.to, p.payout_id) == ("0x" + "77" * 20, "0x" + "5a" * 32)
+    assert abs(p.created_at.ToNanoseconds() / 1e9 - 1_700_000_000.25) < 1e-6
+
+
+def test_payout_addresses_on_chain_add_up_per_network_asset_and_address() -> None:
+    """`dispatch worker earnings --profile`'s rows: landed payouts counted and summed, those
+    in flight apart, failed ones not at all, payouts with no address left out; each
+    address's balance read once, None for a network the profile has no chain on."""
+    from dispatchnet.payments.earnings_check import PaidTo, addresses_on_chain
+
+    a, b = "0x" + "77" * 20, "0x" + "88" * 20
+    payouts = [
+        PaidTo("eip155:1", "0xusdc", a, 500, "signed"),
+        PaidTo("eip155:1", "0xusdc", a, 900, "landed"),
+        PaidTo("eip155:1", "0xusdc", b, 300, "failed"),
+        PaidTo("eip155:1", "0xusdc", a, 100, "landed"),
+        PaidTo("eip155:1", "0xusdc", "", 700, "landed"),
+        PaidTo("solana:x", "mint", "W1", 40, "pending"),
+    ]
+    reads: list[tuple[str, str, str]] = []
+
+    def read(network: str, asset: str, address: str) -> int | None:
+        reads.append((network, asset, address))
+        return None if network == "solana:x" else 1234
+
+    rows = addresses_on_chain(payouts, read)
+    assert [(r["address"], r["landed_payouts"], r["landed_total"], r["in_flight_total"],
+             r["balance"]) for r in rows] == [
+        (a, 2, "1000", "500", "1234"),
+        (b, 0, "0", "0", "1234"),
+        ("W1", 0, "0", "40", None),
+    ]  # fmt: skip
+    assert reads == [
+        ("eip155:1", "0xusdc", a),
+        ("eip155:1", "0xusdc", b),
+        ("solana:x", "mint", "W1"),
+    ]

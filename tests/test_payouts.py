@@ -285,3 +285,25 @@ async def test_workers_with_no_payout_address_never_hide_the_ones_behind(
     assert await loop.run_pass() == 1
     assert chain.received(ADDRESS) == shares and len(asked) == 251
     assert await loop.run_pass() == 0 and len(asked) == 251
+
+
+def test_each_network_payments_are_accepted_on_is_paid_out_on_its_own_chain() -> None:
+    """registry.payment_profiles: the chains payout loops and the audit run on, one per
+    accepted network in [[payments.accept]] order: local-solana's [chain], and its
+    [identity_chain] once it accepts that network too."""
+    import dataclasses
+
+    from dispatchnet.chains import registry
+    from dispatchnet.profiles import load_profile
+
+    profile = load_profile("local-solana")
+    [svm] = registry.payment_profiles(profile)
+    assert svm.chain == profile.chain
+    [accept] = profile.payments.accept
+    on_identity = dataclasses.replace(accept, network=profile.identity_chain.network)
+    both = profile.with_overrides(payments={"accept": [accept, on_identity]})
+    assert [p.chain for p in registry.payment_profiles(both)] == [
+        profile.chain,
+        profile.identity_chain,
+    ]
+    assert registry.payment_profile(both, "eip155:1") is None

@@ -52,7 +52,7 @@ from dispatchnet.devchain.local_chain import stop_pid
 from dispatchnet.devchain.processes import pid_alive
 from dispatchnet.devchain.solana_local import stop_pid as stop_solana_node
 from dispatchnet.keys import KeyPair
-from dispatchnet.profiles import Profile
+from dispatchnet.profiles import PROFILE_DIR, Profile
 from dispatchnet.worker.runtime import Worker
 
 pytestmark = [
@@ -454,7 +454,8 @@ async def test_settlements_and_refunds_are_exactly_once_across_a_coordinator_sig
     audit = ("payouts", "audit", "--profile", profile_name, "--coordinator-data", str(data))
     code, out, err = await adispatch(home, *audit)
     assert code == 0, out + err
-    [totals] = json.loads(out)["assets"].values()
+    [report] = json.loads(out)["networks"]  # the one network the profile accepts
+    [totals] = report["assets"].values()
     assert totals["settled_in"] - totals["refunded"] == 3 * PRICE
     assert totals["chain_change"] == totals["expected_change"] == 3 * PRICE
 
@@ -492,7 +493,8 @@ async def test_a_registered_workers_paid_jobs_make_one_payout_to_its_address(
     track: Track, home: Path, tmp_path: Path
 ) -> None:
     """N paid jobs by one registered worker: one payout transfer of exactly the sum of its
-    shares to its payout address, read on chain; GetEarnings lists it, the balance is 0."""
+    shares to its payout address, read on chain; GetEarnings lists it, the balance is 0;
+    `dispatch worker earnings --profile` reads that address on chain next to the payout."""
     n, share = 3, PRICE - PRICE // 10
     key_file = tmp_path / "w" / "worker.key"
     reg = _register(home, track, key_file)
@@ -520,7 +522,41 @@ async def test_a_registered_workers_paid_jobs_make_one_payout_to_its_address(
         e = await me.earnings()
         [payout] = e.payouts
         assert payout.amount == str(n * share) and payout.transaction
+        # where it went and what names it on chain (EVM: the nonce; Solana: the memo)
+        assert payout.to.lower() == reg["payout_address"].lower()
+        assert re.fullmatch(r"0x[0-9a-f]{64}", payout.payout_id)
+        assert payout.created_at.seconds > 0
         assert [(b.earned, b.balance) for b in e.balances] == [(str(n * share), "0")]
+
+        profile_name = "local-monad" if track.kind == "evm" else "local-solana"
+        earnings = ("worker", "earnings", "--coordinator", cluster.address)
+        earnings += ("--key-file", str(key_file))
+        code, out, err = await adispatch(home, *earnings, "--profile", profile_name)
+        assert code == 0, err
+        on_chain = json.loads(out)["on_chain"]
+        assert on_chain == {
+            "profile": profile_name,
+            "addresses": [
+                {
+                    "network": track.chain["network"],
+                    "asset": payout.asset,
+                    "address": payout.to,
+                    "landed_payouts": 1,
+                    "landed_total": str(n * share),
+                    "in_flight_total": "0",
+                    "balance": str(start + n * share),
+                }
+            ],
+            "notes": [],
+        }
+        # a profile with no chain on the payout's network reads nothing, and says so
+        code, out, err = await adispatch(home, *earnings, "--profile", "local")
+        assert code == 0, err
+        [row] = json.loads(out)["on_chain"]["addresses"]
+        assert row["balance"] is None and row["landed_total"] == str(n * share)
+        assert json.loads(out)["on_chain"]["notes"] == [
+            f"no chain of profile local is on {track.chain['network']}: its balances are not read"
+        ]
     assert track.balance(reg["payout_address"]) == start + n * share
 
 
@@ -580,7 +616,7 @@ async def test_a_payout_is_exactly_once_across_a_coordinator_sigkill(
     audit = ("payouts", "audit", "--profile", profile_name, "--coordinator-data", str(data))
     code, out, err = await adispatch(home, *audit)
     assert code == 0, out + err
-    report = json.loads(out)
+    [report] = json.loads(out)["networks"]
     [totals] = report["assets"].values()
     assert (totals["settled_in"], totals["paid_out"], totals["fees_kept"]) == (
         n * PRICE,
@@ -593,9 +629,89 @@ async def test_a_payout_is_exactly_once_across_a_coordinator_sigkill(
         db.execute("UPDATE payouts SET amount = amount + 1")
     code, out, _ = await adispatch(home, *audit)
     assert code == 1
-    differences = json.loads(out)["differences"]
+    [report] = json.loads(out)["networks"]
+    differences = report["differences"]
     assert len(differences) == len(e.payouts)  # one payout per transaction here
     assert all(d["kinds"] == ["payout"] and d["chain"] == d["store"] + 1 for d in differences)
+
+
+async def test_payments_on_the_identity_chain_are_paid_out_and_audited_too(
+    home: Path, evm_chain: dict[str, Any], solana_chain: dict[str, Any], tmp_path: Path
+) -> None:
+    """A real `dispatch coordinator` on local-solana that also accepts its [identity_chain]'s
+    test USDC (anvil): a registered worker paid in each is paid out on each network, to
+    its address there (Solana: the key its registration links; EVM: its agent's), from
+    that chain's account; `payouts audit` checks both networks and exits 1 on a
+    difference in either."""
+    evm, svm = _evm(home, evm_chain), _solana(home, solana_chain)
+    networks = [solana_chain["network"], evm_chain["network"]]
+    both = tmp_path / "both.toml"
+    accept_evm = f'[[payments.accept]]\nnetwork = "{networks[1]}"\nasset = ""\nfacilitator = ""\n'
+    text = (PROFILE_DIR / "local-solana.toml").read_text()
+    assert text.count("\n[payouts]\n") == 1
+    both.write_text(text.replace("\n[payouts]\n", f"\n{accept_evm}\n[payouts]\n"))
+    share = PRICE - PRICE // 10
+    key_file = tmp_path / "w" / "worker.key"
+    reg = _register(home, svm, key_file)
+    addresses = {networks[0]: reg["solana"], networks[1]: reg["chain_address"]}
+    starts = [svm.balance(addresses[networks[0]]), evm.balance(addresses[networks[1]])]
+    data = tmp_path / "coord-data"
+    args = ["coordinator", "--profile", str(both), "--listen", "127.0.0.1:0"]
+    coordinator = Proc([*args, "--data-dir", str(data)], home, tmp_path / "coord.log")
+    worker_key = keys.load_or_create(key_file)
+    try:
+        address = str(coordinator.info["listening"])
+        worker = _registered_worker(address, worker_key, reg)
+        running = asyncio.create_task(worker.run())
+        await asyncio.wait_for(worker.connected.wait(), 20)
+        for wallet in (svm.wallet(), evm.wallet()):  # one job paid on each network
+            async with CoordinatorClient(address, KeyPair.generate(), wallet) as c:
+                job = await c.submit(ECHO)
+                assert (await c.wait(job.job_id)).state == COMPLETED
+        async with CoordinatorClient(address, worker_key) as w:
+
+            async def paid() -> bool:
+                landed = [p.network for p in (await w.earnings()).payouts if p.state == "landed"]
+                return sorted(landed) == sorted(networks)
+
+            await wait_until(paid, 60, "a payout landed on each network")
+            e = await w.earnings()
+        worker.stop()
+        await asyncio.gather(running, return_exceptions=True)
+    finally:
+        coordinator.kill()
+    for p in e.payouts:
+        assert (p.to.lower(), p.amount) == (addresses[p.network].lower(), str(share))
+    assert sorted((b.network, b.balance) for b in e.balances) == sorted((n, "0") for n in networks)
+    assert svm.balance(addresses[networks[0]]) == starts[0] + share
+    assert evm.balance(addresses[networks[1]]) == starts[1] + share
+
+    audit = ("payouts", "audit", "--profile", str(both), "--coordinator-data", str(data))
+    code, out, err = await adispatch(home, *audit)
+    assert code == 0, out + err
+    report = json.loads(out)
+    assert report["clean"] and [r["network"] for r in report["networks"]] == networks
+    for r in report["networks"]:
+        [totals] = r["assets"].values()
+        assert (totals["settled_in"], totals["paid_out"], totals["fees_kept"]) == (
+            PRICE,
+            share,
+            PRICE - share,
+        )
+        assert totals["chain_change"] == totals["expected_change"] == PRICE - share
+    # the store says the EVM payout moved one unit more than it did: that network differs
+    with sqlite3.connect(data / "coordinator.db") as db:
+        db.execute("UPDATE payouts SET amount = amount + 1 WHERE network = ?", (networks[1],))
+    code, out, _ = await adispatch(home, *audit)
+    assert code == 1
+    report = json.loads(out)
+    assert not report["clean"]
+    assert [(r["clean"], len(r["differences"])) for r in report["networks"]] == [
+        (True, 0),
+        (False, 1),
+    ]
+    [difference] = report["networks"][1]["differences"]
+    assert difference["kinds"] == ["payout"] and difference["chain"] == difference["store"] + 1
 
 
 async def test_a_node_outage_delays_a_payout_then_it_lands_once(
@@ -619,8 +735,7 @@ async def test_a_node_outage_delays_a_payout_then_it_lands_once(
     await proxy.start()
     try:
         async with cluster_for(profile, tmp_path / "coord") as cluster:
-            payouts = cluster.coord.payouts
-            assert payouts is not None
+            [payouts] = cluster.coord.payouts
             payouts.retry_initial = payouts.retry_max = 0.2
             key = keys.load_or_create(key_file)
             w = _registered_worker(cluster.address, key, reg)

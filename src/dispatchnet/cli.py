@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2
 from dispatchnet import keys
 from dispatchnet.auth.tokens import METADATA_KEY, metadata_value
 from dispatchnet.client import PAYMENT_REQUIRED, CoordinatorClient, llm_spec, task_spec, trailer
-from dispatchnet.profiles import ProfileError, load_profile
+from dispatchnet.profiles import Profile, ProfileError, load_profile
 from dispatchnet.receipts.core import check_receipt_proof, verify_receipt_message
 
 DEFAULT_COORDINATOR = os.environ.get("DISPATCH_COORDINATOR", "127.0.0.1:50051")
@@ -470,12 +471,15 @@ async def cmd_workers(args: argparse.Namespace) -> int:
 
 async def cmd_worker_earnings(args: argparse.Namespace) -> int:
     """The worker's balance, its share per job and its payouts (GetEarnings, signed with
-    the worker key), as JSON; --all follows every page of jobs."""
+    the worker key), as JSON; --all follows every page of jobs; --profile adds its payout
+    addresses read on that profile's chains ("on_chain")."""
     path = _worker_key_path(args).expanduser()
     if not path.exists():  # a new key would have earned nothing: say so instead
         raise CliError(f"no worker key file at {path} (pass the worker's --key-file)", code=2)
+    profile = load_profile(args.profile) if args.profile else None
     async with CoordinatorClient(args.coordinator, keys.load(path)) as c:
         resp = await c.earnings(args.page_size, args.page_token or "")
+        payouts = list(resp.payouts)
         out = json_format.MessageToDict(
             resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
         )
@@ -485,8 +489,46 @@ async def cmd_worker_earnings(args: argparse.Namespace) -> int:
                 json_format.MessageToDict(j, preserving_proto_field_name=True) for j in resp.jobs
             ]
             out["next_page_token"] = resp.next_page_token
-        emit(out)
+    if profile is not None:
+        out["on_chain"] = await _payouts_on_chain(profile, payouts)
+    emit(out)
     return 0
+
+
+async def _payouts_on_chain(
+    profile: Profile, payouts: list[coordinator_pb2.Payout]
+) -> dict[str, Any]:
+    """Per network, asset and payout address of the worker's payouts: the landed total and
+    the address's balance read on chain, through the adapter of the profile's chain on
+    that network (payments/earnings_check.py)."""
+    from dispatchnet.chains import registry
+    from dispatchnet.errors import Unavailable
+    from dispatchnet.payments.earnings_check import PaidTo, addresses_on_chain
+    from dispatchnet.protocol import MAX_EARNINGS_PAGE
+
+    def read(network: str, asset: str, address: str) -> int | None:
+        on = registry.payment_profile(profile, network)
+        if on is None:
+            return None
+        return registry.adapter_of(on).token_balance(on, asset, address)
+
+    paid = [PaidTo(p.network, p.asset, p.to, int(p.amount), p.state) for p in payouts]
+    try:
+        rows = await asyncio.to_thread(addresses_on_chain, paid, read)
+    except Unavailable as e:
+        raise CliError(e.message) from e
+    except ValueError as e:  # ChainConfigError, or an address that is not one
+        raise CliError(str(e)) from e
+    notes = [
+        f"no chain of profile {profile.name} is on {n}: its balances are not read"
+        for n in dict.fromkeys(r["network"] for r in rows if r["balance"] is None)
+    ]
+    if len(payouts) >= MAX_EARNINGS_PAGE:
+        notes.append(f"only the newest {MAX_EARNINGS_PAGE} payouts are counted")
+    unaddressed = sum(1 for p in payouts if not p.to)
+    if unaddressed:
+        notes.append(f"{unaddressed} payout(s) name no address and are not counted")
+    return {"profile": profile.name, "addresses": rows, "notes": notes}
 
 
 # --- pairing ------------------------------------------------------------------------------
@@ -625,12 +667,13 @@ async def cmd_receipt_proof(args: argparse.Namespace) -> int:
 
 
 async def cmd_payouts_audit(args: argparse.Namespace) -> int:
-    """Compares the coordinator's store with the chain (README "Workers earn"): exit 0 when
-    every settlement, refund and payout it recorded moved exactly that on chain, else 1."""
+    """Compares the coordinator's store with the chain (README "Workers earn") on every
+    network the profile accepts payments on: exit 0 when every settlement, refund and
+    payout it recorded moved exactly that on chain, else 1."""
     from dispatchnet.chains import registry
     from dispatchnet.chains.deployments import ChainConfigError
     from dispatchnet.errors import Unavailable
-    from dispatchnet.payments.audit import audit
+    from dispatchnet.payments.audit import AuditReport, audit
     from dispatchnet.store.sqlite import SqliteStore
 
     profile = load_profile(args.profile)
@@ -638,24 +681,30 @@ async def cmd_payouts_audit(args: argparse.Namespace) -> int:
     db = data_dir / "coordinator.db"
     if not db.exists():
         raise CliError(f"no coordinator database at {db} (pass --coordinator-data)", code=2)
+    # each chain as its own adapter sees it ([chain] when the profile accepts no payments)
+    chains = registry.payment_profiles(profile) or [profile]
     store = SqliteStore(db)
     try:
-        flows, fees = store.audit_flows(profile.chain.network)
+        flows = [store.audit_flows(on.chain.network) for on in chains]
     finally:
         store.close()
-    adapter = registry.adapter_of(profile)
 
-    def read(asset: str, tx: str) -> int | None:
-        return adapter.token_flow(profile, data_dir, asset, tx)
+    def run() -> list[AuditReport]:
+        reports = []
+        for on, (recorded, fees) in zip(chains, flows, strict=True):
+            read = functools.partial(registry.adapter_of(on).token_flow, on, data_dir)
+            reports.append(audit(on.chain.network, recorded, fees, read))
+        return reports
 
     try:
-        report = await asyncio.to_thread(audit, profile.chain.network, flows, fees, read)
+        reports = await asyncio.to_thread(run)
     except ChainConfigError as e:
         raise CliError(str(e)) from e
     except Unavailable as e:
         raise CliError(e.message) from e
-    emit(report.as_dict())
-    return 0 if report.clean else 1
+    clean = all(r.clean for r in reports)
+    emit({"clean": clean, "networks": [r.as_dict() for r in reports]})
+    return 0 if clean else 1
 
 
 # --- local chain --------------------------------------------------------------------------
@@ -864,6 +913,11 @@ def build_parser() -> argparse.ArgumentParser:
     we.add_argument("--page-size", type=int, default=0, help="jobs per page (1-100; 0: 100)")
     we.add_argument("--page-token", help="next_page_token of a previous call")
     we.add_argument("--all", action="store_true", help="follow every page of jobs")
+    we.add_argument(
+        "--profile",
+        help="also read the balance of each payout address on this profile's chains, next "
+        "to the payouts that landed there (profile name or .toml path)",
+    )
 
     sk = sub.add_parser("seekers", help="simulate many mobile seekers in one process")
     sk.add_argument(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,8 @@ class Coordinator:
     feedback: FeedbackSender | None = None
     payments: PaymentService | None = None
     trimmer: MemoryTrimmer | None = None
-    payouts: PayoutService | None = None
+    # one per network CommitJob accepts payments on whose chain can pay workers
+    payouts: list[PayoutService] = field(default_factory=list)
 
     async def stop(self, grace: float = 1.0) -> None:
         for name in ("", *SERVICE_NAMES):
@@ -98,8 +99,8 @@ class Coordinator:
             await self.feedback.stop()
         if self.payments is not None:
             await self.payments.stop()
-        if self.payouts is not None:
-            await self.payouts.stop()
+        for payouts in self.payouts:
+            await payouts.stop()
         stop_reputation = getattr(self.jobs.reputation, "stop", None)
         if stop_reputation is not None:
             await stop_reputation()
@@ -178,7 +179,7 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         jobs.completion_listeners.append(feedback)
     try:
         payments = payment_service_for(profile, data_dir, store, jobs)
-        payouts = payout_service_for(profile, data_dir, store)
+        payouts = payout_services_for(profile, data_dir, store)
     except ValueError as e:
         await store.close()
         raise ValueError(f"profile {profile.name}: {e}") from e
@@ -237,8 +238,8 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         feedback.start()
     if payments is not None:
         payments.start()
-    if payouts is not None:
-        payouts.start()
+    for service in payouts:
+        service.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -278,26 +279,34 @@ def payment_service_for(
     )
 
 
-def payout_service_for(profile: Profile, data_dir: Path, store: Store) -> PayoutService | None:
-    """Worker payouts on [chain] (README "Workers earn"), with payments; None without."""
+def payout_services_for(profile: Profile, data_dir: Path, store: Store) -> list[PayoutService]:
+    """Worker payouts (README "Workers earn"), with payments: one PayoutService per network
+    CommitJob accepts payments on ([chain], and the [identity_chain] when it takes some),
+    each paying from that chain's account through its adapter; none without payments."""
     if not profile.payments.enabled:
-        return None
+        return []
     from dispatchnet.chains.deployments import ChainConfigError
 
-    adapter = registry.adapter_of(profile)
-    try:
-        sender = adapter.payouts(profile, data_dir)
-    except ChainConfigError as e:  # e.g. an EVM chain with no BatchSettler: payments work
-        log.warning("workers' balances accrue but are not paid out: %s", e)
-        return None
-    return PayoutService(
-        store,
-        sender,
-        adapter.payout_addresses(profile, data_dir),
-        profile.chain.network,
-        profile.payouts,
-        tick_seconds=min(1.0, profile.payouts.interval_seconds),
-    )
+    services = []
+    for on in registry.payment_profiles(profile):
+        adapter = registry.adapter_of(on)
+        try:
+            sender = adapter.payouts(on, data_dir)
+        except ChainConfigError as e:  # e.g. an EVM chain with no BatchSettler: payments work
+            log.warning("workers' balances on %s accrue but are not paid out: %s",
+                        on.chain.network, e)  # fmt: skip
+            continue
+        services.append(
+            PayoutService(
+                store,
+                sender,
+                adapter.payout_addresses(on, data_dir),
+                on.chain.network,
+                profile.payouts,
+                tick_seconds=min(1.0, profile.payouts.interval_seconds),
+            )
+        )
+    return services
 
 
 def reputation_for(

@@ -871,6 +871,9 @@ class Payout(_message.Message):
     ASSET_FIELD_NUMBER: _builtins.int
     TRANSACTION_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    PAYOUT_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
     amount: _builtins.str
     """Amount in atomic units of the asset, decimal text."""
     network: _builtins.str
@@ -884,6 +887,25 @@ class Payout(_message.Message):
     sent), landed (in `transaction`), failed (its amount went back to the
     balance).
     """
+    to: _builtins.str
+    """The payout address paid (README "Workers earn"): on EVM the worker's
+    ERC-8004 agent wallet (getAgentWallet), else its agent's owner; on Solana
+    the Solana address its registration links (paid into its associated
+    token account of `asset`). Chosen when the payout was recorded; a later
+    change of address applies to later payouts.
+    """
+    payout_id: _builtins.str
+    """The payout's id, "0x" + 64 lowercase hex, unique per payout. How to find
+    it on chain without `transaction`: on EVM it is the EIP-3009 nonce of the
+    coordinator's transferWithAuthorization to `to` (the token's
+    authorizationState(coordinator account, payout_id) is true once it
+    landed, and its AuthorizationUsed event names it); on Solana the payout's
+    transaction carries the memo "dispatch:payout:<payout_id>".
+    """
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was recorded (its amount left the balance)."""
+
     def __init__(
         self,
         *,
@@ -892,10 +914,13 @@ class Payout(_message.Message):
         asset: _builtins.str = ...,
         transaction: _builtins.str = ...,
         state: _builtins.str = ...,
+        to: _builtins.str = ...,
+        payout_id: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "network", b"network", "state", b"state", "transaction", b"transaction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "created_at", b"created_at", "network", b"network", "payout_id", b"payout_id", "state", b"state", "to", b"to", "transaction", b"transaction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -416,6 +416,9 @@ def earnings_to_proto(page: EarningsPage) -> coordinator_pb2.GetEarningsResponse
                 asset=p.asset,
                 transaction=p.transaction,
                 state=p.state.value,
+                to=p.to,
+                payout_id=p.payout_id,
+                created_at=ts(p.created_at),
             )
             for p in page.payouts
         ],

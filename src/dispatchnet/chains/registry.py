@@ -86,7 +86,9 @@ class ChainAdapter(Protocol):
         ...
 
     def token_balance(self, profile: Profile, asset: str, account: str) -> int:
-        """An account's balance of a payment asset, in atomic units, read on chain."""
+        """An account's balance of a payment asset, in atomic units, read on chain.
+        Blocking; Unavailable on node trouble, ValueError for an account that is not an
+        address of this chain."""
         ...
 
     def token_flow(
@@ -208,6 +210,28 @@ def payment_chain(profile: Profile, network: str) -> ChainConfig | None:
         if cfg.kind != "none" and cfg.network == network and "payments" in capabilities(cfg.kind):
             return cfg
     return None
+
+
+def payment_profile(profile: Profile, network: str) -> Profile | None:
+    """The profile as the adapter of the chain an accepted payment network is on sees it
+    ([chain] replaced by payment_chain's), None when no chain of the profile takes
+    payments on that network (light)."""
+    chain = payment_chain(profile, network)
+    return None if chain is None else dataclasses.replace(profile, chain=chain)
+
+
+def payment_profiles(profile: Profile) -> list[Profile]:
+    """payment_profile of each [[payments.accept]] network (each is listed once), in their
+    order: every chain the coordinator takes payments on, so pays workers on and audits
+    (light). ValueError for an accepted network on no chain of the profile (load_profile
+    refuses such a profile)."""
+    out = []
+    for accept in profile.payments.accept:
+        on = payment_profile(profile, accept.network)
+        if on is None:
+            raise ValueError(f"[[payments.accept]] {accept.network}: no chain of the profile")
+        out.append(on)
+    return out
 
 
 def identity_profile(profile: Profile) -> Profile | None:

@@ -68,6 +68,7 @@ class PayoutService(OutboxLoop):
         """address_of(agent_id) is the agent's payout address on this chain, None when it
         has none (it blocks: it reads the chain; Unavailable on node trouble)."""
         super().__init__(clock, tick_seconds, retry_initial_seconds, retry_max_seconds)
+        self.name = f"payout-sender {network}"  # one loop per payment network
         self.ledger = ledger
         self.sender = sender
         self.address_of = address_of
@@ -86,7 +87,8 @@ class PayoutService(OutboxLoop):
             handled += await self._pay_due()
         except Unavailable as e:
             delay = self.backed_off(e.message)
-            log.warning("payouts wait (%s); retrying in %.1fs", e.message, delay)
+            log.warning("payouts on %s wait (%s); retrying in %.1fs", self.network, e.message,
+                        delay)  # fmt: skip
             return 0
         if self._failed:
             # (e.g. the account lacks the funds): new payouts wait, backing off, rather

@@ -17,7 +17,6 @@ down; try again), SettlementRefused (the chain will not take it; final).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import threading
@@ -321,9 +320,8 @@ def gateway_for(profile: Profile, data_dir: Path) -> X402Gateway | None:
         return None
     rails = []
     for accept in profile.payments.accept:
-        chain = registry.payment_chain(profile, accept.network)
-        if chain is None:
+        on = registry.payment_profile(profile, accept.network)
+        if on is None:
             raise ValueError(f"[[payments.accept]] {accept.network}: no chain of the profile")
-        on = dataclasses.replace(profile, chain=chain)
-        rails.append(registry.adapter(chain.kind).payment_rail(accept, on, data_dir))
+        rails.append(registry.adapter_of(on).payment_rail(accept, on, data_dir))
     return X402Gateway(rails, profile.payments.settle_margin_seconds)

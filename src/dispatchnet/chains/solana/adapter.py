@@ -208,10 +208,12 @@ class SolanaAdapter:
 
     def token_balance(self, profile: Profile, asset: str, account: str) -> int:
         """`account`'s balance of the SPL mint `asset` ("" = [chain]'s mint), held in its
-        associated token account (0 when it has none)."""
+        associated token account (0 when it has none). Unavailable on node trouble."""
         from solders.pubkey import Pubkey
         from spl.token.constants import TOKEN_PROGRAM_ID
         from spl.token.instructions import get_associated_token_address
+
+        from dispatchnet.errors import Unavailable
 
         chain = resolve_solana_chain(_reading(profile.chain))
         mint = asset or chain.mint
@@ -222,9 +224,12 @@ class SolanaAdapter:
         except ValueError as e:
             raise ChainConfigError(f"not a Solana address: {e}") from e
         client = client_for(chain.rpc_url, profile.chain.rpc_timeout_seconds)
-        if client.get_account_info(ata).value is None:
-            return 0
-        return int(client.get_token_account_balance(ata).value.amount)
+        try:
+            if client.get_account_info(ata).value is None:
+                return 0
+            return int(client.get_token_account_balance(ata).value.amount)
+        except TRANSIENT as e:
+            raise Unavailable(f"cannot read {account}'s balance: {brief(e)}") from e
 
     def token_flow(
         self, profile: Profile, data_dir: Path, asset: str, transaction: str
