@@ -96,10 +96,10 @@ async def test_erc8004_scores_come_from_the_cache() -> None:
     assert reader.calls == 1 and rep.score("w1") == (4 + 1) / 6
     await rep.warm("w1")  # fresh: no chain read
     assert reader.calls == 1
-    await rep.record("w1", False)  # nudged locally until the next refresh
+    rep.record("w1", False)  # nudged locally until the next refresh
     assert rep.score("w1") == (4 + 0 + 1) / 7
     reader.answer = Unavailable("down")
     await rep.refresh(5)  # a failed refresh keeps the last score
     assert rep.score("w1") == (4 + 0 + 1) / 7
-    await rep.record("w2", True)  # no agent id: the prior, always
+    rep.record("w2", True)  # no agent id: the prior, always
     assert rep.score("w2") == 0.5

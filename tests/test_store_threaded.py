@@ -172,7 +172,7 @@ async def test_a_write_is_visible_to_the_next_read(store: ThreadedStore) -> None
     assert reader.startswith("store-reader-")
     assert await store.run_read(lambda s: s.schema_version()) > 0
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
-        await store.run_read(lambda s: s.record_outcome("w1", True))  # readers never write
+        await store.run_read(lambda s: s.record_worker_seen("w1", 1, 0.0))  # readers never write
     stats = store.stats()
     assert stats.writes == 60 and stats.reads >= 93
 
@@ -344,7 +344,7 @@ async def test_a_failed_commit_fails_every_write_of_the_group(
         group = [
             asyncio.create_task(store.create_job(*new_job(1))),
             asyncio.create_task(store.create_job(*bad)),
-            asyncio.create_task(store.record_outcome("w1", True)),
+            asyncio.create_task(store.record_worker_seen("w1", 1, 0.0)),
         ]
     for task in group:
         with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):

@@ -512,10 +512,11 @@ class JobService:
             worker_id=worker_id,
             lease_expires_at=0.0,
             feedback=self._feedback(job, worker_id, True, receipt.sha256, worker_agent_id),
+            outcome=(worker_id, True),
         )
         if done is None:
             return False, "stale: the job changed state meanwhile"
-        await self.reputation.record(worker_id, True)
+        self.reputation.record(worker_id, True)
         if late and job.state in ACTIVE_STATES and job.worker_id:
             self._release(done, job.worker_id, job.attempts, "completed_elsewhere", True)
         self._release(done, worker_id, attempt, "completed", tell_worker=False)
@@ -529,31 +530,43 @@ class JobService:
         job = await self._held(job_id, attempt, worker_id, ACTIVE_STATES)
         if job is None:
             return False
-        await self.reputation.record(worker_id, False)
+        outcome = (worker_id, False)
         if retryable:
-            return await self.requeue(job, f"failed: {failure.code}", tell_worker=False) is not None
-        failed = await self._move(
-            job,
-            ACTIVE_STATES,
-            attempt,
-            JobState.FAILED,
-            failure.code,
-            failure=failure,
-            lease_expires_at=0.0,
-            feedback=None
-            if failure.code in NOT_WORKER_FAULT
-            else self._feedback(job, worker_id, False, _failure_hash(job, attempt, failure)),
-        )
-        if failed is not None:
-            self._release(failed, worker_id, attempt, failure.code, tell_worker=False)
-        return failed is not None
+            moved = await self.requeue(
+                job, f"failed: {failure.code}", tell_worker=False, outcome=outcome
+            )
+        else:
+            moved = await self._move(
+                job,
+                ACTIVE_STATES,
+                attempt,
+                JobState.FAILED,
+                failure.code,
+                failure=failure,
+                lease_expires_at=0.0,
+                feedback=None
+                if failure.code in NOT_WORKER_FAULT
+                else self._feedback(job, worker_id, False, _failure_hash(job, attempt, failure)),
+                outcome=outcome,
+            )
+            if moved is not None:
+                self._release(moved, worker_id, attempt, failure.code, tell_worker=False)
+        if moved is not None:
+            self.reputation.record(worker_id, False)
+        return moved is not None
 
     async def requeue(
-        self, job: Job, reason: str, tell_worker: bool, costs_attempt: bool = True
+        self,
+        job: Job,
+        reason: str,
+        tell_worker: bool,
+        costs_attempt: bool = True,
+        outcome: tuple[str, bool] | None = None,
     ) -> Job | None:
         """Takes an active job back from its worker: QUEUED again, or FAILED past max
         attempts. costs_attempt=False (the attempt was cut short by a coordinator
-        restart): always QUEUED, with one more attempt allowed."""
+        restart): always QUEUED, with one more attempt allowed. outcome: the worker's
+        failure to count with the move (see Store.transition)."""
         if not costs_attempt:
             moved = await self._move(
                 job,
@@ -563,6 +576,7 @@ class JobService:
                 reason,
                 queued_at=self.clock(),
                 lease_expires_at=0.0,
+                outcome=outcome,
                 max_attempts=job.max_attempts + 1,
             )
         elif job.attempts >= job.max_attempts:
@@ -578,6 +592,7 @@ class JobService:
                 reason,
                 failure=failure,
                 lease_expires_at=0.0,
+                outcome=outcome,
                 feedback=None
                 if reason in NOT_WORKER_FAULT
                 else self._feedback(
@@ -593,6 +608,7 @@ class JobService:
                 reason,
                 queued_at=self.clock(),
                 lease_expires_at=0.0,
+                outcome=outcome,
             )
         if moved is not None:
             self._release(moved, job.worker_id, job.attempts, reason, tell_worker)
@@ -684,6 +700,7 @@ class JobService:
         to: JobState,
         reason: str,
         feedback: FeedbackEntry | None = None,
+        outcome: tuple[str, bool] | None = None,
         **changes: object,
     ) -> Job | None:
         await self.flush_progress(job.job_id)  # progress first: stored sequences stay in order
@@ -707,6 +724,7 @@ class JobService:
             {"state": to, "updated_at": now, **changes},
             event,
             feedback,
+            outcome,
         )
         if moved is not None:
             self.live.state(dataclasses.replace(event, sequence=moved.last_sequence))

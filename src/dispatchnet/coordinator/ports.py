@@ -53,8 +53,9 @@ class ReputationSource(Protocol):
         """Loads or refreshes a worker's score off the hot path (e.g. when it connects)."""
         ...
 
-    async def record(self, worker_id: str, success: bool) -> None:
-        """Takes note of a finished job."""
+    def record(self, worker_id: str, success: bool) -> None:
+        """Takes note of a finished attempt in memory (the store counts it durably in the
+        transaction of the job's transition)."""
         ...
 
 

@@ -103,7 +103,7 @@ class Erc8004Reputation:
         finally:
             self._refreshing.pop(agent_id, None)
 
-    async def record(self, worker_id: str, success: bool) -> None:
+    def record(self, worker_id: str, success: bool) -> None:
         agent = self._agent(worker_id)
         if agent is None:
             return

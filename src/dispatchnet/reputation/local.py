@@ -21,7 +21,7 @@ class LocalReputation:
         completed, failed = self._stats.get(worker_id, (0, 0))
         return (completed + 1) / (completed + failed + 2)
 
-    async def record(self, worker_id: str, success: bool) -> None:
-        await self.store.record_outcome(worker_id, success)
+    def record(self, worker_id: str, success: bool) -> None:
+        # (counted durably by the job's transition: Store.transition's outcome)
         completed, failed = self._stats.get(worker_id, (0, 0))
         self._stats[worker_id] = (completed + success, failed + (not success))

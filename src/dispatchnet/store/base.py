@@ -166,11 +166,13 @@ class Store(Protocol):
         changes: dict[str, Any],
         event: Event | None,
         feedback: FeedbackEntry | None = None,
+        outcome: tuple[str, bool] | None = None,
     ) -> Job | None:
         """Applies changes (Job field names) if the job is in one of from_states (and at
-        attempt, when given), appending event and adding `feedback` to the feedback outbox
-        in the same transaction (at most one entry per job); None when the condition did
-        not hold."""
+        attempt, when given), appending event, adding `feedback` to the feedback outbox (at
+        most one entry per job) and counting `outcome` (worker_id, success) in the worker's
+        completed/failed totals, all in the same transaction; the job as it is then, or None
+        when the condition did not hold."""
         ...
 
     async def append_progress(self, events: Sequence[Event]) -> bool:
@@ -250,7 +252,6 @@ class Store(Protocol):
         """At most `limit` declared task names, most recently declared first."""
         ...
 
-    async def record_outcome(self, worker_id: str, success: bool) -> None: ...
     async def worker_stats(self, worker_id: str) -> tuple[int, int]:
         """(completed, failed) counts of a worker."""
         ...

@@ -691,27 +691,36 @@ class SqliteStore:
         changes: dict[str, Any],
         event: Event | None,
         feedback: FeedbackEntry | None = None,
+        outcome: tuple[str, bool] | None = None,
     ) -> Job | None:
+        values = _changes_row(changes)
+        sets = [f"{k}=?" for k in values]
+        if event is not None:
+            sets.append("last_sequence=last_sequence+1")
+        if not sets:  # nothing changes: the compare-and-set alone
+            sets.append("job_id=job_id")
+        states = ",".join("?" * len(from_states))
+        where = f"job_id=? AND state IN ({states})" + (
+            " AND attempts=?" if attempt is not None else ""
+        )
+        params = (*values.values(), job_id, *(int(st) for st in from_states))
+        if attempt is not None:
+            params += (attempt,)
         with self._tx():
-            r = self._conn.execute(
-                "SELECT state, attempts, last_sequence FROM jobs WHERE job_id=?", (job_id,)
-            ).fetchone()
-            if (
-                r is None
-                or JobState(r["state"]) not in from_states
-                or (attempt is not None and r["attempts"] != attempt)
-            ):
+            # the compare-and-set and the new row in one statement: nothing is read back
+            rows = self._conn.execute(
+                f"UPDATE jobs SET {','.join(sets)} WHERE {where} RETURNING *", params
+            ).fetchall()
+            if not rows:
                 return None
-            values = _changes_row(changes)
-            seq = r["last_sequence"] + (1 if event is not None else 0)
-            values["last_sequence"] = seq
-            sets = ",".join(f"{k}=?" for k in values)
-            self._conn.execute(f"UPDATE jobs SET {sets} WHERE job_id=?", (*values.values(), job_id))
+            r = rows[0]
             if event is not None:
-                self._insert_event(event, seq)
+                self._insert_event(event, r["last_sequence"])
             if feedback is not None:
                 self._insert_feedback(feedback)
-        return self.get_job(job_id)
+            if outcome is not None:
+                self._record_outcome(*outcome)
+        return _job(r)
 
     def append_progress(self, events: Sequence[Event]) -> bool:
         if not events:
@@ -1436,7 +1445,7 @@ class SqliteStore:
         )
         return [str(r["name"]) for r in rows]
 
-    def record_outcome(self, worker_id: str, success: bool) -> None:
+    def _record_outcome(self, worker_id: str, success: bool) -> None:
         col = "completed" if success else "failed"
         self._conn.execute(f"UPDATE workers SET {col}={col}+1 WHERE worker_id=?", (worker_id,))
 

@@ -382,9 +382,10 @@ class ThreadedStore:
         changes: dict[str, Any],
         event: Event | None,
         feedback: FeedbackEntry | None = None,
+        outcome: tuple[str, bool] | None = None,
     ) -> Job | None:
         return await self._write(
-            lambda s: s.transition(job_id, from_states, attempt, changes, event, feedback)
+            lambda s: s.transition(job_id, from_states, attempt, changes, event, feedback, outcome)
         )
 
     async def append_progress(self, events: Sequence[Event]) -> bool:
@@ -520,9 +521,6 @@ class ThreadedStore:
 
     async def task_names(self, limit: int) -> list[str]:
         return await self._read(lambda s: s.task_names(limit))
-
-    async def record_outcome(self, worker_id: str, success: bool) -> None:
-        await self._write(lambda s: s.record_outcome(worker_id, success))
 
     async def worker_stats(self, worker_id: str) -> tuple[int, int]:
         return await self._read(lambda s: s.worker_stats(worker_id))
