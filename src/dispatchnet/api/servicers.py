@@ -83,10 +83,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_pb2.WatchJobRequest, context: Ctx
     ) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
         who = caller().id
-        async for event in self.jobs.watch(who, request.job_id, request.after_sequence):
+        async for event, ended in self.jobs.watch(who, request.job_id, request.after_sequence):
             # each event goes out at once (a live token is not held back for the next);
             # the final state's event, always the last, carries the job
-            job = await self.jobs.get(who, request.job_id) if event.final else None
+            job = ended
+            if event.final and job is None:
+                job = await self.jobs.get(who, request.job_id)
             yield coordinator_pb2.WatchJobResponse(
                 event=convert.event_to_proto(event),
                 job=convert.job_to_proto(job) if job is not None else None,

@@ -11,7 +11,7 @@ import itertools
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from dispatchnet.coordinator.models import Event, JobState
+from dispatchnet.coordinator.models import Event, Job, JobState
 
 # What a job's memory keeps of events already in the store, for watchers a little behind
 # (older ones are read from the store).
@@ -57,6 +57,7 @@ class _Tail:
     pending_chars: int = 0  # text held by events above durable
     pending_since: float = 0.0  # clock time of the oldest event above durable
     timer: asyncio.TimerHandle | None = None
+    job: Job | None = None  # the job as its last state change here left it
 
     @property
     def last(self) -> int:
@@ -68,8 +69,9 @@ class _Tail:
 
 
 class LiveEvents:
-    """Recent events of the jobs that sent progress, by job. Holds no store: JobService
-    decides when pending progress is written (take_pending / flushed) and tells this
+    """Recent events of the jobs that sent progress or are watched, by job (so watchers
+    of this process read neither progress nor state changes from the store). Holds no
+    store: JobService decides when pending progress is written (take_pending / flushed) and tells this
     about state changes it committed (state)."""
 
     def __init__(self) -> None:
@@ -99,20 +101,28 @@ class LiveEvents:
         tail.pending_chars += len(numbered.text)
         return numbered
 
-    def state(self, event: Event) -> None:
-        """A state change committed to the store as event (its sequence set): appended
-        when memory holds the job's events up to the one before; otherwise memory of the
-        job restarts after it."""
+    def state(self, event: Event, job: Job, watched: bool) -> None:
+        """A state change committed to the store as event (its sequence set), leaving
+        the job as `job`: appended when memory holds the job's events up to the one
+        before; otherwise memory of the job restarts with it (when the job is held in
+        memory already, or `watched`: someone in this process watches it)."""
         tail = self._tails.get(event.job_id)
-        if tail is None:
+        if tail is None and not watched:
             return
-        if event.sequence != tail.last + 1 or tail.pending:
+        if tail is None or event.sequence != tail.last + 1 or tail.pending:
             self._drop(event.job_id)
-            self._tails[event.job_id] = _Tail(event.sequence, event.sequence, event.state)
-            return
+            tail = self._tails[event.job_id] = _Tail(
+                event.sequence - 1, event.sequence - 1, event.state
+            )
         tail.state = event.state
         tail.durable = event.sequence
+        tail.job = job
         self._append(tail, event)
+
+    def job(self, job_id: str) -> Job | None:
+        """The job as its last state change in this process left it (None: not held)."""
+        tail = self._tails.get(job_id)
+        return tail.job if tail is not None else None
 
     def after(self, job_id: str, sequence: int) -> list[Event] | None:
         """The job's events after `sequence` from memory; None when memory cannot tell

@@ -29,6 +29,7 @@ import json
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 
 from dispatchnet import protocol
@@ -84,6 +85,9 @@ MAX_SEQUENCE = 2**63 - 1
 EXPIRED_RETENTION_SECONDS = 3600.0
 PURGE_INTERVAL_SECONDS = 60.0
 QUOTE_ROW_BYTES = 256  # what a stored quote counts besides its spec
+# Quotes made here that CommitJob finds without a store read (small specs only)
+QUOTE_CACHE = 4096
+QUOTE_CACHE_BYTES = 16 * 1024 * 1024
 # Feedback for a worker with an agent id (see README "Reputation and feedback"):
 FEEDBACK_TAG1 = "successRate"
 FEEDBACK_POSITIVE = 100  # a completed job (valueDecimals 0: 100 of 100)
@@ -130,6 +134,15 @@ class JobService:
         self.final_listeners: list[Callable[[Job], None]] = []
         self._next_purge = 0.0
         self._tasks: set[asyncio.Task[None]] = set()  # progress flushes the timers started
+        self._flushing: dict[str, asyncio.Future[None]] = {}  # job_id -> its write under way
+        # The jobs this process's workers hold (OFFERED or RUNNING), as this process last
+        # moved them, with when each attempt was offered: what a worker's messages about
+        # them are checked against without a store read. The store stays the authority:
+        # every move is a compare-and-set, and a job not found here is read from the store.
+        self._active: dict[str, tuple[Job, float | None]] = {}
+        # the quotes this process made lately (immutable until they expire)
+        self._quotes: OrderedDict[str, Quote] = OrderedDict()
+        self._quote_bytes = 0  # their specs' bytes
         # Jobs held for their worker since start-up (recover): worker_id -> job_id -> attempt.
         # Rebuilt from the store at every start, so it survives repeated restarts.
         self._restart_holds: dict[str, dict[str, int]] = {}
@@ -164,6 +177,12 @@ class JobService:
             expires_at=now + self.cfg.quote_ttl_seconds,
         )
         await self.store.put_quote(q, client_id, size, wasm_module)
+        if len(spec.spec_bytes) <= QUOTE_CACHE_BYTES // QUOTE_CACHE:
+            self._quotes[q.quote_id] = q
+            self._quote_bytes += len(spec.spec_bytes)
+            while len(self._quotes) > QUOTE_CACHE or self._quote_bytes > QUOTE_CACHE_BYTES:
+                _, old = self._quotes.popitem(last=False)
+                self._quote_bytes -= len(old.spec.spec_bytes)
         return q
 
     async def _check_quote_storage(self, spec: JobSpec, client_id: str) -> int:
@@ -202,35 +221,47 @@ class JobService:
     async def get_quote(self, quote_id: str) -> Quote:
         if not quote_id:
             raise InvalidArgument("quote_id is required (get one from GetQuote)")
+        quote = self._quotes.get(quote_id)
+        if quote is not None and quote.expires_at >= self.clock():
+            return quote
         quote = await self.store.get_quote(quote_id)
         if quote is None:
             raise NotFound(f"quote {quoted(quote_id)} does not exist")
         return quote
 
     async def check_commit(
-        self, client_id: str, quote_id: str, idempotency_key: str
+        self, client_id: str, quote_id: str, idempotency_key: str, look_up: bool = True
     ) -> tuple[Quote, Job | None]:
         """Whether CommitJob(quote_id, idempotency_key) can go ahead: the quote, and the
         client's job already committed with this key (None: a new job would be made).
         Raises what commit would: a bad key, an unknown or expired quote, a key used for
         another quote, a PRIVATE job without a pairing. The payment edge asks this before
-        it verifies a payment."""
+        it verifies a payment. look_up=False: the key is looked up only when the quote
+        could not make a new job (commit's create_job finds an existing one anyway)."""
         if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
             raise InvalidArgument(f"idempotency_key must be 1-{MAX_IDEMPOTENCY_KEY} characters")
         quote = await self.get_quote(quote_id)
-        existing = await self.store.get_job_by_key(client_id, idempotency_key)
-        if existing is not None:
-            if existing.quote_id != quote_id:
-                raise FailedPrecondition("idempotency_key was already used for another quote")
-            return quote, existing
+        if look_up:
+            existing = await self.store.get_job_by_key(client_id, idempotency_key)
+            if existing is not None:
+                return quote, _same_quote(existing, quote_id)
+        problem = None
         if quote.expires_at < self.clock():
-            raise FailedPrecondition(f"quote {quoted(quote_id)} expired; ask for a new quote")
-        if quote.spec.privacy is Privacy.PRIVATE and not await self.store.paired_workers(client_id):
-            raise FailedPrecondition(
+            problem = FailedPrecondition(f"quote {quoted(quote_id)} expired; ask for a new quote")
+        elif quote.spec.privacy is Privacy.PRIVATE and not await self.store.paired_workers(
+            client_id
+        ):
+            problem = FailedPrecondition(
                 "a PRIVATE job needs at least one paired worker; pair one with "
                 "`dispatch pair create` / `dispatch pair claim` first"
             )
-        return quote, None
+        if problem is None:
+            return quote, None
+        if not look_up:  # a job committed with the key is returned whatever its quote's state
+            existing = await self.store.get_job_by_key(client_id, idempotency_key)
+            if existing is not None:
+                return quote, _same_quote(existing, quote_id)
+        raise problem
 
     async def commit(
         self,
@@ -242,7 +273,9 @@ class JobService:
         """Turns the quote into a queued job. payment: the verified payment for it (job_id
         is filled in here); stored with the job in one transaction, and not stored when the
         idempotency key returns an existing job."""
-        quote, existing = await self.check_commit(client_id, quote_id, idempotency_key)
+        quote, existing = await self.check_commit(
+            client_id, quote_id, idempotency_key, look_up=False
+        )
         if existing is not None:
             return existing, False
         now = self.clock()
@@ -269,8 +302,8 @@ class JobService:
             self._changed(stored)
             if self.listener:
                 self.listener.job_queued()
-        elif stored.quote_id != quote_id:
-            raise FailedPrecondition("idempotency_key was already used for another quote")
+        else:
+            _same_quote(stored, quote_id)
         return stored, created
 
     async def get(self, client_id: str, job_id: str) -> Job:
@@ -307,30 +340,38 @@ class JobService:
             self.listener.job_released(updated, job.worker_id, job.attempts, "cancelled", True)
         return updated
 
-    async def watch(self, client_id: str, job_id: str, after: int) -> AsyncIterator[Event]:
-        """Events after sequence `after`, live, until the final state's event: from memory
-        while this process holds them (see LiveEvents), else from the store. Any `after`
-        past MAX_SEQUENCE means the same as MAX_SEQUENCE: past every event."""
-        await self.get(client_id, job_id)
-        wake = self.notifier.subscribe(job_id)
+    async def watch(
+        self, client_id: str, job_id: str, after: int
+    ) -> AsyncIterator[tuple[Event, Job | None]]:
+        """Events after sequence `after`, live, until the final state's event (which comes
+        with the job as it ended, when this process knows it; else None): from memory
+        while this process holds them (see LiveEvents: every event of a watched job that
+        changes here), else from the store. Any `after` past MAX_SEQUENCE means the same as
+        MAX_SEQUENCE: past every event."""
+        wake = self.notifier.subscribe(job_id)  # before the read: no change is missed
         try:
+            job = await self.get(client_id, job_id)
             seq = min(max(after, 0), MAX_SEQUENCE)
             while True:
                 wake.clear()
-                events = self.live.after(job_id, seq)
-                if events is None:
+                events = self.live.after(job_id, seq) or []
+                if not events and seq < job.last_sequence:  # not (or no longer) in memory
                     events = await self.store.events_after(job_id, seq)
                     if not events:  # the store ends at seq: the rest, if any, is in memory
                         events = self.live.after(job_id, seq) or []
                 for e in events:
                     seq = e.sequence
-                    yield e
+                    if e.final:
+                        yield e, self.live.job(job_id)
+                        return
+                    yield e, None
                 if events:
                     continue
-                job = await self.store.get_job(job_id)
-                if job is None or (job.state.final and seq >= job.last_sequence):
+                if job.state.final and seq >= job.last_sequence:
                     return
-                await _wait(wake, WATCH_POLL_SECONDS)
+                if not await _wait(wake, WATCH_POLL_SECONDS):
+                    # nothing happened here: the job may have moved on elsewhere
+                    job = await self.get(client_id, job_id)
         finally:
             self.notifier.unsubscribe(job_id, wake)
             if not self.notifier.watched(job_id):
@@ -450,14 +491,24 @@ class JobService:
         per job. Chunks of a job that became final meanwhile (on another coordinator)
         are dropped."""
         for jid in [job_id] if job_id is not None else self.live.with_pending():
+            while (writing := self._flushing.get(jid)) is not None:
+                await writing  # one write of a job's progress at a time, in order
             pending = self.live.take_pending(jid)
             if not pending:
                 continue
-            if not await self.store.append_progress(pending):
-                log.warning(
-                    "job %s: %d progress chunk(s) not stored (the job moved on)", jid, len(pending)
-                )
-            self.live.flushed(jid, pending[-1].sequence)
+            done = asyncio.get_running_loop().create_future()
+            self._flushing[jid] = done
+            try:
+                if not await self.store.append_progress(pending):
+                    log.warning(
+                        "job %s: %d progress chunk(s) not stored (the job moved on)",
+                        jid,
+                        len(pending),
+                    )
+                self.live.flushed(jid, pending[-1].sequence)
+            finally:
+                del self._flushing[jid]
+                done.set_result(None)
 
     async def complete(
         self,
@@ -482,7 +533,9 @@ class JobService:
         late = job is None
         if late:
             job = await self.store.get_job(job_id)
-        offered_at = await self.store.offered_at(job_id, worker_id, attempt)
+        offered_at = self._offered_at(job_id, worker_id, attempt)
+        if offered_at is None:
+            offered_at = await self.store.offered_at(job_id, worker_id, attempt)
         if job is None or job.state.final or offered_at is None:
             return False, "stale: this worker holds no open attempt of the job"
         try:
@@ -679,9 +732,26 @@ class JobService:
 
     # --- helpers ------------------------------------------------------------------------
 
+    def _offered_at(self, job_id: str, worker_id: str, attempt: int) -> float | None:
+        """When this process offered the worker the attempt (None: not known here)."""
+        held = self._active.get(job_id)
+        if held is None or held[0].worker_id != worker_id or held[0].attempts != attempt:
+            return None
+        return held[1]
+
     async def _held(
         self, job_id: str, attempt: int, worker_id: str, states: tuple[JobState, ...]
     ) -> Job | None:
+        """The job, when worker_id holds its `attempt` in one of `states`: as this process
+        last moved it when it can tell, else as the store has it."""
+        known = self._active.get(job_id)
+        if (
+            known is not None
+            and known[0].worker_id == worker_id
+            and known[0].attempts == attempt
+            and known[0].state in states
+        ):
+            return known[0]
         job = await self.store.get_job(job_id)
         if (
             job is None
@@ -727,7 +797,17 @@ class JobService:
             outcome,
         )
         if moved is not None:
-            self.live.state(dataclasses.replace(event, sequence=moved.last_sequence))
+            if to in ACTIVE_STATES:
+                # when the attempt was offered: known when this process offered it
+                known = self._active.get(job.job_id)
+                offered = now if to is JobState.OFFERED else known[1] if known else None
+                self._active[job.job_id] = (moved, offered)
+            else:
+                self._active.pop(job.job_id, None)
+            watched = self.notifier.watched(job.job_id)
+            self.live.state(
+                dataclasses.replace(event, sequence=moved.last_sequence), moved, watched
+            )
             if not self.notifier.watched(job.job_id):
                 self.live.release(job.job_id)
             self._drop_hold(job.worker_id, job.job_id)  # any move ends a restart hold
@@ -785,6 +865,13 @@ class JobService:
             self.listener.job_released(job, worker_id, attempt, reason, tell_worker)
 
 
+def _same_quote(job: Job, quote_id: str) -> Job:
+    """job, committed earlier with the idempotency key now used with quote_id."""
+    if job.quote_id != quote_id:
+        raise FailedPrecondition("idempotency_key was already used for another quote")
+    return job
+
+
 def _failure_hash(job: Job, attempt: int, failure: Failure) -> bytes:
     """sha256 of the failure record a negative feedback entry points at."""
     record = {
@@ -797,7 +884,9 @@ def _failure_hash(job: Job, attempt: int, failure: Failure) -> bytes:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).digest()
 
 
-async def _wait(ev: asyncio.Event, seconds: float) -> None:
+async def _wait(ev: asyncio.Event, seconds: float) -> bool:
+    """Whether ev was set within `seconds`."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await ev.wait()
+    return ev.is_set()
