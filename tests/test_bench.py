@@ -12,7 +12,7 @@ from dispatchnet.bench import run_bench
 async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert await run_bench(seconds=0.4, many=8, scale=60) == 0
+    assert await run_bench(seconds=0.4, many=8, scale=60, llm_runs=1) == 0
     out = capsys.readouterr().out
     for series in (
         "raw unary, 64 callers",
@@ -20,6 +20,9 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
         "raw bidi round trips, 100 streams",
         "unpaid job end to end, 1 submitter",
         "unpaid jobs, 8 submitters",
+        "health Check before the hold, 1 caller",
+        "health Check during the hold, 1 caller",
+        "jobs submitted during the hold, 4 submitters",
         "paid CommitJob, 4 submitters",
         "paid jobs, 16 submitters",
         "50 seekers: job end to end, 1 submitter",
@@ -32,6 +35,13 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
             out,
         )
     assert re.search(r"settled (\d+) of \1 in", out), out
+    # nothing submitted while another process held the write lock is lost
+    assert re.search(r"lock held [\d.]+s; ([1-9]\d*) of \1 jobs submitted during the hold", out), (
+        out
+    )
+    assert re.search(
+        r"time to first token, median: network [\d.]+ ms .*raw llama\.cpp [\d.]+ ms", out
+    ), out
     assert out.count("load average") >= 5
     for n in (50, 60):
         assert re.search(
@@ -41,5 +51,14 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
         ), out
     summary = out[out.index("summary") :]
     assert re.search(r"^  128 progress events, \d+ events, \d+ durable rows$", out, re.M), out
-    assert len(re.findall(r"^  \S.*\s[\d.]+\s+(>=|<=|diff)", summary, re.M)) == 10, summary
+    assert len(re.findall(r"^  \S.*\s[\d.]+\s+(>=|<=|diff)", summary, re.M)) == 12, summary
     assert "burst jobs/s, 60 / 50 connected seekers" in summary
+    assert re.search(
+        r"longest health-check latency while another process holds the write lock +"
+        r"[\d.]+ ms +[\d.]+ +<= 20 ms",
+        summary,
+    ), summary
+    assert re.search(
+        r"LLM time to first token, network / raw llama\.cpp +[\d.]+ / [\d.]+ ms +[\d.]+ +<= 1\.3",
+        summary,
+    ), summary
