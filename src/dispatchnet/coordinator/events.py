@@ -71,8 +71,8 @@ class _Tail:
 class LiveEvents:
     """Recent events of the jobs that sent progress or are watched, by job (so watchers
     of this process read neither progress nor state changes from the store). Holds no
-    store: JobService decides when pending progress is written (take_pending / flushed) and tells this
-    about state changes it committed (state)."""
+    store: JobService decides when pending progress is written (take_pending / flushed)
+    and tells this about state changes it committed (state)."""
 
     def __init__(self) -> None:
         self._tails: dict[str, _Tail] = {}
