@@ -13,6 +13,7 @@ import math
 import random
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -34,6 +35,8 @@ from dispatchnet.store.base import Runnable, Store
 DISPATCH_PAGE_MIN = 16
 DISPATCH_PAGE_MAX = 500
 DISPATCH_SCAN_MAX = 5000
+# At most this many jobs queued here are remembered between passes (see WorkerHub._fresh).
+FRESH_MAX = 10_000
 # Messages that carry a job's result; a refused one is answered with a ResultAck.
 RESULT_KINDS = frozenset({"completed", "failed"})
 # After an internal error ends a session, the worker waits this long before reconnecting.
@@ -166,6 +169,13 @@ class WorkerHub:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()  # unregister_soon's
+        # Jobs that became QUEUED in this process since the last dispatch pass. While
+        # _backlog is false, every queued job the store has is among them, and a pass
+        # matches them without reading the queue; anything unknown (a start, a job left
+        # queued by a pass, too many, and every sweep tick for jobs queued by other
+        # processes) sets _backlog and the next pass reads the queue from the store.
+        self._fresh: deque[Job] = deque()
+        self._backlog = True
         jobs.listener = self
 
     # --- handshake and sessions ---------------------------------------------------------
@@ -435,7 +445,11 @@ class WorkerHub:
 
     # --- JobListener --------------------------------------------------------------------
 
-    def job_queued(self) -> None:
+    def job_queued(self, job: Job) -> None:
+        if len(self._fresh) < FRESH_MAX:
+            self._fresh.append(job)
+        else:
+            self._backlog = True  # too many to remember: the store has them
         self.kick()
 
     def job_released(
@@ -460,12 +474,26 @@ class WorkerHub:
         return Runnable(task_names=self.index.free_task_names(), llm=self.index.any_free_llm())
 
     async def _queued(self, free: int) -> AsyncIterator[Job]:
-        """Queued jobs some free worker could run, oldest first, a page at a time, so that
+        """Queued jobs some free worker could run, oldest first: the fresh ones alone when
+        they are all there is (see _fresh), else from the store a page at a time, so that
         jobs nobody can take do not hold up the ones behind them."""
+        if not self._backlog:
+            fresh, self._fresh = list(self._fresh), deque()
+            for job in fresh:
+                yield job
+            return
+        seen = len(self._fresh)  # jobs queued from here on may be missing from the pages
+        self._backlog = False
         runnable, after, scanned = self._runnable(), None, 0
         page_size = min(DISPATCH_PAGE_MAX, max(DISPATCH_PAGE_MIN, 2 * free))
-        while scanned < DISPATCH_SCAN_MAX:
+        while True:
+            if scanned >= DISPATCH_SCAN_MAX:
+                self._backlog = True
+                return
             page = await self.store.queued_jobs(page_size, after, runnable)
+            if scanned == 0:
+                for _ in range(min(seen, len(self._fresh))):
+                    self._fresh.popleft()  # the store's pages have them
             for job in page:
                 yield job
             if len(page) < page_size:
@@ -482,8 +510,10 @@ class WorkerHub:
             return 0
         chosen: list[tuple[Job, WorkerSession]] = []
         paired: dict[str, set[str]] = {}
+        left = False  # a queued job this pass did not offer: the next pass reads the store
         async for job in self._queued(free):
             if len(chosen) >= free:
+                left = True
                 break
             allowed = None
             if job.spec.privacy is Privacy.PRIVATE:
@@ -492,10 +522,13 @@ class WorkerHub:
                 allowed = paired[job.client_id]
             session = self._choose(job, allowed)
             if session is None:
+                left = True
                 continue
             session.active[job.job_id] = job.attempts + 1  # held while the offer is written
             self.index.refresh(session)
             chosen.append((job, session))
+        if left:
+            self._backlog = True
         if not chosen:
             return 0
         moved = await asyncio.gather(*(self.jobs.offer(j, s.worker_id) for j, s in chosen))
@@ -580,6 +613,7 @@ class WorkerHub:
             self._wake.clear()
             try:
                 if self.clock() >= next_sweep:
+                    self._backlog = True  # jobs queued by other processes, if any
                     await self.jobs.sweep()
                     await self.evict_silent()
                     next_sweep = self.clock() + interval

@@ -301,7 +301,7 @@ class JobService:
         if created:
             self._changed(stored)
             if self.listener:
-                self.listener.job_queued()
+                self.listener.job_queued(stored)
         else:
             _same_quote(stored, quote_id)
         return stored, created
@@ -666,7 +666,7 @@ class JobService:
         if moved is not None:
             self._release(moved, job.worker_id, job.attempts, reason, tell_worker)
             if moved.state is JobState.QUEUED and self.listener:
-                self.listener.job_queued()
+                self.listener.job_queued(moved)
         return moved
 
     async def worker_lost(self, worker_id: str, reason: str) -> list[Job]:

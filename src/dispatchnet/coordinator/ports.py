@@ -62,8 +62,8 @@ class ReputationSource(Protocol):
 class JobListener(Protocol):
     """What the job service tells the worker hub."""
 
-    def job_queued(self) -> None:
-        """A job became QUEUED (dispatching may be possible)."""
+    def job_queued(self, job: Job) -> None:
+        """`job` became QUEUED here (dispatching may be possible)."""
         ...
 
     def job_released(
