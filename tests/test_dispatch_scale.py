@@ -3,7 +3,10 @@ job (the hub's worker index), and at a bounded sample of those."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import math
 import secrets
 
 import pytest
@@ -12,7 +15,7 @@ from conftest import Cluster, wait_until
 from dispatch.v1 import coordinator_pb2
 from dispatchnet.client import task_spec
 from dispatchnet.coordinator import matching
-from dispatchnet.coordinator.hub import WorkerHello, WorkerSession
+from dispatchnet.coordinator.hub import HeartbeatSettings, WorkerHello, WorkerHub, WorkerSession
 from dispatchnet.coordinator.models import Privacy, WorkerKind
 
 SEEKERS = 5000
@@ -95,6 +98,7 @@ async def test_heartbeats_are_stretched_as_workers_crowd_in(cluster: Cluster) ->
     # 5,000 idle seekers at a 10 s interval were 500 heartbeats a second, most of a
     # coordinator's idle CPU: the interval each worker is given grows with the crowd.
     hub = cluster.coord.hub
+    await _pause(hub)  # this test runs the hub's periodic work itself
     hub.workers_cfg = dataclasses.replace(
         hub.workers_cfg, heartbeat_interval_seconds=1, eviction_seconds=5,
         max_heartbeats_per_second=100,
@@ -109,6 +113,38 @@ async def test_heartbeats_are_stretched_as_workers_crowd_in(cluster: Cluster) ->
     rate = sum(1 / s.heartbeat_interval for s in [first, *crowd, last])
     assert rate < 100 * 3
     # eviction follows each session's own time
+    stretched = crowd[150]  # connected when 2 s was enough: sends too often once all are in
     hub.clock = lambda: last.last_seen + 6
     await hub.evict_silent()
     assert last.worker_id in hub.sessions and first.worker_id not in hub.sessions
+    # the early sessions' intervals are stretched (a HeartbeatSettings message each), so
+    # all of them together keep to the cap (the hub also does this every sweep tick)
+    target = math.ceil(len(hub.sessions) / 100)
+    assert sum(1 / s.heartbeat_interval for s in hub.sessions.values()) <= 100
+    assert min(s.heartbeat_interval for s in hub.sessions.values()) == target
+    told = [m for m in _drain(stretched) if isinstance(m, HeartbeatSettings)]
+    assert told[-1] == HeartbeatSettings(target, 5 * target)
+
+
+async def _pause(hub: WorkerHub) -> None:
+    """Stops the hub's background loop (dispatching, sweeps, evictions)."""
+    if hub._task is not None:
+        hub._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hub._task
+        hub._task = None
+
+
+def _drain(session: WorkerSession) -> list[object]:
+    out = []
+    while not session.outbox.empty():
+        out.append(session.outbox.get_nowait())
+    return out
+
+
+async def test_a_worker_follows_new_heartbeat_settings(cluster: Cluster) -> None:
+    w = await cluster.worker()
+    assert w.heartbeat_interval != 37
+    session = cluster.coord.hub.sessions[w.key.public_hex]
+    session.send(HeartbeatSettings(37, 111))
+    await wait_until(lambda: w.heartbeat_interval == 37, what="the new interval")

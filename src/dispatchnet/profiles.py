@@ -26,6 +26,10 @@ class ServerConfig:
     sqlite_synchronous: str = "NORMAL"
     # read connections (threads) serving reads in parallel with the one writer
     sqlite_readers: int = 2
+    # HTTP/2 keepalive pings to every connection: finds dead peers of long streams
+    # (workers are also evicted by their heartbeats); each ping costs a little CPU per
+    # connection, which adds up with thousands of connected workers.
+    keepalive_seconds: int = 60
 
 
 @dataclass(frozen=True)
@@ -403,6 +407,8 @@ def check_profile(profile: Profile) -> list[str]:
         min(pa.failed_claims_window_seconds, pa.failed_claims_global_window_seconds) <= 0
     ):
         problems.append("[pairing] failed-claim limits and windows must be positive")
+    if profile.server.keepalive_seconds < 10:
+        problems.append("[server] keepalive_seconds must be at least 10")
     if not 0 <= profile.server.sqlite_readers <= 16:
         problems.append("[server] sqlite_readers must be 0-16")
     if profile.workers.max_heartbeats_per_second < 0:

@@ -194,7 +194,7 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
     opts = [
         ("grpc.max_receive_message_length", profile.server.max_message_bytes),
         ("grpc.max_send_message_length", profile.server.max_message_bytes),
-        ("grpc.keepalive_time_ms", 20000),
+        ("grpc.keepalive_time_ms", profile.server.keepalive_seconds * 1000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ("grpc.so_reuseport", 0),

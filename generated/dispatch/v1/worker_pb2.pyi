@@ -100,6 +100,7 @@ class ConnectResponse(_message.Message):
     CANCEL_FIELD_NUMBER: _builtins.int
     RESULT_ACK_FIELD_NUMBER: _builtins.int
     GO_AWAY_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_SETTINGS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def challenge(self) -> Global___Challenge:
         """Answer to Hello."""
@@ -126,6 +127,13 @@ class ConnectResponse(_message.Message):
         session of the same worker).
         """
 
+    @_builtins.property
+    def heartbeat_settings(self) -> Global___HeartbeatSettings:
+        """New heartbeat settings for this session: the coordinator stretches the
+        interval of earlier sessions as more workers connect, so that all
+        heartbeats together stay under its [workers] max_heartbeats_per_second.
+        """
+
     def __init__(
         self,
         *,
@@ -135,16 +143,43 @@ class ConnectResponse(_message.Message):
         cancel: Global___CancelJobInstruction | None = ...,
         result_ack: Global___ResultAck | None = ...,
         go_away: Global___GoAway | None = ...,
+        heartbeat_settings: Global___HeartbeatSettings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "challenge", b"challenge", "go_away", b"go_away", "msg", b"msg", "offer", b"offer", "result_ack", b"result_ack", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "challenge", b"challenge", "go_away", b"go_away", "heartbeat_settings", b"heartbeat_settings", "msg", b"msg", "offer", b"offer", "result_ack", b"result_ack", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "challenge", b"challenge", "go_away", b"go_away", "msg", b"msg", "offer", b"offer", "result_ack", b"result_ack", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "challenge", b"challenge", "go_away", b"go_away", "heartbeat_settings", b"heartbeat_settings", "msg", b"msg", "offer", b"offer", "result_ack", b"result_ack", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["challenge", "welcome", "offer", "cancel", "result_ack", "go_away"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["challenge", "welcome", "offer", "cancel", "result_ack", "go_away", "heartbeat_settings"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class HeartbeatSettings(_message.Message):
+    """A session's heartbeat settings, changed after Welcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    EVICTION_SECONDS_FIELD_NUMBER: _builtins.int
+    heartbeat_interval_seconds: _builtins.int
+    """Send a heartbeat at least this often from now on."""
+    eviction_seconds: _builtins.int
+    """The session is evicted after this long without any message."""
+    def __init__(
+        self,
+        *,
+        heartbeat_interval_seconds: _builtins.int = ...,
+        eviction_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eviction_seconds", b"eviction_seconds", "heartbeat_interval_seconds", b"heartbeat_interval_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatSettings: _TypeAlias = HeartbeatSettings  # noqa: Y015
 
 @_typing.final
 class Capabilities(_message.Message):

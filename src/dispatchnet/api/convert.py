@@ -374,6 +374,13 @@ def outbound_to_proto(msg: hubmod.Outbound) -> worker_pb2.ConnectResponse:
                 job_id=msg.job_id, attempt=msg.attempt, accepted=msg.accepted, reason=msg.reason
             )
         )
+    if isinstance(msg, hubmod.HeartbeatSettings):
+        return worker_pb2.ConnectResponse(
+            heartbeat_settings=worker_pb2.HeartbeatSettings(
+                heartbeat_interval_seconds=msg.interval_seconds,
+                eviction_seconds=msg.eviction_seconds,
+            )
+        )
     return worker_pb2.ConnectResponse(
         go_away=worker_pb2.GoAway(reason=msg.reason, retry_after_seconds=msg.retry_after_seconds)
     )

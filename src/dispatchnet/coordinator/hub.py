@@ -39,6 +39,9 @@ DISPATCH_SCAN_MAX = 5000
 FRESH_MAX = 10_000
 # Messages that carry a job's result; a refused one is answered with a ResultAck.
 RESULT_KINDS = frozenset({"completed", "failed"})
+# Heartbeats may pass [workers] max_heartbeats_per_second by this factor before earlier
+# sessions' intervals are stretched (see WorkerHub.evict_silent).
+HEARTBEAT_SLACK = 1.1
 # After an internal error ends a session, the worker waits this long before reconnecting.
 INTERNAL_ERROR_RETRY_AFTER_SECONDS = 5
 log = logging.getLogger("dispatch.hub")
@@ -71,7 +74,13 @@ class GoAway:
     retry_after_seconds: int = 0
 
 
-Outbound = Offer | Cancel | ResultAck | GoAway
+@dataclass(frozen=True)
+class HeartbeatSettings:
+    interval_seconds: int
+    eviction_seconds: int
+
+
+Outbound = Offer | Cancel | ResultAck | GoAway | HeartbeatSettings
 
 
 @dataclass(frozen=True)
@@ -242,9 +251,7 @@ class WorkerHub:
             connected_at=now,
             last_seen=now,
         )
-        session.heartbeat_interval = self.heartbeat_interval()
-        scale = session.heartbeat_interval / max(1, self.workers_cfg.heartbeat_interval_seconds)
-        session.eviction_seconds = self.workers_cfg.eviction_seconds * scale
+        self._set_heartbeat(session, self.heartbeat_interval())
         self.sessions[worker_id] = session
         await self.store.record_worker_seen(worker_id, int(hello.kind), now, hello.agent_id)
         if self.catalogue is not None:
@@ -581,22 +588,44 @@ class WorkerHub:
             self.rng,
         )
 
-    def heartbeat_interval(self) -> int:
-        """The heartbeat interval for a worker connecting now: the profile's, stretched so
-        that all connected workers together send at most [workers]
-        max_heartbeats_per_second (sessions keep the interval they were given)."""
+    def heartbeat_interval(self, sessions: int | None = None) -> int:
+        """The heartbeat interval for a worker connecting now (or, given `sessions`, for
+        that many connected): the profile's, stretched so that all connected workers
+        together send at most [workers] max_heartbeats_per_second."""
         cfg = self.workers_cfg
         if cfg.max_heartbeats_per_second <= 0:
             return cfg.heartbeat_interval_seconds
-        needed = math.ceil((len(self.sessions) + 1) / cfg.max_heartbeats_per_second)
+        n = len(self.sessions) + 1 if sessions is None else sessions
+        needed = math.ceil(n / cfg.max_heartbeats_per_second)
         return max(cfg.heartbeat_interval_seconds, needed)
 
+    def _set_heartbeat(self, session: WorkerSession, interval: int) -> None:
+        """The session's heartbeat interval, and its eviction time scaled with it."""
+        session.heartbeat_interval = interval
+        scale = interval / max(1, self.workers_cfg.heartbeat_interval_seconds)
+        session.eviction_seconds = self.workers_cfg.eviction_seconds * scale
+
     async def evict_silent(self) -> None:
+        """Evicts the sessions silent for longer than their eviction time; then, when the
+        sessions given short intervals while few workers were connected now send more
+        heartbeats together than [workers] max_heartbeats_per_second, stretches theirs
+        (a HeartbeatSettings message each)."""
         now = self.clock()
+        rate = 0.0
         for s in list(self.sessions.values()):
             if s.last_seen < now - s.eviction_seconds:
                 s.close("evicted: no heartbeat")
                 await self.unregister(s, "evicted")
+            else:
+                rate += 1 / max(1, s.heartbeat_interval)
+        cap = self.workers_cfg.max_heartbeats_per_second
+        if cap <= 0 or rate <= cap * HEARTBEAT_SLACK:
+            return
+        target = self.heartbeat_interval(len(self.sessions))
+        for s in self.sessions.values():
+            if s.heartbeat_interval < target:
+                self._set_heartbeat(s, target)
+                s.send(HeartbeatSettings(target, int(s.eviction_seconds)))
 
     def eligible_count(self, spec: JobSpec) -> int:
         return self.index.able(spec)

@@ -343,6 +343,9 @@ class Worker:
                     self._on_cancel(msg.cancel)
                 case "result_ack":
                     self._on_ack(msg.result_ack)
+                case "heartbeat_settings":
+                    interval = msg.heartbeat_settings.heartbeat_interval_seconds
+                    self.heartbeat_interval = interval or self.heartbeat_interval
                 case other:
                     self.log.warning("ignoring unexpected %s from the coordinator", other)
 
