@@ -172,6 +172,36 @@ async def test_no_payment_is_resource_exhausted_with_the_requirements(
     assert trailer(e.value.trailing_metadata(), PAYMENT_RESPONSE) == ""
 
 
+async def test_the_quote_says_how_to_pay_so_a_paid_commit_is_one_call(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+) -> None:
+    await paid.worker("seeker")
+    c = paid.client(wallet=new_payer(chain))
+    call = c.jobs.GetQuote(coordinator_pb2.GetQuoteRequest(spec=ECHO), metadata=c.metadata())
+    quote = (await call).quote
+    required = json.loads(
+        base64.b64decode(trailer(await call.trailing_metadata(), PAYMENT_REQUIRED))
+    )
+    [accept] = required["accepts"]
+    assert accept["amount"] == str(PRICE) and accept["payTo"].lower() == payee(chain).lower()
+    assert quote.quote_id in required["resource"]["url"]
+    # the client pays with what GetQuote said: one CommitJob, no refusal first
+    commits: list[str] = []
+    real = c._commit
+
+    async def counted(request: Any, extra: Any) -> Any:
+        commits.append(dict(extra).get(PAYMENT_SIGNATURE, ""))
+        return await real(request, extra)
+
+    c._commit = counted  # type: ignore[method-assign]
+    job = await c.submit(ECHO)
+    assert len(commits) == 1 and commits[0]
+    assert job.payment.status == "authorized"
+    assert json.loads(base64.b64decode(c.last_payment_response))["extra"]["jobId"] == job.job_id
+    assert (await c.wait(job.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED
+
+
 # --- crafting payments ------------------------------------------------------------------------
 
 

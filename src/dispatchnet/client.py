@@ -29,6 +29,7 @@ FINAL_STATES = (
     coordinator_pb2.JOB_STATE_CANCELLED,
 )
 TOKEN_TTL = 120
+MAX_REQUIRED = 1000  # payment requirements of quotes not committed yet, kept at most
 # x402 over gRPC (README "Payments")
 PAYMENT_REQUIRED = "payment-required"
 PAYMENT_SIGNATURE = "payment-signature"
@@ -65,6 +66,8 @@ class CoordinatorClient:
         self.receipts = receipt_pb2_grpc.ReceiptServiceStub(self.channel)
         self.trust = trust_pb2_grpc.TrustServiceStub(self.channel)
         self._token: tuple[float, str] = (0.0, "")
+        # quote_id -> the payment-required header GetQuote came with (paid at commit)
+        self._required: dict[str, str] = {}
 
     async def __aenter__(self) -> CoordinatorClient:
         return self
@@ -85,9 +88,16 @@ class CoordinatorClient:
 
     async def quote(self, spec: common_pb2.JobSpec) -> coordinator_pb2.Quote:
         # authenticated: the quote is stored under this key (larger specs need that)
-        resp = await self.jobs.GetQuote(
+        call = self.jobs.GetQuote(
             coordinator_pb2.GetQuoteRequest(spec=spec), metadata=self.metadata()
         )
+        resp = await call
+        # a coordinator taking payments says with the quote what paying for it takes
+        required = trailer(await call.trailing_metadata(), PAYMENT_REQUIRED)
+        if required and self.wallet:
+            self._required[resp.quote.quote_id] = required
+            while len(self._required) > MAX_REQUIRED:
+                del self._required[next(iter(self._required))]
         return resp.quote
 
     async def commit(self, quote_id: str, idempotency_key: str = "") -> coordinator_pb2.Job:
@@ -97,7 +107,11 @@ class CoordinatorClient:
         request = coordinator_pb2.CommitJobRequest(
             quote_id=quote_id, idempotency_key=idempotency_key or str(uuid.uuid4())
         )
+        known = self._required.pop(quote_id, None)
         try:
+            if known and self.wallet:  # paid at once, with what GetQuote said
+                signature = await asyncio.to_thread(self.wallet.pay, known)
+                return await self._commit(request, ((PAYMENT_SIGNATURE, signature),))
             return await self._commit(request, ())
         except grpc.aio.AioRpcError as e:
             required = trailer(e.trailing_metadata(), PAYMENT_REQUIRED)

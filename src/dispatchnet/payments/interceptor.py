@@ -10,6 +10,10 @@ The mapping follows x402's HTTP transport (README "Payments"):
 - success: trailing metadata `payment-response`, base64 JSON of a SettleResponse (its
   transaction stays empty until the job completes and the payment is settled).
 
+GetQuote answers with the same `payment-required` trailing metadata (status OK) for the
+quote it returns, so a client can sign the payment at once and commit in one call instead
+of being refused first.
+
 A CommitJob whose idempotency key names an existing job needs no payment: it returns that
 job, charged once.
 """
@@ -17,11 +21,12 @@ job, charged once.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from typing import Any
 
 from grpc_interceptor.server import AsyncServerInterceptor
 
-from dispatchnet.api.edge import Context, Handler, caller
+from dispatchnet.api.edge import PAYMENT_REQUIRED, Context, Handler, caller
 from dispatchnet.coordinator.models import Payment
 from dispatchnet.errors import PaymentRequired
 from dispatchnet.payments.service import PaymentService
@@ -29,6 +34,7 @@ from dispatchnet.payments.service import PaymentService
 PAYMENT_SIGNATURE = "payment-signature"
 PAYMENT_RESPONSE = "payment-response"
 COMMIT_JOB = "/dispatch.v1.CoordinatorService/CommitJob"
+GET_QUOTE = "/dispatch.v1.CoordinatorService/GetQuote"
 
 _payment: contextvars.ContextVar[Payment | None] = contextvars.ContextVar("payment", default=None)
 
@@ -46,6 +52,11 @@ class PaymentInterceptor(AsyncServerInterceptor):
     async def intercept(
         self, method: Handler, request: Any, context: Context, method_name: str
     ) -> Any:
+        if method_name == GET_QUOTE:
+            response = await method(request, context)
+            required = await self.service.quote_header(response.quote.quote_id)
+            context.set_trailing_metadata(((PAYMENT_REQUIRED, required),))
+            return response
         if method_name != COMMIT_JOB:
             response = method(request, context)
             if hasattr(response, "__aiter__"):
@@ -65,7 +76,12 @@ class PaymentInterceptor(AsyncServerInterceptor):
             raise await self.service.refusal_for(request.quote_id, e) from None
         finally:
             _payment.reset(token)
-        value = await self.service.response_header(response.job)
+        if payment is not None and response.created:  # stored with the job just made
+            value = self.service.gateway.response_header(
+                dataclasses.replace(payment, job_id=response.job.job_id)
+            )
+        else:
+            value = await self.service.response_header(response.job)
         if value:
             context.set_trailing_metadata(((PAYMENT_RESPONSE, value),))
         return response

@@ -165,6 +165,17 @@ class PaymentService(OutboxLoop):
             raise self.refusal(quote, offers, e.message, e.reason) from None
         return payment
 
+    async def quote_header(self, quote_id: str) -> str:
+        """The payment-required header for a quote just made (sent with GetQuote)."""
+        quote = await self.jobs.get_quote(quote_id)
+        refusal = self.refusal(
+            quote,
+            await self.offers(quote),
+            "CommitJob needs an x402 payment for this quote",
+            "payment_required",
+        )
+        return refusal.required_header
+
     async def refusal_for(self, quote_id: str, e: PaymentRequired) -> PaymentRequired:
         """e with the quote's payment-required header (for refusals raised at commit)."""
         quote = await self.jobs.get_quote(quote_id)
