@@ -12,12 +12,22 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+from eth_abi.abi import decode as abi_decode
+from eth_abi.abi import encode as abi_encode
+from eth_typing import ABIFunction
+from eth_utils.abi import (
+    function_abi_to_4byte_selector,
+    get_abi_input_types,
+    get_abi_output_types,
+)
 from hexbytes import HexBytes
 from web3 import Web3
+from web3._utils.error_formatters_utils import raise_contract_logic_error_on_revert
 from web3.exceptions import TransactionNotFound, Web3RPCError
 from web3.logs import DISCARD
+from web3.types import RPCEndpoint
 from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.types import TransactionReceipt
 
@@ -116,6 +126,11 @@ class CoordinatorFacilitatorSigner(FacilitatorWeb3Signer):
         self._lock = threading.Lock()
         self._transport_failed_at = 0.0
         self.last_transport_error = ""
+        self._codes: dict[str, tuple[float, bytes]] = {}  # address -> (until, code)
+        # (address, function, id(abi)) -> (abi, selector, input types, output types)
+        self._functions: dict[
+            tuple[str, str, int], tuple[list[dict[str, Any]], bytes, list[str], list[str]]
+        ] = {}
 
     def transport_failed_since(self, t: float) -> bool:
         with self._lock:
@@ -138,7 +153,39 @@ class CoordinatorFacilitatorSigner(FacilitatorWeb3Signer):
         return int(self._watched("get_chain_id"))
 
     def read_contract(self, address: str, abi: list[dict[str, Any]], fn: str, *args: Any) -> Any:
-        return self._watched("read_contract", address, abi, fn, *args)
+        """The SDK's read_contract (an eth_call, decoded) without web3's contract and
+        middleware layers, which cost more CPU than the call itself on the verify path:
+        encoded and decoded with eth_abi, sent as a bare JSON-RPC request. A revert raises
+        web3's ContractLogicError with the node's reason, as web3 would."""
+        try:
+            return self._eth_call(address, abi, fn, args)
+        except BaseException as e:
+            self._note(e)
+            raise
+
+    def _eth_call(self, address: str, abi: list[dict[str, Any]], fn: str, args: Any) -> Any:
+        key = (address.lower(), fn, id(abi))
+        found = self._functions.get(key)
+        if found is None or found[0] is not abi:
+            [element] = [
+                cast(ABIFunction, e) for e in abi if e.get("type") == "function" and e["name"] == fn
+            ]
+            found = (
+                abi,
+                function_abi_to_4byte_selector(element),
+                get_abi_input_types(element),
+                get_abi_output_types(element),
+            )
+            self._functions[key] = found
+        _, selector, inputs, outputs = found
+        data = "0x" + (selector + abi_encode(inputs, list(args))).hex()
+        call = {"to": Web3.to_checksum_address(address), "data": data}
+        response = self._w3.provider.make_request(RPCEndpoint("eth_call"), [call, "latest"])
+        if response.get("error") is not None:
+            raise_contract_logic_error_on_revert(response)
+            raise Web3RPCError(str(response["error"]), rpc_response=response)
+        values = abi_decode(outputs, HexBytes(response["result"]))
+        return values[0] if len(values) == 1 else list(values) if values else None
 
     def verify_typed_data(self, *args: Any, **kwargs: Any) -> bool:
         return bool(self._watched("verify_typed_data", *args, **kwargs))
@@ -147,7 +194,21 @@ class CoordinatorFacilitatorSigner(FacilitatorWeb3Signer):
         return int(self._watched("get_balance", address, token_address))
 
     def get_code(self, address: str) -> bytes:
-        return bytes(self._watched("get_code", address))
+        """An account's code, remembered for CODE_CACHE_SECONDS (the SDK asks for the
+        payer's on every verification; whatever it says, the transfer's simulation that
+        follows is what decides)."""
+        now = time.monotonic()
+        key = address.lower()
+        with self._lock:
+            known = self._codes.get(key)
+            if known is not None and known[0] > now:
+                return known[1]
+        code = bytes(self._watched("get_code", address))
+        with self._lock:
+            if len(self._codes) >= CODE_CACHE_SIZE:
+                self._codes.clear()
+            self._codes[key] = (now + CODE_CACHE_SECONDS, code)
+        return code
 
     def wait_for_transaction_receipt(self, tx_hash: str) -> TransactionReceipt:
         result: TransactionReceipt = self._watched("wait_for_transaction_receipt", tx_hash)
@@ -175,6 +236,11 @@ class CoordinatorFacilitatorSigner(FacilitatorWeb3Signer):
     def send_transaction(self, to: str, data: bytes) -> str:
         # only used to deploy ERC-6492 smart wallets, which Dispatch does not allow
         raise ValueError("the Dispatch facilitator sends no raw transactions")
+
+
+# How long an account's code is remembered on the verify path, and for how many accounts.
+CODE_CACHE_SECONDS = 60.0
+CODE_CACHE_SIZE = 10_000
 
 
 def _is_revert(e: BaseException) -> bool:
