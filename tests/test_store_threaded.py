@@ -375,8 +375,9 @@ async def test_a_group_that_cannot_begin_fails_every_write(
         async with writer_held(store):
             group = [asyncio.create_task(store.create_job(*new_job(n))) for n in range(3)]
         for task in group:
-            with pytest.raises(sqlite3.OperationalError, match="locked"):
+            with pytest.raises(Unavailable, match="locked") as busy:  # UNAVAILABLE: retry
                 await task
+            assert isinstance(busy.value.__cause__, sqlite3.OperationalError)
     assert (await store.create_job(*new_job(0)))[1]  # once the lock is free again
 
 

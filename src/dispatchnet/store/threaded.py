@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import queue
+import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,7 +86,28 @@ def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
         future.set_exception(value)
 
 
+def _translated(e: Any) -> Any:
+    """SQLite's transient failures as the Unavailable they are to a caller (the edge then
+    answers UNAVAILABLE: retry), keeping SQLite's own error as the cause."""
+    if isinstance(e, sqlite3.OperationalError):
+        text = str(e).lower()
+        if "locked" in text or "busy" in text:
+            busy = Unavailable(
+                f"the coordinator's database is busy ({e}): another process holds its write "
+                "lock; retry"
+            )
+            busy.__cause__ = e
+            return busy
+        if "disk is full" in text or "disk i/o" in text:
+            full = Unavailable(f"the coordinator's database cannot write ({e}); retry later")
+            full.__cause__ = e
+            return full
+    return e
+
+
 def _deliver(op: _Op, ok: bool, value: Any) -> None:
+    if not ok:
+        value = _translated(value)
     try:
         op.loop.call_soon_threadsafe(_settle, op.future, ok, value)
     except RuntimeError:  # its loop is closed: nobody is waiting any more
