@@ -614,7 +614,7 @@ class ComputeRouter:
                         async with asyncio.timeout_at(deadline):
                             item = await anext(events)
                     except StopAsyncIteration:
-                        break  # the stream ended early: watch again from `after`
+                        break
                     event, failures = item.event, 0
                     after = event.sequence
                     picked = picked or event.state in (RUNNING, COMPLETED)
@@ -623,6 +623,13 @@ class ComputeRouter:
                     if item.HasField("job"):
                         yield item.job
                         return
+                # the stream ended before the job's final event: watch again from `after`
+                failures += 1
+                if failures > WATCH_RETRIES:
+                    raise CoordinatorUnavailable(
+                        f"{client.address}: WatchJob keeps ending before job {job.job_id} is final"
+                    )
+                await asyncio.sleep(min(2.0, 0.1 * 2**failures))  # backoff before watching again
             except TimeoutError:
                 reason = "the client's deadline passed" if picked else "no worker took it in time"
                 final = await self._cancel(client, job.job_id, reason)
