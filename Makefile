@@ -13,6 +13,11 @@ NPM_STAMP := node_modules/.installed
 PROTOS := $(wildcard proto/dispatch/v1/*.proto)
 # FileDescriptorSet with comments, served by reflection so `grpcurl describe` shows the docs.
 DESCRIPTORS := dispatch/v1/descriptors.binpb
+# The SDK's public message types: betterproto dataclasses (README "SDK", design notes).
+SDK_TYPES := src/dispatchnet/sdk/types.py
+# $(call sdk-types,OUT,TMPDIR): writes the betterproto types of $(PROTOS) to OUT.
+sdk-types = $(PY) -m grpc_tools.protoc -Iproto --include_imports --include_source_info \
+	  --descriptor_set_out=$(2)/all.binpb $(PROTOS) && $(PY) src/dispatchnet/sdk/typegen.py $(2)/all.binpb $(1)
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
 .PHONY: setup proto check-proto check-breaking contracts check-contracts lint test demo bench clean
@@ -38,7 +43,8 @@ $(NPM_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# Regenerate Python code from the .proto files (output is committed).
+# Regenerate Python code from the .proto files (output is committed): the protobuf stubs in
+# generated/ and the SDK's betterproto types in $(SDK_TYPES).
 proto: $(STAMP)
 	rm -rf generated/dispatch/v1/*_pb2*.py generated/dispatch/v1/*_pb2*.pyi generated/$(DESCRIPTORS)
 	$(PY) -m grpc_tools.protoc -Iproto \
@@ -46,8 +52,9 @@ proto: $(STAMP)
 	  --mypy_out=generated --mypy_grpc_out=generated \
 	  --include_source_info --descriptor_set_out=generated/$(DESCRIPTORS) $(PROTOS) >/dev/null
 	touch generated/dispatch/__init__.py generated/dispatch/v1/__init__.py
+	@tmp=$$(mktemp -d); $(call sdk-types,$(SDK_TYPES),$$tmp); status=$$?; rm -rf $$tmp; exit $$status
 
-# Fails when generated/ does not match proto/.
+# Fails when generated/ or $(SDK_TYPES) does not match proto/.
 check-proto: $(STAMP)
 	@tmp=$$(mktemp -d); \
 	$(PY) -m grpc_tools.protoc -Iproto \
@@ -58,9 +65,11 @@ check-proto: $(STAMP)
 	  cmp -s $$tmp/$$f generated/$$f || { echo "stale: generated/$$f (run make proto)"; rm -rf $$tmp; exit 1; }; \
 	done; \
 	extra=$$(cd generated && find . -name '*_pb2*' -o -name '*.binpb' | sort | while read f; do [ -e $$tmp/$$f ] || echo $$f; done); \
+	if [ -n "$$extra" ]; then echo "generated files with no .proto: $$extra"; rm -rf $$tmp; exit 1; fi; \
+	$(call sdk-types,$$tmp/sdk_types.py,$$tmp) || { rm -rf $$tmp; exit 1; }; \
+	cmp -s $$tmp/sdk_types.py $(SDK_TYPES) || { echo "stale: $(SDK_TYPES) (run make proto)"; rm -rf $$tmp; exit 1; }; \
 	rm -rf $$tmp; \
-	if [ -n "$$extra" ]; then echo "generated files with no .proto: $$extra"; exit 1; fi; \
-	echo "generated/ is up to date"
+	echo "generated/ and $(SDK_TYPES) are up to date"
 
 # Fails when proto/ breaks wire or generated-code compatibility (buf's FILE rules) with
 # BREAKING_BASE: the newest release tag (v*), else the previous commit (a merge's first

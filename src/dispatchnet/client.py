@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from types import TracebackType
 from typing import Protocol, cast
 
@@ -36,9 +36,15 @@ PAYMENT_SIGNATURE = "payment-signature"
 PAYMENT_RESPONSE = "payment-response"
 
 
+class PaymentDeclined(ValueError):
+    """The wallet will not pay what the coordinator asks (over the limit, unknown asset,
+    or a network it cannot pay on)."""
+
+
 class Payer(Protocol):
     def pay(self, required_header: str) -> str:
-        """A payment-signature value for a payment-required value (blocking)."""
+        """A payment-signature value for a payment-required value (blocking);
+        PaymentDeclined when it will not pay."""
         ...
 
 
@@ -86,10 +92,16 @@ class CoordinatorClient:
             self._token = (now, metadata_value(self.key, TOKEN_TTL))
         return ((METADATA_KEY, self._token[1]),)
 
-    async def quote(self, spec: common_pb2.JobSpec) -> coordinator_pb2.Quote:
+    async def quote(
+        self, spec: common_pb2.JobSpec, rpc_timeout: float | None = None
+    ) -> coordinator_pb2.Quote:
+        """rpc_timeout: seconds until DEADLINE_EXCEEDED (None: no deadline), also bounding
+        how long a first call waits for the connection."""
         # authenticated: the quote is stored under this key (larger specs need that)
         call = self.jobs.GetQuote(
-            coordinator_pb2.GetQuoteRequest(spec=spec), metadata=self.metadata()
+            coordinator_pb2.GetQuoteRequest(spec=spec),
+            metadata=self.metadata(),
+            timeout=rpc_timeout,
         )
         resp = await call
         # a coordinator taking payments says with the quote what paying for it takes
@@ -142,13 +154,16 @@ class CoordinatorClient:
 
     async def watch(
         self, job_id: str, after: int = 0
-    ) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
+    ) -> AsyncGenerator[coordinator_pb2.WatchJobResponse, None]:
         call = self.jobs.WatchJob(
             coordinator_pb2.WatchJobRequest(job_id=job_id, after_sequence=after),
             metadata=self.metadata(),
         )
-        async for item in call:
-            yield item
+        try:
+            async for item in call:
+                yield item
+        finally:  # a watcher that stops early (or is cancelled) ends the stream at once
+            call.cancel()
 
     async def wait(self, job_id: str) -> coordinator_pb2.Job:
         """Watches until the job is final (resuming after dropped streams); the final job."""
@@ -173,8 +188,12 @@ class CoordinatorClient:
         )
         return resp.job
 
-    async def list_workers(self) -> list[coordinator_pb2.WorkerInfo]:
-        resp = await self.jobs.ListWorkers(coordinator_pb2.ListWorkersRequest())
+    async def list_workers(
+        self, rpc_timeout: float | None = None
+    ) -> list[coordinator_pb2.WorkerInfo]:
+        resp = await self.jobs.ListWorkers(
+            coordinator_pb2.ListWorkersRequest(), timeout=rpc_timeout
+        )
         return list(resp.workers)
 
     async def earnings(

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from dispatchnet.reputation.feedback import FeedbackPoster
 
 CAPABILITIES: frozenset[str] = frozenset()
+# The chain track a client names to pick coordinators of this kind (registry.track).
+TRACK = "local"
 # The [chain] keys this kind reads (devchain only to refuse it with a clearer message).
 KEYS = frozenset({"kind", "devchain"})
 

@@ -143,6 +143,17 @@ def capabilities(kind: str) -> frozenset[str]:
     return found
 
 
+def track(kind: str) -> str:
+    """The chain track a client names to pick coordinators of this kind ("monad",
+    "solana", "local"; the SDK's chain preference), without importing a chain library.
+    ValueError for a kind this build does not know."""
+    if kind not in _KINDS:
+        known = ", ".join(_KINDS)
+        raise ValueError(f"[chain] kind {kind!r} is unknown (this build knows: {known})")
+    found: str = importlib.import_module(_KINDS[kind][0]).TRACK
+    return found
+
+
 def asset_problem(kind: str, asset: str) -> str | None:
     """Why `asset` cannot be a payment asset on a chain of this kind, or None (light)."""
     if kind not in _KINDS:

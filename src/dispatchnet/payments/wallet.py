@@ -30,16 +30,12 @@ from dispatchnet.chains.deployments import (
     read_deployment,
 )
 from dispatchnet.chains.evm.node import load_or_create_chain_key
+from dispatchnet.client import PaymentDeclined as PaymentDeclined
 from dispatchnet.profiles import Profile
 
 log = logging.getLogger("dispatch.wallet")
 
 MICROS = 10**6
-
-
-class PaymentDeclined(ValueError):
-    """The wallet will not pay what the coordinator asks (over the limit, unknown asset,
-    or a network it cannot pay on)."""
 
 
 @dataclass(frozen=True)

@@ -544,101 +544,127 @@ class LlmExecutor:
     # --- use_llm text tasks ---------------------------------------------------------------
 
     async def _text_task(self, name: str, data: bytes, progress: Progress) -> TaskOutput:
-        # The deterministic task validates the input, so both accept exactly the same inputs.
-        await run_task(name, data)
-        req: dict[str, Any] = json.loads(data)
-        text = str(req["text"])
-        if name == "summarize":
-            value, done = await self._summarize(text, int(req.get("max_sentences", 2)), progress)
-        elif name == "classify":
-            value, done = await self._classify(text, [str(x) for x in req["labels"]], progress)
-        else:
-            fields = req.get("fields")
-            value, done = await self._extract(text, fields, progress)
+        task = await text_task(name, data)
+        done = await self._generate(task.generation, progress)
         return TaskOutput(
-            _json_bytes(value), "application/json", done.prompt_tokens, done.completion_tokens
+            _json_bytes(task.finish(done.text)),
+            "application/json",
+            done.prompt_tokens,
+            done.completion_tokens,
         )
 
-    async def _summarize(
-        self, text: str, max_sentences: int, progress: Progress
-    ) -> tuple[object, Completion]:
-        sentences = "one sentence" if max_sentences == 1 else f"at most {max_sentences} sentences"
-        messages = [
-            {
-                "role": "system",
-                "content": f"Summarize the user's text in {sentences}. "
-                "Reply with the summary only.",
-            },
-            {"role": "user", "content": text},
-        ]
-        max_tokens = min(1024, 64 * max_sentences + 64)
-        done = await self._generate(Generation(messages, max_tokens), progress)
-        summary = " ".join(done.text.split())
+
+# --- the text tasks as chat requests (also the SDK's hosted fallback) -----------------------
+
+
+@dataclass(frozen=True)
+class TextTask:
+    """A use_llm text task as one chat request, and how the model's answer becomes the
+    task's result (the deterministic task's JSON shape)."""
+
+    generation: Generation
+    finish: Callable[[str], object]
+    """The answer -> the result value; TaskError("llm_bad_output") when it cannot."""
+
+
+async def text_task(name: str, data: bytes) -> TextTask:
+    """The chat request for summarize, classify or extract_json on `data` (the task's JSON
+    input). TaskError("bad_input") for input the deterministic task refuses (both accept
+    exactly the same inputs), TaskError("unknown_task") for another name."""
+    if name not in TEXT_TASKS:
+        raise TaskError("unknown_task", f"{name!r} has no LLM form (only {', '.join(TEXT_TASKS)})")
+    await run_task(name, data)  # validates the input
+    req: dict[str, Any] = json.loads(data)
+    text = str(req["text"])
+    if name == "summarize":
+        return _summarize(text, int(req.get("max_sentences", 2)))
+    if name == "classify":
+        return _classify(text, [str(x) for x in req["labels"]])
+    return _extract(text, req.get("fields"))
+
+
+def _summarize(text: str, max_sentences: int) -> TextTask:
+    sentences = "one sentence" if max_sentences == 1 else f"at most {max_sentences} sentences"
+    messages = [
+        {
+            "role": "system",
+            "content": f"Summarize the user's text in {sentences}. Reply with the summary only.",
+        },
+        {"role": "user", "content": text},
+    ]
+
+    def finish(answer: str) -> object:
+        summary = " ".join(answer.split())
         if not summary:
             raise TaskError("llm_bad_output", "the model returned an empty summary")
-        return {"summary": summary}, done
+        return {"summary": summary}
 
-    async def _classify(
-        self, text: str, labels: list[str], progress: Progress
-    ) -> tuple[object, Completion]:
-        listed = "\n".join(f"- {label}" for label in labels)
-        messages = [
-            {
-                "role": "system",
-                "content": "Classify the user's text with exactly one of these labels:\n"
-                f"{listed}\nReply with the label only.",
-            },
-            {"role": "user", "content": text},
-        ]
-        request = Generation(messages, 48, choices=tuple(labels))
-        done = await self._generate(request, progress)
-        label = _match_label(done.text, labels)
+    return TextTask(Generation(messages, min(1024, 64 * max_sentences + 64)), finish)
+
+
+def _classify(text: str, labels: list[str]) -> TextTask:
+    listed = "\n".join(f"- {label}" for label in labels)
+    messages = [
+        {
+            "role": "system",
+            "content": "Classify the user's text with exactly one of these labels:\n"
+            f"{listed}\nReply with the label only.",
+        },
+        {"role": "user", "content": text},
+    ]
+
+    def finish(answer: str) -> object:
+        label = _match_label(answer, labels)
         if label is None:
             raise TaskError(
                 "llm_bad_output",
-                f"the model's answer {done.text.strip()[:200]!r} is none of the labels {labels}",
+                f"the model's answer {answer.strip()[:200]!r} is none of the labels {labels}",
             )
-        return {"label": label, "scores": {x: 1.0 if x == label else 0.0 for x in labels}}, done
+        return {"label": label, "scores": {x: 1.0 if x == label else 0.0 for x in labels}}
 
-    async def _extract(
-        self, text: str, fields: Sequence[str] | None, progress: Progress
-    ) -> tuple[object, Completion]:
-        if fields is not None:
-            keys = ", ".join(json.dumps(f) for f in fields)
-            instruction = (
-                f"Extract these fields from the user's text: {keys}. Reply with one JSON object "
-                "with exactly those keys; use null for a field the text does not give."
-            )
-        else:
-            instruction = (
-                "Extract the structured data in the user's text (names, dates, amounts, "
-                "contacts, key-value pairs) as one flat JSON object. Reply with JSON only."
-            )
-        messages = [
-            {"role": "system", "content": instruction},
-            {"role": "user", "content": text},
-        ]
-        value: dict[str, Any] = {"type": ["string", "number", "boolean", "null"]}
-        if fields is not None:
-            schema: dict[str, Any] = {
-                "type": "object",
-                "properties": dict.fromkeys(fields, value),
-                "required": list(dict.fromkeys(fields)),
-                "additionalProperties": False,
-            }
-        else:
-            schema = {"type": "object", "additionalProperties": value}
-        done = await self._generate(Generation(messages, 512, json_schema=schema), progress)
-        obj = _json_object(done.text)
+    return TextTask(Generation(messages, 48, choices=tuple(labels)), finish)
+
+
+def _extract(text: str, fields: Sequence[str] | None) -> TextTask:
+    if fields is not None:
+        keys = ", ".join(json.dumps(f) for f in fields)
+        instruction = (
+            f"Extract these fields from the user's text: {keys}. Reply with one JSON object "
+            "with exactly those keys; use null for a field the text does not give."
+        )
+    else:
+        instruction = (
+            "Extract the structured data in the user's text (names, dates, amounts, "
+            "contacts, key-value pairs) as one flat JSON object. Reply with JSON only."
+        )
+    messages = [
+        {"role": "system", "content": instruction},
+        {"role": "user", "content": text},
+    ]
+    value: dict[str, Any] = {"type": ["string", "number", "boolean", "null"]}
+    if fields is not None:
+        schema: dict[str, Any] = {
+            "type": "object",
+            "properties": dict.fromkeys(fields, value),
+            "required": list(dict.fromkeys(fields)),
+            "additionalProperties": False,
+        }
+    else:
+        schema = {"type": "object", "additionalProperties": value}
+
+    def finish(answer: str) -> object:
+        obj = _json_object(answer)
         if obj is None:
             raise TaskError(
                 "llm_bad_output",
-                f"the model's answer is not a JSON object: {done.text.strip()[:200]!r}",
+                f"the model's answer is not a JSON object: {answer.strip()[:200]!r}",
             )
         if fields is not None:
             folded = {_field_key(k): v for k, v in obj.items()}
             obj = {f: obj.get(f, folded.get(_field_key(f))) for f in fields}
-        return {"data": obj}, done
+        return {"data": obj}
+
+    return TextTask(Generation(messages, 512, json_schema=schema), finish)
 
 
 def _match_label(answer: str, labels: list[str]) -> str | None:

@@ -22,6 +22,9 @@ ADDRESS_FIELDS = (
 )
 # What an EVM chain provides to a profile (registry.capabilities).
 CAPABILITIES = frozenset({"anchor", "identity", "reputation", "feedback", "payments"})
+# The chain track a client names to pick coordinators of this kind (registry.track; the
+# SDK's chain preference): Dispatch's EVM track is Monad's (local-monad, monad-testnet).
+TRACK = "monad"
 DEVCHAINS = ("anvil",)
 # The [chain] keys this kind reads; any other key set away from its default is refused.
 KEYS = frozenset(

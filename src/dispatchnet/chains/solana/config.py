@@ -16,6 +16,8 @@ BASE58_KEY = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,44}")  # a base58 public key
 # What a Solana chain provides to a profile (registry.capabilities); "payments" is the
 # x402 SVM rail (chains/solana/rail.py).
 CAPABILITIES = frozenset({"anchor", "payments"})
+# The chain track a client names to pick coordinators of this kind (registry.track).
+TRACK = "solana"
 # Identity, reputation and feedback come from an [identity_chain] (an EVM chain holding the
 # ERC-8004 registries) when the profile names one (registry.identity_chain_problems).
 LINKS_IDENTITY_CHAIN = True
