@@ -40,7 +40,7 @@ def check_track(text: str, profile: str, network: str, tx: str, address: str) ->
         part = text.split(f", {scenario}:", 1)[1].split("\n\n", 1)[0]
         assert re.search(rf"paid +x402: [\d.]+ USDC signed by \S+ on {re.escape(network)} ", part)
         assert re.search(
-            rf"settled +[\d.]+ USDC in {tx} +\(authorized -> (held -> )?settled\)", part
+            rf"settled +[\d.]+ USDC in {tx} +\((authorized -> )?(held -> )?settled\)", part
         )
 
     # every job paid with x402 and settled once, the workers' shares paid out (EVM: registered
@@ -110,6 +110,20 @@ async def test_demo_runs_all_scenarios_on_both_chains(capsys: pytest.CaptureFixt
             assert row is not None, (chain, scenario)
             assert row.group(0).rstrip().endswith("valid")
     assert "All scenarios completed on every chain and were paid for on chain" in out
+    # the client side is the SDK; a PRIVATE job before any pairing takes its hosted
+    # fallback (llama.cpp's OpenAI-compatible server standing in for the provider)
+    assert "dispatchnet.sdk.ComputeRouter" in out
+    for chain, *_ in TRACKS:
+        row = re.search(
+            rf"^  {chain} +private task: hosted fallback +- +- +hosted \(openai, local stand-in\)"
+            r" +- +\(hosted\)",
+            summary,
+            re.M,
+        )
+        assert row is not None, chain
+    for section in sections.values():
+        assert "no_paired_worker" in section
+        assert "route    openai: a local llama.cpp server" in section
 
     # the EVM track: every worker registered and verified
     for label in ("seeker-1", "seeker-2", "desktop-1"):

@@ -37,9 +37,12 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -56,6 +59,11 @@ from dispatchnet.cli import job_json
 from dispatchnet.client import CoordinatorClient, llm_spec, task_spec
 from dispatchnet.profiles import Profile, load_profile, resolve_path
 from dispatchnet.receipts.core import verify_receipt_message
+from dispatchnet.sdk import ComputeRouter, ModelPrice, Network, OpenAIProvider
+from dispatchnet.sdk import DispatchError as SdkError
+from dispatchnet.sdk import types as sdk_types
+from dispatchnet.sdk.convert import to_pb, to_types
+from dispatchnet.worker.llm import shipped_model_path
 
 START_TIMEOUT = 20.0
 CONNECT_TIMEOUT = 20.0
@@ -75,6 +83,13 @@ PAYOUT_TIMEOUT = 45.0
 INDENT = "      "
 STEPS = 10  # per track
 NO_REPUTATION = "reputation: rated on the identity chain, shown on the EVM track"
+
+# The hosted provider of the SDK's fallback, played by llama.cpp's OpenAI-compatible server
+# with the shipped model (no hosted provider is reachable here): its model name and the
+# price the demo's price table gives it (micro-USD per million input and output tokens).
+HOSTED_MODEL = "smollm2-local"
+HOSTED_PRICE = ModelPrice(150_000, 600_000)
+HOSTED_START_TIMEOUT = 90.0
 
 _KIND_NAMES = {common_pb2.WORKER_KIND_SEEKER: "seeker", common_pb2.WORKER_KIND_DESKTOP: "desktop"}
 
@@ -114,6 +129,15 @@ class DemoError(Exception):
     """A step of the demo could not go on."""
 
 
+@dataclass(frozen=True)
+class Client:
+    """The demo's client side: the SDK's router for jobs, and a coordinator client for
+    what the SDK does not do (pairing codes, following a payment to settlement)."""
+
+    router: ComputeRouter
+    coordinator: CoordinatorClient
+
+
 @dataclass
 class Child:
     """A subprocess the demo started, with the file its stderr goes to."""
@@ -144,9 +168,12 @@ class Outcome:
     worker: str = "-"  # who ran it, as the demo names its workers
     receipt_valid: bool = False
     problems: list[str] = field(default_factory=list)
+    hosted: str = ""  # the hosted route's output, when the SDK fell back (no job)
 
     @property
     def ok(self) -> bool:
+        if self.hosted:
+            return not self.problems
         return (
             self.job is not None
             and self.job.state == coordinator_pb2.JOB_STATE_COMPLETED
@@ -312,6 +339,56 @@ class Processes:
         sys.stderr.flush()
 
 
+class HostedStandIn:
+    """llama.cpp's OpenAI-compatible server with the shipped model, on a free port: the
+    hosted provider of the SDK's fallback in the demo (OpenAI cannot be reached here)."""
+
+    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/v1"
+        self.log_path = tmp / "llama-server.log"
+        self.log_file = _open_log(self.log_path)
+        argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(shipped_model_path())]
+        argv += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024"]
+        argv += ["--model_alias", HOSTED_MODEL]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log_file,
+            env=env,
+        )  # fmt: skip
+
+    async def ready(self) -> OpenAIProvider:
+        """Waits until the server lists its model; the SDK's provider for it."""
+        deadline = time.monotonic() + HOSTED_START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                tail = "\n".join(_tail(self.log_path))
+                raise DemoError(f"llama.cpp's server exited ({self.proc.returncode}): {tail}")
+            try:
+                await asyncio.to_thread(self._models)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise DemoError("llama.cpp's server did not answer /v1/models") from None
+                await asyncio.sleep(POLL_INTERVAL)  # polling a server's readiness
+        return OpenAIProvider(api_key="local", base_url=self.url, model=HOSTED_MODEL)
+
+    def _models(self) -> None:
+        with urllib.request.urlopen(f"{self.url}/models", timeout=2) as r:
+            json.load(r)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+
+
 class TrackRun:
     """One track played end to end: its chain, coordinator, workers, scenarios and checks.
     Steps record what went wrong (self.problems, each outcome's problems) and go on."""
@@ -342,6 +419,7 @@ class TrackRun:
         self.asset: Any = None  # the wallet's payment asset: the deployment's test USDC
         self.before: dict[str, int] = {}  # test USDC per address before the first job
         self.stopped = False
+        self.hosted: OpenAIProvider | None = None  # the SDK's fallback (set by run_demo)
 
     @property
     def ok(self) -> bool:
@@ -852,7 +930,7 @@ class TrackRun:
     # --- scenarios -----------------------------------------------------------------------------
 
     async def play_scenarios(self) -> None:
-        scenarios: list[tuple[str, str, Callable[[CoordinatorClient, Outcome], Awaitable[None]]]]
+        scenarios: list[tuple[str, str, Callable[[Client, Outcome], Awaitable[None]]]]
         scenarios = [
             (
                 "public fast LLM",
@@ -866,18 +944,34 @@ class TrackRun:
             ),
             (
                 "private task",
-                "echo that only a worker paired with the client may run",
+                "no paired worker yet: the SDK's hosted fallback; then echo that only a "
+                "worker paired with the client may run",
                 self.private_task,
             ),
         ]
         wallet = self.wallet
-        async with CoordinatorClient(self.address, self.client_key, wallet) as client:
+        network = Network(
+            self.track.name.lower(), [self.address], wallet, coordinator_key=self.coordinator_key
+        )
+        router = ComputeRouter(
+            [network],
+            key=self.client_key,
+            hosted=[self.hosted] if self.hosted is not None else [],
+            prices={HOSTED_MODEL: HOSTED_PRICE},
+        )
+        async with (
+            router,
+            CoordinatorClient(self.address, self.client_key, wallet) as coordinator,
+        ):
             say(
                 f"\nThe client is just an ed25519 key ({short(self.client_key.public_hex)});"
-                " the jobs it commits belong to it. It pays for each with x402 from the wallet"
+                " the jobs it commits belong to it. It uses the SDK (dispatchnet.sdk."
+                "ComputeRouter): quote, commit paying with x402 from the wallet"
                 f" {wallet.address} ({self.amount(self.before[wallet.address])}, the"
-                f" deployment's test token), at most {usd(wallet.max_per_job_micros)} per job."
+                f" deployment's test token, at most {usd(wallet.max_per_job_micros)} per job),"
+                " watch, and the receipt's signatures checked before the result is returned."
             )
+            client = Client(router, coordinator)
             for n, (title, what, play) in enumerate(scenarios, start=1):
                 self.step(4 + n, f"Scenario {n}, {title}: {what}")
                 outcome = Outcome(self.track.name, title)
@@ -889,53 +983,56 @@ class TrackRun:
 
     async def run_job(
         self,
-        c: CoordinatorClient,
+        c: Client,
         outcome: Outcome,
         spec: common_pb2.JobSpec,
         stream: bool = False,
     ) -> coordinator_pb2.Job:
-        quote = await c.quote(spec)
-        policy = common_pb2.Policy.Name(quote.spec.policy).removeprefix("POLICY_")
-        say(
-            f"{INDENT}quote    {usd(quote.price.amount_micros)} at {policy} prices; "
-            f"{quote.eligible_workers} connected worker"
-            f"{'' if quote.eligible_workers == 1 else 's'} can run it"
-        )
-        job = await c.commit(quote.quote_id)
+        """The job through the SDK (decentralized only: the network must run it), then its
+        payment followed to settlement and its receipt checked offline by the CLI."""
+        sdk_spec = to_types(spec, sdk_types.JobSpec)
+        try:
+            if stream:
+                tokens = c.router.stream(sdk_spec, decentralized_only=True, timeout=JOB_TIMEOUT)
+                started = False
+                async for token in tokens:
+                    if not started:
+                        print(f"{INDENT}tokens   ", end="", flush=True)
+                        started = True
+                    print(token.replace("\n", " "), end="", flush=True)
+                if started:
+                    print(flush=True)
+                result = tokens.result
+            else:
+                result = await c.router.run(sdk_spec, decentralized_only=True, timeout=JOB_TIMEOUT)
+        except SdkError as e:
+            raise DemoError(f"the SDK refused: {e}") from None
+        job = to_pb(result.job, coordinator_pb2.Job) if result.job is not None else None
+        if job is None:
+            raise DemoError(f"the job ran on the {result.route} route, not on the network")
+        outcome.job = job
+        outcome.worker = self.label(job.worker_id)
+        policy = common_pb2.Policy.Name(job.spec.policy).removeprefix("POLICY_")
         p = job.payment
-        seen = [p.status]
+        say(
+            f"{INDENT}route    {result.route}: {job.job_id} at {usd(result.price.amount_micros)}"
+            f" ({policy} prices), {result.latency_ms:.0f} ms end to end"
+        )
         when = (
-            "transferred at commit, held until the job completes, refunded on chain if it fails"
+            "transferred at commit, held while the job ran, refunded on chain had it failed"
             if self.track.settles_at_commit
-            else "settled once the job completes"
+            else "settled once the job completed"
         )
         say(
             f"{INDENT}paid     x402: {self.amount(int(p.amount or 0))} signed by "
-            f"{p.payer[:6]}…{p.payer[-4:]} on {p.network} ({p.status}; {when})"
+            f"{p.payer[:6]}…{p.payer[-4:]} on {p.network} ({when})"
         )
-        if self.track.settles_at_commit:
-            job = await self.payment_moves(c, job, seen, {"held", "settled", "failed"})
-            if job.payment.status == "held":
-                say(f"{INDENT}held     {job.payment.transaction} landed (the job still runs)")
-        say(f"{INDENT}job      {job.job_id} committed, waiting...")
-        try:
-            follow = self.stream_tokens(c, job.job_id) if stream else c.wait(job.job_id)
-            job = await asyncio.wait_for(follow, JOB_TIMEOUT)
-        except TimeoutError:
-            job = await c.get(job.job_id)
-            outcome.job = job
-            raise DemoError(f"job still {state_name(job.state)} after {JOB_TIMEOUT:.0f}s") from None
-        outcome.job = job
-        outcome.worker = self.label(job.worker_id)
         tries = "attempt" if job.attempts == 1 else "attempts"
         say(f"{INDENT}result   {state_name(job.state)} after {job.attempts} {tries}")
-        if job.state != coordinator_pb2.JOB_STATE_COMPLETED:
-            failure = f"{job.failure.code}: {job.failure.message}" if job.failure.code else "?"
-            raise DemoError(f"job ended {state_name(job.state)} ({failure})")
         say(f"{INDENT}worker   {outcome.worker}")
         say(f"{INDENT}output   {output_text(job)}")
-        _note(seen, job.payment.status)
-        job = await self.payment_moves(c, job, seen, {"settled", "failed", "refunded"})
+        seen = [p.status]
+        job = await self.payment_moves(c.coordinator, job, seen, {"settled", "failed", "refunded"})
         outcome.job = job
         if job.payment.status != "settled":
             raise DemoError(f"payment still {job.payment.status} after {SETTLE_TIMEOUT:.0f}s")
@@ -943,23 +1040,9 @@ class TrackRun:
             f"{INDENT}settled  {self.amount(int(job.payment.amount))} in "
             f"{job.payment.transaction}  ({' -> '.join(seen)})"
         )
+        say(f"{INDENT}receipt  both signatures checked by the SDK before it returned the result")
         await self.check_receipt(job, outcome)
         return job
-
-    async def stream_tokens(self, c: CoordinatorClient, job_id: str) -> coordinator_pb2.Job:
-        """Follows WatchJob, printing the tokens the worker streams as they arrive."""
-        started = False
-        async for item in c.watch(job_id):
-            if item.event.HasField("progress"):
-                if not started:
-                    print(f"{INDENT}tokens   ", end="", flush=True)
-                    started = True
-                print(item.event.progress.text.replace("\n", " "), end="", flush=True)
-            if item.HasField("job"):
-                if started:
-                    print(flush=True)
-                return item.job
-        return await c.get(job_id)
 
     async def check_receipt(self, job: coordinator_pb2.Job, outcome: Outcome) -> None:
         problems: list[str] = []
@@ -989,13 +1072,13 @@ class TrackRun:
         outcome.receipt_valid = not problems
         outcome.problems += problems
 
-    async def public_task(self, c: CoordinatorClient, outcome: Outcome) -> None:
+    async def public_task(self, c: Client, outcome: Outcome) -> None:
         text = "Dispatch sends small jobs to phones and desktops, and signs a receipt for each"
         await self.run_job(
             c, outcome, task_spec("word_count", json.dumps(text).encode(), common_pb2.POLICY_CHEAP)
         )
 
-    async def public_llm(self, c: CoordinatorClient, outcome: Outcome) -> None:
+    async def public_llm(self, c: Client, outcome: Outcome) -> None:
         prompt = (
             "Summarize in one sentence: Dispatch is a compute network where idle phones and "
             "laptops earn money by running small jobs such as language-model inference. "
@@ -1010,9 +1093,37 @@ class TrackRun:
             "completion tokens, generated by SmolLM2-135M on the desktop (no cloud)"
         )
 
-    async def private_task(self, c: CoordinatorClient, outcome: Outcome) -> None:
+    async def hosted_fallback(self, c: Client, outcome: Outcome) -> None:
+        """A PRIVATE summarize before any worker is paired with the client: the network
+        cannot run it, so the SDK's hosted fallback does (nothing is committed or paid)."""
+        title = f"{outcome.title}: hosted fallback"
+        fallback = Outcome(self.track.name, title)
+        self.outcomes.insert(self.outcomes.index(outcome), fallback)
+        article = (
+            "Volunteers filled sandbags all night as the river rose. By morning the water "
+            "had started to fall and the town centre was dry."
+        )
+        try:
+            result = await c.router.run_task("summarize", {"text": article}, privacy="private")
+        except SdkError as e:
+            raise DemoError(f"the SDK's fallback failed: {e}") from None
+        why = ", ".join(f"{s.network}: {s.reason}" for s in result.skipped) or "-"
+        say(f"{INDENT}private  summarize, no worker paired with the client yet ({why})")
+        say(
+            f"{INDENT}route    {result.route}: a local llama.cpp server with the shipped model "
+            f"stands in for the hosted provider here ({result.model}, "
+            f"~{usd(result.price.amount_micros)} estimated, billed to the provider key)"
+        )
+        say(f"{INDENT}output   {result.output[:70]}")
+        fallback.worker = f"hosted ({result.route}, local stand-in)"
+        fallback.hosted = result.output
+        if result.route == "dispatch" or not result.output:
+            fallback.problems.append(f"expected the hosted route, got {result.route!r}")
+
+    async def private_task(self, c: Client, outcome: Outcome) -> None:
+        await self.hosted_fallback(c, outcome)
         owner = self.workers[0]
-        code = await c.create_pairing_code()
+        code = await c.coordinator.create_pairing_code()
         say(f"{INDENT}pairing  client created code {code.code}")
         rc, out, err = await self.procs.run(
             "pair",
@@ -1033,8 +1144,8 @@ class TrackRun:
             f"`dispatch pair claim {code.code} --key-file {owner.key_file.name}`"
         )
         say(
-            f"{INDENT}         -> {pairing.get('pairing_id')}: client {short(c.key.public_hex)}"
-            f" <-> {owner.label} ({short(owner.worker_id)})"
+            f"{INDENT}         -> {pairing.get('pairing_id')}: client "
+            f"{short(self.client_key.public_hex)} <-> {owner.label} ({short(owner.worker_id)})"
         )
         data = json.dumps({"note": "for my own devices only"}).encode()
         job = await self.run_job(
@@ -1141,6 +1252,9 @@ def summary(runs: list[TrackRun]) -> None:
     outcomes = [o for r in runs for o in r.outcomes]
     for o in outcomes:
         j = o.job
+        if o.hosted:
+            rows.append((o.chain, o.title, "-", "-", o.worker, "-", "(hosted)", "-", "-"))
+            continue
         rows.append(
             (
                 o.chain,
@@ -1203,7 +1317,15 @@ async def run_demo() -> int:
         " all on this machine"
     )
     say(f"(scratch space: {tmp}, removed at the end; DISPATCH_HOME={tmp / 'home'})")
+    stand_in = HostedStandIn(tmp, env)
     try:
+        say(
+            "The SDK's hosted fallback (OpenAI) is played by llama.cpp's OpenAI-compatible "
+            f"server with the shipped model, at {stand_in.url}"
+        )
+        hosted = await stand_in.ready()
+        for run in runs:
+            run.hosted = hosted
         with quiet_chain_clients():
             for run in runs:
                 await run.play()
@@ -1221,4 +1343,5 @@ async def run_demo() -> int:
     finally:
         for run in runs:
             await run.stop()
+        stand_in.stop()
         shutil.rmtree(tmp, ignore_errors=True)
