@@ -146,8 +146,8 @@ def test_writes_go_to_the_writer_and_reads_to_the_readers() -> None:
     writes = re.compile(r"_tx\(\)|\bINSERT\b|\bUPDATE\b|\bDELETE\b")
     port = [
         name
-        for name, f in vars(Store).items()
-        if inspect.iscoroutinefunction(f) and name != "close"
+        for name in dir(Store)
+        if inspect.iscoroutinefunction(getattr(Store, name)) and name != "close"
     ]
     assert len(port) > 50
     for name in port:
