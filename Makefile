@@ -20,9 +20,24 @@ sdk-types = $(PY) -m grpc_tools.protoc -Iproto --include_imports --include_sourc
 	  --descriptor_set_out=$(2)/all.binpb $(PROTOS) && $(PY) src/dispatchnet/sdk/typegen.py $(2)/all.binpb $(1)
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup proto check-proto check-breaking contracts check-contracts lint test demo bench clean
+.PHONY: setup postgresql proto check-proto check-breaking contracts check-contracts lint test demo bench clean
 
-setup: $(STAMP) $(MODEL_STAMP) $(NPM_STAMP)
+setup: $(STAMP) $(MODEL_STAMP) $(NPM_STAMP) postgresql
+
+# PostgreSQL's server binaries (initdb, pg_ctl): the tests run the store contract on a
+# throwaway cluster, and coordinators may use `--store postgresql://...`. Installed with
+# the system package manager when initdb is found nowhere the tests look; otherwise nothing.
+postgresql:
+	@if [ -x "$$(pg_config --bindir 2>/dev/null)/initdb" ] || command -v initdb >/dev/null \
+	  || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "installing PostgreSQL (apt-get install postgresql)"; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	else \
+	  echo "PostgreSQL's server (initdb) is missing: install PostgreSQL 15 with your package manager" >&2; \
+	  exit 1; \
+	fi
 
 # GGML_NATIVE=OFF: when llama-cpp-python builds from source, build for any CPU of this
 # architecture, not only this machine's.

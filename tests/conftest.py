@@ -15,12 +15,16 @@ from typing import Any
 
 import grpc
 import pytest
+from pg import create_database, drop_database, pg_url, postgres  # noqa: F401  (fixtures)
 
 from dispatch.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from dispatchnet.client import CoordinatorClient
 from dispatchnet.keys import KeyPair
 from dispatchnet.profiles import Profile, load_profile
 from dispatchnet.server import Coordinator, start_coordinator
+from dispatchnet.store import registry as stores
+from dispatchnet.store.base import Store
+from dispatchnet.store.local_postgres import LocalPostgres
 from dispatchnet.store.sqlite import SqliteStore
 from dispatchnet.worker.executors import Executor
 from dispatchnet.worker.runtime import Worker
@@ -134,21 +138,87 @@ async def cluster(tmp_path: Path, profile: Profile) -> AsyncIterator[Cluster]:
         await c.close()
 
 
+# --- stores: one contract, every engine ------------------------------------------------------
+
+ENGINES = ["sqlite", "postgresql"]
+
+
+class StoreFactory:
+    """Opens stores of one engine, through the store registry (as a coordinator does), on
+    the test's one database: a store opened after another sees what it committed, as after
+    a restart. Closes them all after the test."""
+
+    def __init__(self, engine: str, url: str, data_dir: Path) -> None:
+        self.engine = engine
+        self.url = url  # the [store] url ("" for SQLite in data_dir)
+        self.data_dir = data_dir
+        self.profile = make_profile(store={"url": url})
+        self.opened: list[Store] = []
+
+    async def open(self) -> Store:
+        store = await stores.open_store(self.profile, self.data_dir)
+        self.opened.append(store)
+        return store
+
+    async def execute(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Runs sql (`?` placeholders) on the database through a connection of the
+        test's own, committed; its rows. For what the port does not expose (row counts,
+        fixtures written directly)."""
+        if self.engine == "sqlite":
+            import sqlite3
+
+            conn = sqlite3.connect(stores.sqlite_path(self.url, self.data_dir))
+            try:
+                rows = conn.execute(sql, params).fetchall()
+                conn.commit()
+                return [tuple(r) for r in rows]
+            finally:
+                conn.close()
+        import asyncpg
+
+        parts = sql.split("?")
+        numbered = parts[0] + "".join(f"${i}{p}" for i, p in enumerate(parts[1:], 1))
+        pg = await asyncpg.connect(self.url)
+        try:
+            return [tuple(r) for r in await pg.fetch(numbered, *params)]
+        finally:
+            await pg.close()
+
+    async def close(self) -> None:
+        for store in self.opened:
+            await store.close()
+
+
+@pytest.fixture(params=ENGINES)
+async def store_factory(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[StoreFactory]:
+    """A StoreFactory per engine: each test using it runs once on SQLite and once on a
+    throwaway PostgreSQL database (the session's cluster, see pg.py)."""
+    cluster: LocalPostgres | None = None
+    url = ""
+    if request.param == "postgresql":
+        cluster = request.getfixturevalue("postgres")
+        url = await create_database(cluster)
+    factory = StoreFactory(request.param, url, tmp_path / "store")
+    try:
+        yield factory
+    finally:
+        await factory.close()
+        if cluster is not None:
+            await drop_database(cluster, url)
+
+
 @pytest.fixture
-async def ledgers() -> AsyncIterator[Callable[..., Any]]:
-    """Makes test_earnings.Ledger objects (a store, job and payment services over a fake
-    chain); closes their stores after the test."""
+async def ledgers(store_factory: StoreFactory) -> AsyncIterator[Callable[..., Any]]:
+    """Makes test_earnings.Ledger objects (a store of the engine under test, job and payment
+    services over a fake chain); their stores close after the test."""
     from test_earnings import Ledger
 
-    made: list[Ledger] = []
-
-    def make(tmp_path: Path, fee_bps: int = 1000) -> Ledger:
-        made.append(Ledger(tmp_path, fee_bps))
-        return made[-1]
+    async def make(fee_bps: int = 1000) -> Ledger:
+        return Ledger(await store_factory.open(), fee_bps)
 
     yield make
-    for ledger in made:
-        await ledger.store.close()
 
 
 HELLO = b"dispatch.v1.WorkerHello\n"

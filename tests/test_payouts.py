@@ -9,9 +9,9 @@ returns its amount to the balance. The real chains are in test_tracks.py."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
+from conftest import StoreFactory
 from test_earnings import WORKER, Ledger
 
 from dispatchnet.coordinator.models import JobState, PayoutRowState
@@ -24,7 +24,6 @@ from dispatchnet.payments.payouts import (
     SignedPayout,
 )
 from dispatchnet.profiles import PayoutsConfig
-from dispatchnet.store.sqlite import SqliteStore
 
 NETWORK = "eip155:31337"
 ADDRESS = "0x" + "77" * 20
@@ -126,9 +125,9 @@ async def balance(ledger: Ledger) -> tuple[int, int]:
 
 
 async def test_n_paid_jobs_make_one_transfer_of_the_whole_balance(
-    tmp_path: Path, ledgers: Callable[..., Ledger]
+    ledgers: Callable[..., Awaitable[Ledger]],
 ) -> None:
-    ledger = ledgers(tmp_path)
+    ledger = await ledgers()
     chain = FakeChain()
     shares = await earn(ledger, [1000, 2000, 3000])
     assert shares == 5400
@@ -148,10 +147,9 @@ async def test_n_paid_jobs_make_one_transfer_of_the_whole_balance(
 
 
 async def test_a_worker_with_no_payout_address_accrues_until_it_registers(
-    tmp_path: Path,
-    ledgers: Callable[..., Ledger],
+    ledgers: Callable[..., Awaitable[Ledger]],
 ) -> None:
-    ledger = ledgers(tmp_path)
+    ledger = await ledgers()
     chain = FakeChain()
     shares = await earn(ledger, [1000], agent_id="")  # never connected registered
     loop = service(ledger, chain, {"7": ADDRESS})
@@ -172,9 +170,9 @@ async def test_a_worker_with_no_payout_address_accrues_until_it_registers(
 
 
 async def test_a_balance_under_the_minimum_waits_for_the_interval(
-    tmp_path: Path, ledgers: Callable[..., Ledger]
+    ledgers: Callable[..., Awaitable[Ledger]],
 ) -> None:
-    ledger = ledgers(tmp_path)
+    ledger = await ledgers()
     chain = FakeChain()
     clock = Clock()
     shares = await earn(ledger, [1000])
@@ -186,10 +184,9 @@ async def test_a_balance_under_the_minimum_waits_for_the_interval(
 
 
 async def test_a_send_whose_reply_was_lost_is_found_landed_after_a_restart(
-    tmp_path: Path,
-    ledgers: Callable[..., Ledger],
+    ledgers: Callable[..., Awaitable[Ledger]],
 ) -> None:
-    ledger = ledgers(tmp_path)
+    ledger = await ledgers()
     chain = FakeChain()
     shares = await earn(ledger, [1000, 1000])
     chain.lose_reply = True  # money moved, then the coordinator heard nothing (crash)
@@ -207,9 +204,9 @@ async def test_a_send_whose_reply_was_lost_is_found_landed_after_a_restart(
 
 
 async def test_a_node_outage_delays_the_payout_then_it_lands_once(
-    tmp_path: Path, ledgers: Callable[..., Ledger]
+    ledgers: Callable[..., Awaitable[Ledger]],
 ) -> None:
-    ledger = ledgers(tmp_path)
+    ledger = await ledgers()
     chain = FakeChain()
     shares = await earn(ledger, [2000])
     chain.down = True
@@ -225,9 +222,9 @@ async def test_a_node_outage_delays_the_payout_then_it_lands_once(
 
 
 async def test_a_payout_that_fails_for_good_returns_to_the_balance(
-    tmp_path: Path, ledgers: Callable[..., Ledger]
+    ledgers: Callable[..., Awaitable[Ledger]],
 ) -> None:
-    ledger = ledgers(tmp_path)
+    ledger = await ledgers()
     chain = FakeChain()
     shares = await earn(ledger, [1000])
     loop = service(ledger, chain, {"7": ADDRESS})
@@ -253,26 +250,24 @@ async def test_a_payout_that_fails_for_good_returns_to_the_balance(
 
 
 async def test_workers_with_no_payout_address_never_hide_the_ones_behind(
-    tmp_path: Path,
-    ledgers: Callable[..., Ledger],
+    ledgers: Callable[..., Awaitable[Ledger]],
+    store_factory: StoreFactory,
 ) -> None:
     """More registered workers than a page that the chain gives no address, all waiting
     longer: the payable worker behind them is still paid in the same run, and the next
     run asks the chain about none of them again."""
-    ledger = ledgers(tmp_path)
+    ledger = await ledgers()
     chain = FakeChain()
     old = time.time() - 3600
-
-    def unpaid(db: SqliteStore) -> None:
-        for i in range(250):
-            worker = f"{i:064x}"
-            db.record_worker_seen(worker, 1, old, f"{1000 + i}")
-            db._conn.execute(
-                "INSERT INTO worker_earnings VALUES (?,?,?,?,0,?)",
-                (worker, NETWORK, "0xusdc", 900, old),
-            )
-
-    await ledger.store.run_write(unpaid)
+    workers = [f"{i:064x}" for i in range(250)]
+    for i, worker in enumerate(workers):
+        await ledger.store.record_worker_seen(worker, 1, old, f"{1000 + i}")
+    # balances with no credits behind them: a fixture written directly
+    await store_factory.execute(
+        "INSERT INTO worker_earnings (worker_id, network, asset, earned, paid, unpaid_since) "
+        "VALUES " + ",".join(["(?,?,?,?,0,?)"] * len(workers)),
+        *(v for worker in workers for v in (worker, NETWORK, "0xusdc", 900, old)),
+    )
     shares = await earn(ledger, [1000])
     asked: list[str] = []
 

@@ -1,8 +1,9 @@
 """Receipts are batched into Merkle trees; owners get inclusion proofs; roots get anchored.
 
 Integration tests run real coordinators on port 0 with in-process workers; the batcher's
-timing and anchoring retries are unit-tested against a SqliteStore with a fake clock and a
-fake Anchorer (the EVM anchorer runs against a real anvil in test_chain.py).
+timing and anchoring retries are unit-tested against a store of each engine (SQLite and
+PostgreSQL, the `store_factory` fixture) with a fake clock and a fake Anchorer (the EVM
+anchorer runs against a real anvil in test_chain.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, cast
 import grpc
 import pytest
 import sqlite_utils
-from conftest import Cluster, make_profile, rpc_code, wait_until
+from conftest import Cluster, StoreFactory, make_profile, rpc_code, wait_until
 from google.protobuf import json_format
 
 from dispatch.v1 import coordinator_pb2, receipt_pb2
@@ -50,8 +51,8 @@ from dispatchnet.receipts.batcher import ReceiptBatcher
 from dispatchnet.receipts.core import sha256, verify_merkle_proof
 from dispatchnet.receipts.merkle import merkle_root
 from dispatchnet.server import start_coordinator
+from dispatchnet.store.base import Store
 from dispatchnet.store.sqlite import MIGRATIONS, SqliteStore
-from dispatchnet.store.threaded import ThreadedStore
 
 COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
 PROCESS_TIMEOUT = 30.0
@@ -289,17 +290,16 @@ class Clock:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[ThreadedStore]:
-    s = ThreadedStore(tmp_path / "coordinator.db")
-    yield s
-    await s.close()
+async def store(store_factory: StoreFactory) -> Store:
+    """A store of each engine (the batcher's tests run on SQLite and PostgreSQL)."""
+    return await store_factory.open()
 
 
 async def nonempty(rows: Awaitable[list[Any]]) -> bool:
     return bool(await rows)
 
 
-async def add_completed(store: ThreadedStore, job_id: str, completed_at: float) -> bytes:
+async def add_completed(store: Store, job_id: str, completed_at: float) -> bytes:
     """A completed job with a receipt; returns the receipt's hash."""
     job = Job(job_id, "client-a", JobState.QUEUED, SPEC, 1000, "USD", "q", job_id, 0, 3, 1, 1, 1)
     await store.create_job(job, Event(job_id, EventKind.STATE, JobState.QUEUED, 1.0))
@@ -320,7 +320,7 @@ async def add_completed(store: ThreadedStore, job_id: str, completed_at: float) 
 
 
 async def test_batches_close_when_full_or_when_the_oldest_is_old_enough(
-    store: ThreadedStore,
+    store: Store,
 ) -> None:
     clock = Clock()
     batcher = ReceiptBatcher(
@@ -342,7 +342,7 @@ async def test_batches_close_when_full_or_when_the_oldest_is_old_enough(
     assert await batcher.close_due() == []
 
 
-async def test_a_receipt_is_never_in_two_batches(store: ThreadedStore) -> None:
+async def test_a_receipt_is_never_in_two_batches(store: Store) -> None:
     h0, h1 = await add_completed(store, "job_0", 1.0), await add_completed(store, "job_1", 2.0)
     waiting = await store.unbatched_receipts(10)
     assert waiting == [UnbatchedReceipt("job_0", h0, 1.0), UnbatchedReceipt("job_1", h1, 2.0)]
@@ -388,7 +388,7 @@ class FlakyAnchorer:
 
     enabled = True
 
-    def __init__(self, store: ThreadedStore, failures: int, error: Exception) -> None:
+    def __init__(self, store: Store, failures: int, error: Exception) -> None:
         self.store, self.failures, self.error = store, failures, error
         self.calls: list[tuple[bytes, int, str]] = []
         self.seen: list[tuple[AnchorStatus, str]] = []
@@ -403,7 +403,7 @@ class FlakyAnchorer:
         return AnchorResult("eip155:31337", f"0x{len(self.calls):064x}")
 
 
-def fast_batcher(store: ThreadedStore, anchorer: FlakyAnchorer) -> ReceiptBatcher:
+def fast_batcher(store: Store, anchorer: FlakyAnchorer) -> ReceiptBatcher:
     cfg = ReceiptsConfig(batch_size=2, batch_max_age_seconds=0.1, anchor="test")
     return ReceiptBatcher(
         store, cfg, anchorer, tick_seconds=0.02, retry_initial_seconds=0.02, retry_max_seconds=0.1
@@ -411,7 +411,7 @@ def fast_batcher(store: ThreadedStore, anchorer: FlakyAnchorer) -> ReceiptBatche
 
 
 async def test_a_failed_anchor_stays_pending_and_is_retried_until_anchored(
-    store: ThreadedStore,
+    store: Store,
 ) -> None:
     h = [await add_completed(store, f"job_{i}", 1.0 + i) for i in range(2)]
     anchorer = FlakyAnchorer(store, failures=2, error=Unavailable("rpc down"))
@@ -447,7 +447,7 @@ async def test_a_failed_anchor_stays_pending_and_is_retried_until_anchored(
 
 
 async def test_an_unexpected_anchor_error_marks_the_batch_failed_and_is_retried(
-    store: ThreadedStore,
+    store: Store,
 ) -> None:
     await add_completed(store, "job_0", 1.0)
     anchorer = FlakyAnchorer(store, failures=1, error=RuntimeError("bug in the adapter"))
@@ -465,7 +465,7 @@ async def test_an_unexpected_anchor_error_marks_the_batch_failed_and_is_retried(
     ]
 
 
-async def test_a_completed_job_wakes_the_batcher(store: ThreadedStore) -> None:
+async def test_a_completed_job_wakes_the_batcher(store: Store) -> None:
     cfg = ReceiptsConfig(batch_size=2, batch_max_age_seconds=3600)
     batcher = ReceiptBatcher(store, cfg, NoAnchor(), tick_seconds=60)
     batcher.start()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-from conftest import Cluster, Proc, RawWorker, make_profile, wait_until
+from conftest import Cluster, Proc, RawWorker, StoreFactory, make_profile, wait_until
 
 from dispatch.v1 import coordinator_pb2
 from dispatchnet.client import CoordinatorClient, task_spec
@@ -29,7 +29,7 @@ from dispatchnet.profiles import PROFILE_DIR, JobsConfig, PricingConfig
 from dispatchnet.receipts.notary import Notary
 from dispatchnet.reputation.local import LocalReputation
 from dispatchnet.server import start_coordinator
-from dispatchnet.store.threaded import ThreadedStore
+from dispatchnet.store.base import Store
 
 COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
 RUNNING = coordinator_pb2.JOB_STATE_RUNNING
@@ -54,7 +54,7 @@ class Clock:
         return self.now
 
 
-async def start(store: ThreadedStore, clock: Clock) -> JobService:
+async def start(store: Store, clock: Clock) -> JobService:
     """A JobService as a (re)started coordinator builds it, recover() included."""
     cfg = dataclasses.replace(JobsConfig(), max_attempts=1, restart_grace_seconds=GRACE)
     jobs = JobService(
@@ -73,14 +73,14 @@ async def running(jobs: JobService, key: str, worker: str = "w1") -> Job:
     return accepted
 
 
-async def reasons(store: ThreadedStore, job_id: str) -> list[str]:
+async def reasons(store: Store, job_id: str) -> list[str]:
     return [e.reason for e in await store.events_after(job_id, 0) if e.reason]
 
 
 async def test_a_restart_holds_running_jobs_for_their_worker_and_costs_no_attempt(
-    tmp_path: Path,
+    store_factory: StoreFactory,
 ) -> None:
-    store, clock = ThreadedStore(tmp_path / "coord.db"), Clock()
+    store, clock = await store_factory.open(), Clock()
     try:
         job = await running(await start(store, clock), "k1")  # its last attempt (max_attempts 1)
         jobs = await start(store, clock)  # restarted
@@ -113,9 +113,9 @@ async def test_a_restart_holds_running_jobs_for_their_worker_and_costs_no_attemp
 
 
 async def test_the_returning_worker_resumes_what_it_lists_and_frees_the_rest(
-    tmp_path: Path,
+    store_factory: StoreFactory,
 ) -> None:
-    store, clock = ThreadedStore(tmp_path / "coord.db"), Clock()
+    store, clock = await store_factory.open(), Clock()
     try:
         first = await start(store, clock)
         kept, dropped = await running(first, "k1"), await running(first, "k2")

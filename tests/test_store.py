@@ -1,33 +1,48 @@
-"""SqliteStore on a real file: schema, durability, idempotency, compare-and-set, events."""
+"""The store contract: every Store implementation passes these same tests (parametrized by
+the `store_factory` fixture: SQLite through its threads, and a throwaway PostgreSQL).
+
+Durability across a reopen, idempotency, compare-and-set, event numbering and coalesced
+progress, pairing codes, payments paging, and what concurrent writers may and may not do
+to each other. Engine-specific behaviour (SQLite's WAL and migrations, group commit;
+PostgreSQL's migrations and lost connections) is in test_store_sqlite.py,
+test_store_threaded.py and test_store_postgres.py."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
-import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import sqlite_utils
+from conftest import StoreFactory
 
 from dispatchnet.coordinator.models import (
+    AnchorStatus,
     Event,
     EventKind,
+    FeedbackEntry,
+    FeedbackStatus,
     Job,
     JobSpec,
     JobState,
     JobType,
+    Pairing,
     Payment,
     PaymentRef,
     PaymentStatus,
+    PayoutRecord,
+    PayoutRowState,
     Policy,
     Privacy,
     Quote,
     Receipt,
+    ReceiptBatch,
     Result,
+    Split,
+    UnbatchedReceipt,
 )
-from dispatchnet.store.base import QuoteUsage, Runnable
-from dispatchnet.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
+from dispatchnet.errors import PaymentReused, Unavailable
+from dispatchnet.store.base import QuoteUsage, Runnable, Store
 
 SPEC = JobSpec(
     job_type=JobType.TASK,
@@ -58,8 +73,24 @@ def make_job(job_id: str, client_id: str = "client-a", key: str = "k1") -> Job:
     )
 
 
+def new_job(n: int) -> tuple[Job, Event]:
+    return make_job(f"job_{n}", key=f"k{n}"), queued(f"job_{n}")
+
+
 def queued(job_id: str) -> Event:
     return Event(job_id, EventKind.STATE, JobState.QUEUED, 100.0, reason="committed")
+
+
+def offered(job_id: str, worker: str = "w1", attempt: int = 1) -> Event:
+    return Event(
+        job_id,
+        EventKind.STATE,
+        JobState.OFFERED,
+        102.0,
+        from_state=JobState.QUEUED,
+        worker_id=worker,
+        attempt=attempt,
+    )
 
 
 def progress(job_id: str, text: str, sequence: int = 0, fraction: float = 0.5) -> Event:
@@ -74,210 +105,15 @@ def progress(job_id: str, text: str, sequence: int = 0, fraction: float = 0.5) -
     )
 
 
-def offer(store: SqliteStore, job: Job, attempt: int = 0) -> Job | None:
-    """QUEUED -> OFFERED to worker w1, as the dispatcher does it."""
-    return store.transition(
+async def offer(store: Store, job: Job, attempt: int = 0, worker: str = "w1") -> Job | None:
+    """QUEUED -> OFFERED to `worker`, as the dispatcher does it."""
+    return await store.transition(
         job.job_id,
         (JobState.QUEUED,),
         attempt,
-        {"state": JobState.OFFERED, "worker_id": "w1", "attempts": attempt + 1},
-        Event(job.job_id, EventKind.STATE, JobState.OFFERED, 102.0, from_state=JobState.QUEUED),
+        {"state": JobState.OFFERED, "worker_id": worker, "attempts": attempt + 1},
+        offered(job.job_id, worker, attempt + 1),
     )
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "coord.db"
-
-
-@pytest.fixture
-def store(db_path: Path) -> Iterator[SqliteStore]:
-    s = SqliteStore(db_path)
-    yield s
-    s.close()
-
-
-def test_schema_version_and_wal(store: SqliteStore, db_path: Path) -> None:
-    assert store.schema_version() == SCHEMA_VERSION
-    other = sqlite3.connect(db_path)  # WAL is a property of the file, not the connection
-    try:
-        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    finally:
-        other.close()
-
-
-def test_jobs_events_and_quotes_survive_a_reopen(db_path: Path) -> None:
-    store = SqliteStore(db_path)
-    quote = Quote("q_1", SPEC, 1000, "USD", 99.0, 399.0)
-    store.put_quote(quote)
-    job, _ = store.create_job(make_job("job_1"), queued("job_1"))
-    offered = offer(store, job)
-    done = store.transition(
-        job.job_id,
-        (JobState.OFFERED,),
-        1,
-        {
-            "state": JobState.COMPLETED,
-            "result": Result(b"out", "text/plain", prompt_tokens=3, completion_tokens=4),
-            "receipt": Receipt(b"body", b"w" * 64, b"c" * 64, b"h" * 32),
-            "payment": PaymentRef(network="test", status="settled"),
-        },
-        Event(job.job_id, EventKind.STATE, JobState.COMPLETED, 103.0, from_state=JobState.OFFERED),
-    )
-    assert offered is not None and done is not None
-    assert done.result == Result(b"out", "text/plain", 3, 4)
-    assert done.receipt is not None and done.payment.status == "settled"
-    events = store.events_after(job.job_id, 0)
-    store.close()
-
-    again = SqliteStore(db_path)
-    try:
-        assert again.schema_version() == SCHEMA_VERSION
-        assert again.get_quote("q_1") == quote
-        assert again.get_job("job_1") == done
-        assert again.get_job_by_key("client-a", "k1") == done
-        assert again.events_after("job_1", 0) == events
-        assert [e.state for e in events] == [JobState.QUEUED, JobState.OFFERED, JobState.COMPLETED]
-    finally:
-        again.close()
-
-
-def test_create_job_is_idempotent_per_client_and_key(store: SqliteStore) -> None:
-    first, created = store.create_job(make_job("job_1"), queued("job_1"))
-    assert created and first.job_id == "job_1" and first.last_sequence == 1
-    again, created = store.create_job(make_job("job_2"), queued("job_2"))
-    assert not created
-    assert again == first
-    assert store.get_job("job_2") is None
-    assert store.events_after("job_2", 0) == []
-    assert len(store.events_after("job_1", 0)) == 1
-    # another client may use the same key
-    theirs, created = store.create_job(make_job("job_3", client_id="client-b"), queued("job_3"))
-    assert created and theirs.job_id == "job_3"
-
-
-def test_transition_is_compare_and_set(store: SqliteStore) -> None:
-    job, _ = store.create_job(make_job("job_1"), queued("job_1"))
-    wrong_state = store.transition(
-        job.job_id,
-        (JobState.RUNNING,),
-        None,
-        {"state": JobState.COMPLETED},
-        Event(job.job_id, EventKind.STATE, JobState.COMPLETED, 102.0),
-    )
-    assert wrong_state is None
-    assert offer(store, job, attempt=5) is None
-    assert store.get_job(job.job_id) == job
-    assert len(store.events_after(job.job_id, 0)) == 1
-
-    moved = offer(store, job)
-    assert moved is not None
-    assert (moved.state, moved.attempts, moved.worker_id) == (JobState.OFFERED, 1, "w1")
-    assert moved.last_sequence == 2
-    # the same move again lost its race: the job is no longer QUEUED at attempt 0
-    assert offer(store, job) is None
-    assert store.get_job(job.job_id) == moved
-
-
-def test_transition_without_event_keeps_the_sequence(store: SqliteStore) -> None:
-    job, _ = store.create_job(make_job("job_1"), queued("job_1"))
-    updated = store.transition(job.job_id, (JobState.QUEUED,), None, {"queued_at": 200.0}, None)
-    assert updated is not None and updated.queued_at == 200.0 and updated.last_sequence == 1
-    with pytest.raises(KeyError, match="nonsense"):
-        store.transition(job.job_id, (JobState.QUEUED,), None, {"nonsense": 1}, None)
-    assert store.get_job(job.job_id) == updated
-
-
-def test_events_are_numbered_consecutively(store: SqliteStore) -> None:
-    job, _ = store.create_job(make_job("job_1"), queued("job_1"))
-    offer(store, job)
-    for i in range(5):
-        assert store.append_progress([progress(job.job_id, f"step {i}", 3 + i)])
-    assert [e.sequence for e in store.events_after(job.job_id, 0)] == list(range(1, 8))
-    later = store.events_after(job.job_id, 4)
-    assert [e.sequence for e in later] == [5, 6, 7]
-    assert [e.text for e in later] == ["step 2", "step 3", "step 4"]
-    assert [e.sequence for e in store.events_after(job.job_id, 2, limit=2)] == [3, 4]
-    assert store.events_after(job.job_id, 7) == []
-    # a second job's numbering is its own
-    other, _ = store.create_job(make_job("job_2", key="k2"), queued("job_2"))
-    assert [e.sequence for e in store.events_after(other.job_id, 0)] == [1]
-    now = store.get_job(job.job_id)
-    assert now is not None and now.last_sequence == 7
-
-
-def test_queued_jobs_binds_no_parameter_per_task_name(store: SqliteStore) -> None:
-    """The union of every free worker's task names can be far beyond SQLite's variable
-    limit (32766): the query must not bind one parameter per name."""
-    store.create_job(make_job("job_1"), queued("job_1"))
-    names = frozenset({"echo", *(f"t{i}" for i in range(300_000))})
-    assert [j.job_id for j in store.queued_jobs(10, None, Runnable(names, False))] == ["job_1"]
-    assert store.queued_jobs(10, None, Runnable(frozenset({"other"}), False)) == []
-    assert store.queued_jobs(10, None, Runnable(frozenset(), False)) == []
-
-
-def test_coalesced_progress_is_one_row_read_back_event_by_event(store: SqliteStore) -> None:
-    """Many progress chunks make one row; a read from inside the row gives exactly the
-    chunks after it, each as it was appended (text, fraction, time, sequence)."""
-    job, _ = store.create_job(make_job("job_1"), queued("job_1"))
-    offer(store, job)
-    chunks = [progress(job.job_id, f"tok{i} ", 3 + i, fraction=i / 100) for i in range(100)]
-    chunks[7] = progress(job.job_id, "", 10, fraction=0.07)  # an empty chunk keeps its place
-    assert store.append_progress(chunks[:60]) and store.append_progress(chunks[60:])
-    rows = store.db.execute("SELECT count(*) FROM events WHERE job_id=?", (job.job_id,))
-    assert rows.fetchone()[0] == 4  # queued, offered, two progress rows
-    assert store.events_after(job.job_id, 2) == chunks
-    assert store.events_after(job.job_id, 40) == chunks[38:]
-    assert store.events_after(job.job_id, 40, limit=5) == chunks[38:43]
-    assert store.events_after(job.job_id, 62, limit=1) == [chunks[60]]
-    assert store.events_after(job.job_id, 102) == []
-    now = store.get_job(job.job_id)
-    assert now is not None and now.last_sequence == 102
-    # only the next sequence number is taken, and never twice
-    assert not store.append_progress([progress(job.job_id, "gap", 104)])
-    assert not store.append_progress([progress(job.job_id, "again", 102)])
-    assert store.append_progress([progress(job.job_id, "next", 103)])
-    with pytest.raises(ValueError):
-        store.append_progress([progress(job.job_id, "a", 104), progress(job.job_id, "b", 106)])
-
-
-def test_append_progress_on_a_final_job_is_refused(store: SqliteStore) -> None:
-    job, _ = store.create_job(make_job("job_1"), queued("job_1"))
-    cancelled = store.transition(
-        job.job_id,
-        (JobState.QUEUED,),
-        None,
-        {"state": JobState.CANCELLED},
-        Event(job.job_id, EventKind.STATE, JobState.CANCELLED, 102.0),
-    )
-    assert cancelled is not None and cancelled.last_sequence == 2
-    assert not store.append_progress([progress(job.job_id, "too late", 3)])
-    assert store.get_job(job.job_id) == cancelled
-    assert len(store.events_after(job.job_id, 0)) == 2
-    assert not store.append_progress([progress("job_nope", "x", 1)])
-
-
-def test_pairing_codes_are_single_use_and_expire(store: SqliteStore) -> None:
-    store.put_pairing_code(b"a" * 32, "client-a", expires_at=100.0)
-    store.put_pairing_code(b"b" * 32, "client-b", expires_at=100.0)
-    assert store.claim_pairing_code(b"a" * 32, now=50.0) == "client-a"
-    assert store.claim_pairing_code(b"a" * 32, now=50.0) is None
-    assert store.claim_pairing_code(b"b" * 32, now=100.5) is None
-    # a failed claim of an expired code did not consume it (as seen from an earlier clock)
-    assert store.claim_pairing_code(b"b" * 32, now=99.0) == "client-b"
-    assert store.claim_pairing_code(b"c" * 32, now=0.0) is None
-
-
-def test_a_newer_schema_refuses_to_open(db_path: Path) -> None:
-    SqliteStore(db_path).close()
-    raw = sqlite3.connect(db_path)
-    raw.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
-    raw.close()
-    with pytest.raises(
-        RuntimeError, match=rf"schema v{SCHEMA_VERSION + 1} is newer.*v{SCHEMA_VERSION}"
-    ):
-        SqliteStore(db_path)
 
 
 def _payment(job_id: str, n: int, settle_by: float = 10_000.0) -> Payment:
@@ -299,48 +135,726 @@ def _payment(job_id: str, n: int, settle_by: float = 10_000.0) -> Payment:
     )
 
 
-def test_due_payments_are_not_hidden_behind_payments_of_running_jobs(
-    store: SqliteStore,
+@pytest.fixture
+async def store(store_factory: StoreFactory) -> Store:
+    return await store_factory.open()
+
+
+# --- durability and jobs ------------------------------------------------------------------
+
+
+async def test_jobs_events_and_quotes_survive_a_reopen(store_factory: StoreFactory) -> None:
+    store = await store_factory.open()
+    quote = Quote("q_1", SPEC, 1000, "USD", 99.0, 399.0)
+    await store.put_quote(quote)
+    job, _ = await store.create_job(make_job("job_1"), queued("job_1"))
+    moved = await offer(store, job)
+    done = await store.transition(
+        job.job_id,
+        (JobState.OFFERED,),
+        1,
+        {
+            "state": JobState.COMPLETED,
+            "result": Result(b"out", "text/plain", prompt_tokens=3, completion_tokens=4),
+            "receipt": Receipt(b"body", b"w" * 64, b"c" * 64, b"h" * 32),
+            "payment": PaymentRef(network="test", status="settled"),
+        },
+        Event(job.job_id, EventKind.STATE, JobState.COMPLETED, 103.0, from_state=JobState.OFFERED),
+    )
+    assert moved is not None and done is not None
+    assert done.result == Result(b"out", "text/plain", 3, 4)
+    assert done.receipt is not None and done.payment.status == "settled"
+    events = await store.events_after(job.job_id, 0)
+    await store.close()
+
+    again = await store_factory.open()
+    assert await again.get_quote("q_1") == quote
+    assert await again.get_job("job_1") == done
+    assert await again.get_job_by_key("client-a", "k1") == done
+    assert await again.events_after("job_1", 0) == events
+    assert [e.state for e in events] == [JobState.QUEUED, JobState.OFFERED, JobState.COMPLETED]
+    assert events[1] == dataclasses.replace(offered("job_1"), sequence=2)
+
+
+async def test_create_job_is_idempotent_per_client_and_key(store: Store) -> None:
+    first, created = await store.create_job(make_job("job_1"), queued("job_1"))
+    assert created and first.job_id == "job_1" and first.last_sequence == 1
+    again, created = await store.create_job(make_job("job_2"), queued("job_2"))
+    assert not created
+    assert again == first
+    assert await store.get_job("job_2") is None
+    assert await store.events_after("job_2", 0) == []
+    assert len(await store.events_after("job_1", 0)) == 1
+    # another client may use the same key
+    theirs, created = await store.create_job(
+        make_job("job_3", client_id="client-b"), queued("job_3")
+    )
+    assert created and theirs.job_id == "job_3"
+
+
+async def test_a_payment_is_stored_with_its_job_and_accepted_once(store: Store) -> None:
+    job, created = await store.create_job(*new_job(1), _payment("job_1", 1))
+    assert created and job.payment.authorization_id == "0x" + f"{1:064x}"
+    assert await store.get_payment("job_1") == _payment("job_1", 1)
+    # the same authorization in other letter case is the same payment
+    assert await store.payment_used(
+        "eip155:31337", "0x" + "11" * 20, "0X" + "33" * 20, "0x" + f"{1:064X}"
+    )
+    with pytest.raises(PaymentReused):
+        await store.create_job(*new_job(2), _payment("job_2", 1))
+    assert await store.get_job("job_2") is None and await store.get_payment("job_2") is None
+    # the job's key again: its job, and the second payment is not stored
+    again, created = await store.create_job(
+        make_job("job_3", key="k1"), queued("job_3"), _payment("job_3", 3)
+    )
+    assert not created and again == job
+    assert not await store.payment_used(
+        "eip155:31337", "0x" + "11" * 20, "0x" + "33" * 20, "0x" + f"{3:064x}"
+    )
+
+
+async def test_transition_is_compare_and_set(store: Store) -> None:
+    job, _ = await store.create_job(make_job("job_1"), queued("job_1"))
+    wrong_state = await store.transition(
+        job.job_id,
+        (JobState.RUNNING,),
+        None,
+        {"state": JobState.COMPLETED},
+        Event(job.job_id, EventKind.STATE, JobState.COMPLETED, 102.0),
+    )
+    assert wrong_state is None
+    assert await offer(store, job, attempt=5) is None
+    assert await store.get_job(job.job_id) == job
+    assert len(await store.events_after(job.job_id, 0)) == 1
+
+    moved = await offer(store, job)
+    assert moved is not None
+    assert (moved.state, moved.attempts, moved.worker_id) == (JobState.OFFERED, 1, "w1")
+    assert moved.last_sequence == 2
+    # the same move again lost its race: the job is no longer QUEUED at attempt 0
+    assert await offer(store, job) is None
+    assert await store.get_job(job.job_id) == moved
+    assert await store.offered_at(job.job_id, "w1", 1) == 102.0
+    assert await store.offered_at(job.job_id, "w2", 1) is None
+    assert await store.active_jobs("w1") == [moved] and await store.active_jobs() == [moved]
+
+
+async def test_transition_without_event_keeps_the_sequence(store: Store) -> None:
+    job, _ = await store.create_job(make_job("job_1"), queued("job_1"))
+    updated = await store.transition(
+        job.job_id, (JobState.QUEUED,), None, {"queued_at": 200.0}, None
+    )
+    assert updated is not None and updated.queued_at == 200.0 and updated.last_sequence == 1
+    with pytest.raises(KeyError, match="nonsense"):
+        await store.transition(job.job_id, (JobState.QUEUED,), None, {"nonsense": 1}, None)
+    assert await store.get_job(job.job_id) == updated
+    same = await store.transition(job.job_id, (JobState.QUEUED,), None, {}, None)
+    assert same == updated
+
+
+async def test_a_final_move_adds_feedback_once_and_counts_the_outcome(store: Store) -> None:
+    await store.record_worker_seen("w1", 1, 50.0, "7")
+    job, _ = await store.create_job(make_job("job_1"), queued("job_1"))
+    await offer(store, job)
+    entry = FeedbackEntry("job_1", 7, 100, 0, "successRate", "", "uri", b"f" * 32, 103.0)
+    done = await store.transition(
+        "job_1",
+        (JobState.OFFERED,),
+        1,
+        {"state": JobState.COMPLETED},
+        None,
+        feedback=entry,
+        outcome=("w1", True),
+    )
+    assert done is not None and await store.worker_stats("w1") == (1, 0)
+    assert await store.feedback_entries() == [entry]
+    # a second entry for the job is ignored; a failed outcome counts separately
+    again = await store.transition(
+        "job_1", (JobState.COMPLETED,), None, {}, None, feedback=entry, outcome=("w1", False)
+    )
+    assert again is not None and await store.worker_stats("w1") == (1, 1)
+    assert len(await store.feedback_entries()) == 1
+    assert await store.update_feedback("job_1", FeedbackStatus.SENT, transaction="0xtx")
+    assert not await store.update_feedback("job_1", FeedbackStatus.FAILED, error="late")
+    [sent] = await store.feedback_entries((FeedbackStatus.SENT,))
+    assert (sent.status, sent.transaction, sent.attempts) == (FeedbackStatus.SENT, "0xtx", 1)
+    assert await store.feedback_entries((FeedbackStatus.PENDING,)) == []
+    assert await store.worker_stats("nobody") == (0, 0)
+
+
+# --- events and progress --------------------------------------------------------------------
+
+
+async def test_events_are_numbered_consecutively(store: Store) -> None:
+    job, _ = await store.create_job(make_job("job_1"), queued("job_1"))
+    await offer(store, job)
+    for i in range(5):
+        assert await store.append_progress([progress(job.job_id, f"step {i}", 3 + i)])
+    assert [e.sequence for e in await store.events_after(job.job_id, 0)] == list(range(1, 8))
+    later = await store.events_after(job.job_id, 4)
+    assert [e.sequence for e in later] == [5, 6, 7]
+    assert [e.text for e in later] == ["step 2", "step 3", "step 4"]
+    assert [e.sequence for e in await store.events_after(job.job_id, 2, limit=2)] == [3, 4]
+    assert await store.events_after(job.job_id, 7) == []
+    # a second job's numbering is its own
+    other, _ = await store.create_job(make_job("job_2", key="k2"), queued("job_2"))
+    assert [e.sequence for e in await store.events_after(other.job_id, 0)] == [1]
+    now = await store.get_job(job.job_id)
+    assert now is not None and now.last_sequence == 7
+
+
+async def test_coalesced_progress_is_one_row_read_back_event_by_event(
+    store: Store, store_factory: StoreFactory
+) -> None:
+    """Many progress chunks make one row; a read from inside the row gives exactly the
+    chunks after it, each as it was appended (text, fraction, time, sequence)."""
+    job, _ = await store.create_job(make_job("job_1"), queued("job_1"))
+    await offer(store, job)
+    chunks = [progress(job.job_id, f"tok{i} ", 3 + i, fraction=i / 100) for i in range(100)]
+    chunks[7] = progress(job.job_id, "", 10, fraction=0.07)  # an empty chunk keeps its place
+    assert await store.append_progress(chunks[:60])
+    assert await store.append_progress(chunks[60:])
+    [(rows,)] = await store_factory.execute(
+        "SELECT count(*) FROM events WHERE job_id = ?", job.job_id
+    )
+    assert rows == 4  # queued, offered, two progress rows
+    assert await store.events_after(job.job_id, 2) == chunks
+    assert await store.events_after(job.job_id, 40) == chunks[38:]
+    assert await store.events_after(job.job_id, 40, limit=5) == chunks[38:43]
+    assert await store.events_after(job.job_id, 62, limit=1) == [chunks[60]]
+    assert await store.events_after(job.job_id, 102) == []
+    now = await store.get_job(job.job_id)
+    assert now is not None and now.last_sequence == 102
+    # only the next sequence number is taken, and never twice
+    assert not await store.append_progress([progress(job.job_id, "gap", 104)])
+    assert not await store.append_progress([progress(job.job_id, "again", 102)])
+    assert await store.append_progress([progress(job.job_id, "next", 103)])
+    with pytest.raises(ValueError):
+        await store.append_progress(
+            [progress(job.job_id, "a", 104), progress(job.job_id, "b", 106)]
+        )
+    assert await store.append_progress([])
+
+
+async def test_append_progress_on_a_final_job_is_refused(store: Store) -> None:
+    job, _ = await store.create_job(make_job("job_1"), queued("job_1"))
+    cancelled = await store.transition(
+        job.job_id,
+        (JobState.QUEUED,),
+        None,
+        {"state": JobState.CANCELLED},
+        Event(job.job_id, EventKind.STATE, JobState.CANCELLED, 102.0),
+    )
+    assert cancelled is not None and cancelled.last_sequence == 2
+    assert not await store.append_progress([progress(job.job_id, "too late", 3)])
+    assert await store.get_job(job.job_id) == cancelled
+    assert len(await store.events_after(job.job_id, 0)) == 2
+    assert not await store.append_progress([progress("job_nope", "x", 1)])
+
+
+async def test_held_attempts_are_read_at_once_for_many_jobs(store: Store) -> None:
+    for n in range(3):
+        job, _ = await store.create_job(*new_job(n))
+        await offer(store, job, worker="w1" if n < 2 else "w2")
+    ids = [f"job_{n}" for n in range(3)] + [f"ghost_{i}" for i in range(5000)]
+    assert await store.held_attempts("w1", ids) == {("job_0", 1), ("job_1", 1)}
+    assert await store.held_attempts("w2", ids) == {("job_2", 1)}
+    assert await store.held_attempts("w3", ids) == set()
+
+
+# --- queue and leases ------------------------------------------------------------------------
+
+
+async def test_queued_jobs_binds_no_parameter_per_task_name(store: Store) -> None:
+    """The union of every free worker's task names can be far beyond a database's limit
+    on bound parameters (SQLite: 32766): one read takes them however many there are."""
+    await store.create_job(make_job("job_1"), queued("job_1"))
+    names = frozenset({"echo", *(f"t{i}" for i in range(300_000))})
+    assert [j.job_id for j in await store.queued_jobs(10, None, Runnable(names, False))] == [
+        "job_1"
+    ]
+    assert await store.queued_jobs(10, None, Runnable(frozenset({"other"}), False)) == []
+    assert await store.queued_jobs(10, None, Runnable(frozenset(), False)) == []
+    assert len(await store.queued_jobs(10, None, Runnable(frozenset(), True))) == 0
+    assert len(await store.queued_jobs(10)) == 1
+
+
+async def test_queued_jobs_page_oldest_first_and_leases_lapse(store: Store) -> None:
+    for n in range(5):
+        job = dataclasses.replace(make_job(f"job_{n}", key=f"k{n}"), queued_at=100.0 + n % 3)
+        await store.create_job(job, queued(job.job_id))
+    first = await store.queued_jobs(2)
+    assert [(j.queued_at, j.job_id) for j in first] == [(100.0, "job_0"), (100.0, "job_3")]
+    rest = await store.queued_jobs(10, (first[-1].queued_at, first[-1].job_id))
+    assert [j.job_id for j in rest] == ["job_1", "job_4", "job_2"]
+    assert {j.job_id for j in await store.stale_queued(101.5)} == {
+        "job_0",
+        "job_3",
+        "job_1",
+        "job_4",
+    }
+    leased = await store.transition(
+        "job_0",
+        (JobState.QUEUED,),
+        0,
+        {"state": JobState.OFFERED, "worker_id": "w1", "attempts": 1, "lease_expires_at": 150.0},
+        offered("job_0"),
+    )
+    assert leased is not None
+    assert await store.lapsed_leases(150.0) == []
+    assert await store.lapsed_leases(150.5) == [leased]
+    assert [j.job_id for j in await store.queued_jobs(10)] == ["job_3", "job_1", "job_4", "job_2"]
+
+
+# --- quotes and modules ----------------------------------------------------------------------
+
+
+async def test_quote_usage_is_counted_until_released_and_modules_follow_references(
+    store: Store,
+) -> None:
+    module = b"\0asm\1\0\0\0"
+    sha = hashlib.sha256(module).digest()
+    await store.put_quote(Quote("q_a", SPEC, 1, "USD", 1.0, 10.0), "alice", 100, module)
+    await store.put_quote(Quote("q_b", SPEC, 1, "USD", 1.0, 20.0), "alice", 50)
+    await store.put_quote(Quote("q_c", SPEC, 1, "USD", 1.0, 10.0), "", 7)
+    assert await store.quote_usage("alice") == (QuoteUsage(2, 150), QuoteUsage(3, 157))
+    assert await store.quote_usage("") == (QuoteUsage(1, 7), QuoteUsage(3, 157))
+    assert await store.get_module(sha) == module
+    # a job made from q_a keeps the module while it is open
+    job = dataclasses.replace(make_job("job_1"), quote_id="q_a")
+    await store.create_job(job, queued("job_1"))
+
+    assert await store.release_expired_quotes(now=15.0) == 2  # q_a, q_c
+    assert await store.quote_usage("alice") == (QuoteUsage(1, 50), QuoteUsage(1, 50))
+    assert await store.quote_usage("") == (QuoteUsage(0, 0), QuoteUsage(1, 50))
+    assert await store.get_module(sha) == module  # the open job references it
+    released = await store.get_quote("q_a")
+    assert released is not None and released.spec.spec_bytes == b""  # kept: "expired"
+    assert await store.release_expired_quotes(now=15.0) == 0  # once
+
+    await store.transition("job_1", (JobState.QUEUED,), None, {"state": JobState.CANCELLED}, None)
+    assert await store.release_expired_quotes(now=15.0) == 0
+    assert await store.get_module(sha) is None  # nothing references it any more
+
+    await store.put_pairing_code(b"p" * 32, "alice", expires_at=12.0)
+    assert await store.purge_expired(before=16.0) == 3  # q_a, q_c and the code
+    assert await store.get_quote("q_a") is None and await store.get_quote("q_b") is not None
+    assert await store.purge_expired(before=30.0) == 0  # q_b was never released
+
+
+async def test_concurrent_sweeps_give_each_quote_back_once(store_factory: StoreFactory) -> None:
+    a, b = await store_factory.open(), await store_factory.open()  # two coordinators
+    for n in range(200):
+        await a.put_quote(Quote(f"q_{n}", SPEC, 1, "USD", 1.0, 10.0), f"c{n % 7}", 10)
+    freed = await asyncio.gather(*(s.release_expired_quotes(now=11.0) for s in (a, b, a, b)))
+    assert sum(freed) == 200
+    assert (await a.quote_usage("c1"))[1] == QuoteUsage(0, 0)
+    assert await store_factory.execute("SELECT owner FROM quote_usage WHERE quotes <> 0") == []
+
+
+# --- pairing ----------------------------------------------------------------------------------
+
+
+async def test_pairing_codes_are_single_use_and_expire(store: Store) -> None:
+    await store.put_pairing_code(b"a" * 32, "client-a", expires_at=100.0)
+    await store.put_pairing_code(b"b" * 32, "client-b", expires_at=100.0)
+    assert await store.pairing_code_owner(b"a" * 32, now=50.0) == "client-a"
+    assert await store.claim_pairing_code(b"a" * 32, now=50.0) == "client-a"
+    assert await store.claim_pairing_code(b"a" * 32, now=50.0) is None
+    assert await store.pairing_code_owner(b"a" * 32, now=50.0) is None
+    assert await store.claim_pairing_code(b"b" * 32, now=100.5) is None
+    # a failed claim of an expired code did not consume it (as seen from an earlier clock)
+    assert await store.claim_pairing_code(b"b" * 32, now=99.0) == "client-b"
+    assert await store.claim_pairing_code(b"c" * 32, now=0.0) is None
+
+
+async def test_a_pair_has_one_active_pairing_until_it_is_revoked(store: Store) -> None:
+    p1 = Pairing("pair_1", "client-a", "w1", 10.0)
+    assert await store.put_pairing(p1) == p1
+    assert await store.put_pairing(Pairing("pair_2", "client-a", "w1", 11.0)) == p1
+    assert await store.get_pairing("pair_2") is None
+    assert await store.paired_workers("client-a") == {"w1"}
+    revoked = await store.revoke_pairing("pair_1", 20.0)
+    assert revoked == Pairing("pair_1", "client-a", "w1", 10.0, 20.0)
+    assert await store.revoke_pairing("pair_1", 30.0) == revoked  # keeps its first time
+    assert await store.revoke_pairing("nope", 30.0) is None
+    assert await store.paired_workers("client-a") == set()
+    p3 = Pairing("pair_3", "client-a", "w1", 40.0)
+    assert await store.put_pairing(p3) == p3
+    assert await store.list_pairings("w1", include_revoked=False) == [p3]
+    assert await store.list_pairings("client-a", include_revoked=True) == [revoked, p3]
+
+
+async def test_concurrent_claims_and_pairings_have_one_winner(
+    store_factory: StoreFactory,
+) -> None:
+    a, b = await store_factory.open(), await store_factory.open()
+    await a.put_pairing_code(b"x" * 32, "client-a", expires_at=100.0)
+    claims = await asyncio.gather(*(s.claim_pairing_code(b"x" * 32, now=1.0) for s in (a, b) * 5))
+    assert claims.count("client-a") == 1 and claims.count(None) == 9
+    made = await asyncio.gather(
+        *(
+            s.put_pairing(Pairing(f"pair_{i}", "client-a", "w1", 1.0 + i))
+            for i, s in enumerate((a, b) * 5)
+        )
+    )
+    assert len({p.pairing_id for p in made}) == 1
+    assert len(await a.list_pairings("client-a", include_revoked=True)) == 1
+
+
+# --- concurrent writers -------------------------------------------------------------------------
+
+
+async def test_a_write_is_visible_to_the_next_read(store: Store) -> None:
+    for n in range(30):
+        job, event = new_job(n)
+        created, new = await store.create_job(job, event)
+        assert new and await store.get_job(job.job_id) == created
+        moved = await offer(store, job)
+        assert moved is not None and moved.state is JobState.OFFERED
+        assert await store.get_job(job.job_id) == moved
+        assert len(await store.events_after(job.job_id, 0)) == 2
+
+
+async def test_concurrent_writes_all_commit_and_survive_a_reopen(
+    store_factory: StoreFactory,
+) -> None:
+    store = await store_factory.open()
+    created = await asyncio.gather(*(store.create_job(*new_job(n)) for n in range(200)))
+    assert all(new for _, new in created)
+    moved = await asyncio.gather(*(offer(store, job) for job, _ in created))
+    assert all(j is not None and j.state is JobState.OFFERED for j in moved)
+    await store.close()
+
+    again = await store_factory.open()
+    for n in range(200):
+        job = await again.get_job(f"job_{n}")
+        assert job is not None and job.state is JobState.OFFERED and job.last_sequence == 2
+
+
+async def test_racing_writers_of_one_job_one_key_and_one_sequence(
+    store_factory: StoreFactory,
+) -> None:
+    """What two coordinators (or two requests) may do at the same time: of creates with
+    one key, one creates and the others get its job; of offers of one attempt, one wins;
+    of progress rows with the same next sequence number, one is stored."""
+    a, b = await store_factory.open(), await store_factory.open()
+    made = await asyncio.gather(
+        *(
+            s.create_job(make_job(f"job_{i}", key="same"), queued(f"job_{i}"))
+            for i, s in enumerate((a, b) * 4)
+        )
+    )
+    assert [new for _, new in made].count(True) == 1
+    winner = next(job for job, new in made if new)
+    assert all(job == winner for job, _ in made)
+
+    offers = await asyncio.gather(
+        *(offer(s, winner, worker=f"w{i}") for i, s in enumerate((a, b) * 4))
+    )
+    [taken] = [j for j in offers if j is not None]
+    assert (await a.get_job(winner.job_id)) == taken
+    assert [e.worker_id for e in await b.events_after(winner.job_id, 1)] == [taken.worker_id]
+
+    appended = await asyncio.gather(
+        *(
+            s.append_progress([progress(winner.job_id, f"from {i}", 3)])
+            for i, s in enumerate((a, b) * 4)
+        )
+    )
+    assert appended.count(True) == 1
+    assert len(await a.events_after(winner.job_id, 2)) == 1
+
+
+async def test_a_failing_write_fails_only_its_caller(store: Store) -> None:
+    done, event = new_job(0)
+    await store.create_job(done, event)
+    receipt = Receipt(b"body", b"w" * 64, b"c" * 64, b"h" * 32)
+    await store.transition(
+        "job_0", (JobState.QUEUED,), 0, {"state": JobState.COMPLETED, "receipt": receipt}, None
+    )
+    batch = ReceiptBatch("b1", b"r" * 32, 2, 200.0, AnchorStatus.PENDING)
+    leaves = [
+        UnbatchedReceipt("job_0", b"h" * 32, 100.0),
+        UnbatchedReceipt("ghost", b"g" * 32, 1.0),
+    ]
+    assert (await store.create_job(*new_job(1), _payment("job_1", 1)))[1]
+    reused, refused, c = await asyncio.gather(
+        store.create_job(*new_job(2), _payment("job_2", 1)),  # job_1's payment
+        store.create_receipt_batch(batch, leaves),  # its second leaf is no receipt
+        store.create_job(*new_job(3), _payment("job_3", 3)),
+        return_exceptions=True,
+    )
+    assert isinstance(reused, PaymentReused)
+    assert refused is False
+    assert isinstance(c, tuple) and c[1]
+    assert await store.get_job("job_2") is None  # the failed write left nothing
+    assert await store.get_payment("job_1") is not None
+    assert await store.get_payment("job_3") is not None
+    assert await store.receipt_leaf("job_0") is None
+    assert [r.job_id for r in await store.unbatched_receipts(10)] == ["job_0"]
+
+
+async def test_a_cancelled_caller_does_not_lose_its_write(store_factory: StoreFactory) -> None:
+    store = await store_factory.open()
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    cancelled = asyncio.create_task(store.create_job(*new_job(1)))
+    await asyncio.sleep(0)  # submitted
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await store.close()  # finishes what was submitted
+    again = await store_factory.open()
+    assert await again.get_job("job_1") is not None
+    assert errors == []  # no result was set on the cancelled future
+
+
+async def test_close_finishes_the_submitted_writes_and_is_idempotent(
+    store_factory: StoreFactory,
+) -> None:
+    store = await store_factory.open()
+    pending = [asyncio.create_task(store.create_job(*new_job(n))) for n in range(50)]
+    await asyncio.sleep(0)  # all submitted
+    await asyncio.gather(store.close(), store.close())
+    assert all(t.done() and t.result()[1] for t in pending)
+    await store.close()
+    with pytest.raises(Unavailable):
+        await store.get_job("job_0")
+    with pytest.raises(Unavailable):
+        await store.create_job(*new_job(99))
+    again = await store_factory.open()
+    assert all([await again.get_job(f"job_{n}") is not None for n in range(50)])
+
+
+# --- payments, earnings and payouts -------------------------------------------------------------
+
+
+async def test_due_payments_are_not_hidden_behind_payments_of_running_jobs(
+    store: Store,
 ) -> None:
     # 150 paid jobs still queued, committed first, then one completed and one whose
     # authorization must be settled early: a page of 100 must hold the two that are due.
     for n in range(150):
-        store.create_job(
+        await store.create_job(
             make_job(f"job_open{n}", key=f"k{n}"),
             queued(f"job_open{n}"),
             _payment(f"job_open{n}", n),
         )
     done = make_job("job_done", key="kd")
-    store.create_job(done, queued("job_done"), _payment("job_done", 1000))
-    store.transition("job_done", (JobState.QUEUED,), 0, {"state": JobState.COMPLETED}, None)
+    await store.create_job(done, queued("job_done"), _payment("job_done", 1000))
+    await store.transition("job_done", (JobState.QUEUED,), 0, {"state": JobState.COMPLETED}, None)
     urgent = make_job("job_urgent", key="ku")
-    store.create_job(urgent, queued("job_urgent"), _payment("job_urgent", 1001, settle_by=500.0))
-    due = store.due_payments(now=600.0, limit=100)
+    await store.create_job(
+        urgent, queued("job_urgent"), _payment("job_urgent", 1001, settle_by=500.0)
+    )
+    due = await store.due_payments(now=600.0, limit=100)
     assert [(p.job_id, state) for p, state in due] == [
         ("job_done", JobState.COMPLETED),
         ("job_urgent", JobState.QUEUED),
     ]
-    assert store.due_payments(now=400.0, limit=100)[0][0].job_id == "job_done"
-    assert len(store.open_payments(limit=100)) == 100  # the old page: none of them due
+    assert (await store.due_payments(now=400.0, limit=100))[0][0].job_id == "job_done"
+    assert len(await store.open_payments(limit=100)) == 100  # the old page: none of them due
 
 
-def test_quotes_stored_before_quote_accounting_count_until_released(db_path: Path) -> None:
-    raw = sqlite3.connect(db_path)
-    db = sqlite_utils.Database(raw)
-    for step in MIGRATIONS[:7]:  # the schema before v8
-        step(db)
-    raw.execute(
-        "INSERT INTO quotes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        ("q_old", 2, 2, 1, "echo", "", SPEC.spec_bytes, SPEC.spec_sha256, 1000, "USD", 1, 2, 0),
+async def _settled(store: Store, n: int, worker: str) -> str:
+    """A job completed by worker, its payment (1000) settled and credited (10% fee)."""
+    job, _ = await store.create_job(*new_job(n), _payment(f"job_{n}", n))
+    await store.transition(
+        job.job_id, (JobState.QUEUED,), 0, {"state": JobState.COMPLETED, "worker_id": worker}, None
     )
-    raw.execute("PRAGMA user_version=7")
-    raw.commit()
-    raw.close()
-    store = SqliteStore(db_path)
-    try:
-        assert store.quote_usage("")[1] == QuoteUsage(1, len(SPEC.spec_bytes))
-        assert store.release_expired_quotes(now=3.0) == 1
-        assert store.quote_usage("") == (QuoteUsage(0, 0), QuoteUsage(0, 0))
-        assert store.purge_expired(before=3.0) == 1
-    finally:
-        store.close()
+    paid = await store.update_payment(
+        job.job_id,
+        (PaymentStatus.AUTHORIZED,),
+        {"status": PaymentStatus.SETTLED, "transaction": f"0xs{n}", "updated_at": 200.0 + n},
+        credit=Split.of(1000, 1000),
+    )
+    assert paid is not None and paid.status is PaymentStatus.SETTLED
+    return job.job_id
+
+
+async def test_a_settlement_credits_once_and_a_refund_reverses_it(store: Store) -> None:
+    await store.record_worker_seen("w1", 1, 1.0, "7")
+    job_id = await _settled(store, 1, "w1")
+    job = await store.get_job(job_id)
+    assert job is not None and job.payment.status == "settled" and job.payment.transaction == "0xs1"
+    # a retried settlement record never credits twice; a wrong from-status changes nothing
+    assert await store.update_payment(
+        job_id, (PaymentStatus.SETTLED,), {"error": ""}, credit=Split.of(1000, 1000)
+    )
+    assert await store.update_payment(job_id, (PaymentStatus.AUTHORIZED,), {"error": "x"}) is None
+    [earning] = await store.earnings("w1", 10)
+    assert (earning.amount, earning.fee, earning.share, earning.reversed) == (1000, 100, 900, False)
+    [balance] = (await store.balances(["w1", "w2"]))["w1"]
+    assert (balance.earned, balance.balance) == (900, 900)
+
+    await _settled(store, 2, "w1")
+    page = await store.earnings("w1", 1)
+    assert [e.job_id for e in page] == ["job_2"]
+    assert [e.job_id for e in await store.earnings("w1", 5, (page[0].credited_at, "job_2"))] == [
+        "job_1"
+    ]
+    refunded = await store.update_payment(
+        "job_2", (PaymentStatus.SETTLED,), {"status": PaymentStatus.REFUNDED, "updated_at": 300.0}
+    )
+    assert refunded is not None
+    assert [e.reversed for e in await store.earnings("w1", 5)] == [True, False]
+    [balance] = (await store.balances(["w1"]))["w1"]
+    assert (balance.earned, balance.balance) == (900, 900)
+    flows, fees = await store.audit_flows("eip155:31337")
+    assert sorted(flows) == [
+        ("refund", "0x" + "11" * 20, "", -1000),
+        ("settlement", "0x" + "11" * 20, "0xs1", 1000),
+        ("settlement", "0x" + "11" * 20, "0xs2", 1000),
+    ]
+    assert fees == {"0x" + "11" * 20: 100}
+
+
+async def test_payouts_debit_the_balance_atomically_and_a_failed_one_returns(
+    store_factory: StoreFactory,
+) -> None:
+    a, b = await store_factory.open(), await store_factory.open()
+    await a.record_worker_seen("w1", 1, 1.0, "7")
+    await a.record_worker_seen("w2", 1, 1.0, "")  # no agent id: not payable
+    for n in range(3):
+        await _settled(a, n, "w1")
+    await _settled(a, 3, "w2")
+    [due] = await a.payouts_due("eip155:31337", min_amount=2700, unpaid_before=0.0, limit=10)
+    assert (due.worker_id, due.agent_id, due.unpaid) == ("w1", "7", 2700)
+    assert await a.payouts_due("eip155:31337", 2701, 0.0, 10) == []
+    assert len(await a.payouts_due("eip155:31337", 2701, 1e9, 10)) == 1  # waited long enough
+    assert await a.payouts_due("eip155:31337", 1, 0.0, 10, due.cursor) == []
+
+    def payout(i: int, amount: int) -> PayoutRecord:
+        return PayoutRecord(
+            payout_id=f"0x{i:064x}",
+            worker_id="w1",
+            network="eip155:31337",
+            asset="0x" + "11" * 20,
+            to="0xto",
+            amount=amount,
+            state=PayoutRowState.PENDING,
+            created_at=400.0 + i,
+            updated_at=400.0 + i,
+        )
+
+    # two coordinators each try to pay most of the balance: never more than it holds
+    made = await asyncio.gather(
+        *(s.create_payout(payout(i, 2000)) for i, s in enumerate((a, b) * 3))
+    )
+    assert made.count(True) == 1
+    [balance] = (await a.balances(["w1"]))["w1"]
+    assert (balance.earned, balance.balance) == (2700, 700)
+    [record] = await a.open_payouts("eip155:31337", 10)
+    signed = await b.update_payout(
+        record.payout_id, (PayoutRowState.PENDING,), {"state": PayoutRowState.SIGNED, "raw": "r"}
+    )
+    assert signed is not None and signed.raw == "r"
+    assert await a.update_payout(record.payout_id, (PayoutRowState.PENDING,), {"raw": "x"}) is None
+    failed = await a.update_payout(
+        record.payout_id,
+        (PayoutRowState.SIGNED,),
+        {"state": PayoutRowState.FAILED, "error": "refused", "updated_at": 500.0},
+    )
+    assert failed is not None and failed.state is PayoutRowState.FAILED
+    [balance] = (await a.balances(["w1"]))["w1"]
+    assert balance.balance == 2700  # back to be paid again
+    assert await a.open_payouts("eip155:31337", 10) == []
+    assert [p.state for p in await a.payouts("w1", 10)] == [PayoutRowState.FAILED]
+
+
+# --- receipt batches -----------------------------------------------------------------------------
+
+
+async def _completed(store: Store, n: int, at: float) -> UnbatchedReceipt:
+    job, _ = await store.create_job(*new_job(n))
+    body = f"receipt {n}".encode()
+    receipt = Receipt(body, b"w", b"c", hashlib.sha256(body).digest())
+    moved = await store.transition(
+        job.job_id,
+        (JobState.QUEUED,),
+        None,
+        {"state": JobState.COMPLETED, "updated_at": at, "receipt": receipt},
+        None,
+    )
+    assert moved is not None
+    return UnbatchedReceipt(job.job_id, receipt.sha256, at)
+
+
+async def test_racing_batchers_never_share_a_receipt(store_factory: StoreFactory) -> None:
+    a, b = await store_factory.open(), await store_factory.open()
+    waiting = [await _completed(a, n, 10.0 + n) for n in range(6)]
+    assert await a.unbatched_receipts(10) == waiting
+
+    def batch(batch_id: str, leaves: list[UnbatchedReceipt]) -> ReceiptBatch:
+        return ReceiptBatch(batch_id, b"r" * 32, len(leaves), 50.0, AnchorStatus.PENDING)
+
+    # overlapping batches from two batchers: the receipts of those that won are disjoint
+    attempts = [waiting[0:4], waiting[2:6], waiting[0:6], waiting[4:6]]
+    won = await asyncio.gather(
+        *(
+            s.create_receipt_batch(batch(f"b{i}", leaves), leaves)
+            for i, (s, leaves) in enumerate(zip((a, b, a, b), attempts, strict=True))
+        )
+    )
+    batched = [
+        leaf.job_id for ok, leaves in zip(won, attempts, strict=True) if ok for leaf in leaves
+    ]
+    assert any(won) and len(batched) == len(set(batched))
+    for i, ok in enumerate(won):
+        leaves = await a.batch_leaves(f"b{i}")
+        assert [(x.leaf_index, x.job_id) for x in leaves] == (
+            [(k, r.job_id) for k, r in enumerate(attempts[i])] if ok else []
+        )
+    assert await a.unbatched_receipts(10) == [r for r in waiting if r.job_id not in batched]
+    with pytest.raises(ValueError):
+        await a.create_receipt_batch(batch("bad", []), [])
+
+
+async def test_anchor_outcomes_are_recorded_until_final(store: Store) -> None:
+    leaf = await _completed(store, 0, 10.0)
+    assert await store.create_receipt_batch(
+        ReceiptBatch("b1", b"r" * 32, 1, 20.0, AnchorStatus.PENDING), [leaf]
+    )
+    assert await store.create_receipt_batch(
+        ReceiptBatch("b2", b"s" * 32, 1, 21.0, AnchorStatus.NONE),
+        [await _completed(store, 1, 11.0)],
+    )
+    assert await store.receipt_leaf("job_0") is not None
+    failed = await store.update_anchor("b1", AnchorStatus.FAILED, error="boom")
+    assert failed is not None and failed.anchor_error == "boom"
+    assert [x.batch_id for x in await store.receipt_batches((AnchorStatus.FAILED,))] == ["b1"]
+    anchored = await store.update_anchor(
+        "b1", AnchorStatus.ANCHORED, network="n", transaction="0xt", anchored_at=30.0
+    )
+    assert anchored is not None and (anchored.anchor_transaction, anchored.anchored_at) == (
+        "0xt",
+        30.0,
+    )
+    assert await store.update_anchor("b1", AnchorStatus.PENDING) is None  # final
+    assert await store.update_anchor("b2", AnchorStatus.ANCHORED) is None  # NONE is final
+    assert await store.update_anchor("nope", AnchorStatus.ANCHORED) is None
+    assert [x.batch_id for x in await store.receipt_batches()] == ["b1", "b2"]
+    assert await store.receipt_batches(()) == []
+    assert await store.get_receipt_batch("b1") == anchored
+
+
+# --- workers and task names ------------------------------------------------------------------
+
+
+async def test_workers_keep_their_verified_agent_id_and_task_names_are_pruned(
+    store: Store,
+) -> None:
+    await store.record_worker_seen("w1", 1, 1.0, "7")
+    await store.record_worker_seen("w1", 2, 2.0, "")  # a session with no agent id
+    await store.record_task_names(["a", "b", "c"], 10.0, keep=3)
+    await store.record_task_names(["d", "a"], 11.0, keep=3)
+    assert await store.task_names(10) == ["a", "d", "b"]
+    assert await store.task_name_known("b") and not await store.task_name_known("c")
+    await store.record_task_names(["b"], 12.0, keep=3)
+    assert await store.task_names(2) == ["b", "a"]
+    # its agent id (the payout address) survived the reconnect
+    await _settled(store, 1, "w1")
+    [due] = await store.payouts_due("eip155:31337", 1, 0.0, 10)
+    assert due.agent_id == "7"

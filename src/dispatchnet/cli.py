@@ -131,19 +131,33 @@ def _worker_agent(args: argparse.Namespace) -> tuple[str, str, keys.KeyPair | No
 # --- coordinator / worker -----------------------------------------------------------------
 
 
-async def cmd_coordinator(args: argparse.Namespace) -> int:
-    from dispatchnet.server import start_coordinator
-
+def _profile_with_store(args: argparse.Namespace) -> Profile:
+    """The --profile, its [store] url replaced by --store when given."""
     profile = load_profile(args.profile)
+    if args.store:
+        profile = profile.with_overrides(store={"url": args.store})
+    return profile
+
+
+async def cmd_coordinator(args: argparse.Namespace) -> int:
+    from dispatchnet.errors import Unavailable
+    from dispatchnet.server import start_coordinator
+    from dispatchnet.store import registry as stores
+
+    profile = _profile_with_store(args)
     listen = args.listen or profile.server.listen
     data_dir = Path(args.data_dir or keys.default_home() / f"coordinator-{profile.name}")
-    coord = await start_coordinator(profile, data_dir, listen)
+    try:
+        coord = await start_coordinator(profile, data_dir, listen)
+    except Unavailable as e:
+        raise CliError(e.message) from e
     print(
         json.dumps(
             {
                 "listening": f"{listen.rsplit(':', 1)[0]}:{coord.port}",
                 "profile": profile.name,
                 "data_dir": str(data_dir),
+                "store": stores.describe(profile, data_dir),
                 "coordinator_public_key": coord.public_key.hex(),
                 "anchoring": coord.anchoring,
             }
@@ -674,20 +688,22 @@ async def cmd_payouts_audit(args: argparse.Namespace) -> int:
     from dispatchnet.chains.deployments import ChainConfigError
     from dispatchnet.errors import Unavailable
     from dispatchnet.payments.audit import AuditReport, audit
-    from dispatchnet.store.sqlite import SqliteStore
+    from dispatchnet.store import registry as stores
 
-    profile = load_profile(args.profile)
+    profile = _profile_with_store(args)
     data_dir = Path(args.coordinator_data or keys.default_home() / f"coordinator-{profile.name}")
-    db = data_dir / "coordinator.db"
-    if not db.exists():
-        raise CliError(f"no coordinator database at {db} (pass --coordinator-data)", code=2)
+    if (why := stores.missing(profile, data_dir)) is not None:
+        raise CliError(f"{why} (pass --coordinator-data or --store)", code=2)
     # each chain as its own adapter sees it ([chain] when the profile accepts no payments)
     chains = registry.payment_profiles(profile) or [profile]
-    store = SqliteStore(db)
     try:
-        flows = [store.audit_flows(on.chain.network) for on in chains]
+        store = await stores.open_store(profile, data_dir)
+    except Unavailable as e:
+        raise CliError(e.message) from e
+    try:
+        flows = [await store.audit_flows(on.chain.network) for on in chains]
     finally:
-        store.close()
+        await store.close()
 
     def run() -> list[AuditReport]:
         reports = []
@@ -860,6 +876,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--profile", default="local", help="profile name or .toml path")
     c.add_argument("--listen", help="HOST:PORT (port 0 picks a free port)")
     c.add_argument("--data-dir", help="where the database and coordinator key live")
+    c.add_argument(
+        "--store",
+        help="where the coordinator keeps its state: postgresql://USER@HOST:PORT/DB or "
+        "sqlite:PATH (default: the profile's [store] url; empty: SQLite in --data-dir)",
+    )
     c.set_defaults(fn=cmd_coordinator)
 
     w = sub.add_parser("worker", help="run a worker")
@@ -1046,6 +1067,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="the coordinator's --data-dir (default: coordinator-<profile> in $DISPATCH_HOME)",
     )
+    pa.add_argument("--store", help="the coordinator's --store (default: the profile's)")
     pa.set_defaults(fn=cmd_payouts_audit)
 
     ch = sub.add_parser("chain", help="a local EVM chain for chain profiles (anvil)")

@@ -33,6 +33,19 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where a coordinator keeps its state (`[store]`; README "Storage"); store/registry.py
+    picks the implementation by the url's scheme."""
+
+    # "": SQLite in <data dir>/coordinator.db, the embedded default. "sqlite:PATH": SQLite at
+    # PATH (relative: under the data dir). "postgresql://USER@HOST:PORT/DATABASE": PostgreSQL
+    # (the password from PGPASSWORD or ~/.pgpass rather than in the url).
+    url: str = ""
+    # PostgreSQL: the most connections this coordinator holds open to the database.
+    pool_size: int = 10
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_task_input_bytes: int = 1024 * 1024
     max_prompt_chars: int = 32768
@@ -296,6 +309,7 @@ class Profile:
     name: str = "local"
     description: str = ""
     server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     quotes: QuotesConfig = field(default_factory=QuotesConfig)
@@ -369,7 +383,9 @@ def check_profile(profile: Profile) -> list[str]:
     problems: list[str] = []
     c = profile.chain
     from dispatchnet.chains import registry  # light: no chain library is imported
+    from dispatchnet.store import registry as stores  # light: no engine's driver is imported
 
+    problems += stores.problems(profile.store)
     problems += registry.problems(c)
     problems += registry.identity_chain_problems(c, profile.identity_chain)
     can = registry.profile_capabilities(c, profile.identity_chain)

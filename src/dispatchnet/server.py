@@ -50,8 +50,8 @@ from dispatchnet.receipts.batcher import ReceiptBatcher
 from dispatchnet.receipts.notary import Notary
 from dispatchnet.reputation.feedback import FeedbackSender, feedback_sender_for
 from dispatchnet.reputation.local import LocalReputation
+from dispatchnet.store import registry as stores
 from dispatchnet.store.base import Store
-from dispatchnet.store.threaded import open_store
 from dispatchnet.worker.tasks import TASK_NAMES
 
 log = logging.getLogger("dispatch.coordinator")
@@ -126,11 +126,7 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
     elif profile.receipts.anchor != "none":
         log.warning("receipt anchoring is off: %s", anchoring)
     key = keys.load_or_create(data_dir / "coordinator.key")
-    store = await open_store(
-        data_dir / "coordinator.db",
-        profile.server.sqlite_synchronous,
-        readers=profile.server.sqlite_readers,
-    )
+    store = await stores.open_store(profile, data_dir)
     sessions: dict[str, Any] = {}  # the hub's, once it exists
 
     def agent_of(worker_id: str) -> str:

@@ -11,8 +11,8 @@ import difflib
 import time
 from collections.abc import Callable, Iterable
 
+from dispatchnet.coordinator.ports import WorkerRegistry
 from dispatchnet.errors import FailedPrecondition
-from dispatchnet.store.base import Store
 
 MAX_DECLARED_TASKS = 1024  # names kept; the least recently declared go first
 MAX_LISTED = 20  # known names an error message lists
@@ -21,7 +21,7 @@ MAX_LISTED = 20  # known names an error message lists
 class TaskCatalogue:
     def __init__(
         self,
-        store: Store,
+        store: WorkerRegistry,
         builtin: Iterable[str],
         clock: Callable[[], float] = time.time,
     ) -> None:

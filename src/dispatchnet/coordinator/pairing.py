@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from dispatchnet.coordinator.jobs import new_id
 from dispatchnet.coordinator.models import Pairing
+from dispatchnet.coordinator.ports import PairingRepository
 from dispatchnet.coordinator.ratelimit import FailureLimiter, whole_seconds
 from dispatchnet.errors import (
     InvalidArgument,
@@ -24,7 +25,6 @@ from dispatchnet.errors import (
     quoted,
 )
 from dispatchnet.profiles import PairingConfig
-from dispatchnet.store.base import Store
 
 ALPHABET = "ABCDEFGHJKMNPQRSTVWXYZ0123456789"  # no I, L, O, U
 CODE_LEN = 8
@@ -41,7 +41,7 @@ def code_hash(code: str) -> bytes:
 
 class PairingService:
     def __init__(
-        self, store: Store, cfg: PairingConfig, clock: Callable[[], float] = time.time
+        self, store: PairingRepository, cfg: PairingConfig, clock: Callable[[], float] = time.time
     ) -> None:
         self.store = store
         self.cfg = cfg

@@ -25,12 +25,12 @@ import time
 from collections.abc import Callable
 
 from dispatchnet.coordinator.models import AnchorStatus, Job, ReceiptBatch, UnbatchedReceipt
+from dispatchnet.coordinator.ports import ReceiptBatches
 from dispatchnet.errors import Unavailable
 from dispatchnet.loops import OutboxLoop
 from dispatchnet.profiles import ReceiptsConfig
 from dispatchnet.receipts.anchoring import Anchorer
 from dispatchnet.receipts.merkle import merkle_root
-from dispatchnet.store.base import Store
 
 log = logging.getLogger("dispatch.receipts")
 
@@ -46,7 +46,7 @@ def new_batch_id() -> str:
 class ReceiptBatcher:
     def __init__(
         self,
-        store: Store,
+        store: ReceiptBatches,
         cfg: ReceiptsConfig,
         anchorer: Anchorer,
         clock: Callable[[], float] = time.time,

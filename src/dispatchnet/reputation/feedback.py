@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Protocol
 
 from dispatchnet.coordinator.models import FeedbackEntry, FeedbackStatus, Job
+from dispatchnet.coordinator.ports import FeedbackOutbox
 from dispatchnet.errors import Unavailable
 from dispatchnet.loops import OutboxLoop
 from dispatchnet.profiles import Profile
-from dispatchnet.store.base import Store
 
 log = logging.getLogger("dispatch.feedback")
 
@@ -43,7 +43,7 @@ class FeedbackSender(OutboxLoop):
 
     def __init__(
         self,
-        store: Store,
+        store: FeedbackOutbox,
         poster: FeedbackPoster,
         rejected: tuple[type[BaseException], ...] = (),
         clock: Callable[[], float] = time.time,
@@ -100,7 +100,9 @@ class FeedbackSender(OutboxLoop):
         return sent
 
 
-def feedback_sender_for(profile: Profile, data_dir: Path, store: Store) -> FeedbackSender | None:
+def feedback_sender_for(
+    profile: Profile, data_dir: Path, store: FeedbackOutbox
+) -> FeedbackSender | None:
     """The profile's FeedbackSender ([feedback] enabled), None when feedback is off.
     Raises ValueError for settings that cannot work."""
     if not profile.feedback.enabled:

@@ -6,11 +6,11 @@ Scores are answered from memory; the store is read when a worker connects (warm)
 
 from __future__ import annotations
 
-from dispatchnet.store.base import Store
+from dispatchnet.coordinator.ports import WorkerRegistry
 
 
 class LocalReputation:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: WorkerRegistry) -> None:
         self.store = store
         self._stats: dict[str, tuple[int, int]] = {}
 

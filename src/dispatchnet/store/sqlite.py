@@ -28,34 +28,39 @@ from dispatchnet.coordinator.models import (
     Earning,
     Event,
     EventKind,
-    Failure,
     FeedbackEntry,
     FeedbackStatus,
     Job,
-    JobSpec,
     JobState,
     JobType,
     Pairing,
     Payment,
-    PaymentRef,
     PaymentStatus,
     PayoutDue,
     PayoutRecord,
     PayoutRowState,
-    Policy,
-    Privacy,
     Quote,
-    Receipt,
     ReceiptBatch,
     ReceiptLeaf,
-    Result,
     Split,
     UnbatchedReceipt,
 )
 from dispatchnet.errors import PaymentReused
 from dispatchnet.store.base import QuoteUsage, Runnable
-
-TOTAL_OWNER = "*"  # the quote_usage row of all owners together (client ids are hex)
+from dispatchnet.store.rows import (
+    TOTAL_OWNER,
+    batch_of,
+    changes_row,
+    earning_of,
+    events_of,
+    feedback_of,
+    job_of,
+    job_row,
+    pairing_of,
+    payment_of,
+    payout_of,
+    spec_of,
+)
 
 
 def _v1(db: sqlite_utils.Database) -> None:
@@ -379,23 +384,6 @@ def _v11(db: sqlite_utils.Database) -> None:
 MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_JOB_SIMPLE = {
-    "job_id",
-    "client_id",
-    "quote_id",
-    "idempotency_key",
-    "attempts",
-    "max_attempts",
-    "created_at",
-    "updated_at",
-    "queued_at",
-    "last_sequence",
-    "worker_id",
-    "lease_expires_at",
-    "price_micros",
-    "currency",
-}
-
 
 class _Conflict(Exception):
     """A conditional write found the row changed; the transaction rolls back."""
@@ -627,7 +615,7 @@ class SqliteStore:
             return None
         return Quote(
             r["quote_id"],
-            _spec(r),
+            spec_of(r),
             r["price_micros"],
             r["currency"],
             r["created_at"],
@@ -641,7 +629,7 @@ class SqliteStore:
     ) -> tuple[Job, bool]:
         if payment is not None:
             job = dataclasses.replace(job, payment=payment.ref())
-        row = _job_row(job)
+        row = job_row(job)
         row["last_sequence"] = 1
         with self._tx():
             existing = self._conn.execute(
@@ -649,7 +637,7 @@ class SqliteStore:
                 (job.client_id, job.idempotency_key),
             ).fetchone()
             if existing is not None:
-                return _job(existing), False
+                return job_of(existing), False
             cols = ",".join(row)
             self._conn.execute(
                 f"INSERT INTO jobs ({cols}) VALUES ({','.join('?' * len(row))})",
@@ -674,14 +662,14 @@ class SqliteStore:
 
     def get_job(self, job_id: str) -> Job | None:
         r = self._conn.execute("SELECT * FROM jobs WHERE job_id=?", (job_id,)).fetchone()
-        return _job(r) if r is not None else None
+        return job_of(r) if r is not None else None
 
     def get_job_by_key(self, client_id: str, idempotency_key: str) -> Job | None:
         r = self._conn.execute(
             "SELECT * FROM jobs WHERE client_id=? AND idempotency_key=?",
             (client_id, idempotency_key),
         ).fetchone()
-        return _job(r) if r is not None else None
+        return job_of(r) if r is not None else None
 
     def transition(
         self,
@@ -693,7 +681,7 @@ class SqliteStore:
         feedback: FeedbackEntry | None = None,
         outcome: tuple[str, bool] | None = None,
     ) -> Job | None:
-        values = _changes_row(changes)
+        values = changes_row(changes)
         sets = [f"{k}=?" for k in values]
         if event is not None:
             sets.append("last_sequence=last_sequence+1")
@@ -720,7 +708,7 @@ class SqliteStore:
                 self._insert_feedback(feedback)
             if outcome is not None:
                 self._record_outcome(*outcome)
-        return _job(r)
+        return job_of(r)
 
     def append_progress(self, events: Sequence[Event]) -> bool:
         if not events:
@@ -793,13 +781,13 @@ class SqliteStore:
         ).fetchall()
         out: list[Event] = []
         for r in rows:
-            out.extend(e for e in _events(r) if e.sequence > sequence)
+            out.extend(e for e in events_of(r) if e.sequence > sequence)
             if len(out) >= limit:
                 break
         return out[:limit]
 
     def _jobs(self, where: str, params: tuple[Any, ...]) -> list[Job]:
-        return [_job(r) for r in self._conn.execute(f"SELECT * FROM jobs WHERE {where}", params)]
+        return [job_of(r) for r in self._conn.execute(f"SELECT * FROM jobs WHERE {where}", params)]
 
     def queued_jobs(
         self, limit: int, after: tuple[float, str] | None = None, runnable: Runnable | None = None
@@ -869,7 +857,7 @@ class SqliteStore:
                 (pairing.client_id, pairing.worker_id),
             ).fetchone()
             if r is not None:
-                return _pairing(r)
+                return pairing_of(r)
             self._conn.execute(
                 "INSERT INTO pairings VALUES (?,?,?,?,NULL)",
                 (pairing.pairing_id, pairing.client_id, pairing.worker_id, pairing.created_at),
@@ -880,14 +868,14 @@ class SqliteStore:
         r = self._conn.execute(
             "SELECT * FROM pairings WHERE pairing_id=?", (pairing_id,)
         ).fetchone()
-        return _pairing(r) if r is not None else None
+        return pairing_of(r) if r is not None else None
 
     def list_pairings(self, party_id: str, include_revoked: bool) -> list[Pairing]:
         sql = "SELECT * FROM pairings WHERE (client_id=? OR worker_id=?)"
         if not include_revoked:
             sql += " AND revoked_at IS NULL"
         rows = self._conn.execute(sql + " ORDER BY created_at", (party_id, party_id))
-        return [_pairing(r) for r in rows]
+        return [pairing_of(r) for r in rows]
 
     def revoke_pairing(self, pairing_id: str, now: float) -> Pairing | None:
         self._conn.execute(
@@ -966,7 +954,7 @@ class SqliteStore:
         r = self._conn.execute(
             "SELECT * FROM receipt_batches WHERE batch_id=?", (batch_id,)
         ).fetchone()
-        return _batch(r) if r is not None else None
+        return batch_of(r) if r is not None else None
 
     def receipt_leaf(self, job_id: str) -> ReceiptLeaf | None:
         r = self._conn.execute(
@@ -994,7 +982,7 @@ class SqliteStore:
             f"SELECT * FROM receipt_batches {where} ORDER BY created_at, batch_id LIMIT ?",
             (*values, limit),
         )
-        return [_batch(r) for r in rows]
+        return [batch_of(r) for r in rows]
 
     def update_anchor(
         self,
@@ -1055,7 +1043,7 @@ class SqliteStore:
             f"SELECT * FROM feedback_outbox {where} ORDER BY created_at, job_id LIMIT ?",
             (*params, limit),
         ).fetchall()
-        return [_feedback(r) for r in rows]
+        return [feedback_of(r) for r in rows]
 
     def update_feedback(
         self, job_id: str, status: FeedbackStatus, transaction: str = "", error: str = ""
@@ -1097,7 +1085,7 @@ class SqliteStore:
 
     def get_payment(self, job_id: str) -> Payment | None:
         r = self._conn.execute("SELECT * FROM payments WHERE job_id=?", (job_id,)).fetchone()
-        return _payment(r) if r is not None else None
+        return payment_of(r) if r is not None else None
 
     def payment_used(self, network: str, asset: str, payer: str, authorization_id: str) -> bool:
         r = self._conn.execute(
@@ -1116,7 +1104,7 @@ class SqliteStore:
             "ORDER BY payments.created_at, payments.job_id LIMIT ?",
             (*final, limit),
         ).fetchall()
-        return [(_payment(r), JobState(r["job_state"])) for r in rows]
+        return [(payment_of(r), JobState(r["job_state"])) for r in rows]
 
     def due_payments(self, now: float, limit: int = 100) -> list[tuple[Payment, JobState]]:
         final_jobs = [s.value for s in JobState if s.final]
@@ -1138,7 +1126,7 @@ class SqliteStore:
                 limit,
             ),
         ).fetchall()
-        return [(_payment(r), JobState(r["job_state"])) for r in rows]
+        return [(payment_of(r), JobState(r["job_state"])) for r in rows]
 
     def update_payment(
         self,
@@ -1169,7 +1157,7 @@ class SqliteStore:
             if cur.rowcount != 1:
                 return None
             r = self._conn.execute("SELECT * FROM payments WHERE job_id=?", (job_id,)).fetchone()
-            payment = _payment(r)
+            payment = payment_of(r)
             self._conn.execute(
                 "UPDATE jobs SET payment=? WHERE job_id=?",
                 (json.dumps(payment.ref().__dict__), job_id),
@@ -1224,7 +1212,7 @@ class SqliteStore:
             "ORDER BY credited_at DESC, job_id DESC LIMIT ?",
             (worker_id, *(before or ()), limit),
         ).fetchall()
-        return [_earning(r) for r in rows]
+        return [earning_of(r) for r in rows]
 
     def balances(self, worker_ids: Sequence[str]) -> dict[str, list[Balance]]:
         if not worker_ids:
@@ -1340,7 +1328,7 @@ class SqliteStore:
             if cur.rowcount != 1:
                 return None
             r = self._conn.execute("SELECT * FROM payouts WHERE payout_id=?", (payout_id,))
-            payout = _payout(r.fetchone())
+            payout = payout_of(r.fetchone())
             if payout.state is PayoutRowState.FAILED:
                 # it can never land: its amount is the worker's to be paid again
                 self._conn.execute(
@@ -1363,7 +1351,7 @@ class SqliteStore:
             "ORDER BY created_at, payout_id LIMIT ?",
             (PayoutRowState.PENDING.value, PayoutRowState.SIGNED.value, network, limit),
         ).fetchall()
-        return [_payout(r) for r in rows]
+        return [payout_of(r) for r in rows]
 
     def audit_flows(self, network: str) -> tuple[list[tuple[str, str, str, int]], dict[str, int]]:
         """What the store says moved through the coordinator's account on `network`:
@@ -1408,7 +1396,7 @@ class SqliteStore:
             "LIMIT ?",
             (worker_id, limit),
         ).fetchall()
-        return [_payout(r) for r in rows]
+        return [payout_of(r) for r in rows]
 
     # --- workers ------------------------------------------------------------------------
 
@@ -1454,241 +1442,3 @@ class SqliteStore:
             "SELECT completed, failed FROM workers WHERE worker_id=?", (worker_id,)
         ).fetchone()
         return (0, 0) if r is None else (int(r["completed"]), int(r["failed"]))
-
-
-# --- row <-> domain ---------------------------------------------------------------------
-
-
-def _spec(r: sqlite3.Row) -> JobSpec:
-    return JobSpec(
-        job_type=JobType(r["job_type"]),
-        policy=Policy(r["policy"]),
-        privacy=Privacy(r["privacy"]),
-        task_name=r["task_name"] or "",
-        llm_model=r["llm_model"] or "",
-        spec_bytes=r["spec_bytes"],
-        spec_sha256=r["spec_sha256"],
-        use_llm=bool(r["use_llm"]),
-    )
-
-
-def _changes_row(changes: dict[str, Any]) -> dict[str, Any]:
-    row: dict[str, Any] = {}
-    for key, value in changes.items():
-        if key in _JOB_SIMPLE:
-            row[key] = value
-        elif key == "state":
-            row["state"] = int(value)
-        elif key == "result":
-            res: Result | None = value
-            row["result_output"] = res.output if res else None
-            row["result_content_type"] = res.content_type if res else None
-            row["prompt_tokens"] = res.prompt_tokens if res else None
-            row["completion_tokens"] = res.completion_tokens if res else None
-        elif key == "failure":
-            f: Failure | None = value
-            row["failure_code"] = f.code if f else None
-            row["failure_message"] = f.message if f else None
-        elif key == "receipt":
-            rc: Receipt | None = value
-            row["receipt_body"] = rc.body if rc else None
-            row["receipt_worker_sig"] = rc.worker_signature if rc else None
-            row["receipt_coord_sig"] = rc.coordinator_signature if rc else None
-            row["receipt_sha256"] = rc.sha256 if rc else None
-        elif key == "payment":
-            row["payment"] = json.dumps(value.__dict__)
-        else:
-            raise KeyError(f"job has no field {key!r}")
-    return row
-
-
-def _job_row(job: Job) -> dict[str, Any]:
-    s = job.spec
-    row = {k: getattr(job, k) for k in sorted(_JOB_SIMPLE)}
-    row.update(
-        state=int(job.state),
-        job_type=int(s.job_type),
-        policy=int(s.policy),
-        privacy=int(s.privacy),
-        task_name=s.task_name,
-        llm_model=s.llm_model,
-        spec_bytes=s.spec_bytes,
-        spec_sha256=s.spec_sha256,
-        use_llm=int(s.use_llm),
-    )
-    row.update(
-        _changes_row(
-            {
-                "result": job.result,
-                "failure": job.failure,
-                "receipt": job.receipt,
-                "payment": job.payment,
-            }
-        )
-    )
-    return row
-
-
-def _events(r: sqlite3.Row) -> list[Event]:
-    """The events an events row holds: itself, or the progress events coalesced in it."""
-    e = Event(
-        job_id=r["job_id"],
-        kind=EventKind(r["kind"]),
-        state=JobState(r["state"]),
-        time=r["time"],
-        sequence=r["sequence"],
-        from_state=JobState(r["from_state"]) if r["from_state"] is not None else None,
-        reason=r["reason"] or "",
-        worker_id=r["worker_id"] or "",
-        attempt=r["attempt"] or 0,
-        text=r["text"] or "",
-        fraction=r["fraction"] or 0.0,
-    )
-    if r["chunks"] is None:
-        return [e]
-    out, at = [], 0
-    for i, (length, fraction, time) in enumerate(json.loads(r["chunks"])):
-        out.append(
-            dataclasses.replace(
-                e,
-                sequence=r["first_sequence"] + i,
-                text=e.text[at : at + length],
-                fraction=fraction,
-                time=time,
-            )
-        )
-        at += length
-    return out
-
-
-def _job(r: sqlite3.Row) -> Job:
-    result = failure = receipt = None
-    if r["result_content_type"] is not None:
-        result = Result(
-            r["result_output"] or b"",
-            r["result_content_type"],
-            r["prompt_tokens"] or 0,
-            r["completion_tokens"] or 0,
-        )
-    if r["failure_code"] is not None:
-        failure = Failure(r["failure_code"], r["failure_message"] or "")
-    if r["receipt_body"] is not None:
-        receipt = Receipt(
-            r["receipt_body"], r["receipt_worker_sig"], r["receipt_coord_sig"], r["receipt_sha256"]
-        )
-    return Job(
-        job_id=r["job_id"],
-        client_id=r["client_id"],
-        state=JobState(r["state"]),
-        spec=_spec(r),
-        price_micros=r["price_micros"],
-        currency=r["currency"],
-        quote_id=r["quote_id"],
-        idempotency_key=r["idempotency_key"],
-        attempts=r["attempts"],
-        max_attempts=r["max_attempts"],
-        created_at=r["created_at"],
-        updated_at=r["updated_at"],
-        queued_at=r["queued_at"],
-        last_sequence=r["last_sequence"],
-        worker_id=r["worker_id"] or "",
-        lease_expires_at=r["lease_expires_at"] or 0.0,
-        result=result,
-        failure=failure,
-        receipt=receipt,
-        payment=PaymentRef(**json.loads(r["payment"] or "{}")),
-    )
-
-
-def _batch(r: sqlite3.Row) -> ReceiptBatch:
-    return ReceiptBatch(
-        batch_id=r["batch_id"],
-        merkle_root=r["merkle_root"],
-        leaf_count=r["leaf_count"],
-        created_at=r["created_at"],
-        anchor_status=AnchorStatus(r["anchor_status"]),
-        anchor_network=r["anchor_network"] or "",
-        anchor_transaction=r["anchor_transaction"] or "",
-        anchor_error=r["anchor_error"] or "",
-        anchored_at=r["anchored_at"],
-    )
-
-
-def _feedback(r: sqlite3.Row) -> FeedbackEntry:
-    return FeedbackEntry(
-        job_id=r["job_id"],
-        agent_id=int(r["agent_id"]),
-        value=int(r["value"]),
-        value_decimals=int(r["value_decimals"]),
-        tag1=r["tag1"],
-        tag2=r["tag2"],
-        feedback_uri=r["feedback_uri"],
-        feedback_hash=bytes(r["feedback_hash"]),
-        created_at=float(r["created_at"]),
-        status=FeedbackStatus(r["status"]),
-        transaction=r["tx"] or "",
-        error=r["error"] or "",
-        attempts=int(r["attempts"] or 0),
-    )
-
-
-def _payment(r: sqlite3.Row) -> Payment:
-    return Payment(
-        job_id=r["job_id"],
-        network=r["network"],
-        asset=r["asset"],
-        pay_to=r["pay_to"],
-        payer=r["payer"],
-        amount=int(r["amount"]),
-        authorization_id=r["authorization_id"],
-        valid_before=r["valid_before"],
-        settle_by=r["settle_by"],
-        payload_json=r["payload_json"],
-        requirement_json=r["requirement_json"],
-        status=PaymentStatus(r["status"]),
-        created_at=r["created_at"],
-        updated_at=r["updated_at"],
-        transaction=r["tx"] or "",
-        refund_transaction=r["refund_tx"] or "",
-        refund_raw=r["refund_raw"] or "",
-        error=r["error"] or "",
-        attempts=r["attempts"] or 0,
-    )
-
-
-def _payout(r: sqlite3.Row) -> PayoutRecord:
-    return PayoutRecord(
-        payout_id=r["payout_id"],
-        worker_id=r["worker_id"],
-        network=r["network"],
-        asset=r["asset"],
-        to=r["to_address"],
-        amount=int(r["amount"]),
-        state=PayoutRowState(r["state"]),
-        raw=r["raw"] or "",
-        transaction=r["tx"] or "",
-        error=r["error"] or "",
-        created_at=r["created_at"],
-        updated_at=r["updated_at"],
-    )
-
-
-def _earning(r: sqlite3.Row) -> Earning:
-    return Earning(
-        job_id=r["job_id"],
-        worker_id=r["worker_id"],
-        network=r["network"],
-        asset=r["asset"],
-        amount=int(r["amount"]),
-        fee_bps=int(r["fee_bps"]),
-        fee=int(r["fee"]),
-        share=int(r["share"]),
-        credited_at=r["credited_at"],
-        reversed=r["reversed_at"] is not None,
-    )
-
-
-def _pairing(r: sqlite3.Row) -> Pairing:
-    return Pairing(
-        r["pairing_id"], r["client_id"], r["worker_id"], r["created_at"], r["revoked_at"]
-    )

@@ -217,7 +217,7 @@ class ThreadedStore:
 
     async def run_read(self, fn: Callable[[SqliteStore], T]) -> T:
         """fn run with a reading SqliteStore (read-only, except for ":memory:"), on a
-        reader thread; for what the Store port lacks (audit_flows, schema_version)."""
+        reader thread; for what the Store port lacks (schema_version)."""
         return await self._read(fn)
 
     async def run_write(self, fn: Callable[[SqliteStore], T]) -> T:
@@ -460,6 +460,11 @@ class ThreadedStore:
         credit: Split | None = None,
     ) -> Payment | None:
         return await self._write(lambda s: s.update_payment(job_id, from_statuses, changes, credit))
+
+    async def audit_flows(
+        self, network: str
+    ) -> tuple[list[tuple[str, str, str, int]], dict[str, int]]:
+        return await self._read(lambda s: s.audit_flows(network))
 
     # --- earnings and payouts -----------------------------------------------------------
 

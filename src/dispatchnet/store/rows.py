@@ -1,0 +1,295 @@
+"""Rows <-> domain types, shared by the SQL stores (store/sqlite.py, store/postgres.py):
+the same columns, read by name from a sqlite3.Row or an asyncpg Record."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Protocol
+
+from dispatchnet.coordinator.models import (
+    AnchorStatus,
+    Earning,
+    Event,
+    EventKind,
+    Failure,
+    FeedbackEntry,
+    FeedbackStatus,
+    Job,
+    JobSpec,
+    JobState,
+    JobType,
+    Pairing,
+    Payment,
+    PaymentRef,
+    PaymentStatus,
+    PayoutRecord,
+    PayoutRowState,
+    Policy,
+    Privacy,
+    Receipt,
+    ReceiptBatch,
+    Result,
+)
+
+
+class Row(Protocol):
+    """A result row: its columns by name."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+TOTAL_OWNER = "*"  # the quote_usage row of all owners together (client ids are hex)
+
+# Job fields stored as they are, in columns of the same name.
+JOB_SIMPLE = {
+    "job_id",
+    "client_id",
+    "quote_id",
+    "idempotency_key",
+    "attempts",
+    "max_attempts",
+    "created_at",
+    "updated_at",
+    "queued_at",
+    "last_sequence",
+    "worker_id",
+    "lease_expires_at",
+    "price_micros",
+    "currency",
+}
+
+
+def spec_of(r: Row) -> JobSpec:
+    return JobSpec(
+        job_type=JobType(r["job_type"]),
+        policy=Policy(r["policy"]),
+        privacy=Privacy(r["privacy"]),
+        task_name=r["task_name"] or "",
+        llm_model=r["llm_model"] or "",
+        spec_bytes=r["spec_bytes"],
+        spec_sha256=r["spec_sha256"],
+        use_llm=bool(r["use_llm"]),
+    )
+
+
+def changes_row(changes: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for key, value in changes.items():
+        if key in JOB_SIMPLE:
+            row[key] = value
+        elif key == "state":
+            row["state"] = int(value)
+        elif key == "result":
+            res: Result | None = value
+            row["result_output"] = res.output if res else None
+            row["result_content_type"] = res.content_type if res else None
+            row["prompt_tokens"] = res.prompt_tokens if res else None
+            row["completion_tokens"] = res.completion_tokens if res else None
+        elif key == "failure":
+            f: Failure | None = value
+            row["failure_code"] = f.code if f else None
+            row["failure_message"] = f.message if f else None
+        elif key == "receipt":
+            rc: Receipt | None = value
+            row["receipt_body"] = rc.body if rc else None
+            row["receipt_worker_sig"] = rc.worker_signature if rc else None
+            row["receipt_coord_sig"] = rc.coordinator_signature if rc else None
+            row["receipt_sha256"] = rc.sha256 if rc else None
+        elif key == "payment":
+            row["payment"] = json.dumps(value.__dict__)
+        else:
+            raise KeyError(f"job has no field {key!r}")
+    return row
+
+
+def job_row(job: Job) -> dict[str, Any]:
+    s = job.spec
+    row = {k: getattr(job, k) for k in sorted(JOB_SIMPLE)}
+    row.update(
+        state=int(job.state),
+        job_type=int(s.job_type),
+        policy=int(s.policy),
+        privacy=int(s.privacy),
+        task_name=s.task_name,
+        llm_model=s.llm_model,
+        spec_bytes=s.spec_bytes,
+        spec_sha256=s.spec_sha256,
+        use_llm=int(s.use_llm),
+    )
+    row.update(
+        changes_row(
+            {
+                "result": job.result,
+                "failure": job.failure,
+                "receipt": job.receipt,
+                "payment": job.payment,
+            }
+        )
+    )
+    return row
+
+
+def events_of(r: Row) -> list[Event]:
+    """The events an events row holds: itself, or the progress events coalesced in it."""
+    e = Event(
+        job_id=r["job_id"],
+        kind=EventKind(r["kind"]),
+        state=JobState(r["state"]),
+        time=r["time"],
+        sequence=r["sequence"],
+        from_state=JobState(r["from_state"]) if r["from_state"] is not None else None,
+        reason=r["reason"] or "",
+        worker_id=r["worker_id"] or "",
+        attempt=r["attempt"] or 0,
+        text=r["text"] or "",
+        fraction=r["fraction"] or 0.0,
+    )
+    if r["chunks"] is None:
+        return [e]
+    out, at = [], 0
+    for i, (length, fraction, time) in enumerate(json.loads(r["chunks"])):
+        out.append(
+            dataclasses.replace(
+                e,
+                sequence=r["first_sequence"] + i,
+                text=e.text[at : at + length],
+                fraction=fraction,
+                time=time,
+            )
+        )
+        at += length
+    return out
+
+
+def job_of(r: Row) -> Job:
+    result = failure = receipt = None
+    if r["result_content_type"] is not None:
+        result = Result(
+            r["result_output"] or b"",
+            r["result_content_type"],
+            r["prompt_tokens"] or 0,
+            r["completion_tokens"] or 0,
+        )
+    if r["failure_code"] is not None:
+        failure = Failure(r["failure_code"], r["failure_message"] or "")
+    if r["receipt_body"] is not None:
+        receipt = Receipt(
+            r["receipt_body"], r["receipt_worker_sig"], r["receipt_coord_sig"], r["receipt_sha256"]
+        )
+    return Job(
+        job_id=r["job_id"],
+        client_id=r["client_id"],
+        state=JobState(r["state"]),
+        spec=spec_of(r),
+        price_micros=r["price_micros"],
+        currency=r["currency"],
+        quote_id=r["quote_id"],
+        idempotency_key=r["idempotency_key"],
+        attempts=r["attempts"],
+        max_attempts=r["max_attempts"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        queued_at=r["queued_at"],
+        last_sequence=r["last_sequence"],
+        worker_id=r["worker_id"] or "",
+        lease_expires_at=r["lease_expires_at"] or 0.0,
+        result=result,
+        failure=failure,
+        receipt=receipt,
+        payment=PaymentRef(**json.loads(r["payment"] or "{}")),
+    )
+
+
+def batch_of(r: Row) -> ReceiptBatch:
+    return ReceiptBatch(
+        batch_id=r["batch_id"],
+        merkle_root=r["merkle_root"],
+        leaf_count=r["leaf_count"],
+        created_at=r["created_at"],
+        anchor_status=AnchorStatus(r["anchor_status"]),
+        anchor_network=r["anchor_network"] or "",
+        anchor_transaction=r["anchor_transaction"] or "",
+        anchor_error=r["anchor_error"] or "",
+        anchored_at=r["anchored_at"],
+    )
+
+
+def feedback_of(r: Row) -> FeedbackEntry:
+    return FeedbackEntry(
+        job_id=r["job_id"],
+        agent_id=int(r["agent_id"]),
+        value=int(r["value"]),
+        value_decimals=int(r["value_decimals"]),
+        tag1=r["tag1"],
+        tag2=r["tag2"],
+        feedback_uri=r["feedback_uri"],
+        feedback_hash=bytes(r["feedback_hash"]),
+        created_at=float(r["created_at"]),
+        status=FeedbackStatus(r["status"]),
+        transaction=r["tx"] or "",
+        error=r["error"] or "",
+        attempts=int(r["attempts"] or 0),
+    )
+
+
+def payment_of(r: Row) -> Payment:
+    return Payment(
+        job_id=r["job_id"],
+        network=r["network"],
+        asset=r["asset"],
+        pay_to=r["pay_to"],
+        payer=r["payer"],
+        amount=int(r["amount"]),
+        authorization_id=r["authorization_id"],
+        valid_before=r["valid_before"],
+        settle_by=r["settle_by"],
+        payload_json=r["payload_json"],
+        requirement_json=r["requirement_json"],
+        status=PaymentStatus(r["status"]),
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        transaction=r["tx"] or "",
+        refund_transaction=r["refund_tx"] or "",
+        refund_raw=r["refund_raw"] or "",
+        error=r["error"] or "",
+        attempts=r["attempts"] or 0,
+    )
+
+
+def payout_of(r: Row) -> PayoutRecord:
+    return PayoutRecord(
+        payout_id=r["payout_id"],
+        worker_id=r["worker_id"],
+        network=r["network"],
+        asset=r["asset"],
+        to=r["to_address"],
+        amount=int(r["amount"]),
+        state=PayoutRowState(r["state"]),
+        raw=r["raw"] or "",
+        transaction=r["tx"] or "",
+        error=r["error"] or "",
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+    )
+
+
+def earning_of(r: Row) -> Earning:
+    return Earning(
+        job_id=r["job_id"],
+        worker_id=r["worker_id"],
+        network=r["network"],
+        asset=r["asset"],
+        amount=int(r["amount"]),
+        fee_bps=int(r["fee_bps"]),
+        fee=int(r["fee"]),
+        share=int(r["share"]),
+        credited_at=r["credited_at"],
+        reversed=r["reversed_at"] is not None,
+    )
+
+
+def pairing_of(r: Row) -> Pairing:
+    return Pairing(
+        r["pairing_id"], r["client_id"], r["worker_id"], r["created_at"], r["revoked_at"]
+    )

@@ -1,0 +1,271 @@
+"""What only the PostgreSQL store does, and a coordinator running on it.
+
+Its migrations (versioned in schema_version, run once by coordinators opening together),
+the errors of a database that is missing, refuses us or goes away, and claims that skip
+what another transaction holds. Then a coordinator on PostgreSQL, in process and as
+`dispatch coordinator --store postgresql://...`, runs jobs end to end and finds them again
+after a restart. The behaviour it shares with SQLite is the contract in test_store.py."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import pwd
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from conftest import Cluster, Proc, make_profile
+from test_cli import cli_env, failed, ok_json, run
+from test_progress import TEXT, Streamer, Watcher, consecutive
+from test_receipt_batches import holds, proof_of
+from test_store import make_job, queued
+
+from dispatch.v1 import coordinator_pb2
+from dispatchnet.client import task_spec
+from dispatchnet.coordinator.models import (
+    AnchorStatus,
+    JobState,
+    Receipt,
+    ReceiptBatch,
+    UnbatchedReceipt,
+)
+from dispatchnet.devchain.processes import pid_alive
+from dispatchnet.errors import Unavailable
+from dispatchnet.keys import KeyPair
+from dispatchnet.receipts.core import verify_receipt_message
+from dispatchnet.server import start_coordinator
+from dispatchnet.store.local_postgres import ROLE, LocalPostgres
+from dispatchnet.store.postgres import SCHEMA_VERSION, open_postgres_store
+from dispatchnet.worker.runtime import Worker
+
+COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{parts.username}@{parts.hostname}:{parts.port}"))
+
+
+# --- the throwaway cluster ------------------------------------------------------------------
+
+
+async def test_the_test_cluster_listens_on_loopback_and_wants_a_password(
+    postgres: LocalPostgres,
+) -> None:
+    conn = await asyncpg.connect(postgres.url())
+    try:
+        assert await conn.fetchval("SHOW listen_addresses") == "127.0.0.1"
+        assert await conn.fetchval("SHOW server_version_num") >= "150000"
+        owner = await conn.fetchval(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'postgres'"
+        )
+        assert owner == ROLE
+    finally:
+        await conn.close()
+    pid = postgres.server_pid()
+    assert pid is not None
+    uids = Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()
+    # initdb refuses root: under root the server runs as the postgres system user
+    assert int(uids[0]) == (pwd.getpwnam("postgres").pw_uid if os.geteuid() == 0 else os.geteuid())
+    wrong = postgres.url().replace(postgres.password, "wrong")
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(wrong)
+
+
+# --- migrations -------------------------------------------------------------------------------
+
+
+async def test_coordinators_opening_together_migrate_once(pg_url: str) -> None:
+    stores = await asyncio.gather(*(open_postgres_store(pg_url, pool_size=2) for _ in range(4)))
+    try:
+        assert [await s.schema_version() for s in stores] == [SCHEMA_VERSION] * 4
+    finally:
+        for s in stores:
+            await s.close()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        versions = await conn.fetch("SELECT version FROM schema_version ORDER BY version")
+        assert [r["version"] for r in versions] == list(range(1, SCHEMA_VERSION + 1))
+        tables = {
+            r["tablename"]
+            for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")
+        }
+        assert {"jobs", "events", "payments", "payouts", "receipt_batches"} <= tables
+    finally:
+        await conn.close()
+
+
+async def test_a_newer_schema_refuses_to_open(pg_url: str) -> None:
+    await (await open_postgres_store(pg_url)).close()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", SCHEMA_VERSION + 1)
+    finally:
+        await conn.close()
+    with pytest.raises(
+        RuntimeError, match=rf"schema v{SCHEMA_VERSION + 1} is newer.*v{SCHEMA_VERSION}"
+    ):
+        await open_postgres_store(pg_url)
+
+
+# --- a database that is not there, refuses us, or goes away --------------------------------------
+
+
+async def test_a_database_that_is_down_refuses_or_does_not_exist_says_so(
+    postgres: LocalPostgres,
+) -> None:
+    with pytest.raises(Unavailable, match="cannot reach"):
+        await open_postgres_store(f"postgresql://{ROLE}:x@127.0.0.1:{_free_port()}/postgres")
+    with pytest.raises(ValueError, match="refused"):
+        await open_postgres_store(postgres.url().replace(postgres.password, "wrong"))
+    with pytest.raises(ValueError, match="does not exist"):
+        await open_postgres_store(postgres.url("no_such_database"))
+
+
+async def test_losing_the_database_makes_calls_unavailable_and_stop_leaves_no_server() -> None:
+    cluster = LocalPostgres.create()
+    try:
+        pid = cluster.server_pid()
+        assert pid is not None and pid_alive(pid)
+        store = await open_postgres_store(cluster.url())
+        await store.create_job(make_job("job_1"), queued("job_1"))
+        assert await store.get_job("job_1") is not None
+    finally:
+        cluster.stop()  # pg_ctl stop -w: returns once the server has exited
+    assert not cluster.directory.exists() and not pid_alive(pid)
+    with pytest.raises(Unavailable):
+        await store.get_job("job_1")
+    with pytest.raises(Unavailable):
+        await store.create_job(make_job("job_2", key="k2"), queued("job_2"))
+    await asyncio.wait_for(store.close(), 10)
+
+
+# --- claims ------------------------------------------------------------------------------------
+
+
+async def test_a_batch_skips_receipts_another_transaction_holds_without_waiting(
+    pg_url: str,
+) -> None:
+    store = await open_postgres_store(pg_url)
+    holder = await asyncpg.connect(pg_url)
+    try:
+        await store.create_job(make_job("job_1"), queued("job_1"))
+        body = b"receipt"
+        receipt = Receipt(body, b"w", b"c", hashlib.sha256(body).digest())
+        await store.transition(
+            "job_1",
+            (JobState.QUEUED,),
+            None,
+            {"state": JobState.COMPLETED, "receipt": receipt},
+            None,
+        )
+        [leaf] = await store.unbatched_receipts(10)
+        assert leaf == UnbatchedReceipt("job_1", receipt.sha256, leaf.completed_at)
+        batch = ReceiptBatch("b1", b"r" * 32, 1, 1.0, AnchorStatus.NONE)
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1 FROM jobs WHERE job_id='job_1' FOR UPDATE")
+        # another batcher holds the receipt: refused at once, not after the holder ends
+        assert not await asyncio.wait_for(store.create_receipt_batch(batch, [leaf]), 2)
+        await tx.rollback()
+        assert await store.create_receipt_batch(batch, [leaf])
+        assert await store.receipt_leaf("job_1") is not None
+    finally:
+        await holder.close()
+        await store.close()
+
+
+# --- a coordinator on PostgreSQL -----------------------------------------------------------------
+
+
+async def test_a_coordinator_on_postgresql_runs_jobs_end_to_end_and_after_a_restart(
+    tmp_path: Path, pg_url: str
+) -> None:
+    profile = make_profile(
+        store={"url": pg_url}, receipts={"batch_size": 2, "batch_max_age_seconds": 0.5}
+    )
+    data, client_key = tmp_path / "coord", KeyPair.generate()
+    cluster = Cluster(await start_coordinator(profile, data, "127.0.0.1:0"), tmp_path)
+    try:
+        streamer = Streamer()
+        streamer.gate.set()
+        await cluster.worker(executors=[streamer])
+        c = cluster.client(client_key)
+        jobs = [await c.submit(task_spec("echo", f"[{i}]".encode())) for i in range(3)]
+        live = Watcher(c, jobs[0].job_id)
+        done = [await c.wait(j.job_id) for j in jobs]
+        await live.done()
+        assert all(d.state == COMPLETED for d in done)
+        assert [p.progress.text for p in live.progress()] == TEXT and consecutive(live.events, 1)
+        for d in done:
+            assert verify_receipt_message(d.receipt, cluster.coord.public_key).valid
+        assert holds(await proof_of(c, done[0].job_id))
+    finally:
+        await cluster.close()
+    assert not (data / "coordinator.db").exists()  # nothing went to SQLite
+
+    again = Cluster(await start_coordinator(profile, data, "127.0.0.1:0"), tmp_path)
+    try:
+        c = again.client(client_key)
+        for d in done:
+            job = await c.get(d.job_id)
+            assert job.state == COMPLETED and job.receipt == d.receipt
+        # every event, progress chunk by chunk, read back from PostgreSQL
+        stored = [item.event async for item in c.watch(jobs[0].job_id, 0)]
+        assert stored == live.events
+        assert holds(await proof_of(c, done[1].job_id))
+    finally:
+        await again.close()
+
+
+async def test_dispatch_coordinator_store_flag_runs_on_postgresql(
+    tmp_path: Path,
+    pg_url: str,
+    procs: Callable[[list[str]], Proc],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    password = urlsplit(pg_url).password
+    assert password is not None
+    monkeypatch.setenv("PGPASSWORD", password)  # the url names no password: libpq's variable
+    url = _without_password(pg_url)
+    coord = procs(["coordinator", "--listen", "127.0.0.1:0", "--store", url])
+    assert coord.info["store"] == url
+    worker = Worker(coord.info["listening"], KeyPair.generate(), backoff_initial=0.05)
+    running = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.connected.wait(), 10)
+        env = cli_env(tmp_path / "home")
+        submit = ["job", "submit", "--task", "sha256", "--input", json.dumps("hi"), "--wait"]
+        job = ok_json(await run(*submit, "--coordinator", coord.info["listening"], env=env))
+        assert job["state"] == "JOB_STATE_COMPLETED"
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 10)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM jobs WHERE state = 4") == 1
+    finally:
+        await conn.close()
+
+
+async def test_a_store_that_cannot_be_used_is_a_one_line_error(tmp_path: Path) -> None:
+    env = cli_env(tmp_path / "home")
+    base = ["coordinator", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "d")]
+    err = failed(await run(*base, "--store", "mysql://db/x", env=env))
+    assert "[store] url 'mysql://db/x' must be empty" in err and "Traceback" not in err
+    down = f"postgresql://{ROLE}:secret@127.0.0.1:{_free_port()}/x"
+    err = failed(await run(*base, "--store", down, env=env))
+    assert "cannot reach the store's database" in err and "Traceback" not in err
+    assert "secret" not in err

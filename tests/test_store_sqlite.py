@@ -1,0 +1,71 @@
+"""What only the SQLite store does: WAL, its PRAGMA user_version migrations, and upgrading
+databases written by older versions. The behaviour every store shares is the contract in
+test_store.py; SQLite's threads and group commit are in test_store_threaded.py."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlite_utils
+from test_store import SPEC
+
+from dispatchnet.store.base import QuoteUsage
+from dispatchnet.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "coord.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[SqliteStore]:
+    s = SqliteStore(db_path)
+    yield s
+    s.close()
+
+
+def test_schema_version_and_wal(store: SqliteStore, db_path: Path) -> None:
+    assert store.schema_version() == SCHEMA_VERSION
+    other = sqlite3.connect(db_path)  # WAL is a property of the file, not the connection
+    try:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        other.close()
+
+
+def test_a_newer_schema_refuses_to_open(db_path: Path) -> None:
+    SqliteStore(db_path).close()
+    raw = sqlite3.connect(db_path)
+    raw.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    raw.close()
+    with pytest.raises(
+        RuntimeError, match=rf"schema v{SCHEMA_VERSION + 1} is newer.*v{SCHEMA_VERSION}"
+    ):
+        SqliteStore(db_path)
+
+
+def test_quotes_stored_before_quote_accounting_count_until_released(db_path: Path) -> None:
+    raw = sqlite3.connect(db_path)
+    db = sqlite_utils.Database(raw)
+    for step in MIGRATIONS[:7]:  # the schema before v8
+        step(db)
+    raw.execute(
+        "INSERT INTO quotes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        ("q_old", 2, 2, 1, "echo", "", SPEC.spec_bytes, SPEC.spec_sha256, 1000, "USD", 1, 2, 0),
+    )
+    raw.execute("PRAGMA user_version=7")
+    raw.commit()
+    raw.close()
+    store = SqliteStore(db_path)
+    try:
+        assert store.quote_usage("")[1] == QuoteUsage(1, len(SPEC.spec_bytes))
+        assert store.release_expired_quotes(now=3.0) == 1
+        assert store.quote_usage("") == (QuoteUsage(0, 0), QuoteUsage(0, 0))
+        assert store.purge_expired(before=3.0) == 1
+    finally:
+        store.close()
