@@ -84,11 +84,7 @@ class Erc8004Reputation:
         c = self._cache.get(agent)
         if c is not None and self.clock() - c.read_at < self.ttl:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # no loop (a synchronous caller): the next warm on the loop refreshes
-        self._refreshing[agent] = loop.create_task(self.refresh(agent))
+        self._refreshing[agent] = asyncio.get_running_loop().create_task(self.refresh(agent))
 
     async def refresh(self, agent_id: int) -> None:
         """Reads the agent's summary from the chain (in a thread) into the cache."""
