@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2
 from dispatchnet import keys
@@ -552,13 +552,23 @@ async def cmd_pair(args: argparse.Namespace) -> int:
 
 
 def load_receipt_file(path: Path) -> receipt_pb2.Receipt:
-    """Reads a receipt from a `job submit --wait` / `job get` JSON file or a bare Receipt."""
+    """Reads a receipt from a `job submit --wait` / `job get` JSON file, a gateway answer
+    (its `dispatch` field), a bare Receipt as JSON, or the gateway's X-Dispatch-Receipt
+    value (base64 of the Receipt message)."""
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
     except (OSError, ValueError) as e:
         raise CliError(f"cannot read {path}: {e}", code=2) from e
-    if isinstance(data, dict) and "job" in data and isinstance(data["job"], dict):
-        data = data["job"]
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        receipt = _receipt_b64(text)
+        if receipt is None:
+            raise CliError(f"cannot read {path}: {e}", code=2) from e
+        return receipt
+    for wrapper in ("job", "dispatch"):
+        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
+            data = data[wrapper]
     if isinstance(data, dict) and "receipt" in data:
         data = data["receipt"]
     receipt = receipt_pb2.Receipt()
@@ -569,6 +579,15 @@ def load_receipt_file(path: Path) -> receipt_pb2.Receipt:
     if not receipt.body:
         raise CliError(f"{path} holds no receipt (no body)", code=2)
     return receipt
+
+
+def _receipt_b64(text: str) -> receipt_pb2.Receipt | None:
+    """A Receipt from base64 of its bytes (X-Dispatch-Receipt); None when it is not one."""
+    try:
+        receipt = receipt_pb2.Receipt.FromString(base64.b64decode(text.strip(), validate=True))
+    except (ValueError, DecodeError):
+        return None
+    return receipt if receipt.body else None
 
 
 def load_proof_file(path: Path) -> receipt_pb2.GetReceiptProofResponse:
