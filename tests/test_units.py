@@ -841,6 +841,40 @@ def test_domain_code_imports_no_transport_storage_or_chain_library(path: Path) -
     assert not imported & set(FOREIGN), imported & set(FOREIGN)
 
 
+def _imports(path: Path) -> set[str]:
+    """The modules a file imports (absolute imports, as written)."""
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            imported.add(node.module)
+    return imported
+
+
+@pytest.mark.parametrize(
+    "path", sorted((SRC / "gateways").glob("*.py")), ids=lambda p: str(p.relative_to(SRC))
+)
+def test_gateways_reach_the_network_only_through_the_sdk(path: Path) -> None:
+    """ARCHITECTURE: the gateways are thin layers over the SDK: no gRPC, generated code,
+    coordinator internals, store or chain library (dispatchnet.client only for the wallet
+    protocol's PaymentDeclined; chains.registry only to name a profile's chain track). x402
+    is theirs: they speak its HTTP transport."""
+    allowed = {"dispatchnet.client", "dispatchnet.chains"}
+    foreign = set(FOREIGN) - {"x402"}
+    offences = sorted(
+        m
+        for m in _imports(path)
+        if m.split(".")[0] in foreign
+        or (
+            m.startswith("dispatchnet.")
+            and m.split(".")[1] not in ("sdk", "gateways", "keys", "profiles")
+            and m not in allowed
+        )
+    )
+    assert not offences, offences
+
+
 # Chain kinds and network-id prefixes: only chains/ (the registry and the adapters) may
 # compare anything with these; everything else asks the registry for the adapter.
 CHAIN_WORDS = ("evm", "solana", "eip155", "svm")

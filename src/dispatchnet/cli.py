@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2
 from dispatchnet import keys
@@ -166,6 +166,57 @@ async def cmd_coordinator(args: argparse.Namespace) -> int:
     )
     await _until_signal()
     await coord.stop(grace=2.0)
+    return 0
+
+
+async def cmd_gateway(args: argparse.Namespace) -> int:
+    from dispatchnet.gateways.http import Gateway
+    from dispatchnet.gateways.serve import GatewayServer, gateway_router, parse_listen
+
+    profile = load_profile(args.profile)
+    host, port = parse_listen(args.listen)
+    try:
+        coordinator_key = bytes.fromhex(args.coordinator_key or "")
+    except ValueError:
+        raise CliError("--coordinator-key must be hex", code=2) from None
+    coordinators = [a.strip() for a in (args.coordinator or "").split(",") if a.strip()]
+    router = gateway_router(
+        profile,
+        coordinators,
+        key_file=args.key_file,
+        max_price_micros=args.max_price_micros or None,
+        hosted=args.hosted_budget_micros > 0,
+        coordinator_key=coordinator_key,
+    )
+    gateway = Gateway(
+        router,
+        max_body_bytes=args.max_body_bytes,
+        max_concurrent=args.max_concurrent,
+        hosted_budget_micros=args.hosted_budget_micros,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # uvicorn takes both while it serves and raises the one it got again once it has
+        # stopped: that one must not kill the process before the router is closed
+        loop.add_signal_handler(sig, lambda: None)
+    async with GatewayServer(gateway, host, port, "debug" if args.verbose else "info") as server:
+        net = router.networks[0]
+        print(
+            json.dumps(
+                {
+                    "listening": server.url,
+                    "profile": profile.name,
+                    "network": net.name,
+                    "coordinators": list(net.coordinators),
+                    "client_id": router.client_id,
+                    "max_price_micros": args.max_price_micros or None,
+                    "hosted": [p.route for p in router.hosted],
+                    "hosted_budget_micros": args.hosted_budget_micros,
+                }
+            ),
+            flush=True,
+        )
+        await server.wait()
     return 0
 
 
@@ -566,13 +617,23 @@ async def cmd_pair(args: argparse.Namespace) -> int:
 
 
 def load_receipt_file(path: Path) -> receipt_pb2.Receipt:
-    """Reads a receipt from a `job submit --wait` / `job get` JSON file or a bare Receipt."""
+    """Reads a receipt from a `job submit --wait` / `job get` JSON file, a gateway answer
+    (its `dispatch` field), a bare Receipt as JSON, or the gateway's X-Dispatch-Receipt
+    value (base64 of the Receipt message)."""
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
     except (OSError, ValueError) as e:
         raise CliError(f"cannot read {path}: {e}", code=2) from e
-    if isinstance(data, dict) and "job" in data and isinstance(data["job"], dict):
-        data = data["job"]
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        receipt = _receipt_b64(text)
+        if receipt is None:
+            raise CliError(f"cannot read {path}: {e}", code=2) from e
+        return receipt
+    for wrapper in ("job", "dispatch"):
+        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
+            data = data[wrapper]
     if isinstance(data, dict) and "receipt" in data:
         data = data["receipt"]
     receipt = receipt_pb2.Receipt()
@@ -583,6 +644,15 @@ def load_receipt_file(path: Path) -> receipt_pb2.Receipt:
     if not receipt.body:
         raise CliError(f"{path} holds no receipt (no body)", code=2)
     return receipt
+
+
+def _receipt_b64(text: str) -> receipt_pb2.Receipt | None:
+    """A Receipt from base64 of its bytes (X-Dispatch-Receipt); None when it is not one."""
+    try:
+        receipt = receipt_pb2.Receipt.FromString(base64.b64decode(text.strip(), validate=True))
+    except (ValueError, DecodeError):
+        return None
+    return receipt if receipt.body else None
 
 
 def load_proof_file(path: Path) -> receipt_pb2.GetReceiptProofResponse:
@@ -882,6 +952,39 @@ def build_parser() -> argparse.ArgumentParser:
         "sqlite:PATH (default: the profile's [store] url; empty: SQLite in --data-dir)",
     )
     c.set_defaults(fn=cmd_coordinator)
+
+    g = sub.add_parser(
+        "gateway", help="serve the OpenAI-compatible HTTP gateway (paid with x402 over HTTP)"
+    )
+    g.add_argument("--profile", default="local", help="profile name or .toml path")
+    g.add_argument("--listen", default="127.0.0.1:8402", help="HOST:PORT (port 0: a free port)")
+    g.add_argument(
+        "--coordinator",
+        help="coordinator address(es) HOST:PORT, comma-separated (default "
+        "$DISPATCH_COORDINATOR, else the profile's [server] listen)",
+    )
+    g.add_argument(
+        "--key-file", help="the gateway's client key (default $DISPATCH_HOME/gateway.key)"
+    )
+    g.add_argument("--coordinator-key", help="require receipts countersigned by this key (hex)")
+    g.add_argument(
+        "--max-price-micros",
+        type=int,
+        default=100_000,
+        help="the most one job may cost, micro-USD (default 100000; 0: no limit)",
+    )
+    g.add_argument(
+        "--hosted-budget-micros",
+        type=int,
+        default=0,
+        help="total the hosted fallback (OpenAI/Anthropic keys from the environment, free to "
+        "callers) may cost, micro-USD (default 0: no fallback)",
+    )
+    g.add_argument(
+        "--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body"
+    )
+    g.add_argument("--max-concurrent", type=int, default=64, help="job requests in flight")
+    g.set_defaults(fn=cmd_gateway)
 
     w = sub.add_parser("worker", help="run a worker")
     with_coord(w, "worker key file")
