@@ -40,7 +40,6 @@ from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Job, JobState, Payment, PaymentStatus, Quote, Split
 from dispatchnet.errors import PaymentRequired, PaymentReused, Unavailable
 from dispatchnet.loops import OutboxLoop
-from dispatchnet.metrics import METRICS
 from dispatchnet.profiles import JobsConfig, PaymentsConfig, PayoutsConfig
 from dispatchnet.store.base import Store
 
@@ -78,6 +77,7 @@ class PaymentGateway(Protocol):
 
 class PaymentService(OutboxLoop):
     name = "payment-settler"
+    outbox = "settlement"
     page = PAGE
 
     def __init__(
@@ -159,8 +159,7 @@ class PaymentService(OutboxLoop):
                 payment.network, payment.asset, payment.payer, payment.authorization_id
             ):
                 raise PaymentReused("this payment was already used for a job; sign a new one")
-            with METRICS.timed("x402.verify"):
-                await asyncio.to_thread(self.gateway.verify, payment)
+            await asyncio.to_thread(self.gateway.verify, payment)
         except PaymentRequired as e:
             raise self.refusal(quote, offers, e.message, e.reason) from None
         return payment
@@ -215,7 +214,7 @@ class PaymentService(OutboxLoop):
         return changed + await self._settle_due(due)
 
     async def _back_off(self, payment: Payment, error: str) -> None:
-        delay = self.backed_off(error)
+        delay = self.backed_off(error, payment.network)
         await self._update(payment, (payment.status,), error=error, attempts=payment.attempts + 1)
         log.warning("payment of job %s waits (%s); retrying in %.1fs", payment.job_id, error, delay)
 
@@ -267,8 +266,7 @@ class PaymentService(OutboxLoop):
                 self.wake_at(oldest + self.cfg.settle_max_wait_seconds)
                 break
             try:
-                with METRICS.timed("x402.settle_batch"):
-                    results = await asyncio.to_thread(self.gateway.settle_batch, chunk)
+                results = await asyncio.to_thread(self.gateway.settle_batch, chunk)
             except Unavailable as e:
                 for p in chunk:
                     await self._back_off(p, e.message)
@@ -341,4 +339,5 @@ class PaymentService(OutboxLoop):
         )
         if updated is not None:
             self.jobs.notifier.notify(p.job_id)
+            self.observer.payment_changed(updated)
         return updated

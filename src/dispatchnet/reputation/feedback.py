@@ -39,6 +39,7 @@ class FeedbackPoster(Protocol):
 
 class FeedbackSender(OutboxLoop):
     name = "feedback-sender"
+    outbox = "feedback"
     page = PAGE
 
     def __init__(
