@@ -318,3 +318,22 @@ def test_coordinator_and_worker_log_json_lines_and_print_their_urls(
     done = [x for x in worker_lines if x["message"].endswith("completed")]
     assert done and done[0]["job_id"].startswith("job_")
     assert done[0]["worker_id"] == worker.info["worker_id"]
+
+
+async def test_outbox_chain_trouble_counts_as_a_chain_error() -> None:
+    from dispatchnet.loops import OutboxLoop
+    from dispatchnet.observability.metrics import CoordinatorMetrics, MetricsServer
+
+    metrics = CoordinatorMetrics("test")
+    loop = OutboxLoop()
+    loop.outbox, loop.chain, loop.observer = "feedback", "eip155:1", metrics
+    loop.backed_off("node unreachable")
+    loop.backed_off("node unreachable", chain="eip155:2")
+    server = MetricsServer(metrics.registry)
+    await server.start("127.0.0.1:0")
+    try:
+        m = await scrape(server.url)
+    finally:
+        await server.close()
+    assert value(m, "dispatch_chain_errors_total", chain="eip155:1", source="feedback") == 1
+    assert value(m, "dispatch_chain_errors_total", chain="eip155:2", source="feedback") == 1
