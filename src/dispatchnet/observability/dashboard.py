@@ -122,6 +122,7 @@ class Dashboard:
         self.host = host.strip("[]")
         app = web.Application(middlewares=[_json_errors], client_max_size=MAX_BODY)
         app.router.add_get("/", self._page)
+        app.router.add_get("/favicon.ico", self._no_icon)
         app.router.add_post("/api/login", self._login)
         app.router.add_post("/api/logout", self._logout)
         app.router.add_get("/api/snapshot", self._snapshot)
@@ -172,6 +173,9 @@ class Dashboard:
             charset="utf-8",
             headers={**HEADERS, "Content-Security-Policy": csp},
         )
+
+    async def _no_icon(self, request: web.Request) -> web.Response:
+        return web.Response(status=204, headers=HEADERS)
 
     async def _login(self, request: web.Request) -> web.Response:
         try:

@@ -85,6 +85,8 @@ class Feed(NullObserver):
         self.sample = Sample()
         self.chain_errors: dict[tuple[str, str], tuple[str, float]] = {}
         self._listeners: set[asyncio.Event] = set()
+        # asks the sampler for fresh open-job counts (set by runtime.py)
+        self.wants_sample: Callable[[], None] = lambda: None
 
     # --- change notification ------------------------------------------------------------
 
@@ -146,6 +148,8 @@ class Feed(NullObserver):
         self.totals["committed"] += 1
         self._row(job, "committed")
         self._touch()
+        if self._listeners:
+            self.wants_sample()
 
     def job_moved(self, before: Job, after: Job, reason: str) -> None:
         if after.state is before.state:
@@ -154,6 +158,8 @@ class Feed(NullObserver):
             self.totals[after.state.name.lower()] += 1
         self._row(after, reason)
         self._touch()
+        if self._listeners:  # someone watches: the open-job counts follow
+            self.wants_sample()
 
     def worker_connected(self, worker_id: str, kind: WorkerKind) -> None:
         self._touch()

@@ -102,6 +102,7 @@ class Observability:
                 from dispatchnet.observability.dashboard import Dashboard
 
                 self.sampler.listeners.append(self.feed.sampled)
+                self.feed.wants_sample = self.sampler.kick
                 self.dashboard = Dashboard(self.feed, hub, self.data_dir, describe)
                 await self.dashboard.start(self.cfg.dashboard_listen)
                 log.info("operator dashboard on %s (token in %s)", self.dashboard.url,

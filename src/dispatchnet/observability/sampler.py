@@ -33,6 +33,7 @@ from dispatchnet.store.base import Store
 log = logging.getLogger("dispatch.observability")
 
 OPEN_COUNT_MAX = 10_000  # queued jobs counted per sample, at most
+MIN_GAP_SECONDS = 0.5  # between two samples, whatever asks for one (kick)
 QUEUE_PAGE = 500
 BACKLOG_MAX = 1000  # items of one outbox counted per sample, at most
 EARNINGS_WORKERS = 50  # connected workers whose earnings a sample reads (the dashboard's)
@@ -155,7 +156,8 @@ class Sampler:
             listener(sample)
 
     def kick(self) -> None:
-        """Samples now rather than at the next tick."""
+        """Samples soon (MIN_GAP_SECONDS after the last sample at the earliest) rather than
+        at the next tick."""
         self._wake.set()
 
     async def _loop(self) -> None:
@@ -171,8 +173,10 @@ class Sampler:
                 if failures == 1 or failures % 60 == 0:
                     log.warning("sampling the store for metrics failed (%d in a row): %s",
                                 failures, e)  # fmt: skip
+            gap = min(MIN_GAP_SECONDS, self.interval)
+            await asyncio.sleep(gap)  # kicks meanwhile make one sample
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.interval):
+                async with asyncio.timeout(self.interval - gap):
                     await self._wake.wait()
             self._wake.clear()
 
