@@ -91,11 +91,8 @@ def default_format() -> str:
 
 
 def configure(fmt: str = "human", verbose: bool = False) -> None:
-    """Logs of this process on stderr, in `fmt` (human or json), INFO (DEBUG: verbose)."""
+    """Logs of this process on stderr, in `fmt` (human or json), INFO (DEBUG: verbose);
+    like logging.basicConfig, nothing changes when logging is set up already."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(HUMAN))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])

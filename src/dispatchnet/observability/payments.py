@@ -108,6 +108,10 @@ class ObservedGateway:
     def broadcast_refund(self, payment: Payment) -> bool | None:
         return self.inner.broadcast_refund(payment)
 
+    def __getattr__(self, name: str) -> Any:
+        """Anything else the gateway has (e.g. X402Gateway.settle, for tools and tests)."""
+        return getattr(self.inner, name)
+
 
 def count_chain_errors(role: T, chain: str, source: str, metrics: CoordinatorMetrics) -> T:
     """role with each of its public methods (plain or async) counting the Unavailable it
