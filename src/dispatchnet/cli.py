@@ -852,7 +852,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
 async def cmd_demo(args: argparse.Namespace) -> int:
     from dispatchnet.demo import run_demo
 
-    code: int = await run_demo()
+    code: int = await run_demo(keep_open=args.keep_open)
     return code
 
 
@@ -1135,6 +1135,11 @@ def build_parser() -> argparse.ArgumentParser:
     ak.set_defaults(fn=cmd_keys_show)
 
     d = sub.add_parser("demo", help="run the end-to-end demo on a local coordinator")
+    d.add_argument(
+        "--keep-open",
+        action="store_true",
+        help="at the end of each chain's run, keep its dashboard up until Enter",
+    )
     d.set_defaults(fn=cmd_demo)
     b = sub.add_parser(
         "bench", help="measure jobs against a raw gRPC baseline, unpaid and paid (x402)"
