@@ -337,3 +337,41 @@ async def test_outbox_chain_trouble_counts_as_a_chain_error() -> None:
         await server.close()
     assert value(m, "dispatch_chain_errors_total", chain="eip155:1", source="feedback") == 1
     assert value(m, "dispatch_chain_errors_total", chain="eip155:2", source="feedback") == 1
+
+
+def test_tracing_is_off_unless_the_otel_variables_ask_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dispatchnet.observability import tracing
+
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
+                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED",
+                 "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_SERVICE_NAME"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    assert tracing.provider_from_environment("dispatch-test") is None
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    assert tracing.exporters_from_environment() == ["otlp"]
+    provider = tracing.provider_from_environment("dispatch-test")
+    assert provider is not None
+    assert provider.resource.attributes["service.name"] == "dispatch-test"
+    provider.shutdown()
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "coordinator-1")
+    provider = tracing.provider_from_environment("dispatch-test")
+    assert provider is not None and provider.resource.attributes["service.name"] == "coordinator-1"
+    provider.shutdown()
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert tracing.provider_from_environment("dispatch-test") is None
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console,otlp")
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert tracing.exporters_from_environment() == []
+    monkeypatch.delenv("OTEL_SDK_DISABLED")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    with pytest.raises(tracing.TracingConfigError, match="http/protobuf"):
+        tracing.provider_from_environment("dispatch-test")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    with pytest.raises(tracing.TracingConfigError, match="otlp, console and none"):
+        tracing.provider_from_environment("dispatch-test")
+    # the CLI says so in one line
+    from dispatchnet import cli
+
+    assert cli.main(["auth", "whoami"]) == 1
