@@ -208,7 +208,8 @@ class PaymentService(OutboxLoop):
                 await self._back_off(payment, e.message)
                 return changed
             except Exception:  # a bug, not the chain: keep the payment, go on
-                log.exception("payment of job %s failed unexpectedly", payment.job_id)
+                log.exception("payment of job %s failed unexpectedly", payment.job_id,
+                              extra={"job_id": payment.job_id})  # fmt: skip
                 continue
             self.recovered()
         return changed + await self._settle_due(due)
@@ -216,7 +217,8 @@ class PaymentService(OutboxLoop):
     async def _back_off(self, payment: Payment, error: str) -> None:
         delay = self.backed_off(error, payment.network)
         await self._update(payment, (payment.status,), error=error, attempts=payment.attempts + 1)
-        log.warning("payment of job %s waits (%s); retrying in %.1fs", payment.job_id, error, delay)
+        log.warning("payment of job %s waits (%s); retrying in %.1fs", payment.job_id, error,
+                    delay, extra={"job_id": payment.job_id})  # fmt: skip
 
     async def _advance(self, p: Payment, job_state: JobState, due: list[Payment]) -> bool:
         """Moves p on where that needs no settlement; a payment to settle goes to `due`."""
@@ -282,7 +284,8 @@ class PaymentService(OutboxLoop):
     async def _settled(self, p: Payment, result: str | SettlementRefused) -> int:
         """Records one settlement's outcome: the transaction, or a final refusal."""
         if isinstance(result, SettlementRefused):
-            log.warning("settlement of job %s refused: %s (not charged)", p.job_id, result)
+            log.warning("settlement of job %s refused: %s (not charged)", p.job_id, result,
+                        extra={"job_id": p.job_id})  # fmt: skip
             await self._update(p, (p.status,), status=PaymentStatus.FAILED, error=str(result))
             return 1
         job = await self.store.get_job(p.job_id)
@@ -294,7 +297,8 @@ class PaymentService(OutboxLoop):
             if state.final
             else PaymentStatus.HELD
         )
-        log.info("payment of job %s settled in %s (%s)", p.job_id, result, status.value)
+        log.info("payment of job %s settled in %s (%s)", p.job_id, result, status.value,
+                 extra={"job_id": p.job_id})  # fmt: skip
         await self._update(p, (p.status,), status=status, transaction=result, error="")
         return 1
 
@@ -319,7 +323,8 @@ class PaymentService(OutboxLoop):
             await self._update(
                 p, (p.status,), status=PaymentStatus.REFUNDED, refund_raw="", error=""
             )
-            log.info("payment of job %s refunded in %s", p.job_id, p.refund_transaction)
+            log.info("payment of job %s refunded in %s", p.job_id, p.refund_transaction,
+                     extra={"job_id": p.job_id})  # fmt: skip
             return True
         raw, tx = await asyncio.to_thread(self.gateway.sign_refund, p)
         stored = await self._update(p, (p.status,), refund_transaction=tx, refund_raw=raw)
