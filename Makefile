@@ -39,6 +39,21 @@ postgresql:
 	  exit 1; \
 	fi
 
+# The operator dashboard's browser test drives the system's Chromium (Playwright's own
+# browser download is never used): installed with the system package manager when missing.
+.PHONY: chromium
+setup: chromium
+chromium:
+	@if command -v chromium >/dev/null || [ -n "$$DISPATCH_CHROMIUM" ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "installing Chromium (apt-get install chromium) for the dashboard's browser test"; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+	  echo "Chromium is missing: install it with your package manager, or set DISPATCH_CHROMIUM" >&2; \
+	  exit 1; \
+	fi
+
 # GGML_NATIVE=OFF: when llama-cpp-python builds from source, build for any CPU of this
 # architecture, not only this machine's.
 $(STAMP): pyproject.toml constraints.txt Makefile

@@ -87,6 +87,9 @@ def test_the_two_evm_profiles_differ_only_in_configuration() -> None:
             name=testnet.name,
             description=testnet.description,
             chain=testnet.chain,
+            # local profiles turn the operator tools on (free ports), public ones link
+            # transactions to their explorer
+            observability=testnet.observability,
             payments=dataclasses.replace(local.payments, accept=testnet.payments.accept),
             wallet=dataclasses.replace(local.wallet, key_file=testnet.wallet.key_file),
             # local chains pay workers out every 10 s, so the demo and tests see it

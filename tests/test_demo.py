@@ -90,7 +90,10 @@ def check_track(text: str, profile: str, network: str, tx: str, address: str) ->
     return int(node.group(1))
 
 
-async def test_demo_runs_all_scenarios_on_both_chains(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_demo_runs_all_scenarios_on_both_chains(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(demo, "LINGER_SECONDS", 0.1)
     assert await run_demo() == 0
 
     out = capsys.readouterr().out
@@ -99,6 +102,13 @@ async def test_demo_runs_all_scenarios_on_both_chains(capsys: pytest.CaptureFixt
     sections = {"EVM": evm, "Solana": solana}
     pids = [check_track(sections[name], *rest) for name, *rest in TRACKS]
     assert not any(pid_alive(pid) for pid in pids)
+    for section in sections.values():  # each coordinator's operator tools, while it runs
+        assert re.search(
+            r"operator dashboard \(live, read-only\): http://127\.0\.0\.1:\d+/#token=[\w-]{43}",
+            section,
+        )
+        assert re.search(r"Prometheus metrics: http://127\.0\.0\.1:\d+/metrics", section)
+        assert "the dashboard stays up 0.1s more" in section
 
     # a row per scenario per chain, each completed, settled, with a valid receipt
     summary = out.split("\nSummary\n", 1)[1]

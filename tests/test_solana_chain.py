@@ -120,6 +120,9 @@ def test_the_two_solana_profiles_differ_only_in_configuration() -> None:
             name=devnet.name,
             description=devnet.description,
             chain=devnet.chain,
+            # local profiles turn the operator tools on (free ports), public ones link
+            # transactions to their explorer
+            observability=devnet.observability,
             identity_chain=devnet.identity_chain,
             reputation=devnet.reputation,
             payments=dataclasses.replace(local.payments, accept=devnet.payments.accept),

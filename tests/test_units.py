@@ -826,6 +826,8 @@ FOREIGN = (
     "web3",
     "x402",
 )
+# operators' tools: the domain tells them through coordinator/observer.py, never directly
+OBSERVING = ("prometheus_client", "opentelemetry", "aiohttp", "dispatchnet.observability")
 
 
 @pytest.mark.parametrize("path", DOMAIN, ids=lambda p: str(p.relative_to(SRC)))
@@ -839,6 +841,18 @@ def test_domain_code_imports_no_transport_storage_or_chain_library(path: Path) -
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             imported.add(node.module.split(".")[0])
     assert not imported & set(FOREIGN), imported & set(FOREIGN)
+    modules = {
+        name
+        for node in ast.walk(tree)
+        for name in (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else []
+        )
+    }
+    assert not {m for m in modules if m.startswith(OBSERVING)}
 
 
 def _imports(path: Path) -> set[str]:

@@ -24,6 +24,7 @@ from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2
 from dispatchnet import keys
 from dispatchnet.auth.tokens import METADATA_KEY, metadata_value
 from dispatchnet.client import PAYMENT_REQUIRED, CoordinatorClient, llm_spec, task_spec, trailer
+from dispatchnet.observability import logs, tracing
 from dispatchnet.profiles import Profile, ProfileError, load_profile
 from dispatchnet.receipts.core import check_receipt_proof, verify_receipt_message
 
@@ -145,12 +146,23 @@ async def cmd_coordinator(args: argparse.Namespace) -> int:
     from dispatchnet.store import registry as stores
 
     profile = _profile_with_store(args)
+    tools = {
+        k: v
+        for k, v in (
+            ("metrics_listen", args.metrics_listen),
+            ("dashboard_listen", args.dashboard_listen),
+        )
+        if v is not None
+    }
+    if tools:
+        profile = profile.with_overrides(observability=tools)
     listen = args.listen or profile.server.listen
     data_dir = Path(args.data_dir or keys.default_home() / f"coordinator-{profile.name}")
     try:
         coord = await start_coordinator(profile, data_dir, listen)
     except Unavailable as e:
         raise CliError(e.message) from e
+    dashboard = coord.observability.dashboard if coord.observability else None
     print(
         json.dumps(
             {
@@ -160,6 +172,10 @@ async def cmd_coordinator(args: argparse.Namespace) -> int:
                 "store": stores.describe(profile, data_dir),
                 "coordinator_public_key": coord.public_key.hex(),
                 "anchoring": coord.anchoring,
+                "metrics": coord.metrics_url,
+                "dashboard": coord.dashboard_url,
+                # the operator token: never printed, read from this file
+                "dashboard_token_file": str(dashboard.token_file) if dashboard else "",
             }
         ),
         flush=True,
@@ -922,7 +938,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
 async def cmd_demo(args: argparse.Namespace) -> int:
     from dispatchnet.demo import run_demo
 
-    code: int = await run_demo()
+    code: int = await run_demo(keep_open=args.keep_open)
     return code
 
 
@@ -932,6 +948,12 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dispatch", description="Dispatch compute network")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    p.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default=logs.default_format(),
+        help="logs on stderr for people, or JSON lines (env DISPATCH_LOG_FORMAT)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def with_coord(sp: argparse.ArgumentParser, key_help: str = "client key file") -> None:
@@ -950,6 +972,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--store",
         help="where the coordinator keeps its state: postgresql://USER@HOST:PORT/DB or "
         "sqlite:PATH (default: the profile's [store] url; empty: SQLite in --data-dir)",
+    )
+    c.add_argument(
+        "--metrics-listen",
+        help="HOST:PORT of the Prometheus /metrics endpoint ('' off; default: the profile's)",
+    )
+    c.add_argument(
+        "--dashboard-listen",
+        help="HOST:PORT of the operator dashboard ('' off; default: the profile's)",
     )
     c.set_defaults(fn=cmd_coordinator)
 
@@ -1230,6 +1260,11 @@ def build_parser() -> argparse.ArgumentParser:
     ak.set_defaults(fn=cmd_keys_show)
 
     d = sub.add_parser("demo", help="run the end-to-end demo on a local coordinator")
+    d.add_argument(
+        "--keep-open",
+        action="store_true",
+        help="at the end of each chain's run, keep its dashboard up until Enter",
+    )
     d.set_defaults(fn=cmd_demo)
     b = sub.add_parser(
         "bench", help="measure jobs against a raw gRPC baseline, unpaid and paid (x402)"
@@ -1287,16 +1322,20 @@ def run(fn: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Names
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.log_format, args.verbose)
     if not args.verbose:  # the x402 SDK logs every signature at INFO
         logging.getLogger("x402").setLevel(logging.WARNING)
-    with contextlib.suppress(BrokenPipeError):
-        return run(args.fn, args)
-    return 1
+    try:
+        tracing.configure(f"dispatch-{args.cmd}")
+    except tracing.TracingConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        with contextlib.suppress(BrokenPipeError):
+            return run(args.fn, args)
+        return 1
+    finally:
+        tracing.shutdown()  # sends the spans still buffered
 
 
 if __name__ == "__main__":

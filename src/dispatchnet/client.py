@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from types import TracebackType
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import grpc
 
@@ -22,6 +22,10 @@ from dispatch.v1 import (
 )
 from dispatchnet.auth.tokens import METADATA_KEY, metadata_value
 from dispatchnet.keys import KeyPair
+from dispatchnet.observability import tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 FINAL_STATES = (
     coordinator_pb2.JOB_STATE_COMPLETED,
@@ -59,15 +63,28 @@ def trailer(metadata: object, key: str) -> str:
 class CoordinatorClient:
     """One channel to a coordinator; every call signs a fresh short-lived token."""
 
-    def __init__(self, address: str, key: KeyPair, wallet: Payer | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        key: KeyPair,
+        wallet: Payer | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         """wallet: pays CommitJob's x402 payment when the coordinator asks for one
-        (payments/wallet.py Wallet); without one such a commit fails RESOURCE_EXHAUSTED."""
+        (payments/wallet.py Wallet); without one such a commit fails RESOURCE_EXHAUSTED.
+        tracer_provider: traces each call (the coordinator continues the trace); default:
+        the process's (OTEL_* variables, or the application's own OpenTelemetry SDK
+        provider), none without one."""
         self.address = address
         self.key = key
         self.wallet = wallet
         # the `payment-response` trailer of the last paid CommitJob ("" for none)
         self.last_payment_response = ""
-        self.channel = grpc.aio.insecure_channel(address)
+        provider = tracer_provider or tracing.process_provider()
+        self.channel = grpc.aio.insecure_channel(
+            address,
+            interceptors=tracing.client_interceptors(provider) if provider is not None else None,
+        )
         self.jobs = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
         self.receipts = receipt_pb2_grpc.ReceiptServiceStub(self.channel)
         self.trust = trust_pb2_grpc.TrustServiceStub(self.channel)

@@ -389,6 +389,10 @@ class HostedStandIn:
         self.log_file.close()
 
 
+# how long each track's dashboard stays up after its last step (without --keep-open)
+LINGER_SECONDS = 5.0
+
+
 class TrackRun:
     """One track played end to end: its chain, coordinator, workers, scenarios and checks.
     Steps record what went wrong (self.problems, each outcome's problems) and go on."""
@@ -420,6 +424,8 @@ class TrackRun:
         self.before: dict[str, int] = {}  # test USDC per address before the first job
         self.stopped = False
         self.hosted: OpenAIProvider | None = None  # the SDK's fallback (set by run_demo)
+        self.dashboard = ""  # the coordinator's dashboard, with its token (README "Observability")
+        self.keep_open = False  # at the end, wait for Enter with the dashboard up (set by run_demo)
 
     @property
     def ok(self) -> bool:
@@ -494,10 +500,24 @@ class TrackRun:
                 await self.verify_onchain(anchored)
             except STEP_ERRORS as e:
                 self.failed(e, self.problems)
+            await self.linger()
         finally:
             if not self.ok:
                 self.procs.print_logs(t.name)
             await self.stop()
+
+    async def linger(self) -> None:
+        """The dashboard stays up a moment after the last step (with --keep-open: until
+        Enter, or the end of standard input)."""
+        if not self.dashboard:
+            return
+        if self.keep_open:
+            say(f"{INDENT}the dashboard stays up at {self.dashboard}: press Enter to go on")
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            return
+        say(f"{INDENT}the dashboard stays up {LINGER_SECONDS:g}s more (`dispatch demo "
+            "--keep-open` keeps it until Enter)")  # fmt: skip
+        await asyncio.sleep(LINGER_SECONDS)
 
     async def stop(self) -> None:
         """Stops the track's processes, then its chain; idempotent."""
@@ -603,6 +623,15 @@ class TrackRun:
         say(f"{INDENT}listening on {self.address} (profile {info.get('profile', '?')})")
         say(f"{INDENT}coordinator key {self.coordinator_key.hex()[:16]}...  (signs every receipt)")
         say(f"{INDENT}anchoring {info.get('anchoring', '?')}")
+        if info.get("dashboard"):
+            token_file = Path(str(info.get("dashboard_token_file", "")))
+            token = token_file.read_text().strip() if token_file.is_file() else ""
+            self.dashboard = (
+                f"{info['dashboard']}#token={token}" if token else str(info["dashboard"])
+            )
+            say(f"{INDENT}operator dashboard (live, read-only): {self.dashboard}")
+        if info.get("metrics"):
+            say(f"{INDENT}Prometheus metrics: {info['metrics']}")
         say(
             f"{INDENT}receipt batches close after {BATCH_MAX_AGE}s; "
             + (
@@ -1300,16 +1329,19 @@ def quiet_chain_clients() -> Iterator[None]:
                 logger.setLevel(level)
 
 
-async def run_demo() -> int:
+async def run_demo(keep_open: bool = False) -> int:
     """Runs the demo; 0 when, on every track, every scenario completed on the right worker,
     paid and settled on chain with a valid receipt, the balances read on chain added
     up (payer paid = fees + shares paid + shares not yet paid), a receipt checked out on
-    chain and (agents) the feedback reached the chain."""
+    chain and (agents) the feedback reached the chain. keep_open: each track's dashboard
+    stays up at its end until Enter (else LINGER_SECONDS)."""
     tmp = Path(tempfile.mkdtemp(prefix="dispatch-demo-"))
     env = {**os.environ, "DISPATCH_HOME": str(tmp / "home"), "PYTHONUNBUFFERED": "1"}
     env.pop("DISPATCH_COORDINATOR", None)
     client_key = keys.load_or_create(tmp / "client.key")
     runs = [TrackRun(t, tmp, env, client_key) for t in TRACKS]
+    for run in runs:
+        run.keep_open = keep_open
     say(
         f"Dispatch demo: the same network on {len(TRACKS)} local chains ("
         + ", ".join(f"{t.name} on {t.profile}" for t in TRACKS)

@@ -11,11 +11,14 @@ import logging
 import time
 from collections.abc import Callable
 
+from dispatchnet.coordinator.observer import NULL_OBSERVER, Observer
+
 log = logging.getLogger("dispatch.loops")
 
 
 class OutboxLoop:
     name = "outbox"  # the task's name, and the log's word for it
+    outbox = "outbox"  # what it sends, for metrics (a fixed word: a label value)
     page = 100  # a pass that handles this many items is followed by another at once
 
     def __init__(
@@ -35,6 +38,8 @@ class OutboxLoop:
         self._task: asyncio.Task[None] | None = None
         self._pass_at = float("inf")  # a pass wanted no later than this (wake_at)
         self.last_error = ""
+        self.observer: Observer = NULL_OBSERVER  # told about chain trouble (set by the server)
+        self.chain = ""  # the CAIP-2 network it sends to, when it is one
 
     async def run_pass(self) -> int:
         """One pass; how many items it handled."""
@@ -50,9 +55,11 @@ class OutboxLoop:
     def backing_off(self) -> bool:
         return self.clock() < self._retry_at
 
-    def backed_off(self, error: str) -> float:
-        """Notes chain trouble; the delay before the next pass."""
+    def backed_off(self, error: str, chain: str = "") -> float:
+        """Notes chain trouble (on `chain`, default self.chain); the delay before the next
+        pass."""
         self.last_error = error
+        self.observer.chain_trouble(self.outbox, chain or self.chain, error)
         self._failures += 1
         delay = float(min(self.retry_max, self.retry_initial * 2 ** (self._failures - 1)))
         self._retry_at = self.clock() + delay

@@ -301,6 +301,26 @@ class ChainConfig:
     devchain_port: int = 8545
 
 
+@dataclass(frozen=True)
+class ObservabilityConfig:
+    """What operators watch the coordinator with (`[observability]`; README
+    "Observability"). Traces are configured by the standard OTEL_* environment variables,
+    and JSON logs by `dispatch --log-format json`, not here."""
+
+    # HOST:PORT of the Prometheus endpoint (/metrics, plain HTTP without authentication:
+    # bind it to loopback or a private network). "": off. Port 0 picks a free port.
+    metrics_listen: str = ""
+    # HOST:PORT of the read-only operator dashboard (needs the operator token, written to
+    # <data dir>/dashboard.token). "": off. Port 0 picks a free port.
+    dashboard_listen: str = ""
+    # How often open-job counts, outbox backlogs and connected workers' earnings are read
+    # from the store for the metrics and the dashboard.
+    sample_seconds: float = 5.0
+    # Links to transactions on the dashboard: CAIP-2 network -> URL with "{tx}" where the
+    # transaction goes. A network with none shows its transactions without a link.
+    explorer_tx_urls: dict[str, str] = field(default_factory=dict)
+
+
 ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")  # an EVM address (ERC-8004 reviewers, assets)
 
 
@@ -324,6 +344,7 @@ class Profile:
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     receipts: ReceiptsConfig = field(default_factory=ReceiptsConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     chain: ChainConfig = field(default_factory=ChainConfig)
     # `[identity_chain]`: for a [chain] kind with no ERC-8004 registries of its own (solana),
     # the EVM chain that holds the workers' identities and takes the coordinator's
@@ -441,6 +462,27 @@ def check_profile(profile: Profile) -> list[str]:
     elif anchor != "none":
         needs("anchor", f'[receipts] anchor = "{anchor}"')
     problems += _check_payments(profile)
+    problems += _check_observability(profile.observability)
+    return problems
+
+
+LISTEN = re.compile(r"\S+:\d{1,5}")  # HOST:PORT ([::1]:PORT for IPv6)
+
+
+def _check_observability(o: ObservabilityConfig) -> list[str]:
+    problems = []
+    for name in ("metrics_listen", "dashboard_listen"):
+        value = getattr(o, name)
+        if value and (not LISTEN.fullmatch(value) or int(value.rsplit(":", 1)[1]) > 65535):
+            problems.append(f"[observability] {name} must be HOST:PORT or empty, not {value!r}")
+    if not 0.1 <= o.sample_seconds <= 3600:
+        problems.append("[observability] sample_seconds must be 0.1-3600")
+    for network, url in o.explorer_tx_urls.items():
+        if not isinstance(url, str) or not re.fullmatch(r"https?://[^\s{}]+\{tx\}[^\s{}]*", url):
+            problems.append(
+                f"[observability] explorer_tx_urls {network!r} must be an http(s) URL with "
+                "one {tx} (e.g. https://explorer.example/tx/{tx})"
+            )
     return problems
 
 

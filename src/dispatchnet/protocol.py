@@ -31,6 +31,8 @@ MAX_FAILURE_CODE_CHARS = 64  # JobFailed.failure.code
 MAX_FAILURE_MESSAGE_CHARS = 2048  # JobFailed.failure.message
 MAX_CONTENT_TYPE_CHARS = 128  # JobCompleted.result.content_type
 MAX_RECEIPT_BODY_BYTES = 16384  # JobCompleted.receipt_body
+# JobOffer / JobCompleted / JobFailed.traceparent: a W3C traceparent (version 00)
+MAX_TRACEPARENT_CHARS = 55
 
 # Client requests (coordinator.proto, receipt.proto, trust.proto), checked at the edge
 # (api/bounds.py) before anything looks them up; INVALID_ARGUMENT beyond.

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -42,6 +42,9 @@ from dispatchnet.coordinator.payouts import PayoutService
 from dispatchnet.coordinator.ports import ReputationSource
 from dispatchnet.coordinator.receipts import ReceiptQueries
 from dispatchnet.memory import MemoryTrimmer
+from dispatchnet.observability import tracing
+from dispatchnet.observability.runtime import Observability
+from dispatchnet.observability.sampler import Outboxes
 from dispatchnet.payments.interceptor import PaymentInterceptor
 from dispatchnet.payments.service import PaymentService
 from dispatchnet.profiles import Profile
@@ -53,6 +56,9 @@ from dispatchnet.reputation.local import LocalReputation
 from dispatchnet.store import registry as stores
 from dispatchnet.store.base import Store
 from dispatchnet.worker.tasks import TASK_NAMES
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger("dispatch.coordinator")
 
@@ -82,10 +88,22 @@ class Coordinator:
     trimmer: MemoryTrimmer | None = None
     # one per network CommitJob accepts payments on whose chain can pay workers
     payouts: list[PayoutService] = field(default_factory=list)
+    observability: Observability | None = None  # metrics, traces, the dashboard
+
+    @property
+    def metrics_url(self) -> str:
+        return self.observability.metrics_url if self.observability is not None else ""
+
+    @property
+    def dashboard_url(self) -> str:
+        """The dashboard's address, without its token ("" when it is off)."""
+        return self.observability.dashboard_url if self.observability is not None else ""
 
     async def stop(self, grace: float = 1.0) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.observability is not None:
+            await self.observability.stop()
         await self.hub.stop()
         await self.server.stop(grace)
         await self.hub.drain_tasks()
@@ -113,8 +131,19 @@ def identity_verifier_for(profile: Profile) -> IdentityVerifier | None:
     return registry.adapter_of(profile).identity_verifier(profile)
 
 
-async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Coordinator:
+async def start_coordinator(
+    profile: Profile,
+    data_dir: Path,
+    listen: str,
+    tracer_provider: TracerProvider | None = None,
+) -> Coordinator:
+    """tracer_provider: where traces go (default: the process's, from the OTEL_* variables;
+    see observability/tracing.py); None and no process provider: no tracing."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    if tracer_provider is None:
+        tracer_provider = tracing.process_provider()
+    observability = Observability(profile, data_dir, tracer_provider)
+    identity_network = (registry.identity_profile(profile) or profile).chain.network
     try:
         anchorer = anchorer_for(profile.receipts.anchor, profile.chain, data_dir)
     except ValueError as e:
@@ -135,7 +164,7 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         return str(session.agent_id) if session is not None else ""
 
     try:
-        reputation = reputation_for(profile, data_dir, store, agent_of)
+        reputation = reputation_for(profile, data_dir, store, agent_of, observability)
         feedback = feedback_sender_for(profile, data_dir, store)
     except ValueError as e:
         await store.close()
@@ -151,7 +180,9 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         quotes=profile.quotes,
     )
     try:
-        identity = identity_verifier_for(profile)
+        identity = observability.chain_role(
+            identity_verifier_for(profile), identity_network, "identity"
+        )
     except ValueError as e:
         await store.close()
         raise ValueError(f"profile {profile.name}: {e}") from e
@@ -168,17 +199,23 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
     )
     sessions = hub.sessions
     batcher = ReceiptBatcher(store, profile.receipts, anchorer)
+    jobs.observer = hub.observer = observability.observer
+    batcher.observe(observability.observer, profile.chain.network)
     jobs.completion_listeners.append(batcher)
     if feedback is not None:
         jobs.feedback_uri_base = f"dispatch://{key.public_hex}"
         jobs.agent_of = agent_of
         jobs.completion_listeners.append(feedback)
     try:
-        payments = payment_service_for(profile, data_dir, store, jobs)
+        payments = payment_service_for(profile, data_dir, store, jobs, observability)
         payouts = payout_services_for(profile, data_dir, store)
     except ValueError as e:
         await store.close()
         raise ValueError(f"profile {profile.name}: {e}") from e
+    if feedback is not None:
+        feedback.observer, feedback.chain = observability.observer, identity_network
+    for loop in [*payouts, *([payments] if payments is not None else [])]:
+        loop.observer = observability.observer
     held = await jobs.recover()
     if held:
         log.info(
@@ -197,6 +234,7 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
     ]
     trimmer = MemoryTrimmer()
     interceptors: list[Any] = [
+        *([tracing.server_interceptor(tracer_provider)] if tracer_provider is not None else []),
         DecodeInterceptor(trimmer=trimmer),
         ErrorInterceptor(),
         AuthInterceptor(profile.auth.max_token_ttl_seconds),
@@ -211,7 +249,7 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         server,
     )
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(
-        WorkerServicer(hub, profile.workers), server
+        WorkerServicer(hub, profile.workers, observability.tracing), server
     )
     receipt_pb2_grpc.add_ReceiptServiceServicer_to_server(
         ReceiptServicer(ReceiptQueries(jobs)), server
@@ -228,6 +266,29 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
+    try:
+        await observability.start(
+            store,
+            hub,
+            Outboxes(
+                settlement=tuple(a.network for a in profile.payments.accept)
+                if payments is not None
+                else (),
+                feedback=identity_network if feedback is not None else None,
+                anchoring=profile.chain.network if anchorer.enabled else None,
+                payouts=tuple(p.network for p in payouts),
+            ),
+            {
+                "profile": profile.name,
+                "coordinator_public_key": key.public_hex,
+                "listening": f"{listen.rsplit(':', 1)[0]}:{port}",
+                "anchoring": str(anchoring),
+            },
+        )
+    except BaseException:
+        await server.stop(None)
+        await store.close()
+        raise
     hub.start()
     batcher.start()
     if feedback is not None:
@@ -255,11 +316,16 @@ async def start_coordinator(profile: Profile, data_dir: Path, listen: str) -> Co
         payments,
         trimmer,
         payouts,
+        observability if observability.enabled else None,
     )
 
 
 def payment_service_for(
-    profile: Profile, data_dir: Path, store: Store, jobs: JobService
+    profile: Profile,
+    data_dir: Path,
+    store: Store,
+    jobs: JobService,
+    observability: Observability | None = None,
 ) -> PaymentService | None:
     """x402 payments for CommitJob ([payments] enabled), None when they are off."""
     if not profile.payments.enabled:
@@ -270,8 +336,9 @@ def payment_service_for(
     gateway = gateway_for(profile, data_dir)
     assert gateway is not None
     log.info("CommitJob takes x402 payments on %s", gateway.describe())
+    observed = observability.gateway(gateway) if observability is not None else gateway
     return PaymentService(
-        store, jobs, gateway, profile.payments, profile.jobs, payouts=profile.payouts
+        store, jobs, observed, profile.payments, profile.jobs, payouts=profile.payouts
     )
 
 
@@ -306,7 +373,11 @@ def payout_services_for(profile: Profile, data_dir: Path, store: Store) -> list[
 
 
 def reputation_for(
-    profile: Profile, data_dir: Path, store: Store, agent_of: Callable[[str], str]
+    profile: Profile,
+    data_dir: Path,
+    store: Store,
+    agent_of: Callable[[str], str],
+    observability: Observability | None = None,
 ) -> ReputationSource:
     """The reputation source the profile's [reputation] source names."""
     r = profile.reputation
@@ -319,6 +390,9 @@ def reputation_for(
         reader = registry.adapter_of(profile).summary_reader(
             profile, data_dir, r.trusted_reviewers, FEEDBACK_TAG1
         )
+        if observability is not None:
+            network = (registry.identity_profile(profile) or profile).chain.network
+            reader = observability.chain_role(reader, network, "reputation")
         return Erc8004Reputation(
             reader,
             agent_of,

@@ -455,6 +455,7 @@ class JobOffer(_message.Message):
     PRICE_FIELD_NUMBER: _builtins.int
     PAYMENT_FIELD_NUMBER: _builtins.int
     CLIENT_ID_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job."""
     attempt: _builtins.int
@@ -465,6 +466,11 @@ class JobOffer(_message.Message):
     """SHA-256 of the spec (the receipt's input hash)."""
     client_id: _builtins.str
     """Owner of the job (goes into the receipt)."""
+    traceparent: _builtins.str
+    """The job's trace context as a W3C `traceparent` ("00-<trace id>-<span id>-<flags>",
+    55 characters) when the coordinator traces (OpenTelemetry), else empty: a worker that
+    traces makes its span of the job a child of it, and sends its own back with the result.
+    """
     @_builtins.property
     def spec(self) -> _common_pb2.JobSpec:
         """What to run."""
@@ -495,10 +501,11 @@ class JobOffer(_message.Message):
         price: _common_pb2.Money | None = ...,
         payment: _common_pb2.PaymentReference | None = ...,
         client_id: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires_at", b"lease_expires_at", "payment", b"payment", "price", b"price", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "client_id", b"client_id", "job_id", b"job_id", "lease_expires_at", b"lease_expires_at", "payment", b"payment", "price", b"price", "spec", b"spec", "spec_sha256", b"spec_sha256", "time_limit_seconds", b"time_limit_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "client_id", b"client_id", "job_id", b"job_id", "lease_expires_at", b"lease_expires_at", "payment", b"payment", "price", b"price", "spec", b"spec", "spec_sha256", b"spec_sha256", "time_limit_seconds", b"time_limit_seconds", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -585,6 +592,7 @@ class JobCompleted(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     RECEIPT_BODY_FIELD_NUMBER: _builtins.int
     RECEIPT_SIGNATURE_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job."""
     attempt: _builtins.int
@@ -594,6 +602,10 @@ class JobCompleted(_message.Message):
     receipt_signature: _builtins.bytes
     """The worker's signature over "dispatch.v1.ReceiptBody\\n" || receipt_body
     (at most 128 bytes).
+    """
+    traceparent: _builtins.str
+    """The worker's span of the job as a W3C `traceparent` (at most 55 characters; empty
+    when the worker does not trace): the coordinator's span of the result is its child.
     """
     @_builtins.property
     def result(self) -> _common_pb2.JobResult:
@@ -609,10 +621,11 @@ class JobCompleted(_message.Message):
         result: _common_pb2.JobResult | None = ...,
         receipt_body: _builtins.bytes = ...,
         receipt_signature: _builtins.bytes = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "receipt_body", b"receipt_body", "receipt_signature", b"receipt_signature", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "receipt_body", b"receipt_body", "receipt_signature", b"receipt_signature", "result", b"result", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -628,6 +641,7 @@ class JobFailed(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
     RETRYABLE_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job."""
     attempt: _builtins.int
@@ -635,6 +649,10 @@ class JobFailed(_message.Message):
     retryable: _builtins.bool
     """True if another worker might succeed (the job is requeued); false if the
     job itself is at fault (the job fails).
+    """
+    traceparent: _builtins.str
+    """The worker's span of the job as a W3C `traceparent` (at most 55 characters; empty
+    when the worker does not trace).
     """
     @_builtins.property
     def failure(self) -> _common_pb2.JobFailure:
@@ -647,10 +665,11 @@ class JobFailed(_message.Message):
         attempt: _builtins.int = ...,
         failure: _common_pb2.JobFailure | None = ...,
         retryable: _builtins.bool = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "failure", b"failure", "job_id", b"job_id", "retryable", b"retryable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "failure", b"failure", "job_id", b"job_id", "retryable", b"retryable", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -337,16 +337,19 @@ def check_worker_message(msg: worker_pb2.ConnectRequest) -> None:
         )
         _bytes(c.receipt_body, protocol.MAX_RECEIPT_BODY_BYTES, "completed.receipt_body")
         _bytes(c.receipt_signature, protocol.MAX_SIGNATURE_BYTES, "completed.receipt_signature")
+        _chars(c.traceparent, protocol.MAX_TRACEPARENT_CHARS, "completed.traceparent")
     elif kind == "failed":
         f = msg.failed
         _chars(f.job_id, protocol.MAX_JOB_ID_CHARS, "failed.job_id")
         _chars(f.failure.code, protocol.MAX_FAILURE_CODE_CHARS, "failed.failure.code")
         _chars(f.failure.message, protocol.MAX_FAILURE_MESSAGE_CHARS, "failed.failure.message")
+        _chars(f.traceparent, protocol.MAX_TRACEPARENT_CHARS, "failed.traceparent")
     elif kind == "drain":
         _chars(msg.drain.reason, protocol.MAX_REASON_CHARS, "drain.reason")
 
 
-def outbound_to_proto(msg: hubmod.Outbound) -> worker_pb2.ConnectResponse:
+def outbound_to_proto(msg: hubmod.Outbound, traceparent: str = "") -> worker_pb2.ConnectResponse:
+    """The message for the worker; traceparent: an offer's trace context (see JobOffer)."""
     if isinstance(msg, hubmod.Offer):
         job = msg.job
         return worker_pb2.ConnectResponse(
@@ -360,6 +363,7 @@ def outbound_to_proto(msg: hubmod.Outbound) -> worker_pb2.ConnectResponse:
                 price=money(job.price_micros, job.currency),
                 payment=payment_to_proto(job.payment.signed()),
                 client_id=job.client_id,
+                traceparent=traceparent,
             )
         )
     if isinstance(msg, hubmod.Cancel):

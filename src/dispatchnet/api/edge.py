@@ -27,6 +27,7 @@ from dispatchnet import errors
 from dispatchnet.api.bounds import oversized_id
 from dispatchnet.auth.tokens import METADATA_KEY, Caller, TokenCache, verify_header
 from dispatchnet.memory import MemoryTrimmer
+from dispatchnet.observability import logs
 
 log = logging.getLogger("dispatch.edge")
 
@@ -292,6 +293,7 @@ class AuthInterceptor(AsyncServerInterceptor):
     ) -> Any:
         who = self._authenticate(context, method_name)
         token = _caller.set(who)
+        log_token = logs.bind(client_id=who.id) if who is not None else None
         try:
             response = method(request, context)
             if hasattr(response, "__aiter__"):
@@ -299,9 +301,13 @@ class AuthInterceptor(AsyncServerInterceptor):
             return await response
         finally:
             _caller.reset(token)
+            if log_token is not None:
+                logs.reset(log_token)
 
     async def _stream(self, response: AsyncIterator[Any], who: Caller | None) -> AsyncIterator[Any]:
         # The generator runs in the RPC's own task; its context ends with the RPC.
         _caller.set(who)
+        if who is not None:
+            logs.bind(client_id=who.id)
         async for item in response:
             yield item

@@ -24,12 +24,14 @@ from dispatch.v1 import (
 from dispatchnet.api import convert
 from dispatchnet.api.edge import caller, optional_caller
 from dispatchnet.coordinator.earnings import EarningsService
-from dispatchnet.coordinator.hub import WorkerHub, WorkerSession
+from dispatchnet.coordinator.hub import Offer, Outbound, WorkerHub, WorkerSession
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Failure
 from dispatchnet.coordinator.pairing import PairingService
 from dispatchnet.coordinator.receipts import ReceiptQueries
 from dispatchnet.errors import DeadlineExceeded, DispatchError, InvalidArgument
+from dispatchnet.observability import logs
+from dispatchnet.observability.tracing import JobTracing
 from dispatchnet.payments.interceptor import current_payment
 from dispatchnet.profiles import LimitsConfig, WorkersConfig
 from dispatchnet.receipts.core import verify_receipt_message
@@ -135,8 +137,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, hub: WorkerHub, cfg: WorkersConfig) -> None:
-        self.hub, self.cfg = hub, cfg
+    def __init__(
+        self, hub: WorkerHub, cfg: WorkersConfig, tracing: JobTracing | None = None
+    ) -> None:
+        """tracing: carries jobs' trace contexts in offers and results (None: off)."""
+        self.hub, self.cfg, self.tracing = hub, cfg, tracing
+
+    def _to_proto(self, out: Outbound) -> worker_pb2.ConnectResponse:
+        if self.tracing is not None and isinstance(out, Offer):
+            return convert.outbound_to_proto(out, self.tracing.offer_traceparent(out.job.job_id))
+        return convert.outbound_to_proto(out)
 
     async def Connect(
         self, request_iterator: AsyncIterator[worker_pb2.ConnectRequest], context: Ctx
@@ -161,6 +171,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             hello, nonce, proof.chain_signature, proof.solana_signature
         )
         session = await self.hub.register(dataclasses.replace(hello, agent_id=agent_id))
+        logs.bind(worker_id=session.worker_id)  # this stream's task, and its reader's
         reader = asyncio.create_task(self._read(it, session))
         reason = "disconnected"
         try:
@@ -174,7 +185,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 )
             )
             while (out := await session.next_outbound()) is not None:
-                yield convert.outbound_to_proto(out)
+                yield self._to_proto(out)
             reason = "closed"
         finally:
             reader.cancel()
@@ -214,13 +225,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 except DispatchError as e:
                     s.end()
                     return e
+                about = getattr(msg, kind) if kind else None
+                job_id = str(getattr(about, "job_id", ""))
+                token = logs.bind(job_id=job_id)
                 try:
                     await self._handle(s, kind, msg)
                 except Exception as e:
-                    about = getattr(msg, kind) if kind else None
-                    job_id = str(getattr(about, "job_id", ""))
                     attempt = int(getattr(about, "attempt", 0))
                     await self.hub.message_failed(s, kind or "unset", job_id, attempt, e)
+                finally:
+                    logs.reset(token)
                 if s.closed:
                     return None
         finally:
@@ -240,6 +254,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             await self.hub.progress(s, p.job_id, p.attempt, p.text, p.fraction)
         elif kind == "completed":
             c = msg.completed
+            if self.tracing is not None:
+                self.tracing.worker_result(c.job_id, c.traceparent)
             await self.hub.completed(
                 s,
                 c.job_id,
@@ -250,6 +266,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
         elif kind == "failed":
             f = msg.failed
+            if self.tracing is not None:
+                self.tracing.worker_result(f.job_id, f.traceparent)
             await self.hub.failed(
                 s,
                 f.job_id,

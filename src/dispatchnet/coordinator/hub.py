@@ -22,6 +22,7 @@ from dispatchnet.coordinator import matching
 from dispatchnet.coordinator.catalogue import TaskCatalogue
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Failure, Job, JobSpec, Privacy, Result, WorkerKind
+from dispatchnet.coordinator.observer import NULL_OBSERVER, Observer
 from dispatchnet.coordinator.ports import ReputationSource
 from dispatchnet.coordinator.worker_index import WorkerIndex
 from dispatchnet.errors import DispatchError, InvalidArgument, Unauthenticated, quoted
@@ -170,6 +171,7 @@ class WorkerHub:
         self.clock = clock
         self.rng = rng or random.Random()
         self.sessions: dict[str, WorkerSession] = {}
+        self.observer: Observer = NULL_OBSERVER  # metrics and the dashboard (observability/)
         # the same sessions by what they can run and by free slots: refresh a session in it
         # after every change of its load (active, foreign) or draining flag
         self.index: WorkerIndex[WorkerSession] = WorkerIndex()
@@ -253,6 +255,7 @@ class WorkerHub:
         )
         self._set_heartbeat(session, self.heartbeat_interval())
         self.sessions[worker_id] = session
+        self.observer.worker_connected(worker_id, hello.kind)
         await self.store.record_worker_seen(worker_id, int(hello.kind), now, hello.agent_id)
         if self.catalogue is not None:
             await self.catalogue.declared(hello.tasks)
@@ -270,7 +273,8 @@ class WorkerHub:
         self._log_ignored(session, session.ignored)
         await self.jobs.worker_returned(worker_id, set(session.active))
         self.index.add(session)
-        log.info("worker %s… connected (%s)", worker_id[:12], hello.kind.name.lower())
+        log.info("worker %s… connected (%s)", worker_id[:12], hello.kind.name.lower(),
+                 extra={"worker_id": worker_id})  # fmt: skip
         self.kick()
         return session
 
@@ -281,6 +285,7 @@ class WorkerHub:
         self.index.remove(session)
         if self.sessions.get(session.worker_id) is session:
             del self.sessions[session.worker_id]
+            self.observer.worker_disconnected(session.worker_id, session.kind, reason)
         elif session.closed and not session.active:
             return
         session.closed = True

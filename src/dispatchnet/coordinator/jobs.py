@@ -51,6 +51,7 @@ from dispatchnet.coordinator.models import (
     Quote,
     Result,
 )
+from dispatchnet.coordinator.observer import NULL_OBSERVER, Observer
 from dispatchnet.coordinator.ports import (
     CompletionListener,
     JobListener,
@@ -129,6 +130,7 @@ class JobService:
         self.live = LiveEvents()
         self.clock = clock
         self.listener: JobListener | None = None
+        self.observer: Observer = NULL_OBSERVER  # metrics, traces, dashboard (observability/)
         self.completion_listeners: list[CompletionListener] = []
         # called with the job after every final transition (completed, failed, cancelled)
         self.final_listeners: list[Callable[[Job], None]] = []
@@ -300,6 +302,7 @@ class JobService:
         stored, created = await self.store.create_job(job, event, payment)
         if created:
             self._changed(stored)
+            self.observer.job_committed(stored)
             if self.listener:
                 self.listener.job_queued(stored)
         else:
@@ -812,6 +815,7 @@ class JobService:
                 self.live.release(job.job_id)
             self._drop_hold(job.worker_id, job.job_id)  # any move ends a restart hold
             self._changed(moved)
+            self.observer.job_moved(job, moved, reason)
             if to.final:
                 for listener in self.final_listeners:
                     listener(moved)

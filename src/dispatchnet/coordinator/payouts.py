@@ -51,6 +51,7 @@ def new_payout_id() -> str:
 
 class PayoutService(OutboxLoop):
     name = "payout-sender"
+    outbox = "payouts"
     page = PAGE
 
     def __init__(
@@ -73,6 +74,7 @@ class PayoutService(OutboxLoop):
         self.sender = sender
         self.address_of = address_of
         self.network = network
+        self.chain = network
         self.cfg = cfg
         # agent id -> when to look again for a payout address the chain did not give
         self._no_address: dict[str, float] = {}
@@ -189,16 +191,20 @@ class PayoutService(OutboxLoop):
 
     async def _outcome(self, p: PayoutRecord, status: PayoutStatus) -> None:
         if status.state is PayoutState.LANDED:
-            await self._update(
+            done = await self._update(
                 p, state=PayoutRowState.LANDED, transaction=status.transaction, error=""
             )
             log.info("payout %s of %d to %s landed in %s", p.payout_id, p.amount, p.to,
                      status.transaction)  # fmt: skip
         elif status.state is PayoutState.FAILED:
-            await self._update(p, state=PayoutRowState.FAILED, error=status.reason[:500])
+            done = await self._update(p, state=PayoutRowState.FAILED, error=status.reason[:500])
             self._failed = f"payout {p.payout_id} failed: {status.reason}"[:500]
             log.warning("payout %s failed for good (%s): its amount is back in the balance",
                         p.payout_id, status.reason)  # fmt: skip
+        else:
+            return
+        if done is not None:
+            self.observer.payout_changed(done)
 
     async def _update(self, p: PayoutRecord, **changes: Any) -> PayoutRecord | None:
         return await self.ledger.update_payout(

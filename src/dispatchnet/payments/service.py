@@ -40,7 +40,6 @@ from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Job, JobState, Payment, PaymentStatus, Quote, Split
 from dispatchnet.errors import PaymentRequired, PaymentReused, Unavailable
 from dispatchnet.loops import OutboxLoop
-from dispatchnet.metrics import METRICS
 from dispatchnet.profiles import JobsConfig, PaymentsConfig, PayoutsConfig
 from dispatchnet.store.base import Store
 
@@ -78,6 +77,7 @@ class PaymentGateway(Protocol):
 
 class PaymentService(OutboxLoop):
     name = "payment-settler"
+    outbox = "settlement"
     page = PAGE
 
     def __init__(
@@ -159,8 +159,7 @@ class PaymentService(OutboxLoop):
                 payment.network, payment.asset, payment.payer, payment.authorization_id
             ):
                 raise PaymentReused("this payment was already used for a job; sign a new one")
-            with METRICS.timed("x402.verify"):
-                await asyncio.to_thread(self.gateway.verify, payment)
+            await asyncio.to_thread(self.gateway.verify, payment)
         except PaymentRequired as e:
             raise self.refusal(quote, offers, e.message, e.reason) from None
         return payment
@@ -209,15 +208,17 @@ class PaymentService(OutboxLoop):
                 await self._back_off(payment, e.message)
                 return changed
             except Exception:  # a bug, not the chain: keep the payment, go on
-                log.exception("payment of job %s failed unexpectedly", payment.job_id)
+                log.exception("payment of job %s failed unexpectedly", payment.job_id,
+                              extra={"job_id": payment.job_id})  # fmt: skip
                 continue
             self.recovered()
         return changed + await self._settle_due(due)
 
     async def _back_off(self, payment: Payment, error: str) -> None:
-        delay = self.backed_off(error)
+        delay = self.backed_off(error, payment.network)
         await self._update(payment, (payment.status,), error=error, attempts=payment.attempts + 1)
-        log.warning("payment of job %s waits (%s); retrying in %.1fs", payment.job_id, error, delay)
+        log.warning("payment of job %s waits (%s); retrying in %.1fs", payment.job_id, error,
+                    delay, extra={"job_id": payment.job_id})  # fmt: skip
 
     async def _advance(self, p: Payment, job_state: JobState, due: list[Payment]) -> bool:
         """Moves p on where that needs no settlement; a payment to settle goes to `due`."""
@@ -267,8 +268,7 @@ class PaymentService(OutboxLoop):
                 self.wake_at(oldest + self.cfg.settle_max_wait_seconds)
                 break
             try:
-                with METRICS.timed("x402.settle_batch"):
-                    results = await asyncio.to_thread(self.gateway.settle_batch, chunk)
+                results = await asyncio.to_thread(self.gateway.settle_batch, chunk)
             except Unavailable as e:
                 for p in chunk:
                     await self._back_off(p, e.message)
@@ -284,7 +284,8 @@ class PaymentService(OutboxLoop):
     async def _settled(self, p: Payment, result: str | SettlementRefused) -> int:
         """Records one settlement's outcome: the transaction, or a final refusal."""
         if isinstance(result, SettlementRefused):
-            log.warning("settlement of job %s refused: %s (not charged)", p.job_id, result)
+            log.warning("settlement of job %s refused: %s (not charged)", p.job_id, result,
+                        extra={"job_id": p.job_id})  # fmt: skip
             await self._update(p, (p.status,), status=PaymentStatus.FAILED, error=str(result))
             return 1
         job = await self.store.get_job(p.job_id)
@@ -296,7 +297,8 @@ class PaymentService(OutboxLoop):
             if state.final
             else PaymentStatus.HELD
         )
-        log.info("payment of job %s settled in %s (%s)", p.job_id, result, status.value)
+        log.info("payment of job %s settled in %s (%s)", p.job_id, result, status.value,
+                 extra={"job_id": p.job_id})  # fmt: skip
         await self._update(p, (p.status,), status=status, transaction=result, error="")
         return 1
 
@@ -321,7 +323,8 @@ class PaymentService(OutboxLoop):
             await self._update(
                 p, (p.status,), status=PaymentStatus.REFUNDED, refund_raw="", error=""
             )
-            log.info("payment of job %s refunded in %s", p.job_id, p.refund_transaction)
+            log.info("payment of job %s refunded in %s", p.job_id, p.refund_transaction,
+                     extra={"job_id": p.job_id})  # fmt: skip
             return True
         raw, tx = await asyncio.to_thread(self.gateway.sign_refund, p)
         stored = await self._update(p, (p.status,), refund_transaction=tx, refund_raw=raw)
@@ -341,4 +344,5 @@ class PaymentService(OutboxLoop):
         )
         if updated is not None:
             self.jobs.notifier.notify(p.job_id)
+            self.observer.payment_changed(updated)
         return updated

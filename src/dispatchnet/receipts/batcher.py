@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 from dispatchnet.coordinator.models import AnchorStatus, Job, ReceiptBatch, UnbatchedReceipt
+from dispatchnet.coordinator.observer import NULL_OBSERVER, Observer
 from dispatchnet.coordinator.ports import ReceiptBatches
 from dispatchnet.errors import Unavailable
 from dispatchnet.loops import OutboxLoop
@@ -73,6 +74,13 @@ class ReceiptBatcher:
         self._failed_retry_at: dict[str, float] = {}  # batch_id -> next try ("failed" ones)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.observer: Observer = NULL_OBSERVER  # see observe()
+
+    def observe(self, observer: Observer, chain: str) -> None:
+        """Tells observer about closed and anchored batches, and about trouble with the
+        anchoring chain (`chain`, its CAIP-2 network)."""
+        self.observer = self.anchoring.observer = observer
+        self.anchoring.chain = chain
 
     # --- batching -----------------------------------------------------------------------
 
@@ -115,6 +123,7 @@ class ReceiptBatcher:
             # another coordinator batched some of these meanwhile; the next read sees it
             log.info("receipt batch lost a race with another batcher; re-reading")
             return None
+        self.observer.receipt_batch_closed(batch, [r.job_id for r in waiting])
         log.info(
             "receipt batch %s closed: %d receipt(s), root %s",
             batch.batch_id,
@@ -183,13 +192,15 @@ class ReceiptBatcher:
             return AnchorStatus.FAILED
         self.anchoring.recovered()
         self._failed_retry_at.pop(batch.batch_id, None)
-        await self.store.update_anchor(
+        anchored = await self.store.update_anchor(
             batch.batch_id,
             AnchorStatus.ANCHORED,
             network=result.network,
             transaction=result.transaction,
             anchored_at=self.clock(),
         )
+        if anchored is not None:
+            self.observer.receipt_batch_anchored(anchored)
         log.info(
             "receipt batch %s anchored on %s in %s",
             batch.batch_id,
@@ -220,6 +231,7 @@ class _Anchoring(OutboxLoop):
     paused with exponential backoff after chain trouble."""
 
     name = "receipt-anchorer"
+    outbox = "anchoring"
     page = ANCHOR_PAGE
 
     def __init__(

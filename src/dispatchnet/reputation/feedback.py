@@ -39,6 +39,7 @@ class FeedbackPoster(Protocol):
 
 class FeedbackSender(OutboxLoop):
     name = "feedback-sender"
+    outbox = "feedback"
     page = PAGE
 
     def __init__(
@@ -84,18 +85,22 @@ class FeedbackSender(OutboxLoop):
                     entry.job_id,
                     self.last_error,
                     delay,
+                    extra={"job_id": entry.job_id},
                 )
                 break
             except self.rejected as e:
-                log.warning("feedback for job %s rejected: %s", entry.job_id, e)
+                log.warning("feedback for job %s rejected: %s", entry.job_id, e,
+                            extra={"job_id": entry.job_id})  # fmt: skip
                 await self.store.update_feedback(entry.job_id, FeedbackStatus.FAILED, error=str(e))
                 continue
             except Exception:  # a bug, not the chain: keep it pending, go on with the rest
-                log.exception("sending feedback for job %s failed unexpectedly", entry.job_id)
+                log.exception("sending feedback for job %s failed unexpectedly", entry.job_id,
+                              extra={"job_id": entry.job_id})  # fmt: skip
                 continue
             self.recovered()
             await self.store.update_feedback(entry.job_id, FeedbackStatus.SENT, transaction=tx)
-            log.info("feedback for job %s (agent %d) sent in %s", entry.job_id, entry.agent_id, tx)
+            log.info("feedback for job %s (agent %d) sent in %s", entry.job_id, entry.agent_id,
+                     tx, extra={"job_id": entry.job_id})  # fmt: skip
             sent += 1
         return sent
 

@@ -1342,6 +1342,13 @@ class JobOffer(betterproto.Message):
     client_id: str = betterproto.string_field(9)
     """Owner of the job (goes into the receipt)."""
 
+    traceparent: str = betterproto.string_field(10)
+    """
+    The job's trace context as a W3C `traceparent` ("00-<trace id>-<span id>-<flags>",
+     55 characters) when the coordinator traces (OpenTelemetry), else empty: a worker that
+     traces makes its span of the job a child of it, and sends its own back with the result.
+    """
+
 
 @dataclass(eq=False, repr=False)
 class OfferResponse(betterproto.Message):
@@ -1409,6 +1416,12 @@ class JobCompleted(betterproto.Message):
      (at most 128 bytes).
     """
 
+    traceparent: str = betterproto.string_field(6)
+    """
+    The worker's span of the job as a W3C `traceparent` (at most 55 characters; empty
+     when the worker does not trace): the coordinator's span of the result is its child.
+    """
+
 
 @dataclass(eq=False, repr=False)
 class JobFailed(betterproto.Message):
@@ -1427,6 +1440,12 @@ class JobFailed(betterproto.Message):
     """
     True if another worker might succeed (the job is requeued); false if the
      job itself is at fault (the job fails).
+    """
+
+    traceparent: str = betterproto.string_field(5)
+    """
+    The worker's span of the job as a W3C `traceparent` (at most 55 characters; empty
+     when the worker does not trace).
     """
 
 

@@ -13,7 +13,7 @@ import functools
 import logging
 import random
 from collections.abc import Callable
-from typing import Literal, NoReturn, cast
+from typing import TYPE_CHECKING, Literal, NoReturn, cast
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -22,6 +22,7 @@ import dispatchnet
 from dispatch.v1 import common_pb2, receipt_pb2, worker_pb2, worker_pb2_grpc
 from dispatchnet.agent_identity import solana_link_message
 from dispatchnet.keys import KeyPair
+from dispatchnet.observability import logs, tracing
 from dispatchnet.protocol import (
     HELLO_CONTEXT,
     MAX_CONCURRENCY,
@@ -34,6 +35,9 @@ from dispatchnet.protocol import (
 from dispatchnet.receipts.core import RECEIPT_VERSION, serialize_body, sha256, sign_body
 from dispatchnet.worker.executors import Executor, default_executors
 from dispatchnet.worker.tasks import TaskError, TaskOutput
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 HANDSHAKE_TIMEOUT_SECONDS = 30.0
 DEFAULT_HEARTBEAT_SECONDS = 10
@@ -82,7 +86,10 @@ class Worker:
         agent_id: str = "",
         chain_key: str = "",
         solana_key: KeyPair | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
+        """tracer_provider: traces each job in the coordinator's trace (JobOffer.traceparent);
+        default: the process's (OTEL_* variables, see observability/tracing.py), if any."""
         if kind not in _KINDS:
             raise ValueError(f"kind must be 'seeker' or 'desktop', not {kind!r}")
         if not 1 <= max_concurrency <= MAX_CONCURRENCY:
@@ -109,6 +116,8 @@ class Worker:
         # The Solana key the agent's registration names (ChallengeResponse.solana_signature);
         # None: the worker key, which is the Solana address a default registration lists.
         self.solana_key = solana_key
+        provider = tracer_provider or tracing.process_provider()
+        self.tracing = tracing.WorkerTracing(provider) if provider is not None else None
 
         # Observable state.
         self.connected = asyncio.Event()
@@ -135,6 +144,7 @@ class Worker:
 
     async def run(self) -> None:
         """Keeps a session open, reconnecting with backoff, until stop() or drain() ends it."""
+        logs.bind(worker_id=self.key.public_hex)  # this task's log records (JSON logs)
         failures = 0
         stop_wait = asyncio.create_task(self._stop.wait())
         try:
@@ -399,16 +409,37 @@ class Worker:
         self._send(ConnectRequest(offer_response=response))
         if reason:
             self.rejected += 1
-            self.log.info("rejected job %s attempt %d: %s", offer.job_id, offer.attempt, reason)
+            self.log.info("rejected job %s attempt %d: %s", offer.job_id, offer.attempt, reason,
+                          extra={"job_id": offer.job_id})  # fmt: skip
             return
         key = (offer.job_id, offer.attempt)
         task = asyncio.create_task(self._execute(offer, self.coordinator_public_key))
         self._running[key] = task
         self._settled.clear()
         task.add_done_callback(functools.partial(self._job_done, key))
-        self.log.info("accepted job %s attempt %d", offer.job_id, offer.attempt)
+        self.log.info("accepted job %s attempt %d", offer.job_id, offer.attempt,
+                      extra={"job_id": offer.job_id})  # fmt: skip
 
     async def _execute(
+        self, offer: worker_pb2.JobOffer, coordinator_key: bytes
+    ) -> worker_pb2.ConnectRequest:
+        """Runs the offered task, in a span of the job's trace when tracing; returns its
+        JobCompleted or JobFailed message (with the span's traceparent)."""
+        if self.tracing is None:
+            return await self._run(offer, coordinator_key)
+        span = self.tracing.start(offer.job_id, offer.attempt, offer.traceparent, self.kind)
+        try:
+            msg = await self._run(offer, coordinator_key)
+        except BaseException:  # cancelled
+            self.tracing.finish(span, "cancelled")
+            raise
+        if msg.HasField("completed"):
+            msg.completed.traceparent = self.tracing.finish(span, None)
+        else:
+            msg.failed.traceparent = self.tracing.finish(span, msg.failed.failure.code)
+        return msg
+
+    async def _run(
         self, offer: worker_pb2.JobOffer, coordinator_key: bytes
     ) -> worker_pb2.ConnectRequest:
         """Runs the offered task; returns its JobCompleted or JobFailed message."""
@@ -508,10 +539,11 @@ class Worker:
                 msg = task.result()
                 if msg.HasField("completed"):
                     self.completed += 1
-                    self.log.info("job %s attempt %d completed", *key)
+                    self.log.info("job %s attempt %d completed", *key, extra={"job_id": key[0]})
                 else:
                     self.failed += 1
-                    self.log.info("job %s attempt %d failed: %s", *key, msg.failed.failure.code)
+                    self.log.info("job %s attempt %d failed: %s", *key, msg.failed.failure.code,
+                                  extra={"job_id": key[0]})  # fmt: skip
                 self._pending[key] = msg
                 self._send(msg)
         self._update_settled()
