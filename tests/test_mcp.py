@@ -37,6 +37,7 @@ from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.exact import ExactEvmClientScheme
 
 from dispatchnet import keys
+from dispatchnet.chains.evm.node import CHAIN_KEY_HEADER
 from dispatchnet.coordinator.models import JobState
 from dispatchnet.payments.wallet import Wallet
 from dispatchnet.profiles import Profile
@@ -580,9 +581,13 @@ async def test_the_servers_wallet_pays_for_clients_that_cannot(
     home: Path,  # noqa: F811
     chain: dict[str, Any],  # noqa: F811
 ) -> None:
-    wallet = chain["accounts"]["client"]["address"]
+    payer = new_payer(chain)  # the server's own wallet, a key file of the CLI's format
+    key_file = home / f"mcp-wallet-{payer.address}.key"
+    key_file.write_text(f"{CHAIN_KEY_HEADER}\n0x{bytes(payer.account.key).hex()}\n")
+    wallet = payer.address
     start = balance(chain, wallet)
-    args = mcp_args(paid, "--budget", str(PRICE + PRICE // 2), profile="local-monad")
+    budget = str(PRICE + PRICE // 2)
+    args = mcp_args(paid, "--budget", budget, "--wallet-key", str(key_file), profile="local-monad")
     async with stdio_server(home, args) as client:
         first = await client.call_tool("run_task", {"name": "echo", "input": "on the house"})
         assert not first.is_error, text(first)
