@@ -17,6 +17,7 @@ from test_payments import new_payer
 from test_sdk import job_ids
 from test_sdk_hosted import ARTICLE, PRICES, AnthropicServer
 from test_tracks import Track, _evm, _solana, evm_chain, solana_chain  # noqa: F401
+from x402.http.utils import encode_payment_required_header
 
 from dispatch.v1 import coordinator_pb2
 from dispatchnet.client import task_spec
@@ -24,10 +25,12 @@ from dispatchnet.keys import KeyPair
 from dispatchnet.payments.wallet import Wallet
 from dispatchnet.sdk import (
     ComputeRouter,
+    InvalidRequest,
     Network,
     PaymentDeclined,
     PaymentRejected,
     PaymentRequired,
+    RelayedPayment,
     SpendingLimitExceeded,
     SpendingLimits,
     types,
@@ -187,3 +190,42 @@ async def test_a_paid_job_no_worker_takes_is_released_before_the_hosted_fallback
         assert evm.balance(payer) == start
     finally:
         claude.close()
+
+
+async def test_a_relayed_payment_is_the_callers_own(
+    evm: Track,
+    evm_chain: dict[str, Any],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """payer=RelayedPayment: a gateway passes on its caller's payment unchanged, learns the
+    price without one, and never pays itself (its network has no wallet)."""
+    caller = new_payer(evm_chain)
+    start = evm.balance(caller.address)
+    async with cluster_for(evm.profile(True), tmp_path / "coord") as cluster:
+        await cluster.worker()
+        async with router(Network("monad", [cluster.address])) as r:
+            probe = RelayedPayment()
+            with pytest.raises(PaymentDeclined, match="the payer will not pay"):
+                await r.run_task("echo", ECHO, payer=probe)
+            assert probe.required is not None and not probe.sent
+            assert job_ids(cluster) == []  # nothing was committed
+            (offer,) = probe.required.accepts
+            assert (offer.amount, offer.pay_to) == (str(PRICE), evm.payee)
+
+            signature = caller.pay(encode_payment_required_header(probe.required))
+            relay = RelayedPayment(signature)
+            result = await r.run_task("echo", ECHO, payer=relay)
+            assert relay.sent and result.payment is not None
+            assert result.payment.payer == caller.address
+            assert result.receipt_body is not None
+            assert result.receipt_body.payment.payer == caller.address
+            await settled(r, result.job_id)
+
+            again = RelayedPayment(signature)  # a replay: refused, asked for again
+            with pytest.raises(PaymentDeclined, match="refused the caller's payment"):
+                await r.run_task("echo", ECHO, payer=again)
+            assert again.sent and again.required is not None
+            assert again.required.error == "payment_already_used"
+        with pytest.raises(InvalidRequest):
+            RelayedPayment.from_payload({"x402Version": 2})
+    assert evm.balance(caller.address) == start - PRICE

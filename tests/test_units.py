@@ -889,6 +889,39 @@ def test_gateways_reach_the_network_only_through_the_sdk(path: Path) -> None:
     assert not offences, offences
 
 
+# The MCP server is a thin layer over the SDK (the one client implementation): it reaches
+# the network only through dispatchnet.sdk, never gRPC, generated code or the coordinator
+# (keys, protocol limits and profile defaults are plain data).
+MCP_SERVER = [SRC / "gateways" / "mcp.py", SRC / "gateways" / "mcp_http.py"]
+THROUGH_THE_SDK = (
+    "dispatchnet.sdk",
+    "dispatchnet.gateways",
+    "dispatchnet.keys",
+    "dispatchnet.protocol",
+    "dispatchnet.profiles",
+)
+
+
+@pytest.mark.parametrize("path", MCP_SERVER, ids=lambda p: str(p.relative_to(SRC)))
+def test_the_mcp_server_reaches_the_network_only_through_the_sdk(path: Path) -> None:
+    offences = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        for name in names:
+            top = name.split(".")[0]
+            if top in ("grpc", "dispatch") or (
+                top == "dispatchnet"
+                and name != "dispatchnet"
+                and not name.startswith(THROUGH_THE_SDK)
+            ):
+                offences.append(name)
+    assert not offences, offences
+
+
 # Chain kinds and network-id prefixes: only chains/ (the registry and the adapters) may
 # compare anything with these; everything else asks the registry for the adapter.
 CHAIN_WORDS = ("evm", "solana", "eip155", "svm")

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -29,6 +30,7 @@ from dispatchnet.profiles import Profile, ProfileError, load_profile
 from dispatchnet.receipts.core import check_receipt_proof, verify_receipt_message
 
 DEFAULT_COORDINATOR = os.environ.get("DISPATCH_COORDINATOR", "127.0.0.1:50051")
+DEFAULT_MCP_LISTEN = "127.0.0.1:8765"
 POLICIES = {
     "auto": common_pb2.POLICY_AUTO,
     "fast": common_pb2.POLICY_FAST,
@@ -915,6 +917,95 @@ async def cmd_wallet(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_mcp(args: argparse.Namespace) -> int:
+    """The MCP server (README "MCP"): stdio, or streamable HTTP at http://HOST:PORT/mcp."""
+    from dispatchnet.gateways.mcp import DispatchMcp, McpSettings, describe, serve_stdio
+    from dispatchnet.gateways.mcp_http import serve_http
+    from dispatchnet.sdk import InvalidRequest, Network
+
+    profile = load_profile(args.profile)
+    if args.max_payment is not None:
+        profile = profile.with_overrides(wallet={"max_per_job_micros": args.max_payment})
+    if args.no_wallet:  # callers pay: no key file is read
+        profile = profile.with_overrides(wallet={"key_file": ""})
+    coordinators = [a.strip() for a in (args.coordinator or "").split(",") if a.strip()]
+    try:
+        network = Network.from_profile(profile, coordinators, wallet_key_file=args.wallet_key or "")
+    except InvalidRequest as e:
+        raise CliError(str(e)) from e
+    if args.no_wallet:
+        network = dataclasses.replace(network, wallet=None)
+    if args.transport == "http" and args.listen is None:
+        args.listen = DEFAULT_MCP_LISTEN
+    host, port = _host_port(args.listen) if args.transport == "http" else ("", 0)
+    token = _mcp_token(args)
+    settings = McpSettings(
+        network,
+        _client_key(args),
+        max_price_micros=profile.wallet.max_per_job_micros,
+        budget_micros=args.budget,
+        hosted=args.hosted,
+    )
+    info = {"transport": args.transport, "profile": profile.name, **describe(settings)}
+    mcp = DispatchMcp(settings)
+    signalled = False
+    try:
+        if args.transport == "stdio":
+            logging.getLogger("dispatch.mcp").info("serving on stdio: %s", json.dumps(info))
+            signalled = await _until_signal_or(serve_stdio(mcp))
+        else:
+
+            def announce(url: str) -> None:
+                print(json.dumps({"mcp": url, **info}), flush=True)
+
+            try:
+                await serve_http(mcp, host, port, token, announce)
+            except (ValueError, OSError) as e:
+                raise CliError(str(e)) from e
+    finally:
+        await mcp.drain(10)  # calls still open (the server stopped) cancel their jobs
+        await mcp.close()
+    if signalled:  # the stdin reader's thread may be blocked in a read: do not wait for it
+        logging.shutdown()
+        os._exit(0)
+    return 0
+
+
+def _host_port(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise CliError(f"--listen must be HOST:PORT, not {listen!r}", 2)
+    return host, int(port)
+
+
+def _mcp_token(args: argparse.Namespace) -> str:
+    """The bearer token HTTP callers must send: --token-file, else $DISPATCH_MCP_TOKEN."""
+    if args.token_file:
+        try:
+            token = Path(args.token_file).expanduser().read_text().strip()
+        except OSError as e:
+            raise CliError(f"--token-file: {e}") from e
+        if not token:
+            raise CliError(f"--token-file {args.token_file} is empty")
+        return token
+    return os.environ.get("DISPATCH_MCP_TOKEN", "").strip()
+
+
+async def _until_signal_or(work: Awaitable[None]) -> bool:
+    """Awaits work until SIGINT/SIGTERM, which cancels it (not waiting for it: the stdio
+    transport's reader may be blocked in a read). Whether a signal stopped it."""
+    task = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(_until_signal())
+    await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.sleep(0)  # let the cancellation reach the tool calls in flight
+        return True
+    task.result()
+    return False
+
+
 async def cmd_auth_header(args: argparse.Namespace) -> int:
     value = metadata_value(_client_key(args), args.ttl)
     if args.raw:
@@ -1248,6 +1339,57 @@ def build_parser() -> argparse.ArgumentParser:
             )
         sp.set_defaults(fn=cmd_wallet)
 
+    m = sub.add_parser(
+        "mcp", help="serve the network as MCP tools (stdio, or streamable HTTP at /mcp)"
+    )
+    m.add_argument(
+        "--profile", default="local", help="profile: its chain track, coordinator and [wallet]"
+    )
+    m.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    m.add_argument(
+        "--listen",
+        help=f"HTTP: HOST:PORT (default {DEFAULT_MCP_LISTEN}; port 0 picks a free port)",
+    )
+    m.add_argument(
+        "--coordinator",
+        help="coordinator HOST:PORT, comma-separated to fail over "
+        "(default $DISPATCH_COORDINATOR, else the profile's [server] listen)",
+    )
+    m.add_argument("--key-file", help="client key file (default under $DISPATCH_HOME)")
+    pays = m.add_mutually_exclusive_group()
+    pays.add_argument("--wallet-key", metavar="FILE", help="pay with this chain key file instead")
+    pays.add_argument(
+        "--no-wallet",
+        action="store_true",
+        help="never pay from a wallet: callers pay each job with x402 (_meta x402/payment)",
+    )
+    m.add_argument(
+        "--max-payment",
+        type=int,
+        metavar="MICRO_USD",
+        help="most one job may cost, whoever pays (default: [wallet] max_per_job_micros)",
+    )
+    m.add_argument(
+        "--budget",
+        type=int,
+        default=1_000_000,
+        metavar="MICRO_USD",
+        help="most the server itself spends while it runs: its wallet and hosted estimates "
+        "(default 1000000, $1)",
+    )
+    m.add_argument(
+        "--hosted",
+        action="store_true",
+        help="let calls that carry no x402 payment fall back to OpenAI/Anthropic (the "
+        "operator's keys, from the environment) when the network cannot serve them",
+    )
+    m.add_argument(
+        "--token-file",
+        help="HTTP: callers must send `Authorization: Bearer <token>` (env DISPATCH_MCP_TOKEN); "
+        "required on a non-loopback address",
+    )
+    m.set_defaults(fn=cmd_mcp)
+
     a = sub.add_parser("auth", help="credentials for grpcurl and other clients")
     asub = a.add_subparsers(dest="auth_cmd", required=True)
     ah = asub.add_parser("header", help="print the -H metadata for grpcurl")
@@ -1323,8 +1465,9 @@ def run(fn: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Names
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_format, args.verbose)
-    if not args.verbose:  # the x402 SDK logs every signature at INFO
+    if not args.verbose:  # the x402 SDK logs every signature, the mcp SDK each session
         logging.getLogger("x402").setLevel(logging.WARNING)
+        logging.getLogger("mcp").setLevel(logging.WARNING)
     try:
         tracing.configure(f"dispatch-{args.cmd}")
     except tracing.TracingConfigError as e:

@@ -123,30 +123,33 @@ class CoordinatorClient:
         resp = await call
         # a coordinator taking payments says with the quote what paying for it takes
         required = trailer(await call.trailing_metadata(), PAYMENT_REQUIRED)
-        if required and self.wallet:
+        if required:  # kept for commit(), whoever pays then (this wallet or its payer=)
             self._required[resp.quote.quote_id] = required
             while len(self._required) > MAX_REQUIRED:
                 del self._required[next(iter(self._required))]
         return resp.quote
 
-    async def commit(self, quote_id: str, idempotency_key: str = "") -> coordinator_pb2.Job:
+    async def commit(
+        self, quote_id: str, idempotency_key: str = "", payer: Payer | None = None
+    ) -> coordinator_pb2.Job:
         """Commits the quote. When the coordinator answers with x402's `payment-required`
-        trailer and this client has a wallet, the same call is retried once with a
-        `payment-signature` for it."""
+        trailer and this client has a wallet (or `payer`, which pays this commit instead),
+        the same call is retried once with a `payment-signature` for it."""
+        wallet = payer or self.wallet
         request = coordinator_pb2.CommitJobRequest(
             quote_id=quote_id, idempotency_key=idempotency_key or str(uuid.uuid4())
         )
         known = self._required.pop(quote_id, None)
         try:
-            if known and self.wallet:  # paid at once, with what GetQuote said
-                signature = await asyncio.to_thread(self.wallet.pay, known)
+            if known and wallet:  # paid at once, with what GetQuote said
+                signature = await asyncio.to_thread(wallet.pay, known)
                 return await self._commit(request, ((PAYMENT_SIGNATURE, signature),))
             return await self._commit(request, ())
         except grpc.aio.AioRpcError as e:
             required = trailer(e.trailing_metadata(), PAYMENT_REQUIRED)
-            if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or not required or not self.wallet:
+            if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or not required or not wallet:
                 raise
-        signature = await asyncio.to_thread(self.wallet.pay, required)
+        signature = await asyncio.to_thread(wallet.pay, required)
         return await self._commit(request, ((PAYMENT_SIGNATURE, signature),))
 
     async def _commit(

@@ -12,6 +12,7 @@ Public message types (receipts, payments, jobs, workers) are the betterproto dat
 of dispatchnet.sdk.types, generated from proto/dispatch/v1 (`make proto`).
 """
 
+from dispatchnet.client import Payer
 from dispatchnet.sdk import types
 from dispatchnet.sdk.convert import llm_spec, task_spec
 from dispatchnet.sdk.errors import (
@@ -45,6 +46,7 @@ from dispatchnet.sdk.hosted import (
     providers_from_env,
 )
 from dispatchnet.sdk.networks import ANY, Network
+from dispatchnet.sdk.relay import RelayedPayment
 from dispatchnet.sdk.result import ComputeResult, Price, Route, WorkerRef
 from dispatchnet.sdk.router import CallOptions, ComputeRouter, ComputeStream
 from dispatchnet.sdk.spending import SpendingLimits
@@ -74,6 +76,7 @@ __all__ = [
     "NoCapacity",
     "NotFound",
     "OpenAIProvider",
+    "Payer",
     "PaymentDeclined",
     "PaymentError",
     "PaymentRejected",
@@ -84,6 +87,7 @@ __all__ = [
     "RateLimited",
     "ReceiptCheck",
     "ReceiptInvalid",
+    "RelayedPayment",
     "Route",
     "Skip",
     "SpendingLimitExceeded",

@@ -32,7 +32,7 @@ import grpc
 
 from dispatch.v1 import common_pb2, coordinator_pb2
 from dispatchnet import keys
-from dispatchnet.client import CoordinatorClient
+from dispatchnet.client import CoordinatorClient, Payer
 from dispatchnet.client import PaymentDeclined as WalletDeclined
 from dispatchnet.sdk import types
 from dispatchnet.sdk.convert import (
@@ -106,6 +106,9 @@ class CallOptions(TypedDict, total=False):
     """CommitJob's idempotency key (default: a new one per call)."""
     hosted_model: str
     """The model a hosted fallback uses (default: the provider's)."""
+    payer: Payer
+    """Pays this call's CommitJob instead of the network's wallet: e.g. a RelayedPayment,
+    the caller's own x402 payment that a gateway passes on (sdk/relay.py)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ class _Call:
     streaming: bool
     started: float  # time.monotonic() when the call was made
     deadline: float = 0.0  # loop time; set when the call starts running
+    payer: Payer | None = None  # None: the network's wallet
 
 
 class _NotPickedUp:
@@ -438,6 +442,7 @@ class ComputeRouter:
             hosted_model=o.get("hosted_model", ""),
             streaming=streaming,
             started=time.monotonic(),
+            payer=o.get("payer"),
         )
 
     def _networks(self, chain: str) -> list[Network]:
@@ -571,14 +576,16 @@ class ComputeRouter:
     ) -> coordinator_pb2.Job:
         key = o.idempotency_key or f"sdk-{uuid.uuid4()}"
         where = client.address
+        payer = o.payer or client.wallet
         try:
-            return await client.commit(quote.quote_id, key)
+            return await client.commit(quote.quote_id, key, payer=o.payer)
         except WalletDeclined as e:
-            raise PaymentDeclined(f"the {net.name} wallet will not pay: {e}") from e
+            who = "the payer" if o.payer is not None else f"the {net.name} wallet"
+            raise PaymentDeclined(f"{who} will not pay: {e}") from e
         except grpc.aio.AioRpcError as e:
             code = e.code()
             reason = payment_error(e) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
-            if reason is not None and client.wallet is None:
+            if reason is not None and payer is None:
                 raise PaymentRequired(
                     f"{where} asks for an x402 payment and network {net.name!r} has no wallet"
                 ) from e

@@ -1,0 +1,142 @@
+"""The MCP server over streamable HTTP (MCP's HTTP transport, the `mcp` SDK's app under
+uvicorn), at http://HOST:PORT/mcp.
+
+Security by default: it listens on loopback unless told otherwise, where the SDK checks
+Host and Origin (DNS rebinding); anywhere else it needs a bearer token, since whoever
+reaches it acts as its client key and spends from its wallet. With a token, every request
+must carry `Authorization: Bearer <token>` (401 otherwise, as JSON).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from types import FrameType
+
+import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from dispatchnet.gateways.mcp import DispatchMcp
+
+PATH = "/mcp"
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class BearerAuth:
+    """ASGI middleware: HTTP requests without `Authorization: Bearer <token>` get 401."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                body = json.dumps(
+                    {
+                        "error": {
+                            "code": "unauthenticated",
+                            "message": "send Authorization: Bearer <the server's token>",
+                        }
+                    }
+                ).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"www-authenticate", b'Bearer realm="dispatch-mcp"'),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+class _Uvicorn(uvicorn.Server):
+    """SIGINT/SIGTERM stop serving, as in uvicorn; unlike uvicorn, the signal is not raised
+    again once it has stopped, so the calls still open get to cancel their jobs before the
+    process exits (DispatchMcp.drain)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+        self.exiting: asyncio.Future[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.exiting is None:
+            self.exiting = asyncio.ensure_future(self.on_exit())
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in SIGNALS:
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in SIGNALS:
+                loop.remove_signal_handler(sig)
+
+
+async def serve_http(
+    mcp: DispatchMcp,
+    host: str,
+    port: int,
+    token: str = "",
+    announce: Callable[[str], None] = lambda url: None,
+) -> None:
+    """Serves until SIGINT/SIGTERM; announce(url) once it listens (port 0: a free port).
+    ValueError for a non-loopback host without a token."""
+    if not token and not is_loopback(host):
+        raise ValueError(
+            f"listening on {host} needs a bearer token (--token-file): whoever reaches the "
+            "server acts as its client key and spends from its wallet"
+        )
+    app: ASGIApp = mcp.server.streamable_http_app(streamable_http_path=PATH, host=host)
+    if token:
+        app = BearerAuth(app, token)
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError:
+        sock.close()
+        raise
+    bound = sock.getsockname()[1]
+    # on SIGTERM, calls still open are cut after 2 s (their jobs are cancelled, uncharged)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    # a signal first stops the calls in flight (their jobs cancelled), so that their
+    # requests end before uvicorn's graceful shutdown has to cut them
+    server = _Uvicorn(config, lambda: mcp.drain(10))
+    where = f"[{host.strip('[]')}]" if family == socket.AF_INET6 else host
+    url = f"http://{where}:{bound}{PATH}"
+
+    sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
+    announce(url)
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        sock.close()
