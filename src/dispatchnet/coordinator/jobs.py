@@ -117,8 +117,13 @@ class JobService:
         clock: Callable[[], float] = time.time,
         catalogue: TaskCatalogue | None = None,
         quotes: QuotesConfig | None = None,
+        coordinator_id: str = "",
     ) -> None:
         self.store = store
+        # this coordinator's instance id, stable across its restarts: recorded on the jobs
+        # its workers take, so that several coordinators on one store each recover and
+        # requeue only their own (another's jobs come back when their leases lapse)
+        self.coordinator_id = coordinator_id
         self.quotes = quotes or QuotesConfig()
         # the task names quotes may ask for (None: any)
         self.catalogue = catalogue
@@ -394,6 +399,7 @@ class JobService:
             worker_id=worker_id,
             attempts=job.attempts + 1,
             lease_expires_at=now + self.cfg.offer_lease_seconds,
+            coordinator_id=self.coordinator_id,
         )
 
     async def accept(self, job_id: str, attempt: int, worker_id: str) -> Job | None:
@@ -424,6 +430,7 @@ class JobService:
             JobState.RUNNING,
             "resumed",
             lease_expires_at=self.clock() + self.cfg.time_limit_seconds,
+            coordinator_id=self.coordinator_id,
         )
 
     async def worker_returned(self, worker_id: str, resumed: set[str]) -> None:
@@ -673,9 +680,12 @@ class JobService:
         return moved
 
     async def worker_lost(self, worker_id: str, reason: str) -> list[Job]:
-        """Requeues every job the worker holds (stream dropped, evicted)."""
+        """Requeues every job the worker holds through this coordinator (stream dropped,
+        evicted); a job it resumed through another coordinator meanwhile is that one's."""
         out = []
         for job in await self.store.active_jobs(worker_id):
+            if not self._mine(job):
+                continue
             moved = await self.requeue(job, reason, tell_worker=False)
             if moved is not None:
                 out.append(moved)
@@ -721,10 +731,14 @@ class JobService:
         stays held for it, under a lease of jobs.restart_grace_seconds, for the worker to
         reconnect and resume (resume); past the lease, or when the worker comes back
         without it (worker_returned), the job is requeued without costing an attempt.
+        Only this coordinator's jobs: another's, on a shared store, stay its own (they
+        come back to the queue when their leases lapse, if it is gone for good).
         Returns how many jobs are held."""
         grace_until = self.clock() + self.cfg.restart_grace_seconds
         held = 0
         for job in await self.store.active_jobs():
+            if not self._mine(job):
+                continue
             moved = await self._move(
                 job, (job.state,), job.attempts, job.state, RESTARTED, lease_expires_at=grace_until
             )
@@ -734,6 +748,11 @@ class JobService:
         return held
 
     # --- helpers ------------------------------------------------------------------------
+
+    def _mine(self, job: Job) -> bool:
+        """Whether this coordinator's worker holds the job (no owner: stored before
+        coordinators recorded theirs, when one coordinator had the store)."""
+        return job.coordinator_id in ("", self.coordinator_id)
 
     def _offered_at(self, job_id: str, worker_id: str, attempt: int) -> float | None:
         """When this process offered the worker the attempt (None: not known here)."""

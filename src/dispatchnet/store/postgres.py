@@ -239,7 +239,12 @@ async def _v1(c: Conn) -> None:
         await c.execute(statement)
 
 
-MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1]
+async def _v2(c: Conn) -> None:
+    """Jobs record the coordinator whose worker holds them (SQLite's version 12)."""
+    await c.execute(f"ALTER TABLE jobs ADD COLUMN coordinator_id {TEXT} NOT NULL DEFAULT ''")
+
+
+MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
