@@ -173,6 +173,21 @@ async def test_coordinators_on_one_store_recover_and_requeue_only_their_own(
     assert (await reasons(store_b, gone.job_id)).count("time_limit_exceeded") == 1
 
 
+async def test_another_coordinator_frees_a_restart_hold_without_costing_an_attempt(
+    store_factory: StoreFactory,
+) -> None:
+    store_a, store_b, clock = await store_factory.open(), await store_factory.open(), Clock()
+    job = await running(await start(store_a, clock, "A"), "k1")
+    await start(store_a, clock, "A")  # A restarts, holds the job for w1, then is gone
+    b = await start(store_b, clock, "B")
+    clock.now += GRACE + 1
+    await b.sweep()  # B's sweep (whichever coordinator holds the sweep's lock) frees it
+    after = await store_b.get_job(job.job_id)
+    assert after is not None and after.state is JobState.QUEUED
+    assert (after.attempts, after.max_attempts) == (1, 2)
+    assert (await reasons(store_b, job.job_id))[-1] == "coordinator_restarted"
+
+
 def sleep_spec(ms: int) -> bytes:
     return json.dumps({"ms": ms}).encode()
 

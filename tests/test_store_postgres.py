@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from conftest import Cluster, Proc, make_profile
+from conftest import Cluster, Proc, make_profile, wait_until
 from test_cli import cli_env, failed, ok_json, run
 from test_progress import TEXT, Streamer, Watcher, consecutive
 from test_receipt_batches import holds, proof_of
@@ -38,6 +38,7 @@ from dispatchnet.coordinator.models import (
 from dispatchnet.devchain.processes import pid_alive
 from dispatchnet.errors import Unavailable
 from dispatchnet.keys import KeyPair
+from dispatchnet.loops import OutboxLoop
 from dispatchnet.receipts.core import verify_receipt_message
 from dispatchnet.server import start_coordinator
 from dispatchnet.store.local_postgres import ROLE, LocalPostgres
@@ -185,6 +186,80 @@ async def test_a_batch_skips_receipts_another_transaction_holds_without_waiting(
     finally:
         await holder.close()
         await store.close()
+
+
+# --- background work once across coordinators ------------------------------------------------
+
+
+async def test_a_pass_lock_has_one_holder_and_a_dead_holder_frees_it(pg_url: str) -> None:
+    a, b = await open_postgres_store(pg_url), await open_postgres_store(pg_url)
+    admin = await asyncpg.connect(pg_url)
+    try:
+        async with a.pass_lock("payment-settler") as held:
+            assert held
+            async with b.pass_lock("payment-settler") as other:
+                assert not other  # at once, not after a's pass
+            async with b.pass_lock("feedback-sender") as free:
+                assert free  # another loop's lock is another lock
+        async with b.pass_lock("payment-settler") as held:
+            assert held  # a's pass ended: b's turn
+        async with a.pass_lock("jobs-sweep") as held:
+            assert held
+            # a dies mid-pass (its session ends): the lock is free for b's next pass
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid, 10000) FROM pg_locks "  # waits for its end
+                "WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()"
+            )
+            async with b.pass_lock("jobs-sweep") as taken:
+                assert taken
+                async with a.pass_lock("jobs-sweep") as again:
+                    assert not again  # a reconnects for its next pass, and waits its turn
+        async with a.pass_lock("jobs-sweep") as held:
+            assert held
+    finally:
+        await admin.close()
+        await a.close()
+        await b.close()
+
+
+class _CountingLoop(OutboxLoop):
+    """A loop whose passes note how many of its kind run at once."""
+
+    name = "counting"
+    running = 0
+    most = 0
+    passes = 0
+
+    async def run_pass(self) -> int:
+        cls = _CountingLoop
+        cls.running += 1
+        cls.most = max(cls.most, cls.running)
+        try:
+            await asyncio.sleep(0.002)  # a pass's work, for another coordinator to overlap
+        finally:
+            cls.running -= 1  # also when a stop cancels it
+        cls.passes += 1
+        return 0
+
+
+async def test_a_loop_on_three_coordinators_runs_one_pass_at_a_time(pg_url: str) -> None:
+    stores = [await open_postgres_store(pg_url) for _ in range(3)]
+    loops = [_CountingLoop(tick_seconds=0.001) for _ in stores]
+    try:
+        for loop, store in zip(loops, stores, strict=True):
+            loop.locks = store
+            loop.start()
+        await wait_until(lambda: _CountingLoop.passes >= 60, what="60 passes")
+        assert _CountingLoop.most == 1
+        await loops[0].stop()  # its holder gone, the others carry on
+        done = _CountingLoop.passes
+        await wait_until(lambda: _CountingLoop.passes >= done + 20, what="20 more passes")
+        assert _CountingLoop.most == 1
+    finally:
+        for loop in loops:
+            await loop.stop()
+        for store in stores:
+            await store.close()
 
 
 # --- a coordinator on PostgreSQL -----------------------------------------------------------------

@@ -218,6 +218,13 @@ async def start_coordinator(
         feedback.observer, feedback.chain = observability.observer, identity_network
     for loop in [*payouts, *([payments] if payments is not None else [])]:
         loop.observer = observability.observer
+    for loop in [
+        *payouts,
+        *([payments] if payments is not None else []),
+        *([feedback] if feedback is not None else []),
+        batcher.anchoring,
+    ]:
+        loop.locks = store  # each pass once across the coordinators sharing the store
     held = await jobs.recover()
     if held:
         log.info(

@@ -694,17 +694,23 @@ class JobService:
     async def sweep(self) -> None:
         """Lapsed leases go back to the queue; jobs nobody could take in time fail; expired
         quotes give their storage back, and with pairing codes long expired are deleted
-        (GetQuote is public, so they must not pile up)."""
+        (GetQuote is public, so they must not pile up). Progress this process holds is
+        flushed here; the rest runs on one coordinator at a time (the store's pass lock)."""
         now = self.clock()
         for job_id in self.live.with_pending():  # backstop for the flush timers
             if self.live.pending(job_id)[2] + self.cfg.progress_flush_seconds <= now:
                 await self.flush_progress(job_id)
+        async with self.store.pass_lock("jobs-sweep") as held:
+            if held:
+                await self._sweep_store(now)
+
+    async def _sweep_store(self, now: float) -> None:
         if now >= self._next_purge:
             await self.store.release_expired_quotes(now)
             await self.store.purge_expired(now - EXPIRED_RETENTION_SECONDS)
             self._next_purge = now + PURGE_INTERVAL_SECONDS
         for job in await self.store.lapsed_leases(now):
-            if self._restart_holds.get(job.worker_id, {}).get(job.job_id) == job.attempts:
+            if await self._held_since_restart(job):
                 # its worker did not come back within the restart grace
                 await self.requeue(job, RESTARTED, tell_worker=True, costs_attempt=False)
                 continue
@@ -748,6 +754,16 @@ class JobService:
         return held
 
     # --- helpers ------------------------------------------------------------------------
+
+    async def _held_since_restart(self, job: Job) -> bool:
+        """Whether the job's lease is a restart grace (recover), of this coordinator or,
+        on a shared store, of another (its last event says so)."""
+        if self._restart_holds.get(job.worker_id, {}).get(job.job_id) == job.attempts:
+            return True
+        if job.coordinator_id in ("", self.coordinator_id):
+            return False
+        last = await self.store.events_after(job.job_id, job.last_sequence - 1, limit=1)
+        return bool(last) and last[0].kind is EventKind.STATE and last[0].reason == RESTARTED
 
     def _mine(self, job: Job) -> bool:
         """Whether this coordinator's worker holds the job (no owner: stored before

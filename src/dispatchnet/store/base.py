@@ -21,6 +21,7 @@ from dispatchnet.coordinator.ports import (
     FeedbackOutbox,
     JobRepository,
     PairingRepository,
+    PassLocks,
     PaymentLedger,
     PayoutLedger,
     QuoteStore,
@@ -43,6 +44,7 @@ class Store(
     ReceiptBatches,
     FeedbackOutbox,
     WorkerRegistry,
+    PassLocks,
     Protocol,
 ):
     """Every store port, and the store's end."""

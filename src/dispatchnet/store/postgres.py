@@ -28,16 +28,20 @@ schema_version table, applied at open under an advisory lock, so coordinators st
 together migrate once. Text columns use the "C" collation: ids sort bytewise, as in
 SQLite, whatever the database's default collation.
 
-Not here yet (several coordinators on one database, issue 14): see README "Growth path".
+Background loops run once across the coordinators on one database: pass_lock takes a
+session-level advisory lock (keyed by the loop's name) on one connection the store keeps
+for that, for the length of a pass; a coordinator that dies (or loses that connection)
+frees its locks, and another takes them at its next pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -96,6 +100,15 @@ Conn = Any  # an asyncpg connection (asyncpg ships no type information)
 _MIGRATE_LOCK = 0x6469_7370_0001
 _MODULES_LOCK = 0x6469_7370_0002
 _TASK_NAMES_LOCK = 0x6469_7370_0003
+
+
+def pass_lock_key(name: str) -> int:
+    """The session-level advisory lock key of a background loop's passes (a signed 64-bit
+    hash of its name, apart from the fixed keys above in all but chance)."""
+    return int.from_bytes(
+        hashlib.sha256(f"dispatch pass {name}".encode()).digest()[:8], "big", signed=True
+    )
+
 
 # Attempts of a transaction PostgreSQL aborted as a deadlock or a serialization failure.
 _TX_ATTEMPTS = 3
@@ -287,6 +300,10 @@ class PostgresStore:
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
         self._writes: set[asyncio.Task[Any]] = set()  # in flight, awaited by close()
+        # the connection holding this process's pass locks (taken from the pool when first
+        # needed, given back when lost), and the guard of its one-statement-at-a-time use
+        self._locks_conn: Conn | None = None
+        self._locks_guard = asyncio.Lock()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -301,7 +318,63 @@ class PostgresStore:
     async def _close(self) -> None:
         while self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
+        async with self._locks_guard:
+            await self._drop_locks_conn()
         await self._pool.close()
+
+    # --- pass locks ---------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def pass_lock(self, name: str) -> AsyncIterator[bool]:
+        # The statements run to their end even when the pass is cancelled: a lock taken
+        # for a cancelled caller is given back, and a pass's lock always is.
+        key = pass_lock_key(name)
+        taking = asyncio.ensure_future(
+            self._locks_statement("SELECT pg_try_advisory_lock($1)", key)
+        )
+        try:
+            held = await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            taking.add_done_callback(lambda t: self._give_back(t, key))
+            raise
+        try:
+            yield bool(held)
+        finally:
+            if held:
+                await asyncio.shield(self._unlock(key))
+
+    def _unlock(self, key: int) -> asyncio.Future[Any]:
+        task = asyncio.ensure_future(self._locks_statement("SELECT pg_advisory_unlock($1)", key))
+        self._writes.add(task)  # close() waits for it
+        task.add_done_callback(self._write_done)
+        return task
+
+    def _give_back(self, taking: asyncio.Future[Any], key: int) -> None:
+        if not taking.cancelled() and taking.exception() is None and taking.result():
+            self._unlock(key)
+
+    async def _locks_statement(self, sql: str, key: int) -> Any:
+        """sql on the locks connection; None when it cannot run now (the store closed, the
+        database away: the connection is dropped, and with it the locks it held)."""
+        async with self._locks_guard:
+            if self._closed:
+                return None
+            try:
+                if self._locks_conn is None:
+                    self._locks_conn = await self._pool.acquire()
+                return await self._locks_conn.fetchval(sql, key)
+            except (*_LOST, asyncpg.InterfaceError, asyncpg.InternalClientError):
+                await self._drop_locks_conn()
+                return None
+
+    async def _drop_locks_conn(self) -> None:
+        conn, self._locks_conn = self._locks_conn, None
+        if conn is not None:
+            # its session ends, and with it whatever it held; a connection the server
+            # ended is back in the pool already
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
+                await self._pool.release(conn)
 
     async def schema_version(self) -> int:
         return int(
