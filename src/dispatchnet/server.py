@@ -226,6 +226,7 @@ async def start_coordinator(
     ]:
         loop.locks = store  # each pass once across the coordinators sharing the store
     held = await jobs.recover()
+    await store.listen_jobs(jobs.job_changed_elsewhere)  # other coordinators' changes
     if held:
         log.info(
             "%d job(s) held by workers before the restart wait %gs for their worker",

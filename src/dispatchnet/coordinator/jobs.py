@@ -153,6 +153,9 @@ class JobService:
         # Jobs held for their worker since start-up (recover): worker_id -> job_id -> attempt.
         # Rebuilt from the store at every start, so it survives repeated restarts.
         self._restart_holds: dict[str, dict[str, int]] = {}
+        # how many changes other coordinators committed to each job watched here
+        # (job_changed_elsewhere): a watcher re-reads the job when the count moved
+        self._elsewhere: dict[str, int] = {}
         # Feedback outbox: off while feedback_uri_base is None. agent_of(worker_id) is the
         # agent id (decimal) of a connected worker, "" for none (set by the server).
         self.feedback_uri_base: str | None = None
@@ -358,10 +361,14 @@ class JobService:
         MAX_SEQUENCE: past every event."""
         wake = self.notifier.subscribe(job_id)  # before the read: no change is missed
         try:
+            seen = self._elsewhere.get(job_id, 0)  # before the read, likewise
             job = await self.get(client_id, job_id)
             seq = min(max(after, 0), MAX_SEQUENCE)
             while True:
                 wake.clear()
+                if self._elsewhere.get(job_id, 0) != seen:  # changed by another coordinator
+                    seen = self._elsewhere.get(job_id, 0)
+                    job = await self.get(client_id, job_id)
                 events = self.live.after(job_id, seq) or []
                 if not events and seq < job.last_sequence:  # not (or no longer) in memory
                     events = await self.store.events_after(job_id, seq)
@@ -384,6 +391,7 @@ class JobService:
             self.notifier.unsubscribe(job_id, wake)
             if not self.notifier.watched(job_id):
                 self.live.release(job_id)
+                self._elsewhere.pop(job_id, None)
 
     # --- worker side --------------------------------------------------------------------
 
@@ -482,14 +490,49 @@ class JobService:
 
     def _flush_later(self, job_id: str) -> None:
         """The flush timer of a job fired: writes its progress in a task of its own."""
-        task = asyncio.get_running_loop().create_task(self.flush_progress(job_id))
+        task = asyncio.get_running_loop().create_task(
+            self.flush_progress(job_id), name="progress flush"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("progress flush failed", exc_info=task.exception())
+            log.error("%s failed", task.get_name(), exc_info=task.exception())
+
+    # --- other coordinators' changes (several on one store) ------------------------------
+
+    def job_changed_elsewhere(self, job_id: str, state: JobState) -> None:
+        """Another coordinator sharing the store committed a change of the job (the
+        store's JobChanges): watchers here look again; a job queued there is offered
+        here at once; a job this process's worker holds that moved on there (cancelled,
+        requeued after its lease lapsed) is taken back from the worker."""
+        if self.notifier.watched(job_id):
+            self._elsewhere[job_id] = self._elsewhere.get(job_id, 0) + 1
+            self.notifier.notify(job_id)
+        if state is JobState.QUEUED or job_id in self._active:
+            task = asyncio.get_running_loop().create_task(
+                self._changed_elsewhere(job_id), name="another coordinator's change"
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    async def _changed_elsewhere(self, job_id: str) -> None:
+        job = await self.store.get_job(job_id)
+        if job is None:
+            return
+        held = self._active.get(job_id)
+        if held is not None:
+            mine = held[0]
+            if (
+                job.state not in ACTIVE_STATES
+                or (job.worker_id, job.attempts) != (mine.worker_id, mine.attempts)
+            ) and self._active.pop(job_id, None) is not None:
+                reason = "cancelled" if job.state is JobState.CANCELLED else "moved_elsewhere"
+                self._release(job, mine.worker_id, mine.attempts, reason, tell_worker=True)
+        if job.state is JobState.QUEUED and self.listener:
+            self.listener.job_queued(job)
 
     async def drain(self) -> None:
         """Waits for the flushes timers started (before the store closes)."""

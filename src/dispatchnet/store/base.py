@@ -19,6 +19,7 @@ from typing import Protocol
 from dispatchnet.coordinator.ports import (
     EarningsLedger,
     FeedbackOutbox,
+    JobChanges,
     JobRepository,
     PairingRepository,
     PassLocks,
@@ -45,6 +46,7 @@ class Store(
     FeedbackOutbox,
     WorkerRegistry,
     PassLocks,
+    JobChanges,
     Protocol,
 ):
     """Every store port, and the store's end."""

@@ -28,6 +28,11 @@ schema_version table, applied at open under an advisory lock, so coordinators st
 together migrate once. Text columns use the "C" collation: ids sort bytewise, as in
 SQLite, whatever the database's default collation.
 
+Job changes reach the other coordinators: every write that adds a job's event sends a
+NOTIFY on JOB_CHANNEL (delivered at its commit) with this store's token, the job id and
+its state; listen_jobs LISTENs on a connection of its own (made again when lost) and
+passes on the changes of other stores.
+
 Background loops run once across the coordinators on one database: pass_lock takes a
 session-level advisory lock (keyed by the loop's name) on one connection the store keeps
 for that, for the length of a pass; a coordinator that dies (or loses that connection)
@@ -41,6 +46,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -100,6 +106,7 @@ Conn = Any  # an asyncpg connection (asyncpg ships no type information)
 _MIGRATE_LOCK = 0x6469_7370_0001
 _MODULES_LOCK = 0x6469_7370_0002
 _TASK_NAMES_LOCK = 0x6469_7370_0003
+JOB_CHANNEL = "dispatch_jobs"  # NOTIFY channel of job changes (listen_jobs)
 
 
 def pass_lock_key(name: str) -> int:
@@ -303,6 +310,10 @@ class PostgresStore:
         # the connection holding this process's pass locks (taken from the pool when first
         # needed, given back when lost), and the guard of its one-statement-at-a-time use
         self._locks_conn: Conn | None = None
+        self._token = secrets.token_hex(6)  # tells this store's notifications from others'
+        self._on_job: Callable[[str, JobState], None] | None = None
+        self._listen_conn: Conn | None = None
+        self._listening: asyncio.Task[None] | None = None
         self._locks_guard = asyncio.Lock()
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -320,7 +331,67 @@ class PostgresStore:
             await asyncio.gather(*self._writes, return_exceptions=True)
         async with self._locks_guard:
             await self._drop_locks_conn()
+        if self._listening is not None:
+            self._listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listening
+        await self._stop_listening()
         await self._pool.close()
+
+    # --- job changes across stores ------------------------------------------------------
+
+    async def _notify(self, c: Conn, job_id: str, state: JobState) -> None:
+        await c.execute(
+            "SELECT pg_notify($1, $2)", JOB_CHANNEL, f"{self._token} {job_id} {int(state)}"
+        )
+
+    async def listen_jobs(self, on_change: Callable[[str, JobState], None]) -> None:
+        self._check_open()
+        self._on_job = on_change
+        try:
+            await self._listen()
+        except _LOST as e:
+            raise Unavailable(f"the store's database is unavailable: {e}") from e
+
+    async def _listen(self) -> None:
+        conn = await self._pool.acquire()
+        try:
+            await conn.add_listener(JOB_CHANNEL, self._notified)
+        except BaseException:
+            await self._pool.release(conn)
+            raise
+        conn.add_termination_listener(self._listen_lost)
+        self._listen_conn = conn
+
+    def _notified(self, _conn: Conn, _pid: int, _channel: str, payload: str) -> None:
+        token, job_id, state = payload.split(" ")
+        if token != self._token and self._on_job is not None:
+            self._on_job(job_id, JobState(int(state)))
+
+    def _listen_lost(self, _conn: Conn) -> None:
+        """The listening connection ended: listen again until it works or we close."""
+        self._listen_conn = None
+        if not self._closed and self._listening is None:
+            self._listening = asyncio.ensure_future(self._relisten())
+
+    async def _relisten(self) -> None:
+        try:
+            while not self._closed:
+                try:
+                    await self._listen()
+                    return
+                except (*_LOST, asyncpg.InterfaceError):
+                    await asyncio.sleep(1.0)  # the database is away: try again in a while
+        finally:
+            self._listening = None
+
+    async def _stop_listening(self) -> None:
+        conn, self._listen_conn = self._listen_conn, None
+        if conn is not None:
+            with contextlib.suppress(*_LOST, asyncpg.InterfaceError):
+                conn.remove_termination_listener(self._listen_lost)
+                await conn.remove_listener(JOB_CHANNEL, self._notified)
+                await self._pool.release(conn)
 
     # --- pass locks ---------------------------------------------------------------------
 
@@ -589,6 +660,7 @@ class PostgresStore:
                 )
                 return job_of(existing), False
             await _insert_event(c, event, 1)
+            await self._notify(c, job.job_id, event.state)
             if payment is not None:
                 try:
                     await _insert_payment(c, payment)
@@ -647,6 +719,7 @@ class PostgresStore:
                 return None
             if event is not None:
                 await _insert_event(c, event, r["last_sequence"])
+                await self._notify(c, job_id, JobState(r["state"]))
             if feedback is not None:
                 await _insert_feedback(c, feedback)
             if outcome is not None:
@@ -680,6 +753,7 @@ class PostgresStore:
             if moved is None:
                 return False
             await _insert_event(c, row, last.sequence, first.sequence, chunks)
+            await self._notify(c, first.job_id, first.state)
             return True
 
         return await self._write(op)

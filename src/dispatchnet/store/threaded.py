@@ -182,6 +182,9 @@ class ThreadedStore:
         """Always held: a SQLite store is one coordinator's."""
         return ONE_PROCESS.pass_lock(name)
 
+    async def listen_jobs(self, on_change: Callable[[str, JobState], None]) -> None:
+        """Nothing to pass on: a SQLite store is one coordinator's."""
+
     async def close(self) -> None:
         """Runs the writes queued before it, stops the threads and closes their
         connections. Idempotent; concurrent calls all return when it is done."""
