@@ -54,11 +54,17 @@ class Clock:
         return self.now
 
 
-async def start(store: Store, clock: Clock) -> JobService:
+async def start(store: Store, clock: Clock, coordinator_id: str = "") -> JobService:
     """A JobService as a (re)started coordinator builds it, recover() included."""
     cfg = dataclasses.replace(JobsConfig(), max_attempts=1, restart_grace_seconds=GRACE)
     jobs = JobService(
-        store, cfg, PricingConfig(), Notary(KeyPair.generate()), LocalReputation(store), clock=clock
+        store,
+        cfg,
+        PricingConfig(),
+        Notary(KeyPair.generate()),
+        LocalReputation(store),
+        clock=clock,
+        coordinator_id=coordinator_id,
     )
     await jobs.recover()
     return jobs
@@ -134,6 +140,52 @@ async def test_the_returning_worker_resumes_what_it_lists_and_frees_the_rest(
         assert (await reasons(store, kept.job_id))[-2:] == ["coordinator_restarted", "resumed"]
     finally:
         await store.close()
+
+
+async def test_coordinators_on_one_store_recover_and_requeue_only_their_own(
+    store_factory: StoreFactory,
+) -> None:
+    store_a, store_b, clock = await store_factory.open(), await store_factory.open(), Clock()
+    a, b = await start(store_a, clock, "A"), await start(store_b, clock, "B")
+    on_a, on_b = await running(a, "k1", "w1"), await running(b, "k2", "w2")
+    gone = await running(a, "k3", "w3")
+    assert (on_a.coordinator_id, on_b.coordinator_id) == ("A", "B")
+    b = await start(store_b, clock, "B")  # B restarts: it holds its own job only
+    held, other = await store_b.get_job(on_b.job_id), await store_b.get_job(on_a.job_id)
+    assert held is not None and held.lease_expires_at == clock.now + GRACE
+    assert other == on_a  # A's job is untouched: no restart event, its lease as it was
+    assert "coordinator_restarted" not in await reasons(store_b, on_a.job_id)
+    # w1 fails over to B and resumes there; A then notices its stream gone
+    resumed = await b.resume(on_a.job_id, 1, "w1")
+    assert resumed is not None and resumed.coordinator_id == "B"
+    assert await a.worker_lost("w1", "stream_closed") == []
+    kept = await store_a.get_job(on_a.job_id)
+    assert kept is not None and kept.state is JobState.RUNNING and kept.worker_id == "w1"
+    # A is gone for good with w3's job: B takes it back once its lease lapses, once
+    clock.now += JobsConfig().time_limit_seconds - 1
+    await b.sweep()
+    assert (await store_b.get_job(gone.job_id)).state is JobState.RUNNING  # type: ignore[union-attr]
+    clock.now += 2
+    await b.sweep()
+    await b.sweep()
+    back = await store_b.get_job(gone.job_id)
+    assert back is not None and back.state is JobState.FAILED  # its only attempt (max 1)
+    assert (await reasons(store_b, gone.job_id)).count("time_limit_exceeded") == 1
+
+
+async def test_another_coordinator_frees_a_restart_hold_without_costing_an_attempt(
+    store_factory: StoreFactory,
+) -> None:
+    store_a, store_b, clock = await store_factory.open(), await store_factory.open(), Clock()
+    job = await running(await start(store_a, clock, "A"), "k1")
+    await start(store_a, clock, "A")  # A restarts, holds the job for w1, then is gone
+    b = await start(store_b, clock, "B")
+    clock.now += GRACE + 1
+    await b.sweep()  # B's sweep (whichever coordinator holds the sweep's lock) frees it
+    after = await store_b.get_job(job.job_id)
+    assert after is not None and after.state is JobState.QUEUED
+    assert (after.attempts, after.max_attempts) == (1, 2)
+    assert (await reasons(store_b, job.job_id))[-1] == "coordinator_restarted"
 
 
 def sleep_spec(ms: int) -> bytes:

@@ -858,3 +858,15 @@ async def test_workers_keep_their_verified_agent_id_and_task_names_are_pruned(
     await _settled(store, 1, "w1")
     [due] = await store.payouts_due("eip155:31337", 1, 0.0, 10)
     assert due.agent_id == "7"
+
+
+async def test_pass_locks_let_one_store_run_each_pass(store_factory: StoreFactory) -> None:
+    """A lone store always holds its pass locks; two stores on one database (several
+    coordinators: PostgreSQL) never hold one at once."""
+    first, second = await store_factory.open(), await store_factory.open()
+    async with first.pass_lock("jobs-sweep") as held:
+        assert held
+        async with second.pass_lock("jobs-sweep") as other:
+            assert other is (store_factory.engine == "sqlite")  # SQLite: one process
+    async with second.pass_lock("jobs-sweep") as held:
+        assert held

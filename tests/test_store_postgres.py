@@ -16,20 +16,23 @@ import pwd
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from conftest import Cluster, Proc, make_profile
+from conftest import Cluster, Proc, make_profile, wait_until
 from test_cli import cli_env, failed, ok_json, run
 from test_progress import TEXT, Streamer, Watcher, consecutive
 from test_receipt_batches import holds, proof_of
 from test_store import make_job, queued
 
-from dispatch.v1 import coordinator_pb2
+from dispatch.v1 import common_pb2, coordinator_pb2
 from dispatchnet.client import task_spec
 from dispatchnet.coordinator.models import (
     AnchorStatus,
+    Event,
+    EventKind,
     JobState,
     Receipt,
     ReceiptBatch,
@@ -38,11 +41,13 @@ from dispatchnet.coordinator.models import (
 from dispatchnet.devchain.processes import pid_alive
 from dispatchnet.errors import Unavailable
 from dispatchnet.keys import KeyPair
+from dispatchnet.loops import OutboxLoop
 from dispatchnet.receipts.core import verify_receipt_message
 from dispatchnet.server import start_coordinator
 from dispatchnet.store.local_postgres import ROLE, LocalPostgres
 from dispatchnet.store.postgres import SCHEMA_VERSION, open_postgres_store
 from dispatchnet.worker.runtime import Worker
+from dispatchnet.worker.tasks import TaskOutput
 
 COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
 
@@ -185,6 +190,158 @@ async def test_a_batch_skips_receipts_another_transaction_holds_without_waiting(
     finally:
         await holder.close()
         await store.close()
+
+
+# --- background work once across coordinators ------------------------------------------------
+
+
+async def test_a_pass_lock_has_one_holder_and_a_dead_holder_frees_it(pg_url: str) -> None:
+    a, b = await open_postgres_store(pg_url), await open_postgres_store(pg_url)
+    admin = await asyncpg.connect(pg_url)
+    try:
+        async with a.pass_lock("payment-settler") as held:
+            assert held
+            async with b.pass_lock("payment-settler") as other:
+                assert not other  # at once, not after a's pass
+            async with b.pass_lock("feedback-sender") as free:
+                assert free  # another loop's lock is another lock
+        async with b.pass_lock("payment-settler") as held:
+            assert held  # a's pass ended: b's turn
+        async with a.pass_lock("jobs-sweep") as held:
+            assert held
+            # a dies mid-pass (its session ends): the lock is free for b's next pass
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid, 10000) FROM pg_locks "  # waits for its end
+                "WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()"
+            )
+            async with b.pass_lock("jobs-sweep") as taken:
+                assert taken
+                async with a.pass_lock("jobs-sweep") as again:
+                    assert not again  # a reconnects for its next pass, and waits its turn
+        async with a.pass_lock("jobs-sweep") as held:
+            assert held
+    finally:
+        await admin.close()
+        await a.close()
+        await b.close()
+
+
+class _CountingLoop(OutboxLoop):
+    """A loop whose passes note how many of its kind run at once."""
+
+    name = "counting"
+    running = 0
+    most = 0
+    passes = 0
+
+    async def run_pass(self) -> int:
+        cls = _CountingLoop
+        cls.running += 1
+        cls.most = max(cls.most, cls.running)
+        try:
+            await asyncio.sleep(0.002)  # a pass's work, for another coordinator to overlap
+        finally:
+            cls.running -= 1  # also when a stop cancels it
+        cls.passes += 1
+        return 0
+
+
+async def test_a_loop_on_three_coordinators_runs_one_pass_at_a_time(pg_url: str) -> None:
+    stores = [await open_postgres_store(pg_url) for _ in range(3)]
+    loops = [_CountingLoop(tick_seconds=0.001) for _ in stores]
+    try:
+        for loop, store in zip(loops, stores, strict=True):
+            loop.locks = store
+            loop.start()
+        await wait_until(lambda: _CountingLoop.passes >= 60, what="60 passes")
+        assert _CountingLoop.most == 1
+        await loops[0].stop()  # its holder gone, the others carry on
+        done = _CountingLoop.passes
+        await wait_until(lambda: _CountingLoop.passes >= done + 20, what="20 more passes")
+        assert _CountingLoop.most == 1
+    finally:
+        for loop in loops:
+            await loop.stop()
+        for store in stores:
+            await store.close()
+
+
+# --- job changes across coordinators ----------------------------------------------------------
+
+
+async def test_a_store_hears_the_job_changes_other_stores_commit(pg_url: str) -> None:
+    a, b = await open_postgres_store(pg_url), await open_postgres_store(pg_url)
+    heard: list[tuple[str, JobState]] = []
+    try:
+        await a.listen_jobs(lambda job_id, state: heard.append((job_id, state)))
+        await b.create_job(make_job("job_b"), queued("job_b"))
+        await a.create_job(make_job("job_a", key="k2"), queued("job_a"))  # its own: not told
+        await b.transition(
+            "job_b",
+            (JobState.QUEUED,),
+            None,
+            {"state": JobState.CANCELLED},
+            Event("job_b", EventKind.STATE, JobState.CANCELLED, 1.0, reason="cancelled"),
+        )
+        await wait_until(lambda: len(heard) == 2, what="two notifications")
+        assert heard == [("job_b", JobState.QUEUED), ("job_b", JobState.CANCELLED)]
+    finally:
+        await a.close()
+        await b.close()
+
+
+class _Cancellable(Streamer):
+    """A Streamer that notes being cancelled mid-run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled = asyncio.Event()
+
+    async def run(self, spec: common_pb2.JobSpec, progress: Any) -> TaskOutput:
+        try:
+            return await super().run(spec, progress)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+async def test_coordinators_on_one_database_wake_each_other(tmp_path: Path, pg_url: str) -> None:
+    """A job committed at A is offered at once by B, whose worker runs it; WatchJob at A
+    follows it (progress as B flushes it), and a cancel at A reaches B's worker. Sweeps
+    are a minute apart and the watch's poll is 5 s: only notifications are this fast."""
+    profile = make_profile(
+        store={"url": pg_url},
+        jobs={"sweep_interval_seconds": 60, "progress_flush_seconds": 0.1},
+    )
+    a = Cluster(await start_coordinator(profile, tmp_path / "a", "127.0.0.1:0"), tmp_path)
+    b = Cluster(await start_coordinator(profile, tmp_path / "b", "127.0.0.1:0"), tmp_path)
+    try:
+        streamer = _Cancellable()
+        await b.worker(executors=[streamer])
+        c = a.client()
+        job = await c.submit(task_spec("echo", b"x"))
+        live = Watcher(c, job.job_id)
+        half = len(TEXT) // 2
+        await wait_until(lambda: len(live.progress()) == half, within=3, what="progress at A")
+        cancelled = await c.cancel(job.job_id)
+        assert cancelled.state == coordinator_pb2.JOB_STATE_CANCELLED
+        await asyncio.wait_for(streamer.cancelled.wait(), 3)  # B's worker was told
+        await asyncio.wait_for(live.task, 3)
+        states = [e.state_change.to_state for e in live.events if e.HasField("state_change")]
+        assert states == [
+            coordinator_pb2.JOB_STATE_QUEUED,
+            coordinator_pb2.JOB_STATE_OFFERED,
+            coordinator_pb2.JOB_STATE_RUNNING,
+            coordinator_pb2.JOB_STATE_CANCELLED,
+        ]
+        assert consecutive(live.events, 1)
+        streamer.gate.set()
+        done = await c.submit(task_spec("echo", b"y"))
+        finished = await asyncio.wait_for(c.wait(done.job_id), 3)
+        assert finished.state == COMPLETED
+    finally:
+        await a.close()
+        await b.close()
 
 
 # --- a coordinator on PostgreSQL -----------------------------------------------------------------

@@ -1,7 +1,8 @@
 """OutboxLoop: the background loop shared by the coordinator's chain outboxes (feedback,
 payments). A pass runs every tick, or at once when kick()ed; a pass that handled a full
 page runs again straight away. After chain trouble the pass calls backed_off(), which
-pauses passes with exponential backoff; a successful step calls recovered()."""
+pauses passes with exponential backoff; a successful step calls recovered(). A pass runs
+only under its pass lock (locks, the store's: once across coordinators sharing it)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from dispatchnet.coordinator.observer import NULL_OBSERVER, Observer
+from dispatchnet.coordinator.ports import ONE_PROCESS, PassLocks
 
 log = logging.getLogger("dispatch.loops")
 
@@ -40,6 +42,7 @@ class OutboxLoop:
         self.last_error = ""
         self.observer: Observer = NULL_OBSERVER  # told about chain trouble (set by the server)
         self.chain = ""  # the CAIP-2 network it sends to, when it is one
+        self.locks: PassLocks = ONE_PROCESS  # the store's, when it is shared (set by the server)
 
     async def run_pass(self) -> int:
         """One pass; how many items it handled."""
@@ -79,8 +82,9 @@ class OutboxLoop:
     async def _loop(self) -> None:
         while True:
             try:
-                if await self.run_pass() >= self.page:
-                    self._wake.set()
+                async with self.locks.pass_lock(self.name) as held:
+                    if held and await self.run_pass() >= self.page:
+                        self._wake.set()
             except Exception:
                 log.exception("%s pass failed; retrying on the next tick", self.name)
             with contextlib.suppress(TimeoutError):

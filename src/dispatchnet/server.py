@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,7 @@ async def start_coordinator(
         reputation,
         catalogue=catalogue,
         quotes=profile.quotes,
+        coordinator_id=instance_id(data_dir),
     )
     try:
         identity = observability.chain_role(
@@ -216,7 +218,15 @@ async def start_coordinator(
         feedback.observer, feedback.chain = observability.observer, identity_network
     for loop in [*payouts, *([payments] if payments is not None else [])]:
         loop.observer = observability.observer
+    for loop in [
+        *payouts,
+        *([payments] if payments is not None else []),
+        *([feedback] if feedback is not None else []),
+        batcher.anchoring,
+    ]:
+        loop.locks = store  # each pass once across the coordinators sharing the store
     held = await jobs.recover()
+    await store.listen_jobs(jobs.job_changed_elsewhere)  # other coordinators' changes
     if held:
         log.info(
             "%d job(s) held by workers before the restart wait %gs for their worker",
@@ -340,6 +350,21 @@ def payment_service_for(
     return PaymentService(
         store, jobs, observed, profile.payments, profile.jobs, payouts=profile.payouts
     )
+
+
+def instance_id(data_dir: Path) -> str:
+    """This coordinator's instance id, kept in <data dir>/coordinator.id (made at first
+    start): the jobs its workers hold carry it, so that each of several coordinators on
+    one store recovers only its own at a restart."""
+    path = data_dir / "coordinator.id"
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    if not text:
+        text = secrets.token_hex(8)
+        path.write_text(text + "\n")
+    return text
 
 
 def payout_services_for(profile: Profile, data_dir: Path, store: Store) -> list[PayoutService]:

@@ -536,6 +536,10 @@ class WorkerHub:
             if session is None:
                 left = True
                 continue
+            if job.job_id in session.active:
+                # a stale copy (e.g. fresh and on a page read since): the worker has it,
+                # and the failed offer's clean-up below must not forget that it does
+                continue
             session.active[job.job_id] = job.attempts + 1  # held while the offer is written
             self.index.refresh(session)
             chosen.append((job, session))

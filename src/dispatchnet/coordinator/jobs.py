@@ -117,8 +117,13 @@ class JobService:
         clock: Callable[[], float] = time.time,
         catalogue: TaskCatalogue | None = None,
         quotes: QuotesConfig | None = None,
+        coordinator_id: str = "",
     ) -> None:
         self.store = store
+        # this coordinator's instance id, stable across its restarts: recorded on the jobs
+        # its workers take, so that several coordinators on one store each recover and
+        # requeue only their own (another's jobs come back when their leases lapse)
+        self.coordinator_id = coordinator_id
         self.quotes = quotes or QuotesConfig()
         # the task names quotes may ask for (None: any)
         self.catalogue = catalogue
@@ -148,6 +153,9 @@ class JobService:
         # Jobs held for their worker since start-up (recover): worker_id -> job_id -> attempt.
         # Rebuilt from the store at every start, so it survives repeated restarts.
         self._restart_holds: dict[str, dict[str, int]] = {}
+        # how many changes other coordinators committed to each job watched here
+        # (job_changed_elsewhere): a watcher re-reads the job when the count moved
+        self._elsewhere: dict[str, int] = {}
         # Feedback outbox: off while feedback_uri_base is None. agent_of(worker_id) is the
         # agent id (decimal) of a connected worker, "" for none (set by the server).
         self.feedback_uri_base: str | None = None
@@ -353,10 +361,14 @@ class JobService:
         MAX_SEQUENCE: past every event."""
         wake = self.notifier.subscribe(job_id)  # before the read: no change is missed
         try:
+            seen = self._elsewhere.get(job_id, 0)  # before the read, likewise
             job = await self.get(client_id, job_id)
             seq = min(max(after, 0), MAX_SEQUENCE)
             while True:
                 wake.clear()
+                if self._elsewhere.get(job_id, 0) != seen:  # changed by another coordinator
+                    seen = self._elsewhere.get(job_id, 0)
+                    job = await self.get(client_id, job_id)
                 events = self.live.after(job_id, seq) or []
                 if not events and seq < job.last_sequence:  # not (or no longer) in memory
                     events = await self.store.events_after(job_id, seq)
@@ -379,6 +391,7 @@ class JobService:
             self.notifier.unsubscribe(job_id, wake)
             if not self.notifier.watched(job_id):
                 self.live.release(job_id)
+                self._elsewhere.pop(job_id, None)
 
     # --- worker side --------------------------------------------------------------------
 
@@ -394,6 +407,7 @@ class JobService:
             worker_id=worker_id,
             attempts=job.attempts + 1,
             lease_expires_at=now + self.cfg.offer_lease_seconds,
+            coordinator_id=self.coordinator_id,
         )
 
     async def accept(self, job_id: str, attempt: int, worker_id: str) -> Job | None:
@@ -424,6 +438,7 @@ class JobService:
             JobState.RUNNING,
             "resumed",
             lease_expires_at=self.clock() + self.cfg.time_limit_seconds,
+            coordinator_id=self.coordinator_id,
         )
 
     async def worker_returned(self, worker_id: str, resumed: set[str]) -> None:
@@ -475,14 +490,49 @@ class JobService:
 
     def _flush_later(self, job_id: str) -> None:
         """The flush timer of a job fired: writes its progress in a task of its own."""
-        task = asyncio.get_running_loop().create_task(self.flush_progress(job_id))
+        task = asyncio.get_running_loop().create_task(
+            self.flush_progress(job_id), name="progress flush"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("progress flush failed", exc_info=task.exception())
+            log.error("%s failed", task.get_name(), exc_info=task.exception())
+
+    # --- other coordinators' changes (several on one store) ------------------------------
+
+    def job_changed_elsewhere(self, job_id: str, state: JobState) -> None:
+        """Another coordinator sharing the store committed a change of the job (the
+        store's JobChanges): watchers here look again; a job queued there is offered
+        here at once; a job this process's worker holds that moved on there (cancelled,
+        requeued after its lease lapsed) is taken back from the worker."""
+        if self.notifier.watched(job_id):
+            self._elsewhere[job_id] = self._elsewhere.get(job_id, 0) + 1
+            self.notifier.notify(job_id)
+        if state is JobState.QUEUED or job_id in self._active:
+            task = asyncio.get_running_loop().create_task(
+                self._changed_elsewhere(job_id), name="another coordinator's change"
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    async def _changed_elsewhere(self, job_id: str) -> None:
+        job = await self.store.get_job(job_id)
+        if job is None:
+            return
+        held = self._active.get(job_id)
+        if held is not None:
+            mine = held[0]
+            if (
+                job.state not in ACTIVE_STATES
+                or (job.worker_id, job.attempts) != (mine.worker_id, mine.attempts)
+            ) and self._active.pop(job_id, None) is not None:
+                reason = "cancelled" if job.state is JobState.CANCELLED else "moved_elsewhere"
+                self._release(job, mine.worker_id, mine.attempts, reason, tell_worker=True)
+        if job.state is JobState.QUEUED and self.listener:
+            self.listener.job_queued(job)
 
     async def drain(self) -> None:
         """Waits for the flushes timers started (before the store closes)."""
@@ -673,9 +723,12 @@ class JobService:
         return moved
 
     async def worker_lost(self, worker_id: str, reason: str) -> list[Job]:
-        """Requeues every job the worker holds (stream dropped, evicted)."""
+        """Requeues every job the worker holds through this coordinator (stream dropped,
+        evicted); a job it resumed through another coordinator meanwhile is that one's."""
         out = []
         for job in await self.store.active_jobs(worker_id):
+            if not self._mine(job):
+                continue
             moved = await self.requeue(job, reason, tell_worker=False)
             if moved is not None:
                 out.append(moved)
@@ -684,17 +737,23 @@ class JobService:
     async def sweep(self) -> None:
         """Lapsed leases go back to the queue; jobs nobody could take in time fail; expired
         quotes give their storage back, and with pairing codes long expired are deleted
-        (GetQuote is public, so they must not pile up)."""
+        (GetQuote is public, so they must not pile up). Progress this process holds is
+        flushed here; the rest runs on one coordinator at a time (the store's pass lock)."""
         now = self.clock()
         for job_id in self.live.with_pending():  # backstop for the flush timers
             if self.live.pending(job_id)[2] + self.cfg.progress_flush_seconds <= now:
                 await self.flush_progress(job_id)
+        async with self.store.pass_lock("jobs-sweep") as held:
+            if held:
+                await self._sweep_store(now)
+
+    async def _sweep_store(self, now: float) -> None:
         if now >= self._next_purge:
             await self.store.release_expired_quotes(now)
             await self.store.purge_expired(now - EXPIRED_RETENTION_SECONDS)
             self._next_purge = now + PURGE_INTERVAL_SECONDS
         for job in await self.store.lapsed_leases(now):
-            if self._restart_holds.get(job.worker_id, {}).get(job.job_id) == job.attempts:
+            if await self._held_since_restart(job):
                 # its worker did not come back within the restart grace
                 await self.requeue(job, RESTARTED, tell_worker=True, costs_attempt=False)
                 continue
@@ -721,10 +780,14 @@ class JobService:
         stays held for it, under a lease of jobs.restart_grace_seconds, for the worker to
         reconnect and resume (resume); past the lease, or when the worker comes back
         without it (worker_returned), the job is requeued without costing an attempt.
+        Only this coordinator's jobs: another's, on a shared store, stay its own (they
+        come back to the queue when their leases lapse, if it is gone for good).
         Returns how many jobs are held."""
         grace_until = self.clock() + self.cfg.restart_grace_seconds
         held = 0
         for job in await self.store.active_jobs():
+            if not self._mine(job):
+                continue
             moved = await self._move(
                 job, (job.state,), job.attempts, job.state, RESTARTED, lease_expires_at=grace_until
             )
@@ -734,6 +797,21 @@ class JobService:
         return held
 
     # --- helpers ------------------------------------------------------------------------
+
+    async def _held_since_restart(self, job: Job) -> bool:
+        """Whether the job's lease is a restart grace (recover), of this coordinator or,
+        on a shared store, of another (its last event says so)."""
+        if self._restart_holds.get(job.worker_id, {}).get(job.job_id) == job.attempts:
+            return True
+        if job.coordinator_id in ("", self.coordinator_id):
+            return False
+        last = await self.store.events_after(job.job_id, job.last_sequence - 1, limit=1)
+        return bool(last) and last[0].kind is EventKind.STATE and last[0].reason == RESTARTED
+
+    def _mine(self, job: Job) -> bool:
+        """Whether this coordinator's worker holds the job (no owner: stored before
+        coordinators recorded theirs, when one coordinator had the store)."""
+        return job.coordinator_id in ("", self.coordinator_id)
 
     def _offered_at(self, job_id: str, worker_id: str, attempt: int) -> float | None:
         """When this process offered the worker the attempt (None: not known here)."""

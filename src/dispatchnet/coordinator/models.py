@@ -289,6 +289,9 @@ class Job:
     last_sequence: int = 0
     worker_id: str = ""
     lease_expires_at: float = 0.0
+    # the coordinator (its instance id) whose worker was last offered or resumed the job:
+    # the one that recovers it at its restart and requeues it when the worker is lost
+    coordinator_id: str = ""
     result: Result | None = None
     failure: Failure | None = None
     receipt: Receipt | None = None

@@ -2,9 +2,10 @@
 
 The store is split by aggregate, one port each: QuoteStore, JobRepository, PaymentLedger,
 EarningsLedger, PayoutLedger, PairingRepository, ReceiptBatches, FeedbackOutbox and
-WorkerRegistry; a consumer asks for the ones it uses. dispatchnet.store.base.Store is
-their union, and store/ implements it once per engine (SQLite, PostgreSQL), each passing
-the same contract suite (tests/test_store.py).
+WorkerRegistry, plus PassLocks (background work once across coordinators) and JobChanges
+(other coordinators' job changes); a consumer asks for the ones it uses.
+dispatchnet.store.base.Store is their union, and store/ implements it once per engine
+(SQLite, PostgreSQL), each passing the same contract suite (tests/test_store.py).
 
 Every store port is async: an implementation never blocks the event loop, and a write's
 coroutine returns only once it is committed. A method that changes a job commits the job
@@ -15,7 +16,9 @@ concurrent requests) safe.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -108,6 +111,47 @@ class CompletionListener(Protocol):
 
 
 # --- store ports, one per aggregate ----------------------------------------------------
+
+
+class PassLocks(Protocol):
+    """Background work (sweeps, receipt batching and anchoring, feedback, settlement,
+    payouts) runs once across the coordinators sharing a store: each pass of a loop runs
+    inside pass_lock(loop name) and only when it yields True."""
+
+    def pass_lock(self, name: str) -> AbstractAsyncContextManager[bool]:
+        """Held while inside: True when this process holds the store-wide lock `name`
+        (no other process runs the same pass meanwhile); False, at once, when another
+        does or the lock cannot be taken now (the caller skips this pass and tries at its
+        next; a holder that dies frees the lock). A store only one process uses always
+        yields True."""
+        ...
+
+
+class JobChanges(Protocol):
+    """Job changes committed by the other coordinators sharing a store."""
+
+    async def listen_jobs(self, on_change: Callable[[str, JobState], None]) -> None:
+        """From now on, calls on_change(job_id, state) (on the event loop, soon after the
+        commit) for each change of a job, progress included, that another process
+        sharing the store commits; `state` is the job's state then. A store only one
+        process uses calls it never. Changes made while the store has lost its database
+        are not passed on (the callers' polls and sweeps catch up)."""
+        ...
+
+
+@contextlib.asynccontextmanager
+async def _always_held(_name: str) -> AsyncIterator[bool]:
+    yield True
+
+
+class OneProcess:
+    """PassLocks of a store only one process opens: every pass runs."""
+
+    def pass_lock(self, name: str) -> AbstractAsyncContextManager[bool]:
+        return _always_held(name)
+
+
+ONE_PROCESS = OneProcess()
 
 
 @dataclass(frozen=True)

@@ -140,8 +140,9 @@ class ReceiptBatcher:
     async def _batch_loop(self) -> None:
         while True:
             try:
-                if await self.close_due() and self.anchorer.enabled:
-                    self.anchoring.kick()
+                async with self.anchoring.locks.pass_lock("receipt-batcher") as held:
+                    if held and await self.close_due() and self.anchorer.enabled:
+                        self.anchoring.kick()
             except Exception:
                 log.exception("receipt batching pass failed; retrying on the next tick")
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.

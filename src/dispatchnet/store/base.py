@@ -19,8 +19,10 @@ from typing import Protocol
 from dispatchnet.coordinator.ports import (
     EarningsLedger,
     FeedbackOutbox,
+    JobChanges,
     JobRepository,
     PairingRepository,
+    PassLocks,
     PaymentLedger,
     PayoutLedger,
     QuoteStore,
@@ -43,6 +45,8 @@ class Store(
     ReceiptBatches,
     FeedbackOutbox,
     WorkerRegistry,
+    PassLocks,
+    JobChanges,
     Protocol,
 ):
     """Every store port, and the store's end."""

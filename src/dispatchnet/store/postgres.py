@@ -28,16 +28,26 @@ schema_version table, applied at open under an advisory lock, so coordinators st
 together migrate once. Text columns use the "C" collation: ids sort bytewise, as in
 SQLite, whatever the database's default collation.
 
-Not here yet (several coordinators on one database, issue 14): see README "Growth path".
+Job changes reach the other coordinators: every write that adds a job's event sends a
+NOTIFY on JOB_CHANNEL (delivered at its commit) with this store's token, the job id and
+its state; listen_jobs LISTENs on a connection of its own (made again when lost) and
+passes on the changes of other stores.
+
+Background loops run once across the coordinators on one database: pass_lock takes a
+session-level advisory lock (keyed by the loop's name) on one connection the store keeps
+for that, for the length of a pass; a coordinator that dies (or loses that connection)
+frees its locks, and another takes them at its next pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Sequence
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -96,6 +106,16 @@ Conn = Any  # an asyncpg connection (asyncpg ships no type information)
 _MIGRATE_LOCK = 0x6469_7370_0001
 _MODULES_LOCK = 0x6469_7370_0002
 _TASK_NAMES_LOCK = 0x6469_7370_0003
+JOB_CHANNEL = "dispatch_jobs"  # NOTIFY channel of job changes (listen_jobs)
+
+
+def pass_lock_key(name: str) -> int:
+    """The session-level advisory lock key of a background loop's passes (a signed 64-bit
+    hash of its name, apart from the fixed keys above in all but chance)."""
+    return int.from_bytes(
+        hashlib.sha256(f"dispatch pass {name}".encode()).digest()[:8], "big", signed=True
+    )
+
 
 # Attempts of a transaction PostgreSQL aborted as a deadlock or a serialization failure.
 _TX_ATTEMPTS = 3
@@ -239,7 +259,12 @@ async def _v1(c: Conn) -> None:
         await c.execute(statement)
 
 
-MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1]
+async def _v2(c: Conn) -> None:
+    """Jobs record the coordinator whose worker holds them (SQLite's version 12)."""
+    await c.execute(f"ALTER TABLE jobs ADD COLUMN coordinator_id {TEXT} NOT NULL DEFAULT ''")
+
+
+MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -282,6 +307,14 @@ class PostgresStore:
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
         self._writes: set[asyncio.Task[Any]] = set()  # in flight, awaited by close()
+        # the connection holding this process's pass locks (taken from the pool when first
+        # needed, given back when lost), and the guard of its one-statement-at-a-time use
+        self._locks_conn: Conn | None = None
+        self._token = secrets.token_hex(6)  # tells this store's notifications from others'
+        self._on_job: Callable[[str, JobState], None] | None = None
+        self._listen_conn: Conn | None = None
+        self._listening: asyncio.Task[None] | None = None
+        self._locks_guard = asyncio.Lock()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -296,7 +329,123 @@ class PostgresStore:
     async def _close(self) -> None:
         while self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
+        async with self._locks_guard:
+            await self._drop_locks_conn()
+        if self._listening is not None:
+            self._listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listening
+        await self._stop_listening()
         await self._pool.close()
+
+    # --- job changes across stores ------------------------------------------------------
+
+    async def _notify(self, c: Conn, job_id: str, state: JobState) -> None:
+        await c.execute(
+            "SELECT pg_notify($1, $2)", JOB_CHANNEL, f"{self._token} {job_id} {int(state)}"
+        )
+
+    async def listen_jobs(self, on_change: Callable[[str, JobState], None]) -> None:
+        self._check_open()
+        self._on_job = on_change
+        try:
+            await self._listen()
+        except _LOST as e:
+            raise Unavailable(f"the store's database is unavailable: {e}") from e
+
+    async def _listen(self) -> None:
+        conn = await self._pool.acquire()
+        try:
+            await conn.add_listener(JOB_CHANNEL, self._notified)
+        except BaseException:
+            await self._pool.release(conn)
+            raise
+        conn.add_termination_listener(self._listen_lost)
+        self._listen_conn = conn
+
+    def _notified(self, _conn: Conn, _pid: int, _channel: str, payload: str) -> None:
+        token, job_id, state = payload.split(" ")
+        if token != self._token and self._on_job is not None:
+            self._on_job(job_id, JobState(int(state)))
+
+    def _listen_lost(self, _conn: Conn) -> None:
+        """The listening connection ended: listen again until it works or we close."""
+        self._listen_conn = None
+        if not self._closed and self._listening is None:
+            self._listening = asyncio.ensure_future(self._relisten())
+
+    async def _relisten(self) -> None:
+        try:
+            while not self._closed:
+                try:
+                    await self._listen()
+                    return
+                except (*_LOST, asyncpg.InterfaceError):
+                    await asyncio.sleep(1.0)  # the database is away: try again in a while
+        finally:
+            self._listening = None
+
+    async def _stop_listening(self) -> None:
+        conn, self._listen_conn = self._listen_conn, None
+        if conn is not None:
+            with contextlib.suppress(*_LOST, asyncpg.InterfaceError):
+                conn.remove_termination_listener(self._listen_lost)
+                await conn.remove_listener(JOB_CHANNEL, self._notified)
+                await self._pool.release(conn)
+
+    # --- pass locks ---------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def pass_lock(self, name: str) -> AsyncIterator[bool]:
+        # The statements run to their end even when the pass is cancelled: a lock taken
+        # for a cancelled caller is given back, and a pass's lock always is.
+        key = pass_lock_key(name)
+        taking = asyncio.ensure_future(
+            self._locks_statement("SELECT pg_try_advisory_lock($1)", key)
+        )
+        try:
+            held = await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            taking.add_done_callback(lambda t: self._give_back(t, key))
+            raise
+        try:
+            yield bool(held)
+        finally:
+            if held:
+                await asyncio.shield(self._unlock(key))
+
+    def _unlock(self, key: int) -> asyncio.Future[Any]:
+        task = asyncio.ensure_future(self._locks_statement("SELECT pg_advisory_unlock($1)", key))
+        self._writes.add(task)  # close() waits for it
+        task.add_done_callback(self._write_done)
+        return task
+
+    def _give_back(self, taking: asyncio.Future[Any], key: int) -> None:
+        if not taking.cancelled() and taking.exception() is None and taking.result():
+            self._unlock(key)
+
+    async def _locks_statement(self, sql: str, key: int) -> Any:
+        """sql on the locks connection; None when it cannot run now (the store closed, the
+        database away: the connection is dropped, and with it the locks it held)."""
+        async with self._locks_guard:
+            if self._closed:
+                return None
+            try:
+                if self._locks_conn is None:
+                    self._locks_conn = await self._pool.acquire()
+                return await self._locks_conn.fetchval(sql, key)
+            except (*_LOST, asyncpg.InterfaceError, asyncpg.InternalClientError):
+                await self._drop_locks_conn()
+                return None
+
+    async def _drop_locks_conn(self) -> None:
+        conn, self._locks_conn = self._locks_conn, None
+        if conn is not None:
+            # its session ends, and with it whatever it held; a connection the server
+            # ended is back in the pool already
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
+                await self._pool.release(conn)
 
     async def schema_version(self) -> int:
         return int(
@@ -511,6 +660,7 @@ class PostgresStore:
                 )
                 return job_of(existing), False
             await _insert_event(c, event, 1)
+            await self._notify(c, job.job_id, event.state)
             if payment is not None:
                 try:
                     await _insert_payment(c, payment)
@@ -569,6 +719,7 @@ class PostgresStore:
                 return None
             if event is not None:
                 await _insert_event(c, event, r["last_sequence"])
+                await self._notify(c, job_id, JobState(r["state"]))
             if feedback is not None:
                 await _insert_feedback(c, feedback)
             if outcome is not None:
@@ -602,6 +753,7 @@ class PostgresStore:
             if moved is None:
                 return False
             await _insert_event(c, row, last.sequence, first.sequence, chunks)
+            await self._notify(c, first.job_id, first.state)
             return True
 
         return await self._write(op)

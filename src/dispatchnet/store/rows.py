@@ -55,6 +55,7 @@ JOB_SIMPLE = {
     "last_sequence",
     "worker_id",
     "lease_expires_at",
+    "coordinator_id",
     "price_micros",
     "currency",
 }
@@ -194,6 +195,7 @@ def job_of(r: Row) -> Job:
         last_sequence=r["last_sequence"],
         worker_id=r["worker_id"] or "",
         lease_expires_at=r["lease_expires_at"] or 0.0,
+        coordinator_id=r["coordinator_id"] or "",
         result=result,
         failure=failure,
         receipt=receipt,

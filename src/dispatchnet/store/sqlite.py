@@ -381,7 +381,12 @@ def _v11(db: sqlite_utils.Database) -> None:
     db.table("payouts").create_index(["worker_id", "created_at"])
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11]
+def _v12(db: sqlite_utils.Database) -> None:
+    """Jobs record the coordinator whose worker holds them (several may share a store)."""
+    db.execute("ALTER TABLE jobs ADD COLUMN coordinator_id TEXT NOT NULL DEFAULT ''")
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -21,6 +21,7 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +48,7 @@ from dispatchnet.coordinator.models import (
     Split,
     UnbatchedReceipt,
 )
+from dispatchnet.coordinator.ports import ONE_PROCESS
 from dispatchnet.errors import Unavailable
 from dispatchnet.store.base import QuoteUsage, Runnable, Store
 from dispatchnet.store.sqlite import SqliteStore
@@ -175,6 +177,13 @@ class ThreadedStore:
         schema newer than this build, or a write lock held past busy_timeout)."""
         for opened in self._opened:
             await asyncio.wrap_future(opened)
+
+    def pass_lock(self, name: str) -> AbstractAsyncContextManager[bool]:
+        """Always held: a SQLite store is one coordinator's."""
+        return ONE_PROCESS.pass_lock(name)
+
+    async def listen_jobs(self, on_change: Callable[[str, JobState], None]) -> None:
+        """Nothing to pass on: a SQLite store is one coordinator's."""
 
     async def close(self) -> None:
         """Runs the writes queued before it, stops the threads and closes their
