@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from dispatchnet.agent_identity import IdentityVerifier
 from dispatchnet.coordinator import matching
+from dispatchnet.coordinator.background import BackgroundTasks
 from dispatchnet.coordinator.catalogue import TaskCatalogue
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Failure, Job, JobSpec, Privacy, Result, WorkerKind
@@ -179,7 +180,7 @@ class WorkerHub:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._tasks: set[asyncio.Task[None]] = set()  # unregister_soon's
+        self._tasks = BackgroundTasks()  # unregister_soon's
         # Jobs that became QUEUED in this process since the last dispatch pass. While
         # _backlog is false, every queued job the store has is among them, and a pass
         # matches them without reading the queue; anything unknown (a start, a job left
@@ -306,19 +307,11 @@ class WorkerHub:
         """unregister in a task of its own (for a stream's cleanup, which must not wait):
         the session is gone from matching at once, its jobs are requeued by the task."""
         self.index.remove(session)
-        task = asyncio.get_running_loop().create_task(self.unregister(session, reason))
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("unregistering a worker failed", exc_info=task.exception())
+        self._tasks.start(self.unregister(session, reason), "unregistering a worker")
 
     async def drain_tasks(self) -> None:
         """Waits for the unregister_soon tasks (before the store closes)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._tasks.drain()
 
     def touch(self, session: WorkerSession) -> None:
         """Notes that the worker is alive."""

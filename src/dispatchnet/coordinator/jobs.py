@@ -33,6 +33,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 
 from dispatchnet import protocol
+from dispatchnet.coordinator.background import BackgroundTasks
 from dispatchnet.coordinator.catalogue import TaskCatalogue
 from dispatchnet.coordinator.events import JobNotifier, LiveEvents
 from dispatchnet.coordinator.models import (
@@ -140,7 +141,8 @@ class JobService:
         # called with the job after every final transition (completed, failed, cancelled)
         self.final_listeners: list[Callable[[Job], None]] = []
         self._next_purge = 0.0
-        self._tasks: set[asyncio.Task[None]] = set()  # progress flushes the timers started
+        # progress flushes the timers started, reactions to other coordinators' changes
+        self._tasks = BackgroundTasks()
         self._flushing: dict[str, asyncio.Future[None]] = {}  # job_id -> its write under way
         # The jobs this process's workers hold (OFFERED or RUNNING), as this process last
         # moved them, with when each attempt was offered: what a worker's messages about
@@ -490,16 +492,7 @@ class JobService:
 
     def _flush_later(self, job_id: str) -> None:
         """The flush timer of a job fired: writes its progress in a task of its own."""
-        task = asyncio.get_running_loop().create_task(
-            self.flush_progress(job_id), name="progress flush"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s failed", task.get_name(), exc_info=task.exception())
+        self._tasks.start(self.flush_progress(job_id), "progress flush")
 
     # --- other coordinators' changes (several on one store) ------------------------------
 
@@ -512,11 +505,7 @@ class JobService:
             self._elsewhere[job_id] = self._elsewhere.get(job_id, 0) + 1
             self.notifier.notify(job_id)
         if state is JobState.QUEUED or job_id in self._active:
-            task = asyncio.get_running_loop().create_task(
-                self._changed_elsewhere(job_id), name="another coordinator's change"
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._task_done)
+            self._tasks.start(self._changed_elsewhere(job_id), "another coordinator's change")
 
     async def _changed_elsewhere(self, job_id: str) -> None:
         job = await self.store.get_job(job_id)
@@ -535,9 +524,8 @@ class JobService:
             self.listener.job_queued(job)
 
     async def drain(self) -> None:
-        """Waits for the flushes timers started (before the store closes)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """Waits for the tasks this service started (before the store closes)."""
+        await self._tasks.drain()
 
     async def flush_progress(self, job_id: str | None = None) -> None:
         """Writes the job's (None: every job's) progress not in the store yet, one row

@@ -21,7 +21,6 @@ job, charged once.
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 from typing import Any
 
 from grpc_interceptor.server import AsyncServerInterceptor
@@ -76,12 +75,8 @@ class PaymentInterceptor(AsyncServerInterceptor):
             raise await self.service.refusal_for(request.quote_id, e) from None
         finally:
             _payment.reset(token)
-        if payment is not None and response.created:  # stored with the job just made
-            value = self.service.gateway.response_header(
-                dataclasses.replace(payment, job_id=response.job.job_id)
-            )
-        else:
-            value = await self.service.response_header(response.job)
+        stored = payment if response.created else None  # stored with the job just made
+        value = await self.service.response_header(response.job, stored)
         if value:
             context.set_trailing_metadata(((PAYMENT_RESPONSE, value),))
         return response

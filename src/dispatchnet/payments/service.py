@@ -31,6 +31,7 @@ Domain code: no grpc, no SQL, no x402 types (the gateway, payments/x402.py, has 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -180,8 +181,13 @@ class PaymentService(OutboxLoop):
         quote = await self.jobs.get_quote(quote_id)
         return self.refusal(quote, await self.offers(quote), e.message, e.reason)
 
-    async def response_header(self, job: Job) -> str:
-        payment = await self.store.get_payment(job.job_id)
+    async def response_header(self, job: Job, committed_with: Payment | None = None) -> str:
+        """The payment-response header for a committed job: from the payment it was just
+        committed with when given (no read), else as the store has it ("" for none)."""
+        if committed_with is not None:
+            payment: Payment | None = dataclasses.replace(committed_with, job_id=job.job_id)
+        else:
+            payment = await self.store.get_payment(job.job_id)
         return self.gateway.response_header(payment) if payment is not None else ""
 
     # --- settlement loop --------------------------------------------------------------------
