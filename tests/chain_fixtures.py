@@ -11,7 +11,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +161,44 @@ def funded_chain_key(chain: dict[str, Any], key_file: Path) -> str:
     address = web3_for(chain["rpc_url"], 5).eth.account.from_key(key).address
     _rpc(chain["rpc_url"], "anvil_setBalance", [address, hex(10**18)], timeout=5)
     return str(address)
+
+
+class FacilitatorServer:
+    """An x402 facilitator (the SDK's, any scheme) served over HTTP on 127.0.0.1:<free
+    port>, behind the /supported, /verify and /settle endpoints the SDK's
+    HTTPFacilitatorClient calls (how a remote facilitator settles); stop() shuts it down."""
+
+    def __init__(self, facilitator: Any) -> None:
+        from x402.schemas import PaymentPayload, PaymentRequirements
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def reply(self, model: Any) -> None:
+                body = model.model_dump_json(by_alias=True, exclude_none=True).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self.reply(facilitator.get_supported())
+
+            def do_POST(self) -> None:
+                data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                payload = PaymentPayload.model_validate(data["paymentPayload"])
+                requirement = PaymentRequirements.model_validate(data["paymentRequirements"])
+                call = facilitator.verify if self.path == "/verify" else facilitator.settle
+                self.reply(call(payload, requirement))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)

@@ -9,12 +9,10 @@ import base64
 import dataclasses
 import json
 import re
-import threading
 import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import grpc
 import pytest
 from chain_fixtures import (  # noqa: F401
+    FacilitatorServer,
     TcpProxy,
     adispatch,
     chain,
@@ -685,7 +684,7 @@ async def test_cli_and_grpcurl_pay_with_the_deployment_wallet(
 # --- an HTTP facilitator (how monad-testnet settles) ------------------------------------------
 
 
-class HttpFacilitator:
+class HttpFacilitator(FacilitatorServer):
     """An x402 facilitator served over HTTP on 127.0.0.1:<free port>: the SDK's facilitator
     with its own web3 signer (its own funded account pays the gas), behind the /supported,
     /verify and /settle endpoints the SDK's HTTPFacilitatorClient calls."""
@@ -697,39 +696,7 @@ class HttpFacilitator:
         self.facilitator.register(
             [NETWORK], ExactEvmFacilitatorScheme(signer, ExactEvmSchemeConfig(True))
         )
-        facilitator = self.facilitator
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def reply(self, model: Any) -> None:
-                body = model.model_dump_json(by_alias=True, exclude_none=True).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self) -> None:
-                self.reply(facilitator.get_supported())
-
-            def do_POST(self) -> None:
-                data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                payload = PaymentPayload.model_validate(data["paymentPayload"])
-                requirement = PaymentRequirements.model_validate(data["paymentRequirements"])
-                call = facilitator.verify if self.path == "/verify" else facilitator.settle
-                self.reply(call(payload, requirement))
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        super().__init__(self.facilitator)
 
 
 async def test_payments_through_an_http_facilitator(

@@ -8,15 +8,14 @@ import base64
 import dataclasses
 import hashlib
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from chain_fixtures import FacilitatorServer
 from solana.rpc.api import Client
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
@@ -24,7 +23,6 @@ from solders.signature import Signature
 from solders.transaction import VersionedTransaction
 from x402.http.utils import decode_payment_signature_header, encode_payment_signature_header
 from x402.mechanisms.svm import derive_ata
-from x402.schemas import PaymentPayload, PaymentRequirements
 
 from dispatchnet.chains.deployments import ChainConfigError
 from dispatchnet.chains.solana.rail import SvmRail, message_id
@@ -350,7 +348,7 @@ async def test_a_payment_is_settled_at_once_and_refunded_when_the_job_is_cancell
         await store.close()
 
 
-class HttpFacilitator:
+class HttpFacilitator(FacilitatorServer):
     """An x402 facilitator over HTTP on 127.0.0.1:<free port> (how devnet settles): the
     SDK's SVM facilitator with its own fee payer, behind /supported, /verify and /settle."""
 
@@ -358,37 +356,7 @@ class HttpFacilitator:
         facilitator = rail_of_keypair(data, fee_payer).facilitator
         self.address = str(fee_payer.pubkey())
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def reply(self, model: Any) -> None:
-                body = model.model_dump_json(by_alias=True, exclude_none=True).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self) -> None:
-                self.reply(facilitator.get_supported())
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                payload = PaymentPayload.model_validate(body["paymentPayload"])
-                requirement = PaymentRequirements.model_validate(body["paymentRequirements"])
-                call = facilitator.verify if self.path == "/verify" else facilitator.settle
-                self.reply(call(payload, requirement))
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        super().__init__(facilitator)
 
 
 def rail_of_keypair(data: dict[str, Any], kp: Keypair, **kw: Any) -> SvmRail:
