@@ -206,7 +206,9 @@ class PaymentService(OutboxLoop):
             return 0
         changed = 0
         due: list[Payment] = []
+        states: dict[str, JobState] = {}  # the jobs' states as read with their payments
         for payment, job_state in await self.store.due_payments(self.clock(), PAGE):
+            states[payment.job_id] = job_state
             try:
                 if await self._advance(payment, job_state, due):
                     changed += 1
@@ -218,7 +220,7 @@ class PaymentService(OutboxLoop):
                               extra={"job_id": payment.job_id})  # fmt: skip
                 continue
             self.recovered()
-        return changed + await self._settle_due(due)
+        return changed + await self._settle_due(due, states)
 
     async def _back_off(self, payment: Payment, error: str) -> None:
         delay = self.backed_off(error, payment.network)
@@ -248,7 +250,7 @@ class PaymentService(OutboxLoop):
             return await self._refund(p)
         return False
 
-    async def _settle_due(self, due: list[Payment]) -> int:
+    async def _settle_due(self, due: list[Payment], states: dict[str, JobState]) -> int:
         """Settles the payments due in batches of settle_batch_size: a full batch at once,
         a smaller one once its oldest payment has waited settle_max_wait_seconds (or when a
         payment's settle_by has come). Nothing is lost by waiting: the payments stay
@@ -284,18 +286,24 @@ class PaymentService(OutboxLoop):
             for p, _ in settled:
                 self._due_since.pop(p.job_id, None)
             # recorded together: the store commits them in one transaction
-            changed += sum(await asyncio.gather(*(self._settled(p, r) for p, r in settled)))
+            recorded = [self._settled(p, r, states.get(p.job_id)) for p, r in settled]
+            changed += sum(await asyncio.gather(*recorded))
         return changed
 
-    async def _settled(self, p: Payment, result: str | SettlementRefused) -> int:
-        """Records one settlement's outcome: the transaction, or a final refusal."""
+    async def _settled(
+        self, p: Payment, result: str | SettlementRefused, job_state: JobState | None = None
+    ) -> int:
+        """Records one settlement's outcome: the transaction, or a final refusal. job_state:
+        the job's state when the pass read it, if final (it cannot have changed since)."""
         if isinstance(result, SettlementRefused):
             log.warning("settlement of job %s refused: %s (not charged)", p.job_id, result,
                         extra={"job_id": p.job_id})  # fmt: skip
             await self._update(p, (p.status,), status=PaymentStatus.FAILED, error=str(result))
             return 1
-        job = await self.store.get_job(p.job_id)
-        state = job.state if job is not None else JobState.FAILED
+        if job_state is None or not job_state.final:
+            job = await self.store.get_job(p.job_id)
+            job_state = job.state if job is not None else JobState.FAILED
+        state = job_state
         status = (
             PaymentStatus.SETTLED
             if state is JobState.COMPLETED

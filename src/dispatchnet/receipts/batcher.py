@@ -28,7 +28,7 @@ from dispatchnet.coordinator.models import AnchorStatus, Job, ReceiptBatch, Unba
 from dispatchnet.coordinator.observer import NULL_OBSERVER, Observer
 from dispatchnet.coordinator.ports import ReceiptBatches
 from dispatchnet.errors import Unavailable
-from dispatchnet.loops import OutboxLoop
+from dispatchnet.loops import OutboxLoop, coalesce
 from dispatchnet.profiles import ReceiptsConfig
 from dispatchnet.receipts.anchoring import Anchorer
 from dispatchnet.receipts.merkle import merkle_root
@@ -37,6 +37,7 @@ log = logging.getLogger("dispatch.receipts")
 
 MAX_BATCHES_PER_PASS = 100  # a pass closes at most this many batches before yielding
 ANCHOR_PAGE = 100  # batches read per anchoring pass
+MIN_PASS_GAP = OutboxLoop.min_pass_gap  # see OutboxLoop: kicks within it share one pass
 TO_ANCHOR = (AnchorStatus.PENDING, AnchorStatus.FAILED)
 
 
@@ -138,7 +139,9 @@ class ReceiptBatcher:
         return min(self.tick, max(0.01, self._next_due - self.clock()))
 
     async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             try:
                 async with self.anchoring.locks.pass_lock("receipt-batcher") as held:
                     if held and await self.close_due() and self.anchorer.enabled:
@@ -149,6 +152,7 @@ class ReceiptBatcher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._batch_wait()):
                     await self._wake.wait()
+            await coalesce(started, MIN_PASS_GAP)  # a completed job wakes it: share passes
             self._wake.clear()
 
     # --- anchoring ----------------------------------------------------------------------
