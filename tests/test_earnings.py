@@ -80,6 +80,9 @@ class FakeGateway:
     def broadcast_refund(self, payment: Payment) -> bool | None:
         return True
 
+    def close(self) -> None:
+        pass
+
 
 def payment(amount: int, settle_by: float, network: str = "eip155:31337") -> Payment:
     now = time.time()

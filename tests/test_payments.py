@@ -123,10 +123,21 @@ def credits(cluster: Cluster) -> dict[str, int]:
     }
 
 
+# [payments] verify_processes: verification in a child process answers the same
+IN_A_PROCESS = pytest.mark.parametrize(
+    "paid", [{}, {"verify_processes": 1}], indirect=True, ids=["thread", "verifier-process"]
+)
+
+
+@IN_A_PROCESS
 async def test_a_paid_job_is_settled_once_after_it_completes(
     paid: Cluster,
     chain: dict[str, Any],  # noqa: F811
+    request: pytest.FixtureRequest,
 ) -> None:
+    assert paid.coord.payments is not None
+    in_process = "verify_processes" in request.node.callspec.params["paid"]
+    assert ("verified in 1 process" in paid.coord.payments.gateway.describe()) == in_process
     await paid.worker("seeker")
     wallet = new_payer(chain)
     before_payer, before_payee = balance(chain, wallet.address), balance(chain, payee(chain))
@@ -260,6 +271,7 @@ def balances(deployed: dict[str, Any], *addresses: str) -> list[int]:
 RE = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+@IN_A_PROCESS
 async def test_refused_payments_move_nothing(
     paid: Cluster,
     chain: dict[str, Any],  # noqa: F811

@@ -81,6 +81,7 @@ LOCK_SUBMITTERS = 4
 # The write held with the lock: the oldest job's row rewritten unchanged.
 LOCK_WRITE = "UPDATE jobs SET updated_at = updated_at WHERE rowid = (SELECT min(rowid) FROM jobs)"
 SCALE_BASE = 50
+VERIFY_PROCESSES = 1  # the paid coordinator verifies payments in this many child processes
 SEEKERS_PER_PROCESS = 1000
 BURST = 32
 IDLE_SECONDS = 3.0  # at most: never more than a measurement's `seconds` (at least 1)
@@ -717,6 +718,14 @@ async def bench_scale(
 # --- the run ----------------------------------------------------------------------------
 
 
+def with_verify_processes(profile_text: str, processes: int = VERIFY_PROCESSES) -> str:
+    """A profile's text with `[payments] verify_processes` set (see payments/verifier.py)."""
+    header = "[payments]\n"
+    if header not in profile_text or "verify_processes" in profile_text:
+        raise ValueError("the profile has no [payments] table to add verify_processes to")
+    return profile_text.replace(header, f"{header}verify_processes = {processes}\n", 1)
+
+
 def ms_list(seconds: list[float]) -> str:
     return ", ".join(f"{s * 1000:.1f}" for s in seconds)
 
@@ -813,12 +822,14 @@ async def run_bench(
         import dispatchnet.chains.evm  # noqa: F401  (before web3: restores the recursion limit)
         from dispatchnet.devchain.local_chain import chain_up
         from dispatchnet.payments.wallet import Wallet
-        from dispatchnet.profiles import load_profile
+        from dispatchnet.profiles import load_profile, resolve_path
 
         chain_profile = load_profile("local-monad")
         chain = await asyncio.to_thread(chain_up, chain_profile, 0)
+        paid_profile = tmp / "local-monad-bench.toml"  # with a payment verifier process
+        paid_profile.write_text(with_verify_processes(resolve_path("local-monad").read_text()))
         info = await children.dispatch(
-            "coordinator-paid", "coordinator", "--profile", "local-monad", "--listen",
+            "coordinator-paid", "coordinator", "--profile", str(paid_profile), "--listen",
             "127.0.0.1:0", "--data-dir", str(tmp / "coord-paid"),
         )  # fmt: skip
         address = str(info["listening"])

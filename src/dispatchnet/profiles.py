@@ -184,6 +184,10 @@ class PaymentsConfig:
     # has waited settle_max_wait_seconds.
     settle_batch_size: int = 50
     settle_max_wait_seconds: float = 2.0
+    # Verify CommitJob's payments in this many child processes (0: in a thread of the
+    # coordinator). Verification is CPU work that otherwise competes with the event loop
+    # for the interpreter lock; see payments/verifier.py.
+    verify_processes: int = 0
 
 
 @dataclass(frozen=True)
@@ -520,6 +524,8 @@ def _check_payments(profile: Profile) -> list[str]:
         problems.append("[payments] settle_batch_size must be 1-200")
     if not 0 <= p.settle_max_wait_seconds <= 600:
         problems.append("[payments] settle_max_wait_seconds must be 0-600")
+    if not 0 <= p.verify_processes <= 64:
+        problems.append("[payments] verify_processes must be 0-64")
     if profile.wallet.max_per_job_micros < 0:
         problems.append("[wallet] max_per_job_micros must not be negative")
     if not 0 <= profile.payouts.fee_bps <= 10000:

@@ -47,7 +47,7 @@ from dispatchnet.observability import tracing
 from dispatchnet.observability.runtime import Observability
 from dispatchnet.observability.sampler import Outboxes
 from dispatchnet.payments.interceptor import PaymentInterceptor
-from dispatchnet.payments.service import PaymentService
+from dispatchnet.payments.service import PaymentGateway, PaymentService
 from dispatchnet.profiles import Profile
 from dispatchnet.receipts.anchoring import anchorer_for
 from dispatchnet.receipts.batcher import ReceiptBatcher
@@ -343,9 +343,17 @@ def payment_service_for(
     # imported only by profiles that take payments (x402 and web3 are heavy)
     from dispatchnet.payments.x402 import gateway_for
 
-    gateway = gateway_for(profile, data_dir)
+    gateway: PaymentGateway | None = gateway_for(profile, data_dir)
     assert gateway is not None
     log.info("CommitJob takes x402 payments on %s", gateway.describe())
+    if profile.payments.verify_processes:
+        from dispatchnet.payments.verifier import ProcessVerifyingGateway
+
+        verifying = ProcessVerifyingGateway(
+            gateway, profile, data_dir, profile.payments.verify_processes
+        )
+        verifying.start()
+        gateway = verifying
     observed = observability.gateway(gateway) if observability is not None else gateway
     return PaymentService(
         store, jobs, observed, profile.payments, profile.jobs, payouts=profile.payouts

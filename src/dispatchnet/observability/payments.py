@@ -108,6 +108,9 @@ class ObservedGateway:
     def broadcast_refund(self, payment: Payment) -> bool | None:
         return self.inner.broadcast_refund(payment)
 
+    def close(self) -> None:
+        self.inner.close()
+
     def __getattr__(self, name: str) -> Any:
         """Anything else the gateway has (e.g. X402Gateway.settle, for tools and tests)."""
         return getattr(self.inner, name)

@@ -74,6 +74,7 @@ class PaymentGateway(Protocol):
     def sign_refund(self, payment: Payment) -> tuple[str, str]: ...
     def refund_status(self, payment: Payment) -> bool | None: ...
     def broadcast_refund(self, payment: Payment) -> bool | None: ...
+    def close(self) -> None: ...
 
 
 class PaymentService(OutboxLoop):
@@ -104,6 +105,10 @@ class PaymentService(OutboxLoop):
         # job_id -> when its payment was first seen due for settlement (batching window)
         self._due_since: dict[str, float] = {}
         jobs.final_listeners.append(self.job_final)
+
+    async def stop(self) -> None:
+        await super().stop()
+        await asyncio.to_thread(self.gateway.close)  # e.g. its verifier processes
 
     # --- at CommitJob -------------------------------------------------------------------------
 

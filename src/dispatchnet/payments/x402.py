@@ -299,6 +299,9 @@ class X402Gateway:
     def broadcast_refund(self, payment: Payment) -> bool | None:
         return self.rails[payment.network].broadcast_refund(payment)
 
+    def close(self) -> None:
+        pass
+
 
 def _x402_objects(payment: Payment) -> tuple[PaymentPayload, PaymentRequirements]:
     return (
