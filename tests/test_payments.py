@@ -871,3 +871,35 @@ async def test_a_paid_commit_does_not_ask_the_node_its_chain_id(
     assert methods.count("eth_call") == 3  # the verifications did reach the node
     # web3 may ask once more for its cache's sake; without the cache it was 2 per commit
     assert methods.count("eth_chainId") <= 1, methods
+
+
+@pytest.mark.parametrize("paid", [{"verify_processes": 1}], indirect=True)
+async def test_a_verifier_process_that_dies_is_replaced(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+) -> None:
+    """`[payments] verify_processes`: the CommitJob whose verifier died answers UNAVAILABLE
+    (nothing stored, the payment unused), and the same payment then commits."""
+    from dispatchnet.payments.verifier import ProcessVerifyingGateway
+
+    assert paid.coord.payments is not None
+    verifying = paid.coord.payments.gateway.inner
+    assert isinstance(verifying, ProcessVerifyingGateway)
+    await paid.worker("seeker")
+    c = paid.client()
+    quote = await c.quote(ECHO)
+    header = await required_header(c, quote.quote_id)
+    signature = encode_payment_signature_header(signed(new_payer(chain), header))
+    pool = verifying._executor()
+    await asyncio.wrap_future(pool.submit(int, 0))  # its process is up
+    for process in list(pool._processes.values()):
+        process.kill()
+        await asyncio.to_thread(process.join, 10)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await commit_with(c, quote.quote_id, signature, key="k1")
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "verifier" in (e.value.details() or "")
+    assert paid.db.open_payments() == []
+    job = await commit_with(c, quote.quote_id, signature, key="k1")
+    assert job.payment.status == "authorized"
+    assert (await c.wait(job.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED
