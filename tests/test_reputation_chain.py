@@ -164,3 +164,5 @@ async def test_older_feedback_weighs_less_by_its_blocks_time(
     assert [round(e["weight"], 2) for e in shown["feedback"]] == [0.25, 0.25, 1.0, 1.0]
     assert {e["client"] for e in shown["feedback"]} == {reviewer.address}
     assert shown["summary"] == {"count": 4, "average": 50.0}
+    rc, out, err = await adispatch(home, "chain", "reputation", "--", "-1")
+    assert rc == 1 and "agent id -1 is not a uint256" in err and "Traceback" not in err

@@ -845,6 +845,8 @@ async def cmd_chain_reputation(args: argparse.Namespace) -> int:
     from dispatchnet.errors import Unavailable
     from dispatchnet.reputation.erc8004 import explain
 
+    if not 0 <= args.agent_id < 2**256:
+        raise CliError(f"agent id {args.agent_id} is not a uint256")
     profile = load_profile(args.profile)
     evm = registry.identity_profile(profile) or profile  # where the reputation registry is
     r = profile.reputation

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -227,6 +228,7 @@ class EvmReputationReader:
         self._revoked = HexBytes(self.contract.events.FeedbackRevoked.topic)
         self._reviewer_topics = ["0x" + "00" * 12 + a[2:].lower() for a in reviewers]
         self._block_times: OrderedDict[int, float] = OrderedDict()
+        self._times_lock = threading.Lock()  # refreshes of several agents run in threads
 
     def summary(self, agent_id: int) -> tuple[int, float]:
         try:
@@ -287,13 +289,15 @@ class EvmReputationReader:
         return FeedbackPage(records, revoked, last + 1, float(latest["timestamp"]))
 
     def _remember(self, block: int, at: float) -> None:
-        self._block_times[block] = at
-        self._block_times.move_to_end(block)
-        while len(self._block_times) > BLOCK_TIMES_KEPT:
-            self._block_times.popitem(last=False)
+        with self._times_lock:
+            self._block_times[block] = at
+            self._block_times.move_to_end(block)
+            while len(self._block_times) > BLOCK_TIMES_KEPT:
+                self._block_times.popitem(last=False)
 
     def _block_time(self, block: int) -> float:
-        at = self._block_times.get(block)
+        with self._times_lock:
+            at = self._block_times.get(block)
         if at is None:
             at = float(self.w3.eth.get_block(block)["timestamp"])
             self._remember(block, at)
