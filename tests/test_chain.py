@@ -331,12 +331,16 @@ def test_chain_reputation_shows_summary_and_feedback(
     out = dispatch(home, "chain", "reputation", str(agent_id), "--profile", "local-monad")
     assert out.returncode == 0, out.stderr
     shown = json.loads(out.stdout)
-    assert shown["agent_id"] == agent_id and shown["count"] == 1 and shown["average"] == 100
+    assert shown["agent_id"] == agent_id and shown["summary"] == {"count": 1, "average": 100}
     assert coordinator.address in shown["reviewers"]
-    assert shown["feedback"] == [{
+    # one fresh success: (1 + 3 * 0.3) / (1 + 3) with the default prior
+    assert shown["score"] == pytest.approx(0.475, abs=1e-3)
+    [entry] = shown["feedback"]
+    assert {k: entry[k] for k in ("client", "index", "value", "tag1", "tag2")} == {
         "client": coordinator.address, "index": 1, "value": 100, "tag1": "successRate",
-        "tag2": "task", "revoked": False,
-    }]  # fmt: skip
+        "tag2": "task",
+    }  # fmt: skip
+    assert entry["weight"] == pytest.approx(1, abs=1e-3)
 
 
 def test_chain_down_stops_anvil_and_removes_the_deployment(

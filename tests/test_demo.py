@@ -158,7 +158,8 @@ async def test_demo_runs_all_scenarios_on_both_chains(
     before = re.search(r"reputation before (.*)\(ListWorkers, source erc8004\)", evm)
     after = re.search(r"reputation after +(.*)\(ListWorkers, source erc8004\)", evm)
     assert before is not None and after is not None
-    assert before.group(1).split() == ["seeker-1", "0.50", "seeker-2", "0.50", "desktop-1", "0.50"]
+    # the prior: new agents start low
+    assert before.group(1).split() == ["seeker-1", "0.30", "seeker-2", "0.30", "desktop-1", "0.30"]
     scores_after = dict(zip(*[iter(after.group(1).split())] * 2, strict=True))
     feedback = re.findall(
         r"(\S+) +agent #\d+: getSummary -> (\d+) feedbacks?, average (\S+) -> score (\S+)", evm
@@ -168,7 +169,7 @@ async def test_demo_runs_all_scenarios_on_both_chains(
     for label, count, average, score in feedback:
         assert average == ("100" if int(count) else "-")  # completed: successRate 100
         assert scores_after[label] == score  # ListWorkers agrees with the chain
-        assert (float(score) > 0.5) == (int(count) > 0)
+        assert (float(score) > 0.3) == (int(count) > 0)
 
     # cleaned up: the scratch space (both chains' deployments included) is removed
     scratch = re.search(r"scratch space: (\S+),", out)

@@ -11,7 +11,6 @@ from test_store import make_job, queued
 
 from dispatchnet.coordinator.models import FeedbackEntry, FeedbackStatus, JobState
 from dispatchnet.errors import Unavailable
-from dispatchnet.reputation.erc8004 import Erc8004Reputation
 from dispatchnet.reputation.feedback import FeedbackSender
 from dispatchnet.store.threaded import ThreadedStore
 
@@ -71,35 +70,3 @@ async def test_outbox_commits_with_the_transition_and_the_sender_retries(
     assert failed.job_id == "j2" and "SelfFeedback" in failed.error
     assert await sender.send_due() == 0 and poster.sent == ["j1"]  # exactly once
     await store.close()
-
-
-class FakeReader:
-    def __init__(self) -> None:
-        self.answer: tuple[int, float] | Exception = (4, 100.0)
-        self.calls = 0
-
-    def summary(self, agent_id: int) -> tuple[int, float]:
-        self.calls += 1
-        if isinstance(self.answer, Exception):
-            raise self.answer
-        return self.answer
-
-
-async def test_erc8004_scores_come_from_the_cache() -> None:
-    reader = FakeReader()
-    agents = {"w1": "5", "w2": ""}
-    rep = Erc8004Reputation(reader, lambda w: agents.get(w, ""), ttl_seconds=60)
-    assert rep.score("w1") == rep.score("w2") == 0.5 and reader.calls == 0
-    await rep.warm("w1")
-    await rep.warm("w1")  # one refresh in flight at a time
-    await rep._refreshing[5]
-    assert reader.calls == 1 and rep.score("w1") == (4 + 1) / 6
-    await rep.warm("w1")  # fresh: no chain read
-    assert reader.calls == 1
-    rep.record("w1", False)  # nudged locally until the next refresh
-    assert rep.score("w1") == (4 + 0 + 1) / 7
-    reader.answer = Unavailable("down")
-    await rep.refresh(5)  # a failed refresh keeps the last score
-    assert rep.score("w1") == (4 + 0 + 1) / 7
-    rep.record("w2", True)  # no agent id: the prior, always
-    assert rep.score("w2") == 0.5

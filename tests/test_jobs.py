@@ -223,7 +223,7 @@ async def test_list_workers_is_public(cluster: Cluster) -> None:
     assert by_id[w1.key.public_hex].max_concurrency == 2
     assert by_id[w2.key.public_hex].kind == common_pb2.WORKER_KIND_DESKTOP
     assert "echo" in by_id[w1.key.public_hex].tasks
-    assert by_id[w1.key.public_hex].reputation == pytest.approx(0.5)
+    assert by_id[w1.key.public_hex].reputation == pytest.approx(0.3)  # the prior
 
 
 async def test_many_jobs_spread_over_workers(cluster: Cluster) -> None:

@@ -281,7 +281,7 @@ async def test_a_registered_worker_proves_both_keys_and_its_jobs_are_rated_on_th
     r = dispatch(home, "chain", "reputation", agent_id, "--profile", "local-solana")
     assert r.returncode == 0, r.stderr
     shown = json.loads(r.stdout)
-    assert (shown["count"], shown["network"]) == (1, "eip155:31337")
+    assert (shown["summary"]["count"], shown["network"]) == (1, "eip155:31337")
 
 
 async def test_the_cli_worker_connects_with_its_agent_file(

@@ -40,6 +40,7 @@ from dispatchnet.coordinator.models import (
     Result,
     Split,
     UnbatchedReceipt,
+    WorkerDay,
 )
 from dispatchnet.errors import PaymentReused, Unavailable
 from dispatchnet.store.base import QuoteUsage, Runnable, Store
@@ -280,6 +281,35 @@ async def test_a_final_move_adds_feedback_once_and_counts_the_outcome(store: Sto
     assert (sent.status, sent.transaction, sent.attempts) == (FeedbackStatus.SENT, "0xtx", 1)
     assert await store.feedback_entries((FeedbackStatus.PENDING,)) == []
     assert await store.worker_stats("nobody") == (0, 0)
+
+
+async def test_outcomes_and_spot_checks_are_tallied_per_worker_and_day(store: Store) -> None:
+    day = 86400.0
+    await store.record_worker_seen("w1", 1, 50.0)
+    job, _ = await store.create_job(make_job("job_1"), queued("job_1"))
+    await offer(store, job)
+    done = Event("job_1", EventKind.STATE, JobState.COMPLETED, 3 * day + 5, worker_id="w1")
+    assert await store.transition(
+        "job_1", (JobState.OFFERED,), 1, {"state": JobState.COMPLETED}, done,
+        outcome=("w1", True),
+    )  # fmt: skip
+    # a later failure of the same worker, without an event: the job's updated_at decides
+    assert await store.transition(
+        "job_1", (JobState.COMPLETED,), None, {"updated_at": 5 * day}, None,
+        outcome=("w1", False),
+    )  # fmt: skip
+    await store.record_spot_check("w1", True, 3 * day + 100)
+    await store.record_spot_check("w1", False, 5 * day + 1)
+    await store.record_spot_check("w1", False, 5 * day + 2)
+    await store.record_spot_check("w2", True, 5 * day)
+    assert await store.worker_days("w1", 0) == [
+        WorkerDay(3, completed=1, agreed=1),
+        WorkerDay(5, failed=1, disagreed=2),
+    ]
+    assert await store.worker_days("w1", 4) == [WorkerDay(5, failed=1, disagreed=2)]
+    assert await store.worker_days("w2", 0) == [WorkerDay(5, agreed=1)]
+    assert await store.worker_days("nobody", 0) == []
+    assert await store.worker_stats("w1") == (1, 1)  # the totals still count
 
 
 # --- events and progress --------------------------------------------------------------------

@@ -811,7 +811,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dispatchnet"
 DOMAIN = [
     *sorted((SRC / "coordinator").glob("*.py")),
     *(SRC / "receipts" / name for name in ("merkle.py", "batcher.py", "anchoring.py")),
-    *(SRC / "reputation" / name for name in ("local.py", "erc8004.py", "feedback.py")),
+    *(SRC / "reputation" / name for name in ("local.py", "erc8004.py", "feedback.py", "score.py")),
     SRC / "payments" / "service.py",
     SRC / "payments" / "payouts.py",
     SRC / "loops.py",

@@ -835,37 +835,34 @@ async def cmd_chain(args: argparse.Namespace) -> int:
 
 
 async def cmd_chain_reputation(args: argparse.Namespace) -> int:
-    """An agent's reputation as matching sees it, and the feedback entries behind it."""
+    """An agent's reputation as the erc8004 source computes it, with its parts and the
+    trusted reviewers' feedback entries behind it (README "Reputation and feedback")."""
     from dispatchnet.chains import registry
     from dispatchnet.chains.deployments import ChainConfigError
     from dispatchnet.chains.evm.node import resolve_evm_chain
     from dispatchnet.chains.evm.reputation import EvmReputationReader
     from dispatchnet.coordinator.jobs import FEEDBACK_TAG1
     from dispatchnet.errors import Unavailable
+    from dispatchnet.reputation.erc8004 import explain
 
+    if not 0 <= args.agent_id < 2**256:
+        raise CliError(f"agent id {args.agent_id} is not a uint256")
     profile = load_profile(args.profile)
     evm = registry.identity_profile(profile) or profile  # where the reputation registry is
+    r = profile.reputation
 
     def read() -> dict[str, Any]:
         chain = resolve_evm_chain(evm.chain)
-        reviewers = [*profile.reputation.trusted_reviewers, *(args.reviewer or [])]
+        reviewers = [*r.trusted_reviewers, *(args.reviewer or [])]
         reader = EvmReputationReader(chain, reviewers, FEEDBACK_TAG1)
+        page = reader.feedback(args.agent_id, r.from_block)
         count, average = reader.summary(args.agent_id)
-        registry = reader.contract.functions
-        entries = []
-        for client in registry.getClients(args.agent_id).call():
-            for index in range(1, registry.getLastIndex(args.agent_id, client).call() + 1):
-                value, decimals, tag1, tag2, revoked = registry.readFeedback(
-                    args.agent_id, client, index
-                ).call()
-                entries.append({
-                    "client": client, "index": index, "value": value / 10**decimals,
-                    "tag1": tag1, "tag2": tag2, "revoked": revoked,
-                })  # fmt: skip
+        clients = reader.contract.functions.getClients(args.agent_id).call()
         return {
             "agent_id": args.agent_id, "network": chain.network, "reviewers": reader.reviewers,
-            "tag1": FEEDBACK_TAG1, "count": count, "average": average if count else None,
-            "feedback": entries,
+            "from_block": r.from_block, **explain(page, r.score_params()),
+            "summary": {"count": count, "average": average if count else None},
+            "untrusted_clients": [c for c in clients if c not in reader.reviewers],
         }  # fmt: skip
 
     try:
@@ -1303,7 +1300,8 @@ def build_parser() -> argparse.ArgumentParser:
     chsub.add_parser("down", help="stop the local chain and remove its deployment file")
     chsub.add_parser("status", help="where the profile's chain is and whether it answers")
     cr = chsub.add_parser(
-        "reputation", help="an agent's on-chain reputation (getSummary) and its feedback"
+        "reputation",
+        help="an agent's score from its trusted reviewers' feedback, with its parts",
     )
     cr.add_argument("agent_id", type=int)
     cr.add_argument(

@@ -738,6 +738,7 @@ class TrackRun:
         """Waits until the coordinator's feedback for every finished job is on chain, then
         shows it and the workers' reputation again."""
         from dispatchnet.coordinator.jobs import FEEDBACK_TAG1
+        from dispatchnet.reputation.score import Evidence, combine
 
         expected = {w.agent_id: 0 for w in self.workers}
         for o in self.outcomes:
@@ -746,6 +747,7 @@ class TrackRun:
                 if w is not None:
                     expected[w.agent_id] += 1
         adapter, profile = self.adapter()
+        params = profile.reputation.score_params()
         try:  # the reviewer: the coordinator's own account (the deployment's)
             reader = adapter.summary_reader(profile, self.dir / "coordinator", [], FEEDBACK_TAG1)
         except Exception as e:  # web3 raises many types; the chain is the demo's own
@@ -772,8 +774,8 @@ class TrackRun:
         )
         for w in self.workers:
             count, value = summaries[w.agent_id]
-            # the erc8004 source's score with the default prior 0.5 weighted like 2 entries
-            score = (count * value / 100 + 2 * 0.5) / (count + 2)
+            # the erc8004 source's formula (feedback seconds old: no decay to speak of)
+            score = combine(Evidence(0, count, count * value / 100), params).score
             say(
                 f"{INDENT}  {w.label:<10} agent #{w.agent_id}: getSummary -> {count} "
                 f"feedback{'' if count == 1 else 's'}, average {f'{value:g}' if count else '-'}"

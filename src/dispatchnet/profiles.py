@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dispatchnet.reputation.score import ScoreParams
+
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "profiles"
 
 
@@ -219,14 +221,28 @@ class WalletConfig:
 @dataclass(frozen=True)
 class ReputationConfig:
     """Where matching's worker scores come from: "local" (this coordinator's own job
-    records) or "erc8004" (ReputationRegistry.getSummary over trusted_reviewers plus the
-    coordinator's own chain account; see reputation/erc8004.py for the formula)."""
+    records and spot checks) or "erc8004" (the feedback of trusted_reviewers plus the
+    coordinator's own chain account, read from the ReputationRegistry's events). Both use
+    the formula of reputation/score.py with the settings below."""
 
     source: str = "local"
     trusted_reviewers: list[str] = field(default_factory=list)
     cache_ttl_seconds: float = 300
-    prior: float = 0.5  # the score of a worker with no feedback (or no agent id)
-    prior_weight: float = 2  # the prior counts like this many feedback entries
+    prior: float = 0.3  # the score of a worker with no feedback (or no agent id)
+    prior_weight: float = 3  # the prior counts like this many job outcomes
+    half_life_days: float = 30  # an outcome this old weighs half
+    spot_check_penalty: float = 20  # a spot-check disagreement counts like this many checks
+    # erc8004: the first block whose feedback is read (the registry's deployment block;
+    # a recent block on public nodes that limit log queries; older feedback is not counted)
+    from_block: int = 0
+
+    def score_params(self) -> ScoreParams:
+        return ScoreParams(
+            prior=self.prior,
+            prior_weight=self.prior_weight,
+            half_life_days=self.half_life_days,
+            spot_check_penalty=self.spot_check_penalty,
+        )
 
 
 @dataclass(frozen=True)
@@ -432,6 +448,10 @@ def check_profile(profile: Profile) -> list[str]:
         problems.append("[reputation] trusted_reviewers must be addresses (0x + 40 hex digits)")
     if not 0 <= r.prior <= 1 or r.prior_weight <= 0 or r.cache_ttl_seconds < 0:
         problems.append("[reputation] needs 0 <= prior <= 1, prior_weight > 0, cache_ttl >= 0")
+    if not r.half_life_days > 0 or r.spot_check_penalty < 1 or r.from_block < 0:
+        problems.append(
+            "[reputation] needs half_life_days > 0, spot_check_penalty >= 1, from_block >= 0"
+        )
     if profile.feedback.enabled:
         needs("feedback", "[feedback] enabled")
     if profile.feedback.gas_limit < 21000:

@@ -415,7 +415,7 @@ def reputation_for(
     """The reputation source the profile's [reputation] source names."""
     r = profile.reputation
     if r.source == "local":
-        return LocalReputation(store)
+        return LocalReputation(store, r.score_params())
     if r.source == "erc8004":
         from dispatchnet.coordinator.jobs import FEEDBACK_TAG1
         from dispatchnet.reputation.erc8004 import Erc8004Reputation
@@ -429,8 +429,8 @@ def reputation_for(
         return Erc8004Reputation(
             reader,
             agent_of,
-            prior=r.prior,
-            prior_weight=r.prior_weight,
+            params=r.score_params(),
+            from_block=r.from_block,
             ttl_seconds=r.cache_ttl_seconds,
         )
     raise ValueError(f"unknown reputation source {r.source!r}")

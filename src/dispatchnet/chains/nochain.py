@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from dispatchnet.payments.payouts import PayoutSender
     from dispatchnet.profiles import AcceptConfig, ChainConfig, Profile
     from dispatchnet.receipts.anchoring import Anchorer
-    from dispatchnet.reputation.erc8004 import SummaryReader
+    from dispatchnet.reputation.erc8004 import FeedbackReader
     from dispatchnet.reputation.feedback import FeedbackPoster
 
 CAPABILITIES: frozenset[str] = frozenset()
@@ -50,7 +50,7 @@ class NoChain:
 
     def summary_reader(
         self, profile: Profile, data_dir: Path, trusted: list[str], tag1: str
-    ) -> SummaryReader:
+    ) -> FeedbackReader:
         raise self._none("on-chain reputation")
 
     def feedback_poster(

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from dispatchnet.payments.payouts import PayoutSender
     from dispatchnet.profiles import AcceptConfig, ChainConfig, Profile
     from dispatchnet.receipts.anchoring import Anchorer
-    from dispatchnet.reputation.erc8004 import SummaryReader
+    from dispatchnet.reputation.erc8004 import FeedbackReader
     from dispatchnet.reputation.feedback import FeedbackPoster
 
 
@@ -42,8 +42,8 @@ class ChainAdapter(Protocol):
 
     def summary_reader(
         self, profile: Profile, data_dir: Path, trusted: list[str], tag1: str
-    ) -> SummaryReader:
-        """Reads a worker agent's reputation summary over the trusted reviewers."""
+    ) -> FeedbackReader:
+        """Reads the feedback the trusted reviewers gave worker agents (and getSummary)."""
         ...
 
     def feedback_poster(

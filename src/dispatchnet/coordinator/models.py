@@ -408,3 +408,23 @@ class FeedbackEntry:
     transaction: str = ""
     error: str = ""
     attempts: int = 0
+
+
+DAY_SECONDS = 86400
+
+
+def day_of(t: float) -> int:
+    """The UTC day (days since 1970-01-01) of a unix time."""
+    return int(t // DAY_SECONDS)
+
+
+@dataclass(frozen=True)
+class WorkerDay:
+    """One UTC day of a worker's record: job outcomes counted by transition() and
+    spot-check verdicts (agreed with the majority, or in the minority)."""
+
+    day: int  # days since 1970-01-01 (UTC)
+    completed: int = 0
+    failed: int = 0
+    agreed: int = 0
+    disagreed: int = 0

@@ -44,6 +44,7 @@ from dispatchnet.coordinator.models import (
     Result,
     Split,
     UnbatchedReceipt,
+    WorkerDay,
 )
 
 
@@ -86,6 +87,12 @@ class ReputationSource(Protocol):
     def record(self, worker_id: str, success: bool) -> None:
         """Takes note of a finished attempt in memory (the store counts it durably in the
         transaction of the job's transition)."""
+        ...
+
+    async def record_spot_check(self, worker_id: str, agreed: bool) -> None:
+        """Takes note of a spot-check verdict on the worker: agreed with the majority of a
+        redundant run, or was in its minority (the local source stores it; the erc8004
+        source counts it until its next refresh reads the spotCheck feedback on chain)."""
         ...
 
 
@@ -231,7 +238,8 @@ class JobRepository(Protocol):
         """Applies changes (Job field names; KeyError for another name) if the job is in
         one of from_states (and at attempt, when given), appending event, adding
         `feedback` to the feedback outbox (at most one entry per job) and counting
-        `outcome` (worker_id, success) in the worker's completed/failed totals, all in the
+        `outcome` (worker_id, success) in the worker's completed/failed totals and in its
+        tally of the event's UTC day (worker_days), all in the
         same transaction; the job as it is then, or None when the condition did not hold."""
         ...
 
@@ -496,6 +504,17 @@ class WorkerRegistry(Protocol):
 
     async def worker_stats(self, worker_id: str) -> tuple[int, int]:
         """(completed, failed) counts of a worker."""
+        ...
+
+    async def record_spot_check(self, worker_id: str, agreed: bool, now: float) -> None:
+        """Counts a spot-check verdict on the worker (agreed with the majority, or in the
+        minority) in the tally of now's UTC day."""
+        ...
+
+    async def worker_days(self, worker_id: str, since_day: int) -> list[WorkerDay]:
+        """The worker's daily tallies from UTC day `since_day` on, oldest first (job
+        outcomes counted by transition() on the day of its event, spot checks by
+        record_spot_check())."""
         ...
 
     async def record_task_names(self, names: Sequence[str], now: float, keep: int) -> None:

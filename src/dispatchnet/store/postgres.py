@@ -76,6 +76,8 @@ from dispatchnet.coordinator.models import (
     ReceiptLeaf,
     Split,
     UnbatchedReceipt,
+    WorkerDay,
+    day_of,
 )
 from dispatchnet.errors import PaymentReused, Unavailable
 from dispatchnet.store.base import QuoteUsage, Runnable, Store
@@ -264,7 +266,18 @@ async def _v2(c: Conn) -> None:
     await c.execute(f"ALTER TABLE jobs ADD COLUMN coordinator_id {TEXT} NOT NULL DEFAULT ''")
 
 
-MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2]
+async def _v3(c: Conn) -> None:
+    """Each worker's record per UTC day: job outcomes and spot checks (SQLite's version 13)."""
+    await c.execute(
+        f"""CREATE TABLE worker_days (
+            worker_id {TEXT} NOT NULL, day integer NOT NULL,
+            completed bigint NOT NULL DEFAULT 0, failed bigint NOT NULL DEFAULT 0,
+            agreed bigint NOT NULL DEFAULT 0, disagreed bigint NOT NULL DEFAULT 0,
+            PRIMARY KEY (worker_id, day))"""
+    )
+
+
+MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -728,6 +741,8 @@ class PostgresStore:
                 await c.execute(
                     f"UPDATE workers SET {column} = {column} + 1 WHERE worker_id=$1", worker_id
                 )
+                at = event.time if event is not None else float(r["updated_at"] or 0.0)
+                await _count_day(c, worker_id, at, column)
             return job_of(r)
 
         return await self._write(op)
@@ -1481,8 +1496,36 @@ class PostgresStore:
         )
         return (0, 0) if r is None else (int(r["completed"]), int(r["failed"]))
 
+    async def record_spot_check(self, worker_id: str, agreed: bool, now: float) -> None:
+        column = "agreed" if agreed else "disagreed"
+        await self._write(lambda c: _count_day(c, worker_id, now, column))
+
+    async def worker_days(self, worker_id: str, since_day: int) -> list[WorkerDay]:
+        rows = await self._read(
+            lambda c: c.fetch(
+                "SELECT day, completed, failed, agreed, disagreed FROM worker_days "
+                "WHERE worker_id=$1 AND day>=$2 ORDER BY day",
+                worker_id,
+                since_day,
+            )
+        )
+        return [
+            WorkerDay(r["day"], r["completed"], r["failed"], r["agreed"], r["disagreed"])
+            for r in rows
+        ]
+
 
 # --- statements shared by several methods ---------------------------------------------------
+
+
+async def _count_day(c: Conn, worker_id: str, at: float, column: str) -> None:
+    """One more `column` (completed, failed, agreed, disagreed) in the worker's day."""
+    await c.execute(
+        f"INSERT INTO worker_days (worker_id, day, {column}) VALUES ($1, $2, 1) "
+        f"ON CONFLICT (worker_id, day) DO UPDATE SET {column} = worker_days.{column} + 1",
+        worker_id,
+        day_of(at),
+    )
 
 
 async def _in_snapshot(c: Conn, op: Callable[[Conn], Awaitable[T]]) -> T:

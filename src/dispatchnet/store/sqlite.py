@@ -44,6 +44,8 @@ from dispatchnet.coordinator.models import (
     ReceiptLeaf,
     Split,
     UnbatchedReceipt,
+    WorkerDay,
+    day_of,
 )
 from dispatchnet.errors import PaymentReused
 from dispatchnet.store.base import QuoteUsage, Runnable
@@ -386,7 +388,25 @@ def _v12(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE jobs ADD COLUMN coordinator_id TEXT NOT NULL DEFAULT ''")
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12]
+def _v13(db: sqlite_utils.Database) -> None:
+    """Reputation: each worker's record per UTC day (job outcomes and spot-check verdicts),
+    so the local score can weigh recent days more."""
+    db.table("worker_days").create(
+        {
+            "worker_id": str,
+            "day": int,
+            "completed": int,
+            "failed": int,
+            "agreed": int,
+            "disagreed": int,
+        },
+        pk=("worker_id", "day"),
+        not_null={"completed", "failed", "agreed", "disagreed"},
+        defaults={"completed": 0, "failed": 0, "agreed": 0, "disagreed": 0},
+    )
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -712,7 +732,8 @@ class SqliteStore:
             if feedback is not None:
                 self._insert_feedback(feedback)
             if outcome is not None:
-                self._record_outcome(*outcome)
+                at = event.time if event is not None else float(r["updated_at"] or 0.0)
+                self._record_outcome(*outcome, at)
         return job_of(r)
 
     def append_progress(self, events: Sequence[Event]) -> bool:
@@ -1438,9 +1459,32 @@ class SqliteStore:
         )
         return [str(r["name"]) for r in rows]
 
-    def _record_outcome(self, worker_id: str, success: bool) -> None:
+    def _record_outcome(self, worker_id: str, success: bool, at: float) -> None:
         col = "completed" if success else "failed"
         self._conn.execute(f"UPDATE workers SET {col}={col}+1 WHERE worker_id=?", (worker_id,))
+        self._count_day(worker_id, at, col)
+
+    def _count_day(self, worker_id: str, at: float, col: str) -> None:
+        self._conn.execute(
+            f"INSERT INTO worker_days (worker_id, day, {col}) VALUES (?,?,1) "
+            f"ON CONFLICT(worker_id, day) DO UPDATE SET {col}={col}+1",
+            (worker_id, day_of(at)),
+        )
+
+    def record_spot_check(self, worker_id: str, agreed: bool, now: float) -> None:
+        with self._tx():
+            self._count_day(worker_id, now, "agreed" if agreed else "disagreed")
+
+    def worker_days(self, worker_id: str, since_day: int) -> list[WorkerDay]:
+        rows = self._conn.execute(
+            "SELECT day, completed, failed, agreed, disagreed FROM worker_days "
+            "WHERE worker_id=? AND day>=? ORDER BY day",
+            (worker_id, since_day),
+        )
+        return [
+            WorkerDay(r["day"], r["completed"], r["failed"], r["agreed"], r["disagreed"])
+            for r in rows
+        ]
 
     def worker_stats(self, worker_id: str) -> tuple[int, int]:
         r = self._conn.execute(

@@ -47,6 +47,7 @@ from dispatchnet.coordinator.models import (
     ReceiptLeaf,
     Split,
     UnbatchedReceipt,
+    WorkerDay,
 )
 from dispatchnet.coordinator.ports import ONE_PROCESS
 from dispatchnet.errors import Unavailable
@@ -560,6 +561,12 @@ class ThreadedStore:
 
     async def worker_stats(self, worker_id: str) -> tuple[int, int]:
         return await self._read(lambda s: s.worker_stats(worker_id))
+
+    async def record_spot_check(self, worker_id: str, agreed: bool, now: float) -> None:
+        await self._write(lambda s: s.record_spot_check(worker_id, agreed, now))
+
+    async def worker_days(self, worker_id: str, since_day: int) -> list[WorkerDay]:
+        return await self._read(lambda s: s.worker_days(worker_id, since_day))
 
     # --- receipt batches ----------------------------------------------------------------
 

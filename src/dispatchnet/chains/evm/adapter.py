@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from dispatchnet.agent_identity import IdentityVerifier
     from dispatchnet.payments.payouts import PayoutSender
     from dispatchnet.receipts.anchoring import Anchorer
-    from dispatchnet.reputation.erc8004 import SummaryReader
+    from dispatchnet.reputation.erc8004 import FeedbackReader
     from dispatchnet.reputation.feedback import FeedbackPoster
 
 
@@ -53,7 +53,7 @@ class EvmAdapter:
 
     def summary_reader(
         self, profile: Profile, data_dir: Path, trusted: list[str], tag1: str
-    ) -> SummaryReader:
+    ) -> FeedbackReader:
         from dispatchnet.chains.evm.reputation import EvmReputationReader
 
         chain = resolve_evm_chain(profile.chain, data_dir)

@@ -1,11 +1,13 @@
 """ERC-8004 reputation on EVM chains: feedback posted from the coordinator's account
-(EvmFeedbackPoster, exactly once per entry) and summaries read over trusted reviewers
+(EvmFeedbackPoster, exactly once per entry) and the feedback of trusted reviewers read back
 (EvmReputationReader)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from eth_typing import ChecksumAddress
@@ -30,6 +32,7 @@ from dispatchnet.chains.evm.node import (
     web3_for,
 )
 from dispatchnet.errors import Unavailable
+from dispatchnet.reputation.erc8004 import FeedbackPage, FeedbackRecord
 
 log = logging.getLogger("dispatch.chain")
 
@@ -185,9 +188,21 @@ class EvmFeedbackPoster:
         return ""
 
 
+# eth_getLogs is asked for at most this many blocks at a time (public nodes cap the range)
+LOG_RANGE = 10_000
+BLOCK_TIMES_KEPT = 50_000  # block timestamps remembered (blocks never change their time)
+
+
 class EvmReputationReader:
-    """Reads ReputationRegistry.getSummary over the trusted reviewers (blocking: call it in
-    a thread). summary(agent_id) -> (count, average value) of the successRate feedback."""
+    """Reads ERC-8004 feedback given by the trusted reviewers (blocking: call it in a
+    thread): feedback(agent_id, from_block) -> the NewFeedback / FeedbackRevoked events of
+    the agent whose clientAddress is a trusted reviewer, each with its block's timestamp;
+    summary(agent_id) -> getSummary's (count, average value) for tag1.
+
+    The reviewers are [reputation] trusted_reviewers plus the coordinator's own chain
+    account, each once; the event filter names them (topic clientAddress), so the node
+    never returns feedback from anyone else. Logs are asked for LOG_RANGE blocks at a time;
+    block timestamps are cached."""
 
     def __init__(
         self, chain: EvmChain, trusted: list[str], tag1: str, timeout: float = 10.0
@@ -207,9 +222,13 @@ class EvmReputationReader:
         self.tag1 = tag1
         self.network = chain.network
         self.rpc_url = chain.rpc_url
-        self.contract = reputation_contract(
-            web3_for(chain.rpc_url, timeout), chain.reputation_registry
-        )
+        self.w3 = web3_for(chain.rpc_url, timeout)
+        self.contract = reputation_contract(self.w3, chain.reputation_registry)
+        self._new = HexBytes(self.contract.events.NewFeedback.topic)
+        self._revoked = HexBytes(self.contract.events.FeedbackRevoked.topic)
+        self._reviewer_topics = ["0x" + "00" * 12 + a[2:].lower() for a in reviewers]
+        self._block_times: OrderedDict[int, float] = OrderedDict()
+        self._times_lock = threading.Lock()  # refreshes of several agents run in threads
 
     def summary(self, agent_id: int) -> tuple[int, float]:
         try:
@@ -219,3 +238,67 @@ class EvmReputationReader:
         except TRANSIENT as e:
             raise Unavailable(f"chain {self.network} at {self.rpc_url}: {_brief(e)}") from e
         return int(count), int(value) / 10 ** int(decimals)
+
+    def feedback(self, agent_id: int, from_block: int) -> FeedbackPage:
+        try:
+            return self._feedback(agent_id, from_block)
+        except TRANSIENT as e:
+            raise Unavailable(f"chain {self.network} at {self.rpc_url}: {_brief(e)}") from e
+
+    def _feedback(self, agent_id: int, from_block: int) -> FeedbackPage:
+        latest = self.w3.eth.get_block("latest")
+        last = int(latest["number"])
+        self._remember(last, float(latest["timestamp"]))
+        topics: list[Any] = [
+            [_hex(self._new), _hex(self._revoked)],
+            "0x" + agent_id.to_bytes(32, "big").hex(),
+            self._reviewer_topics,
+        ]
+        records: list[FeedbackRecord] = []
+        revoked: list[tuple[str, int]] = []
+        start = max(0, from_block)
+        while start <= last:
+            end = min(last, start + LOG_RANGE - 1)
+            logs = self.w3.eth.get_logs(
+                {
+                    "address": self.contract.address,
+                    "fromBlock": start,
+                    "toBlock": end,
+                    "topics": topics,
+                }
+            )
+            for lg in logs:
+                if HexBytes(lg["topics"][0]) == self._revoked:
+                    args = self.contract.events.FeedbackRevoked().process_log(lg)["args"]
+                    revoked.append((str(args["clientAddress"]), int(args["feedbackIndex"])))
+                    continue
+                args = self.contract.events.NewFeedback().process_log(lg)["args"]
+                block = int(lg["blockNumber"])
+                records.append(
+                    FeedbackRecord(
+                        reviewer=str(args["clientAddress"]),
+                        index=int(args["feedbackIndex"]),
+                        tag1=str(args["tag1"]),
+                        tag2=str(args["tag2"]),
+                        value=int(args["value"]) / 10 ** int(args["valueDecimals"]),
+                        at=self._block_time(block),
+                        block=block,
+                    )
+                )
+            start = end + 1
+        return FeedbackPage(records, revoked, last + 1, float(latest["timestamp"]))
+
+    def _remember(self, block: int, at: float) -> None:
+        with self._times_lock:
+            self._block_times[block] = at
+            self._block_times.move_to_end(block)
+            while len(self._block_times) > BLOCK_TIMES_KEPT:
+                self._block_times.popitem(last=False)
+
+    def _block_time(self, block: int) -> float:
+        with self._times_lock:
+            at = self._block_times.get(block)
+        if at is None:
+            at = float(self.w3.eth.get_block(block)["timestamp"])
+            self._remember(block, at)
+        return at

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from dispatchnet.agent_identity import IdentityVerifier
     from dispatchnet.payments.payouts import PayoutSender
     from dispatchnet.receipts.anchoring import Anchorer
-    from dispatchnet.reputation.erc8004 import SummaryReader
+    from dispatchnet.reputation.erc8004 import FeedbackReader
     from dispatchnet.reputation.feedback import FeedbackPoster
 
 
@@ -83,7 +83,7 @@ class SolanaAdapter:
 
     def summary_reader(
         self, profile: Profile, data_dir: Path, trusted: list[str], tag1: str
-    ) -> SummaryReader:
+    ) -> FeedbackReader:
         evm = registry.identity_profile(profile)
         if evm is None:
             raise ChainConfigError(
