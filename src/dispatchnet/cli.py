@@ -406,9 +406,16 @@ async def cmd_seekers(args: argparse.Namespace) -> int:
             heat=args.heat,
             slow=args.slow,
             key_dir=Path(args.key_dir) if args.key_dir else None,
+            lie_rate=args.lie_rate,
         )
     except ValueError as e:
         raise CliError(str(e), code=2) from e
+    if args.lie_rate:
+        logging.getLogger("dispatch.seekers").warning(
+            "--lie-rate %g: these seekers return WRONG output on purpose (a demo and test "
+            "tool for verification; see README 'Verification')",
+            args.lie_rate,
+        )
     if not args.verbose:
         logging.getLogger(WORKER_LOG).setLevel(logging.WARNING)
     draining = asyncio.Event()
@@ -1182,6 +1189,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--slow", type=float, default=1.0, metavar="F", help="device speed factors in [1, F]"
     )
     sk.add_argument("--key-dir", help="keep the seekers' keys here (default: ephemeral keys)")
+    sk.add_argument(
+        "--lie-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="DEMO/TEST ONLY: return wrong output (properly signed) for this fraction of jobs, "
+        "to watch verification catch it (README 'Verification')",
+    )
     sk.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running jobs"
     )

@@ -148,8 +148,7 @@ def spec_from_proto(
             )
         if privacy is Privacy.PRIVATE:
             raise InvalidArgument(
-                "spec.verify > 1 is for PUBLIC jobs: a PRIVATE job runs only on your paired "
-                "workers"
+                "spec.verify > 1 is for PUBLIC jobs: a PRIVATE job runs only on your paired workers"
             )
     resolved = resolve_policy(job_type, Policy(policy))
     normalized = common_pb2.JobSpec()
