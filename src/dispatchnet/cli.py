@@ -478,7 +478,13 @@ def _wasm_file(path: str) -> bytes:
 
 def _submit_spec(args: argparse.Namespace) -> common_pb2.JobSpec:
     """The spec for `job submit`, from whichever of its work options (--task, --wasm,
-    --prompt) is set."""
+    --prompt) is set, with --verify's runs."""
+    spec = _work_spec(args)
+    spec.verify = args.verify or 0
+    return spec
+
+
+def _work_spec(args: argparse.Namespace) -> common_pb2.JobSpec:
     llm_options = (args.model, args.max_tokens, args.temperature)
     if args.prompt is not None:
         if args.input is not None or args.use_llm:
@@ -1217,6 +1223,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, help="LLM sampling temperature in [0, 2]")
     s.add_argument("--policy", choices=sorted(POLICIES), default="auto")
     s.add_argument("--private", action="store_true", help="only paired workers may run it")
+    s.add_argument(
+        "--verify",
+        type=int,
+        choices=(1, 2, 3),
+        help="run a task on this many independent workers and return the majority's output "
+        "(priced that many times; README 'Verification')",
+    )
     s.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
     s.add_argument("--wait", action="store_true", help="wait for the final state")
     s.add_argument(
