@@ -17,6 +17,9 @@ import pytest
 from conftest import StoreFactory
 
 from dispatchnet.coordinator.models import (
+    AGREED,
+    DISAGREED,
+    VERIFY_REDUNDANT,
     AnchorStatus,
     Event,
     EventKind,
@@ -38,6 +41,7 @@ from dispatchnet.coordinator.models import (
     Receipt,
     ReceiptBatch,
     Result,
+    Run,
     Split,
     UnbatchedReceipt,
     WorkerDay,
@@ -739,6 +743,87 @@ async def test_a_settlement_credits_once_and_a_refund_reverses_it(store: Store) 
         ("settlement", "0x" + "11" * 20, "0xs2", 1000),
     ]
     assert fees == {"0x" + "11" * 20: 100}
+
+
+def _run(job_id: str, attempt: int, worker: str, output: bytes) -> Run:
+    receipt = Receipt(b"body%d" % attempt, b"ws", b"cs", bytes([attempt]) * 32)
+    return Run(job_id, attempt, worker, "7", Result(output, "text/plain"), receipt, 100.0 + attempt)
+
+
+async def test_verified_runs_move_with_their_job_and_share_its_payment(store: Store) -> None:
+    job = dataclasses.replace(
+        make_job("job_v"), spec=dataclasses.replace(SPEC, verify=3), verify_mode=VERIFY_REDUNDANT,
+        verify_runs=3,
+    )  # fmt: skip
+    await store.create_job(job, queued("job_v"), _payment("job_v", 9))
+    stored = await store.get_job("job_v")
+    assert stored is not None and stored.spec.verify == 3 and stored.verify_runs == 3
+    requeue = Event("job_v", EventKind.STATE, JobState.QUEUED, 103.0, reason="run done")
+    for attempt, worker, out in ((1, "w1", b"a"), (2, "w2", b"b")):
+        await offer(store, stored, attempt - 1, worker)
+        run = _run("job_v", attempt, worker, out)
+        seen = (*stored.verify_seen, f"key:{worker}")
+        changes = {"state": JobState.QUEUED, "verify_seen": seen, "max_attempts": 3 + attempt}
+        moved = await store.record_run(run, (JobState.OFFERED,), changes, requeue)
+        assert moved is not None and moved.verify_seen == seen
+        # the same attempt's run again: the compare-and-set fails, nothing is stored twice
+        assert await store.record_run(run, (JobState.QUEUED,), {}, requeue) is None
+        stored = moved
+    assert [(r.attempt, r.worker_id, r.result.output) for r in await store.job_runs("job_v")] == [
+        (1, "w1", b"a"),
+        (2, "w2", b"b"),
+    ]
+    await offer(store, stored, 2, "w3")
+    feedback = [
+        FeedbackEntry(f"job_v#{a}", 7, v, 0, "spotCheck", "task", "u", b"f" * 32, 104.0)
+        for a, v in ((1, 100), (2, 0), (3, 100))
+    ]
+    verdicts = {1: AGREED, 2: DISAGREED, 3: AGREED}
+    done_event = Event("job_v", EventKind.STATE, JobState.COMPLETED, 105.0, reason="completed")
+    done = await store.conclude_runs(
+        "job_v",
+        (JobState.OFFERED,),
+        3,
+        {"state": JobState.COMPLETED, "worker_id": "w1"},
+        done_event,
+        verdicts,
+        feedback,
+        [("w1", True), ("w2", False), ("w3", True)],
+        run=_run("job_v", 3, "w3", b"a"),
+    )
+    assert done is not None and done.state is JobState.COMPLETED
+    assert [r.verdict for r in await store.job_runs("job_v")] == [AGREED, DISAGREED, AGREED]
+    assert sorted(f.job_id for f in await store.feedback_entries()) == [
+        "job_v#1",
+        "job_v#2",
+        "job_v#3",
+    ]
+    assert await store.worker_stats("w2") == (0, 0)  # never seen: no row to count in
+    again = await store.conclude_runs(
+        "job_v", (JobState.OFFERED,), 3, {}, done_event, verdicts, feedback
+    )
+    assert again is None  # the job moved on: nothing written twice
+    # the settlement credits the agreeing workers, the result's worker first, once
+    for _ in range(2):
+        await store.update_payment(
+            "job_v",
+            (PaymentStatus.AUTHORIZED, PaymentStatus.SETTLED),
+            {"status": PaymentStatus.SETTLED, "transaction": "0xs", "updated_at": 200.0},
+            credit=Split.of(1001, 1000),
+        )
+    [w1] = await store.earnings("w1", 5)
+    [w3] = await store.earnings("w3", 5)
+    assert (w1.fee, w1.share, w3.fee, w3.share) == (100, 451, 0, 450)
+    assert await store.earnings("w2", 5) == []
+    balances = await store.balances(["w1", "w2", "w3"])
+    assert [b.earned for b in balances["w1"]] + [b.earned for b in balances["w3"]] == [451, 450]
+    _, fees = await store.audit_flows("eip155:31337")
+    assert fees == {"0x" + "11" * 20: 100}
+    await store.update_payment(
+        "job_v", (PaymentStatus.SETTLED,), {"status": PaymentStatus.REFUNDED, "updated_at": 300.0}
+    )
+    assert [e.reversed for e in await store.earnings("w3", 5)] == [True]
+    assert (await store.balances(["w1", "w3"])) == {}
 
 
 async def test_payouts_debit_the_balance_atomically_and_a_failed_one_returns(

@@ -406,9 +406,16 @@ async def cmd_seekers(args: argparse.Namespace) -> int:
             heat=args.heat,
             slow=args.slow,
             key_dir=Path(args.key_dir) if args.key_dir else None,
+            lie_rate=args.lie_rate,
         )
     except ValueError as e:
         raise CliError(str(e), code=2) from e
+    if args.lie_rate:
+        logging.getLogger("dispatch.seekers").warning(
+            "--lie-rate %g: these seekers return WRONG output on purpose (a demo and test "
+            "tool for verification; see README 'Verification')",
+            args.lie_rate,
+        )
     if not args.verbose:
         logging.getLogger(WORKER_LOG).setLevel(logging.WARNING)
     draining = asyncio.Event()
@@ -471,7 +478,13 @@ def _wasm_file(path: str) -> bytes:
 
 def _submit_spec(args: argparse.Namespace) -> common_pb2.JobSpec:
     """The spec for `job submit`, from whichever of its work options (--task, --wasm,
-    --prompt) is set."""
+    --prompt) is set, with --verify's runs."""
+    spec = _work_spec(args)
+    spec.verify = args.verify or 0
+    return spec
+
+
+def _work_spec(args: argparse.Namespace) -> common_pb2.JobSpec:
     llm_options = (args.model, args.max_tokens, args.temperature)
     if args.prompt is not None:
         if args.input is not None or args.use_llm:
@@ -1180,6 +1193,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sk.add_argument("--key-dir", help="keep the seekers' keys here (default: ephemeral keys)")
     sk.add_argument(
+        "--lie-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="DEMO/TEST ONLY: return wrong output (properly signed) for this fraction of jobs, "
+        "to watch verification catch it (README 'Verification')",
+    )
+    sk.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running jobs"
     )
     sk.set_defaults(fn=cmd_seekers)
@@ -1199,6 +1220,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, help="LLM sampling temperature in [0, 2]")
     s.add_argument("--policy", choices=sorted(POLICIES), default="auto")
     s.add_argument("--private", action="store_true", help="only paired workers may run it")
+    s.add_argument(
+        "--verify",
+        type=int,
+        choices=(1, 2, 3),
+        help="run a task on this many independent workers and return the majority's output "
+        "(priced that many times; README 'Verification')",
+    )
     s.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
     s.add_argument("--wait", action="store_true", help="wait for the final state")
     s.add_argument(

@@ -261,6 +261,16 @@ class FeedbackConfig:
 
 
 @dataclass(frozen=True)
+class VerificationConfig:
+    """Redundant execution (`[verification]`, README "Verification"): this fraction of
+    the PUBLIC deterministic jobs (built-in tasks, WebAssembly) committed to run once is
+    also run on a second independent worker, at the coordinator's expense, and the two
+    output hashes compared (a tiebreaker run settles a disagreement)."""
+
+    spot_check_rate: float = 0.0
+
+
+@dataclass(frozen=True)
 class ReceiptsConfig:
     # A batch closes when this many receipts wait, or when the oldest has waited this long.
     batch_size: int = 64
@@ -364,6 +374,7 @@ class Profile:
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     receipts: ReceiptsConfig = field(default_factory=ReceiptsConfig)
+    verification: VerificationConfig = field(default_factory=VerificationConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     chain: ChainConfig = field(default_factory=ChainConfig)
     # `[identity_chain]`: for a [chain] kind with no ERC-8004 registries of its own (solana),
@@ -437,6 +448,8 @@ def check_profile(profile: Profile) -> list[str]:
                 f"{what} needs a [chain] kind (or [identity_chain]) that provides {capability}"
             )
 
+    if not 0.0 <= profile.verification.spot_check_rate <= 1.0:
+        problems.append("[verification] spot_check_rate must be between 0 and 1")
     if not 0 <= c.devchain_port <= 65535:
         problems.append("[chain] devchain_port must be a port number")
     r = profile.reputation

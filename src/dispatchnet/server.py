@@ -180,6 +180,7 @@ async def start_coordinator(
         catalogue=catalogue,
         quotes=profile.quotes,
         coordinator_id=instance_id(data_dir),
+        verification=profile.verification,
     )
     try:
         identity = observability.chain_role(

@@ -319,10 +319,20 @@ class JobSpec(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
+    VERIFY_FIELD_NUMBER: _builtins.int
     policy: Global___Policy.ValueType
     """Speed / price preference."""
     privacy: Global___Privacy.ValueType
     """Who may run it."""
+    verify: _builtins.int
+    """Redundant execution (README "Verification"): 0 or 1 runs the job once; 2 or
+    3 runs it on that many independent workers (different worker keys and
+    different agent ids), compares their output hashes and returns the
+    majority's output; the price is the single-run price times this number.
+    Deterministic TASK jobs only (built-in tasks and WebAssembly): an LLM job,
+    a task run by a model (task.use_llm) or a PRIVATE job with verify > 1 is
+    INVALID_ARGUMENT, as is any value above 3.
+    """
     @_builtins.property
     def llm(self) -> Global___LlmRequest:
         """An LLM inference job (JOB_TYPE_LLM)."""
@@ -338,10 +348,11 @@ class JobSpec(_message.Message):
         task: Global___TaskRequest | None = ...,
         policy: Global___Policy.ValueType = ...,
         privacy: Global___Privacy.ValueType = ...,
+        verify: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["llm", b"llm", "task", b"task", "work", b"work"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["llm", b"llm", "policy", b"policy", "privacy", b"privacy", "task", b"task", "work", b"work"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["llm", b"llm", "policy", b"policy", "privacy", b"privacy", "task", b"task", "verify", b"verify", "work", b"work"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_work: _TypeAlias = _typing.Literal["llm", "task"]  # noqa: Y015
     _WhichOneofArgType_work: _TypeAlias = _typing.Literal["work", b"work"]  # noqa: Y015

@@ -9,6 +9,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,40 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _VerificationMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VerificationModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VerificationMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VERIFICATION_MODE_UNSPECIFIED: _VerificationMode.ValueType  # 0
+    """Not set."""
+    VERIFICATION_MODE_SINGLE: _VerificationMode.ValueType  # 1
+    """Run once, not checked."""
+    VERIFICATION_MODE_SPOT_CHECK: _VerificationMode.ValueType  # 2
+    """A spot check: the coordinator ran the job on a second independent worker
+    at its own expense (the profile's [verification] spot_check_rate).
+    """
+    VERIFICATION_MODE_REDUNDANT: _VerificationMode.ValueType  # 3
+    """The client asked for JobSpec.verify = 2 or 3 runs."""
+
+class VerificationMode(_VerificationMode, metaclass=_VerificationModeEnumTypeWrapper):
+    """How a job's result was checked against other workers' runs (README
+    "Verification").
+    """
+
+VERIFICATION_MODE_UNSPECIFIED: VerificationMode.ValueType  # 0
+"""Not set."""
+VERIFICATION_MODE_SINGLE: VerificationMode.ValueType  # 1
+"""Run once, not checked."""
+VERIFICATION_MODE_SPOT_CHECK: VerificationMode.ValueType  # 2
+"""A spot check: the coordinator ran the job on a second independent worker
+at its own expense (the profile's [verification] spot_check_rate).
+"""
+VERIFICATION_MODE_REDUNDANT: VerificationMode.ValueType  # 3
+"""The client asked for JobSpec.verify = 2 or 3 runs."""
+Global___VerificationMode: _TypeAlias = VerificationMode  # noqa: Y015
 
 @_typing.final
 class ReceiptBody(_message.Message):
@@ -46,6 +81,7 @@ class ReceiptBody(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     COMPLETED_AT_FIELD_NUMBER: _builtins.int
     CLIENT_ID_FIELD_NUMBER: _builtins.int
+    VERIFICATION_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Receipt format version; 1 for this message."""
     job_id: _builtins.str
@@ -95,6 +131,18 @@ class ReceiptBody(_message.Message):
         coordinator's clock by more than `[receipts] max_clock_skew_seconds`.
         """
 
+    @_builtins.property
+    def verification(self) -> Global___Verification:
+        """How the result was verified; absent for a job run once (and for a spot
+        check that found no independent worker in time). Only the coordinator
+        writes it: the worker signs the body without this field, and the
+        coordinator appends it as the body's last field, so the worker's
+        signature covers the bytes of `body` before field 15 (a verifier finds
+        where field 15 starts by walking the top-level fields of the wire format;
+        it never re-serializes), and the coordinator's signature covers all of it.
+        A worker body that carries this field is refused.
+        """
+
     def __init__(
         self,
         *,
@@ -112,14 +160,63 @@ class ReceiptBody(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         completed_at: _timestamp_pb2.Timestamp | None = ...,
         client_id: _builtins.str = ...,
+        verification: Global___Verification | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "payment", b"payment", "price", b"price", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "payment", b"payment", "price", b"price", "started_at", b"started_at", "verification", b"verification"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "client_id", b"client_id", "completed_at", b"completed_at", "coordinator_public_key", b"coordinator_public_key", "input_sha256", b"input_sha256", "job_id", b"job_id", "job_type", b"job_type", "output_sha256", b"output_sha256", "payment", b"payment", "price", b"price", "started_at", b"started_at", "version", b"version", "worker_agent_id", b"worker_agent_id", "worker_public_key", b"worker_public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "client_id", b"client_id", "completed_at", b"completed_at", "coordinator_public_key", b"coordinator_public_key", "input_sha256", b"input_sha256", "job_id", b"job_id", "job_type", b"job_type", "output_sha256", b"output_sha256", "payment", b"payment", "price", b"price", "started_at", b"started_at", "verification", b"verification", "version", b"version", "worker_agent_id", b"worker_agent_id", "worker_public_key", b"worker_public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReceiptBody: _TypeAlias = ReceiptBody  # noqa: Y015
+
+@_typing.final
+class Verification(_message.Message):
+    """The verification record of a receipt (ReceiptBody.verification)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
+    OUTPUT_SHA256_FIELD_NUMBER: _builtins.int
+    AGREEING_WORKER_KEYS_FIELD_NUMBER: _builtins.int
+    DISSENTING_WORKER_KEYS_FIELD_NUMBER: _builtins.int
+    mode: Global___VerificationMode.ValueType
+    """Why the job ran more than once."""
+    runs: _builtins.int
+    """How many runs were compared (2 or 3: a tiebreaker run is added when two
+    runs disagree).
+    """
+    output_sha256: _builtins.bytes
+    """The output hash the majority agreed on (equals ReceiptBody.output_sha256)."""
+    @_builtins.property
+    def agreeing_worker_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The ed25519 public keys (32 bytes each) of the workers whose outputs
+        agreed, the one whose receipt this is first.
+        """
+
+    @_builtins.property
+    def dissenting_worker_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The public keys of the workers whose outputs differed from the majority's
+        (each got negative "spotCheck" feedback and no share).
+        """
+
+    def __init__(
+        self,
+        *,
+        mode: Global___VerificationMode.ValueType = ...,
+        runs: _builtins.int = ...,
+        output_sha256: _builtins.bytes = ...,
+        agreeing_worker_keys: _abc.Iterable[_builtins.bytes] | None = ...,
+        dissenting_worker_keys: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreeing_worker_keys", b"agreeing_worker_keys", "dissenting_worker_keys", b"dissenting_worker_keys", "mode", b"mode", "output_sha256", b"output_sha256", "runs", b"runs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Verification: _TypeAlias = Verification  # noqa: Y015
 
 @_typing.final
 class Receipt(_message.Message):

@@ -26,6 +26,7 @@ from dispatchnet.coordinator.models import (
     WorkerKind,
 )
 from dispatchnet.coordinator.pricing import resolve_policy
+from dispatchnet.coordinator.verification import MAX_RUNS as MAX_VERIFY
 from dispatchnet.errors import InvalidArgument, NotFound, quoted
 from dispatchnet.profiles import LimitsConfig
 from dispatchnet.receipts.core import sha256
@@ -137,6 +138,18 @@ def spec_from_proto(
             raise InvalidArgument(f"spec.llm.max_tokens must be at most {limits.max_llm_tokens}")
         if not 0.0 <= llm.temperature <= 2.0:
             raise InvalidArgument("spec.llm.temperature must be in [0, 2]")
+    if spec.verify > MAX_VERIFY:
+        raise InvalidArgument(f"spec.verify must be 0-{MAX_VERIFY} (independent runs)")
+    if spec.verify > 1:
+        if job_type is JobType.LLM or (work == "task" and spec.task.use_llm):
+            raise InvalidArgument(
+                "spec.verify > 1 needs a deterministic job (a built-in task or WebAssembly); "
+                "model output differs from run to run"
+            )
+        if privacy is Privacy.PRIVATE:
+            raise InvalidArgument(
+                "spec.verify > 1 is for PUBLIC jobs: a PRIVATE job runs only on your paired workers"
+            )
     resolved = resolve_policy(job_type, Policy(policy))
     normalized = common_pb2.JobSpec()
     normalized.CopyFrom(spec)
@@ -148,7 +161,15 @@ def spec_from_proto(
     data = normalized.SerializeToString(deterministic=True)
     use_llm = work == "task" and spec.task.use_llm
     domain = JobSpec(
-        job_type, resolved, Privacy(privacy), task_name, model, data, sha256(data), use_llm
+        job_type,
+        resolved,
+        Privacy(privacy),
+        task_name,
+        model,
+        data,
+        sha256(data),
+        use_llm,
+        verify=spec.verify,
     )
     return domain, module
 

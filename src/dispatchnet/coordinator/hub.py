@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from dispatchnet.agent_identity import IdentityVerifier
-from dispatchnet.coordinator import matching
+from dispatchnet.coordinator import matching, verification
 from dispatchnet.coordinator.background import BackgroundTasks
 from dispatchnet.coordinator.catalogue import TaskCatalogue
 from dispatchnet.coordinator.jobs import JobService
@@ -576,7 +576,10 @@ class WorkerHub:
         avoid = self._avoid.get(job.job_id) or set()
 
         def eligible(s: WorkerSession) -> bool:
-            return matching.eligible(spec, s, allowed)
+            # a verified job's next run goes to a worker independent of its earlier runs
+            return matching.eligible(spec, s, allowed) and verification.independent(
+                job, s.worker_id, s.agent_id
+            )
 
         return matching.choose_among(
             spec,

@@ -27,18 +27,22 @@ import dataclasses
 import hashlib
 import json
 import logging
+import random
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from dispatchnet import protocol
+from dispatchnet.coordinator import verification as verify
 from dispatchnet.coordinator.background import BackgroundTasks
 from dispatchnet.coordinator.catalogue import TaskCatalogue
 from dispatchnet.coordinator.events import JobNotifier, LiveEvents
 from dispatchnet.coordinator.models import (
     ACTIVE_STATES,
+    AGREED,
     OPEN_STATES,
+    VERIFY_SPOT_CHECK,
     Event,
     EventKind,
     Failure,
@@ -51,6 +55,7 @@ from dispatchnet.coordinator.models import (
     Privacy,
     Quote,
     Result,
+    Run,
 )
 from dispatchnet.coordinator.observer import NULL_OBSERVER, Observer
 from dispatchnet.coordinator.ports import (
@@ -70,7 +75,7 @@ from dispatchnet.errors import (
     Unauthenticated,
     quoted,
 )
-from dispatchnet.profiles import JobsConfig, PricingConfig, QuotesConfig
+from dispatchnet.profiles import JobsConfig, PricingConfig, QuotesConfig, VerificationConfig
 from dispatchnet.store.base import Store
 
 MAX_IDEMPOTENCY_KEY = protocol.MAX_IDEMPOTENCY_KEY_CHARS
@@ -119,8 +124,12 @@ class JobService:
         catalogue: TaskCatalogue | None = None,
         quotes: QuotesConfig | None = None,
         coordinator_id: str = "",
+        verification: VerificationConfig | None = None,
     ) -> None:
         self.store = store
+        # redundant runs and spot checks (coordinator/verification.py)
+        self.verification = verification or VerificationConfig()
+        self.rng = random.Random()
         # this coordinator's instance id, stable across its restarts: recorded on the jobs
         # its workers take, so that several coordinators on one store each recover and
         # requeue only their own (another's jobs come back when their leases lapse)
@@ -183,7 +192,7 @@ class JobService:
         q = Quote(
             quote_id=new_id("q"),
             spec=spec,
-            price_micros=price_micros(self.pricing, spec.job_type, spec.policy),
+            price_micros=price_micros(self.pricing, spec.job_type, spec.policy) * spec.runs,
             currency=self.pricing.currency,
             created_at=now,
             expires_at=now + self.cfg.quote_ttl_seconds,
@@ -291,6 +300,7 @@ class JobService:
         if existing is not None:
             return existing, False
         now = self.clock()
+        mode, runs = verify.plan(quote.spec, self.verification.spot_check_rate, self.rng)
         job = Job(
             job_id=new_id("job"),
             client_id=client_id,
@@ -305,6 +315,8 @@ class JobService:
             created_at=now,
             updated_at=now,
             queued_at=now,
+            verify_mode=mode,
+            verify_runs=runs,
         )
         event = Event(job.job_id, EventKind.STATE, JobState.QUEUED, now, reason="committed")
         if payment is not None:
@@ -595,6 +607,11 @@ class JobService:
             if not late:
                 await self.requeue(job, f"bad receipt: {e.message}", tell_worker=False)
             return False, e.message
+        if job.verify_runs:
+            if late:  # a verified job compares the runs it offered, in turn
+                return False, "stale: this worker holds no open attempt of the job"
+            run = Run(job_id, attempt, worker_id, worker_agent_id, result, receipt, self.clock())
+            return await self._run_completed(job, run)
         done = await self._move(
             job,
             OPEN_STATES if late else (JobState.RUNNING,),
@@ -750,6 +767,9 @@ class JobService:
             )
             await self.requeue(job, reason, tell_worker=True)
         for job in await self.store.stale_queued(now - self.cfg.queue_timeout_seconds):
+            if job.verify_seen:  # runs are in: no independent worker came for the next
+                await self._no_independent_worker(job)
+                continue
             failure = Failure(
                 "no_eligible_worker",
                 f"no eligible worker took the job within {self.cfg.queue_timeout_seconds:g}s",
@@ -783,6 +803,180 @@ class JobService:
                 self._restart_holds.setdefault(job.worker_id, {})[job.job_id] = job.attempts
                 held += 1
         return held
+
+    # --- verified jobs (coordinator/verification.py) -----------------------------------
+
+    async def _run_completed(self, job: Job, run: Run) -> tuple[bool, str]:
+        """A run of a verified job is in: stored, and the job queued for its next run,
+        or, with every run in, the runs compared and the job concluded."""
+        runs = [*(await self.store.job_runs(job.job_id)), run]
+        needed = verify.next_runs(job, runs)
+        if len(runs) < needed:
+            seen = (*job.verify_seen, *verify.identities(run.worker_id, run.agent_id))
+
+            async def record(changes: dict[str, object], event: Event) -> Job | None:
+                return await self.store.record_run(run, (JobState.RUNNING,), changes, event)
+
+            moved = await self._move(
+                job,
+                (JobState.RUNNING,),
+                run.attempt,
+                JobState.QUEUED,
+                f"run {len(runs)} of {needed} done"
+                + (" (tiebreak)" if needed > job.verify_runs else ""),
+                write=record,
+                queued_at=self.clock(),
+                lease_expires_at=0.0,
+                # a run that completed costs the job no attempt
+                max_attempts=job.max_attempts + 1,
+                verify_runs=needed,
+                verify_seen=seen,
+            )
+            if moved is None:
+                return False, "stale: the job changed state meanwhile"
+            self._release(moved, run.worker_id, run.attempt, "run_recorded", tell_worker=False)
+            if self.listener:
+                self.listener.job_queued(moved)
+            return True, ""
+        return await self._conclude(job, runs, run)
+
+    async def _conclude(self, job: Job, runs: list[Run], last: Run) -> tuple[bool, str]:
+        """Compares the runs (last: the one just in, not stored yet) and ends the job:
+        COMPLETED with the majority's output, or FAILED without a majority."""
+        t = verify.tally(runs)
+        if t.majority is None:
+            failure = Failure(
+                verify.VERIFICATION_FAILED,
+                f"the {len(runs)} independent runs gave {len({r.output_sha256 for r in runs})} "
+                "different outputs and no majority; you are not charged",
+            )
+
+            async def fail(changes: dict[str, object], event: Event) -> Job | None:
+                return await self.store.conclude_runs(
+                    job.job_id, (JobState.RUNNING,), last.attempt, changes, event, {}, run=last
+                )
+
+            moved = await self._move(
+                job,
+                (JobState.RUNNING,),
+                last.attempt,
+                JobState.FAILED,
+                verify.VERIFICATION_FAILED,
+                write=fail,
+                failure=failure,
+                lease_expires_at=0.0,
+            )
+            if moved is None:
+                return False, "stale: the job changed state meanwhile"
+            self._release(moved, last.worker_id, last.attempt, "completed", tell_worker=False)
+            return True, ""
+        chosen = t.agreeing[0]
+        receipt = self.notary.verified(
+            chosen.receipt,
+            job.verify_mode,
+            len(runs),
+            [r.worker_id for r in t.agreeing],
+            [r.worker_id for r in t.dissenting],
+        )
+        feedback = [
+            f
+            for r in runs
+            if (f := self._run_feedback(job, r, t.verdicts[r.attempt] == AGREED)) is not None
+        ]
+        outcomes = [(r.worker_id, t.verdicts[r.attempt] == AGREED) for r in runs]
+        last = dataclasses.replace(last, verdict=t.verdicts[last.attempt])
+
+        async def complete(changes: dict[str, object], event: Event) -> Job | None:
+            return await self.store.conclude_runs(
+                job.job_id,
+                (JobState.RUNNING,),
+                last.attempt,
+                changes,
+                event,
+                t.verdicts,
+                feedback,
+                outcomes,
+                run=last,
+            )
+
+        done = await self._move(
+            job,
+            (JobState.RUNNING,),
+            last.attempt,
+            JobState.COMPLETED,
+            f"completed: {len(t.agreeing)} of {len(runs)} runs agree",
+            write=complete,
+            result=chosen.result,
+            receipt=receipt,
+            worker_id=chosen.worker_id,
+            lease_expires_at=0.0,
+        )
+        if done is None:
+            return False, "stale: the job changed state meanwhile"
+        for worker_id, agreed in outcomes:
+            self.reputation.record(worker_id, agreed)
+        for worker_id, agreed in outcomes:
+            # the verdict in the worker's record (the local source stores it; on chain it
+            # is the spotCheck feedback queued with the conclusion above)
+            await self.reputation.record_spot_check(worker_id, agreed)
+        for r in t.dissenting:
+            log.warning("job %s: worker %s disagreed with the majority of %d runs", job.job_id,
+                        r.worker_id, len(runs), extra={"job_id": job.job_id})  # fmt: skip
+        self._release(done, last.worker_id, last.attempt, "completed", tell_worker=False)
+        for listener in self.completion_listeners:
+            listener.job_completed(done)
+        return True, ""
+
+    async def _no_independent_worker(self, job: Job) -> None:
+        """A verified job with runs in waited the queue timeout for an independent worker
+        in vain: a spot check with its one run is skipped (the job completes with that run,
+        as a job run once); otherwise the job fails, not charged."""
+        runs = await self.store.job_runs(job.job_id)
+        wait = f"{self.cfg.queue_timeout_seconds:g}s"
+        if job.verify_mode == VERIFY_SPOT_CHECK and len(runs) == 1:
+            run = runs[0]
+            await self._move(
+                job,
+                (JobState.QUEUED,),
+                job.attempts,
+                JobState.COMPLETED,
+                f"completed: spot check skipped (no independent worker within {wait})",
+                result=run.result,
+                receipt=run.receipt,
+                worker_id=run.worker_id,
+                feedback=self._feedback(job, run.worker_id, True, run.receipt.sha256, run.agent_id),
+                outcome=(run.worker_id, True),
+            )
+            return
+        if len(runs) >= 2 and verify.tally(runs).majority is None:
+            code = verify.VERIFICATION_FAILED
+            message = (
+                f"{len(runs)} runs disagree and no independent worker came within {wait} to "
+                "break the tie; you are not charged"
+            )
+        else:
+            code = verify.NOT_ENOUGH_WORKERS
+            message = (
+                f"{len(runs)} of {job.verify_runs} runs done; no other independent worker "
+                f"(another key and agent) took the job within {wait}; you are not charged"
+            )
+        await self._move(
+            job, (JobState.QUEUED,), job.attempts, JobState.FAILED, code,
+            failure=Failure(code, message),
+        )  # fmt: skip
+
+    def _run_feedback(self, job: Job, run: Run, agreed: bool) -> FeedbackEntry | None:
+        """The spotCheck feedback entry for a compared run (keyed by job and attempt:
+        one per run), None when feedback is off or the worker has no agent id."""
+        entry = self._feedback(job, run.worker_id, agreed, run.receipt.sha256, run.agent_id)
+        if entry is None:
+            return None
+        return dataclasses.replace(
+            entry,
+            job_id=f"{job.job_id}#{run.attempt}",
+            value=verify.AGREE_VALUE if agreed else verify.DISAGREE_VALUE,
+            tag1=verify.SPOT_CHECK_TAG,
+        )
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -840,8 +1034,11 @@ class JobService:
         reason: str,
         feedback: FeedbackEntry | None = None,
         outcome: tuple[str, bool] | None = None,
+        write: Callable[[dict[str, object], Event], Awaitable[Job | None]] | None = None,
         **changes: object,
     ) -> Job | None:
+        """(write: the store write of the move, when it is more than a transition: it is
+        given the changes, with state and updated_at, and the event.)"""
         await self.flush_progress(job.job_id)  # progress first: stored sequences stay in order
         now = self.clock()
         worker_id = str(changes.get("worker_id", job.worker_id))
@@ -856,15 +1053,13 @@ class JobService:
             worker_id=worker_id,
             attempt=new_attempt,
         )
-        moved = await self.store.transition(
-            job.job_id,
-            from_states,
-            attempt,
-            {"state": to, "updated_at": now, **changes},
-            event,
-            feedback,
-            outcome,
-        )
+        changes = {"state": to, "updated_at": now, **changes}
+        if write is not None:
+            moved = await write(changes, event)
+        else:
+            moved = await self.store.transition(
+                job.job_id, from_states, attempt, changes, event, feedback, outcome
+            )
         if moved is not None:
             if to in ACTIVE_STATES:
                 # when the attempt was offered: known when this process offered it

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 from dataclasses import dataclass, field
 
 
@@ -61,11 +62,23 @@ class JobSpec:
     spec_bytes: bytes
     spec_sha256: bytes
     use_llm: bool = False
+    verify: int = 0  # runs on independent workers the client asked for (0/1: one)
 
     @property
     def needs_llm(self) -> bool:
         """LLM jobs, and text tasks the client wants run by a model."""
         return self.job_type is JobType.LLM or self.use_llm
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether two honest workers give the same output (built-in tasks and
+        WebAssembly, not models): what redundant runs and spot checks compare."""
+        return not self.needs_llm
+
+    @property
+    def runs(self) -> int:
+        """How many independent runs the client pays for (JobSpec.verify)."""
+        return max(1, self.verify)
 
 
 @dataclass(frozen=True)
@@ -199,6 +212,26 @@ class Split:
         fee = amount * fee_bps // 10000
         return Split(fee_bps, fee, amount - fee)
 
+    def among(self, mode: str, payees: int) -> list[tuple[int, int]]:
+        """(fee, share) per worker whose output agreed, the result's worker first
+        (README "Verification"): one worker takes (fee, share); a REDUNDANT job's
+        agreeing workers split the share evenly (the odd units to the first), the fee
+        counted once; a SPOT_CHECK's extra workers split the fee instead (the check is
+        the coordinator's expense: it keeps no fee), the first keeping its whole share."""
+        if payees <= 1:
+            return [(self.fee, self.share)]
+        if mode == VERIFY_SPOT_CHECK:
+            rest = _even(self.fee, payees - 1)
+            return [(0, self.share)] + [(0, part) for part in rest]
+        parts = _even(self.share, payees)
+        return [(self.fee if i == 0 else 0, part) for i, part in enumerate(parts)]
+
+
+def _even(amount: int, n: int) -> list[int]:
+    """amount in n parts differing by one unit at most, the larger first."""
+    base, odd = divmod(amount, n)
+    return [base + (1 if i < odd else 0) for i in range(n)]
+
 
 @dataclass(frozen=True)
 class Earning:
@@ -215,6 +248,33 @@ class Earning:
     share: int
     credited_at: float
     reversed: bool = False
+
+
+# Verification modes of a job (Job.verify_mode; README "Verification")
+VERIFY_REDUNDANT = "redundant"  # the client asked for JobSpec.verify = 2 or 3 runs
+VERIFY_SPOT_CHECK = "spot_check"  # picked at commit, at the coordinator's expense
+# A run's verdict once the runs were compared
+AGREED = "agree"
+DISAGREED = "disagree"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One completed run of a verified job: a worker's result and its receipt (signed
+    by the worker and countersigned), kept until the runs are compared."""
+
+    job_id: str
+    attempt: int
+    worker_id: str
+    agent_id: str  # the session's verified agent id, "" when none
+    result: Result
+    receipt: Receipt
+    created_at: float
+    verdict: str = ""  # AGREED or DISAGREED once compared, else ""
+
+    @property
+    def output_sha256(self) -> bytes:
+        return hashlib.sha256(self.result.output).digest()
 
 
 class PayoutRowState(enum.Enum):
@@ -296,6 +356,13 @@ class Job:
     failure: Failure | None = None
     receipt: Receipt | None = None
     payment: PaymentRef = field(default_factory=PaymentRef)
+    # Verification (README "Verification"): VERIFY_REDUNDANT or VERIFY_SPOT_CHECK, ""
+    # for a job run once; verify_runs, the runs to compare (grows to 3 for a tiebreak);
+    # verify_seen, the identities ("key:<worker id>", "agent:<agent id>") of the
+    # workers whose runs are recorded, none of which may run it again.
+    verify_mode: str = ""
+    verify_runs: int = 0
+    verify_seen: tuple[str, ...] = ()
 
 
 class EventKind(enum.Enum):

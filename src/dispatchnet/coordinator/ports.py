@@ -1,6 +1,7 @@
 """Protocols the coordinator's domain services depend on (implemented elsewhere).
 
-The store is split by aggregate, one port each: QuoteStore, JobRepository, PaymentLedger,
+The store is split by aggregate, one port each: QuoteStore, JobRepository,
+VerificationRuns, PaymentLedger,
 EarningsLedger, PayoutLedger, PairingRepository, ReceiptBatches, FeedbackOutbox and
 WorkerRegistry, plus PassLocks (background work once across coordinators) and JobChanges
 (other coordinators' job changes); a consumer asks for the ones it uses.
@@ -42,6 +43,7 @@ from dispatchnet.coordinator.models import (
     ReceiptBatch,
     ReceiptLeaf,
     Result,
+    Run,
     Split,
     UnbatchedReceipt,
     WorkerDay,
@@ -72,6 +74,13 @@ class ReceiptNotary(Protocol):
         verified agent id, which the body must carry). The body's times must fit the
         attempt: started no earlier than `offered_at` and completed no later than `now`,
         each within the notary's allowed clock skew, and started before completed."""
+        ...
+
+    def verified(
+        self, receipt: Receipt, mode: str, runs: int, agreeing: list[str], dissenting: list[str]
+    ) -> Receipt:
+        """The receipt with a verification record appended (README "Verification"):
+        the mode, the number of runs compared, the agreeing and dissenting workers."""
         ...
 
 
@@ -283,6 +292,50 @@ class JobRepository(Protocol):
 
     async def active_jobs(self, worker_id: str | None = None) -> list[Job]:
         """OFFERED and RUNNING jobs (of worker_id, when given)."""
+        ...
+
+
+class VerificationRuns(Protocol):
+    """The runs of verified jobs (README "Verification"): each completed run of a job
+    that runs on several independent workers, kept with its receipt until the runs are
+    compared. A job's runs move with the job: each write below is one compare-and-set of
+    the job (as JobRepository.transition) committed with its run rows."""
+
+    async def record_run(
+        self,
+        run: Run,
+        from_states: Sequence[JobState],
+        changes: dict[str, Any],
+        event: Event,
+    ) -> Job | None:
+        """Stores run (one per (job_id, attempt)) and applies changes to its job, if the
+        job is in one of from_states at run.attempt, with event, in one transaction; the
+        job as it is then, or None (nothing stored) when the condition did not hold."""
+        ...
+
+    async def job_runs(self, job_id: str) -> list[Run]:
+        """The job's recorded runs, in attempt order."""
+        ...
+
+    async def conclude_runs(
+        self,
+        job_id: str,
+        from_states: Sequence[JobState],
+        attempt: int | None,
+        changes: dict[str, Any],
+        event: Event,
+        verdicts: dict[int, str],
+        feedback: Sequence[FeedbackEntry] = (),
+        outcomes: Sequence[tuple[str, bool]] = (),
+        run: Run | None = None,
+    ) -> Job | None:
+        """The comparison's outcome, in one transaction with the job's compare-and-set
+        (as transition): each run's verdict (attempt -> AGREED / DISAGREED), the feedback
+        outbox entries (each once: an entry's key already there is kept) and the workers'
+        outcomes counted in their completed/failed totals; `run`, the run that
+        completed the set, is stored with them (as record_run). Once a job has runs AGREED,
+        update_payment credits those runs' workers (Split.among) instead of job.worker_id.
+        None when the condition did not hold (nothing written)."""
         ...
 
 

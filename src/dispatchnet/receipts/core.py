@@ -25,6 +25,8 @@ from dispatchnet.receipts.merkle import verify_merkle_proof as verify_merkle_pro
 
 SIGNING_CONTEXT = b"dispatch.v1.ReceiptBody\n"
 RECEIPT_VERSION = 1
+# ReceiptBody.verification: written by the coordinator only, as the body's last field
+VERIFICATION_FIELD = 15
 
 
 def sha256(data: bytes) -> bytes:
@@ -51,6 +53,56 @@ class Verification:
     @property
     def valid(self) -> bool:
         return not self.problems
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """The varint at data[at:] and the offset after it; ValueError when malformed."""
+    value, shift = 0, 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, at
+
+
+def worker_signed_part(body: bytes) -> bytes:
+    """The bytes of a body the worker signed: everything before the verification record
+    (ReceiptBody.verification, field 15, which the coordinator appends last), found by
+    walking the top-level fields of the wire format, never by re-serializing. The whole
+    body when it has no record (or does not parse: the signature check then fails)."""
+    at = 0
+    try:
+        while at < len(body):
+            start = at
+            key, at = _varint(body, at)
+            number, wire = key >> 3, key & 7
+            if number == VERIFICATION_FIELD:
+                return body[:start]
+            if wire == 0:
+                _, at = _varint(body, at)
+            elif wire == 1:
+                at += 8
+            elif wire == 2:
+                size, at = _varint(body, at)
+                at += size
+            elif wire == 5:
+                at += 4
+            else:
+                return body
+    except ValueError:
+        return body
+    return body
+
+
+def append_verification(body: bytes, record: receipt_pb2.Verification) -> bytes:
+    """body with the verification record appended as its last field (the worker's
+    signature over body stays valid for worker_signed_part of the result)."""
+    extra = receipt_pb2.ReceiptBody(verification=record)
+    return body + extra.SerializeToString(deterministic=True)
 
 
 def decode_body(body: bytes) -> receipt_pb2.ReceiptBody | None:
@@ -100,13 +152,32 @@ def verify_receipt(
         out.problems.append("input and output hashes must be 32 bytes")
     if receipt_sha256 and receipt_sha256 != sha256(body):
         out.problems.append("receipt_sha256 does not match the body")
-    if not verify(decoded.worker_public_key, SIGNING_CONTEXT, body, worker_signature):
+    signed = worker_signed_part(body)
+    if decoded.HasField("verification"):
+        if len(signed) == len(body):
+            out.problems.append("the verification record is not the body's last field")
+        check_verification(decoded, out.problems)
+    if not verify(decoded.worker_public_key, SIGNING_CONTEXT, signed, worker_signature):
         out.problems.append("worker signature does not verify against worker_public_key")
     if not verify(decoded.coordinator_public_key, SIGNING_CONTEXT, body, coordinator_signature):
         out.problems.append("coordinator signature does not verify against coordinator_public_key")
     if expected_coordinator_key and decoded.coordinator_public_key != expected_coordinator_key:
         out.problems.append("receipt was countersigned by a different coordinator")
     return out
+
+
+def check_verification(body: receipt_pb2.ReceiptBody, problems: list[str]) -> None:
+    """Consistency of a body's verification record: the majority's hash is the body's
+    output hash, the body's worker is the first agreeing one, and the agreeing workers
+    are a majority of the runs."""
+    v = body.verification
+    keys = list(v.agreeing_worker_keys)
+    if v.output_sha256 != body.output_sha256:
+        problems.append("verification.output_sha256 differs from the receipt's output_sha256")
+    if not keys or keys[0] != body.worker_public_key:
+        problems.append("verification.agreeing_worker_keys must start with the receipt's worker")
+    if len(set(keys)) != len(keys) or 2 * len(keys) <= v.runs:
+        problems.append("verification.agreeing_worker_keys are not a majority of its runs")
 
 
 def verify_receipt_message(
@@ -156,6 +227,8 @@ def check_worker_receipt(body: bytes, signature: bytes, expected: ExpectedReceip
     unknown = unknown_field_paths(decoded)
     if unknown:
         problems.append(f"receipt body has fields this coordinator does not know: {unknown[:5]}")
+    if decoded.HasField("verification"):
+        problems.append("receipt verification is the coordinator's to write; leave it unset")
     checks: list[tuple[str, object, object]] = [
         ("version", decoded.version, RECEIPT_VERSION),
         ("job_id", decoded.job_id, expected.job_id),

@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
-from dispatch.v1 import common_pb2
-from dispatchnet.coordinator.models import Job, PaymentRef, Receipt, Result
+from dispatch.v1 import common_pb2, receipt_pb2
+from dispatchnet.coordinator.models import (
+    VERIFY_REDUNDANT,
+    VERIFY_SPOT_CHECK,
+    Job,
+    PaymentRef,
+    Receipt,
+    Result,
+)
 from dispatchnet.errors import InvalidArgument
 from dispatchnet.keys import KeyPair
-from dispatchnet.receipts.core import ExpectedReceipt, check_worker_receipt, sha256, sign_body
+from dispatchnet.receipts.core import (
+    ExpectedReceipt,
+    append_verification,
+    check_worker_receipt,
+    sha256,
+    sign_body,
+)
+
+_MODES = {
+    VERIFY_SPOT_CHECK: receipt_pb2.VERIFICATION_MODE_SPOT_CHECK,
+    VERIFY_REDUNDANT: receipt_pb2.VERIFICATION_MODE_REDUNDANT,
+}
 
 
 def payment_to_proto(p: PaymentRef) -> common_pb2.PaymentReference:
@@ -69,3 +87,31 @@ class Notary:
         if problems:
             raise InvalidArgument("; ".join(problems))
         return Receipt(body, signature, sign_body(self.key, body), sha256(body))
+
+    def verified(
+        self,
+        receipt: Receipt,
+        mode: str,
+        runs: int,
+        agreeing: list[str],
+        dissenting: list[str],
+    ) -> Receipt:
+        """A run's countersigned receipt with the verification record appended
+        (ReceiptBody.verification) and countersigned anew; the worker's signature stays
+        (it covers the body before the record). agreeing/dissenting: worker ids (hex
+        keys), the receipt's worker first among the agreeing."""
+        record = receipt_pb2.Verification(
+            mode=_MODES.get(mode, receipt_pb2.VERIFICATION_MODE_SINGLE),
+            runs=runs,
+            output_sha256=_output_hash(receipt.body),
+            agreeing_worker_keys=[bytes.fromhex(w) for w in agreeing],
+            dissenting_worker_keys=[bytes.fromhex(w) for w in dissenting],
+        )
+        body = append_verification(receipt.body, record)
+        return Receipt(body, receipt.worker_signature, sign_body(self.key, body), sha256(body))
+
+
+def _output_hash(body: bytes) -> bytes:
+    decoded = receipt_pb2.ReceiptBody()
+    decoded.ParseFromString(body)
+    return decoded.output_sha256

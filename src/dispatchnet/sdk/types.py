@@ -70,6 +70,28 @@ class WorkerKind(betterproto.Enum):
     """A mobile device: runs TASK jobs only."""
 
 
+class VerificationMode(betterproto.Enum):
+    """
+    How a job's result was checked against other workers' runs (README
+     "Verification").
+    """
+
+    UNSPECIFIED = 0
+    """Not set."""
+
+    SINGLE = 1
+    """Run once, not checked."""
+
+    SPOT_CHECK = 2
+    """
+    A spot check: the coordinator ran the job on a second independent worker
+     at its own expense (the profile's [verification] spot_check_rate).
+    """
+
+    REDUNDANT = 3
+    """The client asked for JobSpec.verify = 2 or 3 runs."""
+
+
 class JobState(betterproto.Enum):
     """The states of a job (see README: job lifecycle)."""
 
@@ -210,6 +232,17 @@ class JobSpec(betterproto.Message):
 
     privacy: "Privacy" = betterproto.enum_field(4)
     """Who may run it."""
+
+    verify: int = betterproto.uint32_field(5)
+    """
+    Redundant execution (README "Verification"): 0 or 1 runs the job once; 2 or
+     3 runs it on that many independent workers (different worker keys and
+     different agent ids), compares their output hashes and returns the
+     majority's output; the price is the single-run price times this number.
+     Deterministic TASK jobs only (built-in tasks and WebAssembly): an LLM job,
+     a task run by a model (task.use_llm) or a PRIVATE job with verify > 1 is
+     INVALID_ARGUMENT, as is any value above 3.
+    """
 
 
 @dataclass(eq=False, repr=False)
@@ -379,6 +412,49 @@ class ReceiptBody(betterproto.Message):
 
     client_id: str = betterproto.string_field(14)
     """The client key (hex) that owns the job."""
+
+    verification: "Verification" = betterproto.message_field(15)
+    """
+    How the result was verified; absent for a job run once (and for a spot
+     check that found no independent worker in time). Only the coordinator
+     writes it: the worker signs the body without this field, and the
+     coordinator appends it as the body's last field, so the worker's
+     signature covers the bytes of `body` before field 15 (a verifier finds
+     where field 15 starts by walking the top-level fields of the wire format;
+     it never re-serializes), and the coordinator's signature covers all of it.
+     A worker body that carries this field is refused.
+    """
+
+
+@dataclass(eq=False, repr=False)
+class Verification(betterproto.Message):
+    """The verification record of a receipt (ReceiptBody.verification)."""
+
+    mode: "VerificationMode" = betterproto.enum_field(1)
+    """Why the job ran more than once."""
+
+    runs: int = betterproto.uint32_field(2)
+    """
+    How many runs were compared (2 or 3: a tiebreaker run is added when two
+     runs disagree).
+    """
+
+    output_sha256: bytes = betterproto.bytes_field(3)
+    """
+    The output hash the majority agreed on (equals ReceiptBody.output_sha256).
+    """
+
+    agreeing_worker_keys: List[bytes] = betterproto.bytes_field(4)
+    """
+    The ed25519 public keys (32 bytes each) of the workers whose outputs
+     agreed, the one whose receipt this is first.
+    """
+
+    dissenting_worker_keys: List[bytes] = betterproto.bytes_field(5)
+    """
+    The public keys of the workers whose outputs differed from the majority's
+     (each got negative "spotCheck" feedback and no share).
+    """
 
 
 @dataclass(eq=False, repr=False)

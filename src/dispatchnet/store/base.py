@@ -29,6 +29,7 @@ from dispatchnet.coordinator.ports import (
     QuoteUsage,
     ReceiptBatches,
     Runnable,
+    VerificationRuns,
     WorkerRegistry,
 )
 
@@ -38,6 +39,7 @@ __all__ = ["QuoteUsage", "Runnable", "Store"]
 class Store(
     QuoteStore,
     JobRepository,
+    VerificationRuns,
     PaymentLedger,
     EarningsLedger,
     PayoutLedger,

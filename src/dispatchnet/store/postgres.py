@@ -54,6 +54,7 @@ import asyncpg
 
 from dispatchnet.coordinator.models import (
     ACTIVE_STATES,
+    AGREED,
     OPEN_STATES,
     AnchorStatus,
     Balance,
@@ -74,6 +75,7 @@ from dispatchnet.coordinator.models import (
     Quote,
     ReceiptBatch,
     ReceiptLeaf,
+    Run,
     Split,
     UnbatchedReceipt,
     WorkerDay,
@@ -91,8 +93,11 @@ from dispatchnet.store.rows import (
     job_of,
     job_row,
     pairing_of,
+    payees_order,
     payment_of,
     payout_of,
+    run_of,
+    run_row,
     spec_of,
 )
 
@@ -277,7 +282,31 @@ async def _v3(c: Conn) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2, _v3]
+async def _v4(c: Conn) -> None:
+    """Verification: the runs quotes and jobs ask for, the job's verification state and
+    recorded runs, a credit per (job, worker) (SQLite's version 14)."""
+    t = TEXT
+    await c.execute("ALTER TABLE quotes ADD COLUMN verify integer NOT NULL DEFAULT 0")
+    await c.execute(
+        "ALTER TABLE jobs ADD COLUMN verify integer NOT NULL DEFAULT 0, "
+        f"ADD COLUMN verify_mode {t} NOT NULL DEFAULT '', "
+        "ADD COLUMN verify_runs integer NOT NULL DEFAULT 0, "
+        f"ADD COLUMN verify_seen {t} NOT NULL DEFAULT '[]'"
+    )
+    await c.execute(
+        f"""CREATE TABLE job_runs (
+            job_id {t} NOT NULL, attempt integer NOT NULL, worker_id {t} NOT NULL,
+            agent_id {t}, result_output bytea, result_content_type {t},
+            receipt_body bytea NOT NULL, receipt_worker_sig bytea, receipt_coord_sig bytea,
+            receipt_sha256 bytea, created_at double precision NOT NULL, verdict {t},
+            PRIMARY KEY (job_id, attempt))"""
+    )
+    await c.execute(
+        "ALTER TABLE earnings DROP CONSTRAINT earnings_pkey, ADD PRIMARY KEY (job_id, worker_id)"
+    )
+
+
+MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -519,8 +548,8 @@ class PostgresStore:
             await c.execute(
                 "INSERT INTO quotes (quote_id, job_type, policy, privacy, task_name, llm_model, "
                 "spec_bytes, spec_sha256, price_micros, currency, created_at, expires_at, "
-                "use_llm, client_id, size, module_sha256) "
-                f"VALUES ({_placeholders(1, 16)})",
+                "use_llm, client_id, size, module_sha256, verify) "
+                f"VALUES ({_placeholders(1, 17)})",
                 quote.quote_id,
                 int(s.job_type),
                 int(s.policy),
@@ -537,6 +566,7 @@ class PostgresStore:
                 owner,
                 size,
                 module_sha,
+                s.verify,
             )
             if module is not None:
                 await c.execute(
@@ -711,6 +741,20 @@ class PostgresStore:
         feedback: FeedbackEntry | None = None,
         outcome: tuple[str, bool] | None = None,
     ) -> Job | None:
+        op = self._transition(job_id, from_states, attempt, changes, event, feedback, outcome)
+        return await self._write(op)
+
+    def _transition(
+        self,
+        job_id: str,
+        from_states: Sequence[JobState],
+        attempt: int | None,
+        changes: dict[str, Any],
+        event: Event | None,
+        feedback: FeedbackEntry | None = None,
+        outcome: tuple[str, bool] | None = None,
+    ) -> Callable[[Conn], Awaitable[Job | None]]:
+        """transition's work, to run in a transaction (alone or with more writes)."""
         values = changes_row(changes)
         sets = [f"{k}=${i}" for i, k in enumerate(values, 1)]
         if event is not None:
@@ -745,7 +789,76 @@ class PostgresStore:
                 await _count_day(c, worker_id, at, column)
             return job_of(r)
 
-        return await self._write(op)
+        return op
+
+    # --- verification runs ----------------------------------------------------------------
+
+    async def record_run(
+        self, run: Run, from_states: Sequence[JobState], changes: dict[str, Any], event: Event
+    ) -> Job | None:
+        move = self._transition(run.job_id, from_states, run.attempt, changes, event)
+        row = run_row(run)
+        insert = _insert_run_sql(row)
+
+        async def op(c: Conn) -> Job | None:
+            job = await move(c)
+            if job is None:
+                return None
+            if await c.fetchval(insert, *row.values()) is None:
+                raise _RunExists  # the attempt's run is there already: roll back
+            return job
+
+        try:
+            return await self._write(op)
+        except _RunExists:
+            return None
+
+    async def job_runs(self, job_id: str) -> list[Run]:
+        async def op(c: Conn) -> list[Run]:
+            rows = await c.fetch("SELECT * FROM job_runs WHERE job_id=$1 ORDER BY attempt", job_id)
+            return [run_of(r) for r in rows]
+
+        return await self._read(op)
+
+    async def conclude_runs(
+        self,
+        job_id: str,
+        from_states: Sequence[JobState],
+        attempt: int | None,
+        changes: dict[str, Any],
+        event: Event,
+        verdicts: dict[int, str],
+        feedback: Sequence[FeedbackEntry] = (),
+        outcomes: Sequence[tuple[str, bool]] = (),
+        run: Run | None = None,
+    ) -> Job | None:
+        move = self._transition(job_id, from_states, attempt, changes, event)
+        row = run_row(run) if run is not None else None
+
+        async def op(c: Conn) -> Job | None:
+            job = await move(c)
+            if job is None:
+                return None
+            if row is not None and await c.fetchval(_insert_run_sql(row), *row.values()) is None:
+                raise _RunExists
+            await c.executemany(
+                "UPDATE job_runs SET verdict=$1 WHERE job_id=$2 AND attempt=$3",
+                [(v, job_id, a) for a, v in verdicts.items()],
+            )
+            for f in feedback:
+                await _insert_feedback(c, f)
+            for worker_id, success in outcomes:
+                column = "completed" if success else "failed"
+                await c.execute(
+                    f"UPDATE workers SET {column} = {column} + 1 WHERE worker_id=$1", worker_id
+                )
+                await _count_day(c, worker_id, event.time, column)
+            return job
+
+        try:
+            return await self._write(op)
+        except _RunExists:
+            return None
 
     async def append_progress(self, events: Sequence[Event]) -> bool:
         if not events:
@@ -1189,30 +1302,33 @@ class PostgresStore:
             )
             now = payment.updated_at
             if credit is not None:
-                # one credit per job: a retried settlement record never credits twice
-                credited = await c.fetchval(
-                    "INSERT INTO earnings SELECT job_id, worker_id, $1, $2, $3, $4, $5, $6, $7, "
-                    "NULL FROM jobs WHERE job_id=$8 AND worker_id <> '' "
-                    "ON CONFLICT (job_id) DO NOTHING RETURNING job_id",
-                    payment.network,
-                    payment.asset,
-                    payment.amount,
-                    credit.fee_bps,
-                    credit.fee,
-                    credit.share,
-                    now,
-                    job_id,
-                )
-                if credited is not None:
+                # one credit per job and worker: a retried settlement never credits twice
+                credited = 0
+                for worker_id, fee, share in await _payees(c, job_id, credit):
+                    credited += _count(
+                        await c.execute(
+                            "INSERT INTO earnings VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, "
+                            "NULL) ON CONFLICT (job_id, worker_id) DO NOTHING",
+                            job_id,
+                            worker_id,
+                            payment.network,
+                            payment.asset,
+                            payment.amount,
+                            credit.fee_bps,
+                            fee,
+                            share,
+                            now,
+                        )
+                    )
+                if credited:
                     await _add_earned(c, job_id, 1, now)
             if payment.status in (PaymentStatus.REFUND_DUE, PaymentStatus.REFUNDED):
-                reversed_ = await c.fetchval(
-                    "UPDATE earnings SET reversed_at=$1 WHERE job_id=$2 AND reversed_at IS NULL "
-                    "RETURNING job_id",
+                reversed_ = await c.execute(
+                    "UPDATE earnings SET reversed_at=$1 WHERE job_id=$2 AND reversed_at IS NULL",
                     now,
                     job_id,
                 )
-                if reversed_ is not None:
+                if _count(reversed_):
                     await _add_earned(c, job_id, -1, None)
             return payment
 
@@ -1598,6 +1714,33 @@ async def _insert_payment(c: Conn, p: Payment) -> None:
         p.error,
         p.attempts,
     )
+
+
+async def _payees(c: Conn, job_id: str, credit: Split) -> list[tuple[str, int, int]]:
+    """(worker_id, fee, share) per worker a settled job credits: its worker, or the
+    workers of its agreeing runs (Split.among)."""
+    job = await c.fetchrow("SELECT worker_id, verify_mode FROM jobs WHERE job_id=$1", job_id)
+    if job is None or not job["worker_id"]:
+        return []
+    rows = await c.fetch(
+        "SELECT worker_id FROM job_runs WHERE job_id=$1 AND verdict=$2 ORDER BY attempt",
+        job_id,
+        AGREED,
+    )
+    workers = payees_order(job["worker_id"], [str(r["worker_id"]) for r in rows])
+    parts = credit.among(job["verify_mode"], len(workers))
+    return [(w, fee, share) for w, (fee, share) in zip(workers, parts, strict=True)]
+
+
+def _insert_run_sql(row: dict[str, Any]) -> str:
+    return (
+        f"INSERT INTO job_runs ({','.join(row)}) VALUES ({_placeholders(1, len(row))}) "
+        "ON CONFLICT (job_id, attempt) DO NOTHING RETURNING 1"
+    )
+
+
+class _RunExists(Exception):
+    """record_run found the attempt's run stored already: its transaction rolls back."""
 
 
 async def _add_earned(c: Conn, job_id: str, sign: int, now: float | None) -> None:

@@ -30,6 +30,7 @@ from dispatchnet.coordinator.models import (
     Receipt,
     ReceiptBatch,
     Result,
+    Run,
 )
 
 
@@ -58,6 +59,8 @@ JOB_SIMPLE = {
     "coordinator_id",
     "price_micros",
     "currency",
+    "verify_mode",
+    "verify_runs",
 }
 
 
@@ -71,6 +74,7 @@ def spec_of(r: Row) -> JobSpec:
         spec_bytes=r["spec_bytes"],
         spec_sha256=r["spec_sha256"],
         use_llm=bool(r["use_llm"]),
+        verify=r["verify"] or 0,
     )
 
 
@@ -99,6 +103,8 @@ def changes_row(changes: dict[str, Any]) -> dict[str, Any]:
             row["receipt_sha256"] = rc.sha256 if rc else None
         elif key == "payment":
             row["payment"] = json.dumps(value.__dict__)
+        elif key == "verify_seen":
+            row["verify_seen"] = json.dumps(list(value))
         else:
             raise KeyError(f"job has no field {key!r}")
     return row
@@ -117,6 +123,7 @@ def job_row(job: Job) -> dict[str, Any]:
         spec_bytes=s.spec_bytes,
         spec_sha256=s.spec_sha256,
         use_llm=int(s.use_llm),
+        verify=s.verify,
     )
     row.update(
         changes_row(
@@ -125,6 +132,7 @@ def job_row(job: Job) -> dict[str, Any]:
                 "failure": job.failure,
                 "receipt": job.receipt,
                 "payment": job.payment,
+                "verify_seen": job.verify_seen,
             }
         )
     )
@@ -200,6 +208,51 @@ def job_of(r: Row) -> Job:
         failure=failure,
         receipt=receipt,
         payment=PaymentRef(**json.loads(r["payment"] or "{}")),
+        verify_mode=r["verify_mode"] or "",
+        verify_runs=r["verify_runs"] or 0,
+        verify_seen=tuple(json.loads(r["verify_seen"] or "[]")),
+    )
+
+
+def run_row(run: Run) -> dict[str, Any]:
+    """The job_runs row of a run (the same columns in both engines)."""
+    return {
+        "job_id": run.job_id,
+        "attempt": run.attempt,
+        "worker_id": run.worker_id,
+        "agent_id": run.agent_id,
+        "result_output": run.result.output,
+        "result_content_type": run.result.content_type,
+        "receipt_body": run.receipt.body,
+        "receipt_worker_sig": run.receipt.worker_signature,
+        "receipt_coord_sig": run.receipt.coordinator_signature,
+        "receipt_sha256": run.receipt.sha256,
+        "created_at": run.created_at,
+        "verdict": run.verdict,
+    }
+
+
+def payees_order(result_worker: str, agreed: list[str]) -> list[str]:
+    """The workers a settled job credits (see Split.among): the result's worker first,
+    then the other agreeing workers in run order; the result's worker alone when no run
+    agreed (a job run once)."""
+    if not agreed:
+        return [result_worker]
+    return [result_worker] + [w for w in agreed if w != result_worker]
+
+
+def run_of(r: Row) -> Run:
+    return Run(
+        job_id=r["job_id"],
+        attempt=r["attempt"],
+        worker_id=r["worker_id"],
+        agent_id=r["agent_id"] or "",
+        result=Result(r["result_output"] or b"", r["result_content_type"] or ""),
+        receipt=Receipt(
+            r["receipt_body"], r["receipt_worker_sig"], r["receipt_coord_sig"], r["receipt_sha256"]
+        ),
+        created_at=r["created_at"],
+        verdict=r["verdict"] or "",
     )
 
 

@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import sqlite_utils
 
 from dispatchnet.coordinator.models import (
     ACTIVE_STATES,
+    AGREED,
     OPEN_STATES,
     AnchorStatus,
     Balance,
@@ -42,6 +43,7 @@ from dispatchnet.coordinator.models import (
     Quote,
     ReceiptBatch,
     ReceiptLeaf,
+    Run,
     Split,
     UnbatchedReceipt,
     WorkerDay,
@@ -59,8 +61,11 @@ from dispatchnet.store.rows import (
     job_of,
     job_row,
     pairing_of,
+    payees_order,
     payment_of,
     payout_of,
+    run_of,
+    run_row,
     spec_of,
 )
 
@@ -406,7 +411,56 @@ def _v13(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13]
+def _v14(db: sqlite_utils.Database) -> None:
+    """Verification (README "Verification"): the runs a quote and a job ask for, the
+    job's verification state, its recorded runs; an earnings credit per (job, worker),
+    since the agreeing workers of a verified job share its payment."""
+    db.execute("ALTER TABLE quotes ADD COLUMN verify INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE jobs ADD COLUMN verify INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE jobs ADD COLUMN verify_mode TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE jobs ADD COLUMN verify_runs INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE jobs ADD COLUMN verify_seen TEXT NOT NULL DEFAULT '[]'")
+    db.table("job_runs").create(
+        {
+            "job_id": str,
+            "attempt": int,
+            "worker_id": str,
+            "agent_id": str,
+            "result_output": bytes,
+            "result_content_type": str,
+            "receipt_body": bytes,
+            "receipt_worker_sig": bytes,
+            "receipt_coord_sig": bytes,
+            "receipt_sha256": bytes,
+            "created_at": float,
+            "verdict": str,
+        },
+        pk=("job_id", "attempt"),
+        not_null={"worker_id", "receipt_body", "created_at"},
+    )
+    db.execute("ALTER TABLE earnings RENAME TO earnings_v12")
+    db.table("earnings").create(
+        {
+            "job_id": str,
+            "worker_id": str,
+            "network": str,
+            "asset": str,
+            "amount": int,
+            "fee_bps": int,
+            "fee": int,
+            "share": int,
+            "credited_at": float,
+            "reversed_at": float,
+        },
+        pk=("job_id", "worker_id"),
+        not_null={"worker_id", "network", "asset", "amount", "fee", "share", "credited_at"},
+    )
+    db.execute("INSERT INTO earnings SELECT * FROM earnings_v12")
+    db.execute("DROP TABLE earnings_v12")
+    db.table("earnings").create_index(["worker_id", "credited_at", "job_id"])
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13, _v14]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -565,7 +619,7 @@ class SqliteStore:
         self._conn.execute(
             "INSERT INTO quotes (quote_id, job_type, policy, privacy, task_name, llm_model, "
             "spec_bytes, spec_sha256, price_micros, currency, created_at, expires_at, use_llm, "
-            "client_id, size, module_sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "client_id, size, module_sha256, verify) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 quote.quote_id,
                 int(s.job_type),
@@ -583,6 +637,7 @@ class SqliteStore:
                 owner,
                 size,
                 module_sha,
+                s.verify,
             ),
         )
 
@@ -705,7 +760,10 @@ class SqliteStore:
         event: Event | None,
         feedback: FeedbackEntry | None = None,
         outcome: tuple[str, bool] | None = None,
+        then: Callable[[], None] | None = None,
     ) -> Job | None:
+        """(then: more writes of the same transaction, run after the compare-and-set
+        held; what they raise rolls it all back.)"""
         values = changes_row(changes)
         sets = [f"{k}=?" for k in values]
         if event is not None:
@@ -734,6 +792,8 @@ class SqliteStore:
             if outcome is not None:
                 at = event.time if event is not None else float(r["updated_at"] or 0.0)
                 self._record_outcome(*outcome, at)
+            if then is not None:
+                then()
         return job_of(r)
 
     def append_progress(self, events: Sequence[Event]) -> bool:
@@ -780,6 +840,66 @@ class SqliteStore:
                 chunks,
             ),
         )
+
+    # --- verification runs ----------------------------------------------------------------
+
+    def record_run(
+        self, run: Run, from_states: Sequence[JobState], changes: dict[str, Any], event: Event
+    ) -> Job | None:
+        row = run_row(run)
+
+        def insert() -> None:
+            self._conn.execute(
+                f"INSERT INTO job_runs ({','.join(row)}) VALUES ({','.join('?' * len(row))})",
+                tuple(row.values()),
+            )
+
+        try:
+            return self.transition(
+                run.job_id, from_states, run.attempt, changes, event, then=insert
+            )
+        except sqlite3.IntegrityError:  # the attempt's run is there already
+            return None
+
+    def job_runs(self, job_id: str) -> list[Run]:
+        rows = self._conn.execute(
+            "SELECT * FROM job_runs WHERE job_id=? ORDER BY attempt", (job_id,)
+        ).fetchall()
+        return [run_of(r) for r in rows]
+
+    def conclude_runs(
+        self,
+        job_id: str,
+        from_states: Sequence[JobState],
+        attempt: int | None,
+        changes: dict[str, Any],
+        event: Event,
+        verdicts: dict[int, str],
+        feedback: Sequence[FeedbackEntry] = (),
+        outcomes: Sequence[tuple[str, bool]] = (),
+        run: Run | None = None,
+    ) -> Job | None:
+
+        def record() -> None:
+            if run is not None:
+                row = run_row(run)
+                self._conn.execute(
+                    f"INSERT INTO job_runs ({','.join(row)}) VALUES ({','.join('?' * len(row))})",
+                    tuple(row.values()),
+                )
+            self._conn.executemany(
+                "UPDATE job_runs SET verdict=? WHERE job_id=? AND attempt=?",
+                [(v, job_id, a) for a, v in verdicts.items()],
+            )
+            for f in feedback:
+                self._insert_feedback(f)
+            for worker_id, success in outcomes:
+                self._record_outcome(worker_id, success, event.time)
+
+        try:
+            return self.transition(job_id, from_states, attempt, changes, event, then=record)
+        except sqlite3.IntegrityError:  # the run is there already
+            return None
 
     def offered_at(self, job_id: str, worker_id: str, attempt: int) -> float | None:
         r = self._conn.execute(
@@ -1190,32 +1310,52 @@ class SqliteStore:
             )
             now = payment.updated_at
             if credit is not None:
-                # one credit per job: a retried settlement record never credits twice
-                cur = self._conn.execute(
-                    "INSERT OR IGNORE INTO earnings "
-                    "SELECT job_id, worker_id, ?, ?, ?, ?, ?, ?, ?, NULL FROM jobs "
-                    "WHERE job_id=? AND worker_id != ''",
-                    (
-                        payment.network,
-                        payment.asset,
-                        payment.amount,
-                        credit.fee_bps,
-                        credit.fee,
-                        credit.share,
-                        now,
-                        job_id,
-                    ),
-                )
-                if cur.rowcount == 1:
+                # one credit per job and worker: a retried settlement never credits twice
+                credited = 0
+                for worker_id, fee, share in self._payees(job_id, credit):
+                    credited += self._conn.execute(
+                        "INSERT OR IGNORE INTO earnings VALUES (?,?,?,?,?,?,?,?,?,NULL)",
+                        (
+                            job_id,
+                            worker_id,
+                            payment.network,
+                            payment.asset,
+                            payment.amount,
+                            credit.fee_bps,
+                            fee,
+                            share,
+                            now,
+                        ),
+                    ).rowcount
+                if credited:
                     self._add_earned(job_id, 1, now)
             if payment.status in (PaymentStatus.REFUND_DUE, PaymentStatus.REFUNDED):
                 cur = self._conn.execute(
                     "UPDATE earnings SET reversed_at=? WHERE job_id=? AND reversed_at IS NULL",
                     (now, job_id),
                 )
-                if cur.rowcount == 1:
+                if cur.rowcount:
                     self._add_earned(job_id, -1, None)
         return payment
+
+    def _payees(self, job_id: str, credit: Split) -> list[tuple[str, int, int]]:
+        """(worker_id, fee, share) per worker a settled job credits: its worker, or the
+        workers of its agreeing runs (Split.among)."""
+        job = self._conn.execute(
+            "SELECT worker_id, verify_mode FROM jobs WHERE job_id=?", (job_id,)
+        ).fetchone()
+        if job is None or not job["worker_id"]:
+            return []
+        agreed = [
+            str(r["worker_id"])
+            for r in self._conn.execute(
+                "SELECT worker_id FROM job_runs WHERE job_id=? AND verdict=? ORDER BY attempt",
+                (job_id, AGREED),
+            )
+        ]
+        workers = payees_order(job["worker_id"], agreed)
+        parts = credit.among(job["verify_mode"], len(workers))
+        return [(w, fee, share) for w, (fee, share) in zip(workers, parts, strict=True)]
 
     def _add_earned(self, job_id: str, sign: int, now: float | None) -> None:
         """Adds (sign 1, at `now`) or takes back (sign -1) a job's credit in its worker's

@@ -45,6 +45,7 @@ from dispatchnet.coordinator.models import (
     Quote,
     ReceiptBatch,
     ReceiptLeaf,
+    Run,
     Split,
     UnbatchedReceipt,
     WorkerDay,
@@ -422,6 +423,34 @@ class ThreadedStore:
 
     async def append_progress(self, events: Sequence[Event]) -> bool:
         return await self._write(lambda s: s.append_progress(events))
+
+    # --- verification runs ----------------------------------------------------------------
+
+    async def record_run(
+        self, run: Run, from_states: Sequence[JobState], changes: dict[str, Any], event: Event
+    ) -> Job | None:
+        return await self._write(lambda s: s.record_run(run, from_states, changes, event))
+
+    async def job_runs(self, job_id: str) -> list[Run]:
+        return await self._read(lambda s: s.job_runs(job_id))
+
+    async def conclude_runs(
+        self,
+        job_id: str,
+        from_states: Sequence[JobState],
+        attempt: int | None,
+        changes: dict[str, Any],
+        event: Event,
+        verdicts: dict[int, str],
+        feedback: Sequence[FeedbackEntry] = (),
+        outcomes: Sequence[tuple[str, bool]] = (),
+        run: Run | None = None,
+    ) -> Job | None:
+        return await self._write(
+            lambda s: s.conclude_runs(
+                job_id, from_states, attempt, changes, event, verdicts, feedback, outcomes, run
+            )
+        )
 
     async def offered_at(self, job_id: str, worker_id: str, attempt: int) -> float | None:
         return await self._read(lambda s: s.offered_at(job_id, worker_id, attempt))
