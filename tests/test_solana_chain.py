@@ -127,6 +127,8 @@ def test_the_two_solana_profiles_differ_only_in_configuration() -> None:
             reputation=devnet.reputation,
             payments=dataclasses.replace(local.payments, accept=devnet.payments.accept),
             wallet=dataclasses.replace(local.wallet, key_file=devnet.wallet.key_file),
+            # no random spot checks on local chains: tests and the demo stay deterministic
+            verification=devnet.verification,
             # local chains pay workers out every 10 s, so the demo and tests see it
             payouts=dataclasses.replace(
                 local.payouts, interval_seconds=devnet.payouts.interval_seconds

@@ -268,7 +268,9 @@ async def test_one_owner_is_never_counted_twice(cluster: Cluster) -> None:
 
 async def test_a_spot_check_runs_a_second_worker_or_is_skipped(tmp_path: Path) -> None:
     profile = make_profile(
-        jobs={"queue_timeout_seconds": 1.5}, verification={"spot_check_rate": 1.0}
+        # the check waits its own (short) time for a checker, not the queue timeout
+        jobs={"queue_timeout_seconds": 600},
+        verification={"spot_check_rate": 1.0, "spot_check_wait_seconds": 1.0},
     )
     cluster = Cluster(await start_coordinator(profile, tmp_path / "c", "127.0.0.1:0"), tmp_path)
     try:
@@ -279,7 +281,7 @@ async def test_a_spot_check_runs_a_second_worker_or_is_skipped(tmp_path: Path) -
         assert done.state == COMPLETED and done.result.output == b'"alone"'
         assert not (await record_of(cluster, c, alone.job_id)).HasField("verification")
         reasons = [i.event.state_change.reason async for i in c.watch(alone.job_id)]
-        assert "spot check skipped" in reasons[-1]
+        assert "spot check skipped (no independent worker within 1s)" in reasons[-1]
 
         await cluster.worker(executors=liars())
         await cluster.worker()

@@ -268,6 +268,10 @@ class VerificationConfig:
     output hashes compared (a tiebreaker run settles a disagreement)."""
 
     spot_check_rate: float = 0.0
+    # A spot check's next run waits at most this long for an independent worker; then the
+    # check is skipped and the job completes with its first run (the client never waits
+    # the queue timeout for a check it did not ask for).
+    spot_check_wait_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -450,6 +454,8 @@ def check_profile(profile: Profile) -> list[str]:
 
     if not 0.0 <= profile.verification.spot_check_rate <= 1.0:
         problems.append("[verification] spot_check_rate must be between 0 and 1")
+    if not 0 < profile.verification.spot_check_wait_seconds <= 3600:
+        problems.append("[verification] spot_check_wait_seconds must be in (0, 3600]")
     if not 0 <= c.devchain_port <= 65535:
         problems.append("[chain] devchain_port must be a port number")
     r = profile.reputation

@@ -766,9 +766,14 @@ class JobService:
                 "offer_lease_expired" if job.state is JobState.OFFERED else "time_limit_exceeded"
             )
             await self.requeue(job, reason, tell_worker=True)
+        if self.verification.spot_check_rate > 0:
+            wait = self.verification.spot_check_wait_seconds
+            for job in await self.store.stale_queued(now - wait):
+                if job.verify_mode == VERIFY_SPOT_CHECK and job.verify_seen:
+                    await self._no_independent_worker(job, wait)  # no checker came
         for job in await self.store.stale_queued(now - self.cfg.queue_timeout_seconds):
             if job.verify_seen:  # runs are in: no independent worker came for the next
-                await self._no_independent_worker(job)
+                await self._no_independent_worker(job, self.cfg.queue_timeout_seconds)
                 continue
             failure = Failure(
                 "no_eligible_worker",
@@ -927,12 +932,13 @@ class JobService:
             listener.job_completed(done)
         return True, ""
 
-    async def _no_independent_worker(self, job: Job) -> None:
-        """A verified job with runs in waited the queue timeout for an independent worker
-        in vain: a spot check with its one run is skipped (the job completes with that run,
-        as a job run once); otherwise the job fails, not charged."""
+    async def _no_independent_worker(self, job: Job, waited: float) -> None:
+        """A verified job with runs in waited `waited` seconds (the queue timeout; a spot
+        check [verification] spot_check_wait_seconds) for an independent worker in vain: a
+        spot check with its one run is skipped (the job completes with that run, as a job
+        run once); otherwise the job fails, not charged."""
         runs = await self.store.job_runs(job.job_id)
-        wait = f"{self.cfg.queue_timeout_seconds:g}s"
+        wait = f"{waited:g}s"
         if job.verify_mode == VERIFY_SPOT_CHECK and len(runs) == 1:
             run = runs[0]
             await self._move(
