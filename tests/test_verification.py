@@ -3,7 +3,8 @@
 Real coordinators on port 0 with real in-process workers; a "liar" is a worker whose
 executors return wrong output (`--lie-rate` of `dispatch worker` and `dispatch seekers`),
 with properly signed receipts.
-The on-chain side (spotCheck feedback, shares) is in test_verification_chain.py.
+The on-chain side (registered agents, x402, spotCheck feedback, shares) is in
+test_verification_chain.py.
 """
 
 from __future__ import annotations
