@@ -27,9 +27,10 @@ gets the right answer, the receipt's verification record is checked, the agreein
 split the share, and the liar's spotCheck 0 feedback is read back from the chain with its
 score before and after. Every receipt is checked in-process and with `dispatch receipt
 verify`, and one receipt per chain on chain (`dispatch receipt proof` + `receipt verify
---onchain`). A summary table has a row per job per chain. Everything, the chains included, lives in a temporary directory
-($DISPATCH_HOME for the children) that is removed at the end; each track's processes are
-stopped and its chain brought down (`dispatch chain down`) before the next track starts.
+--onchain`). A summary table has a row per job per chain. Everything, the chains
+included, lives in a temporary directory ($DISPATCH_HOME for the children) that is
+removed at the end; each track's processes are stopped and its chain brought down
+(`dispatch chain down`) before the next track starts.
 """
 
 from __future__ import annotations
