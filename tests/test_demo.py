@@ -1,7 +1,7 @@
 """`dispatch demo` end to end on both chain tracks: a local anvil chain and a local Solana
 (LiteSVM) node, one coordinator per chain and real worker subprocesses on loopback; on the
-EVM track registered agents and on-chain feedback; on each chain real x402 payments with
-balances read on chain, and an on-chain receipt check."""
+EVM track registered agents, on-chain feedback and a lying worker outvoted; on each chain
+real x402 payments with balances read on chain, and an on-chain receipt check."""
 
 from __future__ import annotations
 
@@ -154,6 +154,41 @@ async def test_demo_runs_all_scenarios_on_both_chains(
     assert "reputation: rated on the identity chain, shown on the EVM track" in solana
     assert "reputation before" not in solana and "getSummary" not in solana
 
+    # the EVM track's lying worker: registered with the others, started with --lie-rate 1,
+    # outvoted by a verify=3 job (repeated until it is among the three picked), paid nothing,
+    # rated spotCheck 0 on chain and scored below a new agent; the Solana track skips it
+    liar = re.search(r"liar +agent #(\d+) +owner 0x[0-9a-fA-F]{40}.*started with --lie-rate 1", evm)
+    assert liar is not None
+    step = evm.split("A lying worker: outvoted by a verify=3 job", 1)[1].split("\n\n", 1)[0]
+    assert re.search(
+        rf"liar +seeker +id \w+ +agent #{liar[1]} \(verified\).*\(--lie-rate 1\)", step
+    )
+    caught = step.rsplit("route    dispatch:", 1)[1]  # the job that caught it
+    assert "word_count with verify=3 at $0.003 (3 runs)" in caught
+    assert re.search(
+        r"runs +(seeker-\d|desktop-1) \(\w+\), (seeker-\d|desktop-1) \(\w+\) agree", caught
+    )
+    assert re.search(r"liar \(\w+\) dissented: outvoted 2 to 1", caught)
+    assert "(the right answer: word_count run here gives the same)" in caught
+    assert (
+        "receipt  valid: both signatures, and the coordinator's record: REDUNDANT, 3 runs" in caught
+    )
+    assert re.search(
+        r"settled +0\.003000 USDC in 0x[0-9a-f]{64} +\(authorized -> settled\)", caught
+    )
+    assert re.search(r"credited \S+ 0\.001350 USDC, \S+ 0\.001350 USDC, liar nothing", caught)
+    assert re.search(
+        rf"liar +agent #{liar[1]}: entry #1 by 0x\w+…\w+ in block \d+: spotCheck 0", step
+    )
+    assert len(re.findall(r"getSummary\(spotCheck\) -> 1 entry, average 100", step)) == 2
+    assert re.search(rf"liar +agent #{liar[1]}: score 0\.30 -> 0\.01 on chain", step)
+    assert "ListWorkers 0.01, below a new agent's 0.3" in step
+    assert "A lying worker outvoted (shown on the EVM track)" in solana
+    assert re.search(
+        r"^  EVM +verified task +job_\w+ +COMPLETED .* settled .* valid$", summary, re.M
+    )
+    assert not re.search(r"^  Solana +verified task", summary, re.M)
+
     # EVM reputation before (the prior) and after the feedback reached the chain
     before = re.search(r"reputation before (.*)\(ListWorkers, source erc8004\)", evm)
     after = re.search(r"reputation after +(.*)\(ListWorkers, source erc8004\)", evm)
@@ -189,7 +224,7 @@ async def test_a_track_that_cannot_start_fails_the_demo_and_cleans_up(
     out = capsys.readouterr().out
     assert "=== Broken track: profile no-such-profile" in out
     assert re.search(
-        r"\[Broken 1/10\] Starting the local chain .*\n +FAILED: `dispatch chain up`", out
+        r"\[Broken 1/11\] Starting the local chain .*\n +FAILED: `dispatch chain up`", out
     )
     assert "  ! Broken chain: `dispatch chain up` exited" in out
     assert "The demo FAILED" in out

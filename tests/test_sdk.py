@@ -27,6 +27,7 @@ from dispatchnet.sdk import (
     ComputeRouter,
     DeadlineExceeded,
     DispatchError,
+    Expected,
     InvalidRequest,
     JobFailed,
     Network,
@@ -38,10 +39,12 @@ from dispatchnet.sdk import (
     llm_spec,
     task_spec,
     types,
+    verify_receipt,
 )
 from dispatchnet.server import start_coordinator
 from dispatchnet.worker.executors import default_executors
 from dispatchnet.worker.llm import DEFAULT_MODEL_NAME, EmbeddedLlama, LlmExecutor
+from dispatchnet.worker.lying import lying
 
 CHEAP_TASK = 1000  # the local profile's price of a CHEAP (auto) task, micro-USD
 FAST_LLM = 10000
@@ -120,6 +123,40 @@ async def test_a_task_returns_a_verified_result(cluster: Cluster, router: Comput
         result.receipt, expected_coordinator_key=cluster.coord.public_key
     ).valid
     json.dumps(result.to_dict())  # JSON-ready
+
+
+async def test_a_verified_task_returns_the_majority_with_its_record(
+    cluster: Cluster, router: ComputeRouter
+) -> None:
+    honest = [await cluster.worker() for _ in range(2)]
+    liar = await cluster.worker(executors=lying(default_executors(), 1.0))
+    result = await router.run_task("word_count", TEXT, verify=3)
+    assert result.json() == {"words": 6, "characters": 18}  # the majority's, not the lie
+    assert result.price.amount_micros == 3 * CHEAP_TASK  # three runs
+    assert result.receipt_body is not None
+    v = result.receipt_body.verification
+    assert v.mode == types.VerificationMode.REDUNDANT and v.runs == 3
+    assert set(v.agreeing_worker_keys) == {w.key.public_key for w in honest}
+    assert v.dissenting_worker_keys == [liar.key.public_key]
+    assert result.receipt is not None
+
+    # a receipt without the record of the runs asked for is refused
+    single = await router.run_task("word_count", TEXT, policy="fast")
+    assert single.receipt is not None
+    check = verify_receipt(single.receipt, expected=Expected(verified_runs=2))
+    assert check.problems == ["receipt verification does not match the job"]
+    assert verify_receipt(result.receipt, expected=Expected(verified_runs=3)).valid
+    with pytest.raises(InvalidRequest, match="2 or 3"):
+        await router.run_task("word_count", TEXT, verify=4)
+
+
+async def test_a_verified_task_never_falls_back_to_a_hosted_provider(cluster: Cluster) -> None:
+    from dispatchnet.sdk import OpenAIProvider
+
+    provider = OpenAIProvider(api_key="unused", base_url="http://127.0.0.1:9/v1", model="m")
+    async with router_for(cluster.address, hosted=[provider]) as router:
+        with pytest.raises(NoCapacity, match="2 independent runs compared"):
+            await router.run_task("summarize", {"text": "One. Two."}, verify=2)
 
 
 async def test_public_types_are_betterproto_dataclasses_of_the_same_bytes(

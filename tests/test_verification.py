@@ -1,17 +1,21 @@
 """Verification (README "Verification"): redundant runs (JobSpec.verify) and spot checks.
 
 Real coordinators on port 0 with real in-process workers; a "liar" is a worker whose
-executors return wrong output (the seekers' --lie-rate), with properly signed receipts.
-The on-chain side (spotCheck feedback, shares) is in test_verification_chain.py.
+executors return wrong output (`--lie-rate` of `dispatch worker` and `dispatch seekers`),
+with properly signed receipts.
+The on-chain side (registered agents, x402, spotCheck feedback, shares) is in
+test_verification_chain.py.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Cluster, make_profile, wait_until
+from conftest import Cluster, Proc, make_profile, wait_until
+from test_cli import cli_env, failed, run
 
 from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2
 from dispatchnet.client import task_spec
@@ -40,37 +44,17 @@ from dispatchnet.receipts.core import (
     worker_signed_part,
 )
 from dispatchnet.server import start_coordinator
-from dispatchnet.worker.executors import Executor, Progress, default_executors
-from dispatchnet.worker.seekers import lie
-from dispatchnet.worker.tasks import TaskOutput
+from dispatchnet.worker.executors import Executor, default_executors
+from dispatchnet.worker.lying import LyingExecutor, lie, lying
+from dispatchnet.worker.tasks import run_task
 
 COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
 FAILED = coordinator_pb2.JOB_STATE_FAILED
 
 
-class Liar:
-    """An executor that returns wrong output (what `dispatch seekers --lie-rate 1` does)."""
-
-    def __init__(self, inner: Executor) -> None:
-        self.inner = inner
-
-    @property
-    def tasks(self) -> list[str]:
-        return self.inner.tasks
-
-    @property
-    def llm_models(self) -> list[str]:
-        return self.inner.llm_models
-
-    def takes(self, spec: common_pb2.JobSpec) -> bool:
-        return self.inner.takes(spec)
-
-    async def run(self, spec: common_pb2.JobSpec, progress: Progress) -> TaskOutput:
-        return lie(await self.inner.run(spec, progress))
-
-
 def liars() -> list[Executor]:
-    return [Liar(e) for e in default_executors()]
+    """Executors that always return wrong output (what `--lie-rate 1` does)."""
+    return lying(default_executors(), 1.0)
 
 
 def echo(text: str, runs: int = 0) -> common_pb2.JobSpec:
@@ -319,3 +303,42 @@ async def test_a_restart_between_runs_loses_nothing(tmp_path: Path) -> None:
             assert cluster.db.worker_stats(w.key.public_hex) == (1, 0)  # counted once
     finally:
         await cluster.close()
+
+
+# --- --lie-rate (demos and tests only) ------------------------------------------------------
+
+
+async def test_a_lying_executor_lies_at_its_rate() -> None:
+    spec = echo("x")
+    honest = await run_task("echo", spec.task.input)
+    assert lie(honest) != honest and lie(honest).content_type == honest.content_type
+    for rate, lies in ((0.0, 0), (1.0, 200)):
+        e = LyingExecutor(default_executors()[0], rate)
+        outs = [await e.run(spec, lambda *_: None) for _ in range(200)]
+        assert sum(o == lie(honest) for o in outs) == e.lies == lies
+    half = LyingExecutor(default_executors()[0], 0.5, random.Random(7))
+    for _ in range(400):
+        await half.run(spec, lambda *_: None)
+    assert 150 < half.lies < 250
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        lying(default_executors(), 1.5)
+
+
+async def test_the_worker_command_lies_when_told_and_says_so(
+    cluster: Cluster, procs: Callable[[list[str]], Proc], tmp_path: Path
+) -> None:
+    key = str(tmp_path / "liar.key")
+    for argv in (
+        ["worker", "--coordinator", cluster.address, "--key-file", key, "--lie-rate", "1.5"],
+        ["seekers", "--coordinator", cluster.address, "--count", "1", "--lie-rate", "-0.1"],
+    ):
+        err = failed(await run(*argv, env=cli_env(tmp_path / "home")), code=2)
+        assert "lie_rate is a probability per job: between 0 and 1" in err
+    p = procs(["worker", "--coordinator", cluster.address, "--key-file", key, "--lie-rate", "1"])
+    assert p.info["lie_rate"] == 1.0 and p.info["kind"] == "seeker"
+    warned = "--lie-rate 1: this worker returns WRONG output on purpose"
+    await wait_until(lambda: warned in p.log.read_text(), what="the warning")
+    c = cluster.client()
+    done = await c.wait((await c.submit(echo("truth"))).job_id)
+    assert done.state == COMPLETED and done.worker_id == p.info["worker_id"]
+    assert done.result.output == b"LIE:" + b'"truth"'[::-1]  # signed, and wrong

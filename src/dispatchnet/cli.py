@@ -249,12 +249,17 @@ async def _until_signal() -> None:
 async def cmd_worker(args: argparse.Namespace) -> int:
     from dispatchnet.worker.executors import default_executors
     from dispatchnet.worker.llm import LlmSetupError, llm_executor
+    from dispatchnet.worker.lying import check_rate, lying, warning
     from dispatchnet.worker.runtime import Worker
 
     if getattr(args, "worker_cmd", None) == "register":
         return await cmd_worker_register(args)
     if getattr(args, "worker_cmd", None) == "earnings":
         return await cmd_worker_earnings(args)
+    try:
+        check_rate(args.lie_rate)
+    except ValueError as e:
+        raise CliError(str(e), code=2) from e
     agent_id, chain_key, solana_key = _worker_agent(args)
     executors = default_executors()
     try:
@@ -263,6 +268,9 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from e
     if llm is not None:
         executors.append(llm)
+    if args.lie_rate:
+        logging.getLogger("dispatch.worker").warning(warning(args.lie_rate, "this worker"))
+        executors = lying(executors, args.lie_rate)
     worker = Worker(
         args.coordinator,
         _worker_key(args),
@@ -293,6 +301,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
                 "coordinator": args.coordinator,
                 "llm_models": worker.llm_models,
                 "agent_id": agent_id,
+                **({"lie_rate": args.lie_rate} if args.lie_rate else {}),
             }
         ),
         flush=True,
@@ -393,6 +402,7 @@ def _chain_address(chain_key: str) -> str:
 
 
 async def cmd_seekers(args: argparse.Namespace) -> int:
+    from dispatchnet.worker.lying import warning
     from dispatchnet.worker.seekers import WORKER_LOG, SeekerSwarm
 
     try:
@@ -411,11 +421,7 @@ async def cmd_seekers(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(str(e), code=2) from e
     if args.lie_rate:
-        logging.getLogger("dispatch.seekers").warning(
-            "--lie-rate %g: these seekers return WRONG output on purpose (a demo and test "
-            "tool for verification; see README 'Verification')",
-            args.lie_rate,
-        )
+        logging.getLogger("dispatch.seekers").warning(warning(args.lie_rate, "these seekers"))
     if not args.verbose:
         logging.getLogger(WORKER_LOG).setLevel(logging.WARNING)
     draining = asyncio.Event()
@@ -1136,6 +1142,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--agent-file",
         help="agent file from `dispatch worker register` (default: next to the worker key, "
         "*.agent.json, when it exists)",
+    )
+    w.add_argument(
+        "--lie-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="DEMO/TEST ONLY: return wrong output (properly signed) for this fraction of jobs, "
+        "to watch verification catch it (README 'Verification')",
     )
     w.set_defaults(fn=cmd_worker)
     wsub = w.add_subparsers(dest="worker_cmd")

@@ -19,12 +19,18 @@ completes). Once the coordinator's payout loop has paid every worker that has a 
 address (a worker without one would have its share shown from GetEarnings as not yet paid),
 the test USDC of the payer, the coordinator and each worker's payout address is read on
 chain before and after, with the settlement and payout transactions, and must add up
-exactly: payer paid = fees kept + shares paid + shares not yet paid. Every receipt is
-checked in-process and with `dispatch receipt verify`, and one receipt per chain on chain
-(`dispatch receipt proof` + `receipt verify --onchain`). A summary table has a row per
-scenario per chain. Everything, the chains included, lives in a temporary directory
-($DISPATCH_HOME for the children) that is removed at the end; each track's processes are
-stopped and its chain brought down (`dispatch chain down`) before the next track starts.
+exactly: payer paid = fees kept + shares paid + shares not yet paid. On the EVM track a
+fourth registered worker then connects with `--lie-rate 1` (it returns wrong, properly
+signed output) and a verify=3 word_count runs through the SDK (again, at most LIAR_TRIES
+times, until the liar is among the three workers picked): the liar is outvoted, the client
+gets the right answer, the receipt's verification record is checked, the agreeing workers
+split the share, and the liar's spotCheck 0 feedback is read back from the chain with its
+score before and after. Every receipt is checked in-process and with `dispatch receipt
+verify`, and one receipt per chain on chain (`dispatch receipt proof` + `receipt verify
+--onchain`). A summary table has a row per job per chain. Everything, the chains
+included, lives in a temporary directory ($DISPATCH_HOME for the children) that is
+removed at the end; each track's processes are stopped and its chain brought down
+(`dispatch chain down`) before the next track starts.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -51,7 +58,7 @@ from typing import IO, Any
 
 import grpc
 
-from dispatch.v1 import common_pb2, coordinator_pb2
+from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2
 from dispatchnet import keys
 from dispatchnet.chains import registry
 from dispatchnet.chains.deployments import CHAINS_DIR
@@ -64,6 +71,7 @@ from dispatchnet.sdk import DispatchError as SdkError
 from dispatchnet.sdk import types as sdk_types
 from dispatchnet.sdk.convert import to_pb, to_types
 from dispatchnet.worker.llm import shipped_model_path
+from dispatchnet.worker.tasks import run_task
 
 START_TIMEOUT = 20.0
 CONNECT_TIMEOUT = 20.0
@@ -81,7 +89,11 @@ SETTLE_TIMEOUT = 30.0
 # its oldest credit; the demo waits at most this long for every payout to land.
 PAYOUT_TIMEOUT = 45.0
 INDENT = "      "
-STEPS = 10  # per track
+STEPS = 11  # per track
+# The lying worker's step (EVM): a verify=3 job repeated until the liar is among the three
+# workers matching picks (weighted random), at most this many times.
+LIAR_TRIES = 4
+LIAR = "liar"
 NO_REPUTATION = "reputation: rated on the identity chain, shown on the EVM track"
 
 # The hosted provider of the SDK's fallback, played by llama.cpp's OpenAI-compatible server
@@ -417,6 +429,9 @@ class TrackRun:
             WorkerInfo("seeker-2", "seeker", self.dir / "seeker-2.key"),
             WorkerInfo("desktop-1", "desktop", self.dir / "desktop-1.key"),
         ]
+        # a worker started with --lie-rate 1 for the verification step (agents only):
+        # registered with the others, connected only for that step
+        self.liar = WorkerInfo(LIAR, "seeker", self.dir / "liar.key") if track.agents else None
         self.outcomes: list[Outcome] = []
         self.problems: list[str] = []  # the chain-wide checks' (payments, reputation, anchor)
         self.wallet: Any = None
@@ -440,10 +455,15 @@ class TrackRun:
         say(f"{INDENT}FAILED: {_problem(e)}")
 
     def label(self, worker_id: str) -> str:
-        for w in self.workers:
+        for w in self.all_workers:
             if w.worker_id == worker_id:
                 return f"{w.label} ({short(worker_id)})"
         return short(worker_id) if worker_id else "-"
+
+    @property
+    def all_workers(self) -> list[WorkerInfo]:
+        """The workers, and the liar (agents only)."""
+        return self.workers + ([self.liar] if self.liar is not None else [])
 
     def amount(self, atomic: int) -> str:
         return usdc(atomic, self.asset.decimals if self.asset is not None else 6)
@@ -461,7 +481,9 @@ class TrackRun:
                 self.step(2, f"Starting a coordinator on {t.profile}")
                 await self.start_coordinator()
                 if t.agents:
-                    self.step(3, "Registering the workers as ERC-8004 agents")
+                    self.step(
+                        3, "Registering the workers as ERC-8004 agents (and a liar for step 10)"
+                    )
                     await self.register_workers()
                 elif t.registers:
                     self.step(
@@ -492,7 +514,15 @@ class TrackRun:
                     self.failed(e, self.problems)
             else:
                 self.step(9, f"Reputation ({NO_REPUTATION})")
-            self.step(10, "A receipt checked on chain (its batch root is anchored)")
+            if self.liar is not None:
+                self.step(10, "A lying worker: outvoted by a verify=3 job, rated down on chain")
+                try:
+                    await self.catch_a_liar(self.liar)
+                except STEP_ERRORS as e:
+                    self.failed(e, self.problems)
+            else:
+                self.step(10, "A lying worker outvoted (shown on the EVM track)")
+            self.step(11, "A receipt checked on chain (its batch root is anchored)")
             anchored = next((o.job for o in self.outcomes if o.ok and o.job is not None), None)
             try:
                 if anchored is None:
@@ -642,85 +672,102 @@ class TrackRun:
         )
 
     async def register_workers(self) -> None:
-        for w in self.workers:
-            code, out, err = await self.procs.run(
-                "worker",
-                "register",
-                "--profile",
-                self.track.profile,
-                "--key-file",
-                str(w.key_file),
-                "--name",
-                f"dispatch-demo-{w.label}",
-                "--endpoint",
-                self.address,
-            )
-            if code != 0:
-                raise DemoError(
-                    f"`dispatch worker register` ({w.label}) exited {code}: "
-                    f"{(err or out).strip()[-300:]}"
-                )
-            result = json.loads(out)
-            w.agent_id = str(result.get("agent_id", ""))
-            if not w.agent_id:
-                raise DemoError(f"`dispatch worker register` printed no agent id: {result}")
+        """`dispatch worker register` for every worker at once (each its own account)."""
+        results = await asyncio.gather(*(self.register(w) for w in self.all_workers))
+        for w, result in zip(self.all_workers, results, strict=True):
             solana = f"  solana {result['solana']}" if result.get("solana") else ""
+            role = "  (started with --lie-rate 1 in step 10)" if w is self.liar else ""
             say(
                 f"{INDENT}{w.label:<10} agent #{w.agent_id}  owner {result.get('chain_address')}"
-                f"{solana}  tx {str(result.get('tx', ''))[:18]}..."
+                f"{solana}  tx {str(result.get('tx', ''))[:18]}...{role}"
             )
         say(
             f"{INDENT}(`dispatch worker register --profile {self.track.profile} --key-file "
             "<worker key>`; each worker proves its agent on Connect)"
         )
 
+    async def register(self, w: WorkerInfo) -> dict[str, Any]:
+        code, out, err = await self.procs.run(
+            "worker",
+            "register",
+            "--profile",
+            self.track.profile,
+            "--key-file",
+            str(w.key_file),
+            "--name",
+            f"dispatch-demo-{w.label}",
+            "--endpoint",
+            self.address,
+        )
+        if code != 0:
+            raise DemoError(
+                f"`dispatch worker register` ({w.label}) exited {code}: "
+                f"{(err or out).strip()[-300:]}"
+            )
+        result: dict[str, Any] = json.loads(out)
+        w.agent_id = str(result.get("agent_id", ""))
+        if not w.agent_id:
+            raise DemoError(f"`dispatch worker register` printed no agent id: {result}")
+        return result
+
     async def start_workers(self) -> None:
-        for w in self.workers:
-            info = await self.procs.spawn(
-                w.label,
-                "worker",
-                "--coordinator",
-                self.address,
-                "--kind",
-                w.kind,
-                "--key-file",
-                str(w.key_file),
-                "--drain-timeout",
-                "5",
-            )
-            w.worker_id = str(info.get("worker_id", ""))
-            if not w.worker_id:
-                raise DemoError(f"{w.label} did not report its worker id: {info}")
-            if str(info.get("agent_id", "")) != w.agent_id:
-                raise DemoError(f"{w.label} connects as agent {info.get('agent_id')!r}")
         began = time.monotonic()
-        wanted = {w.worker_id for w in self.workers}
-        seen: dict[str, coordinator_pb2.WorkerInfo] = {}
-        async with CoordinatorClient(self.address, keys.KeyPair.generate()) as c:
-            while True:
-                seen = {w.worker_id: w for w in await c.list_workers()}
-                if wanted <= seen.keys() and all(
-                    seen[w.worker_id].agent_id == w.agent_id for w in self.workers
-                ):
-                    break
-                if time.monotonic() - began > CONNECT_TIMEOUT:
-                    missing = ", ".join(w.label for w in self.workers if w.worker_id not in seen)
-                    raise DemoError(f"not connected after {CONNECT_TIMEOUT:.0f}s: {missing}")
-                await asyncio.sleep(POLL_INTERVAL)
         for w in self.workers:
-            info_w = seen[w.worker_id]
-            kind = _KIND_NAMES.get(info_w.kind, "?")
-            agent = f"agent #{info_w.agent_id} (verified)" if info_w.agent_id else "no agent id"
-            say(
-                f"{INDENT}{w.label:<10} {kind:<8} id {short(w.worker_id)}  {agent}  "
-                f"tasks: {', '.join(info_w.tasks)}"
-            )
+            await self.start_worker(w)
+        seen = await self.wait_listed(self.workers)
+        for w in self.workers:
+            self.show_listed(w, seen[w.worker_id])
         say(
             f"{INDENT}ListWorkers shows all {len(self.workers)} connected "
             f"({time.monotonic() - began:.1f}s)"
         )
         if self.track.agents:
             await self.show_reputation("before")
+
+    async def start_worker(self, w: WorkerInfo, *extra: str) -> dict[str, Any]:
+        info = await self.procs.spawn(
+            w.label,
+            "worker",
+            "--coordinator",
+            self.address,
+            "--kind",
+            w.kind,
+            "--key-file",
+            str(w.key_file),
+            "--drain-timeout",
+            "5",
+            *extra,
+        )
+        w.worker_id = str(info.get("worker_id", ""))
+        if not w.worker_id:
+            raise DemoError(f"{w.label} did not report its worker id: {info}")
+        if str(info.get("agent_id", "")) != w.agent_id:
+            raise DemoError(f"{w.label} connects as agent {info.get('agent_id')!r}")
+        return info
+
+    async def wait_listed(self, workers: list[WorkerInfo]) -> dict[str, coordinator_pb2.WorkerInfo]:
+        """Polls ListWorkers until every one of workers is there with its verified agent id."""
+        began = time.monotonic()
+        wanted = {w.worker_id for w in workers}
+        async with CoordinatorClient(self.address, keys.KeyPair.generate()) as c:
+            while True:
+                seen = {w.worker_id: w for w in await c.list_workers()}
+                if wanted <= seen.keys() and all(
+                    seen[w.worker_id].agent_id == w.agent_id for w in workers
+                ):
+                    return seen
+                if time.monotonic() - began > CONNECT_TIMEOUT:
+                    missing = ", ".join(w.label for w in workers if w.worker_id not in seen)
+                    raise DemoError(f"not connected after {CONNECT_TIMEOUT:.0f}s: {missing}")
+                await asyncio.sleep(POLL_INTERVAL)
+
+    def show_listed(self, w: WorkerInfo, info: coordinator_pb2.WorkerInfo, note: str = "") -> None:
+        kind = _KIND_NAMES.get(info.kind, "?")
+        agent = f"agent #{info.agent_id} (verified)" if info.agent_id else "no agent id"
+        say(
+            f"{INDENT}{w.label:<10} {kind:<8} id {short(w.worker_id)}  {agent}  "
+            f"tasks: {', '.join(info.tasks)}{note}"
+        )
 
     async def show_reputation(self, when: str) -> None:
         """Each worker's reputation as ListWorkers shows it (what matching uses)."""
@@ -742,7 +789,8 @@ class TrackRun:
 
         expected = {w.agent_id: 0 for w in self.workers}
         for o in self.outcomes:
-            if o.job is not None and o.job.worker_id:
+            # (a verified job's runs are rated with spotCheck entries instead: step 10)
+            if o.job is not None and o.job.worker_id and o.job.spec.verify <= 1:
                 w = next((w for w in self.workers if w.worker_id == o.job.worker_id), None)
                 if w is not None:
                     expected[w.agent_id] += 1
@@ -981,15 +1029,7 @@ class TrackRun:
             ),
         ]
         wallet = self.wallet
-        network = Network(
-            self.track.name.lower(), [self.address], wallet, coordinator_key=self.coordinator_key
-        )
-        router = ComputeRouter(
-            [network],
-            key=self.client_key,
-            hosted=[self.hosted] if self.hosted is not None else [],
-            prices={HOSTED_MODEL: HOSTED_PRICE},
-        )
+        router = self.router()
         async with (
             router,
             CoordinatorClient(self.address, self.client_key, wallet) as coordinator,
@@ -1011,6 +1051,22 @@ class TrackRun:
                     await play(client, outcome)
                 except STEP_ERRORS as e:
                     self.failed(e, outcome.problems)
+
+    def router(self) -> ComputeRouter:
+        """The client's SDK router: this track's coordinator (its key expected on every
+        receipt), paying from the wallet, the hosted stand-in as its fallback."""
+        network = Network(
+            self.track.name.lower(),
+            [self.address],
+            self.wallet,
+            coordinator_key=self.coordinator_key,
+        )
+        return ComputeRouter(
+            [network],
+            key=self.client_key,
+            hosted=[self.hosted] if self.hosted is not None else [],
+            prices={HOSTED_MODEL: HOSTED_PRICE},
+        )
 
     async def run_job(
         self,
@@ -1189,6 +1245,221 @@ class TrackRun:
                 f"the private job ran on {self.label(job.worker_id)}, not on {owner.label}"
             )
             say(f"{INDENT}check    ran on {self.label(job.worker_id)}, NOT the paired worker")
+
+    # --- a lying worker (agents) ---------------------------------------------------------------
+
+    async def catch_a_liar(self, liar: WorkerInfo) -> None:
+        """Starts the liar (`dispatch worker --lie-rate 1`), runs a verify=3 word_count through
+        the SDK until the liar is among the three workers picked, and shows the vote, the
+        client's right answer, the receipt's verification record, who was paid, the
+        spotCheck feedback on chain and the liar's score before and after."""
+        await self.start_worker(liar, "--lie-rate", "1")
+        listed = await self.wait_listed([liar])
+        self.show_listed(liar, listed[liar.worker_id], "  (--lie-rate 1)")
+        say(
+            f"{INDENT}(`dispatch worker --kind seeker --lie-rate 1 --key-file {liar.key_file.name}`"
+            ": every answer it returns is wrong, and properly signed; demos and tests only)"
+        )
+        reader = self.spot_check_reader()
+        before = await self.chain_score(reader, liar)
+        prior = before["params"]["prior"]
+        say(
+            f"{INDENT}liar     agent #{liar.agent_id} before: score {before['score']:.2f} on chain "
+            f"(no feedback yet: a new agent's {prior:g}), ListWorkers "
+            f"{listed[liar.worker_id].reputation:.2f}"
+        )
+        text = "Three workers run the same job, and the coordinator keeps the answer they agree on"
+        data = json.dumps(text).encode()
+        right = (await run_task("word_count", data)).output
+        caught: list[str] = []  # the workers of the job that caught the liar
+        async with (
+            self.router() as router,
+            CoordinatorClient(self.address, self.client_key, self.wallet) as coordinator,
+        ):
+            for attempt in range(1, LIAR_TRIES + 1):
+                title = "verified task" + (f", try {attempt}" if attempt > 1 else "")
+                outcome = Outcome(self.track.name, title)
+                self.outcomes.append(outcome)
+                agreeing, dissenting = await self.verified_job(
+                    router, coordinator, data, right, outcome
+                )
+                if liar.worker_id in dissenting:
+                    caught = agreeing + dissenting
+                    break
+                say(
+                    f"{INDENT}         the liar was not among the 3 workers matching picked "
+                    "(a weighted random choice): the job again"
+                )
+        if not caught:
+            raise DemoError(f"the liar was not picked in {LIAR_TRIES} verify=3 jobs")
+        await self.show_spot_checks(reader, caught, liar, before)
+
+    async def verified_job(
+        self,
+        router: ComputeRouter,
+        coordinator: CoordinatorClient,
+        data: bytes,
+        right: bytes,
+        outcome: Outcome,
+    ) -> tuple[list[str], list[str]]:
+        """One verify=3 word_count through the SDK, paid and settled, its receipt's
+        verification record checked and each run's credit shown; the ids of the agreeing
+        and the dissenting workers."""
+        try:
+            result = await router.run_task(
+                "word_count", data, policy="cheap", verify=3, decentralized_only=True,
+                timeout=JOB_TIMEOUT,
+            )  # fmt: skip
+        except SdkError as e:
+            raise DemoError(f"the SDK refused: {e}") from None
+        if result.job is None or result.receipt_body is None:
+            raise DemoError(f"the job ran on the {result.route} route, not on the network")
+        job = to_pb(result.job, coordinator_pb2.Job)
+        outcome.job = job
+        outcome.worker = self.label(job.worker_id)
+        record = result.receipt_body.verification
+        agreeing = [bytes(k).hex() for k in record.agreeing_worker_keys]
+        dissenting = [bytes(k).hex() for k in record.dissenting_worker_keys]
+        say(
+            f"{INDENT}route    {result.route}: {job.job_id} word_count with verify=3 at "
+            f"{usd(result.price.amount_micros)} (3 runs), {result.latency_ms:.0f} ms end to end"
+        )
+        names = ", ".join(self.label(w) for w in agreeing)
+        if dissenting:
+            say(f"{INDENT}runs     {names} agree")
+            say(
+                f"{INDENT}         {', '.join(self.label(w) for w in dissenting)} dissented: "
+                f"outvoted {len(agreeing)} to {len(dissenting)}"
+            )
+        else:
+            say(f"{INDENT}runs     all {len(agreeing)} agree: {names}")
+        same = result.output_bytes == right
+        say(
+            f"{INDENT}output   {result.output}  ("
+            + ("the right answer: word_count run here gives the same)" if same else "WRONG)")
+        )
+        if not same:
+            outcome.problems.append(f"the client got {result.output!r}, not {right.decode()!r}")
+        self.check_record(job, agreeing, dissenting, outcome)
+        seen = [job.payment.status]
+        job = await self.payment_moves(coordinator, job, seen, {"settled", "failed", "refunded"})
+        outcome.job = job
+        if job.payment.status != "settled":
+            raise DemoError(f"payment still {job.payment.status} after {SETTLE_TIMEOUT:.0f}s")
+        say(
+            f"{INDENT}settled  {self.amount(int(job.payment.amount))} in "
+            f"{job.payment.transaction}  ({' -> '.join(seen)})"
+        )
+        credits = []
+        for worker_id in agreeing + dissenting:
+            w = next((w for w in self.all_workers if w.worker_id == worker_id), None)
+            if w is None:
+                continue
+            async with CoordinatorClient(self.address, keys.load(w.key_file)) as c:
+                earned = await c.earnings()
+            share = sum(int(j.share) for j in earned.jobs if j.job_id == job.job_id)
+            credits.append(f"{w.label} {self.amount(share) if share else 'nothing'}")
+        say(f"{INDENT}credited {', '.join(credits)}  (GetEarnings: the agreeing split the share)")
+        return agreeing, dissenting
+
+    def check_record(
+        self, job: coordinator_pb2.Job, agreeing: list[str], dissenting: list[str], o: Outcome
+    ) -> None:
+        """The receipt's signatures and its verification record, checked in-process."""
+        v = verify_receipt_message(job.receipt, self.coordinator_key)
+        problems = list(v.problems)
+        if v.body is not None:
+            r = v.body.verification
+            if r.mode != receipt_pb2.VERIFICATION_MODE_REDUNDANT or r.runs != 3:
+                problems.append("the receipt does not record 3 redundant runs")
+            if r.output_sha256 != hashlib.sha256(job.result.output).digest():
+                problems.append("the record's output hash is not the result's")
+            if agreeing[:1] != [job.worker_id] or v.body.worker_public_key.hex() != job.worker_id:
+                problems.append("the record does not start with the receipt's worker")
+        say(
+            f"{INDENT}receipt  {'valid' if not problems else 'INVALID'}: both signatures, and the "
+            f"coordinator's record: REDUNDANT, 3 runs, {len(agreeing)} agreeing on the output's "
+            f"hash (the receipt's worker first), {len(dissenting)} dissenting"
+        )
+        o.receipt_valid = not problems
+        o.problems += problems
+
+    def spot_check_reader(self) -> Any:
+        """The chain's spotCheck feedback from the coordinator's account (the reviewer)."""
+        from dispatchnet.coordinator.verification import SPOT_CHECK_TAG
+
+        adapter, profile = self.adapter()
+        try:
+            return adapter.summary_reader(profile, self.dir / "coordinator", [], SPOT_CHECK_TAG)
+        except Exception as e:  # web3 raises many types; the chain is the demo's own
+            raise DemoError(f"cannot read reputation from the chain: {e}") from e
+
+    async def chain_score(self, reader: Any, w: WorkerInfo) -> dict[str, Any]:
+        """The agent's score as the erc8004 source computes it from the chain (what
+        `dispatch chain reputation` shows)."""
+        from dispatchnet.reputation.erc8004 import explain
+
+        _, profile = self.adapter()
+        try:
+            page = await asyncio.to_thread(
+                reader.feedback, int(w.agent_id), profile.reputation.from_block
+            )
+        except Exception as e:  # as above
+            raise DemoError(f"cannot read feedback from the chain: {e}") from e
+        return explain(page, profile.reputation.score_params())
+
+    async def show_spot_checks(
+        self, reader: Any, ran: list[str], liar: WorkerInfo, before: dict[str, Any]
+    ) -> None:
+        """Waits until the spotCheck feedback of the workers that ran the job (ran: their
+        ids) is on chain, reads it back, and shows the liar's score before and after."""
+        rated = [w for w in self.all_workers if w.worker_id in ran and w.agent_id]
+        began = time.monotonic()
+        while True:
+            try:
+                summaries = {
+                    w.label: await asyncio.to_thread(reader.summary, int(w.agent_id)) for w in rated
+                }
+            except Exception as e:  # web3 raises many types; the chain is the demo's own
+                raise DemoError(f"cannot read getSummary from the chain: {e}") from e
+            if all(count >= 1 for count, _ in summaries.values()):
+                break
+            if time.monotonic() - began > FEEDBACK_TIMEOUT:
+                raise DemoError(f"spotCheck feedback not on chain after {FEEDBACK_TIMEOUT:.0f}s")
+            await asyncio.sleep(0.5)
+        after = await self.chain_score(reader, liar)
+        entries = [f for f in after["feedback"] if f["tag1"] == "spotCheck"]
+        say(
+            f"{INDENT}feedback one giveFeedback per run (tag1 spotCheck), on chain after "
+            f"{time.monotonic() - began:.1f}s; read back:"
+        )
+        for f in entries:
+            say(
+                f"{INDENT}  {liar.label:<10} agent #{liar.agent_id}: entry #{f['index']} by "
+                f"{f['client'][:6]}…{f['client'][-4:]} in block {f['block']}: spotCheck "
+                f"{f['value']:g} ({f['tag2']})"
+            )
+        for w in rated:
+            count, value = summaries[w.label]
+            say(
+                f"{INDENT}  {w.label:<10} agent #{w.agent_id}: getSummary(spotCheck) -> "
+                f"{count} entr{'y' if count == 1 else 'ies'}, average {value:g}"
+            )
+        async with CoordinatorClient(self.address, keys.KeyPair.generate()) as c:
+            listed = {w.worker_id: w for w in await c.list_workers()}
+        prior = before["params"]["prior"]
+        spot = after["spot_checks"]
+        say(
+            f"{INDENT}liar     agent #{liar.agent_id}: score {before['score']:.2f} -> "
+            f"{after['score']:.2f} on chain (success {after['success']['rate']:.2f} x agreement "
+            f"{spot['agreement']:.3f}: {spot['decayed_disagreed']:g} lost spot check counts "
+            f"{after['params']['spot_check_penalty']}-fold); ListWorkers "
+            f"{listed[liar.worker_id].reputation:.2f}, below a new agent's {prior:g}"
+        )
+        if not entries or any(f["value"] != 0 for f in entries):
+            raise DemoError(f"the liar's spotCheck feedback on chain is {entries}")
+        if not after["score"] < prior or not listed[liar.worker_id].reputation < prior:
+            raise DemoError("the liar's score did not drop below a new agent's")
 
     # --- the anchor ----------------------------------------------------------------------------
 

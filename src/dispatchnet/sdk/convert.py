@@ -19,6 +19,7 @@ T = TypeVar("T", bound=betterproto.Message)
 P = TypeVar("P", bound=Message)
 
 ROLES = ("system", "user", "assistant")
+MAX_VERIFY = 3  # JobSpec.verify's largest value (common.proto)
 PolicyLike = types.Policy | str
 PrivacyLike = types.Privacy | str
 MessageLike = types.ChatMessage | Mapping[str, str]
@@ -121,17 +122,25 @@ def task_spec(
     privacy: PrivacyLike = "public",
     use_llm: bool = False,
     wasm: bytes | None = None,
+    verify: int = 0,
 ) -> types.JobSpec:
     """A TASK job: a built-in task by name, or a WebAssembly module (name "wasm"); see
     ComputeRouter.run_task."""
     if not name:
         raise InvalidRequest("the task name is empty")
+    if verify not in range(MAX_VERIFY + 1):
+        raise InvalidRequest(
+            f"verify is the number of independent runs to compare: 2 or 3 (0 or 1: one run), "
+            f"not {verify}"
+        )
     task = types.TaskRequest(name=name, input=task_input(data), use_llm=use_llm)
     if wasm is not None:
         if name != "wasm":
             raise InvalidRequest('a WebAssembly module goes with the task name "wasm"')
         task.wasm = types.WasmModule(module=wasm)
-    return types.JobSpec(task=task, policy=parse_policy(policy), privacy=parse_privacy(privacy))
+    return types.JobSpec(
+        task=task, policy=parse_policy(policy), privacy=parse_privacy(privacy), verify=verify
+    )
 
 
 def spec_pb(spec: types.JobSpec) -> common_pb2.JobSpec:

@@ -317,13 +317,17 @@ class ComputeRouter:
         privacy: PrivacyLike = "public",
         use_llm: bool = False,
         wasm: bytes | None = None,
+        verify: int = 0,
         **options: Unpack[CallOptions],
     ) -> ComputeResult:
         """A task: a built-in one by name (README: echo, sha256, word_count, summarize,
         classify, extract_json, ...), or a WebAssembly module (name "wasm", wasm=the module's
         bytes). input: bytes as they are, str as UTF-8, anything else as JSON.
-        use_llm: run a text task with a desktop's LLM."""
-        spec = task_spec(name, input, policy, privacy, use_llm, wasm)
+        use_llm: run a text task with a desktop's LLM. verify 2 or 3: run a deterministic
+        PUBLIC task on that many independent workers and return the majority's output (at
+        that many times the price); its receipt must then carry the coordinator's record of
+        the comparison (receipt_body.verification), and no hosted provider stands in."""
+        spec = task_spec(name, input, policy, privacy, use_llm, wasm, verify)
         return await self.run(spec, **options)
 
     async def run(self, spec: types.JobSpec, **options: Unpack[CallOptions]) -> ComputeResult:
@@ -714,6 +718,7 @@ class ComputeRouter:
             input_sha256=quote.spec_sha256,
             price_micros=quote.price.amount_micros,
             worker_id=job.worker_id,
+            verified_runs=job.spec.verify,
         )
         proof = await self._proof(client, job.job_id, o.deadline) if o.verify_proof else None
         check = verify_receipt(
@@ -785,6 +790,12 @@ class ComputeRouter:
         error = CoordinatorUnavailable if skipped and all_unreachable else NoCapacity
         if o.decentralized_only:
             raise error(f"the network did not serve the job (decentralized_only): {why}", skipped)
+        if spec.verify > 1:
+            raise error(
+                f"the network did not serve the job, which asks for {spec.verify} independent "
+                f"runs compared (verify): a hosted provider cannot give them: {why}",
+                skipped,
+            )
         work, value = betterproto.which_one_of(spec, "work")
         finish: Callable[[str], object] | None = None
         if work == "llm" and isinstance(value, types.LlmRequest):

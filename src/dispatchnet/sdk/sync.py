@@ -170,6 +170,7 @@ class SyncComputeRouter:
         privacy: PrivacyLike = "public",
         use_llm: bool = False,
         wasm: bytes | None = None,
+        verify: int = 0,
         **options: Unpack[CallOptions],
     ) -> ComputeResult:
         return self._wait(
@@ -180,6 +181,7 @@ class SyncComputeRouter:
                 privacy=privacy,
                 use_llm=use_llm,
                 wasm=wasm,
+                verify=verify,
                 **options,
             )
         )

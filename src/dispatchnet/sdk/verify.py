@@ -28,6 +28,10 @@ class Expected:
     input_sha256: bytes = b""
     price_micros: int = -1
     worker_id: str = ""
+    verified_runs: int = 0
+    """JobSpec.verify of the job: above 1, the receipt must carry the coordinator's
+    REDUNDANT verification record of at least that many runs (whose consistency, a
+    majority agreeing on this output, verify_receipt_message checks)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ def verify_receipt(
             ("input_sha256", not e.input_sha256 or body.input_sha256 == e.input_sha256),
             ("price", e.price_micros < 0 or body.price.amount_micros == e.price_micros),
             ("worker_public_key", not e.worker_id or body.worker_public_key.hex() == e.worker_id),
+            ("verification", e.verified_runs <= 1 or _redundant(body, e.verified_runs)),
         ]
         problems += [f"receipt {name} does not match the job" for name, ok in checks if not ok]
     if proof is not None:
@@ -76,4 +81,14 @@ def verify_receipt(
         problems,
         None if body is None else to_types(body, types.ReceiptBody),
         proof_checked=proof is not None,
+    )
+
+
+def _redundant(body: receipt_pb2.ReceiptBody, runs: int) -> bool:
+    """Whether the body records a comparison of at least `runs` independent runs."""
+    v = body.verification
+    return (
+        body.HasField("verification")
+        and v.mode == receipt_pb2.VERIFICATION_MODE_REDUNDANT
+        and v.runs >= runs
     )

@@ -12,10 +12,10 @@ Device whose behaviour the switches turn on:
   AMBIENT; above HOT degrees the seeker rejects offers with "device_hot".
 - slow: a per-device speed factor, uniform in [1, slow]; a job on a device with factor f
   takes f times as long as here, counting at least SLOW_BASE_SECONDS of work per job.
-- lie_rate (FOR DEMOS AND TESTS ONLY): with this probability a job's output is replaced by
-  a wrong one (lie()) before the worker signs its receipt: the receipt is properly signed,
-  the answer is just wrong, which is what redundant runs and spot checks catch (README
-  "Verification"). An honest seeker never sets it.
+- lie_rate (FOR DEMOS AND TESTS ONLY, worker/lying.py): with this probability a job's
+  output is replaced by a wrong one before the worker signs its receipt: the receipt is
+  properly signed, the answer is just wrong, which is what redundant runs and spot checks
+  catch (README "Verification"). An honest seeker never sets it.
 
 The same seed gives every seeker the same device (speed, initial battery and temperature)
 and the same sequence of drops and offline periods: seeker i draws from its own generator
@@ -41,6 +41,7 @@ from typing import Any
 from dispatch.v1 import common_pb2, worker_pb2
 from dispatchnet import keys
 from dispatchnet.worker.executors import Executor, Progress, default_executors
+from dispatchnet.worker.lying import check_rate, lying
 from dispatchnet.worker.runtime import Worker
 from dispatchnet.worker.tasks import TaskOutput
 
@@ -60,12 +61,6 @@ COOLING_SECONDS = 60.0  # time constant of the cooling towards AMBIENT
 SLOW_BASE_SECONDS = 0.1  # the least work a job counts as when the device is slow
 
 log = logging.getLogger("dispatch.seekers")
-
-
-def lie(out: TaskOutput) -> TaskOutput:
-    """A wrong output for out (demos and tests of verification only): different bytes of
-    the same content type, so only a comparison with an honest run tells."""
-    return TaskOutput(b"LIE:" + out.output[::-1], out.content_type)
 
 
 class Device:
@@ -137,18 +132,9 @@ class Device:
 class DeviceExecutor:
     """Wraps an executor: accounts each job to the device and slows it down to its speed."""
 
-    def __init__(
-        self,
-        inner: Executor,
-        device: Device,
-        lie_rate: float = 0.0,
-        rng: random.Random | None = None,
-    ) -> None:
+    def __init__(self, inner: Executor, device: Device) -> None:
         self.inner = inner
         self.device = device
-        self.lie_rate = lie_rate  # demos and tests only (see lie())
-        self.rng = rng or random.Random()
-        self.lies = 0
 
     @property
     def tasks(self) -> list[str]:
@@ -169,9 +155,6 @@ class DeviceExecutor:
             delay = self.device.delay(time.monotonic() - started)
             if delay:
                 await asyncio.sleep(delay)
-            if self.lie_rate and self.rng.random() < self.lie_rate:
-                self.lies += 1
-                return lie(out)
             return out
         finally:
             self.device.job_finished()
@@ -254,8 +237,7 @@ class SeekerSwarm:
             raise ValueError("count must be at least 1")
         if not 0.0 <= flaky <= 1.0:
             raise ValueError("flaky is a probability per tick: between 0 and 1")
-        if not 0.0 <= lie_rate <= 1.0:
-            raise ValueError("lie_rate is a probability per job: between 0 and 1")
+        check_rate(lie_rate)
         if slow < 1.0:
             raise ValueError("slow is the largest speed factor: at least 1")
         if battery_level is not None and not 0.0 <= battery_level <= 100.0:
@@ -289,8 +271,8 @@ class SeekerSwarm:
                 kind="seeker",
                 max_concurrency=max_concurrency,
                 executors=[
-                    DeviceExecutor(e, device, lie_rate, random.Random(f"{self.seed}/{i}/lie"))
-                    for e in base
+                    DeviceExecutor(e, device)
+                    for e in lying(base, lie_rate, random.Random(f"{self.seed}/{i}/lie"))
                 ],
                 backoff_initial=backoff_initial,
                 backoff_max=backoff_max,
