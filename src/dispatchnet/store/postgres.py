@@ -91,6 +91,7 @@ from dispatchnet.store.rows import (
     pairing_of,
     payment_of,
     payout_of,
+    recipients_text,
     spec_of,
 )
 
@@ -264,7 +265,13 @@ async def _v2(c: Conn) -> None:
     await c.execute(f"ALTER TABLE jobs ADD COLUMN coordinator_id {TEXT} NOT NULL DEFAULT ''")
 
 
-MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2]
+async def _v3(c: Conn) -> None:
+    """Sealed PRIVATE jobs: the workers their input is encrypted to (SQLite's version 13)."""
+    for table in ("quotes", "jobs"):
+        await c.execute(f"ALTER TABLE {table} ADD COLUMN recipients {TEXT} NOT NULL DEFAULT ''")
+
+
+MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -506,8 +513,8 @@ class PostgresStore:
             await c.execute(
                 "INSERT INTO quotes (quote_id, job_type, policy, privacy, task_name, llm_model, "
                 "spec_bytes, spec_sha256, price_micros, currency, created_at, expires_at, "
-                "use_llm, client_id, size, module_sha256) "
-                f"VALUES ({_placeholders(1, 16)})",
+                "use_llm, client_id, size, module_sha256, recipients) "
+                f"VALUES ({_placeholders(1, 17)})",
                 quote.quote_id,
                 int(s.job_type),
                 int(s.policy),
@@ -524,6 +531,7 @@ class PostgresStore:
                 owner,
                 size,
                 module_sha,
+                recipients_text(s),
             )
             if module is not None:
                 await c.execute(

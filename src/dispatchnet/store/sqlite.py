@@ -59,6 +59,7 @@ from dispatchnet.store.rows import (
     pairing_of,
     payment_of,
     payout_of,
+    recipients_text,
     spec_of,
 )
 
@@ -386,7 +387,13 @@ def _v12(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE jobs ADD COLUMN coordinator_id TEXT NOT NULL DEFAULT ''")
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12]
+def _v13(db: sqlite_utils.Database) -> None:
+    """Sealed PRIVATE jobs: the workers their input is encrypted to (space-separated)."""
+    db.execute("ALTER TABLE quotes ADD COLUMN recipients TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE jobs ADD COLUMN recipients TEXT NOT NULL DEFAULT ''")
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -545,7 +552,8 @@ class SqliteStore:
         self._conn.execute(
             "INSERT INTO quotes (quote_id, job_type, policy, privacy, task_name, llm_model, "
             "spec_bytes, spec_sha256, price_micros, currency, created_at, expires_at, use_llm, "
-            "client_id, size, module_sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "client_id, size, module_sha256, recipients) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 quote.quote_id,
                 int(s.job_type),
@@ -563,6 +571,7 @@ class SqliteStore:
                 owner,
                 size,
                 module_sha,
+                recipients_text(s),
             ),
         )
 
