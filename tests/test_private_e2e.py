@@ -292,3 +292,25 @@ async def test_sealed_llm_job_streams_nothing_and_leaves_no_plaintext(
     for stored in (running, stopped, _records(caplog).encode()):
         for plain in plains:
             assert plain not in stored
+
+
+async def test_the_sdk_seals_private_jobs_by_default(cluster: Cluster) -> None:
+    from dispatchnet.sdk import ComputeRouter, Network
+
+    key = KeyPair.generate()
+    router = ComputeRouter([Network("local", [cluster.address])], hosted=[], key=key)
+    try:
+        client = cluster.client(key)
+        worker_key = KeyPair.generate()
+        await _pair(cluster, client, worker_key)
+        await cluster.worker(key=worker_key)
+        await cluster.worker()  # public, idle: never offered the job
+        marker = f"sdk{secrets.token_hex(6)}"
+        result = await router.run_task("echo", marker, privacy="private")
+        assert marker in result.output and result.route == "dispatch"
+        assert result.worker is not None and result.worker.worker_id == worker_key.public_hex
+        job = await client.get(result.job_id)
+        assert job.spec.HasField("sealed") and job.result.content_type == SEALED_CONTENT_TYPE
+        assert marker.encode() not in _database_bytes(cluster)[0]
+    finally:
+        await router.close()
