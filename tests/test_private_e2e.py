@@ -5,6 +5,7 @@ client, and the coordinator's database, WAL and logs hold no plaintext of either
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -314,3 +315,27 @@ async def test_the_sdk_seals_private_jobs_by_default(cluster: Cluster) -> None:
         assert marker.encode() not in _database_bytes(cluster)[0]
     finally:
         await router.close()
+
+
+class _ClearWorker(Worker):
+    """A worker that opens a sealed job but answers in clear, without the private hashes."""
+
+    def _completion(
+        self, offer: Any, coordinator_key: bytes, started: Any, out: Any, opened: Any = None
+    ) -> Any:
+        return super()._completion(offer, coordinator_key, started, out, None)
+
+
+async def test_a_sealed_jobs_result_in_clear_is_refused(cluster: Cluster) -> None:
+    client, key = cluster.client(), KeyPair.generate()
+    await _pair(cluster, client, key)
+    w = _ClearWorker(cluster.address, key, kind="seeker", backoff_initial=0.05)
+    cluster.workers.append((w, asyncio.create_task(w.run())))
+    await asyncio.wait_for(w.connected.wait(), 10)
+    spec = await client.seal(task_spec("echo", b'"in clear"', private=True))
+    job = await client.wait((await client.submit(spec)).job_id)
+    assert job.state == FAILED and job.failure.code == "max_attempts_exceeded"
+    assert not job.HasField("result")
+    events = [i.event async for i in client.watch(job.job_id)]
+    reasons = " ".join(e.state_change.reason for e in events)
+    assert "private_input_sha256 must be 32 bytes" in reasons, reasons
