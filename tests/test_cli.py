@@ -171,7 +171,7 @@ async def test_private_job_through_cli_pairing(cluster: Cluster, tmp_path: Path)
     )  # fmt: skip
 
     err = failed(await run(*submit_private, env=env))
-    assert "FAILED_PRECONDITION" in err and "pair" in err
+    assert "paired with" in err and "pair one first" in err  # nothing to encrypt it to
 
     code = ok_json(await run("pair", "create", "--coordinator", cluster.address, env=env))
     assert code["code"] and code["expires_at"]
@@ -196,6 +196,7 @@ async def test_private_job_through_cli_pairing(cluster: Cluster, tmp_path: Path)
     assert job["spec"]["privacy"] == "PRIVACY_PRIVATE"
     assert job["worker_id"] == paired.key.public_hex
     assert job["output_decoded"] == hashlib.sha256(b'"secret"').hexdigest()
+    assert job["spec"]["sealed"]["envelopes"] and "input" not in job["spec"]["task"]
 
     revoked = ok_json(
         await run(

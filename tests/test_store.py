@@ -181,6 +181,26 @@ async def test_jobs_events_and_quotes_survive_a_reopen(store_factory: StoreFacto
     assert events[1] == dataclasses.replace(offered("job_1"), sequence=2)
 
 
+async def test_a_sealed_specs_recipients_survive_a_reopen(store_factory: StoreFactory) -> None:
+    store = await store_factory.open()
+    sealed = dataclasses.replace(
+        SPEC, privacy=Privacy.PRIVATE, recipients=frozenset({"ab" * 32, "cd" * 32})
+    )
+    quote = Quote("q_1", sealed, 1000, "USD", 99.0, 399.0)
+    await store.put_quote(quote)
+    job = dataclasses.replace(make_job("job_1"), spec=sealed)
+    await store.create_job(job, queued("job_1"))
+    await store.create_job(make_job("job_2", key="k2"), queued("job_2"))
+    await store.close()
+
+    again = await store_factory.open()
+    assert await again.get_quote("q_1") == quote
+    got = await again.get_job("job_1")
+    assert got is not None and got.spec.recipients == sealed.recipients and got.spec.sealed
+    plain = await again.get_job("job_2")
+    assert plain is not None and plain.spec.recipients == frozenset() and not plain.spec.sealed
+
+
 async def test_create_job_is_idempotent_per_client_and_key(store: Store) -> None:
     first, created = await store.create_job(make_job("job_1"), queued("job_1"))
     assert created and first.job_id == "job_1" and first.last_sequence == 1

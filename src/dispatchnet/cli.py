@@ -28,6 +28,7 @@ from dispatchnet.client import PAYMENT_REQUIRED, CoordinatorClient, llm_spec, ta
 from dispatchnet.observability import logs, tracing
 from dispatchnet.profiles import Profile, ProfileError, load_profile
 from dispatchnet.receipts.core import check_receipt_proof, verify_receipt_message
+from dispatchnet.sealing import SealError
 
 DEFAULT_COORDINATOR = os.environ.get("DISPATCH_COORDINATOR", "127.0.0.1:50051")
 DEFAULT_MCP_LISTEN = "127.0.0.1:8765"
@@ -54,12 +55,26 @@ def emit(obj: Any) -> None:
     print(json.dumps(obj, indent=2))
 
 
-def job_json(job: coordinator_pb2.Job) -> dict[str, Any]:
-    """The job as JSON, plus its output decoded for people when it is text."""
+def job_json(job: coordinator_pb2.Job, client: CoordinatorClient | None = None) -> dict[str, Any]:
+    """The job as JSON, plus its output decoded for people when it is text. A completed
+    job with sealed input is opened with `client`'s key and checked against its receipt
+    first: "private" then holds the plaintext output (CliError when it does not check)."""
     out = to_dict(job)
+    output = job.result.output
+    if client is not None and job.spec.HasField("sealed") and job.HasField("result"):
+        try:
+            opened = client.open_result(job)
+        except SealError as e:
+            raise CliError(f"job {job.job_id}: the sealed result is refused: {e}") from e
+        output = opened.output
+        out["private"] = {
+            "output": base64.b64encode(opened.output).decode(),
+            "content_type": opened.content_type,
+            "verified": "receipt signatures, ciphertext and plaintext hashes",
+        }
     if job.HasField("result"):
         try:
-            text = job.result.output.decode()
+            text = output.decode()
         except UnicodeDecodeError:
             return out
         try:
@@ -534,11 +549,17 @@ def _wallet(args: argparse.Namespace) -> Any:
 async def cmd_job_submit(args: argparse.Namespace) -> int:
     spec = _submit_spec(args)
     async with CoordinatorClient(args.coordinator, _client_key(args), _wallet(args)) as c:
+        if args.private:
+            try:  # encrypted end to end, to every worker the client is paired with
+                spec = await c.seal(spec)
+            except SealError as e:
+                raise CliError(str(e)) from e
         quote = await c.quote(spec)
         job = await c.commit(quote.quote_id, args.idempotency_key or "")
         if args.wait:
             job = await c.wait(job.job_id)
-    emit(job_json(job))
+        out = job_json(job, c)
+    emit(out)
     if args.wait and job.state != coordinator_pb2.JOB_STATE_COMPLETED:
         return 1
     return 0
@@ -546,7 +567,7 @@ async def cmd_job_submit(args: argparse.Namespace) -> int:
 
 async def cmd_job_get(args: argparse.Namespace) -> int:
     async with CoordinatorClient(args.coordinator, _client_key(args)) as c:
-        emit(job_json(await c.get(args.job_id)))
+        emit(job_json(await c.get(args.job_id), c))
     return 0
 
 
@@ -1233,7 +1254,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, help="LLM tokens to generate at most")
     s.add_argument("--temperature", type=float, help="LLM sampling temperature in [0, 2]")
     s.add_argument("--policy", choices=sorted(POLICIES), default="auto")
-    s.add_argument("--private", action="store_true", help="only paired workers may run it")
+    s.add_argument(
+        "--private",
+        action="store_true",
+        help="only paired workers may run it; input and output are encrypted end to end",
+    )
     s.add_argument(
         "--verify",
         type=int,

@@ -23,6 +23,9 @@ from dispatch.v1 import (
 from dispatchnet.auth.tokens import METADATA_KEY, metadata_value
 from dispatchnet.keys import KeyPair
 from dispatchnet.observability import tracing
+from dispatchnet.protocol import MAX_SEALED_ENVELOPES
+from dispatchnet.receipts.core import verify_receipt_message
+from dispatchnet.sealing import PrivateResult, SealError, open_result, seal_spec
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
@@ -165,6 +168,41 @@ class CoordinatorClient:
     ) -> coordinator_pb2.Job:
         quote = await self.quote(spec)
         return await self.commit(quote.quote_id, idempotency_key)
+
+    async def paired_workers(self) -> list[bytes]:
+        """The ed25519 keys of the workers this client is paired with (the keys they
+        proved when claiming, and prove at every Connect), newest pairing first."""
+        pairings = await self.list_pairings()
+        mine = [p for p in pairings if p.client_id == self.key.public_hex]
+        mine.sort(key=lambda p: p.created_at.ToNanoseconds(), reverse=True)
+        return list(dict.fromkeys(bytes.fromhex(p.worker_id) for p in mine))
+
+    async def seal(
+        self, spec: common_pb2.JobSpec, workers: list[bytes] | None = None
+    ) -> common_pb2.JobSpec:
+        """A PRIVATE spec with its payload encrypted to each of `workers` (default: every
+        worker paired with this client, at most 16, newest pairings first); a spec that is
+        public or sealed already is returned as it is. SealError without a paired worker."""
+        if spec.privacy != common_pb2.PRIVACY_PRIVATE or spec.HasField("sealed"):
+            return spec
+        keys = workers if workers is not None else await self.paired_workers()
+        if not keys:
+            raise SealError(
+                "a PRIVATE job is encrypted to the workers you are paired with, and you "
+                "have none: pair one first (`dispatch pair create`, `dispatch pair claim`)"
+            )
+        return seal_spec(spec, self.key, keys[:MAX_SEALED_ENVELOPES])
+
+    def open_result(self, job: coordinator_pb2.Job) -> PrivateResult:
+        """The plaintext result of this client's completed sealed job, after checking its
+        receipt: both signatures, the hashes of the ciphertexts the coordinator saw and
+        the keyed hashes of the plaintexts. SealError naming what does not hold."""
+        if job.state != coordinator_pb2.JOB_STATE_COMPLETED or not job.spec.HasField("sealed"):
+            raise SealError("only a completed job with sealed input has a sealed result")
+        check = verify_receipt_message(job.receipt)
+        if not check.valid:
+            raise SealError(f"the receipt does not verify: {'; '.join(check.problems)}")
+        return open_result(self.key, job.job_id, job.spec, job.result, job.receipt.body)
 
     async def get(self, job_id: str) -> coordinator_pb2.Job:
         resp = await self.jobs.GetJob(

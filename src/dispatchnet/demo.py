@@ -1238,6 +1238,13 @@ class TrackRun:
         job = await self.run_job(
             c, outcome, task_spec("echo", data, common_pb2.POLICY_AUTO, private=True)
         )
+        if job.spec.HasField("sealed"):
+            say(
+                f"{INDENT}sealed   input and output encrypted end to end (the coordinator "
+                f"stored {len(job.result.output)} bytes of ciphertext)"
+            )
+        else:
+            outcome.problems.append("the private job was not encrypted end to end")
         if job.worker_id == owner.worker_id:
             say(f"{INDENT}check    ran on the paired worker {owner.label}: ok")
         else:

@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64ispatch/v1/common.proto\x12\x0b\x64ispatch.v1\"0\n\x05Money\x12\x10\n\x08\x63urrency\x18\x01 \x01(\t\x12\x15\n\ramount_micros\x18\x02 \x01(\x04\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x80\x01\n\nLlmRequest\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.dispatch.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\"b\n\x0bTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\x0c\x12%\n\x04wasm\x18\x03 \x01(\x0b\x32\x17.dispatch.v1.WasmModule\x12\x0f\n\x07use_llm\x18\x04 \x01(\x08\":\n\nWasmModule\x12\x10\n\x06module\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06sha256\x18\x02 \x01(\x0cH\x00\x42\x08\n\x06source\"\xbf\x01\n\x07JobSpec\x12&\n\x03llm\x18\x01 \x01(\x0b\x32\x17.dispatch.v1.LlmRequestH\x00\x12(\n\x04task\x18\x02 \x01(\x0b\x32\x18.dispatch.v1.TaskRequestH\x00\x12#\n\x06policy\x18\x03 \x01(\x0e\x32\x13.dispatch.v1.Policy\x12%\n\x07privacy\x18\x04 \x01(\x0e\x32\x14.dispatch.v1.Privacy\x12\x0e\n\x06verify\x18\x05 \x01(\rB\x06\n\x04work\">\n\nTokenUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"Y\n\tJobResult\x12\x0e\n\x06output\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.dispatch.v1.TokenUsage\"+\n\nJobFailure\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xbc\x01\n\x10PaymentReference\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\r\n\x05payer\x18\x02 \x01(\t\x12\x13\n\x0btransaction\x18\x03 \x01(\t\x12\x0e\n\x06\x61mount\x18\x04 \x01(\t\x12\r\n\x05\x61sset\x18\x05 \x01(\t\x12\x0e\n\x06status\x18\x06 \x01(\t\x12\x1a\n\x12refund_transaction\x18\x07 \x01(\t\x12\x18\n\x10\x61uthorization_id\x18\x08 \x01(\t\x12\x0e\n\x06pay_to\x18\t \x01(\t*H\n\x07JobType\x12\x18\n\x14JOB_TYPE_UNSPECIFIED\x10\x00\x12\x10\n\x0cJOB_TYPE_LLM\x10\x01\x12\x11\n\rJOB_TYPE_TASK\x10\x02*T\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPOLICY_FAST\x10\x01\x12\x10\n\x0cPOLICY_CHEAP\x10\x02\x12\x0f\n\x0bPOLICY_AUTO\x10\x03*K\n\x07Privacy\x12\x17\n\x13PRIVACY_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRIVACY_PUBLIC\x10\x01\x12\x13\n\x0fPRIVACY_PRIVATE\x10\x02*Z\n\nWorkerKind\x12\x1b\n\x17WORKER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_KIND_DESKTOP\x10\x01\x12\x16\n\x12WORKER_KIND_SEEKER\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64ispatch/v1/common.proto\x12\x0b\x64ispatch.v1\"0\n\x05Money\x12\x10\n\x08\x63urrency\x18\x01 \x01(\t\x12\x15\n\ramount_micros\x18\x02 \x01(\x04\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x80\x01\n\nLlmRequest\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.dispatch.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\"b\n\x0bTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\x0c\x12%\n\x04wasm\x18\x03 \x01(\x0b\x32\x17.dispatch.v1.WasmModule\x12\x0f\n\x07use_llm\x18\x04 \x01(\x08\":\n\nWasmModule\x12\x10\n\x06module\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06sha256\x18\x02 \x01(\x0cH\x00\x42\x08\n\x06source\"\xe9\x01\n\x07JobSpec\x12&\n\x03llm\x18\x01 \x01(\x0b\x32\x17.dispatch.v1.LlmRequestH\x00\x12(\n\x04task\x18\x02 \x01(\x0b\x32\x18.dispatch.v1.TaskRequestH\x00\x12#\n\x06policy\x18\x03 \x01(\x0e\x32\x13.dispatch.v1.Policy\x12%\n\x07privacy\x18\x04 \x01(\x0e\x32\x14.dispatch.v1.Privacy\x12\x0e\n\x06verify\x18\x05 \x01(\r\x12(\n\x06sealed\x18\x06 \x01(\x0b\x32\x18.dispatch.v1.SealedInputB\x06\n\x04work\"=\n\x0bSealedInput\x12.\n\tenvelopes\x18\x01 \x03(\x0b\x32\x1b.dispatch.v1.SealedEnvelope\"8\n\x0eSealedEnvelope\x12\x19\n\x11worker_public_key\x18\x01 \x01(\x0c\x12\x0b\n\x03\x62ox\x18\x02 \x01(\x0c\",\n\x0cPrivateInput\x12\x0c\n\x04spec\x18\x01 \x01(\x0c\x12\x0e\n\x06secret\x18\x02 \x01(\x0c\"[\n\rPrivateOutput\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0cinput_sha256\x18\x02 \x01(\x0c\x12\x0e\n\x06output\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\">\n\nTokenUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"Y\n\tJobResult\x12\x0e\n\x06output\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.dispatch.v1.TokenUsage\"+\n\nJobFailure\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xbc\x01\n\x10PaymentReference\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\r\n\x05payer\x18\x02 \x01(\t\x12\x13\n\x0btransaction\x18\x03 \x01(\t\x12\x0e\n\x06\x61mount\x18\x04 \x01(\t\x12\r\n\x05\x61sset\x18\x05 \x01(\t\x12\x0e\n\x06status\x18\x06 \x01(\t\x12\x1a\n\x12refund_transaction\x18\x07 \x01(\t\x12\x18\n\x10\x61uthorization_id\x18\x08 \x01(\t\x12\x0e\n\x06pay_to\x18\t \x01(\t*H\n\x07JobType\x12\x18\n\x14JOB_TYPE_UNSPECIFIED\x10\x00\x12\x10\n\x0cJOB_TYPE_LLM\x10\x01\x12\x11\n\rJOB_TYPE_TASK\x10\x02*T\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPOLICY_FAST\x10\x01\x12\x10\n\x0cPOLICY_CHEAP\x10\x02\x12\x0f\n\x0bPOLICY_AUTO\x10\x03*K\n\x07Privacy\x12\x17\n\x13PRIVACY_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRIVACY_PUBLIC\x10\x01\x12\x13\n\x0fPRIVACY_PRIVATE\x10\x02*Z\n\nWorkerKind\x12\x1b\n\x17WORKER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_KIND_DESKTOP\x10\x01\x12\x16\n\x12WORKER_KIND_SEEKER\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dispatch.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBTYPE']._serialized_start=1013
-  _globals['_JOBTYPE']._serialized_end=1085
-  _globals['_POLICY']._serialized_start=1087
-  _globals['_POLICY']._serialized_end=1171
-  _globals['_PRIVACY']._serialized_start=1173
-  _globals['_PRIVACY']._serialized_end=1248
-  _globals['_WORKERKIND']._serialized_start=1250
-  _globals['_WORKERKIND']._serialized_end=1340
+  _globals['_JOBTYPE']._serialized_start=1315
+  _globals['_JOBTYPE']._serialized_end=1387
+  _globals['_POLICY']._serialized_start=1389
+  _globals['_POLICY']._serialized_end=1473
+  _globals['_PRIVACY']._serialized_start=1475
+  _globals['_PRIVACY']._serialized_end=1550
+  _globals['_WORKERKIND']._serialized_start=1552
+  _globals['_WORKERKIND']._serialized_end=1642
   _globals['_MONEY']._serialized_start=41
   _globals['_MONEY']._serialized_end=89
   _globals['_CHATMESSAGE']._serialized_start=91
@@ -50,13 +50,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WASMMODULE']._serialized_start=368
   _globals['_WASMMODULE']._serialized_end=426
   _globals['_JOBSPEC']._serialized_start=429
-  _globals['_JOBSPEC']._serialized_end=620
-  _globals['_TOKENUSAGE']._serialized_start=622
-  _globals['_TOKENUSAGE']._serialized_end=684
-  _globals['_JOBRESULT']._serialized_start=686
-  _globals['_JOBRESULT']._serialized_end=775
-  _globals['_JOBFAILURE']._serialized_start=777
-  _globals['_JOBFAILURE']._serialized_end=820
-  _globals['_PAYMENTREFERENCE']._serialized_start=823
-  _globals['_PAYMENTREFERENCE']._serialized_end=1011
+  _globals['_JOBSPEC']._serialized_end=662
+  _globals['_SEALEDINPUT']._serialized_start=664
+  _globals['_SEALEDINPUT']._serialized_end=725
+  _globals['_SEALEDENVELOPE']._serialized_start=727
+  _globals['_SEALEDENVELOPE']._serialized_end=783
+  _globals['_PRIVATEINPUT']._serialized_start=785
+  _globals['_PRIVATEINPUT']._serialized_end=829
+  _globals['_PRIVATEOUTPUT']._serialized_start=831
+  _globals['_PRIVATEOUTPUT']._serialized_end=922
+  _globals['_TOKENUSAGE']._serialized_start=924
+  _globals['_TOKENUSAGE']._serialized_end=986
+  _globals['_JOBRESULT']._serialized_start=988
+  _globals['_JOBRESULT']._serialized_end=1077
+  _globals['_JOBFAILURE']._serialized_start=1079
+  _globals['_JOBFAILURE']._serialized_end=1122
+  _globals['_PAYMENTREFERENCE']._serialized_start=1125
+  _globals['_PAYMENTREFERENCE']._serialized_end=1313
 # @@protoc_insertion_point(module_scope)

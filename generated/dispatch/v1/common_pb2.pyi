@@ -320,6 +320,7 @@ class JobSpec(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
     VERIFY_FIELD_NUMBER: _builtins.int
+    SEALED_FIELD_NUMBER: _builtins.int
     policy: Global___Policy.ValueType
     """Speed / price preference."""
     privacy: Global___Privacy.ValueType
@@ -341,6 +342,17 @@ class JobSpec(_message.Message):
     def task(self) -> Global___TaskRequest:
         """A task job (JOB_TYPE_TASK)."""
 
+    @_builtins.property
+    def sealed(self) -> Global___SealedInput:
+        """End-to-end encrypted input of a PRIVATE job (see SealedInput). When set,
+        privacy must be PRIVACY_PRIVATE and the plaintext payload fields above
+        must be empty (llm.prompt, llm.messages, task.input, task.wasm): they
+        travel inside the envelopes. What stays in clear, for quotes, prices and
+        matching: the work kind, task.name, task.use_llm, llm.model,
+        llm.max_tokens, llm.temperature, policy, privacy, the recipients' keys
+        and the ciphertext lengths.
+        """
+
     def __init__(
         self,
         *,
@@ -349,16 +361,172 @@ class JobSpec(_message.Message):
         policy: Global___Policy.ValueType = ...,
         privacy: Global___Privacy.ValueType = ...,
         verify: _builtins.int = ...,
+        sealed: Global___SealedInput | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["llm", b"llm", "task", b"task", "work", b"work"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["llm", b"llm", "sealed", b"sealed", "task", b"task", "work", b"work"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["llm", b"llm", "policy", b"policy", "privacy", b"privacy", "task", b"task", "verify", b"verify", "work", b"work"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["llm", b"llm", "policy", b"policy", "privacy", b"privacy", "sealed", b"sealed", "task", b"task", "verify", b"verify", "work", b"work"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_work: _TypeAlias = _typing.Literal["llm", "task"]  # noqa: Y015
     _WhichOneofArgType_work: _TypeAlias = _typing.Literal["work", b"work"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_work) -> _WhichOneofReturnType_work | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class SealedInput(_message.Message):
+    """The encrypted input of a PRIVATE job: one envelope per worker that may run
+    it (each a worker the client paired with). The coordinator offers the job
+    only to a worker that has an envelope here, stores and forwards the
+    ciphertext only, and hashes it like any spec (Quote.spec_sha256, the
+    receipt's input_sha256: the hash of what the coordinator saw).
+
+    Keys: both sides use the ed25519 keys they already prove, converted to
+    X25519 (libsodium crypto_sign_ed25519_pk_to_curve25519 /
+    crypto_sign_ed25519_sk_to_curve25519): the worker's is the key it proved at
+    Connect (its worker_id, as TrustService.ListPairings returns it); the
+    client's is the key that signs its `authorization` tokens (its client_id).
+
+    Each box is NaCl crypto_box (libsodium crypto_box_easy: X25519 + HSalsa20
+    key derivation, XSalsa20-Poly1305), exact layout:
+      nonce (24 random bytes) || MAC (16 bytes) || ciphertext (len(plaintext))
+    An input box is sealed with the client's X25519 secret key to the worker's
+    X25519 public key; its plaintext is
+      "dispatch.v1.PrivateInput\\n" (25 bytes) || serialized PrivateInput.
+    The worker opens it with its secret key and the job's client_id (from the
+    offer): a box not made by that client does not open. There is no AAD; the
+    binding to the job is that the inner spec must match the outer one (the
+    worker checks work kind, task.name, task.use_llm, llm.model,
+    llm.max_tokens and llm.temperature) and the receipt (see ReceiptBody
+    private_input_sha256). The same pair of keys shares one box key in both
+    directions, so the client can reopen its own envelope later (e.g. to
+    verify a receipt) without keeping state.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def envelopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___SealedEnvelope]:
+        """One envelope per recipient worker: 1-16, at most one per worker key."""
+
+    def __init__(
+        self,
+        *,
+        envelopes: _abc.Iterable[Global___SealedEnvelope] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelopes", b"envelopes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SealedInput: _TypeAlias = SealedInput  # noqa: Y015
+
+@_typing.final
+class SealedEnvelope(_message.Message):
+    """The input of a PRIVATE job, encrypted to one worker."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    BOX_FIELD_NUMBER: _builtins.int
+    worker_public_key: _builtins.bytes
+    """The recipient worker's ed25519 public key (32 bytes; worker_id in hex)."""
+    box: _builtins.bytes
+    """nonce (24) || crypto_box_easy output (16-byte MAC || ciphertext); see
+    SealedInput. At most the coordinator's input limit (task input plus
+    WebAssembly module, or 4 bytes per prompt character) plus 4096 bytes.
+    """
+    def __init__(
+        self,
+        *,
+        worker_public_key: _builtins.bytes = ...,
+        box: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["box", b"box", "worker_public_key", b"worker_public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SealedEnvelope: _TypeAlias = SealedEnvelope  # noqa: Y015
+
+@_typing.final
+class PrivateInput(_message.Message):
+    """The plaintext of an input envelope (after the "dispatch.v1.PrivateInput\\n"
+    prefix). Never sent in clear.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    spec: _builtins.bytes
+    """The full JobSpec, serialized: the work with its payload (prompt,
+    messages, task input, WebAssembly module bytes) and the same clear
+    metadata as the outer spec; its own `sealed` must be empty.
+    """
+    secret: _builtins.bytes
+    """32 random bytes chosen by the client for this job: the key of the
+    private hashes in the receipt, so that someone who sees the receipt but
+    not the plaintext cannot test guesses of the input or output.
+    """
+    def __init__(
+        self,
+        *,
+        spec: _builtins.bytes = ...,
+        secret: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrivateInput: _TypeAlias = PrivateInput  # noqa: Y015
+
+@_typing.final
+class PrivateOutput(_message.Message):
+    """The plaintext of a PRIVATE job's result. For a job with `sealed` input,
+    JobResult.output is a box (layout as in SealedInput) sealed with the
+    worker's X25519 secret key to the client's X25519 public key, whose
+    plaintext is "dispatch.v1.PrivateOutput\\n" (26 bytes) || serialized
+    PrivateOutput; JobResult.content_type is then
+    "application/vnd.dispatch.sealed" and JobResult.usage stays in clear.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    INPUT_SHA256_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job this output is for (the client checks it)."""
+    input_sha256: _builtins.bytes
+    """The outer spec's SHA-256 (Quote.spec_sha256: the hash of the ciphertext
+    input the worker ran; the client checks it).
+    """
+    output: _builtins.bytes
+    """The output bytes exactly as the task or model produced them."""
+    content_type: _builtins.str
+    """Their MIME type, e.g. "text/plain"."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        input_sha256: _builtins.bytes = ...,
+        output: _builtins.bytes = ...,
+        content_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "input_sha256", b"input_sha256", "job_id", b"job_id", "output", b"output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrivateOutput: _TypeAlias = PrivateOutput  # noqa: Y015
 
 @_typing.final
 class TokenUsage(_message.Message):

@@ -508,7 +508,10 @@ class Progress(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     FRACTION_FIELD_NUMBER: _builtins.int
     text: _builtins.str
-    """A chunk of output text (e.g. LLM tokens)."""
+    """A chunk of output text (e.g. LLM tokens). Always empty for a job with
+    sealed input (JobSpec.sealed): its output exists only sealed in the
+    result, so a private LLM job streams no tokens (fraction only).
+    """
     fraction: _builtins.float
     """Completion estimate in [0, 1], when the worker knows it."""
     def __init__(

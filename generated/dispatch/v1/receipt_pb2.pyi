@@ -82,6 +82,8 @@ class ReceiptBody(_message.Message):
     COMPLETED_AT_FIELD_NUMBER: _builtins.int
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     VERIFICATION_FIELD_NUMBER: _builtins.int
+    PRIVATE_INPUT_SHA256_FIELD_NUMBER: _builtins.int
+    PRIVATE_OUTPUT_SHA256_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Receipt format version; 1 for this message."""
     job_id: _builtins.str
@@ -102,6 +104,23 @@ class ReceiptBody(_message.Message):
     """Which attempt of the job produced this result (1-based)."""
     client_id: _builtins.str
     """The client key (hex) that owns the job."""
+    private_input_sha256: _builtins.bytes
+    """For a job with sealed input (JobSpec.sealed; empty otherwise): the
+    keyed hash of the plaintext input the worker ran,
+      SHA-256("dispatch.v1.PrivateHash\\n" || PrivateInput.secret ||
+              PrivateInput.spec),
+    32 bytes. input_sha256 above stays the hash of the ciphertext spec (what
+    the coordinator saw). Only the client and the worker know the secret, so
+    only they can check it; the coordinator requires it to be 32 bytes.
+    """
+    private_output_sha256: _builtins.bytes
+    """For a job with sealed input (empty otherwise): the keyed hash of the
+    plaintext output,
+      SHA-256("dispatch.v1.PrivateHash\\n" || PrivateInput.secret ||
+              PrivateOutput.output),
+    32 bytes. output_sha256 above stays the hash of JobResult.output, the
+    ciphertext (what the coordinator saw).
+    """
     @_builtins.property
     def price(self) -> _common_pb2.Money:
         """The price the client was quoted and charged."""
@@ -161,10 +180,12 @@ class ReceiptBody(_message.Message):
         completed_at: _timestamp_pb2.Timestamp | None = ...,
         client_id: _builtins.str = ...,
         verification: Global___Verification | None = ...,
+        private_input_sha256: _builtins.bytes = ...,
+        private_output_sha256: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "payment", b"payment", "price", b"price", "started_at", b"started_at", "verification", b"verification"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "client_id", b"client_id", "completed_at", b"completed_at", "coordinator_public_key", b"coordinator_public_key", "input_sha256", b"input_sha256", "job_id", b"job_id", "job_type", b"job_type", "output_sha256", b"output_sha256", "payment", b"payment", "price", b"price", "started_at", b"started_at", "verification", b"verification", "version", b"version", "worker_agent_id", b"worker_agent_id", "worker_public_key", b"worker_public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "client_id", b"client_id", "completed_at", b"completed_at", "coordinator_public_key", b"coordinator_public_key", "input_sha256", b"input_sha256", "job_id", b"job_id", "job_type", b"job_type", "output_sha256", b"output_sha256", "payment", b"payment", "price", b"price", "private_input_sha256", b"private_input_sha256", "private_output_sha256", b"private_output_sha256", "started_at", b"started_at", "verification", b"verification", "version", b"version", "worker_agent_id", b"worker_agent_id", "worker_public_key", b"worker_public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -35,7 +35,10 @@ class Pairing(_message.Message):
     client_id: _builtins.str
     """The client (hex public key)."""
     worker_id: _builtins.str
-    """The worker (hex public key)."""
+    """The worker (hex public key): the key that claimed the pairing, the same
+    it proves at every Connect. A client seals PRIVATE jobs to it (JobSpec
+    sealed, in common.proto).
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When it was claimed."""

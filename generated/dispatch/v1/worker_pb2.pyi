@@ -473,7 +473,10 @@ class JobOffer(_message.Message):
     """
     @_builtins.property
     def spec(self) -> _common_pb2.JobSpec:
-        """What to run."""
+        """What to run. With spec.sealed, open the envelope whose
+        worker_public_key is this worker's key (see SealedInput in common.proto)
+        and run the inner spec; seal the output to client_id (PrivateOutput).
+        """
 
     @_builtins.property
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
@@ -561,7 +564,9 @@ class JobProgress(_message.Message):
     """The attempt from the offer."""
     text: _builtins.str
     """Text chunk (e.g. LLM tokens); at most 16384 characters (send longer
-    output in several messages).
+    output in several messages). Must be empty for a job with sealed input
+    (JobSpec.sealed): the coordinator drops such text unread, never storing
+    or forwarding it.
     """
     fraction: _builtins.float
     """Completion estimate in [0, 1]."""

@@ -105,7 +105,11 @@ def spec_from_proto(
     privacy = _enum(spec.privacy, Privacy, "spec.privacy", Privacy.PUBLIC)
     job_type = JobType.LLM if work == "llm" else JobType.TASK
     task_name = model = ""
-    if work == "task":
+    recipients = _sealed_recipients(spec, privacy, limits)
+    if recipients:
+        # the payload is in the envelopes: check the clear metadata only
+        task_name, model = _sealed_metadata(spec, limits)
+    elif work == "task":
         task_name = spec.task.name
         if not NAME_RE.match(task_name):
             raise InvalidArgument('spec.task.name is required: 1-64 of a-z 0-9 _ . - (e.g. "echo")')
@@ -169,9 +173,76 @@ def spec_from_proto(
         data,
         sha256(data),
         use_llm,
+        recipients=frozenset(recipients),
         verify=spec.verify,
     )
     return domain, module
+
+
+def _sealed_recipients(
+    spec: common_pb2.JobSpec, privacy: Policy | Privacy, limits: LimitsConfig
+) -> list[str]:
+    """The worker ids a sealed spec has envelopes for (empty: not sealed), checked: a
+    PRIVATE job, 1-16 envelopes, one per 32-byte key, each box within the input limits."""
+    if not spec.HasField("sealed"):
+        return []
+    if privacy is not Privacy.PRIVATE:
+        raise InvalidArgument("spec.sealed needs spec.privacy PRIVACY_PRIVATE")
+    envelopes = spec.sealed.envelopes
+    if not 1 <= len(envelopes) <= protocol.MAX_SEALED_ENVELOPES:
+        raise InvalidArgument(
+            f"spec.sealed.envelopes: 1-{protocol.MAX_SEALED_ENVELOPES} envelopes, "
+            "one per recipient worker"
+        )
+    if spec.WhichOneof("work") == "task":
+        plain = limits.max_task_input_bytes
+        if spec.task.name == WASM_TASK:
+            plain += limits.max_wasm_module_bytes
+    else:
+        plain = 4 * limits.max_prompt_chars  # UTF-8: at most 4 bytes a character
+    max_box = plain + protocol.SEALED_OVERHEAD_BYTES
+    ids: list[str] = []
+    for i, e in enumerate(envelopes):
+        if len(e.worker_public_key) != 32:
+            raise InvalidArgument(f"spec.sealed.envelopes[{i}].worker_public_key must be 32 bytes")
+        if not 40 <= len(e.box) <= max_box:
+            raise InvalidArgument(
+                f"spec.sealed.envelopes[{i}].box is {len(e.box)} bytes; a box is 40 "
+                f"(nonce and MAC) to {max_box} bytes"
+            )
+        ids.append(e.worker_public_key.hex())
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument("spec.sealed.envelopes: one envelope per worker key")
+    return ids
+
+
+def _sealed_metadata(spec: common_pb2.JobSpec, limits: LimitsConfig) -> tuple[str, str]:
+    """(task name, model) of a sealed spec, whose clear part must carry no payload."""
+    if spec.WhichOneof("work") == "task":
+        task = spec.task
+        if not NAME_RE.match(task.name):
+            raise InvalidArgument('spec.task.name is required: 1-64 of a-z 0-9 _ . - (e.g. "echo")')
+        if task.input or task.HasField("wasm"):
+            raise InvalidArgument(
+                "a sealed spec carries spec.task.input and spec.task.wasm in its envelopes only"
+            )
+        if task.use_llm and task.name not in LLM_TEXT_TASKS:
+            raise InvalidArgument(
+                f"spec.task.use_llm works only for {', '.join(sorted(LLM_TEXT_TASKS))}"
+            )
+        return task.name, ""
+    llm = spec.llm
+    if llm.prompt or llm.messages:
+        raise InvalidArgument(
+            "a sealed spec carries spec.llm.prompt and spec.llm.messages in its envelopes only"
+        )
+    if llm.model and not MODEL_RE.match(llm.model):
+        raise InvalidArgument("spec.llm.model is not a valid model name")
+    if llm.max_tokens > limits.max_llm_tokens:
+        raise InvalidArgument(f"spec.llm.max_tokens must be at most {limits.max_llm_tokens}")
+    if not 0.0 <= llm.temperature <= 2.0:
+        raise InvalidArgument("spec.llm.temperature must be in [0, 2]")
+    return "", llm.model
 
 
 def spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:

@@ -276,6 +276,13 @@ class JobService:
                 "a PRIVATE job needs at least one paired worker; pair one with "
                 "`dispatch pair create` / `dispatch pair claim` first"
             )
+        elif quote.spec.sealed and not quote.spec.recipients & await self.store.paired_workers(
+            client_id
+        ):
+            problem = FailedPrecondition(
+                "none of the workers this job is sealed to is paired with you "
+                "(`dispatch pair list`); seal it to a paired worker"
+            )
         if problem is None:
             return quote, None
         if not look_up:  # a job committed with the key is returned whatever its quote's state
@@ -481,6 +488,8 @@ class JobService:
         job = await self._held(job_id, attempt, worker_id, (JobState.RUNNING,))
         if job is None:
             return
+        if job.spec.sealed:
+            text = ""  # a sealed job's output exists only sealed: never stored or forwarded
         now = self.clock()
         e = Event(
             job_id,

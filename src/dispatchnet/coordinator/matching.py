@@ -1,7 +1,8 @@
 """Which connected workers may take a job, and a weighted choice among them.
 
 Eligibility: not draining, a free slot, LLM jobs only on desktops serving the model, TASK
-jobs only on workers that list the task, PRIVATE jobs only on workers paired with the owner.
+jobs only on workers that list the task, PRIVATE jobs only on workers paired with the owner
+(and, sealed, only on those it has an envelope for).
 Preference (the seed's): desktops for FAST, seekers for CHEAP. The choice is weighted random,
 so reputation steers the share of work without starving newcomers.
 
@@ -50,6 +51,8 @@ def eligible(spec: JobSpec, w: Candidate, paired: set[str] | None) -> bool:
         return False
     if spec.privacy is Privacy.PRIVATE and (paired is None or w.worker_id not in paired):
         return False
+    if spec.recipients and w.worker_id not in spec.recipients:
+        return False  # sealed: only a worker with an envelope can run it
     return can_ever_run(spec, w)
 
 

@@ -63,6 +63,14 @@ class JobSpec:
     spec_sha256: bytes
     use_llm: bool = False
     verify: int = 0  # runs on independent workers the client asked for (0/1: one)
+    # hex ids of the workers a sealed (end-to-end encrypted) PRIVATE job has an envelope
+    # for: only they may be offered it. Empty: the input is not sealed.
+    recipients: frozenset[str] = frozenset()
+
+    @property
+    def sealed(self) -> bool:
+        """The input is encrypted to its recipients: the coordinator holds ciphertext."""
+        return bool(self.recipients)
 
     @property
     def needs_llm(self) -> bool:

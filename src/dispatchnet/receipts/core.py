@@ -214,6 +214,9 @@ class ExpectedReceipt:
     max_clock_skew_seconds: float
     # the session's verified on-chain agent id ("" when none was verified)
     worker_agent_id: str = ""
+    # the job's input is sealed: the receipt must carry the 32-byte keyed plaintext hashes
+    # (which only the client and the worker can check); otherwise it must not
+    sealed: bool = False
 
 
 def check_worker_receipt(body: bytes, signature: bytes, expected: ExpectedReceipt) -> list[str]:
@@ -247,6 +250,12 @@ def check_worker_receipt(body: bytes, signature: bytes, expected: ExpectedReceip
     for name, got, want in checks:
         if got != want:
             problems.append(f"receipt {name} does not match the job")
+    for name in ("private_input_sha256", "private_output_sha256"):
+        size = len(getattr(decoded, name))
+        if expected.sealed and size != 32:
+            problems.append(f"receipt {name} must be 32 bytes for a job with sealed input")
+        elif not expected.sealed and size:
+            problems.append(f"receipt {name} is only for a job with sealed input")
     if not decoded.HasField("started_at") or not decoded.HasField("completed_at"):
         problems.append("receipt needs started_at and completed_at")
     else:

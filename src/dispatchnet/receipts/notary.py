@@ -82,6 +82,7 @@ class Notary:
             offered_at=offered_at,
             now=now,
             max_clock_skew_seconds=self.max_clock_skew_seconds,
+            sealed=job.spec.sealed,
         )
         problems = check_worker_receipt(body, signature, expected)
         if problems:

@@ -74,6 +74,7 @@ from dispatchnet.sdk.networks import ANY, Network
 from dispatchnet.sdk.result import ComputeResult, Price, WorkerRef
 from dispatchnet.sdk.spending import Spending, SpendingLimits
 from dispatchnet.sdk.verify import Expected, ReceiptCheck, verify_receipt
+from dispatchnet.sealing import SealError
 from dispatchnet.worker.llm import CHAT_CONTENT_TYPE, TEXT_TASKS, text_task
 from dispatchnet.worker.tasks import TaskError
 
@@ -497,7 +498,7 @@ class ComputeRouter:
         if isinstance(quoted, Skip):
             yield quoted
             return
-        quote, client = quoted
+        quote, client, pb = quoted
         address = client.address
         if quote.eligible_workers == 0:
             yield Skip(net.name, "no_eligible_worker", "no connected worker can run it", address)
@@ -540,12 +541,19 @@ class ComputeRouter:
 
     async def _quote(
         self, net: Network, pb: common_pb2.JobSpec
-    ) -> tuple[coordinator_pb2.Quote, CoordinatorClient] | Skip:
+    ) -> tuple[coordinator_pb2.Quote, CoordinatorClient, common_pb2.JobSpec] | Skip:
+        """The quote, the coordinator that gave it, and the spec it is for: a PRIVATE
+        spec sealed first to the workers paired with this client there (the coordinator
+        never sees its payload, not even in a quote)."""
         unreachable = []
         for address in net.coordinators:
             client = self._client(net, address)
             try:
-                return await client.quote(pb, self.connect_timeout), client
+                try:
+                    sealed = await client.seal(pb)
+                except SealError as e:
+                    return Skip(net.name, "no_paired_worker", str(e), address)
+                return await client.quote(sealed, self.connect_timeout), client, sealed
             except grpc.aio.AioRpcError as e:
                 if e.code() not in UNREACHABLE:
                     raise from_rpc(e, address) from e
@@ -737,6 +745,16 @@ class ComputeRouter:
                 check.problems,
                 result,
             )
+        if job.spec.HasField("sealed"):
+            try:  # the plaintext, checked against the receipt's keyed hashes
+                opened = client.open_result(job)
+            except SealError as e:
+                raise ReceiptInvalid(
+                    f"job {job.job_id}: the sealed result is refused: {e}", [str(e)], result
+                ) from e
+            result.output = opened.output.decode("utf-8", "replace")
+            result.output_bytes = opened.output
+            result.content_type = opened.content_type
         return result
 
     async def _proof(

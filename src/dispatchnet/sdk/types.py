@@ -244,6 +244,118 @@ class JobSpec(betterproto.Message):
      INVALID_ARGUMENT, as is any value above 3.
     """
 
+    sealed: "SealedInput" = betterproto.message_field(6)
+    """
+    End-to-end encrypted input of a PRIVATE job (see SealedInput). When set,
+     privacy must be PRIVACY_PRIVATE and the plaintext payload fields above
+     must be empty (llm.prompt, llm.messages, task.input, task.wasm): they
+     travel inside the envelopes. What stays in clear, for quotes, prices and
+     matching: the work kind, task.name, task.use_llm, llm.model,
+     llm.max_tokens, llm.temperature, policy, privacy, the recipients' keys
+     and the ciphertext lengths.
+    """
+
+
+@dataclass(eq=False, repr=False)
+class SealedInput(betterproto.Message):
+    """
+    The encrypted input of a PRIVATE job: one envelope per worker that may run
+     it (each a worker the client paired with). The coordinator offers the job
+     only to a worker that has an envelope here, stores and forwards the
+     ciphertext only, and hashes it like any spec (Quote.spec_sha256, the
+     receipt's input_sha256: the hash of what the coordinator saw).
+
+     Keys: both sides use the ed25519 keys they already prove, converted to
+     X25519 (libsodium crypto_sign_ed25519_pk_to_curve25519 /
+     crypto_sign_ed25519_sk_to_curve25519): the worker's is the key it proved at
+     Connect (its worker_id, as TrustService.ListPairings returns it); the
+     client's is the key that signs its `authorization` tokens (its client_id).
+
+     Each box is NaCl crypto_box (libsodium crypto_box_easy: X25519 + HSalsa20
+     key derivation, XSalsa20-Poly1305), exact layout:
+       nonce (24 random bytes) || MAC (16 bytes) || ciphertext (len(plaintext))
+     An input box is sealed with the client's X25519 secret key to the worker's
+     X25519 public key; its plaintext is
+       "dispatch.v1.PrivateInput\n" (25 bytes) || serialized PrivateInput.
+     The worker opens it with its secret key and the job's client_id (from the
+     offer): a box not made by that client does not open. There is no AAD; the
+     binding to the job is that the inner spec must match the outer one (the
+     worker checks work kind, task.name, task.use_llm, llm.model,
+     llm.max_tokens and llm.temperature) and the receipt (see ReceiptBody
+     private_input_sha256). The same pair of keys shares one box key in both
+     directions, so the client can reopen its own envelope later (e.g. to
+     verify a receipt) without keeping state.
+    """
+
+    envelopes: List["SealedEnvelope"] = betterproto.message_field(1)
+    """One envelope per recipient worker: 1-16, at most one per worker key."""
+
+
+@dataclass(eq=False, repr=False)
+class SealedEnvelope(betterproto.Message):
+    """The input of a PRIVATE job, encrypted to one worker."""
+
+    worker_public_key: bytes = betterproto.bytes_field(1)
+    """
+    The recipient worker's ed25519 public key (32 bytes; worker_id in hex).
+    """
+
+    box: bytes = betterproto.bytes_field(2)
+    """
+    nonce (24) || crypto_box_easy output (16-byte MAC || ciphertext); see
+     SealedInput. At most the coordinator's input limit (task input plus
+     WebAssembly module, or 4 bytes per prompt character) plus 4096 bytes.
+    """
+
+
+@dataclass(eq=False, repr=False)
+class PrivateInput(betterproto.Message):
+    """
+    The plaintext of an input envelope (after the "dispatch.v1.PrivateInput\n"
+     prefix). Never sent in clear.
+    """
+
+    spec: bytes = betterproto.bytes_field(1)
+    """
+    The full JobSpec, serialized: the work with its payload (prompt,
+     messages, task input, WebAssembly module bytes) and the same clear
+     metadata as the outer spec; its own `sealed` must be empty.
+    """
+
+    secret: bytes = betterproto.bytes_field(2)
+    """
+    32 random bytes chosen by the client for this job: the key of the
+     private hashes in the receipt, so that someone who sees the receipt but
+     not the plaintext cannot test guesses of the input or output.
+    """
+
+
+@dataclass(eq=False, repr=False)
+class PrivateOutput(betterproto.Message):
+    """
+    The plaintext of a PRIVATE job's result. For a job with `sealed` input,
+     JobResult.output is a box (layout as in SealedInput) sealed with the
+     worker's X25519 secret key to the client's X25519 public key, whose
+     plaintext is "dispatch.v1.PrivateOutput\n" (26 bytes) || serialized
+     PrivateOutput; JobResult.content_type is then
+     "application/vnd.dispatch.sealed" and JobResult.usage stays in clear.
+    """
+
+    job_id: str = betterproto.string_field(1)
+    """The job this output is for (the client checks it)."""
+
+    input_sha256: bytes = betterproto.bytes_field(2)
+    """
+    The outer spec's SHA-256 (Quote.spec_sha256: the hash of the ciphertext
+     input the worker ran; the client checks it).
+    """
+
+    output: bytes = betterproto.bytes_field(3)
+    """The output bytes exactly as the task or model produced them."""
+
+    content_type: str = betterproto.string_field(4)
+    """Their MIME type, e.g. "text/plain"."""
+
 
 @dataclass(eq=False, repr=False)
 class TokenUsage(betterproto.Message):
@@ -423,6 +535,27 @@ class ReceiptBody(betterproto.Message):
      where field 15 starts by walking the top-level fields of the wire format;
      it never re-serializes), and the coordinator's signature covers all of it.
      A worker body that carries this field is refused.
+    """
+
+    private_input_sha256: bytes = betterproto.bytes_field(16)
+    """
+    For a job with sealed input (JobSpec.sealed; empty otherwise): the
+     keyed hash of the plaintext input the worker ran,
+       SHA-256("dispatch.v1.PrivateHash\n" || PrivateInput.secret ||
+               PrivateInput.spec),
+     32 bytes. input_sha256 above stays the hash of the ciphertext spec (what
+     the coordinator saw). Only the client and the worker know the secret, so
+     only they can check it; the coordinator requires it to be 32 bytes.
+    """
+
+    private_output_sha256: bytes = betterproto.bytes_field(17)
+    """
+    For a job with sealed input (empty otherwise): the keyed hash of the
+     plaintext output,
+       SHA-256("dispatch.v1.PrivateHash\n" || PrivateInput.secret ||
+               PrivateOutput.output),
+     32 bytes. output_sha256 above stays the hash of JobResult.output, the
+     ciphertext (what the coordinator saw).
     """
 
 
@@ -809,7 +942,11 @@ class Progress(betterproto.Message):
     """Incremental output from the worker."""
 
     text: str = betterproto.string_field(1)
-    """A chunk of output text (e.g. LLM tokens)."""
+    """
+    A chunk of output text (e.g. LLM tokens). Always empty for a job with
+     sealed input (JobSpec.sealed): its output exists only sealed in the
+     result, so a private LLM job streams no tokens (fraction only).
+    """
 
     fraction: float = betterproto.float_field(2)
     """Completion estimate in [0, 1], when the worker knows it."""
@@ -1078,7 +1215,11 @@ class Pairing(betterproto.Message):
     """The client (hex public key)."""
 
     worker_id: str = betterproto.string_field(3)
-    """The worker (hex public key)."""
+    """
+    The worker (hex public key): the key that claimed the pairing, the same
+     it proves at every Connect. A client seals PRIVATE jobs to it (JobSpec
+     sealed, in common.proto).
+    """
 
     created_at: datetime = betterproto.message_field(4)
     """When it was claimed."""
@@ -1393,7 +1534,11 @@ class JobOffer(betterproto.Message):
     """Attempt number (1-based); echo it in every message about this job."""
 
     spec: "JobSpec" = betterproto.message_field(3)
-    """What to run."""
+    """
+    What to run. With spec.sealed, open the envelope whose
+     worker_public_key is this worker's key (see SealedInput in common.proto)
+     and run the inner spec; seal the output to client_id (PrivateOutput).
+    """
 
     lease_expires_at: datetime = betterproto.message_field(4)
     """
@@ -1458,7 +1603,9 @@ class JobProgress(betterproto.Message):
     text: str = betterproto.string_field(3)
     """
     Text chunk (e.g. LLM tokens); at most 16384 characters (send longer
-     output in several messages).
+     output in several messages). Must be empty for a job with sealed input
+     (JobSpec.sealed): the coordinator drops such text unread, never storing
+     or forwarding it.
     """
 
     fraction: float = betterproto.float_field(4)

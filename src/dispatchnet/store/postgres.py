@@ -96,6 +96,7 @@ from dispatchnet.store.rows import (
     payees_order,
     payment_of,
     payout_of,
+    recipients_text,
     run_of,
     run_row,
     spec_of,
@@ -306,7 +307,13 @@ async def _v4(c: Conn) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2, _v3, _v4]
+async def _v5(c: Conn) -> None:
+    """Sealed PRIVATE jobs: the workers their input is encrypted to (SQLite's version 15)."""
+    for table in ("quotes", "jobs"):
+        await c.execute(f"ALTER TABLE {table} ADD COLUMN recipients {TEXT} NOT NULL DEFAULT ''")
+
+
+MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -548,8 +555,8 @@ class PostgresStore:
             await c.execute(
                 "INSERT INTO quotes (quote_id, job_type, policy, privacy, task_name, llm_model, "
                 "spec_bytes, spec_sha256, price_micros, currency, created_at, expires_at, "
-                "use_llm, client_id, size, module_sha256, verify) "
-                f"VALUES ({_placeholders(1, 17)})",
+                "use_llm, client_id, size, module_sha256, verify, recipients) "
+                f"VALUES ({_placeholders(1, 18)})",
                 quote.quote_id,
                 int(s.job_type),
                 int(s.policy),
@@ -567,6 +574,7 @@ class PostgresStore:
                 size,
                 module_sha,
                 s.verify,
+                recipients_text(s),
             )
             if module is not None:
                 await c.execute(

@@ -75,7 +75,13 @@ def spec_of(r: Row) -> JobSpec:
         spec_sha256=r["spec_sha256"],
         use_llm=bool(r["use_llm"]),
         verify=r["verify"] or 0,
+        recipients=frozenset((r["recipients"] or "").split()),
     )
+
+
+def recipients_text(spec: JobSpec) -> str:
+    """The recipients column: a sealed job's worker ids, sorted, space-separated."""
+    return " ".join(sorted(spec.recipients))
 
 
 def changes_row(changes: dict[str, Any]) -> dict[str, Any]:
@@ -124,6 +130,7 @@ def job_row(job: Job) -> dict[str, Any]:
         spec_sha256=s.spec_sha256,
         use_llm=int(s.use_llm),
         verify=s.verify,
+        recipients=recipients_text(s),
     )
     row.update(
         changes_row(

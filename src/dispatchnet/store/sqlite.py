@@ -64,6 +64,7 @@ from dispatchnet.store.rows import (
     payees_order,
     payment_of,
     payout_of,
+    recipients_text,
     run_of,
     run_row,
     spec_of,
@@ -460,7 +461,13 @@ def _v14(db: sqlite_utils.Database) -> None:
     db.table("earnings").create_index(["worker_id", "credited_at", "job_id"])
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13, _v14]
+def _v15(db: sqlite_utils.Database) -> None:
+    """Sealed PRIVATE jobs: the workers their input is encrypted to (space-separated)."""
+    db.execute("ALTER TABLE quotes ADD COLUMN recipients TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE jobs ADD COLUMN recipients TEXT NOT NULL DEFAULT ''")
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13, _v14, _v15]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -619,7 +626,8 @@ class SqliteStore:
         self._conn.execute(
             "INSERT INTO quotes (quote_id, job_type, policy, privacy, task_name, llm_model, "
             "spec_bytes, spec_sha256, price_micros, currency, created_at, expires_at, use_llm, "
-            "client_id, size, module_sha256, verify) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "client_id, size, module_sha256, verify, recipients) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 quote.quote_id,
                 int(s.job_type),
@@ -638,6 +646,7 @@ class SqliteStore:
                 size,
                 module_sha,
                 s.verify,
+                recipients_text(s),
             ),
         )
 

@@ -33,6 +33,14 @@ from dispatchnet.protocol import (
     MAX_VERSION_CHARS,
 )
 from dispatchnet.receipts.core import RECEIPT_VERSION, serialize_body, sha256, sign_body
+from dispatchnet.sealing import (
+    SEALED_CONTENT_TYPE,
+    OpenedInput,
+    SealError,
+    open_input,
+    private_hash,
+    seal_output,
+)
 from dispatchnet.worker.executors import Executor, default_executors
 from dispatchnet.worker.tasks import TaskError, TaskOutput
 
@@ -392,6 +400,10 @@ class Worker:
             return "draining"
         if self._executor(offer.spec) is None:
             return "unsupported"
+        if offer.spec.HasField("sealed") and not any(
+            e.worker_public_key == self.key.public_key for e in offer.spec.sealed.envelopes
+        ):
+            return "sealed to other workers"
         key = (offer.job_id, offer.attempt)
         if key in self._running or key in self._pending:
             return "duplicate"
@@ -459,9 +471,21 @@ class Worker:
                 )
                 self._send(ConnectRequest(progress=msg))
 
+        spec, opened = offer.spec, None
+        if spec.HasField("sealed"):
+            try:  # only the client (offer.client_id) can have sealed it to this key
+                opened = open_input(spec, self.key, bytes.fromhex(offer.client_id))
+            except (SealError, ValueError) as e:
+                return self._failure(offer, "bad_input", f"sealed input refused: {e}", False)
+            spec = opened.spec
+            executor = self._executor(spec) or executor
+
+            def progress(text: str, fraction: float) -> None:
+                pass  # a sealed job's output leaves only sealed, in the result
+
         try:
             async with asyncio.timeout(limit):
-                out = await executor.run(offer.spec, progress)
+                out = await executor.run(spec, progress)
         except TaskError as e:
             return self._failure(offer, e.code, e.message, e.retryable)
         except TimeoutError:
@@ -470,7 +494,7 @@ class Worker:
         except Exception as e:
             self.log.exception("job %s attempt %d crashed", offer.job_id, offer.attempt)
             return self._failure(offer, "worker_error", f"{type(e).__name__}: {e}", True)
-        return self._completion(offer, coordinator_key, started_at, out)
+        return self._completion(offer, coordinator_key, started_at, out, opened)
 
     def _completion(
         self,
@@ -478,8 +502,24 @@ class Worker:
         coordinator_key: bytes,
         started_at: Timestamp,
         out: TaskOutput,
+        opened: OpenedInput | None = None,
     ) -> worker_pb2.ConnectRequest:
-        """JobCompleted with the receipt body, serialized once and signed over those bytes."""
+        """JobCompleted with the receipt body, serialized once and signed over those bytes.
+        A sealed job's output is sealed to the client, with the keyed plaintext hashes."""
+        output, content_type = out.output, out.content_type
+        private_input = private_output = b""
+        if opened is not None:
+            output = seal_output(
+                self.key,
+                bytes.fromhex(offer.client_id),
+                offer.job_id,
+                offer.spec_sha256,
+                out.output,
+                out.content_type,
+            )
+            content_type = SEALED_CONTENT_TYPE
+            private_input = opened.input_hash
+            private_output = private_hash(opened.secret, out.output)
         body = serialize_body(
             receipt_pb2.ReceiptBody(
                 version=RECEIPT_VERSION,
@@ -490,7 +530,7 @@ class Worker:
                     else common_pb2.JOB_TYPE_TASK
                 ),
                 input_sha256=offer.spec_sha256,
-                output_sha256=sha256(out.output),
+                output_sha256=sha256(output),
                 worker_public_key=self.key.public_key,
                 coordinator_public_key=coordinator_key,
                 worker_agent_id=self.verified_agent_id,
@@ -500,14 +540,16 @@ class Worker:
                 started_at=started_at,
                 completed_at=_now(),
                 client_id=offer.client_id,
+                private_input_sha256=private_input,
+                private_output_sha256=private_output,
             )
         )
         completed = worker_pb2.JobCompleted(
             job_id=offer.job_id,
             attempt=offer.attempt,
             result=common_pb2.JobResult(
-                output=out.output,
-                content_type=out.content_type,
+                output=output,
+                content_type=content_type,
                 usage=common_pb2.TokenUsage(
                     prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens
                 ),
