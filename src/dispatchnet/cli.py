@@ -29,7 +29,7 @@ from dispatchnet.observability import logs, tracing
 from dispatchnet.profiles import Profile, ProfileError, load_profile
 from dispatchnet.receipts.core import check_receipt_proof, verify_receipt_message
 
-DEFAULT_COORDINATOR = os.environ.get("DISPATCH_COORDINATOR", "127.0.0.1:50051")
+DEFAULT_COORDINATOR = "127.0.0.1:50051"
 DEFAULT_MCP_LISTEN = "127.0.0.1:8765"
 POLICIES = {
     "auto": common_pb2.POLICY_AUTO,
@@ -702,7 +702,7 @@ async def cmd_receipt_verify(args: argparse.Namespace) -> int:
     if args.onchain and not args.proof:
         raise CliError("--onchain checks a proof's anchor: give --proof PROOF_FILE", code=2)
     receipt = load_receipt_file(Path(args.file))
-    expected = bytes.fromhex(args.coordinator_key) if args.coordinator_key else b""
+    expected = await _pinned_keys(args)
     v = verify_receipt_message(receipt, expected)
     problems = list(v.problems)
     proof_result: dict[str, Any] | None = None
@@ -730,6 +730,29 @@ async def cmd_receipt_verify(args: argparse.Namespace) -> int:
         result["proof"] = proof_result
     emit(result)
     return 0 if not problems else 1
+
+
+async def _pinned_keys(args: argparse.Namespace) -> set[bytes]:
+    """The coordinator keys `receipt verify` requires one of: --coordinator-key's, and those
+    the --coordinator addresses state (each coordinator of a cluster has its own key)."""
+    pinned: set[bytes] = set()
+    for text in (args.coordinator_key or "").split(","):
+        try:
+            key = bytes.fromhex(text.strip())
+        except ValueError:
+            raise CliError(f"--coordinator-key: {text.strip()!r} is not hex", code=2) from None
+        if key and len(key) != 32:
+            raise CliError("--coordinator-key: a key is 32 bytes (64 hex digits)", code=2)
+        if key:
+            pinned.add(key)
+    if args.pin_coordinators:
+        async with CoordinatorClient(args.pin_coordinators, keys.KeyPair.generate()) as c:
+            found = await c.coordinator_keys()
+        missing = [a for a in c.addresses if a not in found]
+        if missing:
+            raise CliError(f"--coordinator: no key from {', '.join(missing)} (unreachable?)")
+        pinned |= set(found.values())
+    return pinned
 
 
 async def _check_onchain(
@@ -1047,12 +1070,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def with_coord(sp: argparse.ArgumentParser, key_help: str = "client key file") -> None:
+    def coord_option(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--coordinator",
-            default=DEFAULT_COORDINATOR,
-            help="coordinator address HOST:PORT (env DISPATCH_COORDINATOR)",
+            help="coordinator address HOST:PORT, or several comma-separated (coordinators "
+            "sharing one database: failover); default $DISPATCH_COORDINATOR, else the "
+            f"--profile's [cluster] coordinators, else {DEFAULT_COORDINATOR}",
         )
+        sp.set_defaults(resolve_coordinator=True)
+
+    def with_coord(sp: argparse.ArgumentParser, key_help: str = "client key file") -> None:
+        coord_option(sp)
         sp.add_argument("--key-file", help=f"{key_help} (default under $DISPATCH_HOME)")
 
     c = sub.add_parser("coordinator", help="run a coordinator")
@@ -1109,6 +1137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run a worker")
     with_coord(w, "worker key file")
+    w.add_argument("--profile", help="profile whose [cluster] coordinators to connect to")
     w.add_argument("--kind", choices=["seeker", "desktop"], default="seeker")
     w.add_argument("--max-concurrency", type=int, default=4)
     w.add_argument(
@@ -1165,11 +1194,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sk = sub.add_parser("seekers", help="simulate many mobile seekers in one process")
-    sk.add_argument(
-        "--coordinator",
-        default=DEFAULT_COORDINATOR,
-        help="coordinator address HOST:PORT (env DISPATCH_COORDINATOR)",
-    )
+    coord_option(sk)
+    sk.add_argument("--profile", help="profile whose [cluster] coordinators to connect to")
     sk.add_argument("--count", type=int, required=True, help="how many seekers")
     sk.add_argument("--seed", type=int, help="makes devices and drops reproducible")
     sk.add_argument("--max-concurrency", type=int, default=1, help="jobs per seeker at once")
@@ -1256,7 +1282,17 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = r.add_subparsers(dest="receipt_cmd", required=True)
     rv = rsub.add_parser("verify", help="verify a receipt offline (exit 0 only if valid)")
     rv.add_argument("file", help="JSON from `job submit --wait` or `job get`, or a Receipt")
-    rv.add_argument("--coordinator-key", help="require this coordinator public key (hex)")
+    rv.add_argument(
+        "--coordinator-key",
+        help="require one of these coordinator public keys (hex, comma-separated)",
+    )
+    rv.add_argument(
+        "--coordinator",
+        dest="pin_coordinators",
+        metavar="ADDRESSES",
+        help="require a countersignature by one of these coordinators (HOST:PORT, "
+        "comma-separated: a cluster), each asked for its key",
+    )
     rv.add_argument(
         "--proof",
         metavar="PROOF_FILE",
@@ -1462,8 +1498,30 @@ def run(fn: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Names
         return 130
 
 
+def resolve_coordinator(args: argparse.Namespace) -> None:
+    """Fills in --coordinator when it was not given: $DISPATCH_COORDINATOR, else the
+    --profile's [cluster] coordinators, else DEFAULT_COORDINATOR (comma-separated)."""
+    if not getattr(args, "resolve_coordinator", False) or args.coordinator:
+        return
+    env = os.environ.get("DISPATCH_COORDINATOR", "").strip()
+    if env:
+        args.coordinator = env
+        return
+    profile = getattr(args, "profile", None)
+    if profile:
+        try:
+            cluster = load_profile(profile).cluster.coordinators
+        except ProfileError:
+            cluster = []  # the command reports a bad profile itself, if it uses one
+        if cluster:
+            args.coordinator = ",".join(cluster)
+            return
+    args.coordinator = DEFAULT_COORDINATOR
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    resolve_coordinator(args)
     logs.configure(args.log_format, args.verbose)
     if not args.verbose:  # the x402 SDK logs every signature, the mcp SDK each session
         logging.getLogger("x402").setLevel(logging.WARNING)

@@ -46,6 +46,15 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """The coordinators of one deployment that share a database (`[cluster]`; README
+    "Failover"): the addresses workers and clients use when given none (after
+    $DISPATCH_COORDINATOR), in order, failing over from one to the next."""
+
+    coordinators: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_task_input_bytes: int = 1024 * 1024
     max_prompt_chars: int = 32768
@@ -330,6 +339,7 @@ class Profile:
     description: str = ""
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     quotes: QuotesConfig = field(default_factory=QuotesConfig)
@@ -444,6 +454,11 @@ def check_profile(profile: Profile) -> list[str]:
         min(pa.failed_claims_window_seconds, pa.failed_claims_global_window_seconds) <= 0
     ):
         problems.append("[pairing] failed-claim limits and windows must be positive")
+    bad = [
+        a for a in profile.cluster.coordinators if not isinstance(a, str) or not LISTEN.fullmatch(a)
+    ]
+    if bad:
+        problems.append(f"[cluster] coordinators must be HOST:PORT addresses, not {bad[0]!r}")
     if profile.server.keepalive_seconds < 10:
         problems.append("[server] keepalive_seconds must be at least 10")
     if not 0 <= profile.server.sqlite_readers <= 16:

@@ -42,3 +42,14 @@ MAX_PAIRING_CODE_CHARS = 32  # ClaimPairingRequest.code (XXXX-XXXX; dashes, spac
 MAX_PAGE_TOKEN_CHARS = 128  # GetEarningsRequest.page_token
 MAX_EARNINGS_PAGE = 100  # GetEarningsRequest.page_size: 1 to this (0 and more mean this)
 MAX_CANCEL_REASON_CHARS = 512  # CancelJobRequest.reason (stored with the job)
+
+
+def coordinator_addresses(value: str | list[str] | tuple[str, ...]) -> list[str]:
+    """The coordinator addresses of a `--coordinator A,B,C` value (or a list of them):
+    HOST:PORT each, in order, blanks and repeats dropped. ValueError when none is left.
+    Workers and clients fail over between them (README "Failover")."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    out = list(dict.fromkeys(a.strip() for a in parts if a and a.strip()))
+    if not out:
+        raise ValueError("at least one coordinator address (HOST:PORT) is needed")
+    return out
