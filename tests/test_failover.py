@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -208,3 +209,25 @@ async def test_receipt_verify_accepts_any_coordinator_of_the_cluster_it_is_given
     finally:
         await b.close()
         await a.close()
+
+
+async def test_cluster_up_starts_postgresql_and_coordinators_and_stops_them(
+    procs: Any, tmp_path: Path
+) -> None:
+    data = tmp_path / "cluster"
+    up = procs(["cluster", "up", "--coordinators", "2", "--data-dir", str(data)])
+    info = up.info
+    assert len(info["coordinators"]) == 2 and "@" in info["store"]
+    assert ":" not in info["store"].split("//")[1].split("@")[0]  # no password in the url
+    # under the data dir (as root: unless the server's user cannot reach it)
+    assert Path(info["postgres_dir"]).parent in (data, Path("/tmp"))
+    key = KeyPair.generate()
+    first, second = info["coordinators"]
+    async with CoordinatorClient(first, key) as a, CoordinatorClient(second, key) as b:
+        job = await a.submit(task_spec("echo", b"1"))
+        assert (await b.get(job.job_id)).job_id == job.job_id  # one database
+        keys = await CoordinatorClient(info["coordinators"], key).coordinator_keys()
+        assert sorted(k.hex() for k in keys.values()) == sorted(info["coordinator_keys"])
+    up.p.send_signal(signal.SIGINT)
+    assert await asyncio.to_thread(up.p.wait, 60) == 0
+    assert not Path(info["postgres_dir"]).exists()

@@ -834,6 +834,26 @@ async def cmd_payouts_audit(args: argparse.Namespace) -> int:
     return 0 if clean else 1
 
 
+# --- local cluster ------------------------------------------------------------------------
+
+
+async def cmd_cluster(args: argparse.Namespace) -> int:
+    """`dispatch cluster up`: a local PostgreSQL and N coordinators sharing it (README
+    "Failover"); prints their addresses as JSON and runs until SIGINT/SIGTERM."""
+    from dispatchnet.cluster import ClusterError, LocalCluster
+    from dispatchnet.store.local_postgres import PostgresNotFound, PostgresStartError
+
+    load_profile(args.profile)  # a bad profile is one line, before anything starts
+    data_dir = Path(args.data_dir or keys.default_home() / f"cluster-{Path(args.profile).stem}")
+    try:
+        async with LocalCluster(args.profile, data_dir, args.coordinators) as cluster:
+            print(json.dumps(cluster.describe()), flush=True)
+            await _until_signal()
+    except (ClusterError, PostgresNotFound, PostgresStartError) as e:
+        raise CliError(str(e)) from e
+    return 0
+
+
 # --- local chain --------------------------------------------------------------------------
 
 
@@ -1329,6 +1349,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pa.add_argument("--store", help="the coordinator's --store (default: the profile's)")
     pa.set_defaults(fn=cmd_payouts_audit)
+
+    cl = sub.add_parser("cluster", help="a local cluster: PostgreSQL and coordinators sharing it")
+    clsub = cl.add_subparsers(dest="cluster_cmd", required=True)
+    cup = clsub.add_parser(
+        "up", help="start a local PostgreSQL and N coordinators on it; runs until Ctrl-C"
+    )
+    cup.add_argument("--coordinators", type=int, default=3, help="how many (1-16, default 3)")
+    cup.add_argument("--profile", default="local", help="the coordinators' profile")
+    cup.add_argument(
+        "--data-dir",
+        help="the database's and the coordinators' directories (default: cluster-<profile> "
+        "in $DISPATCH_HOME)",
+    )
+    cl.set_defaults(fn=cmd_cluster)
 
     ch = sub.add_parser("chain", help="a local EVM chain for chain profiles (anvil)")
     chsub = ch.add_subparsers(dest="chain_cmd", required=True)

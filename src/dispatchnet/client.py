@@ -67,6 +67,8 @@ def trailer(metadata: object, key: str) -> str:
 # goes to the next address; after a round of them all it waits and tries another round.
 FAILOVER_ROUNDS = 3
 FAILOVER_BACKOFF_SECONDS = 0.2  # before the second round; doubled before each later one
+# A call sent once (ClaimPairing) goes to a coordinator whose channel connects within this.
+FAILOVER_CONNECT_SECONDS = 2.0
 
 
 @dataclass
@@ -90,9 +92,10 @@ class CoordinatorClient:
     round, FAILOVER_ROUNDS rounds with a growing pause between them), and the client
     then stays with the coordinator that answered. Safe to repeat: GetQuote, CommitJob
     (the same idempotency key, so the job is committed and paid once), GetJob, CancelJob,
-    ListWorkers, GetEarnings, the receipt calls, ListPairings and RevokePairing; WatchJob
-    resumes after the last event it delivered (watch, wait). CreatePairingCode and
-    ClaimPairing are sent once."""
+    ListWorkers, GetEarnings, the receipt calls, CreatePairingCode (a code made twice
+    leaves an unused one, which expires), ListPairings and RevokePairing; WatchJob resumes
+    after the last event it delivered (watch, wait). ClaimPairing (single-use codes) is
+    sent once, to a coordinator whose channel connects."""
 
     def __init__(
         self,
@@ -160,6 +163,23 @@ class CoordinatorClient:
 
     def _next(self) -> None:
         self._current = (self._current + 1) % len(self.addresses)
+
+    async def _connected(self) -> _Endpoint:
+        """For a call that must be sent once: the current coordinator once its channel is
+        connected, else the next one that connects (FAILOVER_CONNECT_SECONDS each); with
+        one address, or when none connects, the current one (the call then fails as it
+        would)."""
+        if len(self.addresses) == 1:
+            return self._endpoint()
+        for _ in range(len(self.addresses)):
+            ep = self._endpoint()
+            try:
+                async with asyncio.timeout(FAILOVER_CONNECT_SECONDS):
+                    await ep.channel.channel_ready()
+                return ep
+            except TimeoutError:
+                self._next()
+        return self._endpoint()
 
     async def _failover(
         self, attempt: Callable[[_Endpoint], Awaitable[T]], deadline_too: bool = False
@@ -388,12 +408,16 @@ class CoordinatorClient:
     async def create_pairing_code(
         self, ttl_seconds: int = 0
     ) -> trust_pb2.CreatePairingCodeResponse:
-        return await self.trust.CreatePairingCode(
-            trust_pb2.CreatePairingCodeRequest(ttl_seconds=ttl_seconds), metadata=self.metadata()
+        # again elsewhere when unavailable: a code made twice leaves one unused, which expires
+        request = trust_pb2.CreatePairingCodeRequest(ttl_seconds=ttl_seconds)
+        return await self._failover(
+            lambda ep: ep.trust.CreatePairingCode(request, metadata=self.metadata())
         )
 
     async def claim_pairing(self, code: str) -> trust_pb2.Pairing:
-        resp = await self.trust.ClaimPairing(
+        # sent once (a code is single-use), to a coordinator that is reachable
+        ep = await self._connected()
+        resp = await ep.trust.ClaimPairing(
             trust_pb2.ClaimPairingRequest(code=code), metadata=self.metadata()
         )
         return resp.pairing
