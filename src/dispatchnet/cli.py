@@ -1070,6 +1070,10 @@ async def cmd_bench(args: argparse.Namespace) -> int:
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
+    if args.cluster:
+        from dispatchnet.demo_cluster import run_cluster_demo
+
+        return await run_cluster_demo()
     from dispatchnet.demo import run_demo
 
     code: int = await run_demo(keep_open=args.keep_open)
@@ -1476,6 +1480,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-open",
         action="store_true",
         help="at the end of each chain's run, keep its dashboard up until Enter",
+    )
+    d.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the EVM scenarios across 3 coordinators on one PostgreSQL, one killed mid-run",
     )
     d.set_defaults(fn=cmd_demo)
     b = sub.add_parser(
