@@ -20,7 +20,7 @@ sdk-types = $(PY) -m grpc_tools.protoc -Iproto --include_imports --include_sourc
 	  --descriptor_set_out=$(2)/all.binpb $(PROTOS) && $(PY) src/dispatchnet/sdk/typegen.py $(2)/all.binpb $(1)
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup postgresql proto check-proto check-breaking contracts check-contracts lint test demo bench clean
+.PHONY: setup postgresql proto check-proto check-breaking contracts check-contracts lint test demo demo-cluster bench clean
 
 setup: $(STAMP) $(MODEL_STAMP) $(NPM_STAMP) postgresql
 
@@ -135,6 +135,11 @@ test: setup lint
 
 demo: setup
 	$(BIN)/dispatch demo
+
+# The EVM scenarios across three coordinators sharing a local PostgreSQL; one is SIGKILLed
+# mid-run (README "Failover").
+demo-cluster: setup
+	$(BIN)/dispatch demo --cluster
 
 # Measured, not asserted: jobs unpaid and paid (local chain) as ratios to a raw gRPC baseline.
 bench: setup

@@ -1000,8 +1000,11 @@ async def test_pass_locks_let_one_store_run_each_pass(store_factory: StoreFactor
     coordinators: PostgreSQL) never hold one at once."""
     first, second = await store_factory.open(), await store_factory.open()
     async with first.pass_lock("jobs-sweep") as held:
-        assert held
+        assert held and await first.pass_still_held("jobs-sweep")
         async with second.pass_lock("jobs-sweep") as other:
             assert other is (store_factory.engine == "sqlite")  # SQLite: one process
+            # the holder is fenced in, the other store is not (PostgreSQL)
+            assert await second.pass_still_held("jobs-sweep") is other
+        assert await first.pass_still_held("jobs-sweep")
     async with second.pass_lock("jobs-sweep") as held:
         assert held

@@ -200,7 +200,8 @@ async def test_a_pass_lock_has_one_holder_and_a_dead_holder_frees_it(pg_url: str
     admin = await asyncpg.connect(pg_url)
     try:
         async with a.pass_lock("payment-settler") as held:
-            assert held
+            assert held and await a.pass_still_held("payment-settler")
+            assert not await a.pass_still_held("feedback-sender")  # not taken
             async with b.pass_lock("payment-settler") as other:
                 assert not other  # at once, not after a's pass
             async with b.pass_lock("feedback-sender") as free:
@@ -214,8 +215,11 @@ async def test_a_pass_lock_has_one_holder_and_a_dead_holder_frees_it(pg_url: str
                 "SELECT pg_terminate_backend(pid, 10000) FROM pg_locks "  # waits for its end
                 "WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()"
             )
+            # fencing: a's pass learns it lost the lock before its next side effect
+            assert not await a.pass_still_held("jobs-sweep")
             async with b.pass_lock("jobs-sweep") as taken:
-                assert taken
+                assert taken and await b.pass_still_held("jobs-sweep")
+                assert not await a.pass_still_held("jobs-sweep")
                 async with a.pass_lock("jobs-sweep") as again:
                     assert not again  # a reconnects for its next pass, and waits its turn
         async with a.pass_lock("jobs-sweep") as held:

@@ -30,7 +30,7 @@ from dispatchnet.profiles import Profile, ProfileError, load_profile
 from dispatchnet.receipts.core import check_receipt_proof, verify_receipt_message
 from dispatchnet.sealing import SealError
 
-DEFAULT_COORDINATOR = os.environ.get("DISPATCH_COORDINATOR", "127.0.0.1:50051")
+DEFAULT_COORDINATOR = "127.0.0.1:50051"
 DEFAULT_MCP_LISTEN = "127.0.0.1:8765"
 POLICIES = {
     "auto": common_pb2.POLICY_AUTO,
@@ -742,7 +742,7 @@ async def cmd_receipt_verify(args: argparse.Namespace) -> int:
     if args.onchain and not args.proof:
         raise CliError("--onchain checks a proof's anchor: give --proof PROOF_FILE", code=2)
     receipt = load_receipt_file(Path(args.file))
-    expected = bytes.fromhex(args.coordinator_key) if args.coordinator_key else b""
+    expected = await _pinned_keys(args)
     v = verify_receipt_message(receipt, expected)
     problems = list(v.problems)
     proof_result: dict[str, Any] | None = None
@@ -770,6 +770,29 @@ async def cmd_receipt_verify(args: argparse.Namespace) -> int:
         result["proof"] = proof_result
     emit(result)
     return 0 if not problems else 1
+
+
+async def _pinned_keys(args: argparse.Namespace) -> set[bytes]:
+    """The coordinator keys `receipt verify` requires one of: --coordinator-key's, and those
+    the --coordinator addresses state (each coordinator of a cluster has its own key)."""
+    pinned: set[bytes] = set()
+    for text in (args.coordinator_key or "").split(","):
+        try:
+            key = bytes.fromhex(text.strip())
+        except ValueError:
+            raise CliError(f"--coordinator-key: {text.strip()!r} is not hex", code=2) from None
+        if key and len(key) != 32:
+            raise CliError("--coordinator-key: a key is 32 bytes (64 hex digits)", code=2)
+        if key:
+            pinned.add(key)
+    if args.pin_coordinators:
+        async with CoordinatorClient(args.pin_coordinators, keys.KeyPair.generate()) as c:
+            found = await c.coordinator_keys()
+        missing = [a for a in c.addresses if a not in found]
+        if missing:
+            raise CliError(f"--coordinator: no key from {', '.join(missing)} (unreachable?)")
+        pinned |= set(found.values())
+    return pinned
 
 
 async def _check_onchain(
@@ -849,6 +872,26 @@ async def cmd_payouts_audit(args: argparse.Namespace) -> int:
     clean = all(r.clean for r in reports)
     emit({"clean": clean, "networks": [r.as_dict() for r in reports]})
     return 0 if clean else 1
+
+
+# --- local cluster ------------------------------------------------------------------------
+
+
+async def cmd_cluster(args: argparse.Namespace) -> int:
+    """`dispatch cluster up`: a local PostgreSQL and N coordinators sharing it (README
+    "Failover"); prints their addresses as JSON and runs until SIGINT/SIGTERM."""
+    from dispatchnet.cluster import ClusterError, LocalCluster
+    from dispatchnet.store.local_postgres import PostgresNotFound, PostgresStartError
+
+    load_profile(args.profile)  # a bad profile is one line, before anything starts
+    data_dir = Path(args.data_dir or keys.default_home() / f"cluster-{Path(args.profile).stem}")
+    try:
+        async with LocalCluster(args.profile, data_dir, args.coordinators) as cluster:
+            print(json.dumps(cluster.describe()), flush=True)
+            await _until_signal()
+    except (ClusterError, PostgresNotFound, PostgresStartError) as e:
+        raise CliError(str(e)) from e
+    return 0
 
 
 # --- local chain --------------------------------------------------------------------------
@@ -1064,6 +1107,10 @@ async def cmd_bench(args: argparse.Namespace) -> int:
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
+    if args.cluster:
+        from dispatchnet.demo_cluster import run_cluster_demo
+
+        return await run_cluster_demo()
     from dispatchnet.demo import run_demo
 
     code: int = await run_demo(keep_open=args.keep_open)
@@ -1084,12 +1131,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def with_coord(sp: argparse.ArgumentParser, key_help: str = "client key file") -> None:
+    def coord_option(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--coordinator",
-            default=DEFAULT_COORDINATOR,
-            help="coordinator address HOST:PORT (env DISPATCH_COORDINATOR)",
+            help="coordinator address HOST:PORT, or several comma-separated (coordinators "
+            "sharing one database: failover); default $DISPATCH_COORDINATOR, else the "
+            f"--profile's [cluster] coordinators, else {DEFAULT_COORDINATOR}",
         )
+        sp.set_defaults(resolve_coordinator=True)
+
+    def with_coord(sp: argparse.ArgumentParser, key_help: str = "client key file") -> None:
+        coord_option(sp)
         sp.add_argument("--key-file", help=f"{key_help} (default under $DISPATCH_HOME)")
 
     c = sub.add_parser("coordinator", help="run a coordinator")
@@ -1146,6 +1198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run a worker")
     with_coord(w, "worker key file")
+    w.add_argument("--profile", help="profile whose [cluster] coordinators to connect to")
     w.add_argument("--kind", choices=["seeker", "desktop"], default="seeker")
     w.add_argument("--max-concurrency", type=int, default=4)
     w.add_argument(
@@ -1210,11 +1263,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sk = sub.add_parser("seekers", help="simulate many mobile seekers in one process")
-    sk.add_argument(
-        "--coordinator",
-        default=DEFAULT_COORDINATOR,
-        help="coordinator address HOST:PORT (env DISPATCH_COORDINATOR)",
-    )
+    coord_option(sk)
+    sk.add_argument("--profile", help="profile whose [cluster] coordinators to connect to")
     sk.add_argument("--count", type=int, required=True, help="how many seekers")
     sk.add_argument("--seed", type=int, help="makes devices and drops reproducible")
     sk.add_argument("--max-concurrency", type=int, default=1, help="jobs per seeker at once")
@@ -1320,7 +1370,17 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = r.add_subparsers(dest="receipt_cmd", required=True)
     rv = rsub.add_parser("verify", help="verify a receipt offline (exit 0 only if valid)")
     rv.add_argument("file", help="JSON from `job submit --wait` or `job get`, or a Receipt")
-    rv.add_argument("--coordinator-key", help="require this coordinator public key (hex)")
+    rv.add_argument(
+        "--coordinator-key",
+        help="require one of these coordinator public keys (hex, comma-separated)",
+    )
+    rv.add_argument(
+        "--coordinator",
+        dest="pin_coordinators",
+        metavar="ADDRESSES",
+        help="require a countersignature by one of these coordinators (HOST:PORT, "
+        "comma-separated: a cluster), each asked for its key",
+    )
     rv.add_argument(
         "--proof",
         metavar="PROOF_FILE",
@@ -1357,6 +1417,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pa.add_argument("--store", help="the coordinator's --store (default: the profile's)")
     pa.set_defaults(fn=cmd_payouts_audit)
+
+    cl = sub.add_parser("cluster", help="a local cluster: PostgreSQL and coordinators sharing it")
+    clsub = cl.add_subparsers(dest="cluster_cmd", required=True)
+    cup = clsub.add_parser(
+        "up", help="start a local PostgreSQL and N coordinators on it; runs until Ctrl-C"
+    )
+    cup.add_argument("--coordinators", type=int, default=3, help="how many (1-16, default 3)")
+    cup.add_argument("--profile", default="local", help="the coordinators' profile")
+    cup.add_argument(
+        "--data-dir",
+        help="the database's and the coordinators' directories (default: cluster-<profile> "
+        "in $DISPATCH_HOME)",
+    )
+    cl.set_defaults(fn=cmd_cluster)
 
     ch = sub.add_parser("chain", help="a local EVM chain for chain profiles (anvil)")
     chsub = ch.add_subparsers(dest="chain_cmd", required=True)
@@ -1472,6 +1546,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="at the end of each chain's run, keep its dashboard up until Enter",
     )
+    d.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the EVM scenarios across 3 coordinators on one PostgreSQL, one killed mid-run",
+    )
     d.set_defaults(fn=cmd_demo)
     b = sub.add_parser(
         "bench", help="measure jobs against a raw gRPC baseline, unpaid and paid (x402)"
@@ -1527,8 +1606,30 @@ def run(fn: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Names
         return 130
 
 
+def resolve_coordinator(args: argparse.Namespace) -> None:
+    """Fills in --coordinator when it was not given: $DISPATCH_COORDINATOR, else the
+    --profile's [cluster] coordinators, else DEFAULT_COORDINATOR (comma-separated)."""
+    if not getattr(args, "resolve_coordinator", False) or args.coordinator:
+        return
+    env = os.environ.get("DISPATCH_COORDINATOR", "").strip()
+    if env:
+        args.coordinator = env
+        return
+    profile = getattr(args, "profile", None)
+    if profile:
+        try:
+            cluster = load_profile(profile).cluster.coordinators
+        except ProfileError:
+            cluster = []  # the command reports a bad profile itself, if it uses one
+        if cluster:
+            args.coordinator = ",".join(cluster)
+            return
+    args.coordinator = DEFAULT_COORDINATOR
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    resolve_coordinator(args)
     logs.configure(args.log_format, args.verbose)
     if not args.verbose:  # the x402 SDK logs every signature, the mcp SDK each session
         logging.getLogger("x402").setLevel(logging.WARNING)

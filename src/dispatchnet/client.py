@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 import grpc
 
@@ -23,7 +24,7 @@ from dispatch.v1 import (
 from dispatchnet.auth.tokens import METADATA_KEY, metadata_value
 from dispatchnet.keys import KeyPair
 from dispatchnet.observability import tracing
-from dispatchnet.protocol import MAX_SEALED_ENVELOPES
+from dispatchnet.protocol import MAX_SEALED_ENVELOPES, coordinator_addresses
 from dispatchnet.receipts.core import verify_receipt_message
 from dispatchnet.sealing import PrivateResult, SealError, open_result, seal_spec
 
@@ -35,6 +36,7 @@ FINAL_STATES = (
     coordinator_pb2.JOB_STATE_FAILED,
     coordinator_pb2.JOB_STATE_CANCELLED,
 )
+T = TypeVar("T")
 TOKEN_TTL = 120
 MAX_REQUIRED = 1000  # payment requirements of quotes not committed yet, kept at most
 # x402 over gRPC (README "Payments")
@@ -63,37 +65,151 @@ def trailer(metadata: object, key: str) -> str:
     return ""
 
 
+# Failover (several coordinator addresses): a call that finds its coordinator UNAVAILABLE
+# goes to the next address; after a round of them all it waits and tries another round.
+FAILOVER_ROUNDS = 3
+FAILOVER_BACKOFF_SECONDS = 0.2  # before the second round; doubled before each later one
+# A call sent once (ClaimPairing) goes to a coordinator whose channel connects within this.
+FAILOVER_CONNECT_SECONDS = 2.0
+
+
+@dataclass
+class _Endpoint:
+    """One coordinator address: its channel and the stubs on it."""
+
+    address: str
+    channel: grpc.aio.Channel
+    jobs: coordinator_pb2_grpc.CoordinatorServiceAsyncStub
+    receipts: receipt_pb2_grpc.ReceiptServiceAsyncStub
+    trust: trust_pb2_grpc.TrustServiceAsyncStub
+
+
 class CoordinatorClient:
-    """One channel to a coordinator; every call signs a fresh short-lived token."""
+    """A client of one coordinator, or of several that share one database (a cluster);
+    every call signs a fresh short-lived token.
+
+    With several addresses (comma-separated, or a list), calls go to the current one
+    (the first, at the start) and fail over: a call that is safe to repeat and finds its
+    coordinator UNAVAILABLE is sent again to the next address (each address once a
+    round, FAILOVER_ROUNDS rounds with a growing pause between them), and the client
+    then stays with the coordinator that answered. Safe to repeat: GetQuote, CommitJob
+    (the same idempotency key, so the job is committed and paid once), GetJob, CancelJob,
+    ListWorkers, GetEarnings, the receipt calls, CreatePairingCode (a code made twice
+    leaves an unused one, which expires), ListPairings and RevokePairing; WatchJob resumes
+    after the last event it delivered (watch, wait). ClaimPairing (single-use codes) is
+    sent once, to a coordinator whose channel connects."""
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         key: KeyPair,
         wallet: Payer | None = None,
         tracer_provider: TracerProvider | None = None,
     ) -> None:
-        """wallet: pays CommitJob's x402 payment when the coordinator asks for one
+        """address: HOST:PORT, or several (comma-separated or a list); ValueError for none.
+        wallet: pays CommitJob's x402 payment when the coordinator asks for one
         (payments/wallet.py Wallet); without one such a commit fails RESOURCE_EXHAUSTED.
         tracer_provider: traces each call (the coordinator continues the trace); default:
         the process's (OTEL_* variables, or the application's own OpenTelemetry SDK
         provider), none without one."""
-        self.address = address
+        self.addresses = coordinator_addresses(
+            address if isinstance(address, str) else tuple(address)
+        )
         self.key = key
         self.wallet = wallet
         # the `payment-response` trailer of the last paid CommitJob ("" for none)
         self.last_payment_response = ""
         provider = tracer_provider or tracing.process_provider()
-        self.channel = grpc.aio.insecure_channel(
-            address,
-            interceptors=tracing.client_interceptors(provider) if provider is not None else None,
-        )
-        self.jobs = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
-        self.receipts = receipt_pb2_grpc.ReceiptServiceStub(self.channel)
-        self.trust = trust_pb2_grpc.TrustServiceStub(self.channel)
+        self._interceptors = tracing.client_interceptors(provider) if provider is not None else None
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._current = 0
         self._token: tuple[float, str] = (0.0, "")
         # quote_id -> the payment-required header GetQuote came with (paid at commit)
         self._required: dict[str, str] = {}
+
+    @property
+    def address(self) -> str:
+        """The coordinator the next call goes to (the last one that answered)."""
+        return self.addresses[self._current]
+
+    def _endpoint(self) -> _Endpoint:
+        address = self.address
+        ep = self._endpoints.get(address)
+        if ep is None:
+            channel = grpc.aio.insecure_channel(address, interceptors=self._interceptors)
+            ep = self._endpoints[address] = _Endpoint(
+                address,
+                channel,
+                coordinator_pb2_grpc.CoordinatorServiceStub(channel),
+                receipt_pb2_grpc.ReceiptServiceStub(channel),
+                trust_pb2_grpc.TrustServiceStub(channel),
+            )
+        return ep
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel to the current coordinator."""
+        return self._endpoint().channel
+
+    @property
+    def jobs(self) -> coordinator_pb2_grpc.CoordinatorServiceAsyncStub:
+        return self._endpoint().jobs
+
+    @property
+    def receipts(self) -> receipt_pb2_grpc.ReceiptServiceAsyncStub:
+        return self._endpoint().receipts
+
+    @property
+    def trust(self) -> trust_pb2_grpc.TrustServiceAsyncStub:
+        return self._endpoint().trust
+
+    def _next(self) -> None:
+        self._current = (self._current + 1) % len(self.addresses)
+
+    async def _connected(self) -> _Endpoint:
+        """For a call that must be sent once: the current coordinator once its channel is
+        connected, else the next one that connects (FAILOVER_CONNECT_SECONDS each); with
+        one address, or when none connects, the current one (the call then fails as it
+        would)."""
+        if len(self.addresses) == 1:
+            return self._endpoint()
+        for _ in range(len(self.addresses)):
+            ep = self._endpoint()
+            try:
+                async with asyncio.timeout(FAILOVER_CONNECT_SECONDS):
+                    await ep.channel.channel_ready()
+                return ep
+            except TimeoutError:
+                self._next()
+        return self._endpoint()
+
+    async def _failover(
+        self, attempt: Callable[[_Endpoint], Awaitable[T]], deadline_too: bool = False
+    ) -> T:
+        """attempt on the current coordinator, and on the next ones while they are
+        UNAVAILABLE (also DEADLINE_EXCEEDED with deadline_too: a call whose own short
+        deadline bounds the wait for a connection); the last error when none answers.
+        With one address: attempt once."""
+        codes = {grpc.StatusCode.UNAVAILABLE}
+        if deadline_too:
+            codes.add(grpc.StatusCode.DEADLINE_EXCEEDED)
+        n = len(self.addresses)
+        if n == 1:
+            return await attempt(self._endpoint())
+        last: grpc.aio.AioRpcError | None = None
+        for round_ in range(FAILOVER_ROUNDS):
+            if round_:
+                await asyncio.sleep(FAILOVER_BACKOFF_SECONDS * 2 ** (round_ - 1))
+            for _ in range(n):
+                try:
+                    return await attempt(self._endpoint())
+                except grpc.aio.AioRpcError as e:
+                    if e.code() not in codes:
+                        raise
+                    last = e
+                    self._next()
+        assert last is not None
+        raise last
 
     async def __aenter__(self) -> CoordinatorClient:
         return self
@@ -104,7 +220,46 @@ class CoordinatorClient:
         await self.close()
 
     async def close(self) -> None:
-        await self.channel.close()
+        for ep in list(self._endpoints.values()):
+            await ep.channel.close()
+        self._endpoints.clear()
+
+    async def coordinator_keys(self, timeout: float = 5.0) -> dict[str, bytes]:  # noqa: ASYNC109
+        """Each coordinator's ed25519 public key (the key that countersigns the receipts
+        of the jobs its workers complete), by address, as the coordinator states it in the
+        Challenge of WorkerService.Connect: the stream is opened with a throwaway worker key
+        and closed before answering. Coordinators that do not answer within `timeout`
+        seconds are left out. Pin the result to accept receipts of this cluster only
+        (receipts/core.py verify_receipt's expected_coordinator_key)."""
+        from dispatch.v1 import worker_pb2, worker_pb2_grpc
+
+        async def one(address: str) -> tuple[str, bytes]:
+            async with grpc.aio.insecure_channel(address) as channel:
+                call = worker_pb2_grpc.WorkerServiceStub(channel).Connect()
+                try:
+                    hello = worker_pb2.Hello(
+                        public_key=KeyPair.generate().public_key,
+                        kind=common_pb2.WORKER_KIND_SEEKER,
+                        capabilities=worker_pb2.Capabilities(max_concurrency=1),
+                    )
+                    await call.write(worker_pb2.ConnectRequest(hello=hello))
+                    msg = await call.read()
+                finally:
+                    call.cancel()
+            if msg is grpc.aio.EOF:
+                return address, b""
+            response = cast(worker_pb2.ConnectResponse, msg)
+            return address, bytes(response.challenge.coordinator_public_key)
+
+        async def bounded(address: str) -> tuple[str, bytes]:
+            try:
+                async with asyncio.timeout(timeout):
+                    return await one(address)
+            except (TimeoutError, grpc.aio.AioRpcError):
+                return address, b""
+
+        found = await asyncio.gather(*(bounded(a) for a in self.addresses))
+        return {address: key for address, key in found if len(key) == 32}
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         now = time.monotonic()
@@ -117,15 +272,16 @@ class CoordinatorClient:
     ) -> coordinator_pb2.Quote:
         """rpc_timeout: seconds until DEADLINE_EXCEEDED (None: no deadline), also bounding
         how long a first call waits for the connection."""
-        # authenticated: the quote is stored under this key (larger specs need that)
-        call = self.jobs.GetQuote(
-            coordinator_pb2.GetQuoteRequest(spec=spec),
-            metadata=self.metadata(),
-            timeout=rpc_timeout,
-        )
-        resp = await call
-        # a coordinator taking payments says with the quote what paying for it takes
-        required = trailer(await call.trailing_metadata(), PAYMENT_REQUIRED)
+        request = coordinator_pb2.GetQuoteRequest(spec=spec)
+
+        async def attempt(ep: _Endpoint) -> tuple[coordinator_pb2.GetQuoteResponse, str]:
+            # authenticated: the quote is stored under this key (larger specs need that)
+            call = ep.jobs.GetQuote(request, metadata=self.metadata(), timeout=rpc_timeout)
+            resp = await call
+            # a coordinator taking payments says with the quote what paying for it takes
+            return resp, trailer(await call.trailing_metadata(), PAYMENT_REQUIRED)
+
+        resp, required = await self._failover(attempt, deadline_too=rpc_timeout is not None)
         if required:  # kept for commit(), whoever pays then (this wallet or its payer=)
             self._required[resp.quote.quote_id] = required
             while len(self._required) > MAX_REQUIRED:
@@ -158,10 +314,15 @@ class CoordinatorClient:
     async def _commit(
         self, request: coordinator_pb2.CommitJobRequest, extra: tuple[tuple[str, str], ...]
     ) -> coordinator_pb2.Job:
-        call = self.jobs.CommitJob(request, metadata=(*self.metadata(), *extra))
-        resp = await call
-        self.last_payment_response = trailer(await call.trailing_metadata(), PAYMENT_RESPONSE)
-        return resp.job
+        async def attempt(ep: _Endpoint) -> coordinator_pb2.Job:
+            # again on another coordinator: the same key (and payment) finds the job
+            # committed there, if this one committed it before it went away
+            call = ep.jobs.CommitJob(request, metadata=(*self.metadata(), *extra))
+            resp = await call
+            self.last_payment_response = trailer(await call.trailing_metadata(), PAYMENT_RESPONSE)
+            return resp.job
+
+        return await self._failover(attempt)
 
     async def submit(
         self, spec: common_pb2.JobSpec, idempotency_key: str = ""
@@ -205,23 +366,41 @@ class CoordinatorClient:
         return open_result(self.key, job.job_id, job.spec, job.result, job.receipt.body)
 
     async def get(self, job_id: str) -> coordinator_pb2.Job:
-        resp = await self.jobs.GetJob(
-            coordinator_pb2.GetJobRequest(job_id=job_id), metadata=self.metadata()
-        )
+        request = coordinator_pb2.GetJobRequest(job_id=job_id)
+        resp = await self._failover(lambda ep: ep.jobs.GetJob(request, metadata=self.metadata()))
         return resp.job
 
     async def watch(
         self, job_id: str, after: int = 0
     ) -> AsyncGenerator[coordinator_pb2.WatchJobResponse, None]:
-        call = self.jobs.WatchJob(
-            coordinator_pb2.WatchJobRequest(job_id=job_id, after_sequence=after),
-            metadata=self.metadata(),
-        )
-        try:
-            async for item in call:
-                yield item
-        finally:  # a watcher that stops early (or is cancelled) ends the stream at once
-            call.cancel()
+        """The job's events after sequence `after`, to its final one. With several
+        addresses, a stream that fails UNAVAILABLE (its coordinator went away) is opened
+        again on the next one, after the last event delivered: nothing is missed or
+        repeated. The last error when no coordinator answers for FAILOVER_ROUNDS rounds."""
+        failures = 0
+        while True:
+            call = self.jobs.WatchJob(
+                coordinator_pb2.WatchJobRequest(job_id=job_id, after_sequence=after),
+                metadata=self.metadata(),
+            )
+            try:
+                async for item in call:
+                    failures = 0
+                    after = item.event.sequence
+                    yield item
+                return
+            except grpc.aio.AioRpcError as e:
+                n = len(self.addresses)
+                if n == 1 or e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                failures += 1
+                if failures >= n * FAILOVER_ROUNDS:
+                    raise
+                self._next()
+                if failures % n == 0:  # a whole round failed: pause before the next
+                    await asyncio.sleep(FAILOVER_BACKOFF_SECONDS * 2 ** (failures // n - 1))
+            finally:  # a watcher that stops early (or is cancelled) ends the stream at once
+                call.cancel()
 
     async def wait(self, job_id: str) -> coordinator_pb2.Job:
         """Watches until the job is final (resuming after dropped streams); the final job."""
@@ -240,17 +419,17 @@ class CoordinatorClient:
                 return job
 
     async def cancel(self, job_id: str, reason: str = "") -> coordinator_pb2.Job:
-        resp = await self.jobs.CancelJob(
-            coordinator_pb2.CancelJobRequest(job_id=job_id, reason=reason),
-            metadata=self.metadata(),
-        )
+        request = coordinator_pb2.CancelJobRequest(job_id=job_id, reason=reason)
+        resp = await self._failover(lambda ep: ep.jobs.CancelJob(request, metadata=self.metadata()))
         return resp.job
 
     async def list_workers(
         self, rpc_timeout: float | None = None
     ) -> list[coordinator_pb2.WorkerInfo]:
-        resp = await self.jobs.ListWorkers(
-            coordinator_pb2.ListWorkersRequest(), timeout=rpc_timeout
+        request = coordinator_pb2.ListWorkersRequest()
+        resp = await self._failover(
+            lambda ep: ep.jobs.ListWorkers(request, timeout=rpc_timeout),
+            deadline_too=rpc_timeout is not None,
         )
         return list(resp.workers)
 
@@ -258,46 +437,54 @@ class CoordinatorClient:
         self, page_size: int = 0, page_token: str = ""
     ) -> coordinator_pb2.GetEarningsResponse:
         """This key's earnings as a worker (GetEarnings)."""
-        return await self.jobs.GetEarnings(
-            coordinator_pb2.GetEarningsRequest(page_size=page_size, page_token=page_token),
-            metadata=self.metadata(),
+        request = coordinator_pb2.GetEarningsRequest(page_size=page_size, page_token=page_token)
+        return await self._failover(
+            lambda ep: ep.jobs.GetEarnings(request, metadata=self.metadata())
         )
 
     async def create_pairing_code(
         self, ttl_seconds: int = 0
     ) -> trust_pb2.CreatePairingCodeResponse:
-        return await self.trust.CreatePairingCode(
-            trust_pb2.CreatePairingCodeRequest(ttl_seconds=ttl_seconds), metadata=self.metadata()
+        # again elsewhere when unavailable: a code made twice leaves one unused, which expires
+        request = trust_pb2.CreatePairingCodeRequest(ttl_seconds=ttl_seconds)
+        return await self._failover(
+            lambda ep: ep.trust.CreatePairingCode(request, metadata=self.metadata())
         )
 
     async def claim_pairing(self, code: str) -> trust_pb2.Pairing:
-        resp = await self.trust.ClaimPairing(
+        # sent once (a code is single-use), to a coordinator that is reachable
+        ep = await self._connected()
+        resp = await ep.trust.ClaimPairing(
             trust_pb2.ClaimPairingRequest(code=code), metadata=self.metadata()
         )
         return resp.pairing
 
     async def list_pairings(self, include_revoked: bool = False) -> list[trust_pb2.Pairing]:
-        resp = await self.trust.ListPairings(
-            trust_pb2.ListPairingsRequest(include_revoked=include_revoked), metadata=self.metadata()
+        request = trust_pb2.ListPairingsRequest(include_revoked=include_revoked)
+        resp = await self._failover(
+            lambda ep: ep.trust.ListPairings(request, metadata=self.metadata())
         )
         return list(resp.pairings)
 
     async def revoke_pairing(self, pairing_id: str) -> trust_pb2.Pairing:
-        resp = await self.trust.RevokePairing(
-            trust_pb2.RevokePairingRequest(pairing_id=pairing_id), metadata=self.metadata()
+        request = trust_pb2.RevokePairingRequest(pairing_id=pairing_id)
+        resp = await self._failover(
+            lambda ep: ep.trust.RevokePairing(request, metadata=self.metadata())
         )
         return resp.pairing
 
     async def receipt(self, job_id: str) -> receipt_pb2.GetReceiptResponse:
-        return await self.receipts.GetReceipt(
-            receipt_pb2.GetReceiptRequest(job_id=job_id), metadata=self.metadata()
+        request = receipt_pb2.GetReceiptRequest(job_id=job_id)
+        return await self._failover(
+            lambda ep: ep.receipts.GetReceipt(request, metadata=self.metadata())
         )
 
     async def receipt_proof(self, job_id: str) -> receipt_pb2.GetReceiptProofResponse:
         """The Merkle inclusion proof of a job's receipt (FAILED_PRECONDITION until the
         receipt's batch closes)."""
-        return await self.receipts.GetReceiptProof(
-            receipt_pb2.GetReceiptProofRequest(job_id=job_id), metadata=self.metadata()
+        request = receipt_pb2.GetReceiptProofRequest(job_id=job_id)
+        return await self._failover(
+            lambda ep: ep.receipts.GetReceiptProof(request, metadata=self.metadata())
         )
 
 

@@ -322,8 +322,8 @@ class Processes:
     async def stop_all(self) -> None:
         """SIGTERM to everything still running (workers first), then kill what lingers;
         idempotent."""
-        workers = [c for c in self.children if c.name != "coordinator"]
-        coordinator = [c for c in self.children if c.name == "coordinator"]
+        workers = [c for c in self.children if not c.name.startswith("coordinator")]
+        coordinator = [c for c in self.children if c.name.startswith("coordinator")]
         for group in (workers, coordinator):
             await asyncio.gather(*(self._stop(c) for c in group))
         for c in self.children:
@@ -424,6 +424,8 @@ class TrackRun:
         self.profile: Profile | None = None  # the coordinator's, read in this process
         self.address = ""
         self.coordinator_key = b""
+        # a cluster's other coordinators' keys: receipts countersigned by any of them pass
+        self.cluster_keys: list[bytes] = []
         self.workers = [
             WorkerInfo("seeker-1", "seeker", self.dir / "seeker-1.key"),
             WorkerInfo("seeker-2", "seeker", self.dir / "seeker-2.key"),
@@ -710,10 +712,34 @@ class TrackRun:
             raise DemoError(f"`dispatch worker register` printed no agent id: {result}")
         return result
 
+    async def list_workers(self) -> dict[str, coordinator_pb2.WorkerInfo]:
+        """The connected workers by id (ListWorkers; each coordinator lists its own)."""
+        found: dict[str, coordinator_pb2.WorkerInfo] = {}
+        for address in self.address.split(","):
+            async with CoordinatorClient(address, keys.KeyPair.generate()) as c:
+                try:
+                    found |= {w.worker_id: w for w in await c.list_workers()}
+                except grpc.aio.AioRpcError as e:
+                    if e.code() != grpc.StatusCode.UNAVAILABLE or "," not in self.address:
+                        raise  # a coordinator of a cluster may be down: the others answer
+        return found
+
+    def pinned_keys(self) -> list[bytes]:
+        """The coordinator keys receipts must be countersigned by (one of)."""
+        return [self.coordinator_key, *self.cluster_keys]
+
+    def worker_coordinators(self, n: int) -> str:
+        """The --coordinator of the n-th worker."""
+        return self.address
+
+    def client_coordinators(self) -> list[str]:
+        """The coordinators the client's SDK network lists."""
+        return self.address.split(",")
+
     async def start_workers(self) -> None:
         began = time.monotonic()
-        for w in self.workers:
-            await self.start_worker(w)
+        for n, w in enumerate(self.workers):
+            await self.start_worker(w, n=n)
         seen = await self.wait_listed(self.workers)
         for w in self.workers:
             self.show_listed(w, seen[w.worker_id])
@@ -724,12 +750,13 @@ class TrackRun:
         if self.track.agents:
             await self.show_reputation("before")
 
-    async def start_worker(self, w: WorkerInfo, *extra: str) -> dict[str, Any]:
+    async def start_worker(self, w: WorkerInfo, *extra: str, n: int = 0) -> dict[str, Any]:
+        """Starts worker w (the n-th: see worker_coordinators) with extra arguments."""
         info = await self.procs.spawn(
             w.label,
             "worker",
             "--coordinator",
-            self.address,
+            self.worker_coordinators(n),
             "--kind",
             w.kind,
             "--key-file",
@@ -749,17 +776,16 @@ class TrackRun:
         """Polls ListWorkers until every one of workers is there with its verified agent id."""
         began = time.monotonic()
         wanted = {w.worker_id for w in workers}
-        async with CoordinatorClient(self.address, keys.KeyPair.generate()) as c:
-            while True:
-                seen = {w.worker_id: w for w in await c.list_workers()}
-                if wanted <= seen.keys() and all(
-                    seen[w.worker_id].agent_id == w.agent_id for w in workers
-                ):
-                    return seen
-                if time.monotonic() - began > CONNECT_TIMEOUT:
-                    missing = ", ".join(w.label for w in workers if w.worker_id not in seen)
-                    raise DemoError(f"not connected after {CONNECT_TIMEOUT:.0f}s: {missing}")
-                await asyncio.sleep(POLL_INTERVAL)
+        while True:
+            seen = await self.list_workers()
+            if wanted <= seen.keys() and all(
+                seen[w.worker_id].agent_id == w.agent_id for w in workers
+            ):
+                return seen
+            if time.monotonic() - began > CONNECT_TIMEOUT:
+                missing = ", ".join(w.label for w in workers if w.worker_id not in seen)
+                raise DemoError(f"not connected after {CONNECT_TIMEOUT:.0f}s: {missing}")
+            await asyncio.sleep(POLL_INTERVAL)
 
     def show_listed(self, w: WorkerInfo, info: coordinator_pb2.WorkerInfo, note: str = "") -> None:
         kind = _KIND_NAMES.get(info.kind, "?")
@@ -771,8 +797,7 @@ class TrackRun:
 
     async def show_reputation(self, when: str) -> None:
         """Each worker's reputation as ListWorkers shows it (what matching uses)."""
-        async with CoordinatorClient(self.address, keys.KeyPair.generate()) as c:
-            listed = {w.worker_id: w for w in await c.list_workers()}
+        listed = await self.list_workers()
         scores = "  ".join(
             f"{w.label} {listed[w.worker_id].reputation:.2f}"
             if w.worker_id in listed
@@ -1032,7 +1057,7 @@ class TrackRun:
         router = self.router()
         async with (
             router,
-            CoordinatorClient(self.address, self.client_key, wallet) as coordinator,
+            CoordinatorClient(self.client_coordinators(), self.client_key, wallet) as coordinator,
         ):
             say(
                 f"\nThe client is just an ed25519 key ({short(self.client_key.public_hex)});"
@@ -1057,9 +1082,10 @@ class TrackRun:
         receipt), paying from the wallet, the hosted stand-in as its fallback."""
         network = Network(
             self.track.name.lower(),
-            [self.address],
+            self.client_coordinators(),
             self.wallet,
             coordinator_key=self.coordinator_key,
+            coordinator_keys=self.cluster_keys,
         )
         return ComputeRouter(
             [network],
@@ -1136,7 +1162,7 @@ class TrackRun:
         if not job.HasField("receipt"):
             problems.append("the job has no receipt")
         else:
-            v = verify_receipt_message(job.receipt, self.coordinator_key)
+            v = verify_receipt_message(job.receipt, self.pinned_keys())
             problems += v.problems
             if v.body is not None:
                 if v.body.job_id != job.job_id:
@@ -1148,7 +1174,11 @@ class TrackRun:
         path = self.dir / f"{job.job_id}.json"
         path.write_text(json.dumps(job_json(job), indent=2) + "\n")
         code, out, err = await self.procs.run(
-            "receipt", "verify", str(path), "--coordinator-key", self.coordinator_key.hex()
+            "receipt",
+            "verify",
+            str(path),
+            "--coordinator-key",
+            ",".join(k.hex() for k in self.pinned_keys()),
         )
         offline = "exit 0" if code == 0 else f"exit {code}"
         if code != 0:
@@ -1516,7 +1546,7 @@ class TrackRun:
             "--profile",
             profile_name,
             "--coordinator-key",
-            self.coordinator_key.hex(),
+            ",".join(k.hex() for k in self.pinned_keys()),
         )
         say(
             f"{INDENT}`dispatch receipt verify {job_file.name} --proof proof.json --onchain "

@@ -72,6 +72,15 @@ class OutboxLoop:
         self._retry_at = self.clock() + delay
         return delay
 
+    async def fenced(self) -> bool:
+        """Whether this pass may take its next side effect (a transaction, a post): its
+        pass lock is still this process's (PassLocks.pass_still_held). A pass whose lock
+        went with its database connection stops; another coordinator may run it now."""
+        if await self.locks.pass_still_held(self.name):
+            return True
+        log.warning("%s: the pass lock was lost mid-pass; stopping this pass", self.name)
+        return False
+
     def recovered(self) -> None:
         self._failures, self._retry_at, self.last_error = 0, 0.0, ""
 

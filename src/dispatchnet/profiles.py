@@ -48,6 +48,15 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """The coordinators of one deployment that share a database (`[cluster]`; README
+    "Failover"): the addresses workers and clients use when given none (after
+    $DISPATCH_COORDINATOR), in order, failing over from one to the next."""
+
+    coordinators: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_task_input_bytes: int = 1024 * 1024
     max_prompt_chars: int = 32768
@@ -364,6 +373,7 @@ class Profile:
     description: str = ""
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     quotes: QuotesConfig = field(default_factory=QuotesConfig)
@@ -487,6 +497,11 @@ def check_profile(profile: Profile) -> list[str]:
         min(pa.failed_claims_window_seconds, pa.failed_claims_global_window_seconds) <= 0
     ):
         problems.append("[pairing] failed-claim limits and windows must be positive")
+    bad = [
+        a for a in profile.cluster.coordinators if not isinstance(a, str) or not LISTEN.fullmatch(a)
+    ]
+    if bad:
+        problems.append(f"[cluster] coordinators must be HOST:PORT addresses, not {bad[0]!r}")
     if profile.server.keepalive_seconds < 10:
         problems.append("[server] keepalive_seconds must be at least 10")
     if not 0 <= profile.server.sqlite_readers <= 16:
@@ -599,3 +614,47 @@ def load_profile(name_or_path: str) -> Profile:
     if problems:
         raise ProfileError(f"{path.name}: {'; '.join(problems)}")
     return profile
+
+
+def profile_toml(name_or_path: str, overrides: dict[str, dict[str, Any]]) -> str:
+    """The TOML text of a profile file with some settings replaced (`overrides`: section
+    -> setting -> value; a "" section is the top level): for writing a variant of a
+    profile for child processes (`dispatch cluster up`, demos, tests). ProfileError when
+    the result does not load."""
+    data = tomllib.loads(resolve_path(name_or_path).read_text())
+    for section, values in overrides.items():
+        target = data if not section else data.setdefault(section, {})
+        target.update(values)
+    text = _toml_table(data, "")
+    problems = check_profile(_build(Profile, tomllib.loads(text), "profile"))
+    if problems:
+        raise ProfileError("; ".join(problems))
+    return text
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_value(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise ProfileError(f"cannot write {type(v).__name__} in a profile")
+
+
+def _toml_table(data: dict[str, Any], prefix: str) -> str:
+    """A table's settings, then (at the top level) its sections and arrays of tables;
+    dicts inside a section are inline tables."""
+    lines, tables = [], []
+    for k, v in data.items():
+        if not prefix and isinstance(v, dict):
+            tables.append(f"\n[{k}]\n" + _toml_table(v, k + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            tables += [f"\n[[{prefix}{k}]]\n" + _toml_table(x, f"{prefix}{k}.") for x in v]
+        else:
+            lines.append(f"{k} = {_toml_value(v)}\n")
+    return "".join(lines) + "".join(tables)

@@ -46,3 +46,14 @@ MAX_CANCEL_REASON_CHARS = 512  # CancelJobRequest.reason (stored with the job)
 # Sealed input of PRIVATE jobs (common.proto SealedInput), checked at GetQuote
 MAX_SEALED_ENVELOPES = 16  # SealedInput.envelopes: one per recipient worker
 SEALED_OVERHEAD_BYTES = 4096  # a box beyond the plaintext limits: nonce, MAC, framing
+
+
+def coordinator_addresses(value: str | list[str] | tuple[str, ...]) -> list[str]:
+    """The coordinator addresses of a `--coordinator A,B,C` value (or a list of them):
+    HOST:PORT each, in order, blanks and repeats dropped. ValueError when none is left.
+    Workers and clients fail over between them (README "Failover")."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    out = list(dict.fromkeys(a.strip() for a in parts if a and a.strip()))
+    if not out:
+        raise ValueError("at least one coordinator address (HOST:PORT) is needed")
+    return out

@@ -398,7 +398,10 @@ class JobService:
                 for e in events:
                     seq = e.sequence
                     if e.final:
-                        yield e, self.live.job(job_id)
+                        # the job as it ended here; a copy from before it ended elsewhere
+                        # (another coordinator, since) is stale: None, read from the store
+                        ended = self.live.job(job_id)
+                        yield e, ended if ended is not None and ended.state.final else None
                         return
                     yield e, None
                 if events:

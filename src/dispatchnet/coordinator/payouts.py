@@ -181,7 +181,7 @@ class PayoutService(OutboxLoop):
         return stored
 
     async def _send(self, signed: list[PayoutRecord]) -> None:
-        if not signed:
+        if not signed or not await self.fenced():
             return
         results = await asyncio.to_thread(self.sender.send, [_signed(p) for p in signed])
         for p in signed:

@@ -142,6 +142,14 @@ class PassLocks(Protocol):
         yields True."""
         ...
 
+    async def pass_still_held(self, name: str) -> bool:
+        """Inside pass_lock(name) that yielded True: whether this process still holds the
+        lock (fencing: a pass checks it before each side effect it cannot take back, so
+        a pass whose lock went with its database connection stops, instead of running
+        beside the pass another coordinator has started meanwhile). Always True for a
+        store only one process uses."""
+        ...
+
 
 class JobChanges(Protocol):
     """Job changes committed by the other coordinators sharing a store."""
@@ -165,6 +173,9 @@ class OneProcess:
 
     def pass_lock(self, name: str) -> AbstractAsyncContextManager[bool]:
         return _always_held(name)
+
+    async def pass_still_held(self, name: str) -> bool:
+        return True
 
 
 ONE_PROCESS = OneProcess()

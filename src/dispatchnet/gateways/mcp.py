@@ -189,7 +189,9 @@ class DispatchMcp:
             limits=SpendingLimits(per_job, settings.budget_micros),
             decentralized_only=not settings.hosted,
         )
-        callers = Network(net.name, net.coordinators, None, net.coordinator_key)
+        callers = Network(
+            net.name, net.coordinators, None, net.coordinator_key, net.coordinator_keys
+        )
         self.relay = ComputeRouter(
             [callers],
             key=settings.key,
@@ -371,8 +373,10 @@ class DispatchMcp:
         async def call() -> CallToolResult:
             if (job_id is None) == (receipt is None):
                 raise InvalidRequest("give either job_id or receipt")
-            key = bytes.fromhex(coordinator_key) if coordinator_key else b""
-            key = key or self.settings.network.coordinator_key
+            key: bytes | frozenset[bytes] = (
+                bytes.fromhex(coordinator_key) if coordinator_key else b""
+            )
+            key = key or self.settings.network.pinned_keys
             if receipt is not None:
                 if check_proof:
                     raise InvalidRequest("check_proof needs job_id")

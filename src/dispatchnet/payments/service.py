@@ -225,6 +225,8 @@ class PaymentService(OutboxLoop):
                               extra={"job_id": payment.job_id})  # fmt: skip
                 continue
             self.recovered()
+        if due and not await self.fenced():
+            return changed
         return changed + await self._settle_due(due, states)
 
     async def _back_off(self, payment: Payment, error: str) -> None:
@@ -322,6 +324,8 @@ class PaymentService(OutboxLoop):
         return 1
 
     async def _refund(self, p: Payment) -> bool:
+        if not await self.fenced():
+            return False
         if p.refund_transaction:
             mined = await asyncio.to_thread(self.gateway.refund_status, p)
             if mined is None:

@@ -168,6 +168,8 @@ class ReceiptBatcher:
         for batch in await self.store.receipt_batches(TO_ANCHOR, limit=ANCHOR_PAGE):
             if self._failed_retry_at.get(batch.batch_id, 0.0) > now:
                 continue
+            if not await self.anchoring.fenced():
+                break
             outcome = await self._anchor(batch)
             if outcome is AnchorStatus.ANCHORED:
                 anchored += 1

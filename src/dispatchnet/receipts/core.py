@@ -135,9 +135,12 @@ def verify_receipt(
     worker_signature: bytes,
     coordinator_signature: bytes,
     receipt_sha256: bytes = b"",
-    expected_coordinator_key: bytes = b"",
+    expected_coordinator_key: bytes | Iterable[bytes] = b"",
 ) -> Verification:
-    """Checks a receipt offline: structure, hash, and both signatures over the exact bytes."""
+    """Checks a receipt offline: structure, hash, and both signatures over the exact bytes.
+
+    expected_coordinator_key: a key, or the keys of a cluster's coordinators (any one of
+    them may countersign, see CoordinatorClient.coordinator_keys); empty: any coordinator."""
     out = Verification()
     decoded = decode_body(body)
     if decoded is None or not body:
@@ -161,7 +164,8 @@ def verify_receipt(
         out.problems.append("worker signature does not verify against worker_public_key")
     if not verify(decoded.coordinator_public_key, SIGNING_CONTEXT, body, coordinator_signature):
         out.problems.append("coordinator signature does not verify against coordinator_public_key")
-    if expected_coordinator_key and decoded.coordinator_public_key != expected_coordinator_key:
+    expected = coordinator_key_set(expected_coordinator_key)
+    if expected and decoded.coordinator_public_key not in expected:
         out.problems.append("receipt was countersigned by a different coordinator")
     return out
 
@@ -180,8 +184,15 @@ def check_verification(body: receipt_pb2.ReceiptBody, problems: list[str]) -> No
         problems.append("verification.agreeing_worker_keys are not a majority of its runs")
 
 
+def coordinator_key_set(keys: bytes | Iterable[bytes]) -> frozenset[bytes]:
+    """The pinned coordinator keys of an expected_coordinator_key argument (empty: none)."""
+    if isinstance(keys, bytes | bytearray):
+        return frozenset({bytes(keys)}) if keys else frozenset()
+    return frozenset(bytes(k) for k in keys if k)
+
+
 def verify_receipt_message(
-    receipt: receipt_pb2.Receipt, expected_coordinator_key: bytes = b""
+    receipt: receipt_pb2.Receipt, expected_coordinator_key: bytes | Iterable[bytes] = b""
 ) -> Verification:
     return verify_receipt(
         receipt.body,

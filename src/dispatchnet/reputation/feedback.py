@@ -73,6 +73,8 @@ class FeedbackSender(OutboxLoop):
             return 0
         sent = 0
         for entry in await self.store.feedback_entries((FeedbackStatus.PENDING,), limit=PAGE):
+            if not await self.fenced():
+                break
             try:
                 async with asyncio.timeout(self.send_timeout):
                     tx = await self.poster.give(entry)

@@ -22,27 +22,36 @@ ANY = "any"
 
 @dataclass(frozen=True)
 class Network:
-    """One chain track: its name, its coordinators (host:port, tried in order until one
-    answers; several coordinators of one deployment share its state), and the x402 wallet
-    that pays CommitJob there (payments/wallet.py Wallet on EVM, SvmWallet on Solana;
-    None: jobs the coordinator wants paid fail with PaymentRequired).
+    """One chain track: its name, its coordinators (host:port; several coordinators of
+    one deployment share its state: calls go to one and fail over to the next when it is
+    unavailable, see client.CoordinatorClient), and the x402 wallet that pays CommitJob
+    there (payments/wallet.py Wallet on EVM, SvmWallet on Solana; None: jobs the
+    coordinator wants paid fail with PaymentRequired).
 
-    coordinator_key: when set (32 bytes), every receipt must be countersigned by this
-    coordinator key, not just by whichever key the answering coordinator holds.
+    coordinator_key, coordinator_keys: when set (32 bytes each), every receipt must be
+    countersigned by one of these coordinator keys (a cluster's coordinators each have
+    their own; CoordinatorClient.coordinator_keys learns them from the addresses), not
+    just by whichever key the answering coordinator holds.
     InvalidRequest (a ValueError) for a name, address list or key that cannot work."""
 
     name: str
     coordinators: Sequence[str]
     wallet: Payer | None = field(default=None, repr=False)
     coordinator_key: bytes = b""
+    coordinator_keys: Sequence[bytes] = ()
+
+    @property
+    def pinned_keys(self) -> frozenset[bytes]:
+        """The coordinator keys a receipt must be countersigned by (empty: any)."""
+        return frozenset(k for k in (self.coordinator_key, *self.coordinator_keys) if k)
 
     def __post_init__(self) -> None:
         if not self.name or self.name == ANY:
             raise InvalidRequest(f"a network needs a name other than {ANY!r}")
         if not self.coordinators or not all(isinstance(a, str) and a for a in self.coordinators):
             raise InvalidRequest(f"network {self.name!r} needs at least one coordinator address")
-        if self.coordinator_key and len(self.coordinator_key) != 32:
-            raise InvalidRequest("coordinator_key must be a 32-byte ed25519 public key")
+        if any(len(k) != 32 for k in self.pinned_keys):
+            raise InvalidRequest("coordinator keys must be 32-byte ed25519 public keys")
 
     @classmethod
     def from_profile(
@@ -58,8 +67,9 @@ class Network:
 
         name: default the profile's chain track ("monad" for EVM profiles, "solana",
         "local" for a profile with no chain). coordinators: default $DISPATCH_COORDINATOR
-        (comma-separated), else the profile's [server] listen. The wallet: wallet_key_file,
-        else the profile's [wallet] (key_file, else the local chain deployment's funded
+        (comma-separated), else the profile's [cluster] coordinators, else its [server]
+        listen. The wallet: wallet_key_file, else the profile's [wallet] (key_file, else
+        the local chain deployment's funded
         "client" account), capped at its max_per_job_micros; None when it names none.
         InvalidRequest for a profile or key that does not load."""
         from dispatchnet.chains import registry
@@ -73,7 +83,8 @@ class Network:
         addresses = list(coordinators)
         if not addresses:
             env = os.environ.get("DISPATCH_COORDINATOR", "")
-            addresses = [a.strip() for a in env.split(",") if a.strip()] or [p.server.listen]
+            addresses = [a.strip() for a in env.split(",") if a.strip()]
+            addresses = addresses or list(p.cluster.coordinators) or [p.server.listen]
         return cls(
             name or registry.track(p.chain.kind),
             addresses,

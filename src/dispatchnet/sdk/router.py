@@ -22,7 +22,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TypedDict, TypeVar, Unpack
@@ -243,7 +243,7 @@ class ComputeRouter:
         self.timeout = timeout
         self.verify_proof = verify_proof
         self.proof_timeout = proof_timeout
-        self._clients: dict[tuple[str, str], CoordinatorClient] = {}
+        self._clients: dict[str, CoordinatorClient] = {}  # by network name
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -371,7 +371,7 @@ class ComputeRouter:
         self,
         receipt: types.Receipt,
         proof: types.GetReceiptProofResponse | None = None,
-        expected_coordinator_key: bytes = b"",
+        expected_coordinator_key: bytes | Iterable[bytes] = b"",
     ) -> ReceiptCheck:
         """Checks any receipt offline (both signatures; with a proof, that it recomputes
         its batch root for this receipt). sdk.verify.verify_receipt does the same."""
@@ -392,7 +392,7 @@ class ComputeRouter:
         proof = await self._proof(client, job_id, deadline)
         check = verify_receipt(
             to_types(job.receipt, types.Receipt),
-            expected_coordinator_key=net.coordinator_key,
+            expected_coordinator_key=net.pinned_keys,
             proof=proof,
         )
         if not check.valid:
@@ -453,11 +453,12 @@ class ComputeRouter:
     def _networks(self, chain: str) -> list[Network]:
         return [n for n in self.networks if chain in (ANY, n.name)]
 
-    def _client(self, net: Network, address: str) -> CoordinatorClient:
-        c = self._clients.get((net.name, address))
+    def _client(self, net: Network) -> CoordinatorClient:
+        """The network's client: all its coordinators, failing over between them."""
+        c = self._clients.get(net.name)
         if c is None:
-            c = self._clients[(net.name, address)] = CoordinatorClient(
-                address, self.key, net.wallet
+            c = self._clients[net.name] = CoordinatorClient(
+                list(net.coordinators), self.key, net.wallet
             )
         return c
 
@@ -545,33 +546,28 @@ class ComputeRouter:
         """The quote, the coordinator that gave it, and the spec it is for: a PRIVATE
         spec sealed first to the workers paired with this client there (the coordinator
         never sees its payload, not even in a quote)."""
-        unreachable = []
-        for address in net.coordinators:
-            client = self._client(net, address)
+        client = self._client(net)
+        try:  # each coordinator in turn while they are unreachable
             try:
-                try:
-                    sealed = await client.seal(pb)
-                except SealError as e:
-                    return Skip(net.name, "no_paired_worker", str(e), address)
-                return await client.quote(sealed, self.connect_timeout), client, sealed
-            except grpc.aio.AioRpcError as e:
-                if e.code() not in UNREACHABLE:
-                    raise from_rpc(e, address) from e
-                unreachable.append(f"{address}: {e.code().name}: {e.details()}")
-        return Skip(
-            net.name, "coordinator_unavailable", "; ".join(unreachable), net.coordinators[0]
-        )
+                sealed = await client.seal(pb)
+            except SealError as e:
+                return Skip(net.name, "no_paired_worker", str(e), client.address)
+            return await client.quote(sealed, self.connect_timeout), client, sealed
+        except grpc.aio.AioRpcError as e:
+            if e.code() not in UNREACHABLE:
+                raise from_rpc(e, client.address) from e
+            detail = f"{', '.join(net.coordinators)}: {e.code().name}: {e.details()}"
+            return Skip(net.name, "coordinator_unavailable", detail, client.address)
 
     async def _answering(self, net: Network) -> CoordinatorClient | None:
         """The first coordinator of the network that answers ListWorkers."""
-        for address in net.coordinators:
-            client = self._client(net, address)
-            try:
-                await client.list_workers(self.connect_timeout)
-                return client
-            except grpc.aio.AioRpcError as e:
-                if e.code() not in UNREACHABLE:
-                    raise from_rpc(e, address) from e
+        client = self._client(net)
+        try:  # each coordinator in turn while they are unreachable
+            await client.list_workers(self.connect_timeout)
+            return client
+        except grpc.aio.AioRpcError as e:
+            if e.code() not in UNREACHABLE:
+                raise from_rpc(e, client.address) from e
         return None
 
     async def _paired(self, client: CoordinatorClient, pb: common_pb2.JobSpec) -> bool:
@@ -731,7 +727,7 @@ class ComputeRouter:
         proof = await self._proof(client, job.job_id, o.deadline) if o.verify_proof else None
         check = verify_receipt(
             result.receipt or types.Receipt(),
-            expected_coordinator_key=net.coordinator_key,
+            expected_coordinator_key=net.pinned_keys,
             proof=proof,
             expected=expected,
         )
@@ -775,17 +771,14 @@ class ComputeRouter:
         """The network and coordinator that know the job (NOT_FOUND elsewhere)."""
         missing: DispatchError | None = None
         for net in self._networks(network or ANY):
-            for address in net.coordinators:
-                client = self._client(net, address)
-                try:
-                    await client.get(job_id)
-                    return net, client
-                except grpc.aio.AioRpcError as e:
-                    if e.code() not in UNREACHABLE and e.code() != grpc.StatusCode.NOT_FOUND:
-                        raise from_rpc(e, address) from e
-                    missing = from_rpc(e, address)
-                    if e.code() == grpc.StatusCode.NOT_FOUND:
-                        break  # the network's coordinators share their jobs
+            client = self._client(net)
+            try:  # the network's coordinators share their jobs: one answer is enough
+                await client.get(job_id)
+                return net, client
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in UNREACHABLE and e.code() != grpc.StatusCode.NOT_FOUND:
+                    raise from_rpc(e, client.address) from e
+                missing = from_rpc(e, client.address)
         raise missing or InvalidRequest("no network is configured")
 
     @staticmethod

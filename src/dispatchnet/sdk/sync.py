@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
@@ -193,7 +193,7 @@ class SyncComputeRouter:
         self,
         receipt: types.Receipt,
         proof: types.GetReceiptProofResponse | None = None,
-        expected_coordinator_key: bytes = b"",
+        expected_coordinator_key: bytes | Iterable[bytes] = b"",
     ) -> ReceiptCheck:
         return self.router.verify_receipt(receipt, proof, expected_coordinator_key)
 

@@ -10,6 +10,7 @@ root (checking the root's anchor on chain is `dispatch receipt verify --onchain`
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from dispatch.v1 import receipt_pb2
@@ -51,14 +52,15 @@ class ReceiptCheck:
 def verify_receipt(
     receipt: types.Receipt,
     *,
-    expected_coordinator_key: bytes = b"",
+    expected_coordinator_key: bytes | Iterable[bytes] = b"",
     proof: types.GetReceiptProofResponse | None = None,
     expected: Expected | None = None,
 ) -> ReceiptCheck:
     """Checks a receipt (and a proof, when given) offline.
 
     expected_coordinator_key: the receipt must be countersigned by this coordinator key
-    (32 bytes); without it any coordinator's valid signature passes."""
+    (32 bytes), or by one of these keys (a cluster's coordinators); without it any
+    coordinator's valid signature passes."""
     pb = to_pb(receipt, receipt_pb2.Receipt)
     v = verify_receipt_message(pb, expected_coordinator_key)
     problems = list(v.problems)

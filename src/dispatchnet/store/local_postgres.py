@@ -74,6 +74,12 @@ def find_bindir() -> Path:
     raise PostgresNotFound(INSTALL_HINT)
 
 
+def _searchable(path: Path) -> bool:
+    """Whether any user may reach into path (every directory up to it world-searchable)."""
+    p = path.resolve()
+    return all(d.stat().st_mode & 0o001 for d in (p, *p.parents))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,10 +99,14 @@ class LocalPostgres:
     _stopped: bool = field(default=False, repr=False)
 
     @classmethod
-    def create(cls, durable: bool = False, attempts: int = 3) -> LocalPostgres:
-        """initdb in a new temporary directory, then starts the server on a free port
-        (another free port when the chosen one was taken meanwhile, up to `attempts`).
-        durable=False turns fsync off: fast, and lost on a machine crash (tests)."""
+    def create(
+        cls, durable: bool = False, attempts: int = 3, parent: Path | None = None
+    ) -> LocalPostgres:
+        """initdb in a new temporary directory (under `parent` when given, unless this
+        process is root and the server's user could not reach it there: then in /tmp),
+        then starts the server on a free port (another free port when the chosen one was
+        taken meanwhile, up to `attempts`). durable=False turns fsync off: fast, and lost
+        on a machine crash."""
         bindir = find_bindir()
         owner: pwd.struct_passwd | None = None
         if os.geteuid() == 0:
@@ -108,9 +118,10 @@ class LocalPostgres:
                     f"PostgreSQL as; {INSTALL_HINT}"
                 ) from None
         # the server's user must reach the directory: under root, in /tmp (world-searchable)
-        directory = Path(
-            tempfile.mkdtemp(prefix="dispatch-pg-", dir="/tmp" if owner is not None else None)
-        )
+        where = str(parent) if parent is not None else None
+        if owner is not None and (parent is None or not _searchable(parent)):
+            where = "/tmp"
+        directory = Path(tempfile.mkdtemp(prefix="dispatch-pg-", dir=where))
         pg = cls(directory, 0, secrets.token_urlsafe(24), bindir, owner and owner.pw_name)
         try:
             if owner is not None:

@@ -463,6 +463,18 @@ class PostgresStore:
             if held:
                 await asyncio.shield(self._unlock(key))
 
+    async def pass_still_held(self, name: str) -> bool:
+        # the lock lives in the session of the locks connection: asked on that connection,
+        # a lost (or replaced) one answers None or False
+        key = pass_lock_key(name)
+        held = await self._locks_statement(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND pid = pg_backend_pid() AND objsubid = 1 "
+            "AND ((classid::bigint << 32) | objid::bigint) = $1)",
+            key,
+        )
+        return bool(held)
+
     def _unlock(self, key: int) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(self._locks_statement("SELECT pg_advisory_unlock($1)", key))
         self._writes.add(task)  # close() waits for it

@@ -184,6 +184,10 @@ class ThreadedStore:
         """Always held: a SQLite store is one coordinator's."""
         return ONE_PROCESS.pass_lock(name)
 
+    async def pass_still_held(self, name: str) -> bool:
+        """Always: a SQLite store is one coordinator's."""
+        return True
+
     async def listen_jobs(self, on_change: Callable[[str, JobState], None]) -> None:
         """Nothing to pass on: a SQLite store is one coordinator's."""
 

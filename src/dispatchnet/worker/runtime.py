@@ -1,9 +1,11 @@
 """The worker runtime: the client side of WorkerService.Connect.
 
 A Worker keeps one Connect stream open at a time, reconnecting with jittered exponential
-backoff, runs the TASK jobs it accepts concurrently, and reports each result with a signed
-receipt body. Results are kept until the coordinator acknowledges them and are resent after
-a reconnect.
+backoff (to the next of its coordinator addresses when it has several: failover), runs the
+TASK jobs it accepts concurrently, and reports each result with a signed receipt body.
+Results are kept until the coordinator acknowledges them and are resent after a reconnect,
+their receipt bodies signed again for the coordinator of the new session when it is
+another one (a receipt names the coordinator that countersigns it).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import functools
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal, NoReturn, cast
 
 import grpc
@@ -31,6 +33,7 @@ from dispatchnet.protocol import (
     MAX_PROGRESS_TEXT_CHARS,
     MAX_RUNNING_JOBS,
     MAX_VERSION_CHARS,
+    coordinator_addresses,
 )
 from dispatchnet.receipts.core import RECEIPT_VERSION, serialize_body, sha256, sign_body
 from dispatchnet.sealing import (
@@ -74,6 +77,12 @@ def _now() -> Timestamp:
 class Worker:
     """A worker process: connects to a coordinator, runs offered jobs, reports results.
 
+    coordinator: one address (HOST:PORT), several comma-separated, or a list: coordinators
+    sharing one database. The worker starts with the one at `first` (an index, wrapped)
+    and, whenever a session ends (the coordinator died, went away, or the stream broke),
+    reconnects to the next one with backoff, proves its key there again and resumes the
+    jobs it still runs.
+
     offer_filter, if given, is a device policy consulted for each offer that passes the
     built-in checks (draining, unsupported, duplicate, busy): it returns a rejection reason
     (e.g. "battery_low"), or "" to accept.
@@ -81,7 +90,7 @@ class Worker:
 
     def __init__(
         self,
-        coordinator: str,
+        coordinator: str | Sequence[str],
         key: KeyPair,
         kind: Literal["seeker", "desktop"] = "seeker",
         max_concurrency: int = 4,
@@ -95,6 +104,7 @@ class Worker:
         chain_key: str = "",
         solana_key: KeyPair | None = None,
         tracer_provider: TracerProvider | None = None,
+        first: int = 0,
     ) -> None:
         """tracer_provider: traces each job in the coordinator's trace (JobOffer.traceparent);
         default: the process's (OTEL_* variables, see observability/tracing.py), if any."""
@@ -106,7 +116,10 @@ class Worker:
         models = sorted({m for e in self.executors for m in e.llm_models})
         if models and kind != "desktop":
             raise ValueError("only desktop workers serve LLM models")
-        self.coordinator = coordinator
+        self.coordinators = coordinator_addresses(
+            coordinator if isinstance(coordinator, str) else tuple(coordinator)
+        )
+        self._current = first % len(self.coordinators)
         self.key = key
         self.kind = kind
         self.max_concurrency = max_concurrency
@@ -148,6 +161,11 @@ class Worker:
         self._session_task: asyncio.Task[None] | None = None
         self._offline_for = 0.0  # set by disconnect(): the least delay before reconnecting
 
+    @property
+    def coordinator(self) -> str:
+        """The address of the coordinator this worker talks to (or will try next)."""
+        return self.coordinators[self._current]
+
     # --- lifecycle ------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -171,9 +189,12 @@ class Worker:
                     break
                 if self.sessions > sessions_before:
                     failures = 0
-                delay = max(retry_after, self._offline_for, self._backoff(failures))
+                # failover: the next address; the backoff grows with each round of them all
+                self._current = (self._current + 1) % len(self.coordinators)
+                rounds = failures // len(self.coordinators)
+                delay = max(retry_after, self._offline_for, self._backoff(rounds))
                 self._offline_for = 0.0
-                failures = min(failures + 1, 32)
+                failures = min(failures + 1, 32 * len(self.coordinators))
                 self.log.info("reconnecting to %s in %.2fs", self.coordinator, delay)
                 await asyncio.wait({stop_wait}, timeout=delay)
         finally:
@@ -348,7 +369,8 @@ class Worker:
         )
         if self._draining:
             self._send(ConnectRequest(drain=worker_pb2.Drain(reason="worker draining")))
-        for msg in self._pending.values():
+        for key, msg in list(self._pending.items()):
+            self._pending[key] = msg = self._for_session(msg)
             self._send(msg)
 
     async def _read_loop(self, call: ConnectCall) -> NoReturn:
@@ -559,6 +581,28 @@ class Worker:
         )
         return ConnectRequest(completed=completed)
 
+    def _for_session(self, msg: worker_pb2.ConnectRequest) -> worker_pb2.ConnectRequest:
+        """msg as the current session's coordinator must see it: a JobCompleted whose
+        receipt body names another coordinator (the job was accepted through one that has
+        gone since) or another verified agent id is signed again, naming this session's;
+        anything else is msg. Before any session: msg."""
+        if not msg.HasField("completed") or not self.coordinator_public_key:
+            return msg
+        completed = msg.completed
+        body = receipt_pb2.ReceiptBody.FromString(completed.receipt_body)
+        if (
+            body.coordinator_public_key == self.coordinator_public_key
+            and body.worker_agent_id == self.verified_agent_id
+        ):
+            return msg
+        body.coordinator_public_key = self.coordinator_public_key
+        body.worker_agent_id = self.verified_agent_id
+        resigned = worker_pb2.JobCompleted()
+        resigned.CopyFrom(completed)
+        resigned.receipt_body = serialize_body(body)
+        resigned.receipt_signature = sign_body(self.key, resigned.receipt_body)
+        return ConnectRequest(completed=resigned)
+
     @staticmethod
     def _failure(
         offer: worker_pb2.JobOffer, code: str, message: str, retryable: bool
@@ -586,7 +630,7 @@ class Worker:
                     self.failed += 1
                     self.log.info("job %s attempt %d failed: %s", *key, msg.failed.failure.code,
                                   extra={"job_id": key[0]})  # fmt: skip
-                self._pending[key] = msg
+                self._pending[key] = msg = self._for_session(msg)
                 self._send(msg)
         self._update_settled()
 

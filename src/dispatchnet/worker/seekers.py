@@ -32,7 +32,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -201,7 +201,11 @@ class SwarmStats:
 
 
 class SeekerSwarm:
-    """`count` simulated seekers against one coordinator; see the module docstring.
+    """`count` simulated seekers against a coordinator; see the module docstring.
+
+    coordinator: one address, or several (comma-separated or a list) of coordinators that
+    share one database: seeker i starts at address i (wrapped), so the swarm is spread
+    over them, and each fails over to the next when its coordinator goes (runtime.Worker).
 
     Use start() then drain() or stop() + wait(), or `async with` (start, then stop + wait).
     Besides the command's switches: battery_level sets every initial charge (percent);
@@ -213,7 +217,7 @@ class SeekerSwarm:
 
     def __init__(
         self,
-        coordinator: str,
+        coordinator: str | Sequence[str],
         count: int,
         *,
         seed: int | None = None,
@@ -277,6 +281,7 @@ class SeekerSwarm:
                 backoff_initial=backoff_initial,
                 backoff_max=backoff_max,
                 log=worker_log,
+                first=i,
             )
             seeker = Seeker(i, worker, device, rng)
             worker.offer_filter = seeker.offer_filter
