@@ -19,7 +19,7 @@ Over each timed run it reads:
   the one `total` row every GetQuote updates);
 - on PostgreSQL, what its busy backends wait for: pg_stat_activity sampled every
   WAIT_SAMPLE_SECONDS (on CPU, a row lock, the lock every transaction that sent a NOTIFY
-  takes at its commit, ...).
+  takes at its commit, ...). The sampling's own queries count in PostgreSQL's CPU.
 """
 
 from __future__ import annotations
@@ -293,7 +293,7 @@ class ClusterRun:
     def lines(self) -> list[str]:
         out = [self.jobs.line(), self.cpu.line()]
         pg = self.cpu.used.get("PostgreSQL")
-        if pg is not None and self.jobs.samples:
+        if pg and self.jobs.samples:
             ms = 1000 * pg / len(self.jobs.samples)
             out.append(
                 f"PostgreSQL CPU {ms:.2f} ms per job ({self.cpu.pct(pg):.0f}% of one core at "
