@@ -29,6 +29,9 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
         "50 seekers: burst jobs, 32 submitters",
         "60 seekers: job end to end, 1 submitter",
         "60 seekers: burst jobs, 32 submitters",
+        "SQLite, 1 coordinator: jobs, 8 submitters",
+        "PostgreSQL, 1 coordinator: jobs, 8 submitters",
+        "PostgreSQL, 2 coordinators: jobs, 8 submitters",
     ):
         assert re.search(rf"{re.escape(series)}: \d+ in [\d.]+s = [\d,.]+/s, p50 [\d.]+ ms", out), (
             series,
@@ -49,7 +52,30 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
             r"idle CPU [\d.]+% of a core",
             out,
         ), out
+    # the cluster section: where the CPU went, what the database did, what limits scaling
+    cluster = out[out.index("cluster:") : out.index("summary")]
+    assert len(re.findall(r"CPU, % of one core .*coordinators \d+", cluster)) == 3, cluster
+    assert len(re.findall(r"coordinators \d+, PostgreSQL \d+; the machine \d+", cluster)) == 2
+    assert len(re.findall(r"PostgreSQL CPU [\d.]+ ms per job", cluster)) == 2, cluster
+    assert len(re.findall(r"database per job: [\d.]+ statements .* [\d.]+ NOTIFYs", cluster)) == 2
+    busy = r"database backends (busy: [\d.]+ on average|: none seen busy)"
+    assert len(re.findall(busy, cluster)) == 2, cluster
+    assert re.search(
+        r"2 / 1 coordinators on one PostgreSQL: [\d.]+ \(load average \(1 min\) [\d.]+.*"
+        r"no linear scaling can show",
+        cluster,
+    ), cluster
     summary = out[out.index("summary") :]
+    assert re.search(
+        r"trivial jobs/s, 8 submitters: 2 / 1 coordinators on one PostgreSQL +"
+        r"[\d,]+/s +[\d.]+ +none",
+        summary,
+    ), summary
+    assert re.search(
+        r"trivial jobs/s, 8 submitters, 1 coordinator: PostgreSQL / SQLite +"
+        r"[\d,]+/s +[\d.]+ +none",
+        summary,
+    ), summary
     assert re.search(r"^  128 progress events, \d+ events, \d+ durable rows$", out, re.M), out
     assert len(re.findall(r"^  \S.*\s[\d.]+\s+(>=|<=|diff)", summary, re.M)) == 12, summary
     assert "burst jobs/s, 60 / 50 connected seekers" in summary

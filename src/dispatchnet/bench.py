@@ -32,6 +32,10 @@ machine under the same load:
    deployment's test USDC) in a child process, the same workers; CommitJob p50 with 4
    submitters, jobs/s with 16, then how long settlement takes to drain what was paid and
    how many settlement transactions it sent.
+5. cluster (bench_cluster.py): trivial jobs/s from `many` submitters on one coordinator on
+   SQLite, then one and two coordinators on one throwaway PostgreSQL (workers split over
+   them, submitters spread over their addresses), with the CPU each part used and, on
+   PostgreSQL, the statements per job and what its backends waited for.
 
 Each section prints p50/p99 and the 1-minute load average when it ended, and the summary
 table prints each figure as a ratio to its baseline, with the issue's target beside it.
@@ -846,6 +850,16 @@ async def run_bench(
         )
         children.stop_all()
 
+        print(
+            f"cluster: trivial TASK jobs from {many} submitters on 1 coordinator on SQLite, "
+            f"then 1 and 2 coordinators on one PostgreSQL (a throwaway local cluster, fsync "
+            f"off, as `dispatch cluster up` starts it); {WORKERS} workers ({WORKER_SLOTS} "
+            f"slots each) split over the coordinators, jobs sent to each in turn"
+        )
+        from dispatchnet.bench_cluster import bench_cluster
+
+        cluster = await bench_cluster(children, tmp, seconds, many)
+
         base, top = scaled[0], scaled[-1]
         per100 = 100 * settlement.transactions / max(1, settlement.settled)
         many_rate = unpaid.jobs_many.rate if unpaid.jobs_many else float("nan")
@@ -903,6 +917,17 @@ async def run_bench(
             f"coordinator idle CPU, {top.seekers} connected seekers / 10% of a core",
             f"{top.idle_cpu_percent:.1f}%", top.idle_cpu_percent / 10, "<= 1",
         ))  # fmt: skip
+        if cluster.pg_one is not None and cluster.pg_two is not None:
+            lite, one, two = cluster.sqlite_one.jobs, cluster.pg_one.jobs, cluster.pg_two.jobs
+            print(ratio_row(
+                f"trivial jobs/s, {many} submitters: 2 / 1 coordinators on one PostgreSQL",
+                f"{two.rate:,.0f}/s", two.rate / one.rate,
+                f"none ({os.cpu_count()} cores shared)",
+            ))  # fmt: skip
+            print(ratio_row(
+                f"trivial jobs/s, {many} submitters, 1 coordinator: PostgreSQL / SQLite",
+                f"{one.rate:,.0f}/s", one.rate / lite.rate, "none",
+            ))  # fmt: skip
         lock_lost = lock.submits.errors or lock.completed < len(lock.submits.samples)
         return 0 if settlement.settled == len(paid_ids) and not lock_lost else 1
     finally:

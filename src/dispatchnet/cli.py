@@ -1553,11 +1553,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.set_defaults(fn=cmd_demo)
     b = sub.add_parser(
-        "bench", help="measure jobs against a raw gRPC baseline, unpaid and paid (x402)"
+        "bench",
+        help="measure jobs against a raw gRPC baseline, unpaid and paid (x402), and 1 vs 2 "
+        "coordinators on PostgreSQL",
     )
     b.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
     b.add_argument(
-        "--submitters", type=int, default=64, help="concurrent submitters of the throughput run"
+        "--submitters",
+        type=int,
+        default=64,
+        help="concurrent submitters of the throughput runs (unpaid, cluster)",
     )
     b.add_argument(
         "--seekers",

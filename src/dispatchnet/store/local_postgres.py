@@ -25,6 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -74,6 +75,16 @@ def find_bindir() -> Path:
     raise PostgresNotFound(INSTALL_HINT)
 
 
+def has_library(name: str) -> bool:
+    """Whether the server binaries come with the loadable module `name` (e.g.
+    pg_stat_statements, one of PostgreSQL's contrib modules), in the lib directory beside
+    their bin directory."""
+    try:
+        return (find_bindir().parent / "lib" / f"{name}.so").is_file()
+    except PostgresNotFound:
+        return False
+
+
 def _searchable(path: Path) -> bool:
     """Whether any user may reach into path (every directory up to it world-searchable)."""
     p = path.resolve()
@@ -100,13 +111,18 @@ class LocalPostgres:
 
     @classmethod
     def create(
-        cls, durable: bool = False, attempts: int = 3, parent: Path | None = None
+        cls,
+        durable: bool = False,
+        attempts: int = 3,
+        parent: Path | None = None,
+        settings: Sequence[str] = (),
     ) -> LocalPostgres:
         """initdb in a new temporary directory (under `parent` when given, unless this
         process is root and the server's user could not reach it there: then in /tmp),
         then starts the server on a free port (another free port when the chosen one was
         taken meanwhile, up to `attempts`). durable=False turns fsync off: fast, and lost
-        on a machine crash."""
+        on a machine crash. settings: more postgresql.conf lines (e.g.
+        "shared_preload_libraries = 'pg_stat_statements'")."""
         bindir = find_bindir()
         owner: pwd.struct_passwd | None = None
         if os.geteuid() == 0:
@@ -126,7 +142,7 @@ class LocalPostgres:
         try:
             if owner is not None:
                 os.chown(directory, owner.pw_uid, owner.pw_gid)
-            pg._initdb(durable)
+            pg._initdb(durable, settings)
             for attempt in range(attempts):
                 pg.port = _free_port()
                 try:
@@ -173,7 +189,7 @@ class LocalPostgres:
                 f"server log: {self.log_tail()}"
             )
 
-    def _initdb(self, durable: bool) -> None:
+    def _initdb(self, durable: bool, extra: Sequence[str] = ()) -> None:
         pwfile = self.directory / "pwfile"
         pwfile.write_text(self.password + "\n")
         pwfile.chmod(0o600)
@@ -195,6 +211,7 @@ class LocalPostgres:
         ]
         if not durable:
             settings += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
+        settings += extra
         with (self.data / "postgresql.conf").open("a") as f:
             f.write("\n# dispatch (store/local_postgres.py)\n" + "\n".join(settings) + "\n")
 
