@@ -107,6 +107,10 @@ def test_independence_is_another_key_and_another_agent() -> None:
     assert not verify.independent(job, "k2", "7")  # another key of the same agent
     assert verify.independent(job, "k2", "8") and verify.independent(job, "k2", "")
     assert verify.independent(_job(), "k1", "7")  # nothing seen: anyone
+    # agents of one owner count once
+    owned = _job(verify_seen=verify.identities("k1", "7", "0xAbC"))
+    assert not verify.independent(owned, "k2", "8", "0xabc")
+    assert verify.independent(owned, "k2", "8", "0xdef")
 
 
 def test_spot_checks_pick_public_deterministic_jobs_at_the_rate() -> None:

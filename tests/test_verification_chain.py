@@ -58,13 +58,17 @@ def word_count(runs: int) -> common_pb2.JobSpec:
 
 
 async def agent_worker(
-    cluster: Cluster, evm: EvmChain, executors: list[Executor] | None = None
+    cluster: Cluster,
+    evm: EvmChain,
+    executors: list[Executor] | None = None,
+    chain_key: str = "",
 ) -> tuple[Worker, int]:
-    """A worker registered as a new ERC-8004 agent (its own funded chain account), connected
-    with the agent id it proves at Connect."""
+    """A worker registered as a new ERC-8004 agent (owned by its own funded chain account,
+    or by chain_key's), connected with the agent id it proves at Connect."""
     key = KeyPair.generate()
-    chain_key = "0x" + secrets.token_hex(32)
-    await asyncio.to_thread(fund_dev_account, evm, Account.from_key(chain_key).address, 10**18)
+    if not chain_key:
+        chain_key = "0x" + secrets.token_hex(32)
+        await asyncio.to_thread(fund_dev_account, evm, Account.from_key(chain_key).address, 10**18)
     registered = await asyncio.to_thread(
         register_worker, evm, chain_key, key.public_key, name="test-worker",
         description="verification test", endpoint=cluster.address, timeout=10,
@@ -218,3 +222,32 @@ async def test_no_majority_is_never_charged(
             assert cluster.db.earnings(w.key.public_hex, 100) == []
         # no majority, no verdict: nobody is rated for it
         assert cluster.db.feedback_entries() == []
+
+
+async def test_agents_of_one_owner_do_not_verify_each_other(
+    home: Path,  # noqa: F811
+    chain: dict[str, Any],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Two agents (two worker keys) owned by one chain account count as one worker for
+    independence: a verify=2 job finds no second, independent worker and fails, not
+    charged; a worker of another owner then makes the pair."""
+    profile = profile_for(home, {})
+    async with cluster_for(profile, tmp_path / "coord") as cluster:
+        evm, _ = prepared(cluster, profile)
+        owner = "0x" + secrets.token_hex(32)
+        await asyncio.to_thread(fund_dev_account, evm, Account.from_key(owner).address, 10**18)
+        a, _ = await agent_worker(cluster, evm, chain_key=owner)
+        b, _ = await agent_worker(cluster, evm, chain_key=owner)
+        c = cluster.client(wallet=new_payer(chain))
+        job = await c.submit(word_count(2))
+        done = await c.wait(job.job_id)
+        assert done.state == FAILED and done.failure.code == verify.NOT_ENOUGH_WORKERS
+        (run,) = cluster.db.job_runs(job.job_id)
+        assert run.worker_id in (a.key.public_hex, b.key.public_hex)
+        other, _ = await agent_worker(cluster, evm)
+        job = await c.submit(word_count(2))
+        done = await c.wait(job.job_id)
+        assert done.state == COMPLETED and done.result.output == RIGHT
+        runs = {r.worker_id for r in cluster.db.job_runs(job.job_id)}
+        assert other.key.public_hex in runs and len(runs) == 2

@@ -160,6 +160,7 @@ def check_registration_uri(uri: str, agent_id: int, agent_registry: str) -> dict
 class VerifiedAgent:
     agent_id: str
     address: str  # the chain address that signed (owner or agent wallet)
+    owner: str = ""  # the agent's owner (ownerOf): one owner's agents are not independent
 
 
 class IdentityVerifier(Protocol):

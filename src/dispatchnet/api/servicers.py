@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -167,10 +166,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         proof = second.challenge_response
         convert.check_challenge_response(proof)
         self.hub.authenticate(hello.public_key, nonce, proof.signature)
-        agent_id = await self.hub.verify_agent(
+        verified = await self.hub.verify_agent(
             hello, nonce, proof.chain_signature, proof.solana_signature
         )
-        session = await self.hub.register(dataclasses.replace(hello, agent_id=agent_id))
+        session = await self.hub.register(verified)
         logs.bind(worker_id=session.worker_id)  # this stream's task, and its reader's
         reader = asyncio.create_task(self._read(it, session))
         reason = "disconnected"

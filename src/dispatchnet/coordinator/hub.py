@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -95,6 +96,7 @@ class WorkerHello:
     version: str = ""
     agent_id: str = ""
     running: tuple[tuple[str, int], ...] = ()  # (job_id, attempt) still running from before
+    agent_owner: str = ""  # the verified agent's owner (ownerOf), "" without one
 
 
 @dataclass(eq=False)
@@ -109,6 +111,7 @@ class WorkerSession:
     session_id: str
     connected_at: float
     last_seen: float
+    agent_owner: str = ""  # the verified agent's owner: verified runs need other owners
     # what this session was told in Welcome (see WorkerHub.heartbeat_interval)
     heartbeat_interval: int = 10
     eviction_seconds: float = 30.0
@@ -206,20 +209,21 @@ class WorkerHub:
         nonce: bytes,
         chain_signature: bytes,
         solana_signature: bytes = b"",
-    ) -> str:
-        """The agent id to put in the session: hello.agent_id once the identity verifier
-        has checked the chain proof, "" for a worker without one (refused when registration
-        is required) or when there is no chain. Call after authenticate(); hello.agent_id
-        itself must never reach a session unverified."""
+    ) -> WorkerHello:
+        """hello with the agent id to put in the session: hello.agent_id once the identity
+        verifier has checked the chain proof (and the agent's owner with it), "" for a
+        worker without one (refused when registration is required) or when there is no
+        chain. Call after authenticate(); hello.agent_id itself must never reach a session
+        unverified."""
         if not hello.agent_id:
             if self.require_registration:
                 raise Unauthenticated(
                     "this coordinator admits registered workers only: register the worker "
                     "with `dispatch worker register` and connect with its agent id"
                 )
-            return ""
-        if self.identity is None:
-            return ""  # no chain to check the claim against: ignored
+            return dataclasses.replace(hello, agent_id="", agent_owner="")
+        if self.identity is None:  # no chain to check the claim against: ignored
+            return dataclasses.replace(hello, agent_id="", agent_owner="")
         verified = await self.identity.verify(
             hello.agent_id,
             hello.public_key,
@@ -228,7 +232,7 @@ class WorkerHub:
             chain_signature,
             solana_signature,
         )
-        return verified.agent_id
+        return dataclasses.replace(hello, agent_id=verified.agent_id, agent_owner=verified.owner)
 
     async def register(self, hello: WorkerHello) -> WorkerSession:
         """Opens a session; hello.agent_id must be the verified one (see verify_agent)."""
@@ -253,6 +257,7 @@ class WorkerHub:
             session_id=secrets.token_hex(8),
             connected_at=now,
             last_seen=now,
+            agent_owner=hello.agent_owner,
         )
         self._set_heartbeat(session, self.heartbeat_interval())
         self.sessions[worker_id] = session
@@ -389,6 +394,7 @@ class WorkerHub:
             body,
             signature,
             worker_agent_id=s.agent_id,  # verified at Connect; the receipt must carry it
+            worker_agent_owner=s.agent_owner,
         )
         if not ok:
             self._avoid.setdefault(job_id, set()).add(s.worker_id)
@@ -578,7 +584,7 @@ class WorkerHub:
         def eligible(s: WorkerSession) -> bool:
             # a verified job's next run goes to a worker independent of its earlier runs
             return matching.eligible(spec, s, allowed) and verification.independent(
-                job, s.worker_id, s.agent_id
+                job, s.worker_id, s.agent_id, s.agent_owner
             )
 
         return matching.choose_among(

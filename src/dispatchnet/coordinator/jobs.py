@@ -585,10 +585,12 @@ class JobService:
         receipt_body: bytes,
         signature: bytes,
         worker_agent_id: str = "",
+        worker_agent_owner: str = "",
     ) -> tuple[bool, str]:
         """Records a result with its countersigned receipt; (accepted, reason).
         worker_agent_id: the delivering session's verified agent id ("" for none); the
-        receipt's worker_agent_id must equal it.
+        receipt's worker_agent_id must equal it. worker_agent_owner: that agent's owner
+        (a verified job's later runs need other owners).
 
         The first valid result wins: besides the worker running the current attempt, a
         worker that held an earlier attempt (its stream dropped, the job was requeued) may
@@ -622,7 +624,10 @@ class JobService:
         if job.verify_runs:
             if late:  # a verified job compares the runs it offered, in turn
                 return False, "stale: this worker holds no open attempt of the job"
-            run = Run(job_id, attempt, worker_id, worker_agent_id, result, receipt, self.clock())
+            run = Run(
+                job_id, attempt, worker_id, worker_agent_id, result, receipt, self.clock(),
+                agent_owner=worker_agent_owner,
+            )  # fmt: skip
             return await self._run_completed(job, run)
         done = await self._move(
             job,
@@ -829,7 +834,10 @@ class JobService:
         runs = [*(await self.store.job_runs(job.job_id)), run]
         needed = verify.next_runs(job, runs)
         if len(runs) < needed:
-            seen = (*job.verify_seen, *verify.identities(run.worker_id, run.agent_id))
+            seen = (
+                *job.verify_seen,
+                *verify.identities(run.worker_id, run.agent_id, run.agent_owner),
+            )
 
             async def record(changes: dict[str, object], event: Event) -> Job | None:
                 return await self.store.record_run(run, (JobState.RUNNING,), changes, event)

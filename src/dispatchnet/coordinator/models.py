@@ -279,6 +279,7 @@ class Run:
     receipt: Receipt
     created_at: float
     verdict: str = ""  # AGREED or DISAGREED once compared, else ""
+    agent_owner: str = ""  # its agent's owner (in memory: counted into job.verify_seen)
 
     @property
     def output_sha256(self) -> bytes:

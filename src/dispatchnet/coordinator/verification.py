@@ -56,17 +56,22 @@ def plan(spec: JobSpec, spot_check_rate: float, rng: random.Random) -> tuple[str
     return "", 0
 
 
-def identities(worker_id: str, agent_id: str) -> tuple[str, ...]:
-    """What makes a worker the same as another for independence: its key, its agent."""
-    return (f"key:{worker_id}",) + ((f"agent:{agent_id}",) if agent_id else ())
+def identities(worker_id: str, agent_id: str, owner: str = "") -> tuple[str, ...]:
+    """What makes a worker the same as another for independence: its key, its agent, and
+    the agent's owner (one account's agents count once)."""
+    return (
+        (f"key:{worker_id}",)
+        + ((f"agent:{agent_id}",) if agent_id else ())
+        + ((f"owner:{owner.lower()}",) if owner else ())
+    )
 
 
-def independent(job: Job, worker_id: str, agent_id: str) -> bool:
+def independent(job: Job, worker_id: str, agent_id: str, owner: str = "") -> bool:
     """Whether the worker may run the job's next run: no earlier run of it had the same
-    key or agent id. Always true for a job without verification."""
+    key, agent id or agent owner. Always true for a job without verification."""
     if not job.verify_seen:
         return True
-    return not set(identities(worker_id, agent_id)) & set(job.verify_seen)
+    return not set(identities(worker_id, agent_id, owner)) & set(job.verify_seen)
 
 
 @dataclass(frozen=True)

@@ -209,8 +209,8 @@ class EvmIdentityVerifier:
         self.ttl = ttl_seconds
         self.clock = clock
         self.solana_link = solana_link
-        # (agent, address, key) -> (expiry, the agent's linked Solana key or b"")
-        self._cache: dict[tuple[str, str, bytes], tuple[float, bytes]] = {}
+        # (agent, address, key) -> (expiry, the agent's linked Solana key or b"", its owner)
+        self._cache: dict[tuple[str, str, bytes], tuple[float, bytes, str]] = {}
 
     async def verify(
         self,
@@ -242,10 +242,12 @@ class EvmIdentityVerifier:
             )
         key = (agent_id, address, worker_public_key)
         now = self.clock()
-        expiry, solana_key = self._cache.get(key, (0.0, b""))
+        expiry, solana_key, owner = self._cache.get(key, (0.0, b"", ""))
         if expiry <= now:
-            solana_key = await asyncio.to_thread(self._check, number, address, worker_public_key)
-            self._cache[key] = (now + self.ttl, solana_key)
+            solana_key, owner = await asyncio.to_thread(
+                self._check, number, address, worker_public_key
+            )
+            self._cache[key] = (now + self.ttl, solana_key, owner)
             if len(self._cache) > 10_000:
                 self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
         if self.solana_link:
@@ -255,10 +257,11 @@ class EvmIdentityVerifier:
                     f"agent {agent_id}: solana_signature does not verify for the Solana key "
                     f'{base58(solana_key)} that its "{SOLANA_METADATA_KEY}" metadata names'
                 )
-        return VerifiedAgent(agent_id, address)
+        return VerifiedAgent(agent_id, address, owner)
 
-    def _check(self, agent_id: int, address: str, worker_public_key: bytes) -> bytes:
-        """Blocking chain reads; the agent's linked Solana key (b"" without solana_link)."""
+    def _check(self, agent_id: int, address: str, worker_public_key: bytes) -> tuple[bytes, str]:
+        """Blocking chain reads; the agent's linked Solana key (b"" without solana_link)
+        and its owner (ownerOf)."""
         f = self.registry.functions
         try:
             try:
@@ -314,7 +317,7 @@ class EvmIdentityVerifier:
                     f'"{SOLANA_METADATA_KEY}" metadata {base58(solana_key)}: both must name '
                     "the worker's Solana key"
                 )
-        return solana_key
+        return solana_key, owner
 
     def _solana_key(self, agent_id: int, metadata: bytes) -> bytes:
         """The 32-byte key that the agent's dispatch.solana metadata names in base58."""
