@@ -163,6 +163,21 @@ def test_the_worker_signs_the_body_before_the_verification_record() -> None:
     problems = verify_receipt(bad, signature, sign_body(coordinator, bad)).problems
     assert any("majority" in p for p in problems)
 
+    # on a shared database another coordinator may conclude: its key is in the record and
+    # it signs the whole body; pinning needs both coordinators' keys
+    other = KeyPair.generate()
+    by_other = receipt_pb2.Verification()
+    by_other.CopyFrom(record)
+    by_other.concluded_by = other.public_key
+    elsewhere = append_verification(body, by_other)
+    assert verify_receipt(elsewhere, signature, sign_body(other, elsewhere)).valid
+    assert not verify_receipt(elsewhere, signature, sign_body(coordinator, elsewhere)).valid
+    pinned = [coordinator.public_key, other.public_key]
+    assert verify_receipt(elsewhere, signature, sign_body(other, elsewhere), b"", pinned).valid
+    assert not verify_receipt(
+        elsewhere, signature, sign_body(other, elsewhere), b"", coordinator.public_key
+    ).valid
+
 
 # --- a real coordinator and workers -------------------------------------------------------
 

@@ -26,33 +26,33 @@ from dispatch.v1 import common_pb2 as dispatch_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64ispatch/v1/receipt.proto\x12\x0b\x64ispatch.v1\x1a\x18\x64ispatch/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\x04\n\x0bReceiptBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12&\n\x08job_type\x18\x03 \x01(\x0e\x32\x14.dispatch.v1.JobType\x12\x14\n\x0cinput_sha256\x18\x04 \x01(\x0c\x12\x15\n\routput_sha256\x18\x05 \x01(\x0c\x12\x19\n\x11worker_public_key\x18\x06 \x01(\x0c\x12\x17\n\x0fworker_agent_id\x18\x07 \x01(\t\x12\x1e\n\x16\x63oordinator_public_key\x18\x08 \x01(\x0c\x12!\n\x05price\x18\t \x01(\x0b\x32\x12.dispatch.v1.Money\x12.\n\x07payment\x18\n \x01(\x0b\x32\x1d.dispatch.v1.PaymentReference\x12\x0f\n\x07\x61ttempt\x18\x0b \x01(\r\x12.\n\nstarted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tclient_id\x18\x0e \x01(\t\x12/\n\x0cverification\x18\x0f \x01(\x0b\x32\x19.dispatch.v1.Verification\x12\x1c\n\x14private_input_sha256\x18\x10 \x01(\x0c\x12\x1d\n\x15private_output_sha256\x18\x11 \x01(\x0c\"\x9e\x01\n\x0cVerification\x12+\n\x04mode\x18\x01 \x01(\x0e\x32\x1d.dispatch.v1.VerificationMode\x12\x0c\n\x04runs\x18\x02 \x01(\r\x12\x15\n\routput_sha256\x18\x03 \x01(\x0c\x12\x1c\n\x14\x61greeing_worker_keys\x18\x04 \x03(\x0c\x12\x1e\n\x16\x64issenting_worker_keys\x18\x05 \x03(\x0c\"h\n\x07Receipt\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x18\n\x10worker_signature\x18\x02 \x01(\x0c\x12\x1d\n\x15\x63oordinator_signature\x18\x03 \x01(\x0c\x12\x16\n\x0ereceipt_sha256\x18\x04 \x01(\x0c\"#\n\x11GetReceiptRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x96\x01\n\x12GetReceiptResponse\x12%\n\x07receipt\x18\x01 \x01(\x0b\x32\x14.dispatch.v1.Receipt\x12)\n\x07\x64\x65\x63oded\x18\x02 \x01(\x0b\x32\x18.dispatch.v1.ReceiptBody\x12.\n\x07payment\x18\x03 \x01(\x0b\x32\x1d.dispatch.v1.PaymentReference\"f\n\x14VerifyReceiptRequest\x12%\n\x07receipt\x18\x01 \x01(\x0b\x32\x14.dispatch.v1.Receipt\x12\'\n\x1f\x65xpected_coordinator_public_key\x18\x02 \x01(\x0c\"c\n\x15VerifyReceiptResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x10\n\x08problems\x18\x02 \x03(\t\x12)\n\x07\x64\x65\x63oded\x18\x03 \x01(\x0b\x32\x18.dispatch.v1.ReceiptBody\"(\n\x16GetReceiptProofRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xc3\x01\n\x17GetReceiptProofResponse\x12\x16\n\x0ereceipt_sha256\x18\x01 \x01(\x0c\x12\x12\n\nleaf_index\x18\x02 \x01(\r\x12\x12\n\nleaf_count\x18\x03 \x01(\r\x12\r\n\x05proof\x18\x04 \x03(\x0c\x12\x13\n\x0bmerkle_root\x18\x05 \x01(\x0c\x12\x10\n\x08\x62\x61tch_id\x18\x06 \x01(\t\x12\x1a\n\x12\x61nchor_transaction\x18\x07 \x01(\t\x12\x16\n\x0e\x61nchor_network\x18\x08 \x01(\t*\x96\x01\n\x10VerificationMode\x12!\n\x1dVERIFICATION_MODE_UNSPECIFIED\x10\x00\x12\x1c\n\x18VERIFICATION_MODE_SINGLE\x10\x01\x12 \n\x1cVERIFICATION_MODE_SPOT_CHECK\x10\x02\x12\x1f\n\x1bVERIFICATION_MODE_REDUNDANT\x10\x03\x32\x95\x02\n\x0eReceiptService\x12M\n\nGetReceipt\x12\x1e.dispatch.v1.GetReceiptRequest\x1a\x1f.dispatch.v1.GetReceiptResponse\x12V\n\rVerifyReceipt\x12!.dispatch.v1.VerifyReceiptRequest\x1a\".dispatch.v1.VerifyReceiptResponse\x12\\\n\x0fGetReceiptProof\x12#.dispatch.v1.GetReceiptProofRequest\x1a$.dispatch.v1.GetReceiptProofResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64ispatch/v1/receipt.proto\x12\x0b\x64ispatch.v1\x1a\x18\x64ispatch/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\x04\n\x0bReceiptBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12&\n\x08job_type\x18\x03 \x01(\x0e\x32\x14.dispatch.v1.JobType\x12\x14\n\x0cinput_sha256\x18\x04 \x01(\x0c\x12\x15\n\routput_sha256\x18\x05 \x01(\x0c\x12\x19\n\x11worker_public_key\x18\x06 \x01(\x0c\x12\x17\n\x0fworker_agent_id\x18\x07 \x01(\t\x12\x1e\n\x16\x63oordinator_public_key\x18\x08 \x01(\x0c\x12!\n\x05price\x18\t \x01(\x0b\x32\x12.dispatch.v1.Money\x12.\n\x07payment\x18\n \x01(\x0b\x32\x1d.dispatch.v1.PaymentReference\x12\x0f\n\x07\x61ttempt\x18\x0b \x01(\r\x12.\n\nstarted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tclient_id\x18\x0e \x01(\t\x12/\n\x0cverification\x18\x0f \x01(\x0b\x32\x19.dispatch.v1.Verification\x12\x1c\n\x14private_input_sha256\x18\x10 \x01(\x0c\x12\x1d\n\x15private_output_sha256\x18\x11 \x01(\x0c\"\xb4\x01\n\x0cVerification\x12+\n\x04mode\x18\x01 \x01(\x0e\x32\x1d.dispatch.v1.VerificationMode\x12\x0c\n\x04runs\x18\x02 \x01(\r\x12\x15\n\routput_sha256\x18\x03 \x01(\x0c\x12\x1c\n\x14\x61greeing_worker_keys\x18\x04 \x03(\x0c\x12\x1e\n\x16\x64issenting_worker_keys\x18\x05 \x03(\x0c\x12\x14\n\x0c\x63oncluded_by\x18\x06 \x01(\x0c\"h\n\x07Receipt\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x18\n\x10worker_signature\x18\x02 \x01(\x0c\x12\x1d\n\x15\x63oordinator_signature\x18\x03 \x01(\x0c\x12\x16\n\x0ereceipt_sha256\x18\x04 \x01(\x0c\"#\n\x11GetReceiptRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x96\x01\n\x12GetReceiptResponse\x12%\n\x07receipt\x18\x01 \x01(\x0b\x32\x14.dispatch.v1.Receipt\x12)\n\x07\x64\x65\x63oded\x18\x02 \x01(\x0b\x32\x18.dispatch.v1.ReceiptBody\x12.\n\x07payment\x18\x03 \x01(\x0b\x32\x1d.dispatch.v1.PaymentReference\"f\n\x14VerifyReceiptRequest\x12%\n\x07receipt\x18\x01 \x01(\x0b\x32\x14.dispatch.v1.Receipt\x12\'\n\x1f\x65xpected_coordinator_public_key\x18\x02 \x01(\x0c\"c\n\x15VerifyReceiptResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x10\n\x08problems\x18\x02 \x03(\t\x12)\n\x07\x64\x65\x63oded\x18\x03 \x01(\x0b\x32\x18.dispatch.v1.ReceiptBody\"(\n\x16GetReceiptProofRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xc3\x01\n\x17GetReceiptProofResponse\x12\x16\n\x0ereceipt_sha256\x18\x01 \x01(\x0c\x12\x12\n\nleaf_index\x18\x02 \x01(\r\x12\x12\n\nleaf_count\x18\x03 \x01(\r\x12\r\n\x05proof\x18\x04 \x03(\x0c\x12\x13\n\x0bmerkle_root\x18\x05 \x01(\x0c\x12\x10\n\x08\x62\x61tch_id\x18\x06 \x01(\t\x12\x1a\n\x12\x61nchor_transaction\x18\x07 \x01(\t\x12\x16\n\x0e\x61nchor_network\x18\x08 \x01(\t*\x96\x01\n\x10VerificationMode\x12!\n\x1dVERIFICATION_MODE_UNSPECIFIED\x10\x00\x12\x1c\n\x18VERIFICATION_MODE_SINGLE\x10\x01\x12 \n\x1cVERIFICATION_MODE_SPOT_CHECK\x10\x02\x12\x1f\n\x1bVERIFICATION_MODE_REDUNDANT\x10\x03\x32\x95\x02\n\x0eReceiptService\x12M\n\nGetReceipt\x12\x1e.dispatch.v1.GetReceiptRequest\x1a\x1f.dispatch.v1.GetReceiptResponse\x12V\n\rVerifyReceipt\x12!.dispatch.v1.VerifyReceiptRequest\x1a\".dispatch.v1.VerifyReceiptResponse\x12\\\n\x0fGetReceiptProof\x12#.dispatch.v1.GetReceiptProofRequest\x1a$.dispatch.v1.GetReceiptProofResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dispatch.v1.receipt_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERIFICATIONMODE']._serialized_start=1549
-  _globals['_VERIFICATIONMODE']._serialized_end=1699
+  _globals['_VERIFICATIONMODE']._serialized_start=1571
+  _globals['_VERIFICATIONMODE']._serialized_end=1721
   _globals['_RECEIPTBODY']._serialized_start=102
   _globals['_RECEIPTBODY']._serialized_end=644
   _globals['_VERIFICATION']._serialized_start=647
-  _globals['_VERIFICATION']._serialized_end=805
-  _globals['_RECEIPT']._serialized_start=807
-  _globals['_RECEIPT']._serialized_end=911
-  _globals['_GETRECEIPTREQUEST']._serialized_start=913
-  _globals['_GETRECEIPTREQUEST']._serialized_end=948
-  _globals['_GETRECEIPTRESPONSE']._serialized_start=951
-  _globals['_GETRECEIPTRESPONSE']._serialized_end=1101
-  _globals['_VERIFYRECEIPTREQUEST']._serialized_start=1103
-  _globals['_VERIFYRECEIPTREQUEST']._serialized_end=1205
-  _globals['_VERIFYRECEIPTRESPONSE']._serialized_start=1207
-  _globals['_VERIFYRECEIPTRESPONSE']._serialized_end=1306
-  _globals['_GETRECEIPTPROOFREQUEST']._serialized_start=1308
-  _globals['_GETRECEIPTPROOFREQUEST']._serialized_end=1348
-  _globals['_GETRECEIPTPROOFRESPONSE']._serialized_start=1351
-  _globals['_GETRECEIPTPROOFRESPONSE']._serialized_end=1546
-  _globals['_RECEIPTSERVICE']._serialized_start=1702
-  _globals['_RECEIPTSERVICE']._serialized_end=1979
+  _globals['_VERIFICATION']._serialized_end=827
+  _globals['_RECEIPT']._serialized_start=829
+  _globals['_RECEIPT']._serialized_end=933
+  _globals['_GETRECEIPTREQUEST']._serialized_start=935
+  _globals['_GETRECEIPTREQUEST']._serialized_end=970
+  _globals['_GETRECEIPTRESPONSE']._serialized_start=973
+  _globals['_GETRECEIPTRESPONSE']._serialized_end=1123
+  _globals['_VERIFYRECEIPTREQUEST']._serialized_start=1125
+  _globals['_VERIFYRECEIPTREQUEST']._serialized_end=1227
+  _globals['_VERIFYRECEIPTRESPONSE']._serialized_start=1229
+  _globals['_VERIFYRECEIPTRESPONSE']._serialized_end=1328
+  _globals['_GETRECEIPTPROOFREQUEST']._serialized_start=1330
+  _globals['_GETRECEIPTPROOFREQUEST']._serialized_end=1370
+  _globals['_GETRECEIPTPROOFRESPONSE']._serialized_start=1373
+  _globals['_GETRECEIPTPROOFRESPONSE']._serialized_end=1568
+  _globals['_RECEIPTSERVICE']._serialized_start=1724
+  _globals['_RECEIPTSERVICE']._serialized_end=2001
 # @@protoc_insertion_point(module_scope)

@@ -202,6 +202,7 @@ class Verification(_message.Message):
     OUTPUT_SHA256_FIELD_NUMBER: _builtins.int
     AGREEING_WORKER_KEYS_FIELD_NUMBER: _builtins.int
     DISSENTING_WORKER_KEYS_FIELD_NUMBER: _builtins.int
+    CONCLUDED_BY_FIELD_NUMBER: _builtins.int
     mode: Global___VerificationMode.ValueType
     """Why the job ran more than once."""
     runs: _builtins.int
@@ -210,6 +211,15 @@ class Verification(_message.Message):
     """
     output_sha256: _builtins.bytes
     """The output hash the majority agreed on (equals ReceiptBody.output_sha256)."""
+    concluded_by: _builtins.bytes
+    """The ed25519 public key (32 bytes) of the coordinator that compared the
+    runs, appended this record and countersigned the whole body: the key the
+    Receipt's coordinator_signature verifies under. With several coordinators
+    on one database it may differ from ReceiptBody.coordinator_public_key
+    (the coordinator of the session the worker delivered through); both are
+    the cluster's. Empty in records made before this field: then
+    coordinator_public_key.
+    """
     @_builtins.property
     def agreeing_worker_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """The ed25519 public keys (32 bytes each) of the workers whose outputs
@@ -230,10 +240,11 @@ class Verification(_message.Message):
         output_sha256: _builtins.bytes = ...,
         agreeing_worker_keys: _abc.Iterable[_builtins.bytes] | None = ...,
         dissenting_worker_keys: _abc.Iterable[_builtins.bytes] | None = ...,
+        concluded_by: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreeing_worker_keys", b"agreeing_worker_keys", "dissenting_worker_keys", b"dissenting_worker_keys", "mode", b"mode", "output_sha256", b"output_sha256", "runs", b"runs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreeing_worker_keys", b"agreeing_worker_keys", "concluded_by", b"concluded_by", "dissenting_worker_keys", b"dissenting_worker_keys", "mode", b"mode", "output_sha256", b"output_sha256", "runs", b"runs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

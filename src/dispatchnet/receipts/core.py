@@ -162,10 +162,16 @@ def verify_receipt(
         check_verification(decoded, out.problems)
     if not verify(decoded.worker_public_key, SIGNING_CONTEXT, signed, worker_signature):
         out.problems.append("worker signature does not verify against worker_public_key")
-    if not verify(decoded.coordinator_public_key, SIGNING_CONTEXT, body, coordinator_signature):
-        out.problems.append("coordinator signature does not verify against coordinator_public_key")
+    # A verified job's record names the coordinator that concluded it and signed the whole
+    # body; it may differ from the one the worker delivered through (several coordinators
+    # on one database). Otherwise the body's coordinator countersigned.
+    concluded_by = decoded.verification.concluded_by if decoded.HasField("verification") else b""
+    signer = concluded_by or decoded.coordinator_public_key
+    if not verify(signer, SIGNING_CONTEXT, body, coordinator_signature):
+        which = "verification.concluded_by" if concluded_by else "coordinator_public_key"
+        out.problems.append(f"coordinator signature does not verify against {which}")
     expected = coordinator_key_set(expected_coordinator_key)
-    if expected and decoded.coordinator_public_key not in expected:
+    if expected and not {signer, decoded.coordinator_public_key} <= expected:
         out.problems.append("receipt was countersigned by a different coordinator")
     return out
 

@@ -107,6 +107,9 @@ class Notary:
             output_sha256=_output_hash(receipt.body),
             agreeing_worker_keys=[bytes.fromhex(w) for w in agreeing],
             dissenting_worker_keys=[bytes.fromhex(w) for w in dissenting],
+            # this coordinator signs the whole body; the run's receipt may name another
+            # (the coordinator of the session that delivered it, on a shared database)
+            concluded_by=self.key.public_key,
         )
         body = append_verification(receipt.body, record)
         return Receipt(body, receipt.worker_signature, sign_body(self.key, body), sha256(body))

@@ -589,6 +589,17 @@ class Verification(betterproto.Message):
      (each got negative "spotCheck" feedback and no share).
     """
 
+    concluded_by: bytes = betterproto.bytes_field(6)
+    """
+    The ed25519 public key (32 bytes) of the coordinator that compared the
+     runs, appended this record and countersigned the whole body: the key the
+     Receipt's coordinator_signature verifies under. With several coordinators
+     on one database it may differ from ReceiptBody.coordinator_public_key
+     (the coordinator of the session the worker delivered through); both are
+     the cluster's. Empty in records made before this field: then
+     coordinator_public_key.
+    """
+
 
 @dataclass(eq=False, repr=False)
 class Receipt(betterproto.Message):
