@@ -231,3 +231,22 @@ async def test_a_track_that_cannot_start_fails_the_demo_and_cleans_up(
     scratch = re.search(r"scratch space: (\S+),", out)
     assert scratch is not None
     assert not Path(scratch.group(1)).exists()
+
+
+async def test_the_cluster_demo_survives_a_coordinator_kill(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make demo-cluster`: the EVM track's scenarios across three coordinators on one
+    PostgreSQL, the desktop's coordinator SIGKILLed mid-job; every job completes once,
+    paid once, with a receipt countersigned by a coordinator of the cluster."""
+    from dispatchnet.demo_cluster import run_cluster_demo
+
+    monkeypatch.setattr(demo, "LINGER_SECONDS", 0.1)
+    assert await run_cluster_demo() == 0
+    out = capsys.readouterr().out
+    assert "!!! SIGKILL of coordinator 2" in out
+    assert "Every job completed once, paid once, with a valid receipt" in out
+    summary = out.split("\nSummary\n", 1)[1]
+    for scenario in (*SCENARIOS, "verified task"):
+        row = next(line for line in summary.splitlines() if f"  {scenario}  " in line)
+        assert "COMPLETED" in row and "settled" in row and row.rstrip().endswith("valid"), row
