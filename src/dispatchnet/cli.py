@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import gc
 import dataclasses
 import functools
 import json
@@ -179,6 +180,12 @@ async def cmd_coordinator(args: argparse.Namespace) -> int:
         coord = await start_coordinator(profile, data_dir, listen)
     except Unavailable as e:
         raise CliError(e.message) from e
+    # What exists now (modules, stubs, the profile, the SDKs' tables) lives as long as the
+    # process: frozen out of the cyclic collector, a full collection scans only what jobs
+    # and sessions made since, instead of pausing the event loop for tens of milliseconds
+    # over the whole heap (measured: 70 ms; README "Benchmark").
+    gc.collect()
+    gc.freeze()
     dashboard = coord.observability.dashboard if coord.observability else None
     print(
         json.dumps(
