@@ -6,9 +6,9 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import gc
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import os
