@@ -1127,6 +1127,18 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------------
 
 
+def add_lie_rate(p: argparse.ArgumentParser) -> None:
+    """--lie-rate of `dispatch worker` and `dispatch seekers`."""
+    p.add_argument(
+        "--lie-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="DEMO/TEST ONLY: return wrong output (properly signed) for this fraction of jobs, "
+        "to watch verification catch it (README 'Verification')",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dispatch", description="Dispatch compute network")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -1224,14 +1236,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="agent file from `dispatch worker register` (default: next to the worker key, "
         "*.agent.json, when it exists)",
     )
-    w.add_argument(
-        "--lie-rate",
-        type=float,
-        default=0.0,
-        metavar="P",
-        help="DEMO/TEST ONLY: return wrong output (properly signed) for this fraction of jobs, "
-        "to watch verification catch it (README 'Verification')",
-    )
+    add_lie_rate(w)
     w.set_defaults(fn=cmd_worker)
     wsub = w.add_subparsers(dest="worker_cmd")
     wr = wsub.add_parser(
@@ -1284,14 +1289,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--slow", type=float, default=1.0, metavar="F", help="device speed factors in [1, F]"
     )
     sk.add_argument("--key-dir", help="keep the seekers' keys here (default: ephemeral keys)")
-    sk.add_argument(
-        "--lie-rate",
-        type=float,
-        default=0.0,
-        metavar="P",
-        help="DEMO/TEST ONLY: return wrong output (properly signed) for this fraction of jobs, "
-        "to watch verification catch it (README 'Verification')",
-    )
+    add_lie_rate(sk)
     sk.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running jobs"
     )

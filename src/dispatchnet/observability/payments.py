@@ -17,12 +17,12 @@ from dispatchnet.coordinator.models import Payment
 from dispatchnet.errors import InvalidArgument, PaymentRequired, Unavailable
 from dispatchnet.observability.metrics import CoordinatorMetrics, chain_label
 from dispatchnet.observability.tracing import JobTracing
-from dispatchnet.payments.service import PaymentGateway, SettlementRefused
+from dispatchnet.payments.service import PaymentGateway, SettlementRefused, WrappingGateway
 
 T = TypeVar("T")
 
 
-class ObservedGateway:
+class ObservedGateway(WrappingGateway):
     """A PaymentGateway that times and counts verify and settle_batch."""
 
     def __init__(
@@ -31,23 +31,9 @@ class ObservedGateway:
         metrics: CoordinatorMetrics | None,
         tracing: JobTracing | None = None,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.metrics = metrics
         self.tracing = tracing
-
-    def describe(self) -> str:
-        return self.inner.describe()
-
-    def offers(self, price_micros: int, timeout_seconds: int) -> list[Any]:
-        return self.inner.offers(price_micros, timeout_seconds)
-
-    def required_header(
-        self, offers: list[Any], error: str, resource: str, description: str
-    ) -> str:
-        return self.inner.required_header(offers, error, resource, description)
-
-    def parse(self, header: str, offers: list[Any], now: float) -> Payment:
-        return self.inner.parse(header, offers, now)
 
     def verify(self, payment: Payment) -> None:
         start = time.perf_counter()
@@ -75,9 +61,6 @@ class ObservedGateway:
             if span is not None:
                 span.end_with(failure)
 
-    def response_header(self, payment: Payment) -> str:
-        return self.inner.response_header(payment)
-
     def settle_batch(self, payments: list[Payment]) -> dict[str, str | SettlementRefused]:
         start_ns, start = time.time_ns(), time.perf_counter()
         outcome: dict[str, str | SettlementRefused] = {}
@@ -98,22 +81,6 @@ class ObservedGateway:
                 self.metrics.settled(time.perf_counter() - start, failures)
             if self.tracing is not None:
                 self.tracing.settle_spans(payments, outcome, start_ns, time.time_ns())
-
-    def sign_refund(self, payment: Payment) -> tuple[str, str]:
-        return self.inner.sign_refund(payment)
-
-    def refund_status(self, payment: Payment) -> bool | None:
-        return self.inner.refund_status(payment)
-
-    def broadcast_refund(self, payment: Payment) -> bool | None:
-        return self.inner.broadcast_refund(payment)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def __getattr__(self, name: str) -> Any:
-        """Anything else the gateway has (e.g. X402Gateway.settle, for tools and tests)."""
-        return getattr(self.inner, name)
 
 
 def count_chain_errors(role: T, chain: str, source: str, metrics: CoordinatorMetrics) -> T:

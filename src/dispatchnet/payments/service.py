@@ -77,6 +77,53 @@ class PaymentGateway(Protocol):
     def close(self) -> None: ...
 
 
+class WrappingGateway:
+    """A PaymentGateway that wraps another: every method is the inner gateway's, and
+    anything else it has (e.g. X402Gateway.settle, for tools and tests) reads through;
+    subclasses change what they add to (timing, verifying elsewhere)."""
+
+    def __init__(self, inner: PaymentGateway) -> None:
+        self.inner = inner
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def offers(self, price_micros: int, timeout_seconds: int) -> list[Any]:
+        return self.inner.offers(price_micros, timeout_seconds)
+
+    def required_header(
+        self, offers: list[Any], error: str, resource: str, description: str
+    ) -> str:
+        return self.inner.required_header(offers, error, resource, description)
+
+    def parse(self, header: str, offers: list[Any], now: float) -> Payment:
+        return self.inner.parse(header, offers, now)
+
+    def verify(self, payment: Payment) -> None:
+        self.inner.verify(payment)
+
+    def response_header(self, payment: Payment) -> str:
+        return self.inner.response_header(payment)
+
+    def settle_batch(self, payments: list[Payment]) -> dict[str, str | SettlementRefused]:
+        return self.inner.settle_batch(payments)
+
+    def sign_refund(self, payment: Payment) -> tuple[str, str]:
+        return self.inner.sign_refund(payment)
+
+    def refund_status(self, payment: Payment) -> bool | None:
+        return self.inner.refund_status(payment)
+
+    def broadcast_refund(self, payment: Payment) -> bool | None:
+        return self.inner.broadcast_refund(payment)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 class PaymentService(OutboxLoop):
     name = "payment-settler"
     outbox = "settlement"

@@ -23,7 +23,7 @@ from typing import Any
 
 from dispatchnet.coordinator.models import Payment
 from dispatchnet.errors import InvalidArgument, PaymentRequired, Unavailable
-from dispatchnet.payments.service import PaymentGateway, SettlementRefused
+from dispatchnet.payments.service import PaymentGateway, WrappingGateway
 from dispatchnet.profiles import Profile
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def _verify(payment: Payment) -> tuple[str, str, str]:
     return "ok", "", ""
 
 
-class ProcessVerifyingGateway:
+class ProcessVerifyingGateway(WrappingGateway):
     """A PaymentGateway whose verify() runs in child processes; everything else is
     `inner`'s. verify() blocks its (worker) thread until a child answers."""
 
@@ -70,46 +70,15 @@ class ProcessVerifyingGateway:
     ) -> None:
         if processes < 1:
             raise ValueError("verify_processes must be at least 1 to verify in processes")
-        self.inner = inner
+        super().__init__(inner)
         self.profile = profile
         self.data_dir = data_dir
         self.processes = processes
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
-    # everything but verify and close is the inner gateway's
     def describe(self) -> str:
         return f"{self.inner.describe()}; verified in {self.processes} process(es)"
-
-    def offers(self, price_micros: int, timeout_seconds: int) -> list[Any]:
-        return self.inner.offers(price_micros, timeout_seconds)
-
-    def required_header(
-        self, offers: list[Any], error: str, resource: str, description: str
-    ) -> str:
-        return self.inner.required_header(offers, error, resource, description)
-
-    def parse(self, header: str, offers: list[Any], now: float) -> Payment:
-        return self.inner.parse(header, offers, now)
-
-    def response_header(self, payment: Payment) -> str:
-        return self.inner.response_header(payment)
-
-    def settle_batch(self, payments: list[Payment]) -> dict[str, str | SettlementRefused]:
-        return self.inner.settle_batch(payments)
-
-    def sign_refund(self, payment: Payment) -> tuple[str, str]:
-        return self.inner.sign_refund(payment)
-
-    def refund_status(self, payment: Payment) -> bool | None:
-        return self.inner.refund_status(payment)
-
-    def broadcast_refund(self, payment: Payment) -> bool | None:
-        return self.inner.broadcast_refund(payment)
-
-    def __getattr__(self, name: str) -> Any:
-        """Anything else the inner gateway has (e.g. X402Gateway.settle, for tools)."""
-        return getattr(self.inner, name)
 
     def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
         with self._lock:

@@ -39,6 +39,28 @@ class Executor(Protocol):
         ...
 
 
+class WrappingExecutor:
+    """An executor that wraps another: the same tasks, models and takes(); subclasses
+    change run() (a slower device, a lying worker)."""
+
+    def __init__(self, inner: Executor) -> None:
+        self.inner = inner
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.inner.tasks
+
+    @property
+    def llm_models(self) -> list[str]:
+        return self.inner.llm_models
+
+    def takes(self, spec: common_pb2.JobSpec) -> bool:
+        return self.inner.takes(spec)
+
+    async def run(self, spec: common_pb2.JobSpec, progress: Progress) -> TaskOutput:
+        return await self.inner.run(spec, progress)
+
+
 class BuiltinTasks:
     """The deterministic built-in tasks of tasks.py (no LLM, no WebAssembly)."""
 

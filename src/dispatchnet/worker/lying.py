@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 
 from dispatch.v1 import common_pb2
-from dispatchnet.worker.executors import Executor, Progress
+from dispatchnet.worker.executors import Executor, Progress, WrappingExecutor
 from dispatchnet.worker.tasks import TaskOutput
 
 
@@ -37,25 +37,14 @@ def warning(rate: float, who: str) -> str:
     )
 
 
-class LyingExecutor:
+class LyingExecutor(WrappingExecutor):
     """Wraps an executor: runs the job, then returns lie(output) with probability rate."""
 
     def __init__(self, inner: Executor, rate: float, rng: random.Random | None = None) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.rate = check_rate(rate)
         self.rng = rng or random.Random()
         self.lies = 0
-
-    @property
-    def tasks(self) -> list[str]:
-        return self.inner.tasks
-
-    @property
-    def llm_models(self) -> list[str]:
-        return self.inner.llm_models
-
-    def takes(self, spec: common_pb2.JobSpec) -> bool:
-        return self.inner.takes(spec)
 
     async def run(self, spec: common_pb2.JobSpec, progress: Progress) -> TaskOutput:
         out = await self.inner.run(spec, progress)

@@ -40,7 +40,12 @@ from typing import Any
 
 from dispatch.v1 import common_pb2, worker_pb2
 from dispatchnet import keys
-from dispatchnet.worker.executors import Executor, Progress, default_executors
+from dispatchnet.worker.executors import (
+    Executor,
+    Progress,
+    WrappingExecutor,
+    default_executors,
+)
 from dispatchnet.worker.lying import check_rate, lying
 from dispatchnet.worker.runtime import Worker
 from dispatchnet.worker.tasks import TaskOutput
@@ -129,23 +134,12 @@ class Device:
         return (self.speed - 1.0) * max(elapsed, SLOW_BASE_SECONDS)
 
 
-class DeviceExecutor:
+class DeviceExecutor(WrappingExecutor):
     """Wraps an executor: accounts each job to the device and slows it down to its speed."""
 
     def __init__(self, inner: Executor, device: Device) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.device = device
-
-    @property
-    def tasks(self) -> list[str]:
-        return self.inner.tasks
-
-    @property
-    def llm_models(self) -> list[str]:
-        return self.inner.llm_models
-
-    def takes(self, spec: common_pb2.JobSpec) -> bool:
-        return self.inner.takes(spec)
 
     async def run(self, spec: common_pb2.JobSpec, progress: Progress) -> TaskOutput:
         self.device.job_started()
