@@ -939,10 +939,9 @@ class JobService:
         if done is None:
             return False, "stale: the job changed state meanwhile"
         for worker_id, agreed in outcomes:
-            self.reputation.record(worker_id, agreed)
-        for worker_id, agreed in outcomes:
-            # the verdict in the worker's record (the local source stores it; on chain it
-            # is the spotCheck feedback queued with the conclusion above)
+            # the verdict in the worker's record, as the sources count it durably: the
+            # local source's tallies (the run's outcome, counted by the conclusion above,
+            # and the verdict it stores now), on chain the spotCheck feedback queued above
             await self.reputation.record_spot_check(worker_id, agreed)
         for r in t.dissenting:
             log.warning("job %s: worker %s disagreed with the majority of %d runs", job.job_id,

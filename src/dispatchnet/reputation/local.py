@@ -74,6 +74,8 @@ class LocalReputation:
         self._add(worker_id, Evidence(0.0, 1.0, 1.0 if success else 0.0))
 
     async def record_spot_check(self, worker_id: str, agreed: bool) -> None:
-        """Stores the verdict (the worker's day tally), then counts it in memory."""
+        """Stores the verdict (the worker's day tally), then counts it in memory with the
+        run's outcome (a success when it agreed), which the verified job's conclusion
+        counted in the same tallies."""
         await self.store.record_spot_check(worker_id, agreed, self.clock())
-        self._add(worker_id, Evidence(0.0, 0.0, 0.0, float(agreed), float(not agreed)))
+        self._add(worker_id, Evidence(0.0, 1.0, float(agreed), float(agreed), float(not agreed)))
