@@ -25,7 +25,7 @@ from conftest import Cluster, Proc, make_profile, wait_until
 from test_cli import cli_env, failed, ok_json, run
 from test_progress import TEXT, Streamer, Watcher, consecutive
 from test_receipt_batches import holds, proof_of
-from test_store import make_job, queued
+from test_store import SPEC, make_job, queued
 
 from dispatch.v1 import common_pb2, coordinator_pb2
 from dispatchnet.client import task_spec
@@ -34,6 +34,7 @@ from dispatchnet.coordinator.models import (
     Event,
     EventKind,
     JobState,
+    Quote,
     Receipt,
     ReceiptBatch,
     UnbatchedReceipt,
@@ -44,6 +45,7 @@ from dispatchnet.keys import KeyPair
 from dispatchnet.loops import OutboxLoop
 from dispatchnet.receipts.core import verify_receipt_message
 from dispatchnet.server import start_coordinator
+from dispatchnet.store.base import QuoteUsage
 from dispatchnet.store.local_postgres import ROLE, LocalPostgres
 from dispatchnet.store.postgres import SCHEMA_VERSION, open_postgres_store
 from dispatchnet.worker.runtime import Worker
@@ -110,6 +112,26 @@ async def test_coordinators_opening_together_migrate_once(pg_url: str) -> None:
         assert {"jobs", "events", "payments", "payouts", "receipt_batches"} <= tables
     finally:
         await conn.close()
+
+
+async def test_the_quote_total_is_spread_over_rows_and_summed(pg_url: str) -> None:
+    """Every GetQuote counts its quote in the total of quote_usage: kept in several rows
+    (summed when read), so quotes at several coordinators do not all wait for one row's
+    lock; released quotes give their usage back to the row that counted them."""
+    store = await open_postgres_store(pg_url, pool_size=2)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        for n in range(40):
+            await store.put_quote(Quote(f"q_{n}", SPEC, 1, "USD", 1.0, 10.0), f"c{n % 3}", 10)
+        totals = await conn.fetch("SELECT owner FROM quote_usage WHERE owner LIKE '*%'")
+        assert len(totals) > 1
+        assert await store.quote_usage("c0") == (QuoteUsage(14, 140), QuoteUsage(40, 400))
+        assert await store.release_expired_quotes(now=11.0) == 40
+        assert await store.quote_usage("c0") == (QuoteUsage(0, 0), QuoteUsage(0, 0))
+        assert await conn.fetch("SELECT owner FROM quote_usage WHERE quotes <> 0") == []
+    finally:
+        await conn.close()
+        await store.close()
 
 
 async def test_a_newer_schema_refuses_to_open(pg_url: str) -> None:

@@ -313,6 +313,9 @@ async def _v5(c: Conn) -> None:
         await c.execute(f"ALTER TABLE {table} ADD COLUMN recipients {TEXT} NOT NULL DEFAULT ''")
 
 
+# The total of quote_usage is kept in this many rows (see total_shard).
+TOTAL_SHARDS = 8
+
 MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -595,8 +598,9 @@ class PostgresStore:
                     module,
                     quote.created_at,
                 )
-            # the owner's row, then the total's (every writer locks them in this order)
-            for who in (owner, TOTAL_OWNER):
+            # the owner's row, then one of the total's shards (every writer locks owners'
+            # rows before the total's, each kind in order)
+            for who in (owner, total_shard(quote.quote_id)):
                 await c.execute(
                     "INSERT INTO quote_usage VALUES ($1,1,$2) ON CONFLICT (owner) DO UPDATE "
                     "SET quotes = quote_usage.quotes + 1, bytes = quote_usage.bytes + $2",
@@ -624,12 +628,14 @@ class PostgresStore:
     async def quote_usage(self, owner: str) -> tuple[QuoteUsage, QuoteUsage]:
         rows = await self._read(
             lambda c: c.fetch(
-                "SELECT * FROM quote_usage WHERE owner = ANY($1::text[])", [owner, TOTAL_OWNER]
+                "SELECT owner LIKE '*%' AS total, sum(quotes) AS quotes, sum(bytes) AS bytes "
+                "FROM quote_usage WHERE owner = $1 OR owner LIKE '*%' GROUP BY 1",
+                owner,
             )
         )
-        usage = {r["owner"]: QuoteUsage(int(r["quotes"]), int(r["bytes"])) for r in rows}
+        usage = {bool(r["total"]): QuoteUsage(int(r["quotes"]), int(r["bytes"])) for r in rows}
         none = QuoteUsage(0, 0)
-        return usage.get(owner, none), usage.get(TOTAL_OWNER, none)
+        return usage.get(False, none), usage.get(True, none)
 
     async def release_expired_quotes(self, now: float) -> int:
         async def release(c: Conn) -> int:
@@ -640,25 +646,31 @@ class PostgresStore:
                 "WHERE expires_at < $1 AND size > 0 ORDER BY quote_id FOR UPDATE SKIP LOCKED), "
                 "released AS (UPDATE quotes q SET spec_bytes = '\\x'::bytea, size = 0, "
                 "module_sha256 = NULL FROM freed WHERE q.quote_id = freed.quote_id) "
-                "SELECT client_id, count(*) AS n, sum(size) AS b FROM freed "
-                "GROUP BY client_id ORDER BY client_id",
+                "SELECT quote_id, client_id, size FROM freed",
                 now,
             )
             if not freed:
                 return 0
-            n, b = sum(int(r["n"]) for r in freed), sum(int(r["b"]) for r in freed)
-            # owners' rows in order, the total's last (put_quote's order): no deadlock
+            owners: dict[str, list[int]] = {}
+            shards: dict[str, list[int]] = {}
+            for r in freed:
+                for who, into in ((r["client_id"], owners), (total_shard(r["quote_id"]), shards)):
+                    n_b = into.setdefault(who, [0, 0])
+                    n_b[0] += 1
+                    n_b[1] += int(r["size"])
+            # owners' rows in order, then the total's shards in order (put_quote's order:
+            # owners before totals): no deadlock
             await c.executemany(
                 "UPDATE quote_usage SET quotes = quotes - $1, bytes = bytes - $2 WHERE owner = $3",
-                [(int(r["n"]), int(r["b"]), r["client_id"]) for r in freed] + [(n, b, TOTAL_OWNER)],
+                [(n, b, who) for who, (n, b) in sorted(owners.items())]
+                + [(n, b, who) for who, (n, b) in sorted(shards.items())],
             )
             await c.execute(
                 "DELETE FROM quote_usage WHERE owner = ANY($1::text[]) AND quotes <= 0 "
-                "AND owner <> $2",
-                [r["client_id"] for r in freed],
-                TOTAL_OWNER,
+                "AND owner NOT LIKE '*%'",
+                sorted(owners),
             )
-            return n
+            return len(freed)
 
         async def collect_modules(c: Conn) -> None:
             # after every put_quote and create_job in flight has committed (they hold the
@@ -1662,6 +1674,15 @@ async def _count_day(c: Conn, worker_id: str, at: float, column: str) -> None:
         worker_id,
         day_of(at),
     )
+
+
+def total_shard(quote_id: str) -> str:
+    """The quote_usage row of all owners together that counts this quote: one of
+    TOTAL_SHARDS rows ("*0" ...), summed when read, so that GetQuotes at several
+    coordinators do not all wait for one row's lock (a quote counted in the "*" row of an
+    older schema is given back to its shard: the sum stays right)."""
+    digest = hashlib.sha256(quote_id.encode()).digest()
+    return f"{TOTAL_OWNER}{digest[0] % TOTAL_SHARDS}"
 
 
 async def _in_snapshot(c: Conn, op: Callable[[Conn], Awaitable[T]]) -> T:
