@@ -313,8 +313,8 @@ async def _v5(c: Conn) -> None:
         await c.execute(f"ALTER TABLE {table} ADD COLUMN recipients {TEXT} NOT NULL DEFAULT ''")
 
 
-# The total of quote_usage is kept in this many rows (see total_shard).
-TOTAL_SHARDS = 8
+# Each owner's quote_usage, and the total, is kept in this many rows (see total_shard).
+USAGE_SHARDS = 8
 
 MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -598,9 +598,9 @@ class PostgresStore:
                     module,
                     quote.created_at,
                 )
-            # the owner's row, then one of the total's shards (every writer locks owners'
+            # one of the owner's rows, then one of the total's (every writer locks owners'
             # rows before the total's, each kind in order)
-            for who in (owner, total_shard(quote.quote_id)):
+            for who in (owner_shard(owner, quote.quote_id), total_shard(quote.quote_id)):
                 await c.execute(
                     "INSERT INTO quote_usage VALUES ($1,1,$2) ON CONFLICT (owner) DO UPDATE "
                     "SET quotes = quote_usage.quotes + 1, bytes = quote_usage.bytes + $2",
@@ -629,8 +629,10 @@ class PostgresStore:
         rows = await self._read(
             lambda c: c.fetch(
                 "SELECT owner LIKE '*%' AS total, sum(quotes) AS quotes, sum(bytes) AS bytes "
-                "FROM quote_usage WHERE owner = $1 OR owner LIKE '*%' GROUP BY 1",
+                "FROM quote_usage WHERE owner = $1 OR owner LIKE $2 OR owner LIKE '*%' "
+                "GROUP BY 1",
                 owner,
+                owner + "#%",
             )
         )
         usage = {bool(r["total"]): QuoteUsage(int(r["quotes"]), int(r["bytes"])) for r in rows}
@@ -654,7 +656,10 @@ class PostgresStore:
             owners: dict[str, list[int]] = {}
             shards: dict[str, list[int]] = {}
             for r in freed:
-                for who, into in ((r["client_id"], owners), (total_shard(r["quote_id"]), shards)):
+                for who, into in (
+                    (owner_shard(r["client_id"], r["quote_id"]), owners),
+                    (total_shard(r["quote_id"]), shards),
+                ):
                     n_b = into.setdefault(who, [0, 0])
                     n_b[0] += 1
                     n_b[1] += int(r["size"])
@@ -665,9 +670,11 @@ class PostgresStore:
                 [(n, b, who) for who, (n, b) in sorted(owners.items())]
                 + [(n, b, who) for who, (n, b) in sorted(shards.items())],
             )
+            # (a row below zero stays: it gives back what an older schema counted in the
+            # owner's single row, and the sum needs both)
             await c.execute(
-                "DELETE FROM quote_usage WHERE owner = ANY($1::text[]) AND quotes <= 0 "
-                "AND owner NOT LIKE '*%'",
+                "DELETE FROM quote_usage WHERE owner = ANY($1::text[]) AND quotes = 0 "
+                "AND bytes = 0",
                 sorted(owners),
             )
             return len(freed)
@@ -1676,13 +1683,22 @@ async def _count_day(c: Conn, worker_id: str, at: float, column: str) -> None:
     )
 
 
+def _shard(quote_id: str) -> int:
+    return hashlib.sha256(quote_id.encode()).digest()[0] % USAGE_SHARDS
+
+
 def total_shard(quote_id: str) -> str:
     """The quote_usage row of all owners together that counts this quote: one of
-    TOTAL_SHARDS rows ("*0" ...), summed when read, so that GetQuotes at several
+    USAGE_SHARDS rows ("*0" ...), summed when read, so that GetQuotes at several
     coordinators do not all wait for one row's lock (a quote counted in the "*" row of an
     older schema is given back to its shard: the sum stays right)."""
-    digest = hashlib.sha256(quote_id.encode()).digest()
-    return f"{TOTAL_OWNER}{digest[0] % TOTAL_SHARDS}"
+    return f"{TOTAL_OWNER}{_shard(quote_id)}"
+
+
+def owner_shard(owner: str, quote_id: str) -> str:
+    """The owner's quote_usage row that counts this quote: "<owner>#0" ... (client ids
+    are hex, the anonymous owner ""), summed when read, for the same reason."""
+    return f"{owner}#{_shard(quote_id)}"
 
 
 async def _in_snapshot(c: Conn, op: Callable[[Conn], Awaitable[T]]) -> T:
