@@ -180,7 +180,10 @@ async def test_demo_runs_all_scenarios_on_both_chains(
     assert re.search(
         rf"liar +agent #{liar[1]}: entry #1 by 0x\w+…\w+ in block \d+: spotCheck 0", step
     )
-    assert len(re.findall(r"getSummary\(spotCheck\) -> 1 entry, average 100", step)) == 2
+    # the two who agreed (an honest worker also rated by an earlier verify=3 job, one the
+    # liar was not picked for, has more than one entry)
+    agreed = re.findall(r"getSummary\(spotCheck\) -> \d+ entr(?:y|ies), average 100\n", step)
+    assert len(agreed) == 2, step
     assert re.search(rf"liar +agent #{liar[1]}: score 0\.30 -> 0\.01 on chain", step)
     assert "ListWorkers 0.01, below a new agent's 0.3" in step
     assert "A lying worker outvoted (shown on the EVM track)" in solana
