@@ -221,8 +221,15 @@ async def test_a_lying_worker_is_outvoted_and_scored_down(cluster: Cluster) -> N
     assert cluster.db.worker_stats(liar.key.public_hex) == (0, 1)
     rep = cluster.coord.jobs.reputation
     # in the minority once: far below a new worker (the prior); the honest ones above it
-    await wait_until(lambda: rep.score(liar.key.public_hex) < 0.1, 10, "the liar scored down")
-    assert all(rep.score(w.key.public_hex) > rep.params.prior for w in honest)
+    # (each verdict is stored, then counted in memory, after the job completes)
+    await wait_until(
+        lambda: (
+            rep.score(liar.key.public_hex) < 0.1
+            and all(rep.score(w.key.public_hex) > rep.params.prior for w in honest)
+        ),
+        10,
+        "the liar scored down, the honest ones up",
+    )
 
 
 async def test_verify_is_refused_for_llm_private_and_too_many_runs(cluster: Cluster) -> None:
