@@ -783,18 +783,23 @@ class JobService:
                 "offer_lease_expired" if job.state is JobState.OFFERED else "time_limit_exceeded"
             )
             await self.requeue(job, reason, tell_worker=True)
-        if self.verification.spot_check_rate > 0:
-            wait = self.verification.spot_check_wait_seconds
-            for job in await self.store.stale_queued(now - wait):
-                if job.verify_mode == VERIFY_SPOT_CHECK and job.verify_seen:
-                    await self._no_independent_worker(job, wait)  # no checker came
-        for job in await self.store.stale_queued(now - self.cfg.queue_timeout_seconds):
+        timeout = self.cfg.queue_timeout_seconds
+        # a spot check waits for its checker a shorter time than a job waits for a worker:
+        # one read of the queue with the shorter cutoff serves both
+        check_wait = self.verification.spot_check_wait_seconds
+        spot_checks = self.verification.spot_check_rate > 0 and check_wait < timeout
+        for job in await self.store.stale_queued(now - (check_wait if spot_checks else timeout)):
+            if job.verify_mode == VERIFY_SPOT_CHECK and job.verify_seen and spot_checks:
+                await self._no_independent_worker(job, check_wait)  # no checker came
+                continue
+            if job.queued_at >= now - timeout:
+                continue  # still within the queue timeout
             if job.verify_seen:  # runs are in: no independent worker came for the next
-                await self._no_independent_worker(job, self.cfg.queue_timeout_seconds)
+                await self._no_independent_worker(job, timeout)
                 continue
             failure = Failure(
                 "no_eligible_worker",
-                f"no eligible worker took the job within {self.cfg.queue_timeout_seconds:g}s",
+                f"no eligible worker took the job within {timeout:g}s",
             )
             await self._move(
                 job,
