@@ -18,6 +18,7 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
         "raw unary, 64 callers",
         "raw unary, 1 caller",
         "raw bidi round trips, 100 streams",
+        "raw bidi round trips, 1 stream",
         "unpaid job end to end, 1 submitter",
         "unpaid jobs, 8 submitters",
         "health Check before the hold, 1 caller",
@@ -38,6 +39,14 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
             out,
         )
     assert re.search(r"settled (\d+) of \1 in", out), out
+    # where a job's CPU goes, beside what its messages cost at the raw rate
+    assert re.search(r"CPU ms \(server \+ this process\): [\d.]+ per unary RPC", out), out
+    for run in ("unpaid jobs, 8 submitters", "paid jobs, 16 submitters"):
+        assert re.search(
+            rf"CPU ms per job \({re.escape(run)}\): [\d.]+ \(this process [\d.]+, "
+            r"coordinator\S* [\d.]+, worker0 [\d.]+, worker1 [\d.]+\)",
+            out,
+        ), out
     # nothing submitted while another process held the write lock is lost
     assert re.search(r"lock held [\d.]+s; ([1-9]\d*) of \1 jobs submitted during the hold", out), (
         out
@@ -76,6 +85,9 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
         r"[\d,]+/s +[\d.]+ +none",
         summary,
     ), summary
+    assert re.search(r"raw-cost ceiling here: [\d.]+\)", summary), summary
+    assert re.search(r"raw-cost floor here: [\d.]+\)", summary), summary
+    assert re.search(r"CPU per trivial job, all processes .* [\d.]+ ms +[\d.]+ +none", summary)
     assert re.search(r"^  128 progress events, \d+ events, \d+ durable rows$", out, re.M), out
     assert len(re.findall(r"^  \S.*\s[\d.]+\s+(>=|<=|diff)", summary, re.M)) == 12, summary
     assert "burst jobs/s, 60 / 50 connected seekers" in summary
