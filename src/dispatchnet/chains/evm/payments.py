@@ -25,8 +25,8 @@ from eth_utils.abi import (
 from hexbytes import HexBytes
 from web3 import Web3
 from web3._utils.error_formatters_utils import raise_contract_logic_error_on_revert
+from web3._utils.transactions import fill_transaction_defaults
 from web3.exceptions import TransactionNotFound, Web3RPCError
-from web3.logs import DISCARD
 from web3.types import RPCEndpoint
 from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.types import TransactionReceipt
@@ -355,15 +355,16 @@ class Authorization:
     def key(self) -> tuple[str, str]:
         return self.payer.lower(), self.nonce.lower()
 
-    def as_tuple(self) -> tuple[Any, ...]:
+    def as_abi(self) -> tuple[Any, ...]:
+        """As eth_abi encodes the BatchSettler's Authorization struct."""
         return (
-            Web3.to_checksum_address(self.payer),
-            Web3.to_checksum_address(self.to),
+            self.payer.lower(),
+            self.to.lower(),
             self.value,
             self.valid_after,
             self.valid_before,
-            HexBytes(self.nonce),
-            HexBytes(self.signature),
+            bytes(HexBytes(self.nonce)),
+            bytes(HexBytes(self.signature)),
         )
 
 
@@ -393,21 +394,33 @@ class EvmBatchSettler:
         self.sender = sender
         self.per_payment_gas = per_payment_gas
         self.tx_timeout = tx_timeout
-        w3 = sender.w3
-        self.contract = w3.eth.contract(
-            address=Web3.to_checksum_address(address), abi=load_artifact("BatchSettler").abi
-        )
+        self.address = Web3.to_checksum_address(address)
+        # Encoded with eth_abi and sent as bare requests: web3's contract layer normalises
+        # every address of a batch through a checksum (a keccak each), which cost more CPU
+        # than the rest of a settlement pass together.
+        abi = load_artifact("BatchSettler").abi
+        self._settle = _AbiFunction.of(abi, "settle")
+        self._states = _AbiFunction.of(abi, "authorizationStates")
+
+    def _call(self, fn: _AbiFunction, *args: Any) -> Any:
+        call = {"from": self.sender.address, "to": self.address, "data": fn.calldata(*args)}
+        response = self.sender.w3.provider.make_request(RPCEndpoint("eth_call"), [call, "latest"])
+        if response.get("error") is not None:
+            raise_contract_logic_error_on_revert(response)
+            raise Web3RPCError(str(response["error"]), rpc_response=response)
+        return fn.result(HexBytes(response["result"]))
 
     def used(self, asset: str, auths: list[Authorization]) -> list[bool]:
         """Whether each authorization is used (or cancelled) on chain, in one call."""
         try:
             return [
                 bool(u)
-                for u in self.contract.functions.authorizationStates(
-                    Web3.to_checksum_address(asset),
-                    [Web3.to_checksum_address(a.payer) for a in auths],
+                for u in self._call(
+                    self._states,
+                    asset.lower(),
+                    [a.payer.lower() for a in auths],
                     [HexBytes(a.nonce) for a in auths],
-                ).call()
+                )
             ]
         except TRANSIENT as e:
             raise Unavailable(f"chain node unreachable: {_brief(e)}") from e
@@ -416,23 +429,23 @@ class EvmBatchSettler:
         """One transaction for every authorization the token takes now. Unavailable on
         node trouble, a transaction not mined in time, or a reverted batch (nothing moved:
         retry)."""
-        token = Web3.to_checksum_address(asset)
+        token = asset.lower()
         w3 = self.sender.w3
         try:
-            ok = self.contract.functions.settle(token, [a.as_tuple() for a in auths]).call(
-                {"from": self.sender.address}
-            )
+            ok = self._call(self._settle, token, [a.as_abi() for a in auths])
             send = [a for a, good in zip(auths, ok, strict=True) if good]
             refused = frozenset(a.key for a, good in zip(auths, ok, strict=True) if not good)
             if not send:
                 return BatchOutcome("", frozenset(), refused)
-            fn = self.contract.functions.settle(token, [a.as_tuple() for a in send])
+            tx = _Transaction(
+                w3, self.address, self._settle.calldata(token, [a.as_abi() for a in send])
+            )
             # Not an estimate: the batch catches each transfer's failure, so the node's
             # estimate is the least gas at which the batch *succeeds*, even when every
             # transfer inside it then runs out of gas.
             gas = self.per_payment_gas * len(send) + BATCH_BASE_GAS
             with self.sender.lock:
-                tx_hash = self.sender.send(fn, gas)
+                tx_hash = self.sender.send(tx, gas)
             receipt = w3.eth.wait_for_transaction_receipt(
                 HexBytes(tx_hash), timeout=self.tx_timeout, poll_latency=0.05
             )
@@ -443,16 +456,67 @@ class EvmBatchSettler:
                 f"batch settlement {_hex(tx_hash)} reverted (gas used {receipt['gasUsed']} of "
                 f"{gas}); nothing moved, retrying"
             )
-        events = (
-            w3.eth.contract(address=token, abi=TOKEN_ABI)
-            .events.AuthorizationUsed()
-            .process_receipt(receipt, errors=DISCARD)
+        return BatchOutcome(_hex(tx_hash), authorizations_used(receipt, token), refused)
+
+
+AUTHORIZATION_USED_TOPIC = Web3.keccak(text="AuthorizationUsed(address,bytes32)")
+
+
+def authorizations_used(receipt: Any, token: str) -> frozenset[tuple[str, str]]:
+    """(authorizer, nonce), lower-case 0x hex, of every AuthorizationUsed event the token
+    logged in the transaction (both are indexed: topics 1 and 2)."""
+    used = set()
+    for log_entry in receipt["logs"]:
+        topics = log_entry["topics"]
+        if (
+            str(log_entry["address"]).lower() == token.lower()
+            and len(topics) == 3
+            and HexBytes(topics[0]) == AUTHORIZATION_USED_TOPIC
+        ):
+            authorizer = "0x" + HexBytes(topics[1])[-20:].hex()
+            used.add((authorizer.lower(), _hex(HexBytes(topics[2])).lower()))
+    return frozenset(used)
+
+
+@dataclass(frozen=True)
+class _AbiFunction:
+    """One contract function's selector and types, for eth_abi."""
+
+    selector: bytes
+    inputs: list[str]
+    outputs: list[str]
+
+    @classmethod
+    def of(cls, abi: list[dict[str, Any]], name: str) -> _AbiFunction:
+        [element] = [
+            cast(ABIFunction, e) for e in abi if e.get("type") == "function" and e["name"] == name
+        ]
+        return cls(
+            function_abi_to_4byte_selector(element),
+            list(get_abi_input_types(element)),
+            list(get_abi_output_types(element)),
         )
-        settled = frozenset(
-            (str(ev["args"]["authorizer"]).lower(), _hex(ev["args"]["nonce"]).lower())
-            for ev in events
-        )
-        return BatchOutcome(_hex(tx_hash), settled, refused)
+
+    def calldata(self, *args: Any) -> str:
+        return "0x" + (self.selector + abi_encode(self.inputs, list(args))).hex()
+
+    def result(self, data: bytes) -> Any:
+        values = abi_decode(self.outputs, data)
+        return values[0] if len(values) == 1 else list(values)
+
+
+@dataclass(frozen=True)
+class _Transaction:
+    """A contract call already encoded, as EvmSender.send takes it (build_transaction
+    fills the fees and defaults as web3's contract functions do)."""
+
+    w3: Web3
+    to: str
+    data: str
+
+    def build_transaction(self, tx: dict[str, Any]) -> dict[str, Any]:
+        full = {**tx, "to": self.to, "data": self.data, "value": 0}
+        return dict(fill_transaction_defaults(self.w3, full))
 
 
 def token_info(w3: Web3, asset: str) -> tuple[str, str, int]:
