@@ -48,6 +48,7 @@ log = logging.getLogger("dispatch.payments")
 
 COMMIT_RESOURCE = "grpc:///dispatch.v1.CoordinatorService/CommitJob"
 PAGE = 100
+OFFERS_KEPT = 256  # prices whose payment requirements are kept (see PaymentService.offers)
 
 
 class SettlementRefused(Exception):
@@ -151,6 +152,7 @@ class PaymentService(OutboxLoop):
         self.jobs_cfg = jobs_cfg
         # job_id -> when its payment was first seen due for settlement (batching window)
         self._due_since: dict[str, float] = {}
+        self._offers: dict[tuple[int, int], list[Any]] = {}  # (price, timeout) -> offers
         jobs.final_listeners.append(self.job_final)
 
     async def stop(self) -> None:
@@ -169,9 +171,17 @@ class PaymentService(OutboxLoop):
         )
 
     async def offers(self, quote: Quote) -> list[Any]:
-        return await asyncio.to_thread(
-            self.gateway.offers, quote.price_micros, self.timeout_seconds()
-        )
+        """The quote's payment requirements. They depend on its price and this
+        coordinator's configuration only, so each price's are built once (on a thread: the
+        first may read the token's metadata from the chain) and kept (OFFERS_KEPT prices)."""
+        key = (quote.price_micros, self.timeout_seconds())
+        offers = self._offers.get(key)
+        if offers is None:
+            offers = await asyncio.to_thread(self.gateway.offers, *key)
+            if len(self._offers) >= OFFERS_KEPT:
+                self._offers.clear()
+            self._offers[key] = offers
+        return offers
 
     def refusal(
         self, quote: Quote, offers: list[Any], message: str, reason: str
