@@ -322,3 +322,54 @@ def test_error_messages_quote_a_short_prefix_of_caller_input() -> None:
     long = quoted("y" * 10**6)
     assert long.startswith("'yyyy") and long.endswith("… (1000000 characters)")
     assert len(long) < 80
+
+
+async def test_the_edge_wraps_each_method_once_and_checks_every_call() -> None:
+    """The edge's wrapper of a method is built once and reused; each call is still
+    authenticated on its own (a token on one call does not carry over to the next)."""
+    from types import SimpleNamespace
+
+    from dispatchnet.api.edge import EdgeInterceptor, caller
+
+    seen: list[str] = []
+
+    async def get_job(request: Any, context: Any) -> Any:
+        seen.append(caller().id)
+        return coordinator_pb2.GetJobResponse()
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        get_job,
+        coordinator_pb2.GetJobRequest.FromString,
+        coordinator_pb2.GetJobResponse.SerializeToString,
+    )
+    edge = EdgeInterceptor(3600)
+    details = SimpleNamespace(method="/dispatch.v1.CoordinatorService/GetJob")
+
+    async def continuation(_details: Any) -> Any:
+        return handler
+
+    first = await edge.intercept_service(continuation, details)
+    assert await edge.intercept_service(continuation, details) is first
+
+    class Context:
+        def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+            self.metadata, self.aborted = metadata, None
+
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return self.metadata
+
+        async def abort(self, code: Any, message: str, trailing_metadata: Any = ()) -> None:
+            self.aborted = (code, message)
+            raise grpc.aio.AbortError()
+
+    key = KeyPair.generate()
+    signed = Context(((tokens.METADATA_KEY, tokens.metadata_value(key)),))
+    request = coordinator_pb2.GetJobRequest(job_id="j")
+    for _ in range(2):
+        await asyncio.create_task(first.unary_unary(request, signed))
+    assert seen == [key.public_hex] * 2
+    anonymous = Context(())
+    with pytest.raises(grpc.aio.AbortError):
+        await asyncio.create_task(first.unary_unary(request, anonymous))
+    assert anonymous.aborted is not None
+    assert anonymous.aborted[0] == grpc.StatusCode.UNAUTHENTICATED and len(seen) == 2

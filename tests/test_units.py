@@ -357,6 +357,22 @@ def test_a_cached_token_is_verified_once_until_it_expires(signature_checks: list
     assert len(signature_checks) == 1 and len(cache) == 0
 
 
+def test_a_cached_header_value_still_checks_expiry_and_lifetime(
+    signature_checks: list[bytes],
+) -> None:
+    key, cache = KeyPair.generate(), TokenCache()
+    token = _header(make_token(key, 300, now=NOW))
+    assert verify_header(token, 3600, now=NOW, cache=cache).id == key.public_hex
+    assert token in cache.values  # the same value next time is not decoded again
+    with pytest.raises(Unauthenticated, match="lifetime"):
+        verify_header(token, 100, now=NOW, cache=cache)  # a stricter limit still applies
+    with pytest.raises(Unauthenticated, match="expired"):
+        verify_header(token, 3600, now=NOW + 301, cache=cache)
+    with pytest.raises(Unauthenticated, match="expired"):
+        verify_header(token, 3600, now=NOW + 302, cache=cache)
+    assert len(signature_checks) == 1
+
+
 def test_a_forged_token_is_never_cached(signature_checks: list[bytes]) -> None:
     key, other, cache = KeyPair.generate(), KeyPair.generate(), TokenCache()
     good = make_token(key, 300, now=NOW).split(".")

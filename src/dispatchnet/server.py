@@ -26,7 +26,7 @@ from dispatchnet import keys
 from dispatchnet.agent_identity import IdentityVerifier
 from dispatchnet.api import reflection
 from dispatchnet.api.convert import WASM_TASK
-from dispatchnet.api.edge import AuthInterceptor, DecodeInterceptor, ErrorInterceptor
+from dispatchnet.api.edge import EdgeInterceptor
 from dispatchnet.api.servicers import (
     CoordinatorServicer,
     ReceiptServicer,
@@ -246,9 +246,7 @@ async def start_coordinator(
     trimmer = MemoryTrimmer()
     interceptors: list[Any] = [
         *([tracing.server_interceptor(tracer_provider)] if tracer_provider is not None else []),
-        DecodeInterceptor(trimmer=trimmer),
-        ErrorInterceptor(),
-        AuthInterceptor(profile.auth.max_token_ttl_seconds),
+        EdgeInterceptor(profile.auth.max_token_ttl_seconds, trimmer=trimmer),
     ]
     if payments is not None:
         interceptors.append(PaymentInterceptor(payments))

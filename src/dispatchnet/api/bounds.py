@@ -1,8 +1,8 @@
 """Length limits of the ids clients send (dispatchnet.protocol; documented on each field in
 proto/dispatch/v1/*.proto), checked before anything looks an id up.
 
-The edge (api/edge.py, DecodeInterceptor) runs `oversized_id` on every request message, so
-no servicer, domain call or store lookup ever sees a multi-MiB id.
+The edge (api/edge.py, EdgeInterceptor) runs `oversized_id` on every request message of a
+type that has such ids, so no servicer, domain call or store lookup ever sees a multi-MiB id.
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ def _plan(descriptor: Descriptor, visiting: frozenset[str] = frozenset()) -> Pla
         and any(_plan(fd.message_type, inner))
     )
     return checks, children
+
+
+def has_limits(descriptor: Descriptor) -> bool:
+    """Whether messages of this type can hold a bounded id (else oversized_id is None)."""
+    return any(_plan(descriptor))
 
 
 def oversized_id(msg: Message, prefix: str = "") -> str | None:

@@ -1,19 +1,26 @@
-"""The gRPC edge: one exception-to-status mapping and client authentication, as interceptors.
+"""The gRPC edge: one interceptor doing, in one wrapper per call, what every RPC needs
+before and around its servicer.
 
-DecodeInterceptor (first) makes every method answer INVALID_ARGUMENT to bytes that do not
-parse as its request type (grpc.aio decodes before any interceptor runs, and would answer
-UNKNOWN with a traceback per request), logging at most one line per DECODE_LOG_SECONDS,
-and to client ids over their limits (api/bounds.py) before anything looks them up.
-ErrorInterceptor (next) turns typed domain errors into their status codes and reports
-anything unexpected as INTERNAL without a traceback. Requests carrying fields this server
-does not know are served (protobuf's forward compatibility: unknown fields are ignored).
-AuthInterceptor checks the `authorization` metadata on every method that is not public (and
-on GetQuote when it is sent) and makes the caller available through `caller()` /
-`optional_caller()`.
+EdgeInterceptor, in this order:
+- decoding: every method answers INVALID_ARGUMENT to bytes that do not parse as its
+  request type (grpc.aio decodes before any interceptor runs, and would answer UNKNOWN
+  with a traceback per request), logging at most one line per DECODE_LOG_SECONDS, and to
+  client ids over their limits (api/bounds.py) before anything looks them up;
+- authentication: the `authorization` metadata is checked on every method that is not
+  public (and on GetQuote when it is sent), and the caller is available through
+  `caller()` / `optional_caller()` (and in the log context as client_id);
+- the one error mapping: typed domain errors become their status codes, anything
+  unexpected is INTERNAL without a traceback.
+Requests carrying fields this server does not know are served (protobuf's forward
+compatibility: unknown fields are ignored).
+
+The wrapper of a method is built once and reused for every call, and a streamed response
+passes through one generator layer (not one per concern).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import time
@@ -21,10 +28,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from grpc_interceptor.server import AsyncServerInterceptor
 
 from dispatchnet import errors
-from dispatchnet.api.bounds import oversized_id
+from dispatchnet.api.bounds import has_limits, oversized_id
 from dispatchnet.auth.tokens import METADATA_KEY, Caller, TokenCache, verify_header
 from dispatchnet.memory import MemoryTrimmer
 from dispatchnet.observability import logs
@@ -118,115 +124,6 @@ class Undecodable:
 
 
 UNDECODABLE = Undecodable()
-
-
-class DecodeInterceptor(grpc.aio.ServerInterceptor):
-    """Checks every request message, unary or streamed, before any other code sees it:
-    bytes that are not a valid request get INVALID_ARGUMENT "request is not a valid <type>
-    message" (its request deserializer is wrapped), and an id over its limit (api/bounds.py)
-    gets INVALID_ARGUMENT naming the field. A bad message mid-stream ends the stream.
-    Each request's size goes to `trimmer` (memory.py), which returns memory to the OS
-    after big ones; errors leave with their tracebacks cut (see _cut)."""
-
-    def __init__(
-        self, log_interval: float = DECODE_LOG_SECONDS, trimmer: MemoryTrimmer | None = None
-    ) -> None:
-        self.log = RateLimitedLog(log, log_interval)
-        self.trimmer = trimmer
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        method_name = handler_call_details.method
-        deserialize = handler.request_deserializer
-        cls = getattr(deserialize, "__self__", None)
-        descriptor = getattr(cls, "DESCRIPTOR", None)
-        type_name = str(getattr(descriptor, "full_name", "request"))
-
-        def safe_deserialize(data: bytes) -> Any:
-            if self.trimmer is not None:
-                self.trimmer.saw(len(data))
-            try:
-                return deserialize(data)
-            except Exception:
-                return UNDECODABLE
-
-        def problem_of(request: Any) -> str | None:
-            """Why the request is refused (undecodable, an oversized id), or None."""
-            if isinstance(request, Undecodable):
-                self.log.warning("refused an undecodable %s on %s", type_name, method_name)
-                return f"request is not a valid {type_name} message"
-            return oversized_id(request)
-
-        async def checked(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-            async for request in requests:
-                problem = problem_of(request)
-                if problem is not None:
-                    del request  # see _cut
-                    await context.abort(INVALID, problem)
-                yield request
-
-        def replaced(**behaviour: Any) -> Any:
-            return handler._replace(request_deserializer=safe_deserialize, **behaviour)
-
-        if handler.request_streaming and handler.response_streaming:
-            inner = handler.stream_stream
-
-            async def stream_stream(requests: AsyncIterator[Any], context: Context) -> Any:
-                try:
-                    async for r in inner(checked(requests, context), context):
-                        yield r
-                except BaseException as e:
-                    raise _cut(e) from None
-
-            return replaced(stream_stream=stream_stream)
-        if handler.request_streaming:
-            inner = handler.stream_unary
-
-            async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
-                try:
-                    return await inner(checked(requests, context), context)
-                except BaseException as e:
-                    raise _cut(e) from None
-
-            return replaced(stream_unary=stream_unary)
-        if handler.response_streaming:
-            inner = handler.unary_stream
-
-            async def unary_stream(request: Any, context: Context) -> Any:
-                problem = problem_of(request)
-                if problem is not None:
-                    del request
-                    await context.abort(INVALID, problem)
-                try:
-                    async for r in inner(request, context):
-                        yield r
-                except BaseException as e:
-                    del request
-                    raise _cut(e) from None
-
-            return replaced(unary_stream=unary_stream)
-        inner = handler.unary_unary
-
-        async def unary_unary(request: Any, context: Context) -> Any:
-            problem = problem_of(request)
-            if problem is not None:
-                del request
-                await context.abort(INVALID, problem)
-            try:
-                return await inner(request, context)
-            except BaseException as e:
-                del request
-                raise _cut(e) from None
-
-        return replaced(unary_unary=unary_unary)
-
-
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -239,75 +136,194 @@ def _cut(e: BaseException) -> BaseException:
     return e.with_traceback(None)
 
 
-class ErrorInterceptor(AsyncServerInterceptor):
-    async def intercept(
-        self, method: Handler, request: Any, context: Context, method_name: str
-    ) -> Any:
-        response = method(request, context)
-        if hasattr(response, "__aiter__"):
-            return self._stream(response, context)
-        try:
-            return await response
-        except (grpc.aio.AbortError, grpc.RpcError):
-            raise
-        except Exception as e:
-            # read here: a local holding e would make a cycle (e -> traceback -> this frame)
-            code, message = status_for(e)
-            trailers = trailers_for(e)
-        del request, response
-        await context.abort(code, message, trailing_metadata=trailers)
-
-    async def _stream(self, response: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-        try:
-            async for item in response:
-                yield item
-            return
-        except (grpc.aio.AbortError, grpc.RpcError):
-            raise
-        except Exception as e:
-            code, message = status_for(e)  # no local keeps e (see intercept)
-        del response
-        await context.abort(code, message)
+Status = tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]
 
 
-class AuthInterceptor(AsyncServerInterceptor):
-    def __init__(self, max_token_ttl_seconds: int) -> None:
+def _status(e: BaseException, trailers: bool) -> Status:
+    """The status an error ends its RPC with (a streamed response carries no trailers).
+    Read inside the except clause: a local holding e would make a cycle (e -> traceback ->
+    the frame holding it)."""
+    code, message = status_for(e)
+    return code, message, trailers_for(e) if trailers else ()
+
+
+class EdgeInterceptor(grpc.aio.ServerInterceptor):
+    """Decode check, authentication and error mapping of every RPC (see the module's
+    docstring), as one wrapper around each method's handler.
+
+    Decoding: bytes that are not a valid request get INVALID_ARGUMENT "request is not a
+    valid <type> message" (the request deserializer is wrapped), and an id over its limit
+    (api/bounds.py) gets INVALID_ARGUMENT naming the field. A bad message mid-stream ends
+    the stream. Each request's size goes to `trimmer` (memory.py), which returns memory to
+    the OS after big ones; errors leave with their tracebacks cut (see _cut)."""
+
+    def __init__(
+        self,
+        max_token_ttl_seconds: int,
+        log_interval: float = DECODE_LOG_SECONDS,
+        trimmer: MemoryTrimmer | None = None,
+    ) -> None:
         self.max_ttl = max_token_ttl_seconds
         self.tokens = TokenCache()  # one signature check per token, not per call
+        self.log = RateLimitedLog(log, log_interval)
+        self.trimmer = trimmer
+        # method -> (the handler it wrapped, the wrapper): built once per method
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
-    def _authenticate(self, context: Context, method_name: str) -> Caller | None:
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def authenticate(self, context: Context, method_name: str) -> Caller | None:
+        """The caller of a method that is not public (None for a public one, or for an
+        optional-auth one called without a token); raises Unauthenticated."""
         if method_name in PUBLIC_METHODS or method_name.startswith(PUBLIC_PREFIXES):
             return None
-        values = [v for k, v in (context.invocation_metadata() or ()) if k == METADATA_KEY]
-        if not values:
-            if method_name in OPTIONAL_AUTH_METHODS:
-                return None
-            raise errors.Unauthenticated(
-                f"{method_name} needs '{METADATA_KEY}: Dispatch <token>' metadata; "
-                "`dispatch auth header` prints one"
-            )
-        return verify_header(str(values[0]), self.max_ttl, cache=self.tokens)
+        for k, v in context.invocation_metadata() or ():
+            if k == METADATA_KEY:
+                return verify_header(str(v), self.max_ttl, cache=self.tokens)
+        if method_name in OPTIONAL_AUTH_METHODS:
+            return None
+        raise errors.Unauthenticated(
+            f"{method_name} needs '{METADATA_KEY}: Dispatch <token>' metadata; "
+            "`dispatch auth header` prints one"
+        )
 
-    async def intercept(
-        self, method: Handler, request: Any, context: Context, method_name: str
-    ) -> Any:
-        who = self._authenticate(context, method_name)
-        token = _caller.set(who)
-        log_token = logs.bind(client_id=who.id) if who is not None else None
-        try:
-            response = method(request, context)
-            if hasattr(response, "__aiter__"):
-                return self._stream(response, who)
-            return await response
-        finally:
-            _caller.reset(token)
-            if log_token is not None:
-                logs.reset(log_token)
+    def _wrap(self, handler: Any, method_name: str) -> Any:
+        deserialize = handler.request_deserializer
+        decoding = deserialize is not None
+        cls = getattr(deserialize, "__self__", None)
+        descriptor = getattr(cls, "DESCRIPTOR", None)
+        type_name = str(getattr(descriptor, "full_name", "request"))
+        # ids are looked at only in the request types that have bounded ones
+        limited = descriptor is None or has_limits(descriptor)
+        public = method_name in PUBLIC_METHODS or method_name.startswith(PUBLIC_PREFIXES)
+        authenticate = self.authenticate
+        trimmer, rate_log = self.trimmer, self.log
 
-    async def _stream(self, response: AsyncIterator[Any], who: Caller | None) -> AsyncIterator[Any]:
-        # The generator runs in the RPC's own task; its context ends with the RPC.
-        _caller.set(who)
-        if who is not None:
-            logs.bind(client_id=who.id)
-        async for item in response:
-            yield item
+        def safe_deserialize(data: bytes) -> Any:
+            if trimmer is not None:
+                trimmer.saw(len(data))
+            try:
+                return deserialize(data)
+            except Exception:
+                return UNDECODABLE
+
+        def problem_of(request: Any) -> str | None:
+            """Why the request is refused (undecodable, an oversized id), or None."""
+            if request is UNDECODABLE:
+                rate_log.warning("refused an undecodable %s on %s", type_name, method_name)
+                return f"request is not a valid {type_name} message"
+            return oversized_id(request) if limited else None
+
+        def enter(context: Context) -> None:
+            # Each RPC runs in its own task: what is set here ends with the RPC.
+            who = None if public else authenticate(context, method_name)
+            _caller.set(who)
+            if who is not None:
+                logs.bind(client_id=who.id)
+
+        async def checked(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+            async for request in requests:
+                if request is UNDECODABLE or limited:
+                    problem = problem_of(request)
+                    if problem is not None:
+                        del request  # see _cut
+                        await context.abort(INVALID, problem)
+                yield request
+
+        async def refuse(context: Context, status: Status) -> None:
+            try:
+                await context.abort(status[0], status[1], trailing_metadata=status[2])
+            except BaseException as aborted:
+                raise _cut(aborted) from None
+
+        if handler.request_streaming or handler.response_streaming:
+            if handler.request_streaming and handler.response_streaming:
+                inner_ss = handler.stream_stream
+
+                def start(request: Any, context: Context) -> Any:
+                    return inner_ss(checked(request, context) if decoding else request, context)
+            elif handler.request_streaming:
+                inner_su = handler.stream_unary
+
+                async def stream_unary(requests: Any, context: Context) -> Any:
+                    try:
+                        enter(context)
+                        return await inner_su(
+                            checked(requests, context) if decoding else requests, context
+                        )
+                    except (grpc.aio.AbortError, grpc.RpcError, asyncio.CancelledError) as e:
+                        raise _cut(e) from None
+                    except Exception as e:
+                        status = _status(e, trailers=True)  # no local keeps e (see _status)
+                    await refuse(context, status)
+
+                return self._replace(handler, decoding, safe_deserialize, stream_unary=stream_unary)
+            else:
+                inner_us = handler.unary_stream
+
+                def start(request: Any, context: Context) -> Any:
+                    return inner_us(request, context)
+
+            async def streamed(request: Any, context: Context) -> Any:
+                if decoding and not handler.request_streaming:
+                    problem = problem_of(request)
+                    if problem is not None:
+                        del request
+                        await context.abort(INVALID, problem)
+                try:
+                    enter(context)
+                    async for r in start(request, context):
+                        yield r
+                    return
+                except (grpc.aio.AbortError, grpc.RpcError, asyncio.CancelledError) as e:
+                    del request
+                    raise _cut(e) from None
+                except Exception as e:
+                    status = _status(e, trailers=False)  # no local keeps e (see _status)
+                del request
+                await refuse(context, status)
+
+            if handler.request_streaming:
+                return self._replace(handler, decoding, safe_deserialize, stream_stream=streamed)
+            return self._replace(handler, decoding, safe_deserialize, unary_stream=streamed)
+
+        inner = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Context) -> Any:
+            if decoding and (request is UNDECODABLE or limited):
+                problem = problem_of(request)
+                if problem is not None:
+                    del request
+                    await context.abort(INVALID, problem)
+            try:
+                enter(context)
+                return await inner(request, context)
+            except (grpc.aio.AbortError, grpc.RpcError, asyncio.CancelledError) as e:
+                del request
+                raise _cut(e) from None
+            except Exception as e:
+                status = _status(e, trailers=True)  # no local keeps e (see _status)
+            del request
+            await refuse(context, status)
+
+        return self._replace(handler, decoding, safe_deserialize, unary_unary=unary_unary)
+
+    @staticmethod
+    def _replace(handler: Any, decoding: bool, deserialize: Any, **behaviour: Any) -> Any:
+        if decoding:
+            behaviour["request_deserializer"] = deserialize
+        return handler._replace(**behaviour)

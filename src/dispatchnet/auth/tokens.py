@@ -76,6 +76,16 @@ class TokenCache:
     def __init__(self, size: int = TOKEN_CACHE_SIZE) -> None:
         self.size = size
         self._verified: OrderedDict[tuple[bytes, int, bytes], None] = OrderedDict()
+        # the exact `authorization` values that verified -> (caller, expiry, key): the same
+        # value again is known without decoding it while its key is cached (the expiry and
+        # the lifetime limit are still checked on every call)
+        self.values: dict[str, tuple[Caller, int, tuple[bytes, int, bytes]]] = {}
+
+    def seen(self, value: str, caller: Caller, expires: int, key: tuple[bytes, int, bytes]) -> None:
+        """Remembers a value whose key verified (the oldest goes past `size`)."""
+        self.values[value] = (caller, expires, key)
+        while len(self.values) > self.size:
+            del self.values[next(iter(self.values))]
 
     def __len__(self) -> int:
         return len(self._verified)
@@ -104,6 +114,14 @@ def verify_header(
     With a cache, the signature of a token seen (and verified) before is not checked
     again until the token expires."""
     now = time.time() if now is None else now
+    if cache is not None:
+        known = cache.values.get(value)
+        if (
+            known is not None
+            and now <= known[1] <= now + max_ttl_seconds + MAX_CLOCK_SKEW
+            and cache.hit(known[2])
+        ):
+            return known[0]
     scheme, _, token = value.strip().partition(" ")
     if scheme != SCHEME or not token:
         raise Unauthenticated(
@@ -129,10 +147,13 @@ def verify_header(
         raise Unauthenticated(
             f"token lifetime exceeds the coordinator's limit of {max_ttl_seconds}s"
         )
+    who = Caller(public_key)
     if cache is not None and cache.hit(key):
-        return Caller(public_key)
+        cache.seen(value, who, expires, key)
+        return who
     if not verify(public_key, CONTEXT, public_key + str(expires).encode(), signature):
         raise Unauthenticated("token signature does not verify")
     if cache is not None:
         cache.add(key)
-    return Caller(public_key)
+        cache.seen(value, who, expires, key)
+    return who

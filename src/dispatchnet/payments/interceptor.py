@@ -21,9 +21,10 @@ job, charged once.
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable
 from typing import Any
 
-from grpc_interceptor.server import AsyncServerInterceptor
+import grpc
 
 from dispatchnet.api.edge import PAYMENT_REQUIRED, Context, Handler, caller
 from dispatchnet.coordinator.models import Payment
@@ -44,9 +45,34 @@ def current_payment() -> Payment | None:
     return _payment.get()
 
 
-class PaymentInterceptor(AsyncServerInterceptor):
+class PaymentInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps GetQuote and CommitJob (each wrapper built once); other methods pass as they are."""
+
     def __init__(self, service: PaymentService) -> None:
         self.service = service
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method_name = handler_call_details.method
+        if handler is None or method_name not in (GET_QUOTE, COMMIT_JOB):
+            return handler
+        known = self._wrapped.get(method_name)
+        if known is not None and known[0] is handler:
+            return known[1]
+        inner = handler.unary_unary
+        intercept = self.intercept
+
+        async def unary_unary(request: Any, context: Context) -> Any:
+            return await intercept(inner, request, context, method_name)
+
+        wrapped = handler._replace(unary_unary=unary_unary)
+        self._wrapped[method_name] = (handler, wrapped)
+        return wrapped
 
     async def intercept(
         self, method: Handler, request: Any, context: Context, method_name: str
@@ -56,11 +82,6 @@ class PaymentInterceptor(AsyncServerInterceptor):
             required = await self.service.quote_header(response.quote.quote_id)
             context.set_trailing_metadata(((PAYMENT_REQUIRED, required),))
             return response
-        if method_name != COMMIT_JOB:
-            response = method(request, context)
-            if hasattr(response, "__aiter__"):
-                return response
-            return await response
         values = [v for k, v in (context.invocation_metadata() or ()) if k == PAYMENT_SIGNATURE]
         header = str(values[0]) if values else None
         payment = await self.service.authorize(
