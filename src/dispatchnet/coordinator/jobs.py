@@ -32,6 +32,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import NoReturn
 
 from dispatchnet import protocol
 from dispatchnet.coordinator import verification as verify
@@ -61,6 +62,8 @@ from dispatchnet.coordinator.observer import NULL_OBSERVER, Observer
 from dispatchnet.coordinator.ports import (
     CompletionListener,
     JobListener,
+    QuoteLimits,
+    QuoteUsage,
     ReceiptNotary,
     ReputationSource,
 )
@@ -187,7 +190,7 @@ class JobService:
         ResourceExhausted beyond the other [quotes] limits on stored quotes."""
         if spec.job_type is JobType.TASK and self.catalogue is not None:
             await self.catalogue.check(spec.task_name)
-        size = await self._check_quote_storage(spec, client_id)
+        size = self._quote_size(spec, client_id)
         now = self.clock()
         q = Quote(
             quote_id=new_id("q"),
@@ -197,7 +200,11 @@ class JobService:
             created_at=now,
             expires_at=now + self.cfg.quote_ttl_seconds,
         )
-        await self.store.put_quote(q, client_id, size, wasm_module)
+        cfg = self.quotes
+        limits = QuoteLimits(cfg.anonymous_max_quotes, cfg.client_max_bytes, cfg.max_bytes)
+        refused = await self.store.put_quote(q, client_id, size, wasm_module, limits)
+        if refused is not None:
+            self._refuse_quote(client_id, size, *refused)
         if len(spec.spec_bytes) <= QUOTE_CACHE_BYTES // QUOTE_CACHE:
             self._quotes[q.quote_id] = q
             self._quote_bytes += len(spec.spec_bytes)
@@ -206,13 +213,11 @@ class JobService:
                 self._quote_bytes -= len(old.spec.spec_bytes)
         return q
 
-    async def _check_quote_storage(self, spec: JobSpec, client_id: str) -> int:
-        """The bytes a quote for spec counts; raises when storing it would pass a limit."""
+    def _quote_size(self, spec: JobSpec, client_id: str) -> int:
+        """The bytes a quote for spec counts; Unauthenticated for an anonymous spec over
+        [quotes] anonymous_max_spec_bytes (checked before any store call)."""
         cfg = self.quotes
         spec_bytes = len(spec.spec_bytes)
-        size = spec_bytes + QUOTE_ROW_BYTES
-        held = self.cfg.quote_ttl_seconds + PURGE_INTERVAL_SECONDS
-        retry = f"a quote's storage is released within {held:g}s of its making"
         if not client_id and spec_bytes > cfg.anonymous_max_spec_bytes:
             raise Unauthenticated(
                 f"this spec is {spec_bytes} bytes; GetQuote without authorization takes "
@@ -220,7 +225,16 @@ class JobService:
                 "<token>' metadata (`dispatch auth header` prints one; the CLI and the "
                 "Python client send it)"
             )
-        mine, everyone = await self.store.quote_usage(client_id)
+        return spec_bytes + QUOTE_ROW_BYTES
+
+    def _refuse_quote(
+        self, client_id: str, size: int, mine: QuoteUsage, everyone: QuoteUsage
+    ) -> NoReturn:
+        """Raises ResourceExhausted for the limit that the store's put_quote found a
+        quote of `size` would pass, given the usage it saw."""
+        cfg = self.quotes
+        held = self.cfg.quote_ttl_seconds + PURGE_INTERVAL_SECONDS
+        retry = f"a quote's storage is released within {held:g}s of its making"
         if not client_id and mine.quotes >= cfg.anonymous_max_quotes:
             raise ResourceExhausted(
                 f"anonymous callers hold {mine.quotes} unexpired quotes, the most this "
@@ -237,7 +251,7 @@ class JobService:
                 f"this coordinator's quote storage is full ({cfg.max_bytes} bytes); "
                 f"retry later ({retry})"
             )
-        return size
+        raise ResourceExhausted(f"this coordinator's quote storage is full; retry later ({retry})")
 
     async def get_quote(self, quote_id: str) -> Quote:
         if not quote_id:
