@@ -281,18 +281,18 @@ class JobService:
             if existing is not None:
                 return quote, _same_quote(existing, quote_id)
         problem = None
-        if quote.expires_at < self.clock():
+        expired = quote.expires_at < self.clock()
+        # one read of the pairings serves both PRIVATE checks (none for a PUBLIC job)
+        private = quote.spec.privacy is Privacy.PRIVATE or quote.spec.sealed
+        paired = await self.store.paired_workers(client_id) if private and not expired else set()
+        if expired:
             problem = FailedPrecondition(f"quote {quoted(quote_id)} expired; ask for a new quote")
-        elif quote.spec.privacy is Privacy.PRIVATE and not await self.store.paired_workers(
-            client_id
-        ):
+        elif quote.spec.privacy is Privacy.PRIVATE and not paired:
             problem = FailedPrecondition(
                 "a PRIVATE job needs at least one paired worker; pair one with "
                 "`dispatch pair create` / `dispatch pair claim` first"
             )
-        elif quote.spec.sealed and not quote.spec.recipients & await self.store.paired_workers(
-            client_id
-        ):
+        elif quote.spec.sealed and not quote.spec.recipients & paired:
             problem = FailedPrecondition(
                 "none of the workers this job is sealed to is paired with you "
                 "(`dispatch pair list`); seal it to a paired worker"
