@@ -344,6 +344,7 @@ class JobService:
             payment = dataclasses.replace(payment, job_id=job.job_id)
         stored, created = await self.store.create_job(job, event, payment)
         if created:
+            self._remember(stored, event)
             self._changed(stored)
             self.observer.job_committed(stored)
             if self.listener:
@@ -397,7 +398,8 @@ class JobService:
         wake = self.notifier.subscribe(job_id)  # before the read: no change is missed
         try:
             seen = self._elsewhere.get(job_id, 0)  # before the read, likewise
-            job = await self.get(client_id, job_id)
+            # a job committed or moved here lately is in memory with all its events
+            job = self._known(client_id, job_id) or await self.get(client_id, job_id)
             seq = min(max(after, 0), MAX_SEQUENCE)
             while True:
                 wake.clear()
@@ -542,6 +544,8 @@ class JobService:
         if self.notifier.watched(job_id):
             self._elsewhere[job_id] = self._elsewhere.get(job_id, 0) + 1
             self.notifier.notify(job_id)
+        else:
+            self.live.forget(job_id)  # a later watcher reads the store, not stale memory
         if state is JobState.QUEUED or job_id in self._active:
             self._tasks.start(self._changed_elsewhere(job_id), "another coordinator's change")
 
@@ -1033,6 +1037,23 @@ class JobService:
             return False
         last = await self.store.events_after(job.job_id, job.last_sequence - 1, limit=1)
         return bool(last) and last[0].kind is EventKind.STATE and last[0].reason == RESTARTED
+
+    def _remember(self, job: Job, event: Event) -> None:
+        """A job just created here, its `event` the only one: held in memory (LiveEvents'
+        recent jobs) so that a WatchJob of it needs no store read. Not when it moved on
+        meanwhile (memory would start behind)."""
+        if job.state is event.state and job.last_sequence == 1 and job.job_id not in self._active:
+            self.live.state(dataclasses.replace(event, sequence=1), job, watched=True)
+            if not self.notifier.watched(job.job_id):
+                self.live.release(job.job_id)
+
+    def _known(self, client_id: str, job_id: str) -> Job | None:
+        """The job from memory, with every event of it (LiveEvents.known), when client_id
+        owns it; None when memory cannot tell."""
+        job = self.live.known(job_id)
+        if job is not None and job.client_id != client_id:
+            raise PermissionDenied(f"job {quoted(job_id)} belongs to another client")
+        return job
 
     def _mine(self, job: Job) -> bool:
         """Whether this coordinator's worker holds the job (no owner: stored before
