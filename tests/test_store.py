@@ -47,7 +47,7 @@ from dispatchnet.coordinator.models import (
     WorkerDay,
 )
 from dispatchnet.errors import PaymentReused, Unavailable
-from dispatchnet.store.base import QuoteUsage, Runnable, Store
+from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable, Store
 
 SPEC = JobSpec(
     job_type=JobType.TASK,
@@ -494,6 +494,51 @@ async def test_quote_usage_is_counted_until_released_and_modules_follow_referenc
     assert await store.purge_expired(before=16.0) == 3  # q_a, q_c and the code
     assert await store.get_quote("q_a") is None and await store.get_quote("q_b") is not None
     assert await store.purge_expired(before=30.0) == 0  # q_b was never released
+
+
+async def test_put_quote_checks_the_limits_in_its_own_write(store: Store) -> None:
+    """The limits are checked by the write that stores the quote: a refused quote stores
+    and counts nothing, and the caller gets the usage that refused it."""
+    limits = QuoteLimits(anonymous_quotes=2, client_bytes=100, total_bytes=200)
+
+    def quote(n: int) -> Quote:
+        return Quote(f"q_{n}", SPEC, 1, "USD", 1.0, 10.0)
+
+    assert await store.put_quote(quote(1), "alice", 60, None, limits) is None
+    mine_full = await store.put_quote(quote(2), "alice", 41, None, limits)
+    assert mine_full == (QuoteUsage(1, 60), QuoteUsage(1, 60))
+    assert await store.get_quote("q_2") is None
+    assert await store.put_quote(quote(3), "alice", 40, None, limits) is None  # exactly 100
+    assert await store.put_quote(quote(4), "", 10, None, limits) is None
+    assert await store.put_quote(quote(5), "", 10, None, limits) is None
+    assert await store.put_quote(quote(6), "", 10, None, limits) == (
+        QuoteUsage(2, 20),
+        QuoteUsage(4, 120),
+    )
+    assert await store.put_quote(quote(7), "bob", 81, None, limits) == (
+        QuoteUsage(0, 0),
+        QuoteUsage(4, 120),
+    )
+    assert await store.quote_usage("bob") == (QuoteUsage(0, 0), QuoteUsage(4, 120))
+    module = b"\0asm\1\0\0\0"
+    assert await store.put_quote(quote(8), "bob", 81, module, limits) is not None
+    assert await store.get_module(hashlib.sha256(module).digest()) is None  # not stored
+    assert await store.put_quote(quote(9), "bob", 80, None, limits) is None  # exactly 200
+
+
+async def test_concurrent_quotes_pass_no_limit_of_one_counter(store: Store) -> None:
+    """Quotes racing for the last bytes of a limit: the count never passes it (on
+    PostgreSQL up to one quote per other usage row committing at the same moment)."""
+    limits = QuoteLimits(anonymous_quotes=5, client_bytes=10**9, total_bytes=10**9)
+    refused = await asyncio.gather(
+        *(
+            store.put_quote(Quote(f"q_{n}", SPEC, 1, "USD", 1.0, 10.0), "", 1, None, limits)
+            for n in range(40)
+        )
+    )
+    stored = sum(r is None for r in refused)
+    assert 5 <= stored <= 5 + 7
+    assert (await store.quote_usage(""))[0].quotes == stored
 
 
 async def test_concurrent_sweeps_give_each_quote_back_once(store_factory: StoreFactory) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from collections import OrderedDict, defaultdict, deque
+from dataclasses import dataclass, field, replace
 
 from dispatchnet.coordinator.models import Event, Job, JobState
 
@@ -17,6 +17,13 @@ from dispatchnet.coordinator.models import Event, Job, JobState
 # (older ones are read from the store).
 TAIL_EVENTS = 256
 TAIL_CHARS = 64 * 1024
+# Jobs nobody watches any more (or yet) whose events and last state stay in memory, most
+# recently changed kept, so that a WatchJob of a job committed or moved here lately needs
+# no store read: at most this many, holding at most RECENT_BYTES (spec, result and event
+# text), each at most RECENT_JOB_BYTES (a larger one is not kept).
+RECENT_JOBS = 4096
+RECENT_BYTES = 16 * 1024 * 1024
+RECENT_JOB_BYTES = 16 * 1024
 
 
 class JobNotifier:
@@ -76,6 +83,10 @@ class LiveEvents:
 
     def __init__(self) -> None:
         self._tails: dict[str, _Tail] = {}
+        # released tails kept for later watchers (see RECENT_JOBS), oldest first, with
+        # the bytes each counts; a tail that changes again leaves it until released again
+        self._recent: OrderedDict[str, int] = OrderedDict()
+        self._recent_bytes = 0
 
     def __contains__(self, job_id: str) -> bool:
         return job_id in self._tails
@@ -88,6 +99,7 @@ class LiveEvents:
     def progress(self, event: Event, durable_last: int, now: float) -> Event:
         """Appends a progress event with the next sequence number: after the store's last
         (durable_last) and after anything in memory. Returns the numbered event."""
+        self._in_use(event.job_id)
         tail = self._tails.get(event.job_id)
         if tail is None or durable_last > tail.last:
             # first progress, or the store moved on without us (another process):
@@ -106,6 +118,7 @@ class LiveEvents:
         the job as `job`: appended when memory holds the job's events up to the one
         before; otherwise memory of the job restarts with it (when the job is held in
         memory already, or `watched`: someone in this process watches it)."""
+        self._in_use(event.job_id)
         tail = self._tails.get(event.job_id)
         if tail is None and not watched:
             return
@@ -118,6 +131,17 @@ class LiveEvents:
         tail.durable = event.sequence
         tail.job = job
         self._append(tail, event)
+
+    def known(self, job_id: str) -> Job | None:
+        """The job as its last state change here left it, with every event of it in
+        memory from its first (None: not so held), for a new watcher: held for it until
+        released again."""
+        tail = self._tails.get(job_id)
+        if tail is None or tail.job is None or tail.floor != 0 or tail.state.final:
+            return None  # (a final job's payment may settle later: read from the store)
+        self._in_use(job_id)
+        job = tail.job
+        return job if job.last_sequence >= tail.last else replace(job, last_sequence=tail.last)
 
     def job(self, job_id: str) -> Job | None:
         """The job as its last state change in this process left it (None: not held)."""
@@ -176,14 +200,39 @@ class LiveEvents:
         return [job_id for job_id, tail in self._tails.items() if tail.pending]
 
     def release(self, job_id: str) -> None:
-        """Forgets the job when nothing of it is pending and it no longer runs (the caller
-        knows no watcher needs it: watchers of a forgotten job read the store)."""
+        """No watcher needs the job now: when nothing of it is pending and it no longer
+        runs, it is kept among the recent jobs (RECENT_JOBS) while it is small enough,
+        else forgotten (watchers of a forgotten job read the store)."""
         tail = self._tails.get(job_id)
-        if tail is not None and not tail.pending and tail.state is not JobState.RUNNING:
+        if tail is None or tail.pending or tail.state is JobState.RUNNING:
+            return
+        self._in_use(job_id)
+        size = tail.chars + _job_bytes(tail.job)
+        if tail.job is None or tail.floor != 0 or tail.state.final or size > RECENT_JOB_BYTES:
+            self._drop(job_id)
+            return
+        self._recent[job_id] = size
+        self._recent_bytes += size
+        while len(self._recent) > RECENT_JOBS or self._recent_bytes > RECENT_BYTES:
+            old, old_size = self._recent.popitem(last=False)
+            self._recent_bytes -= old_size
+            self._drop(old)
+
+    def forget(self, job_id: str) -> None:
+        """Forgets the job unless something of it is pending (its store row changed
+        elsewhere: memory may be behind)."""
+        tail = self._tails.get(job_id)
+        if tail is not None and not tail.pending:
             self._drop(job_id)
 
     def jobs(self) -> int:
         return len(self._tails)
+
+    def _in_use(self, job_id: str) -> None:
+        """The job leaves the recent jobs (it changes, or someone watches it)."""
+        size = self._recent.pop(job_id, None)
+        if size is not None:
+            self._recent_bytes -= size
 
     def _append(self, tail: _Tail, event: Event) -> None:
         tail.events.append(event)
@@ -201,6 +250,15 @@ class LiveEvents:
             tail.floor = old.sequence
 
     def _drop(self, job_id: str) -> None:
+        self._in_use(job_id)
         tail = self._tails.pop(job_id, None)
         if tail is not None and tail.timer is not None:
             tail.timer.cancel()
+
+
+def _job_bytes(job: Job | None) -> int:
+    """What a job held in memory counts besides its events: its spec and its result."""
+    if job is None:
+        return 0
+    result = job.result.output if job.result is not None else b""
+    return len(job.spec.spec_bytes) + len(result) + 512

@@ -32,6 +32,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import NoReturn
 
 from dispatchnet import protocol
 from dispatchnet.coordinator import verification as verify
@@ -61,6 +62,8 @@ from dispatchnet.coordinator.observer import NULL_OBSERVER, Observer
 from dispatchnet.coordinator.ports import (
     CompletionListener,
     JobListener,
+    QuoteLimits,
+    QuoteUsage,
     ReceiptNotary,
     ReputationSource,
 )
@@ -187,7 +190,7 @@ class JobService:
         ResourceExhausted beyond the other [quotes] limits on stored quotes."""
         if spec.job_type is JobType.TASK and self.catalogue is not None:
             await self.catalogue.check(spec.task_name)
-        size = await self._check_quote_storage(spec, client_id)
+        size = self._quote_size(spec, client_id)
         now = self.clock()
         q = Quote(
             quote_id=new_id("q"),
@@ -197,7 +200,11 @@ class JobService:
             created_at=now,
             expires_at=now + self.cfg.quote_ttl_seconds,
         )
-        await self.store.put_quote(q, client_id, size, wasm_module)
+        cfg = self.quotes
+        limits = QuoteLimits(cfg.anonymous_max_quotes, cfg.client_max_bytes, cfg.max_bytes)
+        refused = await self.store.put_quote(q, client_id, size, wasm_module, limits)
+        if refused is not None:
+            self._refuse_quote(client_id, size, *refused)
         if len(spec.spec_bytes) <= QUOTE_CACHE_BYTES // QUOTE_CACHE:
             self._quotes[q.quote_id] = q
             self._quote_bytes += len(spec.spec_bytes)
@@ -206,13 +213,11 @@ class JobService:
                 self._quote_bytes -= len(old.spec.spec_bytes)
         return q
 
-    async def _check_quote_storage(self, spec: JobSpec, client_id: str) -> int:
-        """The bytes a quote for spec counts; raises when storing it would pass a limit."""
+    def _quote_size(self, spec: JobSpec, client_id: str) -> int:
+        """The bytes a quote for spec counts; Unauthenticated for an anonymous spec over
+        [quotes] anonymous_max_spec_bytes (checked before any store call)."""
         cfg = self.quotes
         spec_bytes = len(spec.spec_bytes)
-        size = spec_bytes + QUOTE_ROW_BYTES
-        held = self.cfg.quote_ttl_seconds + PURGE_INTERVAL_SECONDS
-        retry = f"a quote's storage is released within {held:g}s of its making"
         if not client_id and spec_bytes > cfg.anonymous_max_spec_bytes:
             raise Unauthenticated(
                 f"this spec is {spec_bytes} bytes; GetQuote without authorization takes "
@@ -220,7 +225,16 @@ class JobService:
                 "<token>' metadata (`dispatch auth header` prints one; the CLI and the "
                 "Python client send it)"
             )
-        mine, everyone = await self.store.quote_usage(client_id)
+        return spec_bytes + QUOTE_ROW_BYTES
+
+    def _refuse_quote(
+        self, client_id: str, size: int, mine: QuoteUsage, everyone: QuoteUsage
+    ) -> NoReturn:
+        """Raises ResourceExhausted for the limit that the store's put_quote found a
+        quote of `size` would pass, given the usage it saw."""
+        cfg = self.quotes
+        held = self.cfg.quote_ttl_seconds + PURGE_INTERVAL_SECONDS
+        retry = f"a quote's storage is released within {held:g}s of its making"
         if not client_id and mine.quotes >= cfg.anonymous_max_quotes:
             raise ResourceExhausted(
                 f"anonymous callers hold {mine.quotes} unexpired quotes, the most this "
@@ -237,7 +251,7 @@ class JobService:
                 f"this coordinator's quote storage is full ({cfg.max_bytes} bytes); "
                 f"retry later ({retry})"
             )
-        return size
+        raise ResourceExhausted(f"this coordinator's quote storage is full; retry later ({retry})")
 
     async def get_quote(self, quote_id: str) -> Quote:
         if not quote_id:
@@ -267,18 +281,18 @@ class JobService:
             if existing is not None:
                 return quote, _same_quote(existing, quote_id)
         problem = None
-        if quote.expires_at < self.clock():
+        expired = quote.expires_at < self.clock()
+        # one read of the pairings serves both PRIVATE checks (none for a PUBLIC job)
+        private = quote.spec.privacy is Privacy.PRIVATE or quote.spec.sealed
+        paired = await self.store.paired_workers(client_id) if private and not expired else set()
+        if expired:
             problem = FailedPrecondition(f"quote {quoted(quote_id)} expired; ask for a new quote")
-        elif quote.spec.privacy is Privacy.PRIVATE and not await self.store.paired_workers(
-            client_id
-        ):
+        elif quote.spec.privacy is Privacy.PRIVATE and not paired:
             problem = FailedPrecondition(
                 "a PRIVATE job needs at least one paired worker; pair one with "
                 "`dispatch pair create` / `dispatch pair claim` first"
             )
-        elif quote.spec.sealed and not quote.spec.recipients & await self.store.paired_workers(
-            client_id
-        ):
+        elif quote.spec.sealed and not quote.spec.recipients & paired:
             problem = FailedPrecondition(
                 "none of the workers this job is sealed to is paired with you "
                 "(`dispatch pair list`); seal it to a paired worker"
@@ -330,6 +344,7 @@ class JobService:
             payment = dataclasses.replace(payment, job_id=job.job_id)
         stored, created = await self.store.create_job(job, event, payment)
         if created:
+            self._remember(stored, event)
             self._changed(stored)
             self.observer.job_committed(stored)
             if self.listener:
@@ -383,7 +398,8 @@ class JobService:
         wake = self.notifier.subscribe(job_id)  # before the read: no change is missed
         try:
             seen = self._elsewhere.get(job_id, 0)  # before the read, likewise
-            job = await self.get(client_id, job_id)
+            # a job committed or moved here lately is in memory with all its events
+            job = self._known(client_id, job_id) or await self.get(client_id, job_id)
             seq = min(max(after, 0), MAX_SEQUENCE)
             while True:
                 wake.clear()
@@ -528,6 +544,8 @@ class JobService:
         if self.notifier.watched(job_id):
             self._elsewhere[job_id] = self._elsewhere.get(job_id, 0) + 1
             self.notifier.notify(job_id)
+        else:
+            self.live.forget(job_id)  # a later watcher reads the store, not stale memory
         if state is JobState.QUEUED or job_id in self._active:
             self._tasks.start(self._changed_elsewhere(job_id), "another coordinator's change")
 
@@ -1019,6 +1037,23 @@ class JobService:
             return False
         last = await self.store.events_after(job.job_id, job.last_sequence - 1, limit=1)
         return bool(last) and last[0].kind is EventKind.STATE and last[0].reason == RESTARTED
+
+    def _remember(self, job: Job, event: Event) -> None:
+        """A job just created here, its `event` the only one: held in memory (LiveEvents'
+        recent jobs) so that a WatchJob of it needs no store read. Not when it moved on
+        meanwhile (memory would start behind)."""
+        if job.state is event.state and job.last_sequence == 1 and job.job_id not in self._active:
+            self.live.state(dataclasses.replace(event, sequence=1), job, watched=True)
+            if not self.notifier.watched(job.job_id):
+                self.live.release(job.job_id)
+
+    def _known(self, client_id: str, job_id: str) -> Job | None:
+        """The job from memory, with every event of it (LiveEvents.known), when client_id
+        owns it; None when memory cannot tell."""
+        job = self.live.known(job_id)
+        if job is not None and job.client_id != client_id:
+            raise PermissionDenied(f"job {quoted(job_id)} belongs to another client")
+        return job
 
     def _mine(self, job: Job) -> bool:
         """Whether this coordinator's worker holds the job (no owner: stored before

@@ -198,16 +198,44 @@ class QuoteUsage:
     bytes: int
 
 
+@dataclass(frozen=True)
+class QuoteLimits:
+    """What stored quotes may hold ([quotes] in the profile): an anonymous caller's count
+    (owner ""), a client's bytes, and everyone's bytes together."""
+
+    anonymous_quotes: int
+    client_bytes: int
+    total_bytes: int
+
+    def refuses(self, owner: str, size: int, mine: QuoteUsage, everyone: QuoteUsage) -> bool:
+        """Whether a quote of `size` bytes for owner would pass a limit, given what owner's
+        and everyone's stored quotes hold without it."""
+        if not owner and mine.quotes >= self.anonymous_quotes:
+            return True
+        if owner and mine.bytes + size > self.client_bytes:
+            return True
+        return everyone.bytes + size > self.total_bytes
+
+
 class QuoteStore(Protocol):
     """Quotes, the storage they hold per owner, and the WebAssembly modules stored with
     them (content-addressed)."""
 
     async def put_quote(
-        self, quote: Quote, owner: str = "", size: int = 0, module: bytes | None = None
-    ) -> None:
+        self,
+        quote: Quote,
+        owner: str = "",
+        size: int = 0,
+        module: bytes | None = None,
+        limits: QuoteLimits | None = None,
+    ) -> tuple[QuoteUsage, QuoteUsage] | None:
         """Stores quote for owner (a client id, "" for anonymous) and counts `size` bytes
         toward owner's and the total usage until it is released; stores `module` (the
-        WebAssembly module of its spec, content-addressed) with it. One transaction."""
+        WebAssembly module of its spec, content-addressed) with it. One transaction, which
+        first checks `limits` against the usage it sees: when they refuse the quote,
+        nothing is stored and the usage (owner's, everyone's) is returned; None: stored.
+        (An engine whose usage is spread over several rows may let the quotes committing
+        at the same moment on the other rows through: see its docstring.)"""
         ...
 
     async def get_quote(self, quote_id: str) -> Quote | None: ...

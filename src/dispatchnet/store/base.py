@@ -25,6 +25,7 @@ from dispatchnet.coordinator.ports import (
     PassLocks,
     PaymentLedger,
     PayoutLedger,
+    QuoteLimits,
     QuoteStore,
     QuoteUsage,
     ReceiptBatches,
@@ -33,7 +34,7 @@ from dispatchnet.coordinator.ports import (
     WorkerRegistry,
 )
 
-__all__ = ["QuoteUsage", "Runnable", "Store"]
+__all__ = ["QuoteLimits", "QuoteUsage", "Runnable", "Store"]
 
 
 class Store(

@@ -82,7 +82,7 @@ from dispatchnet.coordinator.models import (
     day_of,
 )
 from dispatchnet.errors import PaymentReused, Unavailable
-from dispatchnet.store.base import QuoteUsage, Runnable, Store
+from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable, Store
 from dispatchnet.store.rows import (
     TOTAL_OWNER,
     batch_of,
@@ -559,14 +559,39 @@ class PostgresStore:
     # --- quotes -------------------------------------------------------------------------
 
     async def put_quote(
-        self, quote: Quote, owner: str = "", size: int = 0, module: bytes | None = None
-    ) -> None:
+        self,
+        quote: Quote,
+        owner: str = "",
+        size: int = 0,
+        module: bytes | None = None,
+        limits: QuoteLimits | None = None,
+    ) -> tuple[QuoteUsage, QuoteUsage] | None:
+        """The usage rows are counted first (locking the owner's and the total's shard),
+        then `limits` are checked against the sums, which see every quote committed and
+        every one waiting behind these two rows: what they may not see is one quote in
+        flight on each of the other USAGE_SHARDS - 1 shards, so a limit is exact up to
+        that many quotes committing at the very same moment."""
         module_sha = hashlib.sha256(module).digest() if module is not None else None
         s = quote.spec
 
         async def op(c: Conn) -> None:
             if module is not None:
                 await c.execute("SELECT pg_advisory_xact_lock_shared($1)", _MODULES_LOCK)
+            # one of the owner's rows, then one of the total's (every writer locks owners'
+            # rows before the total's, each kind in order)
+            for who in (owner_shard(owner, quote.quote_id), total_shard(quote.quote_id)):
+                await c.execute(
+                    "INSERT INTO quote_usage VALUES ($1,1,$2) ON CONFLICT (owner) DO UPDATE "
+                    "SET quotes = quote_usage.quotes + 1, bytes = quote_usage.bytes + $2",
+                    who,
+                    size,
+                )
+            if limits is not None:
+                mine, everyone = (
+                    QuoteUsage(u.quotes - 1, u.bytes - size) for u in await _quote_usage(c, owner)
+                )
+                if limits.refuses(owner, size, mine, everyone):
+                    raise _QuoteRefused(mine, everyone)  # rolls the counts back
             await c.execute(
                 "INSERT INTO quotes (quote_id, job_type, policy, privacy, task_name, llm_model, "
                 "spec_bytes, spec_sha256, price_micros, currency, created_at, expires_at, "
@@ -598,17 +623,12 @@ class PostgresStore:
                     module,
                     quote.created_at,
                 )
-            # one of the owner's rows, then one of the total's (every writer locks owners'
-            # rows before the total's, each kind in order)
-            for who in (owner_shard(owner, quote.quote_id), total_shard(quote.quote_id)):
-                await c.execute(
-                    "INSERT INTO quote_usage VALUES ($1,1,$2) ON CONFLICT (owner) DO UPDATE "
-                    "SET quotes = quote_usage.quotes + 1, bytes = quote_usage.bytes + $2",
-                    who,
-                    size,
-                )
 
-        await self._write(op)
+        try:
+            await self._write(op)
+        except _QuoteRefused as refused:
+            return refused.mine, refused.everyone
+        return None
 
     async def get_quote(self, quote_id: str) -> Quote | None:
         r = await self._read(
@@ -626,18 +646,7 @@ class PostgresStore:
         )
 
     async def quote_usage(self, owner: str) -> tuple[QuoteUsage, QuoteUsage]:
-        rows = await self._read(
-            lambda c: c.fetch(
-                "SELECT owner LIKE '*%' AS total, sum(quotes) AS quotes, sum(bytes) AS bytes "
-                "FROM quote_usage WHERE owner = $1 OR owner LIKE $2 OR owner LIKE '*%' "
-                "GROUP BY 1",
-                owner,
-                owner + "#%",
-            )
-        )
-        usage = {bool(r["total"]): QuoteUsage(int(r["quotes"]), int(r["bytes"])) for r in rows}
-        none = QuoteUsage(0, 0)
-        return usage.get(False, none), usage.get(True, none)
+        return await self._read(lambda c: _quote_usage(c, owner))
 
     async def release_expired_quotes(self, now: float) -> int:
         async def release(c: Conn) -> int:
@@ -1794,6 +1803,30 @@ def _insert_run_sql(row: dict[str, Any]) -> str:
         f"INSERT INTO job_runs ({','.join(row)}) VALUES ({_placeholders(1, len(row))}) "
         "ON CONFLICT (job_id, attempt) DO NOTHING RETURNING 1"
     )
+
+
+async def _quote_usage(c: Conn, owner: str) -> tuple[QuoteUsage, QuoteUsage]:
+    """What owner's unreleased quotes hold (its own row of an older schema and its
+    shards), and what everyone's do (the total's shards)."""
+    rows = await c.fetch(
+        "SELECT owner LIKE '*%' AS total, sum(quotes) AS quotes, sum(bytes) AS bytes "
+        "FROM quote_usage WHERE owner = $1 OR owner LIKE $2 OR owner LIKE '*%' "
+        "GROUP BY 1",
+        owner,
+        owner + "#%",
+    )
+    usage = {bool(r["total"]): QuoteUsage(int(r["quotes"]), int(r["bytes"])) for r in rows}
+    none = QuoteUsage(0, 0)
+    return usage.get(False, none), usage.get(True, none)
+
+
+class _QuoteRefused(Exception):
+    """put_quote's limits refuse the quote: its transaction rolls back."""
+
+    def __init__(self, mine: QuoteUsage, everyone: QuoteUsage) -> None:
+        super().__init__("quote refused")
+        self.mine = mine
+        self.everyone = everyone
 
 
 class _RunExists(Exception):

@@ -50,7 +50,7 @@ from dispatchnet.coordinator.models import (
     day_of,
 )
 from dispatchnet.errors import PaymentReused
-from dispatchnet.store.base import QuoteUsage, Runnable
+from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable
 from dispatchnet.store.rows import (
     TOTAL_OWNER,
     batch_of,
@@ -605,10 +605,19 @@ class SqliteStore:
     # --- quotes -------------------------------------------------------------------------
 
     def put_quote(
-        self, quote: Quote, owner: str = "", size: int = 0, module: bytes | None = None
-    ) -> None:
+        self,
+        quote: Quote,
+        owner: str = "",
+        size: int = 0,
+        module: bytes | None = None,
+        limits: QuoteLimits | None = None,
+    ) -> tuple[QuoteUsage, QuoteUsage] | None:
         module_sha = hashlib.sha256(module).digest() if module is not None else None
-        with self._tx():
+        with self._tx():  # the one writer: the check holds until the quote is counted
+            if limits is not None:
+                usage = self.quote_usage(owner)
+                if limits.refuses(owner, size, *usage):
+                    return usage
             self._insert_quote(quote, owner, size, module_sha)
             if module is not None:
                 self._conn.execute(
@@ -620,6 +629,7 @@ class SqliteStore:
                 "DO UPDATE SET quotes=quotes+1, bytes=bytes+excluded.bytes",
                 [(owner, size), (TOTAL_OWNER, size)],
             )
+        return None
 
     def _insert_quote(self, quote: Quote, owner: str, size: int, module_sha: bytes | None) -> None:
         s = quote.spec

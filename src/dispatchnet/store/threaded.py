@@ -52,7 +52,7 @@ from dispatchnet.coordinator.models import (
 )
 from dispatchnet.coordinator.ports import ONE_PROCESS
 from dispatchnet.errors import Unavailable
-from dispatchnet.store.base import QuoteUsage, Runnable, Store
+from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable, Store
 from dispatchnet.store.sqlite import SqliteStore
 
 T = TypeVar("T")
@@ -382,9 +382,14 @@ class ThreadedStore:
     # --- quotes -------------------------------------------------------------------------
 
     async def put_quote(
-        self, quote: Quote, owner: str = "", size: int = 0, module: bytes | None = None
-    ) -> None:
-        await self._write(lambda s: s.put_quote(quote, owner, size, module))
+        self,
+        quote: Quote,
+        owner: str = "",
+        size: int = 0,
+        module: bytes | None = None,
+        limits: QuoteLimits | None = None,
+    ) -> tuple[QuoteUsage, QuoteUsage] | None:
+        return await self._write(lambda s: s.put_quote(quote, owner, size, module, limits))
 
     async def get_quote(self, quote_id: str) -> Quote | None:
         return await self._read(lambda s: s.get_quote(quote_id))
