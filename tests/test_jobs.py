@@ -27,7 +27,8 @@ async def test_task_job_completes_with_a_verifiable_receipt(cluster: Cluster) ->
     assert quote.price.amount_micros == 1000 and quote.price.currency == "USD"
     assert quote.eligible_workers == 1
     job = await c.commit(quote.quote_id, "k1")
-    assert job.state == coordinator_pb2.JOB_STATE_QUEUED
+    # the free worker's offer is written with the job (see README "Job lifecycle")
+    assert job.state == coordinator_pb2.JOB_STATE_OFFERED and job.last_sequence == 2
     done = await c.wait(job.job_id)
     assert done.state == COMPLETED
     assert done.result.output.decode() == sha256(b'"hello"').hex()

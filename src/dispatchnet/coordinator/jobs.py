@@ -328,15 +328,63 @@ class JobService:
         event = Event(job.job_id, EventKind.STATE, JobState.QUEUED, now, reason="committed")
         if payment is not None:
             payment = dataclasses.replace(payment, job_id=job.job_id)
-        stored, created = await self.store.create_job(job, event, payment)
-        if created:
+        # a free worker that can take it now gets it in the same write (see reserve)
+        worker_id = await self.listener.reserve(job) if self.listener else None
+        if worker_id is None:
+            stored, created = await self.store.create_job(job, event, payment)
+            if created:
+                self._changed(stored)
+                self.observer.job_committed(stored)
+                if self.listener:
+                    self.listener.job_queued(stored)
+            else:
+                _same_quote(stored, quote_id)
+            return stored, created
+        assert self.listener is not None
+        offered: Job | None = None
+        try:
+            stored, created = await self.store.create_job(
+                self._offered(job, worker_id, now),
+                event,
+                payment,
+                self._offer_event(job, worker_id, now),
+            )
+            if not created:
+                return _same_quote(stored, quote_id), False
+            offered = stored
+            self._active[job.job_id] = (stored, now)
             self._changed(stored)
-            self.observer.job_committed(stored)
-            if self.listener:
-                self.listener.job_queued(stored)
-        else:
-            _same_quote(stored, quote_id)
-        return stored, created
+            queued = dataclasses.replace(job, payment=stored.payment)
+            self.observer.job_committed(queued)
+            self.observer.job_moved(queued, stored, "offered")
+            return stored, True
+        finally:
+            await self.listener.reserved(job.job_id, offered)
+
+    def _offered(self, job: Job, worker_id: str, now: float) -> Job:
+        """job (QUEUED, never offered) as offer() would make it: offered to worker_id."""
+        return dataclasses.replace(
+            job,
+            state=JobState.OFFERED,
+            worker_id=worker_id,
+            attempts=job.attempts + 1,
+            lease_expires_at=now + self.cfg.offer_lease_seconds,
+            coordinator_id=self.coordinator_id,
+        )
+
+    @staticmethod
+    def _offer_event(job: Job, worker_id: str, now: float) -> Event:
+        """The event of offering job (QUEUED) to worker_id, as offer() writes it."""
+        return Event(
+            job.job_id,
+            EventKind.STATE,
+            JobState.OFFERED,
+            now,
+            from_state=job.state,
+            reason="offered",
+            worker_id=worker_id,
+            attempt=job.attempts + 1,
+        )
 
     async def get(self, client_id: str, job_id: str) -> Job:
         if not job_id:

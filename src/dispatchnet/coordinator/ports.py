@@ -118,6 +118,18 @@ class JobListener(Protocol):
         """worker_id no longer holds the job's attempt; tell_worker: send it a cancel."""
         ...
 
+    async def reserve(self, job: Job) -> str | None:
+        """A worker for the new job `job` (CommitJob, before it is written): a free one the
+        dispatcher would choose, and only while no older queued job waits for a worker;
+        its slot is held for the job until `reserved`. None: the job is written QUEUED."""
+        ...
+
+    async def reserved(self, job_id: str, offered: Job | None) -> None:
+        """The end of the hold `reserve` made for job_id: `offered` is the job as written,
+        OFFERED to that worker (the offer goes out now, or the job is requeued if the
+        worker went away meanwhile); None: it was not written so (the slot is free)."""
+        ...
+
 
 class CompletionListener(Protocol):
     """Told about every job that completes (e.g. the receipt batcher's wake-up). Called on
@@ -234,12 +246,19 @@ class JobRepository(Protocol):
     """Jobs and their sequence-numbered events."""
 
     async def create_job(
-        self, job: Job, event: Event, payment: Payment | None = None
+        self,
+        job: Job,
+        event: Event,
+        payment: Payment | None = None,
+        offered: Event | None = None,
     ) -> tuple[Job, bool]:
         """Inserts job with its first event (and its payment, in the same transaction); if
         (client_id, idempotency_key) exists already, returns that job and False instead and
-        stores no payment. Raises PaymentReused when the payment's (network, asset, payer,
-        authorization_id) belongs to another job already."""
+        stores no payment (nor `offered`). Raises PaymentReused when the payment's (network,
+        asset, payer, authorization_id) belongs to another job already. offered: the job
+        is written already offered to its worker (job says so: state OFFERED, worker_id,
+        attempts, lease, coordinator_id), and this is its second event (sequence 2), stored
+        in the same transaction after `event` (sequence 1)."""
         ...
 
     async def get_job(self, job_id: str) -> Job | None: ...

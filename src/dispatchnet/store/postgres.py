@@ -715,12 +715,16 @@ class PostgresStore:
     # --- jobs ---------------------------------------------------------------------------
 
     async def create_job(
-        self, job: Job, event: Event, payment: Payment | None = None
+        self,
+        job: Job,
+        event: Event,
+        payment: Payment | None = None,
+        offered: Event | None = None,
     ) -> tuple[Job, bool]:
         if payment is not None:
             job = dataclasses.replace(job, payment=payment.ref())
         row = job_row(job)
-        row["last_sequence"] = 1
+        row["last_sequence"] = 1 if offered is None else 2
         row["use_llm"] = bool(row["use_llm"])
         cols = ",".join(row)
         n = len(row)
@@ -742,7 +746,9 @@ class PostgresStore:
                 )
                 return job_of(existing), False
             await _insert_event(c, event, 1)
-            await self._notify(c, job.job_id, event.state)
+            if offered is not None:
+                await _insert_event(c, offered, 2)
+            await self._notify(c, job.job_id, job.state)
             if payment is not None:
                 try:
                     await _insert_payment(c, payment)

@@ -714,12 +714,16 @@ class SqliteStore:
     # --- jobs ---------------------------------------------------------------------------
 
     def create_job(
-        self, job: Job, event: Event, payment: Payment | None = None
+        self,
+        job: Job,
+        event: Event,
+        payment: Payment | None = None,
+        offered: Event | None = None,
     ) -> tuple[Job, bool]:
         if payment is not None:
             job = dataclasses.replace(job, payment=payment.ref())
         row = job_row(job)
-        row["last_sequence"] = 1
+        row["last_sequence"] = 1 if offered is None else 2
         with self._tx():
             existing = self._conn.execute(
                 "SELECT * FROM jobs WHERE client_id=? AND idempotency_key=?",
@@ -733,6 +737,8 @@ class SqliteStore:
                 tuple(row.values()),
             )
             self._insert_event(event, 1)
+            if offered is not None:
+                self._insert_event(offered, 2)
             self._conn.execute(
                 "UPDATE jobs SET module_sha256="
                 "(SELECT module_sha256 FROM quotes WHERE quote_id=?) WHERE job_id=?",

@@ -401,9 +401,13 @@ class ThreadedStore:
     # --- jobs ---------------------------------------------------------------------------
 
     async def create_job(
-        self, job: Job, event: Event, payment: Payment | None = None
+        self,
+        job: Job,
+        event: Event,
+        payment: Payment | None = None,
+        offered: Event | None = None,
     ) -> tuple[Job, bool]:
-        return await self._write(lambda s: s.create_job(job, event, payment))
+        return await self._write(lambda s: s.create_job(job, event, payment, offered))
 
     async def get_job(self, job_id: str) -> Job | None:
         return await self._read(lambda s: s.get_job(job_id))
