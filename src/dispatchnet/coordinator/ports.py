@@ -38,6 +38,7 @@ from dispatchnet.coordinator.models import (
     PayoutDue,
     PayoutRecord,
     PayoutRowState,
+    PriorMove,
     Quote,
     Receipt,
     ReceiptBatch,
@@ -273,13 +274,17 @@ class JobRepository(Protocol):
         event: Event | None,
         feedback: FeedbackEntry | None = None,
         outcome: tuple[str, bool] | None = None,
+        prior: PriorMove | None = None,
     ) -> Job | None:
         """Applies changes (Job field names; KeyError for another name) if the job is in
         one of from_states (and at attempt, when given), appending event, adding
         `feedback` to the feedback outbox (at most one entry per job) and counting
         `outcome` (worker_id, success) in the worker's completed/failed totals and in its
         tally of the event's UTC day (worker_days), all in the
-        same transaction; the job as it is then, or None when the condition did not hold."""
+        same transaction; the job as it is then, or None when the condition did not hold.
+        prior: a transition applied first in the same transaction, with its own
+        compare-and-set and event (the event before `event`); when either condition
+        does not hold, nothing is written (None)."""
         ...
 
     async def append_progress(self, events: Sequence[Event]) -> bool:

@@ -72,6 +72,7 @@ from dispatchnet.coordinator.models import (
     PayoutDue,
     PayoutRecord,
     PayoutRowState,
+    PriorMove,
     Quote,
     ReceiptBatch,
     ReceiptLeaf,
@@ -785,9 +786,27 @@ class PostgresStore:
         event: Event | None,
         feedback: FeedbackEntry | None = None,
         outcome: tuple[str, bool] | None = None,
+        prior: PriorMove | None = None,
     ) -> Job | None:
         op = self._transition(job_id, from_states, attempt, changes, event, feedback, outcome)
-        return await self._write(op)
+        if prior is None:
+            return await self._write(op)
+        first = self._transition(
+            job_id, prior.from_states, prior.attempt, prior.changes, prior.event
+        )
+
+        async def both(c: Conn) -> Job | None:
+            if await first(c) is None:
+                return None
+            moved = await op(c)
+            if moved is None:
+                raise _Undo  # the prior move alone is not kept: roll back
+            return moved
+
+        try:
+            return await self._write(both)
+        except _Undo:
+            return None
 
     def _transition(
         self,
@@ -1859,3 +1878,7 @@ async def open_postgres_store(url: str, pool_size: int = 10) -> PostgresStore:
 
 
 _: type[Store] = PostgresStore  # mypy checks that PostgresStore implements the Store port
+
+
+class _Undo(Exception):
+    """A transition's prior move held but the transition did not: roll both back."""

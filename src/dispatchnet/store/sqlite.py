@@ -40,6 +40,7 @@ from dispatchnet.coordinator.models import (
     PayoutDue,
     PayoutRecord,
     PayoutRowState,
+    PriorMove,
     Quote,
     ReceiptBatch,
     ReceiptLeaf,
@@ -776,9 +777,43 @@ class SqliteStore:
         feedback: FeedbackEntry | None = None,
         outcome: tuple[str, bool] | None = None,
         then: Callable[[], None] | None = None,
+        prior: PriorMove | None = None,
     ) -> Job | None:
         """(then: more writes of the same transaction, run after the compare-and-set
         held; what they raise rolls it all back.)"""
+        try:
+            with self._tx():
+                if prior is not None and (
+                    self._cas(job_id, prior.from_states, prior.attempt, prior.changes, prior.event)
+                    is None
+                ):
+                    return None
+                r = self._cas(job_id, from_states, attempt, changes, event)
+                if r is None:
+                    if prior is not None:
+                        raise _Undo  # the prior move alone is not kept
+                    return None
+                if feedback is not None:
+                    self._insert_feedback(feedback)
+                if outcome is not None:
+                    at = event.time if event is not None else float(r["updated_at"] or 0.0)
+                    self._record_outcome(*outcome, at)
+                if then is not None:
+                    then()
+        except _Undo:
+            return None
+        return job_of(r)
+
+    def _cas(
+        self,
+        job_id: str,
+        from_states: Sequence[JobState],
+        attempt: int | None,
+        changes: dict[str, Any],
+        event: Event | None,
+    ) -> sqlite3.Row | None:
+        """A transition's compare-and-set and its event, inside a transaction: the job's
+        new row, or None when the condition did not hold."""
         values = changes_row(changes)
         sets = [f"{k}=?" for k in values]
         if event is not None:
@@ -792,24 +827,16 @@ class SqliteStore:
         params = (*values.values(), job_id, *(int(st) for st in from_states))
         if attempt is not None:
             params += (attempt,)
-        with self._tx():
-            # the compare-and-set and the new row in one statement: nothing is read back
-            rows = self._conn.execute(
-                f"UPDATE jobs SET {','.join(sets)} WHERE {where} RETURNING *", params
-            ).fetchall()
-            if not rows:
-                return None
-            r = rows[0]
-            if event is not None:
-                self._insert_event(event, r["last_sequence"])
-            if feedback is not None:
-                self._insert_feedback(feedback)
-            if outcome is not None:
-                at = event.time if event is not None else float(r["updated_at"] or 0.0)
-                self._record_outcome(*outcome, at)
-            if then is not None:
-                then()
-        return job_of(r)
+        # the compare-and-set and the new row in one statement: nothing is read back
+        rows = self._conn.execute(
+            f"UPDATE jobs SET {','.join(sets)} WHERE {where} RETURNING *", params
+        ).fetchall()
+        if not rows:
+            return None
+        r: sqlite3.Row = rows[0]
+        if event is not None:
+            self._insert_event(event, r["last_sequence"])
+        return r
 
     def append_progress(self, events: Sequence[Event]) -> bool:
         if not events:
@@ -1646,3 +1673,7 @@ class SqliteStore:
             "SELECT completed, failed FROM workers WHERE worker_id=?", (worker_id,)
         ).fetchone()
         return (0, 0) if r is None else (int(r["completed"]), int(r["failed"]))
+
+
+class _Undo(Exception):
+    """A transition's prior move held but the transition did not: roll both back."""

@@ -42,6 +42,7 @@ from dispatchnet.coordinator.models import (
     PayoutDue,
     PayoutRecord,
     PayoutRowState,
+    PriorMove,
     Quote,
     ReceiptBatch,
     ReceiptLeaf,
@@ -424,9 +425,12 @@ class ThreadedStore:
         event: Event | None,
         feedback: FeedbackEntry | None = None,
         outcome: tuple[str, bool] | None = None,
+        prior: PriorMove | None = None,
     ) -> Job | None:
         return await self._write(
-            lambda s: s.transition(job_id, from_states, attempt, changes, event, feedback, outcome)
+            lambda s: s.transition(
+                job_id, from_states, attempt, changes, event, feedback, outcome, prior=prior
+            )
         )
 
     async def append_progress(self, events: Sequence[Event]) -> bool:
