@@ -14,6 +14,7 @@ from dispatchnet.client import task_spec
 from dispatchnet.coordinator.catalogue import MAX_LISTED, TaskCatalogue
 from dispatchnet.errors import FailedPrecondition
 from dispatchnet.receipts.core import sha256, verify_receipt_message
+from dispatchnet.store.threaded import ThreadedStore
 from dispatchnet.worker.executors import BuiltinTasks
 
 COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
@@ -27,7 +28,8 @@ async def test_task_job_completes_with_a_verifiable_receipt(cluster: Cluster) ->
     assert quote.price.amount_micros == 1000 and quote.price.currency == "USD"
     assert quote.eligible_workers == 1
     job = await c.commit(quote.quote_id, "k1")
-    assert job.state == coordinator_pb2.JOB_STATE_QUEUED
+    # the free worker's offer is written with the job (see README "Job lifecycle")
+    assert job.state == coordinator_pb2.JOB_STATE_OFFERED and job.last_sequence == 2
     done = await c.wait(job.job_id)
     assert done.state == COMPLETED
     assert done.result.output.decode() == sha256(b'"hello"').hex()
@@ -299,3 +301,54 @@ async def test_declared_task_names_are_bounded(cluster: Cluster) -> None:
         await catalogue.check("nope")
     assert e.value.message.count(",") == MAX_LISTED  # MAX_LISTED names and "… (N more)"
     assert e.value.message.endswith("(84 more)")
+
+
+async def test_a_trivial_job_costs_three_write_transactions(cluster: Cluster) -> None:
+    """GetQuote, CommitJob (written already offered to the free worker) and the result
+    (written with the worker's accept, kept in memory until then)."""
+    await cluster.worker()
+    c = cluster.client()
+    await c.wait((await c.submit(task_spec("echo", b"0"))).job_id)  # the first one warms up
+    store = cluster.coord.store
+    assert isinstance(store, ThreadedStore)
+    costs = []
+    for n in range(3):  # the least of three: a background write may land in one
+        before = store.stats().writes
+        quote = await c.quote(task_spec("echo", str(n).encode()))
+        job = await c.commit(quote.quote_id, f"k{n}")
+        assert job.state == coordinator_pb2.JOB_STATE_OFFERED
+        done = await c.wait(job.job_id)
+        costs.append(store.stats().writes - before)
+        events = [i.event async for i in c.watch(job.job_id)]
+        assert [(e.sequence, e.state_change.to_state, e.state_change.reason) for e in events] == [
+            (1, coordinator_pb2.JOB_STATE_QUEUED, "committed"),
+            (2, coordinator_pb2.JOB_STATE_OFFERED, "offered"),
+            (3, coordinator_pb2.JOB_STATE_RUNNING, "accepted"),
+            (4, COMPLETED, "completed"),
+        ]
+        assert done.last_sequence == 4
+    assert min(costs) == 3, costs
+
+
+async def test_a_long_jobs_accept_is_written_before_its_offer_lease_lapses(
+    cluster: Cluster,
+) -> None:
+    """The accept is kept in memory only for a moment (well within the offer lease, 2 s
+    here): a job running longer is RUNNING in the store meanwhile, no sweep requeues it."""
+    await cluster.worker()
+    c = cluster.client()
+    job = await c.submit(task_spec("sleep", json.dumps({"ms": 3000}).encode()))
+
+    async def running() -> bool:
+        return (await c.get(job.job_id)).state == coordinator_pb2.JOB_STATE_RUNNING
+
+    await wait_until(running, within=1.5, what="the accept written")
+    done = await c.wait(job.job_id)
+    assert done.state == COMPLETED and done.attempts == 1
+    events = [i.event async for i in c.watch(job.job_id)]
+    assert [e.state_change.reason for e in events] == [
+        "committed",
+        "offered",
+        "accepted",
+        "completed",
+    ]

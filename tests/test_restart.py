@@ -76,7 +76,10 @@ async def running(jobs: JobService, key: str, worker: str = "w1") -> Job:
     assert await jobs.offer(job, worker) is not None
     accepted = await jobs.accept(job.job_id, 1, worker)
     assert accepted is not None and accepted.state is JobState.RUNNING
-    return accepted
+    await jobs.write_accepts()  # as its timer does: RUNNING in the store before the "crash"
+    stored = await jobs.store.get_job(job.job_id)
+    assert stored is not None and stored.state is JobState.RUNNING
+    return stored
 
 
 async def reasons(store: Store, job_id: str) -> list[str]:

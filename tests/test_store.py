@@ -36,6 +36,7 @@ from dispatchnet.coordinator.models import (
     PayoutRecord,
     PayoutRowState,
     Policy,
+    PriorMove,
     Privacy,
     Quote,
     Receipt,
@@ -236,6 +237,97 @@ async def test_a_payment_is_stored_with_its_job_and_accepted_once(store: Store) 
     assert not await store.payment_used(
         "eip155:31337", "0x" + "11" * 20, "0x" + "33" * 20, "0x" + f"{3:064x}"
     )
+
+
+async def test_create_job_can_write_the_job_already_offered(store: Store) -> None:
+    job = dataclasses.replace(
+        make_job("job_1"),
+        state=JobState.OFFERED,
+        worker_id="w1",
+        attempts=1,
+        lease_expires_at=112.0,
+        coordinator_id="c1",
+    )
+    created, new = await store.create_job(
+        job, queued("job_1"), _payment("job_1", 1), offered("job_1")
+    )
+    assert new and created.state is JobState.OFFERED and created.last_sequence == 2
+    assert (created.worker_id, created.attempts, created.coordinator_id) == ("w1", 1, "c1")
+    assert created.payment.authorization_id == "0x" + f"{1:064x}"
+    events = await store.events_after("job_1", 0)
+    assert [(e.sequence, e.state, e.reason) for e in events] == [
+        (1, JobState.QUEUED, "committed"),
+        (2, JobState.OFFERED, ""),
+    ]
+    assert await store.offered_at("job_1", "w1", 1) == 102.0
+    assert await store.held_attempts("w1", ["job_1"]) == {("job_1", 1)}
+    assert [j.job_id for j in await store.active_jobs("w1")] == ["job_1"]
+    assert await store.lapsed_leases(113.0) == [created]
+    # the key again: the job as it is, nothing else written
+    again, new = await store.create_job(
+        dataclasses.replace(job, job_id="job_2"), queued("job_2"), None, offered("job_2")
+    )
+    assert not new and again == created and await store.events_after("job_2", 0) == []
+    # it moves on from OFFERED as any offered job
+    running = await store.transition(
+        "job_1",
+        (JobState.OFFERED,),
+        1,
+        {"state": JobState.RUNNING},
+        Event("job_1", EventKind.STATE, JobState.RUNNING, 103.0, from_state=JobState.OFFERED),
+    )
+    assert running is not None and running.last_sequence == 3
+
+
+async def test_transition_writes_a_prior_move_first_in_the_same_transaction(
+    store: Store,
+) -> None:
+    job, _ = await store.create_job(make_job("job_1"), queued("job_1"))
+    await offer(store, job)
+    accept = PriorMove(
+        (JobState.OFFERED,),
+        1,
+        {"state": JobState.RUNNING, "lease_expires_at": 400.0},
+        Event("job_1", EventKind.STATE, JobState.RUNNING, 103.0, from_state=JobState.OFFERED,
+              reason="accepted", worker_id="w1", attempt=1),
+    )  # fmt: skip
+    done = Event("job_1", EventKind.STATE, JobState.COMPLETED, 104.0,
+                 from_state=JobState.RUNNING, reason="completed", worker_id="w1",
+                 attempt=1)  # fmt: skip
+    # the move's own condition fails: the prior one is not kept either
+    assert (
+        await store.transition(
+            "job_1", (JobState.RUNNING,), 2, {"state": JobState.COMPLETED}, done, prior=accept
+        )
+        is None
+    )
+    # the prior one's condition fails: nothing written
+    wrong = dataclasses.replace(accept, attempt=2)
+    assert (
+        await store.transition(
+            "job_1", (JobState.RUNNING,), 1, {"state": JobState.COMPLETED}, done, prior=wrong
+        )
+        is None
+    )
+    still = await store.get_job("job_1")
+    assert still is not None and still.state is JobState.OFFERED and still.last_sequence == 2
+    moved = await store.transition(
+        "job_1",
+        (JobState.RUNNING,),
+        1,
+        {"state": JobState.COMPLETED, "lease_expires_at": 0.0},
+        done,
+        outcome=("w1", True),
+        prior=accept,
+    )
+    assert moved is not None and moved.state is JobState.COMPLETED and moved.last_sequence == 4
+    events = await store.events_after("job_1", 0)
+    assert [(e.sequence, e.state, e.reason) for e in events] == [
+        (1, JobState.QUEUED, "committed"),
+        (2, JobState.OFFERED, ""),
+        (3, JobState.RUNNING, "accepted"),
+        (4, JobState.COMPLETED, "completed"),
+    ]
 
 
 async def test_transition_is_compare_and_set(store: Store) -> None:

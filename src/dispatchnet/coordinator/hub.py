@@ -191,6 +191,8 @@ class WorkerHub:
         # processes) sets _backlog and the next pass reads the queue from the store.
         self._fresh: deque[Job] = deque()
         self._backlog = True
+        self._passing = False  # a dispatch pass is matching jobs (see reserve)
+        self._reserved: dict[str, WorkerSession] = {}  # job_id -> session held by reserve
         jobs.listener = self
 
     # --- handshake and sessions ---------------------------------------------------------
@@ -476,6 +478,39 @@ class WorkerHub:
             self._avoid.pop(job.job_id, None)
         self.kick()
 
+    async def reserve(self, job: Job) -> str | None:
+        # FIFO: only while no older job may wait (nothing queued here since the last pass,
+        # no backlog in the store, no pass matching right now)
+        if self._backlog or self._fresh or self._passing or self._stopping:
+            return None
+        allowed = None
+        if job.spec.privacy is Privacy.PRIVATE:
+            allowed = await self.store.paired_workers(job.client_id)
+            if self._backlog or self._fresh or self._passing:
+                return None
+        session = self._choose(job, allowed)
+        if session is None or job.job_id in session.active:
+            return None
+        session.active[job.job_id] = job.attempts + 1
+        self.index.refresh(session)
+        self._reserved[job.job_id] = session
+        return session.worker_id
+
+    async def reserved(self, job_id: str, offered: Job | None) -> None:
+        session = self._reserved.pop(job_id)
+        if offered is None:
+            if session.active.pop(job_id, None) is not None:
+                self.index.refresh(session)
+                self.kick()  # the slot is free again
+            return
+        if session.closed or session.active.get(job_id) != offered.attempts:
+            # the worker went away (or gave the job up) while the job was written
+            session.active.pop(job_id, None)
+            self.index.refresh(session)
+            await self.jobs.requeue(offered, "worker_gone", tell_worker=False)
+            return
+        session.send(Offer(offered, self.jobs_cfg.time_limit_seconds))
+
     # --- dispatching --------------------------------------------------------------------
 
     def kick(self) -> None:
@@ -519,9 +554,23 @@ class WorkerHub:
         free = self.index.free_slots
         if free <= 0:
             return 0
+        self._passing = True
+        try:
+            chosen, left = await self._match(free)
+        finally:
+            self._passing = False
+        if left:
+            self._backlog = True
+        if not chosen:
+            return 0
+        return await self._offer_chosen(chosen)
+
+    async def _match(self, free: int) -> tuple[list[tuple[Job, WorkerSession]], bool]:
+        """Queued jobs (oldest first) matched to free workers, each worker's slot held for
+        its job; and whether a queued job was left (the next pass reads the store)."""
         chosen: list[tuple[Job, WorkerSession]] = []
         paired: dict[str, set[str]] = {}
-        left = False  # a queued job this pass did not offer: the next pass reads the store
+        left = False
         async for job in self._queued(free):
             if len(chosen) >= free:
                 left = True
@@ -542,10 +591,9 @@ class WorkerHub:
             session.active[job.job_id] = job.attempts + 1  # held while the offer is written
             self.index.refresh(session)
             chosen.append((job, session))
-        if left:
-            self._backlog = True
-        if not chosen:
-            return 0
+        return chosen, left
+
+    async def _offer_chosen(self, chosen: list[tuple[Job, WorkerSession]]) -> int:
         moved = await asyncio.gather(*(self.jobs.offer(j, s.worker_id) for j, s in chosen))
         offered = 0
         for (job, session), m in zip(chosen, moved, strict=True):

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -55,6 +56,7 @@ from dispatchnet.coordinator.models import (
     JobState,
     JobType,
     Payment,
+    PriorMove,
     Privacy,
     Quote,
     Result,
@@ -90,6 +92,11 @@ WATCH_POLL_SECONDS = 5.0
 # the memory a running job holds and the rows it writes.
 PROGRESS_FLUSH_CHUNKS = 128
 PROGRESS_FLUSH_CHARS = 16 * 1024
+# An accepted offer is kept in memory (see JobService.accept) only when this much of its
+# lease is left, and for ACCEPT_WRITE_WITHIN_SECONDS at most (a small job's result comes
+# well within it; a longer job shows RUNNING to its client soon after the accept).
+ACCEPT_DEFER_MIN_SECONDS = 1.0
+ACCEPT_WRITE_WITHIN_SECONDS = 0.1
 # Event sequence numbers are signed 64-bit in the store; no job gets near this.
 MAX_SEQUENCE = 2**63 - 1
 # Expired quotes stay this long (so a late CommitJob hears "expired", not "not found"),
@@ -186,6 +193,12 @@ class JobService:
         # progress flushes the timers started, reactions to other coordinators' changes
         self._tasks = BackgroundTasks()
         self._flushing: dict[str, asyncio.Future[None]] = {}  # job_id -> its write under way
+        # Accepts not written yet (see accept): job_id -> the job OFFERED as stored, and
+        # the accept to write first in its next transaction
+        self._accepts: dict[str, tuple[Job, PriorMove]] = {}
+        self._accepting: dict[str, asyncio.Future[None]] = {}  # a write carrying one
+        self._accepts_due = math.inf  # when the timer writes every pending accept
+        self._accept_timer: asyncio.TimerHandle | None = None
         # The jobs this process's workers hold (OFFERED or RUNNING), as this process last
         # moved them, with when each attempt was offered: what a worker's messages about
         # them are checked against without a store read. The store stays the authority:
@@ -372,16 +385,66 @@ class JobService:
         event = Event(job.job_id, EventKind.STATE, JobState.QUEUED, now, reason="committed")
         if payment is not None:
             payment = dataclasses.replace(payment, job_id=job.job_id)
-        stored, created = await self.store.create_job(job, event, payment)
-        if created:
-            self._remember(stored, event)
+        # a free worker that can take it now gets it in the same write (see reserve)
+        worker_id = await self.listener.reserve(job) if self.listener else None
+        if worker_id is None:
+            stored, created = await self.store.create_job(job, event, payment)
+            if created:
+                self._remember(stored, [event])
+                self._changed(stored)
+                self.observer.job_committed(stored)
+                if self.listener:
+                    self.listener.job_queued(stored)
+            else:
+                _same_quote(stored, quote_id)
+            return stored, created
+        assert self.listener is not None
+        offered: Job | None = None
+        try:
+            stored, created = await self.store.create_job(
+                self._offered(job, worker_id, now),
+                event,
+                payment,
+                self._offer_event(job, worker_id, now),
+            )
+            if not created:
+                return _same_quote(stored, quote_id), False
+            offered = stored
+            offer_event = dataclasses.replace(self._offer_event(job, worker_id, now), sequence=2)
+            self._remember(stored, [event, offer_event])
+            self._active[job.job_id] = (stored, now)
             self._changed(stored)
-            self.observer.job_committed(stored)
-            if self.listener:
-                self.listener.job_queued(stored)
-        else:
-            _same_quote(stored, quote_id)
-        return stored, created
+            queued = dataclasses.replace(job, payment=stored.payment)
+            self.observer.job_committed(queued)
+            self.observer.job_moved(queued, stored, "offered")
+            return stored, True
+        finally:
+            await self.listener.reserved(job.job_id, offered)
+
+    def _offered(self, job: Job, worker_id: str, now: float) -> Job:
+        """job (QUEUED, never offered) as offer() would make it: offered to worker_id."""
+        return dataclasses.replace(
+            job,
+            state=JobState.OFFERED,
+            worker_id=worker_id,
+            attempts=job.attempts + 1,
+            lease_expires_at=now + self.cfg.offer_lease_seconds,
+            coordinator_id=self.coordinator_id,
+        )
+
+    @staticmethod
+    def _offer_event(job: Job, worker_id: str, now: float) -> Event:
+        """The event of offering job (QUEUED) to worker_id, as offer() writes it."""
+        return Event(
+            job.job_id,
+            EventKind.STATE,
+            JobState.OFFERED,
+            now,
+            from_state=job.state,
+            reason="offered",
+            worker_id=worker_id,
+            attempt=job.attempts + 1,
+        )
 
     async def get(self, client_id: str, job_id: str) -> Job:
         if not job_id:
@@ -481,17 +544,113 @@ class JobService:
         )
 
     async def accept(self, job_id: str, attempt: int, worker_id: str) -> Job | None:
+        """OFFERED -> RUNNING on worker_id; None when the worker no longer holds the offer.
+
+        An offer this process made (in this life) is accepted in memory: the job runs on
+        the worker as far as this process knows, and the accept is written with the job's
+        next write (its result, failure, cancel, requeue, in one transaction), before its
+        first progress, or by a timer within ACCEPT_WRITE_WITHIN_SECONDS (far within the
+        offer lease left, so no sweep, here or at another coordinator, takes it for an
+        unanswered offer), whichever is first.
+        Watchers see "accepted" when it is written, always before what follows it."""
         job = await self._held(job_id, attempt, worker_id, (JobState.OFFERED,))
         if job is None:
             return None
-        return await self._move(
-            job,
-            (JobState.OFFERED,),
-            attempt,
+        now = self.clock()
+        changes: dict[str, object] = {
+            "state": JobState.RUNNING,
+            "updated_at": now,
+            "lease_expires_at": now + self.cfg.time_limit_seconds,
+        }
+        left = job.lease_expires_at - now
+        if (
+            self._offered_at(job_id, worker_id, attempt) is None
+            or left < ACCEPT_DEFER_MIN_SECONDS
+            or job_id in self._accepts
+            or job_id in self._accepting
+            or job_id in self._restart_holds.get(worker_id, {})
+        ):
+            return await self._move(
+                job,
+                (JobState.OFFERED,),
+                attempt,
+                JobState.RUNNING,
+                "accepted",
+                lease_expires_at=changes["lease_expires_at"],
+            )
+        event = Event(
+            job_id,
+            EventKind.STATE,
             JobState.RUNNING,
-            "accepted",
-            lease_expires_at=self.clock() + self.cfg.time_limit_seconds,
+            now,
+            from_state=JobState.OFFERED,
+            reason="accepted",
+            worker_id=worker_id,
+            attempt=attempt,
         )
+        running = dataclasses.replace(job, **changes)  # type: ignore[arg-type]
+        self._accepts[job_id] = (job, PriorMove((JobState.OFFERED,), attempt, changes, event))
+        held = self._active.get(job_id)
+        self._active[job_id] = (running, held[1] if held else now)
+        self._accepts_later(now + min(left / 2, ACCEPT_WRITE_WITHIN_SECONDS))
+        return running
+
+    def _accepts_later(self, due: float) -> None:
+        """The pending accepts are written by `due` (this clock's time) at the latest."""
+        if due >= self._accepts_due:
+            return
+        self._accepts_due = due
+        if self._accept_timer is not None:
+            self._accept_timer.cancel()
+        delay = max(0.0, due - self.clock())
+        loop = asyncio.get_running_loop()
+        self._accept_timer = loop.call_later(delay, self._accepts_timer_fired)
+
+    def _accepts_timer_fired(self) -> None:
+        self._accept_timer = None
+        self._accepts_due = math.inf
+        self._tasks.start(self.write_accepts(), "writing accepts")
+
+    async def write_accepts(self, due_by: float = math.inf) -> None:
+        """Writes the pending accepts (those due by `due_by`, this clock's time; all by
+        default) now, together (the store may commit them in one transaction)."""
+        ids = [j for j, (job, _) in self._accepts.items() if job.lease_expires_at <= due_by]
+        if ids:
+            await asyncio.gather(*(self._write_accept(j) for j in ids))
+
+    async def _write_accept(self, job_id: str) -> None:
+        """Writes the job's pending accept alone (none pending: nothing)."""
+        while (writing := self._accepting.get(job_id)) is not None:
+            await writing
+        pending = self._accepts.pop(job_id, None)
+        if pending is None:
+            return
+        offered, prior = pending
+        done = asyncio.get_running_loop().create_future()
+        self._accepting[job_id] = done
+        try:
+            moved = await self.store.transition(
+                job_id, prior.from_states, prior.attempt, prior.changes, prior.event
+            )
+            if moved is not None:
+                self._moved(offered, moved, prior.event, "accepted")
+            else:  # the offer lapsed meanwhile (or the job moved on at another coordinator)
+                await self._accept_lost(job_id, offered)
+        finally:
+            del self._accepting[job_id]
+            done.set_result(None)
+
+    async def _accept_lost(self, job_id: str, offered: Job) -> None:
+        """A pending accept could not be written (the job is no longer the worker's
+        offer): the worker is told to stop."""
+        held = self._active.get(job_id)
+        if held is not None and (held[0].worker_id, held[0].attempts) == (
+            offered.worker_id,
+            offered.attempts,
+        ):
+            del self._active[job_id]
+        now = await self.store.get_job(job_id) or offered
+        self._release(now, offered.worker_id, offered.attempts, "offer no longer valid", True)
 
     async def resume(self, job_id: str, attempt: int, worker_id: str) -> Job | None:
         """A reconnecting worker still runs an attempt: if the job still waits for it
@@ -534,6 +693,8 @@ class JobService:
     ) -> None:
         """A chunk of output of the running attempt: numbered and sent to watchers now,
         written to the store with the chunks around it (see the module docstring)."""
+        if job_id in self._accepts or job_id in self._accepting:
+            await self._write_accept(job_id)  # "accepted" comes before its progress
         job = await self._held(job_id, attempt, worker_id, (JobState.RUNNING,))
         if job is None:
             return
@@ -590,13 +751,20 @@ class JobService:
                 job.state not in ACTIVE_STATES
                 or (job.worker_id, job.attempts) != (mine.worker_id, mine.attempts)
             ) and self._active.pop(job_id, None) is not None:
+                self._accepts.pop(job_id, None)  # its accept is moot
                 reason = "cancelled" if job.state is JobState.CANCELLED else "moved_elsewhere"
                 self._release(job, mine.worker_id, mine.attempts, reason, tell_worker=True)
         if job.state is JobState.QUEUED and self.listener:
             self.listener.job_queued(job)
 
     async def drain(self) -> None:
-        """Waits for the tasks this service started (before the store closes)."""
+        """Writes the pending accepts and waits for the tasks this service started
+        (before the store closes)."""
+        if self._accept_timer is not None:
+            self._accept_timer.cancel()
+            self._accept_timer = None
+            self._accepts_due = math.inf
+        await self.write_accepts()
         await self._tasks.drain()
 
     async def flush_progress(self, job_id: str | None = None) -> None:
@@ -810,6 +978,8 @@ class JobService:
         (GetQuote is public, so they must not pile up). Progress this process holds is
         flushed here; the rest runs on one coordinator at a time (the store's pass lock)."""
         now = self.clock()
+        # backstop for the accept timer: an accept whose offer lease is about to lapse
+        await self.write_accepts(now + self.cfg.offer_lease_seconds / 2)
         for job_id in self.live.with_pending():  # backstop for the flush timers
             if self.live.pending(job_id)[2] + self.cfg.progress_flush_seconds <= now:
                 await self.flush_progress(job_id)
@@ -1068,12 +1238,17 @@ class JobService:
         last = await self.store.events_after(job.job_id, job.last_sequence - 1, limit=1)
         return bool(last) and last[0].kind is EventKind.STATE and last[0].reason == RESTARTED
 
-    def _remember(self, job: Job, event: Event) -> None:
-        """A job just created here, its `event` the only one: held in memory (LiveEvents'
-        recent jobs) so that a WatchJob of it needs no store read. Not when it moved on
-        meanwhile (memory would start behind)."""
-        if job.state is event.state and job.last_sequence == 1 and job.job_id not in self._active:
-            self.live.state(dataclasses.replace(event, sequence=1), job, watched=True)
+    def _remember(self, job: Job, events: list[Event]) -> None:
+        """A job just created here with `events` (its only ones, in order): held in memory
+        (LiveEvents' recent jobs) so that a WatchJob of it needs no store read. Not when it
+        moved on meanwhile (memory would start behind)."""
+        if (
+            job.state is events[-1].state
+            and job.last_sequence == len(events)
+            and job.job_id not in self._active
+        ):
+            for sequence, event in enumerate(events, 1):
+                self.live.state(dataclasses.replace(event, sequence=sequence), job, watched=True)
             if not self.notifier.watched(job.job_id):
                 self.live.release(job.job_id)
 
@@ -1135,6 +1310,62 @@ class JobService:
         """(write: the store write of the move, when it is more than a transition: it is
         given the changes, with state and updated_at, and the event.)"""
         await self.flush_progress(job.job_id)  # progress first: stored sequences stay in order
+        while (writing := self._accepting.get(job.job_id)) is not None:
+            await writing  # a write carrying the job's accept is under way
+        prior: PriorMove | None = None
+        offered: Job | None = None
+        pending = self._accepts.get(job.job_id)
+        if pending is not None:
+            fold = (
+                write is None
+                and JobState.RUNNING in from_states
+                and (job.worker_id, job.attempts) == (pending[0].worker_id, pending[0].attempts)
+            )
+            if not fold:
+                await self._write_accept(job.job_id)
+            else:  # written first in this move's transaction
+                offered, prior = self._accepts.pop(job.job_id)
+                job = dataclasses.replace(job, **prior.changes)
+        if prior is None:
+            return await self._move_now(
+                job, from_states, attempt, to, reason, feedback, outcome, write, None, None, changes
+            )
+        done = asyncio.get_running_loop().create_future()
+        self._accepting[job.job_id] = done
+        try:
+            return await self._move_now(
+                job,
+                from_states,
+                attempt,
+                to,
+                reason,
+                feedback,
+                outcome,
+                write,
+                offered,
+                prior,
+                changes,
+            )
+        finally:
+            del self._accepting[job.job_id]
+            done.set_result(None)
+
+    async def _move_now(
+        self,
+        job: Job,
+        from_states: tuple[JobState, ...],
+        attempt: int | None,
+        to: JobState,
+        reason: str,
+        feedback: FeedbackEntry | None,
+        outcome: tuple[str, bool] | None,
+        write: Callable[[dict[str, object], Event], Awaitable[Job | None]] | None,
+        offered: Job | None,
+        prior: PriorMove | None,
+        changes: dict[str, object],
+    ) -> Job | None:
+        """_move's write (prior: the job's pending accept, written first; offered: the
+        job as it was offered)."""
         now = self.clock()
         worker_id = str(changes.get("worker_id", job.worker_id))
         new_attempt = int(changes.get("attempts", job.attempts))  # type: ignore[call-overload]
@@ -1153,29 +1384,41 @@ class JobService:
             moved = await write(changes, event)
         else:
             moved = await self.store.transition(
-                job.job_id, from_states, attempt, changes, event, feedback, outcome
+                job.job_id, from_states, attempt, changes, event, feedback, outcome, prior=prior
             )
+        if prior is not None and offered is not None:
+            if moved is None:
+                await self._accept_lost(job.job_id, offered)
+                return None
+            # the accept, one before the move's event
+            accepted = dataclasses.replace(
+                job, last_sequence=moved.last_sequence - 1, updated_at=prior.event.time
+            )
+            self._moved(offered, accepted, prior.event, "accepted")
         if moved is not None:
-            if to in ACTIVE_STATES:
-                # when the attempt was offered: known when this process offered it
-                known = self._active.get(job.job_id)
-                offered = now if to is JobState.OFFERED else known[1] if known else None
-                self._active[job.job_id] = (moved, offered)
-            else:
-                self._active.pop(job.job_id, None)
-            watched = self.notifier.watched(job.job_id)
-            self.live.state(
-                dataclasses.replace(event, sequence=moved.last_sequence), moved, watched
-            )
-            if not self.notifier.watched(job.job_id):
-                self.live.release(job.job_id)
-            self._drop_hold(job.worker_id, job.job_id)  # any move ends a restart hold
-            self._changed(moved)
-            self.observer.job_moved(job, moved, reason)
-            if to.final:
-                for listener in self.final_listeners:
-                    listener(moved)
+            self._moved(job, moved, event, reason)
         return moved
+
+    def _moved(self, job: Job, moved: Job, event: Event, reason: str) -> None:
+        """What follows a written move of job (as it was) to moved, with its event."""
+        to = moved.state
+        if to in ACTIVE_STATES:
+            # when the attempt was offered: known when this process offered it
+            known = self._active.get(job.job_id)
+            offered = event.time if to is JobState.OFFERED else known[1] if known else None
+            self._active[job.job_id] = (moved, offered)
+        else:
+            self._active.pop(job.job_id, None)
+        watched = self.notifier.watched(job.job_id)
+        self.live.state(dataclasses.replace(event, sequence=moved.last_sequence), moved, watched)
+        if not self.notifier.watched(job.job_id):
+            self.live.release(job.job_id)
+        self._drop_hold(job.worker_id, job.job_id)  # any move ends a restart hold
+        self._changed(moved)
+        self.observer.job_moved(job, moved, reason)
+        if to.final:
+            for listener in self.final_listeners:
+                listener(moved)
 
     def _feedback(
         self, job: Job, worker_id: str, success: bool, feedback_hash: bytes, agent: str = ""

@@ -9,6 +9,7 @@ import dataclasses
 import enum
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class JobType(enum.IntEnum):
@@ -399,6 +400,17 @@ class Event:
     def final(self) -> bool:
         """A change to a final state: the job's last event."""
         return self.kind is EventKind.STATE and self.state.final
+
+
+@dataclass(frozen=True)
+class PriorMove:
+    """A job's earlier transition not written yet (an accept kept in memory), written
+    first in the transaction of its next one (see JobRepository.transition)."""
+
+    from_states: tuple[JobState, ...]
+    attempt: int | None
+    changes: dict[str, Any]
+    event: Event
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from dispatchnet.coordinator.models import (
     PayoutDue,
     PayoutRecord,
     PayoutRowState,
+    PriorMove,
     Quote,
     Receipt,
     ReceiptBatch,
@@ -116,6 +117,18 @@ class JobListener(Protocol):
         self, job: Job, worker_id: str, attempt: int, reason: str, tell_worker: bool
     ) -> None:
         """worker_id no longer holds the job's attempt; tell_worker: send it a cancel."""
+        ...
+
+    async def reserve(self, job: Job) -> str | None:
+        """A worker for the new job `job` (CommitJob, before it is written): a free one the
+        dispatcher would choose, and only while no older queued job waits for a worker;
+        its slot is held for the job until `reserved`. None: the job is written QUEUED."""
+        ...
+
+    async def reserved(self, job_id: str, offered: Job | None) -> None:
+        """The end of the hold `reserve` made for job_id: `offered` is the job as written,
+        OFFERED to that worker (the offer goes out now, or the job is requeued if the
+        worker went away meanwhile); None: it was not written so (the slot is free)."""
         ...
 
 
@@ -262,12 +275,19 @@ class JobRepository(Protocol):
     """Jobs and their sequence-numbered events."""
 
     async def create_job(
-        self, job: Job, event: Event, payment: Payment | None = None
+        self,
+        job: Job,
+        event: Event,
+        payment: Payment | None = None,
+        offered: Event | None = None,
     ) -> tuple[Job, bool]:
         """Inserts job with its first event (and its payment, in the same transaction); if
         (client_id, idempotency_key) exists already, returns that job and False instead and
-        stores no payment. Raises PaymentReused when the payment's (network, asset, payer,
-        authorization_id) belongs to another job already."""
+        stores no payment (nor `offered`). Raises PaymentReused when the payment's (network,
+        asset, payer, authorization_id) belongs to another job already. offered: the job
+        is written already offered to its worker (job says so: state OFFERED, worker_id,
+        attempts, lease, coordinator_id), and this is its second event (sequence 2), stored
+        in the same transaction after `event` (sequence 1)."""
         ...
 
     async def get_job(self, job_id: str) -> Job | None: ...
@@ -282,13 +302,17 @@ class JobRepository(Protocol):
         event: Event | None,
         feedback: FeedbackEntry | None = None,
         outcome: tuple[str, bool] | None = None,
+        prior: PriorMove | None = None,
     ) -> Job | None:
         """Applies changes (Job field names; KeyError for another name) if the job is in
         one of from_states (and at attempt, when given), appending event, adding
         `feedback` to the feedback outbox (at most one entry per job) and counting
         `outcome` (worker_id, success) in the worker's completed/failed totals and in its
         tally of the event's UTC day (worker_days), all in the
-        same transaction; the job as it is then, or None when the condition did not hold."""
+        same transaction; the job as it is then, or None when the condition did not hold.
+        prior: a transition applied first in the same transaction, with its own
+        compare-and-set and event (the event before `event`); when either condition
+        does not hold, nothing is written (None)."""
         ...
 
     async def append_progress(self, events: Sequence[Event]) -> bool:

@@ -72,6 +72,7 @@ from dispatchnet.coordinator.models import (
     PayoutDue,
     PayoutRecord,
     PayoutRowState,
+    PriorMove,
     Quote,
     ReceiptBatch,
     ReceiptLeaf,
@@ -724,12 +725,16 @@ class PostgresStore:
     # --- jobs ---------------------------------------------------------------------------
 
     async def create_job(
-        self, job: Job, event: Event, payment: Payment | None = None
+        self,
+        job: Job,
+        event: Event,
+        payment: Payment | None = None,
+        offered: Event | None = None,
     ) -> tuple[Job, bool]:
         if payment is not None:
             job = dataclasses.replace(job, payment=payment.ref())
         row = job_row(job)
-        row["last_sequence"] = 1
+        row["last_sequence"] = 1 if offered is None else 2
         row["use_llm"] = bool(row["use_llm"])
         cols = ",".join(row)
         n = len(row)
@@ -751,7 +756,9 @@ class PostgresStore:
                 )
                 return job_of(existing), False
             await _insert_event(c, event, 1)
-            await self._notify(c, job.job_id, event.state)
+            if offered is not None:
+                await _insert_event(c, offered, 2)
+            await self._notify(c, job.job_id, job.state)
             if payment is not None:
                 try:
                     await _insert_payment(c, payment)
@@ -788,9 +795,27 @@ class PostgresStore:
         event: Event | None,
         feedback: FeedbackEntry | None = None,
         outcome: tuple[str, bool] | None = None,
+        prior: PriorMove | None = None,
     ) -> Job | None:
         op = self._transition(job_id, from_states, attempt, changes, event, feedback, outcome)
-        return await self._write(op)
+        if prior is None:
+            return await self._write(op)
+        first = self._transition(
+            job_id, prior.from_states, prior.attempt, prior.changes, prior.event
+        )
+
+        async def both(c: Conn) -> Job | None:
+            if await first(c) is None:
+                return None
+            moved = await op(c)
+            if moved is None:
+                raise _Undo  # the prior move alone is not kept: roll back
+            return moved
+
+        try:
+            return await self._write(both)
+        except _Undo:
+            return None
 
     def _transition(
         self,
@@ -1886,3 +1911,7 @@ async def open_postgres_store(url: str, pool_size: int = 10) -> PostgresStore:
 
 
 _: type[Store] = PostgresStore  # mypy checks that PostgresStore implements the Store port
+
+
+class _Undo(Exception):
+    """A transition's prior move held but the transition did not: roll both back."""

@@ -40,6 +40,7 @@ from dispatchnet.coordinator.models import (
     PayoutDue,
     PayoutRecord,
     PayoutRowState,
+    PriorMove,
     Quote,
     ReceiptBatch,
     ReceiptLeaf,
@@ -724,12 +725,16 @@ class SqliteStore:
     # --- jobs ---------------------------------------------------------------------------
 
     def create_job(
-        self, job: Job, event: Event, payment: Payment | None = None
+        self,
+        job: Job,
+        event: Event,
+        payment: Payment | None = None,
+        offered: Event | None = None,
     ) -> tuple[Job, bool]:
         if payment is not None:
             job = dataclasses.replace(job, payment=payment.ref())
         row = job_row(job)
-        row["last_sequence"] = 1
+        row["last_sequence"] = 1 if offered is None else 2
         with self._tx():
             existing = self._conn.execute(
                 "SELECT * FROM jobs WHERE client_id=? AND idempotency_key=?",
@@ -743,6 +748,8 @@ class SqliteStore:
                 tuple(row.values()),
             )
             self._insert_event(event, 1)
+            if offered is not None:
+                self._insert_event(offered, 2)
             self._conn.execute(
                 "UPDATE jobs SET module_sha256="
                 "(SELECT module_sha256 FROM quotes WHERE quote_id=?) WHERE job_id=?",
@@ -780,9 +787,43 @@ class SqliteStore:
         feedback: FeedbackEntry | None = None,
         outcome: tuple[str, bool] | None = None,
         then: Callable[[], None] | None = None,
+        prior: PriorMove | None = None,
     ) -> Job | None:
         """(then: more writes of the same transaction, run after the compare-and-set
         held; what they raise rolls it all back.)"""
+        try:
+            with self._tx():
+                if prior is not None and (
+                    self._cas(job_id, prior.from_states, prior.attempt, prior.changes, prior.event)
+                    is None
+                ):
+                    return None
+                r = self._cas(job_id, from_states, attempt, changes, event)
+                if r is None:
+                    if prior is not None:
+                        raise _Undo  # the prior move alone is not kept
+                    return None
+                if feedback is not None:
+                    self._insert_feedback(feedback)
+                if outcome is not None:
+                    at = event.time if event is not None else float(r["updated_at"] or 0.0)
+                    self._record_outcome(*outcome, at)
+                if then is not None:
+                    then()
+        except _Undo:
+            return None
+        return job_of(r)
+
+    def _cas(
+        self,
+        job_id: str,
+        from_states: Sequence[JobState],
+        attempt: int | None,
+        changes: dict[str, Any],
+        event: Event | None,
+    ) -> sqlite3.Row | None:
+        """A transition's compare-and-set and its event, inside a transaction: the job's
+        new row, or None when the condition did not hold."""
         values = changes_row(changes)
         sets = [f"{k}=?" for k in values]
         if event is not None:
@@ -796,24 +837,16 @@ class SqliteStore:
         params = (*values.values(), job_id, *(int(st) for st in from_states))
         if attempt is not None:
             params += (attempt,)
-        with self._tx():
-            # the compare-and-set and the new row in one statement: nothing is read back
-            rows = self._conn.execute(
-                f"UPDATE jobs SET {','.join(sets)} WHERE {where} RETURNING *", params
-            ).fetchall()
-            if not rows:
-                return None
-            r = rows[0]
-            if event is not None:
-                self._insert_event(event, r["last_sequence"])
-            if feedback is not None:
-                self._insert_feedback(feedback)
-            if outcome is not None:
-                at = event.time if event is not None else float(r["updated_at"] or 0.0)
-                self._record_outcome(*outcome, at)
-            if then is not None:
-                then()
-        return job_of(r)
+        # the compare-and-set and the new row in one statement: nothing is read back
+        rows = self._conn.execute(
+            f"UPDATE jobs SET {','.join(sets)} WHERE {where} RETURNING *", params
+        ).fetchall()
+        if not rows:
+            return None
+        r: sqlite3.Row = rows[0]
+        if event is not None:
+            self._insert_event(event, r["last_sequence"])
+        return r
 
     def append_progress(self, events: Sequence[Event]) -> bool:
         if not events:
@@ -1650,3 +1683,7 @@ class SqliteStore:
             "SELECT completed, failed FROM workers WHERE worker_id=?", (worker_id,)
         ).fetchone()
         return (0, 0) if r is None else (int(r["completed"]), int(r["failed"]))
+
+
+class _Undo(Exception):
+    """A transition's prior move held but the transition did not: roll both back."""

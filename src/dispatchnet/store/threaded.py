@@ -42,6 +42,7 @@ from dispatchnet.coordinator.models import (
     PayoutDue,
     PayoutRecord,
     PayoutRowState,
+    PriorMove,
     Quote,
     ReceiptBatch,
     ReceiptLeaf,
@@ -406,9 +407,13 @@ class ThreadedStore:
     # --- jobs ---------------------------------------------------------------------------
 
     async def create_job(
-        self, job: Job, event: Event, payment: Payment | None = None
+        self,
+        job: Job,
+        event: Event,
+        payment: Payment | None = None,
+        offered: Event | None = None,
     ) -> tuple[Job, bool]:
-        return await self._write(lambda s: s.create_job(job, event, payment))
+        return await self._write(lambda s: s.create_job(job, event, payment, offered))
 
     async def get_job(self, job_id: str) -> Job | None:
         return await self._read(lambda s: s.get_job(job_id))
@@ -425,9 +430,12 @@ class ThreadedStore:
         event: Event | None,
         feedback: FeedbackEntry | None = None,
         outcome: tuple[str, bool] | None = None,
+        prior: PriorMove | None = None,
     ) -> Job | None:
         return await self._write(
-            lambda s: s.transition(job_id, from_states, attempt, changes, event, feedback, outcome)
+            lambda s: s.transition(
+                job_id, from_states, attempt, changes, event, feedback, outcome, prior=prior
+            )
         )
 
     async def append_progress(self, events: Sequence[Event]) -> bool:
