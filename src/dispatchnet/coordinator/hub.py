@@ -45,6 +45,7 @@ RESULT_KINDS = frozenset({"completed", "failed"})
 # Heartbeats may pass [workers] max_heartbeats_per_second by this factor before earlier
 # sessions' intervals are stretched (see WorkerHub.evict_silent).
 HEARTBEAT_SLACK = 1.1
+EVICTION_CHECKS_PER_WINDOW = 6  # silent-worker checks per [workers] eviction_seconds
 # After an internal error ends a session, the worker waits this long before reconnecting.
 INTERNAL_ERROR_RETRY_AFTER_SECONDS = 5
 log = logging.getLogger("dispatch.hub")
@@ -692,7 +693,11 @@ class WorkerHub:
     async def run(self) -> None:
         """Dispatch on every kick; sweep leases, queue timeouts and silent workers periodically."""
         interval = self.jobs_cfg.sweep_interval_seconds
-        next_sweep = 0.0
+        # Silent workers are looked for less often than leases: a walk over every session
+        # (thousands of seekers) each second was most of an idle coordinator's Python. An
+        # eviction then comes at most EVICTION_CHECKS_PER_WINDOW-th of its time late.
+        evict_every = max(interval, self.workers_cfg.eviction_seconds / EVICTION_CHECKS_PER_WINDOW)
+        next_sweep = next_evict = 0.0
         while not self._stopping:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
             with contextlib.suppress(TimeoutError):
@@ -703,8 +708,10 @@ class WorkerHub:
                 if self.clock() >= next_sweep:
                     self._backlog = True  # jobs queued by other processes, if any
                     await self.jobs.sweep()
-                    await self.evict_silent()
                     next_sweep = self.clock() + interval
+                    if self.clock() >= next_evict:
+                        await self.evict_silent()
+                        next_evict = self.clock() + evict_every
                 await self.dispatch_once()
             except Exception:
                 log.exception("dispatch pass failed; retrying on the next tick")
