@@ -433,7 +433,7 @@ async def bench_jobs(
             if record_commit:
                 commits.samples.append(time.perf_counter() - t)
             committed.append(j.job_id)
-            await c.wait(j.job_id)
+            await c.wait(j.job_id, j.last_sequence)
 
         await job()  # warm up (connections, token, first payment's token metadata)
         e2e_one = await closed_loop(f"{label} job end to end, 1 submitter", 1, seconds / 2, job)
@@ -763,7 +763,7 @@ async def scale_jobs(
         async def job() -> None:
             spec = task_spec("echo", f"{label} job {next(counter)}".encode())
             j = await c.commit((await c.quote(spec)).quote_id)
-            await c.wait(j.job_id)
+            await c.wait(j.job_id, j.last_sequence)
 
         await job()  # warm up
         e2e = await closed_loop(f"{label}: job end to end, 1 submitter", 1, seconds / 2, job)

@@ -372,7 +372,7 @@ async def run_jobs(
                 c = clients[n % len(clients)]
                 spec = task_spec("echo", f"{slug} job {n}".encode())
                 j = await c.commit((await c.quote(spec)).quote_id)
-                await c.wait(j.job_id)
+                await c.wait(j.job_id, j.last_sequence)
 
             for _ in clients:
                 await job()  # warm up each coordinator

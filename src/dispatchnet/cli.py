@@ -564,7 +564,7 @@ async def cmd_job_submit(args: argparse.Namespace) -> int:
         quote = await c.quote(spec)
         job = await c.commit(quote.quote_id, args.idempotency_key or "")
         if args.wait:
-            job = await c.wait(job.job_id)
+            job = await c.wait(job.job_id, job.last_sequence)
         out = job_json(job, c)
     emit(out)
     if args.wait and job.state != coordinator_pb2.JOB_STATE_COMPLETED:

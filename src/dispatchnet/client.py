@@ -402,9 +402,10 @@ class CoordinatorClient:
             finally:  # a watcher that stops early (or is cancelled) ends the stream at once
                 call.cancel()
 
-    async def wait(self, job_id: str) -> coordinator_pb2.Job:
-        """Watches until the job is final (resuming after dropped streams); the final job."""
-        after = 0
+    async def wait(self, job_id: str, after: int = 0) -> coordinator_pb2.Job:
+        """Watches until the job is final (resuming after dropped streams); the final job.
+        after: the last sequence the caller has seen (CommitJob's `job.last_sequence`):
+        the stream then carries only what came since."""
         while True:
             try:
                 async for item in self.watch(job_id, after):

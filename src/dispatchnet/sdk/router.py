@@ -619,7 +619,10 @@ class ComputeRouter:
         loop = asyncio.get_running_loop()
         pickup_at = loop.time() + o.pickup_timeout
         picked = job.state in (RUNNING, COMPLETED, FAILED, CANCELLED)
-        after, failures = 0, 0
+        # what the commit answered is known: the stream starts after it (from the start
+        # when the job is final already, so that its final event comes with the job)
+        ended = job.state in (COMPLETED, FAILED, CANCELLED)
+        after, failures = (0 if ended else job.last_sequence), 0
         while True:
             events = client.watch(job.job_id, after)
             try:
