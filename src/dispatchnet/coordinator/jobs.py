@@ -546,7 +546,8 @@ class JobService:
     async def accept(self, job_id: str, attempt: int, worker_id: str) -> Job | None:
         """OFFERED -> RUNNING on worker_id; None when the worker no longer holds the offer.
 
-        An offer this process made (in this life) is accepted in memory: the job runs on
+        An offer this process made (in this life) is accepted in memory (unless the job
+        streams model output: its first token would wait for the write): the job runs on
         the worker as far as this process knows, and the accept is written with the job's
         next write (its result, failure, cancel, requeue, in one transaction), before its
         first progress, or by a timer within ACCEPT_WRITE_WITHIN_SECONDS (far within the
@@ -564,7 +565,8 @@ class JobService:
         }
         left = job.lease_expires_at - now
         if (
-            self._offered_at(job_id, worker_id, attempt) is None
+            job.spec.needs_llm  # its first token follows soon: written now, off its path
+            or self._offered_at(job_id, worker_id, attempt) is None
             or left < ACCEPT_DEFER_MIN_SECONDS
             or job_id in self._accepts
             or job_id in self._accepting
