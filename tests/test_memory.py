@@ -68,3 +68,25 @@ async def test_memory_returns_to_baseline_after_a_burst_of_huge_requests(
             f"peak {peak:.0f})",
         )
         assert coord.p.poll() is None
+
+
+async def test_heap_freezer_freezes_after_a_wave_of_workers_and_reclaims() -> None:
+    """Connected workers are frozen out of the cyclic collector shortly after they come;
+    a reclaim unfreezes, collects once and freezes again (cycles made meanwhile freed)."""
+    import gc
+
+    from dispatchnet.memory import HeapFreezer
+
+    heap = HeapFreezer(delay=0.01, reclaim=0.05)
+    try:
+        heap.start()
+        assert heap.freezes == 1 and gc.get_freeze_count() > 0
+        for n in range(1, 4):  # a wave of three: one freeze after it
+            heap.sessions_changed(n)
+        await wait_until(lambda: heap.freezes == 2, what="a freeze after the wave")
+        assert heap.scheduled is None and heap.frozen_since_reclaim
+        await wait_until(lambda: not heap.frozen_since_reclaim, what="a reclaim")
+        assert gc.get_freeze_count() > 0  # frozen again after the reclaim
+    finally:
+        await heap.close()
+        gc.unfreeze()  # this test process keeps collecting what it made

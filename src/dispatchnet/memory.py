@@ -1,5 +1,8 @@
-"""Gives freed heap back to the OS after big requests (glibc's malloc_trim).
+"""Keeps the heap in shape: gives freed heap back to the OS after big requests (glibc's
+malloc_trim), and keeps long-lived objects out of the cyclic garbage collector's full passes
+(HeapFreezer).
 
+MemoryTrimmer:
 grpc and protobuf copy a multi-MiB request several times; after a burst of them the memory
 is free but glibc keeps it (measured: a coordinator at ~60 MB stayed at ~260 MB after 200
 requests of 4 MiB; MALLOC_ARENA_MAX did not help, malloc_trim(0) did). A trim is cheap, runs
@@ -10,9 +13,12 @@ once more after the last. Where there is no malloc_trim (not glibc), this does n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
+import gc
 import logging
+import time
 from collections.abc import Callable
 
 log = logging.getLogger("dispatch.memory")
@@ -20,6 +26,10 @@ log = logging.getLogger("dispatch.memory")
 # A request at least this big schedules a trim.
 TRIM_AFTER_BYTES = 1024 * 1024
 TRIM_DELAY_SECONDS = 1.0
+# HeapFreezer: workers that connected are frozen this long after the last of a wave, and
+# what was frozen is looked at again (one full collection) this often.
+FREEZE_DELAY_SECONDS = 2.0
+RECLAIM_SECONDS = 3600.0
 
 
 def _malloc_trim() -> Callable[[], object] | None:
@@ -71,3 +81,69 @@ class MemoryTrimmer:
         if self.scheduled is not None:
             self.scheduled.cancel()
             self.scheduled = None
+
+
+class HeapFreezer:
+    """Moves what exists into the cyclic collector's permanent generation (gc.freeze) once
+    a wave of worker sessions has connected, so that full collections scan only what jobs
+    made since. Each connected worker is thousands of objects (its stream, its gRPC call,
+    its session) that live as long as it stays; with 5,000 seekers connected a full
+    collection over them paused the event loop 100-270 ms every one to three seconds
+    under load (measured). Frozen objects are never collected as cyclic garbage, so once
+    every `reclaim` seconds everything is unfrozen, collected once (one pause of that
+    size) and frozen again: cycles left by workers that went away are freed then.
+    For long-running processes only (`dispatch coordinator`): a test process that freezes
+    keeps every cycle it makes."""
+
+    def __init__(
+        self, delay: float = FREEZE_DELAY_SECONDS, reclaim: float = RECLAIM_SECONDS
+    ) -> None:
+        self.delay, self.reclaim = delay, reclaim
+        self.scheduled: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.freezes = 0
+        self.frozen_since_reclaim = False
+
+    def start(self) -> None:
+        """Freezes what exists now, and reclaims every `reclaim` seconds. In the loop."""
+        gc.collect()
+        self._freeze()
+        if self.task is None:
+            self.task = asyncio.create_task(self._reclaim_loop(), name="heap-reclaim")
+
+    def sessions_changed(self, connected: int) -> None:
+        """A worker connected: a freeze `delay` seconds from now, unless one is due."""
+        if self.scheduled is not None:
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to schedule
+            loop = asyncio.get_running_loop()
+            self.scheduled = loop.call_later(self.delay, self._freeze)
+
+    def _freeze(self) -> None:
+        self.scheduled = None
+        gc.freeze()
+        self.freezes += 1
+        self.frozen_since_reclaim = True
+
+    async def _reclaim_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.reclaim)
+            if not self.frozen_since_reclaim:
+                continue
+            start = time.perf_counter()
+            gc.unfreeze()
+            freed = gc.collect()
+            gc.freeze()
+            self.frozen_since_reclaim = False
+            log.info("heap reclaimed: %d cyclic objects freed in %.0f ms", freed,
+                     1000 * (time.perf_counter() - start))  # fmt: skip
+
+    async def close(self) -> None:
+        if self.scheduled is not None:
+            self.scheduled.cancel()
+            self.scheduled = None
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None

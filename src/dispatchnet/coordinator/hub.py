@@ -177,6 +177,9 @@ class WorkerHub:
         self.rng = rng or random.Random()
         self.sessions: dict[str, WorkerSession] = {}
         self.observer: Observer = NULL_OBSERVER  # metrics and the dashboard (observability/)
+        # called with the number of sessions once a worker has connected (the process's
+        # heap keeping: memory.HeapFreezer)
+        self.session_listeners: list[Callable[[int], None]] = []
         # the same sessions by what they can run and by free slots: refresh a session in it
         # after every change of its load (active, foreign) or draining flag
         self.index: WorkerIndex[WorkerSession] = WorkerIndex()
@@ -282,6 +285,8 @@ class WorkerHub:
         self._log_ignored(session, session.ignored)
         await self.jobs.worker_returned(worker_id, set(session.active))
         self.index.add(session)
+        for listener in self.session_listeners:
+            listener(len(self.sessions))
         log.info("worker %s… connected (%s)", worker_id[:12], hello.kind.name.lower(),
                  extra={"worker_id": worker_id})  # fmt: skip
         self.kick()
