@@ -125,7 +125,8 @@ class CoordinatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CommitJob(self, request, context):
-        """Turns a quote into a queued job. Idempotent on idempotency_key per client.
+        """Turns a quote into a job: QUEUED, or OFFERED already when a free worker can
+        take it at once. Idempotent on idempotency_key per client.
         When the profile has payments on, the call must carry an x402 payment
         (see README); otherwise it is free.
         """

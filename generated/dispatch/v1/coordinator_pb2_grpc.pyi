@@ -66,7 +66,8 @@ class CoordinatorServiceStub:
     TaskRequest.name).
     """
     CommitJob: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CommitJobRequest, _coordinator_pb2.CommitJobResponse]
-    """Turns a quote into a queued job. Idempotent on idempotency_key per client.
+    """Turns a quote into a job: QUEUED, or OFFERED already when a free worker can
+    take it at once. Idempotent on idempotency_key per client.
     When the profile has payments on, the call must carry an x402 payment
     (see README); otherwise it is free.
     """
@@ -131,7 +132,8 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     TaskRequest.name).
     """
     CommitJob: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CommitJobRequest, _coordinator_pb2.CommitJobResponse]  # type: ignore[assignment]
-    """Turns a quote into a queued job. Idempotent on idempotency_key per client.
+    """Turns a quote into a job: QUEUED, or OFFERED already when a free worker can
+    take it at once. Idempotent on idempotency_key per client.
     When the profile has payments on, the call must carry an x402 payment
     (see README); otherwise it is free.
     """
@@ -205,7 +207,8 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.CommitJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.CommitJobResponse, _abc.Awaitable[_coordinator_pb2.CommitJobResponse]]:
-        """Turns a quote into a queued job. Idempotent on idempotency_key per client.
+        """Turns a quote into a job: QUEUED, or OFFERED already when a free worker can
+        take it at once. Idempotent on idempotency_key per client.
         When the profile has payments on, the call must carry an x402 payment
         (see README); otherwise it is free.
         """
