@@ -930,6 +930,13 @@ class JobService:
                 "max_attempts_exceeded",
                 f"gave up after {job.attempts} attempt(s); last: {reason}",
             )
+            feedback = (
+                None
+                if reason in NOT_WORKER_FAULT
+                else self._feedback(
+                    job, job.worker_id, False, _failure_hash(job, job.attempts, failure)
+                )
+            )
             moved = await self._move(
                 job,
                 ACTIVE_STATES,
@@ -939,12 +946,12 @@ class JobService:
                 failure=failure,
                 lease_expires_at=0.0,
                 outcome=outcome,
-                feedback=None
-                if reason in NOT_WORKER_FAULT
-                else self._feedback(
-                    job, job.worker_id, False, _failure_hash(job, job.attempts, failure)
-                ),
+                feedback=feedback,
             )
+            if moved is not None and feedback is not None:
+                # the negative feedback posted for it counts in the cached score now, as
+                # a failure the worker reported does (fail)
+                self.reputation.record(job.worker_id, False)
         else:
             moved = await self._move(
                 job,
