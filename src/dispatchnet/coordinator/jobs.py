@@ -34,7 +34,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import NoReturn
 
 from dispatchnet import protocol
@@ -247,7 +247,7 @@ class JobService:
         limits = QuoteLimits(cfg.anonymous_max_quotes, cfg.client_max_bytes, cfg.max_bytes)
         refused = await self.store.put_quote(q, client_id, size, wasm_module, limits)
         if refused is not None:
-            self._refuse_quote(client_id, size, *refused)
+            self._refuse_quote(limits, client_id, size, *refused)
         if len(spec.spec_bytes) <= QUOTE_CACHE_BYTES // QUOTE_CACHE:
             self._quotes[q.quote_id] = q
             self._quote_bytes += len(spec.spec_bytes)
@@ -271,30 +271,28 @@ class JobService:
         return spec_bytes + QUOTE_ROW_BYTES
 
     def _refuse_quote(
-        self, client_id: str, size: int, mine: QuoteUsage, everyone: QuoteUsage
+        self, limits: QuoteLimits, client_id: str, size: int, mine: QuoteUsage, everyone: QuoteUsage
     ) -> NoReturn:
         """Raises ResourceExhausted for the limit that the store's put_quote found a
         quote of `size` would pass, given the usage it saw."""
-        cfg = self.quotes
         held = self.cfg.quote_ttl_seconds + PURGE_INTERVAL_SECONDS
         retry = f"a quote's storage is released within {held:g}s of its making"
-        if not client_id and mine.quotes >= cfg.anonymous_max_quotes:
+        passed = limits.passed(client_id, size, mine, everyone)
+        if passed == "anonymous_quotes":
             raise ResourceExhausted(
                 f"anonymous callers hold {mine.quotes} unexpired quotes, the most this "
                 f"coordinator stores; send 'authorization' metadata with GetQuote (`dispatch "
                 f"auth header`), or retry later ({retry})"
             )
-        if client_id and mine.bytes + size > cfg.client_max_bytes:
+        if passed == "client_bytes":
             raise ResourceExhausted(
                 f"your unexpired quotes hold {mine.bytes} bytes and this one needs {size}; "
-                f"the limit per client is {cfg.client_max_bytes}; retry later ({retry})"
+                f"the limit per client is {limits.client_bytes}; retry later ({retry})"
             )
-        if everyone.bytes + size > cfg.max_bytes:
-            raise ResourceExhausted(
-                f"this coordinator's quote storage is full ({cfg.max_bytes} bytes); "
-                f"retry later ({retry})"
-            )
-        raise ResourceExhausted(f"this coordinator's quote storage is full; retry later ({retry})")
+        raise ResourceExhausted(
+            f"this coordinator's quote storage is full ({limits.total_bytes} bytes); "
+            f"retry later ({retry})"
+        )
 
     async def get_quote(self, quote_id: str) -> Quote:
         if not quote_id:
@@ -400,17 +398,14 @@ class JobService:
             return stored, created
         assert self.listener is not None
         offered: Job | None = None
+        offer_event = self._offer_event(job, worker_id, now)
         try:
             stored, created = await self.store.create_job(
-                self._offered(job, worker_id, now),
-                event,
-                payment,
-                self._offer_event(job, worker_id, now),
+                self._offered(job, worker_id, now), event, payment, offer_event
             )
             if not created:
                 return _same_quote(stored, quote_id), False
             offered = stored
-            offer_event = dataclasses.replace(self._offer_event(job, worker_id, now), sequence=2)
             self._remember(stored, [event, offer_event])
             self._active[job.job_id] = (stored, now)
             self._changed(stored)
@@ -620,17 +615,30 @@ class JobService:
         if ids:
             await asyncio.gather(*(self._write_accept(j) for j in ids))
 
-    async def _write_accept(self, job_id: str) -> None:
-        """Writes the job's pending accept alone (none pending: nothing)."""
+    async def _accept_written(self, job_id: str) -> None:
+        """Waits while a write carrying the job's accept is under way."""
         while (writing := self._accepting.get(job_id)) is not None:
             await writing
+
+    @contextlib.contextmanager
+    def _carrying_accept(self, job_id: str) -> Iterator[None]:
+        """Marks the block as the write carrying the job's accept (see _accept_written)."""
+        done = asyncio.get_running_loop().create_future()
+        self._accepting[job_id] = done
+        try:
+            yield
+        finally:
+            del self._accepting[job_id]
+            done.set_result(None)
+
+    async def _write_accept(self, job_id: str) -> None:
+        """Writes the job's pending accept alone (none pending: nothing)."""
+        await self._accept_written(job_id)
         pending = self._accepts.pop(job_id, None)
         if pending is None:
             return
         offered, prior = pending
-        done = asyncio.get_running_loop().create_future()
-        self._accepting[job_id] = done
-        try:
+        with self._carrying_accept(job_id):
             moved = await self.store.transition(
                 job_id, prior.from_states, prior.attempt, prior.changes, prior.event
             )
@@ -638,9 +646,6 @@ class JobService:
                 self._moved(offered, moved, prior.event, "accepted")
             else:  # the offer lapsed meanwhile (or the job moved on at another coordinator)
                 await self._accept_lost(job_id, offered)
-        finally:
-            del self._accepting[job_id]
-            done.set_result(None)
 
     async def _accept_lost(self, job_id: str, offered: Job) -> None:
         """A pending accept could not be written (the job is no longer the worker's
@@ -1319,8 +1324,7 @@ class JobService:
         """(write: the store write of the move, when it is more than a transition: it is
         given the changes, with state and updated_at, and the event.)"""
         await self.flush_progress(job.job_id)  # progress first: stored sequences stay in order
-        while (writing := self._accepting.get(job.job_id)) is not None:
-            await writing  # a write carrying the job's accept is under way
+        await self._accept_written(job.job_id)
         prior: PriorMove | None = None
         offered: Job | None = None
         pending = self._accepts.get(job.job_id)
@@ -1335,29 +1339,12 @@ class JobService:
             else:  # written first in this move's transaction
                 offered, prior = self._accepts.pop(job.job_id)
                 job = dataclasses.replace(job, **prior.changes)
-        if prior is None:
+        carrying = self._carrying_accept(job.job_id) if prior else contextlib.nullcontext()
+        with carrying:
             return await self._move_now(
-                job, from_states, attempt, to, reason, feedback, outcome, write, None, None, changes
-            )
-        done = asyncio.get_running_loop().create_future()
-        self._accepting[job.job_id] = done
-        try:
-            return await self._move_now(
-                job,
-                from_states,
-                attempt,
-                to,
-                reason,
-                feedback,
-                outcome,
-                write,
-                offered,
-                prior,
+                job, from_states, attempt, to, reason, feedback, outcome, write, offered, prior,
                 changes,
-            )
-        finally:
-            del self._accepting[job.job_id]
-            done.set_result(None)
+            )  # fmt: skip
 
     async def _move_now(
         self,

@@ -220,14 +220,21 @@ class QuoteLimits:
     client_bytes: int
     total_bytes: int
 
-    def refuses(self, owner: str, size: int, mine: QuoteUsage, everyone: QuoteUsage) -> bool:
-        """Whether a quote of `size` bytes for owner would pass a limit, given what owner's
-        and everyone's stored quotes hold without it."""
+    def passed(self, owner: str, size: int, mine: QuoteUsage, everyone: QuoteUsage) -> str | None:
+        """The limit a quote of `size` bytes for owner would pass ("anonymous_quotes",
+        "client_bytes" or "total_bytes"), given what owner's and everyone's stored quotes
+        hold without it; None when it passes none."""
         if not owner and mine.quotes >= self.anonymous_quotes:
-            return True
+            return "anonymous_quotes"
         if owner and mine.bytes + size > self.client_bytes:
-            return True
-        return everyone.bytes + size > self.total_bytes
+            return "client_bytes"
+        if everyone.bytes + size > self.total_bytes:
+            return "total_bytes"
+        return None
+
+    def refuses(self, owner: str, size: int, mine: QuoteUsage, everyone: QuoteUsage) -> bool:
+        """Whether a quote of `size` bytes for owner would pass a limit (see passed)."""
+        return self.passed(owner, size, mine, everyone) is not None
 
 
 class QuoteStore(Protocol):
