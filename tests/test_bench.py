@@ -12,7 +12,7 @@ from dispatchnet.bench import run_bench
 async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert await run_bench(seconds=0.4, many=8, scale=60, llm_runs=1) == 0
+    assert await run_bench(seconds=0.4, many=8, scale=60, llm_runs=1, most=70) == 0
     out = capsys.readouterr().out
     for series in (
         "raw unary, 64 callers",
@@ -30,6 +30,8 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
         "50 seekers: burst jobs, 32 submitters",
         "60 seekers: job end to end, 1 submitter",
         "60 seekers: burst jobs, 32 submitters",
+        "70 seekers: job end to end, 1 submitter",
+        "70 seekers: burst jobs, 32 submitters",
         "SQLite, 1 coordinator: jobs, 8 submitters",
         "PostgreSQL, 1 coordinator: jobs, 8 submitters",
         "PostgreSQL, 2 coordinators: jobs, 8 submitters",
@@ -55,7 +57,7 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
         r"time to first token, median: network [\d.]+ ms .*raw llama\.cpp [\d.]+ ms", out
     ), out
     assert out.count("load average") >= 5
-    for n in (50, 60):
+    for n in (50, 60, 70):
         assert re.search(
             rf"{n} seekers connected in [\d.]+s; coordinator RSS [\d,]+ MiB, "
             r"idle CPU [\d.]+% of a core",
@@ -90,7 +92,13 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
     assert re.search(r"CPU per trivial job, all processes .* [\d.]+ ms +[\d.]+ +none", summary)
     assert re.search(r"^  128 progress events, \d+ events, \d+ durable rows$", out, re.M), out
     assert len(re.findall(r"^  \S.*\s[\d.]+\s+(>=|<=|diff)", summary, re.M)) == 12, summary
-    assert "burst jobs/s, 60 / 50 connected seekers" in summary
+    # jobs compared at `scale` (the targets), memory and idle CPU at `most`
+    assert re.search(r"burst jobs/s, 60 / 50 connected seekers +[\d,]+/s +[\d.]+ +>= 0\.8", summary)
+    assert re.search(
+        r"burst jobs/s, 70 / 50 connected seekers .* none \(the target is at 60\)", summary
+    )
+    assert re.search(r"coordinator RSS, 70 connected seekers / 1 GiB .* <= 1", summary), summary
+    assert re.search(r"coordinator idle CPU, 70 connected seekers .* <= 1", summary), summary
     assert re.search(
         r"longest health-check latency while another process holds the write lock +"
         r"[\d.]+ ms +[\d.]+ +<= 20 ms",

@@ -1113,7 +1113,9 @@ async def cmd_keys_show(args: argparse.Namespace) -> int:
 async def cmd_bench(args: argparse.Namespace) -> int:
     from dispatchnet.bench import run_bench
 
-    return await run_bench(seconds=args.seconds, many=args.submitters, scale=args.seekers)
+    return await run_bench(
+        seconds=args.seconds, many=args.submitters, scale=args.seekers, most=args.most_seekers
+    )
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
@@ -1577,6 +1579,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=5000,
         help="connected seekers of the scale section (compared with 50)",
+    )
+    b.add_argument(
+        "--most-seekers",
+        type=int,
+        default=10000,
+        help="the most connected seekers of the scale section: the coordinator's memory "
+        "and idle CPU with them (several `dispatch seekers` processes, 1,000 each)",
     )
     b.set_defaults(fn=cmd_bench)
     return p
