@@ -12,15 +12,24 @@ job (micro-USD; an asset's atomic units at 6 decimals).
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
+import coincurve
 from eth_account import Account
+from eth_account._utils.encode_typed_data.encoding_and_hashing import (
+    hash_domain,
+    hash_eip712_message,
+)
+from eth_account.signers.local import LocalAccount
+from eth_utils.crypto import keccak
 from x402 import x402ClientSync
 from x402.http.utils import decode_payment_required_header, encode_payment_signature_header
 from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.default_assets import find_default_asset
 from x402.mechanisms.evm.exact import ExactEvmClientScheme
+from x402.mechanisms.evm.types import TypedDataDomain, TypedDataField
 from x402.schemas import PaymentRequired, PaymentRequirements
 
 from dispatchnet.chains.deployments import (
@@ -38,6 +47,65 @@ log = logging.getLogger("dispatch.wallet")
 MICROS = 10**6
 
 
+DOMAINS_KEPT = 64  # EIP-712 domain hashes a wallet remembers (one per token and chain)
+
+
+class KeptKeySigner(EthAccountSigner):
+    """The SDK's EIP-712 signer, the same signature for the same input, at a fraction of
+    the cost: the secp256k1 key is loaded once (eth_account parses it and derives its
+    public key on every signature) and each domain's hash is computed once (a token's
+    domain, name, version, chain and address, does not change between payments). The
+    message hash and the digest are eth_account's own; the signature is libsecp256k1's
+    deterministic (RFC 6979) low-s one, as eth_account's."""
+
+    def __init__(self, account: LocalAccount) -> None:
+        super().__init__(account)
+        self._key = coincurve.PrivateKey(bytes(account.key))
+        self._domains: dict[tuple[tuple[str, Any], ...], bytes] = {}
+        self._lock = threading.Lock()
+
+    def _domain_hash(self, domain: dict[str, Any]) -> bytes:
+        key = tuple(sorted(domain.items()))
+        with self._lock:
+            cached = self._domains.get(key)
+        if cached is None:
+            cached = bytes(hash_domain(domain))
+            with self._lock:
+                if len(self._domains) >= DOMAINS_KEPT:
+                    self._domains.clear()
+                self._domains[key] = cached
+        return cached
+
+    def sign_typed_data(
+        self,
+        domain: TypedDataDomain,
+        types: dict[str, list[TypedDataField]],
+        primary_type: str,
+        message: dict[str, Any],
+    ) -> bytes:
+        types_dict = {
+            name: [
+                {"name": f.name, "type": f.type} if isinstance(f, TypedDataField) else f
+                for f in fields
+            ]
+            for name, fields in types.items()
+        }
+        domain_dict: dict[str, Any] = (
+            {
+                "name": domain.name,
+                "version": domain.version,
+                "chainId": domain.chain_id,
+                "verifyingContract": domain.verifying_contract,
+            }
+            if isinstance(domain, TypedDataDomain)
+            else dict(domain)
+        )
+        body = bytes(hash_eip712_message(types_dict, message))
+        digest = keccak(b"\x19\x01" + self._domain_hash(domain_dict) + body)
+        signature = self._key.sign_recoverable(digest, hasher=None)  # r, s, recovery id
+        return signature[:64] + bytes([signature[64] + 27])
+
+
 @dataclass(frozen=True)
 class Asset:
     network: str
@@ -53,7 +121,7 @@ class Wallet:
         self.max_per_job_micros = max_per_job_micros
         self.extra_assets = list(extra_assets or [])
         self.client = x402ClientSync()
-        scheme = ExactEvmClientScheme(EthAccountSigner(self.account))
+        scheme = ExactEvmClientScheme(KeptKeySigner(self.account))
         self.client.register("eip155:*", scheme)
 
     @classmethod
