@@ -26,7 +26,7 @@ from hexbytes import HexBytes
 from web3 import Web3
 from web3._utils.error_formatters_utils import raise_contract_logic_error_on_revert
 from web3._utils.transactions import fill_transaction_defaults
-from web3.exceptions import TransactionNotFound, Web3RPCError
+from web3.exceptions import TimeExhausted, TransactionNotFound, Web3RPCError
 from web3.types import RPCEndpoint
 from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.types import TransactionReceipt
@@ -446,25 +446,42 @@ class EvmBatchSettler:
             gas = self.per_payment_gas * len(send) + BATCH_BASE_GAS
             with self.sender.lock:
                 tx_hash = self.sender.send(tx, gas)
-            receipt = w3.eth.wait_for_transaction_receipt(
-                HexBytes(tx_hash), timeout=self.tx_timeout, poll_latency=0.05
-            )
+            receipt = self._receipt(_hex(tx_hash))
         except TRANSIENT as e:
             raise Unavailable(f"batch settlement: {_brief(e)}") from e
-        if receipt["status"] != 1:
+        if int(receipt["status"], 16) != 1:
             raise Unavailable(
-                f"batch settlement {_hex(tx_hash)} reverted (gas used {receipt['gasUsed']} of "
-                f"{gas}); nothing moved, retrying"
+                f"batch settlement {_hex(tx_hash)} reverted (gas used "
+                f"{int(receipt['gasUsed'], 16)} of {gas}); nothing moved, retrying"
             )
         return BatchOutcome(_hex(tx_hash), authorizations_used(receipt, token), refused)
 
+    def _receipt(self, tx_hash: str) -> dict[str, Any]:
+        """The transaction's receipt as the node sends it (hex strings), polled every
+        RECEIPT_POLL_SECONDS until tx_timeout. A bare request: web3's receipt formatters
+        checksum the address of each of a batch's hundreds of logs (a keccak each)."""
+        deadline = time.monotonic() + self.tx_timeout
+        while True:
+            response = self.sender.w3.provider.make_request(
+                RPCEndpoint("eth_getTransactionReceipt"), [tx_hash]
+            )
+            if response.get("error") is not None:
+                raise Web3RPCError(str(response["error"]), rpc_response=response)
+            if response.get("result"):
+                return cast(dict[str, Any], response["result"])
+            if time.monotonic() >= deadline:
+                raise TimeExhausted(f"{tx_hash} not mined within {self.tx_timeout:g}s")
+            time.sleep(RECEIPT_POLL_SECONDS)
+
 
 AUTHORIZATION_USED_TOPIC = Web3.keccak(text="AuthorizationUsed(address,bytes32)")
+RECEIPT_POLL_SECONDS = 0.05  # how often a batch's receipt is asked for until it is mined
 
 
 def authorizations_used(receipt: Any, token: str) -> frozenset[tuple[str, str]]:
     """(authorizer, nonce), lower-case 0x hex, of every AuthorizationUsed event the token
-    logged in the transaction (both are indexed: topics 1 and 2)."""
+    logged in the transaction (both are indexed: topics 1 and 2). The receipt may be web3's
+    (bytes) or the node's own (hex strings)."""
     used = set()
     for log_entry in receipt["logs"]:
         topics = log_entry["topics"]
