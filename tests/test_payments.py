@@ -850,22 +850,38 @@ async def test_a_paid_commit_does_not_ask_the_node_its_chain_id(
     """web3 checks every call's chain id; the node's answer is cached, so verifying a
     payment costs only the round trips the exact scheme needs (the payer's code and the
     transfer's simulation), not one more per call."""
+    import http.client
+
     import requests
 
     await paid.worker("seeker")
     c = paid.client(wallet=new_payer(chain))
     await c.submit(ECHO, "warm-up")
     methods: list[str] = []
-    post = requests.Session.post
+    post, send = requests.Session.post, http.client.HTTPConnection.request
+
+    def facilitator() -> bool:
+        # only the facilitator's calls (the settlement and anchoring loops run meanwhile)
+        return any("/x402/" in frame.filename for frame in traceback.extract_stack())
 
     def counting(self: requests.Session, url: str, *args: Any, **kwargs: Any) -> Any:
-        # only the facilitator's calls (the settlement and anchoring loops run meanwhile)
-        if any("/x402/" in frame.filename for frame in traceback.extract_stack()):
+        # web3's provider (requests) ...
+        if facilitator():
             body = kwargs.get("data") or b"{}"
             methods.append(str(json.loads(body).get("method", "?")))
         return post(self, url, *args, **kwargs)
 
+    def sending(self: http.client.HTTPConnection, method: str, url: str, body: Any = None,
+                *args: Any, **kwargs: Any) -> Any:  # fmt: skip
+        # ... or the bare JSON-RPC of the calls made per payment (BareRpc)
+        if facilitator() and "requests" not in "".join(
+            f.filename for f in traceback.extract_stack()
+        ):
+            methods.append(str(json.loads(body or b"{}").get("method", "?")))
+        return send(self, method, url, body, *args, **kwargs)
+
     monkeypatch.setattr(requests.Session, "post", counting)
+    monkeypatch.setattr(http.client.HTTPConnection, "request", sending)
     for i in range(3):
         await c.commit((await c.quote(ECHO)).quote_id, f"counted{i}")
     assert methods.count("eth_call") == 3  # the verifications did reach the node

@@ -8,12 +8,17 @@ asyncio.to_thread, so the event loop never waits on the chain.
 
 from __future__ import annotations
 
+import base64
+import http.client
+import itertools
+import json
 import logging
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 import requests
 from eth_account import Account
@@ -24,7 +29,7 @@ from web3.exceptions import (
     TimeExhausted,
     Web3RPCError,
 )
-from web3.types import RPCEndpoint
+from web3.types import RPCEndpoint, RPCResponse
 
 from dispatchnet.chains.deployments import (
     ChainConfigError,
@@ -158,6 +163,69 @@ def web3_for(rpc_url: str, timeout: float) -> Web3:
 _ABI_CACHE: dict[str, list[dict[str, Any]]] = {}
 
 
+class BareRpc:
+    """JSON-RPC requests over one kept-alive HTTP connection per thread, answered as the
+    node sends them ({"result": …} or {"error": …}), for the calls made per payment (the
+    verification's eth_call) and per settlement batch. web3's HTTPProvider goes through
+    requests and urllib3 (a session, an adapter, a pool, merged headers, parsed response
+    headers per call): on the verify path that cost more CPU than everything else.
+
+    For read-only methods: a request on a kept connection the node has closed meanwhile
+    is sent once more on a new one. Transport trouble raises OSError (ConnectionError,
+    TimeoutError), which TRANSIENT covers, as requests' errors do."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ChainConfigError(f"not an http(s) JSON-RPC URL: {url}")
+        self._https = parts.scheme == "https"
+        self._host, self._port = parts.hostname, parts.port
+        self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._headers = {"Content-Type": "application/json"}
+        if parts.username is not None:
+            user = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            self._headers["Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
+        self._timeout = timeout
+        self._local = threading.local()
+        self._ids = itertools.count(1)
+
+    def _connection(self) -> http.client.HTTPConnection:
+        connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            connection = kind(self._host, self._port, timeout=self._timeout)
+            self._local.connection = connection
+        return connection
+
+    def request(self, method: str, params: list[Any]) -> RPCResponse:
+        body = json.dumps(
+            {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
+        ).encode()
+        for attempt in range(2):
+            connection = self._connection()
+            kept = connection.sock is not None
+            try:
+                connection.request("POST", self._path, body, self._headers)
+                response = connection.getresponse()
+                data = response.read()
+            except (OSError, http.client.HTTPException) as e:
+                connection.close()
+                self._local.connection = None
+                stale = isinstance(e, (ConnectionError, http.client.BadStatusLine))
+                if kept and stale and attempt == 0:
+                    continue  # the node closed the kept connection: once more, on a new one
+                if isinstance(e, OSError):
+                    raise
+                raise ConnectionError(f"{self._host}: {type(e).__name__}: {e}") from e
+            if response.status != 200:
+                raise ConnectionError(f"{self._host} answered HTTP {response.status} to {method}")
+            try:
+                return cast(RPCResponse, json.loads(data))
+            except ValueError as e:
+                raise ConnectionError(f"{self._host} answered {method} with no JSON") from e
+        raise AssertionError("unreachable")
+
+
 # Errors that mean "the node (or the path to it) is in trouble; try again later".
 TRANSIENT = (requests.RequestException, OSError, TimeExhausted, Web3RPCError)
 
@@ -194,6 +262,9 @@ class EvmSender:
         self.chain_id = chain_id_of(network)
         self.account: LocalAccount = Account.from_key(private_key)
         self.lock = threading.Lock()
+        provider = cast(Any, w3.provider)  # an HTTPProvider (web3_for)
+        timeout = float(dict(provider.get_request_kwargs()).get("timeout") or 30.0)
+        self.rpc = BareRpc(str(provider.endpoint_uri), timeout)  # read-only calls
 
     @property
     def address(self) -> ChecksumAddress:

@@ -27,7 +27,6 @@ from web3 import Web3
 from web3._utils.error_formatters_utils import raise_contract_logic_error_on_revert
 from web3._utils.transactions import fill_transaction_defaults
 from web3.exceptions import TimeExhausted, TransactionNotFound, Web3RPCError
-from web3.types import RPCEndpoint
 from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.types import TransactionReceipt
 
@@ -180,7 +179,7 @@ class CoordinatorFacilitatorSigner(FacilitatorWeb3Signer):
         _, selector, inputs, outputs = found
         data = "0x" + (selector + abi_encode(inputs, list(args))).hex()
         call = {"to": Web3.to_checksum_address(address), "data": data}
-        response = self._w3.provider.make_request(RPCEndpoint("eth_call"), [call, "latest"])
+        response = self._sender.rpc.request("eth_call", [call, "latest"])
         if response.get("error") is not None:
             raise_contract_logic_error_on_revert(response)
             raise Web3RPCError(str(response["error"]), rpc_response=response)
@@ -404,7 +403,7 @@ class EvmBatchSettler:
 
     def _call(self, fn: _AbiFunction, *args: Any) -> Any:
         call = {"from": self.sender.address, "to": self.address, "data": fn.calldata(*args)}
-        response = self.sender.w3.provider.make_request(RPCEndpoint("eth_call"), [call, "latest"])
+        response = self.sender.rpc.request("eth_call", [call, "latest"])
         if response.get("error") is not None:
             raise_contract_logic_error_on_revert(response)
             raise Web3RPCError(str(response["error"]), rpc_response=response)
@@ -462,9 +461,7 @@ class EvmBatchSettler:
         checksum the address of each of a batch's hundreds of logs (a keccak each)."""
         deadline = time.monotonic() + self.tx_timeout
         while True:
-            response = self.sender.w3.provider.make_request(
-                RPCEndpoint("eth_getTransactionReceipt"), [tx_hash]
-            )
+            response = self.sender.rpc.request("eth_getTransactionReceipt", [tx_hash])
             if response.get("error") is not None:
                 raise Web3RPCError(str(response["error"]), rpc_response=response)
             if response.get("result"):
