@@ -894,8 +894,12 @@ async def test_a_verifier_process_that_dies_is_replaced(
     paid: Cluster,
     chain: dict[str, Any],  # noqa: F811
 ) -> None:
-    """`[payments] verify_processes`: the CommitJob whose verifier died answers UNAVAILABLE
-    (nothing stored, the payment unused), and the same payment then commits."""
+    """`[payments] verify_processes`: the CommitJob whose verifier died while verifying
+    answers UNAVAILABLE (nothing stored, the payment unused), and the same payment then
+    commits; a verifier found dead before a CommitJob is replaced before it is asked."""
+    import os
+    import signal
+
     from dispatchnet.payments.verifier import ProcessVerifyingGateway
 
     assert paid.coord.payments is not None
@@ -906,16 +910,31 @@ async def test_a_verifier_process_that_dies_is_replaced(
     quote = await c.quote(ECHO)
     header = await required_header(c, quote.quote_id)
     signature = encode_payment_signature_header(signed(new_payer(chain), header))
-    pool = verifying._executor()
-    await asyncio.wrap_future(pool.submit(int, 0))  # its process is up
-    for process in list(pool._processes.values()):
-        process.kill()
-        await asyncio.to_thread(process.join, 10)
+    assert await verifying.ask(None) == ("ok", "", "")  # its process is up
+    [child] = verifying.children
+    pid = child.process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # it takes the request and never answers ...
+    commit = asyncio.ensure_future(commit_with(c, quote.quote_id, signature, key="k1"))
+    await wait_until(lambda: bool(child.pending))
+    os.kill(pid, signal.SIGKILL)  # ... and dies with it
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await commit_with(c, quote.quote_id, signature, key="k1")
+        await commit
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "verifier" in (e.value.details() or "")
     assert paid.db.open_payments() == []
     job = await commit_with(c, quote.quote_id, signature, key="k1")
     assert job.payment.status == "authorized"
     assert (await c.wait(job.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED
+    assert verifying.children[0] is not child and not child.process.is_alive()
+
+    # killed while idle: the next CommitJob finds it dead and asks a new one
+    [child] = verifying.children
+    child.process.kill()
+    await asyncio.to_thread(child.process.join, 10)
+    quote = await c.quote(ECHO)
+    header = await required_header(c, quote.quote_id)
+    signature = encode_payment_signature_header(signed(new_payer(chain), header))
+    job = await commit_with(c, quote.quote_id, signature, key="k2")
+    assert job.payment.status == "authorized"
+    assert verifying.children[0] is not child

@@ -2,15 +2,18 @@
 counted by reason, each a span of its job's trace) and any chain role whose calls may fail
 with Unavailable (counted per chain). The domain sees the same protocols as before.
 
-These calls run in worker threads (asyncio.to_thread): prometheus-client is thread-safe,
-and a span started here joins the caller's trace (to_thread copies the context).
+These calls run in worker threads (asyncio.to_thread), verify_async on the event loop:
+prometheus-client is thread-safe, and a span started here joins the caller's trace
+(to_thread copies the context).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import time
+from collections.abc import Iterator
 from typing import Any, TypeVar, cast
 
 from dispatchnet.coordinator.models import Payment
@@ -36,11 +39,20 @@ class ObservedGateway(WrappingGateway):
         self.tracing = tracing
 
     def verify(self, payment: Payment) -> None:
+        with self._verifying(payment):
+            self.inner.verify(payment)
+
+    async def verify_async(self, payment: Payment) -> None:
+        with self._verifying(payment):
+            await self.inner.verify_async(payment)
+
+    @contextlib.contextmanager
+    def _verifying(self, payment: Payment) -> Iterator[None]:
         start = time.perf_counter()
         failure: str | None = None
         span = self.tracing.verify_span(payment) if self.tracing is not None else None
         try:
-            self.inner.verify(payment)
+            yield
         except PaymentRequired as e:
             failure = e.reason or "refused"
             raise

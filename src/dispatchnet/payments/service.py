@@ -61,7 +61,8 @@ class SettlementRefused(Exception):
 
 
 class PaymentGateway(Protocol):
-    """The x402 machinery (payments/x402.py). Every method may block."""
+    """The x402 machinery (payments/x402.py). Every method may block, but verify_async:
+    the same as verify, awaited on the event loop without blocking it."""
 
     def describe(self) -> str: ...
     def offers(self, price_micros: int, timeout_seconds: int) -> list[Any]: ...
@@ -70,6 +71,7 @@ class PaymentGateway(Protocol):
     ) -> str: ...
     def parse(self, header: str, offers: list[Any], now: float) -> Payment: ...
     def verify(self, payment: Payment) -> None: ...
+    async def verify_async(self, payment: Payment) -> None: ...
     def response_header(self, payment: Payment) -> str: ...
     def settle_batch(self, payments: list[Payment]) -> dict[str, str | SettlementRefused]: ...
     def sign_refund(self, payment: Payment) -> tuple[str, str]: ...
@@ -102,6 +104,9 @@ class WrappingGateway:
 
     def verify(self, payment: Payment) -> None:
         self.inner.verify(payment)
+
+    async def verify_async(self, payment: Payment) -> None:
+        await self.inner.verify_async(payment)
 
     def response_header(self, payment: Payment) -> str:
         return self.inner.response_header(payment)
@@ -222,7 +227,7 @@ class PaymentService(OutboxLoop):
                 payment.network, payment.asset, payment.payer, payment.authorization_id
             ):
                 raise PaymentReused("this payment was already used for a job; sign a new one")
-            await asyncio.to_thread(self.gateway.verify, payment)
+            await self.gateway.verify_async(payment)
         except PaymentRequired as e:
             raise self.refusal(quote, offers, e.message, e.reason) from None
         return payment

@@ -17,6 +17,7 @@ down; try again), SettlementRefused (the chain will not take it; final).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -200,6 +201,10 @@ class X402Gateway:
                 raise Unavailable(f"chain node unreachable while verifying: {node_down}")
             reason = verified.invalid_reason or "invalid_payment"
             raise PaymentRequired(f"payment refused: {reason}", reason=reason)
+
+    async def verify_async(self, payment: Payment) -> None:
+        """verify in a worker thread (the SDK and web3 block)."""
+        await asyncio.to_thread(self.verify, payment)
 
     def _facilitate(self, payment: Payment, call: Callable[[Any, Any], T]) -> tuple[T, str]:
         """call(payload, requirement) (the SDK's verify or settle) and, when the in-process
