@@ -2,15 +2,18 @@
 payments). A pass runs every tick, or at once when kick()ed; a pass that handled a full
 page runs again straight away. After chain trouble the pass calls backed_off(), which
 pauses passes with exponential backoff; a successful step calls recovered(). A pass runs
-only under its pass lock (locks, the store's: once across coordinators sharing it)."""
+only under its pass lock (locks, the store's: once across coordinators sharing it).
+
+KeyedOrder: handlers that run side by side, but one after another under one key."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from dispatchnet.coordinator.observer import NULL_OBSERVER, Observer
 from dispatchnet.coordinator.ports import ONE_PROCESS, PassLocks
@@ -127,3 +130,42 @@ async def coalesce(started: float, gap: float) -> None:
     rest = started + gap - asyncio.get_running_loop().time()
     if rest > 0:
         await asyncio.sleep(rest)
+
+
+class KeyedOrder:
+    """Runs handlers side by side, except that those under one key run one after another,
+    in the order they were submitted; at most `limit` are submitted and unfinished at a
+    time (submit waits for room). A worker's stream uses it per job: its results are
+    written to the store together, while each job's messages (accept, progress, result)
+    keep their order. A handler's exception does not stop the next one (it is logged)."""
+
+    def __init__(self, limit: int) -> None:
+        self._room = asyncio.Semaphore(limit)
+        self._tails: dict[str, asyncio.Task[None]] = {}
+
+    async def submit(self, key: str, handler: Callable[[], Awaitable[None]]) -> None:
+        await self._room.acquire()
+        task = asyncio.create_task(self._run(self._tails.get(key), handler))
+        self._tails[key] = task
+        task.add_done_callback(functools.partial(self._done, key))
+
+    async def _run(
+        self, before: asyncio.Task[None] | None, handler: Callable[[], Awaitable[None]]
+    ) -> None:
+        try:
+            if before is not None:
+                await asyncio.wait([before])
+            await handler()
+        except Exception:  # handlers report their own failures; this one is a bug
+            log.exception("a handler run in order failed")
+        finally:
+            self._room.release()
+
+    def _done(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._tails.get(key) is task:
+            del self._tails[key]
+
+    async def finish(self) -> None:
+        """Waits until everything submitted has run (the last of each key's chain)."""
+        while self._tails:
+            await asyncio.wait(list(self._tails.values()))

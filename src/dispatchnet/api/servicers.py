@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +30,7 @@ from dispatchnet.coordinator.models import Failure
 from dispatchnet.coordinator.pairing import PairingService
 from dispatchnet.coordinator.receipts import ReceiptQueries
 from dispatchnet.errors import DeadlineExceeded, DispatchError, InvalidArgument
+from dispatchnet.loops import KeyedOrder
 from dispatchnet.observability import logs
 from dispatchnet.observability.tracing import JobTracing
 from dispatchnet.payments.interceptor import current_payment
@@ -37,6 +39,13 @@ from dispatchnet.receipts.core import verify_receipt_message
 from dispatchnet.receipts.notary import payment_to_proto
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+
+# A worker's messages about its jobs are handled side by side, each job's in order, at most
+# this many unfinished per stream: the results of a worker with many slots are written to
+# the store together instead of one write after another, and a flood from one worker waits
+# for room (the stream is not read meanwhile).
+STREAM_HANDLERS = 64
+JOB_MESSAGES = frozenset({"offer_response", "progress", "completed", "failed"})
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -216,6 +225,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         """Handles the worker's messages. A message beyond the protocol's limits stops the
         reading and is returned (the stream then ends with its status, INVALID_ARGUMENT,
         and no GoAway); a message whose handling fails goes to hub.message_failed."""
+        jobs = KeyedOrder(STREAM_HANDLERS)
         try:
             async for msg in it:
                 kind = msg.WhichOneof("msg")
@@ -228,17 +238,28 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 job_id = str(getattr(about, "job_id", ""))
                 token = logs.bind(job_id=job_id)
                 try:
-                    await self._handle(s, kind, msg)
-                except Exception as e:
-                    attempt = int(getattr(about, "attempt", 0))
-                    await self.hub.message_failed(s, kind or "unset", job_id, attempt, e)
+                    handler = functools.partial(self._handle_logged, s, kind, msg, job_id)
+                    if kind in JOB_MESSAGES:  # each job's in order, different jobs' together
+                        await jobs.submit(job_id, handler)
+                    else:
+                        await handler()
                 finally:
                     logs.reset(token)
                 if s.closed:
                     return None
         finally:
+            await jobs.finish()  # what the worker sent before it went is handled
             s.close("stream closed by the worker")
         return None
+
+    async def _handle_logged(
+        self, s: WorkerSession, kind: str | None, msg: worker_pb2.ConnectRequest, job_id: str
+    ) -> None:
+        try:
+            await self._handle(s, kind, msg)
+        except Exception as e:
+            attempt = int(getattr(getattr(msg, kind), "attempt", 0)) if kind else 0
+            await self.hub.message_failed(s, kind or "unset", job_id, attempt, e)
 
     async def _handle(
         self, s: WorkerSession, kind: str | None, msg: worker_pb2.ConnectRequest
