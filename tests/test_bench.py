@@ -41,6 +41,12 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
             out,
         )
     assert re.search(r"settled (\d+) of \1 in", out), out
+    # how far settlement lags completion, and its rate beside the rate jobs completed at
+    assert re.search(
+        r"completion -> settled: \d+ in [\d.]+s = [\d,]+/s, p50 [\d.]+ ms, p99 [\d.]+ ms "
+        r"\(settled .*\); the same jobs completed over [\d.]+s: [\d,]+/s offered",
+        out,
+    ), out
     # where a job's CPU goes, beside what its messages cost at the raw rate
     assert re.search(r"CPU ms \(server \+ this process\): [\d.]+ per unary RPC", out), out
     for run in ("unpaid jobs, 8 submitters", "paid jobs, 16 submitters"):
