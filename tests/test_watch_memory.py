@@ -104,6 +104,33 @@ async def test_a_job_changed_elsewhere_is_read_from_the_store(cluster: Cluster) 
     assert reads == Counter({"get_job": 1, "events_after": 1})
 
 
+async def test_a_change_heard_from_elsewhere_before_commit_came_back_is_not_hidden(
+    cluster: Cluster,
+) -> None:
+    """Several coordinators on one store: another one may offer, run and finish a job
+    committed here, and its notification may come in between this commit's write and the
+    commit's caller running again. Memory then must not hold the job as it was written (a
+    watcher would wait for a change it already missed, until its 5 s poll)."""
+    c = cluster.client()
+    jobs = cluster.coord.jobs
+    store: Any = cluster.coord.store
+    real = store.create_job
+
+    async def create_job(job: Job, *args: Any, **kwargs: Any) -> Any:
+        written = await real(job, *args, **kwargs)
+        jobs.job_changed_elsewhere(job.job_id, JobState.COMPLETED)  # heard meanwhile
+        return written
+
+    store.create_job = create_job
+    job = await c.submit(task_spec("echo", b"1"))  # no worker: it stays QUEUED here
+    assert job.job_id not in jobs.live
+    reads = count_reads(cluster)
+    stream = c.watch(job.job_id)
+    assert (await anext(stream)).event.sequence == 1
+    await stream.aclose()
+    assert reads == Counter({"get_job": 1, "events_after": 1})  # from the store
+
+
 SPEC = JobSpec(JobType.TASK, Policy.CHEAP, Privacy.PUBLIC, "echo", "", b"x" * 10, b"")
 
 

@@ -22,6 +22,7 @@ A coordinator crash loses the unwritten chunks (never a state change or a result
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -87,6 +88,7 @@ from dispatchnet.store.base import Store
 
 MAX_IDEMPOTENCY_KEY = protocol.MAX_IDEMPOTENCY_KEY_CHARS
 WATCH_POLL_SECONDS = 5.0
+CHANGED_THERE_KEPT = 4096  # job ids changed at another coordinator, kept (see _remember)
 # A job's unwritten progress goes to the store when it reaches either bound (or when
 # jobs.progress_flush_seconds have passed, or the job changes state): this bounds both
 # the memory a running job holds and the rows it writes.
@@ -213,6 +215,10 @@ class JobService:
         # how many changes other coordinators committed to each job watched here
         # (job_changed_elsewhere): a watcher re-reads the job when the count moved
         self._elsewhere: dict[str, int] = {}
+        # jobs lately changed by another coordinator while nobody here watched them (the
+        # newest CHANGED_THERE_KEPT): a commit here that ends after such a change must not
+        # hold the job in memory as it wrote it (see _remember)
+        self._changed_there: collections.OrderedDict[str, None] = collections.OrderedDict()
         # Feedback outbox: off while feedback_uri_base is None. agent_of(worker_id) is the
         # agent id (decimal) of a connected worker, "" for none (set by the server).
         self.feedback_uri_base: str | None = None
@@ -744,6 +750,10 @@ class JobService:
             self.notifier.notify(job_id)
         else:
             self.live.forget(job_id)  # a later watcher reads the store, not stale memory
+            self._changed_there[job_id] = None
+            self._changed_there.move_to_end(job_id)
+            if len(self._changed_there) > CHANGED_THERE_KEPT:
+                self._changed_there.popitem(last=False)
         if state is JobState.QUEUED or job_id in self._active:
             self._tasks.start(self._changed_elsewhere(job_id), "another coordinator's change")
 
@@ -1255,11 +1265,14 @@ class JobService:
     def _remember(self, job: Job, events: list[Event]) -> None:
         """A job just created here with `events` (its only ones, in order): held in memory
         (LiveEvents' recent jobs) so that a WatchJob of it needs no store read. Not when it
-        moved on meanwhile (memory would start behind)."""
+        moved on meanwhile, here or at another coordinator whose change was heard before
+        this write's caller came back to it (memory would start behind, and a watcher
+        would wait for a change it already missed)."""
         if (
             job.state is events[-1].state
             and job.last_sequence == len(events)
             and job.job_id not in self._active
+            and job.job_id not in self._changed_there
         ):
             for sequence, event in enumerate(events, 1):
                 self.live.state(dataclasses.replace(event, sequence=sequence), job, watched=True)
