@@ -148,6 +148,10 @@ class _Child:
         self.process.join(5)
 
 
+def _dead(child: _Child) -> bool:
+    return child.broken or not child.process.is_alive()
+
+
 class ProcessVerifyingGateway(WrappingGateway):
     """A PaymentGateway whose verify_async() runs in child processes (see the module);
     everything else is `inner`'s, and so is the blocking verify() (for callers in
@@ -164,6 +168,7 @@ class ProcessVerifyingGateway(WrappingGateway):
         self.processes = processes
         self.children: list[_Child] = []
         self._ids = itertools.count(1)
+        self._replacing = asyncio.Lock()
 
     def describe(self) -> str:
         return f"{self.inner.describe()}; verified in {self.processes} process(es)"
@@ -176,16 +181,21 @@ class ProcessVerifyingGateway(WrappingGateway):
 
     async def _child(self) -> _Child:
         """The live child with the fewest verifications in flight; a dead one is replaced
-        (started in a thread: spawning a process takes milliseconds)."""
-        for i, child in enumerate(self.children):
-            if child.broken or not child.process.is_alive():
-                child.close()
-                if child.writer is not None:
-                    child.writer.close()
-                log.warning("a payment verifier process died; starting a new one")
-                self.children[i] = await asyncio.to_thread(_Child, self.profile, self.data_dir)
-        if len(self.children) < self.processes:
-            await asyncio.to_thread(self.start)
+        (started in a thread: spawning a process takes milliseconds), once, however many
+        CommitJobs find it dead at the same time."""
+        if len(self.children) < self.processes or any(map(_dead, self.children)):
+            async with self._replacing:
+                for i, child in enumerate(self.children):
+                    if _dead(child):
+                        child.close()
+                        if child.writer is not None:
+                            child.writer.close()
+                        log.warning("a payment verifier process died; starting a new one")
+                        self.children[i] = await asyncio.to_thread(
+                            _Child, self.profile, self.data_dir
+                        )
+                if len(self.children) < self.processes:
+                    await asyncio.to_thread(self.start)
         return min(self.children, key=lambda c: len(c.pending))
 
     async def ask(self, payment: Payment | None) -> tuple[str, str, str]:
