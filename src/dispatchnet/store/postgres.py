@@ -854,12 +854,8 @@ class PostgresStore:
                 await _insert_feedback(c, feedback)
             if outcome is not None:
                 worker_id, success = outcome
-                column = "completed" if success else "failed"
-                await c.execute(
-                    f"UPDATE workers SET {column} = {column} + 1 WHERE worker_id=$1", worker_id
-                )
                 at = event.time if event is not None else float(r["updated_at"] or 0.0)
-                await _count_day(c, worker_id, at, column)
+                await _count_result(c, worker_id, at, success)
             return job_of(r)
 
         return op
@@ -921,11 +917,7 @@ class PostgresStore:
             for f in feedback:
                 await _insert_feedback(c, f)
             for worker_id, success in outcomes:
-                column = "completed" if success else "failed"
-                await c.execute(
-                    f"UPDATE workers SET {column} = {column} + 1 WHERE worker_id=$1", worker_id
-                )
-                await _count_day(c, worker_id, event.time, column)
+                await _count_result(c, worker_id, event.time, success)
             return job
 
         try:
@@ -1710,6 +1702,21 @@ class PostgresStore:
 async def _count_day(c: Conn, worker_id: str, at: float, column: str) -> None:
     """One more `column` (completed, failed, agreed, disagreed) in the worker's day."""
     await c.execute(
+        f"INSERT INTO worker_days (worker_id, day, {column}) VALUES ($1, $2, 1) "
+        f"ON CONFLICT (worker_id, day) DO UPDATE SET {column} = worker_days.{column} + 1",
+        worker_id,
+        day_of(at),
+    )
+
+
+async def _count_result(c: Conn, worker_id: str, at: float, success: bool) -> None:
+    """One more completed (or failed) job in the worker's totals and in its day, in one
+    statement. Every result of a worker takes its turn on the worker's row, from every
+    coordinator, and holds its lock until the transaction commits: one round trip less
+    while it is held (results write it last)."""
+    column = "completed" if success else "failed"
+    await c.execute(
+        f"WITH counted AS (UPDATE workers SET {column} = {column} + 1 WHERE worker_id=$1) "
         f"INSERT INTO worker_days (worker_id, day, {column}) VALUES ($1, $2, 1) "
         f"ON CONFLICT (worker_id, day) DO UPDATE SET {column} = worker_days.{column} + 1",
         worker_id,
