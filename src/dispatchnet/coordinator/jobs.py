@@ -22,7 +22,6 @@ A coordinator crash loses the unwritten chunks (never a state change or a result
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -218,7 +217,7 @@ class JobService:
         # jobs lately changed by another coordinator while nobody here watched them (the
         # newest CHANGED_THERE_KEPT): a commit here that ends after such a change must not
         # hold the job in memory as it wrote it (see _remember)
-        self._changed_there: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._changed_there: OrderedDict[str, None] = OrderedDict()
         # Feedback outbox: off while feedback_uri_base is None. agent_of(worker_id) is the
         # agent id (decimal) of a connected worker, "" for none (set by the server).
         self.feedback_uri_base: str | None = None
