@@ -627,7 +627,12 @@ class TrackRun:
         except DemoError as e:
             code, out, err = 1, "", str(e)
         if code == 0:
-            say(f"`dispatch chain down --profile {self.track.profile}`: {what} stopped")
+            try:
+                stopped = json.loads(out).get("stopped") is True
+            except (ValueError, AttributeError):
+                stopped = False
+            state = "stopped" if stopped else f"not running any more ({out.strip()[-200:]})"
+            say(f"`dispatch chain down --profile {self.track.profile}`: {what} {state}")
             return
         from dispatchnet.devchain.local_chain import stop_pid
 

@@ -51,7 +51,7 @@ def _dev_chain(profile: Profile) -> Path:
     return deployment_path(cfg.deployment)
 
 
-def _is_anvil(pid: int) -> bool:
+def is_anvil(pid: int) -> bool:
     """Guards against signalling a recycled pid: on Linux the command line must be anvil's."""
     cmdline = Path(f"/proc/{pid}/cmdline")
     if not cmdline.parent.exists():
@@ -67,7 +67,7 @@ def _serves(data: dict[str, Any]) -> bool:
     """The recorded anvil is alive, answers with the recorded chain id and has the
     contracts."""
     pid = int(data.get("anvil_pid") or 0)
-    if not (pid_alive(pid) and _is_anvil(pid)):
+    if not (pid_alive(pid) and is_anvil(pid)):
         return False
     try:
         w3 = web3_for(str(data["rpc_url"]), 2.0)
@@ -166,7 +166,7 @@ def chain_up(profile: Profile, port: int | None = None) -> dict[str, Any]:
 
 def stop_pid(pid: int, timeout: float = 5.0) -> bool:
     """SIGTERM (then SIGKILL) for an anvil pid; True if it was running."""
-    return processes.stop_pid(pid, _is_anvil, timeout)
+    return processes.stop_pid(pid, is_anvil, timeout)
 
 
 def chain_down(profile: Profile) -> dict[str, Any]:
@@ -193,7 +193,7 @@ def chain_status(profile: Profile) -> dict[str, Any]:
             return out
         data = read_deployment(str(path))
         pid = int(data.get("anvil_pid") or 0)
-        out.update(anvil_pid=pid, running=pid_alive(pid) and _is_anvil(pid))
+        out.update(anvil_pid=pid, running=pid_alive(pid) and is_anvil(pid))
     try:
         chain = resolve_evm_chain(cfg)  # no data_dir: never creates a key
     except ChainConfigError as e:
