@@ -743,18 +743,15 @@ class SqliteStore:
             if existing is not None:
                 return job_of(existing), False
             cols = ",".join(row)
-            self._conn.execute(
-                f"INSERT INTO jobs ({cols}) VALUES ({','.join('?' * len(row))})",
-                tuple(row.values()),
-            )
+            # the job with its quote's module, as stored, in one statement (nothing read back)
+            created = self._conn.execute(
+                f"INSERT INTO jobs ({cols}, module_sha256) VALUES ({','.join('?' * len(row))}, "
+                "(SELECT module_sha256 FROM quotes WHERE quote_id=?)) RETURNING *",
+                (*row.values(), job.quote_id),
+            ).fetchone()
             self._insert_event(event, 1)
             if offered is not None:
                 self._insert_event(offered, 2)
-            self._conn.execute(
-                "UPDATE jobs SET module_sha256="
-                "(SELECT module_sha256 FROM quotes WHERE quote_id=?) WHERE job_id=?",
-                (job.quote_id, job.job_id),
-            )
             if payment is not None:
                 try:
                     self._insert_payment(payment)
@@ -762,9 +759,7 @@ class SqliteStore:
                     raise PaymentReused(
                         "this payment was already used for another job; sign a new one"
                     ) from None
-        created = self.get_job(job.job_id)
-        assert created is not None
-        return created, True
+        return job_of(created), True
 
     def get_job(self, job_id: str) -> Job | None:
         r = self._conn.execute("SELECT * FROM jobs WHERE job_id=?", (job_id,)).fetchone()
