@@ -54,7 +54,8 @@ async def test_reflection_lists_services_and_describes_messages(cluster: Cluster
     code, out = await grpcurl(cluster.address, "describe", COORDINATOR)
     assert code == 0, out
     assert f"{COORDINATOR} is a service:" in out
-    for rpc in ("GetQuote", "CommitJob", "GetJob", "WatchJob", "CancelJob", "ListWorkers"):
+    rpcs = ("GetQuote", "CommitJob", "RunJob", "GetJob", "WatchJob", "CancelJob", "ListWorkers")
+    for rpc in rpcs:
         assert f"rpc {rpc} (" in out, out
     assert "returns ( stream .dispatch.v1.WatchJobResponse )" in out
 
@@ -143,3 +144,9 @@ async def test_quote_commit_and_poll_with_cli_credentials(cluster: Cluster, tmp_
     assert final["worker_id"] == worker.key.public_hex
     assert final["result"]["output"] == ECHO_SPEC["spec"]["task"]["input"]
     assert final["receipt"]["body"] and final["receipt"]["coordinator_signature"]
+
+    # RunJob: the spec in, the final job out, in one call
+    run_job = {**ECHO_SPEC, "idempotency_key": "readme-run"}
+    ran = await call(cluster.address, f"{COORDINATOR}/RunJob", run_job, *flags)
+    assert ran["created"] is True and ran["job"]["state"] == "JOB_STATE_COMPLETED"
+    assert ran["job"]["result"]["output"] == ECHO_SPEC["spec"]["task"]["input"]

@@ -212,6 +212,36 @@ async def test_the_quote_says_how_to_pay_so_a_paid_commit_is_one_call(
     assert (await c.wait(job.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED
 
 
+async def test_run_job_is_paid_for_a_quote_and_charged_once(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+) -> None:
+    """RunJob with a spec is refused (a payment is for a quote); with the quote and its
+    payment it commits, waits and answers the final job with the payment-response; the same
+    quote and key again returns that job and charges nothing more."""
+    await paid.worker("seeker")
+    payer = new_payer(chain)
+    c = paid.client(wallet=payer)
+    bare = coordinator_pb2.RunJobRequest(spec=ECHO, idempotency_key="spec-only")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await c.jobs.RunJob(bare, metadata=c.metadata())
+    assert e.value.code() == RE and "GetQuote" in str(e.value.details())
+
+    start = balance(chain, payer.address)
+    job = await c.run(ECHO, "paid-run")
+    assert job.state == coordinator_pb2.JOB_STATE_COMPLETED, job.failure
+    assert job.payment.payer.lower() == payer.address.lower()
+    assert json.loads(base64.b64decode(c.last_payment_response))["extra"]["jobId"] == job.job_id
+    await payment_status(paid, job.job_id, "settled")
+    assert balance(chain, payer.address) == start - PRICE
+
+    again = coordinator_pb2.RunJobRequest(quote_id=job.quote_id, idempotency_key="paid-run")
+    resp = await c.jobs.RunJob(again, metadata=c.metadata())  # no payment sent: none needed
+    assert not resp.created and resp.job.job_id == job.job_id
+    assert balance(chain, payer.address) == start - PRICE
+    assert paid.db._conn.execute("SELECT COUNT(*) FROM payments").fetchone()[0] == 1
+
+
 # --- crafting payments ------------------------------------------------------------------------
 
 

@@ -564,10 +564,11 @@ async def cmd_job_submit(args: argparse.Namespace) -> int:
                 spec = await c.seal(spec)
             except SealError as e:
                 raise CliError(str(e)) from e
-        quote = await c.quote(spec)
-        job = await c.commit(quote.quote_id, args.idempotency_key or "")
-        if args.wait:
-            job = await c.wait(job.job_id, job.last_sequence)
+        if args.wait:  # one RunJob call (a paying client asks GetQuote first)
+            job = await c.run(spec, args.idempotency_key or "")
+        else:
+            quote = await c.quote(spec)
+            job = await c.commit(quote.quote_id, args.idempotency_key or "")
         out = job_json(job, c)
     emit(out)
     if args.wait and job.state != coordinator_pb2.JOB_STATE_COMPLETED:
@@ -1327,7 +1328,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(priced that many times; README 'Verification')",
     )
     s.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
-    s.add_argument("--wait", action="store_true", help="wait for the final state")
+    s.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the final state (one RunJob call: commit and wait together)",
+    )
     s.add_argument(
         "--profile",
         default="local",

@@ -31,6 +31,9 @@ from dispatchnet.sealing import PrivateResult, SealError, open_result, seal_spec
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
 
+# How a stream ends when its coordinator goes away: UNAVAILABLE, or CANCELLED when the
+# server cancels its calls as it stops (this client's own cancel raises CancelledError)
+STREAM_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 FINAL_STATES = (
     coordinator_pb2.JOB_STATE_COMPLETED,
     coordinator_pb2.JOB_STATE_FAILED,
@@ -330,6 +333,37 @@ class CoordinatorClient:
         quote = await self.quote(spec)
         return await self.commit(quote.quote_id, idempotency_key)
 
+    async def run(
+        self, spec: common_pb2.JobSpec, idempotency_key: str = "", payer: Payer | None = None
+    ) -> coordinator_pb2.Job:
+        """Runs spec and returns the final job, in one RunJob call (one round trip for the
+        job, no quote stored). With several addresses, a call that fails UNAVAILABLE is
+        made again on the next one with the same key: it finds the job if it was committed.
+        A client with a wallet (or `payer`) pays: GetQuote for the price, then RunJob with
+        the quote and the payment."""
+        key = idempotency_key or str(uuid.uuid4())
+        wallet = payer or self.wallet
+        extra: tuple[tuple[str, str], ...] = ()
+        if wallet is not None:
+            quote = await self.quote(spec)
+            required = self._required.pop(quote.quote_id, None)
+            if required:
+                extra = ((PAYMENT_SIGNATURE, await asyncio.to_thread(wallet.pay, required)),)
+            request = coordinator_pb2.RunJobRequest(quote_id=quote.quote_id, idempotency_key=key)
+        else:
+            request = coordinator_pb2.RunJobRequest(spec=spec, idempotency_key=key)
+
+        async def attempt(ep: _Endpoint) -> coordinator_pb2.Job:
+            call = ep.jobs.RunJob(request, metadata=(*self.metadata(), *extra))
+            resp = await call
+            if extra:
+                self.last_payment_response = trailer(
+                    await call.trailing_metadata(), PAYMENT_RESPONSE
+                )
+            return resp.job
+
+        return await self._failover(attempt)
+
     async def paired_workers(self) -> list[bytes]:
         """The ed25519 keys of the workers this client is paired with (the keys they
         proved when claiming, and prove at every Connect), newest pairing first."""
@@ -374,9 +408,9 @@ class CoordinatorClient:
         self, job_id: str, after: int = 0
     ) -> AsyncGenerator[coordinator_pb2.WatchJobResponse, None]:
         """The job's events after sequence `after`, to its final one. With several
-        addresses, a stream that fails UNAVAILABLE (its coordinator went away) is opened
-        again on the next one, after the last event delivered: nothing is missed or
-        repeated. The last error when no coordinator answers for FAILOVER_ROUNDS rounds."""
+        addresses, a stream that fails UNAVAILABLE or CANCELLED (its coordinator went away)
+        is opened again on the next one, after the last event delivered: nothing is missed
+        or repeated. The last error when no coordinator answers for FAILOVER_ROUNDS rounds."""
         failures = 0
         while True:
             call = self.jobs.WatchJob(
@@ -391,7 +425,7 @@ class CoordinatorClient:
                 return
             except grpc.aio.AioRpcError as e:
                 n = len(self.addresses)
-                if n == 1 or e.code() != grpc.StatusCode.UNAVAILABLE:
+                if n == 1 or e.code() not in STREAM_GONE:
                     raise
                 failures += 1
                 if failures >= n * FAILOVER_ROUNDS:
@@ -413,7 +447,7 @@ class CoordinatorClient:
                     if item.HasField("job"):
                         return item.job
             except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                if e.code() not in STREAM_GONE:
                     raise
             job = await self.get(job_id)
             if job.state in FINAL_STATES:

@@ -27,15 +27,15 @@ from dispatch.v1 import receipt_pb2 as dispatch_dot_v1_dot_receipt__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ispatch/v1/coordinator.proto\x12\x0b\x64ispatch.v1\x1a\x18\x64ispatch/v1/common.proto\x1a\x19\x64ispatch/v1/receipt.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x0fGetQuoteRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.dispatch.v1.JobSpec\"\xbf\x01\n\x05Quote\x12\x10\n\x08quote_id\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.dispatch.v1.JobSpec\x12!\n\x05price\x18\x03 \x01(\x0b\x32\x12.dispatch.v1.Money\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bspec_sha256\x18\x05 \x01(\x0c\x12\x18\n\x10\x65ligible_workers\x18\x06 \x01(\r\"5\n\x10GetQuoteResponse\x12!\n\x05quote\x18\x01 \x01(\x0b\x32\x12.dispatch.v1.Quote\"=\n\x10\x43ommitJobRequest\x12\x10\n\x08quote_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"C\n\x11\x43ommitJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.dispatch.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x82\x04\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.dispatch.v1.JobState\x12\"\n\x04spec\x18\x03 \x01(\x0b\x32\x14.dispatch.v1.JobSpec\x12!\n\x05price\x18\x04 \x01(\x0b\x32\x12.dispatch.v1.Money\x12\x10\n\x08quote_id\x18\x05 \x01(\t\x12\x11\n\tclient_id\x18\x06 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\r\x12\x14\n\x0cmax_attempts\x18\x08 \x01(\r\x12\x11\n\tworker_id\x18\t \x01(\t\x12&\n\x06result\x18\n \x01(\x0b\x32\x16.dispatch.v1.JobResult\x12(\n\x07\x66\x61ilure\x18\x0b \x01(\x0b\x32\x17.dispatch.v1.JobFailure\x12%\n\x07receipt\x18\x0c \x01(\x0b\x32\x14.dispatch.v1.Receipt\x12.\n\x07payment\x18\r \x01(\x0b\x32\x1d.dispatch.v1.PaymentReference\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rlast_sequence\x18\x10 \x01(\x04\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\x0eGetJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.dispatch.v1.Job\"9\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\"\xe3\x01\n\x08JobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.dispatch.v1.JobState\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cstate_change\x18\x05 \x01(\x0b\x32\x18.dispatch.v1.StateChangeH\x00\x12)\n\x08progress\x18\x06 \x01(\x0b\x32\x15.dispatch.v1.ProgressH\x00\x42\x08\n\x06\x64\x65tail\"\x95\x01\n\x0bStateChange\x12)\n\nfrom_state\x18\x01 \x01(\x0e\x32\x15.dispatch.v1.JobState\x12\'\n\x08to_state\x18\x02 \x01(\x0e\x32\x15.dispatch.v1.JobState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\"*\n\x08Progress\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x02\"W\n\x10WatchJobResponse\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.dispatch.v1.JobEvent\x12\x1d\n\x03job\x18\x02 \x01(\x0b\x32\x10.dispatch.v1.Job\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x11\x43\x61ncelJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.dispatch.v1.Job\";\n\x12ListWorkersRequest\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.dispatch.v1.WorkerKind\"\xb2\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.dispatch.v1.WorkerKind\x12\r\n\x05tasks\x18\x03 \x03(\t\x12\x12\n\nllm_models\x18\x04 \x03(\t\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\r\x12\x13\n\x0b\x61\x63tive_jobs\x18\x06 \x01(\r\x12\x12\n\nreputation\x18\x07 \x01(\x01\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x30\n\x0c\x63onnected_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61gent_id\x18\n \x01(\t\x12/\n\x11lifetime_earnings\x18\x0b \x03(\x0b\x32\x14.dispatch.v1.Balance\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.dispatch.v1.WorkerInfo\"N\n\x12GetEarningsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"J\n\x07\x42\x61lance\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\r\n\x05\x61sset\x18\x02 \x01(\t\x12\x0e\n\x06\x65\x61rned\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x04 \x01(\t\"\xbb\x01\n\nJobEarning\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07network\x18\x02 \x01(\t\x12\r\n\x05\x61sset\x18\x03 \x01(\t\x12\r\n\x05price\x18\x04 \x01(\t\x12\x0f\n\x07\x66\x65\x65_bps\x18\x05 \x01(\r\x12\x0b\n\x03\x66\x65\x65\x18\x06 \x01(\t\x12\r\n\x05share\x18\x07 \x01(\t\x12/\n\x0b\x63redited_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08reversed\x18\t \x01(\x08\"\xab\x01\n\x06Payout\x12\x0e\n\x06\x61mount\x18\x01 \x01(\t\x12\x0f\n\x07network\x18\x02 \x01(\t\x12\r\n\x05\x61sset\x18\x03 \x01(\t\x12\x13\n\x0btransaction\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\n\n\x02to\x18\x06 \x01(\t\x12\x11\n\tpayout_id\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc7\x01\n\x13GetEarningsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12&\n\x08\x62\x61lances\x18\x02 \x03(\x0b\x32\x14.dispatch.v1.Balance\x12%\n\x04jobs\x18\x03 \x03(\x0b\x32\x17.dispatch.v1.JobEarning\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\x12$\n\x07payouts\x18\x05 \x03(\x0b\x32\x13.dispatch.v1.Payout\x12\x0f\n\x07\x66\x65\x65_bps\x18\x06 \x01(\r*\xb1\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_OFFERED\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x32\xa7\x04\n\x12\x43oordinatorService\x12G\n\x08GetQuote\x12\x1c.dispatch.v1.GetQuoteRequest\x1a\x1d.dispatch.v1.GetQuoteResponse\x12J\n\tCommitJob\x12\x1d.dispatch.v1.CommitJobRequest\x1a\x1e.dispatch.v1.CommitJobResponse\x12\x41\n\x06GetJob\x12\x1a.dispatch.v1.GetJobRequest\x1a\x1b.dispatch.v1.GetJobResponse\x12I\n\x08WatchJob\x12\x1c.dispatch.v1.WatchJobRequest\x1a\x1d.dispatch.v1.WatchJobResponse0\x01\x12J\n\tCancelJob\x12\x1d.dispatch.v1.CancelJobRequest\x1a\x1e.dispatch.v1.CancelJobResponse\x12P\n\x0bListWorkers\x12\x1f.dispatch.v1.ListWorkersRequest\x1a .dispatch.v1.ListWorkersResponse\x12P\n\x0bGetEarnings\x12\x1f.dispatch.v1.GetEarningsRequest\x1a .dispatch.v1.GetEarningsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ispatch/v1/coordinator.proto\x12\x0b\x64ispatch.v1\x1a\x18\x64ispatch/v1/common.proto\x1a\x19\x64ispatch/v1/receipt.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x0fGetQuoteRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.dispatch.v1.JobSpec\"\xbf\x01\n\x05Quote\x12\x10\n\x08quote_id\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.dispatch.v1.JobSpec\x12!\n\x05price\x18\x03 \x01(\x0b\x32\x12.dispatch.v1.Money\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bspec_sha256\x18\x05 \x01(\x0c\x12\x18\n\x10\x65ligible_workers\x18\x06 \x01(\r\"5\n\x10GetQuoteResponse\x12!\n\x05quote\x18\x01 \x01(\x0b\x32\x12.dispatch.v1.Quote\"=\n\x10\x43ommitJobRequest\x12\x10\n\x08quote_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"C\n\x11\x43ommitJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.dispatch.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"i\n\rRunJobRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x14.dispatch.v1.JobSpecH\x00\x12\x12\n\x08quote_id\x18\x02 \x01(\tH\x00\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\tB\x05\n\x03job\"@\n\x0eRunJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.dispatch.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x82\x04\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.dispatch.v1.JobState\x12\"\n\x04spec\x18\x03 \x01(\x0b\x32\x14.dispatch.v1.JobSpec\x12!\n\x05price\x18\x04 \x01(\x0b\x32\x12.dispatch.v1.Money\x12\x10\n\x08quote_id\x18\x05 \x01(\t\x12\x11\n\tclient_id\x18\x06 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\r\x12\x14\n\x0cmax_attempts\x18\x08 \x01(\r\x12\x11\n\tworker_id\x18\t \x01(\t\x12&\n\x06result\x18\n \x01(\x0b\x32\x16.dispatch.v1.JobResult\x12(\n\x07\x66\x61ilure\x18\x0b \x01(\x0b\x32\x17.dispatch.v1.JobFailure\x12%\n\x07receipt\x18\x0c \x01(\x0b\x32\x14.dispatch.v1.Receipt\x12.\n\x07payment\x18\r \x01(\x0b\x32\x1d.dispatch.v1.PaymentReference\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rlast_sequence\x18\x10 \x01(\x04\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\x0eGetJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.dispatch.v1.Job\"9\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\"\xe3\x01\n\x08JobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.dispatch.v1.JobState\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cstate_change\x18\x05 \x01(\x0b\x32\x18.dispatch.v1.StateChangeH\x00\x12)\n\x08progress\x18\x06 \x01(\x0b\x32\x15.dispatch.v1.ProgressH\x00\x42\x08\n\x06\x64\x65tail\"\x95\x01\n\x0bStateChange\x12)\n\nfrom_state\x18\x01 \x01(\x0e\x32\x15.dispatch.v1.JobState\x12\'\n\x08to_state\x18\x02 \x01(\x0e\x32\x15.dispatch.v1.JobState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\"*\n\x08Progress\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x02\"W\n\x10WatchJobResponse\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.dispatch.v1.JobEvent\x12\x1d\n\x03job\x18\x02 \x01(\x0b\x32\x10.dispatch.v1.Job\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x11\x43\x61ncelJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.dispatch.v1.Job\";\n\x12ListWorkersRequest\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.dispatch.v1.WorkerKind\"\xb2\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.dispatch.v1.WorkerKind\x12\r\n\x05tasks\x18\x03 \x03(\t\x12\x12\n\nllm_models\x18\x04 \x03(\t\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\r\x12\x13\n\x0b\x61\x63tive_jobs\x18\x06 \x01(\r\x12\x12\n\nreputation\x18\x07 \x01(\x01\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x30\n\x0c\x63onnected_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61gent_id\x18\n \x01(\t\x12/\n\x11lifetime_earnings\x18\x0b \x03(\x0b\x32\x14.dispatch.v1.Balance\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.dispatch.v1.WorkerInfo\"N\n\x12GetEarningsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"J\n\x07\x42\x61lance\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\r\n\x05\x61sset\x18\x02 \x01(\t\x12\x0e\n\x06\x65\x61rned\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x04 \x01(\t\"\xbb\x01\n\nJobEarning\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07network\x18\x02 \x01(\t\x12\r\n\x05\x61sset\x18\x03 \x01(\t\x12\r\n\x05price\x18\x04 \x01(\t\x12\x0f\n\x07\x66\x65\x65_bps\x18\x05 \x01(\r\x12\x0b\n\x03\x66\x65\x65\x18\x06 \x01(\t\x12\r\n\x05share\x18\x07 \x01(\t\x12/\n\x0b\x63redited_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08reversed\x18\t \x01(\x08\"\xab\x01\n\x06Payout\x12\x0e\n\x06\x61mount\x18\x01 \x01(\t\x12\x0f\n\x07network\x18\x02 \x01(\t\x12\r\n\x05\x61sset\x18\x03 \x01(\t\x12\x13\n\x0btransaction\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\n\n\x02to\x18\x06 \x01(\t\x12\x11\n\tpayout_id\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc7\x01\n\x13GetEarningsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12&\n\x08\x62\x61lances\x18\x02 \x03(\x0b\x32\x14.dispatch.v1.Balance\x12%\n\x04jobs\x18\x03 \x03(\x0b\x32\x17.dispatch.v1.JobEarning\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\x12$\n\x07payouts\x18\x05 \x03(\x0b\x32\x13.dispatch.v1.Payout\x12\x0f\n\x07\x66\x65\x65_bps\x18\x06 \x01(\r*\xb1\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_OFFERED\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x32\xea\x04\n\x12\x43oordinatorService\x12G\n\x08GetQuote\x12\x1c.dispatch.v1.GetQuoteRequest\x1a\x1d.dispatch.v1.GetQuoteResponse\x12J\n\tCommitJob\x12\x1d.dispatch.v1.CommitJobRequest\x1a\x1e.dispatch.v1.CommitJobResponse\x12\x41\n\x06RunJob\x12\x1a.dispatch.v1.RunJobRequest\x1a\x1b.dispatch.v1.RunJobResponse\x12\x41\n\x06GetJob\x12\x1a.dispatch.v1.GetJobRequest\x1a\x1b.dispatch.v1.GetJobResponse\x12I\n\x08WatchJob\x12\x1c.dispatch.v1.WatchJobRequest\x1a\x1d.dispatch.v1.WatchJobResponse0\x01\x12J\n\tCancelJob\x12\x1d.dispatch.v1.CancelJobRequest\x1a\x1e.dispatch.v1.CancelJobResponse\x12P\n\x0bListWorkers\x12\x1f.dispatch.v1.ListWorkersRequest\x1a .dispatch.v1.ListWorkersResponse\x12P\n\x0bGetEarnings\x12\x1f.dispatch.v1.GetEarningsRequest\x1a .dispatch.v1.GetEarningsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dispatch.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=3003
-  _globals['_JOBSTATE']._serialized_end=3180
+  _globals['_JOBSTATE']._serialized_start=3176
+  _globals['_JOBSTATE']._serialized_end=3353
   _globals['_GETQUOTEREQUEST']._serialized_start=132
   _globals['_GETQUOTEREQUEST']._serialized_end=185
   _globals['_QUOTE']._serialized_start=188
@@ -46,42 +46,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMMITJOBREQUEST']._serialized_end=497
   _globals['_COMMITJOBRESPONSE']._serialized_start=499
   _globals['_COMMITJOBRESPONSE']._serialized_end=566
-  _globals['_JOB']._serialized_start=569
-  _globals['_JOB']._serialized_end=1083
-  _globals['_GETJOBREQUEST']._serialized_start=1085
-  _globals['_GETJOBREQUEST']._serialized_end=1116
-  _globals['_GETJOBRESPONSE']._serialized_start=1118
-  _globals['_GETJOBRESPONSE']._serialized_end=1165
-  _globals['_WATCHJOBREQUEST']._serialized_start=1167
-  _globals['_WATCHJOBREQUEST']._serialized_end=1224
-  _globals['_JOBEVENT']._serialized_start=1227
-  _globals['_JOBEVENT']._serialized_end=1454
-  _globals['_STATECHANGE']._serialized_start=1457
-  _globals['_STATECHANGE']._serialized_end=1606
-  _globals['_PROGRESS']._serialized_start=1608
-  _globals['_PROGRESS']._serialized_end=1650
-  _globals['_WATCHJOBRESPONSE']._serialized_start=1652
-  _globals['_WATCHJOBRESPONSE']._serialized_end=1739
-  _globals['_CANCELJOBREQUEST']._serialized_start=1741
-  _globals['_CANCELJOBREQUEST']._serialized_end=1791
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1793
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1843
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1845
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1904
-  _globals['_WORKERINFO']._serialized_start=1907
-  _globals['_WORKERINFO']._serialized_end=2213
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=2215
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=2278
-  _globals['_GETEARNINGSREQUEST']._serialized_start=2280
-  _globals['_GETEARNINGSREQUEST']._serialized_end=2358
-  _globals['_BALANCE']._serialized_start=2360
-  _globals['_BALANCE']._serialized_end=2434
-  _globals['_JOBEARNING']._serialized_start=2437
-  _globals['_JOBEARNING']._serialized_end=2624
-  _globals['_PAYOUT']._serialized_start=2627
-  _globals['_PAYOUT']._serialized_end=2798
-  _globals['_GETEARNINGSRESPONSE']._serialized_start=2801
-  _globals['_GETEARNINGSRESPONSE']._serialized_end=3000
-  _globals['_COORDINATORSERVICE']._serialized_start=3183
-  _globals['_COORDINATORSERVICE']._serialized_end=3734
+  _globals['_RUNJOBREQUEST']._serialized_start=568
+  _globals['_RUNJOBREQUEST']._serialized_end=673
+  _globals['_RUNJOBRESPONSE']._serialized_start=675
+  _globals['_RUNJOBRESPONSE']._serialized_end=739
+  _globals['_JOB']._serialized_start=742
+  _globals['_JOB']._serialized_end=1256
+  _globals['_GETJOBREQUEST']._serialized_start=1258
+  _globals['_GETJOBREQUEST']._serialized_end=1289
+  _globals['_GETJOBRESPONSE']._serialized_start=1291
+  _globals['_GETJOBRESPONSE']._serialized_end=1338
+  _globals['_WATCHJOBREQUEST']._serialized_start=1340
+  _globals['_WATCHJOBREQUEST']._serialized_end=1397
+  _globals['_JOBEVENT']._serialized_start=1400
+  _globals['_JOBEVENT']._serialized_end=1627
+  _globals['_STATECHANGE']._serialized_start=1630
+  _globals['_STATECHANGE']._serialized_end=1779
+  _globals['_PROGRESS']._serialized_start=1781
+  _globals['_PROGRESS']._serialized_end=1823
+  _globals['_WATCHJOBRESPONSE']._serialized_start=1825
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1912
+  _globals['_CANCELJOBREQUEST']._serialized_start=1914
+  _globals['_CANCELJOBREQUEST']._serialized_end=1964
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1966
+  _globals['_CANCELJOBRESPONSE']._serialized_end=2016
+  _globals['_LISTWORKERSREQUEST']._serialized_start=2018
+  _globals['_LISTWORKERSREQUEST']._serialized_end=2077
+  _globals['_WORKERINFO']._serialized_start=2080
+  _globals['_WORKERINFO']._serialized_end=2386
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=2388
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=2451
+  _globals['_GETEARNINGSREQUEST']._serialized_start=2453
+  _globals['_GETEARNINGSREQUEST']._serialized_end=2531
+  _globals['_BALANCE']._serialized_start=2533
+  _globals['_BALANCE']._serialized_end=2607
+  _globals['_JOBEARNING']._serialized_start=2610
+  _globals['_JOBEARNING']._serialized_end=2797
+  _globals['_PAYOUT']._serialized_start=2800
+  _globals['_PAYOUT']._serialized_end=2971
+  _globals['_GETEARNINGSRESPONSE']._serialized_start=2974
+  _globals['_GETEARNINGSRESPONSE']._serialized_end=3173
+  _globals['_COORDINATORSERVICE']._serialized_start=3356
+  _globals['_COORDINATORSERVICE']._serialized_end=3974
 # @@protoc_insertion_point(module_scope)

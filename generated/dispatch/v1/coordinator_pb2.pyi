@@ -221,6 +221,70 @@ class CommitJobResponse(_message.Message):
 Global___CommitJobResponse: _TypeAlias = CommitJobResponse  # noqa: Y015
 
 @_typing.final
+class RunJobRequest(_message.Message):
+    """Request for RunJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_FIELD_NUMBER: _builtins.int
+    QUOTE_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    quote_id: _builtins.str
+    """A quote from GetQuote that has not expired (as CommitJob's)."""
+    idempotency_key: _builtins.str
+    """As CommitJob's: 1-128 characters, one job per key and client."""
+    @_builtins.property
+    def spec(self) -> _common_pb2.JobSpec:
+        """The job to run, as for GetQuote. Its limits are GetQuote's for an
+        authenticated caller.
+        """
+
+    def __init__(
+        self,
+        *,
+        spec: _common_pb2.JobSpec | None = ...,
+        quote_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "quote_id", b"quote_id", "spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "job", b"job", "quote_id", b"quote_id", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_job: _TypeAlias = _typing.Literal["spec", "quote_id"]  # noqa: Y015
+    _WhichOneofArgType_job: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_job) -> _WhichOneofReturnType_job | None: ...
+
+Global___RunJobRequest: _TypeAlias = RunJobRequest  # noqa: Y015
+
+@_typing.final
+class RunJobResponse(_message.Message):
+    """Response of RunJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when the idempotency key matched an existing job."""
+    @_builtins.property
+    def job(self) -> Global___Job:
+        """The job, final: COMPLETED, FAILED or CANCELLED."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___Job | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunJobResponse: _TypeAlias = RunJobResponse  # noqa: Y015
+
+@_typing.final
 class Job(_message.Message):
     """A job and everything known about it."""
 

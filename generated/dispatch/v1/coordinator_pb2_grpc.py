@@ -58,6 +58,11 @@ class CoordinatorServiceStub:
                 request_serializer=dispatch_dot_v1_dot_coordinator__pb2.CommitJobRequest.SerializeToString,
                 response_deserializer=dispatch_dot_v1_dot_coordinator__pb2.CommitJobResponse.FromString,
                 _registered_method=True)
+        self.RunJob = channel.unary_unary(
+                '/dispatch.v1.CoordinatorService/RunJob',
+                request_serializer=dispatch_dot_v1_dot_coordinator__pb2.RunJobRequest.SerializeToString,
+                response_deserializer=dispatch_dot_v1_dot_coordinator__pb2.RunJobResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/dispatch.v1.CoordinatorService/GetJob',
                 request_serializer=dispatch_dot_v1_dot_coordinator__pb2.GetJobRequest.SerializeToString,
@@ -134,6 +139,26 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunJob(self, request, context):
+        """GetQuote, CommitJob and WatchJob in one call, for a client that does not
+        need to see the price or the events: commits a job for `spec` (priced and
+        checked as GetQuote does, but no quote is stored) or for a quote, waits
+        until the job is final and returns it. Idempotent on idempotency_key per
+        client: calling again with a key (after a dropped connection or an expired
+        deadline) waits for that same job, or returns it at once when it is final
+        (FAILED_PRECONDITION if the key was used for another spec or quote). The
+        job runs on whether or not the caller still waits. For streamed events
+        (LLM tokens), use CommitJob and WatchJob.
+        When the profile has payments on, a call with `spec` gets
+        RESOURCE_EXHAUSTED: ask GetQuote (its `payment-required` trailer says what
+        to pay), then call RunJob with that quote_id and the `payment-signature`
+        metadata, exactly as for CommitJob (its `payment-response` trailer comes
+        with the job).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetJob(self, request, context):
         """The current state of a job (poll).
         """
@@ -191,6 +216,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.CommitJob,
                     request_deserializer=dispatch_dot_v1_dot_coordinator__pb2.CommitJobRequest.FromString,
                     response_serializer=dispatch_dot_v1_dot_coordinator__pb2.CommitJobResponse.SerializeToString,
+            ),
+            'RunJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunJob,
+                    request_deserializer=dispatch_dot_v1_dot_coordinator__pb2.RunJobRequest.FromString,
+                    response_serializer=dispatch_dot_v1_dot_coordinator__pb2.RunJobResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -286,6 +316,33 @@ class CoordinatorService:
             '/dispatch.v1.CoordinatorService/CommitJob',
             dispatch_dot_v1_dot_coordinator__pb2.CommitJobRequest.SerializeToString,
             dispatch_dot_v1_dot_coordinator__pb2.CommitJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dispatch.v1.CoordinatorService/RunJob',
+            dispatch_dot_v1_dot_coordinator__pb2.RunJobRequest.SerializeToString,
+            dispatch_dot_v1_dot_coordinator__pb2.RunJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,6 +71,22 @@ class CoordinatorServiceStub:
     When the profile has payments on, the call must carry an x402 payment
     (see README); otherwise it is free.
     """
+    RunJob: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RunJobRequest, _coordinator_pb2.RunJobResponse]
+    """GetQuote, CommitJob and WatchJob in one call, for a client that does not
+    need to see the price or the events: commits a job for `spec` (priced and
+    checked as GetQuote does, but no quote is stored) or for a quote, waits
+    until the job is final and returns it. Idempotent on idempotency_key per
+    client: calling again with a key (after a dropped connection or an expired
+    deadline) waits for that same job, or returns it at once when it is final
+    (FAILED_PRECONDITION if the key was used for another spec or quote). The
+    job runs on whether or not the caller still waits. For streamed events
+    (LLM tokens), use CommitJob and WatchJob.
+    When the profile has payments on, a call with `spec` gets
+    RESOURCE_EXHAUSTED: ask GetQuote (its `payment-required` trailer says what
+    to pay), then call RunJob with that quote_id and the `payment-signature`
+    metadata, exactly as for CommitJob (its `payment-response` trailer comes
+    with the job).
+    """
     GetJob: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetJobRequest, _coordinator_pb2.GetJobResponse]
     """The current state of a job (poll)."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.WatchJobRequest, _coordinator_pb2.WatchJobResponse]
@@ -136,6 +152,22 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     take it at once. Idempotent on idempotency_key per client.
     When the profile has payments on, the call must carry an x402 payment
     (see README); otherwise it is free.
+    """
+    RunJob: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RunJobRequest, _coordinator_pb2.RunJobResponse]  # type: ignore[assignment]
+    """GetQuote, CommitJob and WatchJob in one call, for a client that does not
+    need to see the price or the events: commits a job for `spec` (priced and
+    checked as GetQuote does, but no quote is stored) or for a quote, waits
+    until the job is final and returns it. Idempotent on idempotency_key per
+    client: calling again with a key (after a dropped connection or an expired
+    deadline) waits for that same job, or returns it at once when it is final
+    (FAILED_PRECONDITION if the key was used for another spec or quote). The
+    job runs on whether or not the caller still waits. For streamed events
+    (LLM tokens), use CommitJob and WatchJob.
+    When the profile has payments on, a call with `spec` gets
+    RESOURCE_EXHAUSTED: ask GetQuote (its `payment-required` trailer says what
+    to pay), then call RunJob with that quote_id and the `payment-signature`
+    metadata, exactly as for CommitJob (its `payment-response` trailer comes
+    with the job).
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetJobRequest, _coordinator_pb2.GetJobResponse]  # type: ignore[assignment]
     """The current state of a job (poll)."""
@@ -211,6 +243,28 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         take it at once. Idempotent on idempotency_key per client.
         When the profile has payments on, the call must carry an x402 payment
         (see README); otherwise it is free.
+        """
+
+    @_abc_1.abstractmethod
+    def RunJob(
+        self,
+        request: _coordinator_pb2.RunJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.RunJobResponse, _abc.Awaitable[_coordinator_pb2.RunJobResponse]]:
+        """GetQuote, CommitJob and WatchJob in one call, for a client that does not
+        need to see the price or the events: commits a job for `spec` (priced and
+        checked as GetQuote does, but no quote is stored) or for a quote, waits
+        until the job is final and returns it. Idempotent on idempotency_key per
+        client: calling again with a key (after a dropped connection or an expired
+        deadline) waits for that same job, or returns it at once when it is final
+        (FAILED_PRECONDITION if the key was used for another spec or quote). The
+        job runs on whether or not the caller still waits. For streamed events
+        (LLM tokens), use CommitJob and WatchJob.
+        When the profile has payments on, a call with `spec` gets
+        RESOURCE_EXHAUSTED: ask GetQuote (its `payment-required` trailer says what
+        to pay), then call RunJob with that quote_id and the `payment-signature`
+        metadata, exactly as for CommitJob (its `payment-response` trailer comes
+        with the job).
         """
 
     @_abc_1.abstractmethod

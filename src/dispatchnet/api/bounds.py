@@ -19,6 +19,8 @@ from dispatchnet import protocol
 LIMITS: dict[str, int] = {
     "dispatch.v1.CommitJobRequest.quote_id": protocol.MAX_ID_CHARS,
     "dispatch.v1.CommitJobRequest.idempotency_key": protocol.MAX_IDEMPOTENCY_KEY_CHARS,
+    "dispatch.v1.RunJobRequest.quote_id": protocol.MAX_ID_CHARS,
+    "dispatch.v1.RunJobRequest.idempotency_key": protocol.MAX_IDEMPOTENCY_KEY_CHARS,
     "dispatch.v1.GetJobRequest.job_id": protocol.MAX_ID_CHARS,
     "dispatch.v1.WatchJobRequest.job_id": protocol.MAX_ID_CHARS,
     "dispatch.v1.CancelJobRequest.job_id": protocol.MAX_ID_CHARS,

@@ -83,6 +83,25 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         )
         return coordinator_pb2.CommitJobResponse(job=convert.job_to_proto(job), created=created)
 
+    async def RunJob(
+        self, request: coordinator_pb2.RunJobRequest, context: Ctx
+    ) -> coordinator_pb2.RunJobResponse:
+        who = caller().id
+        what = request.WhichOneof("job")
+        if what == "quote_id":
+            job, created = await self.jobs.commit(
+                who, request.quote_id, request.idempotency_key, current_payment()
+            )
+        elif what == "spec":
+            ref = request.spec.task.wasm.sha256
+            known = await self.jobs.stored_module(ref) if len(ref) == 32 else None
+            spec, module = convert.spec_from_proto(request.spec, self.limits, lambda _sha: known)
+            job, created = await self.jobs.run(who, spec, module, request.idempotency_key)
+        else:
+            raise InvalidArgument("spec or quote_id is required")
+        final = await self.jobs.wait_final(who, job)
+        return coordinator_pb2.RunJobResponse(job=convert.job_to_proto(final), created=created)
+
     async def GetJob(
         self, request: coordinator_pb2.GetJobRequest, context: Ctx
     ) -> coordinator_pb2.GetJobResponse:

@@ -333,16 +333,8 @@ class JobService:
         paired = await self.store.paired_workers(client_id) if private and not expired else set()
         if expired:
             problem = FailedPrecondition(f"quote {quoted(quote_id)} expired; ask for a new quote")
-        elif quote.spec.privacy is Privacy.PRIVATE and not paired:
-            problem = FailedPrecondition(
-                "a PRIVATE job needs at least one paired worker; pair one with "
-                "`dispatch pair create` / `dispatch pair claim` first"
-            )
-        elif quote.spec.sealed and not quote.spec.recipients & paired:
-            problem = FailedPrecondition(
-                "none of the workers this job is sealed to is paired with you "
-                "(`dispatch pair list`); seal it to a paired worker"
-            )
+        elif private:
+            problem = _unpaired(quote.spec, paired)
         if problem is None:
             return quote, None
         if not look_up:  # a job committed with the key is returned whatever its quote's state
@@ -366,6 +358,46 @@ class JobService:
         )
         if existing is not None:
             return existing, False
+        return await self._create(client_id, quote, idempotency_key, payment)
+
+    async def run(
+        self, client_id: str, spec: JobSpec, wasm_module: bytes | None, idempotency_key: str
+    ) -> tuple[Job, bool]:
+        """quote() and commit() in one step, without storing the quote when the spec brings
+        no WebAssembly module to store (RunJob with a spec; unpaid). A key used before
+        returns its job if that was for the same spec (FailedPrecondition if not)."""
+        if wasm_module is not None:  # the module is stored with a quote, as GetQuote does
+            q = await self.quote(spec, wasm_module, client_id)
+            return await self.commit(client_id, q.quote_id, idempotency_key)
+        if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+            raise InvalidArgument(f"idempotency_key must be 1-{MAX_IDEMPOTENCY_KEY} characters")
+        try:
+            if spec.job_type is JobType.TASK and self.catalogue is not None:
+                await self.catalogue.check(spec.task_name)
+            if spec.privacy is Privacy.PRIVATE or spec.sealed:
+                _check_paired(spec, await self.store.paired_workers(client_id))
+        except FailedPrecondition:  # a job run with the key is returned whatever changed since
+            existing = await self.store.get_job_by_key(client_id, idempotency_key)
+            if existing is None:
+                raise
+            return _same_spec(existing, spec), False
+        now = self.clock()
+        quote = Quote(
+            quote_id="",  # none stored
+            spec=spec,
+            price_micros=price_micros(self.pricing, spec.job_type, spec.policy) * spec.runs,
+            currency=self.pricing.currency,
+            created_at=now,
+            expires_at=now,
+        )
+        job, created = await self._create(client_id, quote, idempotency_key, None)
+        return (job if created else _same_spec(job, spec)), created
+
+    async def _create(
+        self, client_id: str, quote: Quote, idempotency_key: str, payment: Payment | None
+    ) -> tuple[Job, bool]:
+        """A new job for quote, committed (and offered when a free worker can take it)."""
+        quote_id = quote.quote_id
         now = self.clock()
         mode, runs = verify.plan(quote.spec, self.verification.spot_check_rate, self.rng)
         job = Job(
@@ -525,6 +557,15 @@ class JobService:
             if not self.notifier.watched(job_id):
                 self.live.release(job_id)
                 self._elsewhere.pop(job_id, None)
+
+    async def wait_final(self, client_id: str, job: Job) -> Job:
+        """job (just committed, or found by its key) as it is once final."""
+        if job.state.final:
+            return job
+        async for event, ended in self.watch(client_id, job.job_id, job.last_sequence):
+            if event.final:
+                return ended if ended is not None else await self.get(client_id, job.job_id)
+        return await self.get(client_id, job.job_id)  # the watch ended: final before it began
 
     # --- worker side --------------------------------------------------------------------
 
@@ -1474,6 +1515,34 @@ class JobService:
     ) -> None:
         if self.listener and worker_id:
             self.listener.job_released(job, worker_id, attempt, reason, tell_worker)
+
+
+def _unpaired(spec: JobSpec, paired: set[str]) -> FailedPrecondition | None:
+    """Why a PRIVATE or sealed spec cannot be committed by a client paired with `paired`."""
+    if spec.privacy is Privacy.PRIVATE and not paired:
+        return FailedPrecondition(
+            "a PRIVATE job needs at least one paired worker; pair one with "
+            "`dispatch pair create` / `dispatch pair claim` first"
+        )
+    if spec.sealed and not spec.recipients & paired:
+        return FailedPrecondition(
+            "none of the workers this job is sealed to is paired with you "
+            "(`dispatch pair list`); seal it to a paired worker"
+        )
+    return None
+
+
+def _check_paired(spec: JobSpec, paired: set[str]) -> None:
+    problem = _unpaired(spec, paired)
+    if problem is not None:
+        raise problem
+
+
+def _same_spec(job: Job, spec: JobSpec) -> Job:
+    """job, committed earlier with the idempotency key now run again with spec."""
+    if job.quote_id or job.spec.spec_sha256 != spec.spec_sha256:
+        raise FailedPrecondition("idempotency_key was already used for another job")
+    return job
 
 
 def _same_quote(job: Job, quote_id: str) -> Job:

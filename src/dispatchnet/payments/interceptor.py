@@ -1,4 +1,4 @@
-"""x402 over gRPC: the interceptor that gates CommitJob with a payment.
+"""x402 over gRPC: the interceptor that gates CommitJob (and RunJob) with a payment.
 
 The mapping follows x402's HTTP transport (README "Payments"):
 
@@ -16,6 +16,10 @@ of being refused first.
 
 A CommitJob whose idempotency key names an existing job needs no payment: it returns that
 job, charged once.
+
+RunJob with a quote_id is paid exactly as CommitJob is (its `payment-response` comes with the
+final job). RunJob with a spec is refused (RESOURCE_EXHAUSTED, reason `quote_required`): the
+price is paid for a quote, so the client asks GetQuote first.
 """
 
 from __future__ import annotations
@@ -35,18 +39,20 @@ PAYMENT_SIGNATURE = "payment-signature"
 PAYMENT_RESPONSE = "payment-response"
 COMMIT_JOB = "/dispatch.v1.CoordinatorService/CommitJob"
 GET_QUOTE = "/dispatch.v1.CoordinatorService/GetQuote"
+RUN_JOB = "/dispatch.v1.CoordinatorService/RunJob"
 
 _payment: contextvars.ContextVar[Payment | None] = contextvars.ContextVar("payment", default=None)
 
 
 def current_payment() -> Payment | None:
-    """The verified payment of the current CommitJob (None while payments are off, or
-    when the call returns an existing job)."""
+    """The verified payment of the current CommitJob or RunJob (None while payments are
+    off, or when the call returns an existing job)."""
     return _payment.get()
 
 
 class PaymentInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps GetQuote and CommitJob (each wrapper built once); other methods pass as they are."""
+    """Wraps GetQuote, CommitJob and RunJob (each wrapper built once); other methods pass as
+    they are."""
 
     def __init__(self, service: PaymentService) -> None:
         self.service = service
@@ -59,7 +65,7 @@ class PaymentInterceptor(grpc.aio.ServerInterceptor):
     ) -> Any:
         handler = await continuation(handler_call_details)
         method_name = handler_call_details.method
-        if handler is None or method_name not in (GET_QUOTE, COMMIT_JOB):
+        if handler is None or method_name not in (GET_QUOTE, COMMIT_JOB, RUN_JOB):
             return handler
         known = self._wrapped.get(method_name)
         if known is not None and known[0] is handler:
@@ -82,6 +88,13 @@ class PaymentInterceptor(grpc.aio.ServerInterceptor):
             required = await self.service.quote_header(response.quote.quote_id)
             context.set_trailing_metadata(((PAYMENT_REQUIRED, required),))
             return response
+        if method_name == RUN_JOB and request.WhichOneof("job") != "quote_id":
+            raise PaymentRequired(
+                "this coordinator charges for jobs, and a payment is for a quote: call "
+                "GetQuote (its payment-required trailer says what to pay), then RunJob with "
+                "that quote_id and `payment-signature` metadata (README: Payments)",
+                "quote_required",
+            )
         values = [v for k, v in (context.invocation_metadata() or ()) if k == PAYMENT_SIGNATURE]
         header = str(values[0]) if values else None
         payment = await self.service.authorize(
@@ -96,7 +109,8 @@ class PaymentInterceptor(grpc.aio.ServerInterceptor):
             raise await self.service.refusal_for(request.quote_id, e) from None
         finally:
             _payment.reset(token)
-        stored = payment if response.created else None  # stored with the job just made
+        # CommitJob: as stored with the job just made; RunJob's job is final: as it is now
+        stored = payment if response.created and method_name == COMMIT_JOB else None
         value = await self.service.response_header(response.job, stored)
         if value:
             context.set_trailing_metadata(((PAYMENT_RESPONSE, value),))

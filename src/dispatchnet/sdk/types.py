@@ -795,6 +795,34 @@ class CommitJobResponse(betterproto.Message):
 
 
 @dataclass(eq=False, repr=False)
+class RunJobRequest(betterproto.Message):
+    """Request for RunJob."""
+
+    spec: "JobSpec" = betterproto.message_field(1, group="job")
+    """
+    The job to run, as for GetQuote. Its limits are GetQuote's for an
+     authenticated caller.
+    """
+
+    quote_id: str = betterproto.string_field(2, group="job")
+    """A quote from GetQuote that has not expired (as CommitJob's)."""
+
+    idempotency_key: str = betterproto.string_field(3)
+    """As CommitJob's: 1-128 characters, one job per key and client."""
+
+
+@dataclass(eq=False, repr=False)
+class RunJobResponse(betterproto.Message):
+    """Response of RunJob."""
+
+    job: "Job" = betterproto.message_field(1)
+    """The job, final: COMPLETED, FAILED or CANCELLED."""
+
+    created: bool = betterproto.bool_field(2)
+    """False when the idempotency key matched an existing job."""
+
+
+@dataclass(eq=False, repr=False)
 class Job(betterproto.Message):
     """A job and everything known about it."""
 
