@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import grpc
 import pytest
 from conftest import Cluster, RawWorker, rpc_code, wait_until
 
-from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, receipt_pb2_grpc
+from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, receipt_pb2_grpc, worker_pb2
 from dispatchnet.client import task_spec
 from dispatchnet.coordinator.catalogue import MAX_LISTED, TaskCatalogue
 from dispatchnet.errors import FailedPrecondition
@@ -335,6 +336,57 @@ async def test_a_trivial_job_costs_three_write_transactions(cluster: Cluster) ->
         ]
         assert done.last_sequence == 4
     assert len(costs) == 3 and min(costs) == 3, costs
+
+
+async def test_a_job_that_ends_at_once_sends_its_result_alone(cluster: Cluster) -> None:
+    """A built-in task ends in its first step: the worker sends the result without an
+    accept, and the result answers the offer (accepted, then completed). A job that runs
+    longer is accepted first."""
+    w = await cluster.worker()
+    sent: list[str] = []
+    send = w._send
+
+    def recording(msg: Any) -> None:
+        sent.append(str(msg.WhichOneof("msg")))
+        send(msg)
+
+    w._send = recording  # type: ignore[method-assign]
+    c = cluster.client()
+    for spec, kinds in (
+        (task_spec("echo", b"1"), ["completed"]),
+        (task_spec("sleep", b'{"ms": 50}'), ["offer_response", "completed"]),
+    ):
+        sent.clear()
+        done = await c.run(spec)
+        assert done.state == COMPLETED, done.failure
+        assert [k for k in sent if k != "heartbeat"] == kinds
+        events = [i.event async for i in c.watch(done.job_id)]
+        reasons = [e.state_change.reason for e in events]
+        assert reasons == ["committed", "offered", "accepted", "completed"]
+
+
+async def test_a_failure_answers_an_unanswered_offer_too(
+    cluster: Cluster, channel: grpc.aio.Channel
+) -> None:
+    raw = RawWorker(channel)
+    await raw.handshake()
+    c = cluster.client()
+    job = await c.submit(task_spec("echo", b"1"))
+    offer = (await raw.recv()).offer
+    raw.send(
+        failed=worker_pb2.JobFailed(
+            job_id=offer.job_id,
+            attempt=offer.attempt,
+            failure=common_pb2.JobFailure(code="bad_input", message="no"),
+            retryable=False,
+        )
+    )
+    assert (await raw.recv()).result_ack.accepted
+    done = await c.wait(job.job_id)
+    assert done.state == coordinator_pb2.JOB_STATE_FAILED and done.failure.code == "bad_input"
+    reasons = [i.event.state_change.reason async for i in c.watch(job.job_id)]
+    assert reasons[:3] == ["committed", "offered", "accepted"], reasons
+    raw.close()
 
 
 async def test_a_long_jobs_accept_is_written_before_its_offer_lease_lapses(

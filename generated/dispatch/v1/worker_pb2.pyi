@@ -516,7 +516,10 @@ Global___JobOffer: _TypeAlias = JobOffer  # noqa: Y015
 
 @_typing.final
 class OfferResponse(_message.Message):
-    """Accept or reject an offer."""
+    """Accept or reject an offer. A worker's JobCompleted or JobFailed for an offer it
+    has not answered answers it too (accepted, then finished): a worker may send the
+    result alone for a job that finished before its accept was sent.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

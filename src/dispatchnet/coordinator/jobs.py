@@ -865,10 +865,13 @@ class JobService:
         receipt's worker_agent_id must equal it. worker_agent_owner: that agent's owner
         (a verified job's later runs need other owners).
 
+        A result for an offer the worker has not answered accepts it first (the worker
+        sent the result alone: the job ended before its accept went out).
         The first valid result wins: besides the worker running the current attempt, a
         worker that held an earlier attempt (its stream dropped, the job was requeued) may
         still deliver, as long as the job is not final. Whoever holds the job then is told
         to stop."""
+        await self._answered_by_result(job_id, attempt, worker_id)
         job = await self._held(job_id, attempt, worker_id, (JobState.RUNNING,))
         late = job is None
         if late:
@@ -925,9 +928,22 @@ class JobService:
             listener.job_completed(done)
         return True, ""
 
+    async def _answered_by_result(self, job_id: str, attempt: int, worker_id: str) -> None:
+        """A result (or failure) for an offer this process made and the worker has not
+        answered: the offer is accepted first, as an OfferResponse would have."""
+        known = self._active.get(job_id)
+        if (
+            known is not None
+            and known[0].state is JobState.OFFERED
+            and known[0].worker_id == worker_id
+            and known[0].attempts == attempt
+        ):
+            await self.accept(job_id, attempt, worker_id)
+
     async def fail(
         self, job_id: str, attempt: int, worker_id: str, failure: Failure, retryable: bool
     ) -> bool:
+        await self._answered_by_result(job_id, attempt, worker_id)
         job = await self._held(job_id, attempt, worker_id, ACTIVE_STATES)
         if job is None:
             return False

@@ -1612,7 +1612,11 @@ class JobOffer(betterproto.Message):
 
 @dataclass(eq=False, repr=False)
 class OfferResponse(betterproto.Message):
-    """Accept or reject an offer."""
+    """
+    Accept or reject an offer. A worker's JobCompleted or JobFailed for an offer it
+     has not answered answers it too (accepted, then finished): a worker may send the
+     result alone for a job that finished before its accept was sent.
+    """
 
     job_id: str = betterproto.string_field(1)
     """The job."""

@@ -440,8 +440,8 @@ class Worker:
         response = worker_pb2.OfferResponse(
             job_id=offer.job_id, attempt=offer.attempt, accept=not reason, reason=reason
         )
-        self._send(ConnectRequest(offer_response=response))
         if reason:
+            self._send(ConnectRequest(offer_response=response))
             self.rejected += 1
             self.log.info("rejected job %s attempt %d: %s", offer.job_id, offer.attempt, reason,
                           extra={"job_id": offer.job_id})  # fmt: skip
@@ -451,8 +451,18 @@ class Worker:
         self._running[key] = task
         self._settled.clear()
         task.add_done_callback(functools.partial(self._job_done, key))
+        # the accept goes once the job has had its first step: a job that ended in it (a
+        # built-in task) sends its result alone, which answers the offer too (one message
+        # instead of two, and the result does not wait for the accept's write)
+        asyncio.get_running_loop().call_soon(self._accept, task, response)
         self.log.info("accepted job %s attempt %d", offer.job_id, offer.attempt,
                       extra={"job_id": offer.job_id})  # fmt: skip
+
+    def _accept(
+        self, task: asyncio.Task[worker_pb2.ConnectRequest], response: worker_pb2.OfferResponse
+    ) -> None:
+        if not task.done():
+            self._send(ConnectRequest(offer_response=response))
 
     async def _execute(
         self, offer: worker_pb2.JobOffer, coordinator_key: bytes
