@@ -21,6 +21,8 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
         "raw bidi round trips, 1 stream",
         "unpaid job end to end, 1 submitter",
         "unpaid jobs, 8 submitters",
+        "unpaid job end to end with RunJob, 1 submitter",
+        "unpaid jobs with RunJob, 8 submitters",
         "health Check before the hold, 1 caller",
         "health Check during the hold, 1 caller",
         "jobs submitted during the hold, 4 submitters",
@@ -49,7 +51,8 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
     ), out
     # where a job's CPU goes, beside what its messages cost at the raw rate
     assert re.search(r"CPU ms \(server \+ this process\): [\d.]+ per unary RPC", out), out
-    for run in ("unpaid jobs, 8 submitters", "paid jobs, 16 submitters"):
+    runs = ("unpaid jobs, 8 submitters", "unpaid jobs with RunJob, 8 submitters")
+    for run in (*runs, "paid jobs, 16 submitters"):
         assert re.search(
             rf"CPU ms per job \({re.escape(run)}\): [\d.]+ \(this process [\d.]+, "
             r"coordinator\S* [\d.]+, worker0 [\d.]+, worker1 [\d.]+\)",
@@ -93,9 +96,20 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
         r"[\d,]+/s +[\d.]+ +none",
         summary,
     ), summary
-    assert re.search(r"raw-cost ceiling here: [\d.]+\)", summary), summary
-    assert re.search(r"raw-cost floor here: [\d.]+\)", summary), summary
-    assert re.search(r"CPU per trivial job, all processes .* [\d.]+ ms +[\d.]+ +none", summary)
+    # the targets on RunJob's rows; the three-call path printed beside them
+    assert re.search(
+        r"trivial jobs/s with RunJob, 8 submitters / raw unary RPC/s +[\d,]+/s +[\d.]+ +"
+        r">= 0\.2 \(raw-cost ceiling here: [\d.]+\)",
+        summary,
+    ), summary
+    assert re.search(
+        r"job p50 end to end with RunJob, 1 submitter / raw unary p50 +[\d.]+ ms +[\d.]+ +"
+        r"<= 5 \(raw-cost floor here: [\d.]+\)",
+        summary,
+    ), summary
+    assert re.search(r"quote \+ commit \+ watch, 8 submitters .* none \(3 calls; raw-cost", summary)
+    assert re.search(r"quote \+ commit \+ watch, 1 submitter .* none \(3 calls; raw-cost", summary)
+    assert len(re.findall(r"CPU per trivial job.* [\d.]+ ms +[\d.]+ +none", summary)) == 2
     assert re.search(r"^  128 progress events, \d+ events, \d+ durable rows$", out, re.M), out
     assert len(re.findall(r"^  \S.*\s[\d.]+\s+(>=|<=|diff)", summary, re.M)) == 12, summary
     # jobs compared at `scale` (the targets), memory and idle CPU at `most`

@@ -72,7 +72,10 @@ if TYPE_CHECKING:
 RAW_SERVICE = "dispatch.bench.Raw"
 UNARY_CALLERS = 64
 JOB_UNARY_CALLS = 3  # a trivial job's client calls: GetQuote, CommitJob, WatchJob
-JOB_STREAM_ROUND_TRIPS = 2  # and its worker stream's: offer -> accept, result -> ack
+RUN_JOB_CALLS = 1  # or one: RunJob
+# and its worker stream's messages, as round trips: offer -> result (which answers the
+# offer: a built-in task sends no accept), and the result's ack
+JOB_STREAM_ROUND_TRIPS = 1.5
 STREAMS = 100
 WORKERS = 2
 WORKER_SLOTS = 32
@@ -316,21 +319,21 @@ class Raw:
     unary_cpu_ms: float  # CPU of both sides (server child + this process) per unary RPC
     bidi_cpu_ms: float  # likewise per bidi round trip (two messages)
 
-    def job_floor_cpu_ms(self) -> float:
+    def job_floor_cpu_ms(self, calls: int = JOB_UNARY_CALLS) -> float:
         """The CPU (all processes) a trivial job's messages would cost at the raw rate:
-        its three client calls (GetQuote, CommitJob, WatchJob) as unary RPCs and its
-        two worker-stream round trips (offer -> accept, result -> ack). A lower bound:
-        WatchJob's several events and the job's own work are left out."""
-        return JOB_UNARY_CALLS * self.unary_cpu_ms + JOB_STREAM_ROUND_TRIPS * self.bidi_cpu_ms
+        its client calls (GetQuote, CommitJob, WatchJob; or RunJob alone) as unary RPCs
+        and its three worker-stream messages (offer, result, ack) as 1.5 round trips. A
+        lower bound: WatchJob's several events and the job's own work are left out."""
+        return calls * self.unary_cpu_ms + JOB_STREAM_ROUND_TRIPS * self.bidi_cpu_ms
 
-    def ceiling_jobs_per_second(self, cores: int) -> float:
+    def ceiling_jobs_per_second(self, cores: int, calls: int = JOB_UNARY_CALLS) -> float:
         """Trivial jobs/s with every core busy and nothing but the raw cost per job."""
-        return 1000 * cores / self.job_floor_cpu_ms()
+        return 1000 * cores / self.job_floor_cpu_ms(calls)
 
-    def floor_p50_ms(self) -> float:
-        """The shortest job end to end from one submitter: three unary calls one after
+    def floor_p50_ms(self, calls: int = JOB_UNARY_CALLS) -> float:
+        """The shortest job end to end from one submitter: its unary calls one after
         another plus one stream round trip (the offer out, the result back)."""
-        return JOB_UNARY_CALLS * self.unary_one.p50_ms + self.bidi_one.p50_ms
+        return calls * self.unary_one.p50_ms + self.bidi_one.p50_ms
 
 
 async def bench_raw(children: Children, seconds: float) -> Raw:
@@ -405,6 +408,10 @@ class JobFigures:
     load: float
     cpu: CpuMeter  # over the busiest run (`many` submitters, else 16)
     cpu_jobs: int  # the jobs of that run
+    # the same jobs with RunJob (unpaid only): 1 submitter, and `many` with its CPU
+    run_one: Series | None = None
+    run_many: Series | None = None
+    run_cpu: CpuMeter | None = None
 
 
 async def bench_jobs(
@@ -435,8 +442,18 @@ async def bench_jobs(
             committed.append(j.job_id)
             await c.wait(j.job_id, j.last_sequence)
 
+        async def run_job() -> None:
+            j = await c.run(task_spec("echo", f"job {next(counter)}".encode()))
+            committed.append(j.job_id)
+
         await job()  # warm up (connections, token, first payment's token metadata)
         e2e_one = await closed_loop(f"{label} job end to end, 1 submitter", 1, seconds / 2, job)
+        run_one = None
+        if wallet is None:
+            await run_job()
+            run_one = await closed_loop(
+                f"{label} job end to end with RunJob, 1 submitter", 1, seconds / 2, run_job
+            )
         four = await closed_loop(f"{label} jobs, 4 submitters", 4, seconds / 2, lambda: job(True))
         commits.elapsed = four.elapsed
         cpu = CpuMeter(pids)
@@ -447,14 +464,25 @@ async def bench_jobs(
             if many
             else None
         )
+        run_many, run_cpu = None, None
+        if wallet is None and many:
+            run_cpu = CpuMeter(pids)
+            run_many = await run_cpu.measure(
+                closed_loop(f"{label} jobs with RunJob, {many} submitters", many, seconds, run_job)
+            )
         load = load_average()
     busiest = many_series or sixteen
-    for s in (e2e_one, commits, four, sixteen, many_series):
+    for s in (e2e_one, run_one, commits, four, sixteen, many_series, run_many):
         if s is not None:
             print("  " + s.line())
     print(f"  {cpu.line(len(busiest.samples), f'job ({busiest.name})')}")
+    if run_cpu is not None and run_many is not None:
+        print(f"  {run_cpu.line(len(run_many.samples), f'job ({run_many.name})')}")
     print(f"  load average (1 min) after the {label} run: {load:.2f}")
-    figures = JobFigures(e2e_one, commits, sixteen, many_series, load, cpu, len(busiest.samples))
+    figures = JobFigures(
+        e2e_one, commits, sixteen, many_series, load, cpu, len(busiest.samples),
+        run_one, run_many, run_cpu,
+    )  # fmt: skip
     return figures, committed
 
 
@@ -878,10 +906,15 @@ async def run_bench(
         print(
             f"  CPU ms (server + this process): {raw.unary_cpu_ms:.3f} per unary RPC, "
             f"{raw.bidi_cpu_ms:.3f} per bidi round trip; a trivial job's {JOB_UNARY_CALLS} "
-            f"calls and {JOB_STREAM_ROUND_TRIPS} stream round trips at that cost: "
+            f"calls and {JOB_STREAM_ROUND_TRIPS} stream round trips (offer, result, ack) at "
+            "that cost: "
             f"{raw.job_floor_cpu_ms():.2f} ms, at most "
             f"{raw.ceiling_jobs_per_second(os.cpu_count() or 1):,.0f} jobs/s on "
-            f"{os.cpu_count()} cores; end to end at least {raw.floor_p50_ms():.2f} ms"
+            f"{os.cpu_count()} cores; end to end at least {raw.floor_p50_ms():.2f} ms "
+            f"(with RunJob, {RUN_JOB_CALLS} call: "
+            f"{raw.job_floor_cpu_ms(RUN_JOB_CALLS):.2f} ms, "
+            f"{raw.ceiling_jobs_per_second(os.cpu_count() or 1, RUN_JOB_CALLS):,.0f} jobs/s, "
+            f"{raw.floor_p50_ms(RUN_JOB_CALLS):.2f} ms)"
         )
         print(f"  load average (1 min): {load_average():.2f}")
         children.stop_all()
@@ -1000,18 +1033,40 @@ async def run_bench(
         print(f"  {'figure':<{FIGURE_WIDTH}} {'value':>{VALUE_WIDTH}} {'ratio':>8}   target")
         cores = os.cpu_count() or 1
         ceiling = raw.ceiling_jobs_per_second(cores) / raw.unary.rate
+        run_ceiling = raw.ceiling_jobs_per_second(cores, RUN_JOB_CALLS) / raw.unary.rate
+        if unpaid.run_many is not None:
+            print(ratio_row(
+                f"trivial jobs/s with RunJob, {many} submitters / raw unary RPC/s",
+                f"{unpaid.run_many.rate:,.0f}/s", unpaid.run_many.rate / raw.unary.rate,
+                f">= 0.2 (raw-cost ceiling here: {run_ceiling:.2f})",
+            ))  # fmt: skip
         print(ratio_row(
-            f"trivial jobs/s, {many} submitters / raw unary RPC/s",
+            f"trivial jobs/s, quote + commit + watch, {many} submitters / raw unary RPC/s",
             f"{many_rate:,.0f}/s", many_rate / raw.unary.rate,
-            f">= 0.2 (raw-cost ceiling here: {ceiling:.2f})",
+            f"none (3 calls; raw-cost ceiling here: {ceiling:.2f})",
         ))  # fmt: skip
+        if unpaid.run_one is not None:
+            print(ratio_row(
+                "job p50 end to end with RunJob, 1 submitter / raw unary p50",
+                f"{unpaid.run_one.p50_ms:.2f} ms", unpaid.run_one.p50_ms / raw.unary_one.p50_ms,
+                f"<= 5 (raw-cost floor here: "
+                f"{raw.floor_p50_ms(RUN_JOB_CALLS) / raw.unary_one.p50_ms:.1f})",
+            ))  # fmt: skip
         print(ratio_row(
-            "job p50 end to end, 1 submitter / raw unary p50",
+            "job p50 end to end, quote + commit + watch, 1 submitter / raw unary p50",
             f"{unpaid.e2e_one.p50_ms:.2f} ms", unpaid.e2e_one.p50_ms / raw.unary_one.p50_ms,
-            f"<= 5 (raw-cost floor here: {raw.floor_p50_ms() / raw.unary_one.p50_ms:.1f})",
+            f"none (3 calls; raw-cost floor here: "
+            f"{raw.floor_p50_ms() / raw.unary_one.p50_ms:.1f})",
         ))  # fmt: skip
+        if unpaid.run_cpu is not None and unpaid.run_many is not None:
+            run_cpu_ms = unpaid.run_cpu.ms_per(len(unpaid.run_many.samples))
+            print(ratio_row(
+                "CPU per trivial job with RunJob, all processes / at the raw cost",
+                f"{run_cpu_ms:.2f} ms", run_cpu_ms / raw.job_floor_cpu_ms(RUN_JOB_CALLS),
+                "none (explains jobs/s)",
+            ))  # fmt: skip
         print(ratio_row(
-            "CPU per trivial job, all processes / its messages at the raw cost",
+            "CPU per trivial job, quote + commit + watch / at the raw cost",
             f"{unpaid.cpu.ms_per(unpaid.cpu_jobs):.2f} ms",
             unpaid.cpu.ms_per(unpaid.cpu_jobs) / raw.job_floor_cpu_ms(), "none (explains jobs/s)",
         ))  # fmt: skip

@@ -132,7 +132,7 @@ class CoordinatorMetrics(NullObserver):
         self.committed = Children(
             Counter(
                 "dispatch_jobs_committed",
-                "Jobs committed (CommitJob made a new job).",
+                "Jobs committed (CommitJob or RunJob made a new job).",
                 ["type"],
                 registry=r,
             )
@@ -157,7 +157,7 @@ class CoordinatorMetrics(NullObserver):
         self.dispatch_latency = Children(
             Histogram(
                 "dispatch_job_dispatch_seconds",
-                "From CommitJob to the job's first offer to a worker.",
+                "From CommitJob (or RunJob) to the job's first offer to a worker.",
                 ["type"],
                 buckets=LATENCY_BUCKETS,
                 registry=r,
@@ -166,7 +166,7 @@ class CoordinatorMetrics(NullObserver):
         self.duration = Children(
             Histogram(
                 "dispatch_job_duration_seconds",
-                "From CommitJob to the job's final state (end to end).",
+                "From CommitJob (or RunJob) to the job's final state (end to end).",
                 ["type", "outcome"],
                 buckets=DURATION_BUCKETS,
                 registry=r,
@@ -210,13 +210,13 @@ class CoordinatorMetrics(NullObserver):
         )
         # payments
         self.verify_seconds = Histogram(
-            "dispatch_x402_verify_seconds", "x402 payment verification at CommitJob "
+            "dispatch_x402_verify_seconds", "x402 payment verification at CommitJob or RunJob "
             "(facilitator or chain simulation), whatever its outcome.", buckets=CHAIN_BUCKETS,
             registry=r)  # fmt: skip
         self.verify_failures = Children(
             Counter(
                 "dispatch_x402_verify_failures",
-                "x402 payments refused or not verified at CommitJob, by reason.",
+                "x402 payments refused or not verified at CommitJob or RunJob, by reason.",
                 ["reason"],
                 registry=r,
             )
