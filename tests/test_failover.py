@@ -231,3 +231,24 @@ async def test_cluster_up_starts_postgresql_and_coordinators_and_stops_them(
     up.p.send_signal(signal.SIGINT)
     assert await asyncio.to_thread(up.p.wait, 60) == 0
     assert not Path(info["postgres_dir"]).exists()
+
+
+async def test_run_job_waits_at_one_coordinator_for_a_worker_of_another(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """RunJob at A, the only worker at B (one PostgreSQL): A hears the job complete there
+    and answers with it final; calling again with the key at B returns the same job."""
+    profile = make_profile(store={"url": pg_url})
+    a = Cluster(await start_coordinator(profile, tmp_path / "a", "127.0.0.1:0"), tmp_path)
+    b = Cluster(await start_coordinator(profile, tmp_path / "b", "127.0.0.1:0"), tmp_path)
+    key = KeyPair.generate()
+    try:
+        w = await b.worker()
+        done = await a.client(key).run(task_spec("echo", b'"there"'), "k-a")
+        assert done.state == COMPLETED and done.worker_id == w.key.public_hex
+        assert verify_receipt_message(done.receipt, b.coord.public_key).valid
+        again = await b.client(key).run(task_spec("echo", b'"there"'), "k-a")
+        assert again.job_id == done.job_id and again.state == COMPLETED
+    finally:
+        await b.close()
+        await a.close()
