@@ -155,6 +155,8 @@ class Worker:
         self._stop = asyncio.Event()
         self._running: dict[JobKey, asyncio.Task[worker_pb2.ConnectRequest]] = {}
         self._pending: dict[JobKey, worker_pb2.ConnectRequest] = {}
+        # accepts not sent yet: each job's, until its first step ends or its first progress
+        self._unanswered: dict[JobKey, worker_pb2.OfferResponse] = {}
         self._settled = asyncio.Event()  # set while nothing runs and every result is acked
         self._settled.set()
         self._outbox: asyncio.Queue[worker_pb2.ConnectRequest] | None = None
@@ -451,17 +453,20 @@ class Worker:
         self._running[key] = task
         self._settled.clear()
         task.add_done_callback(functools.partial(self._job_done, key))
-        # the accept goes once the job has had its first step: a job that ended in it (a
-        # built-in task) sends its result alone, which answers the offer too (one message
-        # instead of two, and the result does not wait for the accept's write)
-        asyncio.get_running_loop().call_soon(self._accept, task, response)
+        # the accept goes once the job has had its first step, or before its first
+        # progress: a job that ended in it (a built-in task) sends its result alone, which
+        # answers the offer too (one message instead of two, and the result does not wait
+        # for the accept's write)
+        self._unanswered[key] = response
+        asyncio.get_running_loop().call_soon(self._accept, key, task)
         self.log.info("accepted job %s attempt %d", offer.job_id, offer.attempt,
                       extra={"job_id": offer.job_id})  # fmt: skip
 
-    def _accept(
-        self, task: asyncio.Task[worker_pb2.ConnectRequest], response: worker_pb2.OfferResponse
-    ) -> None:
-        if not task.done():
+    def _accept(self, key: JobKey, task: asyncio.Task[worker_pb2.ConnectRequest] | None) -> None:
+        """Sends the offer's accept unless it was sent, or the job ended (its result, or
+        its cancel, answers it)."""
+        response = self._unanswered.pop(key, None)
+        if response is not None and (task is None or not task.done()):
             self._send(ConnectRequest(offer_response=response))
 
     async def _execute(
@@ -493,6 +498,7 @@ class Worker:
         assert executor is not None  # checked when the offer was accepted
 
         def progress(text: str, fraction: float) -> None:
+            self._accept((offer.job_id, offer.attempt), None)  # accepted before its progress
             # long text goes in several messages, each within the protocol's limit
             for start in range(0, max(len(text), 1), MAX_PROGRESS_TEXT_CHARS):
                 msg = worker_pb2.JobProgress(
@@ -629,6 +635,7 @@ class Worker:
 
     def _job_done(self, key: JobKey, task: asyncio.Task[worker_pb2.ConnectRequest]) -> None:
         """Records and sends a finished job's result, unless the job was cancelled."""
+        self._unanswered.pop(key, None)  # the result (or the cancel) answers the offer
         if self._running.get(key) is task:
             del self._running[key]
             if not task.cancelled():
@@ -668,6 +675,7 @@ class Worker:
         for task in self._running.values():
             task.cancel()
         self._running.clear()
+        self._unanswered.clear()
         self._update_settled()
 
     def _update_settled(self) -> None:
