@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -387,6 +388,43 @@ async def test_a_failure_answers_an_unanswered_offer_too(
     reasons = [i.event.state_change.reason async for i in c.watch(job.job_id)]
     assert reasons[:3] == ["committed", "offered", "accepted"], reasons
     raw.close()
+
+
+async def test_an_offer_sent_while_its_job_is_written_is_withdrawn_if_no_job_is_made(
+    cluster: Cluster, channel: grpc.aio.Channel
+) -> None:
+    """CommitJob offers a job to a free worker while it writes it. Two commits with one key
+    at once: each offers its job, one job is made, and the other offer is cancelled; a
+    result for it is refused."""
+    workers = [RawWorker(channel), RawWorker(channel)]
+    for w in workers:
+        await w.handshake()
+    hub = cluster.coord.hub
+    await wait_until(lambda: len(hub.sessions) == 2, what="both workers")
+    c = cluster.client()
+    quote = await c.quote(task_spec("echo", b"1"))
+    # a new job is offered at commit only while no dispatch pass runs (see reserve)
+    await wait_until(lambda: not (hub._passing or hub._fresh or hub._backlog), what="no pass")
+    first, second = await asyncio.gather(*(c.commit(quote.quote_id, "k") for _ in range(2)))
+    assert first.job_id == second.job_id
+    offers = {w: (await w.recv()).offer for w in workers}
+    [made] = [w for w, o in offers.items() if o.job_id == first.job_id]
+    [void] = [w for w, o in offers.items() if o.job_id != first.job_id]
+    cancel = (await void.recv()).cancel
+    assert cancel.job_id == offers[void].job_id and "not committed" in cancel.reason
+    void.send(
+        failed=worker_pb2.JobFailed(
+            job_id=offers[void].job_id, attempt=1,
+            failure=common_pb2.JobFailure(code="x", message="x"),
+        )
+    )  # fmt: skip
+    assert not (await void.recv()).result_ack.accepted
+    assert cluster.db.get_job(offers[void].job_id) is None
+    made.send(offer_response=worker_pb2.OfferResponse(job_id=first.job_id, attempt=1, accept=True))
+    running = (coordinator_pb2.JOB_STATE_OFFERED, coordinator_pb2.JOB_STATE_RUNNING)
+    assert (await c.get(first.job_id)).state in running
+    for w in workers:
+        w.close()
 
 
 async def test_a_long_jobs_accept_is_written_before_its_offer_lease_lapses(

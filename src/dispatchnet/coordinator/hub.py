@@ -502,20 +502,28 @@ class WorkerHub:
         self._reserved[job.job_id] = session
         return session.worker_id
 
-    async def reserved(self, job_id: str, offered: Job | None) -> None:
+    def offer_now(self, job_id: str, offering: Job) -> bool:
+        session = self._reserved[job_id]
+        if session.closed or session.active.get(job_id) != offering.attempts:
+            return False
+        session.send(Offer(offering, self.jobs_cfg.time_limit_seconds))
+        return True
+
+    async def reserved(self, job_id: str, offered: Job | None, sent: bool) -> None:
         session = self._reserved.pop(job_id)
         if offered is None:
-            if session.active.pop(job_id, None) is not None:
+            attempt = session.active.pop(job_id, None)
+            if attempt is not None:
                 self.index.refresh(session)
                 self.kick()  # the slot is free again
+            if sent and not session.closed:  # the job was not made: its offer is void
+                session.send(Cancel(job_id, attempt or 1, "the job was not committed"))
             return
-        if session.closed or session.active.get(job_id) != offered.attempts:
-            # the worker went away (or gave the job up) while the job was written
+        if not sent or session.closed or session.active.get(job_id) != offered.attempts:
+            # the worker went away (or gave the job up) before or while the job was written
             session.active.pop(job_id, None)
             self.index.refresh(session)
             await self.jobs.requeue(offered, "worker_gone", tell_worker=False)
-            return
-        session.send(Offer(offered, self.jobs_cfg.time_limit_seconds))
 
     # --- dispatching --------------------------------------------------------------------
 

@@ -205,6 +205,8 @@ class JobService:
         # them are checked against without a store read. The store stays the authority:
         # every move is a compare-and-set, and a job not found here is read from the store.
         self._active: dict[str, tuple[Job, float | None]] = {}
+        # jobs CommitJob is writing, offered already: their workers' messages wait for it
+        self._writing: dict[str, asyncio.Future[None]] = {}
         # the quotes this process made lately (immutable until they expire)
         self._quotes: OrderedDict[str, Quote] = OrderedDict()
         self._quote_bytes = 0  # their specs' bytes
@@ -436,10 +438,18 @@ class JobService:
         assert self.listener is not None
         offered: Job | None = None
         offer_event = self._offer_event(job, worker_id, now)
+        offering = self._offered(job, worker_id, now)
+        if payment is not None:  # as the store writes it (the offer carries it to the receipt)
+            offering = dataclasses.replace(offering, payment=payment.ref())
+        # The offer goes out while the job is written, not after: what the worker answers
+        # waits for the write (see _written), and the caller's answer waits for it too, so
+        # nothing is acknowledged before it is stored. A job whose write fails (or that
+        # its key finds already made) is withdrawn from the worker: its result is refused.
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._writing[job.job_id] = written
+        sent = self.listener.offer_now(job.job_id, offering)
         try:
-            stored, created = await self.store.create_job(
-                self._offered(job, worker_id, now), event, payment, offer_event
-            )
+            stored, created = await self.store.create_job(offering, event, payment, offer_event)
             if not created:
                 return _same_quote(stored, quote_id), False
             offered = stored
@@ -451,7 +461,16 @@ class JobService:
             self.observer.job_moved(queued, stored, "offered")
             return stored, True
         finally:
-            await self.listener.reserved(job.job_id, offered)
+            del self._writing[job.job_id]
+            written.set_result(None)
+            await self.listener.reserved(job.job_id, offered, sent)
+
+    async def _written(self, job_id: str) -> None:
+        """Returns once the job is written if CommitJob is writing it now (its offer went
+        out before the write ended, so its worker can answer first)."""
+        writing = self._writing.get(job_id)
+        if writing is not None:
+            await asyncio.shield(writing)
 
     def _offered(self, job: Job, worker_id: str, now: float) -> Job:
         """job (QUEUED, never offered) as offer() would make it: offered to worker_id."""
@@ -595,6 +614,7 @@ class JobService:
         offer lease left, so no sweep, here or at another coordinator, takes it for an
         unanswered offer), whichever is first.
         Watchers see "accepted" when it is written, always before what follows it."""
+        await self._written(job_id)
         job = await self._held(job_id, attempt, worker_id, (JobState.OFFERED,))
         if job is None:
             return None
@@ -736,6 +756,7 @@ class JobService:
                 await self.requeue(job, RESTARTED, tell_worker=False, costs_attempt=False)
 
     async def reject(self, job_id: str, attempt: int, worker_id: str, reason: str) -> Job | None:
+        await self._written(job_id)
         job = await self._held(job_id, attempt, worker_id, (JobState.OFFERED,))
         if job is None:
             return None
@@ -746,6 +767,7 @@ class JobService:
     ) -> None:
         """A chunk of output of the running attempt: numbered and sent to watchers now,
         written to the store with the chunks around it (see the module docstring)."""
+        await self._written(job_id)
         if job_id in self._accepts or job_id in self._accepting:
             await self._write_accept(job_id)  # "accepted" comes before its progress
         job = await self._held(job_id, attempt, worker_id, (JobState.RUNNING,))
@@ -871,6 +893,7 @@ class JobService:
         worker that held an earlier attempt (its stream dropped, the job was requeued) may
         still deliver, as long as the job is not final. Whoever holds the job then is told
         to stop."""
+        await self._written(job_id)
         await self._answered_by_result(job_id, attempt, worker_id)
         job = await self._held(job_id, attempt, worker_id, (JobState.RUNNING,))
         late = job is None
@@ -943,6 +966,7 @@ class JobService:
     async def fail(
         self, job_id: str, attempt: int, worker_id: str, failure: Failure, retryable: bool
     ) -> bool:
+        await self._written(job_id)
         await self._answered_by_result(job_id, attempt, worker_id)
         job = await self._held(job_id, attempt, worker_id, ACTIVE_STATES)
         if job is None:

@@ -125,10 +125,16 @@ class JobListener(Protocol):
         its slot is held for the job until `reserved`. None: the job is written QUEUED."""
         ...
 
-    async def reserved(self, job_id: str, offered: Job | None) -> None:
+    def offer_now(self, job_id: str, offering: Job) -> bool:
+        """Sends the offer of `offering` (the job reserved for, OFFERED to that worker, as
+        it is being written) at once; False when that worker went away (nothing sent)."""
+        ...
+
+    async def reserved(self, job_id: str, offered: Job | None, sent: bool) -> None:
         """The end of the hold `reserve` made for job_id: `offered` is the job as written,
-        OFFERED to that worker (the offer goes out now, or the job is requeued if the
-        worker went away meanwhile); None: it was not written so (the slot is free)."""
+        OFFERED to that worker (the job is requeued if the worker went away before or
+        after its offer went out); None: it was not written so (the slot is free, and an
+        offer that went out (`sent`) is withdrawn)."""
         ...
 
 
