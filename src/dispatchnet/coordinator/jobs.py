@@ -447,6 +447,8 @@ class JobService:
         # its key finds already made) is withdrawn from the worker: its result is refused.
         written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._writing[job.job_id] = written
+        queued = job if payment is None else dataclasses.replace(job, payment=offering.payment)
+        self.observer.job_offering(queued, offering)  # the offer carries its trace
         sent = self.listener.offer_now(job.job_id, offering)
         try:
             stored, created = await self.store.create_job(offering, event, payment, offer_event)
@@ -456,11 +458,12 @@ class JobService:
             self._remember(stored, [event, offer_event])
             self._active[job.job_id] = (stored, now)
             self._changed(stored)
-            queued = dataclasses.replace(job, payment=stored.payment)
             self.observer.job_committed(queued)
             self.observer.job_moved(queued, stored, "offered")
             return stored, True
         finally:
+            if offered is None:
+                self.observer.job_not_made(offering)
             del self._writing[job.job_id]
             written.set_result(None)
             await self.listener.reserved(job.job_id, offered, sent)

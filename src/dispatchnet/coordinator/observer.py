@@ -2,8 +2,9 @@
 the dashboard; implemented in observability/), and NullObserver, which tells nobody.
 
 Every call happens on the event loop, on the hot path of the job it is about, after the
-change it reports is durable: an implementation must return at once, never block, never
-await, never call the store or a chain, and never raise.
+change it reports is durable (but job_offering and job_not_made, which say so): an
+implementation must return at once, never block, never await, never call the store or a
+chain, and never raise.
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ class Observer(Protocol):
     def job_moved(self, before: Job, after: Job, reason: str) -> None:
         """A job's transition (after.state may equal before.state: a hold after a
         coordinator restart); reason is its event's reason."""
+        ...
+
+    def job_offering(self, queued: Job, offered: Job) -> None:
+        """A new job's offer goes out while the job is written (in the committing call's
+        context, before anything is durable): job_committed(queued) and job_moved(queued,
+        offered) follow once it is stored, or job_not_made(offered) if it is not."""
+        ...
+
+    def job_not_made(self, job: Job) -> None:
+        """The job job_offering announced was not stored (its write failed, or its key
+        found a job already made)."""
         ...
 
     def worker_connected(self, worker_id: str, kind: WorkerKind) -> None: ...
@@ -61,6 +73,12 @@ class NullObserver:
         pass
 
     def job_moved(self, before: Job, after: Job, reason: str) -> None:
+        pass
+
+    def job_offering(self, queued: Job, offered: Job) -> None:
+        pass
+
+    def job_not_made(self, job: Job) -> None:
         pass
 
     def worker_connected(self, worker_id: str, kind: WorkerKind) -> None:

@@ -43,6 +43,20 @@ class Observers:
             except Exception as e:
                 self._failed(p, "job_moved", e)
 
+    def job_offering(self, queued: Job, offered: Job) -> None:
+        for p in self.parts:
+            try:
+                p.job_offering(queued, offered)
+            except Exception as e:
+                self._failed(p, "job_offering", e)
+
+    def job_not_made(self, job: Job) -> None:
+        for p in self.parts:
+            try:
+                p.job_not_made(job)
+            except Exception as e:
+                self._failed(p, "job_not_made", e)
+
     def worker_connected(self, worker_id: str, kind: WorkerKind) -> None:
         for p in self.parts:
             try:

@@ -202,6 +202,7 @@ class _JobTrace:
     offer: str = ""  # traceparent of the `job offered` span, for the worker
     result: tuple[Context, int] | None = None  # the worker's span, when its result came
     attributes: dict[str, Any] = field(default_factory=dict)
+    early: bool = False  # opened by job_offering: its commit and offer are traced already
 
 
 class VerifySpan:
@@ -253,7 +254,22 @@ class JobTracing(NullObserver):
                 old.phase.end()
         return t
 
+    def job_offering(self, queued: Job, offered: Job) -> None:
+        # the offer leaves before the job is stored: its traceparent must exist by then
+        self.job_committed(queued)
+        self.job_moved(queued, offered, "offered")
+        self._jobs[offered.job_id].early = True
+
+    def job_not_made(self, job: Job) -> None:
+        t = self._jobs.pop(job.job_id, None)
+        if t is not None and t.phase is not None:
+            t.phase.set_attribute("dispatch.next", "not made")
+            t.phase.end()
+
     def job_committed(self, job: Job) -> None:
+        known = self._jobs.get(job.job_id)
+        if known is not None and known.early:  # traced at its offer (job_offering)
+            return
         root = otel_context.get_current()  # CommitJob's
         if not trace.get_current_span(root).get_span_context().is_valid:
             root = self._own_root(job, "CommitJob was not traced")
@@ -272,6 +288,10 @@ class JobTracing(NullObserver):
         if after.state is before.state:
             return
         t = self._trace_of(after)
+        if t.early:  # its offer at commit, traced by job_offering already
+            t.early = False
+            if after.state is JobState.OFFERED:
+                return
         if t.phase is not None:
             t.phase.set_attribute("dispatch.next", f"{after.state.name.lower()}: {reason}")
             t.phase.end()
