@@ -81,8 +81,13 @@ async def test_a_wasm_module_sent_with_run_job_is_stored_for_its_job(cluster: Cl
 
     await cluster.worker()
     c = cluster.client()
-    done = await c.run(wasm_spec(REVERSE, b"hello"))
+    done = await c.run(wasm_spec(REVERSE, b"hello"), "w1")
     assert done.state == COMPLETED and done.result.output == b"olleh"
+    again = await c.run(wasm_spec(REVERSE, b"hello"), "w1")  # a retry: the same job
+    assert again.job_id == done.job_id
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await c.run(wasm_spec(REVERSE, b"other"), "w1")
+    assert rpc_code(e.value) == grpc.StatusCode.FAILED_PRECONDITION
     by_hash = task_spec("wasm", b"abc")  # the module is known by its hash since
     by_hash.task.wasm.sha256 = hashlib.sha256(REVERSE).digest()
     assert (await c.run(by_hash)).result.output == b"cba"

@@ -368,11 +368,19 @@ class JobService:
         """quote() and commit() in one step, without storing the quote when the spec brings
         no WebAssembly module to store (RunJob with a spec; unpaid). A key used before
         returns its job if that was for the same spec (FailedPrecondition if not)."""
-        if wasm_module is not None:  # the module is stored with a quote, as GetQuote does
-            q = await self.quote(spec, wasm_module, client_id)
-            return await self.commit(client_id, q.quote_id, idempotency_key)
         if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
             raise InvalidArgument(f"idempotency_key must be 1-{MAX_IDEMPOTENCY_KEY} characters")
+        if wasm_module is not None:  # the module is stored with a quote, as GetQuote does
+            existing = await self.store.get_job_by_key(client_id, idempotency_key)
+            if existing is None:
+                q = await self.quote(spec, wasm_module, client_id)
+                try:
+                    return await self.commit(client_id, q.quote_id, idempotency_key)
+                except FailedPrecondition:  # the same call, committed meanwhile?
+                    existing = await self.store.get_job_by_key(client_id, idempotency_key)
+                    if existing is None:
+                        raise
+            return _same_spec(existing, spec), False
         try:
             if spec.job_type is JobType.TASK and self.catalogue is not None:
                 await self.catalogue.check(spec.task_name)
@@ -1583,7 +1591,7 @@ def _check_paired(spec: JobSpec, paired: set[str]) -> None:
 
 def _same_spec(job: Job, spec: JobSpec) -> Job:
     """job, committed earlier with the idempotency key now run again with spec."""
-    if job.quote_id or job.spec.spec_sha256 != spec.spec_sha256:
+    if job.spec.spec_sha256 != spec.spec_sha256:
         raise FailedPrecondition("idempotency_key was already used for another job")
     return job
 
