@@ -252,3 +252,36 @@ async def test_run_job_waits_at_one_coordinator_for_a_worker_of_another(
     finally:
         await b.close()
         await a.close()
+
+
+async def test_run_job_waiting_at_a_coordinator_that_stops_is_answered_by_the_next(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A RunJob call waiting at A when A stops is made again at B with the same key: B finds
+    the job (the worker resumed it there) and answers with it final, charged and run once."""
+    profile = make_profile(store={"url": pg_url})
+    a = Cluster(await start_coordinator(profile, tmp_path / "a", "127.0.0.1:0"), tmp_path)
+    b = Cluster(await start_coordinator(profile, tmp_path / "b", "127.0.0.1:0"), tmp_path)
+    gated = Gated()
+    worker = Worker(
+        [a.address, b.address], KeyPair.generate(), executors=[gated],
+        backoff_initial=0.05, backoff_max=0.2,
+    )  # fmt: skip
+    run = asyncio.create_task(worker.run())
+    c = CoordinatorClient(f"{a.address},{b.address}", KeyPair.generate())
+    try:
+        await asyncio.wait_for(worker.connected.wait(), 10)
+        waiting = asyncio.create_task(c.run(task_spec("echo", b'"x"'), "once"))
+        await asyncio.wait_for(gated.started.wait(), 10)
+        await a.coord.stop(grace=0)
+        await wait_until(lambda: worker.coordinator == b.address, what="the worker at B")
+        gated.gate.set()
+        done = await asyncio.wait_for(waiting, 15)
+        assert done.state == COMPLETED and done.attempts == 1
+        assert c.address == b.address
+    finally:
+        worker.stop()
+        await asyncio.wait_for(run, 5)
+        await c.close()
+        await b.close()
+        await a.close()

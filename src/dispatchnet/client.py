@@ -187,15 +187,21 @@ class CoordinatorClient:
         return self._endpoint()
 
     async def _failover(
-        self, attempt: Callable[[_Endpoint], Awaitable[T]], deadline_too: bool = False
+        self,
+        attempt: Callable[[_Endpoint], Awaitable[T]],
+        deadline_too: bool = False,
+        cancelled_too: bool = False,
     ) -> T:
         """attempt on the current coordinator, and on the next ones while they are
         UNAVAILABLE (also DEADLINE_EXCEEDED with deadline_too: a call whose own short
-        deadline bounds the wait for a connection); the last error when none answers.
+        deadline bounds the wait for a connection; CANCELLED with cancelled_too: a long
+        call its coordinator cancelled as it stopped); the last error when none answers.
         With one address: attempt once."""
         codes = {grpc.StatusCode.UNAVAILABLE}
         if deadline_too:
             codes.add(grpc.StatusCode.DEADLINE_EXCEEDED)
+        if cancelled_too:
+            codes.add(grpc.StatusCode.CANCELLED)
         n = len(self.addresses)
         if n == 1:
             return await attempt(self._endpoint())
@@ -362,7 +368,8 @@ class CoordinatorClient:
                 )
             return resp.job
 
-        return await self._failover(attempt)
+        # the same key again: a job committed before its coordinator went away is found
+        return await self._failover(attempt, cancelled_too=True)
 
     async def paired_workers(self) -> list[bytes]:
         """The ed25519 keys of the workers this client is paired with (the keys they
