@@ -15,6 +15,7 @@ from dispatch.v1 import coordinator_pb2
 from dispatchnet.client import task_spec
 from dispatchnet.protocol import MAX_IDEMPOTENCY_KEY_CHARS
 from dispatchnet.receipts.core import verify_receipt_message
+from dispatchnet.store.threaded import ThreadedStore
 
 COMPLETED = coordinator_pb2.JOB_STATE_COMPLETED
 
@@ -145,3 +146,20 @@ async def test_many_callers_wait_side_by_side(cluster: Cluster) -> None:
     done = await asyncio.gather(*(c.run(task_spec("echo", b"%d" % i)) for i in range(40)))
     assert [json.loads(j.result.output) for j in done] == list(range(40))
     assert len({j.job_id for j in done}) == 40
+
+
+async def test_a_trivial_run_job_costs_two_write_transactions(cluster: Cluster) -> None:
+    """The job (written already offered to the free worker) and its result (with the
+    accept): no quote row."""
+    await cluster.worker()
+    c = cluster.client()
+    await c.run(task_spec("echo", b"0"))  # the first one warms up
+    store = cluster.coord.store
+    assert isinstance(store, ThreadedStore)
+    costs: list[int] = []
+    for n in range(5):  # the least of five: a background write (or a dispatch pass
+        before = store.stats().writes  # offering the job instead of its commit) may land
+        done = await c.run(task_spec("echo", str(n).encode()))
+        assert done.state == COMPLETED
+        costs.append(store.stats().writes - before)
+    assert min(costs) == 2, costs
