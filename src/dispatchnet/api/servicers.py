@@ -26,7 +26,7 @@ from dispatchnet.api.edge import caller, optional_caller
 from dispatchnet.coordinator.earnings import EarningsService
 from dispatchnet.coordinator.hub import Offer, Outbound, WorkerHub, WorkerSession
 from dispatchnet.coordinator.jobs import JobService
-from dispatchnet.coordinator.models import Failure
+from dispatchnet.coordinator.models import Failure, JobSpec
 from dispatchnet.coordinator.pairing import PairingService
 from dispatchnet.coordinator.receipts import ReceiptQueries
 from dispatchnet.errors import DeadlineExceeded, DispatchError, InvalidArgument
@@ -59,9 +59,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     ) -> coordinator_pb2.GetQuoteResponse:
         if not request.HasField("spec"):
             raise InvalidArgument("spec is required")
-        ref = request.spec.task.wasm.sha256  # a module sent by hash: looked up first
-        known = await self.jobs.stored_module(ref) if len(ref) == 32 else None
-        spec, module = convert.spec_from_proto(request.spec, self.limits, lambda _sha: known)
+        spec, module = await self._spec(request.spec)
         who = optional_caller()
         q = await self.jobs.quote(spec, module, who.id if who is not None else "")
         return coordinator_pb2.GetQuoteResponse(
@@ -74,6 +72,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 eligible_workers=self.hub.eligible_count(spec),
             )
         )
+
+    async def _spec(self, pb: common_pb2.JobSpec) -> tuple[JobSpec, bytes | None]:
+        """The request's spec, and the WebAssembly module it sends (one sent by hash is
+        looked up first)."""
+        ref = pb.task.wasm.sha256
+        known = await self.jobs.stored_module(ref) if len(ref) == 32 else None
+        return convert.spec_from_proto(pb, self.limits, lambda _sha: known)
 
     async def CommitJob(
         self, request: coordinator_pb2.CommitJobRequest, context: Ctx
@@ -93,9 +98,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 who, request.quote_id, request.idempotency_key, current_payment()
             )
         elif what == "spec":
-            ref = request.spec.task.wasm.sha256
-            known = await self.jobs.stored_module(ref) if len(ref) == 32 else None
-            spec, module = convert.spec_from_proto(request.spec, self.limits, lambda _sha: known)
+            spec, module = await self._spec(request.spec)
             job, created = await self.jobs.run(who, spec, module, request.idempotency_key)
         else:
             raise InvalidArgument("spec or quote_id is required")

@@ -238,18 +238,9 @@ class JobService:
         FailedPrecondition for a TASK no worker has ever offered (see TaskCatalogue);
         Unauthenticated for an anonymous spec over [quotes] anonymous_max_spec_bytes;
         ResourceExhausted beyond the other [quotes] limits on stored quotes."""
-        if spec.job_type is JobType.TASK and self.catalogue is not None:
-            await self.catalogue.check(spec.task_name)
+        await self._check_task(spec)
         size = self._quote_size(spec, client_id)
-        now = self.clock()
-        q = Quote(
-            quote_id=new_id("q"),
-            spec=spec,
-            price_micros=price_micros(self.pricing, spec.job_type, spec.policy) * spec.runs,
-            currency=self.pricing.currency,
-            created_at=now,
-            expires_at=now + self.cfg.quote_ttl_seconds,
-        )
+        q = self._priced(spec, new_id("q"))
         cfg = self.quotes
         limits = QuoteLimits(cfg.anonymous_max_quotes, cfg.client_max_bytes, cfg.max_bytes)
         refused = await self.store.put_quote(q, client_id, size, wasm_module, limits)
@@ -262,6 +253,23 @@ class JobService:
                 _, old = self._quotes.popitem(last=False)
                 self._quote_bytes -= len(old.spec.spec_bytes)
         return q
+
+    async def _check_task(self, spec: JobSpec) -> None:
+        """FailedPrecondition for a TASK no worker has ever offered (see TaskCatalogue)."""
+        if spec.job_type is JobType.TASK and self.catalogue is not None:
+            await self.catalogue.check(spec.task_name)
+
+    def _priced(self, spec: JobSpec, quote_id: str) -> Quote:
+        """A quote for spec at the profile's prices, valid from now for quote_ttl_seconds."""
+        now = self.clock()
+        return Quote(
+            quote_id=quote_id,
+            spec=spec,
+            price_micros=price_micros(self.pricing, spec.job_type, spec.policy) * spec.runs,
+            currency=self.pricing.currency,
+            created_at=now,
+            expires_at=now + self.cfg.quote_ttl_seconds,
+        )
 
     def _quote_size(self, spec: JobSpec, client_id: str) -> int:
         """The bytes a quote for spec counts; Unauthenticated for an anonymous spec over
@@ -382,8 +390,7 @@ class JobService:
                         raise
             return _same_spec(existing, spec), False
         try:
-            if spec.job_type is JobType.TASK and self.catalogue is not None:
-                await self.catalogue.check(spec.task_name)
+            await self._check_task(spec)
             if spec.privacy is Privacy.PRIVATE or spec.sealed:
                 _check_paired(spec, await self.store.paired_workers(client_id))
         except FailedPrecondition:  # a job run with the key is returned whatever changed since
@@ -391,15 +398,7 @@ class JobService:
             if existing is None:
                 raise
             return _same_spec(existing, spec), False
-        now = self.clock()
-        quote = Quote(
-            quote_id="",  # none stored
-            spec=spec,
-            price_micros=price_micros(self.pricing, spec.job_type, spec.policy) * spec.runs,
-            currency=self.pricing.currency,
-            created_at=now,
-            expires_at=now,
-        )
+        quote = self._priced(spec, "")  # none stored
         job, created = await self._create(client_id, quote, idempotency_key, None)
         return (job if created else _same_spec(job, spec)), created
 
