@@ -32,6 +32,11 @@ class ServerConfig:
     # (workers are also evicted by their heartbeats); each ping costs a little CPU per
     # connection, which adds up with thousands of connected workers.
     keepalive_seconds: int = 60
+    # calls gRPC holds for the coordinator to pick up (each new call waits there until the
+    # event loop takes it); past this it refuses new calls with CANCELLED. gRPC's own
+    # default (1,000, at most 3,000) refused hundreds of workers in each wave of a few
+    # thousand connecting at once (they came back after their backoff).
+    max_pending_calls: int = 10000
 
 
 @dataclass(frozen=True)
@@ -504,6 +509,8 @@ def check_profile(profile: Profile) -> list[str]:
         problems.append(f"[cluster] coordinators must be HOST:PORT addresses, not {bad[0]!r}")
     if profile.server.keepalive_seconds < 10:
         problems.append("[server] keepalive_seconds must be at least 10")
+    if not 1 <= profile.server.max_pending_calls <= 1_000_000:
+        problems.append("[server] max_pending_calls must be between 1 and 1000000")
     if not 0 <= profile.server.sqlite_readers <= 16:
         problems.append("[server] sqlite_readers must be 0-16")
     if profile.workers.max_heartbeats_per_second < 0:

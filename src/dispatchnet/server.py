@@ -242,6 +242,9 @@ async def start_coordinator(
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ("grpc.so_reuseport", 0),
+        # calls waiting for the event loop to take them (a wave of connecting workers)
+        ("grpc.server.max_pending_requests", profile.server.max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", profile.server.max_pending_calls),
     ]
     trimmer = MemoryTrimmer()
     interceptors: list[Any] = [
