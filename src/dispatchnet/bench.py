@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from dispatchnet import keys
+from dispatchnet import eventloop, keys
 
 if TYPE_CHECKING:
     from dispatchnet.client import CoordinatorClient
@@ -1173,4 +1173,4 @@ async def run_bench(
 if __name__ == "__main__":
     if sys.argv[1:] == ["raw-server"]:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve_raw())
+            eventloop.run(serve_raw())  # the loop the coordinator runs on

@@ -22,7 +22,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
 from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2
-from dispatchnet import keys
+from dispatchnet import eventloop, keys
 from dispatchnet.auth.tokens import METADATA_KEY, metadata_value
 from dispatchnet.client import PAYMENT_REQUIRED, CoordinatorClient, llm_spec, task_spec, trailer
 from dispatchnet.memory import HeapFreezer
@@ -1616,7 +1616,7 @@ def describe_payment_required(value: str) -> str:
 
 def run(fn: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
     try:
-        return asyncio.run(fn(args))  # type: ignore[arg-type]
+        return eventloop.run(fn(args))  # type: ignore[arg-type]
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code
