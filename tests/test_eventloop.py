@@ -1,4 +1,4 @@
-"""The `dispatch` commands' event loop (eventloop.py): uvloop unless told otherwise."""
+"""The `dispatch` commands' event loop (eventloop.py): asyncio's unless told uvloop."""
 
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ async def _loop_type() -> type:
 
 @pytest.mark.parametrize(
     ("setting", "expected"),
-    [("", uvloop.Loop), ("uvloop", uvloop.Loop), ("asyncio", asyncio.BaseEventLoop)],
+    [
+        ("", asyncio.SelectorEventLoop),
+        ("asyncio", asyncio.SelectorEventLoop),
+        ("uvloop", uvloop.Loop),
+    ],
 )
 def test_the_setting_chooses_the_loop(
     monkeypatch: pytest.MonkeyPatch, setting: str, expected: type
@@ -24,12 +28,12 @@ def test_the_setting_chooses_the_loop(
     monkeypatch.setenv(eventloop.ENV, setting)
     loop_type = eventloop.run(_loop_type())
     assert issubclass(loop_type, expected)
-    assert setting == "asyncio" or not issubclass(loop_type, asyncio.SelectorEventLoop)
+    assert (setting == "uvloop") == issubclass(loop_type, uvloop.Loop)
 
 
 def test_an_unknown_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(eventloop.ENV, "trio")
-    with pytest.raises(ValueError, match="DISPATCH_EVENT_LOOP must be uvloop or asyncio"):
+    with pytest.raises(ValueError, match="DISPATCH_EVENT_LOOP must be asyncio or uvloop"):
         eventloop.run(_loop_type())
 
 
@@ -40,4 +44,4 @@ def test_the_cli_reports_a_bad_setting(
 
     monkeypatch.setenv(eventloop.ENV, "nonsense")
     assert cli.main(["auth", "header"]) == 1
-    assert "DISPATCH_EVENT_LOOP must be uvloop or asyncio" in capsys.readouterr().err
+    assert "DISPATCH_EVENT_LOOP must be asyncio or uvloop" in capsys.readouterr().err

@@ -1173,4 +1173,4 @@ async def run_bench(
 if __name__ == "__main__":
     if sys.argv[1:] == ["raw-server"]:
         with contextlib.suppress(KeyboardInterrupt):
-            eventloop.run(serve_raw())  # the loop the coordinator runs on
+            eventloop.run(serve_raw())  # on the loop the coordinator runs on
