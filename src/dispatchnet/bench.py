@@ -24,7 +24,8 @@ machine under the same load:
    measured run follows a LLM_WARMUP_TOKENS-token run on its own side (see bench_llm).
 3. scale: the unpaid section's coordinator (its workers gone) with N connected seekers
    (`dispatch seekers` children, at most SEEKERS_PER_PROCESS each, every seeker its own
-   TCP connection) for N = SCALE_BASE, `scale` and `most`: burst jobs/s (BURST submitters,
+   TCP connection) for N = SCALE_BASE, `scale` and `most`: after SCALE_SETTLE_SECONDS of
+   health checks (the wave's aftermath), burst jobs/s (BURST submitters,
    fewer than SCALE_BASE so that free seekers never run out) and the end-to-end p50 with
    1 submitter, then the coordinator's RSS and its CPU while idle (all seekers connected,
    no jobs: heartbeats only). The seekers add no artificial delay (no --slow, --battery
@@ -97,6 +98,12 @@ VERIFY_PROCESSES = 1  # the paid coordinator verifies payments in this many chil
 SEEKERS_PER_PROCESS = 1000
 BURST = 32
 IDLE_SECONDS = 3.0  # at most: never more than a measurement's `seconds` (at least 1)
+# After a wave of seekers has connected, health checks run this long (at most 1.2 x a
+# measurement's `seconds`) before jobs are measured: in a wave's aftermath one check
+# waited up to ~0.4 s (likely the coordinator stretching the early sessions' heartbeat
+# intervals: its silent-worker check runs every [workers] eviction_seconds / 6, 5 s by
+# default). The longest check is printed; the jobs measure the steady state after it.
+SCALE_SETTLE_SECONDS = 6.0
 GIB = 1024**3
 OPEN_FILES_SPARE = 256  # the coordinator's files besides its seekers' connections
 
@@ -788,6 +795,7 @@ class Scale:
     rss: int
     idle_cpu_percent: float
     connect_seconds: float
+    settle: Series | None = None  # health checks right after the wave (see bench_scale)
 
 
 async def connected_seekers(address: str, client_key: keys.KeyPair) -> int:
@@ -820,6 +828,20 @@ async def add_seekers(
     return time.perf_counter() - start
 
 
+async def settle_after_wave(address: str, seconds: float) -> Series:
+    """Health checks back to back for `seconds` (see SCALE_SETTLE_SECONDS)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        request = health_pb2.HealthCheckRequest()
+
+        def probe() -> Awaitable[object]:
+            return check(request)  # type: ignore[no-any-return]
+
+        return await closed_loop("health Check after the wave, 1 caller", 1, seconds, probe)
+
+
 async def scale_jobs(
     address: str, client_key: keys.KeyPair, label: str, seconds: float
 ) -> tuple[Series, Series]:
@@ -849,6 +871,8 @@ async def bench_scale(
     for n in sizes:
         took = await add_seekers(children, address, client_key, have, n)
         have = n
+        settle = await settle_after_wave(address, min(SCALE_SETTLE_SECONDS, 1.2 * seconds))
+        print(f"  {n} seekers: {settle.line()}, longest {settle.longest_ms:.0f} ms")
         e2e, burst = await scale_jobs(address, client_key, f"{n} seekers", seconds)
         cpu = cpu_seconds(coordinator_pid)
         t = time.perf_counter()
@@ -862,7 +886,7 @@ async def bench_scale(
             f"idle CPU {idle:.1f}% of a core over {time.perf_counter() - t:.1f}s (no jobs); "
             f"load average (1 min) {load_average():.2f}"
         )
-        figures.append(Scale(n, e2e, burst, rss, idle, took))
+        figures.append(Scale(n, e2e, burst, rss, idle, took, settle))
     return figures
 
 
