@@ -99,10 +99,10 @@ SEEKERS_PER_PROCESS = 1000
 BURST = 32
 IDLE_SECONDS = 3.0  # at most: never more than a measurement's `seconds` (at least 1)
 # After a wave of seekers has connected, health checks run this long (at most 1.2 x a
-# measurement's `seconds`) before jobs are measured: in a wave's aftermath one check
-# waited up to ~0.4 s (likely the coordinator stretching the early sessions' heartbeat
-# intervals: its silent-worker check runs every [workers] eviction_seconds / 6, 5 s by
-# default). The longest check is printed; the jobs measure the steady state after it.
+# measurement's `seconds`) before jobs are measured, and the longest is printed: a wave's
+# aftermath, while the coordinator stretches the early sessions' heartbeat intervals
+# (hub.STRETCH_PER_CHECK at each silent-worker check; told all at once, they held a check
+# ~0.4 s). The jobs measure the steady state after it.
 SCALE_SETTLE_SECONDS = 6.0
 GIB = 1024**3
 OPEN_FILES_SPARE = 256  # the coordinator's files besides its seekers' connections

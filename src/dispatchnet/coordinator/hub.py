@@ -46,6 +46,10 @@ RESULT_KINDS = frozenset({"completed", "failed"})
 # sessions' intervals are stretched (see WorkerHub.evict_silent).
 HEARTBEAT_SLACK = 1.1
 EVICTION_CHECKS_PER_WINDOW = 6  # silent-worker checks per [workers] eviction_seconds
+# At most this many sessions have their heartbeat intervals stretched by one silent-worker
+# check; the rest at the next ones. Telling ~4,000 at once (a HeartbeatSettings message
+# each), 1-2 s after a wave of 5,000 workers connected, held health checks ~0.4 s.
+STRETCH_PER_CHECK = 500
 # After an internal error ends a session, the worker waits this long before reconnecting.
 INTERNAL_ERROR_RETRY_AFTER_SECONDS = 5
 log = logging.getLogger("dispatch.hub")
@@ -682,7 +686,8 @@ class WorkerHub:
         """Evicts the sessions silent for longer than their eviction time; then, when the
         sessions given short intervals while few workers were connected now send more
         heartbeats together than [workers] max_heartbeats_per_second, stretches theirs
-        (a HeartbeatSettings message each)."""
+        (a HeartbeatSettings message each), at most STRETCH_PER_CHECK of them, the
+        earliest connected first."""
         now = self.clock()
         rate = 0.0
         for s in list(self.sessions.values()):
@@ -695,10 +700,14 @@ class WorkerHub:
         if cap <= 0 or rate <= cap * HEARTBEAT_SLACK:
             return
         target = self.heartbeat_interval(len(self.sessions))
+        told = 0
         for s in self.sessions.values():
             if s.heartbeat_interval < target:
                 self._set_heartbeat(s, target)
                 s.send(HeartbeatSettings(target, int(s.eviction_seconds)))
+                told += 1
+                if told == STRETCH_PER_CHECK:
+                    break
 
     def eligible_count(self, spec: JobSpec) -> int:
         return self.index.able(spec)
