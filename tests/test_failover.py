@@ -6,9 +6,12 @@ after its last event, and receipts of any coordinator of the cluster verify."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +76,21 @@ def test_coordinator_addresses_are_split_trimmed_and_deduplicated() -> None:
         coordinator_addresses(" , ")
 
 
-async def test_a_worker_fails_over_resumes_its_job_and_signs_for_the_new_coordinator(
-    tmp_path: Path, pg_url: str
-) -> None:
+@dataclass
+class Pair:
+    """Two coordinators on one PostgreSQL, a worker (its jobs gated) that fails over from
+    A to B, and a client that knows both."""
+
+    a: Cluster
+    b: Cluster
+    gated: Gated
+    worker: Worker
+    client: CoordinatorClient
+
+
+@contextlib.asynccontextmanager
+async def failover_pair(tmp_path: Path, pg_url: str) -> AsyncIterator[Pair]:
+    """A Pair whose worker is connected (to A); everything stopped afterwards."""
     profile = make_profile(store={"url": pg_url})
     a = Cluster(await start_coordinator(profile, tmp_path / "a", "127.0.0.1:0"), tmp_path)
     b = Cluster(await start_coordinator(profile, tmp_path / "b", "127.0.0.1:0"), tmp_path)
@@ -88,6 +103,20 @@ async def test_a_worker_fails_over_resumes_its_job_and_signs_for_the_new_coordin
     c = CoordinatorClient(f"{a.address},{b.address}", KeyPair.generate())
     try:
         await asyncio.wait_for(worker.connected.wait(), 10)
+        yield Pair(a, b, gated, worker, c)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(run, 5)
+        await c.close()
+        await b.close()
+        await a.close()
+
+
+async def test_a_worker_fails_over_resumes_its_job_and_signs_for_the_new_coordinator(
+    tmp_path: Path, pg_url: str
+) -> None:
+    async with failover_pair(tmp_path, pg_url) as p:
+        a, b, gated, worker, c = p.a, p.b, p.gated, p.worker, p.client
         assert worker.coordinator == a.address
         job = await c.submit(task_spec("echo", b'"x"'))
         await asyncio.wait_for(gated.started.wait(), 10)
@@ -113,12 +142,6 @@ async def test_a_worker_fails_over_resumes_its_job_and_signs_for_the_new_coordin
         assert not verify_receipt_message(done.receipt, a.coord.public_key).valid
         reasons = [i.event.state_change.reason async for i in c.watch(job.job_id)]
         assert reasons[-2:] == ["resumed", "completed"]
-    finally:
-        worker.stop()
-        await asyncio.wait_for(run, 5)
-        await c.close()
-        await b.close()
-        await a.close()
 
 
 async def test_a_result_waiting_for_its_ack_is_signed_again_for_the_next_coordinator() -> None:
@@ -259,18 +282,8 @@ async def test_run_job_waiting_at_a_coordinator_that_stops_is_answered_by_the_ne
 ) -> None:
     """A RunJob call waiting at A when A stops is made again at B with the same key: B finds
     the job (the worker resumed it there) and answers with it final, charged and run once."""
-    profile = make_profile(store={"url": pg_url})
-    a = Cluster(await start_coordinator(profile, tmp_path / "a", "127.0.0.1:0"), tmp_path)
-    b = Cluster(await start_coordinator(profile, tmp_path / "b", "127.0.0.1:0"), tmp_path)
-    gated = Gated()
-    worker = Worker(
-        [a.address, b.address], KeyPair.generate(), executors=[gated],
-        backoff_initial=0.05, backoff_max=0.2,
-    )  # fmt: skip
-    run = asyncio.create_task(worker.run())
-    c = CoordinatorClient(f"{a.address},{b.address}", KeyPair.generate())
-    try:
-        await asyncio.wait_for(worker.connected.wait(), 10)
+    async with failover_pair(tmp_path, pg_url) as p:
+        a, b, gated, worker, c = p.a, p.b, p.gated, p.worker, p.client
         waiting = asyncio.create_task(c.run(task_spec("echo", b'"x"'), "once"))
         await asyncio.wait_for(gated.started.wait(), 10)
         await a.coord.stop(grace=0)
@@ -279,9 +292,3 @@ async def test_run_job_waiting_at_a_coordinator_that_stops_is_answered_by_the_ne
         done = await asyncio.wait_for(waiting, 15)
         assert done.state == COMPLETED and done.attempts == 1
         assert c.address == b.address
-    finally:
-        worker.stop()
-        await asyncio.wait_for(run, 5)
-        await c.close()
-        await b.close()
-        await a.close()

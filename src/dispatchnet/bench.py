@@ -530,8 +530,6 @@ async def bench_write_lock(address: str, db: Path, client_key: keys.KeyPair) -> 
     baseline), then while this process holds the lock for LOCK_HOLD_SECONDS and
     LOCK_SUBMITTERS submit trivial jobs (their writes wait for the lock). Then every job
     submitted during the hold is watched to its end."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     from dispatch.v1 import coordinator_pb2
     from dispatchnet.client import CoordinatorClient, task_spec
 
@@ -541,13 +539,8 @@ async def bench_write_lock(address: str, db: Path, client_key: keys.KeyPair) -> 
         grpc.aio.insecure_channel(address, options=options) as channel,
         CoordinatorClient(address, client_key) as c,
     ):
-        check = health_pb2_grpc.HealthStub(channel).Check
-        request = health_pb2.HealthCheckRequest()
-        await check(request)
-
-        def probe() -> Awaitable[object]:
-            return check(request)  # type: ignore[no-any-return]
-
+        probe = health_probe(channel)
+        await probe()
         before = await closed_loop(
             "health Check before the hold, 1 caller", 1, LOCK_HOLD_SECONDS, probe
         )
@@ -828,17 +821,23 @@ async def add_seekers(
     return time.perf_counter() - start
 
 
-async def settle_after_wave(address: str, seconds: float) -> Series:
-    """Health checks back to back for `seconds` (see SCALE_SETTLE_SECONDS)."""
+def health_probe(channel: grpc.aio.Channel) -> Callable[[], Awaitable[object]]:
+    """One gRPC health Check on channel per call (it touches no storage)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    check = health_pb2_grpc.HealthStub(channel).Check
+    request = health_pb2.HealthCheckRequest()
+
+    def probe() -> Awaitable[object]:
+        return check(request)  # type: ignore[no-any-return]
+
+    return probe
+
+
+async def settle_after_wave(address: str, seconds: float) -> Series:
+    """Health checks back to back for `seconds` (see SCALE_SETTLE_SECONDS)."""
     async with grpc.aio.insecure_channel(address) as channel:
-        check = health_pb2_grpc.HealthStub(channel).Check
-        request = health_pb2.HealthCheckRequest()
-
-        def probe() -> Awaitable[object]:
-            return check(request)  # type: ignore[no-any-return]
-
+        probe = health_probe(channel)
         return await closed_loop("health Check after the wave, 1 caller", 1, seconds, probe)
 
 
