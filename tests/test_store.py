@@ -47,7 +47,7 @@ from dispatchnet.coordinator.models import (
     UnbatchedReceipt,
     WorkerDay,
 )
-from dispatchnet.errors import PaymentReused, Unavailable
+from dispatchnet.errors import PaymentReused, TooManyOpenJobs, Unavailable
 from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable, Store
 
 SPEC = JobSpec(
@@ -216,6 +216,37 @@ async def test_create_job_is_idempotent_per_client_and_key(store: Store) -> None
         make_job("job_3", client_id="client-b"), queued("job_3")
     )
     assert created and theirs.job_id == "job_3"
+
+
+async def test_create_job_refuses_a_client_at_its_open_jobs_limit(store: Store) -> None:
+    for n in (1, 2):
+        _, created = await store.create_job(*new_job(n), max_open=2)
+        assert created
+    with pytest.raises(TooManyOpenJobs, match="you have 2 open jobs"):
+        await store.create_job(*new_job(3), _payment("job_3", 3), max_open=2)
+    # nothing of it is stored: no job, no event, no payment
+    assert await store.get_job("job_3") is None and await store.events_after("job_3", 0) == []
+    assert await store.get_payment("job_3") is None
+    # an existing key still returns its job; another client has its own count
+    again, created = await store.create_job(make_job("job_9", key="k1"), queued("job_9"), None,
+                                            max_open=2)  # fmt: skip
+    assert not created and again.job_id == "job_1"
+    _, created = await store.create_job(
+        make_job("job_4", client_id="client-b", key="k4"), queued("job_4"), max_open=2
+    )
+    assert created
+    # an offered job counts too (a write of the job offered at once), a final one does not
+    assert await store.transition("job_1", [JobState.QUEUED], None, {"state": JobState.FAILED},
+                                  None) is not None  # fmt: skip
+    job, ev = new_job(5)
+    offering = dataclasses.replace(job, state=JobState.OFFERED, worker_id="w1", attempts=1)
+    _, created = await store.create_job(offering, ev, None, offered("job_5"), max_open=2)
+    assert created
+    with pytest.raises(TooManyOpenJobs):
+        await store.create_job(*new_job(6), max_open=2)
+    # no limit
+    _, created = await store.create_job(*new_job(6))
+    assert created
 
 
 async def test_a_payment_is_stored_with_its_job_and_accepted_once(store: Store) -> None:

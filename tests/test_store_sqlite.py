@@ -69,3 +69,32 @@ def test_quotes_stored_before_quote_accounting_count_until_released(db_path: Pat
         assert store.purge_expired(before=3.0) == 1
     finally:
         store.close()
+
+
+def test_open_jobs_stored_before_the_count_are_counted(db_path: Path) -> None:
+    raw = sqlite3.connect(db_path)
+    db = sqlite_utils.Database(raw)
+    for step in MIGRATIONS[:15]:  # the schema before v16 kept no count of open jobs
+        step(db)
+    rows = [("j1", "c1", 1), ("j2", "c1", 3), ("j3", "c1", 4), ("j4", "c2", 2)]
+    raw.executemany(
+        "INSERT INTO jobs (job_id, client_id, state, job_type, policy, privacy, task_name, "
+        "llm_model, spec_bytes, spec_sha256, price_micros, currency, quote_id, "
+        "idempotency_key, attempts, max_attempts, created_at, updated_at, queued_at) "
+        "VALUES (?,?,?,2,2,1,'echo','',x'',x'',0,'USD','q',?,0,3,1,1,1)",
+        [(job, client, state, job) for job, client, state in rows],
+    )
+    raw.execute("PRAGMA user_version=15")
+    raw.commit()
+    raw.close()
+    store = SqliteStore(db_path)
+    try:
+        counts = dict(store._conn.execute("SELECT client_id, n FROM open_jobs").fetchall())
+        assert counts == {"c1": 2, "c2": 1}  # j3 is COMPLETED
+        # then kept by every write: one ends, one is requeued (still open)
+        store._conn.execute("UPDATE jobs SET state=5 WHERE job_id='j1'")
+        store._conn.execute("UPDATE jobs SET state=1 WHERE job_id='j4'")
+        counts = dict(store._conn.execute("SELECT client_id, n FROM open_jobs").fetchall())
+        assert counts == {"c1": 1, "c2": 1}
+    finally:
+        store.close()

@@ -43,6 +43,18 @@ class ResourceExhausted(DispatchError):
     """A quota or limit is exhausted (or, at the payment edge, payment is required)."""
 
 
+class TooManyOpenJobs(ResourceExhausted):
+    """The client already has `limit` open jobs (queued, offered or running): the most
+    one client may have at once ([jobs] client_max_open_jobs). The new job is not stored."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"you have {limit} open jobs (queued or running), the most one client may have "
+            "at once ([jobs] client_max_open_jobs); retry once one has finished (or cancel one)"
+        )
+        self.limit = limit
+
+
 class Unavailable(DispatchError):
     """A dependency (chain node, facilitator) is down; retrying later may work."""
 

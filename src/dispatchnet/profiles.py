@@ -86,6 +86,9 @@ class JobsConfig:
     # (0: a row per chunk). A crash loses at most this much progress text (README "Job
     # lifecycle").
     progress_flush_seconds: float = 1.0
+    # Jobs one client may have open (queued, offered or running) at once; CommitJob and
+    # RunJob beyond it answer RESOURCE_EXHAUSTED, storing nothing (0: no limit).
+    client_max_open_jobs: int = 1000
 
 
 @dataclass(frozen=True)
@@ -492,6 +495,8 @@ def check_profile(profile: Profile) -> list[str]:
         problems.append("[feedback] gas_limit must be at least 21000")
     if profile.identity.require_registration:
         needs("identity", "[identity] require_registration")
+    if profile.jobs.client_max_open_jobs < 0:
+        problems.append("[jobs] client_max_open_jobs must be 0 (no limit) or more")
     q = profile.quotes
     if min(q.anonymous_max_quotes, q.client_max_bytes, q.max_bytes) < 1:
         problems.append("[quotes] limits must be positive")

@@ -429,10 +429,11 @@ class JobService:
         event = Event(job.job_id, EventKind.STATE, JobState.QUEUED, now, reason="committed")
         if payment is not None:
             payment = dataclasses.replace(payment, job_id=job.job_id)
+        most = self.cfg.client_max_open_jobs  # TooManyOpenJobs beyond (nothing stored)
         # a free worker that can take it now gets it in the same write (see reserve)
         worker_id = await self.listener.reserve(job) if self.listener else None
         if worker_id is None:
-            stored, created = await self.store.create_job(job, event, payment)
+            stored, created = await self.store.create_job(job, event, payment, max_open=most)
             if created:
                 self._remember(stored, [event])
                 self._changed(stored)
@@ -458,7 +459,9 @@ class JobService:
         self.observer.job_offering(queued, offering)  # the offer carries its trace
         sent = self.listener.offer_now(job.job_id, offering)
         try:
-            stored, created = await self.store.create_job(offering, event, payment, offer_event)
+            stored, created = await self.store.create_job(
+                offering, event, payment, offer_event, most
+            )
             if not created:
                 return _same_quote(stored, quote_id), False
             offered = stored

@@ -293,6 +293,7 @@ class JobRepository(Protocol):
         event: Event,
         payment: Payment | None = None,
         offered: Event | None = None,
+        max_open: int = 0,
     ) -> tuple[Job, bool]:
         """Inserts job with its first event (and its payment, in the same transaction); if
         (client_id, idempotency_key) exists already, returns that job and False instead and
@@ -300,7 +301,10 @@ class JobRepository(Protocol):
         asset, payer, authorization_id) belongs to another job already. offered: the job
         is written already offered to its worker (job says so: state OFFERED, worker_id,
         attempts, lease, coordinator_id), and this is its second event (sequence 2), stored
-        in the same transaction after `event` (sequence 1)."""
+        in the same transaction after `event` (sequence 1). max_open > 0: raises
+        TooManyOpenJobs, storing nothing, when the client has that many open jobs (QUEUED,
+        OFFERED, RUNNING) already (exact on SQLite's one writer; on a shared database up
+        to the jobs of that client being created at the same moment)."""
         ...
 
     async def get_job(self, job_id: str) -> Job | None: ...

@@ -82,7 +82,7 @@ from dispatchnet.coordinator.models import (
     WorkerDay,
     day_of,
 )
-from dispatchnet.errors import PaymentReused, Unavailable
+from dispatchnet.errors import PaymentReused, TooManyOpenJobs, Unavailable
 from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable, Store
 from dispatchnet.store.rows import (
     TOTAL_OWNER,
@@ -143,6 +143,7 @@ _ACTIVE = ",".join(str(int(s)) for s in ACTIVE_STATES)  # literals: partial inde
 _QUEUED = int(JobState.QUEUED)
 _COMPLETED = int(JobState.COMPLETED)
 _OPEN = [int(s) for s in OPEN_STATES]
+_OPEN_SQL = ",".join(map(str, _OPEN))  # literals: the partial index jobs_open_client matches
 
 # --- schema -------------------------------------------------------------------------------
 
@@ -314,10 +315,17 @@ async def _v5(c: Conn) -> None:
         await c.execute(f"ALTER TABLE {table} ADD COLUMN recipients {TEXT} NOT NULL DEFAULT ''")
 
 
+async def _v6(c: Conn) -> None:
+    """Each client's open jobs, for [jobs] client_max_open_jobs (SQLite's version 16)."""
+    await c.execute(
+        f"CREATE INDEX jobs_open_client ON jobs (client_id) WHERE state IN ({_OPEN_SQL})"
+    )
+
+
 # Each owner's quote_usage, and the total, is kept in this many rows (see total_shard).
 USAGE_SHARDS = 8
 
-MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5]
+MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -730,6 +738,7 @@ class PostgresStore:
         event: Event,
         payment: Payment | None = None,
         offered: Event | None = None,
+        max_open: int = 0,
     ) -> tuple[Job, bool]:
         if payment is not None:
             job = dataclasses.replace(job, payment=payment.ref())
@@ -738,16 +747,23 @@ class PostgresStore:
         row["use_llm"] = bool(row["use_llm"])
         cols = ",".join(row)
         n = len(row)
+        # the client's other open jobs, counted up to max_open in the same statement (its
+        # snapshot does not hold the new row), from the partial index jobs_open_client
         insert = (
-            f"INSERT INTO jobs ({cols}, module_sha256) VALUES ({_placeholders(1, n)}, "
-            f"(SELECT module_sha256 FROM quotes WHERE quote_id = ${n + 1})) "
-            "ON CONFLICT (client_id, idempotency_key) DO NOTHING RETURNING *"
+            f"WITH made AS (INSERT INTO jobs ({cols}, module_sha256) VALUES "
+            f"({_placeholders(1, n)}, (SELECT module_sha256 FROM quotes WHERE quote_id = "
+            f"${n + 1})) ON CONFLICT (client_id, idempotency_key) DO NOTHING RETURNING *) "
+            "SELECT made.*, (SELECT count(*) FROM (SELECT 1 FROM jobs o WHERE o.client_id = "
+            f"made.client_id AND o.state IN ({_OPEN_SQL}) LIMIT ${n + 2}) AS mine) AS open_before "
+            "FROM made"
         )
 
         async def op(c: Conn) -> tuple[Job, bool]:
             # the module its quote holds is not collected meanwhile (see _MODULES_LOCK)
             await c.execute("SELECT pg_advisory_xact_lock_shared($1)", _MODULES_LOCK)
-            r = await c.fetchrow(insert, *row.values(), job.quote_id)
+            r = await c.fetchrow(insert, *row.values(), job.quote_id, max_open)
+            if r is not None and max_open > 0 and r["open_before"] >= max_open:
+                raise TooManyOpenJobs(max_open)  # rolls the job back
             if r is None:  # the key's job exists (committed: ON CONFLICT waited for it)
                 existing = await c.fetchrow(
                     "SELECT * FROM jobs WHERE client_id=$1 AND idempotency_key=$2",

@@ -50,7 +50,7 @@ from dispatchnet.coordinator.models import (
     WorkerDay,
     day_of,
 )
-from dispatchnet.errors import PaymentReused
+from dispatchnet.errors import PaymentReused, TooManyOpenJobs
 from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable
 from dispatchnet.store.rows import (
     TOTAL_OWNER,
@@ -468,7 +468,36 @@ def _v15(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE jobs ADD COLUMN recipients TEXT NOT NULL DEFAULT ''")
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13, _v14, _v15]
+_OPEN_SQL = ",".join(str(int(st)) for st in OPEN_STATES)  # literals: the partial index matches
+
+
+def _v16(db: sqlite_utils.Database) -> None:
+    """How many open jobs each client has, for [jobs] client_max_open_jobs: kept by
+    triggers on every insert and state change of a job (whatever writes it), so that
+    create_job reads one row instead of counting."""
+    db.execute(
+        "CREATE TABLE open_jobs (client_id TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID"
+    )
+    db.execute(
+        "INSERT INTO open_jobs SELECT client_id, count(*) FROM jobs "
+        f"WHERE state IN ({_OPEN_SQL}) GROUP BY client_id"
+    )
+    db.execute(
+        f"CREATE TRIGGER jobs_opened AFTER INSERT ON jobs WHEN new.state IN ({_OPEN_SQL}) "
+        "BEGIN INSERT INTO open_jobs VALUES (new.client_id, 1) "
+        "ON CONFLICT (client_id) DO UPDATE SET n = n + 1; END"
+    )
+    db.execute(
+        "CREATE TRIGGER jobs_closed AFTER UPDATE OF state ON jobs "
+        f"WHEN old.state IN ({_OPEN_SQL}) AND new.state NOT IN ({_OPEN_SQL}) "
+        "BEGIN UPDATE open_jobs SET n = n - 1 WHERE client_id = old.client_id; END"
+    )
+
+
+MIGRATIONS = [
+    *(_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13, _v14, _v15),
+    _v16,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -730,6 +759,7 @@ class SqliteStore:
         event: Event,
         payment: Payment | None = None,
         offered: Event | None = None,
+        max_open: int = 0,
     ) -> tuple[Job, bool]:
         if payment is not None:
             job = dataclasses.replace(job, payment=payment.ref())
@@ -742,6 +772,12 @@ class SqliteStore:
             ).fetchone()
             if existing is not None:
                 return job_of(existing), False
+            if max_open > 0:
+                mine = self._conn.execute(
+                    "SELECT n FROM open_jobs WHERE client_id=?", (job.client_id,)
+                ).fetchone()
+                if mine is not None and mine[0] >= max_open:
+                    raise TooManyOpenJobs(max_open)
             cols = ",".join(row)
             # the job with its quote's module, as stored, in one statement (nothing read back)
             created = self._conn.execute(

@@ -412,8 +412,9 @@ class ThreadedStore:
         event: Event,
         payment: Payment | None = None,
         offered: Event | None = None,
+        max_open: int = 0,
     ) -> tuple[Job, bool]:
-        return await self._write(lambda s: s.create_job(job, event, payment, offered))
+        return await self._write(lambda s: s.create_job(job, event, payment, offered, max_open))
 
     async def get_job(self, job_id: str) -> Job | None:
         return await self._read(lambda s: s.get_job(job_id))
