@@ -250,6 +250,7 @@ class RawWorker:
         tasks: tuple[str, ...] = ("echo",),
         models: tuple[str, ...] = (),
         public_key: bytes | None = None,
+        batched_acks: bool = False,
     ) -> None:
         self.send(
             hello=worker_pb2.Hello(
@@ -258,6 +259,7 @@ class RawWorker:
                 capabilities=worker_pb2.Capabilities(
                     tasks=tasks, llm_models=models, max_concurrency=1
                 ),
+                batched_acks=batched_acks,
             )
         )
 

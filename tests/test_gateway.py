@@ -604,4 +604,4 @@ async def test_dispatch_gateway_runs_as_a_process(
         assert r.json()["dispatch"]["route"] == "dispatch"
         assert (await http.get("/v1/models")).json() == {"object": "list", "data": []}
     gw.p.send_signal(signal.SIGTERM)
-    assert gw.p.wait(20) == 0, gw.log.read_text()[-2000:]
+    assert await asyncio.to_thread(gw.p.wait, 20) == 0, gw.log.read_text()[-2000:]

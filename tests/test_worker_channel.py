@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import grpc
 import pytest
 from conftest import HELLO, Cluster, RawWorker, wait_until
 
 from dispatch.v1 import common_pb2, coordinator_pb2, worker_pb2
 from dispatchnet.client import task_spec
+from dispatchnet.coordinator.hub import AcksDue, ResultAck, WorkerSession
+from dispatchnet.coordinator.models import WorkerKind
 from dispatchnet.keys import KeyPair
+from dispatchnet.protocol import MAX_ACKS_PER_MESSAGE
 from dispatchnet.receipts.core import sha256
+from dispatchnet.worker.runtime import Worker
 
 
 async def test_handshake_gives_an_identity_from_the_proven_key(
@@ -213,3 +220,76 @@ async def test_progress_reaches_watchers(cluster: Cluster, channel: grpc.aio.Cha
     assert seen[-1].state == coordinator_pb2.JOB_STATE_RUNNING
     assert offer.attempt == 1
     raw.close()
+
+
+# --- batched acks (Hello.batched_acks, ConnectResponse.acks) ----------------------------
+
+
+def _reads(w: Worker) -> list[worker_pb2.ConnectResponse]:
+    """Every message the worker reads from now on (its _read, which takes the acks)."""
+    seen: list[worker_pb2.ConnectResponse] = []
+    read = w._read
+
+    async def spy(call: Any) -> worker_pb2.ConnectResponse:
+        msg = await read(call)
+        seen.append(msg)
+        return msg
+
+    w._read = spy  # type: ignore[method-assign]
+    return seen
+
+
+async def test_results_are_acked_on_the_next_offers_not_one_message_each(
+    cluster: Cluster,
+) -> None:
+    w = await cluster.worker(max_concurrency=4)
+    seen = _reads(w)
+    c = cluster.client()
+    for wave in range(5):  # 4 at a time: each wave's offers carry the acks of the last
+        jobs = await asyncio.gather(
+            *(c.run(task_spec("echo", f"{wave}.{i}".encode())) for i in range(4))
+        )
+        assert all(j.state == coordinator_pb2.JOB_STATE_COMPLETED for j in jobs)
+    await wait_until(lambda: not w._pending, what="every result acknowledged")
+    acks = [a for m in seen for a in m.acks]
+    assert len(acks) == 20 and all(a.accepted for a in acks)
+    assert not any(m.HasField("result_ack") for m in seen)  # no message of its own
+    offers = [m for m in seen if m.HasField("offer")]
+    # (the first offer was read before the spy was in place)
+    assert len(offers) == 19 and sum(len(m.acks) for m in offers) >= 8  # they rode along
+    assert len([m for m in seen if m.acks]) <= 10  # in batches
+
+
+async def test_an_ack_with_nothing_to_ride_on_comes_alone_soon(cluster: Cluster) -> None:
+    w = await cluster.worker()
+    seen = _reads(w)
+    job = await cluster.client().run(task_spec("echo", b"1"))
+    await wait_until(lambda: not w._pending, within=2, what="the ack")
+    alone = [m for m in seen if m.WhichOneof("msg") is None]
+    assert [(a.job_id, a.accepted) for m in alone for a in m.acks] == [(job.job_id, True)]
+
+
+async def test_a_refused_result_is_acked_in_a_batch_too(
+    cluster: Cluster, channel: grpc.aio.Channel
+) -> None:
+    raw = RawWorker(channel)
+    await raw.handshake(batched_acks=True)
+    raw.send(completed=worker_pb2.JobCompleted(job_id="job_x", attempt=3))
+    msg = await raw.recv()
+    assert msg.WhichOneof("msg") is None and len(msg.acks) == 1
+    assert not msg.acks[0].accepted and "stale" in msg.acks[0].reason
+    raw.close()
+
+
+async def test_more_acks_than_a_message_holds_go_in_several() -> None:
+    s = WorkerSession(
+        "w", b"k", WorkerKind.SEEKER, frozenset(), frozenset(), 1, "", "s", 0.0, 0.0,
+        batched_acks=True,
+    )  # fmt: skip
+    for n in range(MAX_ACKS_PER_MESSAGE + 6):
+        s.ack(ResultAck(f"job_{n}", 1, True))
+    assert isinstance(await s.next_outbound(), AcksDue)  # full: due at once
+    assert len(s.take_acks()) == MAX_ACKS_PER_MESSAGE
+    assert isinstance(await s.next_outbound(), AcksDue)  # the rest in the next, at once
+    assert [a.job_id for a in s.take_acks()] == [f"job_{n}" for n in range(64, 70)]
+    assert s.outbox.empty() and s._acks_due is None

@@ -34,6 +34,12 @@ MAX_RECEIPT_BODY_BYTES = 16384  # JobCompleted.receipt_body
 # JobOffer / JobCompleted / JobFailed.traceparent: a W3C traceparent (version 00)
 MAX_TRACEPARENT_CHARS = 55
 
+# What the coordinator sends: ConnectResponse.acks (to a worker whose Hello sets
+# batched_acks) holds at most this many, and an ack waits at most this long for a
+# message to ride on before it is sent alone.
+MAX_ACKS_PER_MESSAGE = 64
+ACK_DELAY_SECONDS = 0.05
+
 # Client requests (coordinator.proto, receipt.proto, trust.proto), checked at the edge
 # (api/bounds.py) before anything looks them up; INVALID_ARGUMENT beyond.
 MAX_ID_CHARS = 64  # job_id, quote_id, pairing_id (the coordinator's ids are under 30)

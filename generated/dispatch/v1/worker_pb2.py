@@ -26,7 +26,7 @@ from dispatch.v1 import common_pb2 as dispatch_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64ispatch/v1/worker.proto\x12\x0b\x64ispatch.v1\x1a\x18\x64ispatch/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x03\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.dispatch.v1.HelloH\x00\x12<\n\x12\x63hallenge_response\x18\x02 \x01(\x0b\x32\x1e.dispatch.v1.ChallengeResponseH\x00\x12+\n\theartbeat\x18\x03 \x01(\x0b\x32\x16.dispatch.v1.HeartbeatH\x00\x12\x34\n\x0eoffer_response\x18\x04 \x01(\x0b\x32\x1a.dispatch.v1.OfferResponseH\x00\x12,\n\x08progress\x18\x05 \x01(\x0b\x32\x18.dispatch.v1.JobProgressH\x00\x12.\n\tcompleted\x18\x06 \x01(\x0b\x32\x19.dispatch.v1.JobCompletedH\x00\x12(\n\x06\x66\x61iled\x18\x07 \x01(\x0b\x32\x16.dispatch.v1.JobFailedH\x00\x12#\n\x05\x64rain\x18\x08 \x01(\x0b\x32\x12.dispatch.v1.DrainH\x00\x42\x05\n\x03msg\"\xdf\x02\n\x0f\x43onnectResponse\x12+\n\tchallenge\x18\x01 \x01(\x0b\x32\x16.dispatch.v1.ChallengeH\x00\x12\'\n\x07welcome\x18\x02 \x01(\x0b\x32\x14.dispatch.v1.WelcomeH\x00\x12&\n\x05offer\x18\x03 \x01(\x0b\x32\x15.dispatch.v1.JobOfferH\x00\x12\x33\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32!.dispatch.v1.CancelJobInstructionH\x00\x12,\n\nresult_ack\x18\x05 \x01(\x0b\x32\x16.dispatch.v1.ResultAckH\x00\x12&\n\x07go_away\x18\x06 \x01(\x0b\x32\x13.dispatch.v1.GoAwayH\x00\x12<\n\x12heartbeat_settings\x18\x07 \x01(\x0b\x32\x1e.dispatch.v1.HeartbeatSettingsH\x00\x42\x05\n\x03msg\"Q\n\x11HeartbeatSettings\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\r\x12\x18\n\x10\x65viction_seconds\x18\x02 \x01(\r\"J\n\x0c\x43\x61pabilities\x12\r\n\x05tasks\x18\x01 \x03(\t\x12\x12\n\nllm_models\x18\x02 \x03(\t\x12\x17\n\x0fmax_concurrency\x18\x03 \x01(\r\"\xc0\x01\n\x05Hello\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.dispatch.v1.WorkerKind\x12/\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32\x19.dispatch.v1.Capabilities\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12(\n\x07running\x18\x06 \x03(\x0b\x32\x17.dispatch.v1.RunningJob\"-\n\nRunningJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\":\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x1e\n\x16\x63oordinator_public_key\x18\x02 \x01(\x0c\"Y\n\x11\x43hallengeResponse\x12\x11\n\tsignature\x18\x01 \x01(\x0c\x12\x17\n\x0f\x63hain_signature\x18\x02 \x01(\x0c\x12\x18\n\x10solana_signature\x18\x03 \x01(\x0c\"\x80\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\r\x12\x18\n\x10\x65viction_seconds\x18\x03 \x01(\r\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\"$\n\tHeartbeat\x12\x17\n\x0frunning_job_ids\x18\x01 \x03(\t\"\xb1\x02\n\x08JobOffer\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\"\n\x04spec\x18\x03 \x01(\x0b\x32\x14.dispatch.v1.JobSpec\x12\x34\n\x10lease_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12time_limit_seconds\x18\x05 \x01(\r\x12\x13\n\x0bspec_sha256\x18\x06 \x01(\x0c\x12!\n\x05price\x18\x07 \x01(\x0b\x32\x12.dispatch.v1.Money\x12.\n\x07payment\x18\x08 \x01(\x0b\x32\x1d.dispatch.v1.PaymentReference\x12\x11\n\tclient_id\x18\t \x01(\t\x12\x13\n\x0btraceparent\x18\n \x01(\t\"P\n\rOfferResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"N\n\x0bJobProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66raction\x18\x04 \x01(\x02\"\x9d\x01\n\x0cJobCompleted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12&\n\x06result\x18\x03 \x01(\x0b\x32\x16.dispatch.v1.JobResult\x12\x14\n\x0creceipt_body\x18\x04 \x01(\x0c\x12\x19\n\x11receipt_signature\x18\x05 \x01(\x0c\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\"~\n\tJobFailed\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12(\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x17.dispatch.v1.JobFailure\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"G\n\x14\x43\x61ncelJobInstruction\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"N\n\tResultAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"5\n\x06GoAway\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x02 \x01(\r2Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.dispatch.v1.ConnectRequest\x1a\x1c.dispatch.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64ispatch/v1/worker.proto\x12\x0b\x64ispatch.v1\x1a\x18\x64ispatch/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x03\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.dispatch.v1.HelloH\x00\x12<\n\x12\x63hallenge_response\x18\x02 \x01(\x0b\x32\x1e.dispatch.v1.ChallengeResponseH\x00\x12+\n\theartbeat\x18\x03 \x01(\x0b\x32\x16.dispatch.v1.HeartbeatH\x00\x12\x34\n\x0eoffer_response\x18\x04 \x01(\x0b\x32\x1a.dispatch.v1.OfferResponseH\x00\x12,\n\x08progress\x18\x05 \x01(\x0b\x32\x18.dispatch.v1.JobProgressH\x00\x12.\n\tcompleted\x18\x06 \x01(\x0b\x32\x19.dispatch.v1.JobCompletedH\x00\x12(\n\x06\x66\x61iled\x18\x07 \x01(\x0b\x32\x16.dispatch.v1.JobFailedH\x00\x12#\n\x05\x64rain\x18\x08 \x01(\x0b\x32\x12.dispatch.v1.DrainH\x00\x42\x05\n\x03msg\"\x85\x03\n\x0f\x43onnectResponse\x12+\n\tchallenge\x18\x01 \x01(\x0b\x32\x16.dispatch.v1.ChallengeH\x00\x12\'\n\x07welcome\x18\x02 \x01(\x0b\x32\x14.dispatch.v1.WelcomeH\x00\x12&\n\x05offer\x18\x03 \x01(\x0b\x32\x15.dispatch.v1.JobOfferH\x00\x12\x33\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32!.dispatch.v1.CancelJobInstructionH\x00\x12,\n\nresult_ack\x18\x05 \x01(\x0b\x32\x16.dispatch.v1.ResultAckH\x00\x12&\n\x07go_away\x18\x06 \x01(\x0b\x32\x13.dispatch.v1.GoAwayH\x00\x12<\n\x12heartbeat_settings\x18\x07 \x01(\x0b\x32\x1e.dispatch.v1.HeartbeatSettingsH\x00\x12$\n\x04\x61\x63ks\x18\x08 \x03(\x0b\x32\x16.dispatch.v1.ResultAckB\x05\n\x03msg\"Q\n\x11HeartbeatSettings\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\r\x12\x18\n\x10\x65viction_seconds\x18\x02 \x01(\r\"J\n\x0c\x43\x61pabilities\x12\r\n\x05tasks\x18\x01 \x03(\t\x12\x12\n\nllm_models\x18\x02 \x03(\t\x12\x17\n\x0fmax_concurrency\x18\x03 \x01(\r\"\xd6\x01\n\x05Hello\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.dispatch.v1.WorkerKind\x12/\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32\x19.dispatch.v1.Capabilities\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12(\n\x07running\x18\x06 \x03(\x0b\x32\x17.dispatch.v1.RunningJob\x12\x14\n\x0c\x62\x61tched_acks\x18\x07 \x01(\x08\"-\n\nRunningJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\":\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x1e\n\x16\x63oordinator_public_key\x18\x02 \x01(\x0c\"Y\n\x11\x43hallengeResponse\x12\x11\n\tsignature\x18\x01 \x01(\x0c\x12\x17\n\x0f\x63hain_signature\x18\x02 \x01(\x0c\x12\x18\n\x10solana_signature\x18\x03 \x01(\x0c\"\x80\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\r\x12\x18\n\x10\x65viction_seconds\x18\x03 \x01(\r\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\"$\n\tHeartbeat\x12\x17\n\x0frunning_job_ids\x18\x01 \x03(\t\"\xb1\x02\n\x08JobOffer\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\"\n\x04spec\x18\x03 \x01(\x0b\x32\x14.dispatch.v1.JobSpec\x12\x34\n\x10lease_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12time_limit_seconds\x18\x05 \x01(\r\x12\x13\n\x0bspec_sha256\x18\x06 \x01(\x0c\x12!\n\x05price\x18\x07 \x01(\x0b\x32\x12.dispatch.v1.Money\x12.\n\x07payment\x18\x08 \x01(\x0b\x32\x1d.dispatch.v1.PaymentReference\x12\x11\n\tclient_id\x18\t \x01(\t\x12\x13\n\x0btraceparent\x18\n \x01(\t\"P\n\rOfferResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"N\n\x0bJobProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66raction\x18\x04 \x01(\x02\"\x9d\x01\n\x0cJobCompleted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12&\n\x06result\x18\x03 \x01(\x0b\x32\x16.dispatch.v1.JobResult\x12\x14\n\x0creceipt_body\x18\x04 \x01(\x0c\x12\x19\n\x11receipt_signature\x18\x05 \x01(\x0c\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\"~\n\tJobFailed\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12(\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x17.dispatch.v1.JobFailure\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"G\n\x14\x43\x61ncelJobInstruction\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"N\n\tResultAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"5\n\x06GoAway\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x02 \x01(\r2Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.dispatch.v1.ConnectRequest\x1a\x1c.dispatch.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,41 +36,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONNECTREQUEST']._serialized_start=101
   _globals['_CONNECTREQUEST']._serialized_end=495
   _globals['_CONNECTRESPONSE']._serialized_start=498
-  _globals['_CONNECTRESPONSE']._serialized_end=849
-  _globals['_HEARTBEATSETTINGS']._serialized_start=851
-  _globals['_HEARTBEATSETTINGS']._serialized_end=932
-  _globals['_CAPABILITIES']._serialized_start=934
-  _globals['_CAPABILITIES']._serialized_end=1008
-  _globals['_HELLO']._serialized_start=1011
-  _globals['_HELLO']._serialized_end=1203
-  _globals['_RUNNINGJOB']._serialized_start=1205
-  _globals['_RUNNINGJOB']._serialized_end=1250
-  _globals['_CHALLENGE']._serialized_start=1252
-  _globals['_CHALLENGE']._serialized_end=1310
-  _globals['_CHALLENGERESPONSE']._serialized_start=1312
-  _globals['_CHALLENGERESPONSE']._serialized_end=1401
-  _globals['_WELCOME']._serialized_start=1404
-  _globals['_WELCOME']._serialized_end=1532
-  _globals['_HEARTBEAT']._serialized_start=1534
-  _globals['_HEARTBEAT']._serialized_end=1570
-  _globals['_JOBOFFER']._serialized_start=1573
-  _globals['_JOBOFFER']._serialized_end=1878
-  _globals['_OFFERRESPONSE']._serialized_start=1880
-  _globals['_OFFERRESPONSE']._serialized_end=1960
-  _globals['_JOBPROGRESS']._serialized_start=1962
-  _globals['_JOBPROGRESS']._serialized_end=2040
-  _globals['_JOBCOMPLETED']._serialized_start=2043
-  _globals['_JOBCOMPLETED']._serialized_end=2200
-  _globals['_JOBFAILED']._serialized_start=2202
-  _globals['_JOBFAILED']._serialized_end=2328
-  _globals['_DRAIN']._serialized_start=2330
-  _globals['_DRAIN']._serialized_end=2353
-  _globals['_CANCELJOBINSTRUCTION']._serialized_start=2355
-  _globals['_CANCELJOBINSTRUCTION']._serialized_end=2426
-  _globals['_RESULTACK']._serialized_start=2428
-  _globals['_RESULTACK']._serialized_end=2506
-  _globals['_GOAWAY']._serialized_start=2508
-  _globals['_GOAWAY']._serialized_end=2561
-  _globals['_WORKERSERVICE']._serialized_start=2563
-  _globals['_WORKERSERVICE']._serialized_end=2652
+  _globals['_CONNECTRESPONSE']._serialized_end=887
+  _globals['_HEARTBEATSETTINGS']._serialized_start=889
+  _globals['_HEARTBEATSETTINGS']._serialized_end=970
+  _globals['_CAPABILITIES']._serialized_start=972
+  _globals['_CAPABILITIES']._serialized_end=1046
+  _globals['_HELLO']._serialized_start=1049
+  _globals['_HELLO']._serialized_end=1263
+  _globals['_RUNNINGJOB']._serialized_start=1265
+  _globals['_RUNNINGJOB']._serialized_end=1310
+  _globals['_CHALLENGE']._serialized_start=1312
+  _globals['_CHALLENGE']._serialized_end=1370
+  _globals['_CHALLENGERESPONSE']._serialized_start=1372
+  _globals['_CHALLENGERESPONSE']._serialized_end=1461
+  _globals['_WELCOME']._serialized_start=1464
+  _globals['_WELCOME']._serialized_end=1592
+  _globals['_HEARTBEAT']._serialized_start=1594
+  _globals['_HEARTBEAT']._serialized_end=1630
+  _globals['_JOBOFFER']._serialized_start=1633
+  _globals['_JOBOFFER']._serialized_end=1938
+  _globals['_OFFERRESPONSE']._serialized_start=1940
+  _globals['_OFFERRESPONSE']._serialized_end=2020
+  _globals['_JOBPROGRESS']._serialized_start=2022
+  _globals['_JOBPROGRESS']._serialized_end=2100
+  _globals['_JOBCOMPLETED']._serialized_start=2103
+  _globals['_JOBCOMPLETED']._serialized_end=2260
+  _globals['_JOBFAILED']._serialized_start=2262
+  _globals['_JOBFAILED']._serialized_end=2388
+  _globals['_DRAIN']._serialized_start=2390
+  _globals['_DRAIN']._serialized_end=2413
+  _globals['_CANCELJOBINSTRUCTION']._serialized_start=2415
+  _globals['_CANCELJOBINSTRUCTION']._serialized_end=2486
+  _globals['_RESULTACK']._serialized_start=2488
+  _globals['_RESULTACK']._serialized_end=2566
+  _globals['_GOAWAY']._serialized_start=2568
+  _globals['_GOAWAY']._serialized_end=2621
+  _globals['_WORKERSERVICE']._serialized_start=2623
+  _globals['_WORKERSERVICE']._serialized_end=2712
 # @@protoc_insertion_point(module_scope)

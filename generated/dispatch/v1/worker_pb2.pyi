@@ -101,6 +101,7 @@ class ConnectResponse(_message.Message):
     RESULT_ACK_FIELD_NUMBER: _builtins.int
     GO_AWAY_FIELD_NUMBER: _builtins.int
     HEARTBEAT_SETTINGS_FIELD_NUMBER: _builtins.int
+    ACKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def challenge(self) -> Global___Challenge:
         """Answer to Hello."""
@@ -134,6 +135,16 @@ class ConnectResponse(_message.Message):
         heartbeats together stay under its [workers] max_heartbeats_per_second.
         """
 
+    @_builtins.property
+    def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultAck]:
+        """To a worker whose Hello set batched_acks: its results acknowledged (or
+        refused) since the coordinator's last message, in the order it answered
+        them, instead of a ResultAck message each. They ride on the next message
+        the coordinator sends (under load, the next JobOffer), or come alone, with
+        no msg set, at most 50 ms after the first of them. Read them before msg
+        (a GoAway included). At most 64 per message.
+        """
+
     def __init__(
         self,
         *,
@@ -144,10 +155,11 @@ class ConnectResponse(_message.Message):
         result_ack: Global___ResultAck | None = ...,
         go_away: Global___GoAway | None = ...,
         heartbeat_settings: Global___HeartbeatSettings | None = ...,
+        acks: _abc.Iterable[Global___ResultAck] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "challenge", b"challenge", "go_away", b"go_away", "heartbeat_settings", b"heartbeat_settings", "msg", b"msg", "offer", b"offer", "result_ack", b"result_ack", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "challenge", b"challenge", "go_away", b"go_away", "heartbeat_settings", b"heartbeat_settings", "msg", b"msg", "offer", b"offer", "result_ack", b"result_ack", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "cancel", b"cancel", "challenge", b"challenge", "go_away", b"go_away", "heartbeat_settings", b"heartbeat_settings", "msg", b"msg", "offer", b"offer", "result_ack", b"result_ack", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["challenge", "welcome", "offer", "cancel", "result_ack", "go_away", "heartbeat_settings"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
@@ -229,6 +241,7 @@ class Hello(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
+    BATCHED_ACKS_FIELD_NUMBER: _builtins.int
     public_key: _builtins.bytes
     """The worker's ed25519 public key (32 bytes); proven by ChallengeResponse."""
     kind: _common_pb2.WorkerKind.ValueType
@@ -239,6 +252,11 @@ class Hello(_message.Message):
     """On-chain agent id (ERC-8004 IdentityRegistry, decimal) the worker claims;
     proven by ChallengeResponse.chain_signature and verified against the chain
     when the profile has one, ignored otherwise. At most 78 characters.
+    """
+    batched_acks: _builtins.bool
+    """True when the worker reads ConnectResponse.acks: its results are then
+    acknowledged in batches riding on other messages (fewer messages under
+    load) instead of a ResultAck message each.
     """
     @_builtins.property
     def capabilities(self) -> Global___Capabilities:
@@ -264,10 +282,11 @@ class Hello(_message.Message):
         version: _builtins.str = ...,
         agent_id: _builtins.str = ...,
         running: _abc.Iterable[Global___RunningJob] | None = ...,
+        batched_acks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "kind", b"kind", "public_key", b"public_key", "running", b"running", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "batched_acks", b"batched_acks", "capabilities", b"capabilities", "kind", b"kind", "public_key", b"public_key", "running", b"running", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

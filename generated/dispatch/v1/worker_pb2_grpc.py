@@ -48,7 +48,9 @@ class WorkerServiceStub:
     and requeues its jobs. The coordinator sends JobOffer with a lease; the
     worker answers OfferResponse (accept or reject) before the lease expires,
     then JobProgress while it runs and JobCompleted or JobFailed at the end.
-    The coordinator acknowledges results with ResultAck. Drain asks the
+    The coordinator acknowledges results with ResultAck: one message each, or,
+    to a worker whose Hello sets batched_acks, in ConnectResponse.acks of the
+    next message it sends (see there). Drain asks the
     coordinator for no new offers; GoAway tells the worker to disconnect.
 
     A message the coordinator refuses: a refused JobCompleted or JobFailed is
@@ -97,7 +99,9 @@ class WorkerServiceServicer:
     and requeues its jobs. The coordinator sends JobOffer with a lease; the
     worker answers OfferResponse (accept or reject) before the lease expires,
     then JobProgress while it runs and JobCompleted or JobFailed at the end.
-    The coordinator acknowledges results with ResultAck. Drain asks the
+    The coordinator acknowledges results with ResultAck: one message each, or,
+    to a worker whose Hello sets batched_acks, in ConnectResponse.acks of the
+    next message it sends (see there). Drain asks the
     coordinator for no new offers; GoAway tells the worker to disconnect.
 
     A message the coordinator refuses: a refused JobCompleted or JobFailed is
@@ -156,7 +160,9 @@ class WorkerService:
     and requeues its jobs. The coordinator sends JobOffer with a lease; the
     worker answers OfferResponse (accept or reject) before the lease expires,
     then JobProgress while it runs and JobCompleted or JobFailed at the end.
-    The coordinator acknowledges results with ResultAck. Drain asks the
+    The coordinator acknowledges results with ResultAck: one message each, or,
+    to a worker whose Hello sets batched_acks, in ConnectResponse.acks of the
+    next message it sends (see there). Drain asks the
     coordinator for no new offers; GoAway tells the worker to disconnect.
 
     A message the coordinator refuses: a refused JobCompleted or JobFailed is

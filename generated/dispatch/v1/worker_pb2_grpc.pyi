@@ -49,7 +49,9 @@ class WorkerServiceStub:
     and requeues its jobs. The coordinator sends JobOffer with a lease; the
     worker answers OfferResponse (accept or reject) before the lease expires,
     then JobProgress while it runs and JobCompleted or JobFailed at the end.
-    The coordinator acknowledges results with ResultAck. Drain asks the
+    The coordinator acknowledges results with ResultAck: one message each, or,
+    to a worker whose Hello sets batched_acks, in ConnectResponse.acks of the
+    next message it sends (see there). Drain asks the
     coordinator for no new offers; GoAway tells the worker to disconnect.
 
     A message the coordinator refuses: a refused JobCompleted or JobFailed is
@@ -93,7 +95,9 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     and requeues its jobs. The coordinator sends JobOffer with a lease; the
     worker answers OfferResponse (accept or reject) before the lease expires,
     then JobProgress while it runs and JobCompleted or JobFailed at the end.
-    The coordinator acknowledges results with ResultAck. Drain asks the
+    The coordinator acknowledges results with ResultAck: one message each, or,
+    to a worker whose Hello sets batched_acks, in ConnectResponse.acks of the
+    next message it sends (see there). Drain asks the
     coordinator for no new offers; GoAway tells the worker to disconnect.
 
     A message the coordinator refuses: a refused JobCompleted or JobFailed is
@@ -133,7 +137,9 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     and requeues its jobs. The coordinator sends JobOffer with a lease; the
     worker answers OfferResponse (accept or reject) before the lease expires,
     then JobProgress while it runs and JobCompleted or JobFailed at the end.
-    The coordinator acknowledges results with ResultAck. Drain asks the
+    The coordinator acknowledges results with ResultAck: one message each, or,
+    to a worker whose Hello sets batched_acks, in ConnectResponse.acks of the
+    next message it sends (see there). Drain asks the
     coordinator for no new offers; GoAway tells the worker to disconnect.
 
     A message the coordinator refuses: a refused JobCompleted or JobFailed is

@@ -396,6 +396,7 @@ def hello_from_proto(h: worker_pb2.Hello) -> hubmod.WorkerHello:
         version=h.version,
         agent_id=h.agent_id,
         running=tuple((r.job_id, r.attempt) for r in h.running),
+        batched_acks=h.batched_acks,
     )
 
 
@@ -465,11 +466,9 @@ def outbound_to_proto(msg: hubmod.Outbound, traceparent: str = "") -> worker_pb2
             )
         )
     if isinstance(msg, hubmod.ResultAck):
-        return worker_pb2.ConnectResponse(
-            result_ack=worker_pb2.ResultAck(
-                job_id=msg.job_id, attempt=msg.attempt, accepted=msg.accepted, reason=msg.reason
-            )
-        )
+        return worker_pb2.ConnectResponse(result_ack=ack_to_proto(msg))
+    if isinstance(msg, hubmod.AcksDue):
+        return worker_pb2.ConnectResponse()  # acks alone (added by the caller)
     if isinstance(msg, hubmod.HeartbeatSettings):
         return worker_pb2.ConnectResponse(
             heartbeat_settings=worker_pb2.HeartbeatSettings(
@@ -479,6 +478,12 @@ def outbound_to_proto(msg: hubmod.Outbound, traceparent: str = "") -> worker_pb2
         )
     return worker_pb2.ConnectResponse(
         go_away=worker_pb2.GoAway(reason=msg.reason, retry_after_seconds=msg.retry_after_seconds)
+    )
+
+
+def ack_to_proto(ack: hubmod.ResultAck) -> worker_pb2.ResultAck:
+    return worker_pb2.ResultAck(
+        job_id=ack.job_id, attempt=ack.attempt, accepted=ack.accepted, reason=ack.reason
     )
 
 

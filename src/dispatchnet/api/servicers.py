@@ -24,7 +24,7 @@ from dispatch.v1 import (
 from dispatchnet.api import convert
 from dispatchnet.api.edge import caller, optional_caller
 from dispatchnet.coordinator.earnings import EarningsService
-from dispatchnet.coordinator.hub import Offer, Outbound, WorkerHub, WorkerSession
+from dispatchnet.coordinator.hub import AcksDue, Offer, Outbound, WorkerHub, WorkerSession
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Failure, JobSpec
 from dispatchnet.coordinator.pairing import PairingService
@@ -215,7 +215,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 )
             )
             while (out := await session.next_outbound()) is not None:
-                yield self._to_proto(out)
+                if isinstance(out, AcksDue) and not session.acks:
+                    continue  # a message before it took them
+                msg = self._to_proto(out)
+                if session.acks:  # they ride on whatever goes out (see WorkerSession.ack)
+                    msg.acks.extend(convert.ack_to_proto(a) for a in session.take_acks())
+                yield msg
             reason = "closed"
         finally:
             reader.cancel()

@@ -30,7 +30,12 @@ from dispatchnet.coordinator.worker_index import WorkerIndex
 from dispatchnet.errors import DispatchError, InvalidArgument, Unauthenticated, quoted
 from dispatchnet.keys import verify
 from dispatchnet.profiles import JobsConfig, WorkersConfig
-from dispatchnet.protocol import HELLO_CONTEXT, MAX_CONCURRENCY
+from dispatchnet.protocol import (
+    ACK_DELAY_SECONDS,
+    HELLO_CONTEXT,
+    MAX_ACKS_PER_MESSAGE,
+    MAX_CONCURRENCY,
+)
 from dispatchnet.store.base import Runnable, Store
 
 # A dispatch pass reads the queue in pages of 2x the free slots (within these bounds) and
@@ -88,7 +93,13 @@ class HeartbeatSettings:
     eviction_seconds: int
 
 
-Outbound = Offer | Cancel | ResultAck | GoAway | HeartbeatSettings
+@dataclass(frozen=True)
+class AcksDue:
+    """A batched-acks session's acks waited ACK_DELAY_SECONDS with nothing to ride on:
+    they go alone (unless a message took them meanwhile; see WorkerSession.take_acks)."""
+
+
+Outbound = Offer | Cancel | ResultAck | GoAway | HeartbeatSettings | AcksDue
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,7 @@ class WorkerHello:
     agent_id: str = ""
     running: tuple[tuple[str, int], ...] = ()  # (job_id, attempt) still running from before
     agent_owner: str = ""  # the verified agent's owner (ownerOf), "" without one
+    batched_acks: bool = False  # it reads ConnectResponse.acks
 
 
 @dataclass(eq=False)
@@ -128,6 +140,11 @@ class WorkerSession:
     foreign: set[str] = field(default_factory=set)
     ignored: set[str] = field(default_factory=set)
     outbox: asyncio.Queue[Outbound | None] = field(default_factory=asyncio.Queue)
+    # acks wait here for the next message to this worker (see ack)
+    batched_acks: bool = False
+    acks: list[ResultAck] = field(default_factory=list)
+    _acks_due: asyncio.TimerHandle | None = None  # sends an AcksDue after ACK_DELAY_SECONDS
+    _acks_queued: bool = False  # an AcksDue is in the outbox
 
     @property
     def load(self) -> int:
@@ -136,6 +153,42 @@ class WorkerSession:
     def send(self, msg: Outbound) -> None:
         if not self.closed:
             self.outbox.put_nowait(msg)
+
+    def ack(self, msg: ResultAck) -> None:
+        """Answers a result: a ResultAck message, or, to a worker that reads
+        ConnectResponse.acks, an ack for the next message to carry (one message less per
+        job under load), sent alone after ACK_DELAY_SECONDS if none goes before."""
+        if not self.batched_acks:
+            self.send(msg)
+            return
+        if self.closed:
+            return
+        self.acks.append(msg)
+        if self._acks_queued:
+            return  # an AcksDue waits in the outbox already
+        if len(self.acks) >= MAX_ACKS_PER_MESSAGE:
+            self._due()
+        elif self._acks_due is None:
+            self._acks_due = asyncio.get_running_loop().call_later(ACK_DELAY_SECONDS, self._due)
+
+    def _due(self) -> None:
+        if self._acks_due is not None:
+            self._acks_due.cancel()
+            self._acks_due = None
+        self._acks_queued = True
+        self.send(AcksDue())
+
+    def take_acks(self) -> list[ResultAck]:
+        """The acks waiting, at most MAX_ACKS_PER_MESSAGE, for the message going out now."""
+        taken = self.acks[:MAX_ACKS_PER_MESSAGE]
+        del self.acks[:MAX_ACKS_PER_MESSAGE]
+        self._acks_queued = False
+        if self.acks:  # more than one message holds: the rest go in the next at once
+            self._due()
+        elif self._acks_due is not None:
+            self._acks_due.cancel()
+            self._acks_due = None
+        return taken
 
     def close(self, reason: str, retry_after_seconds: int = 0) -> None:
         if not self.closed:
@@ -147,6 +200,9 @@ class WorkerSession:
         if not self.closed:
             self.outbox.put_nowait(None)
             self.closed = True
+            if self._acks_due is not None:  # the worker resends what was not acked
+                self._acks_due.cancel()
+                self._acks_due = None
 
     async def next_outbound(self) -> Outbound | None:
         return await self.outbox.get()
@@ -268,6 +324,7 @@ class WorkerHub:
             connected_at=now,
             last_seen=now,
             agent_owner=hello.agent_owner,
+            batched_acks=hello.batched_acks,
         )
         self._set_heartbeat(session, self.heartbeat_interval())
         self.sessions[worker_id] = session
@@ -410,7 +467,7 @@ class WorkerHub:
         )
         if not ok:
             self._avoid.setdefault(job_id, set()).add(s.worker_id)
-        s.send(ResultAck(job_id, attempt, ok, reason))
+        s.ack(ResultAck(job_id, attempt, ok, reason))
         self.kick()
 
     async def failed(
@@ -422,7 +479,7 @@ class WorkerHub:
         if retryable:
             self._avoid.setdefault(job_id, set()).add(s.worker_id)
         ok = await self.jobs.fail(job_id, attempt, s.worker_id, failure, retryable)
-        s.send(ResultAck(job_id, attempt, ok, "" if ok else "stale"))
+        s.ack(ResultAck(job_id, attempt, ok, "" if ok else "stale"))
 
     async def message_failed(
         self, s: WorkerSession, kind: str, job_id: str, attempt: int, error: Exception
@@ -464,7 +521,7 @@ class WorkerHub:
         self.index.refresh(s)
         self._avoid.setdefault(job_id, set()).add(s.worker_id)
         await self.jobs.fail(job_id, attempt, s.worker_id, Failure("result_refused", reason), True)
-        s.send(ResultAck(job_id, attempt, False, reason))
+        s.ack(ResultAck(job_id, attempt, False, reason))
 
     # --- JobListener --------------------------------------------------------------------
 

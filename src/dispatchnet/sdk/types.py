@@ -1402,6 +1402,16 @@ class ConnectResponse(betterproto.Message):
      heartbeats together stay under its [workers] max_heartbeats_per_second.
     """
 
+    acks: List["ResultAck"] = betterproto.message_field(8)
+    """
+    To a worker whose Hello set batched_acks: its results acknowledged (or
+     refused) since the coordinator's last message, in the order it answered
+     them, instead of a ResultAck message each. They ride on the next message
+     the coordinator sends (under load, the next JobOffer), or come alone, with
+     no msg set, at most 50 ms after the first of them. Read them before msg
+     (a GoAway included). At most 64 per message.
+    """
+
 
 @dataclass(eq=False, repr=False)
 class HeartbeatSettings(betterproto.Message):
@@ -1465,6 +1475,13 @@ class Hello(betterproto.Message):
      an attempt it offered to this worker and gave to another meanwhile still
      counts as the worker's load. Entries it never offered to this worker are
      ignored.
+    """
+
+    batched_acks: bool = betterproto.bool_field(7)
+    """
+    True when the worker reads ConnectResponse.acks: its results are then
+     acknowledged in batches riding on other messages (fewer messages under
+     load) instead of a ResultAck message each.
     """
 
 

@@ -302,6 +302,7 @@ class Worker:
             ),
             version=self.version[:MAX_VERSION_CHARS],
             agent_id=self.agent_id,
+            batched_acks=True,  # acks ride on offers (_read takes them)
             # jobs still running, or finished but not acknowledged, from an earlier session
             # (within the protocol's limit; the rest are resent as results or given up)
             running=[
@@ -338,6 +339,8 @@ class Worker:
         if msg is grpc.aio.EOF:
             raise SessionEnded("the coordinator closed the stream")
         response = cast(worker_pb2.ConnectResponse, msg)
+        for ack in response.acks:  # before the message they ride on (a GoAway too)
+            self._on_ack(ack)
         if response.HasField("go_away"):
             go_away = response.go_away
             raise SessionEnded(f"GoAway: {go_away.reason}", go_away.retry_after_seconds)
@@ -388,6 +391,8 @@ class Worker:
                 case "heartbeat_settings":
                     interval = msg.heartbeat_settings.heartbeat_interval_seconds
                     self.heartbeat_interval = interval or self.heartbeat_interval
+                case None if msg.acks:
+                    pass  # acks alone (taken by _read)
                 case other:
                     self.log.warning("ignoring unexpected %s from the coordinator", other)
 
