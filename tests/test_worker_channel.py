@@ -293,3 +293,27 @@ async def test_more_acks_than_a_message_holds_go_in_several() -> None:
     assert isinstance(await s.next_outbound(), AcksDue)  # the rest in the next, at once
     assert [a.job_id for a in s.take_acks()] == [f"job_{n}" for n in range(64, 70)]
     assert s.outbox.empty() and s._acks_due is None
+
+
+async def test_a_result_resent_after_its_ack_was_lost_is_acknowledged(cluster: Cluster) -> None:
+    w = await cluster.worker()
+    c = cluster.client()
+    first, second = [await c.run(task_spec("echo", f"{n}".encode())) for n in (1, 2)]
+    jobs = cluster.coord.jobs
+    stored = await cluster.coord.store.get_job(first.job_id)
+    assert stored is not None and stored.receipt is not None and stored.result is not None
+
+    async def resend(body: bytes) -> tuple[bool, str]:
+        assert stored is not None and stored.receipt is not None and stored.result is not None
+        return await jobs.complete(
+            first.job_id, first.attempts, w.key.public_hex, w.key.public_key,
+            stored.result, body, stored.receipt.worker_signature,
+        )  # fmt: skip
+
+    # what a worker resends on reconnecting when the ack did not reach it: recorded
+    assert await resend(stored.receipt.body) == (True, "")
+    # anything else for the finished job is stale
+    ok, reason = await resend(second.receipt.body)
+    assert not ok and reason.startswith("stale")
+    again = await c.get(first.job_id)
+    assert again.receipt.body == stored.receipt.body and again.state == first.state

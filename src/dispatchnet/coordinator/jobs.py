@@ -915,6 +915,14 @@ class JobService:
         offered_at = self._offered_at(job_id, worker_id, attempt)
         if offered_at is None:
             offered_at = await self.store.offered_at(job_id, worker_id, attempt)
+        if (
+            job is not None
+            and job.state is JobState.COMPLETED
+            and job.worker_id == worker_id
+            and job.receipt is not None
+            and job.receipt.body == receipt_body
+        ):  # the same result again (its ack was lost with a session): it is recorded
+            return True, ""
         if job is None or job.state.final or offered_at is None:
             return False, "stale: this worker holds no open attempt of the job"
         try:
