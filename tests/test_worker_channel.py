@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -14,7 +15,7 @@ from dispatchnet.client import task_spec
 from dispatchnet.coordinator.hub import AcksDue, ResultAck, WorkerSession
 from dispatchnet.coordinator.models import WorkerKind
 from dispatchnet.keys import KeyPair
-from dispatchnet.protocol import MAX_ACKS_PER_MESSAGE
+from dispatchnet.protocol import ACK_DELAY_SECONDS, MAX_ACKS_PER_MESSAGE
 from dispatchnet.receipts.core import sha256
 from dispatchnet.worker.runtime import Worker
 
@@ -239,32 +240,48 @@ def _reads(w: Worker) -> list[worker_pb2.ConnectResponse]:
     return seen
 
 
-async def test_results_are_acked_on_the_next_offers_not_one_message_each(
-    cluster: Cluster,
-) -> None:
+async def test_a_busy_workers_results_are_acked_on_its_next_offers(cluster: Cluster) -> None:
     w = await cluster.worker(max_concurrency=4)
     seen = _reads(w)
     c = cluster.client()
-    for wave in range(5):  # 4 at a time: each wave's offers carry the acks of the last
-        jobs = await asyncio.gather(
-            *(c.run(task_spec("echo", f"{wave}.{i}".encode())) for i in range(4))
-        )
-        assert all(j.state == coordinator_pb2.JOB_STATE_COMPLETED for j in jobs)
+
+    async def submitter(i: int) -> None:  # 8 of them on 4 slots: jobs wait for slots
+        for k in range(3):
+            job = await c.run(task_spec("echo", f"{i}.{k}".encode()))
+            assert job.state == coordinator_pb2.JOB_STATE_COMPLETED
+
+    await asyncio.gather(*(submitter(i) for i in range(8)))
     await wait_until(lambda: not w._pending, what="every result acknowledged")
     acks = [a for m in seen for a in m.acks]
-    assert len(acks) == 20 and all(a.accepted for a in acks)
+    assert len(acks) == 24 and all(a.accepted for a in acks)
     assert not any(m.HasField("result_ack") for m in seen)  # no message of its own
     offers = [m for m in seen if m.HasField("offer")]
     # (the first offer was read before the spy was in place)
-    assert len(offers) == 19 and sum(len(m.acks) for m in offers) >= 8  # they rode along
-    assert len([m for m in seen if m.acks]) <= 10  # in batches
+    assert len(offers) == 23 and sum(len(m.acks) for m in offers) >= 8  # they rode along
 
 
-async def test_an_ack_with_nothing_to_ride_on_comes_alone_soon(cluster: Cluster) -> None:
+async def test_an_idle_workers_ack_comes_alone_at_once(cluster: Cluster) -> None:
     w = await cluster.worker()
     seen = _reads(w)
     job = await cluster.client().run(task_spec("echo", b"1"))
     await wait_until(lambda: not w._pending, within=2, what="the ack")
+    alone = [m for m in seen if m.WhichOneof("msg") is None]
+    assert [(a.job_id, a.accepted) for m in alone for a in m.acks] == [(job.job_id, True)]
+
+
+async def test_a_busy_workers_ack_with_nothing_to_ride_on_comes_alone_soon(
+    cluster: Cluster,
+) -> None:
+    w = await cluster.worker(max_concurrency=2)
+    c = cluster.client()
+    await c.submit(task_spec("sleep", b'{"ms": 60000}'))  # keeps the worker busy
+    await wait_until(lambda: len(w._running) == 1, what="the long job running")
+    seen = _reads(w)
+    began = time.monotonic()
+    job = await c.run(task_spec("echo", b"1"))
+    # no offer follows: the ack waits its ACK_DELAY_SECONDS, then goes alone
+    await wait_until(lambda: not w._pending, within=2, what="the ack")
+    assert time.monotonic() - began >= ACK_DELAY_SECONDS  # it waited (never sooner)
     alone = [m for m in seen if m.WhichOneof("msg") is None]
     assert [(a.job_id, a.accepted) for m in alone for a in m.acks] == [(job.job_id, True)]
 

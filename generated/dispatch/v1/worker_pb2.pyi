@@ -139,9 +139,10 @@ class ConnectResponse(_message.Message):
     def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultAck]:
         """To a worker whose Hello set batched_acks: its results acknowledged (or
         refused) since the coordinator's last message, in the order it answered
-        them, instead of a ResultAck message each. They ride on the next message
-        the coordinator sends (under load, the next JobOffer), or come alone, with
-        no msg set, at most 50 ms after the first of them. Read them before msg
+        them, instead of a ResultAck message each. While the worker runs other
+        jobs they ride on the next message the coordinator sends (under load, the
+        next JobOffer), or come alone, with no msg set, at most 50 ms after the
+        first of them; once it runs none they come at once. Read them before msg
         (a GoAway included). At most 64 per message.
         """
 

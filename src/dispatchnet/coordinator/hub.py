@@ -155,9 +155,12 @@ class WorkerSession:
             self.outbox.put_nowait(msg)
 
     def ack(self, msg: ResultAck) -> None:
-        """Answers a result: a ResultAck message, or, to a worker that reads
-        ConnectResponse.acks, an ack for the next message to carry (one message less per
-        job under load), sent alone after ACK_DELAY_SECONDS if none goes before."""
+        """Answers a result (call it once the job has left `active`): a ResultAck message,
+        or, to a worker that reads ConnectResponse.acks and still runs other jobs of this
+        session, an ack for the next message to carry (one message less per job under
+        load), sent alone after ACK_DELAY_SECONDS if none goes before. An idle worker's
+        acks go at once: nothing else is likely to go its way soon (a crowd of seekers
+        with a job each), and a late lone ack would wake it a second time."""
         if not self.batched_acks:
             self.send(msg)
             return
@@ -166,7 +169,7 @@ class WorkerSession:
         self.acks.append(msg)
         if self._acks_queued:
             return  # an AcksDue waits in the outbox already
-        if len(self.acks) >= MAX_ACKS_PER_MESSAGE:
+        if len(self.acks) >= MAX_ACKS_PER_MESSAGE or not self.active:
             self._due()
         elif self._acks_due is None:
             self._acks_due = asyncio.get_running_loop().call_later(ACK_DELAY_SECONDS, self._due)
