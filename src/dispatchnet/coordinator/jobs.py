@@ -912,9 +912,6 @@ class JobService:
         late = job is None
         if late:
             job = await self.store.get_job(job_id)
-        offered_at = self._offered_at(job_id, worker_id, attempt)
-        if offered_at is None:
-            offered_at = await self.store.offered_at(job_id, worker_id, attempt)
         if (
             job is not None
             and job.state is JobState.COMPLETED
@@ -923,6 +920,9 @@ class JobService:
             and job.receipt.body == receipt_body
         ):  # the same result again (its ack was lost with a session): it is recorded
             return True, ""
+        offered_at = self._offered_at(job_id, worker_id, attempt)
+        if offered_at is None:
+            offered_at = await self.store.offered_at(job_id, worker_id, attempt)
         if job is None or job.state.final or offered_at is None:
             return False, "stale: this worker holds no open attempt of the job"
         try:

@@ -468,7 +468,7 @@ def _v15(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE jobs ADD COLUMN recipients TEXT NOT NULL DEFAULT ''")
 
 
-_OPEN_SQL = ",".join(str(int(st)) for st in OPEN_STATES)  # literals: the partial index matches
+_OPEN_SQL = ",".join(str(int(st)) for st in OPEN_STATES)  # as SQL literals
 
 
 def _v16(db: sqlite_utils.Database) -> None:
@@ -720,12 +720,11 @@ class SqliteStore:
             self._conn.execute(
                 "DELETE FROM quote_usage WHERE quotes<=0 AND owner<>?", (TOTAL_OWNER,)
             )
-            open_states = ",".join(str(int(st)) for st in OPEN_STATES)
             self._conn.execute(
                 "DELETE FROM wasm_modules WHERE NOT EXISTS "
                 "(SELECT 1 FROM quotes WHERE module_sha256=wasm_modules.sha256) "
                 "AND NOT EXISTS (SELECT 1 FROM jobs WHERE module_sha256=wasm_modules.sha256 "
-                f"AND state IN ({open_states}))"
+                f"AND state IN ({_OPEN_SQL}))"
             )
         return n
 
