@@ -98,3 +98,38 @@ def test_open_jobs_stored_before_the_count_are_counted(db_path: Path) -> None:
         assert counts == {"c1": 1, "c2": 1}
     finally:
         store.close()
+
+
+def test_the_sweeps_read_only_open_jobs_through_partial_indexes(store: SqliteStore) -> None:
+    """The lease sweep, the queue and a worker's active jobs are read through the indexes
+    that hold open jobs only (v17): each query's condition is the index's very text, so
+    SQLite uses the index, and none of them scans the job history."""
+    seen: list[str] = []
+    store._conn.set_trace_callback(seen.append)
+    store.lapsed_leases(now=1.0)
+    store.stale_queued(queued_before=1.0)
+    store.queued_jobs(limit=10)
+    store.queued_jobs(limit=10, after=(1.0, "j"))
+    store.active_jobs()
+    store.active_jobs("w")
+    store._conn.set_trace_callback(None)
+    plans = {
+        sql: " / ".join(str(r[3]) for r in store._conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+        for sql in seen
+    }
+    assert len(plans) == 6
+    used = [p.split("USING INDEX ")[1].split()[0] for p in plans.values()]
+    assert used == [
+        "idx_jobs_active_lease",
+        "idx_jobs_queued",
+        "idx_jobs_queued",
+        "idx_jobs_queued",
+        "idx_jobs_active_lease",
+        "idx_jobs_active_worker",
+    ], plans
+    # and the indexes hold what they are for: nothing of a finished job
+    for name in ("idx_jobs_queued", "idx_jobs_active_lease", "idx_jobs_active_worker"):
+        sql = store._conn.execute("SELECT sql FROM sqlite_master WHERE name=?", (name,)).fetchone()[
+            0
+        ]
+        assert " WHERE (state=" in sql and "state=4" not in sql

@@ -494,9 +494,48 @@ def _v16(db: sqlite_utils.Database) -> None:
     )
 
 
+def _any_state(column: str, states: Sequence[JobState]) -> str:
+    """`column` is one of states, as an OR of equalities with literals. Not `IN (...)`:
+    SQLite builds a temporary b-tree for a list of constants each time it evaluates one
+    in a trigger or a partial index's condition (measured: ~75 us per final transition of
+    a job with the v16 triggers, 3 us with these). The queries write the very same text,
+    so that SQLite sees they imply a partial index's condition and use the index."""
+    return "(" + " OR ".join(f"{column}={int(st)}" for st in states) + ")"
+
+
+_QUEUED_ROW = _any_state("state", (JobState.QUEUED,))  # what idx_jobs_queued holds
+_ACTIVE_ROW = _any_state("state", ACTIVE_STATES)  # what idx_jobs_active_* hold
+
+
+def _v17(db: sqlite_utils.Database) -> None:
+    """Cheaper writes of job states. The open-jobs triggers test states without IN lists
+    (see _any_state), and the indexes over states hold only the jobs in those states
+    (partial indexes): a job's final transition dirties fewer index pages, and each index
+    stays the size of the open work, not of the whole history."""
+    db.execute("DROP TRIGGER jobs_opened")
+    db.execute("DROP TRIGGER jobs_closed")
+    db.execute(
+        "CREATE TRIGGER jobs_opened AFTER INSERT ON jobs "
+        f"WHEN {_any_state('new.state', OPEN_STATES)} "
+        "BEGIN INSERT INTO open_jobs VALUES (new.client_id, 1) "
+        "ON CONFLICT (client_id) DO UPDATE SET n = n + 1; END"
+    )
+    db.execute(
+        "CREATE TRIGGER jobs_closed AFTER UPDATE OF state ON jobs "
+        f"WHEN {_any_state('old.state', OPEN_STATES)} "
+        f"AND NOT {_any_state('new.state', OPEN_STATES)} "
+        "BEGIN UPDATE open_jobs SET n = n - 1 WHERE client_id = old.client_id; END"
+    )
+    for name in ("state_queued_at", "state_lease_expires_at", "worker_id_state"):
+        db.execute(f"DROP INDEX idx_jobs_{name}")
+    db.execute(f"CREATE INDEX idx_jobs_queued ON jobs (queued_at, job_id) WHERE {_QUEUED_ROW}")
+    db.execute(f"CREATE INDEX idx_jobs_active_lease ON jobs (lease_expires_at) WHERE {_ACTIVE_ROW}")
+    db.execute(f"CREATE INDEX idx_jobs_active_worker ON jobs (worker_id) WHERE {_ACTIVE_ROW}")
+
+
 MIGRATIONS = [
     *(_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13, _v14, _v15),
-    _v16,
+    *(_v16, _v17),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1020,8 +1059,8 @@ class SqliteStore:
     def queued_jobs(
         self, limit: int, after: tuple[float, str] | None = None, runnable: Runnable | None = None
     ) -> list[Job]:
-        where = "state=?"
-        params: list[Any] = [int(JobState.QUEUED)]
+        where = _QUEUED_ROW  # the text of idx_jobs_queued's condition: it is used
+        params: list[Any] = []
         if after is not None:
             where += " AND (queued_at, job_id) > (?, ?)"
             params += list(after)
@@ -1038,16 +1077,17 @@ class SqliteStore:
         params.append(limit)
         return self._jobs(f"{where} ORDER BY queued_at, job_id LIMIT ?", tuple(params))
 
+    # (each condition is the text of a partial index's, so that SQLite uses the index)
     def lapsed_leases(self, now: float) -> list[Job]:
-        return self._jobs("state IN (?,?) AND lease_expires_at<?", (*map(int, ACTIVE_STATES), now))
+        return self._jobs(f"{_ACTIVE_ROW} AND lease_expires_at<?", (now,))
 
     def stale_queued(self, queued_before: float) -> list[Job]:
-        return self._jobs("state=? AND queued_at<?", (int(JobState.QUEUED), queued_before))
+        return self._jobs(f"{_QUEUED_ROW} AND queued_at<?", (queued_before,))
 
     def active_jobs(self, worker_id: str | None = None) -> list[Job]:
         if worker_id is None:
-            return self._jobs("state IN (?,?)", tuple(map(int, ACTIVE_STATES)))
-        return self._jobs("worker_id=? AND state IN (?,?)", (worker_id, *map(int, ACTIVE_STATES)))
+            return self._jobs(_ACTIVE_ROW, ())
+        return self._jobs(f"worker_id=? AND {_ACTIVE_ROW}", (worker_id,))
 
     # --- pairing ------------------------------------------------------------------------
 
