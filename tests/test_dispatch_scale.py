@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import math
 import secrets
+import statistics
 
 import pytest
 from conftest import Cluster, wait_until
@@ -159,3 +160,47 @@ async def test_a_worker_follows_new_heartbeat_settings(cluster: Cluster) -> None
     session = cluster.coord.hub.sessions[w.key.public_hex]
     session.send(HeartbeatSettings(37, 111))
     await wait_until(lambda: w.heartbeat_interval == 37, what="the new interval")
+
+
+def test_heartbeats_drift_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers that connected together (a reconnect wave) do not heartbeat together for
+    good: a session's first heartbeat comes after its interval, each next after 0.9-1.1
+    of it (on average on time), so the phases the wave lined up drift apart. Before, every
+    worker slept exactly the interval: after a wave of 5,000 seekers, 500-600 heartbeats
+    arrived in single seconds, every 10-25 s, for as long as they stayed connected."""
+    from dispatchnet.keys import KeyPair
+    from dispatchnet.worker import runtime
+
+    class Done(Exception):
+        pass
+
+    def schedule(worker: runtime.Worker, beats: int) -> list[float]:
+        delays: list[float] = []
+
+        async def sleep(seconds: float) -> None:
+            delays.append(seconds)
+            if len(delays) > beats:
+                raise Done
+
+        with monkeypatch.context() as m:
+            m.setattr(runtime.asyncio, "sleep", sleep)
+            with contextlib.suppress(Done):
+                asyncio.run(worker._heartbeat_loop(asyncio.Queue()))
+        return delays[:beats]
+
+    interval = 10
+    beats = 20
+    phases = []  # when each of 200 workers connected together sends its 20th heartbeat
+    nexts = []
+    for _ in range(200):
+        w = runtime.Worker("127.0.0.1:1", KeyPair.generate())
+        w.heartbeat_interval = interval
+        first, *rest = schedule(w, beats)
+        assert first == interval
+        nexts += rest
+        phases.append(first + sum(rest))
+    assert all(0.9 * interval <= d <= 1.1 * interval for d in nexts)
+    assert abs(sum(nexts) / len(nexts) - interval) < 0.1  # the rate the hub counts on
+    assert statistics.pstdev(nexts) > 0.04 * interval  # U(0.9, 1.1): 0.058
+    # 20 heartbeats on, the 200 that began in the same instant are spread over seconds
+    assert statistics.pstdev(phases) > 0.15 * interval  # sqrt(19) * 0.058 * 10 = 2.5 s

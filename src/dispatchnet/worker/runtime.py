@@ -52,6 +52,12 @@ if TYPE_CHECKING:
 
 HANDSHAKE_TIMEOUT_SECONDS = 30.0
 DEFAULT_HEARTBEAT_SECONDS = 10
+# Heartbeats drift apart: workers that connected together (a reconnect wave after a
+# coordinator restart) would otherwise heartbeat together, every interval, for good. A
+# session's first heartbeat comes after its interval, each next after 0.9-1.1 of it: on
+# average on time (the rate the coordinator counts on), never later than 1.1 intervals
+# (the eviction time is several).
+HEARTBEAT_JITTER = 0.1
 
 _KINDS = {"seeker": common_pb2.WORKER_KIND_SEEKER, "desktop": common_pb2.WORKER_KIND_DESKTOP}
 
@@ -406,8 +412,12 @@ class Worker:
             await call.write(await outbox.get())
 
     async def _heartbeat_loop(self, outbox: asyncio.Queue[worker_pb2.ConnectRequest]) -> NoReturn:
+        delay = float(self.heartbeat_interval)
         while True:
-            await asyncio.sleep(self.heartbeat_interval)
+            await asyncio.sleep(delay)
+            delay = self.heartbeat_interval * random.uniform(  # see HEARTBEAT_JITTER
+                1 - HEARTBEAT_JITTER, 1 + HEARTBEAT_JITTER
+            )
             running = sorted({job_id for job_id, _ in self._running})[:MAX_RUNNING_JOBS]
             outbox.put_nowait(
                 ConnectRequest(heartbeat=worker_pb2.Heartbeat(running_job_ids=running))
