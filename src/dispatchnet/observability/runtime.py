@@ -5,12 +5,12 @@ the chain-facing roles."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import dispatchnet
-from dispatchnet.coordinator.models import WorkerKind
 from dispatchnet.coordinator.observer import NULL_OBSERVER, Observer
 from dispatchnet.observability.metrics import CoordinatorMetrics, MetricsServer
 from dispatchnet.observability.observer import Observers
@@ -90,8 +90,8 @@ class Observability:
             workers = None
             if self.feed is not None:
 
-                def workers() -> list[tuple[str, WorkerKind]]:
-                    return [(s.worker_id, s.kind) for s in hub.sessions.values()]
+                def workers(n: int) -> list[str]:
+                    return [s.worker_id for s in itertools.islice(hub.sessions.values(), n)]
 
             self.sampler = Sampler(store, outboxes, self.cfg.sample_seconds, self.metrics, workers)
             if self.metrics is not None:
