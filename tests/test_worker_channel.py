@@ -298,18 +298,36 @@ async def test_a_refused_result_is_acked_in_a_batch_too(
     raw.close()
 
 
-async def test_more_acks_than_a_message_holds_go_in_several() -> None:
-    s = WorkerSession(
+def _batched_session() -> WorkerSession:
+    return WorkerSession(
         "w", b"k", WorkerKind.SEEKER, frozenset(), frozenset(), 1, "", "s", 0.0, 0.0,
         batched_acks=True,
     )  # fmt: skip
+
+
+async def test_more_acks_than_a_message_holds_go_in_several() -> None:
+    s = _batched_session()
+    s.active["job_busy"] = 1  # a busy worker: acks wait for a message to ride on
     for n in range(MAX_ACKS_PER_MESSAGE + 6):
         s.ack(ResultAck(f"job_{n}", 1, True))
     assert isinstance(await s.next_outbound(), AcksDue)  # full: due at once
     assert len(s.take_acks()) == MAX_ACKS_PER_MESSAGE
     assert isinstance(await s.next_outbound(), AcksDue)  # the rest in the next, at once
-    assert [a.job_id for a in s.take_acks()] == [f"job_{n}" for n in range(64, 70)]
+    rest = range(MAX_ACKS_PER_MESSAGE, MAX_ACKS_PER_MESSAGE + 6)
+    assert [a.job_id for a in s.take_acks()] == [f"job_{n}" for n in rest]
     assert s.outbox.empty() and s._acks_due is None
+
+
+async def test_an_ack_is_due_at_once_only_when_the_worker_runs_nothing_else() -> None:
+    idle = _batched_session()
+    idle.ack(ResultAck("job_1", 1, True))
+    assert isinstance(idle.outbox.get_nowait(), AcksDue) and idle._acks_due is None
+    busy = _batched_session()
+    busy.active["job_busy"] = 1
+    busy.ack(ResultAck("job_1", 1, True))
+    assert busy.outbox.empty() and busy._acks_due is not None  # waits ACK_DELAY_SECONDS
+    busy.take_acks()  # a message took it: the timer goes with it
+    assert busy._acks_due is None
 
 
 async def test_a_result_resent_after_its_ack_was_lost_is_acknowledged(cluster: Cluster) -> None:

@@ -175,11 +175,14 @@ class WorkerSession:
             self._acks_due = asyncio.get_running_loop().call_later(ACK_DELAY_SECONDS, self._due)
 
     def _due(self) -> None:
+        self._cancel_due()
+        self._acks_queued = True
+        self.send(AcksDue())
+
+    def _cancel_due(self) -> None:
         if self._acks_due is not None:
             self._acks_due.cancel()
             self._acks_due = None
-        self._acks_queued = True
-        self.send(AcksDue())
 
     def take_acks(self) -> list[ResultAck]:
         """The acks waiting, at most MAX_ACKS_PER_MESSAGE, for the message going out now."""
@@ -188,9 +191,8 @@ class WorkerSession:
         self._acks_queued = False
         if self.acks:  # more than one message holds: the rest go in the next at once
             self._due()
-        elif self._acks_due is not None:
-            self._acks_due.cancel()
-            self._acks_due = None
+        else:
+            self._cancel_due()
         return taken
 
     def close(self, reason: str, retry_after_seconds: int = 0) -> None:
@@ -203,9 +205,7 @@ class WorkerSession:
         if not self.closed:
             self.outbox.put_nowait(None)
             self.closed = True
-            if self._acks_due is not None:  # the worker resends what was not acked
-                self._acks_due.cancel()
-                self._acks_due = None
+            self._cancel_due()  # the worker resends what was not acked
 
     async def next_outbound(self) -> Outbound | None:
         return await self.outbox.get()
