@@ -17,6 +17,7 @@ from dispatch.v1 import coordinator_pb2
 from dispatchnet.client import task_spec
 from dispatchnet.coordinator import matching
 from dispatchnet.coordinator.hub import (
+    HEARTBEAT_SLACK,
     STRETCH_PER_CHECK,
     HeartbeatSettings,
     WorkerHello,
@@ -125,17 +126,79 @@ async def test_heartbeats_are_stretched_as_workers_crowd_in(cluster: Cluster) ->
     await hub.evict_silent()
     assert last.worker_id in hub.sessions and first.worker_id not in hub.sessions
     # the early sessions' intervals are stretched (a HeartbeatSettings message each), at
-    # most STRETCH_PER_CHECK a check, earliest first, until all of them together keep to
-    # the cap (the hub checks every eviction_seconds / 6)
+    # most STRETCH_PER_CHECK at once, earliest first, until all of them together keep to
+    # the cap: the check (every eviction_seconds / 6) starts it, every sweep (1 s) goes on
     target = math.ceil(len(hub.sessions) / 100)
     order = list(hub.sessions.values())
     short = [s for s in order if s.heartbeat_interval < target]
-    assert short, f"more than {STRETCH_PER_CHECK} were due: some wait for the next check"
+    assert short, f"more than {STRETCH_PER_CHECK} were due: some wait for the next sweep"
     assert all(s.heartbeat_interval == target for s in order[: order.index(short[0])])
-    await hub.evict_silent()
-    assert sum(1 / s.heartbeat_interval for s in hub.sessions.values()) <= 100
+    hub.stretch_heartbeats()
+    assert sum(1 / s.heartbeat_interval for s in hub.sessions.values()) <= 100 * HEARTBEAT_SLACK
     told = [m for m in _drain(stretched) if isinstance(m, HeartbeatSettings)]
     assert told[-1] == HeartbeatSettings(target, 5 * target)
+    # done: the next sweeps and checks tell nobody anything
+    for s in hub.sessions.values():
+        _drain(s)
+    for _ in range(2):
+        hub.stretch_heartbeats()
+        await hub.evict_silent()
+    assert not any(_drain(s) for s in hub.sessions.values())
+
+
+async def test_the_hub_stretches_heartbeats_at_every_sweep(cluster: Cluster) -> None:
+    """The hub's own loop: once a check found the heartbeats over the cap, each sweep
+    stretches the next STRETCH_PER_CHECK sessions, without waiting for the next check,
+    and it stops once all together keep to the cap (with its slack)."""
+    hub, sessions = await _overdue_crowd(cluster)
+    # each got one second per session before it: ~7.5 heartbeats a second, against a cap of 1
+    target = hub.heartbeat_interval(len(hub.sessions))
+    assert target == len(sessions)
+
+    def rate() -> float:
+        return sum(1 / s.heartbeat_interval for s in sessions)
+
+    assert rate() > 7
+    hub.jobs_cfg = dataclasses.replace(hub.jobs_cfg, sweep_interval_seconds=0.01)
+    hub.start()  # its first tick checks (and starts the stretch); the checks then wait 600 s
+    await wait_until(lambda: rate() <= HEARTBEAT_SLACK, what="the sweeps to stretch enough")
+    told = [s for s in sessions if any(isinstance(m, HeartbeatSettings) for m in _drain(s))]
+    assert len(told) > STRETCH_PER_CHECK  # more than the check's own batch
+    assert told == sessions[: len(told)]  # the earliest (the shortest intervals) first
+    assert all(s.heartbeat_interval == target for s in told)
+    # and no more than needed: the later ones keep theirs
+    assert len(told) < len(sessions) - 100
+    assert rate() > HEARTBEAT_SLACK - 0.01
+
+
+async def test_stretching_waits_while_a_wave_connects(cluster: Cluster) -> None:
+    """A sweep that finds more than STRETCH_PER_CHECK sessions connected since the last
+    stretch tells nobody: stretched now, they would be stretched again once the wave is
+    in (each new worker raises the interval a session should have)."""
+    hub, first = await _overdue_crowd(cluster)
+    await hub.evict_silent()  # the check: the first batch, and more are due
+    told = [s for s in first if any(isinstance(m, HeartbeatSettings) for m in _drain(s))]
+    assert len(told) == STRETCH_PER_CHECK
+    await _connect(cluster, STRETCH_PER_CHECK + 1, frozenset({"echo"}))  # a wave
+    hub.stretch_heartbeats()  # the next sweep: the wave is still coming in
+    assert not any(_drain(s) for s in hub.sessions.values())
+    hub.stretch_heartbeats()  # nobody new since: on with the stretch
+    target = hub.heartbeat_interval(len(hub.sessions))
+    now = [s for s in first if any(isinstance(m, HeartbeatSettings) for m in _drain(s))]
+    assert now and all(s.heartbeat_interval == target for s in now)
+
+
+async def _overdue_crowd(cluster: Cluster) -> tuple[WorkerHub, list[WorkerSession]]:
+    """The hub paused, heartbeats capped at 1 a second, checks for silent workers every
+    600 s, and 2 x STRETCH_PER_CHECK + 10 sessions, each connected with the interval that
+    kept the crowd of its time to the cap: the earliest ones now send far too often."""
+    hub = cluster.coord.hub
+    await _pause(hub)
+    hub.workers_cfg = dataclasses.replace(
+        hub.workers_cfg, heartbeat_interval_seconds=1, eviction_seconds=3600,
+        max_heartbeats_per_second=1,
+    )  # fmt: skip
+    return hub, await _connect(cluster, 2 * STRETCH_PER_CHECK + 10, frozenset({"echo"}))
 
 
 async def _pause(hub: WorkerHub) -> None:

@@ -102,8 +102,8 @@ IDLE_SECONDS = 3.0  # at most: never more than a measurement's `seconds` (at lea
 # After a wave of seekers has connected, health checks run this long (at most 1.2 x a
 # measurement's `seconds`) before jobs are measured, and the longest is printed: a wave's
 # aftermath, while the coordinator stretches the early sessions' heartbeat intervals
-# (hub.STRETCH_PER_CHECK at each silent-worker check; told all at once, they held a check
-# ~0.4 s). The jobs measure the steady state after it.
+# (hub.STRETCH_PER_CHECK at a time, at every sweep once a silent-worker check found them
+# due; told all at once, they held a check ~0.4 s). The jobs are measured after it.
 SCALE_SETTLE_SECONDS = 6.0
 GIB = 1024**3
 OPEN_FILES_SPARE = 256  # the coordinator's files besides its seekers' connections

@@ -51,9 +51,10 @@ RESULT_KINDS = frozenset({"completed", "failed"})
 # sessions' intervals are stretched (see WorkerHub.evict_silent).
 HEARTBEAT_SLACK = 1.1
 EVICTION_CHECKS_PER_WINDOW = 6  # silent-worker checks per [workers] eviction_seconds
-# At most this many sessions have their heartbeat intervals stretched by one silent-worker
-# check; the rest at the next ones. Telling ~4,000 at once (a HeartbeatSettings message
-# each), 1-2 s after a wave of 5,000 workers connected, held health checks ~0.4 s.
+# At most this many sessions have their heartbeat intervals stretched at once (by a
+# silent-worker check, then by each sweep while more are due). Telling ~4,000 at once (a
+# HeartbeatSettings message each), 1-2 s after a wave of 5,000 workers connected, held
+# health checks ~0.4 s.
 STRETCH_PER_CHECK = 500
 # After an internal error ends a session, the worker waits this long before reconnecting.
 INTERNAL_ERROR_RETRY_AFTER_SECONDS = 5
@@ -250,6 +251,10 @@ class WorkerHub:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # while sessions' heartbeat intervals are stretched: all sessions' heartbeats a
+        # second, as evict_silent counted them and the stretching has lowered them since
+        self._stretch_rate = 0.0
+        self._stretch_seen = 0  # sessions at the last stretch_heartbeats call
         self._tasks = BackgroundTasks()  # unregister_soon's
         # Jobs that became QUEUED in this process since the last dispatch pass. While
         # _backlog is false, every queued job the store has is among them, and a pass
@@ -745,9 +750,8 @@ class WorkerHub:
     async def evict_silent(self) -> None:
         """Evicts the sessions silent for longer than their eviction time; then, when the
         sessions given short intervals while few workers were connected now send more
-        heartbeats together than [workers] max_heartbeats_per_second, stretches theirs
-        (a HeartbeatSettings message each), at most STRETCH_PER_CHECK of them, the
-        earliest connected first."""
+        heartbeats together than [workers] max_heartbeats_per_second, starts stretching
+        theirs (stretch_heartbeats)."""
         now = self.clock()
         rate = 0.0
         for s in list(self.sessions.values()):
@@ -757,17 +761,36 @@ class WorkerHub:
             else:
                 rate += 1 / max(1, s.heartbeat_interval)
         cap = self.workers_cfg.max_heartbeats_per_second
-        if cap <= 0 or rate <= cap * HEARTBEAT_SLACK:
+        self._stretch_rate = rate if cap > 0 and rate > cap * HEARTBEAT_SLACK else 0.0
+        self._stretch_seen = len(self.sessions)
+        self.stretch_heartbeats()
+
+    def stretch_heartbeats(self) -> None:
+        """While a stretch is due (see evict_silent): gives the next STRETCH_PER_CHECK
+        sessions, the earliest connected (the shortest intervals) first, whose interval is
+        shorter than a worker connecting now would get, that interval (a HeartbeatSettings
+        message each), until all sessions together send at most the cap (with its slack).
+        The hub calls it at every sweep until then (skipping sweeps while a wave of workers
+        is still connecting), so that after a wave of 10,000 seekers the heartbeats are back
+        near the cap within ~20 s; one batch per silent-worker check took ~90 s, while the
+        early sessions heartbeated at up to twice the cap."""
+        cap = self.workers_cfg.max_heartbeats_per_second * HEARTBEAT_SLACK
+        if self._stretch_rate <= cap:
             return
+        grown, self._stretch_seen = len(self.sessions) - self._stretch_seen, len(self.sessions)
+        if grown > STRETCH_PER_CHECK:
+            return  # a wave is still connecting: stretched now, they would be again after it
         target = self.heartbeat_interval(len(self.sessions))
         told = 0
         for s in self.sessions.values():
             if s.heartbeat_interval < target:
+                self._stretch_rate -= 1 / max(1, s.heartbeat_interval) - 1 / target
                 self._set_heartbeat(s, target)
                 s.send(HeartbeatSettings(target, int(s.eviction_seconds)))
                 told += 1
-                if told == STRETCH_PER_CHECK:
-                    break
+                if told == STRETCH_PER_CHECK or self._stretch_rate <= cap:
+                    return
+        self._stretch_rate = 0.0
 
     def eligible_count(self, spec: JobSpec) -> int:
         return self.index.able(spec)
@@ -794,6 +817,8 @@ class WorkerHub:
                     if self.clock() >= next_evict:
                         await self.evict_silent()
                         next_evict = self.clock() + evict_every
+                    else:
+                        self.stretch_heartbeats()
                 await self.dispatch_once()
             except Exception:
                 log.exception("dispatch pass failed; retrying on the next tick")
