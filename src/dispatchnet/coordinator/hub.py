@@ -771,9 +771,9 @@ class WorkerHub:
         shorter than a worker connecting now would get, that interval (a HeartbeatSettings
         message each), until all sessions together send at most the cap (with its slack).
         The hub calls it at every sweep until then (skipping sweeps while a wave of workers
-        is still connecting), so that after a wave of 10,000 seekers the heartbeats are back
-        near the cap within ~20 s; one batch per silent-worker check took ~90 s, while the
-        early sessions heartbeated at up to twice the cap."""
+        is still connecting), so that after a wave of 10,000 seekers the ~9,100 due are
+        told within ~25 s; one batch per silent-worker check took ~80 s, while the early
+        sessions heartbeated at up to twice the cap."""
         cap = self.workers_cfg.max_heartbeats_per_second * HEARTBEAT_SLACK
         if self._stretch_rate <= cap:
             return
