@@ -28,6 +28,9 @@ class ServerConfig:
     sqlite_synchronous: str = "NORMAL"
     # read connections (threads) serving reads in parallel with the one writer
     sqlite_readers: int = 2
+    # where the writes run: "process" (a process of its own, so they never wait for the
+    # event loop's interpreter lock; needs a file and readers) or "thread"
+    sqlite_writer: str = "thread"
     # HTTP/2 keepalive pings to every connection: finds dead peers of long streams
     # (workers are also evicted by their heartbeats); each ping costs a little CPU per
     # connection, which adds up with thousands of connected workers.
@@ -518,6 +521,8 @@ def check_profile(profile: Profile) -> list[str]:
         problems.append("[server] max_pending_calls must be between 1 and 1000000")
     if not 0 <= profile.server.sqlite_readers <= 16:
         problems.append("[server] sqlite_readers must be 0-16")
+    if profile.server.sqlite_writer not in ("process", "thread"):
+        problems.append('[server] sqlite_writer must be "process" or "thread"')
     if profile.workers.max_heartbeats_per_second < 0:
         problems.append("[workers] max_heartbeats_per_second must not be negative")
     if profile.workers.hello_timeout_seconds <= 0:

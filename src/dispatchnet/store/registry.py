@@ -75,6 +75,7 @@ async def _open_sqlite(profile: Profile, data_dir: Path) -> Store:
         path,
         profile.server.sqlite_synchronous,
         readers=profile.server.sqlite_readers,
+        writer=profile.server.sqlite_writer,
     )
 
 

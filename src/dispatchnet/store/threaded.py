@@ -7,6 +7,11 @@ its own savepoint, so an operation that raises undoes only its own changes and i
 alone gets the error. A write's coroutine returns only after the COMMIT holding it
 returned; when BEGIN or COMMIT fails, every operation of the group gets that error.
 
+The writer thread runs the writes itself (writer="thread"), or hands each group to a
+process of its own (writer="process", store/writer_process.py: the statements then run
+without waiting for the event loop's interpreter lock; only a file database with readers
+can), and waits outside the lock for its outcomes.
+
 Reads go to `readers` threads, each with its own read-only connection, in parallel under
 WAL; a read issued after a write was acknowledged sees it (it is committed). A ":memory:"
 database has one connection: its reads run on the writer thread, in queue order, between
@@ -25,7 +30,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from dispatchnet.coordinator.models import (
     AnchorStatus,
@@ -55,8 +60,12 @@ from dispatchnet.coordinator.ports import ONE_PROCESS
 from dispatchnet.errors import Unavailable
 from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable, Store
 from dispatchnet.store.sqlite import SqliteStore
+from dispatchnet.store.writer_process import Call, Outcome, WriterChild, run_group
 
 T = TypeVar("T")
+P = ParamSpec("P")
+
+WRITERS = ("process", "thread")  # where the writes run: see the module's docstring
 
 _MEMORY = ("", ":memory:")  # databases private to their one connection
 
@@ -77,6 +86,7 @@ class _Op:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     write: bool
+    call: Call | None = None  # fn as a method call, for the writer process
 
 
 _STOP = None  # queued last by close(): the thread that takes it finishes and exits
@@ -119,6 +129,23 @@ def _deliver(op: _Op, ok: bool, value: Any) -> None:
         pass
 
 
+def _deliver_all(ops: Sequence[_Op], outcomes: Sequence[Outcome]) -> None:
+    """Each op's outcome, with one wake-up of each event loop for all of them."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+    for op, (ok, value) in zip(ops, outcomes, strict=True):
+        by_loop.setdefault(op.loop, []).append((op.future, ok, value if ok else _translated(value)))
+    for loop, settled in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_all, settled)
+        except RuntimeError:  # its loop is closed: nobody is waiting any more
+            pass
+
+
+def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in settled:
+        _settle(future, ok, value)
+
+
 def _run(op: _Op, store: SqliteStore) -> tuple[bool, Any]:
     try:
         return True, op.fn(store)
@@ -141,15 +168,21 @@ class ThreadedStore:
         synchronous: str = "NORMAL",
         readers: int = 2,
         max_group: int = 256,
+        writer: str = "thread",
     ) -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError("sqlite_synchronous must be NORMAL or FULL")
+        if writer not in WRITERS:
+            raise ValueError(f"sqlite_writer must be one of {', '.join(WRITERS)}")
         if readers < 0 or max_group < 1:
             raise ValueError("readers must be >= 0 and max_group >= 1")
         self.path = str(path)
         self._synchronous = synchronous
         self._max_group = max_group
         self._readers = 0 if self.path in _MEMORY else readers
+        # the writer process needs reads elsewhere (it runs method calls, not functions)
+        self.writer = writer if self._readers else "thread"
+        self._child: WriterChild | None = None
         self._wq: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._rq: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._closed = False
@@ -244,12 +277,14 @@ class ThreadedStore:
 
     # --- queueing -----------------------------------------------------------------------
 
-    async def _submit(self, fn: Callable[[SqliteStore], T], write: bool) -> T:
+    async def _submit(
+        self, fn: Callable[[SqliteStore], T], write: bool, call: Call | None = None
+    ) -> T:
         if self._closed:
             raise Unavailable("the store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        op = _Op(fn, loop, future, write)
+        op = _Op(fn, loop, future, write, call)
         (self._rq if self._readers and not write else self._wq).put(op)
         # a cancelled caller leaves the operation queued: it runs (and commits) anyway
         return await future
@@ -260,12 +295,26 @@ class ThreadedStore:
     async def _write(self, fn: Callable[[SqliteStore], T]) -> T:
         return await self._submit(fn, write=True)
 
+    async def _write_call(
+        self,
+        method: Callable[Concatenate[SqliteStore, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """A write that is one SqliteStore method's call: it can run in the writer process."""
+        return await self._submit(
+            lambda s: method(s, *args, **kwargs), True, (method.__name__, args, kwargs)
+        )
+
     # --- threads ------------------------------------------------------------------------
 
     def _writer(self) -> None:
-        store: SqliteStore | None = None
+        store: SqliteStore | None = None  # the writer thread's own connection
         try:
-            store = SqliteStore(self.path, self._synchronous)
+            if self.writer == "process":
+                self._child = WriterChild(self.path, self._synchronous)
+            else:
+                store = SqliteStore(self.path, self._synchronous)
         except Exception as e:
             failed: Exception | None = e
             self._writer_open.set_exception(e)
@@ -292,8 +341,8 @@ class ThreadedStore:
                         stopping = True
                     elif stopping:
                         _deliver(op, False, Unavailable("the store is closed"))
-                    elif store is None:
-                        _deliver(op, False, failed)
+                    elif store is None:  # (reads come here only without reader threads)
+                        _deliver(op, False, failed or RuntimeError("no reader thread"))
                     else:
                         self._writer_reads += 1
                         _deliver(op, *_run(op, store))
@@ -301,6 +350,9 @@ class ThreadedStore:
         finally:
             if store is not None:
                 store.close()
+            if self._child is not None:
+                self._child.close()
+                self._child = None
             while True:  # queued by another loop's thread after close(): refused
                 try:
                     late = self._wq.get_nowait()
@@ -313,49 +365,49 @@ class ThreadedStore:
     def _commit(
         self, store: SqliteStore | None, group: list[_Op], failed: Exception | None
     ) -> None:
-        """Runs writes in one transaction (a write alone runs as SqliteStore runs it), then
-        answers each caller."""
+        """Runs writes in one transaction (run_group), on this thread's connection or in
+        the writer process, then answers each caller."""
         if not group:
             return
-        if store is None:
+        if failed is not None:
             for op in group:
                 _deliver(op, False, failed)
             return
         self._writes += len(group)
         self._commits += 1
         self._largest_group = max(self._largest_group, len(group))
-        if len(group) == 1:
-            _deliver(group[0], *_run(group[0], store))
-            return
-        try:
-            store.begin_group()
-        except Exception as e:
-            for op in group:
-                _deliver(op, False, e)
-            return
-        outcomes: list[tuple[bool, Any]] = []
-        lost: Exception | None = None  # why nothing of the group was kept
-        for op in group:
+        if store is not None:
+            _deliver_all(group, run_group(store, [op.fn for op in group]))
+        else:
+            _deliver_all(group, self._run_in_child(group))
+
+    def _run_in_child(self, group: list[_Op]) -> list[Outcome]:
+        """The group's outcomes from the writer process, started anew if the last one
+        ended. A process that ends during a group leaves its outcome unknown (committed
+        or not): each write of it gets Unavailable, and its caller retries."""
+        calls = [op.call for op in group if op.call is not None]
+        outcomes: list[Outcome] = []
+        if calls:
             try:
-                with store.group_op():
-                    value = op.fn(store)
+                if self._child is None:
+                    self._child = WriterChild(self.path, self._synchronous)
             except Exception as e:
-                outcomes.append((False, e))
+                outcomes = [(False, e)] * len(calls)
             else:
-                outcomes.append((True, value))
-            if not store.group_open:  # SQLite rolled it back whole (I/O error, full disk)
-                ok, error = outcomes[-1]
-                lost = error if not ok else RuntimeError("the group's transaction was rolled back")
-                break
-        try:
-            store.end_group(commit=lost is None)
-        except Exception as e:
-            lost = e
-        for i, op in enumerate(group):
-            if i < len(outcomes) and (lost is None or not outcomes[i][0]):
-                _deliver(op, *outcomes[i])  # what it returned, or its own error
-            else:
-                _deliver(op, False, lost)
+                try:
+                    outcomes = self._child.run(calls)
+                except (OSError, EOFError):
+                    code = self._child.process.poll()
+                    self._child.close(timeout=5.0)
+                    self._child = None
+                    lost = Unavailable(
+                        f"the coordinator's database writer process ended (exit code {code}) "
+                        "during a write, which may or may not have been kept; retry"
+                    )
+                    outcomes = [(False, lost)] * len(calls)
+        ran = iter(outcomes)
+        refused = RuntimeError("run_write runs a function, which only the writer thread can")
+        return [next(ran) if op.call is not None else (False, refused) for op in group]
 
     def _reader(self, index: int) -> None:
         store: SqliteStore | None = None
@@ -390,7 +442,7 @@ class ThreadedStore:
         module: bytes | None = None,
         limits: QuoteLimits | None = None,
     ) -> tuple[QuoteUsage, QuoteUsage] | None:
-        return await self._write(lambda s: s.put_quote(quote, owner, size, module, limits))
+        return await self._write_call(SqliteStore.put_quote, quote, owner, size, module, limits)
 
     async def get_quote(self, quote_id: str) -> Quote | None:
         return await self._read(lambda s: s.get_quote(quote_id))
@@ -399,10 +451,10 @@ class ThreadedStore:
         return await self._read(lambda s: s.quote_usage(owner))
 
     async def release_expired_quotes(self, now: float) -> int:
-        return await self._write(lambda s: s.release_expired_quotes(now))
+        return await self._write_call(SqliteStore.release_expired_quotes, now)
 
     async def purge_expired(self, before: float) -> int:
-        return await self._write(lambda s: s.purge_expired(before))
+        return await self._write_call(SqliteStore.purge_expired, before)
 
     # --- jobs ---------------------------------------------------------------------------
 
@@ -414,7 +466,9 @@ class ThreadedStore:
         offered: Event | None = None,
         max_open: int = 0,
     ) -> tuple[Job, bool]:
-        return await self._write(lambda s: s.create_job(job, event, payment, offered, max_open))
+        return await self._write_call(
+            SqliteStore.create_job, job, event, payment, offered, max_open
+        )
 
     async def get_job(self, job_id: str) -> Job | None:
         return await self._read(lambda s: s.get_job(job_id))
@@ -433,21 +487,20 @@ class ThreadedStore:
         outcome: tuple[str, bool] | None = None,
         prior: PriorMove | None = None,
     ) -> Job | None:
-        return await self._write(
-            lambda s: s.transition(
-                job_id, from_states, attempt, changes, event, feedback, outcome, prior=prior
-            )
-        )
+        return await self._write_call(
+            SqliteStore.transition,
+            job_id, from_states, attempt, changes, event, feedback, outcome, prior=prior,
+        )  # fmt: skip
 
     async def append_progress(self, events: Sequence[Event]) -> bool:
-        return await self._write(lambda s: s.append_progress(events))
+        return await self._write_call(SqliteStore.append_progress, events)
 
     # --- verification runs ----------------------------------------------------------------
 
     async def record_run(
         self, run: Run, from_states: Sequence[JobState], changes: dict[str, Any], event: Event
     ) -> Job | None:
-        return await self._write(lambda s: s.record_run(run, from_states, changes, event))
+        return await self._write_call(SqliteStore.record_run, run, from_states, changes, event)
 
     async def job_runs(self, job_id: str) -> list[Run]:
         return await self._read(lambda s: s.job_runs(job_id))
@@ -464,11 +517,10 @@ class ThreadedStore:
         outcomes: Sequence[tuple[str, bool]] = (),
         run: Run | None = None,
     ) -> Job | None:
-        return await self._write(
-            lambda s: s.conclude_runs(
-                job_id, from_states, attempt, changes, event, verdicts, feedback, outcomes, run
-            )
-        )
+        return await self._write_call(
+            SqliteStore.conclude_runs,
+            job_id, from_states, attempt, changes, event, verdicts, feedback, outcomes, run,
+        )  # fmt: skip
 
     async def offered_at(self, job_id: str, worker_id: str, attempt: int) -> float | None:
         return await self._read(lambda s: s.offered_at(job_id, worker_id, attempt))
@@ -516,7 +568,9 @@ class ThreadedStore:
         changes: dict[str, Any],
         credit: Split | None = None,
     ) -> Payment | None:
-        return await self._write(lambda s: s.update_payment(job_id, from_statuses, changes, credit))
+        return await self._write_call(
+            SqliteStore.update_payment, job_id, from_statuses, changes, credit
+        )
 
     async def audit_flows(
         self, network: str
@@ -546,12 +600,12 @@ class ThreadedStore:
         )
 
     async def create_payout(self, payout: PayoutRecord) -> bool:
-        return await self._write(lambda s: s.create_payout(payout))
+        return await self._write_call(SqliteStore.create_payout, payout)
 
     async def update_payout(
         self, payout_id: str, from_states: Sequence[PayoutRowState], changes: dict[str, Any]
     ) -> PayoutRecord | None:
-        return await self._write(lambda s: s.update_payout(payout_id, from_states, changes))
+        return await self._write_call(SqliteStore.update_payout, payout_id, from_states, changes)
 
     async def open_payouts(self, network: str, limit: int) -> list[PayoutRecord]:
         return await self._read(lambda s: s.open_payouts(network, limit))
@@ -562,16 +616,16 @@ class ThreadedStore:
     # --- pairing ------------------------------------------------------------------------
 
     async def put_pairing_code(self, code_hash: bytes, client_id: str, expires_at: float) -> None:
-        await self._write(lambda s: s.put_pairing_code(code_hash, client_id, expires_at))
+        await self._write_call(SqliteStore.put_pairing_code, code_hash, client_id, expires_at)
 
     async def pairing_code_owner(self, code_hash: bytes, now: float) -> str | None:
         return await self._read(lambda s: s.pairing_code_owner(code_hash, now))
 
     async def claim_pairing_code(self, code_hash: bytes, now: float) -> str | None:
-        return await self._write(lambda s: s.claim_pairing_code(code_hash, now))
+        return await self._write_call(SqliteStore.claim_pairing_code, code_hash, now)
 
     async def put_pairing(self, pairing: Pairing) -> Pairing:
-        return await self._write(lambda s: s.put_pairing(pairing))
+        return await self._write_call(SqliteStore.put_pairing, pairing)
 
     async def get_pairing(self, pairing_id: str) -> Pairing | None:
         return await self._read(lambda s: s.get_pairing(pairing_id))
@@ -580,7 +634,7 @@ class ThreadedStore:
         return await self._read(lambda s: s.list_pairings(party_id, include_revoked))
 
     async def revoke_pairing(self, pairing_id: str, now: float) -> Pairing | None:
-        return await self._write(lambda s: s.revoke_pairing(pairing_id, now))
+        return await self._write_call(SqliteStore.revoke_pairing, pairing_id, now)
 
     async def paired_workers(self, client_id: str) -> set[str]:
         return await self._read(lambda s: s.paired_workers(client_id))
@@ -595,10 +649,10 @@ class ThreadedStore:
     async def record_worker_seen(
         self, worker_id: str, kind: int, now: float, agent_id: str = ""
     ) -> None:
-        await self._write(lambda s: s.record_worker_seen(worker_id, kind, now, agent_id))
+        await self._write_call(SqliteStore.record_worker_seen, worker_id, kind, now, agent_id)
 
     async def record_task_names(self, names: Sequence[str], now: float, keep: int) -> None:
-        await self._write(lambda s: s.record_task_names(names, now, keep))
+        await self._write_call(SqliteStore.record_task_names, names, now, keep)
 
     async def task_name_known(self, name: str) -> bool:
         return await self._read(lambda s: s.task_name_known(name))
@@ -610,7 +664,7 @@ class ThreadedStore:
         return await self._read(lambda s: s.worker_stats(worker_id))
 
     async def record_spot_check(self, worker_id: str, agreed: bool, now: float) -> None:
-        await self._write(lambda s: s.record_spot_check(worker_id, agreed, now))
+        await self._write_call(SqliteStore.record_spot_check, worker_id, agreed, now)
 
     async def worker_days(self, worker_id: str, since_day: int) -> list[WorkerDay]:
         return await self._read(lambda s: s.worker_days(worker_id, since_day))
@@ -623,7 +677,7 @@ class ThreadedStore:
     async def create_receipt_batch(
         self, batch: ReceiptBatch, leaves: Sequence[UnbatchedReceipt]
     ) -> bool:
-        return await self._write(lambda s: s.create_receipt_batch(batch, leaves))
+        return await self._write_call(SqliteStore.create_receipt_batch, batch, leaves)
 
     async def get_receipt_batch(self, batch_id: str) -> ReceiptBatch | None:
         return await self._read(lambda s: s.get_receipt_batch(batch_id))
@@ -648,8 +702,8 @@ class ThreadedStore:
         error: str = "",
         anchored_at: float | None = None,
     ) -> ReceiptBatch | None:
-        return await self._write(
-            lambda s: s.update_anchor(batch_id, status, network, transaction, error, anchored_at)
+        return await self._write_call(
+            SqliteStore.update_anchor, batch_id, status, network, transaction, error, anchored_at
         )
 
     # --- feedback outbox ----------------------------------------------------------------
@@ -662,15 +716,21 @@ class ThreadedStore:
     async def update_feedback(
         self, job_id: str, status: FeedbackStatus, transaction: str = "", error: str = ""
     ) -> bool:
-        return await self._write(lambda s: s.update_feedback(job_id, status, transaction, error))
+        return await self._write_call(
+            SqliteStore.update_feedback, job_id, status, transaction, error
+        )
 
 
 async def open_store(
-    path: str | Path, synchronous: str = "NORMAL", readers: int = 2, max_group: int = 256
+    path: str | Path,
+    synchronous: str = "NORMAL",
+    readers: int = 2,
+    max_group: int = 256,
+    writer: str = "thread",
 ) -> ThreadedStore:
     """A ThreadedStore whose connections are open (the schema migrated); raises, with its
     threads stopped, what opening raised."""
-    store = ThreadedStore(path, synchronous, readers, max_group)
+    store = ThreadedStore(path, synchronous, readers, max_group, writer)
     try:
         await store.wait_open()
     except BaseException:

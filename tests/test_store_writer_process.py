@@ -1,0 +1,183 @@
+"""ThreadedStore with its writes in a process of their own (`sqlite_writer = "process"`):
+the same group commit and errors as the writer thread, a real child process that is
+replaced when it dies and gone after close."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from test_store import _payment as payment
+from test_store_threaded import (
+    Heartbeat,
+    new_job,
+    offer_changes,
+    offered,
+    other_process_holding_the_write_lock,
+)
+
+from dispatchnet.coordinator.models import JobState
+from dispatchnet.errors import PaymentReused, TooManyOpenJobs, Unavailable
+from dispatchnet.profiles import check_profile, load_profile
+from dispatchnet.store.sqlite import SqliteStore
+from dispatchnet.store.threaded import ThreadedStore, _translated, open_store
+from dispatchnet.store.writer_process import decode_error, encode_error
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "coord.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[ThreadedStore]:
+    s = await open_store(db_path, readers=2, writer="process")
+    yield s
+    await s.close()
+
+
+def child_of(store: ThreadedStore) -> int:
+    assert store._child is not None
+    return store._child.process.pid
+
+
+async def test_writes_commit_in_groups_in_the_child_and_survive_a_reopen(
+    store: ThreadedStore, db_path: Path
+) -> None:
+    assert store.writer == "process"
+    child = store._child
+    assert child is not None and child.process.poll() is None
+    created = await asyncio.gather(*(store.create_job(*new_job(n)) for n in range(200)))
+    assert all(new for _, new in created)
+    moved = await asyncio.gather(
+        *(
+            store.transition(
+                f"job_{n}", (JobState.QUEUED,), 0, offer_changes(), offered(f"job_{n}")
+            )
+            for n in range(200)
+        )
+    )
+    assert all(j is not None and j.state is JobState.OFFERED for j in moved)
+    read = await store.get_job("job_7")  # a reader thread sees what the child committed
+    assert read is not None and read.state is JobState.OFFERED and read.last_sequence == 2
+    stats = store.stats()
+    assert stats.writes == 400
+    assert stats.commits < stats.writes / 4, stats  # groups, as on the writer thread
+    await store.close()
+    assert child.process.poll() == 0  # the child exited on its own when its input ended
+
+    again = SqliteStore(db_path)
+    try:
+        for n in range(200):
+            job = again.get_job(f"job_{n}")
+            assert job is not None and job.state is JobState.OFFERED and job.last_sequence == 2
+    finally:
+        again.close()
+
+
+async def test_errors_come_back_as_the_child_raised_them(store: ThreadedStore) -> None:
+    first = await store.create_job(*new_job(1), payment("job_1", 1))
+    assert first[1]
+    results = await asyncio.gather(
+        store.create_job(*new_job(2), payment("job_2", 1)),  # the same authorization
+        store.create_job(*new_job(3), payment("job_3", 3)),
+        return_exceptions=True,
+    )
+    reused, fine = results
+    assert isinstance(reused, PaymentReused) and reused.reason == "payment_already_used"
+    assert "already used" in str(reused)
+    assert not isinstance(fine, BaseException) and fine[1]  # its group-mate was kept
+    assert await store.get_job("job_2") is None
+
+    job, event = new_job(4)
+    with pytest.raises(TooManyOpenJobs) as too_many:
+        await store.create_job(dataclasses.replace(job, client_id="client-a"), event, max_open=2)
+    assert str(too_many.value) == str(TooManyOpenJobs(2))  # its message, formatted once
+
+
+def test_an_exception_travels_with_its_message_and_attributes() -> None:
+    for e in (TooManyOpenJobs(5), PaymentReused("used"), sqlite3.OperationalError("locked")):
+        back = decode_error(encode_error(e))
+        assert type(back) is type(e) and str(back) == str(e)
+        assert vars(back) == vars(e)
+    busy = _translated(decode_error(encode_error(sqlite3.OperationalError("database is locked"))))
+    assert isinstance(busy, Unavailable)  # as the thread's error would be
+
+    class Local(Exception):  # not importable by the parent: comes back as its text
+        pass
+
+    back = decode_error(encode_error(Local("odd")))
+    assert type(back) is RuntimeError and str(back) == "Local: odd"
+
+
+async def test_a_child_that_dies_fails_its_writes_with_unavailable_and_is_replaced(
+    store: ThreadedStore,
+) -> None:
+    await store.create_job(*new_job(1))
+    first = store._child
+    assert first is not None
+    first.process.kill()
+    await asyncio.to_thread(first.process.wait)
+    with pytest.raises(Unavailable, match="writer process ended"):
+        await store.create_job(*new_job(2))
+    assert (await store.create_job(*new_job(3)))[1]  # a new child took over
+    assert child_of(store) != first.process.pid
+    assert await store.get_job("job_1") is not None
+    assert await store.get_job("job_3") is not None
+
+
+async def test_the_loop_runs_while_another_process_holds_the_write_lock(
+    store: ThreadedStore, db_path: Path
+) -> None:
+    await store.create_job(*new_job(1))
+    async with other_process_holding_the_write_lock(
+        db_path, "UPDATE jobs SET attempts=7 WHERE job_id='job_1'"
+    ):
+        beat = Heartbeat()
+        write = asyncio.create_task(
+            store.transition("job_1", (JobState.QUEUED,), 7, offer_changes(8), offered("job_1"))
+        )
+        await asyncio.sleep(0.3)  # the loop runs on while the child waits on the lock
+        assert not write.done()
+        read = await store.get_job("job_1")
+        assert read is not None and read.attempts == 0 and not write.done()
+    moved = await asyncio.wait_for(write, 5)
+    longest = beat.stop()
+    assert moved is not None and moved.attempts == 8
+    assert longest < 0.5, f"the event loop stalled for {longest:.3f} s"
+
+
+async def test_run_write_needs_the_writer_thread(store: ThreadedStore) -> None:
+    with pytest.raises(RuntimeError, match="only the writer thread"):
+        await store.run_write(lambda s: s.schema_version())
+    assert (await store.create_job(*new_job(1)))[1]  # the store goes on
+
+
+async def test_opening_raises_what_the_child_raised(db_path: Path) -> None:
+    raw = sqlite3.connect(db_path)
+    raw.execute("PRAGMA user_version=999")
+    raw.close()
+    with pytest.raises(RuntimeError, match="newer than this build"):
+        await open_store(db_path, writer="process")
+
+
+async def test_a_memory_database_or_no_readers_keep_the_writer_thread(db_path: Path) -> None:
+    async with ThreadedStore(":memory:", writer="process") as memory:
+        assert memory.writer == "thread" and memory._child is None
+    async with ThreadedStore(db_path, readers=0, writer="process") as unread:
+        assert unread.writer == "thread" and (await unread.create_job(*new_job(1)))[1]
+    with pytest.raises(ValueError, match="sqlite_writer"):
+        ThreadedStore(db_path, writer="fork")
+
+
+def test_the_profile_names_the_writer() -> None:
+    profile = load_profile("local")
+    assert profile.server.sqlite_writer == "thread"
+    wrong = dataclasses.replace(
+        profile, server=dataclasses.replace(profile.server, sqlite_writer="fork")
+    )
+    assert '[server] sqlite_writer must be "process" or "thread"' in check_profile(wrong)
