@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -40,17 +41,17 @@ async def store(db_path: Path) -> AsyncIterator[ThreadedStore]:
     await s.close()
 
 
-def child_of(store: ThreadedStore) -> int:
-    assert store._child is not None
-    return store._child.process.pid
+def child_of(store: ThreadedStore) -> subprocess.Popen[bytes]:
+    assert store._pipe is not None and store._pipe.process is not None
+    return store._pipe.process
 
 
 async def test_writes_commit_in_groups_in_the_child_and_survive_a_reopen(
     store: ThreadedStore, db_path: Path
 ) -> None:
     assert store.writer == "process"
-    child = store._child
-    assert child is not None and child.process.poll() is None
+    child = child_of(store)
+    assert child.poll() is None
     created = await asyncio.gather(*(store.create_job(*new_job(n)) for n in range(200)))
     assert all(new for _, new in created)
     moved = await asyncio.gather(
@@ -68,7 +69,7 @@ async def test_writes_commit_in_groups_in_the_child_and_survive_a_reopen(
     assert stats.writes == 400
     assert stats.commits < stats.writes / 4, stats  # groups, as on the writer thread
     await store.close()
-    assert child.process.poll() == 0  # the child exited on its own when its input ended
+    assert child.poll() == 0  # the child exited on its own when its input ended
 
     again = SqliteStore(db_path)
     try:
@@ -115,19 +116,35 @@ def test_an_exception_travels_with_its_message_and_attributes() -> None:
 
 
 async def test_a_child_that_dies_fails_its_writes_with_unavailable_and_is_replaced(
-    store: ThreadedStore,
+    store: ThreadedStore, db_path: Path
 ) -> None:
     await store.create_job(*new_job(1))
-    first = store._child
-    assert first is not None
-    first.process.kill()
-    await asyncio.to_thread(first.process.wait)
-    with pytest.raises(Unavailable, match="writer process ended"):
-        await store.create_job(*new_job(2))
+    pipe = store._pipe
+    assert pipe is not None
+    first = child_of(store)
+    # the child waits on the lock with a write in hand when it is killed
+    async with other_process_holding_the_write_lock(db_path):
+        write = asyncio.create_task(store.create_job(*new_job(2)))
+        await asyncio.sleep(0)  # the task queues its write for this turn's frame
+        await asyncio.sleep(0)  # the frame goes out
+        assert pipe._sent and not pipe._batch
+        first.kill()
+        with pytest.raises(Unavailable, match="writer process ended"):
+            await write
+    assert await asyncio.to_thread(first.wait) == -9
     assert (await store.create_job(*new_job(3)))[1]  # a new child took over
-    assert child_of(store) != first.process.pid
-    assert await store.get_job("job_1") is not None
-    assert await store.get_job("job_3") is not None
+    second = child_of(store)
+    assert second.pid != first.pid
+
+    # a death seen while no write was out: the next write simply starts another
+    second.kill()
+    await asyncio.wait_for(pipe.died.wait(), 10)  # the loop read the end of its output
+    assert pipe.process is None and pipe.deaths == 2
+    assert (await store.create_job(*new_job(4)))[1]
+    assert child_of(store).pid not in (first.pid, second.pid)
+    for n in (1, 3, 4):
+        assert await store.get_job(f"job_{n}") is not None
+    assert await store.get_job("job_2") is None  # it never committed: the lock was held
 
 
 async def test_the_loop_runs_while_another_process_holds_the_write_lock(
@@ -152,7 +169,7 @@ async def test_the_loop_runs_while_another_process_holds_the_write_lock(
 
 
 async def test_run_write_needs_the_writer_thread(store: ThreadedStore) -> None:
-    with pytest.raises(RuntimeError, match="only the writer thread"):
+    with pytest.raises(RuntimeError, match="only the writer thread can"):
         await store.run_write(lambda s: s.schema_version())
     assert (await store.create_job(*new_job(1)))[1]  # the store goes on
 
@@ -167,7 +184,7 @@ async def test_opening_raises_what_the_child_raised(db_path: Path) -> None:
 
 async def test_a_memory_database_or_no_readers_keep_the_writer_thread(db_path: Path) -> None:
     async with ThreadedStore(":memory:", writer="process") as memory:
-        assert memory.writer == "thread" and memory._child is None
+        assert memory.writer == "thread" and memory._pipe is None
     async with ThreadedStore(db_path, readers=0, writer="process") as unread:
         assert unread.writer == "thread" and (await unread.create_job(*new_job(1)))[1]
     with pytest.raises(ValueError, match="sqlite_writer"):
@@ -176,7 +193,7 @@ async def test_a_memory_database_or_no_readers_keep_the_writer_thread(db_path: P
 
 def test_the_profile_names_the_writer() -> None:
     profile = load_profile("local")
-    assert profile.server.sqlite_writer == "thread"
+    assert profile.server.sqlite_writer == "process"
     wrong = dataclasses.replace(
         profile, server=dataclasses.replace(profile.server, sqlite_writer="fork")
     )

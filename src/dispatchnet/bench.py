@@ -759,19 +759,65 @@ def settlement_times(db: Path, job_ids: list[str]) -> tuple[Series, float, float
 # --- many connected seekers -------------------------------------------------------------
 
 
+def children_by_parent() -> dict[int, list[int]]:
+    """Every live process, listed under its parent's pid (/proc/<pid>/stat's ppid)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    return children
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and every live process descending from it (a coordinator's store writer and
+    payment verifiers are its children)."""
+    children = children_by_parent()
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
 def rss_bytes(pid: int) -> int:
-    """A process's resident set size (VmRSS in /proc/<pid>/status)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """The resident set size (VmRSS in /proc/<pid>/status) of a process and its live
+    descendants; OSError when the process itself is gone."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            if p == pid:
+                raise
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+    return total
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used (/proc/<pid>/stat utime + stime)."""
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time one process has used (/proc/<pid>/stat utime + stime)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time used by a process and its live descendants; OSError when
+    the process itself is gone."""
+    total = process_cpu_seconds(pid)
+    for p in process_tree(pid)[1:]:
+        with contextlib.suppress(OSError):
+            total += process_cpu_seconds(p)
+    return total
 
 
 def raise_open_files_limit() -> int:

@@ -41,9 +41,11 @@ from dispatchnet.bench import (
     WORKERS,
     Children,
     Series,
+    children_by_parent,
     closed_loop,
-    cpu_seconds,
     load_average,
+    process_cpu_seconds,
+    process_tree,
 )
 from dispatchnet.store.local_postgres import (
     ROLE,
@@ -78,24 +80,14 @@ Admin = Any  # an asyncpg connection to the cluster's `postgres` database (async
 
 def _cpu(pid: int) -> float | None:
     try:
-        return cpu_seconds(pid)
+        return process_cpu_seconds(pid)
     except (OSError, ValueError, IndexError):
         return None  # gone
 
 
 def children_of(parent: int) -> list[int]:
     """The processes whose parent is `parent` (/proc/<pid>/stat's ppid)."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2 :].split()[1]) == parent:
-            found.append(int(d.name))
-    return found
+    return children_by_parent().get(parent, [])
 
 
 def machine_busy_seconds() -> float:
@@ -354,8 +346,10 @@ async def run_jobs(
             {
                 "submitters (this process)": lambda: [os.getpid()],
                 "workers": lambda: [children.pid(f"{slug}-worker{n}") for n in range(WORKERS)],
-                "coordinators": lambda: [
-                    children.pid(f"{slug}-coordinator{i}") for i in range(len(stores))
+                "coordinators": lambda: [  # each with its children (its store's writer)
+                    p
+                    for i in range(len(stores))
+                    for p in process_tree(children.pid(f"{slug}-coordinator{i}"))
                 ],
                 **({"PostgreSQL": postgres} if postgres is not None else {}),
             }

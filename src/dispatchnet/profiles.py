@@ -30,7 +30,7 @@ class ServerConfig:
     sqlite_readers: int = 2
     # where the writes run: "process" (a process of its own, so they never wait for the
     # event loop's interpreter lock; needs a file and readers) or "thread"
-    sqlite_writer: str = "thread"
+    sqlite_writer: str = "process"
     # HTTP/2 keepalive pings to every connection: finds dead peers of long streams
     # (workers are also evicted by their heartbeats); each ping costs a little CPU per
     # connection, which adds up with thousands of connected workers.

@@ -7,10 +7,11 @@ its own savepoint, so an operation that raises undoes only its own changes and i
 alone gets the error. A write's coroutine returns only after the COMMIT holding it
 returned; when BEGIN or COMMIT fails, every operation of the group gets that error.
 
-The writer thread runs the writes itself (writer="thread"), or hands each group to a
-process of its own (writer="process", store/writer_process.py: the statements then run
-without waiting for the event loop's interpreter lock; only a file database with readers
-can), and waits outside the lock for its outcomes.
+The writes run on that writer thread (writer="thread"), or in a process of their own
+(writer="process", store/writer_process.py), driven from the event loop that opened the
+store with no writer thread: the statements then run without waiting for the event loop's
+interpreter lock. Only a file database with reader threads, opened on a running loop,
+can; the others keep the thread.
 
 Reads go to `readers` threads, each with its own read-only connection, in parallel under
 WAL; a read issued after a write was acknowledged sees it (it is committed). A ":memory:"
@@ -60,7 +61,7 @@ from dispatchnet.coordinator.ports import ONE_PROCESS
 from dispatchnet.errors import Unavailable
 from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable, Store
 from dispatchnet.store.sqlite import SqliteStore
-from dispatchnet.store.writer_process import Call, Outcome, WriterChild, run_group
+from dispatchnet.store.writer_process import Call, LoopWriter, Outcome, run_group
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -141,6 +142,22 @@ def _deliver_all(ops: Sequence[_Op], outcomes: Sequence[Outcome]) -> None:
             pass
 
 
+def _settle_on(ops: list[_Op], outcomes: list[Outcome]) -> None:
+    """The writer process's outcomes, read on its loop: settled at once for the operations
+    of that loop, handed to their own loop for the others."""
+    here = asyncio.get_running_loop()
+    elsewhere: list[_Op] = []
+    away: list[Outcome] = []
+    for op, (ok, value) in zip(ops, outcomes, strict=True):
+        if op.loop is here:
+            _settle(op.future, ok, value if ok else _translated(value))
+        else:
+            elsewhere.append(op)
+            away.append((ok, value))
+    if elsewhere:
+        _deliver_all(elsewhere, away)
+
+
 def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
     for future, ok, value in settled:
         _settle(future, ok, value)
@@ -181,8 +198,12 @@ class ThreadedStore:
         self._max_group = max_group
         self._readers = 0 if self.path in _MEMORY else readers
         # the writer process needs reads elsewhere (it runs method calls, not functions)
-        self.writer = writer if self._readers else "thread"
-        self._child: WriterChild | None = None
+        # and a loop to drive it
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self.writer = writer if self._readers and loop is not None else "thread"
         self._wq: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._rq: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._closed = False
@@ -198,7 +219,21 @@ class ThreadedStore:
         self._ended: list[concurrent.futures.Future[None]] = [
             concurrent.futures.Future() for _ in range(1 + self._readers)
         ]
-        self._threads = [threading.Thread(target=self._writer, name="store-writer", daemon=True)]
+        self._pipe: LoopWriter | None = None
+        self._pipe_closed: asyncio.Future[None] | None = None
+        self._threads: list[threading.Thread] = []
+        if self.writer == "process":
+            assert loop is not None
+            try:
+                self._pipe = LoopWriter(
+                    self.path, synchronous, max_group, loop, self._writer_open, _settle_on
+                )
+            except OSError:  # no child process could start: the thread does the writing
+                self.writer = "thread"
+        if self._pipe is None:
+            self._threads.append(
+                threading.Thread(target=self._writer, name="store-writer", daemon=True)
+            )
         self._threads += [
             threading.Thread(target=self._reader, args=(i,), name=f"store-reader-{i}", daemon=True)
             for i in range(self._readers)
@@ -230,11 +265,23 @@ class ThreadedStore:
         connections. Idempotent; concurrent calls all return when it is done."""
         if self._closing is None:
             self._closed = True
+            if self._pipe is not None:
+                self._pipe_closed = asyncio.ensure_future(self._close_pipe(self._pipe))
             self._wq.put(_STOP)
             for _ in range(self._readers):
                 self._rq.put(_STOP)
             self._closing = asyncio.ensure_future(self._ended_all())
         await asyncio.shield(self._closing)
+
+    async def _close_pipe(self, pipe: LoopWriter) -> None:
+        try:
+            if asyncio.get_running_loop() is pipe.loop:
+                await pipe.close()
+            else:
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(pipe.close(), pipe.loop))
+        finally:
+            if not self._ended[0].done():
+                self._ended[0].set_result(None)
 
     async def _ended_all(self) -> None:
         for ended in self._ended:
@@ -255,10 +302,11 @@ class ThreadedStore:
         await self.close()
 
     def stats(self) -> StoreStats:
+        pipe = self._pipe
         return StoreStats(
-            writes=self._writes,
-            commits=self._commits,
-            largest_group=self._largest_group,
+            writes=self._writes + (pipe.writes if pipe else 0),
+            commits=self._commits + (pipe.commits if pipe else 0),
+            largest_group=max(self._largest_group, pipe.largest_group if pipe else 0),
             reads=self._writer_reads + sum(self._reads),
         )
 
@@ -285,6 +333,17 @@ class ThreadedStore:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         op = _Op(fn, loop, future, write, call)
+        if write and self._pipe is not None:
+            if call is None:
+                raise RuntimeError(
+                    "run_write runs a function, which only the writer thread can; this "
+                    "store's writes run in a process"
+                )
+            if loop is self._pipe.loop:
+                self._pipe.submit(op)
+            else:
+                self._pipe.loop.call_soon_threadsafe(self._pipe.submit, op)
+            return await future
         (self._rq if self._readers and not write else self._wq).put(op)
         # a cancelled caller leaves the operation queued: it runs (and commits) anyway
         return await future
@@ -309,12 +368,9 @@ class ThreadedStore:
     # --- threads ------------------------------------------------------------------------
 
     def _writer(self) -> None:
-        store: SqliteStore | None = None  # the writer thread's own connection
+        store: SqliteStore | None = None
         try:
-            if self.writer == "process":
-                self._child = WriterChild(self.path, self._synchronous)
-            else:
-                store = SqliteStore(self.path, self._synchronous)
+            store = SqliteStore(self.path, self._synchronous)
         except Exception as e:
             failed: Exception | None = e
             self._writer_open.set_exception(e)
@@ -341,8 +397,8 @@ class ThreadedStore:
                         stopping = True
                     elif stopping:
                         _deliver(op, False, Unavailable("the store is closed"))
-                    elif store is None:  # (reads come here only without reader threads)
-                        _deliver(op, False, failed or RuntimeError("no reader thread"))
+                    elif store is None:
+                        _deliver(op, False, failed)
                     else:
                         self._writer_reads += 1
                         _deliver(op, *_run(op, store))
@@ -350,9 +406,6 @@ class ThreadedStore:
         finally:
             if store is not None:
                 store.close()
-            if self._child is not None:
-                self._child.close()
-                self._child = None
             while True:  # queued by another loop's thread after close(): refused
                 try:
                     late = self._wq.get_nowait()
@@ -365,49 +418,17 @@ class ThreadedStore:
     def _commit(
         self, store: SqliteStore | None, group: list[_Op], failed: Exception | None
     ) -> None:
-        """Runs writes in one transaction (run_group), on this thread's connection or in
-        the writer process, then answers each caller."""
+        """Runs writes in one transaction (run_group), then answers each caller."""
         if not group:
             return
-        if failed is not None:
+        if store is None:
             for op in group:
                 _deliver(op, False, failed)
             return
         self._writes += len(group)
         self._commits += 1
         self._largest_group = max(self._largest_group, len(group))
-        if store is not None:
-            _deliver_all(group, run_group(store, [op.fn for op in group]))
-        else:
-            _deliver_all(group, self._run_in_child(group))
-
-    def _run_in_child(self, group: list[_Op]) -> list[Outcome]:
-        """The group's outcomes from the writer process, started anew if the last one
-        ended. A process that ends during a group leaves its outcome unknown (committed
-        or not): each write of it gets Unavailable, and its caller retries."""
-        calls = [op.call for op in group if op.call is not None]
-        outcomes: list[Outcome] = []
-        if calls:
-            try:
-                if self._child is None:
-                    self._child = WriterChild(self.path, self._synchronous)
-            except Exception as e:
-                outcomes = [(False, e)] * len(calls)
-            else:
-                try:
-                    outcomes = self._child.run(calls)
-                except (OSError, EOFError):
-                    code = self._child.process.poll()
-                    self._child.close(timeout=5.0)
-                    self._child = None
-                    lost = Unavailable(
-                        f"the coordinator's database writer process ended (exit code {code}) "
-                        "during a write, which may or may not have been kept; retry"
-                    )
-                    outcomes = [(False, lost)] * len(calls)
-        ran = iter(outcomes)
-        refused = RuntimeError("run_write runs a function, which only the writer thread can")
-        return [next(ran) if op.call is not None else (False, refused) for op in group]
+        _deliver_all(group, run_group(store, [op.fn for op in group]))
 
     def _reader(self, index: int) -> None:
         store: SqliteStore | None = None

@@ -8,33 +8,42 @@ under RunJob load (64 submitters, 2 cores): a group of ~25 writes took ~15 ms on
 writer thread for ~5 ms of its CPU, and the thread was never idle, so it set the pace of
 every job. The same statements in a process of their own run at their CPU cost.
 
-Each group goes to the child as one frame: the Store methods to call, by name, with their
-arguments (pickled); the child runs them in one transaction, exactly as the writer thread
-does (run_group), and answers with one frame of outcomes once COMMIT has returned. So a
-write is still acknowledged only after the transaction holding it committed.
+The event loop drives the child itself (LoopWriter), with no thread in between: the
+writes of one turn of the loop go to the child's stdin as one frame (the Store methods to
+call, by name, with their arguments), and the loop reads the outcomes from its stdout. The
+child takes every whole frame it has received as one group (at most max_group writes) and
+runs it in one transaction, exactly as the writer thread does (run_group), and answers
+with one frame of outcomes once COMMIT has returned. So a write is still acknowledged only
+after the transaction holding it committed, and the loop never waits on SQLite.
 
 Frames: a 4-byte big-endian length, then a pickle. The child's first frame says whether
-its database opened (the schema migrated). It reads groups from stdin and writes outcomes
-to stdout until stdin ends (the coordinator closed it, or ended), then closes its
-connection and exits; it ignores SIGINT, so a Ctrl-C to the coordinator's terminal lets
-the coordinator finish what is queued before the child goes.
+its database opened (the schema migrated). It runs until its stdin ends (the coordinator
+closed it, or ended), then closes its connection and exits; it ignores SIGINT, so a
+Ctrl-C to the coordinator's terminal lets the coordinator finish what is queued first.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import concurrent.futures
+import os
 import pickle
 import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
+from dispatchnet.errors import Unavailable
 from dispatchnet.store.sqlite import SqliteStore
 
 Call = tuple[str, tuple[Any, ...], dict[str, Any]]  # a SqliteStore method, its arguments
 Outcome = tuple[bool, Any]  # (True, what it returned) or (False, what it raised)
 
 MAX_FRAME_BYTES = 1 << 30
+READ_BYTES = 1 << 20
+EXIT_SECONDS = 30.0  # for the child to exit once its input is closed
 
 
 # --- the group commit (both writers) --------------------------------------------------
@@ -91,20 +100,6 @@ def send(stream: IO[bytes], obj: object) -> None:
     stream.flush()
 
 
-def receive(stream: IO[bytes]) -> Any:
-    """The next frame's object; EOFError when the stream ended (between or within frames)."""
-    head = stream.read(4)
-    if len(head) < 4:
-        raise EOFError("the writer's pipe closed")
-    size = int.from_bytes(head, "big")
-    if size > MAX_FRAME_BYTES:
-        raise EOFError(f"a frame of {size} bytes: the pipe is out of step")
-    data = stream.read(size)
-    if len(data) < size:
-        raise EOFError("the writer's pipe closed within a frame")
-    return pickle.loads(data)
-
-
 def encode_error(e: BaseException) -> tuple[type[BaseException], tuple[Any, ...], dict[str, Any]]:
     """An exception as (class, args, attributes): rebuilt by decode_error without calling
     its __init__ (TooManyOpenJobs(limit) would format its message twice), so its message
@@ -154,9 +149,9 @@ def _outcome_frame(outcomes: list[Outcome]) -> list[tuple[bool, Any]]:
     return out
 
 
-def child_main(path: str, synchronous: str) -> int:
+def child_main(path: str, synchronous: str, max_group: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    stdout = sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not corrupt the frames
     try:
         store = SqliteStore(path, synchronous)
@@ -164,75 +159,260 @@ def child_main(path: str, synchronous: str) -> int:
         send(stdout, (False, encode_error(e)))
         return 1
     send(stdout, (True, None))
+    frames = FrameBuffer()
     try:
         while True:
-            try:
-                calls: list[Call] = receive(stdin)
-            except EOFError:
-                return 0
-            fns: list[Callable[[SqliteStore], Any]] = []
-            refused: dict[int, Exception] = {}
-            for i, call in enumerate(calls):
-                try:
-                    fns.append(_call_of(call))
-                except ValueError as e:
-                    refused[i] = e
-            ran = iter(run_group(store, fns) if fns else [])
-            outcomes = [
-                (False, refused[i]) if i in refused else next(ran) for i in range(len(calls))
-            ]
-            send(stdout, _outcome_frame(outcomes))
+            calls: list[Call] = [c for frame in frames.take() for c in frame]
+            if not calls:  # nothing whole yet: wait for more
+                chunk = os.read(0, READ_BYTES)
+                if not chunk:
+                    return 0  # the coordinator closed our input (or ended)
+                frames.feed(chunk)
+                continue
+            for start in range(0, len(calls), max_group):  # all that came in, as groups
+                send(stdout, _outcome_frame(_run_calls(store, calls[start : start + max_group])))
     finally:
         store.close()
+
+
+def _run_calls(store: SqliteStore, calls: list[Call]) -> list[Outcome]:
+    fns: list[Callable[[SqliteStore], Any]] = []
+    refused: dict[int, Exception] = {}
+    for i, call in enumerate(calls):
+        try:
+            fns.append(_call_of(call))
+        except ValueError as e:
+            refused[i] = e
+    ran = iter(run_group(store, fns) if fns else [])
+    return [(False, refused[i]) if i in refused else next(ran) for i in range(len(calls))]
+
+
+class FrameBuffer:
+    """Bytes read from a pipe, cut into the frames they hold."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        self._data += chunk
+
+    def take(self) -> list[Any]:
+        """Every whole frame received so far, decoded, in order."""
+        out = []
+        data = self._data
+        at = 0
+        while len(data) - at >= 4:
+            size = int.from_bytes(data[at : at + 4], "big")
+            if size > MAX_FRAME_BYTES:
+                raise EOFError(f"a frame of {size} bytes: the pipe is out of step")
+            if len(data) - at - 4 < size:
+                break
+            out.append(pickle.loads(data[at + 4 : at + 4 + size]))
+            at += 4 + size
+        if at:
+            del data[:at]
+        return out
 
 
 # --- the coordinator's side -------------------------------------------------------------
 
 
-class WriterChild:
-    """One writer process, driven by one thread (the store's writer thread): run() sends a
-    group and waits for its outcomes (the thread waits outside the interpreter lock)."""
+class Pending(Protocol):
+    """A write waiting for the writer process: the call it makes."""
 
-    def __init__(self, path: str, synchronous: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dispatchnet.store.writer_process", path, synchronous],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self._in, self._out = self.process.stdin, self.process.stdout
+    @property
+    def call(self) -> Call | None: ...
+
+
+class LoopWriter:
+    """The writer process, driven from the event loop that opened the store, with no thread
+    in between. One group is out at a time, as on the writer thread: the writes queued
+    while the child works on one go out together as the next, one frame (a non-blocking
+    write; what the pipe cannot take yet waits for it to drain), and the outcomes are read
+    when the loop finds them on the child's output, in the order the writes went out. A
+    write while none is out goes in the same turn of the loop.
+
+    A child that ends (killed, out of memory) fails the writes it had taken with
+    Unavailable: they may or may not have been committed. The next write starts a new one.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        synchronous: str,
+        max_group: int,
+        loop: asyncio.AbstractEventLoop,
+        opened: concurrent.futures.Future[None],
+        settle: Callable[[list[Any], list[Outcome]], None],
+    ) -> None:
+        self.loop = loop
+        self._argv = [
+            sys.executable, "-m", "dispatchnet.store.writer_process",
+            path, synchronous, str(max_group),
+        ]  # fmt: skip
+        self._opened = opened  # the first child's opening (the schema migrated)
+        self._settle = settle
+        self._sent: collections.deque[Any] = collections.deque()  # taken by the child
+        self._batch: list[Any] = []  # this turn's writes, not sent yet
+        self._flush_due = False
+        self._drained: asyncio.Future[None] | None = None
+        self.writes = self.commits = self.largest_group = 0
+        self.deaths = 0  # children that ended under it
+        self.died = asyncio.Event()  # set when a child ends, cleared when the next starts
+        self.process: subprocess.Popen[bytes] | None = None
+        self._start()
+
+    def _start(self) -> None:
+        process = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert process.stdin is not None and process.stdout is not None
+        self.process = process
+        self._w, self._r = process.stdin.fileno(), process.stdout.fileno()
+        os.set_blocking(self._w, False)
+        os.set_blocking(self._r, False)
+        self._out = bytearray()
+        self._in = FrameBuffer()
+        self._writing = False
+        self._open = False
+        self._open_error: BaseException | None = None
+        self.died.clear()
+        self.loop.add_reader(self._r, self._readable)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._sent or self._batch)
+
+    def submit(self, op: Pending) -> None:
+        """Queues op (on self.loop) for the frame of this turn of the loop."""
+        if self.process is None:
+            self._start()
+        self._batch.append(op)
+        if not self._flush_due:
+            self._flush_due = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if self._sent:  # one group at a time: the writes meanwhile become the next one
+            return
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        if self.process is None:
+            self._start()
+        data = pickle.dumps([op.call for op in batch], protocol=pickle.HIGHEST_PROTOCOL)
+        self._sent.extend(batch)
+        self._out += len(data).to_bytes(4, "big") + data
+        self._write()
+
+    def _write(self) -> None:
         try:
-            ok, value = receive(self._out)
-        except EOFError:
-            self.close()
-            code = self.process.returncode
-            raise RuntimeError(
-                f"the store's writer process ended as it started (exit code {code})"
-            ) from None
-        if not ok:
-            self.close()
-            raise decode_error(value)
+            written = os.write(self._w, self._out)
+        except BlockingIOError:
+            written = 0
+        except OSError:  # the child is gone: its output's end says so
+            self._died()
+            return
+        del self._out[:written]
+        if self._out and not self._writing:
+            self.loop.add_writer(self._w, self._write)
+            self._writing = True
+        elif not self._out and self._writing:
+            self.loop.remove_writer(self._w)
+            self._writing = False
 
-    def run(self, calls: list[Call]) -> list[Outcome]:
-        """The outcome of each call, committed (or refused) as one group. Raises OSError or
-        EOFError when the process is gone: whether that group committed is then unknown."""
-        send(self._in, calls)
-        frame: list[tuple[bool, Any]] = receive(self._out)
-        return [(ok, value if ok else decode_error(value)) for ok, value in frame]
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Ends its input and waits for it to exit (killed if it has not after timeout)."""
+    def _readable(self) -> None:
         try:
-            self._in.close()
+            chunk = os.read(self._r, READ_BYTES)
+        except BlockingIOError:
+            return
         except OSError:
-            pass
+            chunk = b""
+        if not chunk:
+            self._died()
+            return
+        self._in.feed(chunk)
+        for frame in self._in.take():
+            self._frame(frame)
+
+    def _frame(self, frame: Any) -> None:
+        if not self._open:  # the child's first frame: did the database open?
+            ok, value = frame
+            if ok:
+                self._open = True
+                if not self._opened.done():
+                    self._opened.set_result(None)
+            else:
+                self._open_error = decode_error(value)
+                if not self._opened.done():
+                    self._opened.set_exception(self._open_error)
+            return
+        outcomes: list[tuple[bool, Any]] = frame
+        ops = [self._sent.popleft() for _ in outcomes]
+        self.writes += len(ops)
+        self.commits += 1
+        self.largest_group = max(self.largest_group, len(ops))
+        self._settle(ops, [(ok, v if ok else decode_error(v)) for ok, v in outcomes])
+        if not self._sent and self._batch:
+            self._flush()
+        self._check_drained()
+
+    def _died(self) -> None:
+        """The child ended: every write it had (or was about to get) fails."""
+        process = self.process
+        if process is None:
+            return
+        self.process = None
+        self.deaths += 1
+        self.died.set()
+        self.loop.remove_reader(self._r)
+        if self._writing:
+            self.loop.remove_writer(self._w)
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                stream.close()
+        code = process.poll()
+        if code is None:  # its output closed first: reap it off the loop
+            self.loop.run_in_executor(None, process.wait)
+        error = self._open_error or Unavailable(
+            f"the coordinator's database writer process ended (exit code {code}) during a "
+            "write, which may or may not have been kept; retry"
+        )
+        if not self._opened.done():
+            self._opened.set_exception(error)
+        lost = list(self._sent) + self._batch
+        self._sent.clear()
+        self._batch = []
+        if lost:
+            self._settle(lost, [(False, error)] * len(lost))
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and not self._drained.done() and not self.busy:
+            self._drained.set_result(None)
+
+    async def close(self) -> None:
+        """Waits for the writes queued to be answered, then ends the child's input and
+        waits for it to exit (killed if it has not after EXIT_SECONDS)."""
+        if self.busy and self.process is not None:
+            self._drained = self.loop.create_future()
+            self._flush()
+            await self._drained
+        process = self.process
+        if process is None:
+            return
+        self.process = None
+        self.loop.remove_reader(self._r)
+        if self._writing:
+            self.loop.remove_writer(self._w)
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.close()
         try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._out.close()
+            await asyncio.wait_for(asyncio.to_thread(process.wait), EXIT_SECONDS)
+        except TimeoutError:
+            process.kill()
+            await asyncio.to_thread(process.wait)
+        process.stdout.close()
 
 
 if __name__ == "__main__":
-    sys.exit(child_main(sys.argv[1], sys.argv[2]))
+    sys.exit(child_main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
