@@ -95,7 +95,10 @@ def _run(fn: Callable[[SqliteStore], Any], store: SqliteStore) -> Outcome:
 
 
 def send(stream: IO[bytes], obj: object) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    send_pickled(stream, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def send_pickled(stream: IO[bytes], data: bytes) -> None:
     stream.write(len(data).to_bytes(4, "big") + data)
     stream.flush()
 
@@ -134,19 +137,21 @@ def _call_of(call: Call) -> Callable[[SqliteStore], Any]:
     return lambda store: getattr(store, name)(*args, **kwargs)
 
 
-def _outcome_frame(outcomes: list[Outcome]) -> list[tuple[bool, Any]]:
-    out: list[tuple[bool, Any]] = []
-    for ok, value in outcomes:
-        if not ok:
-            out.append((False, encode_error(value)))
-            continue
-        try:
-            pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as e:
-            out.append((False, encode_error(RuntimeError(f"an unpicklable result: {e}"))))
-        else:
-            out.append((True, value))
-    return out
+def _outcome_frame(outcomes: list[Outcome]) -> bytes:
+    """The outcomes as one frame's pickle; a result that does not pickle is sent as the
+    RuntimeError it is (looked for only when the whole frame does not pickle)."""
+    frame = [(ok, value if ok else encode_error(value)) for ok, value in outcomes]
+    try:
+        return pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        pass
+    for i, (ok, value) in enumerate(frame):
+        if ok:
+            try:
+                pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as e:
+                frame[i] = (False, encode_error(RuntimeError(f"an unpicklable result: {e}")))
+    return pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def child_main(path: str, synchronous: str, max_group: int) -> int:
@@ -170,7 +175,9 @@ def child_main(path: str, synchronous: str, max_group: int) -> int:
                 frames.feed(chunk)
                 continue
             for start in range(0, len(calls), max_group):  # all that came in, as groups
-                send(stdout, _outcome_frame(_run_calls(store, calls[start : start + max_group])))
+                send_pickled(
+                    stdout, _outcome_frame(_run_calls(store, calls[start : start + max_group]))
+                )
     finally:
         store.close()
 
