@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import signal
 import sqlite3
 import subprocess
 from collections.abc import AsyncIterator
@@ -198,3 +199,51 @@ def test_the_profile_names_the_writer() -> None:
         profile, server=dataclasses.replace(profile.server, sqlite_writer="fork")
     )
     assert '[server] sqlite_writer must be "process" or "thread"' in check_profile(wrong)
+
+
+async def test_a_write_that_finds_the_pipe_broken_goes_to_the_next_child(
+    store: ThreadedStore,
+) -> None:
+    await store.create_job(*new_job(1))
+    pipe = store._pipe
+    assert pipe is not None
+    first = child_of(store)
+    first.kill()
+    first.wait()  # (on the loop: it has not read the end of the child's output yet)
+    # the frame cannot be written: the child never had it, so the next child runs it
+    assert (await store.create_job(*new_job(2)))[1]
+    assert pipe.deaths == 1 and child_of(store).pid != first.pid
+    assert await store.get_job("job_2") is not None
+
+
+async def test_writes_fail_with_unavailable_when_no_child_can_start(
+    store: ThreadedStore,
+) -> None:
+    pipe = store._pipe
+    assert pipe is not None
+    child = child_of(store)
+    child.kill()
+    await asyncio.wait_for(pipe.died.wait(), 10)
+    argv = pipe._argv
+    pipe._argv = ["/nonexistent/python"]
+    with pytest.raises(Unavailable, match="cannot start its database writer"):
+        await store.create_job(*new_job(1))
+    pipe._argv = argv  # the next write tries again
+    assert (await store.create_job(*new_job(1)))[1]
+
+
+async def test_a_write_whose_arguments_do_not_pickle_fails_alone(store: ThreadedStore) -> None:
+    odd = store._write_call(SqliteStore.record_task_names, [lambda: 0], 0.0, 10)  # type: ignore[list-item]
+    fine = store.create_job(*new_job(1))
+    results = await asyncio.gather(odd, fine, return_exceptions=True)
+    assert isinstance(results[0], Exception) and "pickle" in str(results[0]).lower()
+    assert results[1] == (results[1][0], True)  # type: ignore[index]
+
+
+async def test_the_child_ignores_sigterm_and_sigint(store: ThreadedStore) -> None:
+    child = child_of(store)
+    await store.create_job(*new_job(1))  # it has set its handlers: it answered
+    child.send_signal(signal.SIGTERM)
+    child.send_signal(signal.SIGINT)
+    assert (await store.create_job(*new_job(2)))[1]
+    assert child_of(store).pid == child.pid and child.poll() is None

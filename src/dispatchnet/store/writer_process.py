@@ -18,8 +18,9 @@ after the transaction holding it committed, and the loop never waits on SQLite.
 
 Frames: a 4-byte big-endian length, then a pickle. The child's first frame says whether
 its database opened (the schema migrated). It runs until its stdin ends (the coordinator
-closed it, or ended), then closes its connection and exits; it ignores SIGINT, so a
-Ctrl-C to the coordinator's terminal lets the coordinator finish what is queued first.
+closed it, or ended), then closes its connection and exits; it ignores SIGINT and
+SIGTERM, so a Ctrl-C to the coordinator's terminal or a stop of its whole process group
+lets the coordinator finish what is queued first.
 """
 
 from __future__ import annotations
@@ -155,7 +156,10 @@ def _outcome_frame(outcomes: list[Outcome]) -> bytes:
 
 
 def child_main(path: str, synchronous: str, max_group: int) -> int:
+    # its life is its input's: a signal to the coordinator's process group (Ctrl-C, a
+    # service manager's SIGTERM) leaves it to finish what the coordinator still sends
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     stdout = sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not corrupt the frames
     try:
@@ -289,35 +293,58 @@ class LoopWriter:
         return bool(self._sent or self._batch)
 
     def submit(self, op: Pending) -> None:
-        """Queues op (on self.loop) for the frame of this turn of the loop."""
-        if self.process is None:
-            self._start()
+        """Queues op (on self.loop) for the next frame."""
         self._batch.append(op)
-        if not self._flush_due:
-            self._flush_due = True
-            self.loop.call_soon(self._flush)
+        self.submit_pending()
 
     def _flush(self) -> None:
         self._flush_due = False
-        if self._sent:  # one group at a time: the writes meanwhile become the next one
-            return
-        batch, self._batch = self._batch, []
-        if not batch:
-            return
+        if self._sent or not self._batch:  # one group at a time: the writes meanwhile
+            return  # become the next one
         if self.process is None:
-            self._start()
-        data = pickle.dumps([op.call for op in batch], protocol=pickle.HIGHEST_PROTOCOL)
+            try:
+                self._start()
+            except OSError as e:  # e.g. out of file descriptors
+                failed, self._batch = self._batch, []
+                error = Unavailable(f"the coordinator cannot start its database writer ({e})")
+                self._settle(failed, [(False, error)] * len(failed))
+                self._check_drained()
+                return
+        batch, self._batch = self._batch, []
+        try:
+            data = pickle.dumps([op.call for op in batch], protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            batch, data = self._picklable(batch)
+            if not batch:
+                self._check_drained()
+                return
         self._sent.extend(batch)
         self._out += len(data).to_bytes(4, "big") + data
         self._write()
+
+    def _picklable(self, batch: list[Any]) -> tuple[list[Any], bytes]:
+        """The writes of batch whose arguments pickle, and their frame; the others fail
+        with what pickling raised."""
+        kept, failed, errors = [], [], []
+        for op in batch:
+            try:
+                pickle.dumps(op.call, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as e:
+                failed.append(op)
+                errors.append((False, e))
+            else:
+                kept.append(op)
+        if failed:
+            self._settle(failed, errors)
+        return kept, pickle.dumps([op.call for op in kept], protocol=pickle.HIGHEST_PROTOCOL)
 
     def _write(self) -> None:
         try:
             written = os.write(self._w, self._out)
         except BlockingIOError:
             written = 0
-        except OSError:  # the child is gone: its output's end says so
-            self._died()
+        except OSError:  # the child is gone, and never had this frame whole
+            self._died(unsent=True)
             return
         del self._out[:written]
         if self._out and not self._writing:
@@ -363,8 +390,10 @@ class LoopWriter:
             self._flush()
         self._check_drained()
 
-    def _died(self) -> None:
-        """The child ended: every write it had (or was about to get) fails."""
+    def _died(self, unsent: bool = False) -> None:
+        """The child ended: every write it had fails, unless unsent: the frame being
+        written never reached it whole (one group is out at a time, so that frame holds
+        all it had), it ran none of it, and those writes go to the next child."""
         process = self.process
         if process is None:
             return
@@ -380,18 +409,29 @@ class LoopWriter:
         code = process.poll()
         if code is None:  # its output closed first: reap it off the loop
             self.loop.run_in_executor(None, process.wait)
+        if unsent and self._open:
+            self._batch = [*self._sent, *self._batch]
+            self._sent.clear()
+            self.submit_pending()
+            return
         error = self._open_error or Unavailable(
             f"the coordinator's database writer process ended (exit code {code}) during a "
             "write, which may or may not have been kept; retry"
         )
         if not self._opened.done():
             self._opened.set_exception(error)
-        lost = list(self._sent) + self._batch
+        lost = [*self._sent, *self._batch]
         self._sent.clear()
         self._batch = []
         if lost:
             self._settle(lost, [(False, error)] * len(lost))
         self._check_drained()
+
+    def submit_pending(self) -> None:
+        """Sends the writes waiting, if any, at the next turn of the loop."""
+        if self._batch and not self._flush_due:
+            self._flush_due = True
+            self.loop.call_soon(self._flush)
 
     def _check_drained(self) -> None:
         if self._drained is not None and not self._drained.done() and not self.busy:
@@ -400,7 +440,7 @@ class LoopWriter:
     async def close(self) -> None:
         """Waits for the writes queued to be answered, then ends the child's input and
         waits for it to exit (killed if it has not after EXIT_SECONDS)."""
-        if self.busy and self.process is not None:
+        if self.busy:
             self._drained = self.loop.create_future()
             self._flush()
             await self._drained
