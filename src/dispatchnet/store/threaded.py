@@ -171,10 +171,12 @@ def _run(op: _Op, store: SqliteStore) -> tuple[bool, Any]:
 
 
 class ThreadedStore:
-    """Store whose operations run on a writer thread and `readers` reader threads.
+    """Store whose writes run on a writer thread (or in a writer process) and whose reads
+    run on `readers` reader threads.
 
-    Construction only starts the threads (they open their connections; an error opening
-    comes back from the first operations and from wait_open, which open_store awaits).
+    Construction only starts the threads, and with writer="process" the child (they open
+    their connections; an error opening comes back from the first operations and from
+    wait_open, which open_store awaits).
     close() runs the writes already queued, stops the threads and closes the connections.
     Calls after close() raise Unavailable.
     """
