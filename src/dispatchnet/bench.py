@@ -786,21 +786,12 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def rss_bytes(pid: int) -> int:
-    """The resident set size (VmRSS in /proc/<pid>/status) of a process and its live
-    descendants; OSError when the process itself is gone."""
-    total = 0
-    for p in process_tree(pid):
-        try:
-            status = Path(f"/proc/{p}/status").read_text()
-        except OSError:
-            if p == pid:
-                raise
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
-    return total
+def process_rss_bytes(pid: int) -> int:
+    """One process's resident set size (VmRSS in /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -810,14 +801,24 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time used by a process and its live descendants; OSError when
-    the process itself is gone."""
-    total = process_cpu_seconds(pid)
+def _tree_sum(pid: int, one: Callable[[int], float]) -> float:
+    """one(p) summed over pid and its live descendants; OSError when pid itself is gone
+    (a descendant that ends meanwhile counts nothing)."""
+    total = one(pid)
     for p in process_tree(pid)[1:]:
         with contextlib.suppress(OSError):
-            total += process_cpu_seconds(p)
+            total += one(p)
     return total
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident set size of a process and its live descendants."""
+    return int(_tree_sum(pid, process_rss_bytes))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time used by a process and its live descendants."""
+    return _tree_sum(pid, process_cpu_seconds)
 
 
 def raise_open_files_limit() -> int:

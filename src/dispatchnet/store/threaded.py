@@ -61,7 +61,7 @@ from dispatchnet.coordinator.ports import ONE_PROCESS
 from dispatchnet.errors import Unavailable
 from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable, Store
 from dispatchnet.store.sqlite import SqliteStore
-from dispatchnet.store.writer_process import Call, LoopWriter, Outcome, run_group
+from dispatchnet.store.writer_process import Call, LoopWriter, Outcome, run_group, run_one
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -163,13 +163,6 @@ def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
         _settle(future, ok, value)
 
 
-def _run(op: _Op, store: SqliteStore) -> tuple[bool, Any]:
-    try:
-        return True, op.fn(store)
-    except Exception as e:
-        return False, e
-
-
 class ThreadedStore:
     """Store whose writes run on a writer thread (or in a writer process) and whose reads
     run on `readers` reader threads.
@@ -269,7 +262,8 @@ class ThreadedStore:
             self._closed = True
             if self._pipe is not None:
                 self._pipe_closed = asyncio.ensure_future(self._close_pipe(self._pipe))
-            self._wq.put(_STOP)
+            else:
+                self._wq.put(_STOP)
             for _ in range(self._readers):
                 self._rq.put(_STOP)
             self._closing = asyncio.ensure_future(self._ended_all())
@@ -403,7 +397,7 @@ class ThreadedStore:
                         _deliver(op, False, failed)
                     else:
                         self._writer_reads += 1
-                        _deliver(op, *_run(op, store))
+                        _deliver(op, *run_one(op.fn, store))
                 self._commit(store, group, failed)
         finally:
             if store is not None:
@@ -449,7 +443,7 @@ class ThreadedStore:
                     _deliver(op, False, failed)
                     continue
                 self._reads[index] += 1
-                _deliver(op, *_run(op, store))
+                _deliver(op, *run_one(op.fn, store))
         finally:
             if store is not None:
                 store.close()

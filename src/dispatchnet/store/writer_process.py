@@ -8,12 +8,13 @@ under RunJob load (64 submitters, 2 cores): a group of ~25 writes took ~15 ms on
 writer thread for ~5 ms of its CPU, and the thread was never idle, so it set the pace of
 every job. The same statements in a process of their own run at their CPU cost.
 
-The event loop drives the child itself (LoopWriter), with no thread in between: the
-writes of one turn of the loop go to the child's stdin as one frame (the Store methods to
-call, by name, with their arguments), and the loop reads the outcomes from its stdout. The
-child takes every whole frame it has received as one group (at most max_group writes) and
-runs it in one transaction, exactly as the writer thread does (run_group), and answers
-with one frame of outcomes once COMMIT has returned. So a write is still acknowledged only
+The event loop drives the child itself (LoopWriter), with no thread in between. One group
+is out at a time, as on the writer thread: the writes that wait meanwhile go to the
+child's stdin together as the next frame (the Store methods to call, by name, with their
+arguments), and the loop reads the outcomes from its stdout. The child runs what a frame
+holds as one group (at most max_group writes each) in one transaction, exactly as the
+writer thread does (run_group), and answers with one frame of outcomes once COMMIT has
+returned. So a write is still acknowledged only
 after the transaction holding it committed, and the loop never waits on SQLite.
 
 Frames: a 4-byte big-endian length, then a pickle. The child's first frame says whether
@@ -56,7 +57,7 @@ def run_group(store: SqliteStore, fns: Sequence[Callable[[SqliteStore], Any]]) -
     it). When BEGIN or COMMIT fails, or SQLite rolled the whole transaction back (an I/O
     error, a full disk), every write of the group gets that error: nothing of it is kept."""
     if len(fns) == 1:
-        return [_run(fns[0], store)]
+        return [run_one(fns[0], store)]
     try:
         store.begin_group()
     except Exception as e:
@@ -85,7 +86,8 @@ def run_group(store: SqliteStore, fns: Sequence[Callable[[SqliteStore], Any]]) -
     ]
 
 
-def _run(fn: Callable[[SqliteStore], Any], store: SqliteStore) -> Outcome:
+def run_one(fn: Callable[[SqliteStore], Any], store: SqliteStore) -> Outcome:
+    """fn's outcome on store, what it raised included."""
     try:
         return True, fn(store)
     except Exception as e:
@@ -394,15 +396,11 @@ class LoopWriter:
         """The child ended: every write it had fails, unless unsent: the frame being
         written never reached it whole (one group is out at a time, so that frame holds
         all it had), it ran none of it, and those writes go to the next child."""
-        process = self.process
+        process = self._detach()
         if process is None:
             return
-        self.process = None
         self.deaths += 1
         self.died.set()
-        self.loop.remove_reader(self._r)
-        if self._writing:
-            self.loop.remove_writer(self._w)
         for stream in (process.stdin, process.stdout):
             if stream is not None:
                 stream.close()
@@ -427,6 +425,16 @@ class LoopWriter:
             self._settle(lost, [(False, error)] * len(lost))
         self._check_drained()
 
+    def _detach(self) -> subprocess.Popen[bytes] | None:
+        """The current child, no longer watched by the loop (None: there is none)."""
+        process, self.process = self.process, None
+        if process is not None:
+            self.loop.remove_reader(self._r)
+            if self._writing:
+                self.loop.remove_writer(self._w)
+                self._writing = False
+        return process
+
     def submit_pending(self) -> None:
         """Sends the writes waiting, if any, at the next turn of the loop."""
         if self._batch and not self._flush_due:
@@ -444,13 +452,9 @@ class LoopWriter:
             self._drained = self.loop.create_future()
             self._flush()
             await self._drained
-        process = self.process
+        process = self._detach()
         if process is None:
             return
-        self.process = None
-        self.loop.remove_reader(self._r)
-        if self._writing:
-            self.loop.remove_writer(self._w)
         assert process.stdin is not None and process.stdout is not None
         process.stdin.close()
         try:
