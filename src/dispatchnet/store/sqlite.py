@@ -568,6 +568,11 @@ class SqliteStore:
                 self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(f"PRAGMA synchronous={synchronous}")
             self._conn.execute("PRAGMA busy_timeout=5000")
+            # Statement journals (a savepoint's undo copy of each page it changes: every
+            # write of a group has one) in memory, not in a temporary file: with a file,
+            # each group created, wrote (hundreds of system calls) and deleted one. They
+            # only serve to roll a savepoint back, never for recovery after a crash.
+            self._conn.execute("PRAGMA temp_store=MEMORY")
             self.db = sqlite_utils.Database(self._conn)
             if not read_only:
                 self._migrate()
