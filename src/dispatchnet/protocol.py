@@ -22,7 +22,7 @@ MAX_RUNNING_JOBS = 128
 MAX_SIGNATURE_BYTES = 128  # ChallengeResponse signature / chain_ / solana_signature, receipts
 
 # Every message about a job
-MAX_JOB_ID_CHARS = 64  # job_id (the coordinator's ids are 28 characters)
+MAX_JOB_ID_CHARS = 64  # job_id (the coordinator's ids are 36 characters)
 
 # After the handshake
 MAX_REASON_CHARS = 256  # OfferResponse.reason, Drain.reason
@@ -42,7 +42,7 @@ ACK_DELAY_SECONDS = 0.05
 
 # Client requests (coordinator.proto, receipt.proto, trust.proto), checked at the edge
 # (api/bounds.py) before anything looks them up; INVALID_ARGUMENT beyond.
-MAX_ID_CHARS = 64  # job_id, quote_id, pairing_id (the coordinator's ids are under 30)
+MAX_ID_CHARS = 64  # job_id, quote_id, pairing_id (the coordinator's ids are under 40)
 MAX_IDEMPOTENCY_KEY_CHARS = 128  # CommitJobRequest.idempotency_key
 MAX_PAIRING_CODE_CHARS = 32  # ClaimPairingRequest.code (XXXX-XXXX; dashes, spaces ignored)
 MAX_PAGE_TOKEN_CHARS = 128  # GetEarningsRequest.page_token
