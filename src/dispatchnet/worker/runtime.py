@@ -474,8 +474,9 @@ class Worker:
         # for the accept's write)
         self._unanswered[key] = response
         asyncio.get_running_loop().call_soon(self._accept, key, task)
-        self.log.info("accepted job %s attempt %d", offer.job_id, offer.attempt,
-                      extra={"job_id": offer.job_id})  # fmt: skip
+        # at DEBUG: how the job ends is logged at INFO (one line per job, not two)
+        self.log.debug("accepted job %s attempt %d", offer.job_id, offer.attempt,
+                       extra={"job_id": offer.job_id})  # fmt: skip
 
     def _accept(self, key: JobKey, task: asyncio.Task[worker_pb2.ConnectRequest] | None) -> None:
         """Sends the offer's accept unless it was sent, or the job ended (its result, or
