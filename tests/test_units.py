@@ -25,7 +25,19 @@ from dispatchnet.agent_identity import (
 from dispatchnet.auth import tokens
 from dispatchnet.auth.tokens import MAX_CLOCK_SKEW, Caller, TokenCache, make_token, verify_header
 from dispatchnet.coordinator import matching
-from dispatchnet.coordinator.models import JobSpec, JobType, Policy, Privacy, WorkerKind
+from dispatchnet.coordinator.models import (
+    Event,
+    EventKind,
+    Job,
+    JobSpec,
+    JobState,
+    JobType,
+    Policy,
+    Privacy,
+    Result,
+    WorkerKind,
+    evolve,
+)
 from dispatchnet.coordinator.worker_index import WorkerIndex
 from dispatchnet.errors import Unauthenticated
 from dispatchnet.keys import KeyPair
@@ -1011,3 +1023,20 @@ def test_secp256k1_runs_on_the_native_backend() -> None:
     from eth_keys.backends import get_backend
 
     assert type(get_backend()).__name__ == "CoinCurveECCBackend"
+
+
+def test_evolve_is_replace_without_init() -> None:
+    spec = JobSpec(JobType.TASK, Policy.CHEAP, Privacy.PUBLIC, "echo", "", b"s", b"h" * 32)
+    job = Job("job_1", "c", JobState.QUEUED, spec, 1000, "USD", "", "k", 0, 3, 1.0, 1.0, 1.0)
+    changes = {"state": JobState.OFFERED, "attempts": 1, "result": Result(b"x", "text/plain")}
+    moved = evolve(job, **changes)
+    assert moved == dataclasses.replace(job, **changes)  # type: ignore[arg-type]
+    assert type(moved) is Job and hash(moved) == hash(dataclasses.replace(job, **changes))  # type: ignore[arg-type]
+    assert job.state is JobState.QUEUED and job.result is None  # the original is untouched
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        moved.state = JobState.RUNNING  # type: ignore[misc]
+    event = Event("job_1", EventKind.STATE, JobState.QUEUED, 1.0)
+    assert evolve(event, sequence=3) == dataclasses.replace(event, sequence=3)
+    assert evolve(event) == event and evolve(event) is not event
+    with pytest.raises(TypeError, match="no field 'sequense'"):
+        evolve(event, sequense=3)

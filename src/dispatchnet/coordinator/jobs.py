@@ -61,6 +61,7 @@ from dispatchnet.coordinator.models import (
     Quote,
     Result,
     Run,
+    evolve,
 )
 from dispatchnet.coordinator.observer import NULL_OBSERVER, Observer
 from dispatchnet.coordinator.ports import (
@@ -493,7 +494,7 @@ class JobService:
 
     def _offered(self, job: Job, worker_id: str, now: float) -> Job:
         """job (QUEUED, never offered) as offer() would make it: offered to worker_id."""
-        return dataclasses.replace(
+        return evolve(
             job,
             state=JobState.OFFERED,
             worker_id=worker_id,
@@ -670,7 +671,7 @@ class JobService:
             worker_id=worker_id,
             attempt=attempt,
         )
-        running = dataclasses.replace(job, **changes)  # type: ignore[arg-type]
+        running = evolve(job, **changes)
         self._accepts[job_id] = (job, PriorMove((JobState.OFFERED,), attempt, changes, event))
         held = self._active.get(job_id)
         self._active[job_id] = (running, held[1] if held else now)
@@ -1382,7 +1383,7 @@ class JobService:
             and job.job_id not in self._changed_there
         ):
             for sequence, event in enumerate(events, 1):
-                self.live.state(dataclasses.replace(event, sequence=sequence), job, watched=True)
+                self.live.state(evolve(event, sequence=sequence), job, watched=True)
             if not self.notifier.watched(job.job_id):
                 self.live.release(job.job_id)
 
@@ -1458,7 +1459,7 @@ class JobService:
                 await self._write_accept(job.job_id)
             else:  # written first in this move's transaction
                 offered, prior = self._accepts.pop(job.job_id)
-                job = dataclasses.replace(job, **prior.changes)
+                job = evolve(job, **prior.changes)
         carrying = self._carrying_accept(job.job_id) if prior else contextlib.nullcontext()
         with carrying:
             return await self._move_now(
@@ -1507,7 +1508,7 @@ class JobService:
                 await self._accept_lost(job.job_id, offered)
                 return None
             # the accept, one before the move's event
-            accepted = dataclasses.replace(
+            accepted = evolve(
                 job, last_sequence=moved.last_sequence - 1, updated_at=prior.event.time
             )
             self._moved(offered, accepted, prior.event, "accepted")
@@ -1526,7 +1527,7 @@ class JobService:
         else:
             self._active.pop(job.job_id, None)
         watched = self.notifier.watched(job.job_id)
-        self.live.state(dataclasses.replace(event, sequence=moved.last_sequence), moved, watched)
+        self.live.state(evolve(event, sequence=moved.last_sequence), moved, watched)
         if not self.notifier.watched(job.job_id):
             self.live.release(job.job_id)
         self._drop_hold(job.worker_id, job.job_id)  # any move ends a restart hold

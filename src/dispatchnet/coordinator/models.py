@@ -9,7 +9,25 @@ import dataclasses
 import enum
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+_D = TypeVar("_D")
+
+
+def evolve(obj: _D, **changes: Any) -> _D:
+    """dataclasses.replace(obj, **changes) for the plain frozen dataclasses here (no
+    __post_init__, no init=False fields, no slots), without calling __init__ again: a
+    copy of obj's fields with `changes` over them. ~1 us for a Job against ~6 us (replace
+    assigns every field through object.__setattr__); for the per-job paths. A name that
+    is not one of obj's fields raises TypeError, as replace does."""
+    state = obj.__dict__
+    if not changes.keys() <= state.keys():
+        unknown = sorted(changes.keys() - state.keys())
+        raise TypeError(f"{type(obj).__name__} has no field {unknown[0]!r}")
+    new = object.__new__(type(obj))
+    new.__dict__.update(state)
+    new.__dict__.update(changes)
+    return new
 
 
 class JobType(enum.IntEnum):
