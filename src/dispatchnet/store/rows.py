@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sqlite3
 from typing import Any, Protocol
 
 from dispatchnet.coordinator.models import (
@@ -41,6 +42,8 @@ class Row(Protocol):
 
 
 TOTAL_OWNER = "*"  # the quote_usage row of all owners together (client ids are hex)
+
+NO_RUNS = (None, "", "[]")  # a verify_seen column with no run in it
 
 # Job fields stored as they are, in columns of the same name.
 JOB_SIMPLE = {
@@ -179,6 +182,8 @@ def events_of(r: Row) -> list[Event]:
 
 
 def job_of(r: Row) -> Job:
+    if isinstance(r, sqlite3.Row):  # each of its reads by name scans the column names
+        r = dict(zip(r.keys(), r, strict=True))  # (jobs: 40 columns; ~6 us less a job)
     result = failure = receipt = None
     if r["result_content_type"] is not None:
         result = Result(
@@ -217,7 +222,7 @@ def job_of(r: Row) -> Job:
         payment=PaymentRef(**json.loads(r["payment"] or "{}")),
         verify_mode=r["verify_mode"] or "",
         verify_runs=r["verify_runs"] or 0,
-        verify_seen=tuple(json.loads(r["verify_seen"] or "[]")),
+        verify_seen=tuple(json.loads(seen)) if (seen := r["verify_seen"]) not in NO_RUNS else (),
     )
 
 
