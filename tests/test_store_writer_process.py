@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import signal
 import sqlite3
 import subprocess
@@ -147,13 +148,31 @@ async def test_a_memory_database_or_no_readers_keep_the_writer_thread(db_path: P
         ThreadedStore(db_path, writer="fork")
 
 
-def test_the_profile_names_the_writer() -> None:
+def test_the_profile_names_the_writer_and_its_niceness() -> None:
     profile = load_profile("local")
     assert profile.server.sqlite_writer == "process"
+    assert profile.server.sqlite_writer_nice == 10
     wrong = dataclasses.replace(
-        profile, server=dataclasses.replace(profile.server, sqlite_writer="fork")
+        profile,
+        server=dataclasses.replace(profile.server, sqlite_writer="fork", sqlite_writer_nice=20),
     )
-    assert '[server] sqlite_writer must be "process" or "thread"' in check_profile(wrong)
+    problems = check_profile(wrong)
+    assert '[server] sqlite_writer must be "process" or "thread"' in problems
+    assert "[server] sqlite_writer_nice must be 0-19" in problems
+
+
+async def test_the_child_runs_at_the_niceness_asked_for(db_path: Path) -> None:
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    for nice in (0, 10):
+        store = await open_store(db_path, readers=1, writer="process", writer_nice=nice)
+        try:
+            assert (await store.create_job(*new_job(nice + 1)))[1]  # it writes at it too
+            child = child_of(store).pid
+            assert os.getpriority(os.PRIO_PROCESS, child) == min(mine + nice, 19)
+        finally:
+            await store.close()
+    with pytest.raises(ValueError, match="sqlite_writer_nice"):
+        ThreadedStore(db_path, writer="process", writer_nice=-1)
 
 
 async def test_a_write_that_finds_the_pipe_broken_goes_to_the_next_child(

@@ -31,6 +31,10 @@ class ServerConfig:
     # where the writes run: "process" (a process of its own, so they never wait for the
     # event loop's interpreter lock; needs a file and readers) or "thread"
     sqlite_writer: str = "process"
+    # the writer process's niceness (0-19): below the event loop's CPU priority, since the
+    # loop is the coordinator's one serial bottleneck and the writer works in groups that
+    # grow when it waits (0: the loop's own priority)
+    sqlite_writer_nice: int = 10
     # HTTP/2 keepalive pings to every connection: finds dead peers of long streams
     # (workers are also evicted by their heartbeats); each ping costs a little CPU per
     # connection, which adds up with thousands of connected workers.
@@ -523,6 +527,8 @@ def check_profile(profile: Profile) -> list[str]:
         problems.append("[server] sqlite_readers must be 0-16")
     if profile.server.sqlite_writer not in ("process", "thread"):
         problems.append('[server] sqlite_writer must be "process" or "thread"')
+    if not 0 <= profile.server.sqlite_writer_nice <= 19:
+        problems.append("[server] sqlite_writer_nice must be 0-19")
     if profile.workers.max_heartbeats_per_second < 0:
         problems.append("[workers] max_heartbeats_per_second must not be negative")
     if profile.workers.hello_timeout_seconds <= 0:

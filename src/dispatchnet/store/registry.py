@@ -76,6 +76,7 @@ async def _open_sqlite(profile: Profile, data_dir: Path) -> Store:
         profile.server.sqlite_synchronous,
         readers=profile.server.sqlite_readers,
         writer=profile.server.sqlite_writer,
+        writer_nice=profile.server.sqlite_writer_nice,
     )
 
 

@@ -181,6 +181,7 @@ class ThreadedStore:
         readers: int = 2,
         max_group: int = 256,
         writer: str = "thread",
+        writer_nice: int = 0,
     ) -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError("sqlite_synchronous must be NORMAL or FULL")
@@ -188,6 +189,8 @@ class ThreadedStore:
             raise ValueError(f"sqlite_writer must be one of {', '.join(WRITERS)}")
         if readers < 0 or max_group < 1:
             raise ValueError("readers must be >= 0 and max_group >= 1")
+        if not 0 <= writer_nice <= 19:
+            raise ValueError("sqlite_writer_nice must be 0-19")
         self.path = str(path)
         self._synchronous = synchronous
         self._max_group = max_group
@@ -221,8 +224,9 @@ class ThreadedStore:
             assert loop is not None
             try:
                 self._pipe = LoopWriter(
-                    self.path, synchronous, max_group, loop, self._writer_open, _settle_on
-                )
+                    self.path, synchronous, max_group, loop, self._writer_open, _settle_on,
+                    writer_nice,
+                )  # fmt: skip
             except OSError:  # no child process could start: the thread does the writing
                 self.writer = "thread"
         if self._pipe is None:
@@ -744,10 +748,11 @@ async def open_store(
     readers: int = 2,
     max_group: int = 256,
     writer: str = "thread",
+    writer_nice: int = 0,
 ) -> ThreadedStore:
     """A ThreadedStore whose connections are open (the schema migrated); raises, with its
     threads stopped, what opening raised."""
-    store = ThreadedStore(path, synchronous, readers, max_group, writer)
+    store = ThreadedStore(path, synchronous, readers, max_group, writer, writer_nice)
     try:
         await store.wait_open()
     except BaseException:
