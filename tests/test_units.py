@@ -1040,3 +1040,20 @@ def test_evolve_is_replace_without_init() -> None:
     assert evolve(event) == event and evolve(event) is not event
     with pytest.raises(TypeError, match="no field 'sequense'"):
         evolve(event, sequense=3)
+
+
+def test_ids_begin_with_their_time_so_later_ones_sort_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dispatchnet.coordinator import jobs
+
+    made = []
+    for ms in (1_796_000_000_000, 1_796_000_000_001, 1_796_000_001_000):
+        monkeypatch.setattr(jobs.time, "time_ns", lambda ms=ms: ms * 1_000_000 + 999_999)
+        made += [jobs.new_id("job") for _ in range(50)]
+    assert all(len(i) == 36 and i.startswith("job_") and int(i[4:], 16) >= 0 for i in made)
+    assert [int(i[4:16], 16) for i in made[::50]] == [1_796_000_000_000, 1_796_000_000_001,
+                                                      1_796_000_001_000]  # fmt: skip
+    # each millisecond's ids sort after the ones before it
+    assert max(made[:50]) < min(made[50:100]) and max(made[50:100]) < min(made[100:])
+    assert len(set(made)) == len(made)  # the 80 random bits tell one millisecond's apart
