@@ -33,7 +33,13 @@ from dispatchnet import cli
 from dispatchnet.chains.evm.anchoring import EvmAnchorer, anchor_contract
 from dispatchnet.chains.evm.config import chain_id_of
 from dispatchnet.chains.evm.deploy import load_artifact
-from dispatchnet.chains.evm.node import load_or_create_chain_key, web3_for
+from dispatchnet.chains.evm.node import (
+    Call,
+    EvmSender,
+    _hex,
+    load_or_create_chain_key,
+    web3_for,
+)
 from dispatchnet.chains.evm.reputation import reputation_contract
 from dispatchnet.cli import job_json, proof_json
 from dispatchnet.client import CoordinatorClient, task_spec
@@ -246,6 +252,42 @@ async def test_anchorer_serializes_sends_and_reanchoring_returns_the_first_tx(
     )
     with pytest.raises(RuntimeError, match="anchor_gas_limit is 30000"):
         await tight.anchor(os.urandom(32), 1, "batch_tight")
+
+
+def test_the_sender_fills_every_field_and_refetches_a_nonce_taken_meanwhile(
+    chain: dict[str, Any],
+) -> None:
+    """EvmSender asks the node through bare requests: the nonce, the EIP-1559 fees as web3
+    fills them, the send, the receipt. A nonce another sender took (here: the first one
+    read is one behind) is refused by the node ("nonce too low"), read again and sent."""
+    key = chain["accounts"]["client"]["private_key"]  # not the coordinator: no shared nonces
+    w3 = web3_for(chain["rpc_url"], 5)
+    sender = EvmSender(w3, chain["network"], key)
+    anchor = chain["contracts"]["receipt_anchor"]
+    calldata = anchor_contract(w3, anchor).encode_abi("anchor", [os.urandom(32), 1, "batch_s"])
+    first = sender.send(Call(anchor, calldata), 60000)
+    assert sender.receipt(_hex(first), 10, 0.01)["status"] == "0x1"
+
+    reads = []
+    real = sender.result
+
+    def stale_once(method: str, params: list[Any]) -> Any:
+        got = real(method, params)
+        if method == "eth_getTransactionCount":
+            reads.append(int(got, 16))
+            if len(reads) == 1:
+                return hex(int(got, 16) - 1)  # the last one's nonce: taken
+        return got
+
+    sender.result = stale_once  # type: ignore[method-assign]
+    calldata = anchor_contract(w3, anchor).encode_abi("anchor", [os.urandom(32), 1, "batch_t"])
+    second = sender.send(Call(anchor, calldata), 60000)
+    receipt = sender.receipt(_hex(second), 10, 0.01)
+    assert receipt["status"] == "0x1" and len(reads) == 2
+    tx = w3.eth.get_transaction(_hex(second))  # type: ignore[arg-type]
+    assert tx["nonce"] == reads[1] and tx["gas"] == 60000 and tx["type"] == 2
+    base = w3.eth.get_block(tx["blockNumber"])["baseFeePerGas"]
+    assert tx["maxFeePerGas"] >= base + tx["maxPriorityFeePerGas"]
 
 
 def receipt_gas_limit(anchorer: EvmAnchorer, tx: str) -> int:

@@ -9,6 +9,7 @@ check of a receipt proof's anchor (`dispatch receipt verify --onchain`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from hexbytes import HexBytes
 from web3 import Web3
+from web3._utils.error_formatters_utils import raise_contract_logic_error_on_revert
 from web3.contract.contract import Contract
 from web3.exceptions import (
     ContractLogicError,
@@ -32,6 +34,8 @@ from dispatchnet.chains.deployments import ChainConfigError
 from dispatchnet.chains.evm.config import chain_id_of
 from dispatchnet.chains.evm.node import (
     TRANSIENT,
+    AbiFunction,
+    Call,
     EvmChain,
     _brief,
     _hex,
@@ -75,10 +79,10 @@ class EvmAnchorer:
     """Anchors receipt batch roots with ReceiptAnchor.anchor(root, leafCount, batchId), sent
     from the coordinator's chain account. Implements receipts.anchoring.Anchorer.
 
-    - Blocking web3.py calls run in a worker thread; one lock serializes everything that
-      uses the account, so nonces never collide within this process. The nonce is the
-      node's pending count, fetched for every transaction; a "nonce too low" answer (another
-      sender used the account) refetches it and sends again.
+    - Blocking calls (bare JSON-RPC requests, see EvmSender) run in a worker thread; one
+      lock serializes everything that uses the account, so nonces never collide within
+      this process. The nonce is the node's pending count, fetched for every transaction; a
+      "nonce too low" answer (another sender used the account) refetches it and sends again.
     - The gas limit is the profile's, not an estimate (chains like Monad charge for the
       limit); an estimate above it is refused before anything is sent.
     - A root that is already on chain is not sent again: its first Anchored transaction is
@@ -165,41 +169,53 @@ class EvmAnchorer:
         existing = self._existing(root)
         if existing:
             return existing
-        fn = self.contract.functions.anchor(root, leaf_count, batch_id)
-        try:
-            needed = fn.estimate_gas({"from": self.address})
-        except ContractLogicError as e:
-            raise AnchorError(f"ReceiptAnchor.anchor would revert: {e}") from e
+        call = Call(self.contract.address, _function("anchor").calldata(root, leaf_count, batch_id))
+        needed = self._estimate(call)
         if needed > self.gas_limit:
             raise AnchorError(
                 f"ReceiptAnchor.anchor needs {needed} gas; [chain] anchor_gas_limit is "
                 f"{self.gas_limit}"
             )
-        tx_hash = self._send(fn)
+        tx_hash = _hex(self._send(call))
         try:
-            receipt = self.w3.eth.wait_for_transaction_receipt(
-                HexBytes(tx_hash), timeout=self.tx_timeout, poll_latency=self.poll_seconds
-            )
+            receipt = self.sender.receipt(tx_hash, self.tx_timeout, self.poll_seconds)
         except TimeExhausted as e:
             raise Unavailable(
-                f"anchor transaction {_hex(tx_hash)} not mined within {self.tx_timeout:g}s"
+                f"anchor transaction {tx_hash} not mined within {self.tx_timeout:g}s"
             ) from e
-        if receipt["status"] != 1:
+        if int(receipt["status"], 16) != 1:
             raise AnchorError(
-                f"anchor transaction {_hex(tx_hash)} reverted (gas used {receipt['gasUsed']} "
-                f"of {self.gas_limit})"
+                f"anchor transaction {tx_hash} reverted (gas used "
+                f"{int(receipt['gasUsed'], 16)} of {self.gas_limit})"
             )
-        events = self.contract.events.Anchored().process_receipt(receipt, errors=DISCARD)
-        if any(bytes(ev["args"]["merkleRoot"]) == root for ev in events):
-            return _hex(tx_hash)
+        if any(_anchors(log_entry, self.contract.address, root) for log_entry in receipt["logs"]):
+            return tx_hash
         # anchored by someone else between our check and our transaction: theirs stands
         existing = self._existing(root)
         if not existing:
-            raise AnchorError(f"anchor transaction {_hex(tx_hash)} emitted no Anchored event")
+            raise AnchorError(f"anchor transaction {tx_hash} emitted no Anchored event")
         return existing
 
+    def _eth_call(self, call: Call, method: str = "eth_call") -> Any:
+        request: dict[str, Any] = {"from": self.address, "to": call.to, "data": call.data}
+        response = self.sender.rpc.request(
+            method, [request] + (["latest"] if method == "eth_call" else [])
+        )
+        if response.get("error") is not None:
+            raise_contract_logic_error_on_revert(response)
+            raise Web3RPCError(str(response["error"]), rpc_response=response)
+        return response["result"]
+
+    def _estimate(self, call: Call) -> int:
+        try:
+            return int(self._eth_call(call, "eth_estimateGas"), 16)
+        except ContractLogicError as e:
+            raise AnchorError(f"ReceiptAnchor.anchor would revert: {e}") from e
+
     def _existing(self, root: bytes) -> str:
-        block, _anchorer = self.contract.functions.anchoredAt(root).call()
+        anchored_at = _function("anchoredAt")
+        call = Call(self.contract.address, anchored_at.calldata(root))
+        block, _anchorer = anchored_at.result(HexBytes(self._eth_call(call)))
         if not block:
             return ""
         tx = find_anchor_transaction(self.contract, root, int(block))
@@ -207,8 +223,27 @@ class EvmAnchorer:
             raise AnchorError(f"root {root.hex()} is anchored in block {block} with no event")
         return tx
 
-    def _send(self, fn: Any) -> bytes:
-        return self.sender.send(fn, self.gas_limit, self.nonce_retries)
+    def _send(self, call: Call) -> bytes:
+        return self.sender.send(call, self.gas_limit, self.nonce_retries)
+
+
+@functools.cache
+def _function(name: str) -> AbiFunction:
+    return AbiFunction.of(_anchor_abi(), name)
+
+
+ANCHORED_TOPIC = Web3.keccak(text="Anchored(bytes32,address,uint32,string)")
+
+
+def _anchors(log_entry: dict[str, Any], contract: str, root: bytes) -> bool:
+    """Whether a receipt's log (the node's, hex strings) is contract's Anchored(root)."""
+    topics = log_entry.get("topics") or []
+    return (
+        str(log_entry.get("address", "")).lower() == contract.lower()
+        and len(topics) >= 2
+        and HexBytes(topics[0]) == ANCHORED_TOPIC
+        and HexBytes(topics[1]) == root
+    )
 
 
 # --- checking an anchor ---------------------------------------------------------------------

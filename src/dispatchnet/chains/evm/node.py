@@ -15,15 +15,23 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import requests
+from eth_abi.abi import decode as abi_decode
+from eth_abi.abi import encode as abi_encode
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from eth_typing import ChecksumAddress
+from eth_typing import ABIFunction, ChecksumAddress
+from eth_utils.abi import (
+    function_abi_to_4byte_selector,
+    get_abi_input_types,
+    get_abi_output_types,
+)
 from web3 import Web3
 from web3.exceptions import (
     TimeExhausted,
@@ -254,7 +262,12 @@ class EvmSender:
     and holds `lock` around everything from reading the nonce to sending, so their nonces
     never collide. The nonce is the node's pending count, fetched for every transaction; a
     "nonce too low" answer (another process used the account) refetches it and sends again.
-    Blocking: call it in a worker thread."""
+    Blocking: call it in a worker thread.
+
+    The node is asked through BareRpc, not web3's provider: a transaction is the nonce, the
+    fees (as web3 fills them), the send and the receipt's polls, and through web3 each of
+    those requests cost ~1 ms of CPU (its middleware, requests and urllib3), held under the
+    interpreter lock the event loop needs."""
 
     def __init__(self, w3: Web3, network: str, private_key: str) -> None:
         self.w3 = w3
@@ -264,34 +277,116 @@ class EvmSender:
         self.lock = threading.Lock()
         provider = cast(Any, w3.provider)  # an HTTPProvider (web3_for)
         timeout = float(dict(provider.get_request_kwargs()).get("timeout") or 30.0)
-        self.rpc = BareRpc(str(provider.endpoint_uri), timeout)  # read-only calls
+        self.rpc = BareRpc(str(provider.endpoint_uri), timeout)
 
     @property
     def address(self) -> ChecksumAddress:
         return self.account.address
 
+    def result(self, method: str, params: list[Any]) -> Any:
+        """The node's answer to one request; its error as Web3RPCError, as web3 raises it."""
+        response = self.rpc.request(method, params)
+        if response.get("error") is not None:
+            raise Web3RPCError(str(response["error"]), rpc_response=response)
+        return response.get("result")
+
+    def fees(self) -> dict[str, int]:
+        """The fee fields web3 would fill: EIP-1559 maxPriorityFeePerGas (the node's
+        eth_maxPriorityFeePerGas) and maxFeePerGas (twice the latest block's base fee plus
+        that); a legacy gasPrice on a chain whose blocks have no base fee."""
+        block = self.result("eth_getBlockByNumber", ["latest", False]) or {}
+        base = block.get("baseFeePerGas")
+        if base is None:
+            return {"gasPrice": int(self.result("eth_gasPrice", []), 16)}
+        try:
+            tip = int(self.result("eth_maxPriorityFeePerGas", []), 16)
+        except Web3RPCError:  # not served: web3's own estimate (from the fee history)
+            tip = int(self.w3.eth.max_priority_fee)
+        return {"maxPriorityFeePerGas": tip, "maxFeePerGas": tip + 2 * int(base, 16)}
+
     def sign(self, fn: Any, gas_limit: int) -> tuple[bytes, bytes]:
-        """(raw transaction, hash) of the contract call fn, with the pending nonce and the
-        given gas limit; the caller holds `lock`."""
-        nonce = self.w3.eth.get_transaction_count(self.address, "pending")
+        """(raw transaction, hash) of the contract call fn (a web3 contract function or a
+        Call), with the pending nonce, the fees and the given gas limit; the caller holds
+        `lock`. Every field is filled here, so building it asks the node nothing more."""
+        nonce = int(self.result("eth_getTransactionCount", [self.address, "pending"]), 16)
         tx = fn.build_transaction(
-            {"from": self.address, "nonce": nonce, "gas": gas_limit, "chainId": self.chain_id}
+            {
+                "from": self.address,
+                "nonce": nonce,
+                "gas": gas_limit,
+                "chainId": self.chain_id,
+                **self.fees(),
+            }
         )
         signed = self.account.sign_transaction(tx)
         return bytes(signed.raw_transaction), bytes(signed.hash)
 
     def send(self, fn: Any, gas_limit: int, nonce_retries: int = 3) -> bytes:
-        """Signs and sends with the pending nonce and the given gas limit; the caller holds
-        `lock`."""
+        """Signs and sends with the pending nonce and the given gas limit; the transaction's
+        hash. The caller holds `lock`."""
         for attempt in range(nonce_retries + 1):
-            raw, _ = self.sign(fn, gas_limit)
+            raw, tx_hash = self.sign(fn, gas_limit)
             try:
-                return bytes(self.w3.eth.send_raw_transaction(raw))
+                self.result("eth_sendRawTransaction", ["0x" + raw.hex()])
+                return tx_hash
             except Web3RPCError as e:
                 if "nonce too low" not in str(e).lower() or attempt == nonce_retries:
                     raise
                 log.info("a nonce was taken meanwhile; refetching the pending nonce")
         raise AssertionError("unreachable")
+
+    def receipt(self, tx_hash: str, timeout: float, poll_seconds: float) -> dict[str, Any]:
+        """The transaction's receipt as the node sends it (hex strings), polled every
+        poll_seconds; TimeExhausted after timeout. (web3's receipt formatters checksum the
+        address of each log, a keccak each: hundreds for a settlement batch.)"""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.result("eth_getTransactionReceipt", [tx_hash])
+            if found:
+                return cast(dict[str, Any], found)
+            if time.monotonic() >= deadline:
+                raise TimeExhausted(f"{tx_hash} not mined within {timeout:g}s")
+            time.sleep(poll_seconds)
+
+
+@dataclass(frozen=True)
+class Call:
+    """A contract call already encoded (AbiFunction.calldata), as EvmSender.send takes
+    it: sent with no value."""
+
+    to: str
+    data: str
+
+    def build_transaction(self, tx: dict[str, Any]) -> dict[str, Any]:
+        return {**tx, "to": self.to, "data": self.data, "value": 0}
+
+
+@dataclass(frozen=True)
+class AbiFunction:
+    """One contract function's selector and types, encoded and decoded with eth_abi (no
+    web3 contract layer: it checksums every address it sees, a keccak each)."""
+
+    selector: bytes
+    inputs: list[str]
+    outputs: list[str]
+
+    @classmethod
+    def of(cls, abi: list[dict[str, Any]], name: str) -> AbiFunction:
+        [element] = [
+            cast(ABIFunction, e) for e in abi if e.get("type") == "function" and e["name"] == name
+        ]
+        return cls(
+            function_abi_to_4byte_selector(element),
+            list(get_abi_input_types(element)),
+            list(get_abi_output_types(element)),
+        )
+
+    def calldata(self, *args: Any) -> str:
+        return "0x" + (self.selector + abi_encode(self.inputs, list(args))).hex()
+
+    def result(self, data: bytes) -> Any:
+        values = abi_decode(self.outputs, data)
+        return values[0] if len(values) == 1 else list(values)
 
 
 _SENDERS: dict[tuple[str, str], EvmSender] = {}

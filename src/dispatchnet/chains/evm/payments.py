@@ -25,13 +25,19 @@ from eth_utils.abi import (
 from hexbytes import HexBytes
 from web3 import Web3
 from web3._utils.error_formatters_utils import raise_contract_logic_error_on_revert
-from web3._utils.transactions import fill_transaction_defaults
-from web3.exceptions import TimeExhausted, TransactionNotFound, Web3RPCError
+from web3.exceptions import TransactionNotFound, Web3RPCError
 from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.types import TransactionReceipt
 
 from dispatchnet.chains.evm.deploy import load_artifact
-from dispatchnet.chains.evm.node import TRANSIENT, EvmSender, _brief, _hex
+from dispatchnet.chains.evm.node import (
+    TRANSIENT,
+    AbiFunction,
+    Call,
+    EvmSender,
+    _brief,
+    _hex,
+)
 from dispatchnet.errors import Unavailable
 
 log = logging.getLogger("dispatch.payments.evm")
@@ -398,16 +404,21 @@ class EvmBatchSettler:
         # every address of a batch through a checksum (a keccak each), which cost more CPU
         # than the rest of a settlement pass together.
         abi = load_artifact("BatchSettler").abi
-        self._settle = _AbiFunction.of(abi, "settle")
-        self._states = _AbiFunction.of(abi, "authorizationStates")
+        self._settle = AbiFunction.of(abi, "settle")
+        self._states = AbiFunction.of(abi, "authorizationStates")
 
-    def _call(self, fn: _AbiFunction, *args: Any) -> Any:
-        call = {"from": self.sender.address, "to": self.address, "data": fn.calldata(*args)}
+    def _call(self, fn: AbiFunction, *args: Any) -> Any:
+        return fn.result(self._call_data(fn.calldata(*args)))
+
+    def _call_data(self, calldata: str) -> HexBytes:
+        """eth_call of the contract with calldata, from the coordinator's account; a revert
+        raises web3's ContractLogicError, as web3 would."""
+        call = {"from": self.sender.address, "to": self.address, "data": calldata}
         response = self.sender.rpc.request("eth_call", [call, "latest"])
         if response.get("error") is not None:
             raise_contract_logic_error_on_revert(response)
             raise Web3RPCError(str(response["error"]), rpc_response=response)
-        return fn.result(HexBytes(response["result"]))
+        return HexBytes(response["result"])
 
     def used(self, asset: str, auths: list[Authorization]) -> list[bool]:
         """Whether each authorization is used (or cancelled) on chain, in one call."""
@@ -429,23 +440,26 @@ class EvmBatchSettler:
         node trouble, a transaction not mined in time, or a reverted batch (nothing moved:
         retry)."""
         token = asset.lower()
-        w3 = self.sender.w3
         try:
-            ok = self._call(self._settle, token, [a.as_abi() for a in auths])
+            calldata = self._settle.calldata(token, [a.as_abi() for a in auths])
+            ok = self._settle.result(self._call_data(calldata))
             send = [a for a, good in zip(auths, ok, strict=True) if good]
             refused = frozenset(a.key for a, good in zip(auths, ok, strict=True) if not good)
             if not send:
                 return BatchOutcome("", frozenset(), refused)
-            tx = _Transaction(
-                w3, self.address, self._settle.calldata(token, [a.as_abi() for a in send])
+            # the simulated call's calldata when the token takes all of them (the usual case)
+            data = (
+                calldata
+                if len(send) == len(auths)
+                else self._settle.calldata(token, [a.as_abi() for a in send])
             )
             # Not an estimate: the batch catches each transfer's failure, so the node's
             # estimate is the least gas at which the batch *succeeds*, even when every
             # transfer inside it then runs out of gas.
             gas = self.per_payment_gas * len(send) + BATCH_BASE_GAS
             with self.sender.lock:
-                tx_hash = self.sender.send(tx, gas)
-            receipt = self._receipt(_hex(tx_hash))
+                tx_hash = self.sender.send(Call(self.address, data), gas)
+            receipt = self.sender.receipt(_hex(tx_hash), self.tx_timeout, RECEIPT_POLL_SECONDS)
         except TRANSIENT as e:
             raise Unavailable(f"batch settlement: {_brief(e)}") from e
         if int(receipt["status"], 16) != 1:
@@ -454,21 +468,6 @@ class EvmBatchSettler:
                 f"{int(receipt['gasUsed'], 16)} of {gas}); nothing moved, retrying"
             )
         return BatchOutcome(_hex(tx_hash), authorizations_used(receipt, token), refused)
-
-    def _receipt(self, tx_hash: str) -> dict[str, Any]:
-        """The transaction's receipt as the node sends it (hex strings), polled every
-        RECEIPT_POLL_SECONDS until tx_timeout. A bare request: web3's receipt formatters
-        checksum the address of each of a batch's hundreds of logs (a keccak each)."""
-        deadline = time.monotonic() + self.tx_timeout
-        while True:
-            response = self.sender.rpc.request("eth_getTransactionReceipt", [tx_hash])
-            if response.get("error") is not None:
-                raise Web3RPCError(str(response["error"]), rpc_response=response)
-            if response.get("result"):
-                return cast(dict[str, Any], response["result"])
-            if time.monotonic() >= deadline:
-                raise TimeExhausted(f"{tx_hash} not mined within {self.tx_timeout:g}s")
-            time.sleep(RECEIPT_POLL_SECONDS)
 
 
 AUTHORIZATION_USED_TOPIC = Web3.keccak(text="AuthorizationUsed(address,bytes32)")
@@ -490,47 +489,6 @@ def authorizations_used(receipt: Any, token: str) -> frozenset[tuple[str, str]]:
             authorizer = "0x" + HexBytes(topics[1])[-20:].hex()
             used.add((authorizer.lower(), _hex(HexBytes(topics[2])).lower()))
     return frozenset(used)
-
-
-@dataclass(frozen=True)
-class _AbiFunction:
-    """One contract function's selector and types, for eth_abi."""
-
-    selector: bytes
-    inputs: list[str]
-    outputs: list[str]
-
-    @classmethod
-    def of(cls, abi: list[dict[str, Any]], name: str) -> _AbiFunction:
-        [element] = [
-            cast(ABIFunction, e) for e in abi if e.get("type") == "function" and e["name"] == name
-        ]
-        return cls(
-            function_abi_to_4byte_selector(element),
-            list(get_abi_input_types(element)),
-            list(get_abi_output_types(element)),
-        )
-
-    def calldata(self, *args: Any) -> str:
-        return "0x" + (self.selector + abi_encode(self.inputs, list(args))).hex()
-
-    def result(self, data: bytes) -> Any:
-        values = abi_decode(self.outputs, data)
-        return values[0] if len(values) == 1 else list(values)
-
-
-@dataclass(frozen=True)
-class _Transaction:
-    """A contract call already encoded, as EvmSender.send takes it (build_transaction
-    fills the fees and defaults as web3's contract functions do)."""
-
-    w3: Web3
-    to: str
-    data: str
-
-    def build_transaction(self, tx: dict[str, Any]) -> dict[str, Any]:
-        full = {**tx, "to": self.to, "data": self.data, "value": 0}
-        return dict(fill_transaction_defaults(self.w3, full))
 
 
 def token_info(w3: Web3, asset: str) -> tuple[str, str, int]:
