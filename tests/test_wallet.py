@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import threading
 
 from eth_account import Account
 from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.eip712 import build_typed_data_for_signing
 from x402.mechanisms.evm.types import ExactEIP3009Authorization, TypedDataField
 
-from dispatchnet.payments.wallet import KeptKeySigner
+from dispatchnet.chains.solana.wallet import SvmWallet
+from dispatchnet.client import pay_with
+from dispatchnet.gateways.relay import RelayPayer
+from dispatchnet.payments.wallet import KeptKeySigner, Wallet
+from dispatchnet.sdk.relay import RelayedPayment
 
 
 def test_kept_key_signer_signs_as_the_sdk_signer_does() -> None:
@@ -35,3 +40,27 @@ def test_kept_key_signer_signs_as_the_sdk_signer_does() -> None:
         signature = kept.sign_typed_data(domain, fields, primary, message)
         assert signature == sdk.sign_typed_data(domain, fields, primary, message)
         assert len(signature) == 65 and signature[64] in (27, 28)
+
+
+async def test_a_payer_that_pays_offline_is_called_on_the_loop_any_other_in_a_thread() -> None:
+    """An EVM wallet signs with its local key (no I/O): the client calls it at once, as a
+    thread's hop would cost more than the signature. A payer that asks a node (a Solana
+    wallet, for a blockhash), or says nothing, is called in a worker thread."""
+
+    class Recording:
+        def __init__(self, offline: bool | None) -> None:
+            if offline is not None:
+                self.pays_offline = offline
+            self.threads: list[int] = []
+
+        def pay(self, required_header: str) -> str:
+            self.threads.append(threading.get_ident())
+            return f"paid {required_header}"
+
+    offline, online, silent = Recording(True), Recording(False), Recording(None)
+    for payer in (offline, online, silent):
+        assert await pay_with(payer, "x") == "paid x"
+    assert offline.threads == [threading.get_ident()]
+    assert threading.get_ident() not in online.threads + silent.threads
+    assert Wallet.pays_offline and not SvmWallet.pays_offline
+    assert RelayPayer.pays_offline and RelayedPayment.pays_offline

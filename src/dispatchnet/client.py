@@ -54,10 +54,21 @@ class PaymentDeclined(ValueError):
 
 
 class Payer(Protocol):
+    """Pays for jobs. A payer with a true `pays_offline` attribute pays without I/O (a
+    local key's signature, ~0.2 ms of CPU for EIP-3009: less than a worker thread's hop
+    costs), so the client calls it on the event loop; any other in a worker thread."""
+
     def pay(self, required_header: str) -> str:
         """A payment-signature value for a payment-required value (blocking);
         PaymentDeclined when it will not pay."""
         ...
+
+
+async def pay_with(payer: Payer, required_header: str) -> str:
+    """payer.pay(required_header): at once when it pays offline, else in a worker thread."""
+    if getattr(payer, "pays_offline", False):
+        return payer.pay(required_header)
+    return await asyncio.to_thread(payer.pay, required_header)
 
 
 def trailer(metadata: object, key: str) -> str:
@@ -310,14 +321,14 @@ class CoordinatorClient:
         known = self._required.pop(quote_id, None)
         try:
             if known and wallet:  # paid at once, with what GetQuote said
-                signature = await asyncio.to_thread(wallet.pay, known)
+                signature = await pay_with(wallet, known)
                 return await self._commit(request, ((PAYMENT_SIGNATURE, signature),))
             return await self._commit(request, ())
         except grpc.aio.AioRpcError as e:
             required = trailer(e.trailing_metadata(), PAYMENT_REQUIRED)
             if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or not required or not wallet:
                 raise
-        signature = await asyncio.to_thread(wallet.pay, required)
+        signature = await pay_with(wallet, required)
         return await self._commit(request, ((PAYMENT_SIGNATURE, signature),))
 
     async def _commit(
@@ -354,7 +365,7 @@ class CoordinatorClient:
             quote = await self.quote(spec)
             required = self._required.pop(quote.quote_id, None)
             if required:
-                extra = ((PAYMENT_SIGNATURE, await asyncio.to_thread(wallet.pay, required)),)
+                extra = ((PAYMENT_SIGNATURE, await pay_with(wallet, required)),)
             request = coordinator_pb2.RunJobRequest(quote_id=quote.quote_id, idempotency_key=key)
         else:
             request = coordinator_pb2.RunJobRequest(spec=spec, idempotency_key=key)

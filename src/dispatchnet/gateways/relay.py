@@ -103,6 +103,8 @@ class RelayPayer:
     """The gateway network's wallet (client.Payer): it pays with the HTTP caller's own
     signed payment, never with a key of its own."""
 
+    pays_offline = True  # it only matches the caller's payment (client.Payer)
+
     def pay(self, required_header: str) -> str:
         payment = _CURRENT.get()
         try:

@@ -114,6 +114,9 @@ class Asset:
 
 
 class Wallet:
+    # EIP-3009 payments are signed with the local key, asking no node (client.Payer)
+    pays_offline = True
+
     def __init__(
         self, private_key: str, max_per_job_micros: int, extra_assets: list[Asset] | None = None
     ) -> None:

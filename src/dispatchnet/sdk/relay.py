@@ -41,6 +41,8 @@ class RelayedPayment:
     what x402's HTTP transport sends as PAYMENT-SIGNATURE); "" for none, to learn what
     the job costs."""
 
+    pays_offline = True  # it hands on the caller's signature (client.Payer)
+
     def __init__(self, signature: str = "") -> None:
         self.signature = signature
         self.required: PaymentRequired | None = None

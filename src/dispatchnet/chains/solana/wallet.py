@@ -33,6 +33,8 @@ class SvmWallet(Wallet):
     """A Solana keypair paying x402 exact SVM payments; rpc_url is the node the client asks
     for a recent blockhash and the mint's decimals (None: the SDK's public cluster URL)."""
 
+    pays_offline = False  # it asks the node (client.Payer: paid in a worker thread)
+
     def __init__(
         self,
         keypair: Keypair,
