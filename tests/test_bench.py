@@ -37,12 +37,27 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
         "SQLite, 1 coordinator: jobs, 8 submitters",
         "PostgreSQL, 1 coordinator: jobs, 8 submitters",
         "PostgreSQL, 2 coordinators: jobs, 8 submitters",
+        # the comparisons measured in more rounds, each side in turn
+        "round 2: raw unary, 64 callers",
+        "round 2: unpaid jobs with RunJob, 8 submitters",
+        "round 3: raw unary, 1 caller",
+        "round 3: unpaid job end to end with RunJob, 1 submitter",
+        "round 2: unpaid jobs, 16 submitters",
+        "round 3: paid jobs, 16 submitters",
     ):
         assert re.search(rf"{re.escape(series)}: \d+ in [\d.]+s = [\d,.]+/s, p50 [\d.]+ ms", out), (
             series,
             out,
         )
     assert re.search(r"settled (\d+) of \1 in", out), out
+    for what in (
+        "RunJob jobs/s / raw unary RPC/s",
+        "RunJob p50 / raw unary p50",
+        "paid jobs/s / unpaid jobs/s",
+    ):
+        assert re.search(
+            rf"{re.escape(what)}, round by round: [\d.]+, [\d.]+, [\d.]+ \(median [\d.]+\)", out
+        ), out
     # how far settlement lags completion, and its rate beside the rate jobs completed at
     assert re.search(
         r"completion -> settled: \d+ in [\d.]+s = [\d,]+/s, p50 [\d.]+ ms, p99 [\d.]+ ms "
@@ -98,12 +113,12 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
     ), summary
     # the targets on RunJob's rows; the three-call path printed beside them
     assert re.search(
-        r"trivial jobs/s with RunJob, 8 submitters / raw unary RPC/s +[\d,]+/s +[\d.]+ +"
+        r"trivial jobs/s with RunJob, 8 submitters / raw unary RPC/s \* +[\d,]+/s +[\d.]+ +"
         r">= 0\.2 \(raw-cost ceiling here: [\d.]+\)",
         summary,
     ), summary
     assert re.search(
-        r"job p50 end to end with RunJob, 1 submitter / raw unary p50 +[\d.]+ ms +[\d.]+ +"
+        r"job p50 end to end with RunJob, 1 submitter / raw unary p50 \* +[\d.]+ ms +[\d.]+ +"
         r"<= 5 \(raw-cost floor here: [\d.]+\)",
         summary,
     ), summary
