@@ -338,12 +338,12 @@ class Rounds:
         return [a / b if b else float("nan") for a, b in self.pairs]
 
     def ratio(self) -> float:
-        return statistics.median(self.ratios())
+        """The median ratio (the lower middle one of an even number: always a round's)."""
+        return statistics.median_low(self.ratios())
 
     def value(self) -> float:
-        """The figure of the round whose ratio is the median (an odd number of rounds)."""
-        ratios = self.ratios()
-        return self.pairs[ratios.index(self.ratio())][0] if len(ratios) % 2 else self.pairs[0][0]
+        """The figure of the round whose ratio is the median."""
+        return self.pairs[self.ratios().index(self.ratio())][0]
 
     def line(self, what: str) -> str:
         shown = ", ".join(f"{r:.2f}" for r in self.ratios())
@@ -483,16 +483,8 @@ async def bench_jobs(
     async with CoordinatorClient(address, client_key, wallet) as c:
         commits = Series(f"{label} CommitJob, 4 submitters")
         counter = iter(range(10**9))
-
-        async def job(record_commit: bool = False) -> None:
-            spec = task_spec("echo", f"job {next(counter)}".encode())
-            quote = await c.quote(spec)
-            t = time.perf_counter()
-            j = await c.commit(quote.quote_id)
-            if record_commit:
-                commits.samples.append(time.perf_counter() - t)
-            committed.append(j.job_id)
-            await c.wait(j.job_id, j.last_sequence)
+        job = three_calls(c, committed, "job")
+        timed_job = three_calls(c, committed, "timed job", commits)
 
         async def run_job() -> None:
             j = await c.run(task_spec("echo", f"job {next(counter)}".encode()))
@@ -506,7 +498,7 @@ async def bench_jobs(
             run_one = await closed_loop(
                 f"{label} job end to end with RunJob, 1 submitter", 1, seconds / 2, run_job
             )
-        four = await closed_loop(f"{label} jobs, 4 submitters", 4, seconds / 2, lambda: job(True))
+        four = await closed_loop(f"{label} jobs, 4 submitters", 4, seconds / 2, timed_job)
         commits.elapsed = four.elapsed
         cpu = CpuMeter(pids)
         run_sixteen = closed_loop(f"{label} jobs, 16 submitters", 16, seconds, job)
@@ -539,17 +531,20 @@ async def bench_jobs(
 
 
 def three_calls(
-    c: CoordinatorClient, committed: list[str], tag: str
+    c: CoordinatorClient, committed: list[str], tag: str, commits: Series | None = None
 ) -> Callable[[], Awaitable[None]]:
-    """A trivial job as bench_jobs runs it: GetQuote, CommitJob (paid when c has a wallet),
-    WatchJob to the end; each job id committed goes to `committed`."""
+    """A trivial job: GetQuote, CommitJob (paid when c has a wallet), WatchJob to the end;
+    each job id committed goes to `committed`, and each CommitJob's time to `commits`."""
     from dispatchnet.client import task_spec
 
     counter = iter(range(10**9))
 
     async def job() -> None:
         quote = await c.quote(task_spec("echo", f"{tag} {next(counter)}".encode()))
+        t = time.perf_counter()
         j = await c.commit(quote.quote_id)
+        if commits is not None:
+            commits.samples.append(time.perf_counter() - t)
         committed.append(j.job_id)
         await c.wait(j.job_id, j.last_sequence)
 

@@ -19,7 +19,6 @@ from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from hexbytes import HexBytes
 from web3 import Web3
-from web3._utils.error_formatters_utils import raise_contract_logic_error_on_revert
 from web3.contract.contract import Contract
 from web3.exceptions import (
     ContractLogicError,
@@ -196,26 +195,16 @@ class EvmAnchorer:
             raise AnchorError(f"anchor transaction {tx_hash} emitted no Anchored event")
         return existing
 
-    def _eth_call(self, call: Call, method: str = "eth_call") -> Any:
-        request: dict[str, Any] = {"from": self.address, "to": call.to, "data": call.data}
-        response = self.sender.rpc.request(
-            method, [request] + (["latest"] if method == "eth_call" else [])
-        )
-        if response.get("error") is not None:
-            raise_contract_logic_error_on_revert(response)
-            raise Web3RPCError(str(response["error"]), rpc_response=response)
-        return response["result"]
-
     def _estimate(self, call: Call) -> int:
         try:
-            return int(self._eth_call(call, "eth_estimateGas"), 16)
+            return int(self.sender.call(call.to, call.data, "eth_estimateGas"), 16)
         except ContractLogicError as e:
             raise AnchorError(f"ReceiptAnchor.anchor would revert: {e}") from e
 
     def _existing(self, root: bytes) -> str:
         anchored_at = _function("anchoredAt")
         call = Call(self.contract.address, anchored_at.calldata(root))
-        block, _anchorer = anchored_at.result(HexBytes(self._eth_call(call)))
+        block, _anchorer = anchored_at.result(HexBytes(self.sender.call(call.to, call.data)))
         if not block:
             return ""
         tx = find_anchor_transaction(self.contract, root, int(block))

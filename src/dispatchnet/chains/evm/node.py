@@ -33,6 +33,7 @@ from eth_utils.abi import (
     get_abi_output_types,
 )
 from web3 import Web3
+from web3._utils.error_formatters_utils import raise_contract_logic_error_on_revert
 from web3.exceptions import (
     TimeExhausted,
     Web3RPCError,
@@ -290,6 +291,22 @@ class EvmSender:
             raise Web3RPCError(str(response["error"]), rpc_response=response)
         return response.get("result")
 
+    def call(self, to: str, data: str, method: str = "eth_call", from_us: bool = True) -> Any:
+        """An eth_call (or eth_estimateGas) of `data` on contract `to`, from this account
+        unless from_us is false; the node's result. A revert raises web3's
+        ContractLogicError with the node's reason, as web3 would; another error
+        Web3RPCError."""
+        request = (
+            {"from": self.address, "to": to, "data": data} if from_us else {"to": to, "data": data}
+        )
+        response = self.rpc.request(
+            method, [request, "latest"] if method == "eth_call" else [request]
+        )
+        if response.get("error") is not None:
+            raise_contract_logic_error_on_revert(response)
+            raise Web3RPCError(str(response["error"]), rpc_response=response)
+        return response["result"]
+
     def fees(self) -> dict[str, int]:
         """The fee fields web3 would fill: EIP-1559 maxPriorityFeePerGas (the node's
         eth_maxPriorityFeePerGas) and maxFeePerGas (twice the latest block's base fee plus
@@ -385,8 +402,9 @@ class AbiFunction:
         return "0x" + (self.selector + abi_encode(self.inputs, list(args))).hex()
 
     def result(self, data: bytes) -> Any:
+        """The decoded return value: the value, a list of them, or None when there are none."""
         values = abi_decode(self.outputs, data)
-        return values[0] if len(values) == 1 else list(values)
+        return values[0] if len(values) == 1 else list(values) if values else None
 
 
 _SENDERS: dict[tuple[str, str], EvmSender] = {}

@@ -12,19 +12,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-from eth_abi.abi import decode as abi_decode
-from eth_abi.abi import encode as abi_encode
-from eth_typing import ABIFunction
-from eth_utils.abi import (
-    function_abi_to_4byte_selector,
-    get_abi_input_types,
-    get_abi_output_types,
-)
 from hexbytes import HexBytes
 from web3 import Web3
-from web3._utils.error_formatters_utils import raise_contract_logic_error_on_revert
 from web3.exceptions import TransactionNotFound, Web3RPCError
 from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.types import TransactionReceipt
@@ -132,10 +123,8 @@ class CoordinatorFacilitatorSigner(FacilitatorWeb3Signer):
         self._transport_failed_at = 0.0
         self.last_transport_error = ""
         self._codes: dict[str, tuple[float, bytes]] = {}  # address -> (until, code)
-        # (address, function, id(abi)) -> (abi, selector, input types, output types)
-        self._functions: dict[
-            tuple[str, str, int], tuple[list[dict[str, Any]], bytes, list[str], list[str]]
-        ] = {}
+        # (address, function, id(abi)) -> (abi, the function's encoding)
+        self._functions: dict[tuple[str, str, int], tuple[list[dict[str, Any]], AbiFunction]] = {}
 
     def transport_failed_since(self, t: float) -> bool:
         with self._lock:
@@ -172,25 +161,12 @@ class CoordinatorFacilitatorSigner(FacilitatorWeb3Signer):
         key = (address.lower(), fn, id(abi))
         found = self._functions.get(key)
         if found is None or found[0] is not abi:
-            [element] = [
-                cast(ABIFunction, e) for e in abi if e.get("type") == "function" and e["name"] == fn
-            ]
-            found = (
-                abi,
-                function_abi_to_4byte_selector(element),
-                get_abi_input_types(element),
-                get_abi_output_types(element),
-            )
+            found = (abi, AbiFunction.of(abi, fn))
             self._functions[key] = found
-        _, selector, inputs, outputs = found
-        data = "0x" + (selector + abi_encode(inputs, list(args))).hex()
-        call = {"to": Web3.to_checksum_address(address), "data": data}
-        response = self._sender.rpc.request("eth_call", [call, "latest"])
-        if response.get("error") is not None:
-            raise_contract_logic_error_on_revert(response)
-            raise Web3RPCError(str(response["error"]), rpc_response=response)
-        values = abi_decode(outputs, HexBytes(response["result"]))
-        return values[0] if len(values) == 1 else list(values) if values else None
+        function = found[1]
+        to = Web3.to_checksum_address(address)
+        result = self._sender.call(to, function.calldata(*args), from_us=False)
+        return function.result(HexBytes(result))
 
     def verify_typed_data(self, *args: Any, **kwargs: Any) -> bool:
         return bool(self._watched("verify_typed_data", *args, **kwargs))
@@ -411,14 +387,8 @@ class EvmBatchSettler:
         return fn.result(self._call_data(fn.calldata(*args)))
 
     def _call_data(self, calldata: str) -> HexBytes:
-        """eth_call of the contract with calldata, from the coordinator's account; a revert
-        raises web3's ContractLogicError, as web3 would."""
-        call = {"from": self.sender.address, "to": self.address, "data": calldata}
-        response = self.sender.rpc.request("eth_call", [call, "latest"])
-        if response.get("error") is not None:
-            raise_contract_logic_error_on_revert(response)
-            raise Web3RPCError(str(response["error"]), rpc_response=response)
-        return HexBytes(response["result"])
+        """eth_call of the contract with calldata, from the coordinator's account."""
+        return HexBytes(self.sender.call(self.address, calldata))
 
     def used(self, asset: str, auths: list[Authorization]) -> list[bool]:
         """Whether each authorization is used (or cancelled) on chain, in one call."""
