@@ -4,16 +4,23 @@ test_store.py; SQLite's threads and group commit are in test_store_threaded.py."
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlite_utils
-from test_store import SPEC
+from test_store import SPEC, new_job
 
+from dispatchnet.store import sqlite as sqlite_store
 from dispatchnet.store.base import QuoteUsage
-from dispatchnet.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
+from dispatchnet.store.sqlite import (
+    BACKSTOP_CHECKPOINT_PAGES,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SqliteStore,
+)
 
 
 @pytest.fixture
@@ -36,6 +43,48 @@ def test_schema_version_and_wal(store: SqliteStore, db_path: Path) -> None:
         assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         other.close()
+
+
+def test_the_writer_copies_its_log_into_the_file_from_a_thread(
+    db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coordinator's writer does not checkpoint in its commits (SQLite's automatic
+    checkpoint, a stall every ~1,000 logged pages, is only a backstop): a thread of its
+    own copies the log into the database file once enough rows changed."""
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_CHANGES", 10)
+    s = SqliteStore(db_path, background_checkpoints=True)
+    try:
+        checkpointer = s.checkpointer
+        assert checkpointer is not None
+        backstop = s._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        assert backstop == BACKSTOP_CHECKPOINT_PAGES
+        assert checkpointer.checkpoints == 0
+        for n in range(10):
+            s.create_job(*new_job(n))
+        assert checkpointer.wait_checkpoints(1, timeout=30)
+        # the database file alone (no log beside it) holds what that checkpoint copied
+        shutil.copy(db_path, tmp_path / "copy.db")
+        copy = sqlite3.connect(tmp_path / "copy.db")
+        try:
+            assert copy.execute("SELECT count(*) FROM jobs").fetchone()[0] >= 1
+        finally:
+            copy.close()
+        assert checkpointer.failures == 0
+    finally:
+        s.close()
+    assert not checkpointer._thread.is_alive()
+
+
+def test_only_a_writer_of_a_file_checkpoints_from_a_thread(db_path: Path) -> None:
+    plain = SqliteStore(db_path)
+    reader = SqliteStore(db_path, read_only=True, background_checkpoints=True)
+    memory = SqliteStore(":memory:", background_checkpoints=True)
+    try:
+        assert plain.checkpointer is reader.checkpointer is memory.checkpointer is None
+        assert plain._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    finally:
+        for s in (plain, reader, memory):
+            s.close()
 
 
 def test_a_newer_schema_refuses_to_open(db_path: Path) -> None:

@@ -370,7 +370,7 @@ class ThreadedStore:
     def _writer(self) -> None:
         store: SqliteStore | None = None
         try:
-            store = SqliteStore(self.path, self._synchronous)
+            store = SqliteStore(self.path, self._synchronous, background_checkpoints=True)
         except Exception as e:
             failed: Exception | None = e
             self._writer_open.set_exception(e)

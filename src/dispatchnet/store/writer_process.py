@@ -175,7 +175,7 @@ def child_main(path: str, synchronous: str, max_group: int, nice: int = 0) -> in
     stdout = sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not corrupt the frames
     try:
-        store = SqliteStore(path, synchronous)
+        store = SqliteStore(path, synchronous, background_checkpoints=True)
     except Exception as e:
         send(stdout, (False, encode_error(e)))
         return 1
