@@ -20,6 +20,7 @@ from dispatchnet.store.sqlite import (
     MIGRATIONS,
     SCHEMA_VERSION,
     SqliteStore,
+    WalCheckpointer,
 )
 
 
@@ -58,10 +59,11 @@ def test_the_writer_copies_its_log_into_the_file_from_a_thread(
         assert checkpointer is not None
         backstop = s._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
         assert backstop == BACKSTOP_CHECKPOINT_PAGES
-        assert checkpointer.checkpoints == 0
+        assert checkpointer.runs == 0
         for n in range(10):
             s.create_job(*new_job(n))
-        assert checkpointer.wait_checkpoints(1, timeout=30)
+        assert checkpointer.wait_runs(1, timeout=30)
+        assert checkpointer.checkpoints >= 1 and checkpointer.failures == 0
         # the database file alone (no log beside it) holds what that checkpoint copied
         shutil.copy(db_path, tmp_path / "copy.db")
         copy = sqlite3.connect(tmp_path / "copy.db")
@@ -69,10 +71,33 @@ def test_the_writer_copies_its_log_into_the_file_from_a_thread(
             assert copy.execute("SELECT count(*) FROM jobs").fetchone()[0] >= 1
         finally:
             copy.close()
-        assert checkpointer.failures == 0
     finally:
         s.close()
     assert not checkpointer._thread.is_alive()
+
+
+def test_a_failing_checkpoint_is_logged_once_and_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    not_a_database = tmp_path / "notes.txt"
+    not_a_database.write_text("not a database " * 100)
+    checkpointer = WalCheckpointer(str(not_a_database))
+    try:
+        checkpointer.committed(10**6)
+        assert checkpointer.wait_runs(1, timeout=30)
+        assert (checkpointer.checkpoints, checkpointer.failures) == (0, 1)
+        assert "background WAL checkpoint failed (retried)" in caplog.text
+    finally:
+        checkpointer.close()
+    assert not checkpointer._thread.is_alive()
+
+
+def test_a_checkpointer_that_cannot_open_the_database_leaves_it_to_sqlite(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    checkpointer = WalCheckpointer(str(tmp_path / "missing" / "coord.db"))
+    checkpointer.close()  # returns: its thread ended at once
+    assert "no background WAL checkpoints (SQLite's own at 10000 pages)" in caplog.text
 
 
 def test_only_a_writer_of_a_file_checkpoints_from_a_thread(db_path: Path) -> None:
