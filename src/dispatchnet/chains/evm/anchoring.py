@@ -203,8 +203,8 @@ class EvmAnchorer:
 
     def _existing(self, root: bytes) -> str:
         anchored_at = _function("anchoredAt")
-        call = Call(self.contract.address, anchored_at.calldata(root))
-        block, _anchorer = anchored_at.result(HexBytes(self.sender.call(call.to, call.data)))
+        found = self.sender.call(self.contract.address, anchored_at.calldata(root))
+        block, _anchorer = anchored_at.result(HexBytes(found))
         if not block:
             return ""
         tx = find_anchor_transaction(self.contract, root, int(block))
