@@ -90,3 +90,18 @@ async def test_heap_freezer_freezes_after_a_wave_of_workers_and_reclaims() -> No
     finally:
         await heap.close()
         gc.unfreeze()  # this test process keeps collecting what it made
+
+
+def test_young_collections_every_sets_only_the_youngest_generation() -> None:
+    import gc
+
+    from dispatchnet.memory import YOUNG_COLLECTION_OBJECTS, young_collections_every
+
+    before = gc.get_threshold()
+    try:
+        young_collections_every()
+        assert gc.get_threshold() == (YOUNG_COLLECTION_OBJECTS, *before[1:])
+        young_collections_every(1234)
+        assert gc.get_threshold() == (1234, *before[1:])
+    finally:
+        gc.set_threshold(*before)  # this test process keeps CPython's

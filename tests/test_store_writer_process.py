@@ -24,7 +24,7 @@ from dispatchnet.errors import PaymentReused, TooManyOpenJobs, Unavailable
 from dispatchnet.profiles import check_profile, load_profile
 from dispatchnet.store.sqlite import SqliteStore
 from dispatchnet.store.threaded import ThreadedStore, _translated, open_store
-from dispatchnet.store.writer_process import decode_error, encode_error
+from dispatchnet.store.writer_process import READ_BYTES, decode_error, encode_error
 
 
 @pytest.fixture
@@ -56,6 +56,19 @@ async def test_the_child_runs_the_writes_and_exits_when_the_store_closes(
     await store.close()
     assert child.poll() == 0  # the child exited on its own when its input ended
     assert store._pipe is not None and store._pipe.process is None
+
+
+async def test_a_write_and_its_outcome_larger_than_a_read_of_the_pipe_arrive_whole(
+    store: ThreadedStore,
+) -> None:
+    # each way, the frame takes several reads (READ_BYTES each) and is put back together
+    job, event = new_job(1)
+    spec_bytes = os.urandom(3 * READ_BYTES + 1)
+    job = dataclasses.replace(job, spec=dataclasses.replace(job.spec, spec_bytes=spec_bytes))
+    created, fresh = await store.create_job(job, event)
+    assert fresh and created.spec.spec_bytes == spec_bytes  # the child's answer, read back
+    stored = await store.get_job(job.job_id)
+    assert stored is not None and stored.spec.spec_bytes == spec_bytes
 
 
 async def test_errors_come_back_as_the_child_raised_them(store: ThreadedStore) -> None:
