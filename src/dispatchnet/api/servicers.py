@@ -115,16 +115,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_pb2.WatchJobRequest, context: Ctx
     ) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
         who = caller().id
-        async for event, ended in self.jobs.watch(who, request.job_id, request.after_sequence):
-            # each event goes out at once (a live token is not held back for the next);
-            # the final state's event, always the last, carries the job
-            job = ended
-            if event.final and job is None:
-                job = await self.jobs.get(who, request.job_id)
-            yield coordinator_pb2.WatchJobResponse(
-                event=convert.event_to_proto(event),
-                job=convert.job_to_proto(job) if job is not None else None,
-            )
+        # closed here when the call ends early (the client went away), not by the loop
+        async with contextlib.aclosing(
+            self.jobs.watch(who, request.job_id, request.after_sequence)
+        ) as events:
+            async for event, ended in events:
+                # each event goes out at once (a live token is not held back for the next);
+                # the final state's event, always the last, carries the job
+                job = ended
+                if event.final and job is None:
+                    job = await self.jobs.get(who, request.job_id)
+                yield coordinator_pb2.WatchJobResponse(
+                    event=convert.event_to_proto(event),
+                    job=convert.job_to_proto(job) if job is not None else None,
+                )
 
     async def CancelJob(
         self, request: coordinator_pb2.CancelJobRequest, context: Ctx

@@ -15,7 +15,7 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 from dispatchnet.agent_identity import IdentityVerifier
@@ -602,7 +602,7 @@ class WorkerHub:
     def _runnable(self) -> Runnable:
         return Runnable(task_names=self.index.free_task_names(), llm=self.index.any_free_llm())
 
-    async def _queued(self, free: int) -> AsyncIterator[Job]:
+    async def _queued(self, free: int) -> AsyncGenerator[Job, None]:
         """Queued jobs some free worker could run, oldest first: the fresh ones alone when
         they are all there is (see _fresh), else from the store a page at a time, so that
         jobs nobody can take do not hold up the ones behind them."""
@@ -654,26 +654,27 @@ class WorkerHub:
         chosen: list[tuple[Job, WorkerSession]] = []
         paired: dict[str, set[str]] = {}
         left = False
-        async for job in self._queued(free):
-            if len(chosen) >= free:
-                left = True
-                break
-            allowed = None
-            if job.spec.privacy is Privacy.PRIVATE:
-                if job.client_id not in paired:
-                    paired[job.client_id] = await self.store.paired_workers(job.client_id)
-                allowed = paired[job.client_id]
-            session = self._choose(job, allowed)
-            if session is None:
-                left = True
-                continue
-            if job.job_id in session.active:
-                # a stale copy (e.g. fresh and on a page read since): the worker has it,
-                # and the failed offer's clean-up below must not forget that it does
-                continue
-            session.active[job.job_id] = job.attempts + 1  # held while the offer is written
-            self.index.refresh(session)
-            chosen.append((job, session))
+        async with contextlib.aclosing(self._queued(free)) as queued:  # closed at the break
+            async for job in queued:
+                if len(chosen) >= free:
+                    left = True
+                    break
+                allowed = None
+                if job.spec.privacy is Privacy.PRIVATE:
+                    if job.client_id not in paired:
+                        paired[job.client_id] = await self.store.paired_workers(job.client_id)
+                    allowed = paired[job.client_id]
+                session = self._choose(job, allowed)
+                if session is None:
+                    left = True
+                    continue
+                if job.job_id in session.active:
+                    # a stale copy (e.g. fresh and on a page read since): the worker has it,
+                    # and the failed offer's clean-up below must not forget that it does
+                    continue
+                session.active[job.job_id] = job.attempts + 1  # held while it is written
+                self.index.refresh(session)
+                chosen.append((job, session))
         return chosen, left
 
     async def _offer_chosen(self, chosen: list[tuple[Job, WorkerSession]]) -> int:

@@ -34,7 +34,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import NoReturn
 
 from dispatchnet import protocol
@@ -553,7 +553,7 @@ class JobService:
 
     async def watch(
         self, client_id: str, job_id: str, after: int
-    ) -> AsyncIterator[tuple[Event, Job | None]]:
+    ) -> AsyncGenerator[tuple[Event, Job | None], None]:
         """Events after sequence `after`, live, until the final state's event (which comes
         with the job as it ended, when this process knows it; else None): from memory
         while this process holds them (see LiveEvents: every event of a watched job that
@@ -601,9 +601,14 @@ class JobService:
         """job (just committed, or found by its key) as it is once final."""
         if job.state.final:
             return job
-        async for event, ended in self.watch(client_id, job.job_id, job.last_sequence):
-            if event.final:
-                return ended if ended is not None else await self.get(client_id, job.job_id)
+        # closed here, not left to the loop's finalizer of unfinished generators (a task
+        # and a wake-up of the loop per job)
+        async with contextlib.aclosing(
+            self.watch(client_id, job.job_id, job.last_sequence)
+        ) as events:
+            async for event, ended in events:
+                if event.final:
+                    return ended if ended is not None else await self.get(client_id, job.job_id)
         return await self.get(client_id, job.job_id)  # the watch ended: final before it began
 
     # --- worker side --------------------------------------------------------------------
