@@ -163,3 +163,24 @@ async def test_a_trivial_run_job_costs_two_write_transactions(cluster: Cluster) 
         assert done.state == COMPLETED
         costs.append(store.stats().writes - before)
     assert min(costs) == 2, costs
+
+
+async def test_waiting_for_a_job_lets_go_of_its_watch_when_it_returns(cluster: Cluster) -> None:
+    """RunJob's wait closes the job's watch as it returns (no subscription left for the
+    event loop's finalizer of unfinished generators to close later)."""
+    c = cluster.client()
+    quote = await c.quote(task_spec("echo", b"w"))
+    committed = await c.commit(quote.quote_id, "w")  # queued: no worker yet
+    jobs = cluster.coord.jobs
+    owner = c.key.public_hex
+    job = await jobs.get(owner, committed.job_id)
+    assert not job.state.final
+
+    async def wait() -> bool:
+        done = await jobs.wait_final(owner, job)
+        assert done.state.final
+        return jobs.notifier.watched(job.job_id)  # no turn of the loop in between
+
+    waiting = asyncio.create_task(wait())
+    await cluster.worker()
+    assert await waiting is False
