@@ -15,7 +15,8 @@ from dispatchnet.client import task_spec
 from dispatchnet.coordinator.hub import AcksDue, ResultAck, WorkerSession
 from dispatchnet.coordinator.models import WorkerKind
 from dispatchnet.keys import KeyPair
-from dispatchnet.protocol import ACK_DELAY_SECONDS, MAX_ACKS_PER_MESSAGE
+from dispatchnet.profiles import Profile
+from dispatchnet.protocol import ACK_DELAY_SECONDS, HTTP2_WINDOW_BYTES, MAX_ACKS_PER_MESSAGE
 from dispatchnet.receipts.core import sha256
 from dispatchnet.worker.runtime import Worker
 
@@ -352,3 +353,20 @@ async def test_a_result_resent_after_its_ack_was_lost_is_acknowledged(cluster: C
     assert not ok and reason.startswith("stale")
     again = await c.get(first.job_id)
     assert again.receipt.body == stored.receipt.body and again.state == first.state
+
+
+async def test_jobs_larger_than_the_fixed_http2_window_cross_it_both_ways(
+    cluster: Cluster, profile: Profile
+) -> None:
+    """Worker connections use a fixed 1 MiB flow-control window (no BDP probing): offers
+    and results bigger than it, several at once on one connection, still arrive whole."""
+    await cluster.worker(max_concurrency=3)
+    c = cluster.client()
+    inputs = [bytes([65 + i]) * profile.limits.max_task_input_bytes for i in range(3)]
+    assert len(inputs[0]) >= HTTP2_WINDOW_BYTES
+    quotes = [await c.quote(task_spec("echo", data)) for data in inputs]
+    jobs = [(await c.commit(q.quote_id)).job_id for q in quotes]
+    done = await asyncio.gather(*(c.wait(job_id) for job_id in jobs))
+    for data, final in zip(inputs, done, strict=True):
+        assert final.state == coordinator_pb2.JOB_STATE_COMPLETED, final.failure
+        assert final.result.output == data

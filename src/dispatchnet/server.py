@@ -49,6 +49,7 @@ from dispatchnet.observability.sampler import Outboxes
 from dispatchnet.payments.interceptor import PaymentInterceptor
 from dispatchnet.payments.service import PaymentGateway, PaymentService
 from dispatchnet.profiles import Profile
+from dispatchnet.protocol import HTTP2_CHANNEL_OPTIONS
 from dispatchnet.receipts.anchoring import anchorer_for
 from dispatchnet.receipts.batcher import ReceiptBatcher
 from dispatchnet.receipts.notary import Notary
@@ -242,6 +243,7 @@ async def start_coordinator(
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ("grpc.so_reuseport", 0),
+        *HTTP2_CHANNEL_OPTIONS,  # a fixed flow-control window: no probing pings per job
         # calls waiting for the event loop to take them (a wave of connecting workers)
         ("grpc.server.max_pending_requests", profile.server.max_pending_calls),
         ("grpc.server.max_pending_requests_hard_limit", profile.server.max_pending_calls),

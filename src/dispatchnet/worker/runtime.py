@@ -27,6 +27,7 @@ from dispatchnet.keys import KeyPair
 from dispatchnet.observability import logs, tracing
 from dispatchnet.protocol import (
     HELLO_CONTEXT,
+    HTTP2_CHANNEL_OPTIONS,
     MAX_CONCURRENCY,
     MAX_FAILURE_CODE_CHARS,
     MAX_FAILURE_MESSAGE_CHARS,
@@ -272,7 +273,8 @@ class Worker:
         """One Connect stream: handshake, then serve it until it ends (always by raising)."""
         # A local subchannel pool: the worker's own TCP connection, even when one process
         # runs many workers (gRPC otherwise shares one connection per target).
-        options = [("grpc.use_local_subchannel_pool", 1)]
+        # The same fixed HTTP/2 window as the coordinator's: no probing pings per job.
+        options = [("grpc.use_local_subchannel_pool", 1), *HTTP2_CHANNEL_OPTIONS]
         async with grpc.aio.insecure_channel(self.coordinator, options=options) as channel:
             call = worker_pb2_grpc.WorkerServiceStub(channel).Connect()
             try:
