@@ -24,7 +24,11 @@ from dispatch.v1 import (
 from dispatchnet.auth.tokens import METADATA_KEY, metadata_value
 from dispatchnet.keys import KeyPair
 from dispatchnet.observability import tracing
-from dispatchnet.protocol import MAX_SEALED_ENVELOPES, coordinator_addresses
+from dispatchnet.protocol import (
+    HTTP2_CHANNEL_OPTIONS,
+    MAX_SEALED_ENVELOPES,
+    coordinator_addresses,
+)
 from dispatchnet.receipts.core import verify_receipt_message
 from dispatchnet.sealing import PrivateResult, SealError, open_result, seal_spec
 
@@ -150,7 +154,9 @@ class CoordinatorClient:
         address = self.address
         ep = self._endpoints.get(address)
         if ep is None:
-            channel = grpc.aio.insecure_channel(address, interceptors=self._interceptors)
+            channel = grpc.aio.insecure_channel(
+                address, options=HTTP2_CHANNEL_OPTIONS, interceptors=self._interceptors
+            )
             ep = self._endpoints[address] = _Endpoint(
                 address,
                 channel,

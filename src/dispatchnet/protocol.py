@@ -40,14 +40,15 @@ MAX_TRACEPARENT_CHARS = 55
 MAX_ACKS_PER_MESSAGE = 64
 ACK_DELAY_SECONDS = 0.05
 
-# HTTP/2 flow control on worker connections, set alike on the coordinator's server and on
-# the worker's channel: a fixed stream window (announced as INITIAL_WINDOW_SIZE) instead of
-# gRPC C-core's bandwidth-delay probing. The probing sends a PING (and gets its ack) on a
-# connection that carries data after a quiet spell; a worker holding one idle stream is
-# always such a connection, so each small job cost ~2 pings each way on top of its 2-3
-# messages (measured with 5,000 seekers: writes per job 4.5 -> 1.0-1.3, the simulator's
-# CPU per job down a quarter, idle CPU halved). 1 MiB, the fixed window grpc-go and
-# grpc-java start with, holds a whole 4 MiB message in four round trips on a slow link.
+# HTTP/2 flow control of connections to the coordinator, set alike on its server, on the
+# worker's channel and on the client SDK's: a fixed stream window (announced as
+# INITIAL_WINDOW_SIZE) instead of gRPC C-core's bandwidth-delay probing. The probing sends
+# a PING (and gets its ack) on a connection that carries data after a quiet spell; a
+# worker holding one idle stream is always such a connection, so each small job cost ~2
+# pings each way on top of its 2-3 messages (measured with 5,000 seekers: a seeker's
+# writes per job 4.5 -> 1.0-1.3, the simulators' CPU per job down a quarter, idle CPU
+# halved). 1 MiB, the fixed window grpc-go and grpc-java start with, takes a 4 MiB
+# message across in a few round trips on a slow link.
 HTTP2_WINDOW_BYTES = 1 << 20
 HTTP2_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.bdp_probe", 0),
