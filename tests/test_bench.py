@@ -44,6 +44,9 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
         "round 3: unpaid job end to end with RunJob, 1 submitter",
         "round 2: unpaid jobs, 16 submitters",
         "round 3: paid jobs, 16 submitters",
+        "round 2: 50 seekers: burst jobs, 32 submitters",
+        "round 2: 60 seekers: job end to end, 1 submitter",
+        "round 3: 60 seekers: burst jobs, 32 submitters",
     ):
         assert re.search(rf"{re.escape(series)}: \d+ in [\d.]+s = [\d,.]+/s, p50 [\d.]+ ms", out), (
             series,
@@ -54,6 +57,8 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
         "RunJob jobs/s / raw unary RPC/s",
         "RunJob p50 / raw unary p50",
         "paid jobs/s / unpaid jobs/s",
+        "burst jobs/s, 60 / 50 seekers",
+        "job p50, 60 / 50 seekers",
     ):
         assert re.search(
             rf"{re.escape(what)}, round by round: [\d.]+, [\d.]+, [\d.]+ \(median [\d.]+\)", out
@@ -128,7 +133,12 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
     assert re.search(r"^  128 progress events, \d+ events, \d+ durable rows$", out, re.M), out
     assert len(re.findall(r"^  \S.*\s[\d.]+\s+(>=|<=|diff)", summary, re.M)) == 12, summary
     # jobs compared at `scale` (the targets), memory and idle CPU at `most`
-    assert re.search(r"burst jobs/s, 60 / 50 connected seekers +[\d,]+/s +[\d.]+ +>= 0\.8", summary)
+    assert re.search(
+        r"burst jobs/s, 60 / 50 connected seekers \* +[\d,]+/s +[\d.]+ +>= 0\.8", summary
+    )
+    assert re.search(
+        r"job p50 end to end, 60 / 50 connected seekers \* +[\d.]+ ms +[\d.]+ +<= 1\.5", summary
+    )
     assert re.search(
         r"burst jobs/s, 70 / 50 connected seekers .* none \(the target is at 60\)", summary
     )
