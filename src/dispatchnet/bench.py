@@ -1052,9 +1052,10 @@ async def settle_after_wave(address: str, seconds: float) -> Series:
 
 
 async def scale_jobs(
-    address: str, client_key: keys.KeyPair, label: str, seconds: float
+    children: Children, address: str, client_key: keys.KeyPair, label: str, seconds: float
 ) -> tuple[Series, Series]:
-    """Trivial jobs end to end from 1 submitter, then from BURST submitters."""
+    """Trivial jobs end to end from 1 submitter, then from BURST submitters (printing the
+    burst's CPU per job: this process, the coordinator, the seekers' processes together)."""
     from dispatchnet.client import CoordinatorClient, task_spec
 
     async with CoordinatorClient(address, client_key) as c:
@@ -1067,7 +1068,17 @@ async def scale_jobs(
 
         await job()  # warm up
         e2e = await closed_loop(f"{label}: job end to end, 1 submitter", 1, seconds / 2, job)
-        burst = await closed_loop(f"{label}: burst jobs, {BURST} submitters", BURST, seconds, job)
+        cpu = CpuMeter(children.pids("coordinator", "seekers"))
+        name = f"{label}: burst jobs, {BURST} submitters"
+        burst = await cpu.measure(closed_loop(name, BURST, seconds, job))
+    seekers = sum(v for k, v in cpu.parts.items() if k.startswith("seekers"))
+    print(
+        f"  {label}: CPU ms per burst job {cpu.ms_per(len(burst.samples)):.2f} (this process "
+        f"{1000 * cpu.parts['this process'] / max(1, len(burst.samples)):.2f}, coordinator "
+        f"{1000 * cpu.parts.get('coordinator', 0.0) / max(1, len(burst.samples)):.2f}, "
+        f"seekers {1000 * seekers / max(1, len(burst.samples)):.2f}), "
+        f"{cpu.total / max(1e-9, burst.elapsed):.2f} cores busy"
+    )
     return e2e, burst
 
 
@@ -1099,13 +1110,15 @@ async def alternate_scale(
     for r in range(2, 2 + ALTERNATE_ROUNDS):
         children.stop("seekers", keep=keep)
         await until_connected(address, client_key, base.seekers)
-        low = await scale_jobs(address, client_key, f"round {r}: {base.seekers} seekers", seconds)
+        low = await scale_jobs(
+            children, address, client_key, f"round {r}: {base.seekers} seekers", seconds
+        )
         took = await add_seekers(
             children, address, client_key, base.seekers, compared.seekers, f"-r{r}"
         )
         settle = await settle_after_wave(address, min(SCALE_SETTLE_SECONDS, 1.2 * seconds))
         high = await scale_jobs(
-            address, client_key, f"round {r}: {compared.seekers} seekers", seconds
+            children, address, client_key, f"round {r}: {compared.seekers} seekers", seconds
         )
         for series in (*low, *high):
             print("  " + series.line())
@@ -1137,7 +1150,7 @@ async def bench_scale(
         have = n
         settle = await settle_after_wave(address, min(SCALE_SETTLE_SECONDS, 1.2 * seconds))
         print(f"  {n} seekers: {settle.line()}, longest {settle.longest_ms:.0f} ms")
-        e2e, burst = await scale_jobs(address, client_key, f"{n} seekers", seconds)
+        e2e, burst = await scale_jobs(children, address, client_key, f"{n} seekers", seconds)
         cpu = cpu_seconds(coordinator_pid)
         t = time.perf_counter()
         await asyncio.sleep(min(IDLE_SECONDS, max(1.0, seconds)))
