@@ -55,7 +55,7 @@ async def test_bench_prints_every_figure_as_a_ratio_to_the_raw_baseline(
     assert re.search(r"settled (\d+) of \1 in", out), out
     for label in ("50 seekers", "60 seekers", "round 3: 60 seekers"):
         assert re.search(
-            rf"{label}: CPU ms per burst job [\d.]+ \(this process [\d.]+, coordinator "
+            rf"{label}: CPU ms per burst job: [\d.]+ \(this process [\d.]+, coordinator "
             r"[\d.]+, seekers [\d.]+\), [\d.]+ cores busy",
             out,
         ), out

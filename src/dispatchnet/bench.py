@@ -218,6 +218,12 @@ class CpuMeter:
         self.parts = {k: after[k] - before[k] for k in after if k in before}
         return series
 
+    def merge(self, prefix: str) -> None:
+        """Counts the parts whose name starts with prefix as one, named prefix."""
+        merged = sum(v for k, v in self.parts.items() if k.startswith(prefix))
+        self.parts = {k: v for k, v in self.parts.items() if not k.startswith(prefix)}
+        self.parts[prefix] = merged
+
     @property
     def total(self) -> float:
         return sum(self.parts.values())
@@ -1071,14 +1077,9 @@ async def scale_jobs(
         cpu = CpuMeter(children.pids("coordinator", "seekers"))
         name = f"{label}: burst jobs, {BURST} submitters"
         burst = await cpu.measure(closed_loop(name, BURST, seconds, job))
-    seekers = sum(v for k, v in cpu.parts.items() if k.startswith("seekers"))
-    print(
-        f"  {label}: CPU ms per burst job {cpu.ms_per(len(burst.samples)):.2f} (this process "
-        f"{1000 * cpu.parts['this process'] / max(1, len(burst.samples)):.2f}, coordinator "
-        f"{1000 * cpu.parts.get('coordinator', 0.0) / max(1, len(burst.samples)):.2f}, "
-        f"seekers {1000 * seekers / max(1, len(burst.samples)):.2f}), "
-        f"{cpu.total / max(1e-9, burst.elapsed):.2f} cores busy"
-    )
+    cpu.merge("seekers")
+    busy = cpu.total / max(1e-9, burst.elapsed)
+    print(f"  {label}: {cpu.line(len(burst.samples), 'burst job')}, {busy:.2f} cores busy")
     return e2e, burst
 
 
