@@ -340,6 +340,15 @@ async def test_transition_writes_a_prior_move_first_in_the_same_transaction(
         )
         is None
     )
+    # both in one statement (the prior move leaves a state the move starts from), and the
+    # prior one's condition fails: nothing written
+    off = dataclasses.replace(accept, from_states=(JobState.RUNNING,))
+    assert (
+        await store.transition(
+            "job_1", (JobState.RUNNING,), 1, {"state": JobState.COMPLETED}, done, prior=off
+        )
+        is None
+    )
     still = await store.get_job("job_1")
     assert still is not None and still.state is JobState.OFFERED and still.last_sequence == 2
     moved = await store.transition(
@@ -352,6 +361,7 @@ async def test_transition_writes_a_prior_move_first_in_the_same_transaction(
         prior=accept,
     )
     assert moved is not None and moved.state is JobState.COMPLETED and moved.last_sequence == 4
+    assert moved.lease_expires_at == 0.0  # the move's changes over the prior one's
     events = await store.events_after("job_1", 0)
     assert [(e.sequence, e.state, e.reason) for e in events] == [
         (1, JobState.QUEUED, "committed"),
@@ -359,6 +369,9 @@ async def test_transition_writes_a_prior_move_first_in_the_same_transaction(
         (3, JobState.RUNNING, "accepted"),
         (4, JobState.COMPLETED, "completed"),
     ]
+    # the job is no longer open: the client may open one more under a limit of one
+    assert (await store.create_job(make_job("job_2", key="k2"), queued("job_2"), max_open=1))[1]
+    assert (await store.active_jobs("w1")) == []
 
 
 async def test_transition_is_compare_and_set(store: Store) -> None:

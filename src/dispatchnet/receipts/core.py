@@ -130,6 +130,16 @@ def unknown_field_paths(msg: Message, prefix: str = "") -> list[str]:
     return found
 
 
+def _has_unknown(msg: Message) -> bool:
+    """Whether msg or a sub-message holds fields this build does not know: each such field
+    counts in its serialized size, so dropping them shrinks it. Done in C (~1 us), so the
+    per-result check walks the fields in Python (unknown_field_paths) only to name them.
+    msg loses those fields."""
+    size = msg.ByteSize()
+    msg.DiscardUnknownFields()
+    return msg.ByteSize() != size
+
+
 def verify_receipt(
     body: bytes,
     worker_signature: bytes,
@@ -244,7 +254,7 @@ def check_worker_receipt(body: bytes, signature: bytes, expected: ExpectedReceip
     problems = []
     # The coordinator countersigns only what it can read: a signed body with fields this
     # build does not know would carry claims nobody here checked.
-    unknown = unknown_field_paths(decoded)
+    unknown = unknown_field_paths(decode_body(body) or decoded) if _has_unknown(decoded) else []
     if unknown:
         problems.append(f"receipt body has fields this coordinator does not know: {unknown[:5]}")
     if decoded.HasField("verification"):
