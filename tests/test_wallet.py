@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 from eth_account import Account
 from x402.mechanisms.evm import EthAccountSigner
@@ -40,6 +41,53 @@ def test_kept_key_signer_signs_as_the_sdk_signer_does() -> None:
         signature = kept.sign_typed_data(domain, fields, primary, message)
         assert signature == sdk.sign_typed_data(domain, fields, primary, message)
         assert len(signature) == 65 and signature[64] in (27, 28)
+        # an authorization is words only: hashed without eth_account's encoder
+        assert kept._struct_hash(types, primary, message) is not None
+
+
+def test_kept_key_signer_signs_other_typed_data_as_the_sdk_signer_does() -> None:
+    """Structs that are not 32-byte words only (a string, a nested struct) and values in
+    other forms go through eth_account's encoder: the same signature as the SDK's."""
+    account = Account.create()
+    sdk, kept = EthAccountSigner(account), KeptKeySigner(account)
+    domain, _, _, _ = build_typed_data_for_signing(
+        ExactEIP3009Authorization(
+            from_address=account.address, to=account.address, value="1", valid_after="0",
+            valid_before="1", nonce="0x" + "00" * 32,
+        ),
+        31337, "0x" + "ab" * 20, "USDC", "2",
+    )  # fmt: skip
+    person = [
+        TypedDataField(name="name", type="string"),
+        TypedDataField(name="wallet", type="address"),
+    ]
+    cases: list[tuple[dict[str, list[TypedDataField]], str, dict[str, Any]]] = [
+        ({"Person": person}, "Person", {"name": "Bob", "wallet": "0x" + "cd" * 20}),
+        (
+            {
+                "Mail": [
+                    TypedDataField(name="from", type="Person"),
+                    TypedDataField(name="amount", type="uint64"),
+                ],
+                "Person": person,
+            },
+            "Mail",
+            {"from": {"name": "Ann", "wallet": "0x" + "ef" * 20}, "amount": 7},
+        ),
+        (
+            {
+                "Pay": [
+                    TypedDataField(name="to", type="address"),
+                    TypedDataField(name="value", type="uint256"),
+                ]
+            },
+            "Pay",
+            {"to": "0x" + "12" * 20, "value": 2**255},  # words only: the kept path
+        ),
+    ]
+    for types, primary, message in cases:
+        signature = kept.sign_typed_data(domain, types, primary, message)
+        assert signature == sdk.sign_typed_data(domain, types, primary, message)
 
 
 async def test_a_payer_that_pays_offline_is_called_on_the_loop_any_other_in_a_thread() -> None:

@@ -62,6 +62,7 @@ class KeptKeySigner(EthAccountSigner):
         super().__init__(account)
         self._key = coincurve.PrivateKey(bytes(account.key))
         self._domains: dict[tuple[tuple[str, Any], ...], bytes] = {}
+        self._type_hashes: dict[str, bytes] = {}  # by encodeType's text
         self._lock = threading.Lock()
 
     def _domain_hash(self, domain: dict[str, Any]) -> bytes:
@@ -74,6 +75,39 @@ class KeptKeySigner(EthAccountSigner):
                 if len(self._domains) >= DOMAINS_KEPT:
                     self._domains.clear()
                 self._domains[key] = cached
+        return cached
+
+    def _struct_hash(
+        self, types: dict[str, list[dict[str, str]]], primary_type: str, message: dict[str, Any]
+    ) -> bytes | None:
+        """hashStruct(message) as EIP-712 defines it, for a struct of 32-byte words only
+        (address, uintN, bytes32: an EIP-3009 authorization), without eth_abi's generic
+        encoder (~0.4 ms a payment, most of the signing): keccak(typeHash || each field's
+        word), the type hash kept. None for any other shape or value (eth_account's
+        encoder then)."""
+        fields = types.get(primary_type)
+        if fields is None or any(t not in (primary_type, "EIP712Domain") for t in types):
+            return None
+        if len(message) != len(fields):
+            return None
+        words = [self._type_hash(primary_type, fields)]
+        for f in fields:
+            word = _word(f["type"], message.get(f["name"]))
+            if word is None:
+                return None
+            words.append(word)
+        return bytes(keccak(b"".join(words)))
+
+    def _type_hash(self, primary_type: str, fields: list[dict[str, str]]) -> bytes:
+        encoded = f"{primary_type}({','.join(f['type'] + ' ' + f['name'] for f in fields)})"
+        with self._lock:
+            cached = self._type_hashes.get(encoded)
+        if cached is None:
+            cached = bytes(keccak(text=encoded))
+            with self._lock:
+                if len(self._type_hashes) >= DOMAINS_KEPT:
+                    self._type_hashes.clear()
+                self._type_hashes[encoded] = cached
         return cached
 
     def sign_typed_data(
@@ -100,10 +134,33 @@ class KeptKeySigner(EthAccountSigner):
             if isinstance(domain, TypedDataDomain)
             else dict(domain)
         )
-        body = bytes(hash_eip712_message(types_dict, message))
+        body = self._struct_hash(types_dict, primary_type, message)
+        if body is None:
+            body = bytes(hash_eip712_message(types_dict, message))
         digest = keccak(b"\x19\x01" + self._domain_hash(domain_dict) + body)
         signature = self._key.sign_recoverable(digest, hasher=None)  # r, s, recovery id
         return signature[:64] + bytes([signature[64] + 27])
+
+
+def _word(solidity_type: str, value: Any) -> bytes | None:
+    """The 32-byte EIP-712 encoding of an address, uintN or bytes32 value; None for another
+    type, or a value given in another form than the SDK's (a 0x address, an int, 32 bytes)."""
+    if solidity_type == "address":
+        if isinstance(value, str) and len(value) == 42 and value[:2] in ("0x", "0X"):
+            try:
+                return bytes(12) + bytes.fromhex(value[2:])
+            except ValueError:
+                return None
+        return None
+    if solidity_type.startswith("uint") and type(value) is int:
+        bits = solidity_type[4:]
+        if bits.isdigit() and 8 <= int(bits) <= 256 and int(bits) % 8 == 0:
+            if 0 <= value < 1 << int(bits):
+                return value.to_bytes(32, "big")
+        return None
+    if solidity_type == "bytes32" and isinstance(value, bytes) and len(value) == 32:
+        return value
+    return None
 
 
 @dataclass(frozen=True)
