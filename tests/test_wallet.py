@@ -6,6 +6,7 @@ import os
 import threading
 from typing import Any
 
+import pytest
 from eth_account import Account
 from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.eip712 import build_typed_data_for_signing
@@ -88,6 +89,17 @@ def test_kept_key_signer_signs_other_typed_data_as_the_sdk_signer_does() -> None
     for types, primary, message in cases:
         signature = kept.sign_typed_data(domain, types, primary, message)
         assert signature == sdk.sign_typed_data(domain, types, primary, message)
+    # an address with spaces in it is 42 characters but not 20 bytes: refused as eth_account
+    # refuses it, never signed as some other address
+    pay = cases[2][0]
+    to = "0x" + "12 " * 13 + " "  # 13 bytes, to bytes.fromhex
+    assert len(to) == 42 and len(bytes.fromhex(to[2:])) == 13
+    spaced: dict[str, Any] = {"to": to, "value": 1}
+    with pytest.raises(Exception) as kept_error:
+        kept.sign_typed_data(domain, pay, "Pay", spaced)
+    with pytest.raises(Exception) as sdk_error:
+        sdk.sign_typed_data(domain, pay, "Pay", spaced)
+    assert type(kept_error.value) is type(sdk_error.value)
 
 
 async def test_a_payer_that_pays_offline_is_called_on_the_loop_any_other_in_a_thread() -> None:
