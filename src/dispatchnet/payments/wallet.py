@@ -21,6 +21,7 @@ from eth_account import Account
 from eth_account._utils.encode_typed_data.encoding_and_hashing import (
     hash_domain,
     hash_eip712_message,
+    hash_type,
 )
 from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
@@ -62,7 +63,7 @@ class KeptKeySigner(EthAccountSigner):
         super().__init__(account)
         self._key = coincurve.PrivateKey(bytes(account.key))
         self._domains: dict[tuple[tuple[str, Any], ...], bytes] = {}
-        self._type_hashes: dict[str, bytes] = {}  # by encodeType's text
+        self._type_hashes: dict[tuple[str, tuple[tuple[str, str], ...]], bytes] = {}
         self._lock = threading.Lock()
 
     def _domain_hash(self, domain: dict[str, Any]) -> bytes:
@@ -90,7 +91,7 @@ class KeptKeySigner(EthAccountSigner):
             return None
         if len(message) != len(fields):
             return None
-        words = [self._type_hash(primary_type, fields)]
+        words = [self._type_hash(primary_type, types)]
         for f in fields:
             word = _word(f["type"], message.get(f["name"]))
             if word is None:
@@ -98,16 +99,17 @@ class KeptKeySigner(EthAccountSigner):
             words.append(word)
         return bytes(keccak(b"".join(words)))
 
-    def _type_hash(self, primary_type: str, fields: list[dict[str, str]]) -> bytes:
-        encoded = f"{primary_type}({','.join(f['type'] + ' ' + f['name'] for f in fields)})"
+    def _type_hash(self, primary_type: str, types: dict[str, list[dict[str, str]]]) -> bytes:
+        """eth_account's hash_type, kept by the type's fields."""
+        key = (primary_type, tuple((f["name"], f["type"]) for f in types[primary_type]))
         with self._lock:
-            cached = self._type_hashes.get(encoded)
+            cached = self._type_hashes.get(key)
         if cached is None:
-            cached = bytes(keccak(text=encoded))
+            cached = bytes(hash_type(primary_type, types))
             with self._lock:
                 if len(self._type_hashes) >= DOMAINS_KEPT:
                     self._type_hashes.clear()
-                self._type_hashes[encoded] = cached
+                self._type_hashes[key] = cached
         return cached
 
     def sign_typed_data(
