@@ -285,6 +285,7 @@ async def test_create_job_can_write_the_job_already_offered(store: Store) -> Non
     assert new and created.state is JobState.OFFERED and created.last_sequence == 2
     assert (created.worker_id, created.attempts, created.coordinator_id) == ("w1", 1, "c1")
     assert created.payment.authorization_id == "0x" + f"{1:064x}"
+    assert await store.get_job("job_1") == created  # what is returned is what was stored
     events = await store.events_after("job_1", 0)
     assert [(e.sequence, e.state, e.reason) for e in events] == [
         (1, JobState.QUEUED, "committed"),

@@ -119,6 +119,16 @@ def changes_row(changes: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def stored_job(job: Job, payment: Payment | None, offered: Event | None) -> Job:
+    """The job as create_job stores it: with its payment's ref, and its last sequence (its
+    committed event's, or the offered one's after it)."""
+    if payment is not None:
+        return dataclasses.replace(
+            job, payment=payment.ref(), last_sequence=1 if offered is None else 2
+        )
+    return dataclasses.replace(job, last_sequence=1 if offered is None else 2)
+
+
 def job_row(job: Job) -> dict[str, Any]:
     s = job.spec
     row = {k: getattr(job, k) for k in sorted(JOB_SIMPLE)}

@@ -71,6 +71,7 @@ from dispatchnet.store.rows import (
     run_of,
     run_row,
     spec_of,
+    stored_job,
 )
 
 
@@ -904,17 +905,31 @@ class SqliteStore:
         offered: Event | None = None,
         max_open: int = 0,
     ) -> tuple[Job, bool]:
-        if payment is not None:
-            job = dataclasses.replace(job, payment=payment.ref())
-        row = job_row(job)
-        row["last_sequence"] = 1 if offered is None else 2
+        existing = self.insert_job(job, event, payment, offered, max_open)
+        if existing is not None:
+            return existing, False
+        return stored_job(job, payment, offered), True
+
+    def insert_job(
+        self,
+        job: Job,
+        event: Event,
+        payment: Payment | None = None,
+        offered: Event | None = None,
+        max_open: int = 0,
+    ) -> Job | None:
+        """create_job's write: the job under the same key if there is one (nothing is
+        stored then), else None, the job stored as stored_job(job, payment, offered) gives
+        it (what the caller has already: nothing is read back, nor sent back from the
+        writer process)."""
+        row = job_row(stored_job(job, payment, offered))
         with self._tx():
             existing = self._conn.execute(
                 "SELECT * FROM jobs WHERE client_id=? AND idempotency_key=?",
                 (job.client_id, job.idempotency_key),
             ).fetchone()
             if existing is not None:
-                return job_of(existing), False
+                return job_of(existing)
             if max_open > 0:
                 mine = self._conn.execute(
                     "SELECT n FROM open_jobs WHERE client_id=?", (job.client_id,)
@@ -922,12 +937,12 @@ class SqliteStore:
                 if mine is not None and mine[0] >= max_open:
                     raise TooManyOpenJobs(max_open)
             cols = ",".join(row)
-            # the job with its quote's module, as stored, in one statement (nothing read back)
-            created = self._conn.execute(
+            # the job with its quote's module, as stored, in one statement
+            self._conn.execute(
                 f"INSERT INTO jobs ({cols}, module_sha256) VALUES ({','.join('?' * len(row))}, "
-                "(SELECT module_sha256 FROM quotes WHERE quote_id=?)) RETURNING *",
+                "(SELECT module_sha256 FROM quotes WHERE quote_id=?))",
                 (*row.values(), job.quote_id),
-            ).fetchone()
+            )
             self._insert_event(event, 1)
             if offered is not None:
                 self._insert_event(offered, 2)
@@ -938,7 +953,7 @@ class SqliteStore:
                     raise PaymentReused(
                         "this payment was already used for another job; sign a new one"
                     ) from None
-        return job_of(created), True
+        return None
 
     def get_job(self, job_id: str) -> Job | None:
         r = self._conn.execute("SELECT * FROM jobs WHERE job_id=?", (job_id,)).fetchone()

@@ -60,6 +60,7 @@ from dispatchnet.coordinator.models import (
 from dispatchnet.coordinator.ports import ONE_PROCESS
 from dispatchnet.errors import Unavailable
 from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable, Store
+from dispatchnet.store.rows import stored_job
 from dispatchnet.store.sqlite import SqliteStore
 from dispatchnet.store.writer_process import Call, LoopWriter, Outcome, run_group, run_one
 
@@ -487,9 +488,12 @@ class ThreadedStore:
         offered: Event | None = None,
         max_open: int = 0,
     ) -> tuple[Job, bool]:
-        return await self._write_call(
-            SqliteStore.create_job, job, event, payment, offered, max_open
+        existing = await self._write_call(
+            SqliteStore.insert_job, job, event, payment, offered, max_open
         )
+        if existing is not None:
+            return existing, False
+        return stored_job(job, payment, offered), True  # as stored: nothing sent back
 
     async def get_job(self, job_id: str) -> Job | None:
         return await self._read(lambda s: s.get_job(job_id))
