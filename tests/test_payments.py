@@ -416,6 +416,13 @@ async def test_a_payment_is_accepted_once(
     key = "first" if job.quote_id == quotes[0].quote_id else "second"
     again = await commit_with(c, job.quote_id, signature, key)  # a retry of the commit
     assert again.job_id == job.job_id
+    # the retry needs no payment: without one, or with one that is malformed, or with
+    # another that verifies (not used: the job is paid already), the job again
+    fresh = encode_payment_signature_header(signed(wallet, header))
+    retry = coordinator_pb2.CommitJobRequest(quote_id=job.quote_id, idempotency_key=key)
+    for metadata in ((), ((PAYMENT_SIGNATURE, "not a payment"),), ((PAYMENT_SIGNATURE, fresh),)):
+        assert (await c._commit(retry, metadata)).job_id == job.job_id
+    assert len(paid.db.open_payments()) == 1
 
     await paid.worker("seeker")
     assert (await c.wait(job.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Job, JobState, Payment, PaymentStatus, Quote, Split
-from dispatchnet.errors import PaymentRequired, PaymentReused, Unavailable
+from dispatchnet.errors import DispatchError, PaymentRequired, PaymentReused, Unavailable
 from dispatchnet.loops import OutboxLoop
 from dispatchnet.profiles import JobsConfig, PaymentsConfig, PayoutsConfig
 from dispatchnet.store.base import Store
@@ -208,28 +208,40 @@ class PaymentService(OutboxLoop):
         PaymentRequired (none sent, or refused), InvalidArgument (malformed), Unavailable
         (facilitator or node down), and whatever would stop the commit anyway
         (JobService.check_commit), before any payment is verified."""
-        quote, existing = await self.jobs.check_commit(client_id, quote_id, idempotency_key)
-        if existing is not None:
+        # The key's job is looked up only when the payment does not pass (or none is
+        # sent): a new job, most commits, costs no read for it. A payment that passes for
+        # a key used before is not stored (create_job returns the key's job instead).
+        quote, existing = await self.jobs.check_commit(
+            client_id, quote_id, idempotency_key, look_up=False
+        )
+        if existing is not None:  # (an expired quote's key: its job, looked up)
             return None
         now = self.clock()
         offers = await self.offers(quote)
-        if not header:
-            raise self.refusal(
-                quote,
-                offers,
-                "CommitJob needs an x402 payment: send `payment-signature` metadata for one "
-                "of the payment-required trailer's `accepts` (README: Payments)",
-                "payment_required",
-            )
         try:
-            payment = self.gateway.parse(header, offers, now)
-            if await self.store.payment_used(
-                payment.network, payment.asset, payment.payer, payment.authorization_id
-            ):
-                raise PaymentReused("this payment was already used for a job; sign a new one")
-            await self.gateway.verify_async(payment)
-        except PaymentRequired as e:
-            raise self.refusal(quote, offers, e.message, e.reason) from None
+            if not header:
+                raise self.refusal(
+                    quote,
+                    offers,
+                    "CommitJob needs an x402 payment: send `payment-signature` metadata for "
+                    "one of the payment-required trailer's `accepts` (README: Payments)",
+                    "payment_required",
+                )
+            try:
+                payment = self.gateway.parse(header, offers, now)
+                if await self.store.payment_used(
+                    payment.network, payment.asset, payment.payer, payment.authorization_id
+                ):
+                    raise PaymentReused("this payment was already used for a job; sign a new one")
+                await self.gateway.verify_async(payment)
+            except PaymentRequired as e:
+                raise self.refusal(quote, offers, e.message, e.reason) from None
+        except DispatchError:
+            # a job committed with the key before costs nothing more, whatever was sent
+            _, existing = await self.jobs.check_commit(client_id, quote_id, idempotency_key)
+            if existing is not None:
+                return None
+            raise
         return payment
 
     async def quote_header(self, quote_id: str) -> str:
