@@ -68,6 +68,73 @@ ConnectCall = grpc.aio.StreamStreamCall[ConnectRequest, worker_pb2.ConnectRespon
 JobKey = tuple[str, int]
 
 
+# One INFO line per finished job while jobs finish at most JOB_LINES_PER_SECOND on average
+# (bursts of JOB_LINES_BURST); beyond that the lines left out are counted, and one summary
+# line per JOB_SUMMARY_SECONDS says how many jobs finished meanwhile. A busy worker's log
+# stays readable, and a line per job (~40 us of this process's CPU each, formatting and
+# writing) is not paid hundreds of times a second.
+JOB_LINES_PER_SECOND = 1.0
+JOB_LINES_BURST = 10
+JOB_SUMMARY_SECONDS = 10.0
+
+
+class JobLines:
+    """The worker's per-job log lines, rate limited (see JOB_LINES_PER_SECOND)."""
+
+    def __init__(
+        self,
+        log: logging.Logger,
+        clock: Callable[[], float] = time.monotonic,
+        per_second: float = JOB_LINES_PER_SECOND,
+        burst: int = JOB_LINES_BURST,
+        summary_seconds: float = JOB_SUMMARY_SECONDS,
+    ) -> None:
+        self.log = log
+        self.clock = clock
+        self.per_second = per_second
+        self.burst = burst
+        self.summary_seconds = summary_seconds
+        self._tokens = float(burst)
+        self._at = clock()
+        self._left_out = {"completed": 0, "failed": 0}
+        self._since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def finished(self, key: JobKey, outcome: str, detail: str = "") -> None:
+        """Job `key` ended: `outcome` "completed" or "failed" (`detail`: the failure code)."""
+        if not self.log.isEnabledFor(logging.INFO):
+            return
+        now = self.clock()
+        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.per_second)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            self.log.info(
+                "job %s attempt %d %s%s", *key, outcome, f": {detail}" if detail else "",
+                extra={"job_id": key[0]},
+            )  # fmt: skip
+            return
+        if not any(self._left_out.values()):
+            self._since = now
+            self._timer = asyncio.get_running_loop().call_later(self.summary_seconds, self.flush)
+        self._left_out[outcome] += 1
+
+    def flush(self) -> None:
+        """Logs the summary of the lines left out, if any (at the end of each period, and
+        when the worker stops)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        done, failed = self._left_out["completed"], self._left_out["failed"]
+        if done or failed:
+            self._left_out = {"completed": 0, "failed": 0}
+            self.log.info(
+                "%d more jobs completed and %d failed in the last %.0fs (one line per job "
+                "only below %g jobs/s)",
+                done, failed, self.clock() - self._since, self.per_second,
+            )  # fmt: skip
+
+
 class SessionEnded(Exception):
     """A session ended without a transport error; retry_after is a GoAway's minimum delay."""
 
@@ -138,6 +205,7 @@ class Worker:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.log = log or logging.getLogger(__name__)
+        self._job_lines = JobLines(self.log)
         self.offer_filter = offer_filter
         # On-chain agent id (`dispatch worker register`) and the secp256k1 key (0x hex) of
         # the agent's owner, which signs ChallengeResponse.chain_signature.
@@ -212,6 +280,7 @@ class Worker:
             stop_wait.cancel()
             self._cancel_jobs()
             self.connected.clear()
+            self._job_lines.flush()
 
     async def drain(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 (part of the API)
         """Takes no new offers, waits up to timeout for results to be acknowledged, then stops."""
@@ -662,11 +731,10 @@ class Worker:
                 msg = task.result()
                 if msg.HasField("completed"):
                     self.completed += 1
-                    self.log.info("job %s attempt %d completed", *key, extra={"job_id": key[0]})
+                    self._job_lines.finished(key, "completed")
                 else:
                     self.failed += 1
-                    self.log.info("job %s attempt %d failed: %s", *key, msg.failed.failure.code,
-                                  extra={"job_id": key[0]})  # fmt: skip
+                    self._job_lines.finished(key, "failed", msg.failed.failure.code)
                 self._pending[key] = msg = self._for_session(msg)
                 self._send(msg)
         self._update_settled()
