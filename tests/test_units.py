@@ -609,6 +609,29 @@ def test_choose_among_a_large_pool_checks_a_bounded_number_and_keeps_the_weights
         assert checks[0] < 3000 * 4  # about 1.8 draws per choice (2 with FAST)
 
 
+def test_choose_among_samples_a_pool_just_over_the_scan_size() -> None:
+    """50 free seekers are not all weighed for each job: a few draws, the same weights."""
+    pool, rng = [FakeWorker(f"w{i}") for i in range(50)], random.Random(3)
+    assert len(pool) > matching.SCAN_MAX
+    scores = {w.worker_id: 1.0 if w.worker_id == "w0" else 0.0 for w in pool}
+    spec, checks, picks = _spec(), [0], []
+
+    def usable(w: FakeWorker) -> bool:
+        checks[0] += 1
+        return True
+
+    for _ in range(4000):
+        w = matching.choose_among(
+            spec, pool, len(pool), lambda: rng.choice(pool), {WorkerKind.SEEKER},
+            usable, usable, scores.__getitem__, rng,
+        )  # fmt: skip
+        assert w is not None
+        picks.append(w.worker_id)
+    # w0 weighs 1.1 against 0.1 for each of the 49 others: w0 expected 4000 * 1.1 / 6.0 = 733 times
+    assert 640 < picks.count("w0") < 830
+    assert checks[0] < 4000 * 20  # ~9 draws per choice (reputations of 0 here), not 50
+
+
 def test_choose_among_falls_back_to_avoided_workers_then_none() -> None:
     pool, rng = [FakeWorker(f"w{i}") for i in range(200)], random.Random(1)
     spec = _spec()
