@@ -129,8 +129,8 @@ class JobLines:
         if done or failed:
             self._left_out = {"completed": 0, "failed": 0}
             self.log.info(
-                "%d more jobs completed and %d failed in the last %.0fs (one line per job "
-                "only below %g jobs/s)",
+                "%d more jobs completed and %d failed in the last %.0fs (a line per job "
+                "again below %g a second)",
                 done, failed, self.clock() - self._since, self.per_second,
             )  # fmt: skip
 
