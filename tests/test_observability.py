@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import stat
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -278,6 +279,28 @@ def test_json_log_lines_carry_ids_and_the_trace(capsys: pytest.CaptureFixture[st
     except ValueError:
         record.exc_info = __import__("sys").exc_info()
     assert "ValueError: boom" in json.loads(formatter.format(record))["exception"]
+
+
+def test_a_write_to_a_peer_that_went_away_is_an_info_line() -> None:
+    f = logs.PeerGoneFilter()
+    try:
+        raise RuntimeError("batch failed")
+    except RuntimeError:
+        exc = sys.exc_info()
+    gone = logging.LogRecord(
+        logs.GRPC_AIO_LOGGER, logging.ERROR, "server.pyx", 1,
+        "ExecuteBatchError raised in core by servicer method [%s]",
+        ("/dispatch.v1.WorkerService/Connect",), exc,
+    )  # fmt: skip
+    assert f.filter(gone)
+    assert (gone.levelno, gone.exc_info) == (logging.INFO, None)
+    assert gone.getMessage() == (
+        "a write on /dispatch.v1.WorkerService/Connect failed: the peer went away"
+    )
+    other = logging.LogRecord(
+        logs.GRPC_AIO_LOGGER, logging.ERROR, "server.pyx", 1, "Unexpected [%s]", ("x",), exc
+    )
+    assert f.filter(other) and other.levelno == logging.ERROR and other.exc_info is exc
 
 
 def test_coordinator_and_worker_log_json_lines_and_print_their_urls(

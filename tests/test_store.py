@@ -553,6 +553,46 @@ async def test_held_attempts_are_read_at_once_for_many_jobs(store: Store) -> Non
     assert await store.held_attempts("w3", ids) == set()
 
 
+async def requeue(store: Store, job: Job, reason: str) -> Job | None:
+    """The attempt the job's worker holds back to QUEUED, as JobService.requeue does it."""
+    return await store.transition(
+        job.job_id,
+        (JobState.OFFERED, JobState.RUNNING),
+        job.attempts,
+        {"state": JobState.QUEUED},
+        Event(
+            job.job_id, EventKind.STATE, JobState.QUEUED, 103.0, from_state=job.state,
+            reason=reason, worker_id=job.worker_id, attempt=job.attempts,
+        ),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("reason", "open_"),
+    [
+        ("rejected: busy", False),
+        ("failed: oops", False),
+        ("bad receipt: receipt names another job", False),
+        ("worker_disconnected", True),  # taken back, not given up: a late result counts
+        ("lease_expired", True),
+    ],
+)
+async def test_an_attempt_its_worker_gave_up_is_no_longer_held(
+    store: Store, reason: str, open_: bool
+) -> None:
+    job, _ = await store.create_job(*new_job(0))
+    offered_job = await offer(store, job)
+    assert offered_job is not None
+    assert await requeue(store, offered_job, reason) is not None
+    again = await offer(store, (await store.get_job(job.job_id)) or job, attempt=1, worker="w2")
+    assert again is not None and again.attempts == 2
+    assert (await store.offered_at(job.job_id, "w1", 1) == 102.0) is open_
+    assert (await store.held_attempts("w1", [job.job_id]) == {(job.job_id, 1)}) is open_
+    # the attempt after it is untouched
+    assert await store.offered_at(job.job_id, "w2", 2) == 102.0
+    assert await store.held_attempts("w2", [job.job_id]) == {(job.job_id, 2)}
+
+
 # --- queue and leases ------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from conftest import HELLO, Cluster, RawWorker, wait_until
 
 from dispatch.v1 import common_pb2, coordinator_pb2, worker_pb2
 from dispatchnet.client import task_spec
-from dispatchnet.coordinator.hub import AcksDue, ResultAck, WorkerSession
+from dispatchnet.coordinator.hub import OUTBOX_HIGH, OUTBOX_LOW, AcksDue, ResultAck, WorkerSession
 from dispatchnet.coordinator.models import WorkerKind
 from dispatchnet.keys import KeyPair
 from dispatchnet.profiles import Profile
@@ -370,3 +370,26 @@ async def test_jobs_larger_than_the_fixed_http2_window_cross_it_both_ways(
     for data, final in zip(inputs, done, strict=True):
         assert final.state == coordinator_pb2.JOB_STATE_COMPLETED, final.failure
         assert final.result.output == data
+
+
+async def test_a_backlog_toward_the_worker_holds_its_next_message_back() -> None:
+    s = _batched_session()
+    s.active["job_busy"] = 1
+    for n in range(OUTBOX_HIGH - 1):
+        s.send(ResultAck(f"job_{n}", 1, False, "stale"))
+    await s.room()  # below the mark: at once
+    s.ack(ResultAck("job_a", 1, True))  # an ack waiting to ride counts too
+    assert s.backlog == OUTBOX_HIGH
+    waiting = asyncio.ensure_future(s.room())
+    await asyncio.sleep(0)  # it starts waiting
+    for _ in range(OUTBOX_HIGH - OUTBOX_LOW - 1):  # the worker reads, down to just above
+        await s.next_outbound()
+        await asyncio.sleep(0)  # a turn of the loop for the waiting read
+        assert not waiting.done()
+    await s.next_outbound()  # down to OUTBOX_LOW: the next message is read
+    await asyncio.wait_for(waiting, 5)
+    for n in range(OUTBOX_HIGH):
+        s.send(ResultAck(f"job_{n}", 1, False, "stale"))
+    closed = asyncio.ensure_future(s.room())
+    s.end()  # a session closed meanwhile (evicted) waits no more
+    await asyncio.wait_for(closed, 5)

@@ -15,6 +15,7 @@ from conftest import Cluster, RawWorker, make_profile, wait_until
 from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, worker_pb2
 from dispatchnet.client import task_spec
 from dispatchnet.errors import InvalidArgument
+from dispatchnet.protocol import MAX_PROGRESS_CHARS_PER_ATTEMPT, MAX_PROGRESS_TEXT_CHARS
 from dispatchnet.receipts.core import RECEIPT_VERSION, serialize_body, sha256, sign_body
 from dispatchnet.server import start_coordinator
 
@@ -212,4 +213,96 @@ async def test_receipt_times_must_fit_the_attempt(
     if refusal:
         reasons = [e.reason for e in cluster.db.events_after(job.job_id, 0)]
         assert f"bad receipt: {ack.reason}" in reasons
+    raw.close()
+
+
+# --- an attempt its worker gave up -------------------------------------------------------
+
+
+async def test_a_worker_that_rejected_an_offer_cannot_deliver_it_later(
+    cluster: Cluster, channel: grpc.aio.Channel
+) -> None:
+    first = RawWorker(channel)
+    await first.handshake()
+    c = cluster.client()
+    job = await c.submit(task_spec("echo", b"1"))
+    offer = (await first.recv()).offer
+    second = RawWorker(channel)
+    await second.handshake()
+    first.send(
+        offer_response=worker_pb2.OfferResponse(
+            job_id=job.job_id, attempt=1, accept=False, reason="busy"
+        )
+    )
+    retry = (await second.recv()).offer
+    assert (retry.job_id, retry.attempt) == (job.job_id, 2)
+    second.send(offer_response=worker_pb2.OfferResponse(job_id=job.job_id, attempt=2, accept=True))
+
+    async def running() -> bool:
+        return (await c.get(job.job_id)).state == coordinator_pb2.JOB_STATE_RUNNING
+
+    await wait_until(running, what="the retry running")
+    # the refused attempt's result, with a receipt right in every field: given up, it
+    # does not take the job from the worker that accepted the retry
+    now = time.time()
+    key = cluster.coord.hub.public_key
+    first.send(completed=_receipt(first, offer, key, b"1", now, now))
+    ack = (await first.recv()).result_ack
+    assert (ack.job_id, ack.attempt, ack.accepted) == (job.job_id, 1, False)
+    assert ack.reason.startswith("stale"), ack.reason
+    still = await c.get(job.job_id)
+    assert still.state == coordinator_pb2.JOB_STATE_RUNNING
+    assert (still.worker_id, still.attempts) == (second.key.public_hex, 2)
+    second.send(completed=_receipt(second, retry, key, b"1", now, time.time()))
+    assert (await second.recv()).result_ack.accepted
+    done = await c.get(job.job_id)
+    assert done.state == coordinator_pb2.JOB_STATE_COMPLETED
+    assert done.worker_id == second.key.public_hex
+    first.close()
+    second.close()
+
+
+async def test_made_up_job_ids_leave_nothing_behind(
+    cluster: Cluster, channel: grpc.aio.Channel
+) -> None:
+    raw = RawWorker(channel)
+    await raw.handshake()
+    failure = common_pb2.JobFailure(code="oops", message="no")
+    for n in range(50):
+        job_id = f"job_{n:032x}"
+        raw.send(offer_response=worker_pb2.OfferResponse(job_id=job_id, attempt=1, accept=False))
+        raw.send(
+            failed=worker_pb2.JobFailed(job_id=job_id, attempt=1, failure=failure, retryable=True)
+        )
+        raw.send(completed=worker_pb2.JobCompleted(job_id=job_id, attempt=1))
+    acks = [(await raw.recv()).result_ack for _ in range(100)]
+    assert all(not a.accepted for a in acks)
+    # the jobs a worker refused are remembered only for attempts it held: made-up ids,
+    # which never end, would stay forever
+    assert cluster.coord.hub._avoid == {}
+    raw.close()
+
+
+async def test_an_attempts_progress_text_is_bounded(
+    cluster: Cluster, channel: grpc.aio.Channel
+) -> None:
+    raw = RawWorker(channel)
+    await raw.handshake()
+    c = cluster.client()
+    job = await c.submit(task_spec("echo", b"1"))
+    offer = (await raw.recv()).offer
+    raw.send(offer_response=worker_pb2.OfferResponse(job_id=job.job_id, attempt=1, accept=True))
+    chunk = "x" * MAX_PROGRESS_TEXT_CHARS
+    sent = 0
+    while sent <= MAX_PROGRESS_CHARS_PER_ATTEMPT:
+        raw.send(progress=worker_pb2.JobProgress(job_id=job.job_id, attempt=1, text=chunk))
+        sent += len(chunk)
+    go_away = (await raw.recv()).go_away
+    assert f"passed {MAX_PROGRESS_CHARS_PER_ATTEMPT} characters in one attempt" in go_away.reason
+    # the job goes on elsewhere; what was stored of its progress stays within the bound
+    again = await c.get(job.job_id)
+    assert again.state != coordinator_pb2.JOB_STATE_COMPLETED
+    stored = sum(len(e.text) for e in cluster.db.events_after(job.job_id, 0, limit=10_000))
+    assert stored <= MAX_PROGRESS_CHARS_PER_ATTEMPT
+    assert offer.attempt == 1
     raw.close()

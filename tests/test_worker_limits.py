@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -92,6 +93,14 @@ async def test_hello_beyond_a_limit_is_invalid_argument(
             "progress.text is 16385 characters; the limit is 16384",
         ),
         (
+            {"progress": worker_pb2.JobProgress(job_id="job_x", fraction=float("nan"))},
+            "progress.fraction is nan; it must be in [0, 1]",
+        ),
+        (
+            {"progress": worker_pb2.JobProgress(job_id="job_x", fraction=7.0)},
+            "progress.fraction is 7.0; it must be in [0, 1]",
+        ),
+        (
             {
                 "failed": worker_pb2.JobFailed(
                     job_id="job_x", failure=common_pb2.JobFailure(code="c", message="m" * 2049)
@@ -114,6 +123,8 @@ async def test_hello_beyond_a_limit_is_invalid_argument(
         "reject-reason",
         "job-id",
         "progress",
+        "progress-fraction-nan",
+        "progress-fraction-above-1",
         "failure-message",
         "failure-code",
         "receipt",
@@ -165,6 +176,21 @@ async def test_job_ids_a_worker_was_never_offered_do_not_count_as_load(
 
     await wait_until(done, within=10, what="job completed on the other worker")
     assert (await c.get(job.job_id)).worker_id == good.key.public_hex
+    raw.close()
+
+
+async def test_made_up_ids_in_heartbeats_are_warned_about_once_a_session(
+    cluster: Cluster, channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = RawWorker(channel)
+    await raw.handshake()
+    with caplog.at_level(logging.DEBUG, logger="dispatch.hub"):
+        for n in range(20):  # new ids each time: each heartbeat lists some never offered
+            raw.send(heartbeat=worker_pb2.Heartbeat(running_job_ids=[f"job_fake_{n}"]))
+        await _barrier(raw)
+    lines = [r for r in caplog.records if "never offered" in r.getMessage()]
+    assert len(lines) == 20
+    assert [r.levelno for r in lines].count(logging.WARNING) == 1
     raw.close()
 
 

@@ -27,6 +27,9 @@ MAX_JOB_ID_CHARS = 64  # job_id (the coordinator's ids are 36 characters)
 # After the handshake
 MAX_REASON_CHARS = 256  # OfferResponse.reason, Drain.reason
 MAX_PROGRESS_TEXT_CHARS = 16384  # JobProgress.text (longer output goes in several messages)
+# JobProgress.text over one attempt, all its messages together (an LLM's longest output is
+# a few percent of it); beyond, the worker's session ends with a GoAway saying so
+MAX_PROGRESS_CHARS_PER_ATTEMPT = 1 << 20
 MAX_FAILURE_CODE_CHARS = 64  # JobFailed.failure.code
 MAX_FAILURE_MESSAGE_CHARS = 2048  # JobFailed.failure.message
 MAX_CONTENT_TYPE_CHARS = 128  # JobCompleted.result.content_type

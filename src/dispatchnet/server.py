@@ -43,7 +43,7 @@ from dispatchnet.coordinator.payouts import PayoutService
 from dispatchnet.coordinator.ports import ReputationSource
 from dispatchnet.coordinator.receipts import ReceiptQueries
 from dispatchnet.memory import MemoryTrimmer
-from dispatchnet.observability import tracing
+from dispatchnet.observability import logs, tracing
 from dispatchnet.observability.runtime import Observability
 from dispatchnet.observability.sampler import Outboxes
 from dispatchnet.payments.interceptor import PaymentInterceptor
@@ -142,6 +142,7 @@ async def start_coordinator(
     """tracer_provider: where traces go (default: the process's, from the OTEL_* variables;
     see observability/tracing.py); None and no process provider: no tracing."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    logs.quiet_peer_gone()
     if tracer_provider is None:
         tracer_provider = tracing.process_provider()
     observability = Observability(profile, data_dir, tracer_provider)

@@ -420,6 +420,8 @@ def check_worker_message(msg: worker_pb2.ConnectRequest) -> None:
         p = msg.progress
         _chars(p.job_id, protocol.MAX_JOB_ID_CHARS, "progress.job_id")
         _chars(p.text, protocol.MAX_PROGRESS_TEXT_CHARS, "progress.text")
+        if not 0.0 <= p.fraction <= 1.0:  # NaN too
+            raise InvalidArgument(f"progress.fraction is {p.fraction}; it must be in [0, 1]")
     elif kind == "completed":
         c = msg.completed
         _chars(c.job_id, protocol.MAX_JOB_ID_CHARS, "completed.job_id")

@@ -24,7 +24,14 @@ from dispatch.v1 import (
 from dispatchnet.api import convert
 from dispatchnet.api.edge import caller, optional_caller
 from dispatchnet.coordinator.earnings import EarningsService
-from dispatchnet.coordinator.hub import AcksDue, Offer, Outbound, WorkerHub, WorkerSession
+from dispatchnet.coordinator.hub import (
+    OUTBOX_HIGH,
+    AcksDue,
+    Offer,
+    Outbound,
+    WorkerHub,
+    WorkerSession,
+)
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Failure, JobSpec
 from dispatchnet.coordinator.pairing import PairingService
@@ -259,6 +266,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         jobs = KeyedOrder(STREAM_HANDLERS)
         try:
             async for msg in it:
+                if s.backlog >= OUTBOX_HIGH:
+                    await s.room()  # the worker reads what it was sent first
                 kind = msg.WhichOneof("msg")
                 try:
                     convert.check_worker_message(msg)

@@ -35,6 +35,7 @@ from dispatchnet.protocol import (
     HELLO_CONTEXT,
     MAX_ACKS_PER_MESSAGE,
     MAX_CONCURRENCY,
+    MAX_PROGRESS_CHARS_PER_ATTEMPT,
 )
 from dispatchnet.store.base import Runnable, Store
 
@@ -58,6 +59,13 @@ EVICTION_CHECKS_PER_WINDOW = 6  # silent-worker checks per [workers] eviction_se
 STRETCH_PER_CHECK = 500
 # After an internal error ends a session, the worker waits this long before reconnecting.
 INTERNAL_ERROR_RETRY_AFTER_SECONDS = 5
+# A session's backlog toward its worker (messages in its outbox, acks waiting to ride on
+# one): from OUTBOX_HIGH on, the worker's next message is read only once the backlog is
+# down to OUTBOX_LOW. A worker that sends and never reads (every result is answered)
+# then waits on gRPC's flow control instead of growing the coordinator's memory; a
+# healthy worker's backlog is a few messages (at most max_concurrency offers).
+OUTBOX_HIGH = 1024
+OUTBOX_LOW = 256
 log = logging.getLogger("dispatch.hub")
 
 
@@ -136,16 +144,38 @@ class WorkerSession:
     draining: bool = False
     closed: bool = False
     active: dict[str, int] = field(default_factory=dict)  # job_id -> attempt
+    # progress text (characters) of each attempt it holds: MAX_PROGRESS_CHARS_PER_ATTEMPT
+    progress_chars: dict[str, int] = field(default_factory=dict)
     # jobs the worker runs that this session does not hold (taken over elsewhere meanwhile);
     # only jobs this worker was offered: anything else a worker lists is in `ignored`
     foreign: set[str] = field(default_factory=set)
     ignored: set[str] = field(default_factory=set)
+    warned_ignored: bool = False  # their WARNING was logged (once a session)
     outbox: asyncio.Queue[Outbound | None] = field(default_factory=asyncio.Queue)
     # acks wait here for the next message to this worker (see ack)
     batched_acks: bool = False
     acks: list[ResultAck] = field(default_factory=list)
     _acks_due: asyncio.TimerHandle | None = None  # sends an AcksDue after ACK_DELAY_SECONDS
     _acks_queued: bool = False  # an AcksDue is in the outbox
+    _room: asyncio.Event = field(default_factory=asyncio.Event)  # backlog below OUTBOX_LOW
+
+    @property
+    def backlog(self) -> int:
+        """Messages waiting for the worker: the outbox's, and acks not yet sent."""
+        return self.outbox.qsize() + len(self.acks)
+
+    async def room(self) -> None:
+        """Returns at once while the backlog is under OUTBOX_HIGH; else once it is down
+        to OUTBOX_LOW (the worker read), or the session is closed."""
+        if self.backlog < OUTBOX_HIGH:
+            return
+        while self.backlog > OUTBOX_LOW and not self.closed:
+            self._room.clear()
+            await self._room.wait()
+
+    def _taken(self) -> None:
+        if self.backlog <= OUTBOX_LOW:
+            self._room.set()
 
     @property
     def load(self) -> int:
@@ -189,6 +219,7 @@ class WorkerSession:
         """The acks waiting, at most MAX_ACKS_PER_MESSAGE, for the message going out now."""
         taken = self.acks[:MAX_ACKS_PER_MESSAGE]
         del self.acks[:MAX_ACKS_PER_MESSAGE]
+        self._taken()
         self._acks_queued = False
         if self.acks:  # more than one message holds: the rest go in the next at once
             self._due()
@@ -206,10 +237,13 @@ class WorkerSession:
         if not self.closed:
             self.outbox.put_nowait(None)
             self.closed = True
+            self._room.set()
             self._cancel_due()  # the worker resends what was not acked
 
     async def next_outbound(self) -> Outbound | None:
-        return await self.outbox.get()
+        msg = await self.outbox.get()
+        self._taken()
+        return msg
 
 
 class WorkerHub:
@@ -419,8 +453,13 @@ class WorkerHub:
 
     @staticmethod
     def _log_ignored(session: WorkerSession, ids: set[str]) -> None:
+        """A WARNING the first time in a session (a worker that lists made-up ids in
+        every heartbeat must not flood the log), DEBUG after."""
         if ids:
-            log.warning(
+            level = logging.DEBUG if session.warned_ignored else logging.WARNING
+            session.warned_ignored = True
+            log.log(
+                level,
                 "worker %s… lists %d job(s) it was never offered (ignored): %s",
                 session.worker_id[:12],
                 len(ids),
@@ -441,13 +480,21 @@ class WorkerHub:
             if await self.jobs.accept(job_id, attempt, s.worker_id) is None:
                 s.send(Cancel(job_id, attempt, "offer no longer valid"))
         else:
-            self._avoid.setdefault(job_id, set()).add(s.worker_id)
+            self._avoid_for(s, job_id, attempt)
             await self.jobs.reject(job_id, attempt, s.worker_id, reason)
 
     async def progress(
         self, s: WorkerSession, job_id: str, attempt: int, text: str, fraction: float
     ) -> None:
         self.touch(s)
+        if s.active.get(job_id) == attempt:
+            chars = s.progress_chars.get(job_id, 0) + len(text)
+            if chars > MAX_PROGRESS_CHARS_PER_ATTEMPT:
+                raise InvalidArgument(
+                    f"progress text of job {quoted(job_id)} passed "
+                    f"{MAX_PROGRESS_CHARS_PER_ATTEMPT} characters in one attempt"
+                )
+            s.progress_chars[job_id] = chars
         await self.jobs.progress(job_id, attempt, s.worker_id, text, fraction)
 
     async def completed(
@@ -462,6 +509,7 @@ class WorkerHub:
         self.touch(s)
         s.foreign.discard(job_id)
         self.index.refresh(s)
+        held = s.active.get(job_id) == attempt  # a refused result takes it from s.active
         ok, reason = await self.jobs.complete(
             job_id,
             attempt,
@@ -473,7 +521,7 @@ class WorkerHub:
             worker_agent_id=s.agent_id,  # verified at Connect; the receipt must carry it
             worker_agent_owner=s.agent_owner,
         )
-        if not ok:
+        if not ok and held:
             self._avoid.setdefault(job_id, set()).add(s.worker_id)
         s.ack(ResultAck(job_id, attempt, ok, reason))
         self.kick()
@@ -485,7 +533,7 @@ class WorkerHub:
         s.foreign.discard(job_id)
         self.index.refresh(s)
         if retryable:
-            self._avoid.setdefault(job_id, set()).add(s.worker_id)
+            self._avoid_for(s, job_id, attempt)
         ok = await self.jobs.fail(job_id, attempt, s.worker_id, failure, retryable)
         s.ack(ResultAck(job_id, attempt, ok, "" if ok else "stale"))
 
@@ -527,9 +575,16 @@ class WorkerHub:
     ) -> None:
         s.foreign.discard(job_id)
         self.index.refresh(s)
-        self._avoid.setdefault(job_id, set()).add(s.worker_id)
+        self._avoid_for(s, job_id, attempt)
         await self.jobs.fail(job_id, attempt, s.worker_id, Failure("result_refused", reason), True)
         s.ack(ResultAck(job_id, attempt, False, reason))
+
+    def _avoid_for(self, s: WorkerSession, job_id: str, attempt: int) -> None:
+        """The job is not offered to this worker again (it refused or gave up the attempt
+        it holds). Only for an attempt this session holds: ids a worker makes up, or of
+        attempts no longer its, leave nothing behind (the entry goes when the job ends)."""
+        if s.active.get(job_id) == attempt:
+            self._avoid.setdefault(job_id, set()).add(s.worker_id)
 
     # --- JobListener --------------------------------------------------------------------
 
@@ -546,6 +601,7 @@ class WorkerHub:
         s = self.sessions.get(worker_id)
         if s is not None and s.active.get(job.job_id) == attempt:
             del s.active[job.job_id]
+            s.progress_chars.pop(job.job_id, None)
             self.index.refresh(s)
             if tell_worker:
                 s.send(Cancel(job.job_id, attempt, reason))

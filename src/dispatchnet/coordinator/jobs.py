@@ -45,7 +45,10 @@ from dispatchnet.coordinator.events import JobNotifier, LiveEvents
 from dispatchnet.coordinator.models import (
     ACTIVE_STATES,
     AGREED,
+    BAD_RECEIPT,
+    FAILED,
     OPEN_STATES,
+    REJECTED,
     VERIFY_SPOT_CHECK,
     Event,
     EventKind,
@@ -785,7 +788,7 @@ class JobService:
         job = await self._held(job_id, attempt, worker_id, (JobState.OFFERED,))
         if job is None:
             return None
-        return await self.requeue(job, f"rejected: {reason or 'no reason'}", tell_worker=False)
+        return await self.requeue(job, f"{REJECTED}{reason or 'no reason'}", tell_worker=False)
 
     async def progress(
         self, job_id: str, attempt: int, worker_id: str, text: str, fraction: float
@@ -951,7 +954,7 @@ class JobService:
             )
         except DispatchError as e:
             if not late:
-                await self.requeue(job, f"bad receipt: {e.message}", tell_worker=False)
+                await self.requeue(job, f"{BAD_RECEIPT}{e.message}", tell_worker=False)
             return False, e.message
         if job.verify_runs:
             if late:  # a verified job compares the runs it offered, in turn
@@ -1007,7 +1010,7 @@ class JobService:
         outcome = (worker_id, False)
         if retryable:
             moved = await self.requeue(
-                job, f"failed: {failure.code}", tell_worker=False, outcome=outcome
+                job, f"{FAILED}{failure.code}", tell_worker=False, outcome=outcome
             )
         else:
             moved = await self._move(

@@ -398,6 +398,18 @@ class EventKind(enum.Enum):
     PROGRESS = "progress"
 
 
+# How the reason of a move back to QUEUED begins when the attempt's worker gave it up: it
+# refused the offer, reported a failure, or its result was refused (its receipt, or the
+# result itself). Such an attempt stays given up: no late result of it counts and its
+# worker cannot resume it (Store.offered_at and held_attempts leave it out). An attempt
+# taken back for any other reason (the stream dropped, the lease ran out) may still
+# deliver while the job is open: the first valid result wins.
+REJECTED = "rejected: "
+FAILED = "failed: "
+BAD_RECEIPT = "bad receipt: "
+GIVEN_UP = (REJECTED, FAILED, BAD_RECEIPT)
+
+
 @dataclass(frozen=True)
 class Event:
     """One entry of a job's history; sequence is assigned by the store."""

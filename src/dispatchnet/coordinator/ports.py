@@ -341,12 +341,13 @@ class JobRepository(Protocol):
 
     async def offered_at(self, job_id: str, worker_id: str, attempt: int) -> float | None:
         """When the job's history shows worker_id was offered the given attempt; None if
-        it never was."""
+        it never was, or if the worker gave that attempt up (models.GIVEN_UP)."""
         ...
 
     async def held_attempts(self, worker_id: str, job_ids: Sequence[str]) -> set[tuple[str, int]]:
-        """The (job_id, attempt) pairs among job_ids that worker_id was offered, in one
-        read whatever the number of ids (the caller bounds them)."""
+        """The (job_id, attempt) pairs among job_ids that worker_id was offered and has
+        not given up (models.GIVEN_UP), in one read whatever the number of ids (the
+        caller bounds them)."""
         ...
 
     async def events_after(self, job_id: str, sequence: int, limit: int = 500) -> list[Event]:

@@ -96,3 +96,30 @@ def configure(fmt: str = "human", verbose: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(HUMAN))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
+GRPC_AIO_LOGGER = "grpc._cython.cygrpc"
+_WRITE_FAILED = "ExecuteBatchError raised in core by servicer method"
+
+
+class PeerGoneFilter(logging.Filter):
+    """grpc.aio logs an ERROR with a traceback when a streaming RPC's write fails because
+    its peer went away while the write waited (a worker that stopped reading, then
+    disconnected). That is a disconnect, not an error of ours: the record becomes one
+    INFO line, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(_WRITE_FAILED):
+            text = record.getMessage()  # "... servicer method [/pkg.Service/Method]"
+            method = text[text.find("[") + 1 : text.rfind("]")] if "[" in text else "a stream"
+            record.msg, record.args = "a write on %s failed: the peer went away", (method,)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_peer_gone() -> None:
+    """Installs PeerGoneFilter on grpc.aio's logger (once)."""
+    logger = logging.getLogger(GRPC_AIO_LOGGER)
+    if not any(isinstance(f, PeerGoneFilter) for f in logger.filters):
+        logger.addFilter(PeerGoneFilter())

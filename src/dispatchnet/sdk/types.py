@@ -1664,13 +1664,17 @@ class JobProgress(betterproto.Message):
     text: str = betterproto.string_field(3)
     """
     Text chunk (e.g. LLM tokens); at most 16384 characters (send longer
-     output in several messages). Must be empty for a job with sealed input
-     (JobSpec.sealed): the coordinator drops such text unread, never storing
-     or forwarding it.
+     output in several messages), and at most 1048576 characters over all the
+     progress of one attempt (beyond, the session ends with a GoAway). Must be
+     empty for a job with sealed input (JobSpec.sealed): the coordinator drops
+     such text unread, never storing or forwarding it.
     """
 
     fraction: float = betterproto.float_field(4)
-    """Completion estimate in [0, 1]."""
+    """
+    Completion estimate in [0, 1] (0 when unknown); outside it, or NaN, the
+     stream ends with INVALID_ARGUMENT.
+    """
 
 
 @dataclass(eq=False, repr=False)

@@ -93,6 +93,7 @@ from dispatchnet.store.rows import (
     feedback_of,
     job_of,
     job_row,
+    not_given_up,
     pairing_of,
     payees_order,
     payment_of,
@@ -971,7 +972,7 @@ class PostgresStore:
         time = await self._read(
             lambda c: c.fetchval(
                 "SELECT time FROM events WHERE job_id=$1 AND kind=$2 AND state=$3 "
-                "AND worker_id=$4 AND attempt=$5 ORDER BY sequence LIMIT 1",
+                f"AND worker_id=$4 AND attempt=$5 AND {not_given_up()} ORDER BY sequence LIMIT 1",
                 job_id,
                 EventKind.STATE.value,
                 int(JobState.OFFERED),
@@ -985,7 +986,7 @@ class PostgresStore:
         rows = await self._read(
             lambda c: c.fetch(
                 "SELECT DISTINCT job_id, attempt FROM events WHERE job_id = ANY($1::text[]) "
-                "AND kind=$2 AND state=$3 AND worker_id=$4",
+                f"AND kind=$2 AND state=$3 AND worker_id=$4 AND {not_given_up()}",
                 list(job_ids),
                 EventKind.STATE.value,
                 int(JobState.OFFERED),

@@ -9,6 +9,7 @@ import sqlite3
 from typing import Any, Protocol
 
 from dispatchnet.coordinator.models import (
+    GIVEN_UP,
     AnchorStatus,
     Earning,
     Event,
@@ -65,6 +66,20 @@ JOB_SIMPLE = {
     "verify_mode",
     "verify_runs",
 }
+
+
+def not_given_up(events: str = "events") -> str:
+    """A condition on a row of the events table (named `events` in the query) that
+    records an offer: true unless a later move of the same attempt, from the same
+    worker, back to QUEUED says its worker gave it up (models.GIVEN_UP). The same SQL on
+    SQLite and PostgreSQL; the reasons are constants, written into the text."""
+    prefixes = " OR ".join(f"substr(g.reason, 1, {len(p)}) = '{p}'" for p in GIVEN_UP)
+    return (
+        f"NOT EXISTS (SELECT 1 FROM events g WHERE g.job_id = {events}.job_id "
+        f"AND g.kind = '{EventKind.STATE.value}' AND g.state = {int(JobState.QUEUED)} "
+        f"AND g.worker_id = {events}.worker_id AND g.attempt = {events}.attempt "
+        f"AND ({prefixes}))"
+    )
 
 
 def spec_of(r: Row) -> JobSpec:

@@ -63,6 +63,7 @@ from dispatchnet.store.rows import (
     feedback_of,
     job_of,
     job_row,
+    not_given_up,
     pairing_of,
     payees_order,
     payment_of,
@@ -1162,7 +1163,7 @@ class SqliteStore:
     def offered_at(self, job_id: str, worker_id: str, attempt: int) -> float | None:
         r = self._conn.execute(
             "SELECT time FROM events WHERE job_id=? AND kind=? AND state=? AND worker_id=? "
-            "AND attempt=? ORDER BY sequence LIMIT 1",
+            f"AND attempt=? AND {not_given_up()} ORDER BY sequence LIMIT 1",
             (job_id, EventKind.STATE.value, int(JobState.OFFERED), worker_id, attempt),
         ).fetchone()
         return None if r is None else float(r["time"])
@@ -1171,7 +1172,7 @@ class SqliteStore:
         rows = self._conn.execute(
             "SELECT DISTINCT job_id, attempt FROM events "
             "WHERE job_id IN (SELECT value FROM json_each(?)) AND kind=? AND state=? "
-            "AND worker_id=?",
+            f"AND worker_id=? AND {not_given_up()}",
             (json.dumps(list(job_ids)), EventKind.STATE.value, int(JobState.OFFERED), worker_id),
         )
         return {(str(r["job_id"]), int(r["attempt"])) for r in rows}
