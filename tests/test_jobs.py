@@ -15,7 +15,14 @@ from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, receipt_pb2_gr
 from dispatchnet.client import task_spec
 from dispatchnet.coordinator.catalogue import MAX_LISTED, TaskCatalogue
 from dispatchnet.errors import FailedPrecondition
-from dispatchnet.receipts.core import sha256, verify_receipt_message
+from dispatchnet.keys import KeyPair
+from dispatchnet.receipts.core import (
+    RECEIPT_VERSION,
+    serialize_body,
+    sha256,
+    sign_body,
+    verify_receipt_message,
+)
 from dispatchnet.store.threaded import ThreadedStore
 from dispatchnet.worker.executors import BuiltinTasks
 
@@ -77,6 +84,50 @@ async def test_tampered_receipt_fails_verification(cluster: Cluster) -> None:
     stub = receipt_pb2_grpc.ReceiptServiceStub(c.channel)
     resp = await stub.VerifyReceipt(receipt_pb2.VerifyReceiptRequest(receipt=forged))
     assert not resp.valid and resp.problems
+
+
+async def test_verify_receipt_wants_this_coordinators_countersignature(cluster: Cluster) -> None:
+    # a receipt for a job that never ran, signed by two keys of the caller's making
+    worker, coordinator = KeyPair.generate(), KeyPair.generate()
+    body = serialize_body(
+        receipt_pb2.ReceiptBody(
+            version=RECEIPT_VERSION,
+            job_id="job_forged",
+            job_type=common_pb2.JOB_TYPE_TASK,
+            input_sha256=b"\1" * 32,
+            output_sha256=b"\2" * 32,
+            worker_public_key=worker.public_key,
+            coordinator_public_key=coordinator.public_key,
+            price=common_pb2.Money(currency="USD", amount_micros=999_999_999),
+            client_id="ab" * 32,
+            attempt=1,
+        )
+    )
+    forged = receipt_pb2.Receipt(
+        body=body,
+        worker_signature=sign_body(worker, body),
+        coordinator_signature=sign_body(coordinator, body),
+        receipt_sha256=sha256(body),
+    )
+    stub = receipt_pb2_grpc.ReceiptServiceStub(cluster.client().channel)
+    resp = await stub.VerifyReceipt(receipt_pb2.VerifyReceiptRequest(receipt=forged))
+    assert not resp.valid
+    assert any("different coordinator" in p for p in resp.problems), resp.problems
+    # the caller may ask about another coordinator's key: then it is that key's receipt
+    named = await stub.VerifyReceipt(
+        receipt_pb2.VerifyReceiptRequest(
+            receipt=forged, expected_coordinator_public_key=coordinator.public_key
+        )
+    )
+    assert named.valid and named.decoded.job_id == "job_forged"
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.VerifyReceipt(
+            receipt_pb2.VerifyReceiptRequest(
+                receipt=forged, expected_coordinator_public_key=b"12345"
+            )
+        )
+    assert rpc_code(e.value) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "32" in (e.value.details() or "")
 
 
 @pytest.mark.parametrize(

@@ -267,7 +267,7 @@ async def start_coordinator(
         WorkerServicer(hub, profile.workers, observability.tracing), server
     )
     receipt_pb2_grpc.add_ReceiptServiceServicer_to_server(
-        ReceiptServicer(ReceiptQueries(jobs)), server
+        ReceiptServicer(ReceiptQueries(jobs), key.public_key), server
     )
     trust_pb2_grpc.add_TrustServiceServicer_to_server(
         TrustServicer(PairingService(store, profile.pairing)), server

@@ -342,8 +342,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
 
 class ReceiptServicer(receipt_pb2_grpc.ReceiptServiceServicer):
-    def __init__(self, receipts: ReceiptQueries) -> None:
+    def __init__(self, receipts: ReceiptQueries, coordinator_public_key: bytes) -> None:
         self.receipts = receipts
+        self.public_key = coordinator_public_key  # VerifyReceipt's key unless one is named
 
     async def GetReceipt(
         self, request: receipt_pb2.GetReceiptRequest, context: Ctx
@@ -359,7 +360,15 @@ class ReceiptServicer(receipt_pb2_grpc.ReceiptServiceServicer):
     async def VerifyReceipt(
         self, request: receipt_pb2.VerifyReceiptRequest, context: Ctx
     ) -> receipt_pb2.VerifyReceiptResponse:
-        v = verify_receipt_message(request.receipt, request.expected_coordinator_public_key)
+        # countersigned by this coordinator, unless the caller names another's key: a
+        # receipt signed by a key of the caller's own making is not valid here
+        expected = request.expected_coordinator_public_key or self.public_key
+        if len(expected) != 32:
+            raise InvalidArgument(
+                f"expected_coordinator_public_key is {len(expected)} bytes; an ed25519 "
+                "public key is 32"
+            )
+        v = verify_receipt_message(request.receipt, expected)
         resp = receipt_pb2.VerifyReceiptResponse(valid=v.valid, problems=v.problems)
         if v.body is not None:
             resp.decoded.CopyFrom(v.body)
