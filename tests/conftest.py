@@ -63,6 +63,24 @@ async def wait_until(
         await asyncio.sleep(0.05)
 
 
+async def send_oversized_headers(url: str, header_bytes: int) -> bytes:
+    """Sends an HTTP server at url (http://host:port/path) a request whose one header
+    holds header_bytes bytes; returns the status code it answers (b"reset" when it cut
+    the connection while the header was still coming: also refused, not read whole)."""
+    hostport, _, path = url.removeprefix("http://").partition("/")
+    host, port = hostport.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"GET /{path} HTTP/1.1\r\nHost: {host}\r\nX-A: ".encode())
+        writer.write(b"a" * header_bytes + b"\r\n\r\n")
+        status = await asyncio.wait_for(reader.readline(), 10)
+        return status.split()[1] if status else b"reset"
+    except ConnectionResetError:
+        return b"reset"
+    finally:
+        writer.close()
+
+
 class Cluster:
     """A coordinator plus helpers to add workers and clients; cleans up everything."""
 

@@ -23,7 +23,7 @@ import chain_fixtures
 import httpx
 import openai
 import pytest
-from conftest import Cluster, Proc, make_profile, wait_until
+from conftest import Cluster, Proc, make_profile, send_oversized_headers, wait_until
 from test_payments import new_payer
 from test_sdk import desktop, embedded, job_ids  # noqa: F401
 from test_sdk_hosted import CLAUDE, PRICES, AnthropicServer
@@ -42,6 +42,7 @@ from x402.mechanisms.svm.exact import ExactSvmClientScheme
 from x402.schemas import PaymentRequired
 
 from dispatchnet.cli import load_receipt_file
+from dispatchnet.gateways import MAX_HEADER_BYTES
 from dispatchnet.gateways.http import Gateway
 from dispatchnet.gateways.relay import RelayPayer
 from dispatchnet.gateways.serve import GatewayServer, gateway_router
@@ -440,10 +441,12 @@ async def test_bad_input_gets_json_errors_never_a_traceback(
             ("POST", completions, chat_with(messages=[{"role": "tool"}]), 400, "invalid_request"),
             ("POST", completions, chat_with(messages=image), 400, "unsupported_content"),
             ("POST", completions, chat_with(n=2), 400, "unsupported_parameter"),
+            ("POST", completions, chat_with(n=True), 400, "unsupported_parameter"),
             ("POST", completions, chat_with(tools=[{}]), 400, "unsupported_parameter"),
             ("POST", completions, chat_with(stop=["\n"]), 400, "unsupported_parameter"),
             ("POST", completions, chat_with(max_tokens=-1), 400, "invalid_request"),
             ("POST", completions, chat_with(temperature=9), 400, "invalid_request"),
+            ("POST", completions, chat_with(temperature=10**400), 400, "invalid_request"),
             ("POST", completions, chat_with(dispatch={"policy": "now"}), 400, "invalid_request"),
             ("POST", completions, chat_with(model="x" * 4000), 413, "request_too_large"),
             (
@@ -475,11 +478,17 @@ async def test_bad_input_gets_json_errors_never_a_traceback(
 
         r = await http.post(completions, content=body())
         assert_error(r, 413, "request_too_large")
+        # a request line and headers beyond MAX_HEADER_BYTES: refused, not read whole
+        status = await send_oversized_headers(served.url + "/v1/models", 16 * MAX_HEADER_BYTES)
+        assert status.startswith(b"4") or status == b"reset", status
         # the same gateway still works
         r = await http.post("/v1/tasks/word_count", json={"input": "to be or not"})
         assert r.status_code == 200 and r.json()["output"]["words"] == 4
         assert "payment-response" not in r.headers  # payments are off: nothing was paid
         assert job_ids(cluster) == [r.headers["x-dispatch-job-id"]]
+        # output JSON that no JSON answer can carry (NaN) comes back as its text
+        r = await http.post("/v1/tasks/echo", json={"input": "NaN"})
+        assert r.status_code == 200 and r.json()["output"] == "NaN", r.text
 
 
 async def test_requests_in_flight_are_bounded_and_a_caller_hanging_up_cancels_its_job(

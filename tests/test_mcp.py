@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from chain_fixtures import chain, chain_profile, cluster_for, home  # noqa: F401
-from conftest import Cluster, make_profile, wait_until
+from conftest import Cluster, make_profile, send_oversized_headers, wait_until
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
@@ -39,6 +39,7 @@ from x402.mechanisms.evm.exact import ExactEvmClientScheme
 from dispatchnet import keys
 from dispatchnet.chains.evm.node import CHAIN_KEY_HEADER
 from dispatchnet.coordinator.models import JobState
+from dispatchnet.gateways import MAX_HEADER_BYTES
 from dispatchnet.payments.wallet import Wallet
 from dispatchnet.profiles import Profile
 from dispatchnet.worker.executors import default_executors
@@ -340,6 +341,10 @@ async def test_http_needs_a_token_off_loopback_and_checks_it(
         async with http_client(info["mcp"], "s3cret-token") as client:
             echo = await client.call_tool("run_task", {"name": "echo", "input": "hi"})
             assert text(echo) == "hi"
+        # headers past MAX_HEADER_BYTES are refused before the token is looked at, not
+        # read whole (the token guards the app, not the HTTP parser)
+        status = await send_oversized_headers(info["mcp"], 16 * MAX_HEADER_BYTES)
+        assert status.startswith(b"4") or status == b"reset", status
 
 
 async def test_the_hosted_fallback_only_when_asked_for(cluster: Cluster, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from types import FrameType
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dispatchnet.gateways import MAX_HEADER_BYTES
 from dispatchnet.gateways.mcp import DispatchMcp
 
 PATH = "/mcp"
@@ -127,7 +128,14 @@ async def serve_http(
         raise
     bound = sock.getsockname()[1]
     # on SIGTERM, calls still open are cut after 2 s (their jobs are cancelled, uncharged)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+        http="h11",  # bounds the request line and headers (see gateways/serve.py)
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    )
     # a signal first stops the calls in flight (their jobs cancelled), so that their
     # requests end before uvicorn's graceful shutdown has to cut them
     server = _Uvicorn(config, lambda: mcp.drain(10))

@@ -18,6 +18,7 @@ from types import TracebackType
 import uvicorn
 
 from dispatchnet import keys
+from dispatchnet.gateways import MAX_HEADER_BYTES
 from dispatchnet.gateways.http import Gateway
 from dispatchnet.gateways.relay import RelayPayer
 from dispatchnet.profiles import Profile, load_profile
@@ -82,6 +83,10 @@ class GatewayServer:
                 server_header=False,
                 timeout_graceful_shutdown=GRACEFUL_SECONDS,
                 lifespan="off",
+                # h11 bounds a request's line and headers (httptools, uvicorn's
+                # default when installed, read a 400 MiB header whole)
+                http="h11",
+                h11_max_incomplete_event_size=MAX_HEADER_BYTES,
             )
         )
         self._task: asyncio.Task[None] | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -220,7 +221,7 @@ def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
         "functions": bool(body.get("functions")),
         "tool_choice": body.get("tool_choice") not in (None, "none"),
         "function_call": body.get("function_call") not in (None, "none"),
-        "n": body.get("n") not in (None, 1),
+        "n": body.get("n") is not None and (type(body.get("n")) is not int or body.get("n") != 1),
         "stop": body.get("stop") not in (None, [], ""),
         "logprobs": bool(body.get("logprobs")),
         "top_logprobs": bool(body.get("top_logprobs")),
@@ -242,7 +243,11 @@ def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
     temperature = body.get("temperature", 0.0)
     if temperature is None:
         temperature = 0.0
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not 0 <= temperature <= 2  # before float(): a huge integer would overflow it
+    ):
         raise bad("temperature must be a number in [0, 2]", "temperature")
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
@@ -404,14 +409,31 @@ def sse(data: Mapping[str, Any] | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
+def _not_json(constant: str) -> float:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond a double's range")
+    return value
+
+
+def _strict_json(data: bytes) -> object:
+    """data parsed as strict JSON: ValueError for NaN, Infinity and numbers past a
+    double's range, which Python's parser takes and no JSON answer can carry."""
+    return json.loads(data, parse_constant=_not_json, parse_float=_finite)
+
+
 def task_answer(result: ComputeResult, name: str) -> dict[str, Any]:
     """POST /v1/tasks/{name}'s answer: the output (parsed when it is JSON) and `dispatch`."""
     output: object = result.output
     if result.content_type.split(";")[0].strip() == "application/json":
         try:
-            output = result.json()
+            output = _strict_json(result.output_bytes)
         except ValueError:
-            pass
+            pass  # not JSON a JSON answer can carry: the text as it is
     return {
         "object": "task.result",
         "task": name,
