@@ -23,7 +23,13 @@ from dispatchnet.agent_identity import (
     check_registration_uri,
 )
 from dispatchnet.auth import tokens
-from dispatchnet.auth.tokens import MAX_CLOCK_SKEW, Caller, TokenCache, make_token, verify_header
+from dispatchnet.auth.tokens import (
+    MAX_CLOCK_SKEW,
+    Caller,
+    TokenCache,
+    make_token,
+    verify_header,
+)
 from dispatchnet.coordinator import matching
 from dispatchnet.coordinator.models import (
     Event,
@@ -327,6 +333,34 @@ def test_a_signature_from_another_key_fails() -> None:
 def test_malformed_headers(header: str, needle: str) -> None:
     with pytest.raises(Unauthenticated, match=needle):
         verify_header(header, 3600, now=NOW)
+
+
+def _respelled(token: str, how: str) -> str:
+    v, key, expiry, sig = token.split(".")
+    if how == "padded key":
+        key += "="
+    elif how == "standard alphabet":  # a key that has '-' or '_' in base64url
+        key = key.replace("-", "+").replace("_", "/")
+    elif how == "underscore":
+        expiry = expiry[:4] + "_" + expiry[4:]
+    else:
+        expiry = {"plus": "+", "zero": "0", "space": " "}[how] + expiry
+    return ".".join((v, key, expiry, sig))
+
+
+@pytest.mark.parametrize(
+    "how", ["padded key", "standard alphabet", "plus", "zero", "space", "underscore"]
+)
+def test_a_token_is_spelled_one_way_only(how: str) -> None:
+    # README "Wire formats": base64url without padding, the expiry's digits with no sign
+    # and no leading zero; another spelling of the same numbers is not the signed token
+    key = next(
+        k for k in iter(KeyPair.generate, None) if set("-_") & set(make_token(k).split(".")[1])
+    )
+    token = make_token(key, 300, now=NOW)
+    assert verify_header(_header(token), 3600, now=NOW).id == key.public_hex
+    with pytest.raises(Unauthenticated, match="malformed"):
+        verify_header(_header(_respelled(token, how)), 3600, now=NOW)
 
 
 def test_token_expiry_and_lifetime_limit() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -38,7 +39,15 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+# a token's parts as README "Wire formats" has them: base64url without padding, and the
+# expiry's decimal digits with no sign, no leading zero (the signed bytes are these digits)
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")
+_EXPIRY = re.compile(r"[1-9][0-9]{0,18}")
+
+
 def _unb64(text: str) -> bytes:
+    if not _B64URL.fullmatch(text):
+        raise ValueError("not base64url without padding")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
@@ -132,6 +141,8 @@ def verify_header(
         raise Unauthenticated("malformed token: expected v1.<key>.<expiry>.<signature>")
     try:
         public_key = _unb64(parts[1])
+        if not _EXPIRY.fullmatch(parts[2]):
+            raise ValueError("the expiry is not decimal digits without a leading zero")
         expires = int(parts[2])
         signature = _unb64(parts[3])
     except (ValueError, binascii.Error) as e:
