@@ -144,8 +144,6 @@ class WorkerSession:
     draining: bool = False
     closed: bool = False
     active: dict[str, int] = field(default_factory=dict)  # job_id -> attempt
-    # progress text (characters) of each attempt it holds: MAX_PROGRESS_CHARS_PER_ATTEMPT
-    progress_chars: dict[str, int] = field(default_factory=dict)
     # jobs the worker runs that this session does not hold (taken over elsewhere meanwhile);
     # only jobs this worker was offered: anything else a worker lists is in `ignored`
     foreign: set[str] = field(default_factory=set)
@@ -299,7 +297,11 @@ class WorkerHub:
         self._backlog = True
         self._passing = False  # a dispatch pass is matching jobs (see reserve)
         self._reserved: dict[str, WorkerSession] = {}  # job_id -> session held by reserve
+        # progress text (characters) of each job's latest attempt that sent any, across
+        # the worker's reconnects (MAX_PROGRESS_CHARS_PER_ATTEMPT): job_id -> (attempt, n)
+        self._progress_chars: dict[str, tuple[int, int]] = {}
         jobs.listener = self
+        jobs.final_listeners.append(self._job_ended)
 
     # --- handshake and sessions ---------------------------------------------------------
 
@@ -487,14 +489,15 @@ class WorkerHub:
         self, s: WorkerSession, job_id: str, attempt: int, text: str, fraction: float
     ) -> None:
         self.touch(s)
-        if s.active.get(job_id) == attempt:
-            chars = s.progress_chars.get(job_id, 0) + len(text)
+        if s.active.get(job_id) == attempt:  # counted only for what it holds
+            counted, chars = self._progress_chars.get(job_id, (attempt, 0))
+            chars = len(text) + (chars if counted == attempt else 0)
             if chars > MAX_PROGRESS_CHARS_PER_ATTEMPT:
                 raise InvalidArgument(
                     f"progress text of job {quoted(job_id)} passed "
                     f"{MAX_PROGRESS_CHARS_PER_ATTEMPT} characters in one attempt"
                 )
-            s.progress_chars[job_id] = chars
+            self._progress_chars[job_id] = (attempt, chars)
         await self.jobs.progress(job_id, attempt, s.worker_id, text, fraction)
 
     async def completed(
@@ -601,13 +604,16 @@ class WorkerHub:
         s = self.sessions.get(worker_id)
         if s is not None and s.active.get(job.job_id) == attempt:
             del s.active[job.job_id]
-            s.progress_chars.pop(job.job_id, None)
             self.index.refresh(s)
             if tell_worker:
                 s.send(Cancel(job.job_id, attempt, reason))
-        if job.state.final:
-            self._avoid.pop(job.job_id, None)
         self.kick()
+
+    def _job_ended(self, job: Job) -> None:
+        """A job reached a final state (whoever held it, if anyone): what was kept about
+        it goes."""
+        self._avoid.pop(job.job_id, None)
+        self._progress_chars.pop(job.job_id, None)
 
     async def reserve(self, job: Job) -> str | None:
         # FIFO: only while no older job may wait (nothing queued here since the last pass,

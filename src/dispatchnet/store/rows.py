@@ -70,9 +70,9 @@ JOB_SIMPLE = {
 
 def not_given_up(events: str = "events") -> str:
     """A condition on a row of the events table (named `events` in the query) that
-    records an offer: true unless a later move of the same attempt, from the same
-    worker, back to QUEUED says its worker gave it up (models.GIVEN_UP). The same SQL on
-    SQLite and PostgreSQL; the reasons are constants, written into the text."""
+    records an offer: true unless a move of the same attempt, held by the same worker,
+    back to QUEUED says its worker gave it up (models.GIVEN_UP). The same SQL on SQLite
+    and PostgreSQL; the reasons are constants, written into the text."""
     prefixes = " OR ".join(f"substr(g.reason, 1, {len(p)}) = '{p}'" for p in GIVEN_UP)
     return (
         f"NOT EXISTS (SELECT 1 FROM events g WHERE g.job_id = {events}.job_id "
