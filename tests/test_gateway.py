@@ -24,6 +24,7 @@ import httpx
 import openai
 import pytest
 from conftest import Cluster, Proc, make_profile, send_oversized_headers, wait_until
+from test_cli import free_port
 from test_payments import new_payer
 from test_sdk import desktop, embedded, job_ids  # noqa: F401
 from test_sdk_hosted import CLAUDE, PRICES, AnthropicServer
@@ -437,6 +438,7 @@ async def test_bad_input_gets_json_errors_never_a_traceback(
             ("POST", completions, b"", 400, "invalid_json"),
             ("POST", completions, b"[" * 1020 + b"]" * 1020, 400, "invalid_json"),
             ("POST", completions, {"model": "auto"}, 400, "invalid_request"),
+            ("POST", completions, {"messages": HELLO}, 400, "invalid_request"),
             ("POST", completions, chat_with(model=7), 400, "invalid_request"),
             ("POST", completions, chat_with(messages=[{"role": "tool"}]), 400, "invalid_request"),
             ("POST", completions, chat_with(messages=image), 400, "unsupported_content"),
@@ -459,6 +461,7 @@ async def test_bad_input_gets_json_errors_never_a_traceback(
             ("POST", "/v1/tasks/echo", {"input_base64": "not base64!"}, 400, "invalid_request"),
             ("POST", "/v1/tasks/echo", {"colour": "red"}, 400, "invalid_request"),
             ("POST", "/v1/tasks/bad%20name", {}, 400, "invalid_request"),
+            ("POST", "/v1/tasks/Echo", {}, 400, "invalid_request"),
             ("POST", "/v1/tasks/no_such_task", {}, 404, "task_not_found"),
             ("POST", "/v1/tasks/echo", {"max_price_micros": 999}, 400, "price_over_limit"),
             ("GET", completions, None, 405, "bad_method"),
@@ -547,6 +550,21 @@ async def test_no_worker_is_503_and_an_unserved_model_404(
         assert streaming.value.status_code == 503
         assert (await client.models.list()).data == []
     assert job_ids(cluster) == []
+
+
+async def test_no_coordinator_answering_is_503_without_its_address(tmp_path: Path) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    router = gateway_router(make_profile(), [dead], key_file=tmp_path / "gateway.key")
+    router.connect_timeout = 2
+    async with GatewayServer(Gateway(router), log_level="warning") as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            for r in (
+                await http.get("/v1/models"),
+                await http.get(f"/v1/models/{DEFAULT_MODEL_NAME}"),
+                await http.post("/v1/tasks/echo", json={"input": "x"}),
+            ):
+                assert_error(r, 503, "coordinator_unavailable")
+                assert dead not in r.text, r.text
 
 
 async def test_the_hosted_fallback_answers_within_its_budget(

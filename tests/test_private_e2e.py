@@ -205,6 +205,11 @@ async def test_sealed_specs_are_checked_at_the_edge(cluster: Cluster) -> None:
     short.sealed.envelopes[0].worker_public_key = b"123"
     code, msg = await _status(client.quote(short))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "32 bytes" in msg
+    # verify > 1 stays in clear, so a PRIVATE job asking for it is refused, not run once
+    twice = task_spec("echo", b'"x"', private=True)
+    twice.verify = 2
+    code, msg = await _status(client.quote(seal_spec(twice, client.key, [key.public_key])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "for PUBLIC jobs" in msg
     # sealed to a worker the client is not paired with: refused at commit
     stranger = seal_spec(
         task_spec("echo", b'"x"', private=True), client.key, [KeyPair.generate().public_key]

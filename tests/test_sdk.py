@@ -21,7 +21,7 @@ from test_cli import free_port
 
 from dispatch.v1 import receipt_pb2
 from dispatchnet.keys import KeyPair
-from dispatchnet.profiles import Profile
+from dispatchnet.profiles import Profile, load_profile
 from dispatchnet.sdk import (
     ComputeResult,
     ComputeRouter,
@@ -337,6 +337,9 @@ def test_networks_come_from_profiles(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         Network.from_profile("monad-testnet", ["127.0.0.1:1"])
     with pytest.raises(InvalidRequest):
         Network.from_profile("no-such-profile")
+    with pytest.raises(InvalidRequest, match=r"^profile 'local-monad': no wallet key file") as e:
+        Network.from_profile(load_profile("local-monad"), wallet_key_file=str(tmp_path / "none"))
+    assert "Profile(" not in e.value.message  # named, not dumped
     with pytest.raises(ValueError):
         Network("any", ["127.0.0.1:1"])
     with pytest.raises(ValueError):
@@ -416,8 +419,15 @@ async def test_the_sync_wrapper_runs_the_same_calls(
             except InvalidRequest as e:
                 error = e.code
             assert router.verify_receipt(done.receipt or types.Receipt()).valid
+            spec = task_spec("echo", '"x"')
+            assert router.quote(spec).eligible_workers >= 1
+            with router.stream(spec) as echoed:
+                list(echoed)
+            assert echoed.result.output == '"x"'
             return done, tokens, stream.result, error
 
+    public = {n for n in dir(ComputeRouter) if not n.startswith("_")}
+    assert public <= set(dir(SyncComputeRouter)), "the same calls, blocking (README)"
     done, tokens, streamed, error = await asyncio.to_thread(use)
     assert done.json() == {"words": 6, "characters": 18}
     assert tokens and "".join(tokens) == streamed.output

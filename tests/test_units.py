@@ -754,6 +754,12 @@ def test_a_profile_file_overrides_defaults(profile_file: Path) -> None:
     assert p.jobs.quote_ttl_seconds == 300
 
 
+def test_a_profile_file_without_a_name_is_named_after_the_file(profile_file: Path) -> None:
+    # not "local": the name picks the default data directory (coordinator-<name>)
+    profile_file.write_text("[jobs]\nmax_attempts = 5\n")
+    assert load_profile(str(profile_file)).name == "custom"
+
+
 @pytest.mark.parametrize(
     ("text", "needle"),
     [

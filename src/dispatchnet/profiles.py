@@ -632,6 +632,9 @@ def load_profile(name_or_path: str) -> Profile:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"{path.name}: {e}") from e
+    # a file with no name is named after itself, not "local": the name picks the default
+    # data directory, and two coordinators must not share one
+    data.setdefault("name", path.stem)
     profile = _build(Profile, data, path.name)
     problems = check_profile(profile)
     if problems:

@@ -8,6 +8,13 @@ limits count characters, byte limits bytes.
 
 from __future__ import annotations
 
+import re
+
+# A task's name (JobSpec.task.name, WorkerCapabilities.tasks): checked alike by the
+# coordinator and by the gateway before it asks the coordinator.
+TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,63}")
+TASK_NAME_RULE = '1-64 of a-z 0-9 _ . - (e.g. "echo")'
+
 HELLO_CONTEXT = b"dispatch.v1.WorkerHello\n"
 
 # Hello

@@ -117,6 +117,7 @@ def seal_spec(
     outer = clear_work(spec)
     outer.policy = spec.policy
     outer.privacy = common_pb2.PRIVACY_PRIVATE
+    outer.verify = spec.verify  # in clear: the coordinator refuses verify > 1 on PRIVATE
     for k in keys:
         outer.sealed.envelopes.add(worker_public_key=k, box=_seal(client, k, plaintext))
     return outer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from dispatchnet.coordinator.pairing import PairingService
 from dispatchnet.coordinator.payouts import PayoutService
 from dispatchnet.coordinator.ports import ReputationSource
 from dispatchnet.coordinator.receipts import ReceiptQueries
+from dispatchnet.errors import Unavailable
 from dispatchnet.memory import MemoryTrimmer
 from dispatchnet.observability import logs, tracing
 from dispatchnet.observability.runtime import Observability
@@ -277,11 +279,9 @@ async def start_coordinator(
     reflection.enable(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server
     )
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
-    await server.start()
     try:
+        port = _bind(server, listen)
+        await server.start()
         await observability.start(
             store,
             hub,
@@ -302,6 +302,8 @@ async def start_coordinator(
         )
     except BaseException:
         await server.stop(None)
+        if payments is not None:  # e.g. its verifier processes
+            await asyncio.to_thread(payments.gateway.close)
         await store.close()
         raise
     hub.start()
@@ -333,6 +335,21 @@ async def start_coordinator(
         payouts,
         observability if observability.enabled else None,
     )
+
+
+def _bind(server: grpc.aio.Server, listen: str) -> int:
+    """Binds server to listen (HOST:PORT); its port. Unavailable when the address is taken
+    or not this machine's (gRPC raises RuntimeError "Failed to bind" or returns 0)."""
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise Unavailable(
+            f"cannot listen on {listen}: the port is in use (another coordinator?) or the "
+            "host is not an address of this machine; pick another with --listen HOST:PORT"
+        )
+    return port
 
 
 def payment_service_for(

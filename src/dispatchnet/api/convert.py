@@ -32,7 +32,7 @@ from dispatchnet.profiles import LimitsConfig
 from dispatchnet.receipts.core import sha256
 from dispatchnet.receipts.notary import payment_to_proto
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")
+NAME_RE = re.compile(rf"^{protocol.TASK_NAME.pattern}$")
 MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/\-]{0,127}$")
 ROLES = {"system", "user", "assistant"}
 WASM_TASK = "wasm"
@@ -112,7 +112,7 @@ def spec_from_proto(
     elif work == "task":
         task_name = spec.task.name
         if not NAME_RE.match(task_name):
-            raise InvalidArgument('spec.task.name is required: 1-64 of a-z 0-9 _ . - (e.g. "echo")')
+            raise InvalidArgument(_task_name_problem(task_name))
         if len(spec.task.input) > limits.max_task_input_bytes:
             raise InvalidArgument(
                 f"spec.task.input is {len(spec.task.input)} bytes; "
@@ -179,6 +179,11 @@ def spec_from_proto(
     return domain, module
 
 
+def _task_name_problem(name: str) -> str:
+    what = "is required" if not name else "must be"
+    return f"spec.task.name {what}: {protocol.TASK_NAME_RULE}"
+
+
 def _sealed_recipients(
     spec: common_pb2.JobSpec, privacy: Policy | Privacy, limits: LimitsConfig
 ) -> list[str]:
@@ -221,7 +226,7 @@ def _sealed_metadata(spec: common_pb2.JobSpec, limits: LimitsConfig) -> tuple[st
     if spec.WhichOneof("work") == "task":
         task = spec.task
         if not NAME_RE.match(task.name):
-            raise InvalidArgument('spec.task.name is required: 1-64 of a-z 0-9 _ . - (e.g. "echo")')
+            raise InvalidArgument(_task_name_problem(task.name))
         if task.input or task.HasField("wasm"):
             raise InvalidArgument(
                 "a sealed spec carries spec.task.input and spec.task.wasm in its envelopes only"

@@ -292,14 +292,22 @@ class Gateway:
         """The SDK error for HTTP callers: the coordinators' addresses are the operator's
         business, so they are not named."""
         err = HttpError.of(e)
-        for net in self.router.networks:
-            for address in net.coordinators:
-                err.message = err.message.replace(address, "coordinator")
+        addresses = [a for net in self.router.networks for a in net.coordinators]
+
+        def hidden(text: str) -> str:
+            for address in addresses:
+                text = text.replace(address, "coordinator")
+            return text
+
+        err.message = hidden(err.message)
         reasons = err.details.get("reasons")
         if isinstance(reasons, list):
             for r in reasons:
                 if isinstance(r, dict):
                     r.pop("coordinator", None)
+                    for k, v in r.items():
+                        if isinstance(v, str):
+                            r[k] = hidden(v)
         return err
 
     async def _serves(self, model: str) -> bool:

@@ -10,13 +10,13 @@ import base64
 import binascii
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import betterproto
 
+from dispatchnet import protocol
 from dispatchnet.sdk import (
     ComputeResult,
     DispatchError,
@@ -28,7 +28,6 @@ from dispatchnet.sdk import (
 
 ANY_MODEL = ("", "auto", "dispatch")  # model names that let any desktop answer
 MAX_MODEL_CHARS = 128  # a worker's model names are at most this long (worker.proto)
-TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # at most 64 characters
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # OpenAI fields that change nothing here (sampling tweaks, bookkeeping): accepted, ignored
 IGNORED = (
@@ -200,6 +199,8 @@ def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
     """A Chat Completions request as an LLM job. Refuses what the network cannot honour
     (tools, n > 1, stop sequences, logprobs, non-text content or response formats)."""
     model = body.get("model")
+    if model is None:
+        raise bad("model is required (`auto` lets any connected model answer)", "model")
     if not isinstance(model, str) or len(model) > MAX_MODEL_CHARS:
         raise bad(f"model must be a string of at most {MAX_MODEL_CHARS} characters", "model")
     messages = body.get("messages")
@@ -280,8 +281,8 @@ def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
 def parse_task(name: str, body: Mapping[str, Any]) -> TaskRequest:
     """POST /v1/tasks/{name}: {"input": text or any JSON, or "input_base64"; "policy",
     "privacy", "use_llm", "max_price_micros"; "wasm_base64" with the name "wasm"}."""
-    if not TASK_NAME.fullmatch(name):
-        raise bad("a task name is 1 to 64 letters, digits, '_', '.', ':' or '-'", "name")
+    if not protocol.TASK_NAME.fullmatch(name):
+        raise bad(f"a task name is {protocol.TASK_NAME_RULE}", "name")
     known = {"input", "input_base64", "policy", "privacy", "use_llm", "wasm_base64"}
     unknown = set(body) - known - {"max_price_micros"}
     if unknown:

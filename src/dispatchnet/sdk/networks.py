@@ -79,7 +79,8 @@ class Network:
             p = load_profile(profile) if isinstance(profile, str) else profile
             wallet = registry.adapter_of(p).client_wallet(p, wallet_key_file)
         except (ProfileError, ChainConfigError, ValueError, OSError) as e:
-            raise InvalidRequest(f"profile {profile!r}: {e}") from e
+            named = profile if isinstance(profile, str) else profile.name
+            raise InvalidRequest(f"profile {named!r}: {e}") from e
         addresses = list(coordinators)
         if not addresses:
             env = os.environ.get("DISPATCH_COORDINATOR", "")

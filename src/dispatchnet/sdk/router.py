@@ -412,13 +412,18 @@ class ComputeRouter:
 
     async def list_workers(self, network: str | None = None) -> list[types.WorkerInfo]:
         """The workers connected to the networks of the chain preference (or `network`),
-        from the first coordinator of each that answers."""
+        from the first coordinator of each that answers. CoordinatorUnavailable when no
+        coordinator of any of them answers (an empty list means none is connected)."""
         out: list[types.WorkerInfo] = []
+        answered = False
         for net in self._networks(network or self.chain):
             client = await self._answering(net)
             if client is not None:
+                answered = True
                 workers = await self._rpc(client.list_workers(self.connect_timeout), client.address)
                 out += [to_types(w, types.WorkerInfo) for w in workers]
+        if not answered:
+            raise CoordinatorUnavailable("no coordinator answered ListWorkers")
         return out
 
     # --- the core ---------------------------------------------------------------------------

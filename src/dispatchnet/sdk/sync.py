@@ -189,6 +189,15 @@ class SyncComputeRouter:
     def run(self, spec: types.JobSpec, **options: Unpack[CallOptions]) -> ComputeResult:
         return self._wait(self.router.run(spec, **options))
 
+    def stream(self, spec: types.JobSpec, **options: Unpack[CallOptions]) -> SyncComputeStream:
+        async def make() -> ComputeStream:
+            return self.router.stream(spec, **options)
+
+        return SyncComputeStream(self, self._wait(make()))
+
+    def quote(self, spec: types.JobSpec, chain: str | None = None) -> types.Quote:
+        return self._wait(self.router.quote(spec, chain))
+
     def verify_receipt(
         self,
         receipt: types.Receipt,
