@@ -58,6 +58,8 @@ class FakeGateway:
     def __init__(self) -> None:
         self.refuse: set[str] = set()
         self.settled: list[str] = []
+        self.reverting: set[str] = set()  # jobs whose refunds revert
+        self.refunds: list[str] = []  # jobs a refund was signed for
 
     def describe(self) -> str:
         return "fake"
@@ -71,11 +73,15 @@ class FakeGateway:
             )
         return out
 
+    def settlement_of(self, payment: Payment) -> tuple[bool, str]:
+        return payment.job_id in self.settled, "0xtx" if payment.job_id in self.settled else ""
+
     def sign_refund(self, payment: Payment) -> tuple[str, str]:
+        self.refunds.append(payment.job_id)
         return "raw", "0xrefund"
 
     def refund_status(self, payment: Payment) -> bool | None:
-        return True
+        return payment.job_id not in self.reverting
 
     def broadcast_refund(self, payment: Payment) -> bool | None:
         return True
@@ -220,6 +226,33 @@ async def test_an_early_settlement_credits_at_completion_and_a_refund_credits_no
     assert await ledger.status(dropped) is PaymentStatus.REFUNDED
     assert await ledger.credited() == {done: 1800}
     assert len(await ledger.store.earnings(WORKER, 100)) == 1
+
+
+async def test_a_refund_that_keeps_reverting_holds_up_no_settlement(
+    ledgers: Callable[..., Awaitable[Ledger]],
+) -> None:
+    # e.g. the coordinator's account is short of the token: that refund waits its own
+    # back-off, while a completed job's payment (newer, so after it in the pass) settles
+    ledger = await ledgers()
+    stuck = await ledger.commit(3000, settle_by=time.time() - 1)
+    await ledger.payments.settle_due()
+    assert await ledger.status(stuck) is PaymentStatus.HELD
+    await ledger.finish(stuck, JobState.CANCELLED)
+    ledger.gateway.reverting.add(stuck)
+    done = await ledger.commit(2000)
+    await ledger.finish(done, JobState.COMPLETED)
+
+    await ledger.payments.settle_due()
+    assert await ledger.status(done) is PaymentStatus.SETTLED
+    assert await ledger.status(stuck) is PaymentStatus.REFUND_DUE
+    assert ledger.gateway.refunds == [stuck]
+    await ledger.payments.settle_due()  # within its back-off: no new refund sent (gas)
+    assert ledger.gateway.refunds == [stuck]
+
+    ledger.gateway.reverting.clear()  # the account is funded again
+    ledger.payments.retry_initial = 0.0
+    await ledger.payments.settle_due()
+    assert await ledger.status(stuck) is PaymentStatus.REFUNDED
 
 
 async def test_a_refund_after_a_credit_reverses_it(

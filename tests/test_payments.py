@@ -53,6 +53,7 @@ from dispatchnet.client import (
 )
 from dispatchnet.devchain.anvil import _rpc
 from dispatchnet.keys import KeyPair
+from dispatchnet.payments.service import LATE_BLOCK_SECONDS
 from dispatchnet.payments.wallet import Asset, PaymentDeclined, Wallet
 from dispatchnet.profiles import AcceptConfig
 from dispatchnet.worker.tasks import TaskError, TaskOutput
@@ -372,11 +373,32 @@ async def test_malformed_payments_are_invalid_argument(
     good = encode_payment_signature_header(signed(new_payer(chain), header))
     data = json.loads(base64.b64decode(good))
     data["payload"]["authorization"]["value"] = "lots"
+
+    def respelled(field: str, spell: Callable[[str], str]) -> str:
+        """good with one authorization field spelled another way the SDK would read"""
+        other = json.loads(base64.b64decode(good))
+        auth = other["payload"]["authorization"]
+        auth[field] = spell(auth[field])
+        return base64.b64encode(json.dumps(other).encode()).decode()
+
+    # the nonce is the replay key: another spelling of a used one must not pass for new
+    nonces = [
+        respelled("nonce", lambda n: n.removeprefix("0x")),
+        respelled("nonce", lambda n: n[:10] + " " + n[10:]),
+        respelled("nonce", lambda n: "0X" + n[2:]),
+        respelled("from", lambda a: a.removeprefix("0x")),
+    ]
+    # valid for longer than the quote's maxTimeoutSeconds (+ the clock slack): refused
+    # before anything is verified (it would stay due, and be retried, that long)
+    years = respelled("validBefore", lambda t: str(int(t) + 10 * 365 * 86400))
+    code, details, error = await refused(c, quote.quote_id, years)
+    assert (code, error) == (RE, "authorization_too_long"), details
     for bad in (
         "not base64 at all!",
         base64.b64encode(b"[1, 2").decode(),
         base64.b64encode(b'{"x402Version": 2}').decode(),
         base64.b64encode(json.dumps(data).encode()).decode(),
+        *nonces,
     ):
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await commit_with(c, quote.quote_id, bad)
@@ -598,6 +620,44 @@ async def test_a_settlement_sent_before_a_crash_is_not_sent_again(
         assert balance(chain, wallet.address) == start - 2 * PRICE
     finally:
         _rpc(rpc, "evm_revert", [snapshot], timeout=5)
+
+
+async def test_a_settlement_that_may_be_in_flight_when_the_job_is_cancelled_is_not_released(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A payment came due before its job ran (settle_by: a short authorization) and its
+    settlement was sent, but not recorded (a lost receipt, a crash); then the job is
+    cancelled. The transaction could still land, so the payment is not released while
+    the authorization is valid; after it expired the chain shows it used, so the money
+    that arrived goes back to the payer. (It was released at once, and the payer charged.)"""
+    service = paid.coord.payments
+    assert service is not None
+    await service.stop()  # passes by hand below, on a clock of our own
+    wallet = new_payer(chain)
+    start_payer, start_payee = balances(chain, wallet.address, payee(chain))
+    c = paid.client(wallet=wallet)
+    job = await c.submit(ECHO)  # no worker: the job waits
+    p = paid.db.get_payment(job.job_id)
+    assert p is not None and p.status.value == "authorized" and p.attempts == 0
+    sent = await asyncio.to_thread(service.gateway.settle, p)  # sent, never recorded
+    assert (await c.cancel(job.job_id)).state == coordinator_pb2.JOB_STATE_CANCELLED
+
+    monkeypatch.setattr(service, "clock", lambda: p.settle_by + 1)  # due, still valid
+    await service.settle_due()
+    assert paid.db.get_payment(job.job_id).status.value == "authorized"  # type: ignore[union-attr]
+
+    monkeypatch.setattr(service, "clock", lambda: p.valid_before + LATE_BLOCK_SECONDS + 1)
+    for _ in range(10):
+        await service.settle_due()
+        final = paid.db.get_payment(job.job_id)
+        assert final is not None
+        if final.status.value == "refunded":
+            break
+    assert (final.status.value, final.transaction) == ("refunded", sent)
+    assert balances(chain, wallet.address, payee(chain)) == [start_payer, start_payee]
+    assert credits(paid) == {}
 
 
 async def test_the_chain_down_at_commit_is_unavailable_and_during_settlement_waits(

@@ -60,6 +60,12 @@ class SettlementRefused(Exception):
         self.reason = reason
 
 
+# How far past an authorization's valid_before a block may still take it: a block's
+# timestamp can trail this machine's clock (a lagging node, clock drift), so a payment whose
+# settlement may be in flight is released only this long after it expired.
+LATE_BLOCK_SECONDS = 60.0
+
+
 class PaymentGateway(Protocol):
     """The x402 machinery (payments/x402.py). Every method may block, but verify_async:
     the same as verify, awaited on the event loop without blocking it."""
@@ -74,6 +80,7 @@ class PaymentGateway(Protocol):
     async def verify_async(self, payment: Payment) -> None: ...
     def response_header(self, payment: Payment) -> str: ...
     def settle_batch(self, payments: list[Payment]) -> dict[str, str | SettlementRefused]: ...
+    def settlement_of(self, payment: Payment) -> tuple[bool, str]: ...
     def sign_refund(self, payment: Payment) -> tuple[str, str]: ...
     def refund_status(self, payment: Payment) -> bool | None: ...
     def broadcast_refund(self, payment: Payment) -> bool | None: ...
@@ -113,6 +120,9 @@ class WrappingGateway:
 
     def settle_batch(self, payments: list[Payment]) -> dict[str, str | SettlementRefused]:
         return self.inner.settle_batch(payments)
+
+    def settlement_of(self, payment: Payment) -> tuple[bool, str]:
+        return self.inner.settlement_of(payment)
 
     def sign_refund(self, payment: Payment) -> tuple[str, str]:
         return self.inner.sign_refund(payment)
@@ -280,7 +290,9 @@ class PaymentService(OutboxLoop):
 
     async def settle_due(self) -> int:
         """One pass over the payments due; how many changed. Settlements are gathered and
-        sent in batches (see _settle_due). Stops at chain trouble and backs off."""
+        sent in batches (see _settle_due). Chain trouble backs the loop off; a payment
+        whose own step failed (a refund that reverted) waits its own back-off and does not
+        hold up the others (they are older or newer; the pass goes on)."""
         if self.backing_off():
             return 0
         changed = 0
@@ -293,7 +305,7 @@ class PaymentService(OutboxLoop):
                     changed += 1
             except Unavailable as e:
                 await self._back_off(payment, e.message)
-                return changed
+                continue
             except Exception:  # a bug, not the chain: keep the payment, go on
                 log.exception("payment of job %s failed unexpectedly", payment.job_id,
                               extra={"job_id": payment.job_id})  # fmt: skip
@@ -316,7 +328,7 @@ class PaymentService(OutboxLoop):
         dropped = job_state in (JobState.FAILED, JobState.CANCELLED)
         if p.status is PaymentStatus.AUTHORIZED:
             if dropped:
-                return await self._update(p, (p.status,), status=PaymentStatus.RELEASED) is not None
+                return await self._release(p, now)
             if done or now >= p.settle_by:
                 # (an expired authorization is refused, unless an earlier attempt settled
                 # it after all: settlement finds that on chain)
@@ -328,8 +340,46 @@ class PaymentService(OutboxLoop):
             if dropped:
                 p = await self._update(p, (p.status,), status=PaymentStatus.REFUND_DUE) or p
         if p.status is PaymentStatus.REFUND_DUE:
+            if p.error and now < p.updated_at + self._retry_delay(p.attempts):
+                return False  # its last refund failed: not again before its back-off
             return await self._refund(p)
         return False
+
+    def _retry_delay(self, attempts: int) -> float:
+        """How long a payment whose step failed `attempts` times waits before the next."""
+        return float(min(self.retry_max, self.retry_initial * 2 ** max(0, attempts - 1)))
+
+    async def _release(self, p: Payment, now: float) -> bool:
+        """The job of an authorized payment ended without completing: nothing is charged.
+        When a settlement of it may have been sent (it came due before, settle_by, or an
+        attempt failed: a lost receipt, a crash after sending), that transaction can still
+        land until the authorization expires, so it is released only after valid_before
+        and once the chain says the authorization is unused; if it was used, the money
+        arrived and goes back (REFUND_DUE)."""
+        if p.attempts == 0 and now < p.settle_by:  # never due: no settlement was sent
+            return await self._update(p, (p.status,), status=PaymentStatus.RELEASED) is not None
+        if p.error and now < p.updated_at + self._retry_delay(p.attempts):
+            return False  # its last look failed: not again before its back-off
+        if now < p.valid_before + LATE_BLOCK_SECONDS:
+            self.wake_at(p.valid_before + LATE_BLOCK_SECONDS)
+            return False
+        used, tx = await asyncio.to_thread(self.gateway.settlement_of, p)
+        if used and tx:
+            log.warning("payment of job %s was settled in %s after all; refunding it", p.job_id,
+                        tx, extra={"job_id": p.job_id})  # fmt: skip
+            moved = await self._update(
+                p, (p.status,), status=PaymentStatus.REFUND_DUE, transaction=tx, error=""
+            )
+            return moved is not None
+        if used:  # used, by no transaction this chain still shows: the operator must look
+            error = (
+                "the authorization is used on chain but its transaction was not found; "
+                "not released (see `dispatch payouts audit`)"
+            )
+            log.warning("payment of job %s: %s", p.job_id, error, extra={"job_id": p.job_id})
+            await self._update(p, (p.status,), error=error, attempts=p.attempts + 1)
+            return False
+        return await self._update(p, (p.status,), status=PaymentStatus.RELEASED) is not None
 
     async def _settle_due(self, due: list[Payment], states: dict[str, JobState]) -> int:
         """Settles the payments due in batches of settle_batch_size: a full batch at once,

@@ -74,6 +74,7 @@ class PaymentRail(Protocol):
 
     def transport_error_since(self, t: float) -> str: ...
     def settlement_of(self, payment: Payment) -> tuple[bool, str]: ...
+    def settlement_failed(self, transaction: str) -> bool: ...
 
     batch: Any  # None when the rail settles one payment at a time
 
@@ -175,6 +176,15 @@ class X402Gateway:
                 reason="no_matching_requirements",
             )
         auth = self.rails[str(requirement.network)].authorization(payload)
+        longest = now + requirement.max_timeout_seconds + CLOCK_SLACK_SECONDS
+        if float(auth.valid_before) > longest:
+            # a payment stays due until it expires: one valid for years could be retried
+            # (or held back) that long
+            raise PaymentRequired(
+                f"the authorization is valid until {int(auth.valid_before)}, past the "
+                f"{requirement.max_timeout_seconds}s this quote accepts (maxTimeoutSeconds)",
+                reason="authorization_too_long",
+            )
         return Payment(
             job_id="",
             network=str(requirement.network),
@@ -250,7 +260,12 @@ class X402Gateway:
             return str(result.transaction)
         reason = result.error_reason or "settlement_failed"
         if reason == SETTLEMENT_PENDING:
-            raise Unavailable(f"settlement {result.transaction} not confirmed yet")
+            tx = str(result.transaction or "")
+            if tx and rail.settlement_failed(tx):  # it ran and failed: nothing moved
+                raise SettlementRefused(
+                    "settlement_failed", f"settlement {tx} landed with an error"
+                )
+            raise SettlementPending(f"settlement {tx} not confirmed yet")
         if node_down:
             raise Unavailable(f"chain node unreachable while settling: {node_down}")
         used, tx = rail.settlement_of(payment)
@@ -279,6 +294,9 @@ class X402Gateway:
                         out[p.job_id] = self.settle(p)
                     except SettlementRefused as e:
                         out[p.job_id] = e
+                    except SettlementPending as e:  # this one's own: the others go on
+                        log.warning("payment of job %s: %s", p.job_id, e.message,
+                                    extra={"job_id": p.job_id})  # fmt: skip
                 continue
             out.update(rail.settle_batch(asset, group, self._refusal))
         return out
@@ -295,6 +313,12 @@ class X402Gateway:
             return None
         return SettlementRefused(verified.invalid_reason or "settlement_failed")
 
+    def settlement_of(self, payment: Payment) -> tuple[bool, str]:
+        """Whether the payment's authorization is used on chain, and the transaction that
+        used it ("" if none is found). Unavailable when the node cannot be reached."""
+        self._init()
+        return self.rails[payment.network].settlement_of(payment)
+
     def sign_refund(self, payment: Payment) -> tuple[str, str]:
         return self.rails[payment.network].sign_refund(payment)
 
@@ -306,6 +330,15 @@ class X402Gateway:
 
     def close(self) -> None:
         pass
+
+
+# How far ahead of this machine a client's clock may be when it signs an authorization
+CLOCK_SLACK_SECONDS = 120
+
+
+class SettlementPending(Unavailable):
+    """The payment's settlement was sent and is not confirmed: it stays open (and is looked
+    at again next pass) without holding up the other payments (the node answers)."""
 
 
 def _x402_objects(payment: Payment) -> tuple[PaymentPayload, PaymentRequirements]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,12 @@ from dispatchnet.payments.service import SettlementRefused
 from dispatchnet.profiles import AcceptConfig, Profile
 
 log = logging.getLogger("dispatch.payments")
+
+# An exact EIP-3009 authorization's fields as x402 spells them (the only spellings read)
+_NONCE = re.compile(r"0x[0-9a-fA-F]{64}")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_SIGNATURE = re.compile(r"0x(?:[0-9a-fA-F]{2})+")
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,77}")
 
 
 @dataclass
@@ -131,6 +138,27 @@ class EvmRail:
         try:
             exact = ExactEIP3009Payload.from_dict(payload.payload)
             a = exact.authorization
+            # One spelling only: the nonce is the replay key, and the SDK and the chain
+            # read hex with or without 0x (and bytes.fromhex skips spaces), so another
+            # spelling of a used nonce would pass for a new payment.
+            for what, text, pattern in (
+                ("nonce", a.nonce, _NONCE),
+                ("from", a.from_address, _ADDRESS),
+                ("to", a.to, _ADDRESS),
+                ("signature", exact.signature or "", _SIGNATURE),
+            ):
+                if not isinstance(text, str) or not pattern.fullmatch(text):
+                    raise ValueError(f"authorization {what} is not 0x and hex digits: {text!r:.80}")
+            numbers: tuple[tuple[str, object], ...] = (
+                ("value", a.value),
+                ("validAfter", a.valid_after),
+                ("validBefore", a.valid_before),
+            )  # strings in x402; JSON numbers read too
+            for what, number in numbers:
+                if not (isinstance(number, str) and _DECIMAL.fullmatch(number)) and not (
+                    type(number) is int and number >= 0
+                ):
+                    raise ValueError(f"authorization {what} is not a decimal integer")
             auth = Authorization(
                 payer=a.from_address,
                 to=a.to,
@@ -140,7 +168,6 @@ class EvmRail:
                 nonce=a.nonce.lower(),
                 signature=exact.signature or "0x",
             )
-            bytes.fromhex(auth.nonce.removeprefix("0x"))
         except Exception as e:
             raise InvalidArgument(
                 f"payment-signature: not an exact EIP-3009 payment: {first_line(e)}"
@@ -159,6 +186,11 @@ class EvmRail:
         used it ("" if none was found: cancelled, or logs that old are gone)."""
         return authorization_use(self.w3, payment.asset, payment.payer, payment.authorization_id)
 
+    def settlement_failed(self, transaction: str) -> bool:
+        """Whether a settlement the SDK reported pending landed with an error: never asked
+        here (EVM payments settle in batches, which read their own receipts)."""
+        return False
+
     def settle_batch(
         self,
         asset: str,
@@ -172,7 +204,13 @@ class EvmRail:
         if batch is None:
             raise ValueError(f"{self.network} settles one payment at a time")
         out: dict[str, str | SettlementRefused] = {}
-        auths = {p.job_id: self.authorization(_payload(p)) for p in payments}
+        auths: dict[str, Authorization] = {}
+        for p in payments:
+            try:
+                auths[p.job_id] = self.authorization(_payload(p))
+            except InvalidArgument as e:  # stored before its spelling was checked
+                out[p.job_id] = SettlementRefused("invalid_payload", e.message)
+        payments = [p for p in payments if p.job_id in auths]
         todo: list[Payment] = []
         # An earlier attempt (interrupted before it was recorded) may have settled some.
         for p, used in zip(payments, batch.used(asset, list(auths.values())), strict=True):

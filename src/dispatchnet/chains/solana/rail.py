@@ -291,6 +291,17 @@ class SvmRail:
         except TRANSIENT as e:
             raise Unavailable(f"Solana node unreachable: {first_line(e)}") from e
 
+    def settlement_failed(self, transaction: str) -> bool:
+        """Whether the settlement transaction (a signature) landed with an error: it ran
+        and moved nothing, and its payment's one signed transaction cannot land again.
+        Unavailable when the node cannot be reached."""
+        try:
+            return self._status(Signature.from_string(transaction)) is False
+        except ValueError:  # not a signature: nothing is known of it
+            return False
+        except TRANSIENT as e:
+            raise Unavailable(f"Solana node unreachable: {first_line(e)}") from e
+
     def _scan(self, payer: Pubkey, wanted: str) -> tuple[bool, str]:
         listed = self.client.get_signatures_for_address(payer, limit=SCAN_LIMIT).value
         for entry in listed:
