@@ -254,6 +254,7 @@ async def test_job_get_watch_cancel_and_errors(cluster: Cluster, tmp_path: Path)
     assert "NOT_FOUND" in err
 
     other = tmp_path / "other-client.key"
+    keys.load_or_create(other)  # another client that exists (a missing key file: exit 2)
     err = failed(await run("job", "get", job_id, *coord, "--key-file", str(other), env=env))
     assert "PERMISSION_DENIED" in err
 

@@ -229,6 +229,7 @@ async def test_cli_receipt_proof_and_verify_with_proof(cluster: Cluster, tmp_pat
     assert code == 0 and json.loads(out2) == shown, err
     # another client: PERMISSION_DENIED, exit 1
     stranger = tmp_path / "stranger.key"
+    keys.load_or_create(stranger)  # a client that exists (a missing key file: exit 2)
     code, _, err = await dispatch(
         env, "receipt", "proof", done.job_id, *coord, "--key-file", str(stranger)
     )

@@ -359,7 +359,7 @@ async def test_the_worker_command_lies_when_told_and_says_so(
         ["seekers", "--coordinator", cluster.address, "--count", "1", "--lie-rate", "-0.1"],
     ):
         err = failed(await run(*argv, env=cli_env(tmp_path / "home")), code=2)
-        assert "lie_rate is a probability per job: between 0 and 1" in err
+        assert "argument --lie-rate: must be between 0 and 1" in err
     p = procs(["worker", "--coordinator", cluster.address, "--key-file", key, "--lie-rate", "1"])
     assert p.info["lie_rate"] == 1.0 and p.info["kind"] == "seeker"
     warned = "--lie-rate 1: this worker returns WRONG output on purpose"

@@ -10,12 +10,13 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -27,7 +28,9 @@ from dispatchnet.auth.tokens import METADATA_KEY, metadata_value
 from dispatchnet.client import PAYMENT_REQUIRED, CoordinatorClient, llm_spec, task_spec, trailer
 from dispatchnet.memory import HeapFreezer, young_collections_every
 from dispatchnet.observability import logs, tracing
-from dispatchnet.profiles import Profile, ProfileError, load_profile
+from dispatchnet.profiles import AuthConfig, Profile, ProfileError, load_profile
+from dispatchnet.protocol import MAX_CONCURRENCY, MAX_EARNINGS_PAGE
+from dispatchnet.protocol import MAX_PAIRING_TTL_SECONDS as MAX_PAIRING_TTL
 from dispatchnet.receipts.core import check_receipt_proof, verify_receipt_message
 from dispatchnet.sealing import SealError
 
@@ -38,6 +41,9 @@ POLICIES = {
     "fast": common_pb2.POLICY_FAST,
     "cheap": common_pb2.POLICY_CHEAP,
 }
+UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1  # protobuf's uint32 and uint64 fields
+# the token lifetime coordinators accept unless their profile's [auth] says otherwise
+MAX_TOKEN_TTL = AuthConfig.max_token_ttl_seconds
 
 
 class CliError(Exception):
@@ -95,6 +101,16 @@ def _worker_key(args: argparse.Namespace) -> keys.KeyPair:
 
 def _worker_key_path(args: argparse.Namespace) -> Path:
     return Path(args.key_file or keys.default_home() / "worker.key")
+
+
+def _existing_key(args: argparse.Namespace, who: str) -> keys.KeyPair:
+    """The `who` ("client" or "worker") key of --key-file (default: <who>.key in
+    $DISPATCH_HOME), which must exist: for commands acting as an identity made before,
+    where a new key would own nothing (a --key-file typo). CliError (exit 2) when missing."""
+    path = Path(args.key_file or keys.default_home() / f"{who}.key").expanduser()
+    if not path.exists():
+        raise CliError(f"no {who} key file at {path} (pass the {who}'s --key-file)", code=2)
+    return keys.load(path)
 
 
 def _agent_file(key_path: Path) -> Path:
@@ -175,6 +191,7 @@ async def cmd_coordinator(args: argparse.Namespace) -> int:
     if tools:
         profile = profile.with_overrides(observability=tools)
     listen = args.listen or profile.server.listen
+    _host_port(listen)  # HOST:PORT, else a usage error before anything is opened
     data_dir = Path(args.data_dir or keys.default_home() / f"coordinator-{profile.name}")
     try:
         coord = await start_coordinator(profile, data_dir, listen)
@@ -243,7 +260,13 @@ async def cmd_gateway(args: argparse.Namespace) -> int:
         # uvicorn takes both while it serves and raises the one it got again once it has
         # stopped: that one must not kill the process before the router is closed
         loop.add_signal_handler(sig, lambda: None)
-    async with GatewayServer(gateway, host, port, "debug" if args.verbose else "info") as server:
+    async with contextlib.AsyncExitStack() as stack:
+        try:  # entering binds the socket
+            server = await stack.enter_async_context(
+                GatewayServer(gateway, host, port, "debug" if args.verbose else "info")
+            )
+        except OSError as e:
+            raise CliError(f"cannot listen on {args.listen}: {e.strerror or e}") from e
         net = router.networks[0]
         print(
             json.dumps(
@@ -275,17 +298,13 @@ async def _until_signal() -> None:
 async def cmd_worker(args: argparse.Namespace) -> int:
     from dispatchnet.worker.executors import default_executors
     from dispatchnet.worker.llm import LlmSetupError, llm_executor
-    from dispatchnet.worker.lying import check_rate, lying, warning
+    from dispatchnet.worker.lying import lying, warning
     from dispatchnet.worker.runtime import Worker
 
     if getattr(args, "worker_cmd", None) == "register":
         return await cmd_worker_register(args)
     if getattr(args, "worker_cmd", None) == "earnings":
         return await cmd_worker_earnings(args)
-    try:
-        check_rate(args.lie_rate)
-    except ValueError as e:
-        raise CliError(str(e), code=2) from e
     agent_id, chain_key, solana_key = _worker_agent(args)
     executors = default_executors()
     try:
@@ -566,7 +585,7 @@ async def cmd_job_submit(args: argparse.Namespace) -> int:
             except SealError as e:
                 raise CliError(str(e)) from e
         if args.wait:  # one RunJob call (a paying client asks GetQuote first)
-            job = await c.run(spec, args.idempotency_key or "")
+            job = await _run_job(c, spec, args.idempotency_key or "")
         else:
             quote = await c.quote(spec)
             job = await c.commit(quote.quote_id, args.idempotency_key or "")
@@ -577,14 +596,41 @@ async def cmd_job_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _run_job(c: CoordinatorClient, spec: common_pb2.JobSpec, key: str) -> coordinator_pb2.Job:
+    """c.run(spec). A paid coordinator refuses RunJob from a client without a wallet with
+    no payment-required trailer (a payment is for a quote): CliError then says what it
+    accepts and how to pay, from a GetQuote's trailer, as a refused CommitJob does."""
+    try:
+        return await c.run(spec, key)
+    except grpc.aio.AioRpcError as e:
+        if (
+            c.wallet is not None
+            or e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+            or trailer(e.trailing_metadata(), PAYMENT_REQUIRED)
+        ):
+            raise
+        try:
+            call = c.jobs.GetQuote(
+                coordinator_pb2.GetQuoteRequest(spec=spec), metadata=c.metadata()
+            )
+            await call
+            required = trailer(await call.trailing_metadata(), PAYMENT_REQUIRED)
+        except grpc.aio.AioRpcError:
+            required = ""
+        if not required:  # refused for another reason (too many open jobs...)
+            raise
+        details = f"{e.code().name}: {e.details()}"
+        raise CliError(f"{details}\n{describe_payment_required(required)}") from e
+
+
 async def cmd_job_get(args: argparse.Namespace) -> int:
-    async with CoordinatorClient(args.coordinator, _client_key(args)) as c:
+    async with CoordinatorClient(args.coordinator, _existing_key(args, "client")) as c:
         emit(job_json(await c.get(args.job_id), c))
     return 0
 
 
 async def cmd_job_watch(args: argparse.Namespace) -> int:
-    async with CoordinatorClient(args.coordinator, _client_key(args)) as c:
+    async with CoordinatorClient(args.coordinator, _existing_key(args, "client")) as c:
         async for item in c.watch(args.job_id, args.after):
             print(json.dumps(to_dict(item.event)), flush=True)
             if item.HasField("job"):
@@ -593,7 +639,7 @@ async def cmd_job_watch(args: argparse.Namespace) -> int:
 
 
 async def cmd_job_cancel(args: argparse.Namespace) -> int:
-    async with CoordinatorClient(args.coordinator, _client_key(args)) as c:
+    async with CoordinatorClient(args.coordinator, _existing_key(args, "client")) as c:
         emit(job_json(await c.cancel(args.job_id, args.reason or "")))
     return 0
 
@@ -608,11 +654,9 @@ async def cmd_worker_earnings(args: argparse.Namespace) -> int:
     """The worker's balance, its share per job and its payouts (GetEarnings, signed with
     the worker key), as JSON; --all follows every page of jobs; --profile adds its payout
     addresses read on that profile's chains ("on_chain")."""
-    path = _worker_key_path(args).expanduser()
-    if not path.exists():  # a new key would have earned nothing: say so instead
-        raise CliError(f"no worker key file at {path} (pass the worker's --key-file)", code=2)
+    key = _existing_key(args, "worker")  # a new key would have earned nothing
     profile = load_profile(args.profile) if args.profile else None
-    async with CoordinatorClient(args.coordinator, keys.load(path)) as c:
+    async with CoordinatorClient(args.coordinator, key) as c:
         resp = await c.earnings(args.page_size, args.page_token or "")
         payouts = list(resp.payouts)
         out = json_format.MessageToDict(
@@ -670,7 +714,12 @@ async def _payouts_on_chain(
 
 
 async def cmd_pair(args: argparse.Namespace) -> int:
-    key = _worker_key(args) if args.pair_cmd == "claim" else _client_key(args)
+    if args.pair_cmd == "claim":  # the key of a worker that runs: never a new one
+        key = _existing_key(args, "worker")
+    elif args.pair_cmd == "create":  # a client may pair before its first job
+        key = _client_key(args)
+    else:  # pairings of a client that exists
+        key = _existing_key(args, "client")
     async with CoordinatorClient(args.coordinator, key) as c:
         if args.pair_cmd == "create":
             emit(to_dict(await c.create_pairing_code(args.ttl)))
@@ -830,7 +879,7 @@ async def _check_onchain(
 
 
 async def cmd_receipt_proof(args: argparse.Namespace) -> int:
-    async with CoordinatorClient(args.coordinator, _client_key(args)) as c:
+    async with CoordinatorClient(args.coordinator, _existing_key(args, "client")) as c:
         proof = await c.receipt_proof(args.job_id)
         receipt = (await c.receipt(args.job_id)).receipt
     emit(proof_json(proof))
@@ -993,10 +1042,18 @@ async def cmd_wallet(args: argparse.Namespace) -> int:
     except ChainConfigError as e:
         raise CliError(str(e)) from e
     if wallet is None:
-        raise CliError(
-            f"profile {profile.name} has no wallet: set [wallet] key_file, pass --wallet-key, "
-            "or start its local chain (`dispatch chain up`) for the dev account"
-        )
+        if "payments" not in registry.capabilities(profile.chain.kind):
+            raise CliError(
+                f"profile {profile.name} has no chain to pay on: a wallet needs a profile "
+                "with a [chain] (e.g. --profile local-monad)"
+            )
+        how = "set [wallet] key_file or pass --wallet-key"
+        if profile.chain.devchain:
+            how = (
+                "set [wallet] key_file, pass --wallet-key, or start its local chain "
+                f"(`dispatch chain up --profile {args.profile}`) for the dev account"
+            )
+        raise CliError(f"profile {profile.name} has no wallet: {how}")
     if args.wallet_cmd == "address":
         emit({"address": wallet.address})
     elif args.wallet_cmd == "pay":
@@ -1046,13 +1103,20 @@ async def cmd_mcp(args: argparse.Namespace) -> int:
             logging.getLogger("dispatch.mcp").info("serving on stdio: %s", json.dumps(info))
             signalled = await _until_signal_or(serve_stdio(mcp))
         else:
+            listening = False
 
             def announce(url: str) -> None:
+                nonlocal listening
+                listening = True
                 print(json.dumps({"mcp": url, **info}), flush=True)
 
             try:
                 await serve_http(mcp, host, port, token, announce)
-            except (ValueError, OSError) as e:
+            except OSError as e:
+                if listening:
+                    raise CliError(str(e)) from e
+                raise CliError(f"cannot listen on {args.listen}: {e.strerror or e}") from e
+            except ValueError as e:
                 raise CliError(str(e)) from e
     finally:
         await mcp.drain(10)  # calls still open (the server stopped) cancel their jobs
@@ -1133,12 +1197,31 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
 # --- parser -------------------------------------------------------------------------------
 
+N = TypeVar("N", int, float)
+
+
+def bounded(kind: Callable[[str], N], low: N, high: N | None = None) -> Callable[[str], N]:
+    """An argparse type: kind(text), from low to high (None: no upper bound; a float must
+    be finite). Outside, argparse exits 2 naming the option: "argument --ttl: must be
+    between 1 and 86400, not 0"."""
+
+    def parse(text: str) -> N:
+        value = kind(text)  # ValueError: argparse's "invalid int value: 'x'"
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if not (finite and low <= value and (high is None or value <= high)):
+            span = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {span}, not {text}")
+        return value
+
+    parse.__name__ = getattr(kind, "__name__", "number")  # argparse names the type with it
+    return parse
+
 
 def add_lie_rate(p: argparse.ArgumentParser) -> None:
     """--lie-rate of `dispatch worker` and `dispatch seekers`."""
     p.add_argument(
         "--lie-rate",
-        type=float,
+        type=bounded(float, 0, 1),
         default=0.0,
         metavar="P",
         help="DEMO/TEST ONLY: return wrong output (properly signed) for this fraction of jobs, "
@@ -1152,22 +1235,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-format",
         choices=logs.FORMATS,
-        default=logs.default_format(),
-        help="logs on stderr for people, or JSON lines (env DISPATCH_LOG_FORMAT)",
+        help="logs on stderr for people, or JSON lines (default: env DISPATCH_LOG_FORMAT, "
+        "else human)",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def coord_option(sp: argparse.ArgumentParser) -> None:
+    def coord_option(sp: argparse.ArgumentParser, profile: bool = False) -> None:
+        """--coordinator, and with `profile` a --profile only for its [cluster] (commands
+        whose --profile says more add their own)."""
         sp.add_argument(
             "--coordinator",
             help="coordinator address HOST:PORT, or several comma-separated (coordinators "
             "sharing one database: failover); default $DISPATCH_COORDINATOR, else the "
             f"--profile's [cluster] coordinators, else {DEFAULT_COORDINATOR}",
         )
+        if profile:
+            sp.add_argument("--profile", help="profile whose [cluster] coordinators to connect to")
         sp.set_defaults(resolve_coordinator=True)
 
-    def with_coord(sp: argparse.ArgumentParser, key_help: str = "client key file") -> None:
-        coord_option(sp)
+    def with_coord(
+        sp: argparse.ArgumentParser, key_help: str = "client key file", profile: bool = False
+    ) -> None:
+        coord_option(sp, profile)
         sp.add_argument("--key-file", help=f"{key_help} (default under $DISPATCH_HOME)")
 
     c = sub.add_parser("coordinator", help="run a coordinator")
@@ -1205,30 +1294,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coordinator-key", help="require receipts countersigned by this key (hex)")
     g.add_argument(
         "--max-price-micros",
-        type=int,
+        type=bounded(int, 0),
         default=100_000,
         help="the most one job may cost, micro-USD (default 100000; 0: no limit)",
     )
     g.add_argument(
         "--hosted-budget-micros",
-        type=int,
+        type=bounded(int, 0),
         default=0,
         help="total the hosted fallback (OpenAI/Anthropic keys from the environment, free to "
         "callers) may cost, micro-USD (default 0: no fallback)",
     )
     g.add_argument(
-        "--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body"
+        "--max-body-bytes",
+        type=bounded(int, 1),
+        default=4 * 1024 * 1024,
+        help="largest request body",
     )
-    g.add_argument("--max-concurrent", type=int, default=64, help="job requests in flight")
+    g.add_argument(
+        "--max-concurrent", type=bounded(int, 1), default=64, help="job requests in flight"
+    )
     g.set_defaults(fn=cmd_gateway)
 
     w = sub.add_parser("worker", help="run a worker")
-    with_coord(w, "worker key file")
-    w.add_argument("--profile", help="profile whose [cluster] coordinators to connect to")
+    with_coord(w, "worker key file", profile=True)
     w.add_argument("--kind", choices=["seeker", "desktop"], default="seeker")
-    w.add_argument("--max-concurrency", type=int, default=4)
     w.add_argument(
-        "--drain-timeout", type=float, default=60.0, help="seconds SIGTERM waits for running jobs"
+        "--max-concurrency",
+        type=bounded(int, 1, MAX_CONCURRENCY),
+        default=4,
+        help=f"jobs at once (1-{MAX_CONCURRENCY})",
+    )
+    w.add_argument(
+        "--drain-timeout",
+        type=bounded(float, 0),
+        default=60.0,
+        help="seconds SIGTERM waits for running jobs",
     )
     w.add_argument(
         "--llm-backend",
@@ -1272,7 +1373,12 @@ def build_parser() -> argparse.ArgumentParser:
         "earnings", help="the worker's balance, share per job and payouts (signed with its key)"
     )
     with_coord(we, "worker key file")
-    we.add_argument("--page-size", type=int, default=0, help="jobs per page (1-100; 0: 100)")
+    we.add_argument(
+        "--page-size",
+        type=bounded(int, 0, MAX_EARNINGS_PAGE),
+        default=0,
+        help=f"jobs per page (1-{MAX_EARNINGS_PAGE}; 0: {MAX_EARNINGS_PAGE})",
+    )
     we.add_argument("--page-token", help="next_page_token of a previous call")
     we.add_argument("--all", action="store_true", help="follow every page of jobs")
     we.add_argument(
@@ -1282,23 +1388,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sk = sub.add_parser("seekers", help="simulate many mobile seekers in one process")
-    coord_option(sk)
-    sk.add_argument("--profile", help="profile whose [cluster] coordinators to connect to")
-    sk.add_argument("--count", type=int, required=True, help="how many seekers")
+    coord_option(sk, profile=True)
+    sk.add_argument("--count", type=bounded(int, 1), required=True, help="how many seekers")
     sk.add_argument("--seed", type=int, help="makes devices and drops reproducible")
-    sk.add_argument("--max-concurrency", type=int, default=1, help="jobs per seeker at once")
     sk.add_argument(
-        "--flaky", type=float, default=0.0, metavar="P", help="drop probability per 5 s tick"
+        "--max-concurrency",
+        type=bounded(int, 1, MAX_CONCURRENCY),
+        default=1,
+        help=f"jobs per seeker at once (1-{MAX_CONCURRENCY})",
+    )
+    sk.add_argument(
+        "--flaky",
+        type=bounded(float, 0, 1),
+        default=0.0,
+        metavar="P",
+        help="drop probability per 5 s tick",
     )
     sk.add_argument("--battery", action="store_true", help="reject offers below 20%% battery")
     sk.add_argument("--heat", action="store_true", help="reject offers when the device is hot")
     sk.add_argument(
-        "--slow", type=float, default=1.0, metavar="F", help="device speed factors in [1, F]"
+        "--slow",
+        type=bounded(float, 1),
+        default=1.0,
+        metavar="F",
+        help="device speed factors in [1, F]",
     )
     sk.add_argument("--key-dir", help="keep the seekers' keys here (default: ephemeral keys)")
     add_lie_rate(sk)
     sk.add_argument(
-        "--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running jobs"
+        "--drain-timeout",
+        type=bounded(float, 0),
+        default=30.0,
+        help="seconds SIGTERM waits for running jobs",
     )
     sk.set_defaults(fn=cmd_seekers)
 
@@ -1313,8 +1434,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", help="task input as JSON (raw text with --wasm)")
     s.add_argument("--use-llm", action="store_true", help="run a text task with an LLM")
     s.add_argument("--model", help="LLM model the worker must serve (default: any)")
-    s.add_argument("--max-tokens", type=int, help="LLM tokens to generate at most")
-    s.add_argument("--temperature", type=float, help="LLM sampling temperature in [0, 2]")
+    s.add_argument(
+        "--max-tokens",
+        type=bounded(int, 0, UINT32_MAX),
+        help="LLM tokens to generate at most (0: the coordinator's default)",
+    )
+    s.add_argument(
+        "--temperature", type=bounded(float, 0, 2), help="LLM sampling temperature in [0, 2]"
+    )
     s.add_argument("--policy", choices=sorted(POLICIES), default="auto")
     s.add_argument(
         "--private",
@@ -1342,7 +1469,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wallet-key", metavar="FILE", help="pay with this chain key file instead")
     s.add_argument(
         "--max-payment",
-        type=int,
+        type=bounded(int, 0),
         metavar="MICRO_USD",
         help="most this job may cost (default: the profile's [wallet] max_per_job_micros)",
     )
@@ -1354,31 +1481,42 @@ def build_parser() -> argparse.ArgumentParser:
         ("cancel", cmd_job_cancel, "cancel a job"),
     ):
         sp = jsub.add_parser(name, help=hlp)
-        with_coord(sp)
+        with_coord(sp, profile=True)
         sp.add_argument("job_id")
         if name == "watch":
-            sp.add_argument("--after", type=int, default=0, help="resume after this sequence")
+            sp.add_argument(
+                "--after",
+                type=bounded(int, 0, UINT64_MAX),
+                default=0,
+                help="resume after this sequence",
+            )
         if name == "cancel":
             sp.add_argument("--reason")
         sp.set_defaults(fn=fn)
 
     ws = sub.add_parser("workers", help="list connected workers")
-    with_coord(ws)
+    coord_option(ws, profile=True)
     ws.set_defaults(fn=cmd_workers)
 
     pr = sub.add_parser("pair", help="pair clients and workers for PRIVATE jobs")
     psub = pr.add_subparsers(dest="pair_cmd", required=True)
     pc = psub.add_parser("create", help="(client) create a pairing code")
-    with_coord(pc)
-    pc.add_argument("--ttl", type=int, default=0, help="seconds the code stays valid")
+    with_coord(pc, profile=True)
+    pc.add_argument(
+        "--ttl",
+        type=bounded(int, 0, MAX_PAIRING_TTL),
+        default=0,
+        help=f"seconds the code stays valid (at most {MAX_PAIRING_TTL}; 0: the coordinator's "
+        "default, an hour)",
+    )
     pl = psub.add_parser("claim", help="(worker) claim a code with the worker key")
-    with_coord(pl, "worker key file")
+    with_coord(pl, "worker key file (must exist)", profile=True)
     pl.add_argument("code")
     pli = psub.add_parser("list", help="list your pairings")
-    with_coord(pli)
+    with_coord(pli, "client key file (must exist)", profile=True)
     pli.add_argument("--all", action="store_true", help="include revoked pairings")
     prv = psub.add_parser("revoke", help="revoke a pairing")
-    with_coord(prv)
+    with_coord(prv, "client key file (must exist)", profile=True)
     prv.add_argument("pairing_id")
     pr.set_defaults(fn=cmd_pair)
 
@@ -1416,7 +1554,7 @@ def build_parser() -> argparse.ArgumentParser:
         "proof",
         help="print a receipt's Merkle inclusion proof and check it (exit 0 only if it holds)",
     )
-    with_coord(rp)
+    with_coord(rp, "client key file (must exist)", profile=True)
     rp.add_argument("job_id")
     rp.set_defaults(fn=cmd_receipt_proof)
 
@@ -1439,7 +1577,9 @@ def build_parser() -> argparse.ArgumentParser:
     cup = clsub.add_parser(
         "up", help="start a local PostgreSQL and N coordinators on it; runs until Ctrl-C"
     )
-    cup.add_argument("--coordinators", type=int, default=3, help="how many (1-16, default 3)")
+    cup.add_argument(
+        "--coordinators", type=bounded(int, 1, 16), default=3, help="how many (1-16, default 3)"
+    )
     cup.add_argument("--profile", default="local", help="the coordinators' profile")
     cup.add_argument(
         "--data-dir",
@@ -1448,12 +1588,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cl.set_defaults(fn=cmd_cluster)
 
-    ch = sub.add_parser("chain", help="a local EVM chain for chain profiles (anvil)")
+    ch = sub.add_parser(
+        "chain", help="a chain profile's local chain (anvil for EVM, a LiteSVM node for Solana)"
+    )
     chsub = ch.add_subparsers(dest="chain_cmd", required=True)
     cu = chsub.add_parser(
-        "up", help="start anvil, deploy the contracts, fund demo accounts (idempotent)"
+        "up",
+        help="start the local chain (anvil: deploy the contracts; Solana: a test USDC mint), "
+        "fund demo accounts (idempotent)",
     )
-    cu.add_argument("--port", type=int, help="anvil's port (default [chain] devchain_port; 0: any)")
+    cu.add_argument(
+        "--port",
+        type=bounded(int, 0, 65535),
+        help="the chain's port (default [chain] devchain_port; 0: any)",
+    )
     chsub.add_parser("down", help="stop the local chain and remove its deployment file")
     chsub.add_parser("status", help="where the profile's chain is and whether it answers")
     cr = chsub.add_parser(
@@ -1490,7 +1638,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "pay":
             sp.add_argument("payment_required", help="the payment-required trailer's value")
             sp.add_argument(
-                "--max-payment", type=int, metavar="MICRO_USD", help="most this may cost"
+                "--max-payment",
+                type=bounded(int, 0),
+                metavar="MICRO_USD",
+                help="most this may cost",
             )
         sp.set_defaults(fn=cmd_wallet)
 
@@ -1520,13 +1671,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--max-payment",
-        type=int,
+        type=bounded(int, 0),
         metavar="MICRO_USD",
         help="most one job may cost, whoever pays (default: [wallet] max_per_job_micros)",
     )
     m.add_argument(
         "--budget",
-        type=int,
+        type=bounded(int, 0),
         default=1_000_000,
         metavar="MICRO_USD",
         help="most the server itself spends while it runs: its wallet and hosted estimates "
@@ -1549,14 +1700,24 @@ def build_parser() -> argparse.ArgumentParser:
     asub = a.add_subparsers(dest="auth_cmd", required=True)
     ah = asub.add_parser("header", help="print the -H metadata for grpcurl")
     ah.add_argument("--key-file", help="client key file (default under $DISPATCH_HOME)")
-    ah.add_argument("--ttl", type=int, default=3600, help="token lifetime in seconds")
+    ah.add_argument(
+        "--ttl",
+        type=bounded(int, 1, MAX_TOKEN_TTL),
+        default=3600,
+        help=f"token lifetime in seconds (1-{MAX_TOKEN_TTL}, what coordinators accept by "
+        "default; default 3600)",
+    )
     ah.add_argument("--raw", action="store_true", help="print only the metadata value")
     ah.set_defaults(fn=cmd_auth_header)
     ak = asub.add_parser("whoami", help="print your client id")
     ak.add_argument("--key-file", help="client key file (default under $DISPATCH_HOME)")
     ak.set_defaults(fn=cmd_keys_show)
 
-    d = sub.add_parser("demo", help="run the end-to-end demo on a local coordinator")
+    d = sub.add_parser(
+        "demo",
+        help="run the end-to-end demo on both chain tracks (EVM on anvil, Solana on a local "
+        "node), each with its own local coordinator",
+    )
     d.add_argument(
         "--keep-open",
         action="store_true",
@@ -1656,7 +1817,13 @@ def resolve_coordinator(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.log_format is None:  # --log-format wins over the environment
+        env = os.environ.get("DISPATCH_LOG_FORMAT", "").strip().lower()
+        if env and env not in logs.FORMATS:
+            parser.error(f"DISPATCH_LOG_FORMAT must be {' or '.join(logs.FORMATS)}, not {env!r}")
+        args.log_format = env or "human"
     resolve_coordinator(args)
     logs.configure(args.log_format, args.verbose)
     if not args.verbose:  # the x402 SDK logs every signature, the mcp SDK each session

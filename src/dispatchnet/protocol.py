@@ -73,6 +73,7 @@ MAX_PAIRING_CODE_CHARS = 32  # ClaimPairingRequest.code (XXXX-XXXX; dashes, spac
 MAX_PAGE_TOKEN_CHARS = 128  # GetEarningsRequest.page_token
 MAX_EARNINGS_PAGE = 100  # GetEarningsRequest.page_size: 1 to this (0 and more mean this)
 MAX_CANCEL_REASON_CHARS = 512  # CancelJobRequest.reason (stored with the job)
+MAX_PAIRING_TTL_SECONDS = 86400  # CreatePairingCodeRequest.ttl_seconds (0: the default)
 
 # Sealed input of PRIVATE jobs (common.proto SealedInput), checked at GetQuote
 MAX_SEALED_ENVELOPES = 16  # SealedInput.envelopes: one per recipient worker

@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Callable
 
+from dispatchnet import protocol
 from dispatchnet.coordinator.jobs import new_id
 from dispatchnet.coordinator.models import Pairing
 from dispatchnet.coordinator.ports import PairingRepository
@@ -28,7 +29,7 @@ from dispatchnet.profiles import PairingConfig
 
 ALPHABET = "ABCDEFGHJKMNPQRSTVWXYZ0123456789"  # no I, L, O, U
 CODE_LEN = 8
-MAX_TTL = 86400
+MAX_TTL = protocol.MAX_PAIRING_TTL_SECONDS
 
 
 def normalize(code: str) -> str:

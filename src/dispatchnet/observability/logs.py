@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -83,11 +82,6 @@ class JsonFormatter(logging.Formatter):
         elif record.exc_text:
             out["exception"] = record.exc_text
         return json.dumps(out, ensure_ascii=False, default=str)
-
-
-def default_format() -> str:
-    value = os.environ.get("DISPATCH_LOG_FORMAT", "").strip().lower()
-    return value if value in FORMATS else "human"
 
 
 def configure(fmt: str = "human", verbose: bool = False) -> None:
