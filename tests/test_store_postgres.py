@@ -316,6 +316,68 @@ async def test_a_store_hears_the_job_changes_other_stores_commit(pg_url: str) ->
         await b.close()
 
 
+async def test_a_store_listens_again_whatever_the_first_try_raises(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its listening connection ends (a PostgreSQL restart); the first try to listen again
+    fails as a reused pooled connection did after a restart (InternalClientError, which
+    ended the retrying task for good): it tries again, and hears the others' changes."""
+    a, b = await open_postgres_store(pg_url), await open_postgres_store(pg_url)
+    heard: list[str] = []
+    try:
+        await a.listen_jobs(lambda job_id, state: heard.append(job_id))
+        listen = a._listen
+        failures = iter([asyncpg.InternalClientError("cannot switch to state 11")])
+
+        async def flaky() -> None:
+            failure = next(failures, None)
+            if failure is not None:
+                raise failure
+            await listen()
+
+        monkeypatch.setattr(a, "_listen", flaky)
+        assert a._listen_conn is not None
+        pid = a._listen_conn.get_server_pid()
+        admin = await asyncpg.connect(pg_url)
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+
+        async def listening_again() -> bool:
+            return a._listen_conn is not None and a._listen_conn.get_server_pid() != pid
+
+        await wait_until(listening_again, what="listening again")
+        await b.create_job(make_job("job_b"), queued("job_b"))
+        await wait_until(lambda: heard == ["job_b"], what="the other store's change heard")
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_statement_on_a_connection_the_server_closed_is_unavailable(pg_url: str) -> None:
+    """What asyncpg raises on a pooled connection a restarted server closed (not one of its
+    connection errors) is the database being away, not an internal error."""
+    store = await open_postgres_store(pg_url)
+    try:
+        for error in (
+            asyncpg.InterfaceError(
+                "cannot call Transaction.__aexit__(): the underlying connection is closed"
+            ),
+            asyncpg.InternalClientError("cannot switch to state 12"),
+        ):
+
+            async def op(c: Any, error: Exception = error) -> None:
+                raise error
+
+            with pytest.raises(Unavailable, match="database is unavailable"):
+                await store._read(op)
+            with pytest.raises(Unavailable, match="database is unavailable"):
+                await store._write(op)
+    finally:
+        await store.close()
+
+
 class _Cancellable(Streamer):
     """A Streamer that notes being cancelled mid-run."""
 

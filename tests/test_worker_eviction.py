@@ -60,3 +60,47 @@ async def test_silent_worker_is_evicted_and_its_job_requeued(
 
     await wait_until(requeued, what="requeue after eviction")
     raw.close()
+
+
+async def test_a_lost_worker_leaves_a_job_it_resumed_at_another_coordinator_alone(
+    cluster: Cluster, channel: grpc.aio.Channel
+) -> None:
+    """On a shared store the worker's stream to this coordinator drops and it resumes
+    its job through another (the job's coordinator_id is that one's); when this
+    coordinator then forgets the session, the job is not requeued from under it (it was,
+    costing an attempt and running it twice)."""
+    from dispatchnet.coordinator.models import JobState
+
+    raw = RawWorker(channel)
+    await raw.handshake(tasks=("sleep",))
+    c = cluster.client()
+    job = await c.submit(task_spec("sleep", json.dumps({"ms": 1}).encode()))
+    offer = (await raw.recv()).offer
+    raw.send(
+        offer_response=worker_pb2.OfferResponse(
+            job_id=job.job_id, attempt=offer.attempt, accept=True
+        )
+    )
+    jobs, hub = cluster.coord.jobs, cluster.coord.hub
+
+    async def accepted() -> bool:
+        await jobs.write_accepts()
+        got = await cluster.coord.store.get_job(job.job_id)
+        return got is not None and got.state is JobState.RUNNING
+
+    await wait_until(accepted, what="the accept written")
+    resumed = await cluster.coord.store.transition(  # as the other coordinator's resume does
+        job.job_id, (JobState.RUNNING,), offer.attempt, {"coordinator_id": "elsewhere"}, None
+    )
+    assert resumed is not None
+    raw.close()
+    worker_id = raw.key.public_key.hex()
+    await wait_until(lambda: worker_id not in hub.sessions, what="the session gone")
+    await hub.drain_tasks()
+    after = await cluster.coord.store.get_job(job.job_id)
+    assert after is not None
+    assert (after.state, after.attempts, after.coordinator_id) == (
+        JobState.RUNNING,
+        offer.attempt,
+        "elsewhere",
+    )

@@ -14,7 +14,7 @@ from conftest import Cluster, RawWorker, make_profile, wait_until
 
 from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, worker_pb2
 from dispatchnet.client import task_spec
-from dispatchnet.errors import InvalidArgument
+from dispatchnet.errors import InvalidArgument, Unavailable
 from dispatchnet.protocol import MAX_PROGRESS_CHARS_PER_ATTEMPT, MAX_PROGRESS_TEXT_CHARS
 from dispatchnet.receipts.core import RECEIPT_VERSION, serialize_body, sha256, sign_body
 from dispatchnet.server import start_coordinator
@@ -139,6 +139,31 @@ async def test_refused_result_is_answered_and_the_session_goes_on(
     assert (again.job_id, again.attempt) == (job.job_id, 2)
     reasons = [e.reason for e in cluster.db.events_after(job.job_id, 0)]
     assert "failed: result_refused" in reasons
+    raw.close()
+
+
+def _store_away(*args: object) -> None:
+    raise Unavailable("the store's database is unavailable: connection reset")
+
+
+async def test_a_result_the_store_cannot_record_now_is_not_refused(
+    cluster: Cluster, channel: grpc.aio.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database is away (restarting) when a result comes: it is not refused (that gave
+    the attempt up, marked the worker failed and ran the job again); the session ends
+    soon-to-retry and the worker, which keeps an unacknowledged result, sends it again."""
+    monkeypatch.setattr(cluster.coord.hub, "completed", _store_away)
+    raw = RawWorker(channel)
+    await raw.handshake()
+    c = cluster.client()
+    job = await c.submit(task_spec("echo", b"1"))
+    offer = (await raw.recv()).offer
+    raw.send(offer_response=worker_pb2.OfferResponse(job_id=job.job_id, attempt=1, accept=True))
+    raw.send(completed=worker_pb2.JobCompleted(job_id=job.job_id, attempt=offer.attempt))
+    go_away = (await raw.recv()).go_away
+    assert "not recorded now" in go_away.reason and go_away.retry_after_seconds == 1
+    reasons = [e.reason for e in cluster.db.events_after(job.job_id, 0)]
+    assert "failed: result_refused" not in reasons, reasons
     raw.close()
 
 

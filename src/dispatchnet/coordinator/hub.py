@@ -27,7 +27,13 @@ from dispatchnet.coordinator.models import Failure, Job, JobSpec, Privacy, Resul
 from dispatchnet.coordinator.observer import NULL_OBSERVER, Observer
 from dispatchnet.coordinator.ports import ReputationSource
 from dispatchnet.coordinator.worker_index import WorkerIndex
-from dispatchnet.errors import DispatchError, InvalidArgument, Unauthenticated, quoted
+from dispatchnet.errors import (
+    DispatchError,
+    InvalidArgument,
+    Unauthenticated,
+    Unavailable,
+    quoted,
+)
 from dispatchnet.keys import verify
 from dispatchnet.profiles import JobsConfig, WorkersConfig
 from dispatchnet.protocol import (
@@ -59,6 +65,8 @@ EVICTION_CHECKS_PER_WINDOW = 6  # silent-worker checks per [workers] eviction_se
 STRETCH_PER_CHECK = 500
 # After an internal error ends a session, the worker waits this long before reconnecting.
 INTERNAL_ERROR_RETRY_AFTER_SECONDS = 5
+# ... and after the store could not record a message (the worker sends it again)
+UNAVAILABLE_RETRY_AFTER_SECONDS = 1
 # A session's backlog toward its worker (messages in its outbox, acks waiting to ride on
 # one): from OUTBOX_HIGH on, the worker's next message is read only once the backlog is
 # down to OUTBOX_LOW. A worker that sends and never reads (every result is answered)
@@ -373,6 +381,29 @@ class WorkerHub:
         self._set_heartbeat(session, self.heartbeat_interval())
         self.sessions[worker_id] = session
         self.observer.worker_connected(worker_id, hello.kind)
+        try:
+            await self._open(session, hello, now)
+        except BaseException:
+            # (the store failed): no session is left behind to be evicted later; what it
+            # resumed stays the worker's, to resume again where it reconnects
+            if self.sessions.get(worker_id) is session:
+                del self.sessions[worker_id]
+                self.observer.worker_disconnected(worker_id, hello.kind, "failed")
+            session.closed = True
+            session.active.clear()
+            raise
+        self.index.add(session)
+        for listener in self.session_listeners:
+            listener(len(self.sessions))
+        log.info("worker %s… connected (%s)", worker_id[:12], hello.kind.name.lower(),
+                 extra={"worker_id": worker_id})  # fmt: skip
+        self.kick()
+        return session
+
+    async def _open(self, session: WorkerSession, hello: WorkerHello, now: float) -> None:
+        """What registering a session stores: the worker seen, its tasks, and the jobs its
+        hello says it still runs, resumed where they still wait for it."""
+        worker_id = session.worker_id
         await self.store.record_worker_seen(worker_id, int(hello.kind), now, hello.agent_id)
         if self.catalogue is not None:
             await self.catalogue.declared(hello.tasks)
@@ -389,13 +420,6 @@ class WorkerHub:
                 session.foreign.add(job_id)
         self._log_ignored(session, session.ignored)
         await self.jobs.worker_returned(worker_id, set(session.active))
-        self.index.add(session)
-        for listener in self.session_listeners:
-            listener(len(self.sessions))
-        log.info("worker %s… connected (%s)", worker_id[:12], hello.kind.name.lower(),
-                 extra={"worker_id": worker_id})  # fmt: skip
-        self.kick()
-        return session
 
     async def unregister(self, session: WorkerSession, reason: str) -> None:
         """Forgets a session and requeues what it held (except while the coordinator
@@ -417,7 +441,12 @@ class WorkerHub:
             return
         for job_id, attempt in held.items():
             job = await self.store.get_job(job_id)
-            if job is not None and job.worker_id == session.worker_id and job.attempts == attempt:
+            if (
+                job is not None
+                and job.worker_id == session.worker_id
+                and job.attempts == attempt
+                and self.jobs.holds(job)  # not resumed at another coordinator meanwhile
+            ):
                 await self.jobs.requeue(job, f"worker_{reason}", tell_worker=False)
         log.info("worker %s… gone (%s)", session.worker_id[:12], reason)
 
@@ -552,6 +581,14 @@ class WorkerHub:
         logged once with its traceback, and the session ends with a GoAway naming the
         message (the worker sends unacknowledged results again when it reconnects)."""
         about = f"{kind} for job {quoted(job_id)}" if job_id else kind
+        if isinstance(error, Unavailable):
+            # the store could not answer (the database restarting): nothing is refused;
+            # the worker keeps its unacknowledged result and sends it again when it
+            # reconnects, here or at another coordinator
+            log.warning("%s from worker %s… not recorded: %s", about, s.worker_id[:12],
+                        error.message)  # fmt: skip
+            s.close(f"{about} not recorded now: {error.message}", UNAVAILABLE_RETRY_AFTER_SECONDS)
+            return
         if isinstance(error, DispatchError):
             if kind not in RESULT_KINDS or not job_id:
                 s.close(f"{about} refused: {error.message}")

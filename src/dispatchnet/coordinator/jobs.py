@@ -1105,7 +1105,7 @@ class JobService:
         evicted); a job it resumed through another coordinator meanwhile is that one's."""
         out = []
         for job in await self.store.active_jobs(worker_id):
-            if not self._mine(job):
+            if not self.holds(job):
                 continue
             moved = await self.requeue(job, reason, tell_worker=False)
             if moved is not None:
@@ -1132,7 +1132,16 @@ class JobService:
             await self.store.release_expired_quotes(now)
             await self.store.purge_expired(now - EXPIRED_RETENTION_SECONDS)
             self._next_purge = now + PURGE_INTERVAL_SECONDS
-        for job in await self.store.lapsed_leases(now):
+        for lapsed in await self.store.lapsed_leases(now):
+            # read again: the list may be a while old by now (each requeue waits for the
+            # store), and a job its worker resumed meanwhile has a new lease
+            job = await self.store.get_job(lapsed.job_id)
+            if (
+                job is None
+                or (job.state, job.attempts) != (lapsed.state, lapsed.attempts)
+                or job.lease_expires_at > now
+            ):
+                continue
             if await self._held_since_restart(job):
                 # its worker did not come back within the restart grace
                 await self.requeue(job, RESTARTED, tell_worker=True, costs_attempt=False)
@@ -1179,7 +1188,7 @@ class JobService:
         grace_until = self.clock() + self.cfg.restart_grace_seconds
         held = 0
         for job in await self.store.active_jobs():
-            if not self._mine(job):
+            if not self.holds(job):
                 continue
             moved = await self._move(
                 job, (job.state,), job.attempts, job.state, RESTARTED, lease_expires_at=grace_until
@@ -1403,9 +1412,10 @@ class JobService:
             raise PermissionDenied(f"job {quoted(job_id)} belongs to another client")
         return job
 
-    def _mine(self, job: Job) -> bool:
+    def holds(self, job: Job) -> bool:
         """Whether this coordinator's worker holds the job (no owner: stored before
-        coordinators recorded theirs, when one coordinator had the store)."""
+        coordinators recorded theirs, when one coordinator had the store): a job its
+        worker resumed through another coordinator is that one's to requeue."""
         return job.coordinator_id in ("", self.coordinator_id)
 
     def _offered_at(self, job_id: str, worker_id: str, attempt: int) -> float | None:

@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -138,6 +139,23 @@ _LOST = (
     asyncpg.exceptions.OperatorInterventionError,  # shutdown, cannot connect now, cancelled
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
 )
+_log = logging.getLogger("dispatch.store")
+
+# What a statement on a connection the server has just closed raises besides (a pooled
+# connection reused after a restart: "the underlying connection is closed", "cannot
+# switch to state ..."): the database went away too, not a bug of the statement.
+_GONE = (*_LOST, asyncpg.InterfaceError, asyncpg.InternalClientError)
+# A statement, or a wait for a pooled connection, longer than this fails as the database
+# being unavailable instead of hanging while PostgreSQL does not answer (stopped, or the
+# network drops packets); PostgreSQL's keepalives find a dead client in about as long.
+STATEMENT_TIMEOUT_SECONDS = 60.0
+KEEPALIVES = {"tcp_keepalives_idle": "30", "tcp_keepalives_interval": "10",
+              "tcp_keepalives_count": "3"}  # fmt: skip
+
+
+def _unavailable(e: BaseException) -> Unavailable:
+    return Unavailable(f"the store's database is unavailable: {str(e) or type(e).__name__}")
+
 
 _FINAL = [int(s) for s in JobState if s.final]
 _ACTIVE = ",".join(str(int(s)) for s in ACTIVE_STATES)  # literals: partial indexes match
@@ -442,8 +460,11 @@ class PostgresStore:
                 try:
                     await self._listen()
                     return
-                except (*_LOST, asyncpg.InterfaceError):
+                except _GONE:
                     await asyncio.sleep(1.0)  # the database is away: try again in a while
+                except Exception:  # whatever it was, this coordinator must listen again
+                    _log.exception("listening for other coordinators' changes failed")
+                    await asyncio.sleep(1.0)
         finally:
             self._listening = None
 
@@ -535,10 +556,10 @@ class PostgresStore:
     async def _read(self, op: Callable[[Conn], Awaitable[T]]) -> T:
         self._check_open()
         try:
-            async with self._pool.acquire() as c:
+            async with self._pool.acquire(timeout=STATEMENT_TIMEOUT_SECONDS) as c:
                 return await op(c)
-        except _LOST as e:
-            raise Unavailable(f"the store's database is unavailable: {e}") from e
+        except _GONE as e:
+            raise _unavailable(e) from e
 
     async def _write(self, op: Callable[[Conn], Awaitable[T]]) -> T:
         """op in one transaction, retried when PostgreSQL aborts it as a deadlock or a
@@ -557,13 +578,18 @@ class PostgresStore:
     async def _transaction(self, op: Callable[[Conn], Awaitable[T]]) -> T:
         for attempt in range(1, _TX_ATTEMPTS + 1):
             try:
-                async with self._pool.acquire() as c, c.transaction():
+                async with (
+                    self._pool.acquire(timeout=STATEMENT_TIMEOUT_SECONDS) as c,
+                    c.transaction(),
+                ):
                     return await op(c)
-            except asyncpg.TransactionRollbackError:
-                if attempt == _TX_ATTEMPTS:
-                    raise
-            except _LOST as e:
-                raise Unavailable(f"the store's database is unavailable: {e}") from e
+            except asyncpg.TransactionRollbackError as e:
+                if attempt == _TX_ATTEMPTS:  # nothing was written: the caller may retry
+                    raise Unavailable(
+                        f"the store's database aborted the write {attempt} times ({e})"
+                    ) from e
+            except _GONE as e:
+                raise _unavailable(e) from e
         raise AssertionError("unreachable")
 
     # --- quotes -------------------------------------------------------------------------
@@ -1910,28 +1936,29 @@ async def open_postgres_store(url: str, pool_size: int = 10) -> PostgresStore:
     such database), RuntimeError when its schema is newer than this build."""
     # min_size=0: the pool connects on demand, so a failed first connection leaves nothing
     # running; the first one is made here, to migrate
-    pool = await asyncpg.create_pool(
-        url,
-        min_size=0,
-        max_size=pool_size,
-        timeout=10,  # seconds to connect
-        server_settings={"application_name": "dispatch-coordinator"},
-    )
+    settings = {"application_name": "dispatch-coordinator", **KEEPALIVES}
+    # the migration on a connection of its own, with no statement timeout (an index built
+    # over a big table may take long); the pool's connections have one
     try:
-        try:
-            conn = await pool.acquire()
-        except _LOST as e:
-            raise Unavailable(f"cannot reach the store's database: {e}") from e
-        except (asyncpg.PostgresError, asyncpg.InterfaceError) as e:  # password, no database
-            raise ValueError(f"the store's database refused the connection: {e}") from e
-        try:
-            await migrate(conn)
-        finally:
-            await pool.release(conn)
-    except BaseException:
-        await pool.close()
-        raise
-    return PostgresStore(pool)
+        conn = await asyncpg.connect(url, timeout=10, server_settings=settings)
+    except _LOST as e:
+        raise Unavailable(f"cannot reach the store's database: {str(e) or type(e).__name__}") from e
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as e:  # password, no database
+        raise ValueError(f"the store's database refused the connection: {e}") from e
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    return PostgresStore(
+        await asyncpg.create_pool(
+            url,
+            min_size=0,  # connects on demand
+            max_size=pool_size,
+            timeout=10,  # seconds to connect
+            command_timeout=STATEMENT_TIMEOUT_SECONDS,
+            server_settings=settings,
+        )
+    )
 
 
 _: type[Store] = PostgresStore  # mypy checks that PostgresStore implements the Store port
