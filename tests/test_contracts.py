@@ -41,6 +41,7 @@ def selector(signature: str) -> str:
 
 # EIP-3009's authorization parameters: from, to, value, validAfter, validBefore, nonce
 EIP3009 = "address,address,uint256,uint256,uint256,bytes32"
+AUTHORIZATION = "address,address,uint256,uint256,uint256,bytes32,bytes"  # BatchSettler's struct
 NEW_FEEDBACK = (
     "NewFeedback(uint256,address,uint64,int128,uint8,string,string,string,string,string,bytes32)"
 )
@@ -95,8 +96,12 @@ FUNCTIONS: dict[str, dict[str, str]] = {
         "anchoredAt(bytes32)": "uint64,address",
     },
     "BatchSettler": {
-        "settle(address,(address,address,uint256,uint256,uint256,bytes32,bytes)[])": "bool[]",
+        f"settle(address,uint256,({AUTHORIZATION})[])": "bool[]",
         "authorizationStates(address,address[],bytes32[])": "bool[]",
+    },
+    "GasBurningWallet": {
+        "isValidSignature(bytes32,bytes)": "bytes4",
+        "plenty()": "uint256",
     },
     "TestUSDC": {
         f"transferWithAuthorization({EIP3009},uint8,bytes32,bytes32)": "",
@@ -143,6 +148,7 @@ EVENTS: dict[str, dict[str, tuple[bool, ...]]] = {
         "Anchored(bytes32,address,uint32,string)": (True, True, False, False),
     },
     "BatchSettler": {},
+    "GasBurningWallet": {},
     "TestUSDC": {
         "AuthorizationUsed(address,bytes32)": (True, True),
         "AuthorizationCanceled(address,bytes32)": (True, True),

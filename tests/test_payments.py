@@ -939,6 +939,61 @@ async def test_payments_due_together_settle_in_one_transaction(
     assert balance(chain, payee(chain)) == before_payee + 7 * PRICE
 
 
+def deploy_gas_burner(deployed: dict[str, Any], usdc_amount: int) -> str:
+    """A GasBurningWallet (contracts/src) holding usdc_amount test USDC; its address."""
+    from dispatchnet.chains.evm.deploy import load_artifact
+
+    artifact = load_artifact("GasBurningWallet")
+    w3 = web3_for(deployed["rpc_url"], 5)
+    funder = w3.eth.account.from_key(deployed["accounts"]["client"]["private_key"])
+
+    def send(call: Any) -> Any:
+        tx = call.build_transaction(
+            {"from": funder.address, "nonce": w3.eth.get_transaction_count(funder.address)}
+        )
+        raw = funder.sign_transaction(tx).raw_transaction
+        receipt = w3.eth.wait_for_transaction_receipt(w3.eth.send_raw_transaction(raw))
+        assert receipt["status"] == 1
+        return receipt
+
+    factory = w3.eth.contract(abi=artifact.abi, bytecode=artifact.bytecode)
+    address = str(send(factory.constructor(10_000_000))["contractAddress"])
+    token = w3.eth.contract(address=usdc(deployed), abi=TOKEN_ABI)
+    send(token.functions.transfer(address, usdc_amount))
+    return address
+
+
+async def test_a_contract_payer_that_burns_gas_holds_up_no_other_settlement(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+) -> None:
+    """A payer that is a contract (ERC-1271) approves its signature while gas is plentiful
+    (verification, simulations) and burns whatever it is given in a real batch: capped per
+    item by the BatchSettler, it fails alone and costs no batch (it made every batch
+    revert: nothing settled, gas spent each pass, the others expired)."""
+    await paid.worker("seeker")
+    burner = deploy_gas_burner(chain, 1_000_000)
+    helper = new_payer(chain, 0)  # signs an authorization whose `from` is then the contract
+    c = paid.client(wallet=helper)
+    quote = await c.quote(ECHO)
+    payload = signed(helper, await required_header(c, quote.quote_id))
+    inner = json.loads(json.dumps(payload.payload))
+    inner["authorization"]["from"] = burner
+    forged = payload.model_copy(update={"payload": inner})
+    bad = await commit_with(c, quote.quote_id, encode_payment_signature_header(forged))
+    honest = []
+    for key in ("one", "two"):
+        wallet = new_payer(chain)
+        job = await paid.client(wallet=wallet).submit(ECHO, key)
+        honest.append((job.job_id, wallet.address))
+    assert (await c.wait(bad.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED
+    for job_id, _ in honest:
+        await payment_status(paid, job_id, "settled")
+    assert [balance(chain, a) for _, a in honest] == [1_000_000 - PRICE] * 2
+    assert paid.db.get_payment(bad.job_id).status.value == "authorized"  # type: ignore[union-attr]
+    assert balance(chain, burner) == 1_000_000
+
+
 async def test_a_paid_commit_does_not_ask_the_node_its_chain_id(
     paid: Cluster,
     chain: dict[str, Any],  # noqa: F811

@@ -35,18 +35,31 @@ contract BatchSettler {
         bytes signature;
     }
 
-    /// @return settled settled[i] is true when auths[i] was transferred by this call.
-    function settle(address token, Authorization[] calldata auths) external returns (bool[] memory settled) {
+    /// @param gasPerItem the most gas one transfer may use. A payer that is a contract
+    /// (ERC-1271) checks the signature in its own code, which could burn all the gas it is
+    /// given: capped, it fails alone (false), in the caller's simulation as on chain, and
+    /// the others still settle.
+    /// @return settled settled[i] is true when auths[i] was transferred by this call; the
+    /// ones after a shortfall of gas are left false (not tried).
+    function settle(address token, uint256 gasPerItem, Authorization[] calldata auths)
+        external
+        returns (bool[] memory settled)
+    {
         settled = new bool[](auths.length);
         for (uint256 i = 0; i < auths.length; i++) {
+            // a call is given at most 63/64 of what is left (EIP-150)
+            if (gasleft() < gasPerItem + gasPerItem / 63 + ITEM_RESERVE) break;
             Authorization calldata a = auths[i];
-            try IEIP3009(token).transferWithAuthorization(
+            try IEIP3009(token).transferWithAuthorization{gas: gasPerItem}(
                 a.from, a.to, a.value, a.validAfter, a.validBefore, a.nonce, a.signature
             ) {
                 settled[i] = true;
             } catch {}
         }
     }
+
+    /// @dev gas kept back for an item's own work around the call (its result, the loop)
+    uint256 private constant ITEM_RESERVE = 10_000;
 
     /// @notice Whether each (authorizer, nonce) is used (or cancelled), in one call.
     function authorizationStates(address token, address[] calldata authorizers, bytes32[] calldata nonces)

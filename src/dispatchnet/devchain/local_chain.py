@@ -73,11 +73,13 @@ def _serves(data: dict[str, Any]) -> bool:
         w3 = web3_for(str(data["rpc_url"]), 2.0)
         if w3.eth.chain_id != int(data["chain_id"]):
             return False
-        # a chain deployed by an older build (no batch settler) is replaced
+        # a chain deployed by an older build (no batch settler, or one without the gas
+        # cap per item this build calls) is replaced
         contracts = data["contracts"]
         anchor = Web3.to_checksum_address(contracts["receipt_anchor"])
         settler = Web3.to_checksum_address(contracts["batch_settler"])
-        return len(w3.eth.get_code(anchor)) > 0 and len(w3.eth.get_code(settler)) > 0
+        current = bytes.fromhex(load_artifact("BatchSettler").deployed_bytecode.removeprefix("0x"))
+        return len(w3.eth.get_code(anchor)) > 0 and bytes(w3.eth.get_code(settler)) == current
     except (*TRANSIENT, KeyError, TypeError, ValueError):
         return False
 

@@ -101,6 +101,7 @@ class X402Gateway:
             self.server.register(r.network, r.server_scheme())
         self._initialized = False
         self._lock = threading.Lock()
+        self._refused_valid: set[str] = set()  # jobs whose "verifies but refused" is logged
 
     def describe(self) -> str:
         return "; ".join(r.describe for r in self.rails.values())
@@ -309,7 +310,15 @@ class X402Gateway:
         if node_down:
             raise Unavailable(f"chain node unreachable while settling: {node_down}")
         if verified.is_valid:
-            log.warning("payment of job %s verifies but the token refused it", payment.job_id)
+            if payment.job_id not in self._refused_valid:  # once: it is tried every pass
+                if len(self._refused_valid) >= 10_000:
+                    self._refused_valid.clear()
+                self._refused_valid.add(payment.job_id)
+                log.warning(
+                    "payment of job %s verifies but the token refused it (kept open, tried "
+                    "again until its authorization expires)",
+                    payment.job_id,
+                )
             return None
         return SettlementRefused(verified.invalid_reason or "settlement_failed")
 

@@ -35,6 +35,7 @@ log = logging.getLogger("dispatch.payments.evm")
 
 # Gas of a BatchSettler.settle beyond its per-payment share (the call and the loop).
 BATCH_BASE_GAS = 30000
+ITEM_OVERHEAD_GAS = 15000  # a batch item's own gas around its transfer (see BatchSettler)
 
 # The ERC-20 and EIP-3009 pieces payments use (any USDC-like token has them).
 TOKEN_ABI: list[dict[str, Any]] = [
@@ -374,6 +375,9 @@ class EvmBatchSettler:
     ) -> None:
         self.sender = sender
         self.per_payment_gas = per_payment_gas
+        # what one transfer may burn inside the batch (the rest of its share is the batch's
+        # own work): a contract payer's signature check cannot take the others' gas
+        self.gas_per_item = max(21000, per_payment_gas - ITEM_OVERHEAD_GAS)
         self.tx_timeout = tx_timeout
         self.address = Web3.to_checksum_address(address)
         # Encoded with eth_abi and sent as bare requests: web3's contract layer normalises
@@ -411,7 +415,7 @@ class EvmBatchSettler:
         retry)."""
         token = asset.lower()
         try:
-            calldata = self._settle.calldata(token, [a.as_abi() for a in auths])
+            calldata = self._settle.calldata(token, self.gas_per_item, [a.as_abi() for a in auths])
             ok = self._settle.result(self._call_data(calldata))
             send = [a for a, good in zip(auths, ok, strict=True) if good]
             refused = frozenset(a.key for a, good in zip(auths, ok, strict=True) if not good)
@@ -421,7 +425,7 @@ class EvmBatchSettler:
             data = (
                 calldata
                 if len(send) == len(auths)
-                else self._settle.calldata(token, [a.as_abi() for a in send])
+                else self._settle.calldata(token, self.gas_per_item, [a.as_abi() for a in send])
             )
             # Not an estimate: the batch catches each transfer's failure, so the node's
             # estimate is the least gas at which the batch *succeeds*, even when every
