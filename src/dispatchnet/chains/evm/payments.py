@@ -34,6 +34,8 @@ from dispatchnet.errors import Unavailable
 log = logging.getLogger("dispatch.payments.evm")
 
 # Gas of a BatchSettler.settle beyond its per-payment share (the call and the loop).
+# How nodes refuse a transaction they hold already (geth and its kind; anvil)
+ALREADY_SENT = ("already known", "already imported")
 BATCH_BASE_GAS = 30000
 ITEM_OVERHEAD_GAS = 15000  # a batch item's own gas around its transfer (see BatchSettler)
 
@@ -308,7 +310,7 @@ class EvmRefunder:
                 if mined is None:
                     log.info("refund %s went stale (nonce taken); signing a new one", tx_hash)
                 return mined
-            if "already known" not in text:
+            if not any(m in text for m in ALREADY_SENT):  # else: the node has it; wait
                 raise Unavailable(f"refund not accepted by the node: {_brief(e)}") from e
         except TRANSIENT as e:
             raise Unavailable(f"chain node unreachable: {_brief(e)}") from e
