@@ -53,7 +53,6 @@ from dispatchnet.client import (
 )
 from dispatchnet.devchain.anvil import _rpc
 from dispatchnet.keys import KeyPair
-from dispatchnet.payments.service import LATE_BLOCK_SECONDS
 from dispatchnet.payments.wallet import Asset, PaymentDeclined, Wallet
 from dispatchnet.profiles import AcceptConfig
 from dispatchnet.worker.tasks import TaskError, TaskOutput
@@ -627,11 +626,11 @@ async def test_a_settlement_that_may_be_in_flight_when_the_job_is_cancelled_is_n
     chain: dict[str, Any],  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A payment came due before its job ran (settle_by: a short authorization) and its
-    settlement was sent, but not recorded (a lost receipt, a crash); then the job is
-    cancelled. The transaction could still land, so the payment is not released while
-    the authorization is valid; after it expired the chain shows it used, so the money
-    that arrived goes back to the payer. (It was released at once, and the payer charged.)"""
+    """A payment came due before its job ran (settle_by: a short authorization) and a
+    settlement was sent but never recorded (the coordinator died); the restarted one sees
+    the job cancelled. Released, the settlement could still land and charge the payer for
+    nothing (it did: released at once, charged, never paid back). It is settled instead,
+    which finds the one sent, and paid back."""
     service = paid.coord.payments
     assert service is not None
     await service.stop()  # passes by hand below, on a clock of our own
@@ -644,20 +643,26 @@ async def test_a_settlement_that_may_be_in_flight_when_the_job_is_cancelled_is_n
     sent = await asyncio.to_thread(service.gateway.settle, p)  # sent, never recorded
     assert (await c.cancel(job.job_id)).state == coordinator_pb2.JOB_STATE_CANCELLED
 
-    monkeypatch.setattr(service, "clock", lambda: p.settle_by + 1)  # due, still valid
-    await service.settle_due()
-    assert paid.db.get_payment(job.job_id).status.value == "authorized"  # type: ignore[union-attr]
-
-    monkeypatch.setattr(service, "clock", lambda: p.valid_before + LATE_BLOCK_SECONDS + 1)
+    # as after a restart once the payment had come due
+    monkeypatch.setattr(service, "started_at", p.settle_by + 1)
+    monkeypatch.setattr(service, "clock", lambda: p.settle_by + 2)
     for _ in range(10):
         await service.settle_due()
         final = paid.db.get_payment(job.job_id)
-        assert final is not None
+        assert final is not None and final.status.value != "released"
         if final.status.value == "refunded":
             break
     assert (final.status.value, final.transaction) == ("refunded", sent)
     assert balances(chain, wallet.address, payee(chain)) == [start_payer, start_payee]
     assert credits(paid) == {}
+
+    # one never due (nothing can have been sent) is released at once
+    other = await c.submit(ECHO, "never due")
+    await c.cancel(other.job_id)
+    monkeypatch.setattr(service, "clock", time.time)
+    monkeypatch.setattr(service, "started_at", time.time())
+    await service.settle_due()
+    assert paid.db.get_payment(other.job_id).status.value == "released"  # type: ignore[union-attr]
 
 
 async def test_the_chain_down_at_commit_is_unavailable_and_during_settlement_waits(

@@ -60,12 +60,6 @@ class SettlementRefused(Exception):
         self.reason = reason
 
 
-# How far past an authorization's valid_before a block may still take it: a block's
-# timestamp can trail this machine's clock (a lagging node, clock drift), so a payment whose
-# settlement may be in flight is released only this long after it expired.
-LATE_BLOCK_SECONDS = 60.0
-
-
 class PaymentGateway(Protocol):
     """The x402 machinery (payments/x402.py). Every method may block, but verify_async:
     the same as verify, awaited on the event loop without blocking it."""
@@ -168,6 +162,10 @@ class PaymentService(OutboxLoop):
         # job_id -> when its payment was first seen due for settlement (batching window)
         self._due_since: dict[str, float] = {}
         self._offers: dict[tuple[int, int], list[Any]] = {}  # (price, timeout) -> offers
+        # payments this process handed to the gateway to settle and not recorded since
+        self._sent: set[str] = set()
+        # a payment due before this process started may have been sent by the one before
+        self.started_at = clock()
         jobs.final_listeners.append(self.job_final)
 
     async def stop(self) -> None:
@@ -328,7 +326,14 @@ class PaymentService(OutboxLoop):
         dropped = job_state in (JobState.FAILED, JobState.CANCELLED)
         if p.status is PaymentStatus.AUTHORIZED:
             if dropped:
-                return await self._release(p, now)
+                if self._maybe_sent(p):
+                    # its settlement may be on its way (sent, then the receipt was lost or
+                    # the process died): released, it could still land and charge the
+                    # payer for nothing. It is settled instead (once: the chain sees to
+                    # that, whichever transaction lands) and paid back (REFUND_DUE).
+                    due.append(p)
+                    return False
+                return await self._update(p, (p.status,), status=PaymentStatus.RELEASED) is not None
             if done or now >= p.settle_by:
                 # (an expired authorization is refused, unless an earlier attempt settled
                 # it after all: settlement finds that on chain)
@@ -349,37 +354,11 @@ class PaymentService(OutboxLoop):
         """How long a payment whose step failed `attempts` times waits before the next."""
         return float(min(self.retry_max, self.retry_initial * 2 ** max(0, attempts - 1)))
 
-    async def _release(self, p: Payment, now: float) -> bool:
-        """The job of an authorized payment ended without completing: nothing is charged.
-        When a settlement of it may have been sent (it came due before, settle_by, or an
-        attempt failed: a lost receipt, a crash after sending), that transaction can still
-        land until the authorization expires, so it is released only after valid_before
-        and once the chain says the authorization is unused; if it was used, the money
-        arrived and goes back (REFUND_DUE)."""
-        if p.attempts == 0 and now < p.settle_by:  # never due: no settlement was sent
-            return await self._update(p, (p.status,), status=PaymentStatus.RELEASED) is not None
-        if p.error and now < p.updated_at + self._retry_delay(p.attempts):
-            return False  # its last look failed: not again before its back-off
-        if now < p.valid_before + LATE_BLOCK_SECONDS:
-            self.wake_at(p.valid_before + LATE_BLOCK_SECONDS)
-            return False
-        used, tx = await asyncio.to_thread(self.gateway.settlement_of, p)
-        if used and tx:
-            log.warning("payment of job %s was settled in %s after all; refunding it", p.job_id,
-                        tx, extra={"job_id": p.job_id})  # fmt: skip
-            moved = await self._update(
-                p, (p.status,), status=PaymentStatus.REFUND_DUE, transaction=tx, error=""
-            )
-            return moved is not None
-        if used:  # used, by no transaction this chain still shows: the operator must look
-            error = (
-                "the authorization is used on chain but its transaction was not found; "
-                "not released (see `dispatch payouts audit`)"
-            )
-            log.warning("payment of job %s: %s", p.job_id, error, extra={"job_id": p.job_id})
-            await self._update(p, (p.status,), error=error, attempts=p.attempts + 1)
-            return False
-        return await self._update(p, (p.status,), status=PaymentStatus.RELEASED) is not None
+    def _maybe_sent(self, p: Payment) -> bool:
+        """Whether a settlement of this authorized payment may have been sent: an attempt
+        failed or left no answer (its receipt lost), this process sent one, or it came due
+        (settle_by) before this process started, so the one before may have."""
+        return p.attempts > 0 or p.job_id in self._sent or p.settle_by <= self.started_at
 
     async def _settle_due(self, due: list[Payment], states: dict[str, JobState]) -> int:
         """Settles the payments due in batches of settle_batch_size: a full batch at once,
@@ -406,6 +385,7 @@ class PaymentService(OutboxLoop):
             if len(chunk) < size and not urgent and now - oldest < self.cfg.settle_max_wait_seconds:
                 self.wake_at(oldest + self.cfg.settle_max_wait_seconds)
                 break
+            self._sent.update(p.job_id for p in chunk)
             try:
                 results = await asyncio.to_thread(self.gateway.settle_batch, chunk)
             except Unavailable as e:
@@ -416,6 +396,7 @@ class PaymentService(OutboxLoop):
             settled = [(p, r) for p in chunk if (r := results.get(p.job_id)) is not None]
             for p, _ in settled:
                 self._due_since.pop(p.job_id, None)
+                self._sent.discard(p.job_id)
             # recorded together: the store commits them in one transaction
             recorded = [self._settled(p, r, states.get(p.job_id)) for p, r in settled]
             changed += sum(await asyncio.gather(*recorded))
@@ -427,6 +408,9 @@ class PaymentService(OutboxLoop):
         """Records one settlement's outcome: the transaction, or a final refusal. job_state:
         the job's state when the pass read it, if final (it cannot have changed since)."""
         if isinstance(result, SettlementRefused):
+            if job_state in (JobState.FAILED, JobState.CANCELLED):  # nothing to charge for
+                await self._update(p, (p.status,), status=PaymentStatus.RELEASED, error="")
+                return 1
             log.warning("settlement of job %s refused: %s (not charged)", p.job_id, result,
                         extra={"job_id": p.job_id})  # fmt: skip
             await self._update(p, (p.status,), status=PaymentStatus.FAILED, error=str(result))
@@ -482,6 +466,8 @@ class PaymentService(OutboxLoop):
     ) -> Payment | None:
         # the money arrived and the job completed: its worker is credited in the same
         # transaction (refunds reverse a credit in the store; see Store.update_payment)
+        if "status" in changes:
+            self._sent.discard(p.job_id)
         settled = changes.get("status") is PaymentStatus.SETTLED
         updated = await self.store.update_payment(
             p.job_id,
