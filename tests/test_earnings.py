@@ -73,9 +73,6 @@ class FakeGateway:
             )
         return out
 
-    def settlement_of(self, payment: Payment) -> tuple[bool, str]:
-        return payment.job_id in self.settled, "0xtx" if payment.job_id in self.settled else ""
-
     def sign_refund(self, payment: Payment) -> tuple[str, str]:
         self.refunds.append(payment.job_id)
         return "raw", "0xrefund"

@@ -322,12 +322,6 @@ class X402Gateway:
             return None
         return SettlementRefused(verified.invalid_reason or "settlement_failed")
 
-    def settlement_of(self, payment: Payment) -> tuple[bool, str]:
-        """Whether the payment's authorization is used on chain, and the transaction that
-        used it ("" if none is found). Unavailable when the node cannot be reached."""
-        self._init()
-        return self.rails[payment.network].settlement_of(payment)
-
     def sign_refund(self, payment: Payment) -> tuple[str, str]:
         return self.rails[payment.network].sign_refund(payment)
 
