@@ -161,7 +161,7 @@ async def test_coordinators_on_one_store_recover_and_requeue_only_their_own(
     # w1 fails over to B and resumes there; A then notices its stream gone
     resumed = await b.resume(on_a.job_id, 1, "w1")
     assert resumed is not None and resumed.coordinator_id == "B"
-    assert await a.worker_lost("w1", "stream_closed") == []
+    assert await a.worker_lost("w1", {on_a.job_id: 1}, "stream_closed") == []
     kept = await store_a.get_job(on_a.job_id)
     assert kept is not None and kept.state is JobState.RUNNING and kept.worker_id == "w1"
     # A is gone for good with w3's job: B takes it back once its lease lapses, once

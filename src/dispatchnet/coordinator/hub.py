@@ -439,15 +439,7 @@ class WorkerHub:
             # start holds them for a while (JobService.recover), as after a crash
             log.info("worker %s… gone (coordinator stopping)", session.worker_id[:12])
             return
-        for job_id, attempt in held.items():
-            job = await self.store.get_job(job_id)
-            if (
-                job is not None
-                and job.worker_id == session.worker_id
-                and job.attempts == attempt
-                and self.jobs.holds(job)  # not resumed at another coordinator meanwhile
-            ):
-                await self.jobs.requeue(job, f"worker_{reason}", tell_worker=False)
+        await self.jobs.worker_lost(session.worker_id, held, f"worker_{reason}")
         log.info("worker %s… gone (%s)", session.worker_id[:12], reason)
 
     def unregister_soon(self, session: WorkerSession, reason: str) -> None:

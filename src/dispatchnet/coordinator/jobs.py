@@ -1100,12 +1100,16 @@ class JobService:
                 self.listener.job_queued(moved)
         return moved
 
-    async def worker_lost(self, worker_id: str, reason: str) -> list[Job]:
-        """Requeues every job the worker holds through this coordinator (stream dropped,
-        evicted); a job it resumed through another coordinator meanwhile is that one's."""
+    async def worker_lost(self, worker_id: str, held: dict[str, int], reason: str) -> list[Job]:
+        """Requeues the attempts (job id -> attempt) a lost session of the worker held
+        (stream dropped, evicted), where the worker still holds them through this
+        coordinator: a job it resumed through another coordinator meanwhile is that one's."""
         out = []
-        for job in await self.store.active_jobs(worker_id):
-            if not self.holds(job):
+        for job_id, attempt in held.items():
+            job = await self.store.get_job(job_id)
+            if job is None or (job.worker_id, job.attempts) != (worker_id, attempt):
+                continue
+            if not self._holds(job):
                 continue
             moved = await self.requeue(job, reason, tell_worker=False)
             if moved is not None:
@@ -1188,7 +1192,7 @@ class JobService:
         grace_until = self.clock() + self.cfg.restart_grace_seconds
         held = 0
         for job in await self.store.active_jobs():
-            if not self.holds(job):
+            if not self._holds(job):
                 continue
             moved = await self._move(
                 job, (job.state,), job.attempts, job.state, RESTARTED, lease_expires_at=grace_until
@@ -1412,7 +1416,7 @@ class JobService:
             raise PermissionDenied(f"job {quoted(job_id)} belongs to another client")
         return job
 
-    def holds(self, job: Job) -> bool:
+    def _holds(self, job: Job) -> bool:
         """Whether this coordinator's worker holds the job (no owner: stored before
         coordinators recorded theirs, when one coordinator had the store): a job its
         worker resumed through another coordinator is that one's to requeue."""
