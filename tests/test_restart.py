@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -189,6 +189,52 @@ async def test_another_coordinator_frees_a_restart_hold_without_costing_an_attem
     assert after is not None and after.state is JobState.QUEUED
     assert (after.attempts, after.max_attempts) == (1, 2)
     assert (await reasons(store_b, job.job_id))[-1] == "coordinator_restarted"
+
+
+class ResumedOnRead:
+    """The store, where the next get_job runs `meanwhile` after its read and before its
+    answer: a worker resuming its job between a coordinator's read and its write."""
+
+    def __init__(self, store: Store, meanwhile: Callable[[], Awaitable[object]]) -> None:
+        self._store = store
+        self._meanwhile: Callable[[], Awaitable[object]] | None = meanwhile
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def get_job(self, job_id: str) -> Job | None:
+        job = await self._store.get_job(job_id)
+        if self._meanwhile is not None:
+            meanwhile, self._meanwhile = self._meanwhile, None
+            await meanwhile()
+        return job
+
+
+async def test_a_requeue_leaves_a_job_resumed_between_its_read_and_its_write(
+    store_factory: StoreFactory,
+) -> None:
+    """A's lost stream and B's sweep each read a job, and its worker resumes it (through
+    B) before they write: the requeue is a compare-and-set on the job as read (who holds
+    it, its lease), so the resumed job runs on; it used to be taken back and run twice."""
+    store_a, store_b, clock = await store_factory.open(), await store_factory.open(), Clock()
+    a, b = await start(store_a, clock, "A"), await start(store_b, clock, "B")
+    job = await running(a, "k1", "w1")
+    a.store = ResumedOnRead(store_a, lambda: b.resume(job.job_id, 1, "w1"))  # type: ignore[assignment]
+    assert await a.worker_lost("w1", {job.job_id: 1}, "stream_closed") == []
+    kept = await store_b.get_job(job.job_id)
+    assert kept is not None and (kept.state, kept.coordinator_id) == (JobState.RUNNING, "B")
+    assert (await reasons(store_b, job.job_id))[-1] == "resumed"
+
+    # A is gone with w3's job; B's sweep finds its lease lapsed, and w3 resumes (through
+    # B) just after the sweep read it again
+    gone = await running(b, "k2", "w3")
+    clock.now += JobsConfig().time_limit_seconds + 1
+    b.store = ResumedOnRead(store_b, lambda: b.resume(gone.job_id, 1, "w3"))  # type: ignore[assignment]
+    await b.sweep()
+    after = await store_b.get_job(gone.job_id)
+    assert after is not None and after.state is JobState.RUNNING
+    assert after.lease_expires_at > clock.now
+    assert "time_limit_exceeded" not in await reasons(store_b, gone.job_id)
 
 
 def sleep_spec(ms: int) -> bytes:

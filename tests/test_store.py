@@ -17,6 +17,7 @@ import pytest
 from conftest import StoreFactory
 
 from dispatchnet.coordinator.models import (
+    ACTIVE_STATES,
     AGREED,
     DISAGREED,
     VERIFY_REDUNDANT,
@@ -399,6 +400,54 @@ async def test_transition_is_compare_and_set(store: Store) -> None:
     assert await store.offered_at(job.job_id, "w1", 1) == 102.0
     assert await store.offered_at(job.job_id, "w2", 1) is None
     assert await store.active_jobs("w1") == [moved] and await store.active_jobs() == [moved]
+
+
+async def test_transition_checks_the_expected_fields_as_stored(store: Store) -> None:
+    """expect: fields the job must still have as stored (a requeue of a job read a while
+    ago, which another coordinator may have taken over since), with a prior move too."""
+    job, _ = await store.create_job(make_job("job_1"), queued("job_1"))
+    moved = await offer(store, job)
+    assert moved is not None and moved.coordinator_id == "" and moved.lease_expires_at == 0.0
+    resumed = await store.transition(
+        "job_1", (JobState.OFFERED,), 1,
+        {"state": JobState.RUNNING, "coordinator_id": "c2", "lease_expires_at": 500.0},
+        Event("job_1", EventKind.STATE, JobState.RUNNING, 103.0, reason="resumed"),
+    )  # fmt: skip
+    assert resumed is not None
+
+    def requeue(at: float) -> Event:
+        return Event("job_1", EventKind.STATE, JobState.QUEUED, at, reason="requeued")
+
+    as_read = {"coordinator_id": "", "lease_expires_at": 0.0}  # before the resume
+    back = {"state": JobState.QUEUED, "lease_expires_at": 0.0}
+    assert (
+        await store.transition("job_1", ACTIVE_STATES, 1, back, requeue(104.0), expect=as_read)
+        is None
+    )
+    assert (
+        await store.transition(
+            "job_1", ACTIVE_STATES, 1, back, requeue(104.0), expect={"coordinator_id": "c1"}
+        )
+        is None
+    )
+    # with a prior move, whether merged into one statement or not, the expectation is on
+    # the job as stored before both
+    done = Event("job_1", EventKind.STATE, JobState.COMPLETED, 105.0, reason="completed")
+    for prior_from in ((JobState.RUNNING,), (JobState.OFFERED, JobState.RUNNING)):
+        prior = PriorMove(
+            prior_from, 1, {"state": JobState.RUNNING, "lease_expires_at": 600.0},
+            Event("job_1", EventKind.STATE, JobState.RUNNING, 104.5, reason="again"),
+        )  # fmt: skip
+        for attempt in (1, None):
+            assert await store.transition(
+                "job_1", (JobState.RUNNING,), attempt, {"state": JobState.COMPLETED}, done,
+                prior=prior, expect=as_read,
+            ) is None  # fmt: skip
+    assert await store.get_job("job_1") == resumed
+    now = {"coordinator_id": "c2", "lease_expires_at": 500.0}
+    moved = await store.transition("job_1", ACTIVE_STATES, 1, back, requeue(106.0), expect=now)
+    assert moved is not None and moved.state is JobState.QUEUED
+    assert moved.last_sequence == resumed.last_sequence + 1
 
 
 async def test_transition_without_event_keeps_the_sequence(store: Store) -> None:

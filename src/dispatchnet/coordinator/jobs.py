@@ -1039,11 +1039,14 @@ class JobService:
         tell_worker: bool,
         costs_attempt: bool = True,
         outcome: tuple[str, bool] | None = None,
+        expect: dict[str, object] | None = None,
     ) -> Job | None:
         """Takes an active job back from its worker: QUEUED again, or FAILED past max
         attempts. costs_attempt=False (the attempt was cut short by a coordinator
         restart): always QUEUED, with one more attempt allowed. outcome: the worker's
-        failure to count with the move (see Store.transition)."""
+        failure to count with the move (see Store.transition). expect: fields of the job
+        as stored that must not have changed since it was read (see Store.transition):
+        None when the caller knows it holds the job."""
         if not costs_attempt:
             moved = await self._move(
                 job,
@@ -1054,6 +1057,7 @@ class JobService:
                 queued_at=self.clock(),
                 lease_expires_at=0.0,
                 outcome=outcome,
+                expect=expect,
                 max_attempts=job.max_attempts + 1,
             )
         elif job.attempts >= job.max_attempts:
@@ -1077,6 +1081,7 @@ class JobService:
                 failure=failure,
                 lease_expires_at=0.0,
                 outcome=outcome,
+                expect=expect,
                 feedback=feedback,
             )
             if moved is not None and feedback is not None:
@@ -1093,6 +1098,7 @@ class JobService:
                 queued_at=self.clock(),
                 lease_expires_at=0.0,
                 outcome=outcome,
+                expect=expect,
             )
         if moved is not None:
             self._release(moved, job.worker_id, job.attempts, reason, tell_worker)
@@ -1111,7 +1117,10 @@ class JobService:
                 continue
             if not self._holds(job):
                 continue
-            moved = await self.requeue(job, reason, tell_worker=False)
+            # still this coordinator's when written: a resume through another one between
+            # the read and the write (it takes the job over) is not undone
+            owner: dict[str, object] = {"coordinator_id": job.coordinator_id}
+            moved = await self.requeue(job, reason, tell_worker=False, expect=owner)
             if moved is not None:
                 out.append(moved)
         return out
@@ -1146,14 +1155,22 @@ class JobService:
                 or job.lease_expires_at > now
             ):
                 continue
+            # and when written: a resume (any coordinator's) or an accept between this
+            # read and the write gives the job a new lease, and it is not taken back
+            lapsed_as_read: dict[str, object] = {
+                "coordinator_id": job.coordinator_id,
+                "lease_expires_at": job.lease_expires_at,
+            }
             if await self._held_since_restart(job):
                 # its worker did not come back within the restart grace
-                await self.requeue(job, RESTARTED, tell_worker=True, costs_attempt=False)
+                await self.requeue(
+                    job, RESTARTED, tell_worker=True, costs_attempt=False, expect=lapsed_as_read
+                )
                 continue
             reason = (
                 "offer_lease_expired" if job.state is JobState.OFFERED else "time_limit_exceeded"
             )
-            await self.requeue(job, reason, tell_worker=True)
+            await self.requeue(job, reason, tell_worker=True, expect=lapsed_as_read)
         timeout = self.cfg.queue_timeout_seconds
         # a spot check waits for its checker a shorter time than a job waits for a worker:
         # one read of the queue with the shorter cutoff serves both
@@ -1462,10 +1479,12 @@ class JobService:
         feedback: FeedbackEntry | None = None,
         outcome: tuple[str, bool] | None = None,
         write: Callable[[dict[str, object], Event], Awaitable[Job | None]] | None = None,
+        expect: dict[str, object] | None = None,
         **changes: object,
     ) -> Job | None:
         """(write: the store write of the move, when it is more than a transition: it is
-        given the changes, with state and updated_at, and the event.)"""
+        given the changes, with state and updated_at, and the event. expect: see
+        Store.transition; not with write.)"""
         await self.flush_progress(job.job_id)  # progress first: stored sequences stay in order
         await self._accept_written(job.job_id)
         prior: PriorMove | None = None
@@ -1486,7 +1505,7 @@ class JobService:
         with carrying:
             return await self._move_now(
                 job, from_states, attempt, to, reason, feedback, outcome, write, offered, prior,
-                changes,
+                changes, expect,
             )  # fmt: skip
 
     async def _move_now(
@@ -1502,6 +1521,7 @@ class JobService:
         offered: Job | None,
         prior: PriorMove | None,
         changes: dict[str, object],
+        expect: dict[str, object] | None = None,
     ) -> Job | None:
         """_move's write (prior: the job's pending accept, written first; offered: the
         job as it was offered)."""
@@ -1523,8 +1543,9 @@ class JobService:
             moved = await write(changes, event)
         else:
             moved = await self.store.transition(
-                job.job_id, from_states, attempt, changes, event, feedback, outcome, prior=prior
-            )
+                job.job_id, from_states, attempt, changes, event, feedback, outcome, prior=prior,
+                expect=expect,
+            )  # fmt: skip
         if prior is not None and offered is not None:
             if moved is None:
                 await self._accept_lost(job.job_id, offered)

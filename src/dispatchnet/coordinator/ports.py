@@ -320,9 +320,11 @@ class JobRepository(Protocol):
         feedback: FeedbackEntry | None = None,
         outcome: tuple[str, bool] | None = None,
         prior: PriorMove | None = None,
+        expect: dict[str, Any] | None = None,
     ) -> Job | None:
         """Applies changes (Job field names; KeyError for another name) if the job is in
-        one of from_states (and at attempt, when given), appending event, adding
+        one of from_states (and at attempt, when given, and with the fields of `expect`
+        equal to its values, as the job is stored before this write), appending event, adding
         `feedback` to the feedback outbox (at most one entry per job) and counting
         `outcome` (worker_id, success) in the worker's completed/failed totals and in its
         tally of the event's UTC day (worker_days), all in the

@@ -839,12 +839,16 @@ class PostgresStore:
         feedback: FeedbackEntry | None = None,
         outcome: tuple[str, bool] | None = None,
         prior: PriorMove | None = None,
+        expect: dict[str, Any] | None = None,
     ) -> Job | None:
-        op = self._transition(job_id, from_states, attempt, changes, event, feedback, outcome)
+        op = self._transition(
+            job_id, from_states, attempt, changes, event, feedback, outcome,
+            expect=None if prior is not None else expect,
+        )  # fmt: skip
         if prior is None:
             return await self._write(op)
         first = self._transition(
-            job_id, prior.from_states, prior.attempt, prior.changes, prior.event
+            job_id, prior.from_states, prior.attempt, prior.changes, prior.event, expect=expect
         )
 
         async def both(c: Conn) -> Job | None:
@@ -869,6 +873,7 @@ class PostgresStore:
         event: Event | None,
         feedback: FeedbackEntry | None = None,
         outcome: tuple[str, bool] | None = None,
+        expect: dict[str, Any] | None = None,
     ) -> Callable[[Conn], Awaitable[Job | None]]:
         """transition's work, to run in a transaction (alone or with more writes)."""
         values = changes_row(changes)
@@ -883,6 +888,9 @@ class PostgresStore:
         if attempt is not None:
             where += f" AND attempts=${n + 3}"
             params.append(attempt)
+        for k, v in changes_row(expect or {}).items():
+            params.append(v)
+            where += f" AND {k} IS NOT DISTINCT FROM ${len(params)}"
         update = f"UPDATE jobs SET {','.join(sets)} WHERE {where} RETURNING *"
 
         async def op(c: Conn) -> Job | None:

@@ -978,6 +978,7 @@ class SqliteStore:
         outcome: tuple[str, bool] | None = None,
         then: Callable[[], None] | None = None,
         prior: PriorMove | None = None,
+        expect: dict[str, Any] | None = None,
     ) -> Job | None:
         """(then: more writes of the same transaction, run after the compare-and-set
         held; what they raise rolls it all back.)"""
@@ -988,19 +989,27 @@ class SqliteStore:
                     # transition's holds after it), their changes the two in order
                     r = self._cas(
                         job_id, prior.from_states, prior.attempt, {**prior.changes, **changes},
-                        event, prior.event,
+                        event, prior.event, expect,
                     )  # fmt: skip
                     if r is None:
                         return None
                 else:
                     if prior is not None and (
                         self._cas(
-                            job_id, prior.from_states, prior.attempt, prior.changes, prior.event
+                            job_id,
+                            prior.from_states,
+                            prior.attempt,
+                            prior.changes,
+                            prior.event,
+                            expect=expect,
                         )
                         is None
                     ):
                         return None
-                    r = self._cas(job_id, from_states, attempt, changes, event)
+                    r = self._cas(
+                        job_id, from_states, attempt, changes, event,
+                        expect=None if prior is not None else expect,
+                    )  # fmt: skip
                     if r is None:
                         if prior is not None:
                             raise _Undo  # the prior move alone is not kept
@@ -1024,10 +1033,12 @@ class SqliteStore:
         changes: dict[str, Any],
         event: Event | None,
         earlier: Event | None = None,
+        expect: dict[str, Any] | None = None,
     ) -> sqlite3.Row | None:
         """A transition's compare-and-set and its event, inside a transaction: the job's
         new row, or None when the condition did not hold. earlier: an event to record
-        before it (a prior move's, merged into this one; see _mergeable)."""
+        before it (a prior move's, merged into this one; see _mergeable). expect: more
+        fields the condition checks (equal, NULL to NULL)."""
         values = changes_row(changes)
         sets = [f"{k}=?" for k in values]
         added = (event is not None) + (earlier is not None)
@@ -1042,6 +1053,10 @@ class SqliteStore:
         params = (*values.values(), job_id, *(int(st) for st in from_states))
         if attempt is not None:
             params += (attempt,)
+        if expect:
+            expected = changes_row(expect)
+            where += "".join(f" AND {k} IS ?" for k in expected)
+            params += tuple(expected.values())
         # the compare-and-set and the new row in one statement: nothing is read back
         rows = self._conn.execute(
             f"UPDATE jobs SET {','.join(sets)} WHERE {where} RETURNING *", params

@@ -511,10 +511,12 @@ class ThreadedStore:
         feedback: FeedbackEntry | None = None,
         outcome: tuple[str, bool] | None = None,
         prior: PriorMove | None = None,
+        expect: dict[str, Any] | None = None,
     ) -> Job | None:
         return await self._write_call(
             SqliteStore.transition,
             job_id, from_states, attempt, changes, event, feedback, outcome, prior=prior,
+            expect=expect,
         )  # fmt: skip
 
     async def append_progress(self, events: Sequence[Event]) -> bool:
