@@ -55,6 +55,7 @@ from dispatchnet.devchain.anvil import _rpc
 from dispatchnet.keys import KeyPair
 from dispatchnet.payments.wallet import Asset, PaymentDeclined, Wallet
 from dispatchnet.profiles import AcceptConfig
+from dispatchnet.store.sqlite import SqliteStore
 from dispatchnet.worker.tasks import TaskError, TaskOutput
 
 NETWORK = "eip155:31337"
@@ -663,6 +664,63 @@ async def test_a_settlement_that_may_be_in_flight_when_the_job_is_cancelled_is_n
     monkeypatch.setattr(service, "started_at", time.time())
     await service.settle_due()
     assert paid.db.get_payment(other.job_id).status.value == "released"  # type: ignore[union-attr]
+
+
+class _Died(BaseException):
+    """The coordinator process ending at that point (nothing after it runs)."""
+
+
+async def test_a_payment_settled_before_its_job_ends_is_marked_before_the_settlement_goes(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A payment due before its job ran is marked in the store (an attempt) before its
+    settlement goes out. The coordinator died with it out; the one that takes over (here
+    the same service with what it kept in memory gone, as another coordinator on a shared
+    store has it: it started before the payment came due) sees the job cancelled and
+    settles and pays back, where it used to release a payment the chain then charged."""
+    service = paid.coord.payments
+    assert service is not None
+    await service.stop()  # passes by hand below, on a clock of our own
+    wallet = new_payer(chain)
+    start_payer, start_payee = balances(chain, wallet.address, payee(chain))
+    c = paid.client(wallet=wallet)
+    job = await c.submit(ECHO)  # no worker: the job waits
+    p = paid.db.get_payment(job.job_id)
+    assert p is not None and p.attempts == 0 and service.started_at < p.settle_by
+    path = paid.coord.store.path
+    marked_when_sent: list[int] = []
+    settle_batch = service.gateway.settle_batch
+
+    def dies_once_sent(chunk: list[Any]) -> Any:
+        reader = SqliteStore(path, read_only=True)  # this thread's own connection
+        try:
+            marked_when_sent.extend(reader.get_payment(q.job_id).attempts for q in chunk)  # type: ignore[union-attr]
+        finally:
+            reader.close()
+        settle_batch(chunk)
+        raise _Died
+
+    monkeypatch.setattr(service.gateway, "settle_batch", dies_once_sent)
+    monkeypatch.setattr(service, "clock", lambda: p.settle_by + 2)
+    with pytest.raises(_Died):
+        await service.settle_due()
+    assert marked_when_sent == [1]
+    assert balance(chain, wallet.address) == start_payer - PRICE  # it landed
+    monkeypatch.setattr(service.gateway, "settle_batch", settle_batch)
+
+    service._sent.clear()  # what the next coordinator knows: the store
+    assert (await c.cancel(job.job_id)).state == coordinator_pb2.JOB_STATE_CANCELLED
+    for _ in range(10):
+        await service.settle_due()
+        final = paid.db.get_payment(job.job_id)
+        assert final is not None and final.status.value != "released"
+        if final.status.value == "refunded":
+            break
+    assert final.status.value == "refunded"
+    assert balances(chain, wallet.address, payee(chain)) == [start_payer, start_payee]
+    assert credits(paid) == {}
 
 
 async def test_the_chain_down_at_commit_is_unavailable_and_during_settlement_waits(

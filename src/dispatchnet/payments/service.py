@@ -381,6 +381,9 @@ class PaymentService(OutboxLoop):
             if len(chunk) < size and not urgent and now - oldest < self.cfg.settle_max_wait_seconds:
                 self.wake_at(oldest + self.cfg.settle_max_wait_seconds)
                 break
+            chunk = await self._mark_early(chunk, states)
+            if not chunk:
+                continue
             self._sent.update(p.job_id for p in chunk)
             try:
                 results = await asyncio.to_thread(self.gateway.settle_batch, chunk)
@@ -397,6 +400,25 @@ class PaymentService(OutboxLoop):
             recorded = [self._settled(p, r, states.get(p.job_id)) for p, r in settled]
             changed += sum(await asyncio.gather(*recorded))
         return changed
+
+    async def _mark_early(self, chunk: list[Payment], states: dict[str, JobState]) -> list[Payment]:
+        """chunk, with the payments settled before their jobs completed (settle_by came)
+        marked in the store first as maybe sent (an attempt), unless they are already: if
+        this process dies while the settlement is out and the job is then cancelled, the
+        coordinator that takes the payment over (after a restart, or another one on a
+        shared store) settles and pays back instead of releasing a payment whose
+        settlement may still land (see _maybe_sent). Marked together: one transaction.
+        A payment that changed meanwhile is left out of this batch."""
+        early = [
+            p for p in chunk if p.attempts == 0 and states.get(p.job_id) is not JobState.COMPLETED
+        ]
+        if not early:
+            return chunk
+        marked = await asyncio.gather(
+            *(self._update(p, (p.status,), attempts=p.attempts + 1) for p in early)
+        )
+        lost = {p.job_id for p, m in zip(early, marked, strict=True) if m is None}
+        return [p for p in chunk if p.job_id not in lost]
 
     async def _settled(
         self, p: Payment, result: str | SettlementRefused, job_state: JobState | None = None
