@@ -121,6 +121,13 @@ REFUSED = [
     (("auth", "header", "--ttl", "0"), "--ttl"),
     (("auth", "header", "--ttl", "-60"), "--ttl"),
     (("auth", "header", "--ttl", "999999999"), "--ttl"),
+    (("chain", "reputation", "-1"), "agent_id"),
+    (("chain", "reputation", str(2**256)), "agent_id"),
+    (("bench", "--seconds", "0"), "--seconds"),
+    (("bench", "--seconds", "nan"), "--seconds"),
+    (("bench", "--submitters", "0"), "--submitters"),
+    (("bench", "--seekers", "50"), "--seekers"),
+    (("bench", "--most-seekers", "1000001"), "--most-seekers"),
 ]
 
 

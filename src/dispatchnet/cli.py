@@ -989,8 +989,6 @@ async def cmd_chain_reputation(args: argparse.Namespace) -> int:
     from dispatchnet.errors import Unavailable
     from dispatchnet.reputation.erc8004 import explain
 
-    if not 0 <= args.agent_id < 2**256:
-        raise CliError(f"agent id {args.agent_id} is not a uint256")
     profile = load_profile(args.profile)
     evm = registry.identity_profile(profile) or profile  # where the reputation registry is
     r = profile.reputation
@@ -1179,6 +1177,10 @@ async def cmd_keys_show(args: argparse.Namespace) -> int:
 async def cmd_bench(args: argparse.Namespace) -> int:
     from dispatchnet.bench import run_bench
 
+    if args.most_seekers < args.seekers:
+        raise CliError(
+            f"--most-seekers ({args.most_seekers}) must be at least --seekers ({args.seekers})"
+        )
     return await run_bench(
         seconds=args.seconds, many=args.submitters, scale=args.seekers, most=args.most_seekers
     )
@@ -1198,6 +1200,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------------
 
 N = TypeVar("N", int, float)
+SCALE_BASE_SEEKERS = 50  # bench.SCALE_BASE (not imported here: the bench module is heavy)
+MOST_BENCH_SEEKERS = 100_000
 
 
 def bounded(kind: Callable[[str], N], low: N, high: N | None = None) -> Callable[[str], N]:
@@ -1608,7 +1612,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reputation",
         help="an agent's score from its trusted reviewers' feedback, with its parts",
     )
-    cr.add_argument("agent_id", type=int)
+    cr.add_argument("agent_id", type=bounded(int, 0, 2**256 - 1), help="a uint256")
     cr.add_argument(
         "--reviewer", action="append", help="also trust this reviewer address (repeatable)"
     )
@@ -1734,22 +1738,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure jobs against a raw gRPC baseline, unpaid and paid (x402), and 1 vs 2 "
         "coordinators on PostgreSQL",
     )
-    b.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
+    b.add_argument(
+        "--seconds",
+        type=bounded(float, 0.1, 3600.0),
+        default=5.0,
+        help="length of each measurement",
+    )
     b.add_argument(
         "--submitters",
-        type=int,
+        type=bounded(int, 1, 10000),
         default=64,
         help="concurrent submitters of the throughput runs (unpaid, cluster)",
     )
     b.add_argument(
         "--seekers",
-        type=int,
+        type=bounded(int, SCALE_BASE_SEEKERS + 1, MOST_BENCH_SEEKERS),
         default=5000,
-        help="connected seekers of the scale section (compared with 50)",
+        help=f"connected seekers of the scale section (compared with {SCALE_BASE_SEEKERS})",
     )
     b.add_argument(
         "--most-seekers",
-        type=int,
+        type=bounded(int, SCALE_BASE_SEEKERS + 1, MOST_BENCH_SEEKERS),
         default=10000,
         help="the most connected seekers of the scale section: the coordinator's memory "
         "and idle CPU with them (several `dispatch seekers` processes, 1,000 each)",
