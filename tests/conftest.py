@@ -269,6 +269,7 @@ class RawWorker:
         models: tuple[str, ...] = (),
         public_key: bytes | None = None,
         batched_acks: bool = False,
+        running: tuple[tuple[str, int], ...] = (),
     ) -> None:
         self.send(
             hello=worker_pb2.Hello(
@@ -278,6 +279,7 @@ class RawWorker:
                     tasks=tasks, llm_models=models, max_concurrency=1
                 ),
                 batched_acks=batched_acks,
+                running=[worker_pb2.RunningJob(job_id=j, attempt=a) for j, a in running],
             )
         )
 

@@ -15,6 +15,7 @@ from conftest import Cluster, RawWorker, make_profile, wait_until
 from dispatch.v1 import common_pb2, coordinator_pb2, receipt_pb2, worker_pb2
 from dispatchnet.client import task_spec
 from dispatchnet.errors import InvalidArgument, Unavailable
+from dispatchnet.keys import KeyPair
 from dispatchnet.protocol import MAX_PROGRESS_CHARS_PER_ATTEMPT, MAX_PROGRESS_TEXT_CHARS
 from dispatchnet.receipts.core import RECEIPT_VERSION, serialize_body, sha256, sign_body
 from dispatchnet.server import start_coordinator
@@ -285,6 +286,46 @@ async def test_a_worker_that_rejected_an_offer_cannot_deliver_it_later(
     assert done.worker_id == second.key.public_hex
     first.close()
     second.close()
+
+
+async def test_a_revoked_worker_cannot_take_a_requeued_private_job_back(
+    cluster: Cluster, channel: grpc.aio.Channel
+) -> None:
+    """A PRIVATE job went back to the queue when its worker's stream dropped; the client
+    then revoked the pairing. The worker reconnects listing the job as still running:
+    it is not resumed there (back in the queue it is a new assignment, and the pairing is
+    checked as matching checks it), and its result is refused; it used to take the job
+    back and complete it."""
+    client, key = cluster.client(), KeyPair.generate()
+    pairing = await cluster.client(key).claim_pairing((await client.create_pairing_code()).code)
+    first = RawWorker(channel, key)
+    await first.handshake()
+    job = await client.submit(task_spec("echo", b"secret", private=True))
+    offer = (await first.recv()).offer
+    assert offer.job_id == job.job_id
+    first.send(
+        offer_response=worker_pb2.OfferResponse(
+            job_id=job.job_id, attempt=offer.attempt, accept=True
+        )
+    )
+
+    async def state_is(state: int) -> bool:
+        return (await client.get(job.job_id)).state == state
+
+    await wait_until(lambda: state_is(coordinator_pb2.JOB_STATE_RUNNING), what="running")
+    first.close()
+    await wait_until(lambda: state_is(coordinator_pb2.JOB_STATE_QUEUED), what="requeued")
+    await client.revoke_pairing(pairing.pairing_id)
+
+    again = RawWorker(channel, key)
+    await again.handshake(running=((job.job_id, offer.attempt),))
+    now = time.time()
+    again.send(completed=_receipt(again, offer, cluster.coord.hub.public_key, b"secret", now, now))
+    ack = (await again.recv()).result_ack
+    assert not ack.accepted and "no longer paired" in ack.reason, ack
+    after = await client.get(job.job_id)
+    assert after.state == coordinator_pb2.JOB_STATE_QUEUED and after.attempts == 1
+    again.close()
 
 
 async def test_made_up_job_ids_leave_nothing_behind(

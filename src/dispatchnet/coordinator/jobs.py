@@ -761,6 +761,8 @@ class JobService:
         job = await self._held(job_id, attempt, worker_id, states)
         if job is None:
             return None
+        if job.state is JobState.QUEUED and not await self._may_take(job, worker_id):
+            return None  # back in the queue, it is a new assignment: the pairing is checked
         return await self._move(
             job,
             states,
@@ -940,6 +942,8 @@ class JobService:
             offered_at = await self.store.offered_at(job_id, worker_id, attempt)
         if job is None or job.state.final or offered_at is None:
             return False, "stale: this worker holds no open attempt of the job"
+        if late and not await self._may_take(job, worker_id):
+            return False, "stale: the job's client is no longer paired with this worker"
         try:
             receipt = self.notary.countersign(
                 job,
@@ -1432,6 +1436,14 @@ class JobService:
         if job is not None and job.client_id != client_id:
             raise PermissionDenied(f"job {quoted(job_id)} belongs to another client")
         return job
+
+    async def _may_take(self, job: Job, worker_id: str) -> bool:
+        """Whether worker_id may take job over now (a resume of a requeued job, a late
+        result): as matching allows, a PRIVATE job only while its client is paired with
+        the worker (a revoked pairing stops new jobs)."""
+        if job.spec.privacy is not Privacy.PRIVATE:
+            return True
+        return worker_id in await self.store.paired_workers(job.client_id)
 
     def _holds(self, job: Job) -> bool:
         """Whether this coordinator's worker holds the job (no owner: stored before
