@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import Cluster, rpc_code
+from conftest import Cluster, make_profile, rpc_code
 
 from dispatch.v1 import coordinator_pb2, trust_pb2, trust_pb2_grpc
 from dispatchnet.client import CoordinatorClient, task_spec
@@ -227,6 +227,28 @@ async def test_revoke_rules(cluster: Cluster) -> None:
 
     assert (await _code(client.revoke_pairing("pair_nope")))[0] == grpc.StatusCode.NOT_FOUND
     assert (await _code(client.revoke_pairing("")))[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    "profile", [make_profile(pairing={"max_live_codes": 2, "max_pairings": 2})]
+)
+async def test_codes_and_pairings_per_key_are_bounded(cluster: Cluster) -> None:
+    """One key cannot grow the database without bound: its live codes and the pairings
+    it keeps are limited ([pairing] max_live_codes, max_pairings); a revoked pairing makes
+    room, the oldest revoked being forgotten."""
+    client = cluster.client()
+    codes = [(await client.create_pairing_code()).code for _ in range(2)]
+    code, msg = await _code(client.create_pairing_code())
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_live_codes" in msg, msg
+    workers = [cluster.client(KeyPair.generate()) for _ in range(3)]
+    first = await workers[0].claim_pairing(codes[0])  # a claimed code no longer counts
+    await workers[1].claim_pairing(codes[1])
+    code, msg = await _code(workers[2].claim_pairing((await client.create_pairing_code()).code))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "client has 2 active" in msg, msg
+    await client.revoke_pairing(first.pairing_id)
+    await workers[2].claim_pairing((await client.create_pairing_code()).code)
+    listed = await client.list_pairings(include_revoked=True)
+    assert len(listed) == 2 and first.pairing_id not in {p.pairing_id for p in listed}
 
 
 @pytest.mark.parametrize(

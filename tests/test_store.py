@@ -48,7 +48,13 @@ from dispatchnet.coordinator.models import (
     UnbatchedReceipt,
     WorkerDay,
 )
-from dispatchnet.errors import PaymentReused, TooManyOpenJobs, Unavailable
+from dispatchnet.errors import (
+    PaymentReused,
+    TooManyOpenJobs,
+    TooManyPairingCodes,
+    TooManyPairings,
+    Unavailable,
+)
 from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable, Store
 
 SPEC = JobSpec(
@@ -808,6 +814,42 @@ async def test_a_pair_has_one_active_pairing_until_it_is_revoked(store: Store) -
     assert await store.put_pairing(p3) == p3
     assert await store.list_pairings("w1", include_revoked=False) == [p3]
     assert await store.list_pairings("client-a", include_revoked=True) == [revoked, p3]
+
+
+async def test_a_client_holds_a_bounded_number_of_live_pairing_codes(store: Store) -> None:
+    for n in range(3):
+        await store.put_pairing_code(bytes([n]) * 32, "client-a", 100.0, now=50.0, most=3)
+    with pytest.raises(TooManyPairingCodes, match="max_live_codes"):
+        await store.put_pairing_code(b"x" * 32, "client-a", 100.0, now=50.0, most=3)
+    assert await store.pairing_code_owner(b"x" * 32, now=50.0) is None  # not stored
+    await store.put_pairing_code(b"y" * 32, "client-b", 100.0, now=50.0, most=3)  # another's
+    # a used code, or an expired one, no longer counts
+    assert await store.claim_pairing_code(bytes([0]) * 32, now=50.0) == "client-a"
+    await store.put_pairing_code(b"x" * 32, "client-a", 100.0, now=50.0, most=3)
+    await store.put_pairing_code(b"z" * 32, "client-a", 200.0, now=150.0, most=3)
+
+
+async def test_a_party_keeps_a_bounded_number_of_pairings(store: Store) -> None:
+    """Past `most` pairings (revoked ones included), a party forgets its oldest revoked
+    ones; with all of them active, a new pairing is refused, whichever side is full."""
+    made = [
+        await store.put_pairing(Pairing(f"pair_{i}", "c", f"w{i}", i), most=3) for i in range(3)
+    ]
+    with pytest.raises(TooManyPairings, match="the client has 3 active pairings"):
+        await store.put_pairing(Pairing("pair_x", "c", "wx", 5.0), most=3)
+    assert await store.put_pairing(Pairing("pair_y", "c", "w0", 5.0), most=3) == made[0]  # kept
+    await store.revoke_pairing("pair_1", 6.0)
+    await store.revoke_pairing("pair_0", 7.0)
+    new = await store.put_pairing(Pairing("pair_3", "c", "w3", 8.0), most=3)
+    assert new.pairing_id == "pair_3" and await store.get_pairing("pair_1") is None
+    listed = await store.list_pairings("c", include_revoked=True)
+    assert [p.pairing_id for p in listed] == ["pair_0", "pair_2", "pair_3"]
+    # the worker's side
+    for i in range(3):
+        await store.put_pairing(Pairing(f"pw_{i}", f"client{i}", "busy", 10.0 + i), most=3)
+    with pytest.raises(TooManyPairings, match="the worker has 3"):
+        await store.put_pairing(Pairing("pw_x", "client-x", "busy", 20.0), most=3)
+    assert await store.get_pairing("pw_x") is None
 
 
 async def test_concurrent_claims_and_pairings_have_one_winner(

@@ -55,6 +55,32 @@ class TooManyOpenJobs(ResourceExhausted):
         self.limit = limit
 
 
+class TooManyPairingCodes(ResourceExhausted):
+    """The client already holds `limit` unused, unexpired pairing codes ([pairing]
+    max_live_codes). The new code is not stored."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"you hold {limit} unused pairing codes, the most one client may hold at once "
+            "([pairing] max_live_codes); use one, or wait for one to expire"
+        )
+        self.limit = limit
+
+
+class TooManyPairings(ResourceExhausted):
+    """The client (or the worker) of a new pairing has `limit` active pairings already
+    ([pairing] max_pairings). Nothing is stored."""
+
+    def __init__(self, limit: int, party: str) -> None:
+        super().__init__(
+            f"the {party} has {limit} active pairings, the most one {party} may have "
+            f"([pairing] max_pairings); the {party} must revoke one first (`dispatch pair "
+            "revoke`)"
+        )
+        self.limit = limit
+        self.party = party
+
+
 class Unavailable(DispatchError):
     """A dependency (chain node, facilitator) is down; retrying later may work."""
 

@@ -172,6 +172,13 @@ class PairingConfig:
     # Worker keys whose failures are remembered (in memory, per coordinator); beyond, the
     # key whose last failure is oldest is forgotten.
     max_tracked_keys: int = 10000
+    # Unused, unexpired codes one client may hold; beyond, CreatePairingCode is refused
+    # (RESOURCE_EXHAUSTED) and nothing is stored.
+    max_live_codes: int = 100
+    # Pairings kept per client and per worker key, revoked ones included: past it, a new
+    # pairing makes the party forget its oldest revoked one, and is refused
+    # (RESOURCE_EXHAUSTED) when all of them are active.
+    max_pairings: int = 1000
 
 
 @dataclass(frozen=True)
@@ -514,6 +521,8 @@ def check_profile(profile: Profile) -> list[str]:
         min(pa.failed_claims_window_seconds, pa.failed_claims_global_window_seconds) <= 0
     ):
         problems.append("[pairing] failed-claim limits and windows must be positive")
+    if min(pa.max_live_codes, pa.max_pairings) < 1:
+        problems.append("[pairing] max_live_codes and max_pairings must be positive")
     bad = [
         a for a in profile.cluster.coordinators if not isinstance(a, str) or not LISTEN.fullmatch(a)
     ]

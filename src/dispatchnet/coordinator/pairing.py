@@ -60,8 +60,11 @@ class PairingService:
         if not 1 <= ttl <= MAX_TTL:
             raise InvalidArgument(f"ttl_seconds must be between 1 and {MAX_TTL}")
         raw = "".join(secrets.choice(ALPHABET) for _ in range(CODE_LEN))
-        expires = self.clock() + ttl
-        await self.store.put_pairing_code(code_hash(raw), client_id, expires)
+        now = self.clock()
+        expires = now + ttl
+        await self.store.put_pairing_code(
+            code_hash(raw), client_id, expires, now, self.cfg.max_live_codes
+        )
         return f"{raw[:4]}-{raw[4:]}", expires
 
     async def claim(self, worker_id: str, code: str) -> Pairing:
@@ -84,7 +87,7 @@ class PairingService:
             raise NotFound("pairing code is unknown, already used or expired")
         self.failures.succeeded(worker_id)
         return await self.store.put_pairing(
-            Pairing(new_id("pair"), client_id, worker_id, self.clock())
+            Pairing(new_id("pair"), client_id, worker_id, self.clock()), self.cfg.max_pairings
         )
 
     async def list(self, party_id: str, include_revoked: bool) -> list[Pairing]:

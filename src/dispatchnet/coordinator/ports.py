@@ -528,8 +528,13 @@ class PayoutLedger(Protocol):
 class PairingRepository(Protocol):
     """Pairing codes (stored hashed, single use) and the client-worker pairings they make."""
 
-    async def put_pairing_code(self, code_hash: bytes, client_id: str, expires_at: float) -> None:
-        """Stores a new code (the hash of a fresh random code: it is not there yet)."""
+    async def put_pairing_code(
+        self, code_hash: bytes, client_id: str, expires_at: float, now: float = 0.0, most: int = 0
+    ) -> None:
+        """Stores a new code (the hash of a fresh random code: it is not there yet);
+        TooManyPairingCodes, storing nothing, when the client holds `most` (> 0) codes
+        unused and unexpired at `now` (exact on SQLite's one writer; on a shared database
+        up to the codes of that client made at the same moment)."""
         ...
 
     async def pairing_code_owner(self, code_hash: bytes, now: float) -> str | None:
@@ -541,9 +546,12 @@ class PairingRepository(Protocol):
         concurrent claims of one code, one gets it)."""
         ...
 
-    async def put_pairing(self, pairing: Pairing) -> Pairing:
+    async def put_pairing(self, pairing: Pairing, most: int = 0) -> Pairing:
         """Stores a pairing; an existing active pairing of the same pair is returned
-        instead (a pair has at most one active pairing, also under concurrent calls)."""
+        instead (a pair has at most one active pairing, also under concurrent calls).
+        most (> 0): the pairings kept per client and per worker, revoked ones included;
+        a party that has that many forgets its oldest revoked ones to make room, and
+        TooManyPairings (nothing written) when they are all active."""
         ...
 
     async def get_pairing(self, pairing_id: str) -> Pairing | None: ...

@@ -83,7 +83,13 @@ from dispatchnet.coordinator.models import (
     WorkerDay,
     day_of,
 )
-from dispatchnet.errors import PaymentReused, TooManyOpenJobs, Unavailable
+from dispatchnet.errors import (
+    PaymentReused,
+    TooManyOpenJobs,
+    TooManyPairingCodes,
+    TooManyPairings,
+    Unavailable,
+)
 from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable, Store
 from dispatchnet.store.rows import (
     TOTAL_OWNER,
@@ -341,10 +347,15 @@ async def _v6(c: Conn) -> None:
     )
 
 
+async def _v7(c: Conn) -> None:
+    """Each client's live pairing codes, for [pairing] max_live_codes (SQLite's version 18)."""
+    await c.execute("CREATE INDEX pairing_codes_client ON pairing_codes (client_id)")
+
+
 # Each owner's quote_usage, and the total, is kept in this many rows (see total_shard).
 USAGE_SHARDS = 8
 
-MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -1084,8 +1095,19 @@ class PostgresStore:
 
     # --- pairing ------------------------------------------------------------------------
 
-    async def put_pairing_code(self, code_hash: bytes, client_id: str, expires_at: float) -> None:
+    async def put_pairing_code(
+        self, code_hash: bytes, client_id: str, expires_at: float, now: float = 0.0, most: int = 0
+    ) -> None:
         async def op(c: Conn) -> None:
+            if most > 0:
+                live = await c.fetchval(
+                    "SELECT count(*) FROM pairing_codes "
+                    "WHERE client_id=$1 AND used_at IS NULL AND expires_at >= $2",
+                    client_id,
+                    now,
+                )
+                if live >= most:
+                    raise TooManyPairingCodes(most)
             await c.execute(
                 "INSERT INTO pairing_codes VALUES ($1,$2,$3,NULL)", code_hash, client_id, expires_at
             )
@@ -1115,8 +1137,26 @@ class PostgresStore:
 
         return await self._write(op)
 
-    async def put_pairing(self, pairing: Pairing) -> Pairing:
+    async def put_pairing(self, pairing: Pairing, most: int = 0) -> Pairing:
         async def op(c: Conn) -> Pairing:
+            if most > 0:
+                active = await c.fetchrow(
+                    "SELECT * FROM pairings WHERE client_id=$1 AND worker_id=$2 "
+                    "AND revoked_at IS NULL",
+                    pairing.client_id,
+                    pairing.worker_id,
+                )
+                if active is not None:
+                    return pairing_of(active)
+                for column, party, who in (
+                    ("client_id", pairing.client_id, "client"),
+                    ("worker_id", pairing.worker_id, "worker"),
+                ):
+                    kept = await c.fetchval(
+                        f"SELECT count(*) FROM pairings WHERE {column}=$1", party
+                    )
+                    if kept >= most and await _forget_revoked(c, column, party, kept - most + 1):
+                        raise TooManyPairings(most, who)
             r = await c.fetchrow(
                 "INSERT INTO pairings VALUES ($1,$2,$3,$4,NULL) ON CONFLICT (client_id, worker_id) "
                 "WHERE revoked_at IS NULL DO NOTHING RETURNING *",
@@ -1974,3 +2014,16 @@ _: type[Store] = PostgresStore  # mypy checks that PostgresStore implements the 
 
 class _Undo(Exception):
     """A transition's prior move held but the transition did not: roll both back."""
+
+
+async def _forget_revoked(c: Conn, column: str, party: str, n: int) -> bool:
+    """Deletes the party's n oldest revoked pairings; whether it had fewer (the caller then
+    raises, rolling the deletes back with its transaction)."""
+    deleted = await c.fetch(
+        "DELETE FROM pairings WHERE pairing_id IN (SELECT pairing_id FROM pairings "
+        f"WHERE {column}=$1 AND revoked_at IS NOT NULL "
+        "ORDER BY revoked_at, pairing_id LIMIT $2) RETURNING pairing_id",
+        party,
+        n,
+    )
+    return len(deleted) < n

@@ -52,7 +52,12 @@ from dispatchnet.coordinator.models import (
     WorkerDay,
     day_of,
 )
-from dispatchnet.errors import PaymentReused, TooManyOpenJobs
+from dispatchnet.errors import (
+    PaymentReused,
+    TooManyOpenJobs,
+    TooManyPairingCodes,
+    TooManyPairings,
+)
 from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable
 from dispatchnet.store.rows import (
     TOTAL_OWNER,
@@ -538,9 +543,14 @@ def _v17(db: sqlite_utils.Database) -> None:
     db.execute(f"CREATE INDEX idx_jobs_active_worker ON jobs (worker_id) WHERE {_ACTIVE_ROW}")
 
 
+def _v18(db: sqlite_utils.Database) -> None:
+    """Each client's live pairing codes, for [pairing] max_live_codes."""
+    db.execute("CREATE INDEX idx_pairing_codes_client ON pairing_codes (client_id)")
+
+
 MIGRATIONS = [
     *(_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13, _v14, _v15),
-    *(_v16, _v17),
+    *(_v16, _v17, _v18),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1244,10 +1254,21 @@ class SqliteStore:
 
     # --- pairing ------------------------------------------------------------------------
 
-    def put_pairing_code(self, code_hash: bytes, client_id: str, expires_at: float) -> None:
-        self._conn.execute(
-            "INSERT INTO pairing_codes VALUES (?,?,?,NULL)", (code_hash, client_id, expires_at)
-        )
+    def put_pairing_code(
+        self, code_hash: bytes, client_id: str, expires_at: float, now: float = 0.0, most: int = 0
+    ) -> None:
+        with self._tx():
+            if most > 0:
+                (live,) = self._conn.execute(
+                    "SELECT count(*) FROM pairing_codes "
+                    "WHERE client_id=? AND used_at IS NULL AND expires_at>=?",
+                    (client_id, now),
+                ).fetchone()
+                if live >= most:
+                    raise TooManyPairingCodes(most)
+            self._conn.execute(
+                "INSERT INTO pairing_codes VALUES (?,?,?,NULL)", (code_hash, client_id, expires_at)
+            )
 
     def pairing_code_owner(self, code_hash: bytes, now: float) -> str | None:
         r = self._conn.execute(
@@ -1271,7 +1292,7 @@ class SqliteStore:
             )
         return str(r["client_id"])
 
-    def put_pairing(self, pairing: Pairing) -> Pairing:
+    def put_pairing(self, pairing: Pairing, most: int = 0) -> Pairing:
         with self._tx():
             r = self._conn.execute(
                 "SELECT * FROM pairings WHERE client_id=? AND worker_id=? AND revoked_at IS NULL",
@@ -1279,11 +1300,32 @@ class SqliteStore:
             ).fetchone()
             if r is not None:
                 return pairing_of(r)
+            if most > 0:
+                for column, party, who in (
+                    ("client_id", pairing.client_id, "client"),
+                    ("worker_id", pairing.worker_id, "worker"),
+                ):
+                    (kept,) = self._conn.execute(
+                        f"SELECT count(*) FROM pairings WHERE {column}=?", (party,)
+                    ).fetchone()
+                    if kept >= most and self._forget_revoked(column, party, kept - most + 1):
+                        raise TooManyPairings(most, who)
             self._conn.execute(
                 "INSERT INTO pairings VALUES (?,?,?,?,NULL)",
                 (pairing.pairing_id, pairing.client_id, pairing.worker_id, pairing.created_at),
             )
         return pairing
+
+    def _forget_revoked(self, column: str, party: str, n: int) -> bool:
+        """Deletes the party's n oldest revoked pairings; whether it had fewer (nothing is
+        deleted then: the caller raises, rolling the transaction back anyway)."""
+        cur = self._conn.execute(
+            "DELETE FROM pairings WHERE pairing_id IN (SELECT pairing_id FROM pairings "
+            f"WHERE {column}=? AND revoked_at IS NOT NULL "
+            "ORDER BY revoked_at, pairing_id LIMIT ?)",
+            (party, n),
+        )
+        return int(cur.rowcount) < n
 
     def get_pairing(self, pairing_id: str) -> Pairing | None:
         r = self._conn.execute(

@@ -642,8 +642,12 @@ class ThreadedStore:
 
     # --- pairing ------------------------------------------------------------------------
 
-    async def put_pairing_code(self, code_hash: bytes, client_id: str, expires_at: float) -> None:
-        await self._write_call(SqliteStore.put_pairing_code, code_hash, client_id, expires_at)
+    async def put_pairing_code(
+        self, code_hash: bytes, client_id: str, expires_at: float, now: float = 0.0, most: int = 0
+    ) -> None:
+        await self._write_call(
+            SqliteStore.put_pairing_code, code_hash, client_id, expires_at, now, most
+        )
 
     async def pairing_code_owner(self, code_hash: bytes, now: float) -> str | None:
         return await self._read(lambda s: s.pairing_code_owner(code_hash, now))
@@ -651,8 +655,8 @@ class ThreadedStore:
     async def claim_pairing_code(self, code_hash: bytes, now: float) -> str | None:
         return await self._write_call(SqliteStore.claim_pairing_code, code_hash, now)
 
-    async def put_pairing(self, pairing: Pairing) -> Pairing:
-        return await self._write_call(SqliteStore.put_pairing, pairing)
+    async def put_pairing(self, pairing: Pairing, most: int = 0) -> Pairing:
+        return await self._write_call(SqliteStore.put_pairing, pairing, most)
 
     async def get_pairing(self, pairing_id: str) -> Pairing | None:
         return await self._read(lambda s: s.get_pairing(pairing_id))
