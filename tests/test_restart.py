@@ -54,9 +54,11 @@ class Clock:
         return self.now
 
 
-async def start(store: Store, clock: Clock, coordinator_id: str = "") -> JobService:
+async def start(
+    store: Store, clock: Clock, coordinator_id: str = "", max_attempts: int = 1
+) -> JobService:
     """A JobService as a (re)started coordinator builds it, recover() included."""
-    cfg = dataclasses.replace(JobsConfig(), max_attempts=1, restart_grace_seconds=GRACE)
+    cfg = dataclasses.replace(JobsConfig(), max_attempts=max_attempts, restart_grace_seconds=GRACE)
     jobs = JobService(
         store,
         cfg,
@@ -191,6 +193,32 @@ async def test_another_coordinator_frees_a_restart_hold_without_costing_an_attem
     assert (await reasons(store_b, job.job_id))[-1] == "coordinator_restarted"
 
 
+async def test_reconnecting_does_not_stretch_an_attempts_time_limit(
+    store_factory: StoreFactory,
+) -> None:
+    """A worker resuming its job after its stream dropped keeps the attempt's time limit,
+    counted from the offer: dropping and resuming its stream again and again used to
+    give it a whole time limit each time, holding the job for ever. A restart of the
+    coordinator still gives a whole one (test above)."""
+    store, clock = await store_factory.open(), Clock()
+    jobs = await start(store, clock, max_attempts=3)
+    job = await running(jobs, "k1")
+    limit = JobsConfig().time_limit_seconds
+    offered_at = clock.now
+    clock.now += limit - 10
+    assert [j.state for j in await jobs.worker_lost("w1", {job.job_id: 1}, "closed")] == [
+        JobState.QUEUED
+    ]
+    resumed = await jobs.resume(job.job_id, 1, "w1")
+    assert resumed is not None and resumed.lease_expires_at == offered_at + limit
+    clock.now += 11
+    await jobs.sweep()  # its time is up: taken back
+    lapsed = await store.get_job(job.job_id)
+    assert lapsed is not None and lapsed.state is JobState.QUEUED and lapsed.attempts == 1
+    assert await jobs.resume(job.job_id, 1, "w1") is None  # and not resumed again
+    assert await store.held_attempts("w1", [job.job_id]) == set()
+
+
 class ResumedOnRead:
     """The store, where the next get_job runs `meanwhile` after its read and before its
     answer: a worker resuming its job between a coordinator's read and its write."""
@@ -225,16 +253,17 @@ async def test_a_requeue_leaves_a_job_resumed_between_its_read_and_its_write(
     assert kept is not None and (kept.state, kept.coordinator_id) == (JobState.RUNNING, "B")
     assert (await reasons(store_b, job.job_id))[-1] == "resumed"
 
-    # A is gone with w3's job; B's sweep finds its lease lapsed, and w3 resumes (through
-    # B) just after the sweep read it again
-    gone = await running(b, "k2", "w3")
-    clock.now += JobsConfig().time_limit_seconds + 1
+    # A restarts, holds w3's job for it, and is gone; B's sweep finds the hold lapsed, and
+    # w3 resumes (through B) just after the sweep read the job again
+    gone = await running(a, "k2", "w3")
+    await start(store_a, clock, "A")
+    clock.now += GRACE + 1
     b.store = ResumedOnRead(store_b, lambda: b.resume(gone.job_id, 1, "w3"))  # type: ignore[assignment]
     await b.sweep()
     after = await store_b.get_job(gone.job_id)
-    assert after is not None and after.state is JobState.RUNNING
+    assert after is not None and (after.state, after.coordinator_id) == (JobState.RUNNING, "B")
     assert after.lease_expires_at > clock.now
-    assert "time_limit_exceeded" not in await reasons(store_b, gone.job_id)
+    assert (await reasons(store_b, gone.job_id))[-2:] == ["coordinator_restarted", "resumed"]
 
 
 def sleep_spec(ms: int) -> bytes:

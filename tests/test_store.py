@@ -623,17 +623,22 @@ async def requeue(store: Store, job: Job, reason: str) -> Job | None:
 
 
 @pytest.mark.parametrize(
-    ("reason", "open_"),
+    ("reason", "open_", "held"),
     [
-        ("rejected: busy", False),
-        ("failed: oops", False),
-        ("bad receipt: receipt names another job", False),
-        ("worker_disconnected", True),  # taken back, not given up: a late result counts
-        ("lease_expired", True),
+        ("rejected: busy", False, False),
+        ("failed: oops", False, False),
+        ("bad receipt: receipt names another job", False, False),
+        # taken back, not given up: a late result counts, and its worker may resume it
+        ("worker_disconnected", True, True),
+        # its lease ran out, or its verified run is in: a late result counts (or is the
+        # verified job's to refuse), but listing it at Connect does not get it back
+        ("time_limit_exceeded", True, False),
+        ("offer_lease_expired", True, False),
+        ("run 1 of 2 done", True, False),
     ],
 )
 async def test_an_attempt_its_worker_gave_up_is_no_longer_held(
-    store: Store, reason: str, open_: bool
+    store: Store, reason: str, open_: bool, held: bool
 ) -> None:
     job, _ = await store.create_job(*new_job(0))
     offered_job = await offer(store, job)
@@ -642,7 +647,7 @@ async def test_an_attempt_its_worker_gave_up_is_no_longer_held(
     again = await offer(store, (await store.get_job(job.job_id)) or job, attempt=1, worker="w2")
     assert again is not None and again.attempts == 2
     assert (await store.offered_at(job.job_id, "w1", 1) == 102.0) is open_
-    assert (await store.held_attempts("w1", [job.job_id]) == {(job.job_id, 1)}) is open_
+    assert (await store.held_attempts("w1", [job.job_id]) == {(job.job_id, 1)}) is held
     # the attempt after it is untouched
     assert await store.offered_at(job.job_id, "w2", 2) == 102.0
     assert await store.held_attempts("w2", [job.job_id]) == {(job.job_id, 2)}

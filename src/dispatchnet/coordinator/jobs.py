@@ -47,8 +47,11 @@ from dispatchnet.coordinator.models import (
     AGREED,
     BAD_RECEIPT,
     FAILED,
+    OFFER_LAPSED,
     OPEN_STATES,
     REJECTED,
+    RUN_RECORDED,
+    TIME_LAPSED,
     VERIFY_SPOT_CHECK,
     Event,
     EventKind,
@@ -763,13 +766,26 @@ class JobService:
             return None
         if job.state is JobState.QUEUED and not await self._may_take(job, worker_id):
             return None  # back in the queue, it is a new assignment: the pairing is checked
+        until = self.clock() + self.cfg.time_limit_seconds
+        if not await self._held_since_restart(job):
+            # the attempt's time limit runs from its offer, across reconnections (a worker
+            # dropping and resuming its stream does not get the job for longer); a restart
+            # of the coordinator is nobody's fault: it gives a whole time limit again
+            offered_at = self._offered_at(job_id, worker_id, attempt)
+            if offered_at is None:
+                offered_at = await self.store.offered_at(job_id, worker_id, attempt)
+            if offered_at is None:
+                return None
+            until = min(until, offered_at + self.cfg.time_limit_seconds)
+            if until <= self.clock():
+                return None
         return await self._move(
             job,
             states,
             attempt,
             JobState.RUNNING,
             "resumed",
-            lease_expires_at=self.clock() + self.cfg.time_limit_seconds,
+            lease_expires_at=until,
             coordinator_id=self.coordinator_id,
         )
 
@@ -1171,9 +1187,7 @@ class JobService:
                     job, RESTARTED, tell_worker=True, costs_attempt=False, expect=lapsed_as_read
                 )
                 continue
-            reason = (
-                "offer_lease_expired" if job.state is JobState.OFFERED else "time_limit_exceeded"
-            )
+            reason = OFFER_LAPSED if job.state is JobState.OFFERED else TIME_LAPSED
             await self.requeue(job, reason, tell_worker=True, expect=lapsed_as_read)
         timeout = self.cfg.queue_timeout_seconds
         # a spot check waits for its checker a shorter time than a job waits for a worker:
@@ -1244,7 +1258,7 @@ class JobService:
                 (JobState.RUNNING,),
                 run.attempt,
                 JobState.QUEUED,
-                f"run {len(runs)} of {needed} done"
+                f"{RUN_RECORDED}{len(runs)} of {needed} done"
                 + (" (tiebreak)" if needed > job.verify_runs else ""),
                 write=record,
                 queued_at=self.clock(),

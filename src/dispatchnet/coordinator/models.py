@@ -408,6 +408,15 @@ REJECTED = "rejected: "
 FAILED = "failed: "
 BAD_RECEIPT = "bad receipt: "
 GIVEN_UP = (REJECTED, FAILED, BAD_RECEIPT)
+# ... and how it is when the attempt's lease ran out (the offer went unanswered, or the
+# job ran past its time limit) or its run of a verified job was recorded: such an attempt
+# may still deliver (a lapsed one: the first valid result wins), but its worker cannot
+# resume it by listing it at Connect (held_attempts leaves it out), which would give it
+# the job, and a new lease, again and again.
+OFFER_LAPSED = "offer_lease_expired"
+TIME_LAPSED = "time_limit_exceeded"
+RUN_RECORDED = "run "
+NOT_HELD = (*GIVEN_UP, OFFER_LAPSED, TIME_LAPSED, RUN_RECORDED)
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ import asyncpg
 from dispatchnet.coordinator.models import (
     ACTIVE_STATES,
     AGREED,
+    NOT_HELD,
     OPEN_STATES,
     AnchorStatus,
     Balance,
@@ -1031,7 +1032,8 @@ class PostgresStore:
         rows = await self._read(
             lambda c: c.fetch(
                 "SELECT DISTINCT job_id, attempt FROM events WHERE job_id = ANY($1::text[]) "
-                f"AND kind=$2 AND state=$3 AND worker_id=$4 AND {not_given_up()}",
+                f"AND kind=$2 AND state=$3 AND worker_id=$4 "
+                f"AND {not_given_up(reasons=NOT_HELD)}",
                 list(job_ids),
                 EventKind.STATE.value,
                 int(JobState.OFFERED),

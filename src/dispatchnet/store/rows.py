@@ -68,12 +68,13 @@ JOB_SIMPLE = {
 }
 
 
-def not_given_up(events: str = "events") -> str:
+def not_given_up(events: str = "events", reasons: tuple[str, ...] = GIVEN_UP) -> str:
     """A condition on a row of the events table (named `events` in the query) that
     records an offer: true unless a move of the same attempt, held by the same worker,
-    back to QUEUED says its worker gave it up (models.GIVEN_UP). The same SQL on SQLite
-    and PostgreSQL; the reasons are constants, written into the text."""
-    prefixes = " OR ".join(f"substr(g.reason, 1, {len(p)}) = '{p}'" for p in GIVEN_UP)
+    back to QUEUED has a reason beginning with one of `reasons` (models.GIVEN_UP: its
+    worker gave it up; models.NOT_HELD: nor can it resume it). The same SQL on SQLite and
+    PostgreSQL; the reasons are constants, written into the text."""
+    prefixes = " OR ".join(f"substr(g.reason, 1, {len(p)}) = '{p}'" for p in reasons)
     return (
         f"NOT EXISTS (SELECT 1 FROM events g WHERE g.job_id = {events}.job_id "
         f"AND g.kind = '{EventKind.STATE.value}' AND g.state = {int(JobState.QUEUED)} "

@@ -25,6 +25,7 @@ import sqlite_utils
 from dispatchnet.coordinator.models import (
     ACTIVE_STATES,
     AGREED,
+    NOT_HELD,
     OPEN_STATES,
     AnchorStatus,
     Balance,
@@ -1197,7 +1198,7 @@ class SqliteStore:
         rows = self._conn.execute(
             "SELECT DISTINCT job_id, attempt FROM events "
             "WHERE job_id IN (SELECT value FROM json_each(?)) AND kind=? AND state=? "
-            f"AND worker_id=? AND {not_given_up()}",
+            f"AND worker_id=? AND {not_given_up(reasons=NOT_HELD)}",
             (json.dumps(list(job_ids)), EventKind.STATE.value, int(JobState.OFFERED), worker_id),
         )
         return {(str(r["job_id"]), int(r["attempt"])) for r in rows}
