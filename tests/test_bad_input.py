@@ -66,6 +66,14 @@ async def _code(coro: Any) -> tuple[grpc.StatusCode, str]:
             "role",
         ),
         (common_pb2.JobSpec(llm=common_pb2.LlmRequest(prompt="x" * 40000)), "the limit is"),
+        (  # empty messages cost no characters, but each costs the model its template
+            common_pb2.JobSpec(
+                llm=common_pb2.LlmRequest(
+                    messages=[common_pb2.ChatMessage(role="user", content="")] * 257
+                )
+            ),
+            "has 257 messages; the limit is 256",
+        ),
     ],
 )
 async def test_bad_specs_are_invalid_argument(

@@ -42,15 +42,17 @@ from x402.mechanisms.svm import KeypairSigner
 from x402.mechanisms.svm.exact import ExactSvmClientScheme
 from x402.schemas import PaymentRequired
 
+from dispatchnet import protocol
 from dispatchnet.cli import load_receipt_file
-from dispatchnet.gateways import MAX_HEADER_BYTES
+from dispatchnet.gateways import MAX_HEADER_BYTES, wire
 from dispatchnet.gateways.http import Gateway
 from dispatchnet.gateways.relay import RelayPayer
 from dispatchnet.gateways.serve import GatewayServer, gateway_router
+from dispatchnet.gateways.wire import HttpError
 from dispatchnet.keys import KeyPair
 from dispatchnet.payments.wallet import Wallet
 from dispatchnet.profiles import Profile
-from dispatchnet.sdk import ComputeRouter, Network, types, verify_receipt
+from dispatchnet.sdk import ComputeRouter, InvalidRequest, Network, llm_spec, types, verify_receipt
 from dispatchnet.server import start_coordinator
 from dispatchnet.worker.llm import DEFAULT_MODEL_NAME
 
@@ -466,6 +468,10 @@ async def test_bad_input_gets_json_errors_never_a_traceback(
             ("POST", "/v1/tasks/echo", {"max_price_micros": 999}, 400, "price_over_limit"),
             ("GET", completions, None, 405, "bad_method"),
             ("GET", "/v1/nothing", None, 404, "not_found"),
+            ("POST", "/v1/tasks/echo/", {"input": "x"}, 404, "not_found"),  # no redirect
+            ("POST", "/v1/tasks/echo", b'{"input": NaN}', 400, "invalid_json"),
+            ("POST", "/v1/tasks/echo", b'{"input": {"a": -Infinity}}', 400, "invalid_json"),
+            ("POST", "/v1/tasks/echo", b'{"input": 1e999}', 400, "invalid_json"),
         ]
         for method, path, body, status, code in cases:
             content = body if isinstance(body, bytes) or body is None else json.dumps(body)
@@ -492,6 +498,21 @@ async def test_bad_input_gets_json_errors_never_a_traceback(
         # output JSON that no JSON answer can carry (NaN) comes back as its text
         r = await http.post("/v1/tasks/echo", json={"input": "NaN"})
         assert r.status_code == 200 and r.json()["output"] == "NaN", r.text
+
+
+def test_a_conversation_is_bounded_before_it_is_sent() -> None:
+    """At most 256 messages (the coordinator's default [limits] max_llm_messages): empty
+    ones cost no characters but each costs the model its template's tokens (an anonymous
+    caller held a worker for its whole time limit with 120,000 of them, and paid
+    nothing, the job having failed)."""
+    many = [{"role": "user", "content": ""}] * (protocol.MAX_LLM_MESSAGES + 1)
+    with pytest.raises(HttpError) as refused:
+        wire.parse_chat({"model": "auto", "messages": many})
+    assert refused.value.status == 400 and refused.value.param == "messages"
+    with pytest.raises(InvalidRequest, match="at most 256 messages"):
+        llm_spec(many)
+    assert wire.parse_chat({"model": "auto", "messages": many[:-1]})
+    assert llm_spec(many[:-1]).llm is not None
 
 
 async def test_requests_in_flight_are_bounded_and_a_caller_hanging_up_cancels_its_job(

@@ -272,6 +272,9 @@ async def exercise(client: Client, seeker_id: str, desktop_id: str) -> None:
     assert code == "invalid_request" and "no_such_task" in message
     unknown = await client.call_tool("get_job", {"job_id": "job_nope"})
     assert tool_error(unknown)[0] == "not_found"
+    # the coordinators' addresses are the operator's business: not in errors
+    assert "127.0.0.1" not in message and "127.0.0.1" not in json.dumps(data(unknown))
+    assert "127.0.0.1" not in tool_error(unknown)[1]
     assert tool_error(await client.call_tool("get_job", {"job_id": "j" * 65}))[0] == (
         "invalid_request"
     )
@@ -308,10 +311,15 @@ async def test_streamable_http_serves_every_tool(
         assert info["callers_pay"] and info["wallet"] is None  # the local profile has none
         async with http_client(info["mcp"]) as client:
             await exercise(client, seeker.key.public_hex, desktop_id)
-        # the SDK's DNS-rebinding check: a foreign Host is refused
+        # the SDK's DNS-rebinding check: a foreign Host is refused; that answer, and the
+        # other plain-text ones of the SDK and Starlette, go out as JSON like the rest
         async with httpx.AsyncClient() as h:
             r = await h.post(info["mcp"], json={}, headers={"Host": "evil.example"})
             assert r.status_code in (400, 403, 421)
+            for answer in (r, await h.get(info["mcp"].replace("/mcp", "/nothing"))):
+                assert answer.status_code >= 400, answer
+                assert answer.headers["content-type"] == "application/json", answer.text
+                assert answer.json()["error"]["code"] and answer.json()["error"]["message"]
 
 
 async def test_http_needs_a_token_off_loopback_and_checks_it(

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dispatchnet import protocol
 from dispatchnet.reputation.score import ScoreParams
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "profiles"
@@ -72,6 +73,9 @@ class ClusterConfig:
 class LimitsConfig:
     max_task_input_bytes: int = 1024 * 1024
     max_prompt_chars: int = 32768
+    # messages of an LLM conversation (each costs the model its template's tokens, however
+    # short its text)
+    max_llm_messages: int = protocol.MAX_LLM_MESSAGES
     max_llm_tokens: int = 4096
     max_wasm_module_bytes: int = 2 * 1024 * 1024
 
@@ -516,6 +520,8 @@ def check_profile(profile: Profile) -> list[str]:
         problems.append("[quotes] limits must be positive")
     if q.anonymous_max_spec_bytes < 0:
         problems.append("[quotes] anonymous_max_spec_bytes must not be negative")
+    if profile.limits.max_llm_messages < 1:
+        problems.append("[limits] max_llm_messages must be positive")
     pa = profile.pairing
     if min(pa.max_failed_claims, pa.max_failed_claims_global, pa.max_tracked_keys) < 1 or (
         min(pa.failed_claims_window_seconds, pa.failed_claims_global_window_seconds) <= 0

@@ -76,6 +76,9 @@ MAX_CANCEL_REASON_CHARS = 512  # CancelJobRequest.reason (stored with the job)
 MAX_PAIRING_TTL_SECONDS = 86400  # CreatePairingCodeRequest.ttl_seconds (0: the default)
 
 # Sealed input of PRIVATE jobs (common.proto SealedInput), checked at GetQuote
+# LlmRequest.messages: the default of the coordinator's [limits] max_llm_messages, which
+# the gateway, the MCP server and the SDK check before sending
+MAX_LLM_MESSAGES = 256
 MAX_SEALED_ENVELOPES = 16  # SealedInput.envelopes: one per recipient worker
 SEALED_OVERHEAD_BYTES = 4096  # a box beyond the plaintext limits: nonce, MAC, framing
 

@@ -206,7 +206,9 @@ class LlmRequest(_message.Message):
     """Sampling temperature in [0, 2]."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
-        """The conversation; either messages or prompt must be set."""
+        """The conversation; either messages or prompt must be set. At most the coordinator's
+        [limits] max_llm_messages (256 by default) messages; more: INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,

@@ -130,6 +130,11 @@ def spec_from_proto(
             raise InvalidArgument("spec.llm.model is not a valid model name")
         if not llm.prompt and not llm.messages:
             raise InvalidArgument("spec.llm: set prompt or messages")
+        if len(llm.messages) > limits.max_llm_messages:
+            raise InvalidArgument(
+                f"spec.llm.messages has {len(llm.messages)} messages; the limit is "
+                f"{limits.max_llm_messages}"
+            )
         for i, m in enumerate(llm.messages):
             if m.role not in ROLES:
                 raise InvalidArgument(f"spec.llm.messages[{i}].role must be one of {sorted(ROLES)}")

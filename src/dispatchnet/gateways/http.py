@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 from x402.http import PAYMENT_REQUIRED_HEADER, PAYMENT_RESPONSE_HEADER, PAYMENT_SIGNATURE_HEADER
 
-from dispatchnet.gateways import relay, wire
+from dispatchnet.gateways import relay, wire, without_addresses
 from dispatchnet.gateways.wire import HttpError
 from dispatchnet.sdk import (
     CallOptions,
@@ -120,6 +120,7 @@ class Gateway:
             docs_url=None,
             redoc_url=None,
             openapi_url=None,
+            redirect_slashes=False,  # /v1/tasks/echo/ is a JSON 404, not a redirect
         )
         app.add_exception_handler(HttpError, _http_error)  # type: ignore[arg-type]
         app.add_exception_handler(StarletteHTTPException, _starlette_error)  # type: ignore[arg-type]
@@ -293,21 +294,8 @@ class Gateway:
         business, so they are not named."""
         err = HttpError.of(e)
         addresses = [a for net in self.router.networks for a in net.coordinators]
-
-        def hidden(text: str) -> str:
-            for address in addresses:
-                text = text.replace(address, "coordinator")
-            return text
-
-        err.message = hidden(err.message)
-        reasons = err.details.get("reasons")
-        if isinstance(reasons, list):
-            for r in reasons:
-                if isinstance(r, dict):
-                    r.pop("coordinator", None)
-                    for k, v in r.items():
-                        if isinstance(v, str):
-                            r[k] = hidden(v)
+        err.message = without_addresses(err.message, addresses)
+        err.details = without_addresses(err.details, addresses)
         return err
 
     async def _serves(self, model: str) -> bool:

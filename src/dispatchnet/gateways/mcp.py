@@ -42,6 +42,7 @@ from x402.mcp.constants import MCP_PAYMENT_META_KEY, MCP_PAYMENT_RESPONSE_META_K
 from x402.schemas import PaymentRequired, ResourceInfo, SettleResponse
 
 from dispatchnet import __version__, protocol
+from dispatchnet.gateways import without_addresses
 from dispatchnet.keys import KeyPair
 from dispatchnet.profiles import LimitsConfig
 from dispatchnet.sdk import (
@@ -69,7 +70,7 @@ SERVER_NAME = "dispatch"
 # and the protocol's limits.
 _LIMITS = LimitsConfig()
 MAX_PROMPT_CHARS = _LIMITS.max_prompt_chars  # the prompt and all messages together
-MAX_MESSAGES = 256
+MAX_MESSAGES = _LIMITS.max_llm_messages
 MAX_NAME_CHARS = 64  # task names, as workers announce them
 MAX_MODEL_CHARS = 128
 MAX_TOKENS = _LIMITS.max_llm_tokens
@@ -335,7 +336,7 @@ class DispatchMcp:
             text = view.pop("output_text", None)
             return ok(view, text if isinstance(text, str) else None)
 
-        return await _guarded("get_job", call)
+        return await _guarded("get_job", call, self.settings.network.coordinators)
 
     async def verify_receipt(
         self,
@@ -402,7 +403,7 @@ class DispatchMcp:
                     problems += e.problems
             return verdict(problems, check.body, check_proof, proof)
 
-        return await _guarded("verify_receipt", call)
+        return await _guarded("verify_receipt", call, self.settings.network.coordinators)
 
     async def list_workers(
         self,
@@ -415,7 +416,7 @@ class DispatchMcp:
             workers = await self.relay.list_workers()
             return ok(workers_view(workers, limit))
 
-        return await _guarded("list_workers", call)
+        return await _guarded("list_workers", call, self.settings.network.coordinators)
 
     async def drain(self, within: float) -> None:
         """The server is stopping: cancels the calls in flight (each answers with a
@@ -491,7 +492,7 @@ class DispatchMcp:
                 paid_by = ""
             return run_result(result, paid_by, relay)
 
-        return await _guarded(tool, call)
+        return await _guarded(tool, call, self.settings.network.coordinators)
 
     @staticmethod
     async def _stream(
@@ -543,10 +544,12 @@ def ok(
     return CallToolResult(content=content, structured_content=data, _meta=meta)
 
 
-def error_result(e: DispatchError) -> CallToolResult:
+def error_result(e: DispatchError, addresses: Sequence[str] = ()) -> CallToolResult:
     """A tool error: the SDK error's code and message, then its JSON body (also the
-    structured content)."""
-    result = ok(e.to_dict(), f"{e.code}: {e.message}")
+    structured content); the coordinators' addresses are not named (see
+    without_addresses)."""
+    body = without_addresses(e.to_dict(), addresses)
+    result = ok(body, without_addresses(f"{e.code}: {e.message}", addresses))
     result.is_error = True
     return result
 
@@ -690,13 +693,15 @@ def workers_view(workers: Sequence[types.WorkerInfo], limit: int) -> dict[str, A
 # --- helpers ----------------------------------------------------------------------------------
 
 
-async def _guarded(tool: str, call: Callable[[], Awaitable[CallToolResult]]) -> CallToolResult:
-    """call(), its SDK errors as tool errors; anything else is logged and answered with a
-    generic tool error (never a traceback)."""
+async def _guarded(
+    tool: str, call: Callable[[], Awaitable[CallToolResult]], addresses: Sequence[str]
+) -> CallToolResult:
+    """call(), its SDK errors as tool errors (without the coordinators' addresses);
+    anything else is logged and answered with a generic tool error (never a traceback)."""
     try:
         return await call()
     except DispatchError as e:
-        return error_result(e)
+        return error_result(e, addresses)
     except Exception:
         log.exception("%s failed unexpectedly", tool)
         return error_result(DispatchError(f"{tool} failed unexpectedly; see the server's log"))

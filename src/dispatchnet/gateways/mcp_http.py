@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from types import FrameType
 
 import uvicorn
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dispatchnet.gateways import MAX_HEADER_BYTES
 from dispatchnet.gateways.mcp import DispatchMcp
@@ -74,6 +74,79 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+ERROR_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    421: "misdirected_request",
+}
+MAX_ERROR_TEXT = 300  # characters of a non-JSON error's text kept in its JSON message
+
+
+class JsonErrors:
+    """ASGI middleware: an error answer (4xx, 5xx) that is not JSON (the SDK's and
+    Starlette's plain-text 413, 404, 405, 421...) goes out as JSON,
+    {"error": {"code", "message"}}, like every other error of this server."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held: dict[str, object] | None = None  # the start of a non-JSON error
+        text = bytearray()
+
+        async def rewrite(message: Message) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers") or ())
+                kind = headers.get(b"content-type", b"").split(b";")[0].strip()
+                if message["status"] >= 400 and kind != b"application/json":
+                    held = dict(message)
+                    return
+            elif held is not None and message["type"] == "http.response.body":
+                if len(text) < MAX_ERROR_TEXT * 4:
+                    text.extend(message.get("body", b"")[: MAX_ERROR_TEXT * 4])
+                if message.get("more_body"):
+                    return
+                status = int(held["status"])  # type: ignore[call-overload]
+                said = text.decode("utf-8", "replace").strip()[:MAX_ERROR_TEXT]
+                body = json.dumps(
+                    {
+                        "error": {
+                            "code": ERROR_CODES.get(status, f"http_{status}"),
+                            "message": said or f"HTTP {status}",
+                        }
+                    }
+                ).encode()
+                kept = [
+                    (k, v)
+                    for k, v in held.get("headers") or ()  # type: ignore[attr-defined]
+                    if k.lower() not in (b"content-type", b"content-length")
+                ]
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": [
+                            *kept,
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send(message)
+
+        await self.app(scope, receive, rewrite)
+
+
 class _Uvicorn(uvicorn.Server):
     """SIGINT/SIGTERM stop serving, as in uvicorn; unlike uvicorn, the signal is not raised
     again once it has stopped, so the calls still open get to cancel their jobs before the
@@ -115,7 +188,7 @@ async def serve_http(
             f"listening on {host} needs a bearer token (--token-file): whoever reaches the "
             "server acts as its client key and spends from its wallet"
         )
-    app: ASGIApp = mcp.server.streamable_http_app(streamable_http_path=PATH, host=host)
+    app: ASGIApp = JsonErrors(mcp.server.streamable_http_app(streamable_http_path=PATH, host=host))
     if token:
         app = BearerAuth(app, token)
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET

@@ -104,7 +104,7 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise bad("the request body is empty: send a JSON object", code="invalid_json")
     try:
-        body = json.loads(raw)
+        body = _strict_json(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise bad(f"the request body is not JSON: {e}", code="invalid_json") from None
     except RecursionError:
@@ -206,6 +206,8 @@ def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list", "messages")
+    if len(messages) > protocol.MAX_LLM_MESSAGES:
+        raise bad(f"messages may hold at most {protocol.MAX_LLM_MESSAGES} messages", "messages")
     conversation = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):

@@ -12,6 +12,7 @@ import betterproto
 from google.protobuf.message import Message
 
 from dispatch.v1 import common_pb2
+from dispatchnet.protocol import MAX_LLM_MESSAGES
 from dispatchnet.sdk import types
 from dispatchnet.sdk.errors import InvalidRequest
 
@@ -92,6 +93,8 @@ def llm_spec(
     else:
         if not prompt:
             raise InvalidRequest("messages is empty")
+        if len(prompt) > MAX_LLM_MESSAGES:
+            raise InvalidRequest(f"messages may hold at most {MAX_LLM_MESSAGES} messages")
         llm = types.LlmRequest(messages=chat_messages(prompt))
     if not 0 <= max_tokens <= 2**32 - 1:
         raise InvalidRequest("max_tokens must be 0 (the coordinator's default) or more")

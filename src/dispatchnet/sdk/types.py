@@ -144,7 +144,10 @@ class LlmRequest(betterproto.Message):
     """An LLM inference request."""
 
     messages: List["ChatMessage"] = betterproto.message_field(1)
-    """The conversation; either messages or prompt must be set."""
+    """
+    The conversation; either messages or prompt must be set. At most the coordinator's
+     [limits] max_llm_messages (256 by default) messages; more: INVALID_ARGUMENT.
+    """
 
     prompt: str = betterproto.string_field(2)
     """A single user prompt; shorthand for one "user" message."""
