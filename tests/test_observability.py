@@ -23,9 +23,12 @@ from dispatch.v1 import coordinator_pb2
 from dispatchnet.client import CoordinatorClient, task_spec
 from dispatchnet.keys import KeyPair
 from dispatchnet.observability import logs
+from dispatchnet.observability.feed import Feed
 from dispatchnet.observability.metrics import BoundedLabel, requeue_cause
+from dispatchnet.observability.sampler import Sample
 from dispatchnet.profiles import ProfileError
 from dispatchnet.server import start_coordinator
+from dispatchnet.store.registry import redacted
 from dispatchnet.worker.runtime import Worker
 
 ECHO = task_spec("echo", b'"hi"')
@@ -193,6 +196,20 @@ async def test_the_dashboard_needs_the_operator_token(cluster: Cluster, tmp_path
             assert r.status == 404 and "error" in await r.json()
         async with http.delete(base + "api/snapshot") as r:
             assert r.status == 405 and "error" in await r.json()
+        # odd bytes are refused as they are, never a 500 (nor a traceback in the log)
+        host, port = base.split("/")[2].rsplit(":", 1)
+        odd = [
+            b"GET /api/snapshot HTTP/1.1\r\nAuthorization: Bearer \xc3(\r\n",
+            b"GET /api/events HTTP/1.1\r\nCookie: dispatch_dashboard=\xff\r\n",
+            post(b"/api/login", b'{"token": "\\ud800"}'),
+            post(b"/api/login", b"[" * 4000),
+        ]
+        for request in odd:
+            status = await raw_status(host, int(port), request)
+            assert status in (b"400", b"401"), (request[:40], status)
+        mhost, mport = cluster.coord.metrics_url.split("/")[2].rsplit(":", 1)
+        accept = b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text; version=abc\r\n"
+        assert await raw_status(mhost, int(mport), accept) == b"200"
         async with http.post(base + "api/login", json={"token": token}) as r:
             assert r.status == 200
             cookie = r.cookies["dispatch_dashboard"]
@@ -209,6 +226,27 @@ async def test_the_dashboard_needs_the_operator_token(cluster: Cluster, tmp_path
     finally:
         await again.stop(grace=0.2)
     cluster.coord = again  # closed again by the fixture: stop() is idempotent
+
+
+def post(path: bytes, body: bytes) -> bytes:
+    return (
+        b"POST " + path + b" HTTP/1.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+
+
+async def raw_status(host: str, port: int, request: bytes) -> bytes:
+    """The status code of one request sent as raw bytes (an HTTP client would refuse to
+    send such headers)."""
+    head, _, body = request.partition(b"\r\n\r\n")
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(head.rstrip(b"\r\n") + b"\r\nHost: x\r\nConnection: close\r\n\r\n" + body)
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    return status_line.split(b" ")[1]
 
 
 async def read_event(stream: aiohttp.StreamReader) -> dict[str, Any]:
@@ -398,3 +436,42 @@ def test_tracing_is_off_unless_the_otel_variables_ask_for_it(
     from dispatchnet import cli
 
     assert cli.main(["auth", "whoami"]) == 1
+
+
+def test_the_flow_rates_count_the_last_minute() -> None:
+    """The dashboard's per-minute figures count the jobs of the last minute: not since a
+    snapshot an hour ago, and not a few seconds' jobs scaled up to a minute."""
+    now = [1000.0]
+    feed = Feed({}, clock=lambda: now[0])
+
+    def run(seconds: float, jobs_per_second: int) -> None:
+        end = now[0] + seconds
+        while now[0] < end:
+            now[0] += 1.0
+            feed.totals["completed"] += jobs_per_second
+            if int(now[0]) % 2 == 0:
+                feed.sampled(Sample(at=now[0]))  # the sampler's tick
+
+    def per_minute() -> float:
+        return float(feed.snapshot([], {})["flow"]["per_minute"]["completed"])
+
+    run(3, 3)
+    assert per_minute() == 9  # its first seconds: what they saw, not 180 a minute
+    run(57, 0)
+    run(3540, 0)  # an hour without a look
+    assert per_minute() == 0
+    run(60, 10)
+    assert 590 <= per_minute() <= 600
+    run(30, 0)
+    assert 290 <= per_minute() <= 310
+
+
+def test_store_urls_are_shown_without_passwords() -> None:
+    assert redacted("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert redacted("postgresql://u@h/db?password=s3cret&sslmode=require") == (
+        "postgresql://u@h/db?password=***&sslmode=require"
+    )
+    assert "x" not in redacted("postgresql://u@h/db?sslpassword=x").split("?")[1]
+    assert redacted("postgresql://u@h/db?application_name=a%20b") == (
+        "postgresql://u@h/db?application_name=a%20b"
+    )

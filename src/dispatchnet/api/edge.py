@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -34,6 +33,7 @@ from dispatchnet.api.bounds import has_limits, oversized_id
 from dispatchnet.auth.tokens import METADATA_KEY, Caller, TokenCache, verify_header
 from dispatchnet.memory import MemoryTrimmer
 from dispatchnet.observability import logs
+from dispatchnet.observability.logs import RateLimitedLog
 
 log = logging.getLogger("dispatch.edge")
 
@@ -99,24 +99,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Context], Any]
 
 DECODE_LOG_SECONDS = 60.0
-
-
-class RateLimitedLog:
-    """Logs at most one line per `interval` seconds, counting the lines it held back."""
-
-    def __init__(self, logger: logging.Logger, interval: float) -> None:
-        self.logger, self.interval = logger, interval
-        self.last = -interval
-        self.held = 0
-
-    def warning(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
-            self.held += 1
-            return
-        held, self.held, self.last = self.held, 0, now
-        suffix = f" ({held} more since the last report)" if held else ""
-        self.logger.warning(msg + suffix, *args)
 
 
 class Undecodable:

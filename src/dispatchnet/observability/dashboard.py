@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from dispatchnet.observability.feed import Feed, WorkerView
+from dispatchnet.observability.logs import RateLimitedLog
 
 if TYPE_CHECKING:
     from dispatchnet.coordinator.hub import WorkerHub
@@ -68,9 +69,13 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=HEADERS)
 
 
+_failures = RateLimitedLog(log, 60.0)  # unexpected errors: a line a minute at most
+
+
 @web.middleware
 async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Every HTTP error as JSON, with the security headers."""
+    """Every HTTP error as JSON, with the security headers; anything unexpected is a JSON
+    500, logged a line a minute at most (anyone can send requests)."""
     try:
         response: web.StreamResponse = await handler(request)
         return response
@@ -78,6 +83,17 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
         if e.status < 400:
             raise
         return _error(e.status, e.reason or "error")
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception as e:
+        _failures.warning("dashboard request %s failed: %s", request.path[:200], repr(e)[:300])
+        return _error(500, "the dashboard could not answer this request")
+
+
+def _same(given: str, expected: str) -> bool:
+    """Whether a token sent (text the HTTP layer decoded, perhaps with surrogate escapes,
+    or any JSON string) is the expected one, in constant time."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode())
 
 
 class Dashboard:
@@ -151,7 +167,7 @@ class Dashboard:
         header = request.headers.get("Authorization", "")
         if header.startswith("Bearer "):
             given = header[len("Bearer ") :].strip()
-        return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
+        return bool(given) and _same(given, self.token)
 
     def _check(self, request: web.Request) -> None:
         if not self._authorized(request):
@@ -180,12 +196,10 @@ class Dashboard:
     async def _login(self, request: web.Request) -> web.Response:
         try:
             body = await request.json()
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return _error(400, 'send JSON {"token": "..."}')
         token = body.get("token") if isinstance(body, dict) else None
-        if not isinstance(token, str) or not hmac.compare_digest(
-            token.strip().encode(), self.token.encode()
-        ):
+        if not isinstance(token, str) or not _same(token.strip(), self.token):
             return _error(401, f"wrong token: see {TOKEN_FILE} in the coordinator's data dir")
         response = web.json_response({"ok": True}, headers=HEADERS)
         response.set_cookie(COOKIE, self.token, httponly=True, samesite="Strict", path="/api")

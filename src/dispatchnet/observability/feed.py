@@ -210,8 +210,9 @@ class Feed(NullObserver):
         self._touch()
 
     def sampled(self, sample: Sample) -> None:
-        """Sampler listener."""
+        """Sampler listener (also the clock of the rates' history)."""
         self.sample = sample
+        self._record(self.clock())
         self._touch()
 
     # --- the snapshot -----------------------------------------------------------------------
@@ -221,17 +222,22 @@ class Feed(NullObserver):
         template = self.explorers.get(network)
         return template.replace("{tx}", quote(tx, safe="")) if template else ""
 
-    def _rates(self, now: float) -> dict[str, float]:
-        """Jobs per minute over the last minute (or since start), from the totals' history:
-        a point per second at most, the oldest kept just over a minute old."""
+    def _record(self, now: float) -> None:
+        """A point of the totals' history (one a second at most; each sample and each
+        snapshot adds one), keeping the newest one at least a minute old."""
         h = self._history
         if now - h[-1][0] >= 1.0:
             h.append((now, dict(self.totals)))
         while len(h) > 1 and now - h[1][0] >= RATE_WINDOW_SECONDS:
             h.popleft()
-        then, base = h[0]
-        window = max(now - then, 1.0)
-        return {k: round((v - base[k]) * 60.0 / window, 2) for k, v in self.totals.items()}
+
+    def _rates(self, now: float) -> dict[str, float]:
+        """Jobs in the last minute: since the newest point of the history at least a
+        minute old (a sample interval more at most), or since start in a coordinator's
+        first minute (a count, never scaled up to a minute)."""
+        self._record(now)
+        _, base = self._history[0]
+        return {k: float(v - base[k]) for k, v in self.totals.items()}
 
     def snapshot(self, workers: Sequence[WorkerView], about: Mapping[str, Any]) -> dict[str, Any]:
         now = self.clock()

@@ -117,3 +117,21 @@ def quiet_peer_gone() -> None:
     logger = logging.getLogger(GRPC_AIO_LOGGER)
     if not any(isinstance(f, PeerGoneFilter) for f in logger.filters):
         logger.addFilter(PeerGoneFilter())
+
+
+class RateLimitedLog:
+    """Logs at most one line per `interval` seconds, counting the lines it held back."""
+
+    def __init__(self, logger: logging.Logger, interval: float) -> None:
+        self.logger, self.interval = logger, interval
+        self.last = -interval
+        self.held = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.held += 1
+            return
+        held, self.held, self.last = self.held, 0, now
+        suffix = f" ({held} more since the last report)" if held else ""
+        self.logger.warning(msg + suffix, *args)

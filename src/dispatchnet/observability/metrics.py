@@ -394,7 +394,10 @@ class MetricsServer:
         self.port = int(runner.addresses[0][1])
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        try:
+            encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        except Exception:  # an Accept header prometheus_client cannot read: plain text
+            encoder, content_type = choose_encoder("")
         return web.Response(body=encoder(self.registry), headers={"Content-Type": content_type})
 
     async def _index(self, request: web.Request) -> web.Response:

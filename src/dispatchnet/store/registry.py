@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from dispatchnet.profiles import Profile, StoreConfig
 from dispatchnet.store.base import Store
@@ -40,13 +40,24 @@ def sqlite_path(url: str, data_dir: Path) -> Path:
     return data_dir / rest  # an absolute path stays itself
 
 
+SECRET_PARAMETERS = ("password", "sslpassword")  # libpq's, which asyncpg reads too
+
+
 def redacted(url: str) -> str:
-    """The url without its password, for logs and output."""
+    """The url without its password (in its user part or as a query parameter), for
+    logs and output."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if any(k.lower() in SECRET_PARAMETERS for k, _ in pairs):
+        query = [
+            (k, "***" if k.lower() in SECRET_PARAMETERS else v)
+            for k, v in pairs
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
 
 
 def describe(profile: Profile, data_dir: Path) -> str:
