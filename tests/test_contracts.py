@@ -23,6 +23,7 @@ from web3.contract import Contract
 from web3.exceptions import ContractCustomError, ContractLogicError
 from web3.logs import DISCARD
 
+from dispatchnet.chains.evm import payments as evm_payments
 from dispatchnet.chains.evm.deploy import ARTIFACTS_DIR, Deployment, deploy, load_artifact
 from dispatchnet.devchain.anvil import Anvil, _rpc
 
@@ -688,7 +689,7 @@ def _authorization(
     return message, signed
 
 
-def test_usdc_transfer_with_authorization(chain: Chain) -> None:
+def test_usdc_transfer_with_authorization(chain: Chain, monkeypatch: pytest.MonkeyPatch) -> None:
     usdc = chain.contract("TestUSDC")
     assert usdc.functions.name().call() == "USDC"
     assert usdc.functions.symbol().call() == "USDC"
@@ -707,6 +708,7 @@ def test_usdc_transfer_with_authorization(chain: Chain) -> None:
         *args, sig.v, sig.r.to_bytes(32, "big"), sig.s.to_bytes(32, "big")
     )
     receipt = send(chain, transfer, DEPLOYER)  # the facilitator submits and pays the gas
+    transferred = (receipt, m["validAfter"])
     (used,) = usdc.events.AuthorizationUsed().process_receipt(receipt, errors=DISCARD)
     assert used["args"]["authorizer"] == payer and used["args"]["nonce"] == nonce
     assert usdc.functions.balanceOf(payee).call() == before + 1_250_000
@@ -766,6 +768,32 @@ def test_usdc_transfer_with_authorization(chain: Chain) -> None:
         usdc.functions.transferWithAuthorization(*args, bytes(sig.signature)),
         DEPLOYER,
         "authorization is used or canceled",
+    )
+
+    # what settlement's recovery reads of an authorization: by whom it was used (its
+    # event, looked for in bounded ranges from its validAfter), or that it was cancelled,
+    # or that the node cannot say (no event of it in the blocks searched)
+    monkeypatch.setattr(evm_payments, "LOG_RANGE", 2)  # many ranges, as on a public node
+    w3, token = chain.w3, chain.deployment.usdc
+    tx_receipt, valid_after = transferred
+    use = evm_payments.authorization_use(
+        w3, token, payer, "0x" + nonce.hex(), not_before=valid_after
+    )
+    assert use == evm_payments.AuthorizationUse(
+        True, "0x" + bytes(tx_receipt["transactionHash"]).hex()
+    )
+    assert evm_payments.authorization_use(w3, token, payer, "0x" + nonce4.hex()) == (
+        evm_payments.AuthorizationUse(True, cancelled=True)
+    )
+    later = w3.eth.block_number + 1
+    gone = evm_payments.authorization_use(w3, token, payer, "0x" + nonce.hex(), from_block=later)
+    assert gone.used and gone.unexplained
+    unused = evm_payments.authorization_use(w3, token, payer, "0x" + os.urandom(32).hex())
+    assert not unused.used and not unused.unexplained
+    assert evm_payments.first_block_at(w3, 0, w3.eth.block_number) == 0
+    newest = w3.eth.get_block("latest")
+    assert evm_payments.first_block_at(w3, newest["timestamp"] + 1, newest["number"]) == (
+        newest["number"] + 1
     )
 
 

@@ -60,6 +60,12 @@ class SettlementRefused(Exception):
         self.reason = reason
 
 
+class SettlementPending(Unavailable):
+    """The payment's settlement was sent and is not confirmed, or the chain cannot tell
+    yet what became of it: it stays open (and is looked at again later) without holding
+    up the other payments (the node answers)."""
+
+
 class PaymentGateway(Protocol):
     """The x402 machinery (payments/x402.py). Every method may block, but verify_async:
     the same as verify, awaited on the event loop without blocking it."""

@@ -44,7 +44,7 @@ from x402.schemas import (
 from dispatchnet.chains import registry
 from dispatchnet.coordinator.models import Payment, PaymentStatus
 from dispatchnet.errors import InvalidArgument, PaymentRequired, Unavailable
-from dispatchnet.payments.service import SettlementRefused
+from dispatchnet.payments.service import SettlementPending, SettlementRefused
 from dispatchnet.profiles import Profile
 
 log = logging.getLogger("dispatch.payments")
@@ -75,6 +75,8 @@ class PaymentRail(Protocol):
     def transport_error_since(self, t: float) -> str: ...
     def settlement_of(self, payment: Payment) -> tuple[bool, str]: ...
     def settlement_failed(self, transaction: str) -> bool: ...
+    def waits(self, payment: Payment) -> bool:  # a back-off of the rail's own: skip it now
+        ...
 
     batch: Any  # None when the rail settles one payment at a time
 
@@ -291,6 +293,8 @@ class X402Gateway:
             rail = self.rails[network]
             if rail.batch is None:
                 for p in group:
+                    if rail.waits(p):
+                        continue  # left open, as it was
                     try:
                         out[p.job_id] = self.settle(p)
                     except SettlementRefused as e:
@@ -337,11 +341,6 @@ class X402Gateway:
 
 # How far ahead of this machine a client's clock may be when it signs an authorization
 CLOCK_SLACK_SECONDS = 120
-
-
-class SettlementPending(Unavailable):
-    """The payment's settlement was sent and is not confirmed: it stays open (and is looked
-    at again next pass) without holding up the other payments (the node answers)."""
 
 
 def _x402_objects(payment: Payment) -> tuple[PaymentPayload, PaymentRequirements]:

@@ -95,6 +95,15 @@ TOKEN_ABI: list[dict[str, Any]] = [
             {"name": "nonce", "type": "bytes32", "indexed": True},
         ],
     },
+    {
+        "type": "event",
+        "name": "AuthorizationCanceled",
+        "anonymous": False,
+        "inputs": [
+            {"name": "authorizer", "type": "address", "indexed": True},
+            {"name": "nonce", "type": "bytes32", "indexed": True},
+        ],
+    },
 ]
 
 
@@ -231,13 +240,35 @@ def _is_revert(e: BaseException) -> bool:
     return isinstance(e, Web3RPCError) and "revert" in str(e).lower()
 
 
+@dataclass(frozen=True)
+class AuthorizationUse:
+    """What the chain says of an EIP-3009 authorization: unused; used, by `transaction`
+    (its AuthorizationUsed event); cancelled by its signer (its AuthorizationCanceled
+    event); or used with neither event found (`unexplained`: the node keeps no logs that
+    old, or no longer has them)."""
+
+    used: bool
+    transaction: str = ""
+    cancelled: bool = False
+
+    @property
+    def unexplained(self) -> bool:
+        return self.used and not self.transaction and not self.cancelled
+
+
+# eth_getLogs is asked for at most this many blocks at a time (public nodes cap the range)
+LOG_RANGE = 10_000
+
+
 def authorization_use(
-    w3: Web3, asset: str, payer: str, nonce: str, from_block: int = 0
-) -> tuple[bool, str]:
-    """Whether the EIP-3009 authorization (payer, nonce) is used or cancelled on chain,
-    and the transaction whose AuthorizationUsed event used it ("" if none was found: the
-    authorization was cancelled, or the node keeps no logs that old). Unavailable when the
-    node cannot be reached."""
+    w3: Web3, asset: str, payer: str, nonce: str, from_block: int = 0, not_before: int = 0
+) -> AuthorizationUse:
+    """Whether the authorization (payer, nonce) is used or cancelled on chain, and by
+    what. The token's AuthorizationUsed and AuthorizationCanceled events of it are looked
+    for from from_block, or else from the first block at or after the time not_before
+    (the authorization's validAfter: no earlier block can use it; the signer can cancel
+    it before, which is then looked for from from_block), to the latest, LOG_RANGE blocks
+    a query. Unavailable when the node cannot be reached."""
     token = w3.eth.contract(address=Web3.to_checksum_address(asset), abi=TOKEN_ABI)
     nonce_bytes = HexBytes(nonce)
     try:
@@ -245,17 +276,43 @@ def authorization_use(
             token.functions.authorizationState(Web3.to_checksum_address(payer), nonce_bytes).call()
         )
         if not used:
-            return False, ""
-        logs = token.events.AuthorizationUsed().get_logs(
-            from_block=from_block,
-            argument_filters={
-                "authorizer": Web3.to_checksum_address(payer),
-                "nonce": nonce_bytes,
-            },
-        )
+            return AuthorizationUse(False)
+        latest = int(w3.eth.block_number)
+        start = max(from_block, first_block_at(w3, not_before, latest) if not_before else 0)
+        topics = [
+            [_hex(AUTHORIZATION_USED_TOPIC), _hex(AUTHORIZATION_CANCELED_TOPIC)],
+            "0x" + HexBytes(Web3.to_checksum_address(payer)).rjust(32, b"\0").hex(),
+            _hex(nonce_bytes),
+        ]
+        for low in range(start, latest + 1, LOG_RANGE):
+            logs = w3.eth.get_logs(
+                {
+                    "address": token.address,
+                    "fromBlock": low,
+                    "toBlock": min(latest, low + LOG_RANGE - 1),
+                    "topics": topics,
+                }
+            )
+            for entry in logs:
+                if HexBytes(entry["topics"][0]) == AUTHORIZATION_CANCELED_TOPIC:
+                    return AuthorizationUse(True, cancelled=True)
+                return AuthorizationUse(True, _hex(entry["transactionHash"]))
     except TRANSIENT as e:
         raise Unavailable(f"chain node unreachable: {_brief(e)}") from e
-    return True, (_hex(logs[0]["transactionHash"]) if logs else "")
+    return AuthorizationUse(True)
+
+
+def first_block_at(w3: Web3, when: int, latest: int) -> int:
+    """The first block whose timestamp is at least `when` (latest + 1 if none is yet), by
+    bisection: about log2(latest) block reads."""
+    low, high = 0, latest + 1
+    while low < high:
+        mid = (low + high) // 2
+        if int(w3.eth.get_block(mid)["timestamp"]) >= when:
+            high = mid
+        else:
+            low = mid + 1
+    return low
 
 
 class EvmRefunder:
@@ -447,6 +504,7 @@ class EvmBatchSettler:
 
 
 AUTHORIZATION_USED_TOPIC = Web3.keccak(text="AuthorizationUsed(address,bytes32)")
+AUTHORIZATION_CANCELED_TOPIC = Web3.keccak(text="AuthorizationCanceled(address,bytes32)")
 RECEIPT_POLL_SECONDS = 0.05  # how often a batch's receipt is asked for until it is mined
 
 

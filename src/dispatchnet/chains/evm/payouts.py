@@ -139,11 +139,11 @@ class EvmPayoutSender:
         and the chain's time is past valid_before (it can never be used); else NOT_FOUND."""
         raw = json.loads(signed.raw)
         w3 = self.sender.w3
-        used, tx = authorization_use(
+        use = authorization_use(
             w3, raw["asset"], raw["from"], raw["nonce"], int(raw.get("from_block", 0))
         )
-        if used:
-            return PayoutStatus(PayoutState.LANDED, tx)
+        if use.used:  # signed by the coordinator's own account: never cancelled
+            return PayoutStatus(PayoutState.LANDED, use.transaction)
         try:
             now = int(w3.eth.get_block("latest")["timestamp"])
         except TRANSIENT as e:

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,10 +34,16 @@ from dispatchnet.chains.evm.payments import (
 )
 from dispatchnet.coordinator.models import Payment
 from dispatchnet.errors import InvalidArgument
-from dispatchnet.payments.service import SettlementRefused
+from dispatchnet.payments.service import SettlementPending, SettlementRefused
 from dispatchnet.profiles import AcceptConfig, Profile
 
 log = logging.getLogger("dispatch.payments")
+
+# A payment whose authorization is used with no event of it on the node is looked at
+# again after this long, doubling each time up to the most; so many are remembered.
+UNEXPLAINED_FIRST_SECONDS = 60.0
+UNEXPLAINED_MOST_SECONDS = 3600.0
+UNEXPLAINED_KEPT = 10_000
 
 # An exact EIP-3009 authorization's fields as x402 spells them (the only spellings read)
 _NONCE = re.compile(r"0x[0-9a-fA-F]{64}")
@@ -102,6 +109,8 @@ class EvmRail:
         self._asset: Asset | None = None
         self._lock = threading.Lock()
         self.w3 = sender.w3
+        # job_id -> (when to look again, the delay): payments whose use is unexplained
+        self._unexplained: dict[str, tuple[float, float]] = {}
         self.refunder = EvmRefunder(sender, pay.refund_gas_limit, cfg.tx_timeout_seconds)
         # Many settlements in one transaction: only where this process settles itself (a
         # remote facilitator settles one payment per call) and the chain has the contract.
@@ -183,8 +192,42 @@ class EvmRail:
 
     def settlement_of(self, payment: Payment) -> tuple[bool, str]:
         """Whether the payment's authorization is used on chain, and the transaction that
-        used it ("" if none was found: cancelled, or logs that old are gone)."""
-        return authorization_use(self.w3, payment.asset, payment.payer, payment.authorization_id)
+        used it ("": its payer cancelled it). SettlementPending when it is used and the node
+        has neither event of it (logs that old are gone): the payment stays open, looked
+        at again after a back-off, rather than being recorded either way."""
+        try:
+            valid_after = self.authorization(_payload(payment)).valid_after
+        except InvalidArgument:
+            valid_after = 0
+        use = authorization_use(
+            self.w3, payment.asset, payment.payer, payment.authorization_id,
+            not_before=valid_after,
+        )  # fmt: skip
+        if use.unexplained:
+            delay = self._unexplained_delay(payment.job_id)
+            raise SettlementPending(
+                f"its authorization is used on chain, but the node has no AuthorizationUsed "
+                f"or AuthorizationCanceled event of it (logs that old may be gone): kept "
+                f"open, looked at again in {delay:.0f} s"
+            )
+        self._unexplained.pop(payment.job_id, None)
+        return use.used, use.transaction
+
+    def _unexplained_delay(self, job_id: str) -> float:
+        """Backs off the look at a payment whose use the chain cannot explain (doubling
+        from UNEXPLAINED_FIRST_SECONDS up to UNEXPLAINED_MOST_SECONDS); the delay set."""
+        now = time.monotonic()
+        _, delay = self._unexplained.get(job_id, (now, UNEXPLAINED_FIRST_SECONDS / 2))
+        delay = min(UNEXPLAINED_MOST_SECONDS, delay * 2)
+        if len(self._unexplained) >= UNEXPLAINED_KEPT and job_id not in self._unexplained:
+            self._unexplained.pop(next(iter(self._unexplained)))
+        self._unexplained[job_id] = (now + delay, delay)
+        return delay
+
+    def waits(self, payment: Payment) -> bool:
+        """Whether the payment's use is unexplained and its back-off has not run out."""
+        due = self._unexplained.get(payment.job_id)
+        return due is not None and time.monotonic() < due[0]
 
     def settlement_failed(self, transaction: str) -> bool:
         """Whether a settlement the SDK reported pending landed with an error: never asked
@@ -205,6 +248,7 @@ class EvmRail:
             raise ValueError(f"{self.network} settles one payment at a time")
         out: dict[str, str | SettlementRefused] = {}
         auths: dict[str, Authorization] = {}
+        payments = [p for p in payments if not self.waits(p)]  # left open, as they were
         for p in payments:
             try:
                 auths[p.job_id] = self.authorization(_payload(p))
@@ -217,7 +261,11 @@ class EvmRail:
             if not used:
                 todo.append(p)
                 continue
-            used_now, tx = self.settlement_of(p)
+            try:
+                used_now, tx = self.settlement_of(p)
+            except SettlementPending as e:  # this one's own: the others go on
+                log.warning("payment of job %s: %s", p.job_id, e.message)
+                continue
             if used_now and tx:
                 log.info("payment for job %s was already settled in %s", p.job_id, tx)
                 out[p.job_id] = tx

@@ -291,6 +291,10 @@ class SvmRail:
         except TRANSIENT as e:
             raise Unavailable(f"Solana node unreachable: {first_line(e)}") from e
 
+    def waits(self, payment: Payment) -> bool:
+        """Never: this rail has no back-off of its own."""
+        return False
+
     def settlement_failed(self, transaction: str) -> bool:
         """Whether the settlement transaction (a signature) landed with an error: it ran
         and moved nothing, and its payment's one signed transaction cannot land again.
