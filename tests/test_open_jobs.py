@@ -78,3 +78,40 @@ async def test_a_refused_job_offered_at_once_is_withdrawn_from_its_worker(
     assert done.state == coordinator_pb2.JOB_STATE_COMPLETED
     assert len(w._running) == 2 and w.completed == 1
     assert "cancelled: the job was not committed" in caplog.text
+
+
+@pytest.mark.parametrize("profile", [make_profile(jobs={"client_max_watches": 2})])
+async def test_a_client_holds_a_bounded_number_of_watches(cluster: Cluster) -> None:
+    """[jobs] client_max_watches: WatchJob and RunJob calls one client has open (each holds
+    a stream and memory); beyond, RESOURCE_EXHAUSTED, and a RunJob refused so makes no job."""
+    c, other = cluster.client(), cluster.client()
+    job = await c.submit(task_spec("echo", b"waits"))  # no worker: it stays queued
+    request = coordinator_pb2.WatchJobRequest(job_id=job.job_id)
+    calls = [c.jobs.WatchJob(request, metadata=c.metadata()) for _ in range(2)]
+    for call in calls:
+        assert (await call.read()).event.sequence == 1  # open, and served
+    refused = c.jobs.WatchJob(request, metadata=c.metadata())
+    message = await _refused(refused.read())
+    assert "client_max_watches" in message
+    run = coordinator_pb2.RunJobRequest(spec=task_spec("echo", b"hi"), idempotency_key="run")
+    assert "client_max_watches" in await _refused(c.jobs.RunJob(run, metadata=c.metadata()))
+    assert _jobs_of(cluster, c) == 1  # the refused RunJob made none
+    mine = await other.submit(task_spec("echo", b"other"))  # another client is not held back
+    theirs = other.jobs.WatchJob(
+        coordinator_pb2.WatchJobRequest(job_id=mine.job_id), metadata=other.metadata()
+    )
+    assert (await theirs.read()).event.sequence == 1
+    theirs.cancel()
+    calls[0].cancel()  # an ended watch gives its place back
+
+    async def room() -> bool:
+        again = c.jobs.WatchJob(request, metadata=c.metadata())
+        try:
+            return (await again.read()).event.sequence == 1
+        except grpc.aio.AioRpcError:
+            return False
+        finally:
+            again.cancel()
+
+    await wait_until(room, what="a place given back")
+    calls[1].cancel()

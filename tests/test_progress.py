@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cluster, make_profile, wait_until
+from conftest import Cluster, StoreFactory, make_profile, wait_until
+from test_restart import Clock, running, start
 
 from dispatch.v1 import common_pb2, coordinator_pb2
 from dispatchnet.client import CoordinatorClient, task_spec
@@ -223,3 +224,47 @@ async def test_resume_from_a_stored_sequence_after_a_restart(tmp_path: Path) -> 
         assert reasons == ["coordinator_restarted", "resumed", "completed"]
     finally:
         await cluster.close()
+
+
+async def test_progress_during_a_move_waits_for_it_and_never_takes_its_number(
+    store_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk that comes while a move of its job is being written (here a cancel) waits
+    for the move: its state event takes the next number, then the chunk is dropped (the
+    job no longer runs). It used to be numbered meanwhile: it reached watchers under the
+    number the store then gave the CANCELLED event, which they never got."""
+    store, clock = await store_factory.open(), Clock()
+    jobs = await start(store, clock, max_attempts=3)
+    try:
+        job = await running(jobs, "k1")
+        writing, go_on = asyncio.Event(), asyncio.Event()
+        transition = store.transition
+
+        async def held_transition(*args: Any, **kwargs: Any) -> Any:
+            writing.set()
+            await go_on.wait()
+            return await transition(*args, **kwargs)
+
+        monkeypatch.setattr(store, "transition", held_transition)
+        seen: list[tuple[int, EventKind, str]] = []
+
+        async def watch() -> None:
+            async for e, _ in jobs.watch("client", job.job_id, 0):
+                seen.append((e.sequence, e.kind, e.state.name))
+
+        watcher = asyncio.create_task(watch())
+        cancel = asyncio.create_task(jobs.cancel("client", job.job_id, "changed my mind"))
+        await asyncio.wait_for(writing.wait(), 10)
+        chunk = asyncio.create_task(jobs.progress(job.job_id, 1, "w1", "late", 0.5))
+        await wait_until(lambda: jobs._moving.get(job.job_id) is not None, what="the move")
+        go_on.set()
+        await asyncio.wait_for(asyncio.gather(cancel, chunk), 10)
+        await asyncio.wait_for(watcher, 10)  # ends with the final event, at once
+        stored = [
+            (e.sequence, e.kind, e.state.name) for e in await store.events_after(job.job_id, 0)
+        ]
+        assert seen == stored and seen[-1][2] == "CANCELLED"
+        assert [s for s, _, _ in seen] == list(range(1, len(seen) + 1))
+        assert all(kind is EventKind.STATE for _, kind, _ in seen)  # the chunk was dropped
+    finally:
+        await store.close()

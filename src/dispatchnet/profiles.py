@@ -100,6 +100,9 @@ class JobsConfig:
     # Jobs one client may have open (queued, offered or running) at once; CommitJob and
     # RunJob beyond it answer RESOURCE_EXHAUSTED, storing nothing (0: no limit).
     client_max_open_jobs: int = 1000
+    # WatchJob and RunJob calls one client may have open at once (each holds a stream and
+    # memory); beyond, RESOURCE_EXHAUSTED (0: no limit).
+    client_max_watches: int = 1000
 
 
 @dataclass(frozen=True)
@@ -515,6 +518,8 @@ def check_profile(profile: Profile) -> list[str]:
         needs("identity", "[identity] require_registration")
     if profile.jobs.client_max_open_jobs < 0:
         problems.append("[jobs] client_max_open_jobs must be 0 (no limit) or more")
+    if profile.jobs.client_max_watches < 0:
+        problems.append("[jobs] client_max_watches must be 0 (no limit) or more")
     q = profile.quotes
     if min(q.anonymous_max_quotes, q.client_max_bytes, q.max_bytes) < 1:
         problems.append("[quotes] limits must be positive")

@@ -99,6 +99,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_pb2.RunJobRequest, context: Ctx
     ) -> coordinator_pb2.RunJobResponse:
         who = caller().id
+        self.jobs.watch_room(who)  # before a job is made that the call could not wait for
         what = request.WhichOneof("job")
         if what == "quote_id":
             job, created = await self.jobs.commit(

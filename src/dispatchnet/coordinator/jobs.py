@@ -220,6 +220,10 @@ class JobService:
         self._active: dict[str, tuple[Job, float | None]] = {}
         # jobs CommitJob is writing, offered already: their workers' messages wait for it
         self._writing: dict[str, asyncio.Future[None]] = {}
+        # job_id -> the moves of it under way (from their progress flush to their write):
+        # progress waits for them, so that no chunk is numbered between the two
+        self._moving: dict[str, list[asyncio.Future[None]]] = {}
+        self._watches: dict[str, int] = {}  # client_id -> its WatchJob / RunJob waits
         # the quotes this process made lately (immutable until they expire)
         self._quotes: OrderedDict[str, Quote] = OrderedDict()
         self._quote_bytes = 0  # their specs' bytes
@@ -565,19 +569,27 @@ class JobService:
         while this process holds them (see LiveEvents: every event of a watched job that
         changes here), else from the store. Any `after` past MAX_SEQUENCE means the same as
         MAX_SEQUENCE: past every event."""
+        self.watch_room(client_id)
+        self._watches[client_id] = self._watches.get(client_id, 0) + 1
         wake = self.notifier.subscribe(job_id)  # before the read: no change is missed
         try:
             seen = self._elsewhere.get(job_id, 0)  # before the read, likewise
             # a job committed or moved here lately is in memory with all its events
             job = self._known(client_id, job_id) or await self.get(client_id, job_id)
             seq = min(max(after, 0), MAX_SEQUENCE)
+            woken = False  # by a change here since the store was last read
             while True:
                 wake.clear()
                 if self._elsewhere.get(job_id, 0) != seen:  # changed by another coordinator
                     seen = self._elsewhere.get(job_id, 0)
                     job = await self.get(client_id, job_id)
-                events = self.live.after(job_id, seq) or []
-                if not events and seq < job.last_sequence:  # not (or no longer) in memory
+                live = self.live.after(job_id, seq)
+                events = live or []
+                # not (or no longer) in memory: the store has them (after a change here
+                # that memory cannot tell, whatever the job last read here says: it may be
+                # older than them)
+                if not events and (seq < job.last_sequence or (live is None and woken)):
+                    woken = False
                     events = await self.store.events_after(job_id, seq)
                     if not events:  # the store ends at seq: the rest, if any, is in memory
                         events = self.live.after(job_id, seq) or []
@@ -594,7 +606,8 @@ class JobService:
                     continue
                 if job.state.final and seq >= job.last_sequence:
                     return
-                if not await _wait(wake, WATCH_POLL_SECONDS):
+                woken = await _wait(wake, WATCH_POLL_SECONDS)
+                if not woken:
                     # nothing happened here: the job may have moved on elsewhere
                     job = await self.get(client_id, job_id)
         finally:
@@ -602,6 +615,21 @@ class JobService:
             if not self.notifier.watched(job_id):
                 self.live.release(job_id)
                 self._elsewhere.pop(job_id, None)
+            left = self._watches[client_id] - 1
+            if left:
+                self._watches[client_id] = left
+            else:
+                del self._watches[client_id]
+
+    def watch_room(self, client_id: str) -> None:
+        """ResourceExhausted when the client already waits on [jobs] client_max_watches
+        WatchJob and RunJob calls (each holds a stream and memory here)."""
+        most = self.cfg.client_max_watches
+        if most and self._watches.get(client_id, 0) >= most:
+            raise ResourceExhausted(
+                f"you have {most} WatchJob and RunJob calls open, the most one client may "
+                "have at once ([jobs] client_max_watches); end one first"
+            )
 
     async def wait_final(self, client_id: str, job: Job) -> Job:
         """job (just committed, or found by its key) as it is once final."""
@@ -816,9 +844,16 @@ class JobService:
         await self._written(job_id)
         if job_id in self._accepts or job_id in self._accepting:
             await self._write_accept(job_id)  # "accepted" comes before its progress
-        job = await self._held(job_id, attempt, worker_id, (JobState.RUNNING,))
-        if job is None:
-            return
+        while True:
+            job = await self._held(job_id, attempt, worker_id, (JobState.RUNNING,))
+            if job is None:
+                return
+            moving = self._moving.get(job_id)
+            if not moving:
+                break  # numbered now, with no await before: no move can start in between
+            # a move's state event takes the next number first (a chunk numbered now
+            # would share it); then the job is looked at again (cancelled: dropped)
+            await asyncio.wait(list(moving))
         if job.spec.sealed:
             text = ""  # a sealed job's output exists only sealed: never stored or forwarded
         now = self.clock()
@@ -1511,6 +1546,34 @@ class JobService:
         """(write: the store write of the move, when it is more than a transition: it is
         given the changes, with state and updated_at, and the event. expect: see
         Store.transition; not with write.)"""
+        job_id = job.job_id
+        moving = asyncio.get_running_loop().create_future()
+        self._moving.setdefault(job_id, []).append(moving)
+        try:
+            return await self._move_gated(
+                job, from_states, attempt, to, reason, feedback, outcome, write, expect, changes
+            )
+        finally:
+            under_way = self._moving[job_id]
+            under_way.remove(moving)
+            if not under_way:
+                del self._moving[job_id]
+            moving.set_result(None)
+
+    async def _move_gated(
+        self,
+        job: Job,
+        from_states: tuple[JobState, ...],
+        attempt: int | None,
+        to: JobState,
+        reason: str,
+        feedback: FeedbackEntry | None,
+        outcome: tuple[str, bool] | None,
+        write: Callable[[dict[str, object], Event], Awaitable[Job | None]] | None,
+        expect: dict[str, object] | None,
+        changes: dict[str, object],
+    ) -> Job | None:
+        """_move, while progress of the job waits (see progress)."""
         await self.flush_progress(job.job_id)  # progress first: stored sequences stay in order
         await self._accept_written(job.job_id)
         prior: PriorMove | None = None

@@ -52,10 +52,7 @@ def redacted(url: str) -> str:
         parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     if any(k.lower() in SECRET_PARAMETERS for k, _ in pairs):
-        query = [
-            (k, "***" if k.lower() in SECRET_PARAMETERS else v)
-            for k, v in pairs
-        ]
+        query = [(k, "***" if k.lower() in SECRET_PARAMETERS else v) for k, v in pairs]
         parts = parts._replace(query=urlencode(query, safe="*"))
     return urlunsplit(parts)
 
