@@ -165,4 +165,5 @@ async def test_older_feedback_weighs_less_by_its_blocks_time(
     assert {e["client"] for e in shown["feedback"]} == {reviewer.address}
     assert shown["summary"] == {"count": 4, "average": 50.0}
     rc, out, err = await adispatch(home, "chain", "reputation", "--", "-1")
-    assert rc == 1 and "agent id -1 is not a uint256" in err and "Traceback" not in err
+    assert rc == 2 and "argument agent_id: must be between 0 and" in err, err  # usage
+    assert "Traceback" not in err
