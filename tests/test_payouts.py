@@ -15,7 +15,7 @@ from conftest import StoreFactory
 from test_earnings import WORKER, Ledger
 
 from dispatchnet.coordinator.models import JobState, PayoutRowState
-from dispatchnet.coordinator.payouts import PayoutService
+from dispatchnet.coordinator.payouts import PAGE, PayoutService
 from dispatchnet.errors import Unavailable
 from dispatchnet.payments.payouts import (
     Payout,
@@ -42,6 +42,9 @@ class FakeChain:
         self.down = False
         self.lose_reply = False
         self.refuse: set[str] = set()  # payout ids the chain refuses for good
+        # recipients whose payouts the node will not take (a Solana token account its
+        # owner handed to another: every send fails before it lands, for as long)
+        self.unpayable: set[str] = set()
 
     def _up(self) -> None:
         if self.down:
@@ -60,6 +63,9 @@ class FakeChain:
             pid = s.payout.payout_id
             if pid in self.refuse:
                 out[pid] = PayoutStatus(PayoutState.FAILED, reason="refused")
+                continue
+            if s.payout.to in self.unpayable:
+                out[pid] = PayoutStatus(PayoutState.NOT_FOUND, reason="simulation failed")
                 continue
             if pid not in self.paid:
                 self.paid[pid] = (s.payout.to, s.payout.amount)
@@ -280,6 +286,51 @@ async def test_workers_with_no_payout_address_never_hide_the_ones_behind(
     assert await loop.run_pass() == 1
     assert chain.received(ADDRESS) == shares and len(asked) == 251
     assert await loop.run_pass() == 0 and len(asked) == 251
+
+
+async def test_payouts_a_recipient_makes_unpayable_neither_pile_up_nor_hide_the_others(
+    ledgers: Callable[..., Awaitable[Ledger]],
+    store_factory: StoreFactory,
+) -> None:
+    """Workers whose payouts the node will not take (more than a page of them): each has
+    one open payout at a time, not one more per credit; they are tried again only after a
+    wait, so the passes over them are not full ones run back to back; and an honest
+    payout, even one left signed and unsent by a crash, still lands."""
+    ledger = await ledgers()
+    chain = FakeChain()
+    clock = Clock()
+    old = clock.now - 3600
+    bad = [f"{i:064x}" for i in range(150)]
+    for i, worker in enumerate(bad):
+        await ledger.store.record_worker_seen(worker, 1, old, f"{1000 + i}")
+    await store_factory.execute(
+        "INSERT INTO worker_earnings (worker_id, network, asset, earned, paid, unpaid_since) "
+        "VALUES " + ",".join(["(?,?,?,?,0,?)"] * len(bad)),
+        *(v for worker in bad for v in (worker, NETWORK, "0xusdc", 900, old)),
+    )
+    unpayable = "0x" + "66" * 20
+    chain.unpayable.add(unpayable)
+    addresses = {f"{1000 + i}": unpayable for i in range(len(bad))}
+    loop = service(ledger, chain, {**addresses, "7": ADDRESS}, clock)
+    # the honest worker's payout: recorded and signed, then the coordinator died
+    shares = await earn(ledger, [1000])
+    honest = await loop._record(
+        (await ledger.store.payouts_due(NETWORK, 1, clock.now, 500))[-1], clock.now
+    )
+    assert honest is not None and honest.worker_id == WORKER
+    assert len(await loop._sign([honest])) == 1
+    clock.now += 1
+    handled = [await loop.run_pass() for _ in range(3)]
+    assert chain.received(ADDRESS) == shares  # landed
+    assert handled[-1] < PAGE  # the stuck ones wait: no full pass again at once
+    # more credits for the stuck workers make no second open payout
+    await store_factory.execute("UPDATE worker_earnings SET earned = earned + 500")
+    for _ in range(3):
+        clock.now += loop.retry_max + 1
+        await loop.run_pass()
+    open_ = await ledger.store.open_payouts(NETWORK, 1000)
+    assert len(open_) == len(bad) and len({p.worker_id for p in open_}) == len(bad)
+    assert all(p.error == "simulation failed" for p in open_)
 
 
 def test_each_network_payments_are_accepted_on_is_paid_out_on_its_own_chain() -> None:

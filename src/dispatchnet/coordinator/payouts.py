@@ -101,12 +101,22 @@ class PayoutService(OutboxLoop):
         return handled
 
     async def _resume(self) -> int:
-        """Step 1: the payouts recorded before this run, looked up before anything is sent."""
+        """Step 1: the payouts recorded before this run, looked up before anything is sent;
+        how many moved on. The least lately touched come first, and one whose sending the
+        node refused (e.g. a recipient account that cannot take it) waits retry_max before
+        it is tried again: such payouts neither hide the others nor make every pass a full
+        one."""
+        now = self.clock()
         open_ = await self.ledger.open_payouts(self.network, PAGE)
+        refused = [
+            p
+            for p in open_
+            if p.state is PayoutRowState.SIGNED and p.error and now < p.updated_at + self.retry_max
+        ]
         to_sign = [p for p in open_ if p.state is PayoutRowState.PENDING]
         to_send: list[PayoutRecord] = []
         for p in open_:
-            if p.state is not PayoutRowState.SIGNED:
+            if p.state is not PayoutRowState.SIGNED or p in refused:
                 continue
             status = await asyncio.to_thread(self.sender.status, _signed(p))
             if status.state is PayoutState.NOT_FOUND:
@@ -118,8 +128,7 @@ class PayoutService(OutboxLoop):
             else:
                 await self._outcome(p, status)
         to_send += await self._sign(to_sign)
-        await self._send(to_send)
-        return len(open_)
+        return len(open_) - len(refused) - await self._send(to_send)
 
     async def _pay_due(self) -> int:
         """Step 2: one new payout per worker and asset that is due (at most PAGE)."""
@@ -143,7 +152,7 @@ class PayoutService(OutboxLoop):
                 break
             cursor = page[-1].cursor
         await self._send(await self._sign(created))
-        return len(created)
+        return len(created)  # (recorded and debited, whatever the send said)
 
     async def _record(self, d: PayoutDue, now: float) -> PayoutRecord | None:
         """The payout of d's whole unpaid balance, recorded (balance debited); None when
@@ -180,14 +189,25 @@ class PayoutService(OutboxLoop):
                 stored.append(record)
         return stored
 
-    async def _send(self, signed: list[PayoutRecord]) -> None:
+    async def _send(self, signed: list[PayoutRecord]) -> int:
+        """Sends signed payouts and records what became of them; how many the node refused
+        to take (they stay signed, with the reason, and wait: see _resume)."""
         if not signed or not await self.fenced():
-            return
+            return 0
         results = await asyncio.to_thread(self.sender.send, [_signed(p) for p in signed])
+        refused = 0
         for p in signed:
             status = results.get(p.payout_id)
-            if status is not None:
-                await self._outcome(p, status)
+            if status is None:
+                continue
+            if status.state is PayoutState.NOT_FOUND and status.reason:
+                refused += 1
+                await self._update(p, error=status.reason[:500])
+                log.warning("payout %s of %d to %s was not taken (%s); tried again in %.0fs",
+                            p.payout_id, p.amount, p.to, status.reason, self.retry_max)  # fmt: skip
+                continue
+            await self._outcome(p, status)
+        return refused
 
     async def _outcome(self, p: PayoutRecord, status: PayoutStatus) -> None:
         if status.state is PayoutState.LANDED:

@@ -348,6 +348,26 @@ async def _v6(c: Conn) -> None:
     )
 
 
+_OPEN_STATES_SQL = f"'{PayoutRowState.PENDING.value}', '{PayoutRowState.SIGNED.value}'"
+# A worker's open payout of the same network and asset (the due balance waits for it)
+_OPEN_PAYOUT = (
+    "SELECT 1 FROM payouts o WHERE o.worker_id = e.worker_id AND o.network = e.network "
+    f"AND o.asset = e.asset AND o.state IN ({_OPEN_STATES_SQL})"
+)
+
+
+async def _v8(c: Conn) -> None:
+    """Open payouts by worker and by when they were last touched (SQLite's version 19)."""
+    await c.execute(
+        f"CREATE INDEX payouts_open_worker ON payouts (worker_id) WHERE state IN "
+        f"({_OPEN_STATES_SQL})"
+    )
+    await c.execute(
+        "CREATE INDEX payouts_open_touched ON payouts (network, updated_at) WHERE state IN "
+        f"({_OPEN_STATES_SQL})"
+    )
+
+
 async def _v7(c: Conn) -> None:
     """Each client's live pairing codes, for [pairing] max_live_codes (SQLite's version 18)."""
     await c.execute("CREATE INDEX pairing_codes_client ON pairing_codes (client_id)")
@@ -356,7 +376,7 @@ async def _v7(c: Conn) -> None:
 # Each owner's quote_usage, and the total, is kept in this many rows (see total_shard).
 USAGE_SHARDS = 8
 
-MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
+MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -1590,6 +1610,7 @@ class PostgresStore:
                 "FROM worker_earnings e JOIN workers w ON w.worker_id = e.worker_id "
                 "WHERE e.network = $1 AND w.agent_id <> '' AND e.earned - e.paid > 0 "
                 f"AND (e.earned - e.paid >= $2 OR e.unpaid_since <= $3) {page}"
+                f"AND NOT EXISTS ({_OPEN_PAYOUT}) "
                 f"ORDER BY {since}, e.worker_id, e.asset LIMIT $4",
                 network,
                 min_amount,
@@ -1692,7 +1713,7 @@ class PostgresStore:
         rows = await self._read(
             lambda c: c.fetch(
                 "SELECT * FROM payouts WHERE state = ANY($1::text[]) AND network=$2 "
-                "ORDER BY created_at, payout_id LIMIT $3",
+                "ORDER BY updated_at, payout_id LIMIT $3",
                 [PayoutRowState.PENDING.value, PayoutRowState.SIGNED.value],
                 network,
                 limit,

@@ -544,6 +544,24 @@ def _v17(db: sqlite_utils.Database) -> None:
     db.execute(f"CREATE INDEX idx_jobs_active_worker ON jobs (worker_id) WHERE {_ACTIVE_ROW}")
 
 
+# A worker's open payout of the same network and asset (the due balance waits for it)
+_OPEN_PAYOUT = (
+    "SELECT 1 FROM payouts o WHERE o.worker_id = e.worker_id AND o.network = e.network "
+    f"AND o.asset = e.asset AND o.state IN ('{PayoutRowState.PENDING.value}', "
+    f"'{PayoutRowState.SIGNED.value}')"
+)
+
+
+def _v19(db: sqlite_utils.Database) -> None:
+    """Open payouts by worker (one at a time per worker and asset) and by when they were
+    last touched (the stuck ones go to the back of each pass)."""
+    open_ = f"state IN ('{PayoutRowState.PENDING.value}', '{PayoutRowState.SIGNED.value}')"
+    db.execute(f"CREATE INDEX idx_payouts_open_worker ON payouts (worker_id) WHERE {open_}")
+    db.execute(
+        f"CREATE INDEX idx_payouts_open_touched ON payouts (network, updated_at) WHERE {open_}"
+    )
+
+
 def _v18(db: sqlite_utils.Database) -> None:
     """Each client's live pairing codes, for [pairing] max_live_codes."""
     db.execute("CREATE INDEX idx_pairing_codes_client ON pairing_codes (client_id)")
@@ -551,7 +569,7 @@ def _v18(db: sqlite_utils.Database) -> None:
 
 MIGRATIONS = [
     *(_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13, _v14, _v15),
-    *(_v16, _v17, _v18),
+    *(_v16, _v17, _v18, _v19),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1734,6 +1752,7 @@ class SqliteStore:
             "FROM worker_earnings e JOIN workers w ON w.worker_id = e.worker_id "
             "WHERE e.network = ? AND w.agent_id != '' AND e.earned - e.paid > 0 "
             f"AND (e.earned - e.paid >= ? OR e.unpaid_since <= ?) {page}"
+            f"AND NOT EXISTS ({_OPEN_PAYOUT}) "
             f"ORDER BY {since}, e.worker_id, e.asset LIMIT ?",
             (network, min_amount, unpaid_before, *(after or ()), limit),
         ).fetchall()
@@ -1832,7 +1851,7 @@ class SqliteStore:
     def open_payouts(self, network: str, limit: int) -> list[PayoutRecord]:
         rows = self._conn.execute(
             "SELECT * FROM payouts WHERE state IN (?,?) AND network=? "
-            "ORDER BY created_at, payout_id LIMIT ?",
+            "ORDER BY updated_at, payout_id LIMIT ?",
             (PayoutRowState.PENDING.value, PayoutRowState.SIGNED.value, network, limit),
         ).fetchall()
         return [payout_of(r) for r in rows]
