@@ -1547,55 +1547,37 @@ class JobService:
         given the changes, with state and updated_at, and the event. expect: see
         Store.transition; not with write.)"""
         job_id = job.job_id
-        moving = asyncio.get_running_loop().create_future()
+        moving = asyncio.get_running_loop().create_future()  # progress waits (see progress)
         self._moving.setdefault(job_id, []).append(moving)
         try:
-            return await self._move_gated(
-                job, from_states, attempt, to, reason, feedback, outcome, write, expect, changes
-            )
+            await self.flush_progress(job_id)  # progress first: stored sequences stay in order
+            await self._accept_written(job_id)
+            prior: PriorMove | None = None
+            offered: Job | None = None
+            pending = self._accepts.get(job_id)
+            if pending is not None:
+                fold = (
+                    write is None
+                    and JobState.RUNNING in from_states
+                    and (job.worker_id, job.attempts) == (pending[0].worker_id, pending[0].attempts)
+                )
+                if not fold:
+                    await self._write_accept(job_id)
+                else:  # written first in this move's transaction
+                    offered, prior = self._accepts.pop(job_id)
+                    job = evolve(job, **prior.changes)
+            carrying = self._carrying_accept(job_id) if prior else contextlib.nullcontext()
+            with carrying:
+                return await self._move_now(
+                    job, from_states, attempt, to, reason, feedback, outcome, write, offered,
+                    prior, changes, expect,
+                )  # fmt: skip
         finally:
             under_way = self._moving[job_id]
             under_way.remove(moving)
             if not under_way:
                 del self._moving[job_id]
             moving.set_result(None)
-
-    async def _move_gated(
-        self,
-        job: Job,
-        from_states: tuple[JobState, ...],
-        attempt: int | None,
-        to: JobState,
-        reason: str,
-        feedback: FeedbackEntry | None,
-        outcome: tuple[str, bool] | None,
-        write: Callable[[dict[str, object], Event], Awaitable[Job | None]] | None,
-        expect: dict[str, object] | None,
-        changes: dict[str, object],
-    ) -> Job | None:
-        """_move, while progress of the job waits (see progress)."""
-        await self.flush_progress(job.job_id)  # progress first: stored sequences stay in order
-        await self._accept_written(job.job_id)
-        prior: PriorMove | None = None
-        offered: Job | None = None
-        pending = self._accepts.get(job.job_id)
-        if pending is not None:
-            fold = (
-                write is None
-                and JobState.RUNNING in from_states
-                and (job.worker_id, job.attempts) == (pending[0].worker_id, pending[0].attempts)
-            )
-            if not fold:
-                await self._write_accept(job.job_id)
-            else:  # written first in this move's transaction
-                offered, prior = self._accepts.pop(job.job_id)
-                job = evolve(job, **prior.changes)
-        carrying = self._carrying_accept(job.job_id) if prior else contextlib.nullcontext()
-        with carrying:
-            return await self._move_now(
-                job, from_states, attempt, to, reason, feedback, outcome, write, offered, prior,
-                changes, expect,
-            )  # fmt: skip
 
     async def _move_now(
         self,
