@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import signal
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from conftest import Cluster, make_profile, wait_until
 from test_cli import free_port
 
 from dispatch.v1 import receipt_pb2
+from dispatchnet.coordinator.models import JobState
 from dispatchnet.keys import KeyPair
 from dispatchnet.profiles import Profile, load_profile
 from dispatchnet.sdk import (
@@ -399,6 +402,43 @@ async def test_no_coordinator_and_no_fallback_is_coordinator_unavailable() -> No
 
 
 # --- the sync wrapper -----------------------------------------------------------------------
+
+INTERRUPTED = """
+import os, sys
+from dispatchnet.keys import KeyPair
+from dispatchnet.sdk import Network, SyncComputeRouter
+r = SyncComputeRouter([Network("local", [sys.argv[1]])], hosted=[], key=KeyPair.generate())
+try:
+    r.run_task("sleep", '{"ms": 60000}')
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    os._exit(0)  # the script ends there, with no close() of the router
+"""
+
+
+async def test_ctrl_c_on_a_blocking_call_cancels_its_job(cluster: Cluster) -> None:
+    """Ctrl-C in a script blocked in a SyncComputeRouter call cancels the job there and
+    then (uncharged), as cancelling the async call does; the job used to run on."""
+    await cluster.worker()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", INTERRUPTED, cluster.address,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+
+        def states() -> list[str]:
+            rows = cluster.db._conn.execute("SELECT state FROM jobs").fetchall()
+            return [JobState(r[0]).name for r in rows]
+
+        await wait_until(lambda: states() == ["RUNNING"], 30, "the job running")
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert out.decode().strip() == "interrupted", err.decode()
+        assert states() == ["CANCELLED"]  # already, before the call gave up
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_the_sync_wrapper_runs_the_same_calls(

@@ -11,6 +11,7 @@ that cannot run for real here (no network access, no key); it checks what the of
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -31,6 +32,7 @@ from dispatchnet.sdk import (
     AnthropicProvider,
     ComputeRouter,
     CoordinatorUnavailable,
+    DeadlineExceeded,
     HostedError,
     InvalidRequest,
     ModelPrice,
@@ -43,6 +45,7 @@ from dispatchnet.sdk import (
     providers_from_env,
     types,
 )
+from dispatchnet.sdk.hosted import HostedRequest
 
 LOCAL_MODEL = "smollm2-local"  # what the tests call llama.cpp's model in the price table
 CLAUDE = "claude-test"
@@ -92,6 +95,10 @@ class AnthropicServer:
     def __init__(self, reply: str = "Paris is the capital of France.") -> None:
         self.reply = reply
         self.requests: list[dict[str, Any]] = []
+        # what a misbehaving API does instead: "truncated" (JSON cut short), "hold" (no
+        # answer until `release` is set), "overcharge" (usage far past max_tokens)
+        self.misbehave = ""
+        self.release = threading.Event()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -110,6 +117,16 @@ class AnthropicServer:
                 pieces = [w + " " for w in outer.reply.split(" ")]
                 pieces[-1] = pieces[-1].rstrip()
                 model = body["model"]
+                if outer.misbehave == "truncated":
+                    self._send("application/json", b'{"id": "msg_local", "content": [{"ty')
+                    return
+                if outer.misbehave == "hold":
+                    outer.release.wait(30)
+                if outer.misbehave == "overcharge":
+                    pieces = pieces * 0 + [outer.reply]  # one piece, usage below says more
+                    outer_tokens = 500_000
+                else:
+                    outer_tokens = len(pieces)
                 if not body.get("stream"):
                     self._send(
                         "application/json",
@@ -122,7 +139,7 @@ class AnthropicServer:
                                 "content": [{"type": "text", "text": outer.reply}],
                                 "stop_reason": "end_turn",
                                 "stop_sequence": None,
-                                "usage": {"input_tokens": 12, "output_tokens": len(pieces)},
+                                "usage": {"input_tokens": 12, "output_tokens": outer_tokens},
                             }
                         ).encode(),
                     )
@@ -160,7 +177,7 @@ class AnthropicServer:
                         "message_delta",
                         {
                             "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                            "usage": {"output_tokens": len(pieces)},
+                            "usage": {"output_tokens": outer_tokens},
                         },
                     ),
                     ("message_stop", {}),
@@ -416,6 +433,43 @@ async def test_hosted_calls_respect_the_spending_limits(claude: AnthropicServer)
         free = await r.run_llm("Hi")
     assert free.route == "anthropic" and free.price.amount_micros == 0 and free.price.estimated
     assert len(claude.requests) == 2
+
+
+async def test_a_hosted_call_ending_any_way_holds_no_money_and_keeps_its_bounds(
+    claude: AnthropicServer,
+) -> None:
+    """Whatever ends a hosted call (closed early, cancelled, an answer its SDK cannot read,
+    the call's timeout), its reservation against the session limit is given back: it used
+    to stay held for good, and later calls were refused for money never spent. A reply is
+    not believed past what was asked (the usage it reports is capped at the call's upper
+    bound), and the call's timeout holds on the hosted route too."""
+    limits = SpendingLimits(per_job_micros=1000, per_session_micros=5000)
+    async with router([dead_network()], hosted=[claude.provider()], limits=limits) as r:
+        stream = r.stream_llm("Hi", max_tokens=8)
+        assert await anext(stream)
+        await stream.aclose()  # as a gateway does when its client hangs up
+        assert r.spending.reserved_micros == 0
+        claude.misbehave = "hold"
+        call = asyncio.create_task(r.run_llm("Hi", max_tokens=8))
+        await wait_until(lambda: len(claude.requests) == 2, what="the held request")
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert r.spending.reserved_micros == 0
+        with pytest.raises(DeadlineExceeded, match="within the call's timeout"):
+            await r.run_llm("Hi", max_tokens=8, timeout=0.5)
+        claude.release.set()
+        assert r.spending.reserved_micros == 0
+        claude.misbehave = "truncated"
+        with pytest.raises(HostedError, match="malformed reply"):
+            await r.run_llm("Hi", max_tokens=8)
+        assert r.spending.reserved_micros == 0 and r.spent_micros == 0  # none ended paid
+        claude.misbehave = "overcharge"
+        before = r.spent_micros
+        paid = await r.run_llm("Hi", max_tokens=8)
+        bound = PRICES.bound(CLAUDE, HostedRequest([{"role": "user", "content": "Hi"}], 8))
+        assert bound is not None and paid.price.amount_micros <= bound <= 1000
+        assert r.spent_micros - before == paid.price.amount_micros
 
 
 async def test_a_bad_task_input_is_refused_before_any_hosted_call(

@@ -888,35 +888,66 @@ class ComputeRouter:
             return
         reservation = self.spending.reserve(bound or 0, o.max_price_micros, f"{name} {model}")
         streamed = False
-        try:
-            reply: HostedReply | None = None
-            if o.streaming and finish is None:
-                async with contextlib.aclosing(provider.stream(request)) as pieces:
-                    async for piece in pieces:
-                        if isinstance(piece, str):
-                            streamed = True
-                            yield piece
-                        else:
-                            reply = piece
-            else:
-                reply = await provider.complete(request)
-            assert reply is not None
-            output = reply.text.encode()
-            if finish is not None:
-                try:
-                    output = json.dumps(finish(reply.text), separators=(",", ":")).encode()
-                except TaskError as e:
-                    raise HostedError(f"{name}: {e.message}", [(name, e.message)]) from e
+        most_chars = hosted_chars_bound(request)
+        try:  # (the reservation is released however this ends, unless it was kept)
+            try:
+                reply: HostedReply | str | None = None
+                # each step within the call's own timeout (never across a yield: the
+                # caller's code runs there)
+                if o.streaming and finish is None:
+                    received = 0
+                    async with contextlib.aclosing(provider.stream(request)) as pieces:
+                        while True:
+                            try:
+                                async with asyncio.timeout_at(o.deadline):
+                                    piece = await anext(pieces)
+                            except StopAsyncIteration:
+                                break
+                            if isinstance(piece, str):
+                                received += len(piece)
+                                if received > most_chars:
+                                    raise _too_long(name, most_chars)
+                                streamed = True
+                                yield piece
+                            else:
+                                reply = piece
+                else:
+                    async with asyncio.timeout_at(o.deadline):
+                        reply = await provider.complete(request)
+                if not isinstance(reply, HostedReply):
+                    raise HostedError(f"{name}: no reply", [(name, "no reply")])
+                if len(reply.text) > most_chars:
+                    raise _too_long(name, most_chars)
+                output = reply.text.encode()
+                if finish is not None:
+                    try:
+                        output = json.dumps(finish(reply.text), separators=(",", ":")).encode()
+                    except TaskError as e:
+                        raise HostedError(f"{name}: {e.message}", [(name, e.message)]) from e
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"{name} did not answer within the call's timeout of {o.timeout:g}s"
+                ) from None
+            except (HostedError, DispatchError):
+                raise
+            except Exception as e:  # an answer the provider's SDK could not read, or we
+                what = f"malformed reply: {type(e).__name__}: {str(e)[:200]}"
+                raise HostedError(f"{name}: {what}", [(name, what)]) from e
         except HostedError as e:
             reservation.release()
             if streamed:
                 raise
             failures += e.failures or [(name, e.message)]
             return
-        cost = self.prices.cost(reply.model, reply.prompt_tokens, reply.completion_tokens)
-        if cost is None:
-            cost = self.prices.cost(model, reply.prompt_tokens, reply.completion_tokens)
-        reservation.keep(cost or 0)
+        else:
+            cost = self.prices.cost(reply.model, reply.prompt_tokens, reply.completion_tokens)
+            if cost is None:
+                cost = self.prices.cost(model, reply.prompt_tokens, reply.completion_tokens)
+            if cost is not None and bound is not None:
+                cost = min(cost, bound)  # usage past what was asked for is not believed
+            reservation.keep(cost or 0)
+        finally:
+            reservation.release()  # (nothing after keep)
         yield ComputeResult(
             output=output.decode("utf-8", "replace"),
             route=name,
@@ -946,3 +977,18 @@ def _can_run(w: coordinator_pb2.WorkerInfo, pb: common_pb2.JobSpec) -> bool:
         if work == "llm":
             return True
     return pb.task.name in w.tasks
+
+
+# A hosted answer may be at most this many characters per max_tokens token (and this many
+# more): a token is a few characters; a provider sending more is not believed.
+HOSTED_CHARS_PER_TOKEN = 64
+HOSTED_CHARS_SLACK = 4096
+
+
+def hosted_chars_bound(request: HostedRequest) -> int:
+    return request.max_tokens * HOSTED_CHARS_PER_TOKEN + HOSTED_CHARS_SLACK
+
+
+def _too_long(name: str, most: int) -> HostedError:
+    what = f"the reply ran past {most} characters, more than max_tokens allows"
+    return HostedError(f"{name}: {what}", [(name, what)])

@@ -8,6 +8,7 @@ own in a background thread; every call blocks until the async call it wraps is d
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from types import TracebackType
@@ -20,6 +21,7 @@ from dispatchnet.sdk.router import CallOptions, ComputeRouter, ComputeStream
 from dispatchnet.sdk.verify import ReceiptCheck
 
 T = TypeVar("T")
+CANCEL_WAIT_SECONDS = 10.0  # for an interrupted call to cancel its job
 
 
 class SyncComputeStream:
@@ -79,10 +81,39 @@ class SyncComputeRouter:
             raise
 
     def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
+        """coro's result, run on the router's loop. Interrupted (Ctrl-C, or another
+        exception raised in this thread while it waits), the call is cancelled there and
+        given up to CANCEL_WAIT_SECONDS to end, as an async call cancelled would (its job
+        cancelled, uncharged, its spending released), before the interruption goes on."""
         if self._closed:
             coro.close()
             raise RuntimeError("the router is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        running: list[asyncio.Task[T]] = []
+
+        async def run() -> T:
+            task = asyncio.current_task()
+            assert task is not None
+            running.append(task)
+            return await coro
+
+        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            if not future.done():
+
+                def cancel() -> None:  # on the loop
+                    # the task itself, so that `future` ends only once its cleanup has
+                    # run (cancelling `future` would end it at once); one not started
+                    # yet is cancelled through `future`
+                    if running:
+                        running[0].cancel()
+                    else:
+                        future.cancel()
+
+                self._loop.call_soon_threadsafe(cancel)
+                concurrent.futures.wait([future], timeout=CANCEL_WAIT_SECONDS)
+            raise
 
     def _stop(self) -> None:
         self._closed = True
