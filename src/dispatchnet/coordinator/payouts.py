@@ -108,15 +108,15 @@ class PayoutService(OutboxLoop):
         one."""
         now = self.clock()
         open_ = await self.ledger.open_payouts(self.network, PAGE)
-        refused = [
-            p
+        refused = {
+            p.payout_id
             for p in open_
             if p.state is PayoutRowState.SIGNED and p.error and now < p.updated_at + self.retry_max
-        ]
+        }
         to_sign = [p for p in open_ if p.state is PayoutRowState.PENDING]
         to_send: list[PayoutRecord] = []
         for p in open_:
-            if p.state is not PayoutRowState.SIGNED or p in refused:
+            if p.state is not PayoutRowState.SIGNED or p.payout_id in refused:
                 continue
             status = await asyncio.to_thread(self.sender.status, _signed(p))
             if status.state is PayoutState.NOT_FOUND:

@@ -83,7 +83,7 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
         if e.status < 400:
             raise
         return _error(e.status, e.reason or "error")
-    except (asyncio.CancelledError, ConnectionError):
+    except ConnectionError:  # the peer went away: nothing to answer
         raise
     except Exception as e:
         _failures.warning("dashboard request %s failed: %s", request.path[:200], repr(e)[:300])

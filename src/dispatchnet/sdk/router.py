@@ -928,13 +928,12 @@ class ComputeRouter:
                 raise DeadlineExceeded(
                     f"{name} did not answer within the call's timeout of {o.timeout:g}s"
                 ) from None
-            except (HostedError, DispatchError):
+            except DispatchError:  # HostedError included: already the SDK's own
                 raise
             except Exception as e:  # an answer the provider's SDK could not read, or we
                 what = f"malformed reply: {type(e).__name__}: {str(e)[:200]}"
                 raise HostedError(f"{name}: {what}", [(name, what)]) from e
         except HostedError as e:
-            reservation.release()
             if streamed:
                 raise
             failures += e.failures or [(name, e.message)]

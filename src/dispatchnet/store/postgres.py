@@ -93,6 +93,8 @@ from dispatchnet.errors import (
 )
 from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable, Store
 from dispatchnet.store.rows import (
+    OPEN_PAYOUT_OF_E,
+    OPEN_PAYOUT_STATE,
     TOTAL_OWNER,
     batch_of,
     changes_row,
@@ -348,23 +350,14 @@ async def _v6(c: Conn) -> None:
     )
 
 
-_OPEN_STATES_SQL = f"'{PayoutRowState.PENDING.value}', '{PayoutRowState.SIGNED.value}'"
-# A worker's open payout of the same network and asset (the due balance waits for it)
-_OPEN_PAYOUT = (
-    "SELECT 1 FROM payouts o WHERE o.worker_id = e.worker_id AND o.network = e.network "
-    f"AND o.asset = e.asset AND o.state IN ({_OPEN_STATES_SQL})"
-)
-
-
 async def _v8(c: Conn) -> None:
     """Open payouts by worker and by when they were last touched (SQLite's version 19)."""
     await c.execute(
-        f"CREATE INDEX payouts_open_worker ON payouts (worker_id) WHERE state IN "
-        f"({_OPEN_STATES_SQL})"
+        f"CREATE INDEX payouts_open_worker ON payouts (worker_id) WHERE {OPEN_PAYOUT_STATE}"
     )
     await c.execute(
-        "CREATE INDEX payouts_open_touched ON payouts (network, updated_at) WHERE state IN "
-        f"({_OPEN_STATES_SQL})"
+        "CREATE INDEX payouts_open_touched ON payouts (network, updated_at) "
+        f"WHERE {OPEN_PAYOUT_STATE}"
     )
 
 
@@ -1610,7 +1603,7 @@ class PostgresStore:
                 "FROM worker_earnings e JOIN workers w ON w.worker_id = e.worker_id "
                 "WHERE e.network = $1 AND w.agent_id <> '' AND e.earned - e.paid > 0 "
                 f"AND (e.earned - e.paid >= $2 OR e.unpaid_since <= $3) {page}"
-                f"AND NOT EXISTS ({_OPEN_PAYOUT}) "
+                f"AND NOT EXISTS ({OPEN_PAYOUT_OF_E}) "
                 f"ORDER BY {since}, e.worker_id, e.asset LIMIT $4",
                 network,
                 min_amount,

@@ -68,6 +68,16 @@ JOB_SIMPLE = {
 }
 
 
+# Payouts recorded and not final (pending, signed), as an SQL condition on their state
+OPEN_PAYOUT_STATE = f"state IN ('{PayoutRowState.PENDING.value}', '{PayoutRowState.SIGNED.value}')"
+# A worker's open payout of the same network and asset as worker_earnings row `e` (a due
+# balance waits for it): the same SQL on SQLite and PostgreSQL
+OPEN_PAYOUT_OF_E = (
+    "SELECT 1 FROM payouts o WHERE o.worker_id = e.worker_id AND o.network = e.network "
+    f"AND o.asset = e.asset AND o.{OPEN_PAYOUT_STATE}"
+)
+
+
 def not_given_up(events: str = "events", reasons: tuple[str, ...] = GIVEN_UP) -> str:
     """A condition on a row of the events table (named `events` in the query) that
     records an offer: true unless a move of the same attempt, held by the same worker,

@@ -61,6 +61,8 @@ from dispatchnet.errors import (
 )
 from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable
 from dispatchnet.store.rows import (
+    OPEN_PAYOUT_OF_E,
+    OPEN_PAYOUT_STATE,
     TOTAL_OWNER,
     batch_of,
     changes_row,
@@ -544,27 +546,21 @@ def _v17(db: sqlite_utils.Database) -> None:
     db.execute(f"CREATE INDEX idx_jobs_active_worker ON jobs (worker_id) WHERE {_ACTIVE_ROW}")
 
 
-# A worker's open payout of the same network and asset (the due balance waits for it)
-_OPEN_PAYOUT = (
-    "SELECT 1 FROM payouts o WHERE o.worker_id = e.worker_id AND o.network = e.network "
-    f"AND o.asset = e.asset AND o.state IN ('{PayoutRowState.PENDING.value}', "
-    f"'{PayoutRowState.SIGNED.value}')"
-)
+def _v18(db: sqlite_utils.Database) -> None:
+    """Each client's live pairing codes, for [pairing] max_live_codes."""
+    db.execute("CREATE INDEX idx_pairing_codes_client ON pairing_codes (client_id)")
 
 
 def _v19(db: sqlite_utils.Database) -> None:
     """Open payouts by worker (one at a time per worker and asset) and by when they were
     last touched (the stuck ones go to the back of each pass)."""
-    open_ = f"state IN ('{PayoutRowState.PENDING.value}', '{PayoutRowState.SIGNED.value}')"
-    db.execute(f"CREATE INDEX idx_payouts_open_worker ON payouts (worker_id) WHERE {open_}")
     db.execute(
-        f"CREATE INDEX idx_payouts_open_touched ON payouts (network, updated_at) WHERE {open_}"
+        f"CREATE INDEX idx_payouts_open_worker ON payouts (worker_id) WHERE {OPEN_PAYOUT_STATE}"
     )
-
-
-def _v18(db: sqlite_utils.Database) -> None:
-    """Each client's live pairing codes, for [pairing] max_live_codes."""
-    db.execute("CREATE INDEX idx_pairing_codes_client ON pairing_codes (client_id)")
+    db.execute(
+        "CREATE INDEX idx_payouts_open_touched ON payouts (network, updated_at) "
+        f"WHERE {OPEN_PAYOUT_STATE}"
+    )
 
 
 MIGRATIONS = [
@@ -1336,8 +1332,8 @@ class SqliteStore:
         return pairing
 
     def _forget_revoked(self, column: str, party: str, n: int) -> bool:
-        """Deletes the party's n oldest revoked pairings; whether it had fewer (nothing is
-        deleted then: the caller raises, rolling the transaction back anyway)."""
+        """Deletes the party's n oldest revoked pairings; whether it had fewer (the caller
+        then raises, rolling the deletes back with its transaction)."""
         cur = self._conn.execute(
             "DELETE FROM pairings WHERE pairing_id IN (SELECT pairing_id FROM pairings "
             f"WHERE {column}=? AND revoked_at IS NOT NULL "
@@ -1752,7 +1748,7 @@ class SqliteStore:
             "FROM worker_earnings e JOIN workers w ON w.worker_id = e.worker_id "
             "WHERE e.network = ? AND w.agent_id != '' AND e.earned - e.paid > 0 "
             f"AND (e.earned - e.paid >= ? OR e.unpaid_since <= ?) {page}"
-            f"AND NOT EXISTS ({_OPEN_PAYOUT}) "
+            f"AND NOT EXISTS ({OPEN_PAYOUT_OF_E}) "
             f"ORDER BY {since}, e.worker_id, e.asset LIMIT ?",
             (network, min_amount, unpaid_before, *(after or ()), limit),
         ).fetchall()

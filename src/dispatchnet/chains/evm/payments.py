@@ -33,9 +33,9 @@ from dispatchnet.errors import Unavailable
 
 log = logging.getLogger("dispatch.payments.evm")
 
-# Gas of a BatchSettler.settle beyond its per-payment share (the call and the loop).
 # How nodes refuse a transaction they hold already (geth and its kind; anvil)
 ALREADY_SENT = ("already known", "already imported")
+# Gas of a BatchSettler.settle beyond its per-payment share (the call and the loop).
 BATCH_BASE_GAS = 30000
 ITEM_OVERHEAD_GAS = 15000  # a batch item's own gas around its transfer (see BatchSettler)
 
