@@ -37,12 +37,14 @@ from test_chain import anchored_proof, complete
 from dispatch.v1 import coordinator_pb2, receipt_pb2
 from dispatchnet.chains import registry
 from dispatchnet.chains.solana.anchoring import (
-    MEMO_PROGRAM,
     MEMO_TAG,
     SolanaAnchorer,
-    _fetch,
     _InFlight,
     memo_text,
+)
+from dispatchnet.chains.solana.memos import (
+    MEMO_PROGRAM,
+    fetch_transaction,
     memos_of,
     signer_of,
 )
@@ -308,7 +310,7 @@ async def test_solana_batches_are_anchored_as_memos_and_verify_onchain(
     assert {p.anchor_network for p in proofs} == {DEVNET}
     assert len({p.batch_id for p in proofs}) == 2
 
-    fetched = _fetch(client_for(chain["rpc_url"], 5), proofs[0].anchor_transaction)
+    fetched = fetch_transaction(client_for(chain["rpc_url"], 5), proofs[0].anchor_transaction)
     assert fetched is not None
     tx, err, slot = fetched
     assert slot > 0

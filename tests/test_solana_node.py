@@ -537,6 +537,42 @@ def test_history_is_bounded_but_replays_stay_refused() -> None:
         assert rpc(server.rpc_url, "getTransactionCount")["result"] == 5  # airdrop + 4
 
 
+def test_minimum_ledger_slot_is_the_oldest_slot_whose_transactions_are_all_kept() -> None:
+    """0 until a transaction is dropped, then the slot after the last one dropped (a slot
+    partly dropped does not count); every transaction from it on is still found."""
+    now = [0.0]
+    with NodeServer(SolanaNode(slot_seconds=1, history_limit=3, clock=lambda: now[0])) as server:
+        client = Client(server.rpc_url)
+        assert client.get_minimum_ledger_slot().value == 0
+        payer = Keypair()
+        client.request_airdrop(payer.pubkey(), 10**9)  # slot 0
+        sent: list[tuple[int, str]] = []  # (slot, signature)
+
+        def memo_at(slot: int) -> int:
+            now[0] = slot
+            memo = Instruction(MEMO_PROGRAMS[0], f"m{len(sent)}".encode(), [])
+            tx = signed(client, payer, [memo])
+            client.send_raw_transaction(bytes(tx))
+            sent.append((slot, str(tx.signatures[0])))
+            return int(client.get_minimum_ledger_slot().value)
+
+        assert [memo_at(1), memo_at(1)] == [0, 0]  # 3 kept: nothing dropped yet
+        assert memo_at(2) == 1  # the airdrop of slot 0 dropped
+        assert memo_at(2) == 2  # one of slot 1's two dropped: slot 1 is no longer whole
+        assert memo_at(5) == 2  # the other one of slot 1
+        assert memo_at(5) == 3  # the first of slot 2: slots 3 and 4 had none
+        kept = client.get_signature_statuses(
+            [Signature.from_string(s) for _, s in sent], search_transaction_history=True
+        ).value
+        assert [(slot, found is not None) for (slot, _), found in zip(sent, kept, strict=True)] == [
+            (1, False), (1, False), (2, False), (2, True), (5, True), (5, True),
+        ]  # fmt: skip
+        # the shape of the reply, and the node's refusal of parameters it does not take
+        assert rpc(server.rpc_url, "minimumLedgerSlot")["result"] == 3
+        refused = rpc(server.rpc_url, "minimumLedgerSlot", {"commitment": "confirmed"})
+        assert refused["error"]["code"] == -32602
+
+
 def test_concurrent_transfers_all_land_once(node: NodeServer, chain: dict[str, Any]) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

@@ -4,7 +4,10 @@ Each run (a background OutboxLoop, never on the job path):
 1. payouts already recorded but not known landed (after a crash, a node outage, a signed
    payout not sent yet) are looked up on chain with the sender's status() first: LANDED
    and FAILED are recorded, NOT_FOUND is sent (again: the sender makes a second landing
-   impossible), STALE is signed anew (same payout id);
+   impossible), STALE is signed anew (same payout id), and UNKNOWN (the chain cannot tell
+   whether it landed) is held: it stays signed with the reason, is never signed anew, and
+   is looked up again after a back-off (HELD_FIRST_SECONDS, doubling up to
+   HELD_MOST_SECONDS), with a warning at each look;
 2. every worker with an agent id whose unpaid balance on this chain's network reached
    [payouts] min_payout_micros, or whose oldest unpaid credit waited interval_seconds, and
    whose payout address the chain gives, gets one payout of its whole unpaid balance: the
@@ -43,6 +46,11 @@ log = logging.getLogger("dispatch.payouts")
 
 PAGE = 100  # payouts (open, or new) handled per run; a full page runs again at once
 MAX_PAGES = 20  # due rows examined per run: at most MAX_PAGES * PAGE
+# A payout the chain cannot tell landed or not (UNKNOWN) waits this long before it is
+# looked up again (so it is warned about at most once a minute), doubling up to the most.
+HELD_FIRST_SECONDS = 60.0
+HELD_MOST_SECONDS = 3600.0
+HELD_KEPT = 10_000  # held payouts whose back-off is remembered (the oldest forgotten)
 
 
 def new_payout_id() -> str:
@@ -79,6 +87,8 @@ class PayoutService(OutboxLoop):
         # agent id -> when to look again for a payout address the chain did not give
         self._no_address: dict[str, float] = {}
         self._failed = ""  # why a payout of this run failed for good ("" none)
+        # payout id -> (when to look it up again, the delay): payouts held as UNKNOWN
+        self._held: dict[str, tuple[float, float]] = {}
 
     async def run_pass(self) -> int:
         if self.backing_off():
@@ -104,21 +114,31 @@ class PayoutService(OutboxLoop):
         """Step 1: the payouts recorded before this run, looked up before anything is sent;
         how many moved on. The least lately touched come first, and one whose sending the
         node refused (e.g. a recipient account that cannot take it) waits retry_max before
-        it is tried again: such payouts neither hide the others nor make every pass a full
-        one."""
+        it is tried again, one held as UNKNOWN its back-off: such payouts neither hide the
+        others nor make every pass a full one."""
         now = self.clock()
         open_ = await self.ledger.open_payouts(self.network, PAGE)
-        refused = {
+        waiting = {
             p.payout_id
             for p in open_
-            if p.state is PayoutRowState.SIGNED and p.error and now < p.updated_at + self.retry_max
+            if p.state is PayoutRowState.SIGNED
+            and (
+                (p.error and now < p.updated_at + self.retry_max)
+                or now < self._held.get(p.payout_id, (0.0, 0.0))[0]
+            )
         }
         to_sign = [p for p in open_ if p.state is PayoutRowState.PENDING]
         to_send: list[PayoutRecord] = []
+        held = 0
         for p in open_:
-            if p.state is not PayoutRowState.SIGNED or p.payout_id in refused:
+            if p.state is not PayoutRowState.SIGNED or p.payout_id in waiting:
                 continue
             status = await asyncio.to_thread(self.sender.status, _signed(p))
+            if status.state is PayoutState.UNKNOWN:
+                held += 1
+                await self._hold(p, status.reason)
+                continue
+            self._held.pop(p.payout_id, None)
             if status.state is PayoutState.NOT_FOUND:
                 to_send.append(p)
             elif status.state is PayoutState.STALE:
@@ -128,7 +148,7 @@ class PayoutService(OutboxLoop):
             else:
                 await self._outcome(p, status)
         to_send += await self._sign(to_sign)
-        return len(open_) - len(refused) - await self._send(to_send)
+        return len(open_) - len(waiting) - held - await self._send(to_send)
 
     async def _pay_due(self) -> int:
         """Step 2: one new payout per worker and asset that is due (at most PAGE)."""
@@ -191,23 +211,42 @@ class PayoutService(OutboxLoop):
 
     async def _send(self, signed: list[PayoutRecord]) -> int:
         """Sends signed payouts and records what became of them; how many the node refused
-        to take (they stay signed, with the reason, and wait: see _resume)."""
+        to take or the chain cannot tell landed or not (they stay signed, with the reason,
+        and wait: see _resume)."""
         if not signed or not await self.fenced():
             return 0
         results = await asyncio.to_thread(self.sender.send, [_signed(p) for p in signed])
-        refused = 0
+        waiting = 0
         for p in signed:
             status = results.get(p.payout_id)
             if status is None:
                 continue
+            if status.state is PayoutState.UNKNOWN:
+                waiting += 1
+                await self._hold(p, status.reason)
+                continue
             if status.state is PayoutState.NOT_FOUND and status.reason:
-                refused += 1
+                waiting += 1
                 await self._update(p, error=status.reason[:500])
                 log.warning("payout %s of %d to %s was not taken (%s); tried again in %.0fs",
                             p.payout_id, p.amount, p.to, status.reason, self.retry_max)  # fmt: skip
                 continue
             await self._outcome(p, status)
-        return refused
+        return waiting
+
+    async def _hold(self, p: PayoutRecord, reason: str) -> None:
+        """Holds a payout the chain cannot tell landed or not: it stays signed, with the
+        reason, and is never signed anew (a second signing could pay twice; the stored one
+        can no longer land). Looked up again after its back-off; one warning per look."""
+        now = self.clock()
+        _, delay = self._held.get(p.payout_id, (now, HELD_FIRST_SECONDS / 2))
+        delay = min(HELD_MOST_SECONDS, delay * 2)
+        if len(self._held) >= HELD_KEPT and p.payout_id not in self._held:
+            self._held.pop(next(iter(self._held)))
+        self._held[p.payout_id] = (now + delay, delay)
+        await self._update(p, error=f"unknown: {reason}"[:500])
+        log.warning("payout %s of %d to %s is held, not signed anew (%s); looked up again in "
+                    "%.0fs", p.payout_id, p.amount, p.to, reason, delay)  # fmt: skip
 
     async def _outcome(self, p: PayoutRecord, status: PayoutStatus) -> None:
         if status.state is PayoutState.LANDED:

@@ -19,7 +19,9 @@ What it does as a validator does:
   skipPreflight silently dropped, as a real node drops it.
 - The last `history_limit` (10,000) transactions are kept with slot, blockTime, err, fee,
   pre/post lamport and token balances and logs, for getSignatureStatuses, getTransaction
-  and getSignaturesForAddress.
+  and getSignaturesForAddress. minimumLedgerSlot is the oldest slot whose transactions
+  are all still kept (0 until one is dropped, then the slot after the last one dropped),
+  as a validator that purges its ledger reports the oldest slot it still has.
 - There is a single node and no forks: a processed transaction is final at once
   (confirmationStatus "finalized"), and every commitment level reads the same state.
 - requestAirdrop is a real system transfer from the node's faucet keypair.
@@ -432,6 +434,7 @@ class SolanaNode:
         self._blockhashes: OrderedDict[str, int] = OrderedDict()  # handed out -> slot
         self._recent_sigs: dict[str, int] = {}  # status cache: signature -> blockhash slot
         self._history: OrderedDict[str, TxRecord] = OrderedDict()
+        self._ledger_from = 0  # minimumLedgerSlot: every transaction from this slot on is kept
         self._tx_count = 0
         self.faucet = Keypair()
         self._svm.airdrop(self.faucet.pubkey(), FAUCET_LAMPORTS)
@@ -454,6 +457,7 @@ class SolanaNode:
             "getTransactionCount": lambda _p: self._tx_count,
             "getVersion": lambda _p: {"solana-core": SOLANA_CORE_VERSION, "feature-set": 0},
             "isBlockhashValid": self.is_blockhash_valid,
+            "minimumLedgerSlot": self.minimum_ledger_slot,
             "requestAirdrop": self.request_airdrop,
             "sendTransaction": self.send_transaction,
             "simulateTransaction": self.simulate_transaction,
@@ -681,6 +685,11 @@ class SolanaNode:
             "transactionCount": self._tx_count,
         }
 
+    def minimum_ledger_slot(self, params: list[Any]) -> Any:
+        if params:
+            raise _invalid("Invalid params: No parameters were expected")
+        return self._ledger_from
+
     def get_latest_blockhash(self, params: list[Any]) -> Any:
         return self._context(
             {
@@ -845,7 +854,8 @@ class SolanaNode:
         self._recent_sigs[signature] = self._slot if blockhash_slot is None else blockhash_slot
         self._history[signature] = record
         while len(self._history) > self.history_limit:
-            self._history.popitem(last=False)
+            _, dropped = self._history.popitem(last=False)
+            self._ledger_from = dropped.slot + 1
         self._tx_count += 1
         return record
 

@@ -8,7 +8,10 @@ Exactly once, across crashes and node outages, is split between the caller and t
 - the sender makes a second landing impossible on chain: on EVM the payout id is the
   EIP-3009 authorization nonce (the token refuses a used nonce), on Solana the stored signed
   transaction is sent again, never re-signed while it can still land (same signature: the
-  chain processes it once), and carries a memo "dispatch:payout:<id>".
+  chain processes it once) nor unless the chain proves it never landed, and carries a memo
+  "dispatch:payout:<id>". When the chain cannot tell (its node no longer keeps that part
+  of its history), status() says UNKNOWN and the caller holds the payout: neither sent nor
+  signed anew, looked at again later.
 
 Every method blocks (web3.py / solana-py): async callers run them in a worker thread. Node
 trouble raises errors.Unavailable (retry later, nothing is lost).
@@ -44,10 +47,13 @@ class Payout:
 
 @dataclass(frozen=True)
 class SignedPayout:
-    """What to store (durably) before sending: `raw` is sent as is, again after a crash."""
+    """What to store (durably) before sending: the signed payout in `raw` is what is
+    sent, again after a crash."""
 
     payout: Payout
-    raw: str  # EVM: the signed authorization (JSON); Solana: the signed transaction (base64)
+    # EVM: the signed authorization (JSON); Solana: the signed transaction (base64) and
+    # the slot it was signed at (JSON); opaque to the caller
+    raw: str
     transaction: str  # the transaction it lands in when known at signing (Solana), else ""
 
 
@@ -55,7 +61,10 @@ class PayoutState(enum.Enum):
     LANDED = "landed"  # paid, in `transaction`
     FAILED = "failed"  # can never pay: the caller returns the amount to the balance
     NOT_FOUND = "not_found"  # not on chain and may still land: send it (again)
-    STALE = "stale"  # not on chain and this signed payout never can: sign it anew
+    STALE = "stale"  # proven never landed, and this signed payout never can: sign it anew
+    # may have landed: the node no longer keeps the history that would tell. Hold it
+    # (signing it anew could pay twice) and look again later
+    UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)

@@ -16,26 +16,29 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from solana.rpc.api import Client
 from solana.rpc.commitment import Confirmed
 from solana.rpc.models import TxOpts
 from solders.keypair import Keypair
 from solders.message import MessageV0
-from solders.pubkey import Pubkey
 from solders.signature import Signature
 from solders.transaction import VersionedTransaction
 from spl.memo.instructions import create_memo
 from spl.memo.models import MemoParams
 
+from dispatchnet.chains.solana.memos import (
+    MEMO_PROGRAM,
+    MemoReadError,
+    earliest_memo,
+    fetch_transaction,
+    memos_of,
+    signer_of,
+)
 from dispatchnet.chains.solana.node import TRANSIENT, SolanaChain, brief, client_for
 from dispatchnet.errors import Unavailable
 from dispatchnet.profiles import ChainConfig
 from dispatchnet.receipts.anchoring import AnchorResult
 
-MEMO_PROGRAM = Pubkey.from_string("MemoSq4gqABAXKb96qnH8TysNcWxMyWCqXgDLGmfcHr")  # v2
-MEMO_PROGRAMS = (MEMO_PROGRAM, Pubkey.from_string("Memo1UhkJRfHyvLMcVucJwxXeuD728EqVDDwQDxFMNo"))
 MEMO_TAG = "dispatch.v1.anchor"
-PAGE = 1000  # getSignaturesForAddress's largest page
 
 
 class AnchorError(RuntimeError):
@@ -49,39 +52,6 @@ def memo_text(root: bytes, leaf_count: int, batch_id: str) -> str:
 
 def _root_prefix(root: bytes) -> str:
     return f"{MEMO_TAG} {root.hex()} "
-
-
-def memos_of(tx: VersionedTransaction) -> list[str]:
-    """The texts of a transaction's memo instructions."""
-    keys = list(tx.message.account_keys)
-    return [
-        bytes(ix.data).decode("utf-8", errors="replace")
-        for ix in tx.message.instructions
-        if ix.program_id_index < len(keys) and keys[ix.program_id_index] in MEMO_PROGRAMS
-    ]
-
-
-def signer_of(tx: VersionedTransaction) -> str:
-    """The fee payer (first signer) of a transaction."""
-    return str(tx.message.account_keys[0])
-
-
-def _fetch(client: Client, signature: str) -> tuple[VersionedTransaction, Any, int] | None:
-    """(transaction, its error or None, slot) of a landed signature; None if the node has
-    none."""
-    found = client.get_transaction(
-        Signature.from_string(signature),
-        encoding="base64",
-        commitment=Confirmed,  # the default (finalized) misses the last ~13 s on a cluster
-        max_supported_transaction_version=0,
-    ).value
-    if found is None:
-        return None
-    tx = found.transaction.transaction
-    if not isinstance(tx, VersionedTransaction):
-        raise AnchorError(f"transaction {signature}: unexpected encoding")
-    meta = found.transaction.meta
-    return tx, (meta.err if meta is not None else None), int(found.slot)
 
 
 @dataclass
@@ -199,31 +169,13 @@ class SolanaAnchorer:
     def find_existing(self, root: bytes) -> str:
         """The signature of this key's earliest memo of `root` among its `lookback` latest
         transactions, "" if none."""
-        prefix, address = _root_prefix(root), self.keypair.pubkey()
-        candidates: list[str] = []
-        before: Signature | None = None
-        seen = 0
-        while seen < self.lookback:
-            want = min(PAGE, self.lookback - seen)
-            page = self.client.get_signatures_for_address(
-                address, before=before, limit=want, commitment=Confirmed
-            ).value
-            for entry in page:
-                if entry.err is None and entry.memo and prefix in entry.memo:
-                    candidates.append(str(entry.signature))
-            seen += len(page)
-            if len(page) < want:
-                break
-            before = page[-1].signature
-        for signature in reversed(candidates):  # oldest first: the first anchor stands
-            fetched = _fetch(self.client, signature)
-            if fetched is None:
-                continue
-            tx, err, _slot = fetched
-            if err is None and signer_of(tx) == str(address):
-                if any(m.startswith(prefix) for m in memos_of(tx)):
-                    return signature
-        return ""
+        address = self.keypair.pubkey()
+        try:
+            return earliest_memo(
+                self.client, address, str(address), _root_prefix(root), self.lookback
+            )
+        except MemoReadError as e:
+            raise AnchorError(str(e)) from e
 
     def _expired(self, sent: _InFlight) -> bool:
         status = self.client.get_signature_statuses([sent.signature]).value[0]
@@ -312,7 +264,7 @@ def check_anchor_onchain(
         return out
     client = client_for(chain.rpc_url, timeout)
     try:
-        fetched = _fetch(client, str(signature))
+        fetched = fetch_transaction(client, str(signature))
         if fetched is None:
             out.problems.append(f"tx not found: {transaction} is not on {chain.network}")
             return out
@@ -320,7 +272,7 @@ def check_anchor_onchain(
     except TRANSIENT as e:
         out.problems.append(f"cannot reach chain {chain.network} at {chain.rpc_url}: {brief(e)}")
         return out
-    except AnchorError as e:
+    except MemoReadError as e:
         out.problems.append(f"bad anchor data: {e}")
         return out
     out.anchorer = signer_of(tx)

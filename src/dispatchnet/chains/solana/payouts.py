@@ -3,10 +3,15 @@
 associated token account created if missing (idempotently, at the coordinator's cost), a
 TransferChecked from the coordinator's token account, and a memo "dispatch:payout:<id>".
 
-The signed transaction is returned for storage before it is sent; sending it again can
-never pay twice (same signature: the chain processes it once). It names a recent blockhash
-and can only land while that is valid (about a minute): one never landed past it is STALE,
-and the caller signs the payout anew (same id and memo).
+The signed transaction is returned for storage before it is sent, with the slot it was
+signed at; sending it again can never pay twice (same signature: the chain processes it
+once). It names a recent blockhash and can only land while that is valid (about a minute),
+in the slot it was signed at or a later one. Once the blockhash has expired, a payout the
+node does not find is STALE (the caller signs it anew, same id and memo) only when the
+node's history (minimumLedgerSlot) reaches back to the slot it was signed at: then not
+finding it proves it never landed. A transaction of this keypair with the payout's memo on
+the worker's token account (e.g. an earlier signing of it) makes it LANDED there. A node
+that has dropped that part of its history cannot tell: the payout is UNKNOWN.
 
 Blocking solana-py code: call it in a worker thread.
 """
@@ -14,6 +19,7 @@ Blocking solana-py code: call it in a worker thread.
 from __future__ import annotations
 
 import base64
+import json
 import time
 
 from solana.rpc.api import Client
@@ -35,6 +41,7 @@ from spl.token.instructions import (
 )
 from x402.mechanisms.svm import MEMO_PROGRAM_ADDRESS, derive_ata
 
+from dispatchnet.chains.solana.memos import MemoReadError, earliest_memo
 from dispatchnet.chains.solana.node import blockhash_valid, client_for
 from dispatchnet.chains.solana.rail import MINT_DECIMALS_OFFSET, TRANSIENT, first_line
 from dispatchnet.errors import Unavailable
@@ -45,6 +52,28 @@ from dispatchnet.payments.payouts import (
     PayoutStatus,
     SignedPayout,
 )
+
+# How many of a worker token account's latest transactions are searched for a payout's memo
+MEMO_LOOKBACK = 1000
+
+
+def stored_raw(tx: VersionedTransaction, signed_slot: int) -> str:
+    """A SignedPayout's `raw`: the signed transaction (base64) and the slot it was signed
+    at (the context slot of the blockhash it names), as JSON."""
+    return json.dumps(
+        {"transaction": base64.b64encode(bytes(tx)).decode(), "signed_slot": signed_slot}
+    )
+
+
+def unpack_raw(raw: str) -> tuple[VersionedTransaction, int | None]:
+    """The signed transaction in a SignedPayout's `raw`, and the slot it was signed at
+    (None for a payout stored as the bare base64 transaction, before slots were kept)."""
+    if raw.startswith("{"):
+        data = json.loads(raw)
+        tx, slot = str(data["transaction"]), int(data["signed_slot"])
+    else:
+        tx, slot = raw, None
+    return VersionedTransaction.from_bytes(base64.b64decode(tx)), slot
 
 
 class SolanaPayoutSender:
@@ -82,11 +111,13 @@ class SolanaPayoutSender:
         return self._mints[mint]
 
     def sign(self, payouts: list[Payout]) -> list[SignedPayout]:
-        """One transaction per payout, all with the node's latest blockhash."""
+        """One transaction per payout, all with the node's latest blockhash; each `raw`
+        also holds the slot of that blockhash's answer (no transaction of it lands earlier)."""
         me = self.keypair.pubkey()
         out = []
         try:
-            blockhash = self.client.get_latest_blockhash(Confirmed).value.blockhash
+            latest = self.client.get_latest_blockhash(Confirmed)
+            blockhash, slot = latest.value.blockhash, latest.context.slot
             for p in payouts:
                 program, decimals = self._mint(p.asset)
                 mint, to = Pubkey.from_string(p.asset), Pubkey.from_string(p.to)
@@ -115,9 +146,7 @@ class SolanaPayoutSender:
                 tx = VersionedTransaction(
                     MessageV0.try_compile(me, ixs, [], blockhash), [self.keypair]
                 )
-                out.append(
-                    SignedPayout(p, base64.b64encode(bytes(tx)).decode(), str(tx.signatures[0]))
-                )
+                out.append(SignedPayout(p, stored_raw(tx, slot), str(tx.signatures[0])))
         except TRANSIENT as e:
             raise Unavailable(f"Solana node unreachable: {first_line(e)}") from e
         return out
@@ -127,7 +156,7 @@ class SolanaPayoutSender:
         return {s.payout.payout_id: self._send_one(s) for s in signed}
 
     def _send_one(self, signed: SignedPayout) -> PayoutStatus:
-        raw = base64.b64decode(signed.raw)
+        raw = bytes(unpack_raw(signed.raw)[0])
         try:
             try:
                 self.client.send_raw_transaction(raw, TxOpts(preflight_commitment=Confirmed))
@@ -163,25 +192,25 @@ class SolanaPayoutSender:
 
     def status(self, signed: SignedPayout) -> PayoutStatus:
         """LANDED (or FAILED when it landed with an error: it moved nothing) by
-        getSignatureStatuses; not found, STALE once its blockhash has expired (checked
-        before a last look, so one landing meanwhile is still seen), else NOT_FOUND."""
+        getSignatureStatuses. Not found: NOT_FOUND while its blockhash is valid; once it
+        has expired (checked before a last look, so one landing meanwhile is still seen),
+        LANDED if a transaction of this keypair carrying the payout's memo landed on the
+        worker's token account (another signing of it), else STALE when the node's history
+        reaches back to the slot it was signed at (it never landed), else UNKNOWN."""
         sig = Signature.from_string(signed.transaction)
         try:
             found = self._lookup(sig)
-            if found is None:
-                blockhash = VersionedTransaction.from_bytes(
-                    base64.b64decode(signed.raw)
-                ).message.recent_blockhash
-                if self._blockhash_valid(str(blockhash)):
-                    return PayoutStatus(PayoutState.NOT_FOUND)
-                found = self._lookup(sig)
-                if found is None:
-                    return PayoutStatus(
-                        PayoutState.STALE, "", "its blockhash expired before it landed"
-                    )
-            return found
+            if found is not None:
+                return found
+            tx, signed_slot = unpack_raw(signed.raw)
+            if self._blockhash_valid(str(tx.message.recent_blockhash)):
+                return PayoutStatus(PayoutState.NOT_FOUND)
+            found = self._lookup(sig) or self._landed_by_memo(signed.payout)
+            return found or self._never_landed(signed_slot)
         except TRANSIENT as e:
             raise Unavailable(f"Solana node unreachable: {first_line(e)}") from e
+        except MemoReadError as e:
+            raise Unavailable(f"Solana node: {e}") from e
 
     def _lookup(self, sig: Signature) -> PayoutStatus | None:
         status = self.client.get_signature_statuses([sig], search_transaction_history=True)
@@ -194,3 +223,28 @@ class SolanaPayoutSender:
 
     def _blockhash_valid(self, blockhash: str) -> bool:
         return blockhash_valid(self.rpc_url, blockhash, self.rpc_timeout)
+
+    def _landed_by_memo(self, payout: Payout) -> PayoutStatus | None:
+        """LANDED in the earliest transaction among the worker's token account's
+        MEMO_LOOKBACK latest that succeeded, was signed by this keypair and carries the
+        payout's memo; None if none (as far back as the node's history goes)."""
+        program, _ = self._mint(payout.asset)
+        account = Pubkey.from_string(derive_ata(payout.to, payout.asset, str(program)))
+        memo = f"{MEMO_PREFIX}{payout.payout_id}"
+        found = earliest_memo(self.client, account, self.address, memo, MEMO_LOOKBACK)
+        return PayoutStatus(PayoutState.LANDED, found) if found else None
+
+    def _never_landed(self, signed_slot: int | None) -> PayoutStatus:
+        """STALE when the node's history starts no later than the slot the payout was
+        signed at (its lookups saw every slot it could land in), else UNKNOWN. Read after
+        the lookups: a history only ever starts later, never earlier."""
+        oldest = self.client.get_minimum_ledger_slot().value
+        if oldest <= (signed_slot or 0):
+            return PayoutStatus(PayoutState.STALE, "", "its blockhash expired before it landed")
+        signed_at = "at an unknown slot" if signed_slot is None else f"at slot {signed_slot}"
+        return PayoutStatus(
+            PayoutState.UNKNOWN,
+            "",
+            f"not found, but the node's history starts at slot {oldest} and the payout was "
+            f"signed {signed_at}: it may have landed",
+        )
