@@ -458,6 +458,40 @@ async def test_a_payment_is_accepted_once(
     ]
 
 
+@IN_A_PROCESS
+async def test_a_payer_cannot_commit_more_than_its_balance_covers(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+) -> None:
+    """Each payment verifies against the payer's whole balance, and a job's payment moves
+    only once it completes: a payer holding two prices may not have a third job run on
+    them (which would never settle), whether the commits come at once or one after
+    another. The two jobs run and settle; the balance is spent exactly."""
+    wallet = new_payer(chain, 2 * PRICE)
+    c = paid.client()
+    quotes = [await c.quote(ECHO) for _ in range(4)]
+    header = await required_header(c, quotes[0].quote_id)
+    signatures = [encode_payment_signature_header(signed(wallet, header)) for _ in quotes]
+    results = await asyncio.gather(
+        *(commit_with(c, q.quote_id, s) for q, s in zip(quotes[:3], signatures, strict=False)),
+        return_exceptions=True,
+    )
+    jobs = [r for r in results if isinstance(r, coordinator_pb2.Job)]
+    errors = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(jobs) == 2 and len(errors) == 1, results
+    assert errors[0].code() == RE and "does not cover" in (errors[0].details() or "")
+    code, details, error = await refused(c, quotes[3].quote_id, signatures[3])
+    assert (code, error) == (RE, "insufficient_funds"), details
+    assert "not settled yet (2000)" in details
+
+    await paid.worker("seeker")
+    for job in jobs:
+        assert (await c.wait(job.job_id)).state == coordinator_pb2.JOB_STATE_COMPLETED
+        await payment_status(paid, job.job_id, "settled")
+    assert balance(chain, wallet.address) == 0
+    assert len(paid.db.open_payments()) == 0
+
+
 async def test_replay_protection_survives_a_restart(
     home: Path,  # noqa: F811
     chain: dict[str, Any],  # noqa: F811
@@ -569,6 +603,27 @@ async def test_a_short_authorization_is_settled_early_and_refunded_if_the_job_fa
     assert receipt.payment.status == "settled"
     assert balance(chain, wallet.address) == start_payer - 2 * PRICE
     assert credits(paid) == {ok.job_id: PRICE - PRICE // 10, slow.job_id: PRICE - PRICE // 10}
+
+
+@pytest.mark.parametrize("paid", [EARLY], indirect=True)
+async def test_a_job_whose_early_settlement_is_refused_is_cancelled(
+    paid: Cluster,
+    chain: dict[str, Any],  # noqa: F811
+) -> None:
+    """Settled early (its authorization is short) while the job waits, the payment is
+    refused: the payer spent its balance elsewhere after committing. The job is cancelled,
+    not run for nothing; the payer is not charged and no worker is credited."""
+    wallet = new_payer(chain, PRICE)
+    c = paid.client(wallet=wallet)
+    job = await c.submit(ECHO)  # no worker: the job waits
+    spend(chain, wallet, PRICE)
+    await payment_status(paid, job.job_id, "failed")
+    ended = await c.wait(job.job_id)
+    assert ended.state == coordinator_pb2.JOB_STATE_CANCELLED
+    assert "payment was refused on chain" in ended.failure.message
+    await paid.worker("seeker")
+    assert (await c.get(job.job_id)).state == coordinator_pb2.JOB_STATE_CANCELLED
+    assert credits(paid) == {}
 
 
 async def test_a_settlement_sent_before_a_crash_is_not_sent_again(
@@ -964,21 +1019,23 @@ async def test_payments_due_together_settle_in_one_transaction(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Settlement is batched: the payments due go out in one BatchSettler transaction, and
-    one the token refuses inside the batch (its payer's balance was spent by an earlier
-    payment of the same batch) fails alone, not charged, while the others settle."""
+    one the token refuses inside the batch (its payer spent half its balance elsewhere
+    after committing two jobs, so an earlier payment of the same batch takes the rest)
+    fails alone, not charged, while the others settle."""
     service = paid.coord.payments
     assert service is not None
     await service.stop()  # let them all come due, then settle by hand
     await paid.worker("seeker", max_concurrency=8)
     payers = [new_payer(chain) for _ in range(2)]
-    broke = new_payer(chain, amount=PRICE)  # enough for one job, verified for both
-    starts = {w.address: balance(chain, w.address) for w in [*payers, broke]}
-    before_payee = balance(chain, payee(chain))
+    broke = new_payer(chain, amount=2 * PRICE)  # enough for two jobs when committed
     jobs = []
     for i in range(6):
         jobs.append(await paid.client(wallet=payers[i % 2]).submit(ECHO, f"batch{i}"))
     c = paid.client(wallet=broke)
     jobs += [await c.submit(ECHO, "broke1"), await c.submit(ECHO, "broke2")]
+    spend(chain, broke, PRICE)  # then enough for one
+    starts = {w.address: balance(chain, w.address) for w in [*payers, broke]}
+    before_payee = balance(chain, payee(chain))
     await wait_until(
         lambda: all(
             (j := paid.db.get_job(job.job_id)) is not None and j.state.name == "COMPLETED"
@@ -1000,6 +1057,18 @@ async def test_payments_due_together_settle_in_one_transaction(
         assert balance(chain, w.address) == starts[w.address] - 3 * PRICE
     assert balance(chain, broke.address) == starts[broke.address] - PRICE == 0
     assert balance(chain, payee(chain)) == before_payee + 7 * PRICE
+
+
+def spend(deployed: dict[str, Any], wallet: Wallet, amount: int) -> None:
+    """wallet sends `amount` test USDC away (gas given to it by anvil)."""
+    w3 = web3_for(deployed["rpc_url"], 5)
+    _rpc(deployed["rpc_url"], "anvil_setBalance", [wallet.address, hex(10**18)], timeout=5)
+    token = w3.eth.contract(address=usdc(deployed), abi=TOKEN_ABI)
+    tx = token.functions.transfer(payee(deployed), amount).build_transaction(
+        {"from": wallet.address, "nonce": w3.eth.get_transaction_count(wallet.address)}
+    )
+    raw = wallet.account.sign_transaction(tx).raw_transaction
+    assert w3.eth.wait_for_transaction_receipt(w3.eth.send_raw_transaction(raw))["status"] == 1
 
 
 def deploy_gas_burner(deployed: dict[str, Any], usdc_amount: int) -> str:

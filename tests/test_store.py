@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 
 import pytest
@@ -261,9 +262,9 @@ async def test_a_payment_is_stored_with_its_job_and_accepted_once(store: Store) 
     assert created and job.payment.authorization_id == "0x" + f"{1:064x}"
     assert await store.get_payment("job_1") == _payment("job_1", 1)
     # the same authorization in other letter case is the same payment
-    assert await store.payment_used(
+    assert await store.payment_standing(
         "eip155:31337", "0x" + "11" * 20, "0X" + "33" * 20, "0x" + f"{1:064X}"
-    )
+    ) == (True, 1000)
     with pytest.raises(PaymentReused):
         await store.create_job(*new_job(2), _payment("job_2", 1))
     assert await store.get_job("job_2") is None and await store.get_payment("job_2") is None
@@ -272,9 +273,31 @@ async def test_a_payment_is_stored_with_its_job_and_accepted_once(store: Store) 
         make_job("job_3", key="k1"), queued("job_3"), _payment("job_3", 3)
     )
     assert not created and again == job
-    assert not await store.payment_used(
+    assert await store.payment_standing(
         "eip155:31337", "0x" + "11" * 20, "0x" + "33" * 20, "0x" + f"{3:064x}"
+    ) == (False, 1000)
+
+
+async def test_payment_standing_sums_what_the_payer_still_owes(store: Store) -> None:
+    """What a payer's balance must still cover: its AUTHORIZED payments of that network
+    and asset (letter case aside), not those moved on chain or given up, nor others'."""
+    standing = functools.partial(
+        store.payment_standing, "eip155:31337", "0x" + "11" * 20, "0x" + "33" * 20, "0x01"
     )
+    assert await standing() == (False, 0)
+    for n in (1, 2, 3):
+        await store.create_job(*new_job(n), _payment(f"job_{n}", n))
+    theirs = dataclasses.replace(_payment("job_4", 4), payer="0x" + "44" * 20)
+    await store.create_job(*new_job(4), theirs)
+    other_asset = dataclasses.replace(_payment("job_5", 5), asset="0x" + "55" * 20)
+    await store.create_job(*new_job(5), other_asset)
+    assert await standing() == (False, 3000)
+    assert await store.payment_standing(
+        "eip155:31337", "0X" + "11" * 20, "0x" + "33" * 20, "0x02"
+    ) == (False, 3000)
+    for job_id, status in (("job_1", PaymentStatus.HELD), ("job_2", PaymentStatus.FAILED)):
+        await store.update_payment(job_id, [PaymentStatus.AUTHORIZED], {"status": status})
+    assert await standing() == (False, 1000)
 
 
 async def test_create_job_can_write_the_job_already_offered(store: Store) -> None:

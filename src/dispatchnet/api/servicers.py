@@ -40,7 +40,7 @@ from dispatchnet.errors import DeadlineExceeded, DispatchError, InvalidArgument
 from dispatchnet.loops import KeyedOrder
 from dispatchnet.observability import logs
 from dispatchnet.observability.tracing import JobTracing
-from dispatchnet.payments.interceptor import current_payment
+from dispatchnet.payments.interceptor import current_payment, payment_stored
 from dispatchnet.profiles import LimitsConfig, WorkersConfig
 from dispatchnet.receipts.core import verify_receipt_message
 from dispatchnet.receipts.notary import payment_to_proto
@@ -105,6 +105,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             job, created = await self.jobs.commit(
                 who, request.quote_id, request.idempotency_key, current_payment()
             )
+            payment_stored()  # not at the call's end: it waits for the job
         elif what == "spec":
             spec, module = await self._spec(request.spec)
             job, created = await self.jobs.run(who, spec, module, request.idempotency_key)

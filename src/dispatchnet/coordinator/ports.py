@@ -427,11 +427,13 @@ class PaymentLedger(Protocol):
 
     async def get_payment(self, job_id: str) -> Payment | None: ...
 
-    async def payment_used(
+    async def payment_standing(
         self, network: str, asset: str, payer: str, authorization_id: str
-    ) -> bool:
-        """Whether a job was committed with this payment already (asset, payer and
-        authorization_id compared without case)."""
+    ) -> tuple[bool, int]:
+        """Whether a job was committed with this payment already, and the sum of the
+        payer's stored payments of this network and asset not moved on chain yet
+        (AUTHORIZED: its balance must still cover them); asset, payer and authorization_id
+        compared without case."""
         ...
 
     async def open_payments(self, limit: int = 100) -> list[tuple[Payment, JobState]]:

@@ -44,10 +44,25 @@ RUN_JOB = "/dispatch.v1.CoordinatorService/RunJob"
 _payment: contextvars.ContextVar[Payment | None] = contextvars.ContextVar("payment", default=None)
 
 
+_service: contextvars.ContextVar[PaymentService | None] = contextvars.ContextVar(
+    "payment_service", default=None
+)
+
+
 def current_payment() -> Payment | None:
     """The verified payment of the current CommitJob or RunJob (None while payments are
     off, or when the call returns an existing job)."""
     return _payment.get()
+
+
+def payment_stored() -> None:
+    """The current call's job is stored with its payment (or was found by its key): the
+    payment stops reserving the payer's balance (PaymentService.committed); the store
+    counts it from now on. Without this, the call's end does it (a RunJob waits for its
+    job to end)."""
+    payment, service = _payment.get(), _service.get()
+    if payment is not None and service is not None:
+        service.committed(payment)
 
 
 class PaymentInterceptor(grpc.aio.ServerInterceptor):
@@ -100,7 +115,7 @@ class PaymentInterceptor(grpc.aio.ServerInterceptor):
         payment = await self.service.authorize(
             caller().id, request.quote_id, request.idempotency_key, header
         )
-        token = _payment.set(payment)
+        token, serving = _payment.set(payment), _service.set(self.service)
         try:
             response = await method(request, context)
         except PaymentRequired as e:
@@ -109,6 +124,9 @@ class PaymentInterceptor(grpc.aio.ServerInterceptor):
             raise await self.service.refusal_for(request.quote_id, e) from None
         finally:
             _payment.reset(token)
+            _service.reset(serving)
+            if payment is not None:
+                self.service.committed(payment)
         # CommitJob: as stored with the job just made; RunJob's job is final: as it is now
         stored = payment if response.created and method_name == COMMIT_JOB else None
         value = await self.service.response_header(response.job, stored)

@@ -12,7 +12,12 @@ Afterwards a background loop (settle_due) moves each payment on:
     AUTHORIZED --settle_by reached, job still open------> settle --> HELD
     HELD       --job completed--------------------------> SETTLED
     HELD       --job failed/cancelled-------------------> REFUND_DUE --refund--> REFUNDED
-    AUTHORIZED --the chain refuses the settlement-------> FAILED (not charged)
+    AUTHORIZED --the chain refuses the settlement-------> FAILED (not charged; a job
+                                                           still open is cancelled)
+
+A payer's balance must cover all its payments not moved yet, not each one alone: each
+verifies against the whole balance, so authorize also counts the payer's AUTHORIZED
+payments (stored, or being committed here) before it accepts another (see _covered).
 
 Reaching SETTLED (money arrived, job completed) credits the job's worker with the amount
 minus the [payouts] fee, in the same store transaction; nothing else credits, and a
@@ -39,7 +44,13 @@ from typing import Any, Protocol
 
 from dispatchnet.coordinator.jobs import JobService
 from dispatchnet.coordinator.models import Job, JobState, Payment, PaymentStatus, Quote, Split
-from dispatchnet.errors import DispatchError, PaymentRequired, PaymentReused, Unavailable
+from dispatchnet.errors import (
+    DispatchError,
+    FailedPrecondition,
+    PaymentRequired,
+    PaymentReused,
+    Unavailable,
+)
 from dispatchnet.loops import OutboxLoop
 from dispatchnet.profiles import JobsConfig, PaymentsConfig, PayoutsConfig
 from dispatchnet.store.base import Store
@@ -78,6 +89,7 @@ class PaymentGateway(Protocol):
     def parse(self, header: str, offers: list[Any], now: float) -> Payment: ...
     def verify(self, payment: Payment) -> None: ...
     async def verify_async(self, payment: Payment) -> None: ...
+    def balance(self, payment: Payment) -> int: ...
     def response_header(self, payment: Payment) -> str: ...
     def settle_batch(self, payments: list[Payment]) -> dict[str, str | SettlementRefused]: ...
     def sign_refund(self, payment: Payment) -> tuple[str, str]: ...
@@ -113,6 +125,9 @@ class WrappingGateway:
 
     async def verify_async(self, payment: Payment) -> None:
         await self.inner.verify_async(payment)
+
+    def balance(self, payment: Payment) -> int:
+        return self.inner.balance(payment)
 
     def response_header(self, payment: Payment) -> str:
         return self.inner.response_header(payment)
@@ -166,6 +181,9 @@ class PaymentService(OutboxLoop):
         self._offers: dict[tuple[int, int], list[Any]] = {}  # (price, timeout) -> offers
         # payments this process handed to the gateway to settle and not recorded since
         self._sent: set[str] = set()
+        # (network, asset, payer) -> {authorization id: amount} of the payments passed by
+        # authorize whose commit has not ended yet (see _covered)
+        self._committing: dict[tuple[str, str, str], dict[str, int]] = {}
         # a payment due before this process started may have been sent by the one before
         self.started_at = clock()
         jobs.final_listeners.append(self.job_final)
@@ -239,11 +257,13 @@ class PaymentService(OutboxLoop):
                 )
             try:
                 payment = self.gateway.parse(header, offers, now)
-                if await self.store.payment_used(
+                used, _ = await self.store.payment_standing(
                     payment.network, payment.asset, payment.payer, payment.authorization_id
-                ):
+                )
+                if used:
                     raise PaymentReused("this payment was already used for a job; sign a new one")
                 await self.gateway.verify_async(payment)
+                await self._covered(payment)  # reserved from here: see committed()
             except PaymentRequired as e:
                 raise self.refusal(quote, offers, e.message, e.reason) from None
         except DispatchError:
@@ -253,6 +273,50 @@ class PaymentService(OutboxLoop):
                 return None
             raise
         return payment
+
+    async def _covered(self, payment: Payment) -> None:
+        """Refuses a verified payment that the payer's balance does not cover beside its
+        payments not moved on chain yet (stored AUTHORIZED, or being committed here):
+        each verifies against the whole balance, so without this a payer could commit
+        many jobs on one price's worth and only the first would settle. Once it passes,
+        the payment's amount stays reserved here until committed() (the job is stored,
+        or not): a commit beside it counts it before its job is written. The store is
+        read after the reservation, so a commit that ended before it is in the store.
+        Called after verify: only a payer's own signature reserves any of its balance."""
+        key = (payment.network, payment.asset.lower(), payment.payer.lower())
+        committing = self._committing.setdefault(key, {})
+        others = sum(committing.values())
+        committing[payment.authorization_id] = payment.amount
+        try:
+            used, stored = await self.store.payment_standing(
+                payment.network, payment.asset, payment.payer, payment.authorization_id
+            )
+            if used:
+                raise PaymentReused("this payment was already used for a job; sign a new one")
+            owed = stored + others
+            if owed:  # else verify's own balance check covers this payment alone
+                balance = await asyncio.to_thread(self.gateway.balance, payment)
+                if balance < owed + payment.amount:
+                    raise PaymentRequired(
+                        f"payment refused: the payer's balance ({balance}) does not cover "
+                        f"this payment ({payment.amount}) beside its payments not settled "
+                        f"yet ({owed}); wait for them to settle, or add funds",
+                        reason="insufficient_funds",
+                    )
+        except BaseException:
+            self.committed(payment)
+            raise
+
+    def committed(self, payment: Payment) -> None:
+        """The commit of a payment that passed authorize has ended (its job is stored with
+        it, or will never be): its reservation of the payer's balance ends (once: again is
+        a no-op)."""
+        key = (payment.network, payment.asset.lower(), payment.payer.lower())
+        committing = self._committing.get(key)
+        if committing is not None:
+            committing.pop(payment.authorization_id, None)
+            if not committing:
+                del self._committing[key]
 
     async def quote_header(self, quote_id: str) -> str:
         """The payment-required header for a quote just made (sent with GetQuote)."""
@@ -430,14 +494,19 @@ class PaymentService(OutboxLoop):
         self, p: Payment, result: str | SettlementRefused, job_state: JobState | None = None
     ) -> int:
         """Records one settlement's outcome: the transaction, or a final refusal. job_state:
-        the job's state when the pass read it, if final (it cannot have changed since)."""
+        the job's state when the pass read it (a final one cannot have changed since)."""
         if isinstance(result, SettlementRefused):
             if job_state in (JobState.FAILED, JobState.CANCELLED):  # nothing to charge for
                 await self._update(p, (p.status,), status=PaymentStatus.RELEASED, error="")
                 return 1
             log.warning("settlement of job %s refused: %s (not charged)", p.job_id, result,
                         extra={"job_id": p.job_id})  # fmt: skip
-            await self._update(p, (p.status,), status=PaymentStatus.FAILED, error=str(result))
+            failed = await self._update(
+                p, (p.status,), status=PaymentStatus.FAILED, error=str(result)
+            )
+            if failed is not None and (job_state is None or not job_state.final):
+                # settled early, the job still open: it must not run for nothing
+                await self._cancel_unpaid(p.job_id, result)
             return 1
         if job_state is None or not job_state.final:
             job = await self.store.get_job(p.job_id)
@@ -454,6 +523,23 @@ class PaymentService(OutboxLoop):
                  extra={"job_id": p.job_id})  # fmt: skip
         await self._update(p, (p.status,), status=status, transaction=result, error="")
         return 1
+
+    async def _cancel_unpaid(self, job_id: str, refused: SettlementRefused) -> None:
+        """Cancels a job still open whose payment the chain refused (settled early: the
+        payer's balance went elsewhere, the authorization was cancelled or expired): it
+        would otherwise run, and its worker work, for nothing."""
+        job = await self.store.get_job(job_id)
+        if job is None or job.state.final:
+            return
+        try:
+            await self.jobs.cancel(
+                job.client_id,
+                job_id,
+                f"its payment was refused on chain ({refused.reason}); commit it again "
+                "with a payment that can settle",
+            )
+        except FailedPrecondition:  # it ended meanwhile
+            pass
 
     async def _refund(self, p: Payment) -> bool:
         if not await self.fenced():

@@ -95,6 +95,8 @@ from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable, Store
 from dispatchnet.store.rows import (
     OPEN_PAYOUT_OF_E,
     OPEN_PAYOUT_STATE,
+    PAYMENT_OWED,
+    PAYMENTS_OWED_INDEX,
     TOTAL_OWNER,
     batch_of,
     changes_row,
@@ -361,6 +363,11 @@ async def _v8(c: Conn) -> None:
     )
 
 
+async def _v9(c: Conn) -> None:
+    """A payer's payments not moved on chain yet (SQLite's version 20)."""
+    await c.execute(f"CREATE INDEX payments_owed ON payments {PAYMENTS_OWED_INDEX}")
+
+
 async def _v7(c: Conn) -> None:
     """Each client's live pairing codes, for [pairing] max_live_codes (SQLite's version 18)."""
     await c.execute("CREATE INDEX pairing_codes_client ON pairing_codes (client_id)")
@@ -369,7 +376,7 @@ async def _v7(c: Conn) -> None:
 # Each owner's quote_usage, and the total, is kept in this many rows (see total_shard).
 USAGE_SHARDS = 8
 
-MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
+MIGRATIONS: list[Callable[[Conn], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -1386,20 +1393,22 @@ class PostgresStore:
         r = await self._read(lambda c: c.fetchrow("SELECT * FROM payments WHERE job_id=$1", job_id))
         return payment_of(r) if r is not None else None
 
-    async def payment_used(
+    async def payment_standing(
         self, network: str, asset: str, payer: str, authorization_id: str
-    ) -> bool:
-        found = await self._read(
-            lambda c: c.fetchval(
-                "SELECT 1 FROM payments WHERE network=$1 AND lower(asset)=$2 "
-                "AND lower(payer)=$3 AND lower(authorization_id)=$4",
+    ) -> tuple[bool, int]:
+        r = await self._read(
+            lambda c: c.fetchrow(
+                "SELECT EXISTS (SELECT 1 FROM payments WHERE network=$1 AND lower(asset)=$2 "
+                "AND lower(payer)=$3 AND lower(authorization_id)=$4) AS used, "
+                "(SELECT COALESCE(SUM(amount), 0) FROM payments WHERE network=$1 "
+                f"AND lower(asset)=$2 AND lower(payer)=$3 AND {PAYMENT_OWED}) AS owed",
                 network,
                 asset.lower(),
                 payer.lower(),
                 authorization_id.lower(),
             )
         )
-        return found is not None
+        return bool(r["used"]), int(r["owed"])
 
     async def open_payments(self, limit: int = 100) -> list[tuple[Payment, JobState]]:
         rows = await self._read(

@@ -77,6 +77,13 @@ OPEN_PAYOUT_OF_E = (
     f"AND o.asset = e.asset AND o.{OPEN_PAYOUT_STATE}"
 )
 
+# A payment verified and stored but not moved on chain yet: the payer's balance must still
+# cover it (PaymentService.authorize), as an SQL condition on a payments row
+PAYMENT_OWED = f"status = '{PaymentStatus.AUTHORIZED.value}'"
+# The index those are summed by, per payer (network, asset and payer as the replay index
+# compares them), on SQLite and PostgreSQL
+PAYMENTS_OWED_INDEX = f"(network, lower(asset), lower(payer)) WHERE {PAYMENT_OWED}"
+
 
 def not_given_up(events: str = "events", reasons: tuple[str, ...] = GIVEN_UP) -> str:
     """A condition on a row of the events table (named `events` in the query) that

@@ -63,6 +63,8 @@ from dispatchnet.store.base import QuoteLimits, QuoteUsage, Runnable
 from dispatchnet.store.rows import (
     OPEN_PAYOUT_OF_E,
     OPEN_PAYOUT_STATE,
+    PAYMENT_OWED,
+    PAYMENTS_OWED_INDEX,
     TOTAL_OWNER,
     batch_of,
     changes_row,
@@ -563,9 +565,14 @@ def _v19(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v20(db: sqlite_utils.Database) -> None:
+    """A payer's payments not moved on chain yet (what its balance must still cover)."""
+    db.execute(f"CREATE INDEX idx_payments_owed ON payments {PAYMENTS_OWED_INDEX}")
+
+
 MIGRATIONS = [
     *(_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13, _v14, _v15),
-    *(_v16, _v17, _v18, _v19),
+    *(_v16, _v17, _v18, _v19, _v20),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1565,13 +1572,18 @@ class SqliteStore:
         r = self._conn.execute("SELECT * FROM payments WHERE job_id=?", (job_id,)).fetchone()
         return payment_of(r) if r is not None else None
 
-    def payment_used(self, network: str, asset: str, payer: str, authorization_id: str) -> bool:
+    def payment_standing(
+        self, network: str, asset: str, payer: str, authorization_id: str
+    ) -> tuple[bool, int]:
+        key = (network, asset.lower(), payer.lower())
         r = self._conn.execute(
-            "SELECT 1 FROM payments WHERE network=? AND lower(asset)=? AND lower(payer)=? "
-            "AND lower(authorization_id)=?",
-            (network, asset.lower(), payer.lower(), authorization_id.lower()),
+            "SELECT EXISTS (SELECT 1 FROM payments WHERE network=? AND lower(asset)=? "
+            "AND lower(payer)=? AND lower(authorization_id)=?), "
+            "(SELECT group_concat(amount) FROM payments WHERE network=? AND lower(asset)=? "
+            f"AND lower(payer)=? AND {PAYMENT_OWED})",
+            (*key, authorization_id.lower(), *key),
         ).fetchone()
-        return r is not None
+        return bool(r[0]), sum(int(a) for a in (r[1] or "").split(",") if a)
 
     def open_payments(self, limit: int = 100) -> list[tuple[Payment, JobState]]:
         final = [s.value for s in PaymentStatus if s.final]

@@ -577,10 +577,12 @@ class ThreadedStore:
     async def get_payment(self, job_id: str) -> Payment | None:
         return await self._read(lambda s: s.get_payment(job_id))
 
-    async def payment_used(
+    async def payment_standing(
         self, network: str, asset: str, payer: str, authorization_id: str
-    ) -> bool:
-        return await self._read(lambda s: s.payment_used(network, asset, payer, authorization_id))
+    ) -> tuple[bool, int]:
+        return await self._read(
+            lambda s: s.payment_standing(network, asset, payer, authorization_id)
+        )
 
     async def open_payments(self, limit: int = 100) -> list[tuple[Payment, JobState]]:
         return await self._read(lambda s: s.open_payments(limit))

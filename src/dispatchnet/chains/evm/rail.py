@@ -30,6 +30,7 @@ from dispatchnet.chains.evm.payments import (
     EvmBatchSettler,
     EvmRefunder,
     authorization_use,
+    token_balance,
     token_info,
 )
 from dispatchnet.coordinator.models import Payment
@@ -136,6 +137,10 @@ class EvmRail:
                     d = get_default_asset(self.network)
                     self._asset = Asset(d["asset"], d["name"], d["version"], d["decimals"])
             return self._asset
+
+    def balance(self, payer: str, asset: str) -> int:
+        """payer's balance of the token `asset` now (Unavailable while the node is down)."""
+        return token_balance(self.w3, asset, payer)
 
     def server_scheme(self) -> Any:
         """The x402 SDK's server side of the exact scheme on this network."""

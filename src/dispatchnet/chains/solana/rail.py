@@ -70,6 +70,7 @@ BLOCKHASH_SECONDS = 60
 # derived here: settlement_of looks through the payer's newest transactions, this many.
 SCAN_LIMIT = 25
 TRANSIENT = (SolanaRpcException, httpx.HTTPError, OSError)
+TOKEN_AMOUNT_OFFSET = 64  # an SPL token account: mint (32), owner (32), amount (u64 LE)
 # Offsets in an SPL mint account: decimals (u8)
 MINT_DECIMALS_OFFSET = 44
 
@@ -266,6 +267,19 @@ class SvmRail:
             valid_before=time.time() + BLOCKHASH_SECONDS,
             fee_payer=info.fee_payer,
         )
+
+    def balance(self, payer: str, asset: str) -> int:
+        """payer's balance of the mint `asset`: what its associated token account (a
+        payment's source) holds now, 0 without one. Unavailable while the node is down."""
+        program = self.asset().token_program
+        ata = Pubkey.from_string(derive_ata(payer, asset, program))
+        try:
+            info = self.client.get_account_info(ata).value
+        except TRANSIENT as e:
+            raise Unavailable(f"Solana node unreachable: {first_line(e)}") from e
+        if info is None or len(info.data) < TOKEN_AMOUNT_OFFSET + 8:
+            return 0
+        return int.from_bytes(info.data[TOKEN_AMOUNT_OFFSET : TOKEN_AMOUNT_OFFSET + 8], "little")
 
     def transport_error_since(self, t: float) -> str:
         """What went wrong when the in-process facilitator's node failed since monotonic
