@@ -122,8 +122,9 @@ async def test_progress_reaches_watchers_from_memory_and_is_stored_in_few_rows(
     for after in (0, 3, mid, live.job.last_sequence - 2):
         again = [i.event async for i in c.watch(job.job_id, after)]
         assert again == live.events[after:]
-    # the job is final and nobody watches: its memory is freed
-    assert job.job_id not in cluster.coord.jobs.live
+    # the job is final and nobody watches: memory keeps it only as one of the recent
+    # jobs (bounded by events.RECENT_JOBS and RECENT_BYTES)
+    assert job.job_id in cluster.coord.jobs.live._recent
 
 
 @pytest.mark.parametrize("profile", [make_profile(jobs={"progress_flush_seconds": 0.05})])

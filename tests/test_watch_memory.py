@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from conftest import Cluster, rpc_code
+from conftest import Cluster, rpc_code, wait_until
 
 from dispatch.v1 import coordinator_pb2
 from dispatchnet.client import task_spec
@@ -22,6 +22,7 @@ from dispatchnet.coordinator.models import (
     JobSpec,
     JobState,
     JobType,
+    PaymentRef,
     Policy,
     Privacy,
     Result,
@@ -53,18 +54,28 @@ async def test_a_job_committed_here_is_watched_from_memory(cluster: Cluster) -> 
     await cluster.worker()
     c = cluster.client()
     reads = count_reads(cluster)
-    # a job still running when the watch starts (a trivial one may be final by then, and a
-    # final job is read from the store, as below)
+    # a job still running when the watch starts
     job = await c.submit(task_spec("sleep", b'{"ms": 300}'))
     live = [item async for item in c.watch(job.job_id)]
     assert reads == Counter()  # neither the job nor its events were read
     assert live[-1].job.state == COMPLETED
     assert [i.event.sequence for i in live] == list(range(1, len(live) + 1))
-    # a final job is read from the store (its payment may settle later): same events
-    stored = [item async for item in c.watch(job.job_id)]
-    assert reads["get_job"] >= 1 and reads["events_after"] == 1
-    assert [i.event for i in stored] == [i.event for i in live]
-    assert stored[-1].job == live[-1].job
+    # watched again once it ended (an unpaid final job never changes again): from
+    # memory still, the same events and job as the store's
+    again = [item async for item in c.watch(job.job_id)]
+    assert reads == Counter()
+    assert [i.event for i in again] == [i.event for i in live]
+    assert again[-1].job == live[-1].job
+    # a job that ended before anyone watched it (a trivial one, the usual case), too
+    quick = await c.submit(task_spec("echo", b"1"))
+    await wait_until(lambda: cluster.db.get_job(quick.job_id).state.final, 10, "job ended")
+    watched = [item async for item in c.watch(quick.job_id)]
+    assert reads == Counter() and watched[-1].job.state == COMPLETED
+    stored = cluster.db.events_after(quick.job_id, 0)
+    assert [i.event.sequence for i in watched] == [e.sequence for e in stored]
+    # what memory answered is what the store holds
+    assert watched[-1].job == await c.get(quick.job_id)
+    assert live[-1].job == await c.get(job.job_id)
 
 
 async def test_only_the_owner_watches_a_job_held_in_memory(cluster: Cluster) -> None:
@@ -134,13 +145,14 @@ async def test_a_change_heard_from_elsewhere_before_commit_came_back_is_not_hidd
 SPEC = JobSpec(JobType.TASK, Policy.CHEAP, Privacy.PUBLIC, "echo", "", b"x" * 10, b"")
 
 
-def committed(live: LiveEvents, n: int, result: bytes | None = None) -> str:
+def committed(live: LiveEvents, n: int, result: bytes | None = None, paid: bool = False) -> str:
     """A job as commit leaves it in memory (one event), released like commit does."""
     job_id = f"job_{n}"
     state = JobState.QUEUED if result is None else JobState.COMPLETED
     job = Job(
         job_id, "client", state, SPEC, 1, "USD", "q", "k", 0, 3, 1.0, 1.0, 1.0, 1,
         result=Result(result, "text/plain") if result is not None else None,
+        payment=PaymentRef(status="authorized") if paid else PaymentRef(),
     )  # fmt: skip
     live.state(Event(job_id, EventKind.STATE, state, 1.0, sequence=1), job, watched=True)
     live.release(job_id)
@@ -171,4 +183,6 @@ def test_recent_jobs_are_bounded(monkeypatch: Any) -> None:
     big = committed(live, 60, result=b"r" * (events.RECENT_JOB_BYTES + 1))
     assert big not in live  # final, and too large anyway
     small_final = committed(live, 61, result=b"ok")
-    assert small_final not in live  # a final job is read from the store
+    assert live.known(small_final) is not None  # unpaid and final: it never changes again
+    paid = committed(live, 62, result=b"ok", paid=True)
+    assert paid not in live  # its payment may settle later: read from the store

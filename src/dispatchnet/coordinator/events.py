@@ -18,9 +18,10 @@ from dispatchnet.coordinator.models import Event, Job, JobState
 TAIL_EVENTS = 256
 TAIL_CHARS = 64 * 1024
 # Jobs nobody watches any more (or yet) whose events and last state stay in memory, most
-# recently changed kept, so that a WatchJob of a job committed or moved here lately needs
-# no store read: at most this many, holding at most RECENT_BYTES (spec, result and event
-# text), each at most RECENT_JOB_BYTES (a larger one is not kept).
+# recently changed kept (a paid job only while open), so that a WatchJob of a job
+# committed or moved here lately needs no store read: at most this many, holding at most
+# RECENT_BYTES (spec, result and event text), each at most RECENT_JOB_BYTES (a larger one
+# is not kept).
 RECENT_JOBS = 4096
 RECENT_BYTES = 16 * 1024 * 1024
 RECENT_JOB_BYTES = 16 * 1024
@@ -137,8 +138,8 @@ class LiveEvents:
         memory from its first (None: not so held), for a new watcher: held for it until
         released again."""
         tail = self._tails.get(job_id)
-        if tail is None or tail.job is None or tail.floor != 0 or tail.state.final:
-            return None  # (a final job's payment may settle later: read from the store)
+        if tail is None or tail.job is None or tail.floor != 0 or _changes_later(tail):
+            return None
         self._in_use(job_id)
         job = tail.job
         return job if job.last_sequence >= tail.last else replace(job, last_sequence=tail.last)
@@ -208,7 +209,7 @@ class LiveEvents:
             return
         self._in_use(job_id)
         size = tail.chars + _job_bytes(tail.job)
-        if tail.job is None or tail.floor != 0 or tail.state.final or size > RECENT_JOB_BYTES:
+        if tail.job is None or tail.floor != 0 or _changes_later(tail) or size > RECENT_JOB_BYTES:
             self._drop(job_id)
             return
         self._recent[job_id] = size
@@ -254,6 +255,14 @@ class LiveEvents:
         tail = self._tails.pop(job_id, None)
         if tail is not None and tail.timer is not None:
             tail.timer.cancel()
+
+
+def _changes_later(tail: _Tail) -> bool:
+    """Whether the held job may still change in the store without a move here: a final
+    job's payment settles (or is refunded) afterwards. An unpaid final job never changes
+    again, so it is held like an open one (a watch that starts after a trivial job ended,
+    the usual case, reads nothing)."""
+    return tail.state.final and tail.job is not None and tail.job.payment.status != "none"
 
 
 def _job_bytes(job: Job | None) -> int:
