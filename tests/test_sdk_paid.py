@@ -6,6 +6,7 @@ cancelled, so never charged, before the hosted fallback runs."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,52 @@ async def test_a_paid_job_no_worker_takes_is_released_before_the_hosted_fallback
         assert evm.balance(payer) == start
     finally:
         claude.close()
+
+
+async def test_a_call_cancelled_while_its_commit_is_in_flight_cancels_its_job(
+    evm: Track, tmp_path: Path
+) -> None:
+    """The caller goes away while CommitJob is in flight, after the coordinator made the
+    (paid) job but before its answer came back: the call knows no job id, and the job
+    would run and be charged. The SDK finds it by its idempotency key, paying nothing
+    more, and cancels it: its payment is released, never settled."""
+    payer = evm.wallet().address
+    async with cluster_for(evm.profile(True), tmp_path / "coord") as cluster:
+        await cluster.worker(max_concurrency=1)  # busy with a long job: ours waits
+        blocker = cluster.client(wallet=evm.wallet())
+        busy = await blocker.submit(task_spec("sleep", b'{"ms": 30000}'))
+        jobs = cluster.coord.jobs
+        real = jobs.commit
+        made: list[Any] = []
+        answered, release = asyncio.Event(), asyncio.Event()
+
+        async def commit(*args: Any, **kwargs: Any) -> Any:
+            job, created = await real(*args, **kwargs)
+            made.append(job)
+            if len(made) == 1:  # the first answer is held back: the caller goes first
+                answered.set()
+                await release.wait()
+            return job, created
+
+        jobs.commit = commit  # type: ignore[method-assign]
+        start = evm.balance(payer)
+        async with router(network(evm, cluster)) as r:
+            call = asyncio.create_task(r.run_task("echo", ECHO))
+            await answered.wait()
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        job_id = made[0].job_id
+        assert [j.job_id for j in made] == [job_id, job_id]  # found again by its key
+        assert cluster.db.get_job(job_id).state.name == "CANCELLED"
+
+        async def released() -> bool:
+            payment = cluster.db.get_payment(job_id)
+            return payment is not None and payment.status.value == "released"
+
+        await wait_until(released, 30, "the payment released")
+        await blocker.cancel(busy.job_id)
+    assert evm.balance(payer) == start
 
 
 async def test_a_relayed_payment_is_the_callers_own(

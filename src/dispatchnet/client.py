@@ -350,6 +350,25 @@ class CoordinatorClient:
 
         return await self._failover(attempt)
 
+    async def find_committed(
+        self, quote_id: str, idempotency_key: str
+    ) -> coordinator_pb2.Job | None:
+        """The job committed for the quote with this key, found by CommitJob again without
+        a payment (a retry with its key needs none); None when none was made and the
+        coordinator charges for jobs (it answers payment-required and makes none). A
+        coordinator that does not charge makes the job if none was made."""
+        request = coordinator_pb2.CommitJobRequest(
+            quote_id=quote_id, idempotency_key=idempotency_key
+        )
+        try:
+            return await self._commit(request, ())
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and trailer(
+                e.trailing_metadata(), PAYMENT_REQUIRED
+            ):
+                return None
+            raise
+
     async def submit(
         self, spec: common_pb2.JobSpec, idempotency_key: str = ""
     ) -> coordinator_pb2.Job:

@@ -85,6 +85,7 @@ CANCELLED = coordinator_pb2.JOB_STATE_CANCELLED
 UNPAID = ("", "none")  # PaymentReference.status of a job that moves no money
 NOT_SERVED = "no_eligible_worker"  # a job failure that means no worker ever took it
 WATCH_RETRIES = 5
+ABANDON_SECONDS = 5.0  # the most a call that went away spends cancelling its job
 T = TypeVar("T")
 
 
@@ -516,8 +517,13 @@ class ComputeRouter:
         reservation = self.spending.reserve(quote.price.amount_micros, o.max_price_micros)
         job: coordinator_pb2.Job | None = None
         final = False
+        key = o.idempotency_key or f"sdk-{uuid.uuid4()}"
         try:
-            job = await self._commit(net, client, quote, o)
+            try:
+                job = await self._commit(net, client, quote, o, key)
+            except asyncio.CancelledError:
+                await self._abandon_commit(client, quote.quote_id, key)
+                raise
             if job.payment.status in UNPAID:
                 reservation.release()
             done: coordinator_pb2.Job | None = None
@@ -585,9 +591,13 @@ class ComputeRouter:
         return any(w.worker_id in paired and _can_run(w, pb) for w in workers)
 
     async def _commit(
-        self, net: Network, client: CoordinatorClient, quote: coordinator_pb2.Quote, o: _Call
+        self,
+        net: Network,
+        client: CoordinatorClient,
+        quote: coordinator_pb2.Quote,
+        o: _Call,
+        key: str,
     ) -> coordinator_pb2.Job:
-        key = o.idempotency_key or f"sdk-{uuid.uuid4()}"
         where = client.address
         payer = o.payer or client.wallet
         try:
@@ -684,10 +694,24 @@ class ComputeRouter:
                 raise from_rpc(e, client.address) from e
         return await self._rpc(client.get(job_id), client.address)
 
+    async def _abandon_commit(self, client: CoordinatorClient, quote_id: str, key: str) -> None:
+        """Best effort: the caller went away while CommitJob was in flight, so the job may
+        exist (and would run, and be charged when it completes) without this call knowing
+        its id. CommitJob again with the same key and no payment finds it, paying nothing
+        (where jobs are paid for and none was made, it answers payment-required and makes
+        none; where they are free, it makes the job), and it is cancelled."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(ABANDON_SECONDS):
+                job = await client.find_committed(quote_id, key)
+                if job is not None:
+                    await client.cancel(job.job_id, "the client stopped waiting")
+
     async def _abandon(self, client: CoordinatorClient, job_id: str) -> None:
         """Best effort: the caller went away before the job ended, so it is cancelled."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.cancel(job_id, "the client stopped waiting"), 5)
+            await asyncio.wait_for(
+                client.cancel(job_id, "the client stopped waiting"), ABANDON_SECONDS
+            )
 
     async def _result(
         self,
