@@ -96,7 +96,8 @@ class AnthropicServer:
         self.reply = reply
         self.requests: list[dict[str, Any]] = []
         # what a misbehaving API does instead: "truncated" (JSON cut short), "hold" (no
-        # answer until `release` is set), "overcharge" (usage far past max_tokens)
+        # answer until `release` is set), "overcharge" (usage far past max_tokens), "huge"
+        # (a 25 MiB reply)
         self.misbehave = ""
         self.release = threading.Event()
         outer = self
@@ -122,6 +123,8 @@ class AnthropicServer:
                     return
                 if outer.misbehave == "hold":
                     outer.release.wait(30)
+                if outer.misbehave == "huge":  # a reply far past any bound, non-streamed
+                    outer.reply = "word " * (5 * 1024 * 1024)
                 if outer.misbehave == "overcharge":
                     pieces = pieces * 0 + [outer.reply]  # one piece, usage below says more
                     outer_tokens = 500_000
@@ -193,7 +196,10 @@ class AnthropicServer:
                 self.send_header("content-type", content_type)
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client stopped reading
+                    pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -464,7 +470,11 @@ async def test_a_hosted_call_ending_any_way_holds_no_money_and_keeps_its_bounds(
         with pytest.raises(HostedError, match="malformed reply"):
             await r.run_llm("Hi", max_tokens=8)
         assert r.spending.reserved_micros == 0 and r.spent_micros == 0  # none ended paid
-        claude.misbehave = "overcharge"
+        claude.misbehave = "huge"  # read no further than MAX_REPLY_BYTES, not whole
+        with pytest.raises(HostedError, match="larger than 16,777,216 bytes"):
+            await r.run_llm("Hi", max_tokens=8)
+        assert r.spending.reserved_micros == 0 and r.spent_micros == 0
+        claude.misbehave, claude.reply = "overcharge", "Paris is the capital of France."
         before = r.spent_micros
         paid = await r.run_llm("Hi", max_tokens=8)
         bound = PRICES.bound(CLAUDE, HostedRequest([{"role": "user", "content": "Hi"}], 8))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     import anthropic
     import openai
 
+# The most of one hosted reply read off the wire (non-streamed or streamed): the providers'
+# SDKs read a non-streamed body whole, with no limit of their own, before anything here
+# can check its length (a 100 MB body took 411 MB). Far above any reply max_tokens allows.
+MAX_REPLY_BYTES = 16 * 1024 * 1024
 OPENAI_DEFAULT_MODEL = "gpt-4o-mini"
 ANTHROPIC_DEFAULT_MODEL = "claude-3-5-haiku-latest"
 DEFAULT_MAX_TOKENS = 256
@@ -124,6 +128,59 @@ class PriceTable:
         return self.cost(model, prompt, request.max_tokens)
 
 
+# --- replies read within a bound ------------------------------------------------------------
+
+
+class ReplyTooLarge(Exception):
+    """A provider's reply went past MAX_REPLY_BYTES: reading it stopped there."""
+
+
+def bounded_http_client(sdk: Any, limit: int = MAX_REPLY_BYTES) -> Any:
+    """The provider SDK's own httpx client (sdk.DefaultAsyncHttpxClient: its defaults),
+    whose responses stop being read past `limit` bytes (ReplyTooLarge, which the SDK
+    reports as a connection error caused by it). The SDKs are built on httpx2 (httpx's
+    fork), whose transport classes they require."""
+    import httpx2 as httpx
+
+    class Body(httpx.AsyncByteStream):
+        def __init__(self, inner: httpx.AsyncByteStream) -> None:
+            self.inner = inner
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            seen = 0
+            async for chunk in self.inner:
+                seen += len(chunk)
+                if seen > limit:
+                    raise ReplyTooLarge(f"the reply is larger than {limit:,} bytes")
+                yield chunk
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    class Transport(httpx.AsyncBaseTransport):
+        def __init__(self) -> None:
+            self.inner = httpx.AsyncHTTPTransport()
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            response = await self.inner.handle_async_request(request)
+            stream = response.stream
+            assert isinstance(stream, httpx.AsyncByteStream)
+            response.stream = Body(stream)
+            return response
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    return sdk.DefaultAsyncHttpxClient(transport=Transport())
+
+
+def _what(e: Exception) -> str:
+    """An SDK error's message, naming a ReplyTooLarge behind it."""
+    message = str(getattr(e, "message", "") or e)
+    cause = e.__cause__
+    return f"{message} ({cause})" if isinstance(cause, ReplyTooLarge) else message
+
+
 # --- OpenAI ---------------------------------------------------------------------------------
 
 
@@ -165,6 +222,7 @@ class OpenAIProvider:
                 base_url=self.base_url,
                 timeout=self.timeout,
                 max_retries=self.max_retries,
+                http_client=bounded_http_client(openai),
             )
         return self._client
 
@@ -187,7 +245,7 @@ class OpenAIProvider:
 
     def _error(self, e: Exception) -> HostedError:
         status = int(getattr(e, "status_code", 0) or 0)
-        message = str(getattr(e, "message", "") or e)
+        message = _what(e)
         what = f"HTTP {status}: {message}" if status else message
         return HostedError(f"openai: {what}", [("openai", what)], status)
 
@@ -286,6 +344,7 @@ class AnthropicProvider:
                 base_url=self.base_url,
                 timeout=self.timeout,
                 max_retries=self.max_retries,
+                http_client=bounded_http_client(anthropic),
             )
         return self._client
 
@@ -305,7 +364,7 @@ class AnthropicProvider:
 
     def _error(self, e: Exception) -> HostedError:
         status = int(getattr(e, "status_code", 0) or 0)
-        message = str(getattr(e, "message", "") or e)
+        message = _what(e)
         what = f"HTTP {status}: {message}" if status else message
         return HostedError(f"anthropic: {what}", [("anthropic", what)], status)
 
